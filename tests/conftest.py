@@ -1,0 +1,36 @@
+"""Shared test configuration.
+
+Every async test runs twice: on the stock asyncio loop and on uvloop, so that
+differences in fd passing or reader callbacks between the two show up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterator, Mapping
+
+import pytest
+import uvloop
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+def open_fds() -> set[int]:
+    """The file descriptors this process has open right now."""
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+@pytest.fixture
+def no_fd_leak() -> Iterator[None]:
+    """Fail the test if it leaves file descriptors open."""
+    before = open_fds()
+    yield
+    leaked = open_fds() - before
+    # /proc/self/fd listing itself can show a transient fd; re-check once.
+    leaked = {fd for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not leaked, f"leaked fds: {sorted(leaked)} -> {[os.readlink(f'/proc/self/fd/{fd}') for fd in leaked]}"

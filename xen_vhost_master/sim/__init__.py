@@ -1,0 +1,1 @@
+"""The simulated Xen host: answers the daemon's ioctls with Xen's numbers and payload bytes."""

@@ -1,0 +1,1 @@
+"""Thin adapters over /dev/xen/{privcmd,evtchn,gntdev,xenbus}: the only place with ioctl/mmap."""
