@@ -1,0 +1,55 @@
+"""What a simulated guest's software sees of its machine.
+
+The simulated Xen host implements these protocols for each simulated domain; the spec-following
+virtio-mmio guest driver (``sim.guest_driver``) and tests are written against them only, so the
+driver never reaches into the hypervisor's internals.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+__all__ = ["GuestBus", "GuestRam"]
+
+
+class GuestRam(Protocol):
+    """The guest's physical memory as the guest itself sees it (all banks, holes excluded)."""
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable view of ``[gpa, gpa + length)``; ValueError if any byte is outside RAM."""
+        ...
+
+    def banks(self) -> list[tuple[int, int]]:
+        """The RAM banks as ``(gpa, size)`` pairs, ascending."""
+        ...
+
+
+class GuestBus(Protocol):
+    """One simulated domain seen from inside: vCPU MMIO accesses, RAM, interrupt lines, grants."""
+
+    @property
+    def ram(self) -> GuestRam: ...
+
+    async def mmio_read(self, addr: int, size: int, vcpu: int = 0) -> int:
+        """A load of ``size`` (1, 2, 4 or 8) bytes; the vCPU is blocked until the device model answers."""
+        ...
+
+    async def mmio_write(self, addr: int, size: int, value: int, vcpu: int = 0) -> None:
+        """A store; returns once the device model has completed it (synchronous IOREQ)."""
+        ...
+
+    def irq_level(self, irq: int) -> bool:
+        """Current level of the (level-triggered) interrupt line ``irq`` (a GIC SPI number on Arm)."""
+        ...
+
+    async def wait_irq(self, irq: int) -> None:
+        """Return as soon as line ``irq`` is asserted (immediately if it already is)."""
+        ...
+
+    def grant(self, gfn: int, *, readonly: bool = False) -> int:
+        """Grant dom0 access to guest frame ``gfn``; returns the grant reference."""
+        ...
+
+    def revoke(self, ref: int) -> None:
+        """End the grant ``ref``: later maps fail; existing mappings behave as Xen's do."""
+        ...
