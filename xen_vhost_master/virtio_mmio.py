@@ -1,0 +1,536 @@
+"""The virtio-mmio v2 transport as a pure state machine (virtio 1.2 §4.2.2).
+
+No I/O, no clock, no logging: register accesses go in, values and *actions* come out. The caller (the
+IOREQ bridge) carries the actions out: talk to the vhost-user back-end, drive the guest's interrupt
+line, log guest errors.
+
+Negotiation is driven by architectural state, not by the order of register writes: features are
+checked when the driver sets FEATURES_OK and the device is activated when it sets DRIVER_OK, whatever
+order the feature-select and queue registers were written in before (STYLE.md rule 9).
+
+Interrupt line: level semantics (``line = InterruptStatus != 0``). libxl declares virtio-mmio SPIs
+edge-triggered in the guest's device tree, so when an InterruptACK leaves bits set (a new event raced
+with the driver's ACK) the line is pulsed low then high again: a guest that treats the line as an
+edge still sees the new event, and a level-sensitive one sees no spurious change.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "MAGIC",
+    "Activate",
+    "ConfigWrite",
+    "GuestError",
+    "IrqLevel",
+    "Notify",
+    "QueueConfig",
+    "Reg",
+    "Reset",
+    "Status",
+    "VirtioMmioDevice",
+    "guest_features",
+]
+
+MAGIC = 0x74726976  # "virt"
+VERSION = 2  # modern virtio-mmio
+VENDOR_ID = 0x4E455858  # "XXEN": any value is allowed; this one names us
+WINDOW_SIZE = 0x200  # libxl's per-device MMIO window (config space 0x100..0x1ff)
+CONFIG_OFFSET = 0x100
+MAX_QUEUE_SIZE = 32768  # virtio 1.2 §2.7: split queue size ≤ 32768
+NO_SHM = 0xFFFFFFFF  # SHMLenLow/High: "no such region"
+
+
+class Reg(enum.IntEnum):
+    """Register offsets (linux/virtio_mmio.h; virtio 1.2 Table 4.1)."""
+
+    MAGIC_VALUE = 0x000
+    VERSION = 0x004
+    DEVICE_ID = 0x008
+    VENDOR_ID = 0x00C
+    DEVICE_FEATURES = 0x010
+    DEVICE_FEATURES_SEL = 0x014
+    DRIVER_FEATURES = 0x020
+    DRIVER_FEATURES_SEL = 0x024
+    QUEUE_SEL = 0x030
+    QUEUE_NUM_MAX = 0x034
+    QUEUE_NUM = 0x038
+    QUEUE_READY = 0x044
+    QUEUE_NOTIFY = 0x050
+    INTERRUPT_STATUS = 0x060
+    INTERRUPT_ACK = 0x064
+    STATUS = 0x070
+    QUEUE_DESC_LOW = 0x080
+    QUEUE_DESC_HIGH = 0x084
+    QUEUE_DRIVER_LOW = 0x090
+    QUEUE_DRIVER_HIGH = 0x094
+    QUEUE_DEVICE_LOW = 0x0A0
+    QUEUE_DEVICE_HIGH = 0x0A4
+    SHM_SEL = 0x0AC
+    SHM_LEN_LOW = 0x0B0
+    SHM_LEN_HIGH = 0x0B4
+    SHM_BASE_LOW = 0x0B8
+    SHM_BASE_HIGH = 0x0BC
+    QUEUE_RESET = 0x0C0
+    CONFIG_GENERATION = 0x0FC
+
+
+class Status(enum.IntFlag):
+    """Device status bits (virtio 1.2 §2.1)."""
+
+    ACKNOWLEDGE = 1
+    DRIVER = 2
+    DRIVER_OK = 4
+    FEATURES_OK = 8
+    DEVICE_NEEDS_RESET = 0x40
+    FAILED = 0x80
+
+
+INT_VRING = 1  # VIRTIO_MMIO_INT_VRING: used buffer notification
+INT_CONFIG = 2  # VIRTIO_MMIO_INT_CONFIG: configuration change
+
+# Feature bits the transport cares about (virtio 1.2 §6).
+F_INDIRECT_DESC = 28
+F_EVENT_IDX = 29
+F_VERSION_1 = 32
+F_ACCESS_PLATFORM = 33
+F_RING_PACKED = 34
+F_IN_ORDER = 35
+F_ORDER_PLATFORM = 36
+
+# Bits we pass from the back-end to the guest: device-specific ranges 0-23 and 50-63, and the
+# transport features that need nothing from the transport itself. Everything else is dropped:
+# vhost-user's own bits (26 LOG_ALL, 30 PROTOCOL_FEATURES), legacy 24/27, and transport features
+# virtio-mmio would have to implement (37 SR_IOV, 38 NOTIFICATION_DATA, 39 NOTIF_CONFIG_DATA,
+# 40 RING_RESET).
+_DEVICE_BITS = ((1 << 24) - 1) | (((1 << 14) - 1) << 50)
+_PASSED_TRANSPORT_BITS = sum(
+    1 << b for b in (F_INDIRECT_DESC, F_EVENT_IDX, F_VERSION_1, F_RING_PACKED, F_IN_ORDER, F_ORDER_PLATFORM)
+)
+
+
+def guest_features(backend_features: int, *, grants: bool = False, packed: bool = True) -> int:
+    """The features to offer the guest's driver, given what the back-end offers.
+
+    ``grants``: the device uses grant mappings, so the driver must accept ACCESS_PLATFORM.
+    ``packed``: whether packed rings can be offered (the copying shadow path only does split rings).
+    """
+    offered = backend_features & (_DEVICE_BITS | _PASSED_TRANSPORT_BITS)
+    if not packed:
+        offered &= ~(1 << F_RING_PACKED)
+    if grants:
+        offered |= 1 << F_ACCESS_PLATFORM
+    return offered
+
+
+# --- actions: what the caller must do after an access ---------------------------------------
+
+
+@dataclass(frozen=True)
+class IrqLevel:
+    """Drive the guest's interrupt line to ``level``."""
+
+    level: bool
+
+
+@dataclass(frozen=True)
+class Notify:
+    """The driver notified queue ``index`` (QueueNotify): kick the back-end."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """A queue as the driver set it up: guest-physical ring addresses."""
+
+    index: int
+    num: int
+    desc: int
+    driver: int
+    device: int
+
+
+@dataclass(frozen=True)
+class Activate:
+    """The driver set DRIVER_OK: start the back-end with these features and ready queues."""
+
+    features: int
+    queues: tuple[QueueConfig, ...]
+
+
+@dataclass(frozen=True)
+class Reset:
+    """The driver reset the device (Status = 0); ``was_active``: DRIVER_OK had been set."""
+
+    was_active: bool
+
+
+@dataclass(frozen=True)
+class ConfigWrite:
+    """The driver wrote device config space: forward with SET_CONFIG."""
+
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class GuestError:
+    """The driver did something the spec forbids; the device stays safe. For the log."""
+
+    reason: str
+
+
+Action = IrqLevel | Notify | Activate | Reset | ConfigWrite | GuestError
+
+
+@dataclass
+class _Queue:
+    num_max: int
+    num: int = 0
+    ready: bool = False
+    desc: int = 0
+    driver: int = 0
+    device: int = 0
+
+    def clear(self) -> None:
+        self.num, self.ready, self.desc, self.driver, self.device = 0, False, 0, 0, 0
+
+
+def _set_half(value: int, half: int, word: int) -> int:
+    """Replace the low (half=0) or high (half=1) 32 bits of a 64-bit ``value``."""
+    shift = 32 * half
+    return (value & ~(0xFFFFFFFF << shift)) | ((word & 0xFFFFFFFF) << shift)
+
+
+# Driver status stages in order; a status write must move forward along this chain (or reset).
+_STAGES = (
+    Status(0),
+    Status.ACKNOWLEDGE,
+    Status.ACKNOWLEDGE | Status.DRIVER,
+    Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK,
+    Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK,
+)
+_DRIVER_BITS = Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK
+
+
+@dataclass
+class VirtioMmioDevice:
+    """Register file and status machine of one virtio-mmio v2 device.
+
+    ``device_features`` is what the guest is offered (see :func:`guest_features`),
+    ``queue_sizes`` the maximum size of each queue (QueueNumMax), ``config`` the device config space
+    as last read from the back-end, ``ram`` the guest's RAM banks as ``(gpa, size)`` pairs (rings
+    must lie inside one of them).
+    """
+
+    device_id: int
+    device_features: int
+    queue_sizes: Sequence[int]
+    config: bytes = b""
+    ram: Sequence[tuple[int, int]] = ()
+    required_features: int = 1 << F_VERSION_1
+    status: Status = Status(0)
+    interrupt_status: int = 0
+    config_generation: int = 0
+    driver_features: int = 0
+    device_features_sel: int = 0
+    driver_features_sel: int = 0
+    queue_sel: int = 0
+    shm_sel: int = 0
+    queues: list[_Queue] = field(init=False)
+    _line: bool = field(init=False, default=False)
+    _config: bytearray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.queues = [_Queue(num_max=n) for n in self.queue_sizes]
+        self._config = bytearray(self.config)
+
+    # --- reads ----------------------------------------------------------------------------------
+
+    def read(self, offset: int, size: int) -> tuple[int, list[Action]]:
+        """A guest load of ``size`` bytes at ``offset`` in the window: (value, actions)."""
+        if offset >= CONFIG_OFFSET:
+            return self._config_read(offset - CONFIG_OFFSET, size)
+        if size != 4 or offset % 4:
+            return 0, [GuestError(f"register read at {offset:#x} of size {size}: only aligned 32-bit reads")]
+        return self._register(offset), []
+
+    def _register(self, offset: int) -> int:
+        q = self._selected()
+        match offset:
+            case Reg.MAGIC_VALUE:
+                return MAGIC
+            case Reg.VERSION:
+                return VERSION
+            case Reg.DEVICE_ID:
+                return self.device_id
+            case Reg.VENDOR_ID:
+                return VENDOR_ID
+            case Reg.DEVICE_FEATURES:
+                if self.device_features_sel > 1:
+                    return 0
+                return (self.device_features >> (32 * self.device_features_sel)) & 0xFFFFFFFF
+            case Reg.QUEUE_NUM_MAX:
+                return q.num_max if q else 0
+            case Reg.QUEUE_READY:
+                return int(q.ready) if q else 0
+            case Reg.INTERRUPT_STATUS:
+                return self.interrupt_status
+            case Reg.STATUS:
+                return int(self.status)
+            case Reg.SHM_LEN_LOW | Reg.SHM_LEN_HIGH | Reg.SHM_BASE_LOW | Reg.SHM_BASE_HIGH:
+                return NO_SHM
+            case Reg.CONFIG_GENERATION:
+                return self.config_generation & 0xFFFFFFFF
+            case Reg.QUEUE_DESC_LOW | Reg.QUEUE_DESC_HIGH:
+                return (q.desc >> (32 * ((offset - Reg.QUEUE_DESC_LOW) // 4))) & 0xFFFFFFFF if q else 0
+            case Reg.QUEUE_DRIVER_LOW | Reg.QUEUE_DRIVER_HIGH:
+                return (q.driver >> (32 * ((offset - Reg.QUEUE_DRIVER_LOW) // 4))) & 0xFFFFFFFF if q else 0
+            case Reg.QUEUE_DEVICE_LOW | Reg.QUEUE_DEVICE_HIGH:
+                return (q.device >> (32 * ((offset - Reg.QUEUE_DEVICE_LOW) // 4))) & 0xFFFFFFFF if q else 0
+            case _:
+                # Write-only and reserved registers read as zero.
+                return 0
+
+    def _config_read(self, offset: int, size: int) -> tuple[int, list[Action]]:
+        if size not in (1, 2, 4, 8):
+            return 0, [GuestError(f"config read of size {size}")]
+        if offset + size > len(self._config):
+            return 0, [GuestError(f"config read at {offset:#x}+{size} beyond config size {len(self._config)}")]
+        return int.from_bytes(self._config[offset : offset + size], "little"), []
+
+    # --- writes ---------------------------------------------------------------------------------
+
+    def write(self, offset: int, size: int, value: int) -> list[Action]:
+        """A guest store of the low ``size`` bytes of ``value`` at ``offset``; returns actions."""
+        value &= (1 << (8 * size)) - 1 if size in (1, 2, 4, 8) else 0
+        if offset >= CONFIG_OFFSET:
+            return self._config_write(offset - CONFIG_OFFSET, size, value)
+        if size != 4 or offset % 4:
+            return [GuestError(f"register write at {offset:#x} of size {size}: only aligned 32-bit writes")]
+        match offset:
+            case Reg.DEVICE_FEATURES_SEL:
+                self.device_features_sel = value
+            case Reg.DRIVER_FEATURES_SEL:
+                self.driver_features_sel = value
+            case Reg.DRIVER_FEATURES:
+                return self._driver_features(value)
+            case Reg.QUEUE_SEL:
+                self.queue_sel = value
+            case Reg.QUEUE_NUM | Reg.QUEUE_READY | Reg.QUEUE_DESC_LOW | Reg.QUEUE_DESC_HIGH | Reg.QUEUE_DRIVER_LOW | Reg.QUEUE_DRIVER_HIGH | Reg.QUEUE_DEVICE_LOW | Reg.QUEUE_DEVICE_HIGH:
+                return self._queue_write(offset, value)
+            case Reg.QUEUE_NOTIFY:
+                return self._notify(value)
+            case Reg.INTERRUPT_ACK:
+                return self._ack(value)
+            case Reg.STATUS:
+                return self._status_write(value)
+            case Reg.SHM_SEL:
+                self.shm_sel = value
+            case _:
+                return [GuestError(f"write to read-only or reserved register {offset:#x} ignored")]
+        return []
+
+    def _driver_features(self, value: int) -> list[Action]:
+        if self.status & Status.FEATURES_OK:
+            return [GuestError("DriverFeatures written after FEATURES_OK: ignored")]
+        if self.driver_features_sel > 1:
+            return [GuestError(f"DriverFeatures page {self.driver_features_sel} does not exist")] if value else []
+        self.driver_features = _set_half(self.driver_features, self.driver_features_sel, value)
+        return []
+
+    def _selected(self) -> _Queue | None:
+        return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
+
+    def _queue_write(self, offset: int, value: int) -> list[Action]:
+        q = self._selected()
+        if q is None:
+            return [GuestError(f"queue register {offset:#x} written for absent queue {self.queue_sel}")]
+        if offset == Reg.QUEUE_READY:
+            return self._queue_ready(q, value)
+        if q.ready:
+            return [GuestError(f"queue {self.queue_sel} register {offset:#x} written while ready: ignored")]
+        match offset:
+            case Reg.QUEUE_NUM:
+                q.num = value
+            case Reg.QUEUE_DESC_LOW | Reg.QUEUE_DESC_HIGH:
+                q.desc = _set_half(q.desc, (offset - Reg.QUEUE_DESC_LOW) // 4, value)
+            case Reg.QUEUE_DRIVER_LOW | Reg.QUEUE_DRIVER_HIGH:
+                q.driver = _set_half(q.driver, (offset - Reg.QUEUE_DRIVER_LOW) // 4, value)
+            case Reg.QUEUE_DEVICE_LOW | Reg.QUEUE_DEVICE_HIGH:
+                q.device = _set_half(q.device, (offset - Reg.QUEUE_DEVICE_LOW) // 4, value)
+        return []
+
+    def _queue_ready(self, q: _Queue, value: int) -> list[Action]:
+        if value == 0:
+            if q.ready and self.status & Status.DRIVER_OK:
+                # Disabling a live queue needs RING_RESET, which we do not offer.
+                return [GuestError(f"queue {self.queue_sel} disabled while DRIVER_OK without RING_RESET: ignored")]
+            q.ready = False
+            return []
+        problem = self._queue_problem(q)
+        if problem:
+            return self.needs_reset(f"queue {self.queue_sel}: {problem}")
+        q.ready = True
+        return []
+
+    def _queue_problem(self, q: _Queue) -> str | None:
+        packed = bool(self.driver_features >> F_RING_PACKED & 1)
+        if not 0 < q.num <= q.num_max:
+            return f"QueueNum {q.num} not in 1..QueueNumMax {q.num_max}"
+        if not packed and q.num & (q.num - 1):
+            return f"QueueNum {q.num} is not a power of two (split ring)"
+        if packed:
+            areas = (("descriptor table", q.desc, 16 * q.num, 16), ("driver area", q.driver, 4, 4), ("device area", q.device, 4, 4))
+        else:
+            event_idx = 2 if self.driver_features >> F_EVENT_IDX & 1 else 0
+            areas = (
+                ("descriptor table", q.desc, 16 * q.num, 16),
+                ("driver area", q.driver, 4 + 2 * q.num + event_idx, 2),
+                ("device area", q.device, 4 + 8 * q.num + event_idx, 4),
+            )
+        for name, addr, length, align in areas:
+            if addr % align:
+                return f"{name} at {addr:#x} not {align}-byte aligned"
+            if not self._in_ram(addr, length):
+                return f"{name} [{addr:#x}, +{length:#x}) outside guest RAM"
+        return None
+
+    def _in_ram(self, addr: int, length: int) -> bool:
+        return any(base <= addr and addr + length <= base + size for base, size in self.ram)
+
+    def _notify(self, value: int) -> list[Action]:
+        index = value & 0xFFFF
+        if not self.status & Status.DRIVER_OK or self.status & Status.DEVICE_NEEDS_RESET:
+            return [GuestError(f"notify for queue {index} before DRIVER_OK or while NEEDS_RESET: ignored")]
+        if index >= len(self.queues) or not self.queues[index].ready:
+            return [GuestError(f"notify for queue {index}, which is not ready: ignored")]
+        return [Notify(index)]
+
+    def _ack(self, value: int) -> list[Action]:
+        before = self.interrupt_status
+        self.interrupt_status &= ~value & (INT_VRING | INT_CONFIG)
+        if self.interrupt_status and self.interrupt_status != before:
+            # Some bits remain: pulse so that an edge-triggered line sees the remaining event.
+            self._line = True
+            return [IrqLevel(False), IrqLevel(True)]
+        return self._update_line()
+
+    def _update_line(self) -> list[Action]:
+        level = self.interrupt_status != 0
+        if level == self._line:
+            return []
+        self._line = level
+        return [IrqLevel(level)]
+
+    def _config_write(self, offset: int, size: int, value: int) -> list[Action]:
+        if size not in (1, 2, 4, 8):
+            return [GuestError(f"config write of size {size}")]
+        if offset + size > len(self._config):
+            return [GuestError(f"config write at {offset:#x}+{size} beyond config size {len(self._config)}")]
+        data = value.to_bytes(size, "little")
+        self._config[offset : offset + size] = data
+        return [ConfigWrite(offset, data)]
+
+    # --- the status machine ---------------------------------------------------------------------
+
+    def _status_write(self, value: int) -> list[Action]:
+        if value == 0:
+            return self._reset()
+        new = Status(value & 0xFF)
+        if new & Status.FAILED:
+            self.status |= Status.FAILED
+            return [GuestError("driver set FAILED")]
+        old_stage = self.status & _DRIVER_BITS
+        new_stage = new & _DRIVER_BITS
+        if new_stage == old_stage:
+            return []
+        if new_stage not in _STAGES or old_stage not in _STAGES or _STAGES.index(new_stage) < _STAGES.index(old_stage):
+            return [GuestError(f"status {int(self.status):#x} -> {value:#x} is not a forward step: ignored")]
+        actions: list[Action] = []
+        # Walk the stages one by one so that skipping a stage still runs its checks.
+        for stage in _STAGES[_STAGES.index(old_stage) + 1 : _STAGES.index(new_stage) + 1]:
+            step = stage & ~(self.status & _DRIVER_BITS)
+            if step == Status.FEATURES_OK and not self._features_acceptable(actions):
+                return actions
+            if step == Status.DRIVER_OK:
+                self.status |= step
+                if self.status & Status.DEVICE_NEEDS_RESET:
+                    actions.append(GuestError("DRIVER_OK while DEVICE_NEEDS_RESET: device stays stopped"))
+                else:
+                    actions.append(self._activate())
+                continue
+            self.status |= step
+        return actions
+
+    def _features_acceptable(self, actions: list[Action]) -> bool:
+        extra = self.driver_features & ~self.device_features
+        missing = self.required_features & ~self.driver_features
+        if extra:
+            actions.append(GuestError(f"driver accepted features {extra:#x} the device does not offer: FEATURES_OK refused"))
+            return False
+        if missing:
+            actions.append(GuestError(f"driver did not accept required features {missing:#x}: FEATURES_OK refused"))
+            return False
+        return True
+
+    def _activate(self) -> Activate:
+        ready = tuple(
+            QueueConfig(i, q.num, q.desc, q.driver, q.device) for i, q in enumerate(self.queues) if q.ready
+        )
+        return Activate(self.driver_features, ready)
+
+    def _reset(self) -> list[Action]:
+        was_active = bool(self.status & Status.DRIVER_OK)
+        self.status = Status(0)
+        self.driver_features = 0
+        self.device_features_sel = self.driver_features_sel = self.queue_sel = self.shm_sel = 0
+        for q in self.queues:
+            q.clear()
+        self.interrupt_status = 0
+        return [Reset(was_active), *self._update_line()]
+
+    # --- events from the back-end side ------------------------------------------------------------
+
+    def used_buffer(self) -> list[Action]:
+        """The back-end signalled a used buffer (its call eventfd fired)."""
+        if not self.status & Status.DRIVER_OK:
+            return []
+        self.interrupt_status |= INT_VRING
+        return self._update_line()
+
+    def config_changed(self, config: bytes) -> list[Action]:
+        """The back-end's config space changed (CONFIG_CHANGE_MSG, then GET_CONFIG)."""
+        if bytes(self._config) == config:
+            return []
+        self._config = bytearray(config)
+        self.config_generation += 1
+        if not self.status & Status.DRIVER_OK:
+            return []
+        self.interrupt_status |= INT_CONFIG
+        return self._update_line()
+
+    def needs_reset(self, reason: str) -> list[Action]:
+        """Enter DEVICE_NEEDS_RESET (back-end lost, invalid queue setup): the driver must reset us."""
+        actions: list[Action] = [GuestError(reason)]
+        if self.status & Status.DEVICE_NEEDS_RESET:
+            return actions
+        self.status |= Status.DEVICE_NEEDS_RESET
+        if self.status & Status.DRIVER_OK:
+            self.interrupt_status |= INT_CONFIG
+            actions += self._update_line()
+        return actions
+
+    @property
+    def active(self) -> bool:
+        """DRIVER_OK is set and the device has not failed."""
+        return bool(self.status & Status.DRIVER_OK) and not self.status & (Status.DEVICE_NEEDS_RESET | Status.FAILED)
+
+    @property
+    def line(self) -> bool:
+        """The level this device drives its interrupt line to."""
+        return self._line
