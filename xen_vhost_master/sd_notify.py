@@ -1,0 +1,66 @@
+"""sd_notify(3) without a dependency: READY, STATUS, STOPPING and the watchdog.
+
+Silent outside systemd: with no NOTIFY_SOCKET in the environment every call does nothing.
+The variable is popped at construction so that child processes (back-ends we might spawn) do not
+inherit it and confuse systemd.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+__all__ = ["Notifier"]
+
+
+class Notifier:
+    """A connection to the service manager's notification socket (or to nothing)."""
+
+    def __init__(self, environ: dict[str, str] | os._Environ[str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        address = env.pop("NOTIFY_SOCKET", None)
+        usec = env.pop("WATCHDOG_USEC", None)
+        pid = env.pop("WATCHDOG_PID", None)
+        self._sock: socket.socket | None = None
+        self._address = ""
+        if address:
+            # An address starting with '@' is in the abstract namespace.
+            self._address = "\0" + address[1:] if address.startswith("@") else address
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.watchdog_interval: float | None = None
+        if usec and usec.isdigit() and int(usec) > 0 and (pid is None or pid == str(os.getpid())):
+            # systemd's advice: ping at half the timeout.
+            self.watchdog_interval = int(usec) / 2e6
+
+    @property
+    def enabled(self) -> bool:
+        return self._sock is not None
+
+    def notify(self, **fields: str | int) -> None:
+        """Send ``KEY=value`` lines, e.g. ``notify(READY=1, STATUS="serving")``."""
+        if self._sock is None:
+            return
+        message = "\n".join(f"{key}={value}" for key, value in fields.items()).encode()
+        # A full or vanished socket must not take the daemon down; systemd would notice the
+        # missing READY/WATCHDOG itself.
+        try:
+            self._sock.sendto(message, self._address)
+        except (BlockingIOError, ConnectionRefusedError, FileNotFoundError):
+            pass
+
+    def ready(self, status: str) -> None:
+        self.notify(READY=1, STATUS=status)
+
+    def status(self, status: str) -> None:
+        self.notify(STATUS=status)
+
+    def stopping(self, status: str = "stopping") -> None:
+        self.notify(STOPPING=1, STATUS=status)
+
+    def watchdog(self) -> None:
+        self.notify(WATCHDOG=1)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
