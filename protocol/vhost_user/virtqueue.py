@@ -1,0 +1,606 @@
+"""Split virtqueues (virtio 1.2 §2.7), both the device side and the driver side.
+
+Both sides work over any *memory object* with ``view(addr: int, length: int) -> memoryview``
+(a writable view of guest memory at guest address ``addr``; it raises when the range is not
+covered, e.g. :class:`~vhost_user.errors.GuestMemoryError`). Nothing here does I/O, logs or reads
+a clock: notifications (eventfds, event channels) are the caller's business, this module only
+says whether one is needed.
+
+Layout (all little-endian; ``N`` = queue size, a power of two ≤ 32768)::
+
+    descriptor table  N × {addr u64, len u32, flags u16, next u16}        align 16, 16·N bytes
+    available ring    flags u16, idx u16, ring u16[N], used_event u16      align 2,  6+2·N bytes
+    used ring         flags u16, idx u16, ring {id u32, len u32}[N],
+                      avail_event u16                                      align 4,  6+8·N bytes
+
+The device side is a security boundary: the driver (a guest) may be hostile. Every chain is
+walked with bounds on its length, every buffer is checked against the memory object, and any
+violation raises :class:`RingError` (the queue state is left unchanged; the caller should treat the
+device as broken, e.g. set virtio NEEDS_RESET, rather than retry).
+
+Memory ordering. The spec needs (driver) "descriptors and ring entry visible before avail idx",
+(device) "read avail idx, then the ring entry and descriptors" and "used element visible before
+used idx". This module performs the accesses in exactly that program order. Each access is a
+separate ``struct.pack_into``/``unpack_from`` call into C, which the compiler cannot reorder, and on
+the x86-64 TSO model stores are seen in program order and loads are not reordered with older loads,
+so no explicit fence is needed there. On weakly ordered CPUs (arm64) Python offers no fence;
+a peer there still relies on the syscall (eventfd write/read) between publish and consume acting
+as a full barrier, which it does.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from vhost_user.errors import GuestMemoryError, VhostUserError
+
+__all__ = [
+    "GuestMemory",
+    "FlatMemory",
+    "Buffer",
+    "Chain",
+    "RingError",
+    "QueueFull",
+    "SplitQueueDevice",
+    "SplitQueueDriver",
+    "split_ring_layout",
+    "read_buffers",
+    "write_buffers",
+    "vring_need_event",
+    "VIRTQ_DESC_F_NEXT",
+    "VIRTQ_DESC_F_WRITE",
+    "VIRTQ_DESC_F_INDIRECT",
+    "VRING_AVAIL_F_NO_INTERRUPT",
+    "VRING_USED_F_NO_NOTIFY",
+    "MAX_QUEUE_SIZE",
+    "MAX_INDIRECT_DESCRIPTORS",
+]
+
+# virtio 1.2 §2.7.5 / linux/virtio_ring.h
+VIRTQ_DESC_F_NEXT: Final = 1
+VIRTQ_DESC_F_WRITE: Final = 2
+VIRTQ_DESC_F_INDIRECT: Final = 4
+VRING_AVAIL_F_NO_INTERRUPT: Final = 1
+VRING_USED_F_NO_NOTIFY: Final = 1
+
+#: virtio 1.2 §2.7: "Queue Size ... maximum 32768".
+MAX_QUEUE_SIZE: Final = 32768
+#: Upper bound on the entries of one indirect table. The spec sets none; a table of 2**28
+#: zero-length descriptors would otherwise make pop() spin. Linux drivers never exceed the
+#: queue size (and QEMU caps a chain at 1024 iovecs), so the maximum queue size is generous.
+MAX_INDIRECT_DESCRIPTORS: Final = MAX_QUEUE_SIZE
+#: Total length of one chain must fit the u32 ``len`` of a used element (virtio 1.2 §2.7.8).
+MAX_CHAIN_BYTES: Final = 0xFFFF_FFFF
+
+DESC_SIZE: Final = 16
+DESC_ALIGN: Final = 16
+AVAIL_ALIGN: Final = 2
+USED_ALIGN: Final = 4
+USED_ELEM_SIZE: Final = 8
+
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_U16X2 = struct.Struct("<HH")
+_USED_ELEM = struct.Struct("<II")
+_U64_MAX: Final = (1 << 64) - 1
+
+
+class RingError(VhostUserError):
+    """The ring contents (written by the other side) violate the virtio spec."""
+
+
+class QueueFull(VhostUserError):
+    """Driver side: not enough free descriptors for the chain."""
+
+
+class GuestMemory(Protocol):
+    """What the queues need from guest memory."""
+
+    def view(self, addr: int, length: int) -> memoryview: ...
+
+
+# What a memory object may raise for an address it does not cover. Converted to RingError.
+_MEMORY_FAULTS: Final = (GuestMemoryError, LookupError, ValueError, OverflowError, OSError, BufferError)
+
+
+class FlatMemory:
+    """A contiguous guest-physical range ``[base, base+len(buf))`` backed by one writable buffer
+    (bytearray, mmap, memoryview). Raises :class:`GuestMemoryError` outside it."""
+
+    def __init__(self, buf: Any, base: int = 0) -> None:
+        self._mv = memoryview(buf).cast("B")
+        if self._mv.readonly:
+            raise ValueError("guest memory must be writable")
+        self.base = base
+        self.size = len(self._mv)
+
+    def view(self, addr: int, length: int) -> memoryview:
+        off = addr - self.base
+        if length < 0 or off < 0 or off + length > self.size:
+            raise GuestMemoryError(addr, length)
+        return self._mv[off : off + length]
+
+    def release(self) -> None:
+        """Drop the underlying export (so an mmap behind it can be closed)."""
+        self._mv.release()
+
+
+@dataclass(frozen=True, slots=True)
+class Buffer:
+    """One guest buffer of a chain: guest address and length in bytes."""
+
+    addr: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """One descriptor chain popped by the device: device-readable buffers, then device-writable."""
+
+    head: int
+    readable: list[Buffer]
+    writable: list[Buffer]
+
+    @property
+    def readable_len(self) -> int:
+        return sum(b.length for b in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(b.length for b in self.writable)
+
+
+def _align(value: int, alignment: int) -> int:
+    return (value + alignment - 1) & ~(alignment - 1)
+
+
+def _check_size(size: int) -> None:
+    if not (1 <= size <= MAX_QUEUE_SIZE) or size & (size - 1):
+        raise RingError(f"queue size {size} is not a power of two in [1, {MAX_QUEUE_SIZE}]")
+
+
+def split_ring_layout(size: int, base: int = 0) -> tuple[int, int, int, int]:
+    """Place a split ring of ``size`` entries at ``base``: ``(desc, avail, used, total_bytes)``.
+
+    Addresses honour the alignments 16/2/4; ``total_bytes`` counts from ``base`` to the end of
+    the used ring (event-idx fields included).
+    """
+    _check_size(size)
+    desc = _align(base, DESC_ALIGN)
+    avail = desc + DESC_SIZE * size
+    used = _align(avail + 6 + 2 * size, USED_ALIGN)
+    end = used + 6 + USED_ELEM_SIZE * size
+    return desc, avail, used, end - base
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """virtio 1.2 §2.7.10 / linux ``vring_need_event``: did ``old→new`` cross ``event_idx``?"""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+def _ring_view(mem: GuestMemory, addr: int, length: int, align: int, what: str) -> memoryview:
+    if addr % align:
+        raise RingError(f"{what} address {addr:#x} is not {align}-byte aligned")
+    try:
+        view = mem.view(addr, length)
+    except _MEMORY_FAULTS as exc:
+        raise RingError(f"{what} [{addr:#x}, +{length:#x}) is not in guest memory: {exc}") from exc
+    if len(view) != length or view.readonly:
+        raise RingError(f"{what} at {addr:#x}: memory returned an unusable view")
+    return view
+
+
+def read_buffers(mem: GuestMemory, buffers: Iterable[Buffer], limit: int | None = None) -> bytes:
+    """Gather the bytes of ``buffers`` (at most ``limit``). Memory faults raise RingError."""
+    out = bytearray()
+    for buf in buffers:
+        n = buf.length if limit is None else min(buf.length, limit - len(out))
+        if n <= 0:
+            break
+        try:
+            view = mem.view(buf.addr, n)
+        except _MEMORY_FAULTS as exc:
+            raise RingError(f"buffer [{buf.addr:#x}, +{n:#x}) is not in guest memory: {exc}") from exc
+        with view:
+            out += view
+    return bytes(out)
+
+
+def write_buffers(mem: GuestMemory, buffers: Iterable[Buffer], data: bytes | memoryview) -> int:
+    """Scatter ``data`` over ``buffers`` in order; returns the number of bytes written."""
+    src = memoryview(data).cast("B")
+    done = 0
+    for buf in buffers:
+        n = min(buf.length, len(src) - done)
+        if n <= 0:
+            break
+        try:
+            view = mem.view(buf.addr, n)
+        except _MEMORY_FAULTS as exc:
+            raise RingError(f"buffer [{buf.addr:#x}, +{n:#x}) is not in guest memory: {exc}") from exc
+        with view:
+            view[:] = src[done : done + n]
+        done += n
+    return done
+
+
+class _Rings:
+    """The three ring views shared by both sides. Views are taken once; release() drops them."""
+
+    def __init__(
+        self, mem: GuestMemory, size: int, desc_addr: int, avail_addr: int, used_addr: int
+    ) -> None:
+        _check_size(size)
+        self.mem = mem
+        self.size = size
+        self.mask = size - 1
+        views: list[memoryview] = []
+        try:
+            views.append(_ring_view(mem, desc_addr, DESC_SIZE * size, DESC_ALIGN, "descriptor table"))
+            views.append(_ring_view(mem, avail_addr, 6 + 2 * size, AVAIL_ALIGN, "available ring"))
+            views.append(_ring_view(mem, used_addr, 6 + USED_ELEM_SIZE * size, USED_ALIGN, "used ring"))
+        except RingError:
+            for v in views:
+                v.release()
+            raise
+        self.desc, self.avail, self.used = views
+        self.desc_addr, self.avail_addr, self.used_addr = desc_addr, avail_addr, used_addr
+        # Offsets of the event-idx fields.
+        self.used_event_off = 4 + 2 * size  # in the available ring
+        self.avail_event_off = 4 + USED_ELEM_SIZE * size  # in the used ring
+
+    def release(self) -> None:
+        for v in (self.desc, self.avail, self.used):
+            v.release()
+
+
+class _ChainBuilder:
+    """Accumulates validated buffers of one chain (device side)."""
+
+    __slots__ = ("mem", "head", "readable", "writable", "total")
+
+    def __init__(self, mem: GuestMemory, head: int) -> None:
+        self.mem = mem
+        self.head = head
+        self.readable: list[Buffer] = []
+        self.writable: list[Buffer] = []
+        self.total = 0
+
+    def add(self, addr: int, length: int, write: int) -> None:
+        head = self.head
+        if addr + length > _U64_MAX + 1:
+            raise RingError(f"chain {head}: buffer {addr:#x}+{length:#x} wraps the address space")
+        if length:
+            try:
+                probe = self.mem.view(addr, length)
+            except _MEMORY_FAULTS as exc:
+                raise RingError(
+                    f"chain {head}: buffer [{addr:#x}, +{length:#x}) is not in guest memory: {exc}"
+                ) from exc
+            with probe:
+                if len(probe) != length:
+                    raise RingError(f"chain {head}: buffer at {addr:#x}: memory returned a short view")
+        self.total += length
+        if self.total > MAX_CHAIN_BYTES:
+            raise RingError(f"chain {head}: total length {self.total} exceeds 4 GiB - 1")
+        if write:
+            self.writable.append(Buffer(addr, length))
+        elif self.writable:
+            raise RingError(f"chain {head}: device-readable descriptor after a device-writable one")
+        else:
+            self.readable.append(Buffer(addr, length))
+
+
+class SplitQueueDevice:
+    """Device side of a split virtqueue: pops chains the driver made available, pushes used ones.
+
+    ``last_avail_idx`` is where consumption starts (vhost-user SET_VRING_BASE); the used index is
+    read from the used ring (as libvhost-user does on SET_VRING_ADDR) unless ``used_idx`` is given.
+    """
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        size: int,
+        desc_addr: int,
+        avail_addr: int,
+        used_addr: int,
+        event_idx: bool = False,
+        last_avail_idx: int = 0,
+        used_idx: int | None = None,
+    ) -> None:
+        self._r = _Rings(mem, size, desc_addr, avail_addr, used_addr)
+        self.event_idx = event_idx
+        self._last_avail = last_avail_idx & 0xFFFF
+        self._used_idx = (_U16.unpack_from(self._r.used, 2)[0] if used_idx is None else used_idx) & 0xFFFF
+        self._signalled_used = self._used_idx
+        self._notify_enabled = True
+
+    # --- state -------------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self._r.size
+
+    @property
+    def last_avail_idx(self) -> int:
+        """Next available-ring index to consume (what GET_VRING_BASE reports)."""
+        return self._last_avail
+
+    @property
+    def used_idx(self) -> int:
+        return self._used_idx
+
+    def release(self) -> None:
+        """Drop the ring views (call before unmapping guest memory). The queue is unusable after."""
+        self._r.release()
+
+    # --- consuming -----------------------------------------------------------------------------
+    def available(self) -> int:
+        """Number of chains the driver has made available and we have not popped yet."""
+        avail_idx = _U16.unpack_from(self._r.avail, 2)[0]
+        pending = (avail_idx - self._last_avail) & 0xFFFF
+        if pending > self._r.size:
+            raise RingError(
+                f"avail idx {avail_idx} is {pending} entries ahead of last_avail_idx "
+                f"{self._last_avail} (queue size {self._r.size})"
+            )
+        return pending
+
+    def pop(self) -> Chain | None:
+        """Take the next available chain, validated; ``None`` when the ring is empty."""
+        if not self.available():
+            return None
+        # Read barrier here (avail idx before the ring entry) — see the module docstring.
+        slot = self._last_avail & self._r.mask
+        head = _U16.unpack_from(self._r.avail, 4 + 2 * slot)[0]
+        chain = self._walk(head)
+        self._last_avail = (self._last_avail + 1) & 0xFFFF
+        if self.event_idx and self._notify_enabled:
+            self._write_avail_event()
+        return chain
+
+    def _walk(self, head: int) -> Chain:
+        size = self._r.size
+        if head >= size:
+            raise RingError(f"chain head {head} out of range (queue size {size})")
+        acc = _ChainBuilder(self._r.mem, head)
+        indirect = self._walk_table(acc, self._r.desc, size, head, "descriptor table", True)
+        if indirect is not None:
+            addr, length = indirect
+            if length == 0 or length % DESC_SIZE:
+                raise RingError(f"chain {head}: indirect table length {length} is not a non-zero multiple of 16")
+            entries = length // DESC_SIZE
+            if entries > MAX_INDIRECT_DESCRIPTORS:
+                raise RingError(f"chain {head}: indirect table of {entries} entries is too big")
+            with _ring_view(self._r.mem, addr, length, 1, f"chain {head}: indirect table") as table:
+                self._walk_table(acc, table, entries, 0, "indirect table", False)
+        return Chain(head, acc.readable, acc.writable)
+
+    @staticmethod
+    def _walk_table(
+        acc: _ChainBuilder, table: memoryview, entries: int, idx: int, where: str, allow_indirect: bool
+    ) -> tuple[int, int] | None:
+        """Follow NEXT links from ``idx``; returns (addr, len) of a final indirect descriptor."""
+        head = acc.head
+        for _ in range(entries):
+            addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * idx)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if not allow_indirect:
+                    raise RingError(f"chain {head}: nested indirect descriptor")
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise RingError(f"chain {head}: descriptor {idx} has both INDIRECT and NEXT")
+                return addr, length
+            acc.add(addr, length, flags & VIRTQ_DESC_F_WRITE)
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return None
+            if nxt >= entries:
+                raise RingError(f"chain {head}: next index {nxt} out of range of the {where} ({entries})")
+            idx = nxt
+        raise RingError(f"chain {head} is longer than its {where} ({entries} entries): descriptor loop")
+
+    # --- producing -----------------------------------------------------------------------------
+    def push(self, head: int, written_len: int) -> None:
+        """Return chain ``head`` to the driver with ``written_len`` bytes written."""
+        self.push_many(((head, written_len),))
+
+    def push_many(self, items: Iterable[tuple[int, int]]) -> None:
+        """Write several used elements, then publish the used index once."""
+        used = self._r.used
+        idx = self._used_idx
+        for head, written in items:
+            if not 0 <= head < self._r.size:
+                raise ValueError(f"head {head} out of range (queue size {self._r.size})")
+            if not 0 <= written <= 0xFFFF_FFFF:
+                raise ValueError(f"written length {written} does not fit u32")
+            _USED_ELEM.pack_into(used, 4 + USED_ELEM_SIZE * (idx & self._r.mask), head, written)
+            idx = (idx + 1) & 0xFFFF
+        # Write barrier here (elements before idx) — see the module docstring.
+        _U16.pack_into(used, 2, idx)
+        self._used_idx = idx
+
+    # --- notifications -------------------------------------------------------------------------
+    def needs_notify(self) -> bool:
+        """Should the driver be notified (call eventfd) about what was pushed since the last call?
+
+        Honours VRING_AVAIL_F_NO_INTERRUPT, or ``used_event`` with EVENT_IDX (§2.7.10).
+        """
+        old, new = self._signalled_used, self._used_idx
+        self._signalled_used = new
+        if old == new:
+            return False
+        if self.event_idx:
+            used_event = _U16.unpack_from(self._r.avail, self._r.used_event_off)[0]
+            return vring_need_event(used_event, new, old)
+        return not _U16.unpack_from(self._r.avail, 0)[0] & VRING_AVAIL_F_NO_INTERRUPT
+
+    def disable_notify(self) -> None:
+        """Ask the driver not to kick (VRING_USED_F_NO_NOTIFY; a no-op hint with EVENT_IDX)."""
+        self._notify_enabled = False
+        if not self.event_idx:
+            _U16.pack_into(self._r.used, 0, VRING_USED_F_NO_NOTIFY)
+
+    def enable_notify(self) -> bool:
+        """Ask for kicks again. Returns True if chains arrived meanwhile (pop them: no kick comes)."""
+        self._notify_enabled = True
+        if self.event_idx:
+            self._write_avail_event()
+        else:
+            _U16.pack_into(self._r.used, 0, 0)
+        return self.available() > 0
+
+    def _write_avail_event(self) -> None:
+        _U16.pack_into(self._r.used, self._r.avail_event_off, self._last_avail)
+
+
+class SplitQueueDriver:
+    """Driver side of a split virtqueue (a test front-end / simulated guest driver).
+
+    The constructor initialises the rings (zeroes all three areas), as a driver does when it
+    allocates a queue. Free descriptors and in-flight chains are tracked in Python, never read back
+    from shared memory; used elements from the device are validated (RingError).
+    """
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        size: int,
+        desc_addr: int,
+        avail_addr: int,
+        used_addr: int,
+        event_idx: bool = False,
+    ) -> None:
+        self._r = _Rings(mem, size, desc_addr, avail_addr, used_addr)
+        self.event_idx = event_idx
+        for v in (self._r.desc, self._r.avail, self._r.used):
+            v[:] = bytes(len(v))
+        self._free: list[int] = list(range(size - 1, -1, -1))  # a stack; pops 0 first
+        self._inflight: dict[int, tuple[list[int], Any]] = {}
+        self._avail_idx = 0
+        self._kicked_avail = 0
+        self._last_used = 0
+
+    @property
+    def size(self) -> int:
+        return self._r.size
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def avail_idx(self) -> int:
+        return self._avail_idx
+
+    def release(self) -> None:
+        self._r.release()
+
+    def add(
+        self,
+        readable: Sequence[tuple[int, int]] = (),
+        writable: Sequence[tuple[int, int]] = (),
+        token: Any = None,
+    ) -> int:
+        """Expose a chain (readable buffers first) and make it available. Returns its head."""
+        bufs = [(a, n, 0) for a, n in readable] + [(a, n, VIRTQ_DESC_F_WRITE) for a, n in writable]
+        if not bufs:
+            raise ValueError("a chain needs at least one buffer")
+        if len(bufs) > len(self._free):
+            raise QueueFull(f"chain of {len(bufs)} descriptors, {len(self._free)} free")
+        indices = [self._free.pop() for _ in bufs]
+        for i, (slot, (addr, length, flags)) in enumerate(zip(indices, bufs)):
+            last = i == len(bufs) - 1
+            _DESC.pack_into(
+                self._r.desc,
+                DESC_SIZE * slot,
+                addr,
+                length,
+                flags | (0 if last else VIRTQ_DESC_F_NEXT),
+                0 if last else indices[i + 1],
+            )
+        return self._publish(indices, token)
+
+    def add_indirect(
+        self,
+        table_addr: int,
+        readable: Sequence[tuple[int, int]] = (),
+        writable: Sequence[tuple[int, int]] = (),
+        token: Any = None,
+    ) -> int:
+        """Like :meth:`add`, but the chain lives in an indirect table the caller placed at
+        ``table_addr`` (16 bytes per buffer, 16-aligned); uses one ring descriptor."""
+        bufs = [(a, n, 0) for a, n in readable] + [(a, n, VIRTQ_DESC_F_WRITE) for a, n in writable]
+        if not bufs:
+            raise ValueError("a chain needs at least one buffer")
+        if not self._free:
+            raise QueueFull("no free descriptor")
+        table = _ring_view(self._r.mem, table_addr, DESC_SIZE * len(bufs), DESC_ALIGN, "indirect table")
+        with table:
+            for i, (addr, length, flags) in enumerate(bufs):
+                last = i == len(bufs) - 1
+                _DESC.pack_into(
+                    table, DESC_SIZE * i, addr, length,
+                    flags | (0 if last else VIRTQ_DESC_F_NEXT), 0 if last else i + 1,
+                )
+        slot = self._free.pop()
+        _DESC.pack_into(self._r.desc, DESC_SIZE * slot, table_addr, DESC_SIZE * len(bufs), VIRTQ_DESC_F_INDIRECT, 0)
+        return self._publish([slot], token)
+
+    def _publish(self, indices: list[int], token: Any) -> int:
+        head = indices[0]
+        self._inflight[head] = (indices, token)
+        _U16.pack_into(self._r.avail, 4 + 2 * (self._avail_idx & self._r.mask), head)
+        # Write barrier here (descriptors + ring entry before idx) — see the module docstring.
+        self._avail_idx = (self._avail_idx + 1) & 0xFFFF
+        _U16.pack_into(self._r.avail, 2, self._avail_idx)
+        return head
+
+    def kick_needed(self) -> bool:
+        """Must the device be notified about the chains added since the last call?
+
+        Honours VRING_USED_F_NO_NOTIFY, or ``avail_event`` with EVENT_IDX (§2.7.10).
+        """
+        old, new = self._kicked_avail, self._avail_idx
+        self._kicked_avail = new
+        if old == new:
+            return False
+        if self.event_idx:
+            avail_event = _U16.unpack_from(self._r.used, self._r.avail_event_off)[0]
+            return vring_need_event(avail_event, new, old)
+        return not _U16.unpack_from(self._r.used, 0)[0] & VRING_USED_F_NO_NOTIFY
+
+    def get_used(self) -> list[tuple[Any, int]]:
+        """Collect the chains the device returned: ``[(token, written_len), ...]`` in used order."""
+        used_idx = _U16.unpack_from(self._r.used, 2)[0]
+        pending = (used_idx - self._last_used) & 0xFFFF
+        if pending > len(self._inflight):
+            raise RingError(f"used idx {used_idx} is {pending} ahead, only {len(self._inflight)} chains in flight")
+        out: list[tuple[Any, int]] = []
+        # Read barrier here (used idx before the elements) — see the module docstring.
+        for _ in range(pending):
+            head, written = _USED_ELEM.unpack_from(self._r.used, 4 + USED_ELEM_SIZE * (self._last_used & self._r.mask))
+            entry = self._inflight.pop(head, None)
+            if entry is None:
+                raise RingError(f"device returned head {head}, which is not in flight")
+            indices, token = entry
+            self._free.extend(reversed(indices))
+            self._last_used = (self._last_used + 1) & 0xFFFF
+            out.append((token, written))
+        if self.event_idx:
+            _U16.pack_into(self._r.avail, self._r.used_event_off, self._last_used)
+        return out
+
+    def disable_interrupts(self) -> None:
+        """VRING_AVAIL_F_NO_INTERRUPT (without EVENT_IDX); with EVENT_IDX move used_event far away."""
+        if self.event_idx:
+            _U16.pack_into(self._r.avail, self._r.used_event_off, (self._last_used - 1) & 0xFFFF)
+        else:
+            _U16.pack_into(self._r.avail, 0, VRING_AVAIL_F_NO_INTERRUPT)
+
+    def enable_interrupts(self) -> None:
+        if self.event_idx:
+            _U16.pack_into(self._r.avail, self._r.used_event_off, self._last_used)
+        else:
+            _U16.pack_into(self._r.avail, 0, 0)
