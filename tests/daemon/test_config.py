@@ -1,0 +1,109 @@
+"""Configuration parsing: --device, TOML, libxl's xenstore keys, merging; errors name the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from xen_vhost_master.config import (
+    DeviceConfig,
+    MemoryMode,
+    device_from_xenstore,
+    load_toml,
+    merge,
+    parse_device_arg,
+    virtio_id,
+)
+from xen_vhost_master.errors import ConfigError
+
+
+@pytest.mark.parametrize("text, expected", [("blk", 2), ("net", 1), ("26", 26), ("0x1a", 26), ("virtio,device1a", 26), ("virtio,device22", 0x22)])
+def test_virtio_id_accepts_names_numbers_and_dt_compatibles(text, expected):
+    assert virtio_id(text, "type") == expected
+
+
+@pytest.mark.parametrize("text", ["disk", "virtio,device", "virtio,devicezz", "0", "300", ""])
+def test_virtio_id_rejects_unknown_types_with_the_choices(text):
+    with pytest.raises(ConfigError, match="unknown virtio device type"):
+        virtio_id(text, "type")
+
+
+def test_device_flag_full_form():
+    d = parse_device_arg("type=blk,base=0x2000000,irq=33,socket=/run/qsd.sock,mode=server,queue-size=128,queues=2,memory=shadow", 3)
+    assert d == DeviceConfig(devid=3, device_id=2, base=0x2000000, irq=33, socket="/run/qsd.sock", listen=True,
+                             queue_size=128, num_queues=2, memory=MemoryMode.SHADOW, source="cli")
+
+
+def test_device_flag_dt_compatible_type_with_its_comma():
+    assert parse_device_arg("type=virtio,device22,base=0x2000200,irq=34").device_id == 0x22
+
+
+def test_socket_path_defaults_to_the_per_guest_template():
+    d = parse_device_arg("type=net,base=33554432,irq=33", 1)
+    assert d.socket_path(7) == "/run/xen-vhost-master/7/1.sock"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("type=blk,irq=33", "missing base="),
+        ("type=blk,base=0x2000000,irq=33,mode=both", "mode='both'"),
+        ("type=blk,base=zz,irq=33", "base: 'zz' is not a number"),
+        ("type=blk,base=0x2000000,irq=33,queue-size=0", "queue-size: 0 is out of range"),
+        ("type=blk,base=0x2000000,irq=33,colour=red", "unknown key"),
+        ("type=blk,base=0x2000000,irq=33,memory=magic", "memory='magic'"),
+        ("type=blk,0x2000000,irq=33", "not key=value"),
+    ],
+)
+def test_device_flag_errors_name_the_key_and_the_fix(text, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as e:
+        parse_device_arg(text)
+    assert "--device" in str(e.value)
+
+
+def test_toml_devices(tmp_path):
+    path = tmp_path / "guest.toml"
+    path.write_text('[[device]]\ntype = "blk"\nbase = 0x2000000\nirq = 33\nsocket = "/run/a.sock"\n\n'
+                    '[[device]]\ntype = "net"\nbase = "0x2000200"\nirq = 34\nmode = "server"\n')
+    a, b = load_toml(path)
+    assert (a.device_id, a.base, a.socket, a.source) == (2, 0x2000000, "/run/a.sock", "config")
+    assert (b.devid, b.device_id, b.base, b.listen) == (1, 1, 0x2000200, True)
+
+
+def test_toml_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[device]\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_toml(bad)
+    with pytest.raises(ConfigError, match="No such file"):
+        load_toml(tmp_path / "missing.toml")
+
+
+def test_xenstore_virtio_kind_hex_base_and_virtio_disk_decimal_base():
+    v = device_from_xenstore("virtio", 0, {"type": "virtio,device22", "base": "0x2000000", "irq": "33", "transport": "mmio", "grant_usage": "1"})
+    assert (v.device_id, v.base, v.irq, v.grants, v.source) == (0x22, 0x2000000, 33, True, "xenstore")
+    d = device_from_xenstore("virtio_disk", 51712, {"specification": "virtio", "base": "33554432", "irq": "33", "transport": "mmio"})
+    assert (d.devid, d.device_id, d.base, d.grants) == (51712, 2, 0x2000000, False)
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"type": "virtio,device2", "base": "0x2000000", "irq": "33", "transport": "pci"}, "only mmio"),
+    ({"type": "virtio,device2", "irq": "33"}, "missing base"),
+    ({"type": "virtio,device2", "base": "0x2000000", "irq": "banana"}, "irq: 'banana'"),
+])
+def test_malformed_xenstore_entries_are_config_errors(keys, message):
+    with pytest.raises(ConfigError, match=message):
+        device_from_xenstore("virtio", 4, keys)
+
+
+def test_merge_explicit_wins_and_keeps_discovered_devid():
+    found = device_from_xenstore("virtio", 5, {"type": "virtio,device2", "base": "0x2000000", "irq": "33"})
+    given = parse_device_arg("type=blk,base=0x2000000,irq=33,socket=/x.sock", 0)
+    (d,) = merge([found], [given])
+    assert (d.devid, d.socket, d.source) == (5, "/x.sock", "cli")
+
+
+def test_merge_refuses_overlapping_windows():
+    a = parse_device_arg("type=blk,base=0x2000000,irq=33", 0)
+    b = parse_device_arg("type=net,base=0x2000100,irq=34", 1)
+    with pytest.raises(ConfigError, match="overlap"):
+        merge([], [a, b])

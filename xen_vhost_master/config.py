@@ -1,0 +1,228 @@
+"""Configuration: what devices a guest has and how each reaches its back-end.
+
+Pure: strings and dicts in, frozen dataclasses out, :class:`ConfigError` naming the flag or key and
+the fix. Three sources, merged with explicit settings winning: libxl's xenstore layout, a TOML file
+(``--config``) and ``--device`` flags.
+"""
+
+from __future__ import annotations
+
+import enum
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULT_QUEUE_SIZE",
+    "SOCKET_TEMPLATE",
+    "DeviceConfig",
+    "GuestConfig",
+    "MemoryMode",
+    "device_from_xenstore",
+    "load_toml",
+    "merge",
+    "parse_device_arg",
+    "virtio_id",
+]
+
+# Where a device's back-end socket lives unless configured: one private directory per guest
+# (systemd's RuntimeDirectory=xen-vhost-master/%i creates it 0700).
+SOCKET_TEMPLATE = "/run/xen-vhost-master/{domid}/{devid}.sock"
+DEFAULT_QUEUE_SIZE = 256  # QueueNumMax offered to the guest; QEMU's default for virtio-blk/net
+MMIO_WINDOW = 0x200  # libxl's per-device window (xen/include/public/arch-arm.h GUEST_VIRTIO_MMIO_SIZE)
+MAX_QUEUE_SIZE = 32768  # virtio 1.2 §2.7
+
+# linux/virtio_ids.h: names accepted for `type=` (numbers and `virtio,deviceNN` work too).
+VIRTIO_IDS = {
+    "net": 1, "blk": 2, "console": 3, "rng": 4, "balloon": 5, "scsi": 8, "9p": 9, "gpu": 16,
+    "input": 18, "vsock": 19, "crypto": 20, "iommu": 23, "mem": 24, "sound": 25, "fs": 26,
+    "pmem": 27, "rpmb": 28, "scmi": 32, "i2c": 34, "watchdog": 35, "can": 36, "bt": 40, "gpio": 41,
+}
+
+
+class MemoryMode(enum.Enum):
+    """How guest memory reaches the back-end."""
+
+    AUTO = "auto"  # XEN_MMAP if the back-end offers it, else shadow virtqueues
+    XEN_MMAP = "xen-mmap"  # zero copy: the back-end maps guest memory itself
+    SHADOW = "shadow"  # copy through bounce buffers the daemon shares with the back-end
+    SIM_MEMFD = "sim-memfd"  # simulator only: guest RAM exposed as memfds (a baseline)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    devid: int
+    device_id: int  # virtio device id (linux/virtio_ids.h)
+    base: int  # guest-physical base of the MMIO window
+    irq: int  # interrupt line (GIC SPI on Arm)
+    socket: str = ""  # back-end socket; "" = SOCKET_TEMPLATE
+    listen: bool = False  # True: we listen and the back-end connects (server mode)
+    queue_size: int = DEFAULT_QUEUE_SIZE
+    num_queues: int | None = None  # None: as many as the back-end's GET_QUEUE_NUM
+    grants: bool = False  # grant-based guest (xenstore grant_usage=1)
+    memory: MemoryMode = MemoryMode.AUTO
+    source: str = "cli"  # where it came from, for messages: cli, config, xenstore
+
+    def socket_path(self, domid: int) -> str:
+        return self.socket or SOCKET_TEMPLATE.format(domid=domid, devid=self.devid)
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    domid: int
+    devices: tuple[DeviceConfig, ...] = ()
+    xenstore: bool = True  # discover (more) devices from xenstore and watch for changes
+    backend_domid: int = 0
+    extra: Mapping[str, object] = field(default_factory=dict)
+
+
+def virtio_id(text: str, what: str) -> int:
+    """``blk``, ``2``, ``0x1a`` or ``virtio,device1a`` → the virtio device id."""
+    s = text.strip().lower()
+    if s.startswith("virtio,device"):
+        digits = s[len("virtio,device"):]
+        if digits and all(c in "0123456789abcdef" for c in digits):
+            return int(digits, 16)
+    elif s in VIRTIO_IDS:
+        return VIRTIO_IDS[s]
+    else:
+        try:
+            n = int(s, 0)
+        except ValueError:
+            pass
+        else:
+            if 0 < n < 256:
+                return n
+    raise ConfigError(f"{what}: unknown virtio device type {text!r}; use a name ({', '.join(sorted(VIRTIO_IDS))}), a number, or virtio,deviceNN")
+
+
+def _int(text: object, what: str, lo: int = 0, hi: int = 2**64 - 1) -> int:
+    try:
+        n = int(str(text).strip(), 0) if not isinstance(text, int) else text
+    except ValueError:
+        raise ConfigError(f"{what}: {text!r} is not a number (decimal or 0x-hex)") from None
+    if not lo <= n <= hi:
+        raise ConfigError(f"{what}: {n} is out of range [{lo}, {hi}]")
+    return n
+
+
+def _bool(text: object, what: str) -> bool:
+    if isinstance(text, bool):
+        return text
+    s = str(text).strip().lower()
+    if s in ("1", "yes", "true", "on"):
+        return True
+    if s in ("0", "no", "false", "off"):
+        return False
+    raise ConfigError(f"{what}: {text!r} is not a boolean (use 1/0, yes/no, true/false)")
+
+
+def _device(items: Mapping[str, object], what: str, source: str) -> DeviceConfig:
+    known = {"devid", "type", "base", "irq", "socket", "mode", "queue-size", "queues", "grants", "memory"}
+    unknown = set(items) - known
+    if unknown:
+        raise ConfigError(f"{what}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    for key in ("type", "base", "irq"):
+        if key not in items:
+            raise ConfigError(f"{what}: missing {key}= (e.g. type=blk,base=0x2000000,irq=33)")
+    mode = str(items.get("mode", "client"))
+    if mode not in ("client", "server"):
+        raise ConfigError(f"{what}: mode={mode!r}: use client (connect to a listening back-end) or server (listen)")
+    memory = str(items.get("memory", "auto"))
+    try:
+        mem = MemoryMode(memory)
+    except ValueError:
+        raise ConfigError(f"{what}: memory={memory!r}: use one of {', '.join(m.value for m in MemoryMode)}") from None
+    queue_size = _int(items.get("queue-size", DEFAULT_QUEUE_SIZE), f"{what}: queue-size", 1, MAX_QUEUE_SIZE)
+    queues = items.get("queues")
+    return DeviceConfig(
+        devid=_int(items.get("devid", 0), f"{what}: devid", 0, 2**31 - 1),
+        device_id=virtio_id(str(items["type"]), f"{what}: type"),
+        base=_int(items["base"], f"{what}: base"),
+        irq=_int(items["irq"], f"{what}: irq", 0, 1019),
+        socket=str(items.get("socket", "")),
+        listen=mode == "server",
+        queue_size=queue_size,
+        num_queues=None if queues is None else _int(queues, f"{what}: queues", 1, 1024),
+        grants=_bool(items.get("grants", False), f"{what}: grants"),
+        memory=mem,
+        source=source,
+    )
+
+
+def parse_device_arg(text: str, index: int = 0) -> DeviceConfig:
+    """``--device type=blk,base=0x2000000,irq=33,socket=/run/qsd.sock[,mode=server,...]``."""
+    items: dict[str, object] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq:
+            # `type=virtio,device22` contains a comma: glue the fragment back on.
+            if key.startswith("device") and items.get("type") == "virtio":
+                items["type"] = f"virtio,{key}"
+                continue
+            raise ConfigError(f"--device {text!r}: {part!r} is not key=value")
+        items[key.strip()] = value.strip()
+    items.setdefault("devid", index)
+    return _device(items, f"--device {text!r}", "cli")
+
+
+def load_toml(path: str | Path) -> list[DeviceConfig]:
+    """A TOML file with ``[[device]]`` tables using the same keys as ``--device``."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid TOML: {e}") from None
+    tables = data.get("device", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"--config {path}: 'device' must be an array of tables ([[device]])")
+    return [_device({"devid": i, **t}, f"--config {path} device #{i}", "config") for i, t in enumerate(tables)]
+
+
+def device_from_xenstore(kind: str, devid: int, keys: Mapping[str, str]) -> DeviceConfig:
+    """A device from libxl's backend directory (kind ``virtio`` ≥ 4.18 or ``virtio_disk`` 4.17).
+
+    ``base`` is hex for ``virtio`` and decimal for ``virtio_disk`` and early libxl: ``int(s, 0)``
+    reads both.
+    """
+    what = f"xenstore backend/{kind}/{devid}"
+    transport = keys.get("transport", "mmio")
+    if transport != "mmio":
+        raise ConfigError(f"{what}: transport={transport!r}: only mmio is supported")
+    if kind == "virtio_disk":
+        if keys.get("specification", "virtio") != "virtio":
+            raise ConfigError(f"{what}: specification={keys.get('specification')!r} is not virtio")
+        type_ = "2"
+    elif kind == "virtio":
+        type_ = keys.get("type", "")
+    else:
+        raise ConfigError(f"{what}: unknown device kind {kind!r}")
+    items: dict[str, object] = {"devid": devid, "type": type_, "grants": keys.get("grant_usage", "0")}
+    for key in ("base", "irq"):
+        if key in keys:
+            items[key] = keys[key]
+    return _device(items, what, "xenstore")
+
+
+def merge(discovered: Iterable[DeviceConfig], explicit: Iterable[DeviceConfig]) -> tuple[DeviceConfig, ...]:
+    """Explicit devices (CLI/TOML) win over discovered ones with the same MMIO base.
+
+    An explicit device that matches a discovered one takes the discovered devid (so the socket
+    template and the xenstore handshake refer to the same device); settings come from the explicit one.
+    """
+    by_base = {d.base: d for d in discovered}
+    out: dict[int, DeviceConfig] = dict(by_base)
+    for d in explicit:
+        if d.base in by_base:
+            d = replace(d, devid=by_base[d.base].devid)
+        out[d.base] = d
+    devices = sorted(out.values(), key=lambda d: d.base)
+    for a, b in zip(devices, devices[1:]):
+        if a.base + MMIO_WINDOW > b.base:
+            raise ConfigError(f"devices {a.devid} ({a.source}) and {b.devid} ({b.source}) overlap: MMIO windows at {a.base:#x} and {b.base:#x}")
+    return tuple(devices)
