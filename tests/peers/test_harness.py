@@ -1,0 +1,103 @@
+"""The peer harness itself: readiness, failure reporting, teardown, and the UML boot recipe
+(UML ↔ qemu-storage-daemon needs no code of ours, so it checks the recipe on its own)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sys
+
+import pytest
+
+from tests.peers.harness import PeerDied, Peers, socket_listening
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_stop_escalates_to_sigkill_and_reaps_the_whole_group(peers: Peers) -> None:
+    # A leader that ignores SIGTERM, with a child in its group that would outlive it.
+    script = "import os,signal,time,subprocess,sys\n" \
+             "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" \
+             "c=subprocess.Popen(['sleep','300']); print('child', c.pid, flush=True)\n" \
+             "time.sleep(300)\n"
+    p = peers.start("stubborn", [sys.executable, "-c", script])
+    child = int(p.wait_log(r"^child (\d+)").group(1))
+    status = p.stop(timeout=0.3)
+    assert status == -signal.SIGKILL
+    assert gone(p.pid)
+    # The child was in the same group: SIGKILLed too (it is reparented and reaped by init).
+    p.wait_for(lambda: gone(child) or open(f"/proc/{child}/stat").read().split()[2] == "Z",
+               "child gone", 5, allow_exit=True)
+    assert p.stop() == status  # idempotent
+
+
+def test_wait_fails_fast_with_log_tail_when_the_peer_dies(peers: Peers, tmp_path) -> None:
+    p = peers.start("dies", ["sh", "-c", "echo 'cannot bind socket: boom' >&2; exit 3"])
+    with pytest.raises(PeerDied, match=r"(?s)exited with 3.*cannot bind socket: boom"):
+        p.wait_listening(tmp_path / "never.sock", timeout=10)
+
+
+def test_wait_times_out_with_log_tail(peers: Peers) -> None:
+    p = peers.start("silent", ["sh", "-c", "echo hello; sleep 30"])
+    with pytest.raises(TimeoutError, match=r"(?s)no log line /ready/.*hello"):
+        p.wait_log("ready", timeout=0.3)
+
+
+@pytest.mark.peer
+def test_qsd_raw_listens_and_stops_cleanly(peers: Peers) -> None:
+    qsd = peers.qsd_raw(size=1 << 20)
+    assert socket_listening(qsd.sock)
+    assert qsd.image is not None and qsd.image.stat().st_size == 1 << 20
+    status = qsd.process.stop()
+    assert status == 0, qsd.process.log_tail()  # qsd exits 0 on SIGTERM
+    assert gone(qsd.process.pid)
+    assert not socket_listening(qsd.sock)
+
+
+@pytest.mark.peer
+def test_qsd_null_listens(peers: Peers) -> None:
+    qsd = peers.qsd_null(size=1 << 20)
+    assert socket_listening(qsd.sock)
+
+
+@pytest.mark.peer
+def test_testpmd_server_listens_and_says_bye(peers: Peers) -> None:
+    p, sock = peers.testpmd()
+    assert socket_listening(sock)
+    p.wait_log(r"start packet forwarding")
+    assert p.stop() == 0
+    assert "Bye..." in p.log_text()
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio
+async def test_uml_boot_recipe_against_qemu_storage_daemon(peers: Peers, tmp_path) -> None:
+    """UML's virtio_uml + virtio_blk against qsd: UML writes a pattern that lands in the raw file,
+    and reads back bytes the host put there."""
+    qsd = peers.qsd_raw(size=4 << 20)
+    assert qsd.image is not None
+    host_bytes = os.urandom(8 * 512)
+    with open(qsd.image, "r+b") as f:
+        f.seek(100 * 512)
+        f.write(host_bytes)
+    pattern = os.urandom(16 * 512)
+    (tmp_path / "pattern.bin").write_bytes(pattern)
+    run = peers.uml(qsd.sock, mode="blkrw", env={
+        "UMLT_PATTERN": str(tmp_path / "pattern.bin"), "UMLT_WSECTOR": "8",
+        "UMLT_RSECTOR": "100", "UMLT_RCOUNT": "8",
+    })
+    verdicts = await run.finish()
+    assert "DONE 0" in verdicts, run.process.log_tail()
+    assert run.value("SECTORS") == str((4 << 20) // 512)
+    assert run.value("WRITE-READ-OK") == "16"
+    assert run.value("READ-MD5") == hashlib.md5(host_bytes).hexdigest()
+    with open(qsd.image, "rb") as f:
+        f.seek(8 * 512)
+        assert f.read(len(pattern)) == pattern
