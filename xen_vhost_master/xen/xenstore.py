@@ -1,0 +1,914 @@
+"""XenStore client: the xs_wire protocol over a Unix socket or /dev/xen/xenbus, for asyncio and uvloop.
+
+Two layers, as in aioquic:
+
+* A sans-IO core (:class:`XsFramer`, :class:`XsClientProtocol`): bytes in, typed events out; request ids
+  allocated and matched; every field of every reply validated (a hostile xenstored gets a typed error,
+  never a crash).  Shared with the simulated xenstored (``sim.xenstored``), which uses the framer and
+  the encoder only.
+* An asyncio adapter (:class:`XenstoreClient`): one non-blocking fd driven by ``loop.add_reader`` /
+  ``add_writer`` (the only hooks uvloop and asyncio share for arbitrary fds), awaitable requests with a
+  timeout each, watch events delivered to :class:`XsWatch` queues, transactions with an EAGAIN retry
+  helper (:meth:`XenstoreClient.transaction`).
+
+Wire facts: ``xen/include/public/io/xs_wire.h`` (see ../shared/reference/abi.md §7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno as errno_mod
+import itertools
+import logging
+import os
+import re
+import socket
+import struct
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import TypeVar
+
+__all__ = [
+    "XENSTORE_PAYLOAD_MAX",
+    "XENSTORE_ABS_PATH_MAX",
+    "XENSTORE_REL_PATH_MAX",
+    "XSD_ERRORS",
+    "DEFAULT_SOCKET_PATHS",
+    "XENBUS_DEVICE_PATHS",
+    "XsType",
+    "XsAccess",
+    "XsPerm",
+    "XsHeader",
+    "XsMessage",
+    "XsFramer",
+    "XsReply",
+    "XsWatchEvent",
+    "XsClientProtocol",
+    "encode_message",
+    "split_strings",
+    "XenstoreError",
+    "XenstoreNotFound",
+    "XenstorePermissionError",
+    "XenstoreExists",
+    "XenstoreConflict",
+    "XenstoreProtocolError",
+    "XenstoreDisconnected",
+    "XenstoreTimeout",
+    "xenstore_error",
+    "XenstoreClient",
+    "XsTransaction",
+    "XsWatch",
+]
+
+logger = logging.getLogger(__name__)
+
+# xs_wire.h: "#define XENSTORE_PAYLOAD_MAX 4096" (bytes after the header, both directions).
+XENSTORE_PAYLOAD_MAX = 4096
+# xs_wire.h: absolute / relative path limits.
+XENSTORE_ABS_PATH_MAX = 3072
+XENSTORE_REL_PATH_MAX = 2048
+# Default time a request may take before XenstoreTimeout (xenstored answers in microseconds; a dom0
+# under load may take a while; 10 s is the order of libxenstore's own watchdog-free blocking).
+DEFAULT_TIMEOUT = 10.0
+# Watch events buffered per watch before the oldest are dropped (the watch is then flagged
+# ``overflowed`` so its owner rescans): bounds memory against a flooding or hostile xenstored.
+WATCH_QUEUE_MAX = 4096
+# Attempts of XenstoreClient.transaction before giving up with XenstoreConflict.
+TRANSACTION_MAX_ATTEMPTS = 16
+# libxenstore xs_daemon_socket(): $XENSTORED_PATH, else <rundir>/socket (rundir /var/run/xenstored).
+DEFAULT_SOCKET_PATHS = ("/run/xenstored/socket", "/var/run/xenstored/socket")
+# Linux xenbus_dev_frontend; /proc/xen/xenbus on old kernels.
+XENBUS_DEVICE_PATHS = ("/dev/xen/xenbus", "/proc/xen/xenbus")
+
+_T = TypeVar("_T")
+
+
+class XsType(enum.IntEnum):
+    """``enum xsd_sockmsg_type`` (xs_wire.h)."""
+
+    CONTROL = 0  # alias XS_DEBUG
+    DIRECTORY = 1
+    READ = 2
+    GET_PERMS = 3
+    WATCH = 4
+    UNWATCH = 5
+    TRANSACTION_START = 6
+    TRANSACTION_END = 7
+    INTRODUCE = 8
+    RELEASE = 9
+    GET_DOMAIN_PATH = 10
+    WRITE = 11
+    MKDIR = 12
+    RM = 13
+    SET_PERMS = 14
+    WATCH_EVENT = 15
+    ERROR = 16
+    IS_DOMAIN_INTRODUCED = 17
+    RESUME = 18
+    SET_TARGET = 19
+    # 20 was XS_RESTRICT (removed)
+    RESET_WATCHES = 21
+    DIRECTORY_PART = 22
+    INVALID = 0xFFFF
+
+
+# xs_wire.h ``xsd_errors[]`` in table order: the wire carries the *name*.
+XSD_ERRORS: dict[str, int] = {
+    "EINVAL": errno_mod.EINVAL,
+    "EACCES": errno_mod.EACCES,
+    "EEXIST": errno_mod.EEXIST,
+    "EISDIR": errno_mod.EISDIR,
+    "ENOENT": errno_mod.ENOENT,
+    "ENOMEM": errno_mod.ENOMEM,
+    "ENOSPC": errno_mod.ENOSPC,
+    "EIO": errno_mod.EIO,
+    "ENOTEMPTY": errno_mod.ENOTEMPTY,
+    "ENOSYS": errno_mod.ENOSYS,
+    "EROFS": errno_mod.EROFS,
+    "EBUSY": errno_mod.EBUSY,
+    "EAGAIN": errno_mod.EAGAIN,
+    "EISCONN": errno_mod.EISCONN,
+    "E2BIG": errno_mod.E2BIG,
+    "EPERM": errno_mod.EPERM,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------------
+
+
+class XenstoreError(OSError):
+    """A XenStore operation failed; ``errno`` is the Linux errno, ``op``/``path`` say which request."""
+
+    def __init__(self, err: int, message: str = "", *, op: str = "", path: str = "") -> None:
+        super().__init__(err, message or os.strerror(err))
+        self.op = op
+        self.path = path
+
+    def __str__(self) -> str:
+        where = " ".join(part for part in (self.op, self.path) if part)
+        return f"[Errno {self.errno}] {self.strerror}" + (f" ({where})" if where else "")
+
+
+class XenstoreNotFound(XenstoreError, FileNotFoundError):
+    """ENOENT: no such node (or unknown transaction / watch)."""
+
+
+class XenstorePermissionError(XenstoreError, PermissionError):
+    """EACCES / EPERM: the connection's domain may not do this."""
+
+
+class XenstoreExists(XenstoreError, FileExistsError):
+    """EEXIST: e.g. the same watch (path, token) registered twice."""
+
+
+class XenstoreConflict(XenstoreError):
+    """EAGAIN on TRANSACTION_END: another writer got there first; rerun the transaction."""
+
+
+class XenstoreProtocolError(XenstoreError):
+    """The peer sent something xs_wire does not allow (remote protocol error)."""
+
+    def __init__(self, message: str, *, op: str = "", path: str = "") -> None:
+        super().__init__(errno_mod.EPROTO, message, op=op, path=path)
+
+
+class XenstoreDisconnected(XenstoreError, ConnectionResetError):
+    """The connection is closed; every pending and later request fails with this."""
+
+    def __init__(self, message: str = "xenstore connection closed") -> None:
+        super().__init__(errno_mod.ECONNRESET, message)
+
+
+class XenstoreTimeout(XenstoreError, TimeoutError):
+    """No reply within the request timeout."""
+
+    def __init__(self, message: str, *, op: str = "", path: str = "") -> None:
+        super().__init__(errno_mod.ETIMEDOUT, message, op=op, path=path)
+
+
+_ERRNO_CLASSES: dict[int, type[XenstoreError]] = {
+    errno_mod.ENOENT: XenstoreNotFound,
+    errno_mod.EACCES: XenstorePermissionError,
+    errno_mod.EPERM: XenstorePermissionError,
+    errno_mod.EEXIST: XenstoreExists,
+    errno_mod.EAGAIN: XenstoreConflict,
+}
+
+
+def xenstore_error(err: int, *, op: str = "", path: str = "") -> XenstoreError:
+    """The typed exception for errno ``err``."""
+    return _ERRNO_CLASSES.get(err, XenstoreError)(err, op=op, path=path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Permissions
+# --------------------------------------------------------------------------------------------------
+
+
+class XsAccess(enum.Enum):
+    """Permission letters of ``xs_perm_to_string``: none, read, write, both."""
+
+    NONE = "n"
+    READ = "r"
+    WRITE = "w"
+    BOTH = "b"
+
+    @property
+    def can_read(self) -> bool:
+        return self in (XsAccess.READ, XsAccess.BOTH)
+
+    @property
+    def can_write(self) -> bool:
+        return self in (XsAccess.WRITE, XsAccess.BOTH)
+
+
+_PERM_RE = re.compile(r"([nrwb])([0-9]{1,5})")
+_DOMID_MAX = 0xFFFF
+
+
+@dataclass(frozen=True)
+class XsPerm:
+    """One permission entry. The first entry of a node names its owner and the default for others."""
+
+    domid: int
+    access: XsAccess
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.domid <= _DOMID_MAX:
+            raise ValueError(f"domid out of range: {self.domid}")
+
+    def __str__(self) -> str:
+        return f"{self.access.value}{self.domid}"
+
+    @classmethod
+    def parse(cls, text: str) -> XsPerm:
+        """Parse ``"r5"``; ValueError if malformed."""
+        m = _PERM_RE.fullmatch(text)
+        if m is None or int(m.group(2)) > _DOMID_MAX:
+            raise ValueError(f"bad permission {text!r}")
+        return cls(int(m.group(2)), XsAccess(m.group(1)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Framing (sans-IO, shared with the simulated xenstored)
+# --------------------------------------------------------------------------------------------------
+
+_HEADER = struct.Struct("=IIII")
+
+
+@dataclass(frozen=True)
+class XsHeader:
+    """``struct xsd_sockmsg`` (xs_wire.h), native-endian, 16 bytes::
+
+        struct xsd_sockmsg {
+            uint32_t type;   /* XS_??? */
+            uint32_t req_id; /* Request identifier, echoed in daemon's response.  */
+            uint32_t tx_id;  /* Transaction id (0 if not related to a transaction). */
+            uint32_t len;    /* Length of data following this. */
+            /* Generally followed by nul-terminated string(s). */
+        };
+    """
+
+    type: int
+    req_id: int
+    tx_id: int
+    len: int
+
+    SIZE = _HEADER.size
+
+    def pack(self) -> bytes:
+        return _HEADER.pack(self.type, self.req_id, self.tx_id, self.len)
+
+    @classmethod
+    def unpack(cls, data: bytes | memoryview) -> XsHeader:
+        return cls(*_HEADER.unpack(data))
+
+
+@dataclass(frozen=True)
+class XsMessage:
+    """One complete message: header fields plus payload."""
+
+    type: int
+    req_id: int
+    tx_id: int
+    payload: bytes
+
+
+def encode_message(type_: int, req_id: int, tx_id: int, payload: bytes) -> bytes:
+    """Header + payload; ValueError if the payload exceeds XENSTORE_PAYLOAD_MAX."""
+    if len(payload) > XENSTORE_PAYLOAD_MAX:
+        raise ValueError(f"xenstore payload {len(payload)} > {XENSTORE_PAYLOAD_MAX}")
+    return XsHeader(int(type_), req_id, tx_id, len(payload)).pack() + payload
+
+
+class XsFramer:
+    """Splits a byte stream into messages; a length above XENSTORE_PAYLOAD_MAX breaks the stream."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[XsMessage]:
+        """Add bytes; return the complete messages. XenstoreProtocolError on an oversized length."""
+        self._buf += data
+        out: list[XsMessage] = []
+        while len(self._buf) >= XsHeader.SIZE:
+            hdr = XsHeader.unpack(memoryview(self._buf)[: XsHeader.SIZE])
+            if hdr.len > XENSTORE_PAYLOAD_MAX:
+                raise XenstoreProtocolError(f"message length {hdr.len} > XENSTORE_PAYLOAD_MAX")
+            end = XsHeader.SIZE + hdr.len
+            if len(self._buf) < end:
+                break
+            out.append(XsMessage(hdr.type, hdr.req_id, hdr.tx_id, bytes(self._buf[XsHeader.SIZE : end])))
+            del self._buf[:end]
+        return out
+
+
+def split_strings(payload: bytes, *, what: str = "payload") -> list[str]:
+    """``a\\0b\\0`` → ``["a", "b"]``; the payload must be empty or end with NUL, and be UTF-8."""
+    if not payload:
+        return []
+    if payload[-1] != 0:
+        raise XenstoreProtocolError(f"{what} is not NUL-terminated")
+    try:
+        return payload[:-1].decode("utf-8").split("\0")
+    except UnicodeDecodeError as exc:
+        raise XenstoreProtocolError(f"{what} is not UTF-8: {exc.reason}") from None
+
+
+def _one_string(payload: bytes, *, what: str) -> str:
+    parts = split_strings(payload, what=what)
+    if len(parts) != 1:
+        raise XenstoreProtocolError(f"{what}: expected one NUL-terminated string, got {len(parts)}")
+    return parts[0]
+
+
+@dataclass(frozen=True)
+class XsReply:
+    """A reply matched to request ``req_id``: either ``payload`` or ``error`` is meaningful."""
+
+    req_id: int
+    type: XsType
+    payload: bytes
+    error: XenstoreError | None = None
+
+
+@dataclass(frozen=True)
+class XsWatchEvent:
+    """``XS_WATCH_EVENT``: ``path`` changed (as the watch was registered: absolute or relative)."""
+
+    path: str
+    token: str
+
+
+class XsClientProtocol:
+    """Sans-IO client side of xs_wire: allocates request ids, matches replies, demultiplexes events.
+
+    ``request()`` returns ``(req_id, bytes_to_send)``; ``receive_data()`` returns :class:`XsReply` and
+    :class:`XsWatchEvent` events.  A framing violation raises XenstoreProtocolError and leaves the
+    protocol ``broken`` (sticky); a reply to an unknown request id is such a violation, except for
+    requests the caller ``abandon()``-ed (timed out), whose late replies are dropped.
+    """
+
+    def __init__(self) -> None:
+        self._framer = XsFramer()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, XsType] = {}
+        self._abandoned: set[int] = set()
+        self.broken: XenstoreError | None = None
+
+    @property
+    def pending(self) -> dict[int, XsType]:
+        return dict(self._pending)
+
+    def request(self, type_: XsType, payload: bytes, tx_id: int = 0) -> tuple[int, bytes]:
+        if self.broken is not None:
+            raise self.broken
+        if len(payload) > XENSTORE_PAYLOAD_MAX:
+            raise XenstoreError(errno_mod.E2BIG, "request payload too large", op=type_.name)
+        req_id = next(self._ids) & 0xFFFFFFFF
+        while req_id == 0 or req_id in self._pending or req_id in self._abandoned:
+            req_id = next(self._ids) & 0xFFFFFFFF
+        self._pending[req_id] = type_
+        return req_id, encode_message(type_, req_id, tx_id, payload)
+
+    def abandon(self, req_id: int) -> None:
+        """Forget a request whose caller gave up; its reply, if it ever comes, is discarded."""
+        if self._pending.pop(req_id, None) is not None:
+            self._abandoned.add(req_id)
+
+    def receive_data(self, data: bytes) -> list[XsReply | XsWatchEvent]:
+        if self.broken is not None:
+            raise self.broken
+        try:
+            return [ev for msg in self._framer.feed(data) if (ev := self._message(msg)) is not None]
+        except XenstoreProtocolError as exc:
+            self.broken = exc
+            raise
+
+    def _message(self, msg: XsMessage) -> XsReply | XsWatchEvent | None:
+        if msg.type == XsType.WATCH_EVENT:
+            parts = split_strings(msg.payload, what="watch event")
+            if len(parts) < 2:
+                raise XenstoreProtocolError("watch event without path and token")
+            return XsWatchEvent(parts[0], parts[1])
+        req_type = self._pending.pop(msg.req_id, None)
+        if req_type is None:
+            if msg.req_id in self._abandoned:
+                self._abandoned.discard(msg.req_id)
+                return None
+            raise XenstoreProtocolError(f"reply to unknown req_id {msg.req_id} (type {msg.type})")
+        if msg.type == XsType.ERROR:
+            try:
+                name = _one_string(msg.payload, what="error reply")
+            except XenstoreProtocolError as exc:
+                return XsReply(msg.req_id, req_type, b"", exc)
+            err = XSD_ERRORS.get(name)
+            if err is None:
+                # Unknown name: libxenstore maps these to EINVAL; keep the name for the log.
+                return XsReply(msg.req_id, req_type, b"", XenstoreError(errno_mod.EINVAL, f"unknown error {name!r}"))
+            return XsReply(msg.req_id, req_type, b"", xenstore_error(err))
+        if msg.type != req_type:
+            exc = XenstoreProtocolError(f"reply type {msg.type} to a {req_type.name} request")
+            return XsReply(msg.req_id, req_type, b"", exc)
+        return XsReply(msg.req_id, req_type, msg.payload)
+
+
+# --------------------------------------------------------------------------------------------------
+# asyncio adapter
+# --------------------------------------------------------------------------------------------------
+
+
+def _path_bytes(path: str) -> bytes:
+    raw = path.encode("utf-8")
+    if b"\0" in raw or not raw:
+        raise ValueError(f"bad xenstore path {path!r}")
+    limit = XENSTORE_ABS_PATH_MAX if path.startswith("/") else XENSTORE_REL_PATH_MAX
+    if len(raw) > limit:
+        raise ValueError(f"xenstore path longer than {limit} bytes")
+    return raw
+
+
+def _expect_ok(payload: bytes, op: str) -> None:
+    if payload != b"OK\0":
+        raise XenstoreProtocolError(f"expected OK, got {payload[:32]!r}", op=op)
+
+
+class _Ops:
+    """The node operations, shared by the connection (tx 0) and a transaction."""
+
+    _tx_id: int = 0
+
+    async def _call(self, type_: XsType, payload: bytes, *, tx_id: int, path: str = "") -> bytes:
+        raise NotImplementedError
+
+    async def read(self, path: str) -> bytes:
+        return await self._call(XsType.READ, _path_bytes(path) + b"\0", tx_id=self._tx_id, path=path)
+
+    async def read_str(self, path: str) -> str:
+        raw = await self.read(path)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise XenstoreProtocolError("value is not UTF-8", op="READ", path=path) from None
+
+    async def write(self, path: str, value: bytes | str) -> None:
+        data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        reply = await self._call(XsType.WRITE, _path_bytes(path) + b"\0" + data, tx_id=self._tx_id, path=path)
+        _expect_ok(reply, "WRITE")
+
+    async def mkdir(self, path: str) -> None:
+        _expect_ok(await self._call(XsType.MKDIR, _path_bytes(path) + b"\0", tx_id=self._tx_id, path=path), "MKDIR")
+
+    async def rm(self, path: str) -> None:
+        _expect_ok(await self._call(XsType.RM, _path_bytes(path) + b"\0", tx_id=self._tx_id, path=path), "RM")
+
+    async def directory(self, path: str) -> list[str]:
+        """Children names of ``path``; falls back to DIRECTORY_PART for listings above one message."""
+        try:
+            reply = await self._call(XsType.DIRECTORY, _path_bytes(path) + b"\0", tx_id=self._tx_id, path=path)
+        except XenstoreError as exc:
+            if exc.errno != errno_mod.E2BIG:
+                raise
+            return await self._directory_part(path)
+        names = split_strings(reply, what="directory reply")
+        if any(not n or "/" in n for n in names):
+            raise XenstoreProtocolError("bad child name in directory reply", op="DIRECTORY", path=path)
+        return names
+
+    async def _directory_part(self, path: str) -> list[str]:
+        for _restart in range(TRANSACTION_MAX_ATTEMPTS):
+            names: list[str] = []
+            gen: str | None = None
+            offset = 0
+            while True:
+                payload = _path_bytes(path) + b"\0" + str(offset).encode() + b"\0"
+                reply = await self._call(XsType.DIRECTORY_PART, payload, tx_id=self._tx_id, path=path)
+                parts = split_strings(reply, what="directory part")
+                if not parts or not parts[0].isdigit():
+                    raise XenstoreProtocolError("bad DIRECTORY_PART generation", path=path)
+                if gen is None:
+                    gen = parts[0]
+                elif gen != parts[0]:
+                    break  # node changed between parts: start over
+                chunk = parts[1:]
+                done = bool(chunk) and chunk[-1] == ""
+                chunk = [c for c in chunk if c]
+                if any("/" in c for c in chunk):
+                    raise XenstoreProtocolError("bad child name in DIRECTORY_PART", path=path)
+                names += chunk
+                if done:
+                    return names
+                if not chunk:
+                    raise XenstoreProtocolError("DIRECTORY_PART made no progress", path=path)
+                offset += sum(len(c.encode()) + 1 for c in chunk)
+        raise XenstoreConflict(errno_mod.EAGAIN, "directory kept changing", op="DIRECTORY_PART", path=path)
+
+    async def get_perms(self, path: str) -> list[XsPerm]:
+        reply = await self._call(XsType.GET_PERMS, _path_bytes(path) + b"\0", tx_id=self._tx_id, path=path)
+        try:
+            perms = [XsPerm.parse(p) for p in split_strings(reply, what="perms")]
+        except ValueError as exc:
+            raise XenstoreProtocolError(str(exc), op="GET_PERMS", path=path) from None
+        if not perms:
+            raise XenstoreProtocolError("empty permission list", op="GET_PERMS", path=path)
+        return perms
+
+    async def set_perms(self, path: str, perms: Iterable[XsPerm]) -> None:
+        items = list(perms)
+        if not items:
+            raise ValueError("a node needs at least its owner entry")
+        payload = _path_bytes(path) + b"\0" + b"".join(str(p).encode() + b"\0" for p in items)
+        _expect_ok(await self._call(XsType.SET_PERMS, payload, tx_id=self._tx_id, path=path), "SET_PERMS")
+
+    async def exists(self, path: str) -> bool:
+        try:
+            await self.read(path)
+        except XenstoreNotFound:
+            return False
+        return True
+
+
+class XsTransaction(_Ops):
+    """A transaction: the same operations, all tagged with ``tx_id``; end with commit() or abort()."""
+
+    def __init__(self, client: XenstoreClient, tx_id: int) -> None:
+        self._client = client
+        self._tx_id = tx_id
+        self.ended = False
+
+    @property
+    def tx_id(self) -> int:
+        return self._tx_id
+
+    async def _call(self, type_: XsType, payload: bytes, *, tx_id: int, path: str = "") -> bytes:
+        if self.ended:
+            raise XenstoreError(errno_mod.EINVAL, "transaction already ended", op=type_.name, path=path)
+        return await self._client._call(type_, payload, tx_id=tx_id, path=path)
+
+    async def _end(self, commit: bool) -> None:
+        if self.ended:
+            raise XenstoreError(errno_mod.EINVAL, "transaction already ended", op="TRANSACTION_END")
+        self.ended = True
+        flag = b"T\0" if commit else b"F\0"
+        _expect_ok(await self._client._call(XsType.TRANSACTION_END, flag, tx_id=self._tx_id), "TRANSACTION_END")
+
+    async def commit(self) -> None:
+        """XenstoreConflict (EAGAIN) if another writer touched what this transaction used."""
+        await self._end(True)
+
+    async def abort(self) -> None:
+        await self._end(False)
+
+
+class XsWatch:
+    """Events of one registered watch, as an async iterator or with :meth:`get` (which has a timeout)."""
+
+    def __init__(self, client: XenstoreClient, path: str, token: str) -> None:
+        self._client = client
+        self.path = path
+        self.token = token
+        self._events: deque[XsWatchEvent] = deque()
+        self._wakeup = asyncio.Event()
+        self.overflowed = False
+        self.closed: XenstoreError | None = None
+
+    def _deliver(self, ev: XsWatchEvent) -> None:
+        if len(self._events) >= WATCH_QUEUE_MAX:
+            self._events.popleft()
+            if not self.overflowed:
+                logger.warning("xenstore watch %s (%s): event queue full, dropping", self.path, self.token)
+            self.overflowed = True
+        self._events.append(ev)
+        self._wakeup.set()
+
+    def _close(self, exc: XenstoreError) -> None:
+        self.closed = exc
+        self._wakeup.set()
+
+    def pending(self) -> int:
+        return len(self._events)
+
+    async def get(self, timeout: float | None = None) -> XsWatchEvent:
+        """The next event; XenstoreTimeout after ``timeout`` s; XenstoreDisconnected once closed."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not self._events:
+                    if self.closed is not None:
+                        raise self.closed
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+        except TimeoutError:
+            raise XenstoreTimeout(f"no watch event within {timeout} s", op="WATCH", path=self.path) from None
+        return self._events.popleft()
+
+    def __aiter__(self) -> XsWatch:
+        return self
+
+    async def __anext__(self) -> XsWatchEvent:
+        return await self.get()
+
+    async def unwatch(self) -> None:
+        await self._client.unwatch(self)
+
+    async def __aenter__(self) -> XsWatch:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self.closed is None:
+            await self.unwatch()
+
+
+class XenstoreClient(_Ops):
+    """An asyncio xenstore connection over one stream fd (Unix socket or /dev/xen/xenbus).
+
+    Requests may be issued concurrently from several tasks; replies are matched by req_id. Each
+    request fails with XenstoreTimeout after ``timeout`` seconds; once the connection closes (EOF,
+    error, protocol violation or :meth:`close`) every pending and later request fails with
+    XenstoreDisconnected (or the protocol error that broke it).
+    """
+
+    def __init__(self, fd: int | socket.socket, *, timeout: float = DEFAULT_TIMEOUT, name: str = "xenstore") -> None:
+        """Take ownership of ``fd`` (a socket object or a raw fd) and start reading."""
+        self._sock = fd if isinstance(fd, socket.socket) else None
+        self._fd = fd.fileno() if isinstance(fd, socket.socket) else fd
+        os.set_blocking(self._fd, False)
+        self._loop = asyncio.get_running_loop()
+        self.timeout = timeout
+        self.name = name
+        self._proto = XsClientProtocol()
+        self._waiters: dict[int, asyncio.Future[bytes]] = {}
+        self._watches: dict[str, XsWatch] = {}
+        self._tokens = itertools.count(1)
+        self._out = bytearray()
+        self._writing = False
+        self._closed: XenstoreError | None = None
+        self._loop.add_reader(self._fd, self._on_readable)
+
+    # ---- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    async def connect_unix(cls, path: str, *, timeout: float = DEFAULT_TIMEOUT) -> XenstoreClient:
+        """Connect to xenstored's Unix socket (privileged dom0 connection)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            async with asyncio.timeout(timeout):
+                await asyncio.get_running_loop().sock_connect(sock, path)
+        except TimeoutError:
+            sock.close()
+            raise XenstoreTimeout(f"connect to {path} timed out") from None
+        except OSError:
+            sock.close()
+            raise
+        return cls(sock, timeout=timeout, name=path)
+
+    @classmethod
+    async def open(
+        cls,
+        socket_paths: Iterable[str] | None = None,
+        device_paths: Iterable[str] = XENBUS_DEVICE_PATHS,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        opener: Callable[[str, int], int] = os.open,
+    ) -> XenstoreClient:
+        """libxenstore's order: $XENSTORED_PATH / the xenstored socket, then the xenbus device.
+
+        ``opener`` opens the device (the daemon passes its kernel object's ``open`` here so the
+        simulated host can answer).
+        """
+        if socket_paths is None:
+            env = os.environ.get("XENSTORED_PATH")
+            socket_paths = (env,) if env else DEFAULT_SOCKET_PATHS
+        errors: list[str] = []
+        for path in socket_paths:
+            try:
+                return await cls.connect_unix(path, timeout=timeout)
+            except OSError as exc:
+                errors.append(f"{path}: {exc.strerror or exc}")
+        for path in device_paths:
+            try:
+                fd = opener(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                errors.append(f"{path}: {exc.strerror or exc}")
+                continue
+            return cls(fd, timeout=timeout, name=path)
+        raise XenstoreDisconnected("no xenstore reachable: " + "; ".join(errors))
+
+    # ---- transport -----------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self._fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._shutdown(XenstoreDisconnected(f"read failed: {exc.strerror}"))
+            return
+        if not data:
+            self._shutdown(XenstoreDisconnected())
+            return
+        try:
+            events = self._proto.receive_data(data)
+        except XenstoreProtocolError as exc:
+            logger.error("%s: protocol violation, closing: %s", self.name, exc)
+            self._shutdown(exc)
+            return
+        for ev in events:
+            if isinstance(ev, XsWatchEvent):
+                watch = self._watches.get(ev.token)
+                if watch is None:
+                    logger.debug("%s: event for unknown watch token %r dropped", self.name, ev.token)
+                else:
+                    watch._deliver(ev)
+                continue
+            fut = self._waiters.pop(ev.req_id, None)
+            if fut is None or fut.done():
+                continue
+            if ev.error is not None:
+                fut.set_exception(ev.error)
+            else:
+                fut.set_result(ev.payload)
+
+    def _send(self, data: bytes) -> None:
+        self._out += data
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._out:
+            try:
+                n = os.write(self._fd, self._out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._shutdown(XenstoreDisconnected(f"write failed: {exc.strerror}"))
+                return
+            del self._out[:n]
+        if self._out and not self._writing:
+            self._loop.add_writer(self._fd, self._flush)
+            self._writing = True
+        elif not self._out and self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+
+    def _shutdown(self, exc: XenstoreError) -> None:
+        if self._closed is not None:
+            return
+        self._closed = exc
+        self._loop.remove_reader(self._fd)
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+        if self._sock is not None:
+            self._sock.close()
+        else:
+            os.close(self._fd)
+        waiters, self._waiters = self._waiters, {}
+        for fut in waiters.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        for watch in self._watches.values():
+            watch._close(exc)
+
+    async def close(self) -> None:
+        self._shutdown(XenstoreDisconnected("closed by caller"))
+
+    async def __aenter__(self) -> XenstoreClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _call(self, type_: XsType, payload: bytes, *, tx_id: int, path: str = "") -> bytes:
+        if self._closed is not None:
+            raise self._closed
+        req_id, data = self._proto.request(type_, payload, tx_id)
+        fut: asyncio.Future[bytes] = self._loop.create_future()
+        self._waiters[req_id] = fut
+        self._send(data)
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await fut
+        except TimeoutError:
+            raise XenstoreTimeout(f"no reply within {self.timeout} s", op=type_.name, path=path) from None
+        except XenstoreError as exc:
+            if not exc.op and not isinstance(exc, XenstoreDisconnected):
+                exc.op, exc.path = type_.name, path
+            raise
+        finally:
+            if self._waiters.pop(req_id, None) is not None:
+                self._proto.abandon(req_id)
+
+    # ---- watches, transactions, domains --------------------------------------------------------
+
+    async def watch(self, path: str, token: str | None = None) -> XsWatch:
+        """Register a watch on ``path`` (and its descendants). xenstored fires it once at once."""
+        if token is None:
+            token = f"xvm-{next(self._tokens)}"
+        if token in self._watches:
+            raise ValueError(f"watch token {token!r} already in use on this connection")
+        tok = token.encode("utf-8")
+        if b"\0" in tok:
+            raise ValueError("NUL in watch token")
+        watch = XsWatch(self, path, token)
+        self._watches[token] = watch  # before sending: the first event may precede the ack
+        try:
+            reply = await self._call(XsType.WATCH, _path_bytes(path) + b"\0" + tok + b"\0", tx_id=0, path=path)
+            _expect_ok(reply, "WATCH")
+        except BaseException:
+            self._watches.pop(token, None)
+            raise
+        return watch
+
+    async def unwatch(self, watch: XsWatch) -> None:
+        self._watches.pop(watch.token, None)
+        watch._close(XenstoreDisconnected("watch removed"))
+        payload = _path_bytes(watch.path) + b"\0" + watch.token.encode() + b"\0"
+        _expect_ok(await self._call(XsType.UNWATCH, payload, tx_id=0, path=watch.path), "UNWATCH")
+
+    async def transaction_start(self) -> XsTransaction:
+        reply = await self._call(XsType.TRANSACTION_START, b"\0", tx_id=0)
+        text = _one_string(reply, what="transaction id")
+        if not text.isdigit() or not 0 < int(text) <= 0xFFFFFFFF:
+            raise XenstoreProtocolError(f"bad transaction id {text!r}", op="TRANSACTION_START")
+        return XsTransaction(self, int(text))
+
+    async def transaction(
+        self, body: Callable[[XsTransaction], Awaitable[_T]], *, attempts: int = TRANSACTION_MAX_ATTEMPTS
+    ) -> _T:
+        """Run ``body(tx)`` in a transaction and commit; on EAGAIN rerun it (up to ``attempts`` times).
+
+        If ``body`` raises, the transaction is aborted and the exception propagates.
+        """
+        for attempt in range(attempts):
+            tx = await self.transaction_start()
+            try:
+                result = await body(tx)
+            except BaseException:
+                if not tx.ended:
+                    self._abort_nowait(tx)
+                raise
+            try:
+                await tx.commit()
+            except XenstoreConflict:
+                logger.debug("%s: transaction %d conflicted (attempt %d)", self.name, tx.tx_id, attempt + 1)
+                continue
+            return result
+        raise XenstoreConflict(errno_mod.EAGAIN, f"transaction still conflicting after {attempts} attempts")
+
+    def _abort_nowait(self, tx: XsTransaction) -> None:
+        """End a transaction without waiting (the caller may be cancelled); the reply is discarded."""
+        tx.ended = True
+        if self._closed is not None:
+            return
+        req_id, data = self._proto.request(XsType.TRANSACTION_END, b"F\0", tx.tx_id)
+        self._proto.abandon(req_id)
+        self._send(data)
+
+    async def get_domain_path(self, domid: int) -> str:
+        reply = await self._call(XsType.GET_DOMAIN_PATH, f"{domid}\0".encode(), tx_id=0)
+        return _one_string(reply, what="domain path")
+
+    async def introduce(self, domid: int, mfn: int, port: int) -> None:
+        payload = f"{domid}\0{mfn}\0{port}\0".encode()
+        _expect_ok(await self._call(XsType.INTRODUCE, payload, tx_id=0), "INTRODUCE")
+
+    async def release(self, domid: int) -> None:
+        _expect_ok(await self._call(XsType.RELEASE, f"{domid}\0".encode(), tx_id=0), "RELEASE")
+
+    async def is_domain_introduced(self, domid: int) -> bool:
+        reply = _one_string(await self._call(XsType.IS_DOMAIN_INTRODUCED, f"{domid}\0".encode(), tx_id=0), what="bool")
+        if reply not in ("T", "F"):
+            raise XenstoreProtocolError(f"IS_DOMAIN_INTRODUCED answered {reply!r}")
+        return reply == "T"
