@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from tests.peers.harness import Peers
 
@@ -19,3 +20,11 @@ def peers(tmp_path: Path) -> Iterator[Peers]:
         yield p
     finally:
         p.stop_all()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _uvloop_global_pipe() -> None:
+    """libuv opens a process-wide pipe pair the first time any uvloop loop is created and keeps
+    it for the life of the process. Create it before any test so that ``no_fd_leak`` does not
+    blame whichever test happens to run first on uvloop."""
+    uvloop.new_event_loop().close()
