@@ -1,0 +1,252 @@
+"""L2: a non-blocking AF_UNIX SOCK_STREAM socket that carries SCM_RIGHTS fds under asyncio.
+
+asyncio streams and uvloop transports cannot send or receive ancillary data, so
+:class:`FdSocket` drives a plain non-blocking socket with ``loop.add_reader`` /
+``loop.add_writer`` and ``socket.send_fds`` / ``socket.recv_fds``. Those two loop hooks are
+the only ones used, so it behaves the same on the stock loop and on uvloop.
+
+Ownership: fds passed to :meth:`FdSocket.send` stay the caller's (the kernel duplicates
+them into the peer). Fds returned by :meth:`FdSocket.recv` are the caller's to close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+from collections.abc import Sequence
+
+from ..errors import Disconnected, FdCountMismatch, PeerTimeout, TransportError
+from ..wire.header import MAX_FDS
+
+__all__ = [
+    "close_fds",
+    "FdSocket",
+    "UnixListener",
+    "connect_unix",
+    "CONNECT_TIMEOUT",
+    "CONNECT_ATTEMPTS",
+    "CONNECT_BACKOFF_INITIAL",
+    "CONNECT_BACKOFF_MAX",
+    "ACCEPT_TIMEOUT",
+]
+
+log = logging.getLogger("vhost_user.aio")
+
+# Time for one connect() to an AF_UNIX path (local: it either works at once or the
+# listener's backlog is full).
+CONNECT_TIMEOUT = 5.0
+# Client mode retries while the back-end is still starting (socket path missing or refusing).
+CONNECT_ATTEMPTS = 20
+CONNECT_BACKOFF_INITIAL = 0.05
+CONNECT_BACKOFF_MAX = 1.0
+# Server mode: how long to wait for the peer to connect.
+ACCEPT_TIMEOUT = 30.0
+
+_RETRY_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN}
+
+
+def close_fds(*groups: Sequence[int]) -> None:
+    """Close every fd in ``groups`` once (duplicates across groups are closed once)."""
+    seen: set[int] = set()
+    for group in groups:
+        for fd in group:
+            if fd not in seen:
+                seen.add(fd)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+class FdSocket:
+    """A connected AF_UNIX stream socket with fd passing, usable from one task at a time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise ValueError("FdSocket needs an AF_UNIX SOCK_STREAM socket")
+        sock.setblocking(False)
+        self.sock = sock
+        self._closed = False
+
+    @classmethod
+    def pair(cls) -> tuple[FdSocket, FdSocket]:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        return cls(a), cls(b)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    async def _wait(self, writable: bool) -> None:
+        if self._closed:
+            raise Disconnected("socket is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        fd = self.sock.fileno()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        if writable:
+            loop.add_writer(fd, ready)
+        else:
+            loop.add_reader(fd, ready)
+        try:
+            await fut
+        finally:
+            if not self._closed:
+                if writable:
+                    loop.remove_writer(fd)
+                else:
+                    loop.remove_reader(fd)
+
+    async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Send all of ``data``; ``fds`` ride on the first byte (one sendmsg with SCM_RIGHTS)."""
+        view = memoryview(data)
+        pending_fds = list(fds)
+        while view or pending_fds:
+            try:
+                if pending_fds:
+                    sent = socket.send_fds(self.sock, [view], pending_fds)
+                    pending_fds = []
+                else:
+                    sent = self.sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                await self._wait(writable=True)
+                continue
+            except OSError as exc:
+                raise Disconnected(f"send failed: {exc}") from exc
+            view = view[sent:]
+
+    async def recv(self, n: int, maxfds: int = MAX_FDS) -> tuple[bytes, list[int]]:
+        """Receive up to ``n`` bytes and the fds attached to them. ``b""`` means EOF."""
+        while True:
+            if self._closed:
+                raise Disconnected("socket is closed")
+            try:
+                data, fds, flags, _ = socket.recv_fds(self.sock, n, maxfds, socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                await self._wait(writable=False)
+                continue
+            except OSError as exc:
+                raise Disconnected(f"recv failed: {exc}") from exc
+            if flags & socket.MSG_CTRUNC:
+                for fd in fds:
+                    os.close(fd)
+                raise FdCountMismatch("message", f"at most {maxfds}", maxfds + 1)
+            return data, list(fds)
+
+    async def wait_readable(self) -> None:
+        """Wait until the socket has data or EOF (used to notice a peer hanging up while idle)."""
+        await self._wait(writable=False)
+
+    def peek_eof(self) -> bool:
+        """True if the peer has closed (readable with no data). Non-blocking."""
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            loop.remove_reader(self.sock.fileno())
+            loop.remove_writer(self.sock.fileno())
+        self.sock.close()
+
+    def detach_fd(self) -> int:
+        """Give up the socket object and return its fd (e.g. to send it over SCM_RIGHTS)."""
+        self._closed = True
+        return self.sock.detach()
+
+
+async def connect_unix(
+    path: str | os.PathLike[str],
+    *,
+    attempts: int = CONNECT_ATTEMPTS,
+    backoff_initial: float = CONNECT_BACKOFF_INITIAL,
+    backoff_max: float = CONNECT_BACKOFF_MAX,
+    timeout: float = CONNECT_TIMEOUT,
+) -> FdSocket:
+    """Connect to a listening back-end, retrying with exponential backoff while the path is
+    missing or refusing (the back-end may still be starting)."""
+    loop = asyncio.get_running_loop()
+    delay = backoff_initial
+    last: OSError | None = None
+    for attempt in range(1, max(1, attempts) + 1):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.sock_connect(sock, os.fspath(path))
+        except TimeoutError as exc:
+            sock.close()
+            raise PeerTimeout(f"connect to {os.fspath(path)}", timeout) from exc
+        except OSError as exc:
+            sock.close()
+            if exc.errno not in _RETRY_ERRNOS:
+                raise TransportError(f"connect to {os.fspath(path)}: {exc}") from exc
+            last = exc
+            log.debug("connect %s attempt %d failed: %s; retrying in %.2fs", path, attempt, exc, delay)
+            if attempt < attempts:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, backoff_max)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return FdSocket(sock)
+    raise Disconnected(f"could not connect to {os.fspath(path)} after {attempts} attempts: {last}")
+
+
+class UnixListener:
+    """Server mode: listen on an AF_UNIX path and accept one peer at a time."""
+
+    def __init__(self, path: str | os.PathLike[str], *, backlog: int = 1) -> None:
+        self.path = os.fspath(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.bind(self.path)
+            self.sock.listen(backlog)
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.setblocking(False)
+
+    async def accept(self, timeout: float | None = ACCEPT_TIMEOUT) -> FdSocket:
+        """Wait for one peer (``timeout=None``: forever)."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                conn, _ = await loop.sock_accept(self.sock)
+        except TimeoutError as exc:
+            raise PeerTimeout(f"a peer to connect to {self.path}", timeout or 0.0) from exc
+        return FdSocket(conn)
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    def __enter__(self) -> UnixListener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
