@@ -77,6 +77,13 @@ class Vring:
             )
         return self.queue
 
+    def drop_queue(self) -> None:
+        """Release the ring views of :attr:`queue` (before memory is unmapped) and forget it."""
+        queue, self.queue = self.queue, None
+        release = getattr(queue, "release", None)
+        if release is not None:
+            release()
+
     def call(self) -> None:
         """Signal the call eventfd (used-buffer notification). No-op without a call fd."""
         if self.call_fd is not None:
@@ -96,7 +103,7 @@ class Vring:
     def close(self) -> None:
         for attr in ("kick_fd", "call_fd", "err_fd"):
             self.set_fd(attr, None)
-        self.queue = None
+        self.drop_queue()
         self.started = False
 
     def __repr__(self) -> str:

@@ -183,6 +183,10 @@ class BackendServer:
             for fd in ev.fds:
                 os.close(fd)
             return False
+        for vring in self.vrings:
+            if vring.queue is not None:
+                vring.base = vring.last_avail_idx
+                vring.drop_queue()
         self.device.memory.clear()
         fds = list(ev.fds)
         try:
@@ -214,6 +218,10 @@ class BackendServer:
     def _rem_mem_reg(self, ev: RequestReceived) -> bool:
         for fd in ev.fds:
             os.close(fd)
+        for vring in self.vrings:
+            if vring.queue is not None:
+                vring.base = vring.last_avail_idx
+                vring.drop_queue()
         found = self.device.memory.remove(ev.payload.region)
         self.device.memory_changed()
         return found
@@ -236,7 +244,7 @@ class BackendServer:
         self._stop(vring)
         base = vring.last_avail_idx
         vring.base = base
-        vring.queue = None
+        vring.drop_queue()
         # vhost-user.rst: GET_VRING_BASE stops the ring; kick fd is no longer polled.
         vring.set_fd("kick_fd", None)
         return VringState(index=vring.index, num=base)
@@ -303,7 +311,7 @@ class BackendServer:
         except VhostUserError as exc:
             self.log.warning("vring %d: ring address not in memory table: %s", vring.index, exc)
             return False
-        vring.queue = None
+        vring.drop_queue()
         vring.started = True
         self.device.vring_started(vring)
         assert self._loop is not None
@@ -323,7 +331,7 @@ class BackendServer:
                     continue
                 if vring.queue is not None:
                     base = vring.last_avail_idx
-                    vring.queue = None
+                    vring.drop_queue()
                     vring.base = base
 
     def _stop(self, vring: Vring) -> None:

@@ -1,0 +1,224 @@
+"""A small real virtio-blk device on the back-end API: a RAM disk (or an mmap'd image file).
+
+Requests (virtio 1.2 §5.2.6): ``struct virtio_blk_req { le32 type; le32 reserved; le64 sector;
+u8 data[]; u8 status; }`` — VIRTIO_BLK_T_IN (0), OUT (1), FLUSH (4), GET_ID (8); anything else
+gets VIRTIO_BLK_S_UNSUPP. Config (§5.2.4): capacity (512-byte sectors) @0, seg_max @12,
+blk_size @20, num_queues @34. Uses the device side of :mod:`vhost_user.virtqueue`.
+
+Run standalone: ``python -m vhost_user.testing.blk --socket PATH --size 64M [--image FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import mmap
+import os
+import struct
+from typing import Any
+
+from ..aio.device import VhostUserDevice, Vring
+from ..aio.server import serve_unix
+from ..wire.enums import ProtocolFeatures, VirtioFeatures
+
+__all__ = [
+    "RamDiskBlk",
+    "VIRTIO_BLK_T_IN",
+    "VIRTIO_BLK_T_OUT",
+    "VIRTIO_BLK_T_FLUSH",
+    "VIRTIO_BLK_T_GET_ID",
+    "VIRTIO_BLK_S_OK",
+    "VIRTIO_BLK_S_IOERR",
+    "VIRTIO_BLK_S_UNSUPP",
+    "VIRTIO_BLK_F_SEG_MAX",
+    "VIRTIO_BLK_F_BLK_SIZE",
+    "VIRTIO_BLK_F_FLUSH",
+    "VIRTIO_BLK_F_MQ",
+    "SECTOR_SIZE",
+    "main",
+]
+
+log = logging.getLogger("vhost_user.testing.blk")
+
+# virtio 1.2 §5.2.6 request types and status values.
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+# virtio 1.2 §5.2.3 feature bits.
+VIRTIO_BLK_F_SEG_MAX = 1 << 2
+VIRTIO_BLK_F_BLK_SIZE = 1 << 6
+VIRTIO_BLK_F_FLUSH = 1 << 9
+VIRTIO_BLK_F_MQ = 1 << 12
+SECTOR_SIZE = 512
+VIRTIO_BLK_ID_BYTES = 20
+CONFIG_SIZE = 60  # up to write_zeroes_may_unmap + padding, what QEMU reads
+_REQ_HDR = struct.Struct("<IIQ")
+
+
+class RamDiskBlk(VhostUserDevice):
+    """virtio-blk over a bytearray (``size`` bytes) or a shared mmap of ``image``."""
+
+    protocol_features = (
+        ProtocolFeatures.MQ
+        | ProtocolFeatures.REPLY_ACK
+        | ProtocolFeatures.CONFIG
+        | ProtocolFeatures.CONFIGURE_MEM_SLOTS
+        | ProtocolFeatures.RESET_DEVICE
+        | ProtocolFeatures.STATUS
+    )
+
+    def __init__(
+        self,
+        size: int = 8 << 20,
+        *,
+        image: str | os.PathLike[str] | None = None,
+        num_queues: int = 1,
+        event_idx: bool = True,
+        serial: bytes = b"pyvhost-ramdisk",
+        queue_size_max: int = 1024,
+    ) -> None:
+        super().__init__()
+        self.num_queues = num_queues
+        self._image_map: mmap.mmap | None = None
+        if image is not None:
+            fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                size = os.fstat(fd).st_size
+                self._image_map = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)
+            self.disk: Any = self._image_map
+        else:
+            self.disk = bytearray(size)
+        if size % SECTOR_SIZE or size == 0:
+            raise ValueError("disk size must be a non-zero multiple of 512")
+        self.size = size
+        self.serial = serial[:VIRTIO_BLK_ID_BYTES]
+        features = VirtioFeatures.VERSION_1 | VirtioFeatures.RING_INDIRECT_DESC | VIRTIO_BLK_F_SEG_MAX
+        features |= VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH
+        if event_idx:
+            features |= VirtioFeatures.RING_EVENT_IDX
+        if num_queues > 1:
+            features |= VIRTIO_BLK_F_MQ
+        self.device_features = int(features)
+        self.queue_size_max = queue_size_max
+        self.requests = {VIRTIO_BLK_T_IN: 0, VIRTIO_BLK_T_OUT: 0, VIRTIO_BLK_T_FLUSH: 0, VIRTIO_BLK_T_GET_ID: 0}
+        self.flushes = 0
+
+    # -- config ------------------------------------------------------------------------
+    def config_bytes(self) -> bytes:
+        cfg = bytearray(CONFIG_SIZE)
+        struct.pack_into("<Q", cfg, 0, self.size // SECTOR_SIZE)  # capacity
+        struct.pack_into("<I", cfg, 12, 126)  # seg_max
+        struct.pack_into("<I", cfg, 20, SECTOR_SIZE)  # blk_size
+        struct.pack_into("<H", cfg, 34, self.num_queues)  # num_queues
+        return bytes(cfg)
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        cfg = self.config_bytes()
+        if offset + size > len(cfg):
+            return b""
+        return cfg[offset : offset + size]
+
+    # -- data path ---------------------------------------------------------------------
+    def handle_kick(self, vring: Vring) -> None:
+        from ..virtqueue import read_buffers, write_buffers
+
+        queue = vring.split_queue()
+        while True:
+            chain = queue.pop()
+            if chain is None:
+                if queue.event_idx and queue.enable_notify():
+                    continue  # more arrived while we re-enabled notifications
+                break
+            written = self._request(chain, read_buffers, write_buffers)
+            queue.push(chain.head, written)
+        if queue.needs_notify():
+            vring.call()
+
+    def _request(self, chain: Any, read_buffers: Any, write_buffers: Any) -> int:
+        mem = self.memory
+        readable = read_buffers(mem, chain.readable)
+        writable_len = sum(b.length for b in chain.writable)
+        if len(readable) < _REQ_HDR.size or writable_len < 1:
+            log.warning("malformed virtio-blk request on chain %d", chain.head)
+            return 0
+        req_type, _, sector = _REQ_HDR.unpack_from(readable)
+        data_out = readable[_REQ_HDR.size :]
+        data_in_len = writable_len - 1
+        self.requests[req_type] = self.requests.get(req_type, 0) + 1
+        payload = b""
+        status = VIRTIO_BLK_S_OK
+        if req_type == VIRTIO_BLK_T_IN:
+            start = sector * SECTOR_SIZE
+            if data_in_len % SECTOR_SIZE or start + data_in_len > self.size:
+                status, payload = VIRTIO_BLK_S_IOERR, bytes(data_in_len)
+            else:
+                payload = bytes(self.disk[start : start + data_in_len])
+        elif req_type == VIRTIO_BLK_T_OUT:
+            start = sector * SECTOR_SIZE
+            if len(data_out) % SECTOR_SIZE or start + len(data_out) > self.size:
+                status = VIRTIO_BLK_S_IOERR
+            else:
+                self.disk[start : start + len(data_out)] = data_out
+            payload = bytes(data_in_len)
+        elif req_type == VIRTIO_BLK_T_FLUSH:
+            self.flushes += 1
+            if self._image_map is not None:
+                self._image_map.flush()
+            payload = bytes(data_in_len)
+        elif req_type == VIRTIO_BLK_T_GET_ID:
+            payload = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")[:data_in_len].ljust(data_in_len, b"\0")
+        else:
+            status, payload = VIRTIO_BLK_S_UNSUPP, bytes(data_in_len)
+        return write_buffers(mem, chain.writable, payload + bytes([status]))
+
+    def close(self) -> None:
+        super().close()
+
+    def release_disk(self) -> None:
+        """Unmap the image file (when one was given)."""
+        if self._image_map is not None:
+            self._image_map.close()
+            self._image_map = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="RAM-disk virtio-blk vhost-user back-end")
+    parser.add_argument("--socket", required=True, help="AF_UNIX path to listen on")
+    parser.add_argument("--size", default="64M", help="disk size (K/M/G suffix), ignored with --image")
+    parser.add_argument("--image", help="serve this file (mmap'd shared) instead of RAM")
+    parser.add_argument("--queues", type=int, default=1)
+    parser.add_argument("--connections", type=int, default=None, help="exit after N front-ends")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    size_s = args.size.upper()
+    size = int(size_s[:-1]) * units[size_s[-1]] if size_s[-1] in units else int(size_s)
+    image = args.image
+    disk_holder: dict[str, bytearray] = {}
+
+    def factory() -> RamDiskBlk:
+        dev = RamDiskBlk(size, image=image, num_queues=args.queues)
+        # RAM disks keep their content across reconnects within one process.
+        if image is None:
+            dev.disk = disk_holder.setdefault("disk", dev.disk)
+        return dev
+
+    try:
+        import uvloop
+
+        uvloop.run(serve_unix(factory, args.socket, connections=args.connections))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
