@@ -1,0 +1,87 @@
+"""Foreign mapping through the real PrivCmd adapter against the simulated host."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from xen_vhost_master.errors import XenError
+from xen_vhost_master.sim.guest import SimControl
+from xen_vhost_master.sim.host import SimHost
+from xen_vhost_master.sim.simkernel import SimKernel, gfn_runs
+from xen_vhost_master.xen.privcmd import PrivCmd
+
+GIB = 1 << 30
+RAM0 = 0x40000000
+HOLE_GPA = RAM0 + 0x2000_0000  # 512 MiB into the guest
+HOLE_SIZE = 64 * 4096
+
+
+@pytest.mark.asyncio
+async def test_map_1gib_with_hole_reports_hole_per_page_and_reads_back_guest_writes(
+    sim_host: SimHost, sim_control: SimControl, kernel: SimKernel
+) -> None:
+    from xen_vhost_master.sim.guest import SimGuest
+
+    domid = sim_control.create_domain(mem_bytes=GIB, holes=[(HOLE_GPA, HOLE_SIZE)])
+    guest = await SimGuest.connect(sim_host.path, domid)
+    try:
+        marks = [RAM0, RAM0 + 0x1234_5000, HOLE_GPA - 4096, HOLE_GPA + HOLE_SIZE, RAM0 + GIB - 4096]
+        for i, gpa in enumerate(marks):
+            guest.ram.view(gpa, 16)[:] = f"page-{i:03d}-{gpa:06x}"[:16].encode().ljust(16, b".")
+        with PrivCmd(kernel) as pc:
+            fm = pc.map_foreign_range(domid, RAM0 >> 12, GIB >> 12)
+            try:
+                first_hole = (HOLE_GPA - RAM0) >> 12
+                assert fm.failed() == list(range(first_hole, first_hole + HOLE_SIZE // 4096))
+                assert set(fm.errors[first_hole : first_hole + 64]) == {-errno.EINVAL}
+                view = fm.view()
+                for i, gpa in enumerate(marks):
+                    off = gpa - RAM0
+                    assert bytes(view[off : off + 16]) == guest.ram.view(gpa, 16).tobytes()
+                    assert bytes(view[off : off + 5]) == b"page-"
+                # and the other direction: the daemon writes, the guest sees it
+                view[0x100:0x104] = b"dm0!"
+                assert guest.ram.view(RAM0 + 0x100, 4).tobytes() == b"dm0!"
+                del view
+            finally:
+                fm.close()
+    finally:
+        guest.close()
+
+
+def test_gfn_runs_splits_at_discontinuities() -> None:
+    import array
+
+    gfns = array.array("Q", list(range(10, 20)) + [100, 101, 5] + list(range(30, 33)))
+    runs = gfn_runs(memoryview(gfns))
+    assert [tuple(runs[i : i + 3]) for i in range(0, len(runs), 3)] == [(0, 10, 10), (10, 100, 2), (12, 5, 1), (13, 30, 3)]
+
+
+def test_map_foreign_of_unknown_domain_fails_every_page_with_esrch(kernel: SimKernel) -> None:
+    with PrivCmd(kernel) as pc:
+        fm = pc.map_foreign_range(77, RAM0 >> 12, 16)
+        try:
+            assert list(fm.errors) == [-errno.ESRCH] * 16
+        finally:
+            fm.close()
+
+
+def test_restricted_privcmd_refuses_other_domains(sim_control: SimControl, kernel: SimKernel) -> None:
+    d1 = sim_control.create_domain(mem_bytes=16 << 20)
+    d2 = sim_control.create_domain(mem_bytes=16 << 20)
+    with PrivCmd(kernel) as pc:
+        pc.restrict(d1)
+        with pytest.raises(XenError) as ei:
+            pc.map_foreign_range(d2, RAM0 >> 12, 1)
+        assert ei.value.errno == errno.EPERM
+        with pytest.raises(XenError) as ei:
+            pc.restrict(d2)
+        assert ei.value.errno == errno.EINVAL
+        with pytest.raises(XenError) as ei:
+            pc.xen_version()
+        assert ei.value.errno == errno.EPERM
+        fm = pc.map_foreign_range(d1, RAM0 >> 12, 4)
+        assert fm.ok()
+        fm.close()

@@ -1,0 +1,52 @@
+"""Typed errors of the daemon's Xen layer (STYLE §2.4).
+
+* :class:`XenError` is an :class:`OSError` carrying the failed operation and the errno that the
+  kernel driver or Xen answered (the message comes from :func:`os.strerror`, as in pyroute2's
+  ``NetlinkError``). Callers branch on ``.errno`` (``ENOTTY``/``EOPNOTSUPP`` mean "feature absent").
+* :class:`GuestFault` is raised when the guest hands the daemon an address outside its RAM; it must
+  never crash the daemon: log it and set the device's ``NEEDS_RESET``.
+* :class:`ConfigError` is bad configuration from the operator.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+__all__ = ["ConfigError", "DaemonError", "GuestFault", "XenError"]
+
+
+class DaemonError(Exception):
+    """Base of the daemon's own errors."""
+
+
+class XenError(OSError, DaemonError):
+    """An ioctl on /dev/xen/* or a Xen operation failed with ``errno``."""
+
+    def __init__(self, op: str, errno: int) -> None:
+        super().__init__(errno, f"{op}: {os.strerror(errno)}")
+        self.op = op
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.op, self.errno))
+
+    @property
+    def not_supported(self) -> bool:
+        """True when the error means "this kernel/hypervisor lacks the feature"."""
+        return self.errno in (_errno.ENOTTY, _errno.EOPNOTSUPP, _errno.ENOSYS)
+
+
+class GuestFault(DaemonError):
+    """The guest used a guest-physical address that is not backed by its RAM (or not mappable)."""
+
+    def __init__(self, gpa: int, reason: str) -> None:
+        super().__init__(f"guest fault at gpa {gpa:#x}: {reason}")
+        self.gpa = gpa
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.gpa, self.reason))
+
+
+class ConfigError(DaemonError):
+    """Invalid configuration (command line, config file, xenstore keys)."""

@@ -1,0 +1,243 @@
+"""Clients of the simulated host's sim-only ``control`` node.
+
+* :class:`SimControl` (blocking): create/destroy/pause/shutdown domains, inspect them.
+* :class:`SimGuest`: one domain seen from inside, implementing :class:`~xen_vhost_master.sim.guest_api.GuestBus`
+  (vCPU MMIO accesses that block until the device model answers, RAM, interrupt lines, grants), plus
+  the guest's side of event channels (``evtchn_alloc_unbound`` / ``evtchn_notify`` / ``evtchn_wait``).
+  It works the same whether the host runs in a thread of this process or as ``xen-vhost-sim``.
+
+The guest's RAM is reached through the host's RAM memfd, which only the *guest* side gets (the guest
+owns its memory); the daemon's side never does: it must foreign-map or grant-map like on Xen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import os
+import socket
+from typing import Any
+
+from xen_vhost_master.sim import rpc
+from xen_vhost_master.sim.memory import GuestMemory
+
+__all__ = ["SimControl", "SimGuest", "SimGuestRam", "SimHostError"]
+
+
+class SimHostError(OSError):
+    """The simulated host refused a control request (errno as Xen would answer)."""
+
+
+def _raise(reply: dict[str, Any], what: str) -> None:
+    code = int(reply.get("errno", errno.EIO))
+    if code:
+        raise SimHostError(code, f"{what}: {reply.get('why') or os.strerror(code)}")
+
+
+class SimControl:
+    """Blocking admin connection to a simulated host."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(path)
+            self.call({"op": "open", "node": "control"})
+        except OSError:
+            self.sock.close()
+            raise
+
+    def call(self, obj: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        rpc.send_blocking(self.sock, obj)
+        reply, _blob, fds = rpc.recv_blocking(self.sock)
+        if reply.get("errno"):
+            for fd in fds:
+                os.close(fd)
+        _raise(reply, str(obj.get("op")))
+        return reply, fds
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> SimControl:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def create_domain(
+        self,
+        domid: int | None = None,
+        *,
+        mem_bytes: int = 1 << 30,
+        vcpus: int = 1,
+        arch: str = "arm64",
+        holes: list[tuple[int, int]] | None = None,
+        name: str = "",
+    ) -> int:
+        """A new guest; ``holes`` are unpopulated (gpa, size) ranges inside its RAM banks."""
+        reply, _ = self.call(
+            {"op": "create_domain", "domid": domid, "mem_bytes": mem_bytes, "vcpus": vcpus, "arch": arch,
+             "holes": holes or [], "name": name}
+        )
+        return int(reply["domid"])
+
+    def destroy_domain(self, domid: int) -> None:
+        self.call({"op": "destroy_domain", "domid": domid})
+
+    def pause(self, domid: int) -> None:
+        self.call({"op": "pause", "domid": domid})
+
+    def unpause(self, domid: int) -> None:
+        self.call({"op": "pause", "domid": domid, "unpause": True})
+
+    def shutdown(self, domid: int, reason: str = "poweroff") -> None:
+        self.call({"op": "shutdown", "domid": domid, "reason": reason})
+
+    def domain_info(self, domid: int) -> dict[str, Any]:
+        return self.call({"op": "domain_info", "domid": domid})[0]
+
+    def pending_access(self, domid: int, vcpu: int = 0) -> bool:
+        """True while vCPU ``vcpu`` is blocked in an MMIO access waiting for the device model."""
+        return bool(self.call({"op": "pending_access", "domid": domid, "vcpu": vcpu})[0]["value"])
+
+
+class SimGuestRam:
+    """GuestRam over the (sim-only) RAM memfd of a domain."""
+
+    def __init__(self, mem: GuestMemory) -> None:
+        self._mem = mem
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        return self._mem.view(gpa, length)
+
+    def banks(self) -> list[tuple[int, int]]:
+        return list(self._mem.banks)
+
+    def close(self) -> None:
+        self._mem.close()
+
+
+class SimGuest:
+    """GuestBus of domain ``domid`` on the simulated host at ``path``. Create with :meth:`connect`."""
+
+    def __init__(self, path: str, domid: int) -> None:
+        self.path, self.domid = path, domid
+        self._ctl = SimControl(path)
+        reply, fds = self._ctl.call({"op": "guest_ram", "domid": domid})
+        banks = [(int(a), int(b)) for a, b in reply["banks"]]
+        holes = [(int(a), int(b)) for a, b in reply["holes"]]
+        self._ram = SimGuestRam(GuestMemory(banks, holes, memfd=fds[0]))
+        self._sock: socket.socket | None = None
+        self._reader = rpc.MessageReader()
+        self._futs: dict[int, asyncio.Future[Any]] = {}
+        self._tags = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    async def connect(cls, path: str, domid: int) -> SimGuest:
+        g = cls(path, domid)
+        try:
+            g._loop = asyncio.get_running_loop()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            g._sock = sock
+            sock.connect(path)
+            rpc.send_blocking(sock, {"op": "open", "node": "control"})
+            reply, _b, _f = rpc.recv_blocking(sock)
+            _raise(reply, "open control")
+            sock.setblocking(False)
+            g._loop.add_reader(sock.fileno(), g._readable)
+        except BaseException:
+            g.close()
+            raise
+        return g
+
+    def close(self) -> None:
+        if self._sock is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        for f in self._futs.values():
+            if not f.done():
+                f.set_exception(ConnectionResetError("SimGuest closed"))
+        self._futs.clear()
+        self._ctl.close()
+        self._ram.close()
+
+    async def __aenter__(self) -> SimGuest:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def _readable(self) -> None:
+        assert self._sock is not None
+        try:
+            data = self._sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:
+            for f in self._futs.values():
+                if not f.done():
+                    f.set_exception(ConnectionResetError("simulated host went away"))
+            self._futs.clear()
+            return
+        for obj, _blob in self._reader.feed(data):
+            fut = self._futs.pop(int(obj.get("tag", -1)), None)
+            if fut is None or fut.done():
+                continue
+            code = int(obj.get("errno", 0))
+            if code:
+                fut.set_exception(SimHostError(code, os.strerror(code)))
+            else:
+                fut.set_result(obj.get("value"))
+
+    async def _call(self, obj: dict[str, Any]) -> Any:
+        if self._sock is None or self._loop is None:
+            raise ConnectionResetError("SimGuest not connected")
+        tag = next(self._tags)
+        fut = self._loop.create_future()
+        self._futs[tag] = fut
+        head, tail = rpc.encode({**obj, "domid": self.domid, "tag": tag})
+        try:
+            await self._loop.sock_sendall(self._sock, bytes(head) + bytes(tail))
+            return await fut
+        finally:
+            self._futs.pop(tag, None)
+
+    # ------------------------------------------------------------ GuestBus
+    @property
+    def ram(self) -> SimGuestRam:
+        return self._ram
+
+    async def mmio_read(self, addr: int, size: int, vcpu: int = 0) -> int:
+        return int(await self._call({"op": "mmio", "addr": addr, "size": size, "write": False, "vcpu": vcpu}))
+
+    async def mmio_write(self, addr: int, size: int, value: int, vcpu: int = 0) -> None:
+        await self._call({"op": "mmio", "addr": addr, "size": size, "write": True, "value": value, "vcpu": vcpu})
+
+    def irq_level(self, irq: int) -> bool:
+        return bool(self._ctl.call({"op": "irq_level", "domid": self.domid, "irq": irq})[0]["value"])
+
+    async def wait_irq(self, irq: int) -> None:
+        await self._call({"op": "wait_irq", "irq": irq})
+
+    def grant(self, gfn: int, *, readonly: bool = False) -> int:
+        return int(self._ctl.call({"op": "grant", "domid": self.domid, "gfn": gfn, "readonly": readonly})[0]["value"])
+
+    def revoke(self, ref: int) -> None:
+        self._ctl.call({"op": "revoke", "domid": self.domid, "ref": ref})
+
+    # ------------------------------------------------------------ guest-side event channels
+    def evtchn_alloc_unbound(self, remote_dom: int = 0) -> int:
+        """EVTCHNOP_alloc_unbound in the guest, for ``remote_dom`` to bind to; returns the guest port."""
+        return int(self._ctl.call({"op": "evtchn_alloc_unbound", "domid": self.domid, "remote": remote_dom})[0]["value"])
+
+    def evtchn_notify(self, port: int) -> None:
+        self._ctl.call({"op": "evtchn_notify", "domid": self.domid, "port": port})
+
+    async def evtchn_wait(self, port: int) -> None:
+        """Return once the guest's ``port`` has fired (consumes the event)."""
+        await self._call({"op": "evtchn_wait", "port": port})

@@ -1,0 +1,123 @@
+"""Running a simulated Xen host: in a thread of this process (unit tests) or as the main loop of
+the ``xen-vhost-sim`` process. Either way the daemon reaches it only through its Unix socket
+(``XEN_VHOST_SIM=<path>`` + :func:`xen_vhost_master.xen.kernel.kernel_from_env`).
+
+The simulated xenstored (``sim.xenstored``, if present) is started inside the host and
+``/dev/xen/xenbus`` opens are wired to it as dom0 connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from xen_vhost_master.sim.guest import SimControl
+from xen_vhost_master.sim.hypervisor import Hypervisor
+from xen_vhost_master.sim.server import SimServer
+
+__all__ = ["SimHost", "serve"]
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT = 10.0
+
+
+def _xenstore_hooks() -> tuple[Any, Callable[[int], int] | None, Callable[[int], None] | None]:
+    """Start the simulated xenstored if the module exists: (daemon, connect(domid)->fd, introduce(domid))."""
+    try:
+        mod = importlib.import_module("xen_vhost_master.sim.xenstored")
+    except ImportError:
+        log.info("no simulated xenstored available: /dev/xen/xenbus opens fail with ENOENT")
+        return None, None, None
+    cls = getattr(mod, "SimXenstored", None) or getattr(mod, "Xenstored", None)
+    if cls is None:
+        return None, None, None
+    xs = cls()
+    connect = getattr(xs, "connect_fd", None) or getattr(xs, "open_connection_fd", None)
+    introduce = getattr(xs, "introduce_domain", None)
+    return xs, connect, introduce
+
+
+async def serve(path: str, started: Callable[[Hypervisor, SimServer], None] | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Run a simulated host on ``path`` until ``stop`` is set (or forever)."""
+    hv = Hypervisor()
+    _xs, connect, introduce = _xenstore_hooks()
+    server = SimServer(hv, path, xenbus_connect=connect, on_domain_created=introduce)
+    await server.start()
+    try:
+        if started is not None:
+            started(hv, server)
+        await (stop.wait() if stop is not None else asyncio.Event().wait())
+    finally:
+        await server.close()
+        closer = getattr(_xs, "close", None)
+        if closer is not None:
+            res = closer()
+            if asyncio.iscoroutine(res):
+                await res
+
+
+class SimHost:
+    """A simulated Xen host on its own thread and event loop, listening on ``path``.
+
+    Use as a context manager; :meth:`control` gives a blocking admin client.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.hv: Hypervisor | None = None
+
+    def start(self) -> SimHost:
+        self._thread = threading.Thread(target=self._run, name="xen-sim-host", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(STARTUP_TIMEOUT):
+            raise TimeoutError("simulated host did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+
+        def started(hv: Hypervisor, _server: SimServer) -> None:
+            self.hv = hv
+            self._ready.set()
+
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            await serve(self.path, started, self._stop)
+
+        try:
+            loop.run_until_complete(main())
+        except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+            self._error = exc
+            self._ready.set()
+        finally:
+            loop.close()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(STARTUP_TIMEOUT)
+            self._thread = None
+
+    def control(self) -> SimControl:
+        return SimControl(self.path)
+
+    def __enter__(self) -> SimHost:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

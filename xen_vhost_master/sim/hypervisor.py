@@ -1,0 +1,418 @@
+"""The simulated hypervisor: domains, event channels, IOREQ servers, interrupt lines, grant tables.
+
+Everything here runs on the simulated host's own event loop (a thread or the ``xen-vhost-sim``
+process); the daemon never touches these objects, it reaches them through SimKernel's ioctls.
+Errors are ``HvError(errno)`` with the errno Xen would return (ESRCH for an unknown domain,
+EINVAL for a bad port/argument, EPERM for a forbidden one, ...).
+
+Modelled after xen/common/{event_channel.c,ioreq.c,grant_table.c} and xen/arch/arm/dm.c:
+* event channels: per-domain port tables; interdomain pairs; closing one end leaves the other
+  unbound towards the closer; binding sets the new local port pending (Xen does so to avoid lost
+  notifications, and a re-attaching device model relies on it);
+* IOREQ servers belong to the *domain* that created them (dom0), not to a process or fd: they
+  survive the daemon's death, with any vCPU access still pending in its slot;
+* a vCPU's MMIO access to a range claimed by an enabled server blocks the vCPU until the slot reaches
+  STATE_IORESP_READY and its event channel fires; unclaimed accesses read all-ones and drop writes
+  (x86 HVM behaviour; Xen on Arm would inject a data abort, see README of sim).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import mmap
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from xen_vhost_master.sim.memory import Arch, GuestMemory, bank_layout
+from xen_vhost_master.xen.abi import (
+    DOMID_FIRST_RESERVED,
+    IOREQ_SLOT_SIZE,
+    IoRangeType,
+    IoreqState,
+    IoreqType,
+    XEN_PAGE_SIZE,
+    ioreq_t,
+)
+
+__all__ = ["Domain", "HvError", "Hypervisor", "IoreqServer", "Port"]
+
+log = logging.getLogger(__name__)
+
+MAX_PORTS = 4096  # per domain (2-level ABI on 64-bit allows 4096)
+GNTTAB_FIRST_REF = 8  # GNTTAB_NR_RESERVED_ENTRIES
+NR_SPIS = 64  # SPIs 32..95 exist in the simulated vGIC
+MAX_IOREQ_SERVERS = 8  # MAX_NR_IOREQ_SERVERS
+MAX_VCPUS = 128  # one ioreq page holds 128 slots
+
+
+class HvError(Exception):
+    def __init__(self, err: int, why: str = "") -> None:
+        super().__init__(err, why or os.strerror(err))
+        self.errno = err
+
+
+@dataclass(eq=False)
+class Port:
+    """One event channel endpoint in a domain's table."""
+
+    domid: int
+    port: int
+    state: str = "unbound"  # unbound | interdomain
+    remote_dom: int = 0
+    remote_port: int = 0
+    consumer: Callable[[Port], None] | None = None
+    owner: object | None = None  # the evtchn connection owning a dom0 port
+
+
+@dataclass(eq=False)
+class Grant:
+    gfn: int
+    readonly: bool
+    revoked: bool = False
+    maps: int = 0
+
+
+@dataclass(eq=False)
+class Vcpu:
+    index: int
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    pending: asyncio.Future[int] | None = None
+    pending_server: IoreqServer | None = None
+
+
+class IoreqServer:
+    """One IOREQ server: shared page of ``ioreq_t[vcpus]``, ranges, per-vCPU guest ports."""
+
+    def __init__(self, hv: Hypervisor, dom: Domain, sid: int, bufioreq: int, emulator: int) -> None:
+        self.hv, self.dom, self.id, self.bufioreq, self.emulator = hv, dom, sid, bufioreq, emulator
+        self.enabled = False
+        self.ranges: list[tuple[int, int, int]] = []  # (type, start, end inclusive)
+        self.memfd = os.memfd_create(f"xen-sim-ioreq-d{dom.domid}-s{sid}", os.MFD_CLOEXEC)
+        os.ftruncate(self.memfd, XEN_PAGE_SIZE)
+        self.page = mmap.mmap(self.memfd, XEN_PAGE_SIZE)
+        self.ports: list[int] = []
+        for v in range(dom.nr_vcpus):
+            p = dom.alloc_port(remote_dom=emulator, consumer=self._on_event)
+            self.ports.append(p.port)
+            self.slot(v).vp_eport = p.port
+
+    def slot(self, vcpu: int) -> ioreq_t:
+        return ioreq_t.from_buffer(self.page, vcpu * IOREQ_SLOT_SIZE)
+
+    def claims(self, kind: int, addr: int, size: int) -> bool:
+        return self.enabled and any(t == kind and s <= addr and addr + size - 1 <= e for t, s, e in self.ranges)
+
+    def _on_event(self, port: Port) -> None:
+        """The device model notified vCPU ``i``'s port: complete the access if the slot says so."""
+        vcpu = self.dom.vcpus[self.ports.index(port.port)]
+        fut = vcpu.pending
+        if fut is None or fut.done() or vcpu.pending_server is not self:
+            return
+        slot = self.slot(vcpu.index)
+        if slot.state != IoreqState.IORESP_READY:
+            return  # spurious or early: Xen keeps the vCPU blocked
+        data = int(slot.data)
+        slot.state = IoreqState.NONE
+        fut.set_result(data)
+
+    def close(self) -> None:
+        for v in self.dom.vcpus:
+            if v.pending_server is self and v.pending is not None and not v.pending.done():
+                v.pending.set_result(-1)  # the access completes as an unclaimed one (all-ones)
+        for p in self.ports:
+            self.hv.close_port(self.dom.domid, p)
+        self.page.close()
+        os.close(self.memfd)
+
+
+class Domain:
+    def __init__(self, domid: int, name: str, nr_vcpus: int, memory: GuestMemory | None, arch: Arch) -> None:
+        self.domid, self.name, self.nr_vcpus, self.memory, self.arch = domid, name, nr_vcpus, memory, arch
+        self.ports: dict[int, Port] = {}
+        self.servers: dict[int, IoreqServer] = {}
+        self.irq: dict[int, bool] = {}
+        self.irq_waiters: dict[int, list[asyncio.Future[None]]] = {}
+        self.msis: list[tuple[int, int]] = []
+        self.grants: dict[int, Grant] = {}
+        self._next_ref = GNTTAB_FIRST_REF
+        self.vcpus = [Vcpu(i) for i in range(nr_vcpus)]
+        self.running = asyncio.Event()
+        self.running.set()
+        self.shutdown_reason: str | None = None
+        self.dying = False
+        self.user_events: dict[int, asyncio.Event] = {}
+
+    def alloc_port(self, remote_dom: int, consumer: Callable[[Port], None] | None = None, owner: object = None) -> Port:
+        for n in range(1, MAX_PORTS):
+            if n not in self.ports:
+                p = Port(self.domid, n, "unbound", remote_dom, 0, consumer, owner)
+                self.ports[n] = p
+                return p
+        raise HvError(errno.ENOSPC)
+
+    def port(self, n: int) -> Port:
+        p = self.ports.get(n)
+        if p is None:
+            raise HvError(errno.EINVAL, f"port {n} not allocated in d{self.domid}")
+        return p
+
+    def new_grant(self, gfn: int, readonly: bool) -> int:
+        ref = self._next_ref
+        self._next_ref += 1
+        self.grants[ref] = Grant(gfn, readonly)
+        return ref
+
+
+class Hypervisor:
+    """All domains of one simulated host (dom0 is the device-model domain, without RAM)."""
+
+    def __init__(self) -> None:
+        self.domains: dict[int, Domain] = {0: Domain(0, "Domain-0", 1, None, Arch.ARM64)}
+
+    # ------------------------------------------------------------------ domains
+    def create_domain(
+        self,
+        domid: int | None = None,
+        *,
+        name: str = "",
+        mem_bytes: int = 1 << 30,
+        vcpus: int = 1,
+        arch: str = "arm64",
+        holes: list[tuple[int, int]] = (),  # type: ignore[assignment]
+    ) -> Domain:
+        if domid is None:
+            domid = next(d for d in range(1, DOMID_FIRST_RESERVED) if d not in self.domains)
+        if not 0 < domid < DOMID_FIRST_RESERVED or domid in self.domains:
+            raise HvError(errno.EEXIST if domid in self.domains else errno.EINVAL)
+        if not 1 <= vcpus <= MAX_VCPUS or mem_bytes <= 0 or mem_bytes % XEN_PAGE_SIZE:
+            raise HvError(errno.EINVAL)
+        a = Arch(arch)
+        mem = GuestMemory(bank_layout(a, mem_bytes), list(holes), name=f"d{domid}")
+        dom = Domain(domid, name or f"guest{domid}", vcpus, mem, a)
+        self.domains[domid] = dom
+        log.info("created d%d (%s, %d vCPUs, %d MiB, %s)", domid, dom.name, vcpus, mem_bytes >> 20, a.value)
+        return dom
+
+    def domain(self, domid: int) -> Domain:
+        dom = self.domains.get(domid)
+        if dom is None or dom.dying:
+            raise HvError(errno.ESRCH, f"no domain {domid}")
+        return dom
+
+    def guest(self, domid: int) -> Domain:
+        dom = self.domain(domid)
+        if dom.memory is None:
+            raise HvError(errno.EPERM, "not a guest domain")
+        return dom
+
+    def pause(self, domid: int) -> None:
+        self.guest(domid).running.clear()
+
+    def unpause(self, domid: int) -> None:
+        self.guest(domid).running.set()
+
+    def shutdown(self, domid: int, reason: str = "poweroff") -> None:
+        dom = self.guest(domid)
+        dom.shutdown_reason = reason
+        dom.running.clear()
+
+    def destroy_domain(self, domid: int) -> None:
+        dom = self.guest(domid)
+        dom.dying = True
+        for s in list(dom.servers.values()):
+            s.close()
+        dom.servers.clear()
+        for n in list(dom.ports):
+            self.close_port(domid, n)
+        for waiters in dom.irq_waiters.values():
+            for w in waiters:
+                if not w.done():
+                    w.cancel()
+        del self.domains[domid]
+        if dom.memory is not None:
+            dom.memory.close()  # mappings already made by dom0 keep their pages, as on Xen
+        log.info("destroyed d%d", domid)
+
+    # ------------------------------------------------------------------ event channels
+    def alloc_unbound(self, domid: int, remote_dom: int, **kw: object) -> Port:
+        self.domain(remote_dom)
+        return self.domain(domid).alloc_port(remote_dom, **kw)  # type: ignore[arg-type]
+
+    def bind_interdomain(self, domid: int, remote_dom: int, remote_port: int, **kw: object) -> Port:
+        local = self.domain(domid)
+        rdom = self.domain(remote_dom)
+        rp = rdom.port(remote_port)
+        if rp.state != "unbound" or rp.remote_dom != domid:
+            raise HvError(errno.EINVAL, f"d{remote_dom} port {remote_port} is not unbound towards d{domid}")
+        lp = local.alloc_port(remote_dom, **kw)  # type: ignore[arg-type]
+        lp.state, lp.remote_port = "interdomain", remote_port
+        rp.state, rp.remote_dom, rp.remote_port = "interdomain", domid, lp.port
+        # xen/common/event_channel.c: "We may have lost notifications on the remote unbound port.
+        # Fix that up here by conservatively always setting a notification on the local port."
+        self._fire(lp)
+        return lp
+
+    def close_port(self, domid: int, port: int) -> None:
+        dom = self.domains.get(domid)
+        if dom is None:
+            return
+        p = dom.ports.pop(port, None)
+        if p is None:
+            return
+        if p.state == "interdomain":
+            rdom = self.domains.get(p.remote_dom)
+            rp = rdom.ports.get(p.remote_port) if rdom else None
+            if rp is not None:
+                rp.state, rp.remote_dom, rp.remote_port = "unbound", domid, 0
+
+    def send(self, domid: int, port: int) -> None:
+        """EVTCHNOP_send from ``domid``'s ``port``; an unbound port swallows the event (as Xen)."""
+        p = self.domain(domid).port(port)
+        if p.state != "interdomain":
+            return
+        rdom = self.domains.get(p.remote_dom)
+        rp = rdom.ports.get(p.remote_port) if rdom else None
+        if rp is not None:
+            self._fire(rp)
+
+    def _fire(self, p: Port) -> None:
+        if p.consumer is not None:
+            p.consumer(p)
+
+    # ------------------------------------------------------------------ ioreq servers
+    def create_ioreq_server(self, domid: int, bufioreq: int, emulator: int = 0) -> IoreqServer:
+        dom = self.guest(domid)
+        if bufioreq not in (0, 1, 2):
+            raise HvError(errno.EINVAL)
+        sid = next((i for i in range(MAX_IOREQ_SERVERS) if i not in dom.servers), None)
+        if sid is None:
+            raise HvError(errno.ENOSPC)
+        s = IoreqServer(self, dom, sid, bufioreq, emulator)
+        dom.servers[sid] = s
+        return s
+
+    def ioreq_server(self, domid: int, sid: int, emulator: int = 0) -> IoreqServer:
+        s = self.guest(domid).servers.get(sid)
+        if s is None:
+            raise HvError(errno.ENOENT, f"no ioreq server {sid} on d{domid}")
+        if s.emulator != emulator:
+            raise HvError(errno.EPERM)
+        return s
+
+    def destroy_ioreq_server(self, domid: int, sid: int, emulator: int = 0) -> None:
+        s = self.ioreq_server(domid, sid, emulator)
+        del s.dom.servers[sid]
+        s.close()
+
+    def map_io_range(self, domid: int, sid: int, kind: int, start: int, end: int, emulator: int = 0) -> None:
+        s = self.ioreq_server(domid, sid, emulator)
+        if kind not in (IoRangeType.PORT, IoRangeType.MEMORY, IoRangeType.PCI) or start > end:
+            raise HvError(errno.EINVAL)
+        if any(t == kind and not (end < a or b < start) for t, a, b in s.ranges):
+            raise HvError(errno.EEXIST)  # rangeset_add_range of an overlapping range
+        s.ranges.append((kind, start, end))
+
+    def unmap_io_range(self, domid: int, sid: int, kind: int, start: int, end: int, emulator: int = 0) -> None:
+        s = self.ioreq_server(domid, sid, emulator)
+        try:
+            s.ranges.remove((kind, start, end))
+        except ValueError:
+            raise HvError(errno.ENOENT) from None
+
+    async def mmio(self, domid: int, vcpu: int, addr: int, size: int, write: bool, value: int = 0) -> int:
+        """One vCPU access; blocks (awaits) until the device model completed it."""
+        dom = self.guest(domid)
+        if not 0 <= vcpu < dom.nr_vcpus or size not in (1, 2, 4, 8):
+            raise HvError(errno.EINVAL)
+        mask = (1 << (8 * size)) - 1
+        v = dom.vcpus[vcpu]
+        async with v.lock:
+            await dom.running.wait()
+            server = next((s for s in dom.servers.values() if s.claims(IoRangeType.MEMORY, addr, size)), None)
+            if server is None:
+                log.debug("d%d vcpu%d unclaimed MMIO %s %#x/%d", domid, vcpu, "W" if write else "R", addr, size)
+                return 0 if write else mask
+            slot = server.slot(vcpu)
+            slot.addr, slot.data, slot.count, slot.size = addr, (value & mask) if write else 0, 1, size
+            slot.type = IoreqType.COPY
+            slot.flags = (ioreq_t.DIR if not write else 0) | IoreqState.READY  # state last (wmb)
+            fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            v.pending, v.pending_server = fut, server
+            try:
+                self.send(domid, server.ports[vcpu])
+                data = await fut
+            finally:
+                v.pending, v.pending_server = None, None
+            return 0 if write else (mask if data == -1 else data & mask)
+
+    def pending_access(self, domid: int, vcpu: int) -> bool:
+        v = self.guest(domid).vcpus[vcpu]
+        return v.pending is not None and not v.pending.done()
+
+    # ------------------------------------------------------------------ interrupts
+    def set_irq_level(self, domid: int, irq: int, level: int) -> None:
+        dom = self.guest(domid)
+        if dom.arch is not Arch.ARM64:
+            raise HvError(errno.EOPNOTSUPP, "set_irq_level is Arm-only")
+        if not 32 <= irq < 32 + NR_SPIS or level not in (0, 1):
+            raise HvError(errno.EINVAL)
+        dom.irq[irq] = bool(level)
+        if level:
+            for w in dom.irq_waiters.pop(irq, []):
+                if not w.done():
+                    w.set_result(None)
+
+    def inject_msi(self, domid: int, addr: int, data: int) -> None:
+        dom = self.guest(domid)
+        if dom.arch is not Arch.X86_64:
+            raise HvError(errno.EOPNOTSUPP, "inject_msi is x86-only")
+        dom.msis.append((addr, data))
+
+    async def wait_irq(self, domid: int, irq: int) -> None:
+        dom = self.guest(domid)
+        if dom.irq.get(irq):
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        dom.irq_waiters.setdefault(irq, []).append(fut)
+        await fut
+
+    # ------------------------------------------------------------------ grants
+    def grant(self, domid: int, gfn: int, readonly: bool) -> int:
+        dom = self.guest(domid)
+        assert dom.memory is not None
+        if dom.memory.extent_of(gfn) is None:
+            raise HvError(errno.EINVAL, f"gfn {gfn:#x} is not RAM")
+        return dom.new_grant(gfn, readonly)
+
+    def revoke(self, domid: int, ref: int) -> None:
+        g = self.guest(domid).grants.get(ref)
+        if g is None or g.revoked:
+            raise HvError(errno.EINVAL)
+        g.revoked = True
+
+    def grant_pages(self, domid: int, refs: list[int], writable: bool) -> list[int]:
+        """Validate a gntdev mapping (GNTTABOP_map_grant_ref); memfd page offsets or HvError."""
+        dom = self.domains.get(domid)
+        if dom is None or dom.memory is None or dom.dying:
+            raise HvError(errno.EINVAL, "GNTST_bad_domain")
+        out = []
+        for ref in refs:
+            g = dom.grants.get(ref)
+            if g is None or g.revoked:
+                raise HvError(errno.EINVAL, f"GNTST_bad_gntref {ref}")
+            if writable and g.readonly:
+                raise HvError(errno.EINVAL, f"GNTST_permission_denied: ref {ref} is read-only")
+            ext = dom.memory.extent_of(g.gfn)
+            assert ext is not None
+            out.append(ext.page_offset + g.gfn - ext.gfn)
+        for ref in refs:
+            dom.grants[ref].maps += 1
+        return out
+
+    def close(self) -> None:
+        for domid in [d for d in self.domains if d != 0]:
+            self.destroy_domain(domid)
+

@@ -1,0 +1,675 @@
+"""The simulated host's Unix-socket server: one connection per opened /dev/xen/* node.
+
+SimKernel (the daemon-side "driver") opens a connection per ``open()`` and says which node it is;
+the connection then carries that node's hypervisor-level requests (see ``sim.rpc``). The connection
+is the fd's identity: restrictions (privcmd RESTRICT, evtchn RESTRICT_DOMID), bound ports and grant
+maps die with it, as they die with a closed fd on Linux; IOREQ servers belong to dom0 and survive.
+
+Node kinds: ``privcmd``, ``evtchn`` (plus a socketpair "ring" handed to the client: the fd the
+daemon reads pending ports from and writes unmasks to), ``gntdev``, ``xenbus`` (a client connection
+of the simulated xenstored, handed over as an fd) and ``control`` (sim-only: domain admin and the
+guest's side of things, used by ``sim.guest.SimGuest`` and ``SimControl``).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import ctypes
+import errno
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from xen_vhost_master.sim import rpc
+from xen_vhost_master.sim.hypervisor import HvError, Hypervisor, Port
+from xen_vhost_master.xen.abi import (
+    DOMID_FIRST_RESERVED,
+    DmOp,
+    GntdevUnmapNotify,
+    Hypercall,
+    ResourceType,
+    XEN_PAGE_SHIFT,
+    XenMem,
+    XenVer,
+    xen_dm_op,
+)
+
+__all__ = ["SimServer"]
+
+log = logging.getLogger(__name__)
+
+XEN_VERSION = (4, 17)
+GNTDEV_LIMIT = 65536  # gntdev.limit module parameter default (pages per fd)
+_U32 = struct.Struct("<I")
+Reply = tuple[dict[str, Any], bytes, list[int]]
+
+
+def _ok(**kw: Any) -> Reply:
+    return ({"errno": 0, **kw}, b"", [])
+
+
+class _EvtchnBinding:
+    __slots__ = ("masked", "pending")
+
+    def __init__(self) -> None:
+        self.masked = False
+        self.pending = False
+
+
+class Conn:
+    """One client connection (one opened device node)."""
+
+    def __init__(self, server: SimServer, sock: socket.socket) -> None:
+        self.server, self.hv, self.sock = server, server.hv, sock
+        self.loop = asyncio.get_running_loop()
+        self.reader = rpc.MessageReader()
+        self.queue: asyncio.Queue[tuple[dict[str, Any], bytes] | None] = asyncio.Queue()
+        self.kind: str | None = None
+        self.send_lock = asyncio.Lock()
+        self.closed = False
+        self.close_after_send: list[int] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+        # privcmd
+        self.restrict: int | None = None
+        # evtchn
+        self.ring: socket.socket | None = None
+        self.ring_buf = bytearray()
+        self.bound: dict[int, _EvtchnBinding] = {}
+        self.evtchn_restrict: int | None = None
+        # gntdev: index -> {"refs": [(domid, ref)], "notify": (action, offset, port) | None}
+        self.gmaps: dict[int, dict[str, Any]] = {}
+        self.next_gindex = 0
+        sock.setblocking(False)
+        self.loop.add_reader(sock.fileno(), self._readable)
+        self.worker = self.loop.create_task(self._work())
+
+    # -------------------------------------------------------------- I/O plumbing
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        try:
+            for msg in self.reader.feed(data):
+                self.queue.put_nowait(msg)
+        except rpc.RpcError as exc:
+            log.warning("dropping connection: %s", exc)
+            self.close()
+
+    async def _work(self) -> None:
+        while True:
+            item = await self.queue.get()
+            if item is None:
+                return
+            obj, blob = item
+            op = obj.get("op")
+            if op in _ASYNC_OPS and self.kind == "control":
+                t = self.loop.create_task(self._run_async(obj))
+                self.tasks.add(t)
+                t.add_done_callback(self.tasks.discard)
+                continue
+            reply = self._dispatch(obj, blob)
+            await self.send(*reply, tag=obj.get("tag"))
+            while self.close_after_send:
+                os.close(self.close_after_send.pop())
+
+    def _dispatch(self, obj: dict[str, Any], blob: bytes) -> Reply:
+        op = obj.get("op")
+        handler: Callable[[dict[str, Any], bytes], Reply] | None
+        if op == "open":
+            handler = self._open
+        else:
+            handler = getattr(self, f"_{self.kind}_{op}", None) if self.kind and isinstance(op, str) else None
+        if handler is None:
+            return ({"errno": errno.ENOTTY}, b"", [])
+        try:
+            return handler(obj, blob)
+        except HvError as exc:
+            return ({"errno": exc.errno, "why": str(exc.args[1])}, b"", [])
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            log.info("bad request %r: %s", op, exc)
+            return ({"errno": errno.EINVAL, "why": f"bad request: {exc}"}, b"", [])
+
+    async def _run_async(self, obj: dict[str, Any]) -> None:
+        try:
+            result = await _ASYNC_OPS[obj["op"]](self, obj)
+            reply: dict[str, Any] = {"errno": 0, "value": result}
+        except HvError as exc:
+            reply = {"errno": exc.errno}
+        except (KeyError, TypeError, ValueError) as exc:
+            reply = {"errno": errno.EINVAL, "why": str(exc)}
+        if not self.closed:
+            await self.send(reply, b"", [], tag=obj.get("tag"))
+
+    async def send(self, obj: dict[str, Any], blob: bytes, fds: list[int], tag: Any = None) -> None:
+        if self.closed:
+            return
+        if tag is not None:
+            obj = {**obj, "tag": tag}
+        head, tail = rpc.encode(obj, blob)
+        async with self.send_lock:
+            try:
+                if fds:
+                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+                    while True:
+                        try:
+                            sent = self.sock.sendmsg([head], anc)
+                            break
+                        except BlockingIOError:
+                            await self._writable()
+                    head = memoryview(head)[sent:]  # type: ignore[assignment]
+                await self.loop.sock_sendall(self.sock, bytes(head) + bytes(tail))
+            except OSError as exc:
+                log.info("client went away while replying: %s", exc)
+                self.close()
+
+    async def _writable(self) -> None:
+        fut = self.loop.create_future()
+        self.loop.add_writer(self.sock.fileno(), lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            self.loop.remove_writer(self.sock.fileno())
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove_reader(self.sock.fileno())
+        self.queue.put_nowait(None)
+        for t in list(self.tasks):
+            t.cancel()
+        for port in list(self.bound):
+            self.hv.close_port(0, port)
+        self.bound.clear()
+        if self.ring is not None:
+            self.loop.remove_reader(self.ring.fileno())
+            self.ring.close()
+            self.ring = None
+        for index in list(self.gmaps):
+            self._gntdev_release(index)
+        self.sock.close()
+        self.server.conns.discard(self)
+        log.debug("closed %s connection", self.kind)
+
+    # -------------------------------------------------------------- open
+    def _open(self, obj: dict[str, Any], _blob: bytes) -> Reply:
+        if self.kind is not None:
+            return ({"errno": errno.EBUSY}, b"", [])
+        node = obj["node"]
+        if node in ("privcmd", "gntdev", "control"):
+            self.kind = node
+            return _ok()
+        if node == "evtchn":
+            self.kind = node
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            mine.setblocking(False)
+            mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            self.ring = mine
+            self.loop.add_reader(mine.fileno(), self._ring_readable)
+            fd = theirs.detach()
+            self.close_after_send.append(fd)
+            return ({"errno": 0}, b"", [fd])
+        if node == "xenbus":
+            if self.server.xenbus_connect is None:
+                return ({"errno": errno.ENOENT, "why": "no simulated xenstored"}, b"", [])
+            fd = self.server.xenbus_connect(0)
+            self.kind = node
+            self.close_after_send.append(fd)
+            return ({"errno": 0}, b"", [fd])
+        return ({"errno": errno.ENOENT}, b"", [])
+
+    # -------------------------------------------------------------- privcmd
+    def _check_dom(self, dom: int) -> None:
+        if self.restrict is not None and dom != self.restrict:
+            raise HvError(errno.EPERM, f"fd restricted to d{self.restrict}")
+
+    def _privcmd_whoami(self, _o: dict[str, Any], _b: bytes) -> Reply:
+        return _ok(node=self.kind)
+
+    def _privcmd_restrict(self, o: dict[str, Any], _b: bytes) -> Reply:
+        dom = int(o["dom"])
+        if self.restrict is not None and self.restrict != dom:
+            raise HvError(errno.EINVAL, "already restricted to another domain")
+        self.restrict = dom
+        return _ok()
+
+    def _privcmd_hypercall(self, o: dict[str, Any], _b: bytes) -> Reply:
+        if self.restrict is not None:
+            raise HvError(errno.EPERM, "hypercalls are refused on a restricted fd")
+        nr, cmd = int(o["nr"]), int(o["cmd"])
+        if nr == Hypercall.xen_version:
+            if cmd == XenVer.version:
+                return _ok(ret=(XEN_VERSION[0] << 16) | XEN_VERSION[1])
+            if cmd == XenVer.pagesize:
+                return _ok(ret=4096)
+        elif nr == Hypercall.memory_op and cmd in (XenMem.maximum_gpfn, XenMem.current_reservation, XenMem.maximum_reservation):
+            dom = self.hv.guest(int(o["domid"]))
+            assert dom.memory is not None
+            if cmd == XenMem.maximum_gpfn:
+                return _ok(ret=dom.memory.max_gfn())
+            return _ok(ret=dom.memory.populated_pages())
+        raise HvError(errno.ENOSYS, f"hypercall {nr}/{cmd} not simulated")
+
+    def _privcmd_dm_op(self, o: dict[str, Any], blob: bytes) -> Reply:
+        dom = int(o["dom"])
+        sizes = [int(s) for s in o["sizes"]]
+        self._check_dom(dom)
+        if not sizes:
+            raise HvError(errno.EINVAL)
+        if sizes[0] < 8:
+            raise HvError(errno.EFAULT, "buf[0] shorter than xen_dm_op header")
+        if dom >= DOMID_FIRST_RESERVED or dom == 0:
+            raise HvError(errno.EPERM if dom else errno.EPERM)
+        op = xen_dm_op()
+        raw = blob[: min(sizes[0], ctypes.sizeof(op))]
+        ctypes.memmove(ctypes.addressof(op), raw, len(raw))
+        self.hv.guest(dom)  # ESRCH for an unknown domain
+        self._do_dm_op(dom, op)
+        out = bytearray(blob)
+        n = min(sizes[0], ctypes.sizeof(op))
+        out[:n] = bytes(op)[:n]
+        return ({"errno": 0, "ret": 0}, bytes(out), [])
+
+    def _do_dm_op(self, dom: int, op: xen_dm_op) -> None:
+        u = op.u
+        hv = self.hv
+        if op.pad:
+            raise HvError(errno.EINVAL)
+        if op.op == DmOp.nr_vcpus:
+            u.nr_vcpus.vcpus = hv.guest(dom).nr_vcpus
+        elif op.op == DmOp.create_ioreq_server:
+            c = u.create_ioreq_server
+            if any(c.pad):
+                raise HvError(errno.EINVAL)
+            c.id = hv.create_ioreq_server(dom, c.handle_bufioreq).id
+        elif op.op == DmOp.get_ioreq_server_info:
+            g = u.get_ioreq_server_info
+            if g.flags & ~1:
+                raise HvError(errno.EINVAL)
+            hv.ioreq_server(dom, g.id)
+            g.bufioreq_port = 0
+            if not g.flags & 1:
+                raise HvError(errno.EOPNOTSUPP, "legacy ioreq GFNs are not simulated; use MMAP_RESOURCE")
+        elif op.op in (DmOp.map_io_range_to_ioreq_server, DmOp.unmap_io_range_from_ioreq_server):
+            r = u.map_io_range_to_ioreq_server
+            if r.pad:
+                raise HvError(errno.EINVAL)
+            fn = hv.map_io_range if op.op == DmOp.map_io_range_to_ioreq_server else hv.unmap_io_range
+            fn(dom, r.id, r.type, r.start, r.end)
+        elif op.op == DmOp.set_ioreq_server_state:
+            s = u.set_ioreq_server_state
+            if s.pad:
+                raise HvError(errno.EINVAL)
+            hv.ioreq_server(dom, s.id).enabled = bool(s.enabled)
+        elif op.op == DmOp.destroy_ioreq_server:
+            d = u.destroy_ioreq_server
+            if d.pad:
+                raise HvError(errno.EINVAL)
+            hv.destroy_ioreq_server(dom, d.id)
+        elif op.op == DmOp.set_irq_level:
+            lv = u.set_irq_level
+            if any(lv.pad):
+                raise HvError(errno.EINVAL)
+            hv.set_irq_level(dom, lv.irq, lv.level)
+        elif op.op == DmOp.inject_msi:
+            m = u.inject_msi
+            if m.pad:
+                raise HvError(errno.EINVAL)
+            hv.inject_msi(dom, m.addr, m.data)
+        else:
+            raise HvError(errno.EOPNOTSUPP, f"dm_op {op.op} not simulated")
+
+    def _privcmd_map_foreign(self, o: dict[str, Any], blob: bytes) -> Reply:
+        """runs blob: u64 triples (page_index, gfn, count) → result runs (page_index, count, err, page_off)."""
+        dom = int(o["dom"])
+        self._check_dom(dom)
+        runs = array.array("Q")
+        runs.frombytes(blob[: len(blob) - len(blob) % 24])
+        out: list[list[int]] = []
+        d = self.hv.domains.get(dom)
+        mem = d.memory if d is not None and not d.dying else None
+        for i in range(0, len(runs), 3):
+            page, gfn, count = runs[i], runs[i + 1], runs[i + 2]
+            if mem is None:
+                out.append([page, count, -errno.ESRCH if d is None else -errno.EINVAL, -1])
+                continue
+            for start, n, off in mem.resolve(gfn, count):
+                out.append([page + (start - gfn), n, 0 if off >= 0 else -errno.EINVAL, off])
+        fds = [mem.memfd] if mem is not None and any(r[3] >= 0 for r in out) else []
+        return ({"errno": 0, "runs": out}, b"", fds)
+
+    def _privcmd_map_resource(self, o: dict[str, Any], _b: bytes) -> Reply:
+        dom, rtype, rid, idx, num = (int(o[k]) for k in ("dom", "type", "id", "idx", "num"))
+        self._check_dom(dom)
+        if rtype != ResourceType.ioreq_server:
+            raise HvError(errno.EOPNOTSUPP, "only ioreq server resources are simulated")
+        s = self.hv.ioreq_server(dom, rid)
+        if o.get("query"):
+            return _ok(num=2)
+        if idx == 0:
+            raise HvError(errno.ENOENT if s.bufioreq == 0 else errno.EOPNOTSUPP, "no buffered ioreq page")
+        if idx != 1 or num != 1:
+            raise HvError(errno.EINVAL, "Xen >= 4.17 has one synchronous ioreq page (idx 1)")
+        return ({"errno": 0}, b"", [s.memfd])
+
+    # -------------------------------------------------------------- evtchn
+    def _deliver(self, p: Port) -> None:
+        st = self.bound.setdefault(p.port, _EvtchnBinding())
+        if st.masked or self.ring is None:
+            st.pending = True
+            return
+        st.masked = True
+        try:
+            self.ring.send(_U32.pack(p.port))
+        except OSError as exc:
+            log.warning("evtchn ring overflow/closed (%s): port %d left pending", exc, p.port)
+            st.masked, st.pending = False, True
+
+    def _ring_readable(self) -> None:
+        assert self.ring is not None
+        try:
+            data = self.ring.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        self.ring_buf += data
+        n = len(self.ring_buf) // 4 * 4
+        ports = array.array("I")
+        ports.frombytes(bytes(self.ring_buf[:n]))
+        del self.ring_buf[:n]
+        for port in ports:
+            st = self.bound.get(port)
+            if st is None:
+                continue
+            st.masked = False
+            if st.pending:
+                st.pending = False
+                p = self.hv.domains[0].ports.get(port)
+                if p is not None:
+                    self._deliver(p)
+
+    def _owned(self, port: int) -> None:
+        p = self.hv.domains[0].ports.get(port)
+        if p is None or p.owner is not self:
+            raise HvError(errno.ENOTCONN, f"port {port} not bound on this fd")
+
+    def _evtchn_bind_interdomain(self, o: dict[str, Any], _b: bytes) -> Reply:
+        rd, rp = int(o["remote_domain"]), int(o["remote_port"])
+        if self.evtchn_restrict is not None and rd != self.evtchn_restrict:
+            raise HvError(errno.EACCES)
+        p = self.hv.bind_interdomain(0, rd, rp, consumer=self._deliver, owner=self)
+        self.bound.setdefault(p.port, _EvtchnBinding())
+        return _ok(ret=p.port)
+
+    def _evtchn_bind_unbound_port(self, o: dict[str, Any], _b: bytes) -> Reply:
+        if self.evtchn_restrict is not None:
+            raise HvError(errno.EACCES)
+        p = self.hv.alloc_unbound(0, int(o["remote_domain"]), consumer=self._deliver, owner=self)
+        self.bound[p.port] = _EvtchnBinding()
+        return _ok(ret=p.port)
+
+    def _evtchn_bind_virq(self, _o: dict[str, Any], _b: bytes) -> Reply:
+        if self.evtchn_restrict is not None:
+            raise HvError(errno.EACCES)
+        raise HvError(errno.EINVAL, "VIRQs are not simulated")
+
+    def _evtchn_unbind(self, o: dict[str, Any], _b: bytes) -> Reply:
+        port = int(o["port"])
+        self._owned(port)
+        self.hv.close_port(0, port)
+        self.bound.pop(port, None)
+        return _ok(ret=0)
+
+    def _evtchn_notify(self, o: dict[str, Any], _b: bytes) -> Reply:
+        port = int(o["port"])
+        self._owned(port)
+        self.hv.send(0, port)
+        return _ok(ret=0)
+
+    def _evtchn_reset(self, _o: dict[str, Any], _b: bytes) -> Reply:
+        for st in self.bound.values():
+            st.masked = st.pending = False
+        return _ok(ret=0)
+
+    def _evtchn_restrict_domid(self, o: dict[str, Any], _b: bytes) -> Reply:
+        dom = int(o["domid"])
+        if dom == 0 or dom >= DOMID_FIRST_RESERVED:
+            raise HvError(errno.EINVAL)
+        if self.evtchn_restrict is not None:
+            raise HvError(errno.EACCES)
+        self.evtchn_restrict = dom
+        return _ok(ret=0)
+
+    # -------------------------------------------------------------- gntdev
+    def _gntdev_map_grant_ref(self, o: dict[str, Any], _b: bytes) -> Reply:
+        refs = [(int(d), int(r)) for d, r in o["refs"]]
+        if not refs or len(refs) > GNTDEV_LIMIT:
+            raise HvError(errno.EINVAL)
+        index = self.next_gindex
+        self.next_gindex += len(refs) << XEN_PAGE_SHIFT
+        self.gmaps[index] = {"refs": refs, "notify": None, "mapped": False}
+        return _ok(index=index)
+
+    def _gntdev_find(self, index: int) -> tuple[int, dict[str, Any]]:
+        for start, m in self.gmaps.items():
+            if start <= index < start + (len(m["refs"]) << XEN_PAGE_SHIFT):
+                return start, m
+        raise HvError(errno.ENOENT)
+
+    def _gntdev_unmap_grant_ref(self, o: dict[str, Any], _b: bytes) -> Reply:
+        index, count = int(o["index"]), int(o["count"])
+        m = self.gmaps.get(index)
+        if m is None or len(m["refs"]) != count:
+            raise HvError(errno.ENOENT)
+        self._gntdev_release(index)
+        return _ok()
+
+    def _gntdev_release(self, index: int) -> None:
+        m = self.gmaps.pop(index)
+        if m["notify"] is not None:
+            action, offset, port = m["notify"]
+            if action & GntdevUnmapNotify.CLEAR_BYTE:
+                domid, ref = m["refs"][offset >> XEN_PAGE_SHIFT]
+                dom = self.hv.domains.get(domid)
+                g = dom.grants.get(ref) if dom else None
+                if dom is not None and dom.memory is not None and g is not None:
+                    ext = dom.memory.extent_of(g.gfn)
+                    if ext is not None:
+                        dom.memory.page_view(ext.page_offset + g.gfn - ext.gfn)[offset & 0xFFF] = 0
+            if action & GntdevUnmapNotify.SEND_EVENT:
+                try:
+                    self.hv.send(0, port)
+                except HvError:
+                    pass  # the port went away first: nothing to notify, as in Linux
+        if m["mapped"]:
+            for domid, ref in m["refs"]:
+                dom = self.hv.domains.get(domid)
+                g = dom.grants.get(ref) if dom else None
+                if g is not None:
+                    g.maps -= 1
+
+    def _gntdev_set_unmap_notify(self, o: dict[str, Any], _b: bytes) -> Reply:
+        index, action, port = int(o["index"]), int(o["action"]), int(o["port"])
+        if action & ~int(GntdevUnmapNotify.CLEAR_BYTE | GntdevUnmapNotify.SEND_EVENT):
+            raise HvError(errno.EINVAL)
+        start, m = self._gntdev_find(index)
+        if action & GntdevUnmapNotify.SEND_EVENT and port not in self.hv.domains[0].ports:
+            raise HvError(errno.EINVAL, f"port {port} is not a bound event channel")
+        m["notify"] = (action, index - start, port)
+        return _ok()
+
+    def _gntdev_mmap(self, o: dict[str, Any], _b: bytes) -> Reply:
+        index, count, writable = int(o["index"]), int(o["count"]), bool(o["writable"])
+        m = self.gmaps.get(index)
+        if m is None or len(m["refs"]) != count:
+            raise HvError(errno.EINVAL, "no grant map at this offset with this size")
+        if m["mapped"]:
+            raise HvError(errno.EINVAL, "already mapped")
+        domids = {d for d, _r in m["refs"]}
+        pages: list[int] = []
+        fds: list[int] = []
+        for domid in sorted(domids):
+            refs = [r for d, r in m["refs"] if d == domid]
+            offs = iter(self.hv.grant_pages(domid, refs, writable))
+            dom = self.hv.domains[domid]
+            assert dom.memory is not None
+            fds.append(dom.memory.memfd)
+            pages.extend([len(fds) - 1, next(offs)] for d, _r in m["refs"] if d == domid)  # type: ignore[misc]
+        m["mapped"] = True
+        return ({"errno": 0, "pages": pages}, b"", fds)
+
+    # -------------------------------------------------------------- control (sim-only)
+    def _control_create_domain(self, o: dict[str, Any], _b: bytes) -> Reply:
+        holes = [(int(a), int(b)) for a, b in o.get("holes", [])]
+        try:
+            dom = self.hv.create_domain(
+                o.get("domid"), name=str(o.get("name", "")), mem_bytes=int(o.get("mem_bytes", 1 << 30)),
+                vcpus=int(o.get("vcpus", 1)), arch=str(o.get("arch", "arm64")), holes=holes,
+            )
+        except ValueError as exc:
+            raise HvError(errno.EINVAL, str(exc)) from None
+        if self.server.on_domain_created is not None:
+            self.server.on_domain_created(dom.domid)
+        return _ok(domid=dom.domid)
+
+    def _control_destroy_domain(self, o: dict[str, Any], _b: bytes) -> Reply:
+        self.hv.destroy_domain(int(o["domid"]))
+        return _ok()
+
+    def _control_pause(self, o: dict[str, Any], _b: bytes) -> Reply:
+        (self.hv.unpause if o.get("unpause") else self.hv.pause)(int(o["domid"]))
+        return _ok()
+
+    def _control_shutdown(self, o: dict[str, Any], _b: bytes) -> Reply:
+        self.hv.shutdown(int(o["domid"]), str(o.get("reason", "poweroff")))
+        return _ok()
+
+    def _control_domain_info(self, o: dict[str, Any], _b: bytes) -> Reply:
+        d = self.hv.guest(int(o["domid"]))
+        assert d.memory is not None
+        return _ok(
+            domid=d.domid, name=d.name, vcpus=d.nr_vcpus, arch=d.arch.value, banks=d.memory.banks,
+            holes=d.memory.holes, paused=not d.running.is_set(), shutdown=d.shutdown_reason,
+            servers=sorted(d.servers), msis=d.msis,
+        )
+
+    def _control_guest_ram(self, o: dict[str, Any], _b: bytes) -> Reply:
+        """SIM-ONLY: the guest's RAM memfd (for the guest's own view and for baselines)."""
+        d = self.hv.guest(int(o["domid"]))
+        assert d.memory is not None
+        return ({"errno": 0, "size": d.memory.size, "banks": d.memory.banks, "holes": d.memory.holes}, b"", [d.memory.memfd])
+
+    def _control_grant(self, o: dict[str, Any], _b: bytes) -> Reply:
+        return _ok(value=self.hv.grant(int(o["domid"]), int(o["gfn"]), bool(o.get("readonly"))))
+
+    def _control_revoke(self, o: dict[str, Any], _b: bytes) -> Reply:
+        self.hv.revoke(int(o["domid"]), int(o["ref"]))
+        return _ok()
+
+    def _control_irq_level(self, o: dict[str, Any], _b: bytes) -> Reply:
+        return _ok(value=bool(self.hv.guest(int(o["domid"])).irq.get(int(o["irq"]), False)))
+
+    def _control_pending_access(self, o: dict[str, Any], _b: bytes) -> Reply:
+        return _ok(value=self.hv.pending_access(int(o["domid"]), int(o.get("vcpu", 0))))
+
+    def _control_evtchn_alloc_unbound(self, o: dict[str, Any], _b: bytes) -> Reply:
+        domid = int(o["domid"])
+        dom = self.hv.guest(domid)
+
+        def consumer(p: Port) -> None:
+            dom.user_events.setdefault(p.port, asyncio.Event()).set()
+
+        p = self.hv.alloc_unbound(domid, int(o.get("remote", 0)), consumer=consumer)
+        dom.user_events[p.port] = asyncio.Event()
+        return _ok(value=p.port)
+
+    def _control_evtchn_notify(self, o: dict[str, Any], _b: bytes) -> Reply:
+        self.hv.send(int(o["domid"]), int(o["port"]))
+        return _ok()
+
+
+async def _a_mmio(conn: Conn, o: dict[str, Any]) -> int:
+    return await conn.hv.mmio(
+        int(o["domid"]), int(o.get("vcpu", 0)), int(o["addr"]), int(o["size"]), bool(o["write"]), int(o.get("value", 0))
+    )
+
+
+async def _a_wait_irq(conn: Conn, o: dict[str, Any]) -> None:
+    await conn.hv.wait_irq(int(o["domid"]), int(o["irq"]))
+
+
+async def _a_evtchn_wait(conn: Conn, o: dict[str, Any]) -> None:
+    dom = conn.hv.guest(int(o["domid"]))
+    ev = dom.user_events.get(int(o["port"]))
+    if ev is None:
+        raise HvError(errno.EINVAL)
+    await ev.wait()
+    ev.clear()
+
+
+_ASYNC_OPS = {"mmio": _a_mmio, "wait_irq": _a_wait_irq, "evtchn_wait": _a_evtchn_wait}
+
+
+class SimServer:
+    """Listens on ``path``; serves any number of SimKernel / SimGuest / SimControl clients."""
+
+    def __init__(
+        self,
+        hv: Hypervisor,
+        path: str,
+        *,
+        xenbus_connect: Callable[[int], int] | None = None,
+        on_domain_created: Callable[[int], None] | None = None,
+    ) -> None:
+        self.hv, self.path = hv, path
+        self.xenbus_connect = xenbus_connect  # domid -> fd of a new xenstored client connection
+        self.on_domain_created = on_domain_created
+        self.conns: set[Conn] = set()
+        self.listener: socket.socket | None = None
+
+    async def start(self) -> None:
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lst.bind(self.path)
+        lst.listen(64)
+        lst.setblocking(False)
+        self.listener = lst
+        asyncio.get_running_loop().add_reader(lst.fileno(), self._accept)
+        log.info("simulated Xen host listening on %s", self.path)
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        self.conns.add(Conn(self, sock))
+
+    async def close(self) -> None:
+        if self.listener is not None:
+            asyncio.get_running_loop().remove_reader(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        for c in list(self.conns):
+            c.close()
+            c.worker.cancel()
+        self.hv.close()

@@ -1,0 +1,453 @@
+"""SimKernel: the Linux Xen drivers' part, played against the simulated Xen host.
+
+It implements :class:`~xen_vhost_master.xen.kernel.Kernel` and receives exactly what the real
+drivers receive: the ioctl number and a user pointer to the argument. Like the drivers it reads and
+writes the caller's memory by address (copy_from_user / copy_to_user: EFAULT, never a crash, for a
+bad pointer), validates what ``privcmd.c`` / ``evtchn.c`` / ``gntdev.c`` validate, and forwards the
+hypervisor-level part to the simulated host over the node's own connection.
+
+Every fd it returns is real:
+* privcmd, gntdev: a Unix socket connected to the simulated host (so a privcmd fd passed to another
+  process over SCM_RIGHTS is still meaningful there: that process's SimKernel adopts it);
+* evtchn: a socket whose reads return pending local ports as u32 and whose writes unmask them,
+  exactly as /dev/xen/evtchn (``asyncio`` ``add_reader`` works on it); the ioctl channel is a
+  second, internal connection;
+* xenbus: a client connection of the simulated xenstored (xs_wire on read/write).
+
+Memory: ``mmap`` on privcmd reserves an inaccessible range (the empty privcmd VMA); MMAPBATCH_V2
+and MMAP_RESOURCE fill it with ``MAP_FIXED`` mappings of memfds the host sends over SCM_RIGHTS. The
+memfds are closed at once and never reach the caller; pages that failed stay inaccessible.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import errno
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from xen_vhost_master.sim import rpc
+from xen_vhost_master.xen.abi import (
+    XEN_PAGE_SHIFT,
+    XEN_PAGE_SIZE,
+    EvtchnIoctl,
+    GntdevIoctl,
+    Hypercall,
+    PrivcmdIoctl,
+    XenMem,
+    ioc_size,
+    privcmd_dm_op,
+    privcmd_hypercall,
+    privcmd_mmap_resource,
+    privcmd_mmapbatch_v2,
+)
+from xen_vhost_master.xen.kernel import (
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_NORESERVE,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    PROT_NONE,
+    PROT_READ,
+    PROT_WRITE,
+    IoctlArg,
+    Mapping,
+    address_of,
+    copy_from_user,
+    copy_to_user,
+    libc_mmap,
+    libc_munmap,
+)
+
+__all__ = ["SimKernel", "gfn_runs"]
+
+log = logging.getLogger(__name__)
+
+DM_OP_MAX_NR_BUFS = 16  # privcmd module parameter dm_op_max_nr_bufs
+DM_OP_BUF_MAX_SIZE = 4096  # privcmd module parameter dm_op_buf_max_size
+_NODES = {
+    "/dev/xen/privcmd": "privcmd",
+    "/dev/xen/evtchn": "evtchn",
+    "/dev/xen/gntdev": "gntdev",
+    "/dev/xen/xenbus": "xenbus",
+    "/proc/xen/privcmd": "privcmd",
+    "/proc/xen/xenbus": "xenbus",
+}
+
+
+def _err(code: int, why: str = "") -> OSError:
+    return OSError(code, why or os.strerror(code))
+
+
+def gfn_runs(gfns: memoryview) -> array.array[int]:
+    """Split a u64 GFN array into maximal runs of consecutive GFNs: (page_index, gfn, count) triples.
+
+    Vectorised: a range is accepted whole when its bytes equal ``array('Q', range(first, first+n))``
+    (one C-level comparison); otherwise it is halved. 1 Mi consecutive GFNs is one comparison.
+    """
+    out = array.array("Q")
+    n = len(gfns)
+    stack = [(0, n)] if n else []
+    while stack:
+        lo, hi = stack.pop()
+        first = gfns[lo]
+        cnt = hi - lo
+        if cnt == 1 or (
+            gfns[hi - 1] == first + cnt - 1
+            and first + cnt <= 1 << 64
+            and gfns[lo:hi].tobytes() == array.array("Q", range(first, first + cnt)).tobytes()
+        ):
+            if out and out[-3] + out[-1] == lo and out[-2] + out[-1] == first:
+                out[-1] += cnt  # merge with the previous run
+            else:
+                out.extend((lo, first, cnt))
+        else:
+            mid = (lo + hi) // 2
+            stack.append((mid, hi))
+            stack.append((lo, mid))
+    return out
+
+
+@dataclass
+class _Vma:
+    addr: int
+    length: int
+    prot: int
+    mapped: bytearray
+    filled: bool = False  # the first MMAPBATCH/MMAP_RESOURCE has run
+
+    def contains(self, addr: int, length: int) -> bool:
+        return self.addr <= addr and addr + length <= self.addr + self.length
+
+
+@dataclass
+class _Node:
+    kind: str
+    sock: socket.socket  # RPC channel to the simulated host
+    ring: int = -1  # evtchn: the fd given to the caller
+    vmas: dict[int, _Vma] = field(default_factory=dict)
+    gmaps: dict[int, int] = field(default_factory=dict)  # gntdev index -> count
+
+    def call(self, obj: dict[str, Any], blob: bytes = b"") -> tuple[dict[str, Any], bytes, list[int]]:
+        rpc.send_blocking(self.sock, obj, blob)
+        reply, rblob, fds = rpc.recv_blocking(self.sock)
+        code = int(reply.get("errno", errno.EIO))
+        if code:
+            for fd in fds:
+                os.close(fd)
+            raise _err(code, reply.get("why", ""))
+        return reply, rblob, fds
+
+
+class SimKernel:
+    """A :class:`~xen_vhost_master.xen.kernel.Kernel` for the simulated Xen host at ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._nodes: dict[int, _Node] = {}
+
+    # ------------------------------------------------------------------ fds
+    def _connect(self, node: str) -> tuple[socket.socket, list[int]]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.path)
+            rpc.send_blocking(sock, {"op": "open", "node": node})
+            reply, _blob, fds = rpc.recv_blocking(sock)
+        except OSError:
+            sock.close()
+            raise
+        code = int(reply.get("errno", errno.EIO))
+        if code:
+            sock.close()
+            for fd in fds:
+                os.close(fd)
+            raise _err(code)
+        return sock, fds
+
+    def open(self, path: str, flags: int = os.O_RDWR) -> int:
+        kind = _NODES.get(path)
+        if kind is None:
+            raise _err(errno.ENOENT, f"{path}: no such simulated device")
+        try:
+            sock, fds = self._connect(kind)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise _err(errno.ENOENT, f"simulated Xen host not reachable at {self.path}: {exc}") from None
+        if kind == "xenbus":
+            sock.close()
+            fd = fds[0]
+            os.set_blocking(fd, not flags & os.O_NONBLOCK)
+            return fd
+        if kind == "evtchn":
+            ring = fds[0]
+            os.set_blocking(ring, not flags & os.O_NONBLOCK)
+            self._nodes[ring] = _Node(kind, sock, ring=ring)
+            return ring
+        fd = sock.fileno()
+        self._nodes[fd] = _Node(kind, sock)
+        return fd
+
+    def _node(self, fd: int) -> _Node:
+        node = self._nodes.get(fd)
+        if node is None:
+            node = self._adopt(fd)
+        return node
+
+    def _adopt(self, fd: int) -> _Node:
+        """A privcmd/gntdev fd received from another process: ask the host what it is."""
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            raise _err(errno.EBADF) from None
+        try:
+            if sock.family != socket.AF_UNIX or sock.getpeername() != self.path:
+                raise _err(errno.ENOTTY, "not a simulated Xen device fd")
+            rpc.send_blocking(sock, {"op": "whoami"})
+            reply, _b, _f = rpc.recv_blocking(sock)
+        except OSError:
+            sock.close()
+            raise
+        if reply.get("errno") or reply.get("node") not in ("privcmd", "gntdev"):
+            sock.close()
+            raise _err(errno.ENOTTY)
+        node = _Node(str(reply["node"]), sock)
+        self._nodes[fd] = node
+        return node
+
+    def close(self, fd: int) -> None:
+        node = self._nodes.pop(fd, None)
+        if node is None:
+            os.close(fd)
+            return
+        if node.kind == "evtchn":
+            os.close(node.ring)
+        node.sock.close()
+
+    def read(self, fd: int, length: int) -> bytes:
+        return os.read(fd, length)
+
+    def write(self, fd: int, data: bytes) -> int:
+        return os.write(fd, data)
+
+    # ------------------------------------------------------------------ mmap
+    def mmap(
+        self, fd: int, length: int, prot: int = PROT_READ | PROT_WRITE, flags: int = MAP_SHARED, offset: int = 0
+    ) -> Mapping:
+        node = self._nodes.get(fd)
+        if node is None or node.kind not in ("privcmd", "gntdev"):
+            raise _err(errno.ENODEV)
+        if length <= 0 or length % XEN_PAGE_SIZE or not flags & MAP_SHARED:
+            raise _err(errno.EINVAL)
+        if node.kind == "privcmd":
+            if offset:
+                raise _err(errno.EINVAL)
+            addr = libc_mmap(0, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+            node.vmas[addr] = _Vma(addr, length, prot, bytearray(length >> XEN_PAGE_SHIFT))
+            return Mapping(self, fd, addr, length, prot, 0)
+        count = length >> XEN_PAGE_SHIFT
+        if node.gmaps.get(offset) != count:
+            raise _err(errno.EINVAL, "no grant map at this offset with this size")
+        reply, _b, fds = node.call({"op": "mmap", "index": offset, "count": count, "writable": bool(prot & PROT_WRITE)})
+        addr = libc_mmap(0, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        try:
+            for i, (which, page) in enumerate(reply["pages"]):
+                libc_mmap(addr + (i << XEN_PAGE_SHIFT), XEN_PAGE_SIZE, prot, MAP_SHARED | MAP_FIXED, fds[which], page << XEN_PAGE_SHIFT)
+        finally:
+            for f in fds:
+                os.close(f)
+        return Mapping(self, fd, addr, length, prot, offset)
+
+    def munmap(self, mapping: Mapping) -> None:
+        libc_munmap(mapping.addr, mapping.length)
+        mapping.closed = True
+        node = self._nodes.get(mapping.fd)
+        if node is not None:
+            node.vmas.pop(mapping.addr, None)
+
+    # ------------------------------------------------------------------ ioctl
+    def ioctl(self, fd: int, request: int, arg: IoctlArg = None) -> int:
+        node = self._node(fd)
+        addr = address_of(arg)
+        if node.kind == "privcmd":
+            return self._privcmd(node, request, addr)
+        if node.kind == "evtchn":
+            return self._evtchn(node, request, addr)
+        if node.kind == "gntdev":
+            return self._gntdev(node, request, addr)
+        raise _err(errno.ENOTTY)
+
+    def _struct(self, cls: type[ctypes.Structure], addr: int) -> Any:
+        return cls.from_buffer_copy(copy_from_user(addr, ctypes.sizeof(cls)))
+
+    # privcmd.c ----------------------------------------------------------
+    def _privcmd(self, node: _Node, request: int, addr: int) -> int:
+        if request == PrivcmdIoctl.HYPERCALL:
+            h = self._struct(privcmd_hypercall, addr)
+            obj: dict[str, Any] = {"op": "hypercall", "nr": h.op, "cmd": h.arg[0]}
+            if h.op == Hypercall.memory_op and h.arg[0] in (
+                XenMem.maximum_gpfn, XenMem.current_reservation, XenMem.maximum_reservation
+            ):
+                obj["domid"] = struct.unpack("<H", copy_from_user(h.arg[1], 2))[0]
+            return int(node.call(obj)[0]["ret"])
+        if request == PrivcmdIoctl.MMAPBATCH_V2:
+            return self._mmapbatch_v2(node, self._struct(privcmd_mmapbatch_v2, addr))
+        if request == PrivcmdIoctl.DM_OP:
+            return self._dm_op(node, self._struct(privcmd_dm_op, addr))
+        if request == PrivcmdIoctl.RESTRICT:
+            dom = struct.unpack("<H", copy_from_user(addr, 2))[0]
+            node.call({"op": "restrict", "dom": dom})
+            return 0
+        if request == PrivcmdIoctl.MMAP_RESOURCE:
+            return self._mmap_resource(node, addr)
+        # IRQFD / IOEVENTFD: the simulated kernel is a 6.1 one (no CONFIG_XEN_PRIVCMD_EVENTFD ioctls).
+        raise _err(errno.ENOTTY)
+
+    def _find_vma(self, node: _Node, addr: int) -> _Vma | None:
+        for vma in node.vmas.values():
+            if vma.addr <= addr < vma.addr + vma.length:
+                return vma
+        return None
+
+    def _mmapbatch_v2(self, node: _Node, m: privcmd_mmapbatch_v2) -> int:
+        num = int(m.num)
+        if num <= 0 or num > (1 << 31):
+            raise _err(errno.EINVAL)
+        length = num << XEN_PAGE_SHIFT
+        gfns = memoryview(copy_from_user(m.arr, num * 8)).cast("Q")
+        vma = self._find_vma(node, m.addr)
+        if vma is None:
+            raise _err(errno.EINVAL, "addr is not in a privcmd mapping")
+        first_page = (m.addr - vma.addr) >> XEN_PAGE_SHIFT
+        if not vma.filled:
+            if m.addr != vma.addr or length != vma.length:
+                raise _err(errno.EINVAL, "first MMAPBATCH must cover the privcmd VMA exactly")
+        elif not vma.contains(m.addr, length) or vma.mapped.find(1, first_page, first_page + num) != -1:
+            raise _err(errno.EINVAL, "range already mapped")
+        errs = array.array("i", bytes(4 * num))
+        copy_to_user(m.err, errs.tobytes())  # the kernel clears err[] first (EFAULT if bad)
+        reply, _b, fds = node.call({"op": "map_foreign", "dom": int(m.dom)}, gfn_runs(gfns).tobytes())
+        vma.filled = True
+        enoent = False
+        try:
+            for page, count, code, off in reply["runs"]:
+                if code == 0:
+                    libc_mmap(
+                        m.addr + (page << XEN_PAGE_SHIFT), count << XEN_PAGE_SHIFT, vma.prot,
+                        MAP_SHARED | MAP_FIXED, fds[0], off << XEN_PAGE_SHIFT,
+                    )
+                    vma.mapped[first_page + page : first_page + page + count] = b"\x01" * count
+                else:
+                    errs[page : page + count] = array.array("i", [code]) * count
+                    enoent = enoent or code == -errno.ENOENT
+        finally:
+            for f in fds:
+                os.close(f)
+        copy_to_user(m.err, errs.tobytes())
+        if enoent:
+            raise _err(errno.ENOENT)
+        return 0
+
+    def _dm_op(self, node: _Node, k: privcmd_dm_op) -> int:
+        if k.num == 0:
+            return 0
+        if k.num > DM_OP_MAX_NR_BUFS:
+            raise _err(errno.E2BIG)
+        raw = copy_from_user(k.ubufs, 16 * k.num)
+        bufs = [struct.unpack_from("<QQ", raw, 16 * i) for i in range(k.num)]
+        if any(size > DM_OP_BUF_MAX_SIZE for _p, size in bufs):
+            raise _err(errno.E2BIG)
+        blob = b"".join(copy_from_user(p, size) for p, size in bufs)
+        reply, out, _f = node.call({"op": "dm_op", "dom": int(k.dom), "sizes": [s for _p, s in bufs]}, blob)
+        pos = 0
+        for p, size in bufs:
+            copy_to_user(p, out[pos : pos + size])
+            pos += size
+        return int(reply.get("ret", 0))
+
+    def _mmap_resource(self, node: _Node, addr: int) -> int:
+        r = self._struct(privcmd_mmap_resource, addr)
+        req = {"op": "map_resource", "dom": r.dom, "type": r.type, "id": r.id, "idx": r.idx, "num": r.num}
+        if r.addr == 0 and r.num == 0:
+            reply, _b, _f = node.call({**req, "query": True})
+            r.num = int(reply["num"])
+            copy_to_user(addr, bytes(r))
+            return 0
+        if r.addr == 0 or r.num == 0:
+            raise _err(errno.EINVAL)
+        length = int(r.num) << XEN_PAGE_SHIFT
+        vma = self._find_vma(node, r.addr)
+        if vma is None or not vma.contains(r.addr, length):
+            raise _err(errno.EINVAL, "addr is not in a privcmd mapping")
+        _reply, _b, fds = node.call(req)
+        try:
+            libc_mmap(r.addr, length, vma.prot, MAP_SHARED | MAP_FIXED, fds[0], 0)
+        finally:
+            for f in fds:
+                os.close(f)
+        vma.filled = True
+        first = (r.addr - vma.addr) >> XEN_PAGE_SHIFT
+        vma.mapped[first : first + int(r.num)] = b"\x01" * int(r.num)
+        return 0
+
+    # evtchn.c -----------------------------------------------------------
+    def _evtchn(self, node: _Node, request: int, addr: int) -> int:
+        try:
+            which = EvtchnIoctl(request)
+        except ValueError:
+            raise _err(errno.ENOSYS) from None  # evtchn answers unknown ioctls with ENOSYS
+        raw = copy_from_user(addr, ioc_size(request))
+        if which is EvtchnIoctl.RESET:
+            self._drain(node.ring)
+            return int(node.call({"op": "reset"})[0]["ret"])
+        if which is EvtchnIoctl.RESTRICT_DOMID:
+            return int(node.call({"op": "restrict_domid", "domid": struct.unpack("<H", raw)[0]})[0]["ret"])
+        if which is EvtchnIoctl.BIND_INTERDOMAIN:
+            rd, rp = struct.unpack("<II", raw)
+            return int(node.call({"op": "bind_interdomain", "remote_domain": rd, "remote_port": rp})[0]["ret"])
+        (value,) = struct.unpack("<I", raw)
+        name = {
+            EvtchnIoctl.BIND_VIRQ: ("bind_virq", "virq"),
+            EvtchnIoctl.BIND_UNBOUND_PORT: ("bind_unbound_port", "remote_domain"),
+            EvtchnIoctl.UNBIND: ("unbind", "port"),
+            EvtchnIoctl.NOTIFY: ("notify", "port"),
+        }[which]
+        return int(node.call({"op": name[0], name[1]: value})[0]["ret"])
+
+    @staticmethod
+    def _drain(fd: int) -> None:
+        blocking = os.get_blocking(fd)
+        os.set_blocking(fd, False)
+        try:
+            while os.read(fd, 65536):
+                pass
+        except BlockingIOError:
+            pass
+        finally:
+            os.set_blocking(fd, blocking)
+
+    # gntdev.c -----------------------------------------------------------
+    def _gntdev(self, node: _Node, request: int, addr: int) -> int:
+        if request == GntdevIoctl.MAP_GRANT_REF:
+            count, _pad = struct.unpack("<II", copy_from_user(addr, 8))
+            if count == 0 or count > 65536:
+                raise _err(errno.EINVAL)
+            refs = memoryview(copy_from_user(addr + 16, 8 * count)).cast("I")
+            pairs = [[refs[2 * i], refs[2 * i + 1]] for i in range(count)]
+            index = int(node.call({"op": "map_grant_ref", "refs": pairs})[0]["index"])
+            copy_to_user(addr + 8, struct.pack("<Q", index))
+            node.gmaps[index] = count
+            return 0
+        if request == GntdevIoctl.UNMAP_GRANT_REF:
+            index, count, _pad = struct.unpack("<QII", copy_from_user(addr, 16))
+            node.call({"op": "unmap_grant_ref", "index": index, "count": count})
+            node.gmaps.pop(index, None)
+            return 0
+        if request == GntdevIoctl.SET_UNMAP_NOTIFY:
+            index, action, port = struct.unpack("<QII", copy_from_user(addr, 16))
+            node.call({"op": "set_unmap_notify", "index": index, "action": action, "port": port})
+            return 0
+        raise _err(errno.ENOTTY)

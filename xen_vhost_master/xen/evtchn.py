@@ -1,0 +1,115 @@
+"""/dev/xen/evtchn: bind/unbind/notify/reset/restrict; pending ports are read from the fd (u32 each,
+each delivered port stays masked) and unmasked by writing them back. The fd works with
+``loop.add_reader`` (see :meth:`EventChannel.wait`)."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import errno
+import os
+
+from xen_vhost_master.errors import XenError
+from xen_vhost_master.xen.abi import (
+    EvtchnIoctl,
+    ioctl_evtchn_bind_interdomain,
+    ioctl_evtchn_bind_unbound_port,
+    ioctl_evtchn_notify,
+    ioctl_evtchn_restrict_domid,
+    ioctl_evtchn_unbind,
+)
+from xen_vhost_master.xen.kernel import Kernel
+
+__all__ = ["EVTCHN_PATH", "EventChannel"]
+
+EVTCHN_PATH = "/dev/xen/evtchn"
+MAX_PORTS_PER_READ = 1024  # the driver caps a read at one page of u32 ports
+
+
+class EventChannel:
+    """One open /dev/xen/evtchn (non-blocking)."""
+
+    def __init__(self, kernel: Kernel, path: str = EVTCHN_PATH) -> None:
+        self.kernel = kernel
+        try:
+            self.fd = kernel.open(path, os.O_RDWR | os.O_NONBLOCK)
+        except OSError as exc:
+            raise XenError(f"open {path}", exc.errno or errno.EIO) from None
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.kernel.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> EventChannel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _ioctl(self, op: str, request: int, arg: object) -> int:
+        try:
+            return self.kernel.ioctl(self.fd, request, arg)  # type: ignore[arg-type]
+        except OSError as exc:
+            raise XenError(op, exc.errno or errno.EIO) from None
+
+    def bind_interdomain(self, remote_domain: int, remote_port: int) -> int:
+        """Bind to ``remote_domain``'s unbound ``remote_port``; returns the local port."""
+        return self._ioctl(
+            "evtchn bind_interdomain", EvtchnIoctl.BIND_INTERDOMAIN,
+            ioctl_evtchn_bind_interdomain(remote_domain, remote_port),
+        )
+
+    def bind_unbound_port(self, remote_domain: int) -> int:
+        """Allocate a local port that ``remote_domain`` may bind to."""
+        return self._ioctl(
+            "evtchn bind_unbound_port", EvtchnIoctl.BIND_UNBOUND_PORT, ioctl_evtchn_bind_unbound_port(remote_domain)
+        )
+
+    def unbind(self, port: int) -> None:
+        self._ioctl("evtchn unbind", EvtchnIoctl.UNBIND, ioctl_evtchn_unbind(port))
+
+    def notify(self, port: int) -> None:
+        self._ioctl("evtchn notify", EvtchnIoctl.NOTIFY, ioctl_evtchn_notify(port))
+
+    def reset(self) -> None:
+        self._ioctl("evtchn reset", EvtchnIoctl.RESET, None)
+
+    def restrict_domid(self, domid: int) -> None:
+        self._ioctl("evtchn restrict_domid", EvtchnIoctl.RESTRICT_DOMID, ioctl_evtchn_restrict_domid(domid))
+
+    def read_pending(self) -> list[int]:
+        """The ports that fired ([] if none). They stay masked until :meth:`unmask`."""
+        try:
+            data = self.kernel.read(self.fd, 4 * MAX_PORTS_PER_READ)
+        except BlockingIOError:
+            return []
+        except OSError as exc:
+            raise XenError("evtchn read", exc.errno or errno.EIO) from None
+        ports = array.array("I")
+        ports.frombytes(data[: len(data) - len(data) % 4])
+        return list(ports)
+
+    def unmask(self, *ports: int) -> None:
+        if ports:
+            try:
+                self.kernel.write(self.fd, array.array("I", ports).tobytes())
+            except OSError as exc:
+                raise XenError("evtchn unmask", exc.errno or errno.EIO) from None
+
+    async def wait(self) -> list[int]:
+        """Wait (add_reader) until at least one port is pending; returns them (still masked)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            ports = self.read_pending()
+            if ports:
+                return ports
+            fut: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(self.fd, lambda: fut.done() or fut.set_result(None))
+            try:
+                await fut
+            finally:
+                loop.remove_reader(self.fd)

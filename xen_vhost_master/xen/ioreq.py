@@ -1,0 +1,100 @@
+"""The shared synchronous ioreq page (``ioreq_t[nr_vcpus]``, xen/hvm/ioreq.h) viewed in place.
+
+Memory ordering (abi.md §5): Xen writes the request fields, then (after a write barrier) the state
+READY; the device model must read the state *before* the fields, and publish ``data`` *before*
+IORESP_READY. CPython's loads/stores from an mmap happen in program order and each is a C access;
+on x86 (TSO) that is enough. :func:`fence` is the single place where a real barrier would go on
+arm64; the state byte is written with one byte store (``(byte30 & 0xf0) | state``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xen_vhost_master.xen.abi import (
+    IOREQ_SLOT_SIZE,
+    XEN_PAGE_SIZE,
+    IoreqDir,
+    IoreqState,
+    ResourceType,
+    XENMEM_resource_ioreq_server_frame_ioreq,
+    ioreq_t,
+)
+from xen_vhost_master.xen.kernel import Mapping
+from xen_vhost_master.xen.privcmd import PrivCmd
+
+__all__ = ["IoreqPage", "IoreqRequest", "fence"]
+
+
+def fence() -> None:
+    """Full memory barrier point of the ioreq handshake (see module doc)."""
+
+
+@dataclass(frozen=True)
+class IoreqRequest:
+    vcpu: int
+    addr: int
+    size: int
+    is_write: bool
+    data: int  # for writes: masked to ``size`` bytes (Arm does not mask)
+    type: int
+    count: int
+    data_is_ptr: bool
+
+
+class IoreqPage:
+    """The ioreq page of one IOREQ server, mapped with MMAP_RESOURCE (frame ioreq(0))."""
+
+    def __init__(self, mapping: Mapping, nr_vcpus: int) -> None:
+        if nr_vcpus * IOREQ_SLOT_SIZE > XEN_PAGE_SIZE or nr_vcpus <= 0:
+            raise ValueError(f"{nr_vcpus} vCPUs do not fit one ioreq page")
+        self.mapping, self.nr_vcpus = mapping, nr_vcpus
+        self._slots = [ioreq_t.from_address(mapping.addr + i * IOREQ_SLOT_SIZE) for i in range(nr_vcpus)]
+
+    @classmethod
+    def map(cls, privcmd: PrivCmd, domid: int, server_id: int, nr_vcpus: int) -> IoreqPage:
+        m = privcmd.map_resource(
+            domid, ResourceType.ioreq_server, server_id, XENMEM_resource_ioreq_server_frame_ioreq(0), 1
+        )
+        return cls(m, nr_vcpus)
+
+    def close(self) -> None:
+        self._slots = []
+        self.mapping.close()
+
+    def slot(self, vcpu: int) -> ioreq_t:
+        return self._slots[vcpu]
+
+    def vp_eport(self, vcpu: int) -> int:
+        return int(self._slots[vcpu].vp_eport)
+
+    def state(self, vcpu: int) -> int:
+        return self._slots[vcpu].state
+
+    def ready(self) -> list[int]:
+        """vCPUs whose slot is READY (scan this after (re)attaching: the event may be long gone)."""
+        return [i for i, s in enumerate(self._slots) if s.state == IoreqState.READY]
+
+    def take(self, vcpu: int) -> IoreqRequest | None:
+        """If vCPU's slot is READY: read it, mark INPROCESS and return it; else None (spurious)."""
+        s = self._slots[vcpu]
+        if s.state != IoreqState.READY:
+            return None
+        fence()
+        size = int(s.size)
+        is_write = s.dir == IoreqDir.WRITE
+        data = int(s.data)
+        if is_write and 0 < size < 8:
+            data &= (1 << (8 * size)) - 1
+        req = IoreqRequest(vcpu, int(s.addr), size, is_write, data, int(s.type), int(s.count), s.data_is_ptr)
+        s.state = IoreqState.INPROCESS
+        return req
+
+    def complete(self, vcpu: int, data: int | None = None) -> None:
+        """Publish the response (``data`` for reads), then IORESP_READY. Notify the port afterwards."""
+        s = self._slots[vcpu]
+        if data is not None:
+            s.data = data & 0xFFFFFFFFFFFFFFFF
+        fence()
+        s.state = IoreqState.IORESP_READY
+        fence()
