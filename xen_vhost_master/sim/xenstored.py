@@ -259,6 +259,11 @@ class SimXenstored:
             raise
         return theirs
 
+    def connect_fd(self, domid: int = 0) -> int:
+        """Like :meth:`connection_socket` but a raw fd (what the simulated kernel hands out for
+        ``/dev/xen/xenbus``); the caller owns and closes it."""
+        return self.connection_socket(domid).detach()
+
     def connections(self, domid: int | None = None) -> int:
         """How many client connections are open (of ``domid``, or all)."""
         return sum(1 for c in self._conns if domid is None or c.domid == domid)
