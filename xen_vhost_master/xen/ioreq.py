@@ -75,10 +75,16 @@ class IoreqPage:
         """vCPUs whose slot is READY (scan this after (re)attaching: the event may be long gone)."""
         return [i for i, s in enumerate(self._slots) if s.state == IoreqState.READY]
 
-    def take(self, vcpu: int) -> IoreqRequest | None:
-        """If vCPU's slot is READY: read it, mark INPROCESS and return it; else None (spurious)."""
+    def unfinished(self) -> list[int]:
+        """vCPUs whose slot is READY or INPROCESS: what a restarted device model must serve (a
+        predecessor that died mid-request leaves INPROCESS behind; Xen keeps the vCPU blocked)."""
+        return [i for i, s in enumerate(self._slots) if s.state in (IoreqState.READY, IoreqState.INPROCESS)]
+
+    def take(self, vcpu: int, *, recover: bool = False) -> IoreqRequest | None:
+        """If vCPU's slot is READY (or, with ``recover``, INPROCESS left by a dead predecessor):
+        read it, mark INPROCESS and return it; else None (spurious wakeup: do not notify)."""
         s = self._slots[vcpu]
-        if s.state != IoreqState.READY:
+        if s.state != IoreqState.READY and not (recover and s.state == IoreqState.INPROCESS):
             return None
         fence()
         size = int(s.size)

@@ -1,0 +1,88 @@
+"""``xen-vhost-sim`` as its own process: a device model process is SIGKILLed mid-request and a
+restarted one serves the guest's still-pending MMIO access."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from xen_vhost_master.sim.guest import SimControl, SimGuest
+
+TIMEOUT = 10.0
+DOMID = 5
+BASE = 0x02000000
+CLIENT = str(Path(__file__).with_name("dm_client.py"))
+
+
+@pytest.fixture
+def sim_process(sim_dir: str) -> Iterator[str]:
+    path = os.path.join(sim_dir, "xen.sock")
+    exe = shutil.which("xen-vhost-sim", path=os.path.dirname(sys.executable))
+    cmd = [exe] if exe else [sys.executable, "-m", "xen_vhost_master.sim.cli"]
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        [*cmd, "--socket", path, "--domain", f"domid={DOMID},mem=64M,vcpus=2", "--ready-fd", str(w)], pass_fds=(w,)
+    )
+    os.close(w)
+    try:
+        ready = select.select([r], [], [], TIMEOUT)[0]
+        assert ready and os.read(r, 16) == b"ready\n", "xen-vhost-sim did not start"
+        yield path
+    finally:
+        os.close(r)
+        proc.terminate()
+        try:
+            proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+
+
+async def start_client(path: str, *args: str) -> asyncio.subprocess.Process:
+    env = {**os.environ, "XEN_VHOST_SIM": path, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return await asyncio.create_subprocess_exec(
+        sys.executable, CLIENT, *args, env=env, stdout=asyncio.subprocess.PIPE
+    )
+
+
+async def line(proc: asyncio.subprocess.Process) -> str:
+    assert proc.stdout is not None
+    return (await asyncio.wait_for(proc.stdout.readline(), TIMEOUT)).decode().strip()
+
+
+@pytest.mark.asyncio
+async def test_pending_mmio_survives_sigkill_of_the_device_model(sim_process: str) -> None:
+    guest = await SimGuest.connect(sim_process, DOMID)
+    first = second = None
+    try:
+        first = await start_client(sim_process, "first", str(DOMID), hex(BASE))
+        assert (await line(first)).startswith("attached ")
+        read = asyncio.ensure_future(guest.mmio_read(BASE + 0x8, 4, vcpu=1))
+        assert await line(first) == f"took {BASE + 0x8:#x}"
+        first.send_signal(signal.SIGKILL)
+        assert await asyncio.wait_for(first.wait(), TIMEOUT) == -signal.SIGKILL
+        with SimControl(sim_process) as ctl:
+            assert ctl.pending_access(DOMID, vcpu=1)
+            assert not read.done()
+            assert ctl.domain_info(DOMID)["servers"] == [0]
+        second = await start_client(sim_process, "again", str(DOMID), "0xcafe")
+        assert await line(second) == f"served {BASE + 0x8:#x}"
+        assert await asyncio.wait_for(read, TIMEOUT) == 0xCAFE
+        assert await line(second) == "done 1"
+        assert await asyncio.wait_for(second.wait(), TIMEOUT) == 0
+    finally:
+        for p in (first, second):
+            if p is not None and p.returncode is None:
+                p.kill()
+                await p.wait()
+        guest.close()
