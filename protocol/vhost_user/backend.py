@@ -54,7 +54,7 @@ class BackendConnection(Responder):
     def _on_request(self, msg: Message) -> None:
         if msg.request == FrontendRequest.SET_PROTOCOL_FEATURES:
             value = ProtocolFeatures(msg.payload.value)
-            if value & ~self.offered_protocol_features:
+            if int(value) & ~int(self.offered_protocol_features):
                 raise MalformedMessage("u64", hex(int(value)), "protocol features that were not offered")
             self.protocol_features = value
             self.reply_ack = bool(value & ProtocolFeatures.REPLY_ACK)

@@ -156,7 +156,7 @@ class FrontendConnection(Requester):
             offered = self.backend_protocol_features
             if offered is None:
                 raise LocalProtocolError("SET_PROTOCOL_FEATURES before GET_PROTOCOL_FEATURES")
-            if value & ~(offered & STABLE_PROTOCOL_FEATURES):
+            if int(value) & ~int(offered & STABLE_PROTOCOL_FEATURES):
                 raise LocalProtocolError(f"protocol features {value!r} not offered or not stable")
             self._negotiate(NegotiationInput.SET_PROTOCOL_FEATURES)
             out = self._send(request, payload, fds, need_reply=False)
@@ -165,7 +165,7 @@ class FrontendConnection(Requester):
         if request == FrontendRequest.SET_FEATURES:
             if self.backend_features is None:
                 raise LocalProtocolError("SET_FEATURES before GET_FEATURES")
-            if payload.value & ~self.backend_features:
+            if int(payload.value) & ~int(self.backend_features):
                 raise LocalProtocolError(f"features {payload.value:#x} not offered ({self.backend_features:#x})")
             self.acked_features = payload.value
         return self._send(request, payload, fds, need_reply=want_ack)

@@ -88,7 +88,11 @@ class BackendServer:
         self._loop = asyncio.get_running_loop()
         try:
             while True:
-                data, fds = await self.sock.recv(max(1, self.conn.bytes_needed))
+                try:
+                    data, fds = await self.sock.recv(max(1, self.conn.bytes_needed))
+                except Disconnected as exc:
+                    self.log.info("front-end connection ended: %s", exc)
+                    return
                 if not data:
                     close_fds(fds, self.conn.pending_fds())
                     self.log.info("front-end disconnected")
@@ -157,7 +161,7 @@ class BackendServer:
 
     def _set_features(self, ev: RequestReceived) -> None:
         features = int(ev.payload.value)
-        self.device.set_features(features & ~VirtioFeatures.PROTOCOL_FEATURES)
+        self.device.set_features(features & ~int(VirtioFeatures.PROTOCOL_FEATURES))
         if not features & VirtioFeatures.PROTOCOL_FEATURES:
             # vhost-user.rst: without PROTOCOL_FEATURES rings are enabled on start.
             for v in self.vrings:

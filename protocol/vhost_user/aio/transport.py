@@ -69,6 +69,7 @@ class FdSocket:
         sock.setblocking(False)
         self.sock = sock
         self._closed = False
+        self._waiters: set[asyncio.Future[None]] = set()
 
     @classmethod
     def pair(cls) -> tuple[FdSocket, FdSocket]:
@@ -97,9 +98,11 @@ class FdSocket:
             loop.add_writer(fd, ready)
         else:
             loop.add_reader(fd, ready)
+        self._waiters.add(fut)
         try:
             await fut
         finally:
+            self._waiters.discard(fut)
             if not self._closed:
                 if writable:
                     loop.remove_writer(fd)
@@ -166,6 +169,10 @@ class FdSocket:
         if loop is not None:
             loop.remove_reader(self.sock.fileno())
             loop.remove_writer(self.sock.fileno())
+        # Wake whoever waits for readiness on this socket: it will never come now.
+        for fut in list(self._waiters):
+            if not fut.done():
+                fut.set_exception(Disconnected("socket closed locally"))
         self.sock.close()
 
     def detach_fd(self) -> int:
