@@ -75,6 +75,9 @@ DEFAULT_TIMEOUT = 10.0
 # Watch events buffered per watch before the oldest are dropped (the watch is then flagged
 # ``overflowed`` so its owner rescans): bounds memory against a flooding or hostile xenstored.
 WATCH_QUEUE_MAX = 4096
+# Timed-out request ids remembered so that their late replies are dropped rather than taken for a
+# protocol violation; beyond this many, the oldest are forgotten.
+ABANDONED_MAX = 1024
 # Attempts of XenstoreClient.transaction before giving up with XenstoreConflict.
 TRANSACTION_MAX_ATTEMPTS = 16
 # libxenstore xs_daemon_socket(): $XENSTORED_PATH, else <rundir>/socket (rundir /var/run/xenstored).
@@ -381,7 +384,7 @@ class XsClientProtocol:
         self._framer = XsFramer()
         self._ids = itertools.count(1)
         self._pending: dict[int, XsType] = {}
-        self._abandoned: set[int] = set()
+        self._abandoned: dict[int, None] = {}  # insertion-ordered set
         self.broken: XenstoreError | None = None
 
     @property
@@ -402,7 +405,9 @@ class XsClientProtocol:
     def abandon(self, req_id: int) -> None:
         """Forget a request whose caller gave up; its reply, if it ever comes, is discarded."""
         if self._pending.pop(req_id, None) is not None:
-            self._abandoned.add(req_id)
+            self._abandoned[req_id] = None
+            if len(self._abandoned) > ABANDONED_MAX:
+                del self._abandoned[next(iter(self._abandoned))]
 
     def receive_data(self, data: bytes) -> list[XsReply | XsWatchEvent]:
         if self.broken is not None:
@@ -422,7 +427,7 @@ class XsClientProtocol:
         req_type = self._pending.pop(msg.req_id, None)
         if req_type is None:
             if msg.req_id in self._abandoned:
-                self._abandoned.discard(msg.req_id)
+                del self._abandoned[msg.req_id]
                 return None
             raise XenstoreProtocolError(f"reply to unknown req_id {msg.req_id} (type {msg.type})")
         if msg.type == XsType.ERROR:
