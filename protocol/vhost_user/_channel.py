@@ -50,6 +50,7 @@ class _Endpoint:
         self.state = ChannelState.IDLE
         self._framer = MessageFramer(expect_reply=expect_reply)
         self.error: VhostUserError | None = None
+        self._orphans: list[int] = []
 
     # -- state table -------------------------------------------------------------------
     def _transition(self, symbol: ChannelInput) -> None:
@@ -100,9 +101,12 @@ class _Endpoint:
         """Mark the channel closed (the peer hung up or we did)."""
         self._transition(ChannelInput.CLOSE)
 
-    def pending_fds(self) -> list[int]:
-        """Fds received for a message that never completed (caller owns and should close them)."""
-        return self._framer.pending_fds
+    def take_unclaimed_fds(self) -> list[int]:
+        """Fds this endpoint was given that no event carries (a message that never completed,
+        or one that failed validation). They are the caller's; each is returned only once."""
+        fds = self._orphans + self._framer.take_fds()
+        self._orphans = []
+        return fds
 
     def _frames(self, data: bytes, fds: Sequence[int]) -> list[tuple]:  # type: ignore[type-arg]
         try:
@@ -149,6 +153,7 @@ class Requester(_Endpoint):
         for header, body, msg_fds in self._frames(data, fds):
             pending = self.pending
             if pending is None:
+                self._orphans += msg_fds
                 self._fail(UnexpectedReply("no reply (nothing in flight)", header.request))
                 continue  # unreachable
             try:
@@ -156,6 +161,7 @@ class Requester(_Endpoint):
                     header, body, msg_fds, expected=pending.request, ack=pending.kind == ANSWER_ACK, channel=self.channel
                 )
             except VhostUserError as exc:
+                self._orphans += msg_fds
                 self._fail(exc)
             self.pending = None
             self._transition(ChannelInput.ANSWER)
@@ -200,6 +206,7 @@ class Responder(_Endpoint):
                 answer = self._answer_for(msg)
                 self._on_request(msg)
             except VhostUserError as exc:
+                self._orphans += msg_fds
                 self._fail(exc)
             if answer is not None:
                 self._owed.append(Pending(msg.request, answer))

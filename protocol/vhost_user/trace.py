@@ -60,7 +60,7 @@ class _Session:
                 spec = specs.get(req)  # type: ignore[call-overload]
                 ack = spec is None or spec.reply is None
                 msg = decode_reply(header, body, fds, expected=req, ack=ack, channel=channel)
-                detail = describe_payload(req, msg.payload, reply=True)
+                detail = describe_payload(req, msg.payload, reply=True, ack=ack)
                 if ack:
                     detail = "REPLY_ACK " + detail + (" (success)" if msg.payload.value == 0 else " (FAILURE)")
             else:

@@ -238,14 +238,15 @@ class AsyncFrontend:
                     while True:
                         data, fds = await self.sock.recv(max(1, self.conn.bytes_needed))
                         if not data:
-                            close_fds(fds)
-                            if self.conn.mid_message:
+                            partial = self.conn.mid_message
+                            close_fds(fds, self.conn.take_unclaimed_fds())
+                            if partial:
                                 raise PartialMessage(0, self.conn.bytes_needed)
                             raise Disconnected(f"back-end closed the connection awaiting {request!s}")
                         try:
                             events = self.conn.receive(data, fds)
                         except VhostUserError:
-                            close_fds(fds, self.conn.pending_fds())
+                            close_fds(fds, self.conn.take_unclaimed_fds())
                             raise
                         if events:
                             event = events[0]
@@ -253,10 +254,11 @@ class AsyncFrontend:
                             return event
             except TimeoutError as exc:
                 err: VhostUserError = PeerTimeout(f"the answer to {getattr(request, 'name', request)}", limit)
-                close_fds(self.conn.pending_fds())
+                close_fds(self.conn.take_unclaimed_fds())
                 self._break(err)
                 raise err from exc
             except VhostUserError as exc:
+                close_fds(self.conn.take_unclaimed_fds())
                 if self.conn.error is not None or not isinstance(exc, LocalProtocolError):
                     self._break(exc)
                 raise
@@ -383,13 +385,13 @@ class AsyncFrontend:
             while True:
                 data, fds = await sock.recv(max(1, chan.bytes_needed))
                 if not data:
-                    close_fds(fds, chan.pending_fds())
+                    close_fds(fds, chan.take_unclaimed_fds())
                     self.log.info("back-end closed its request channel")
                     return
                 try:
                     events = chan.receive(data, fds)
                 except VhostUserError as exc:
-                    close_fds(fds, chan.pending_fds())
+                    close_fds(fds, chan.take_unclaimed_fds())
                     self.log.warning("back-end channel: %s; closing it", exc)
                     return
                 for event in events:

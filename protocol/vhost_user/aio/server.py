@@ -94,13 +94,13 @@ class BackendServer:
                     self.log.info("front-end connection ended: %s", exc)
                     return
                 if not data:
-                    close_fds(fds, self.conn.pending_fds())
+                    close_fds(fds, self.conn.take_unclaimed_fds())
                     self.log.info("front-end disconnected")
                     return
                 try:
                     events = self.conn.receive(data, fds)
                 except VhostUserError:
-                    close_fds(fds, self.conn.pending_fds())
+                    close_fds(fds, self.conn.take_unclaimed_fds())
                     raise
                 for event in events:
                     assert isinstance(event, RequestReceived)

@@ -386,10 +386,10 @@ class MessageFramer:
     def mid_message(self) -> bool:
         return bool(self._buf) or self._header is not None or bool(self._fds)
 
-    @property
-    def pending_fds(self) -> list[int]:
-        """Fds received for a message that is not complete yet (the caller still owns them)."""
-        return list(self._fds)
+    def take_fds(self) -> list[int]:
+        """Hand back the fds of the incomplete message (e.g. at EOF); the caller owns them."""
+        fds, self._fds = self._fds, []
+        return fds
 
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[tuple[Header, bytes, list[int]]]:
         self._fds.extend(fds)

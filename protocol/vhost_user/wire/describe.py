@@ -63,9 +63,14 @@ def _fields(obj: Any) -> str:
     return " ".join(parts)
 
 
-def describe_payload(request: Any, payload: Any, *, reply: bool = False) -> str:
+def describe_payload(request: Any, payload: Any, *, reply: bool = False, ack: bool = False) -> str:
+    """One line for ``payload``. ``ack``: it is a REPLY_ACK status, not the request's own u64."""
     if payload is None:
         return ""
+    if ack and isinstance(payload, U64):
+        return f"u64={payload.value:#x}"
+    if not isinstance(request, FrontendRequest):  # back-end channel codes overlap front-end ones
+        request = None
     if isinstance(payload, RawPayload):
         return f"raw[{len(payload.data)}]={payload.data[:32].hex()}"
     if isinstance(payload, U64):
