@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import socket
+import struct
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 
@@ -504,3 +505,34 @@ async def test_peer_closing_fails_pending_requests_and_watches(raw_peer: RawPeer
             await c.read("/x")
     finally:
         await c.close()
+
+
+@pytest.mark.asyncio
+async def test_each_write_carries_exactly_one_message(no_fd_leak: None) -> None:
+    """The Linux xenbus device handles only the first message of a write(): never batch them,
+    not even when the fd pushes back and messages queue up.
+
+    A SOCK_SEQPACKET pair keeps write boundaries, so each record the peer receives is one write().
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # force queueing in the client
+    c = XenstoreClient(theirs, timeout=WAIT)
+    loop = asyncio.get_running_loop()
+    count = 40
+    try:
+        tasks = [asyncio.create_task(c.write(f"/n{i}", bytes([i]) * 3000)) for i in range(count)]
+        await asyncio.sleep(0)  # let every task queue its request before the peer reads anything
+        seen = []
+        async with asyncio.timeout(WAIT):
+            while len(seen) < count:
+                record = await loop.sock_recv(ours, 65536)
+                t, req, _tx, n = struct.unpack("=IIII", record[:16])
+                assert t == XsType.WRITE and len(record) == 16 + n  # one whole message, nothing more
+                seen.append(req)
+                ours.sendall(struct.pack("=IIII", t, req, 0, 3) + b"OK\0")
+        await asyncio.gather(*tasks)
+        assert len(set(seen)) == count
+    finally:
+        await c.close()
+        ours.close()

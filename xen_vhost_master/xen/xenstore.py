@@ -672,7 +672,10 @@ class XenstoreClient(_Ops):
         self._waiters: dict[int, asyncio.Future[bytes]] = {}
         self._watches: dict[str, XsWatch] = {}
         self._tokens = itertools.count(1)
-        self._out = bytearray()
+        # One entry per message: each write() carries at most one message, because the Linux
+        # xenbus device processes only the first message of a write and drops the rest
+        # (xenbus_dev_frontend.c xenbus_file_write); a partial write is fine, it buffers those.
+        self._out: deque[bytes] = deque()
         self._writing = False
         self._closed: XenstoreError | None = None
         self._loop.add_reader(self._fd, self._on_readable)
@@ -767,19 +770,23 @@ class XenstoreClient(_Ops):
                 fut.set_result(ev.payload)
 
     def _send(self, data: bytes) -> None:
-        self._out += data
+        self._out.append(data)
         self._flush()
 
     def _flush(self) -> None:
         while self._out:
+            head = self._out[0]
             try:
-                n = os.write(self._fd, self._out)
+                n = os.write(self._fd, head)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 self._shutdown(XenstoreDisconnected(f"write failed: {exc.strerror}"))
                 return
-            del self._out[:n]
+            if n < len(head):
+                self._out[0] = head[n:]
+            else:
+                self._out.popleft()
         if self._out and not self._writing:
             self._loop.add_writer(self._fd, self._flush)
             self._writing = True
