@@ -532,7 +532,11 @@ class VirtioMmioDriver:
         if bits & Interrupt.USED_BUFFER:
             for queue in self.queues.values():
                 try:
-                    queue.complete()
+                    # Harvest again after get_used() moved used_event (EVENT_IDX): a chain the device
+                    # pushed while we were harvesting may have been judged not worth an interrupt
+                    # (virtqueue_enable_cb_prepare + virtqueue_poll in Linux).
+                    while queue.complete():
+                        pass
                 except RingError as exc:
                     self.broken = GuestDriverError(f"queue {queue.index}: {exc}")
                     self._fail_all(self.broken)
