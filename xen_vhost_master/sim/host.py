@@ -26,28 +26,27 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT = 10.0
 
 
-def _xenstore_hooks() -> tuple[Any, Callable[[int], int] | None, Callable[[int], None] | None]:
-    """Start the simulated xenstored if the module exists: (daemon, connect(domid)->fd, introduce(domid))."""
+_Hook = Callable[[int], None]
+
+
+def _xenstore_hooks() -> tuple[Any, Callable[[int], int] | None, _Hook | None, _Hook | None]:
+    """Start the simulated xenstored (``sim.xenstored.SimXenstored``) if present:
+    (daemon, connect_fd(domid) -> fd, introduce_domain(domid), release_domain(domid))."""
     try:
         mod = importlib.import_module("xen_vhost_master.sim.xenstored")
     except ImportError:
         log.info("no simulated xenstored available: /dev/xen/xenbus opens fail with ENOENT")
-        return None, None, None
-    cls = getattr(mod, "SimXenstored", None) or getattr(mod, "Xenstored", None)
-    if cls is None:
-        return None, None, None
-    xs = cls()
-    connect = getattr(xs, "connect_fd", None) or getattr(xs, "open_connection_fd", None)
-    introduce = getattr(xs, "introduce_domain", None)
-    return xs, connect, introduce
+        return None, None, None, None
+    xs = mod.SimXenstored()
+    return xs, xs.connect_fd, xs.introduce_domain, xs.release_domain
 
 
 async def serve(path: str, started: Callable[[Hypervisor, SimServer], None] | None = None,
                 stop: asyncio.Event | None = None) -> None:
     """Run a simulated host on ``path`` until ``stop`` is set (or forever)."""
     hv = Hypervisor()
-    _xs, connect, introduce = _xenstore_hooks()
-    server = SimServer(hv, path, xenbus_connect=connect, on_domain_created=introduce)
+    _xs, connect, introduce, release = _xenstore_hooks()
+    server = SimServer(hv, path, xenbus_connect=connect, on_domain_created=introduce, on_domain_destroyed=release)
     await server.start()
     try:
         if started is not None:

@@ -547,7 +547,10 @@ class Conn:
         return _ok(domid=dom.domid)
 
     def _control_destroy_domain(self, o: dict[str, Any], _b: bytes) -> Reply:
-        self.hv.destroy_domain(int(o["domid"]))
+        domid = int(o["domid"])
+        self.hv.destroy_domain(domid)
+        if self.server.on_domain_destroyed is not None:
+            self.server.on_domain_destroyed(domid)
         return _ok()
 
     def _control_pause(self, o: dict[str, Any], _b: bytes) -> Reply:
@@ -634,10 +637,12 @@ class SimServer:
         *,
         xenbus_connect: Callable[[int], int] | None = None,
         on_domain_created: Callable[[int], None] | None = None,
+        on_domain_destroyed: Callable[[int], None] | None = None,
     ) -> None:
         self.hv, self.path = hv, path
         self.xenbus_connect = xenbus_connect  # domid -> fd of a new xenstored client connection
-        self.on_domain_created = on_domain_created
+        self.on_domain_created = on_domain_created  # e.g. xenstored's @introduceDomain
+        self.on_domain_destroyed = on_domain_destroyed  # e.g. xenstored's @releaseDomain
         self.conns: set[Conn] = set()
         self.listener: socket.socket | None = None
 

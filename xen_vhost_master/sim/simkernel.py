@@ -225,7 +225,10 @@ class SimKernel:
             return
         if node.kind == "evtchn":
             os.close(node.ring)
+        adopted = node.sock.fileno() != fd
         node.sock.close()
+        if adopted:
+            os.close(fd)
 
     def read(self, fd: int, length: int) -> bytes:
         return os.read(fd, length)
@@ -237,8 +240,11 @@ class SimKernel:
     def mmap(
         self, fd: int, length: int, prot: int = PROT_READ | PROT_WRITE, flags: int = MAP_SHARED, offset: int = 0
     ) -> Mapping:
-        node = self._nodes.get(fd)
-        if node is None or node.kind not in ("privcmd", "gntdev"):
+        try:
+            node = self._node(fd)
+        except OSError:
+            raise _err(errno.ENODEV) from None
+        if node.kind not in ("privcmd", "gntdev"):
             raise _err(errno.ENODEV)
         if length <= 0 or length % XEN_PAGE_SIZE or not flags & MAP_SHARED:
             raise _err(errno.EINVAL)
