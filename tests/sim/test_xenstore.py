@@ -536,3 +536,57 @@ async def test_each_write_carries_exactly_one_message(no_fd_leak: None) -> None:
     finally:
         await c.close()
         ours.close()
+
+
+@pytest.mark.asyncio
+async def test_daemon_answers_malformed_requests_with_errnos_and_survives(xenstored: SimXenstored, no_fd_leak: None) -> None:
+    sock = xenstored.connection_socket(0)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    async def ask(type_: int, payload: bytes, tx_id: int = 0) -> tuple[int, bytes]:
+        await loop.sock_sendall(sock, struct.pack("=IIII", type_, 77, tx_id, len(payload)) + payload)
+        async with asyncio.timeout(WAIT):
+            head = b""
+            while len(head) < 16:
+                chunk = await loop.sock_recv(sock, 16 - len(head))
+                assert chunk, "daemon closed the connection"
+                head += chunk
+            t, req, _tx, n = struct.unpack("=IIII", head)
+            body = b""
+            while len(body) < n:
+                body += await loop.sock_recv(sock, n - len(body))
+        assert req == 77
+        return t, body
+
+    try:
+        cases = [
+            (XsType.READ, b"/no-nul"),  # argument not NUL-terminated
+            (XsType.READ, b"\xff\xfe\0"),  # not UTF-8
+            (XsType.WRITE, b"\0value"),  # empty path
+            (XsType.SET_PERMS, b"/\0q7\0"),  # bad permission letter
+            (XsType.WATCH, b"/only-path\0"),  # token missing
+            (XsType.TRANSACTION_END, b"X\0"),
+            (XsType.GET_DOMAIN_PATH, b"seven\0"),
+            (XsType.DIRECTORY_PART, b"/\0-1\0"),
+            (99, b""),  # unknown type
+            (XsType.RESUME, b"1\0"),  # known but not modelled
+        ]
+        for type_, payload in cases:
+            t, body = await ask(type_, payload)
+            assert t == XsType.ERROR and body in (b"EINVAL\0", b"ENOSYS\0"), (type_, payload, body)
+        t, body = await ask(XsType.READ, b"/local\0", tx_id=12345)  # unknown transaction
+        assert (t, body) == (XsType.ERROR, b"ENOENT\0")
+        t, body = await ask(XsType.TRANSACTION_START, b"\0", tx_id=1)  # nested
+        assert (t, body) == (XsType.ERROR, b"EBUSY\0")
+        t, body = await ask(XsType.RM, b"/\0")
+        assert (t, body) == (XsType.ERROR, b"EINVAL\0")
+        t, body = await ask(XsType.DIRECTORY, b"/\0")  # still serving
+        assert (t, body) == (XsType.DIRECTORY, b"local\0")
+        # A frame longer than XENSTORE_PAYLOAD_MAX ends the connection, as with xenstored.
+        await loop.sock_sendall(sock, struct.pack("=IIII", XsType.READ, 1, 0, 5000))
+        async with asyncio.timeout(WAIT):
+            assert await loop.sock_recv(sock, 16) == b""
+        assert xenstored.connections() == 0
+    finally:
+        sock.close()

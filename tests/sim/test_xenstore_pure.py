@@ -173,3 +173,54 @@ def test_unprivileged_creation_owns_nodes_and_counts_against_the_quota() -> None
     with pytest.raises(XenstoreError) as inval:
         dom7.write("/local/domain/7/trailing/", b"")
     assert inval.value.errno == errno.EINVAL
+
+
+_PATHS = st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=3).map(lambda parts: "/t/" + "/".join(parts))
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("write"), _PATHS, st.binary(max_size=4)),
+        st.tuples(st.just("mkdir"), _PATHS, st.just(b"")),
+        st.tuples(st.just("rm"), _PATHS, st.just(b"")),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_OPS, st.booleans())
+def test_store_matches_a_flat_model(ops: list[tuple[str, str, bytes]], in_transaction: bool) -> None:
+    """Implicit parents, recursive rm and listings agree with a dict of paths, live or in a transaction."""
+    store = Store()
+    store.access(0).mkdir("/t")
+    tx = store.begin(1, 0) if in_transaction else None
+    acc = store.access(0, tx)
+    model: dict[str, bytes] = {"/t": b""}
+    for op, path, value in ops:
+        if op == "write":
+            acc.write(path, value)
+            parts = path.split("/")
+            for i in range(3, len(parts)):
+                model.setdefault("/".join(parts[:i]), b"")
+            model[path] = value
+        elif op == "mkdir":
+            acc.mkdir(path)
+            parts = path.split("/")
+            for i in range(3, len(parts) + 1):
+                model.setdefault("/".join(parts[:i]), b"")
+        else:
+            parent = path.rsplit("/", 1)[0]
+            if path not in model and parent not in model:
+                with pytest.raises(XenstoreNotFound):
+                    acc.rm(path)
+                continue
+            acc.rm(path)
+            for p in [p for p in model if p == path or p.startswith(path + "/")]:
+                del model[p]
+    if tx is not None:
+        store.commit(tx)
+    live = store.access(0)
+    for path, value in model.items():
+        assert live.read(path) == value
+        kids = sorted(p.rsplit("/", 1)[1] for p in model if p.rsplit("/", 1)[0] == path)
+        assert sorted(live.directory(path)) == kids
+    assert {p for p in store.nodes if p.startswith("/t")} == set(model)
