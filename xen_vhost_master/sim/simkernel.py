@@ -132,6 +132,7 @@ class _Node:
     ring: int = -1  # evtchn: the fd given to the caller
     vmas: dict[int, _Vma] = field(default_factory=dict)
     gmaps: dict[int, int] = field(default_factory=dict)  # gntdev index -> count
+    adopted: bool = False  # received from another process: ``sock`` is our dup of the fd
 
     def call(self, obj: dict[str, Any], blob: bytes = b"") -> tuple[dict[str, Any], bytes, list[int]]:
         rpc.send_blocking(self.sock, obj, blob)
@@ -214,7 +215,7 @@ class SimKernel:
         if reply.get("errno") or reply.get("node") not in ("privcmd", "gntdev"):
             sock.close()
             raise _err(errno.ENOTTY)
-        node = _Node(str(reply["node"]), sock)
+        node = _Node(str(reply["node"]), sock, adopted=True)
         self._nodes[fd] = node
         return node
 
@@ -225,9 +226,8 @@ class SimKernel:
             return
         if node.kind == "evtchn":
             os.close(node.ring)
-        adopted = node.sock.fileno() != fd
         node.sock.close()
-        if adopted:
+        if node.adopted:
             os.close(fd)
 
     def read(self, fd: int, length: int) -> bytes:
