@@ -18,6 +18,7 @@ from xen_vhost_master.sim.xenstore_libxl import (
     VirtioDeviceSpec,
     add_virtio_device,
     create_domain,
+    destroy_domain,
     remove_virtio_device,
 )
 from xen_vhost_master.sim.xenstore_tree import NodeAccess
@@ -352,6 +353,17 @@ async def test_libxl_layout_for_a_virtio_device(xenstored: SimXenstored) -> None
         remove_virtio_device(xenstored, spec)
         assert not await c.exists(be)
         assert not await c.exists("/local/domain/5/device/virtio/0")
+        # Xen 4.17's virtio_disk: decimal base, no type key, specification=virtio.
+        disk = VirtioDeviceSpec(domid=5, devid=51712, device_id=2, base=0x2000000, irq=33,
+                                kind="virtio_disk", base_decimal=True)
+        be = add_virtio_device(xenstored, disk)
+        assert be == "/local/domain/0/backend/virtio_disk/5/51712"
+        assert await c.read(f"{be}/base") == b"33554432" and await c.read(f"{be}/specification") == b"virtio"
+        assert not await c.exists(f"{be}/type")
+        destroy_domain(xenstored, 5)
+        assert not await c.exists("/local/domain/5")
+        assert not await c.exists("/local/domain/0/backend/virtio_disk/5")
+        assert not await c.is_domain_introduced(5)
     finally:
         await c.close()
 

@@ -7,12 +7,11 @@ Layout and permissions follow ``tools/libs/light/libxl_create.c`` (``libxl__doma
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 from xen_vhost_master.sim.xenstore_tree import NodeAccess, domain_path
 from xen_vhost_master.sim.xenstored import SimXenstored
-from xen_vhost_master.xen.xenstore import XsAccess, XsPerm
+from xen_vhost_master.xen.xenstore import XenbusState, XsAccess, XsPerm
 
 __all__ = [
     "XenbusState",
@@ -24,20 +23,6 @@ __all__ = [
     "backend_path",
     "frontend_path",
 ]
-
-
-class XenbusState(enum.IntEnum):
-    """``enum xenbus_state`` (xen/include/public/io/xenbus.h)."""
-
-    UNKNOWN = 0
-    INITIALISING = 1
-    INIT_WAIT = 2
-    INITIALISED = 3
-    CONNECTED = 4
-    CLOSING = 5
-    CLOSED = 6
-    RECONFIGURING = 7
-    RECONFIGURED = 8
 
 
 @dataclass(frozen=True)
@@ -101,11 +86,19 @@ def create_domain(xs: SimXenstored, domid: int, name: str, *, memory_kib: int = 
     xs.introduce_domain(domid)
 
 
-def destroy_domain(xs: SimXenstored, domid: int) -> None:
-    """Release the domain (fires ``@releaseDomain``) and remove its home and backend entries."""
+def destroy_domain(xs: SimXenstored, domid: int, *, backend_domid: int = 0) -> None:
+    """Release the domain (fires ``@releaseDomain``), remove its home and its devices' backend dirs."""
     if domid in xs.store.introduced:
         xs.release_domain(domid)
-    xs.rm(domain_path(domid))
+    backend_root = f"{domain_path(backend_domid)}/backend"
+
+    def body(acc: NodeAccess) -> None:
+        acc.rm(domain_path(domid))
+        if backend_root in xs.store.nodes:
+            for kind in acc.directory(backend_root):
+                acc.rm(f"{backend_root}/{kind}/{domid}")
+
+    xs.atomically(body)
 
 
 def add_virtio_device(xs: SimXenstored, spec: VirtioDeviceSpec) -> str:

@@ -38,6 +38,7 @@ __all__ = [
     "DEFAULT_SOCKET_PATHS",
     "XENBUS_DEVICE_PATHS",
     "XsType",
+    "XenbusState",
     "XsAccess",
     "XsPerm",
     "XsHeader",
@@ -115,6 +116,20 @@ class XsType(enum.IntEnum):
     RESET_WATCHES = 21
     DIRECTORY_PART = 22
     INVALID = 0xFFFF
+
+
+class XenbusState(enum.IntEnum):
+    """``enum xenbus_state`` (xen/include/public/io/xenbus.h): the ``state`` key of front/back ends."""
+
+    UNKNOWN = 0
+    INITIALISING = 1
+    INIT_WAIT = 2
+    INITIALISED = 3
+    CONNECTED = 4
+    CLOSING = 5
+    CLOSED = 6
+    RECONFIGURING = 7
+    RECONFIGURED = 8
 
 
 # xs_wire.h ``xsd_errors[]`` in table order: the wire carries the *name*.
