@@ -572,12 +572,30 @@ class SplitQueueDriver:
         return not _U16.unpack_from(self._r.used, 0)[0] & VRING_USED_F_NO_NOTIFY
 
     def get_used(self) -> list[tuple[Any, int]]:
-        """Collect the chains the device returned: ``[(token, written_len), ...]`` in used order."""
+        """Collect the chains the device returned: ``[(token, written_len), ...]`` in used order.
+
+        With EVENT_IDX it then publishes ``used_event`` and harvests again if the device pushed
+        meanwhile: such a chain may have been judged not worth an interrupt against the old
+        ``used_event`` (Linux ``virtqueue_enable_cb_prepare`` + ``virtqueue_poll``), so returning
+        without it would lose a wake-up.
+        """
+        out: list[tuple[Any, int]] = []
+        while True:
+            self._harvest(out)
+            if not self.event_idx:
+                return out
+            self._publish_used_event()
+            if _U16.unpack_from(self._r.used, 2)[0] == self._last_used:
+                return out
+
+    def _publish_used_event(self) -> None:
+        _U16.pack_into(self._r.avail, self._r.used_event_off, self._last_used)
+
+    def _harvest(self, out: list[tuple[Any, int]]) -> None:
         used_idx = _U16.unpack_from(self._r.used, 2)[0]
         pending = (used_idx - self._last_used) & 0xFFFF
         if pending > len(self._inflight):
             raise RingError(f"used idx {used_idx} is {pending} ahead, only {len(self._inflight)} chains in flight")
-        out: list[tuple[Any, int]] = []
         # Read barrier here (used idx before the elements) — see the module docstring.
         for _ in range(pending):
             head, written = _USED_ELEM.unpack_from(self._r.used, 4 + USED_ELEM_SIZE * (self._last_used & self._r.mask))
@@ -588,9 +606,6 @@ class SplitQueueDriver:
             self._free.extend(reversed(indices))
             self._last_used = (self._last_used + 1) & 0xFFFF
             out.append((token, written))
-        if self.event_idx:
-            _U16.pack_into(self._r.avail, self._r.used_event_off, self._last_used)
-        return out
 
     def disable_interrupts(self) -> None:
         """VRING_AVAIL_F_NO_INTERRUPT (without EVENT_IDX); with EVENT_IDX move used_event far away."""

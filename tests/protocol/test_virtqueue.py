@@ -195,6 +195,30 @@ def test_event_idx_both_sides():
     assert not dev.needs_notify()
 
 
+def test_event_idx_driver_harvests_chains_pushed_while_it_moved_used_event(monkeypatch):
+    """The device pushes a second chain after the driver read used idx but before it published
+    used_event: that push was not worth an interrupt (old used_event), so get_used must pick it
+    up itself or the driver sleeps forever (lost wake-up)."""
+    mem, drv, dev, _ = make_pair(event_idx=True)
+    drv.add(readable=[(DATA, 1)], token="a")
+    drv.add(readable=[(DATA, 1)], token="b")
+    a, b = dev.pop(), dev.pop()
+    dev.push(a.head, 1)
+    assert dev.needs_notify()
+    real = drv._publish_used_event
+    raced = []
+
+    def racing_publish():
+        if not raced:
+            dev.push(b.head, 2)
+            raced.append(dev.needs_notify())
+        real()
+
+    monkeypatch.setattr(drv, "_publish_used_event", racing_publish)
+    assert drv.get_used() == [("a", 1), ("b", 2)]
+    assert raced == [False]  # the device did not interrupt for "b"
+
+
 def test_indirect_chain_round_trip():
     mem, drv, dev, _ = make_pair(size=2)
     table = BASE + 0x4000
