@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from xen_vhost_master.sim.xenstore_tree import NodeAccess, domain_path
 from xen_vhost_master.sim.xenstored import SimXenstored
-from xen_vhost_master.xen.xenstore import XenbusState, XsAccess, XsPerm
+from xen_vhost_master.xen.xenstore_wire import XenbusState, XsAccess, XsPerm
 
 __all__ = [
     "XenbusState",

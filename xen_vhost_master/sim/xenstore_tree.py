@@ -28,7 +28,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from xen_vhost_master.xen.xenstore import (
+from xen_vhost_master.xen.xenstore_wire import (
     XENSTORE_ABS_PATH_MAX,
     XENSTORE_REL_PATH_MAX,
     XenstoreError,

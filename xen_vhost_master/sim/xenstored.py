@@ -35,7 +35,7 @@ from xen_vhost_master.sim.xenstore_tree import (
     watch_event_path,
 )
 from xen_vhost_master.sim.xenstore_tree import access_for as _access_for
-from xen_vhost_master.xen.xenstore import (
+from xen_vhost_master.xen.xenstore_wire import (
     XENSTORE_PAYLOAD_MAX,
     XSD_ERRORS,
     XenstoreError,
