@@ -1,7 +1,8 @@
 """``xen-vhost-sim``: run a simulated Xen host as its own process.
 
     xen-vhost-sim --socket /run/xen-sim.sock --domain domid=1,mem=1G,vcpus=2 \\
-                  --domain domid=2,mem=4G,arch=x86_64,hole=0x50000000+0x100000
+                  --domain domid=2,mem=4G,arch=x86_64,hole=0x50000000+0x100000 \\
+                  --virtio domid=1,device_id=2,base=0x2000000,irq=33
 
 A daemon attaches with ``XEN_VHOST_SIM=/run/xen-sim.sock xen-vhost-master ...``; guests live in
 this process, so the daemon can be killed and restarted while they keep running. ``--ready-fd N``
@@ -20,7 +21,7 @@ from xen_vhost_master.sim.host import serve
 from xen_vhost_master.sim.hypervisor import HvError, Hypervisor
 from xen_vhost_master.sim.server import SimServer
 
-__all__ = ["main", "parse_domain_spec", "parse_size"]
+__all__ = ["main", "parse_domain_spec", "parse_size", "parse_virtio_spec"]
 
 log = logging.getLogger("xen_vhost_master.sim")
 
@@ -59,11 +60,27 @@ def parse_domain_spec(spec: str) -> dict[str, object]:
     return out
 
 
+def parse_virtio_spec(spec: str) -> dict[str, object]:
+    """``domid=1,device_id=2,base=0x2000000,irq=33[,devid=0][,backend_domid=0][,kind=virtio]``."""
+    out: dict[str, object] = {}
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("domid", "devid", "device_id", "base", "irq", "backend_domid", "kind", "grant_usage"):
+            raise argparse.ArgumentTypeError(f"bad virtio item {item!r}")
+        out[key] = value if key == "kind" else int(value, 0)
+    for key in ("domid", "device_id", "base", "irq"):
+        if key not in out:
+            raise argparse.ArgumentTypeError(f"virtio spec needs {key}=")
+    return out
+
+
 def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="xen-vhost-sim", description="Simulated Xen host for xen-vhost-master")
     p.add_argument("--socket", required=True, help="Unix socket to listen on (clients: XEN_VHOST_SIM=<path>)")
     p.add_argument("--domain", action="append", default=[], type=parse_domain_spec, metavar="SPEC",
                    help="create a guest: domid=N,mem=SIZE,vcpus=N,arch=arm64|x86_64,hole=GPA+SIZE")
+    p.add_argument("--virtio", action="append", default=[], type=parse_virtio_spec, metavar="SPEC",
+                   help="add a virtio-mmio device (libxl xenstore nodes): domid=N,device_id=2,base=0x2000000,irq=33[,devid=0]")
     p.add_argument("--ready-fd", type=int, default=None, help="write 'ready\\n' to this fd when listening")
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p.parse_args(argv)
@@ -90,8 +107,15 @@ def main(argv: list[str] | None = None) -> int:
                     failure.append(HvError(22, str(exc)))
                     stop.set()
                     return
-                if server.on_domain_created is not None:
-                    server.on_domain_created(dom.domid)
+                if server.toolstack is not None:
+                    server.toolstack.domain_created(dom)
+            for vspec in args.virtio:
+                if server.toolstack is None:
+                    log.error("--virtio needs the simulated xenstored")
+                    failure.append(HvError(2))
+                    stop.set()
+                    return
+                server.toolstack.add_virtio_device(vspec)
             if args.ready_fd is not None:
                 os.write(args.ready_fd, b"ready\n")
                 os.close(args.ready_fd)

@@ -95,6 +95,22 @@ class SimControl:
     def shutdown(self, domid: int, reason: str = "poweroff") -> None:
         self.call({"op": "shutdown", "domid": domid, "reason": reason})
 
+    def add_virtio_device(
+        self, domid: int, *, device_id: int, base: int, irq: int, devid: int = 0, backend_domid: int = 0,
+        grant_usage: bool | None = None, kind: str = "virtio",
+    ) -> str:
+        """Simulated ``xl``: libxl's xenstore nodes for a virtio-mmio device; returns the backend path."""
+        reply, _ = self.call(
+            {"op": "add_virtio_device", "domid": domid, "devid": devid, "device_id": device_id, "base": base,
+             "irq": irq, "backend_domid": backend_domid, "kind": kind,
+             "grant_usage": None if grant_usage is None else int(grant_usage)}
+        )
+        return str(reply["value"])
+
+    def remove_virtio_device(self, domid: int, *, device_id: int, base: int, irq: int, devid: int = 0) -> None:
+        self.call({"op": "remove_virtio_device", "domid": domid, "devid": devid, "device_id": device_id,
+                   "base": base, "irq": irq})
+
     def domain_info(self, domid: int) -> dict[str, Any]:
         return self.call({"op": "domain_info", "domid": domid})[0]
 

@@ -2,14 +2,13 @@
 the ``xen-vhost-sim`` process. Either way the daemon reaches it only through its Unix socket
 (``XEN_VHOST_SIM=<path>`` + :func:`xen_vhost_master.xen.kernel.kernel_from_env`).
 
-The simulated xenstored (``sim.xenstored``, if present) is started inside the host and
-``/dev/xen/xenbus`` opens are wired to it as dom0 connections.
+The simulated toolstack (``sim.toolstack``: xenstored + libxl's xenstore layout) runs inside the
+host; ``/dev/xen/xenbus`` opens are wired to it as dom0 connections.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import threading
 from collections.abc import Callable
@@ -26,27 +25,22 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT = 10.0
 
 
-_Hook = Callable[[int], None]
-
-
-def _xenstore_hooks() -> tuple[Any, Callable[[int], int] | None, _Hook | None, _Hook | None]:
-    """Start the simulated xenstored (``sim.xenstored.SimXenstored``) if present:
-    (daemon, connect_fd(domid) -> fd, introduce_domain(domid), release_domain(domid))."""
+def _toolstack() -> Any:
+    """The xenstore-backed toolstack, if the simulated xenstored is importable."""
     try:
-        mod = importlib.import_module("xen_vhost_master.sim.xenstored")
-    except ImportError:
-        log.info("no simulated xenstored available: /dev/xen/xenbus opens fail with ENOENT")
-        return None, None, None, None
-    xs = mod.SimXenstored()
-    return xs, xs.connect_fd, xs.introduce_domain, xs.release_domain
+        from xen_vhost_master.sim.toolstack import XenstoreToolstack
+    except ImportError as exc:
+        log.info("no simulated xenstored (%s): /dev/xen/xenbus opens fail with ENOENT", exc)
+        return None
+    return XenstoreToolstack()
 
 
 async def serve(path: str, started: Callable[[Hypervisor, SimServer], None] | None = None,
                 stop: asyncio.Event | None = None) -> None:
     """Run a simulated host on ``path`` until ``stop`` is set (or forever)."""
     hv = Hypervisor()
-    _xs, connect, introduce, release = _xenstore_hooks()
-    server = SimServer(hv, path, xenbus_connect=connect, on_domain_created=introduce, on_domain_destroyed=release)
+    toolstack = _toolstack()
+    server = SimServer(hv, path, toolstack=toolstack)
     await server.start()
     try:
         if started is not None:
@@ -54,11 +48,8 @@ async def serve(path: str, started: Callable[[Hypervisor, SimServer], None] | No
         await (stop.wait() if stop is not None else asyncio.Event().wait())
     finally:
         await server.close()
-        closer = getattr(_xs, "close", None)
-        if closer is not None:
-            res = closer()
-            if asyncio.iscoroutine(res):
-                await res
+        if toolstack is not None:
+            await toolstack.close()
 
 
 class SimHost:

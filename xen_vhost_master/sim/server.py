@@ -22,10 +22,10 @@ import os
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from xen_vhost_master.sim import rpc
-from xen_vhost_master.sim.hypervisor import HvError, Hypervisor, Port
+from xen_vhost_master.sim.hypervisor import Domain, HvError, Hypervisor, Port
 from xen_vhost_master.xen.abi import (
     DOMID_FIRST_RESERVED,
     DmOp,
@@ -38,7 +38,7 @@ from xen_vhost_master.xen.abi import (
     xen_dm_op,
 )
 
-__all__ = ["SimServer"]
+__all__ = ["SimServer", "Toolstack"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,22 @@ XEN_VERSION = (4, 17)
 GNTDEV_LIMIT = 65536  # gntdev.limit module parameter default (pages per fd)
 _U32 = struct.Struct("<I")
 Reply = tuple[dict[str, Any], bytes, list[int]]
+
+
+class Toolstack(Protocol):
+    """What the simulated host asks of the simulated toolstack + xenstored (``sim.toolstack``)."""
+
+    def xenbus_fd(self, domid: int) -> int:
+        """A new xenstored client connection of ``domid`` (the caller sends and closes it)."""
+        ...
+
+    def domain_created(self, dom: Domain) -> None: ...
+
+    def domain_destroyed(self, domid: int) -> None: ...
+
+    def add_virtio_device(self, spec: dict[str, Any]) -> str: ...
+
+    def remove_virtio_device(self, spec: dict[str, Any]) -> None: ...
 
 
 def _ok(**kw: Any) -> Reply:
@@ -220,9 +236,9 @@ class Conn:
             self.close_after_send.append(fd)
             return ({"errno": 0}, b"", [fd])
         if node == "xenbus":
-            if self.server.xenbus_connect is None:
+            if self.server.toolstack is None:
                 return ({"errno": errno.ENOENT, "why": "no simulated xenstored"}, b"", [])
-            fd = self.server.xenbus_connect(0)
+            fd = self.server.toolstack.xenbus_fd(0)
             self.kind = node
             self.close_after_send.append(fd)
             return ({"errno": 0}, b"", [fd])
@@ -542,15 +558,15 @@ class Conn:
             )
         except ValueError as exc:
             raise HvError(errno.EINVAL, str(exc)) from None
-        if self.server.on_domain_created is not None:
-            self.server.on_domain_created(dom.domid)
+        if self.server.toolstack is not None:
+            self.server.toolstack.domain_created(dom)
         return _ok(domid=dom.domid)
 
     def _control_destroy_domain(self, o: dict[str, Any], _b: bytes) -> Reply:
         domid = int(o["domid"])
         self.hv.destroy_domain(domid)
-        if self.server.on_domain_destroyed is not None:
-            self.server.on_domain_destroyed(domid)
+        if self.server.toolstack is not None:
+            self.server.toolstack.domain_destroyed(domid)
         return _ok()
 
     def _control_pause(self, o: dict[str, Any], _b: bytes) -> Reply:
@@ -559,6 +575,19 @@ class Conn:
 
     def _control_shutdown(self, o: dict[str, Any], _b: bytes) -> Reply:
         self.hv.shutdown(int(o["domid"]), str(o.get("reason", "poweroff")))
+        return _ok()
+
+    def _control_add_virtio_device(self, o: dict[str, Any], _b: bytes) -> Reply:
+        """Simulated ``xl``: write a virtio device's backend/frontend nodes as libxl does."""
+        if self.server.toolstack is None:
+            raise HvError(errno.ENOENT, "no simulated xenstored")
+        self.hv.guest(int(o["domid"]))
+        return _ok(value=self.server.toolstack.add_virtio_device(o))
+
+    def _control_remove_virtio_device(self, o: dict[str, Any], _b: bytes) -> Reply:
+        if self.server.toolstack is None:
+            raise HvError(errno.ENOENT, "no simulated xenstored")
+        self.server.toolstack.remove_virtio_device(o)
         return _ok()
 
     def _control_domain_info(self, o: dict[str, Any], _b: bytes) -> Reply:
@@ -635,14 +664,10 @@ class SimServer:
         hv: Hypervisor,
         path: str,
         *,
-        xenbus_connect: Callable[[int], int] | None = None,
-        on_domain_created: Callable[[int], None] | None = None,
-        on_domain_destroyed: Callable[[int], None] | None = None,
+        toolstack: Toolstack | None = None,
     ) -> None:
         self.hv, self.path = hv, path
-        self.xenbus_connect = xenbus_connect  # domid -> fd of a new xenstored client connection
-        self.on_domain_created = on_domain_created  # e.g. xenstored's @introduceDomain
-        self.on_domain_destroyed = on_domain_destroyed  # e.g. xenstored's @releaseDomain
+        self.toolstack = toolstack
         self.conns: set[Conn] = set()
         self.listener: socket.socket | None = None
 
