@@ -25,11 +25,13 @@ from xen_vhost_master.sim.guest_devices import (
     BlkOp,
     VirtioBlk,
     VirtioNet,
+    attach_device,
 )
 from xen_vhost_master.sim.guest_driver import (
     DeviceNeedsReset,
     DeviceStatus,
     Feature,
+    GuestDriverError,
     FeaturesRejected,
     GuestPageAllocator,
     GuestTimeout,
@@ -558,6 +560,19 @@ async def test_blk_queue_depth_8_and_queue_wrap(bus: FakeBus) -> None:
 
 
 @pytest.mark.asyncio
+async def test_batch_larger_than_the_ring_waits_for_free_descriptors(bus: FakeBus) -> None:
+    dev, disk = make_blk(bus, queue_max=8)
+    blk = await VirtioBlk.attach(bus, BASE, IRQ, GuestPageAllocator(bus.ram), queue_size=8)
+    try:
+        # 10 reads of 3 descriptors each need 30 descriptors; the ring has 8.
+        reads = await blk.batch([BlkOp("read", i, 1) for i in range(10)])
+        assert reads == [bytes(disk.data[i * SECTOR_SIZE : (i + 1) * SECTOR_SIZE]) for i in range(10)]
+        assert dev.notifies >= 4 and dev.max_available <= 2
+    finally:
+        await blk.close()
+
+
+@pytest.mark.asyncio
 async def test_blk_errors_are_typed(bus: FakeBus) -> None:
     dev, disk = make_blk(bus, sectors=16)
     blk = await VirtioBlk.attach(bus, BASE, IRQ, GuestPageAllocator(bus.ram))
@@ -701,3 +716,16 @@ async def test_net_send_and_receive_with_preposted_buffers(bus: FakeBus) -> None
                 await net.recv(0.2)
     finally:
         await net.close()
+
+
+@pytest.mark.asyncio
+async def test_attach_device_binds_by_device_id(bus: FakeBus) -> None:
+    make_blk(bus)
+    blk = await attach_device(bus, BASE, IRQ, GuestPageAllocator(bus.ram))
+    try:
+        assert isinstance(blk, VirtioBlk) and blk.capacity == 2048
+    finally:
+        await blk.close()
+    bus.attach(BASE2, FakeMmioDevice(4, int(Feature.VERSION_1), bytearray(0x100), [8], irq=IRQ2))  # an rng
+    with pytest.raises(GuestDriverError, match="device id 4"):
+        await attach_device(bus, BASE2, IRQ2, GuestPageAllocator(bus.ram))

@@ -36,6 +36,7 @@ __all__ = [
     "NetFeature",
     "NET_HDR_SIZE",
     "VirtioNet",
+    "attach_device",
 ]
 
 VIRTIO_ID_NET = 1
@@ -355,3 +356,17 @@ class VirtioNet:
             if self._rx_region:
                 self.driver.allocator.free(self._rx_region)
                 self._rx_region = 0
+
+
+async def attach_device(
+    bus: GuestBus, base: int, irq: int, allocator: GuestPageAllocator, **kw: object
+) -> VirtioBlk | VirtioNet:
+    """Probe the window at ``base`` and bring up the matching helper (as a guest kernel binds a driver
+    by DeviceID). GuestDriverError for a device type without a helper; NoDevice for an empty window."""
+    probe = VirtioMmioDriver(bus, base, irq, allocator)
+    device_id = await probe.probe()
+    if device_id == VIRTIO_ID_BLOCK:
+        return await VirtioBlk.attach(bus, base, irq, allocator, **kw)  # type: ignore[arg-type]
+    if device_id == VIRTIO_ID_NET:
+        return await VirtioNet.attach(bus, base, irq, allocator, **kw)  # type: ignore[arg-type]
+    raise GuestDriverError(f"no simulated guest driver for virtio device id {device_id} at {base:#x}")

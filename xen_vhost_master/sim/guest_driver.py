@@ -482,9 +482,10 @@ class VirtioMmioDriver:
             raise ValueError(f"chain of {need} buffers does not fit queue {index} of size {queue.size}")
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         while queue.ring.num_free < need:
+            queue.free_slot.clear()  # before the kick: a completion during it must not be missed
             await self.kick(index)
-            queue.free_slot.clear()
-            await self._bounded(queue.free_slot.wait(), f"wait for a free slot on queue {index}")
+            if queue.ring.num_free < need:
+                await self._bounded(queue.free_slot.wait(), f"wait for a free slot on queue {index}")
             self._check_usable()
         queue.ring.add(readable, writable, token=fut)
         queue.pending.add(fut)
