@@ -203,8 +203,10 @@ class Responder(_Endpoint):
         for header, body, msg_fds in self._frames(data, fds):
             try:
                 msg = self._decode(header, body, msg_fds)
-                answer = self._answer_for(msg)
+                # State first: a SET_PROTOCOL_FEATURES that turns REPLY_ACK on and carries
+                # NEED_REPLY is ACKed (Linux virtio_uml sends exactly that and waits for the ACK).
                 self._on_request(msg)
+                answer = self._answer_for(msg)
             except VhostUserError as exc:
                 self._orphans += msg_fds
                 self._fail(exc)

@@ -209,3 +209,14 @@ def test_state_machine_random_sequences_only_raise_library_errors(ops: list[str]
         if was_broken:
             assert p.fe.broken
         was_broken = p.fe.broken
+
+
+def test_set_protocol_features_enabling_reply_ack_with_need_reply_is_acked() -> None:
+    """Linux virtio_uml sets NEED_REPLY on the SET_PROTOCOL_FEATURES that negotiates REPLY_ACK
+    and blocks until the ACK arrives (found against linux.uml 6.1)."""
+    be = BackendConnection(protocol_features=PF.REPLY_ACK | PF.CONFIG)
+    (ev,) = be.receive(encode(FrontendRequest.SET_PROTOCOL_FEATURES, U64(value=int(PF.REPLY_ACK)), need_reply=True))
+    assert ev.answer == "ack"
+    be2 = BackendConnection(protocol_features=PF.REPLY_ACK | PF.CONFIG)
+    (ev,) = be2.receive(encode(FrontendRequest.SET_PROTOCOL_FEATURES, U64(value=int(PF.CONFIG)), need_reply=True))
+    assert ev.answer is None  # REPLY_ACK not negotiated: no ACK

@@ -63,8 +63,11 @@ _REQ_HDR = struct.Struct("<IIQ")
 class RamDiskBlk(VhostUserDevice):
     """virtio-blk over a bytearray (``size`` bytes) or a shared mmap of ``image``."""
 
+    # BACKEND_REQ is offered because Linux 6.1 virtio_uml only allocates its device IRQ when it
+    # sets up the back-end channel; without it, the vring IRQ request fails with EBUSY.
     protocol_features = (
         ProtocolFeatures.MQ
+        | ProtocolFeatures.BACKEND_REQ
         | ProtocolFeatures.REPLY_ACK
         | ProtocolFeatures.CONFIG
         | ProtocolFeatures.CONFIGURE_MEM_SLOTS

@@ -262,6 +262,12 @@ def _parse(cls: type | None, body: bytes, what: str) -> Payload:
             raise MalformedMessage("nregions", nregions, f"at most {VHOST_MEMORY_BASELINE_NREGIONS}")
         regsize = STRUCTS[_region_of(cls)].sizeof()
         expected = 8 + nregions * regsize
+        full = 8 + VHOST_MEMORY_BASELINE_NREGIONS * regsize
+        if expected <= len(body) <= full:
+            # QEMU sends exactly 8 + n*size; Linux virtio_uml sends a larger, zero-padded
+            # struct. Accept trailing bytes up to the full C struct (VhostUserMemory) and
+            # ignore them, as libvhost-user does.
+            body = body[:expected]
     elif cls is ConfigSpace:
         if len(body) < 12:
             raise MalformedMessage("size", len(body), f"{what}: config header is 12 bytes")
