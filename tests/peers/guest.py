@@ -78,11 +78,12 @@ class GuestRam:
 
         return MemoryRegion(guest_phys_addr=self.gpa, memory_size=self.size, userspace_addr=self.uaddr, mmap_offset=0)
 
-    def queue(self, size: int, event_idx: bool = False) -> GuestQueue:
+    def queue(self, size: int, event_idx: bool = False, indirect: bool = False) -> GuestQueue:
         _, _, _, total = split_ring_layout(size)
         base = self.alloc(total + 16, align=4096)
         desc, avail, used, _ = split_ring_layout(size, base)
-        q = GuestQueue(self, SplitQueueDriver(self.mem, size, desc, avail, used, event_idx=event_idx), desc, avail, used)
+        q = GuestQueue(self, SplitQueueDriver(self.mem, size, desc, avail, used, event_idx=event_idx), desc, avail, used,
+                       indirect=indirect)
         self.queues.append(q)
         return q
 
@@ -98,6 +99,7 @@ class GuestQueue:
     used: int
     kick: int = -1
     call: int = -1
+    indirect: bool = False  # put each chain in an indirect table (needs RING_INDIRECT_DESC)
 
     def __post_init__(self) -> None:
         self.kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -136,9 +138,14 @@ class GuestQueue:
         ram.write(status, b"\xff")
         if req_type == BLK_T_OUT:
             ram.write(data, payload)
-            self.drv.add(readable=[(hdr, 16), (data, data_len)], writable=[(status, 1)], token=token)
+            readable, writable = [(hdr, 16), (data, data_len)], [(status, 1)]
         else:
-            self.drv.add(readable=[(hdr, 16)], writable=[(data, data_len), (status, 1)], token=token)
+            readable, writable = [(hdr, 16)], [(data, data_len), (status, 1)]
+        if self.indirect:
+            table = ram.alloc(16 * (len(readable) + len(writable)), align=16)
+            self.drv.add_indirect(table, readable=readable, writable=writable, token=token)
+        else:
+            self.drv.add(readable=readable, writable=writable, token=token)
         return {"hdr": hdr, "data": data, "status": status}
 
     def close(self) -> None:

@@ -52,15 +52,16 @@ async def blk_round(fe, ram: GuestRam, q: GuestQueue, image, *, sector: int, hos
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("event_idx", [False, True], ids=["flags", "event_idx"])
-async def test_blk_io_through_qemu_storage_daemon_and_reconnect(no_fd_leak: None, peers: Peers, event_idx: bool) -> None:
+@pytest.mark.parametrize("ring", ["flags", "event_idx", "indirect"])
+async def test_blk_io_through_qemu_storage_daemon_and_reconnect(no_fd_leak: None, peers: Peers, ring: str) -> None:
+    event_idx, indirect = ring == "event_idx", ring == "indirect"
     AsyncFrontend, VF, PF = frontend_api()
     qsd = peers.qsd_raw(size=IMAGE_SIZE)
     image = os.open(qsd.image, os.O_RDWR | os.O_CLOEXEC)
     try:
         async with asyncio.timeout(TEST_DEADLINE):
             with guest_ram() as ram:
-                q = ram.queue(QUEUE_SIZE, event_idx=event_idx)
+                q = ram.queue(QUEUE_SIZE, event_idx=event_idx, indirect=indirect)
                 base = 0
                 for round_no in range(2):  # connect, I/O, disconnect; reconnect, same again
                     fe = await AsyncFrontend.connect(qsd.sock)
@@ -73,6 +74,9 @@ async def test_blk_io_through_qemu_storage_daemon_and_reconnect(no_fd_leak: None
                         capacity, = struct.unpack_from("<Q", config, 0)
                         assert capacity == IMAGE_SIZE // 512
                         features = VF.VERSION_1 | (VF.RING_EVENT_IDX if event_idx else 0)
+                        if indirect:
+                            assert neg.features & VF.RING_INDIRECT_DESC
+                            features |= VF.RING_INDIRECT_DESC
                         await fe.set_features(int(features))
                         await fe.set_mem_table([ram.region()], [ram.fd])
                         await fe.start_vring(0, base=base, **q.vring_args())
