@@ -205,3 +205,33 @@ async def test_hostile_descriptor_stops_ring_without_crashing(no_fd_leak: None) 
                 await asyncio.sleep(0.01)
             assert not server.vrings[0].started  # ring stopped, server alive
             assert await fe.get_features()  # control plane still answers
+
+
+@pytest.mark.asyncio
+async def test_server_mode_accepts_a_connecting_backend(tmp_path, no_fd_leak: None) -> None:  # type: ignore[no-untyped-def]
+    """Front-end listens, back-end connects (dpdk-testpmd client=1 style), with connect retry."""
+    from vhost_user import BackendServer, UnixListener, connect_unix
+
+    path = tmp_path / "fe.sock"
+    dev = DummyBackend()
+
+    async def backend() -> None:
+        sock = await connect_unix(path, attempts=50, backoff_initial=0.01)
+        await BackendServer(dev, sock).run()
+
+    task = asyncio.create_task(backend())  # starts before anyone listens: exercises the retry
+    try:
+        async with asyncio.timeout(TEST_TIMEOUT):
+            await asyncio.sleep(0)
+            with UnixListener(path) as listener:
+                fe = await AsyncFrontend.accept(listener, accept_timeout=TEST_TIMEOUT)
+                try:
+                    neg = await fe.negotiate()
+                    assert neg.queue_num == 2
+                finally:
+                    await fe.close()
+            await task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert dev.requests()[0] == F.GET_FEATURES
