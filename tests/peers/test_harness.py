@@ -77,6 +77,7 @@ def test_testpmd_server_listens_and_says_bye(peers: Peers) -> None:
 
 
 @pytest.mark.peer
+@pytest.mark.timeout(30)
 @pytest.mark.asyncio
 async def test_uml_boot_recipe_against_qemu_storage_daemon(peers: Peers, tmp_path) -> None:
     """UML's virtio_uml + virtio_blk against qsd: UML writes a pattern that lands in the raw file,
@@ -93,7 +94,7 @@ async def test_uml_boot_recipe_against_qemu_storage_daemon(peers: Peers, tmp_pat
         "UMLT_PATTERN": str(tmp_path / "pattern.bin"), "UMLT_WSECTOR": "8",
         "UMLT_RSECTOR": "100", "UMLT_RCOUNT": "8",
     })
-    verdicts = await run.finish()
+    verdicts = await run.finish(timeout=25)
     assert "DONE 0" in verdicts, run.process.log_tail()
     assert run.value("SECTORS") == str((4 << 20) // 512)
     assert run.value("WRITE-READ-OK") == "16"

@@ -15,11 +15,11 @@ import pytest
 from tests.peers.guest import BLK_S_OK, BLK_T_IN, BLK_T_OUT, GuestQueue, GuestRam, guest_ram
 from tests.peers.harness import Peers
 
-pytestmark = [pytest.mark.peer, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.peer, pytest.mark.timeout(30)]
 
 QUEUE_SIZE = 16
 IMAGE_SIZE = 4 << 20
-TEST_DEADLINE = 30.0  # brief: each peer test bounded < 30 s
+TEST_DEADLINE = 25.0  # brief: each peer test bounded < 30 s (pytest-timeout 30 s is the backstop)
 
 
 def frontend_api():

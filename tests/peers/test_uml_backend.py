@@ -16,10 +16,11 @@ import pytest
 
 from tests.peers.harness import UML_TIMEOUT, Peers
 
-pytestmark = [pytest.mark.peer, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.peer, pytest.mark.timeout(30)]
 
 DISK_SIZE = 8 << 20
 SERVER_EXIT_TIMEOUT = 5.0
+TEST_DEADLINE = 25.0  # brief: each peer test bounded < 30 s (pytest-timeout 30 s is the backstop)
 
 
 def backend_api():
@@ -56,19 +57,20 @@ async def test_uml_virtio_blk_reads_and_writes_our_ram_disk(
             "UMLT_PATTERN": str(tmp_path / "pattern.bin"), "UMLT_WSECTOR": str(wsector),
             "UMLT_RSECTOR": "2048", "UMLT_RCOUNT": "16",
         })
-        sock = await listener.accept(timeout=UML_TIMEOUT)
-        server = BackendServer(device, sock)
-        serving = asyncio.get_running_loop().create_task(server.run())
-        try:
-            verdicts = await run.finish()
-            # UML powered off: its end of the socket is gone, the server notices and returns.
-            async with asyncio.timeout(SERVER_EXIT_TIMEOUT):
-                await serving
-        finally:
-            if not serving.done():
-                serving.cancel()
-                await asyncio.gather(serving, return_exceptions=True)
-            server.close()
+        async with asyncio.timeout(TEST_DEADLINE):
+            sock = await listener.accept(timeout=UML_TIMEOUT)
+            server = BackendServer(device, sock)
+            serving = asyncio.get_running_loop().create_task(server.run())
+            try:
+                verdicts = await run.finish()
+                # UML powered off: its end of the socket is gone, the server notices and returns.
+                async with asyncio.timeout(SERVER_EXIT_TIMEOUT):
+                    await serving
+            finally:
+                if not serving.done():
+                    serving.cancel()
+                    await asyncio.gather(serving, return_exceptions=True)
+                server.close()
 
     log_tail = run.process.log_tail(60)
     assert "DONE 0" in verdicts, log_tail
