@@ -1,0 +1,344 @@
+"""One virtio device of a guest: the virtio-mmio model wired to a vhost-user back-end.
+
+The IOREQ server hands guest register accesses to :meth:`Device.mmio_read`/:meth:`mmio_write`;
+the pure model (:mod:`.virtio_mmio`) answers and returns actions, which this class carries out:
+start or stop the back-end's rings, forward config writes, kick queue eventfds, drive the
+interrupt line. Accesses are served one at a time per device, and an access that starts or stops
+the back-end completes only once the back-end has done so (the guest's vCPU waits, as with QEMU),
+so a driver that frees its rings after a reset can never race the back-end.
+
+The user-space notification relay lives here too: QueueNotify → ``eventfd_write(kick)``, the
+back-end's call eventfd (add_reader) → InterruptStatus + interrupt line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from vhost_user import (
+    AsyncFrontend,
+    BackendRequest,
+    MemoryRegion,
+    ProtocolFeatures,
+    RequestReceived,
+    VhostUserError,
+    XenMemoryRegion,
+)
+from vhost_user.aio.client import DEFAULT_PROTOCOL_FEATURES
+
+from .config import DeviceConfig
+from .log import DeviceLogger, RateLimit
+from .virtio_mmio import (
+    Activate,
+    ConfigWrite,
+    GuestError,
+    IrqLevel,
+    Notify,
+    QueueConfig,
+    Reset,
+    VirtioMmioDevice,
+    guest_features,
+)
+
+__all__ = ["Device", "DeviceError", "DeviceStats", "MemoryExport"]
+
+MAX_CONFIG_SIZE = 256  # virtio-mmio config window 0x100..0x1ff; QEMU's VHOST_USER_MAX_CONFIG_SIZE too
+
+
+class DeviceError(Exception):
+    """The device cannot be served (e.g. the back-end lacks a capability we need)."""
+
+
+class MemoryExport(Protocol):
+    """How guest memory is described to a back-end for zero-copy access."""
+
+    @property
+    def protocol_features(self) -> ProtocolFeatures:
+        """Protocol features the back-end must have (XEN_MMAP for Xen mappings, none for memfds)."""
+        ...
+
+    def banks(self) -> Sequence[tuple[int, int]]:
+        """Guest RAM banks ``(gpa, size)``: rings must lie inside them."""
+        ...
+
+    def regions(self) -> tuple[Sequence[MemoryRegion | XenMemoryRegion], Sequence[int]]:
+        """The memory table and one fd per region (still owned by the export)."""
+        ...
+
+
+@dataclass
+class DeviceStats:
+    reads: int = 0
+    writes: int = 0
+    notifies: int = 0
+    interrupts: int = 0
+    guest_errors: int = 0
+    starts: int = 0
+    stops: int = 0
+    last_error: str = ""
+    per_queue_kicks: dict[int, int] = field(default_factory=dict)
+    per_queue_calls: dict[int, int] = field(default_factory=dict)
+
+
+class Device:
+    """A guest's virtio-mmio device served by one vhost-user back-end (zero-copy data path)."""
+
+    def __init__(
+        self,
+        config: DeviceConfig,
+        *,
+        connect: Callable[[], Awaitable[AsyncFrontend]],
+        memory: MemoryExport,
+        set_irq: Callable[[bool], None],
+        log: DeviceLogger,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._connect = connect
+        self.memory = memory
+        self._set_irq = set_irq
+        self.log = log
+        self._limit = RateLimit(clock)
+        self.stats = DeviceStats()
+        self.frontend: AsyncFrontend | None = None
+        self.model: VirtioMmioDevice | None = None
+        self._lock = asyncio.Lock()
+        self._kick: list[int] = []
+        self._call: list[int] = []
+        self._started: list[int] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect to the back-end, negotiate and learn the device's shape (queues, config)."""
+        fe = await self._connect()
+        try:
+            negotiated = await fe.negotiate(
+                protocol_features=DEFAULT_PROTOCOL_FEATURES | self.memory.protocol_features,
+                backend_handler=self._backend_request,
+            )
+            missing = self.memory.protocol_features & ~negotiated.protocol_features
+            if missing:
+                raise DeviceError(
+                    f"the back-end does not offer {missing!r}, needed to hand it guest memory "
+                    "(use a back-end built with Xen support, or memory=shadow)"
+                )
+            nq = self.config.num_queues or negotiated.queue_num or 1
+            config = await self._probe_config(fe)
+        except BaseException:
+            await fe.close()
+            raise
+        self.frontend = fe
+        fe.on_lost = lambda exc: self.backend_lost(str(exc))
+        self._kick = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nq)]
+        self._call = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nq)]
+        loop = asyncio.get_running_loop()
+        for i, fd in enumerate(self._call):
+            loop.add_reader(fd, self._on_call, i)
+        self.model = VirtioMmioDevice(
+            device_id=self.config.device_id,
+            device_features=guest_features(negotiated.features, grants=self.config.grants),
+            queue_sizes=[self.config.queue_size] * nq,
+            config=config,
+            ram=list(self.memory.banks()),
+        )
+        self.log.info(
+            "back-end ready: features %#x, protocol features %#x, %d queue(s), config %d bytes",
+            negotiated.features, int(negotiated.protocol_features), nq, len(config),
+        )
+
+    async def _probe_config(self, fe: AsyncFrontend) -> bytes:
+        """The back-end's config space, at the largest size it accepts (no per-device tables).
+
+        Back-ends refuse GET_CONFIG beyond their config struct (an empty reply), so binary-search
+        the size: about eight round trips, once per connection.
+        """
+        if not fe.has_protocol_feature(ProtocolFeatures.CONFIG):
+            return b""
+        good, bad = 0, MAX_CONFIG_SIZE + 1
+        data = b""
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            try:
+                data = await fe.get_config(0, mid)
+                good = mid
+            except VhostUserError as e:
+                if fe.broken:
+                    raise
+                self.log.debug("GET_CONFIG size %d refused: %s", mid, e)
+                bad = mid
+        return data  # from the last successful probe, whose size is `good`
+
+    async def close(self) -> None:
+        """Stop the back-end's rings (if running) and release everything. Idempotent."""
+        async with self._lock:
+            if self.frontend is not None and not self.frontend.broken:
+                with contextlib.suppress(VhostUserError):
+                    await self._stop_backend()
+            if self.frontend is not None:
+                await self.frontend.close()
+        for task in list(self._tasks):
+            task.cancel()
+        loop = asyncio.get_running_loop()
+        for fd in self._call:
+            loop.remove_reader(fd)
+        for fd in (*self._kick, *self._call):
+            os.close(fd)
+        self._kick, self._call = [], []
+
+    # --- guest register accesses (from the IOREQ server) ---------------------------------------
+
+    async def mmio_read(self, offset: int, size: int) -> int:
+        assert self.model is not None
+        self.stats.reads += 1
+        value, actions = self.model.read(offset, size)
+        if actions:
+            async with self._lock:
+                await self._carry_out(actions)
+        return value
+
+    async def mmio_write(self, offset: int, size: int, value: int) -> None:
+        assert self.model is not None
+        self.stats.writes += 1
+        async with self._lock:
+            await self._carry_out(self.model.write(offset, size, value))
+
+    async def _carry_out(self, actions: list) -> None:  # type: ignore[type-arg]
+        for action in actions:
+            match action:
+                case Notify(index):
+                    self.stats.notifies += 1
+                    self.stats.per_queue_kicks[index] = self.stats.per_queue_kicks.get(index, 0) + 1
+                    os.eventfd_write(self._kick[index], 1)
+                case IrqLevel(level):
+                    self._irq(level)
+                case Activate():
+                    await self._activate(action)
+                case Reset(was_active):
+                    self.log.info("driver reset the device%s", " (stopping the back-end)" if was_active else "")
+                    if was_active:
+                        await self._guarded(self._stop_backend())
+                case ConfigWrite(offset, data):
+                    if self.frontend is not None and self.frontend.has_protocol_feature(ProtocolFeatures.CONFIG):
+                        await self._guarded(self.frontend.set_config(offset, data))
+                case GuestError(reason):
+                    self._guest_error(reason)
+
+    def _irq(self, level: bool) -> None:
+        if level:
+            self.stats.interrupts += 1
+        self._set_irq(level)
+
+    def _guest_error(self, reason: str) -> None:
+        self.stats.guest_errors += 1
+        self.stats.last_error = reason
+        allowed, suppressed = self._limit.allow(reason.split(":")[0])
+        if allowed:
+            more = f" ({suppressed} similar lines suppressed)" if suppressed else ""
+            self.log.warning("guest: %s%s", reason, more)
+
+    async def _guarded(self, op: Awaitable[None]) -> None:
+        """Run a back-end operation; on failure the device goes to DEVICE_NEEDS_RESET."""
+        try:
+            await op
+        except VhostUserError as e:
+            self.stats.last_error = f"back-end: {e}"
+            self.log.error("back-end failed: %s", e)
+            assert self.model is not None
+            await self._carry_out(self.model.needs_reset(f"back-end failed: {e}"))
+
+    # --- back-end start/stop, in QEMU's order (reference trace) ----------------------------------
+
+    async def _activate(self, action: Activate) -> None:
+        fe = self.frontend
+        if fe is None or fe.broken:
+            assert self.model is not None
+            await self._carry_out(self.model.needs_reset("DRIVER_OK but the back-end is not connected"))
+            return
+        await self._guarded(self._start_backend(fe, action.features, action.queues))
+
+    async def _start_backend(self, fe: AsyncFrontend, features: int, queues: Sequence[QueueConfig]) -> None:
+        await fe.set_features(features)
+        regions, fds = self.memory.regions()
+        await fe.set_mem_table(regions, fds)
+        for q in queues:
+            await fe.start_vring(
+                q.index, num=q.num, desc=q.desc, avail=q.driver, used=q.device,
+                kick_fd=self._kick[q.index], call_fd=self._call[q.index],
+            )
+            self._started.append(q.index)
+        self.stats.starts += 1
+        self.log.info("started: features %#x, queues %s", features, [q.index for q in queues])
+
+    async def _stop_backend(self) -> None:
+        fe = self.frontend
+        if fe is None:
+            return
+        started, self._started = self._started, []
+        for index in started:
+            base = await fe.stop_vring(index)
+            self.log.debug("queue %d stopped at avail index %d", index, base)
+        if started:
+            self.stats.stops += 1
+        if fe.has_protocol_feature(ProtocolFeatures.RESET_DEVICE):
+            await fe.reset_device()
+        elif fe.has_protocol_feature(ProtocolFeatures.STATUS):
+            await fe.set_status(0)
+
+    # --- notifications from the back-end ----------------------------------------------------------
+
+    def _on_call(self, index: int) -> None:
+        try:
+            os.eventfd_read(self._call[index])
+        except BlockingIOError:
+            return
+        self.stats.per_queue_calls[index] = self.stats.per_queue_calls.get(index, 0) + 1
+        if self.model is None:
+            return
+        for action in self.model.used_buffer():
+            if isinstance(action, IrqLevel):
+                self._irq(action.level)
+
+    async def _backend_request(self, event: RequestReceived) -> int:
+        for fd in event.fds:
+            os.close(fd)
+        if event.request == BackendRequest.CONFIG_CHANGE_MSG:
+            # Answer at once: the back-end may wait for our ACK before it serves our GET_CONFIG.
+            task = asyncio.get_running_loop().create_task(self._refresh_config())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return 0
+        self.log.info("refusing back-end request %s", event.request.name)
+        return 1
+
+    async def _refresh_config(self) -> None:
+        async with self._lock:
+            fe, model = self.frontend, self.model
+            if fe is None or model is None or fe.broken:
+                return
+            try:
+                config = await fe.get_config(0, len(model.config) or MAX_CONFIG_SIZE)
+            except VhostUserError as e:
+                self.log.warning("config change announced but GET_CONFIG failed: %s", e)
+                return
+            self.log.info("back-end config changed")
+            await self._carry_out(model.config_changed(config))
+
+    def backend_lost(self, reason: str) -> None:
+        """The back-end connection broke: tell the guest (DEVICE_NEEDS_RESET)."""
+        if self.model is None:
+            return
+        self._started = []
+        for action in self.model.needs_reset(f"back-end lost: {reason}"):
+            if isinstance(action, IrqLevel):
+                self._irq(action.level)
+            elif isinstance(action, GuestError):
+                self.stats.last_error = action.reason
+                self.log.error("%s", action.reason)

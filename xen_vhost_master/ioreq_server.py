@@ -1,0 +1,225 @@
+"""The guest's IOREQ server: its MMIO accesses to our virtio-mmio windows arrive here.
+
+Start order (xen-vhost-frontend ``guest.rs``, QEMU ``xen-hvm-common.c``): nr_vcpus → create (no
+buffered ioreqs) → map the ioreq page (MMAP_RESOURCE) → enable → bind one interdomain event channel
+per vCPU (to the ``vp_eport`` Xen wrote into the page) → map each device's window. Teardown in
+reverse order, on every exit path.
+
+Serving one request follows abi.md §5: take a READY slot (INPROCESS), handle it, publish the data,
+IORESP_READY, notify the vCPU's port. Slots not in READY are skipped without notify (spurious
+wakeups, or the kernel's ioeventfd fast path completed them). Each vCPU has at most one request
+outstanding; requests of different vCPUs are served concurrently, and each device serialises its
+own accesses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from .errors import XenError
+from .log import DeviceLogger, RateLimit
+from .xen.abi import IoreqType
+from .xen.dmop import DeviceModel
+from .xen.evtchn import EventChannel
+from .xen.ioreq import IoreqPage, IoreqRequest
+from .xen.privcmd import PrivCmd
+
+__all__ = ["IoreqServer", "MmioHandler", "IoreqStats"]
+
+ALL_ONES = 0xFFFFFFFFFFFFFFFF
+
+
+class MmioHandler(Protocol):
+    """A device behind a window: offsets are relative to the window base."""
+
+    async def mmio_read(self, offset: int, size: int) -> int: ...
+
+    async def mmio_write(self, offset: int, size: int, value: int) -> None: ...
+
+
+@dataclass
+class IoreqStats:
+    served: int = 0
+    spurious: int = 0
+    refused: int = 0
+
+
+class IoreqServer:
+    """One IOREQ server of one guest, and the loop that serves it."""
+
+    def __init__(self, privcmd: PrivCmd, evtchn: EventChannel, domid: int, log: DeviceLogger,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.privcmd = privcmd
+        self.evtchn = evtchn
+        self.domid = domid
+        self.log = log
+        self.dm = DeviceModel(privcmd, domid)
+        self.stats = IoreqStats()
+        self._limit = RateLimit(clock or asyncio.get_event_loop().time)
+        self.nr_vcpus = 0
+        self.server_id: int | None = None
+        self.page: IoreqPage | None = None
+        self.enabled = False
+        self._ports: list[int] = []
+        self._vcpu_of: dict[int, int] = {}
+        self._bases: list[int] = []  # sorted window bases
+        self._windows: dict[int, tuple[int, MmioHandler]] = {}  # base -> (size, handler)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reading = False
+
+    # --- life cycle -----------------------------------------------------------------------------
+
+    def create(self) -> None:
+        """Create the server and map its page; not yet enabled (the guest's accesses still go
+        nowhere, so devices can connect their back-ends first)."""
+        self.nr_vcpus = self.dm.nr_vcpus()
+        self.server_id = self.dm.create_ioreq_server()
+        self.page = IoreqPage.map(self.privcmd, self.domid, self.server_id, self.nr_vcpus)
+        self.log.info("ioreq server %d created for %d vCPU(s)", self.server_id, self.nr_vcpus)
+
+    def enable(self) -> None:
+        """Enable the server, bind the vCPUs' event channels and start serving."""
+        assert self.server_id is not None and self.page is not None
+        self.dm.set_ioreq_server_state(self.server_id, True)
+        self.enabled = True
+        for vcpu in range(self.nr_vcpus):
+            port = self.evtchn.bind_interdomain(self.domid, self.page.vp_eport(vcpu))
+            self._ports.append(port)
+            self._vcpu_of[port] = vcpu
+        asyncio.get_running_loop().add_reader(self.evtchn.fileno(), self._on_event)
+        self._reading = True
+        # A restarted daemon finds requests its predecessor took but never answered (INPROCESS)
+        # or never saw (READY): Xen keeps those vCPUs blocked, so serve them now.
+        for vcpu in self.page.unfinished():
+            self._dispatch(vcpu, recover=True)
+
+    def add_window(self, base: int, size: int, handler: MmioHandler) -> None:
+        """Route ``[base, base + size)`` to ``handler``."""
+        assert self.server_id is not None
+        self.dm.map_io_range(self.server_id, base, base + size - 1)
+        bisect.insort(self._bases, base)
+        self._windows[base] = (size, handler)
+
+    def remove_window(self, base: int) -> None:
+        size, _ = self._windows.pop(base)
+        self._bases.remove(base)
+        if self.server_id is not None:
+            with contextlib.suppress(XenError):
+                self.dm.unmap_io_range(self.server_id, base, base + size - 1)
+
+    async def close(self) -> None:
+        """Reverse teardown; each step runs even if an earlier one failed (the domain may be gone)."""
+        if self._reading:
+            asyncio.get_running_loop().remove_reader(self.evtchn.fileno())
+            self._reading = False
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for base in list(self._bases):
+            self.remove_window(base)
+        for port in self._ports:
+            self._step("unbind event channel", lambda p=port: self.evtchn.unbind(p))
+        self._ports, self._vcpu_of = [], {}
+        if self.server_id is not None:
+            sid = self.server_id
+            if self.enabled:
+                self._step("disable ioreq server", lambda: self.dm.set_ioreq_server_state(sid, False))
+            if self.page is not None:
+                self.page.close()
+                self.page = None
+            self._step("destroy ioreq server", lambda: self.dm.destroy_ioreq_server(sid))
+            self.log.info("ioreq server %d destroyed", sid)
+            self.server_id = None
+        self.enabled = False
+
+    def _step(self, what: str, op: Callable[[], None]) -> None:
+        try:
+            op()
+        except XenError as e:
+            self.log.warning("teardown: %s failed: %s", what, e)
+
+    # --- serving --------------------------------------------------------------------------------
+
+    def _on_event(self) -> None:
+        try:
+            ports = self.evtchn.read_pending()
+        except XenError as e:
+            self.log.error("event channel read failed: %s", e)
+            return
+        if not ports:
+            return
+        self.evtchn.unmask(*ports)
+        for port in ports:
+            vcpu = self._vcpu_of.get(port)
+            if vcpu is not None:
+                self._dispatch(vcpu)
+
+    def _dispatch(self, vcpu: int, *, recover: bool = False) -> None:
+        assert self.page is not None
+        req = self.page.take(vcpu, recover=recover)
+        if req is None:
+            self.stats.spurious += 1
+            return
+        task = asyncio.get_running_loop().create_task(self._serve(req))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, req: IoreqRequest) -> None:
+        data: int | None = None if req.is_write else ALL_ONES
+        try:
+            data = await self._handle(req)
+        except Exception:  # noqa: BLE001 - the vCPU's lifeline: a device bug must not block it forever
+            self.log.exception("serving %s of %d bytes at %#x failed", "write" if req.is_write else "read", req.size, req.addr)
+        finally:
+            # Always answer, or the vCPU stays blocked forever.
+            if self.page is not None:
+                self.page.complete(req.vcpu, data)
+                try:
+                    self.evtchn.notify(self._ports[req.vcpu])
+                except XenError as e:
+                    self.log.error("notify vCPU %d: %s", req.vcpu, e)
+            self.stats.served += 1
+
+    async def _handle(self, req: IoreqRequest) -> int | None:
+        if req.type == IoreqType.INVALIDATE:
+            return None  # x86 mapcache invalidation: nothing cached here
+        if req.type != IoreqType.COPY or req.data_is_ptr or req.count != 1 or req.size not in (1, 2, 4, 8):
+            self._refuse(f"unsupported ioreq type={req.type} size={req.size} count={req.count} ptr={req.data_is_ptr} at {req.addr:#x}")
+            return ALL_ONES if not req.is_write else None
+        window = self._window(req.addr, req.size)
+        if window is None:
+            self._refuse(f"access at {req.addr:#x} outside every device window")
+            return ALL_ONES if not req.is_write else None
+        base, handler = window
+        if req.is_write:
+            await handler.mmio_write(req.addr - base, req.size, req.data)
+            return None
+        return await handler.mmio_read(req.addr - base, req.size)
+
+    def _window(self, addr: int, size: int) -> tuple[int, MmioHandler] | None:
+        i = bisect.bisect_right(self._bases, addr) - 1
+        if i < 0:
+            return None
+        base = self._bases[i]
+        wsize, handler = self._windows[base]
+        return (base, handler) if addr + size <= base + wsize else None
+
+    def _refuse(self, reason: str) -> None:
+        self.stats.refused += 1
+        allowed, suppressed = self._limit.allow(reason.split(" ")[0])
+        if allowed:
+            self.log.warning("%s%s", reason, f" ({suppressed} similar suppressed)" if suppressed else "")
+
+    def set_irq(self, irq: int, level: bool) -> None:
+        """Drive the guest's interrupt line (XEN_DMOP_set_irq_level)."""
+        try:
+            self.dm.set_irq_level(irq, int(level))
+        except XenError as e:
+            self.log.error("set_irq_level(%d, %d): %s", irq, level, e)

@@ -1,0 +1,77 @@
+"""How guest memory is described to a back-end (the zero-copy exports).
+
+* :class:`FdExport` — regions backed by ordinary shareable fds (memfds). On Xen this is only
+  possible with the simulator's labelled ``sim-memfd`` exposure; it is also what a test uses when
+  it plays guest with a memfd.
+* :class:`XenMmapExport` — XEN_MMAP regions (protocol feature 17): the back-end receives our
+  privcmd fd, the domid and the FOREIGN flag, and maps the guest itself.
+
+In both, ``userspace_addr`` equals the guest-physical address, so the ring addresses the driver
+wrote into QueueDesc/Driver/Device can be passed to SET_VRING_ADDR unchanged (abi.md §9).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vhost_user import MemoryRegion, ProtocolFeatures, XenMemoryRegion, XenMmapFlags
+
+__all__ = ["FdExport", "FdRegion", "XenMmapExport", "sim_memfd_export"]
+
+
+@dataclass(frozen=True)
+class FdRegion:
+    gpa: int
+    size: int
+    fd: int  # owned by whoever built the export
+    offset: int = 0  # of the region's first byte in the fd
+
+
+class FdExport:
+    """Guest RAM banks that are (sim-only) shareable fds: plain vhost-user regions."""
+
+    protocol_features = ProtocolFeatures(0)
+
+    def __init__(self, regions: Sequence[FdRegion]) -> None:
+        self._regions = tuple(regions)
+
+    def banks(self) -> Sequence[tuple[int, int]]:
+        return [(r.gpa, r.size) for r in self._regions]
+
+    def regions(self) -> tuple[Sequence[MemoryRegion], Sequence[int]]:
+        table = [MemoryRegion(guest_phys_addr=r.gpa, memory_size=r.size, userspace_addr=r.gpa, mmap_offset=r.offset) for r in self._regions]
+        return table, [r.fd for r in self._regions]
+
+
+class XenMmapExport:
+    """XEN_MMAP: the back-end maps the guest's RAM banks through the privcmd fd we pass."""
+
+    protocol_features = ProtocolFeatures.XEN_MMAP
+
+    def __init__(self, domid: int, banks: Sequence[tuple[int, int]], privcmd_fd: int) -> None:
+        self._domid = domid
+        self._banks = tuple(banks)
+        self._fd = privcmd_fd
+
+    def banks(self) -> Sequence[tuple[int, int]]:
+        return self._banks
+
+    def regions(self) -> tuple[Sequence[XenMemoryRegion], Sequence[int]]:
+        table = [
+            XenMemoryRegion(
+                guest_phys_addr=gpa, memory_size=size, userspace_addr=gpa, mmap_offset=0,
+                xen_mmap_flags=int(XenMmapFlags.FOREIGN), domid=self._domid,
+            )
+            for gpa, size in self._banks
+        ]
+        return table, [self._fd] * len(table)
+
+
+def sim_memfd_export(banks: Sequence[tuple[int, int]], memfd: int) -> FdExport:
+    """SIM-ONLY baseline: the simulator's RAM memfd holds the banks back to back."""
+    regions, offset = [], 0
+    for gpa, size in banks:
+        regions.append(FdRegion(gpa, size, memfd, offset))
+        offset += size
+    return FdExport(regions)
