@@ -235,3 +235,18 @@ async def test_server_mode_accepts_a_connecting_backend(tmp_path, no_fd_leak: No
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert dev.requests()[0] == F.GET_FEATURES
+
+
+@pytest.mark.asyncio
+async def test_inflight_fd_get_and_set(no_fd_leak: None) -> None:
+    dev = DummyBackend(protocol_features=ProtocolFeatures.REPLY_ACK | ProtocolFeatures.INFLIGHT_SHMFD)
+    async with asyncio.timeout(TEST_TIMEOUT), connected_pair(dev) as (fe, server):
+        await fe.negotiate()
+        inflight = await fe.get_inflight_fd(num_queues=2, queue_size=128)
+        try:
+            assert inflight.mmap_size == 2 * ((16 + 16 * 128 + 63) & ~63)
+            assert os.fstat(inflight.fd).st_size == inflight.mmap_size  # a real memfd, now ours
+            await fe.set_inflight_fd(inflight.fd, mmap_size=inflight.mmap_size, mmap_offset=0, num_queues=2, queue_size=128)
+            assert dev.log[-1].fd_kinds[0].startswith("/memfd:vhost-user-inflight")
+        finally:
+            os.close(inflight.fd)

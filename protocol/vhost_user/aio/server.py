@@ -79,7 +79,10 @@ class BackendServer:
             F.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
             F.SET_STATUS: self._set_status,
             F.GET_STATUS: lambda ev: U64(value=self.device.status),
+            F.GET_INFLIGHT_FD: self._get_inflight_fd,
+            F.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
+        self.inflight_fd: int | None = None
 
     # -- main loop -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -141,14 +144,18 @@ class BackendServer:
                 elif event.request == F.GET_VRING_BASE:
                     result = VringState(index=event.payload.index, num=0)
                 elif event.request == F.GET_INFLIGHT_FD:
-                    raise LocalProtocolError("GET_INFLIGHT_FD is not supported by this back-end")
+                    # The reply must carry an fd; refusing means closing the connection.
+                    raise LocalProtocolError("GET_INFLIGHT_FD failed or is not supported by this back-end")
                 else:
                     result = U64(value=0 if ok else 1)
             fds: tuple[int, ...] = ()
             if isinstance(result, tuple):
-                result, fds = result
-            out = self.conn.reply(event.request, result, fds)
-            await self.sock.send(out.data, out.fds)
+                result, fds = result  # fds we created for the reply: ours to close after sending
+            try:
+                out = self.conn.reply(event.request, result, fds)
+                await self.sock.send(out.data, out.fds)
+            finally:
+                close_fds(fds)
 
     # -- handlers (return a payload for replies, False for failure) ----------------------
     def _vring(self, index: int) -> Vring:
@@ -299,6 +306,32 @@ class BackendServer:
             send_fd=bool(self.conn.protocol_features & ProtocolFeatures.BACKEND_SEND_FD),
         )
 
+    def _get_inflight_fd(self, ev: RequestReceived) -> tuple[Inflight, tuple[int, ...]] | None:
+        """A zeroed memfd big enough for the split-ring inflight area (libvhost-user's layout:
+        per queue a 16-byte header plus 16 bytes per descriptor, rounded up to 64)."""
+        if not self.conn.protocol_features & ProtocolFeatures.INFLIGHT_SHMFD:
+            return None
+        num_queues, queue_size = ev.payload.num_queues, ev.payload.queue_size
+        per_queue = (16 + 16 * queue_size + 63) & ~63
+        size = max(per_queue * num_queues, 1)
+        fd = os.memfd_create("vhost-user-inflight", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            self._set_inflight(os.dup(fd))
+        except OSError:
+            os.close(fd)
+            return None
+        payload = Inflight(mmap_size=size, mmap_offset=0, num_queues=num_queues, queue_size=queue_size, padding=0)
+        return payload, (fd,)
+
+    def _set_inflight_fd(self, ev: RequestReceived) -> None:
+        self._set_inflight(ev.fds[0])
+
+    def _set_inflight(self, fd: int | None) -> None:
+        if self.inflight_fd is not None:
+            os.close(self.inflight_fd)
+        self.inflight_fd = fd
+
     def _set_status(self, ev: RequestReceived) -> None:
         self.device.status = int(ev.payload.value)
         if self.device.status == 0:
@@ -392,6 +425,7 @@ class BackendServer:
         if self.channel_sock is not None:
             self.channel_sock.close()
             self.channel_sock = None
+        self._set_inflight(None)
         self.device.close()
         self.sock.close()
 
