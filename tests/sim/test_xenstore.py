@@ -107,7 +107,7 @@ async def test_read_write_directory_rm_over_the_unix_socket(no_fd_leak: None, sh
 
 
 @pytest.mark.asyncio
-async def test_domu_connection_sees_only_what_perms_allow(xenstored: SimXenstored, no_fd_leak: None) -> None:
+async def test_domu_connection_sees_only_what_perms_allow(no_fd_leak: None, xenstored: SimXenstored) -> None:
     create_domain(xenstored, 5, "guest")
     dom0, domu = await connect(xenstored, 0), await connect(xenstored, 5)
     try:
@@ -141,7 +141,7 @@ async def test_domu_connection_sees_only_what_perms_allow(xenstored: SimXenstore
 
 
 @pytest.mark.asyncio
-async def test_quotas_answer_enospc_and_e2big(xenstored: SimXenstored, no_fd_leak: None) -> None:
+async def test_quotas_answer_enospc_and_e2big(no_fd_leak: None, xenstored: SimXenstored) -> None:
     create_domain(xenstored, 3, "q")
     domu = await connect(xenstored, 3)
     try:
@@ -167,7 +167,7 @@ async def test_quotas_answer_enospc_and_e2big(xenstored: SimXenstored, no_fd_lea
 
 
 @pytest.mark.asyncio
-async def test_watch_fires_initially_on_write_and_on_ancestor_rm(xenstored: SimXenstored, no_fd_leak: None) -> None:
+async def test_watch_fires_initially_on_write_and_on_ancestor_rm(no_fd_leak: None, xenstored: SimXenstored) -> None:
     dom0, other = await connect(xenstored), await connect(xenstored)
     try:
         watch = await dom0.watch("/w/dev", "tok")
@@ -218,7 +218,7 @@ async def test_relative_watch_of_a_domu_and_permission_filtered_events(xenstored
 
 
 @pytest.mark.asyncio
-async def test_transaction_commit_fires_watches_only_at_commit(xenstored: SimXenstored, no_fd_leak: None) -> None:
+async def test_transaction_commit_fires_watches_only_at_commit(no_fd_leak: None, xenstored: SimXenstored) -> None:
     watcher, writer = await connect(xenstored), await connect(xenstored)
     try:
         watch = await watcher.watch("/tx", "t")
@@ -249,7 +249,7 @@ async def test_transaction_commit_fires_watches_only_at_commit(xenstored: SimXen
 
 
 @pytest.mark.asyncio
-async def test_transaction_conflict_is_eagain_and_the_helper_retries(xenstored: SimXenstored, no_fd_leak: None) -> None:
+async def test_transaction_conflict_is_eagain_and_the_helper_retries(no_fd_leak: None, xenstored: SimXenstored) -> None:
     a, b = await connect(xenstored), await connect(xenstored)
     try:
         await a.write("/cnt", b"0")
@@ -290,7 +290,7 @@ async def test_transaction_conflict_is_eagain_and_the_helper_retries(xenstored: 
 
 
 @pytest.mark.asyncio
-async def test_special_domain_watches_and_release_drops_the_domain(xenstored: SimXenstored, no_fd_leak: None) -> None:
+async def test_special_domain_watches_and_release_drops_the_domain(no_fd_leak: None, xenstored: SimXenstored) -> None:
     dom0 = await connect(xenstored)
     try:
         intro = await dom0.watch("@introduceDomain", "i")
@@ -551,7 +551,7 @@ async def test_each_write_carries_exactly_one_message(no_fd_leak: None) -> None:
 
 
 @pytest.mark.asyncio
-async def test_daemon_answers_malformed_requests_with_errnos_and_survives(xenstored: SimXenstored, no_fd_leak: None) -> None:
+async def test_daemon_answers_malformed_requests_with_errnos_and_survives(no_fd_leak: None, xenstored: SimXenstored) -> None:
     sock = xenstored.connection_socket(0)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
