@@ -14,7 +14,9 @@ Rules this module enforces:
   (checked without connecting, which would use up a one-connection peer), or a line appears in
   the peer's log; every wait has a deadline and fails early, with the log tail, if the peer dies;
 * the leader is only reaped by :meth:`PeerProcess.stop`, so its pid — the group id — cannot be
-  reused while we may still signal the group.
+  reused while we may still signal the group;
+* a peer gets PR_SET_PDEATHSIG=SIGKILL, so even a killed test process leaves none behind
+  (start peers from the thread that runs the test, as fixtures and tests do).
 
 Output of each peer goes to ``<name>.log`` in the test's directory (no pipes to drain).
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import itertools
 import logging
 import os
@@ -76,6 +79,15 @@ UML_INIT: Final = Path(__file__).with_name("uml_init.sh")
 _counter = itertools.count()
 
 
+_PR_SET_PDEATHSIG: Final = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL us if the test process dies without cleaning up
+    (e.g. pytest itself killed), so no peer outlives its test run."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
 class PeerDied(RuntimeError):
     """A peer exited (or never became ready) while a test was waiting for it."""
 
@@ -125,7 +137,7 @@ class PeerProcess:
         with open(log_path, "wb") as out:
             self.proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, env=env, cwd=cwd,
+                start_new_session=True, env=env, cwd=cwd, preexec_fn=_die_with_parent,
             )
         self.pid = self.proc.pid
         self._exit_status: int | None = None
