@@ -168,7 +168,7 @@ async def test_server_extra_fds_are_closed(no_fd_leak: None) -> None:
     efd = os.eventfd(0, os.EFD_CLOEXEC)
     try:
         async with asyncio.timeout(TEST_TIMEOUT):
-            err = await run_server_with(encode(F.SET_VRING_NUM, None)[:0] + encode(F.GET_FEATURES), (efd, efd, efd))
+            err = await run_server_with(encode(F.GET_FEATURES), (efd, efd, efd))
         assert isinstance(err, FdCountMismatch)
     finally:
         os.close(efd)
@@ -205,3 +205,33 @@ async def test_server_refuses_out_of_range_vring_but_survives(no_fd_leak: None) 
             os.close(efd)
         assert not fe.broken
         assert await fe.get_vring_base(5) == 0
+
+
+@pytest.mark.asyncio
+async def test_empty_get_config_reply_is_a_refusal_not_a_broken_connection(no_fd_leak: None) -> None:
+    """libvhost-user answers a refused GET_CONFIG with hdr.size = 0 (seen from qemu-storage-daemon)."""
+    from vhost_user import BackendFailed
+    from vhost_user.wire import ProtocolFeatures
+
+    fe_sock, peer = FdSocket.pair()
+    fe = AsyncFrontend(fe_sock, timeout=1.0)
+    fe.conn.backend_features = 1 << 30  # pretend negotiation happened (sans-IO state)
+    fe.conn.backend_protocol_features = ProtocolFeatures.CONFIG
+    fe.conn.negotiation = fe.conn.negotiation.__class__.PROTOCOL_SET
+    fe.conn.protocol_features = ProtocolFeatures.CONFIG
+
+    async def backend() -> None:
+        for _ in range(2):
+            _, got = await read_request(peer)
+            for fd in got:
+                os.close(fd)
+            await peer.send(encode(F.GET_CONFIG, None, reply=True))  # hdr.size = 0
+
+    task = asyncio.get_running_loop().create_task(backend())
+    async with asyncio.timeout(TEST_TIMEOUT):
+        with pytest.raises(BackendFailed):
+            await fe.get_config(0, 60)
+        assert not fe.broken
+        with pytest.raises(BackendFailed):
+            await fe.get_config(0, 8)
+    await finish(fe, peer, task)

@@ -344,7 +344,13 @@ def decode_reply(
     cls = U64 if ack else spec.reply
     if cls is None:
         raise UnexpectedReply(expected, f"reply to {expected.name}, which has no reply")
-    payload = _parse(cls, body, f"reply to {expected.name}")
+    if cls is ConfigSpace and not body:
+        # libvhost-user (qemu-storage-daemon, vhost-user-gpu) answers a GET_CONFIG it refuses
+        # with an empty reply (size 0), not a zero-size config header. QEMU treats it as a
+        # failed request, not a broken connection: report it as an empty window.
+        payload: Payload = ConfigSpace(offset=0, size=0, flags=0, payload=b"")
+    else:
+        payload = _parse(cls, body, f"reply to {expected.name}")
     lo, hi = (0, 0) if ack else spec.reply_fds
     validate.check_fd_count(expected, fds, lo, hi)
     if isinstance(payload, ConfigSpace):
