@@ -28,14 +28,11 @@ def backend_api():
     transport = pytest.importorskip("vhost_user.aio.transport")
     blk = pytest.importorskip("vhost_user.testing.blk")
     enums = pytest.importorskip("vhost_user.wire.enums")
-
-    class UmlRamDisk(blk.RamDiskBlk):  # type: ignore[misc, name-defined]
-        # Linux 6.1's virtio_uml only allocates its interrupt number while setting up the
-        # back-end request channel: without BACKEND_REQ offered, the vring call fd is requested
-        # on IRQ 0 (the timer), "genirq: Flags mismatch irq 0", and virtio_blk probe fails -EBUSY.
-        protocol_features = blk.RamDiskBlk.protocol_features | enums.ProtocolFeatures.BACKEND_REQ
-
-    return server.BackendServer, transport.UnixListener, UmlRamDisk
+    # Linux 6.1's virtio_uml only allocates its interrupt number while setting up the back-end
+    # request channel: without BACKEND_REQ offered, the vring call fd is requested on IRQ 0 (the
+    # timer), "genirq: Flags mismatch irq 0", and the virtio_blk probe fails with -EBUSY.
+    assert blk.RamDiskBlk.protocol_features & enums.ProtocolFeatures.BACKEND_REQ
+    return server.BackendServer, transport.UnixListener, blk.RamDiskBlk
 
 
 @pytest.mark.asyncio
