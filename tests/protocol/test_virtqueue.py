@@ -527,3 +527,34 @@ def test_fuzz_device_side_only_raises_ring_error(descs, indirect, ring, avail_id
         dev.needs_notify()
     dev.release()
 
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    inflight=st.integers(0, FUZZ_SIZE),
+    used_idx=st.integers(0, 0xFFFF) | st.integers(0, FUZZ_SIZE + 1),
+    elems=st.lists(st.tuples(st.integers(0, 2**32 - 1) | st.integers(0, FUZZ_SIZE), st.integers(0, 2**32 - 1)),
+                   min_size=FUZZ_SIZE, max_size=FUZZ_SIZE),
+    event_idx=st.booleans(),
+)
+def test_fuzz_driver_side_only_raises_ring_error(inflight, used_idx, elems, event_idx):
+    """A hostile device writing arbitrary used elements cannot crash the driver or make it
+    free descriptors twice."""
+    mem = FlatMemory(bytearray(MEM_SIZE), base=BASE)
+    desc, avail, used, _ = split_ring_layout(FUZZ_SIZE, BASE)
+    drv = SplitQueueDriver(mem, FUZZ_SIZE, desc, avail, used, event_idx=event_idx)
+    for n in range(inflight):
+        drv.add(readable=[(DATA, 1)], token=n)
+    with mem.view(used, 4 + 8 * FUZZ_SIZE) as v:
+        struct.pack_into("<HH", v, 0, 0, used_idx)
+        for i, (head, length) in enumerate(elems):
+            struct.pack_into("<II", v, 4 + 8 * i, head, length)
+    try:
+        got = drv.get_used()
+    except RingError:
+        got = None
+    if got is not None:
+        assert len({tok for tok, _ in got}) == len(got)
+    assert drv.num_free + len(drv._inflight) == FUZZ_SIZE
+    assert len(set(drv._free)) == len(drv._free)
+    drv.release()
