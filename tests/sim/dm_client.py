@@ -45,13 +45,13 @@ def main() -> int:
     nr = dm.nr_vcpus()
     if phase == "first":
         base = int(sys.argv[3], 0)
-        sid = dm.create_ioreq_server()
-        page = IoreqPage.map(pc, domid, sid, nr)
-        dm.set_ioreq_server_state(sid, True)
+        new = dm.create_ioreq_server()
+        page = IoreqPage.map(pc, domid, new, nr)
+        dm.set_ioreq_server_state(new, True)
         ports = [ev.bind_interdomain(domid, page.vp_eport(i)) for i in range(nr)]
-        dm.map_io_range(sid, base, base + 0x1FF)
+        dm.map_io_range(new, base, base + 0x1FF)
         wait_ports(ev)  # the conservative event of the fresh binding
-        say(f"attached {sid}")
+        say(f"attached {new}")
         while True:
             for port in wait_ports(ev):
                 req = page.take(ports.index(port))
@@ -59,7 +59,7 @@ def main() -> int:
                     say(f"took {req.addr:#x}")  # ... and die before answering
                     signal.pause()
     value = int(sys.argv[3], 0)
-    sid = None
+    sid: int | None = None
     for candidate in range(8):  # find our predecessor's server
         try:
             dm.get_ioreq_server_info(candidate)

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         def started(hv: Hypervisor, server: SimServer) -> None:
             for spec in args.domain:
                 try:
-                    dom = hv.create_domain(**spec)  # type: ignore[arg-type]
+                    dom = hv.create_domain(**spec)
                 except (HvError, ValueError) as exc:
                     log.error("cannot create domain %s: %s", spec, exc)
                     failure.append(HvError(22, str(exc)))

@@ -114,6 +114,13 @@ class SimControl:
     def domain_info(self, domid: int) -> dict[str, Any]:
         return self.call({"op": "domain_info", "domid": domid})[0]
 
+    def sim_only_ram_memfd(self, domid: int) -> tuple[list[tuple[int, int]], int]:
+        """SIM-ONLY (no Xen equivalent): the guest's RAM banks and a memfd holding them back to back
+        (bank i at the sum of the earlier banks' sizes; holes read as zero). For baselines that
+        need a shareable fd; the caller owns and closes the fd."""
+        reply, fds = self.call({"op": "guest_ram", "domid": domid})
+        return [(int(a), int(b)) for a, b in reply["banks"]], fds[0]
+
     def pending_access(self, domid: int, vcpu: int = 0) -> bool:
         """True while vCPU ``vcpu`` is blocked in an MMIO access waiting for the device model."""
         return bool(self.call({"op": "pending_access", "domid": domid, "vcpu": vcpu})[0]["value"])

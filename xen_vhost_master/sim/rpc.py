@@ -37,9 +37,10 @@ class RpcError(Exception):
     """The peer broke the framing (closes the connection)."""
 
 
-def encode(obj: dict[str, Any], blob: bytes | bytearray | memoryview = b"") -> list[bytes | memoryview]:
+def encode(obj: dict[str, Any], blob: bytes | bytearray | memoryview = b"") -> tuple[bytes, memoryview]:
+    """(header + JSON, blob) of one message."""
     body = json.dumps(obj, separators=(",", ":")).encode()
-    return [_HDR.pack(len(body), len(blob)) + body, memoryview(blob)]
+    return _HDR.pack(len(body), len(blob)) + body, memoryview(blob)
 
 
 def send_blocking(

@@ -182,15 +182,20 @@ class Conn:
                             break
                         except BlockingIOError:
                             await self._writable()
-                    head = memoryview(head)[sent:]  # type: ignore[assignment]
+                    head = head[sent:]
                 await self.loop.sock_sendall(self.sock, bytes(head) + bytes(tail))
             except OSError as exc:
                 log.info("client went away while replying: %s", exc)
                 self.close()
 
     async def _writable(self) -> None:
-        fut = self.loop.create_future()
-        self.loop.add_writer(self.sock.fileno(), lambda: fut.done() or fut.set_result(None))
+        fut: asyncio.Future[None] = self.loop.create_future()
+
+        def wake() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self.loop.add_writer(self.sock.fileno(), wake)
         try:
             await fut
         finally:

@@ -482,6 +482,8 @@ class ioreq_t(ctypes.Structure):
         ("type", ctypes.c_uint8),
     ]
 
+    flags: int  # (for type checkers: ctypes fields carry no annotations)
+
     STATE_MASK = 0x0F
     DATA_IS_PTR = 0x10
     DIR = 0x20

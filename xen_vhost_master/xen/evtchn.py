@@ -26,6 +26,11 @@ EVTCHN_PATH = "/dev/xen/evtchn"
 MAX_PORTS_PER_READ = 1024  # the driver caps a read at one page of u32 ports
 
 
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class EventChannel:
     """One open /dev/xen/evtchn (non-blocking)."""
 
@@ -108,7 +113,7 @@ class EventChannel:
             if ports:
                 return ports
             fut: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(self.fd, lambda: fut.done() or fut.set_result(None))
+            loop.add_reader(self.fd, _wake, fut)
             try:
                 await fut
             finally:
