@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import asyncio
 import ctypes
 import errno
 
@@ -169,3 +170,51 @@ def test_xen_error_is_an_oserror_with_op() -> None:
     e = XenError("dm_op", errno.ESRCH)
     assert isinstance(e, OSError) and e.errno == errno.ESRCH and "dm_op" in str(e) and not e.not_supported
     assert XenError("irqfd", errno.ENOTTY).not_supported
+
+
+@pytest.mark.asyncio
+async def test_absurd_requests_on_the_control_node(sim_control: SimControl) -> None:
+    from xen_vhost_master.sim.guest import SimGuest
+
+    for kw, code in [
+        (dict(mem_bytes=1 << 62), None),  # memfd/mmap refuse: some errno, no crash
+        (dict(mem_bytes=4097), errno.EINVAL),
+        (dict(vcpus=0), errno.EINVAL),
+        (dict(holes=[(0x40000001, 4096)]), errno.EINVAL),
+        (dict(arch="sparc"), errno.EINVAL),
+        (dict(domid=0x7FF0), errno.EINVAL),
+    ]:
+        with pytest.raises(OSError) as ei:
+            sim_control.create_domain(**kw)  # type: ignore[arg-type]
+        assert code is None or ei.value.errno == code, kw
+    domid = sim_control.create_domain(mem_bytes=MIB)
+    with pytest.raises(OSError) as ei:
+        sim_control.create_domain(domid=domid)
+    assert ei.value.errno == errno.EEXIST
+    guest = await SimGuest.connect(sim_control.path, domid)
+    try:
+        with pytest.raises(OSError) as ei:
+            await guest.mmio_read(0x1000, 3)
+        assert ei.value.errno == errno.EINVAL
+        with pytest.raises(OSError) as ei:
+            await guest.mmio_read(0x1000, 4, vcpu=9)
+        assert ei.value.errno == errno.EINVAL
+        with pytest.raises(OSError) as ei:
+            guest.grant(0x10)  # not RAM
+        assert ei.value.errno == errno.EINVAL
+        with pytest.raises(OSError) as ei:
+            guest.revoke(12345)
+        assert ei.value.errno == errno.EINVAL
+        with pytest.raises(ValueError):
+            guest.ram.view(RAM0 + MIB - 2, 4)  # runs past the end of RAM
+        sim_control.pause(domid)
+        pending = asyncio.ensure_future(guest.mmio_read(0x1000, 4))
+        done, _ = await asyncio.wait({pending}, timeout=0.1)
+        assert not done
+        sim_control.destroy_domain(domid)
+        with pytest.raises(OSError) as ei:
+            await asyncio.wait_for(pending, 5.0)
+        assert ei.value.errno == errno.ESRCH
+    finally:
+        guest.close()
+    assert sim_control.create_domain(mem_bytes=MIB) > 0

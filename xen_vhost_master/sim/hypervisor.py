@@ -222,6 +222,7 @@ class Hypervisor:
     def destroy_domain(self, domid: int) -> None:
         dom = self.guest(domid)
         dom.dying = True
+        dom.running.set()  # let vCPUs waiting on a pause see that the domain is gone
         for s in list(dom.servers.values()):
             s.close()
         dom.servers.clear()
@@ -331,6 +332,8 @@ class Hypervisor:
         v = dom.vcpus[vcpu]
         async with v.lock:
             await dom.running.wait()
+            if dom.dying:
+                raise HvError(errno.ESRCH, "domain destroyed")
             server = next((s for s in dom.servers.values() if s.claims(IoRangeType.MEMORY, addr, size)), None)
             if server is None:
                 log.debug("d%d vcpu%d unclaimed MMIO %s %#x/%d", domid, vcpu, "W" if write else "R", addr, size)

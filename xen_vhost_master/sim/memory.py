@@ -77,7 +77,11 @@ class GuestMemory:
         total = sum(size for _gpa, size in self.banks)
         if memfd is None:
             memfd = os.memfd_create(f"xen-sim-{name}-ram", os.MFD_CLOEXEC)
-            os.ftruncate(memfd, total)
+            try:
+                os.ftruncate(memfd, total)
+            except OSError:
+                os.close(memfd)
+                raise
         self.memfd = memfd
         self.size = total
         extents: list[Extent] = []
@@ -97,7 +101,11 @@ class GuestMemory:
             offset += end - start
         self.extents = extents
         self._starts = [e.gfn for e in extents]
-        self._map = mmap.mmap(self.memfd, total) if total else None
+        try:
+            self._map = mmap.mmap(self.memfd, total) if total else None
+        except OSError:
+            os.close(self.memfd)
+            raise
 
     def close(self) -> None:
         if self._map is not None:

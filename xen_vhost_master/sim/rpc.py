@@ -108,7 +108,7 @@ class MessageReader:
                 break
             try:
                 obj = json.loads(bytes(self._buf[_HDR.size : _HDR.size + jlen]))
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise RpcError(f"bad JSON: {exc}") from None
             if not isinstance(obj, dict):
                 raise RpcError("message is not a JSON object")

@@ -151,9 +151,12 @@ class Conn:
             return handler(obj, blob)
         except HvError as exc:
             return ({"errno": exc.errno, "why": str(exc.args[1])}, b"", [])
-        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError, IndexError) as exc:
             log.info("bad request %r: %s", op, exc)
             return ({"errno": errno.EINVAL, "why": f"bad request: {exc}"}, b"", [])
+        except OSError as exc:  # e.g. memfd/mmap of an absurd guest size
+            log.info("request %r failed: %s", op, exc)
+            return ({"errno": exc.errno or errno.EIO, "why": str(exc)}, b"", [])
 
     async def _run_async(self, obj: dict[str, Any]) -> None:
         try:
@@ -161,7 +164,7 @@ class Conn:
             reply: dict[str, Any] = {"errno": 0, "value": result}
         except HvError as exc:
             reply = {"errno": exc.errno}
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError, IndexError) as exc:
             reply = {"errno": errno.EINVAL, "why": str(exc)}
         if not self.closed:
             await self.send(reply, b"", [], tag=obj.get("tag"))

@@ -323,7 +323,6 @@ class SimKernel:
         if num <= 0 or num > (1 << 31):
             raise _err(errno.EINVAL)
         length = num << XEN_PAGE_SHIFT
-        gfns = memoryview(copy_from_user(m.arr, num * 8)).cast("Q")
         vma = self._find_vma(node, m.addr)
         if vma is None:
             raise _err(errno.EINVAL, "addr is not in a privcmd mapping")
@@ -333,6 +332,8 @@ class SimKernel:
                 raise _err(errno.EINVAL, "first MMAPBATCH must cover the privcmd VMA exactly")
         elif not vma.contains(m.addr, length) or vma.mapped.find(1, first_page, first_page + num) != -1:
             raise _err(errno.EINVAL, "range already mapped")
+        # (after the VMA checks, which bound num by a mapping the caller really made)
+        gfns = memoryview(copy_from_user(m.arr, num * 8)).cast("Q")
         errs = array.array("i", bytes(4 * num))
         copy_to_user(m.err, errs.tobytes())  # the kernel clears err[] first (EFAULT if bad)
         reply, _b, fds = node.call({"op": "map_foreign", "dom": int(m.dom)}, gfn_runs(gfns).tobytes())
