@@ -20,6 +20,14 @@ def pytest_asyncio_loop_factories(
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _uvloop_global_pipe() -> None:
+    """libuv opens a process-wide pipe pair the first time a uvloop loop runs and keeps it for the
+    life of the process. Open it before any test so that ``no_fd_leak`` does not blame whichever
+    test happens to run first on uvloop."""
+    uvloop.run(asyncio.sleep(0))
+
+
 def open_fds() -> set[int]:
     """The file descriptors this process has open right now."""
     return {int(name) for name in os.listdir("/proc/self/fd")}
@@ -27,7 +35,11 @@ def open_fds() -> set[int]:
 
 @pytest.fixture
 def no_fd_leak() -> Iterator[None]:
-    """Fail the test if it leaves file descriptors open."""
+    """Fail the test if it leaves file descriptors open.
+
+    Put it first in a test's arguments: fixtures are torn down in reverse order, so it then checks
+    after every other fixture (servers, peers) has closed its fds.
+    """
     before = open_fds()
     yield
     leaked = open_fds() - before
