@@ -14,23 +14,36 @@ import bisect
 import logging
 import mmap
 import os
+from collections.abc import Callable
+from typing import Protocol
 
 from .errors import GuestMemoryError
-from .wire.payloads import MemoryRegion
+from .wire.payloads import MemoryRegion, XenMemoryRegion
 
-__all__ = ["GuestMemory", "MappedRegion", "GuestMemoryError"]
+__all__ = ["GuestMemory", "MappedRegion", "GuestMemoryError", "RegionBacking", "MmapBacking", "XenMapper"]
 
 log = logging.getLogger("vhost_user.memory")
 
 
-class MappedRegion:
-    """One mmap'd region. The fd is closed after mapping (libvhost-user does the same)."""
+class RegionBacking(Protocol):
+    """Where a region's bytes live. ``slice(offset, length)`` is relative to the region start
+    (guest_phys_addr / userspace_addr), already bounds-checked by :class:`GuestMemory`."""
 
-    def __init__(self, region: MemoryRegion, fd: int) -> None:
-        self.guest_phys_addr = region.guest_phys_addr
-        self.memory_size = region.memory_size
-        self.userspace_addr = region.userspace_addr
-        self.mmap_offset = region.mmap_offset
+    def slice(self, offset: int, length: int) -> memoryview: ...
+
+    def close(self) -> None: ...
+
+
+#: Maps a Xen region (XEN_MMAP negotiated) onto memory; takes ownership of ``fd`` (e.g. a
+#: /dev/xen/privcmd fd for FOREIGN regions). The library ships none: the caller provides one.
+XenMapper = Callable[[XenMemoryRegion, int], RegionBacking]
+
+
+class MmapBacking:
+    """``mmap`` of ``[mmap_offset, +memory_size)`` of an fd (memfd, file, UML physmem). Closes
+    the fd after mapping, as libvhost-user does."""
+
+    def __init__(self, region: MemoryRegion | XenMemoryRegion, fd: int) -> None:
         page = mmap.ALLOCATIONGRANULARITY
         aligned = region.mmap_offset - region.mmap_offset % page
         self._skew = region.mmap_offset - aligned
@@ -42,13 +55,6 @@ class MappedRegion:
             os.close(fd)
         self._view = memoryview(self._mmap)
 
-    def same_as(self, region: MemoryRegion) -> bool:
-        return (
-            self.guest_phys_addr == region.guest_phys_addr
-            and self.memory_size == region.memory_size
-            and self.userspace_addr == region.userspace_addr
-        )
-
     def slice(self, offset: int, length: int) -> memoryview:
         start = self._skew + offset
         return self._view[start : start + length]
@@ -59,7 +65,33 @@ class MappedRegion:
             self._mmap.close()
         except BufferError:
             # Someone still holds a memoryview slice; the mapping goes when they drop it.
-            log.debug("region %#x still has exported views; leaving unmap to GC", self.guest_phys_addr)
+            log.debug("mapping still has exported views; leaving unmap to GC")
+
+
+class MappedRegion:
+    """One region of the memory table and its backing."""
+
+    def __init__(self, region: MemoryRegion | XenMemoryRegion, backing: RegionBacking) -> None:
+        self.guest_phys_addr = region.guest_phys_addr
+        self.memory_size = region.memory_size
+        self.userspace_addr = region.userspace_addr
+        self.mmap_offset = region.mmap_offset
+        self.xen_mmap_flags = getattr(region, "xen_mmap_flags", None)
+        self.domid = getattr(region, "domid", None)
+        self.backing = backing
+
+    def same_as(self, region: MemoryRegion | XenMemoryRegion) -> bool:
+        return (
+            self.guest_phys_addr == region.guest_phys_addr
+            and self.memory_size == region.memory_size
+            and self.userspace_addr == region.userspace_addr
+        )
+
+    def slice(self, offset: int, length: int) -> memoryview:
+        return self.backing.slice(offset, length)
+
+    def close(self) -> None:
+        self.backing.close()
 
     def __repr__(self) -> str:
         return (
@@ -78,14 +110,18 @@ class GuestMemory:
     def __len__(self) -> int:
         return len(self.regions)
 
-    def add(self, region: MemoryRegion, fd: int) -> MappedRegion:
+    def add(self, region: MemoryRegion | XenMemoryRegion, fd: int) -> MappedRegion:
         """mmap ``fd`` for ``region`` (takes ownership of ``fd``)."""
-        mapped = MappedRegion(region, fd)
+        return self.add_backing(region, MmapBacking(region, fd))
+
+    def add_backing(self, region: MemoryRegion | XenMemoryRegion, backing: RegionBacking) -> MappedRegion:
+        """Add a region whose bytes come from ``backing`` (e.g. a Xen foreign mapping)."""
+        mapped = MappedRegion(region, backing)
         keys = [r.guest_phys_addr for r in self.regions]
         self.regions.insert(bisect.bisect(keys, mapped.guest_phys_addr), mapped)
         return mapped
 
-    def remove(self, region: MemoryRegion) -> bool:
+    def remove(self, region: MemoryRegion | XenMemoryRegion) -> bool:
         """Unmap the region matching ``region`` (gpa, size, uva). Returns False if none does."""
         for i, r in enumerate(self.regions):
             if r.same_as(region):

@@ -21,7 +21,7 @@ import logging
 import os
 from typing import Any
 
-from ..memory import GuestMemory
+from ..memory import GuestMemory, XenMapper
 from ..wire.enums import ProtocolFeatures, VirtioFeatures
 from ..wire.payloads import VringAddr
 
@@ -124,6 +124,9 @@ class VhostUserDevice:
 
     def __init__(self) -> None:
         self.memory = GuestMemory()
+        #: Set to map XEN_MMAP regions (e.g. through /dev/xen/privcmd); the server offers
+        #: VHOST_USER_PROTOCOL_F_XEN_MMAP exactly when this is set. Takes ownership of the fd.
+        self.xen_mapper: XenMapper | None = None
         self.features = 0  # what the front-end set (SET_FEATURES)
         self.status = 0  # SET_STATUS
         self.server: Any = None  # the BackendServer serving us (set by it)

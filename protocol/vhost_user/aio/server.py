@@ -46,7 +46,10 @@ class BackendServer:
         self.device = device
         self.sock = sock
         self.log = logger or log
-        self.conn = BackendConnection(protocol_features=device.protocol_features)
+        offered = ProtocolFeatures(device.protocol_features) & ~ProtocolFeatures.XEN_MMAP
+        if device.xen_mapper is not None:
+            offered |= ProtocolFeatures.XEN_MMAP
+        self.conn = BackendConnection(protocol_features=offered)
         self.vrings = [Vring(i, device.memory) for i in range(device.num_queues)]
         self.owner = False
         self.channel_sock: FdSocket | None = None
@@ -189,11 +192,18 @@ class BackendServer:
             v.enabled = False
         self.device.reset()
 
-    def _set_mem_table(self, ev: RequestReceived) -> bool:
+    def _map(self, region: object, fd: int) -> None:
+        """Map one region (takes ``fd``): mmap, or the device's Xen mapper under XEN_MMAP."""
         if self.conn.xen_mmap:
-            for fd in ev.fds:
+            mapper = self.device.xen_mapper
+            if mapper is None:  # pragma: no cover - XEN_MMAP is only offered with a mapper
                 os.close(fd)
-            return False
+                raise LocalProtocolError("XEN_MMAP negotiated without a mapper")
+            self.device.memory.add_backing(region, mapper(region, fd))  # type: ignore[arg-type]
+        else:
+            self.device.memory.add(region, fd)  # type: ignore[arg-type]
+
+    def _set_mem_table(self, ev: RequestReceived) -> bool:
         for vring in self.vrings:
             if vring.queue is not None:
                 vring.base = vring.last_avail_idx
@@ -203,8 +213,8 @@ class BackendServer:
         try:
             while fds:
                 region = ev.payload.regions[len(ev.payload.regions) - len(fds)]
-                self.device.memory.add(region, fds.pop(0))
-        except (OSError, ValueError) as exc:
+                self._map(region, fds.pop(0))
+        except (OSError, ValueError, VhostUserError) as exc:
             self.log.warning("SET_MEM_TABLE: mmap failed: %s", exc)
             for fd in fds:
                 os.close(fd)
@@ -215,12 +225,12 @@ class BackendServer:
         return True
 
     def _add_mem_reg(self, ev: RequestReceived) -> bool:
-        if self.conn.xen_mmap or len(self.device.memory) >= self.device.max_mem_slots:
+        if len(self.device.memory) >= self.device.max_mem_slots:
             os.close(ev.fds[0])
             return False
         try:
-            self.device.memory.add(ev.payload.region, ev.fds[0])
-        except (OSError, ValueError) as exc:
+            self._map(ev.payload.region, ev.fds[0])
+        except (OSError, ValueError, VhostUserError) as exc:
             self.log.warning("ADD_MEM_REG: mmap failed: %s", exc)
             return False
         self.device.memory_changed()
