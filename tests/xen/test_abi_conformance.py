@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from xen_vhost_master.sim import memory as sim_memory
 from xen_vhost_master.xen import abi
 
 HEADERS = """
@@ -137,6 +138,10 @@ def build_and_run(tmp_path: Path, cc: str, extra: list[str], runner: list[str]) 
     body = [HEADERS, "int main(void) {"]
     for expr, _ in checks():
         body.append(f'    printf("%s=%llu\\n", {_c_string(expr)}, (unsigned long long)({expr}));')
+    body.append("#ifdef __aarch64__")
+    for expr, _ in ARM_ONLY:
+        body.append(f'    printf("%s=%llu\\n", {_c_string(expr)}, (unsigned long long)({expr}));')
+    body.append("#endif")
     body += ["    return 0;", "}"]
     src.write_text("\n".join(body))
     exe = tmp_path / "abi_check"
@@ -163,6 +168,15 @@ def test_python_abi_matches_real_headers(tmp_path: Path) -> None:
     assert len(values) == len(expected) > 150
     mismatches = {e: (values[e], v) for e, v in expected.items() if values[e] != v}
     assert not mismatches, f"C vs Python: {mismatches}"
+
+
+# xen/arch-arm.h (__XEN_TOOLS__), visible only to an arm64 build: the simulated Arm guest layout.
+ARM_ONLY: list[tuple[str, int]] = [
+    ("GUEST_RAM0_BASE", sim_memory.ARM_RAM0_BASE),
+    ("GUEST_RAM0_SIZE", sim_memory.ARM_RAM0_SIZE),
+    ("GUEST_RAM1_BASE", sim_memory.ARM_RAM1_BASE),
+    ("GUEST_RAM_BANKS", 2),
+]
 
 
 # abi.md §1 (Linux >= 6.7 include/uapi/xen/privcmd.h, restated and compiled in abi_probe.c)
@@ -200,8 +214,10 @@ def test_irqfd_ioeventfd_match_abi_md() -> None:
     reason="no arm64 cross toolchain + qemu-user here; abi.md Appendix A.2 found no arm64 difference",
 )
 def test_arm64_values_match_x86_64(tmp_path: Path) -> None:
+    """Every value above is the same on arm64, and the simulated Arm guest layout is xen/arch-arm.h's."""
     (tmp_path / "x86").mkdir()
     (tmp_path / "arm").mkdir()
     x86 = build_and_run(tmp_path / "x86", "gcc", [], [])
     arm = build_and_run(tmp_path / "arm", "aarch64-linux-gnu-gcc", ["-static", "-idirafter", "/usr/include"], ["qemu-aarch64"])
     assert {k: (v, arm[k]) for k, v in x86.items() if arm[k] != v} == {}
+    assert {e: arm[e] for e, _ in ARM_ONLY} == dict(ARM_ONLY)
