@@ -1,0 +1,57 @@
+"""The real kernel object on ordinary fds (no Xen needed), and the user-memory helpers that the
+simulated drivers use."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+import pytest
+
+from xen_vhost_master.xen.abi import PrivcmdIoctl
+from xen_vhost_master.xen.kernel import PROT_READ, RealKernel, address_of, copy_from_user, copy_to_user
+
+
+def test_real_kernel_mmap_read_write_and_readonly_views(no_fd_leak: None) -> None:
+    k = RealKernel()
+    fd = os.memfd_create("t", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 8192)
+        with k.mmap(fd, 8192) as m:
+            m.view()[4096:4100] = b"abcd"
+        with k.mmap(fd, 8192, PROT_READ) as ro:
+            v = ro.view()
+            assert bytes(v[4096:4100]) == b"abcd" and v.readonly
+            del v
+        assert os.pread(fd, 4, 4096) == b"abcd"
+    finally:
+        os.close(fd)
+
+
+def test_real_kernel_ioctl_on_a_non_xen_fd_is_enotty(no_fd_leak: None) -> None:
+    k = RealKernel()
+    fd = k.open("/dev/null")
+    try:
+        with pytest.raises(OSError) as ei:
+            k.ioctl(fd, PrivcmdIoctl.HYPERCALL, bytearray(48))
+        assert ei.value.errno == errno.ENOTTY
+    finally:
+        k.close(fd)
+
+
+def test_user_memory_copies_fault_cleanly() -> None:
+    buf = ctypes.create_string_buffer(b"0123456789")
+    assert copy_from_user(ctypes.addressof(buf), 10) == b"0123456789"
+    copy_to_user(ctypes.addressof(buf) + 2, b"xy")
+    assert buf.raw[:10] == b"01xy456789"
+    for bad in (0, 8, 1 << 47):
+        with pytest.raises(OSError) as ei:
+            copy_from_user(bad, 4)
+        assert ei.value.errno == errno.EFAULT
+        with pytest.raises(OSError) as ei:
+            copy_to_user(bad, b"x")
+        assert ei.value.errno == errno.EFAULT
+    ba = bytearray(b"hello")
+    assert copy_from_user(address_of(ba), 5) == b"hello"
+    assert address_of(None) == 0 and address_of(1234) == 1234
