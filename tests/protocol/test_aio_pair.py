@@ -292,3 +292,29 @@ async def test_xen_mmap_regions_reach_the_device_mapper_and_io_works(no_fd_leak:
     async with asyncio.timeout(TEST_TIMEOUT), connected_pair(dev2) as (fe, _):
         neg = await fe.negotiate(protocol_features=DEFAULT_PROTOCOL_FEATURES | ProtocolFeatures.XEN_MMAP)
         assert not neg.protocol_features & ProtocolFeatures.XEN_MMAP  # no mapper: not offered
+
+
+@pytest.mark.asyncio
+async def test_ramdisk_command_serves_a_frontend(tmp_path, no_fd_leak: None) -> None:  # type: ignore[no-untyped-def]
+    """``python -m vhost_user.testing.blk`` as a separate process (what peer tests can start)."""
+    import sys
+
+    sock = tmp_path / "blk.sock"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "vhost_user.testing.blk", "--socket", str(sock), "--size", "2M", "--connections", "1",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with asyncio.timeout(30):
+            fe = await AsyncFrontend.connect(sock, attempts=100, backoff_initial=0.02, backoff_max=0.2)
+            try:
+                await fe.negotiate()
+                cfg = await fe.get_config(0, 60)
+                assert struct.unpack_from("<Q", cfg)[0] == (2 << 20) // 512
+            finally:
+                await fe.close()
+            assert await proc.wait() == 0  # --connections 1: exits after the front-end leaves
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -11,7 +11,6 @@ Run standalone: ``python -m vhost_user.testing.blk --socket PATH --size 64M [--i
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import mmap
 import os
