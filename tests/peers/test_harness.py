@@ -102,3 +102,14 @@ async def test_uml_boot_recipe_against_qemu_storage_daemon(peers: Peers, tmp_pat
     with open(qsd.image, "rb") as f:
         f.seek(8 * 512)
         assert f.read(len(pattern)) == pattern
+
+
+def test_missing_binary_skips_with_a_reason(peers: Peers, monkeypatch) -> None:
+    import tests.peers.harness as harness
+
+    monkeypatch.setattr(harness.shutil, "which", lambda name: None)
+    with pytest.raises(pytest.skip.Exception, match="qemu-storage-daemon is not installed"):
+        peers.qsd_raw()
+    with pytest.raises(pytest.skip.Exception, match="dpdk-testpmd is not installed"):
+        peers.testpmd()
+    assert peers.started == []
