@@ -354,6 +354,11 @@ class AsyncFrontend:
         Without a handler, CONFIG_CHANGE_MSG and VRING_CALL/ERR are accepted (status 0) and
         everything else is refused (status 1, fds closed). Every event is also put, without
         its fds, on :attr:`backend_events`.
+
+        The handler runs on the channel's own task and must not await requests on the main
+        channel (the back-end may be blocked waiting for this answer, and the front-end is
+        sequential: a second concurrent request raises LocalProtocolError). Schedule such work
+        (e.g. re-reading config after CONFIG_CHANGE_MSG) on the owner task instead.
         """
         if self._backend_sock is not None:
             raise LocalProtocolError("the back-end channel is already set up")
