@@ -220,3 +220,22 @@ def test_set_protocol_features_enabling_reply_ack_with_need_reply_is_acked() -> 
     be2 = BackendConnection(protocol_features=PF.REPLY_ACK | PF.CONFIG)
     (ev,) = be2.receive(encode(FrontendRequest.SET_PROTOCOL_FEATURES, U64(value=int(PF.CONFIG)), need_reply=True))
     assert ev.answer is None  # REPLY_ACK not negotiated: no ACK
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=64), max_size=8), st.booleans())
+def test_connections_fed_random_chunks_only_raise_library_errors(chunks: list[bytes], frontend: bool) -> None:
+    """Random bytes, in random chunking, into receive(): typed errors only, then sticky broken."""
+    if frontend:
+        conn: FrontendConnection | BackendConnection = FrontendConnection()
+        conn.get_features()  # something in flight, so replies are expected
+    else:
+        conn = BackendConnection(protocol_features=PF.REPLY_ACK | PF.XEN_MMAP)
+    failed = False
+    for chunk in chunks:
+        try:
+            conn.receive(chunk)
+        except VhostUserError:
+            failed = True
+        if failed:
+            assert conn.broken or conn.state is ChannelState.BROKEN
