@@ -354,23 +354,24 @@ class Conn:
             raise HvError(errno.EOPNOTSUPP, f"dm_op {op.op} not simulated")
 
     def _privcmd_map_foreign(self, o: dict[str, Any], blob: bytes) -> Reply:
-        """runs blob: u64 triples (page_index, gfn, count) → result runs (page_index, count, err, page_off)."""
+        """runs blob: u64 triples (page_index, gfn, count) → reply blob: i64 quadruples
+        (page_index, count, err, memfd page offset or -1)."""
         dom = int(o["dom"])
         self._check_dom(dom)
         runs = array.array("Q")
         runs.frombytes(blob[: len(blob) - len(blob) % 24])
-        out: list[list[int]] = []
+        out = array.array("q")
         d = self.hv.domains.get(dom)
         mem = d.memory if d is not None and not d.dying else None
         for i in range(0, len(runs), 3):
             page, gfn, count = runs[i], runs[i + 1], runs[i + 2]
             if mem is None:
-                out.append([page, count, -errno.ESRCH if d is None else -errno.EINVAL, -1])
+                out.extend((page, count, -errno.ESRCH if d is None else -errno.EINVAL, -1))
                 continue
             for start, n, off in mem.resolve(gfn, count):
-                out.append([page + (start - gfn), n, 0 if off >= 0 else -errno.EINVAL, off])
-        fds = [mem.memfd] if mem is not None and any(r[3] >= 0 for r in out) else []
-        return ({"errno": 0, "runs": out}, b"", fds)
+                out.extend((page + (start - gfn), n, 0 if off >= 0 else -errno.EINVAL, off))
+        fds = [mem.memfd] if mem is not None and any(out[i] >= 0 for i in range(3, len(out), 4)) else []
+        return ({"errno": 0}, out.tobytes(), fds)
 
     def _privcmd_map_resource(self, o: dict[str, Any], _b: bytes) -> Reply:
         dom, rtype, rid, idx, num = (int(o[k]) for k in ("dom", "type", "id", "idx", "num"))

@@ -336,11 +336,14 @@ class SimKernel:
         gfns = memoryview(copy_from_user(m.arr, num * 8)).cast("Q")
         errs = array.array("i", bytes(4 * num))
         copy_to_user(m.err, errs.tobytes())  # the kernel clears err[] first (EFAULT if bad)
-        reply, _b, fds = node.call({"op": "map_foreign", "dom": int(m.dom)}, gfn_runs(gfns).tobytes())
+        _reply, rblob, fds = node.call({"op": "map_foreign", "dom": int(m.dom)}, gfn_runs(gfns).tobytes())
         vma.filled = True
         enoent = False
+        runs = array.array("q")
+        runs.frombytes(rblob[: len(rblob) - len(rblob) % 32])
         try:
-            for page, count, code, off in reply["runs"]:
+            for i in range(0, len(runs), 4):
+                page, count, code, off = runs[i : i + 4]
                 if code == 0:
                     libc_mmap(
                         m.addr + (page << XEN_PAGE_SHIFT), count << XEN_PAGE_SHIFT, vma.prot,
