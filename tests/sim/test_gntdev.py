@@ -79,3 +79,26 @@ async def test_unmap_notify_clears_byte_and_sends_event(
             assert ei.value.errno == errno.ENOENT
     finally:
         guest.close()
+
+
+@pytest.mark.asyncio
+async def test_closing_gntdev_runs_pending_unmap_notifications(
+    sim_host: SimHost, sim_control: SimControl, kernel: SimKernel
+) -> None:
+    domid = sim_control.create_domain(mem_bytes=16 << 20)
+    guest = await SimGuest.connect(sim_host.path, domid)
+    try:
+        ref = guest.grant(GFN0 + 1)
+        gport = guest.evtchn_alloc_unbound(0)
+        with EventChannel(kernel) as ev:
+            local = ev.bind_interdomain(domid, gport)
+            gd = GrantDev(kernel)
+            m = gd.map_grant_refs(domid, [ref])
+            gd.set_unmap_notify(m, 0, GntdevUnmapNotify.SEND_EVENT, local)
+            assert m.mapping is not None
+            m.mapping.close()
+            waiter = asyncio.ensure_future(guest.evtchn_wait(gport))
+            gd.close()  # the process "dies" with the grant still mapped by gntdev
+            await asyncio.wait_for(waiter, 5.0)
+    finally:
+        guest.close()
