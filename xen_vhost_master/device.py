@@ -113,6 +113,7 @@ class Device:
         self._call: list[int] = []
         self._started: list[int] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self.changed = asyncio.Event()  # set when the driver starts/stops the device (for xenbus state)
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -221,7 +222,9 @@ class Device:
                     self._irq(level)
                 case Activate():
                     await self._activate(action)
+                    self.changed.set()
                 case Reset(was_active):
+                    self.changed.set()
                     self.log.info("driver reset the device%s", " (stopping the back-end)" if was_active else "")
                     if was_active:
                         await self._guarded(self._stop_backend())
@@ -336,6 +339,7 @@ class Device:
         if self.model is None:
             return
         self._started = []
+        self.changed.set()
         for action in self.model.needs_reset(f"back-end lost: {reason}"):
             if isinstance(action, IrqLevel):
                 self._irq(action.level)

@@ -1,0 +1,515 @@
+"""One guest, all its devices: ordered start, hot add/remove, status, single-path teardown.
+
+Start (STYLE.md rule 10): Xen handles → IOREQ server created (not yet enabled) → each device's
+back-end connected and negotiated, its window mapped → IOREQ server enabled → READY=1. Teardown
+is the reverse, one step at a time, each bounded by a timeout, whatever ended the run: SIGTERM or
+SIGINT, the domain going away, or a fatal error.
+
+Devices come from the command line / TOML file and from libxl's xenstore layout
+(``/local/domain/<backend>/backend/{virtio,virtio_disk}/<domid>/<devid>``), watched so that devices
+added or removed at run time appear or disappear. The backend ``state`` node follows XenBus:
+InitWait (2) once we serve the window (``xl create`` waits for it), Connected (4) while the guest's
+driver is live, Closed (6) when the device is torn down (``xl destroy`` waits for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import json
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from vhost_user import AsyncFrontend, UnixListener, VhostUserError
+
+from .config import DeviceConfig, MemoryMode, device_from_xenstore, merge
+from .device import Device, DeviceError, MemoryExport
+from .errors import ConfigError, XenError
+from .ioreq_server import IoreqServer
+from .log import device_logger
+from .memory import XenMmapExport, sim_memfd_export
+from .sd_notify import Notifier
+from .virtio_mmio import WINDOW_SIZE, Status
+from .xen.evtchn import EventChannel
+from .xen.kernel import ENV_SIM_SOCKET, Kernel, kernel_from_env
+from .xen.privcmd import PrivCmd
+from .xen.xenstore import XenstoreClient, XenstoreError
+
+__all__ = ["ExitCode", "Options", "Supervisor"]
+
+STEP_TIMEOUT = 10.0  # seconds for each teardown step
+CONNECT_ATTEMPTS = 20  # back-end connect retries (backoff grows to 1 s): ~15 s in all
+ACCEPT_TIMEOUT = 30.0  # server mode: how long to wait for the back-end to connect
+XENBUS_INITWAIT, XENBUS_CONNECTED, XENBUS_CLOSING, XENBUS_CLOSED = 2, 4, 5, 6
+KINDS = ("virtio", "virtio_disk")
+
+
+class ExitCode(enum.IntEnum):
+    """Exit codes systemd can act on (sysexits.h)."""
+
+    OK = 0
+    FAILURE = 1
+    UNAVAILABLE = 69  # EX_UNAVAILABLE: the domain does not exist
+    TEMPFAIL = 75  # EX_TEMPFAIL: try again later (Restart=on-failure)
+    CONFIG = 78  # EX_CONFIG: fix the configuration; restarting will not help
+
+
+@dataclass(frozen=True)
+class Options:
+    domid: int
+    devices: tuple[DeviceConfig, ...] = ()
+    xenstore: bool = True
+    memory: MemoryMode = MemoryMode.AUTO
+    socket_dir: str | None = None  # overrides the template's directory
+    backend_domid: int = 0
+    status_socket: str | None = None
+    guest_arch: str | None = None  # arm64 | x86_64; default: the host's (the simulator models Arm64)
+
+
+@dataclass
+class _Served:
+    config: DeviceConfig
+    device: Device
+    path: str | None  # xenstore backend directory, if discovered there
+    listener: UnixListener | None = None
+    state_task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class Supervisor:
+    def __init__(self, options: Options, *, kernel: Kernel | None = None, notifier: Notifier | None = None) -> None:
+        self.opt = options
+        self.domid = options.domid
+        self.kernel = kernel or kernel_from_env()
+        self.simulated = bool(os.environ.get(ENV_SIM_SOCKET))
+        self.notifier = notifier or Notifier()
+        self.log = device_logger("xen_vhost_master", options.domid)
+        self.privcmd: PrivCmd | None = None
+        self.evtchn: EventChannel | None = None
+        self.xs: XenstoreClient | None = None
+        self.ioreq: IoreqServer | None = None
+        self.banks: list[tuple[int, int]] = []
+        self.devices: dict[int, _Served] = {}  # by MMIO base
+        self._stop = asyncio.Event()
+        self._exit = ExitCode.OK
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._status_server: asyncio.AbstractServer | None = None
+        self._memfd: int | None = None
+
+    # --- the one entry point ---------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._signalled, sig)
+        try:
+            await self._start()
+            self.notifier.ready(self._status_line())
+            self.log.info("serving: %s", self._status_line())
+            await self._serve()
+        except ConfigError as e:
+            self.log.error("configuration error: %s", e)
+            self._exit = ExitCode.CONFIG
+        except _DomainGone as e:
+            self.log.error("%s", e)
+            self._exit = ExitCode.UNAVAILABLE
+        except (XenError, XenstoreError, VhostUserError, DeviceError, OSError) as e:
+            self.log.error("failed: %s", e)
+            self._exit = ExitCode.TEMPFAIL
+        finally:
+            self.notifier.stopping()
+            await self._teardown()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            self.notifier.close()
+        return int(self._exit)
+
+    def _signalled(self, sig: int) -> None:
+        self.log.info("%s: shutting down", signal.Signals(sig).name)
+        self._stop.set()
+
+    # --- start ----------------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        self.privcmd = PrivCmd(self.kernel)
+        self.evtchn = EventChannel(self.kernel)
+        self.ioreq = IoreqServer(self.privcmd, self.evtchn, self.domid, self.log)
+        try:
+            self.ioreq.create()
+        except XenError as e:
+            if e.errno in (errno.ESRCH, errno.ENOENT, errno.EINVAL):
+                raise _DomainGone(f"domain {self.domid} does not exist ({e})") from None
+            raise
+        discovered: list[tuple[DeviceConfig, str]] = []
+        if self.opt.xenstore:
+            self.xs = await XenstoreClient.open(socket_paths=() if self.simulated else None, opener=self.kernel.open)
+            self.banks = await self._ram_banks()
+            discovered = await self._discover()
+        elif self.opt.devices:
+            self.banks = self._layout(await self._ram_size_from_hypervisor())
+        paths = {cfg.base: path for cfg, path in discovered}
+        configs = merge([c for c, _ in discovered], [self._adjust(d) for d in self.opt.devices])
+        if not configs and not self.opt.xenstore:
+            raise ConfigError("no devices: give --device or --config, or let xenstore discovery run")
+        for cfg in configs:
+            await self._add_device(self._adjust(cfg), paths.get(cfg.base))
+        self.ioreq.enable()
+        for served in self.devices.values():
+            await self._set_state(served, XENBUS_INITWAIT)
+        if self.opt.status_socket:
+            await self._start_status_socket(self.opt.status_socket)
+
+    def _adjust(self, cfg: DeviceConfig) -> DeviceConfig:
+        if cfg.memory is MemoryMode.AUTO and self.opt.memory is not MemoryMode.AUTO:
+            cfg = replace(cfg, memory=self.opt.memory)
+        if not cfg.socket and self.opt.socket_dir:
+            cfg = replace(cfg, socket=os.path.join(self.opt.socket_dir, f"{cfg.devid}.sock"))
+        return cfg
+
+    async def _ram_banks(self) -> list[tuple[int, int]]:
+        assert self.xs is not None
+        try:
+            kib = int(await self.xs.read_str(f"/local/domain/{self.domid}/memory/static-max"))
+        except XenstoreError as e:
+            if e.errno == errno.ENOENT:
+                if not await self.xs.exists(f"/local/domain/{self.domid}"):
+                    raise _DomainGone(f"domain {self.domid} has no xenstore directory: is it running?") from None
+                return self._layout(await self._ram_size_from_hypervisor())
+            raise
+        except ValueError:
+            return self._layout(await self._ram_size_from_hypervisor())
+        return self._layout(kib << 10)
+
+    async def _ram_size_from_hypervisor(self) -> int:
+        assert self.privcmd is not None
+        top = (self.privcmd.maximum_gpfn(self.domid) + 1) << 12
+        base = 0x40000000 if self._arch() == "arm64" else 0
+        return max(top - base, 0)
+
+    def _arch(self) -> str:
+        if self.opt.guest_arch:
+            return self.opt.guest_arch
+        if self.simulated:
+            return "arm64"  # the simulated host models an Arm64 Xen host
+        return "arm64" if os.uname().machine in ("aarch64", "arm64") else "x86_64"
+
+    def _layout(self, size: int) -> list[tuple[int, int]]:
+        """libxl's RAM banks for a guest of ``size`` bytes (xen/include/public/arch-arm.h; x86 HVM)."""
+        if self._arch() == "arm64":
+            ram0, ram0_max, ram1 = 0x40000000, 0xC0000000, 0x200000000
+        else:
+            ram0, ram0_max, ram1 = 0, 0xF0000000, 1 << 32
+        low = min(size, ram0_max)
+        return [(ram0, low)] + ([(ram1, size - low)] if size > low else [])
+
+    def _backend_dir(self, kind: str) -> str:
+        return f"/local/domain/{self.opt.backend_domid}/backend/{kind}/{self.domid}"
+
+    async def _discover(self) -> list[tuple[DeviceConfig, str]]:
+        found = []
+        for kind in KINDS:
+            for devid in await self._directory(self._backend_dir(kind)):
+                cfg = await self._read_device(kind, devid)
+                if cfg is not None:
+                    found.append((cfg, f"{self._backend_dir(kind)}/{devid}"))
+        return found
+
+    async def _directory(self, path: str) -> list[str]:
+        assert self.xs is not None
+        try:
+            return await self.xs.directory(path)
+        except XenstoreError as e:
+            if e.errno == errno.ENOENT:
+                return []
+            raise
+
+    async def _read_device(self, kind: str, devid: str) -> DeviceConfig | None:
+        """A device's backend keys; malformed or vanished entries are logged and skipped."""
+        assert self.xs is not None
+        path = f"{self._backend_dir(kind)}/{devid}"
+        keys: dict[str, str] = {}
+        for key in ("type", "base", "irq", "transport", "grant_usage", "specification", "state", "online"):
+            try:
+                keys[key] = await self.xs.read_str(f"{path}/{key}")
+            except XenstoreError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+        if keys.get("online") == "0" or keys.get("state") in (str(XENBUS_CLOSING), str(XENBUS_CLOSED)):
+            return None
+        if not keys:
+            return None
+        try:
+            if not devid.isdigit():
+                raise ConfigError(f"xenstore {path}: device id {devid!r} is not a number")
+            return device_from_xenstore(kind, int(devid), keys)
+        except ConfigError as e:
+            self.log.error("skipping device: %s", e)
+            return None
+
+    async def _add_device(self, cfg: DeviceConfig, path: str | None) -> None:
+        assert self.ioreq is not None
+        if cfg.base in self.devices:
+            return
+        log = device_logger("xen_vhost_master.device", self.domid, cfg.devid)
+        served = _Served(cfg, None, path)  # type: ignore[arg-type]
+        ioreq = self.ioreq
+        device = Device(
+            cfg, connect=lambda: self._connect(served), memory=self._export(cfg),
+            set_irq=lambda level: ioreq.set_irq(cfg.irq, level), log=log,
+        )
+        served.device = device
+        try:
+            await device.start()
+        except (VhostUserError, DeviceError, OSError) as e:
+            if served.listener is not None:
+                served.listener.close()
+            log.error("not serving this device: %s", e)
+            if path is not None:
+                await self._set_state(served, XENBUS_CLOSED)
+            return
+        ioreq.add_window(cfg.base, WINDOW_SIZE, device)
+        self.devices[cfg.base] = served
+        if path is not None:
+            served.state_task = self._spawn(self._follow_driver(served))
+        log.info("serving virtio device %d at %#x irq %d, back-end %s", cfg.device_id, cfg.base, cfg.irq, cfg.socket_path(self.domid))
+
+    def _export(self, cfg: DeviceConfig) -> MemoryExport:
+        assert self.privcmd is not None
+        mode = cfg.memory
+        if mode is MemoryMode.SIM_MEMFD:
+            return self._sim_memfd()
+        if mode is MemoryMode.SHADOW:
+            raise ConfigError(f"device {cfg.devid}: memory=shadow is not implemented yet; use xen-mmap (back-end with XEN_MMAP) or, in the simulator, sim-memfd")
+        return XenMmapExport(self.domid, self.banks, self.privcmd.fileno())
+
+    def _sim_memfd(self) -> MemoryExport:
+        """SIM-ONLY, labelled baseline: guest RAM exposed as the simulator's memfd."""
+        if not self.simulated:
+            raise ConfigError("memory=sim-memfd only exists in the simulator (XEN_VHOST_SIM is not set)")
+        from .sim.guest import SimControl
+
+        with SimControl(os.environ[ENV_SIM_SOCKET]) as ctl:
+            info, fds = ctl.call({"op": "guest_ram", "domid": self.domid})
+        if self._memfd is None:
+            self._memfd = fds[0]
+        else:
+            os.close(fds[0])
+        self.log.warning("SIM-ONLY: guest RAM exposed to back-ends as a memfd (a baseline, impossible on real Xen)")
+        return sim_memfd_export(info["banks"], self._memfd)
+
+    async def _connect(self, served: _Served) -> AsyncFrontend:
+        cfg = served.config
+        path = cfg.socket_path(self.domid)
+        if not cfg.listen:
+            return await AsyncFrontend.connect(path, attempts=CONNECT_ATTEMPTS)
+        if served.listener is None:
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            served.listener = await UnixListener.create(path)
+            os.chmod(path, 0o600)
+        self.log.info("waiting for the back-end to connect to %s", path)
+        return await AsyncFrontend.accept(served.listener, accept_timeout=ACCEPT_TIMEOUT)
+
+    async def _set_state(self, served: _Served, state: int) -> None:
+        if self.xs is None or served.path is None:
+            return
+        try:
+            await self.xs.write(f"{served.path}/state", str(state))
+        except XenstoreError as e:
+            self.log.warning("xenstore %s/state <- %d: %s", served.path, state, e)
+
+    async def _follow_driver(self, served: _Served) -> None:
+        """Connected while the guest's driver has DRIVER_OK, InitWait otherwise."""
+        device = served.device
+        shown = XENBUS_INITWAIT
+        while True:
+            await device.changed.wait()
+            device.changed.clear()
+            model = device.model
+            want = XENBUS_CONNECTED if model is not None and model.status & Status.DRIVER_OK else XENBUS_INITWAIT
+            if want != shown:
+                await self._set_state(served, want)
+                shown = want
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- running --------------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        waits: list[Callable[[], Awaitable[Any]]] = [self._stop.wait]
+        if self.xs is not None:
+            waits.append(self._watch_devices)
+            waits.append(self._watch_domain)
+        if self.notifier.watchdog_interval:
+            waits.append(self._watchdog)
+        tasks = [asyncio.ensure_future(w()) for w in waits]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # re-raise a watcher's failure
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _watch_devices(self) -> None:
+        """Hot add/remove: xenstored fires on any change below the backend directories."""
+        assert self.xs is not None
+        watches = [await self.xs.watch(self._backend_dir(kind), token=f"dev-{kind}") for kind in KINDS]
+        queue: asyncio.Queue[str] = asyncio.Queue()
+
+        async def pump(w: Any) -> None:
+            async for ev in w:
+                queue.put_nowait(ev.path)
+
+        pumps = [asyncio.ensure_future(pump(w)) for w in watches]
+        try:
+            while True:
+                await queue.get()
+                while not queue.empty():
+                    queue.get_nowait()
+                await self._reconcile()
+        finally:
+            for p in pumps:
+                p.cancel()
+            for w in watches:
+                with contextlib.suppress(XenstoreError):
+                    await w.unwatch()
+
+    async def _reconcile(self) -> None:
+        assert self.ioreq is not None
+        found = {cfg.base: (cfg, path) for cfg, path in await self._discover()}
+        explicit = {d.base for d in self.opt.devices}
+        for base, served in list(self.devices.items()):
+            if served.path is not None and base not in found and base not in explicit:
+                self.log.info("device %d removed from xenstore: tearing it down", served.config.devid)
+                await self._remove_device(base)
+        for base, (cfg, path) in found.items():
+            if base not in self.devices:
+                self.log.info("device %d added in xenstore", cfg.devid)
+                await self._add_device(self._adjust(cfg), path)
+                if base in self.devices:
+                    await self._set_state(self.devices[base], XENBUS_INITWAIT)
+        self.notifier.status(self._status_line())
+
+    async def _remove_device(self, base: int) -> None:
+        assert self.ioreq is not None
+        served = self.devices.pop(base)
+        self.ioreq.remove_window(base)
+        if served.state_task is not None:
+            served.state_task.cancel()
+        try:
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await served.device.close()
+        except TimeoutError:
+            self.log.warning("device %d: back-end did not stop within %.0f s", served.config.devid, STEP_TIMEOUT)
+        if served.listener is not None:
+            served.listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(served.config.socket_path(self.domid))
+        await self._set_state(served, XENBUS_CLOSED)
+
+    async def _watch_domain(self) -> None:
+        """Return when the domain is gone (destroyed, or shut down and released)."""
+        assert self.xs is not None
+        async with await self.xs.watch("@releaseDomain", token="release") as w:
+            async for _ in w:
+                if not await self.xs.exists(f"/local/domain/{self.domid}"):
+                    self.log.info("domain %d is gone", self.domid)
+                    return
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval
+        assert interval
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    # --- status ---------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        devices = []
+        for served in self.devices.values():
+            d, cfg = served.device, served.config
+            fe = d.frontend
+            devices.append({
+                "devid": cfg.devid, "device_id": cfg.device_id, "base": hex(cfg.base), "irq": cfg.irq,
+                "socket": cfg.socket_path(self.domid),
+                "backend": "lost" if fe is None or fe.broken else "connected",
+                "status": int(d.model.status) if d.model else 0,
+                "features": hex(d.model.driver_features) if d.model else "0x0",
+                "kicks": d.stats.per_queue_kicks, "calls": d.stats.per_queue_calls,
+                "reads": d.stats.reads, "writes": d.stats.writes, "interrupts": d.stats.interrupts,
+                "guest_errors": d.stats.guest_errors, "last_error": d.stats.last_error,
+            })
+        ioreq = self.ioreq.stats if self.ioreq else None
+        return {"domid": self.domid, "devices": devices,
+                "ioreqs": {"served": ioreq.served, "spurious": ioreq.spurious, "refused": ioreq.refused} if ioreq else {}}
+
+    def _status_line(self) -> str:
+        return f"dom{self.domid}: {len(self.devices)} device(s)"
+
+    async def _start_status_socket(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(json.dumps(self.status()).encode() + b"\n")
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            writer.close()
+
+        self._status_server = await asyncio.start_unix_server(answer, path)
+        os.chmod(path, 0o600)
+
+    # --- teardown -------------------------------------------------------------------------------
+
+    async def _teardown(self) -> None:
+        """Reverse order, one step at a time, each bounded."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._status_server is not None:
+            self._status_server.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.opt.status_socket or "")
+        if self.ioreq is not None and self.ioreq._reading:
+            # No more guest accesses while the back-ends stop.
+            asyncio.get_running_loop().remove_reader(self.ioreq.evtchn.fileno())
+            self.ioreq._reading = False
+        for base in list(self.devices):
+            await self._remove_device(base)
+        if self.ioreq is not None:
+            await self._bounded("ioreq server teardown", self.ioreq.close())
+        if self.xs is not None:
+            await self.xs.close()
+        if self._memfd is not None:
+            os.close(self._memfd)
+        for handle in (self.evtchn, self.privcmd):
+            if handle is not None:
+                handle.close()
+        self.log.info("stopped")
+
+    async def _bounded(self, what: str, op: Awaitable[None]) -> None:
+        try:
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await op
+        except TimeoutError:
+            self.log.warning("%s did not finish within %.0f s", what, STEP_TIMEOUT)
+        except XenError as e:
+            self.log.warning("%s: %s", what, e)
+
+
+class _DomainGone(Exception):
+    pass
