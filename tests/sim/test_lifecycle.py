@@ -137,3 +137,27 @@ def test_privcmd_fd_handed_to_another_process_maps_the_guest(sim_host: SimHost, 
         assert out[1] == f"errno {errno.EPERM}"
         assert bytes(own.view()[6:12]) == b"child!"
         own.close()
+
+
+@pytest.mark.asyncio
+async def test_a_dead_host_gives_errors_not_hangs(sim_dir: str) -> None:
+    host = SimHost(os.path.join(sim_dir, "dying.sock")).start()
+    kernel = SimKernel(host.path)
+    try:
+        with host.control() as ctl:
+            domid = ctl.create_domain(mem_bytes=MIB)
+        pc, ev = PrivCmd(kernel), EventChannel(kernel)
+        host.stop()
+        with pytest.raises(XenError) as ei:
+            DeviceModel(pc, domid).nr_vcpus()
+        assert ei.value.errno == errno.EIO
+        with pytest.raises(XenError) as ei:
+            await asyncio.wait_for(ev.wait(), TIMEOUT)
+        assert ei.value.errno == errno.ENODEV
+        with pytest.raises(XenError) as ei:
+            PrivCmd(kernel)
+        assert ei.value.errno == errno.ENOENT
+        pc.close()
+        ev.close()
+    finally:
+        host.stop()

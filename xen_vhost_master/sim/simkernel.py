@@ -68,6 +68,7 @@ __all__ = ["SimKernel", "gfn_runs"]
 
 log = logging.getLogger(__name__)
 
+RPC_TIMEOUT = 30.0  # a simulated host that does not answer an ioctl in this time is hung: EIO
 DM_OP_MAX_NR_BUFS = 16  # privcmd module parameter dm_op_max_nr_bufs
 DM_OP_BUF_MAX_SIZE = 4096  # privcmd module parameter dm_op_buf_max_size
 _NODES = {
@@ -133,10 +134,17 @@ class _Node:
     vmas: dict[int, _Vma] = field(default_factory=dict)
     gmaps: dict[int, int] = field(default_factory=dict)  # gntdev index -> count
     adopted: bool = False  # received from another process: ``sock`` is our dup of the fd
+    broken: bool = False
 
     def call(self, obj: dict[str, Any], blob: bytes = b"") -> tuple[dict[str, Any], bytes, list[int]]:
-        rpc.send_blocking(self.sock, obj, blob)
-        reply, rblob, fds = rpc.recv_blocking(self.sock)
+        if self.broken:
+            raise _err(errno.EIO, "connection to the simulated host is broken")
+        try:
+            rpc.send_blocking(self.sock, obj, blob)
+            reply, rblob, fds = rpc.recv_blocking(self.sock)
+        except (OSError, rpc.RpcError) as exc:
+            self.broken = True  # a late or partial reply would desynchronise the stream
+            raise _err(errno.EIO, f"simulated host: {exc}") from None
         code = int(reply.get("errno", errno.EIO))
         if code:
             for fd in fds:
@@ -155,10 +163,14 @@ class SimKernel:
     # ------------------------------------------------------------------ fds
     def _connect(self, node: str) -> tuple[socket.socket, list[int]]:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(RPC_TIMEOUT)
         try:
             sock.connect(self.path)
             rpc.send_blocking(sock, {"op": "open", "node": node})
             reply, _blob, fds = rpc.recv_blocking(sock)
+        except rpc.RpcError as exc:
+            sock.close()
+            raise _err(errno.EIO, str(exc)) from None
         except OSError:
             sock.close()
             raise
@@ -204,11 +216,15 @@ class SimKernel:
             sock = socket.socket(fileno=os.dup(fd))
         except OSError:
             raise _err(errno.EBADF) from None
+        sock.settimeout(RPC_TIMEOUT)
         try:
             if sock.family != socket.AF_UNIX or sock.getpeername() != self.path:
                 raise _err(errno.ENOTTY, "not a simulated Xen device fd")
             rpc.send_blocking(sock, {"op": "whoami"})
             reply, _b, _f = rpc.recv_blocking(sock)
+        except rpc.RpcError as exc:
+            sock.close()
+            raise _err(errno.EIO, str(exc)) from None
         except OSError:
             sock.close()
             raise

@@ -94,6 +94,8 @@ class EventChannel:
             return []
         except OSError as exc:
             raise XenError("evtchn read", exc.errno or errno.EIO) from None
+        if not data:  # /dev/xen/evtchn never reaches EOF; a simulated host that died does
+            raise XenError("evtchn read", errno.ENODEV)
         ports = array.array("I")
         ports.frombytes(data[: len(data) - len(data) % 4])
         return list(ports)
