@@ -30,7 +30,10 @@ def sim_process(sim_dir: str) -> Iterator[str]:
     cmd = [exe] if exe else [sys.executable, "-m", "xen_vhost_master.sim.cli"]
     r, w = os.pipe()
     proc = subprocess.Popen(
-        [*cmd, "--socket", path, "--domain", f"domid={DOMID},mem=64M,vcpus=2", "--ready-fd", str(w)], pass_fds=(w,)
+        [*cmd, "--socket", path, "--domain", f"domid={DOMID},mem=64M,vcpus=2,name=sim-guest",
+         "--virtio", f"domid={DOMID},device_id=2,base={BASE:#x},irq=33",
+         "--xenstore-socket", os.path.join(sim_dir, "xenstored.sock"), "--ready-fd", str(w)],
+        pass_fds=(w,),
     )
     os.close(w)
     try:
@@ -86,3 +89,22 @@ async def test_pending_mmio_survives_sigkill_of_the_device_model(sim_process: st
                 p.kill()
                 await p.wait()
         guest.close()
+
+
+@pytest.mark.asyncio
+async def test_process_serves_xenstore_on_its_socket_and_xenbus(sim_process: str) -> None:
+    from xen_vhost_master.sim.simkernel import SimKernel
+    from xen_vhost_master.xen.xenstore import XenstoreClient
+
+    sock = os.path.join(os.path.dirname(sim_process), "xenstored.sock")
+    for client in (
+        await XenstoreClient.open(socket_paths=(sock,), timeout=TIMEOUT),
+        await XenstoreClient.open(socket_paths=(), timeout=TIMEOUT, opener=SimKernel(sim_process).open),
+    ):
+        try:
+            assert await client.read_str(f"/local/domain/{DOMID}/name") == "sim-guest"
+            be = f"/local/domain/0/backend/virtio/{DOMID}/0"
+            assert int(await client.read_str(f"{be}/base"), 0) == BASE
+            assert await client.read_str(f"{be}/irq") == "33"
+        finally:
+            await client.close()

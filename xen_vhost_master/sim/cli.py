@@ -81,6 +81,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                    help="create a guest: domid=N,mem=SIZE,vcpus=N,arch=arm64|x86_64,hole=GPA+SIZE")
     p.add_argument("--virtio", action="append", default=[], type=parse_virtio_spec, metavar="SPEC",
                    help="add a virtio-mmio device (libxl xenstore nodes): domid=N,device_id=2,base=0x2000000,irq=33[,devid=0]")
+    p.add_argument("--xenstore-socket", default=None, metavar="PATH",
+                   help="also serve the simulated xenstored on this Unix socket (like /var/run/xenstored/socket)")
     p.add_argument("--ready-fd", type=int, default=None, help="write 'ready\\n' to this fd when listening")
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p.parse_args(argv)
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.write(args.ready_fd, b"ready\n")
                 os.close(args.ready_fd)
 
-        await serve(args.socket, started, stop)
+        await serve(args.socket, started, stop, xenstore_socket=args.xenstore_socket)
         return 1 if failure else 0
 
     return asyncio.run(run())

@@ -36,13 +36,18 @@ def _toolstack() -> Any:
 
 
 async def serve(path: str, started: Callable[[Hypervisor, SimServer], None] | None = None,
-                stop: asyncio.Event | None = None) -> None:
-    """Run a simulated host on ``path`` until ``stop`` is set (or forever)."""
+                stop: asyncio.Event | None = None, *, xenstore_socket: str | None = None) -> None:
+    """Run a simulated host on ``path`` until ``stop`` is set (or forever). With ``xenstore_socket``
+    the simulated xenstored also listens there (like /var/run/xenstored/socket: dom0 connections)."""
     hv = Hypervisor()
     toolstack = _toolstack()
     server = SimServer(hv, path, toolstack=toolstack)
     await server.start()
     try:
+        if xenstore_socket is not None:
+            if toolstack is None:
+                raise RuntimeError("no simulated xenstored to listen on the xenstore socket")
+            await toolstack.xenstored.serve_unix(xenstore_socket)
         if started is not None:
             started(hv, server)
         await (stop.wait() if stop is not None else asyncio.Event().wait())
@@ -58,8 +63,9 @@ class SimHost:
     Use as a context manager; :meth:`control` gives a blocking admin client.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, xenstore_socket: str | None = None) -> None:
         self.path = path
+        self.xenstore_socket = xenstore_socket
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -86,7 +92,7 @@ class SimHost:
 
         async def main() -> None:
             self._stop = asyncio.Event()
-            await serve(self.path, started, self._stop)
+            await serve(self.path, started, self._stop, xenstore_socket=self.xenstore_socket)
 
         try:
             loop.run_until_complete(main())
