@@ -89,6 +89,11 @@ class _Endpoint:
         return self._framer.bytes_needed
 
     @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete message received so far."""
+        return self._framer.buffered
+
+    @property
     def mid_message(self) -> bool:
         """True while part of a message (or its fds) has been received."""
         return self._framer.mid_message

@@ -69,8 +69,9 @@ async def finish(fe: AsyncFrontend, peer: FdSocket, task: asyncio.Task[None]) ->
 async def test_truncated_header_then_eof_is_partial_message(no_fd_leak: None) -> None:
     fe, peer, task = await scripted(encode(F.GET_FEATURES, U64(value=1), reply=True)[:7], close_after=True)
     async with asyncio.timeout(TEST_TIMEOUT):
-        with pytest.raises(PartialMessage):
+        with pytest.raises(PartialMessage) as exc:
             await fe.get_features()
+        assert (exc.value.have, exc.value.need) == (7, 12)
         assert fe.broken and type(fe.error).reconnect
         with pytest.raises(PartialMessage):  # sticky: same error at once, nothing sent
             await fe.set_owner()

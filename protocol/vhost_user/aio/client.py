@@ -239,9 +239,10 @@ class AsyncFrontend:
                         data, fds = await self.sock.recv(max(1, self.conn.bytes_needed))
                         if not data:
                             partial = self.conn.mid_message
+                            have, need = self.conn.buffered, self.conn.buffered + self.conn.bytes_needed
                             close_fds(fds, self.conn.take_unclaimed_fds())
                             if partial:
-                                raise PartialMessage(0, self.conn.bytes_needed)
+                                raise PartialMessage(have, need)
                             raise Disconnected(f"back-end closed the connection awaiting {request!s}")
                         try:
                             events = self.conn.receive(data, fds)

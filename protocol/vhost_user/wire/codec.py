@@ -395,6 +395,11 @@ class MessageFramer:
         return self._header.size - len(self._buf)
 
     @property
+    def buffered(self) -> int:
+        """Bytes of the current, incomplete message received so far (header included)."""
+        return len(self._buf) + (HEADER_SIZE if self._header is not None else 0)
+
+    @property
     def mid_message(self) -> bool:
         return bool(self._buf) or self._header is not None or bool(self._fds)
 
