@@ -294,13 +294,13 @@ class Supervisor:
         from .sim.guest import SimControl
 
         with SimControl(os.environ[ENV_SIM_SOCKET]) as ctl:
-            info, fds = ctl.call({"op": "guest_ram", "domid": self.domid})
+            banks, memfd = ctl.sim_only_ram_memfd(self.domid)
         if self._memfd is None:
-            self._memfd = fds[0]
+            self._memfd = memfd
         else:
-            os.close(fds[0])
+            os.close(memfd)
         self.log.warning("SIM-ONLY: guest RAM exposed to back-ends as a memfd (a baseline, impossible on real Xen)")
-        return sim_memfd_export(info["banks"], self._memfd)
+        return sim_memfd_export(banks, self._memfd)
 
     async def _connect(self, served: _Served) -> AsyncFrontend:
         cfg = served.config

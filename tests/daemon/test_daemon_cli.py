@@ -1,0 +1,174 @@
+"""The daemon as an operator runs it: ``xen-vhost-master --domid N`` in its own process, attached to
+``xen-vhost-sim`` in another, devices from the simulated xenstore, qemu-storage-daemon back-ends.
+
+Checks: READY=1 on a real NOTIFY_SOCKET, XenBus states (InitWait, Connected, Closed), guest I/O,
+a device hot-added and hot-removed through xenstore, SIGTERM → exit 0 with STOPPING=1 and nothing
+left behind (status socket gone, IOREQ server destroyed in the simulator).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import select
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xen_vhost_master.sim.guest import SimControl, SimGuest
+from xen_vhost_master.sim.guest_devices import VirtioBlk
+from xen_vhost_master.sim.guest_driver import GuestDriverError, GuestPageAllocator
+from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_master.xen.xenstore import XenstoreClient
+
+DOMID = 7
+TIMEOUT = 20.0
+BIN = Path(sys.executable).parent
+
+
+def start_sim(sim_dir: str) -> tuple[subprocess.Popen[bytes], str]:
+    path = os.path.join(sim_dir, "xen.sock")
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        [str(BIN / "xen-vhost-sim"), "--socket", path, "--domain", f"domid={DOMID},mem=64M,vcpus=2",
+         "--virtio", f"domid={DOMID},device_id=2,base=0x2000000,irq=33,devid=0", "--ready-fd", str(w)],
+        pass_fds=(w,),
+    )
+    os.close(w)
+    ready = select.select([r], [], [], TIMEOUT)[0]
+    os.close(r)
+    assert ready, "xen-vhost-sim did not start"
+    return proc, path
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class DaemonLog:
+    """The daemon's stderr, read line by line from the event loop."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+
+    async def wait_for(self, text: str) -> str:
+        assert self.proc.stderr is not None
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                line = (await loop.run_in_executor(None, self.proc.stderr.readline)).decode()
+                if not line:
+                    raise AssertionError(f"daemon exited before logging {text!r}:\n" + "".join(self.lines))
+                self.lines.append(line)
+                if text in line:
+                    return line
+
+
+async def wait_state(xs: XenstoreClient, path: str, value: str) -> None:
+    async with await xs.watch(path) as w:
+        async with asyncio.timeout(TIMEOUT):
+            async for _ in w:
+                try:
+                    if await xs.read_str(path) == value:
+                        return
+                except FileNotFoundError:
+                    pass
+
+
+async def io_check(blk: VirtioBlk, image: Path, seed: int) -> None:
+    data = random.Random(seed).randbytes(256 << 10)
+    await asyncio.wait_for(blk.write(64, data), TIMEOUT)
+    assert await asyncio.wait_for(blk.read(64, len(data) // 512), TIMEOUT) == data
+    await asyncio.wait_for(blk.flush(), TIMEOUT)
+    with open(image, "rb") as f:
+        f.seek(64 * 512)
+        assert f.read(len(data)) == data
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # the daemon itself runs on uvloop
+async def test_daemon_serves_discovers_hotplugs_and_stops_cleanly(sim_dir, peers, tmp_path):
+    sim, sim_path = start_sim(sim_dir)
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    disk0, disk1 = peers.qsd_raw(size=8 << 20), peers.qsd_raw(size=8 << 20)
+    (runtime / "0.sock").symlink_to(disk0.sock)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    env = dict(os.environ, XEN_VHOST_SIM=sim_path, NOTIFY_SOCKET=str(tmp_path / "notify"))
+    daemon = subprocess.Popen(
+        [str(BIN / "xen-vhost-master"), "--domid", str(DOMID), "--runtime-dir", str(runtime), "--memory", "sim-memfd"],
+        env=env, stderr=subprocess.PIPE,
+    )
+    log = DaemonLog(daemon)
+    guest = xs = None
+    try:
+        loop = asyncio.get_running_loop()
+        notify.setblocking(False)
+        msg = await asyncio.wait_for(loop.sock_recv(notify, 4096), TIMEOUT)
+        assert msg.startswith(b"READY=1"), msg
+        xs = await XenstoreClient.open(socket_paths=(), opener=SimKernel(sim_path).open)
+        backend = f"/local/domain/0/backend/virtio/{DOMID}"
+        assert await xs.read_str(f"{backend}/0/state") == "2"  # InitWait: `xl create` may go on
+
+        guest = await SimGuest.connect(sim_path, DOMID)
+        alloc = GuestPageAllocator(guest.ram)
+        blk0 = await asyncio.wait_for(VirtioBlk.attach(guest, 0x2000000, 33, alloc), TIMEOUT)
+        await wait_state(xs, f"{backend}/0/state", "4")  # Connected: the guest's driver is live
+        await io_check(blk0, disk0.image, 1)
+
+        # Hot add: libxl writes a second device; the daemon serves it without a restart.
+        (runtime / "1.sock").symlink_to(disk1.sock)
+        with SimControl(sim_path) as ctl:
+            ctl.add_virtio_device(DOMID, device_id=2, base=0x2000200, irq=34, devid=1)
+        await wait_state(xs, f"{backend}/1/state", "2")
+        blk1 = await asyncio.wait_for(VirtioBlk.attach(guest, 0x2000200, 34, alloc), TIMEOUT)
+        await io_check(blk1, disk1.image, 2)
+
+        # Hot remove: the window goes away (unclaimed MMIO reads as all-ones), device 0 goes on.
+        with SimControl(sim_path) as ctl:
+            ctl.remove_virtio_device(DOMID, device_id=2, base=0x2000200, irq=34, devid=1)
+        await log.wait_for("removed from xenstore")
+        assert await asyncio.wait_for(guest.mmio_read(0x2000200, 4), TIMEOUT) == 0xFFFFFFFF
+        await io_check(blk0, disk0.image, 3)
+        await blk0.close()  # the guest's driver resets its device: back to InitWait
+        with pytest.raises(GuestDriverError):
+            await blk1.close()  # its device is gone: the reset never completes
+        await wait_state(xs, f"{backend}/0/state", "2")
+
+        daemon.send_signal(signal.SIGTERM)
+        rc = await loop.run_in_executor(None, daemon.wait, TIMEOUT)
+        assert rc == 0, "".join(log.lines)
+        messages = []
+        while True:
+            try:
+                messages.append(notify.recv(4096))
+            except BlockingIOError:
+                break
+        assert any(m.startswith(b"STOPPING=1") for m in messages), messages
+        assert not (runtime / "status.sock").exists()
+        assert await xs.read_str(f"{backend}/0/state") == "6"  # Closed
+        with SimControl(sim_path) as ctl:
+            assert ctl.domain_info(DOMID)["servers"] == []  # the IOREQ server is destroyed
+    finally:
+        if guest is not None:
+            guest.close()
+        if xs is not None:
+            await xs.close()
+        stop(daemon)
+        if daemon.stderr is not None:
+            daemon.stderr.close()
+        notify.close()
+        stop(sim)
