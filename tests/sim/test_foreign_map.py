@@ -108,3 +108,43 @@ def test_scattered_gfns_map_page_by_page(sim_control: SimControl, kernel: SimKer
         finally:
             fm.close()
             whole.close()
+
+
+def test_paged_out_frames_fail_with_enoent_and_map_on_retry(sim_control: SimControl, kernel: SimKernel) -> None:
+    import array
+
+    paged_gpa = RAM0 + 0x10000
+    domid = sim_control.create_domain(mem_bytes=1 << 20, paged=[(paged_gpa, 3 * 4096)])
+    gfns = array.array("Q", range(RAM0 >> 12, (RAM0 >> 12) + 256))
+    with PrivCmd(kernel) as pc:
+        fm = pc.map_foreign(domid, gfns)  # the ioctl's ENOENT is reported per page, not raised
+        try:
+            first = (paged_gpa - RAM0) >> 12
+            assert fm.failed() == [first, first + 1, first + 2]
+            assert set(fm.errors[first : first + 3]) == {-errno.ENOENT}
+            assert pc.retry_paged(fm, domid, gfns) == 0
+            assert fm.ok()
+            fm.view()[first * 4096 : first * 4096 + 2] = b"in"
+            again = pc.map_foreign_range(domid, paged_gpa >> 12, 1)
+            assert bytes(again.view()[:2]) == b"in"
+            again.close()
+        finally:
+            fm.close()
+
+
+def test_raw_mmapbatch_returns_enoent_when_a_frame_is_paged_out(sim_control: SimControl, kernel: SimKernel) -> None:
+    import array
+
+    from xen_vhost_master.xen.abi import PrivcmdIoctl, privcmd_mmapbatch_v2
+
+    domid = sim_control.create_domain(mem_bytes=1 << 20, paged=[(RAM0 + 4096, 4096)])
+    with PrivCmd(kernel) as pc:
+        m = kernel.mmap(pc.fileno(), 4 * 4096)
+        gfns = array.array("Q", range(RAM0 >> 12, (RAM0 >> 12) + 4))
+        errs = array.array("i", [7] * 4)
+        arg = privcmd_mmapbatch_v2(num=4, dom=domid, addr=m.addr, arr=gfns.buffer_info()[0], err=errs.buffer_info()[0])
+        with pytest.raises(OSError) as ei:
+            kernel.ioctl(pc.fileno(), PrivcmdIoctl.MMAPBATCH_V2, arg)
+        assert ei.value.errno == errno.ENOENT
+        assert list(errs) == [0, -errno.ENOENT, 0, 0]
+        m.close()

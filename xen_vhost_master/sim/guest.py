@@ -74,12 +74,14 @@ class SimControl:
         vcpus: int = 1,
         arch: str = "arm64",
         holes: list[tuple[int, int]] | None = None,
+        paged: list[tuple[int, int]] | None = None,
         name: str = "",
     ) -> int:
-        """A new guest; ``holes`` are unpopulated (gpa, size) ranges inside its RAM banks."""
+        """A new guest; ``holes`` are unpopulated (gpa, size) ranges inside its RAM banks; ``paged``
+        ranges are paged out: the first foreign map of each frame fails with ENOENT (retry works)."""
         reply, _ = self.call(
             {"op": "create_domain", "domid": domid, "mem_bytes": mem_bytes, "vcpus": vcpus, "arch": arch,
-             "holes": holes or [], "name": name}
+             "holes": holes or [], "paged": paged or [], "name": name}
         )
         return int(reply["domid"])
 

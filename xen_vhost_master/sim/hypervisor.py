@@ -182,6 +182,7 @@ class Hypervisor:
         vcpus: int = 1,
         arch: str = "arm64",
         holes: list[tuple[int, int]] = (),  # type: ignore[assignment]
+        paged: list[tuple[int, int]] = (),  # type: ignore[assignment]
     ) -> Domain:
         if domid is None:
             domid = next(d for d in range(1, DOMID_FIRST_RESERVED) if d not in self.domains)
@@ -191,6 +192,11 @@ class Hypervisor:
             raise HvError(errno.EINVAL)
         a = Arch(arch)
         mem = GuestMemory(bank_layout(a, mem_bytes), list(holes), name=f"d{domid}")
+        for gpa, size in paged:
+            if gpa % XEN_PAGE_SIZE or size % XEN_PAGE_SIZE or size <= 0:
+                mem.close()
+                raise HvError(errno.EINVAL, "paged range not page aligned")
+            mem.paged.append((gpa >> 12, (gpa + size) >> 12))
         dom = Domain(domid, name or f"guest{domid}", vcpus, mem, a)
         self.domains[domid] = dom
         log.info("created d%d (%s, %d vCPUs, %d MiB, %s)", domid, dom.name, vcpus, mem_bytes >> 20, a.value)

@@ -101,6 +101,7 @@ class GuestMemory:
             offset += end - start
         self.extents = extents
         self._starts = [e.gfn for e in extents]
+        self.paged: list[tuple[int, int]] = []  # [start, end) GFNs currently paged out (see page_in)
         try:
             self._map = mmap.mmap(self.memfd, total) if total else None
         except OSError:
@@ -146,6 +147,26 @@ class GuestMemory:
                 out.append((cur, n, -1))
             cur += n
         return out
+
+    def page_in(self, gfn: int, count: int) -> list[tuple[int, int]]:
+        """The paged-out sub-ranges of ``[gfn, gfn+count)`` as (gfn, n); they are paged in now
+        (a foreign map of a paged-out frame fails with ENOENT and triggers the page-in, as
+        xenpaging does: the caller retries)."""
+        hit: list[tuple[int, int]] = []
+        keep: list[tuple[int, int]] = []
+        end = gfn + count
+        for ps, pe in self.paged:
+            lo, hi = max(ps, gfn), min(pe, end)
+            if lo < hi:
+                hit.append((lo, hi - lo))
+                if ps < lo:
+                    keep.append((ps, lo))
+                if hi < pe:
+                    keep.append((hi, pe))
+            else:
+                keep.append((ps, pe))
+        self.paged = keep
+        return hit
 
     def view(self, gpa: int, length: int) -> memoryview:
         """GuestRam.view: writable view of populated RAM; ValueError if any byte is a hole/outside."""

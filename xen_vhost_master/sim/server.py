@@ -369,7 +369,17 @@ class Conn:
                 out.extend((page, count, -errno.ESRCH if d is None else -errno.EINVAL, -1))
                 continue
             for start, n, off in mem.resolve(gfn, count):
-                out.extend((page + (start - gfn), n, 0 if off >= 0 else -errno.EINVAL, off))
+                if off < 0:
+                    out.extend((page + (start - gfn), n, -errno.EINVAL, -1))
+                    continue
+                cur = start
+                for pstart, pn in mem.page_in(start, n):  # paged out: ENOENT now, there on retry
+                    if pstart > cur:
+                        out.extend((page + (cur - gfn), pstart - cur, 0, off + (cur - start)))
+                    out.extend((page + (pstart - gfn), pn, -errno.ENOENT, -1))
+                    cur = pstart + pn
+                if cur < start + n:
+                    out.extend((page + (cur - gfn), start + n - cur, 0, off + (cur - start)))
         fds = [mem.memfd] if mem is not None and any(out[i] >= 0 for i in range(3, len(out), 4)) else []
         return ({"errno": 0}, out.tobytes(), fds)
 
@@ -560,10 +570,11 @@ class Conn:
     # -------------------------------------------------------------- control (sim-only)
     def _control_create_domain(self, o: dict[str, Any], _b: bytes) -> Reply:
         holes = [(int(a), int(b)) for a, b in o.get("holes", [])]
+        paged = [(int(a), int(b)) for a, b in o.get("paged", [])]
         try:
             dom = self.hv.create_domain(
                 o.get("domid"), name=str(o.get("name", "")), mem_bytes=int(o.get("mem_bytes", 1 << 30)),
-                vcpus=int(o.get("vcpus", 1)), arch=str(o.get("arch", "arm64")), holes=holes,
+                vcpus=int(o.get("vcpus", 1)), arch=str(o.get("arch", "arm64")), holes=holes, paged=paged,
             )
         except ValueError as exc:
             raise HvError(errno.EINVAL, str(exc)) from None

@@ -153,6 +153,34 @@ class PrivCmd:
                 raise XenError("mmapbatch_v2", exc.errno or errno.EIO) from None
         return ForeignMapping(mapping, num, errs)
 
+    def retry_paged(self, fm: ForeignMapping, domid: int, gfns: array.array[int]) -> int:
+        """Re-issue MMAPBATCH_V2 for the frames of ``fm`` that failed with ENOENT (paged out or
+        shared: Xen pages them in, retry later), run by run on the same VMA. Updates ``fm.errors``;
+        returns how many frames still fail with ENOENT."""
+        idx = [i for i, e in enumerate(fm.errors) if e == -errno.ENOENT]
+        runs: list[tuple[int, int]] = []
+        for i in idx:
+            if runs and runs[-1][0] + runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((i, 1))
+        left = 0
+        for first, n in runs:
+            sub = array.array("Q", gfns[first : first + n])
+            errs = array.array("i", bytes(4 * n))
+            m = privcmd_mmapbatch_v2(
+                num=n, dom=domid, addr=fm.mapping.addr + (first << XEN_PAGE_SHIFT),
+                arr=sub.buffer_info()[0], err=errs.buffer_info()[0],
+            )
+            try:
+                self.kernel.ioctl(self.fd, PrivcmdIoctl.MMAPBATCH_V2, m)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise XenError("mmapbatch_v2 retry", exc.errno or errno.EIO) from None
+            fm.errors[first : first + n] = errs
+            left += sum(1 for e in errs if e == -errno.ENOENT)
+        return left
+
     def map_foreign_range(self, domid: int, first_gfn: int, count: int, *, prot: int = PROT_READ | PROT_WRITE) -> ForeignMapping:
         """Foreign-map ``count`` consecutive frames from ``first_gfn`` (array built in C, not a list)."""
         return self.map_foreign(domid, array.array("Q", range(first_gfn, first_gfn + count)), prot=prot)
