@@ -41,6 +41,7 @@ def test_cli_specs() -> None:
     assert parse_virtio_spec("domid=1,device_id=0x1a,base=0x2000200,irq=34,devid=1") == {
         "domid": 1, "device_id": 0x1A, "base": 0x2000200, "irq": 34, "devid": 1
     }
+    assert parse_domain_spec("mem=1M,paged=0x40001000+4K")["paged"] == [(0x40001000, 4096)]
     for bad in ("domid=1,base=0x2000000,irq=33", "domid=1,device_id=2,base=0x2000000,irq=33,bogus=1"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_virtio_spec(bad)

@@ -36,7 +36,8 @@ def parse_size(text: str) -> int:
 
 
 def parse_domain_spec(spec: str) -> dict[str, object]:
-    """``domid=1,mem=1G,vcpus=2,arch=arm64,name=g,hole=GPA+SIZE[,hole=...]`` → create_domain kwargs."""
+    """``domid=1,mem=1G,vcpus=2,arch=arm64,name=g,hole=GPA+SIZE[,hole=...][,paged=GPA+SIZE]``
+    → create_domain kwargs (holes: unpopulated; paged: ENOENT on the first foreign map)."""
     out: dict[str, object] = {"holes": []}
     for item in filter(None, spec.split(",")):
         key, sep, value = item.partition("=")
@@ -50,11 +51,13 @@ def parse_domain_spec(spec: str) -> dict[str, object]:
             out["vcpus"] = int(value)
         elif key in ("arch", "name"):
             out[key] = value
-        elif key == "hole":
+        elif key in ("hole", "paged"):
             gpa, plus, size = value.partition("+")
             if not plus:
-                raise argparse.ArgumentTypeError("hole=GPA+SIZE")
-            out["holes"].append((int(gpa, 0), parse_size(size)))  # type: ignore[attr-defined]
+                raise argparse.ArgumentTypeError(f"{key}=GPA+SIZE")
+            ranges = out.setdefault(key if key == "paged" else "holes", [])
+            assert isinstance(ranges, list)
+            ranges.append((int(gpa, 0), parse_size(size)))
         else:
             raise argparse.ArgumentTypeError(f"unknown domain key {key!r}")
     return out
