@@ -407,7 +407,9 @@ class Peers:
             if not v or " " in v:
                 raise ValueError(f"UML init parameter {k}={v!r} must be non-empty without spaces")
         argv = [
-            uml, f"mem={mem}", "root=/dev/root", "rootfstype=hostfs", "rootflags=/", "ro",
+            # loglevel=4: only kernel errors reach the console, so no late printk (e.g. "random: crng
+            # init done") can split a verdict line of the init script.
+            uml, f"mem={mem}", "root=/dev/root", "rootfstype=hostfs", "rootflags=/", "ro", "loglevel=4",
             f"init={UML_INIT}", "con=null", "con0=null,fd:1", f"uml_dir={uml_dir}",
             f"virtio_uml.device={sock}:{device_id}",
             *(f"{k}={v}" for k, v in params.items()),

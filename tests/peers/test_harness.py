@@ -95,10 +95,11 @@ async def test_uml_boot_recipe_against_qemu_storage_daemon(peers: Peers, tmp_pat
         "UMLT_RSECTOR": "100", "UMLT_RCOUNT": "8",
     })
     verdicts = await run.finish(timeout=25)
-    assert "DONE 0" in verdicts, run.process.log_tail()
-    assert run.value("SECTORS") == str((4 << 20) // 512)
-    assert run.value("WRITE-READ-OK") == "16"
-    assert run.value("READ-MD5") == hashlib.md5(host_bytes).hexdigest()
+    tail = run.process.log_tail(60)
+    assert "DONE 0" in verdicts, tail
+    assert run.value("SECTORS") == str((4 << 20) // 512), tail
+    assert run.value("WRITE-READ-OK") == "16", tail
+    assert run.value("READ-MD5") == hashlib.md5(host_bytes).hexdigest(), tail
     with open(qsd.image, "rb") as f:
         f.seek(8 * 512)
         assert f.read(len(pattern)) == pattern
