@@ -103,3 +103,58 @@ async def test_guest_writes_and_reads_4mib_through_the_daemon_to_qsd(sim_host, s
         guest.close()
         await daemon.close()
     assert sim_control.domain_info(domid)["servers"] == []  # the ioreq server is gone
+
+
+async def blk_request(driver, alloc, queue: int, kind: int, sector: int, data: bytes = b"", length: int = 0) -> bytes:
+    """One virtio-blk request (virtio 1.2 §5.2.6) on ``queue``, written by hand on the raw driver."""
+    import struct
+
+    size = len(data) or length
+    hdr, buf, status = alloc.alloc(16), alloc.alloc(max(size, 1)), alloc.alloc(1)
+    ram = driver.bus.ram
+    ram.view(hdr, 16)[:] = struct.pack("<IIQ", kind, 0, sector)
+    if data:
+        ram.view(buf, size)[:] = data
+    readable = [(hdr, 16)] + ([(buf, size)] if data else [])
+    writable = ([(buf, size)] if not data else []) + [(status, 1)]
+    fut = await driver.submit(queue, readable, writable)
+    await asyncio.wait_for(fut, TIMEOUT)
+    assert ram.view(status, 1)[0] == 0, "virtio-blk status not OK"
+    out = bytes(ram.view(buf, size)) if not data else b""
+    for gpa in (hdr, buf, status):
+        alloc.free(gpa)
+    return out
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio
+async def test_two_queues_and_a_driver_reset_without_backend_restart(sim_host, sim_control, kernel, peers):
+    from xen_vhost_master.sim.guest_driver import VirtioMmioDriver
+
+    qsd = peers.qsd_raw(size=8 << 20, num_queues=2)
+    domid = sim_control.create_domain(mem_bytes=64 << 20, vcpus=2)
+    daemon = Daemon(kernel, sim_control, domid, str(qsd.sock))
+    guest = await SimGuest.connect(sim_host.path, domid)
+    try:
+        await daemon.start()
+        frontend = daemon.device.frontend
+        alloc = GuestPageAllocator(guest.ram)
+        rng = random.Random(3)
+        for round_ in range(2):  # probe, I/O on both queues, reset; then the same again
+            driver = VirtioMmioDriver(guest, BASE, IRQ, alloc, vcpu=round_ % 2)
+            await asyncio.wait_for(driver.initialize((1 << 32) | (1 << 12), [64, 64]), TIMEOUT)  # VERSION_1 | MQ
+            for queue in (0, 1):
+                data = rng.randbytes(8192)
+                sector = 100 * (2 * round_ + queue)
+                await blk_request(driver, alloc, queue, 1, sector, data)  # VIRTIO_BLK_T_OUT
+                assert await blk_request(driver, alloc, queue, 0, sector, length=8192) == data  # T_IN
+                with open(qsd.image, "rb") as f:
+                    f.seek(sector * 512)
+                    assert f.read(8192) == data
+            assert set(daemon.device.stats.per_queue_kicks) == {0, 1}
+            await asyncio.wait_for(driver.close(), TIMEOUT)  # Status = 0: the daemon stops both rings
+            assert daemon.device.frontend is frontend and not frontend.broken  # same back-end connection
+        assert daemon.device.stats.starts == 2 and daemon.device.stats.stops == 2
+    finally:
+        guest.close()
+        await daemon.close()
