@@ -42,6 +42,7 @@ from .virtio_mmio import (
     Notify,
     QueueConfig,
     Reset,
+    Status,
     VirtioMmioDevice,
     guest_features,
 )
@@ -269,6 +270,11 @@ class Device:
 
     async def _start_backend(self, fe: AsyncFrontend, features: int, queues: Sequence[QueueConfig]) -> None:
         await fe.set_features(features)
+        status = fe.has_protocol_feature(ProtocolFeatures.STATUS)
+        if status:
+            # QEMU 10's order (net trace): FEATURES_OK before the memory table, the driver's full
+            # status once the rings run. DPDK holds the device back until it sees DRIVER_OK here.
+            await fe.set_status(int(Status.FEATURES_OK))
         regions, fds = self.memory.regions()
         await fe.set_mem_table(regions, fds)
         for q in queues:
@@ -277,6 +283,8 @@ class Device:
                 kick_fd=self._kick[q.index], call_fd=self._call[q.index],
             )
             self._started.append(q.index)
+        if status:
+            await fe.set_status(int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK))
         self.stats.starts += 1
         self.log.info("started: features %#x, queues %s", features, [q.index for q in queues])
 

@@ -311,7 +311,7 @@ class Supervisor:
             os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            served.listener = await UnixListener.create(path)
+            served.listener = UnixListener(path)
             os.chmod(path, 0o600)
         self.log.info("waiting for the back-end to connect to %s", path)
         return await AsyncFrontend.accept(served.listener, accept_timeout=ACCEPT_TIMEOUT)
