@@ -129,3 +129,25 @@ async def test_ioreq_round_trip_read_and_write(sim_host: SimHost, sim_control: S
         ev.close()
         pc.close()
         guest.close()
+
+
+@pytest.mark.asyncio
+async def test_unbound_port_allocated_by_dom0_and_bound_by_the_guest(
+    sim_host: SimHost, sim_control: SimControl, kernel: SimKernel
+) -> None:
+    domid = sim_control.create_domain(mem_bytes=1 << 20)
+    guest = await SimGuest.connect(sim_host.path, domid)
+    try:
+        with EventChannel(kernel) as ev:
+            local = ev.bind_unbound_port(domid)
+            gport = guest.evtchn_bind_interdomain(0, local)
+            await asyncio.wait_for(guest.evtchn_wait(gport), TIMEOUT)  # Xen's event on a fresh bind
+            ev.notify(local)
+            await asyncio.wait_for(guest.evtchn_wait(gport), TIMEOUT)
+            guest.evtchn_notify(gport)
+            assert await asyncio.wait_for(ev.wait(), TIMEOUT) == [local]
+            with pytest.raises(OSError) as ei:
+                guest.evtchn_bind_interdomain(0, local)  # already bound
+            assert ei.value.errno == errno.EINVAL
+    finally:
+        guest.close()

@@ -260,6 +260,13 @@ class SimGuest:
         """EVTCHNOP_alloc_unbound in the guest, for ``remote_dom`` to bind to; returns the guest port."""
         return int(self._ctl.call({"op": "evtchn_alloc_unbound", "domid": self.domid, "remote": remote_dom})[0]["value"])
 
+    def evtchn_bind_interdomain(self, remote_dom: int, remote_port: int) -> int:
+        """EVTCHNOP_bind_interdomain in the guest (to a port dom0 allocated with BIND_UNBOUND_PORT).
+        As on Xen, the new local port starts with an event pending."""
+        return int(self._ctl.call(
+            {"op": "evtchn_bind_interdomain", "domid": self.domid, "remote": remote_dom, "remote_port": remote_port}
+        )[0]["value"])
+
     def evtchn_notify(self, port: int) -> None:
         self._ctl.call({"op": "evtchn_notify", "domid": self.domid, "port": port})
 

@@ -638,15 +638,23 @@ class Conn:
     def _control_pending_access(self, o: dict[str, Any], _b: bytes) -> Reply:
         return _ok(value=self.hv.pending_access(int(o["domid"]), int(o.get("vcpu", 0))))
 
-    def _control_evtchn_alloc_unbound(self, o: dict[str, Any], _b: bytes) -> Reply:
-        domid = int(o["domid"])
+    def _guest_consumer(self, domid: int) -> Callable[[Port], None]:
         dom = self.hv.guest(domid)
 
         def consumer(p: Port) -> None:
             dom.user_events.setdefault(p.port, asyncio.Event()).set()
 
-        p = self.hv.alloc_unbound(domid, int(o.get("remote", 0)), consumer=consumer)
-        dom.user_events[p.port] = asyncio.Event()
+        return consumer
+
+    def _control_evtchn_alloc_unbound(self, o: dict[str, Any], _b: bytes) -> Reply:
+        domid = int(o["domid"])
+        p = self.hv.alloc_unbound(domid, int(o.get("remote", 0)), consumer=self._guest_consumer(domid))
+        self.hv.guest(domid).user_events[p.port] = asyncio.Event()
+        return _ok(value=p.port)
+
+    def _control_evtchn_bind_interdomain(self, o: dict[str, Any], _b: bytes) -> Reply:
+        domid = int(o["domid"])
+        p = self.hv.bind_interdomain(domid, int(o["remote"]), int(o["remote_port"]), consumer=self._guest_consumer(domid))
         return _ok(value=p.port)
 
     def _control_evtchn_notify(self, o: dict[str, Any], _b: bytes) -> Reply:
