@@ -47,7 +47,7 @@ from .virtio_mmio import (
     guest_features,
 )
 
-__all__ = ["Device", "DeviceError", "DeviceStats", "MemoryExport"]
+__all__ = ["DataPath", "Device", "DeviceError", "DeviceStats", "RingAddresses"]
 
 MAX_CONFIG_SIZE = 256  # virtio-mmio config window 0x100..0x1ff; QEMU's VHOST_USER_MAX_CONFIG_SIZE too
 
@@ -56,20 +56,56 @@ class DeviceError(Exception):
     """The device cannot be served (e.g. the back-end lacks a capability we need)."""
 
 
-class MemoryExport(Protocol):
-    """How guest memory is described to a back-end for zero-copy access."""
+@dataclass(frozen=True)
+class RingAddresses:
+    """Where the back-end finds a queue's rings (addresses in the memory table's space)."""
+
+    desc: int
+    avail: int
+    used: int
+
+
+class DataPath(Protocol):
+    """How the back-end reaches the guest's buffers: directly (zero copy) or through the daemon.
+
+    Zero copy (:mod:`.memory`): the memory table describes guest RAM itself, the back-end gets the
+    guest's ring addresses, a guest notify is a kick, a back-end call is an interrupt. A copying
+    data path (shadow virtqueues) describes its own memory, gives the back-end its own rings, and
+    moves chains between the two on notifies and calls.
+    """
 
     @property
     def protocol_features(self) -> ProtocolFeatures:
         """Protocol features the back-end must have (XEN_MMAP for Xen mappings, none for memfds)."""
         ...
 
+    @property
+    def packed(self) -> bool:
+        """Whether packed rings can be offered to the guest."""
+        ...
+
     def banks(self) -> Sequence[tuple[int, int]]:
-        """Guest RAM banks ``(gpa, size)``: rings must lie inside them."""
+        """Guest RAM banks ``(gpa, size)``: the guest's rings must lie inside them."""
         ...
 
     def regions(self) -> tuple[Sequence[MemoryRegion | XenMemoryRegion], Sequence[int]]:
-        """The memory table and one fd per region (still owned by the export)."""
+        """The memory table and one fd per region (still owned by the data path)."""
+        ...
+
+    def open_queue(self, queue: QueueConfig, features: int, kick_fd: int) -> RingAddresses:
+        """The driver made ``queue`` ready and the device starts; ``kick_fd`` is the back-end's."""
+        ...
+
+    def notify(self, index: int) -> None:
+        """The guest notified queue ``index``."""
+        ...
+
+    def used(self, index: int) -> bool:
+        """The back-end signalled queue ``index``; True if the guest should be interrupted."""
+        ...
+
+    def close_queue(self, index: int) -> None:
+        """The back-end has stopped the queue (GET_VRING_BASE answered)."""
         ...
 
 
@@ -95,7 +131,7 @@ class Device:
         config: DeviceConfig,
         *,
         connect: Callable[[], Awaitable[AsyncFrontend]],
-        memory: MemoryExport,
+        memory: DataPath,
         set_irq: Callable[[bool], None],
         log: DeviceLogger,
         clock: Callable[[], float] = time.monotonic,
@@ -146,7 +182,7 @@ class Device:
             loop.add_reader(fd, self._on_call, i)
         self.model = VirtioMmioDevice(
             device_id=self.config.device_id,
-            device_features=guest_features(negotiated.features, grants=self.config.grants),
+            device_features=guest_features(negotiated.features, grants=self.config.grants, packed=self.memory.packed),
             queue_sizes=[self.config.queue_size] * nq,
             config=config,
             ram=list(self.memory.banks()),
@@ -218,7 +254,7 @@ class Device:
                 case Notify(index):
                     self.stats.notifies += 1
                     self.stats.per_queue_kicks[index] = self.stats.per_queue_kicks.get(index, 0) + 1
-                    os.eventfd_write(self._kick[index], 1)
+                    self.memory.notify(index)
                 case IrqLevel(level):
                     self._irq(level)
                 case Activate():
@@ -278,11 +314,12 @@ class Device:
         regions, fds = self.memory.regions()
         await fe.set_mem_table(regions, fds)
         for q in queues:
+            rings = self.memory.open_queue(q, features, self._kick[q.index])
+            self._started.append(q.index)
             await fe.start_vring(
-                q.index, num=q.num, desc=q.desc, avail=q.driver, used=q.device,
+                q.index, num=q.num, desc=rings.desc, avail=rings.avail, used=rings.used,
                 kick_fd=self._kick[q.index], call_fd=self._call[q.index],
             )
-            self._started.append(q.index)
         if status:
             await fe.set_status(int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK))
         self.stats.starts += 1
@@ -293,9 +330,13 @@ class Device:
         if fe is None:
             return
         started, self._started = self._started, []
-        for index in started:
-            base = await fe.stop_vring(index)
-            self.log.debug("queue %d stopped at avail index %d", index, base)
+        try:
+            for index in started:
+                base = await fe.stop_vring(index)
+                self.log.debug("queue %d stopped at avail index %d", index, base)
+        finally:
+            for index in started:
+                self.memory.close_queue(index)
         if started:
             self.stats.stops += 1
         if fe.has_protocol_feature(ProtocolFeatures.RESET_DEVICE):
@@ -311,7 +352,7 @@ class Device:
         except BlockingIOError:
             return
         self.stats.per_queue_calls[index] = self.stats.per_queue_calls.get(index, 0) + 1
-        if self.model is None:
+        if self.model is None or not self.memory.used(index):
             return
         for action in self.model.used_buffer():
             if isinstance(action, IrqLevel):
@@ -346,7 +387,9 @@ class Device:
         """The back-end connection broke: tell the guest (DEVICE_NEEDS_RESET)."""
         if self.model is None:
             return
-        self._started = []
+        started, self._started = self._started, []
+        for index in started:
+            self.memory.close_queue(index)
         self.changed.set()
         for action in self.model.needs_reset(f"back-end lost: {reason}"):
             if isinstance(action, IrqLevel):

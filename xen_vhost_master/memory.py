@@ -1,4 +1,4 @@
-"""How guest memory is described to a back-end (the zero-copy exports).
+"""The zero-copy data paths: how guest memory is described to a back-end that maps it itself.
 
 * :class:`FdExport` — regions backed by ordinary shareable fds (memfds). On Xen this is only
   possible with the simulator's labelled ``sim-memfd`` exposure; it is also what a test uses when
@@ -12,12 +12,40 @@ wrote into QueueDesc/Driver/Device can be passed to SET_VRING_ADDR unchanged (ab
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vhost_user import MemoryRegion, ProtocolFeatures, XenMemoryRegion, XenMmapFlags
 
+from .device import RingAddresses
+from .virtio_mmio import QueueConfig
+
 __all__ = ["FdExport", "FdRegion", "XenMmapExport", "sim_memfd_export"]
+
+
+class _ZeroCopy:
+    """Zero copy: the back-end uses the guest's own rings; notifies and calls pass straight through."""
+
+    packed = True
+
+    def __init__(self) -> None:
+        self._kick: dict[int, int] = {}
+
+    def open_queue(self, queue: QueueConfig, features: int, kick_fd: int) -> RingAddresses:
+        self._kick[queue.index] = kick_fd
+        return RingAddresses(queue.desc, queue.driver, queue.device)
+
+    def notify(self, index: int) -> None:
+        fd = self._kick.get(index)
+        if fd is not None:
+            os.eventfd_write(fd, 1)
+
+    def used(self, index: int) -> bool:
+        return True
+
+    def close_queue(self, index: int) -> None:
+        self._kick.pop(index, None)
 
 
 @dataclass(frozen=True)
@@ -28,12 +56,13 @@ class FdRegion:
     offset: int = 0  # of the region's first byte in the fd
 
 
-class FdExport:
+class FdExport(_ZeroCopy):
     """Guest RAM banks that are (sim-only) shareable fds: plain vhost-user regions."""
 
     protocol_features = ProtocolFeatures(0)
 
     def __init__(self, regions: Sequence[FdRegion]) -> None:
+        super().__init__()
         self._regions = tuple(regions)
 
     def banks(self) -> Sequence[tuple[int, int]]:
@@ -44,12 +73,13 @@ class FdExport:
         return table, [r.fd for r in self._regions]
 
 
-class XenMmapExport:
+class XenMmapExport(_ZeroCopy):
     """XEN_MMAP: the back-end maps the guest's RAM banks through the privcmd fd we pass."""
 
     protocol_features = ProtocolFeatures.XEN_MMAP
 
     def __init__(self, domid: int, banks: Sequence[tuple[int, int]], privcmd_fd: int) -> None:
+        super().__init__()
         self._domid = domid
         self._banks = tuple(banks)
         self._fd = privcmd_fd

@@ -29,7 +29,7 @@ from typing import Any
 from vhost_user import AsyncFrontend, UnixListener, VhostUserError
 
 from .config import DeviceConfig, MemoryMode, device_from_xenstore, merge
-from .device import Device, DeviceError, MemoryExport
+from .device import DataPath, Device, DeviceError
 from .errors import ConfigError, XenError
 from .ioreq_server import IoreqServer
 from .log import device_logger
@@ -278,7 +278,7 @@ class Supervisor:
             served.state_task = self._spawn(self._follow_driver(served))
         log.info("serving virtio device %d at %#x irq %d, back-end %s", cfg.device_id, cfg.base, cfg.irq, cfg.socket_path(self.domid))
 
-    def _export(self, cfg: DeviceConfig) -> MemoryExport:
+    def _export(self, cfg: DeviceConfig) -> DataPath:
         assert self.privcmd is not None
         mode = cfg.memory
         if mode is MemoryMode.SIM_MEMFD:
@@ -287,7 +287,7 @@ class Supervisor:
             raise ConfigError(f"device {cfg.devid}: memory=shadow is not implemented yet; use xen-mmap (back-end with XEN_MMAP) or, in the simulator, sim-memfd")
         return XenMmapExport(self.domid, self.banks, self.privcmd.fileno())
 
-    def _sim_memfd(self) -> MemoryExport:
+    def _sim_memfd(self) -> DataPath:
         """SIM-ONLY, labelled baseline: guest RAM exposed as the simulator's memfd."""
         if not self.simulated:
             raise ConfigError("memory=sim-memfd only exists in the simulator (XEN_VHOST_SIM is not set)")
