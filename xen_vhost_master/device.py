@@ -23,6 +23,7 @@ from typing import Protocol
 
 from vhost_user import (
     AsyncFrontend,
+    Negotiated,
     BackendRequest,
     MemoryRegion,
     ProtocolFeatures,
@@ -49,7 +50,10 @@ from .virtio_mmio import (
 
 __all__ = ["DataPath", "Device", "DeviceError", "DeviceStats", "RingAddresses"]
 
-MAX_CONFIG_SIZE = 256  # virtio-mmio config window 0x100..0x1ff; QEMU's VHOST_USER_MAX_CONFIG_SIZE too
+MAX_CONFIG_SIZE = 256
+RECONNECT_WINDOW = 60.0  # seconds a lost back-end may take to come back before NEEDS_RESET
+RECONNECT_BACKOFF = 0.05  # first pause between reconnect attempts (doubling, capped)
+RECONNECT_BACKOFF_MAX = 1.0  # virtio-mmio config window 0x100..0x1ff; QEMU's VHOST_USER_MAX_CONFIG_SIZE too
 
 
 class DeviceError(Exception):
@@ -118,6 +122,7 @@ class DeviceStats:
     guest_errors: int = 0
     starts: int = 0
     stops: int = 0
+    reconnects: int = 0
     last_error: str = ""
     per_queue_kicks: dict[int, int] = field(default_factory=dict)
     per_queue_calls: dict[int, int] = field(default_factory=dict)
@@ -134,9 +139,11 @@ class Device:
         memory: DataPath,
         set_irq: Callable[[bool], None],
         log: DeviceLogger,
+        read_guest: Callable[[int, int], bytes] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        self._read_guest = read_guest
         self._connect = connect
         self.memory = memory
         self._set_irq = set_irq
@@ -149,6 +156,9 @@ class Device:
         self._kick: list[int] = []
         self._call: list[int] = []
         self._started: list[int] = []
+        self._queues: tuple[QueueConfig, ...] = ()  # as the driver set them up (for a reconnect)
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.changed = asyncio.Event()  # set when the driver starts/stops the device (for xenbus state)
 
@@ -156,6 +166,27 @@ class Device:
 
     async def start(self) -> None:
         """Connect to the back-end, negotiate and learn the device's shape (queues, config)."""
+        fe, negotiated, nq, config = await self._open_backend()
+        self.frontend = fe
+        self._kick = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nq)]
+        self._call = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nq)]
+        loop = asyncio.get_running_loop()
+        for i, fd in enumerate(self._call):
+            loop.add_reader(fd, self._on_call, i)
+        self.model = VirtioMmioDevice(
+            device_id=self.config.device_id,
+            device_features=guest_features(negotiated.features, grants=self.config.grants, packed=self.memory.packed),
+            queue_sizes=[self.config.queue_size] * nq,
+            config=config,
+            ram=list(self.memory.banks()),
+        )
+        self.log.info(
+            "back-end ready: features %#x, protocol features %#x, %d queue(s), config %d bytes",
+            negotiated.features, int(negotiated.protocol_features), nq, len(config),
+        )
+
+    async def _open_backend(self) -> tuple[AsyncFrontend, Negotiated, int, bytes]:
+        """Connect and negotiate (QEMU's init order); the connection is closed on any failure."""
         fe = await self._connect()
         try:
             negotiated = await fe.negotiate(
@@ -173,24 +204,8 @@ class Device:
         except BaseException:
             await fe.close()
             raise
-        self.frontend = fe
         fe.on_lost = lambda exc: self.backend_lost(str(exc))
-        self._kick = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nq)]
-        self._call = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nq)]
-        loop = asyncio.get_running_loop()
-        for i, fd in enumerate(self._call):
-            loop.add_reader(fd, self._on_call, i)
-        self.model = VirtioMmioDevice(
-            device_id=self.config.device_id,
-            device_features=guest_features(negotiated.features, grants=self.config.grants, packed=self.memory.packed),
-            queue_sizes=[self.config.queue_size] * nq,
-            config=config,
-            ram=list(self.memory.banks()),
-        )
-        self.log.info(
-            "back-end ready: features %#x, protocol features %#x, %d queue(s), config %d bytes",
-            negotiated.features, int(negotiated.protocol_features), nq, len(config),
-        )
+        return fe, negotiated, nq, config
 
     async def _probe_config(self, fe: AsyncFrontend) -> bytes:
         """The back-end's config space, at the largest size it accepts (no per-device tables).
@@ -216,6 +231,11 @@ class Device:
 
     async def close(self) -> None:
         """Stop the back-end's rings (if running) and release everything. Idempotent."""
+        self._closing = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconnecting
         async with self._lock:
             if self.frontend is not None and not self.frontend.broken:
                 with contextlib.suppress(VhostUserError):
@@ -299,6 +319,9 @@ class Device:
     async def _activate(self, action: Activate) -> None:
         fe = self.frontend
         if fe is None or fe.broken:
+            if self._reconnecting is not None:
+                self._queues = action.queues  # started by _resume once the back-end is back
+                return
             assert self.model is not None
             await self._carry_out(self.model.needs_reset("DRIVER_OK but the back-end is not connected"))
             return
@@ -322,14 +345,18 @@ class Device:
             )
         if status:
             await fe.set_status(int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK))
+        self._queues = tuple(queues)
         self.stats.starts += 1
         self.log.info("started: features %#x, queues %s", features, [q.index for q in queues])
 
     async def _stop_backend(self) -> None:
         fe = self.frontend
-        if fe is None:
-            return
         started, self._started = self._started, []
+        self._queues = ()
+        if fe is None or fe.broken:
+            for index in started:
+                self.memory.close_queue(index)
+            return
         try:
             for index in started:
                 base = await fe.stop_vring(index)
@@ -383,17 +410,91 @@ class Device:
             self.log.info("back-end config changed")
             await self._carry_out(model.config_changed(config))
 
+    @property
+    def reconnecting(self) -> asyncio.Task[None] | None:
+        """The reconnect in progress, if any (await it to know the outcome)."""
+        return self._reconnecting
+
     def backend_lost(self, reason: str) -> None:
-        """The back-end connection broke: tell the guest (DEVICE_NEEDS_RESET)."""
-        if self.model is None:
+        """The back-end connection broke: reconnect and resume, or tell the guest (NEEDS_RESET)."""
+        if self.model is None or self._closing or self._reconnecting is not None:
             return
+        self.stats.last_error = f"back-end lost: {reason}"
+        self.log.warning("back-end lost (%s): reconnecting", reason)
+        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        """Reconnect within RECONNECT_WINDOW, replay features, memory and rings, and resume.
+
+        The guest sees at most a pause: its queue state lives in the model, its notifies keep
+        accumulating on the kick eventfds the new back-end is given, and the rings restart at the
+        used index (QEMU's rule without INFLIGHT_SHMFD: what was in flight is submitted again).
+        """
+        assert self.model is not None
+        loop = asyncio.get_running_loop()
+        old, self.frontend = self.frontend, None
+        if old is not None:
+            await old.close()
+        deadline = loop.time() + RECONNECT_WINDOW
+        delay = RECONNECT_BACKOFF
+        try:
+            while True:
+                try:
+                    fe, negotiated, nq, config = await self._open_backend()
+                    break
+                except (VhostUserError, DeviceError, OSError) as e:
+                    if loop.time() + delay > deadline:
+                        self._give_up(f"back-end did not come back within {RECONNECT_WINDOW:.0f} s: {e}")
+                        return
+                    self.log.debug("reconnect attempt failed: %s", e)
+                    await asyncio.sleep(delay)  # back-off between attempts, not synchronisation
+                    delay = min(delay * 2, RECONNECT_BACKOFF_MAX)
+            async with self._lock:
+                missing = self.model.driver_features & ~guest_features(negotiated.features, grants=self.config.grants)
+                if nq != len(self._kick) or missing:
+                    await fe.close()
+                    self._give_up(f"the back-end came back different ({nq} queues, lacking features {missing:#x})")
+                    return
+                self.frontend = fe
+                self.stats.reconnects += 1
+                await self._carry_out(self.model.config_changed(config))
+                if self.model.active and self._queues:
+                    await self._guarded(self._resume(fe))
+                self.log.info("back-end reconnected%s", " and resumed" if self._started else "")
+        finally:
+            self._reconnecting = None
+
+    async def _resume(self, fe: AsyncFrontend) -> None:
+        assert self.model is not None
+        if self._read_guest is None:
+            raise DeviceError("cannot resume rings without access to guest memory")
+        features = self.model.driver_features
+        await fe.set_features(features)
+        status = fe.has_protocol_feature(ProtocolFeatures.STATUS)
+        if status:
+            await fe.set_status(int(Status.FEATURES_OK))
+        regions, fds = self.memory.regions()
+        await fe.set_mem_table(regions, fds)
+        for q in self._queues:
+            base = int.from_bytes(self._read_guest(q.device + 2, 2), "little")  # used->idx
+            rings = self.memory.open_queue(q, features, self._kick[q.index])
+            self._started.append(q.index)
+            await fe.start_vring(q.index, num=q.num, desc=rings.desc, avail=rings.avail, used=rings.used,
+                                 kick_fd=self._kick[q.index], call_fd=self._call[q.index], base=base)
+            os.eventfd_write(self._kick[q.index], 1)  # look at what the guest queued meanwhile
+            os.eventfd_write(self._call[q.index], 1)  # and re-check its used ring for lost interrupts
+        if status:
+            await fe.set_status(int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK))
+
+    def _give_up(self, reason: str) -> None:
+        assert self.model is not None
+        self.log.error("%s", reason)
         started, self._started = self._started, []
         for index in started:
             self.memory.close_queue(index)
         self.changed.set()
-        for action in self.model.needs_reset(f"back-end lost: {reason}"):
+        for action in self.model.needs_reset(reason):
             if isinstance(action, IrqLevel):
                 self._irq(action.level)
             elif isinstance(action, GuestError):
                 self.stats.last_error = action.reason
-                self.log.error("%s", action.reason)

@@ -13,15 +13,18 @@ wrote into QueueDesc/Driver/Device can be passed to SET_VRING_ADDR unchanged (ab
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from vhost_user import MemoryRegion, ProtocolFeatures, XenMemoryRegion, XenMmapFlags
 
 from .device import RingAddresses
+from .errors import GuestFault
 from .virtio_mmio import QueueConfig
+from .xen.abi import XEN_PAGE_SHIFT, XEN_PAGE_SIZE
+from .xen.privcmd import PrivCmd
 
-__all__ = ["FdExport", "FdRegion", "XenMmapExport", "sim_memfd_export"]
+__all__ = ["FdExport", "FdRegion", "XenMmapExport", "foreign_reader", "sim_memfd_export"]
 
 
 class _ZeroCopy:
@@ -105,3 +108,23 @@ def sim_memfd_export(banks: Sequence[tuple[int, int]], memfd: int) -> FdExport:
         regions.append(FdRegion(gpa, size, memfd, offset))
         offset += size
     return FdExport(regions)
+
+
+def foreign_reader(privcmd: PrivCmd, domid: int) -> Callable[[int, int], bytes]:
+    """Read a few bytes of guest memory through a short-lived foreign mapping (rare, small reads:
+    e.g. a ring's used index when a back-end must be resumed)."""
+
+    def read(gpa: int, length: int) -> bytes:
+        first = gpa >> XEN_PAGE_SHIFT
+        count = ((gpa + length - 1) >> XEN_PAGE_SHIFT) - first + 1
+        fm = privcmd.map_foreign_range(domid, first, count)
+        try:
+            if not fm.ok():
+                raise GuestFault(gpa, "not mapped")
+            with fm.view() as view:
+                start = gpa & (XEN_PAGE_SIZE - 1)
+                return bytes(view[start : start + length])
+        finally:
+            fm.close()
+
+    return read

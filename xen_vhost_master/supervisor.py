@@ -33,7 +33,7 @@ from .device import DataPath, Device, DeviceError
 from .errors import ConfigError, XenError
 from .ioreq_server import IoreqServer
 from .log import device_logger
-from .memory import XenMmapExport, sim_memfd_export
+from .memory import XenMmapExport, foreign_reader, sim_memfd_export
 from .sd_notify import Notifier
 from .virtio_mmio import WINDOW_SIZE, Status
 from .xen.evtchn import EventChannel
@@ -252,7 +252,7 @@ class Supervisor:
             return None
 
     async def _add_device(self, cfg: DeviceConfig, path: str | None) -> None:
-        assert self.ioreq is not None
+        assert self.ioreq is not None and self.privcmd is not None
         if cfg.base in self.devices:
             return
         log = device_logger("xen_vhost_master.device", self.domid, cfg.devid)
@@ -261,6 +261,7 @@ class Supervisor:
         device = Device(
             cfg, connect=lambda: self._connect(served), memory=self._export(cfg),
             set_irq=lambda level: ioreq.set_irq(cfg.irq, level), log=log,
+            read_guest=foreign_reader(self.privcmd, self.domid),
         )
         served.device = device
         try:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import random
+import signal
 
 import pytest
 
@@ -35,6 +36,8 @@ class Daemon:
     """The daemon's pieces for one guest with one device, assembled by hand."""
 
     def __init__(self, kernel, control, domid: int, sock: str, queues: int | None = None) -> None:
+        from xen_vhost_master.memory import foreign_reader
+
         self.privcmd, self.evtchn = PrivCmd(kernel), EventChannel(kernel)
         self.log = device_logger("xvm.test", domid, "blk0")
         self.ioreq = IoreqServer(self.privcmd, self.evtchn, domid, self.log)
@@ -44,6 +47,7 @@ class Daemon:
         self.device = Device(
             cfg, connect=lambda: AsyncFrontend.connect(sock), memory=sim_memfd_export(info["banks"], self.memfd),
             set_irq=lambda level: self.ioreq.set_irq(IRQ, level), log=self.log,
+            read_guest=foreign_reader(self.privcmd, domid),
         )
 
     async def start(self) -> None:
@@ -155,6 +159,76 @@ async def test_two_queues_and_a_driver_reset_without_backend_restart(sim_host, s
             await asyncio.wait_for(driver.close(), TIMEOUT)  # Status = 0: the daemon stops both rings
             assert daemon.device.frontend is frontend and not frontend.broken  # same back-end connection
         assert daemon.device.stats.starts == 2 and daemon.device.stats.stops == 2
+    finally:
+        guest.close()
+        await daemon.close()
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio
+async def test_backend_killed_and_restarted_under_io_guest_sees_a_pause(sim_host, sim_control, kernel, peers, tmp_path):
+    """qemu-storage-daemon is SIGKILLed twice under guest I/O (once with requests just kicked, once
+    with requests queued while it is dead) and restarted on the same image; the daemon reconnects,
+    replays features, memory table and rings (base = the guest's used index), and every request
+    completes; the data is right in the guest and in the raw file."""
+    first = peers.qsd_raw(size=8 << 20)
+    link = tmp_path / "blk.sock"
+    link.symlink_to(first.sock)
+
+    def restart(old):
+        old.process._signal_group(signal.SIGKILL)
+        new = peers.qsd_raw(image=first.image)
+        tmp = tmp_path / "blk.sock.new"
+        tmp.symlink_to(new.sock)
+        os.replace(tmp, link)  # the daemon's socket path now leads to the new back-end
+        return new
+
+    domid = sim_control.create_domain(mem_bytes=64 << 20)
+    daemon = Daemon(kernel, sim_control, domid, str(link))
+    guest = await SimGuest.connect(sim_host.path, domid)
+    try:
+        await daemon.start()
+        blk = await asyncio.wait_for(VirtioBlk.attach(guest, BASE, IRQ, GuestPageAllocator(guest.ram)), TIMEOUT)
+        rng = random.Random(9)
+        expected: dict[int, bytes] = {}
+
+        async def write_batch(first_sector: int, count: int, *, kill_after_kick):
+            ops = []
+            for i in range(count):
+                data = rng.randbytes(4096)
+                expected[first_sector + 8 * i] = data
+                ops.append(BlkOp("write", first_sector + 8 * i, data=data))
+            kicked = asyncio.Event()
+            notify = daemon.device.memory.notify
+
+            def notify_and_tell(index):
+                notify(index)
+                kicked.set()
+
+            daemon.device.memory.notify = notify_and_tell
+            task = asyncio.ensure_future(blk.batch(ops))
+            await asyncio.wait_for(kicked.wait(), TIMEOUT)  # the back-end has been kicked: requests in flight
+            daemon.device.memory.notify = notify
+            back = kill_after_kick()
+            await asyncio.wait_for(task, TIMEOUT)
+            return back
+
+        qsd = await write_batch(0, 8, kill_after_kick=lambda: restart(first))
+        if daemon.device.reconnecting is not None:
+            await asyncio.wait_for(daemon.device.reconnecting, TIMEOUT)
+        assert daemon.device.stats.reconnects == 1
+        qsd.process._signal_group(signal.SIGKILL)  # dead while the guest queues more
+        batch = asyncio.ensure_future(blk.batch([BlkOp("write", 1000 + 8 * i, data=expected.setdefault(1000 + 8 * i, rng.randbytes(4096))) for i in range(8)]))
+        restart(qsd)
+        await asyncio.wait_for(batch, TIMEOUT)
+        for sector, data in expected.items():
+            assert await asyncio.wait_for(blk.read(sector, 8), TIMEOUT) == data
+        with open(first.image, "rb") as f:
+            for sector, data in expected.items():
+                f.seek(sector * 512)
+                assert f.read(4096) == data
+        assert daemon.device.stats.reconnects == 2
+        await blk.close()
     finally:
         guest.close()
         await daemon.close()
