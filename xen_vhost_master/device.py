@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ from .virtio_mmio import (
 __all__ = ["DataPath", "Device", "DeviceError", "DeviceStats", "RingAddresses"]
 
 MAX_CONFIG_SIZE = 256
+_NUMBERS = re.compile(r"0x[0-9a-fA-F]+|\d+")
 RECONNECT_WINDOW = 60.0  # seconds a lost back-end may take to come back before NEEDS_RESET
 RECONNECT_BACKOFF = 0.05  # first pause between reconnect attempts (doubling, capped)
 RECONNECT_BACKOFF_MAX = 1.0  # virtio-mmio config window 0x100..0x1ff; QEMU's VHOST_USER_MAX_CONFIG_SIZE too
@@ -299,7 +301,9 @@ class Device:
     def _guest_error(self, reason: str) -> None:
         self.stats.guest_errors += 1
         self.stats.last_error = reason
-        allowed, suppressed = self._limit.allow(reason.split(":")[0])
+        # One budget per kind of complaint, whatever the numbers in it (a guest cycling through
+        # queue indices or offsets must not get a fresh budget each time).
+        allowed, suppressed = self._limit.allow(_NUMBERS.sub("#", reason.split(":")[0]))
         if allowed:
             more = f" ({suppressed} similar lines suppressed)" if suppressed else ""
             self.log.warning("guest: %s%s", reason, more)

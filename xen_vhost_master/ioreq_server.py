@@ -213,7 +213,7 @@ class IoreqServer:
 
     def _refuse(self, reason: str) -> None:
         self.stats.refused += 1
-        allowed, suppressed = self._limit.allow(reason.split(" ")[0])
+        allowed, suppressed = self._limit.allow(reason.split(" ")[0])  # "unsupported" / "access"
         if allowed:
             self.log.warning("%s%s", reason, f" ({suppressed} similar suppressed)" if suppressed else "")
 
