@@ -5,7 +5,8 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages of the real peers the tests run against (see tests/peers/).
-DEBS  := qemu-system-common dpdk-dev user-mode-linux kmod gcc libxen-dev linux-libc-dev fio
+DEBS  := qemu-system-common dpdk-dev user-mode-linux kmod gcc libxen-dev linux-libc-dev fio \
+         gcc-aarch64-linux-gnu libc6-dev-arm64-cross linux-libc-dev-arm64-cross qemu-user
 
 .PHONY: test demo deps venv bench clean
 test: deps venv
@@ -15,15 +16,18 @@ demo: deps venv
 	$(PY) -m xen_vhost_master.demo
 
 deps:
-	@bash scripts/install-debs.sh $(DEBS)
+	@bash tests/tools/install-debs.sh $(DEBS)
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
-	@command -v python3 >/dev/null || bash scripts/install-debs.sh python3
-	@python3 -c 'import ensurepip' 2>/dev/null || bash scripts/install-debs.sh python3-venv
+	@command -v python3 >/dev/null || bash tests/tools/install-debs.sh python3
+	@python3 -c 'import ensurepip' 2>/dev/null || bash tests/tools/install-debs.sh python3-venv
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	@touch $@
+
+bench: deps venv
+	$(PY) -m xen_vhost_master.sim.bench_map
 
 clean:
 	rm -rf $(VENV) build *.egg-info
