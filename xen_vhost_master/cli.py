@@ -94,6 +94,7 @@ def _options(args: argparse.Namespace) -> Options:
         socket_dir=runtime,
         backend_domid=args.backend_domid,
         status_socket=os.path.join(runtime, "status.sock"),
+        state_file=os.path.join(runtime, "state.json"),
         guest_arch=args.guest_arch,
     )
 

@@ -48,6 +48,7 @@ from .virtio_mmio import (
     VirtioMmioDevice,
     guest_features,
 )
+from .virtio_mmio import restore as restore_model
 
 __all__ = ["DataPath", "Device", "DeviceError", "DeviceStats", "RingAddresses"]
 
@@ -413,6 +414,28 @@ class Device:
                 return
             self.log.info("back-end config changed")
             await self._carry_out(model.config_changed(config))
+
+    async def restore(self, state: dict[str, object]) -> None:
+        """Take over a device whose previous daemon died: the driver-visible state saved by that
+        daemon (``virtio_mmio.snapshot``) is loaded and, if the driver had the device running, the
+        back-end's rings are resumed at the guest's used indices."""
+        assert self.model is not None and self.frontend is not None
+        try:
+            restore_model(self.model, state)
+        except (ValueError, KeyError, TypeError) as e:
+            self.log.warning("saved state not usable (%s): the guest's driver must reset the device", e)
+            await self._carry_out(self.model.needs_reset(f"device state lost: {e}"))
+            return
+        self.changed.set()
+        if self.model.active:
+            self._queues = tuple(
+                QueueConfig(i, q.num, q.desc, q.driver, q.device) for i, q in enumerate(self.model.queues) if q.ready
+            )
+            async with self._lock:
+                await self._guarded(self._resume(self.frontend))
+            self.log.info("resumed the device a previous run left running (queues %s)", [q.index for q in self._queues])
+        if self.model.line:
+            self._set_irq(True)
 
     @property
     def reconnecting(self) -> asyncio.Task[None] | None:

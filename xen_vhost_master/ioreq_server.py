@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import errno
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ class IoreqServer:
         self.stats = IoreqStats()
         self._limit = RateLimit(clock or asyncio.get_event_loop().time)
         self.nr_vcpus = 0
+        self.adopted = False
         self.server_id: int | None = None
         self.page: IoreqPage | None = None
         self.enabled = False
@@ -74,13 +76,27 @@ class IoreqServer:
 
     # --- life cycle -----------------------------------------------------------------------------
 
-    def create(self) -> None:
+    def create(self, adopt: int | None = None) -> None:
         """Create the server and map its page; not yet enabled (the guest's accesses still go
-        nowhere, so devices can connect their back-ends first)."""
+        nowhere, so devices can connect their back-ends first).
+
+        ``adopt``: the id of the server a predecessor daemon left behind (IOREQ servers belong to
+        dom0, not to a process, so they outlive a crashed daemon): reuse it if it still exists,
+        so that the guest's blocked accesses are served instead of lost.
+        """
         self.nr_vcpus = self.dm.nr_vcpus()
-        self.server_id = self.dm.create_ioreq_server()
+        if adopt is not None:
+            try:
+                self.dm.get_ioreq_server_info(adopt)
+            except XenError as e:
+                self.log.info("ioreq server %d of a previous run is gone (%s): creating a new one", adopt, e)
+            else:
+                self.server_id, self.adopted = adopt, True
+        if self.server_id is None:
+            self.server_id = self.dm.create_ioreq_server()
         self.page = IoreqPage.map(self.privcmd, self.domid, self.server_id, self.nr_vcpus)
-        self.log.info("ioreq server %d created for %d vCPU(s)", self.server_id, self.nr_vcpus)
+        self.log.info("ioreq server %d %s for %d vCPU(s)", self.server_id,
+                      "adopted" if self.adopted else "created", self.nr_vcpus)
 
     def enable(self) -> None:
         """Enable the server, bind the vCPUs' event channels and start serving."""
@@ -101,7 +117,12 @@ class IoreqServer:
     def add_window(self, base: int, size: int, handler: MmioHandler) -> None:
         """Route ``[base, base + size)`` to ``handler``."""
         assert self.server_id is not None
-        self.dm.map_io_range(self.server_id, base, base + size - 1)
+        try:
+            self.dm.map_io_range(self.server_id, base, base + size - 1)
+        except XenError as e:
+            # An adopted server still has its predecessor's ranges.
+            if not (self.adopted and e.errno == errno.EEXIST):
+                raise
         bisect.insort(self._bases, base)
         self._windows[base] = (size, handler)
 

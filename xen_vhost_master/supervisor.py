@@ -35,7 +35,7 @@ from .ioreq_server import IoreqServer
 from .log import device_logger
 from .memory import XenMmapExport, foreign_reader, sim_memfd_export
 from .sd_notify import Notifier
-from .virtio_mmio import WINDOW_SIZE, Status
+from .virtio_mmio import WINDOW_SIZE, Status, snapshot
 from .xen.evtchn import EventChannel
 from .xen.kernel import ENV_SIM_SOCKET, Kernel, kernel_from_env
 from .xen.privcmd import PrivCmd
@@ -69,6 +69,7 @@ class Options:
     socket_dir: str | None = None  # overrides the template's directory
     backend_domid: int = 0
     status_socket: str | None = None
+    state_file: str | None = None  # what a restarted daemon needs to take over a running guest
     guest_arch: str | None = None  # arm64 | x86_64; default: the host's (the simulator models Arm64)
 
 
@@ -100,6 +101,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._status_server: asyncio.AbstractServer | None = None
         self._memfd: int | None = None
+        self._saved: dict[str, Any] = {}
 
     # --- the one entry point ---------------------------------------------------------------------
 
@@ -139,12 +141,14 @@ class Supervisor:
         self.privcmd = PrivCmd(self.kernel)
         self.evtchn = EventChannel(self.kernel)
         self.ioreq = IoreqServer(self.privcmd, self.evtchn, self.domid, self.log)
+        self._saved = self._load_state()
         try:
-            self.ioreq.create()
+            self.ioreq.create(adopt=self._saved.get("ioreq_server"))
         except XenError as e:
             if e.errno in (errno.ESRCH, errno.ENOENT, errno.EINVAL):
                 raise _DomainGone(f"domain {self.domid} does not exist ({e})") from None
             raise
+        self._save_state()
         discovered: list[tuple[DeviceConfig, str]] = []
         if self.opt.xenstore:
             self.xs = await XenstoreClient.open(socket_paths=() if self.simulated else None, opener=self.kernel.open)
@@ -273,10 +277,12 @@ class Supervisor:
             if path is not None:
                 await self._set_state(served, XENBUS_CLOSED)
             return
+        saved = self._saved.get("devices", {}).get(str(cfg.base))
+        if saved is not None and self.ioreq.adopted:
+            await device.restore(saved)
         ioreq.add_window(cfg.base, WINDOW_SIZE, device)
         self.devices[cfg.base] = served
-        if path is not None:
-            served.state_task = self._spawn(self._follow_driver(served))
+        served.state_task = self._spawn(self._follow_device(served))
         log.info("serving virtio device %d at %#x irq %d, back-end %s", cfg.device_id, cfg.base, cfg.irq, cfg.socket_path(self.domid))
 
     def _export(self, cfg: DeviceConfig) -> DataPath:
@@ -325,18 +331,52 @@ class Supervisor:
         except XenstoreError as e:
             self.log.warning("xenstore %s/state <- %d: %s", served.path, state, e)
 
-    async def _follow_driver(self, served: _Served) -> None:
-        """Connected while the guest's driver has DRIVER_OK, InitWait otherwise."""
+    async def _follow_device(self, served: _Served) -> None:
+        """On every start/stop of the device: save the state file, and set the XenBus state
+        (Connected while the guest's driver has DRIVER_OK, InitWait otherwise)."""
         device = served.device
         shown = XENBUS_INITWAIT
         while True:
             await device.changed.wait()
             device.changed.clear()
+            self._save_state()
             model = device.model
             want = XENBUS_CONNECTED if model is not None and model.status & Status.DRIVER_OK else XENBUS_INITWAIT
             if want != shown:
                 await self._set_state(served, want)
                 shown = want
+
+    def _load_state(self) -> dict[str, Any]:
+        path = self.opt.state_file
+        if not path:
+            return {}
+        try:
+            with open(path) as f:
+                state = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            self.log.warning("ignoring unreadable state file %s: %s", path, e)
+            return {}
+        if not isinstance(state, dict) or state.get("domid") != self.domid:
+            return {}
+        self.log.info("state file of a previous run found: taking over")
+        return state
+
+    def _save_state(self) -> None:
+        """Atomically record the IOREQ server and each device's driver-visible state."""
+        path = self.opt.state_file
+        if not path or self.ioreq is None or self.ioreq.server_id is None:
+            return
+        devices = {str(base): snapshot(s.device.model) for base, s in self.devices.items() if s.device.model}
+        state = {"domid": self.domid, "ioreq_server": self.ioreq.server_id, "devices": devices}
+        tmp = f"{path}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(state, f)
+            os.replace(tmp, path)
+        except OSError as e:
+            self.log.warning("cannot save state to %s: %s", path, e)
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -493,6 +533,9 @@ class Supervisor:
             await self._remove_device(base)
         if self.ioreq is not None:
             await self._bounded("ioreq server teardown", self.ioreq.close())
+            if self.ioreq.server_id is None and self.opt.state_file:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.opt.state_file)  # a clean stop: nothing to take over
         if self.xs is not None:
             await self.xs.close()
         if self._memfd is not None:

@@ -33,6 +33,8 @@ __all__ = [
     "Status",
     "VirtioMmioDevice",
     "guest_features",
+    "restore",
+    "snapshot",
 ]
 
 MAGIC = 0x74726976  # "virt"
@@ -534,3 +536,39 @@ class VirtioMmioDevice:
     def line(self) -> bool:
         """The level this device drives its interrupt line to."""
         return self._line
+
+
+def snapshot(dev: VirtioMmioDevice) -> dict[str, object]:
+    """The driver-visible state of ``dev``, JSON-serialisable: what a restarted daemon restores so
+    that a guest whose device model process died carries on (``restore``)."""
+    return {
+        "status": int(dev.status),
+        "driver_features": dev.driver_features,
+        "interrupt_status": dev.interrupt_status,
+        "config_generation": dev.config_generation,
+        "selectors": [dev.device_features_sel, dev.driver_features_sel, dev.queue_sel, dev.shm_sel],
+        "queues": [[q.num, int(q.ready), q.desc, q.driver, q.device] for q in dev.queues],
+    }
+
+
+def restore(dev: VirtioMmioDevice, state: dict[str, object]) -> None:
+    """Load a :func:`snapshot` into a freshly built ``dev`` of the same shape (ValueError if not)."""
+    queues = state["queues"]
+    assert isinstance(queues, list)
+    if len(queues) != len(dev.queues):
+        raise ValueError(f"snapshot has {len(queues)} queues, the device {len(dev.queues)}")
+    features = int(state["driver_features"])  # type: ignore[arg-type]
+    if features & ~dev.device_features:
+        raise ValueError(f"snapshot's driver features {features:#x} exceed what the back-end offers")
+    dev.status = Status(int(state["status"]))  # type: ignore[arg-type]
+    dev.driver_features = features
+    dev.interrupt_status = int(state["interrupt_status"]) & (INT_VRING | INT_CONFIG)  # type: ignore[arg-type]
+    dev.config_generation = int(state["config_generation"])  # type: ignore[arg-type]
+    sel = state["selectors"]
+    assert isinstance(sel, list)
+    dev.device_features_sel, dev.driver_features_sel, dev.queue_sel, dev.shm_sel = (int(x) for x in sel)
+    for q, (num, ready, desc, driver, device) in zip(dev.queues, queues):
+        q.num, q.ready, q.desc, q.driver, q.device = int(num), bool(ready), int(desc), int(driver), int(device)
+        if q.ready and dev._queue_problem(q):
+            raise ValueError(f"snapshot's queue is invalid: {dev._queue_problem(q)}")
+    dev._line = dev.interrupt_status != 0

@@ -172,3 +172,52 @@ async def test_daemon_serves_discovers_hotplugs_and_stops_cleanly(sim_dir, peers
             daemon.stderr.close()
         notify.close()
         stop(sim)
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_daemon_sigkilled_and_restarted_takes_over_the_running_guest(sim_dir, peers, tmp_path):
+    """The daemon dies (SIGKILL) while the guest's disk is live; the guest's next access blocks in
+    its vCPU. A restarted daemon adopts the IOREQ server its predecessor left, restores the
+    device's state, resumes the back-end's rings, serves the blocked access, and I/O goes on."""
+    sim, sim_path = start_sim(sim_dir)
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    disk = peers.qsd_raw(size=8 << 20)
+    (runtime / "0.sock").symlink_to(disk.sock)
+    cmd = [str(BIN / "xen-vhost-master"), "--domid", str(DOMID), "--runtime-dir", str(runtime), "--memory", "sim-memfd"]
+    env = dict(os.environ, XEN_VHOST_SIM=sim_path)
+    first = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    second = None
+    guest = None
+    try:
+        await DaemonLog(first).wait_for("serving: ")
+        guest = await SimGuest.connect(sim_path, DOMID)
+        blk = await asyncio.wait_for(VirtioBlk.attach(guest, 0x2000000, 33, GuestPageAllocator(guest.ram)), TIMEOUT)
+        await io_check(blk, disk.image, 4)
+        first.kill()
+        first.wait(TIMEOUT)
+        # The guest carries on: this write's notify blocks its vCPU until a device model answers.
+        data = random.Random(5).randbytes(64 << 10)
+        pending = asyncio.ensure_future(blk.write(2048, data))
+        second = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+        log = DaemonLog(second)
+        await log.wait_for("ioreq server 0 adopted")
+        await asyncio.wait_for(pending, TIMEOUT)
+        assert await asyncio.wait_for(blk.read(2048, 128), TIMEOUT) == data
+        await io_check(blk, disk.image, 6)
+        await blk.close()
+        second.send_signal(signal.SIGTERM)
+        assert await asyncio.get_running_loop().run_in_executor(None, second.wait, TIMEOUT) == 0
+        assert not (runtime / "state.json").exists()  # a clean stop leaves nothing to take over
+        with SimControl(sim_path) as ctl:
+            assert ctl.domain_info(DOMID)["servers"] == []
+    finally:
+        if guest is not None:
+            guest.close()
+        for proc in (first, second):
+            if proc is not None:
+                stop(proc)
+                if proc.stderr is not None:
+                    proc.stderr.close()
+        stop(sim)

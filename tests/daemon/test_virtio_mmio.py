@@ -260,3 +260,23 @@ def test_random_register_sequences_never_raise_and_keep_line_consistent(ops):
             if isinstance(a, Activate):
                 assert all(dev._in_ram(q.desc, 16 * q.num) for q in a.queues)
         assert dev.line == (dev.interrupt_status != 0)
+
+
+def test_snapshot_restore_round_trip_keeps_the_driver_view():
+    import json
+
+    from xen_vhost_master.virtio_mmio import restore, snapshot
+
+    dev = active_device()
+    dev.used_buffer()
+    state = json.loads(json.dumps(snapshot(dev)))
+    fresh = make()
+    restore(fresh, state)
+    for reg in (Reg.STATUS, Reg.INTERRUPT_STATUS, Reg.CONFIG_GENERATION):
+        assert r(fresh, reg) == r(dev, reg)
+    assert fresh.active and fresh.line and fresh.driver_features == dev.driver_features
+    assert w(fresh, Reg.QUEUE_NOTIFY, 0) == [Notify(0)]
+    with pytest.raises(ValueError, match="queues"):
+        restore(make(queues=(256,)), state)
+    with pytest.raises(ValueError, match="features"):
+        restore(make(features=0), state)
