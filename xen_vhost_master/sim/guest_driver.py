@@ -547,7 +547,10 @@ class VirtioMmioDriver:
     async def _service_interrupts(self) -> None:
         spurious = 0
         while True:
-            await self.bus.wait_irq(self.irq)
+            try:
+                await self.bus.wait_irq(self.irq)
+            except ConnectionError:
+                return  # the simulated machine went away (guest closed): nothing to service
             try:
                 bits = await self.handle_interrupt()
             except GuestDriverError as exc:
