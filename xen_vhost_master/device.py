@@ -70,6 +70,7 @@ class RingAddresses:
     desc: int
     avail: int
     used: int
+    base: int = 0  # SET_VRING_BASE: the next avail index the back-end is to read
 
 
 class DataPath(Protocol):
@@ -99,8 +100,9 @@ class DataPath(Protocol):
         """The memory table and one fd per region (still owned by the data path)."""
         ...
 
-    def open_queue(self, queue: QueueConfig, features: int, kick_fd: int) -> RingAddresses:
-        """The driver made ``queue`` ready and the device starts; ``kick_fd`` is the back-end's."""
+    def open_queue(self, queue: QueueConfig, features: int, kick_fd: int, *, resume: bool = False) -> RingAddresses:
+        """The driver made ``queue`` ready and the device starts; ``kick_fd`` is the back-end's.
+        ``resume``: the queue ran with a back-end that is gone; say where the new one restarts."""
         ...
 
     def notify(self, index: int) -> None:
@@ -142,11 +144,9 @@ class Device:
         memory: DataPath,
         set_irq: Callable[[bool], None],
         log: DeviceLogger,
-        read_guest: Callable[[int, int], bytes] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
-        self._read_guest = read_guest
         self._connect = connect
         self.memory = memory
         self._set_irq = set_irq
@@ -325,14 +325,17 @@ class Device:
         fe = self.frontend
         if fe is None or fe.broken:
             if self._reconnecting is not None:
-                self._queues = action.queues  # started by _resume once the back-end is back
+                self._queues = action.queues  # started (resumed) once the back-end is back
                 return
             assert self.model is not None
             await self._carry_out(self.model.needs_reset("DRIVER_OK but the back-end is not connected"))
             return
         await self._guarded(self._start_backend(fe, action.features, action.queues))
 
-    async def _start_backend(self, fe: AsyncFrontend, features: int, queues: Sequence[QueueConfig]) -> None:
+    async def _start_backend(self, fe: AsyncFrontend, features: int, queues: Sequence[QueueConfig], *,
+                             resume: bool = False) -> None:
+        """QEMU's start order. ``resume``: the rings were running with a back-end that is gone;
+        the data path says where each restarts (and what it queued meanwhile is looked at)."""
         await fe.set_features(features)
         status = fe.has_protocol_feature(ProtocolFeatures.STATUS)
         if status:
@@ -342,17 +345,20 @@ class Device:
         regions, fds = self.memory.regions()
         await fe.set_mem_table(regions, fds)
         for q in queues:
-            rings = self.memory.open_queue(q, features, self._kick[q.index])
+            rings = self.memory.open_queue(q, features, self._kick[q.index], resume=resume)
             self._started.append(q.index)
             await fe.start_vring(
                 q.index, num=q.num, desc=rings.desc, avail=rings.avail, used=rings.used,
-                kick_fd=self._kick[q.index], call_fd=self._call[q.index],
+                kick_fd=self._kick[q.index], call_fd=self._call[q.index], base=rings.base,
             )
+            if resume:
+                os.eventfd_write(self._kick[q.index], 1)  # look at what the guest queued meanwhile
+                os.eventfd_write(self._call[q.index], 1)  # and re-check its used ring for lost interrupts
         if status:
             await fe.set_status(int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK))
         self._queues = tuple(queues)
         self.stats.starts += 1
-        self.log.info("started: features %#x, queues %s", features, [q.index for q in queues])
+        self.log.info("%s: features %#x, queues %s", "resumed" if resume else "started", features, [q.index for q in queues])
 
     async def _stop_backend(self) -> None:
         fe = self.frontend
@@ -432,7 +438,7 @@ class Device:
                 QueueConfig(i, q.num, q.desc, q.driver, q.device) for i, q in enumerate(self.model.queues) if q.ready
             )
             async with self._lock:
-                await self._guarded(self._resume(self.frontend))
+                await self._guarded(self._start_backend(self.frontend, self.model.driver_features, self._queues, resume=True))
             self.log.info("resumed the device a previous run left running (queues %s)", [q.index for q in self._queues])
         if self.model.line:
             self._set_irq(True)
@@ -486,32 +492,10 @@ class Device:
                 self.stats.reconnects += 1
                 await self._carry_out(self.model.config_changed(config))
                 if self.model.active and self._queues:
-                    await self._guarded(self._resume(fe))
+                    await self._guarded(self._start_backend(fe, self.model.driver_features, self._queues, resume=True))
                 self.log.info("back-end reconnected%s", " and resumed" if self._started else "")
         finally:
             self._reconnecting = None
-
-    async def _resume(self, fe: AsyncFrontend) -> None:
-        assert self.model is not None
-        if self._read_guest is None:
-            raise DeviceError("cannot resume rings without access to guest memory")
-        features = self.model.driver_features
-        await fe.set_features(features)
-        status = fe.has_protocol_feature(ProtocolFeatures.STATUS)
-        if status:
-            await fe.set_status(int(Status.FEATURES_OK))
-        regions, fds = self.memory.regions()
-        await fe.set_mem_table(regions, fds)
-        for q in self._queues:
-            base = int.from_bytes(self._read_guest(q.device + 2, 2), "little")  # used->idx
-            rings = self.memory.open_queue(q, features, self._kick[q.index])
-            self._started.append(q.index)
-            await fe.start_vring(q.index, num=q.num, desc=rings.desc, avail=rings.avail, used=rings.used,
-                                 kick_fd=self._kick[q.index], call_fd=self._call[q.index], base=base)
-            os.eventfd_write(self._kick[q.index], 1)  # look at what the guest queued meanwhile
-            os.eventfd_write(self._call[q.index], 1)  # and re-check its used ring for lost interrupts
-        if status:
-            await fe.set_status(int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK))
 
     def _give_up(self, reason: str) -> None:
         assert self.model is not None

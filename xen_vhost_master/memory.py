@@ -32,12 +32,20 @@ class _ZeroCopy:
 
     packed = True
 
-    def __init__(self) -> None:
+    def __init__(self, read_guest: Callable[[int, int], bytes] | None) -> None:
         self._kick: dict[int, int] = {}
+        self._read_guest = read_guest
 
-    def open_queue(self, queue: QueueConfig, features: int, kick_fd: int) -> RingAddresses:
+    def open_queue(self, queue: QueueConfig, features: int, kick_fd: int, *, resume: bool = False) -> RingAddresses:
         self._kick[queue.index] = kick_fd
-        return RingAddresses(queue.desc, queue.driver, queue.device)
+        base = 0
+        if resume:
+            # Without INFLIGHT_SHMFD, QEMU's rule: restart at the used index; whatever was in flight
+            # at the lost back-end is submitted again.
+            if self._read_guest is None:
+                raise GuestFault(queue.device, "cannot resume a ring without access to guest memory")
+            base = int.from_bytes(self._read_guest(queue.device + 2, 2), "little")  # used->idx
+        return RingAddresses(queue.desc, queue.driver, queue.device, base)
 
     def notify(self, index: int) -> None:
         fd = self._kick.get(index)
@@ -64,8 +72,8 @@ class FdExport(_ZeroCopy):
 
     protocol_features = ProtocolFeatures(0)
 
-    def __init__(self, regions: Sequence[FdRegion]) -> None:
-        super().__init__()
+    def __init__(self, regions: Sequence[FdRegion], read_guest: Callable[[int, int], bytes] | None = None) -> None:
+        super().__init__(read_guest)
         self._regions = tuple(regions)
 
     def banks(self) -> Sequence[tuple[int, int]]:
@@ -81,8 +89,9 @@ class XenMmapExport(_ZeroCopy):
 
     protocol_features = ProtocolFeatures.XEN_MMAP
 
-    def __init__(self, domid: int, banks: Sequence[tuple[int, int]], privcmd_fd: int) -> None:
-        super().__init__()
+    def __init__(self, domid: int, banks: Sequence[tuple[int, int]], privcmd_fd: int,
+                 read_guest: Callable[[int, int], bytes] | None = None) -> None:
+        super().__init__(read_guest)
         self._domid = domid
         self._banks = tuple(banks)
         self._fd = privcmd_fd
@@ -101,13 +110,14 @@ class XenMmapExport(_ZeroCopy):
         return table, [self._fd] * len(table)
 
 
-def sim_memfd_export(banks: Sequence[tuple[int, int]], memfd: int) -> FdExport:
+def sim_memfd_export(banks: Sequence[tuple[int, int]], memfd: int,
+                     read_guest: Callable[[int, int], bytes] | None = None) -> FdExport:
     """SIM-ONLY baseline: the simulator's RAM memfd holds the banks back to back."""
     regions, offset = [], 0
     for gpa, size in banks:
         regions.append(FdRegion(gpa, size, memfd, offset))
         offset += size
-    return FdExport(regions)
+    return FdExport(regions, read_guest)
 
 
 def foreign_reader(privcmd: PrivCmd, domid: int) -> Callable[[int, int], bytes]:

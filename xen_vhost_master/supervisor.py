@@ -265,7 +265,6 @@ class Supervisor:
         device = Device(
             cfg, connect=lambda: self._connect(served), memory=self._export(cfg),
             set_irq=lambda level: ioreq.set_irq(cfg.irq, level), log=log,
-            read_guest=foreign_reader(self.privcmd, self.domid),
         )
         served.device = device
         try:
@@ -292,7 +291,7 @@ class Supervisor:
             return self._sim_memfd()
         if mode is MemoryMode.SHADOW:
             raise ConfigError(f"device {cfg.devid}: memory=shadow is not implemented yet; use xen-mmap (back-end with XEN_MMAP) or, in the simulator, sim-memfd")
-        return XenMmapExport(self.domid, self.banks, self.privcmd.fileno())
+        return XenMmapExport(self.domid, self.banks, self.privcmd.fileno(), foreign_reader(self.privcmd, self.domid))
 
     def _sim_memfd(self) -> DataPath:
         """SIM-ONLY, labelled baseline: guest RAM exposed as the simulator's memfd."""
@@ -307,7 +306,8 @@ class Supervisor:
         else:
             os.close(memfd)
         self.log.warning("SIM-ONLY: guest RAM exposed to back-ends as a memfd (a baseline, impossible on real Xen)")
-        return sim_memfd_export(banks, self._memfd)
+        assert self.privcmd is not None
+        return sim_memfd_export(banks, self._memfd, foreign_reader(self.privcmd, self.domid))
 
     async def _connect(self, served: _Served) -> AsyncFrontend:
         cfg = served.config

@@ -45,9 +45,9 @@ class Daemon:
         self.memfd = fds[0]
         cfg = DeviceConfig(devid=0, device_id=2, base=BASE, irq=IRQ, socket=sock, num_queues=queues)
         self.device = Device(
-            cfg, connect=lambda: AsyncFrontend.connect(sock), memory=sim_memfd_export(info["banks"], self.memfd),
+            cfg, connect=lambda: AsyncFrontend.connect(sock),
+            memory=sim_memfd_export(info["banks"], self.memfd, foreign_reader(self.privcmd, domid)),
             set_irq=lambda level: self.ioreq.set_irq(IRQ, level), log=self.log,
-            read_guest=foreign_reader(self.privcmd, domid),
         )
 
     async def start(self) -> None:
