@@ -48,8 +48,11 @@ class SimControl:
             self.sock.close()
             raise
 
-    def call(self, obj: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-        rpc.send_blocking(self.sock, obj)
+    def call(self, obj: dict[str, Any], fds: list[int] | None = None) -> tuple[dict[str, Any], list[int]]:
+        """One request (``fds`` are sent with it and stay the caller's); the reply and its fds."""
+        if fds:
+            obj = {**obj, "nfds": len(fds)}
+        rpc.send_blocking(self.sock, obj, fds=fds)
         reply, _blob, fds = rpc.recv_blocking(self.sock)
         if reply.get("errno"):
             for fd in fds:
@@ -82,6 +85,20 @@ class SimControl:
         reply, _ = self.call(
             {"op": "create_domain", "domid": domid, "mem_bytes": mem_bytes, "vcpus": vcpus, "arch": arch,
              "holes": holes or [], "paged": paged or [], "name": name}
+        )
+        return int(reply["domid"])
+
+    def create_domain_on_fd(
+        self, ram_fd: int, banks: list[tuple[int, int]], *, domid: int | None = None, vcpus: int = 1,
+        arch: str = "arm64", holes: list[tuple[int, int]] | None = None, name: str = "",
+    ) -> int:
+        """SIM-ONLY: a guest whose RAM is an EXTERNAL shareable fd (``ram_fd``, still the caller's;
+        the host keeps a duplicate) holding ``banks`` ((gpa, size), ascending) back to back from
+        file offset 0: e.g. User-Mode Linux's physical memory, guest-physical = UML-physical."""
+        reply, _ = self.call(
+            {"op": "create_domain", "domid": domid, "vcpus": vcpus, "arch": arch, "holes": holes or [],
+             "name": name, "external_ram": True, "banks": [[a, b] for a, b in banks]},
+            fds=[ram_fd],
         )
         return int(reply["domid"])
 

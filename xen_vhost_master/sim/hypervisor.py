@@ -23,6 +23,7 @@ import errno
 import logging
 import mmap
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -183,7 +184,17 @@ class Hypervisor:
         arch: str = "arm64",
         holes: list[tuple[int, int]] = (),  # type: ignore[assignment]
         paged: list[tuple[int, int]] = (),  # type: ignore[assignment]
+        ram_fd: int | None = None,
+        banks: list[tuple[int, int]] | None = None,
     ) -> Domain:
+        """A new guest domain. With ``ram_fd`` (taken over, closed on failure too) its RAM is an
+        EXTERNAL shareable fd (e.g. User-Mode Linux's physical memory file) holding ``banks``
+        back to back from offset 0; ``mem_bytes`` is then ignored."""
+        if ram_fd is not None:
+            try:
+                return self._create_external(domid, name, vcpus, arch, banks or [], list(holes), ram_fd)
+            finally:
+                os.close(ram_fd)  # the domain's memory holds its own duplicate
         if domid is None:
             domid = next(d for d in range(1, DOMID_FIRST_RESERVED) if d not in self.domains)
         if not 0 < domid < DOMID_FIRST_RESERVED or domid in self.domains:
@@ -200,6 +211,38 @@ class Hypervisor:
         dom = Domain(domid, name or f"guest{domid}", vcpus, mem, a)
         self.domains[domid] = dom
         log.info("created d%d (%s, %d vCPUs, %d MiB, %s)", domid, dom.name, vcpus, mem_bytes >> 20, a.value)
+        return dom
+
+    def _create_external(
+        self, domid: int | None, name: str, vcpus: int, arch: str, banks: list[tuple[int, int]],
+        holes: list[tuple[int, int]], ram_fd: int,
+    ) -> Domain:
+        if domid is None:
+            domid = next(d for d in range(1, DOMID_FIRST_RESERVED) if d not in self.domains)
+        if not 0 < domid < DOMID_FIRST_RESERVED or domid in self.domains:
+            raise HvError(errno.EEXIST if domid in self.domains else errno.EINVAL)
+        if not 1 <= vcpus <= MAX_VCPUS or not banks:
+            raise HvError(errno.EINVAL, "an external-RAM domain needs vCPUs and banks")
+        ends = sorted((gpa, gpa + size) for gpa, size in banks)
+        if any(b[0] < a[1] for a, b in zip(ends, ends[1:])):
+            raise HvError(errno.EINVAL, "overlapping RAM banks")
+        total = sum(size for _gpa, size in banks)
+        try:
+            st = os.fstat(ram_fd)
+        except OSError as exc:
+            raise HvError(errno.EBADF, f"RAM fd: {exc}") from None
+        if not stat.S_ISREG(st.st_mode) or st.st_size < total:
+            raise HvError(errno.EINVAL, f"RAM fd is not a regular file of at least {total} bytes")
+        own = os.dup(ram_fd)
+        try:
+            mem = GuestMemory(banks, holes, name=f"d{domid}", memfd=own)  # closes ``own`` if mmap fails
+        except ValueError as exc:
+            os.close(own)
+            raise HvError(errno.EINVAL, str(exc)) from None
+        dom = Domain(domid, name or f"guest{domid}", vcpus, mem, Arch(arch))
+        self.domains[domid] = dom
+        log.info("created d%d (%s, %d vCPUs, external RAM %d MiB in %d bank(s), %s)", domid, dom.name, vcpus,
+                 total >> 20, len(banks), arch)
         return dom
 
     def domain(self, domid: int) -> Domain:

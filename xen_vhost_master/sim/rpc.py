@@ -5,7 +5,8 @@ One message = header ``struct { u32 json_len; u32 blob_len; }`` + JSON object + 
 any file descriptors as SCM_RIGHTS on the ``sendmsg`` that carries the header. Requests carry
 ``"op"``; replies carry ``"errno"`` (0 = success) and, for multiplexed connections, the request's
 ``"tag"``. Only the simulated host ever sends fds (memfds of guest RAM to SimKernel for foreign
-mapping, the evtchn ring socket); clients never do.
+mapping, the evtchn ring socket); a client sends fds only with a request that counts them in
+``"nfds"`` (SIM-ONLY: an external RAM fd for ``create_domain``).
 """
 
 from __future__ import annotations

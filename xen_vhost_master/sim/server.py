@@ -88,6 +88,7 @@ class Conn:
         self.send_lock = asyncio.Lock()
         self.closed = False
         self.close_after_send: list[int] = []
+        self.in_fds: list[int] = []  # fds received from the client, not yet claimed by a request
         self.tasks: set[asyncio.Task[None]] = set()
         # privcmd
         self.restrict: int | None = None
@@ -106,17 +107,31 @@ class Conn:
     # -------------------------------------------------------------- I/O plumbing
     def _readable(self) -> None:
         try:
-            data = self.sock.recv(1 << 20)
+            data, anc, _flags, _addr = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(rpc.MAX_FDS * 4))
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
+            data, anc = b"", []
+        for level, typ, cdata in anc:
+            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % 4])
+                self.in_fds.extend(fds)
         if not data:
             self.close()
             return
         try:
-            for msg in self.reader.feed(data):
-                self.queue.put_nowait(msg)
+            for obj, blob in self.reader.feed(data):
+                # A client passes fds only with a request that says how many (``nfds``): they
+                # are the next ones received, in order (SCM_RIGHTS rides on the header bytes).
+                n = obj.pop("nfds", 0)
+                if not isinstance(n, int) or not 0 <= n <= min(rpc.MAX_FDS, len(self.in_fds)):
+                    raise rpc.RpcError(f"request claims {n!r} fds, {len(self.in_fds)} received")
+                obj["_fds"] = self.in_fds[:n]
+                del self.in_fds[:n]
+                self.queue.put_nowait((obj, blob))
+            if len(self.in_fds) > rpc.MAX_FDS:
+                raise rpc.RpcError("fds received without a request claiming them")
         except rpc.RpcError as exc:
             log.warning("dropping connection: %s", exc)
             self.close()
@@ -129,11 +144,18 @@ class Conn:
             obj, blob = item
             op = obj.get("op")
             if op in _ASYNC_OPS and self.kind == "control":
+                for fd in obj.pop("_fds", ()):
+                    os.close(fd)
                 t = self.loop.create_task(self._run_async(obj))
                 self.tasks.add(t)
                 t.add_done_callback(self.tasks.discard)
                 continue
-            reply = self._dispatch(obj, blob)
+            try:
+                reply = self._dispatch(obj, blob)
+            finally:
+                for fd in obj.pop("_fds", ()):  # handlers take the fds they keep (set to -1)
+                    if fd >= 0:
+                        os.close(fd)
             await self.send(*reply, tag=obj.get("tag"))
             while self.close_after_send:
                 os.close(self.close_after_send.pop())
@@ -221,6 +243,8 @@ class Conn:
             self.ring = None
         for index in list(self.gmaps):
             self._gntdev_release(index)
+        while self.in_fds:
+            os.close(self.in_fds.pop())
         self.sock.close()
         self.server.conns.discard(self)
         log.debug("closed %s connection", self.kind)
@@ -571,10 +595,20 @@ class Conn:
     def _control_create_domain(self, o: dict[str, Any], _b: bytes) -> Reply:
         holes = [(int(a), int(b)) for a, b in o.get("holes", [])]
         paged = [(int(a), int(b)) for a, b in o.get("paged", [])]
+        fds: list[int] = o.get("_fds", [])
+        ram_fd: int | None = None
+        banks: list[tuple[int, int]] | None = None
+        if o.get("external_ram"):  # SIM-ONLY: RAM is the client's fd (User-Mode Linux's memory)
+            if len(fds) != 1:
+                raise HvError(errno.EBADF, "external_ram needs exactly one fd")
+            banks = [(int(a), int(b)) for a, b in o.get("banks", [])]
+        name, mem_bytes, vcpus, arch = str(o.get("name", "")), int(o.get("mem_bytes", 1 << 30)), int(o.get("vcpus", 1)), str(o.get("arch", "arm64"))
+        if banks is not None:
+            ram_fd, fds[0] = fds[0], -1  # create_domain takes it
         try:
             dom = self.hv.create_domain(
-                o.get("domid"), name=str(o.get("name", "")), mem_bytes=int(o.get("mem_bytes", 1 << 30)),
-                vcpus=int(o.get("vcpus", 1)), arch=str(o.get("arch", "arm64")), holes=holes, paged=paged,
+                o.get("domid"), name=name, mem_bytes=mem_bytes, vcpus=vcpus, arch=arch, holes=holes, paged=paged,
+                ram_fd=ram_fd, banks=banks,
             )
         except ValueError as exc:
             raise HvError(errno.EINVAL, str(exc)) from None
