@@ -18,6 +18,7 @@ from xen_vhost_master.xen.abi import (
     ioctl_evtchn_restrict_domid,
     ioctl_evtchn_unbind,
 )
+from xen_vhost_master.xen.device_file import XenDeviceFile
 from xen_vhost_master.xen.kernel import Kernel
 
 __all__ = ["EVTCHN_PATH", "EventChannel"]
@@ -31,35 +32,14 @@ def _wake(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-class EventChannel:
+class EventChannel(XenDeviceFile):
     """One open /dev/xen/evtchn (non-blocking)."""
 
     def __init__(self, kernel: Kernel, path: str = EVTCHN_PATH) -> None:
-        self.kernel = kernel
-        try:
-            self.fd = kernel.open(path, os.O_RDWR | os.O_NONBLOCK)
-        except OSError as exc:
-            raise XenError(f"open {path}", exc.errno or errno.EIO) from None
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            self.kernel.close(self.fd)
-            self.fd = -1
+        super().__init__(kernel, path, os.O_RDWR | os.O_NONBLOCK)
 
     def __enter__(self) -> EventChannel:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _ioctl(self, op: str, request: int, arg: object) -> int:
-        try:
-            return self.kernel.ioctl(self.fd, request, arg)  # type: ignore[arg-type]
-        except OSError as exc:
-            raise XenError(op, exc.errno or errno.EIO) from None
 
     def bind_interdomain(self, remote_domain: int, remote_port: int) -> int:
         """Bind to ``remote_domain``'s unbound ``remote_port``; returns the local port."""

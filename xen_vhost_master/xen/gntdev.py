@@ -20,6 +20,7 @@ from xen_vhost_master.xen.abi import (
     ioctl_gntdev_unmap_notify,
     map_grant_ref_type,
 )
+from xen_vhost_master.xen.device_file import XenDeviceFile
 from xen_vhost_master.xen.kernel import PROT_READ, PROT_WRITE, Kernel, Mapping
 
 __all__ = ["GNTDEV_PATH", "GrantDev", "GrantMapping"]
@@ -39,35 +40,14 @@ class GrantMapping:
         return self.mapping.view()
 
 
-class GrantDev:
+class GrantDev(XenDeviceFile):
     """One open /dev/xen/gntdev."""
 
     def __init__(self, kernel: Kernel, path: str = GNTDEV_PATH) -> None:
-        self.kernel = kernel
-        try:
-            self.fd = kernel.open(path, os.O_RDWR)
-        except OSError as exc:
-            raise XenError(f"open {path}", exc.errno or errno.EIO) from None
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            self.kernel.close(self.fd)
-            self.fd = -1
+        super().__init__(kernel, path, os.O_RDWR)
 
     def __enter__(self) -> GrantDev:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _ioctl(self, op: str, request: int, arg: object) -> int:
-        try:
-            return self.kernel.ioctl(self.fd, request, arg)  # type: ignore[arg-type]
-        except OSError as exc:
-            raise XenError(op, exc.errno or errno.EIO) from None
 
     def map_grant_refs(self, domid: int, refs: list[int], *, writable: bool = True) -> GrantMapping:
         """MAP_GRANT_REF then mmap of ``refs`` of ``domid``, pages in order."""

@@ -31,6 +31,7 @@ from xen_vhost_master.xen.abi import (
     privcmd_mmapbatch_v2,
     PRIVCMD_IRQFD_FLAG_DEASSIGN,
 )
+from xen_vhost_master.xen.device_file import XenDeviceFile
 from xen_vhost_master.xen.kernel import PROT_READ, PROT_WRITE, Kernel, Mapping
 
 __all__ = ["ForeignMapping", "PrivCmd", "PRIVCMD_PATH"]
@@ -70,35 +71,14 @@ class ForeignMapping:
         self.mapping.close()
 
 
-class PrivCmd:
+class PrivCmd(XenDeviceFile):
     """One open /dev/xen/privcmd."""
 
     def __init__(self, kernel: Kernel, path: str = PRIVCMD_PATH, *, fd: int | None = None) -> None:
-        self.kernel = kernel
-        try:
-            self.fd = kernel.open(path, os.O_RDWR) if fd is None else fd
-        except OSError as exc:
-            raise XenError(f"open {path}", exc.errno or errno.EIO) from None
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            self.kernel.close(self.fd)
-            self.fd = -1
+        super().__init__(kernel, path, os.O_RDWR, fd=fd)
 
     def __enter__(self) -> PrivCmd:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _ioctl(self, op: str, request: int, arg: object) -> int:
-        try:
-            return self.kernel.ioctl(self.fd, request, arg)  # type: ignore[arg-type]
-        except OSError as exc:
-            raise XenError(op, exc.errno or errno.EIO) from None
 
     # ------------------------------------------------------------ hypercalls
     def hypercall(self, op: int, *args: int) -> int:

@@ -19,7 +19,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
-from xen_vhost_master.xen import xenstore_wire as _wire
 from xen_vhost_master.xen.xenstore_wire import (
     encode_message,
     one_string,
@@ -56,7 +55,33 @@ __all__ = [
     "XenstoreClient",
     "XsTransaction",
     "XsWatch",
-] + _wire.__all__  # the wire core's names are re-exported
+    "XENSTORE_PAYLOAD_MAX",
+    "XENSTORE_ABS_PATH_MAX",
+    "XENSTORE_REL_PATH_MAX",
+    "XSD_ERRORS",
+    "XsType",
+    "XenbusState",
+    "XsAccess",
+    "XsPerm",
+    "XsHeader",
+    "XsMessage",
+    "XsFramer",
+    "XsReply",
+    "XsWatchEvent",
+    "XsClientProtocol",
+    "encode_message",
+    "split_strings",
+    "one_string",
+    "XenstoreError",
+    "XenstoreNotFound",
+    "XenstorePermissionError",
+    "XenstoreExists",
+    "XenstoreConflict",
+    "XenstoreProtocolError",
+    "XenstoreDisconnected",
+    "XenstoreTimeout",
+    "xenstore_error",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -77,7 +77,7 @@ DEFAULT_PROTOCOL_FEATURES = (
 )
 del P
 
-BackendRequestHandler = Callable[[RequestReceived], "int | Awaitable[int]"]
+BackendRequestHandler = Callable[[RequestReceived], int | Awaitable[int]]
 
 
 @dataclasses.dataclass(frozen=True)
