@@ -1,0 +1,367 @@
+"""The shadow virtqueue engine without Xen: guest RAM is a bytearray, the guest is
+``SplitQueueDriver`` on it, the back-end is ``SplitQueueDevice`` on the shadow memfd (what a real
+back-end maps). Fast; every test checks bytes, lengths, order or counts."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from vhost_user.virtqueue import (
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    Buffer,
+    FlatMemory,
+    SplitQueueDevice,
+    SplitQueueDriver,
+    read_buffers,
+    split_ring_layout,
+    write_buffers,
+)
+from xen_vhost_master.shadow import ShadowDataPath, ShadowError, ShadowQueueError
+from xen_vhost_master.shadow_pool import PAGE, SHADOW_BASE, PagePool
+from xen_vhost_master.virtio_mmio import QueueConfig
+
+GBASE, GSIZE = 0x4000_0000, 4 << 20
+INDIRECT, EVENT_IDX = 1 << 28, 1 << 29
+CANARY = 0xA5
+
+
+class Rig:
+    """Guest RAM + guest drivers + the data path + a fake back-end per queue."""
+
+    def __init__(self, *, queues: int = 1, num: int = 16, features: int = INDIRECT, pool: int = 1 << 20,
+                 on_error: bool = True) -> None:
+        self.ram = bytearray([CANARY]) * GSIZE
+        self.mem = FlatMemory(self.ram, GBASE)
+        self.errors: list[tuple[int, str]] = []
+        self.dp = ShadowDataPath(self.mem, [(GBASE, GSIZE)], pool_size=pool, max_queues=4, max_queue_size=256,
+                                 on_error=(lambda i, r: self.errors.append((i, r))) if on_error else None)
+        self.features = features
+        self.num = num
+        self.kick = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(queues)]
+        self.drivers: list[SplitQueueDriver] = []
+        self.backends: list[SplitQueueDevice] = []
+        self.configs: list[QueueConfig] = []
+        self.next = GBASE + (1 << 20)  # buffers from here; rings below
+        for i in range(queues):
+            desc, avail, used, _ = split_ring_layout(num, GBASE + i * 0x10000)
+            cfg = QueueConfig(i, num, desc, avail, used)
+            self.configs.append(cfg)
+            self.drivers.append(SplitQueueDriver(self.mem, num, desc, avail, used, event_idx=bool(features & EVENT_IDX)))
+            rings = self.dp.open_queue(cfg, features, self.kick[i])
+            assert rings.desc >= SHADOW_BASE  # the back-end never gets guest addresses
+            self.backends.append(SplitQueueDevice(self.dp.shadow, num, rings.desc, rings.avail, rings.used,
+                                                  event_idx=bool(features & EVENT_IDX)))
+
+    def buf(self, data: bytes | int) -> tuple[int, int]:
+        n = data if isinstance(data, int) else len(data)
+        addr = self.next
+        self.next += (n + 63) & ~63
+        if not isinstance(data, int):
+            self.mem.view(addr, n)[:] = data
+        return addr, n
+
+    def kicks(self, i: int = 0) -> int:
+        try:
+            return os.eventfd_read(self.kick[i])
+        except BlockingIOError:
+            return 0
+
+    def serve(self, i: int = 0, reply=lambda data, room: data[::-1][:room], order=None, report=None) -> int:
+        """Fake back-end: pop every shadow chain, write ``reply(readable, writable_len)``, push."""
+        be = self.backends[i]
+        chains = []
+        while (c := be.pop()) is not None:
+            chains.append(c)
+        if order is not None:
+            chains = [chains[k] for k in order]
+        for c in chains:
+            data = read_buffers(self.dp.shadow, c.readable)
+            out = reply(data, c.writable_len)
+            n = write_buffers(self.dp.shadow, c.writable, out)
+            be.push(c.head, n if report is None else report(n))
+        return len(chains)
+
+    def close(self) -> None:
+        for b in self.backends:
+            b.release()
+        for d in self.drivers:
+            d.release()
+        self.dp.close()
+        for fd in self.kick:
+            os.close(fd)
+
+
+@pytest.fixture
+def rig():
+    made: list[Rig] = []
+
+    def make(**kw) -> Rig:
+        made.append(Rig(**kw))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def test_chains_bounce_through_the_shadow_ring_with_one_kick_per_batch(rig):
+    r = rig(num=32)
+    drv = r.drivers[0]
+    reqs = []
+    for k in range(6):
+        data = os.urandom(100 + 700 * k)
+        rd = [r.buf(data[:50]), r.buf(data[50:])]
+        wr = [r.buf(60), r.buf(len(data))]
+        drv.add(rd, wr, token=(k, data, wr))
+        reqs.append((data, wr))
+    r.dp.notify(0)
+    assert r.kicks() == 1  # six chains, one kick
+    assert r.serve() == 6
+    assert r.dp.used(0) is True
+    got = drv.get_used()
+    assert [t[0] for t, _ in got] == list(range(6))
+    for (k, data, wr), written in got:
+        assert written == min(len(data), 60 + len(data))
+        back = read_buffers(r.mem, [Buffer(a, n) for a, n in wr], written)
+        assert back == data[::-1]
+    assert r.dp.pool.used_pages == 0 and r.dp.inflight(0) == 0
+    st = r.dp.stats(0)
+    assert st.chains == 6 and st.completed == 6 and st.bytes_in == sum(len(d) for d, _ in reqs)
+
+
+def test_only_the_reported_length_is_copied_back(rig):
+    r = rig()
+    wa, wn = r.buf(4096)
+    r.drivers[0].add([r.buf(b"x" * 16)], [(wa, wn)])
+    r.dp.notify(0)
+    r.serve(reply=lambda d, room: b"\x11" * room, report=lambda n: 100)  # writes 4096, reports 100
+    r.dp.used(0)
+    [(_, written)] = r.drivers[0].get_used()
+    assert written == 100
+    assert bytes(r.mem.view(wa, 100)) == b"\x11" * 100
+    assert bytes(r.mem.view(wa + 100, wn - 100)) == bytes([CANARY]) * (wn - 100)
+
+
+def test_overlong_report_is_clamped_to_the_writable_buffers(rig):
+    r = rig()
+    rd = r.buf(b"q" * 8)
+    wa, wn = r.buf(64)
+    r.drivers[0].add([rd], [(wa, wn)])
+    r.dp.notify(0)
+    r.serve(reply=lambda d, room: b"\x22" * room, report=lambda n: 1 << 20)
+    r.dp.used(0)
+    assert r.drivers[0].get_used()[0][1] == 64
+    assert r.ram[wa - GBASE + 64] == CANARY and r.dp.stats(0).overlong == 1
+
+
+def test_indirect_guest_chain_is_published_indirect_and_completes(rig):
+    r = rig()
+    table = r.buf(16 * 3)[0]
+    data = os.urandom(3000)
+    wa, wn = r.buf(3000)
+    r.drivers[0].add_indirect(table, [r.buf(data[:1000]), r.buf(data[1000:])], [(wa, wn)])
+    r.dp.notify(0)
+    be = r.backends[0]
+    head = struct.unpack_from("<H", r.dp.shadow.view(be._r.avail_addr + 4, 2))[0]
+    flags = struct.unpack_from("<H", r.dp.shadow.view(be._r.desc_addr + 16 * head + 12, 2))[0]
+    assert flags & VIRTQ_DESC_F_INDIRECT
+    r.serve()
+    r.dp.used(0)
+    assert r.drivers[0].get_used()[0][1] == 3000 and bytes(r.mem.view(wa, 3000)) == data[::-1]
+
+
+def test_indirect_chains_without_the_feature_are_flattened_and_wait_for_ring_space(rig):
+    r = rig(num=8, features=0)  # a guest using indirect tables it did not negotiate
+    for k in range(2):  # 2 chains of 5 descriptors: the 8-entry shadow ring takes one at a time
+        table = r.buf(16 * 5)[0]
+        r.drivers[0].add_indirect(table, [r.buf(b"a" * 10) for _ in range(4)], [r.buf(40)], token=k)
+    r.dp.notify(0)
+    assert r.dp.inflight(0) == 1 and r.dp.stats(0).held == 1
+    assert r.serve() == 1
+    r.dp.used(0)  # frees descriptors: the held chain goes out
+    assert r.dp.inflight(0) == 1 and r.serve() == 1
+    r.dp.used(0)
+    assert r.drivers[0].get_used() == [(0, 40), (1, 40)]
+
+
+def test_completion_order_is_the_backends(rig):
+    r = rig()
+    for k in range(4):
+        r.drivers[0].add([r.buf(bytes([k]) * 8)], [r.buf(8)], token=k)
+    r.dp.notify(0)
+    r.serve(order=[2, 0, 3, 1])
+    r.dp.used(0)
+    assert [t for t, _ in r.drivers[0].get_used()] == [2, 0, 3, 1]
+
+
+def test_backpressure_when_the_pool_is_full_then_resume(rig):
+    r = rig(pool=3 * PAGE)
+    for k in range(7):
+        r.drivers[0].add([r.buf(bytes([k]) * 16)], [r.buf(3000)], token=k)  # one page each
+    r.dp.notify(0)
+    assert r.dp.inflight(0) == 3 and r.dp.stats(0).held == 1
+    done: list[int] = []
+    while len(done) < 7:
+        assert r.serve() > 0
+        r.dp.used(0)  # frees pages and publishes the held chains
+        done += [t for t, _ in r.drivers[0].get_used()]
+    assert done == list(range(7)) and r.dp.pool.used_pages == 0
+
+
+def test_backpressure_on_one_queue_resumes_when_another_completes(rig):
+    r = rig(queues=2, pool=2 * PAGE)
+    r.drivers[1].add([r.buf(b"1" * 16)], [r.buf(3000)], token="b0")
+    r.drivers[1].add([r.buf(b"1" * 16)], [r.buf(3000)], token="b1")
+    r.dp.notify(1)
+    r.drivers[0].add([r.buf(b"0" * 16)], [r.buf(3000)], token="a")
+    r.dp.notify(0)
+    assert r.dp.inflight(0) == 0  # held: queue 1 owns the pool
+    r.serve(1)
+    r.dp.used(1)
+    assert r.dp.inflight(0) == 1 and r.kicks(0) == 1
+    r.serve(0)
+    r.dp.used(0)
+    assert [t for t, _ in r.drivers[0].get_used()] == ["a"]
+
+
+def test_event_idx_on_both_sides(rig):
+    r = rig(features=EVENT_IDX | INDIRECT)
+    drv, be = r.drivers[0], r.backends[0]
+    drv.add([r.buf(b"a" * 8)], [r.buf(8)])
+    r.dp.notify(0)
+    assert r.kicks() == 1
+    be.disable_notify()  # EVENT_IDX: avail_event stays behind, so the next chain needs no kick
+    drv.add([r.buf(b"b" * 8)], [r.buf(8)])
+    r.dp.notify(0)
+    assert r.kicks() == 0 and r.dp.inflight(0) == 2
+    drv.disable_interrupts()  # guest: used_event far away
+    r.serve()
+    assert r.dp.used(0) is False
+    assert len(drv.get_used()) == 2  # publishes used_event = last_used
+    drv.add([r.buf(b"c" * 8)], [r.buf(8)])
+    be.enable_notify()
+    r.dp.notify(0)
+    r.serve()
+    assert r.dp.used(0) is True
+
+
+def test_no_interrupt_flag_without_event_idx(rig):
+    r = rig(features=0)
+    drv = r.drivers[0]
+    drv.disable_interrupts()
+    drv.add([r.buf(b"a" * 8)], [r.buf(8)])
+    r.dp.notify(0)
+    r.serve()
+    assert r.dp.used(0) is False
+    drv.enable_interrupts()
+    drv.add([r.buf(b"a" * 8)], [r.buf(8)])
+    r.dp.notify(0)
+    r.serve()
+    assert r.dp.used(0) is True
+
+
+def test_reconnect_harvests_completions_and_resubmits_the_rest_exactly_once(rig):
+    r = rig(num=16)
+    drv = r.drivers[0]
+    for k in range(5):
+        drv.add([r.buf(bytes([k]) * 32)], [r.buf(32)], token=k)
+    r.dp.notify(0)
+    be = r.backends[0]
+    chains = [be.pop() for _ in range(5)]
+    for c in chains[:2]:  # completes two, then dies without a call
+        write_buffers(r.dp.shadow, c.writable, read_buffers(r.dp.shadow, c.readable))
+        be.push(c.head, 32)
+    be.release()
+    base = struct.unpack_from("<H", r.mem.view(r.configs[0].device + 2, 2))[0]
+    assert base == 0  # what the device model reads as the new back-end's SET_VRING_BASE
+    rings = r.dp.open_queue(r.configs[0], r.features, r.kick[0])  # same queue, not closed: resume
+    assert r.dp.stats(0).resubmitted == 3
+    new = SplitQueueDevice(r.dp.shadow, 16, rings.desc, rings.avail, rings.used, last_avail_idx=base)
+    r.backends[0] = new
+    assert new.used_idx == base and new.available() == 3
+    r.serve(reply=lambda d, room: d)
+    assert r.dp.used(0) is True
+    got = drv.get_used()
+    assert sorted(t for t, _ in got) == list(range(5)) and len(got) == 5
+    assert r.dp.inflight(0) == 0 and r.dp.pool.used_pages == 0
+
+
+def test_reconnect_at_a_nonzero_base(rig):
+    r = rig(num=8)
+    drv = r.drivers[0]
+    for round_ in range(3):  # move the indices on
+        drv.add([r.buf(b"z" * 8)], [r.buf(8)])
+        r.dp.notify(0)
+        r.serve()
+        r.dp.used(0)
+        drv.get_used()
+    drv.add([r.buf(b"y" * 8)], [r.buf(8)], token="late")
+    r.dp.notify(0)
+    r.backends[0].release()
+    base = struct.unpack_from("<H", r.mem.view(r.configs[0].device + 2, 2))[0]
+    assert base == 3
+    rings = r.dp.open_queue(r.configs[0], r.features, r.kick[0])
+    r.backends[0] = SplitQueueDevice(r.dp.shadow, 8, rings.desc, rings.avail, rings.used, last_avail_idx=base)
+    assert r.backends[0].used_idx == 3 and r.serve() == 1
+    assert r.dp.used(0) is True
+    assert drv.get_used() == [("late", 8)]
+
+
+def test_explicit_resubmit(rig):
+    r = rig()
+    r.drivers[0].add([r.buf(b"r" * 8)], [r.buf(8)], token="t")
+    r.dp.notify(0)
+    r.kicks()
+    assert r.dp.resubmit(0) == 1 and r.kicks() == 1
+    rings = r.backends[0]._r
+    r.backends[0].release()
+    r.backends[0] = SplitQueueDevice(r.dp.shadow, r.num, rings.desc_addr, rings.avail_addr, rings.used_addr)
+    assert r.serve() == 1 and r.dp.used(0)
+    assert r.drivers[0].get_used() == [("t", 8)]
+
+
+def test_close_queue_drops_inflight_and_frees_the_pool(rig):
+    r = rig()
+    r.drivers[0].add([r.buf(b"a" * 8)], [r.buf(9000)])
+    r.dp.notify(0)
+    assert r.dp.pool.used_pages == 3
+    r.dp.close_queue(0)
+    r.dp.close_queue(0)  # idempotent (the device model may stop twice)
+    assert r.dp.pool.used_pages == 0 and r.dp.inflight(0) == 0
+    assert r.dp.used(0) is False
+    r.dp.notify(0)  # a late notify is ignored
+    rings = r.dp.open_queue(r.configs[0], r.features, r.kick[0])  # driver re-probes
+    r.drivers[0] = SplitQueueDriver(r.mem, r.num, r.configs[0].desc, r.configs[0].driver, r.configs[0].device)
+    r.backends[0].release()
+    r.backends[0] = SplitQueueDevice(r.dp.shadow, r.num, rings.desc, rings.avail, rings.used)
+    r.drivers[0].add([r.buf(b"b" * 8)], [r.buf(8)], token="again")
+    r.dp.notify(0)
+    r.serve()
+    r.dp.used(0)
+    assert r.drivers[0].get_used() == [("again", 8)]
+
+
+def test_queue_too_big_for_the_ring_slots_is_refused(rig):
+    r = rig()
+    with pytest.raises(ShadowError):
+        r.dp.open_queue(QueueConfig(1, 512, GBASE, GBASE + 0x2000, GBASE + 0x3000), 0, r.kick[0])
+
+
+def test_page_pool_next_fit_free_and_double_free():
+    pool = PagePool(0x10000, 8)
+    a = pool.alloc(1)
+    b = pool.alloc(3 * PAGE)
+    c = pool.alloc(4 * PAGE)
+    assert (a, b, c) == (0x10000, 0x11000, 0x14000) and pool.alloc(1) is None
+    pool.free(b, 3 * PAGE)
+    assert pool.alloc(4 * PAGE) is None  # 3 free pages, not 4
+    assert pool.alloc(2 * PAGE) == 0x11000 and pool.free_bytes == PAGE
+    with pytest.raises(ValueError):
+        pool.free(b, 3 * PAGE)  # pages 0x13000.. were never allocated again: double free
+    with pytest.raises(ValueError):
+        pool.free(0x9000, PAGE)

@@ -1,0 +1,480 @@
+"""Shadow virtqueues: any vhost-user back-end on guest memory it cannot map (real Xen).
+
+On Xen the guest's RAM reaches the daemon only through privcmd (or gntdev) mappings, which cannot
+be handed to another process as an fd. :class:`ShadowDataPath` is the copying
+:class:`~.device.DataPath`: the back-end's only memory region is a memfd of ours
+(:mod:`.shadow_pool`) holding one split ring per queue ("shadow rings") and a bounce pool. Per queue:
+
+* guest notify → :meth:`~ShadowDataPath.notify`: pop every available guest chain
+  (:class:`~vhost_user.virtqueue.SplitQueueDevice` validates it: loops, lengths, 4 GiB, order,
+  indirect tables, RAM bounds), allocate one bounce extent for it, copy the device-readable bytes
+  in (memoryview slices), publish a chain of the same shape on the shadow ring (same number of
+  descriptors, readable before writable; indirect when the guest used an indirect table, or when
+  the shadow ring lacks free descriptors and the back-end takes indirect tables), and kick the
+  back-end once per batch if its notification suppression asks for it;
+* back-end call → :meth:`~ShadowDataPath.used`: harvest the shadow used ring in the order the
+  back-end completed, copy back at most the reported written length into the guest's writable
+  buffers in order, free the extents, push the guest used elements in one batch, and say whether
+  the guest wants an interrupt (VRING_AVAIL_F_NO_INTERRUPT / EVENT_IDX ``used_event``).
+
+Back-pressure: when the pool or the shadow ring is full the queue stops pulling guest chains (the
+chain already popped is held) and resumes when the back-end completes something on any queue.
+
+A guest that breaks the rules (RingError) stops only its queue: logged, ``on_error(index,
+reason)`` called (wire it to the model's NEEDS_RESET), nothing more is pulled or written for that
+queue. Without ``on_error``, :meth:`~ShadowDataPath.notify` raises :class:`ShadowQueueError`.
+Copy-back writes only into buffers of validated guest chains, never more than their length.
+
+Reconnect: a back-end that was lost keeps our rings and bounce buffers. When the device model
+re-opens a queue it never closed (same rings), the old shadow used ring is harvested (completions
+reach the guest), the shadow ring is rebuilt starting at the guest's used index (the base the device
+model hands the new back-end) and every chain still in flight is published again, in order. Nothing
+is lost or completed twice. :meth:`~ShadowDataPath.close_queue` (reset) drops in-flight state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from vhost_user import GuestMemoryError, MemoryRegion, ProtocolFeatures
+from vhost_user.virtqueue import (
+    VIRTQ_DESC_F_INDIRECT,
+    Chain,
+    GuestMemory,
+    RingError,
+    SplitQueueDevice,
+    SplitQueueDriver,
+    split_ring_layout,
+)
+
+from .device import RingAddresses
+from .errors import DaemonError
+from .shadow_pool import PAGE, SHADOW_BASE, ShadowMemory
+from .virtio_mmio import QueueConfig
+
+__all__ = [
+    "DEFAULT_POOL_SIZE",
+    "ShadowDataPath",
+    "ShadowError",
+    "ShadowQueueError",
+    "ShadowQueueStats",
+]
+
+VIRTIO_RING_F_INDIRECT_DESC: Final = 28
+VIRTIO_RING_F_EVENT_IDX: Final = 29
+DEFAULT_POOL_SIZE: Final = 16 << 20
+SMALL: Final = 512  # buffers shorter than this are packed at 16-byte alignment, longer ones at 512
+
+_FLAGS = struct.Struct("<H")
+_U16 = struct.Struct("<H")
+# What a guest memory object may raise for a range it does not cover (as vhost_user.virtqueue).
+_FAULTS: Final = (GuestMemoryError, LookupError, ValueError, OverflowError, OSError, BufferError)
+
+Logger = logging.Logger | logging.LoggerAdapter  # type: ignore[type-arg]
+
+
+class ShadowError(DaemonError):
+    """The shadow data path cannot serve a request (configuration, capacity)."""
+
+
+class ShadowQueueError(ShadowError):
+    """Queue ``index`` was stopped: the guest broke the virtio rules (or the back-end did)."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(f"queue {index}: {reason}")
+        self.index = index
+        self.reason = reason
+
+
+@dataclass
+class ShadowQueueStats:
+    chains: int = 0  # published to the back-end
+    completed: int = 0  # pushed to the guest
+    bytes_in: int = 0  # copied guest → bounce
+    bytes_out: int = 0  # copied bounce → guest
+    kicks: int = 0
+    held: int = 0  # times the queue stopped pulling for lack of pool or ring space
+    resubmitted: int = 0
+    overlong: int = 0  # completions whose reported length exceeded the writable buffers
+
+
+class _InFlight:
+    """One guest chain published on the shadow ring (its bounce extent and both shapes)."""
+
+    __slots__ = ("head", "offset", "nbytes", "table", "readable", "writable", "copy_back", "writable_len")
+
+    def __init__(self, head: int, offset: int, nbytes: int, table: int,
+                 readable: list[tuple[int, int]], writable: list[tuple[int, int]],
+                 copy_back: list[tuple[int, int, int]], writable_len: int) -> None:
+        self.head = head
+        self.offset = offset  # memfd offset of the extent
+        self.nbytes = nbytes
+        self.table = table  # back-end address of the indirect table, or -1
+        self.readable = readable  # shadow (addr, len)
+        self.writable = writable
+        self.copy_back = copy_back  # (guest addr, memfd offset, len) of the writable buffers
+        self.writable_len = writable_len
+
+
+class _Queue:
+    __slots__ = ("config", "kick_fd", "guest", "guest_desc", "drv", "rings", "event_idx", "indirect",
+                 "pending", "inflight", "broken", "unreported", "stats")
+
+    def __init__(self, config: QueueConfig, kick_fd: int, rings: RingAddresses, event_idx: bool, indirect: bool) -> None:
+        self.config = config
+        self.kick_fd = kick_fd
+        self.rings = rings
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.guest: SplitQueueDevice | None = None
+        self.guest_desc: memoryview | None = None
+        self.drv: SplitQueueDriver | None = None
+        self.pending: Chain | None = None  # popped from the guest, waiting for pool/ring space
+        self.inflight: dict[int, _InFlight] = {}  # guest head → chain, in publication order
+        self.broken: str | None = None
+        self.unreported = False  # broken without on_error: notify() raises once
+        self.stats = ShadowQueueStats()
+
+    def release(self) -> None:
+        for obj in (self.guest, self.drv):
+            if obj is not None:
+                obj.release()
+        if self.guest_desc is not None:
+            self.guest_desc.release()
+        self.guest = self.drv = self.guest_desc = None
+
+
+def _driver_at(mem: GuestMemory, size: int, rings: RingAddresses, event_idx: bool, start: int) -> SplitQueueDriver:
+    """A fresh shadow ring whose avail and used indices start at ``start`` (a resumed back-end's
+    SET_VRING_BASE). SplitQueueDriver always starts at 0, so set its counters and the ring words."""
+    drv = SplitQueueDriver(mem, size, rings.desc, rings.avail, rings.used, event_idx=event_idx)
+    if start:
+        drv._avail_idx = drv._kicked_avail = drv._last_used = start  # noqa: SLF001 (no start-index API yet)
+        for addr in (rings.avail + 2, rings.used + 2, rings.avail + 4 + 2 * size, rings.used + 4 + 8 * size):
+            with mem.view(addr, 2) as v:  # avail idx, used idx, used_event, avail_event
+                _U16.pack_into(v, 0, start)
+    return drv
+
+
+class ShadowDataPath:
+    """The copying :class:`~.device.DataPath` (split rings only).
+
+    ``memory``: the guest's RAM as the daemon maps it (``view(gpa, length)``, e.g.
+    :class:`~.guest_memory.ForeignGuestMemory`; not closed here). ``banks``: its RAM banks.
+    ``pool_size``: bytes of bounce pool (bounded; a chain longer than the pool is refused as a
+    guest error). ``max_queues``/``max_queue_size``: ring slots reserved in the memfd.
+    ``on_error(index, reason)``: a queue was stopped (set NEEDS_RESET).
+    """
+
+    protocol_features = ProtocolFeatures(0)
+    packed = False
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        banks: Sequence[tuple[int, int]],
+        *,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        max_queues: int = 8,
+        max_queue_size: int = 1024,
+        on_error: Callable[[int, str], None] | None = None,
+        log: Logger | None = None,
+    ) -> None:
+        self.memory = memory
+        self._banks = tuple((int(a), int(b)) for a, b in banks)
+        self.shadow = ShadowMemory(pool_size=pool_size, max_queues=max_queues, max_queue_size=max_queue_size)
+        self.pool = self.shadow.pool
+        self._buf = self.shadow.mv  # the whole memfd, for the copies
+        self._base = self.shadow.base
+        self.on_error = on_error
+        self.log: Logger = log if log is not None else logging.getLogger(__name__)
+        self._queues: dict[int, _Queue] = {}
+        self._held: set[int] = set()  # queues waiting for pool space
+
+    # --- DataPath ---------------------------------------------------------------------------
+    def banks(self) -> Sequence[tuple[int, int]]:
+        return self._banks
+
+    def regions(self) -> tuple[Sequence[MemoryRegion], Sequence[int]]:
+        return [self.shadow.region()], [self.shadow.fd]
+
+    def open_queue(self, queue: QueueConfig, features: int, kick_fd: int) -> RingAddresses:
+        index = queue.index
+        if queue.num > self.shadow.max_queue_size:
+            raise ShadowError(f"queue {index}: size {queue.num} exceeds the shadow ring slots ({self.shadow.max_queue_size})")
+        desc, avail, used, _ = split_ring_layout(queue.num, self.shadow.ring_slot(index))
+        rings = RingAddresses(desc, avail, used)
+        event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
+        indirect = bool(features >> VIRTIO_RING_F_INDIRECT_DESC & 1)
+        old = self._queues.get(index)
+        if old is not None and old.config == queue and old.broken is None and old.guest is not None \
+                and old.event_idx == event_idx:
+            return self._reopen(old, kick_fd, indirect)
+        if old is not None:
+            self.close_queue(index)
+        q = _Queue(queue, kick_fd, rings, event_idx, indirect)
+        self._queues[index] = q
+        q.drv = _driver_at(self.shadow, queue.num, rings, event_idx, 0)
+        try:
+            q.guest = SplitQueueDevice(self.memory, queue.num, queue.desc, queue.driver, queue.device, event_idx=event_idx)
+            q.guest_desc = self.memory.view(queue.desc, 16 * queue.num)
+        except (RingError, *_FAULTS) as e:
+            self._break(q, f"guest rings unusable: {e}")
+        return rings
+
+    def notify(self, index: int) -> None:
+        q = self._queues.get(index)
+        if q is None:
+            return
+        if q.broken is None:
+            self._pump(q)
+        if q.unreported:
+            q.unreported = False
+            raise ShadowQueueError(index, q.broken or "")
+
+    def used(self, index: int) -> bool:
+        q = self._queues.get(index)
+        if q is None or q.broken is not None or q.drv is None or q.guest is None:
+            return False
+        try:
+            done = q.drv.get_used()
+        except RingError as e:
+            self._break(q, f"back-end: {e}")
+            return False
+        if done:
+            self._complete(q, done)
+        if self._held:
+            for i in sorted(self._held):
+                held = self._queues.get(i)
+                if held is not None and held is not q and held.broken is None:
+                    self._pump(held)
+        if q.pending is not None and q.broken is None:
+            self._pump(q)
+        return q.guest is not None and q.broken is None and q.guest.needs_notify()
+
+    def close_queue(self, index: int) -> None:
+        q = self._queues.pop(index, None)
+        self._held.discard(index)
+        if q is None:
+            return
+        for f in q.inflight.values():
+            self.pool.free(f.offset, f.nbytes)
+        if q.inflight:
+            self.log.debug("queue %d closed with %d chain(s) in flight (dropped)", index, len(q.inflight))
+        q.inflight.clear()
+        q.pending = None
+        q.release()
+
+    # --- extras -----------------------------------------------------------------------------
+    def stats(self, index: int) -> ShadowQueueStats | None:
+        q = self._queues.get(index)
+        return None if q is None else q.stats
+
+    def inflight(self, index: int) -> int:
+        q = self._queues.get(index)
+        return 0 if q is None else len(q.inflight)
+
+    def broken(self, index: int) -> str | None:
+        q = self._queues.get(index)
+        return None if q is None else q.broken
+
+    def resubmit(self, index: int) -> int:
+        """Publish every chain of queue ``index`` still in flight again on a fresh shadow ring
+        starting at the guest's used index (for a back-end restarted at that base without a
+        queue re-open); kicks. Returns the number of chains resubmitted."""
+        q = self._queues.get(index)
+        if q is None or q.broken is not None or q.guest is None:
+            return 0
+        self._reopen(q, q.kick_fd, q.indirect)
+        if q.inflight:
+            self._kick(q)
+        return len(q.inflight)
+
+    def close(self) -> None:
+        """Drop every queue and the memfd (after the back-end has stopped). Idempotent."""
+        for index in list(self._queues):
+            self.close_queue(index)
+        self.shadow.close()
+
+    # --- engine -----------------------------------------------------------------------------
+    def _break(self, q: _Queue, reason: str) -> None:
+        if q.broken is not None:
+            return
+        q.broken = reason
+        q.pending = None
+        self._held.discard(q.config.index)
+        self.log.error("queue %d stopped: %s", q.config.index, reason)
+        if self.on_error is not None:
+            self.on_error(q.config.index, reason)
+        else:
+            q.unreported = True
+
+    def _pump(self, q: _Queue) -> None:
+        """Publish every available guest chain that fits; one kick for the batch."""
+        guest, drv = q.guest, q.drv
+        if guest is None or drv is None:
+            return
+        published = 0
+        try:
+            while True:
+                chain = q.pending
+                if chain is None:
+                    chain = guest.pop()
+                    if chain is None:
+                        break
+                    self._check(q, chain)
+                if not self._publish(q, chain, drv):
+                    if q.pending is None:
+                        q.stats.held += 1
+                    q.pending = chain
+                    self._held.add(q.config.index)
+                    break
+                q.pending = None
+                published += 1
+            if q.pending is None:
+                self._held.discard(q.config.index)
+        except RingError as e:
+            self._break(q, str(e))
+        if published:
+            q.stats.chains += published
+            if drv.kick_needed():
+                self._kick(q)
+
+    def _kick(self, q: _Queue) -> None:
+        q.stats.kicks += 1
+        os.eventfd_write(q.kick_fd, 1)
+
+    def _check(self, q: _Queue, chain: Chain) -> None:
+        n = len(chain.readable) + len(chain.writable)
+        if n > q.config.num:
+            raise RingError(f"chain {chain.head}: {n} descriptors, longer than the queue ({q.config.num})")
+        if chain.head in q.inflight:
+            raise RingError(f"chain {chain.head} made available again while still in flight")
+
+    def _publish(self, q: _Queue, chain: Chain, drv: SplitQueueDriver) -> bool:
+        """Bounce ``chain`` and publish it on the shadow ring; False when out of pool or ring space."""
+        readable, writable = chain.readable, chain.writable
+        n = len(readable) + len(writable)
+        assert q.guest_desc is not None
+        guest_indirect = _FLAGS.unpack_from(q.guest_desc, 16 * chain.head + 12)[0] & VIRTQ_DESC_F_INDIRECT
+        free = drv.num_free
+        indirect = q.indirect and n > 1 and (bool(guest_indirect) or n > free)
+        if (1 if indirect else n) > free:
+            return False
+        # Extent layout: [indirect table][buffers, 16- or 512-aligned].
+        pos = 16 * n if indirect else 0
+        offsets = []
+        for b in (*readable, *writable):
+            a = SMALL - 1 if b.length >= SMALL else 15
+            pos = (pos + a) & ~a
+            offsets.append(pos)
+            pos += b.length
+        if pos > self.pool.capacity:
+            raise RingError(f"chain {chain.head}: {pos} bytes do not fit the bounce pool ({self.pool.capacity} bytes)")
+        extent = self.pool.alloc(pos)
+        if extent is None:
+            return False
+        buf, mem, base = self._buf, self.memory, self._base
+        shadow_r: list[tuple[int, int]] = []
+        shadow_w: list[tuple[int, int]] = []
+        copy_back: list[tuple[int, int, int]] = []
+        copied = 0
+        try:
+            i = 0
+            for b in readable:
+                off = extent + offsets[i]
+                i += 1
+                if b.length:
+                    buf[off : off + b.length] = mem.view(b.addr, b.length)
+                    copied += b.length
+                shadow_r.append((base + off, b.length))
+            for b in writable:
+                off = extent + offsets[i]
+                i += 1
+                shadow_w.append((base + off, b.length))
+                copy_back.append((b.addr, off, b.length))
+        except _FAULTS as e:
+            self.pool.free(extent, pos)
+            raise RingError(f"chain {chain.head}: guest buffer unreadable: {e}") from e
+        wlen = sum(b.length for b in writable)
+        f = _InFlight(chain.head, extent, pos, base + extent if indirect else -1, shadow_r, shadow_w, copy_back, wlen)
+        self._add(drv, f)
+        q.inflight[chain.head] = f
+        q.stats.bytes_in += copied
+        return True
+
+    @staticmethod
+    def _add(drv: SplitQueueDriver, f: _InFlight) -> None:
+        if f.table >= 0:
+            drv.add_indirect(f.table, f.readable, f.writable, token=f)
+        else:
+            drv.add(f.readable, f.writable, token=f)
+
+    def _complete(self, q: _Queue, done: list[tuple[Any, int]]) -> None:
+        """Copy back what the back-end wrote, free the extents, push the guest's used elements."""
+        assert q.guest is not None
+        buf, mem = self._buf, self.memory
+        pushes: list[tuple[int, int]] = []
+        out = 0
+        fault: str | None = None
+        for f, written in done:
+            if written > f.writable_len:
+                q.stats.overlong += 1
+                if q.stats.overlong == 1:
+                    self.log.warning("queue %d: back-end reported %d bytes written into %d writable bytes (clamped)",
+                                     q.config.index, written, f.writable_len)
+                written = f.writable_len
+            left = written
+            if fault is None:
+                try:
+                    for gaddr, off, length in f.copy_back:
+                        if left <= 0:
+                            break
+                        m = length if length < left else left
+                        mem.view(gaddr, m)[:] = buf[off : off + m]
+                        left -= m
+                        out += m
+                except _FAULTS as e:
+                    fault = f"chain {f.head}: guest buffer unwritable: {e}"
+            self.pool.free(f.offset, f.nbytes)
+            del q.inflight[f.head]
+            pushes.append((f.head, written))
+        q.guest.push_many(pushes)
+        q.stats.completed += len(pushes)
+        q.stats.bytes_out += out
+        if fault is not None:
+            self._break(q, fault)
+
+    def _reopen(self, q: _Queue, kick_fd: int, indirect: bool) -> RingAddresses:
+        """The back-end was replaced: harvest the old shadow ring, rebuild it at the guest's used
+        index, publish what is still in flight again, in order."""
+        assert q.guest is not None and q.drv is not None
+        start = q.guest.used_idx  # what the device model reads as the new back-end's base
+        try:
+            done = q.drv.get_used()
+        except RingError as e:
+            self.log.warning("queue %d: old shadow used ring unreadable (%s); resubmitting all in flight", q.config.index, e)
+            done = []
+        if done:
+            self._complete(q, done)
+        q.drv.release()
+        q.drv = _driver_at(self.shadow, q.config.num, q.rings, q.event_idx, start)
+        q.kick_fd = kick_fd
+        q.indirect = indirect
+        for f in q.inflight.values():
+            if f.table >= 0 and not indirect:
+                raise ShadowError(f"queue {q.config.index}: the new back-end lacks indirect descriptors")
+            self._add(q.drv, f)
+        q.stats.resubmitted += len(q.inflight)
+        if q.inflight or done:
+            self.log.info("queue %d resumed at %d: %d completion(s) harvested, %d chain(s) resubmitted",
+                          q.config.index, start, len(done), len(q.inflight))
+        return q.rings
+
+
+_ = PAGE, SHADOW_BASE  # re-exported for callers sizing the pool

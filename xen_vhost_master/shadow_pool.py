@@ -1,0 +1,138 @@
+"""The shadow data path's own memory: one memfd the back-end maps as its only region.
+
+Layout (offsets in the memfd; the back-end sees the memfd at :data:`SHADOW_BASE`, both as
+guest-physical and as user address)::
+
+    [0, ring_area)                one fixed slot per queue index: split ring desc/avail/used
+    [ring_area, ring_area+pool)   bounce pool, page granular (:class:`PagePool`)
+
+:class:`PagePool` is a next-fit allocator over a one-byte-per-page bitmap (a ``bytearray``):
+finding a run of ``k`` free pages is one ``bytearray.find`` (C, no per-page Python work), freeing
+is one slice assignment. Requests never allocate memory: the pool is fixed when the data path is
+built (bounded, configurable) and allocation failure is the back-pressure signal.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Final
+
+from vhost_user import GuestMemoryError, MemoryRegion
+from vhost_user.virtqueue import split_ring_layout
+
+__all__ = ["PAGE", "SHADOW_BASE", "PagePool", "ShadowMemory"]
+
+PAGE: Final = 4096
+#: Where the back-end sees the shadow memfd. Far above any guest RAM bank, so a guest address
+#: that leaked into a shadow descriptor would be refused by the back-end, not silently used.
+SHADOW_BASE: Final = 1 << 40
+
+
+def _pages(nbytes: int) -> int:
+    return (nbytes + PAGE - 1) // PAGE
+
+
+class PagePool:
+    """Page-granular allocator over ``[offset, offset + pages*PAGE)`` of the memfd."""
+
+    def __init__(self, offset: int, pages: int) -> None:
+        if pages <= 0:
+            raise ValueError("the bounce pool needs at least one page")
+        self.offset = offset
+        self.pages = pages
+        self._map = bytearray(pages)  # 0 free, 1 used
+        self._ones = memoryview(b"\x01" * pages)
+        self._zeros = memoryview(bytes(pages))
+        self._needle: dict[int, bytes] = {}
+        self._cursor = 0
+        self.used_pages = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.pages * PAGE
+
+    @property
+    def free_bytes(self) -> int:
+        return (self.pages - self.used_pages) * PAGE
+
+    def alloc(self, nbytes: int) -> int | None:
+        """Memfd offset of ``nbytes`` (rounded up to pages) of contiguous pool, or None if full."""
+        k = _pages(max(nbytes, 1))
+        if k > self.pages - self.used_pages:
+            return None
+        needle = self._needle.get(k)
+        if needle is None:
+            needle = self._needle[k] = bytes(k)
+        i = self._map.find(needle, self._cursor)
+        if i < 0:
+            i = self._map.find(needle, 0, min(self._cursor + k - 1, self.pages))
+            if i < 0:
+                return None
+        self._map[i : i + k] = self._ones[:k]
+        self._cursor = i + k if i + k < self.pages else 0
+        self.used_pages += k
+        return self.offset + i * PAGE
+
+    def free(self, offset: int, nbytes: int) -> None:
+        k = _pages(max(nbytes, 1))
+        i = (offset - self.offset) // PAGE
+        if not (0 <= i and i + k <= self.pages) or (offset - self.offset) % PAGE:
+            raise ValueError(f"free of [{offset:#x}, +{nbytes:#x}) outside the pool")
+        if self._map.count(1, i, i + k) != k:
+            raise ValueError(f"double free in the pool at {offset:#x}")
+        self._map[i : i + k] = self._zeros[:k]
+        self.used_pages -= k
+
+
+class ShadowMemory:
+    """The memfd, its mapping, the ring slots and the bounce pool.
+
+    ``view(addr, length)`` takes back-end addresses (``SHADOW_BASE + offset``): the
+    :class:`vhost_user.virtqueue.SplitQueueDriver` of each shadow ring works over it.
+    """
+
+    def __init__(self, *, pool_size: int, max_queues: int, max_queue_size: int, base: int = SHADOW_BASE) -> None:
+        if max_queues <= 0:
+            raise ValueError("max_queues must be positive")
+        self.base = base
+        self.slot_size = _pages(split_ring_layout(max_queue_size)[3]) * PAGE  # validates the size
+        self.max_queues = max_queues
+        self.max_queue_size = max_queue_size
+        ring_area = self.slot_size * max_queues
+        self.size = ring_area + _pages(pool_size) * PAGE
+        self.pool = PagePool(ring_area, _pages(pool_size))
+        self.fd = os.memfd_create("xen-vhost-shadow", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, self.size)
+            self._mmap = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.mv = memoryview(self._mmap)
+
+    def ring_slot(self, index: int) -> int:
+        """Back-end address of queue ``index``'s ring slot."""
+        if not 0 <= index < self.max_queues:
+            raise IndexError(f"queue {index}: the shadow memory has {self.max_queues} ring slots")
+        return self.base + index * self.slot_size
+
+    def view(self, addr: int, length: int) -> memoryview:
+        off = addr - self.base
+        if length < 0 or off < 0 or off + length > self.size:
+            raise GuestMemoryError(addr, length, "shadow")
+        return self.mv[off : off + length]
+
+    def region(self) -> MemoryRegion:
+        return MemoryRegion(guest_phys_addr=self.base, memory_size=self.size, userspace_addr=self.base, mmap_offset=0)
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        self.mv.release()
+        try:
+            self._mmap.close()
+        except BufferError:  # a ring view not released yet: the mapping goes with it
+            pass
+        os.close(self.fd)
+        self.fd = -1
