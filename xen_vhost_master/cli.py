@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import pwd
 import socket
 import sys
 
@@ -73,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "xen-mmap, shadow (copying; any back-end), sim-memfd (simulator-only baseline)")
     p.add_argument("--runtime-dir", metavar="DIR",
                    help=f"back-end sockets and status socket (default {RUNTIME_DIR.format(domid='<domid>')})")
+    p.add_argument("--backend-user", action="append", default=[], metavar="USER",
+                   help="a user (name or uid) whose back-ends may connect or be connected to, besides "
+                        "root and the daemon's own user (checked with SO_PEERCRED); may be repeated")
     p.add_argument("--backend-domid", type=int, default=0, help="the domain this daemon runs in (default 0)")
     p.add_argument("--guest-arch", choices=["arm64", "x86_64"], help="guest memory layout (default: the host's)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
@@ -86,6 +90,12 @@ def _options(args: argparse.Namespace) -> Options:
     if args.config:
         devices += load_toml(args.config)
     runtime = args.runtime_dir or RUNTIME_DIR.format(domid=args.domid)
+    uids = []
+    for user in args.backend_user:
+        try:
+            uids.append(int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid)
+        except KeyError:
+            raise ConfigError(f"--backend-user {user}: no such user") from None
     return Options(
         domid=args.domid,
         devices=tuple(devices),
@@ -96,6 +106,7 @@ def _options(args: argparse.Namespace) -> Options:
         status_socket=os.path.join(runtime, "status.sock"),
         state_file=os.path.join(runtime, "state.json"),
         guest_arch=args.guest_arch,
+        backend_uids=tuple(uids),
     )
 
 

@@ -21,6 +21,8 @@ import errno
 import json
 import os
 import signal
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -69,6 +71,7 @@ class Options:
     backend_domid: int = 0
     status_socket: str | None = None
     state_file: str | None = None  # what a restarted daemon needs to take over a running guest
+    backend_uids: tuple[int, ...] = ()  # besides our own uid and root, who may be a back-end
     guest_arch: str | None = None  # arm64 | x86_64; default: the host's (the simulator models Arm64)
 
 
@@ -101,6 +104,7 @@ class Supervisor:
         self._status_server: asyncio.AbstractServer | None = None
         self._memfd: int | None = None
         self._saved: dict[str, Any] = {}
+        self.restricted = False
 
     # --- the one entry point ---------------------------------------------------------------------
 
@@ -162,10 +166,25 @@ class Supervisor:
         for cfg in configs:
             await self._add_device(self._adjust(cfg), paths.get(cfg.base))
         self.ioreq.enable()
+        self._restrict()
         for served in self.devices.values():
             await self._set_state(served, XENBUS_INITWAIT)
         if self.opt.status_socket:
             await self._start_status_socket(self.opt.status_socket)
+
+    def _restrict(self) -> None:
+        """Least privilege: from now on our privcmd and evtchn fds only reach this guest, and so
+        does the privcmd fd that XEN_MMAP back-ends receive (IOCTL_PRIVCMD_RESTRICT,
+        IOCTL_EVTCHN_RESTRICT_DOMID)."""
+        assert self.privcmd is not None and self.evtchn is not None
+        try:
+            self.privcmd.restrict(self.domid)
+            self.evtchn.restrict_domid(self.domid)
+        except XenError as e:
+            self.log.warning("could not restrict privcmd/evtchn to domain %d: %s", self.domid, e)
+            return
+        self.restricted = True
+        self.log.info("privcmd and evtchn restricted to domain %d", self.domid)
 
     def _adjust(self, cfg: DeviceConfig) -> DeviceConfig:
         if cfg.memory is MemoryMode.AUTO and self.opt.memory is not MemoryMode.AUTO:
@@ -312,15 +331,34 @@ class Supervisor:
         cfg = served.config
         path = cfg.socket_path(self.domid)
         if not cfg.listen:
-            return await AsyncFrontend.connect(path, attempts=CONNECT_ATTEMPTS)
+            fe = await AsyncFrontend.connect(path, attempts=CONNECT_ATTEMPTS)
+            self._check_peer(fe, path)  # a socket some other user put there is not our back-end
+            return fe
         if served.listener is None:
             os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
             served.listener = UnixListener(path)
             os.chmod(path, 0o600)
         self.log.info("waiting for the back-end to connect to %s", path)
-        return await AsyncFrontend.accept(served.listener, accept_timeout=ACCEPT_TIMEOUT)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ACCEPT_TIMEOUT
+        while True:
+            fe = await AsyncFrontend.accept(served.listener, accept_timeout=max(deadline - loop.time(), 0.01))
+            try:
+                self._check_peer(fe, path)
+            except DeviceError as e:
+                self.log.warning("%s: connection refused", e)
+                await fe.close()
+                continue
+            return fe
+
+    def _check_peer(self, fe: AsyncFrontend, path: str) -> None:
+        """SO_PEERCRED against the allow-list: our own uid, root, and --backend-user."""
+        creds = fe.sock.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _gid = struct.unpack("3i", creds)
+        if uid not in (os.getuid(), 0, *self.opt.backend_uids):
+            asyncio.ensure_future(fe.close())
+            raise DeviceError(f"the peer on {path} (pid {pid}) runs as uid {uid}, which is not allowed "
+                              "(allow it with --backend-user)")
 
     async def _set_state(self, served: _Served, state: int) -> None:
         if self.xs is None or served.path is None:
@@ -495,7 +533,7 @@ class Supervisor:
                 "guest_errors": d.stats.guest_errors, "last_error": d.stats.last_error,
             })
         ioreq = self.ioreq.stats if self.ioreq else None
-        return {"domid": self.domid, "devices": devices,
+        return {"domid": self.domid, "devices": devices, "restricted": self.restricted,
                 "ioreqs": {"served": ioreq.served, "spurious": ioreq.spurious, "refused": ioreq.refused} if ioreq else {}}
 
     def _status_line(self) -> str:

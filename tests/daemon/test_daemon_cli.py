@@ -9,6 +9,7 @@ left behind (status socket gone, IOREQ server destroyed in the simulator).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import select
@@ -122,6 +123,11 @@ async def test_daemon_serves_discovers_hotplugs_and_stops_cleanly(sim_dir, peers
         xs = await XenstoreClient.open(socket_paths=(), opener=SimKernel(sim_path).open)
         backend = f"/local/domain/0/backend/virtio/{DOMID}"
         assert await xs.read_str(f"{backend}/0/state") == "2"  # InitWait: `xl create` may go on
+        status = subprocess.run([str(BIN / "xen-vhost-master"), "status", "--domid", str(DOMID), "--runtime-dir", str(runtime)],
+                                capture_output=True, text=True, timeout=TIMEOUT, check=True)
+        state = json.loads(status.stdout)
+        assert state["restricted"] is True  # privcmd/evtchn only reach this guest now
+        assert [d["backend"] for d in state["devices"]] == ["connected"]
 
         guest = await SimGuest.connect(sim_path, DOMID)
         alloc = GuestPageAllocator(guest.ram)
