@@ -1,6 +1,6 @@
 """One virtio device of a guest: the virtio-mmio model wired to a vhost-user back-end.
 
-The IOREQ server hands guest register accesses to :meth:`Device.mmio_read`/:meth:`mmio_write`;
+The IOREQ server hands guest register accesses to :meth:`Device.mmio`;
 the pure model (:mod:`.virtio_mmio`) answers and returns actions, which this class carries out:
 start or stop the back-end's rings, forward config writes, kick queue eventfds, drive the
 interrupt line. Accesses are served one at a time per device, and an access that starts or stops
@@ -156,6 +156,7 @@ class Device:
         self.frontend: AsyncFrontend | None = None
         self.model: VirtioMmioDevice | None = None
         self._lock = asyncio.Lock()
+        self._slow = 0  # writes that wait for, or are, a back-end round trip
         self._kick: list[int] = []
         self._call: list[int] = []
         self._started: list[int] = []
@@ -256,22 +257,43 @@ class Device:
 
     # --- guest register accesses (from the IOREQ server) ---------------------------------------
 
-    async def mmio_read(self, offset: int, size: int) -> int:
+    def mmio(self, offset: int, size: int, is_write: bool, value: int) -> int | None | Awaitable[None]:
+        """A guest access from the IOREQ server. Served at once unless it starts, stops or
+        reconfigures the back-end: then a coroutine is returned, and writes that follow it wait
+        their turn behind it (the vCPU that made it stays blocked until the back-end is done)."""
         assert self.model is not None
-        self.stats.reads += 1
-        value, actions = self.model.read(offset, size)
-        if actions:
+        if not is_write:
+            self.stats.reads += 1
+            result, actions = self.model.read(offset, size)
+            self._carry_out_now(actions)  # reads only ever produce guest errors
+            return result
+        self.stats.writes += 1
+        if self._slow:
+            return self._write_in_turn(offset, size, value)
+        actions = self.model.write(offset, size, value)
+        if any(isinstance(a, (Activate, Reset, ConfigWrite)) for a in actions):
+            self._slow += 1
+            return self._carry_out_in_turn(actions)
+        self._carry_out_now(actions)
+        return None
+
+    async def _write_in_turn(self, offset: int, size: int, value: int) -> None:
+        assert self.model is not None
+        self._slow += 1
+        try:
+            async with self._lock:
+                await self._carry_out(self.model.write(offset, size, value))
+        finally:
+            self._slow -= 1
+
+    async def _carry_out_in_turn(self, actions: list) -> None:  # type: ignore[type-arg]
+        try:
             async with self._lock:
                 await self._carry_out(actions)
-        return value
+        finally:
+            self._slow -= 1
 
-    async def mmio_write(self, offset: int, size: int, value: int) -> None:
-        assert self.model is not None
-        self.stats.writes += 1
-        async with self._lock:
-            await self._carry_out(self.model.write(offset, size, value))
-
-    async def _carry_out(self, actions: list) -> None:  # type: ignore[type-arg]
+    def _carry_out_now(self, actions: list) -> None:  # type: ignore[type-arg]
         for action in actions:
             match action:
                 case Notify(index):
@@ -280,6 +302,14 @@ class Device:
                     self.memory.notify(index)
                 case IrqLevel(level):
                     self._irq(level)
+                case GuestError(reason):
+                    self._guest_error(reason)
+
+    async def _carry_out(self, actions: list) -> None:  # type: ignore[type-arg]
+        for action in actions:
+            match action:
+                case Notify() | IrqLevel() | GuestError():
+                    self._carry_out_now([action])
                 case Activate():
                     await self._activate(action)
                     self.changed.set()
@@ -291,8 +321,6 @@ class Device:
                 case ConfigWrite(offset, data):
                     if self.frontend is not None and self.frontend.has_protocol_feature(ProtocolFeatures.CONFIG):
                         await self._guarded(self.frontend.set_config(offset, data))
-                case GuestError(reason):
-                    self._guest_error(reason)
 
     def _irq(self, level: bool) -> None:
         if level:

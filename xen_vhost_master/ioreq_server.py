@@ -18,7 +18,7 @@ import asyncio
 import bisect
 import errno
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,9 +38,10 @@ ALL_ONES = 0xFFFFFFFFFFFFFFFF
 class MmioHandler(Protocol):
     """A device behind a window: offsets are relative to the window base."""
 
-    async def mmio_read(self, offset: int, size: int) -> int: ...
-
-    async def mmio_write(self, offset: int, size: int, value: int) -> None: ...
+    def mmio(self, offset: int, size: int, is_write: bool, value: int) -> int | None | Awaitable[int | None]:
+        """Serve an access: the read value (None for writes), or an awaitable of it when the
+        device must first talk to its back-end."""
+        ...
 
 
 @dataclass
@@ -183,32 +184,50 @@ class IoreqServer:
                 self._dispatch(vcpu)
 
     def _dispatch(self, vcpu: int, *, recover: bool = False) -> None:
+        """Serve one vCPU's request: at once when the device can (register reads, notifies,
+        interrupt ACKs: the hot path creates no task), else in a task for the slow part."""
         assert self.page is not None
         req = self.page.take(vcpu, recover=recover)
         if req is None:
             self.stats.spurious += 1
             return
-        task = asyncio.get_running_loop().create_task(self._serve(req))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _serve(self, req: IoreqRequest) -> None:
-        data: int | None = None if req.is_write else ALL_ONES
+        default = None if req.is_write else ALL_ONES
         try:
-            data = await self._handle(req)
+            result = self._handle(req)
         except Exception:  # noqa: BLE001 - the vCPU's lifeline: a device bug must not block it forever
-            self.log.exception("serving %s of %d bytes at %#x failed", "write" if req.is_write else "read", req.size, req.addr)
-        finally:
-            # Always answer, or the vCPU stays blocked forever.
-            if self.page is not None:
-                self.page.complete(req.vcpu, data)
-                try:
-                    self.evtchn.notify(self._ports[req.vcpu])
-                except XenError as e:
-                    self.log.error("notify vCPU %d: %s", req.vcpu, e)
-            self.stats.served += 1
+            self._failed(req)
+            result = default
+        if isinstance(result, Awaitable):
+            task = asyncio.get_running_loop().create_task(self._finish(req, result, default))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            self._complete(req, result)
 
-    async def _handle(self, req: IoreqRequest) -> int | None:
+    async def _finish(self, req: IoreqRequest, pending: Awaitable[int | None], default: int | None) -> None:
+        data = default
+        try:
+            data = await pending
+        except Exception:  # noqa: BLE001 - as above: always answer the vCPU
+            self._failed(req)
+        finally:
+            self._complete(req, data)
+
+    def _failed(self, req: IoreqRequest) -> None:
+        self.log.exception("serving %s of %d bytes at %#x failed", "write" if req.is_write else "read", req.size, req.addr)
+
+    def _complete(self, req: IoreqRequest, data: int | None) -> None:
+        """Publish the response and wake the vCPU (abi.md §5 steps 6-8)."""
+        self.stats.served += 1
+        if self.page is None:
+            return
+        self.page.complete(req.vcpu, data)
+        try:
+            self.evtchn.notify(self._ports[req.vcpu])
+        except XenError as e:
+            self.log.error("notify vCPU %d: %s", req.vcpu, e)
+
+    def _handle(self, req: IoreqRequest) -> int | None | Awaitable[int | None]:
         if req.type == IoreqType.INVALIDATE:
             return None  # x86 mapcache invalidation: nothing cached here
         if req.type != IoreqType.COPY or req.data_is_ptr or req.count != 1 or req.size not in (1, 2, 4, 8):
@@ -219,10 +238,7 @@ class IoreqServer:
             self._refuse(f"access at {req.addr:#x} outside every device window")
             return ALL_ONES if not req.is_write else None
         base, handler = window
-        if req.is_write:
-            await handler.mmio_write(req.addr - base, req.size, req.data)
-            return None
-        return await handler.mmio_read(req.addr - base, req.size)
+        return handler.mmio(req.addr - base, req.size, req.is_write, req.data)
 
     def _window(self, addr: int, size: int) -> tuple[int, MmioHandler] | None:
         i = bisect.bisect_right(self._bases, addr) - 1
