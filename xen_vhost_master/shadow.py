@@ -26,9 +26,9 @@ queue. Without ``on_error``, :meth:`~ShadowDataPath.notify` raises :class:`Shado
 Copy-back writes only into buffers of validated guest chains, never more than their length.
 
 Reconnect: a back-end that was lost keeps our rings and bounce buffers. When the device model
-re-opens a queue it never closed (same rings), the old shadow used ring is harvested (completions
-reach the guest), the shadow ring is rebuilt starting at the guest's used index (the base the device
-model hands the new back-end) and every chain still in flight is published again, in order. Nothing
+re-opens a queue with ``resume=True`` (same rings, never closed), the old shadow used ring is harvested (completions
+reach the guest), the shadow ring is rebuilt starting at the guest's used index (returned as the
+ring's ``base`` for the new back-end) and every chain still in flight is published again, in order. Nothing
 is lost or completed twice. :meth:`~ShadowDataPath.close_queue` (reset) drops in-flight state.
 """
 
@@ -203,7 +203,9 @@ class ShadowDataPath:
     def regions(self) -> tuple[Sequence[MemoryRegion], Sequence[int]]:
         return [self.shadow.region()], [self.shadow.fd]
 
-    def open_queue(self, queue: QueueConfig, features: int, kick_fd: int) -> RingAddresses:
+    def open_queue(self, queue: QueueConfig, features: int, kick_fd: int, *, resume: bool = False) -> RingAddresses:
+        """Shadow rings for ``queue``. ``resume``: the back-end was replaced while the queue ran;
+        the returned ``base`` is where the new one starts reading our shadow ring."""
         index = queue.index
         if queue.num > self.shadow.max_queue_size:
             raise ShadowError(f"queue {index}: size {queue.num} exceeds the shadow ring slots ({self.shadow.max_queue_size})")
@@ -212,7 +214,7 @@ class ShadowDataPath:
         event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
         indirect = bool(features >> VIRTIO_RING_F_INDIRECT_DESC & 1)
         old = self._queues.get(index)
-        if old is not None and old.config == queue and old.broken is None and old.guest is not None \
+        if resume and old is not None and old.config == queue and old.broken is None and old.guest is not None \
                 and old.event_idx == event_idx:
             return self._reopen(old, kick_fd, indirect)
         if old is not None:
@@ -221,7 +223,14 @@ class ShadowDataPath:
         self._queues[index] = q
         q.drv = _driver_at(self.shadow, queue.num, rings, event_idx, 0)
         try:
-            q.guest = SplitQueueDevice(self.memory, queue.num, queue.desc, queue.driver, queue.device, event_idx=event_idx)
+            # A queue resumed without its in-flight table (e.g. a restarted daemon): QEMU's rule
+            # without INFLIGHT_SHMFD, chains after the guest's used index are taken again.
+            first = None
+            if resume:
+                with self.memory.view(queue.device + 2, 2) as v:
+                    first = _U16.unpack_from(v)[0]
+            q.guest = SplitQueueDevice(self.memory, queue.num, queue.desc, queue.driver, queue.device,
+                                       event_idx=event_idx, last_avail_idx=first or 0)
             q.guest_desc = self.memory.view(queue.desc, 16 * queue.num)
         except (RingError, *_FAULTS) as e:
             self._break(q, f"guest rings unusable: {e}")
@@ -290,7 +299,7 @@ class ShadowDataPath:
         q = self._queues.get(index)
         if q is None or q.broken is not None or q.guest is None:
             return 0
-        self._reopen(q, q.kick_fd, q.indirect)
+        self._reopen(q, q.kick_fd, q.indirect)  # the caller restarts its back-end at the guest's used index
         if q.inflight:
             self._kick(q)
         return len(q.inflight)
@@ -474,7 +483,7 @@ class ShadowDataPath:
         if q.inflight or done:
             self.log.info("queue %d resumed at %d: %d completion(s) harvested, %d chain(s) resubmitted",
                           q.config.index, start, len(done), len(q.inflight))
-        return q.rings
+        return RingAddresses(q.rings.desc, q.rings.avail, q.rings.used, start)
 
 
 _ = PAGE, SHADOW_BASE  # re-exported for callers sizing the pool

@@ -279,7 +279,8 @@ def test_reconnect_harvests_completions_and_resubmits_the_rest_exactly_once(rig)
     be.release()
     base = struct.unpack_from("<H", r.mem.view(r.configs[0].device + 2, 2))[0]
     assert base == 0  # what the device model reads as the new back-end's SET_VRING_BASE
-    rings = r.dp.open_queue(r.configs[0], r.features, r.kick[0])  # same queue, not closed: resume
+    rings = r.dp.open_queue(r.configs[0], r.features, r.kick[0], resume=True)  # same queue, not closed
+    assert rings.base == base
     assert r.dp.stats(0).resubmitted == 3
     new = SplitQueueDevice(r.dp.shadow, 16, rings.desc, rings.avail, rings.used, last_avail_idx=base)
     r.backends[0] = new
@@ -305,7 +306,8 @@ def test_reconnect_at_a_nonzero_base(rig):
     r.backends[0].release()
     base = struct.unpack_from("<H", r.mem.view(r.configs[0].device + 2, 2))[0]
     assert base == 3
-    rings = r.dp.open_queue(r.configs[0], r.features, r.kick[0])
+    rings = r.dp.open_queue(r.configs[0], r.features, r.kick[0], resume=True)
+    assert rings.base == 3
     r.backends[0] = SplitQueueDevice(r.dp.shadow, 8, rings.desc, rings.avail, rings.used, last_avail_idx=base)
     assert r.backends[0].used_idx == 3 and r.serve() == 1
     assert r.dp.used(0) is True
