@@ -8,11 +8,12 @@ STAMP := $(VENV)/.installed
 DEBS  := qemu-system-common dpdk-dev user-mode-linux kmod gcc libxen-dev linux-libc-dev fio \
          gcc-aarch64-linux-gnu libc6-dev-arm64-cross linux-libc-dev-arm64-cross qemu-user
 
-.PHONY: test demo deps venv bench clean
+.PHONY: test demo deps venv bench fuzz clean
 test: deps venv
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-demo: deps venv
+demo: venv
+	@bash tests/tools/install-debs.sh qemu-system-common
 	$(PY) -m xen_vhost_master.demo
 
 deps:
@@ -28,6 +29,10 @@ $(STAMP): pyproject.toml
 
 bench: deps venv
 	$(PY) -m xen_vhost_master.sim.bench_map
+
+# Long fuzzing runs of the guest-facing surface (bounded per example; about 15 min).
+fuzz: venv
+	HYPOTHESIS_FUZZ_EXAMPLES=100000 $(PY) -m pytest -q -p no:cacheprovider --timeout=3600 tests/daemon/test_fuzz_guest.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
