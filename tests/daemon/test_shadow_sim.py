@@ -9,9 +9,12 @@ virtiofsd (FUSE INIT / LOOKUP / GETATTR / READ about a real directory).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import random
+import stat
+import struct
 
 import pytest
 
@@ -138,6 +141,157 @@ async def test_qsd_4mib_random_write_read_back_at_qd_1_8_32_and_mixed(sim_host, 
         assert st.kicks < st.chains  # one kick per batch
         assert daemon.errors == [] and daemon.shadow.pool.used_pages == 0
         await blk.close()
+    finally:
+        guest.close()
+        await daemon.close()
+
+
+def frame(n: int) -> bytes:
+    return b"\xff" * 6 + bytes([0x02, 0, 0, 0, 0, n]) + b"\x88\xb5" + os.urandom(60 + 37 * n)
+
+
+@pytest.mark.peer
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio(loop_factories=["uvloop"])  # testpmd burns a CPU: run it once
+async def test_testpmd_frames_out_and_back_through_the_shadow_path(sim_host, sim_control, kernel, peers, sim_dir):
+    from xen_vhost_master.sim.guest_devices import VirtioNet
+
+    domid = sim_control.create_domain(mem_bytes=64 << 20)
+    sock = os.path.join(sim_dir, "net.sock")
+    listener = UnixListener(sock)
+    pmd, _ = peers.testpmd(sock=sock, client=True)
+    cfg = DeviceConfig(devid=0, device_id=1, base=BASE, irq=IRQ + 1, listen=True, num_queues=2)
+    daemon = ShadowDaemon(kernel, sim_control, domid, cfg, lambda: AsyncFrontend.accept(listener, accept_timeout=TIMEOUT))
+    guest = await SimGuest.connect(sim_host.path, domid)
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            await daemon.start()
+            regions_are_shadow_only(daemon)
+            net = await VirtioNet.attach(guest, BASE, IRQ + 1, GuestPageAllocator(guest.ram), queue_size=64,
+                                         features=VirtioNet.DEFAULT_FEATURES | Feature.RING_EVENT_IDX)
+            await pmd.wait_log_async(r"io packet forwarding - ports=")
+            sent = [frame(i) for i in range(16)]
+            for f in sent:
+                await net.send(f)
+            received = [await net.recv(TIMEOUT) for _ in sent]
+            assert sorted(received) == sorted(sent)
+            rx, tx = daemon.shadow.stats(0), daemon.shadow.stats(1)
+            assert tx.completed == 16 and tx.bytes_in == sum(12 + len(f) for f in sent)
+            assert rx.completed >= 16 and rx.bytes_out == sum(12 + len(f) for f in sent[: rx.completed])
+            assert daemon.errors == []
+            await net.close()
+    finally:
+        guest.close()
+        await daemon.close()
+        listener.close()
+
+
+# --- virtio-fs: a tiny FUSE client (include/uapi/linux/fuse.h, protocol 7.31) ---------------------
+
+VIRTIO_ID_FS = 26
+FUSE_LOOKUP, FUSE_GETATTR, FUSE_OPEN, FUSE_READ, FUSE_INIT = 1, 3, 14, 15, 26
+_IN_HDR = struct.Struct("<IIQQIIII")  # len, opcode, unique, nodeid, uid, gid, pid, padding
+_OUT_HDR = struct.Struct("<IiQ")  # len, error, unique
+_ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # fuse_attr: ino size blocks a/m/ctime, nsecs, mode nlink uid gid rdev blksize flags
+_ENTRY = struct.Struct("<QQQQII")  # nodeid generation entry_valid attr_valid + nsecs, then fuse_attr
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+
+
+class Fuse:
+    """FUSE requests over the request queue (1) of a virtio-fs device (virtio 1.2 §5.11)."""
+
+    def __init__(self, driver, alloc) -> None:
+        self.driver, self.alloc, self.unique = driver, alloc, 0
+
+    async def call(self, opcode: int, nodeid: int, body: bytes, out_size: int, data_size: int = 0) -> tuple[int, bytes, bytes]:
+        """One request; returns (error, reply body, data). ``data_size``: a second writable buffer."""
+        self.unique += 1
+        ram = self.driver.bus.ram
+        req = _IN_HDR.pack(_IN_HDR.size + len(body), opcode, self.unique, nodeid, 0, 0, 1, 0) + body
+        ra, wa = self.alloc.alloc(len(req)), self.alloc.alloc(_OUT_HDR.size + out_size)
+        da = self.alloc.alloc(data_size) if data_size else 0
+        try:
+            ram.view(ra, len(req))[:] = req
+            ram.view(wa, _OUT_HDR.size + out_size)[:] = b"\xee" * (_OUT_HDR.size + out_size)
+            writable = [(wa, _OUT_HDR.size + out_size)] + ([(da, data_size)] if data_size else [])
+            fut = await self.driver.submit(1, [(ra, len(req))], writable)
+            written = await asyncio.wait_for(fut, TIMEOUT)
+            head = bytes(ram.view(wa, _OUT_HDR.size + out_size))
+            length, error, unique = _OUT_HDR.unpack_from(head)
+            assert unique == self.unique and length == written, (unique, length, written)
+            body_len = min(out_size, length - _OUT_HDR.size)
+            data = bytes(ram.view(da, length - _OUT_HDR.size - out_size)) if data_size and length > _OUT_HDR.size + out_size else b""
+            if written < _OUT_HDR.size + out_size:  # nothing beyond the reported length was copied back
+                assert head[written:] == b"\xee" * (len(head) - written)
+            return error, head[_OUT_HDR.size : _OUT_HDR.size + body_len], data
+        finally:
+            for a in (ra, wa, da):
+                if a:
+                    self.alloc.free(a)
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio
+async def test_virtiofsd_answers_fuse_init_lookup_getattr_read_about_a_real_directory(
+        sim_host, sim_control, kernel, peers, tmp_path):
+    from xen_vhost_master.sim.guest_driver import VirtioMmioDriver
+
+    share = tmp_path / "share"
+    (share / "sub").mkdir(parents=True)
+    content = os.urandom(10000)
+    (share / "hello.bin").write_bytes(content)
+    sock = peers.sock_path("fs.sock")
+    fsd = peers.start("virtiofsd", [VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={share}", "-o", "cache=none"])
+    fsd.wait_listening(sock)
+    domid = sim_control.create_domain(mem_bytes=64 << 20)
+    cfg = DeviceConfig(devid=0, device_id=VIRTIO_ID_FS, base=BASE, irq=IRQ, socket=str(sock), num_queues=2)
+    daemon = ShadowDaemon(kernel, sim_control, domid, cfg, lambda: AsyncFrontend.connect(str(sock)))
+    guest = await SimGuest.connect(sim_host.path, domid)
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            await daemon.start()
+            regions_are_shadow_only(daemon)
+            alloc = GuestPageAllocator(guest.ram)
+            driver = VirtioMmioDriver(guest, BASE, IRQ, alloc)
+            assert await driver.probe() == VIRTIO_ID_FS
+            await driver.negotiate(int(Feature.VERSION_1 | Feature.RING_EVENT_IDX))
+            await driver.setup_queue(0, 64)  # hiprio
+            await driver.setup_queue(1, 64)  # request
+            await driver.driver_ok()
+            fuse = Fuse(driver, alloc)
+
+            err, body, _ = await fuse.call(FUSE_INIT, 0, struct.pack("<IIII", 7, 31, 0, 0), 64)
+            assert err == 0
+            major, minor = struct.unpack_from("<II", body)
+            assert major == 7 and minor >= 27
+
+            err, body, _ = await fuse.call(FUSE_LOOKUP, 1, b"hello.bin\0", _ENTRY.size + _ATTR.size)
+            assert err == 0
+            nodeid = _ENTRY.unpack_from(body)[0]
+            attr = _ATTR.unpack_from(body, _ENTRY.size)
+            st = os.stat(share / "hello.bin")
+            assert (attr[0], attr[1]) == (st.st_ino, 10000) and stat.S_ISREG(attr[9])
+
+            err, body, _ = await fuse.call(FUSE_GETATTR, nodeid, struct.pack("<IIQ", 0, 0, 0), 16 + _ATTR.size)
+            assert err == 0
+            attr = _ATTR.unpack_from(body, 16)
+            assert attr[0] == st.st_ino and attr[1] == 10000 and attr[9] == st.st_mode
+
+            err, body, _ = await fuse.call(FUSE_LOOKUP, 1, b"sub\0", _ENTRY.size + _ATTR.size)
+            assert err == 0 and stat.S_ISDIR(_ATTR.unpack_from(body, _ENTRY.size)[9])
+            err, _, _ = await fuse.call(FUSE_LOOKUP, 1, b"missing\0", _ENTRY.size + _ATTR.size)
+            assert err == -errno.ENOENT
+
+            err, body, _ = await fuse.call(FUSE_OPEN, nodeid, struct.pack("<II", os.O_RDONLY, 0), 16)
+            assert err == 0
+            fh = struct.unpack_from("<Q", body)[0]
+            # header in one writable buffer, the file's bytes in a second one (multi-buffer copy back)
+            err, _, data = await fuse.call(FUSE_READ, nodeid, struct.pack("<QQIIQII", fh, 1000, 8192, 0, 0, 0, 0), 0,
+                                          data_size=8192)
+            assert err == 0 and data == content[1000:9192]
+            st1 = daemon.shadow.stats(1)
+            assert st1.completed == 7 and daemon.shadow.stats(0).chains == 0 and daemon.errors == []
+            await driver.close()
     finally:
         guest.close()
         await daemon.close()
