@@ -530,7 +530,7 @@ class Supervisor:
                 "features": hex(d.model.driver_features) if d.model else "0x0",
                 "kicks": d.stats.per_queue_kicks, "calls": d.stats.per_queue_calls,
                 "reads": d.stats.reads, "writes": d.stats.writes, "interrupts": d.stats.interrupts,
-                "guest_errors": d.stats.guest_errors, "last_error": d.stats.last_error,
+                "reconnects": d.stats.reconnects, "guest_errors": d.stats.guest_errors, "last_error": d.stats.last_error,
             })
         ioreq = self.ioreq.stats if self.ioreq else None
         return {"domid": self.domid, "devices": devices, "restricted": self.restricted,
