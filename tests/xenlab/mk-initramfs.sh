@@ -1,0 +1,43 @@
+#!/bin/bash
+# Assemble the dom0 initramfs of the real-Xen lab: the cached arm64 userland (prepare.sh) + this
+# project from the working tree + the arm64 wheels + the domU (same kernel, busybox initramfs
+# running guest/domu-init.sh) + the lab scripts.
+# usage: mk-initramfs.sh ART_DIR OUT.cpio.gz        env: XENLAB_SCENARIOS (default "pyblk")
+set -euo pipefail
+H=$(cd "$(dirname "$0")" && pwd)
+TREE=$(cd "$H/../.." && pwd)
+A=$1; OUT=$2
+W=$(mktemp -d "${TMPDIR:-/tmp}/xenlab-initramfs.XXXXXX")
+trap 'rm -rf "$W"' EXIT
+R=$W/root
+cp -al "$A/rootfs" "$R"   # hard links: the cache is never modified (only new files are added below)
+SITE=$R/usr/local/lib/python3.11/dist-packages
+mkdir -p "$SITE" "$R/usr/local/bin" "$R/lib/modules/xenlab" "$R/boot" "$R/etc/xen" "$R/root" "$R/xenlab" \
+         "$R/proc" "$R/sys" "$R/dev" "$R/tmp" "$R/run" "$R/var"
+rm -rf "$R/var/run"
+# this project, from the working tree (what is checked out, committed or not)
+for pkg in "$TREE/protocol/vhost_user" "$TREE/xen_vhost_master"; do
+  (cd "$(dirname "$pkg")" && find "$(basename "$pkg")" -name '*.py' -o -name 'py.typed') | \
+    (cd "$(dirname "$pkg")" && cpio -pdm --quiet "$SITE")
+done
+for whl in "$A"/wheels/*.whl; do python3 -m zipfile -e "$whl" "$SITE"; done
+python3 -m compileall -q -j0 --invalidation-mode unchecked-hash "$SITE" >/dev/null
+for prog in "xen-vhost-master:xen_vhost_master.cli" "xen-vhost-sim:xen_vhost_master.sim.cli"; do
+  printf '#!/usr/bin/python3\nimport sys\nfrom %s import main\nsys.exit(main())\n' "${prog#*:}" > "$R/usr/local/bin/${prog%%:*}"
+  chmod +x "$R/usr/local/bin/${prog%%:*}"
+done
+cp "$A"/modules/*.ko "$R/lib/modules/xenlab/"
+# the domU: Debian's kernel again, busybox initramfs with the test script
+D=$W/domu
+mkdir -p "$D"/{bin,proc,sys,dev,tmp,lib/modules}
+cp "$A/rootfs/bin/busybox" "$D/bin/"
+cp "$A/modules/virtio_mmio.ko" "$A/modules/virtio_blk.ko" "$D/lib/modules/"
+cp "$H/guest/domu-init.sh" "$D/init"; chmod +x "$D/init"
+(cd "$D" && find . | cpio -o -H newc --quiet | gzip -1) > "$R/boot/domu.cpio.gz"
+ln "$A/Image" "$R/boot/domu-vmlinuz" 2>/dev/null || cp "$A/Image" "$R/boot/domu-vmlinuz"
+# the lab
+cp "$H/guest/dom0-init.sh" "$R/init"; cp "$H/guest/dom0-test.sh" "$R/xenlab/"
+chmod +x "$R/init" "$R/xenlab/dom0-test.sh"
+{ echo "XENLAB_SCENARIOS=\"${XENLAB_SCENARIOS:-pyblk}\""; echo "export XENLAB_SCENARIOS"; } > "$R/xenlab/lab.env"
+(cd "$R" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT.tmp"
+mv "$OUT.tmp" "$OUT"

@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Read the lab's serial log and decide: every scenario must show every check.
+
+    verdict.py LOG [--scenarios "pyblk qsd"] [--json]     exit 0 = pass, 1 = fail
+
+The dom0 script only reports facts (``XENLAB-CHECK <scenario> <check> ok=0|1 <detail>``, the
+guest's ``DOMU-*`` lines, the daemon's status JSON); the decision is taken here, from those lines:
+
+- ``driver-ok``: the guest's /sys/bus/virtio/devices/*/status has ACKNOWLEDGE|DRIVER|FEATURES_OK|
+  DRIVER_OK (0xf) for a virtio-blk device (device=0x0002) bound to virtio_blk;
+- ``guest-io``: the guest read back what it wrote to /dev/vda after sync + drop_caches (md5);
+- ``image-has-pattern``: the same bytes are in the back-end's disk image in dom0;
+- ``interrupts``: the guest counted virtio interrupts and the daemon raised them (set_irq_level);
+- ``xl-create`` / ``xl-destroy``: rc 0, no error or timeout from libxl (the xenstore handshake);
+- ``daemon-exit`` (rc 0 after xl destroy during guest I/O), ``ioreq-server-destroyed``,
+  ``domain-gone`` (no dying domain held by dom0 mappings), ``backend-alive``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+
+__all__ = ["Verdict", "parse", "REQUIRED", "main"]
+
+REQUIRED = ("xl-create", "driver-ok", "guest-io", "image-has-pattern", "interrupts", "xl-destroy",
+            "daemon-exit", "ioreq-server-destroyed", "domain-gone", "backend-alive")
+DRIVER_OK_ALL = 0x1 | 0x2 | 0x8 | 0x4
+_TS = re.compile(r"^\[\s*[0-9.]+\] ?")
+_CHECK = re.compile(r"XENLAB-CHECK (\S+) (\S+) ok=([01])\s*(.*)$")
+_DOMU = re.compile(r"^DOMU\[(\S+)\]\| (.*)$")
+_STATUS = re.compile(r"XENLAB-STATUS (\S+) (.*)$")
+
+
+@dataclass
+class Scenario:
+    name: str
+    checks: dict[str, tuple[bool, str]] = field(default_factory=dict)
+    guest: list[str] = field(default_factory=list)
+    status: dict[str, object] | None = None
+
+    def set(self, check: str, ok: bool, detail: str) -> None:
+        self.checks[check] = (ok, detail)
+
+
+@dataclass
+class Verdict:
+    scenarios: dict[str, Scenario]
+    finished: bool
+    boot_end: str
+    failures: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def summary(self) -> str:
+        out = []
+        for s in self.scenarios.values():
+            for check in REQUIRED:
+                ok, detail = s.checks.get(check, (False, "not reported"))
+                out.append(f"{'PASS' if ok else 'FAIL'} {s.name:6} {check:24} {detail}")
+        out.append(f"{'PASS' if self.finished else 'FAIL'} lab    finished                 {self.boot_end}")
+        out.append("VERDICT " + ("PASS" if self.ok else "FAIL: " + "; ".join(self.failures)))
+        return "\n".join(out)
+
+
+def _guest_checks(s: Scenario) -> None:
+    virtio = [ln for ln in s.guest if ln.startswith("DOMU-VIRTIO ")]
+    best = ""
+    ok = False
+    for ln in virtio:
+        kv = dict(p.split("=", 1) for p in ln.split()[2:] if "=" in p)
+        try:
+            status = int(kv.get("status", "0"), 16)
+        except ValueError:
+            status = 0
+        if kv.get("device") == "0x0002" and status & DRIVER_OK_ALL == DRIVER_OK_ALL and kv.get("driver") == "virtio_blk":
+            ok, best = True, ln
+            break
+        best = best or ln
+    s.set("driver-ok", ok, best or "guest saw no virtio device")
+    io = next((ln for ln in s.guest if ln.startswith("DOMU-IO-OK")), None)
+    fail = next((ln for ln in s.guest if ln.startswith(("DOMU-IO-FAIL", "DOMU-IO "))), None)
+    s.set("guest-io", io is not None, io or fail or "no DOMU-IO line")
+    guest_irqs = 0
+    for ln in s.guest:
+        if ln.startswith("DOMU-IRQ "):
+            nums = [int(x) for x in ln.split()[2:] if x.isdigit()]
+            guest_irqs += sum(nums[:8])
+    daemon_irqs = 0
+    if s.status:
+        for d in s.status.get("devices", []):  # type: ignore[union-attr]
+            if isinstance(d, dict) and isinstance(d.get("interrupts"), int):
+                daemon_irqs += d["interrupts"]
+    s.set("interrupts", guest_irqs > 0 and daemon_irqs > 0, f"guest_count={guest_irqs} daemon_set_irq={daemon_irqs}")
+
+
+def parse(text: str, scenarios: list[str]) -> Verdict:
+    found: dict[str, Scenario] = {name: Scenario(name) for name in scenarios}
+    finished, boot_end = False, "no BOOT-END line"
+    for raw in text.splitlines():
+        line = _TS.sub("", raw, count=1).rstrip("\r")
+        if m := _DOMU.match(line):
+            if m.group(1) in found:
+                found[m.group(1)].guest.append(m.group(2).rstrip("\r"))
+            continue
+        if m := _CHECK.search(line):
+            name = m.group(1)
+            if name in found:
+                found[name].set(m.group(2), m.group(3) == "1", m.group(4))
+        elif m := _STATUS.search(line):
+            if m.group(1) in found:
+                try:
+                    found[m.group(1)].status = json.loads(m.group(2))
+                except ValueError:
+                    found[m.group(1)].status = {"unparsed": m.group(2)[:200]}
+        elif "XENLAB-FINISHED" in line:
+            finished = True
+        elif line.startswith("BOOT-END"):
+            boot_end = line
+    failures = []
+    for s in found.values():
+        _guest_checks(s)
+        for check in REQUIRED:
+            ok, detail = s.checks.get(check, (False, "not reported"))
+            if not ok:
+                failures.append(f"{s.name}/{check}: {detail}")
+    if not finished:
+        failures.append(f"lab did not finish ({boot_end})")
+    return Verdict(found, finished, boot_end, failures)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Decide the real-Xen lab's result from its serial log.")
+    p.add_argument("log")
+    p.add_argument("--scenarios", default="pyblk")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    with open(a.log, errors="replace") as f:
+        v = parse(f.read(), a.scenarios.split())
+    if a.json:
+        print(json.dumps({"ok": v.ok, "failures": v.failures,
+                          "checks": {n: {c: ok for c, (ok, _) in s.checks.items()} for n, s in v.scenarios.items()}}))
+    else:
+        print(v.summary())
+    return 0 if v.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
