@@ -26,6 +26,7 @@ from xen_vhost_master.ioreq_server import IoreqServer
 from xen_vhost_master.log import device_logger
 from xen_vhost_master.shadow import ShadowDataPath
 from xen_vhost_master.shadow_pool import SHADOW_BASE
+from xen_vhost_master.virtio_mmio import IrqLevel
 from xen_vhost_master.sim.guest import SimGuest
 from xen_vhost_master.sim.guest_devices import BlkFeature, BlkOp, VirtioBlk
 from xen_vhost_master.sim.guest_driver import Feature, GuestPageAllocator
@@ -39,7 +40,8 @@ TIMEOUT = 25.0
 class ShadowDaemon:
     """The daemon's pieces for one guest and one device, on the shadow data path."""
 
-    def __init__(self, kernel, control, domid: int, cfg: DeviceConfig, connect, *, pool_size: int = 8 << 20) -> None:
+    def __init__(self, kernel, control, domid: int, cfg: DeviceConfig, connect, *, pool_size: int = 8 << 20,
+                 needs_reset: bool = False) -> None:
         self.privcmd, self.evtchn = PrivCmd(kernel), EventChannel(kernel)
         self.log = device_logger("xvm.test", domid, "shadow")
         self.ioreq = IoreqServer(self.privcmd, self.evtchn, domid, self.log)
@@ -47,9 +49,18 @@ class ShadowDaemon:
         self.guest_mem = ForeignGuestMemory(self.privcmd, domid, banks)
         self.errors: list[tuple[int, str]] = []
         self.shadow = ShadowDataPath(self.guest_mem, banks, pool_size=pool_size, max_queues=4, max_queue_size=256,
-                                     on_error=lambda i, r: self.errors.append((i, r)), log=self.log)
+                                     on_error=self._queue_failed, log=self.log)
+        self._needs_reset = needs_reset
         self.device = Device(cfg, connect=connect, memory=self.shadow,
                              set_irq=lambda level: self.ioreq.set_irq(cfg.irq, level), log=self.log)
+
+    def _queue_failed(self, index: int, reason: str) -> None:
+        """What the lead's wiring does: the device goes to DEVICE_NEEDS_RESET."""
+        self.errors.append((index, reason))
+        if self._needs_reset and self.device.model is not None:
+            for action in self.device.model.needs_reset(f"queue {index}: {reason}"):
+                if isinstance(action, IrqLevel):
+                    self.ioreq.set_irq(self.device.config.irq, action.level)
 
     async def start(self) -> None:
         self.ioreq.create()
@@ -349,6 +360,49 @@ async def test_qsd_killed_under_io_in_flight_chains_are_resubmitted_not_lost(sim
                 f.seek(sector * 512)
                 assert f.read(4096) == data
         assert daemon.errors == [] and daemon.shadow.inflight(0) == 0
+        await blk.close()
+    finally:
+        guest.close()
+        await daemon.close()
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio
+async def test_hostile_chain_needs_reset_then_the_driver_recovers_on_the_same_backend(sim_host, sim_control, kernel, peers):
+    """A descriptor loop written straight into the guest's ring: the daemon stops the queue, the
+    device shows DEVICE_NEEDS_RESET, nothing reaches the back-end; after the driver's reset and
+    re-probe, I/O works again on the same back-end connection."""
+    from xen_vhost_master.sim.guest_driver import DeviceStatus, MmioReg
+
+    qsd = peers.qsd_raw(size=8 << 20)
+    domid = sim_control.create_domain(mem_bytes=64 << 20)
+    cfg = DeviceConfig(devid=0, device_id=2, base=BASE, irq=IRQ, socket=str(qsd.sock))
+    daemon = ShadowDaemon(kernel, sim_control, domid, cfg, lambda: AsyncFrontend.connect(str(qsd.sock)), needs_reset=True)
+    guest = await SimGuest.connect(sim_host.path, domid)
+    try:
+        await daemon.start()
+        frontend = daemon.device.frontend
+        alloc = GuestPageAllocator(guest.ram)
+        blk = await asyncio.wait_for(VirtioBlk.attach(guest, BASE, IRQ, alloc), TIMEOUT)
+        await asyncio.wait_for(blk.write(0, b"\x5a" * 4096), TIMEOUT)
+        q = blk.driver.queues[0]
+        buf = alloc.alloc(4096)
+        ram = guest.ram
+        for i, nxt in ((5, 6), (6, 5)):  # 5 → 6 → 5 → …
+            ram.view(q.desc + 16 * i, 16)[:] = struct.pack("<QIHH", buf, 512, 1 | 2, nxt)
+        idx = struct.unpack_from("<H", ram.view(q.avail + 2, 2))[0]
+        ram.view(q.avail + 4 + 2 * (idx % q.size), 2)[:] = struct.pack("<H", 5)
+        ram.view(q.avail + 2, 2)[:] = struct.pack("<H", (idx + 1) & 0xFFFF)
+        chains = daemon.shadow.stats(0).chains
+        await blk.driver.write_reg(MmioReg.QUEUE_NOTIFY, 0)
+        assert daemon.errors and daemon.errors[0][0] == 0 and "loop" in daemon.errors[0][1]
+        assert await blk.driver.read_status() & DeviceStatus.DEVICE_NEEDS_RESET
+        assert daemon.shadow.stats(0).chains == chains  # nothing published for the hostile chain
+        assert bytes(ram.view(buf, 4096)) == bytes(4096)  # nothing written into it
+        await asyncio.wait_for(blk.close(), TIMEOUT)  # reset: the daemon stops the ring
+        blk = await asyncio.wait_for(VirtioBlk.attach(guest, BASE, IRQ, alloc), TIMEOUT)
+        assert await asyncio.wait_for(blk.read(0, 8), TIMEOUT) == b"\x5a" * 4096
+        assert daemon.device.frontend is frontend and not frontend.broken
         await blk.close()
     finally:
         guest.close()
