@@ -6,6 +6,10 @@
 #   UMLT_MODE     blkrw: write UMLT_PATTERN to /dev/vda at UMLT_WSECTOR (512-byte sectors),
 #                 read it back and compare; then print the md5 of UMLT_RCOUNT sectors at UMLT_RSECTOR.
 #                 probe: only report the size of /dev/vda.
+#                 fio: for each of UMLT_FIO_REPS repetitions, for each job of UMLT_FIO_JOBS
+#                 (comma-separated rw:bs:iodepth, e.g. randread:4k:32), run fio for UMLT_FIO_TIME
+#                 seconds on /dev/vda with UMLT_FIO_ENGINE (libaio, or psync: iodepth becomes
+#                 numjobs) and print "FIO <rep> <job> <terse v3 line>".
 # Every verdict is one console line starting with "UMLT:"; the host reads the console.
 # Always ends with poweroff -f, whatever happened.
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -49,6 +53,22 @@ blkrw)
         dd if=/dev/vda of=$S/r bs=512 skip="$UMLT_RSECTOR" count="$UMLT_RCOUNT" iflag=direct 2>/dev/null
         say "READ-MD5 $(md5sum < $S/r | cut -d' ' -f1)"
     fi
+    finish 0
+    ;;
+fio)
+    reps=${UMLT_FIO_REPS:-1}; r=1
+    while [ $r -le $reps ]; do
+        for job in $(echo "$UMLT_FIO_JOBS" | tr ',' ' '); do
+            rw=${job%%:*}; rest=${job#*:}; bs=${rest%%:*}; qd=${rest#*:}
+            if [ "$UMLT_FIO_ENGINE" = psync ]; then par="--ioengine=psync --numjobs=$qd --group_reporting"
+            else par="--ioengine=${UMLT_FIO_ENGINE:-libaio} --iodepth=$qd"; fi
+            out=$(fio --name=j --filename=/dev/vda --direct=1 --rw="$rw" --bs="$bs" $par \
+                  --runtime="${UMLT_FIO_TIME:-3}" --time_based --output-format=terse --terse-version=3 \
+                  2>$S/fio.err) || { say "FAIL fio $job $(head -c 300 $S/fio.err | tr '\n' ' ')"; finish 1; }
+            say "FIO $r $job $out"
+        done
+        r=$((r + 1))
+    done
     finish 0
     ;;
 *)

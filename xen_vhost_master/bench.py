@@ -1,0 +1,456 @@
+"""``python -m xen_vhost_master.bench``: the benchmark suite (not a test), side by side, repeated.
+
+Every figure is paired with its reference measured in the same run:
+
+* **fio in a real Linux guest** (User-Mode Linux, fio from the host over hostfs, libaio):
+  4k randread QD1, 4k randread QD32, 128k sequential read (QD4), on a qemu-storage-daemon null-co
+  disk, **direct** (UML's virtio_uml straight to qsd: Linux's own vhost-user front-end, no daemon)
+  vs **relayed** (UML → :class:`~xen_vhost_master.sim.uml_bridge.UmlBridge` → simulated Xen →
+  ``xen-vhost-master`` (its own process, sim-memfd exposure, userspace relay) → qsd); the two
+  alternate, ``--reps`` boots each.
+* **relay microbenchmark**: a simulated guest's QueueNotify → daemon → a Python echo back-end that
+  calls at once → daemon → interrupt line → the guest reads and acks InterruptStatus; round-trip
+  p50/p99 and notifies/s vs a raw eventfd ping-pong between two Python processes (same run), and
+  the bare IOREQ round trip (one MMIO read) for the breakdown.
+* guest-memory **mapping time** (``PrivCmd.map_foreign`` through the simulator) for 256 MiB,
+  1 GiB and 4 GiB guests.
+* the daemon's **RSS** idle (after READY) and under load (max during the relayed fio), its CPU
+  seconds per relayed run, **idle wake-ups/s** (context switches of all its threads over
+  ``--idle-window`` s with a live device: must be 0), **start → READY** time (sd_notify).
+
+Prints a table (median, min, max) and writes ``bench-results.json``. Needs linux.uml, fio,
+qemu-storage-daemon (as the peer tests). SIM-ONLY numbers: the simulator's Xen is Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+log = logging.getLogger("xen_vhost_master.bench")
+
+BASE, IRQ = 0x0200_0000, 33
+JOBS = {"randread_4k_qd1": "randread:4k:1", "randread_4k_qd32": "randread:4k:32", "read_128k_qd4": "read:128k:4"}
+STEP = 60.0  # bound on any single wait
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _harness() -> Any:
+    """The peers harness (tests/peers/harness.py) starts and always kills UML and qsd."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from tests.peers import harness
+
+    return harness
+
+
+# ---------------------------------------------------------------------------------------------- /proc
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def ctx_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of every thread of ``pid`` (= wake-ups)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    total += int(line.split()[1])
+    return total
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------------------------------------- processes
+def start_sim(peers: Any, path: str) -> Any:
+    p = peers.start("xen-vhost-sim", [str(BIN / "xen-vhost-sim"), "--socket", path])
+    p.wait_listening(Path(path))
+    return p
+
+
+class Daemon:
+    """``xen-vhost-master`` for one domain and one device, READY through a real NOTIFY_SOCKET."""
+
+    def __init__(self, peers: Any, work: Path, sim_path: str, domid: int, device: str, profile: Path | None = None) -> None:
+        self.notify_path = work / f"notify-{domid}-{time.monotonic_ns()}"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.notify_path))
+        self.notify.setblocking(False)
+        runtime = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+        env = dict(os.environ, XEN_VHOST_SIM=sim_path, NOTIFY_SOCKET=str(self.notify_path))
+        argv = [str(BIN / "xen-vhost-master"), "--domid", str(domid), "--no-xenstore", "--memory", "sim-memfd",
+                "--runtime-dir", str(runtime), "--device", device]
+        if profile is not None:
+            argv = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "xen_vhost_master", *argv[1:]]
+        self.t0 = time.perf_counter()
+        self.proc = peers.start("xen-vhost-master", argv, env=env)
+        self.ready_s = 0.0
+
+    async def ready(self) -> float:
+        msg = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(self.notify, 4096), STEP)
+        if not msg.startswith(b"READY=1"):
+            raise RuntimeError(f"daemon said {msg!r}")
+        self.ready_s = time.perf_counter() - self.t0
+        return self.ready_s
+
+    def stop(self) -> None:
+        self.proc.stop()
+        self.notify.close()
+        with contextlib.suppress(OSError):
+            self.notify_path.unlink()
+
+
+# ---------------------------------------------------------------------------------------------- fio
+def parse_fio(verdicts: list[str]) -> dict[str, list[float]]:
+    """{job: [value per repetition]}: IOPS for 4k jobs, MB/s for the 128k one (terse v3: field 6 =
+    read bandwidth KiB/s, field 7 = read IOPS)."""
+    names = {v: k for k, v in JOBS.items()}
+    out: dict[str, list[float]] = {}
+    for line in verdicts:
+        if not line.startswith("FIO "):
+            continue
+        _tag, _rep, job, terse = line.split(" ", 3)
+        fields = terse.split(";")
+        name = names[job]
+        value = float(fields[6]) / 1000.0 if "128k" in job else float(fields[7])
+        out.setdefault(name, []).append(value)
+    return out
+
+
+def uml_fio_env(fio_time: int) -> dict[str, str]:
+    return {"UMLT_FIO_JOBS": ",".join(JOBS.values()), "UMLT_FIO_TIME": str(fio_time), "UMLT_FIO_ENGINE": "libaio"}
+
+
+async def fio_direct(peers: Any, fio_time: int) -> dict[str, list[float]]:
+    qsd = peers.qsd_null(size=1 << 30, num_queues=1)
+    run = peers.uml(qsd.sock, mode="fio", mem="512M", env=uml_fio_env(fio_time))
+    verdicts = await run.finish(timeout=STEP + 4 * fio_time)
+    if "DONE 0" not in verdicts:
+        raise RuntimeError("direct fio failed:\n" + run.process.log_tail(30))
+    qsd.process.stop()
+    return parse_fio(verdicts)
+
+
+async def fio_relayed(peers: Any, work: Path, sim_path: str, fio_time: int, results: dict[str, Any],
+                      profile: Path | None = None) -> dict[str, list[float]]:
+    from vhost_user.aio.transport import UnixListener
+    from xen_vhost_master.sim.uml_bridge import UmlBridge
+
+    qsd = peers.qsd_null(size=1 << 30, num_queues=1)
+    path = peers.sock_path(f"uml-relay-{time.monotonic_ns() % 10**6}.sock")
+    bridge = UmlBridge(sim_path, base=BASE, irq=IRQ, device_id=2)
+    daemon: Daemon | None = None
+    serving: asyncio.Task[None] | None = None
+    with UnixListener(path) as listener:
+        run = peers.uml(path, mode="fio", mem="512M", env=uml_fio_env(fio_time))
+        try:
+            domid = await bridge.accept(listener, timeout=STEP)
+            daemon = Daemon(peers, work, sim_path, domid, f"type=blk,base={BASE:#x},irq={IRQ},socket={qsd.sock}", profile)
+            results["ready_s"].append(await daemon.ready())
+            results["rss_idle_kib"].append(rss_kib(daemon.proc.pid))
+            cpu0 = cpu_seconds(daemon.proc.pid)
+            serving = asyncio.get_running_loop().create_task(bridge.serve())
+            peak = 0
+            done = asyncio.ensure_future(run.finish(timeout=STEP + 4 * fio_time))
+            while not done.done():
+                peak = max(peak, rss_kib(daemon.proc.pid))
+                await asyncio.wait([done], timeout=0.5)
+            verdicts = done.result()
+            results["rss_load_kib"].append(peak)
+            results["cpu_s_per_run"].append(cpu_seconds(daemon.proc.pid) - cpu0)
+            await asyncio.wait_for(serving, STEP)
+            # idle, with the device live (DRIVER_OK, back-end connected, rings started)
+            w0, t0 = ctx_switches(daemon.proc.pid), time.perf_counter()
+            await asyncio.sleep(results["idle_window_s"])
+            results["idle_wakeups_per_s"].append((ctx_switches(daemon.proc.pid) - w0) / (time.perf_counter() - t0))
+            results["bridge"].append(bridge.snapshot())
+        finally:
+            if serving is not None and not serving.done():
+                serving.cancel()
+                await asyncio.gather(serving, return_exceptions=True)
+            if daemon is not None:
+                daemon.stop()
+            await bridge.close()
+            qsd.process.stop()
+    if "DONE 0" not in verdicts:
+        raise RuntimeError("relayed fio failed:\n" + run.process.log_tail(30))
+    return parse_fio(verdicts)
+
+
+# ---------------------------------------------------------------------------------------------- relay micro
+def echo_backend(path: str) -> None:
+    """A vhost-user back-end that calls back on every kick (the relay microbenchmark's peer)."""
+    import uvloop
+
+    from vhost_user.aio.device import VhostUserDevice, Vring
+    from vhost_user.aio.server import serve_unix
+
+    class Echo(VhostUserDevice):
+        def handle_kick(self, vring: Vring) -> None:
+            vring.call()
+
+    uvloop.run(serve_unix(Echo, path))
+
+
+def eventfd_pingpong(n: int) -> list[float]:
+    """Round trips of a raw eventfd ping-pong with a child Python process (blocking reads)."""
+    ping, pong = os.eventfd(0), os.eventfd(0)
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import os,sys\na,b=int(sys.argv[1]),int(sys.argv[2])\n"
+         "while True:\n    os.eventfd_read(a)\n    os.eventfd_write(b,1)\n", str(ping), str(pong)],
+        pass_fds=(ping, pong),
+    )
+    out = []
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            os.eventfd_write(ping, 1)
+            os.eventfd_read(pong)
+            out.append(time.perf_counter() - t0)
+    finally:
+        child.kill()
+        child.wait()
+        os.close(ping)
+        os.close(pong)
+    return out
+
+
+async def relay_micro(peers: Any, work: Path, sim_path: str, n: int) -> dict[str, Any]:
+    from xen_vhost_master.sim.guest import SimControl, SimGuest
+    from xen_vhost_master.sim.guest_driver import DeviceStatus as S
+    from xen_vhost_master.sim.guest_driver import MmioReg as R
+
+    sock = peers.sock_path("echo.sock")
+    echo = peers.start("echo-backend", [sys.executable, "-m", "xen_vhost_master.bench", "--echo-backend", str(sock)])
+    echo.wait_listening(sock)
+    with SimControl(sim_path) as ctl:
+        domid = ctl.create_domain(mem_bytes=64 << 20)
+    daemon = Daemon(peers, work, sim_path, domid, f"type=rng,base={BASE:#x},irq={IRQ},socket={sock}")
+    guest = await SimGuest.connect(sim_path, domid)
+    try:
+        await daemon.ready()
+        w = lambda reg, v: guest.mmio_write(BASE + reg, 4, v)  # noqa: E731
+        r = lambda reg: guest.mmio_read(BASE + reg, 4)  # noqa: E731
+        await w(R.STATUS, 0)
+        await w(R.STATUS, S.ACKNOWLEDGE)
+        await w(R.STATUS, S.ACKNOWLEDGE | S.DRIVER)
+        await w(R.DRIVER_FEATURES_SEL, 1)
+        await w(R.DRIVER_FEATURES, 1)  # VERSION_1
+        await w(R.DRIVER_FEATURES_SEL, 0)
+        await w(R.DRIVER_FEATURES, 0)
+        await w(R.STATUS, S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK)
+        ram = 0x4000_0000 + (1 << 20)
+        await w(R.QUEUE_SEL, 0)
+        await w(R.QUEUE_NUM, 64)
+        for reg, gpa in ((R.QUEUE_DESC_LOW, ram), (R.QUEUE_DRIVER_LOW, ram + 0x1000), (R.QUEUE_DEVICE_LOW, ram + 0x2000)):
+            await w(reg, gpa)
+            await w(reg + 4, 0)
+        await w(R.QUEUE_READY, 1)
+        await w(R.STATUS, S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
+        ioreq, rtt = [], []
+        for _ in range(n // 4):
+            t0 = time.perf_counter()
+            await r(R.MAGIC_VALUE)
+            ioreq.append(time.perf_counter() - t0)
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await w(R.QUEUE_NOTIFY, 0)
+            await asyncio.wait_for(guest.wait_irq(IRQ), STEP)
+            await w(R.INTERRUPT_ACK, await r(R.INTERRUPT_STATUS))
+            rtt.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await w(R.QUEUE_NOTIFY, 0)
+        notifies_per_s = n / (time.perf_counter() - t0)
+        await w(R.STATUS, 0)
+    finally:
+        guest.close()
+        daemon.stop()
+        echo.stop()
+    raw = await asyncio.get_running_loop().run_in_executor(None, eventfd_pingpong, n)
+    return {"relay_rtt_s": rtt, "raw_eventfd_rtt_s": raw, "ioreq_rtt_s": ioreq, "notifies_per_s": notifies_per_s}
+
+
+# ---------------------------------------------------------------------------------------------- mapping
+def mapping_times(reps: int) -> dict[str, list[float]]:
+    from xen_vhost_master.sim.bench_map import build_gfns
+    from xen_vhost_master.sim.host import SimHost
+    from xen_vhost_master.sim.memory import Arch, bank_layout
+    from xen_vhost_master.sim.simkernel import SimKernel
+    from xen_vhost_master.xen.privcmd import PrivCmd
+
+    out: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="xsim-bench-") as d, SimHost(os.path.join(d, "xen.sock")) as host:
+        with PrivCmd(SimKernel(host.path)) as pc:
+            for label, size in (("256MiB", 256 << 20), ("1GiB", 1 << 30), ("4GiB", 4 << 30)):
+                with host.control() as ctl:
+                    domid = ctl.create_domain(mem_bytes=size)
+                    for _ in range(reps):
+                        t0 = time.perf_counter()
+                        fm = pc.map_foreign(domid, build_gfns(bank_layout(Arch.ARM64, size)))
+                        out.setdefault(label, []).append(time.perf_counter() - t0)
+                        if fm.failed():
+                            raise RuntimeError(f"{label}: {len(fm.failed())} pages failed to map")
+                        fm.close()
+                    ctl.destroy_domain(domid)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- report
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def table(rows: list[tuple[str, str, dict[str, float], str]]) -> str:
+    lines = [f"{'figure':<44} {'unit':<8} {'median':>12} {'min':>12} {'max':>12}  note", "-" * 110]
+    for name, unit, s, note in rows:
+        lines.append(f"{name:<44} {unit:<8} {s['median']:>12.4g} {s['min']:>12.4g} {s['max']:>12.4g}  {note}")
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+            "uml": subprocess.run(["linux.uml", "--version"], capture_output=True, text=True, timeout=10).stdout.strip()}
+
+
+@contextlib.contextmanager
+def _workdir(keep: bool) -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="xvm-bench-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        if not keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+async def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    harness = _harness()
+    res: dict[str, Any] = {"machine": machine(), "params": vars(args).copy(), "started": time.time()}
+    t_start = time.perf_counter()
+    with _workdir(args.keep) as work, harness.peers_in(work) as peers:
+        sim_path = str(peers.sock_dir / "xen.sock")
+        start_sim(peers, sim_path)
+        daemon_figs: dict[str, Any] = {"ready_s": [], "rss_idle_kib": [], "rss_load_kib": [], "cpu_s_per_run": [],
+                                       "idle_wakeups_per_s": [], "bridge": [], "idle_window_s": args.idle_window}
+        direct: dict[str, list[float]] = {}
+        relayed: dict[str, list[float]] = {}
+        for rep in range(args.reps):
+            log.info("fio repetition %d/%d: direct", rep + 1, args.reps)
+            for k, v in (await fio_direct(peers, args.fio_time)).items():
+                direct.setdefault(k, []).extend(v)
+            log.info("fio repetition %d/%d: relayed", rep + 1, args.reps)
+            prof = work / f"daemon-{rep}.prof" if args.profile and rep == 0 else None
+            for k, v in (await fio_relayed(peers, work, sim_path, args.fio_time, daemon_figs, prof)).items():
+                relayed.setdefault(k, []).extend(v)
+            if prof is not None and prof.exists():
+                shutil.copy(prof, args.profile)
+        res["fio"] = {"direct": direct, "relayed": relayed}
+        res["daemon"] = daemon_figs
+        log.info("relay microbenchmark (%d round trips)", args.pingpong)
+        res["relay"] = await relay_micro(peers, work, sim_path, args.pingpong)
+    log.info("guest memory mapping")
+    res["mapping_s"] = await asyncio.get_running_loop().run_in_executor(None, mapping_times, args.map_reps)
+    res["elapsed_s"] = time.perf_counter() - t_start
+    return res
+
+
+def report(res: dict[str, Any]) -> str:
+    rows: list[tuple[str, str, dict[str, float], str]] = []
+    fio = res["fio"]
+    for job in JOBS:
+        unit = "MB/s" if "128k" in job else "IOPS"
+        d, r = fio["direct"].get(job), fio["relayed"].get(job)
+        if d and r:
+            rows.append((f"fio {job} direct", unit, summary(d), "UML -> qsd null-co"))
+            rows.append((f"fio {job} relayed", unit, summary(r), "UML -> bridge -> sim -> daemon -> qsd"))
+            ratios = [b / a for a, b in zip(d, r)]
+            rows.append((f"fio {job} relayed/direct", "ratio", summary(ratios), "per repetition pair"))
+    rel = res["relay"]
+    rows.append(("relay round trip p50", "us", summary([1e6 * pct(rel["relay_rtt_s"], 0.5)]), "notify->echo->irq->ack"))
+    rows.append(("relay round trip p99", "us", summary([1e6 * pct(rel["relay_rtt_s"], 0.99)]), ""))
+    rows.append(("raw eventfd ping-pong p50", "us", summary([1e6 * pct(rel["raw_eventfd_rtt_s"], 0.5)]), "2 Python processes"))
+    rows.append(("raw eventfd ping-pong p99", "us", summary([1e6 * pct(rel["raw_eventfd_rtt_s"], 0.99)]), ""))
+    rows.append(("IOREQ round trip (1 MMIO read) p50", "us", summary([1e6 * pct(rel["ioreq_rtt_s"], 0.5)]), "guest->sim->daemon->sim->guest"))
+    rows.append(("relay/raw p50", "ratio", summary([pct(rel["relay_rtt_s"], 0.5) / pct(rel["raw_eventfd_rtt_s"], 0.5)]), "target <= 2"))
+    rows.append(("QueueNotify writes/s", "1/s", summary([rel["notifies_per_s"]]), "sync IOREQ, back to back"))
+    for label, v in res["mapping_s"].items():
+        rows.append((f"map_foreign {label}", "ms", summary([1e3 * x for x in v]), "target 4GiB <= 500 ms" if label == "4GiB" else ""))
+    dm = res["daemon"]
+    rows.append(("daemon start -> READY", "ms", summary([1e3 * x for x in dm["ready_s"]]), ""))
+    rows.append(("daemon RSS idle", "MiB", summary([x / 1024 for x in dm["rss_idle_kib"]]), "target <= 40"))
+    rows.append(("daemon RSS under load (max)", "MiB", summary([x / 1024 for x in dm["rss_load_kib"]]), "target <= 40"))
+    rows.append(("daemon CPU per relayed fio run", "s", summary(dm["cpu_s_per_run"]), f"{len(JOBS)} jobs x {res['params']['fio_time']} s"))
+    rows.append(("daemon idle wake-ups", "1/s", summary(dm["idle_wakeups_per_s"]), "target 0 (device live)"))
+    m = res["machine"]
+    head = f"machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}, {m['uml']}\n"
+    return head + table(rows) + f"\nelapsed {res['elapsed_s']:.0f} s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m xen_vhost_master.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=3, help="fio boots per path (direct and relayed alternate)")
+    p.add_argument("--fio-time", type=int, default=4, help="seconds per fio job")
+    p.add_argument("--pingpong", type=int, default=2000, help="relay microbenchmark round trips")
+    p.add_argument("--map-reps", type=int, default=3)
+    p.add_argument("--idle-window", type=float, default=3.0, help="seconds of idle wake-up counting")
+    p.add_argument("--out", default="bench-results.json")
+    p.add_argument("--profile", metavar="FILE", help="run the first relayed daemon under cProfile, stats to FILE")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    p.add_argument("--echo-backend", metavar="SOCKET", help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    if args.echo_backend:
+        echo_backend(args.echo_backend)
+        return 0
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.setLevel(logging.INFO)
+    import uvloop
+
+    res = uvloop.run(run_all(args))
+    text = report(res)
+    print(text)
+    res["table"] = text
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
