@@ -106,7 +106,7 @@ async def run_blk(blk: VirtioBlk, rng: random.Random, plan, disk_bytes: int) -> 
 
 @pytest.mark.peer
 @pytest.mark.asyncio
-async def test_qsd_4mib_random_write_read_back_at_qd_1_8_32_and_mixed(sim_host, sim_control, kernel, peers, caplog):
+async def test_qsd_4mib_random_write_read_back_at_qd_1_8_32_and_mixed(no_fd_leak, sim_host, sim_control, kernel, peers, caplog):
     caplog.set_level(logging.WARNING)
     disk = 32 << 20
     qsd = peers.qsd_raw(size=disk)
