@@ -86,6 +86,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                    help="add a virtio-mmio device (libxl xenstore nodes): domid=N,device_id=2,base=0x2000000,irq=33[,devid=0]")
     p.add_argument("--xenstore-socket", default=None, metavar="PATH",
                    help="also serve the simulated xenstored on this Unix socket (like /var/run/xenstored/socket)")
+    p.add_argument("--privcmd-eventfd", choices=["enotty", "eopnotsupp", "on"], default="enotty",
+                   help="dom0 kernel's privcmd IRQFD/IOEVENTFD: enotty (Linux 6.1, default), "
+                        "eopnotsupp (no CONFIG_XEN_PRIVCMD_EVENTFD), on (Linux >= 6.7 with it)")
     p.add_argument("--ready-fd", type=int, default=None, help="write 'ready\\n' to this fd when listening")
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p.parse_args(argv)
@@ -125,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                 os.write(args.ready_fd, b"ready\n")
                 os.close(args.ready_fd)
 
-        await serve(args.socket, started, stop, xenstore_socket=args.xenstore_socket)
+        await serve(args.socket, started, stop, xenstore_socket=args.xenstore_socket,
+                    privcmd_eventfd=args.privcmd_eventfd)
         return 1 if failure else 0
 
     return asyncio.run(run())

@@ -131,7 +131,15 @@ class SimControl:
                    "base": base, "irq": irq})
 
     def domain_info(self, domid: int) -> dict[str, Any]:
+        """Domain facts; ``fastpath`` holds the dom0 kernel's privcmd eventfd counters for it
+        (``ioeventfd_consumed``: notify ioreqs completed in the kernel, ``ioeventfd_passed``: events
+        left to user space, ``irqfd_injected`` / ``irqfd_failed``, active ``ioeventfds`` / ``irqfds``, ``mode``)."""
         return self.call({"op": "domain_info", "domid": domid})[0]
+
+    def set_privcmd_eventfd(self, mode: str) -> str:
+        """SIM-ONLY: boot another dom0 kernel for IRQFD/IOEVENTFD: ``enotty`` (Linux 6.1),
+        ``eopnotsupp`` (>= 6.7 without CONFIG_XEN_PRIVCMD_EVENTFD) or ``on``. Applies to later ioctls."""
+        return str(self.call({"op": "set_privcmd_eventfd", "mode": mode})[0]["value"])
 
     def sim_only_ram_memfd(self, domid: int) -> tuple[list[tuple[int, int]], int]:
         """SIM-ONLY (no Xen equivalent): the guest's RAM banks and a memfd holding them back to back

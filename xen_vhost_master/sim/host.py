@@ -36,12 +36,15 @@ def _toolstack() -> Any:
 
 
 async def serve(path: str, started: Callable[[Hypervisor, SimServer], None] | None = None,
-                stop: asyncio.Event | None = None, *, xenstore_socket: str | None = None) -> None:
+                stop: asyncio.Event | None = None, *, xenstore_socket: str | None = None,
+                privcmd_eventfd: str = "enotty") -> None:
     """Run a simulated host on ``path`` until ``stop`` is set (or forever). With ``xenstore_socket``
-    the simulated xenstored also listens there (like /var/run/xenstored/socket: dom0 connections)."""
+    the simulated xenstored also listens there (like /var/run/xenstored/socket: dom0 connections).
+    ``privcmd_eventfd``: the dom0 kernel's IRQFD/IOEVENTFD (``sim.fastpath.EventfdMode``: enotty =
+    Linux 6.1, eopnotsupp = no CONFIG_XEN_PRIVCMD_EVENTFD, on = supported)."""
     hv = Hypervisor()
     toolstack = _toolstack()
-    server = SimServer(hv, path, toolstack=toolstack)
+    server = SimServer(hv, path, toolstack=toolstack, privcmd_eventfd=privcmd_eventfd)
     await server.start()
     try:
         if xenstore_socket is not None:
@@ -63,9 +66,10 @@ class SimHost:
     Use as a context manager; :meth:`control` gives a blocking admin client.
     """
 
-    def __init__(self, path: str, *, xenstore_socket: str | None = None) -> None:
+    def __init__(self, path: str, *, xenstore_socket: str | None = None, privcmd_eventfd: str = "enotty") -> None:
         self.path = path
         self.xenstore_socket = xenstore_socket
+        self.privcmd_eventfd = privcmd_eventfd
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -92,7 +96,8 @@ class SimHost:
 
         async def main() -> None:
             self._stop = asyncio.Event()
-            await serve(self.path, started, self._stop, xenstore_socket=self.xenstore_socket)
+            await serve(self.path, started, self._stop, xenstore_socket=self.xenstore_socket,
+                        privcmd_eventfd=self.privcmd_eventfd)
 
         try:
             loop.run_until_complete(main())

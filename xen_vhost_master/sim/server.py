@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from xen_vhost_master.sim import rpc
+from xen_vhost_master.sim.fastpath import EventfdMode, FastPath
 from xen_vhost_master.sim.hypervisor import Domain, HvError, Hypervisor, Port
 from xen_vhost_master.xen.abi import (
     DOMID_FIRST_RESERVED,
@@ -243,6 +244,8 @@ class Conn:
             self.ring = None
         for index in list(self.gmaps):
             self._gntdev_release(index)
+        if self.kind == "privcmd":
+            self.server.fastpath.release_owner(self)
         while self.in_fds:
             os.close(self.in_fds.pop())
         self.sock.close()
@@ -312,6 +315,10 @@ class Conn:
         dom = int(o["dom"])
         sizes = [int(s) for s in o["sizes"]]
         self._check_dom(dom)
+        return ({"errno": 0, "ret": 0}, self.run_dm_op(dom, sizes, blob), [])
+
+    def run_dm_op(self, dom: int, sizes: list[int], blob: bytes) -> bytes:
+        """HYPERVISOR_dm_op itself (no privcmd restriction check): the buffers back, OUT fields filled."""
         if not sizes:
             raise HvError(errno.EINVAL)
         if sizes[0] < 8:
@@ -326,7 +333,25 @@ class Conn:
         out = bytearray(blob)
         n = min(sizes[0], ctypes.sizeof(op))
         out[:n] = bytes(op)[:n]
-        return ({"errno": 0, "ret": 0}, bytes(out), [])
+        return bytes(out)
+
+    # privcmd IRQFD / IOEVENTFD (sim.fastpath: the dom0 kernel's part, run here in the host)
+    def _privcmd_eventfd_probe(self, _o: dict[str, Any], _b: bytes) -> Reply:
+        self.server.fastpath.check_present()
+        return _ok()
+
+    def _take_fds(self, o: dict[str, Any]) -> list[int]:
+        fds = [fd for fd in o.get("_fds", ()) if fd >= 0]
+        o["_fds"] = []  # the fast path owns them now (keeps or closes each)
+        return fds
+
+    def _privcmd_irqfd(self, o: dict[str, Any], blob: bytes) -> Reply:
+        self.server.fastpath.irqfd(o, blob, self._take_fds(o), self.restrict, self, self.loop)
+        return _ok()
+
+    def _privcmd_ioeventfd(self, o: dict[str, Any], _b: bytes) -> Reply:
+        self.server.fastpath.ioeventfd(o, self._take_fds(o), self.restrict, self)
+        return _ok()
 
     def _do_dm_op(self, dom: int, op: xen_dm_op) -> None:
         u = op.u
@@ -428,6 +453,9 @@ class Conn:
             st.pending = True
             return
         st.masked = True
+        # Shared handlers of the same (late-EOI) interrupt: privcmd ioeventfd runs in the kernel
+        # before user space can look at the slot.
+        self.server.fastpath.port_event(p.port)
         try:
             self.ring.send(_U32.pack(p.port))
         except OSError as exc:
@@ -650,8 +678,16 @@ class Conn:
         return _ok(
             domid=d.domid, name=d.name, vcpus=d.nr_vcpus, arch=d.arch.value, banks=d.memory.banks,
             holes=d.memory.holes, paused=not d.running.is_set(), shutdown=d.shutdown_reason,
-            servers=sorted(d.servers), msis=d.msis,
+            servers=sorted(d.servers), msis=d.msis, fastpath=self.server.fastpath.info(d.domid),
         )
+
+    def _control_set_privcmd_eventfd(self, o: dict[str, Any], _b: bytes) -> Reply:
+        """SIM-ONLY: which dom0 kernel answers IRQFD/IOEVENTFD from now on (enotty|eopnotsupp|on)."""
+        try:
+            self.server.fastpath.mode = EventfdMode.parse(str(o["mode"]))
+        except ValueError as exc:
+            raise HvError(errno.EINVAL, str(exc)) from None
+        return _ok(value=self.server.fastpath.mode.value)
 
     def _control_guest_ram(self, o: dict[str, Any], _b: bytes) -> Reply:
         """SIM-ONLY: the guest's RAM memfd (for the guest's own view and for baselines)."""
@@ -718,6 +754,16 @@ async def _a_evtchn_wait(conn: Conn, o: dict[str, Any]) -> None:
 _ASYNC_OPS = {"mmio": _a_mmio, "wait_irq": _a_wait_irq, "evtchn_wait": _a_evtchn_wait}
 
 
+class _KernelCaller:
+    """The dom0 kernel as a dm_op caller (no privcmd fd, no restriction): all that
+    ``Conn.run_dm_op`` / ``Conn._do_dm_op`` use of a connection is the hypervisor."""
+
+    _do_dm_op = Conn._do_dm_op
+
+    def __init__(self, hv: Hypervisor) -> None:
+        self.hv = hv
+
+
 class SimServer:
     """Listens on ``path``; serves any number of SimKernel / SimGuest / SimControl clients."""
 
@@ -727,11 +773,17 @@ class SimServer:
         path: str,
         *,
         toolstack: Toolstack | None = None,
+        privcmd_eventfd: EventfdMode | str = EventfdMode.ENOTTY,
     ) -> None:
         self.hv, self.path = hv, path
         self.toolstack = toolstack
+        self.fastpath = FastPath(hv, self._run_dm_op, privcmd_eventfd)
         self.conns: set[Conn] = set()
         self.listener: socket.socket | None = None
+
+    def _run_dm_op(self, dom: int, sizes: list[int], blob: bytes) -> None:
+        """A dm_op the dom0 kernel issues by itself (irqfd injection): HYPERVISOR_dm_op, no fd."""
+        Conn.run_dm_op(_KernelCaller(self.hv), dom, sizes, blob)  # type: ignore[arg-type]
 
     async def start(self) -> None:
         if os.path.exists(self.path):
@@ -764,4 +816,5 @@ class SimServer:
         for c in list(self.conns):
             c.close()
             c.worker.cancel()
+        self.fastpath.close()
         self.hv.close()

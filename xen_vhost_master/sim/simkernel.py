@@ -43,6 +43,8 @@ from xen_vhost_master.xen.abi import (
     ioc_size,
     privcmd_dm_op,
     privcmd_hypercall,
+    privcmd_ioeventfd,
+    privcmd_irqfd,
     privcmd_mmap_resource,
     privcmd_mmapbatch_v2,
 )
@@ -71,6 +73,8 @@ log = logging.getLogger(__name__)
 RPC_TIMEOUT = 30.0  # a simulated host that does not answer an ioctl in this time is hung: EIO
 DM_OP_MAX_NR_BUFS = 16  # privcmd module parameter dm_op_max_nr_bufs
 DM_OP_BUF_MAX_SIZE = 4096  # privcmd module parameter dm_op_buf_max_size
+IRQFD_DM_OP_MAX = 1 << 22  # kzalloc(sizeof(kirqfd) + size) fails with ENOMEM beyond this
+IOEVENTFD_MAX_VCPUS = 4096
 _NODES = {
     "/dev/xen/privcmd": "privcmd",
     "/dev/xen/evtchn": "evtchn",
@@ -121,6 +125,18 @@ class _Vma:
     prot: int
     mapped: bytearray
     filled: bool = False  # the first MMAPBATCH/MMAP_RESOURCE has run
+    # what backs each page mapped by MMAP_RESOURCE: page index -> (dom, type, id, frame)
+    resources: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
+
+    def page0(self) -> dict[str, Any] | None:
+        """What privcmd's ``vm_private_data`` pages[0] holds (IOEVENTFD takes that page)."""
+        res = self.resources.get(0)
+        if res is not None:
+            dom, rtype, rid, frame = res
+            if rtype == 0 and frame == 1:  # XENMEM_resource_ioreq_server, frame ioreq(0)
+                return {"kind": "ioreq", "dom": dom, "id": rid}
+            return {"kind": "resource", "dom": dom, "type": rtype, "id": rid, "frame": frame}
+        return {"kind": "foreign" if self.mapped[:1] == b"\x01" else "empty"}
 
     def contains(self, addr: int, length: int) -> bool:
         return self.addr <= addr and addr + length <= self.addr + self.length
@@ -136,11 +152,15 @@ class _Node:
     adopted: bool = False  # received from another process: ``sock`` is our dup of the fd
     broken: bool = False
 
-    def call(self, obj: dict[str, Any], blob: bytes = b"") -> tuple[dict[str, Any], bytes, list[int]]:
+    def call(
+        self, obj: dict[str, Any], blob: bytes = b"", fds: list[int] | None = None
+    ) -> tuple[dict[str, Any], bytes, list[int]]:
         if self.broken:
             raise _err(errno.EIO, "connection to the simulated host is broken")
+        if fds:
+            obj = {**obj, "nfds": len(fds)}
         try:
-            rpc.send_blocking(self.sock, obj, blob)
+            rpc.send_blocking(self.sock, obj, blob, fds)
             reply, rblob, fds = rpc.recv_blocking(self.sock)
         except (OSError, rpc.RpcError) as exc:
             self.broken = True  # a late or partial reply would desynchronise the stream
@@ -325,8 +345,63 @@ class SimKernel:
             return 0
         if request == PrivcmdIoctl.MMAP_RESOURCE:
             return self._mmap_resource(node, addr)
-        # IRQFD / IOEVENTFD: the simulated kernel is a 6.1 one (no CONFIG_XEN_PRIVCMD_EVENTFD ioctls).
+        if request in (PrivcmdIoctl.IRQFD, PrivcmdIoctl.IOEVENTFD):
+            # Which kernel this is (6.1: ENOTTY, no CONFIG_XEN_PRIVCMD_EVENTFD: EOPNOTSUPP) is the
+            # host's setting; both answers come before the argument is read.
+            node.call({"op": "eventfd_probe"})
+            if request == PrivcmdIoctl.IRQFD:
+                return self._irqfd(node, addr)
+            return self._ioeventfd(node, addr)
         raise _err(errno.ENOTTY)
+
+    @staticmethod
+    def _eventfd_arg(fd: int) -> tuple[list[int], int]:
+        """fdget + eventfd_ctx_fileget: ([fd] to pass to the host, 0) or ([], EBADF / EINVAL)."""
+        if fd > 0x7FFFFFFF:
+            return [], errno.EBADF
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return [], errno.EBADF
+        if target != "anon_inode:[eventfd]":
+            return [], errno.EINVAL
+        return [fd], 0
+
+    def _irqfd(self, node: _Node, addr: int) -> int:
+        k = self._struct(privcmd_irqfd, addr)
+        obj: dict[str, Any] = {"op": "irqfd", "flags": int(k.flags), "dom": int(k.dom), "size": int(k.size)}
+        dm_op = b""
+        if not k.flags & 1 and not k.flags & ~1:
+            if k.size > IRQFD_DM_OP_MAX:
+                obj["dm_op_errno"] = errno.ENOMEM
+            else:
+                try:
+                    dm_op = copy_from_user(k.dm_op, int(k.size)) if k.size else b""
+                except OSError:
+                    obj["dm_op_errno"] = errno.EFAULT
+        fds, obj["fd_errno"] = self._eventfd_arg(int(k.fd))
+        node.call(obj, dm_op, fds)  # the host takes its own reference of the eventfd
+        return 0
+
+    def _ioeventfd(self, node: _Node, addr: int) -> int:
+        k = self._struct(privcmd_ioeventfd, addr)
+        obj: dict[str, Any] = {
+            "op": "ioeventfd", "ioreq": int(k.ioreq), "addr": int(k.addr), "addr_len": int(k.addr_len),
+            "vcpus": int(k.vcpus), "vq": int(k.vq), "flags": int(k.flags), "dom": int(k.dom),
+        }
+        fds, obj["fd_errno"] = self._eventfd_arg(int(k.event_fd))
+        if not k.flags & 1:
+            # alloc_ioreq: the VMA holding ``ioreq`` (this process's mm), its pages[0], then ports[]
+            vma = next((v for n in self._nodes.values() if n.kind == "privcmd"
+                        for v in n.vmas.values() if v.addr <= k.ioreq < v.addr + v.length), None)
+            obj["page0"] = vma.page0() if vma is not None and vma.filled else None
+            if 1 <= k.vcpus <= IOEVENTFD_MAX_VCPUS:
+                try:
+                    obj["ports"] = list(memoryview(copy_from_user(k.ports, 4 * int(k.vcpus))).cast("I"))
+                except OSError:
+                    obj["ports_errno"] = errno.EFAULT
+        node.call(obj, b"", fds)
+        return 0
 
     def _find_vma(self, node: _Node, addr: int) -> _Vma | None:
         for vma in node.vmas.values():
@@ -417,6 +492,8 @@ class SimKernel:
         vma.filled = True
         first = (r.addr - vma.addr) >> XEN_PAGE_SHIFT
         vma.mapped[first : first + int(r.num)] = b"\x01" * int(r.num)
+        for i in range(int(r.num)):
+            vma.resources[first + i] = (int(r.dom), int(r.type), int(r.id), int(r.idx) + i)
         return 0
 
     # evtchn.c -----------------------------------------------------------

@@ -1,0 +1,403 @@
+"""The simulated dom0 kernel's privcmd IRQFD / IOEVENTFD, driven through the real adapters
+(PrivCmd.ioeventfd / PrivCmd.irqfd with the abi.py structs, IoreqPage, EventChannel, DeviceModel).
+
+Nobody serves ioreqs in these tests unless a test does it itself: a guest QueueNotify that completes
+proves the kernel consumed it.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import ctypes
+import errno
+import os
+import select
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import pytest
+import pytest_asyncio
+
+from xen_vhost_master.errors import XenError
+from xen_vhost_master.sim.guest import SimControl, SimGuest
+from xen_vhost_master.sim.host import SimHost
+from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_master.xen.abi import (
+    PRIVCMD_IOEVENTFD_FLAG_DEASSIGN,
+    PRIVCMD_IRQFD_FLAG_DEASSIGN,
+    DmOp,
+    IoreqState,
+    privcmd_ioeventfd,
+    privcmd_irqfd,
+    xen_dm_op,
+)
+from xen_vhost_master.xen.dmop import DeviceModel
+from xen_vhost_master.xen.evtchn import EventChannel
+from xen_vhost_master.xen.ioreq import IoreqPage
+from xen_vhost_master.xen.privcmd import PrivCmd
+
+BASE = 0x2000000
+NOTIFY = BASE + 0x50
+IRQ = 33
+T = 5.0  # bound on every wait for the simulated host
+
+
+@pytest.fixture
+def host(sim_dir: str) -> Iterator[SimHost]:
+    with SimHost(os.path.join(sim_dir, "xen.sock"), privcmd_eventfd="on") as h:
+        yield h
+
+
+@pytest.fixture
+def ctl(host: SimHost) -> Iterator[SimControl]:
+    with host.control() as c:
+        yield c
+
+
+@dataclass
+class Rig:
+    domid: int
+    kernel: SimKernel
+    privcmd: PrivCmd
+    evtchn: EventChannel
+    page: IoreqPage
+    ports: array.array[int]
+    guest: SimGuest
+    ctl: SimControl
+
+    def ioeventfd_arg(self, fd: int, vq: int, *, flags: int = 0, addr_len: int = 4, ioreq: int | None = None,
+                      dom: int | None = None) -> privcmd_ioeventfd:
+        return privcmd_ioeventfd(
+            ioreq=self.page.mapping.addr if ioreq is None else ioreq, ports=self.ports.buffer_info()[0],
+            addr=BASE, addr_len=addr_len, event_fd=fd, vcpus=len(self.ports), vq=vq, flags=flags,
+            dom=self.domid if dom is None else dom,
+        )
+
+    def fastpath(self) -> dict[str, int]:
+        return dict(self.ctl.domain_info(self.domid)["fastpath"])
+
+    async def events(self) -> list[int]:
+        """Wait for fired ports and re-enable them at once (as the daemon does: late EOI)."""
+        ports = await asyncio.wait_for(self.evtchn.wait(), T)
+        self.evtchn.unmask(*ports)
+        return ports
+
+
+@pytest_asyncio.fixture
+async def rig(host: SimHost, ctl: SimControl) -> AsyncIterator[Rig]:
+    domid = ctl.create_domain(vcpus=2, mem_bytes=64 << 20)
+    kernel = SimKernel(host.path)
+    privcmd = PrivCmd(kernel)
+    evtchn = EventChannel(kernel)
+    dm = DeviceModel(privcmd, domid)
+    sid = dm.create_ioreq_server()
+    page = IoreqPage.map(privcmd, domid, sid, 2)
+    dm.map_io_range(sid, BASE, BASE + 0x1FF)
+    dm.set_ioreq_server_state(sid, True)
+    ports = array.array("I", [evtchn.bind_interdomain(domid, page.vp_eport(v)) for v in range(2)])
+    fired: set[int] = set()
+    while fired != set(ports):  # binding raises an event on each new port (Xen's "conservative" one)
+        fired.update(await asyncio.wait_for(evtchn.wait(), T))
+    evtchn.unmask(*ports)
+    guest = await SimGuest.connect(host.path, domid)
+    try:
+        yield Rig(domid, kernel, privcmd, evtchn, page, ports, guest, ctl)
+    finally:
+        guest.close()
+        page.close()
+        evtchn.close()
+        privcmd.close()
+
+
+def _read_eventfd(fd: int) -> int:
+    try:
+        return int.from_bytes(os.read(fd, 8), "little")
+    except BlockingIOError:
+        return 0
+
+
+@pytest.fixture
+def efd() -> Iterator[int]:
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    yield fd
+    os.close(fd)
+
+
+async def _serve_one(rig: Rig, *, expect_addr: int, expect_write: bool, data: int | None = None) -> int:
+    """Play user space for one access: the event, a READY slot with that access, complete, notify."""
+    await rig.events()
+    vcpus = rig.page.ready()
+    assert vcpus, "the slot should have been left READY for user space"
+    req = rig.page.take(vcpus[0])
+    assert req is not None and req.addr == expect_addr and req.is_write == expect_write
+    rig.page.complete(req.vcpu, data)
+    rig.evtchn.notify(rig.ports[req.vcpu])
+    return req.data
+
+
+@pytest.mark.asyncio
+async def test_notify_completes_in_kernel_and_signals_eventfd(no_fd_leak: None, rig: Rig, efd: int) -> None:
+    rig.privcmd.ioeventfd(rig.ioeventfd_arg(efd, vq=0))
+    assert rig.fastpath()["ioeventfds"] == 1
+    # NOTIFICATION_DATA-style upper bits are ignored: only data & 0xffff is the queue index.
+    await asyncio.wait_for(rig.guest.mmio_write(NOTIFY, 4, 0x00050000), T)
+    assert _read_eventfd(efd) == 1
+    info = rig.fastpath()
+    assert info["ioeventfd_consumed"] == 1 and info["ioeventfd_passed"] == 0
+    # The event channel is shared: user space sees the event but the slot is no longer READY.
+    fired = await rig.events()
+    assert rig.ports[0] in fired
+    assert rig.page.state(0) == IoreqState.NONE and rig.page.take(0) is None
+    # A second notify from the other vCPU goes through that vCPU's port and slot.
+    await asyncio.wait_for(rig.guest.mmio_write(NOTIFY, 4, 0, vcpu=1), T)
+    assert _read_eventfd(efd) == 1
+    assert rig.fastpath()["ioeventfd_consumed"] == 2
+
+
+@pytest.mark.asyncio
+async def test_non_matching_accesses_stay_for_user_space(no_fd_leak: None, rig: Rig, efd: int) -> None:
+    rig.privcmd.ioeventfd(rig.ioeventfd_arg(efd, vq=0))
+    # another queue index, another register, a read of QueueNotify, another access size
+    cases = [
+        (rig.guest.mmio_write(NOTIFY, 4, 1), NOTIFY, True),
+        (rig.guest.mmio_write(BASE + 0x70, 4, 0), BASE + 0x70, True),
+        (rig.guest.mmio_read(NOTIFY, 4), NOTIFY, False),
+        (rig.guest.mmio_write(NOTIFY, 2, 0), NOTIFY, True),
+    ]
+    for access, addr, write in cases:
+        task = asyncio.ensure_future(access)
+        await _serve_one(rig, expect_addr=addr, expect_write=write, data=None if write else 0x1234)
+        result = await asyncio.wait_for(task, T)
+        if not write:
+            assert result == 0x1234
+    assert _read_eventfd(efd) == 0
+    info = rig.fastpath()
+    assert info["ioeventfd_consumed"] == 0 and info["ioeventfd_passed"] == 3  # the read never gets that far
+
+
+@pytest.mark.asyncio
+async def test_masked_port_holds_the_fast_path_until_user_space_unmasks(no_fd_leak: None, rig: Rig, efd: int) -> None:
+    """Late EOI: the kernel handler shares the evtchn device's interrupt, which stays masked from a
+    delivery until user space writes the port back."""
+    rig.privcmd.ioeventfd(rig.ioeventfd_arg(efd, vq=0))
+    await asyncio.wait_for(rig.guest.mmio_write(NOTIFY, 4, 0), T)  # delivered: port 0 now masked
+    second = asyncio.ensure_future(rig.guest.mmio_write(NOTIFY, 4, 0))
+    for _ in range(200):
+        if rig.ctl.pending_access(rig.domid):
+            break
+        await asyncio.sleep(0.005)
+    assert rig.ctl.pending_access(rig.domid) and not second.done()
+    assert rig.fastpath()["ioeventfd_consumed"] == 1
+    await rig.events()  # read + unmask: the pending event runs the kernel handler
+    await asyncio.wait_for(second, T)
+    assert rig.fastpath()["ioeventfd_consumed"] == 2
+
+
+@pytest.mark.asyncio
+async def test_ioeventfd_deassign_and_close(no_fd_leak: None, rig: Rig, efd: int) -> None:
+    rig.privcmd.ioeventfd(rig.ioeventfd_arg(efd, vq=0))
+    with pytest.raises(XenError) as e:
+        rig.privcmd.ioeventfd(rig.ioeventfd_arg(efd, vq=1))  # same eventfd for the same guest
+    assert e.value.errno == errno.EBUSY
+    with pytest.raises(XenError) as e:  # same ioreq page, other vCPU count
+        arg = rig.ioeventfd_arg(os.dup(efd), vq=1)
+        try:
+            arg.vcpus = 1
+            rig.privcmd.ioeventfd(arg)
+        finally:
+            os.close(arg.event_fd)
+    assert e.value.errno == errno.EINVAL
+    rig.privcmd.ioeventfd(rig.ioeventfd_arg(efd, vq=0, flags=PRIVCMD_IOEVENTFD_FLAG_DEASSIGN))
+    assert rig.fastpath()["ioeventfds"] == 0
+    with pytest.raises(XenError) as e:
+        rig.privcmd.ioeventfd(rig.ioeventfd_arg(efd, vq=0, flags=PRIVCMD_IOEVENTFD_FLAG_DEASSIGN))
+    assert e.value.errno == errno.ENODEV
+    # after DEASSIGN the notify is user space's again
+    task = asyncio.ensure_future(rig.guest.mmio_write(NOTIFY, 4, 0))
+    await _serve_one(rig, expect_addr=NOTIFY, expect_write=True)
+    await asyncio.wait_for(task, T)
+    assert _read_eventfd(efd) == 0
+    # closing the privcmd fd releases what was assigned through it (a second fd keeps the rig's)
+    other = PrivCmd(rig.kernel)
+    other.ioeventfd(rig.ioeventfd_arg(efd, vq=0))
+    assert rig.fastpath()["ioeventfds"] == 1
+    other.close()
+    assert rig.fastpath()["ioeventfds"] == 0
+
+
+@pytest.mark.asyncio
+async def test_ioeventfd_argument_checks(no_fd_leak: None, rig: Rig, efd: int) -> None:
+    def errno_of(arg: privcmd_ioeventfd) -> int:
+        with pytest.raises(XenError) as e:
+            rig.privcmd.ioeventfd(arg)
+        return e.value.errno
+
+    assert errno_of(rig.ioeventfd_arg(efd, 0, addr_len=3)) == errno.EINVAL
+    assert errno_of(rig.ioeventfd_arg(efd, 0, flags=2)) == errno.EINVAL
+    bad = rig.ioeventfd_arg(efd, 0)
+    bad.vcpus = 0
+    assert errno_of(bad) == errno.EINVAL
+    assert errno_of(rig.ioeventfd_arg(0x7FFF0000, 0)) == errno.EBADF
+    r, w = os.pipe()
+    try:
+        assert errno_of(rig.ioeventfd_arg(r, 0)) == errno.EINVAL  # not an eventfd
+    finally:
+        os.close(r)
+        os.close(w)
+    buf = ctypes.create_string_buffer(4096)  # not a privcmd mapping
+    assert errno_of(rig.ioeventfd_arg(efd, 0, ioreq=ctypes.addressof(buf))) == errno.EFAULT
+    bad = rig.ioeventfd_arg(efd, 0)
+    bad.ports = 8  # unreadable ports[]
+    assert errno_of(bad) == errno.EFAULT
+    assert rig.fastpath()["ioeventfds"] == 0
+
+
+@pytest.mark.asyncio
+async def test_irqfd_raises_the_guest_line(no_fd_leak: None, rig: Rig, efd: int) -> None:
+    op = xen_dm_op(op=DmOp.set_irq_level)
+    op.u.set_irq_level.irq, op.u.set_irq_level.level = IRQ, 1
+    rig.privcmd.irqfd(privcmd_irqfd(dm_op=ctypes.addressof(op), size=ctypes.sizeof(op), fd=efd, flags=0, dom=rig.domid))
+    op.u.set_irq_level.irq = 34  # copied at assign time: later changes do not matter
+    assert not rig.guest.irq_level(IRQ)
+    os.write(efd, (1).to_bytes(8, "little"))
+    await asyncio.wait_for(rig.guest.wait_irq(IRQ), T)
+    assert rig.guest.irq_level(IRQ) and not rig.guest.irq_level(34)
+    assert _read_eventfd(efd) == 0  # the kernel read (cleared) it
+    assert rig.fastpath()["irqfd_injected"] == 1
+    with pytest.raises(XenError) as e:
+        rig.privcmd.irqfd(privcmd_irqfd(dm_op=ctypes.addressof(op), size=ctypes.sizeof(op), fd=efd, dom=rig.domid))
+    assert e.value.errno == errno.EBUSY
+    # the daemon lowers the line (the guest ACKed); the next signal raises it again
+    DeviceModel(rig.privcmd, rig.domid).set_irq_level(IRQ, 0)
+    os.write(efd, (1).to_bytes(8, "little"))
+    await asyncio.wait_for(rig.guest.wait_irq(IRQ), T)
+    assert rig.fastpath()["irqfd_injected"] == 2
+    # DEASSIGN (only fd matters): the eventfd is nobody's now, its counter stays
+    rig.privcmd.irqfd(privcmd_irqfd(fd=efd, flags=PRIVCMD_IRQFD_FLAG_DEASSIGN))
+    DeviceModel(rig.privcmd, rig.domid).set_irq_level(IRQ, 0)
+    os.write(efd, (1).to_bytes(8, "little"))
+    info = rig.fastpath()
+    assert info["irqfds"] == 0 and info["irqfd_injected"] == 2
+    assert _read_eventfd(efd) == 1 and not rig.guest.irq_level(IRQ)
+    # a signal already pending at assign time is injected at once
+    os.write(efd, (1).to_bytes(8, "little"))
+    rig.privcmd.irqfd(privcmd_irqfd(dm_op=ctypes.addressof(op), size=ctypes.sizeof(op), fd=efd, dom=rig.domid))
+    await asyncio.wait_for(rig.guest.wait_irq(34), T)
+
+
+@pytest.mark.asyncio
+async def test_irqfd_bad_dm_op_is_logged_not_fatal(no_fd_leak: None, rig: Rig, efd: int) -> None:
+    op = xen_dm_op(op=DmOp.set_irq_level)
+    op.u.set_irq_level.irq, op.u.set_irq_level.level = 7, 1  # not an SPI: EINVAL at injection
+    rig.privcmd.irqfd(privcmd_irqfd(dm_op=ctypes.addressof(op), size=ctypes.sizeof(op), fd=efd, dom=rig.domid))
+    os.write(efd, (1).to_bytes(8, "little"))
+    for _ in range(400):
+        if rig.fastpath()["irqfd_failed"]:
+            break
+        await asyncio.sleep(0.005)
+    assert rig.fastpath()["irqfd_failed"] == 1 and rig.fastpath()["irqfd_injected"] == 0
+    with pytest.raises(XenError) as e:  # unreadable dm_op buffer
+        rig.privcmd.irqfd(privcmd_irqfd(dm_op=8, size=32, fd=efd, dom=rig.domid))
+    assert e.value.errno == errno.EFAULT
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode, code", [("enotty", errno.ENOTTY), ("eopnotsupp", errno.EOPNOTSUPP)])
+async def test_kernels_without_the_fast_path(no_fd_leak: None, rig: Rig, efd: int, mode: str, code: int) -> None:
+    assert rig.privcmd.eventfd_ioctls_supported()
+    rig.ctl.set_privcmd_eventfd(mode)
+    assert not rig.privcmd.eventfd_ioctls_supported()
+    for call in (lambda: rig.privcmd.ioeventfd(rig.ioeventfd_arg(efd, 0)),
+                 lambda: rig.privcmd.irqfd(privcmd_irqfd(dm_op=8, size=32, fd=efd, dom=rig.domid))):
+        with pytest.raises(XenError) as e:
+            call()  # answered before the argument is read (dm_op=8 would be EFAULT otherwise)
+        assert e.value.errno == code
+
+
+def test_default_host_is_a_6_1_kernel(no_fd_leak: None, sim_host: SimHost, kernel: SimKernel) -> None:
+    with PrivCmd(kernel) as privcmd:
+        assert not privcmd.eventfd_ioctls_supported()
+        with pytest.raises(XenError) as e:
+            privcmd.irqfd(privcmd_irqfd(fd=0, flags=PRIVCMD_IRQFD_FLAG_DEASSIGN))
+        assert e.value.errno == errno.ENOTTY
+
+
+@pytest.mark.asyncio
+async def test_restricted_fd_is_eperm_for_other_domains(no_fd_leak: None, rig: Rig, efd: int) -> None:
+    other = rig.ctl.create_domain(mem_bytes=16 << 20)
+    with PrivCmd(rig.kernel) as privcmd:
+        privcmd.restrict(other)
+        assert privcmd.eventfd_ioctls_supported()  # probe (dom 0) answers EPERM: present
+        with pytest.raises(XenError) as e:
+            privcmd.ioeventfd(rig.ioeventfd_arg(efd, 0))
+        assert e.value.errno == errno.EPERM
+        op = xen_dm_op(op=DmOp.set_irq_level)
+        with pytest.raises(XenError) as e:
+            privcmd.irqfd(privcmd_irqfd(dm_op=ctypes.addressof(op), size=32, fd=efd, dom=rig.domid))
+        assert e.value.errno == errno.EPERM
+        op.u.set_irq_level.irq, op.u.set_irq_level.level = IRQ, 1
+        privcmd.irqfd(privcmd_irqfd(dm_op=ctypes.addressof(op), size=32, fd=efd, dom=other))
+        privcmd.irqfd(privcmd_irqfd(fd=efd, flags=PRIVCMD_IRQFD_FLAG_DEASSIGN, dom=other))
+
+
+@pytest.fixture
+def sim_process(sim_dir: str) -> Iterator[str]:
+    """``xen-vhost-sim --privcmd-eventfd=on`` as its own process: the eventfds cross a process boundary."""
+    path = os.path.join(sim_dir, "xen.sock")
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xen_vhost_master.sim.cli", "--socket", path, "--privcmd-eventfd", "on",
+         "--domain", "domid=3,mem=32M,vcpus=1", "--ready-fd", str(w)],
+        pass_fds=(w,),
+    )
+    os.close(w)
+    try:
+        ready = select.select([r], [], [], T * 2)[0]
+        assert ready and os.read(r, 16) == b"ready\n", "xen-vhost-sim did not start"
+        yield path
+    finally:
+        os.close(r)
+        proc.terminate()
+        try:
+            proc.wait(T)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+
+
+@pytest.mark.asyncio
+async def test_fast_path_in_a_separate_host_process(sim_process: str, efd: int) -> None:
+    kernel = SimKernel(sim_process)
+    domid = 3
+    with PrivCmd(kernel) as privcmd, EventChannel(kernel) as evtchn, SimControl(sim_process) as ctl:
+        dm = DeviceModel(privcmd, domid)
+        sid = dm.create_ioreq_server()
+        page = IoreqPage.map(privcmd, domid, sid, 1)
+        try:
+            dm.map_io_range(sid, BASE, BASE + 0x1FF)
+            dm.set_ioreq_server_state(sid, True)
+            ports = array.array("I", [evtchn.bind_interdomain(domid, page.vp_eport(0))])
+            evtchn.unmask(*await asyncio.wait_for(evtchn.wait(), T))
+            kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            try:
+                privcmd.ioeventfd(privcmd_ioeventfd(
+                    ioreq=page.mapping.addr, ports=ports.buffer_info()[0], addr=BASE, addr_len=4,
+                    event_fd=kick, vcpus=1, vq=0, dom=domid))
+                op = xen_dm_op(op=DmOp.set_irq_level)
+                op.u.set_irq_level.irq, op.u.set_irq_level.level = IRQ, 1
+                privcmd.irqfd(privcmd_irqfd(dm_op=ctypes.addressof(op), size=ctypes.sizeof(op), fd=efd, dom=domid))
+                async with await SimGuest.connect(sim_process, domid) as guest:
+                    await asyncio.wait_for(guest.mmio_write(NOTIFY, 4, 0), T)
+                    assert _read_eventfd(kick) == 1
+                    os.write(efd, (1).to_bytes(8, "little"))
+                    await asyncio.wait_for(guest.wait_irq(IRQ), T)
+                info = ctl.domain_info(domid)["fastpath"]
+                assert info["ioeventfd_consumed"] == 1 and info["irqfd_injected"] == 1 and info["mode"] == "on"
+            finally:
+                os.close(kick)
+        finally:
+            page.close()
