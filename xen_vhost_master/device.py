@@ -50,7 +50,7 @@ from .virtio_mmio import (
 )
 from .virtio_mmio import restore as restore_model
 
-__all__ = ["DataPath", "Device", "DeviceError", "DeviceStats", "RingAddresses"]
+__all__ = ["DataPath", "DataPathChooser", "Device", "DeviceError", "DeviceStats", "RingAddresses"]
 
 MAX_CONFIG_SIZE = 256
 _NUMBERS = re.compile(r"0x[0-9a-fA-F]+|\d+")
@@ -117,6 +117,21 @@ class DataPath(Protocol):
         """The back-end has stopped the queue (GET_VRING_BASE answered)."""
         ...
 
+    def close(self) -> None:
+        """The device is gone: release what the data path owns."""
+        ...
+
+
+class DataPathChooser:
+    """Picks the data path once the back-end's protocol features are known (``memory=auto``:
+    XEN_MMAP when the back-end has it, else shadow virtqueues). Subclass and implement __call__."""
+
+    #: what to ask the back-end for; the data path is then chosen from what it granted
+    protocol_features = ProtocolFeatures(0)
+
+    def __call__(self, negotiated: ProtocolFeatures, num_queues: int) -> DataPath:
+        raise NotImplementedError
+
 
 @dataclass
 class DeviceStats:
@@ -141,14 +156,17 @@ class Device:
         config: DeviceConfig,
         *,
         connect: Callable[[], Awaitable[AsyncFrontend]],
-        memory: DataPath,
+        memory: DataPath | DataPathChooser,
         set_irq: Callable[[bool], None],
         log: DeviceLogger,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self._connect = connect
-        self.memory = memory
+        self._chooser: DataPathChooser | None = None
+        if isinstance(memory, DataPathChooser):
+            self._chooser = memory
+        self.memory: DataPath = memory  # type: ignore[assignment]  # replaced at the first negotiation when chosen
         self._set_irq = set_irq
         self.log = log
         self._limit = RateLimit(clock)
@@ -197,13 +215,16 @@ class Device:
                 protocol_features=DEFAULT_PROTOCOL_FEATURES | self.memory.protocol_features,
                 backend_handler=self._backend_request,
             )
+            nq = self.config.num_queues or negotiated.queue_num or 1
+            if self._chooser is not None:
+                self.memory = self._chooser(negotiated.protocol_features, nq)
+                self._chooser = None
             missing = self.memory.protocol_features & ~negotiated.protocol_features
             if missing:
                 raise DeviceError(
                     f"the back-end does not offer {missing!r}, needed to hand it guest memory "
                     "(use a back-end built with Xen support, or memory=shadow)"
                 )
-            nq = self.config.num_queues or negotiated.queue_num or 1
             config = await self._probe_config(fe)
         except BaseException:
             await fe.close()
@@ -254,6 +275,8 @@ class Device:
         for fd in (*self._kick, *self._call):
             os.close(fd)
         self._kick, self._call = [], []
+        if self._chooser is None:
+            self.memory.close()
 
     # --- guest register accesses (from the IOREQ server) ---------------------------------------
 
@@ -470,6 +493,17 @@ class Device:
             self.log.info("resumed the device a previous run left running (queues %s)", [q.index for q in self._queues])
         if self.model.line:
             self._set_irq(True)
+
+    def fail(self, reason: str) -> None:
+        """Something outside the model broke the device (e.g. the shadow path stopped a queue
+        the guest corrupted): DEVICE_NEEDS_RESET, the config interrupt, a log line."""
+        if self.model is None:
+            return
+        self.log.error("%s", reason)
+        self.stats.last_error = reason
+        for action in self.model.needs_reset(reason):
+            if isinstance(action, IrqLevel):
+                self._irq(action.level)
 
     @property
     def reconnecting(self) -> asyncio.Task[None] | None:

@@ -58,6 +58,9 @@ class _ZeroCopy:
     def close_queue(self, index: int) -> None:
         self._kick.pop(index, None)
 
+    def close(self) -> None:
+        self._kick.clear()  # the fds (memfd, privcmd) belong to whoever built the export
+
 
 @dataclass(frozen=True)
 class FdRegion:

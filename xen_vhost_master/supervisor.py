@@ -27,14 +27,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from vhost_user import AsyncFrontend, UnixListener, VhostUserError
+from vhost_user import AsyncFrontend, ProtocolFeatures, UnixListener, VhostUserError
 
 from .config import DeviceConfig, MemoryMode, device_from_xenstore, merge
-from .device import DataPath, Device, DeviceError
+from .device import DataPath, DataPathChooser, Device, DeviceError
 from .errors import ConfigError, XenError
 from .ioreq_server import IoreqServer
 from .log import device_logger
+from .guest_memory import ForeignGuestMemory
 from .memory import XenMmapExport, foreign_reader, sim_memfd_export
+from .shadow import ShadowDataPath
 from .sd_notify import Notifier
 from .virtio_mmio import WINDOW_SIZE, Status, snapshot
 from .xen.evtchn import EventChannel
@@ -104,6 +106,7 @@ class Supervisor:
         self._status_server: asyncio.AbstractServer | None = None
         self._memfd: int | None = None
         self._saved: dict[str, Any] = {}
+        self.guest_memory: ForeignGuestMemory | None = None
         self.restricted = False
 
     # --- the one entry point ---------------------------------------------------------------------
@@ -302,14 +305,34 @@ class Supervisor:
         served.state_task = self._spawn(self._follow_device(served))
         log.info("serving virtio device %d at %#x irq %d, back-end %s", cfg.device_id, cfg.base, cfg.irq, cfg.socket_path(self.domid))
 
-    def _export(self, cfg: DeviceConfig) -> DataPath:
+    def _export(self, cfg: DeviceConfig) -> DataPath | DataPathChooser:
         assert self.privcmd is not None
         mode = cfg.memory
         if mode is MemoryMode.SIM_MEMFD:
             return self._sim_memfd()
-        if mode is MemoryMode.SHADOW:
-            raise ConfigError(f"device {cfg.devid}: memory=shadow is not implemented yet; use xen-mmap (back-end with XEN_MMAP) or, in the simulator, sim-memfd")
-        return XenMmapExport(self.domid, self.banks, self.privcmd.fileno(), foreign_reader(self.privcmd, self.domid))
+        xen_mmap = XenMmapExport(self.domid, self.banks, self.privcmd.fileno(), foreign_reader(self.privcmd, self.domid))
+        if mode is MemoryMode.XEN_MMAP:
+            return xen_mmap
+        return _Choose(self, cfg, xen_mmap if mode is MemoryMode.AUTO else None)
+
+    def _shadow(self, cfg: DeviceConfig, num_queues: int) -> DataPath:
+        """Shadow virtqueues over the guest's RAM, foreign-mapped once per guest."""
+        assert self.privcmd is not None
+        if self.guest_memory is None:
+            self.guest_memory = ForeignGuestMemory(self.privcmd, self.domid, self.banks)
+            self.log.info("guest RAM mapped: %s", ", ".join(f"{gpa:#x}+{size >> 20} MiB" for gpa, size in self.banks))
+        served = self.devices.get(cfg.base)
+        log = device_logger("xen_vhost_master.shadow", self.domid, cfg.devid)
+        path = ShadowDataPath(self.guest_memory, self.banks, max_queues=num_queues,
+                              max_queue_size=cfg.queue_size, log=log)
+        path.on_error = lambda index, reason: self._shadow_failed(cfg.base, index, reason)
+        del served
+        return path
+
+    def _shadow_failed(self, base: int, index: int, reason: str) -> None:
+        served = self.devices.get(base)
+        if served is not None:
+            served.device.fail(f"shadow queue {index} stopped: {reason}")
 
     def _sim_memfd(self) -> DataPath:
         """SIM-ONLY, labelled baseline: guest RAM exposed as the simulator's memfd."""
@@ -575,6 +598,8 @@ class Supervisor:
                     os.unlink(self.opt.state_file)  # a clean stop: nothing to take over
         if self.xs is not None:
             await self.xs.close()
+        if self.guest_memory is not None:
+            self.guest_memory.close()
         if self._memfd is not None:
             os.close(self._memfd)
         for handle in (self.evtchn, self.privcmd):
@@ -594,3 +619,18 @@ class Supervisor:
 
 class _DomainGone(Exception):
     pass
+
+
+class _Choose(DataPathChooser):
+    """``memory=auto``: XEN_MMAP if the back-end grants it, else shadow; ``memory=shadow``: shadow."""
+
+    def __init__(self, sup: Supervisor, cfg: DeviceConfig, xen_mmap: XenMmapExport | None) -> None:
+        self.sup, self.cfg, self.xen_mmap = sup, cfg, xen_mmap
+        self.protocol_features = xen_mmap.protocol_features if xen_mmap is not None else ProtocolFeatures(0)
+
+    def __call__(self, negotiated: ProtocolFeatures, num_queues: int) -> DataPath:
+        if self.xen_mmap is not None and negotiated & ProtocolFeatures.XEN_MMAP:
+            self.sup.log.info("device %d: back-end maps guest memory itself (XEN_MMAP)", self.cfg.devid)
+            return self.xen_mmap
+        self.sup.log.info("device %d: shadow virtqueues (the back-end knows only shared memory)", self.cfg.devid)
+        return self.sup._shadow(self.cfg, num_queues)

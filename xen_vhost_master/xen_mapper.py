@@ -34,13 +34,14 @@ class ForeignBacking:
         self._privcmd = PrivCmd(kernel, fd=fd)
         try:
             if region.guest_phys_addr % XEN_PAGE_SIZE or region.memory_size % XEN_PAGE_SIZE or not region.memory_size:
-                raise GuestMemoryError(f"Xen region [{region.guest_phys_addr:#x}, +{region.memory_size:#x}) is not page aligned")
+                raise GuestMemoryError(region.guest_phys_addr, region.memory_size, "Xen region (not page aligned)")
             self._fm: ForeignMapping = self._privcmd.map_foreign_range(
                 region.domid, region.guest_phys_addr >> XEN_PAGE_SHIFT, region.memory_size >> XEN_PAGE_SHIFT
             )
         except XenError as e:
             self._privcmd.close()
-            raise GuestMemoryError(f"cannot map domain {region.domid} at {region.guest_phys_addr:#x}: {e}") from None
+            log.error("cannot map domain %d at %#x: %s", region.domid, region.guest_phys_addr, e)
+            raise GuestMemoryError(region.guest_phys_addr, region.memory_size, f"domain {region.domid} ({e.strerror})") from None
         except BaseException:
             self._privcmd.close()
             raise
@@ -55,7 +56,7 @@ class ForeignBacking:
             first, last = offset >> XEN_PAGE_SHIFT, (offset + max(length, 1) - 1) >> XEN_PAGE_SHIFT
             i = bisect.bisect_left(self._bad, first)
             if i < len(self._bad) and self._bad[i] <= last:
-                raise GuestMemoryError(f"guest frame at region offset {self._bad[i] << XEN_PAGE_SHIFT:#x} is not mapped")
+                raise GuestMemoryError(offset, length, "region offset (a frame Xen did not map)")
         return self._view[offset : offset + length]
 
     def close(self) -> None:
@@ -74,5 +75,5 @@ class XenRegionMapper:
         flags = XenMmapFlags(region.xen_mmap_flags)
         if flags & XenMmapFlags.GRANT or not flags & XenMmapFlags.FOREIGN:
             os.close(fd)  # the mapper owns the fd, even when it refuses the region
-            raise GuestMemoryError(f"Xen region flags {int(flags):#x}: only FOREIGN mappings are supported")
+            raise GuestMemoryError(region.guest_phys_addr, region.memory_size, f"Xen region with flags {int(flags):#x} (only FOREIGN is supported)")
         return ForeignBacking(self.kernel, region, fd)

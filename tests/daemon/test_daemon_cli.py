@@ -1,5 +1,6 @@
 """The daemon as an operator runs it: ``xen-vhost-master --domid N`` in its own process, attached to
-``xen-vhost-sim`` in another, devices from the simulated xenstore, qemu-storage-daemon back-ends.
+``xen-vhost-sim`` in another, devices from the simulated xenstore, qemu-storage-daemon back-ends
+reached through shadow virtqueues (the default for a back-end without XEN_MMAP), as on real Xen.
 
 Checks: READY=1 on a real NOTIFY_SOCKET, XenBus states (InitWait, Connected, Closed), guest I/O,
 a device hot-added and hot-removed through xenstore, SIGTERM → exit 0 with STOPPING=1 and nothing
@@ -110,7 +111,7 @@ async def test_daemon_serves_discovers_hotplugs_and_stops_cleanly(sim_dir, peers
     notify.bind(str(tmp_path / "notify"))
     env = dict(os.environ, XEN_VHOST_SIM=sim_path, NOTIFY_SOCKET=str(tmp_path / "notify"))
     daemon = subprocess.Popen(
-        [str(BIN / "xen-vhost-master"), "--domid", str(DOMID), "--runtime-dir", str(runtime), "--memory", "sim-memfd"],
+        [str(BIN / "xen-vhost-master"), "--domid", str(DOMID), "--runtime-dir", str(runtime)],
         env=env, stderr=subprocess.PIPE,
     )
     log = DaemonLog(daemon)
@@ -191,7 +192,7 @@ async def test_daemon_sigkilled_and_restarted_takes_over_the_running_guest(sim_d
     runtime.mkdir()
     disk = peers.qsd_raw(size=8 << 20)
     (runtime / "0.sock").symlink_to(disk.sock)
-    cmd = [str(BIN / "xen-vhost-master"), "--domid", str(DOMID), "--runtime-dir", str(runtime), "--memory", "sim-memfd"]
+    cmd = [str(BIN / "xen-vhost-master"), "--domid", str(DOMID), "--runtime-dir", str(runtime)]
     env = dict(os.environ, XEN_VHOST_SIM=sim_path)
     first = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
     second = None
