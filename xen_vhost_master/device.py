@@ -149,7 +149,7 @@ class DeviceStats:
 
 
 class Device:
-    """A guest's virtio-mmio device served by one vhost-user back-end (zero-copy data path)."""
+    """A guest's virtio-mmio device served by one vhost-user back-end through a data path."""
 
     def __init__(
         self,
