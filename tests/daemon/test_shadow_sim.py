@@ -407,3 +407,43 @@ async def test_hostile_chain_needs_reset_then_the_driver_recovers_on_the_same_ba
     finally:
         guest.close()
         await daemon.close()
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio
+async def test_two_queues_and_driver_resets_through_the_shadow_path(sim_host, sim_control, kernel, peers):
+    """virtio-blk with two queues on qemu-storage-daemon: I/O on both, then a driver reset (the
+    shadow queues are closed, bounce buffers freed) and the same again, on one back-end connection."""
+    from tests.daemon.test_device_sim_qsd import blk_request
+    from xen_vhost_master.sim.guest_driver import VirtioMmioDriver
+
+    qsd = peers.qsd_raw(size=8 << 20, num_queues=2)
+    domid = sim_control.create_domain(mem_bytes=64 << 20, vcpus=2)
+    cfg = DeviceConfig(devid=0, device_id=2, base=BASE, irq=IRQ, socket=str(qsd.sock))
+    daemon = ShadowDaemon(kernel, sim_control, domid, cfg, lambda: AsyncFrontend.connect(str(qsd.sock)))
+    guest = await SimGuest.connect(sim_host.path, domid)
+    try:
+        await daemon.start()
+        frontend = daemon.device.frontend
+        alloc = GuestPageAllocator(guest.ram)
+        rng = random.Random(5)
+        for round_ in range(2):
+            driver = VirtioMmioDriver(guest, BASE, IRQ, alloc, vcpu=round_ % 2)
+            wanted = Feature.VERSION_1 | Feature.RING_EVENT_IDX | (1 << 12)  # MQ
+            await asyncio.wait_for(driver.initialize(int(wanted), [64, 64]), TIMEOUT)
+            for queue in (0, 1):
+                data = rng.randbytes(8192)
+                sector = 100 * (2 * round_ + queue)
+                await blk_request(driver, alloc, queue, 1, sector, data)
+                assert await blk_request(driver, alloc, queue, 0, sector, length=8192) == data
+                with open(qsd.image, "rb") as f:
+                    f.seek(sector * 512)
+                    assert f.read(8192) == data
+                assert daemon.shadow.stats(queue).completed == 2
+            await asyncio.wait_for(driver.close(), TIMEOUT)
+            assert daemon.shadow.stats(0) is None and daemon.shadow.pool.used_pages == 0  # closed
+            assert daemon.device.frontend is frontend and not frontend.broken
+        assert daemon.errors == []
+    finally:
+        guest.close()
+        await daemon.close()
