@@ -89,8 +89,11 @@ def _guest_checks(s: Scenario) -> None:
     guest_irqs = 0
     for ln in s.guest:
         if ln.startswith("DOMU-IRQ "):
-            nums = [int(x) for x in ln.split()[2:] if x.isdigit()]
-            guest_irqs += sum(nums[:8])
+            # "DOMU-IRQ  14:  11  GICv3  33 Edge  virtio0": per-CPU counts follow the "N:" column
+            for tok in ln.split()[2:]:
+                if not tok.isdigit():
+                    break
+                guest_irqs += int(tok)
     daemon_irqs = 0
     if s.status:
         for d in s.status.get("devices", []):  # type: ignore[union-attr]

@@ -1,0 +1,76 @@
+"""verdict.py on synthetic serial logs: a complete run passes; each missing or failed fact fails
+with its reason (so the lab cannot pass by accident)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from verdict import REQUIRED, main, parse  # noqa: E402
+
+GOOD = """\
+[    5.5] XENLAB-DOM0-UP uptime=3.47 caps=control_d xen=4.17
+[   14.5] XENLAB-CHECK pyblk xl-create ok=1 rc=0 ms=5470
+[   25.3] XENLAB-CHECK pyblk image-has-pattern ok=1 guest=aa image=aa mark=M image_head=M
+[   31.5] XENLAB-STATUS pyblk {"domid":1,"devices":[{"devid":51712,"interrupts":125}],"ioreqs":{"served":464}}
+[   33.0] XENLAB-CHECK pyblk xl-destroy ok=1 rc=0 ms=1330 guest_io_loops=13
+[   33.4] XENLAB-CHECK pyblk daemon-exit ok=1 rc=0
+[   33.5] XENLAB-CHECK pyblk ioreq-server-destroyed ok=1 id=0
+[   34.8] XENLAB-CHECK pyblk domain-gone ok=1 domains_left=0
+[   35.1] XENLAB-CHECK pyblk backend-alive ok=1 pid=151
+[   35.3] DOMU[pyblk]| DOMU-VIRTIO virtio0 device=0x0002 vendor=0x4e455858 status=0x0000000f features=0011 driver=virtio_blk\r
+[   35.3] DOMU[pyblk]| DOMU-IO-OK md5=aa mark=M
+[   35.3] DOMU[pyblk]| DOMU-IRQ  14:         11     GICv3  33 Edge      virtio0
+[   35.7] XENLAB-FINISHED scenarios=pyblk
+[   35.8] BOOT-END rc=0 finished=1 reason=qemu exited wall=35.8s
+"""
+
+
+def test_complete_run_passes() -> None:
+    v = parse(GOOD, ["pyblk"])
+    assert v.ok, v.failures
+    assert all(v.scenarios["pyblk"].checks[c][0] for c in REQUIRED)
+    assert "VERDICT PASS" in v.summary()
+
+
+@pytest.mark.parametrize(
+    ("edit", "failed"),
+    [
+        (lambda t: t.replace("status=0x0000000f", "status=0x00000007"), "driver-ok"),  # no FEATURES_OK
+        (lambda t: t.replace("device=0x0002", "device=0x0001"), "driver-ok"),
+        (lambda t: t.replace("driver=virtio_blk", "driver="), "driver-ok"),
+        (lambda t: t.replace("DOMU-IO-OK md5=aa mark=M", "DOMU-IO-FAIL md5 mismatch"), "guest-io"),
+        (lambda t: t.replace("image-has-pattern ok=1", "image-has-pattern ok=0"), "image-has-pattern"),
+        (lambda t: t.replace("         11     GICv3", "          0     GICv3"), "interrupts"),
+        (lambda t: t.replace('"interrupts":125', '"interrupts":0'), "interrupts"),
+        (lambda t: t.replace("XENLAB-STATUS pyblk {", "XENLAB-STATUS pyblk {broken"), "interrupts"),
+        (lambda t: t.replace("xl-destroy ok=1", "xl-destroy ok=0"), "xl-destroy"),
+        (lambda t: t.replace("daemon-exit ok=1 rc=0", "daemon-exit ok=0 rc=75"), "daemon-exit"),
+        (lambda t: "\n".join(ln for ln in t.splitlines() if "domain-gone" not in ln), "domain-gone"),
+        (lambda t: t.replace("CHECK pyblk backend-alive", "CHECK other backend-alive"), "backend-alive"),
+    ],
+)
+def test_each_missing_fact_fails(edit: object, failed: str) -> None:
+    v = parse(edit(GOOD), ["pyblk"])  # type: ignore[operator]
+    assert not v.ok
+    assert not v.scenarios["pyblk"].checks.get(failed, (False, ""))[0]
+    assert any(f.startswith(f"pyblk/{failed}:") for f in v.failures), v.failures
+
+
+def test_unfinished_lab_and_missing_scenario_fail() -> None:
+    v = parse(GOOD.replace("XENLAB-FINISHED", "XENLAB-SOMETHING"), ["pyblk"])
+    assert not v.ok and any("did not finish" in f for f in v.failures)
+    v = parse(GOOD, ["pyblk", "qsd"])
+    assert not v.ok and any(f.startswith("qsd/xl-create") for f in v.failures)
+
+
+def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    log = tmp_path / "serial.log"
+    log.write_text(GOOD)
+    assert main([str(log)]) == 0
+    log.write_text(GOOD.replace("DOMU-IO-OK", "DOMU-IO-FAIL"))
+    assert main([str(log), "--json"]) == 1
+    assert '"ok": false' in capsys.readouterr().out
