@@ -6,6 +6,8 @@
 #   UMLT_MODE     blkrw: write UMLT_PATTERN to /dev/vda at UMLT_WSECTOR (512-byte sectors),
 #                 read it back and compare; then print the md5 of UMLT_RCOUNT sectors at UMLT_RSECTOR.
 #                 probe: only report the size of /dev/vda.
+#                 net: virtio_net instead of virtio_blk; send UMLT_NET_FRAMES raw broadcast frames on
+#                 eth0 and count those that come back intact ("NET sent=N looped=M").
 #                 fio: for each of UMLT_FIO_REPS repetitions, for each job of UMLT_FIO_JOBS
 #                 (comma-separated rw:bs:iodepth, e.g. randread:4k:32), run fio for UMLT_FIO_TIME
 #                 seconds on /dev/vda with UMLT_FIO_ENGINE (libaio, or psync: iodepth becomes
@@ -26,14 +28,25 @@ S=/mnt
 mount -t tmpfs tmpfs $S || { say "FAIL tmpfs"; finish 1; }
 say "BOOTED"
 
-if ! insmod "$UMLT_MODULES/kernel/drivers/block/virtio_blk.ko"; then
-    say "FAIL insmod virtio_blk"; finish 1
+if [ "$UMLT_MODE" = net ]; then
+    for m in net/core/failover drivers/net/net_failover drivers/net/virtio_net; do
+        insmod "$UMLT_MODULES/kernel/$m.ko" || { say "FAIL insmod $m"; finish 1; }
+    done
+    i=0
+    while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+    if [ ! -e /sys/class/net/eth0 ]; then say "FAIL no eth0"; finish 1; fi
+    ip link set eth0 up || { say "FAIL link up"; finish 1; }
+    say "MAC $(cat /sys/class/net/eth0/address)"
+else
+    if ! insmod "$UMLT_MODULES/kernel/drivers/block/virtio_blk.ko"; then
+        say "FAIL insmod virtio_blk"; finish 1
+    fi
+    # The disk appears asynchronously after the driver binds; bounded wait (UML's own clock).
+    i=0
+    while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+    if [ ! -b /dev/vda ]; then say "FAIL no /dev/vda"; finish 1; fi
+    say "SECTORS $(cat /sys/block/vda/size)"
 fi
-# The disk appears asynchronously after the driver binds; bounded wait (UML's own clock).
-i=0
-while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
-if [ ! -b /dev/vda ]; then say "FAIL no /dev/vda"; finish 1; fi
-say "SECTORS $(cat /sys/block/vda/size)"
 
 case "$UMLT_MODE" in
 probe)
@@ -53,6 +66,36 @@ blkrw)
         dd if=/dev/vda of=$S/r bs=512 skip="$UMLT_RSECTOR" count="$UMLT_RCOUNT" iflag=direct 2>/dev/null
         say "READ-MD5 $(md5sum < $S/r | cut -d' ' -f1)"
     fi
+    finish 0
+    ;;
+net)
+    # Raw frames (EtherType 0x88b5, local experimental) to broadcast on eth0 (virtio_net); a peer
+    # that loops the port back (dpdk-testpmd io forwarding) returns them: count the returned ones
+    # whose bytes match what was sent.
+    python3 - "${UMLT_NET_FRAMES:-32}" <<'PYEOF' >$S/net.out 2>&1
+import os, socket, sys
+n = int(sys.argv[1])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+s.bind(("eth0", 0))
+s.settimeout(3.0)
+src = bytes.fromhex(open("/sys/class/net/eth0/address").read().strip().replace(":", ""))
+sent = set()
+for i in range(n):
+    f = b"\xff" * 6 + src + b"\x88\xb5" + i.to_bytes(4, "big") + os.urandom(60 + i)
+    sent.add(f)
+    s.send(f)
+back = 0
+try:
+    while back < n:
+        data, addr = s.recvfrom(4096)
+        if addr[2] != socket.PACKET_OUTGOING and data in sent:
+            sent.discard(data)
+            back += 1
+except socket.timeout:
+    pass
+print("NET sent=%d looped=%d" % (n, back))
+PYEOF
+    say "$(tail -n 1 $S/net.out | tr '\n' ' ')"
     finish 0
     ;;
 fio)

@@ -165,6 +165,7 @@ class _Queue:
     index: int
     live: bool = False  # set up on the virtio-mmio side (QueueReady = 1)
     notifying: bool = False
+    pending: bool = False  # kicked before DRIVER_OK could be written
     again: bool = False
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -239,8 +240,12 @@ class UmlBridge:
     """
 
     def __init__(self, sim_path: str, *, base: int, irq: int, device_id: int | None = None,
-                 vcpus: int = 2, destroy_on_close: bool = True) -> None:
+                 vcpus: int = 2, destroy_on_close: bool = True, withhold: int = 0) -> None:
+        """``withhold``: device feature bits not offered to UML on top of
+        :data:`BRIDGE_MASKED_FEATURES` (e.g. virtio-net's CTRL_VQ family when the back-end leaves
+        the control queue to the front-end, as dpdk-testpmd does)."""
         self.sim_path, self.base, self.irq, self.device_id = sim_path, base, irq, device_id
+        self.withhold = withhold
         self.vcpus = max(vcpus, 1)
         self.destroy_on_close = destroy_on_close
         self.stats = BridgeStats()
@@ -350,7 +355,7 @@ class UmlBridge:
         self._status = 0
         self._driver_ok = False
         for q in self._queues.values():
-            q.live = False
+            q.live = q.pending = False
 
     async def _features(self) -> int:
         await self._reset()
@@ -363,7 +368,13 @@ class UmlBridge:
         return (high << 32) | low
 
     async def _set_features(self, features: int) -> bool:
-        features &= ~BRIDGE_MASKED_FEATURES
+        features &= ~(BRIDGE_MASKED_FEATURES | self.withhold)
+        if self._status & DeviceStatus.FEATURES_OK:
+            # finalize_features again (a driver's validate() dropped a feature): virtio_mmio would
+            # not have written FEATURES_OK yet; here it is, so renegotiate from a reset.
+            await self._reset()
+            await self._set_status(DeviceStatus.ACKNOWLEDGE)
+            await self._set_status(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER)
         await self._write(MmioReg.DRIVER_FEATURES_SEL, 1)
         await self._write(MmioReg.DRIVER_FEATURES, features >> 32)
         await self._write(MmioReg.DRIVER_FEATURES_SEL, 0)
@@ -422,7 +433,7 @@ class UmlBridge:
         assert isinstance(device, _BridgeDevice)
         req = ev.request
         if req == F.GET_FEATURES:
-            device.device_features = offered_to_uml(await self._features())
+            device.device_features = offered_to_uml(await self._features()) & ~self.withhold
         elif req == F.SET_FEATURES:
             return await self._set_features(int(ev.payload.value))
         elif req == F.GET_CONFIG:
@@ -440,14 +451,18 @@ class UmlBridge:
         return True
 
     async def _after(self, ev: RequestReceived) -> None:
+        """Set a queue up on the device once UML has given it a size, addresses and a kick fd
+        (SET_VRING_KICK starts the ring; SET_VRING_ENABLE only exists with PROTOCOL_FEATURES)."""
         assert self.server is not None
-        if ev.request == F.SET_VRING_ENABLE and ev.payload.num:
-            vring = self.server.vrings[int(ev.payload.index)] if int(ev.payload.index) < MAX_QUEUES else None
+        if ev.request == F.SET_VRING_KICK or (ev.request == F.SET_VRING_ENABLE and ev.payload.num):
+            index = int(ev.payload.value if ev.request == F.SET_VRING_KICK else ev.payload.index) & 0xFF
+            vring = self.server.vrings[index] if index < MAX_QUEUES else None
             if vring is None or not vring.started:
-                raise UmlBridgeError(f"ring {ev.payload.index} enabled without addresses/kick fd")
+                raise UmlBridgeError(f"ring {index} has no size, addresses or kick fd")
             q = self._queues.get(vring.index)
             if q is None or not q.live:
                 await self._setup_queue(vring)
+            self._release_kicks()
 
     def _check_mem_table(self, ev: RequestReceived) -> None:
         mem = self.memory
@@ -462,14 +477,29 @@ class UmlBridge:
                     f"{region.mmap_offset:#x} is not UML's identity layout inside {mem.size:#x} bytes")
 
     # ------------------------------------------------------------------ kicks and interrupts
+    def _rings_ready(self) -> bool:
+        """Every ring UML has given addresses to is set up on the device (DRIVER_OK may go)."""
+        assert self.server is not None
+        return all(self._queues.get(v.index, _Queue(v.index)).live for v in self.server.vrings if v.addr is not None)
+
+    def _release_kicks(self) -> None:
+        if self._driver_ok or self._rings_ready():
+            for q in self._queues.values():
+                if q.pending and q.live:
+                    q.pending = False
+                    self._notify_queue(q)
+
     def _kick(self, vring: Vring) -> None:
         self.stats.kicks += 1
-        q = self._queues.get(vring.index)
-        if q is None or not q.live:
-            # The server's catch-up kick at SET_VRING_ENABLE, before the queue is set up here: a
-            # driver only kicks after DRIVER_OK, so there is nothing to notify yet.
-            log.debug("kick on queue %d before its setup on the device: nothing to notify", vring.index)
+        q = self._queues.setdefault(vring.index, _Queue(vring.index))
+        if not q.live or not (self._driver_ok or self._rings_ready()):
+            # A kick that raced the queue's setup (its eventfd is polled from SET_VRING_KICK on),
+            # or one before every queue is set up: notified as soon as DRIVER_OK may be written.
+            q.pending = True
             return
+        self._notify_queue(q)
+
+    def _notify_queue(self, q: _Queue) -> None:
         if q.notifying:
             q.again = True
             return
