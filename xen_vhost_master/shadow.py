@@ -207,8 +207,9 @@ class ShadowDataPath:
         """Shadow rings for ``queue``. ``resume``: the back-end was replaced while the queue ran;
         the returned ``base`` is where the new one starts reading our shadow ring."""
         index = queue.index
-        if queue.num > self.shadow.max_queue_size:
-            raise ShadowError(f"queue {index}: size {queue.num} exceeds the shadow ring slots ({self.shadow.max_queue_size})")
+        if queue.num > self.shadow.max_queue_size or not 0 <= index < self.shadow.max_queues:
+            raise ShadowError(f"queue {index} of size {queue.num}: the shadow memory has ring slots for "
+                              f"{self.shadow.max_queues} queue(s) of up to {self.shadow.max_queue_size}")
         desc, avail, used, _ = split_ring_layout(queue.num, self.shadow.ring_slot(index))
         rings = RingAddresses(desc, avail, used)
         event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
@@ -475,9 +476,10 @@ class ShadowDataPath:
         q.drv = _driver_at(self.shadow, q.config.num, q.rings, q.event_idx, start)
         q.kick_fd = kick_fd
         q.indirect = indirect
+        if not indirect and any(f.table >= 0 for f in q.inflight.values()):
+            self._break(q, "the reconnected back-end lacks indirect descriptors, needed by chains in flight")
+            return RingAddresses(q.rings.desc, q.rings.avail, q.rings.used, start)
         for f in q.inflight.values():
-            if f.table >= 0 and not indirect:
-                raise ShadowError(f"queue {q.config.index}: the new back-end lacks indirect descriptors")
             self._add(q.drv, f)
         q.stats.resubmitted += len(q.inflight)
         if q.inflight or done:
