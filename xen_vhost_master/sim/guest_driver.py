@@ -13,7 +13,14 @@ It follows the sequence of Linux's ``drivers/virtio/virtio_mmio.c`` + ``virtio.c
 * DRIVER_OK; QueueNotify with the queue index (plus the avail index with NOTIFICATION_DATA);
 * interrupts (``vm_interrupt``): wait for the line, read InterruptStatus, write InterruptACK with those
   bits, then config change (bit 1: DEVICE_NEEDS_RESET is checked there) and used rings (bit 0);
-* config space through the ConfigGeneration loop (``__virtio_cread_many``).
+* config space through the ConfigGeneration loop (``__virtio_cread_many``);
+* grant mode (``grants=True``), as Linux's Xen grant DMA ops (``drivers/xen/grant-dma-ops.c``,
+  ``CONFIG_XEN_VIRTIO``, xl ``grant_usage=1``) do it: VIRTIO_F_ACCESS_PLATFORM is required (a device
+  without it fails probe with FAILED), every page the device may touch is granted to the back-end
+  domain and addressed as ``XEN_GRANT_DMA_ADDR_OFF | (ref << 12) | offset`` in the ring registers and
+  descriptors: the rings for the queue's lifetime (read-write), each request's buffers for that
+  request only (device-readable ones read-only, device-writable ones read-write), revoked once the
+  device has returned the chain. A buffer spanning pages gets consecutive references (one address).
 
 It touches the machine only through :class:`~xen_vhost_master.sim.guest_api.GuestBus` and
 ``GuestRam``; the rings are ``vhost_user.virtqueue.SplitQueueDriver``. Device helpers (virtio-blk,
@@ -47,9 +54,12 @@ __all__ = [
     "DeviceWasReset",
     "GuestTimeout",
     "OutOfGuestMemory",
+    "GrantError",
     "GuestPageAllocator",
     "GuestQueue",
     "VirtioMmioDriver",
+    "XEN_GRANT_DMA_ADDR_OFF",
+    "grant_dma_address",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,6 +78,13 @@ CONFIG_RETRIES_MAX = 100
 # Back-to-back interrupts that showed InterruptStatus 0 before the ISR starts to yield the CPU.
 SPURIOUS_IRQ_BACKOFF_AFTER = 100
 DEFAULT_QUEUE_SIZE = 256
+XEN_GRANT_DMA_ADDR_OFF = 1 << 63  # linux drivers/xen/grant-dma-ops.c
+XEN_PAGE_SHIFT = 12
+
+
+def grant_dma_address(ref: int, offset: int = 0) -> int:
+    """The DMA address of byte ``offset`` of the (consecutive) grants starting at ``ref``."""
+    return XEN_GRANT_DMA_ADDR_OFF | ((ref << XEN_PAGE_SHIFT) + offset)
 
 
 class MmioReg(enum.IntEnum):
@@ -167,6 +184,10 @@ class OutOfGuestMemory(GuestDriverError, MemoryError):
     """The page allocator has no free range large enough."""
 
 
+class GrantError(GuestDriverError):
+    """Granting the pages of a ring or buffer failed (grant mode)."""
+
+
 # ---- guest RAM page allocator ------------------------------------------------------------------------
 
 
@@ -243,6 +264,7 @@ class GuestQueue:
     ring: SplitQueueDriver
     free_slot: asyncio.Event
     pending: set[asyncio.Future[int]] = field(default_factory=set)
+    grant_refs: list[int] = field(default_factory=list)  # grant mode: the rings' pages
 
     def complete(self) -> int:
         """Harvest the used ring; resolve each chain's future with its written length."""
@@ -272,6 +294,7 @@ class VirtioMmioDriver:
         vcpu: int = 0,
         features_sel_order: Sequence[int] = (1, 0),
         mmio_timeout: float = DEFAULT_MMIO_TIMEOUT,
+        grants: bool = False,
     ) -> None:
         if sorted(features_sel_order) != [0, 1]:
             raise ValueError("features_sel_order must be a permutation of (0, 1)")
@@ -295,6 +318,8 @@ class VirtioMmioDriver:
         self._isr: asyncio.Task[None] | None = None
         self.broken: GuestDriverError | None = None
         self.on_config_change: Callable[[], None] | None = None
+        self.grants = grants
+        self.live_grants = 0  # grant mode: references granted and not yet revoked
 
     # ---- register access ------------------------------------------------------------------
 
@@ -366,6 +391,13 @@ class VirtioMmioDriver:
         if not self.device_features & Feature.VERSION_1:
             await self._add_status(DeviceStatus.FAILED)
             raise FeaturesRejected(f"device at {self.base:#x} does not offer VERSION_1 (legacy only)")
+        if self.grants and not self.device_features & Feature.ACCESS_PLATFORM:
+            # virtio_features_ok: a grant (restricted-DMA) guest needs VIRTIO_F_ACCESS_PLATFORM
+            await self._add_status(DeviceStatus.FAILED)
+            raise FeaturesRejected(f"device at {self.base:#x} does not offer VIRTIO_F_ACCESS_PLATFORM, "
+                                   "which a grant-mode guest requires")
+        if self.grants:
+            wanted |= Feature.ACCESS_PLATFORM
         features = (wanted | Feature.VERSION_1) & self.device_features
         for sel in self.features_sel_order:
             await self.write_reg(MmioReg.DRIVER_FEATURES_SEL, sel)
@@ -398,10 +430,20 @@ class VirtioMmioDriver:
         except RingError:
             self.allocator.free(gpa)
             raise
-        queue = GuestQueue(index, num, gpa, desc, avail, used, ring, asyncio.Event())
+        refs: list[int] = []
+        if self.grants:
+            try:
+                refs = self._grant_consecutive(gpa, total, readonly=False)
+            except GrantError:
+                ring.release()
+                self.allocator.free(gpa)
+                raise
+        queue = GuestQueue(index, num, gpa, desc, avail, used, ring, asyncio.Event(), grant_refs=refs)
         self.queues[index] = queue
         await self.write_reg(MmioReg.QUEUE_NUM, num)
         for low, addr in ((MmioReg.QUEUE_DESC_LOW, desc), (MmioReg.QUEUE_DRIVER_LOW, avail), (MmioReg.QUEUE_DEVICE_LOW, used)):
+            if refs:
+                addr = grant_dma_address(refs[0], addr - gpa)
             await self.write_reg(low, addr & 0xFFFFFFFF)
             await self.write_reg(low + 4, addr >> 32)
         await self.write_reg(MmioReg.QUEUE_READY, 1)
@@ -481,17 +523,75 @@ class VirtioMmioDriver:
         if need > queue.size:
             raise ValueError(f"chain of {need} buffers does not fit queue {index} of size {queue.size}")
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        refs: list[int] = []
+        if self.grants:
+            readable, writable, refs = self._grant_chain(readable, writable)  # one address per buffer
+            # the device owns the pages until it returns the chain (or the queue is failed/reset)
+            fut.add_done_callback(lambda _f: self._revoke(refs))
+        try:
+            await self._wait_for_room(index, queue, need)
+        except BaseException:
+            fut.cancel()  # revokes the grants
+            raise
+        queue.ring.add(readable, writable, token=fut)
+        queue.pending.add(fut)
+        if kick:
+            await self.kick(index)
+        return fut
+
+    async def _wait_for_room(self, index: int, queue: GuestQueue, need: int) -> None:
         while queue.ring.num_free < need:
             queue.free_slot.clear()  # before the kick: a completion during it must not be missed
             await self.kick(index)
             if queue.ring.num_free < need:
                 await self._bounded(queue.free_slot.wait(), f"wait for a free slot on queue {index}")
             self._check_usable()
-        queue.ring.add(readable, writable, token=fut)
-        queue.pending.add(fut)
-        if kick:
-            await self.kick(index)
-        return fut
+
+    # ---- grant mode (Xen grant DMA ops) -----------------------------------------------------------
+
+    def _grant_consecutive(self, gpa: int, length: int, *, readonly: bool) -> list[int]:
+        """Grant the pages of ``[gpa, gpa + length)``; the refs must be consecutive (one address),
+        as gnttab_alloc_grant_reference_seq gives Linux. No await in between: nothing interleaves."""
+        first, last = gpa >> XEN_PAGE_SHIFT, (gpa + length - 1) >> XEN_PAGE_SHIFT
+        refs: list[int] = []
+        try:
+            for gfn in range(first, last + 1):
+                refs.append(self.bus.grant(gfn, readonly=readonly))
+                self.live_grants += 1
+        except OSError as exc:
+            self._revoke(refs)
+            raise GrantError(f"granting gfn {first + len(refs):#x}: {exc}") from exc
+        if refs != list(range(refs[0], refs[0] + len(refs))):
+            self._revoke(refs)
+            raise GrantError(f"grant references {refs} for [{gpa:#x}, +{length:#x}) are not consecutive")
+        return refs
+
+    def _grant_chain(
+        self, readable: Sequence[tuple[int, int]], writable: Sequence[tuple[int, int]]
+    ) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[int]]:
+        """Grant-address every buffer (readable: read-only grants, writable: read-write)."""
+        refs: list[int] = []
+        out: tuple[list[tuple[int, int]], list[tuple[int, int]]] = ([], [])
+        try:
+            for bufs, dest, ro in ((readable, out[0], True), (writable, out[1], False)):
+                for gpa, length in bufs:
+                    if length <= 0:
+                        raise ValueError(f"buffer of {length} bytes")
+                    got = self._grant_consecutive(gpa, length, readonly=ro)
+                    refs += got
+                    dest.append((grant_dma_address(got[0], gpa & ((1 << XEN_PAGE_SHIFT) - 1)), length))
+        except BaseException:
+            self._revoke(refs)
+            raise
+        return out[0], out[1], refs
+
+    def _revoke(self, refs: Sequence[int]) -> None:
+        for ref in refs:
+            try:
+                self.bus.revoke(ref)
+            except OSError as exc:  # the machine is gone, or the host refused: nothing to give back
+                logger.info("virtio-mmio %#x: revoking grant %d failed: %s", self.base, ref, exc)
+            self.live_grants -= 1
 
     async def kick(self, index: int) -> None:
         """QueueNotify if the device wants it (VRING_USED_F_NO_NOTIFY / avail_event)."""
@@ -587,8 +687,10 @@ class VirtioMmioDriver:
     def _release_queues(self) -> None:
         for queue in self.queues.values():
             queue.ring.release()
+            self._revoke(queue.grant_refs)
             self.allocator.free(queue.ring_gpa)
         self.queues.clear()
 
     def stats(self) -> dict[str, Any]:
-        return {"interrupts": self.interrupts, "config_changes": self.config_changes, "needs_reset": self.needs_reset}
+        return {"interrupts": self.interrupts, "config_changes": self.config_changes, "needs_reset": self.needs_reset,
+                "live_grants": self.live_grants}
