@@ -25,6 +25,11 @@ reason)`` called (wire it to the model's NEEDS_RESET), nothing more is pulled or
 queue. Without ``on_error``, :meth:`~ShadowDataPath.notify` raises :class:`ShadowQueueError`.
 Copy-back writes only into buffers of validated guest chains, never more than their length.
 
+Grant-mapped guest memory: the engine needs only ``memory.view(addr, length)``. A memory object
+that maps on demand (gntdev grants) may also offer ``release_buffers(buffers)`` (``[(addr, length)]``):
+device-readable buffers are released once copied in, device-writable ones once copied back (or when
+the queue is closed), so pages stay mapped for the duration of the request only.
+
 Reconnect: a back-end that was lost keeps our rings and bounce buffers. When the device model
 re-opens a queue with ``resume=True`` (same rings, never closed), the old shadow used ring is harvested (completions
 reach the guest), the shadow ring is rebuilt starting at the guest's used index (returned as the
@@ -186,6 +191,8 @@ class ShadowDataPath:
         log: Logger | None = None,
     ) -> None:
         self.memory = memory
+        # Optional: a memory that maps on demand (grants) learns when it may unmap guest buffers.
+        self._release: Callable[[list[tuple[int, int]]], None] | None = getattr(memory, "release_buffers", None)
         self._banks = tuple((int(a), int(b)) for a, b in banks)
         self.shadow = ShadowMemory(pool_size=pool_size, max_queues=max_queues, max_queue_size=max_queue_size)
         self.pool = self.shadow.pool
@@ -274,6 +281,10 @@ class ShadowDataPath:
             return
         for f in q.inflight.values():
             self.pool.free(f.offset, f.nbytes)
+            if self._release is not None:
+                self._release([(a, n) for a, _, n in f.copy_back])
+        if q.pending is not None and self._release is not None:
+            self._release([(b.addr, b.length) for b in (*q.pending.readable, *q.pending.writable)])
         if q.inflight:
             self.log.debug("queue %d closed with %d chain(s) in flight (dropped)", index, len(q.inflight))
         q.inflight.clear()
@@ -411,6 +422,8 @@ class ShadowDataPath:
         except _FAULTS as e:
             self.pool.free(extent, pos)
             raise RingError(f"chain {chain.head}: guest buffer unreadable: {e}") from e
+        if self._release is not None and readable:
+            self._release([(b.addr, b.length) for b in readable])  # copied: no longer needed
         wlen = sum(b.length for b in writable)
         f = _InFlight(chain.head, extent, pos, base + extent if indirect else -1, shadow_r, shadow_w, copy_back, wlen)
         self._add(drv, f)
@@ -452,6 +465,8 @@ class ShadowDataPath:
                 except _FAULTS as e:
                     fault = f"chain {f.head}: guest buffer unwritable: {e}"
             self.pool.free(f.offset, f.nbytes)
+            if self._release is not None:
+                self._release([(a, n) for a, _, n in f.copy_back])
             del q.inflight[f.head]
             pushes.append((f.head, written))
         q.guest.push_many(pushes)

@@ -367,3 +367,43 @@ def test_page_pool_next_fit_free_and_double_free():
         pool.free(b, 3 * PAGE)  # pages 0x13000.. were never allocated again: double free
     with pytest.raises(ValueError):
         pool.free(0x9000, PAGE)
+
+
+class MapOnDemand(FlatMemory):
+    """A guest memory that "maps" on view and expects release_buffers() (as a grant memory would)."""
+
+    def __init__(self, buf, base: int) -> None:
+        super().__init__(buf, base)
+        self.released: list[tuple[int, int]] = []
+
+    def release_buffers(self, buffers: list[tuple[int, int]]) -> None:
+        self.released += buffers
+
+
+def test_buffers_are_released_readable_after_copy_in_writable_after_copy_back():
+    ram = bytearray(GSIZE)
+    mem = MapOnDemand(ram, GBASE)
+    dp = ShadowDataPath(mem, [(GBASE, GSIZE)], pool_size=1 << 20, max_queues=1, max_queue_size=16)
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    desc, avail, used, _ = split_ring_layout(16, GBASE)
+    drv = SplitQueueDriver(mem, 16, desc, avail, used)
+    try:
+        rings = dp.open_queue(QueueConfig(0, 16, desc, avail, used), 0, kick)
+        be = SplitQueueDevice(dp.shadow, 16, rings.desc, rings.avail, rings.used)
+        rd, wr1, wr2 = (GBASE + 0x10000, 100), (GBASE + 0x20000, 200), (GBASE + 0x30000, 300)
+        drv.add([rd], [wr1, wr2])
+        dp.notify(0)
+        assert mem.released == [rd]  # copied in: released at once
+        c = be.pop()
+        be.push(c.head, 250)
+        dp.used(0)
+        assert mem.released == [rd, wr1, wr2]
+        drv.add([rd], [wr1])
+        dp.notify(0)
+        dp.close_queue(0)  # dropped in flight: released too
+        assert mem.released == [rd, wr1, wr2, rd, wr1]
+        be.release()
+    finally:
+        drv.release()
+        dp.close()
+        os.close(kick)
