@@ -59,7 +59,7 @@ from vhost_user.virtqueue import (
 
 from .device import RingAddresses
 from .errors import DaemonError
-from .shadow_pool import PAGE, SHADOW_BASE, ShadowMemory
+from .shadow_pool import ShadowMemory
 from .virtio_mmio import QueueConfig
 
 __all__ = [
@@ -502,5 +502,3 @@ class ShadowDataPath:
                           q.config.index, start, len(done), len(q.inflight))
         return RingAddresses(q.rings.desc, q.rings.avail, q.rings.used, start)
 
-
-_ = PAGE, SHADOW_BASE  # re-exported for callers sizing the pool

@@ -11,8 +11,6 @@ import pytest
 
 from vhost_user.virtqueue import (
     VIRTQ_DESC_F_INDIRECT,
-    VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_WRITE,
     Buffer,
     FlatMemory,
     SplitQueueDevice,
@@ -21,7 +19,7 @@ from vhost_user.virtqueue import (
     split_ring_layout,
     write_buffers,
 )
-from xen_vhost_master.shadow import ShadowDataPath, ShadowError, ShadowQueueError
+from xen_vhost_master.shadow import ShadowDataPath, ShadowError
 from xen_vhost_master.shadow_pool import PAGE, SHADOW_BASE, PagePool
 from xen_vhost_master.virtio_mmio import QueueConfig
 
