@@ -26,15 +26,18 @@ queue. Without ``on_error``, :meth:`~ShadowDataPath.notify` raises :class:`Shado
 Copy-back writes only into buffers of validated guest chains, never more than their length.
 
 Grant-mapped guest memory: the engine needs only ``memory.view(addr, length)``. A memory object
-that maps on demand (gntdev grants) may also offer ``release_buffers(buffers)`` (``[(addr, length)]``):
-device-readable buffers are released once copied in, device-writable ones once copied back (or when
-the queue is closed), so pages stay mapped for the duration of the request only.
+that maps on demand (gntdev grants) may also offer ``release_buffers([(addr, length), ...])``:
+device-readable buffers are released once copied in, device-writable ones once copied back (or
+when the queue is closed), so pages stay mapped for the duration of the request only.
 
 Reconnect: a back-end that was lost keeps our rings and bounce buffers. When the device model
-re-opens a queue with ``resume=True`` (same rings, never closed), the old shadow used ring is harvested (completions
-reach the guest), the shadow ring is rebuilt starting at the guest's used index (returned as the
-ring's ``base`` for the new back-end) and every chain still in flight is published again, in order. Nothing
-is lost or completed twice. :meth:`~ShadowDataPath.close_queue` (reset) drops in-flight state.
+re-opens a queue with ``resume=True`` (same rings, never closed), the old shadow used ring is
+harvested (those completions reach the guest), the shadow ring is rebuilt starting at the guest's
+used index (returned as the ring's ``base`` for the new back-end) and every chain still in flight
+is published again, in order: nothing is lost or completed twice. A queue resumed that this object
+never opened (a restarted daemon: the in-flight table died with the old process) restarts the
+guest side at the guest's used index (QEMU's rule without INFLIGHT_SHMFD; exact for back-ends that
+complete in order). :meth:`~ShadowDataPath.close_queue` (reset) drops in-flight state.
 """
 
 from __future__ import annotations
