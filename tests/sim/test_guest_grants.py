@@ -21,7 +21,7 @@ from vhost_user.virtqueue import Chain, SplitQueueDevice
 from xen_vhost_master import virtio_mmio as vm
 from xen_vhost_master.errors import XenError
 from xen_vhost_master.sim.guest import SimControl, SimGuest
-from xen_vhost_master.sim.guest_devices import SECTOR_SIZE, BlkFeature, BlkIoError, VirtioBlk
+from xen_vhost_master.sim.guest_devices import SECTOR_SIZE, BlkFeature, BlkIoError, NetFeature, VirtioBlk, VirtioNet
 from xen_vhost_master.sim.guest_driver import (
     XEN_GRANT_DMA_ADDR_OFF,
     Feature,
@@ -166,6 +166,36 @@ class GrantDeviceModel(MiniDeviceModel):
                 super()._apply([action])
 
 
+class GrantNetLoopback(GrantDeviceModel):
+    """virtio-net whose transmitq loops every frame back into the receiveq, through grant mappings."""
+
+    def __init__(self, ring_ram: RingRam, gnt: GrantDev, domid: int, **kw: object) -> None:
+        super().__init__(ring_ram, **kw)
+        self.gnt, self.domid = gnt, domid
+        self.frames: list[bytes] = []
+
+    def _apply(self, actions: list[vm.Action]) -> None:
+        for action in actions:
+            if not isinstance(action, vm.Notify):
+                super()._apply([action])
+                continue
+            rx, tx = self.rings[0], self.rings[1]
+            while (chain := tx.pop()) is not None:
+                ro = GrantRam(self.gnt, self.domid, writable=False)
+                frame = b"".join(bytes(ro.view(b.addr, b.length)) for b in chain.readable)
+                ro.unmap_all()
+                tx.push(chain.head, 0)
+                self.frames.append(frame[12:])
+                slot = rx.pop()
+                assert slot is not None, "no rx buffer posted"
+                rw = GrantRam(self.gnt, self.domid, writable=True)
+                rw.view(slot.writable[0].addr, len(frame))[:] = frame
+                rw.unmap_all()
+                rx.push(slot.head, len(frame))
+            if rx.needs_notify() or tx.needs_notify():
+                super()._apply(self.model.used_buffer())
+
+
 @dataclass
 class Rig:
     guest: SimGuest
@@ -181,7 +211,7 @@ class Rig:
                                           queue_size=64, **kw)  # type: ignore[arg-type]
 
 
-async def _rig(host: SimHost, ctl: SimControl, features: int) -> AsyncIterator[Rig]:
+async def _rig(host: SimHost, ctl: SimControl, features: int, *, net: bool = False) -> AsyncIterator[Rig]:
     kernel = SimKernel(host.path)
     domid = await asyncio.to_thread(ctl.create_domain, mem_bytes=MEM)
     guest = await SimGuest.connect(host.path, domid)
@@ -194,11 +224,18 @@ async def _rig(host: SimHost, ctl: SimControl, features: int) -> AsyncIterator[R
         dm.set_ioreq_server_state(sid, True)
         ports = [ev.bind_interdomain(domid, page.vp_eport(i)) for i in range(dm.nr_vcpus())]
         dm.map_io_range(sid, MMIO_BASE, MMIO_BASE + 0x1FF)
-        model = vm.VirtioMmioDevice(device_id=2, device_features=features, queue_sizes=[64],
-                                    config=bytes(blk_config(SECTORS)), ram=GRANT_SPACE)
         disk = GrantDisk(gnt, domid)
-        dmodel = GrantDeviceModel(RingRam(gnt, domid), dm=dm, page=page, ev=ev, ports=ports,
-                                  model=model, disk=disk)
+        dmodel: GrantDeviceModel
+        if net:
+            model = vm.VirtioMmioDevice(device_id=1, device_features=features, queue_sizes=[64, 64],
+                                        config=bytes.fromhex("020000000001") + b"\x01\x00", ram=GRANT_SPACE)
+            dmodel = GrantNetLoopback(RingRam(gnt, domid), gnt, domid, dm=dm, page=page, ev=ev, ports=ports,
+                                      model=model, disk=disk)
+        else:
+            model = vm.VirtioMmioDevice(device_id=2, device_features=features, queue_sizes=[64],
+                                        config=bytes(blk_config(SECTORS)), ram=GRANT_SPACE)
+            dmodel = GrantDeviceModel(RingRam(gnt, domid), dm=dm, page=page, ev=ev, ports=ports,
+                                      model=model, disk=disk)
         server = asyncio.create_task(dmodel.serve())
         yield Rig(guest, dmodel, disk, gnt, domid, GuestPageAllocator(guest.ram, reserve=1 << 20))
     finally:
@@ -314,3 +351,32 @@ async def test_device_without_access_platform_fails_cleanly(no_fd_leak: None, ri
         await rig.attach()
     assert rig.dmodel.model.status & vm.Status.FAILED
     assert not rig.dmodel.model.status & vm.Status.FEATURES_OK
+
+
+@pytest_asyncio.fixture
+async def net_rig(sim_host: SimHost, sim_control: SimControl) -> AsyncIterator[Rig]:
+    feats = int(Feature.VERSION_1 | Feature.ACCESS_PLATFORM | NetFeature.MAC | NetFeature.STATUS)
+    async for r in _rig(sim_host, sim_control, feats, net=True):
+        yield r
+
+
+@pytest.mark.asyncio
+async def test_grant_mode_net_loopback(no_fd_leak: None, net_rig: Rig) -> None:
+    async with asyncio.timeout(T):
+        net = await VirtioNet.attach(net_rig.guest, MMIO_BASE, IRQ, net_rig.allocator, grants=True,
+                                     queue_size=64, rx_buffers=8)
+    try:
+        assert net.mac == bytes.fromhex("020000000001") and net.driver.has(Feature.ACCESS_PLATFORM)
+        ring_grants = sum(len(q.grant_refs) for q in net.driver.queues.values())
+        assert net.driver.live_grants == ring_grants + 8  # 8 posted rx buffers, granted read-write
+        frames = [os.urandom(60 + 100 * i) for i in range(12)]  # more than the 8 rx buffers: reposting
+        async with asyncio.timeout(T):
+            for frame in frames:
+                await net.send(frame)
+                assert await net.recv() == frame
+        assert net_rig.dmodel.frames == frames  # type: ignore[attr-defined]
+        assert net.driver.live_grants == ring_grants + 8  # tx grants revoked, rx re-granted on repost
+    finally:
+        async with asyncio.timeout(T):
+            await net.close()
+    assert net.driver.live_grants == 0

@@ -216,7 +216,9 @@ class FastPath:
         if k not in self.irqfds:
             return
         try:
-            if not select.select([k.fd], [], [], 0)[0]:
+            poller = select.poll()  # (select() would fail for fds >= FD_SETSIZE)
+            poller.register(k.fd, select.POLLIN)
+            if not poller.poll(0):
                 return  # someone else read it first
             os.read(k.fd, 8)  # eventfd_ctx_do_read: clear the counter
         except BlockingIOError:
