@@ -401,3 +401,59 @@ async def test_fast_path_in_a_separate_host_process(sim_process: str, efd: int) 
                 os.close(kick)
         finally:
             page.close()
+
+
+class _RecordingDevice:
+    """An MmioHandler that records what reaches user space."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, bool, int]] = []
+
+    def mmio(self, offset: int, size: int, is_write: bool, value: int) -> int | None:
+        self.seen.append((offset, size, is_write, value))
+        return None if is_write else 0x74726976
+
+
+@pytest.mark.asyncio
+async def test_daemon_ioreq_server_skips_what_the_kernel_consumed(host: SimHost, ctl: SimControl, efd: int) -> None:
+    """The daemon's own IoreqServer beside the kernel's ioeventfd: notifies of the registered queue
+    never reach its handler (counted as spurious wake-ups), everything else does."""
+    from xen_vhost_master.ioreq_server import IoreqServer
+    from xen_vhost_master.log import device_logger
+
+    domid = ctl.create_domain(vcpus=2, mem_bytes=16 << 20)
+    kernel = SimKernel(host.path)
+    dev = _RecordingDevice()
+    with PrivCmd(kernel) as privcmd, EventChannel(kernel) as evtchn:
+        srv = IoreqServer(privcmd, evtchn, domid, device_logger("test", domid))
+        srv.create()
+        srv.enable()
+        srv.add_window(BASE, 0x200, dev)
+        guest = await SimGuest.connect(host.path, domid)
+        try:
+            assert srv.page is not None
+            ports = array.array("I", getattr(srv, "ports", None) or srv._ports)  # local port per vCPU
+            privcmd.ioeventfd(privcmd_ioeventfd(
+                ioreq=srv.page.mapping.addr, ports=ports.buffer_info()[0], addr=BASE, addr_len=4,
+                event_fd=efd, vcpus=2, vq=0, dom=domid))
+            async with asyncio.timeout(T):
+                assert await guest.mmio_read(BASE, 4) == 0x74726976
+                for _ in range(5):
+                    await guest.mmio_write(NOTIFY, 4, 0)
+                await guest.mmio_write(NOTIFY, 4, 1, vcpu=1)  # queue 1 has no ioeventfd
+                await guest.mmio_write(BASE + 0x70, 4, 0xF)
+            assert dev.seen == [(0, 4, False, 0), (0x50, 4, True, 1), (0x70, 4, True, 0xF)]
+            assert _read_eventfd(efd) == 5
+            info = ctl.domain_info(domid)["fastpath"]
+            assert info["ioeventfd_consumed"] == 5
+            for _ in range(200):  # the shared events reach the daemon too: each finds no READY slot
+                if srv.stats.spurious >= 5:
+                    break
+                await asyncio.sleep(0.005)
+            assert srv.stats.spurious >= 5
+            privcmd.ioeventfd(privcmd_ioeventfd(
+                ioreq=srv.page.mapping.addr, ports=ports.buffer_info()[0], addr=BASE, addr_len=4,
+                event_fd=efd, vcpus=2, vq=0, flags=PRIVCMD_IOEVENTFD_FLAG_DEASSIGN, dom=domid))
+        finally:
+            guest.close()
+            await srv.close()
