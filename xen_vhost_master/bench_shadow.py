@@ -1,6 +1,6 @@
 """Benchmark (not a test): shadow virtqueues vs zero copy, same run, same machine.
 
-    python -m xen_vhost_master.bench_shadow [--seconds 2] [--rounds 2] [--uvloop] [--pool-mib 32]
+    python -m xen_vhost_master.bench_shadow [--seconds 2] [--rounds 3] [--uvloop] [--pool-mib 32]
 
 Starts a simulated Xen host (thread) and a qemu-storage-daemon null-co export, then for each data
 path builds the daemon's pieces for one guest (IOREQ server, device model, vhost-user front-end)
@@ -67,6 +67,9 @@ class Result:
     bytes: int
     proc_cpu: float
     dp_cpu: float
+    notifies: int = 0  # guest QueueNotify writes
+    calls: int = 0  # back-end call eventfd wake-ups
+    interrupts: int = 0
 
     @property
     def iops(self) -> float:
@@ -150,6 +153,8 @@ async def run_mode(mode: str, host: SimHost, ctl: SimControl, sock: str, seconds
             n = 0
             await blk.batch([BlkOp("read", 0, count=per)] * depth)  # warm-up
             dp[0] = 0.0
+            st = device.stats
+            ev0 = (st.notifies, st.per_queue_calls.get(0, 0), st.interrupts)
             t0, c0 = time.perf_counter(), time.process_time()
             while time.perf_counter() - t0 < seconds:
                 ops = []
@@ -162,7 +167,8 @@ async def run_mode(mode: str, host: SimHost, ctl: SimControl, sock: str, seconds
                 await asyncio.wait_for(blk.batch(ops), 30)
                 n += depth
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            results[name] = Result(n, wall, n * size, cpu, dp[0])
+            ev = (st.notifies - ev0[0], st.per_queue_calls.get(0, 0) - ev0[1], st.interrupts - ev0[2])
+            results[name] = Result(n, wall, n * size, cpu, dp[0], *ev)
         await blk.close()
     finally:
         guest.close()
@@ -195,6 +201,13 @@ def report(all_results: dict[str, dict[str, Result]], out: Any) -> None:
             f"{1e6 * a.proc_cpu / a.requests:>9.0f} µs, {1e6 * a.dp_cpu / a.requests:>5.1f} µs   "
             f"{1e6 * b.proc_cpu / b.requests:>11.0f} µs, {1e6 * b.dp_cpu / b.requests:>5.1f} µs\n"
         )
+    out.write("events per request (guest notifies / back-end calls / guest interrupts):\n")
+    for name, *_ in WORKLOADS:
+        line = []
+        for mode in ("zero-copy", "shadow"):
+            r = all_results[mode][name]
+            line.append(f"{mode} {r.notifies / r.requests:.2f} / {r.calls / r.requests:.2f} / {r.interrupts / r.requests:.2f}")
+        out.write(f"  {name:<20} " + ",  ".join(line) + "\n")
     out.flush()
 
 
@@ -218,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=2.0, help="per workload and data path")
     p.add_argument("--uvloop", action="store_true")
     p.add_argument("--pool-mib", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best of each is shown")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each is shown")
     args = p.parse_args(argv)
     if args.uvloop:
         import uvloop
