@@ -42,7 +42,7 @@ from .virtio_mmio import WINDOW_SIZE, Status, snapshot
 from .xen.evtchn import EventChannel
 from .xen.kernel import ENV_SIM_SOCKET, Kernel, kernel_from_env
 from .xen.privcmd import PrivCmd
-from .xen.xenstore import XenstoreClient, XenstoreError
+from .xen.xenstore import XenstoreClient, XenstoreError, XsTransaction
 
 __all__ = ["ExitCode", "Options", "Supervisor"]
 
@@ -266,7 +266,10 @@ class Supervisor:
                     raise
         if keys.get("online") == "0" or keys.get("state") in (str(XENBUS_CLOSING), str(XENBUS_CLOSED)):
             return None
-        if not keys:
+        if "state" not in keys:
+            # libxl writes a device's directory (state included) in one transaction and removes it
+            # with one rm, but these reads are separate: no state means the directory went away
+            # while we read it (seen on real Xen at `xl destroy`), or it is not libxl's. Not a device.
             return None
         try:
             if not devid.isdigit():
@@ -384,12 +387,24 @@ class Supervisor:
                               "(allow it with --backend-user)")
 
     async def _set_state(self, served: _Served, state: int) -> None:
+        """Write the backend state, only while the toolstack's directory exists: a plain write
+        would re-create a directory libxl already removed (``xl destroy`` removes it once we
+        answered Closed, and the domain's end races with our teardown) and leave it behind."""
         if self.xs is None or served.path is None:
             return
+        path = served.path
+
+        async def body(tx: XsTransaction) -> bool:
+            if not await tx.exists(path):
+                return False
+            await tx.write(f"{path}/state", str(state))
+            return True
+
         try:
-            await self.xs.write(f"{served.path}/state", str(state))
+            if not await self.xs.transaction(body):
+                self.log.info("xenstore %s is gone: backend state %d not written", path, state)
         except XenstoreError as e:
-            self.log.warning("xenstore %s/state <- %d: %s", served.path, state, e)
+            self.log.warning("xenstore %s/state <- %d: %s", path, state, e)
 
     async def _follow_device(self, served: _Served) -> None:
         """On every start/stop of the device: save the state file, and set the XenBus state
@@ -459,11 +474,26 @@ class Supervisor:
             for task in done:
                 task.result()  # re-raise a watcher's failure
         finally:
-            for task in tasks:
+            await self._reap(tasks)
+
+    async def _reap(self, tasks: list[asyncio.Task[Any]]) -> None:
+        """Cancel ``tasks`` and wait for them, bounded. A task can swallow its cancellation (an
+        awaited cancel-and-wait below it, e.g. a device teardown, consumes the CancelledError) and
+        go on waiting for events: it is cancelled again until it ends (seen when the domain went
+        away while a device removal ran: the daemon never exited)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STEP_TIMEOUT
+        pending = {t for t in tasks if not t.done()}
+        while pending:
+            for task in pending:
                 task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            _, pending = await asyncio.wait(pending, timeout=0.5)
+            if pending and loop.time() > deadline:
+                self.log.warning("%d watcher task(s) ignore cancellation; leaving them", len(pending))
+                break
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                self.log.debug("watcher ended with %r", task.exception())
 
     async def _watch_devices(self) -> None:
         """Hot add/remove: xenstored fires on any change below the backend directories."""

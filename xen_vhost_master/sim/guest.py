@@ -130,6 +130,17 @@ class SimControl:
         self.call({"op": "remove_virtio_device", "domid": domid, "devid": devid, "device_id": device_id,
                    "base": base, "irq": irq})
 
+    def xl_destroy(self, domid: int, *, timeout: float = 10.0) -> dict[str, bool]:
+        """``xl destroy`` the libxl way: each device Closing → wait for the backend's Closed (up to
+        ``timeout`` s) → removed, then the domain destroyed. Backend path → answered in time."""
+        return self.call({"op": "xl_destroy", "domid": domid, "timeout": timeout})[0]["value"]
+
+    def xl_detach_virtio_device(self, domid: int, *, device_id: int, base: int, irq: int, devid: int = 0,
+                                kind: str = "virtio", timeout: float = 10.0) -> bool:
+        """``xl block-detach`` the libxl way; True if the backend answered Closed in time."""
+        return bool(self.call({"op": "xl_detach_virtio_device", "domid": domid, "devid": devid, "device_id": device_id,
+                               "base": base, "irq": irq, "kind": kind, "timeout": timeout})[0]["value"])
+
     def domain_info(self, domid: int) -> dict[str, Any]:
         """Domain facts; ``fastpath`` holds the dom0 kernel's privcmd eventfd counters for it
         (``ioeventfd_consumed``: notify ioreqs completed in the kernel, ``ioeventfd_passed``: events

@@ -751,7 +751,33 @@ async def _a_evtchn_wait(conn: Conn, o: dict[str, Any]) -> None:
     ev.clear()
 
 
-_ASYNC_OPS = {"mmio": _a_mmio, "wait_irq": _a_wait_irq, "evtchn_wait": _a_evtchn_wait}
+async def _a_xl_destroy(conn: Conn, o: dict[str, Any]) -> dict[str, bool]:
+    """``xl destroy`` as libxl 4.17 does it (seen in tests/xenlab): pause the domain, remove every
+    device with the Closing → Closed handshake (each waits up to ``timeout`` s for its backend),
+    then destroy the domain. Returns backend path → whether the backend answered Closed."""
+    domid = int(o["domid"])
+    toolstack = conn.server.toolstack
+    conn.hv.pause(domid)
+    answered: dict[str, bool] = {}
+    detach = getattr(toolstack, "detach_all_devices", None)
+    if detach is not None:
+        answered = await detach(domid, float(o.get("timeout", 10.0)))
+    conn.hv.destroy_domain(domid)
+    if toolstack is not None:
+        toolstack.domain_destroyed(domid)
+    return answered
+
+
+async def _a_xl_detach_virtio_device(conn: Conn, o: dict[str, Any]) -> bool:
+    """``xl block-detach``: Closing, wait for Closed (``timeout`` s), remove. True if answered."""
+    detach = getattr(conn.server.toolstack, "detach_virtio_device", None)
+    if detach is None:
+        raise HvError(errno.ENOENT, "no simulated xenstored")
+    return bool(await detach(o, float(o.get("timeout", 10.0))))
+
+
+_ASYNC_OPS = {"mmio": _a_mmio, "wait_irq": _a_wait_irq, "evtchn_wait": _a_evtchn_wait,
+              "xl_destroy": _a_xl_destroy, "xl_detach_virtio_device": _a_xl_detach_virtio_device}
 
 
 class _KernelCaller:

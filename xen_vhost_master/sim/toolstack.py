@@ -9,6 +9,7 @@ device's backend/frontend directories (``sim.xenstore_libxl``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -40,7 +41,8 @@ def virtio_spec(o: dict[str, Any]) -> xenstore_libxl.VirtioDeviceSpec:
         backend_domid=num("backend_domid", 0),
         grant_usage=None if grant is None else bool(int(grant)),
         kind=str(o.get("kind", "virtio")),
-        base_decimal=bool(o.get("base_decimal", False)),
+        # real libxl 4.17 writes a virtio_disk's base in decimal (seen in tests/xenlab)
+        base_decimal=bool(o.get("base_decimal", o.get("kind") == "virtio_disk")),
     )
 
 
@@ -65,6 +67,20 @@ class XenstoreToolstack:
 
     def remove_virtio_device(self, spec: dict[str, Any]) -> None:
         xenstore_libxl.remove_virtio_device(self.xenstored, virtio_spec(spec))
+
+    async def detach_virtio_device(self, spec: dict[str, Any], timeout: float) -> bool:
+        """``xl block-detach``: Closing, wait for the backend's Closed, then remove (libxl's way)."""
+        s = virtio_spec(spec)
+        return await xenstore_libxl.detach_device(self.xenstored, xenstore_libxl.backend_path(s),
+                                                  xenstore_libxl.frontend_path(s), timeout=timeout)
+
+    async def detach_all_devices(self, domid: int, timeout: float) -> dict[str, bool]:
+        """``xl destroy``'s first half: every device of ``domid`` removed the libxl way, in parallel;
+        backend path → whether its backend answered Closed within ``timeout``."""
+        paths = xenstore_libxl.device_backend_paths(self.xenstored, domid)
+        answers = await asyncio.gather(*(xenstore_libxl.detach_device(self.xenstored, be, fe, timeout=timeout)
+                                         for be, fe in paths))
+        return {be: ok for (be, _fe), ok in zip(paths, answers)}
 
     async def close(self) -> None:
         await self.xenstored.close()

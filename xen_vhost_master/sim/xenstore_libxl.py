@@ -7,11 +7,13 @@ Layout and permissions follow ``tools/libs/light/libxl_create.c`` (``libxl__doma
 
 from __future__ import annotations
 
+import asyncio
+import errno
 from dataclasses import dataclass
 
 from xen_vhost_master.sim.xenstore_tree import NodeAccess, domain_path
 from xen_vhost_master.sim.xenstored import SimXenstored
-from xen_vhost_master.xen.xenstore_wire import XenbusState, XsAccess, XsPerm
+from xen_vhost_master.xen.xenstore_wire import XenbusState, XenstoreError, XsAccess, XsPerm
 
 __all__ = [
     "XenbusState",
@@ -20,6 +22,10 @@ __all__ = [
     "destroy_domain",
     "add_virtio_device",
     "remove_virtio_device",
+    "begin_device_removal",
+    "detach_device",
+    "device_backend_paths",
+    "LIBXL_DESTROY_TIMEOUT",
     "backend_path",
     "frontend_path",
 ]
@@ -143,3 +149,95 @@ def remove_virtio_device(xs: SimXenstored, spec: VirtioDeviceSpec) -> None:
         acc.rm(backend_path(spec))
 
     xs.atomically(body)
+
+
+# What real libxl does to remove a device (``xl destroy``, ``xl block-detach``), seen on Xen 4.17
+# in tests/xenlab: ``libxl__initiate_device_generic_remove`` writes ``online = 0`` and ``state = 5``
+# (Closing; unless already 6) in one transaction, waits up to LIBXL_DESTROY_TIMEOUT for the backend
+# to write ``state = 6`` (Closed), and only then removes the frontend and backend directories (a
+# timeout forces the removal). ``xl destroy`` does this for every device before it destroys the
+# domain. remove_virtio_device/destroy_domain above stay the abrupt variants (a forced removal).
+LIBXL_DESTROY_TIMEOUT = 10.0
+
+
+def begin_device_removal(xs: SimXenstored, be: str) -> bool:
+    """libxl's Closing transaction on backend directory ``be``; False if it is already gone."""
+    present = [False]
+
+    def body(acc: NodeAccess) -> None:
+        try:
+            state = acc.read(f"{be}/state").decode()
+        except XenstoreError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            return  # "backend already removed, cleanup frontend only"
+        present[0] = True
+        acc.write(f"{be}/online", b"0")
+        if state != str(int(XenbusState.CLOSED)):
+            acc.write(f"{be}/state", str(int(XenbusState.CLOSING)).encode())
+
+    xs.atomically(body)
+    return present[0]
+
+
+def _read_state(xs: SimXenstored, path: str) -> str | None:
+    out: list[str | None] = [None]
+
+    def body(acc: NodeAccess) -> None:
+        try:
+            out[0] = acc.read(path).decode()
+        except XenstoreError as e:
+            if e.errno != errno.ENOENT:
+                raise
+
+    xs.atomically(body)
+    return out[0]
+
+
+async def detach_device(xs: SimXenstored, be: str, fe: str, *, timeout: float = LIBXL_DESTROY_TIMEOUT,
+                        poll: float = 0.01) -> bool:
+    """Remove one device as libxl does; True if the backend reached Closed in time (False: it
+    never answered, or was already gone, and the directories were removed anyway)."""
+    answered = False
+    if begin_device_removal(xs, be):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            state = _read_state(xs, f"{be}/state")
+            if state is None:
+                break
+            if state == str(int(XenbusState.CLOSED)):
+                answered = True
+                break
+            await asyncio.sleep(poll)
+
+    def body(acc: NodeAccess) -> None:
+        for path in (fe, be):
+            try:
+                acc.rm(path)
+            except XenstoreError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+
+    xs.atomically(body)
+    return answered
+
+
+def device_backend_paths(xs: SimXenstored, domid: int, *, backend_domid: int = 0) -> list[tuple[str, str]]:
+    """(backend, frontend) directories of every virtio/virtio_disk device of ``domid``."""
+    found: list[tuple[str, str]] = []
+
+    def body(acc: NodeAccess) -> None:
+        for kind in ("virtio", "virtio_disk"):
+            root = f"{domain_path(backend_domid)}/backend/{kind}/{domid}"
+            try:
+                devids = acc.directory(root)
+            except XenstoreError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                continue
+            for devid in devids:
+                found.append((f"{root}/{devid}", f"{domain_path(domid)}/device/{kind}/{devid}"))
+
+    xs.atomically(body)
+    return found
