@@ -25,7 +25,7 @@ from tests.peers.harness import Peers
 from vhost_user.aio.transport import UnixListener
 from xen_vhost_master.sim.guest import SimControl
 from xen_vhost_master.sim.host import SimHost
-from xen_vhost_master.sim.uml_bridge import UmlBridge
+from xen_vhost_master.sim.uml_bridge import UmlBridge, no_aslr
 
 pytestmark = [pytest.mark.peer, pytest.mark.timeout(60)]
 
@@ -80,10 +80,11 @@ async def test_uml_virtio_blk_through_bridge_sim_and_daemon_to_qsd(
     daemon = notify = None
     serving: asyncio.Task[None] | None = None
     with UnixListener(path) as listener:
-        run = peers.uml(path, mode="blkrw", env={
-            "UMLT_PATTERN": str(tmp_path / "pattern.bin"), "UMLT_WSECTOR": str(wsector),
-            "UMLT_RSECTOR": "2048", "UMLT_RCOUNT": "16",
-        })
+        with no_aslr():  # a small, fixed physical memory (no random exec-shield gap)
+            run = peers.uml(path, mode="blkrw", env={
+                "UMLT_PATTERN": str(tmp_path / "pattern.bin"), "UMLT_WSECTOR": str(wsector),
+                "UMLT_RSECTOR": "2048", "UMLT_RCOUNT": "16",
+            })
         try:
             domid = await bridge.accept(listener, timeout=STEP)
             info = sim_control.domain_info(domid)
@@ -136,7 +137,8 @@ async def test_uml_virtio_net_frames_loop_back_through_the_daemon_and_testpmd(
     daemon = notify = None
     serving: asyncio.Task[None] | None = None
     with UnixListener(path) as listener:
-        run = peers.uml(path, mode="net", device_id=1, env={"UMLT_NET_FRAMES": str(FRAMES)})
+        with no_aslr():  # UML's memory stays ~64 MiB: dpdk-testpmd maps it in ~0.1 s, not seconds
+            run = peers.uml(path, mode="net", device_id=1, mem="64M", env={"UMLT_NET_FRAMES": str(FRAMES)})
         try:
             domid = await bridge.accept(listener, timeout=STEP)
             daemon, notify = start_daemon(sim_host.path, domid, pmd_sock, tmp_path, kind="net", extra=",queues=2")

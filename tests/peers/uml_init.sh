@@ -7,7 +7,8 @@
 #                 read it back and compare; then print the md5 of UMLT_RCOUNT sectors at UMLT_RSECTOR.
 #                 probe: only report the size of /dev/vda.
 #                 net: virtio_net instead of virtio_blk; send UMLT_NET_FRAMES raw broadcast frames on
-#                 eth0 and count those that come back intact ("NET sent=N looped=M").
+#                 eth0 and count those that come back intact within UMLT_NET_WAIT s (12) ("NET
+#                 sent=N looped=M").
 #                 fio: for each of UMLT_FIO_REPS repetitions, for each job of UMLT_FIO_JOBS
 #                 (comma-separated rw:bs:iodepth, e.g. randread:4k:32), run fio for UMLT_FIO_TIME
 #                 seconds on /dev/vda with UMLT_FIO_ENGINE (libaio, or psync: iodepth becomes
@@ -73,11 +74,11 @@ net)
     # that loops the port back (dpdk-testpmd io forwarding) returns them: count the returned ones
     # whose bytes match what was sent.
     python3 - "${UMLT_NET_FRAMES:-32}" <<'PYEOF' >$S/net.out 2>&1
-import os, socket, sys
+import os, socket, sys, time
 n = int(sys.argv[1])
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
 s.bind(("eth0", 0))
-s.settimeout(3.0)
+deadline = time.monotonic() + float(os.environ.get("UMLT_NET_WAIT", "12"))
 src = bytes.fromhex(open("/sys/class/net/eth0/address").read().strip().replace(":", ""))
 sent = set()
 for i in range(n):
@@ -85,8 +86,9 @@ for i in range(n):
     sent.add(f)
     s.send(f)
 back = 0
-try:
+try:  # the peer may still be starting (mapping guest memory): wait up to UMLT_NET_WAIT s in all
     while back < n:
+        s.settimeout(max(0.01, deadline - time.monotonic()))
         data, addr = s.recvfrom(4096)
         if addr[2] != socket.PACKET_OUTGOING and data in sent:
             sent.discard(data)

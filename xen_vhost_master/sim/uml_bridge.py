@@ -43,13 +43,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import logging
 import os
 import socket
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,7 @@ __all__ = [
     "UmlMemory",
     "UmlMemoryError",
     "find_uml_memory",
+    "no_aslr",
     "offered_to_uml",
 ]
 
@@ -103,6 +105,24 @@ class UmlMemory:
     size: int
     dev: int
     ino: int
+
+
+ADDR_NO_RANDOMIZE = 0x0040000  # linux/personality.h
+
+
+@contextlib.contextmanager
+def no_aslr() -> Iterator[None]:
+    """Processes started inside the block run without address-space randomisation (inherited
+    across exec, as ``setarch -R``). With ASLR, UML adds a random "exec-shield gap" of up to ~1 GiB
+    to its physical memory, and every back-end then maps (and DPDK walks) that much more."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    old = libc.personality(0xFFFFFFFF)
+    if old == -1 or libc.personality(old | ADDR_NO_RANDOMIZE) == -1:
+        raise OSError(ctypes.get_errno(), "personality(ADDR_NO_RANDOMIZE)")
+    try:
+        yield
+    finally:
+        libc.personality(old)
 
 
 def offered_to_uml(device_features: int) -> int:
@@ -333,18 +353,21 @@ class UmlBridge:
     async def _read(self, reg: int, size: int = 4, vcpu: int = KICK_VCPU) -> int:
         assert self.guest is not None
         self.stats.mmio += 1
-        return await asyncio.wait_for(self.guest.mmio_read(self.base + reg, size, vcpu), MMIO_TIMEOUT)
+        async with asyncio.timeout(MMIO_TIMEOUT):  # cheaper than wait_for: no task per access
+            return await self.guest.mmio_read(self.base + reg, size, vcpu)
 
     async def _write(self, reg: int, value: int, size: int = 4, vcpu: int = KICK_VCPU) -> None:
         assert self.guest is not None
         self.stats.mmio += 1
-        await asyncio.wait_for(self.guest.mmio_write(self.base + reg, size, value, vcpu), MMIO_TIMEOUT)
+        async with asyncio.timeout(MMIO_TIMEOUT):
+            await self.guest.mmio_write(self.base + reg, size, value, vcpu)
 
     async def _set_status(self, bits: int) -> None:
         self._status = bits
         await self._write(MmioReg.STATUS, bits)
 
-    async def _reset(self) -> None:
+    async def _reset(self, why: str) -> None:
+        log.info("d%s: device reset (%s)", self.domid, why)
         await self._write(MmioReg.STATUS, 0)
         for _ in range(1000):
             if await self._read(MmioReg.STATUS) == 0:
@@ -358,7 +381,7 @@ class UmlBridge:
             q.live = q.pending = False
 
     async def _features(self) -> int:
-        await self._reset()
+        await self._reset("GET_FEATURES: probe, or the barrier after a driver's removal")
         await self._set_status(DeviceStatus.ACKNOWLEDGE)
         await self._set_status(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER)
         await self._write(MmioReg.DEVICE_FEATURES_SEL, 1)
@@ -372,7 +395,7 @@ class UmlBridge:
         if self._status & DeviceStatus.FEATURES_OK:
             # finalize_features again (a driver's validate() dropped a feature): virtio_mmio would
             # not have written FEATURES_OK yet; here it is, so renegotiate from a reset.
-            await self._reset()
+            await self._reset("SET_FEATURES again: renegotiation")
             await self._set_status(DeviceStatus.ACKNOWLEDGE)
             await self._set_status(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER)
         await self._write(MmioReg.DRIVER_FEATURES_SEL, 1)
@@ -447,7 +470,7 @@ class UmlBridge:
         elif req == F.SET_VRING_ENABLE and not ev.payload.num:
             q = self._queues.get(int(ev.payload.index))
             if q is not None and q.live:
-                await self._reset()  # the driver is going away (vu_del_vqs)
+                await self._reset(f"ring {q.index} disabled: the driver is going away")
         return True
 
     async def _after(self, ev: RequestReceived) -> None:
@@ -486,6 +509,7 @@ class UmlBridge:
         if self._driver_ok or self._rings_ready():
             for q in self._queues.values():
                 if q.pending and q.live:
+                    log.debug("queue %d: held kick released", q.index)
                     q.pending = False
                     self._notify_queue(q)
 
@@ -496,6 +520,7 @@ class UmlBridge:
             # A kick that raced the queue's setup (its eventfd is polled from SET_VRING_KICK on),
             # or one before every queue is set up: notified as soon as DRIVER_OK may be written.
             q.pending = True
+            log.debug("kick on queue %d held (live %s, DRIVER_OK %s)", q.index, q.live, self._driver_ok)
             return
         self._notify_queue(q)
 
@@ -511,6 +536,7 @@ class UmlBridge:
     async def _notify(self, q: _Queue) -> None:
         try:
             if not self._driver_ok:
+                log.debug("DRIVER_OK (first kick, on queue %d)", q.index)
                 self._driver_ok = True
                 await self._set_status(self._status | DeviceStatus.DRIVER_OK)
             while True:
