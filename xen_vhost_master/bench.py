@@ -149,8 +149,11 @@ def uml_fio_env(fio_time: int) -> dict[str, str]:
 
 
 async def fio_direct(peers: Any, fio_time: int) -> dict[str, list[float]]:
+    from xen_vhost_master.sim.uml_bridge import no_aslr
+
     qsd = peers.qsd_null(size=1 << 30, num_queues=1)
-    run = peers.uml(qsd.sock, mode="fio", mem="512M", env=uml_fio_env(fio_time))
+    with no_aslr():  # UML's memory = mem=, without a random exec-shield gap (same for both paths)
+        run = peers.uml(qsd.sock, mode="fio", mem="512M", env=uml_fio_env(fio_time))
     verdicts = await run.finish(timeout=STEP + 4 * fio_time)
     if "DONE 0" not in verdicts:
         raise RuntimeError("direct fio failed:\n" + run.process.log_tail(30))
@@ -161,7 +164,7 @@ async def fio_direct(peers: Any, fio_time: int) -> dict[str, list[float]]:
 async def fio_relayed(peers: Any, work: Path, sim_path: str, fio_time: int, results: dict[str, Any],
                       profile: Path | None = None) -> dict[str, list[float]]:
     from vhost_user.aio.transport import UnixListener
-    from xen_vhost_master.sim.uml_bridge import UmlBridge
+    from xen_vhost_master.sim.uml_bridge import UmlBridge, no_aslr
 
     qsd = peers.qsd_null(size=1 << 30, num_queues=1)
     path = peers.sock_path(f"uml-relay-{time.monotonic_ns() % 10**6}.sock")
@@ -169,7 +172,8 @@ async def fio_relayed(peers: Any, work: Path, sim_path: str, fio_time: int, resu
     daemon: Daemon | None = None
     serving: asyncio.Task[None] | None = None
     with UnixListener(path) as listener:
-        run = peers.uml(path, mode="fio", mem="512M", env=uml_fio_env(fio_time))
+        with no_aslr():
+            run = peers.uml(path, mode="fio", mem="512M", env=uml_fio_env(fio_time))
         try:
             domid = await bridge.accept(listener, timeout=STEP)
             daemon = Daemon(peers, work, sim_path, domid, f"type=blk,base={BASE:#x},irq={IRQ},socket={qsd.sock}", profile)
