@@ -11,7 +11,9 @@ guest's ``DOMU-*`` lines, the daemon's status JSON); the decision is taken here,
 - ``guest-io``: the guest read back what it wrote to /dev/vda after sync + drop_caches (md5);
 - ``image-has-pattern``: the same bytes are in the back-end's disk image in dom0;
 - ``interrupts``: the guest counted virtio interrupts and the daemon raised them (set_irq_level);
-- ``xl-create`` / ``xl-destroy``: rc 0, no error or timeout from libxl (the xenstore handshake);
+- ``xl-create`` / ``xl-destroy``: rc 0, no error or timeout from libxl, and libxl's own debug line
+  that the back-end reached the state it waited for (``wanted state 2 ok`` / ``wanted state 6 ok``:
+  the xenstore handshake with the daemon, not a timeout);
 - ``daemon-exit`` (rc 0 after xl destroy during guest I/O), ``ioreq-server-destroyed``,
   ``domain-gone`` (no dying domain held by dom0 mappings), ``backend-alive``.
 """
