@@ -30,9 +30,12 @@ $(STAMP): pyproject.toml
 bench: deps venv
 	$(PY) -m xen_vhost_master.sim.bench_map
 
-# Long fuzzing runs of the guest-facing surface (bounded per example; about 15 min).
+# Long fuzzing runs (each example bounded): 100,000 guest register programs, 100,000 byte streams
+# into the vhost-user state machines, 100,000 hostile back-end replies over real sockets.
 fuzz: venv
-	HYPOTHESIS_FUZZ_EXAMPLES=100000 $(PY) -m pytest -q -p no:cacheprovider --timeout=3600 tests/daemon/test_fuzz_guest.py
+	HYPOTHESIS_FUZZ_EXAMPLES=100000 $(PY) -m pytest -q -p no:cacheprovider --timeout=7200 \
+	  tests/daemon/test_fuzz_guest.py tests/protocol/test_fuzz_backend_replies.py \
+	  "tests/protocol/test_sans_io_pair.py::test_connections_fed_random_chunks_only_raise_library_errors"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

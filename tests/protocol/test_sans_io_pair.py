@@ -3,6 +3,8 @@ negotiation, preconditions, REPLY_ACK only when negotiated, sticky broken state.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -222,7 +224,7 @@ def test_set_protocol_features_enabling_reply_ack_with_need_reply_is_acked() -> 
     assert ev.answer is None  # REPLY_ACK not negotiated: no ACK
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=int(os.environ.get("HYPOTHESIS_FUZZ_EXAMPLES", "300")), deadline=None)
 @given(st.lists(st.binary(min_size=1, max_size=64), max_size=8), st.booleans())
 def test_connections_fed_random_chunks_only_raise_library_errors(chunks: list[bytes], frontend: bool) -> None:
     """Random bytes, in random chunking, into receive(): typed errors only, then sticky broken."""
