@@ -18,13 +18,15 @@ from vhost_user.virtqueue import SplitQueueDevice, read_buffers, split_ring_layo
 
 NUM = 32
 STATS: list[tuple[int, int]] = []  # (resubmitted, held) per example, for the coverage check below
-PATTERN = bytes(range(256)) * 80
+PATTERN = bytes(range(256)) * 120  # longer than any chain's writable bytes (3 × 9000) + 251
 size = st.one_of(st.sampled_from([0, 1, 4096, 9000]), st.integers(0, 9000))
 chain = st.tuples(st.lists(size, max_size=3), st.lists(size, max_size=3), st.booleans())
 
 
 def payload(k: int, n: int) -> bytes:
-    return PATTERN[k % 251 : k % 251 + n]
+    out = PATTERN[k % 251 : k % 251 + n]
+    assert len(out) == n
+    return out
 
 
 def gather(mem, bufs, limit: int) -> bytes:

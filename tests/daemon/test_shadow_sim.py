@@ -153,8 +153,10 @@ async def test_qsd_4mib_random_write_read_back_at_qd_1_8_32_and_mixed(no_fd_leak
         assert daemon.errors == [] and daemon.shadow.pool.used_pages == 0
         await blk.close()
     finally:
-        guest.close()
-        await daemon.close()
+        try:
+            guest.close()
+        finally:
+            await daemon.close()
 
 
 def frame(n: int) -> bytes:
@@ -192,8 +194,10 @@ async def test_testpmd_frames_out_and_back_through_the_shadow_path(sim_host, sim
             assert daemon.errors == []
             await net.close()
     finally:
-        guest.close()
-        await daemon.close()
+        try:
+            guest.close()
+        finally:
+            await daemon.close()
         listener.close()
 
 
@@ -304,8 +308,10 @@ async def test_virtiofsd_answers_fuse_init_lookup_getattr_read_about_a_real_dire
             assert st1.completed == 7 and daemon.shadow.stats(0).chains == 0 and daemon.errors == []
             await driver.close()
     finally:
-        guest.close()
-        await daemon.close()
+        try:
+            guest.close()
+        finally:
+            await daemon.close()
 
 
 @pytest.mark.peer
@@ -330,17 +336,19 @@ async def test_qsd_killed_under_io_in_flight_chains_are_resubmitted_not_lost(sim
         expected = {8 * i: rng.randbytes(4096) for i in range(16)}
         kicked = asyncio.Event()
         notify = daemon.shadow.notify
+        inflight = 0
 
-        def notify_and_tell(index):
-            notify(index)
+        def notify_and_kill(index):
+            nonlocal inflight
+            notify(index)  # the batch is published and the back-end kicked…
+            inflight = daemon.shadow.inflight(0)
+            first.process._signal_group(signal.SIGKILL)  # …and it dies right away
+            daemon.shadow.notify = notify
             kicked.set()
 
-        daemon.shadow.notify = notify_and_tell
+        daemon.shadow.notify = notify_and_kill
         task = asyncio.ensure_future(blk.batch([BlkOp("write", s, data=d) for s, d in expected.items()]))
         await asyncio.wait_for(kicked.wait(), TIMEOUT)
-        daemon.shadow.notify = notify
-        inflight = daemon.shadow.inflight(0)
-        first.process._signal_group(signal.SIGKILL)
         second = peers.qsd_raw(image=first.image)
         tmp = tmp_path / "blk.sock.new"
         tmp.symlink_to(second.sock)
@@ -348,7 +356,7 @@ async def test_qsd_killed_under_io_in_flight_chains_are_resubmitted_not_lost(sim
         await asyncio.wait_for(task, TIMEOUT)
         if daemon.device.reconnecting is not None:
             await asyncio.wait_for(daemon.device.reconnecting, TIMEOUT)
-        assert daemon.device.stats.reconnects == 1 and inflight > 0
+        assert daemon.device.stats.reconnects == 1 and inflight == 16
         st = daemon.shadow.stats(0)
         # every chain completed exactly once (a second completion of a head would be a guest error);
         # those the killed back-end had not completed were published again on the new ring
@@ -362,8 +370,10 @@ async def test_qsd_killed_under_io_in_flight_chains_are_resubmitted_not_lost(sim
         assert daemon.errors == [] and daemon.shadow.inflight(0) == 0
         await blk.close()
     finally:
-        guest.close()
-        await daemon.close()
+        try:
+            guest.close()
+        finally:
+            await daemon.close()
 
 
 @pytest.mark.peer
@@ -405,8 +415,10 @@ async def test_hostile_chain_needs_reset_then_the_driver_recovers_on_the_same_ba
         assert daemon.device.frontend is frontend and not frontend.broken
         await blk.close()
     finally:
-        guest.close()
-        await daemon.close()
+        try:
+            guest.close()
+        finally:
+            await daemon.close()
 
 
 @pytest.mark.peer
@@ -445,5 +457,7 @@ async def test_two_queues_and_driver_resets_through_the_shadow_path(sim_host, si
             assert daemon.device.frontend is frontend and not frontend.broken
         assert daemon.errors == []
     finally:
-        guest.close()
-        await daemon.close()
+        try:
+            guest.close()
+        finally:
+            await daemon.close()
