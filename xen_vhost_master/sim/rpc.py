@@ -22,6 +22,7 @@ __all__ = [
     "MAX_FDS",
     "MAX_JSON",
     "MessageReader",
+    "RING_NOTIFY",
     "RpcError",
     "encode",
     "recv_blocking",
@@ -32,6 +33,9 @@ _HDR = struct.Struct("<II")
 MAX_JSON = 1 << 20  # no request needs more; larger is a malformed peer
 MAX_BLOB = 64 << 20  # 8 MiB of GFNs is the largest real payload (1 Mi pages)
 MAX_FDS = 16
+#: On an evtchn ring, a u32 with this bit is EVTCHNOP_send of the port in the low bits (posted by
+#: SimKernel's IOCTL_EVTCHN_NOTIFY); without it, the u32 is an unmask (a write(2) of the port).
+RING_NOTIFY = 1 << 31
 
 
 class RpcError(Exception):

@@ -479,6 +479,17 @@ class Conn:
         ports.frombytes(bytes(self.ring_buf[:n]))
         del self.ring_buf[:n]
         for port in ports:
+            if port & rpc.RING_NOTIFY:  # a posted IOCTL_EVTCHN_NOTIFY (see SimKernel._evtchn)
+                port &= ~rpc.RING_NOTIFY
+                p = self.hv.domains[0].ports.get(port)
+                if p is None or p.owner is not self:
+                    log.info("posted notify of port %d not bound on this evtchn fd: dropped", port)
+                else:
+                    try:
+                        self.hv.send(0, port)
+                    except HvError as exc:
+                        log.info("posted notify of port %d: %s", port, exc)
+                continue
             st = self.bound.get(port)
             if st is None:
                 continue
