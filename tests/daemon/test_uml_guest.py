@@ -42,11 +42,12 @@ def start_daemon(sim_path: str, domid: int, backend: Path, tmp_path: Path, kind:
     notify.bind(str(tmp_path / "notify"))
     notify.setblocking(False)
     env = dict(os.environ, XEN_VHOST_SIM=sim_path, NOTIFY_SOCKET=str(tmp_path / "notify"))
-    proc = subprocess.Popen(
-        [str(BIN / "xen-vhost-master"), "--domid", str(domid), "--no-xenstore", "--memory", "sim-memfd",
-         "--runtime-dir", str(runtime), "--device", f"type={kind},base={BASE:#x},irq={IRQ},socket={backend}{extra}"],
-        env=env, stderr=open(tmp_path / "daemon.log", "wb"),
-    )
+    with open(tmp_path / "daemon.log", "wb") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "xen-vhost-master"), "--domid", str(domid), "--no-xenstore", "--memory", "sim-memfd",
+             "--runtime-dir", str(runtime), "--device", f"type={kind},base={BASE:#x},irq={IRQ},socket={backend}{extra}"],
+            env=env, stderr=log,
+        )
     return proc, notify
 
 
@@ -63,7 +64,7 @@ def stop_daemon(proc: subprocess.Popen[bytes]) -> int:
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # the daemon runs uvloop in its own process
 async def test_uml_virtio_blk_through_bridge_sim_and_daemon_to_qsd(
-    sim_host: SimHost, sim_control: SimControl, peers: Peers, tmp_path: Path
+    no_fd_leak: None, sim_host: SimHost, sim_control: SimControl, peers: Peers, tmp_path: Path
 ) -> None:
     qsd = peers.qsd_raw(size=16 << 20)
     host_bytes = os.urandom(16 * 512)
@@ -129,7 +130,7 @@ FRAMES = 32
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])
 async def test_uml_virtio_net_frames_loop_back_through_the_daemon_and_testpmd(
-    sim_host: SimHost, sim_control: SimControl, peers: Peers, tmp_path: Path
+    no_fd_leak: None, sim_host: SimHost, sim_control: SimControl, peers: Peers, tmp_path: Path
 ) -> None:
     pmd, pmd_sock = peers.testpmd()  # listens; io forwarding, the port looped to itself
     path = peers.sock_path("umlnet.sock")
