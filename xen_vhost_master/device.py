@@ -35,6 +35,8 @@ from vhost_user import (
 from vhost_user.aio.client import DEFAULT_PROTOCOL_FEATURES
 
 from .config import DeviceConfig
+from .errors import XenError
+from .fastpath import QueueFastPath
 from .log import DeviceLogger, RateLimit
 from .virtio_mmio import (
     Activate,
@@ -159,9 +161,11 @@ class Device:
         memory: DataPath | DataPathChooser,
         set_irq: Callable[[bool], None],
         log: DeviceLogger,
+        fastpath: QueueFastPath | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        self.fastpath = fastpath
         self._connect = connect
         self._chooser: DataPathChooser | None = None
         if isinstance(memory, DataPathChooser):
@@ -270,6 +274,8 @@ class Device:
         for task in list(self._tasks):
             task.cancel()
         loop = asyncio.get_running_loop()
+        for index in list(self.fastpath.assigned if self.fastpath else ()):
+            self._user_path(index)
         for fd in self._call:
             loop.remove_reader(fd)
         for fd in (*self._kick, *self._call):
@@ -405,11 +411,45 @@ class Device:
             if resume:
                 os.eventfd_write(self._kick[q.index], 1)  # look at what the guest queued meanwhile
                 os.eventfd_write(self._call[q.index], 1)  # and re-check its used ring for lost interrupts
+            self._kernel_path(q.index)
         if status:
             await fe.set_status(int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK))
         self._queues = tuple(queues)
         self.stats.starts += 1
         self.log.info("%s: features %#x, queues %s", "resumed" if resume else "started", features, [q.index for q in queues])
+
+    def use_fast_path(self, fastpath: QueueFastPath) -> None:
+        """The kernel fast path became available: use it, for running queues too."""
+        self.fastpath = fastpath
+        for index in self._started:
+            self._kernel_path(index)
+
+    def _kernel_path(self, index: int) -> None:
+        """Hand queue ``index``'s notifications to the kernel (privcmd ioeventfd/irqfd), if it can."""
+        fp = self.fastpath
+        if fp is None or not getattr(self.memory, "direct", False) or index in fp.assigned:
+            return
+        try:
+            fp.assign(index, self._kick[index], self._call[index])
+        except XenError as e:
+            self.log.warning("kernel fast path refused for queue %d (%s): user-space relay", index, e)
+            return
+        asyncio.get_running_loop().remove_reader(self._call[index])  # the kernel reads it now
+        assert self.model is not None
+        self.model.kernel_irq = True
+
+    def _user_path(self, index: int) -> None:
+        """Take queue ``index``'s notifications back from the kernel."""
+        fp = self.fastpath
+        if fp is None or index not in fp.assigned:
+            return
+        try:
+            fp.deassign(index)
+        except XenError as e:
+            self.log.warning("kernel fast path: deassign of queue %d failed: %s", index, e)
+        asyncio.get_running_loop().add_reader(self._call[index], self._on_call, index)
+        if self.model is not None and not fp.assigned:
+            self.model.kernel_irq = False
 
     async def _stop_backend(self) -> None:
         fe = self.frontend
@@ -417,6 +457,7 @@ class Device:
         self._queues = ()
         if fe is None or fe.broken:
             for index in started:
+                self._user_path(index)
                 self.memory.close_queue(index)
             return
         try:
@@ -425,6 +466,7 @@ class Device:
                 self.log.debug("queue %d stopped at avail index %d", index, base)
         finally:
             for index in started:
+                self._user_path(index)
                 self.memory.close_queue(index)
         if started:
             self.stats.stops += 1
@@ -564,6 +606,7 @@ class Device:
         self.log.error("%s", reason)
         started, self._started = self._started, []
         for index in started:
+            self._user_path(index)
             self.memory.close_queue(index)
         self.changed.set()
         for action in self.model.needs_reset(reason):

@@ -116,6 +116,11 @@ class IoreqServer:
         for vcpu in self.page.unfinished():
             self._dispatch(vcpu, recover=True)
 
+    @property
+    def ports(self) -> list[int]:
+        """Our local event-channel port of each vCPU (bound by :meth:`enable`)."""
+        return list(self._ports)
+
     def add_window(self, base: int, size: int, handler: MmioHandler) -> None:
         """Route ``[base, base + size)`` to ``handler``."""
         assert self.server_id is not None

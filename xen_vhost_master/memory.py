@@ -31,6 +31,7 @@ class _ZeroCopy:
     """Zero copy: the back-end uses the guest's own rings; notifies and calls pass straight through."""
 
     packed = True
+    direct = True  # the back-end touches guest rings itself: the kernel fast path may relay
 
     def __init__(self, read_guest: Callable[[int, int], bytes] | None) -> None:
         self._kick: dict[int, int] = {}

@@ -34,6 +34,7 @@ from .device import DataPath, DataPathChooser, Device, DeviceError
 from .errors import ConfigError, XenError
 from .ioreq_server import IoreqServer
 from .log import device_logger
+from .fastpath import KernelFastPath
 from .guest_memory import ForeignGuestMemory
 from .memory import XenMmapExport, foreign_reader, sim_memfd_export
 from .shadow import ShadowDataPath
@@ -106,6 +107,7 @@ class Supervisor:
         self._status_server: asyncio.AbstractServer | None = None
         self._memfd: int | None = None
         self._saved: dict[str, Any] = {}
+        self.fastpath: KernelFastPath | None = None
         self.guest_memory: ForeignGuestMemory | None = None
         self.restricted = False
 
@@ -170,6 +172,7 @@ class Supervisor:
             await self._add_device(self._adjust(cfg), paths.get(cfg.base))
         self.ioreq.enable()
         self._restrict()
+        self._detect_fast_path()
         for served in self.devices.values():
             await self._set_state(served, XENBUS_INITWAIT)
         if self.opt.status_socket:
@@ -188,6 +191,19 @@ class Supervisor:
             return
         self.restricted = True
         self.log.info("privcmd and evtchn restricted to domain %d", self.domid)
+
+    def _detect_fast_path(self) -> None:
+        """Linux >= 6.7 privcmd ioeventfd/irqfd, decided once per guest (after RESTRICT, where
+        EPERM would mean "present") and logged; zero-copy devices then leave notifications to
+        the kernel."""
+        assert self.privcmd is not None and self.ioreq is not None and self.ioreq.page is not None
+        if not self.privcmd.eventfd_ioctls_supported():
+            self.log.info("kernel fast path (privcmd ioeventfd/irqfd) not available: user-space relay")
+            return
+        self.fastpath = KernelFastPath(self.privcmd, self.domid, self.ioreq.page, self.ioreq.ports, self.log)
+        self.log.info("kernel fast path available: privcmd ioeventfd/irqfd for zero-copy devices")
+        for served in self.devices.values():
+            served.device.use_fast_path(self.fastpath.for_device(served.config.base, served.config.irq))
 
     def _adjust(self, cfg: DeviceConfig) -> DeviceConfig:
         if cfg.memory is MemoryMode.AUTO and self.opt.memory is not MemoryMode.AUTO:
@@ -300,6 +316,8 @@ class Supervisor:
             if path is not None:
                 await self._set_state(served, XENBUS_CLOSED)
             return
+        if self.fastpath is not None:
+            device.use_fast_path(self.fastpath.for_device(cfg.base, cfg.irq))
         saved = self._saved.get("devices", {}).get(str(cfg.base))
         if saved is not None and self.ioreq.adopted:
             await device.restore(saved)
@@ -587,6 +605,7 @@ class Supervisor:
             })
         ioreq = self.ioreq.stats if self.ioreq else None
         return {"domid": self.domid, "devices": devices, "restricted": self.restricted,
+                "kernel_fast_path": self.fastpath is not None,
                 "ioreqs": {"served": ioreq.served, "spurious": ioreq.spurious, "refused": ioreq.refused} if ioreq else {}}
 
     def _status_line(self) -> str:

@@ -243,6 +243,9 @@ class VirtioMmioDevice:
     driver_features_sel: int = 0
     queue_sel: int = 0
     shm_sel: int = 0
+    # The kernel's irqfd raises the line for used buffers behind our back (fast path): report
+    # VRING while running, and lower the line on every ACK of it.
+    kernel_irq: bool = False
     queues: list[_Queue] = field(init=False)
     _line: bool = field(init=False, default=False)
     _config: bytearray = field(init=False)
@@ -281,6 +284,8 @@ class VirtioMmioDevice:
             case Reg.QUEUE_READY:
                 return int(q.ready) if q else 0
             case Reg.INTERRUPT_STATUS:
+                if self.kernel_irq and self.status & Status.DRIVER_OK:
+                    return self.interrupt_status | INT_VRING
                 return self.interrupt_status
             case Reg.STATUS:
                 return int(self.status)
@@ -420,7 +425,12 @@ class VirtioMmioDevice:
             # Some bits remain: pulse so that an edge-triggered line sees the remaining event.
             self._line = True
             return [IrqLevel(False), IrqLevel(True)]
-        return self._update_line()
+        actions = self._update_line()
+        if self.kernel_irq and value & INT_VRING and not self.interrupt_status and not actions:
+            # The kernel raised the line (irqfd); the guest reads its used rings only after this
+            # ACK completes, so lowering it now loses nothing.
+            actions = [IrqLevel(False)]
+        return actions
 
     def _update_line(self) -> list[Action]:
         level = self.interrupt_status != 0

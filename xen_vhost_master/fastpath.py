@@ -1,0 +1,91 @@
+"""The kernel fast path (Linux >= 6.7, CONFIG_XEN_PRIVCMD_EVENTFD): privcmd completes QueueNotify
+ioreqs and asserts interrupt lines itself, so the daemon leaves the notification path.
+
+* IOCTL_PRIVCMD_IOEVENTFD, per queue: the kernel watches the ioreq page's slots (sharing the
+  event channels with our user-space IOREQ loop, which then finds those slots not READY and skips
+  them) and, for a 4-byte write at window+0x50 whose ``data & 0xffff`` is the queue, signals the
+  queue's kick eventfd and completes the ioreq.
+* IOCTL_PRIVCMD_IRQFD, per queue: when the back-end signals the call eventfd, the kernel issues the
+  ``XEN_DMOP_set_irq_level(irq, 1)`` we registered. The daemon no longer sees those interrupts, so
+  the device model reports InterruptStatus.VRING while the fast path is on and lowers the line on
+  the guest's ACK (virtio_mmio's ``kernel_irq``).
+
+Only zero-copy data paths can use it: the shadow path must see every kick and call to copy.
+Availability is decided once per guest (ENOTTY: kernel < 6.7, EOPNOTSUPP: not configured) and
+logged. Every assignment is undone explicitly: Linux keeps them past the privcmd fd's close.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+
+from .log import DeviceLogger
+from .virtio_mmio import Reg
+from .xen.abi import (
+    PRIVCMD_IOEVENTFD_FLAG_DEASSIGN,
+    PRIVCMD_IRQFD_FLAG_DEASSIGN,
+    DmOp,
+    privcmd_ioeventfd,
+    privcmd_irqfd,
+    xen_dm_op,
+)
+from .xen.ioreq import IoreqPage
+from .xen.privcmd import PrivCmd
+
+__all__ = ["KernelFastPath", "QueueFastPath"]
+
+
+class KernelFastPath:
+    """The guest-wide part: the ioreq page and the vCPUs' local event-channel ports."""
+
+    def __init__(self, privcmd: PrivCmd, domid: int, page: IoreqPage, ports: list[int], log: DeviceLogger) -> None:
+        self.privcmd = privcmd
+        self.domid = domid
+        self.page = page
+        self.log = log
+        # The kernel reads ports[vcpus] from our memory at assign time: keep the array alive.
+        self._ports = array.array("I", ports)
+
+    def for_device(self, base: int, irq: int) -> QueueFastPath:
+        return QueueFastPath(self, base, irq)
+
+    def _ioeventfd(self, base: int, index: int, kick_fd: int, flags: int) -> None:
+        arg = privcmd_ioeventfd(
+            ioreq=self.page.mapping.addr, ports=self._ports.buffer_info()[0], addr=base, addr_len=4,
+            event_fd=kick_fd, vcpus=len(self._ports), vq=index, flags=flags, dom=self.domid,
+        )
+        self.privcmd.ioeventfd(arg)
+
+    def _irqfd(self, irq: int, call_fd: int, flags: int) -> None:
+        op = xen_dm_op(op=DmOp.set_irq_level)
+        op.u.set_irq_level.irq, op.u.set_irq_level.level = irq, 1
+        arg = privcmd_irqfd(dm_op=ctypes.addressof(op), size=ctypes.sizeof(op), fd=call_fd, flags=flags, dom=self.domid)
+        self.privcmd.irqfd(arg)
+
+
+class QueueFastPath:
+    """One device's queues on the fast path (window ``base``, interrupt line ``irq``)."""
+
+    NOTIFY_OFFSET = int(Reg.QUEUE_NOTIFY)  # the kernel matches base + 0x50 itself
+
+    def __init__(self, guest: KernelFastPath, base: int, irq: int) -> None:
+        self.guest, self.base, self.irq = guest, base, irq
+        self.assigned: dict[int, tuple[int, int]] = {}  # queue -> (kick fd, call fd)
+
+    def assign(self, index: int, kick_fd: int, call_fd: int) -> None:
+        self.guest._ioeventfd(self.base, index, kick_fd, 0)
+        try:
+            self.guest._irqfd(self.irq, call_fd, 0)
+        except BaseException:
+            self.guest._ioeventfd(self.base, index, kick_fd, PRIVCMD_IOEVENTFD_FLAG_DEASSIGN)
+            raise
+        self.assigned[index] = (kick_fd, call_fd)
+
+    def deassign(self, index: int) -> None:
+        fds = self.assigned.pop(index, None)
+        if fds is None:
+            return
+        kick_fd, call_fd = fds
+        self.guest._irqfd(self.irq, call_fd, PRIVCMD_IRQFD_FLAG_DEASSIGN)
+        self.guest._ioeventfd(self.base, index, kick_fd, PRIVCMD_IOEVENTFD_FLAG_DEASSIGN)
