@@ -32,19 +32,20 @@ class ForeignBacking:
 
     def __init__(self, kernel: Kernel, region: XenMemoryRegion, fd: int) -> None:
         self._privcmd = PrivCmd(kernel, fd=fd)
+        mapped = False
         try:
             if region.guest_phys_addr % XEN_PAGE_SIZE or region.memory_size % XEN_PAGE_SIZE or not region.memory_size:
                 raise GuestMemoryError(region.guest_phys_addr, region.memory_size, "Xen region (not page aligned)")
             self._fm: ForeignMapping = self._privcmd.map_foreign_range(
                 region.domid, region.guest_phys_addr >> XEN_PAGE_SHIFT, region.memory_size >> XEN_PAGE_SHIFT
             )
+            mapped = True
         except XenError as e:
-            self._privcmd.close()
             log.error("cannot map domain %d at %#x: %s", region.domid, region.guest_phys_addr, e)
             raise GuestMemoryError(region.guest_phys_addr, region.memory_size, f"domain {region.domid} ({e.strerror})") from None
-        except BaseException:
-            self._privcmd.close()
-            raise
+        finally:
+            if not mapped:
+                self._privcmd.close()  # we own the fd, mapped or not
         self._bad = self._fm.failed()  # sorted frame indices
         if self._bad:
             log.warning("domain %d: %d of %d frames at %#x could not be mapped; they are refused",
