@@ -5,6 +5,7 @@
 #   (Debian's arm64 binary has no IOREQ server, so XEN_DMOP would return ENOSYS),
 #   an arm64 dom0 userland (xl, xenstored, python3, qemu-storage-daemon) and arm64 wheels for the project.
 # Cache: ${XENLAB_CACHE:-/var/cache/xen-vhost-master-lab}/<key>/ where <key> hashes the package versions.
+# XENLAB_MIRROR / XENLAB_SECURITY_MIRROR: the Debian archive mmdebstrap fetches from (default deb.debian.org).
 # Prints "XENLAB_ART=<dir>" on its last line. Exit 3 = the lab cannot be built here (no mirror, no apt):
 # the pytest entry turns that into a skip with the reason printed just before.
 set -euo pipefail
@@ -44,7 +45,8 @@ VERS="$KPKG=$(ver $KPKG:arm64) xen-hypervisor-4.17-arm64=$(ver xen-hypervisor-4.
 KEY=$(echo "$VERS" | sha256sum | cut -c1-16)
 A=$C/$KEY
 mkdir -p "$A"; echo "$VERS" > "$A/versions.txt"
-MIRRORS=("deb http://deb.debian.org/debian bookworm main" "deb http://deb.debian.org/debian-security bookworm-security main")
+M=${XENLAB_MIRROR:-http://deb.debian.org/debian}; MS=${XENLAB_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
+MIRRORS=("deb $M bookworm main" "deb $MS bookworm-security main")
 
 # 1. kernel (Image + modules) and Debian's own hypervisor package (for its .config reference)
 if [ ! -f "$A/kernel.done" ]; then
