@@ -29,7 +29,7 @@ from xen_vhost_master.shadow_pool import SHADOW_BASE
 from xen_vhost_master.virtio_mmio import IrqLevel
 from xen_vhost_master.sim.guest import SimGuest
 from xen_vhost_master.sim.guest_devices import BlkFeature, BlkOp, VirtioBlk
-from xen_vhost_master.sim.guest_driver import Feature, GuestPageAllocator
+from xen_vhost_master.sim.guest_driver import Feature, GuestDriverError, GuestPageAllocator
 from xen_vhost_master.xen.evtchn import EventChannel
 from xen_vhost_master.xen.privcmd import PrivCmd
 
@@ -184,9 +184,13 @@ async def test_testpmd_frames_out_and_back_through_the_shadow_path(sim_host, sim
                                          features=VirtioNet.DEFAULT_FEATURES | Feature.RING_EVENT_IDX)
             await pmd.wait_log_async(r"io packet forwarding - ports=")
             sent = [frame(i) for i in range(16)]
-            for f in sent:
-                await net.send(f)
-            received = [await net.recv(TIMEOUT) for _ in sent]
+            try:
+                for f in sent:
+                    await net.send(f)
+                received = [await net.recv(TIMEOUT) for _ in sent]
+            except GuestDriverError as e:  # say where the frames stopped
+                raise AssertionError(f"{e}: device {daemon.device.stats}, rx {daemon.shadow.stats(0)}, "
+                                     f"tx {daemon.shadow.stats(1)}, testpmd log: {pmd.log_tail(8)}") from e
             assert sorted(received) == sorted(sent)
             rx, tx = daemon.shadow.stats(0), daemon.shadow.stats(1)
             assert tx.completed == 16 and tx.bytes_in == sum(12 + len(f) for f in sent)
