@@ -191,9 +191,10 @@ async def fio_relayed(peers: Any, work: Path, sim_path: str, fio_time: int, resu
             results["cpu_s_per_run"].append(cpu_seconds(daemon.proc.pid) - cpu0)
             await asyncio.wait_for(serving, STEP)
             # idle, with the device live (DRIVER_OK, back-end connected, rings started)
-            w0, t0 = ctx_switches(daemon.proc.pid), time.perf_counter()
+            w0, c0, t0 = ctx_switches(daemon.proc.pid), cpu_seconds(daemon.proc.pid), time.perf_counter()
             await asyncio.sleep(results["idle_window_s"])
             results["idle_wakeups_per_s"].append((ctx_switches(daemon.proc.pid) - w0) / (time.perf_counter() - t0))
+            results["idle_cpu_s_per_s"].append((cpu_seconds(daemon.proc.pid) - c0) / (time.perf_counter() - t0))
             results["bridge"].append(bridge.snapshot())
         finally:
             if serving is not None and not serving.done():
@@ -371,7 +372,8 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         sim_path = str(peers.sock_dir / "xen.sock")
         start_sim(peers, sim_path)
         daemon_figs: dict[str, Any] = {"ready_s": [], "rss_idle_kib": [], "rss_load_kib": [], "cpu_s_per_run": [],
-                                       "idle_wakeups_per_s": [], "bridge": [], "idle_window_s": args.idle_window}
+                                       "idle_wakeups_per_s": [], "idle_cpu_s_per_s": [], "bridge": [],
+                                       "idle_window_s": args.idle_window}
         direct: dict[str, list[float]] = {}
         relayed: dict[str, list[float]] = {}
         for rep in range(args.reps):
@@ -410,6 +412,9 @@ def report(res: dict[str, Any]) -> str:
     rows.append(("relay round trip p99", "us", summary([1e6 * pct(rel["relay_rtt_s"], 0.99)]), ""))
     rows.append(("raw eventfd ping-pong p50", "us", summary([1e6 * pct(rel["raw_eventfd_rtt_s"], 0.5)]), "2 Python processes"))
     rows.append(("raw eventfd ping-pong p99", "us", summary([1e6 * pct(rel["raw_eventfd_rtt_s"], 0.99)]), ""))
+    for q in (0.5, 0.99):
+        added = pct(rel["relay_rtt_s"], q) - pct(rel["raw_eventfd_rtt_s"], q)
+        rows.append((f"relay added latency p{int(q * 100)}", "us", summary([1e6 * added]), "relay - raw eventfd"))
     rows.append(("IOREQ round trip (1 MMIO read) p50", "us", summary([1e6 * pct(rel["ioreq_rtt_s"], 0.5)]), "guest->sim->daemon->sim->guest"))
     rows.append(("relay/raw p50", "ratio", summary([pct(rel["relay_rtt_s"], 0.5) / pct(rel["raw_eventfd_rtt_s"], 0.5)]), "target <= 2"))
     rows.append(("QueueNotify writes/s", "1/s", summary([rel["notifies_per_s"]]), "sync IOREQ, back to back"))
@@ -421,6 +426,7 @@ def report(res: dict[str, Any]) -> str:
     rows.append(("daemon RSS under load (max)", "MiB", summary([x / 1024 for x in dm["rss_load_kib"]]), "target <= 40"))
     rows.append(("daemon CPU per relayed fio run", "s", summary(dm["cpu_s_per_run"]), f"{len(JOBS)} jobs x {res['params']['fio_time']} s"))
     rows.append(("daemon idle wake-ups", "1/s", summary(dm["idle_wakeups_per_s"]), "target 0 (device live)"))
+    rows.append(("daemon CPU at idle", "s/s", summary(dm["idle_cpu_s_per_s"]), "device live"))
     m = res["machine"]
     head = f"machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}, {m['uml']}\n"
     return head + table(rows) + f"\nelapsed {res['elapsed_s']:.0f} s"
