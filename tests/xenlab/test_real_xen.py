@@ -87,8 +87,9 @@ def test_guest_driver_reaches_driver_ok(lab: LabRun, scenario: str) -> None:
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_guest_io_lands_in_backend_image(lab: LabRun, scenario: str) -> None:
-    """2. The guest writes, syncs, drops caches, reads back (md5 equal); dom0's image holds it."""
-    _require(lab, scenario, "guest-io", "image-has-pattern")
+    """2. The guest writes, syncs, drops caches, reads back (md5 equal); dom0's image holds it;
+    guest memory reached the back-end the scenario's way (XEN_MMAP foreign mapping / shadow)."""
+    _require(lab, scenario, "data-path", "guest-io", "image-has-pattern")
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

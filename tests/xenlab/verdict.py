@@ -8,6 +8,8 @@ guest's ``DOMU-*`` lines, the daemon's status JSON); the decision is taken here,
 
 - ``driver-ok``: the guest's /sys/bus/virtio/devices/*/status has ACKNOWLEDGE|DRIVER|FEATURES_OK|
   DRIVER_OK (0xf) for a virtio-blk device (device=0x0002) bound to virtio_blk;
+- ``data-path``: the daemon gave the back-end guest memory the scenario's way (pyblk: XEN_MMAP,
+  foreign mapping in the back-end; qsd: shadow virtqueues);
 - ``guest-io``: the guest read back what it wrote to /dev/vda after sync + drop_caches (md5);
 - ``image-has-pattern``: the same bytes are in the back-end's disk image in dom0;
 - ``interrupts``: the guest counted virtio interrupts and the daemon raised them (set_irq_level);
@@ -28,13 +30,16 @@ from dataclasses import dataclass, field
 
 __all__ = ["Verdict", "parse", "REQUIRED", "main"]
 
-REQUIRED = ("xl-create", "driver-ok", "guest-io", "image-has-pattern", "interrupts", "xl-destroy",
+REQUIRED = ("xl-create", "driver-ok", "data-path", "guest-io", "image-has-pattern", "interrupts", "xl-destroy",
             "daemon-exit", "ioreq-server-destroyed", "domain-gone", "backend-alive")
 DRIVER_OK_ALL = 0x1 | 0x2 | 0x8 | 0x4
 _TS = re.compile(r"^\[\s*[0-9.]+\] ?")
 _CHECK = re.compile(r"XENLAB-CHECK (\S+) (\S+) ok=([01])\s*(.*)$")
 _DOMU = re.compile(r"^DOMU\[(\S+)\]\| (.*)$")
 _STATUS = re.compile(r"XENLAB-STATUS (\S+) (.*)$")
+_DAEMON = re.compile(r"^DAEMON\[(\S+)\]\| (.*)$")
+# how guest memory must reach each scenario's back-end (the daemon's own log line)
+DATA_PATH = {"pyblk": "back-end maps guest memory itself (XEN_MMAP)", "qsd": "shadow virtqueues"}
 
 
 @dataclass
@@ -42,6 +47,7 @@ class Scenario:
     name: str
     checks: dict[str, tuple[bool, str]] = field(default_factory=dict)
     guest: list[str] = field(default_factory=list)
+    daemon: list[str] = field(default_factory=list)
     status: dict[str, object] | None = None
 
     def set(self, check: str, ok: bool, detail: str) -> None:
@@ -96,12 +102,19 @@ def _guest_checks(s: Scenario) -> None:
                 if not tok.isdigit():
                     break
                 guest_irqs += int(tok)
-    daemon_irqs = 0
+    want = DATA_PATH.get(s.name)
+    path_line = next((ln for ln in s.daemon if want and want in ln), None)
+    s.set("data-path", path_line is not None, path_line or f"daemon never said {want!r}")
+    daemon_irqs = served = 0
     if s.status:
+        ioreqs = s.status.get("ioreqs")
+        if isinstance(ioreqs, dict) and isinstance(ioreqs.get("served"), int):
+            served = ioreqs["served"]
         for d in s.status.get("devices", []):  # type: ignore[union-attr]
             if isinstance(d, dict) and isinstance(d.get("interrupts"), int):
                 daemon_irqs += d["interrupts"]
-    s.set("interrupts", guest_irqs > 0 and daemon_irqs > 0, f"guest_count={guest_irqs} daemon_set_irq={daemon_irqs}")
+    s.set("interrupts", guest_irqs > 0 and daemon_irqs > 0,
+          f"guest_count={guest_irqs} daemon_set_irq={daemon_irqs} ioreqs_served_via_evtchn={served}")
 
 
 def parse(text: str, scenarios: list[str]) -> Verdict:
@@ -112,6 +125,10 @@ def parse(text: str, scenarios: list[str]) -> Verdict:
         if m := _DOMU.match(line):
             if m.group(1) in found:
                 found[m.group(1)].guest.append(m.group(2).rstrip("\r"))
+            continue
+        if m := _DAEMON.match(line):
+            if m.group(1) in found:
+                found[m.group(1)].daemon.append(m.group(2))
             continue
         if m := _CHECK.search(line):
             name = m.group(1)
