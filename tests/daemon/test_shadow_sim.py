@@ -181,7 +181,8 @@ async def test_testpmd_frames_out_and_back_through_the_shadow_path(sim_host, sim
             await daemon.start()
             regions_are_shadow_only(daemon)
             net = await VirtioNet.attach(guest, BASE, IRQ + 1, GuestPageAllocator(guest.ram), queue_size=64,
-                                         features=VirtioNet.DEFAULT_FEATURES | Feature.RING_EVENT_IDX)
+                                         features=VirtioNet.DEFAULT_FEATURES | Feature.RING_EVENT_IDX,
+                                         mmio_timeout=TIMEOUT)  # testpmd shares CPU 0 with any other
             await pmd.wait_log_async(r"io packet forwarding - ports=")
             sent = [frame(i) for i in range(16)]
             try:
