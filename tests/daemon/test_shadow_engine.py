@@ -405,3 +405,27 @@ def test_buffers_are_released_readable_after_copy_in_writable_after_copy_back():
         drv.release()
         dp.close()
         os.close(kick)
+
+
+def test_resume_without_inflight_table_restarts_at_the_guests_used_index(rig):
+    """A restarted daemon resumes a running queue it never opened: chains after the guest's used
+    index are taken again (QEMU's rule without INFLIGHT_SHMFD), the shadow ring starts at 0."""
+    r = rig(num=16)
+    drv = r.drivers[0]
+    for k in range(5):
+        drv.add([r.buf(bytes([k]) * 8)], [r.buf(8)], token=k)
+    r.dp.notify(0)
+    r.serve()  # the old daemon's back-end completes all five…
+    r.dp.used(0)
+    assert [t for t, _ in drv.get_used()] == [0, 1, 2, 3, 4]
+    for k in range(5, 8):
+        drv.add([r.buf(bytes([k]) * 8)], [r.buf(8)], token=k)
+    r.dp.close()  # …then the daemon dies with chains 5..7 available but not completed
+    r.dp = ShadowDataPath(r.mem, [(GBASE, GSIZE)], pool_size=1 << 20, max_queues=4, max_queue_size=256)
+    rings = r.dp.open_queue(r.configs[0], r.features, r.kick[0], resume=True)
+    assert rings.base == 0
+    r.backends[0].release()
+    r.backends[0] = SplitQueueDevice(r.dp.shadow, 16, rings.desc, rings.avail, rings.used)
+    r.dp.notify(0)
+    assert r.serve() == 3 and r.dp.used(0)
+    assert [t for t, _ in drv.get_used()] == [5, 6, 7]
