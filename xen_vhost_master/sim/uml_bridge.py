@@ -241,6 +241,8 @@ class _BridgeServer(BackendServer):
             ok = await self.bridge._before(event)
         except (UmlBridgeError, SimHostError, TimeoutError) as exc:
             log.error("%s: %s", event.request.name, exc)
+            if event.request == F.GET_FEATURES:  # no answer is better than a wrong feature word
+                raise UmlBridgeError(f"cannot read the device's features: {exc}") from exc
             ok = False
         if not ok:
             self._refused.add(id(event))
@@ -460,6 +462,7 @@ class UmlBridge:
         elif req == F.SET_FEATURES:
             return await self._set_features(int(ev.payload.value))
         elif req == F.GET_CONFIG:
+            device.config = b""  # a failed read answers size 0 (vhost-user's "failed"), never stale bytes
             size = int(ev.payload.offset) + int(ev.payload.size)
             data = await self._read_config(size) if size <= 256 else b""
             device.config = data[int(ev.payload.offset):]
