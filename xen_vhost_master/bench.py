@@ -6,8 +6,11 @@ Every figure is paired with its reference measured in the same run:
   4k randread QD1, 4k randread QD32, 128k sequential read (QD4), on a qemu-storage-daemon null-co
   disk, **direct** (UML's virtio_uml straight to qsd: Linux's own vhost-user front-end, no daemon)
   vs **relayed** (UML → :class:`~xen_vhost_master.sim.uml_bridge.UmlBridge` → simulated Xen →
-  ``xen-vhost-master`` (its own process, sim-memfd exposure, userspace relay) → qsd); the two
-  alternate, ``--reps`` boots each.
+  ``xen-vhost-master`` (its own process) → qsd), in three variants: ``relayed`` (userspace relay,
+  zero copy through the simulator's sim-memfd exposure), ``relayed_fastpath`` (the simulated dom0
+  kernel has privcmd IOEVENTFD/IRQFD: kicks and interrupts bypass the daemon) and
+  ``relayed_shadow`` (shadow virtqueues, the copying path real Xen needs); the paths alternate
+  within each of ``--reps`` repetitions.
 * **relay microbenchmark**: a simulated guest's QueueNotify → daemon → a Python echo back-end that
   calls at once → daemon → interrupt line → the guest reads and acks InterruptStatus; round-trip
   p50/p99 and notifies/s vs a raw eventfd ping-pong between two Python processes (same run), and
@@ -89,8 +92,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- processes
-def start_sim(peers: Any, path: str) -> Any:
-    p = peers.start("xen-vhost-sim", [str(BIN / "xen-vhost-sim"), "--socket", path])
+def start_sim(peers: Any, path: str, *extra: str) -> Any:
+    p = peers.start("xen-vhost-sim", [str(BIN / "xen-vhost-sim"), "--socket", path, *extra])
     p.wait_listening(Path(path))
     return p
 
@@ -98,15 +101,19 @@ def start_sim(peers: Any, path: str) -> Any:
 class Daemon:
     """``xen-vhost-master`` for one domain and one device, READY through a real NOTIFY_SOCKET."""
 
-    def __init__(self, peers: Any, work: Path, sim_path: str, domid: int, device: str, profile: Path | None = None) -> None:
+    def __init__(self, peers: Any, work: Path, sim_path: str, domid: int, device: str, profile: Path | None = None,
+                 memory: str = "sim-memfd") -> None:
         self.notify_path = work / f"notify-{domid}-{time.monotonic_ns()}"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(self.notify_path))
         self.notify.setblocking(False)
         runtime = Path(tempfile.mkdtemp(prefix="run-", dir=work))
         env = dict(os.environ, XEN_VHOST_SIM=sim_path, NOTIFY_SOCKET=str(self.notify_path))
-        argv = [str(BIN / "xen-vhost-master"), "--domid", str(domid), "--no-xenstore", "--memory", "sim-memfd",
+        argv = [str(BIN / "xen-vhost-master"), "--domid", str(domid), "--no-xenstore", "--memory", memory,
                 "--runtime-dir", str(runtime), "--device", device]
+        if memory == "shadow":
+            # The UML domain's RAM starts at guest-physical 0: x86's layout, not libxl's Arm one.
+            argv += ["--guest-arch", "x86_64"]
         if profile is not None:
             argv = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "xen_vhost_master", *argv[1:]]
         self.t0 = time.perf_counter()
@@ -162,7 +169,7 @@ async def fio_direct(peers: Any, fio_time: int) -> dict[str, list[float]]:
 
 
 async def fio_relayed(peers: Any, work: Path, sim_path: str, fio_time: int, results: dict[str, Any],
-                      profile: Path | None = None) -> dict[str, list[float]]:
+                      profile: Path | None = None, memory: str = "sim-memfd") -> dict[str, list[float]]:
     from vhost_user.aio.transport import UnixListener
     from xen_vhost_master.sim.uml_bridge import UmlBridge, no_aslr
 
@@ -176,7 +183,8 @@ async def fio_relayed(peers: Any, work: Path, sim_path: str, fio_time: int, resu
             run = peers.uml(path, mode="fio", mem="512M", env=uml_fio_env(fio_time))
         try:
             domid = await bridge.accept(listener, timeout=STEP)
-            daemon = Daemon(peers, work, sim_path, domid, f"type=blk,base={BASE:#x},irq={IRQ},socket={qsd.sock}", profile)
+            daemon = Daemon(peers, work, sim_path, domid, f"type=blk,base={BASE:#x},irq={IRQ},socket={qsd.sock}", profile,
+                            memory)
             results["ready_s"].append(await daemon.ready())
             results["rss_idle_kib"].append(rss_kib(daemon.proc.pid))
             cpu0 = cpu_seconds(daemon.proc.pid)
@@ -364,32 +372,48 @@ def _workdir(keep: bool) -> Iterator[Path]:
             shutil.rmtree(d, ignore_errors=True)
 
 
+#: The relayed variants: (name, simulated host, --memory, what it is).
+RELAYED = (
+    ("relayed", "plain", "sim-memfd", "userspace relay, zero copy (sim-memfd)"),
+    ("relayed_fastpath", "eventfd", "sim-memfd", "kernel fast path emulated (privcmd ioeventfd/irqfd), zero copy"),
+    ("relayed_shadow", "plain", "shadow", "userspace relay, shadow virtqueues (the real-Xen copy path)"),
+)
+
+
+def _daemon_figs(idle_window: float) -> dict[str, Any]:
+    return {"ready_s": [], "rss_idle_kib": [], "rss_load_kib": [], "cpu_s_per_run": [], "idle_wakeups_per_s": [],
+            "idle_cpu_s_per_s": [], "bridge": [], "idle_window_s": idle_window}
+
+
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     harness = _harness()
     res: dict[str, Any] = {"machine": machine(), "params": vars(args).copy(), "started": time.time()}
     t_start = time.perf_counter()
+    paths = [r for r in RELAYED if r[0] in args.paths]
     with _workdir(args.keep) as work, harness.peers_in(work) as peers:
-        sim_path = str(peers.sock_dir / "xen.sock")
-        start_sim(peers, sim_path)
-        daemon_figs: dict[str, Any] = {"ready_s": [], "rss_idle_kib": [], "rss_load_kib": [], "cpu_s_per_run": [],
-                                       "idle_wakeups_per_s": [], "idle_cpu_s_per_s": [], "bridge": [],
-                                       "idle_window_s": args.idle_window}
-        direct: dict[str, list[float]] = {}
-        relayed: dict[str, list[float]] = {}
-        for rep in range(args.reps):
+        sims = {"plain": str(peers.sock_dir / "xen.sock"), "eventfd": str(peers.sock_dir / "xenf.sock")}
+        start_sim(peers, sims["plain"])
+        if any(host == "eventfd" for _n, host, _m, _d in paths):
+            start_sim(peers, sims["eventfd"], "--privcmd-eventfd", "on")
+        fio: dict[str, dict[str, list[float]]] = {"direct": {}, **{name: {} for name, *_ in paths}}
+        daemon: dict[str, dict[str, Any]] = {name: _daemon_figs(args.idle_window) for name, *_ in paths}
+        for rep in range(args.reps):  # the paths alternate within each repetition
             log.info("fio repetition %d/%d: direct", rep + 1, args.reps)
             for k, v in (await fio_direct(peers, args.fio_time)).items():
-                direct.setdefault(k, []).extend(v)
-            log.info("fio repetition %d/%d: relayed", rep + 1, args.reps)
-            prof = work / f"daemon-{rep}.prof" if args.profile and rep == 0 else None
-            for k, v in (await fio_relayed(peers, work, sim_path, args.fio_time, daemon_figs, prof)).items():
-                relayed.setdefault(k, []).extend(v)
-            if prof is not None and prof.exists():
-                shutil.copy(prof, args.profile)
-        res["fio"] = {"direct": direct, "relayed": relayed}
-        res["daemon"] = daemon_figs
+                fio["direct"].setdefault(k, []).extend(v)
+            for name, host, memory, _what in paths:
+                log.info("fio repetition %d/%d: %s", rep + 1, args.reps, name)
+                prof = work / "daemon.prof" if args.profile and rep == 0 and name == "relayed" else None
+                got = await fio_relayed(peers, work, sims[host], args.fio_time, daemon[name], prof, memory)
+                for k, v in got.items():
+                    fio[name].setdefault(k, []).extend(v)
+                if prof is not None and prof.exists():
+                    shutil.copy(prof, args.profile)
+        res["fio"] = fio
+        res["paths"] = {name: what for name, _h, _m, what in paths}
+        res["daemon"] = daemon
         log.info("relay microbenchmark (%d round trips)", args.pingpong)
-        res["relay"] = await relay_micro(peers, work, sim_path, args.pingpong)
+        res["relay"] = await relay_micro(peers, work, sims["plain"], args.pingpong)
     log.info("guest memory mapping")
     res["mapping_s"] = await asyncio.get_running_loop().run_in_executor(None, mapping_times, args.map_reps)
     res["elapsed_s"] = time.perf_counter() - t_start
@@ -401,12 +425,19 @@ def report(res: dict[str, Any]) -> str:
     fio = res["fio"]
     for job in JOBS:
         unit = "MB/s" if "128k" in job else "IOPS"
-        d, r = fio["direct"].get(job), fio["relayed"].get(job)
-        if d and r:
-            rows.append((f"fio {job} direct", unit, summary(d), "UML -> qsd null-co"))
-            rows.append((f"fio {job} relayed", unit, summary(r), "UML -> bridge -> sim -> daemon -> qsd"))
-            ratios = [b / a for a, b in zip(d, r)]
-            rows.append((f"fio {job} relayed/direct", "ratio", summary(ratios), "per repetition pair"))
+        d = fio["direct"].get(job)
+        if not d:
+            continue
+        rows.append((f"fio {job} direct", unit, summary(d), "UML -> qsd null-co (no daemon)"))
+        for name, what in res["paths"].items():
+            r = fio[name].get(job)
+            if r:
+                rows.append((f"fio {job} {name}", unit, summary(r), what))
+                rows.append((f"fio {job} {name}/direct", "ratio", summary([b / a for a, b in zip(d, r)]), "per repetition"))
+        zc, sh = fio.get("relayed", {}).get(job), fio.get("relayed_shadow", {}).get(job)
+        if zc and sh:
+            rows.append((f"fio {job} shadow/zero-copy", "ratio", summary([b / a for a, b in zip(zc, sh)]),
+                         "target >= 0.6 at QD32" if "qd32" in job else ""))
     rel = res["relay"]
     rows.append(("relay round trip p50", "us", summary([1e6 * pct(rel["relay_rtt_s"], 0.5)]), "notify->echo->irq->ack"))
     rows.append(("relay round trip p99", "us", summary([1e6 * pct(rel["relay_rtt_s"], 0.99)]), ""))
@@ -420,13 +451,16 @@ def report(res: dict[str, Any]) -> str:
     rows.append(("QueueNotify writes/s", "1/s", summary([rel["notifies_per_s"]]), "sync IOREQ, back to back"))
     for label, v in res["mapping_s"].items():
         rows.append((f"map_foreign {label}", "ms", summary([1e3 * x for x in v]), "target 4GiB <= 500 ms" if label == "4GiB" else ""))
-    dm = res["daemon"]
-    rows.append(("daemon start -> READY", "ms", summary([1e3 * x for x in dm["ready_s"]]), ""))
-    rows.append(("daemon RSS idle", "MiB", summary([x / 1024 for x in dm["rss_idle_kib"]]), "target <= 40"))
-    rows.append(("daemon RSS under load (max)", "MiB", summary([x / 1024 for x in dm["rss_load_kib"]]), "target <= 40"))
-    rows.append(("daemon CPU per relayed fio run", "s", summary(dm["cpu_s_per_run"]), f"{len(JOBS)} jobs x {res['params']['fio_time']} s"))
-    rows.append(("daemon idle wake-ups", "1/s", summary(dm["idle_wakeups_per_s"]), "target 0 (device live)"))
-    rows.append(("daemon CPU at idle", "s/s", summary(dm["idle_cpu_s_per_s"]), "device live"))
+    for name, dm in res["daemon"].items():
+        if not dm["ready_s"]:
+            continue
+        rows.append((f"daemon start -> READY ({name})", "ms", summary([1e3 * x for x in dm["ready_s"]]), ""))
+        rows.append((f"daemon RSS idle ({name})", "MiB", summary([x / 1024 for x in dm["rss_idle_kib"]]), "target <= 40"))
+        rows.append((f"daemon RSS under load ({name})", "MiB", summary([x / 1024 for x in dm["rss_load_kib"]]), "target <= 40"))
+        rows.append((f"daemon CPU per fio run ({name})", "s", summary(dm["cpu_s_per_run"]),
+                     f"{len(JOBS)} jobs x {res['params']['fio_time']} s"))
+        rows.append((f"daemon idle wake-ups ({name})", "1/s", summary(dm["idle_wakeups_per_s"]), "target 0 (device live)"))
+        rows.append((f"daemon CPU at idle ({name})", "s/s", summary(dm["idle_cpu_s_per_s"]), "device live"))
     m = res["machine"]
     head = f"machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}, {m['uml']}\n"
     return head + table(rows) + f"\nelapsed {res['elapsed_s']:.0f} s"
@@ -440,11 +474,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--map-reps", type=int, default=3)
     p.add_argument("--idle-window", type=float, default=3.0, help="seconds of idle wake-up counting")
     p.add_argument("--out", default="bench-results.json")
+    p.add_argument("--paths", default=",".join(r[0] for r in RELAYED),
+                   help="relayed variants to run, comma-separated (%(default)s)")
     p.add_argument("--profile", metavar="FILE", help="run the first relayed daemon under cProfile, stats to FILE")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     p.add_argument("--echo-backend", metavar="SOCKET", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    args.paths = [x for x in args.paths.split(",") if x]
+    if unknown := set(args.paths) - {r[0] for r in RELAYED}:
+        p.error(f"unknown paths: {', '.join(sorted(unknown))}")
     if args.echo_backend:
         echo_backend(args.echo_backend)
         return 0
