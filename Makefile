@@ -8,9 +8,14 @@ STAMP := $(VENV)/.installed
 DEBS  := qemu-system-common dpdk-dev user-mode-linux kmod gcc libxen-dev linux-libc-dev fio \
          gcc-aarch64-linux-gnu libc6-dev-arm64-cross linux-libc-dev-arm64-cross qemu-user
 
-.PHONY: test demo deps venv bench fuzz clean
+.PHONY: test test-xen demo deps venv bench fuzz clean
 test: deps venv
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The real-Xen lab alone (arm64 Xen 4.17 + Debian dom0 + domU under qemu-system-aarch64; see
+# tests/xenlab/README.md). `make test` runs it too; XENLAB=0 leaves it out.
+test-xen: venv
+	bash tests/xenlab/run-lab.sh
 
 demo: venv
 	@bash tests/tools/install-debs.sh qemu-system-common

@@ -32,7 +32,7 @@ from vhost_user import (
     VhostUserError,
     XenMemoryRegion,
 )
-from vhost_user.aio.client import DEFAULT_PROTOCOL_FEATURES
+from vhost_user.aio import DEFAULT_PROTOCOL_FEATURES, cancel_and_wait
 
 from .config import DeviceConfig
 from .errors import XenError
@@ -261,10 +261,7 @@ class Device:
     async def close(self) -> None:
         """Stop the back-end's rings (if running) and release everything. Idempotent."""
         self._closing = True
-        if self._reconnecting is not None:
-            self._reconnecting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reconnecting
+        await cancel_and_wait(self._reconnecting)
         async with self._lock:
             if self.frontend is not None and not self.frontend.broken:
                 with contextlib.suppress(VhostUserError):

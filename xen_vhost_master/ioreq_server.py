@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from vhost_user.aio import cancel_and_wait
+
 from .errors import XenError
 from .log import DeviceLogger, RateLimit
 from .xen.abi import IoreqType
@@ -146,10 +148,7 @@ class IoreqServer:
             asyncio.get_running_loop().remove_reader(self.evtchn.fileno())
             self._reading = False
         for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         for base in list(self._bases):
             self.remove_window(base)
         for port in self._ports:

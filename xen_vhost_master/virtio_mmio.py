@@ -118,11 +118,13 @@ def guest_features(backend_features: int, *, grants: bool = False, packed: bool 
     """The features to offer the guest's driver, given what the back-end offers.
 
     ``grants``: the device uses grant mappings, so the driver must accept ACCESS_PLATFORM.
-    ``packed``: whether packed rings can be offered (the copying shadow path only does split rings).
+    ``packed``: whether the data path passes the guest's rings through (zero copy). A copying
+    data path (shadow virtqueues) does split rings only, and no IN_ORDER: a back-end may then
+    answer a whole in-order batch with one used entry, which the shadow ring cannot split.
     """
     offered = backend_features & (_DEVICE_BITS | _PASSED_TRANSPORT_BITS)
     if not packed:
-        offered &= ~(1 << F_RING_PACKED)
+        offered &= ~((1 << F_RING_PACKED) | (1 << F_IN_ORDER))
     if grants:
         offered |= 1 << F_ACCESS_PLATFORM
     return offered

@@ -19,11 +19,13 @@ from .transport import (
     CONNECT_TIMEOUT,
     FdSocket,
     UnixListener,
+    cancel_and_wait,
     close_fds,
     connect_unix,
 )
 
 __all__ = [
+    "cancel_and_wait",
     "DEFAULT_PROTOCOL_FEATURES",
     "GET_VRING_BASE_TIMEOUT",
     "REQUEST_TIMEOUT",

@@ -13,7 +13,6 @@ closed here.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import inspect
 import logging
@@ -40,7 +39,7 @@ from ..wire.enums import (
     VirtioFeatures,
 )
 from ..wire.payloads import MemoryRegion, XenMemoryRegion
-from .transport import FdSocket, UnixListener, close_fds, connect_unix
+from .transport import FdSocket, UnixListener, cancel_and_wait, close_fds, connect_unix
 
 __all__ = [
     "AsyncFrontend",
@@ -213,9 +212,7 @@ class AsyncFrontend:
     async def _stop_watch(self) -> None:
         task = self._watch_task
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
             self._watch_task = None
 
     # -- the one request/answer primitive ----------------------------------------------
@@ -541,9 +538,7 @@ class AsyncFrontend:
         """Close the back-end channel and the socket. Idempotent."""
         await self._stop_watch()
         if self._backend_task is not None:
-            self._backend_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._backend_task
+            await cancel_and_wait(self._backend_task)
             self._backend_task = None
         if self._backend_sock is not None:
             self._backend_sock.close()

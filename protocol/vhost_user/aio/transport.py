@@ -23,6 +23,7 @@ from ..errors import Disconnected, FdCountMismatch, PeerTimeout, TransportError
 from ..wire.header import MAX_FDS
 
 __all__ = [
+    "cancel_and_wait",
     "close_fds",
     "FdSocket",
     "UnixListener",
@@ -257,3 +258,18 @@ class UnixListener:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+async def cancel_and_wait(task: asyncio.Task[object] | asyncio.Future[object] | None) -> None:
+    """Cancel ``task`` and wait for it to end, swallowing only *its* cancellation: if the caller
+    is itself being cancelled meanwhile, that cancellation propagates (a plain
+    ``suppress(CancelledError)`` would eat it and leave the caller running)."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
