@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 bench: deps venv
-	$(PY) -m xen_vhost_master.sim.bench_map
+	$(PY) -m xen_vhost_master.bench
 
 # Long fuzzing runs (each example bounded): 100,000 guest register programs, 100,000 byte streams
 # into the vhost-user state machines, 100,000 hostile back-end replies over real sockets.
