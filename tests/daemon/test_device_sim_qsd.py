@@ -167,7 +167,7 @@ async def test_two_queues_and_a_driver_reset_without_backend_restart(sim_host, s
 @pytest.mark.peer
 @pytest.mark.asyncio
 async def test_backend_killed_and_restarted_under_io_guest_sees_a_pause(sim_host, sim_control, kernel, peers, tmp_path):
-    """qemu-storage-daemon is SIGKILLed twice under guest I/O (once with requests just kicked, once
+    """qemu-storage-daemon is SIGKILLed twice under guest I/O (once with a request just kicked, once
     with requests queued while it is dead) and restarted on the same image; the daemon reconnects,
     replays features, memory table and rings (base = the guest's used index), and every request
     completes; the data is right in the guest and in the raw file."""
@@ -213,7 +213,11 @@ async def test_backend_killed_and_restarted_under_io_guest_sees_a_pause(sim_host
             await asyncio.wait_for(task, TIMEOUT)
             return back
 
-        qsd = await write_batch(0, 8, kill_after_kick=lambda: restart(first))
+        # One request in flight at the kill: with zero copy (no INFLIGHT_SHMFD) a resumed ring
+        # restarts at the guest's used index, which is exact only when the back-end completes in
+        # order (QEMU's rule too); the shadow path tracks in-flight chains itself and is exact at
+        # any depth (test_shadow_sim.py kills qemu-storage-daemon with 16 in flight).
+        qsd = await write_batch(0, 1, kill_after_kick=lambda: restart(first))
         if daemon.device.reconnecting is not None:
             await asyncio.wait_for(daemon.device.reconnecting, TIMEOUT)
         assert daemon.device.stats.reconnects == 1
