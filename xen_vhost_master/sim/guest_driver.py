@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from vhost_user.aio import cancel_and_wait
 from vhost_user.virtqueue import RingError, SplitQueueDriver, split_ring_layout
 from xen_vhost_master.sim.guest_api import GuestBus, GuestRam
 
@@ -667,14 +668,7 @@ class VirtioMmioDriver:
 
     async def _stop_isr(self) -> None:
         task, self._isr = self._isr, None
-        if task is not None and not task.done():
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
+        await cancel_and_wait(task)
 
     def _fail_all(self, exc: GuestDriverError) -> None:
         for queue in self.queues.values():

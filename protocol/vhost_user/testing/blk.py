@@ -15,6 +15,7 @@ import logging
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from ..aio.device import VhostUserDevice, Vring
@@ -190,8 +191,11 @@ class RamDiskBlk(VhostUserDevice):
             self._image_map = None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="RAM-disk virtio-blk vhost-user back-end")
+def main(argv: list[str] | None = None, *, prog: str | None = None,
+         configure: Callable[[RamDiskBlk], None] | None = None) -> int:
+    """``python -m vhost_user.testing.blk``. ``configure(device)`` runs on each new device (a
+    Xen-aware launcher sets ``device.xen_mapper`` there)."""
+    parser = argparse.ArgumentParser(prog=prog, description="RAM-disk virtio-blk vhost-user back-end")
     parser.add_argument("--socket", required=True, help="AF_UNIX path to listen on")
     parser.add_argument("--size", default="64M", help="disk size (K/M/G suffix), ignored with --image")
     parser.add_argument("--image", help="serve this file (mmap'd shared) instead of RAM")
@@ -199,11 +203,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=None, help="exit after N front-ends")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     size_s = args.size.upper()
-    size = int(size_s[:-1]) * units[size_s[-1]] if size_s[-1] in units else int(size_s)
+    try:
+        size = int(size_s[:-1]) * units[size_s[-1]] if size_s[-1] in units else int(size_s)
+    except ValueError:
+        parser.error(f"--size {args.size}: use a number of bytes or a K/M/G suffix")
     image = args.image
+    if image is not None and not os.path.isfile(image):
+        parser.error(f"--image {image}: no such file")
+    os.makedirs(os.path.dirname(os.path.abspath(args.socket)), mode=0o700, exist_ok=True)
     disk_holder: dict[str, bytearray] = {}
 
     def factory() -> RamDiskBlk:
@@ -211,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         # RAM disks keep their content across reconnects within one process.
         if image is None:
             dev.disk = disk_holder.setdefault("disk", dev.disk)
+        if configure is not None:
+            configure(dev)
         return dev
 
     try:
