@@ -568,7 +568,19 @@ class Supervisor:
             served.listener.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(served.config.socket_path(self.domid))
+        self._release_guest_memory()
         await self._set_state(served, XENBUS_CLOSED)
+
+    def _release_guest_memory(self) -> None:
+        """Unmap the guest's RAM as soon as no shadow device needs it: `xl destroy` removes the
+        devices first and Xen cannot finish destroying a domain whose pages dom0 still maps."""
+        if self.guest_memory is None:
+            return
+        if any(isinstance(s.device.memory, ShadowDataPath) for s in self.devices.values()):
+            return
+        self.guest_memory.close()
+        self.guest_memory = None
+        self.log.info("guest RAM unmapped")
 
     async def _watch_domain(self) -> None:
         """Return when the domain is gone (destroyed, or shut down and released)."""
