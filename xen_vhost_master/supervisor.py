@@ -342,12 +342,10 @@ class Supervisor:
         if self.guest_memory is None:
             self.guest_memory = ForeignGuestMemory(self.privcmd, self.domid, self.banks)
             self.log.info("guest RAM mapped: %s", ", ".join(f"{gpa:#x}+{size >> 20} MiB" for gpa, size in self.banks))
-        served = self.devices.get(cfg.base)
         log = device_logger("xen_vhost_master.shadow", self.domid, cfg.devid)
         path = ShadowDataPath(self.guest_memory, self.banks, max_queues=num_queues,
                               max_queue_size=cfg.queue_size, log=log)
         path.on_error = lambda index, reason: self._shadow_failed(cfg.base, index, reason)
-        del served
         return path
 
     def _shadow_failed(self, base: int, index: int, reason: str) -> None:
