@@ -186,9 +186,10 @@ async def test_testpmd_frames_out_and_back_through_the_shadow_path(sim_host, sim
             await pmd.wait_log_async(r"io packet forwarding - ports=")
             sent = [frame(i) for i in range(16)]
             try:
-                for f in sent:
+                received = []
+                for f in sent:  # one frame in flight at a time, as in test_device_sim_testpmd.py
                     await net.send(f)
-                received = [await net.recv(TIMEOUT) for _ in sent]
+                    received.append(await net.recv(TIMEOUT))
             except GuestDriverError as e:  # say where the frames stopped
                 raise AssertionError(f"{e}: device {daemon.device.stats}, rx {daemon.shadow.stats(0)}, "
                                      f"tx {daemon.shadow.stats(1)}, testpmd log: {pmd.log_tail(8)}") from e
