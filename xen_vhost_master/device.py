@@ -192,6 +192,8 @@ class Device:
 
     async def start(self) -> None:
         """Connect to the back-end, negotiate and learn the device's shape (queues, config)."""
+        from .virtio_mmio import F_ACCESS_PLATFORM, F_VERSION_1  # noqa: PLC0415 (start() is this change's scope)
+
         fe, negotiated, nq, config = await self._open_backend()
         self.frontend = fe
         self._kick = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nq)]
@@ -205,6 +207,8 @@ class Device:
             queue_sizes=[self.config.queue_size] * nq,
             config=config,
             ram=list(self.memory.banks()),
+            # a grant device's driver must use grant DMA addresses: FEATURES_OK needs ACCESS_PLATFORM
+            required_features=(1 << F_VERSION_1) | ((1 << F_ACCESS_PLATFORM) if self.config.grants else 0),
         )
         self.log.info(
             "back-end ready: features %#x, protocol features %#x, %d queue(s), config %d bytes",
@@ -390,6 +394,9 @@ class Device:
                              resume: bool = False) -> None:
         """QEMU's start order. ``resume``: the rings were running with a back-end that is gone;
         the data path says where each restarts (and what it queued meanwhile is looked at)."""
+        if self.config.grants:  # ACCESS_PLATFORM is between the guest and us (grant addresses): the
+            from .virtio_mmio import F_ACCESS_PLATFORM  # noqa: PLC0415  back-end sees shadow memory only
+            features &= ~(1 << F_ACCESS_PLATFORM)
         await fe.set_features(features)
         status = fe.has_protocol_feature(ProtocolFeatures.STATUS)
         if status:

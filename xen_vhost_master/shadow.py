@@ -28,7 +28,9 @@ Copy-back writes only into buffers of validated guest chains, never more than th
 Grant-mapped guest memory: the engine needs only ``memory.view(addr, length)``. A memory object
 that maps on demand (gntdev grants) may also offer ``release_buffers([(addr, length), ...])``:
 device-readable buffers are released once copied in, device-writable ones once copied back (or
-when the queue is closed), so pages stay mapped for the duration of the request only.
+when the queue is closed), so pages stay mapped for the duration of the request only. With such a
+memory a chain whose device-writable buffer maps read-only (a read-only grant) is refused before it
+is published (a guest error); a copy-back that still meets a read-only view (TypeError) is one too.
 
 Reconnect: a back-end that was lost keeps our rings and bounce buffers. When the device model
 re-opens a queue with ``resume=True`` (same rings, never closed), the old shadow used ring is
@@ -400,6 +402,8 @@ class ShadowDataPath:
             pos += b.length
         if pos > self.pool.capacity:
             raise RingError(f"chain {chain.head}: {pos} bytes do not fit the bounce pool ({self.pool.capacity} bytes)")
+        if self._release is not None and writable:
+            self._check_writable(chain)
         extent = self.pool.alloc(pos)
         if extent is None:
             return False
@@ -434,6 +438,25 @@ class ShadowDataPath:
         q.stats.bytes_in += copied
         return True
 
+    def _check_writable(self, chain: Chain) -> None:
+        """On-demand memory (grants) may map a buffer read-only (a read-only grant): refuse a chain
+        that marks one device-writable before the back-end sees it (its buffers are released)."""
+        bad: str | None = None
+        for b in chain.writable:
+            if b.length:
+                try:
+                    with self.memory.view(b.addr, b.length) as v:
+                        if v.readonly:
+                            bad = f"device-writable buffer [{b.addr:#x}, +{b.length:#x}) is read-only (a read-only grant)"
+                except _FAULTS as e:
+                    bad = f"device-writable buffer unusable: {e}"
+                if bad is not None:
+                    break
+        if bad is not None:
+            assert self._release is not None
+            self._release([(b.addr, b.length) for b in (*chain.readable, *chain.writable)])
+            raise RingError(f"chain {chain.head}: {bad}")
+
     @staticmethod
     def _add(drv: SplitQueueDriver, f: _InFlight) -> None:
         if f.table >= 0:
@@ -465,7 +488,7 @@ class ShadowDataPath:
                         mem.view(gaddr, m)[:] = buf[off : off + m]
                         left -= m
                         out += m
-                except _FAULTS as e:
+                except (*_FAULTS, TypeError) as e:  # TypeError: a read-only view
                     fault = f"chain {f.head}: guest buffer unwritable: {e}"
             self.pool.free(f.offset, f.nbytes)
             if self._release is not None:

@@ -337,8 +337,18 @@ class Supervisor:
         return _Choose(self, cfg, xen_mmap if mode is MemoryMode.AUTO else None)
 
     def _shadow(self, cfg: DeviceConfig, num_queues: int) -> DataPath:
-        """Shadow virtqueues over the guest's RAM, foreign-mapped once per guest."""
+        """Shadow virtqueues over the guest's RAM, foreign-mapped once per guest; for a grant
+        device over its own gntdev mappings of the grants the guest hands out."""
         assert self.privcmd is not None
+        if cfg.grants:
+            from .grant_memory import GrantGuestMemory, GrantShadowDataPath  # noqa: PLC0415
+            from .xen.gntdev import GrantDev  # noqa: PLC0415
+
+            log = device_logger("xen_vhost_master.shadow", self.domid, cfg.devid)
+            gpath = GrantShadowDataPath(GrantGuestMemory(GrantDev(self.kernel), self.domid, own_gntdev=True),
+                                        max_queues=num_queues, max_queue_size=cfg.queue_size, log=log)
+            gpath.on_error = lambda index, reason: self._shadow_failed(cfg.base, index, reason)
+            return gpath
         if self.guest_memory is None:
             self.guest_memory = ForeignGuestMemory(self.privcmd, self.domid, self.banks)
             self.log.info("guest RAM mapped: %s", ", ".join(f"{gpa:#x}+{size >> 20} MiB" for gpa, size in self.banks))
@@ -685,9 +695,16 @@ class _Choose(DataPathChooser):
 
     def __init__(self, sup: Supervisor, cfg: DeviceConfig, xen_mmap: XenMmapExport | None) -> None:
         self.sup, self.cfg, self.xen_mmap = sup, cfg, xen_mmap
-        self.protocol_features = xen_mmap.protocol_features if xen_mmap is not None else ProtocolFeatures(0)
+        # XEN_MMAP exports guest-physical RAM; a grant device is served by shadow virtqueues
+        # over gntdev (XEN_MMAP with grant regions is not implemented), so do not ask for it.
+        offer = xen_mmap is not None and not cfg.grants
+        self.protocol_features = xen_mmap.protocol_features if offer and xen_mmap is not None else ProtocolFeatures(0)
 
     def __call__(self, negotiated: ProtocolFeatures, num_queues: int) -> DataPath:
+        if self.cfg.grants:
+            why = " (XEN_MMAP with grant regions is not implemented)" if self.xen_mmap is not None else ""
+            self.sup.log.info("device %d: grant-based guest: shadow virtqueues over gntdev%s", self.cfg.devid, why)
+            return self.sup._shadow(self.cfg, num_queues)
         if self.xen_mmap is not None and negotiated & ProtocolFeatures.XEN_MMAP:
             self.sup.log.info("device %d: back-end maps guest memory itself (XEN_MMAP)", self.cfg.devid)
             return self.xen_mmap

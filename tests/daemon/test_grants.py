@@ -1,0 +1,224 @@
+"""Grant-based guests end to end: the simulator's grant-mode driver (ACCESS_PLATFORM, grant DMA
+addresses in rings and descriptors, data buffers granted per request, device-readable ones
+read-only) → the daemon (IOREQ server, device model, shadow virtqueues over GrantGuestMemory: the
+daemon reaches the guest ONLY through gntdev mappings of what the guest granted) → a real
+qemu-storage-daemon, which only ever sees the daemon's shadow memfd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+
+import pytest
+
+from vhost_user import AsyncFrontend
+from xen_vhost_master.config import DeviceConfig
+from xen_vhost_master.device import Device
+from xen_vhost_master.grant_memory import GRANT_SPACE, GrantGuestMemory, GrantShadowDataPath
+from xen_vhost_master.ioreq_server import IoreqServer
+from xen_vhost_master.log import device_logger
+from xen_vhost_master.shadow_pool import SHADOW_BASE
+from xen_vhost_master.sim.guest import SimGuest
+from xen_vhost_master.sim.guest_devices import SECTOR_SIZE, BlkOp, VirtioBlk
+from xen_vhost_master.sim.guest_driver import (
+    DeviceStatus,
+    Feature,
+    FeaturesRejected,
+    GuestPageAllocator,
+    grant_dma_address,
+)
+from xen_vhost_master.virtio_mmio import Status
+from xen_vhost_master.xen.evtchn import EventChannel
+from xen_vhost_master.xen.gntdev import GrantDev
+from xen_vhost_master.xen.privcmd import PrivCmd
+
+BASE, IRQ = 0x0200_0000, 33
+T = 25.0
+GRANT_FEATURES = int(VirtioBlk.DEFAULT_FEATURES | Feature.RING_EVENT_IDX)
+
+
+class GrantDaemon:
+    """The daemon's pieces for one grant device, wired as the supervisor's ``_shadow`` does
+    (GrantShadowDataPath over its own gntdev; a stopped queue → Device.fail → NEEDS_RESET)."""
+
+    def __init__(self, kernel, domid: int, sock: str, *, max_pages: int = 1024) -> None:
+        self.privcmd, self.evtchn = PrivCmd(kernel), EventChannel(kernel)
+        self.log = device_logger("xvm.test", domid, "grants")
+        self.ioreq = IoreqServer(self.privcmd, self.evtchn, domid, self.log)
+        self.cfg = DeviceConfig(devid=0, device_id=2, base=BASE, irq=IRQ, socket=sock, grants=True)
+        self.memory = GrantGuestMemory(GrantDev(kernel), domid, max_pages=max_pages, own_gntdev=True)
+        self.errors: list[tuple[int, str]] = []
+        self.shadow = GrantShadowDataPath(self.memory, pool_size=4 << 20, max_queues=2, max_queue_size=256,
+                                          on_error=self._failed, log=self.log)
+        self.device = Device(self.cfg, connect=lambda: AsyncFrontend.connect(sock), memory=self.shadow,
+                             set_irq=lambda level: self.ioreq.set_irq(IRQ, level), log=self.log)
+
+    def _failed(self, index: int, reason: str) -> None:
+        self.errors.append((index, reason))
+        self.device.fail(f"shadow queue {index} stopped: {reason}")
+
+    async def start(self) -> None:
+        self.ioreq.create()
+        await self.device.start()
+        self.ioreq.add_window(BASE, 0x200, self.device)
+        self.ioreq.enable()
+
+    async def close(self) -> None:
+        try:
+            await self.ioreq.close()
+            await self.device.close()  # closes the data path, which unmaps and closes the gntdev
+        finally:
+            self.shadow.close()
+            self.evtchn.close()
+            self.privcmd.close()
+
+
+async def _attach(guest: SimGuest, alloc: GuestPageAllocator) -> VirtioBlk:
+    return await asyncio.wait_for(VirtioBlk.attach(guest, BASE, IRQ, alloc, grants=True, features=GRANT_FEATURES,
+                                                   queue_size=64), T)
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio
+async def test_grant_guest_write_read_back_through_qsd(no_fd_leak, sim_host, sim_control, kernel, peers):
+    disk = 8 << 20
+    qsd = peers.qsd_raw(size=disk)
+    domid = sim_control.create_domain(mem_bytes=64 << 20)
+    daemon = GrantDaemon(kernel, domid, str(qsd.sock))
+    guest = await SimGuest.connect(sim_host.path, domid)
+    try:
+        await daemon.start()
+        assert daemon.device.model is not None and list(daemon.device.model.ram) == list(GRANT_SPACE)
+        assert daemon.device.model.required_features >> 33 & 1
+        regions, fds = daemon.shadow.regions()
+        assert len(regions) == 1 and regions[0].guest_phys_addr == SHADOW_BASE and fds == [daemon.shadow.shadow.fd]
+        blk = await _attach(guest, GuestPageAllocator(guest.ram))
+        assert blk.driver.has(Feature.ACCESS_PLATFORM)
+        queue = blk.driver.queues[0]
+        cfg = daemon.device.model.queues[0]
+        assert cfg.desc == grant_dma_address(queue.grant_refs[0], queue.desc - queue.ring_gpa)  # grant space
+        written: dict[int, bytes] = {}
+        async with asyncio.timeout(T):
+            for sector, size in ((0, 4096), (17, 512), (100, 3 * 4096 + 512), (2000, 64 << 10)):
+                data = os.urandom(size)
+                await blk.write(sector, data)
+                written[sector] = data
+                assert await blk.read(sector, size // SECTOR_SIZE) == data
+            ops = [BlkOp("write", 4000 + 16 * i, data=os.urandom(8192)) for i in range(16)]  # QD 16
+            await blk.batch(ops)
+            written.update({op.sector: op.data for op in ops})
+            got = await blk.batch([BlkOp("read", op.sector, count=16) for op in ops])
+            assert got == [op.data for op in ops]
+            await blk.flush()
+        with open(qsd.image, "rb") as f:
+            for sector, data in written.items():
+                f.seek(sector * SECTOR_SIZE)
+                assert f.read(len(data)) == data, f"raw file differs at sector {sector}"
+        st, ms = daemon.shadow.stats(0), daemon.memory.stats
+        assert st is not None and st.completed == st.chains and daemon.errors == []
+        # every readable buffer was a read-only grant; data buffers were unmapped on completion:
+        # what stays mapped is the ring (granted for the queue's lifetime)
+        assert ms.read_only >= 8 and ms.unmaps >= ms.maps - daemon.memory.mappings
+        assert daemon.memory.mapped_pages == len(queue.grant_refs)
+        assert blk.driver.live_grants == len(queue.grant_refs)  # the guest revoked every data grant
+        await asyncio.wait_for(blk.close(), T)  # reset: the daemon closes the queue
+        assert blk.driver.live_grants == 0
+    finally:
+        try:
+            guest.close()
+        finally:
+            await daemon.close()
+    assert daemon.memory.closed and daemon.memory.mapped_pages == 0
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio
+async def test_non_grant_driver_on_a_grant_device_fails_features_ok(no_fd_leak, sim_host, sim_control, kernel, peers, caplog):
+    caplog.set_level(logging.WARNING)
+    qsd = peers.qsd_raw(size=1 << 20)
+    domid = sim_control.create_domain(mem_bytes=32 << 20)
+    daemon = GrantDaemon(kernel, domid, str(qsd.sock))
+    guest = await SimGuest.connect(sim_host.path, domid)
+    try:
+        await daemon.start()
+        alloc = GuestPageAllocator(guest.ram)
+        with pytest.raises(FeaturesRejected, match="refused features"):
+            await asyncio.wait_for(VirtioBlk.attach(guest, BASE, IRQ, alloc), T)  # no ACCESS_PLATFORM
+        assert daemon.device.model is not None
+        assert not daemon.device.model.status & Status.FEATURES_OK
+        assert any(f"required features {1 << 33:#x}: FEATURES_OK refused" in r.getMessage() for r in caplog.records)
+        assert daemon.memory.stats.maps == 0  # nothing of the guest was ever mapped
+        # the daemon keeps serving: a grant-mode driver then works
+        blk = await _attach(guest, alloc)
+        async with asyncio.timeout(T):
+            await blk.write(8, b"\x42" * 4096)
+            assert await blk.read(8, 8) == b"\x42" * 4096
+        await asyncio.wait_for(blk.close(), T)
+    finally:
+        try:
+            guest.close()
+        finally:
+            await daemon.close()
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio
+async def test_read_only_grant_marked_device_writable_is_refused(no_fd_leak, sim_host, sim_control, kernel, peers, caplog):
+    """A hostile grant-mode chain: a virtio-blk READ whose data buffer is a READ-ONLY grant marked
+    device-writable. The daemon refuses it before the back-end sees it (the queue stops, the device
+    shows NEEDS_RESET, logged), the page is untouched, and after a reset the device serves again."""
+    caplog.set_level(logging.ERROR)
+    qsd = peers.qsd_raw(size=1 << 20)
+    with open(qsd.image, "r+b") as f:
+        f.write(b"\x77" * 4096)  # what a READ of sector 0 would bring into the page
+    domid = sim_control.create_domain(mem_bytes=32 << 20)
+    daemon = GrantDaemon(kernel, domid, str(qsd.sock))
+    guest = await SimGuest.connect(sim_host.path, domid)
+    try:
+        await daemon.start()
+        alloc = GuestPageAllocator(guest.ram)
+        blk = await _attach(guest, alloc)
+        async with asyncio.timeout(T):
+            assert await blk.read(0, 8) == b"\x77" * 4096  # the device works before
+        chains = daemon.shadow.stats(0).chains
+        # the hostile chain, granted by hand: header RO (fine), data RO but device-writable, status RW
+        hdr, data, status = alloc.alloc(4096), alloc.alloc(4096), alloc.alloc(4096)
+        with guest.ram.view(hdr, 16) as v:
+            v[:] = struct.pack("<IIQ", 0, 0, 0)  # VIRTIO_BLK_T_IN, sector 0
+        with guest.ram.view(data, 4096) as v:
+            v[:] = b"\x11" * 4096
+        refs = [guest.grant(hdr >> 12, readonly=True), guest.grant(data >> 12, readonly=True),
+                guest.grant(status >> 12, readonly=False)]
+        driver = blk.driver
+        driver.grants = False  # post the addresses as they are (no granting by the driver)
+        try:
+            await asyncio.wait_for(driver.submit(0, readable=[(grant_dma_address(refs[0]), 16)],
+                                                 writable=[(grant_dma_address(refs[1]), 4096),
+                                                           (grant_dma_address(refs[2]), 1)]), T)
+        finally:
+            driver.grants = True
+        assert daemon.errors and daemon.errors[0][0] == 0 and "read-only" in daemon.errors[0][1], daemon.errors
+        assert await asyncio.wait_for(driver.read_status(), T) & DeviceStatus.DEVICE_NEEDS_RESET
+        assert any("read-only" in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+        assert daemon.shadow.stats(0).chains == chains  # nothing published to the back-end
+        with guest.ram.view(data, 4096) as v:
+            assert bytes(v) == b"\x11" * 4096  # nothing written into the page
+        for ref in refs:
+            guest.revoke(ref)
+        await asyncio.wait_for(blk.close(), T)  # the driver resets: the daemon closes the queue
+        # the daemon keeps serving on the same back-end connection
+        frontend = daemon.device.frontend
+        blk = await _attach(guest, alloc)
+        async with asyncio.timeout(T):
+            await blk.write(16, b"\x5a" * 4096)
+            assert await blk.read(16, 8) == b"\x5a" * 4096
+        assert daemon.device.frontend is frontend and not frontend.broken
+        await asyncio.wait_for(blk.close(), T)
+    finally:
+        try:
+            guest.close()
+        finally:
+            await daemon.close()
