@@ -10,11 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
+import signal
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from vhost_user import AsyncFrontend
+from vhost_user import AsyncFrontend, GuestMemoryError
 from xen_vhost_master.config import DeviceConfig
 from xen_vhost_master.device import Device
 from xen_vhost_master.grant_memory import GRANT_SPACE, GrantGuestMemory, GrantShadowDataPath
@@ -222,3 +227,135 @@ async def test_read_only_grant_marked_device_writable_is_refused(no_fd_leak, sim
             guest.close()
         finally:
             await daemon.close()
+
+
+# --- GrantGuestMemory on its own (the real gntdev adapter against the simulated host) ----------------
+
+
+@pytest.mark.asyncio
+async def test_grant_memory_views_read_only_grants_limits_and_release(no_fd_leak, sim_host, sim_control, kernel):
+    domid = sim_control.create_domain(mem_bytes=16 << 20)
+    guest = await SimGuest.connect(sim_host.path, domid)
+    mem = GrantGuestMemory(GrantDev(kernel), domid, max_pages=4, own_gntdev=True)
+    try:
+        gpa = int(sim_control.domain_info(domid)["banks"][0][0]) + (1 << 20)
+        with guest.ram.view(gpa, 3 * 4096) as v:
+            v[:] = bytes(range(256)) * 48
+        rw = [guest.grant((gpa >> 12) + i) for i in range(2)]  # two consecutive read-write grants
+        ro = guest.grant((gpa >> 12) + 2, readonly=True)
+        assert rw[1] == rw[0] + 1 and ro == rw[1] + 1
+        # non-grant addresses are refused (typed, a ValueError for the ring code)
+        with pytest.raises(GuestMemoryError):
+            mem.view(gpa, 16)
+        # a buffer spanning two grants, starting mid-page: consecutive refs, writable
+        addr = grant_dma_address(rw[0], 4000)
+        with mem.view(addr, 200) as v:
+            assert not v.readonly and bytes(v) == (bytes(range(256)) * 48)[4000:4200]
+            v[:4] = b"GNT!"
+        with guest.ram.view(gpa + 4000, 4) as v:
+            assert bytes(v) == b"GNT!"  # the daemon's write reached the guest page
+        assert mem.mapped_pages == 2 and mem.stats.maps == 1
+        with mem.view(grant_dma_address(rw[1], 8), 8):  # inside the mapping: reused
+            assert mem.stats.maps == 1 and mem.stats.hits == 1
+        # a read-only grant: mapped read-only, the view refuses writes (no fault)
+        with mem.view(grant_dma_address(ro, 16), 16) as v:
+            assert v.readonly and mem.stats.read_only == 1
+            with pytest.raises(TypeError):
+                v[:1] = b"x"
+        with guest.ram.view(gpa + 2 * 4096 + 16, 1) as v:
+            assert bytes(v) == bytes([16])
+        assert mem.mapped_pages == 3
+        # a live view pins its mapping: release does not unmap it, dropping the view does
+        held = mem.view(grant_dma_address(ro, 0), 8)
+        mem.release_buffers([(grant_dma_address(ro, 0), 8)])
+        assert mem.mapped_pages == 3 and bytes(held) == bytes(range(8))
+        held.release()
+        mem.release_buffers([(grant_dma_address(ro, 0), 8), (gpa, 8)])  # non-grant entries are ignored
+        assert mem.mapped_pages == 2 and mem.stats.unmaps == 1
+        # limits: a view longer than max_pages, a ref beyond u32
+        with pytest.raises(GuestMemoryError):
+            mem.view(grant_dma_address(rw[0]), 5 * 4096)
+        with pytest.raises(GuestMemoryError):
+            mem.view(grant_dma_address((1 << 32) - 1, 4090), 16)
+        # a revoked grant fails that view only (typed); the memory keeps working
+        guest.revoke(ro)
+        with pytest.raises(GuestMemoryError, match="grant refs"):
+            mem.view(grant_dma_address(ro), 16)
+        with mem.view(addr, 4) as v:
+            assert bytes(v) == b"GNT!"
+        # bounded: when every mapped page is in use, a new mapping is refused; idle ones are evicted
+        extra = [guest.grant((gpa >> 12) + 3 + i) for i in range(3)]
+        pin = mem.view(addr, 200)  # 2 pages in use
+        a = mem.view(grant_dma_address(extra[0]), 8)
+        b = mem.view(grant_dma_address(extra[1]), 8)  # 4 pages: the limit
+        with pytest.raises(GuestMemoryError, match="limit 4"):
+            mem.view(grant_dma_address(extra[2]), 8)
+        a.release()
+        with mem.view(grant_dma_address(extra[2]), 8):  # the idle one is evicted to make room
+            assert mem.stats.evicted == 1 and mem.mapped_pages == 4
+        b.release()
+        pin.release()
+    finally:
+        mem.close()
+        guest.close()
+    assert mem.closed and mem.mapped_pages == 0
+    with pytest.raises(GuestMemoryError):
+        mem.view(grant_dma_address(8), 8)
+
+
+# --- the daemon as an operator runs it: xenstore grant_usage=1 -------------------------------------
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # the daemon itself runs on uvloop
+async def test_cli_daemon_serves_a_grant_usage_device_from_xenstore(sim_dir, peers, tmp_path):
+    from tests.daemon.test_daemon_cli import DaemonLog, stop
+    from xen_vhost_master.sim.guest import SimControl
+
+    bin_dir, domid = Path(sys.executable).parent, 7
+    sim_path = os.path.join(sim_dir, "xen.sock")
+    r, w = os.pipe()
+    sim = subprocess.Popen([str(bin_dir / "xen-vhost-sim"), "--socket", sim_path, "--domain",
+                            f"domid={domid},mem=64M,vcpus=2", "--ready-fd", str(w)], pass_fds=(w,))
+    os.close(w)
+    daemon = guest = None
+    try:
+        ready = select.select([r], [], [], T)[0]
+        assert ready, "xen-vhost-sim did not start"
+        with SimControl(sim_path) as ctl:
+            ctl.add_virtio_device(domid, device_id=2, base=BASE, irq=IRQ, devid=0, grant_usage=True)
+        runtime = tmp_path / "run"
+        runtime.mkdir()
+        qsd = peers.qsd_raw(size=8 << 20)
+        (runtime / "0.sock").symlink_to(qsd.sock)
+        daemon = subprocess.Popen([str(bin_dir / "xen-vhost-master"), "--domid", str(domid), "--runtime-dir", str(runtime)],
+                                  env=dict(os.environ, XEN_VHOST_SIM=sim_path), stderr=subprocess.PIPE)
+        log = DaemonLog(daemon)
+        await log.wait_for("serving: ")  # after READY: the IOREQ server is enabled
+        assert any("grant-based guest: shadow virtqueues over gntdev" in line for line in log.lines), log.lines
+        guest = await SimGuest.connect(sim_path, domid)
+        alloc = GuestPageAllocator(guest.ram)
+        with pytest.raises(FeaturesRejected):  # a driver that does not use grants is refused
+            await asyncio.wait_for(VirtioBlk.attach(guest, BASE, IRQ, alloc), T)
+        blk = await _attach(guest, alloc)
+        data = os.urandom(64 << 10)
+        async with asyncio.timeout(T):
+            await blk.write(64, data)
+            assert await blk.read(64, len(data) // SECTOR_SIZE) == data
+            await blk.flush()
+        with open(qsd.image, "rb") as f:
+            f.seek(64 * SECTOR_SIZE)
+            assert f.read(len(data)) == data
+        await asyncio.wait_for(blk.close(), T)
+        daemon.send_signal(signal.SIGTERM)
+        rc = await asyncio.get_running_loop().run_in_executor(None, daemon.wait, T)
+        assert rc == 0, "".join(log.lines)
+    finally:
+        os.close(r)
+        if guest is not None:
+            guest.close()
+        if daemon is not None:
+            stop(daemon)
+            if daemon.stderr is not None:
+                daemon.stderr.close()
+        stop(sim)
