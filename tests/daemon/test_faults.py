@@ -13,6 +13,7 @@ qemu-storage-daemon back-ends, over the simulated Xen host:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -20,6 +21,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -192,3 +194,213 @@ async def test_backend_that_stops_answering_times_out_needs_reset_then_reconnect
         finally:
             for q in procs:
                 q.stop()
+
+
+# --- the daemon as a program: guest destroyed mid-I/O, malformed xenstore entries -----------------
+
+DOMID = 7
+BE = f"/local/domain/0/backend/virtio/{DOMID}"
+
+
+class CliDaemon:
+    """``xen-vhost-master --domid 7`` in its own process on the in-process simulated host, its
+    stderr collected, READY=1 awaited on a real NOTIFY_SOCKET."""
+
+    def __init__(self, sim_path: str, tmp: Path, runtime: Path) -> None:
+        import socket
+
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(tmp / "notify"))
+        self.notify.setblocking(False)
+        self.log_path = tmp / "daemon.log"
+        with open(self.log_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [str(BIN / "xen-vhost-master"), "--domid", str(DOMID), "--runtime-dir", str(runtime)],
+                env=dict(os.environ, XEN_VHOST_SIM=sim_path, NOTIFY_SOCKET=str(tmp / "notify")),
+                stdout=subprocess.DEVNULL, stderr=err)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def ready(self) -> None:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(TIMEOUT):
+            while not (await loop.sock_recv(self.notify, 4096)).startswith(b"READY=1"):
+                pass
+
+    async def exit_code(self) -> int:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self.proc.wait, TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"daemon still running {TIMEOUT} s on:\n{self.log()}") from None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.notify.close()
+
+
+async def qd8_writer(blk: VirtioBlk, progress: asyncio.Event, counter: list[int]) -> None:
+    """Batches of 8 writes until the guest's machine goes away under it."""
+    rng = random.Random(4)
+    while True:
+        await blk.batch([BlkOp("write", 8 * rng.randrange(2000), data=rng.randbytes(4096)) for _ in range(8)])
+        counter[0] += 8
+        if counter[0] >= 160:
+            progress.set()
+
+
+def in_daemon_thread(fn, *args) -> asyncio.Future:
+    """``fn(*args)`` on a daemon thread (a blocked call cannot hold up the loop's shutdown)."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def settle(result=None, exc=None) -> None:
+        if not fut.done():
+            fut.set_result(result) if exc is None else fut.set_exception(exc)
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except Exception as e:  # handed to the awaiting test as is
+            loop.call_soon_threadsafe(settle, None, e)
+        else:
+            loop.call_soon_threadsafe(settle, result)
+
+    threading.Thread(target=run, daemon=True).start()
+    return fut
+
+
+async def stop_writer(writer: asyncio.Task[None]) -> None:
+    """Cancel until it ends: ``VirtioBlk.batch`` takes a cancellation as one request's failure and
+    goes on waiting for the others (each up to the driver's timeout) before it raises."""
+    async with asyncio.timeout(TIMEOUT):
+        while not writer.done():
+            writer.cancel()
+            await asyncio.wait([writer], timeout=0.1)
+    if not writer.cancelled():
+        writer.exception()  # retrieved: a failed batch after the domain went is expected
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("how", ["xl_destroy", pytest.param("destroy_domain", marks=pytest.mark.xfail(
+    strict=False, reason="simulator bug: Hypervisor.destroy_domain with a vCPU access in flight raises BufferError "
+    "(sim/hypervisor.py mmio() keeps `slot`, a ctypes view of the ioreq page, while IoreqServer.close() closes the "
+    "page) and the control connection's worker dies without a reply (sim/server.py _work/_dispatch)"))])
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # the daemon itself runs on uvloop
+async def test_guest_destroyed_mid_io_daemon_cleans_up_and_exits_0(sim_host, sim_control, peers, tmp_path, how):
+    """The guest runs QD 8 writes through the daemon (shadow path, qemu-storage-daemon) when it is
+    destroyed, the libxl way (Closing, wait for Closed, remove, destroy) or abruptly. The daemon
+    answers Closed in time, tears down, exits 0, leaves no IOREQ server, state file or status
+    socket behind, and the back-end lives on for the next front-end."""
+    sim_control.create_domain(DOMID, mem_bytes=64 << 20, vcpus=2, name="victim")
+    sim_control.add_virtio_device(DOMID, device_id=2, base=0x2000000, irq=33, devid=0)
+    disk = peers.qsd_raw(size=8 << 20)
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    (runtime / "0.sock").symlink_to(disk.sock)
+    daemon = CliDaemon(sim_host.path, tmp_path, runtime)
+    guest = writer = blk = None
+    try:
+        await daemon.ready()
+        guest = await SimGuest.connect(sim_host.path, DOMID)
+        blk = await asyncio.wait_for(VirtioBlk.attach(guest, 0x2000000, 33, GuestPageAllocator(guest.ram)), TIMEOUT)
+        progress, counter = asyncio.Event(), [0]
+        writer = asyncio.ensure_future(qd8_writer(blk, progress, counter))
+        await asyncio.wait_for(progress.wait(), TIMEOUT)  # I/O is flowing
+        assert not writer.done()
+        if how == "xl_destroy":
+            answered = await asyncio.get_running_loop().run_in_executor(None, sim_control.xl_destroy, DOMID)
+            assert answered == {f"{BE}/0": True}, daemon.log()  # Closed in time: no 10 s libxl timeout
+        else:  # abrupt; on its own connection and a daemon thread (the host may never answer: see xfail)
+            with SimControl(sim_host.path) as ctl:
+                await asyncio.wait_for(in_daemon_thread(ctl.destroy_domain, DOMID), TIMEOUT)
+        assert await daemon.exit_code() == 0, daemon.log()
+        log = daemon.log()
+        assert "Traceback" not in log, log
+        assert not (runtime / "state.json").exists() and not (runtime / "status.sock").exists()
+        with pytest.raises(Exception):
+            sim_control.domain_info(DOMID)  # gone, IOREQ server with it
+        assert disk.process.exit_status() is None  # qemu-storage-daemon serves the next front-end
+        assert counter[0] >= 160
+    finally:
+        if writer is not None:
+            await stop_writer(writer)
+            writer = None  # (its traceback holds the driver's views of guest RAM)
+        if blk is not None:  # the reset cannot reach a destroyed machine; the rings are freed anyway
+            with contextlib.suppress(GuestDriverError, OSError):
+                await asyncio.wait_for(blk.close(), TIMEOUT)
+        if guest is not None:
+            gc.collect()
+            guest.close()
+        daemon.close()
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_malformed_and_half_removed_xenstore_devices_are_logged_and_skipped_others_served(
+        sim_host, sim_control, kernel, peers, tmp_path):
+    """Next to a good device: a device whose base is "banana", one whose irq was removed, one
+    under a non-numeric devid, and (hot-added while the daemon runs) one with an irq out of
+    range. Each is logged and skipped; the good device is served throughout; SIGTERM → exit 0."""
+    from tests.daemon.test_daemon_cli import io_check
+
+    sim_control.create_domain(DOMID, mem_bytes=64 << 20, name="odd")
+    sim_control.add_virtio_device(DOMID, device_id=2, base=0x2000000, irq=33, devid=0)
+    sim_control.add_virtio_device(DOMID, device_id=2, base=0x2000200, irq=34, devid=1)
+    sim_control.add_virtio_device(DOMID, device_id=2, base=0x2000400, irq=35, devid=2)
+    disk = peers.qsd_raw(size=8 << 20)
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    for devid in range(4):  # a back-end socket for each, so only xenstore can be the reason
+        (runtime / f"{devid}.sock").symlink_to(disk.sock)
+    xs = await XenstoreClient.open(socket_paths=(), opener=kernel.open)
+    daemon = guest = None
+    try:
+        await xs.write(f"{BE}/1/base", "banana")
+        await xs.rm(f"{BE}/2/irq")
+        good_type = await xs.read_str(f"{BE}/0/type")
+        for key, value in (("type", good_type), ("base", "0x2000600"), ("irq", "36"), ("transport", "mmio"),
+                           ("online", "1"), ("state", "1")):
+            await xs.write(f"{BE}/xvdz/{key}", value)
+        daemon = CliDaemon(sim_host.path, tmp_path, runtime)
+        await daemon.ready()
+        log = daemon.log()
+        skipped = [line for line in log.splitlines() if "skipping device" in line]
+        assert len(skipped) == 3, log
+        assert any("banana" in line for line in skipped) and any("xvdz" in line for line in skipped)
+        assert any("irq" in line for line in skipped if "banana" not in line and "xvdz" not in line)
+        assert await xs.read_str(f"{BE}/0/state") == "2"  # the good one: InitWait
+        for devid in ("1", "2", "xvdz"):
+            assert await xs.read_str(f"{BE}/{devid}/state") == "1"  # untouched
+
+        guest = await SimGuest.connect(sim_host.path, DOMID)
+        assert await asyncio.wait_for(guest.mmio_read(0x2000200, 4), TIMEOUT) == 0xFFFFFFFF  # no device there
+        blk = await asyncio.wait_for(VirtioBlk.attach(guest, 0x2000000, 33, GuestPageAllocator(guest.ram)), TIMEOUT)
+        await io_check(blk, disk.image, 11)
+
+        # A malformed device hot-added while the guest runs: logged, skipped, device 0 goes on.
+        for key, value in (("type", good_type), ("base", "0x2000800"), ("irq", "99999999999"),
+                           ("transport", "mmio"), ("online", "1"), ("state", "1")):
+            await xs.write(f"{BE}/3/{key}", value)
+        async with asyncio.timeout(TIMEOUT):
+            while "skipping device: xenstore backend/virtio/3:" not in daemon.log():
+                await io_check(blk, disk.image, 12)  # (and I/O goes on meanwhile)
+        assert await xs.read_str(f"{BE}/3/state") == "1"
+        await io_check(blk, disk.image, 13)
+        await asyncio.wait_for(blk.close(), TIMEOUT)
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert await daemon.exit_code() == 0, daemon.log()
+        assert "Traceback" not in daemon.log()
+    finally:
+        if guest is not None:
+            gc.collect()
+            guest.close()
+        if daemon is not None:
+            daemon.close()
+        await xs.close()
