@@ -189,11 +189,13 @@ async def test_backend_that_stops_answering_times_out_needs_reset_then_reconnect
             if guest is not None:
                 gc.collect()  # the drivers' views of guest RAM
                 guest.close()
-            if daemon is not None:
-                await daemon.close()
         finally:
-            for q in procs:
-                q.stop()
+            try:
+                if daemon is not None:
+                    await daemon.close()
+            finally:
+                for q in procs:
+                    q.stop()
 
 
 # --- the daemon as a program: guest destroyed mid-I/O, malformed xenstore entries -----------------
@@ -404,3 +406,91 @@ async def test_malformed_and_half_removed_xenstore_devices_are_logged_and_skippe
         if daemon is not None:
             daemon.close()
         await xs.close()
+
+
+@pytest.mark.peer
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_backend_stopped_with_a_request_in_flight_guest_reset_times_out_then_reconnects(
+        no_fd_leak, sim_host, sim_control, kernel, tmp_path, caplog):
+    """qsd A is SIGSTOPped with a write in flight: the guest's request times out (its driver's
+    business), the driver resets the device, the daemon's request to stop the ring (1 s here)
+    times out, the reset completes for the vCPU and a reconnect starts; disk B is served
+    throughout. After SIGCONT: reconnected, and disk A works again."""
+    from xen_vhost_master.sim.guest_driver import GuestTimeout
+
+    caplog.set_level(logging.INFO)
+    procs = []
+    for name in ("a", "b"):
+        image = tmp_path / f"{name}.raw"
+        with open(image, "wb") as f:
+            f.truncate(8 << 20)
+        procs.append(QsdProcess(str(image), str(tmp_path / f"{name}.sock"), str(tmp_path / f"{name}.log")))
+    domid = sim_control.create_domain(mem_bytes=64 << 20, vcpus=2)
+    daemon = guest = None
+    stopped = False
+    try:
+        for q in procs:
+            q.start()
+            await q.wait_listening()
+        daemon = TwoDisks(kernel, sim_control, domid, [q.sock for q in procs], request_timeout=1.0)
+        await daemon.start()
+        guest = await SimGuest.connect(sim_host.path, domid)
+        alloc = GuestPageAllocator(guest.ram)
+        blk_a = await asyncio.wait_for(VirtioBlk.attach(guest, TwoDisks.BASES[0], 33, alloc, vcpu=0), TIMEOUT)
+        blk_b = await asyncio.wait_for(VirtioBlk.attach(guest, TwoDisks.BASES[1], 34, alloc, vcpu=1), TIMEOUT)
+        rng = random.Random(21)
+        await asyncio.wait_for(blk_a.write(0, rng.randbytes(4096)), TIMEOUT)
+        dev_a = daemon.devices[0]
+
+        procs[0].signal(signal.SIGSTOP)
+        stopped = True
+        blk_a.driver.mmio_timeout = 1.0  # the guest gives up on the request after 1 s
+        with pytest.raises(GuestTimeout):
+            await blk_a.write(8, rng.randbytes(4096))
+        assert daemon.shadows[0].inflight(0) == 1  # published, never completed by the stopped back-end
+
+        blk_a.driver.mmio_timeout = TIMEOUT  # (a register access may take as long as the daemon's timeout)
+        reset = asyncio.ensure_future(blk_a.close())  # vCPU 0 blocks until the daemon gives up
+        served_b = 0
+        while not reset.done():
+            data = rng.randbytes(4096)
+            await asyncio.wait_for(blk_b.write(8 * served_b, data), TIMEOUT)
+            assert await asyncio.wait_for(blk_b.read(8 * served_b, 8), TIMEOUT) == data
+            served_b += 1
+        assert served_b >= 3, "disk B stalled while disk A's reset waited for the silent back-end"
+        with contextlib.suppress(GuestDriverError):
+            await reset  # (a driver may see DEVICE_NEEDS_RESET instead of 0 after its reset)
+        assert any("did not answer" in r.getMessage() and "VRING" in r.getMessage()  # (SET_VRING_ENABLE 0 comes first)
+                   for r in caplog.records if r.levelno >= logging.WARNING)
+        assert dev_a.reconnecting is not None
+
+        procs[0].signal(signal.SIGCONT)
+        stopped = False
+        await asyncio.wait_for(asyncio.shield(dev_a.reconnecting), TIMEOUT)
+        assert dev_a.stats.reconnects == 1 and not dev_a.frontend.broken
+        blk_a = await asyncio.wait_for(VirtioBlk.attach(guest, TwoDisks.BASES[0], 33, alloc, vcpu=0), TIMEOUT)
+        after = rng.randbytes(16384)
+        await asyncio.wait_for(blk_a.write(64, after), TIMEOUT)
+        assert await asyncio.wait_for(blk_a.read(64, 32), TIMEOUT) == after
+        with open(procs[0].image, "rb") as f:
+            f.seek(64 * 512)
+            assert f.read(len(after)) == after
+        other = daemon.devices[1].stats
+        assert other.reconnects == 0 and not other.last_error and other.guest_errors == 0
+        await asyncio.wait_for(blk_a.close(), TIMEOUT)
+        await asyncio.wait_for(blk_b.close(), TIMEOUT)
+    finally:
+        if stopped:
+            procs[0].signal(signal.SIGCONT)
+        try:
+            if guest is not None:
+                gc.collect()  # the drivers' views of guest RAM
+                guest.close()
+        finally:
+            try:
+                if daemon is not None:
+                    await daemon.close()
+            finally:
+                for q in procs:
+                    q.stop()
