@@ -170,11 +170,14 @@ async def test_non_grant_driver_on_a_grant_device_fails_features_ok(no_fd_leak, 
 
 
 @pytest.mark.peer
+@pytest.mark.parametrize("case", ["read-only", "revoked"])
 @pytest.mark.asyncio
-async def test_read_only_grant_marked_device_writable_is_refused(no_fd_leak, sim_host, sim_control, kernel, peers, caplog):
+async def test_read_only_grant_marked_device_writable_is_refused(no_fd_leak, sim_host, sim_control, kernel, peers, caplog,
+                                                                 case):
     """A hostile grant-mode chain: a virtio-blk READ whose data buffer is a READ-ONLY grant marked
-    device-writable. The daemon refuses it before the back-end sees it (the queue stops, the device
-    shows NEEDS_RESET, logged), the page is untouched, and after a reset the device serves again."""
+    device-writable (or a grant already revoked). The daemon refuses it before the back-end sees it
+    (the queue stops, the device shows NEEDS_RESET, logged), the page is untouched, and after a
+    reset the device serves again on the same back-end connection."""
     caplog.set_level(logging.ERROR)
     qsd = peers.qsd_raw(size=1 << 20)
     with open(qsd.image, "r+b") as f:
@@ -195,19 +198,26 @@ async def test_read_only_grant_marked_device_writable_is_refused(no_fd_leak, sim
             v[:] = struct.pack("<IIQ", 0, 0, 0)  # VIRTIO_BLK_T_IN, sector 0
         with guest.ram.view(data, 4096) as v:
             v[:] = b"\x11" * 4096
-        refs = [guest.grant(hdr >> 12, readonly=True), guest.grant(data >> 12, readonly=True),
+        refs = [guest.grant(hdr >> 12, readonly=True), guest.grant(data >> 12, readonly=case == "read-only"),
                 guest.grant(status >> 12, readonly=False)]
+        if case == "revoked":
+            guest.revoke(refs[1])
+            refs.pop(1)
+            data_ref = refs[0] + 1
+        else:
+            data_ref = refs[1]
+        expect = "read-only" if case == "read-only" else f"grant refs {data_ref}..{data_ref}"
         driver = blk.driver
         driver.grants = False  # post the addresses as they are (no granting by the driver)
         try:
             await asyncio.wait_for(driver.submit(0, readable=[(grant_dma_address(refs[0]), 16)],
-                                                 writable=[(grant_dma_address(refs[1]), 4096),
-                                                           (grant_dma_address(refs[2]), 1)]), T)
+                                                 writable=[(grant_dma_address(data_ref), 4096),
+                                                           (grant_dma_address(refs[-1]), 1)]), T)
         finally:
             driver.grants = True
-        assert daemon.errors and daemon.errors[0][0] == 0 and "read-only" in daemon.errors[0][1], daemon.errors
+        assert daemon.errors and daemon.errors[0][0] == 0 and expect in daemon.errors[0][1], daemon.errors
         assert await asyncio.wait_for(driver.read_status(), T) & DeviceStatus.DEVICE_NEEDS_RESET
-        assert any("read-only" in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+        assert any(expect in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
         assert daemon.shadow.stats(0).chains == chains  # nothing published to the back-end
         with guest.ram.view(data, 4096) as v:
             assert bytes(v) == b"\x11" * 4096  # nothing written into the page
