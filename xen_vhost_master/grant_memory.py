@@ -152,6 +152,14 @@ class GrantGuestMemory:
             if e is not None and e.covers(first, count) and e.idle():
                 self._unmap(e)
 
+    def trim(self) -> int:
+        """Unmap every mapping no view holds (a queue was reset: its rings, and buffers of chains
+        that failed validation); returns how many were unmapped."""
+        idle = [e for e in self._maps.values() if e.idle()]
+        for e in idle:
+            self._unmap(e)
+        return len(idle)
+
     def close(self) -> None:
         """Unmap everything no view holds (a mapping still viewed is left mapped and logged, never
         pulled from under its view); close the gntdev if owned. Idempotent."""
@@ -241,6 +249,12 @@ class GrantShadowDataPath(ShadowDataPath):
     def __init__(self, memory: GrantGuestMemory, **kw: Any) -> None:
         super().__init__(memory, GRANT_SPACE, **kw)
         self.grant_memory = memory
+
+    def close_queue(self, index: int) -> None:
+        """Reset/stop of queue ``index``: its rings' views are gone, so their grant mappings (and
+        any left idle) are unmapped: the guest may end those grants now."""
+        super().close_queue(index)
+        self.grant_memory.trim()
 
     def close(self) -> None:
         super().close()

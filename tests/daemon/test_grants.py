@@ -131,6 +131,7 @@ async def test_grant_guest_write_read_back_through_qsd(no_fd_leak, sim_host, sim
         assert blk.driver.live_grants == len(queue.grant_refs)  # the guest revoked every data grant
         await asyncio.wait_for(blk.close(), T)  # reset: the daemon closes the queue
         assert blk.driver.live_grants == 0
+        assert daemon.memory.mapped_pages == 0 and daemon.memory.mappings == 0  # the ring is unmapped at reset
     finally:
         try:
             guest.close()
