@@ -393,6 +393,7 @@ class Hypervisor:
             slot.addr, slot.data, slot.count, slot.size = addr, wdata if write else 0, 1, size
             slot.type = IoreqType.COPY
             slot.flags = (ioreq_t.DIR if not write else 0) | IoreqState.READY  # state last (wmb)
+            del slot  # a ctypes view pins the page's mmap: destroying the domain must be able to unmap it
             fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             v.pending, v.pending_server = fut, server
             try:
