@@ -329,6 +329,11 @@ class Supervisor:
     def _export(self, cfg: DeviceConfig) -> DataPath | DataPathChooser:
         assert self.privcmd is not None
         mode = cfg.memory
+        if cfg.grants:
+            if mode not in (MemoryMode.AUTO, MemoryMode.SHADOW):
+                self.log.warning("device %d: grant-based guest: memory=%s is not possible, using shadow virtqueues",
+                                 cfg.devid, mode.value)
+            return _Choose(self, cfg, None)
         if mode is MemoryMode.SIM_MEMFD:
             return self._sim_memfd()
         xen_mmap = XenMmapExport(self.domid, self.banks, self.privcmd.fileno(), foreign_reader(self.privcmd, self.domid))
