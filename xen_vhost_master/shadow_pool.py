@@ -103,12 +103,14 @@ class ShadowMemory:
         self.size = ring_area + _pages(pool_size) * PAGE
         self.pool = PagePool(ring_area, _pages(pool_size))
         self.fd = os.memfd_create("xen-vhost-shadow", os.MFD_CLOEXEC)
+        mapped = False
         try:
             os.ftruncate(self.fd, self.size)
             self._mmap = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(self.fd)
-            raise
+            mapped = True
+        finally:
+            if not mapped:
+                os.close(self.fd)
         self.mv = memoryview(self._mmap)
 
     def ring_slot(self, index: int) -> int:

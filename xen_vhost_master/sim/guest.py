@@ -199,6 +199,7 @@ class SimGuest:
     @classmethod
     async def connect(cls, path: str, domid: int) -> SimGuest:
         g = cls(path, domid)
+        connected = False
         try:
             g._loop = asyncio.get_running_loop()
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -209,9 +210,10 @@ class SimGuest:
             _raise(reply, "open control")
             sock.setblocking(False)
             g._loop.add_reader(sock.fileno(), g._readable)
-        except BaseException:
-            g.close()
-            raise
+            connected = True
+        finally:
+            if not connected:
+                g.close()
         return g
 
     def close(self) -> None:

@@ -172,11 +172,13 @@ class VirtioBlk:
         segments = self._segments(data_gpa, length) if length else []
         readable = [(gpa, _BLK_HDR.size)] + (segments if op.kind == "write" else [])
         writable = (segments if op.kind in ("read", "get_id") else []) + [(gpa + 16, 1)]
+        submitted = False
         try:
             fut = await self.driver.submit(0, readable, writable, kick=kick)
-        except BaseException:
-            self.driver.allocator.free(gpa)
-            raise
+            submitted = True
+        finally:
+            if not submitted:  # the device never saw these pages
+                self.driver.allocator.free(gpa)
         return fut, gpa, length
 
     async def _finish(self, op: BlkOp, fut: asyncio.Future[int], gpa: int, length: int) -> bytes | None:

@@ -505,12 +505,14 @@ class XenstoreClient(_Ops):
             raise ValueError("NUL in watch token")
         watch = XsWatch(self, path, token)
         self._watches[token] = watch  # before sending: the first event may precede the ack
+        registered = False
         try:
             reply = await self._call(XsType.WATCH, _path_bytes(path) + b"\0" + tok + b"\0", tx_id=0, path=path)
             _expect_ok(reply, "WATCH")
-        except BaseException:
-            self._watches.pop(token, None)
-            raise
+            registered = True
+        finally:
+            if not registered:  # refused, lost or cancelled: no events will come for it
+                self._watches.pop(token, None)
         return watch
 
     async def unwatch(self, watch: XsWatch) -> None:
@@ -535,12 +537,13 @@ class XenstoreClient(_Ops):
         """
         for attempt in range(attempts):
             tx = await self.transaction_start()
+            done = False
             try:
                 result = await body(tx)
-            except BaseException:
-                if not tx.ended:
+                done = True
+            finally:
+                if not done and not tx.ended:  # body raised or was cancelled: abort, then propagate
                     self._abort_nowait(tx)
-                raise
             try:
                 await tx.commit()
             except XenstoreConflict:
