@@ -202,15 +202,17 @@ class VirtioBlk:
     async def batch(self, ops: Sequence[BlkOp]) -> list[bytes | None]:
         """Post every request, notify once, then wait for all: queue depth = ``len(ops)``."""
         posted = []
+        kicked = False
         try:
             for op in ops:
                 posted.append((op, *await self._post(op, kick=False)))
             await self.driver.kick(0)
-        except BaseException:
-            for _op, fut, gpa, _length in posted:
-                # Posted chains stay in the ring until the device returns them; keep their memory.
-                fut.add_done_callback(lambda _f, g=gpa: self.driver.allocator.free(g))
-            raise
+            kicked = True
+        finally:
+            if not kicked:
+                for _op, fut, gpa, _length in posted:
+                    # Posted chains stay in the ring until the device returns them; keep their memory.
+                    fut.add_done_callback(lambda _f, g=gpa: self.driver.allocator.free(g))
         results: list[bytes | None] = []
         errors: list[BaseException] = []
         for op, fut, gpa, length in posted:

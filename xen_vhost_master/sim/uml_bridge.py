@@ -287,11 +287,14 @@ class UmlBridge:
     async def accept(self, listener: UnixListener, timeout: float = 30.0) -> int:
         """Accept UML's connection, adopt its memory and create the domain; returns the domid."""
         sock = await listener.accept(timeout=timeout)
+        adopted = False
         try:
-            return self.adopt(sock)
-        except BaseException:
-            sock.close()
-            raise
+            domid = self.adopt(sock)
+            adopted = True
+        finally:
+            if not adopted:
+                sock.close()
+        return domid
 
     def adopt(self, sock: FdSocket) -> int:
         """Make the UML process behind ``sock`` (taken over) a simulated domain; returns its id."""
