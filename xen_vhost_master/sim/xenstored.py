@@ -251,12 +251,14 @@ class SimXenstored:
     def connection_socket(self, domid: int = 0) -> socket.socket:
         """A connected socket whose peer is a new connection of domain ``domid``; caller owns it."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        served = False
         try:
             self._conns.add(_Conn(self, ours, domid))
-        except BaseException:
-            ours.close()
-            theirs.close()
-            raise
+            served = True
+        finally:
+            if not served:
+                ours.close()
+                theirs.close()
         return theirs
 
     def connect_fd(self, domid: int = 0) -> int:
