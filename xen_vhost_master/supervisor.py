@@ -107,6 +107,7 @@ class Supervisor:
         self._status_server: asyncio.AbstractServer | None = None
         self._memfd: int | None = None
         self._saved: dict[str, Any] = {}
+        self._skipped: set[str] = set()  # malformed xenstore devices already reported
         self.fastpath: KernelFastPath | None = None
         self.guest_memory: ForeignGuestMemory | None = None
         self.restricted = False
@@ -292,7 +293,10 @@ class Supervisor:
                 raise ConfigError(f"xenstore {path}: device id {devid!r} is not a number")
             return device_from_xenstore(kind, int(devid), keys)
         except ConfigError as e:
-            self.log.error("skipping device: %s", e)
+            # Every xenstore event re-reads the directory: say it once per distinct problem.
+            if str(e) not in self._skipped:
+                self._skipped.add(str(e))
+                self.log.error("skipping device: %s", e)
             return None
 
     async def _add_device(self, cfg: DeviceConfig, path: str | None) -> None:
