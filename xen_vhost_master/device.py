@@ -218,6 +218,7 @@ class Device:
     async def _open_backend(self) -> tuple[AsyncFrontend, Negotiated, int, bytes]:
         """Connect and negotiate (QEMU's init order); the connection is closed on any failure."""
         fe = await self._connect()
+        opened = False
         try:
             negotiated = await fe.negotiate(
                 protocol_features=DEFAULT_PROTOCOL_FEATURES | self.memory.protocol_features,
@@ -234,9 +235,10 @@ class Device:
                     "(use a back-end built with Xen support, or memory=shadow)"
                 )
             config = await self._probe_config(fe)
-        except BaseException:
-            await fe.close()
-            raise
+            opened = True
+        finally:
+            if not opened:  # refused, failed or cancelled: no half-open connection left behind
+                await fe.close()
         fe.on_lost = lambda exc: self.backend_lost(str(exc))
         return fe, negotiated, nq, config
 

@@ -75,11 +75,13 @@ class QueueFastPath:
 
     def assign(self, index: int, kick_fd: int, call_fd: int) -> None:
         self.guest._ioeventfd(self.base, index, kick_fd, 0)
+        both = False
         try:
             self.guest._irqfd(self.irq, call_fd, 0)
-        except BaseException:
-            self.guest._ioeventfd(self.base, index, kick_fd, PRIVCMD_IOEVENTFD_FLAG_DEASSIGN)
-            raise
+            both = True
+        finally:
+            if not both:  # all or nothing: undo the ioeventfd
+                self.guest._ioeventfd(self.base, index, kick_fd, PRIVCMD_IOEVENTFD_FLAG_DEASSIGN)
         self.assigned[index] = (kick_fd, call_fd)
 
     def deassign(self, index: int) -> None:

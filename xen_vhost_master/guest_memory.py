@@ -88,6 +88,7 @@ class ForeignGuestMemory:
         self.domid = domid
         self._starts: list[int] = []
         self._banks: list[_Bank] = []  # sorted by gpa
+        mapped = False
         try:
             for gpa, size in sorted(banks):
                 if gpa % XEN_PAGE_SIZE or size % XEN_PAGE_SIZE or size <= 0:
@@ -96,9 +97,10 @@ class ForeignGuestMemory:
                     raise GuestMemoryError(gpa, size, "RAM bank (overlapping the previous one)")
                 self._banks.append(_Bank(privcmd, domid, gpa, size))
                 self._starts.append(gpa)
-        except BaseException:
-            self.close()
-            raise
+            mapped = True
+        finally:
+            if not mapped:  # unmap the banks mapped so far
+                self.close()
         log.debug("domain %d: %d RAM bank(s) foreign-mapped", domid, len(self._banks))
 
     def banks(self) -> list[tuple[int, int]]:

@@ -529,11 +529,13 @@ class VirtioMmioDriver:
             readable, writable, refs = self._grant_chain(readable, writable)  # one address per buffer
             # the device owns the pages until it returns the chain (or the queue is failed/reset)
             fut.add_done_callback(lambda _f: self._revoke(refs))
+        room = False
         try:
             await self._wait_for_room(index, queue, need)
-        except BaseException:
-            fut.cancel()  # revokes the grants
-            raise
+            room = True
+        finally:
+            if not room:
+                fut.cancel()  # revokes the grants
         queue.ring.add(readable, writable, token=fut)
         queue.pending.add(fut)
         if kick:
@@ -573,6 +575,7 @@ class VirtioMmioDriver:
         """Grant-address every buffer (readable: read-only grants, writable: read-write)."""
         refs: list[int] = []
         out: tuple[list[tuple[int, int]], list[tuple[int, int]]] = ([], [])
+        granted = False
         try:
             for bufs, dest, ro in ((readable, out[0], True), (writable, out[1], False)):
                 for gpa, length in bufs:
@@ -581,9 +584,10 @@ class VirtioMmioDriver:
                     got = self._grant_consecutive(gpa, length, readonly=ro)
                     refs += got
                     dest.append((grant_dma_address(got[0], gpa & ((1 << XEN_PAGE_SHIFT) - 1)), length))
-        except BaseException:
-            self._revoke(refs)
-            raise
+            granted = True
+        finally:
+            if not granted:
+                self._revoke(refs)
         return out[0], out[1], refs
 
     def _revoke(self, refs: Sequence[int]) -> None:

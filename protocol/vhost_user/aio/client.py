@@ -361,13 +361,14 @@ class AsyncFrontend:
         if self._backend_sock is not None:
             raise LocalProtocolError("the back-end channel is already set up")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        accepted = False
         try:
             await self._call(lambda: self.conn.set_backend_req_fd(theirs.fileno()))
-        except BaseException:
-            ours.close()
-            raise
+            accepted = True
         finally:
-            theirs.close()
+            theirs.close()  # the back-end has its copy now (or never will)
+            if not accepted:
+                ours.close()
         self._backend_sock = FdSocket(ours)
         self._backend_handler = handler
         self._backend_task = asyncio.get_running_loop().create_task(self._serve_backend_channel())

@@ -198,26 +198,26 @@ async def connect_unix(
     for attempt in range(1, max(1, attempts) + 1):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
+        connected = False
         try:
             async with asyncio.timeout(timeout):
                 await loop.sock_connect(sock, os.fspath(path))
+            connected = True
         except TimeoutError as exc:
-            sock.close()
             raise PeerTimeout(f"connect to {os.fspath(path)}", timeout) from exc
         except OSError as exc:
-            sock.close()
             if exc.errno not in _RETRY_ERRNOS:
                 raise TransportError(f"connect to {os.fspath(path)}: {exc}") from exc
             last = exc
-            log.debug("connect %s attempt %d failed: %s; retrying in %.2fs", path, attempt, exc, delay)
-            if attempt < attempts:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, backoff_max)
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        return FdSocket(sock)
+        finally:
+            if not connected:  # failed, timed out or cancelled
+                sock.close()
+        if connected:
+            return FdSocket(sock)
+        log.debug("connect %s attempt %d failed: %s; retrying in %.2fs", path, attempt, last, delay)
+        if attempt < attempts:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, backoff_max)
     raise Disconnected(f"could not connect to {os.fspath(path)} after {attempts} attempts: {last}")
 
 

@@ -29,12 +29,14 @@ async def connected_pair(
     a, b = FdSocket.pair()
     server = BackendServer(device, b)
     task = asyncio.get_running_loop().create_task(server.run())
+    built = False
     try:
         fe = AsyncFrontend(a, **frontend_kwargs)
-    except BaseException:
-        a.close()
-        task.cancel()
-        raise
+        built = True
+    finally:
+        if not built:
+            a.close()
+            task.cancel()
     try:
         yield fe, server
     finally:
