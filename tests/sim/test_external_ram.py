@@ -95,3 +95,23 @@ def test_fd_count_mismatch_is_refused(no_fd_leak: None, sim_host: SimHost, sim_c
         with pytest.raises((ConnectionError, OSError)):
             ctl.call({"op": "domain_info", "domid": 1, "nfds": 2})
     assert len([c for c in sim_host.hv.domains]) >= 2  # the host survived
+
+
+def test_guest_memory_closes_while_a_view_is_still_held(no_fd_leak: None) -> None:
+    """A guest driver whose close() never ran still holds ring views: closing the guest's RAM must not
+    raise a second error (BufferError from mmap.close) over the test's own failure, and must still
+    give back the memfd; the view stays valid until it is released."""
+    from xen_vhost_master.sim.memory import GuestMemory
+
+    mem = GuestMemory([(0, 0x4000)])
+    view = mem.view(0x1000, 16)
+    view[:4] = b"ring"
+    fd = mem.memfd
+    mem.close()
+    assert mem.memfd == -1
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    assert bytes(view[:4]) == b"ring"
+    view.release()
+    with pytest.raises(ValueError):
+        mem.view(0x1000, 16)
