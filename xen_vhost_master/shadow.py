@@ -32,11 +32,14 @@ when the queue is closed), so pages stay mapped for the duration of the request 
 memory a chain whose device-writable buffer maps read-only (a read-only grant) is refused before it
 is published (a guest error); a copy-back that still meets a read-only view (TypeError) is one too.
 
-Reconnect: a back-end that was lost keeps our rings and bounce buffers. When the device model
-re-opens a queue with ``resume=True`` (same rings, never closed), the old shadow used ring is
-harvested (those completions reach the guest), the shadow ring is rebuilt starting at the guest's
-used index (returned as the ring's ``base`` for the new back-end) and every chain still in flight
-is published again, in order: nothing is lost or completed twice. A queue resumed that this object
+Reconnect: each back-end connection gets its own memfd (:meth:`~ShadowDataPath.regions` is asked
+once per connection). A back-end that was replaced may be stopped rather than dead and write later
+into what it mapped; so before the switch its shadow used rings are harvested (those completions
+reach the guest), the bytes of the chains still in flight are carried over to the new memfd at the
+same offsets, and the old memfd is never read again. When the device model re-opens a queue with
+``resume=True`` (same rings, never closed), the shadow ring is rebuilt starting at the guest's used
+index (returned as the ring's ``base`` for the new back-end) and every chain still in flight is
+published again, in order: nothing is lost or completed twice. A queue resumed that this object
 never opened (a restarted daemon: the in-flight table died with the old process) restarts the
 guest side at the guest's used index (QEMU's rule without INFLIGHT_SHMFD; exact for back-ends that
 complete in order). :meth:`~ShadowDataPath.close_queue` (reset) drops in-flight state.
@@ -207,12 +210,18 @@ class ShadowDataPath:
         self.log: Logger = log if log is not None else logging.getLogger(__name__)
         self._queues: dict[int, _Queue] = {}
         self._held: set[int] = set()  # queues waiting for pool space
+        self._handed_out = False  # a back-end has been given the current memfd
 
     # --- DataPath ---------------------------------------------------------------------------
     def banks(self) -> Sequence[tuple[int, int]]:
         return self._banks
 
     def regions(self) -> tuple[Sequence[MemoryRegion], Sequence[int]]:
+        """The memory table of a new back-end connection (the device model asks once per
+        connection, before the queues): from the second connection on, a fresh memfd."""
+        if self._handed_out:
+            self._new_memory()
+        self._handed_out = True
         return [self.shadow.region()], [self.shadow.fd]
 
     def open_queue(self, queue: QueueConfig, features: int, kick_fd: int, *, resume: bool = False) -> RingAddresses:
@@ -328,6 +337,36 @@ class ShadowDataPath:
         self.shadow.close()
 
     # --- engine -----------------------------------------------------------------------------
+    def _new_memory(self) -> None:
+        """Give the next back-end a memfd of its own. The one being replaced may be stopped rather
+        than dead (it missed a reply deadline) and still write into what it mapped: a late used
+        element or buffer must not land in the rings or bounce buffers of its successor. Harvest
+        what it completed so far, carry the bytes of the chains still in flight over at the same
+        offsets, and never read the old memfd again."""
+        old = self.shadow
+        for q in self._queues.values():
+            if q.drv is None:
+                continue
+            if q.broken is None and q.guest is not None:
+                try:
+                    done = q.drv.get_used()
+                except RingError as e:
+                    self.log.warning("queue %d: old shadow used ring unreadable (%s); resubmitting all in flight",
+                                     q.config.index, e)
+                    done = []
+                if done:
+                    self._complete(q, done)
+            q.drv.release()
+            q.drv = None  # rebuilt on the new memory when the queue is resumed
+        new = ShadowMemory(pool_size=old.pool.capacity, max_queues=old.max_queues,
+                           max_queue_size=old.max_queue_size, base=old.base)
+        new.pool = old.pool  # same extents, same offsets
+        for q in self._queues.values():
+            for f in q.inflight.values():
+                new.mv[f.offset : f.offset + f.nbytes] = old.mv[f.offset : f.offset + f.nbytes]
+        self.shadow, self._buf = new, new.mv
+        old.close()
+
     def _break(self, q: _Queue, reason: str) -> None:
         if q.broken is not None:
             return
@@ -504,16 +543,18 @@ class ShadowDataPath:
     def _reopen(self, q: _Queue, kick_fd: int, indirect: bool) -> RingAddresses:
         """The back-end was replaced: harvest the old shadow ring, rebuild it at the guest's used
         index, publish what is still in flight again, in order."""
-        assert q.guest is not None and q.drv is not None
+        assert q.guest is not None
         start = q.guest.used_idx  # what the device model reads as the new back-end's base
-        try:
-            done = q.drv.get_used()
-        except RingError as e:
-            self.log.warning("queue %d: old shadow used ring unreadable (%s); resubmitting all in flight", q.config.index, e)
-            done = []
-        if done:
-            self._complete(q, done)
-        q.drv.release()
+        done: list[tuple[Any, int]] = []
+        if q.drv is not None:  # same memfd (resubmit()): harvest the old ring here
+            try:
+                done = q.drv.get_used()
+            except RingError as e:
+                self.log.warning("queue %d: old shadow used ring unreadable (%s); resubmitting all in flight",
+                                 q.config.index, e)
+            if done:
+                self._complete(q, done)
+            q.drv.release()
         q.drv = _driver_at(self.shadow, q.config.num, q.rings, q.event_idx, start)
         q.kick_fd = kick_fd
         q.indirect = indirect

@@ -429,3 +429,50 @@ def test_resume_without_inflight_table_restarts_at_the_guests_used_index(rig):
     r.dp.notify(0)
     assert r.serve() == 3 and r.dp.used(0)
     assert [t for t, _ in drv.get_used()] == [5, 6, 7]
+
+
+def test_a_replaced_back_end_still_alive_cannot_write_into_its_successor(rig):
+    """A back-end that missed a deadline may be stopped, not dead, and wake up later. Each back-end
+    connection gets its own memfd: the old one's late used elements and buffer writes land in memory
+    the daemon no longer reads, the chains it held are resubmitted to the new one with their bytes,
+    and the guest gets each completion once, with the new back-end's data."""
+    import mmap
+
+    r = rig(num=16)
+    drv = r.drivers[0]
+    (old_region,), (old_fd,) = r.dp.regions()  # first connection
+    mapping = mmap.mmap(os.dup(old_fd), old_region.memory_size)  # the old back-end's own mapping
+    old_mem = FlatMemory(mapping, old_region.guest_phys_addr)
+    desc, avail, used, _ = split_ring_layout(16, r.dp.shadow.ring_slot(0))
+    old = SplitQueueDevice(old_mem, 16, desc, avail, used)
+    replies = []
+    for k in range(3):
+        replies.append(r.buf(32))
+        drv.add([r.buf(bytes([k + 1]) * 28)], [replies[-1]], token=k)
+    r.dp.notify(0)
+    chains = [old.pop() for _ in range(3)]
+    write_buffers(old_mem, chains[0].writable, b"old:" + bytes([1]) * 28)
+    old.push(chains[0].head, 32)  # completed before it stalled
+
+    (new_region,), (new_fd,) = r.dp.regions()  # the replacement connects
+    assert new_fd != old_fd and new_region.guest_phys_addr == old_region.guest_phys_addr
+    rings = r.dp.open_queue(r.configs[0], r.features, r.kick[0], resume=True)
+    assert [t for t, _ in drv.get_used()] == [0]  # harvested from the old memfd before the switch
+    for c in chains[1:]:  # the stale one wakes up: garbage into its buffers, used elements pushed
+        write_buffers(old_mem, c.writable, b"\xee" * 32)
+        old.push(c.head, 32)
+    r.dp.used(0)
+    assert drv.get_used() == [] and r.dp.inflight(0) == 2  # never read
+
+    new = SplitQueueDevice(r.dp.shadow, 16, rings.desc, rings.avail, rings.used, last_avail_idx=rings.base)
+    r.backends[0].release()
+    r.backends[0] = new
+    assert r.serve(reply=lambda data, room: b"new:" + data[: room - 4]) == 2  # got the guest's bytes
+    assert r.dp.used(0) is True
+    assert sorted(t for t, _ in drv.get_used()) == [1, 2]
+    expected = [b"old:" + bytes([1]) * 28, b"new:" + bytes([2]) * 28, b"new:" + bytes([3]) * 28]
+    assert [bytes(r.mem.view(a, n)) for a, n in replies] == expected
+    old.release()
+    old_mem.release()
+    mapping.close()
+    assert r.dp.inflight(0) == 0 and r.dp.pool.used_pages == 0
