@@ -6,6 +6,8 @@ about Xen. Layers (each importable on its own):
 * :mod:`vhost_user.wire` — construct structs, enums, codec, validators (L0, pure);
 * :mod:`vhost_user.frontend`, :mod:`vhost_user.backend` — sans-IO state machines (L1, pure);
 * :mod:`vhost_user.aio` — asyncio transport, :class:`AsyncFrontend`, :class:`BackendServer` (L2);
+* :mod:`vhost_user.virtqueue`, :mod:`vhost_user.inflight` — split rings and inflight I/O
+  tracking (pure);
 * :mod:`vhost_user.testing` — recording dummy back-end and a RAM-disk virtio-blk device;
 * :mod:`vhost_user.trace` — ``vhost-user-dump``, a decoding man-in-the-middle.
 """
@@ -31,6 +33,7 @@ from .errors import (
     FdCountMismatch,
     FeatureNotNegotiated,
     GuestMemoryError,
+    InflightRegionError,
     LocalProtocolError,
     MalformedMessage,
     PartialMessage,
@@ -77,6 +80,7 @@ __all__ = [
     "FdCountMismatch",
     "FeatureNotNegotiated",
     "GuestMemoryError",
+    "InflightRegionError",
     "LocalProtocolError",
     "MalformedMessage",
     "PartialMessage",

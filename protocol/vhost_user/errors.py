@@ -10,7 +10,8 @@ Shape (STYLE.md §2.4, after h11 ``_util.py`` and rust-vmm ``Error::should_recon
     │       ├── MalformedMessage      a field failed validation (names the field)
     │       ├── UnknownRequest        request code not in the spec
     │       ├── UnexpectedReply       reply code/flags do not match the request in flight
-    │       └── BackendFailed         the peer answered a request with a non-zero u64 status
+    │       ├── BackendFailed         the peer answered a request with a non-zero u64 status
+    │       └── InflightRegionError   the inflight area of SET_INFLIGHT_FD is unusable
     ├── TransportError
     │   ├── Disconnected              the peer closed the socket (or we did)
     │   ├── PartialMessage            EOF in the middle of a message
@@ -36,6 +37,7 @@ __all__ = [
     "UnknownRequest",
     "UnexpectedReply",
     "BackendFailed",
+    "InflightRegionError",
     "TransportError",
     "Disconnected",
     "PartialMessage",
@@ -117,6 +119,21 @@ class BackendFailed(RemoteProtocolError):
         self.request = request
         self.status = status
         super().__init__(f"peer failed {request!s} with status {status:#x}")
+
+
+class InflightRegionError(RemoteProtocolError):
+    """The inflight area the front-end handed over (SET_INFLIGHT_FD) is unusable: too small for
+    what it claims, a bad queue size or offset, or tracking entries no back-end could have written.
+
+    The connection is still in sync (the back-end refuses the region or the ring), so
+    ``reconnect`` is False.
+    """
+
+    reconnect: ClassVar[bool] = False
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"inflight region: {reason}")
 
 
 class TransportError(VhostUserError):

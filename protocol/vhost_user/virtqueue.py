@@ -26,11 +26,23 @@ the x86-64 TSO model stores are seen in program order and loads are not reordere
 so no explicit fence is needed there. On weakly ordered CPUs (arm64) Python offers no fence;
 a peer there still relies on the syscall (eventfd write/read) between publish and consume acting
 as a full barrier, which it does.
+
+Single stores. A word the other side polls while we run (avail idx, flags, ring entries and
+used_event; used idx, flags and avail_event) must go to memory in one store, or the poller may read
+a value we never wrote. ``struct.pack_into`` does not do that: CPython's ``s_pack_internal`` first
+``memset``s the whole target to 0 and then writes the value, so a back-end polling from another
+process (DPDK's data-path lcore) can read avail idx = 0 in between. DPDK 22.11
+(``virtio_dev_tx_split``) takes ``avail->idx - last_avail_idx`` as the number of new chains without
+a bound check, so 0 seen after ``last_avail_idx`` 1 means 65535 chains: it re-reads every stale
+avail slot for a whole index wrap (re-sending the last transmitted frame thousands of times) and
+moves the used idx by as much. The driver side therefore stores its shared words through a ``"H"``
+cast of the ring view (one aligned 16-bit ``memcpy`` in CPython's memoryview item assignment).
 """
 
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -83,6 +95,7 @@ USED_ELEM_SIZE: Final = 8
 
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
+_LITTLE_ENDIAN_HOST: Final = sys.byteorder == "little"
 _U16X2 = struct.Struct("<HH")
 _USED_ELEM = struct.Struct("<II")
 _U64_MAX: Final = (1 << 64) - 1
@@ -151,6 +164,12 @@ class Chain:
     @property
     def writable_len(self) -> int:
         return sum(b.length for b in self.writable)
+
+
+def _le16(value: int) -> int:
+    """Convert between a little-endian ring u16 and the host's native u16 (an ``"H"`` cast view
+    stores and loads native words; a no-op on x86-64 and arm64)."""
+    return value if _LITTLE_ENDIAN_HOST else ((value & 0xFF) << 8) | (value >> 8)
 
 
 def _align(value: int, alignment: int) -> int:
@@ -299,6 +318,11 @@ class SplitQueueDevice:
 
     ``last_avail_idx`` is where consumption starts (vhost-user SET_VRING_BASE); the used index is
     read from the used ring (as libvhost-user does on SET_VRING_ADDR) unless ``used_idx`` is given.
+
+    ``inflight`` (a :class:`vhost_user.inflight.InflightQueue`, already :meth:`recovered
+    <vhost_user.inflight.InflightQueue.recover>`): chains it lists for resubmission are popped
+    first; every chain taken from the avail ring is marked in flight, and each push publishes its
+    own used idx between ``pre_put`` and ``post_put`` (libvhost-user's order).
     """
 
     def __init__(
@@ -311,8 +335,10 @@ class SplitQueueDevice:
         event_idx: bool = False,
         last_avail_idx: int = 0,
         used_idx: int | None = None,
+        inflight: Any = None,
     ) -> None:
         self._r = _Rings(mem, size, desc_addr, avail_addr, used_addr)
+        self.inflight = inflight
         self.event_idx = event_idx
         self._last_avail = last_avail_idx & 0xFFFF
         self._used_idx = (_U16.unpack_from(self._r.used, 2)[0] if used_idx is None else used_idx) & 0xFFFF
@@ -350,7 +376,13 @@ class SplitQueueDevice:
         return pending
 
     def pop(self) -> Chain | None:
-        """Take the next available chain, validated; ``None`` when the ring is empty."""
+        """Take the next available chain, validated; ``None`` when the ring is empty.
+        With inflight tracking, chains left in flight by a previous back-end come first."""
+        inflight = self.inflight
+        if inflight is not None:
+            again = inflight.next_resubmit()
+            if again is not None:
+                return self._walk(again)
         if not self.available():
             return None
         # Read barrier here (avail idx before the ring entry) — see the module docstring.
@@ -358,6 +390,8 @@ class SplitQueueDevice:
         head = _U16.unpack_from(self._r.avail, 4 + 2 * slot)[0]
         chain = self._walk(head)
         self._last_avail = (self._last_avail + 1) & 0xFFFF
+        if inflight is not None:
+            inflight.begin(head)
         if self.event_idx and self._notify_enabled:
             self._write_avail_event()
         return chain
@@ -407,9 +441,11 @@ class SplitQueueDevice:
         self.push_many(((head, written_len),))
 
     def push_many(self, items: Iterable[tuple[int, int]]) -> None:
-        """Write several used elements, then publish the used index once."""
+        """Write several used elements, then publish the used index once (with inflight
+        tracking: once per element, so a restart can tell which one was being put)."""
         used = self._r.used
         idx = self._used_idx
+        inflight = self.inflight
         for head, written in items:
             if not 0 <= head < self._r.size:
                 raise ValueError(f"head {head} out of range (queue size {self._r.size})")
@@ -417,6 +453,13 @@ class SplitQueueDevice:
                 raise ValueError(f"written length {written} does not fit u32")
             _USED_ELEM.pack_into(used, 4 + USED_ELEM_SIZE * (idx & self._r.mask), head, written)
             idx = (idx + 1) & 0xFFFF
+            if inflight is not None:
+                inflight.pre_put(head)
+                _U16.pack_into(used, 2, idx)  # (elements before idx, as below)
+                self._used_idx = idx
+                inflight.post_put(head, idx)
+        if inflight is not None:
+            return
         # Write barrier here (elements before idx) — see the module docstring.
         _U16.pack_into(used, 2, idx)
         self._used_idx = idx
@@ -476,6 +519,12 @@ class SplitQueueDriver:
         self.event_idx = event_idx
         for v in (self._r.desc, self._r.avail, self._r.used):
             v[:] = bytes(len(v))
+        # 16-bit word views of the rings: every word the device polls is stored (and every word it
+        # updates is loaded) with one access, never through struct (see "Single stores" above).
+        self._avail_w = self._r.avail.cast("H")
+        self._used_w = self._r.used.cast("H")
+        self._used_event_w = self._r.used_event_off // 2
+        self._avail_event_w = self._r.avail_event_off // 2
         self._free: list[int] = list(range(size - 1, -1, -1))  # a stack; pops 0 first
         self._inflight: dict[int, tuple[list[int], Any]] = {}
         self._avail_idx = 0
@@ -495,6 +544,8 @@ class SplitQueueDriver:
         return self._avail_idx
 
     def release(self) -> None:
+        self._avail_w.release()
+        self._used_w.release()
         self._r.release()
 
     def add(
@@ -551,10 +602,10 @@ class SplitQueueDriver:
     def _publish(self, indices: list[int], token: Any) -> int:
         head = indices[0]
         self._inflight[head] = (indices, token)
-        _U16.pack_into(self._r.avail, 4 + 2 * (self._avail_idx & self._r.mask), head)
+        self._avail_w[2 + (self._avail_idx & self._r.mask)] = _le16(head)
         # Write barrier here (descriptors + ring entry before idx) — see the module docstring.
         self._avail_idx = (self._avail_idx + 1) & 0xFFFF
-        _U16.pack_into(self._r.avail, 2, self._avail_idx)
+        self._avail_w[1] = _le16(self._avail_idx)  # one store: a poller must never see 0 here
         return head
 
     def kick_needed(self) -> bool:
@@ -567,9 +618,9 @@ class SplitQueueDriver:
         if old == new:
             return False
         if self.event_idx:
-            avail_event = _U16.unpack_from(self._r.used, self._r.avail_event_off)[0]
+            avail_event = _le16(self._used_w[self._avail_event_w])
             return vring_need_event(avail_event, new, old)
-        return not _U16.unpack_from(self._r.used, 0)[0] & VRING_USED_F_NO_NOTIFY
+        return not _le16(self._used_w[0]) & VRING_USED_F_NO_NOTIFY
 
     def get_used(self) -> list[tuple[Any, int]]:
         """Collect the chains the device returned: ``[(token, written_len), ...]`` in used order.
@@ -585,14 +636,14 @@ class SplitQueueDriver:
             if not self.event_idx:
                 return out
             self._publish_used_event()
-            if _U16.unpack_from(self._r.used, 2)[0] == self._last_used:
+            if _le16(self._used_w[1]) == self._last_used:
                 return out
 
     def _publish_used_event(self) -> None:
-        _U16.pack_into(self._r.avail, self._r.used_event_off, self._last_used)
+        self._avail_w[self._used_event_w] = _le16(self._last_used)
 
     def _harvest(self, out: list[tuple[Any, int]]) -> None:
-        used_idx = _U16.unpack_from(self._r.used, 2)[0]
+        used_idx = _le16(self._used_w[1])
         pending = (used_idx - self._last_used) & 0xFFFF
         if pending > len(self._inflight):
             raise RingError(f"used idx {used_idx} is {pending} ahead, only {len(self._inflight)} chains in flight")
@@ -610,12 +661,12 @@ class SplitQueueDriver:
     def disable_interrupts(self) -> None:
         """VRING_AVAIL_F_NO_INTERRUPT (without EVENT_IDX); with EVENT_IDX move used_event far away."""
         if self.event_idx:
-            _U16.pack_into(self._r.avail, self._r.used_event_off, (self._last_used - 1) & 0xFFFF)
+            self._avail_w[self._used_event_w] = _le16((self._last_used - 1) & 0xFFFF)
         else:
-            _U16.pack_into(self._r.avail, 0, VRING_AVAIL_F_NO_INTERRUPT)
+            self._avail_w[0] = _le16(VRING_AVAIL_F_NO_INTERRUPT)
 
     def enable_interrupts(self) -> None:
         if self.event_idx:
-            _U16.pack_into(self._r.avail, self._r.used_event_off, self._last_used)
+            self._avail_w[self._used_event_w] = _le16(self._last_used)
         else:
-            _U16.pack_into(self._r.avail, 0, 0)
+            self._avail_w[0] = 0

@@ -52,6 +52,7 @@ class Vring:
         self.started = False
         self.gpa_desc = self.gpa_avail = self.gpa_used = 0
         self.queue: Any = None  # a device may keep its SplitQueueDevice here
+        self.inflight: Any = None  # InflightQueue (SET_INFLIGHT_FD), given to split_queue()
         self.event_idx = False
 
     @property
@@ -74,6 +75,7 @@ class Vring:
                 self.gpa_used,
                 event_idx=self.event_idx,
                 last_avail_idx=self.base,
+                inflight=self.inflight,
             )
         return self.queue
 

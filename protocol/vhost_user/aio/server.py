@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
 import os
 import socket
+import struct
 from collections.abc import Callable
 
 from ..backend import BackendChannelRequester, BackendConnection
-from ..errors import BackendFailed, Disconnected, LocalProtocolError, PeerTimeout, VhostUserError
+from ..errors import BackendFailed, Disconnected, InflightRegionError, LocalProtocolError, PeerTimeout, VhostUserError
 from ..events import RequestReceived
+from ..inflight import InflightRegion, format_region, region_size
 from ..wire.enums import (
     VRING_IDX_MASK,
     FrontendRequest,
@@ -85,7 +88,8 @@ class BackendServer:
             F.GET_INFLIGHT_FD: self._get_inflight_fd,
             F.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
-        self.inflight_fd: int | None = None
+        self.inflight: InflightRegion | None = None  # SET_INFLIGHT_FD (or our own GET_INFLIGHT_FD area)
+        self._inflight_map: mmap.mmap | None = None
 
     # -- main loop -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -317,30 +321,90 @@ class BackendServer:
         )
 
     def _get_inflight_fd(self, ev: RequestReceived) -> tuple[Inflight, tuple[int, ...]] | None:
-        """A zeroed memfd big enough for the split-ring inflight area (libvhost-user's layout:
-        per queue a 16-byte header plus 16 bytes per descriptor, rounded up to 64)."""
+        """A fresh memfd for the split-ring inflight area (libvhost-user's layout, every queue
+        region zeroed, version 1), mapped as ours as well until SET_INFLIGHT_FD replaces it."""
         if not self.conn.protocol_features & ProtocolFeatures.INFLIGHT_SHMFD:
             return None
         num_queues, queue_size = ev.payload.num_queues, ev.payload.queue_size
-        per_queue = (16 + 16 * queue_size + 63) & ~63
-        size = max(per_queue * num_queues, 1)
         fd = os.memfd_create("vhost-user-inflight", os.MFD_CLOEXEC)
+        ok = False
         try:
+            size = region_size(num_queues, queue_size)
             os.ftruncate(fd, size)
-            self._set_inflight(os.dup(fd))
-        except OSError:
-            os.close(fd)
+            with mmap.mmap(fd, size) as mm:
+                format_region(mm, num_queues, queue_size)
+            self._map_inflight(fd, size, 0, num_queues, queue_size)
+            ok = True
+        except (OSError, ValueError, InflightRegionError) as exc:
+            self.log.warning("GET_INFLIGHT_FD(%d queues of %d): %s", num_queues, queue_size, exc)
             return None
+        finally:
+            if not ok:
+                os.close(fd)
         payload = Inflight(mmap_size=size, mmap_offset=0, num_queues=num_queues, queue_size=queue_size, padding=0)
         return payload, (fd,)
 
-    def _set_inflight_fd(self, ev: RequestReceived) -> None:
-        self._set_inflight(ev.fds[0])
+    def _set_inflight_fd(self, ev: RequestReceived) -> bool:
+        fd = ev.fds[0]
+        p = ev.payload
+        try:
+            if any(v.started for v in self.vrings):
+                raise InflightRegionError("SET_INFLIGHT_FD while a ring runs")
+            self._map_inflight(fd, p.mmap_size, p.mmap_offset, p.num_queues, p.queue_size)
+        except (OSError, ValueError, InflightRegionError) as exc:
+            self.log.warning("SET_INFLIGHT_FD refused: %s", exc)
+            return False
+        finally:
+            os.close(fd)
+        return True
 
-    def _set_inflight(self, fd: int | None) -> None:
-        if self.inflight_fd is not None:
-            os.close(self.inflight_fd)
-        self.inflight_fd = fd
+    def _map_inflight(self, fd: int, size: int, offset: int, num_queues: int, queue_size: int) -> None:
+        """Map ``[offset, offset+size)`` of ``fd`` (not taken) as the inflight area for the rings."""
+        if offset % mmap.ALLOCATIONGRANULARITY:
+            raise InflightRegionError(f"mmap_offset {offset:#x} is not page aligned")
+        if size < region_size(max(num_queues, 1), max(queue_size, 1)) or size == 0:
+            raise InflightRegionError(f"mmap_size {size} too small for {num_queues} queue(s) of {queue_size}")
+        if os.fstat(fd).st_size < offset + size:
+            raise InflightRegionError(f"fd holds {os.fstat(fd).st_size} bytes, {offset + size} announced")
+        mm = mmap.mmap(fd, size, offset=offset)
+        try:
+            region = InflightRegion(mm, num_queues, queue_size)
+        except InflightRegionError:
+            mm.close()
+            raise
+        self._unmap_inflight()
+        self.inflight, self._inflight_map = region, mm
+        for vring in self.vrings:
+            vring.inflight = region.queues[vring.index] if vring.index < num_queues else None
+
+    def _unmap_inflight(self) -> None:
+        region, mm = self.inflight, self._inflight_map
+        self.inflight = self._inflight_map = None
+        for vring in self.vrings:
+            if vring.inflight is not None:
+                vring.drop_queue()  # (the ring object refers to the region)
+                vring.inflight = None
+        if region is not None:
+            region.release()
+        if mm is not None:
+            mm.close()
+
+    def _recover_inflight(self, vring: Vring) -> None:
+        """libvhost-user ``vu_check_queue_inflights``: on ring start, find what a previous
+        back-end left in flight; consumption resumes at used idx + that many."""
+        if vring.inflight is None:
+            return
+        with self.device.memory.view(vring.gpa_used + 2, 2) as view:
+            (used_idx,) = struct.unpack("<H", view)
+        base = vring.inflight.recover(used_idx, vring.num)
+        if base is None:
+            return
+        if vring.inflight.pending_resubmit:
+            self.log.info(
+                "vring %d: resubmitting %d chain(s) left in flight (used idx %d, resuming at avail %d)",
+                vring.index, vring.inflight.pending_resubmit, used_idx, base,
+            )
+        vring.base = base
 
     def _set_status(self, ev: RequestReceived) -> None:
         self.device.status = int(ev.payload.value)
@@ -359,10 +423,17 @@ class BackendServer:
             self.log.warning("vring %d: ring address not in memory table: %s", vring.index, exc)
             return False
         vring.drop_queue()
+        try:
+            self._recover_inflight(vring)
+        except (VhostUserError, ValueError) as exc:
+            self.log.warning("vring %d: inflight area unusable, ring not started: %s", vring.index, exc)
+            return False
         vring.started = True
         self.device.vring_started(vring)
         assert self._loop is not None
         self._loop.add_reader(vring.kick_fd, self._on_kick, vring)
+        if vring.inflight is not None and vring.inflight.pending_resubmit:
+            os.eventfd_write(vring.kick_fd, 1)  # libvhost-user: "in case of I/O hang after reconnecting"
         return True
 
     def _remap_started(self) -> None:
@@ -435,7 +506,7 @@ class BackendServer:
         if self.channel_sock is not None:
             self.channel_sock.close()
             self.channel_sock = None
-        self._set_inflight(None)
+        self._unmap_inflight()
         self.device.close()
         self.sock.close()
 

@@ -5,21 +5,31 @@ u8 data[]; u8 status; }`` — VIRTIO_BLK_T_IN (0), OUT (1), FLUSH (4), GET_ID (8
 gets VIRTIO_BLK_S_UNSUPP. Config (§5.2.4): capacity (512-byte sectors) @0, seg_max @12,
 blk_size @20, num_queues @34. Uses the device side of :mod:`vhost_user.virtqueue`.
 
-Run standalone: ``python -m vhost_user.testing.blk --socket PATH --size 64M [--image FILE]``.
+Offers INFLIGHT_SHMFD (inflight I/O tracking, :mod:`vhost_user.inflight`) unless told not to.
+With ``reorder`` (a seeded ``random.Random``) it completes out of order on purpose: each chain is
+served when popped but put in the used ring after a random delay of up to ``hold`` seconds, so
+a back-end killed at any moment has chains in flight behind completed younger ones (what
+inflight tracking exists for). Held chains are completed at once when the ring stops.
+
+Run standalone: ``python -m vhost_user.testing.blk --socket PATH --size 64M [--image FILE]
+[--reorder SEED [--hold-ms MS]] [--no-inflight]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import mmap
 import os
+import random
 import struct
 from collections.abc import Callable
 from typing import Any
 
 from ..aio.device import VhostUserDevice, Vring
 from ..aio.server import serve_unix
+from ..errors import VhostUserError
 from ..wire.enums import ProtocolFeatures, VirtioFeatures
 
 __all__ = [
@@ -84,9 +94,18 @@ class RamDiskBlk(VhostUserDevice):
         event_idx: bool = True,
         serial: bytes = b"pyvhost-ramdisk",
         queue_size_max: int = 1024,
+        inflight: bool = True,
+        reorder: random.Random | None = None,
+        hold: float = 0.02,
     ) -> None:
         super().__init__()
         self.num_queues = num_queues
+        if inflight:
+            self.protocol_features = type(self).protocol_features | ProtocolFeatures.INFLIGHT_SHMFD
+        self.reorder = reorder
+        self.hold = hold
+        # vring index -> head -> (bytes written, timer that completes it)
+        self._held: dict[int, dict[int, tuple[int, asyncio.TimerHandle]]] = {}
         self._image_map: mmap.mmap | None = None
         if image is not None:
             fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
@@ -140,9 +159,52 @@ class RamDiskBlk(VhostUserDevice):
                     continue  # more arrived while we re-enabled notifications
                 break
             written = self._request(chain, read_buffers, write_buffers)
-            queue.push(chain.head, written)
+            if self.reorder is None:
+                queue.push(chain.head, written)
+            else:
+                self._hold_completion(vring, chain.head, written)
         if queue.needs_notify():
             vring.call()
+
+    # -- out-of-order completion ---------------------------------------------------------
+    def _hold_completion(self, vring: Vring, head: int, written: int) -> None:
+        assert self.reorder is not None
+        delay = self.reorder.uniform(0, self.hold)
+        handle = asyncio.get_running_loop().call_later(delay, self._complete_held, vring, head)
+        self._held.setdefault(vring.index, {})[head] = (written, handle)
+
+    def _complete_held(self, vring: Vring, head: int) -> None:
+        written, _handle = self._held[vring.index].pop(head)
+        try:
+            queue = vring.split_queue()
+            queue.push(head, written)
+            if queue.needs_notify():
+                vring.call()
+        except (VhostUserError, ValueError) as exc:
+            log.error("vring %d: completing chain %d failed: %s", vring.index, head, exc)
+
+    def vring_stopped(self, vring: Vring) -> None:
+        """GET_VRING_BASE: whatever is held is completed now (in random order), as a real
+        back-end drains its I/O before answering."""
+        held = self._held.pop(vring.index, {})
+        self._cancel(held)
+        if not held:
+            return
+        heads = list(held)
+        if self.reorder is not None:
+            self.reorder.shuffle(heads)
+        try:
+            queue = vring.split_queue()
+            queue.push_many((h, held[h][0]) for h in heads)
+            if queue.needs_notify():
+                vring.call()
+        except (VhostUserError, ValueError) as exc:
+            log.error("vring %d: completing held chains failed: %s", vring.index, exc)
+
+    @staticmethod
+    def _cancel(held: dict[int, tuple[int, asyncio.TimerHandle]]) -> None:
+        for _written, handle in held.values():
+            handle.cancel()
 
     def _request(self, chain: Any, read_buffers: Any, write_buffers: Any) -> int:
         mem = self.memory
@@ -182,6 +244,9 @@ class RamDiskBlk(VhostUserDevice):
         return write_buffers(mem, chain.writable, payload + bytes([status]))
 
     def close(self) -> None:
+        for held in self._held.values():
+            self._cancel(held)
+        self._held.clear()
         super().close()
 
     def release_disk(self) -> None:
@@ -201,6 +266,10 @@ def main(argv: list[str] | None = None, *, prog: str | None = None,
     parser.add_argument("--image", help="serve this file (mmap'd shared) instead of RAM")
     parser.add_argument("--queues", type=int, default=1)
     parser.add_argument("--connections", type=int, default=None, help="exit after N front-ends")
+    parser.add_argument("--no-inflight", action="store_true", help="do not offer INFLIGHT_SHMFD")
+    parser.add_argument("--reorder", type=int, metavar="SEED", default=None,
+                        help="complete requests out of order on purpose (random delays, seeded)")
+    parser.add_argument("--hold-ms", type=float, default=20.0, help="longest delay of a completion with --reorder")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -215,9 +284,11 @@ def main(argv: list[str] | None = None, *, prog: str | None = None,
         parser.error(f"--image {image}: no such file")
     os.makedirs(os.path.dirname(os.path.abspath(args.socket)), mode=0o700, exist_ok=True)
     disk_holder: dict[str, bytearray] = {}
+    rng = None if args.reorder is None else random.Random(args.reorder)
 
     def factory() -> RamDiskBlk:
-        dev = RamDiskBlk(size, image=image, num_queues=args.queues)
+        dev = RamDiskBlk(size, image=image, num_queues=args.queues, inflight=not args.no_inflight,
+                         reorder=rng, hold=args.hold_ms / 1000)
         # RAM disks keep their content across reconnects within one process.
         if image is None:
             dev.disk = disk_holder.setdefault("disk", dev.disk)
