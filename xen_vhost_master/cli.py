@@ -45,6 +45,10 @@ devices:
   queues=N           number of queues (default: the back-end's GET_QUEUE_NUM, else 1)
   memory=MODE        auto | xen-mmap | shadow | sim-memfd (see --memory)
   grants=0|1         grant-based guest (xl grant_usage=1)
+  xen-no-advance=rust-vmm|spec
+                     grant guest over XEN_MMAP: the "not mapped in advance" region flag,
+                     rust-vmm = 0x8 (default: what rust-vmm Xen back-ends expect),
+                     spec = 0x100 (the vhost-user spec's bit 8); the back-end must agree
   devid=N            device id (default: position on the command line)
 
 exit codes: 0 stopped cleanly; 69 no such domain; 75 transient failure (systemd restarts);

@@ -21,6 +21,8 @@ __all__ = [
     "DeviceConfig",
     "GuestConfig",
     "MemoryMode",
+    "NO_ADVANCE_RUSTVMM",
+    "NO_ADVANCE_SPEC",
     "device_from_xenstore",
     "load_toml",
     "merge",
@@ -34,6 +36,10 @@ SOCKET_TEMPLATE = "/run/xen-vhost-master/{domid}/{devid}.sock"
 DEFAULT_QUEUE_SIZE = 256  # QueueNumMax offered to the guest; QEMU's default for virtio-blk/net
 MMIO_WINDOW = 0x200  # libxl's per-device window (xen/include/public/arch-arm.h GUEST_VIRTIO_MMIO_SIZE)
 MAX_QUEUE_SIZE = 32768  # virtio 1.2 §2.7
+# XEN_MMAP grant regions' "can not be mapped in advance" flag: rust-vmm vm-memory puts 0x8 on the
+# wire (what existing Xen back-ends understand), the vhost-user spec says bit 8 (abi.md §9).
+NO_ADVANCE_RUSTVMM, NO_ADVANCE_SPEC = 0x8, 0x100
+NO_ADVANCE_NAMES = {"rust-vmm": NO_ADVANCE_RUSTVMM, "spec": NO_ADVANCE_SPEC}
 
 # linux/virtio_ids.h: names accepted for `type=` (numbers and `virtio,deviceNN` work too).
 VIRTIO_IDS = {
@@ -64,6 +70,7 @@ class DeviceConfig:
     num_queues: int | None = None  # None: as many as the back-end's GET_QUEUE_NUM
     grants: bool = False  # grant-based guest (xenstore grant_usage=1)
     memory: MemoryMode = MemoryMode.AUTO
+    xen_no_advance: int = NO_ADVANCE_RUSTVMM  # grant devices over XEN_MMAP: NO_ADVANCE_MAP value
     source: str = "cli"  # where it came from, for messages: cli, config, xenstore
 
     def socket_path(self, domid: int) -> str:
@@ -121,7 +128,7 @@ def _bool(text: object, what: str) -> bool:
 
 
 def _device(items: Mapping[str, object], what: str, source: str) -> DeviceConfig:
-    known = {"devid", "type", "base", "irq", "socket", "mode", "queue-size", "queues", "grants", "memory"}
+    known = {"devid", "type", "base", "irq", "socket", "mode", "queue-size", "queues", "grants", "memory", "xen-no-advance"}
     unknown = set(items) - known
     if unknown:
         raise ConfigError(f"{what}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
@@ -138,6 +145,7 @@ def _device(items: Mapping[str, object], what: str, source: str) -> DeviceConfig
         raise ConfigError(f"{what}: memory={memory!r}: use one of {', '.join(m.value for m in MemoryMode)}") from None
     queue_size = _int(items.get("queue-size", DEFAULT_QUEUE_SIZE), f"{what}: queue-size", 1, MAX_QUEUE_SIZE)
     queues = items.get("queues")
+    no_advance = _no_advance(items.get("xen-no-advance", "rust-vmm"), f"{what}: xen-no-advance")
     return DeviceConfig(
         devid=_int(items.get("devid", 0), f"{what}: devid", 0, 2**31 - 1),
         device_id=virtio_id(str(items["type"]), f"{what}: type"),
@@ -149,8 +157,23 @@ def _device(items: Mapping[str, object], what: str, source: str) -> DeviceConfig
         num_queues=None if queues is None else _int(queues, f"{what}: queues", 1, 1024),
         grants=_bool(items.get("grants", False), f"{what}: grants"),
         memory=mem,
+        xen_no_advance=no_advance,
         source=source,
     )
+
+
+def _no_advance(text: object, what: str) -> int:
+    """``rust-vmm`` / ``0x8`` or ``spec`` / ``0x100``."""
+    s = str(text).strip().lower()
+    if s in NO_ADVANCE_NAMES:
+        return NO_ADVANCE_NAMES[s]
+    try:
+        n = int(s, 0)
+    except ValueError:
+        n = -1
+    if n in (NO_ADVANCE_RUSTVMM, NO_ADVANCE_SPEC):
+        return n
+    raise ConfigError(f"{what}={text!r}: use rust-vmm (0x8, what rust-vmm Xen back-ends expect) or spec (0x100, the vhost-user spec's bit 8)")
 
 
 def parse_device_arg(text: str, index: int = 0) -> DeviceConfig:

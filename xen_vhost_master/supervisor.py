@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from vhost_user import AsyncFrontend, ProtocolFeatures, UnixListener, VhostUserError
+from vhost_user import AsyncFrontend, ProtocolFeatures, UnixListener, VhostUserError, XenMmapFlags
 
 from .config import DeviceConfig, MemoryMode, device_from_xenstore, merge
 from .device import DataPath, DataPathChooser, Device, DeviceError
@@ -39,7 +39,7 @@ from .guest_memory import ForeignGuestMemory
 from .memory import XenMmapExport, foreign_reader, sim_memfd_export
 from .shadow import ShadowDataPath
 from .sd_notify import Notifier
-from .virtio_mmio import WINDOW_SIZE, Status, snapshot
+from .virtio_mmio import WINDOW_SIZE, QueueConfig, Status, snapshot
 from .xen.evtchn import EventChannel
 from .xen.kernel import ENV_SIM_SOCKET, Kernel, kernel_from_env
 from .xen.privcmd import PrivCmd
@@ -307,7 +307,7 @@ class Supervisor:
         served = _Served(cfg, None, path)  # type: ignore[arg-type]
         ioreq = self.ioreq
         device = Device(
-            cfg, connect=lambda: self._connect(served), memory=self._export(cfg),
+            cfg, connect=lambda: self._connect(served), memory=self._export(cfg, lambda: _ready_queues(served.device)),
             set_irq=lambda level: ioreq.set_irq(cfg.irq, level), log=log,
         )
         served.device = device
@@ -330,20 +330,34 @@ class Supervisor:
         served.state_task = self._spawn(self._follow_device(served))
         log.info("serving virtio device %d at %#x irq %d, back-end %s", cfg.device_id, cfg.base, cfg.irq, cfg.socket_path(self.domid))
 
-    def _export(self, cfg: DeviceConfig) -> DataPath | DataPathChooser:
+    def _export(self, cfg: DeviceConfig, rings: Callable[[], list[QueueConfig]]) -> DataPath | DataPathChooser:
         assert self.privcmd is not None
         mode = cfg.memory
         if cfg.grants:
-            if mode not in (MemoryMode.AUTO, MemoryMode.SHADOW):
+            if mode not in (MemoryMode.AUTO, MemoryMode.SHADOW, MemoryMode.XEN_MMAP):
                 self.log.warning("device %d: grant-based guest: memory=%s is not possible, using shadow virtqueues",
                                  cfg.devid, mode.value)
-            return _Choose(self, cfg, None)
+            if mode not in (MemoryMode.AUTO, MemoryMode.XEN_MMAP):
+                return _Choose(self, cfg, None)
+            return _Choose(self, cfg, lambda nq: self._grant_export(cfg, nq, rings), required=mode is MemoryMode.XEN_MMAP)
         if mode is MemoryMode.SIM_MEMFD:
             return self._sim_memfd()
         xen_mmap = XenMmapExport(self.domid, self.banks, self.privcmd.fileno(), foreign_reader(self.privcmd, self.domid))
         if mode is MemoryMode.XEN_MMAP:
             return xen_mmap
-        return _Choose(self, cfg, xen_mmap if mode is MemoryMode.AUTO else None)
+        return _Choose(self, cfg, (lambda nq: xen_mmap) if mode is MemoryMode.AUTO else None)
+
+    def _grant_export(self, cfg: DeviceConfig, num_queues: int, rings: Callable[[], list[QueueConfig]]) -> DataPath:
+        """XEN_MMAP for a grant device: grant space described as GRANT regions over a gntdev fd of
+        its own; shadow virtqueues when an activation's rings do not fit the region limit."""
+        from .grant_memory import GrantXenMmapExport  # noqa: PLC0415
+        from .xen.gntdev import GrantDev  # noqa: PLC0415
+
+        span = sum(size for _gpa, size in self.banks)  # xen-vhost-frontend: grant space as large as the guest
+        return GrantXenMmapExport(GrantDev(self.kernel), self.domid, span, rings,
+                                  no_advance=XenMmapFlags(cfg.xen_no_advance),
+                                  fallback=lambda: self._shadow(cfg, num_queues),
+                                  log=device_logger("xen_vhost_master.grants", self.domid, cfg.devid))
 
     def _shadow(self, cfg: DeviceConfig, num_queues: int) -> DataPath:
         """Shadow virtqueues over the guest's RAM, foreign-mapped once per guest; for a grant
@@ -700,22 +714,44 @@ class _DomainGone(Exception):
 
 
 class _Choose(DataPathChooser):
-    """``memory=auto``: XEN_MMAP if the back-end grants it, else shadow; ``memory=shadow``: shadow."""
+    """``memory=auto``: XEN_MMAP if the back-end grants it, else shadow; ``memory=shadow``: shadow.
 
-    def __init__(self, sup: Supervisor, cfg: DeviceConfig, xen_mmap: XenMmapExport | None) -> None:
-        self.sup, self.cfg, self.xen_mmap = sup, cfg, xen_mmap
-        # XEN_MMAP exports guest-physical RAM; a grant device is served by shadow virtqueues
-        # over gntdev (XEN_MMAP with grant regions is not implemented), so do not ask for it.
-        offer = xen_mmap is not None and not cfg.grants
-        self.protocol_features = xen_mmap.protocol_features if offer and xen_mmap is not None else ProtocolFeatures(0)
+    A grant device's XEN_MMAP export describes grant space (GRANT regions); with more queues than
+    :data:`~xen_vhost_master.grant_memory.MAX_GRANT_QUEUES` its rings may not fit the 8-region
+    limit, so it takes shadow virtqueues over gntdev. ``required``: memory=xen-mmap, the export is
+    used whatever the back-end offers (the device then refuses a back-end without XEN_MMAP)."""
+
+    def __init__(self, sup: Supervisor, cfg: DeviceConfig, xen_mmap: Callable[[int], DataPath] | None, *,
+                 required: bool = False) -> None:
+        self.sup, self.cfg, self.xen_mmap, self.required = sup, cfg, xen_mmap, required
+        self.protocol_features = ProtocolFeatures.XEN_MMAP if xen_mmap is not None else ProtocolFeatures(0)
 
     def __call__(self, negotiated: ProtocolFeatures, num_queues: int) -> DataPath:
-        if self.cfg.grants:
-            why = " (XEN_MMAP with grant regions is not implemented)" if self.xen_mmap is not None else ""
-            self.sup.log.info("device %d: grant-based guest: shadow virtqueues over gntdev%s", self.cfg.devid, why)
+        from .grant_memory import MAX_GRANT_QUEUES  # noqa: PLC0415
+
+        log, devid = self.sup.log, self.cfg.devid
+        if self.xen_mmap is not None and (negotiated & ProtocolFeatures.XEN_MMAP or self.required):
+            if not self.cfg.grants:
+                log.info("device %d: back-end maps guest memory itself (XEN_MMAP)", devid)
+                return self.xen_mmap(num_queues)
+            if num_queues <= MAX_GRANT_QUEUES or self.required:
+                log.info("device %d: grant-based guest: back-end maps the grants itself (XEN_MMAP grant regions, "
+                         "no-advance flag %#x)", devid, self.cfg.xen_no_advance)
+                return self.xen_mmap(num_queues)
+            log.info("device %d: grant-based guest: shadow virtqueues over gntdev (%d queues: their rings may not fit "
+                     "the 8 XEN_MMAP regions)", devid, num_queues)
             return self.sup._shadow(self.cfg, num_queues)
-        if self.xen_mmap is not None and negotiated & ProtocolFeatures.XEN_MMAP:
-            self.sup.log.info("device %d: back-end maps guest memory itself (XEN_MMAP)", self.cfg.devid)
-            return self.xen_mmap
-        self.sup.log.info("device %d: shadow virtqueues (the back-end knows only shared memory)", self.cfg.devid)
+        if self.cfg.grants:
+            why = " (the back-end does not offer XEN_MMAP)" if self.xen_mmap is not None else ""
+            log.info("device %d: grant-based guest: shadow virtqueues over gntdev%s", devid, why)
+            return self.sup._shadow(self.cfg, num_queues)
+        log.info("device %d: shadow virtqueues (the back-end knows only shared memory)", devid)
         return self.sup._shadow(self.cfg, num_queues)
+
+
+def _ready_queues(device: Device | None) -> list[QueueConfig]:
+    """The queues the driver made ready (what an activation starts)."""
+    model = device.model if device is not None else None
+    if model is None:
+        return []
+    return [QueueConfig(i, q.num, q.desc, q.driver, q.device) for i, q in enumerate(model.queues) if q.ready]

@@ -2,34 +2,91 @@
 
 ``vhost_user.testing.RamDiskBlk`` serves a file (mmap'd shared, so what the guest writes is in
 the file) or RAM; here its ``xen_mapper`` is :class:`~xen_vhost_master.xen_mapper.XenRegionMapper`
-on the real kernel, so the guest's RAM regions the daemon describes (FOREIGN, with the daemon's
-/dev/xen/privcmd fd) are foreign-mapped here. This is what the real-Xen lab (tests/xenlab) runs in
-dom0::
+on the real kernel, so the guest's memory the daemon describes is mapped here: FOREIGN regions
+(RAM, with the daemon's /dev/xen/privcmd fd) or, for a grant-based guest, GRANT regions (grant
+space, with the daemon's /dev/xen/gntdev fd: rings in advance, data buffers per access). This is
+what the real-Xen lab (tests/xenlab) runs in dom0::
 
     python3 -m xen_vhost_master.xen_blk_backend --socket /run/xen-vhost-master/1/51712.sock --image /root/disk.img
 
-Same options as ``python -m vhost_user.testing.blk``. ``XEN_VHOST_SIM`` selects the simulated
-host's kernel instead of /dev/xen, for tests.
+Same options as ``python -m vhost_user.testing.blk``, plus ``--xen-no-advance rust-vmm|spec``
+(the "no advance map" flag value the front-end uses for grant regions: 0x8, the default, or 0x100).
+``XEN_VHOST_SIM`` selects the simulated host's kernel instead of /dev/xen, for tests.
+
+A grant the guest gave read-only is mapped read-only: a request that would write into one (a
+device-writable descriptor on a read-only grant) is refused and logged (used length 0, nothing
+written), the queue keeps serving (:func:`refuse_read_only_writes`).
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from vhost_user import GuestMemoryError
 from vhost_user.testing.blk import RamDiskBlk
 from vhost_user.testing.blk import main as blk_main
 
 from .xen.kernel import kernel_from_env
-from .xen_mapper import XenRegionMapper
+from .xen_mapper import XenRegionMapper, no_advance_flag
 
-__all__ = ["main"]
+__all__ = ["ReadOnlyRefusals", "main", "refuse_read_only_writes"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReadOnlyRefusals:
+    count: int = 0
+    last: str = ""
+
+
+def refuse_read_only_writes(device: RamDiskBlk, mapper: XenRegionMapper | None = None) -> ReadOnlyRefusals:
+    """Make ``device`` refuse any request with a device-writable buffer on read-only memory (a
+    read-only grant): logged, used length 0, the page untouched; the ring keeps going. With
+    ``mapper``, on-demand grant mappings left idle are unmapped after each request."""
+    refusals = ReadOnlyRefusals()
+    handle = device._request  # RamDiskBlk's per-chain handler  # noqa: SLF001
+
+    def guarded(chain: Any, read_buffers: Any, write_buffers: Any) -> int:
+        try:
+            for buf in chain.writable:
+                try:
+                    with device.memory.view(buf.addr, buf.length) as view:
+                        read_only = view.readonly
+                except GuestMemoryError:
+                    continue  # not mapped at all: the handler's own error path reports it
+                if read_only:
+                    refusals.count += 1
+                    refusals.last = f"chain {chain.head}: device-writable buffer [{buf.addr:#x}, +{buf.length:#x}) is read-only"
+                    log.error("refusing request: %s (a read-only grant)", refusals.last)
+                    return 0
+            return int(handle(chain, read_buffers, write_buffers))
+        finally:
+            if mapper is not None:
+                mapper.release()
+
+    device._request = guarded  # type: ignore[method-assign]  # noqa: SLF001
+    return refusals
 
 
 def main(argv: list[str] | None = None) -> int:
-    mapper = XenRegionMapper(kernel_from_env())
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--xen-no-advance", default="rust-vmm", help="rust-vmm (0x8, default) or spec (0x100)")
+    ours, rest = pre.parse_known_args(argv)
+    try:
+        no_advance = no_advance_flag(ours.xen_no_advance)
+    except ValueError as e:
+        pre.error(str(e))
+    mapper = XenRegionMapper(kernel_from_env(), no_advance=no_advance)
 
     def with_xen_mmap(device: RamDiskBlk) -> None:
         device.xen_mapper = mapper
+        refuse_read_only_writes(device, mapper)
 
-    return blk_main(argv, prog="xen-blk-backend", configure=with_xen_mmap)
+    return blk_main(rest, prog="xen-blk-backend", configure=with_xen_mmap)
 
 
 if __name__ == "__main__":

@@ -107,3 +107,24 @@ def test_merge_refuses_overlapping_windows():
     b = parse_device_arg("type=net,base=0x2000100,irq=34", 1)
     with pytest.raises(ConfigError, match="overlap"):
         merge([], [a, b])
+
+
+@pytest.mark.parametrize("value, expected", [("rust-vmm", 0x8), ("0x8", 0x8), ("8", 0x8), ("spec", 0x100), ("0x100", 0x100),
+                                             ("SPEC", 0x100)])
+def test_xen_no_advance_names_and_values(value, expected):
+    d = parse_device_arg(f"type=blk,base=0x2000000,irq=33,grants=1,xen-no-advance={value}")
+    assert d.xen_no_advance == expected and d.grants
+
+
+def test_xen_no_advance_defaults_to_rust_vmm_and_works_in_toml(tmp_path):
+    assert parse_device_arg("type=blk,base=0x2000000,irq=33").xen_no_advance == 0x8  # what rust-vmm back-ends expect
+    path = tmp_path / "guest.toml"
+    path.write_text('[[device]]\ntype = "blk"\nbase = 0x2000000\nirq = 33\ngrants = true\nxen-no-advance = "spec"\n')
+    (d,) = load_toml(path)
+    assert d.xen_no_advance == 0x100
+
+
+@pytest.mark.parametrize("value", ["0x4", "bit8", "", "0x108"])
+def test_xen_no_advance_rejects_other_values_naming_both(value):
+    with pytest.raises(ConfigError, match=r"xen-no-advance=.*rust-vmm \(0x8.*spec \(0x100"):
+        parse_device_arg(f"type=blk,base=0x2000000,irq=33,xen-no-advance={value}")

@@ -370,3 +370,65 @@ async def test_cli_daemon_serves_a_grant_usage_device_from_xenstore(sim_dir, pee
             if daemon.stderr is not None:
                 daemon.stderr.close()
         stop(sim)
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # the daemon itself runs on uvloop
+async def test_cli_daemon_exports_grants_over_xen_mmap_to_a_python_backend_process(sim_dir, tmp_path):
+    """The daemon as an operator runs it, a grant_usage=1 device whose back-end (the project's
+    xen-blk-backend, its own process) offers XEN_MMAP: the daemon exports grant space as GRANT
+    regions with the configured no-advance flag (0x100 here, on both sides) over its gntdev fd,
+    and the back-end maps the grants itself: zero copy, no shadow."""
+    from tests.daemon.test_daemon_cli import DaemonLog, stop
+    from xen_vhost_master.sim.guest import SimControl
+
+    bin_dir, domid = Path(sys.executable).parent, 7
+    sim_path = os.path.join(sim_dir, "xen.sock")
+    r, w = os.pipe()
+    sim = subprocess.Popen([str(bin_dir / "xen-vhost-sim"), "--socket", sim_path, "--domain",
+                            f"domid={domid},mem=64M,vcpus=2", "--ready-fd", str(w)], pass_fds=(w,))
+    os.close(w)
+    daemon = guest = backend = None
+    image, sock = tmp_path / "disk.img", str(tmp_path / "blk.sock")
+    image.write_bytes(bytes(4 << 20))
+    env = dict(os.environ, XEN_VHOST_SIM=sim_path)
+    try:
+        ready = select.select([r], [], [], T)[0]
+        assert ready, "xen-vhost-sim did not start"
+        with SimControl(sim_path) as ctl:
+            ctl.add_virtio_device(domid, device_id=2, base=BASE, irq=IRQ, devid=0, grant_usage=True)
+        backend = subprocess.Popen([sys.executable, "-m", "xen_vhost_master.xen_blk_backend", "--socket", sock,
+                                    "--image", str(image), "--xen-no-advance", "spec"], env=env, stderr=subprocess.PIPE)
+        runtime = tmp_path / "run"
+        runtime.mkdir()
+        daemon = subprocess.Popen([str(bin_dir / "xen-vhost-master"), "--domid", str(domid), "--runtime-dir", str(runtime),
+                                   "--device", f"type=blk,base={BASE:#x},irq={IRQ},grants=1,xen-no-advance=spec,socket={sock}"],
+                                  env=env, stderr=subprocess.PIPE)
+        log = DaemonLog(daemon)
+        await log.wait_for("serving: ")
+        assert any("back-end maps the grants itself (XEN_MMAP grant regions, no-advance flag 0x100)" in line
+                   for line in log.lines), log.lines
+        guest = await SimGuest.connect(sim_path, domid)
+        blk = await _attach(guest, GuestPageAllocator(guest.ram))
+        data = os.urandom(64 << 10)
+        async with asyncio.timeout(T):
+            await blk.write(64, data)
+            assert await blk.read(64, len(data) // SECTOR_SIZE) == data
+            await blk.flush()
+        with open(image, "rb") as f:
+            f.seek(64 * SECTOR_SIZE)
+            assert f.read(len(data)) == data  # the back-end wrote the guest's bytes, mapped through grants
+        await asyncio.wait_for(blk.close(), T)
+        assert blk.driver.live_grants == 0  # the back-end unmapped everything: the guest ended all grants
+        daemon.send_signal(signal.SIGTERM)
+        rc = await asyncio.get_running_loop().run_in_executor(None, daemon.wait, T)
+        assert rc == 0, "".join(log.lines)
+    finally:
+        os.close(r)
+        if guest is not None:
+            guest.close()
+        for proc in (daemon, backend):
+            if proc is not None:
+                stop(proc)
+                if proc.stderr is not None:
+                    proc.stderr.close()
+        stop(sim)

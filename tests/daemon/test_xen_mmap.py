@@ -100,3 +100,278 @@ async def test_backend_without_xen_mmap_is_refused_with_a_clear_error(sim_host, 
         privcmd.close()
         backend.cancel()
         await asyncio.gather(backend, return_exceptions=True)
+
+
+# --- grant-based guests over XEN_MMAP: grant regions, our Python back-end maps grants itself --------
+
+import logging  # noqa: E402
+import struct  # noqa: E402
+
+from vhost_user import XenMmapFlags  # noqa: E402
+from xen_vhost_master.grant_memory import (  # noqa: E402
+    GRANT_ADDR_BIT,
+    MAX_REGIONS,
+    GrantXenMmapExport,
+    grant_layout,
+    ring_parts,
+)
+from xen_vhost_master.sim.guest_driver import DeviceStatus, Feature, grant_dma_address  # noqa: E402
+from xen_vhost_master.supervisor import _ready_queues  # noqa: E402
+from xen_vhost_master.virtio_mmio import QueueConfig  # noqa: E402
+from xen_vhost_master.xen.gntdev import GrantDev  # noqa: E402
+from xen_vhost_master.xen_blk_backend import refuse_read_only_writes  # noqa: E402
+from xen_vhost_master.xen_mapper import GrantBacking, OnDemandGrantBacking  # noqa: E402
+
+RUSTVMM, SPEC = XenMmapFlags.NO_ADVANCE_MAP_RUSTVMM, XenMmapFlags.NO_ADVANCE_MAP_SPEC
+GRANT_FEATURES = int(VirtioBlk.DEFAULT_FEATURES | Feature.RING_EVENT_IDX)
+
+
+class GrantXenMmap:
+    """A grant device exported over XEN_MMAP (as the supervisor's ``_grant_export`` builds it) to
+    an in-process RamDiskBlk whose XenRegionMapper maps the grant regions through gntdev."""
+
+    def __init__(self, kernel, domid: int, sim_dir: str, *, front: XenMmapFlags = RUSTVMM,
+                 back: XenMmapFlags = RUSTVMM, span: int = 32 << 20) -> None:
+        self.disk = RamDiskBlk(4 << 20)
+        self.mapper = XenRegionMapper(kernel, no_advance=back)
+        self.seen: list[tuple[int, int, int, int, object]] = []
+        self.refusals = refuse_read_only_writes(self.disk, self.mapper)
+
+        def recording_mapper(region, fd):
+            backing = self.mapper(region, fd)
+            self.seen.append((region.xen_mmap_flags, region.domid, region.guest_phys_addr, region.memory_size, backing))
+            return backing
+
+        self.disk.xen_mapper = recording_mapper
+        self.sock = os.path.join(sim_dir, "gblk.sock")
+        self.ready = asyncio.Event()
+        self.backend = asyncio.ensure_future(serve_unix(lambda: self.disk, self.sock, connections=1, ready=self.ready.set))
+        self.privcmd, self.evtchn = PrivCmd(kernel), EventChannel(kernel)
+        self.log = device_logger("xvm.test", domid, "gblk")
+        self.ioreq = IoreqServer(self.privcmd, self.evtchn, domid, self.log)
+        self.export = GrantXenMmapExport(GrantDev(kernel), domid, span, lambda: _ready_queues(self.device),
+                                         no_advance=front, log=self.log)
+        self.device = Device(DeviceConfig(devid=0, device_id=2, base=BASE, irq=IRQ, socket=self.sock, grants=True),
+                             connect=lambda: AsyncFrontend.connect(self.sock), memory=self.export,
+                             set_irq=lambda level: self.ioreq.set_irq(IRQ, level), log=self.log)
+
+    async def start(self) -> None:
+        await asyncio.wait_for(self.ready.wait(), TIMEOUT)
+        self.ioreq.create()
+        await self.device.start()
+        self.ioreq.add_window(BASE, 0x200, self.device)
+        self.ioreq.enable()
+
+    async def close(self) -> None:
+        try:
+            await self.ioreq.close()
+            await self.device.close()
+        finally:
+            self.evtchn.close()
+            self.privcmd.close()
+            self.backend.cancel()
+            await asyncio.gather(self.backend, return_exceptions=True)
+            self.disk.memory.clear()
+
+
+@pytest.mark.parametrize("no_advance", [RUSTVMM, SPEC], ids=["rust-vmm-0x8", "spec-0x100"])
+@pytest.mark.asyncio
+async def test_grant_guest_blk_through_xen_mmap_grant_regions(no_fd_leak, sim_host, sim_control, kernel, sim_dir, no_advance):
+    domid = sim_control.create_domain(mem_bytes=32 << 20)
+    gx = GrantXenMmap(kernel, domid, sim_dir, front=no_advance, back=no_advance)
+    guest = await SimGuest.connect(sim_host.path, domid)
+    try:
+        await gx.start()
+        assert gx.device.frontend is not None and gx.device.frontend.has_protocol_feature(XenMmapExport.protocol_features)
+        assert list(gx.device.model.ram) == [(GRANT_ADDR_BIT, 32 << 20)]
+        blk = await asyncio.wait_for(VirtioBlk.attach(guest, BASE, IRQ, GuestPageAllocator(guest.ram), grants=True,
+                                                      features=GRANT_FEATURES, queue_size=64), TIMEOUT)
+        assert blk.driver.has(Feature.ACCESS_PLATFORM)
+        # the memory table: the rings in advance (one region per part, their exact sizes), the
+        # rest of grant space on demand with the configured flag; one gntdev fd each, the guest's domid
+        queue = gx.device.model.queues[0]
+        rings = sorted(ring_parts(QueueConfig(0, queue.num, queue.desc, queue.driver, queue.device)))
+        assert [(a, n) for a, n in rings] == [(queue.desc, 16 * 64), (queue.driver, 6 + 2 * 64), (queue.device, 6 + 8 * 64)]
+        assert len(gx.seen) <= MAX_REGIONS
+        advance = [(gpa, size) for flags, _d, gpa, size, _b in gx.seen if flags == XenMmapFlags.GRANT]
+        assert advance == rings
+        assert all(flags in (XenMmapFlags.GRANT, XenMmapFlags.GRANT | no_advance) and d == domid for flags, d, *_ in gx.seen)
+        spans = sorted((gpa, size) for _f, _d, gpa, size, _b in gx.seen)
+        assert spans[0][0] == GRANT_ADDR_BIT and sum(size for _gpa, size in spans) == 32 << 20  # covers it all
+        assert all(a + n == b for (a, n), (b, _m) in zip(spans, spans[1:]))  # no holes, no overlap
+        assert all(isinstance(b, GrantBacking) == (f == XenMmapFlags.GRANT) for f, _d, _g, _s, b in gx.seen)
+        on_demand = [b for f, _d, _g, _s, b in gx.seen if isinstance(b, OnDemandGrantBacking)]
+        data = random.Random(9).randbytes(256 << 10)
+        async with asyncio.timeout(TIMEOUT):
+            for sector, size in ((0, 4096), (17, 512), (100, 3 * 4096 + 512)):
+                await blk.write(sector, data[:size])
+                assert await blk.read(sector, size // 512) == data[:size]
+            ops = [BlkOp("write", 1000 + 32 * i, data=data[i * 16384:(i + 1) * 16384]) for i in range(16)]  # QD 16
+            await blk.batch(ops)
+            got = await blk.batch([BlkOp("read", op.sector, count=32) for op in ops])
+            assert got == [op.data for op in ops]
+            await blk.flush()  # one more round trip: the guest has ended the grants of the earlier ones
+        assert bytes(gx.disk.disk[1000 * 512:1000 * 512 + len(data)]) == data  # the back-end's own bytes
+        maps = sum(b.memory.stats.maps for b in on_demand)
+        assert maps >= 2 * 16 and sum(b.memory.stats.read_only for b in on_demand) >= 16  # headers are read-only grants
+        assert sum(b.memory.mapped_pages for b in on_demand) == 0  # data pages unmapped after use
+        assert blk.driver.live_grants == len(blk.driver.queues[0].grant_refs)  # the guest could end every data grant
+        assert gx.refusals.count == 0
+        await asyncio.wait_for(blk.close(), TIMEOUT)
+    finally:
+        guest.close()
+        await gx.close()
+
+
+@pytest.mark.asyncio
+async def test_no_advance_values_must_agree(no_fd_leak, sim_host, sim_control, kernel, sim_dir, caplog):
+    """The front-end says 0x100 (spec), the back-end understands 0x8 (rust-vmm): the back-end
+    refuses the memory table, the device shows NEEDS_RESET (logged); nothing crashes."""
+    caplog.set_level(logging.WARNING)
+    domid = sim_control.create_domain(mem_bytes=16 << 20)
+    gx = GrantXenMmap(kernel, domid, sim_dir, front=SPEC, back=RUSTVMM, span=16 << 20)
+    guest = await SimGuest.connect(sim_host.path, domid)
+    try:
+        await gx.start()
+        blk = await asyncio.wait_for(VirtioBlk.attach(guest, BASE, IRQ, GuestPageAllocator(guest.ram), grants=True,
+                                                      features=GRANT_FEATURES, queue_size=64), TIMEOUT)
+        async with asyncio.timeout(TIMEOUT):
+            while not await blk.driver.read_status() & DeviceStatus.DEVICE_NEEDS_RESET:
+                await asyncio.sleep(0.01)
+        assert any("0x102" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+        assert not any(isinstance(b, GrantBacking) for *_x, b in gx.seen)  # nothing was mapped
+        await asyncio.wait_for(blk.close(), TIMEOUT)
+    finally:
+        guest.close()
+        await gx.close()
+
+
+@pytest.mark.asyncio
+async def test_write_into_a_read_only_grant_is_refused_and_logged(no_fd_leak, sim_host, sim_control, kernel, sim_dir, caplog):
+    """A hostile chain: a blk READ whose data buffer is a READ-ONLY grant marked device-writable.
+    The back-end maps it read-only, refuses that request (logged, used length 0), the page is
+    untouched, and the queue keeps serving."""
+    caplog.set_level(logging.ERROR)
+    domid = sim_control.create_domain(mem_bytes=32 << 20)
+    gx = GrantXenMmap(kernel, domid, sim_dir)
+    gx.disk.disk[:4096] = b"\x77" * 4096
+    guest = await SimGuest.connect(sim_host.path, domid)
+    try:
+        await gx.start()
+        alloc = GuestPageAllocator(guest.ram)
+        blk = await asyncio.wait_for(VirtioBlk.attach(guest, BASE, IRQ, alloc, grants=True, features=GRANT_FEATURES,
+                                                      queue_size=64), TIMEOUT)
+        async with asyncio.timeout(TIMEOUT):
+            assert await blk.read(0, 8) == b"\x77" * 4096
+        hdr, data, status = alloc.alloc(4096), alloc.alloc(4096), alloc.alloc(4096)
+        with guest.ram.view(hdr, 16) as v:
+            v[:] = struct.pack("<IIQ", 0, 0, 0)  # VIRTIO_BLK_T_IN, sector 0
+        with guest.ram.view(data, 4096) as v:
+            v[:] = b"\x11" * 4096
+        refs = [guest.grant(hdr >> 12, readonly=True), guest.grant(data >> 12, readonly=True),
+                guest.grant(status >> 12, readonly=False)]
+        driver = blk.driver
+        driver.grants = False  # post the addresses as they are (no granting by the driver)
+        try:
+            fut = await asyncio.wait_for(driver.submit(0, readable=[(grant_dma_address(refs[0]), 16)],
+                                                       writable=[(grant_dma_address(refs[1]), 4096),
+                                                                 (grant_dma_address(refs[2]), 1)]), TIMEOUT)
+            written = await driver.wait(fut, TIMEOUT)
+        finally:
+            driver.grants = True
+        assert written == 0 and gx.refusals.count == 1 and "read-only" in gx.refusals.last
+        assert any("read-only" in r.getMessage() and f"{grant_dma_address(refs[1]):#x}" in r.getMessage()
+                   for r in caplog.records if r.levelno >= logging.ERROR)
+        with guest.ram.view(data, 4096) as v:
+            assert bytes(v) == b"\x11" * 4096  # nothing written into the page
+        for ref in refs:
+            guest.revoke(ref)
+        async with asyncio.timeout(TIMEOUT):  # the queue keeps serving
+            await blk.write(16, b"\x5a" * 4096)
+            assert await blk.read(16, 8) == b"\x5a" * 4096
+        assert not await asyncio.wait_for(driver.read_status(), TIMEOUT) & DeviceStatus.DEVICE_NEEDS_RESET
+        await asyncio.wait_for(blk.close(), TIMEOUT)
+    finally:
+        guest.close()
+        await gx.close()
+
+
+# --- the layout on its own (pure) ----------------------------------------------------------------
+
+
+def _q(index: int, ref: int, num: int = 64) -> QueueConfig:
+    g = grant_dma_address(ref)
+    return QueueConfig(index, num, g, g + 16 * num, g + ((16 * num + 6 + 2 * num + 3) & ~3))
+
+
+@pytest.mark.parametrize("no_advance", [RUSTVMM, SPEC])
+def test_grant_layout_one_region_per_ring_part_and_gaps_on_demand(no_advance):
+    q = _q(0, 8)
+    layout = grant_layout([q], 64 << 20, no_advance)
+    assert layout is not None and len(layout) <= MAX_REGIONS
+    assert [(r.addr, r.size) for r in layout if r.in_advance] == sorted(ring_parts(q))
+    assert all(r.flags == XenMmapFlags.GRANT | no_advance for r in layout if not r.in_advance)
+    assert layout[0].addr == GRANT_ADDR_BIT and layout[-1].addr + layout[-1].size == GRANT_ADDR_BIT + (64 << 20)
+    assert all(a.addr + a.size == b.addr for a, b in zip(layout, layout[1:]))
+
+
+def test_grant_layout_merges_rings_to_fit_and_gives_up_beyond():
+    two = grant_layout([_q(0, 8), _q(1, 100)], 64 << 20, RUSTVMM)  # 6 parts + 5 gaps > 8: merged per queue
+    assert two is not None and len(two) == 5 and sum(r.in_advance for r in two) == 2
+    assert grant_layout([_q(i, 8 + 100 * i) for i in range(4)], 64 << 20, RUSTVMM) is None  # 4 + 5 > 8
+    packed = grant_layout([_q(i, 8 + i) for i in range(4)], 64 << 20, RUSTVMM)  # adjacent rings: one region
+    assert packed is not None and sum(r.in_advance for r in packed) == 1
+    from xen_vhost_master.errors import GuestFault
+
+    with pytest.raises(GuestFault, match="outside"):
+        grant_layout([_q(0, (64 << 20) >> 12)], 64 << 20, RUSTVMM)
+
+
+def test_grant_export_falls_back_to_shadow_when_the_rings_do_not_fit(caplog):
+    """Scattered rings of four queues: the export serves that activation with the shadow path
+    (its memfd region as a XEN_MMAP UNIX region, flags 0), logged; zero copy again when they fit."""
+    caplog.set_level(logging.WARNING)
+
+    class FakeShadow:
+        def __init__(self):
+            self.opened, self.closed = [], False
+
+        def regions(self):
+            from vhost_user import MemoryRegion
+
+            return [MemoryRegion(guest_phys_addr=1 << 40, memory_size=1 << 20, userspace_addr=1 << 40, mmap_offset=0)], [99]
+
+        def open_queue(self, queue, features, kick_fd, *, resume=False):
+            self.opened.append(queue.index)
+            return "shadow rings"
+
+        def close_queue(self, index):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    shadow, rings = FakeShadow(), [[_q(i, 8 + 100 * i) for i in range(4)]]
+
+    class Dev:
+        def __init__(self):
+            self.fd = 77
+            self.kernel = None
+
+        def fileno(self):
+            return self.fd
+
+        def close(self):
+            self.fd = -1
+
+    gntdev = Dev()
+    export = GrantXenMmapExport(gntdev, 5, 64 << 20, lambda: rings[0], fallback=lambda: shadow)
+    table, fds = export.regions()
+    assert [(r.xen_mmap_flags, r.guest_phys_addr) for r in table] == [(0, 1 << 40)] and fds == [99]
+    assert not export.direct and export.open_queue(rings[0][0], 0, 3) == "shadow rings" and shadow.opened == [0]
+    assert any("more than 8 XEN_MMAP grant regions" in r.getMessage() for r in caplog.records)
+    rings[0] = rings[0][:1]
+    table, fds = export.regions()
+    assert export.direct and fds == [77] * len(table) and all(r.domid == 5 for r in table)
+    export.close()
+    assert shadow.closed and gntdev.fd == -1
