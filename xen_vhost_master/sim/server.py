@@ -287,6 +287,8 @@ class Conn:
     def _privcmd_whoami(self, _o: dict[str, Any], _b: bytes) -> Reply:
         return _ok(node=self.kind)
 
+    _gntdev_whoami = _privcmd_whoami  # a gntdev fd passed to a back-end (XEN_MMAP grant regions)
+
     def _privcmd_restrict(self, o: dict[str, Any], _b: bytes) -> Reply:
         dom = int(o["dom"])
         if self.restrict is not None and self.restrict != dom:
