@@ -24,6 +24,7 @@ from typing import Protocol
 
 from vhost_user import (
     AsyncFrontend,
+    InflightFd,
     Negotiated,
     BackendRequest,
     MemoryRegion,
@@ -150,6 +151,21 @@ class DeviceStats:
     per_queue_calls: dict[int, int] = field(default_factory=dict)
 
 
+def _inflight_problem(got: InflightFd, num_queues: int, queue_size: int) -> str:
+    """Why a GET_INFLIGHT_FD answer cannot be used ("" if it can)."""
+    if got.mmap_size == 0:
+        return "the back-end offers no area (size 0)"
+    if (got.num_queues, got.queue_size) != (num_queues, queue_size):
+        return f"{got.num_queues} x {got.queue_size} answered, {num_queues} x {queue_size} asked"
+    try:
+        have = os.fstat(got.fd).st_size
+    except OSError as e:
+        return f"fd unusable: {e}"
+    if have < got.mmap_offset + got.mmap_size:
+        return f"fd holds {have} bytes, {got.mmap_offset + got.mmap_size} announced"
+    return ""
+
+
 class Device:
     """A guest's virtio-mmio device served by one vhost-user back-end through a data path."""
 
@@ -184,6 +200,9 @@ class Device:
         self._started: list[int] = []
         self._queues: tuple[QueueConfig, ...] = ()  # as the driver set them up (for a reconnect)
         self._reconnecting: asyncio.Task[None] | None = None
+        # GET_INFLIGHT_FD's area: kept for the device's life (every back-end restart gets it
+        # back), dropped when the driver resets the device
+        self._inflight: InflightFd | None = None
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.changed = asyncio.Event()  # set when the driver starts/stops the device (for xenbus state)
@@ -284,6 +303,7 @@ class Device:
         for fd in (*self._kick, *self._call):
             os.close(fd)
         self._kick, self._call = [], []
+        self._drop_inflight()
         if self._chooser is None:
             self.memory.close()
 
@@ -350,6 +370,7 @@ class Device:
                     self.log.info("driver reset the device%s", " (stopping the back-end)" if was_active else "")
                     if was_active:
                         await self._guarded(self._stop_backend())
+                    self._drop_inflight()  # nothing is in flight any more: a fresh area next start
                 case ConfigWrite(offset, data):
                     if self.frontend is not None and self.frontend.has_protocol_feature(ProtocolFeatures.CONFIG):
                         await self._guarded(self.frontend.set_config(offset, data))
@@ -407,6 +428,7 @@ class Device:
             await fe.set_status(int(Status.FEATURES_OK))
         regions, fds = self.memory.regions()
         await fe.set_mem_table(regions, fds)
+        await self._share_inflight(fe)
         for q in queues:
             rings = self.memory.open_queue(q, features, self._kick[q.index], resume=resume)
             self._started.append(q.index)
@@ -423,6 +445,48 @@ class Device:
         self._queues = tuple(queues)
         self.stats.starts += 1
         self.log.info("%s: features %#x, queues %s", "resumed" if resume else "started", features, [q.index for q in queues])
+
+    async def _share_inflight(self, fe: AsyncFrontend) -> None:
+        """Inflight I/O tracking (INFLIGHT_SHMFD) on a zero-copy data path, in QEMU's order: the
+        first start asks the back-end for an area (GET_INFLIGHT_FD), every start hands it over
+        (SET_INFLIGHT_FD) before the rings, so a restarted back-end resubmits exactly what its
+        predecessor left in flight. (The shadow path resubmits its own chains and needs none.)
+        A back-end that answers badly is logged; the device carries on without tracking."""
+        if not getattr(self.memory, "direct", False) or not fe.has_protocol_feature(ProtocolFeatures.INFLIGHT_SHMFD):
+            return
+        nq, qsize = len(self._kick), self.config.queue_size
+        if self._inflight is None:
+            try:
+                got = await fe.get_inflight_fd(nq, qsize)
+            except VhostUserError as e:
+                if fe.broken:
+                    raise
+                self.log.warning("GET_INFLIGHT_FD failed (%s): no inflight tracking", e)
+                return
+            problem = _inflight_problem(got, nq, qsize)
+            if problem:
+                os.close(got.fd)
+                self.log.warning("GET_INFLIGHT_FD answer unusable (%s): no inflight tracking", problem)
+                return
+            self._inflight = got
+        area = self._inflight
+        try:
+            await fe.set_inflight_fd(area.fd, mmap_size=area.mmap_size, mmap_offset=area.mmap_offset,
+                                     num_queues=area.num_queues, queue_size=area.queue_size)
+        except VhostUserError as e:
+            if fe.broken:
+                raise
+            self.log.warning("SET_INFLIGHT_FD refused (%s): the rings restart without inflight tracking", e)
+
+    def _drop_inflight(self) -> None:
+        area, self._inflight = self._inflight, None
+        if area is not None:
+            os.close(area.fd)
+
+    @property
+    def inflight(self) -> InflightFd | None:
+        """The inflight area shared with the back-end (None: no tracking)."""
+        return self._inflight
 
     def use_fast_path(self, fastpath: QueueFastPath) -> None:
         """The kernel fast path became available: use it, for running queues too."""
@@ -571,7 +635,8 @@ class Device:
 
         The guest sees at most a pause: its queue state lives in the model, its notifies keep
         accumulating on the kick eventfds the new back-end is given, and the rings restart at the
-        used index (QEMU's rule without INFLIGHT_SHMFD: what was in flight is submitted again).
+        used index (QEMU's rule: what was in flight is submitted again; exact for an out-of-order
+        back-end only with INFLIGHT_SHMFD, whose area the new back-end gets back).
         """
         assert self.model is not None
         loop = asyncio.get_running_loop()
