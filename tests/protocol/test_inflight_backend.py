@@ -69,6 +69,29 @@ async def test_set_inflight_fd_with_an_unusable_area_is_refused_and_the_connecti
 
 
 @pytest.mark.asyncio
+async def test_garbage_in_the_area_refuses_the_ring_start_and_the_connection_survives(no_fd_leak: None) -> None:
+    """A front-end whose area says a descriptor is in flight with flag 7: the back-end does not
+    start the ring (SET_VRING_KICK fails, logged), nothing is resubmitted, the control plane works."""
+    dev = RamDiskBlk(1 << 20)
+    with guest(queue_size=16) as g:
+        async with asyncio.timeout(TEST_TIMEOUT), connected_pair(dev) as (fe, server):
+            await fe.negotiate()
+            await fe.set_features(int(VirtioFeatures.VERSION_1))
+            await fe.set_mem_table([g.region()], [g.fd])
+            area = await fe.get_inflight_fd(num_queues=1, queue_size=16)
+            try:
+                with mmap.mmap(area.fd, area.mmap_size) as mm:
+                    mm[16 + 16 * 3] = 7  # DescStateSplit[3].inflight
+                await fe.set_inflight_fd(area.fd, mmap_size=area.mmap_size, mmap_offset=0, num_queues=1, queue_size=16)
+                with pytest.raises(BackendFailed):
+                    await fe.start_vring(0, **g.vring_args())
+                assert not server.vrings[0].started
+                assert await fe.get_features()
+            finally:
+                os.close(area.fd)
+
+
+@pytest.mark.asyncio
 async def test_without_the_feature_no_area_is_offered(no_fd_leak: None) -> None:
     dev = RamDiskBlk(1 << 20, inflight=False)
     async with asyncio.timeout(TEST_TIMEOUT), connected_pair(dev) as (fe, _server):

@@ -174,7 +174,10 @@ class RamDiskBlk(VhostUserDevice):
         self._held.setdefault(vring.index, {})[head] = (written, handle)
 
     def _complete_held(self, vring: Vring, head: int) -> None:
-        written, _handle = self._held[vring.index].pop(head)
+        entry = self._held.get(vring.index, {}).pop(head, None)
+        if entry is None:  # (completed meanwhile by a ring stop)
+            return
+        written = entry[0]
         try:
             queue = vring.split_queue()
             queue.push(head, written)
