@@ -353,7 +353,11 @@ class Supervisor:
         from .grant_memory import GrantXenMmapExport  # noqa: PLC0415
         from .xen.gntdev import GrantDev  # noqa: PLC0415
 
-        span = sum(size for _gpa, size in self.banks)  # xen-vhost-frontend: grant space as large as the guest
+        # xen-vhost-frontend: grant space as large as the guest's RAM
+        span = sum(size for _gpa, size in self.banks)
+        if not span:  # RAM not where the layout expects it (e.g. a UML guest at 0): its top frame then
+            assert self.privcmd is not None
+            span = (self.privcmd.maximum_gpfn(self.domid) + 1) << 12
         return GrantXenMmapExport(GrantDev(self.kernel), self.domid, span, rings,
                                   no_advance=XenMmapFlags(cfg.xen_no_advance),
                                   fallback=lambda: self._shadow(cfg, num_queues),

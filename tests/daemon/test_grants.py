@@ -432,3 +432,71 @@ async def test_cli_daemon_exports_grants_over_xen_mmap_to_a_python_backend_proce
                 if proc.stderr is not None:
                     proc.stderr.close()
         stop(sim)
+
+
+# --- the UML bridge's grant layer on its own (pure: a bytearray RAM, a recording grant table) -------
+
+
+def test_uml_grant_ring_translates_chains_and_ends_grants():
+    import struct as st
+
+    from xen_vhost_master.sim.uml_grants import GrantRing, GrantRingError, RingArea, grant_address
+
+    ram = memoryview(bytearray(1 << 20))
+    table: dict[int, tuple[int, bool]] = {}
+    ended: list[int] = []
+
+    def grant(gfn, ro):
+        ref = 8 + len(table)
+        table[ref] = (gfn, ro)
+        return ref
+
+    num, udesc, uavail, uused = 8, 0x1000, 0x1080, 0x1100
+    area = RingArea(0x80000, 0x10000)
+    for cache in (0, 4):
+        table.clear()
+        ended.clear()
+        ram[:] = bytes(len(ram))
+        ring = GrantRing(ram, num, (udesc, uavail, uused), area.for_queue(0, 1), grant, ended.append, cache_runs=cache)
+        ring_ref = ring.ring_refs[0]
+        assert table[ring_ref] == (0x80, False) and ring.addresses[0] == grant_address(ring_ref)
+        # UML: a blk-like chain 0 -> 1 -> 2: header (readable), 2 pages of data from mid-page (writable), status
+        st.pack_into("<QIHH", ram, udesc + 0, 0x20000, 16, 1, 1)
+        st.pack_into("<QIHH", ram, udesc + 16, 0x30800, 8192, 1 | 2, 2)
+        st.pack_into("<QIHH", ram, udesc + 32, 0x40010, 1, 2, 0)
+        st.pack_into("<HH", ram, uavail, 0, 1)
+        st.pack_into("<H", ram, uavail + 4, 0)
+        assert ring.pump() == 1 and ring.pump() == 0
+        d = [st.unpack_from("<QIHH", ram, ring.desc + 16 * i) for i in range(3)]
+        refs = sorted(table)
+        hdr = next(r for r in refs if table[r] == (0x20, True))
+        data = next(r for r in refs if table[r] == (0x30, False))
+        assert table[data + 1] == (0x31, False) and table[data + 2] == (0x32, False)  # 3 consecutive pages
+        assert d[0] == (grant_address(hdr), 16, 1, 1) and d[1] == (grant_address(data, 0x800), 8192, 3, 2)
+        assert st.unpack_from("<HH", ram, ring.avail) == (0, 1) and st.unpack_from("<H", ram, ring.avail + 4)[0] == 0
+        # the device returns chain 0: UML's used ring gets it, the buffers' grants end (or stay cached)
+        st.pack_into("<HHII", ram, ring.used, 0, 1, 0, 8193)
+        assert ring.complete() == 1
+        assert st.unpack_from("<HHII", ram, uused) == (0, 1, 0, 8193)
+        assert len(ended) == (5 if cache == 0 else 0)
+        # the same buffers again: with the cache, no new grant
+        st.pack_into("<H", ram, uavail + 6, 0)
+        st.pack_into("<H", ram, uavail + 2, 2)
+        before = len(table)
+        ring.pump()
+        assert (len(table) == before) == bool(cache)
+        st.pack_into("<II", ram, ring.used + 12, 0, 1)
+        st.pack_into("<H", ram, ring.used + 2, 2)
+        ring.complete()
+        ring.close()
+        assert sorted(set(ended)) == sorted(table) and ring.pump() == 0  # every grant ended at reset
+    # a loop in UML's chain is refused without leaking grants
+    table.clear()
+    ended.clear()
+    ram[:] = bytes(len(ram))
+    ring = GrantRing(ram, num, (udesc, uavail, uused), area.for_queue(0, 1), grant, ended.append, cache_runs=0)
+    st.pack_into("<QIHH", ram, udesc, 0x20000, 16, 1, 0)  # 0 -> 0
+    st.pack_into("<HH", ram, uavail, 0, 1)
+    with pytest.raises(GrantRingError, match="loops"):
+        ring.pump()
+    assert len(ended) == len(table) - 1  # all but the ring's own page

@@ -37,6 +37,12 @@ What each vhost-user request becomes (Linux ``virtio_mmio.c`` order):
   InterruptACK; USED_BUFFER → every live ring's call fd; CONFIG_CHANGE → CONFIG_CHANGE_MSG on the
   back-end channel.
 * SET_VRING_ENABLE(0) of a live ring (driver removal) → Status 0 (reset).
+
+Grant mode (``grants=True``): the bridge plays a grant-based Xen guest (``grant_usage=1``): it
+accepts VIRTIO_F_ACCESS_PLATFORM for UML, and the device sees UML's chains re-published in grant
+DMA space, every page UML's chains point at granted to dom0 (:mod:`.uml_grants`). The bridge's own
+ring pages are an area appended to UML's memory file (UML never maps past its physical memory);
+the domain's RAM bank covers both.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import contextlib
 import ctypes
 import errno
 import logging
+import mmap
 import os
 import socket
 import stat
@@ -61,6 +68,7 @@ from vhost_user.events import RequestReceived
 from vhost_user.wire.enums import FrontendRequest, ProtocolFeatures
 from xen_vhost_master.sim.guest import SimControl, SimGuest, SimHostError
 from xen_vhost_master.sim.guest_driver import MMIO_MAGIC, DeviceStatus, Interrupt, MmioReg
+from xen_vhost_master.sim.uml_grants import GRANT_CACHE_RUNS, GrantRing, GrantRingError, GrantStats, RingArea
 
 __all__ = [
     "BRIDGE_MASKED_FEATURES",
@@ -83,6 +91,11 @@ PAGE = 4096
 #: VHOST_USER_F_PROTOCOL_FEATURES (the server adds it; the virtio-mmio device must not offer it).
 BRIDGE_MASKED_FEATURES = (1 << 30) | (1 << 34) | (1 << 38)
 MAX_QUEUES = 16
+#: Grant mode: not offered to UML (indirect tables and event-idx fields would need translating),
+#: nor ACCESS_PLATFORM (the bridge is UML's grant DMA layer: it accepts it towards the device).
+GRANT_MASKED_FEATURES = (1 << 28) | (1 << 29) | (1 << 33)
+F_ACCESS_PLATFORM = 1 << 33
+GRANT_AREA = 1 << 20  # the bridge's ring pages in grant mode (appended to UML's memory file)
 CONFIG_RETRIES = 100
 MMIO_TIMEOUT = 10.0
 KICK_VCPU, IRQ_VCPU = 0, 1
@@ -262,12 +275,20 @@ class UmlBridge:
     """
 
     def __init__(self, sim_path: str, *, base: int, irq: int, device_id: int | None = None,
-                 vcpus: int = 2, destroy_on_close: bool = True, withhold: int = 0) -> None:
+                 vcpus: int = 2, destroy_on_close: bool = True, withhold: int = 0, grants: bool = False,
+                 grant_cache: int = GRANT_CACHE_RUNS) -> None:
         """``withhold``: device feature bits not offered to UML on top of
         :data:`BRIDGE_MASKED_FEATURES` (e.g. virtio-net's CTRL_VQ family when the back-end leaves
-        the control queue to the front-end, as dpdk-testpmd does)."""
+        the control queue to the front-end, as dpdk-testpmd does). ``grants``: play a grant-based
+        guest (``grant_cache``: persistent grant runs kept, 0 = end each request's grants)."""
         self.sim_path, self.base, self.irq, self.device_id = sim_path, base, irq, device_id
-        self.withhold = withhold
+        self.withhold = withhold | (GRANT_MASKED_FEATURES if grants else 0)
+        self.grants, self.grant_cache = grants, grant_cache
+        self.grant_stats = GrantStats()
+        self._rings: dict[int, GrantRing] = {}
+        self._area: RingArea | None = None
+        self._ram: mmap.mmap | None = None
+        self._ram_view: memoryview | None = None
         self.vcpus = max(vcpus, 1)
         self.destroy_on_close = destroy_on_close
         self.stats = BridgeStats()
@@ -301,9 +322,17 @@ class UmlBridge:
         self._sock = sock
         mem = find_uml_memory(sock.fileno())
         self.memory = mem
+        ram_size = mem.size
+        if self.grants:  # the bridge's ring pages: past UML's memory, in the same file
+            start = (os.fstat(mem.fd).st_size + PAGE - 1) & ~(PAGE - 1)
+            os.ftruncate(mem.fd, start + GRANT_AREA)
+            ram_size = start + GRANT_AREA
+            self._area = RingArea(start, GRANT_AREA)
+            self._ram = mmap.mmap(mem.fd, ram_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._ram_view = memoryview(self._ram)
         with SimControl(self.sim_path) as ctl:
             try:
-                self.domid = ctl.create_domain_on_fd(mem.fd, [(0, mem.size)], vcpus=self.vcpus, name=f"uml-{mem.pid}")
+                self.domid = ctl.create_domain_on_fd(mem.fd, [(0, ram_size)], vcpus=self.vcpus, name=f"uml-{mem.pid}")
             except SimHostError as exc:
                 raise UmlBridgeError(f"the simulated host refused UML's memory: {exc}") from exc
         log.info("UML pid %d: %d MiB of physical memory is the RAM of d%d", mem.pid, mem.size >> 20, self.domid)
@@ -344,12 +373,19 @@ class UmlBridge:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._end_grants()  # while the guest can still end them
         if self.guest is not None:
             self.guest.close()
             self.guest = None
         if self.domid is not None and self.destroy_on_close:
             with contextlib.suppress(OSError), SimControl(self.sim_path) as ctl:
                 ctl.destroy_domain(self.domid)
+        if self._ram_view is not None:
+            self._ram_view.release()
+            self._ram_view = None
+        if self._ram is not None:
+            self._ram.close()
+            self._ram = None
         if self.memory is not None:
             os.close(self.memory.fd)
             self.memory = None
@@ -382,8 +418,15 @@ class UmlBridge:
             raise UmlBridgeError("the device does not finish its reset")
         self._status = 0
         self._driver_ok = False
+        self._end_grants()
         for q in self._queues.values():
             q.live = q.pending = False
+
+    def _end_grants(self) -> None:
+        """Grant mode: the device is reset (or gone): end the rings' and buffers' grants."""
+        rings, self._rings = self._rings, {}
+        for ring in rings.values():
+            ring.close()
 
     async def _features(self) -> int:
         await self._reset("GET_FEATURES: probe, or the barrier after a driver's removal")
@@ -397,6 +440,8 @@ class UmlBridge:
 
     async def _set_features(self, features: int) -> bool:
         features &= ~(BRIDGE_MASKED_FEATURES | self.withhold)
+        if self.grants:
+            features |= F_ACCESS_PLATFORM  # the grant DMA layer (the bridge) uses grant addresses
         if self._status & DeviceStatus.FEATURES_OK:
             # finalize_features again (a driver's validate() dropped a feature): virtio_mmio would
             # not have written FEATURES_OK yet; here it is, so renegotiate from a reset.
@@ -444,14 +489,34 @@ class UmlBridge:
         if num_max == 0 or vring.num > num_max:
             raise UmlBridgeError(f"queue {vring.index}: UML's size {vring.num} > QueueNumMax {num_max}")
         await self._write(MmioReg.QUEUE_NUM, vring.num)
-        for low, gpa in ((MmioReg.QUEUE_DESC_LOW, vring.gpa_desc), (MmioReg.QUEUE_DRIVER_LOW, vring.gpa_avail),
-                         (MmioReg.QUEUE_DEVICE_LOW, vring.gpa_used)):
+        addrs = (vring.gpa_desc, vring.gpa_avail, vring.gpa_used)
+        if self.grants:
+            addrs = self._grant_ring(vring).addresses
+        for low, gpa in zip((MmioReg.QUEUE_DESC_LOW, MmioReg.QUEUE_DRIVER_LOW, MmioReg.QUEUE_DEVICE_LOW), addrs):
             await self._write(low, gpa & 0xFFFFFFFF)
             await self._write(low + 4, gpa >> 32)
         await self._write(MmioReg.QUEUE_READY, 1)
         q.live = True
-        log.info("d%d queue %d: %d entries, desc %#x avail %#x used %#x", self.domid, vring.index, vring.num,
-                 vring.gpa_desc, vring.gpa_avail, vring.gpa_used)
+        log.info("d%d queue %d: %d entries, desc %#x avail %#x used %#x", self.domid, vring.index, vring.num, *addrs)
+
+    def _grant_ring(self, vring: Vring) -> GrantRing:
+        """Grant mode: the bridge ring of ``vring`` (its pages granted; the old one's grants ended)."""
+        assert self._area is not None and self._ram_view is not None and self.guest is not None
+        old = self._rings.pop(vring.index, None)
+        if old is not None:
+            old.close()
+        n = vring.num
+        pages = (16 * n + 6 + 2 * n + 3 + 6 + 8 * n + PAGE - 1) // PAGE
+        guest = self.guest
+        try:
+            ring = GrantRing(self._ram_view, n, (vring.gpa_desc, vring.gpa_avail, vring.gpa_used),
+                             self._area.for_queue(vring.index, pages),
+                             lambda gfn, ro: guest.grant(gfn, readonly=ro), guest.revoke,
+                             cache_runs=self.grant_cache, stats=self.grant_stats)
+        except (GrantRingError, OSError) as exc:
+            raise UmlBridgeError(f"queue {vring.index}: cannot grant its rings: {exc}") from exc
+        self._rings[vring.index] = ring
+        return ring
 
     # ------------------------------------------------------------------ vhost-user requests
     async def _before(self, ev: RequestReceived) -> bool:
@@ -547,10 +612,16 @@ class UmlBridge:
                 await self._set_status(self._status | DeviceStatus.DRIVER_OK)
             while True:
                 q.again = False
+                ring = self._rings.get(q.index)
+                if ring is not None:
+                    ring.pump()  # grant mode: UML's new chains, granted, on the bridge ring
                 self.stats.notifies += 1
                 await self._write(MmioReg.QUEUE_NOTIFY, q.index)
                 if not q.again:
                     break
+        except GrantRingError as exc:
+            log.error("queue %d: cannot publish UML's chains in grant space: %s", q.index, exc)
+            self.error = exc
         except (SimHostError, TimeoutError, ConnectionError) as exc:
             log.error("queue %d: QueueNotify failed: %s", q.index, exc)
             self.error = exc
@@ -571,6 +642,8 @@ class UmlBridge:
                     continue
                 await self._write(MmioReg.INTERRUPT_ACK, status, vcpu=vcpu)
                 if status & Interrupt.USED_BUFFER and self.server is not None:
+                    for ring in list(self._rings.values()):
+                        ring.complete()  # grant mode: the device's used entries to UML's rings
                     for vring in self.server.vrings:
                         if vring.started and vring.call_fd is not None:
                             self.stats.calls += 1
