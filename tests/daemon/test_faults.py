@@ -78,7 +78,8 @@ async def test_qsd_sigkilled_5_times_under_qd8_writes_every_request_completes_on
 async def test_out_of_order_python_backend_sigkilled_6_times_zero_copy_with_inflight_every_request_once(
         no_fd_leak, sim_host, sim_control, kernel, tmp_path):
     figures = await asyncio.wait_for(
-        kill_loop(kernel, sim_control, sim_host.path, str(tmp_path), kills=6, depth=8, seed=3, backend="python"), 50)
+        kill_loop(kernel, sim_control, sim_host.path, str(tmp_path), kills=6, depth=8, seed=3, backend="python",
+                  request_timeout=10.0), 50)
     assert figures.inflight and figures.data_path == "zero copy"
     assert figures.kills == figures.reconnects == 6
     assert figures.requests >= 8 and figures.requests % 8 == 0
