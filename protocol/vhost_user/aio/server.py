@@ -333,7 +333,8 @@ class BackendServer:
             os.ftruncate(fd, size)
             with mmap.mmap(fd, size) as mm:
                 format_region(mm, num_queues, queue_size)
-            self._map_inflight(fd, size, 0, num_queues, queue_size)
+            if not any(v.started for v in self.vrings):  # (running rings keep their area)
+                self._map_inflight(fd, size, 0, num_queues, queue_size)
             ok = True
         except (OSError, ValueError, InflightRegionError) as exc:
             self.log.warning("GET_INFLIGHT_FD(%d queues of %d): %s", num_queues, queue_size, exc)
