@@ -1,0 +1,221 @@
+"""The shipped unit, systemd/xen-vhost-master@.service, run by real systemd (Debian 12's 252) as
+PID 1 of fresh PID and mount namespaces, against ``xen-vhost-sim`` and qemu-storage-daemon.
+
+What this proves that ``systemd-analyze security`` cannot: the daemon starts and serves guest I/O
+*inside* the unit's sandbox (seccomp SystemCallFilter, MemoryDenyWriteExecute, no capabilities,
+RestrictAddressFamilies, ProtectSystem=strict, PrivateTmp, DevicePolicy=closed, UMask), Type=notify
+start-up (READY=1) and the watchdog, Restart=on-failure after a SIGKILL with
+RuntimeDirectoryPreserve=restart (the restarted daemon adopts its predecessor's IOREQ server and
+the guest's blocked access is served), and a clean ``systemctl stop``.
+
+The unit file is used as shipped except for what cannot exist without Xen, changed here in plain
+sight: ``Requires=``/``After=proc-xen.mount`` are dropped (no /proc/xen), and a drop-in points
+``ExecStart`` at this checkout, sets ``XEN_VHOST_SIM``, binds the test's directories into the
+sandbox, sends stderr to a file (no journald here) and sets ``DefaultDependencies=no`` (so systemd
+starts nothing but this unit: no sysinit.target touching the host's files).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon.test_daemon_cli import DOMID, TIMEOUT, io_check, start_sim, stop
+from xen_vhost_master.sim.guest import SimControl, SimGuest
+from xen_vhost_master.sim.guest_devices import VirtioBlk
+from xen_vhost_master.sim.guest_driver import GuestPageAllocator
+
+SYSTEMD = "/lib/systemd/systemd"
+REPO = Path(__file__).resolve().parents[2]
+UNIT_FILE = REPO / "systemd" / "xen-vhost-master@.service"
+UNIT = f"xen-vhost-master@{DOMID}.service"
+
+BOOT = """\
+set -e
+mount --make-rprivate /
+mount -t proc proc /proc
+mount -t tmpfs -o mode=0755 tmpfs /run
+mkdir -p /run/systemd/system /run/xen-vhost-master/{domid}
+cp -r {units}/. /run/systemd/system/
+ln -s {backend} /run/xen-vhost-master/{domid}/0.sock
+export container=xen-vhost-master-test
+exec {systemd} --system --unit=xvm-test.target --log-level=info
+"""
+
+
+def _can_boot_systemd() -> str | None:
+    if not os.path.exists(SYSTEMD) or shutil.which("unshare") is None or shutil.which("nsenter") is None:
+        return "systemd, unshare or nsenter not installed"
+    if os.geteuid() != 0:
+        return "needs root (PID and mount namespaces)"
+    r = subprocess.run(["unshare", "--pid", "--mount", "--fork", "true"], capture_output=True, timeout=10)
+    return None if r.returncode == 0 else f"cannot create namespaces: {r.stderr.decode().strip()}"
+
+
+class Systemd:
+    """systemd as PID 1 of new PID + mount namespaces; ``systemctl`` through nsenter."""
+
+    def __init__(self, work: Path, backend_sock: Path, dropin: str) -> None:
+        units = work / "units"
+        (units / "xen-vhost-master@.service.d").mkdir(parents=True)
+        shipped = UNIT_FILE.read_text()
+        unit = shipped.replace("Requires=proc-xen.mount\n", "").replace(" proc-xen.mount\n", "\n")
+        assert unit.count("proc-xen.mount") == shipped.count("proc-xen.mount") - 2  # exactly those two
+        (units / "xen-vhost-master@.service").write_text(unit)
+        (units / "xen-vhost-master@.service.d" / "test.conf").write_text(dropin)
+        (units / "xvm-test.target").write_text("[Unit]\nDescription=test target\nDefaultDependencies=no\n")
+        boot = work / "boot.sh"
+        boot.write_text(BOOT.format(domid=DOMID, units=units, backend=backend_sock, systemd=SYSTEMD))
+        self.log = open(work / "systemd.log", "wb")
+        self.proc = subprocess.Popen(["unshare", "--pid", "--mount", "--fork", "--kill-child", "sh", str(boot)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid1 = self._find_pid1()
+
+    def _find_pid1(self) -> int:
+        deadline = time.monotonic() + TIMEOUT
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        while time.monotonic() < deadline:
+            try:
+                pids = children.read_text().split()
+                if pids and Path(f"/proc/{pids[0]}/exe").resolve().name == "systemd":
+                    return int(pids[0])
+            except FileNotFoundError:
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)  # polling another process's exec: no event to wait on
+        raise AssertionError(f"systemd did not start: {self.logs()}")
+
+    def ctl(self, *args: str, check: bool = True) -> str:
+        r = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "systemctl", *args],
+                           capture_output=True, timeout=TIMEOUT + 10)
+        if check and r.returncode != 0:
+            raise AssertionError(f"systemctl {' '.join(args)}: rc {r.returncode} {r.stderr.decode()}")
+        return r.stdout.decode()
+
+    def show(self, *props: str) -> dict[str, str]:
+        out = self.ctl("show", UNIT, *(f"--property={p}" for p in props))
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def wait_running(self) -> None:
+        """PID 1 has finished its (tiny) boot transaction."""
+        deadline = time.monotonic() + TIMEOUT
+        state = ""
+        while time.monotonic() < deadline:
+            state = self.ctl("is-system-running", check=False).strip()
+            if state in ("running", "degraded"):
+                return
+            time.sleep(0.1)  # systemd's boot is another process: poll its state, bounded
+        raise AssertionError(f"systemd stuck in {state!r}: {self.logs()}")
+
+    def in_ns(self, pid_in_ns: int) -> str:
+        """/proc/<pid>/status of a process of the namespace, read from inside it."""
+        r = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "cat", f"/proc/{pid_in_ns}/status"],
+                           capture_output=True, timeout=TIMEOUT)
+        return r.stdout.decode()
+
+    def logs(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")[-4000:]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.pid1, 9)  # PID 1 of the namespace: the kernel kills everything in it
+            try:
+                self.proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="xsd-"))  # short: sun_path
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.peer
+@pytest.mark.timeout(90)
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # the daemon itself runs on uvloop
+async def test_the_shipped_unit_under_real_systemd(work, peers):
+    reason = _can_boot_systemd()
+    if reason is not None:
+        pytest.skip(reason)
+    sim, sim_path = start_sim(str(work))
+    disk = peers.qsd_raw(size=8 << 20)
+    bin_dir = Path(sys.executable).parent
+    dropin = (
+        "[Unit]\nDefaultDependencies=no\n"
+        "[Service]\n"
+        "ExecStart=\n"
+        f"ExecStart={bin_dir / 'xen-vhost-master'} --domid %i\n"
+        f"Environment=XEN_VHOST_SIM={sim_path}\n"
+        f"BindReadOnlyPaths={REPO} {Path(sys.prefix)}\n"
+        f"BindPaths={work} {disk.sock.parent}\n"
+        f"BindReadOnlyPaths={Path(sys.base_prefix).resolve()}\n"
+        # An interpreter under /root or /home (pyenv) is hidden by ProtectHome=yes; tmpfs hides the
+        # homes just as well (an empty read-only tmpfs) and lets the bind above show through.
+        + ("ProtectHome=tmpfs\n" if Path(sys.base_prefix).resolve().parts[1] in ("root", "home") else "")
+        + f"StandardError=append:{work / 'daemon.log'}\n"
+    )
+    sd = None
+    guest = None
+    try:
+        sd = await asyncio.to_thread(Systemd, work, disk.sock, dropin)
+        await asyncio.to_thread(sd.wait_running)
+        # Type=notify: `systemctl start` returns once the daemon said READY=1 (it then serves).
+        await asyncio.to_thread(sd.ctl, "start", UNIT)
+        first = await asyncio.to_thread(sd.show, "ActiveState", "MainPID", "NRestarts")
+        assert first["ActiveState"] == "active", first
+        status = await asyncio.to_thread(sd.in_ns, int(first["MainPID"]))
+        # The sandbox is really there: seccomp filter mode, no_new_privs, no capabilities.
+        assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status and "CapEff:\t0000000000000000" in status, status
+
+        guest = await SimGuest.connect(sim_path, DOMID)
+        blk = await asyncio.wait_for(VirtioBlk.attach(guest, 0x2000000, 33, GuestPageAllocator(guest.ram)), TIMEOUT)
+        await io_check(blk, disk.image, 11)
+
+        # SIGKILL: Restart=on-failure brings it back; RuntimeDirectoryPreserve=restart kept state.json,
+        # so the new daemon adopts the IOREQ server and serves the guest's blocked access.
+        await asyncio.to_thread(sd.ctl, "kill", "--signal=KILL", UNIT)
+        data = random.Random(12).randbytes(64 << 10)
+        await asyncio.wait_for(blk.write(2048, data), TIMEOUT)
+        assert await asyncio.wait_for(blk.read(2048, 128), TIMEOUT) == data
+        second = await asyncio.to_thread(sd.show, "ActiveState", "MainPID", "NRestarts")
+        assert second["ActiveState"] == "active" and second["NRestarts"] == "1", second
+        assert second["MainPID"] != first["MainPID"]
+        await io_check(blk, disk.image, 13)
+        await blk.close()
+
+        await asyncio.to_thread(sd.ctl, "stop", UNIT)
+        final = await asyncio.to_thread(sd.show, "ActiveState", "Result", "ExecMainStatus")
+        assert final == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, final
+        log = (work / "daemon.log").read_text()
+        assert "adopted" in log, log[-3000:]
+        with SimControl(sim_path) as ctl:
+            assert ctl.domain_info(DOMID)["servers"] == []  # the clean stop destroyed the IOREQ server
+    except BaseException:
+        if sd is not None:
+            print(sd.logs())
+            print(sd.ctl("status", "--no-pager", "--lines=0", UNIT, check=False))
+        if (work / "daemon.log").exists():
+            print((work / "daemon.log").read_text()[-4000:])
+        raise
+    finally:
+        if guest is not None:
+            guest.close()
+        if sd is not None:
+            sd.close()
+        stop(sim)
