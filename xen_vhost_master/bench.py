@@ -10,7 +10,12 @@ Every figure is paired with its reference measured in the same run:
   zero copy through the simulator's sim-memfd exposure), ``relayed_fastpath`` (the simulated dom0
   kernel has privcmd IOEVENTFD/IRQFD: kicks and interrupts bypass the daemon) and
   ``relayed_shadow`` (shadow virtqueues, the copying path real Xen needs); the paths alternate
-  within each of ``--reps`` repetitions.
+  within each of ``--reps`` repetitions. **Grant rows** (in the first ``--grant-reps``
+  repetitions, side by side with the others): UML as a grant-based guest (the bridge in grant
+  mode grants the pages its chains point at) through ``grant_shadow`` (the daemon's shadow
+  virtqueues over gntdev → qsd null-co) and ``grant_xenmmap`` (XEN_MMAP grant regions → the
+  project's Python RAM-disk back-end, which maps the grants itself: qsd has no XEN_MMAP), with
+  ratios against direct and against the matching relayed row.
 * **relay microbenchmark**: a simulated guest's QueueNotify → daemon → a Python echo back-end that
   calls at once → daemon → interrupt line → the guest reads and acks InterruptStatus; round-trip
   p50/p99 and notifies/s vs a raw eventfd ping-pong between two Python processes (same run), and
@@ -103,6 +108,7 @@ class Daemon:
 
     def __init__(self, peers: Any, work: Path, sim_path: str, domid: int, device: str, profile: Path | None = None,
                  memory: str = "sim-memfd") -> None:
+        """``memory``: the --memory mode (sim-memfd, shadow, or auto for grant devices)."""
         self.notify_path = work / f"notify-{domid}-{time.monotonic_ns()}"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(self.notify_path))
@@ -111,7 +117,7 @@ class Daemon:
         env = dict(os.environ, XEN_VHOST_SIM=sim_path, NOTIFY_SOCKET=str(self.notify_path))
         argv = [str(BIN / "xen-vhost-master"), "--domid", str(domid), "--no-xenstore", "--memory", memory,
                 "--runtime-dir", str(runtime), "--device", device]
-        if memory == "shadow":
+        if memory != "sim-memfd":
             # The UML domain's RAM starts at guest-physical 0: x86's layout, not libxl's Arm one.
             argv += ["--guest-arch", "x86_64"]
         if profile is not None:
@@ -168,14 +174,29 @@ async def fio_direct(peers: Any, fio_time: int) -> dict[str, list[float]]:
     return parse_fio(verdicts)
 
 
+def python_backend(peers: Any, sim_path: str) -> tuple[Any, str]:
+    """The project's RAM-disk back-end with XEN_MMAP (xen-blk-backend) on the simulated host."""
+    sock = peers.sock_path(f"xblk-{time.monotonic_ns() % 10**6}.sock")
+    proc = peers.start("xen-blk-backend", [sys.executable, "-m", "xen_vhost_master.xen_blk_backend", "--socket", str(sock),
+                                           "--size", "256M"], env=dict(os.environ, XEN_VHOST_SIM=sim_path))
+    proc.wait_listening(Path(sock))
+    return proc, str(sock)
+
+
 async def fio_relayed(peers: Any, work: Path, sim_path: str, fio_time: int, results: dict[str, Any],
-                      profile: Path | None = None, memory: str = "sim-memfd") -> dict[str, list[float]]:
+                      profile: Path | None = None, memory: str = "sim-memfd", *, grants: bool = False,
+                      backend: str = "qsd") -> dict[str, list[float]]:
     from vhost_user.aio.transport import UnixListener
     from xen_vhost_master.sim.uml_bridge import UmlBridge, no_aslr
 
-    qsd = peers.qsd_null(size=1 << 30, num_queues=1)
+    if backend == "python":
+        qsd_proc, qsd_sock = python_backend(peers, sim_path)
+    else:
+        qsd = peers.qsd_null(size=1 << 30, num_queues=1)
+        qsd_proc, qsd_sock = qsd.process, qsd.sock
     path = peers.sock_path(f"uml-relay-{time.monotonic_ns() % 10**6}.sock")
-    bridge = UmlBridge(sim_path, base=BASE, irq=IRQ, device_id=2)
+    bridge = UmlBridge(sim_path, base=BASE, irq=IRQ, device_id=2, grants=grants)
+    extra = ",grants=1" if grants else ""
     daemon: Daemon | None = None
     serving: asyncio.Task[None] | None = None
     with UnixListener(path) as listener:
@@ -183,8 +204,8 @@ async def fio_relayed(peers: Any, work: Path, sim_path: str, fio_time: int, resu
             run = peers.uml(path, mode="fio", mem="512M", env=uml_fio_env(fio_time))
         try:
             domid = await bridge.accept(listener, timeout=STEP)
-            daemon = Daemon(peers, work, sim_path, domid, f"type=blk,base={BASE:#x},irq={IRQ},socket={qsd.sock}", profile,
-                            memory)
+            daemon = Daemon(peers, work, sim_path, domid, f"type=blk,base={BASE:#x},irq={IRQ},socket={qsd_sock}{extra}",
+                            profile, memory)
             results["ready_s"].append(await daemon.ready())
             results["rss_idle_kib"].append(rss_kib(daemon.proc.pid))
             cpu0 = cpu_seconds(daemon.proc.pid)
@@ -203,7 +224,7 @@ async def fio_relayed(peers: Any, work: Path, sim_path: str, fio_time: int, resu
             await asyncio.sleep(results["idle_window_s"])
             results["idle_wakeups_per_s"].append((ctx_switches(daemon.proc.pid) - w0) / (time.perf_counter() - t0))
             results["idle_cpu_s_per_s"].append((cpu_seconds(daemon.proc.pid) - c0) / (time.perf_counter() - t0))
-            results["bridge"].append(bridge.snapshot())
+            results["bridge"].append({**bridge.snapshot(), **({"grants": vars(bridge.grant_stats)} if grants else {})})
         finally:
             if serving is not None and not serving.done():
                 serving.cancel()
@@ -211,7 +232,7 @@ async def fio_relayed(peers: Any, work: Path, sim_path: str, fio_time: int, resu
             if daemon is not None:
                 daemon.stop()
             await bridge.close()
-            qsd.process.stop()
+            qsd_proc.stop()
     if "DONE 0" not in verdicts:
         raise RuntimeError("relayed fio failed:\n" + run.process.log_tail(30))
     return parse_fio(verdicts)
@@ -378,6 +399,11 @@ RELAYED = (
     ("relayed_fastpath", "eventfd", "sim-memfd", "kernel fast path emulated (privcmd ioeventfd/irqfd), zero copy"),
     ("relayed_shadow", "plain", "shadow", "userspace relay, shadow virtqueues (the real-Xen copy path)"),
 )
+#: Grant-based guest (the UML bridge in grant mode): name, back-end, --memory, the row it is compared with, note.
+GRANTED = (
+    ("grant_shadow", "qsd", "auto", "relayed_shadow", "grant guest, shadow virtqueues over gntdev -> qsd"),
+    ("grant_xenmmap", "python", "auto", "relayed", "grant guest, XEN_MMAP grant regions -> Python RAM disk"),
+)
 
 
 def _daemon_figs(idle_window: float) -> dict[str, Any]:
@@ -390,13 +416,14 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"machine": machine(), "params": vars(args).copy(), "started": time.time()}
     t_start = time.perf_counter()
     paths = [r for r in RELAYED if r[0] in args.paths]
+    grant_paths = [g for g in GRANTED if g[0] in args.paths]
     with _workdir(args.keep) as work, harness.peers_in(work) as peers:
         sims = {"plain": str(peers.sock_dir / "xen.sock"), "eventfd": str(peers.sock_dir / "xenf.sock")}
         start_sim(peers, sims["plain"])
         if any(host == "eventfd" for _n, host, _m, _d in paths):
             start_sim(peers, sims["eventfd"], "--privcmd-eventfd", "on")
-        fio: dict[str, dict[str, list[float]]] = {"direct": {}, **{name: {} for name, *_ in paths}}
-        daemon: dict[str, dict[str, Any]] = {name: _daemon_figs(args.idle_window) for name, *_ in paths}
+        fio: dict[str, dict[str, list[float]]] = {"direct": {}, **{name: {} for name, *_ in (*paths, *grant_paths)}}
+        daemon: dict[str, dict[str, Any]] = {name: _daemon_figs(args.idle_window) for name, *_ in (*paths, *grant_paths)}
         for rep in range(args.reps):  # the paths alternate within each repetition
             log.info("fio repetition %d/%d: direct", rep + 1, args.reps)
             for k, v in (await fio_direct(peers, args.fio_time)).items():
@@ -409,8 +436,15 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                     fio[name].setdefault(k, []).extend(v)
                 if prof is not None and prof.exists():
                     shutil.copy(prof, args.profile)
+            for name, backend, memory, _ref, _what in grant_paths if rep < args.grant_reps else ():
+                log.info("fio repetition %d/%d: %s", rep + 1, args.reps, name)
+                got = await fio_relayed(peers, work, sims["plain"], args.fio_time, daemon[name], None, memory,
+                                        grants=True, backend=backend)
+                for k, v in got.items():
+                    fio[name].setdefault(k, []).extend(v)
         res["fio"] = fio
         res["paths"] = {name: what for name, _h, _m, what in paths}
+        res["grant_paths"] = {name: {"what": what, "ref": ref} for name, _b, _m, ref, what in grant_paths}
         res["daemon"] = daemon
         log.info("relay microbenchmark (%d round trips)", args.pingpong)
         res["relay"] = await relay_micro(peers, work, sims["plain"], args.pingpong)
@@ -434,6 +468,16 @@ def report(res: dict[str, Any]) -> str:
             if r:
                 rows.append((f"fio {job} {name}", unit, summary(r), what))
                 rows.append((f"fio {job} {name}/direct", "ratio", summary([b / a for a, b in zip(d, r)]), "per repetition"))
+        for name, g in res.get("grant_paths", {}).items():
+            r = fio[name].get(job)
+            if not r:
+                continue
+            rows.append((f"fio {job} {name}", unit, summary(r), g["what"]))
+            rows.append((f"fio {job} {name}/direct", "ratio", summary([b / a for a, b in zip(d, r)]), "same repetition"))
+            ref = fio.get(g["ref"], {}).get(job)
+            if ref:
+                note = "same back-end" if g["ref"] == "relayed_shadow" else "Python back-end vs qsd null-co"
+                rows.append((f"fio {job} {name}/{g['ref']}", "ratio", summary([b / a for a, b in zip(ref, r)]), note))
         zc, sh = fio.get("relayed", {}).get(job), fio.get("relayed_shadow", {}).get(job)
         if zc and sh:
             rows.append((f"fio {job} shadow/zero-copy", "ratio", summary([b / a for a, b in zip(zc, sh)]),
@@ -474,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--map-reps", type=int, default=3)
     p.add_argument("--idle-window", type=float, default=3.0, help="seconds of idle wake-up counting")
     p.add_argument("--out", default="bench-results.json")
-    p.add_argument("--paths", default=",".join(r[0] for r in RELAYED),
+    p.add_argument("--grant-reps", type=int, default=1, help="repetitions that also run the grant rows")
+    p.add_argument("--paths", default=",".join(r[0] for r in (*RELAYED, *GRANTED)),
                    help="relayed variants to run, comma-separated (%(default)s)")
     p.add_argument("--profile", metavar="FILE", help="run the first relayed daemon under cProfile, stats to FILE")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
@@ -482,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     args.paths = [x for x in args.paths.split(",") if x]
-    if unknown := set(args.paths) - {r[0] for r in RELAYED}:
+    if unknown := set(args.paths) - {r[0] for r in (*RELAYED, *GRANTED)}:
         p.error(f"unknown paths: {', '.join(sorted(unknown))}")
     if args.echo_backend:
         echo_backend(args.echo_backend)

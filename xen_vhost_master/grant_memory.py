@@ -173,13 +173,15 @@ class GrantGuestMemory:
             if e is not None and e.covers(first, count) and e.idle():
                 self._unmap(e)
 
-    def trim(self) -> int:
-        """Unmap every mapping no view holds (a queue was reset: its rings, and buffers of chains
-        that failed validation); returns how many were unmapped."""
+    def trim(self, keep: int = 0) -> int:
+        """Unmap the mappings no view holds, oldest first, leaving at most ``keep`` of them (0: a
+        queue was reset, its rings and buffers of chains that failed validation go); returns how
+        many were unmapped."""
         idle = [e for e in self._maps.values() if e.idle()]
-        for e in idle:
+        drop = idle[: max(len(idle) - keep, 0)]
+        for e in drop:
             self._unmap(e)
-        return len(idle)
+        return len(drop)
 
     def close(self) -> None:
         """Unmap everything no view holds (a mapping still viewed is left mapped and logged, never

@@ -46,6 +46,7 @@ from .xen.privcmd import ForeignMapping, PrivCmd
 
 __all__ = [
     "DEFAULT_NO_ADVANCE",
+    "ON_DEMAND_IDLE",
     "ON_DEMAND_MAX_PAGES",
     "ForeignBacking",
     "GrantBacking",
@@ -66,6 +67,9 @@ _NO_ADVANCE_VALUES: Final = {
 }
 #: Pages one on-demand region keeps mapped at most (a single access may not be longer).
 ON_DEMAND_MAX_PAGES: Final = 1024
+#: Idle mappings an on-demand region keeps between :meth:`OnDemandGrantBacking.release` calls
+#: (the same buffer is typically touched two or three times per request: validated, read/written).
+ON_DEMAND_IDLE: Final = 8
 _KNOWN: Final = XenMmapFlags.FOREIGN | XenMmapFlags.GRANT
 
 
@@ -184,9 +188,11 @@ class GrantBacking:
 
 class OnDemandGrantBacking:
     """A GRANT region that cannot be mapped in advance (the data buffers' grant space): each
-    access maps the refs it covers through gntdev; a mapping whose views are all dropped is
-    unmapped at the next access (or :meth:`release`), so a data page stays mapped only while it
-    is used. Read-only grants give read-only views. Owns the gntdev fd."""
+    access maps the refs it covers through gntdev (an access inside a mapping still held reuses
+    it). Mappings whose views are all dropped are unmapped by :meth:`release` (a device calls it
+    once a request is done: :func:`~xen_vhost_master.xen_blk_backend.refuse_read_only_writes`
+    does) and, for devices that never do, beyond :data:`ON_DEMAND_IDLE` idle ones at the next
+    access. Read-only grants give read-only views. Owns the gntdev fd."""
 
     def __init__(self, kernel: Kernel, region: XenMemoryRegion, fd: int, *, max_pages: int = ON_DEMAND_MAX_PAGES) -> None:
         gntdev = _AdoptedGrantDev(kernel, fd)
@@ -199,7 +205,8 @@ class OnDemandGrantBacking:
         self.base = region.guest_phys_addr
 
     def slice(self, offset: int, length: int) -> memoryview:
-        self.memory.trim()  # unmap what earlier accesses no longer view
+        if self.memory.mappings > ON_DEMAND_IDLE:
+            self.memory.trim(keep=ON_DEMAND_IDLE)  # what earlier accesses no longer view
         return self.memory.view(self.base + offset, length)
 
     def release(self) -> int:
