@@ -500,3 +500,33 @@ def test_uml_grant_ring_translates_chains_and_ends_grants():
     with pytest.raises(GrantRingError, match="loops"):
         ring.pump()
     assert len(ended) == len(table) - 1  # all but the ring's own page
+
+
+def test_supervisor_choice_for_a_grant_device(caplog):
+    """XEN_MMAP grant export when the back-end offers XEN_MMAP and the rings fit; shadow over
+    gntdev otherwise (each choice logged); memory=xen-mmap insists on the export."""
+    from vhost_user import ProtocolFeatures
+    from xen_vhost_master.grant_memory import MAX_GRANT_QUEUES
+    from xen_vhost_master.supervisor import _Choose
+
+    caplog.set_level(logging.INFO)
+
+    class Sup:
+        log = logging.getLogger("xvm.test.choose")
+
+        def _shadow(self, cfg, nq):
+            return ("shadow", nq)
+
+    cfg = DeviceConfig(devid=3, device_id=2, base=BASE, irq=IRQ, grants=True, xen_no_advance=0x100)
+    choose = _Choose(Sup(), cfg, lambda nq: ("xen-mmap", nq))
+    assert choose.protocol_features == ProtocolFeatures.XEN_MMAP  # asked for
+    xm = ProtocolFeatures.XEN_MMAP | ProtocolFeatures.MQ
+    assert choose(xm, 1) == ("xen-mmap", 1)
+    assert "back-end maps the grants itself (XEN_MMAP grant regions, no-advance flag 0x100)" in caplog.text
+    assert choose(xm, MAX_GRANT_QUEUES + 1) == ("shadow", MAX_GRANT_QUEUES + 1)
+    assert "may not fit the 8 XEN_MMAP regions" in caplog.text
+    assert choose(ProtocolFeatures.MQ, 1) == ("shadow", 1)
+    assert "shadow virtqueues over gntdev (the back-end does not offer XEN_MMAP)" in caplog.text
+    required = _Choose(Sup(), cfg, lambda nq: ("xen-mmap", nq), required=True)
+    assert required(ProtocolFeatures.MQ, 1) == ("xen-mmap", 1)  # the device then refuses the back-end
+    assert _Choose(Sup(), cfg, None).protocol_features == ProtocolFeatures(0)  # memory=shadow
