@@ -54,6 +54,7 @@ __all__ = [
     "READY_TIMEOUT",
     "STOP_TIMEOUT",
     "UML_TIMEOUT",
+    "TESTPMD_FORWARDING_LOG",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,13 @@ _SO_ACCEPTCON: Final = 0x10000
 
 QSD: Final = "qemu-storage-daemon"
 TESTPMD: Final = "dpdk-testpmd"
+#: Wait for this testpmd line before sending a frame. testpmd 22.11's start_packet_forwarding()
+#: prints its forwarding config ("io packet forwarding - ports=..."), then drains every RX queue
+#: (flush_fwd_rx_queues: two passes 10 ms apart, the frames are freed, never forwarded), then
+#: prints "io packet forwarding packets/burst=..." (rxtx_config_display) and launches the
+#: forwarding lcore. A frame sent after the first line can be eaten by the drain (seen under CPU
+#: load: port RX 1, forwarded 0); one sent after this line waits in the ring for the lcore.
+TESTPMD_FORWARDING_LOG: Final = r"packet forwarding(?: with retry)? packets/burst="
 UML: Final = "linux.uml"
 UML_MODULES_ROOT: Final = Path("/usr/lib/uml/modules")
 UML_INIT: Final = Path(__file__).with_name("uml_init.sh")

@@ -15,7 +15,7 @@ import pytest
 from vhost_user.wire.enums import ProtocolFeatures as PF
 
 from tests.peers.guest import NET_HDR_LEN, GuestQueue, GuestRam, guest_ram
-from tests.peers.harness import Peers
+from tests.peers.harness import TESTPMD_FORWARDING_LOG, Peers
 
 pytestmark = [pytest.mark.peer, pytest.mark.timeout(30)]
 
@@ -23,10 +23,10 @@ QUEUE_SIZE = 64
 RX_BUF = 2048
 TEST_DEADLINE = 25.0  # brief: each peer test bounded < 30 s (pytest-timeout 30 s is the backstop)
 READY_LOG = r"virtio is now ready for processing"
-# testpmd drains ("flushes") its RX queues right before it starts forwarding and prints this
-# line after; a frame sent before that is silently eaten. In client mode the device gets ready
-# during testpmd's start-up, before forwarding starts, so wait for both lines.
-FORWARDING_LOG = r"io packet forwarding - ports="
+# testpmd drains ("flushes") its RX queues right before it starts forwarding; a frame sent before
+# the drain ends is silently eaten (see TESTPMD_FORWARDING_LOG). In client mode the device gets
+# ready during testpmd's start-up, before forwarding starts, so wait for both lines.
+FORWARDING_LOG = TESTPMD_FORWARDING_LOG
 
 
 def api():
