@@ -7,9 +7,10 @@ from another process, could read avail idx 0 after having consumed index 1 and t
 ``0 - 1 = 65535`` chains as new (``virtio_dev_tx_split`` has no bound check): it re-sent the stale
 avail slots for a whole index wrap.
 
-Here another process polls the avail idx and used_event words of a queue while this one drives
-it (driver + device side). Both words only grow from 0 during the run (fewer than 65536 chains),
-so a poller that reads 0 after it saw a non-zero value has seen a store that was not one store.
+Here another process polls the words one side publishes (driver: avail idx and used_event;
+device: used idx and avail_event) while this one drives the queue (both sides). Those words only
+grow from 0 during the run (fewer than 65536 chains), so a poller that reads 0 after it saw a
+non-zero value has seen a store that was not one store.
 Before the fix such reads came by the hundreds in a fraction of a second on two idle CPUs; the
 test cannot fail spuriously (with single stores the value 0 never comes back), but with fewer than
 two CPUs free the poller rarely runs during a store and the test then proves little.
@@ -90,31 +91,36 @@ def _read_line(fd: int, timeout: float) -> bytes:
     return out
 
 
-def test_polled_ring_words_are_never_seen_half_written() -> None:
+def _drive_while_polled(side: str) -> None:
+    """Run chains through a queue while another process polls ``side``'s published words."""
     mm = mmap.mmap(-1, MEM_SIZE)  # MAP_SHARED | MAP_ANONYMOUS: shared with the forked poller
     mem = FlatMemory(mm)
     desc, avail, used, _ = split_ring_layout(QUEUE_SIZE, 0)
     drv = SplitQueueDriver(mem, QUEUE_SIZE, desc, avail, used, event_idx=True)
     dev = SplitQueueDevice(mem, QUEUE_SIZE, desc, avail, used, event_idx=True)
     words = memoryview(mm).cast("H")
-    avail_idx_word = (avail + 2) // 2
-    used_event_word = (avail + 4 + 2 * QUEUE_SIZE) // 2
+    if side == "driver":  # avail idx and used_event; enable_interrupts stores used_event again
+        watched = ((avail + 2) // 2, (avail + 4 + 2 * QUEUE_SIZE) // 2)
+        store_again = drv.enable_interrupts
+    else:  # used idx and avail_event; enable_notify stores avail_event again
+        watched = ((used + 2) // 2, (used + 4 + 8 * QUEUE_SIZE) // 2)
+        store_again = dev.enable_notify
     stop = FLAGS // 2
     chains = 0
     try:
-        with _poller(mm, (avail_idx_word, used_event_word), stop) as (fd, _pid):
+        with _poller(mm, watched, stop) as (fd, _pid):
             assert _read_line(fd, DEADLINE) == b"polling\n"
             end = time.monotonic() + RUN_SECONDS
             while chains < MAX_CHAINS and time.monotonic() < end:
                 for _ in range(100):
-                    drv.add(readable=[(BUF, 64)], token=chains)  # stores avail ring entry + avail idx
-                    chain = dev.pop()
+                    drv.add(readable=[(BUF, 64)], token=chains)  # avail ring entry + avail idx
+                    chain = dev.pop()  # avail_event
                     assert chain is not None
-                    dev.push(chain.head, 0)
-                    assert drv.get_used() == [(chains, 0)]  # stores used_event
+                    dev.push(chain.head, 0)  # used element + used idx
+                    assert drv.get_used() == [(chains, 0)]  # used_event
                     chains += 1
                     for _ in range(STORES_PER_CHAIN):
-                        drv.enable_interrupts()  # used_event again (same value): more stores to catch
+                        store_again()  # the same value again: more stores to catch
             words[stop] = 1
             reads, torn = map(int, _read_line(fd, DEADLINE).split())
         assert chains > 1000 and reads > 0
@@ -125,3 +131,7 @@ def test_polled_ring_words_are_never_seen_half_written() -> None:
         dev.release()
         mem.release()
         mm.close()
+
+
+def test_driver_side_polled_words_are_never_seen_half_written() -> None:
+    _drive_while_polled("driver")
