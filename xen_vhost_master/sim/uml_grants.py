@@ -43,7 +43,6 @@ GRANT_ADDR_BIT: Final = 1 << 63  # XEN_GRANT_DMA_ADDR_OFF
 GRANT_CACHE_RUNS: Final = 1024
 VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT = 1, 2, 4
 _DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
 _USED = struct.Struct("<II")
 
 
@@ -97,6 +96,10 @@ class GrantRing:
                  grant: Callable[[int, bool], int], end: Callable[[int], None], *, cache_runs: int = GRANT_CACHE_RUNS,
                  stats: GrantStats | None = None) -> None:
         self.ram, self.num = ram, num
+        # Words the other side polls (the bridge ring's avail idx and entries, UML's used idx) are
+        # stored through this "H" cast: one 16-bit store each. struct.pack_into zeroes its target
+        # before writing, so a poller in another process could read 0 (see vhost_user.virtqueue).
+        self._w16 = ram.cast("H")
         self.uml_desc, self.uml_avail, self.uml_used = uml
         self._grant, self._end = grant, end
         self.cache_runs = cache_runs
@@ -137,12 +140,12 @@ class GrantRing:
             if head >= self.num or head in self._inflight:
                 raise GrantRingError(f"UML made descriptor {head} available twice or out of range")
             self._translate(head)
-            _U16.pack_into(self.ram, self.avail + 4 + 2 * (self.avail_idx % self.num), head)
+            self._w16[(self.avail + 4 + 2 * (self.avail_idx % self.num)) >> 1] = head
             self.avail_idx = (self.avail_idx + 1) & 0xFFFF
             self.uml_last_avail = (self.uml_last_avail + 1) & 0xFFFF
             n += 1
         if n:
-            _U16.pack_into(self.ram, self.avail + 2, self.avail_idx)  # after the entries (x86 TSO)
+            self._w16[(self.avail + 2) >> 1] = self.avail_idx  # after the entries (x86 TSO), one store
             self.stats.chains += n
         return n
 
@@ -219,7 +222,7 @@ class GrantRing:
             self._release(self._inflight.pop(head, []))
             n += 1
         if n:
-            _U16.pack_into(self.ram, self.uml_used + 2, self.uml_used_idx)
+            self._w16[(self.uml_used + 2) >> 1] = self.uml_used_idx  # one store: UML polls it
         return n
 
     def _release(self, runs: list[_Run]) -> None:
@@ -239,6 +242,7 @@ class GrantRing:
         if self.closed:
             return
         self.closed = True
+        self._w16.release()
         ended = set()
         for runs in self._inflight.values():
             for run in runs:
@@ -260,4 +264,4 @@ class GrantRing:
             self.stats.ended += 1
 
     def _u16(self, gpa: int) -> int:
-        return int(_U16.unpack_from(self.ram, gpa)[0])
+        return int(self._w16[gpa >> 1])
