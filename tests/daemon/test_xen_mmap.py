@@ -375,3 +375,38 @@ def test_grant_export_falls_back_to_shadow_when_the_rings_do_not_fit(caplog):
     assert export.direct and fds == [77] * len(table) and all(r.domid == 5 for r in table)
     export.close()
     assert shadow.closed and gntdev.fd == -1
+
+
+@pytest.mark.parametrize("flags", [0x3, 0x1 | 0x8, 0x2 | 0x100, 0x2 | 0x10, 0x8, 0x100])
+def test_mapper_refuses_flag_combinations_it_does_not_know_and_closes_the_fd(kernel, flags):
+    """FOREIGN|GRANT, FOREIGN with a no-advance flag, GRANT with the other no-advance value (this
+    mapper takes 0x8), unknown bits, a lone no-advance flag: refused (typed), the fd closed."""
+    from vhost_user import GuestMemoryError, XenMemoryRegion
+
+    mapper = XenRegionMapper(kernel)  # no_advance 0x8 (rust-vmm)
+    fd = os.memfd_create("region")
+    region = XenMemoryRegion(guest_phys_addr=GRANT_ADDR_BIT, memory_size=1 << 20, userspace_addr=GRANT_ADDR_BIT,
+                             mmap_offset=0, xen_mmap_flags=flags, domid=1)
+    with pytest.raises(GuestMemoryError, match=f"{flags:#x}"):
+        mapper(region, fd)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # the mapper owned it
+
+
+def test_mapper_maps_a_unix_region_with_plain_mmap(kernel):
+    """xen_mmap_flags 0 under XEN_MMAP: a plain shareable fd (the grant export's shadow fallback)."""
+    from vhost_user import XenMemoryRegion
+
+    fd = os.memfd_create("shadow")
+    os.ftruncate(fd, 1 << 16)
+    os.pwrite(fd, b"shadow!", 0x1000)
+    region = XenMemoryRegion(guest_phys_addr=1 << 40, memory_size=1 << 16, userspace_addr=1 << 40, mmap_offset=0,
+                             xen_mmap_flags=0, domid=0)
+    backing = XenRegionMapper(kernel, no_advance=SPEC)(region, fd)
+    try:
+        with backing.slice(0x1000, 7) as v:
+            assert bytes(v) == b"shadow!"
+    finally:
+        backing.close()
+    with pytest.raises(ValueError, match="0x4"):
+        XenRegionMapper(kernel, no_advance=XenMmapFlags(0x4))
