@@ -338,6 +338,9 @@ class SplitQueueDevice:
         inflight: Any = None,
     ) -> None:
         self._r = _Rings(mem, size, desc_addr, avail_addr, used_addr)
+        # The words the driver polls (used idx, flags, avail_event) are stored with one 16-bit
+        # store each, never through struct (see "Single stores" in the module docstring).
+        self._used_w = self._r.used.cast("H")
         self.inflight = inflight
         self.event_idx = event_idx
         self._last_avail = last_avail_idx & 0xFFFF
@@ -361,6 +364,7 @@ class SplitQueueDevice:
 
     def release(self) -> None:
         """Drop the ring views (call before unmapping guest memory). The queue is unusable after."""
+        self._used_w.release()
         self._r.release()
 
     # --- consuming -----------------------------------------------------------------------------
@@ -455,13 +459,13 @@ class SplitQueueDevice:
             idx = (idx + 1) & 0xFFFF
             if inflight is not None:
                 inflight.pre_put(head)
-                _U16.pack_into(used, 2, idx)  # (elements before idx, as below)
+                self._used_w[1] = _le16(idx)  # (elements before idx, as below)
                 self._used_idx = idx
                 inflight.post_put(head, idx)
         if inflight is not None:
             return
         # Write barrier here (elements before idx) — see the module docstring.
-        _U16.pack_into(used, 2, idx)
+        self._used_w[1] = _le16(idx)  # one store: a polling driver must never see 0 here
         self._used_idx = idx
 
     # --- notifications -------------------------------------------------------------------------
@@ -483,7 +487,7 @@ class SplitQueueDevice:
         """Ask the driver not to kick (VRING_USED_F_NO_NOTIFY; a no-op hint with EVENT_IDX)."""
         self._notify_enabled = False
         if not self.event_idx:
-            _U16.pack_into(self._r.used, 0, VRING_USED_F_NO_NOTIFY)
+            self._used_w[0] = _le16(VRING_USED_F_NO_NOTIFY)
 
     def enable_notify(self) -> bool:
         """Ask for kicks again. Returns True if chains arrived meanwhile (pop them: no kick comes)."""
@@ -491,11 +495,11 @@ class SplitQueueDevice:
         if self.event_idx:
             self._write_avail_event()
         else:
-            _U16.pack_into(self._r.used, 0, 0)
+            self._used_w[0] = 0
         return self.available() > 0
 
     def _write_avail_event(self) -> None:
-        _U16.pack_into(self._r.used, self._r.avail_event_off, self._last_avail)
+        self._used_w[self._r.avail_event_off // 2] = _le16(self._last_avail)
 
 
 class SplitQueueDriver:

@@ -33,6 +33,8 @@ from xen_vhost_master.sim.guest_driver import Feature, GuestDriverError, GuestPa
 from xen_vhost_master.xen.evtchn import EventChannel
 from xen_vhost_master.xen.privcmd import PrivCmd
 
+from tests.peers.harness import TESTPMD_FORWARDING_LOG
+
 BASE, IRQ = 0x0200_0000, 33
 TIMEOUT = 25.0
 
@@ -183,7 +185,7 @@ async def test_testpmd_frames_out_and_back_through_the_shadow_path(sim_host, sim
             net = await VirtioNet.attach(guest, BASE, IRQ + 1, GuestPageAllocator(guest.ram), queue_size=64,
                                          features=VirtioNet.DEFAULT_FEATURES | Feature.RING_EVENT_IDX,
                                          mmio_timeout=TIMEOUT)  # testpmd shares CPU 0 with any other
-            await pmd.wait_log_async(r"io packet forwarding - ports=")
+            await pmd.wait_log_async(TESTPMD_FORWARDING_LOG)  # after testpmd's RX drain, not before
             sent = [frame(i) for i in range(16)]
             try:
                 received = []

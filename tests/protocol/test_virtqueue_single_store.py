@@ -135,3 +135,7 @@ def _drive_while_polled(side: str) -> None:
 
 def test_driver_side_polled_words_are_never_seen_half_written() -> None:
     _drive_while_polled("driver")
+
+
+def test_device_side_polled_words_are_never_seen_half_written() -> None:
+    _drive_while_polled("device")
