@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from .errors import InflightRegionError
+from .virtqueue import MAX_QUEUE_SIZE
 
 __all__ = [
     "INFLIGHT_VERSION",
@@ -59,8 +60,6 @@ __all__ = [
 INFLIGHT_VERSION: Final = 1
 #: libvhost-user ``INFLIGHT_ALIGNMENT``: each queue region starts on a 64-byte boundary.
 INFLIGHT_ALIGNMENT: Final = 64
-#: virtio 1.2 §2.7: split queue size is a power of two ≤ 32768.
-MAX_QUEUE_SIZE: Final = 32768
 #: The u16 num_queues field allows more; libvhost-user's VHOST_USER_MAX_QUEUES-like bound.
 MAX_QUEUES: Final = 1024
 
