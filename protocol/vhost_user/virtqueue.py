@@ -241,6 +241,8 @@ def write_buffers(mem: GuestMemory, buffers: Iterable[Buffer], data: bytes | mem
         except _MEMORY_FAULTS as exc:
             raise RingError(f"buffer [{buf.addr:#x}, +{n:#x}) is not in guest memory: {exc}") from exc
         with view:
+            if view.readonly:  # e.g. a read-only grant mapping: the device may not write there
+                raise RingError(f"device-writable buffer [{buf.addr:#x}, +{n:#x}) is mapped read-only")
             view[:] = src[done : done + n]
         done += n
     return done

@@ -558,3 +558,23 @@ def test_fuzz_driver_side_only_raises_ring_error(inflight, used_idx, elems, even
     assert drv.num_free + len(drv._inflight) == FUZZ_SIZE
     assert len(set(drv._free)) == len(drv._free)
     drv.release()
+
+
+def test_write_into_a_read_only_mapping_is_a_ring_error_not_a_type_error():
+    """A device-writable buffer that maps read-only (a read-only Xen grant) fails that write with
+    the library's RingError (which stops the ring cleanly), never an uncaught TypeError."""
+
+    class ReadOnlyAbove:
+        def __init__(self, ram: bytearray, limit: int) -> None:
+            self.ram, self.limit = ram, limit
+
+        def view(self, addr: int, length: int) -> memoryview:
+            mv = memoryview(self.ram)[addr : addr + length]
+            return mv.toreadonly() if addr >= self.limit else mv
+
+    ram = bytearray(0x2000)
+    mem = ReadOnlyAbove(ram, 0x1000)
+    assert write_buffers(mem, [Buffer(0x100, 4)], b"okay") == 4
+    with pytest.raises(RingError, match="read-only"):
+        write_buffers(mem, [Buffer(0x200, 4), Buffer(0x1800, 4)], b"abcdefgh")
+    assert ram[0x1800:0x1804] == bytes(4)
