@@ -39,8 +39,7 @@ from vhost_user.memory import MmapBacking
 from .errors import XenError
 from .grant_memory import GRANT_ADDR_BIT, GrantGuestMemory
 from .xen.abi import XEN_PAGE_SHIFT, XEN_PAGE_SIZE
-from .xen.device_file import XenDeviceFile
-from .xen.gntdev import GNTDEV_PATH, GrantDev, GrantMapping
+from .xen.gntdev import GrantDev, GrantMapping
 from .xen.kernel import Kernel
 from .xen.privcmd import ForeignMapping, PrivCmd
 
@@ -121,13 +120,6 @@ class ForeignBacking:
         self._privcmd.close()
 
 
-class _AdoptedGrantDev(GrantDev):
-    """A /dev/xen/gntdev fd received from the front-end (GrantDev opens its own otherwise)."""
-
-    def __init__(self, kernel: Kernel, fd: int) -> None:  # noqa: D107 - XenDeviceFile adopts ``fd``
-        XenDeviceFile.__init__(self, kernel, GNTDEV_PATH, os.O_RDWR, fd=fd)
-
-
 def _grant_span(region: XenMemoryRegion) -> tuple[int, int, int]:
     """(first ref, page count, offset in the first page) of a region of grant space."""
     addr, size = region.guest_phys_addr, region.memory_size
@@ -147,7 +139,7 @@ class GrantBacking:
     ring code then refuses the ring: its views must be writable)."""
 
     def __init__(self, kernel: Kernel, region: XenMemoryRegion, fd: int) -> None:
-        self._gntdev = _AdoptedGrantDev(kernel, fd)
+        self._gntdev = GrantDev(kernel, fd=fd)
         mapped = False
         try:
             first, count, self._skew = _grant_span(region)
@@ -195,7 +187,7 @@ class OnDemandGrantBacking:
     access. Read-only grants give read-only views. Owns the gntdev fd."""
 
     def __init__(self, kernel: Kernel, region: XenMemoryRegion, fd: int, *, max_pages: int = ON_DEMAND_MAX_PAGES) -> None:
-        gntdev = _AdoptedGrantDev(kernel, fd)
+        gntdev = GrantDev(kernel, fd=fd)
         try:
             _grant_span(region)
             self.memory = GrantGuestMemory(gntdev, region.domid, max_pages=max_pages, own_gntdev=True)

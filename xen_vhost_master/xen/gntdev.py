@@ -43,8 +43,9 @@ class GrantMapping:
 class GrantDev(XenDeviceFile):
     """One open /dev/xen/gntdev."""
 
-    def __init__(self, kernel: Kernel, path: str = GNTDEV_PATH) -> None:
-        super().__init__(kernel, path, os.O_RDWR)
+    def __init__(self, kernel: Kernel, path: str = GNTDEV_PATH, *, fd: int | None = None) -> None:
+        """Opens ``path``, or adopts ``fd`` (e.g. a gntdev fd a front-end passed over vhost-user)."""
+        super().__init__(kernel, path, os.O_RDWR, fd=fd)
 
     def __enter__(self) -> GrantDev:
         return self
