@@ -100,7 +100,9 @@ class DataPath(Protocol):
         ...
 
     def regions(self) -> tuple[Sequence[MemoryRegion | XenMemoryRegion], Sequence[int]]:
-        """The memory table and one fd per region (still owned by the data path)."""
+        """The memory table and one fd per region (still owned by the data path). Asked once per
+        start of a back-end connection, before :meth:`open_queue` (a copying data path gives each
+        connection memory of its own)."""
         ...
 
     def open_queue(self, queue: QueueConfig, features: int, kick_fd: int, *, resume: bool = False) -> RingAddresses:
