@@ -36,7 +36,7 @@ from vhost_user import (
 from vhost_user.aio import DEFAULT_PROTOCOL_FEATURES, cancel_and_wait
 
 from .config import DeviceConfig
-from .errors import XenError
+from .errors import GuestFault, XenError
 from .fastpath import QueueFastPath
 from .log import DeviceLogger, RateLimit
 from .virtio_mmio import (
@@ -393,7 +393,8 @@ class Device:
             self.log.warning("guest: %s%s", reason, more)
 
     async def _guarded(self, op: Awaitable[None]) -> None:
-        """Run a back-end operation; on failure the device goes to DEVICE_NEEDS_RESET."""
+        """Run a back-end operation; on failure the device goes to DEVICE_NEEDS_RESET. A guest
+        fault found on the way (e.g. a ring it revoked, read to resume a back-end) does the same."""
         try:
             await op
         except VhostUserError as e:
@@ -401,6 +402,11 @@ class Device:
             self.log.error("back-end failed: %s", e)
             assert self.model is not None
             await self._carry_out(self.model.needs_reset(f"back-end failed: {e}"))
+        except GuestFault as e:
+            self.stats.last_error = f"guest: {e}"
+            self.log.error("guest fault while starting the back-end: %s", e)
+            assert self.model is not None
+            await self._carry_out(self.model.needs_reset(f"guest fault: {e}"))
 
     # --- back-end start/stop, in QEMU's order (reference trace) ----------------------------------
 

@@ -37,6 +37,7 @@ from vhost_user.testing import RamDiskBlk, connected_pair
 from vhost_user.wire import Inflight
 from xen_vhost_master.config import DeviceConfig
 from xen_vhost_master.device import Device
+from xen_vhost_master.errors import GuestFault
 from xen_vhost_master.faultbench import QsdProcess, kill_loop
 from xen_vhost_master.memory import FdExport, FdRegion
 from xen_vhost_master.virtio_mmio import Reg
@@ -636,3 +637,26 @@ async def test_backend_stopped_with_a_request_in_flight_guest_reset_times_out_th
             finally:
                 for q in procs:
                     q.stop()
+
+
+@pytest.mark.asyncio
+async def test_guest_fault_while_resuming_a_backend_needs_reset_not_a_dead_task(no_fd_leak, ram_memfd, caplog):
+    """Resuming a zero-copy ring reads the guest's used index; a guest that made it unreadable
+    (a revoked ring grant) gets DEVICE_NEEDS_RESET and a logged reason, and the device lives on."""
+    caplog.set_level(logging.ERROR)
+    async with asyncio.timeout(TIMEOUT), ramdisk_device(ram_memfd) as (device, server):
+        await _bring_up(device)
+        assert device.model.active
+
+        async def resume_reads_a_revoked_ring() -> None:
+            raise GuestFault(RAM_BASE + 0x2000, "cannot read the used index to resume: grant revoked")
+
+        await device._guarded(resume_reads_a_revoked_ring())  # noqa: SLF001 (the path every resume takes)
+        assert device.model.status & 0x40  # DEVICE_NEEDS_RESET
+        assert "grant revoked" in device.stats.last_error
+        assert "guest fault while starting the back-end" in caplog.text
+        result = device.mmio(Reg.STATUS, 4, True, 0)  # the driver resets: the device is usable again
+        if result is not None:
+            await result
+        await _bring_up(device)
+        assert device.model.active
