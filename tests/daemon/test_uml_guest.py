@@ -17,11 +17,12 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.peers.harness import Peers
+from tests.peers.harness import Peers, UmlRun
 from vhost_user.aio.transport import UnixListener
 from xen_vhost_master.sim.guest import SimControl
 from xen_vhost_master.sim.host import SimHost
@@ -62,6 +63,38 @@ def stop_daemon(proc: subprocess.Popen[bytes]) -> int:
     return int(proc.returncode)
 
 
+async def serve_uml(
+    bridge: UmlBridge, path: Path, start_uml: Callable[[], UmlRun], sim_path: str, backend: Path, tmp_path: Path,
+    on_ready: Callable[[int], None] = lambda domid: None, **daemon_kw: str,
+) -> tuple[UmlRun, str, int | None, int]:
+    """UML connects to ``bridge`` listening on ``path``; the daemon is started for the bridge's
+    domain (``on_ready(domid)`` once it said READY=1); the bridge serves until UML powers off.
+    Returns (the UML run, its verdicts, the daemon's exit status, the domid)."""
+    daemon = notify = None
+    serving: asyncio.Task[None] | None = None
+    with UnixListener(str(path)) as listener:
+        with no_aslr():  # a small, fixed physical memory (no random exec-shield gap)
+            run = start_uml()
+        try:
+            domid = await bridge.accept(listener, timeout=STEP)
+            daemon, notify = start_daemon(sim_path, domid, backend, tmp_path, **daemon_kw)
+            msg = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(notify, 4096), STEP)
+            assert msg.startswith(b"READY=1"), msg
+            on_ready(domid)
+            serving = asyncio.get_running_loop().create_task(bridge.serve())
+            verdicts = await run.finish(timeout=STEP)
+            await asyncio.wait_for(serving, STEP)  # UML powered off: the bridge's server returns
+        finally:
+            if serving is not None and not serving.done():
+                serving.cancel()
+                await asyncio.gather(serving, return_exceptions=True)
+            rc = stop_daemon(daemon) if daemon is not None else None
+            if notify is not None:
+                notify.close()
+            await bridge.close()
+    return run, verdicts, rc, domid
+
+
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # the daemon runs uvloop in its own process
 async def test_uml_virtio_blk_through_bridge_sim_and_daemon_to_qsd(
     no_fd_leak: None, sim_host: SimHost, sim_control: SimControl, peers: Peers, tmp_path: Path
@@ -76,35 +109,20 @@ async def test_uml_virtio_blk_through_bridge_sim_and_daemon_to_qsd(
     (tmp_path / "pattern.bin").write_bytes(pattern)
     wsector = 8192
 
-    path = peers.sock_path("uml.sock")
     bridge = UmlBridge(sim_host.path, base=BASE, irq=IRQ, device_id=2)
-    daemon = notify = None
-    serving: asyncio.Task[None] | None = None
-    with UnixListener(path) as listener:
-        with no_aslr():  # a small, fixed physical memory (no random exec-shield gap)
-            run = peers.uml(path, mode="blkrw", env={
-                "UMLT_PATTERN": str(tmp_path / "pattern.bin"), "UMLT_WSECTOR": str(wsector),
-                "UMLT_RSECTOR": "2048", "UMLT_RCOUNT": "16",
-            })
-        try:
-            domid = await bridge.accept(listener, timeout=STEP)
-            info = sim_control.domain_info(domid)
-            assert info["banks"][0][0] == 0 and info["vcpus"] == 2  # UML's physical memory, at 0
-            daemon, notify = start_daemon(sim_host.path, domid, qsd.sock, tmp_path)
-            msg = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(notify, 4096), STEP)
-            assert msg.startswith(b"READY=1"), msg
-            assert sim_control.domain_info(domid)["servers"] == [0]  # the daemon's IOREQ server
-            serving = asyncio.get_running_loop().create_task(bridge.serve())
-            verdicts = await run.finish(timeout=STEP)
-            await asyncio.wait_for(serving, STEP)  # UML powered off: the bridge's server returns
-        finally:
-            if serving is not None and not serving.done():
-                serving.cancel()
-                await asyncio.gather(serving, return_exceptions=True)
-            rc = stop_daemon(daemon) if daemon is not None else None
-            if notify is not None:
-                notify.close()
-            await bridge.close()
+
+    def on_ready(domid: int) -> None:
+        info = sim_control.domain_info(domid)
+        assert info["banks"][0][0] == 0 and info["vcpus"] == 2  # UML's physical memory, at 0
+        assert info["servers"] == [0]  # the daemon's IOREQ server
+
+    run, verdicts, rc, domid = await serve_uml(
+        bridge, peers.sock_path("uml.sock"),
+        lambda: peers.uml(peers.sock_path("uml.sock"), mode="blkrw", env={
+            "UMLT_PATTERN": str(tmp_path / "pattern.bin"), "UMLT_WSECTOR": str(wsector),
+            "UMLT_RSECTOR": "2048", "UMLT_RCOUNT": "16",
+        }),
+        sim_host.path, Path(qsd.sock), tmp_path, on_ready)
 
     tail = run.process.log_tail(60) + "\n" + (tmp_path / "daemon.log").read_text()[-3000:]
     assert "DONE 0" in verdicts, tail
@@ -135,27 +153,11 @@ async def test_uml_virtio_net_frames_loop_back_through_the_daemon_and_testpmd(
     pmd, pmd_sock = peers.testpmd()  # listens; io forwarding, the port looped to itself
     path = peers.sock_path("umlnet.sock")
     bridge = UmlBridge(sim_host.path, base=BASE, irq=IRQ, device_id=1, withhold=NET_CTRL_FEATURES)
-    daemon = notify = None
-    serving: asyncio.Task[None] | None = None
-    with UnixListener(path) as listener:
-        with no_aslr():  # UML's memory stays ~64 MiB: dpdk-testpmd maps it in ~0.1 s, not seconds
-            run = peers.uml(path, mode="net", device_id=1, mem="64M", env={"UMLT_NET_FRAMES": str(FRAMES)})
-        try:
-            domid = await bridge.accept(listener, timeout=STEP)
-            daemon, notify = start_daemon(sim_host.path, domid, pmd_sock, tmp_path, kind="net", extra=",queues=2")
-            msg = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(notify, 4096), STEP)
-            assert msg.startswith(b"READY=1"), msg
-            serving = asyncio.get_running_loop().create_task(bridge.serve())
-            verdicts = await run.finish(timeout=STEP)
-            await asyncio.wait_for(serving, STEP)
-        finally:
-            if serving is not None and not serving.done():
-                serving.cancel()
-                await asyncio.gather(serving, return_exceptions=True)
-            rc = stop_daemon(daemon) if daemon is not None else None
-            if notify is not None:
-                notify.close()
-            await bridge.close()
+    # no_aslr: UML's memory stays ~64 MiB, so dpdk-testpmd maps it in ~0.1 s, not seconds
+    run, verdicts, rc, _ = await serve_uml(
+        bridge, path,
+        lambda: peers.uml(path, mode="net", device_id=1, mem="64M", env={"UMLT_NET_FRAMES": str(FRAMES)}),
+        sim_host.path, pmd_sock, tmp_path, kind="net", extra=",queues=2")
     tail = run.process.log_tail(60) + "\n" + (tmp_path / "daemon.log").read_text()[-3000:] + "\n" + pmd.log_tail(20)
     assert "DONE 0" in verdicts, tail
     assert run.value("NET") == f"sent={FRAMES} looped={FRAMES}", tail  # every frame came back intact
@@ -196,31 +198,14 @@ async def test_uml_grant_guest_blk_through_the_bridge_in_grant_mode(
     wsector = 8192
     uml_sock = peers.sock_path("umlg.sock")
     bridge = UmlBridge(sim_host.path, base=BASE, irq=IRQ, device_id=2, grants=True)
-    daemon = notify = None
-    serving: asyncio.Task[None] | None = None
     try:
-        with UnixListener(uml_sock) as listener:
-            with no_aslr():
-                run = peers.uml(uml_sock, mode="blkrw", env={
-                    "UMLT_PATTERN": str(tmp_path / "pattern.bin"), "UMLT_WSECTOR": str(wsector),
-                    "UMLT_RSECTOR": "2048", "UMLT_RCOUNT": "16",
-                })
-            try:
-                domid = await bridge.accept(listener, timeout=STEP)
-                daemon, notify = start_daemon(sim_host.path, domid, sock, tmp_path, extra=",grants=1", memory="auto")
-                msg = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(notify, 4096), STEP)
-                assert msg.startswith(b"READY=1"), msg
-                serving = asyncio.get_running_loop().create_task(bridge.serve())
-                verdicts = await run.finish(timeout=STEP)
-                await asyncio.wait_for(serving, STEP)
-            finally:
-                if serving is not None and not serving.done():
-                    serving.cancel()
-                    await asyncio.gather(serving, return_exceptions=True)
-                rc = stop_daemon(daemon) if daemon is not None else None
-                if notify is not None:
-                    notify.close()
-                await bridge.close()
+        run, verdicts, rc, _ = await serve_uml(
+            bridge, uml_sock,
+            lambda: peers.uml(uml_sock, mode="blkrw", env={
+                "UMLT_PATTERN": str(tmp_path / "pattern.bin"), "UMLT_WSECTOR": str(wsector),
+                "UMLT_RSECTOR": "2048", "UMLT_RCOUNT": "16",
+            }),
+            sim_host.path, sock, tmp_path, extra=",grants=1", memory="auto")
     finally:
         if backend_proc is not None:
             backend_proc.terminate()
