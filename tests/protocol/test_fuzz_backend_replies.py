@@ -23,7 +23,7 @@ from tests.conftest import open_fds
 
 EXAMPLES = int(os.environ.get("HYPOTHESIS_FUZZ_EXAMPLES", "150")) // 5  # each example is up to 5 exchanges
 REQUESTS = ["get_features", "get_protocol_features", "get_queue_num", "get_config", "get_vring_base",
-            "set_owner_ack", "get_status", "get_max_mem_slots"]
+            "set_owner_ack", "get_status", "get_max_mem_slots", "get_inflight_fd"]
 
 replies = st.tuples(
     st.sampled_from(REQUESTS),
@@ -45,13 +45,14 @@ async def exchange(reply: tuple) -> None:  # type: ignore[type-arg]
         # As if negotiation had happened (this test is about what comes back, not the handshake):
         # every feature-gated request passes its precondition; REPLY_ACK in some examples only.
         fe.conn.backend_features = 1 << 30
-        fe.conn.protocol_features = PF.MQ | PF.CONFIG | PF.STATUS | PF.CONFIGURE_MEM_SLOTS | (PF.REPLY_ACK if ack else PF(0))
+        fe.conn.protocol_features = PF.MQ | PF.CONFIG | PF.STATUS | PF.CONFIGURE_MEM_SLOTS | PF.INFLIGHT_SHMFD | (PF.REPLY_ACK if ack else PF(0))
         fe.conn.negotiation = Negotiation.PROTOCOL_SET
         call = {
             "get_features": fe.get_features, "get_protocol_features": fe.get_protocol_features,
             "get_queue_num": fe.get_queue_num, "get_config": lambda: fe.get_config(0, 16),
             "get_vring_base": lambda: fe.get_vring_base(0), "set_owner_ack": fe.set_owner,
             "get_status": fe.get_status, "get_max_mem_slots": fe.get_max_mem_slots,
+            "get_inflight_fd": lambda: fe.get_inflight_fd(1, 64),
         }[request]
         task = asyncio.ensure_future(call())
         await asyncio.wait([task], timeout=0)  # let it send (or refuse locally: then nothing comes)
@@ -75,7 +76,9 @@ async def exchange(reply: tuple) -> None:  # type: ignore[type-arg]
         if hang_up:
             b.close()
         try:
-            await asyncio.wait_for(task, 5)
+            got = await asyncio.wait_for(task, 5)
+            if request == "get_inflight_fd":
+                os.close(got.fd)  # a well-formed answer: the area's fd is the caller's
         except VhostUserError:
             pass
         except TimeoutError as e:  # pragma: no cover - the front-end's own timeout must fire first
