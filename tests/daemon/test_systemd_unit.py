@@ -18,7 +18,9 @@ starts nothing but this unit: no sysinit.target touching the host's files).
 from __future__ import annotations
 
 import asyncio
+import grp
 import os
+import pwd
 import random
 import shutil
 import subprocess
@@ -148,18 +150,28 @@ def work() -> Iterator[Path]:
 
 @pytest.mark.peer
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("user", ["root", "nobody"])
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # the daemon itself runs on uvloop
-async def test_the_shipped_unit_under_real_systemd(work, peers):
+async def test_the_shipped_unit_under_real_systemd(work, peers, user):
+    """``user``: root (the unit as shipped), or a dedicated unprivileged user as systemd/README.md's
+    "Running as a dedicated user" adds with a drop-in (User=/Group=); its sockets are made
+    reachable for it the way that section says (here: mode 0666 on the simulator's and qsd's)."""
     reason = _can_boot_systemd()
     if reason is not None:
         pytest.skip(reason)
     sim, sim_path = start_sim(str(work))
     disk = peers.qsd_raw(size=8 << 20)
     bin_dir = Path(sys.executable).parent
+    if user != "root":
+        for path in (work, disk.sock.parent):
+            path.chmod(0o755)
+        for path in (Path(sim_path), disk.sock):
+            path.chmod(0o666)
     dropin = (
         "[Unit]\nDefaultDependencies=no\n"
         "[Service]\n"
-        "ExecStart=\n"
+        + ("" if user == "root" else f"User={user}\nGroup={grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name}\n")
+        + "ExecStart=\n"
         f"ExecStart={bin_dir / 'xen-vhost-master'} --domid %i\n"
         f"Environment=XEN_VHOST_SIM={sim_path}\n"
         f"BindReadOnlyPaths={REPO} {Path(sys.prefix)}\n"
@@ -182,6 +194,8 @@ async def test_the_shipped_unit_under_real_systemd(work, peers):
         status = await asyncio.to_thread(sd.in_ns, int(first["MainPID"]))
         # The sandbox is really there: seccomp filter mode, no_new_privs, no capabilities.
         assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status and "CapEff:\t0000000000000000" in status, status
+        uid = pwd.getpwnam(user).pw_uid
+        assert f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}" in status, status
 
         guest = await SimGuest.connect(sim_path, DOMID)
         blk = await asyncio.wait_for(VirtioBlk.attach(guest, 0x2000000, 33, GuestPageAllocator(guest.ram)), TIMEOUT)
