@@ -18,6 +18,22 @@ virtio-mmio model must accept ring addresses in.
   queue's lifetime. :meth:`release_buffers` (called by the shadow engine once a request's buffers
   are copied in / back) unmaps the data buffers' mappings, so a data page is mapped only while its
   request is in flight and a reference the guest re-grants later is mapped afresh.
+* **One batch per chain** (:meth:`map_chain`, called by the shadow engine before it copies a
+  chain in): the pages of all the chain's device-readable buffers are mapped with ONE
+  MAP_GRANT_REF (an array of references, in buffer order; they need not be consecutive) and ONE
+  read-only mmap, those of its device-writable buffers with one more, writable (a gntdev mapping
+  has one protection for all its pages, and a guest grants device-readable buffers read-only, so
+  one mapping cannot serve both). Each buffer is then one contiguous slice of its batch, and
+  :meth:`view` of a buffer (or a prefix of it: a partial copy-back) is served from it without an
+  ioctl; :meth:`release_buffers` of the buffers of a batch unmaps it in one go. Per request this
+  replaces one map (plus a refused writable attempt for each read-only grant), mmap and unmap per
+  buffer — each a round trip to the simulated host, a hypercall and a TLB shootdown on real Xen —
+  by at most two of each. A batch holds at most ``max_batch_pages`` pages (more: several
+  batches; a buffer longer than that is mapped on its own when viewed). A batch that cannot be
+  mapped (a revoked or unknown reference, a read-only grant among the writable buffers, no room)
+  is not an error here: its buffers are then mapped one by one when viewed, which fails exactly
+  the buffer at fault as before (a GuestMemoryError; a read-only view of a device-writable
+  buffer), so the guest's chain is refused with the same reason.
 * A mapping is never unmapped while a view of it is alive (the rings' long-lived views, or a
   hostile buffer aliasing a ring): every view is a fresh export of the mapping's own ctypes array,
   so its reference count says whether any view is still held. Unmapping a page under a live view
@@ -46,7 +62,7 @@ import errno
 import logging
 import os
 import sys
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -63,6 +79,7 @@ if TYPE_CHECKING:
     from .virtio_mmio import QueueConfig
 
 __all__ = [
+    "DEFAULT_MAX_BATCH_PAGES",
     "DEFAULT_MAX_PAGES",
     "GRANT_ADDR_BIT",
     "GRANT_SPACE",
@@ -83,6 +100,9 @@ GRANT_ADDR_BIT: Final = 1 << 63  # XEN_GRANT_DMA_ADDR_OFF, linux drivers/xen/gra
 GRANT_SPACE: Final = ((GRANT_ADDR_BIT, GRANT_ADDR_BIT - 1),)
 #: Pages mapped at once by default (16 MiB: a full bounce pool's worth plus the rings).
 DEFAULT_MAX_PAGES: Final = 4096
+#: Pages one chain batch maps at most (1 MiB: a 128 KiB request is 33 pages, seg_max*size_max of
+#: virtio-blk rarely beyond 1 MiB); also the largest MAP_GRANT_REF argument we build (16 + 8*n bytes).
+DEFAULT_MAX_BATCH_PAGES: Final = 256
 _MAX_REF: Final = (1 << 32) - 1  # grant_ref_t is a u32
 _PAGE: Final = 1 << XEN_PAGE_SHIFT
 _IDLE_REFS: Final = 2  # the entry's own reference + getrefcount's argument
@@ -94,8 +114,11 @@ def is_grant_address(addr: int) -> bool:
 
 @dataclass
 class GrantMemoryStats:
-    maps: int = 0  # gntdev mappings made
-    read_only: int = 0  # ... of which read-only (the writable map was refused)
+    maps: int = 0  # gntdev mappings made (MAP_GRANT_REF + mmap), chain batches included
+    read_only: int = 0  # ... of which read-only (the writable map was refused, or a chain's readable pages)
+    batches: int = 0  # ... of which chain batches (map_chain)
+    batch_pages: int = 0  # pages mapped in chain batches
+    batch_fallbacks: int = 0  # batches not mapped (refused ref, read-only grant, no room): per buffer instead
     unmaps: int = 0
     hits: int = 0  # views served from a mapping already made
     refused: int = 0  # views that failed (not a grant address, revoked/unknown ref, limits)
@@ -103,13 +126,15 @@ class GrantMemoryStats:
 
 
 class _Map:
-    """One gntdev mapping of refs ``[first, first + count)``."""
+    """One gntdev mapping: of refs ``[first, first + count)`` (a run, found by reference), or a
+    chain batch (``bufs``: the ``(addr, length)`` of the buffers it holds, found by buffer)."""
 
-    __slots__ = ("first", "count", "gm", "arr", "readonly")
+    __slots__ = ("first", "count", "gm", "arr", "readonly", "bufs")
 
-    def __init__(self, first: int, count: int, gm: GrantMapping, readonly: bool) -> None:
+    def __init__(self, first: int, count: int, gm: GrantMapping, readonly: bool,
+                 bufs: list[tuple[int, int]] | None = None) -> None:
         assert gm.mapping is not None
-        self.first, self.count, self.gm, self.readonly = first, count, gm, readonly
+        self.first, self.count, self.gm, self.readonly, self.bufs = first, count, gm, readonly, bufs
         # Views are exports of this object: its reference count tells whether any is alive.
         self.arr: Any = (ctypes.c_char * gm.mapping.length).from_address(gm.mapping.addr)
 
@@ -124,16 +149,20 @@ class GrantGuestMemory:
     """Grant DMA addresses of domain ``domid`` mapped on demand through ``gntdev``.
 
     ``gntdev`` stays the caller's unless ``own_gntdev`` (then :meth:`close` closes it).
-    ``max_pages``: pages mapped at once (also the longest single view).
+    ``max_pages``: pages mapped at once (also the longest single view). ``max_batch_pages``: pages
+    of one :meth:`map_chain` batch (capped at ``max_pages``).
     """
 
     def __init__(self, gntdev: GrantDev, domid: int, *, max_pages: int = DEFAULT_MAX_PAGES,
-                 own_gntdev: bool = False) -> None:
-        if max_pages < 1:
-            raise ValueError("max_pages must be at least 1")
+                 max_batch_pages: int = DEFAULT_MAX_BATCH_PAGES, own_gntdev: bool = False) -> None:
+        if max_pages < 1 or max_batch_pages < 1:
+            raise ValueError("max_pages and max_batch_pages must be at least 1")
         self.gntdev, self.domid, self.max_pages = gntdev, domid, max_pages
+        self.max_batch_pages = min(max_batch_pages, max_pages)
         self._own = own_gntdev
-        self._by_ref: dict[int, _Map] = {}  # ref → the newest mapping covering it
+        self._by_ref: dict[int, _Map] = {}  # ref → the newest run mapping covering it
+        # chain batches: buffer address → [(length, batch, byte offset in the batch)], oldest first
+        self._slots: dict[int, list[tuple[int, _Map, int]]] = {}
         self._maps: OrderedDict[int, _Map] = OrderedDict()  # id → mapping, least recently made first
         self._pages = 0
         self.stats = GrantMemoryStats()
@@ -151,6 +180,13 @@ class GrantGuestMemory:
     def view(self, addr: int, length: int) -> memoryview:
         """``[addr, addr + length)`` of grant space; read-only when the grant is. GuestMemoryError
         for a non-grant address, a revoked or unknown reference, or beyond the mapping limits."""
+        if self._slots and 0 <= length:
+            slot = self._slot(addr, length)
+            if slot is not None:  # a buffer of a chain batch (or a prefix of it)
+                self.stats.hits += 1
+                _n, e, start = slot
+                mv = memoryview(e.arr).cast("B")[start : start + length]
+                return mv.toreadonly() if e.readonly else mv
         first, count, page_off = self._refs(addr, length)
         e = self._by_ref.get(first)
         if e is not None and e.covers(first, count):
@@ -161,9 +197,50 @@ class GrantGuestMemory:
         mv = memoryview(e.arr).cast("B")[start : start + length]
         return mv.toreadonly() if e.readonly else mv
 
+    def check(self, addr: int, length: int) -> None:
+        """Validate ``[addr, addr + length)`` as :meth:`view` would, without mapping anything
+        (GuestMemoryError otherwise): what the ring code asks of each buffer while it validates a
+        chain, whose pages :meth:`map_chain` then maps together. A revoked or unknown reference is
+        found when the chain is mapped (its view fails)."""
+        self._refs(addr, length)
+
+    def map_chain(self, readable: Sequence[tuple[int, int]], writable: Sequence[tuple[int, int]]) -> None:
+        """Map the pages of a chain's buffers ahead of their views: the device-readable ones in one
+        read-only batch, the device-writable ones in one writable batch (each one MAP_GRANT_REF
+        with the references in buffer order, and one mmap). Never raises: a batch that cannot be
+        mapped leaves its buffers to :meth:`view`, which maps (or refuses) each on its own. Empty
+        buffers, buffers that :meth:`view` would refuse, and buffers longer than a batch are left
+        to :meth:`view` too. Every batch ends with :meth:`release_buffers` of all its buffers."""
+        for buffers, writable_batch in ((readable, False), (writable, True)):
+            batch: list[tuple[int, int, int, int, int]] = []  # addr, length, first ref, pages, page offset
+            pages = 0
+            for addr, length in buffers:
+                if length <= 0:
+                    continue
+                try:
+                    first, count, page_off = self._refs(addr, length, count_refused=False)
+                except GuestMemoryError:
+                    continue
+                if count > self.max_batch_pages:
+                    continue
+                run = self._by_ref.get(first)
+                if run is not None and run.covers(first, count):
+                    continue  # mapped already (a ring page, or a probe by a ring code without check())
+                if pages + count > self.max_batch_pages:
+                    self._map_batch(batch, pages, writable_batch)
+                    batch, pages = [], 0
+                batch.append((addr, length, first, count, page_off))
+                pages += count
+            if batch:
+                self._map_batch(batch, pages, writable_batch)
+
     def release_buffers(self, buffers: list[tuple[int, int]]) -> None:
         """The caller holds no more views of these buffers: unmap their mappings unless a view of
-        the same mapping is still alive (a ring). Addresses that are not grants are ignored."""
+        the same mapping is still alive (a ring). A chain batch goes when all its buffers are in
+        ``buffers`` (one call per chain part, as the shadow engine makes). Addresses that are not
+        grants are ignored."""
+        if self._slots:
+            buffers = self._release_batches(buffers)
         for addr, length in buffers:
             try:
                 first, count, _ = self._refs(addr, length, count_refused=False)
@@ -195,12 +272,76 @@ class GrantGuestMemory:
                 self._unmap(e)
             else:
                 busy += 1
+        self._slots.clear()  # a batch still viewed serves no new view
         if busy:
             log.error("domain %d: %d grant mapping(s) still viewed at close: left mapped", self.domid, busy)
         if self._own:
             self.gntdev.close()
 
     # --- internals --------------------------------------------------------------------------------
+    def _slot(self, addr: int, length: int) -> tuple[int, _Map, int] | None:
+        """The chain batch slot of a buffer starting at ``addr`` at least ``length`` long; a
+        writable one first (two chains in flight may share a buffer, one reading it, one writing)."""
+        found = None
+        for slot in self._slots.get(addr, ()):
+            if length <= slot[0]:
+                if not slot[1].readonly:
+                    return slot
+                found = found or slot
+        return found
+
+    def _map_batch(self, batch: list[tuple[int, int, int, int, int]], pages: int, writable: bool) -> None:
+        refs = [ref for _a, _n, first, count, _o in batch for ref in range(first, first + count)]
+        if not self._room(pages):
+            self.stats.batch_fallbacks += 1
+            return
+        try:
+            gm = self.gntdev.map_grant_refs(self.domid, refs, writable=writable)
+        except XenError as exc:  # e.g. a revoked ref, or a read-only grant marked device-writable
+            self.stats.batch_fallbacks += 1
+            log.debug("domain %d: chain batch of %d grant page(s) not mapped (%s): buffer by buffer", self.domid, pages, exc)
+            return
+        entry = _Map(refs[0], pages, gm, not writable, [(a, n) for a, n, *_ in batch])
+        self._maps[id(entry)] = entry
+        pos = 0
+        for addr, length, _first, count, page_off in batch:
+            self._slots.setdefault(addr, []).append((length, entry, (pos << XEN_PAGE_SHIFT) + page_off))
+            pos += count
+        self._pages += pages
+        self.stats.maps += 1
+        self.stats.batches += 1
+        self.stats.batch_pages += pages
+        self.stats.read_only += not writable
+
+    def _release_batches(self, buffers: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Unmap the chain batches whose buffers are all in ``buffers`` (one batch per buffer
+        released: two chains holding the same buffer each release their own); return the buffers
+        no batch took."""
+        want = Counter(buffers)
+        for addr, length in buffers:
+            if not want[(addr, length)]:
+                continue
+            for n, e, _start in self._slots.get(addr, ()):
+                if n != length or e.bufs is None:
+                    continue
+                need = Counter(e.bufs)
+                if all(want[b] >= k for b, k in need.items()):
+                    want -= need
+                    self._drop_slots(e)
+                    if e.idle():
+                        self._unmap(e)
+                    break  # otherwise a view is alive: trim() unmaps it once dropped
+        return list(want.elements())
+
+    def _drop_slots(self, e: _Map) -> None:
+        for addr, _n in e.bufs or ():
+            slots = [s for s in self._slots.get(addr, ()) if s[1] is not e]
+            if slots:
+                self._slots[addr] = slots
+            else:
+                self._slots.pop(addr, None)
+        e.bufs = []  # still a batch: never found by reference
+
     def _refs(self, addr: int, length: int, *, count_refused: bool = True) -> tuple[int, int, int]:
         if not addr & GRANT_ADDR_BIT or length < 0 or self.closed:
             if count_refused:
@@ -240,29 +381,39 @@ class GrantGuestMemory:
         return entry
 
     def _make_room(self, addr: int, length: int, count: int) -> None:
+        if not self._room(count):
+            self.stats.refused += 1
+            raise GuestMemoryError(addr, length, f"grant space ({self._pages} pages mapped and in use, limit {self.max_pages})")
+
+    def _room(self, count: int) -> bool:
+        """Whether ``count`` more pages fit, after unmapping idle mappings oldest first if needed
+        (an idle chain batch too: its buffers are then mapped one by one when viewed)."""
         if self._pages + count <= self.max_pages:
-            return
+            return True
         for e in list(self._maps.values()):
             if e.idle():
                 self._unmap(e)
                 self.stats.evicted += 1
                 if self._pages + count <= self.max_pages:
-                    return
-        self.stats.refused += 1
-        raise GuestMemoryError(addr, length, f"grant space ({self._pages} pages mapped and in use, limit {self.max_pages})")
+                    return True
+        return False
 
     def _unmap(self, e: _Map) -> None:
         del self._maps[id(e)]
-        for ref in range(e.first, e.first + e.count):
-            if self._by_ref.get(ref) is e:
-                del self._by_ref[ref]
+        if e.bufs is not None:
+            self._drop_slots(e)
+        else:
+            for ref in range(e.first, e.first + e.count):
+                if self._by_ref.get(ref) is e:
+                    del self._by_ref[ref]
         self._pages -= e.count
         e.arr = None
         self.stats.unmaps += 1
         try:
             self.gntdev.unmap(e.gm)
         except XenError as exc:  # the VMA is gone already; the kernel frees the grant handles with the fd
-            log.warning("domain %d: unmapping grant refs %d+%d: %s", self.domid, e.first, e.count, exc)
+            log.warning("domain %d: unmapping grant refs %d+%d%s: %s", self.domid, e.first, e.count,
+                        " (chain batch)" if e.bufs is not None else "", exc)
 
 
 class GrantShadowDataPath(ShadowDataPath):

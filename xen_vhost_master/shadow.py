@@ -31,6 +31,12 @@ device-readable buffers are released once copied in, device-writable ones once c
 when the queue is closed), so pages stay mapped for the duration of the request only. With such a
 memory a chain whose device-writable buffer maps read-only (a read-only grant) is refused before it
 is published (a guest error); a copy-back that still meets a read-only view (TypeError) is one too.
+It may also offer ``map_chain(readable, writable)`` (lists of ``(addr, length)``): called once per
+chain, after its bounce extent is allocated and before any of its views, so the memory can map all
+the chain's pages in one batch per access mode instead of one mapping per buffer (gntdev: one
+MAP_GRANT_REF + one mmap each); it never raises (views still fail for a bad buffer), and each
+batch ends with the ``release_buffers`` calls above (readable part after copy-in, writable part
+after copy-back or when the chain is dropped).
 
 Reconnect: each back-end connection gets its own memfd (:meth:`~ShadowDataPath.regions` is asked
 once per connection). A back-end that was replaced may be stopped rather than dead and write later
@@ -201,6 +207,9 @@ class ShadowDataPath:
         self.memory = memory
         # Optional: a memory that maps on demand (grants) learns when it may unmap guest buffers.
         self._release: Callable[[list[tuple[int, int]]], None] | None = getattr(memory, "release_buffers", None)
+        # Optional too: such a memory may map a whole chain's pages at once (see the module docstring).
+        self._map_chain: Callable[[list[tuple[int, int]], list[tuple[int, int]]], None] | None = \
+            getattr(memory, "map_chain", None)
         self._banks = tuple((int(a), int(b)) for a, b in banks)
         self.shadow = ShadowMemory(pool_size=pool_size, max_queues=max_queues, max_queue_size=max_queue_size)
         self.pool = self.shadow.pool
@@ -441,11 +450,17 @@ class ShadowDataPath:
             pos += b.length
         if pos > self.pool.capacity:
             raise RingError(f"chain {chain.head}: {pos} bytes do not fit the bounce pool ({self.pool.capacity} bytes)")
-        if self._release is not None and writable:
-            self._check_writable(chain)
         extent = self.pool.alloc(pos)
         if extent is None:
-            return False
+            return False  # held: nothing of the chain is mapped yet
+        if self._map_chain is not None:  # one mapping per access mode for the chain's views below
+            self._map_chain([(b.addr, b.length) for b in readable], [(b.addr, b.length) for b in writable])
+        if self._release is not None and writable:
+            try:
+                self._check_writable(chain)  # releases the chain's buffers when it refuses
+            except RingError:
+                self.pool.free(extent, pos)
+                raise
         buf, mem, base = self._buf, self.memory, self._base
         shadow_r: list[tuple[int, int]] = []
         shadow_w: list[tuple[int, int]] = []
@@ -467,6 +482,9 @@ class ShadowDataPath:
                 copy_back.append((b.addr, off, b.length))
         except _FAULTS as e:
             self.pool.free(extent, pos)
+            if self._release is not None:  # what was mapped for it goes now, not at the queue's reset
+                self._release([(b.addr, b.length) for b in readable])
+                self._release([(b.addr, b.length) for b in writable])
             raise RingError(f"chain {chain.head}: guest buffer unreadable: {e}") from e
         if self._release is not None and readable:
             self._release([(b.addr, b.length) for b in readable])  # copied: no longer needed
