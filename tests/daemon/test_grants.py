@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from vhost_user import AsyncFrontend, GuestMemoryError
+from vhost_user.virtqueue import FlatMemory, SplitQueueDevice, SplitQueueDriver, read_buffers, split_ring_layout, write_buffers
 from xen_vhost_master.config import DeviceConfig
 from xen_vhost_master.device import Device
 from xen_vhost_master.grant_memory import GRANT_SPACE, GrantGuestMemory, GrantShadowDataPath
@@ -35,7 +36,8 @@ from xen_vhost_master.sim.guest_driver import (
     GuestPageAllocator,
     grant_dma_address,
 )
-from xen_vhost_master.virtio_mmio import Status
+from xen_vhost_master.virtio_mmio import QueueConfig, Status
+from xen_vhost_master.xen.abi import GntdevIoctl
 from xen_vhost_master.xen.evtchn import EventChannel
 from xen_vhost_master.xen.gntdev import GrantDev
 from xen_vhost_master.xen.privcmd import PrivCmd
@@ -312,6 +314,215 @@ async def test_grant_memory_views_read_only_grants_limits_and_release(no_fd_leak
     assert mem.closed and mem.mapped_pages == 0
     with pytest.raises(GuestMemoryError):
         mem.view(grant_dma_address(8), 8)
+
+
+class CountingKernel:
+    """The kernel object with every gntdev MAP_GRANT_REF / UNMAP_GRANT_REF ioctl and mmap counted."""
+
+    def __init__(self, kernel) -> None:
+        self._k = kernel
+        self.maps = self.unmaps = self.mmaps = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._k, name)
+
+    def ioctl(self, fd: int, request: int, arg=None) -> int:
+        self.maps += request == GntdevIoctl.MAP_GRANT_REF
+        self.unmaps += request == GntdevIoctl.UNMAP_GRANT_REF
+        return self._k.ioctl(fd, request, arg)
+
+    def mmap(self, *args, **kw):
+        self.mmaps += 1
+        return self._k.mmap(*args, **kw)
+
+    def counts(self) -> tuple[int, int, int]:
+        return self.maps, self.mmaps, self.unmaps
+
+
+@pytest.mark.asyncio
+async def test_map_chain_maps_each_access_mode_of_a_chain_in_one_ioctl(no_fd_leak, sim_host, sim_control, kernel):
+    """GrantGuestMemory.map_chain: the pages of a chain's device-readable buffers in ONE
+    MAP_GRANT_REF + ONE read-only mmap (refs not consecutive, in buffer order), those of its
+    device-writable buffers in one more (writable); views of the buffers (or of a prefix: a partial
+    copy-back) are served without an ioctl; releasing a batch's buffers unmaps it with one
+    UNMAP_GRANT_REF. A batch that cannot be mapped falls back to per-buffer mapping, which fails
+    exactly the buffer at fault; batches are capped in pages."""
+    domid = sim_control.create_domain(mem_bytes=16 << 20)
+    guest = await SimGuest.connect(sim_host.path, domid)
+    counting = CountingKernel(kernel)
+    mem = GrantGuestMemory(GrantDev(counting), domid, max_pages=64, max_batch_pages=8, own_gntdev=True)
+    try:
+        gfn0 = (int(sim_control.domain_info(domid)["banks"][0][0]) >> 12) + 256
+        with guest.ram.view(gfn0 << 12, 16 * 4096) as v:
+            v[:] = bytes(range(256)) * 256
+        page = lambda i: bytes(range(256)) * 16  # noqa: E731 - every page holds 0..255 x 16
+        # interleaved: the refs of a batch are not consecutive (buffer order is not ref order)
+        kinds = "RWWRWRWR"  # R: a read-only grant
+        refs = [guest.grant(gfn0 + i, readonly=k == "R") for i, k in enumerate(kinds)]
+        ro = [r for r, k in zip(refs, kinds) if k == "R"]  # gfn0 + 0, 3, 5, 7
+        rw = [r for r, k in zip(refs, kinds) if k == "W"]  # gfn0 + 1, 2, 4, 6
+        readable = [(grant_dma_address(ro[0], 100), 16), (grant_dma_address(ro[2]), 4096), (grant_dma_address(ro[1], 8), 8)]
+        writable = [(grant_dma_address(rw[0], 4000), 200), (grant_dma_address(rw[2]), 4096), (grant_dma_address(rw[3], 5), 1)]
+        assert mem.check(*readable[0]) is None and counting.counts() == (0, 0, 0)  # validates, maps nothing
+        with pytest.raises(GuestMemoryError):
+            mem.check(0x1000, 16)
+        mem.map_chain(readable, writable)
+        assert counting.counts() == (2, 2, 0)  # 6 buffers: one map + one mmap per access mode
+        assert mem.stats.batches == 2 and mem.mapped_pages == 3 + 4
+        for addr, n in readable:
+            with mem.view(addr, n) as v:
+                assert v.readonly and bytes(v) == page(0)[(addr & 0xFFF):(addr & 0xFFF) + n]
+        with mem.view(*writable[0]) as v:  # spans two pages of the batch: one contiguous slice
+            assert not v.readonly and bytes(v) == (page(0) * 2)[4000:4200]
+            v[:] = b"W" * 200
+        with mem.view(writable[1][0], 10) as v:  # a prefix (partial copy-back)
+            v[:] = b"0123456789"
+        assert counting.counts() == (2, 2, 0) and mem.stats.hits == 5
+        with guest.ram.view(((gfn0 + 1) << 12) + 4000, 200) as v:  # rw[0] and rw[1]: gfn0 + 1, 2
+            assert bytes(v) == b"W" * 200
+        with guest.ram.view((gfn0 + 4) << 12, 10) as v:
+            assert bytes(v) == b"0123456789"
+        mem.release_buffers(readable)
+        assert counting.counts() == (2, 2, 1) and mem.mapped_pages == 4
+        held = mem.view(*writable[2])  # a live view pins its batch: released, unmapped by trim() later
+        mem.release_buffers(writable)
+        assert counting.counts() == (2, 2, 1) and mem.mapped_pages == 4
+        held.release()
+        assert mem.trim() == 1 and mem.mapped_pages == 0 and counting.counts() == (2, 2, 2)
+        # a chain already mapped by run (a probe, a ring) is not mapped twice
+        with mem.view(*readable[1]):
+            pass
+        maps = counting.maps
+        mem.map_chain([readable[1]], [])
+        assert counting.maps == maps and mem.stats.batches == 2
+        mem.release_buffers([readable[1]])
+        assert mem.mapped_pages == 0
+        # a read-only grant among the writable buffers: the batch is refused, each buffer is then
+        # mapped on its own, the culprit read-only (the engine refuses the chain)
+        mem.map_chain([], [writable[0], (grant_dma_address(ro[3]), 64)])
+        assert mem.stats.batch_fallbacks == 1 and mem.mapped_pages == 0
+        with mem.view(grant_dma_address(ro[3]), 64) as v:
+            assert v.readonly
+        mem.release_buffers([writable[0], (grant_dma_address(ro[3]), 64)])
+        # a revoked grant: the batch falls back, only the revoked buffer's view fails
+        guest.revoke(ro[2])
+        mem.map_chain([readable[0], readable[1]], [])
+        assert mem.stats.batch_fallbacks == 2
+        with mem.view(*readable[0]) as v:
+            assert bytes(v) == page(0)[100:116]
+        with pytest.raises(GuestMemoryError, match="grant refs"):
+            mem.view(*readable[1])
+        mem.release_buffers([readable[0], readable[1]])
+        assert mem.mapped_pages == 0
+        # capped: 12 pages of writable buffers with max_batch_pages=8 → two batches; a buffer
+        # longer than a batch is left to view()
+        more = [guest.grant(gfn0 + 8 + i) for i in range(8)]
+        big = [(grant_dma_address(r), 4096) for r in (*rw, *more)]
+        maps = counting.maps
+        mem.map_chain([], big + [(grant_dma_address(more[0]), 9 * 4096)])
+        assert counting.maps - maps == 2 and mem.mapped_pages == 12
+        mem.release_buffers(big)
+        assert mem.mapped_pages == 0 and mem.mappings == 0
+    finally:
+        mem.close()
+        guest.close()
+    assert mem.closed and mem.mapped_pages == 0
+
+
+def _ring_code_checks_buffers() -> bool:
+    """Whether vhost_user's ring code validates a chain's buffers with the memory's ``check()``
+    (when offered) rather than a view of each: only then are a chain's first mappings made by
+    map_chain."""
+    class Probed(FlatMemory):
+        viewed: list[int] = []
+
+        def check(self, addr: int, length: int) -> None:
+            pass
+
+        def view(self, addr: int, length: int) -> memoryview:
+            self.viewed.append(addr)
+            return super().view(addr, length)
+
+    ram = bytearray(0x3000)
+    desc, avail, used, _ = split_ring_layout(4, 0)
+    drv = SplitQueueDriver(FlatMemory(ram), 4, desc, avail, used)
+    dev = SplitQueueDevice(Probed(ram), 4, desc, avail, used)
+    drv.add([(0x2000, 16)])
+    dev.pop()
+    dev.release()
+    drv.release()
+    return 0x2000 not in Probed.viewed
+
+
+@pytest.mark.skipif(not _ring_code_checks_buffers(),
+                    reason="vhost_user.virtqueue probes each buffer with view(): each is mapped before map_chain")
+@pytest.mark.asyncio
+async def test_shadow_engine_maps_a_grant_chain_in_one_ioctl_per_access_mode(no_fd_leak, sim_host, sim_control, kernel):
+    """The shadow data path over GrantGuestMemory, counted at the kernel object: a chain of 4
+    device-readable and 9 device-writable grant buffers (as UML splits a read into single pages)
+    costs 2 MAP_GRANT_REF + 2 mmap + 2 UNMAP_GRANT_REF (one per access mode), not one per buffer;
+    a chain of writable buffers only, 1 of each. The bytes go both ways and nothing of the data
+    stays mapped after completion."""
+    domid = sim_control.create_domain(mem_bytes=16 << 20)
+    guest = await SimGuest.connect(sim_host.path, domid)
+    counting = CountingKernel(kernel)
+    mem = GrantGuestMemory(GrantDev(counting), domid, own_gntdev=True)
+    errors: list[tuple[int, str]] = []
+    dp = GrantShadowDataPath(mem, pool_size=1 << 20, max_queues=1, max_queue_size=16,
+                             on_error=lambda i, r: errors.append((i, r)))
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    gfn0 = (int(sim_control.domain_info(domid)["banks"][0][0]) >> 12) + 256
+    ring_ref = guest.grant(gfn0)
+    gdesc, gavail, gused, _ = split_ring_layout(16, gfn0 << 12)
+    drv = SplitQueueDriver(guest.ram, 16, gdesc, gavail, gused)
+    be = None
+    try:
+        desc, avail, used, _ = split_ring_layout(16, grant_dma_address(ring_ref))
+        rings = dp.open_queue(QueueConfig(0, 16, desc, avail, used), 0, kick)
+        be = SplitQueueDevice(dp.shadow, 16, rings.desc, rings.avail, rings.used)
+        data = os.urandom(3 * 4096)
+        with guest.ram.view((gfn0 + 1) << 12, 4 * 4096) as v:
+            v[:16] = b"H" * 16
+            v[4096:] = data
+        ro = [guest.grant(gfn0 + 1 + i, readonly=True) for i in range(4)]
+        rw = [guest.grant(gfn0 + 8 + i) for i in range(9)]
+        readable = [(grant_dma_address(ro[0]), 16)] + [(grant_dma_address(r), 4096) for r in ro[1:]]
+        writable = [(grant_dma_address(r), 4096) for r in rw[:8]] + [(grant_dma_address(rw[8], 7), 1)]
+        base = counting.counts()
+        drv.add(readable, writable)
+        dp.notify(0)
+        c = be.pop()
+        assert c is not None and errors == []
+        assert read_buffers(dp.shadow, c.readable) == b"H" * 16 + data  # copied in from one mapping
+        got = tuple(x - y for x, y in zip(counting.counts(), base))
+        assert got == (2, 2, 1), got  # readable batch already unmapped; 13 buffers, 2 maps
+        reply = os.urandom(8 * 4096) + b"\x00"
+        write_buffers(dp.shadow, c.writable, reply)
+        be.push(c.head, len(reply))
+        dp.used(0)
+        assert drv.get_used()[0][1] == len(reply)
+        got = tuple(x - y for x, y in zip(counting.counts(), base))
+        assert got == (2, 2, 2), got
+        with guest.ram.view((gfn0 + 8) << 12, 9 * 4096) as v:
+            assert bytes(v[: 8 * 4096]) == reply[:-1] and v[8 * 4096 + 7] == 0
+        assert mem.mapped_pages == 1  # the ring only
+        # writable buffers only: one of each
+        base = counting.counts()
+        drv.add([], writable[:4])
+        dp.notify(0)
+        c = be.pop()
+        be.push(c.head, 0)
+        dp.used(0)
+        assert tuple(x - y for x, y in zip(counting.counts(), base)) == (1, 1, 1)
+        assert mem.mapped_pages == 1 and errors == [] and dp.stats(0).completed == 2
+    finally:
+        if be is not None:
+            be.release()
+        drv.release()
+        dp.close()  # closes the memory and its gntdev
+        os.close(kick)
+        guest.close()
+    assert mem.mapped_pages == 0
 
 
 # --- the daemon as an operator runs it: xenstore grant_usage=1 -------------------------------------
