@@ -132,7 +132,7 @@ class _Map:
     __slots__ = ("first", "count", "gm", "arr", "readonly", "bufs")
 
     def __init__(self, first: int, count: int, gm: GrantMapping, readonly: bool,
-                 bufs: list[tuple[int, int]] | None = None) -> None:
+                 bufs: Counter[tuple[int, int]] | None = None) -> None:
         assert gm.mapping is not None
         self.first, self.count, self.gm, self.readonly, self.bufs = first, count, gm, readonly, bufs
         # Views are exports of this object: its reference count tells whether any is alive.
@@ -301,11 +301,14 @@ class GrantGuestMemory:
             self.stats.batch_fallbacks += 1
             log.debug("domain %d: chain batch of %d grant page(s) not mapped (%s): buffer by buffer", self.domid, pages, exc)
             return
-        entry = _Map(refs[0], pages, gm, not writable, [(a, n) for a, n, *_ in batch])
+        entry = _Map(refs[0], pages, gm, not writable, Counter((a, n) for a, n, *_ in batch))
         self._maps[id(entry)] = entry
         pos = 0
+        seen: set[tuple[int, int]] = set()
         for addr, length, _first, count, page_off in batch:
-            self._slots.setdefault(addr, []).append((length, entry, (pos << XEN_PAGE_SHIFT) + page_off))
+            if (addr, length) not in seen:  # one slot per distinct buffer (a hostile chain may repeat one)
+                seen.add((addr, length))
+                self._slots.setdefault(addr, []).append((length, entry, (pos << XEN_PAGE_SHIFT) + page_off))
             pos += count
         self._pages += pages
         self.stats.maps += 1
@@ -324,7 +327,7 @@ class GrantGuestMemory:
             for n, e, _start in self._slots.get(addr, ()):
                 if n != length or e.bufs is None:
                     continue
-                need = Counter(e.bufs)
+                need = e.bufs
                 if all(want[b] >= k for b, k in need.items()):
                     want -= need
                     self._drop_slots(e)
@@ -334,13 +337,13 @@ class GrantGuestMemory:
         return list(want.elements())
 
     def _drop_slots(self, e: _Map) -> None:
-        for addr, _n in e.bufs or ():
+        for addr in {a for a, _n in e.bufs or ()}:
             slots = [s for s in self._slots.get(addr, ()) if s[1] is not e]
             if slots:
                 self._slots[addr] = slots
             else:
                 self._slots.pop(addr, None)
-        e.bufs = []  # still a batch: never found by reference
+        e.bufs = Counter()  # still a batch: never found by reference
 
     def _refs(self, addr: int, length: int, *, count_refused: bool = True) -> tuple[int, int, int]:
         if not addr & GRANT_ADDR_BIT or length < 0 or self.closed:

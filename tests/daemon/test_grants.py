@@ -414,6 +414,18 @@ async def test_map_chain_maps_each_access_mode_of_a_chain_in_one_ioctl(no_fd_lea
             mem.view(*readable[1])
         mem.release_buffers([readable[0], readable[1]])
         assert mem.mapped_pages == 0
+        # a buffer repeated in a chain (one batch, one slot), and shared by two chains in flight
+        # (a batch each): each release unmaps one batch, nothing is left behind
+        x = writable[1]
+        mem.map_chain([], [x, x, x])
+        mem.map_chain([], [x])
+        assert mem.stats.batches == 4 and mem.mapped_pages == 4 and len(mem._slots[x[0]]) == 2  # noqa: SLF001
+        mem.release_buffers([x])
+        assert mem.mapped_pages == 3
+        with mem.view(*x) as v:  # still served by the batch of the three
+            assert not v.readonly
+        mem.release_buffers([x, x, x])
+        assert mem.mapped_pages == 0 and mem.mappings == 0 and not mem._slots  # noqa: SLF001
         # capped: 12 pages of writable buffers with max_batch_pages=8 → two batches; a buffer
         # longer than a batch is left to view()
         more = [guest.grant(gfn0 + 8 + i) for i in range(8)]
