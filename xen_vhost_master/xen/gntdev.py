@@ -51,7 +51,13 @@ class GrantDev(XenDeviceFile):
         return self
 
     def map_grant_refs(self, domid: int, refs: list[int], *, writable: bool = True) -> GrantMapping:
-        """MAP_GRANT_REF then mmap of ``refs`` of ``domid``, pages in order."""
+        """MAP_GRANT_REF then mmap of ``refs`` of ``domid``, pages in order.
+
+        One call maps any list of references (they need not be consecutive, nor distinct): one
+        ioctl with the array of (domid, ref) pairs, one mmap at the returned index of
+        ``len(refs)`` pages. The protection is the whole mapping's: ``writable`` maps every page
+        writable, so one read-only grant among ``refs`` makes the mmap fail (EINVAL) and nothing
+        stays mapped; map read-only and writable pages in separate calls."""
         if not refs:
             raise XenError("gntdev map_grant_ref", errno.EINVAL)
         req = map_grant_ref_type(len(refs))()
