@@ -110,7 +110,10 @@ class QueueFull(VhostUserError):
 
 
 class GuestMemory(Protocol):
-    """What the queues need from guest memory."""
+    """What the queues need from guest memory. A memory that maps on demand (Xen grants) may also
+    offer ``check(addr, length)`` (raises as ``view`` would, maps nothing): the device side then
+    validates a chain's buffers with it instead of a view of each, and the chain's user maps them
+    later, all at once."""
 
     def view(self, addr: int, length: int) -> memoryview: ...
 
@@ -281,10 +284,13 @@ class _Rings:
 class _ChainBuilder:
     """Accumulates validated buffers of one chain (device side)."""
 
-    __slots__ = ("mem", "head", "readable", "writable", "total")
+    __slots__ = ("mem", "check", "head", "readable", "writable", "total")
 
     def __init__(self, mem: GuestMemory, head: int) -> None:
         self.mem = mem
+        # A memory that maps on demand (gntdev grants) may validate a buffer without mapping it
+        # (``check(addr, length)``): the user of the chain maps its buffers later, all at once.
+        self.check: Any = getattr(mem, "check", None)
         self.head = head
         self.readable: list[Buffer] = []
         self.writable: list[Buffer] = []
@@ -296,14 +302,19 @@ class _ChainBuilder:
             raise RingError(f"chain {head}: buffer {addr:#x}+{length:#x} wraps the address space")
         if length:
             try:
-                probe = self.mem.view(addr, length)
+                if self.check is not None:
+                    self.check(addr, length)
+                    probe = None
+                else:
+                    probe = self.mem.view(addr, length)
             except _MEMORY_FAULTS as exc:
                 raise RingError(
                     f"chain {head}: buffer [{addr:#x}, +{length:#x}) is not in guest memory: {exc}"
                 ) from exc
-            with probe:
-                if len(probe) != length:
-                    raise RingError(f"chain {head}: buffer at {addr:#x}: memory returned a short view")
+            if probe is not None:
+                with probe:
+                    if len(probe) != length:
+                        raise RingError(f"chain {head}: buffer at {addr:#x}: memory returned a short view")
         self.total += length
         if self.total > MAX_CHAIN_BYTES:
             raise RingError(f"chain {head}: total length {self.total} exceeds 4 GiB - 1")
