@@ -445,7 +445,11 @@ class Device:
                 kick_fd=self._kick[q.index], call_fd=self._call[q.index], base=rings.base,
             )
             if resume:
-                os.eventfd_write(self._kick[q.index], 1)  # look at what the guest queued meanwhile
+                # Look at what the guest queued meanwhile (its notify may have gone to the old
+                # process): through the data path, so a copying one pulls the guest's ring too,
+                # and kick the back-end, which may have been handed chains again.
+                self.memory.notify(q.index)
+                os.eventfd_write(self._kick[q.index], 1)
                 os.eventfd_write(self._call[q.index], 1)  # and re-check its used ring for lost interrupts
             self._kernel_path(q.index)
         if status:

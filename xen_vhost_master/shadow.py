@@ -48,19 +48,26 @@ index (returned as the ring's ``base`` for the new back-end) and every chain sti
 published again, in order: nothing is lost or completed twice. A queue resumed that this object
 never opened (a restarted daemon: the in-flight table died with the old process) restarts the
 guest side at the guest's used index (QEMU's rule without INFLIGHT_SHMFD; exact for back-ends that
-complete in order). :meth:`~ShadowDataPath.close_queue` (reset) drops in-flight state.
+complete in order), unless the data path was given a :class:`GuestInflightRecord`: the guest
+side then keeps libvhost-user's inflight layout (:mod:`vhost_user.inflight`, the daemon in the
+back-end's role towards the guest) in a file of the runtime directory, which outlives the process;
+a restarted daemon takes the chains it left in flight again, oldest first, and resumes at
+``used idx + their number``, exact whatever order the back-end completed in.
+:meth:`~ShadowDataPath.close_queue` (reset) drops in-flight state.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from vhost_user import GuestMemoryError, MemoryRegion, ProtocolFeatures
+from vhost_user import GuestMemoryError, InflightRegionError, MemoryRegion, ProtocolFeatures
+from vhost_user.inflight import InflightQueue, InflightRegion, region_size
 from vhost_user.virtqueue import (
     VIRTQ_DESC_F_INDIRECT,
     Chain,
@@ -78,6 +85,7 @@ from .virtio_mmio import QueueConfig
 
 __all__ = [
     "DEFAULT_POOL_SIZE",
+    "GuestInflightRecord",
     "ShadowDataPath",
     "ShadowError",
     "ShadowQueueError",
@@ -168,6 +176,42 @@ class _Queue:
         self.guest = self.drv = self.guest_desc = None
 
 
+class GuestInflightRecord:
+    """The guest side's in-flight chains, per queue, in a file (``path``, created 0600, e.g. in the
+    daemon's runtime directory, which systemd keeps across restarts): what a restarted daemon needs
+    to resume a shadow queue exactly. A file of another shape is started afresh."""
+
+    def __init__(self, path: str, num_queues: int, queue_size: int) -> None:
+        self.path = path
+        size = region_size(num_queues, queue_size)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        done = False
+        try:
+            self.fresh = os.fstat(self._fd).st_size != size
+            if self.fresh:
+                os.ftruncate(self._fd, 0)  # zero: never used
+                os.ftruncate(self._fd, size)
+            self._map = mmap.mmap(self._fd, size)
+            self.region = InflightRegion(self._map, num_queues, queue_size)
+            done = True
+        finally:
+            if not done:
+                os.close(self._fd)
+
+    def queue(self, index: int, num: int) -> InflightQueue | None:
+        r = self.region
+        return r.queues[index] if index < r.num_queues and num <= r.queue_size else None
+
+    def close(self) -> None:
+        """Unmap and close (the file stays: removing it is the owner's decision)."""
+        if self._fd < 0:
+            return
+        self.region.release()
+        self._map.close()
+        os.close(self._fd)
+        self._fd = -1
+
+
 def _driver_at(mem: GuestMemory, size: int, rings: RingAddresses, event_idx: bool, start: int) -> SplitQueueDriver:
     """A fresh shadow ring whose avail and used indices start at ``start`` (a resumed back-end's
     SET_VRING_BASE). SplitQueueDriver always starts at 0, so set its counters and the ring words."""
@@ -203,8 +247,10 @@ class ShadowDataPath:
         max_queue_size: int = 1024,
         on_error: Callable[[int, str], None] | None = None,
         log: Logger | None = None,
+        inflight: GuestInflightRecord | None = None,
     ) -> None:
         self.memory = memory
+        self.inflight_record = inflight  # closed with the data path
         # Optional: a memory that maps on demand (grants) learns when it may unmap guest buffers.
         self._release: Callable[[list[tuple[int, int]]], None] | None = getattr(memory, "release_buffers", None)
         # Optional too: such a memory may map a whole chain's pages at once (see the module docstring).
@@ -257,15 +303,36 @@ class ShadowDataPath:
             # A queue resumed without its in-flight table (e.g. a restarted daemon): QEMU's rule
             # without INFLIGHT_SHMFD, chains after the guest's used index are taken again.
             first = None
+            record = self.inflight_record.queue(index, queue.num) if self.inflight_record is not None else None
             if resume:
                 with self.memory.view(queue.device + 2, 2) as v:
                     first = _U16.unpack_from(v)[0]
+                if record is not None:
+                    first = self._recover(index, record, first, queue.num)
+            elif record is not None:
+                record.clear()
+                record.recover(0, queue.num)  # a fresh start: used idx 0, nothing in flight
             q.guest = SplitQueueDevice(self.memory, queue.num, queue.desc, queue.driver, queue.device,
-                                       event_idx=event_idx, last_avail_idx=first or 0)
+                                       event_idx=event_idx, last_avail_idx=first or 0, inflight=record)
             q.guest_desc = self.memory.view(queue.desc, 16 * queue.num)
         except (RingError, *_FAULTS) as e:
             self._break(q, f"guest rings unusable: {e}")
         return rings
+
+    def _recover(self, index: int, record: InflightQueue, used_idx: int, num: int) -> int:
+        """Where a restarted daemon resumes queue ``index``: after the chains its predecessor left
+        in flight (taken again first), or at the guest's used index without a usable record."""
+        try:
+            again = record.recover(used_idx, num)
+        except InflightRegionError as e:
+            self.log.warning("queue %d: in-flight record unusable (%s): resuming at the guest's used index", index, e)
+            record.clear()
+            record.recover(used_idx, num)
+            return used_idx
+        if again is None:
+            return used_idx
+        self.log.info("queue %d: resuming from the in-flight record: %d chain(s) taken again", index, record.pending_resubmit)
+        return again
 
     def notify(self, index: int) -> None:
         q = self._queues.get(index)
@@ -312,6 +379,9 @@ class ShadowDataPath:
             self.log.debug("queue %d closed with %d chain(s) in flight (dropped)", index, len(q.inflight))
         q.inflight.clear()
         q.pending = None
+        record = self.inflight_record.queue(index, q.config.num) if self.inflight_record is not None else None
+        if record is not None:
+            record.clear()  # nothing of it is in flight any more
         q.release()
 
     # --- extras -----------------------------------------------------------------------------
@@ -344,6 +414,8 @@ class ShadowDataPath:
         for index in list(self._queues):
             self.close_queue(index)
         self.shadow.close()
+        if self.inflight_record is not None:
+            self.inflight_record.close()
 
     # --- engine -----------------------------------------------------------------------------
     def _new_memory(self) -> None:

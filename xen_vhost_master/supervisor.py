@@ -37,7 +37,7 @@ from .log import device_logger
 from .fastpath import KernelFastPath
 from .guest_memory import ForeignGuestMemory
 from .memory import XenMmapExport, foreign_reader, sim_memfd_export
-from .shadow import ShadowDataPath
+from .shadow import GuestInflightRecord, ShadowDataPath
 from .sd_notify import Notifier
 from .virtio_mmio import WINDOW_SIZE, QueueConfig, Status, snapshot
 from .xen.evtchn import EventChannel
@@ -373,7 +373,8 @@ class Supervisor:
 
             log = device_logger("xen_vhost_master.shadow", self.domid, cfg.devid)
             gpath = GrantShadowDataPath(GrantGuestMemory(GrantDev(self.kernel), self.domid, own_gntdev=True),
-                                        max_queues=num_queues, max_queue_size=cfg.queue_size, log=log)
+                                        max_queues=num_queues, max_queue_size=cfg.queue_size, log=log,
+                                        inflight=self._inflight_record(cfg, num_queues))
             gpath.on_error = lambda index, reason: self._shadow_failed(cfg.base, index, reason)
             return gpath
         if self.guest_memory is None:
@@ -381,9 +382,26 @@ class Supervisor:
             self.log.info("guest RAM mapped: %s", ", ".join(f"{gpa:#x}+{size >> 20} MiB" for gpa, size in self.banks))
         log = device_logger("xen_vhost_master.shadow", self.domid, cfg.devid)
         path = ShadowDataPath(self.guest_memory, self.banks, max_queues=num_queues,
-                              max_queue_size=cfg.queue_size, log=log)
+                              max_queue_size=cfg.queue_size, log=log, inflight=self._inflight_record(cfg, num_queues))
         path.on_error = lambda index, reason: self._shadow_failed(cfg.base, index, reason)
         return path
+
+    def _inflight_path(self, cfg: DeviceConfig) -> str | None:
+        state = self.opt.state_file
+        return os.path.join(os.path.dirname(state), f"shadow-{cfg.devid}.inflight") if state else None
+
+    def _inflight_record(self, cfg: DeviceConfig, num_queues: int) -> GuestInflightRecord | None:
+        """The shadow path's guest-side in-flight record, next to state.json (kept across a
+        restart like it): a restarted daemon resumes the device's queues exactly from it."""
+        path = self._inflight_path(cfg)
+        if path is None:
+            return None
+        try:
+            return GuestInflightRecord(path, num_queues, cfg.queue_size)
+        except OSError as e:
+            self.log.warning("device %d: no in-flight record (%s): a restarted daemon would resume at "
+                             "the guest's used index", cfg.devid, e)
+            return None
 
     def _shadow_failed(self, base: int, index: int, reason: str) -> None:
         served = self.devices.get(base)
@@ -604,6 +622,10 @@ class Supervisor:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(served.config.socket_path(self.domid))
         self._release_guest_memory()
+        record = self._inflight_path(served.config)
+        if record is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(record)  # the device is gone: nothing to resume
         await self._set_state(served, XENBUS_CLOSED)
 
     def _release_guest_memory(self) -> None:

@@ -227,6 +227,14 @@ class InflightQueue:
         self._mv[self._desc_off(head)] = 0
         _U16.pack_into(self._mv, _USED_IDX_OFF, used_idx & 0xFFFF)
 
+    def clear(self) -> None:
+        """Forget everything (a reset queue has nothing in flight): the region reads as never used,
+        so the next :meth:`recover` initialises it."""
+        self._mv[:] = bytes(len(self._mv))
+        _U16.pack_into(self._mv, _DESC_NUM_OFF, self.desc_num)
+        self._resubmit.clear()
+        self.counter = 0
+
     def release(self) -> None:
         self._mv.release()
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from xen_vhost_master.sim.guest import SimControl, SimGuest
-from xen_vhost_master.sim.guest_devices import VirtioBlk
+from xen_vhost_master.sim.guest_devices import BlkOp, VirtioBlk
 from xen_vhost_master.sim.guest_driver import GuestDriverError, GuestPageAllocator
 from xen_vhost_master.sim.simkernel import SimKernel
 from xen_vhost_master.xen.xenstore import XenstoreClient
@@ -227,4 +227,69 @@ async def test_daemon_sigkilled_and_restarted_takes_over_the_running_guest(sim_d
                 stop(proc)
                 if proc.stderr is not None:
                     proc.stderr.close()
+        stop(sim)
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # the daemons run uvloop in their own processes
+async def test_daemon_sigkilled_with_out_of_order_requests_in_flight_resumes_exactly(sim_dir, tmp_path):
+    """Shadow path, a back-end that completes out of order (the project's RAM disk with
+    ``--reorder``): the daemon is SIGKILLed right after the first of 8 writes completed, three times
+    over. Each restarted daemon resumes from the guest-side in-flight record it finds in the runtime
+    directory: every write completes exactly once (the guest driver fails the batch on a completion
+    for a chain not in flight, and a lost one times out) and every byte is in the image."""
+    sim, sim_path = start_sim(sim_dir)
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(8 << 20))
+    sock = Path(sim_dir) / "blk.sock"
+    backend = subprocess.Popen(
+        [sys.executable, "-m", "vhost_user.testing.blk", "--socket", str(sock), "--size", "8M", "--image", str(image),
+         "--reorder", "3", "--hold-ms", "40"], stderr=subprocess.DEVNULL)
+    (runtime / "0.sock").symlink_to(sock)
+    cmd = [str(BIN / "xen-vhost-master"), "--domid", str(DOMID), "--runtime-dir", str(runtime)]
+    env = dict(os.environ, XEN_VHOST_SIM=sim_path)
+    daemons: list[subprocess.Popen[bytes]] = []
+    guest = None
+    resumed = 0
+    try:
+        daemons.append(subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE))
+        await DaemonLog(daemons[-1]).wait_for("serving: ")
+        guest = await SimGuest.connect(sim_path, DOMID)
+        blk = await asyncio.wait_for(VirtioBlk.attach(guest, 0x2000000, 33, GuestPageAllocator(guest.ram)), TIMEOUT)
+        queue = blk.driver.queues[0]
+        rng = random.Random(9)
+        expected: dict[int, bytes] = {}
+        for round_ in range(3):
+            ops = [BlkOp("write", 4096 * round_ + 64 * i, data=rng.randbytes(16 << 10)) for i in range(8)]
+            batch = asyncio.ensure_future(blk.batch(ops))
+            async with asyncio.timeout(TIMEOUT):
+                while len(queue.pending) < len(ops):  # all posted and kicked
+                    await asyncio.sleep(0)
+                await asyncio.wait(set(queue.pending), return_when=asyncio.FIRST_COMPLETED)
+            daemons[-1].kill()
+            daemons[-1].wait(TIMEOUT)
+            daemons.append(subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE))
+            log = DaemonLog(daemons[-1])
+            await log.wait_for("ioreq server 0 adopted")
+            await asyncio.wait_for(batch, TIMEOUT)  # every write, exactly once
+            line = await log.wait_for("resum")
+            resumed += "from the in-flight record" in line
+            expected.update((op.sector, op.data) for op in ops)
+        for sector, data in expected.items():
+            assert await asyncio.wait_for(blk.read(sector, len(data) // 512), TIMEOUT) == data
+        await blk.close()
+        with open(image, "rb") as f:
+            for sector, data in expected.items():
+                f.seek(sector * 512)
+                assert f.read(len(data)) == data
+        assert resumed >= 1  # chains were in flight at some kill, and the record brought them back
+    finally:
+        if guest is not None:
+            guest.close()
+        for proc in daemons:
+            stop(proc)
+            if proc.stderr is not None:
+                proc.stderr.close()
+        stop(backend)
         stop(sim)

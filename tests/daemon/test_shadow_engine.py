@@ -13,13 +13,14 @@ from vhost_user.virtqueue import (
     VIRTQ_DESC_F_INDIRECT,
     Buffer,
     FlatMemory,
+    RingError,
     SplitQueueDevice,
     SplitQueueDriver,
     read_buffers,
     split_ring_layout,
     write_buffers,
 )
-from xen_vhost_master.shadow import ShadowDataPath, ShadowError
+from xen_vhost_master.shadow import GuestInflightRecord, ShadowDataPath, ShadowError
 from xen_vhost_master.shadow_pool import PAGE, SHADOW_BASE, PagePool
 from xen_vhost_master.virtio_mmio import QueueConfig
 
@@ -32,12 +33,13 @@ class Rig:
     """Guest RAM + guest drivers + the data path + a fake back-end per queue."""
 
     def __init__(self, *, queues: int = 1, num: int = 16, features: int = INDIRECT, pool: int = 1 << 20,
-                 on_error: bool = True) -> None:
+                 on_error: bool = True, inflight: GuestInflightRecord | None = None) -> None:
         self.ram = bytearray([CANARY]) * GSIZE
         self.mem = FlatMemory(self.ram, GBASE)
         self.errors: list[tuple[int, str]] = []
         self.dp = ShadowDataPath(self.mem, [(GBASE, GSIZE)], pool_size=pool, max_queues=4, max_queue_size=256,
-                                 on_error=(lambda i, r: self.errors.append((i, r))) if on_error else None)
+                                 on_error=(lambda i, r: self.errors.append((i, r))) if on_error else None,
+                                 inflight=inflight)
         self.features = features
         self.num = num
         self.kick = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(queues)]
@@ -476,3 +478,54 @@ def test_a_replaced_back_end_still_alive_cannot_write_into_its_successor(rig):
     old_mem.release()
     mapping.close()
     assert r.dp.inflight(0) == 0 and r.dp.pool.used_pages == 0
+
+
+@pytest.mark.parametrize("record", [True, False])
+def test_a_restarted_daemon_resumes_exactly_from_the_guest_inflight_record(rig, tmp_path, record):
+    """The daemon dies (nothing closed) after the back-end completed chains 2 and 0 of 0..3, out of
+    order. A new daemon process resumes the queue. With the in-flight record (a file) it takes
+    exactly 1 and 3 again; without it, QEMU's rule (resume at the guest's used index, 2) takes 2 a
+    second time and never 1 -- the guest sees a completion for a chain not in flight."""
+    path = str(tmp_path / "shadow-0.inflight")
+    r = rig(num=16, inflight=GuestInflightRecord(path, 4, 256) if record else None)
+    drv = r.drivers[0]
+    for k in range(4):
+        drv.add([r.buf(bytes([k + 1]) * 16)], [r.buf(16)], token=k)
+    r.dp.notify(0)
+    be = r.backends[0]
+    chains = [be.pop() for _ in range(4)]
+    for c in (chains[2], chains[0]):
+        write_buffers(r.dp.shadow, c.writable, b"old!" * 4)
+        be.push(c.head, 16)
+    r.dp.used(0)
+    assert sorted(t for t, _ in drv.get_used()) == [0, 2]
+
+    # SIGKILL: the old process's objects are simply gone; a new one starts from the guest's RAM
+    # (and the record file, when there is one).
+    rec2 = GuestInflightRecord(path, 4, 256) if record else None
+    assert rec2 is None or not rec2.fresh
+    dp2 = ShadowDataPath(r.mem, [(GBASE, GSIZE)], pool_size=1 << 20, max_queues=4, max_queue_size=256, inflight=rec2)
+    try:
+        rings = dp2.open_queue(r.configs[0], r.features, r.kick[0], resume=True)
+        new = SplitQueueDevice(dp2.shadow, 16, rings.desc, rings.avail, rings.used, last_avail_idx=rings.base)
+        try:
+            dp2.notify(0)
+            got = []
+            while (c := new.pop()) is not None:
+                data = read_buffers(dp2.shadow, c.readable)
+                write_buffers(dp2.shadow, c.writable, b"new:" + data[:12])
+                new.push(c.head, 16)
+                got.append(data[0])
+            dp2.used(0)
+            if record:
+                assert sorted(got) == [2, 4]  # chains 1 and 3 (their bytes are k + 1)
+                assert sorted(t for t, _ in drv.get_used()) == [1, 3]
+                assert dp2.inflight(0) == 0
+            else:
+                assert sorted(got) == [3, 4]  # chain 2 again, chain 3; chain 1 is lost
+                with pytest.raises(RingError, match="not in flight"):
+                    drv.get_used()
+        finally:
+            new.release()
+    finally:
+        dp2.close()
