@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from vhost_user import AsyncFrontend, GuestMemoryError
-from vhost_user.virtqueue import FlatMemory, SplitQueueDevice, SplitQueueDriver, read_buffers, split_ring_layout, write_buffers
+from vhost_user.virtqueue import SplitQueueDevice, SplitQueueDriver, read_buffers, split_ring_layout, write_buffers
 from xen_vhost_master.config import DeviceConfig
 from xen_vhost_master.device import Device
 from xen_vhost_master.grant_memory import GRANT_SPACE, GrantGuestMemory, GrantShadowDataPath
@@ -441,33 +441,6 @@ async def test_map_chain_maps_each_access_mode_of_a_chain_in_one_ioctl(no_fd_lea
     assert mem.closed and mem.mapped_pages == 0
 
 
-def _ring_code_checks_buffers() -> bool:
-    """Whether vhost_user's ring code validates a chain's buffers with the memory's ``check()``
-    (when offered) rather than a view of each: only then are a chain's first mappings made by
-    map_chain."""
-    class Probed(FlatMemory):
-        viewed: list[int] = []
-
-        def check(self, addr: int, length: int) -> None:
-            pass
-
-        def view(self, addr: int, length: int) -> memoryview:
-            self.viewed.append(addr)
-            return super().view(addr, length)
-
-    ram = bytearray(0x3000)
-    desc, avail, used, _ = split_ring_layout(4, 0)
-    drv = SplitQueueDriver(FlatMemory(ram), 4, desc, avail, used)
-    dev = SplitQueueDevice(Probed(ram), 4, desc, avail, used)
-    drv.add([(0x2000, 16)])
-    dev.pop()
-    dev.release()
-    drv.release()
-    return 0x2000 not in Probed.viewed
-
-
-@pytest.mark.skipif(not _ring_code_checks_buffers(),
-                    reason="vhost_user.virtqueue probes each buffer with view(): each is mapped before map_chain")
 @pytest.mark.asyncio
 async def test_shadow_engine_maps_a_grant_chain_in_one_ioctl_per_access_mode(no_fd_leak, sim_host, sim_control, kernel):
     """The shadow data path over GrantGuestMemory, counted at the kernel object: a chain of 4
