@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from vhost_user import GuestMemoryError
 from vhost_user.testing.blk import RamDiskBlk
 from vhost_user.testing.blk import main as blk_main
 
+from .log import RateLimit
 from .xen.kernel import kernel_from_env
 from .xen_mapper import XenRegionMapper, no_advance_flag
 
@@ -48,6 +50,7 @@ def refuse_read_only_writes(device: RamDiskBlk, mapper: XenRegionMapper | None =
     read-only grant): logged, used length 0, the page untouched; the ring keeps going. With
     ``mapper``, on-demand grant mappings left idle are unmapped after each request."""
     refusals = ReadOnlyRefusals()
+    limit = RateLimit(time.monotonic)  # a guest granting read-only on purpose must not flood the log
     handle = device._request  # RamDiskBlk's per-chain handler  # noqa: SLF001
 
     def guarded(chain: Any, read_buffers: Any, write_buffers: Any) -> int:
@@ -61,7 +64,10 @@ def refuse_read_only_writes(device: RamDiskBlk, mapper: XenRegionMapper | None =
                 if read_only:
                     refusals.count += 1
                     refusals.last = f"chain {chain.head}: device-writable buffer [{buf.addr:#x}, +{buf.length:#x}) is read-only"
-                    log.error("refusing request: %s (a read-only grant)", refusals.last)
+                    allowed, suppressed = limit.allow("read-only grant")
+                    if allowed:
+                        more = f" ({suppressed} similar lines suppressed)" if suppressed else ""
+                        log.error("refusing request: %s (a read-only grant)%s", refusals.last, more)
                     return 0
             return int(handle(chain, read_buffers, write_buffers))
         finally:

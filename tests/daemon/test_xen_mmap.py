@@ -410,3 +410,29 @@ def test_mapper_maps_a_unix_region_with_plain_mmap(kernel):
         backing.close()
     with pytest.raises(ValueError, match="0x4"):
         XenRegionMapper(kernel, no_advance=XenMmapFlags(0x4))
+
+
+def test_read_only_grant_refusals_are_counted_each_but_logged_at_a_bounded_rate(caplog):
+    """A guest that grants its status buffers read-only on purpose, request after request: every
+    request is refused (counted), the log gets at most a burst of lines per window."""
+    import logging as _logging
+    from types import SimpleNamespace
+
+    from vhost_user.virtqueue import Buffer
+    from xen_vhost_master.log import GUEST_LOG_BURST
+    from xen_vhost_master.xen_blk_backend import refuse_read_only_writes
+
+    ram = bytes(0x2000)  # read-only memory: every view is read-only
+    handled: list[int] = []
+    device = SimpleNamespace(
+        memory=SimpleNamespace(view=lambda addr, length: memoryview(ram)[addr : addr + length]),
+        _request=lambda chain, rb, wb: handled.append(chain.head) or 1,
+    )
+    refusals = refuse_read_only_writes(device)  # type: ignore[arg-type]
+    caplog.set_level(_logging.ERROR, logger="xen_vhost_master.xen_blk_backend")
+    chain = SimpleNamespace(head=3, writable=[Buffer(0x1000, 1)])
+    for _ in range(200):
+        assert device._request(chain, None, None) == 0  # noqa: SLF001
+    assert refusals.count == 200 and handled == []
+    lines = [r for r in caplog.records if "read-only grant" in r.getMessage()]
+    assert 1 <= len(lines) <= GUEST_LOG_BURST
