@@ -402,11 +402,9 @@ class Device:
             self.log.error("back-end failed: %s", e)
             assert self.model is not None
             await self._carry_out(self.model.needs_reset(f"back-end failed: {e}"))
-        except GuestFault as e:
-            self.stats.last_error = f"guest: {e}"
-            self.log.error("guest fault while starting the back-end: %s", e)
+        except GuestFault as e:  # logged (rate-limited, as every guest error) by needs_reset's GuestError
             assert self.model is not None
-            await self._carry_out(self.model.needs_reset(f"guest fault: {e}"))
+            await self._carry_out(self.model.needs_reset(f"fault while starting the back-end: {e}"))
 
     # --- back-end start/stop, in QEMU's order (reference trace) ----------------------------------
 

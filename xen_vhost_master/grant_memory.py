@@ -512,7 +512,8 @@ class GrantXenMmapExport:
     ``rings()`` gives the queues the driver made ready (the memory table is built at activation,
     before the queues are opened). ``fallback()`` builds the shadow data path used when the
     rings' layout does not fit in :data:`MAX_REGIONS` regions; without one, that activation fails
-    (LocalProtocolError → the device shows NEEDS_RESET). ``gntdev`` is closed with the export.
+    (LocalProtocolError → the device shows NEEDS_RESET); rings outside grant space or overlapping
+    are the guest's fault (GuestFault → NEEDS_RESET too). ``gntdev`` is closed with the export.
     """
 
     protocol_features = ProtocolFeatures.XEN_MMAP
@@ -545,10 +546,7 @@ class GrantXenMmapExport:
 
     def regions(self) -> tuple[Sequence[XenMemoryRegion], Sequence[int]]:
         queues = list(self._rings())
-        try:
-            layout = grant_layout(queues, self.span, self.no_advance)
-        except GuestFault as e:
-            raise LocalProtocolError(f"grant rings cannot be exported: {e}") from None
+        layout = grant_layout(queues, self.span, self.no_advance)  # GuestFault: the device needs a reset
         if layout is None:
             if self._fallback is None:
                 raise LocalProtocolError(f"the rings of {len(queues)} queue(s) need more than {MAX_REGIONS} XEN_MMAP regions")
