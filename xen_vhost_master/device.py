@@ -99,10 +99,10 @@ class DataPath(Protocol):
         """Guest RAM banks ``(gpa, size)``: the guest's rings must lie inside them."""
         ...
 
-    def regions(self) -> tuple[Sequence[MemoryRegion | XenMemoryRegion], Sequence[int]]:
-        """The memory table and one fd per region (still owned by the data path). Asked once per
-        start of a back-end connection, before :meth:`open_queue` (a copying data path gives each
-        connection memory of its own)."""
+    def regions(self, queues: Sequence[QueueConfig]) -> tuple[Sequence[MemoryRegion | XenMemoryRegion], Sequence[int]]:
+        """The memory table and one fd per region (still owned by the data path), for a start of
+        ``queues``. Asked once per start of a back-end connection, before :meth:`open_queue` (a
+        copying data path gives each connection memory of its own; grant regions follow the rings)."""
         ...
 
     def open_queue(self, queue: QueueConfig, features: int, kick_fd: int, *, resume: bool = False) -> RingAddresses:
@@ -432,7 +432,7 @@ class Device:
             # QEMU 10's order (net trace): FEATURES_OK before the memory table, the driver's full
             # status once the rings run. DPDK holds the device back until it sees DRIVER_OK here.
             await fe.set_status(int(Status.FEATURES_OK))
-        regions, fds = self.memory.regions()
+        regions, fds = self.memory.regions(queues)
         await fe.set_mem_table(regions, fds)
         await self._share_inflight(fe)
         for q in queues:

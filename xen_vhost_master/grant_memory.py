@@ -509,8 +509,8 @@ def grant_layout(queues: Sequence[QueueConfig], span: int, no_advance: XenMmapFl
 class GrantXenMmapExport:
     """XEN_MMAP for a grant device: the back-end maps grant space itself through our gntdev fd.
 
-    ``rings()`` gives the queues the driver made ready (the memory table is built at activation,
-    before the queues are opened). ``fallback()`` builds the shadow data path used when the
+    The memory table follows the rings of the queues being started (:meth:`regions`).
+    ``fallback()`` builds the shadow data path used when the
     rings' layout does not fit in :data:`MAX_REGIONS` regions; without one, that activation fails
     (LocalProtocolError → the device shows NEEDS_RESET); rings outside grant space or overlapping
     are the guest's fault (GuestFault → NEEDS_RESET too). ``gntdev`` is closed with the export.
@@ -519,7 +519,7 @@ class GrantXenMmapExport:
     protocol_features = ProtocolFeatures.XEN_MMAP
     packed = False
 
-    def __init__(self, gntdev: GrantDev, domid: int, span: int, rings: Callable[[], Sequence[QueueConfig]], *,
+    def __init__(self, gntdev: GrantDev, domid: int, span: int, *,
                  no_advance: XenMmapFlags = XenMmapFlags.NO_ADVANCE_MAP_RUSTVMM,
                  fallback: Callable[[], DataPath] | None = None, log: Any = None) -> None:
         if no_advance not in (XenMmapFlags.NO_ADVANCE_MAP_RUSTVMM, XenMmapFlags.NO_ADVANCE_MAP_SPEC):
@@ -527,7 +527,7 @@ class GrantXenMmapExport:
         if span <= 0 or span % (1 << XEN_PAGE_SHIFT) or span > GRANT_ADDR_BIT - 1:
             raise ValueError(f"grant span {span:#x} must be a positive number of pages")
         self.gntdev, self.domid, self.span, self.no_advance = gntdev, domid, span, no_advance
-        self._rings, self._fallback = rings, fallback
+        self._fallback = fallback
         self.log = log or logging.getLogger(__name__)
         self._kick: dict[int, int] = {}
         self._reader: GrantGuestMemory | None = None
@@ -544,8 +544,8 @@ class GrantXenMmapExport:
     def banks(self) -> Sequence[tuple[int, int]]:
         return [(GRANT_ADDR_BIT, self.span)]
 
-    def regions(self) -> tuple[Sequence[XenMemoryRegion], Sequence[int]]:
-        queues = list(self._rings())
+    def regions(self, queues: Sequence[QueueConfig] = ()) -> tuple[Sequence[XenMemoryRegion], Sequence[int]]:
+        queues = list(queues)
         layout = grant_layout(queues, self.span, self.no_advance)  # GuestFault: the device needs a reset
         if layout is None:
             if self._fallback is None:
@@ -555,7 +555,7 @@ class GrantXenMmapExport:
             self.shadowed, self.fallbacks = True, self.fallbacks + 1
             self.log.warning("the rings of %d queues need more than %d XEN_MMAP grant regions: shadow virtqueues this time",
                              len(queues), MAX_REGIONS)
-            shadow_regions, fds = self.shadow.regions()
+            shadow_regions, fds = self.shadow.regions(queues)
             return [_as_unix(r) for r in shadow_regions], fds
         self.shadowed = False
         self.layout = layout

@@ -83,7 +83,7 @@ class FdExport(_ZeroCopy):
     def banks(self) -> Sequence[tuple[int, int]]:
         return [(r.gpa, r.size) for r in self._regions]
 
-    def regions(self) -> tuple[Sequence[MemoryRegion], Sequence[int]]:
+    def regions(self, queues: Sequence[QueueConfig] = ()) -> tuple[Sequence[MemoryRegion], Sequence[int]]:
         table = [MemoryRegion(guest_phys_addr=r.gpa, memory_size=r.size, userspace_addr=r.gpa, mmap_offset=r.offset) for r in self._regions]
         return table, [r.fd for r in self._regions]
 
@@ -103,7 +103,7 @@ class XenMmapExport(_ZeroCopy):
     def banks(self) -> Sequence[tuple[int, int]]:
         return self._banks
 
-    def regions(self) -> tuple[Sequence[XenMemoryRegion], Sequence[int]]:
+    def regions(self, queues: Sequence[QueueConfig] = ()) -> tuple[Sequence[XenMemoryRegion], Sequence[int]]:
         table = [
             XenMemoryRegion(
                 guest_phys_addr=gpa, memory_size=size, userspace_addr=gpa, mmap_offset=0,

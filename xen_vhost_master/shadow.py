@@ -271,7 +271,7 @@ class ShadowDataPath:
     def banks(self) -> Sequence[tuple[int, int]]:
         return self._banks
 
-    def regions(self) -> tuple[Sequence[MemoryRegion], Sequence[int]]:
+    def regions(self, queues: Sequence[QueueConfig] = ()) -> tuple[Sequence[MemoryRegion], Sequence[int]]:
         """The memory table of a new back-end connection (the device model asks once per
         connection, before the queues): from the second connection on, a fresh memfd."""
         if self._handed_out:

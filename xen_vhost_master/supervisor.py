@@ -39,7 +39,7 @@ from .guest_memory import ForeignGuestMemory
 from .memory import XenMmapExport, foreign_reader, sim_memfd_export
 from .shadow import GuestInflightRecord, ShadowDataPath
 from .sd_notify import Notifier
-from .virtio_mmio import WINDOW_SIZE, QueueConfig, Status, snapshot
+from .virtio_mmio import WINDOW_SIZE, Status, snapshot
 from .xen.evtchn import EventChannel
 from .xen.kernel import ENV_SIM_SOCKET, Kernel, kernel_from_env
 from .xen.privcmd import PrivCmd
@@ -307,7 +307,7 @@ class Supervisor:
         served = _Served(cfg, None, path)  # type: ignore[arg-type]
         ioreq = self.ioreq
         device = Device(
-            cfg, connect=lambda: self._connect(served), memory=self._export(cfg, lambda: _ready_queues(served.device)),
+            cfg, connect=lambda: self._connect(served), memory=self._export(cfg),
             set_irq=lambda level: ioreq.set_irq(cfg.irq, level), log=log,
         )
         served.device = device
@@ -330,7 +330,7 @@ class Supervisor:
         served.state_task = self._spawn(self._follow_device(served))
         log.info("serving virtio device %d at %#x irq %d, back-end %s", cfg.device_id, cfg.base, cfg.irq, cfg.socket_path(self.domid))
 
-    def _export(self, cfg: DeviceConfig, rings: Callable[[], list[QueueConfig]]) -> DataPath | DataPathChooser:
+    def _export(self, cfg: DeviceConfig) -> DataPath | DataPathChooser:
         assert self.privcmd is not None
         mode = cfg.memory
         if cfg.grants:
@@ -339,7 +339,7 @@ class Supervisor:
                                  cfg.devid, mode.value)
             if mode not in (MemoryMode.AUTO, MemoryMode.XEN_MMAP):
                 return _Choose(self, cfg, None)
-            return _Choose(self, cfg, lambda nq: self._grant_export(cfg, nq, rings), required=mode is MemoryMode.XEN_MMAP)
+            return _Choose(self, cfg, lambda nq: self._grant_export(cfg, nq), required=mode is MemoryMode.XEN_MMAP)
         if mode is MemoryMode.SIM_MEMFD:
             return self._sim_memfd()
         xen_mmap = XenMmapExport(self.domid, self.banks, self.privcmd.fileno(), foreign_reader(self.privcmd, self.domid))
@@ -347,7 +347,7 @@ class Supervisor:
             return xen_mmap
         return _Choose(self, cfg, (lambda nq: xen_mmap) if mode is MemoryMode.AUTO else None)
 
-    def _grant_export(self, cfg: DeviceConfig, num_queues: int, rings: Callable[[], list[QueueConfig]]) -> DataPath:
+    def _grant_export(self, cfg: DeviceConfig, num_queues: int) -> DataPath:
         """XEN_MMAP for a grant device: grant space described as GRANT regions over a gntdev fd of
         its own; shadow virtqueues when an activation's rings do not fit the region limit."""
         from .grant_memory import GrantXenMmapExport  # noqa: PLC0415
@@ -358,7 +358,7 @@ class Supervisor:
         if not span:  # RAM not where the layout expects it (e.g. a UML guest at 0): its top frame then
             assert self.privcmd is not None
             span = (self.privcmd.maximum_gpfn(self.domid) + 1) << 12
-        return GrantXenMmapExport(GrantDev(self.kernel), self.domid, span, rings,
+        return GrantXenMmapExport(GrantDev(self.kernel), self.domid, span,
                                   no_advance=XenMmapFlags(cfg.xen_no_advance),
                                   fallback=lambda: self._shadow(cfg, num_queues),
                                   log=device_logger("xen_vhost_master.grants", self.domid, cfg.devid))
@@ -773,11 +773,3 @@ class _Choose(DataPathChooser):
             return self.sup._shadow(self.cfg, num_queues)
         log.info("device %d: shadow virtqueues (the back-end knows only shared memory)", devid)
         return self.sup._shadow(self.cfg, num_queues)
-
-
-def _ready_queues(device: Device | None) -> list[QueueConfig]:
-    """The queues the driver made ready (what an activation starts)."""
-    model = device.model if device is not None else None
-    if model is None:
-        return []
-    return [QueueConfig(i, q.num, q.desc, q.driver, q.device) for i, q in enumerate(model.queues) if q.ready]

@@ -116,7 +116,6 @@ from xen_vhost_master.grant_memory import (  # noqa: E402
     ring_parts,
 )
 from xen_vhost_master.sim.guest_driver import DeviceStatus, Feature, grant_dma_address  # noqa: E402
-from xen_vhost_master.supervisor import _ready_queues  # noqa: E402
 from xen_vhost_master.virtio_mmio import QueueConfig  # noqa: E402
 from xen_vhost_master.xen.gntdev import GrantDev  # noqa: E402
 from xen_vhost_master.xen_blk_backend import refuse_read_only_writes  # noqa: E402
@@ -149,8 +148,7 @@ class GrantXenMmap:
         self.privcmd, self.evtchn = PrivCmd(kernel), EventChannel(kernel)
         self.log = device_logger("xvm.test", domid, "gblk")
         self.ioreq = IoreqServer(self.privcmd, self.evtchn, domid, self.log)
-        self.export = GrantXenMmapExport(GrantDev(kernel), domid, span, lambda: _ready_queues(self.device),
-                                         no_advance=front, log=self.log)
+        self.export = GrantXenMmapExport(GrantDev(kernel), domid, span, no_advance=front, log=self.log)
         self.device = Device(DeviceConfig(devid=0, device_id=2, base=BASE, irq=IRQ, socket=self.sock, grants=True),
                              connect=lambda: AsyncFrontend.connect(self.sock), memory=self.export,
                              set_irq=lambda level: self.ioreq.set_irq(IRQ, level), log=self.log)
@@ -336,7 +334,7 @@ def test_grant_export_falls_back_to_shadow_when_the_rings_do_not_fit(caplog):
         def __init__(self):
             self.opened, self.closed = [], False
 
-        def regions(self):
+        def regions(self, queues):
             from vhost_user import MemoryRegion
 
             return [MemoryRegion(guest_phys_addr=1 << 40, memory_size=1 << 20, userspace_addr=1 << 40, mmap_offset=0)], [99]
@@ -365,13 +363,13 @@ def test_grant_export_falls_back_to_shadow_when_the_rings_do_not_fit(caplog):
             self.fd = -1
 
     gntdev = Dev()
-    export = GrantXenMmapExport(gntdev, 5, 64 << 20, lambda: rings[0], fallback=lambda: shadow)
-    table, fds = export.regions()
+    export = GrantXenMmapExport(gntdev, 5, 64 << 20, fallback=lambda: shadow)
+    table, fds = export.regions(rings[0])
     assert [(r.xen_mmap_flags, r.guest_phys_addr) for r in table] == [(0, 1 << 40)] and fds == [99]
     assert not export.direct and export.open_queue(rings[0][0], 0, 3) == "shadow rings" and shadow.opened == [0]
     assert any("more than 8 XEN_MMAP grant regions" in r.getMessage() for r in caplog.records)
     rings[0] = rings[0][:1]
-    table, fds = export.regions()
+    table, fds = export.regions(rings[0])
     assert export.direct and fds == [77] * len(table) and all(r.domid == 5 for r in table)
     export.close()
     assert shadow.closed and gntdev.fd == -1
