@@ -128,7 +128,7 @@ async def test_daemon_serves_discovers_hotplugs_and_stops_cleanly(sim_dir, peers
                                 capture_output=True, text=True, timeout=TIMEOUT, check=True)
         state = json.loads(status.stdout)
         assert state["restricted"] is True  # privcmd/evtchn only reach this guest now
-        assert [d["backend"] for d in state["devices"]] == ["connected"]
+        assert [(d["backend"], d["data_path"]) for d in state["devices"]] == [("connected", "shadow")]
 
         guest = await SimGuest.connect(sim_path, DOMID)
         alloc = GuestPageAllocator(guest.ram)

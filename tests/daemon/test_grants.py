@@ -8,6 +8,7 @@ qemu-storage-daemon, which only ever sees the daemon's shadow memfd.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import select
@@ -615,6 +616,9 @@ async def test_cli_daemon_exports_grants_over_xen_mmap_to_a_python_backend_proce
             assert f.read(len(data)) == data  # the back-end wrote the guest's bytes, mapped through grants
         await asyncio.wait_for(blk.close(), T)
         assert blk.driver.live_grants == 0  # the back-end unmapped everything: the guest ended all grants
+        status = subprocess.run([str(bin_dir / "xen-vhost-master"), "status", "--domid", str(domid),
+                                 "--runtime-dir", str(runtime)], capture_output=True, text=True, timeout=T, check=True)
+        assert [d["data_path"] for d in json.loads(status.stdout)["devices"]] == ["xen-mmap (grants)"]
         daemon.send_signal(signal.SIGTERM)
         rc = await asyncio.get_running_loop().run_in_executor(None, daemon.wait, T)
         assert rc == 0, "".join(log.lines)
