@@ -152,6 +152,7 @@ class GrantRing:
     def _translate(self, head: int) -> None:
         runs: list[_Run] = []
         i, seen = head, 0
+        done = False
         try:
             while True:
                 seen += 1
@@ -171,9 +172,10 @@ class GrantRing:
                 if nxt >= self.num:
                     raise GrantRingError(f"chain {head}: next {nxt} out of range")
                 i = nxt
-        except BaseException:
-            self._release(runs)
-            raise
+            done = True
+        finally:
+            if not done:  # a bad chain or a refused grant: give back what this chain granted so far
+                self._release(runs)
         self._inflight[head] = runs
 
     def _run(self, addr: int, length: int, *, readonly: bool) -> _Run:
@@ -195,12 +197,14 @@ class GrantRing:
 
     def _grant_pages(self, first: int, pages: int, readonly: bool) -> list[int]:
         refs: list[int] = []
+        done = False
         try:
             for gfn in range(first, first + pages):
                 refs.append(self._grant(gfn, readonly))
-        except BaseException:
-            self._end_refs(refs)
-            raise
+            done = True
+        finally:
+            if not done:  # the grant table refused a page: end the ones granted before it
+                self._end_refs(refs)
         self.stats.granted_pages += pages
         if refs != list(range(refs[0], refs[0] + pages)):
             self._end_refs(refs)
