@@ -89,7 +89,9 @@ def grant_dma_address(ref: int, offset: int = 0) -> int:
 
 
 class MmioReg(enum.IntEnum):
-    """virtio-mmio register offsets (virtio 1.2 Table 4.1; linux/virtio_mmio.h)."""
+    """virtio-mmio register offsets (virtio 1.2 Table 4.1; linux/virtio_mmio.h). Written out here
+    on purpose rather than taken from the device model's ``virtio_mmio.Reg``: the simulated guest
+    checks the model, so a wrong offset there must not be shared by the guest."""
 
     MAGIC_VALUE = 0x000
     VERSION = 0x004
