@@ -250,6 +250,24 @@ class TwoDisks:
         self.evtchn.close()
         self.privcmd.close()
 
+async def _tear_down(procs, guest, daemon, *, stopped: bool) -> None:  # type: ignore[no-untyped-def]
+    """Let a stopped back-end go on, close the guest, then the daemon, then the back-ends (each
+    step even if the one before failed)."""
+    if stopped:
+        procs[0].signal(signal.SIGCONT)
+    try:
+        if guest is not None:
+            gc.collect()  # the drivers' views of guest RAM
+            guest.close()
+    finally:
+        try:
+            if daemon is not None:
+                await daemon.close()
+        finally:
+            for q in procs:
+                q.stop()
+
+
 
 @pytest.mark.peer
 @pytest.mark.timeout(60)
@@ -329,19 +347,7 @@ async def test_backend_that_stops_answering_times_out_needs_reset_then_reconnect
         await asyncio.wait_for(blk_a.close(), TIMEOUT)
         await asyncio.wait_for(blk_b.close(), TIMEOUT)
     finally:
-        if stopped:
-            procs[0].signal(signal.SIGCONT)
-        try:
-            if guest is not None:
-                gc.collect()  # the drivers' views of guest RAM
-                guest.close()
-        finally:
-            try:
-                if daemon is not None:
-                    await daemon.close()
-            finally:
-                for q in procs:
-                    q.stop()
+        await _tear_down(procs, guest, daemon, stopped=stopped)
 
 
 # --- the daemon as a program: guest destroyed mid-I/O, malformed xenstore entries -----------------
@@ -624,19 +630,7 @@ async def test_backend_stopped_with_a_request_in_flight_guest_reset_times_out_th
         await asyncio.wait_for(blk_a.close(), TIMEOUT)
         await asyncio.wait_for(blk_b.close(), TIMEOUT)
     finally:
-        if stopped:
-            procs[0].signal(signal.SIGCONT)
-        try:
-            if guest is not None:
-                gc.collect()  # the drivers' views of guest RAM
-                guest.close()
-        finally:
-            try:
-                if daemon is not None:
-                    await daemon.close()
-            finally:
-                for q in procs:
-                    q.stop()
+        await _tear_down(procs, guest, daemon, stopped=stopped)
 
 
 @pytest.mark.asyncio
