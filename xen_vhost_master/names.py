@@ -1,0 +1,44 @@
+"""Guest names as systemd sees them: the instance part of ``xen-vhost-master@<instance>.service``
+and the runtime directory ``/run/xen-vhost-master/<instance>/`` (``RuntimeDirectory=`` of the
+template unit expands ``%i``, the escaped form).
+
+The escaping is systemd's ``unit_name_escape()`` (src/basic/unit-name.c), what
+``systemd-escape NAME`` prints: ``/`` becomes ``-``; every byte of the UTF-8 encoding outside
+``[A-Za-z0-9:_.]`` becomes ``\\xNN`` (lower-case hex), and so do ``-`` and ``\\``; a leading ``.``
+is escaped too (no hidden unit names).
+"""
+
+from __future__ import annotations
+
+__all__ = ["UNIT_NAME_MAX", "instance_unit", "systemd_escape"]
+
+# src/basic/unit-name.h: UNIT_NAME_MAX 256, including the terminating NUL.
+UNIT_NAME_MAX = 255
+INSTANCE_TEMPLATE = "xen-vhost-master@{}.service"
+
+_VALID = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:_.")
+
+
+def systemd_escape(name: str) -> str:
+    """``systemd-escape NAME`` (instance-name escaping, not ``--path``)."""
+    raw = name.encode("utf-8", "surrogateescape")
+    out = []
+    for i, byte in enumerate(raw):
+        if byte == ord("/"):
+            out.append("-")
+        elif byte in _VALID and not (i == 0 and byte == ord(".")):
+            out.append(chr(byte))
+        else:
+            out.append(f"\\x{byte:02x}")
+    return "".join(out)
+
+
+def instance_unit(name: str) -> str:
+    """``xen-vhost-master@<escaped name>.service``; ValueError if systemd cannot name it (an empty
+    name, or longer than UNIT_NAME_MAX once escaped)."""
+    if not name:
+        raise ValueError("an empty guest name has no unit")
+    unit = INSTANCE_TEMPLATE.format(systemd_escape(name))
+    if len(unit) > UNIT_NAME_MAX:
+        raise ValueError(f"unit name for guest {name[:40]!r}... is {len(unit)} bytes, systemd allows {UNIT_NAME_MAX}")
+    return unit
