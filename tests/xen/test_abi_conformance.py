@@ -37,6 +37,7 @@ HEADERS = """
 #include <xen/hvm/hvm_op.h>
 #include <xen/hvm/dm_op.h>
 #include <xen/hvm/ioreq.h>
+#include <xen/domctl.h>
 #include <xen/sys/privcmd.h>
 #include <xen/evtchn.h>
 #include <xen/gntdev.h>
@@ -69,6 +70,7 @@ STRUCTS: list[tuple[type[ctypes.Structure], str, dict[str, str]]] = [
     (abi.xen_dm_op_inject_msi, "struct xen_dm_op_inject_msi", {}),
     (abi.xen_dm_op_set_irq_level, "struct xen_dm_op_set_irq_level", {}),
     (abi.xen_dm_op_nr_vcpus, "struct xen_dm_op_nr_vcpus", {}),
+    (abi.xen_domctl, "struct xen_domctl", {}),
     # the bitfield byte (flags) has no offsetof; its bits are checked below
     (abi.ioreq_t, "ioreq_t", {"flags": ""}),
 ]
@@ -109,6 +111,7 @@ def checks() -> list[tuple[str, int]]:
     out += [(f"IOREQ_TYPE_{m.name}", int(m)) for m in abi.IoreqType]
     out += [(f"__HYPERVISOR_{m.name}", int(m)) for m in abi.Hypercall]
     out += [(f"XENMEM_{m.name}", int(m)) for m in abi.XenMem]
+    out += [(f"XEN_DOMCTL_{m.name}", int(m)) for m in abi.DomctlCmd]
     out += [(f"XENVER_{m.name}", int(m)) for m in abi.XenVer]
     out += [(f"XENMEM_resource_{m.name}", int(m)) for m in abi.ResourceType]
     out += [(f"UNMAP_NOTIFY_{m.name}", int(m)) for m in abi.GntdevUnmapNotify]

@@ -17,7 +17,11 @@ __all__ = [
     "DOMID_FIRST_RESERVED",
     "DOMID_INVALID",
     "DOMID_SELF",
+    "XEN_PAGE_SHIFT",
+    "XEN_PAGE_SIZE",
+    "BufIoreq",
     "DmOp",
+    "DomctlCmd",
     "EvtchnIoctl",
     "GntdevIoctl",
     "GntdevUnmapNotify",
@@ -26,17 +30,13 @@ __all__ = [
     "IoreqDir",
     "IoreqState",
     "IoreqType",
-    "BufIoreq",
     "PrivcmdIoctl",
     "ResourceType",
     "XENMEM_resource_ioreq_server_frame_ioreq",
-    "XEN_PAGE_SHIFT",
-    "XEN_PAGE_SIZE",
     "XenMem",
     "XenVer",
     "ioc",
     "ioc_size",
-    "ioreq_t",
     "ioctl_evtchn_bind_interdomain",
     "ioctl_evtchn_bind_unbound_port",
     "ioctl_evtchn_bind_virq",
@@ -47,6 +47,7 @@ __all__ = [
     "ioctl_gntdev_map_grant_ref",
     "ioctl_gntdev_unmap_grant_ref",
     "ioctl_gntdev_unmap_notify",
+    "ioreq_t",
     "map_grant_ref_type",
     "privcmd_dm_op",
     "privcmd_dm_op_buf",
@@ -64,6 +65,7 @@ __all__ = [
     "xen_dm_op_nr_vcpus",
     "xen_dm_op_set_ioreq_server_state",
     "xen_dm_op_set_irq_level",
+    "xen_domctl",
 ]
 
 assert sys.byteorder == "little", "the Xen ABI structs here assume a little-endian host"
@@ -527,6 +529,7 @@ class Hypercall(enum.IntEnum):
     grant_table_op = 20
     event_channel_op = 32
     hvm_op = 34
+    domctl = 36
     dm_op = 41
 
 
@@ -557,6 +560,31 @@ class ResourceType(enum.IntEnum):
 XENMEM_resource_ioreq_server_frame_bufioreq = 0
 
 
-def XENMEM_resource_ioreq_server_frame_ioreq(n: int) -> int:  # noqa: N802 - the C macro's name
+# --------------------------------------------------------------------------------------------
+# domctl: xen/include/public/domctl.h (a tools-only, *unstable* interface: docs/xen-domctl.md)
+
+
+class DomctlCmd(enum.IntEnum):
+    """``XEN_DOMCTL_*`` commands used here (the same number in every release, 4.0 to 4.21)."""
+
+    pausedomain = 3
+    unpausedomain = 4
+
+
+class xen_domctl(ctypes.Structure):
+    """``struct xen_domctl { uint32_t cmd; uint32_t interface_version; domid_t domain;
+    uint16_t _pad[3]; union { ...; uint8_t pad[128]; } u; };`` (144 bytes; the union holds
+    64-bit-aligned members, so it starts at 16). pause/unpause read nothing from ``u``."""
+
+    _fields_ = [
+        ("cmd", ctypes.c_uint32),
+        ("interface_version", ctypes.c_uint32),
+        ("domain", ctypes.c_uint16),
+        ("_pad", ctypes.c_uint16 * 3),
+        ("u", ctypes.c_uint8 * 128),
+    ]
+
+
+def XENMEM_resource_ioreq_server_frame_ioreq(n: int) -> int:
     """``XENMEM_resource_ioreq_server_frame_ioreq(n) = 1 + n`` (memory.h)."""
     return 1 + n
