@@ -17,7 +17,7 @@ import errno
 import itertools
 import os
 import socket
-from typing import Any
+from typing import Any, Self
 
 from xen_vhost_master.sim import rpc
 from xen_vhost_master.sim.memory import GuestMemory
@@ -63,7 +63,7 @@ class SimControl:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> SimControl:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -133,13 +133,43 @@ class SimControl:
     def xl_destroy(self, domid: int, *, timeout: float = 10.0) -> dict[str, bool]:
         """``xl destroy`` the libxl way: each device Closing → wait for the backend's Closed (up to
         ``timeout`` s) → removed, then the domain destroyed. Backend path → answered in time."""
-        return self.call({"op": "xl_destroy", "domid": domid, "timeout": timeout})[0]["value"]
+        answered: dict[str, bool] = self.call({"op": "xl_destroy", "domid": domid, "timeout": timeout})[0]["value"]
+        return answered
 
     def xl_detach_virtio_device(self, domid: int, *, device_id: int, base: int, irq: int, devid: int = 0,
                                 kind: str = "virtio", timeout: float = 10.0) -> bool:
         """``xl block-detach`` the libxl way; True if the backend answered Closed in time."""
         return bool(self.call({"op": "xl_detach_virtio_device", "domid": domid, "devid": devid, "device_id": device_id,
                                "base": base, "irq": irq, "kind": kind, "timeout": timeout})[0]["value"])
+
+    def xl_create(
+        self, name: str, devices: list[dict[str, Any]], *, mem_bytes: int = 64 << 20, vcpus: int = 1,
+        arch: str = "arm64", paused: bool = False, timeout: float = 10.0,
+    ) -> int:
+        """``xl create`` the libxl way; returns the new domid (Xen hands out ids with a rover: a
+        re-created guest gets a new one). The domain is created paused (the toolstack's pause
+        reference), introduced with ``name`` (EEXIST if a live domain has it), then each device
+        of ``devices`` (``add_virtio_device`` keywords: device_id, base, irq, devid, kind, ...) is
+        written. ``kind="virtio_disk"`` (Xen 4.17 ``disk=[...specification=virtio]``) waits up
+        to ``timeout`` s for its backend's InitWait and fails the creation (ETIMEDOUT, domain
+        destroyed) without it; ``kind="virtio"`` (Xen >= 4.18 ``virtio=[...]``) does not wait.
+        Then the toolstack's pause reference is dropped, unless ``paused`` (``xl create -p``)."""
+        reply, _ = self.call({"op": "xl_create", "name": name, "devices": devices, "mem_bytes": mem_bytes,
+                              "vcpus": vcpus, "arch": arch, "paused": paused, "timeout": timeout})
+        return int(reply["value"])
+
+    def xl_reboot(self, domid: int, *, timeout: float = 10.0) -> int:
+        """``xl reboot`` of a guest made by :meth:`xl_create` (``on_reboot = "restart"``): shut down
+        (reason reboot), destroyed the libxl way (each device Closing, up to ``timeout`` s for
+        its backend's Closed, removed), created again with the same name and devices. Returns
+        the new domid."""
+        reply, _ = self.call({"op": "xl_reboot", "domid": domid, "timeout": timeout})
+        return int(reply["value"]["domid"])
+
+    def set_domctl_interface(self, version: int) -> int:
+        """SIM-ONLY: the XEN_DOMCTL_INTERFACE_VERSION the simulated Xen accepts (default 0x15, Xen
+        4.17; any other value in a domctl is refused with EACCES, as xen/common/domctl.c does)."""
+        return int(self.call({"op": "set_domctl_interface", "version": version})[0]["value"])
 
     def domain_info(self, domid: int) -> dict[str, Any]:
         """Domain facts; ``fastpath`` holds the dom0 kernel's privcmd eventfd counters for it
@@ -229,7 +259,7 @@ class SimGuest:
         self._ctl.close()
         self._ram.close()
 
-    async def __aenter__(self) -> SimGuest:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import logging
 import mmap
 import os
 import stat
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,10 +33,10 @@ from xen_vhost_master.sim.memory import Arch, GuestMemory, bank_layout
 from xen_vhost_master.xen.abi import (
     DOMID_FIRST_RESERVED,
     IOREQ_SLOT_SIZE,
+    XEN_PAGE_SIZE,
     IoRangeType,
     IoreqState,
     IoreqType,
-    XEN_PAGE_SIZE,
     ioreq_t,
 )
 
@@ -47,6 +49,8 @@ GNTTAB_FIRST_REF = 8  # GNTTAB_NR_RESERVED_ENTRIES
 NR_SPIS = 64  # SPIs 32..95 exist in the simulated vGIC
 MAX_IOREQ_SERVERS = 8  # MAX_NR_IOREQ_SERVERS
 MAX_VCPUS = 128  # one ioreq page holds 128 slots
+MAX_CONTROLLER_PAUSES = 255  # _domain_pause_by_systemcontroller: "an arbitrary 255"
+HISTORY_MAX = 256
 
 
 class HvError(Exception):
@@ -130,7 +134,9 @@ class IoreqServer:
 
 
 class Domain:
-    def __init__(self, domid: int, name: str, nr_vcpus: int, memory: GuestMemory | None, arch: Arch) -> None:
+    def __init__(
+        self, domid: int, name: str, nr_vcpus: int, memory: GuestMemory | None, arch: Arch, *, paused: bool = False
+    ) -> None:
         self.domid, self.name, self.nr_vcpus, self.memory, self.arch = domid, name, nr_vcpus, memory, arch
         self.ports: dict[int, Port] = {}
         self.servers: dict[int, IoreqServer] = {}
@@ -140,11 +146,28 @@ class Domain:
         self.grants: dict[int, Grant] = {}
         self._next_ref = GNTTAB_FIRST_REF
         self.vcpus = [Vcpu(i) for i in range(nr_vcpus)]
+        # vCPUs run while ``running`` is set: no controller pause reference and not shut down
+        # (d->controller_pause_count, xen/common/domain.c; a toolstack-built domain starts at 1).
         self.running = asyncio.Event()
-        self.running.set()
+        self.pause_count = 1 if paused else 0
+        if not paused:
+            self.running.set()
         self.shutdown_reason: str | None = None
         self.dying = False
         self.user_events: dict[int, asyncio.Event] = {}
+        # SIM-ONLY: what happened to the domain, in order (JSON-able pairs): ["running", bool] at
+        # each change, ["claimed", base] when an MMIO range becomes served by an enabled IOREQ
+        # server. Lets a test prove the guest never ran while a window was unclaimed.
+        self.history: deque[tuple[str, object]] = deque(maxlen=HISTORY_MAX)
+
+    def sync_running(self) -> None:
+        run = self.pause_count == 0 and self.shutdown_reason is None and not self.dying
+        if run != self.running.is_set():
+            self.history.append(("running", run))
+        if run or self.dying:
+            self.running.set()  # a dying domain's waiting vCPUs must see that it is gone
+        else:
+            self.running.clear()
 
     def alloc_port(self, remote_dom: int, consumer: Callable[[Port], None] | None = None, owner: object = None) -> Port:
         for n in range(1, MAX_PORTS):
@@ -172,6 +195,16 @@ class Hypervisor:
 
     def __init__(self) -> None:
         self.domains: dict[int, Domain] = {0: Domain(0, "Domain-0", 1, None, Arch.ARM64)}
+        self._rover = 0  # XEN_DOMCTL_createdomain's "static domid_t rover": ids are not reused at once
+
+    def _next_domid(self) -> int:
+        """The first free id after the last one handed out, wrapping below DOMID_FIRST_RESERVED."""
+        for step in range(1, DOMID_FIRST_RESERVED):
+            dom = (self._rover + step - 1) % (DOMID_FIRST_RESERVED - 1) + 1
+            if dom not in self.domains:
+                self._rover = dom
+                return dom
+        raise HvError(errno.ENOMEM, "no free domain id")
 
     # ------------------------------------------------------------------ domains
     def create_domain(
@@ -186,17 +219,20 @@ class Hypervisor:
         paged: list[tuple[int, int]] = (),  # type: ignore[assignment]
         ram_fd: int | None = None,
         banks: list[tuple[int, int]] | None = None,
+        paused: bool = False,
     ) -> Domain:
         """A new guest domain. With ``ram_fd`` (taken over, closed on failure too) its RAM is an
         EXTERNAL shareable fd (e.g. User-Mode Linux's physical memory file) holding ``banks``
-        back to back from offset 0; ``mem_bytes`` is then ignored."""
+        back to back from offset 0; ``mem_bytes`` is then ignored. ``paused``: created the way
+        XEN_DOMCTL_createdomain does, with one controller pause reference (the toolstack's, which
+        libxl drops once the domain is built); otherwise running at once."""
         if ram_fd is not None:
             try:
-                return self._create_external(domid, name, vcpus, arch, banks or [], list(holes), ram_fd)
+                return self._create_external(domid, name, vcpus, arch, banks or [], list(holes), ram_fd, paused)
             finally:
                 os.close(ram_fd)  # the domain's memory holds its own duplicate
         if domid is None:
-            domid = next(d for d in range(1, DOMID_FIRST_RESERVED) if d not in self.domains)
+            domid = self._next_domid()
         if not 0 < domid < DOMID_FIRST_RESERVED or domid in self.domains:
             raise HvError(errno.EEXIST if domid in self.domains else errno.EINVAL)
         if not 1 <= vcpus <= MAX_VCPUS or mem_bytes <= 0 or mem_bytes % XEN_PAGE_SIZE:
@@ -208,23 +244,24 @@ class Hypervisor:
                 mem.close()
                 raise HvError(errno.EINVAL, "paged range not page aligned")
             mem.paged.append((gpa >> 12, (gpa + size) >> 12))
-        dom = Domain(domid, name or f"guest{domid}", vcpus, mem, a)
+        dom = Domain(domid, name or f"guest{domid}", vcpus, mem, a, paused=paused)
         self.domains[domid] = dom
-        log.info("created d%d (%s, %d vCPUs, %d MiB, %s)", domid, dom.name, vcpus, mem_bytes >> 20, a.value)
+        log.info("created d%d (%s, %d vCPUs, %d MiB, %s%s)", domid, dom.name, vcpus, mem_bytes >> 20, a.value,
+                 ", paused" if paused else "")
         return dom
 
     def _create_external(
         self, domid: int | None, name: str, vcpus: int, arch: str, banks: list[tuple[int, int]],
-        holes: list[tuple[int, int]], ram_fd: int,
+        holes: list[tuple[int, int]], ram_fd: int, paused: bool = False,
     ) -> Domain:
         if domid is None:
-            domid = next(d for d in range(1, DOMID_FIRST_RESERVED) if d not in self.domains)
+            domid = self._next_domid()
         if not 0 < domid < DOMID_FIRST_RESERVED or domid in self.domains:
             raise HvError(errno.EEXIST if domid in self.domains else errno.EINVAL)
         if not 1 <= vcpus <= MAX_VCPUS or not banks:
             raise HvError(errno.EINVAL, "an external-RAM domain needs vCPUs and banks")
         ends = sorted((gpa, gpa + size) for gpa, size in banks)
-        if any(b[0] < a[1] for a, b in zip(ends, ends[1:])):
+        if any(b[0] < a[1] for a, b in itertools.pairwise(ends)):
             raise HvError(errno.EINVAL, "overlapping RAM banks")
         total = sum(size for _gpa, size in banks)
         try:
@@ -239,7 +276,7 @@ class Hypervisor:
         except ValueError as exc:
             os.close(own)
             raise HvError(errno.EINVAL, str(exc)) from None
-        dom = Domain(domid, name or f"guest{domid}", vcpus, mem, Arch(arch))
+        dom = Domain(domid, name or f"guest{domid}", vcpus, mem, Arch(arch), paused=paused)
         self.domains[domid] = dom
         log.info("created d%d (%s, %d vCPUs, external RAM %d MiB in %d bank(s), %s)", domid, dom.name, vcpus,
                  total >> 20, len(banks), arch)
@@ -258,20 +295,30 @@ class Hypervisor:
         return dom
 
     def pause(self, domid: int) -> None:
-        self.guest(domid).running.clear()
+        """domain_pause_by_systemcontroller: one more pause reference (EOVERFLOW past 255)."""
+        dom = self.guest(domid)
+        if dom.pause_count >= MAX_CONTROLLER_PAUSES:
+            raise HvError(errno.EOVERFLOW, f"d{domid} already paused {dom.pause_count} times")
+        dom.pause_count += 1
+        dom.sync_running()
 
     def unpause(self, domid: int) -> None:
-        self.guest(domid).running.set()
+        """domain_unpause_by_systemcontroller: one reference less (EINVAL if there is none)."""
+        dom = self.guest(domid)
+        if dom.pause_count == 0:
+            raise HvError(errno.EINVAL, f"d{domid} is not paused")
+        dom.pause_count -= 1
+        dom.sync_running()
 
     def shutdown(self, domid: int, reason: str = "poweroff") -> None:
         dom = self.guest(domid)
         dom.shutdown_reason = reason
-        dom.running.clear()
+        dom.sync_running()
 
     def destroy_domain(self, domid: int) -> None:
         dom = self.guest(domid)
         dom.dying = True
-        dom.running.set()  # let vCPUs waiting on a pause see that the domain is gone
+        dom.sync_running()
         for s in list(dom.servers.values()):
             s.close()
         dom.servers.clear()
@@ -364,6 +411,14 @@ class Hypervisor:
         if any(t == kind and not (end < a or b < start) for t, a, b in s.ranges):
             raise HvError(errno.EEXIST)  # rangeset_add_range of an overlapping range
         s.ranges.append((kind, start, end))
+        if s.enabled and kind == IoRangeType.MEMORY:
+            s.dom.history.append(("claimed", start))
+
+    def set_ioreq_server_state(self, domid: int, sid: int, enabled: bool, emulator: int = 0) -> None:
+        s = self.ioreq_server(domid, sid, emulator)
+        if enabled and not s.enabled:
+            s.dom.history.extend(("claimed", start) for kind, start, _end in s.ranges if kind == IoRangeType.MEMORY)
+        s.enabled = enabled
 
     def unmap_io_range(self, domid: int, sid: int, kind: int, start: int, end: int, emulator: int = 0) -> None:
         s = self.ioreq_server(domid, sid, emulator)

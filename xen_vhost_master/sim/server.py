@@ -29,11 +29,12 @@ from xen_vhost_master.sim.fastpath import EventfdMode, FastPath
 from xen_vhost_master.sim.hypervisor import Domain, HvError, Hypervisor, Port
 from xen_vhost_master.xen.abi import (
     DOMID_FIRST_RESERVED,
+    XEN_PAGE_SHIFT,
     DmOp,
+    DomctlCmd,
     GntdevUnmapNotify,
     Hypercall,
     ResourceType,
-    XEN_PAGE_SHIFT,
     XenMem,
     XenVer,
     xen_dm_op,
@@ -44,6 +45,7 @@ __all__ = ["SimServer", "Toolstack"]
 log = logging.getLogger(__name__)
 
 XEN_VERSION = (4, 17)
+DOMCTL_INTERFACE_VERSION = 0x15  # Xen 4.17's XEN_DOMCTL_INTERFACE_VERSION (docs/xen-domctl.md)
 GNTDEV_LIMIT = 65536  # gntdev.limit module parameter default (pages per fd)
 _U32 = struct.Struct("<I")
 Reply = tuple[dict[str, Any], bytes, list[int]]
@@ -63,6 +65,10 @@ class Toolstack(Protocol):
     def add_virtio_device(self, spec: dict[str, Any]) -> str: ...
 
     def remove_virtio_device(self, spec: dict[str, Any]) -> None: ...
+
+    async def wait_backend_state(self, be: str, state: int, timeout: float) -> bool:
+        """True once ``be``/state reads ``state`` within ``timeout`` s (libxl__ev_devstate_wait)."""
+        ...
 
 
 def _ok(**kw: Any) -> Reply:
@@ -311,7 +317,24 @@ class Conn:
             if cmd == XenMem.maximum_gpfn:
                 return _ok(ret=dom.memory.max_gfn())
             return _ok(ret=dom.memory.populated_pages())
+        elif nr == Hypercall.domctl:
+            return self._domctl(o["domctl"])
         raise HvError(errno.ENOSYS, f"hypercall {nr}/{cmd} not simulated")
+
+    def _domctl(self, d: dict[str, Any]) -> Reply:
+        """do_domctl (xen/common/domctl.c): the interface version first (EACCES), then the domain
+        (ESRCH), then the command; only pause/unpause are simulated (others ENOSYS)."""
+        if int(d["interface_version"]) != self.server.domctl_interface:
+            raise HvError(errno.EACCES, f"domctl interface {int(d['interface_version']):#x} is not "
+                                        f"{self.server.domctl_interface:#x}")
+        cmd, domid = int(d["cmd"]), int(d["domain"])
+        if cmd not in (DomctlCmd.pausedomain, DomctlCmd.unpausedomain):
+            raise HvError(errno.ENOSYS, f"domctl {cmd} not simulated")
+        if domid == 0:
+            raise HvError(errno.EINVAL, "a domain cannot pause itself")  # d == current->domain
+        self.hv.domain(domid)  # ESRCH
+        (self.hv.pause if cmd == DomctlCmd.pausedomain else self.hv.unpause)(domid)
+        return _ok(ret=0)
 
     def _privcmd_dm_op(self, o: dict[str, Any], blob: bytes) -> Reply:
         dom = int(o["dom"])
@@ -326,7 +349,7 @@ class Conn:
         if sizes[0] < 8:
             raise HvError(errno.EFAULT, "buf[0] shorter than xen_dm_op header")
         if dom >= DOMID_FIRST_RESERVED or dom == 0:
-            raise HvError(errno.EPERM if dom else errno.EPERM)
+            raise HvError(errno.EPERM)
         op = xen_dm_op()
         raw = blob[: min(sizes[0], ctypes.sizeof(op))]
         ctypes.memmove(ctypes.addressof(op), raw, len(raw))
@@ -385,7 +408,7 @@ class Conn:
             s = u.set_ioreq_server_state
             if s.pad:
                 raise HvError(errno.EINVAL)
-            hv.ioreq_server(dom, s.id).enabled = bool(s.enabled)
+            hv.set_ioreq_server_state(dom, s.id, bool(s.enabled))
         elif op.op == DmOp.destroy_ioreq_server:
             d = u.destroy_ioreq_server
             if d.pad:
@@ -660,6 +683,7 @@ class Conn:
     def _control_destroy_domain(self, o: dict[str, Any], _b: bytes) -> Reply:
         domid = int(o["domid"])
         self.hv.destroy_domain(domid)
+        self.server.xl_configs.pop(domid, None)
         if self.server.toolstack is not None:
             self.server.toolstack.domain_destroyed(domid)
         return _ok()
@@ -667,6 +691,11 @@ class Conn:
     def _control_pause(self, o: dict[str, Any], _b: bytes) -> Reply:
         (self.hv.unpause if o.get("unpause") else self.hv.pause)(int(o["domid"]))
         return _ok()
+
+    def _control_set_domctl_interface(self, o: dict[str, Any], _b: bytes) -> Reply:
+        """SIM-ONLY: the XEN_DOMCTL_INTERFACE_VERSION the simulated Xen accepts from now on."""
+        self.server.domctl_interface = int(o["version"])
+        return _ok(value=self.server.domctl_interface)
 
     def _control_shutdown(self, o: dict[str, Any], _b: bytes) -> Reply:
         self.hv.shutdown(int(o["domid"]), str(o.get("reason", "poweroff")))
@@ -690,7 +719,8 @@ class Conn:
         assert d.memory is not None
         return _ok(
             domid=d.domid, name=d.name, vcpus=d.nr_vcpus, arch=d.arch.value, banks=d.memory.banks,
-            holes=d.memory.holes, paused=not d.running.is_set(), shutdown=d.shutdown_reason,
+            holes=d.memory.holes, paused=not d.running.is_set(), pause_count=d.pause_count,
+            history=[list(h) for h in d.history], shutdown=d.shutdown_reason,
             servers=sorted(d.servers), msis=d.msis, fastpath=self.server.fastpath.info(d.domid),
         )
 
@@ -776,9 +806,76 @@ async def _a_xl_destroy(conn: Conn, o: dict[str, Any]) -> dict[str, bool]:
     if detach is not None:
         answered = await detach(domid, float(o.get("timeout", 10.0)))
     conn.hv.destroy_domain(domid)
+    conn.server.xl_configs.pop(domid, None)
     if toolstack is not None:
         toolstack.domain_destroyed(domid)
     return answered
+
+
+async def _a_xl_create(conn: Conn, o: dict[str, Any]) -> int:
+    """``xl create`` as libxl does it (libxl_create.c; docs in SimControl.xl_create): the domain
+    is created with the toolstack's pause reference, introduced to xenstore with its name, its
+    devices written; a Xen 4.17 ``virtio_disk`` waits up to ``timeout`` s for its backend's
+    InitWait (libxl__wait_device_connection, LIBXL_INIT_TIMEOUT), a ``virtio`` device (Xen
+    >= 4.18, ``skip_attach``) does not; then libxl drops its pause reference unless ``paused``
+    (``xl create -p``). A device that never reaches InitWait fails the creation: the domain is
+    destroyed (ETIMEDOUT)."""
+    toolstack = conn.server.toolstack
+    if toolstack is None:
+        raise HvError(errno.ENOENT, "no simulated xenstored")
+    name = str(o["name"])
+    if not name or any(d.name == name and not d.dying for d in conn.hv.domains.values()):
+        raise HvError(errno.EEXIST if name else errno.EINVAL, f"domain with name {name!r} already exists")
+    devices = [dict(d) for d in o.get("devices", [])]
+    dom = conn.hv.create_domain(
+        None, name=name, mem_bytes=int(o.get("mem_bytes", 64 << 20)), vcpus=int(o.get("vcpus", 1)),
+        arch=str(o.get("arch", "arm64")), paused=True,
+    )
+    toolstack.domain_created(dom)
+    config = {"name": name, "mem_bytes": o.get("mem_bytes", 64 << 20), "vcpus": o.get("vcpus", 1),
+              "arch": o.get("arch", "arm64"), "devices": devices, "timeout": o.get("timeout", 10.0)}
+    try:
+        disks = []
+        for spec in devices:
+            be = toolstack.add_virtio_device({**spec, "domid": dom.domid})
+            if spec.get("kind", "virtio") == "virtio_disk":
+                disks.append(be)
+        timeout = float(o.get("timeout", 10.0))
+        results = await asyncio.gather(*(toolstack.wait_backend_state(be, 2, timeout) for be in disks))
+    except BaseException:
+        _destroy_now(conn, dom.domid)
+        raise
+    late = [be for be, ok in zip(disks, results) if not ok]
+    if late:
+        log.warning("xl create %s: unable to initialize device(s) %s: destroying d%d", name, late, dom.domid)
+        _destroy_now(conn, dom.domid)
+        raise HvError(errno.ETIMEDOUT, f"unable to initialize device {late[0]}")
+    conn.server.xl_configs[dom.domid] = config
+    if not o.get("paused"):
+        conn.hv.unpause(dom.domid)
+    return dom.domid
+
+
+def _destroy_now(conn: Conn, domid: int) -> None:
+    """A failed creation's clean-up, without the device handshake (a forced destroy)."""
+    if domid in conn.hv.domains:
+        conn.hv.destroy_domain(domid)
+        if conn.server.toolstack is not None:
+            conn.server.toolstack.domain_destroyed(domid)
+
+
+async def _a_xl_reboot(conn: Conn, o: dict[str, Any]) -> dict[str, Any]:
+    """``xl reboot`` with ``on_reboot = "restart"``: the guest shuts down (reason reboot), xl
+    destroys it the libxl way (every device Closing → wait for Closed → removed, then the domain)
+    and creates it again from the same configuration: same name and devices, a NEW domid."""
+    domid = int(o["domid"])
+    config = conn.server.xl_configs.get(domid)
+    if config is None:
+        raise HvError(errno.ENOENT, f"d{domid} was not created with xl_create")
+    conn.hv.shutdown(domid, "reboot")
+    answered = await _a_xl_destroy(conn, {"domid": domid, "timeout": float(o.get("timeout", 10.0))})
+    new = await _a_xl_create(conn, config)
+    return {"domid": new, "answered": answered}
 
 
 async def _a_xl_detach_virtio_device(conn: Conn, o: dict[str, Any]) -> bool:
@@ -790,7 +887,8 @@ async def _a_xl_detach_virtio_device(conn: Conn, o: dict[str, Any]) -> bool:
 
 
 _ASYNC_OPS = {"mmio": _a_mmio, "wait_irq": _a_wait_irq, "evtchn_wait": _a_evtchn_wait,
-              "xl_destroy": _a_xl_destroy, "xl_detach_virtio_device": _a_xl_detach_virtio_device}
+              "xl_destroy": _a_xl_destroy, "xl_detach_virtio_device": _a_xl_detach_virtio_device,
+              "xl_create": _a_xl_create, "xl_reboot": _a_xl_reboot}
 
 
 class _KernelCaller:
@@ -819,6 +917,8 @@ class SimServer:
         self.fastpath = FastPath(hv, self._run_dm_op, privcmd_eventfd)
         self.conns: set[Conn] = set()
         self.listener: socket.socket | None = None
+        self.domctl_interface = DOMCTL_INTERFACE_VERSION  # SIM-ONLY setting: which Xen answers domctl
+        self.xl_configs: dict[int, dict[str, Any]] = {}  # domid -> what xl_create was given (xl_reboot)
 
     def _run_dm_op(self, dom: int, sizes: list[int], blob: bytes) -> None:
         """A dm_op the dom0 kernel issues by itself (irqfd injection): HYPERVISOR_dm_op, no fd."""

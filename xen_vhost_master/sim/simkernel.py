@@ -47,6 +47,7 @@ from xen_vhost_master.xen.abi import (
     privcmd_irqfd,
     privcmd_mmap_resource,
     privcmd_mmapbatch_v2,
+    xen_domctl,
 )
 from xen_vhost_master.xen.kernel import (
     MAP_ANONYMOUS,
@@ -335,6 +336,11 @@ class SimKernel:
                 XenMem.maximum_gpfn, XenMem.current_reservation, XenMem.maximum_reservation
             ):
                 obj["domid"] = struct.unpack("<H", copy_from_user(h.arg[1], 2))[0]
+            elif h.op == Hypercall.domctl:
+                # arg[0] is the struct xen_domctl itself: Xen copies it in whole (copy_from_guest)
+                d = self._struct(xen_domctl, h.arg[0])
+                obj["domctl"] = {"cmd": int(d.cmd), "interface_version": int(d.interface_version),
+                                 "domain": int(d.domain)}
             return int(node.call(obj)[0]["ret"])
         if request == PrivcmdIoctl.MMAPBATCH_V2:
             return self._mmapbatch_v2(node, self._struct(privcmd_mmapbatch_v2, addr))

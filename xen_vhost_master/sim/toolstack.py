@@ -68,6 +68,10 @@ class XenstoreToolstack:
     def remove_virtio_device(self, spec: dict[str, Any]) -> None:
         xenstore_libxl.remove_virtio_device(self.xenstored, virtio_spec(spec))
 
+    async def wait_backend_state(self, be: str, state: int, timeout: float) -> bool:
+        """libxl__ev_devstate_wait: True once ``be``/state is ``state`` within ``timeout`` s."""
+        return await xenstore_libxl.wait_state(self.xenstored, f"{be}/state", state, timeout=timeout)
+
     async def detach_virtio_device(self, spec: dict[str, Any], timeout: float) -> bool:
         """``xl block-detach``: Closing, wait for the backend's Closed, then remove (libxl's way)."""
         s = virtio_spec(spec)

@@ -13,21 +13,28 @@ from dataclasses import dataclass
 
 from xen_vhost_master.sim.xenstore_tree import NodeAccess, domain_path
 from xen_vhost_master.sim.xenstored import SimXenstored
-from xen_vhost_master.xen.xenstore_wire import XenbusState, XenstoreError, XsAccess, XsPerm
+from xen_vhost_master.xen.xenstore_wire import (
+    XenbusState,
+    XenstoreError,
+    XsAccess,
+    XsPerm,
+)
 
 __all__ = [
-    "XenbusState",
+    "LIBXL_DESTROY_TIMEOUT",
+    "LIBXL_INIT_TIMEOUT",
     "VirtioDeviceSpec",
+    "XenbusState",
+    "add_virtio_device",
+    "backend_path",
+    "begin_device_removal",
     "create_domain",
     "destroy_domain",
-    "add_virtio_device",
-    "remove_virtio_device",
-    "begin_device_removal",
     "detach_device",
     "device_backend_paths",
-    "LIBXL_DESTROY_TIMEOUT",
-    "backend_path",
     "frontend_path",
+    "remove_virtio_device",
+    "wait_state",
 ]
 
 
@@ -192,6 +199,24 @@ def _read_state(xs: SimXenstored, path: str) -> str | None:
 
     xs.atomically(body)
     return out[0]
+
+
+# libxl_internal.h: how long ``xl create`` waits for a backend's InitWait (disks; not for
+# ``virtio`` devices, which set ``skip_attach``), in seconds.
+LIBXL_INIT_TIMEOUT = 10.0
+
+
+async def wait_state(xs: SimXenstored, path: str, state: int, *, timeout: float = LIBXL_INIT_TIMEOUT,
+                     poll: float = 0.01) -> bool:
+    """True once ``path`` reads ``state`` within ``timeout`` s (libxl__ev_devstate_wait)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        if _read_state(xs, path) == str(state):
+            return True
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(poll)
 
 
 async def detach_device(xs: SimXenstored, be: str, fe: str, *, timeout: float = LIBXL_DESTROY_TIMEOUT,
