@@ -3,6 +3,7 @@
     xen-vhost-master --domid 5                       # devices from xenstore (libxl's layout)
     xen-vhost-master --domid 5 --device type=blk,base=0x2000000,irq=33,socket=/run/qsd.sock
     xen-vhost-master status --domid 5                # what the running daemon is doing
+    xen-vhost-master watch [--spawn]                 # start one instance per guest (dispatcher.py)
 """
 
 from __future__ import annotations
@@ -130,6 +131,11 @@ def _status(path: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["watch"]:
+        from .dispatcher import main as watch
+
+        return watch(argv[1:])
     args = parse_args(argv)
     level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose or args.command == "serve" else logging.WARNING
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")

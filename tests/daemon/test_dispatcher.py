@@ -1,0 +1,441 @@
+"""``xen-vhost-master watch --spawn`` as an operator runs it: the dispatcher in its own process,
+``xen-vhost-sim`` as the Xen host, guests made with the simulated ``xl create`` / ``xl reboot``
+(libxl's order: created paused, devices written, the toolstack's pause dropped), their instances
+spawned by the dispatcher, qemu-storage-daemon back-ends reached by name.
+
+What each test proves is in its docstring. Every wait is for an event: a line of the dispatcher's
+log, READY on its NOTIFY_SOCKET, a process exit, a guest access completing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+import pytest_asyncio
+
+from tests.daemon.test_daemon_cli import TIMEOUT, io_check, stop
+from xen_vhost_master.names import systemd_escape
+from xen_vhost_master.sim.guest import SimControl, SimGuest
+from xen_vhost_master.sim.guest_devices import VirtioBlk
+from xen_vhost_master.sim.guest_driver import GuestPageAllocator
+from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_master.xen.xenstore import XenstoreClient
+
+BIN = Path(sys.executable).parent
+VIRTIO_MAGIC = 0x74726976  # "virt", the MagicValue register (virtio 1.2 §4.2.2)
+BASE, IRQ = 0x2000000, 33
+
+
+def blk(devid: int = 0, base: int = BASE, irq: int = IRQ) -> dict[str, Any]:
+    """One ``virtio = [ "type=virtio,device2,transport=mmio" ]`` entry (Xen >= 4.18: no wait)."""
+    return {"device_id": 2, "base": base, "irq": irq, "devid": devid}
+
+
+class ProcLog:
+    """A process's stderr, line by line, read by a thread; waited on from the event loop."""
+
+    def __init__(self, stream: IO[bytes], loop: asyncio.AbstractEventLoop) -> None:
+        self.lines: list[str] = []
+        self._loop = loop
+        self._changed = asyncio.Event()
+        self.closed = False
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[bytes]) -> None:
+        for raw in iter(stream.readline, b""):
+            self._loop.call_soon_threadsafe(self._add, raw.decode(errors="replace"))
+        self._loop.call_soon_threadsafe(self._eof)
+
+    def _add(self, line: str) -> None:
+        self.lines.append(line)
+        self._changed.set()
+
+    def _eof(self) -> None:
+        self.closed = True
+        self._changed.set()
+
+    def find(self, pattern: str, start: int = 0) -> re.Match[str] | None:
+        for line in self.lines[start:]:
+            if m := re.search(pattern, line):
+                return m
+        return None
+
+    def count(self, pattern: str) -> int:
+        return sum(1 for line in self.lines if re.search(pattern, line))
+
+    def index(self, pattern: str) -> int:
+        return next(i for i, line in enumerate(self.lines) if re.search(pattern, line))
+
+    async def wait_for(self, pattern: str, start: int = 0) -> re.Match[str]:
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                if m := self.find(pattern, start):
+                    return m
+                if self.closed:
+                    raise AssertionError(f"exited before logging {pattern!r}:\n" + "".join(self.lines))
+                self._changed.clear()
+                await self._changed.wait()
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+class Watch:
+    """The dispatcher process and the host it works against."""
+
+    def __init__(self, sim_path: str, root: Path, proc: subprocess.Popen[bytes], log: ProcLog,
+                 notify: socket.socket, gate: socket.socket | None) -> None:
+        self.sim_path, self.root, self.proc, self.log, self.notify = sim_path, root, proc, log, notify
+        self.gate = gate
+
+    async def at_gate(self) -> socket.socket:
+        """The next instance to reach the start-up gate, held there until the returned
+        connection is closed."""
+        assert self.gate is not None
+        conn, _ = await asyncio.wait_for(asyncio.get_running_loop().sock_accept(self.gate), TIMEOUT)
+        return conn
+
+    def ctl(self) -> SimControl:
+        return SimControl(self.sim_path)
+
+    def link_backend(self, name: str, devid: int, sock: Path) -> None:
+        """The back-end socket where the guest's instance looks for it."""
+        d = self.root / systemd_escape(name)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{devid}.sock").symlink_to(sock)
+
+    async def xl(self, method: str, *args: Any, **kw: Any) -> Any:
+        """A blocking SimControl call (``xl create`` may wait for InitWait) off the event loop."""
+        def call() -> Any:
+            with self.ctl() as ctl:
+                return getattr(ctl, method)(*args, **kw)
+
+        return await asyncio.get_running_loop().run_in_executor(None, call)
+
+    async def served(self, name: str, domid: int) -> None:
+        await self.log.wait_for(rf"{re.escape(name)}: domain {domid} is served \(READY\)")
+
+    async def instance_pid(self, name: str, domid: int) -> int:
+        m = await self.log.wait_for(rf"{re.escape(name)}: started instance for domain {domid}: pid (\d+)")
+        return int(m.group(1))
+
+    async def terminate(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return await asyncio.get_running_loop().run_in_executor(None, self.proc.wait, 3 * TIMEOUT)
+
+
+def start_sim(sim_dir: str) -> tuple[subprocess.Popen[bytes], str]:
+    path = os.path.join(sim_dir, "xen.sock")
+    r, w = os.pipe()
+    proc = subprocess.Popen([str(BIN / "xen-vhost-sim"), "--socket", path, "--ready-fd", str(w)], pass_fds=(w,))
+    os.close(w)
+    ready = select.select([r], [], [], TIMEOUT)[0]
+    os.close(r)
+    assert ready, "xen-vhost-sim did not start"
+    return proc, path
+
+
+@pytest.fixture
+def watch_args() -> list[str]:
+    """Extra arguments of the dispatcher (a test parametrizes this to change them)."""
+    return []
+
+
+# Test-only start-up gate for the instances a dispatcher spawns (and for nothing else): imported by
+# every Python process started with it on PYTHONPATH, it holds an instance (recognised by the
+# NOTIFY_SOCKET the dispatcher gives it) connected to the test's gate socket until the test lets
+# go of that connection.
+GATE_HOOK = """\
+import os, socket
+if os.environ.get("NOTIFY_SOCKET", "").startswith("@xen-vhost-master-watch") and os.environ.get("XVM_TEST_GATE"):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gate:
+        gate.connect(os.environ["XVM_TEST_GATE"])
+        gate.recv(1)
+"""
+
+
+@pytest.fixture
+def watch_gate() -> bool:
+    """True: instances wait at start-up until :meth:`Watch.open_gate` (a test parametrizes this)."""
+    return False
+
+
+@pytest_asyncio.fixture
+async def watch(sim_dir: str, watch_args: list[str], watch_gate: bool) -> AsyncIterator[Watch]:
+    """``xen-vhost-master watch --spawn`` against a fresh ``xen-vhost-sim``. Nothing of either is
+    left when the test ends."""
+    env = dict(os.environ, NOTIFY_SOCKET=os.path.join(sim_dir, "notify"))
+    gate = None
+    if watch_gate:
+        hook = Path(sim_dir) / "hook"
+        hook.mkdir()
+        (hook / "sitecustomize.py").write_text(GATE_HOOK)
+        gate = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        gate.bind(str(hook / "gate"))
+        gate.listen(8)
+        gate.setblocking(False)
+        env["PYTHONPATH"] = os.pathsep.join([str(hook), *filter(None, [env.get("PYTHONPATH")])])
+        env["XVM_TEST_GATE"] = str(hook / "gate")
+    sim, sim_path = start_sim(sim_dir)
+    root = Path(sim_dir) / "run"  # short: instances put Unix sockets there
+    root.mkdir()
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(os.path.join(sim_dir, "notify"))
+    notify.setblocking(False)
+    env["XEN_VHOST_SIM"] = sim_path
+    proc = subprocess.Popen([str(BIN / "xen-vhost-master"), "watch", "--spawn", "--runtime-root", str(root), *watch_args],
+                            env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    log = ProcLog(proc.stderr, asyncio.get_running_loop())
+    try:
+        msg = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(notify, 4096), TIMEOUT)
+        assert msg.startswith(b"READY=1"), msg
+        yield Watch(sim_path, root, proc, log, notify, gate)
+    finally:
+        stop(proc)
+        if proc.stderr is not None:
+            proc.stderr.close()
+        notify.close()
+        if gate is not None:
+            gate.close()
+        stop(sim)
+
+
+async def attach(sim_path: str, domid: int, base: int = BASE, irq: int = IRQ) -> tuple[SimGuest, VirtioBlk]:
+    guest = await SimGuest.connect(sim_path, domid)
+    try:
+        dev = await asyncio.wait_for(VirtioBlk.attach(guest, base, irq, GuestPageAllocator(guest.ram)), TIMEOUT)
+    except BaseException:
+        guest.close()
+        raise
+    return guest, dev
+
+
+def ran_only_after_claimed(info: dict[str, Any], bases: list[int]) -> bool:
+    """From the host's record: every window was claimed before the domain first ran."""
+    history = [tuple(h) for h in info["history"]]
+    first_run = history.index(("running", True))
+    return all(("claimed", b) in history[:first_run] for b in bases)
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # the dispatcher and instances run on uvloop
+async def test_a_new_guest_is_held_until_its_instance_is_ready_then_served_across_a_reboot(watch, peers):
+    """``xl create -p`` then ``xl unpause`` (libxl's reference gone): the dispatcher saw the
+    devices, paused the domain itself and keeps it paused until the instance it spawned for the
+    guest's NAME is READY; the guest's very first access (issued while still paused) finds the
+    device, and the host's record shows the window claimed before the guest ever ran. Then
+    ``xl reboot``: a new domid with the same name is served by a new instance (the old one exited
+    0), I/O works again. SIGTERM: the instance is stopped, the dispatcher exits 0."""
+    disk = peers.qsd_raw(size=8 << 20)
+    watch.link_backend("alpha", 0, disk.sock)
+    domid = await watch.xl("xl_create", "alpha", [blk()], paused=True)
+    await watch.log.wait_for(rf"alpha: holding a pause reference on domain {domid} ")
+    with watch.ctl() as ctl:
+        assert ctl.domain_info(domid)["pause_count"] == 2  # libxl's (-p) and the dispatcher's
+        ctl.unpause(domid)  # `xl unpause`: only the dispatcher's reference is left
+    guest = await SimGuest.connect(watch.sim_path, domid)
+    try:
+        # The guest's first access, issued now: held by the pause, answered by the device model.
+        assert await asyncio.wait_for(guest.mmio_read(BASE, 4), TIMEOUT) == VIRTIO_MAGIC
+    finally:
+        guest.close()
+    await watch.log.wait_for(rf"domain {domid}: pause reference dropped \(instance READY\)")
+    served = watch.log.index(rf"alpha: domain {domid} is served \(READY\)")
+    assert served < watch.log.index(rf"domain {domid}: pause reference dropped \(instance READY\)")
+    with watch.ctl() as ctl:
+        info = ctl.domain_info(domid)
+    assert info["pause_count"] == 0
+    assert ran_only_after_claimed(info, [BASE]), info["history"]
+    guest, dev = await attach(watch.sim_path, domid)
+    try:
+        await io_check(dev, disk.image, 1)
+    finally:
+        guest.close()
+    first_pid = await watch.instance_pid("alpha", domid)
+
+    new = await watch.xl("xl_reboot", domid)
+    assert new != domid
+    await watch.log.wait_for(rf"alpha: instance for domain {domid} \(pid {first_pid}\) exited with status 0")
+    await watch.served("alpha", new)
+    second_pid = await watch.instance_pid("alpha", new)
+    assert second_pid != first_pid
+    guest, dev = await attach(watch.sim_path, new)
+    try:
+        await io_check(dev, disk.image, 2)
+    finally:
+        guest.close()
+
+    assert await watch.terminate() == 0, watch.log.text()
+    await watch.log.wait_for(rf"alpha: instance for domain {new} \(pid {second_pid}\) exited with status 0")
+    with pytest.raises(ProcessLookupError):
+        os.kill(second_pid, 0)  # reaped: nothing left running
+    with watch.ctl() as ctl:
+        info = ctl.domain_info(new)
+    assert info["servers"] == [] and info["pause_count"] == 0
+
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_two_guests_at_once_each_served_by_its_own_instance(watch, peers):
+    """Two guests created back to back (one with a name systemd must escape) get one instance
+    each, I/O runs on both at the same time."""
+    names = ["beta", "odd guest/ü"]
+    disks = [peers.qsd_raw(size=8 << 20) for _ in names]
+    for name, disk in zip(names, disks, strict=True):
+        watch.link_backend(name, 0, disk.sock)
+    domids = [await watch.xl("xl_create", name, [blk()]) for name in names]
+    for name, domid in zip(names, domids, strict=True):
+        await watch.served(name, domid)
+    pids = {await watch.instance_pid(name, domid) for name, domid in zip(names, domids, strict=True)}
+    assert len(pids) == 2
+    assert (watch.root / "odd\\x20guest-\\xc3\\xbc" / "state.json").exists()  # systemd-escape's spelling
+    pairs = [await attach(watch.sim_path, domid) for domid in domids]
+    try:
+        await asyncio.gather(*(io_check(dev, disk.image, seed) for (_, dev), disk, seed in zip(pairs, disks, (3, 4),
+                                                                                                 strict=True)))
+    finally:
+        for guest, _ in pairs:
+            guest.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_an_unknown_domctl_interface_is_reported_and_the_guest_still_gets_its_instance(watch):
+    with watch.ctl() as ctl:
+        ctl.set_domctl_interface(0x99)  # a Xen newer than the table: every known version is refused
+    domid = await watch.xl("xl_create", "gamma", [blk()], paused=True)
+    await watch.log.wait_for(rf"cannot pause domain {domid} \(domctl interface not known\): the guest may probe "
+                             "before its windows are claimed")
+    await watch.instance_pid("gamma", domid)
+    with watch.ctl() as ctl:
+        assert ctl.domain_info(domid)["pause_count"] == 1  # libxl's -p only
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+@pytest.mark.parametrize("watch_gate", [True])
+async def test_sigterm_while_an_instance_starts_stops_it_and_unpauses_the_guest(watch):
+    """The dispatcher is stopped while a guest's instance is still starting (held at the test's
+    gate): the instance is stopped first, then the dispatcher's pause reference is dropped (only
+    libxl's ``-p`` reference is left), the dispatcher exits 0 and no process is left."""
+    domid = await watch.xl("xl_create", "delta", [blk()], paused=True)
+    held = await watch.at_gate()
+    try:
+        pid = await watch.instance_pid("delta", domid)
+        with watch.ctl() as ctl:
+            assert ctl.domain_info(domid)["pause_count"] == 2
+        assert await watch.terminate() == 0, watch.log.text()
+    finally:
+        held.close()
+    stopped = watch.log.index(rf"delta: instance for domain {domid} \(pid {pid}\) exited with status -15")
+    assert stopped < watch.log.index(rf"domain {domid}: pause reference dropped \(dispatcher stopping\)")
+    with watch.ctl() as ctl:
+        assert ctl.domain_info(domid)["pause_count"] == 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+@pytest.mark.parametrize("watch_args", [["--instance-args", "--config /nonexistent/guest.toml", "-vv"]])
+async def test_failing_instance_is_unpaused_and_retried_only_when_its_devices_change(watch):
+    """Every instance exits 78 (a configuration error) before READY: logged with its status, the
+    pause reference dropped at once, started again only when the guest's devices in xenstore
+    change (not on any other xenstore write), three times at most."""
+    domid = await watch.xl("xl_create", "epsilon", [blk()], paused=True)
+    await watch.log.wait_for(rf"epsilon: instance for domain {domid} \(pid \d+\) exited with status 78")
+    await watch.log.wait_for(rf"epsilon: instance for domain {domid}: exited with status 78 before READY; "
+                             r"tried again when its devices in xenstore change \(2 attempt\(s\) left\)")
+    await watch.log.wait_for(rf"domain {domid}: pause reference dropped \(failed\)")
+    with watch.ctl() as ctl:
+        assert ctl.domain_info(domid)["pause_count"] == 1  # libxl's -p only
+    xs = await XenstoreClient.open(socket_paths=(), timeout=TIMEOUT, opener=SimKernel(watch.sim_path).open)
+    try:
+        mark = len(watch.log.lines)
+        await xs.write(f"/local/domain/0/backend/virtio/{domid}/0/online", "1")  # not a change of devices
+        await watch.log.wait_for(rf"epsilon: domain {domid}: devices unchanged since its instance failed", mark)
+    finally:
+        await xs.close()
+    assert watch.log.count(rf"epsilon: started instance for domain {domid}") == 1
+    with watch.ctl() as ctl:
+        ctl.add_virtio_device(domid, device_id=2, base=BASE + 0x200, irq=IRQ + 1, devid=1)
+    await watch.log.wait_for(r"\(1 attempt\(s\) left\)")
+    with watch.ctl() as ctl:
+        ctl.add_virtio_device(domid, device_id=2, base=BASE + 0x400, irq=IRQ + 2, devid=2)
+    await watch.log.wait_for(rf"epsilon: instance for domain {domid}: exited with status 78 before READY; giving up")
+    with watch.ctl() as ctl:
+        ctl.add_virtio_device(domid, device_id=2, base=BASE + 0x600, irq=IRQ + 3, devid=3)
+    await watch.log.wait_for(rf"epsilon: domain {domid}: instance failed 3 times: not starting it again")
+    assert watch.log.count(rf"epsilon: started instance for domain {domid}") == 3
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+@pytest.mark.parametrize(("watch_gate", "watch_args"), [(True, ["--stop-timeout", "2"])])
+async def test_bad_xenstore_input_and_a_domain_dying_during_start_up(watch):
+    """Malformed entries are logged once and skipped; a guest without a name waits for one; a
+    name systemd cannot use is refused; a domain destroyed while its instance starts loses its
+    pause reference with it, the instance ends (status 69: no such domain) and is reaped."""
+    xs = await XenstoreClient.open(socket_paths=(), timeout=TIMEOUT, opener=SimKernel(watch.sim_path).open)
+    try:
+        root = "/local/domain/0/backend/virtio"
+        await xs.write(f"{root}/notadomain/0/state", "1")
+        await watch.log.wait_for(r"backend/virtio/notadomain: not a domain id: ignored")
+
+        # A device directory that is not a number, next to a good device: the guest is served.
+        zeta = await watch.xl("xl_create", "zeta", [])
+        for key in ("state", "online"):
+            await xs.write(f"{root}/{zeta}/abc/{key}", "1")
+        await watch.log.wait_for(rf"domain {zeta}: xenstore {root}/{zeta}/abc: device id is not a number: ignored")
+        with watch.ctl() as ctl:
+            ctl.add_virtio_device(zeta, device_id=2, base=BASE, irq=IRQ, devid=0)
+        (await watch.at_gate()).close()
+        await watch.instance_pid("zeta", zeta)
+        assert watch.log.count(r"device id is not a number") == 1
+
+        # No name yet: not served; once it has one (and its devices change), it is.
+        with watch.ctl() as ctl:
+            eta = ctl.create_domain(mem_bytes=16 << 20, name="eta")
+        await xs.rm(f"/local/domain/{eta}/name")
+        with watch.ctl() as ctl:
+            ctl.add_virtio_device(eta, device_id=2, base=BASE, irq=IRQ, devid=0)
+        await watch.log.wait_for(rf"domain {eta} has virtio devices but no name in xenstore")
+        await xs.write(f"/local/domain/{eta}/name", "eta")
+        await xs.write(f"{root}/{eta}/0/online", "1")
+        (await watch.at_gate()).close()
+        await watch.instance_pid("eta", eta)
+
+        # A name too long for a unit: refused, never paused.
+        long = await watch.xl("xl_create", "é" * 120, [blk()])
+        await watch.log.wait_for(rf"domain {long}: unit name for guest .* systemd allows 255: not served")
+
+        # Destroyed while its instance starts.
+        theta = await watch.xl("xl_create", "theta", [blk()], paused=True)
+        held = await watch.at_gate()
+        try:
+            pid = await watch.instance_pid("theta", theta)
+            await watch.log.wait_for(rf"theta: holding a pause reference on domain {theta} ")
+            with watch.ctl() as ctl:
+                ctl.destroy_domain(theta)
+            await watch.log.wait_for(rf"theta: domain {theta} is gone")
+        finally:
+            held.close()
+        await watch.log.wait_for(rf"theta: instance for domain {theta} \(pid {pid}\) exited with status 69")
+        await watch.log.wait_for(rf"theta: domain {theta} went away while its instance started")
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        with watch.ctl() as ctl:
+            assert ctl.domain_info(long)["pause_count"] == 0
+    finally:
+        await xs.close()

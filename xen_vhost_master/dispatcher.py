@@ -1,0 +1,875 @@
+"""``xen-vhost-master watch``: start one instance per guest that has virtio devices.
+
+Runs in the back-end domain (``--backend-domid``, default 0), holds no guest memory and no IOREQ
+server. It watches libxl's back-end directories ``/local/domain/<backend>/backend/virtio`` and
+``.../backend/virtio_disk`` (children ``<domid>/<devid>``), ``@introduceDomain`` and
+``@releaseDomain``, and scans them once at start, so a dispatcher restarted while guests run finds
+them again. A guest with at least one device gets one instance, keyed by its NAME
+(``/local/domain/<domid>/name``):
+
+* **systemd** (default when /run/systemd/system exists): ``systemctl start
+  xen-vhost-master@<escaped name>.service``. The unit is Type=notify, so ``systemctl start``
+  returns once the instance sent READY=1 (or failed).
+* **spawn** (``--spawn``; no systemd, the real-Xen lab, tests): the dispatcher runs
+  ``python -m xen_vhost_master`` itself with a NOTIFY_SOCKET of its own per child (an abstract
+  datagram socket; only datagrams whose SCM_CREDENTIALS name the child's pid count), relays the
+  child's output (prefixed with the guest's name) or sends it to ``--log-dir``, reaps it, restarts
+  it (bounded) if it dies with an error, and on SIGTERM stops every child (SIGTERM, then SIGKILL
+  after a bounded wait) and exits 0.
+
+**Never missing the guest's first access.** The instance claims a device's window with its IOREQ
+server before it says READY. Xen 4.17 libxl (``disk=[...specification=virtio]``) waits up to 10 s
+for the back-end's InitWait before it unpauses a new guest; Xen >= 4.18 libxl (``virtio=[...]``,
+``skip_attach``) does not wait. So the dispatcher takes a *pause reference* on a domain
+(XEN_DOMCTL_pausedomain, ``xen/domctl.py``) as soon as it sees its devices and drops it once the
+instance is READY, has failed, or after ``--pause-timeout`` (120 s) at the latest (logged: a guest
+is never left paused for good), and when the dispatcher stops. Xen counts pause references, so
+libxl's own reference and ours add up: the guest runs only when both are gone. libxl writes the
+devices while its own reference still holds the new domain and drops it only after the remaining
+creation steps; the dispatcher reacts to the xenstore watch within milliseconds. On Xen >= 4.18
+that is a race the dispatcher wins in practice, not by construction: if libxl unpauses first, the
+guest runs for that moment, long before a kernel reaches its virtio probe. A domain that is already
+served (an instance answers for it) is not paused. If Xen refuses every known domctl interface
+version, the dispatcher says so once per domain and serves the guest anyway.
+
+**Reboots.** ``xl reboot`` and ``on_reboot = "restart"`` destroy the domain and create a new one
+with the same name and a NEW domid. The old instance exits 0 by itself once its domain is gone.
+The new domid is served even if the old instance has not exited yet when the new domain appears:
+
+* spawn: the dispatcher waits for the old child's exit (an event: its ``wait()``), bounded by
+  OLD_INSTANCE_GRACE; past it, a child whose domain no longer exists is stopped.
+* systemd: the unit is asked which domain it serves (``state.json`` in its runtime directory,
+  written by the instance as soon as it has attached). If the unit is active for another domid,
+  the dispatcher waits for it to become inactive, re-checking ``systemctl is-active`` at each
+  ``@releaseDomain`` and on a bounded backoff (0.25 s doubling to 2 s), for OLD_INSTANCE_GRACE at
+  most; then, if the domid it serves no longer exists, ``systemctl stop`` ends it. Only then
+  ``systemctl start`` (a unit still active would make it a no-op). A unit serving another LIVE
+  domain of that name (``on_reboot = "rename-restart"`` keeps the old one) is left alone and
+  logged: one name, one instance.
+
+Either way the new domain's pause reference is held meanwhile, so the guest waits for its device
+model instead of probing nothing.
+
+**Bad input.** A device directory whose name is not a number, a domain without a name, a name
+systemd cannot use as an instance name: logged once each, that guest (or device) skipped; the
+instance itself skips bad devices. A domain that dies while its instance starts: its pause
+reference is dropped (ESRCH is fine) and it is forgotten. An instance that fails before READY:
+logged with its exit status, pause dropped, and tried again only when that guest's set of devices
+in xenstore changes, MAX_ATTEMPTS times per domain at most.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import enum
+import errno
+import fcntl
+import itertools
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import IO, Any, Protocol
+
+import uvloop
+
+from .errors import XenError
+from .names import instance_unit, systemd_escape
+from .sd_notify import Notifier
+from .xen.domctl import Domctl, DomctlInterfaceUnknown
+from .xen.kernel import ENV_SIM_SOCKET, kernel_from_env
+from .xen.privcmd import PrivCmd
+from .xen.xenstore import XenstoreClient, XenstoreError, XenstoreNotFound, XsWatch
+
+__all__ = ["Dispatcher", "WatchOptions", "instance_argv", "main", "parse_args"]
+
+log = logging.getLogger("xen_vhost_master.dispatcher")
+
+KINDS = ("virtio", "virtio_disk")
+XENBUS_CLOSING, XENBUS_CLOSED = 5, 6
+PAUSE_TIMEOUT = 120.0  # never hold a guest longer than this waiting for its instance
+OLD_INSTANCE_GRACE = 30.0  # how long a rebooted guest's old instance may take to exit by itself
+STOP_TIMEOUT = 20.0  # SIGTERM → SIGKILL for a spawned instance (the unit's TimeoutStopSec)
+MAX_ATTEMPTS = 3  # instance starts per domain
+RUNTIME_ROOT = "/run/xen-vhost-master"
+# Exit statuses of an instance (supervisor.ExitCode, sysexits.h): not restarted by us either.
+EXIT_OK, EXIT_ALREADY_SERVED, EXIT_CONFIG = 0, 73, 78
+
+_notify_names = itertools.count(1)
+
+
+class Outcome(enum.Enum):
+    READY = "ready"  # the instance for this domid is READY
+    SERVED = "served"  # it already was, or another process serves the guest (holds its lock)
+    FAILED = "failed"  # the instance ended, or the start failed, before READY
+    BLOCKED = "blocked"  # the name's instance serves another domain that is still alive
+
+
+@dataclass(frozen=True)
+class WatchOptions:
+    backend_domid: int = 0
+    spawn: bool = False
+    instance_args: tuple[str, ...] = ()
+    log_dir: str | None = None
+    runtime_root: str = RUNTIME_ROOT
+    pause_timeout: float = PAUSE_TIMEOUT
+    stop_timeout: float = STOP_TIMEOUT
+    systemctl: str = "systemctl"
+
+
+def instance_argv(opt: WatchOptions, name: str, domid: int) -> list[str]:
+    """The command line of a spawned instance for guest ``name``, now domain ``domid``."""
+    argv = [sys.executable, "-m", "xen_vhost_master", "--domid", str(domid),
+            "--runtime-dir", os.path.join(opt.runtime_root, systemd_escape(name))]
+    if opt.backend_domid:
+        argv += ["--backend-domid", str(opt.backend_domid)]
+    return argv + list(opt.instance_args)
+
+
+class Host(Protocol):
+    """What a launcher asks of the dispatcher."""
+
+    async def domain_exists(self, domid: int) -> bool: ...
+
+    async def wait_release(self, timeout: float) -> None: ...
+
+    def instance_exited(self, name: str, domid: int, pid: int, status: int, was_ready: bool) -> None: ...
+
+
+class Launcher(Protocol):
+    async def is_served(self, name: str, domid: int) -> bool: ...
+
+    async def serve(self, name: str, domid: int) -> tuple[Outcome, str]: ...
+
+    async def stop_all(self) -> None: ...
+
+
+def _served_domid(opt: WatchOptions, name: str) -> int | None:
+    """The domid an instance says it serves (``state.json`` in its runtime directory), if any."""
+    path = os.path.join(opt.runtime_root, systemd_escape(name), "state.json")
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    domid = state.get("domid") if isinstance(state, dict) else None
+    return domid if isinstance(domid, int) else None
+
+
+def _lock_held(path: str) -> bool:
+    """True if a process holds the flock on ``path`` (an instance's ``<runtime>/lock``)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # also releases the shared lock if we got it
+    return False
+
+
+# --- spawn mode ------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Child:
+    name: str
+    domid: int
+    proc: asyncio.subprocess.Process
+    notify: socket.socket
+    ready: asyncio.Future[None]
+    exited: asyncio.Future[int]
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+
+class SpawnLauncher:
+    """Runs the instances as children of the dispatcher."""
+
+    def __init__(self, opt: WatchOptions, host: Host) -> None:
+        self.opt = opt
+        self.host = host
+        self.children: dict[str, _Child] = {}  # by guest name
+        self._stopping = False
+
+    async def is_served(self, name: str, domid: int) -> bool:
+        child = self.children.get(name)
+        if child is not None and child.domid == domid and not child.exited.done():
+            return True
+        return _lock_held(os.path.join(self.opt.runtime_root, systemd_escape(name), "lock"))
+
+    async def serve(self, name: str, domid: int) -> tuple[Outcome, str]:
+        old = self.children.get(name)
+        if old is not None and old.domid == domid and not old.exited.done():
+            return Outcome.SERVED, f"pid {old.proc.pid} serves it"
+        if old is not None and not old.exited.done():
+            blocked = await self._retire(old, domid)
+            if blocked:
+                return Outcome.BLOCKED, blocked
+        if _lock_held(os.path.join(self.opt.runtime_root, systemd_escape(name), "lock")):
+            return Outcome.SERVED, "another process holds its lock"
+        child = await self._spawn(name, domid)
+        waiters: set[asyncio.Future[Any]] = {child.ready, child.exited}
+        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if child.ready in done:
+            return Outcome.READY, f"pid {child.proc.pid}"
+        status = child.exited.result()
+        if status == EXIT_ALREADY_SERVED:
+            return Outcome.SERVED, "the instance found it already served"
+        return Outcome.FAILED, f"exited with status {status} before READY"
+
+    async def _retire(self, old: _Child, domid: int) -> str | None:
+        """Wait for the instance of the guest's previous domain to exit; None once it has."""
+        log.info("%s: domain %d appeared while pid %d still serves domain %d: waiting for it to exit",
+                 old.name, domid, old.proc.pid, old.domid)
+        try:
+            await asyncio.wait_for(asyncio.shield(old.exited), OLD_INSTANCE_GRACE)
+            return None
+        except TimeoutError:
+            pass
+        if await self.host.domain_exists(old.domid):
+            return f"pid {old.proc.pid} still serves domain {old.domid}, which is alive"
+        log.warning("%s: pid %d still serves domain %d, gone for %.0f s: stopping it",
+                    old.name, old.proc.pid, old.domid, OLD_INSTANCE_GRACE)
+        await self._stop([old])
+        return None
+
+    async def _spawn(self, name: str, domid: int) -> _Child:
+        loop = asyncio.get_running_loop()
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        out: int | IO[bytes] | None = None
+        try:
+            notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            address = f"\0xen-vhost-master-watch/{os.getpid()}/{next(_notify_names)}"
+            notify.bind(address)
+            env = dict(os.environ, NOTIFY_SOCKET="@" + address[1:])
+            if self.opt.log_dir:
+                out = self._log_file(name)
+            proc = await asyncio.create_subprocess_exec(
+                *instance_argv(self.opt, name, domid), env=env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=out if out is not None else asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )
+        except BaseException:
+            notify.close()
+            raise
+        finally:
+            if out is not None and not isinstance(out, int):
+                out.close()
+        child = _Child(name, domid, proc, notify, loop.create_future(), loop.create_future())
+        self.children[name] = child
+        loop.add_reader(notify.fileno(), self._notified, child)
+        if proc.stdout is not None:
+            child.tasks.append(asyncio.ensure_future(self._relay(child, proc.stdout)))
+        child.tasks.append(asyncio.ensure_future(self._reap(child)))
+        log.info("%s: started instance for domain %d: pid %d", name, domid, proc.pid)
+        return child
+
+    def _log_file(self, name: str) -> IO[bytes]:
+        assert self.opt.log_dir
+        return open(os.path.join(self.opt.log_dir, f"{systemd_escape(name)}.log"), "ab")
+
+    def _notified(self, child: _Child) -> None:
+        """sd_notify datagrams of ``child`` (sd_notify(3)); others on the socket are ignored."""
+        while True:
+            try:
+                data, anc, _flags, _addr = child.notify.recvmsg(4096, socket.CMSG_SPACE(12))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            pid = next((struct.unpack("iII", cdata[:12])[0] for level, kind, cdata in anc
+                        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(cdata) >= 12), None)
+            if pid != child.proc.pid:
+                log.debug("%s: ignoring a notification from pid %s", child.name, pid)
+                continue
+            fields = dict(line.partition("=")[::2] for line in data.decode(errors="replace").splitlines())
+            if fields.get("READY") == "1" and not child.ready.done():
+                child.ready.set_result(None)
+            if "STATUS" in fields:
+                log.debug("%s: %s", child.name, fields["STATUS"])
+
+    async def _relay(self, child: _Child, stream: asyncio.StreamReader) -> None:
+        prefix = f"[{child.name}] ".encode(errors="replace")
+        while line := await stream.readline():
+            sys.stderr.buffer.write(prefix + line)
+            sys.stderr.buffer.flush()
+
+    async def _reap(self, child: _Child) -> None:
+        status = await child.proc.wait()
+        for task in child.tasks:
+            if task is not asyncio.current_task():
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(task, 5.0)
+        asyncio.get_running_loop().remove_reader(child.notify.fileno())
+        child.notify.close()
+        if self.children.get(child.name) is child:
+            del self.children[child.name]
+        was_ready = child.ready.done()
+        level = logging.INFO if status in (EXIT_OK, EXIT_ALREADY_SERVED) else logging.WARNING
+        log.log(level, "%s: instance for domain %d (pid %d) exited with status %d", child.name, child.domid,
+                child.proc.pid, status)
+        child.exited.set_result(status)
+        if not self._stopping:
+            self.host.instance_exited(child.name, child.domid, child.proc.pid, status, was_ready)
+
+    async def _stop(self, children: list[_Child]) -> None:
+        """SIGTERM, up to ``--stop-timeout`` s for them to exit, then SIGKILL."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            alive = [c for c in children if not c.exited.done()]
+            if not alive:
+                return
+            for c in alive:
+                with contextlib.suppress(ProcessLookupError):
+                    c.proc.send_signal(sig)
+            _, pending = await asyncio.wait([c.exited for c in alive],
+                                            timeout=self.opt.stop_timeout if sig == signal.SIGTERM else 5.0)
+            if pending and sig == signal.SIGTERM:
+                log.warning("%d instance(s) still running %.0f s after SIGTERM: killing them", len(pending),
+                            self.opt.stop_timeout)
+
+    async def stop_all(self) -> None:
+        self._stopping = True
+        children = list(self.children.values())
+        if children:
+            log.info("stopping %d instance(s)", len(children))
+        await self._stop(children)
+
+
+# --- systemd mode ----------------------------------------------------------------------------------
+
+
+class SystemdLauncher:
+    """``systemctl start xen-vhost-master@<name>.service``; systemd owns the instances."""
+
+    def __init__(self, opt: WatchOptions, host: Host) -> None:
+        self.opt = opt
+        self.host = host
+        self._procs: set[asyncio.subprocess.Process] = set()
+
+    async def _systemctl(self, *args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            self.opt.systemctl, *args, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        self._procs.add(proc)
+        try:
+            out, err = await proc.communicate()
+        finally:
+            self._procs.discard(proc)
+        assert proc.returncode is not None
+        return proc.returncode, (out + err).decode(errors="replace").strip()
+
+    async def _active_state(self, unit: str) -> str:
+        _rc, text = await self._systemctl("is-active", unit)
+        return text.splitlines()[0] if text else "unknown"
+
+    async def is_served(self, name: str, domid: int) -> bool:
+        state = await self._active_state(instance_unit(name))
+        return state in ("active", "reloading") and _served_domid(self.opt, name) == domid
+
+    async def serve(self, name: str, domid: int) -> tuple[Outcome, str]:
+        unit = instance_unit(name)
+        state = await self._active_state(unit)
+        if state in ("active", "reloading", "activating", "deactivating") and _served_domid(self.opt, name) != domid:
+            outcome = await self._retire(unit, name, domid)
+            if outcome is not None:
+                return outcome
+        rc, text = await self._systemctl("start", unit)
+        if rc == 0:
+            return Outcome.READY, unit
+        _rc, show = await self._systemctl("show", "-p", "Result", "-p", "ExecMainStatus", unit)
+        facts = dict(line.partition("=")[::2] for line in show.splitlines())
+        return Outcome.FAILED, (f"systemctl start {unit} failed (status {rc}: {text or '-'}; result "
+                                f"{facts.get('Result', '?')}, exit status {facts.get('ExecMainStatus', '?')})")
+
+    async def _retire(self, unit: str, name: str, domid: int) -> tuple[Outcome, str] | None:
+        """Wait until ``unit`` no longer serves a previous domain of ``name``; None: go and start it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + OLD_INSTANCE_GRACE
+        backoff = 0.25
+        log.info("%s: domain %d appeared while %s is still %s for domain %s: waiting for it to end",
+                 name, domid, unit, await self._active_state(unit), _served_domid(self.opt, name))
+        while loop.time() < deadline:
+            await self.host.wait_release(min(backoff, max(deadline - loop.time(), 0.0)))
+            backoff = min(backoff * 2, 2.0)
+            if await self._active_state(unit) in ("inactive", "failed", "unknown"):
+                return None
+            if _served_domid(self.opt, name) == domid:
+                return None
+        served = _served_domid(self.opt, name)
+        if served is None:
+            log.warning("%s: %s is still active and does not say which domain it serves: leaving it", name, unit)
+            return Outcome.SERVED, f"{unit} is active"
+        if await self.host.domain_exists(served):
+            return Outcome.BLOCKED, f"{unit} serves domain {served}, which is alive"
+        log.warning("%s: %s still serves domain %d, gone for %.0f s: stopping it", name, unit, served, OLD_INSTANCE_GRACE)
+        rc, text = await self._systemctl("stop", unit)
+        if rc != 0:
+            return Outcome.FAILED, f"systemctl stop {unit} failed: {text}"
+        return None
+
+    async def stop_all(self) -> None:
+        """The instances are units of their own and stay; only our systemctl clients end (their
+        jobs go on in systemd)."""
+        for proc in list(self._procs):
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+        for proc in list(self._procs):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 5.0)
+
+
+# --- the dispatcher --------------------------------------------------------------------------------
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    SERVED = "served"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(eq=False)
+class _Guest:
+    domid: int
+    name: str | None = None
+    state: _State = _State.NEW
+    attempts: int = 0
+    failed_devices: frozenset[tuple[str, str]] | None = None
+    task: asyncio.Task[None] | None = None
+    dirty: bool = False
+
+
+class _PauseRefs:
+    """Our pause references on guests, each bounded by a timer."""
+
+    def __init__(self, domctl: Domctl | None, bound: float) -> None:
+        self.domctl = domctl
+        self.bound = bound
+        self.unknown = False  # every domctl interface version was refused
+        self.held: dict[int, asyncio.TimerHandle] = {}
+
+    def take(self, domid: int, name: str) -> bool:
+        if domid in self.held:
+            return True
+        if self.domctl is None or self.unknown:
+            if self.unknown:
+                log.error("cannot pause domain %d (domctl interface not known): the guest may probe before "
+                          "its windows are claimed", domid)
+            return False
+        try:
+            self.domctl.pause(domid)
+        except DomctlInterfaceUnknown:
+            self.unknown = True
+            log.error("cannot pause domain %d (domctl interface not known): the guest may probe before its "
+                      "windows are claimed", domid)
+            return False
+        except XenError as e:
+            if e.errno == errno.ESRCH:
+                log.info("%s: domain %d is already gone", name, domid)
+            else:
+                log.warning("%s: cannot pause domain %d: %s", name, domid, e)
+            return False
+        self.held[domid] = asyncio.get_running_loop().call_later(self.bound, self._expired, domid, name)
+        log.info("%s: holding a pause reference on domain %d until its instance is READY", name, domid)
+        return True
+
+    def _expired(self, domid: int, name: str) -> None:
+        log.warning("%s: no READY from the instance of domain %d within %.0f s: dropping the pause "
+                    "reference (the guest runs; accesses to unclaimed windows find no device)", name, domid, self.bound)
+        self.drop(domid, "timed out")
+
+    def drop(self, domid: int, why: str) -> None:
+        timer = self.held.pop(domid, None)
+        if timer is None:
+            return
+        timer.cancel()
+        assert self.domctl is not None
+        try:
+            self.domctl.unpause(domid)
+        except XenError as e:
+            if e.errno == errno.ESRCH:
+                log.info("domain %d is gone: no pause reference to drop", domid)
+            else:
+                log.warning("cannot unpause domain %d: %s", domid, e)
+            return
+        log.info("domain %d: pause reference dropped (%s)", domid, why)
+
+    def drop_all(self, why: str) -> None:
+        for domid in list(self.held):
+            self.drop(domid, why)
+
+
+class Dispatcher:
+    def __init__(self, opt: WatchOptions, *, notifier: Notifier | None = None) -> None:
+        self.opt = opt
+        self.notifier = notifier or Notifier()
+        self.kernel = kernel_from_env()
+        self.simulated = bool(os.environ.get(ENV_SIM_SOCKET))
+        self.launcher: Launcher = SpawnLauncher(opt, self) if opt.spawn else SystemdLauncher(opt, self)
+        self.xs: XenstoreClient | None = None
+        self.privcmd: PrivCmd | None = None
+        self.pauses = _PauseRefs(None, opt.pause_timeout)
+        self.guests: dict[int, _Guest] = {}
+        self._said: set[str] = set()  # problems already logged
+        self._unnamed: set[int] = set()  # domains with devices but no name yet
+        self._name_locks: dict[str, asyncio.Lock] = {}
+        self._released = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._release_task: asyncio.Task[None] | None = None
+        self._release_again = False
+
+    # --- life ------------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._signalled, sig)
+        status = 0
+        pumps: list[asyncio.Task[None]] = []
+        try:
+            self._open_domctl()
+            self.xs = await XenstoreClient.open(socket_paths=() if self.simulated else None, opener=self.kernel.open)
+            root = f"/local/domain/{self.opt.backend_domid}/backend"
+            watches = [(await self.xs.watch(f"{root}/{kind}", token=f"backend-{kind}"), kind) for kind in KINDS]
+            watches += [(await self.xs.watch(w, token=w), w) for w in ("@introduceDomain", "@releaseDomain")]
+            pumps = [asyncio.ensure_future(self._pump(w, what)) for w, what in watches]
+            for kind in KINDS:
+                self._spawn(self._rescan(kind))
+            mode = "spawn" if self.opt.spawn else "systemd"
+            self.notifier.ready(f"watching {root}/{{{','.join(KINDS)}}} ({mode} mode)")
+            log.info("watching %s/{%s} for guests with virtio devices (%s mode)", root, ",".join(KINDS), mode)
+            stop = asyncio.ensure_future(self._stop.wait())
+            done, _ = await asyncio.wait([*pumps, stop], return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            for task in done:
+                if task is not stop:
+                    task.result()
+        except XenstoreError as e:
+            log.error("xenstore: %s", e)
+            status = 75  # EX_TEMPFAIL: systemd restarts us
+        except OSError as e:
+            log.error("%s", e)
+            status = 75
+        finally:
+            self.notifier.stopping()
+            await self._teardown(pumps)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            self.notifier.close()
+        return status
+
+    def _signalled(self, sig: int) -> None:
+        log.info("%s: stopping", signal.Signals(sig).name)
+        self._stop.set()
+
+    def _open_domctl(self) -> None:
+        try:
+            self.privcmd = PrivCmd(self.kernel)
+        except XenError as e:
+            log.error("cannot open privcmd (%s): guests will not be paused until their instance is READY", e)
+            return
+        self.pauses.domctl = Domctl(self.privcmd)
+
+    async def _teardown(self, pumps: list[asyncio.Task[None]]) -> None:
+        self._stopping = True
+        tasks = [*pumps, *self._tasks]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+        await self.launcher.stop_all()
+        self.pauses.drop_all("dispatcher stopping")
+        if self.xs is not None:
+            await self.xs.close()
+        if self.pauses.domctl is not None:
+            self.pauses.domctl.close()
+        if self.privcmd is not None:
+            self.privcmd.close()
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("internal error: %r", task.exception(), exc_info=task.exception())
+
+    def _say_once(self, level: int, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            log.log(level, "%s", message)
+
+    # --- Host (for the launchers) ----------------------------------------------------------------
+
+    async def domain_exists(self, domid: int) -> bool:
+        assert self.xs is not None
+        return await self.xs.exists(f"/local/domain/{domid}")
+
+    async def wait_release(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._released.wait(), timeout)
+
+    def instance_exited(self, name: str, domid: int, pid: int, status: int, was_ready: bool) -> None:
+        guest = self.guests.get(domid)
+        if not was_ready or self._stopping or guest is None or guest.state is not _State.SERVED:
+            return  # an exit before READY is the start's outcome; see _evaluate
+        if status in (EXIT_OK, EXIT_ALREADY_SERVED, EXIT_CONFIG):
+            guest.state = _State.STOPPED
+            return
+        if guest.attempts >= MAX_ATTEMPTS:
+            guest.state = _State.FAILED
+            log.error("%s: instance of domain %d failed %d times: not starting it again", name, domid, guest.attempts)
+            return
+        guest.state = _State.NEW
+        self._consider(domid)
+
+    # --- xenstore events -------------------------------------------------------------------------
+
+    async def _pump(self, watch: XsWatch, what: str) -> None:
+        async for ev in watch:
+            if watch.overflowed:
+                watch.overflowed = False
+                log.warning("xenstore watch %s overflowed: rescanning", watch.path)
+                for kind in KINDS:
+                    self._spawn(self._rescan(kind))
+                self._on_release()
+                continue
+            if what == "@releaseDomain":
+                self._on_release()
+            elif what == "@introduceDomain":
+                for domid in list(self._unnamed):
+                    self._consider(domid)
+            else:
+                self._on_backend_event(what, ev.path)
+
+    def _on_backend_event(self, kind: str, path: str) -> None:
+        root = f"/local/domain/{self.opt.backend_domid}/backend/{kind}"
+        if not path.startswith(root + "/"):
+            self._spawn(self._rescan(kind))
+            return
+        self._consider_dir(kind, path[len(root) + 1:].split("/", 1)[0])
+
+    def _consider_dir(self, kind: str, entry: str) -> None:
+        if not entry.isdigit() or int(entry) >= 0x7FF0:
+            self._say_once(logging.ERROR, f"xenstore backend/{kind}/{entry}: not a domain id: ignored")
+            return
+        self._consider(int(entry))
+
+    async def _rescan(self, kind: str) -> None:
+        for entry in await self._directory(f"/local/domain/{self.opt.backend_domid}/backend/{kind}"):
+            self._consider_dir(kind, entry)
+
+    def _on_release(self) -> None:
+        self._released.set()
+        self._released = asyncio.Event()
+        if self._release_task is not None and not self._release_task.done():
+            self._release_again = True
+            return
+        self._release_task = self._spawn(self._forget_gone())
+
+    async def _forget_gone(self) -> None:
+        while True:
+            self._release_again = False
+            for domid in list(self.guests):
+                if await self.domain_exists(domid):
+                    continue
+                guest = self.guests.pop(domid)
+                self._unnamed.discard(domid)
+                log.info("%s: domain %d is gone", guest.name or "?", domid)
+                self.pauses.drop(domid, "domain gone")
+            if not self._release_again:
+                return
+
+    # --- one guest -------------------------------------------------------------------------------
+
+    def _consider(self, domid: int) -> None:
+        if self._stopping:
+            return
+        guest = self.guests.setdefault(domid, _Guest(domid))
+        if guest.task is not None and not guest.task.done():
+            guest.dirty = True
+            return
+        guest.task = self._spawn(self._evaluate_loop(guest))
+
+    async def _evaluate_loop(self, guest: _Guest) -> None:
+        while True:
+            guest.dirty = False
+            try:
+                await self._evaluate(guest)
+            except XenstoreError as e:
+                log.warning("domain %d: xenstore: %s", guest.domid, e)
+            if not guest.dirty or self.guests.get(guest.domid) is not guest:
+                return
+
+    async def _devices(self, domid: int) -> frozenset[tuple[str, str]]:
+        """The guest's live virtio devices: (kind, devid), malformed and closing ones left out."""
+        found = set()
+        for kind in KINDS:
+            base = f"/local/domain/{self.opt.backend_domid}/backend/{kind}/{domid}"
+            for devid in await self._directory(base):
+                if not devid.isdigit():
+                    self._say_once(logging.ERROR, f"domain {domid}: xenstore {base}/{devid}: device id is not a "
+                                                  "number: ignored")
+                    continue
+                state = await self._read(f"{base}/{devid}/state")
+                online = await self._read(f"{base}/{devid}/online")
+                if state is None or state in (str(XENBUS_CLOSING), str(XENBUS_CLOSED)) or online == "0":
+                    continue  # being removed, or not a complete libxl device
+                found.add((kind, devid))
+        return frozenset(found)
+
+    async def _evaluate(self, guest: _Guest) -> None:
+        domid = guest.domid
+        devices = await self._devices(domid)
+        if not devices or guest.state in (_State.STARTING, _State.SERVED, _State.STOPPED):
+            return
+        if domid == self.opt.backend_domid:
+            self._say_once(logging.ERROR, f"domain {domid} is this back-end domain: its own devices are not served")
+            return
+        name = await self._read(f"/local/domain/{domid}/name")
+        if not name:
+            self._unnamed.add(domid)
+            self._say_once(logging.WARNING, f"domain {domid} has virtio devices but no name in xenstore: "
+                                            "not served until it has one")
+            return
+        self._unnamed.discard(domid)
+        try:
+            instance_unit(name)
+        except ValueError as e:
+            self._say_once(logging.ERROR, f"domain {domid}: {e}: not served")
+            return
+        guest.name = name
+        if guest.state is _State.FAILED:
+            if devices == guest.failed_devices:
+                log.debug("%s: domain %d: devices unchanged since its instance failed: not starting it", name, domid)
+                return
+            if guest.attempts >= MAX_ATTEMPTS:
+                self._say_once(logging.ERROR, f"{name}: domain {domid}: instance failed {guest.attempts} times: "
+                                              "not starting it again")
+                return
+        guest.state = _State.STARTING
+        guest.attempts += 1
+        held = False
+        outcome, detail = Outcome.FAILED, "start interrupted"
+        try:
+            if not await self.launcher.is_served(name, domid):
+                held = self.pauses.take(domid, name)
+            async with self._name_locks.setdefault(name, asyncio.Lock()):
+                log.info("%s: domain %d has %d virtio device(s): starting its instance", name, domid, len(devices))
+                outcome, detail = await self.launcher.serve(name, domid)
+            if outcome in (Outcome.READY, Outcome.SERVED):
+                guest.state = _State.SERVED
+                log.info("%s: domain %d is served (%s)", name, domid, "READY" if outcome is Outcome.READY else detail)
+        except OSError as e:
+            outcome, detail = Outcome.FAILED, f"cannot start it: {e}"
+        finally:
+            if guest.state is _State.STARTING:
+                guest.state, guest.failed_devices = _State.FAILED, devices
+            # When the dispatcher stops, pauses are dropped after the instances are stopped.
+            if held and not self._stopping:
+                self.pauses.drop(domid, "instance READY" if outcome is Outcome.READY else outcome.value)
+        if guest.state is _State.SERVED:
+            return
+        if not await self.domain_exists(domid):
+            guest.state = _State.STOPPED
+            log.info("%s: domain %d went away while its instance started (%s)", name, domid, detail)
+            return
+        left = MAX_ATTEMPTS - guest.attempts
+        log.error("%s: instance for domain %d: %s; %s", name, domid, detail,
+                  f"tried again when its devices in xenstore change ({left} attempt(s) left)" if left else "giving up")
+
+    # --- xenstore helpers ------------------------------------------------------------------------
+
+    async def _directory(self, path: str) -> list[str]:
+        assert self.xs is not None
+        try:
+            return await self.xs.directory(path)
+        except XenstoreNotFound:
+            return []
+
+    async def _read(self, path: str) -> str | None:
+        assert self.xs is not None
+        try:
+            return await self.xs.read_str(path)
+        except XenstoreNotFound:
+            return None
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="xen-vhost-master watch",
+        description="Start one xen-vhost-master instance per guest with virtio devices (a dispatcher).",
+    )
+    p.add_argument("--spawn", action="store_true",
+                   help="run the instances as children (default when /run/systemd/system is absent): "
+                        "otherwise 'systemctl start xen-vhost-master@<name>.service'")
+    p.add_argument("--backend-domid", type=int, default=0, help="the domain this runs in (default 0)")
+    p.add_argument("--instance-args", default="", metavar="ARGS",
+                   help="spawn mode: extra arguments for every instance (one string, shell-style quoting)")
+    p.add_argument("--log-dir", metavar="DIR", help="spawn mode: each instance's output to DIR/<name>.log "
+                                                     "(default: this process's stderr, prefixed with [name])")
+    p.add_argument("--runtime-root", default=RUNTIME_ROOT, metavar="DIR",
+                   help=f"where instances keep their runtime directories (default {RUNTIME_ROOT})")
+    p.add_argument("--pause-timeout", type=float, default=PAUSE_TIMEOUT, metavar="SECONDS",
+                   help=f"longest a new guest is held paused waiting for its instance (default {PAUSE_TIMEOUT:.0f})")
+    p.add_argument("--stop-timeout", type=float, default=STOP_TIMEOUT, metavar="SECONDS",
+                   help=f"spawn mode: how long a stopped instance may take before SIGKILL (default {STOP_TIMEOUT:.0f})")
+    p.add_argument("--systemctl", default="systemctl", help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    return p.parse_args(argv)
+
+
+def options(args: argparse.Namespace) -> WatchOptions:
+    if not 0 <= args.backend_domid < 0x7FF0:
+        raise ValueError(f"--backend-domid {args.backend_domid}: not a domain id")
+    if not 0 < args.pause_timeout <= 3600:
+        raise ValueError(f"--pause-timeout {args.pause_timeout}: between 0 and 3600 seconds")
+    if not 0 < args.stop_timeout <= 3600:
+        raise ValueError(f"--stop-timeout {args.stop_timeout}: between 0 and 3600 seconds")
+    if args.log_dir and not os.path.isdir(args.log_dir):
+        raise ValueError(f"--log-dir {args.log_dir}: not a directory")
+    spawn = args.spawn or not os.path.isdir("/run/systemd/system")
+    return WatchOptions(
+        backend_domid=args.backend_domid, spawn=spawn, instance_args=tuple(shlex.split(args.instance_args)),
+        log_dir=args.log_dir, runtime_root=args.runtime_root, pause_timeout=args.pause_timeout,
+        stop_timeout=args.stop_timeout, systemctl=args.systemctl,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        opt = options(args)
+    except ValueError as e:
+        print(f"xen-vhost-master watch: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    notifier = Notifier()  # takes NOTIFY_SOCKET out of the environment the instances inherit
+
+    async def go() -> int:
+        return await Dispatcher(opt, notifier=notifier).run()
+
+    return uvloop.run(go())
