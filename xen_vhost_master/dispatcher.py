@@ -37,11 +37,11 @@ with the same name and a NEW domid. The old instance exits 0 by itself once its 
 The new domid is served even if the old instance has not exited yet when the new domain appears:
 
 * spawn: the dispatcher waits for the old child's exit (an event: its ``wait()``), bounded by
-  OLD_INSTANCE_GRACE; past it, a child whose domain no longer exists is stopped.
+  ``--reboot-grace`` (30 s); past it, a child whose domain no longer exists is stopped.
 * systemd: the unit is asked which domain it serves (``state.json`` in its runtime directory,
   written by the instance as soon as it has attached). If the unit is active for another domid,
   the dispatcher waits for it to become inactive, re-checking ``systemctl is-active`` at each
-  ``@releaseDomain`` and on a bounded backoff (0.25 s doubling to 2 s), for OLD_INSTANCE_GRACE at
+  ``@releaseDomain`` and on a bounded backoff (0.25 s doubling to 2 s), for ``--reboot-grace`` at
   most; then, if the domid it serves no longer exists, ``systemctl stop`` ends it. Only then
   ``systemctl start`` (a unit still active would make it a no-op). A unit serving another LIVE
   domain of that name (``on_reboot = "rename-restart"`` keeps the old one) is left alone and
@@ -122,6 +122,7 @@ class WatchOptions:
     runtime_root: str = RUNTIME_ROOT
     pause_timeout: float = PAUSE_TIMEOUT
     stop_timeout: float = STOP_TIMEOUT
+    reboot_grace: float = OLD_INSTANCE_GRACE
     systemctl: str = "systemctl"
 
 
@@ -235,14 +236,14 @@ class SpawnLauncher:
         log.info("%s: domain %d appeared while pid %d still serves domain %d: waiting for it to exit",
                  old.name, domid, old.proc.pid, old.domid)
         try:
-            await asyncio.wait_for(asyncio.shield(old.exited), OLD_INSTANCE_GRACE)
+            await asyncio.wait_for(asyncio.shield(old.exited), self.opt.reboot_grace)
             return None
         except TimeoutError:
             pass
         if await self.host.domain_exists(old.domid):
             return f"pid {old.proc.pid} still serves domain {old.domid}, which is alive"
         log.warning("%s: pid %d still serves domain %d, gone for %.0f s: stopping it",
-                    old.name, old.proc.pid, old.domid, OLD_INSTANCE_GRACE)
+                    old.name, old.proc.pid, old.domid, self.opt.reboot_grace)
         await self._stop([old])
         return None
 
@@ -397,7 +398,7 @@ class SystemdLauncher:
     async def _retire(self, unit: str, name: str, domid: int) -> tuple[Outcome, str] | None:
         """Wait until ``unit`` no longer serves a previous domain of ``name``; None: go and start it."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + OLD_INSTANCE_GRACE
+        deadline = loop.time() + self.opt.reboot_grace
         backoff = 0.25
         log.info("%s: domain %d appeared while %s is still %s for domain %s: waiting for it to end",
                  name, domid, unit, await self._active_state(unit), _served_domid(self.opt, name))
@@ -414,7 +415,8 @@ class SystemdLauncher:
             return Outcome.SERVED, f"{unit} is active"
         if await self.host.domain_exists(served):
             return Outcome.BLOCKED, f"{unit} serves domain {served}, which is alive"
-        log.warning("%s: %s still serves domain %d, gone for %.0f s: stopping it", name, unit, served, OLD_INSTANCE_GRACE)
+        log.warning("%s: %s still serves domain %d, gone for %.0f s: stopping it", name, unit, served,
+                    self.opt.reboot_grace)
         rc, text = await self._systemctl("stop", unit)
         if rc != 0:
             return Outcome.FAILED, f"systemctl stop {unit} failed: {text}"
@@ -822,9 +824,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="xen-vhost-master watch",
         description="Start one xen-vhost-master instance per guest with virtio devices (a dispatcher).",
     )
-    p.add_argument("--spawn", action="store_true",
-                   help="run the instances as children (default when /run/systemd/system is absent): "
-                        "otherwise 'systemctl start xen-vhost-master@<name>.service'")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--spawn", action="store_true",
+                      help="run the instances as children (the default when /run/systemd/system is absent)")
+    mode.add_argument("--systemd", action="store_true",
+                      help="'systemctl start xen-vhost-master@<name>.service' (the default under systemd)")
     p.add_argument("--backend-domid", type=int, default=0, help="the domain this runs in (default 0)")
     p.add_argument("--instance-args", default="", metavar="ARGS",
                    help="spawn mode: extra arguments for every instance (one string, shell-style quoting)")
@@ -836,6 +840,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"longest a new guest is held paused waiting for its instance (default {PAUSE_TIMEOUT:.0f})")
     p.add_argument("--stop-timeout", type=float, default=STOP_TIMEOUT, metavar="SECONDS",
                    help=f"spawn mode: how long a stopped instance may take before SIGKILL (default {STOP_TIMEOUT:.0f})")
+    p.add_argument("--reboot-grace", type=float, default=OLD_INSTANCE_GRACE, metavar="SECONDS",
+                   help="how long a rebooted guest's old instance may take to exit by itself before it is "
+                        f"stopped (default {OLD_INSTANCE_GRACE:.0f})")
     p.add_argument("--systemctl", default="systemctl", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     return p.parse_args(argv)
@@ -846,15 +853,16 @@ def options(args: argparse.Namespace) -> WatchOptions:
         raise ValueError(f"--backend-domid {args.backend_domid}: not a domain id")
     if not 0 < args.pause_timeout <= 3600:
         raise ValueError(f"--pause-timeout {args.pause_timeout}: between 0 and 3600 seconds")
-    if not 0 < args.stop_timeout <= 3600:
-        raise ValueError(f"--stop-timeout {args.stop_timeout}: between 0 and 3600 seconds")
+    for flag, value in (("--stop-timeout", args.stop_timeout), ("--reboot-grace", args.reboot_grace)):
+        if not 0 < value <= 3600:
+            raise ValueError(f"{flag} {value}: between 0 and 3600 seconds")
     if args.log_dir and not os.path.isdir(args.log_dir):
         raise ValueError(f"--log-dir {args.log_dir}: not a directory")
-    spawn = args.spawn or not os.path.isdir("/run/systemd/system")
+    spawn = args.spawn or (not args.systemd and not os.path.isdir("/run/systemd/system"))
     return WatchOptions(
         backend_domid=args.backend_domid, spawn=spawn, instance_args=tuple(shlex.split(args.instance_args)),
         log_dir=args.log_dir, runtime_root=args.runtime_root, pause_timeout=args.pause_timeout,
-        stop_timeout=args.stop_timeout, systemctl=args.systemctl,
+        stop_timeout=args.stop_timeout, reboot_grace=args.reboot_grace, systemctl=args.systemctl,
     )
 
 

@@ -10,6 +10,10 @@ log, READY on its NOTIFY_SOCKET, a process exit, a guest access completing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import itertools
+import json
 import os
 import re
 import select
@@ -26,6 +30,7 @@ import pytest
 import pytest_asyncio
 
 from tests.daemon.test_daemon_cli import TIMEOUT, io_check, stop
+from tests.peers.harness import Peers, QsdPeer
 from xen_vhost_master.names import systemd_escape
 from xen_vhost_master.sim.guest import SimControl, SimGuest
 from xen_vhost_master.sim.guest_devices import VirtioBlk
@@ -36,6 +41,11 @@ from xen_vhost_master.xen.xenstore import XenstoreClient
 BIN = Path(sys.executable).parent
 VIRTIO_MAGIC = 0x74726976  # "virt", the MagicValue register (virtio 1.2 §4.2.2)
 BASE, IRQ = 0x2000000, 33
+
+
+def image_of(disk: QsdPeer) -> Path:
+    assert disk.image is not None
+    return disk.image
 
 
 def blk(devid: int = 0, base: int = BASE, irq: int = IRQ) -> dict[str, Any]:
@@ -173,11 +183,40 @@ def watch_gate() -> bool:
     return False
 
 
+def _popen(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@contextlib.asynccontextmanager
+async def run_watch(sim_path: str, root: Path, args: list[str], env: dict[str, str],
+                    gate: socket.socket | None = None) -> AsyncIterator[Watch]:
+    """A dispatcher process (stopped and reaped on the way out); READY=1 awaited."""
+    notify_path = str(root.parent / f"notify{next(_runs)}")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.setblocking(False)
+    proc = _popen([str(BIN / "xen-vhost-master"), "watch", "--runtime-root", str(root), *args],
+                  {**env, "XEN_VHOST_SIM": sim_path, "NOTIFY_SOCKET": notify_path})
+    assert proc.stderr is not None
+    log = ProcLog(proc.stderr, asyncio.get_running_loop())
+    try:
+        msg = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(notify, 4096), TIMEOUT)
+        assert msg.startswith(b"READY=1"), msg
+        yield Watch(sim_path, root, proc, log, notify, gate)
+    finally:
+        stop(proc)
+        proc.stderr.close()
+        notify.close()
+
+
+_runs = itertools.count()
+
+
 @pytest_asyncio.fixture
 async def watch(sim_dir: str, watch_args: list[str], watch_gate: bool) -> AsyncIterator[Watch]:
     """``xen-vhost-master watch --spawn`` against a fresh ``xen-vhost-sim``. Nothing of either is
     left when the test ends."""
-    env = dict(os.environ, NOTIFY_SOCKET=os.path.join(sim_dir, "notify"))
+    env = dict(os.environ)
     gate = None
     if watch_gate:
         hook = Path(sim_dir) / "hook"
@@ -192,23 +231,10 @@ async def watch(sim_dir: str, watch_args: list[str], watch_gate: bool) -> AsyncI
     sim, sim_path = start_sim(sim_dir)
     root = Path(sim_dir) / "run"  # short: instances put Unix sockets there
     root.mkdir()
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(os.path.join(sim_dir, "notify"))
-    notify.setblocking(False)
-    env["XEN_VHOST_SIM"] = sim_path
-    proc = subprocess.Popen([str(BIN / "xen-vhost-master"), "watch", "--spawn", "--runtime-root", str(root), *watch_args],
-                            env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    log = ProcLog(proc.stderr, asyncio.get_running_loop())
     try:
-        msg = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(notify, 4096), TIMEOUT)
-        assert msg.startswith(b"READY=1"), msg
-        yield Watch(sim_path, root, proc, log, notify, gate)
+        async with run_watch(sim_path, root, ["--spawn", *watch_args], env, gate) as w:
+            yield w
     finally:
-        stop(proc)
-        if proc.stderr is not None:
-            proc.stderr.close()
-        notify.close()
         if gate is not None:
             gate.close()
         stop(sim)
@@ -233,7 +259,7 @@ def ran_only_after_claimed(info: dict[str, Any], bases: list[int]) -> bool:
 
 @pytest.mark.peer
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # the dispatcher and instances run on uvloop
-async def test_a_new_guest_is_held_until_its_instance_is_ready_then_served_across_a_reboot(watch, peers):
+async def test_a_new_guest_is_held_until_its_instance_is_ready_then_served_across_a_reboot(watch: Watch, peers: Peers) -> None:
     """``xl create -p`` then ``xl unpause`` (libxl's reference gone): the dispatcher saw the
     devices, paused the domain itself and keeps it paused until the instance it spawned for the
     guest's NAME is READY; the guest's very first access (issued while still paused) finds the
@@ -262,7 +288,7 @@ async def test_a_new_guest_is_held_until_its_instance_is_ready_then_served_acros
     assert ran_only_after_claimed(info, [BASE]), info["history"]
     guest, dev = await attach(watch.sim_path, domid)
     try:
-        await io_check(dev, disk.image, 1)
+        await io_check(dev, image_of(disk), 1)
     finally:
         guest.close()
     first_pid = await watch.instance_pid("alpha", domid)
@@ -275,7 +301,7 @@ async def test_a_new_guest_is_held_until_its_instance_is_ready_then_served_acros
     assert second_pid != first_pid
     guest, dev = await attach(watch.sim_path, new)
     try:
-        await io_check(dev, disk.image, 2)
+        await io_check(dev, image_of(disk), 2)
     finally:
         guest.close()
 
@@ -291,7 +317,28 @@ async def test_a_new_guest_is_held_until_its_instance_is_ready_then_served_acros
 
 @pytest.mark.peer
 @pytest.mark.asyncio(loop_factories=["asyncio"])
-async def test_two_guests_at_once_each_served_by_its_own_instance(watch, peers):
+async def test_a_xen_4_17_disk_guest_is_created_once_its_instance_says_initwait(watch: Watch, peers: Peers) -> None:
+    """Xen 4.17's ``disk = [ "...,specification=virtio" ]`` is a ``virtio_disk`` device named
+    after the disk (51712: xvda), and ``xl create`` waits for its back-end's InitWait: the
+    instance the dispatcher started writes it, so the creation completes, and the guest first
+    ran with its window claimed."""
+    disk = peers.qsd_raw(size=8 << 20)
+    watch.link_backend("kappa", 51712, disk.sock)
+    domid = await watch.xl("xl_create", "kappa", [{**blk(51712), "kind": "virtio_disk"}])
+    await watch.served("kappa", domid)
+    with watch.ctl() as ctl:
+        info = ctl.domain_info(domid)
+    assert ran_only_after_claimed(info, [BASE]), info["history"]
+    guest, dev = await attach(watch.sim_path, domid)
+    try:
+        await io_check(dev, image_of(disk), 5)
+    finally:
+        guest.close()
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_two_guests_at_once_each_served_by_its_own_instance(watch: Watch, peers: Peers) -> None:
     """Two guests created back to back (one with a name systemd must escape) get one instance
     each, I/O runs on both at the same time."""
     names = ["beta", "odd guest/ü"]
@@ -306,7 +353,7 @@ async def test_two_guests_at_once_each_served_by_its_own_instance(watch, peers):
     assert (watch.root / "odd\\x20guest-\\xc3\\xbc" / "state.json").exists()  # systemd-escape's spelling
     pairs = [await attach(watch.sim_path, domid) for domid in domids]
     try:
-        await asyncio.gather(*(io_check(dev, disk.image, seed) for (_, dev), disk, seed in zip(pairs, disks, (3, 4),
+        await asyncio.gather(*(io_check(dev, image_of(disk), seed) for (_, dev), disk, seed in zip(pairs, disks, (3, 4),
                                                                                                  strict=True)))
     finally:
         for guest, _ in pairs:
@@ -314,7 +361,7 @@ async def test_two_guests_at_once_each_served_by_its_own_instance(watch, peers):
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])
-async def test_an_unknown_domctl_interface_is_reported_and_the_guest_still_gets_its_instance(watch):
+async def test_an_unknown_domctl_interface_is_reported_and_the_guest_still_gets_its_instance(watch: Watch) -> None:
     with watch.ctl() as ctl:
         ctl.set_domctl_interface(0x99)  # a Xen newer than the table: every known version is refused
     domid = await watch.xl("xl_create", "gamma", [blk()], paused=True)
@@ -327,7 +374,7 @@ async def test_an_unknown_domctl_interface_is_reported_and_the_guest_still_gets_
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])
 @pytest.mark.parametrize("watch_gate", [True])
-async def test_sigterm_while_an_instance_starts_stops_it_and_unpauses_the_guest(watch):
+async def test_sigterm_while_an_instance_starts_stops_it_and_unpauses_the_guest(watch: Watch) -> None:
     """The dispatcher is stopped while a guest's instance is still starting (held at the test's
     gate): the instance is stopped first, then the dispatcher's pause reference is dropped (only
     libxl's ``-p`` reference is left), the dispatcher exits 0 and no process is left."""
@@ -350,7 +397,7 @@ async def test_sigterm_while_an_instance_starts_stops_it_and_unpauses_the_guest(
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])
 @pytest.mark.parametrize("watch_args", [["--instance-args", "--config /nonexistent/guest.toml", "-vv"]])
-async def test_failing_instance_is_unpaused_and_retried_only_when_its_devices_change(watch):
+async def test_failing_instance_is_unpaused_and_retried_only_when_its_devices_change(watch: Watch) -> None:
     """Every instance exits 78 (a configuration error) before READY: logged with its status, the
     pause reference dropped at once, started again only when the guest's devices in xenstore
     change (not on any other xenstore write), three times at most."""
@@ -383,7 +430,7 @@ async def test_failing_instance_is_unpaused_and_retried_only_when_its_devices_ch
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])
 @pytest.mark.parametrize(("watch_gate", "watch_args"), [(True, ["--stop-timeout", "2"])])
-async def test_bad_xenstore_input_and_a_domain_dying_during_start_up(watch):
+async def test_bad_xenstore_input_and_a_domain_dying_during_start_up(watch: Watch) -> None:
     """Malformed entries are logged once and skipped; a guest without a name waits for one; a
     name systemd cannot use is refused; a domain destroyed while its instance starts loses its
     pause reference with it, the instance ends (status 69: no such domain) and is reaped."""
@@ -439,3 +486,127 @@ async def test_bad_xenstore_input_and_a_domain_dying_during_start_up(watch):
             assert ctl.domain_info(long)["pause_count"] == 0
     finally:
         await xs.close()
+
+
+# A stand-in for systemctl (the dispatcher's --systemctl): units live in a JSON file. `start` of
+# an inactive unit plays the instance: the unit becomes active and its state.json names the domid
+# the test put in "next" (the domain the real instance would resolve the name to); "fail" makes
+# it fail like a unit whose process exited 78.
+FAKE_SYSTEMCTL = """\
+import fcntl, json, os, sys
+path = os.environ["FAKE_SYSTEMD"]
+with open(path + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    with open(path) as f:
+        st = json.load(f)
+    verb, unit = sys.argv[1], sys.argv[-1]
+    st["calls"].append([verb, unit])
+    u = st["units"].setdefault(unit, {"state": "inactive"})
+    rundir = os.path.join(st["root"], unit.removeprefix("xen-vhost-master@").removesuffix(".service"))
+    rc, out = 0, ""
+    if verb == "is-active":
+        out, rc = u["state"], 0 if u["state"] == "active" else 3
+    elif verb == "start" and u.get("fail"):
+        u["state"], rc, out = "failed", 1, f"Job for {unit} failed because the control process exited with error code."
+    elif verb == "start" and u["state"] != "active":
+        u["state"] = "active"
+        os.makedirs(rundir, exist_ok=True)
+        with open(os.path.join(rundir, "state.json"), "w") as f:
+            json.dump({"domid": u["next"]}, f)
+    elif verb == "stop":
+        u["state"] = "inactive"
+    elif verb == "show":
+        out = "Result=exit-code\\nExecMainStatus=78"
+    with open(path + ".tmp", "w") as f:
+        json.dump(st, f)
+    os.replace(path + ".tmp", path)
+print(out)
+sys.exit(rc)
+"""
+
+
+class FakeSystemd:
+    def __init__(self, work: Path, root: Path) -> None:
+        self.path = work / "systemd.json"
+        self.script = work / "systemctl"
+        self.script.write_text(f"#!{sys.executable}\n{FAKE_SYSTEMCTL}")
+        self.script.chmod(0o755)
+        self.path.write_text(json.dumps({"root": str(root), "units": {}, "calls": []}))
+
+    def _edit(self, unit: str, **fields: Any) -> None:
+        with open(f"{self.path}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            st = json.loads(self.path.read_text())
+            st["units"].setdefault(unit, {"state": "inactive"}).update(fields)
+            self.path.write_text(json.dumps(st))
+
+    def will_serve(self, name: str, domid: int) -> None:
+        self._edit(f"xen-vhost-master@{systemd_escape(name)}.service", next=domid)
+
+    def set(self, name: str, **fields: Any) -> None:
+        self._edit(f"xen-vhost-master@{systemd_escape(name)}.service", **fields)
+
+    def calls(self, verb: str) -> list[str]:
+        return [unit for v, unit in json.loads(self.path.read_text())["calls"] if v == verb]
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_systemd_mode_starts_units_by_name_and_waits_for_a_rebooted_guests_old_unit(sim_dir: str) -> None:
+    """systemd mode against a stand-in systemctl: a new guest's unit is started (pause held until
+    ``systemctl start`` returns); after a reboot the unit still serves the old domid, so the
+    dispatcher waits (the new guest paused) until it is inactive, then starts it for the new
+    one; a unit stuck on a vanished domain is stopped after --reboot-grace; a failing start is
+    reported with its exit status and unpaused. Stopping the dispatcher stops no unit; a new
+    dispatcher finds the served guests and leaves them (and their guests) alone."""
+    sim, sim_path = start_sim(sim_dir)
+    root = Path(sim_dir) / "run"
+    root.mkdir()
+    fake = FakeSystemd(Path(sim_dir), root)
+    env = dict(os.environ, FAKE_SYSTEMD=str(fake.path))
+    args = ["--systemd", "--systemctl", str(fake.script), "--reboot-grace", "3"]
+    unit = "xen-vhost-master@lambda.service"
+    try:
+        async with run_watch(sim_path, root, args, env) as watch:
+            with watch.ctl() as ctl:
+                first = ctl.xl_create("lambda", [blk()], paused=True)
+                fake.will_serve("lambda", first)
+                ctl.unpause(first)
+            await watch.served("lambda", first)
+            await watch.log.wait_for(rf"domain {first}: pause reference dropped \(instance READY\)")
+            assert fake.calls("start") == [unit]
+
+            # Reboot: the unit is still active for the old domid until the test says it ended.
+            fake.will_serve("lambda", first + 1)
+            second = await watch.xl("xl_reboot", first, timeout=0.5)  # nobody answers Closing here
+            assert second == first + 1
+            await watch.log.wait_for(rf"lambda: domain {second} appeared while {re.escape(unit)} is still active "
+                                     rf"for domain {first}: waiting for it to end")
+            with watch.ctl() as ctl:
+                assert ctl.domain_info(second)["pause_count"] == 1  # the dispatcher's
+            fake.set("lambda", state="inactive")  # the old instance exited 0 with its domain
+            await watch.served("lambda", second)
+            assert fake.calls("start") == [unit, unit] and fake.calls("stop") == []
+
+            # Reboot again, and the unit never lets go of the vanished domain: stopped, restarted.
+            fake.will_serve("lambda", second + 1)
+            third = await watch.xl("xl_reboot", second, timeout=0.5)
+            await watch.log.wait_for(rf"lambda: {re.escape(unit)} still serves domain {second}, gone for 3 s: "
+                                     "stopping it")
+            await watch.served("lambda", third)
+            assert fake.calls("stop") == [unit]
+
+            fake.set("mu", fail=True)
+            mu = await watch.xl("xl_create", "mu", [blk()], paused=True)
+            await watch.log.wait_for(rf"mu: instance for domain {mu}: systemctl start xen-vhost-master@mu.service "
+                                     r"failed \(status 1: .*result exit-code, exit status 78\)")
+            with watch.ctl() as ctl:
+                assert ctl.domain_info(mu)["pause_count"] == 1  # libxl's -p only
+            assert await watch.terminate() == 0
+        assert fake.calls("stop") == [unit]  # stopping the dispatcher stopped no unit
+
+        async with run_watch(sim_path, root, args, env) as again:
+            await again.log.wait_for(rf"lambda: domain {third} is served \(READY\)")
+            assert again.log.find(rf"holding a pause reference on domain {third}") is None
+            assert fake.calls("start")[-1] == unit  # a no-op for an active unit
+    finally:
+        stop(sim)

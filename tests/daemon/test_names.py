@@ -28,7 +28,7 @@ def test_known_names_match_systemd_escape(name: str) -> None:
 
 @pytest.mark.skipif(SYSTEMD_ESCAPE is None, reason="systemd-escape not installed")
 @settings(max_examples=60, deadline=None)
-@given(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0\n"), min_size=1, max_size=20))
+@given(st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\0\n"), min_size=1, max_size=20))
 def test_any_name_matches_systemd_escape(name: str) -> None:
     assert systemd_escape(name) == real(name)
 

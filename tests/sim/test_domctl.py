@@ -13,7 +13,11 @@ from xen_vhost_master.errors import XenError
 from xen_vhost_master.sim.guest import SimControl, SimGuest
 from xen_vhost_master.sim.host import SimHost
 from xen_vhost_master.sim.simkernel import SimKernel
-from xen_vhost_master.xen.domctl import INTERFACE_VERSIONS, Domctl, DomctlInterfaceUnknown
+from xen_vhost_master.xen.domctl import (
+    INTERFACE_VERSIONS,
+    Domctl,
+    DomctlInterfaceUnknown,
+)
 from xen_vhost_master.xen.privcmd import PrivCmd
 
 TIMEOUT = 5.0

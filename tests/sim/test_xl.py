@@ -83,10 +83,11 @@ async def test_reboot_is_a_new_domid_with_the_same_name_and_devices(sim_host: Si
     xs = await XenstoreClient.open(socket_paths=(), timeout=TIMEOUT, opener=kernel.open)
     try:
         domid = await xl(sim_host, "xl_create", "vm1", [DEV])
+        assert isinstance(domid, int)
         be = f"/local/domain/0/backend/virtio/{domid}/0"
         closed = asyncio.ensure_future(answer(xs, f"{be}/state", "5", "6"))  # Closing → Closed
         new = await xl(sim_host, "xl_reboot", domid)
-        assert new != domid
+        assert isinstance(new, int) and new != domid
         assert closed.done()  # the destroy handshake ran first
         assert not await xs.exists(f"/local/domain/{domid}") and not await xs.exists(be)
         assert await xs.read_str(f"/local/domain/{new}/name") == "vm1"

@@ -149,7 +149,7 @@ def build_and_run(tmp_path: Path, cc: str, extra: list[str], runner: list[str]) 
     src.write_text("\n".join(body))
     exe = tmp_path / "abi_check"
     res = subprocess.run([cc, "-std=gnu11", "-Wall", "-O0", *extra, "-o", str(exe), str(src)],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 0, res.stderr
     out = subprocess.run([*runner, str(exe)], capture_output=True, text=True, timeout=60, check=True).stdout
     values: dict[str, int] = {}
