@@ -302,17 +302,31 @@ class SpawnLauncher:
                 log.debug("%s: %s", child.name, fields["STATUS"])
 
     async def _relay(self, child: _Child, stream: asyncio.StreamReader) -> None:
+        """The child's output, line by line, prefixed with its guest's name. Read to the end even
+        if our stderr fails, so that the child never blocks on a full pipe."""
         prefix = f"[{child.name}] ".encode(errors="replace")
-        while line := await stream.readline():
-            sys.stderr.buffer.write(prefix + line)
-            sys.stderr.buffer.flush()
+        out: IO[bytes] | None = sys.stderr.buffer
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line longer than the stream's limit: take what is there
+                line = await stream.read(65536)
+            if not line:
+                return
+            if out is not None:
+                try:
+                    out.write(prefix + line)
+                    out.flush()
+                except OSError:
+                    out = None
 
     async def _reap(self, child: _Child) -> None:
         status = await child.proc.wait()
-        for task in child.tasks:
-            if task is not asyncio.current_task():
-                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                    await asyncio.wait_for(task, 5.0)
+        others = [t for t in child.tasks if t is not asyncio.current_task()]
+        if others:
+            _, late = await asyncio.wait(others, timeout=5.0)  # the relay reaches the pipe's end
+            for task in late:
+                task.cancel()
         asyncio.get_running_loop().remove_reader(child.notify.fileno())
         child.notify.close()
         if self.children.get(child.name) is child:

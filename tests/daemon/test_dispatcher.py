@@ -610,3 +610,26 @@ async def test_systemd_mode_starts_units_by_name_and_waits_for_a_rebooted_guests
             assert fake.calls("start")[-1] == unit  # a no-op for an active unit
     finally:
         stop(sim)
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_spawn_mode_restarts_an_instance_that_dies_after_ready(watch: Watch, peers: Peers) -> None:
+    """An instance killed while serving (SIGKILL) is started again for the same domain, which
+    adopts what its predecessor left; a write the guest issued meanwhile completes."""
+    disk = peers.qsd_raw(size=8 << 20)
+    watch.link_backend("nu", 0, disk.sock)
+    domid = await watch.xl("xl_create", "nu", [blk()])
+    await watch.served("nu", domid)
+    pid = await watch.instance_pid("nu", domid)
+    guest, dev = await attach(watch.sim_path, domid)
+    try:
+        await io_check(dev, image_of(disk), 6)
+        mark = len(watch.log.lines)
+        os.kill(pid, signal.SIGKILL)
+        await watch.log.wait_for(rf"nu: instance for domain {domid} \(pid {pid}\) exited with status -9", mark)
+        await watch.log.wait_for(rf"nu: domain {domid} is served \(READY\)", mark)
+        assert watch.log.count(rf"nu: started instance for domain {domid}") == 2
+        await io_check(dev, image_of(disk), 7)
+    finally:
+        guest.close()
