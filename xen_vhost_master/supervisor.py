@@ -60,6 +60,7 @@ class ExitCode(enum.IntEnum):
     OK = 0
     FAILURE = 1
     UNAVAILABLE = 69  # EX_UNAVAILABLE: the domain does not exist
+    ALREADY_SERVED = 73  # another instance serves this guest (its lock is held): do not restart
     TEMPFAIL = 75  # EX_TEMPFAIL: try again later (Restart=on-failure)
     CONFIG = 78  # EX_CONFIG: fix the configuration; restarting will not help
 
@@ -67,11 +68,13 @@ class ExitCode(enum.IntEnum):
 @dataclass(frozen=True)
 class Options:
     domid: int
+    name: str = ""  # the guest's name (the instance key); "" = the domid
     devices: tuple[DeviceConfig, ...] = ()
     xenstore: bool = True
     memory: MemoryMode = MemoryMode.AUTO
-    socket_dir: str | None = None  # overrides the template's directory
+    socket_template: str | None = None  # socket of devices without socket= (None: config.SOCKET_TEMPLATE)
     backend_domid: int = 0
+    runtime_dir: str | None = None  # lock, state file, status socket
     status_socket: str | None = None
     state_file: str | None = None  # what a restarted daemon needs to take over a running guest
     backend_uids: tuple[int, ...] = ()  # besides our own uid and root, who may be a back-end
@@ -91,6 +94,7 @@ class Supervisor:
     def __init__(self, options: Options, *, kernel: Kernel | None = None, notifier: Notifier | None = None) -> None:
         self.opt = options
         self.domid = options.domid
+        self.name = options.name or str(options.domid)
         self.kernel = kernel or kernel_from_env()
         self.simulated = bool(os.environ.get(ENV_SIM_SOCKET))
         self.notifier = notifier or Notifier()
@@ -209,8 +213,8 @@ class Supervisor:
     def _adjust(self, cfg: DeviceConfig) -> DeviceConfig:
         if cfg.memory is MemoryMode.AUTO and self.opt.memory is not MemoryMode.AUTO:
             cfg = replace(cfg, memory=self.opt.memory)
-        if not cfg.socket and self.opt.socket_dir:
-            cfg = replace(cfg, socket=os.path.join(self.opt.socket_dir, f"{cfg.devid}.sock"))
+        if not cfg.socket and self.opt.socket_template:
+            cfg = replace(cfg, socket=self.opt.socket_template)
         return cfg
 
     async def _ram_banks(self) -> list[tuple[int, int]]:
@@ -328,7 +332,7 @@ class Supervisor:
         ioreq.add_window(cfg.base, WINDOW_SIZE, device)
         self.devices[cfg.base] = served
         served.state_task = self._spawn(self._follow_device(served))
-        log.info("serving virtio device %d at %#x irq %d, back-end %s", cfg.device_id, cfg.base, cfg.irq, cfg.socket_path(self.domid))
+        log.info("serving virtio device %d at %#x irq %d, back-end %s", cfg.device_id, cfg.base, cfg.irq, cfg.socket_path(self.name, self.domid))
 
     def _export(self, cfg: DeviceConfig) -> DataPath | DataPathChooser:
         assert self.privcmd is not None
@@ -426,13 +430,13 @@ class Supervisor:
 
     async def _connect(self, served: _Served) -> AsyncFrontend:
         cfg = served.config
-        path = cfg.socket_path(self.domid)
+        path = cfg.socket_path(self.name, self.domid)
         if not cfg.listen:
             fe = await AsyncFrontend.connect(path, attempts=CONNECT_ATTEMPTS)
             self._check_peer(fe, path)  # a socket some other user put there is not our back-end
             return fe
         if served.listener is None:
-            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+            make_socket_dir(os.path.dirname(path))
             served.listener = UnixListener(path)
             os.chmod(path, 0o600)
         self.log.info("waiting for the back-end to connect to %s", path)
@@ -515,7 +519,7 @@ class Supervisor:
         if not path or self.ioreq is None or self.ioreq.server_id is None:
             return
         devices = {str(base): snapshot(s.device.model) for base, s in self.devices.items() if s.device.model}
-        state = {"domid": self.domid, "ioreq_server": self.ioreq.server_id, "devices": devices}
+        state = {"domid": self.domid, "name": self.name, "ioreq_server": self.ioreq.server_id, "devices": devices}
         tmp = f"{path}.tmp"
         try:
             with open(tmp, "w") as f:
@@ -620,7 +624,7 @@ class Supervisor:
         if served.listener is not None:
             served.listener.close()
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(served.config.socket_path(self.domid))
+                os.unlink(served.config.socket_path(self.name, self.domid))
         self._release_guest_memory()
         record = self._inflight_path(served.config)
         if record is not None:
@@ -664,7 +668,7 @@ class Supervisor:
             fe = d.frontend
             devices.append({
                 "devid": cfg.devid, "device_id": cfg.device_id, "base": hex(cfg.base), "irq": cfg.irq,
-                "socket": cfg.socket_path(self.domid),
+                "socket": cfg.socket_path(self.name, self.domid),
                 "backend": "lost" if fe is None or fe.broken else "connected",
                 "data_path": _data_path_name(d.memory),
                 "status": int(d.model.status) if d.model else 0,
@@ -674,7 +678,7 @@ class Supervisor:
                 "reconnects": d.stats.reconnects, "guest_errors": d.stats.guest_errors, "last_error": d.stats.last_error,
             })
         ioreq = self.ioreq.stats if self.ioreq else None
-        return {"domid": self.domid, "devices": devices, "restricted": self.restricted,
+        return {"domid": self.domid, "name": self.name, "devices": devices, "restricted": self.restricted,
                 "kernel_fast_path": self.fastpath is not None,
                 "ioreqs": {"served": ioreq.served, "spurious": ioreq.spurious, "refused": ioreq.refused} if ioreq else {}}
 
@@ -738,6 +742,20 @@ class Supervisor:
 
 class _DomainGone(Exception):
     pass
+
+
+def make_socket_dir(path: str) -> None:
+    """Create a server-mode socket's directory (e.g. ``/run/vhost-user/<name>``) and any missing
+    parent, each 0755 whatever the umask (the unit's is 0077): a back-end running as another user
+    must be able to reach the socket, whose own mode (0600) says who may connect."""
+    if not path or os.path.isdir(path):
+        return
+    make_socket_dir(os.path.dirname(path))
+    try:
+        os.mkdir(path, 0o755)
+    except FileExistsError:
+        return
+    os.chmod(path, 0o755)
 
 
 class _Choose(DataPathChooser):

@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon.test_daemon_cli import DOMID, TIMEOUT, io_check, start_sim, stop
+from xen_vhost_master.config import instance_name
 from xen_vhost_master.sim.guest import SimControl, SimGuest
 from xen_vhost_master.sim.guest_devices import VirtioBlk
 from xen_vhost_master.sim.guest_driver import GuestPageAllocator
@@ -40,16 +41,21 @@ from xen_vhost_master.sim.guest_driver import GuestPageAllocator
 SYSTEMD = "/lib/systemd/systemd"
 REPO = Path(__file__).resolve().parents[2]
 UNIT_FILE = REPO / "systemd" / "xen-vhost-master@.service"
-UNIT = f"xen-vhost-master@{DOMID}.service"
+# A guest name systemd must escape: the instance is "my\x2dguest\x207", %I gives the name back,
+# and RuntimeDirectory=xen-vhost-master/%i must be the daemon's own runtime directory (under
+# ProtectSystem=strict it could write nowhere else).
+NAME = "my-guest 7"
+INSTANCE = instance_name(NAME)
+UNIT = f"xen-vhost-master@{INSTANCE}.service"
 
 BOOT = """\
 set -e
 mount --make-rprivate /
 mount -t proc proc /proc
 mount -t tmpfs -o mode=0755 tmpfs /run
-mkdir -p /run/systemd/system /run/xen-vhost-master/{domid}
+mkdir -p /run/systemd/system '/run/vhost-user/{instance}'
 cp -r {units}/. /run/systemd/system/
-ln -s {backend} /run/xen-vhost-master/{domid}/0.sock
+ln -s {backend} '/run/vhost-user/{instance}/0.sock'
 export container=xen-vhost-master-test
 exec {systemd} --system --unit=xvm-test.target --log-level=info
 """
@@ -77,7 +83,7 @@ class Systemd:
         (units / "xen-vhost-master@.service.d" / "test.conf").write_text(dropin)
         (units / "xvm-test.target").write_text("[Unit]\nDescription=test target\nDefaultDependencies=no\n")
         boot = work / "boot.sh"
-        boot.write_text(BOOT.format(domid=DOMID, units=units, backend=backend_sock, systemd=SYSTEMD))
+        boot.write_text(BOOT.format(instance=INSTANCE, units=units, backend=backend_sock, systemd=SYSTEMD))
         self.log = open(work / "systemd.log", "wb")
         self.proc = subprocess.Popen(["unshare", "--pid", "--mount", "--fork", "--kill-child", "sh", str(boot)],
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -159,7 +165,7 @@ async def test_the_shipped_unit_under_real_systemd(work, peers, user):
     reason = _can_boot_systemd()
     if reason is not None:
         pytest.skip(reason)
-    sim, sim_path = start_sim(str(work))
+    sim, sim_path = start_sim(str(work), name=NAME)
     disk = peers.qsd_raw(size=8 << 20)
     bin_dir = Path(sys.executable).parent
     if user != "root":
@@ -172,7 +178,7 @@ async def test_the_shipped_unit_under_real_systemd(work, peers, user):
         "[Service]\n"
         + ("" if user == "root" else f"User={user}\nGroup={grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name}\n")
         + "ExecStart=\n"
-        f"ExecStart={bin_dir / 'xen-vhost-master'} --domid %i\n"
+        f"ExecStart={bin_dir / 'xen-vhost-master'} --domain=%I\n"
         f"Environment=XEN_VHOST_SIM={sim_path}\n"
         f"BindReadOnlyPaths={REPO} {Path(sys.prefix)}\n"
         f"BindPaths={work} {disk.sock.parent}\n"
