@@ -48,6 +48,7 @@ from .xen.xenstore import XenstoreClient, XenstoreError, XsTransaction
 __all__ = ["ExitCode", "Options", "Supervisor"]
 
 STEP_TIMEOUT = 10.0  # seconds for each teardown step
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
 CONNECT_ATTEMPTS = 20  # back-end connect retries (backoff grows to 1 s): ~15 s in all
 ACCEPT_TIMEOUT = 30.0  # server mode: how long to wait for the back-end to connect
 XENBUS_INITWAIT, XENBUS_CONNECTED, XENBUS_CLOSING, XENBUS_CLOSED = 2, 4, 5, 6
@@ -115,31 +116,46 @@ class Supervisor:
         self.fastpath: KernelFastPath | None = None
         self.guest_memory: ForeignGuestMemory | None = None
         self.restricted = False
+        self._serving = False
+        self._gone = False
 
     # --- the one entry point ---------------------------------------------------------------------
 
     async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT, the domain's end or a fatal error, then tear down."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in SIGNALS:
             loop.add_signal_handler(sig, self._signalled, sig)
+        gone = asyncio.ensure_future(self._watch_domain()) if self.opt.xenstore else None
         try:
-            await self._start()
-            self.notifier.ready(self._status_line())
-            self.log.info("serving: %s", self._status_line())
-            await self._serve()
+            await self._start_watched(gone)
+            if not self._stop.is_set():
+                self._serving = True
+                self.notifier.ready(self._status_line())
+                self.log.info("serving: %s", self._status_line())
+                await self._serve(gone)
         except ConfigError as e:
             self.log.error("configuration error: %s", e)
             self._exit = ExitCode.CONFIG
         except _DomainGone as e:
-            self.log.error("%s", e)
-            self._exit = ExitCode.UNAVAILABLE
+            if self.opt.xenstore:  # resolved through xenstore moments ago: it went away since
+                self.log.info("%s: nothing to serve", e)
+            else:
+                self.log.error("%s", e)
+                self._exit = ExitCode.UNAVAILABLE
         except (XenError, XenstoreError, VhostUserError, DeviceError, OSError) as e:
-            self.log.error("failed: %s", e)
-            self._exit = ExitCode.TEMPFAIL
+            if not self._serving and await self._domain_vanished():
+                self.log.info("domain %d is gone (during start-up: %s): nothing to serve", self.domid, e)
+            else:
+                self.log.error("failed: %s", e)
+                self._exit = ExitCode.TEMPFAIL
         finally:
+            if gone is not None:
+                self._gone = self._gone or (gone.done() and not gone.cancelled() and gone.exception() is None)
+                await self._reap([gone])
             self.notifier.stopping()
             await self._teardown()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in SIGNALS:
                 loop.remove_signal_handler(sig)
             self.notifier.close()
         return int(self._exit)
@@ -147,6 +163,40 @@ class Supervisor:
     def _signalled(self, sig: int) -> None:
         self.log.info("%s: shutting down", signal.Signals(sig).name)
         self._stop.set()
+
+    async def _start_watched(self, gone: asyncio.Task[None] | None) -> None:
+        """:meth:`_start`, abandoned (and torn down like any failed start) on SIGTERM/SIGINT or
+        if the domain goes away meanwhile: a start-up waiting on something (a back-end) must
+        neither outlive its guest nor ignore the service manager."""
+        start = asyncio.ensure_future(self._start())
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({start, stop, *([gone] if gone else [])}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await self._reap([stop])
+        if start.done():
+            start.result()
+            return
+        await self._reap([start])
+        if gone is not None and gone.done():
+            gone.result()  # the watch's own failure, if it failed
+            self._gone = True
+            raise _DomainGone(f"domain {self.domid} is gone (during start-up)")
+        self.log.info("start-up abandoned")
+
+    async def _domain_vanished(self) -> bool:
+        """After a failure during start-up: did it fail because the domain went away?"""
+        if self.xs is not None and not self.xs.closed:
+            try:
+                return not await self.xs.exists(f"/local/domain/{self.domid}")
+            except XenstoreError:
+                pass
+        if self.privcmd is not None:
+            try:
+                self.privcmd.maximum_gpfn(self.domid)
+            except XenError as e:
+                return e.errno == errno.ESRCH
+        return False
 
     # --- start ----------------------------------------------------------------------------------
 
@@ -536,18 +586,19 @@ class Supervisor:
 
     # --- running --------------------------------------------------------------------------------
 
-    async def _serve(self) -> None:
+    async def _serve(self, gone: asyncio.Task[None] | None) -> None:
         waits: list[Callable[[], Awaitable[Any]]] = [self._stop.wait]
         if self.xs is not None:
             waits.append(self._watch_devices)
-            waits.append(self._watch_domain)
         if self.notifier.watchdog_interval:
             waits.append(self._watchdog)
         tasks = [asyncio.ensure_future(w()) for w in waits]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait([*tasks, *([gone] if gone else [])], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()  # re-raise a watcher's failure
+            if gone is not None and gone in done:
+                self._gone = True
         finally:
             await self._reap(tasks)
 
@@ -644,11 +695,12 @@ class Supervisor:
         self.log.info("guest RAM unmapped")
 
     async def _watch_domain(self) -> None:
-        """Return when the domain is gone (destroyed, or shut down and released)."""
-        assert self.xs is not None
-        async with await self.xs.watch("@releaseDomain", token="release") as w:
-            async for _ in w:
-                if not await self.xs.exists(f"/local/domain/{self.domid}"):
+        """Return when the domain is gone (destroyed, or shut down and released). On a xenstore
+        connection of its own, so that it watches from the first moment of start-up on."""
+        xs = await XenstoreClient.open(socket_paths=() if self.simulated else None, opener=self.kernel.open)
+        async with xs, await xs.watch("@releaseDomain", token="release") as w:
+            async for _ in w:  # xenstored fires a new watch once at once: the first check
+                if not await xs.exists(f"/local/domain/{self.domid}"):
                     self.log.info("domain %d is gone", self.domid)
                     return
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from xen_vhost_master import cli, instance
-from xen_vhost_master.config import instance_name
+from xen_vhost_master.config import instance_name, parse_device_arg
 from xen_vhost_master.errors import ConfigError
 from xen_vhost_master.instance import (
     AlreadyServed,
@@ -25,6 +25,7 @@ from xen_vhost_master.instance import (
 )
 from xen_vhost_master.sim.guest import SimControl
 from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_master.supervisor import ExitCode, Options, Supervisor
 from xen_vhost_master.xen.xenstore import XenstoreClient
 
 ODD_NAMES = ["web1", "my-guest", "web 1", "a/b", "/lead", "tail/", "-lead", ".hidden", "x..y", "Ünïcødé",
@@ -153,3 +154,21 @@ def test_status_finds_the_instance_by_name_or_by_the_domid_in_its_state_file(tmp
     with pytest.raises(DomainNotFound, match="no instance serves domain 9"):
         cli._status_socket(cli.parse_args(["status", "--domain", "9"]))
     assert cli.main(["status", "--domain", "9"]) == 69
+
+
+@pytest.mark.asyncio
+async def test_a_domain_gone_between_resolution_and_start_is_exit_0_and_leaves_nothing(sim_control, kernel, tmp_path):
+    """Resolved through xenstore, then destroyed before the IOREQ server exists: nothing to serve,
+    exit 0 (the guest went away, as when it goes while served). Without xenstore nothing resolved
+    it: a domain id that does not exist is exit 69."""
+    domid = sim_control.create_domain(mem_bytes=16 << 20, name="brief")
+    sim_control.destroy_domain(domid)
+    run = tmp_path / "run"
+    run.mkdir()
+    opts = Options(domid=domid, name="brief", state_file=str(run / "state.json"), status_socket=str(run / "status.sock"))
+    assert await Supervisor(opts, kernel=kernel).run() == ExitCode.OK
+    assert os.listdir(run) == []
+    device = parse_device_arg("type=blk,base=0x2000000,irq=33,socket=/nonexistent.sock")
+    opts = Options(domid=domid, xenstore=False, devices=(device,), state_file=str(run / "state.json"))
+    assert await Supervisor(opts, kernel=kernel).run() == ExitCode.UNAVAILABLE
+    assert os.listdir(run) == []

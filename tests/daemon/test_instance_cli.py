@@ -3,7 +3,9 @@ NAME`` in its own process against ``xen-vhost-sim`` in another.
 
 Checks: a second instance for a served guest exits 73 at once with the holder's pid and leaves the
 first one serving (guest I/O, same IOREQ server); unknown names, malformed per-guest files and odd
-names get one clear line; the per-guest file and socket templates keyed by name.
+names get one clear line; the per-guest file and socket templates keyed by name; the domain
+vanishing during start-up ends the instance with exit 0 and nothing left behind, and SIGTERM during
+start-up is honoured.
 """
 
 from __future__ import annotations
@@ -183,9 +185,36 @@ async def test_per_guest_config_and_socket_templates_by_name(sim_dir, tmp_path):
         assert stat.S_IMODE(os.stat(sockets).st_mode) == 0o755
         assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o755
         assert stat.S_ISSOCK(os.stat(path).st_mode) and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        daemon.send_signal(signal.SIGTERM)  # still starting (no back-end came): it stops all the same
+        assert await asyncio.to_thread(daemon.wait, TIMEOUT) == 0, "".join(log.lines)
     finally:
         if daemon is not None:
             stop(daemon)
             if daemon.stderr is not None:
                 daemon.stderr.close()
+        stop(sim)
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_domain_gone_during_start_up_exits_0_and_leaves_nothing(sim_dir, tmp_path):
+    """The domain is destroyed while its instance is still starting (its back-end is not there,
+    so the start waits on it): the instance notices at once, logs why, exits 0, and leaves no
+    IOREQ server, state file, status socket or lock behind."""
+    sim, sim_path = start_sim(sim_dir)
+    runtime = tmp_path / "run"
+    env = dict(os.environ, XEN_VHOST_SIM=sim_path)
+    daemon = await asyncio.to_thread(subprocess.Popen, daemon_cmd(runtime, "--socket", str(tmp_path / "nobody-{devid}.sock")),
+                              env=env, stderr=subprocess.PIPE)
+    log = DaemonLog(daemon)
+    try:
+        await log.wait_for("ioreq server 0 created")  # (and state.json written next to the lock)
+        with SimControl(sim_path) as ctl:
+            ctl.destroy_domain(DOMID)
+        await log.wait_for(f"domain {DOMID} is gone")
+        assert await asyncio.to_thread(daemon.wait, TIMEOUT) == 0, "".join(log.lines)
+        assert os.listdir(runtime) == []
+    finally:
+        stop(daemon)
+        if daemon.stderr is not None:
+            daemon.stderr.close()
         stop(sim)
