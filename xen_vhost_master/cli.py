@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import pwd
+import signal
 import socket
 import sys
 
@@ -89,6 +90,12 @@ configuration files:
   <config-dir>/<name>.toml is read when it exists (a name containing '/' or starting with '.'
   uses its escaped form), then --config FILE; both add devices. Keys: [[device]] tables (the
   --device keys), memory = "MODE", backend-user = ["USER", ...]. Flags win over files.
+
+signals:
+  SIGTERM/SIGINT: full teardown (rings stopped, IOREQ server destroyed, XenBus Closed), exit 0.
+  SIGHUP (systemctl reload): handover. The back-ends' rings are stopped, state.json saved, and
+  the process re-executes itself (same pid); the new image adopts the IOREQ server and devices
+  and resumes the rings. The guest sees a pause, no reset.
 
 exit codes: 0 stopped cleanly, or the domain went away; 69 no such domain; 73 the guest is
 already served by another instance; 75 transient failure (systemd restarts); 78 configuration
@@ -213,7 +220,11 @@ def _fail(message: object, code: ExitCode) -> int:
     return int(code)
 
 
-async def _serve(args: argparse.Namespace) -> int:
+class _Handover:
+    """Returned by :func:`_serve` when the instance asked to re-execute itself (SIGHUP)."""
+
+
+async def _serve(args: argparse.Namespace) -> int | _Handover:
     kernel = kernel_from_env()
     try:
         guest = await _resolve(args, kernel)
@@ -232,10 +243,17 @@ async def _serve(args: argparse.Namespace) -> int:
         return _fail(e, ExitCode.ALREADY_SERVED)
     except (OSError, DaemonError) as e:
         return _fail(f"runtime directory {options.runtime_dir}: {e}", ExitCode.TEMPFAIL)
+    supervisor = Supervisor(options, kernel=kernel)
     try:
-        return await Supervisor(options, kernel=kernel).run()
-    finally:
+        code = await supervisor.run()
+    except BaseException:
         lock.release()
+        raise
+    if supervisor.handover:
+        lock.keep_for_exec()
+        return _Handover()
+    lock.release()
+    return code
 
 
 def _status_socket(args: argparse.Namespace) -> str:
@@ -282,7 +300,28 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(e, ExitCode.CONFIG)
         except DomainNotFound as e:
             return _fail(e, ExitCode.UNAVAILABLE)
-    return uvloop.run(_serve(args))
+    # A reload asked for before the handler exists: this image already is the new one.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    result = uvloop.run(_serve(args))
+    if isinstance(result, _Handover):
+        return _reexec(sys.argv[1:] if argv is None else argv)
+    return result
+
+
+def _reexec(argv: list[str]) -> int:
+    """Replace this process's image with a fresh one of the same command: same pid, so systemd's
+    MainPID stays; the lock's fd and the notification socket are inherited. Returns only if exec
+    fails: exit 75, and a restart adopts the guest from state.json as after a crash."""
+    log = logging.getLogger("xen_vhost_master")
+    log.info("handover: re-executing %s -m xen_vhost_master", sys.executable)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited: no SIGHUP may kill the new image early
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    try:
+        os.execv(sys.executable, [sys.executable, "-m", "xen_vhost_master", *argv])
+    except OSError as e:
+        log.error("handover: cannot execute %s: %s", sys.executable, e)
+    return int(ExitCode.TEMPFAIL)
 
 
 if __name__ == "__main__":

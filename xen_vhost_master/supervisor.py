@@ -48,7 +48,7 @@ from .xen.xenstore import XenstoreClient, XenstoreError, XsTransaction
 __all__ = ["ExitCode", "Options", "Supervisor"]
 
 STEP_TIMEOUT = 10.0  # seconds for each teardown step
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 CONNECT_ATTEMPTS = 20  # back-end connect retries (backoff grows to 1 s): ~15 s in all
 ACCEPT_TIMEOUT = 30.0  # server mode: how long to wait for the back-end to connect
 XENBUS_INITWAIT, XENBUS_CONNECTED, XENBUS_CLOSING, XENBUS_CLOSED = 2, 4, 5, 6
@@ -116,13 +116,15 @@ class Supervisor:
         self.fastpath: KernelFastPath | None = None
         self.guest_memory: ForeignGuestMemory | None = None
         self.restricted = False
+        self.handover = False  # SIGHUP: the guest is left to the next image of this process
         self._serving = False
         self._gone = False
 
     # --- the one entry point ---------------------------------------------------------------------
 
     async def run(self) -> int:
-        """Serve until SIGTERM/SIGINT, the domain's end or a fatal error, then tear down."""
+        """Serve until SIGTERM/SIGINT, the domain's end or a fatal error (full teardown), or until
+        SIGHUP (handover: :attr:`handover` is then True and the caller re-executes the program)."""
         loop = asyncio.get_running_loop()
         for sig in SIGNALS:
             loop.add_signal_handler(sig, self._signalled, sig)
@@ -153,15 +155,26 @@ class Supervisor:
             if gone is not None:
                 self._gone = self._gone or (gone.done() and not gone.cancelled() and gone.exception() is None)
                 await self._reap([gone])
-            self.notifier.stopping()
-            await self._teardown()
+            if self.handover and not self._gone and self._exit is ExitCode.OK:
+                await self._hand_over()
+            else:
+                self.handover = False
+                self.notifier.stopping()
+                await self._teardown()
             for sig in SIGNALS:
                 loop.remove_signal_handler(sig)
             self.notifier.close()
         return int(self._exit)
 
     def _signalled(self, sig: int) -> None:
-        self.log.info("%s: shutting down", signal.Signals(sig).name)
+        if sig == signal.SIGHUP:
+            if not self._serving:
+                self.log.info("SIGHUP during start-up: ignored (the program starting is the current one)")
+                return
+            self.log.info("SIGHUP: handing the guest over to a new image of this program")
+            self.handover = True
+        else:
+            self.log.info("%s: shutting down", signal.Signals(sig).name)
         self._stop.set()
 
     async def _start_watched(self, gone: asyncio.Task[None] | None) -> None:
@@ -781,6 +794,40 @@ class Supervisor:
             if handle is not None:
                 handle.close()
         self.log.info("stopped")
+
+    async def _hand_over(self) -> None:
+        """SIGHUP: leave the guest to the next image of this process, which adopts it the way a
+        restarted daemon does (state.json): guest accesses stop being taken (the vCPUs wait in
+        the IOREQ server, which stays enabled with its ranges), each device's back-end rings are
+        stopped without a reset and its connection closed (the model's state and the shadow
+        path's in-flight record stay), the state is saved, and every handle is closed without
+        destroying the server or writing XenBus Closed."""
+        assert self.ioreq is not None
+        self.notifier.reloading()
+        self.log.info("handover: keeping ioreq server %s and %d device(s) for the next image",
+                      self.ioreq.server_id, len(self.devices))
+        for task in list(self._tasks):
+            task.cancel()
+        if self._status_server is not None:
+            self._status_server.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.opt.status_socket or "")
+        await self._bounded("handover: guest accesses in progress", self.ioreq.stop_serving(STEP_TIMEOUT))
+        for served in self.devices.values():
+            await self._bounded(f"handover: device {served.config.devid}", served.device.suspend())
+            if served.listener is not None:
+                served.listener.close()
+        self._save_state()
+        self.ioreq.detach()
+        if self.xs is not None:
+            await self.xs.close()
+        if self._memfd is not None:
+            os.close(self._memfd)
+        for handle in (self.evtchn, self.privcmd):
+            if handle is not None:
+                handle.close()
+        self.notifier.keep_for_exec()
+        self.log.info("handover: state saved, handing over")
 
     async def _bounded(self, what: str, op: Awaitable[None]) -> None:
         try:

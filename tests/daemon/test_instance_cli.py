@@ -5,17 +5,21 @@ Checks: a second instance for a served guest exits 73 at once with the holder's 
 first one serving (guest I/O, same IOREQ server); unknown names, malformed per-guest files and odd
 names get one clear line; the per-guest file and socket templates keyed by name; the domain
 vanishing during start-up ends the instance with exit 0 and nothing left behind, and SIGTERM during
-start-up is honoured.
+start-up is honoured; SIGHUP hands the guest over to a new image of the same process with writes
+in flight (each completes once, data checked, no reset seen by the guest, same pid and IOREQ
+server), after which SIGTERM still tears everything down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,8 +34,8 @@ from tests.daemon.test_daemon_cli import (
     stop,
 )
 from xen_vhost_master.sim.guest import SimControl, SimGuest
-from xen_vhost_master.sim.guest_devices import VirtioBlk
-from xen_vhost_master.sim.guest_driver import GuestPageAllocator
+from xen_vhost_master.sim.guest_devices import BlkOp, VirtioBlk
+from xen_vhost_master.sim.guest_driver import DeviceStatus, GuestPageAllocator
 
 NAME = f"guest{DOMID}"  # what xen-vhost-sim names a domain created without a name
 DAEMON = str(BIN / "xen-vhost-master")
@@ -111,6 +115,90 @@ async def test_a_second_instance_for_a_served_guest_exits_73_and_leaves_the_firs
         stop(first)
         if first.stderr is not None:
             first.stderr.close()
+        stop(sim)
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_sighup_hands_the_guest_over_with_writes_in_flight_then_sigterm_tears_down(sim_dir, tmp_path):
+    """A back-end that completes out of order (the project's RAM disk, ``--reorder``), shadow
+    path: SIGHUP right after the first of 8 writes completed, three times over. Each time the
+    process re-executes itself (same pid, RELOADING=1 then READY=1), adopts the same IOREQ server,
+    and resumes the device from the in-flight record: every write completes exactly once (the
+    guest driver fails a batch on a completion for a chain not in flight, and a lost one times
+    out), every byte is in the image, and the guest's driver never saw a reset or a config
+    interrupt. SIGTERM afterwards is the full teardown."""
+    sim, sim_path = start_sim(sim_dir)
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(8 << 20))
+    sock = Path(sim_dir) / "blk.sock"
+    backend = await asyncio.to_thread(
+        subprocess.Popen,
+        [sys.executable, "-m", "vhost_user.testing.blk", "--socket", str(sock), "--size", "8M", "--image", str(image),
+         "--reorder", "3", "--hold-ms", "40"], stderr=subprocess.DEVNULL)
+    (runtime / "0.sock").symlink_to(sock)
+    notify = Notify(tmp_path / "notify")
+    env = dict(os.environ, XEN_VHOST_SIM=sim_path, NOTIFY_SOCKET=str(notify.path))
+    daemon = await asyncio.to_thread(subprocess.Popen, daemon_cmd(runtime), env=env, stderr=subprocess.PIPE)
+    log = DaemonLog(daemon)
+    guest = None
+    try:
+        await notify.wait_for(b"READY=1")
+        guest = await SimGuest.connect(sim_path, DOMID)
+        blk = await asyncio.wait_for(VirtioBlk.attach(guest, 0x2000000, 33, GuestPageAllocator(guest.ram)), TIMEOUT)
+        driver, queue = blk.driver, blk.driver.queues[0]
+        await io_check(blk, image, 31)
+        fds = fd_count(daemon.pid)
+        rng = random.Random(9)
+        expected: dict[int, bytes] = {}
+        resumed = 0
+        for round_ in range(3):
+            ops = [BlkOp("write", 4096 * round_ + 64 * i, data=rng.randbytes(16 << 10)) for i in range(8)]
+            batch = asyncio.ensure_future(blk.batch(ops))
+            async with asyncio.timeout(TIMEOUT):
+                while len(queue.pending) < len(ops):  # all posted and kicked
+                    await asyncio.sleep(0)
+                await asyncio.wait(set(queue.pending), return_when=asyncio.FIRST_COMPLETED)
+            daemon.send_signal(signal.SIGHUP)
+            await notify.wait_for(b"RELOADING=1")
+            await log.wait_for("ioreq server 0 adopted")
+            await notify.wait_for(b"READY=1")
+            await asyncio.wait_for(batch, TIMEOUT)  # every write, exactly once
+            line = await log.wait_for("resum")
+            resumed += "from the in-flight record" in line
+            expected.update((op.sector, op.data) for op in ops)
+            assert daemon.poll() is None  # the same process, re-executed: systemd's MainPID stays
+            with SimControl(sim_path) as ctl:
+                assert ctl.domain_info(DOMID)["servers"] == [0]
+            assert (runtime / "lock").read_text() == f"{daemon.pid}\n"
+            assert fd_count(daemon.pid) == fds  # the old image's handles went with it
+        for sector, data in expected.items():
+            assert await asyncio.wait_for(blk.read(sector, len(data) // 512), TIMEOUT) == data
+        status = await driver.read_status()
+        assert status & DeviceStatus.DRIVER_OK and not status & DeviceStatus.DEVICE_NEEDS_RESET, status
+        assert driver.config_changes == 0 and not driver.needs_reset
+        assert resumed >= 1  # chains were in flight at some handover, and the record brought them back
+        content = await asyncio.to_thread(image.read_bytes)
+        for sector, data in expected.items():
+            assert content[sector * 512:sector * 512 + len(data)] == data
+        await io_check(blk, image, 32)  # and I/O goes on
+        await blk.close()
+
+        daemon.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(daemon.wait, TIMEOUT) == 0
+        assert any(m.startswith(b"STOPPING=1") for m in notify.seen) or await notify.wait_for(b"STOPPING=1")
+        with SimControl(sim_path) as ctl:
+            assert ctl.domain_info(DOMID)["servers"] == []  # destroyed
+        assert sorted(os.listdir(runtime)) == ["0.sock"]  # state, record, lock and status socket gone
+    finally:
+        if guest is not None:
+            guest.close()
+        stop(daemon)
+        if daemon.stderr is not None:
+            daemon.stderr.close()
+        notify.close()
+        stop(backend)
         stop(sim)
 
 
