@@ -8,6 +8,8 @@ the fix. Three sources, merged with explicit settings winning: libxl's xenstore 
 from __future__ import annotations
 
 import enum
+import itertools
+import string
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -17,22 +19,33 @@ from .errors import ConfigError
 
 __all__ = [
     "DEFAULT_QUEUE_SIZE",
+    "NO_ADVANCE_RUSTVMM",
+    "NO_ADVANCE_SPEC",
+    "SOCKET_KEYS",
     "SOCKET_TEMPLATE",
     "DeviceConfig",
     "GuestConfig",
     "MemoryMode",
-    "NO_ADVANCE_RUSTVMM",
-    "NO_ADVANCE_SPEC",
+    "TomlConfig",
+    "check_socket_template",
     "device_from_xenstore",
+    "expand_socket",
+    "instance_name",
+    "load_guest_toml",
     "load_toml",
     "merge",
     "parse_device_arg",
+    "vdev_name",
     "virtio_id",
 ]
 
-# Where a device's back-end socket lives unless configured: one private directory per guest
-# (systemd's RuntimeDirectory=xen-vhost-master/%i creates it 0700).
-SOCKET_TEMPLATE = "/run/xen-vhost-master/{domid}/{devid}.sock"
+# Where a device's back-end socket lives unless configured: one directory per guest *name*, owned
+# by the operator (systemd/xen-vhost-master.tmpfiles.conf creates /run/vhost-user), so a back-end
+# unit can create its socket before the guest exists and keeps it across guest reboots.
+SOCKET_TEMPLATE = "/run/vhost-user/{name}/{devid}.sock"
+# The keys socket= templates may use: the guest's name (systemd-escaped: one path component, the
+# %i of a back-end's template unit), its current domain id, the device id, the disk name.
+SOCKET_KEYS = ("name", "domid", "devid", "vdev")
 DEFAULT_QUEUE_SIZE = 256  # QueueNumMax offered to the guest; QEMU's default for virtio-blk/net
 MMIO_WINDOW = 0x200  # libxl's per-device window (xen/include/public/arch-arm.h GUEST_VIRTIO_MMIO_SIZE)
 MAX_QUEUE_SIZE = 32768  # virtio 1.2 §2.7
@@ -73,8 +86,9 @@ class DeviceConfig:
     xen_no_advance: int = NO_ADVANCE_RUSTVMM  # grant devices over XEN_MMAP: NO_ADVANCE_MAP value
     source: str = "cli"  # where it came from, for messages: cli, config, xenstore
 
-    def socket_path(self, domid: int) -> str:
-        return self.socket or SOCKET_TEMPLATE.format(domid=domid, devid=self.devid)
+    def socket_path(self, name: str, domid: int) -> str:
+        """The back-end socket of this device of guest ``name`` (domain ``domid``)."""
+        return expand_socket(self.socket or SOCKET_TEMPLATE, name=name, domid=domid, devid=self.devid)
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,85 @@ class GuestConfig:
     xenstore: bool = True  # discover (more) devices from xenstore and watch for changes
     backend_domid: int = 0
     extra: Mapping[str, object] = field(default_factory=dict)
+
+
+# systemd's unit-name escaping (src/basic/unit-name.c, unit_name_escape; systemd-escape(1)):
+# these bytes stay, '/' becomes '-', every other byte (and a leading '.') becomes \xNN.
+_INSTANCE_KEEP = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:_.")
+
+
+def instance_name(name: str) -> str:
+    """``name`` escaped exactly as ``systemd-escape NAME`` does: the instance part of
+    ``xen-vhost-master@<instance>.service``, what its ``%i`` expands to, and a single safe path
+    component (no '/', no leading '.'). Works on the UTF-8 bytes (``surrogateescape`` keeps bytes
+    that are not UTF-8, as argv and xenstore can carry)."""
+    out = []
+    for i, byte in enumerate(name.encode("utf-8", "surrogateescape")):
+        if byte == ord("/"):
+            out.append("-")
+        elif byte in _INSTANCE_KEEP and not (i == 0 and byte == ord(".")):
+            out.append(chr(byte))
+        else:
+            out.append(f"\\x{byte:02x}")
+    return "".join(out)
+
+
+def _letters(index: int) -> str:
+    """0 → a, 25 → z, 26 → aa (Linux's xvd/sd disk letters)."""
+    s = ""
+    index += 1
+    while index:
+        index, r = divmod(index - 1, 26)
+        s = chr(ord("a") + r) + s
+    return s
+
+
+def vdev_name(devid: int) -> str:
+    """The disk name of a Xen virtual block device number (xen docs/misc/vbd-interface.txt, libxl
+    ``libxl__device_disk_dev_number``): 51712 = (202 << 8) | (0 << 4) | 0 → ``xvda``, 51729 →
+    ``xvdb1``; (8 << 8) | ... → ``sdX``; (3 << 8) / (22 << 8) → ``hda``..``hdd``; the extended
+    form (1 << 28) | (disk << 8) | partition → ``xvd<letters>``. Any other id → the number itself
+    (a Xen ≥ 4.18 ``virtio`` device's id is a plain index)."""
+    def name(prefix: str, disk: int, part: int) -> str:
+        return f"{prefix}{_letters(disk)}{part or ''}"
+
+    major, minor = devid >> 8, devid & 0xFF
+    if devid >> 28 == 1 and devid < (1 << 29):
+        return name("xvd", (devid >> 8) & 0xFFFFF, devid & 0xFF)
+    if major == 202:
+        return name("xvd", minor >> 4, minor & 0xF)
+    if major == 8:
+        return name("sd", minor >> 4, minor & 0xF)
+    if major == 3:
+        return name("hd", minor >> 6, minor & 0x3F)
+    if major == 22:
+        return name("hd", 2 + (minor >> 6), minor & 0x3F)
+    return str(devid)
+
+
+def check_socket_template(text: str, what: str) -> str:
+    """A ``socket=`` value: a path, optionally with ``{name}``, ``{domid}``, ``{devid}``,
+    ``{vdev}`` (``{{``/``}}`` for literal braces). Anything else is a ConfigError saying so."""
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as e:
+        raise ConfigError(f"{what}={text!r}: {e} (write {{{{ and }}}} for literal braces)") from None
+    for _literal, key, spec, conversion in parsed:
+        if key is None:
+            continue
+        if key not in SOCKET_KEYS:
+            raise ConfigError(f"{what}={text!r}: unknown template key {{{key}}}; use "
+                              + ", ".join(f"{{{k}}}" for k in SOCKET_KEYS))
+        if spec or conversion:
+            raise ConfigError(f"{what}={text!r}: {{{key}}} takes no format spec or conversion")
+    if not text:
+        raise ConfigError(f"{what}: empty path")
+    return text
+
+
+def expand_socket(template: str, *, name: str, domid: int, devid: int) -> str:
+    """A checked template (:func:`check_socket_template`) with this device's values."""
+    return template.format(name=instance_name(name), domid=domid, devid=devid, vdev=vdev_name(devid))
 
 
 def virtio_id(text: str, what: str) -> int:
@@ -151,7 +244,7 @@ def _device(items: Mapping[str, object], what: str, source: str) -> DeviceConfig
         device_id=virtio_id(str(items["type"]), f"{what}: type"),
         base=_int(items["base"], f"{what}: base"),
         irq=_int(items["irq"], f"{what}: irq", 0, 1019),
-        socket=str(items.get("socket", "")),
+        socket=check_socket_template(str(items["socket"]), f"{what}: socket") if "socket" in items else "",
         listen=mode == "server",
         queue_size=queue_size,
         num_queues=None if queues is None else _int(queues, f"{what}: queues", 1, 1024),
@@ -192,19 +285,55 @@ def parse_device_arg(text: str, index: int = 0) -> DeviceConfig:
     return _device(items, f"--device {text!r}", "cli")
 
 
-def load_toml(path: str | Path) -> list[DeviceConfig]:
-    """A TOML file with ``[[device]]`` tables using the same keys as ``--device``."""
+@dataclass(frozen=True)
+class TomlConfig:
+    """What a TOML file sets: ``[[device]]`` tables, and optionally ``memory = "..."`` and
+    ``backend-user = [...]`` (the same as ``--memory`` and ``--backend-user``)."""
+
+    devices: tuple[DeviceConfig, ...] = ()
+    memory: MemoryMode | None = None
+    backend_users: tuple[str, ...] = ()
+
+
+TOML_KEYS = ("device", "memory", "backend-user")
+
+
+def load_guest_toml(path: str | Path, what: str = "--config") -> TomlConfig:
+    """A TOML file (``--config FILE``, or the per-guest ``/etc/xen-vhost-master/<name>.toml``);
+    ``what`` starts every error message (which is one line, naming the file)."""
+    where = f"{what} {path}" if what else str(path)
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except OSError as e:
-        raise ConfigError(f"--config {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"--config {path}: not valid TOML: {e}") from None
+        raise ConfigError(f"{where}: {e.strerror}") from None
+    except ValueError as e:  # tomllib.TOMLDecodeError, or bytes that are not UTF-8
+        raise ConfigError(f"{where}: not valid TOML: {e}") from None
+    unknown = set(data) - set(TOML_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(TOML_KEYS)}")
     tables = data.get("device", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
-        raise ConfigError(f"--config {path}: 'device' must be an array of tables ([[device]])")
-    return [_device({"devid": i, **t}, f"--config {path} device #{i}", "config") for i, t in enumerate(tables)]
+        raise ConfigError(f"{where}: 'device' must be an array of tables ([[device]])")
+    devices = tuple(_device({"devid": i, **t}, f"{where} device #{i}", "config") for i, t in enumerate(tables))
+    memory = None
+    if "memory" in data:
+        try:
+            memory = MemoryMode(data["memory"])
+        except ValueError:
+            raise ConfigError(f"{where}: memory={data['memory']!r}: use one of "
+                              f"{', '.join(m.value for m in MemoryMode)}") from None
+    users = data.get("backend-user", [])
+    if isinstance(users, (str, int)):
+        users = [users]
+    if not isinstance(users, list) or not all(isinstance(u, (str, int)) and not isinstance(u, bool) for u in users):
+        raise ConfigError(f"{where}: backend-user must be a user name or uid, or a list of them")
+    return TomlConfig(devices, memory, tuple(str(u) for u in users))
+
+
+def load_toml(path: str | Path) -> list[DeviceConfig]:
+    """A TOML file's ``[[device]]`` tables (same keys as ``--device``)."""
+    return list(load_guest_toml(path).devices)
 
 
 def device_from_xenstore(kind: str, devid: int, keys: Mapping[str, str]) -> DeviceConfig:
@@ -245,7 +374,7 @@ def merge(discovered: Iterable[DeviceConfig], explicit: Iterable[DeviceConfig]) 
             d = replace(d, devid=by_base[d.base].devid)
         out[d.base] = d
     devices = sorted(out.values(), key=lambda d: d.base)
-    for a, b in zip(devices, devices[1:]):
+    for a, b in itertools.pairwise(devices):
         if a.base + MMIO_WINDOW > b.base:
             raise ConfigError(f"devices {a.devid} ({a.source}) and {b.devid} ({b.source}) overlap: MMIO windows at {a.base:#x} and {b.base:#x}")
     return tuple(devices)

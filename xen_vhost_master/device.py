@@ -309,6 +309,34 @@ class Device:
         if self._chooser is None:
             self.memory.close()
 
+    async def suspend(self) -> None:
+        """Handover to the next image of this process (which resumes the device with
+        :meth:`restore`, as after a lost back-end): the back-end's rings are stopped
+        (GET_VRING_BASE, no reset: the back-end keeps the device as the guest configured it), the
+        kernel fast path given back, the connection closed. The model and the data path stay as
+        they are: a shadow path's in-flight record (a file) still holds the chains in flight, which
+        the next image takes again; the rest goes with this image."""
+        self._closing = True
+        await cancel_and_wait(self._reconnecting)
+        async with self._lock:
+            fe, self.frontend = self.frontend, None
+            if fe is not None and not fe.broken:
+                try:
+                    for index in self._started:
+                        await fe.stop_vring(index)
+                except VhostUserError as e:
+                    self.log.warning("handover: stopping the back-end's rings: %s", e)
+            for index in list(self.fastpath.assigned if self.fastpath else ()):
+                self._user_path(index)
+            if fe is not None:
+                await fe.close()
+        for task in list(self._tasks):
+            task.cancel()
+        loop = asyncio.get_running_loop()
+        for fd in self._call:
+            loop.remove_reader(fd)
+        self.log.info("handed over: queues %s stopped, device state kept", self._started)
+
     # --- guest register accesses (from the IOREQ server) ---------------------------------------
 
     def mmio(self, offset: int, size: int, is_write: bool, value: int) -> int | None | Awaitable[None]:

@@ -182,6 +182,40 @@ class IoreqServer:
             self.server_id = None
         self.enabled = False
 
+    async def stop_serving(self, timeout: float) -> None:
+        """Take no more guest accesses (they wait in the ioreq page, their vCPUs blocked) and let
+        the ones in progress finish, for ``timeout`` seconds at most (then they are answered as
+        failed, like any access whose device gave up)."""
+        if self._reading:
+            asyncio.get_running_loop().remove_reader(self.evtchn.fileno())
+            self._reading = False
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in late:
+                await cancel_and_wait(task)
+
+    def detach(self) -> None:
+        """Let go of the server without destroying it (a handover): it stays enabled with its
+        MMIO ranges, so the guest's accesses queue in its page until the next device model
+        process adopts it (:meth:`create` with ``adopt``). Our event-channel ports are unbound and
+        the page unmapped."""
+        if self._reading:
+            asyncio.get_running_loop().remove_reader(self.evtchn.fileno())
+            self._reading = False
+        for port in self._ports:
+            try:
+                self.evtchn.unbind(port)
+            except XenError as e:
+                self.log.warning("handover: unbind event channel failed: %s", e)
+        self._ports, self._vcpu_of = [], {}
+        self._bases, self._windows = [], {}
+        if self.page is not None:
+            self.page.close()
+            self.page = None
+        self.log.info("ioreq server %s left enabled for the next device model", self.server_id)
+        self.server_id = None
+        self.enabled = False
+
     def _step(self, what: str, op: Callable[[], None]) -> None:
         try:
             op()

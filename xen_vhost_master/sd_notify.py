@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 __all__ = ["Notifier"]
 
@@ -18,9 +19,13 @@ class Notifier:
 
     def __init__(self, environ: dict[str, str] | os._Environ[str] | None = None) -> None:
         env = os.environ if environ is None else environ
+        self._env = env
         address = env.pop("NOTIFY_SOCKET", None)
         usec = env.pop("WATCHDOG_USEC", None)
         pid = env.pop("WATCHDOG_PID", None)
+        # What to put back for a new image of this process (same pid: the same service to systemd).
+        self._inherited = {k: v for k, v in (("NOTIFY_SOCKET", address), ("WATCHDOG_USEC", usec),
+                                              ("WATCHDOG_PID", pid)) if v is not None}
         self._sock: socket.socket | None = None
         self._address = ""
         if address:
@@ -56,6 +61,16 @@ class Notifier:
 
     def stopping(self, status: str = "stopping") -> None:
         self.notify(STOPPING=1, STATUS=status)
+
+    def reloading(self, status: str = "handing over to a new image") -> None:
+        """sd_notify(3) RELOADING=1; MONOTONIC_USEC is what Type=notify-reload (systemd 253)
+        requires with it, and is ignored by older managers. READY=1 ends the reload."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notify(RELOADING=1, MONOTONIC_USEC=usec, STATUS=status)
+
+    def keep_for_exec(self) -> None:
+        """Put the variables popped at construction back, for the image this process execs."""
+        self._env.update(self._inherited)
 
     def watchdog(self) -> None:
         self.notify(WATCHDOG=1)

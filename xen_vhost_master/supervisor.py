@@ -48,6 +48,7 @@ from .xen.xenstore import XenstoreClient, XenstoreError, XsTransaction
 __all__ = ["ExitCode", "Options", "Supervisor"]
 
 STEP_TIMEOUT = 10.0  # seconds for each teardown step
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 CONNECT_ATTEMPTS = 20  # back-end connect retries (backoff grows to 1 s): ~15 s in all
 ACCEPT_TIMEOUT = 30.0  # server mode: how long to wait for the back-end to connect
 XENBUS_INITWAIT, XENBUS_CONNECTED, XENBUS_CLOSING, XENBUS_CLOSED = 2, 4, 5, 6
@@ -60,6 +61,7 @@ class ExitCode(enum.IntEnum):
     OK = 0
     FAILURE = 1
     UNAVAILABLE = 69  # EX_UNAVAILABLE: the domain does not exist
+    ALREADY_SERVED = 73  # another instance serves this guest (its lock is held): do not restart
     TEMPFAIL = 75  # EX_TEMPFAIL: try again later (Restart=on-failure)
     CONFIG = 78  # EX_CONFIG: fix the configuration; restarting will not help
 
@@ -67,11 +69,13 @@ class ExitCode(enum.IntEnum):
 @dataclass(frozen=True)
 class Options:
     domid: int
+    name: str = ""  # the guest's name (the instance key); "" = the domid
     devices: tuple[DeviceConfig, ...] = ()
     xenstore: bool = True
     memory: MemoryMode = MemoryMode.AUTO
-    socket_dir: str | None = None  # overrides the template's directory
+    socket_template: str | None = None  # socket of devices without socket= (None: config.SOCKET_TEMPLATE)
     backend_domid: int = 0
+    runtime_dir: str | None = None  # lock, state file, status socket
     status_socket: str | None = None
     state_file: str | None = None  # what a restarted daemon needs to take over a running guest
     backend_uids: tuple[int, ...] = ()  # besides our own uid and root, who may be a back-end
@@ -91,6 +95,7 @@ class Supervisor:
     def __init__(self, options: Options, *, kernel: Kernel | None = None, notifier: Notifier | None = None) -> None:
         self.opt = options
         self.domid = options.domid
+        self.name = options.name or str(options.domid)
         self.kernel = kernel or kernel_from_env()
         self.simulated = bool(os.environ.get(ENV_SIM_SOCKET))
         self.notifier = notifier or Notifier()
@@ -111,38 +116,100 @@ class Supervisor:
         self.fastpath: KernelFastPath | None = None
         self.guest_memory: ForeignGuestMemory | None = None
         self.restricted = False
+        self.handover = False  # SIGHUP: the guest is left to the next image of this process
+        self._serving = False
+        self._gone = False
 
     # --- the one entry point ---------------------------------------------------------------------
 
     async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT, the domain's end or a fatal error (full teardown), or until
+        SIGHUP (handover: :attr:`handover` is then True and the caller re-executes the program)."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in SIGNALS:
             loop.add_signal_handler(sig, self._signalled, sig)
+        gone = asyncio.ensure_future(self._watch_domain()) if self.opt.xenstore else None
         try:
-            await self._start()
-            self.notifier.ready(self._status_line())
-            self.log.info("serving: %s", self._status_line())
-            await self._serve()
+            await self._start_watched(gone)
+            if not self._stop.is_set():
+                self._serving = True
+                self.notifier.ready(self._status_line())
+                self.log.info("serving: %s", self._status_line())
+                await self._serve(gone)
         except ConfigError as e:
             self.log.error("configuration error: %s", e)
             self._exit = ExitCode.CONFIG
         except _DomainGone as e:
-            self.log.error("%s", e)
-            self._exit = ExitCode.UNAVAILABLE
+            if self.opt.xenstore:  # resolved through xenstore moments ago: it went away since
+                self.log.info("%s: nothing to serve", e)
+            else:
+                self.log.error("%s", e)
+                self._exit = ExitCode.UNAVAILABLE
         except (XenError, XenstoreError, VhostUserError, DeviceError, OSError) as e:
-            self.log.error("failed: %s", e)
-            self._exit = ExitCode.TEMPFAIL
+            if not self._serving and await self._domain_vanished():
+                self.log.info("domain %d is gone (during start-up: %s): nothing to serve", self.domid, e)
+            else:
+                self.log.error("failed: %s", e)
+                self._exit = ExitCode.TEMPFAIL
         finally:
-            self.notifier.stopping()
-            await self._teardown()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            if gone is not None:
+                self._gone = self._gone or (gone.done() and not gone.cancelled() and gone.exception() is None)
+                await self._reap([gone])
+            if self.handover and not self._gone and self._exit is ExitCode.OK:
+                await self._hand_over()
+            else:
+                self.handover = False
+                self.notifier.stopping()
+                await self._teardown()
+            for sig in SIGNALS:
                 loop.remove_signal_handler(sig)
             self.notifier.close()
         return int(self._exit)
 
     def _signalled(self, sig: int) -> None:
-        self.log.info("%s: shutting down", signal.Signals(sig).name)
+        if sig == signal.SIGHUP:
+            if not self._serving:
+                self.log.info("SIGHUP during start-up: ignored (the program starting is the current one)")
+                return
+            self.log.info("SIGHUP: handing the guest over to a new image of this program")
+            self.handover = True
+        else:
+            self.log.info("%s: shutting down", signal.Signals(sig).name)
         self._stop.set()
+
+    async def _start_watched(self, gone: asyncio.Task[None] | None) -> None:
+        """:meth:`_start`, abandoned (and torn down like any failed start) on SIGTERM/SIGINT or
+        if the domain goes away meanwhile: a start-up waiting on something (a back-end) must
+        neither outlive its guest nor ignore the service manager."""
+        start = asyncio.ensure_future(self._start())
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({start, stop, *([gone] if gone else [])}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await self._reap([stop])
+        if start.done():
+            start.result()
+            return
+        await self._reap([start])
+        if gone is not None and gone.done():
+            gone.result()  # the watch's own failure, if it failed
+            self._gone = True
+            raise _DomainGone(f"domain {self.domid} is gone (during start-up)")
+        self.log.info("start-up abandoned")
+
+    async def _domain_vanished(self) -> bool:
+        """After a failure during start-up: did it fail because the domain went away?"""
+        if self.xs is not None and not self.xs.closed:
+            try:
+                return not await self.xs.exists(f"/local/domain/{self.domid}")
+            except XenstoreError:
+                pass
+        if self.privcmd is not None:
+            try:
+                self.privcmd.maximum_gpfn(self.domid)
+            except XenError as e:
+                return e.errno == errno.ESRCH
+        return False
 
     # --- start ----------------------------------------------------------------------------------
 
@@ -209,8 +276,8 @@ class Supervisor:
     def _adjust(self, cfg: DeviceConfig) -> DeviceConfig:
         if cfg.memory is MemoryMode.AUTO and self.opt.memory is not MemoryMode.AUTO:
             cfg = replace(cfg, memory=self.opt.memory)
-        if not cfg.socket and self.opt.socket_dir:
-            cfg = replace(cfg, socket=os.path.join(self.opt.socket_dir, f"{cfg.devid}.sock"))
+        if not cfg.socket and self.opt.socket_template:
+            cfg = replace(cfg, socket=self.opt.socket_template)
         return cfg
 
     async def _ram_banks(self) -> list[tuple[int, int]]:
@@ -328,7 +395,7 @@ class Supervisor:
         ioreq.add_window(cfg.base, WINDOW_SIZE, device)
         self.devices[cfg.base] = served
         served.state_task = self._spawn(self._follow_device(served))
-        log.info("serving virtio device %d at %#x irq %d, back-end %s", cfg.device_id, cfg.base, cfg.irq, cfg.socket_path(self.domid))
+        log.info("serving virtio device %d at %#x irq %d, back-end %s", cfg.device_id, cfg.base, cfg.irq, cfg.socket_path(self.name, self.domid))
 
     def _export(self, cfg: DeviceConfig) -> DataPath | DataPathChooser:
         assert self.privcmd is not None
@@ -426,13 +493,13 @@ class Supervisor:
 
     async def _connect(self, served: _Served) -> AsyncFrontend:
         cfg = served.config
-        path = cfg.socket_path(self.domid)
+        path = cfg.socket_path(self.name, self.domid)
         if not cfg.listen:
             fe = await AsyncFrontend.connect(path, attempts=CONNECT_ATTEMPTS)
             self._check_peer(fe, path)  # a socket some other user put there is not our back-end
             return fe
         if served.listener is None:
-            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+            make_socket_dir(os.path.dirname(path))
             served.listener = UnixListener(path)
             os.chmod(path, 0o600)
         self.log.info("waiting for the back-end to connect to %s", path)
@@ -515,7 +582,7 @@ class Supervisor:
         if not path or self.ioreq is None or self.ioreq.server_id is None:
             return
         devices = {str(base): snapshot(s.device.model) for base, s in self.devices.items() if s.device.model}
-        state = {"domid": self.domid, "ioreq_server": self.ioreq.server_id, "devices": devices}
+        state = {"domid": self.domid, "name": self.name, "ioreq_server": self.ioreq.server_id, "devices": devices}
         tmp = f"{path}.tmp"
         try:
             with open(tmp, "w") as f:
@@ -532,18 +599,19 @@ class Supervisor:
 
     # --- running --------------------------------------------------------------------------------
 
-    async def _serve(self) -> None:
+    async def _serve(self, gone: asyncio.Task[None] | None) -> None:
         waits: list[Callable[[], Awaitable[Any]]] = [self._stop.wait]
         if self.xs is not None:
             waits.append(self._watch_devices)
-            waits.append(self._watch_domain)
         if self.notifier.watchdog_interval:
             waits.append(self._watchdog)
         tasks = [asyncio.ensure_future(w()) for w in waits]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait([*tasks, *([gone] if gone else [])], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()  # re-raise a watcher's failure
+            if gone is not None and gone in done:
+                self._gone = True
         finally:
             await self._reap(tasks)
 
@@ -620,7 +688,7 @@ class Supervisor:
         if served.listener is not None:
             served.listener.close()
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(served.config.socket_path(self.domid))
+                os.unlink(served.config.socket_path(self.name, self.domid))
         self._release_guest_memory()
         record = self._inflight_path(served.config)
         if record is not None:
@@ -640,11 +708,12 @@ class Supervisor:
         self.log.info("guest RAM unmapped")
 
     async def _watch_domain(self) -> None:
-        """Return when the domain is gone (destroyed, or shut down and released)."""
-        assert self.xs is not None
-        async with await self.xs.watch("@releaseDomain", token="release") as w:
-            async for _ in w:
-                if not await self.xs.exists(f"/local/domain/{self.domid}"):
+        """Return when the domain is gone (destroyed, or shut down and released). On a xenstore
+        connection of its own, so that it watches from the first moment of start-up on."""
+        xs = await XenstoreClient.open(socket_paths=() if self.simulated else None, opener=self.kernel.open)
+        async with xs, await xs.watch("@releaseDomain", token="release") as w:
+            async for _ in w:  # xenstored fires a new watch once at once: the first check
+                if not await xs.exists(f"/local/domain/{self.domid}"):
                     self.log.info("domain %d is gone", self.domid)
                     return
 
@@ -664,7 +733,7 @@ class Supervisor:
             fe = d.frontend
             devices.append({
                 "devid": cfg.devid, "device_id": cfg.device_id, "base": hex(cfg.base), "irq": cfg.irq,
-                "socket": cfg.socket_path(self.domid),
+                "socket": cfg.socket_path(self.name, self.domid),
                 "backend": "lost" if fe is None or fe.broken else "connected",
                 "data_path": _data_path_name(d.memory),
                 "status": int(d.model.status) if d.model else 0,
@@ -674,7 +743,7 @@ class Supervisor:
                 "reconnects": d.stats.reconnects, "guest_errors": d.stats.guest_errors, "last_error": d.stats.last_error,
             })
         ioreq = self.ioreq.stats if self.ioreq else None
-        return {"domid": self.domid, "devices": devices, "restricted": self.restricted,
+        return {"domid": self.domid, "name": self.name, "devices": devices, "restricted": self.restricted,
                 "kernel_fast_path": self.fastpath is not None,
                 "ioreqs": {"served": ioreq.served, "spurious": ioreq.spurious, "refused": ioreq.refused} if ioreq else {}}
 
@@ -726,6 +795,40 @@ class Supervisor:
                 handle.close()
         self.log.info("stopped")
 
+    async def _hand_over(self) -> None:
+        """SIGHUP: leave the guest to the next image of this process, which adopts it the way a
+        restarted daemon does (state.json): guest accesses stop being taken (the vCPUs wait in
+        the IOREQ server, which stays enabled with its ranges), each device's back-end rings are
+        stopped without a reset and its connection closed (the model's state and the shadow
+        path's in-flight record stay), the state is saved, and every handle is closed without
+        destroying the server or writing XenBus Closed."""
+        assert self.ioreq is not None
+        self.notifier.reloading()
+        self.log.info("handover: keeping ioreq server %s and %d device(s) for the next image",
+                      self.ioreq.server_id, len(self.devices))
+        for task in list(self._tasks):
+            task.cancel()
+        if self._status_server is not None:
+            self._status_server.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.opt.status_socket or "")
+        await self._bounded("handover: guest accesses in progress", self.ioreq.stop_serving(STEP_TIMEOUT))
+        for served in self.devices.values():
+            await self._bounded(f"handover: device {served.config.devid}", served.device.suspend())
+            if served.listener is not None:
+                served.listener.close()
+        self._save_state()
+        self.ioreq.detach()
+        if self.xs is not None:
+            await self.xs.close()
+        if self._memfd is not None:
+            os.close(self._memfd)
+        for handle in (self.evtchn, self.privcmd):
+            if handle is not None:
+                handle.close()
+        self.notifier.keep_for_exec()
+        self.log.info("handover: state saved, handing over")
+
     async def _bounded(self, what: str, op: Awaitable[None]) -> None:
         try:
             async with asyncio.timeout(STEP_TIMEOUT):
@@ -738,6 +841,20 @@ class Supervisor:
 
 class _DomainGone(Exception):
     pass
+
+
+def make_socket_dir(path: str) -> None:
+    """Create a server-mode socket's directory (e.g. ``/run/vhost-user/<name>``) and any missing
+    parent, each 0755 whatever the umask (the unit's is 0077): a back-end running as another user
+    must be able to reach the socket, whose own mode (0600) says who may connect."""
+    if not path or os.path.isdir(path):
+        return
+    make_socket_dir(os.path.dirname(path))
+    try:
+        os.mkdir(path, 0o755)
+    except FileExistsError:
+        return
+    os.chmod(path, 0o755)
 
 
 class _Choose(DataPathChooser):

@@ -7,10 +7,13 @@ import pytest
 from xen_vhost_master.config import (
     DeviceConfig,
     MemoryMode,
+    check_socket_template,
     device_from_xenstore,
+    load_guest_toml,
     load_toml,
     merge,
     parse_device_arg,
+    vdev_name,
     virtio_id,
 )
 from xen_vhost_master.errors import ConfigError
@@ -37,9 +40,54 @@ def test_device_flag_dt_compatible_type_with_its_comma():
     assert parse_device_arg("type=virtio,device22,base=0x2000200,irq=34").device_id == 0x22
 
 
-def test_socket_path_defaults_to_the_per_guest_template():
+def test_socket_path_defaults_to_the_per_guest_name_template():
     d = parse_device_arg("type=net,base=33554432,irq=33", 1)
-    assert d.socket_path(7) == "/run/xen-vhost-master/7/1.sock"
+    assert d.socket_path("web", 7) == "/run/vhost-user/web/1.sock"
+    # {name} is one path component, escaped as systemd-escape does (a back-end unit's %i)
+    assert d.socket_path("../my guest/x", 7) == "/run/vhost-user/\\x2e.-my\\x20guest-x/1.sock"
+
+
+@pytest.mark.parametrize("devid, name", [
+    (51712, "xvda"), (51728, "xvdb"), (51729, "xvdb1"), ((202 << 8) | (15 << 4) | 15, "xvdp15"),
+    ((1 << 28) | (26 << 8), "xvdaa"), ((1 << 28) | (701 << 8) | 3, "xvdzz3"), ((1 << 28) | (702 << 8), "xvdaaa"),
+    ((8 << 8) | (1 << 4), "sdb"), (3 << 8, "hda"), ((3 << 8) | 64 | 2, "hdb2"), ((22 << 8) | 64, "hdd"),
+    (0, "0"), (5, "5"), (1 << 29, str(1 << 29)),
+])
+def test_vdev_decodes_xen_virtual_block_device_ids(devid, name):
+    assert vdev_name(devid) == name
+
+
+def test_socket_templates_take_name_domid_devid_vdev():
+    d = parse_device_arg("type=blk,base=0x2000000,irq=33,devid=51712,socket=/run/qsd/{name}-{domid}/{vdev}.{devid}.{{x}}")
+    assert d.socket_path("web", 7) == "/run/qsd/web-7/xvda.51712.{x}"
+    (t,) = load_toml_text('[[device]]\ntype = "blk"\nbase = 0x2000000\nirq = 33\nsocket = "/s/{vdev}.sock"\n')
+    assert t.socket_path("web", 7) == "/s/0.sock"  # devid 0: not a disk number
+
+
+@pytest.mark.parametrize("socket, message", [
+    ("/run/{nmae}.sock", "unknown template key {nmae}; use {name}, {domid}, {devid}, {vdev}"),
+    ("/run/{}.sock", "unknown template key {}"),
+    ("/run/{name.x}.sock", "unknown template key {name.x}"),
+    ("/run/{devid:04d}.sock", "{devid} takes no format spec or conversion"),
+    ("/run/{name!r}.sock", "{name} takes no format spec or conversion"),
+    ("/run/{name.sock", "expected '}' before end of string"),
+    ("/run/}.sock", "Single '}' encountered"),
+])
+def test_bad_socket_templates_are_one_line_config_errors(socket, message):
+    with pytest.raises(ConfigError) as e:
+        parse_device_arg(f"type=blk,base=0x2000000,irq=33,socket={socket}")
+    assert message in str(e.value) and "--device" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="--socket"):
+        check_socket_template(socket, "--socket")
+
+
+def load_toml_text(text: str) -> list[DeviceConfig]:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+        f.write(text)
+        f.flush()
+        return load_toml(f.name)
 
 
 @pytest.mark.parametrize(
@@ -76,6 +124,35 @@ def test_toml_errors(tmp_path):
         load_toml(bad)
     with pytest.raises(ConfigError, match="No such file"):
         load_toml(tmp_path / "missing.toml")
+
+
+def test_toml_top_level_memory_and_backend_users(tmp_path):
+    path = tmp_path / "web.toml"
+    path.write_text('memory = "shadow"\nbackend-user = ["qsd", 1001]\n[[device]]\ntype = "blk"\nbase = 0x2000000\nirq = 33\n')
+    got = load_guest_toml(path, "")
+    assert (got.memory, got.backend_users, len(got.devices)) == (MemoryMode.SHADOW, ("qsd", "1001"), 1)
+    assert load_guest_toml(_write(tmp_path, 'backend-user = "qsd"\n')).backend_users == ("qsd",)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("memory = 'fast'\n", "memory='fast': use one of auto, xen-mmap, shadow, sim-memfd"),
+    ("backend-user = [true]\n", "backend-user must be a user name or uid"),
+    ("devices = []\n", "unknown key(s) devices; known: device, memory, backend-user"),
+    ("[[device]]\ntype = 'blk'\n", "device #0: missing base="),
+    ("\xff = 1\n", "not valid TOML"),
+    ("[[device]\n", "not valid TOML"),
+])
+def test_malformed_guest_files_name_the_file_in_one_line(tmp_path, text, message):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_guest_toml(path, "")
+    assert str(e.value).startswith(f"{path}") and message in str(e.value) and "\n" not in str(e.value)
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "g.toml"
+    path.write_bytes(text.encode("latin-1"))
+    return path
 
 
 def test_xenstore_virtio_kind_hex_base_and_virtio_disk_decimal_base():

@@ -33,11 +33,13 @@ TIMEOUT = 20.0
 BIN = Path(sys.executable).parent
 
 
-def start_sim(sim_dir: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_sim(sim_dir: str, name: str = "") -> tuple[subprocess.Popen[bytes], str]:
+    """``xen-vhost-sim`` with domain DOMID (named ``name``, else guest<DOMID>) and one virtio disk."""
     path = os.path.join(sim_dir, "xen.sock")
     r, w = os.pipe()
     proc = subprocess.Popen(
-        [str(BIN / "xen-vhost-sim"), "--socket", path, "--domain", f"domid={DOMID},mem=64M,vcpus=2",
+        [str(BIN / "xen-vhost-sim"), "--socket", path, "--domain", f"domid={DOMID},mem=64M,vcpus=2"
+         + (f",name={name}" if name else ""),
          "--virtio", f"domid={DOMID},device_id=2,base=0x2000000,irq=33,devid=0", "--ready-fd", str(w)],
         pass_fds=(w,),
     )

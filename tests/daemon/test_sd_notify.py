@@ -60,3 +60,20 @@ def test_silent_outside_systemd_and_when_manager_vanished(tmp_path):
 def test_watchdog_for_another_pid_is_ignored():
     n = Notifier({"WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"})
     assert n.watchdog_interval is None
+
+
+def test_reloading_and_the_environment_handed_to_the_next_image(manager):
+    """A handover: RELOADING=1 with MONOTONIC_USEC (systemd 253's Type=notify-reload wants it),
+    and the variables popped at construction put back for the process's next image."""
+    import os
+
+    sock, path = manager
+    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid()), "OTHER": "x"}
+    n = Notifier(env)
+    assert env == {"OTHER": "x"}
+    n.reloading()
+    fields = dict(line.split("=", 1) for line in sock.recv(4096).decode().splitlines())
+    assert fields["RELOADING"] == "1" and int(fields["MONOTONIC_USEC"]) > 0 and fields["STATUS"]
+    n.keep_for_exec()
+    assert env == {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid()), "OTHER": "x"}
+    n.close()

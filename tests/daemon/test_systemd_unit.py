@@ -6,7 +6,8 @@ What this proves that ``systemd-analyze security`` cannot: the daemon starts and
 RestrictAddressFamilies, ProtectSystem=strict, PrivateTmp, DevicePolicy=closed, UMask), Type=notify
 start-up (READY=1) and the watchdog, Restart=on-failure after a SIGKILL with
 RuntimeDirectoryPreserve=restart (the restarted daemon adopts its predecessor's IOREQ server and
-the guest's blocked access is served), and a clean ``systemctl stop``.
+the guest's blocked access is served), ``systemctl reload`` as a handover (same MainPID, no restart,
+the IOREQ server adopted, guest I/O goes on), and a clean ``systemctl stop``.
 
 The unit file is used as shipped except for what cannot exist without Xen, changed here in plain
 sight: ``Requires=``/``After=proc-xen.mount`` are dropped (no /proc/xen), and a drop-in points
@@ -33,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon.test_daemon_cli import DOMID, TIMEOUT, io_check, start_sim, stop
+from xen_vhost_master.config import instance_name
 from xen_vhost_master.sim.guest import SimControl, SimGuest
 from xen_vhost_master.sim.guest_devices import VirtioBlk
 from xen_vhost_master.sim.guest_driver import GuestPageAllocator
@@ -40,16 +42,21 @@ from xen_vhost_master.sim.guest_driver import GuestPageAllocator
 SYSTEMD = "/lib/systemd/systemd"
 REPO = Path(__file__).resolve().parents[2]
 UNIT_FILE = REPO / "systemd" / "xen-vhost-master@.service"
-UNIT = f"xen-vhost-master@{DOMID}.service"
+# A guest name systemd must escape: the instance is "my\x2dguest\x207", %I gives the name back,
+# and RuntimeDirectory=xen-vhost-master/%i must be the daemon's own runtime directory (under
+# ProtectSystem=strict it could write nowhere else).
+NAME = "my-guest 7"
+INSTANCE = instance_name(NAME)
+UNIT = f"xen-vhost-master@{INSTANCE}.service"
 
 BOOT = """\
 set -e
 mount --make-rprivate /
 mount -t proc proc /proc
 mount -t tmpfs -o mode=0755 tmpfs /run
-mkdir -p /run/systemd/system /run/xen-vhost-master/{domid}
+mkdir -p /run/systemd/system '/run/vhost-user/{instance}'
 cp -r {units}/. /run/systemd/system/
-ln -s {backend} /run/xen-vhost-master/{domid}/0.sock
+ln -s {backend} '/run/vhost-user/{instance}/0.sock'
 export container=xen-vhost-master-test
 exec {systemd} --system --unit=xvm-test.target --log-level=info
 """
@@ -77,7 +84,7 @@ class Systemd:
         (units / "xen-vhost-master@.service.d" / "test.conf").write_text(dropin)
         (units / "xvm-test.target").write_text("[Unit]\nDescription=test target\nDefaultDependencies=no\n")
         boot = work / "boot.sh"
-        boot.write_text(BOOT.format(domid=DOMID, units=units, backend=backend_sock, systemd=SYSTEMD))
+        boot.write_text(BOOT.format(instance=INSTANCE, units=units, backend=backend_sock, systemd=SYSTEMD))
         self.log = open(work / "systemd.log", "wb")
         self.proc = subprocess.Popen(["unshare", "--pid", "--mount", "--fork", "--kill-child", "sh", str(boot)],
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -120,6 +127,17 @@ class Systemd:
             time.sleep(0.1)  # systemd's boot is another process: poll its state, bounded
         raise AssertionError(f"systemd stuck in {state!r}: {self.logs()}")
 
+    def wait_active(self) -> dict[str, str]:
+        """The unit is active again (a reload ends with the daemon's READY=1)."""
+        deadline = time.monotonic() + TIMEOUT
+        state: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            state = self.show("ActiveState", "SubState", "MainPID", "NRestarts")
+            if state["ActiveState"] == "active":
+                return state
+            time.sleep(0.1)  # systemd's unit state is another process's: poll it, bounded
+        raise AssertionError(f"{UNIT} not active again: {state}")
+
     def in_ns(self, pid_in_ns: int) -> str:
         """/proc/<pid>/status of a process of the namespace, read from inside it."""
         r = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "cat", f"/proc/{pid_in_ns}/status"],
@@ -141,6 +159,16 @@ class Systemd:
         self.log.close()
 
 
+def wait_for_line(path: Path, text: str) -> None:
+    """``text`` appears in the daemon's log file (written by another process: polled, bounded)."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} never logged: {path.read_text(errors='replace')[-3000:] if path.exists() else ''}")
+
+
 @pytest.fixture
 def work() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="xsd-"))  # short: sun_path
@@ -159,7 +187,7 @@ async def test_the_shipped_unit_under_real_systemd(work, peers, user):
     reason = _can_boot_systemd()
     if reason is not None:
         pytest.skip(reason)
-    sim, sim_path = start_sim(str(work))
+    sim, sim_path = start_sim(str(work), name=NAME)
     disk = peers.qsd_raw(size=8 << 20)
     bin_dir = Path(sys.executable).parent
     if user != "root":
@@ -172,7 +200,7 @@ async def test_the_shipped_unit_under_real_systemd(work, peers, user):
         "[Service]\n"
         + ("" if user == "root" else f"User={user}\nGroup={grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name}\n")
         + "ExecStart=\n"
-        f"ExecStart={bin_dir / 'xen-vhost-master'} --domid %i\n"
+        f"ExecStart={bin_dir / 'xen-vhost-master'} --domain=%I\n"
         f"Environment=XEN_VHOST_SIM={sim_path}\n"
         f"BindReadOnlyPaths={REPO} {Path(sys.prefix)}\n"
         f"BindPaths={work} {disk.sock.parent}\n"
@@ -201,6 +229,18 @@ async def test_the_shipped_unit_under_real_systemd(work, peers, user):
         blk = await asyncio.wait_for(VirtioBlk.attach(guest, 0x2000000, 33, GuestPageAllocator(guest.ram)), TIMEOUT)
         await io_check(blk, disk.image, 11)
 
+        # systemctl reload: the handover. The same process re-executes itself (MainPID unchanged, no
+        # restart counted), the new image adopts the IOREQ server, and the guest's I/O goes on.
+        await asyncio.to_thread(sd.ctl, "reload", UNIT)
+        await asyncio.to_thread(wait_for_line, work / "daemon.log", "ioreq server 0 adopted")
+        reloaded = await asyncio.to_thread(sd.wait_active)
+        assert (reloaded["MainPID"], reloaded["NRestarts"]) == (first["MainPID"], "0"), reloaded
+        assert "Seccomp:\t2" in await asyncio.to_thread(sd.in_ns, int(reloaded["MainPID"]))  # still sandboxed
+        data = random.Random(14).randbytes(64 << 10)
+        await asyncio.wait_for(blk.write(4096, data), TIMEOUT)
+        assert await asyncio.wait_for(blk.read(4096, 128), TIMEOUT) == data
+        await io_check(blk, disk.image, 15)
+
         # SIGKILL: Restart=on-failure brings it back; RuntimeDirectoryPreserve=restart kept state.json,
         # so the new daemon adopts the IOREQ server and serves the guest's blocked access.
         await asyncio.to_thread(sd.ctl, "kill", "--signal=KILL", UNIT)
@@ -217,7 +257,7 @@ async def test_the_shipped_unit_under_real_systemd(work, peers, user):
         final = await asyncio.to_thread(sd.show, "ActiveState", "Result", "ExecMainStatus")
         assert final == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, final
         log = (work / "daemon.log").read_text()
-        assert "adopted" in log, log[-3000:]
+        assert log.count("ioreq server 0 adopted") == 2, log[-3000:]  # by the reload, and after the SIGKILL
         with SimControl(sim_path) as ctl:
             assert ctl.domain_info(DOMID)["servers"] == []  # the clean stop destroyed the IOREQ server
     except BaseException:

@@ -1,7 +1,7 @@
 #!/bin/sh
 # The lab, inside dom0: start the Xen toolstack, then for each scenario in $XENLAB_SCENARIOS
 # create a domU whose virtio-mmio disk is served by the daemon (started as an operator would:
-# xen-vhost-master --domid N) and a vhost-user back-end, collect the guest's verdict, destroy the
+# xen-vhost-master --domain=NAME) and a vhost-user back-end, collect the guest's verdict, destroy the
 # domU while its I/O runs, and check the teardown. Lines starting with XENLAB- are read by
 # tests/xenlab/verdict.py on the host; nothing here decides pass/fail on its own.
 export PATH=/usr/lib/xen-4.17/bin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -48,7 +48,7 @@ EOC
     echo "XS-TRACE[$S] $(up) $p = $(xenstore-read $p 2>&1 | head -c 60)"; done &
   XSW=$!
   # the back-end runs before the guest exists (a service of dom0, as an operator would have it);
-  # the daemon finds it at its default socket path once the domid is known
+  # the daemon is pointed at its socket (--socket)
   SOCK=/run/xenlab/$S.sock; mkdir -p /run/xenlab; rm -f $SOCK
   case $S in
     pyblk) python3 -m xen_vhost_master.xen_blk_backend --socket $SOCK --image $IMG > /tmp/backend-$S.log 2>&1 & ;;
@@ -63,14 +63,13 @@ EOC
   T0=$(ms)
   xl -vvv create /etc/xen/$NAME.cfg > /tmp/xl-create-$S.log 2>&1 &
   XL=$!
-  # the operator's part: once the domain exists, `xen-vhost-master --domid N` (the systemd unit's line)
+  # the operator's part: once the domain exists, `xen-vhost-master --domain=NAME` (the systemd unit's line)
   if ! wait_for 30 sh -c "xl domid $NAME >/dev/null 2>&1"; then
     check $S domain-created 0 "no domain $NAME after 30 s"; cat /tmp/xl-create-$S.log | prefix "XL[$S]"; return
   fi
-  D=$(xl domid $NAME); RUN=/run/xen-vhost-master/$D; mkdir -p -m 0700 $RUN
+  D=$(xl domid $NAME)
   echo "XENLAB-DOMID $S $D"
-  ln -sf $SOCK $RUN/51712.sock
-  xen-vhost-master --domid $D $MEMOPT > /tmp/daemon-$S.log 2>&1 &
+  xen-vhost-master --domain=$NAME --socket $SOCK $MEMOPT > /tmp/daemon-$S.log 2>&1 &
   DM=$!
   t "scenario $S domain $D: back-end pid $BE, daemon pid $DM"
   wait $XL; XLRC=$?
