@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import ConfigError
+from .names import systemd_escape
 
 __all__ = [
     "DEFAULT_QUEUE_SIZE",
@@ -100,25 +101,13 @@ class GuestConfig:
     extra: Mapping[str, object] = field(default_factory=dict)
 
 
-# systemd's unit-name escaping (src/basic/unit-name.c, unit_name_escape; systemd-escape(1)):
-# these bytes stay, '/' becomes '-', every other byte (and a leading '.') becomes \xNN.
-_INSTANCE_KEEP = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:_.")
-
-
 def instance_name(name: str) -> str:
     """``name`` escaped exactly as ``systemd-escape NAME`` does: the instance part of
     ``xen-vhost-master@<instance>.service``, what its ``%i`` expands to, and a single safe path
     component (no '/', no leading '.'). Works on the UTF-8 bytes (``surrogateescape`` keeps bytes
-    that are not UTF-8, as argv and xenstore can carry)."""
-    out = []
-    for i, byte in enumerate(name.encode("utf-8", "surrogateescape")):
-        if byte == ord("/"):
-            out.append("-")
-        elif byte in _INSTANCE_KEEP and not (i == 0 and byte == ord(".")):
-            out.append(chr(byte))
-        else:
-            out.append(f"\\x{byte:02x}")
-    return "".join(out)
+    that are not UTF-8, as argv and xenstore can carry). The one implementation is
+    :func:`xen_vhost_master.names.systemd_escape`, which the dispatcher uses too."""
+    return systemd_escape(name)
 
 
 def _letters(index: int) -> str:

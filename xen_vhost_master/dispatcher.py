@@ -127,11 +127,19 @@ class WatchOptions:
 
 
 def instance_argv(opt: WatchOptions, name: str, domid: int) -> list[str]:
-    """The command line of a spawned instance for guest ``name``, now domain ``domid``."""
-    argv = [sys.executable, "-m", "xen_vhost_master", "--domid", str(domid),
-            "--runtime-dir", os.path.join(opt.runtime_root, systemd_escape(name))]
+    """The command line of a spawned instance for guest ``name``, now domain ``domid``.
+
+    The instance is told the domain by its id (``--domain=ID``, the instance's own "ID" form):
+    it takes the name from xenstore and keys everything on it (runtime directory, lock, back-end
+    sockets, per-guest configuration) as it would for ``--domain=NAME``, but it cannot end up
+    serving another domain of that name (a reboot between this spawn and its start): it finds
+    ``domid`` gone and exits 69. A runtime root other than the default is passed as the
+    instance's ``--runtime-dir`` (its back-end sockets then default to that directory too)."""
+    argv = [sys.executable, "-m", "xen_vhost_master", f"--domain={domid}"]
+    if opt.runtime_root != RUNTIME_ROOT:
+        argv.append(f"--runtime-dir={os.path.join(opt.runtime_root, systemd_escape(name))}")
     if opt.backend_domid:
-        argv += ["--backend-domid", str(opt.backend_domid)]
+        argv.append(f"--backend-domid={opt.backend_domid}")
     return argv + list(opt.instance_args)
 
 
@@ -207,8 +215,8 @@ class SpawnLauncher:
 
     async def is_served(self, name: str, domid: int) -> bool:
         child = self.children.get(name)
-        if child is not None and child.domid == domid and not child.exited.done():
-            return True
+        if child is not None and not child.exited.done():
+            return child.domid == domid  # the guest's lock is our child's
         return _lock_held(os.path.join(self.opt.runtime_root, systemd_escape(name), "lock"))
 
     async def serve(self, name: str, domid: int) -> tuple[Outcome, str]:

@@ -296,7 +296,10 @@ async def test_a_new_guest_is_held_until_its_instance_is_ready_then_served_acros
     new = await watch.xl("xl_reboot", domid)
     assert new != domid
     await watch.log.wait_for(rf"alpha: instance for domain {domid} \(pid {first_pid}\) exited with status 0")
+    # The new domain waited paused while the old instance (holding the guest's lock) went away.
+    await watch.log.wait_for(rf"alpha: holding a pause reference on domain {new} ")
     await watch.served("alpha", new)
+    await watch.log.wait_for(rf"domain {new}: pause reference dropped \(instance READY\)")
     second_pid = await watch.instance_pid("alpha", new)
     assert second_pid != first_pid
     guest, dev = await attach(watch.sim_path, new)
@@ -607,7 +610,7 @@ async def test_systemd_mode_starts_units_by_name_and_waits_for_a_rebooted_guests
         async with run_watch(sim_path, root, args, env) as again:
             await again.log.wait_for(rf"lambda: domain {third} is served \(READY\)")
             assert again.log.find(rf"holding a pause reference on domain {third}") is None
-            assert fake.calls("start")[-1] == unit  # a no-op for an active unit
+            assert fake.calls("start")[4:].count(unit) == 1  # a no-op for an active unit
     finally:
         stop(sim)
 
