@@ -422,8 +422,9 @@ class SystemdLauncher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.opt.reboot_grace
         backoff = 0.25
-        log.info("%s: domain %d appeared while %s is still %s for domain %s: waiting for it to end",
-                 name, domid, unit, await self._active_state(unit), _served_domid(self.opt, name))
+        served = _served_domid(self.opt, name)
+        log.info("%s: domain %d appeared while %s is still %s for %s: waiting for it to end", name, domid, unit,
+                 await self._active_state(unit), "an earlier domain" if served is None else f"domain {served}")
         while loop.time() < deadline:
             await self.host.wait_release(min(backoff, max(deadline - loop.time(), 0.0)))
             backoff = min(backoff * 2, 2.0)

@@ -1,0 +1,237 @@
+"""The shipped dispatcher unit, systemd/xen-vhost-master-watch.service, with the shipped instance
+template, run by real systemd (PID 1 of fresh PID and mount namespaces, as in
+test_systemd_unit.py) against ``xen-vhost-sim`` and qemu-storage-daemon.
+
+What this proves: inside its sandbox (seccomp, no capabilities, ProtectSystem=strict,
+PrivateNetwork, RestrictAddressFamilies=AF_UNIX) the dispatcher reaches xenstore and privcmd and
+drives PID 1 with ``systemctl``: ``xl create -p`` + ``xl unpause`` of a guest whose name needs
+escaping starts ``xen-vhost-master@<escaped name>.service``, the guest stays paused until that
+unit is READY, I/O goes through; ``xl reboot`` gets the same unit started again for the new
+domid; stopping the dispatcher leaves the instance running.
+
+Changed in plain sight, as test_systemd_unit.py does: ``Requires=``/``After=proc-xen.mount``
+dropped (no /proc/xen without Xen), drop-ins for ``DefaultDependencies=no``, ``ExecStart`` from this
+checkout, ``XEN_VHOST_SIM``, binds of the test's directories and the interpreter, stderr to files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon.test_daemon_cli import TIMEOUT, io_check, stop
+from tests.daemon.test_dispatcher import (
+    attach,
+    blk,
+    image_of,
+    ran_only_after_claimed,
+    start_sim,
+)
+from tests.daemon.test_systemd_unit import SYSTEMD, _can_boot_systemd
+from tests.peers.harness import Peers
+from xen_vhost_master.names import systemd_escape
+from xen_vhost_master.sim.guest import SimControl
+
+REPO = Path(__file__).resolve().parents[2]
+NAME = "web-1 b"
+INSTANCE = systemd_escape(NAME)
+UNIT = f"xen-vhost-master@{INSTANCE}.service"
+WATCH = "xen-vhost-master-watch.service"
+
+BOOT = """\
+set -e
+mount --make-rprivate /
+mount -t proc proc /proc
+mount -t tmpfs -o mode=0755 tmpfs /run
+mkdir -p /run/systemd/system '/run/vhost-user/{instance}'
+cp -r {units}/. /run/systemd/system/
+ln -s {backend} '/run/vhost-user/{instance}/0.sock'
+export container=xen-vhost-master-test
+exec {systemd} --system --unit=xvm-test.target --log-level=info
+"""
+
+
+def _unit(name: str) -> str:
+    shipped = (REPO / "systemd" / name).read_text()
+    unit = shipped.replace("Requires=proc-xen.mount\n", "").replace("After=proc-xen.mount ", "After=")
+    unit = unit.replace(" proc-xen.mount\n", "\n")
+    assert not [line for line in unit.splitlines() if "proc-xen.mount" in line and not line.startswith("#")], name
+    return unit
+
+
+class Systemd:
+    """systemd as PID 1 of new namespaces with both units installed; ``systemctl`` via nsenter."""
+
+    def __init__(self, work: Path, backend_sock: Path, sim_path: str) -> None:
+        units = work / "units"
+        units.mkdir()
+        bin_dir = Path(sys.executable).parent
+        common = (
+            f"Environment=XEN_VHOST_SIM={sim_path}\n"
+            f"BindReadOnlyPaths={REPO} {Path(sys.prefix)}\n"
+            f"BindPaths={work} {backend_sock.parent}\n"
+            f"BindReadOnlyPaths={Path(sys.base_prefix).resolve()}\n"
+            + ("ProtectHome=tmpfs\n" if Path(sys.base_prefix).resolve().parts[1] in ("root", "home") else "")
+        )
+        for name, exec_start, log in (
+            ("xen-vhost-master@.service", f"{bin_dir / 'xen-vhost-master'} --domain=%I", "instance.log"),
+            (WATCH, f"{bin_dir / 'xen-vhost-master'} watch", "watch.log"),
+        ):
+            (units / name).write_text(_unit(name))
+            (units / f"{name}.d").mkdir()
+            (units / f"{name}.d" / "test.conf").write_text(
+                "[Unit]\nDefaultDependencies=no\n[Service]\nExecStart=\n"
+                f"ExecStart={exec_start}\n{common}StandardError=append:{work / log}\n"
+            )
+        (units / "xvm-test.target").write_text("[Unit]\nDescription=test target\nDefaultDependencies=no\n")
+        boot = work / "boot.sh"
+        boot.write_text(BOOT.format(instance=INSTANCE, units=units, backend=backend_sock, systemd=SYSTEMD))
+        self.work = work
+        self.log = open(work / "systemd.log", "wb")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(["unshare", "--pid", "--mount", "--fork", "--kill-child", "sh", str(boot)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid1 = self._find_pid1()
+
+    def _find_pid1(self) -> int:
+        deadline = time.monotonic() + TIMEOUT
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        while time.monotonic() < deadline:
+            try:
+                pids = children.read_text().split()
+                if pids and Path(f"/proc/{pids[0]}/exe").resolve().name == "systemd":
+                    return int(pids[0])
+            except FileNotFoundError:
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)  # polling another process's exec: no event to wait on
+        raise AssertionError(f"systemd did not start: {self.logs()}")
+
+    def ctl(self, *args: str, check: bool = True) -> str:
+        r = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "systemctl", *args],
+                           capture_output=True, timeout=TIMEOUT + 10, check=False)
+        if check and r.returncode != 0:
+            raise AssertionError(f"systemctl {' '.join(args)}: rc {r.returncode} {r.stderr.decode()}")
+        return r.stdout.decode()
+
+    def show(self, unit: str, *props: str) -> dict[str, str]:
+        out = self.ctl("show", unit, *(f"--property={p}" for p in props))
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def wait_running(self) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        state = ""
+        while time.monotonic() < deadline:
+            state = self.ctl("is-system-running", check=False).strip()
+            if state in ("running", "degraded"):
+                return
+            time.sleep(0.1)  # systemd's boot is another process: poll its state, bounded
+        raise AssertionError(f"systemd stuck in {state!r}: {self.logs()}")
+
+    def status_of(self, unit: str) -> str:
+        pid = self.show(unit, "MainPID")["MainPID"]
+        r = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "cat", f"/proc/{pid}/status"],
+                           capture_output=True, timeout=TIMEOUT, check=False)
+        return r.stdout.decode()
+
+    def logs(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")[-4000:]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.pid1, 9)  # PID 1 of the namespace: the kernel kills everything in it
+            try:
+                self.proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def wait_for_log(path: Path, pattern: str) -> re.Match[str]:
+    """``pattern`` appears in a unit's log file (another process writes it: polled, bounded)."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        if path.exists() and (m := re.search(pattern, path.read_text(errors="replace"))):
+            return m
+        time.sleep(0.1)
+    raise AssertionError(f"{pattern!r} never logged: {path.read_text(errors='replace')[-3000:] if path.exists() else ''}")
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="xsw-"))  # short: sun_path
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.peer
+@pytest.mark.timeout(120)
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_the_shipped_dispatcher_unit_under_real_systemd(work: Path, peers: Peers) -> None:
+    reason = _can_boot_systemd()
+    if reason is not None:
+        pytest.skip(reason)
+    sim, sim_path = start_sim(str(work))
+    disk = peers.qsd_raw(size=8 << 20)
+    watch_log = work / "watch.log"
+    sd = None
+    try:
+        sd = await asyncio.to_thread(Systemd, work, disk.sock, sim_path)
+        await asyncio.to_thread(sd.wait_running)
+        await asyncio.to_thread(sd.ctl, "start", WATCH)  # Type=notify: returns once it watches
+        status = await asyncio.to_thread(sd.status_of, WATCH)
+        assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status and "CapEff:\t0000000000000000" in status, status
+
+        with SimControl(sim_path) as ctl:
+            domid = ctl.xl_create(NAME, [blk()], paused=True)
+        await asyncio.to_thread(wait_for_log, watch_log, rf"holding a pause reference on domain {domid} ")
+        with SimControl(sim_path) as ctl:
+            ctl.unpause(domid)  # `xl unpause`: the dispatcher's reference holds it until the unit is READY
+        await asyncio.to_thread(wait_for_log, watch_log, rf"domain {domid}: pause reference dropped \(instance READY\)")
+        assert (await asyncio.to_thread(sd.show, UNIT, "ActiveState"))["ActiveState"] == "active"
+        with SimControl(sim_path) as ctl:
+            info = ctl.domain_info(domid)
+        assert ran_only_after_claimed(info, [0x2000000]), info["history"]
+        guest, dev = await attach(sim_path, domid)
+        try:
+            await io_check(dev, image_of(disk), 21)
+        finally:
+            guest.close()
+        first_pid = (await asyncio.to_thread(sd.show, UNIT, "MainPID"))["MainPID"]
+
+        new = await asyncio.to_thread(lambda: SimControl(sim_path).xl_reboot(domid))
+        await asyncio.to_thread(wait_for_log, watch_log, rf"domain {new} is served \(READY\)")
+        second = await asyncio.to_thread(sd.show, UNIT, "ActiveState", "MainPID", "Result")
+        assert second["ActiveState"] == "active" and second["MainPID"] != first_pid, second
+        guest, dev = await attach(sim_path, new)
+        try:
+            await io_check(dev, image_of(disk), 22)
+        finally:
+            guest.close()
+
+        await asyncio.to_thread(sd.ctl, "stop", WATCH)
+        assert (await asyncio.to_thread(sd.show, WATCH, "Result"))["Result"] == "success"
+        assert (await asyncio.to_thread(sd.show, UNIT, "ActiveState"))["ActiveState"] == "active"
+    except BaseException:
+        if sd is not None:
+            print(sd.logs())
+        for log in ("watch.log", "instance.log"):
+            if (work / log).exists():
+                print(f"--- {log}\n" + (work / log).read_text()[-4000:])
+        raise
+    finally:
+        if sd is not None:
+            sd.close()
+        stop(sim)
