@@ -231,8 +231,10 @@ async def watch(sim_dir: str, watch_args: list[str], watch_gate: bool) -> AsyncI
     sim, sim_path = start_sim(sim_dir)
     root = Path(sim_dir) / "run"  # short: instances put Unix sockets there
     root.mkdir()
+    (Path(sim_dir) / "logs").mkdir()
+    args = [a.replace("{logs}", str(Path(sim_dir) / "logs")) for a in watch_args]
     try:
-        async with run_watch(sim_path, root, ["--spawn", *watch_args], env, gate) as w:
+        async with run_watch(sim_path, root, ["--spawn", *args], env, gate) as w:
             yield w
     finally:
         if gate is not None:
@@ -399,11 +401,13 @@ async def test_sigterm_while_an_instance_starts_stops_it_and_unpauses_the_guest(
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])
-@pytest.mark.parametrize("watch_args", [["--instance-args", "--config /nonexistent/guest.toml", "-vv"]])
+@pytest.mark.parametrize("watch_args", [["--instance-args", "--config /nonexistent/guest.toml", "-vv",
+                                          "--log-dir", "{logs}"]])
 async def test_failing_instance_is_unpaused_and_retried_only_when_its_devices_change(watch: Watch) -> None:
     """Every instance exits 78 (a configuration error) before READY: logged with its status, the
     pause reference dropped at once, started again only when the guest's devices in xenstore
-    change (not on any other xenstore write), three times at most."""
+    change (not on any other xenstore write), three times at most. Their output goes to
+    ``--log-dir``."""
     domid = await watch.xl("xl_create", "epsilon", [blk()], paused=True)
     await watch.log.wait_for(rf"epsilon: instance for domain {domid} \(pid \d+\) exited with status 78")
     await watch.log.wait_for(rf"epsilon: instance for domain {domid}: exited with status 78 before READY; "
@@ -429,6 +433,9 @@ async def test_failing_instance_is_unpaused_and_retried_only_when_its_devices_ch
         ctl.add_virtio_device(domid, device_id=2, base=BASE + 0x600, irq=IRQ + 3, devid=3)
     await watch.log.wait_for(rf"epsilon: domain {domid}: instance failed 3 times: not starting it again")
     assert watch.log.count(rf"epsilon: started instance for domain {domid}") == 3
+    written = (watch.root.parent / "logs" / "epsilon.log").read_text()
+    assert written.count("/nonexistent/guest.toml") == 3, written  # each start's one-line error
+    assert watch.log.find(r"^\[epsilon\]") is None  # not relayed to the dispatcher's stderr
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])
