@@ -82,6 +82,7 @@ from typing import IO, Any, Protocol
 import uvloop
 
 from .errors import XenError
+from .instance import RUNTIME_ROOT, runtime_dir
 from .names import instance_unit, systemd_escape
 from .sd_notify import Notifier
 from .xen.domctl import Domctl, DomctlInterfaceUnknown
@@ -99,7 +100,6 @@ PAUSE_TIMEOUT = 120.0  # never hold a guest longer than this waiting for its ins
 OLD_INSTANCE_GRACE = 30.0  # how long a rebooted guest's old instance may take to exit by itself
 STOP_TIMEOUT = 20.0  # SIGTERM → SIGKILL for a spawned instance (the unit's TimeoutStopSec)
 MAX_ATTEMPTS = 3  # instance starts per domain
-RUNTIME_ROOT = "/run/xen-vhost-master"
 # Exit statuses of an instance (supervisor.ExitCode, sysexits.h): not restarted by us either.
 EXIT_OK, EXIT_ALREADY_SERVED, EXIT_CONFIG = 0, 73, 78
 
@@ -137,7 +137,7 @@ def instance_argv(opt: WatchOptions, name: str, domid: int) -> list[str]:
     instance's ``--runtime-dir`` (its back-end sockets then default to that directory too)."""
     argv = [sys.executable, "-m", "xen_vhost_master", f"--domain={domid}"]
     if opt.runtime_root != RUNTIME_ROOT:
-        argv.append(f"--runtime-dir={os.path.join(opt.runtime_root, systemd_escape(name))}")
+        argv.append(f"--runtime-dir={runtime_dir(name, opt.runtime_root)}")
     if opt.backend_domid:
         argv.append(f"--backend-domid={opt.backend_domid}")
     return argv + list(opt.instance_args)
@@ -163,7 +163,7 @@ class Launcher(Protocol):
 
 def _served_domid(opt: WatchOptions, name: str) -> int | None:
     """The domid an instance says it serves (``state.json`` in its runtime directory), if any."""
-    path = os.path.join(opt.runtime_root, systemd_escape(name), "state.json")
+    path = os.path.join(runtime_dir(name, opt.runtime_root), "state.json")
     try:
         with open(path) as f:
             state = json.load(f)
@@ -173,21 +173,27 @@ def _served_domid(opt: WatchOptions, name: str) -> int | None:
     return domid if isinstance(domid, int) else None
 
 
-def _lock_held(path: str) -> bool:
-    """True if a process holds the flock on ``path`` (an instance's ``<runtime>/lock``)."""
+def _lock_holder(opt: WatchOptions, name: str) -> str | None:
+    """Who holds the guest's instance lock (``<runtime>/lock``, an exclusive flock with the
+    holder's pid in it), or None if nobody does."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(os.path.join(runtime_dir(name, opt.runtime_root), "lock"),
+                     os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
-        return False
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return True
+        try:
+            pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            pid = ""
+        return f"pid {pid}" if pid.isdigit() else "another process"
     except OSError:
-        return False
+        return None
     finally:
         os.close(fd)  # also releases the shared lock if we got it
-    return False
+    return None
 
 
 # --- spawn mode ------------------------------------------------------------------------------------
@@ -217,7 +223,7 @@ class SpawnLauncher:
         child = self.children.get(name)
         if child is not None and not child.exited.done():
             return child.domid == domid  # the guest's lock is our child's
-        return _lock_held(os.path.join(self.opt.runtime_root, systemd_escape(name), "lock"))
+        return _lock_holder(self.opt, name) is not None
 
     async def serve(self, name: str, domid: int) -> tuple[Outcome, str]:
         old = self.children.get(name)
@@ -227,8 +233,9 @@ class SpawnLauncher:
             blocked = await self._retire(old, domid)
             if blocked:
                 return Outcome.BLOCKED, blocked
-        if _lock_held(os.path.join(self.opt.runtime_root, systemd_escape(name), "lock")):
-            return Outcome.SERVED, "another process holds its lock"
+        holder = _lock_holder(self.opt, name)
+        if holder is not None:
+            return Outcome.SERVED, f"{holder} holds its instance lock"
         child = await self._spawn(name, domid)
         waiters: set[asyncio.Future[Any]] = {child.ready, child.exited}
         done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)

@@ -643,3 +643,41 @@ async def test_spawn_mode_restarts_an_instance_that_dies_after_ready(watch: Watc
         await io_check(dev, image_of(disk), 7)
     finally:
         guest.close()
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_a_restarted_dispatcher_leaves_a_running_instance_alone(sim_dir: str, peers: Peers) -> None:
+    """A dispatcher killed outright leaves its instance running (it holds the guest's lock); the
+    next dispatcher finds the guest at its first scan, sees the lock held, and neither pauses the
+    guest nor starts a second instance. The guest's I/O goes on throughout."""
+    sim, sim_path = start_sim(sim_dir)
+    root = Path(sim_dir) / "run"
+    root.mkdir()
+    logs = Path(sim_dir) / "logs"
+    logs.mkdir()
+    disk = peers.qsd_raw(size=8 << 20)
+    pid = None
+    try:
+        async with run_watch(sim_path, root, ["--spawn", "--log-dir", str(logs)], dict(os.environ)) as first:
+            first.link_backend("omicron", 0, disk.sock)
+            domid = await first.xl("xl_create", "omicron", [blk()])
+            await first.served("omicron", domid)
+            pid = await first.instance_pid("omicron", domid)
+            first.proc.kill()  # no clean-up of any kind
+            await asyncio.get_running_loop().run_in_executor(None, first.proc.wait, TIMEOUT)
+        os.kill(pid, 0)  # still running
+        guest, dev = await attach(sim_path, domid)
+        try:
+            async with run_watch(sim_path, root, ["--spawn"], dict(os.environ)) as second:
+                await second.log.wait_for(rf"omicron: domain {domid} is served \(pid {pid} holds its instance lock\)")
+                assert second.log.find("holding a pause reference") is None
+                assert second.log.find("started instance") is None
+                await io_check(dev, image_of(disk), 8)
+        finally:
+            guest.close()
+    finally:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        stop(sim)
