@@ -142,6 +142,7 @@ class Supervisor:
         self.guest_memory: ForeignGuestMemory | None = None
         self.restricted = False
         self._devices_known = False  # discovery done: the state file's devices are those of self.devices
+        self._grant_span = 0  # bytes of grant space a grant device's XEN_MMAP export describes
 
     # --- the one entry point ---------------------------------------------------------------------
 
@@ -204,6 +205,10 @@ class Supervisor:
         configs = merge([c for c, _ in discovered], [self._adjust(d) for d in self.opt.devices])
         if not configs and not self.opt.xenstore:
             raise ConfigError("no devices: give --device or --config, or let xenstore discovery run")
+        # xen-vhost-frontend: grant space as large as the guest's RAM; with RAM not where the layout
+        # expects it (e.g. a UML guest at 0), up to its top frame. Asked now: once restricted,
+        # privcmd only takes dm_op and foreign mappings (IOCTL_PRIVCMD_RESTRICT).
+        self._grant_span = sum(size for _gpa, size in self.banks) or (self.privcmd.maximum_gpfn(self.domid) + 1) << 12
         for cfg in configs:
             self._add_device(self._adjust(cfg), paths.get(cfg.base))
         self._devices_known = True
@@ -443,12 +448,7 @@ class Supervisor:
         from .grant_memory import GrantXenMmapExport  # noqa: PLC0415
         from .xen.gntdev import GrantDev  # noqa: PLC0415
 
-        # xen-vhost-frontend: grant space as large as the guest's RAM
-        span = sum(size for _gpa, size in self.banks)
-        if not span:  # RAM not where the layout expects it (e.g. a UML guest at 0): its top frame then
-            assert self.privcmd is not None
-            span = (self.privcmd.maximum_gpfn(self.domid) + 1) << 12
-        return GrantXenMmapExport(GrantDev(self.kernel), self.domid, span,
+        return GrantXenMmapExport(GrantDev(self.kernel), self.domid, self._grant_span,
                                   no_advance=XenMmapFlags(cfg.xen_no_advance),
                                   fallback=lambda: self._shadow(cfg, num_queues),
                                   log=device_logger("xen_vhost_master.grants", self.domid, cfg.devid))
