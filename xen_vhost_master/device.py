@@ -24,10 +24,10 @@ from typing import Protocol
 
 from vhost_user import (
     AsyncFrontend,
-    InflightFd,
-    Negotiated,
     BackendRequest,
+    InflightFd,
     MemoryRegion,
+    Negotiated,
     ProtocolFeatures,
     RequestReceived,
     VhostUserError,

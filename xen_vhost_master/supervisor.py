@@ -37,19 +37,26 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from vhost_user import AsyncFrontend, FdSocket, ProtocolFeatures, UnixListener, VhostUserError, XenMmapFlags
+from vhost_user import (
+    AsyncFrontend,
+    FdSocket,
+    ProtocolFeatures,
+    UnixListener,
+    VhostUserError,
+    XenMmapFlags,
+)
 from vhost_user.aio import cancel_and_wait
 
 from .config import DeviceConfig, MemoryMode, device_from_xenstore, merge
 from .device import BackendAbsent, DataPath, DataPathChooser, Device, DeviceError
 from .errors import ConfigError, XenError
-from .ioreq_server import IoreqServer
-from .log import device_logger
 from .fastpath import KernelFastPath
 from .guest_memory import ForeignGuestMemory
+from .ioreq_server import IoreqServer
+from .log import device_logger
 from .memory import XenMmapExport, foreign_reader, sim_memfd_export
-from .shadow import GuestInflightRecord, ShadowDataPath
 from .sd_notify import Notifier
+from .shadow import GuestInflightRecord, ShadowDataPath
 from .virtio_mmio import WINDOW_SIZE, Status, snapshot
 from .xen.evtchn import EventChannel
 from .xen.kernel import ENV_SIM_SOCKET, Kernel, kernel_from_env
@@ -388,7 +395,7 @@ class Supervisor:
             except (DeviceError, OSError) as e:
                 await self._refuse(served, str(e))
                 return
-            except Exception as e:  # noqa: BLE001 - a bug must not leave the guest's vCPUs held forever
+            except Exception as e:  # a bug must not leave the guest's vCPUs held forever
                 self.log.exception("device %d: starting it failed", cfg.devid)
                 await self._refuse(served, f"internal error: {e!r}")
                 return
