@@ -24,10 +24,10 @@ from typing import Protocol
 
 from vhost_user import (
     AsyncFrontend,
-    InflightFd,
-    Negotiated,
     BackendRequest,
+    InflightFd,
     MemoryRegion,
+    Negotiated,
     ProtocolFeatures,
     RequestReceived,
     VhostUserError,
@@ -53,17 +53,27 @@ from .virtio_mmio import (
 )
 from .virtio_mmio import restore as restore_model
 
-__all__ = ["DataPath", "DataPathChooser", "Device", "DeviceError", "DeviceStats", "RingAddresses"]
+__all__ = ["BackendAbsent", "DataPath", "DataPathChooser", "Device", "DeviceError", "DeviceStats", "RingAddresses"]
 
-MAX_CONFIG_SIZE = 256
+MAX_CONFIG_SIZE = 256  # virtio-mmio config window 0x100..0x1ff; QEMU's VHOST_USER_MAX_CONFIG_SIZE too
 _NUMBERS = re.compile(r"0x[0-9a-fA-F]+|\d+")
 RECONNECT_WINDOW = 60.0  # seconds a lost back-end may take to come back before NEEDS_RESET
 RECONNECT_BACKOFF = 0.05  # first pause between reconnect attempts (doubling, capped)
-RECONNECT_BACKOFF_MAX = 1.0  # virtio-mmio config window 0x100..0x1ff; QEMU's VHOST_USER_MAX_CONFIG_SIZE too
+RECONNECT_BACKOFF_MAX = 1.0
 
 
 class DeviceError(Exception):
     """The device cannot be served (e.g. the back-end lacks a capability we need)."""
+
+
+class BackendAbsent(Exception):
+    """Nobody answers at the back-end's socket yet (no socket file, connection refused, or in
+    server mode no back-end has connected): worth trying again later, unlike :class:`DeviceError`."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -153,6 +163,11 @@ class DeviceStats:
     per_queue_calls: dict[int, int] = field(default_factory=dict)
 
 
+def _no_device(size: int, is_write: bool) -> int | None:
+    """What an access to a window without a device gets: reads all ones, writes ignored."""
+    return None if is_write else (1 << (8 * size)) - 1
+
+
 def _inflight_problem(got: InflightFd, num_queues: int, queue_size: int) -> str:
     """Why a GET_INFLIGHT_FD answer cannot be used ("" if it can)."""
     if got.mmap_size == 0:
@@ -208,11 +223,24 @@ class Device:
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.changed = asyncio.Event()  # set when the driver starts/stops the device (for xenbus state)
+        # Open once the device serves the guest (started, and restored if it was taken over), or
+        # will never (refused, closed): guest accesses made before then wait for it.
+        self._gate = asyncio.Event()
+        self._held_logged = False
+        self.refused: str | None = None  # why the back-end was refused for good
 
     # --- life cycle -------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Connect to the back-end, negotiate and learn the device's shape (queues, config)."""
+    @property
+    def ready(self) -> bool:
+        """True once the device serves the guest's accesses with its model."""
+        return self._gate.is_set() and self.model is not None and not self._closing
+
+    async def start(self, saved: dict[str, object] | None = None) -> None:
+        """Connect to the back-end, negotiate and learn the device's shape (queues, config); with
+        ``saved``, take over the state a previous daemon left (:meth:`restore`). Guest accesses
+        made before are then served. One attempt: raises as the connection or negotiation fails
+        (:class:`BackendAbsent` when nobody answers yet), leaving nothing open."""
         from .virtio_mmio import F_ACCESS_PLATFORM, F_VERSION_1  # noqa: PLC0415 (start() is this change's scope)
 
         fe, negotiated, nq, config = await self._open_backend()
@@ -235,21 +263,32 @@ class Device:
             "back-end ready: features %#x, protocol features %#x, %d queue(s), config %d bytes",
             negotiated.features, int(negotiated.protocol_features), nq, len(config),
         )
+        if saved is not None:
+            await self.restore(saved)
+        self._gate.set()
+
+    def refuse(self, reason: str) -> None:
+        """The back-end was refused for good: the device will not serve, and the guest's waiting
+        and later accesses are answered as if no device were there."""
+        self.refused = reason
+        self.stats.last_error = reason
+        self._gate.set()
 
     async def _open_backend(self) -> tuple[AsyncFrontend, Negotiated, int, bytes]:
         """Connect and negotiate (QEMU's init order); the connection is closed on any failure."""
         fe = await self._connect()
         opened = False
+        chosen: DataPath | None = None  # chosen for this back-end: kept only if it is opened
         try:
             negotiated = await fe.negotiate(
                 protocol_features=DEFAULT_PROTOCOL_FEATURES | self.memory.protocol_features,
                 backend_handler=self._backend_request,
             )
             nq = self.config.num_queues or negotiated.queue_num or 1
+            memory = self.memory
             if self._chooser is not None:
-                self.memory = self._chooser(negotiated.protocol_features, nq)
-                self._chooser = None
-            missing = self.memory.protocol_features & ~negotiated.protocol_features
+                memory = chosen = self._chooser(negotiated.protocol_features, nq)
+            missing = memory.protocol_features & ~negotiated.protocol_features
             if missing:
                 raise DeviceError(
                     f"the back-end does not offer {missing!r}, needed to hand it guest memory "
@@ -259,7 +298,11 @@ class Device:
             opened = True
         finally:
             if not opened:  # refused, failed or cancelled: no half-open connection left behind
+                if chosen is not None:
+                    chosen.close()
                 await fe.close()
+        if chosen is not None:
+            self.memory, self._chooser = chosen, None
         fe.on_lost = lambda exc: self.backend_lost(str(exc))
         return fe, negotiated, nq, config
 
@@ -286,8 +329,10 @@ class Device:
         return data  # from the last successful probe, whose size is `good`
 
     async def close(self) -> None:
-        """Stop the back-end's rings (if running) and release everything. Idempotent."""
+        """Stop the back-end's rings (if running) and release everything. Idempotent. Guest
+        accesses still waiting for the back-end are answered as if no device were there."""
         self._closing = True
+        self._gate.set()
         await cancel_and_wait(self._reconnecting)
         async with self._lock:
             if self.frontend is not None and not self.frontend.broken:
@@ -339,11 +384,17 @@ class Device:
 
     # --- guest register accesses (from the IOREQ server) ---------------------------------------
 
-    def mmio(self, offset: int, size: int, is_write: bool, value: int) -> int | None | Awaitable[None]:
+    def mmio(self, offset: int, size: int, is_write: bool, value: int,
+             vcpu: int | None = None) -> int | None | Awaitable[int | None]:
         """A guest access from the IOREQ server. Served at once unless it starts, stops or
         reconfigures the back-end: then a coroutine is returned, and writes that follow it wait
-        their turn behind it (the vCPU that made it stays blocked until the back-end is done)."""
-        assert self.model is not None
+        their turn behind it (the vCPU that made it stays blocked until the back-end is done).
+        Before the device serves (its back-end has not answered yet), the access waits for it,
+        for as long as the device lives."""
+        if not self._gate.is_set():
+            return self._held(offset, size, is_write, value, vcpu)
+        if self.model is None:
+            return _no_device(size, is_write)
         if not is_write:
             self.stats.reads += 1
             result, actions = self.model.read(offset, size)
@@ -358,6 +409,22 @@ class Device:
             return self._carry_out_in_turn(actions)
         self._carry_out_now(actions)
         return None
+
+    async def _held(self, offset: int, size: int, is_write: bool, value: int, vcpu: int | None) -> int | None:
+        """An access made before the device serves: the vCPU stays blocked until the back-end
+        answers (then the model serves it), or the device is refused or removed (then it reads
+        as no device)."""
+        if not self._held_logged:
+            self._held_logged = True
+            self.log.warning("guest vCPU %s touched device %d before its back-end was ready: holding it",
+                             "?" if vcpu is None else vcpu, self.config.devid)
+        await self._gate.wait()
+        if self.model is None or self._closing:
+            return _no_device(size, is_write)
+        result = self.mmio(offset, size, is_write, value, vcpu)
+        if isinstance(result, Awaitable):
+            return await result
+        return result
 
     async def _write_in_turn(self, offset: int, size: int, value: int) -> None:
         assert self.model is not None
@@ -688,7 +755,7 @@ class Device:
                 try:
                     fe, negotiated, nq, config = await self._open_backend()
                     break
-                except (VhostUserError, DeviceError, OSError) as e:
+                except (VhostUserError, DeviceError, BackendAbsent, OSError) as e:
                     if loop.time() + delay > deadline:
                         self._give_up(f"back-end did not come back within {RECONNECT_WINDOW:.0f} s: {e}")
                         return

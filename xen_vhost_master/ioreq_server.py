@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import errno
 import contextlib
+import errno
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -32,7 +33,7 @@ from .xen.evtchn import EventChannel
 from .xen.ioreq import IoreqPage, IoreqRequest
 from .xen.privcmd import PrivCmd
 
-__all__ = ["IoreqServer", "MmioHandler", "IoreqStats"]
+__all__ = ["IoreqServer", "IoreqStats", "MmioHandler"]
 
 ALL_ONES = 0xFFFFFFFFFFFFFFFF
 _GONE = (errno.ENOENT, errno.ESRCH)  # the server, or its whole domain, no longer exists
@@ -41,9 +42,9 @@ _GONE = (errno.ENOENT, errno.ESRCH)  # the server, or its whole domain, no longe
 class MmioHandler(Protocol):
     """A device behind a window: offsets are relative to the window base."""
 
-    def mmio(self, offset: int, size: int, is_write: bool, value: int) -> int | None | Awaitable[int | None]:
-        """Serve an access: the read value (None for writes), or an awaitable of it when the
-        device must first talk to its back-end."""
+    def mmio(self, offset: int, size: int, is_write: bool, value: int, vcpu: int) -> int | None | Awaitable[int | None]:
+        """Serve ``vcpu``'s access: the read value (None for writes), or an awaitable of it when
+        the device must first talk to its back-end (the vCPU stays blocked until it finishes)."""
         ...
 
 
@@ -152,7 +153,7 @@ class IoreqServer:
         for base in list(self._bases):
             self.remove_window(base)
         for port in self._ports:
-            self._step("unbind event channel", lambda p=port: self.evtchn.unbind(p))
+            self._step("unbind event channel", functools.partial(self.evtchn.unbind, port))
         self._ports, self._vcpu_of = [], {}
         if self.server_id is not None:
             sid = self.server_id
@@ -293,7 +294,7 @@ class IoreqServer:
             self._refuse(f"access at {req.addr:#x} outside every device window")
             return ALL_ONES if not req.is_write else None
         base, handler = window
-        return handler.mmio(req.addr - base, req.size, req.is_write, req.data)
+        return handler.mmio(req.addr - base, req.size, req.is_write, req.data, req.vcpu)
 
     def _window(self, addr: int, size: int) -> tuple[int, MmioHandler] | None:
         i = bisect.bisect_right(self._bases, addr) - 1

@@ -1,9 +1,18 @@
 """One guest, all its devices: ordered start, hot add/remove, status, single-path teardown.
 
-Start (STYLE.md rule 10): Xen handles → IOREQ server created (not yet enabled) → each device's
-back-end connected and negotiated, its window mapped → IOREQ server enabled → READY=1. Teardown
-is the reverse, one step at a time, each bounded by a timeout, whatever ended the run: SIGTERM or
-SIGINT, the domain going away, or a fatal error.
+Start (STYLE.md rule 10, with the guest first): Xen handles → IOREQ server created or adopted →
+devices discovered, each device's window mapped → IOREQ server enabled → privcmd/evtchn
+restricted → XenBus InitWait for each device → READY=1. Only then are the back-ends contacted, all
+at once, each in a task of its own: a device serves the guest once its back-end has answered and
+negotiated. Until then it is *waiting*: the guest's window is claimed, an access to it holds the
+vCPU until the back-end is there, and the back-end is tried again with backoff for as long as the
+guest lives (a back-end unit may start after the guest, or restart). A back-end that answers but is
+refused for good (the wrong user, a capability the configuration requires) leaves the device
+*failed*: logged, shown in ``status``, its XenBus state Closed, the guest's accesses answered as
+if no device were there.
+
+Teardown is the reverse, one step at a time, each bounded by a timeout, whatever ended the run:
+SIGTERM or SIGINT, the domain going away, or a fatal error.
 
 Devices come from the command line / TOML file and from libxl's xenstore layout
 (``/local/domain/<backend>/backend/{virtio,virtio_disk}/<domid>/<devid>``), watched so that devices
@@ -19,6 +28,7 @@ import contextlib
 import enum
 import errno
 import json
+import logging
 import os
 import signal
 import socket
@@ -27,18 +37,26 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from vhost_user import AsyncFrontend, ProtocolFeatures, UnixListener, VhostUserError, XenMmapFlags
+from vhost_user import (
+    AsyncFrontend,
+    FdSocket,
+    ProtocolFeatures,
+    UnixListener,
+    VhostUserError,
+    XenMmapFlags,
+)
+from vhost_user.aio import cancel_and_wait
 
 from .config import DeviceConfig, MemoryMode, device_from_xenstore, merge
-from .device import DataPath, DataPathChooser, Device, DeviceError
+from .device import BackendAbsent, DataPath, DataPathChooser, Device, DeviceError
 from .errors import ConfigError, XenError
-from .ioreq_server import IoreqServer
-from .log import device_logger
 from .fastpath import KernelFastPath
 from .guest_memory import ForeignGuestMemory
+from .ioreq_server import IoreqServer
+from .log import device_logger
 from .memory import XenMmapExport, foreign_reader, sim_memfd_export
-from .shadow import GuestInflightRecord, ShadowDataPath
 from .sd_notify import Notifier
+from .shadow import GuestInflightRecord, ShadowDataPath
 from .virtio_mmio import WINDOW_SIZE, Status, snapshot
 from .xen.evtchn import EventChannel
 from .xen.kernel import ENV_SIM_SOCKET, Kernel, kernel_from_env
@@ -49,8 +67,14 @@ __all__ = ["ExitCode", "Options", "Supervisor"]
 
 STEP_TIMEOUT = 10.0  # seconds for each teardown step
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-CONNECT_ATTEMPTS = 20  # back-end connect retries (backoff grows to 1 s): ~15 s in all
-ACCEPT_TIMEOUT = 30.0  # server mode: how long to wait for the back-end to connect
+# A waiting device's back-end is tried again after WAIT_BACKOFF s, doubling up to WAIT_BACKOFF_MAX:
+# a back-end that starts after the guest is served within 2 s, an absent one costs a connect()
+# every 2 s. In server mode each try is a wait of WAIT_BACKOFF_MAX s for the back-end to connect.
+WAIT_BACKOFF = 0.05
+WAIT_BACKOFF_MAX = 2.0
+CONNECT_TIMEOUT = 5.0  # one connect() to an AF_UNIX path: it works at once or the backlog is full
+# connect() errors that mean "no back-end there yet" (no socket file, or nobody listening on it)
+_ABSENT = {errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN}
 XENBUS_INITWAIT, XENBUS_CONNECTED, XENBUS_CLOSING, XENBUS_CLOSED = 2, 4, 5, 6
 KINDS = ("virtio", "virtio_disk")
 
@@ -89,6 +113,19 @@ class _Served:
     path: str | None  # xenstore backend directory, if discovered there
     listener: UnixListener | None = None
     state_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    start_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    attempts: int = 0  # tries to reach the back-end before it answered
+    waiting_since: str = ""  # the reason last logged while waiting ("" = none logged yet)
+
+    @property
+    def backend(self) -> str:
+        """waiting | failed | connected | lost, as ``status`` shows it."""
+        d = self.device
+        if d.refused is not None:
+            return "failed"
+        if not d.ready:
+            return "waiting"
+        return "lost" if d.frontend is None or d.frontend.broken else "connected"
 
 
 class Supervisor:
@@ -119,6 +156,8 @@ class Supervisor:
         self.handover = False  # SIGHUP: the guest is left to the next image of this process
         self._serving = False
         self._gone = False
+        self._devices_known = False  # discovery done: the state file's devices are those of self.devices
+        self._grant_span = 0  # bytes of grant space a grant device's XEN_MMAP export describes
 
     # --- the one entry point ---------------------------------------------------------------------
 
@@ -211,6 +250,10 @@ class Supervisor:
                 return e.errno == errno.ESRCH
         return False
 
+    def stop(self) -> None:
+        """Ask :meth:`run` to tear down and return (as SIGTERM does)."""
+        self._stop.set()
+
     # --- start ----------------------------------------------------------------------------------
 
     async def _start(self) -> None:
@@ -236,8 +279,13 @@ class Supervisor:
         configs = merge([c for c, _ in discovered], [self._adjust(d) for d in self.opt.devices])
         if not configs and not self.opt.xenstore:
             raise ConfigError("no devices: give --device or --config, or let xenstore discovery run")
+        # xen-vhost-frontend: grant space as large as the guest's RAM; with RAM not where the layout
+        # expects it (e.g. a UML guest at 0), up to its top frame. Asked now: once restricted,
+        # privcmd only takes dm_op and foreign mappings (IOCTL_PRIVCMD_RESTRICT).
+        self._grant_span = sum(size for _gpa, size in self.banks) or (self.privcmd.maximum_gpfn(self.domid) + 1) << 12
         for cfg in configs:
-            await self._add_device(self._adjust(cfg), paths.get(cfg.base))
+            self._add_device(self._adjust(cfg), paths.get(cfg.base))
+        self._devices_known = True
         self.ioreq.enable()
         self._restrict()
         self._detect_fast_path()
@@ -245,6 +293,8 @@ class Supervisor:
             await self._set_state(served, XENBUS_INITWAIT)
         if self.opt.status_socket:
             await self._start_status_socket(self.opt.status_socket)
+        for served in self.devices.values():  # run once READY=1 is out (no await before it)
+            self._launch(served)
 
     def _restrict(self) -> None:
         """Least privilege: from now on our privcmd and evtchn fds only reach this guest, and so
@@ -366,10 +416,11 @@ class Supervisor:
                 self.log.error("skipping device: %s", e)
             return None
 
-    async def _add_device(self, cfg: DeviceConfig, path: str | None) -> None:
+    def _add_device(self, cfg: DeviceConfig, path: str | None) -> _Served | None:
+        """Claim the device's window at once; its back-end is reached later (:meth:`_launch`)."""
         assert self.ioreq is not None and self.privcmd is not None
         if cfg.base in self.devices:
-            return
+            return None
         log = device_logger("xen_vhost_master.device", self.domid, cfg.devid)
         served = _Served(cfg, None, path)  # type: ignore[arg-type]
         ioreq = self.ioreq
@@ -378,24 +429,75 @@ class Supervisor:
             set_irq=lambda level: ioreq.set_irq(cfg.irq, level), log=log,
         )
         served.device = device
-        try:
-            await device.start()
-        except (VhostUserError, DeviceError, OSError) as e:
-            if served.listener is not None:
-                served.listener.close()
-            log.error("not serving this device: %s", e)
-            if path is not None:
-                await self._set_state(served, XENBUS_CLOSED)
-            return
         if self.fastpath is not None:
             device.use_fast_path(self.fastpath.for_device(cfg.base, cfg.irq))
-        saved = self._saved.get("devices", {}).get(str(cfg.base))
-        if saved is not None and self.ioreq.adopted:
-            await device.restore(saved)
         ioreq.add_window(cfg.base, WINDOW_SIZE, device)
         self.devices[cfg.base] = served
+        log.info("virtio device %d at %#x irq %d claimed; back-end %s", cfg.device_id, cfg.base, cfg.irq,
+                 cfg.socket_path(self.name, self.domid))
+        return served
+
+    def _launch(self, served: _Served) -> None:
+        if served.start_task is None:
+            served.start_task = self._spawn(self._bring_up(served))
+
+    async def _bring_up(self, served: _Served) -> None:
+        """Reach the device's back-end, for as long as the device lives, and start serving."""
+        cfg, device = served.config, served.device
+        assert self.ioreq is not None
+        saved = self._saved.get("devices", {}).get(str(cfg.base)) if self.ioreq.adopted else None
+        delay = WAIT_BACKOFF
+        while True:
+            served.attempts += 1
+            try:
+                await device.start(saved)
+                break
+            except BackendAbsent as e:
+                self._waiting(served, e.reason)
+            except VhostUserError as e:
+                if not e.reconnect:  # the back-end refused a request: asking again will not help
+                    await self._refuse(served, f"back-end refused: {e}")
+                    return
+                self._waiting(served, f"negotiation failed: {e}")
+            except (DeviceError, OSError) as e:
+                await self._refuse(served, str(e))
+                return
+            except Exception as e:  # a bug must not leave the guest's vCPUs held forever
+                self.log.exception("device %d: starting it failed", cfg.devid)
+                await self._refuse(served, f"internal error: {e!r}")
+                return
+            if not cfg.listen:  # (in server mode the try itself waited)
+                await asyncio.sleep(delay)  # the retry pace, not synchronisation
+            delay = min(delay * 2, WAIT_BACKOFF_MAX)
+        if device.stats.last_error == served.waiting_since:
+            device.stats.last_error = ""  # what kept it waiting is over
         served.state_task = self._spawn(self._follow_device(served))
-        log.info("serving virtio device %d at %#x irq %d, back-end %s", cfg.device_id, cfg.base, cfg.irq, cfg.socket_path(self.name, self.domid))
+        self._save_state()
+        device.log.info("serving virtio device %d at %#x irq %d, back-end %s%s", cfg.device_id, cfg.base, cfg.irq,
+                        cfg.socket_path(self.name, self.domid), f" (after {served.attempts} tries)" if served.waiting_since else "")
+        self.notifier.status(self._status_line())
+
+    def _waiting(self, served: _Served, reason: str) -> None:
+        """Log a waiting device when it starts waiting and when the reason changes."""
+        served.device.stats.last_error = reason
+        if reason != served.waiting_since:
+            first = not served.waiting_since
+            served.waiting_since = reason
+            self.log.log(logging.WARNING if first else logging.INFO, "device %d: waiting for back-end at %s (%s)",
+                         served.config.devid, served.config.socket_path(self.name, self.domid), reason)
+        else:
+            self.log.debug("device %d: back-end still not there after %d tries: %s", served.config.devid,
+                           served.attempts, reason)
+
+    async def _refuse(self, served: _Served, reason: str) -> None:
+        """The back-end answered but cannot be used: the device is failed (kept in ``status``)."""
+        self.log.error("device %d: not serving this device: %s", served.config.devid, reason)
+        served.device.refuse(reason)
+        if served.listener is not None:
+            served.listener.close()
+            served.listener = None
+        await self._set_state(served, XENBUS_CLOSED)
+        self.notifier.status(self._status_line())
 
     def _export(self, cfg: DeviceConfig) -> DataPath | DataPathChooser:
         assert self.privcmd is not None
@@ -420,12 +522,7 @@ class Supervisor:
         from .grant_memory import GrantXenMmapExport  # noqa: PLC0415
         from .xen.gntdev import GrantDev  # noqa: PLC0415
 
-        # xen-vhost-frontend: grant space as large as the guest's RAM
-        span = sum(size for _gpa, size in self.banks)
-        if not span:  # RAM not where the layout expects it (e.g. a UML guest at 0): its top frame then
-            assert self.privcmd is not None
-            span = (self.privcmd.maximum_gpfn(self.domid) + 1) << 12
-        return GrantXenMmapExport(GrantDev(self.kernel), self.domid, span,
+        return GrantXenMmapExport(GrantDev(self.kernel), self.domid, self._grant_span,
                                   no_advance=XenMmapFlags(cfg.xen_no_advance),
                                   fallback=lambda: self._shadow(cfg, num_queues),
                                   log=device_logger("xen_vhost_master.grants", self.domid, cfg.devid))
@@ -492,21 +589,26 @@ class Supervisor:
         return sim_memfd_export(banks, self._memfd, foreign_reader(self.privcmd, self.domid))
 
     async def _connect(self, served: _Served) -> AsyncFrontend:
+        """One try to reach the device's back-end; :class:`BackendAbsent` if nobody answers yet."""
         cfg = served.config
         path = cfg.socket_path(self.name, self.domid)
         if not cfg.listen:
-            fe = await AsyncFrontend.connect(path, attempts=CONNECT_ATTEMPTS)
+            fe = await _connect_once(path)
             self._check_peer(fe, path)  # a socket some other user put there is not our back-end
             return fe
         if served.listener is None:
             make_socket_dir(os.path.dirname(path))
             served.listener = UnixListener(path)
             os.chmod(path, 0o600)
-        self.log.info("waiting for the back-end to connect to %s", path)
+            if not served.waiting_since and served.device.model is None:
+                self._waiting(served, "listening for it to connect")
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + ACCEPT_TIMEOUT
+        deadline = loop.time() + WAIT_BACKOFF_MAX
         while True:
-            fe = await AsyncFrontend.accept(served.listener, accept_timeout=max(deadline - loop.time(), 0.01))
+            try:
+                fe = await AsyncFrontend.accept(served.listener, accept_timeout=max(deadline - loop.time(), 0.01))
+            except VhostUserError as e:  # (PeerTimeout)
+                raise BackendAbsent(path, "listening for it to connect") from e
             try:
                 self._check_peer(fe, path)
             except DeviceError as e:
@@ -581,7 +683,17 @@ class Supervisor:
         path = self.opt.state_file
         if not path or self.ioreq is None or self.ioreq.server_id is None:
             return
-        devices = {str(base): snapshot(s.device.model) for base, s in self.devices.items() if s.device.model}
+        # A device taken over but still waiting for its back-end keeps the state it was left in
+        # (all of them until the devices are known).
+        pending: dict[str, Any] = self._saved.get("devices", {}) if self.ioreq.adopted else {}
+        devices = {} if self._devices_known else dict(pending)
+        for base, s in self.devices.items():
+            # a device suspended for a handover is no longer ready, and its model is what the
+            # next image restores
+            if s.device.model is not None and (s.device.ready or self.handover):
+                devices[str(base)] = snapshot(s.device.model)
+            elif s.device.refused is None and str(base) in pending:
+                devices[str(base)] = pending[str(base)]
         state = {"domid": self.domid, "name": self.name, "ioreq_server": self.ioreq.server_id, "devices": devices}
         tmp = f"{path}.tmp"
         try:
@@ -664,15 +776,30 @@ class Supervisor:
         explicit = {d.base for d in self.opt.devices}
         for base, served in list(self.devices.items()):
             if served.path is not None and base not in found and base not in explicit:
+                if served.device.refused is not None and await self._still_listed(served.path):
+                    continue  # Closed is our own answer to its refused back-end, not a removal
                 self.log.info("device %d removed from xenstore: tearing it down", served.config.devid)
                 await self._remove_device(base)
         for base, (cfg, path) in found.items():
             if base not in self.devices:
                 self.log.info("device %d added in xenstore", cfg.devid)
-                await self._add_device(self._adjust(cfg), path)
-                if base in self.devices:
-                    await self._set_state(self.devices[base], XENBUS_INITWAIT)
+                added = self._add_device(self._adjust(cfg), path)
+                if added is not None:
+                    await self._set_state(added, XENBUS_INITWAIT)
+                    self._launch(added)
         self.notifier.status(self._status_line())
+
+    async def _still_listed(self, path: str) -> bool:
+        """A failed device's directory is still there and the toolstack is not closing it."""
+        assert self.xs is not None
+        try:
+            online = await self.xs.read_str(f"{path}/online")
+            state = await self.xs.read_str(f"{path}/state")
+        except XenstoreError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            raise
+        return online != "0" and state == str(XENBUS_CLOSED)
 
     async def _remove_device(self, base: int) -> None:
         assert self.ioreq is not None
@@ -680,6 +807,10 @@ class Supervisor:
         self.ioreq.remove_window(base)
         if served.state_task is not None:
             served.state_task.cancel()
+        try:
+            await cancel_and_wait(served.start_task)  # a waiting device stops trying
+        except Exception as e:  # noqa: BLE001 - _bring_up catches what a try raises; this is a bug
+            self.log.error("device %d: its start ended with %r", served.config.devid, e)
         try:
             async with asyncio.timeout(STEP_TIMEOUT):
                 await served.device.close()
@@ -689,6 +820,7 @@ class Supervisor:
             served.listener.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(served.config.socket_path(self.name, self.domid))
+            served.listener = None
         self._release_guest_memory()
         record = self._inflight_path(served.config)
         if record is not None:
@@ -730,11 +862,10 @@ class Supervisor:
         devices = []
         for served in self.devices.values():
             d, cfg = served.device, served.config
-            fe = d.frontend
             devices.append({
                 "devid": cfg.devid, "device_id": cfg.device_id, "base": hex(cfg.base), "irq": cfg.irq,
-                "socket": cfg.socket_path(self.name, self.domid),
-                "backend": "lost" if fe is None or fe.broken else "connected",
+                "socket": cfg.socket_path(self.name, self.domid), "mode": "server" if cfg.listen else "client",
+                "backend": served.backend, "attempts": served.attempts,
                 "data_path": _data_path_name(d.memory),
                 "status": int(d.model.status) if d.model else 0,
                 "features": hex(d.model.driver_features) if d.model else "0x0",
@@ -748,7 +879,12 @@ class Supervisor:
                 "ioreqs": {"served": ioreq.served, "spurious": ioreq.spurious, "refused": ioreq.refused} if ioreq else {}}
 
     def _status_line(self) -> str:
-        return f"dom{self.domid}: {len(self.devices)} device(s)"
+        """``STATUS=``: e.g. "dom5: 1 device(s) serving, 1 waiting"."""
+        states = [s.backend for s in self.devices.values()]
+        serving = sum(state in ("connected", "lost") for state in states)
+        line = f"dom{self.domid}: {serving} device(s) serving, {states.count('waiting')} waiting"
+        failed = states.count("failed")
+        return f"{line}, {failed} failed" if failed else line
 
     async def _start_status_socket(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -855,6 +991,28 @@ def make_socket_dir(path: str) -> None:
     except FileExistsError:
         return
     os.chmod(path, 0o755)
+
+
+async def _connect_once(path: str) -> AsyncFrontend:
+    """Client mode: one connect() to the back-end's socket (:class:`BackendAbsent` if there is no
+    socket or nobody listens on it); the socket is closed on every failure."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.setblocking(False)
+    connected = False
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            await asyncio.get_running_loop().sock_connect(sock, path)
+        connected = True
+    except TimeoutError:
+        raise BackendAbsent(path, f"connect() did not complete within {CONNECT_TIMEOUT:g} s") from None
+    except OSError as e:
+        if e.errno in _ABSENT:
+            raise BackendAbsent(path, e.strerror or str(e)) from None
+        raise
+    finally:
+        if not connected:
+            sock.close()
+    return AsyncFrontend(FdSocket(sock))
 
 
 class _Choose(DataPathChooser):

@@ -409,7 +409,7 @@ class _RecordingDevice:
     def __init__(self) -> None:
         self.seen: list[tuple[int, int, bool, int]] = []
 
-    def mmio(self, offset: int, size: int, is_write: bool, value: int) -> int | None:
+    def mmio(self, offset: int, size: int, is_write: bool, value: int, vcpu: int) -> int | None:
         self.seen.append((offset, size, is_write, value))
         return None if is_write else 0x74726976
 
