@@ -14,12 +14,16 @@ import os
 import pwd
 import socket
 import sys
-
-import uvloop
+from typing import TYPE_CHECKING
 
 from .config import MemoryMode, load_toml, parse_device_arg
 from .errors import ConfigError
-from .supervisor import ExitCode, Options, Supervisor
+
+if TYPE_CHECKING:
+    from .supervisor import Options
+
+# The supervisor (and with it the vhost-user library, construct, the data paths) and uvloop are
+# imported only by the commands that use them: --help, a bad argument and `status` start faster.
 
 __all__ = ["main", "parse_args"]
 
@@ -88,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _options(args: argparse.Namespace) -> Options:
+    from .supervisor import Options  # noqa: PLC0415
+
     if args.domid < 0 or args.domid >= 0x7FF0:
         raise ConfigError(f"--domid {args.domid}: a guest's domain id is between 1 and 32751")
     devices = [parse_device_arg(text, i) for i, text in enumerate(args.device)]
@@ -121,6 +127,8 @@ def _status(path: str) -> int:
             s.connect(path)
         except OSError as e:
             print(f"xen-vhost-master: no daemon answers on {path}: {e.strerror}", file=sys.stderr)
+            from .supervisor import ExitCode  # noqa: PLC0415
+
             return int(ExitCode.UNAVAILABLE)
         data = b""
         while chunk := s.recv(65536):
@@ -137,11 +145,17 @@ def main(argv: list[str] | None = None) -> int:
         options = _options(args)
     except ConfigError as e:
         print(f"xen-vhost-master: {e}", file=sys.stderr)
+        from .supervisor import ExitCode  # noqa: PLC0415
+
         return int(ExitCode.CONFIG)
     if args.command == "status":
         assert options.status_socket is not None
         return _status(options.status_socket)
     os.makedirs(options.socket_dir or ".", mode=0o700, exist_ok=True)
+    import uvloop  # noqa: PLC0415
+
+    from .supervisor import Supervisor  # noqa: PLC0415
+
     return uvloop.run(Supervisor(options).run())
 
 

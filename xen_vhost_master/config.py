@@ -8,12 +8,14 @@ the fix. Three sources, merged with explicit settings winning: libxl's xenstore 
 from __future__ import annotations
 
 import enum
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from pathlib import Path  # annotations only: pathlib pulls in urllib.parse and ipaddress
 
 __all__ = [
     "DEFAULT_QUEUE_SIZE",
@@ -194,6 +196,8 @@ def parse_device_arg(text: str, index: int = 0) -> DeviceConfig:
 
 def load_toml(path: str | Path) -> list[DeviceConfig]:
     """A TOML file with ``[[device]]`` tables using the same keys as ``--device``."""
+    import tomllib  # noqa: PLC0415  (only a daemon given a file pays for the parser)
+
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
