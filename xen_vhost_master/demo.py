@@ -99,7 +99,7 @@ async def guest_io(sim_socket: str, status_cmd: list[str]) -> tuple[bytes, float
                     say(f"guest: {phase:5} {done >> 20:3d}/{TOTAL >> 20} MiB")
             if sys.stdout.isatty():
                 print(flush=True)
-            if phase == "read" and b"".join(got) != data:
+            if phase == "read" and b"".join(chunk or b"" for chunk in got) != data:
                 raise SystemExit("demo: FAILED: the guest read back different data")
         await asyncio.wait_for(blk.flush(), DEADLINE)
         seconds = time.perf_counter() - start

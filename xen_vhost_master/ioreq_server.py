@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import errno
+import functools
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -152,7 +153,7 @@ class IoreqServer:
         for base in list(self._bases):
             self.remove_window(base)
         for port in self._ports:
-            self._step("unbind event channel", lambda p=port: self.evtchn.unbind(p))
+            self._step("unbind event channel", functools.partial(self.evtchn.unbind, port))
         self._ports, self._vcpu_of = [], {}
         if self.server_id is not None:
             sid = self.server_id

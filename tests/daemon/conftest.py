@@ -19,8 +19,8 @@ def start_sim() -> Iterator[Callable[[str], tuple[subprocess.Popen[bytes], str]]
 
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(sim_dir: str) -> tuple[subprocess.Popen[bytes], str]:
-        proc, path = _start_sim(sim_dir)
+    def start(directory: str) -> tuple[subprocess.Popen[bytes], str]:
+        proc, path = _start_sim(directory)
         procs.append(proc)
         return proc, path
 

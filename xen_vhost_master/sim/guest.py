@@ -133,7 +133,8 @@ class SimControl:
     def xl_destroy(self, domid: int, *, timeout: float = 10.0) -> dict[str, bool]:
         """``xl destroy`` the libxl way: each device Closing → wait for the backend's Closed (up to
         ``timeout`` s) → removed, then the domain destroyed. Backend path → answered in time."""
-        return self.call({"op": "xl_destroy", "domid": domid, "timeout": timeout})[0]["value"]
+        answered: dict[str, bool] = self.call({"op": "xl_destroy", "domid": domid, "timeout": timeout})[0]["value"]
+        return answered
 
     def xl_detach_virtio_device(self, domid: int, *, device_id: int, base: int, irq: int, devid: int = 0,
                                 kind: str = "virtio", timeout: float = 10.0) -> bool:
