@@ -4,13 +4,15 @@ SHELL := /bin/bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Debian packages of the real peers the tests run against (see tests/peers/).
-DEBS  := qemu-system-common dpdk-dev user-mode-linux kmod gcc libxen-dev linux-libc-dev fio \
-         gcc-aarch64-linux-gnu libc6-dev-arm64-cross linux-libc-dev-arm64-cross qemu-user
+# Debian packages of the real peers the tests run against (see tests/peers/): the groups of
+# tests/tools/debian-packages.tsv, whose package names depend on the Debian release (12 or 13).
+DEBS  := test
 
 .PHONY: test test-xen demo deps venv bench fuzz clean
+# XVM_REQUIRE_PEERS=1: a peer `make deps` installs and a test cannot find is a failure, not a skip
+# (tests/peers/programs.py); -rs prints every skip's reason.
 test: deps venv
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	XVM_REQUIRE_PEERS=1 $(PY) -m pytest -q -rs -p no:cacheprovider $(PYTEST_ARGS)
 
 # The real-Xen lab alone (arm64 Xen 4.17 + Debian dom0 + domU under qemu-system-aarch64; see
 # tests/xenlab/README.md). `make test` runs it too; XENLAB=0 leaves it out.
@@ -18,7 +20,7 @@ test-xen: venv
 	bash tests/xenlab/run-lab.sh
 
 demo: venv
-	@bash tests/tools/install-debs.sh qemu-system-common
+	@bash tests/tools/install-debs.sh demo
 	$(PY) -m xen_vhost_master.demo
 
 deps:

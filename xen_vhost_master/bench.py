@@ -291,8 +291,12 @@ async def relay_micro(peers: Any, work: Path, sim_path: str, n: int) -> dict[str
     guest = await SimGuest.connect(sim_path, domid)
     try:
         await daemon.ready()
-        w = lambda reg, v: guest.mmio_write(BASE + reg, 4, v)  # noqa: E731
-        r = lambda reg: guest.mmio_read(BASE + reg, 4)  # noqa: E731
+        async def w(reg: int, v: int) -> None:
+            await guest.mmio_write(BASE + reg, 4, v)
+
+        async def r(reg: int) -> int:
+            return await guest.mmio_read(BASE + reg, 4)
+
         await w(R.STATUS, 0)
         await w(R.STATUS, S.ACKNOWLEDGE)
         await w(R.STATUS, S.ACKNOWLEDGE | S.DRIVER)

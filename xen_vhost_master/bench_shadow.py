@@ -85,7 +85,7 @@ def qsd_null(directory: str) -> Iterator[str]:
     sock = os.path.join(directory, "qsd.sock")
     exe = shutil.which(QSD)
     if exe is None:
-        raise SystemExit(f"{QSD} not found (apt-get install qemu-system-common)")
+        raise SystemExit(f"{QSD} not found (Debian 12: qemu-system-common, Debian 13: qemu-utils; `make deps` installs it)")
     argv = [exe, "--blockdev", f"driver=null-co,node-name=null0,size={DISK}",
             "--export", f"type=vhost-user-blk,id=exp0,node-name=null0,addr.type=unix,addr.path={sock},num-queues=1,writable=on"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -16,8 +16,7 @@ import pwd
 import signal
 import socket
 import sys
-
-import uvloop
+from typing import TYPE_CHECKING
 
 from .config import (
     MemoryMode,
@@ -282,6 +281,8 @@ def _status(path: str) -> int:
             s.connect(path)
         except OSError as e:
             print(f"xen-vhost-master: no daemon answers on {path}: {e.strerror}", file=sys.stderr)
+            from .supervisor import ExitCode  # noqa: PLC0415
+
             return int(ExitCode.UNAVAILABLE)
         data = b""
         while chunk := s.recv(65536):

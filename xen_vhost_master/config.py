@@ -13,10 +13,13 @@ import string
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
 from .names import systemd_escape
+
+if TYPE_CHECKING:
+    from pathlib import Path  # annotations only: pathlib pulls in urllib.parse and ipaddress
 
 __all__ = [
     "DEFAULT_QUEUE_SIZE",

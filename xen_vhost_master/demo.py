@@ -99,7 +99,7 @@ async def guest_io(sim_socket: str, status_cmd: list[str]) -> tuple[bytes, float
                     say(f"guest: {phase:5} {done >> 20:3d}/{TOTAL >> 20} MiB")
             if sys.stdout.isatty():
                 print(flush=True)
-            if phase == "read" and b"".join(got) != data:
+            if phase == "read" and b"".join(chunk or b"" for chunk in got) != data:
                 raise SystemExit("demo: FAILED: the guest read back different data")
         await asyncio.wait_for(blk.flush(), DEADLINE)
         seconds = time.perf_counter() - start
@@ -113,7 +113,7 @@ async def guest_io(sim_socket: str, status_cmd: list[str]) -> tuple[bytes, float
 def main() -> int:
     qsd = shutil.which("qemu-storage-daemon")
     if qsd is None:
-        print("demo: qemu-storage-daemon is missing (apt-get install qemu-system-common)", file=sys.stderr)
+        print("demo: qemu-storage-daemon is missing (Debian 12: qemu-system-common, Debian 13: qemu-utils; `make demo` installs it)", file=sys.stderr)
         return 1
     bindir = Path(sys.executable).parent
     work = Path(tempfile.mkdtemp(prefix="xvm-demo-"))

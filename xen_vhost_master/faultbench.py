@@ -174,7 +174,7 @@ class QsdProcess(BackendProcess):
     def __init__(self, image: str, sock: str, log_path: str) -> None:
         exe = shutil.which(QSD)
         if exe is None:
-            raise FileNotFoundError(f"{QSD} not found (apt-get install qemu-system-common)")
+            raise FileNotFoundError(f"{QSD} not found (Debian 12: qemu-system-common, Debian 13: qemu-utils; `make deps` installs it)")
         super().__init__([
             exe,
             "--blockdev", f"driver=file,node-name=file0,filename={image}",

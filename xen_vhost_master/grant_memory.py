@@ -188,9 +188,10 @@ class GrantGuestMemory:
                 mv = memoryview(e.arr).cast("B")[start : start + length]
                 return mv.toreadonly() if e.readonly else mv
         first, count, page_off = self._refs(addr, length)
-        e = self._by_ref.get(first)
-        if e is not None and e.covers(first, count):
+        known = self._by_ref.get(first)
+        if known is not None and known.covers(first, count):
             self.stats.hits += 1
+            e = known
         else:
             e = self._map(addr, length, first, count)
         start = ((first - e.first) << XEN_PAGE_SHIFT) + page_off

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import errno
+import functools
 import contextlib
 import errno
 import functools

@@ -21,7 +21,7 @@ class DeviceLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
     """Prefixes messages with ``dom<N>/<dev>: `` (aioquic's QuicConnectionAdapter pattern)."""
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
-        return f"{self.extra['prefix']}: {msg}", kwargs
+        return f"{(self.extra or {})['prefix']}: {msg}", kwargs
 
 
 def device_logger(name: str, domid: int, device: str | int | None = None) -> DeviceLogger:

@@ -35,7 +35,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vhost_user import (
     AsyncFrontend,
@@ -62,6 +62,9 @@ from .xen.evtchn import EventChannel
 from .xen.kernel import ENV_SIM_SOCKET, Kernel, kernel_from_env
 from .xen.privcmd import PrivCmd
 from .xen.xenstore import XenstoreClient, XenstoreError, XsTransaction
+
+if TYPE_CHECKING:
+    from .shadow import GuestInflightRecord
 
 __all__ = ["ExitCode", "Options", "Supervisor"]
 
@@ -531,6 +534,8 @@ class Supervisor:
         """Shadow virtqueues over the guest's RAM, foreign-mapped once per guest; for a grant
         device over its own gntdev mappings of the grants the guest hands out."""
         assert self.privcmd is not None
+        from .shadow import ShadowDataPath  # noqa: PLC0415  (imported when a device needs it)
+
         if cfg.grants:
             from .grant_memory import GrantGuestMemory, GrantShadowDataPath  # noqa: PLC0415
             from .xen.gntdev import GrantDev  # noqa: PLC0415
@@ -560,6 +565,8 @@ class Supervisor:
         path = self._inflight_path(cfg)
         if path is None:
             return None
+        from .shadow import GuestInflightRecord  # noqa: PLC0415
+
         try:
             return GuestInflightRecord(path, num_queues, cfg.queue_size)
         except OSError as e:
@@ -833,6 +840,8 @@ class Supervisor:
         devices first and Xen cannot finish destroying a domain whose pages dom0 still maps."""
         if self.guest_memory is None:
             return
+        from .shadow import ShadowDataPath  # noqa: PLC0415  (guest RAM is mapped only for it)
+
         if any(isinstance(s.device.memory, ShadowDataPath) for s in self.devices.values()):
             return
         self.guest_memory.close()
@@ -1054,6 +1063,7 @@ class _Choose(DataPathChooser):
 def _data_path_name(memory: object) -> str:
     """How a device's guest memory reaches its back-end, as ``status`` shows it."""
     from .grant_memory import GrantShadowDataPath, GrantXenMmapExport  # noqa: PLC0415
+    from .shadow import ShadowDataPath  # noqa: PLC0415
 
     if isinstance(memory, GrantXenMmapExport):
         return "shadow (grants, region limit)" if memory.shadowed else "xen-mmap (grants)"

@@ -563,19 +563,25 @@ def snapshot(dev: VirtioMmioDevice) -> dict[str, object]:
     }
 
 
+def _int(value: object) -> int:
+    if not isinstance(value, int):
+        raise ValueError(f"snapshot holds {value!r} where a number belongs")
+    return value
+
+
 def restore(dev: VirtioMmioDevice, state: dict[str, object]) -> None:
     """Load a :func:`snapshot` into a freshly built ``dev`` of the same shape (ValueError if not)."""
     queues = state["queues"]
     assert isinstance(queues, list)
     if len(queues) != len(dev.queues):
         raise ValueError(f"snapshot has {len(queues)} queues, the device {len(dev.queues)}")
-    features = int(state["driver_features"])  # type: ignore[arg-type]
+    features = _int(state["driver_features"])
     if features & ~dev.device_features:
         raise ValueError(f"snapshot's driver features {features:#x} exceed what the back-end offers")
-    dev.status = Status(int(state["status"]))  # type: ignore[arg-type]
+    dev.status = Status(_int(state["status"]))
     dev.driver_features = features
-    dev.interrupt_status = int(state["interrupt_status"]) & (INT_VRING | INT_CONFIG)  # type: ignore[arg-type]
-    dev.config_generation = int(state["config_generation"])  # type: ignore[arg-type]
+    dev.interrupt_status = _int(state["interrupt_status"]) & (INT_VRING | INT_CONFIG)
+    dev.config_generation = _int(state["config_generation"])
     sel = state["selectors"]
     assert isinstance(sel, list)
     dev.device_features_sel, dev.driver_features_sel, dev.queue_sel, dev.shm_sel = (int(x) for x in sel)

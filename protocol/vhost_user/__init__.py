@@ -14,49 +14,116 @@ about Xen. Layers (each importable on its own):
 
 from __future__ import annotations
 
-from .aio import (
-    AsyncFrontend,
-    BackendServer,
-    FdSocket,
-    InflightFd,
-    Negotiated,
-    UnixListener,
-    VhostUserDevice,
-    Vring,
-    connect_unix,
-    serve_unix,
-)
-from .backend import BackendChannelRequester, BackendConnection
-from .errors import (
-    BackendFailed,
-    Disconnected,
-    FdCountMismatch,
-    FeatureNotNegotiated,
-    GuestMemoryError,
-    InflightRegionError,
-    LocalProtocolError,
-    MalformedMessage,
-    PartialMessage,
-    PeerTimeout,
-    ProtocolError,
-    RemoteProtocolError,
-    TransportError,
-    UnexpectedReply,
-    UnknownRequest,
-    VhostUserError,
-)
-from .events import Ack, Event, Outgoing, Reply, RequestReceived
-from .frontend import BackendChannelResponder, FrontendConnection
-from .memory import GuestMemory, MappedRegion
-from .wire import (
-    BackendRequest,
-    FrontendRequest,
-    MemoryRegion,
-    ProtocolFeatures,
-    VirtioFeatures,
-    XenMemoryRegion,
-    XenMmapFlags,
-)
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .aio import (
+        AsyncFrontend,
+        BackendServer,
+        FdSocket,
+        InflightFd,
+        Negotiated,
+        UnixListener,
+        VhostUserDevice,
+        Vring,
+        connect_unix,
+        serve_unix,
+    )
+    from .backend import BackendChannelRequester, BackendConnection
+    from .errors import (
+        BackendFailed,
+        Disconnected,
+        FdCountMismatch,
+        FeatureNotNegotiated,
+        GuestMemoryError,
+        InflightRegionError,
+        LocalProtocolError,
+        MalformedMessage,
+        PartialMessage,
+        PeerTimeout,
+        ProtocolError,
+        RemoteProtocolError,
+        TransportError,
+        UnexpectedReply,
+        UnknownRequest,
+        VhostUserError,
+    )
+    from .events import Ack, Event, Outgoing, Reply, RequestReceived
+    from .frontend import BackendChannelResponder, FrontendConnection
+    from .memory import GuestMemory, MappedRegion
+    from .wire import (
+        BackendRequest,
+        FrontendRequest,
+        MemoryRegion,
+        ProtocolFeatures,
+        VirtioFeatures,
+        XenMemoryRegion,
+        XenMmapFlags,
+    )
+
+# Names are imported from their submodule on first use (PEP 562), so that a program needing one
+# layer (the daemon: the front-end) does not pay for the others (back-end server, testing kit).
+_LAZY: dict[str, str] = {
+    "AsyncFrontend": ".aio.client",
+    "BackendServer": ".aio.server",
+    "FdSocket": ".aio.transport",
+    "InflightFd": ".aio.client",
+    "Negotiated": ".aio.client",
+    "UnixListener": ".aio.transport",
+    "VhostUserDevice": ".aio.device",
+    "Vring": ".aio.device",
+    "connect_unix": ".aio.transport",
+    "serve_unix": ".aio.server",
+    "BackendChannelRequester": ".backend",
+    "BackendConnection": ".backend",
+    "BackendFailed": ".errors",
+    "Disconnected": ".errors",
+    "FdCountMismatch": ".errors",
+    "FeatureNotNegotiated": ".errors",
+    "GuestMemoryError": ".errors",
+    "InflightRegionError": ".errors",
+    "LocalProtocolError": ".errors",
+    "MalformedMessage": ".errors",
+    "PartialMessage": ".errors",
+    "PeerTimeout": ".errors",
+    "ProtocolError": ".errors",
+    "RemoteProtocolError": ".errors",
+    "TransportError": ".errors",
+    "UnexpectedReply": ".errors",
+    "UnknownRequest": ".errors",
+    "VhostUserError": ".errors",
+    "Ack": ".events",
+    "Event": ".events",
+    "Outgoing": ".events",
+    "Reply": ".events",
+    "RequestReceived": ".events",
+    "BackendChannelResponder": ".frontend",
+    "FrontendConnection": ".frontend",
+    "GuestMemory": ".memory",
+    "MappedRegion": ".memory",
+    "BackendRequest": ".wire.enums",
+    "FrontendRequest": ".wire.enums",
+    "MemoryRegion": ".wire.payloads",
+    "ProtocolFeatures": ".wire.enums",
+    "VirtioFeatures": ".wire.enums",
+    "XenMemoryRegion": ".wire.payloads",
+    "XenMmapFlags": ".wire.enums",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 __all__ = [

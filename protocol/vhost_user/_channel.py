@@ -75,7 +75,7 @@ class _Endpoint:
         return FRONTEND_SPECS if self.channel == "front-end" else BACKEND_SPECS
 
     def _spec(self, request: Request) -> RequestSpec:
-        spec = self._specs().get(request)
+        spec: RequestSpec | None = self._specs().get(request)
         if spec is None or not isinstance(
             request, FrontendRequest if self.channel == "front-end" else BackendRequest
         ):

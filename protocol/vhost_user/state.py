@@ -41,7 +41,7 @@ class ChannelInput(enum.Enum):
     CLOSE = "close"
 
 
-S, I = ChannelState, ChannelInput
+S, I = ChannelState, ChannelInput  # noqa: E741  (short names keep the transition table readable)
 #: (state, input) -> next state. Missing pairs are protocol errors.
 CHANNEL_TRANSITIONS: dict[tuple[ChannelState, ChannelInput], ChannelState] = {
     (S.IDLE, I.SEND_NO_ANSWER): S.IDLE,

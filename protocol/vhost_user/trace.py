@@ -23,6 +23,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable
+from typing import cast
 
 from .aio.transport import FdSocket, UnixListener, close_fds, connect_unix
 from .errors import VhostUserError
@@ -59,7 +60,8 @@ class _Session:
                 specs = FRONTEND_SPECS if channel == "front-end" else BACKEND_SPECS
                 spec = specs.get(req)  # type: ignore[call-overload]
                 ack = spec is None or spec.reply is None
-                msg = decode_reply(header, body, fds, expected=req, ack=ack, channel=channel)
+                msg = decode_reply(header, body, fds, expected=cast("FrontendRequest | BackendRequest", req), ack=ack,
+                                   channel=channel)
                 detail = describe_payload(req, msg.payload, reply=True, ack=ack)
                 if ack:
                     detail = "REPLY_ACK " + detail + (" (success)" if msg.payload.value == 0 else " (FAILURE)")

@@ -383,7 +383,7 @@ class SplitQueueDevice:
     # --- consuming -----------------------------------------------------------------------------
     def available(self) -> int:
         """Number of chains the driver has made available and we have not popped yet."""
-        avail_idx = _U16.unpack_from(self._r.avail, 2)[0]
+        avail_idx: int = _U16.unpack_from(self._r.avail, 2)[0]
         pending = (avail_idx - self._last_avail) & 0xFFFF
         if pending > self._r.size:
             raise RingError(

@@ -2,5 +2,30 @@
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Callable, Iterator
+
+import pytest
+
 from tests.peers.conftest import peers  # noqa: F401  (fixture)
 from tests.sim.conftest import kernel, sim_control, sim_dir, sim_host  # noqa: F401  (fixtures)
+
+
+@pytest.fixture
+def start_sim() -> Iterator[Callable[[str], tuple[subprocess.Popen[bytes], str]]]:
+    """``start_sim(dir)`` -> (process, socket path): ``xen-vhost-sim`` in its own process, stopped when
+    the test ends however it ends (passed, failed, or skipped for a missing peer)."""
+    from tests.daemon.test_daemon_cli import start_sim as _start_sim, stop
+
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(directory: str) -> tuple[subprocess.Popen[bytes], str]:
+        proc, path = _start_sim(directory)
+        procs.append(proc)
+        return proc, path
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            stop(proc)

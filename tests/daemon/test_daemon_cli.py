@@ -34,19 +34,27 @@ BIN = Path(sys.executable).parent
 
 
 def start_sim(sim_dir: str, name: str = "") -> tuple[subprocess.Popen[bytes], str]:
-    """``xen-vhost-sim`` with domain DOMID (named ``name``, else guest<DOMID>) and one virtio disk."""
+    """``xen-vhost-sim`` with domain DOMID (named ``name``, else guest<DOMID>) and one virtio disk;
+    nothing is left running if it does not start (the ``start_sim`` fixture of conftest.py also
+    stops it when the test ends, however it ends)."""
     path = os.path.join(sim_dir, "xen.sock")
     r, w = os.pipe()
-    proc = subprocess.Popen(
-        [str(BIN / "xen-vhost-sim"), "--socket", path, "--domain", f"domid={DOMID},mem=64M,vcpus=2"
-         + (f",name={name}" if name else ""),
-         "--virtio", f"domid={DOMID},device_id=2,base=0x2000000,irq=33,devid=0", "--ready-fd", str(w)],
-        pass_fds=(w,),
-    )
-    os.close(w)
-    ready = select.select([r], [], [], TIMEOUT)[0]
-    os.close(r)
-    assert ready, "xen-vhost-sim did not start"
+    try:
+        proc = subprocess.Popen(
+            [str(BIN / "xen-vhost-sim"), "--socket", path, "--domain", f"domid={DOMID},mem=64M,vcpus=2"
+             + (f",name={name}" if name else ""),
+             "--virtio", f"domid={DOMID},device_id=2,base=0x2000000,irq=33,devid=0", "--ready-fd", str(w)],
+            pass_fds=(w,),
+        )
+    finally:
+        os.close(w)
+    try:
+        ready = select.select([r], [], [], TIMEOUT)[0]
+    finally:
+        os.close(r)
+    if not ready:
+        stop(proc)
+        raise AssertionError("xen-vhost-sim did not start")
     return proc, path
 
 
@@ -103,7 +111,7 @@ async def io_check(blk: VirtioBlk, image: Path, seed: int) -> None:
 
 @pytest.mark.peer
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # the daemon itself runs on uvloop
-async def test_daemon_serves_discovers_hotplugs_and_stops_cleanly(sim_dir, peers, tmp_path):
+async def test_daemon_serves_discovers_hotplugs_and_stops_cleanly(start_sim, sim_dir, peers, tmp_path):
     sim, sim_path = start_sim(sim_dir)
     runtime = tmp_path / "run"
     runtime.mkdir()
@@ -186,7 +194,7 @@ async def test_daemon_serves_discovers_hotplugs_and_stops_cleanly(sim_dir, peers
 
 @pytest.mark.peer
 @pytest.mark.asyncio(loop_factories=["asyncio"])
-async def test_daemon_sigkilled_and_restarted_takes_over_the_running_guest(sim_dir, peers, tmp_path):
+async def test_daemon_sigkilled_and_restarted_takes_over_the_running_guest(start_sim, sim_dir, peers, tmp_path):
     """The daemon dies (SIGKILL) while the guest's disk is live; the guest's next access blocks in
     its vCPU. A restarted daemon adopts the IOREQ server its predecessor left, restores the
     device's state, resumes the back-end's rings, serves the blocked access, and I/O goes on."""
@@ -234,7 +242,7 @@ async def test_daemon_sigkilled_and_restarted_takes_over_the_running_guest(sim_d
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # the daemons run uvloop in their own processes
-async def test_daemon_sigkilled_with_out_of_order_requests_in_flight_resumes_exactly(sim_dir, tmp_path):
+async def test_daemon_sigkilled_with_out_of_order_requests_in_flight_resumes_exactly(start_sim, sim_dir, tmp_path):
     """Shadow path, a back-end that completes out of order (the project's RAM disk with
     ``--reorder``): the daemon is SIGKILLed right after the first of 8 writes completed, three times
     over. Each restarted daemon resumes from the guest-side in-flight record it finds in the runtime

@@ -35,6 +35,7 @@ from vhost_user import AsyncFrontend, FrontendRequest
 from vhost_user.inflight import region_size
 from vhost_user.testing import RamDiskBlk, connected_pair
 from vhost_user.wire import Inflight
+from tests.peers import programs
 from xen_vhost_master.config import DeviceConfig
 from xen_vhost_master.device import Device
 from xen_vhost_master.errors import GuestFault
@@ -64,6 +65,7 @@ BIN = Path(sys.executable).parent
 @pytest.mark.asyncio
 async def test_qsd_sigkilled_5_times_under_qd8_writes_every_request_completes_once_no_data_lost(
         no_fd_leak, sim_host, sim_control, kernel, tmp_path):
+    programs.require("qemu-storage-daemon")  # QsdProcess looks it up in PATH
     figures = await asyncio.wait_for(
         kill_loop(kernel, sim_control, sim_host.path, str(tmp_path), kills=5, depth=8, seed=3), 50)
     assert figures.kills == figures.reconnects == 5
@@ -278,6 +280,7 @@ async def test_backend_that_stops_answering_times_out_needs_reset_then_reconnect
     request to it times out (1 s here), the device shows DEVICE_NEEDS_RESET and a reconnect starts.
     Meanwhile disk B, on the other vCPU, keeps serving I/O. After SIGCONT the reconnect succeeds,
     the driver resets and re-initialises disk A, and its data is intact."""
+    programs.require("qemu-storage-daemon")  # QsdProcess looks it up in PATH
     caplog.set_level(logging.INFO)
     procs = []
     for name in ("a", "b"):
@@ -566,6 +569,7 @@ async def test_backend_stopped_with_a_request_in_flight_guest_reset_times_out_th
     business), the driver resets the device, the daemon's request to stop the ring (1 s here)
     times out, the reset completes for the vCPU and a reconnect starts; disk B is served
     throughout. After SIGCONT: reconnected, and disk A works again."""
+    programs.require("qemu-storage-daemon")  # QsdProcess looks it up in PATH
     from xen_vhost_master.sim.guest_driver import GuestTimeout
 
     caplog.set_level(logging.INFO)

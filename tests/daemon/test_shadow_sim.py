@@ -33,6 +33,7 @@ from xen_vhost_master.sim.guest_driver import Feature, GuestDriverError, GuestPa
 from xen_vhost_master.xen.evtchn import EventChannel
 from xen_vhost_master.xen.privcmd import PrivCmd
 
+from tests.peers import programs
 from tests.peers.harness import TESTPMD_FORWARDING_LOG
 
 BASE, IRQ = 0x0200_0000, 33
@@ -217,7 +218,6 @@ _IN_HDR = struct.Struct("<IIQQIIII")  # len, opcode, unique, nodeid, uid, gid, p
 _OUT_HDR = struct.Struct("<IiQ")  # len, error, unique
 _ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # fuse_attr: ino size blocks a/m/ctime, nsecs, mode nlink uid gid rdev blksize flags
 _ENTRY = struct.Struct("<QQQQII")  # nodeid generation entry_valid attr_valid + nsecs, then fuse_attr
-VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 
 
 class Fuse:
@@ -264,7 +264,8 @@ async def test_virtiofsd_answers_fuse_init_lookup_getattr_read_about_a_real_dire
     content = os.urandom(10000)
     (share / "hello.bin").write_bytes(content)
     sock = peers.sock_path("fs.sock")
-    fsd = peers.start("virtiofsd", [VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={share}", "-o", "cache=none"])
+    virtiofsd = programs.require("virtiofsd")
+    fsd = peers.start("virtiofsd", [virtiofsd, f"--socket-path={sock}", "-o", f"source={share}", "-o", "cache=none"])
     fsd.wait_listening(sock)
     domid = sim_control.create_domain(mem_bytes=64 << 20)
     cfg = DeviceConfig(devid=0, device_id=VIRTIO_ID_FS, base=BASE, irq=IRQ, socket=str(sock), num_queues=2)

@@ -34,12 +34,12 @@ from pathlib import Path
 import pytest
 
 from tests.daemon.test_daemon_cli import DOMID, TIMEOUT, io_check, start_sim, stop
+from tests.peers import programs
 from xen_vhost_master.config import instance_name
 from xen_vhost_master.sim.guest import SimControl, SimGuest
 from xen_vhost_master.sim.guest_devices import VirtioBlk
 from xen_vhost_master.sim.guest_driver import GuestPageAllocator
 
-SYSTEMD = "/lib/systemd/systemd"
 REPO = Path(__file__).resolve().parents[2]
 UNIT_FILE = REPO / "systemd" / "xen-vhost-master@.service"
 # A guest name systemd must escape: the instance is "my\x2dguest\x207", %I gives the name back,
@@ -63,18 +63,28 @@ exec {systemd} --system --unit=xvm-test.target --log-level=info
 
 
 def _can_boot_systemd() -> str | None:
-    if not os.path.exists(SYSTEMD) or shutil.which("unshare") is None or shutil.which("nsenter") is None:
-        return "systemd, unshare or nsenter not installed"
+    if shutil.which("unshare") is None or shutil.which("nsenter") is None:
+        return "unshare or nsenter (util-linux) not installed"
     if os.geteuid() != 0:
         return "needs root (PID and mount namespaces)"
     r = subprocess.run(["unshare", "--pid", "--mount", "--fork", "true"], capture_output=True, timeout=10)
     return None if r.returncode == 0 else f"cannot create namespaces: {r.stderr.decode().strip()}"
 
 
+#: What the daemon's ExecStart needs to see: this checkout, its venv, the venv's interpreter.
+CHECKOUT_PATHS = (REPO, Path(sys.prefix), Path(sys.base_prefix).resolve())
+#: ProtectHome=yes makes these inaccessible (systemd.exec(5)).
+HOME_DIRS = (Path("/root"), Path("/home"), Path("/run/user"))
+
+
+def _under_home(paths: tuple[Path, ...]) -> bool:
+    return any(p == home or home in p.parents for p in paths for home in HOME_DIRS)
+
+
 class Systemd:
     """systemd as PID 1 of new PID + mount namespaces; ``systemctl`` through nsenter."""
 
-    def __init__(self, work: Path, backend_sock: Path, dropin: str) -> None:
+    def __init__(self, work: Path, backend_sock: Path, dropin: str, systemd: str) -> None:
         units = work / "units"
         (units / "xen-vhost-master@.service.d").mkdir(parents=True)
         shipped = UNIT_FILE.read_text()
@@ -84,7 +94,7 @@ class Systemd:
         (units / "xen-vhost-master@.service.d" / "test.conf").write_text(dropin)
         (units / "xvm-test.target").write_text("[Unit]\nDescription=test target\nDefaultDependencies=no\n")
         boot = work / "boot.sh"
-        boot.write_text(BOOT.format(instance=INSTANCE, units=units, backend=backend_sock, systemd=SYSTEMD))
+        boot.write_text(BOOT.format(instance=INSTANCE, units=units, backend=backend_sock, systemd=systemd))
         self.log = open(work / "systemd.log", "wb")
         self.proc = subprocess.Popen(["unshare", "--pid", "--mount", "--fork", "--kill-child", "sh", str(boot)],
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -180,10 +190,11 @@ def work() -> Iterator[Path]:
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("user", ["root", "nobody"])
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # the daemon itself runs on uvloop
-async def test_the_shipped_unit_under_real_systemd(work, peers, user):
+async def test_the_shipped_unit_under_real_systemd(start_sim, work, peers, user):
     """``user``: root (the unit as shipped), or a dedicated unprivileged user as systemd/README.md's
     "Running as a dedicated user" adds with a drop-in (User=/Group=); its sockets are made
     reachable for it the way that section says (here: mode 0666 on the simulator's and qsd's)."""
+    systemd = programs.require("systemd")
     reason = _can_boot_systemd()
     if reason is not None:
         pytest.skip(reason)
@@ -202,18 +213,18 @@ async def test_the_shipped_unit_under_real_systemd(work, peers, user):
         + "ExecStart=\n"
         f"ExecStart={bin_dir / 'xen-vhost-master'} --domain=%I\n"
         f"Environment=XEN_VHOST_SIM={sim_path}\n"
-        f"BindReadOnlyPaths={REPO} {Path(sys.prefix)}\n"
+        f"BindReadOnlyPaths={' '.join(str(p) for p in CHECKOUT_PATHS)}\n"
         f"BindPaths={work} {disk.sock.parent}\n"
-        f"BindReadOnlyPaths={Path(sys.base_prefix).resolve()}\n"
-        # An interpreter under /root or /home (pyenv) is hidden by ProtectHome=yes; tmpfs hides the
-        # homes just as well (an empty read-only tmpfs) and lets the bind above show through.
-        + ("ProtectHome=tmpfs\n" if Path(sys.base_prefix).resolve().parts[1] in ("root", "home") else "")
+        # A checkout, venv or interpreter under /root, /home or /run/user (a clone in root's home, a
+        # pyenv) is hidden by ProtectHome=yes (status=203/EXEC); tmpfs hides the homes just as well
+        # (an empty read-only tmpfs) and lets the binds above show through.
+        + ("ProtectHome=tmpfs\n" if _under_home(CHECKOUT_PATHS) else "")
         + f"StandardError=append:{work / 'daemon.log'}\n"
     )
     sd = None
     guest = None
     try:
-        sd = await asyncio.to_thread(Systemd, work, disk.sock, dropin)
+        sd = await asyncio.to_thread(Systemd, work, disk.sock, dropin, systemd)
         await asyncio.to_thread(sd.wait_running)
         # Type=notify: `systemctl start` returns once the daemon said READY=1 (it then serves).
         await asyncio.to_thread(sd.ctl, "start", UNIT)

@@ -37,7 +37,8 @@ from tests.daemon.test_dispatcher import (
     ran_only_after_claimed,
     start_sim,
 )
-from tests.daemon.test_systemd_unit import SYSTEMD, _can_boot_systemd
+from tests.daemon.test_systemd_unit import _can_boot_systemd
+from tests.peers import programs
 from tests.peers.harness import Peers
 from xen_vhost_master.names import systemd_escape
 from xen_vhost_master.sim.guest import SimControl
@@ -95,7 +96,7 @@ class Systemd:
             )
         (units / "xvm-test.target").write_text("[Unit]\nDescription=test target\nDefaultDependencies=no\n")
         boot = work / "boot.sh"
-        boot.write_text(BOOT.format(instance=INSTANCE, units=units, backend=backend_sock, systemd=SYSTEMD))
+        boot.write_text(BOOT.format(instance=INSTANCE, units=units, backend=backend_sock, systemd=programs.require("systemd")))
         self.work = work
         self.log = open(work / "systemd.log", "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(["unshare", "--pid", "--mount", "--fork", "--kill-child", "sh", str(boot)],

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import pytest
+from tests.peers import programs
 
 __all__ = [
     "PeerDied",
@@ -101,15 +101,13 @@ class PeerDied(RuntimeError):
 
 
 def require_binary(name: str) -> str:
-    """Path of ``name``, or skip the test with a reason (`make test` installs them all)."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed (make test installs it: see Makefile DEBS)")
-    return path
+    """Path of ``name`` (a need of tests/tools/debian-packages.tsv), or stop the test with the
+    package that brings it on this Debian release (a failure under `make test`: programs.py)."""
+    return programs.require(name)
 
 
 def uml_modules_dir() -> Path:
-    """/usr/lib/uml/modules/<version of linux.uml>, or skip."""
+    """/usr/lib/uml/modules/<version of linux.uml>, or stop the test (programs.missing)."""
     uml = require_binary(UML)
     out = subprocess.run([uml, "--version"], capture_output=True, text=True, timeout=10, check=False).stdout
     version = out.strip().splitlines()[-1].strip() if out.strip() else ""
@@ -117,7 +115,8 @@ def uml_modules_dir() -> Path:
     if not (cand / "kernel/drivers/block/virtio_blk.ko").exists():
         found = sorted(UML_MODULES_ROOT.glob("*/kernel/drivers/block/virtio_blk.ko"))
         if not found:
-            pytest.skip(f"no UML virtio_blk.ko under {UML_MODULES_ROOT} (linux.uml says {version!r})")
+            programs.missing(f"no UML virtio_blk.ko under {UML_MODULES_ROOT} (linux.uml says {version!r}): "
+                             f"{programs.hint(UML)}")
         cand = found[-1].parents[3]
     return cand
 
@@ -405,6 +404,10 @@ class Peers:
         :meth:`UmlRun.finish`."""
         uml = require_binary(UML)
         modules = uml_modules_dir()
+        # uml_init.sh runs the host's own programs (hostfs root)
+        require_binary("insmod")
+        if mode in ("net", "fio"):
+            require_binary({"net": "ip", "fio": "fio"}[mode])
         n = next(_counter)
         uml_dir = self.base / f"uml{n}"
         uml_dir.mkdir()

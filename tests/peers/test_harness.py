@@ -6,10 +6,12 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import subprocess
 import sys
 
 import pytest
 
+from tests.peers import programs
 from tests.peers.harness import PeerDied, Peers, socket_listening
 
 
@@ -105,12 +107,45 @@ async def test_uml_boot_recipe_against_qemu_storage_daemon(peers: Peers, tmp_pat
         assert f.read(len(pattern)) == pattern
 
 
-def test_missing_binary_skips_with_a_reason(peers: Peers, monkeypatch) -> None:
-    import tests.peers.harness as harness
-
-    monkeypatch.setattr(harness.shutil, "which", lambda name: None)
-    with pytest.raises(pytest.skip.Exception, match="qemu-storage-daemon is not installed"):
+@pytest.mark.parametrize(("release", "package"), [("bookworm", "qemu-system-common"), ("trixie", "qemu-utils")])
+def test_missing_peer_skips_with_the_package_of_this_release(peers: Peers, monkeypatch, tmp_path, release,
+                                                              package) -> None:
+    monkeypatch.setattr(programs.shutil, "which", lambda name: None)
+    monkeypatch.setattr(programs.os.path, "exists", lambda path: False)
+    os_release = tmp_path / "os-release"
+    os_release.write_text(f"ID=debian\nVERSION_CODENAME={release}\n")
+    monkeypatch.setenv(programs.OS_RELEASE_ENV, str(os_release))
+    monkeypatch.delenv(programs.REQUIRE_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception, match=f"qemu-storage-daemon not found: on Debian 1[23] \\({release}\\) "
+                                                    f"it is in {package}; run `make deps`"):
         peers.qsd_raw()
-    with pytest.raises(pytest.skip.Exception, match="dpdk-testpmd is not installed"):
+    with pytest.raises(pytest.skip.Exception, match="dpdk-testpmd not found: .* it is in dpdk-dev"):
         peers.testpmd()
     assert peers.started == []
+
+
+def test_missing_peer_fails_under_make_test(peers: Peers, monkeypatch) -> None:
+    """`make test` ran `make deps` first: a peer that is still missing is a failure, not a skip."""
+    monkeypatch.setattr(programs.shutil, "which", lambda name: None)
+    monkeypatch.setenv(programs.REQUIRE_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match="qemu-storage-daemon not found: .*make test installed"):
+        peers.qsd_raw()
+    assert peers.started == []
+
+
+def test_each_installed_package_provides_its_need_where_the_table_looks() -> None:
+    """For every need whose package (on this release) is installed, the table's lookup finds it: the
+    table's paths are the packages' real ones, so a skip or failure names the true cause."""
+    release = programs.host_release()
+    if release is None:
+        pytest.skip("not a Debian release tests/tools/debian-packages.tsv knows")
+    checked, wrong = [], []
+    for need in programs.table().values():
+        package = need.packages[release]
+        installed = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True,
+                                   check=False).stdout.endswith("ok installed")
+        if installed:
+            checked.append(need.name)
+            if programs.find(need.name) is None:
+                wrong.append(f"{need.name} ({package})")
+    assert checked and wrong == []

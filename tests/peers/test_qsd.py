@@ -14,6 +14,8 @@ import pytest
 
 from tests.peers.guest import BLK_S_OK, BLK_T_IN, BLK_T_OUT, GuestQueue, GuestRam, guest_ram
 from tests.peers.harness import Peers
+from vhost_user.aio.client import AsyncFrontend
+from vhost_user.wire.enums import ProtocolFeatures, VirtioFeatures
 
 pytestmark = [pytest.mark.peer, pytest.mark.timeout(30)]
 
@@ -23,9 +25,7 @@ TEST_DEADLINE = 25.0  # brief: each peer test bounded < 30 s (pytest-timeout 30 
 
 
 def frontend_api():
-    aio = pytest.importorskip("vhost_user.aio.client", reason="vhost_user.aio (CORE) not available yet")
-    enums = pytest.importorskip("vhost_user.wire.enums")
-    return aio.AsyncFrontend, enums.VirtioFeatures, enums.ProtocolFeatures
+    return AsyncFrontend, VirtioFeatures, ProtocolFeatures
 
 
 async def blk_round(fe, ram: GuestRam, q: GuestQueue, image, *, sector: int, host_sector: int) -> None:

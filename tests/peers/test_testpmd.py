@@ -12,7 +12,10 @@ import os
 
 import pytest
 
+from vhost_user.aio.client import AsyncFrontend
+from vhost_user.aio.transport import UnixListener
 from vhost_user.wire.enums import ProtocolFeatures as PF
+from vhost_user.wire.enums import VirtioFeatures
 
 from tests.peers.guest import NET_HDR_LEN, GuestQueue, GuestRam, guest_ram
 from tests.peers.harness import TESTPMD_FORWARDING_LOG, Peers
@@ -30,10 +33,7 @@ FORWARDING_LOG = TESTPMD_FORWARDING_LOG
 
 
 def api():
-    aio = pytest.importorskip("vhost_user.aio.client", reason="vhost_user.aio (CORE) not available yet")
-    transport = pytest.importorskip("vhost_user.aio.transport")
-    enums = pytest.importorskip("vhost_user.wire.enums")
-    return aio.AsyncFrontend, transport.UnixListener, enums.VirtioFeatures
+    return AsyncFrontend, UnixListener, VirtioFeatures
 
 
 # virtio 1.2 §2.1 device status bits

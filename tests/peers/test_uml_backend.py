@@ -15,6 +15,10 @@ import os
 import pytest
 
 from tests.peers.harness import UML_TIMEOUT, Peers
+from vhost_user.aio.server import BackendServer
+from vhost_user.aio.transport import UnixListener
+from vhost_user.testing.blk import RamDiskBlk
+from vhost_user.wire.enums import ProtocolFeatures
 
 pytestmark = [pytest.mark.peer, pytest.mark.timeout(30)]
 
@@ -24,15 +28,11 @@ TEST_DEADLINE = 25.0  # brief: each peer test bounded < 30 s (pytest-timeout 30 
 
 
 def backend_api():
-    server = pytest.importorskip("vhost_user.aio.server", reason="vhost_user back-end (CORE) not available yet")
-    transport = pytest.importorskip("vhost_user.aio.transport")
-    blk = pytest.importorskip("vhost_user.testing.blk")
-    enums = pytest.importorskip("vhost_user.wire.enums")
     # Linux 6.1's virtio_uml only allocates its interrupt number while setting up the back-end
     # request channel: without BACKEND_REQ offered, the vring call fd is requested on IRQ 0 (the
     # timer), "genirq: Flags mismatch irq 0", and the virtio_blk probe fails with -EBUSY.
-    assert blk.RamDiskBlk.protocol_features & enums.ProtocolFeatures.BACKEND_REQ
-    return server.BackendServer, transport.UnixListener, blk.RamDiskBlk
+    assert RamDiskBlk.protocol_features & ProtocolFeatures.BACKEND_REQ
+    return BackendServer, UnixListener, RamDiskBlk
 
 
 @pytest.mark.asyncio

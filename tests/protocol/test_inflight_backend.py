@@ -19,7 +19,7 @@ import pytest
 from vhost_user import AsyncFrontend, BackendFailed, ProtocolFeatures, VirtioFeatures
 from vhost_user.inflight import INFLIGHT_VERSION, queue_region_size, region_size
 from vhost_user.testing import RamDiskBlk, connected_pair
-from vhost_user.testing.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT
+from vhost_user.testing.blk import VIRTIO_BLK_T_OUT
 from vhost_user.virtqueue import RingError
 
 from tests.protocol.guestmem import guest, wait_eventfd

@@ -16,6 +16,7 @@ from vhost_user.testing import DummyBackend
 from vhost_user.trace import Tracer
 from vhost_user.wire import BackendRequest
 
+from tests.peers import programs
 from tests.protocol.guestmem import guest, wait_eventfd
 
 TEST_TIMEOUT = 10.0
@@ -83,17 +84,14 @@ def test_trace_command_line_help() -> None:
     assert "--listen" in out.stdout and "--connect" in out.stdout
 
 
-QSD = "/usr/bin/qemu-storage-daemon"
-
-
 @pytest.mark.peer
 @pytest.mark.asyncio
-@pytest.mark.skipif(not Path(QSD).exists(), reason="qemu-storage-daemon not installed")
 async def test_trace_between_our_frontend_and_qemu_storage_daemon(tmp_path: Path, no_fd_leak: None) -> None:
     """The relay in front of a real, independently written back-end."""
+    qsd = programs.require("qemu-storage-daemon")
     backend_path, front_path = tmp_path / "qsd.sock", tmp_path / "front.sock"
     proc = await asyncio.create_subprocess_exec(
-        QSD, "--blockdev", "driver=null-co,node-name=null0,size=8388608",
+        qsd, "--blockdev", "driver=null-co,node-name=null0,size=8388608",
         "--export", f"type=vhost-user-blk,id=exp0,node-name=null0,addr.type=unix,addr.path={backend_path},num-queues=1,writable=on",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )

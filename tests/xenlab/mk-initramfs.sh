@@ -2,7 +2,7 @@
 # Assemble the dom0 initramfs of the real-Xen lab: the cached arm64 userland (prepare.sh) + this
 # project from the working tree + the arm64 wheels + the domU (same kernel, busybox initramfs
 # running guest/domu-init.sh) + the lab scripts.
-# usage: mk-initramfs.sh ART_DIR OUT.cpio.gz        env: XENLAB_SCENARIOS (default "pyblk")
+# usage: mk-initramfs.sh ART_DIR OUT.cpio.gz        env: XENLAB_SCENARIOS (default "pyblk qsd")
 set -euo pipefail
 H=$(cd "$(dirname "$0")" && pwd)
 TREE=$(cd "$H/../.." && pwd)
@@ -21,7 +21,8 @@ for pkg in "$TREE/protocol/vhost_user" "$TREE/xen_vhost_master"; do
     (cd "$(dirname "$pkg")" && cpio -pdm --quiet "$SITE")
 done
 for whl in "$A"/wheels/*.whl; do python3 -m zipfile -e "$whl" "$SITE"; done
-python3 -m compileall -q -j0 --invalidation-mode unchecked-hash "$SITE" >/dev/null
+# the dom0's python compiles (its magic number, whatever python the host runs); paths as dom0 sees them
+"$H/dom0-python.sh" "$R" -m compileall -q -j0 --invalidation-mode unchecked-hash -s "$R" -p / "$SITE" >/dev/null
 for prog in "xen-vhost-master:xen_vhost_master.cli" "xen-vhost-sim:xen_vhost_master.sim.cli"; do
   printf '#!/usr/bin/python3\nimport sys\nfrom %s import main\nsys.exit(main())\n' "${prog#*:}" > "$R/usr/local/bin/${prog%%:*}"
   chmod +x "$R/usr/local/bin/${prog%%:*}"
@@ -38,6 +39,6 @@ ln "$A/Image" "$R/boot/domu-vmlinuz" 2>/dev/null || cp "$A/Image" "$R/boot/domu-
 # the lab
 cp "$H/guest/dom0-init.sh" "$R/init"; cp "$H/guest/dom0-test.sh" "$R/xenlab/"
 chmod +x "$R/init" "$R/xenlab/dom0-test.sh"
-{ echo "XENLAB_SCENARIOS=\"${XENLAB_SCENARIOS:-pyblk}\""; echo "export XENLAB_SCENARIOS"; } > "$R/xenlab/lab.env"
+{ echo "XENLAB_SCENARIOS=\"${XENLAB_SCENARIOS:-pyblk qsd}\""; echo "export XENLAB_SCENARIOS"; } > "$R/xenlab/lab.env"
 (cd "$R" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT.tmp"
 mv "$OUT.tmp" "$OUT"

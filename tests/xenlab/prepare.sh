@@ -1,59 +1,119 @@
 #!/bin/bash
 # Build (or reuse from the cache) everything the real-Xen lab boots, all from Debian packages:
-#   host tools (qemu-system-arm, mmdebstrap, the arm64 cross compiler, dtc, ...),
+#   host tools (qemu-system-arm, mmdebstrap, the arm64 cross compiler, dtc, qemu-user, ...: the `lab`
+#   group of tests/tools/debian-packages.tsv, named for the host's release, Debian 12 or 13),
 #   Debian's arm64 kernel, Debian's Xen 4.17 hypervisor rebuilt with CONFIG_EXPERT=y CONFIG_IOREQ_SERVER=y
 #   (Debian's arm64 binary has no IOREQ server, so XEN_DMOP would return ENOSYS),
 #   an arm64 dom0 userland (xl, xenstored, python3, qemu-storage-daemon) and arm64 wheels for the project.
+# The lab's pieces are Debian 12's (bookworm) whatever the host runs: a private apt state under the
+# cache ($XENLAB_CACHE/apt: bookworm + bookworm-security, arm64 packages and sources) answers every
+# question about them, so the host's own sources and architectures are neither read nor changed.
+# Xen 4.17 is built with gcc 12, the compiler bookworm builds its own xen package with (Debian 13's
+# default gcc 14 stops it with -Werror=array-bounds); python files for the dom0 are byte-compiled by
+# the dom0's own python 3.11 under qemu-user, so the host's python version does not matter.
 # Cache: ${XENLAB_CACHE:-/var/cache/xen-vhost-master-lab}/<key>/ where <key> hashes the package versions.
-# XENLAB_MIRROR / XENLAB_SECURITY_MIRROR: the Debian archive mmdebstrap fetches from (default deb.debian.org).
-# Prints "XENLAB_ART=<dir>" on its last line. Exit 3 = the lab cannot be built here (no mirror, no apt):
-# the pytest entry turns that into a skip with the reason printed just before.
+# XENLAB_MIRROR / XENLAB_SECURITY_MIRROR: the Debian archive used (default deb.debian.org).
+# Prints "XENLAB_ART=<dir>" on its last line. Exit 3 = the lab cannot be built here, the reason on a
+# line "XENLAB-CANNOT-BUILD: ..." (test_real_xen.py fails with it). Downloads are tried 3 times,
+# XENLAB_RETRY_DELAY (5) and twice that seconds apart.
+#   prepare.sh --plan   print what would be built (host packages, kernel, Xen source, compiler, key)
+#                       and exit; builds nothing, installs nothing
 set -euo pipefail
+H=$(cd "$(dirname "$0")" && pwd)
+DEBS=$H/../tools/install-debs.sh
 C=${XENLAB_CACHE:-/var/cache/xen-vhost-master-lab}
+PLAN=0; [ "${1:-}" = --plan ] && PLAN=1
 mkdir -p "$C"
 t0=$(date +%s); step() { echo "== xenlab [$(( $(date +%s) - t0 ))s] $*" >&2; }
 cant() { echo "XENLAB-CANNOT-BUILD: $*" >&2; exit 3; }
+retry() {  # 3 tries, 5 s then 10 s apart (XENLAB_RETRY_DELAY): a mirror or PyPI hiccup is not a reason to give up
+  local n=1
+  until "$@"; do
+    [ $n -ge 3 ] && return 1
+    sleep $((n * ${XENLAB_RETRY_DELAY:-5})); n=$((n + 1))
+  done
+}
 export DEBIAN_FRONTEND=noninteractive
 exec 9>"$C/.lock"; flock 9    # one builder at a time
 
-HOST_PKGS=(qemu-system-arm qemu-utils device-tree-compiler cpio bc mmdebstrap gcc-aarch64-linux-gnu flex bison
-           dpkg-dev python3-pip busybox-static xz-utils)
-missing=()
-for p in "${HOST_PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p"); done
-need_update=0
-[ "${#missing[@]}" -gt 0 ] && need_update=1
-dpkg --print-foreign-architectures | grep -qx arm64 || { dpkg --add-architecture arm64; need_update=1; }
-SRC=/etc/apt/sources.list.d/xen-vhost-master-lab-src.sources
-if [ ! -f $SRC ]; then
-  printf 'Types: deb-src\nURIs: http://deb.debian.org/debian\nSuites: bookworm\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' > $SRC
-  need_update=1
-fi
-# a stale list (older than a day) is refreshed: the kernel ABI and Xen versions move with point releases
-if [ $need_update = 1 ] || [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*arm64_Packages*' -mmin -1440 2>/dev/null | head -1)" ]; then
-  step "apt-get update"
-  apt-get update -qq >/dev/null 2>&1 || cant "apt-get update failed (no network to the Debian mirror?)"
-fi
-if [ "${#missing[@]}" -gt 0 ]; then
-  step "host packages: ${missing[*]}"
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || cant "apt-get install ${missing[*]} failed"
+# 0. host packages, by the host's release
+if [ $PLAN = 1 ]; then
+  HOST=$(bash "$DEBS" --print lab 2>&1) || cant "$HOST"
+  echo "host-packages: $(echo $HOST)"
+else
+  out=$(bash "$DEBS" lab 2>&1) || cant "host packages for the lab: $out"
+  # earlier versions of this script added a bookworm deb-src entry to the host's own sources
+  rm -f /etc/apt/sources.list.d/xen-vhost-master-lab-src.sources
 fi
 
-ver() { apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: //p' | head -1; }
-KPKG=$(apt-cache depends linux-image-arm64:arm64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9][^:]*\).*/\1/p' | head -1)
-[ -n "$KPKG" ] || cant "apt does not know linux-image-arm64:arm64"
-VERS="$KPKG=$(ver $KPKG:arm64) xen-hypervisor-4.17-arm64=$(ver xen-hypervisor-4.17-arm64:arm64) xen-utils-4.17=$(ver xen-utils-4.17:arm64) python3=$(ver python3:arm64) qemu-system-common=$(ver qemu-system-common:arm64) busybox-static=$(ver busybox-static:arm64) xen-src=$(apt-cache showsrc xen 2>/dev/null | sed -n 's/^Version: //p' | sort -Vr | tr '\n' ,) lab=2"
+# 1. the private bookworm apt state
+M=${XENLAB_MIRROR:-http://deb.debian.org/debian}; MS=${XENLAB_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
+AP=$C/apt
+mkdir -p "$AP/lists/partial" "$AP/archives/partial" "$AP/cache" "$AP/sources.list.d" "$AP/preferences.d"
+touch "$AP/status"
+KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+cat > "$AP/sources.list.new" <<EOF
+deb [signed-by=$KEYRING] $M bookworm main
+deb [signed-by=$KEYRING] $MS bookworm-security main
+deb-src [signed-by=$KEYRING] $M bookworm main
+deb-src [signed-by=$KEYRING] $MS bookworm-security main
+EOF
+cat > "$AP/apt.conf" <<EOF
+Dir::Etc::sourcelist "$AP/sources.list";
+Dir::Etc::sourceparts "$AP/sources.list.d";
+Dir::Etc::preferencesparts "$AP/preferences.d";
+Dir::State::Lists "$AP/lists";
+Dir::State::status "$AP/status";
+Dir::Cache "$AP/cache";
+Dir::Cache::archives "$AP/archives";
+APT::Architecture "arm64";
+APT::Architectures { "arm64"; };
+APT::Sandbox::User "root";
+Acquire::Languages "none";
+EOF
+ag() { APT_CONFIG="$AP/apt.conf" apt-get "$@"; }
+ac() { APT_CONFIG="$AP/apt.conf" apt-cache "$@"; }
+stale=0
+cmp -s "$AP/sources.list.new" "$AP/sources.list" 2>/dev/null || { mv "$AP/sources.list.new" "$AP/sources.list"; stale=1; }
+rm -f "$AP/sources.list.new"
+# refreshed once a day: the kernel ABI and Xen versions move with point releases
+[ -n "$(find "$AP/updated" -mmin -1440 2>/dev/null)" ] || stale=1
+if [ $stale = 1 ]; then
+  step "apt-get update (bookworm, arm64, private lists in $AP)"
+  rm -f "$AP/updated"
+  retry ag update -qq --error-on=any >/dev/null 2>&1 || cant "apt-get update of bookworm from $M failed 3 times (no network to the Debian mirror?)"
+  touch "$AP/updated"
+fi
+
+ver() { ac policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: //p' | head -1; }
+KPKG=$(ac depends linux-image-arm64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*\).*/\1/p' | head -1 || true)
+[ -n "$KPKG" ] || cant "bookworm's apt lists do not know linux-image-arm64"
+XEN_SRC=$(ac showsrc xen 2>/dev/null | sed -n 's/^Version: //p' | grep '^4\.17' | sort -Vru || true)
+[ -n "$XEN_SRC" ] || cant "bookworm's apt lists know no xen 4.17 source"
+XCC=aarch64-linux-gnu-gcc-12
+XCC_VERSION=$($XCC -dumpfullversion 2>/dev/null || echo "not installed")
+VERS="$KPKG=$(ver "$KPKG") xen-hypervisor-4.17-arm64=$(ver xen-hypervisor-4.17-arm64) xen-utils-4.17=$(ver xen-utils-4.17) python3=$(ver python3) qemu-system-common=$(ver qemu-system-common) busybox-static=$(ver busybox-static) xen-src=$(echo $XEN_SRC | tr ' ' ,) cc=$XCC-$XCC_VERSION lab=3"
 KEY=$(echo "$VERS" | sha256sum | cut -c1-16)
+if [ $PLAN = 1 ]; then
+  echo "kernel: $KPKG"
+  echo "xen-source: $(echo $XEN_SRC | cut -d' ' -f1)"
+  echo "cross-compiler: $XCC $XCC_VERSION"
+  echo "versions: $VERS"
+  echo "key: $KEY"
+  exit 0
+fi
 A=$C/$KEY
 mkdir -p "$A"; echo "$VERS" > "$A/versions.txt"
-M=${XENLAB_MIRROR:-http://deb.debian.org/debian}; MS=${XENLAB_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 MIRRORS=("deb $M bookworm main" "deb $MS bookworm-security main")
 
-# 1. kernel (Image + modules) and Debian's own hypervisor package (for its .config reference)
+# 2. kernel (Image + modules)
 if [ ! -f "$A/kernel.done" ]; then
   step "arm64 kernel ($KPKG)"
-  rm -rf "$A/kern"
-  mmdebstrap --quiet --variant=extract --arch=arm64 --include="$KPKG" bookworm "$A/kern" "${MIRRORS[@]}" >/dev/null 2>&1 \
-    || cant "mmdebstrap of $KPKG failed (no network to the Debian mirror?)"
+  kernel() {
+    rm -rf "$A/kern"
+    mmdebstrap --quiet --variant=extract --arch=arm64 --include="$KPKG" bookworm "$A/kern" "${MIRRORS[@]}" >/dev/null 2>&1
+  }
+  retry kernel || cant "mmdebstrap of $KPKG from $M failed 3 times (no network to the Debian mirror?)"
   KV=$(ls "$A/kern/lib/modules" | head -1)
   cp "$A/kern/boot/vmlinuz-$KV" "$A/Image"
   mkdir -p "$A/modules"
@@ -66,54 +126,59 @@ if [ ! -f "$A/kernel.done" ]; then
   rm -rf "$A/kern"; touch "$A/kernel.done"
 fi
 
-# 2. hypervisor: Debian's xen source package, rebuilt with the IOREQ server
+# 3. hypervisor: Debian's xen source package (bookworm or bookworm-security), rebuilt with the IOREQ server
 if [ ! -f "$A/xen-ioreq" ]; then
-  step "Xen 4.17 hypervisor from Debian's source, CONFIG_IOREQ_SERVER=y"
+  step "Xen 4.17 hypervisor from Debian's source, CONFIG_IOREQ_SERVER=y, $XCC"
   S=$A/xen-src; rm -rf "$S"; mkdir -p "$S"; cd "$S"
   ok=0
-  for v in $(apt-cache showsrc xen 2>/dev/null | sed -n 's/^Version: //p' | grep '^4\.17' | sort -Vr); do
-    if apt-get source -qq --download-only "xen=$v" >/dev/null 2>&1; then ok=1; echo "$v" > "$A/xen-src-version"; break; fi
+  for v in $XEN_SRC; do
+    if retry ag source -qq --download-only "xen=$v" >/dev/null 2>&1; then ok=1; echo "$v" > "$A/xen-src-version"; break; fi
     rm -f xen_*   # a version whose tarball is missing on the mirror: try the next
   done
-  [ $ok = 1 ] || cant "apt-get source xen (4.17) failed for every version"
+  [ $ok = 1 ] || cant "apt-get source xen failed for every 4.17 version ($XEN_SRC)"
   dpkg-source -x --skip-debianization "$(ls xen_4.17*.dsc | head -1)" xen >/dev/null 2>&1 || dpkg-source -x "$(ls xen_4.17*.dsc | head -1)" xen >/dev/null
-  M=(make -C xen/xen XEN_TARGET_ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu-)
+  MK=(make -C xen/xen XEN_TARGET_ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu- CC=$XCC)
   printf 'CONFIG_DEBUG=n\nCONFIG_EXPERT=y\nCONFIG_IOREQ_SERVER=y\n' > xen/xen/.config
-  "${M[@]}" olddefconfig >/dev/null 2>&1
+  "${MK[@]}" olddefconfig >"$A/xen-build.log" 2>&1 || { tail -30 "$A/xen-build.log" >&2; exit 1; }
   grep -q '^CONFIG_IOREQ_SERVER=y' xen/xen/.config || { echo "IOREQ_SERVER not enabled by olddefconfig" >&2; exit 1; }
-  "${M[@]}" -j"$(nproc)" >"$A/xen-build.log" 2>&1 || { tail -30 "$A/xen-build.log" >&2; exit 1; }
+  "${MK[@]}" -j"$(nproc)" >>"$A/xen-build.log" 2>&1 || { tail -30 "$A/xen-build.log" >&2; exit 1; }
   cp xen/xen/xen "$A/xen-ioreq.tmp"; cp xen/xen/.config "$A/xen-ioreq.config"
   cd "$A"; rm -rf "$S"; mv "$A/xen-ioreq.tmp" "$A/xen-ioreq"
 fi
 
-# 3. dom0 userland base (unpacked only: no maintainer scripts, no qemu-user second stage)
+# 4. dom0 userland base (unpacked only: no maintainer scripts, no qemu-user second stage)
 if [ ! -f "$A/rootfs.done" ]; then
   step "dom0 userland (xen-utils-4.17, python3, qemu-storage-daemon, busybox)"
-  rm -rf "$A/rootfs"
-  mmdebstrap --quiet --variant=extract --arch=arm64 \
-    --include=xen-utils-4.17,xenstore-utils,python3-minimal,python3,busybox-static,qemu-system-common,libc-bin \
-    bookworm "$A/rootfs" "${MIRRORS[@]}" >/dev/null 2>&1 || cant "mmdebstrap of the dom0 userland failed"
   R=$A/rootfs
+  userland() {
+    rm -rf "$R"
+    mmdebstrap --quiet --variant=extract --arch=arm64 \
+      --include=xen-utils-4.17,xenstore-utils,python3-minimal,python3,busybox-static,qemu-system-common,libc-bin \
+      bookworm "$R" "${MIRRORS[@]}" >/dev/null 2>&1
+  }
+  retry userland || cant "mmdebstrap of the dom0 userland from $M failed 3 times"
   rm -rf "$R"/usr/share/{doc,man,locale,info,bash-completion,qemu,seabios,ipxe} "$R"/usr/lib/python3*/test \
          "$R"/usr/lib/python3*/{idlelib,tkinter,lib2to3,ensurepip,pydoc_data} "$R"/var/cache/apt "$R"/var/lib/apt/lists
   find "$R" -name __pycache__ -prune -exec rm -rf {} + 2>/dev/null || true
   rm -rf "$R"/usr/lib/aarch64-linux-gnu/gconv
   [ -x "$R/usr/bin/qemu-storage-daemon" ] || { echo "no qemu-storage-daemon in qemu-system-common:arm64" >&2; exit 1; }
   # byte-compile the stdlib now (dpkg's py3compile never ran): python starts in ~1 s instead of
-  # many under TCG, which matters for xl's 10 s back-end handshake. Same 3.11 bytecode as the host.
-  python3 -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' || cant "host python3 is not 3.11 (needed to byte-compile the arm64 dom0's python 3.11)"
-  python3 -m compileall -q -j0 --invalidation-mode unchecked-hash "$R/usr/lib/python3.11" "$R/usr/lib/python3/dist-packages" >/dev/null 2>&1 || true
+  # many under TCG, which matters for xl's 10 s back-end handshake. The dom0's own interpreter does
+  # it, under qemu-user: its bytecode, whatever python the host has.
+  "$H/dom0-python.sh" "$R" -m compileall -q -j0 --invalidation-mode unchecked-hash -s "$R" -p / \
+    "$R/usr/lib/python3.11" "$R/usr/lib/python3/dist-packages" >/dev/null 2>&1 \
+    || { echo "byte-compiling the dom0's python stdlib with its own python (qemu-user) failed" >&2; exit 1; }
   touch "$A/rootfs.done"
 fi
 
-# 4. arm64 wheels of the project's dependencies (PyPI), for the dom0's python 3.11
+# 5. arm64 wheels of the project's dependencies (PyPI), for the dom0's python 3.11
 if [ ! -f "$A/wheels.done" ]; then
   step "arm64 wheels (uvloop, construct, construct-typing)"
   rm -rf "$A/wheels"; mkdir -p "$A/wheels"
-  python3 -m pip download -q --disable-pip-version-check --no-deps --dest "$A/wheels" \
+  retry python3 -m pip download -q --disable-pip-version-check --no-deps --dest "$A/wheels" \
     --platform manylinux2014_aarch64 --platform manylinux_2_17_aarch64 --python-version 3.11 --implementation cp \
     --only-binary=:all: 'uvloop>=0.19' 'construct==2.10.70' 'construct-typing>=0.8' 'typing-extensions' >/dev/null 2>&1 \
-    || cant "pip download of arm64 wheels failed (no network to PyPI?)"
+    || cant "pip download of the dom0's arm64 wheels failed 3 times (no network to PyPI?)"
   touch "$A/wheels.done"
 fi
 step "artefacts ready in $A"

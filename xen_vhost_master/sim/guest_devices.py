@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -140,6 +141,9 @@ class VirtioBlk:
         step = self.size_max or length
         return [(gpa + off, min(step, length - off)) for off in range(0, length, step)]
 
+    def _free_when_done(self, gpa: int, _fut: asyncio.Future[int]) -> None:
+        self.driver.allocator.free(gpa)
+
     async def _post(self, op: BlkOp, kick: bool) -> tuple[asyncio.Future[int], int, int]:
         """Build and post one request; returns (future, buffer gpa, data length)."""
         if op.kind == "read":
@@ -212,7 +216,7 @@ class VirtioBlk:
             if not kicked:
                 for _op, fut, gpa, _length in posted:
                     # Posted chains stay in the ring until the device returns them; keep their memory.
-                    fut.add_done_callback(lambda _f, g=gpa: self.driver.allocator.free(g))
+                    fut.add_done_callback(functools.partial(self._free_when_done, gpa))
         results: list[bytes | None] = []
         errors: list[BaseException] = []
         for op, fut, gpa, length in posted:
@@ -316,7 +320,7 @@ class VirtioNet:
 
     async def _post_rx(self, gpa: int, *, kick: bool = True) -> None:
         fut = await self.driver.submit(NET_RX_QUEUE, writable=[(gpa, self.buffer_size)], kick=kick)
-        fut.add_done_callback(lambda f, g=gpa: self._rx_done.put_nowait((g, f)))
+        fut.add_done_callback(lambda f: self._rx_done.put_nowait((gpa, f)))
 
     async def send(self, frame: bytes) -> None:
         """Transmit one Ethernet frame (a zeroed header: no offloads) and wait until the device took it."""

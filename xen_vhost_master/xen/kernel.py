@@ -21,7 +21,7 @@ from __future__ import annotations
 import ctypes
 import mmap as _mmap
 import os
-from typing import Protocol, Union
+from typing import Protocol
 
 __all__ = [
     "ENV_SIM_SOCKET",
@@ -68,7 +68,7 @@ class _iovec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
-IoctlArg = Union[ctypes.Structure, ctypes.Array, bytearray, int, None]  # type: ignore[type-arg]
+IoctlArg = ctypes.Structure | ctypes.Array | bytearray | int | None  # type: ignore[type-arg]
 
 
 def address_of(arg: IoctlArg) -> int:

@@ -424,6 +424,6 @@ class XsClientProtocol:
                 return XsReply(msg.req_id, req_type, b"", XenstoreError(errno_mod.EINVAL, f"unknown error {name!r}"))
             return XsReply(msg.req_id, req_type, b"", xenstore_error(err))
         if msg.type != req_type:
-            exc = XenstoreProtocolError(f"reply type {msg.type} to a {req_type.name} request")
-            return XsReply(msg.req_id, req_type, b"", exc)
+            mismatch = XenstoreProtocolError(f"reply type {msg.type} to a {req_type.name} request")
+            return XsReply(msg.req_id, req_type, b"", mismatch)
         return XsReply(msg.req_id, req_type, msg.payload)

@@ -2,27 +2,71 @@
 
 from __future__ import annotations
 
-from .client import (
-    DEFAULT_PROTOCOL_FEATURES,
-    GET_VRING_BASE_TIMEOUT,
-    REQUEST_TIMEOUT,
-    AsyncFrontend,
-    BackendRequestHandler,
-    InflightFd,
-    Negotiated,
-)
-from .device import DEFAULT_BACKEND_PROTOCOL_FEATURES, VhostUserDevice, Vring
-from .server import BACKEND_CHANNEL_TIMEOUT, BackendServer, serve_unix
-from .transport import (
-    ACCEPT_TIMEOUT,
-    CONNECT_ATTEMPTS,
-    CONNECT_TIMEOUT,
-    FdSocket,
-    UnixListener,
-    cancel_and_wait,
-    close_fds,
-    connect_unix,
-)
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .client import (
+        DEFAULT_PROTOCOL_FEATURES,
+        GET_VRING_BASE_TIMEOUT,
+        REQUEST_TIMEOUT,
+        AsyncFrontend,
+        BackendRequestHandler,
+        InflightFd,
+        Negotiated,
+    )
+    from .device import DEFAULT_BACKEND_PROTOCOL_FEATURES, VhostUserDevice, Vring
+    from .server import BACKEND_CHANNEL_TIMEOUT, BackendServer, serve_unix
+    from .transport import (
+        ACCEPT_TIMEOUT,
+        CONNECT_ATTEMPTS,
+        CONNECT_TIMEOUT,
+        FdSocket,
+        UnixListener,
+        cancel_and_wait,
+        close_fds,
+        connect_unix,
+    )
+
+# Names are imported from their submodule on first use (PEP 562), so that a program needing one
+# layer (the daemon: the front-end) does not pay for the others (back-end server, testing kit).
+_LAZY: dict[str, str] = {
+    "DEFAULT_PROTOCOL_FEATURES": ".client",
+    "GET_VRING_BASE_TIMEOUT": ".client",
+    "REQUEST_TIMEOUT": ".client",
+    "AsyncFrontend": ".client",
+    "BackendRequestHandler": ".client",
+    "InflightFd": ".client",
+    "Negotiated": ".client",
+    "DEFAULT_BACKEND_PROTOCOL_FEATURES": ".device",
+    "VhostUserDevice": ".device",
+    "Vring": ".device",
+    "BACKEND_CHANNEL_TIMEOUT": ".server",
+    "BackendServer": ".server",
+    "serve_unix": ".server",
+    "ACCEPT_TIMEOUT": ".transport",
+    "CONNECT_ATTEMPTS": ".transport",
+    "CONNECT_TIMEOUT": ".transport",
+    "FdSocket": ".transport",
+    "UnixListener": ".transport",
+    "cancel_and_wait": ".transport",
+    "close_fds": ".transport",
+    "connect_unix": ".transport",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "cancel_and_wait",

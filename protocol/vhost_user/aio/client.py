@@ -146,7 +146,7 @@ class AsyncFrontend:
         Keyword arguments ``attempts``, ``backoff_initial``, ``backoff_max``, ``connect_timeout``
         go to :func:`connect_unix`; the rest to the constructor.
         """
-        conn_kw = {k: kwargs.pop(k) for k in ("attempts", "backoff_initial", "backoff_max") if k in kwargs}
+        conn_kw: dict[str, Any] = {k: kwargs.pop(k) for k in ("attempts", "backoff_initial", "backoff_max") if k in kwargs}
         if "connect_timeout" in kwargs:
             conn_kw["timeout"] = kwargs.pop("connect_timeout")
         sock = await connect_unix(path, **conn_kw)

@@ -17,6 +17,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable
+from typing import cast
 
 from ..backend import BackendChannelRequester, BackendConnection
 from ..errors import BackendFailed, Disconnected, InflightRegionError, LocalProtocolError, PeerTimeout, VhostUserError
@@ -121,7 +122,7 @@ class BackendServer:
     async def _dispatch(self, event: RequestReceived) -> None:
         self.log.debug("request %s %s fds=%s", event.request.name, event.payload, event.fds)
         self.device.observe(event)
-        handler = self._handlers.get(event.request)  # type: ignore[call-overload]
+        handler = self._handlers.get(cast(FrontendRequest, event.request))  # a back-end hears front-end requests
         result: object = None
         ok = True
         taken = False

@@ -244,7 +244,8 @@ class RamDiskBlk(VhostUserDevice):
             payload = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")[:data_in_len].ljust(data_in_len, b"\0")
         else:
             status, payload = VIRTIO_BLK_S_UNSUPP, bytes(data_in_len)
-        return write_buffers(mem, chain.writable, payload + bytes([status]))
+        written: int = write_buffers(mem, chain.writable, payload + bytes([status]))
+        return written
 
     def close(self) -> None:
         for held in self._held.values():

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 from construct import ConstructError
 
-from ..errors import MalformedMessage, UnexpectedReply, UnknownRequest
+from ..errors import FdCountMismatch, MalformedMessage, UnexpectedReply, UnknownRequest
 from . import validate
 from .enums import VHOST_USER_VERSION, BackendRequest, FrontendRequest, HeaderFlags
 from .header import HEADER, HEADER_SIZE, MAX_FDS, VHOST_MEMORY_BASELINE_NREGIONS, Header
@@ -57,7 +57,7 @@ __all__ = [
     "Request",
 ]
 
-Request = Union[FrontendRequest, BackendRequest]
+Request = FrontendRequest | BackendRequest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,7 +411,7 @@ class MessageFramer:
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[tuple[Header, bytes, list[int]]]:
         self._fds.extend(fds)
         if len(self._fds) > MAX_FDS:
-            raise validate.FdCountMismatch("message", f"at most {MAX_FDS}", len(self._fds))
+            raise FdCountMismatch("message", f"at most {MAX_FDS}", len(self._fds))
         out: list[tuple[Header, bytes, list[int]]] = []
         view = memoryview(bytes(data))
         while True:
