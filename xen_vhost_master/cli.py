@@ -25,7 +25,7 @@ from .config import (
     load_guest_toml,
     parse_device_arg,
 )
-from .errors import ConfigError, DaemonError
+from .errors import ConfigError, DaemonError, ExitCode
 from .instance import (
     RUNTIME_ROOT,
     AlreadyServed,
@@ -36,9 +36,16 @@ from .instance import (
     resolve_domain,
     runtime_dir,
 )
-from .supervisor import ExitCode, Options, Supervisor
-from .xen.kernel import ENV_SIM_SOCKET, Kernel, kernel_from_env
-from .xen.xenstore import XenstoreClient, XenstoreError
+from .xen.xenstore_wire import XenstoreError
+
+if TYPE_CHECKING:
+    from .supervisor import Options
+    from .xen.kernel import Kernel
+    from .xen.xenstore import XenstoreClient
+
+# The supervisor (and with it the vhost-user library, construct, the data paths), uvloop and the
+# xenstore client (asyncio) are imported only by the commands that use them: --help, a bad
+# argument, `status --domain NAME` and `watch` start faster.
 
 __all__ = ["main", "parse_args"]
 
@@ -159,6 +166,8 @@ def guest_config_path(config_dir: str, name: str) -> str:
 
 
 def _options(args: argparse.Namespace, guest: GuestDomain) -> Options:
+    from .supervisor import Options  # noqa: PLC0415
+
     log = logging.getLogger("xen_vhost_master")
     devices = [parse_device_arg(text, i) for i, text in enumerate(args.device)]
     memory = None
@@ -204,6 +213,9 @@ def _options(args: argparse.Namespace, guest: GuestDomain) -> Options:
 
 
 async def _open_xenstore(kernel: Kernel) -> XenstoreClient:
+    from .xen.kernel import ENV_SIM_SOCKET  # noqa: PLC0415
+    from .xen.xenstore import XenstoreClient  # noqa: PLC0415
+
     simulated = bool(os.environ.get(ENV_SIM_SOCKET))
     return await XenstoreClient.open(socket_paths=() if simulated else None, opener=kernel.open)
 
@@ -225,6 +237,9 @@ class _Handover:
 
 
 async def _serve(args: argparse.Namespace) -> int | _Handover:
+    from .supervisor import Supervisor  # noqa: PLC0415
+    from .xen.kernel import kernel_from_env  # noqa: PLC0415
+
     kernel = kernel_from_env()
     try:
         guest = await _resolve(args, kernel)
@@ -264,6 +279,10 @@ def _status_socket(args: argparse.Namespace) -> str:
     text = args.domain
     if not (text.isascii() and text.isdigit()):
         return os.path.join(runtime_dir(text), "status.sock")
+    import uvloop  # noqa: PLC0415  (an id is resolved through xenstore)
+
+    from .xen.kernel import kernel_from_env  # noqa: PLC0415
+
     try:
         guest = uvloop.run(_resolve(args, kernel_from_env()))
         return os.path.join(runtime_dir(guest.name), "status.sock")
@@ -281,8 +300,6 @@ def _status(path: str) -> int:
             s.connect(path)
         except OSError as e:
             print(f"xen-vhost-master: no daemon answers on {path}: {e.strerror}", file=sys.stderr)
-            from .supervisor import ExitCode  # noqa: PLC0415
-
             return int(ExitCode.UNAVAILABLE)
         data = b""
         while chunk := s.recv(65536):
@@ -294,7 +311,7 @@ def _status(path: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["watch"]:
-        from .dispatcher import main as watch
+        from .dispatcher import main as watch  # noqa: PLC0415
 
         return watch(argv[1:])
     args = parse_args(argv)
@@ -309,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(e, ExitCode.UNAVAILABLE)
     # A reload asked for before the handler exists: this image already is the new one.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    import uvloop  # noqa: PLC0415
+
     result = uvloop.run(_serve(args))
     if isinstance(result, _Handover):
         return _reexec(sys.argv[1:] if argv is None else argv)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import enum
 import itertools
 import string
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -293,6 +292,8 @@ TOML_KEYS = ("device", "memory", "backend-user")
 def load_guest_toml(path: str | Path, what: str = "--config") -> TomlConfig:
     """A TOML file (``--config FILE``, or the per-guest ``/etc/xen-vhost-master/<name>.toml``);
     ``what`` starts every error message (which is one line, naming the file)."""
+    import tomllib  # noqa: PLC0415  (only a daemon given a file pays for the parser)
+
     where = f"{what} {path}" if what else str(path)
     try:
         with open(path, "rb") as f:

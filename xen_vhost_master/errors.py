@@ -6,14 +6,29 @@
 * :class:`GuestFault` is raised when the guest hands the daemon an address outside its RAM; it must
   never crash the daemon: log it and set the device's ``NEEDS_RESET``.
 * :class:`ConfigError` is bad configuration from the operator.
+
+:class:`ExitCode` is here, not with the supervisor, so that the commands that do not serve (``status``,
+a configuration error) can exit with one without importing the supervisor.
 """
 
 from __future__ import annotations
 
+import enum
 import errno as _errno
 import os
 
-__all__ = ["ConfigError", "DaemonError", "GuestFault", "XenError"]
+__all__ = ["ConfigError", "DaemonError", "ExitCode", "GuestFault", "XenError"]
+
+
+class ExitCode(enum.IntEnum):
+    """Exit codes systemd can act on (sysexits.h)."""
+
+    OK = 0
+    FAILURE = 1
+    UNAVAILABLE = 69  # EX_UNAVAILABLE: the domain does not exist
+    ALREADY_SERVED = 73  # another instance serves this guest (its lock is held): do not restart
+    TEMPFAIL = 75  # EX_TEMPFAIL: try again later (Restart=on-failure)
+    CONFIG = 78  # EX_CONFIG: fix the configuration; restarting will not help
 
 
 class DaemonError(Exception):

@@ -15,10 +15,14 @@ import fcntl
 import json
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .config import instance_name
 from .errors import ConfigError, DaemonError
-from .xen.xenstore import XenstoreClient, XenstoreNotFound
+from .xen.xenstore_wire import XenstoreNotFound
+
+if TYPE_CHECKING:
+    from .xen.xenstore import XenstoreClient  # asyncio: only the commands that talk to xenstore load it
 
 __all__ = [
     "ENV_LOCK_FD",

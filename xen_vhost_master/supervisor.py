@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import errno
 import json
 import logging
@@ -49,14 +48,13 @@ from vhost_user.aio import cancel_and_wait
 
 from .config import DeviceConfig, MemoryMode, device_from_xenstore, merge
 from .device import BackendAbsent, DataPath, DataPathChooser, Device, DeviceError
-from .errors import ConfigError, XenError
+from .errors import ConfigError, ExitCode, XenError
 from .fastpath import KernelFastPath
 from .guest_memory import ForeignGuestMemory
 from .ioreq_server import IoreqServer
 from .log import device_logger
 from .memory import XenMmapExport, foreign_reader, sim_memfd_export
 from .sd_notify import Notifier
-from .shadow import GuestInflightRecord, ShadowDataPath
 from .virtio_mmio import WINDOW_SIZE, Status, snapshot
 from .xen.evtchn import EventChannel
 from .xen.kernel import ENV_SIM_SOCKET, Kernel, kernel_from_env
@@ -80,17 +78,6 @@ CONNECT_TIMEOUT = 5.0  # one connect() to an AF_UNIX path: it works at once or t
 _ABSENT = {errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN}
 XENBUS_INITWAIT, XENBUS_CONNECTED, XENBUS_CLOSING, XENBUS_CLOSED = 2, 4, 5, 6
 KINDS = ("virtio", "virtio_disk")
-
-
-class ExitCode(enum.IntEnum):
-    """Exit codes systemd can act on (sysexits.h)."""
-
-    OK = 0
-    FAILURE = 1
-    UNAVAILABLE = 69  # EX_UNAVAILABLE: the domain does not exist
-    ALREADY_SERVED = 73  # another instance serves this guest (its lock is held): do not restart
-    TEMPFAIL = 75  # EX_TEMPFAIL: try again later (Restart=on-failure)
-    CONFIG = 78  # EX_CONFIG: fix the configuration; restarting will not help
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 Under TCG (the real-Xen lab's dom0) every imported module costs tens of milliseconds, and the
 daemon's start-up decides whether a guest's first access finds its window claimed. So: ``--help``,
-an argument error and ``status`` import neither the supervisor nor the vhost-user library (and
-with it construct) nor uvloop; the serving daemon imports no test kit (hypothesis), none of the
+an argument error and ``status --domain NAME`` import neither the supervisor nor the vhost-user
+library (and with it construct) nor uvloop nor asyncio; the dispatcher (``watch``) none of the
+vhost-user library; the serving daemon imports no test kit (hypothesis), none of the
 simulator, none of the vhost-user back-end side, and the shadow and grant data paths, the TOML
 parser and pathlib only when a device or a file needs them.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,11 +57,25 @@ def test_the_serving_daemon_imports_no_test_kit_simulator_back_end_side_or_unuse
     assert _matching(loaded, ONLY_WHEN_USED) == []
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--domid", "banana"]])
-def test_help_and_argument_errors_answer_without_the_supervisor(argv: list[str]) -> None:
+def _imported_running(argv: list[str]) -> list[str]:
     probe = (f"import sys, runpy\nsys.argv = ['xen-vhost-master', *{argv!r}]\n"
              "try:\n    runpy.run_module('xen_vhost_master', run_name='__main__')\nexcept SystemExit:\n    pass\n")
     out = subprocess.run([sys.executable, "-S", "-c", PROBE.format(imports=probe)], capture_output=True, text=True,
                          timeout=60, check=True, env={"PYTHONPATH": ":".join(p for p in sys.path if p)})
-    loaded = json.loads(out.stdout.splitlines()[-1])
-    assert _matching(loaded, ("xen_vhost_master.supervisor", "vhost_user", "construct", "uvloop")) == []
+    return list(json.loads(out.stdout.splitlines()[-1]))
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--domid", "banana"], ["status", "--domain", "web1"]])
+def test_help_argument_errors_and_status_by_name_answer_without_the_supervisor(argv: list[str], tmp_path: Path) -> None:
+    if argv[0] == "status":  # no daemon answers there: exit 69, after the whole status path ran
+        argv = [*argv, "--runtime-dir", str(tmp_path)]
+    loaded = _imported_running(argv)
+    assert "xen_vhost_master.cli" in loaded  # the probe saw the command
+    assert _matching(loaded, ("xen_vhost_master.supervisor", "vhost_user", "construct", "uvloop", "asyncio")) == []
+
+
+def test_the_dispatcher_imports_no_vhost_user_nor_supervisor() -> None:
+    loaded = _imported_running(["watch", "--help"])
+    assert "xen_vhost_master.dispatcher" in loaded
+    assert _matching(loaded, ("xen_vhost_master.supervisor", "xen_vhost_master.device", "vhost_user", "construct")) == []
+    assert _matching(loaded, NEVER_IN_THE_DAEMON + ONLY_WHEN_USED) == []
