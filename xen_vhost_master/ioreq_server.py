@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import errno
-import functools
 import contextlib
 import errno
 import functools
