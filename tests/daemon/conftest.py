@@ -12,15 +12,16 @@ from tests.sim.conftest import kernel, sim_control, sim_dir, sim_host  # noqa: F
 
 
 @pytest.fixture
-def start_sim() -> Iterator[Callable[[str], tuple[subprocess.Popen[bytes], str]]]:
-    """``start_sim(dir)`` -> (process, socket path): ``xen-vhost-sim`` in its own process, stopped when
-    the test ends however it ends (passed, failed, or skipped for a missing peer)."""
+def start_sim() -> Iterator[Callable[..., tuple[subprocess.Popen[bytes], str]]]:
+    """``start_sim(dir, name="")`` -> (process, socket path): ``xen-vhost-sim`` in its own process
+    (test_daemon_cli.start_sim), stopped when the test ends however it ends (passed, failed, or
+    skipped for a missing peer)."""
     from tests.daemon.test_daemon_cli import start_sim as _start_sim, stop
 
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(directory: str) -> tuple[subprocess.Popen[bytes], str]:
-        proc, path = _start_sim(directory)
+    def start(directory: str, name: str = "") -> tuple[subprocess.Popen[bytes], str]:
+        proc, path = _start_sim(directory, name)
         procs.append(proc)
         return proc, path
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon.test_daemon_cli import DOMID, TIMEOUT, io_check, start_sim, stop
+from tests.daemon.test_daemon_cli import DOMID, TIMEOUT, io_check, stop
 from tests.peers import programs
 from xen_vhost_master.config import instance_name
 from xen_vhost_master.sim.guest import SimControl, SimGuest
