@@ -88,14 +88,14 @@ from .sd_notify import Notifier
 from .xen.domctl import Domctl, DomctlInterfaceUnknown
 from .xen.kernel import ENV_SIM_SOCKET, kernel_from_env
 from .xen.privcmd import PrivCmd
-from .xen.xenstore import XenstoreClient, XenstoreError, XenstoreNotFound, XsWatch
+from .xen.xenstore import XenstoreClient, XenstoreError, XenstoreNotFound, XsTransaction, XsWatch
 
 __all__ = ["Dispatcher", "WatchOptions", "instance_argv", "main", "parse_args"]
 
 log = logging.getLogger("xen_vhost_master.dispatcher")
 
 KINDS = ("virtio", "virtio_disk")
-XENBUS_CLOSING, XENBUS_CLOSED = 5, 6
+XENBUS_INITIALISING, XENBUS_INITWAIT, XENBUS_CLOSING, XENBUS_CLOSED = 1, 2, 5, 6
 PAUSE_TIMEOUT = 120.0  # never hold a guest longer than this waiting for its instance
 OLD_INSTANCE_GRACE = 30.0  # how long a rebooted guest's old instance may take to exit by itself
 STOP_TIMEOUT = 20.0  # SIGTERM → SIGKILL for a spawned instance (the unit's TimeoutStopSec)
@@ -769,6 +769,38 @@ class Dispatcher:
                 found.add((kind, devid))
         return frozenset(found)
 
+    async def _answer_initwait(self, name: str, domid: int, devices: frozenset[tuple[str, str]]) -> None:
+        """While our pause reference holds the guest, say InitWait for each device still
+        Initialising, on its instance's behalf. Xen 4.17 libxl gives a ``virtio_disk`` back-end
+        10 s to reach InitWait and fails ``xl create`` otherwise; an instance starting on a loaded
+        dom0 (a Python start-up under TCG: several seconds) may need longer. No guest access can
+        reach the window before the instance claims it: the guest does not run until the instance
+        is READY (its windows claimed), when the pause reference is dropped. The instance writes
+        InitWait again itself when it claims the window."""
+        assert self.xs is not None
+        answered = []
+        for kind, devid in sorted(devices):
+            path = f"/local/domain/{self.opt.backend_domid}/backend/{kind}/{domid}/{devid}"
+
+            async def body(tx: XsTransaction, path: str = path) -> bool:
+                try:
+                    state = await tx.read(f"{path}/state")
+                except XenstoreNotFound:
+                    return False  # removed meanwhile: nothing to answer for
+                if state.strip(b"\0") != str(XENBUS_INITIALISING).encode():
+                    return False
+                await tx.write(f"{path}/state", str(XENBUS_INITWAIT))
+                return True
+
+            try:
+                if await self.xs.transaction(body):
+                    answered.append(f"{kind}/{devid}")
+            except XenstoreError as e:
+                log.warning("%s: domain %d: cannot write %s/state: %s", name, domid, path, e)
+        if answered:
+            log.info("%s: domain %d is held paused: InitWait written for %s on its instance's behalf",
+                     name, domid, ", ".join(answered))
+
     async def _evaluate(self, guest: _Guest) -> None:
         domid = guest.domid
         devices = await self._devices(domid)
@@ -805,6 +837,8 @@ class Dispatcher:
         try:
             if not await self.launcher.is_served(name, domid):
                 held = self.pauses.take(domid, name)
+                if held:
+                    await self._answer_initwait(name, domid, devices)
             async with self._name_locks.setdefault(name, asyncio.Lock()):
                 log.info("%s: domain %d has %d virtio device(s): starting its instance", name, domid, len(devices))
                 outcome, detail = await self.launcher.serve(name, domid)

@@ -90,14 +90,17 @@ class ProcLog:
         return next(i for i, line in enumerate(self.lines) if re.search(pattern, line))
 
     async def wait_for(self, pattern: str, start: int = 0) -> re.Match[str]:
-        async with asyncio.timeout(TIMEOUT):
-            while True:
-                if m := self.find(pattern, start):
-                    return m
-                if self.closed:
-                    raise AssertionError(f"exited before logging {pattern!r}:\n" + "".join(self.lines))
-                self._changed.clear()
-                await self._changed.wait()
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                while True:
+                    if m := self.find(pattern, start):
+                        return m
+                    if self.closed:
+                        raise AssertionError(f"exited before logging {pattern!r}:\n" + "".join(self.lines))
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            raise AssertionError(f"not logged within {TIMEOUT} s: {pattern!r}:\n" + "".join(self.lines)) from None
 
     def text(self) -> str:
         return "".join(self.lines)
@@ -375,6 +378,40 @@ async def test_an_unknown_domctl_interface_is_reported_and_the_guest_still_gets_
     await watch.instance_pid("gamma", domid)
     with watch.ctl() as ctl:
         assert ctl.domain_info(domid)["pause_count"] == 1  # libxl's -p only
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+@pytest.mark.parametrize("watch_gate", [True])
+async def test_a_xen_4_17_guest_is_created_while_its_instance_is_still_starting(watch: Watch, peers: Peers) -> None:
+    """A loaded dom0: the instance takes longer to start than libxl's 10 s wait for InitWait (here
+    it is held at the test's gate, and ``xl create`` is given 3 s). The dispatcher says InitWait
+    on its behalf while it holds the domain paused, so ``xl create`` completes; the guest does not
+    run until the instance is READY, and first runs with its window claimed."""
+    disk = peers.qsd_raw(size=8 << 20)
+    watch.link_backend("lambda", 51712, disk.sock)
+    create = asyncio.ensure_future(watch.xl("xl_create", "lambda", [{**blk(51712), "kind": "virtio_disk"}],
+                                            timeout=3.0))
+    held = await watch.at_gate()
+    try:
+        domid = await asyncio.wait_for(create, TIMEOUT)  # libxl saw InitWait: the creation completed
+        await watch.log.wait_for(rf"lambda: domain {domid} is held paused: InitWait written for virtio_disk/51712 ")
+        with watch.ctl() as ctl:
+            info = ctl.domain_info(domid)
+        assert info["pause_count"] == 1 and ("running", True) not in [tuple(h) for h in info["history"]]
+    finally:
+        held.close()  # the instance goes on starting
+    await watch.served("lambda", domid)
+    await watch.log.wait_for(rf"domain {domid}: pause reference dropped \(instance READY\)")
+    with watch.ctl() as ctl:
+        info = ctl.domain_info(domid)
+    assert info["pause_count"] == 0
+    assert ran_only_after_claimed(info, [BASE]), info["history"]
+    guest, dev = await attach(watch.sim_path, domid)
+    try:
+        await io_check(dev, image_of(disk), 6)
+    finally:
+        guest.close()
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])
