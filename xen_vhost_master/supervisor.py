@@ -870,7 +870,7 @@ class Supervisor:
                 "reconnects": d.stats.reconnects, "guest_errors": d.stats.guest_errors, "last_error": d.stats.last_error,
             })
         ioreq = self.ioreq.stats if self.ioreq else None
-        return {"domid": self.domid, "name": self.name, "devices": devices, "restricted": self.restricted,
+        return {"domid": self.domid, "name": self.name, "pid": os.getpid(), "devices": devices, "restricted": self.restricted,
                 "kernel_fast_path": self.fastpath is not None,
                 "ioreqs": {"served": ioreq.served, "spurious": ioreq.spurious, "refused": ioreq.refused} if ioreq else {}}
 

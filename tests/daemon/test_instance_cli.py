@@ -13,6 +13,7 @@ server), after which SIGTERM still tears everything down.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -105,6 +106,10 @@ async def test_a_second_instance_for_a_served_guest_exits_73_and_leaves_the_firs
         await io_check(blk, disk.image, 22)
         assert (runtime / "lock").read_text() == f"{first.pid}\n"
         assert first.poll() is None
+        status = await asyncio.to_thread(
+            subprocess.run, [DAEMON, "status", "--domain", NAME, "--runtime-dir", str(runtime)], env=env,
+            capture_output=True, text=True, timeout=TIMEOUT)
+        assert json.loads(status.stdout)["pid"] == first.pid, status  # who serves the guest
         await blk.close()
         first.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(first.wait, TIMEOUT) == 0
