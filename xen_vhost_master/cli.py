@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from .config import (
     MemoryMode,
     check_socket_template,
-    instance_name,
+    path_name,
     load_guest_toml,
     parse_device_arg,
 )
@@ -70,8 +70,8 @@ devices:
 back-end sockets:
   Default: /run/vhost-user/{name}/{devid}.sock, a directory the operator's back-end units own
   (systemd/xen-vhost-master.tmpfiles.conf creates /run/vhost-user). socket= and --socket are
-  templates: {name} the guest's name escaped as systemd-escape does (= %i of a back-end's
-  template unit), {domid} its current domain id, {devid} the device id, {vdev} the disk name
+  templates: {name} the guest's name (= %I of a back-end's template unit; escaped as
+  systemd-escape does, = %i, only when it is not one plain path component), {domid} its current domain id, {devid} the device id, {vdev} the disk name
   decoded from a Xen virtual-block device id (51712 = xvda, 51728 = xvdb, 51729 = xvdb1; Xen
   4.17 virtio_disk ids are these), else the id itself. {{ and }} are literal braces.
   In server mode the daemon creates the socket's directory (0755) and the socket (0600).
@@ -159,10 +159,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def guest_config_path(config_dir: str, name: str) -> str:
-    """``<config-dir>/<name>.toml``; a name that is not one plain path component (contains '/',
-    starts with '.') uses its systemd-escaped form."""
-    plain = name and "/" not in name and not name.startswith(".")
-    return os.path.join(config_dir, f"{name if plain else instance_name(name)}.toml")
+    """``<config-dir>/<name>.toml`` (:func:`~xen_vhost_master.config.path_name`: a name that is not
+    one plain path component uses its systemd-escaped form)."""
+    return os.path.join(config_dir, f"{path_name(name)}.toml")
 
 
 def _options(args: argparse.Namespace, guest: GuestDomain) -> Options:

@@ -112,6 +112,16 @@ def instance_name(name: str) -> str:
     return systemd_escape(name)
 
 
+def path_name(name: str) -> str:
+    """``name`` as one path component for the operator's own files (``{name}`` in a socket
+    template, ``<config-dir>/<name>.toml``): the name itself when it is one plain component (not
+    empty, no '/' or NUL, not starting with '.'), so ``web-1`` stays ``web-1`` (what a back-end
+    unit's ``%I`` expands to); otherwise its :func:`instance_name` (systemd-escaped) form."""
+    if name and "/" not in name and "\0" not in name and not name.startswith("."):
+        return name
+    return instance_name(name)
+
+
 def _letters(index: int) -> str:
     """0 → a, 25 → z, 26 → aa (Linux's xvd/sd disk letters)."""
     s = ""
@@ -167,7 +177,7 @@ def check_socket_template(text: str, what: str) -> str:
 
 def expand_socket(template: str, *, name: str, domid: int, devid: int) -> str:
     """A checked template (:func:`check_socket_template`) with this device's values."""
-    return template.format(name=instance_name(name), domid=domid, devid=devid, vdev=vdev_name(devid))
+    return template.format(name=path_name(name), domid=domid, devid=devid, vdev=vdev_name(devid))
 
 
 def virtio_id(text: str, what: str) -> int:

@@ -43,8 +43,11 @@ def test_device_flag_dt_compatible_type_with_its_comma():
 def test_socket_path_defaults_to_the_per_guest_name_template():
     d = parse_device_arg("type=net,base=33554432,irq=33", 1)
     assert d.socket_path("web", 7) == "/run/vhost-user/web/1.sock"
-    # {name} is one path component, escaped as systemd-escape does (a back-end unit's %i)
+    # {name} is the name itself when it is one plain path component (a back-end unit's %I) ...
+    assert d.socket_path("web-1 é", 7) == "/run/vhost-user/web-1 é/1.sock"
+    # ... and else escaped as systemd-escape does (a back-end unit's %i): always one component
     assert d.socket_path("../my guest/x", 7) == "/run/vhost-user/\\x2e.-my\\x20guest-x/1.sock"
+    assert d.socket_path(".hidden", 7) == "/run/vhost-user/\\x2ehidden/1.sock"
 
 
 @pytest.mark.parametrize("devid, name", [
