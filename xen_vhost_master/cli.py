@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING
 from .config import (
     MemoryMode,
     check_socket_template,
-    path_name,
     load_guest_toml,
     parse_device_arg,
 )
 from .errors import ConfigError, DaemonError, ExitCode
+from .names import path_name
 from .instance import (
     RUNTIME_ROOT,
     AlreadyServed,
@@ -159,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def guest_config_path(config_dir: str, name: str) -> str:
-    """``<config-dir>/<name>.toml`` (:func:`~xen_vhost_master.config.path_name`: a name that is not
+    """``<config-dir>/<name>.toml`` (:func:`~xen_vhost_master.names.path_name`: a name that is not
     one plain path component uses its systemd-escaped form)."""
     return os.path.join(config_dir, f"{path_name(name)}.toml")
 

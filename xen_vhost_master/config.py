@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError
-from .names import systemd_escape
+from .names import path_name, systemd_escape
 
 if TYPE_CHECKING:
     from pathlib import Path  # annotations only: pathlib pulls in urllib.parse and ipaddress
@@ -110,16 +110,6 @@ def instance_name(name: str) -> str:
     that are not UTF-8, as argv and xenstore can carry). The one implementation is
     :func:`xen_vhost_master.names.systemd_escape`, which the dispatcher uses too."""
     return systemd_escape(name)
-
-
-def path_name(name: str) -> str:
-    """``name`` as one path component for the operator's own files (``{name}`` in a socket
-    template, ``<config-dir>/<name>.toml``): the name itself when it is one plain component (not
-    empty, no '/' or NUL, not starting with '.'), so ``web-1`` stays ``web-1`` (what a back-end
-    unit's ``%I`` expands to); otherwise its :func:`instance_name` (systemd-escaped) form."""
-    if name and "/" not in name and "\0" not in name and not name.startswith("."):
-        return name
-    return instance_name(name)
 
 
 def _letters(index: int) -> str:

@@ -83,7 +83,7 @@ import uvloop
 
 from .errors import XenError
 from .instance import RUNTIME_ROOT, runtime_dir
-from .names import instance_unit, systemd_escape
+from .names import instance_unit, path_name
 from .sd_notify import Notifier
 from .xen.domctl import Domctl, DomctlInterfaceUnknown
 from .xen.kernel import ENV_SIM_SOCKET, kernel_from_env
@@ -294,7 +294,7 @@ class SpawnLauncher:
 
     def _log_file(self, name: str) -> IO[bytes]:
         assert self.opt.log_dir
-        return open(os.path.join(self.opt.log_dir, f"{systemd_escape(name)}.log"), "ab")
+        return open(os.path.join(self.opt.log_dir, f"{path_name(name)}.log"), "ab")
 
     def _notified(self, child: _Child) -> None:
         """sd_notify datagrams of ``child`` (sd_notify(3)); others on the socket are ignored."""

@@ -10,7 +10,7 @@ is escaped too (no hidden unit names).
 
 from __future__ import annotations
 
-__all__ = ["UNIT_NAME_MAX", "instance_unit", "systemd_escape"]
+__all__ = ["UNIT_NAME_MAX", "instance_unit", "path_name", "systemd_escape"]
 
 # src/basic/unit-name.h: UNIT_NAME_MAX 256, including the terminating NUL.
 UNIT_NAME_MAX = 255
@@ -42,3 +42,13 @@ def instance_unit(name: str) -> str:
     if len(unit) > UNIT_NAME_MAX:
         raise ValueError(f"unit name for guest {name[:40]!r}... is {len(unit)} bytes, systemd allows {UNIT_NAME_MAX}")
     return unit
+
+
+def path_name(name: str) -> str:
+    """``name`` as one path component for the operator's own files (``{name}`` in a socket
+    template, ``<config-dir>/<name>.toml``): the name itself when it is one plain component (not
+    empty, no '/' or NUL, not starting with '.'), so ``web-1`` stays ``web-1`` (what a back-end
+    unit's ``%I`` expands to); otherwise its :func:`systemd_escape` form."""
+    if name and "/" not in name and "\0" not in name and not name.startswith("."):
+        return name
+    return systemd_escape(name)

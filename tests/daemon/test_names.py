@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xen_vhost_master.names import UNIT_NAME_MAX, instance_unit, systemd_escape
+from xen_vhost_master.names import UNIT_NAME_MAX, instance_unit, path_name, systemd_escape
 
 SYSTEMD_ESCAPE = shutil.which("systemd-escape")
 NAMES = ["vm1", "guest_1:2", "a b/c-d.é", ".hidden", "x\\y", "-", "/x", "a/b", "ünïcødé", "$(reboot)", "tab\there"]
@@ -42,3 +42,9 @@ def test_escaping_is_fixed_and_units_are_bounded() -> None:
     with pytest.raises(ValueError):
         instance_unit("é" * 40)  # 320 bytes once escaped
     assert len(instance_unit("a" * (UNIT_NAME_MAX - len("xen-vhost-master@.service")))) == UNIT_NAME_MAX
+
+
+def test_path_name_is_the_name_unless_it_is_not_one_plain_path_component() -> None:
+    assert path_name("web-1") == "web-1" and path_name("db 2.é") == "db 2.é"
+    for odd in ("a/b", ".hidden", "..", "", "x\0y"):
+        assert path_name(odd) == systemd_escape(odd) and "/" not in path_name(odd)
