@@ -897,14 +897,18 @@ class Supervisor:
 
     # --- teardown -------------------------------------------------------------------------------
 
-    async def _teardown(self) -> None:
-        """Reverse order, one step at a time, each bounded."""
+    def _stop_tasks_and_status(self) -> None:
+        """The first step of both ends (teardown, handover): our tasks and the status socket."""
         for task in list(self._tasks):
             task.cancel()
         if self._status_server is not None:
             self._status_server.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.opt.status_socket or "")
+
+    async def _teardown(self) -> None:
+        """Reverse order, one step at a time, each bounded."""
+        self._stop_tasks_and_status()
         if self.ioreq is not None and self.ioreq._reading:
             # No more guest accesses while the back-ends stop.
             asyncio.get_running_loop().remove_reader(self.ioreq.evtchn.fileno())
@@ -938,12 +942,7 @@ class Supervisor:
         self.notifier.reloading()
         self.log.info("handover: keeping ioreq server %s and %d device(s) for the next image",
                       self.ioreq.server_id, len(self.devices))
-        for task in list(self._tasks):
-            task.cancel()
-        if self._status_server is not None:
-            self._status_server.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.opt.status_socket or "")
+        self._stop_tasks_and_status()
         await self._bounded("handover: guest accesses in progress", self.ioreq.stop_serving(STEP_TIMEOUT))
         for served in self.devices.values():
             await self._bounded(f"handover: device {served.config.devid}", served.device.suspend())
