@@ -36,6 +36,7 @@ import pytest
 from tests.daemon.test_daemon_cli import DOMID, TIMEOUT, io_check, stop
 from tests.peers import programs
 from xen_vhost_master.config import instance_name
+from xen_vhost_master.names import path_name
 from xen_vhost_master.sim.guest import SimControl, SimGuest
 from xen_vhost_master.sim.guest_devices import VirtioBlk
 from xen_vhost_master.sim.guest_driver import GuestPageAllocator
@@ -54,9 +55,9 @@ set -e
 mount --make-rprivate /
 mount -t proc proc /proc
 mount -t tmpfs -o mode=0755 tmpfs /run
-mkdir -p /run/systemd/system '/run/vhost-user/{instance}'
+mkdir -p /run/systemd/system '/run/vhost-user/{guest_dir}'
 cp -r {units}/. /run/systemd/system/
-ln -s {backend} '/run/vhost-user/{instance}/0.sock'
+ln -s {backend} '/run/vhost-user/{guest_dir}/0.sock'
 export container=xen-vhost-master-test
 exec {systemd} --system --unit=xvm-test.target --log-level=info
 """
@@ -81,21 +82,17 @@ def _under_home(paths: tuple[Path, ...]) -> bool:
     return any(p == home or home in p.parents for p in paths for home in HOME_DIRS)
 
 
-class Systemd:
-    """systemd as PID 1 of new PID + mount namespaces; ``systemctl`` through nsenter."""
+class SystemdNamespace:
+    """systemd as PID 1 of new PID + mount namespaces, booted with the units in ``units``;
+    ``systemctl`` through nsenter. Subclasses write the units, then call :meth:`_boot`."""
 
-    def __init__(self, work: Path, backend_sock: Path, dropin: str, systemd: str) -> None:
-        units = work / "units"
-        (units / "xen-vhost-master@.service.d").mkdir(parents=True)
-        shipped = UNIT_FILE.read_text()
-        unit = shipped.replace("Requires=proc-xen.mount\n", "").replace(" proc-xen.mount\n", "\n")
-        assert unit.count("proc-xen.mount") == shipped.count("proc-xen.mount") - 2  # exactly those two
-        (units / "xen-vhost-master@.service").write_text(unit)
-        (units / "xen-vhost-master@.service.d" / "test.conf").write_text(dropin)
+    def _boot(self, work: Path, units: Path, backend_sock: Path, name: str) -> None:
+        """Boot with guest ``name``'s back-end socket at the daemon's default path."""
         (units / "xvm-test.target").write_text("[Unit]\nDescription=test target\nDefaultDependencies=no\n")
         boot = work / "boot.sh"
-        boot.write_text(BOOT.format(instance=INSTANCE, units=units, backend=backend_sock, systemd=systemd))
-        self.log = open(work / "systemd.log", "wb")
+        boot.write_text(BOOT.format(guest_dir=path_name(name), units=units, backend=backend_sock,
+                                    systemd=programs.require("systemd")))
+        self.log = open(work / "systemd.log", "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(["unshare", "--pid", "--mount", "--fork", "--kill-child", "sh", str(boot)],
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.pid1 = self._find_pid1()
@@ -117,13 +114,13 @@ class Systemd:
 
     def ctl(self, *args: str, check: bool = True) -> str:
         r = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "systemctl", *args],
-                           capture_output=True, timeout=TIMEOUT + 10)
+                           capture_output=True, timeout=TIMEOUT + 10, check=False)
         if check and r.returncode != 0:
             raise AssertionError(f"systemctl {' '.join(args)}: rc {r.returncode} {r.stderr.decode()}")
         return r.stdout.decode()
 
-    def show(self, *props: str) -> dict[str, str]:
-        out = self.ctl("show", UNIT, *(f"--property={p}" for p in props))
+    def show_unit(self, unit: str, *props: str) -> dict[str, str]:
+        out = self.ctl("show", unit, *(f"--property={p}" for p in props))
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
     def wait_running(self) -> None:
@@ -137,21 +134,10 @@ class Systemd:
             time.sleep(0.1)  # systemd's boot is another process: poll its state, bounded
         raise AssertionError(f"systemd stuck in {state!r}: {self.logs()}")
 
-    def wait_active(self) -> dict[str, str]:
-        """The unit is active again (a reload ends with the daemon's READY=1)."""
-        deadline = time.monotonic() + TIMEOUT
-        state: dict[str, str] = {}
-        while time.monotonic() < deadline:
-            state = self.show("ActiveState", "SubState", "MainPID", "NRestarts")
-            if state["ActiveState"] == "active":
-                return state
-            time.sleep(0.1)  # systemd's unit state is another process's: poll it, bounded
-        raise AssertionError(f"{UNIT} not active again: {state}")
-
-    def in_ns(self, pid_in_ns: int) -> str:
+    def in_ns(self, pid_in_ns: int | str) -> str:
         """/proc/<pid>/status of a process of the namespace, read from inside it."""
         r = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "cat", f"/proc/{pid_in_ns}/status"],
-                           capture_output=True, timeout=TIMEOUT)
+                           capture_output=True, timeout=TIMEOUT, check=False)
         return r.stdout.decode()
 
     def logs(self) -> str:
@@ -167,6 +153,34 @@ class Systemd:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+class Systemd(SystemdNamespace):
+    """The shipped instance unit with the test's drop-in."""
+
+    def __init__(self, work: Path, backend_sock: Path, dropin: str) -> None:
+        units = work / "units"
+        (units / "xen-vhost-master@.service.d").mkdir(parents=True)
+        shipped = UNIT_FILE.read_text()
+        unit = shipped.replace("Requires=proc-xen.mount\n", "").replace(" proc-xen.mount\n", "\n")
+        assert unit.count("proc-xen.mount") == shipped.count("proc-xen.mount") - 2  # exactly those two
+        (units / "xen-vhost-master@.service").write_text(unit)
+        (units / "xen-vhost-master@.service.d" / "test.conf").write_text(dropin)
+        self._boot(work, units, backend_sock, NAME)
+
+    def show(self, *props: str) -> dict[str, str]:
+        return self.show_unit(UNIT, *props)
+
+    def wait_active(self) -> dict[str, str]:
+        """The unit is active again (a reload ends with the daemon's READY=1)."""
+        deadline = time.monotonic() + TIMEOUT
+        state: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            state = self.show("ActiveState", "SubState", "MainPID", "NRestarts")
+            if state["ActiveState"] == "active":
+                return state
+            time.sleep(0.1)  # systemd's unit state is another process's: poll it, bounded
+        raise AssertionError(f"{UNIT} not active again: {state}")
 
 
 def wait_for_line(path: Path, text: str) -> None:
@@ -194,7 +208,7 @@ async def test_the_shipped_unit_under_real_systemd(start_sim, work, peers, user)
     """``user``: root (the unit as shipped), or a dedicated unprivileged user as systemd/README.md's
     "Running as a dedicated user" adds with a drop-in (User=/Group=); its sockets are made
     reachable for it the way that section says (here: mode 0666 on the simulator's and qsd's)."""
-    systemd = programs.require("systemd")
+    programs.require("systemd")
     reason = _can_boot_systemd()
     if reason is not None:
         pytest.skip(reason)
@@ -224,7 +238,7 @@ async def test_the_shipped_unit_under_real_systemd(start_sim, work, peers, user)
     sd = None
     guest = None
     try:
-        sd = await asyncio.to_thread(Systemd, work, disk.sock, dropin, systemd)
+        sd = await asyncio.to_thread(Systemd, work, disk.sock, dropin)
         await asyncio.to_thread(sd.wait_running)
         # Type=notify: `systemctl start` returns once the daemon said READY=1 (it then serves).
         await asyncio.to_thread(sd.ctl, "start", UNIT)

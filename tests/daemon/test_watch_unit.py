@@ -17,10 +17,8 @@ checkout, ``XEN_VHOST_SIM``, binds of the test's directories and the interpreter
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,8 +35,7 @@ from tests.daemon.test_dispatcher import (
     ran_only_after_claimed,
     start_sim,
 )
-from tests.daemon.test_systemd_unit import _can_boot_systemd
-from tests.peers import programs
+from tests.daemon.test_systemd_unit import SystemdNamespace, _can_boot_systemd
 from tests.peers.harness import Peers
 from xen_vhost_master.names import systemd_escape
 from xen_vhost_master.sim.guest import SimControl
@@ -49,17 +46,6 @@ INSTANCE = systemd_escape(NAME)
 UNIT = f"xen-vhost-master@{INSTANCE}.service"
 WATCH = "xen-vhost-master-watch.service"
 
-BOOT = """\
-set -e
-mount --make-rprivate /
-mount -t proc proc /proc
-mount -t tmpfs -o mode=0755 tmpfs /run
-mkdir -p /run/systemd/system '/run/vhost-user/{instance}'
-cp -r {units}/. /run/systemd/system/
-ln -s {backend} '/run/vhost-user/{instance}/0.sock'
-export container=xen-vhost-master-test
-exec {systemd} --system --unit=xvm-test.target --log-level=info
-"""
 
 
 def _unit(name: str) -> str:
@@ -70,7 +56,7 @@ def _unit(name: str) -> str:
     return unit
 
 
-class Systemd:
+class Systemd(SystemdNamespace):
     """systemd as PID 1 of new namespaces with both units installed; ``systemctl`` via nsenter."""
 
     def __init__(self, work: Path, backend_sock: Path, sim_path: str) -> None:
@@ -94,70 +80,14 @@ class Systemd:
                 "[Unit]\nDefaultDependencies=no\n[Service]\nExecStart=\n"
                 f"ExecStart={exec_start}\n{common}StandardError=append:{work / log}\n"
             )
-        (units / "xvm-test.target").write_text("[Unit]\nDescription=test target\nDefaultDependencies=no\n")
-        boot = work / "boot.sh"
-        boot.write_text(BOOT.format(instance=INSTANCE, units=units, backend=backend_sock, systemd=programs.require("systemd")))
         self.work = work
-        self.log = open(work / "systemd.log", "wb")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(["unshare", "--pid", "--mount", "--fork", "--kill-child", "sh", str(boot)],
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.pid1 = self._find_pid1()
-
-    def _find_pid1(self) -> int:
-        deadline = time.monotonic() + TIMEOUT
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        while time.monotonic() < deadline:
-            try:
-                pids = children.read_text().split()
-                if pids and Path(f"/proc/{pids[0]}/exe").resolve().name == "systemd":
-                    return int(pids[0])
-            except FileNotFoundError:
-                pass
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)  # polling another process's exec: no event to wait on
-        raise AssertionError(f"systemd did not start: {self.logs()}")
-
-    def ctl(self, *args: str, check: bool = True) -> str:
-        r = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "systemctl", *args],
-                           capture_output=True, timeout=TIMEOUT + 10, check=False)
-        if check and r.returncode != 0:
-            raise AssertionError(f"systemctl {' '.join(args)}: rc {r.returncode} {r.stderr.decode()}")
-        return r.stdout.decode()
+        self._boot(work, units, backend_sock, NAME)
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
-        out = self.ctl("show", unit, *(f"--property={p}" for p in props))
-        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-    def wait_running(self) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        state = ""
-        while time.monotonic() < deadline:
-            state = self.ctl("is-system-running", check=False).strip()
-            if state in ("running", "degraded"):
-                return
-            time.sleep(0.1)  # systemd's boot is another process: poll its state, bounded
-        raise AssertionError(f"systemd stuck in {state!r}: {self.logs()}")
+        return self.show_unit(unit, *props)
 
     def status_of(self, unit: str) -> str:
-        pid = self.show(unit, "MainPID")["MainPID"]
-        r = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "cat", f"/proc/{pid}/status"],
-                           capture_output=True, timeout=TIMEOUT, check=False)
-        return r.stdout.decode()
-
-    def logs(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text(errors="replace")[-4000:]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.pid1, 9)  # PID 1 of the namespace: the kernel kills everything in it
-            try:
-                self.proc.wait(TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        return self.in_ns(self.show(unit, "MainPID")["MainPID"])
 
 
 def wait_for_log(path: Path, pattern: str) -> re.Match[str]:
