@@ -4,7 +4,7 @@
 # scenarios, decide from the serial log.
 #   env: XENLAB_CACHE (default /var/cache/xen-vhost-master-lab), XENLAB_LOG (default
 #        $XENLAB_CACHE/logs/lab.log; failures are also kept as logs/fail-<time>.log), XENLAB_SCENARIOS
-#        (default: pyblk qsd), XENLAB_TIMEOUT (s, default 600)
+#        (default: pyblk qsd), XENLAB_TIMEOUT (s, default 1200)
 # exit: 0 pass, 1 fail (the log's tail is printed), 3 the lab cannot be built here (reason printed):
 #       both are failures of `make test` (XENLAB=0 is the one way to leave the lab out)
 set -euo pipefail
@@ -27,7 +27,7 @@ step "dom0 initramfs from $TREE (scenarios: $XENLAB_SCENARIOS)"
 "$H/mk-initramfs.sh" "$ART" "$INITRD"
 step "boot Xen + dom0 under qemu-system-aarch64 (TCG); serial log $LOG"
 python3 "$H/boot.py" --xen "$ART/xen-ioreq" --kernel "$ART/Image" --initrd "$INITRD" --log "$LOG" \
-  --timeout "${XENLAB_TIMEOUT:-600}" || true
+  --timeout "${XENLAB_TIMEOUT:-1200}" || true
 step "verdict"
 if python3 "$H/verdict.py" "$LOG" --scenarios "$XENLAB_SCENARIOS"; then
   cp "$LOG" "$XENLAB_CACHE/logs/last-pass.log" 2>/dev/null || true

@@ -87,7 +87,7 @@ logger = logging.getLogger(__name__)
 
 # Default time a request may take before XenstoreTimeout (xenstored answers in microseconds; a dom0
 # under load may take a while; 10 s is the order of libxenstore's own watchdog-free blocking).
-DEFAULT_TIMEOUT = 10.0
+DEFAULT_TIMEOUT = 30.0  # a dead xenstored, not a slow one: on a loaded dom0 a reply can take seconds
 # Watch events buffered per watch before the oldest are dropped (the watch is then flagged
 # ``overflowed`` so its owner rescans): bounds memory against a flooding or hostile xenstored.
 WATCH_QUEUE_MAX = 4096

@@ -59,6 +59,9 @@ REQUEST_TIMEOUT = 5.0
 # GET_VRING_BASE stops the ring and waits for in-flight requests to finish (libvhost-user,
 # qemu-storage-daemon drain their I/O first), so give it longer.
 GET_VRING_BASE_TIMEOUT = 30.0
+# SET_MEM_TABLE / ADD_MEM_REG: the back-end maps the regions before it answers, which for a Xen
+# back-end is a foreign mapping of every guest page: seconds for a large guest on a loaded host.
+MEM_TABLE_TIMEOUT = 30.0
 
 P = ProtocolFeatures
 #: What negotiate() asks for by default (intersected with what the back-end offers). XEN_MMAP
@@ -251,7 +254,7 @@ class AsyncFrontend:
                             assert isinstance(event, (Reply, Ack))
                             return event
             except TimeoutError as exc:
-                err: VhostUserError = PeerTimeout(f"the answer to {getattr(request, 'name', request)}", limit)
+                err: VhostUserError = PeerTimeout(f"{getattr(request, 'name', request)}", limit)
                 close_fds(self.conn.take_unclaimed_fds())
                 self._break(err)
                 raise err from exc
@@ -416,10 +419,10 @@ class AsyncFrontend:
     # -- memory ----------------------------------------------------------------------
     async def set_mem_table(self, regions: Sequence[MemoryRegion | XenMemoryRegion], fds: Sequence[int]) -> None:
         """SET_MEM_TABLE: one fd per region, same order (XenMemoryRegion when XEN_MMAP)."""
-        await self._call(lambda: self.conn.set_mem_table(regions, fds))
+        await self._call(lambda: self.conn.set_mem_table(regions, fds), timeout=max(self.timeout, MEM_TABLE_TIMEOUT))
 
     async def add_mem_reg(self, region: MemoryRegion | XenMemoryRegion, fd: int) -> None:
-        await self._call(lambda: self.conn.add_mem_reg(region, fd))
+        await self._call(lambda: self.conn.add_mem_reg(region, fd), timeout=max(self.timeout, MEM_TABLE_TIMEOUT))
 
     async def rem_mem_reg(self, region: MemoryRegion | XenMemoryRegion) -> None:
         await self._call(lambda: self.conn.rem_mem_reg(region))

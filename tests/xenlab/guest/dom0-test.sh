@@ -1,9 +1,11 @@
 #!/bin/sh
-# The lab, inside dom0: start the Xen toolstack, then for each scenario in $XENLAB_SCENARIOS
-# create a domU whose virtio-mmio disk is served by the daemon (started as an operator would:
-# xen-vhost-master --domain=NAME) and a vhost-user back-end, collect the guest's verdict, destroy the
-# domU while its I/O runs, and check the teardown. Lines starting with XENLAB- are read by
-# tests/xenlab/verdict.py on the host; nothing here decides pass/fail on its own.
+# The lab, inside dom0: the operator's flow and nothing else. Start the Xen toolstack, start each
+# guest's back-end by the guest's name (as an operator's back-end unit would, before the guest
+# exists), start the dispatcher (`xen-vhost-master watch`, as its unit would: this dom0 has no
+# systemd, so `--spawn`), then `xl create` every scenario's guest at once, check their I/O, `xl
+# reboot` each (a new domid: served again, I/O again), and `xl destroy` each while its I/O runs.
+# Nothing here starts xen-vhost-master for a domain or touches its sockets. Lines starting with
+# XENLAB- are read by tests/xenlab/verdict.py on the host; nothing here decides pass/fail.
 export PATH=/usr/lib/xen-4.17/bin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 . /xenlab/lab.env
 up() { cut -d' ' -f1 /proc/uptime; }
@@ -11,6 +13,7 @@ t() { echo "XENLAB-T $(up) $*"; }
 check() { echo "XENLAB-CHECK $1 $2 ok=$3 ${4:-}"; }   # scenario name ok detail
 prefix() { sed "s/^/$1| /"; }
 ms() { awk '{printf "%d", $1*1000}' /proc/uptime; }
+yes01() { "$@" && echo 1 || echo 0; }
 
 mkdir -p /var/run/xen /var/run/xenstored /var/lib/xen /var/log/xen/console /var/lib/xenstored /var/lib/xen/dump /run/xen
 t toolstack-start
@@ -21,19 +24,42 @@ xl info | grep -E '^(xen_version|xen_caps|nr_cpus|total_memory|free_memory)' | p
 python3 -c 'import sys, uvloop, construct, xen_vhost_master, vhost_user; print("XENLAB-PYTHON", sys.version.split()[0], "uvloop", uvloop.__version__, "construct", construct.__version__)'
 t python-ok
 
-wait_for() {  # seconds command... : poll every 0.2 s
+wait_for() {  # seconds command... : poll every 0.2 s (the guest and xl are other processes: no event to wait on)
   n=$(( $1 * 5 )); shift
   while [ $n -gt 0 ]; do "$@" && return 0; sleep 0.2; n=$((n-1)); done
   return 1
 }
-console_has() { grep -q "$2" /var/log/xen/console/guest-$1.log 2>/dev/null; }
+CONSOLE=/var/log/xen/console
+console_count() { n=$(grep -c "$2" $CONSOLE/guest-$1.log 2>/dev/null); echo "${n:-0}"; }
+console_has_n() { [ "$(console_count $1 "$2")" -ge "$3" ]; }
 alive() { kill -0 "$1" 2>/dev/null; }
 dead() { ! kill -0 "$1" 2>/dev/null; }
+domid_of() { xl domid "$1" 2>/dev/null; }
+new_domid() { d=$(domid_of "$1") && [ -n "$d" ] && [ "$d" != "$2" ]; }
+LOGS=/var/log/xen-vhost-master
+ilog() { echo "$LOGS/$1.log"; }   # the dispatcher's log of NAME's instances (every domid, appended)
+ilog_has() { grep -q "$2" "$(ilog $1)" 2>/dev/null; }
 
-scenario() {
-  S=$1; NAME=lab-$S; IMG=/root/disk-$S.img; MEMOPT=""
-  t "scenario $S begin"
+# --- back-ends: started by guest name, before any guest exists ---------------------------------
+# Xen 4.17's `disk = [...specification=virtio...]` device id is the disk's xvd number (xvda = 51712):
+# the daemon's default socket is /run/vhost-user/<name>/<devid>.sock.
+backend() {  # scenario
+  S=$1; NAME=lab-$S; IMG=/root/disk-$S.img; DIR=/run/vhost-user/$NAME; SOCK=$DIR/51712.sock
   dd if=/dev/zero of=$IMG bs=1M count=${XENLAB_DISK_MB:-16} 2>/dev/null
+  mkdir -p $DIR
+  case $S in
+    pyblk) python3 -m xen_vhost_master.xen_blk_backend --socket $SOCK --image $IMG > /tmp/backend-$S.log 2>&1 & ;;
+    qsd)   qemu-storage-daemon --blockdev driver=file,node-name=file0,filename=$IMG,cache.direct=off \
+             --blockdev driver=raw,node-name=disk0,file=file0 \
+             --export type=vhost-user-blk,id=exp0,node-name=disk0,writable=on,addr.type=unix,addr.path=$SOCK \
+             > /tmp/backend-$S.log 2>&1 & ;;
+  esac
+  echo $! > /tmp/backend-$S.pid
+  t "back-end $S pid $(cat /tmp/backend-$S.pid) on $SOCK"
+}
+
+cfg() {  # scenario
+  S=$1; NAME=lab-$S
   cat > /etc/xen/$NAME.cfg <<EOC
 name = "$NAME"
 kernel = "/boot/domu-vmlinuz"
@@ -41,81 +67,139 @@ ramdisk = "/boot/domu.cpio.gz"
 memory = ${XENLAB_DOMU_MB:-128}
 vcpus = 1
 extra = "console=hvc0 rdinit=/init loglevel=4"
-disk = [ "backend=0,backendtype=standalone,specification=virtio,vdev=xvda,target=$IMG" ]
+on_reboot = "restart"
+disk = [ "backend=0,backendtype=standalone,specification=virtio,vdev=xvda,target=/root/disk-$S.img" ]
 EOC
-  # trace the backend directory (what libxl and the daemon write, in order) for the log
-  xenstore-watch /local/domain/0/backend/virtio_disk 2>/dev/null | while read -r p tok; do
-    echo "XS-TRACE[$S] $(up) $p = $(xenstore-read $p 2>&1 | head -c 60)"; done &
-  XSW=$!
-  # the back-end runs before the guest exists (a service of dom0, as an operator would have it);
-  # the daemon is pointed at its socket (--socket)
-  SOCK=/run/xenlab/$S.sock; mkdir -p /run/xenlab; rm -f $SOCK
-  case $S in
-    pyblk) python3 -m xen_vhost_master.xen_blk_backend --socket $SOCK --image $IMG > /tmp/backend-$S.log 2>&1 & ;;
-    qsd)   MEMOPT="--memory shadow"
-           qemu-storage-daemon --blockdev driver=file,node-name=file0,filename=$IMG,cache.direct=off \
-             --blockdev driver=raw,node-name=disk0,file=file0 \
-             --export type=vhost-user-blk,id=exp0,node-name=disk0,writable=on,addr.type=unix,addr.path=$SOCK \
-             > /tmp/backend-$S.log 2>&1 & ;;
-  esac
-  BE=$!
-  wait_for 30 test -S $SOCK || t "scenario $S: back-end socket $SOCK missing"
-  T0=$(ms)
-  xl -vvv create /etc/xen/$NAME.cfg > /tmp/xl-create-$S.log 2>&1 &
-  XL=$!
-  # the operator's part: once the domain exists, `xen-vhost-master --domain=NAME` (the systemd unit's line)
-  if ! wait_for 30 sh -c "xl domid $NAME >/dev/null 2>&1"; then
-    check $S domain-created 0 "no domain $NAME after 30 s"; cat /tmp/xl-create-$S.log | prefix "XL[$S]"; return
-  fi
-  D=$(xl domid $NAME)
-  echo "XENLAB-DOMID $S $D"
-  xen-vhost-master --domain=$NAME --socket $SOCK $MEMOPT > /tmp/daemon-$S.log 2>&1 &
-  DM=$!
-  t "scenario $S domain $D: back-end pid $BE, daemon pid $DM"
-  wait $XL; XLRC=$?
-  T1=$(ms)
-  # libxl's own word that the back-end reached InitWait (devstate_callback "wanted state 2 ok")
+}
+
+create() {  # scenario: xl create in the background, rc and log in /tmp
+  S=$1; NAME=lab-$S
+  ( T0=$(ms); xl -vvv create /etc/xen/$NAME.cfg > /tmp/xl-create-$S.log 2>&1; echo "$? $(( $(ms) - T0 ))" > /tmp/xl-create-$S.rc ) &
+}
+
+created() {  # scenario: xl create's own verdict, libxl's InitWait handshake included
+  S=$1; NAME=lab-$S
+  wait_for 120 test -s /tmp/xl-create-$S.rc
+  set -- $(cat /tmp/xl-create-$S.rc 2>/dev/null || echo "none 0"); XLRC=$1; MS=$2
+  D=$(domid_of $NAME); echo "XENLAB-DOMID $S $D"
   HS=$(grep -c "backend/virtio_disk/$D/51712/state wanted state 2 ok" /tmp/xl-create-$S.log)
-  check $S xl-create $([ $XLRC = 0 ] && [ "$HS" -ge 1 ] && ! grep -qiE 'libxl: error|timed out|timeout' /tmp/xl-create-$S.log && echo 1 || echo 0) "rc=$XLRC ms=$((T1-T0)) initwait_handshake=$HS"
+  check $S xl-create $(yes01 sh -c "[ '$XLRC' = 0 ] && [ $HS -ge 1 ] && ! grep -qiE 'libxl: error|timed out|timeout' /tmp/xl-create-$S.log") \
+    "rc=$XLRC ms=$MS domid=$D initwait_handshake=$HS"
   grep -E 'libxl: (error|warning)|wanted state|Parsing config' /tmp/xl-create-$S.log | prefix "XL-CREATE[$S]"
-  xenstore-ls -f /local/domain/0/backend/virtio_disk/$D 2>/dev/null | prefix "XENSTORE[$S]"
-  if wait_for ${XENLAB_DOMU_WAIT:-120} console_has $NAME DOMU-DONE; then :; else t "scenario $S: no DOMU-DONE"; fi
-  # the back-end's image in dom0 must hold what the guest wrote
-  OKLINE=$(grep -m1 'DOMU-IO-OK' /var/log/xen/console/guest-$NAME.log 2>/dev/null)
+}
+
+served_io() {  # scenario boot-number: the guest's boot N finished its I/O; the image holds its pattern
+  S=$1; N=$2; NAME=lab-$S; IMG=/root/disk-$S.img
+  wait_for ${XENLAB_DOMU_WAIT:-150} console_has_n $NAME DOMU-DONE $N || t "scenario $S: no DOMU-DONE #$N"
+  OKLINE=$(grep 'DOMU-IO-OK' $CONSOLE/guest-$NAME.log 2>/dev/null | sed -n "${N}p")
   WANT=$(echo "$OKLINE" | sed -n 's/.*md5=\([0-9a-f]*\).*/\1/p'); MARK=$(echo "$OKLINE" | sed -n 's/.*mark=\([A-Za-z0-9-]*\).*/\1/p')
   HAVE=$(dd if=$IMG bs=65536 skip=16 count=16 2>/dev/null | md5sum | cut -d' ' -f1)
   HEAD=$(dd if=$IMG bs=64 skip=16384 count=1 2>/dev/null | head -1)
-  check $S image-has-pattern $([ -n "$WANT" ] && [ "$WANT" = "$HAVE" ] && [ "$HEAD" = "$MARK" ] && echo 1 || echo 0) "guest=$WANT image=$HAVE mark=$MARK image_head=$HEAD"
-  xen-vhost-master status --domid $D 2>&1 | tr -d '\n ' | sed 's/^/XENLAB-STATUS '"$S"' /'; echo
-  # destroy while the guest's I/O loop runs
-  wait_for 30 console_has $NAME 'DOMU-LOOP 2' || t "scenario $S: guest I/O loop not seen"
+  [ -n "$WANT" ] && [ "$WANT" = "$HAVE" ] && [ "$HEAD" = "$MARK" ]
+  R=$?; echo "guest=$WANT image=$HAVE mark=$MARK image_head=$HEAD" > /tmp/io-$S-$N.txt; return $R
+}
+
+status_line() {  # scenario
+  xen-vhost-master status --domain lab-$1 2>&1 | tr -d '\n ' | sed 's/^/XENLAB-STATUS '"$1"' /'; echo
+}
+
+reboot_guest() {  # scenario: xl reboot, a new domid, served again, I/O again
+  S=$1; NAME=lab-$S; OLD=$(domid_of $NAME)
+  T0=$(ms)
+  xl reboot $NAME > /tmp/xl-reboot-$S.log 2>&1; RRC=$?
+  wait_for 90 new_domid $NAME $OLD; NEW=$(domid_of $NAME)
+  served_io $S 2; IO=$?
+  T1=$(ms)
+  # the old domain's instance exited 0 and a new one serves the new domid (dispatcher's word)
+  wait_for 30 grep -q "instance for domain $OLD (pid [0-9]*) exited" /tmp/watch.log
+  OLDEXIT=$(grep -c "instance for domain $OLD (pid [0-9]*) exited with status 0" /tmp/watch.log)
+  check $S reboot-served $(yes01 sh -c "[ $RRC = 0 ] && [ -n '$NEW' ] && [ '$NEW' != '$OLD' ] && [ $IO = 0 ] && [ $OLDEXIT -ge 1 ]") \
+    "rc=$RRC old=$OLD new=$NEW ms=$((T1-T0)) old_instance_exit0=$OLDEXIT $(cat /tmp/io-$S-2.txt)"
+}
+
+destroy_guest() {  # scenario: xl destroy while the guest's I/O loop runs; the teardown checks
+  S=$1; NAME=lab-$S; D=$(domid_of $NAME); BE=$(cat /tmp/backend-$S.pid)
+  N=$(console_count $NAME DOMU-LOOP)
+  wait_for 30 console_has_n $NAME DOMU-LOOP $((N + 1)) || t "scenario $S: guest I/O loop not seen"
   T2=$(ms)
   xl -vvv destroy $NAME > /tmp/xl-destroy-$S.log 2>&1; XDRC=$?
   T3=$(ms)
-  LOOPS=$(grep -c DOMU-LOOP /var/log/xen/console/guest-$NAME.log)
   HS=$(grep -c "backend/virtio_disk/$D/51712/state wanted state 6 ok" /tmp/xl-destroy-$S.log)
-  check $S xl-destroy $([ $XDRC = 0 ] && [ "$HS" -ge 1 ] && ! grep -qiE 'libxl: error|timed out|timeout' /tmp/xl-destroy-$S.log && echo 1 || echo 0) "rc=$XDRC ms=$((T3-T2)) closed_handshake=$HS guest_io_loops=$LOOPS"
+  check $S xl-destroy $(yes01 sh -c "[ $XDRC = 0 ] && [ $HS -ge 1 ] && ! grep -qiE 'libxl: error|timed out|timeout' /tmp/xl-destroy-$S.log") \
+    "rc=$XDRC ms=$((T3-T2)) domid=$D closed_handshake=$HS"
   prefix "XL-DESTROY[$S]" < /tmp/xl-destroy-$S.log
-  if wait_for 30 dead $DM; then wait $DM; DRC=$?; else DRC=timeout; kill -TERM $DM; sleep 2; kill -KILL $DM 2>/dev/null; fi
-  check $S daemon-exit $([ "$DRC" = 0 ] && echo 1 || echo 0) "rc=$DRC"
-  SID=$(sed -n 's/.*ioreq server \([0-9]*\) created.*/\1/p' /tmp/daemon-$S.log | head -1)
+  # the instance that served domain D: exit code from the dispatcher's log
+  wait_for 30 grep -q "instance for domain $D (pid [0-9]*) exited" /tmp/watch.log
+  DRC=$(grep "instance for domain $D (pid [0-9]*) exited" /tmp/watch.log | tail -1 | sed -n 's/.*exited with status \(-\?[0-9]*\).*/\1/p')
+  check $S daemon-exit $(yes01 test "$DRC" = 0) "rc=${DRC:-none}"
   # destroyed by the daemon, or by Xen with the dying domain (the daemon's destroy then gets ENOENT/ESRCH)
-  GONE=$(grep -E "ioreq server $SID (destroyed|went with its domain)" /tmp/daemon-$S.log | head -1 | sed 's/.*: ioreq/ioreq/')
-  check $S ioreq-server-destroyed $([ -n "$SID" ] && [ -n "$GONE" ] && echo 1 || echo 0) "id=$SID $GONE"
-  # no zombie: a domain whose pages are still mapped by dom0 lingers as a dying "(null)" domain
-  sleep 1
-  LEFT=$(xl list | awk 'NR>1 && $2 != 0' | wc -l)
-  check $S domain-gone $([ "$LEFT" = 0 ] && echo 1 || echo 0) "domains_left=$LEFT"
-  xl list | prefix "XL-LIST[$S]"
-  check $S backend-alive $(alive $BE && echo 1 || echo 0) "pid=$BE"
-  kill -TERM $BE 2>/dev/null; wait_for 10 dead $BE || kill -KILL $BE 2>/dev/null; wait $BE 2>/dev/null
-  kill $XSW 2>/dev/null
-  prefix "DOMU[$S]" < /var/log/xen/console/guest-$NAME.log
-  prefix "DAEMON[$S]" < /tmp/daemon-$S.log
-  prefix "BACKEND[$S]" < /tmp/backend-$S.log
-  t "scenario $S end"
+  SID=$(sed -n "s/.*dom$D: ioreq server \([0-9]*\) created.*/\1/p" "$(ilog $NAME)" | tail -1)
+  GONE=$(grep -E "dom$D: ioreq server $SID (destroyed|went with its domain)" "$(ilog $NAME)" | tail -1 | sed 's/.*: ioreq/ioreq/')
+  check $S ioreq-server-destroyed $(yes01 sh -c "[ -n '$SID' ] && [ -n '$GONE' ]") "id=$SID $GONE"
+  check $S backend-alive $(yes01 alive $BE) "pid=$BE"
 }
 
-for S in $XENLAB_SCENARIOS; do scenario $S; done
+# --- the flow ----------------------------------------------------------------------------------
+mkdir -p $LOGS
+for S in $XENLAB_SCENARIOS; do backend $S; cfg $S; done
+for S in $XENLAB_SCENARIOS; do wait_for 60 test -S /run/vhost-user/lab-$S/51712.sock || t "back-end $S: no socket"; done
+# trace the backend directory (what libxl, the dispatcher and the daemon write, in order) for the log
+xenstore-watch /local/domain/0/backend/virtio_disk 2>/dev/null | while read -r p tok; do
+  echo "XS-TRACE $(up) $p = $(xenstore-read $p 2>&1 | head -c 60)"; done &
+XSW=$!
+# every instance's log, as it is written (the verdict reads the DAEMON lines; a stall shows where)
+for S in $XENLAB_SCENARIOS; do
+  : > "$(ilog lab-$S)"; tail -F "$(ilog lab-$S)" 2>/dev/null | prefix "DAEMON[$S]" &
+  echo $! >> /tmp/tails.pid
+done
+# a heartbeat: dom0's load and busiest processes, so a starved or spinning dom0 shows in the log
+( while sleep 20; do echo "XENLAB-HB $(up) load=$(cut -d' ' -f1-3 /proc/loadavg)"; top -b -n1 2>/dev/null | sed -n '4,8p' | prefix XENLAB-HB-TOP; done ) &
+HB=$!
+# the dispatcher, as xen-vhost-master-watch.service runs it (no systemd in this dom0: --spawn)
+xen-vhost-master watch --spawn --log-dir $LOGS > /tmp/watch.log 2>&1 &
+WATCH=$!
+wait_for 60 grep -q "watching" /tmp/watch.log || t "dispatcher: no 'watching' line"
+t "dispatcher pid $WATCH"
+
+# every guest at once
+for S in $XENLAB_SCENARIOS; do create $S; done
+for S in $XENLAB_SCENARIOS; do created $S; done
+ALL=1
+for S in $XENLAB_SCENARIOS; do
+  served_io $S 1; IO=$?
+  check $S image-has-pattern $(yes01 test $IO = 0) "$(cat /tmp/io-$S-1.txt)"
+  [ $IO = 0 ] || ALL=0
+  status_line $S
+done
+# the guests ran at the same time, each served by its own instance
+RUNNING=$(xl list | awk 'NR>1 && $2 != 0' | wc -l)
+PIDS=$(for S in $XENLAB_SCENARIOS; do xen-vhost-master status --domain lab-$S 2>/dev/null | sed -n 's/.*"pid": \([0-9]*\).*/\1/p'; done | sort -u | wc -l)
+for S in $XENLAB_SCENARIOS; do
+  check $S second-guest $(yes01 sh -c "[ $ALL = 1 ] && [ $RUNNING -ge $(echo $XENLAB_SCENARIOS | wc -w) ]") \
+    "guests_running=$RUNNING all_io_ok=$ALL instances=$PIDS"
+done
+
+for S in $XENLAB_SCENARIOS; do reboot_guest $S & done; wait   # every guest reboots at once
+for S in $XENLAB_SCENARIOS; do destroy_guest $S; done
+
+# no zombie: a domain whose pages are still mapped by dom0 lingers as a dying "(null)" domain
+wait_for 10 sh -c "[ \$(xl list | awk 'NR>1 && \$2 != 0' | wc -l) = 0 ]"
+LEFT=$(xl list | awk 'NR>1 && $2 != 0' | wc -l)
+for S in $XENLAB_SCENARIOS; do check $S domain-gone $(yes01 test "$LEFT" = 0) "domains_left=$LEFT"; done
+xl list | prefix "XL-LIST"
+
+# the dispatcher stops cleanly and leaves nothing running
+kill -TERM $WATCH; wait_for 20 dead $WATCH; wait $WATCH; WRC=$?
+LEFTP=$(pgrep -f 'xen_vhost_master --domain|xen-vhost-master --domain' | wc -l)
+echo "XENLAB-WATCH rc=$WRC instances_left=$LEFTP"
+for S in $XENLAB_SCENARIOS; do
+  BE=$(cat /tmp/backend-$S.pid); kill -TERM $BE 2>/dev/null; wait_for 10 dead $BE || kill -KILL $BE 2>/dev/null
+done
+kill $XSW $HB $(cat /tmp/tails.pid) 2>/dev/null
+prefix "WATCH" < /tmp/watch.log
+for S in $XENLAB_SCENARIOS; do
+  prefix "DOMU[$S]" < $CONSOLE/guest-lab-$S.log
+  prefix "BACKEND[$S]" < /tmp/backend-$S.log
+done
 xl dmesg 2>/dev/null | tail -40 | prefix XEN-DMESG
 echo "XENLAB-FINISHED scenarios=$(echo $XENLAB_SCENARIOS | tr ' ' ,)"
