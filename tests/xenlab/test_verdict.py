@@ -17,6 +17,8 @@ GOOD = """\
 [    5.5] XENLAB-DOM0-UP uptime=3.47 caps=control_d xen=4.17
 [   14.5] XENLAB-CHECK pyblk xl-create ok=1 rc=0 ms=5470
 [   25.3] XENLAB-CHECK pyblk image-has-pattern ok=1 guest=aa image=aa mark=M image_head=M
+[   30.1] XENLAB-CHECK pyblk second-guest ok=1 guests_running=2 all_io_ok=1 instances=2
+[   31.0] XENLAB-CHECK pyblk reboot-served ok=1 rc=0 old=1 new=3 ms=20400 old_instance_exit0=1
 [   31.5] XENLAB-STATUS pyblk {"domid":1,"devices":[{"devid":51712,"interrupts":125}],"ioreqs":{"served":464}}
 [   33.0] XENLAB-CHECK pyblk xl-destroy ok=1 rc=0 ms=1330 guest_io_loops=13
 [   33.4] XENLAB-CHECK pyblk daemon-exit ok=1 rc=0
@@ -51,6 +53,8 @@ def test_complete_run_passes() -> None:
         (lambda t: t.replace("         11     GICv3", "          0     GICv3"), "interrupts"),
         (lambda t: t.replace('"interrupts":125', '"interrupts":0'), "interrupts"),
         (lambda t: t.replace("XENLAB-STATUS pyblk {", "XENLAB-STATUS pyblk {broken"), "interrupts"),
+        (lambda t: t.replace("second-guest ok=1", "second-guest ok=0"), "second-guest"),
+        (lambda t: "\n".join(ln for ln in t.splitlines() if "reboot-served" not in ln), "reboot-served"),
         (lambda t: t.replace("xl-destroy ok=1", "xl-destroy ok=0"), "xl-destroy"),
         (lambda t: t.replace("daemon-exit ok=1 rc=0", "daemon-exit ok=0 rc=75"), "daemon-exit"),
         (lambda t: "\n".join(ln for ln in t.splitlines() if "domain-gone" not in ln), "domain-gone"),

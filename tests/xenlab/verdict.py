@@ -16,8 +16,15 @@ guest's ``DOMU-*`` lines, the daemon's status JSON); the decision is taken here,
 - ``xl-create`` / ``xl-destroy``: rc 0, no error or timeout from libxl, and libxl's own debug line
   that the back-end reached the state it waited for (``wanted state 2 ok`` / ``wanted state 6 ok``:
   the xenstore handshake with the daemon, not a timeout);
-- ``daemon-exit`` (rc 0 after xl destroy during guest I/O), ``ioreq-server-destroyed``,
+- ``second-guest``: every scenario's guest ran and did its I/O at the same time as the others,
+  each served by its own instance;
+- ``reboot-served``: ``xl reboot`` gave the guest a new domid, the old domain's instance exited 0,
+  the dispatcher started one for the new domid and the rebooted guest's I/O landed in the image;
+- ``daemon-exit`` (the instance's rc 0 after xl destroy during guest I/O), ``ioreq-server-destroyed``,
   ``domain-gone`` (no dying domain held by dom0 mappings), ``backend-alive``.
+
+Nothing in dom0 starts ``xen-vhost-master`` for a domain: the dispatcher (``xen-vhost-master watch
+--spawn``) does, as its unit would, and the back-ends are started by guest name before the guests.
 """
 
 from __future__ import annotations
@@ -30,8 +37,8 @@ from dataclasses import dataclass, field
 
 __all__ = ["Verdict", "parse", "REQUIRED", "main"]
 
-REQUIRED = ("xl-create", "driver-ok", "data-path", "guest-io", "image-has-pattern", "interrupts", "xl-destroy",
-            "daemon-exit", "ioreq-server-destroyed", "domain-gone", "backend-alive")
+REQUIRED = ("xl-create", "driver-ok", "data-path", "guest-io", "image-has-pattern", "interrupts", "second-guest",
+            "reboot-served", "xl-destroy", "daemon-exit", "ioreq-server-destroyed", "domain-gone", "backend-alive")
 DRIVER_OK_ALL = 0x1 | 0x2 | 0x8 | 0x4
 _TS = re.compile(r"^\[\s*[0-9.]+\] ?")
 _CHECK = re.compile(r"XENLAB-CHECK (\S+) (\S+) ok=([01])\s*(.*)$")
