@@ -179,7 +179,8 @@ for S in $XENLAB_SCENARIOS; do
     "guests_running=$RUNNING all_io_ok=$ALL instances=$PIDS"
 done
 
-for S in $XENLAB_SCENARIOS; do reboot_guest $S & done; wait   # every guest reboots at once
+RB=""; for S in $XENLAB_SCENARIOS; do reboot_guest $S & RB="$RB $!"; done   # every guest reboots at once
+wait $RB
 for S in $XENLAB_SCENARIOS; do destroy_guest $S; done
 
 # no zombie: a domain whose pages are still mapped by dom0 lingers as a dying "(null)" domain
