@@ -1,6 +1,6 @@
 """Running a simulated Xen host: in a thread of this process (unit tests) or as the main loop of
 the ``xen-vhost-sim`` process. Either way the daemon reaches it only through its Unix socket
-(``XEN_VHOST_SIM=<path>`` + :func:`xen_vhost_master.xen.kernel.kernel_from_env`).
+(``XEN_VHOST_SIM=<path>``, which makes the daemon's entry points take :func:`.platform.sim_platform`).
 
 The simulated toolstack (``sim.toolstack``: xenstored + libxl's xenstore layout) runs inside the
 host; ``/dev/xen/xenbus`` opens are wired to it as dom0 connections.
