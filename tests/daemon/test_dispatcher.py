@@ -701,6 +701,9 @@ async def test_a_restarted_dispatcher_leaves_a_running_instance_alone(sim_dir: s
             domid = await first.xl("xl_create", "omicron", [blk()])
             await first.served("omicron", domid)
             pid = await first.instance_pid("omicron", domid)
+            # "served" is logged just before the pause reference is dropped: a kill in between
+            # leaves the guest paused (no dispatcher is left to drop it)
+            await first.log.wait_for(rf"domain {domid}: pause reference dropped")
             first.proc.kill()  # no clean-up of any kind
             await asyncio.get_running_loop().run_in_executor(None, first.proc.wait, TIMEOUT)
         os.kill(pid, 0)  # still running
