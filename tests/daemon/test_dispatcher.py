@@ -334,6 +334,7 @@ async def test_a_xen_4_17_disk_guest_is_created_once_its_instance_says_initwait(
     watch.link_backend("kappa", 51712, disk.sock)
     domid = await watch.xl("xl_create", "kappa", [{**blk(51712), "kind": "virtio_disk"}])
     await watch.served("kappa", domid)
+    await watch.log.wait_for(rf"domain {domid}: pause reference dropped \(instance READY\)")  # logged after "served"
     with watch.ctl() as ctl:
         info = ctl.domain_info(domid)
     assert ran_only_after_claimed(info, [BASE]), info["history"]
