@@ -2,7 +2,9 @@
 the simulator reaches the daemon: a Platform from above (xen_vhost_master/platform.py).
 
 * No daemon module imports the simulator (read from the sources with ast, so a lazy import inside
-  a function counts too); the simulator's tools (demo, benchmarks) are not the daemon.
+  a function counts too).
+* The simulator (``sim/xen_vhost_sim``, its own source root) imports of the daemon only the Xen
+  adapters and the platform; its ``tools/`` (demo, benchmarks) may import anything.
 * The Xen adapters (``xen_vhost_master.xen``) import nothing of the project but ``errors``.
 * Importing the CLI, ``--help`` and the real platform load no simulator module.
 * ``XEN_VHOST_SIM`` is the explicit request for the simulator's platform, found through the
@@ -28,14 +30,14 @@ from xen_vhost_master.platform import ENTRY_POINT_GROUP, SIM_ENTRY_POINT, platfo
 
 REPO = Path(__file__).resolve().parents[1]
 DAEMON = REPO / "xen_vhost_master"
-SIM = "xen_vhost_master.sim"
-# The simulator's tools, sitting in the daemon's folder until they move with the simulator.
-TOOLS = {"demo.py", "bench.py", "bench_shadow.py", "faultbench.py"}
+SIM_ROOT = REPO / "sim"
+SIM = "xen_vhost_sim"
 TIMEOUT = 60
 
 
 def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    root = SIM_ROOT if SIM_ROOT in path.parents else REPO
+    parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -73,22 +75,17 @@ def _within(name: str, package: str) -> bool:
     return name == package or name.startswith(package + ".")
 
 
-def daemon_files() -> list[Path]:
-    sim = DAEMON / "sim"
-    return sorted(p for p in DAEMON.rglob("*.py")
-                  if sim not in p.parents and not (p.parent == DAEMON and p.name in TOOLS))
-
-
 def test_the_import_reader_sees_relative_lazy_and_dynamic_imports() -> None:
-    text = ("import os\nfrom ..sim import guest\ndef f():\n    from .. import sim\n"
-            "    import importlib\n    importlib.import_module('xen_vhost_master.sim.host')\n")
+    text = ("import os\nfrom xen_vhost_sim import guest\ndef f():\n    from ..device import Device\n"
+            "    import importlib\n    importlib.import_module('xen_vhost_sim.host')\n")
     found = imports_in(text, "xen_vhost_master.xen")
-    assert {"os", "xen_vhost_master.sim", "xen_vhost_master.sim.guest", "xen_vhost_master.sim.host"} <= found
+    assert {"os", "xen_vhost_sim", "xen_vhost_sim.guest", "xen_vhost_sim.host", "xen_vhost_master.device"} <= found
     assert imports_in("from .xen.kernel import Kernel\n", "xen_vhost_master") >= {"xen_vhost_master.xen.kernel"}
+    assert _module_name(SIM_ROOT / SIM / "tools" / "demo.py") == "xen_vhost_sim.tools.demo"
 
 
 def test_no_daemon_module_imports_the_simulator() -> None:
-    files = daemon_files()
+    files = sorted(DAEMON.rglob("*.py"))
     assert DAEMON / "supervisor.py" in files and DAEMON / "xen" / "kernel.py" in files
     bad = {str(p.relative_to(REPO)): sorted(n for n in imports_of(p) if _within(n, SIM)) for p in files}
     assert {f: names for f, names in bad.items() if names} == {}
@@ -101,6 +98,18 @@ def test_the_xen_adapters_import_nothing_of_the_project_but_errors() -> None:
     bad = {str(p.relative_to(REPO)): sorted(n for n in imports_of(p) if _within(n, "xen_vhost_master")
                                           and n != "xen_vhost_master" and not any(_within(n, a) for a in allowed)
                                           or _within(n, "vhost_user"))
+           for p in files}
+    assert {f: names for f, names in bad.items() if names} == {}
+
+
+def test_the_simulator_imports_of_the_daemon_only_the_xen_adapters_and_the_platform() -> None:
+    allowed = ("xen_vhost_master.xen", "xen_vhost_master.platform")
+    tools = SIM_ROOT / SIM / "tools"
+    files = sorted(p for p in (SIM_ROOT / SIM).rglob("*.py") if tools not in p.parents)
+    assert SIM_ROOT / SIM / "simkernel.py" in files and len(files) >= 15
+    bad = {str(p.relative_to(REPO)): sorted(n for n in imports_of(p) if _within(n, "xen_vhost_master")
+                                          and n != "xen_vhost_master" and not any(_within(n, a) for a in allowed)
+                                          or _within(n, f"{SIM}.tools"))
            for p in files}
     assert {f: names for f, names in bad.items() if names} == {}
 

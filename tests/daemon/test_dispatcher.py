@@ -32,10 +32,10 @@ import pytest_asyncio
 from tests.daemon.test_daemon_cli import TIMEOUT, io_check, stop
 from tests.peers.harness import Peers, QsdPeer
 from xen_vhost_master.names import systemd_escape
-from xen_vhost_master.sim.guest import SimControl, SimGuest
-from xen_vhost_master.sim.guest_devices import VirtioBlk
-from xen_vhost_master.sim.guest_driver import GuestPageAllocator
-from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_sim.guest import SimControl, SimGuest
+from xen_vhost_sim.guest_devices import VirtioBlk
+from xen_vhost_sim.guest_driver import GuestPageAllocator
+from xen_vhost_sim.simkernel import SimKernel
 from xen_vhost_master.xen.xenstore import XenstoreClient
 
 BIN = Path(sys.executable).parent

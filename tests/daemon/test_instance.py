@@ -23,8 +23,8 @@ from xen_vhost_master.instance import (
     resolve_domain,
     runtime_dir,
 )
-from xen_vhost_master.sim.guest import SimControl
-from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_sim.guest import SimControl
+from xen_vhost_sim.simkernel import SimKernel
 from xen_vhost_master.supervisor import ExitCode, Options, Supervisor
 from xen_vhost_master.xen.xenstore import XenstoreClient
 

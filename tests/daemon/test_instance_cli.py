@@ -34,9 +34,9 @@ from tests.daemon.test_daemon_cli import (
     start_sim,
     stop,
 )
-from xen_vhost_master.sim.guest import SimControl, SimGuest
-from xen_vhost_master.sim.guest_devices import BlkOp, VirtioBlk
-from xen_vhost_master.sim.guest_driver import DeviceStatus, GuestPageAllocator
+from xen_vhost_sim.guest import SimControl, SimGuest
+from xen_vhost_sim.guest_devices import BlkOp, VirtioBlk
+from xen_vhost_sim.guest_driver import DeviceStatus, GuestPageAllocator
 
 NAME = f"guest{DOMID}"  # what xen-vhost-sim names a domain created without a name
 DAEMON = str(BIN / "xen-vhost-master")

@@ -34,9 +34,9 @@ from tests.conftest import open_fds
 from xen_vhost_master.config import DeviceConfig, MemoryMode
 from xen_vhost_master.platform import Platform
 from xen_vhost_master.sd_notify import Notifier
-from xen_vhost_master.sim.guest import SimControl, SimGuest
-from xen_vhost_master.sim.guest_devices import VirtioBlk
-from xen_vhost_master.sim.guest_driver import GuestDriverError, GuestPageAllocator
+from xen_vhost_sim.guest import SimControl, SimGuest
+from xen_vhost_sim.guest_devices import VirtioBlk
+from xen_vhost_sim.guest_driver import GuestDriverError, GuestPageAllocator
 from xen_vhost_master.supervisor import Options, Supervisor
 from xen_vhost_master.xen.xenstore import XenstoreClient
 

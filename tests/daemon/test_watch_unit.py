@@ -41,7 +41,7 @@ from tests.daemon.test_systemd_unit import _can_boot_systemd
 from tests.peers import programs
 from tests.peers.harness import Peers
 from xen_vhost_master.names import systemd_escape
-from xen_vhost_master.sim.guest import SimControl
+from xen_vhost_sim.guest import SimControl
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "web-1 b"

@@ -10,11 +10,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from xen_vhost_master.sim.guest import SimControl
+from xen_vhost_sim.guest import SimControl
 from xen_vhost_master.platform import Platform
-from xen_vhost_master.sim.host import SimHost
-from xen_vhost_master.sim.platform import sim_platform
-from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_sim.host import SimHost
+from xen_vhost_sim.platform import sim_platform
+from xen_vhost_sim.simkernel import SimKernel
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ import pytest
 
 from xen_vhost_master.errors import XenError
 from xen_vhost_master.platform import host_arch, platform_from_env
-from xen_vhost_master.sim.guest import SimControl, SimGuest
-from xen_vhost_master.sim.host import SimHost
-from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_sim.guest import SimControl, SimGuest
+from xen_vhost_sim.host import SimHost
+from xen_vhost_sim.simkernel import SimKernel
 from xen_vhost_master.xen.dmop import DeviceModel
 from xen_vhost_master.xen.evtchn import EventChannel
 from xen_vhost_master.xen.kernel import RealKernel
@@ -109,7 +109,7 @@ CHILD = r"""
 import sys
 from xen_vhost_master.errors import XenError
 from xen_vhost_master.platform import host_arch, platform_from_env
-from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_sim.simkernel import SimKernel
 from xen_vhost_master.xen.privcmd import PrivCmd
 fd, domid, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 pc = PrivCmd(SimKernel(path), fd=fd)

@@ -14,9 +14,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from xen_vhost_master.sim.guest import SimControl
-from xen_vhost_master.sim.hypervisor import Hypervisor
-from xen_vhost_master.sim.server import SimServer
+from xen_vhost_sim.guest import SimControl
+from xen_vhost_sim.hypervisor import Hypervisor
+from xen_vhost_sim.server import SimServer
 
 __all__ = ["SimHost", "serve"]
 
@@ -28,7 +28,7 @@ STARTUP_TIMEOUT = 10.0
 def _toolstack() -> Any:
     """The xenstore-backed toolstack, if the simulated xenstored is importable."""
     try:
-        from xen_vhost_master.sim.toolstack import XenstoreToolstack
+        from xen_vhost_sim.toolstack import XenstoreToolstack
     except ImportError as exc:
         log.info("no simulated xenstored (%s): /dev/xen/xenbus opens fail with ENOENT", exc)
         return None
