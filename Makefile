@@ -21,7 +21,7 @@ test-xen: venv
 
 demo: venv
 	@bash tests/tools/install-debs.sh demo
-	$(PY) -m xen_vhost_master.demo
+	$(PY) -m xen_vhost_sim.tools.demo
 
 deps:
 	@bash tests/tools/install-debs.sh $(DEBS)
@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 bench: deps venv
-	$(PY) -m xen_vhost_master.bench
+	$(PY) -m xen_vhost_sim.tools.bench
 
 # Long fuzzing runs (each example bounded): 100,000 guest register programs, 100,000 byte streams
 # into the vhost-user state machines, 100,000 hostile back-end replies over real sockets.

@@ -36,12 +36,11 @@ from .instance import (
     resolve_domain,
     runtime_dir,
 )
+from .platform import Platform, announce, platform_from_env
 from .xen.xenstore_wire import XenstoreError
 
 if TYPE_CHECKING:
     from .supervisor import Options
-    from .xen.kernel import Kernel
-    from .xen.xenstore import XenstoreClient
 
 # The supervisor (and with it the vhost-user library, construct, the data paths), uvloop and the
 # xenstore client (asyncio) are imported only by the commands that use them: --help, a bad
@@ -109,7 +108,8 @@ already served by another instance; 75 transient failure (systemd restarts); 78 
 error (fix it; no restart).
 
 On a dom0 the daemon opens /dev/xen/{privcmd,evtchn,gntdev,xenbus}. With XEN_VHOST_SIM=<socket>
-in the environment it attaches to a simulated Xen host (xen-vhost-sim) instead.
+in the environment it attaches to a simulated Xen host (xen-vhost-sim, an installed platform)
+instead, and its first log line says so.
 """
 
 
@@ -211,18 +211,15 @@ def _options(args: argparse.Namespace, guest: GuestDomain) -> Options:
     )
 
 
-async def _open_xenstore(kernel: Kernel) -> XenstoreClient:
-    from .xen.kernel import ENV_SIM_SOCKET  # noqa: PLC0415
-    from .xen.xenstore import XenstoreClient  # noqa: PLC0415
-
-    simulated = bool(os.environ.get(ENV_SIM_SOCKET))
-    return await XenstoreClient.open(socket_paths=() if simulated else None, opener=kernel.open)
+def _platform(given: Platform | None) -> Platform:
+    """The platform the caller handed over, else the one the environment asks for (platform.py)."""
+    return given if given is not None else platform_from_env()
 
 
-async def _resolve(args: argparse.Namespace, kernel: Kernel) -> GuestDomain:
+async def _resolve(args: argparse.Namespace, platform: Platform) -> GuestDomain:
     if args.no_xenstore:
         return await resolve_domain(None, args.domain, backend_domid=args.backend_domid)
-    async with await _open_xenstore(kernel) as xs:
+    async with await platform.open_xenstore() as xs:
         return await resolve_domain(xs, args.domain, backend_domid=args.backend_domid)
 
 
@@ -235,13 +232,11 @@ class _Handover:
     """Returned by :func:`_serve` when the instance asked to re-execute itself (SIGHUP)."""
 
 
-async def _serve(args: argparse.Namespace) -> int | _Handover:
+async def _serve(args: argparse.Namespace, platform: Platform) -> int | _Handover:
     from .supervisor import Supervisor  # noqa: PLC0415
-    from .xen.kernel import kernel_from_env  # noqa: PLC0415
 
-    kernel = kernel_from_env()
     try:
-        guest = await _resolve(args, kernel)
+        guest = await _resolve(args, platform)
         options = _options(args, guest)
     except ConfigError as e:
         return _fail(e, ExitCode.CONFIG)
@@ -257,7 +252,7 @@ async def _serve(args: argparse.Namespace) -> int | _Handover:
         return _fail(e, ExitCode.ALREADY_SERVED)
     except (OSError, DaemonError) as e:
         return _fail(f"runtime directory {options.runtime_dir}: {e}", ExitCode.TEMPFAIL)
-    supervisor = Supervisor(options, kernel=kernel)
+    supervisor = Supervisor(options, platform)
     try:
         code = await supervisor.run()
     except BaseException:
@@ -270,7 +265,7 @@ async def _serve(args: argparse.Namespace) -> int | _Handover:
     return code
 
 
-def _status_socket(args: argparse.Namespace) -> str:
+def _status_socket(args: argparse.Namespace, platform: Platform | None = None) -> str:
     """Where the instance for ``--domain`` answers: its runtime directory, found by name (no
     xenstore needed), or for an id through xenstore, else by the state files' domain ids."""
     if args.runtime_dir:
@@ -280,10 +275,8 @@ def _status_socket(args: argparse.Namespace) -> str:
         return os.path.join(runtime_dir(text), "status.sock")
     import uvloop  # noqa: PLC0415  (an id is resolved through xenstore)
 
-    from .xen.kernel import kernel_from_env  # noqa: PLC0415
-
     try:
-        guest = uvloop.run(_resolve(args, kernel_from_env()))
+        guest = uvloop.run(_resolve(args, _platform(platform)))
         return os.path.join(runtime_dir(guest.name), "status.sock")
     except (DomainNotFound, XenstoreError, OSError) as e:
         found = find_runtime_by_domid(int(text))
@@ -307,27 +300,34 @@ def _status(path: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, platform: Platform | None = None) -> int:
+    """``platform``: what to run on (a simulator's own launcher hands its own); None = the one the
+    environment asks for (:func:`xen_vhost_master.platform.platform_from_env`), looked up once."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["watch"]:
         from .dispatcher import main as watch  # noqa: PLC0415
 
-        return watch(argv[1:])
+        return watch(argv[1:], platform)
     args = parse_args(argv)
     level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose or args.command == "serve" else logging.WARNING
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "status":
         try:
-            return _status(_status_socket(args))
+            return _status(_status_socket(args, platform))
         except ConfigError as e:
             return _fail(e, ExitCode.CONFIG)
         except DomainNotFound as e:
             return _fail(e, ExitCode.UNAVAILABLE)
     # A reload asked for before the handler exists: this image already is the new one.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        platform = _platform(platform)
+    except ConfigError as e:
+        return _fail(e, ExitCode.CONFIG)
+    announce(platform, logging.getLogger("xen_vhost_master"))
     import uvloop  # noqa: PLC0415
 
-    result = uvloop.run(_serve(args))
+    result = uvloop.run(_serve(args, platform))
     if isinstance(result, _Handover):
         return _reexec(sys.argv[1:] if argv is None else argv)
     return result

@@ -81,12 +81,12 @@ from typing import IO, Any, Protocol
 
 import uvloop
 
-from .errors import XenError
+from .errors import ConfigError, XenError
 from .instance import RUNTIME_ROOT, runtime_dir
 from .names import instance_unit, path_name
+from .platform import Platform, announce, platform_from_env
 from .sd_notify import Notifier
 from .xen.domctl import Domctl, DomctlInterfaceUnknown
-from .xen.kernel import ENV_SIM_SOCKET, kernel_from_env
 from .xen.privcmd import PrivCmd
 from .xen.xenstore import XenstoreClient, XenstoreError, XenstoreNotFound, XsTransaction, XsWatch
 
@@ -546,11 +546,11 @@ class _PauseRefs:
 
 
 class Dispatcher:
-    def __init__(self, opt: WatchOptions, *, notifier: Notifier | None = None) -> None:
+    def __init__(self, opt: WatchOptions, platform: Platform, *, notifier: Notifier | None = None) -> None:
         self.opt = opt
         self.notifier = notifier or Notifier()
-        self.kernel = kernel_from_env()
-        self.simulated = bool(os.environ.get(ENV_SIM_SOCKET))
+        self.platform = platform
+        self.kernel = platform.kernel
         self.launcher: Launcher = SpawnLauncher(opt, self) if opt.spawn else SystemdLauncher(opt, self)
         self.xs: XenstoreClient | None = None
         self.privcmd: PrivCmd | None = None
@@ -576,7 +576,7 @@ class Dispatcher:
         pumps: list[asyncio.Task[None]] = []
         try:
             self._open_domctl()
-            self.xs = await XenstoreClient.open(socket_paths=() if self.simulated else None, opener=self.kernel.open)
+            self.xs = await self.platform.open_xenstore()
             root = f"/local/domain/{self.opt.backend_domid}/backend"
             watches = [(await self.xs.watch(f"{root}/{kind}", token=f"backend-{kind}"), kind) for kind in KINDS]
             watches += [(await self.xs.watch(w, token=w), w) for w in ("@introduceDomain", "@releaseDomain")]
@@ -930,7 +930,9 @@ def options(args: argparse.Namespace) -> WatchOptions:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, platform: Platform | None = None) -> int:
+    """``platform``: what to run on; None = the one the environment asks for, looked up once. The
+    instances it spawns inherit the environment, and with it the same request."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -939,9 +941,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"xen-vhost-master watch: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    try:
+        platform = platform if platform is not None else platform_from_env()
+    except ConfigError as e:
+        print(f"xen-vhost-master watch: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    announce(platform, log)
     notifier = Notifier()  # takes NOTIFY_SOCKET out of the environment the instances inherit
 
     async def go() -> int:
-        return await Dispatcher(opt, notifier=notifier).run()
+        return await Dispatcher(opt, platform, notifier=notifier).run()
 
     return uvloop.run(go())

@@ -54,10 +54,10 @@ from .guest_memory import ForeignGuestMemory
 from .ioreq_server import IoreqServer
 from .log import device_logger
 from .memory import XenMmapExport, foreign_reader, sim_memfd_export
+from .platform import Platform
 from .sd_notify import Notifier
 from .virtio_mmio import WINDOW_SIZE, Status, snapshot
 from .xen.evtchn import EventChannel
-from .xen.kernel import ENV_SIM_SOCKET, Kernel, kernel_from_env
 from .xen.privcmd import PrivCmd
 from .xen.xenstore import XenstoreClient, XenstoreError, XsTransaction
 
@@ -93,7 +93,7 @@ class Options:
     status_socket: str | None = None
     state_file: str | None = None  # what a restarted daemon needs to take over a running guest
     backend_uids: tuple[int, ...] = ()  # besides our own uid and root, who may be a back-end
-    guest_arch: str | None = None  # arm64 | x86_64; default: the host's (the simulator models Arm64)
+    guest_arch: str | None = None  # arm64 | x86_64; default: the platform's (Platform.guest_arch)
 
 
 @dataclass
@@ -119,12 +119,12 @@ class _Served:
 
 
 class Supervisor:
-    def __init__(self, options: Options, *, kernel: Kernel | None = None, notifier: Notifier | None = None) -> None:
+    def __init__(self, options: Options, platform: Platform, *, notifier: Notifier | None = None) -> None:
         self.opt = options
         self.domid = options.domid
         self.name = options.name or str(options.domid)
-        self.kernel = kernel or kernel_from_env()
-        self.simulated = bool(os.environ.get(ENV_SIM_SOCKET))
+        self.platform = platform
+        self.kernel = platform.kernel
         self.notifier = notifier or Notifier()
         self.log = device_logger("xen_vhost_master", options.domid)
         self.privcmd: PrivCmd | None = None
@@ -260,7 +260,7 @@ class Supervisor:
         self._save_state()
         discovered: list[tuple[DeviceConfig, str]] = []
         if self.opt.xenstore:
-            self.xs = await XenstoreClient.open(socket_paths=() if self.simulated else None, opener=self.kernel.open)
+            self.xs = await self.platform.open_xenstore()
             self.banks = await self._ram_banks()
             discovered = await self._discover()
         elif self.opt.devices:
@@ -341,11 +341,7 @@ class Supervisor:
         return max(top - base, 0)
 
     def _arch(self) -> str:
-        if self.opt.guest_arch:
-            return self.opt.guest_arch
-        if self.simulated:
-            return "arm64"  # the simulated host models an Arm64 Xen host
-        return "arm64" if os.uname().machine in ("aarch64", "arm64") else "x86_64"
+        return self.opt.guest_arch or self.platform.guest_arch
 
     def _layout(self, size: int) -> list[tuple[int, int]]:
         """libxl's RAM banks for a guest of ``size`` bytes (xen/include/public/arch-arm.h; x86 HVM)."""
@@ -568,12 +564,10 @@ class Supervisor:
 
     def _sim_memfd(self) -> DataPath:
         """SIM-ONLY, labelled baseline: guest RAM exposed as the simulator's memfd."""
-        if not self.simulated:
-            raise ConfigError("memory=sim-memfd only exists in the simulator (XEN_VHOST_SIM is not set)")
-        from .sim.guest import SimControl
-
-        with SimControl(os.environ[ENV_SIM_SOCKET]) as ctl:
-            banks, memfd = ctl.sim_only_ram_memfd(self.domid)
+        ram_memfd = self.platform.sim_ram_memfd
+        if ram_memfd is None:
+            raise ConfigError(f"memory=sim-memfd only exists in the simulator (platform: {self.platform.name})")
+        banks, memfd = ram_memfd(self.domid)
         if self._memfd is None:
             self._memfd = memfd
         else:
@@ -838,7 +832,7 @@ class Supervisor:
     async def _watch_domain(self) -> None:
         """Return when the domain is gone (destroyed, or shut down and released). On a xenstore
         connection of its own, so that it watches from the first moment of start-up on."""
-        xs = await XenstoreClient.open(socket_paths=() if self.simulated else None, opener=self.kernel.open)
+        xs = await self.platform.open_xenstore()
         async with xs, await xs.watch("@releaseDomain", token="release") as w:
             async for _ in w:  # xenstored fires a new watch once at once: the first check
                 if not await xs.exists(f"/local/domain/{self.domid}"):

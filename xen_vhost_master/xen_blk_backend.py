@@ -11,7 +11,8 @@ what the real-Xen lab (tests/xenlab) runs in dom0::
 
 Same options as ``python -m vhost_user.testing.blk``, plus ``--xen-no-advance rust-vmm|spec``
 (the "no advance map" flag value the front-end uses for grant regions: 0x8, the default, or 0x100).
-``XEN_VHOST_SIM`` selects the simulated host's kernel instead of /dev/xen, for tests.
+``XEN_VHOST_SIM`` asks for the simulated host (an installed platform, ``xen_vhost_master/platform.py``)
+instead of /dev/xen, for tests.
 
 A grant the guest gave read-only is mapped read-only: a request that would write into one (a
 device-writable descriptor on a read-only grant) is refused and logged (used length 0, nothing
@@ -30,8 +31,9 @@ from vhost_user import GuestMemoryError
 from vhost_user.testing.blk import RamDiskBlk
 from vhost_user.testing.blk import main as blk_main
 
+from .errors import ConfigError
 from .log import RateLimit
-from .xen.kernel import kernel_from_env
+from .platform import Platform, announce, platform_from_env
 from .xen_mapper import XenRegionMapper, no_advance_flag
 
 __all__ = ["ReadOnlyRefusals", "main", "refuse_read_only_writes"]
@@ -78,15 +80,26 @@ def refuse_read_only_writes(device: RamDiskBlk, mapper: XenRegionMapper | None =
     return refusals
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, platform: Platform | None = None) -> int:
+    """``platform``: whose kernel maps the guest's memory; None = the one the environment asks for."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--xen-no-advance", default="rust-vmm", help="rust-vmm (0x8, default) or spec (0x100)")
+    pre.add_argument("-v", "--verbose", action="store_true")
     ours, rest = pre.parse_known_args(argv)
+    if ours.verbose:
+        rest.append("-v")
+    # the platform is said before the back-end starts (blk_main's own basicConfig is then a no-op)
+    logging.basicConfig(level=logging.DEBUG if ours.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         no_advance = no_advance_flag(ours.xen_no_advance)
     except ValueError as e:
         pre.error(str(e))
-    mapper = XenRegionMapper(kernel_from_env(), no_advance=no_advance)
+    try:
+        platform = platform if platform is not None else platform_from_env()
+    except ConfigError as e:
+        pre.error(str(e))
+    announce(platform, log)
+    mapper = XenRegionMapper(platform.kernel, no_advance=no_advance)
 
     def with_xen_mmap(device: RamDiskBlk) -> None:
         device.xen_mapper = mapper

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.peers.conftest import peers  # noqa: F401  (fixture)
-from tests.sim.conftest import kernel, sim_control, sim_dir, sim_host  # noqa: F401  (fixtures)
+from tests.sim.conftest import kernel, platform, sim_control, sim_dir, sim_host  # noqa: F401  (fixtures)
 
 
 @pytest.fixture

@@ -22,9 +22,9 @@ from xen_vhost_master.device import Device
 from xen_vhost_master.ioreq_server import IoreqServer
 from xen_vhost_master.log import device_logger
 from xen_vhost_master.memory import sim_memfd_export
-from xen_vhost_master.sim.guest import SimGuest
-from xen_vhost_master.sim.guest_devices import BlkOp, VirtioBlk
-from xen_vhost_master.sim.guest_driver import GuestPageAllocator
+from xen_vhost_sim.guest import SimGuest
+from xen_vhost_sim.guest_devices import BlkOp, VirtioBlk
+from xen_vhost_sim.guest_driver import GuestPageAllocator
 from xen_vhost_master.xen.evtchn import EventChannel
 from xen_vhost_master.xen.privcmd import PrivCmd
 
@@ -133,7 +133,7 @@ async def blk_request(driver, alloc, queue: int, kind: int, sector: int, data: b
 @pytest.mark.peer
 @pytest.mark.asyncio
 async def test_two_queues_and_a_driver_reset_without_backend_restart(sim_host, sim_control, kernel, peers):
-    from xen_vhost_master.sim.guest_driver import VirtioMmioDriver
+    from xen_vhost_sim.guest_driver import VirtioMmioDriver
 
     qsd = peers.qsd_raw(size=8 << 20, num_queues=2)
     domid = sim_control.create_domain(mem_bytes=64 << 20, vcpus=2)

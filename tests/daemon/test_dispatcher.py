@@ -32,10 +32,10 @@ import pytest_asyncio
 from tests.daemon.test_daemon_cli import TIMEOUT, io_check, stop
 from tests.peers.harness import Peers, QsdPeer
 from xen_vhost_master.names import systemd_escape
-from xen_vhost_master.sim.guest import SimControl, SimGuest
-from xen_vhost_master.sim.guest_devices import VirtioBlk
-from xen_vhost_master.sim.guest_driver import GuestPageAllocator
-from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_sim.guest import SimControl, SimGuest
+from xen_vhost_sim.guest_devices import VirtioBlk
+from xen_vhost_sim.guest_driver import GuestPageAllocator
+from xen_vhost_sim.simkernel import SimKernel
 from xen_vhost_master.xen.xenstore import XenstoreClient
 
 BIN = Path(sys.executable).parent
@@ -334,6 +334,7 @@ async def test_a_xen_4_17_disk_guest_is_created_once_its_instance_says_initwait(
     watch.link_backend("kappa", 51712, disk.sock)
     domid = await watch.xl("xl_create", "kappa", [{**blk(51712), "kind": "virtio_disk"}])
     await watch.served("kappa", domid)
+    await watch.log.wait_for(rf"domain {domid}: pause reference dropped \(instance READY\)")  # logged after "served"
     with watch.ctl() as ctl:
         info = ctl.domain_info(domid)
     assert ran_only_after_claimed(info, [BASE]), info["history"]
@@ -701,6 +702,9 @@ async def test_a_restarted_dispatcher_leaves_a_running_instance_alone(sim_dir: s
             domid = await first.xl("xl_create", "omicron", [blk()])
             await first.served("omicron", domid)
             pid = await first.instance_pid("omicron", domid)
+            # "served" is logged just before the pause reference is dropped: a kill in between
+            # leaves the guest paused (no dispatcher is left to drop it)
+            await first.log.wait_for(rf"domain {domid}: pause reference dropped")
             first.proc.kill()  # no clean-up of any kind
             await asyncio.get_running_loop().run_in_executor(None, first.proc.wait, TIMEOUT)
         os.kill(pid, 0)  # still running

@@ -20,12 +20,12 @@ from xen_vhost_master.fastpath import KernelFastPath
 from xen_vhost_master.ioreq_server import IoreqServer
 from xen_vhost_master.log import device_logger
 from xen_vhost_master.memory import XenMmapExport
-from xen_vhost_master.sim.guest import SimGuest
-from xen_vhost_master.sim.guest_devices import BlkOp, VirtioBlk
-from xen_vhost_master.sim.guest_driver import GuestPageAllocator
-from xen_vhost_master.sim.host import SimHost
-from xen_vhost_master.sim.memory import Arch, bank_layout
-from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_sim.guest import SimGuest
+from xen_vhost_sim.guest_devices import BlkOp, VirtioBlk
+from xen_vhost_sim.guest_driver import GuestPageAllocator
+from xen_vhost_sim.host import SimHost
+from xen_vhost_sim.memory import Arch, bank_layout
+from xen_vhost_sim.simkernel import SimKernel
 from xen_vhost_master.xen.evtchn import EventChannel
 from xen_vhost_master.xen.privcmd import PrivCmd
 from xen_vhost_master.xen_mapper import XenRegionMapper

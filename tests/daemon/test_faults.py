@@ -1,8 +1,8 @@
 """Faults injected under a running guest (issue 10), on the shadow data path with real
 qemu-storage-daemon back-ends, over the simulated Xen host:
 
-* the back-end SIGKILLed again and again under QD 8 block I/O (:mod:`xen_vhost_master.faultbench`,
-  bounded here; ``python -m xen_vhost_master.faultbench --kills 100`` for the figure);
+* the back-end SIGKILLed again and again under QD 8 block I/O (:mod:`xen_vhost_sim.tools.faultbench`,
+  bounded here; ``python -m xen_vhost_sim.tools.faultbench --kills 100`` for the figure);
 * the same with this library's back-end process on the zero-copy path, completing out of order
   on purpose, with inflight I/O tracking (INFLIGHT_SHMFD) — and, as a control, without it, where
   the restart at the used index is caught repeating or losing a request
@@ -39,16 +39,16 @@ from tests.peers import programs
 from xen_vhost_master.config import DeviceConfig
 from xen_vhost_master.device import Device
 from xen_vhost_master.errors import GuestFault
-from xen_vhost_master.faultbench import QsdProcess, kill_loop
+from xen_vhost_sim.tools.faultbench import QsdProcess, kill_loop
 from xen_vhost_master.memory import FdExport, FdRegion
 from xen_vhost_master.virtio_mmio import Reg
 from xen_vhost_master.guest_memory import ForeignGuestMemory
 from xen_vhost_master.ioreq_server import IoreqServer
 from xen_vhost_master.log import device_logger
 from xen_vhost_master.shadow import ShadowDataPath
-from xen_vhost_master.sim.guest import SimControl, SimGuest
-from xen_vhost_master.sim.guest_devices import BlkOp, VirtioBlk
-from xen_vhost_master.sim.guest_driver import DeviceStatus, GuestDriverError, GuestPageAllocator
+from xen_vhost_sim.guest import SimControl, SimGuest
+from xen_vhost_sim.guest_devices import BlkOp, VirtioBlk
+from xen_vhost_sim.guest_driver import DeviceStatus, GuestDriverError, GuestPageAllocator
 from xen_vhost_master.xen.evtchn import EventChannel
 from xen_vhost_master.xen.privcmd import PrivCmd
 from xen_vhost_master.xen.xenstore import XenstoreClient
@@ -570,7 +570,7 @@ async def test_backend_stopped_with_a_request_in_flight_guest_reset_times_out_th
     times out, the reset completes for the vCPU and a reconnect starts; disk B is served
     throughout. After SIGCONT: reconnected, and disk A works again."""
     programs.require("qemu-storage-daemon")  # QsdProcess looks it up in PATH
-    from xen_vhost_master.sim.guest_driver import GuestTimeout
+    from xen_vhost_sim.guest_driver import GuestTimeout
 
     caplog.set_level(logging.INFO)
     procs = []

@@ -28,9 +28,9 @@ from xen_vhost_master.grant_memory import GRANT_SPACE, GrantGuestMemory, GrantSh
 from xen_vhost_master.ioreq_server import IoreqServer
 from xen_vhost_master.log import device_logger
 from xen_vhost_master.shadow_pool import SHADOW_BASE
-from xen_vhost_master.sim.guest import SimGuest
-from xen_vhost_master.sim.guest_devices import SECTOR_SIZE, BlkOp, VirtioBlk
-from xen_vhost_master.sim.guest_driver import (
+from xen_vhost_sim.guest import SimGuest
+from xen_vhost_sim.guest_devices import SECTOR_SIZE, BlkOp, VirtioBlk
+from xen_vhost_sim.guest_driver import (
     DeviceStatus,
     Feature,
     FeaturesRejected,
@@ -518,7 +518,7 @@ async def test_shadow_engine_maps_a_grant_chain_in_one_ioctl_per_access_mode(no_
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # the daemon itself runs on uvloop
 async def test_cli_daemon_serves_a_grant_usage_device_from_xenstore(sim_dir, peers, tmp_path):
     from tests.daemon.test_daemon_cli import DaemonLog, stop
-    from xen_vhost_master.sim.guest import SimControl
+    from xen_vhost_sim.guest import SimControl
 
     bin_dir, domid = Path(sys.executable).parent, 7
     sim_path = os.path.join(sim_dir, "xen.sock")
@@ -576,7 +576,7 @@ async def test_cli_daemon_exports_grants_over_xen_mmap_to_a_python_backend_proce
     regions with the configured no-advance flag (0x100 here, on both sides) over its gntdev fd,
     and the back-end maps the grants itself: zero copy, no shadow."""
     from tests.daemon.test_daemon_cli import DaemonLog, stop
-    from xen_vhost_master.sim.guest import SimControl
+    from xen_vhost_sim.guest import SimControl
 
     bin_dir, domid = Path(sys.executable).parent, 7
     sim_path = os.path.join(sim_dir, "xen.sock")
@@ -639,7 +639,7 @@ async def test_cli_daemon_exports_grants_over_xen_mmap_to_a_python_backend_proce
 def test_uml_grant_ring_translates_chains_and_ends_grants():
     import struct as st
 
-    from xen_vhost_master.sim.uml_grants import GrantRing, GrantRingError, RingArea, grant_address
+    from xen_vhost_sim.uml_grants import GrantRing, GrantRingError, RingArea, grant_address
 
     ram = memoryview(bytearray(1 << 20))
     table: dict[int, tuple[int, bool]] = {}

@@ -15,9 +15,9 @@ from xen_vhost_master.device import Device
 from xen_vhost_master.ioreq_server import IoreqServer
 from xen_vhost_master.log import device_logger
 from xen_vhost_master.memory import sim_memfd_export
-from xen_vhost_master.sim.guest import SimGuest
-from xen_vhost_master.sim.guest_devices import VirtioBlk
-from xen_vhost_master.sim.guest_driver import GuestPageAllocator
+from xen_vhost_sim.guest import SimGuest
+from xen_vhost_sim.guest_devices import VirtioBlk
+from xen_vhost_sim.guest_driver import GuestPageAllocator
 from xen_vhost_master.virtio_mmio import MAGIC, Reg, Status
 from xen_vhost_master.xen.evtchn import EventChannel
 from xen_vhost_master.xen.privcmd import PrivCmd

@@ -23,8 +23,8 @@ from xen_vhost_master.instance import (
     resolve_domain,
     runtime_dir,
 )
-from xen_vhost_master.sim.guest import SimControl
-from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_sim.guest import SimControl
+from xen_vhost_sim.simkernel import SimKernel
 from xen_vhost_master.supervisor import ExitCode, Options, Supervisor
 from xen_vhost_master.xen.xenstore import XenstoreClient
 
@@ -157,7 +157,7 @@ def test_status_finds_the_instance_by_name_or_by_the_domid_in_its_state_file(tmp
 
 
 @pytest.mark.asyncio
-async def test_a_domain_gone_between_resolution_and_start_is_exit_0_and_leaves_nothing(sim_control, kernel, tmp_path):
+async def test_a_domain_gone_between_resolution_and_start_is_exit_0_and_leaves_nothing(sim_control, platform, tmp_path):
     """Resolved through xenstore, then destroyed before the IOREQ server exists: nothing to serve,
     exit 0 (the guest went away, as when it goes while served). Without xenstore nothing resolved
     it: a domain id that does not exist is exit 69."""
@@ -166,9 +166,9 @@ async def test_a_domain_gone_between_resolution_and_start_is_exit_0_and_leaves_n
     run = tmp_path / "run"
     run.mkdir()
     opts = Options(domid=domid, name="brief", state_file=str(run / "state.json"), status_socket=str(run / "status.sock"))
-    assert await Supervisor(opts, kernel=kernel).run() == ExitCode.OK
+    assert await Supervisor(opts, platform).run() == ExitCode.OK
     assert os.listdir(run) == []
     device = parse_device_arg("type=blk,base=0x2000000,irq=33,socket=/nonexistent.sock")
     opts = Options(domid=domid, xenstore=False, devices=(device,), state_file=str(run / "state.json"))
-    assert await Supervisor(opts, kernel=kernel).run() == ExitCode.UNAVAILABLE
+    assert await Supervisor(opts, platform).run() == ExitCode.UNAVAILABLE
     assert os.listdir(run) == []

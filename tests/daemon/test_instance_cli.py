@@ -34,9 +34,9 @@ from tests.daemon.test_daemon_cli import (
     start_sim,
     stop,
 )
-from xen_vhost_master.sim.guest import SimControl, SimGuest
-from xen_vhost_master.sim.guest_devices import BlkOp, VirtioBlk
-from xen_vhost_master.sim.guest_driver import DeviceStatus, GuestPageAllocator
+from xen_vhost_sim.guest import SimControl, SimGuest
+from xen_vhost_sim.guest_devices import BlkOp, VirtioBlk
+from xen_vhost_sim.guest_driver import DeviceStatus, GuestPageAllocator
 
 NAME = f"guest{DOMID}"  # what xen-vhost-sim names a domain created without a name
 DAEMON = str(BIN / "xen-vhost-master")
@@ -212,15 +212,17 @@ async def test_unknown_name_bad_config_and_odd_names_get_one_clear_line(sim_dir,
     sim, sim_path = start_sim(sim_dir)
     env = dict(os.environ, XEN_VHOST_SIM=sim_path)
     runtime = tmp_path / "run"
+    # the daemon's first line says what it runs on (xen_vhost_master/platform.py), then the error
+    said = f"INFO xen_vhost_master: platform: SIMULATED Xen host at {sim_path} (xen-vhost-sim), not /dev/xen\n"
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([DAEMON, *args], env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
 
     try:
         r = await asyncio.to_thread(run, "--domain", "nosuch", "--runtime-dir", str(runtime))
-        assert (r.returncode, r.stderr) == (69, "xen-vhost-master: no domain named 'nosuch'\n")
+        assert (r.returncode, r.stderr) == (69, said + "xen-vhost-master: no domain named 'nosuch'\n")
         r = await asyncio.to_thread(run, "--domain", "99", "--runtime-dir", str(runtime))
-        assert (r.returncode, r.stderr) == (69, "xen-vhost-master: no domain with id or name '99'\n")
+        assert (r.returncode, r.stderr) == (69, said + "xen-vhost-master: no domain with id or name '99'\n")
         r = await asyncio.to_thread(run, "--domain", "", "--runtime-dir", str(runtime))
         assert r.returncode == 78 and "--domain: empty" in r.stderr
         assert not runtime.exists()  # nothing created for a guest that is not served
@@ -237,8 +239,8 @@ async def test_unknown_name_bad_config_and_odd_names_get_one_clear_line(sim_dir,
         # --domain=NAME: a name may start with '-' (so the unit says --domain=%I)
         r = await asyncio.to_thread(run, f"--domain={odd}", "--runtime-dir", str(runtime), "--config-dir", str(conf))
         assert r.returncode == 78, r.stderr
-        assert r.stderr.startswith(f"xen-vhost-master: {conf}/\\x2dweb\\x201-\\xc3\\xa9.toml: not valid TOML: ")
-        assert r.stderr.count("\n") == 1
+        assert r.stderr.startswith(f"{said}xen-vhost-master: {conf}/\\x2dweb\\x201-\\xc3\\xa9.toml: not valid TOML: ")
+        assert r.stderr.count("\n") == 2
 
         # A unit instance typed without systemd-escape: systemd hands '-' over as '/' (%I).
         r = await asyncio.to_thread(run, "--domain=/web 1/é", "--runtime-dir", str(runtime))

@@ -22,7 +22,7 @@ CONNECT = "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a peer as another user")
 @pytest.mark.asyncio(loop_factories=["asyncio"])
-async def test_peer_of_another_user_is_refused_unless_allowed(kernel):
+async def test_peer_of_another_user_is_refused_unless_allowed(platform):
     where = tempfile.mkdtemp(prefix="xvm-cred-")  # pytest's tmp_path is not reachable by "nobody"
     os.chmod(where, 0o755)
     path = os.path.join(where, "b.sock")
@@ -31,7 +31,7 @@ async def test_peer_of_another_user_is_refused_unless_allowed(kernel):
     peers = []
     try:
         for allowed in ((), (NOBODY,)):
-            sup = Supervisor(Options(domid=1, backend_uids=allowed), kernel=kernel)
+            sup = Supervisor(Options(domid=1, backend_uids=allowed), platform)
             peers.append(subprocess.Popen([PYTHON, "-c", CONNECT, path], user=NOBODY))
             fe = await AsyncFrontend.accept(listener, accept_timeout=10)
             if allowed:
@@ -42,7 +42,7 @@ async def test_peer_of_another_user_is_refused_unless_allowed(kernel):
                     sup._check_peer(fe, path)
                 await asyncio.sleep(0)  # let the scheduled close run
         mine = AsyncFrontend(await _connect_self(path, listener))
-        Supervisor(Options(domid=1), kernel=kernel)._check_peer(mine, path)  # our own uid is fine
+        Supervisor(Options(domid=1), platform)._check_peer(mine, path)  # our own uid is fine
         await mine.close()
     finally:
         listener.close()

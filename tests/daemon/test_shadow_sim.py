@@ -27,9 +27,9 @@ from xen_vhost_master.log import device_logger
 from xen_vhost_master.shadow import ShadowDataPath
 from xen_vhost_master.shadow_pool import SHADOW_BASE
 from xen_vhost_master.virtio_mmio import IrqLevel
-from xen_vhost_master.sim.guest import SimGuest
-from xen_vhost_master.sim.guest_devices import BlkFeature, BlkOp, VirtioBlk
-from xen_vhost_master.sim.guest_driver import Feature, GuestDriverError, GuestPageAllocator
+from xen_vhost_sim.guest import SimGuest
+from xen_vhost_sim.guest_devices import BlkFeature, BlkOp, VirtioBlk
+from xen_vhost_sim.guest_driver import Feature, GuestDriverError, GuestPageAllocator
 from xen_vhost_master.xen.evtchn import EventChannel
 from xen_vhost_master.xen.privcmd import PrivCmd
 
@@ -170,7 +170,7 @@ def frame(n: int) -> bytes:
 @pytest.mark.timeout(60)
 @pytest.mark.asyncio(loop_factories=["uvloop"])  # testpmd burns a CPU: run it once
 async def test_testpmd_frames_out_and_back_through_the_shadow_path(sim_host, sim_control, kernel, peers, sim_dir):
-    from xen_vhost_master.sim.guest_devices import VirtioNet
+    from xen_vhost_sim.guest_devices import VirtioNet
 
     domid = sim_control.create_domain(mem_bytes=64 << 20)
     sock = os.path.join(sim_dir, "net.sock")
@@ -257,7 +257,7 @@ class Fuse:
 @pytest.mark.asyncio
 async def test_virtiofsd_answers_fuse_init_lookup_getattr_read_about_a_real_directory(
         sim_host, sim_control, kernel, peers, tmp_path):
-    from xen_vhost_master.sim.guest_driver import VirtioMmioDriver
+    from xen_vhost_sim.guest_driver import VirtioMmioDriver
 
     share = tmp_path / "share"
     (share / "sub").mkdir(parents=True)
@@ -391,7 +391,7 @@ async def test_hostile_chain_needs_reset_then_the_driver_recovers_on_the_same_ba
     """A descriptor loop written straight into the guest's ring: the daemon stops the queue, the
     device shows DEVICE_NEEDS_RESET, nothing reaches the back-end; after the driver's reset and
     re-probe, I/O works again on the same back-end connection."""
-    from xen_vhost_master.sim.guest_driver import DeviceStatus, MmioReg
+    from xen_vhost_sim.guest_driver import DeviceStatus, MmioReg
 
     qsd = peers.qsd_raw(size=8 << 20)
     domid = sim_control.create_domain(mem_bytes=64 << 20)
@@ -436,7 +436,7 @@ async def test_two_queues_and_driver_resets_through_the_shadow_path(sim_host, si
     """virtio-blk with two queues on qemu-storage-daemon: I/O on both, then a driver reset (the
     shadow queues are closed, bounce buffers freed) and the same again, on one back-end connection."""
     from tests.daemon.test_device_sim_qsd import blk_request
-    from xen_vhost_master.sim.guest_driver import VirtioMmioDriver
+    from xen_vhost_sim.guest_driver import VirtioMmioDriver
 
     qsd = peers.qsd_raw(size=8 << 20, num_queues=2)
     domid = sim_control.create_domain(mem_bytes=64 << 20, vcpus=2)

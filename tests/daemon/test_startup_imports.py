@@ -26,7 +26,7 @@ print(json.dumps(sorted(set(sys.modules) - before)))
 """
 
 NEVER_IN_THE_DAEMON = (
-    "hypothesis", "pytest", "xen_vhost_master.sim", "vhost_user.aio.server", "vhost_user.aio.device",
+    "hypothesis", "pytest", "xen_vhost_sim", "vhost_user.aio.server", "vhost_user.aio.device",
     "vhost_user.testing", "vhost_user.trace", "vhost_user.backend",
 )
 ONLY_WHEN_USED = ("xen_vhost_master.shadow", "xen_vhost_master.grant_memory", "xen_vhost_master.xen.gntdev",

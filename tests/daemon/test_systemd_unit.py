@@ -37,9 +37,9 @@ from tests.daemon.test_daemon_cli import DOMID, TIMEOUT, io_check, stop
 from tests.peers import programs
 from xen_vhost_master.config import instance_name
 from xen_vhost_master.names import path_name
-from xen_vhost_master.sim.guest import SimControl, SimGuest
-from xen_vhost_master.sim.guest_devices import VirtioBlk
-from xen_vhost_master.sim.guest_driver import GuestPageAllocator
+from xen_vhost_sim.guest import SimControl, SimGuest
+from xen_vhost_sim.guest_devices import VirtioBlk
+from xen_vhost_sim.guest_driver import GuestPageAllocator
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT_FILE = REPO / "systemd" / "xen-vhost-master@.service"

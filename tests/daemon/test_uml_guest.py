@@ -24,9 +24,9 @@ import pytest
 
 from tests.peers.harness import Peers, UmlRun
 from vhost_user.aio.transport import UnixListener
-from xen_vhost_master.sim.guest import SimControl
-from xen_vhost_master.sim.host import SimHost
-from xen_vhost_master.sim.uml_bridge import UmlBridge, no_aslr
+from xen_vhost_sim.guest import SimControl
+from xen_vhost_sim.host import SimHost
+from xen_vhost_sim.uml_bridge import UmlBridge, no_aslr
 
 pytestmark = [pytest.mark.peer, pytest.mark.timeout(60)]
 

@@ -32,12 +32,12 @@ from vhost_user.testing import RamDiskBlk
 
 from tests.conftest import open_fds
 from xen_vhost_master.config import DeviceConfig, MemoryMode
+from xen_vhost_master.platform import Platform
 from xen_vhost_master.sd_notify import Notifier
-from xen_vhost_master.sim.guest import SimControl, SimGuest
-from xen_vhost_master.sim.guest_devices import VirtioBlk
-from xen_vhost_master.sim.guest_driver import GuestDriverError, GuestPageAllocator
+from xen_vhost_sim.guest import SimControl, SimGuest
+from xen_vhost_sim.guest_devices import VirtioBlk
+from xen_vhost_sim.guest_driver import GuestDriverError, GuestPageAllocator
 from xen_vhost_master.supervisor import Options, Supervisor
-from xen_vhost_master.xen.kernel import ENV_SIM_SOCKET
 from xen_vhost_master.xen.xenstore import XenstoreClient
 
 DOMID = 7
@@ -148,9 +148,9 @@ class Backend:
 class Daemon:
     """The supervisor in this event loop; ``stop()`` is what SIGTERM does."""
 
-    def __init__(self, kernel: Any, options: Options) -> None:
+    def __init__(self, platform: Platform, options: Options) -> None:
         self.notes = Notes()
-        self.sup = Supervisor(options, kernel=kernel, notifier=self.notes)
+        self.sup = Supervisor(options, platform, notifier=self.notes)
         self.task: asyncio.Task[int] | None = None
 
     async def start(self) -> dict[str, Any]:
@@ -168,19 +168,14 @@ class Daemon:
 
 
 @contextlib.asynccontextmanager
-async def running(kernel: Any, options: Options) -> AsyncIterator[Daemon]:
-    daemon = Daemon(kernel, options)
+async def running(platform: Platform, options: Options) -> AsyncIterator[Daemon]:
+    daemon = Daemon(platform, options)
     await daemon.start()
     try:
         yield daemon
     finally:
         if not daemon.task.done():  # type: ignore[union-attr]
             assert await daemon.stop() == 0
-
-
-@pytest.fixture
-def sim_env(sim_host: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(ENV_SIM_SOCKET, sim_host.path)  # the daemon's xenstore and guest layout: the simulator's
 
 
 def guest_domain(ctl: SimControl, devices: int = 1) -> None:
@@ -227,12 +222,12 @@ async def wait_value(xs: XenstoreClient, path: str, value: str) -> None:
 
 @pytest.mark.asyncio
 async def test_ready_and_initwait_come_without_the_backend_which_is_served_once_it_appears(
-        no_fd_leak, sim_env, sim_host, sim_control, kernel, sim_dir, logwatch):
+        no_fd_leak, platform, sim_host, sim_control, kernel, sim_dir, logwatch):
     guest_domain(sim_control)
     sock = os.path.join(sim_dir, "0.sock")
     backend = Backend(sock)
     with logwatch() as log:
-        async with xenstore(kernel) as xs, running(kernel, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"))) as daemon:
+        async with xenstore(kernel) as xs, running(platform, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"))) as daemon:
             ready = daemon.notes.messages[0]
             assert ready["READY"] == 1 and ready["STATUS"] == f"dom{DOMID}: 0 device(s) serving, 1 waiting"
             assert await xs.read_str(f"{BE}/0/state") == "2"  # InitWait: `xl create` goes on
@@ -262,11 +257,11 @@ async def test_ready_and_initwait_come_without_the_backend_which_is_served_once_
 
 @pytest.mark.asyncio
 async def test_guest_access_while_waiting_holds_the_vcpu_until_the_backend_appears(
-        no_fd_leak, sim_env, sim_host, sim_control, kernel, sim_dir, logwatch):
+        no_fd_leak, platform, sim_host, sim_control, kernel, sim_dir, logwatch):
     guest_domain(sim_control)
     backend = Backend(os.path.join(sim_dir, "0.sock"))
     with logwatch() as log:
-        async with running(kernel, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"))) as daemon, guest_of(sim_host) as guest:
+        async with running(platform, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"))) as daemon, guest_of(sim_host) as guest:
             device_id = asyncio.ensure_future(guest.mmio_read(BASES[0] + DEVICE_ID, 4, vcpu=1))
             await log.wait_for(lambda line: line.endswith(
                 "guest vCPU 1 touched device 0 before its back-end was ready: holding it"))
@@ -286,11 +281,11 @@ async def test_guest_access_while_waiting_holds_the_vcpu_until_the_backend_appea
 
 @pytest.mark.asyncio
 async def test_present_backend_serves_io_while_the_other_device_waits_and_teardown_answers_its_vcpu(
-        no_fd_leak, sim_env, sim_host, sim_control, kernel, sim_dir):
+        no_fd_leak, platform, sim_host, sim_control, kernel, sim_dir):
     guest_domain(sim_control, devices=2)
     backend = Backend(os.path.join(sim_dir, "0.sock"))
     await backend.start()
-    daemon = Daemon(kernel, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock")))
+    daemon = Daemon(platform, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock")))
     async with guest_of(sim_host) as guest:
         await daemon.start()
         try:
@@ -314,10 +309,10 @@ async def test_present_backend_serves_io_while_the_other_device_waits_and_teardo
 
 @pytest.mark.asyncio
 async def test_waiting_device_hot_removed_cancels_its_retries_answers_its_vcpu_and_unmaps_the_window(
-        no_fd_leak, sim_env, sim_host, sim_control, kernel, sim_dir, logwatch):
+        no_fd_leak, platform, sim_host, sim_control, kernel, sim_dir, logwatch):
     guest_domain(sim_control)
     with logwatch() as log:
-        async with running(kernel, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"))) as daemon, guest_of(sim_host) as guest:
+        async with running(platform, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"))) as daemon, guest_of(sim_host) as guest:
             held = asyncio.ensure_future(guest.mmio_read(BASES[0] + DEVICE_ID, 4, vcpu=1))
             await log.wait_for(lambda line: "holding it" in line)
             await log.wait_for(lambda line: "back-end still not there after 2 tries" in line)
@@ -341,14 +336,14 @@ async def test_waiting_device_hot_removed_cancels_its_retries_answers_its_vcpu_a
 
 @pytest.mark.asyncio
 async def test_waiting_server_mode_device_torn_down_leaves_no_socket_file(
-        no_fd_leak, sim_env, sim_host, sim_control, kernel, sim_dir, logwatch):
+        no_fd_leak, platform, sim_host, sim_control, kernel, sim_dir, logwatch):
     """Server mode: we listen and the back-end connects. Waiting means listening; a teardown
     answers the held vCPU and removes the socket file."""
     sim_control.create_domain(DOMID, mem_bytes=64 << 20, vcpus=2, name="late")
     sock = os.path.join(sim_dir, "listen.sock")
     cfg = DeviceConfig(devid=0, device_id=2, base=BASES[0], irq=IRQS[0], socket=sock, listen=True)
     with logwatch() as log:
-        daemon = Daemon(kernel, Options(domid=DOMID, devices=(cfg,), xenstore=False))
+        daemon = Daemon(platform, Options(domid=DOMID, devices=(cfg,), xenstore=False))
         async with guest_of(sim_host) as guest:
             await daemon.start()
             try:
@@ -368,13 +363,13 @@ async def test_waiting_server_mode_device_torn_down_leaves_no_socket_file(
 
 @pytest.mark.asyncio
 async def test_server_mode_backend_connecting_late_is_served(
-        no_fd_leak, sim_env, sim_host, sim_control, kernel, sim_dir, logwatch):
+        no_fd_leak, platform, sim_host, sim_control, kernel, sim_dir, logwatch):
     sim_control.create_domain(DOMID, mem_bytes=64 << 20, vcpus=2, name="late")
     sock = os.path.join(sim_dir, "listen.sock")
     cfg = DeviceConfig(devid=0, device_id=2, base=BASES[0], irq=IRQS[0], socket=sock, listen=True)
     disk = RamDiskBlk(8 << 20)
     with logwatch() as log:
-        async with running(kernel, Options(domid=DOMID, devices=(cfg,), xenstore=False)) as daemon, \
+        async with running(platform, Options(domid=DOMID, devices=(cfg,), xenstore=False)) as daemon, \
                 guest_of(sim_host) as guest:
             held = asyncio.ensure_future(guest.mmio_read(BASES[0] + DEVICE_ID, 4))
             await log.wait_for(lambda line: "holding it" in line)
@@ -395,7 +390,7 @@ async def test_server_mode_backend_connecting_late_is_served(
 
 @pytest.mark.asyncio
 async def test_backend_refused_for_good_is_failed_closed_kept_in_status_and_reads_as_no_device(
-        no_fd_leak, sim_env, sim_host, sim_control, kernel, sim_dir):
+        no_fd_leak, platform, sim_host, sim_control, kernel, sim_dir):
     """memory=xen-mmap with a back-end that lacks XEN_MMAP: the back-end answers but cannot serve
     the guest. The device is failed (not retried), its XenBus state Closed, it stays in status
     (a later xenstore event does not take it for a removal; libxl's detach does remove it), and
@@ -404,7 +399,7 @@ async def test_backend_refused_for_good_is_failed_closed_kept_in_status_and_read
     backend = Backend(os.path.join(sim_dir, "0.sock"))
     await backend.start()
     async with xenstore(kernel) as xs, running(
-            kernel, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"), memory=MemoryMode.XEN_MMAP)) as daemon:
+            platform, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"), memory=MemoryMode.XEN_MMAP)) as daemon:
         await daemon.notes.status_says(f"dom{DOMID}: 0 device(s) serving, 0 waiting, 1 failed")
         await wait_value(xs, f"{BE}/0/state", "6")  # Closed
         d = daemon.device(0)
@@ -426,7 +421,7 @@ async def test_backend_refused_for_good_is_failed_closed_kept_in_status_and_read
 
 @pytest.mark.asyncio
 async def test_backend_that_drops_the_connection_during_negotiation_is_retried_until_one_answers(
-        no_fd_leak, sim_env, sim_host, sim_control, kernel, sim_dir, logwatch):
+        no_fd_leak, platform, sim_host, sim_control, kernel, sim_dir, logwatch):
     guest_domain(sim_control)
     sock = os.path.join(sim_dir, "0.sock")
     listener = UnixListener(sock)
@@ -439,7 +434,7 @@ async def test_backend_that_drops_the_connection_during_negotiation_is_retried_u
     backend = Backend(sock)
     try:
         with logwatch() as log:
-            async with running(kernel, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"))) as daemon:
+            async with running(platform, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"))) as daemon:
                 line = await log.wait_for(lambda line: "device 0: waiting for back-end at" in line)
                 assert "negotiation failed" in line
                 await log.wait_for(lambda line: "back-end still not there after 3 tries" in line)
@@ -533,7 +528,7 @@ async def test_daemon_restarted_while_its_backend_is_gone_keeps_the_saved_state_
 
 @pytest.mark.asyncio
 async def test_backend_lost_beyond_the_reconnect_window_sets_needs_reset(
-        no_fd_leak, sim_env, sim_host, sim_control, kernel, sim_dir, logwatch, monkeypatch):
+        no_fd_leak, platform, sim_host, sim_control, kernel, sim_dir, logwatch, monkeypatch):
     """Waiting is for a back-end that has not come yet: one that served and then went away for
     longer than the reconnect window still ends in DEVICE_NEEDS_RESET (the window is shortened)."""
     from xen_vhost_master import device as device_module
@@ -543,7 +538,7 @@ async def test_backend_lost_beyond_the_reconnect_window_sets_needs_reset(
     backend = Backend(os.path.join(sim_dir, "0.sock"))
     await backend.start()
     with logwatch() as log:
-        async with running(kernel, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"))) as daemon, guest_of(sim_host) as guest:
+        async with running(platform, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"))) as daemon, guest_of(sim_host) as guest:
             await daemon.notes.status_says(f"dom{DOMID}: 1 device(s) serving, 0 waiting")
             blk = await asyncio.wait_for(VirtioBlk.attach(guest, BASES[0], IRQS[0], GuestPageAllocator(guest.ram)),
                                          TIMEOUT)

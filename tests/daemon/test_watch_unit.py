@@ -38,7 +38,7 @@ from tests.daemon.test_dispatcher import (
 from tests.daemon.test_systemd_unit import SystemdNamespace, _can_boot_systemd
 from tests.peers.harness import Peers
 from xen_vhost_master.names import systemd_escape
-from xen_vhost_master.sim.guest import SimControl
+from xen_vhost_sim.guest import SimControl
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "web-1 b"

@@ -18,10 +18,10 @@ from xen_vhost_master.device import Device, DeviceError
 from xen_vhost_master.ioreq_server import IoreqServer
 from xen_vhost_master.log import device_logger
 from xen_vhost_master.memory import XenMmapExport
-from xen_vhost_master.sim.guest import SimGuest
-from xen_vhost_master.sim.guest_devices import BlkOp, VirtioBlk
-from xen_vhost_master.sim.guest_driver import GuestPageAllocator
-from xen_vhost_master.sim.memory import bank_layout, Arch
+from xen_vhost_sim.guest import SimGuest
+from xen_vhost_sim.guest_devices import BlkOp, VirtioBlk
+from xen_vhost_sim.guest_driver import GuestPageAllocator
+from xen_vhost_sim.memory import bank_layout, Arch
 from xen_vhost_master.xen.evtchn import EventChannel
 from xen_vhost_master.xen.privcmd import PrivCmd
 from xen_vhost_master.xen_mapper import XenRegionMapper
@@ -115,7 +115,7 @@ from xen_vhost_master.grant_memory import (  # noqa: E402
     grant_layout,
     ring_parts,
 )
-from xen_vhost_master.sim.guest_driver import DeviceStatus, Feature, grant_dma_address  # noqa: E402
+from xen_vhost_sim.guest_driver import DeviceStatus, Feature, grant_dma_address  # noqa: E402
 from xen_vhost_master.virtio_mmio import QueueConfig  # noqa: E402
 from xen_vhost_master.xen.gntdev import GrantDev  # noqa: E402
 from xen_vhost_master.xen_blk_backend import refuse_read_only_writes  # noqa: E402

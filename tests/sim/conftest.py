@@ -1,4 +1,5 @@
-"""Fixtures for the simulated Xen host: a host on its own thread, a SimKernel attached to it."""
+"""Fixtures for the simulated Xen host: a host on its own thread, a SimKernel attached to it, and
+the daemon's Platform for it."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from xen_vhost_master.sim.guest import SimControl
-from xen_vhost_master.sim.host import SimHost
-from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_sim.guest import SimControl
+from xen_vhost_master.platform import Platform
+from xen_vhost_sim.host import SimHost
+from xen_vhost_sim.platform import sim_platform
+from xen_vhost_sim.simkernel import SimKernel
 
 
 @pytest.fixture
@@ -37,3 +40,8 @@ def sim_control(sim_host: SimHost) -> Iterator[SimControl]:
 @pytest.fixture
 def kernel(sim_host: SimHost) -> SimKernel:
     return SimKernel(sim_host.path)
+
+
+@pytest.fixture
+def platform(sim_host: SimHost) -> Platform:
+    return sim_platform(sim_host.path)

@@ -3,7 +3,8 @@
     python dm_client.py first <domid> <base>    create an IOREQ server, take one request, then hang
     python dm_client.py again <domid> <value>   re-attach to the existing server, answer what is pending
 
-It uses only the real adapters over ``kernel_from_env()`` (XEN_VHOST_SIM) and reports on stdout.
+It uses only the real adapters over the kernel of ``platform_from_env()`` (XEN_VHOST_SIM) and reports on
+stdout.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import signal
 import sys
 
 from xen_vhost_master.errors import XenError
+from xen_vhost_master.platform import platform_from_env
 from xen_vhost_master.xen.dmop import DeviceModel
 from xen_vhost_master.xen.evtchn import EventChannel
 from xen_vhost_master.xen.ioreq import IoreqPage
-from xen_vhost_master.xen.kernel import kernel_from_env
 from xen_vhost_master.xen.privcmd import PrivCmd
 
 TIMEOUT = 10.0
@@ -39,7 +40,7 @@ def say(line: str) -> None:
 
 def main() -> int:
     phase, domid = sys.argv[1], int(sys.argv[2])
-    kernel = kernel_from_env()
+    kernel = platform_from_env().kernel
     pc, ev = PrivCmd(kernel), EventChannel(kernel)
     dm = DeviceModel(pc, domid)
     nr = dm.nr_vcpus()

@@ -10,8 +10,8 @@ import errno
 import pytest
 
 from xen_vhost_master.errors import XenError
-from xen_vhost_master.sim.guest import SimControl
-from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_sim.guest import SimControl
+from xen_vhost_sim.simkernel import SimKernel
 from xen_vhost_master.xen.abi import (
     DmOp,
     PrivcmdIoctl,
@@ -174,7 +174,7 @@ def test_xen_error_is_an_oserror_with_op() -> None:
 
 @pytest.mark.asyncio
 async def test_absurd_requests_on_the_control_node(sim_control: SimControl) -> None:
-    from xen_vhost_master.sim.guest import SimGuest
+    from xen_vhost_sim.guest import SimGuest
 
     for kw, code in [
         (dict(mem_bytes=1 << 62), None),  # memfd/mmap refuse: some errno, no crash

@@ -11,9 +11,9 @@ import os
 
 import pytest
 
-from xen_vhost_master.sim.guest import SimControl, SimGuest, SimHostError
-from xen_vhost_master.sim.host import SimHost
-from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_sim.guest import SimControl, SimGuest, SimHostError
+from xen_vhost_sim.host import SimHost
+from xen_vhost_sim.simkernel import SimKernel
 from xen_vhost_master.xen.privcmd import PrivCmd
 
 SIZE = 8 << 20
@@ -101,7 +101,7 @@ def test_guest_memory_closes_while_a_view_is_still_held(no_fd_leak: None) -> Non
     """A guest driver whose close() never ran still holds ring views: closing the guest's RAM must not
     raise a second error (BufferError from mmap.close) over the test's own failure, and must still
     give back the memfd; the view stays valid until it is released."""
-    from xen_vhost_master.sim.memory import GuestMemory
+    from xen_vhost_sim.memory import GuestMemory
 
     mem = GuestMemory([(0, 0x4000)])
     view = mem.view(0x1000, 16)

@@ -22,9 +22,9 @@ import pytest
 import pytest_asyncio
 
 from xen_vhost_master.errors import XenError
-from xen_vhost_master.sim.guest import SimControl, SimGuest
-from xen_vhost_master.sim.host import SimHost
-from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_sim.guest import SimControl, SimGuest
+from xen_vhost_sim.host import SimHost
+from xen_vhost_sim.simkernel import SimKernel
 from xen_vhost_master.xen.abi import (
     PRIVCMD_IOEVENTFD_FLAG_DEASSIGN,
     PRIVCMD_IRQFD_FLAG_DEASSIGN,
@@ -349,7 +349,7 @@ def sim_process(sim_dir: str) -> Iterator[str]:
     path = os.path.join(sim_dir, "xen.sock")
     r, w = os.pipe()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "xen_vhost_master.sim.cli", "--socket", path, "--privcmd-eventfd", "on",
+        [sys.executable, "-m", "xen_vhost_sim.cli", "--socket", path, "--privcmd-eventfd", "on",
          "--domain", "domid=3,mem=32M,vcpus=1", "--ready-fd", str(w)],
         pass_fds=(w,),
     )

@@ -7,9 +7,9 @@ import errno
 import pytest
 
 from xen_vhost_master.errors import XenError
-from xen_vhost_master.sim.guest import SimControl
-from xen_vhost_master.sim.host import SimHost
-from xen_vhost_master.sim.simkernel import SimKernel, gfn_runs
+from xen_vhost_sim.guest import SimControl
+from xen_vhost_sim.host import SimHost
+from xen_vhost_sim.simkernel import SimKernel, gfn_runs
 from xen_vhost_master.xen.privcmd import PrivCmd
 
 GIB = 1 << 30
@@ -22,7 +22,7 @@ HOLE_SIZE = 64 * 4096
 async def test_map_1gib_with_hole_reports_hole_per_page_and_reads_back_guest_writes(
     sim_host: SimHost, sim_control: SimControl, kernel: SimKernel
 ) -> None:
-    from xen_vhost_master.sim.guest import SimGuest
+    from xen_vhost_sim.guest import SimGuest
 
     domid = sim_control.create_domain(mem_bytes=GIB, holes=[(HOLE_GPA, HOLE_SIZE)])
     guest = await SimGuest.connect(sim_host.path, domid)

@@ -8,9 +8,9 @@ import errno
 import pytest
 
 from xen_vhost_master.errors import XenError
-from xen_vhost_master.sim.guest import SimControl, SimGuest
-from xen_vhost_master.sim.host import SimHost
-from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_sim.guest import SimControl, SimGuest
+from xen_vhost_sim.host import SimHost
+from xen_vhost_sim.simkernel import SimKernel
 from xen_vhost_master.xen.abi import GntdevUnmapNotify
 from xen_vhost_master.xen.evtchn import EventChannel
 from xen_vhost_master.xen.gntdev import GrantDev

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from vhost_user.virtqueue import Chain, SplitQueueDevice, read_buffers, write_buffers
-from xen_vhost_master.sim.guest_devices import (
+from xen_vhost_sim.guest_devices import (
     NET_HDR_SIZE,
     SECTOR_SIZE,
     BlkFeature,
@@ -27,7 +27,7 @@ from xen_vhost_master.sim.guest_devices import (
     VirtioNet,
     attach_device,
 )
-from xen_vhost_master.sim.guest_driver import (
+from xen_vhost_sim.guest_driver import (
     DeviceNeedsReset,
     DeviceStatus,
     Feature,

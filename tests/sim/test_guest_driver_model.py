@@ -16,8 +16,8 @@ from test_guest_driver import BASE, IRQ, Disk, FakeBus, blk_config
 
 from vhost_user.virtqueue import SplitQueueDevice
 from xen_vhost_master import virtio_mmio as vm
-from xen_vhost_master.sim.guest_devices import SECTOR_SIZE, BlkFeature, BlkOp, VirtioBlk
-from xen_vhost_master.sim.guest_driver import DeviceNeedsReset, Feature, FeaturesRejected, GuestPageAllocator
+from xen_vhost_sim.guest_devices import SECTOR_SIZE, BlkFeature, BlkOp, VirtioBlk
+from xen_vhost_sim.guest_driver import DeviceNeedsReset, Feature, FeaturesRejected, GuestPageAllocator
 
 
 class ModelAdapter:

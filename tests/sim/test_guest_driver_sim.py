@@ -13,11 +13,11 @@ from test_guest_driver import Disk, blk_config
 
 from vhost_user.virtqueue import SplitQueueDevice
 from xen_vhost_master import virtio_mmio as vm
-from xen_vhost_master.sim.guest import SimControl, SimGuest
-from xen_vhost_master.sim.guest_devices import SECTOR_SIZE, BlkFeature, BlkOp, VirtioBlk
-from xen_vhost_master.sim.guest_driver import Feature, GuestPageAllocator
-from xen_vhost_master.sim.host import SimHost
-from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_sim.guest import SimControl, SimGuest
+from xen_vhost_sim.guest_devices import SECTOR_SIZE, BlkFeature, BlkOp, VirtioBlk
+from xen_vhost_sim.guest_driver import Feature, GuestPageAllocator
+from xen_vhost_sim.host import SimHost
+from xen_vhost_sim.simkernel import SimKernel
 from xen_vhost_master.xen.dmop import DeviceModel
 from xen_vhost_master.xen.evtchn import EventChannel
 from xen_vhost_master.xen.ioreq import IoreqPage

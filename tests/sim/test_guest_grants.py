@@ -20,17 +20,17 @@ from test_guest_driver_sim import MiniDeviceModel
 from vhost_user.virtqueue import Chain, SplitQueueDevice
 from xen_vhost_master import virtio_mmio as vm
 from xen_vhost_master.errors import XenError
-from xen_vhost_master.sim.guest import SimControl, SimGuest
-from xen_vhost_master.sim.guest_devices import SECTOR_SIZE, BlkFeature, BlkIoError, NetFeature, VirtioBlk, VirtioNet
-from xen_vhost_master.sim.guest_driver import (
+from xen_vhost_sim.guest import SimControl, SimGuest
+from xen_vhost_sim.guest_devices import SECTOR_SIZE, BlkFeature, BlkIoError, NetFeature, VirtioBlk, VirtioNet
+from xen_vhost_sim.guest_driver import (
     XEN_GRANT_DMA_ADDR_OFF,
     Feature,
     FeaturesRejected,
     GuestPageAllocator,
     grant_dma_address,
 )
-from xen_vhost_master.sim.host import SimHost
-from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_sim.host import SimHost
+from xen_vhost_sim.simkernel import SimKernel
 from xen_vhost_master.xen.dmop import DeviceModel
 from xen_vhost_master.xen.evtchn import EventChannel
 from xen_vhost_master.xen.gntdev import GrantDev, GrantMapping

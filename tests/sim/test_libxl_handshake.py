@@ -27,10 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from xen_vhost_master.sim.guest import SimControl, SimGuest
-from xen_vhost_master.sim.guest_devices import VirtioBlk
-from xen_vhost_master.sim.guest_driver import GuestPageAllocator
-from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_master.platform import Platform
+from xen_vhost_sim.guest import SimControl, SimGuest
+from xen_vhost_sim.guest_devices import VirtioBlk
+from xen_vhost_sim.guest_driver import GuestPageAllocator
+from xen_vhost_sim.simkernel import SimKernel
 from xen_vhost_master.xen.xenstore import XenstoreClient
 
 DOMID = 7
@@ -196,7 +197,7 @@ async def test_abrupt_destroy_leaves_no_backend_directory(lab: Lab, kernel: SimK
 
 
 @pytest.mark.asyncio
-async def test_half_removed_directory_is_not_a_device(sim_control: SimControl, kernel: SimKernel) -> None:
+async def test_half_removed_directory_is_not_a_device(sim_control: SimControl, kernel: SimKernel, platform: Platform) -> None:
     """Real xenstored answers each read on its own: the daemon's reads of a device's keys can
     straddle libxl's rm and see base/irq but no state (it then served a removed device again and
     wrote its state back, seen in tests/xenlab). A directory without ``state`` is not a device."""
@@ -204,7 +205,7 @@ async def test_half_removed_directory_is_not_a_device(sim_control: SimControl, k
 
     domid = sim_control.create_domain(mem_bytes=16 << 20)
     be = sim_control.add_virtio_device(domid, device_id=2, base=0x2000000, irq=33, devid=DEVID, kind="virtio_disk")
-    sup = Supervisor(Options(domid=domid), kernel=kernel)
+    sup = Supervisor(Options(domid=domid), platform)
     sup.xs = await XenstoreClient.open(socket_paths=(), opener=kernel.open)
     try:
         whole = await sup._read_device("virtio_disk", str(DEVID))

@@ -1,4 +1,4 @@
-"""Domain pause/shutdown/destroy, x86 layout, evtchn RESET, kernel_from_env, and a privcmd fd that
+"""Domain pause/shutdown/destroy, x86 layout, evtchn RESET, platform_from_env, and a privcmd fd that
 keeps working in another process (what a XEN_MMAP back-end receives)."""
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import sys
 import pytest
 
 from xen_vhost_master.errors import XenError
-from xen_vhost_master.sim.guest import SimControl, SimGuest
-from xen_vhost_master.sim.host import SimHost
-from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_master.platform import host_arch, platform_from_env
+from xen_vhost_sim.guest import SimControl, SimGuest
+from xen_vhost_sim.host import SimHost
+from xen_vhost_sim.simkernel import SimKernel
 from xen_vhost_master.xen.dmop import DeviceModel
 from xen_vhost_master.xen.evtchn import EventChannel
-from xen_vhost_master.xen.kernel import RealKernel, kernel_from_env
+from xen_vhost_master.xen.kernel import RealKernel
 from xen_vhost_master.xen.privcmd import PrivCmd
 
 TIMEOUT = 5.0
@@ -94,16 +95,21 @@ async def test_evtchn_reset_forgets_delivered_events(
         guest.close()
 
 
-def test_kernel_from_env_picks_sim_or_real(sim_host: SimHost) -> None:
-    k = kernel_from_env({"XEN_VHOST_SIM": sim_host.path})
-    assert isinstance(k, SimKernel) and k.path == sim_host.path
-    assert isinstance(kernel_from_env({}), RealKernel)
+def test_platform_from_env_picks_sim_or_real(sim_host: SimHost) -> None:
+    sim = platform_from_env({"XEN_VHOST_SIM": sim_host.path})
+    assert isinstance(sim.kernel, SimKernel) and sim.kernel.path == sim_host.path
+    assert sim.guest_arch == "arm64" and sim.xenstore_sockets == () and sim.sim_ram_memfd is not None
+    assert "SIMULATED" in sim.name and sim_host.path in sim.name
+    real = platform_from_env({})
+    assert isinstance(real.kernel, RealKernel) and real.xenstore_sockets is None and real.sim_ram_memfd is None
+    assert real.guest_arch == host_arch()
 
 
 CHILD = r"""
 import sys
 from xen_vhost_master.errors import XenError
-from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_master.platform import host_arch, platform_from_env
+from xen_vhost_sim.simkernel import SimKernel
 from xen_vhost_master.xen.privcmd import PrivCmd
 fd, domid, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 pc = PrivCmd(SimKernel(path), fd=fd)

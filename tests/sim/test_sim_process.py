@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from xen_vhost_master.sim.guest import SimControl, SimGuest
+from xen_vhost_sim.guest import SimControl, SimGuest
 
 TIMEOUT = 10.0
 DOMID = 5
@@ -27,7 +27,7 @@ CLIENT = str(Path(__file__).with_name("dm_client.py"))
 def sim_process(sim_dir: str) -> Iterator[str]:
     path = os.path.join(sim_dir, "xen.sock")
     exe = shutil.which("xen-vhost-sim", path=os.path.dirname(sys.executable))
-    cmd = [exe] if exe else [sys.executable, "-m", "xen_vhost_master.sim.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "xen_vhost_sim.cli"]
     r, w = os.pipe()
     proc = subprocess.Popen(
         [*cmd, "--socket", path, "--domain", f"domid={DOMID},mem=64M,vcpus=2,name=sim-guest",
@@ -93,7 +93,7 @@ async def test_pending_mmio_survives_sigkill_of_the_device_model(sim_process: st
 
 @pytest.mark.asyncio
 async def test_process_serves_xenstore_on_its_socket_and_xenbus(sim_process: str) -> None:
-    from xen_vhost_master.sim.simkernel import SimKernel
+    from xen_vhost_sim.simkernel import SimKernel
     from xen_vhost_master.xen.xenstore import XenstoreClient
 
     sock = os.path.join(os.path.dirname(sim_process), "xenstored.sock")

@@ -7,9 +7,9 @@ import argparse
 
 import pytest
 
-from xen_vhost_master.sim.cli import parse_domain_spec, parse_size, parse_virtio_spec
-from xen_vhost_master.sim.guest import SimControl
-from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_sim.cli import parse_domain_spec, parse_size, parse_virtio_spec
+from xen_vhost_sim.guest import SimControl
+from xen_vhost_sim.simkernel import SimKernel
 from xen_vhost_master.xen.xenstore import XenstoreClient
 
 WAIT = 5.0

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from vhost_user.aio.transport import FdSocket
-from xen_vhost_master.sim.guest import SimControl, SimHostError
-from xen_vhost_master.sim.host import SimHost
-from xen_vhost_master.sim.uml_bridge import (
+from xen_vhost_sim.guest import SimControl, SimHostError
+from xen_vhost_sim.host import SimHost
+from xen_vhost_sim.uml_bridge import (
     BRIDGE_MASKED_FEATURES,
     UmlBridge,
     UmlBridgeError,

@@ -14,15 +14,15 @@ import pytest
 import pytest_asyncio
 import uvloop
 
-from xen_vhost_master.sim.xenstore_libxl import (
+from xen_vhost_sim.xenstore_libxl import (
     VirtioDeviceSpec,
     add_virtio_device,
     create_domain,
     destroy_domain,
     remove_virtio_device,
 )
-from xen_vhost_master.sim.xenstore_tree import NodeAccess
-from xen_vhost_master.sim.xenstored import SimXenstored, XenstoreQuota
+from xen_vhost_sim.xenstore_tree import NodeAccess
+from xen_vhost_sim.xenstored import SimXenstored, XenstoreQuota
 from xen_vhost_master.xen.xenstore import (
     XenstoreClient,
     XenstoreConflict,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xen_vhost_master.sim.xenstore_tree import Store, XenstoreQuota
+from xen_vhost_sim.xenstore_tree import Store, XenstoreQuota
 from xen_vhost_master.xen.xenstore_wire import (
     XENSTORE_PAYLOAD_MAX,
     XSD_ERRORS,

@@ -8,8 +8,8 @@ import os
 import pytest
 import uvloop
 
-from xen_vhost_master.sim.guest import SimControl
-from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_sim.guest import SimControl
+from xen_vhost_sim.simkernel import SimKernel
 from xen_vhost_master.xen.xenstore import XenstoreClient, XenstoreDisconnected, XsTransaction
 
 WAIT = 5.0

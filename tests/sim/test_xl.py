@@ -10,9 +10,9 @@ import errno
 
 import pytest
 
-from xen_vhost_master.sim.guest import SimControl
-from xen_vhost_master.sim.host import SimHost
-from xen_vhost_master.sim.simkernel import SimKernel
+from xen_vhost_sim.guest import SimControl
+from xen_vhost_sim.host import SimHost
+from xen_vhost_sim.simkernel import SimKernel
 from xen_vhost_master.xen.xenstore import XenstoreClient
 
 TIMEOUT = 10.0

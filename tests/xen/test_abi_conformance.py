@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 from tests.peers import programs
-from xen_vhost_master.sim import memory as sim_memory
+from xen_vhost_sim import memory as sim_memory
 from xen_vhost_master.xen import abi
 
 HEADERS = """

@@ -23,10 +23,9 @@ done
 for whl in "$A"/wheels/*.whl; do python3 -m zipfile -e "$whl" "$SITE"; done
 # the dom0's python compiles (its magic number, whatever python the host runs); paths as dom0 sees them
 "$H/dom0-python.sh" "$R" -m compileall -q -j0 --invalidation-mode unchecked-hash -s "$R" -p / "$SITE" >/dev/null
-for prog in "xen-vhost-master:xen_vhost_master.cli" "xen-vhost-sim:xen_vhost_master.sim.cli"; do
-  printf '#!/usr/bin/python3\nimport sys\nfrom %s import main\nsys.exit(main())\n' "${prog#*:}" > "$R/usr/local/bin/${prog%%:*}"
-  chmod +x "$R/usr/local/bin/${prog%%:*}"
-done
+# the daemon alone: a dom0 runs no simulator (sim/xen_vhost_sim is not copied)
+printf '#!/usr/bin/python3\nimport sys\nfrom xen_vhost_master.cli import main\nsys.exit(main())\n' > "$R/usr/local/bin/xen-vhost-master"
+chmod +x "$R/usr/local/bin/xen-vhost-master"
 cp "$A"/modules/*.ko "$R/lib/modules/xenlab/"
 # the domU: Debian's kernel again, busybox initramfs with the test script
 D=$W/domu

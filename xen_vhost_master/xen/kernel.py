@@ -4,13 +4,12 @@ The adapters (privcmd, evtchn, gntdev, dm_op, ioreq) take a :class:`Kernel` and 
 implementation they have:
 
 * :class:`RealKernel` uses os / libc ``ioctl`` / libc ``mmap`` on a real dom0;
-* ``xen_vhost_master.sim.simkernel.SimKernel`` plays the Linux drivers' part against the simulated
-  Xen host: it receives the same ioctl numbers and the same payload bytes (ctypes structs whose user
-  pointers it dereferences with copy_from_user/copy_to_user semantics).
+* a simulated host's kernel plays the Linux drivers' part: it receives the same ioctl numbers and
+  the same payload bytes (ctypes structs whose user pointers it dereferences with
+  copy_from_user/copy_to_user semantics).
 
-:func:`kernel_from_env` picks one: if ``XEN_VHOST_SIM`` names a Unix socket of a running
-``xen-vhost-sim`` (or an in-process ``SimHost``), it returns a SimKernel attached to it, otherwise a
-RealKernel.
+Which one a daemon gets is its entry point's choice (``xen_vhost_master/platform.py``), not this
+module's.
 
 Errors are :class:`OSError` with the errno the driver answered, exactly as ``fcntl.ioctl`` raises;
 the adapters turn them into :class:`~xen_vhost_master.errors.XenError` with the operation's name.
@@ -24,7 +23,6 @@ import os
 from typing import Protocol
 
 __all__ = [
-    "ENV_SIM_SOCKET",
     "IoctlArg",
     "Kernel",
     "Mapping",
@@ -32,7 +30,6 @@ __all__ = [
     "address_of",
     "copy_from_user",
     "copy_to_user",
-    "kernel_from_env",
     "libc_mmap",
     "libc_munmap",
     "PROT_READ",
@@ -41,8 +38,6 @@ __all__ = [
     "MAP_SHARED",
     "MAP_FIXED",
 ]
-
-ENV_SIM_SOCKET = "XEN_VHOST_SIM"
 
 PROT_NONE = _mmap.PROT_NONE if hasattr(_mmap, "PROT_NONE") else 0
 PROT_READ = _mmap.PROT_READ
@@ -220,13 +215,3 @@ class RealKernel:
     def write(self, fd: int, data: bytes) -> int:
         return os.write(fd, data)
 
-
-def kernel_from_env(environ: dict[str, str] | None = None) -> Kernel:
-    """SimKernel attached to ``$XEN_VHOST_SIM`` (a simulated host's socket) if set, else RealKernel."""
-    env = os.environ if environ is None else environ
-    path = env.get(ENV_SIM_SOCKET)
-    if path:
-        from xen_vhost_master.sim.simkernel import SimKernel
-
-        return SimKernel(path)
-    return RealKernel()

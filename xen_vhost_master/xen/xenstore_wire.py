@@ -3,7 +3,7 @@
 Bytes in, typed events out; no I/O, no clock, no logging (STYLE.md rule 1). Request ids are
 allocated and matched here, and every field of every reply is validated, so a hostile xenstored
 gets a typed error, never a crash. Used by the asyncio client (``xen.xenstore``) and, for framing
-and encoding, by the simulated xenstored (``sim.xenstored``).
+and encoding, by the simulated xenstored (``xen_vhost_sim.xenstored``).
 
 Wire facts: ``xen/include/public/io/xs_wire.h`` and ``io/xenbus.h`` (see ../shared/reference/abi.md §7).
 """

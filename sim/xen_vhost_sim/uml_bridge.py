@@ -66,9 +66,9 @@ from vhost_user.aio.server import BackendServer
 from vhost_user.aio.transport import FdSocket, UnixListener
 from vhost_user.events import RequestReceived
 from vhost_user.wire.enums import FrontendRequest, ProtocolFeatures
-from xen_vhost_master.sim.guest import SimControl, SimGuest, SimHostError
-from xen_vhost_master.sim.guest_driver import MMIO_MAGIC, DeviceStatus, Interrupt, MmioReg
-from xen_vhost_master.sim.uml_grants import GRANT_CACHE_RUNS, GrantRing, GrantRingError, GrantStats, RingArea
+from xen_vhost_sim.guest import SimControl, SimGuest, SimHostError
+from xen_vhost_sim.guest_driver import MMIO_MAGIC, DeviceStatus, Interrupt, MmioReg
+from xen_vhost_sim.uml_grants import GRANT_CACHE_RUNS, GrantRing, GrantRingError, GrantStats, RingArea
 
 __all__ = [
     "BRIDGE_MASKED_FEATURES",

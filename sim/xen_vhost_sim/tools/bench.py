@@ -1,11 +1,11 @@
-"""``python -m xen_vhost_master.bench``: the benchmark suite (not a test), side by side, repeated.
+"""``python -m xen_vhost_sim.tools.bench``: the benchmark suite (not a test), side by side, repeated.
 
 Every figure is paired with its reference measured in the same run:
 
 * **fio in a real Linux guest** (User-Mode Linux, fio from the host over hostfs, libaio):
   4k randread QD1, 4k randread QD32, 128k sequential read (QD4), on a qemu-storage-daemon null-co
   disk, **direct** (UML's virtio_uml straight to qsd: Linux's own vhost-user front-end, no daemon)
-  vs **relayed** (UML → :class:`~xen_vhost_master.sim.uml_bridge.UmlBridge` → simulated Xen →
+  vs **relayed** (UML → :class:`~xen_vhost_sim.uml_bridge.UmlBridge` → simulated Xen →
   ``xen-vhost-master`` (its own process) → qsd), in three variants: ``relayed`` (userspace relay,
   zero copy through the simulator's sim-memfd exposure), ``relayed_fastpath`` (the simulated dom0
   kernel has privcmd IOEVENTFD/IRQFD: kicks and interrupts bypass the daemon) and
@@ -52,13 +52,13 @@ from typing import Any
 
 __all__ = ["main"]
 
-log = logging.getLogger("xen_vhost_master.bench")
+log = logging.getLogger("xen_vhost_sim.tools.bench")
 
 BASE, IRQ = 0x0200_0000, 33
 JOBS = {"randread_4k_qd1": "randread:4k:1", "randread_4k_qd32": "randread:4k:32", "read_128k_qd4": "read:128k:4"}
 STEP = 60.0  # bound on any single wait
 BIN = Path(sys.executable).parent
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]  # sim/xen_vhost_sim/tools/bench.py
 
 
 def _harness() -> Any:
@@ -162,7 +162,7 @@ def uml_fio_env(fio_time: int) -> dict[str, str]:
 
 
 async def fio_direct(peers: Any, fio_time: int) -> dict[str, list[float]]:
-    from xen_vhost_master.sim.uml_bridge import no_aslr
+    from xen_vhost_sim.uml_bridge import no_aslr
 
     qsd = peers.qsd_null(size=1 << 30, num_queues=1)
     with no_aslr():  # UML's memory = mem=, without a random exec-shield gap (same for both paths)
@@ -187,7 +187,7 @@ async def fio_relayed(peers: Any, work: Path, sim_path: str, fio_time: int, resu
                       profile: Path | None = None, memory: str = "sim-memfd", *, grants: bool = False,
                       backend: str = "qsd") -> dict[str, list[float]]:
     from vhost_user.aio.transport import UnixListener
-    from xen_vhost_master.sim.uml_bridge import UmlBridge, no_aslr
+    from xen_vhost_sim.uml_bridge import UmlBridge, no_aslr
 
     if backend == "python":
         qsd_proc, qsd_sock = python_backend(peers, sim_path)
@@ -278,12 +278,12 @@ def eventfd_pingpong(n: int) -> list[float]:
 
 
 async def relay_micro(peers: Any, work: Path, sim_path: str, n: int) -> dict[str, Any]:
-    from xen_vhost_master.sim.guest import SimControl, SimGuest
-    from xen_vhost_master.sim.guest_driver import DeviceStatus as S
-    from xen_vhost_master.sim.guest_driver import MmioReg as R
+    from xen_vhost_sim.guest import SimControl, SimGuest
+    from xen_vhost_sim.guest_driver import DeviceStatus as S
+    from xen_vhost_sim.guest_driver import MmioReg as R
 
     sock = peers.sock_path("echo.sock")
-    echo = peers.start("echo-backend", [sys.executable, "-m", "xen_vhost_master.bench", "--echo-backend", str(sock)])
+    echo = peers.start("echo-backend", [sys.executable, "-m", "xen_vhost_sim.tools.bench", "--echo-backend", str(sock)])
     echo.wait_listening(sock)
     with SimControl(sim_path) as ctl:
         domid = ctl.create_domain(mem_bytes=64 << 20)
@@ -339,10 +339,10 @@ async def relay_micro(peers: Any, work: Path, sim_path: str, n: int) -> dict[str
 
 # ---------------------------------------------------------------------------------------------- mapping
 def mapping_times(reps: int) -> dict[str, list[float]]:
-    from xen_vhost_master.sim.bench_map import build_gfns
-    from xen_vhost_master.sim.host import SimHost
-    from xen_vhost_master.sim.memory import Arch, bank_layout
-    from xen_vhost_master.sim.simkernel import SimKernel
+    from xen_vhost_sim.tools.bench_map import build_gfns
+    from xen_vhost_sim.host import SimHost
+    from xen_vhost_sim.memory import Arch, bank_layout
+    from xen_vhost_sim.simkernel import SimKernel
     from xen_vhost_master.xen.privcmd import PrivCmd
 
     out: dict[str, list[float]] = {}
@@ -515,7 +515,7 @@ def report(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m xen_vhost_master.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m xen_vhost_sim.tools.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=3, help="fio boots per path (direct and relayed alternate)")
     p.add_argument("--fio-time", type=int, default=4, help="seconds per fio job")
     p.add_argument("--pingpong", type=int, default=2000, help="relay microbenchmark round trips")

@@ -17,13 +17,13 @@ import logging
 import os
 import signal
 
-from xen_vhost_master.sim.host import serve
-from xen_vhost_master.sim.hypervisor import HvError, Hypervisor
-from xen_vhost_master.sim.server import SimServer
+from xen_vhost_sim.host import serve
+from xen_vhost_sim.hypervisor import HvError, Hypervisor
+from xen_vhost_sim.server import SimServer
 
 __all__ = ["main", "parse_domain_spec", "parse_size", "parse_virtio_spec"]
 
-log = logging.getLogger("xen_vhost_master.sim")
+log = logging.getLogger("xen_vhost_sim")
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 

@@ -1,6 +1,6 @@
 """Benchmark (not a test): cost of building and issuing IOCTL_PRIVCMD_MMAPBATCH_V2 for a whole guest.
 
-    python -m xen_vhost_master.sim.bench_map [--gib 4] [--repeat 3] [--arch arm64]
+    python -m xen_vhost_sim.tools.bench_map [--gib 4] [--repeat 3] [--arch arm64]
 
 Starts a simulated host in a thread, creates a guest of ``--gib`` GiB (1 Mi pages for 4 GiB; on
 Arm64 that is 3 GiB in RAM0 + 1 GiB in RAM1) and times, per repetition:
@@ -24,8 +24,8 @@ import sys
 import tempfile
 import time
 
-from xen_vhost_master.sim.host import SimHost
-from xen_vhost_master.sim.memory import Arch, bank_layout
+from xen_vhost_sim.host import SimHost
+from xen_vhost_sim.memory import Arch, bank_layout
 from xen_vhost_master.xen.abi import XEN_PAGE_SHIFT
 from xen_vhost_master.xen.kernel import Kernel, RealKernel
 from xen_vhost_master.xen.privcmd import PrivCmd
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.domid is not None and not os.environ.get("XEN_VHOST_SIM"):
         _run(RealKernel(), args.domid, banks, args.repeat, args.touch)
         return 0
-    from xen_vhost_master.sim.simkernel import SimKernel
+    from xen_vhost_sim.simkernel import SimKernel
 
     with tempfile.TemporaryDirectory(prefix="xsim-bench-") as d, SimHost(os.path.join(d, "xen.sock")) as host:
         with host.control() as ctl:

@@ -25,7 +25,7 @@ import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from xen_vhost_master.sim.xenstore_tree import (
+from xen_vhost_sim.xenstore_tree import (
     Change,
     NodeAccess,
     Store,
@@ -34,7 +34,7 @@ from xen_vhost_master.sim.xenstore_tree import (
     domain_path,
     watch_event_path,
 )
-from xen_vhost_master.sim.xenstore_tree import access_for as _access_for
+from xen_vhost_sim.xenstore_tree import access_for as _access_for
 from xen_vhost_master.xen.xenstore_wire import (
     XENSTORE_PAYLOAD_MAX,
     XSD_ERRORS,

@@ -1,6 +1,6 @@
 """Benchmark (not a test): shadow virtqueues vs zero copy, same run, same machine.
 
-    python -m xen_vhost_master.bench_shadow [--seconds 2] [--rounds 3] [--uvloop] [--pool-mib 32]
+    python -m xen_vhost_sim.tools.bench_shadow [--seconds 2] [--rounds 3] [--uvloop] [--pool-mib 32]
 
 Starts a simulated Xen host (thread) and a qemu-storage-daemon null-co export, then for each data
 path builds the daemon's pieces for one guest (IOREQ server, device model, vhost-user front-end)
@@ -37,20 +37,20 @@ from typing import Any
 
 from vhost_user import AsyncFrontend
 
-from .config import DeviceConfig
-from .device import Device
-from .guest_memory import ForeignGuestMemory
-from .ioreq_server import IoreqServer
-from .log import device_logger
-from .memory import sim_memfd_export
-from .shadow import ShadowDataPath
-from .sim.guest import SimControl, SimGuest
-from .sim.guest_devices import BlkOp, VirtioBlk
-from .sim.guest_driver import Feature, GuestPageAllocator
-from .sim.host import SimHost
-from .sim.simkernel import SimKernel
-from .xen.evtchn import EventChannel
-from .xen.privcmd import PrivCmd
+from xen_vhost_master.config import DeviceConfig
+from xen_vhost_master.device import Device
+from xen_vhost_master.guest_memory import ForeignGuestMemory
+from xen_vhost_master.ioreq_server import IoreqServer
+from xen_vhost_master.log import device_logger
+from xen_vhost_master.memory import sim_memfd_export
+from xen_vhost_master.shadow import ShadowDataPath
+from xen_vhost_sim.guest import SimControl, SimGuest
+from xen_vhost_sim.guest_devices import BlkOp, VirtioBlk
+from xen_vhost_sim.guest_driver import Feature, GuestPageAllocator
+from xen_vhost_sim.host import SimHost
+from xen_vhost_sim.simkernel import SimKernel
+from xen_vhost_master.xen.evtchn import EventChannel
+from xen_vhost_master.xen.privcmd import PrivCmd
 
 __all__ = ["Result", "main"]
 

@@ -1,7 +1,7 @@
 """Clients of the simulated host's sim-only ``control`` node.
 
 * :class:`SimControl` (blocking): create/destroy/pause/shutdown domains, inspect them.
-* :class:`SimGuest`: one domain seen from inside, implementing :class:`~xen_vhost_master.sim.guest_api.GuestBus`
+* :class:`SimGuest`: one domain seen from inside, implementing :class:`~xen_vhost_sim.guest_api.GuestBus`
   (vCPU MMIO accesses that block until the device model answers, RAM, interrupt lines, grants), plus
   the guest's side of event channels (``evtchn_alloc_unbound`` / ``evtchn_notify`` / ``evtchn_wait``).
   It works the same whether the host runs in a thread of this process or as ``xen-vhost-sim``.
@@ -19,8 +19,8 @@ import os
 import socket
 from typing import Any, Self
 
-from xen_vhost_master.sim import rpc
-from xen_vhost_master.sim.memory import GuestMemory
+from xen_vhost_sim import rpc
+from xen_vhost_sim.memory import GuestMemory
 
 __all__ = ["SimControl", "SimGuest", "SimGuestRam", "SimHostError"]
 

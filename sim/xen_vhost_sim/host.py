@@ -1,6 +1,6 @@
 """Running a simulated Xen host: in a thread of this process (unit tests) or as the main loop of
 the ``xen-vhost-sim`` process. Either way the daemon reaches it only through its Unix socket
-(``XEN_VHOST_SIM=<path>`` + :func:`xen_vhost_master.xen.kernel.kernel_from_env`).
+(``XEN_VHOST_SIM=<path>``, which makes the daemon's entry points take :func:`.platform.sim_platform`).
 
 The simulated toolstack (``sim.toolstack``: xenstored + libxl's xenstore layout) runs inside the
 host; ``/dev/xen/xenbus`` opens are wired to it as dom0 connections.
@@ -14,9 +14,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from xen_vhost_master.sim.guest import SimControl
-from xen_vhost_master.sim.hypervisor import Hypervisor
-from xen_vhost_master.sim.server import SimServer
+from xen_vhost_sim.guest import SimControl
+from xen_vhost_sim.hypervisor import Hypervisor
+from xen_vhost_sim.server import SimServer
 
 __all__ = ["SimHost", "serve"]
 
@@ -28,7 +28,7 @@ STARTUP_TIMEOUT = 10.0
 def _toolstack() -> Any:
     """The xenstore-backed toolstack, if the simulated xenstored is importable."""
     try:
-        from xen_vhost_master.sim.toolstack import XenstoreToolstack
+        from xen_vhost_sim.toolstack import XenstoreToolstack
     except ImportError as exc:
         log.info("no simulated xenstored (%s): /dev/xen/xenbus opens fail with ENOENT", exc)
         return None

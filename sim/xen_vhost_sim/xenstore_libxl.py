@@ -11,8 +11,8 @@ import asyncio
 import errno
 from dataclasses import dataclass
 
-from xen_vhost_master.sim.xenstore_tree import NodeAccess, domain_path
-from xen_vhost_master.sim.xenstored import SimXenstored
+from xen_vhost_sim.xenstore_tree import NodeAccess, domain_path
+from xen_vhost_sim.xenstored import SimXenstored
 from xen_vhost_master.xen.xenstore_wire import (
     XenbusState,
     XenstoreError,

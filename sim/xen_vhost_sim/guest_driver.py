@@ -22,7 +22,7 @@ It follows the sequence of Linux's ``drivers/virtio/virtio_mmio.c`` + ``virtio.c
   request only (device-readable ones read-only, device-writable ones read-write), revoked once the
   device has returned the chain. A buffer spanning pages gets consecutive references (one address).
 
-It touches the machine only through :class:`~xen_vhost_master.sim.guest_api.GuestBus` and
+It touches the machine only through :class:`~xen_vhost_sim.guest_api.GuestBus` and
 ``GuestRam``; the rings are ``vhost_user.virtqueue.SplitQueueDriver``. Device helpers (virtio-blk,
 virtio-net) live in ``sim.guest_devices``.
 """
@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 from vhost_user.aio import cancel_and_wait
 from vhost_user.virtqueue import RingError, SplitQueueDriver, split_ring_layout
-from xen_vhost_master.sim.guest_api import GuestBus, GuestRam
+from xen_vhost_sim.guest_api import GuestBus, GuestRam
 
 __all__ = [
     "MMIO_MAGIC",

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from xen_vhost_master.sim.memory import Arch, GuestMemory, bank_layout
+from xen_vhost_sim.memory import Arch, GuestMemory, bank_layout
 from xen_vhost_master.xen.abi import (
     DOMID_FIRST_RESERVED,
     IOREQ_SLOT_SIZE,

@@ -13,9 +13,9 @@ import asyncio
 import logging
 from typing import Any
 
-from xen_vhost_master.sim import xenstore_libxl
-from xen_vhost_master.sim.hypervisor import Domain
-from xen_vhost_master.sim.xenstored import SimXenstored
+from xen_vhost_sim import xenstore_libxl
+from xen_vhost_sim.hypervisor import Domain
+from xen_vhost_sim.xenstored import SimXenstored
 
 __all__ = ["XenstoreToolstack", "virtio_spec"]
 
@@ -47,7 +47,7 @@ def virtio_spec(o: dict[str, Any]) -> xenstore_libxl.VirtioDeviceSpec:
 
 
 class XenstoreToolstack:
-    """A :class:`~xen_vhost_master.sim.server.Toolstack` over a :class:`SimXenstored`."""
+    """A :class:`~xen_vhost_sim.server.Toolstack` over a :class:`SimXenstored`."""
 
     def __init__(self, xenstored: SimXenstored | None = None) -> None:
         self.xenstored = xenstored if xenstored is not None else SimXenstored()

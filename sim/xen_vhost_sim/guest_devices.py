@@ -14,8 +14,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from xen_vhost_master.sim.guest_api import GuestBus
-from xen_vhost_master.sim.guest_driver import (
+from xen_vhost_sim.guest_api import GuestBus
+from xen_vhost_sim.guest_driver import (
     PAGE_SIZE,
     Feature,
     GuestDriverError,

@@ -27,9 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .sim.guest import SimGuest
-from .sim.guest_devices import BlkOp, VirtioBlk
-from .sim.guest_driver import GuestPageAllocator
+from xen_vhost_sim.guest import SimGuest
+from xen_vhost_sim.guest_devices import BlkOp, VirtioBlk
+from xen_vhost_sim.guest_driver import GuestPageAllocator
 
 __all__ = ["main"]
 

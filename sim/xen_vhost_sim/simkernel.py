@@ -31,7 +31,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from xen_vhost_master.sim import rpc
+from xen_vhost_sim import rpc
 from xen_vhost_master.xen.abi import (
     XEN_PAGE_SHIFT,
     XEN_PAGE_SIZE,

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from xen_vhost_master.sim.hypervisor import HvError, Hypervisor, IoreqServer
+from xen_vhost_sim.hypervisor import HvError, Hypervisor, IoreqServer
 from xen_vhost_master.xen.abi import IoreqDir, IoreqState, IoreqType
 
 __all__ = ["EventfdMode", "FastPath", "VIRTIO_MMIO_QUEUE_NOTIFY", "eventfd_identity"]

@@ -1,7 +1,7 @@
 """Fault injection (not a test): the back-end SIGKILLed again and again under guest block I/O.
 
-    python -m xen_vhost_master.faultbench [--kills 100] [--depth 8] [--uvloop] [--seed 1]
-    python -m xen_vhost_master.faultbench --backend python [--kills 100] [--control-kills 20]
+    python -m xen_vhost_sim.tools.faultbench [--kills 100] [--depth 8] [--uvloop] [--seed 1]
+    python -m xen_vhost_sim.tools.faultbench --backend python [--kills 100] [--control-kills 20]
 
 ``--backend python`` (second half below) runs this library's own back-end instead, on the
 zero-copy data path with inflight I/O tracking.
@@ -57,24 +57,24 @@ from typing import Any, TextIO
 
 from vhost_user import AsyncFrontend
 
-from .config import DeviceConfig
-from .device import Device
-from .guest_memory import ForeignGuestMemory
-from .ioreq_server import IoreqServer
-from .log import device_logger
-from .memory import foreign_reader, sim_memfd_export
-from .shadow import ShadowDataPath
-from .sim.guest import SimControl, SimGuest
-from .sim.guest_devices import BlkOp, VirtioBlk
-from .sim.guest_driver import Feature, GuestDriverError, GuestPageAllocator
-from .sim.host import SimHost
-from .sim.simkernel import SimKernel
-from .xen.evtchn import EventChannel
-from .xen.privcmd import PrivCmd
+from xen_vhost_master.config import DeviceConfig
+from xen_vhost_master.device import Device
+from xen_vhost_master.guest_memory import ForeignGuestMemory
+from xen_vhost_master.ioreq_server import IoreqServer
+from xen_vhost_master.log import device_logger
+from xen_vhost_master.memory import foreign_reader, sim_memfd_export
+from xen_vhost_master.shadow import ShadowDataPath
+from xen_vhost_sim.guest import SimControl, SimGuest
+from xen_vhost_sim.guest_devices import BlkOp, VirtioBlk
+from xen_vhost_sim.guest_driver import Feature, GuestDriverError, GuestPageAllocator
+from xen_vhost_sim.host import SimHost
+from xen_vhost_sim.simkernel import SimKernel
+from xen_vhost_master.xen.evtchn import EventChannel
+from xen_vhost_master.xen.privcmd import PrivCmd
 
 __all__ = ["BackendProcess", "KillFigures", "PythonBlkProcess", "QsdProcess", "kill_loop", "main"]
 
-log = logging.getLogger("xen_vhost_master.faultbench")
+log = logging.getLogger("xen_vhost_sim.tools.faultbench")
 
 BASE, IRQ = 0x0200_0000, 33
 BLOCK = 4096

@@ -24,9 +24,9 @@ import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from xen_vhost_master.sim import rpc
-from xen_vhost_master.sim.fastpath import EventfdMode, FastPath
-from xen_vhost_master.sim.hypervisor import Domain, HvError, Hypervisor, Port
+from xen_vhost_sim import rpc
+from xen_vhost_sim.fastpath import EventfdMode, FastPath
+from xen_vhost_sim.hypervisor import Domain, HvError, Hypervisor, Port
 from xen_vhost_master.xen.abi import (
     DOMID_FIRST_RESERVED,
     XEN_PAGE_SHIFT,
