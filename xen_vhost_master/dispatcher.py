@@ -75,7 +75,7 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
@@ -493,6 +493,16 @@ class _PauseRefs:
         self.bound = bound
         self.unknown = False  # every domctl interface version was refused
         self.held: dict[int, asyncio.TimerHandle] = {}
+        # called with (domid, held) once a reference is taken or dropped: the dispatcher keeps a
+        # record in xenstore, so that its successor drops what a killed dispatcher left
+        self.record: Callable[[int, bool], object] = lambda domid, held: None
+
+    def adopt(self, domid: int, name: str) -> None:
+        """A reference a previous dispatcher took and did not drop (it was killed): ours now,
+        dropped like one we took (READY, failure, the bound)."""
+        if domid not in self.held:
+            self.held[domid] = asyncio.get_running_loop().call_later(self.bound, self._expired, domid, name)
+            log.warning("%s: domain %d: taking over the pause reference a previous dispatcher left", name, domid)
 
     def take(self, domid: int, name: str) -> bool:
         if domid in self.held:
@@ -516,6 +526,7 @@ class _PauseRefs:
                 log.warning("%s: cannot pause domain %d: %s", name, domid, e)
             return False
         self.held[domid] = asyncio.get_running_loop().call_later(self.bound, self._expired, domid, name)
+        self.record(domid, True)
         log.info("%s: holding a pause reference on domain %d until its instance is READY", name, domid)
         return True
 
@@ -535,9 +546,11 @@ class _PauseRefs:
         except XenError as e:
             if e.errno == errno.ESRCH:
                 log.info("domain %d is gone: no pause reference to drop", domid)
+                self.record(domid, False)
             else:
                 log.warning("cannot unpause domain %d: %s", domid, e)
             return
+        self.record(domid, False)
         log.info("domain %d: pause reference dropped (%s)", domid, why)
 
     def drop_all(self, why: str) -> None:
@@ -577,6 +590,8 @@ class Dispatcher:
         try:
             self._open_domctl()
             self.xs = await self.platform.open_xenstore()
+            await self._recover_pauses()
+            self.pauses.record = lambda domid, held: self._spawn(self._record_pause(domid, held))
             root = f"/local/domain/{self.opt.backend_domid}/backend"
             watches = [(await self.xs.watch(f"{root}/{kind}", token=f"backend-{kind}"), kind) for kind in KINDS]
             watches += [(await self.xs.watch(w, token=w), w) for w in ("@introduceDomain", "@releaseDomain")]
@@ -610,6 +625,37 @@ class Dispatcher:
         log.info("%s: stopping", signal.Signals(sig).name)
         self._stop.set()
 
+    @property
+    def _pause_record(self) -> str:
+        """Where the pause references we hold are recorded (``<dir>/<domid>``): xenstore lives as
+        long as the host does, whatever happens to this process."""
+        return f"/local/domain/{self.opt.backend_domid}/xen-vhost-master-watch/paused"
+
+    async def _record_pause(self, domid: int, held: bool) -> None:
+        assert self.xs is not None
+        path = f"{self._pause_record}/{domid}"
+        try:
+            if held:
+                await self.xs.write(path, "")
+            else:
+                with contextlib.suppress(XenstoreNotFound):
+                    await self.xs.rm(path)
+        except XenstoreError as e:
+            log.warning("xenstore %s: %s", path, e)
+
+    async def _recover_pauses(self) -> None:
+        """Pause references a killed dispatcher left: adopted for domains that still exist (their
+        guest is evaluated as usual and the reference dropped once it is served), forgotten for
+        the others."""
+        assert self.xs is not None
+        for entry in await self._directory(self._pause_record):
+            if entry.isdigit() and await self.domain_exists(int(entry)):
+                name = await self._read(f"/local/domain/{entry}/name") or "?"
+                self.pauses.adopt(int(entry), name)
+            else:
+                with contextlib.suppress(XenstoreError):
+                    await self.xs.rm(f"{self._pause_record}/{entry}")
+
     def _open_domctl(self) -> None:
         try:
             self.privcmd = PrivCmd(self.kernel)
@@ -627,6 +673,8 @@ class Dispatcher:
             await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
         await self.launcher.stop_all()
         self.pauses.drop_all("dispatcher stopping")
+        if self._tasks:  # the records of those drops
+            await asyncio.wait(list(self._tasks), timeout=STOP_TIMEOUT)
         if self.xs is not None:
             await self.xs.close()
         if self.pauses.domctl is not None:
@@ -851,7 +899,7 @@ class Dispatcher:
             if guest.state is _State.STARTING:
                 guest.state, guest.failed_devices = _State.FAILED, devices
             # When the dispatcher stops, pauses are dropped after the instances are stopped.
-            if held and not self._stopping:
+            if (held or domid in self.pauses.held) and not self._stopping:
                 self.pauses.drop(domid, "instance READY" if outcome is Outcome.READY else outcome.value)
         if guest.state is _State.SERVED:
             return

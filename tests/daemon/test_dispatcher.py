@@ -685,6 +685,60 @@ async def test_spawn_mode_restarts_an_instance_that_dies_after_ready(watch: Watc
 
 @pytest.mark.peer
 @pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_a_pause_reference_left_by_a_killed_dispatcher_is_dropped_by_the_next(sim_dir: str, peers: Peers) -> None:
+    """The dispatcher is SIGKILLed while it holds a new guest paused (its instance is held at the
+    test's gate): the reference it took is recorded in xenstore, so the next dispatcher takes it
+    over, serves the guest with an instance of its own and drops it at READY: the guest is not
+    left paused for good, and the record is gone."""
+    sim, sim_path = start_sim(sim_dir)
+    root = Path(sim_dir) / "run"
+    root.mkdir()
+    hook = Path(sim_dir) / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(GATE_HOOK)
+    gate = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    gate.bind(str(hook / "gate"))
+    gate.listen(8)
+    gate.setblocking(False)
+    gated = dict(os.environ, XVM_TEST_GATE=str(hook / "gate"),
+                 PYTHONPATH=os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    disk = peers.qsd_raw(size=8 << 20)
+    held = None
+    try:
+        async with run_watch(sim_path, root, ["--spawn"], gated, gate) as first:
+            first.link_backend("pi", 0, disk.sock)
+            domid = await first.xl("xl_create", "pi", [blk()])
+            held = await first.at_gate()
+            await first.log.wait_for(rf"pi: holding a pause reference on domain {domid} ")
+            with first.ctl() as ctl:
+                assert ctl.domain_info(domid)["pause_count"] == 1  # ours: libxl's is gone
+            first.proc.kill()  # no clean-up of any kind
+            await asyncio.get_running_loop().run_in_executor(None, first.proc.wait, TIMEOUT)
+        async with run_watch(sim_path, root, ["--spawn"], dict(os.environ)) as second:
+            await second.log.wait_for(rf"pi: domain {domid}: taking over the pause reference a previous dispatcher left")
+            await second.served("pi", domid)
+            await second.log.wait_for(rf"domain {domid}: pause reference dropped \(instance READY\)")
+            with second.ctl() as ctl:
+                assert ctl.domain_info(domid)["pause_count"] == 0
+            xs = await XenstoreClient.open(socket_paths=(), timeout=TIMEOUT, opener=SimKernel(sim_path).open)
+            try:
+                assert await xs.directory("/local/domain/0/xen-vhost-master-watch/paused") == []
+            finally:
+                await xs.close()
+            guest, dev = await attach(sim_path, domid)
+            try:
+                await io_check(dev, image_of(disk), 9)
+            finally:
+                guest.close()
+    finally:
+        if held is not None:
+            held.close()  # the first dispatcher's instance goes on: the guest's lock is taken, it exits 73
+        gate.close()
+        stop(sim)
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio(loop_factories=["asyncio"])
 async def test_a_restarted_dispatcher_leaves_a_running_instance_alone(sim_dir: str, peers: Peers) -> None:
     """A dispatcher killed outright leaves its instance running (it holds the guest's lock); the
     next dispatcher finds the guest at its first scan, sees the lock held, and neither pauses the
