@@ -416,7 +416,7 @@ class Device:
         as no device)."""
         if not self._held_logged:
             self._held_logged = True
-            self.log.warning("guest vCPU %s touched device %d before its back-end was ready: holding it",
+            self.log.info("guest vCPU %s touched device %d before its back-end was ready: holding it",
                              "?" if vcpu is None else vcpu, self.config.devid)
         await self._gate.wait()
         if self.model is None or self._closing:

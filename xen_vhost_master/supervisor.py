@@ -109,12 +109,13 @@ class _Served:
 
     @property
     def backend(self) -> str:
-        """waiting | failed | connected | lost, as ``status`` shows it."""
+        """connecting | waiting | failed | connected | lost, as ``status`` shows it: connecting
+        until the first try at its back-end failed, waiting from then on until it answers."""
         d = self.device
         if d.refused is not None:
             return "failed"
         if not d.ready:
-            return "waiting"
+            return "waiting" if self.waiting_since else "connecting"
         return "lost" if d.frontend is None or d.frontend.broken else "connected"
 
 
@@ -869,12 +870,15 @@ class Supervisor:
                 "ioreqs": {"served": ioreq.served, "spurious": ioreq.spurious, "refused": ioreq.refused} if ioreq else {}}
 
     def _status_line(self) -> str:
-        """``STATUS=``: e.g. "dom5: 1 device(s) serving, 1 waiting"."""
+        """``STATUS=``: e.g. "dom5: 1 device(s) serving, 1 waiting" (", N connecting" and
+        ", N failed" when there are)."""
         states = [s.backend for s in self.devices.values()]
         serving = sum(state in ("connected", "lost") for state in states)
         line = f"dom{self.domid}: {serving} device(s) serving, {states.count('waiting')} waiting"
-        failed = states.count("failed")
-        return f"{line}, {failed} failed" if failed else line
+        for state in ("connecting", "failed"):
+            if n := states.count(state):
+                line += f", {n} {state}"
+        return line
 
     async def _start_status_socket(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):

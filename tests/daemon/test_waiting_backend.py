@@ -217,6 +217,22 @@ async def wait_value(xs: XenstoreClient, path: str, value: str) -> None:
                     return
 
 
+@pytest.mark.asyncio
+async def test_a_backend_that_is_there_but_has_not_answered_yet_is_connecting_not_waiting(
+        platform, sim_host, sim_control, sim_dir):
+    """The usual start: the back-end's socket is there and takes the connection, but has not
+    answered yet (here: it never accepts, so negotiation is pending). ``status`` and ``STATUS=``
+    say connecting, not waiting: nothing is missing yet."""
+    guest_domain(sim_control)
+    sock = os.path.join(sim_dir, "0.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening:
+        listening.bind(sock)
+        listening.listen(4)
+        async with running(platform, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"))) as daemon:
+            assert daemon.notes.messages[0]["STATUS"] == f"dom{DOMID}: 0 device(s) serving, 0 waiting, 1 connecting"
+            assert daemon.device(0)["backend"] == "connecting"
+
+
 # --- (a) READY without the back-end; the back-end appears; the guest's driver does I/O -------------
 
 
@@ -229,6 +245,7 @@ async def test_ready_and_initwait_come_without_the_backend_which_is_served_once_
     with logwatch() as log:
         async with xenstore(kernel) as xs, running(platform, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"))) as daemon:
             ready = daemon.notes.messages[0]
+            # READY comes before the back-end answers; its first try failed already (no socket)
             assert ready["READY"] == 1 and ready["STATUS"] == f"dom{DOMID}: 0 device(s) serving, 1 waiting"
             assert await xs.read_str(f"{BE}/0/state") == "2"  # InitWait: `xl create` goes on
             await log.wait_for(lambda line: line == f"dom{DOMID}: device 0: waiting for back-end at {sock} "
