@@ -158,6 +158,8 @@ HB=$!
 # the dispatcher, as xen-vhost-master-watch.service runs it (no systemd in this dom0: --spawn)
 xen-vhost-master watch --spawn --log-dir $LOGS > /tmp/watch.log 2>&1 &
 WATCH=$!
+tail -F /tmp/watch.log 2>/dev/null | prefix "WATCH" &
+echo $! >> /tmp/tails.pid
 wait_for 60 grep -q "watching" /tmp/watch.log || t "dispatcher: no 'watching' line"
 t "dispatcher pid $WATCH"
 
@@ -197,7 +199,6 @@ for S in $XENLAB_SCENARIOS; do
   BE=$(cat /tmp/backend-$S.pid); kill -TERM $BE 2>/dev/null; wait_for 10 dead $BE || kill -KILL $BE 2>/dev/null
 done
 kill $XSW $HB $(cat /tmp/tails.pid) 2>/dev/null
-prefix "WATCH" < /tmp/watch.log
 for S in $XENLAB_SCENARIOS; do
   prefix "DOMU[$S]" < $CONSOLE/guest-lab-$S.log
   prefix "BACKEND[$S]" < /tmp/backend-$S.log
