@@ -1,4 +1,4 @@
-"""The import rules of ../shared/LAYOUT.md that hold today, each pinned by a test, and the one way
+"""The import rules of docs/design.md §1, each pinned by a test, and the one way
 the simulator reaches the daemon: a Platform from above (xen_vhost_master/platform.py).
 
 * No daemon module imports the simulator (read from the sources with ast, so a lazy import inside

@@ -53,7 +53,7 @@ DEFAULT_QUEUE_SIZE = 256  # QueueNumMax offered to the guest; QEMU's default for
 MMIO_WINDOW = 0x200  # libxl's per-device window (xen/include/public/arch-arm.h GUEST_VIRTIO_MMIO_SIZE)
 MAX_QUEUE_SIZE = 32768  # virtio 1.2 §2.7
 # XEN_MMAP grant regions' "can not be mapped in advance" flag: rust-vmm vm-memory puts 0x8 on the
-# wire (what existing Xen back-ends understand), the vhost-user spec says bit 8 (abi.md §9).
+# wire (what existing Xen back-ends understand), the vhost-user spec says bit 8 (docs/vhost-user-wire.md §3).
 NO_ADVANCE_RUSTVMM, NO_ADVANCE_SPEC = 0x8, 0x100
 NO_ADVANCE_NAMES = {"rust-vmm": NO_ADVANCE_RUSTVMM, "spec": NO_ADVANCE_SPEC}
 

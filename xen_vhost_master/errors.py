@@ -1,4 +1,4 @@
-"""Typed errors of the daemon's Xen layer (STYLE §2.4).
+"""Typed errors of the daemon's Xen layer (docs/design.md §2).
 
 * :class:`XenError` is an :class:`OSError` carrying the failed operation and the errno that the
   kernel driver or Xen answered (the message comes from :func:`os.strerror`, as in pyroute2's

@@ -44,7 +44,7 @@ virtio-mmio model must accept ring addresses in.
 :class:`GrantShadowDataPath` is the shadow data path of a grant device; it owns its memory.
 
 :class:`GrantXenMmapExport` is the zero-copy data path of a grant device whose back-end negotiated
-XEN_MMAP (as xen-vhost-frontend exports grant guests to rust-vmm back-ends, prior-art.md "Guest
+XEN_MMAP (as xen-vhost-frontend exports grant guests to rust-vmm back-ends, docs/prior-art.md "Guest
 memory: foreign vs grant"): at each activation, one GRANT (0x2) region per vring part (desc
 ``16*num``, avail ``4+2*num+2``, used ``4+8*num+2``; parts whose pages touch are merged) mapped in
 advance by the back-end, and GRANT|NO_ADVANCE_MAP regions filling the rest of grant space
@@ -441,7 +441,7 @@ class GrantShadowDataPath(ShadowDataPath):
 
 # --- XEN_MMAP export of grant space (zero copy) ------------------------------------------------------
 
-#: VHOST_MEMORY_BASELINE_NREGIONS: regions (and fds) one SET_MEM_TABLE may carry (abi.md §9).
+#: VHOST_MEMORY_BASELINE_NREGIONS: regions (and fds) one SET_MEM_TABLE may carry (docs/vhost-user-wire.md §2).
 MAX_REGIONS: Final = 8
 #: Queues whose rings always fit: each queue's parts merged into one region, plus the gaps.
 MAX_GRANT_QUEUES: Final = (MAX_REGIONS - 1) // 2

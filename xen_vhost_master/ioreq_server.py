@@ -5,7 +5,7 @@ buffered ioreqs) → map the ioreq page (MMAP_RESOURCE) → enable → bind one 
 per vCPU (to the ``vp_eport`` Xen wrote into the page) → map each device's window. Teardown in
 reverse order, on every exit path.
 
-Serving one request follows abi.md §5: take a READY slot (INPROCESS), handle it, publish the data,
+Serving one request follows docs/xen-abi.md §5: take a READY slot (INPROCESS), handle it, publish the data,
 IORESP_READY, notify the vCPU's port. Slots not in READY are skipped without notify (spurious
 wakeups, or the kernel's ioeventfd fast path completed them). Each vCPU has at most one request
 outstanding; requests of different vCPUs are served concurrently, and each device serialises its
@@ -273,7 +273,7 @@ class IoreqServer:
         self.log.exception("serving %s of %d bytes at %#x failed", "write" if req.is_write else "read", req.size, req.addr)
 
     def _complete(self, req: IoreqRequest, data: int | None) -> None:
-        """Publish the response and wake the vCPU (abi.md §5 steps 6-8)."""
+        """Publish the response and wake the vCPU (docs/xen-abi.md §5 steps 6-8)."""
         self.stats.served += 1
         if self.page is None:
             return

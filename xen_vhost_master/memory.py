@@ -7,7 +7,7 @@
   privcmd fd, the domid and the FOREIGN flag, and maps the guest itself.
 
 In both, ``userspace_addr`` equals the guest-physical address, so the ring addresses the driver
-wrote into QueueDesc/Driver/Device can be passed to SET_VRING_ADDR unchanged (abi.md §9).
+wrote into QueueDesc/Driver/Device can be passed to SET_VRING_ADDR unchanged (docs/vhost-user-wire.md §6).
 """
 
 from __future__ import annotations

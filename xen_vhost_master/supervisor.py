@@ -1,6 +1,6 @@
 """One guest, all its devices: ordered start, hot add/remove, status, single-path teardown.
 
-Start (STYLE.md rule 10, with the guest first): Xen handles → IOREQ server created or adopted →
+Start (docs/design.md §3 rule 10, with the guest first): Xen handles → IOREQ server created or adopted →
 devices discovered, each device's window mapped → IOREQ server enabled → privcmd/evtchn
 restricted → XenBus InitWait for each device → READY=1. Only then are the back-ends contacted, all
 at once, each in a task of its own: a device serves the guest once its back-end has answered and

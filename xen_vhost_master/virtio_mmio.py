@@ -6,7 +6,7 @@ line, log guest errors.
 
 Negotiation is driven by architectural state, not by the order of register writes: features are
 checked when the driver sets FEATURES_OK and the device is activated when it sets DRIVER_OK, whatever
-order the feature-select and queue registers were written in before (STYLE.md rule 9).
+order the feature-select and queue registers were written in before (docs/design.md §3 rule 9).
 
 Interrupt line: level semantics (``line = InterruptStatus != 0``). libxl declares virtio-mmio SPIs
 edge-triggered in the guest's device tree, so when an InterruptACK leaves bits set (a new event raced

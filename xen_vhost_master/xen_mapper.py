@@ -56,7 +56,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: rust-vmm vm-memory ``MmapXenFlags::NO_ADVANCE_MAP``: what existing Xen back-ends expect (abi.md §9).
+#: rust-vmm vm-memory ``MmapXenFlags::NO_ADVANCE_MAP``: what existing Xen back-ends expect (docs/vhost-user-wire.md §3).
 DEFAULT_NO_ADVANCE: Final = XenMmapFlags.NO_ADVANCE_MAP_RUSTVMM
 _NO_ADVANCE_VALUES: Final = {
     "rust-vmm": XenMmapFlags.NO_ADVANCE_MAP_RUSTVMM, "0x8": XenMmapFlags.NO_ADVANCE_MAP_RUSTVMM,

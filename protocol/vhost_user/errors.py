@@ -1,6 +1,6 @@
 """Exception tree of :mod:`vhost_user`, sorted by what the caller has to do next.
 
-Shape (STYLE.md §2.4, after h11 ``_util.py`` and rust-vmm ``Error::should_reconnect``)::
+Shape (docs/design.md §2, after h11 ``_util.py`` and rust-vmm ``Error::should_reconnect``)::
 
     VhostUserError
     ├── ProtocolError

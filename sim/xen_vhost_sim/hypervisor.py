@@ -443,7 +443,7 @@ class Hypervisor:
                 log.debug("d%d vcpu%d unclaimed MMIO %s %#x/%d", domid, vcpu, "W" if write else "R", addr, size)
                 return 0 if write else mask
             slot = server.slot(vcpu)
-            # Xen on Arm copies the whole source register into data without masking (abi.md §10.8)
+            # Xen on Arm copies the whole source register into data without masking (docs/xen-abi.md §10.8)
             wdata = value & (0xFFFFFFFFFFFFFFFF if dom.arch is Arch.ARM64 else mask)
             slot.addr, slot.data, slot.count, slot.size = addr, wdata if write else 0, 1, size
             slot.type = IoreqType.COPY

@@ -1,6 +1,6 @@
 """Guest RAM of a simulated domain: banks backed by one sparse memfd, with unpopulated holes.
 
-Layouts (abi.md §6): Arm64 (default) puts up to 3 GiB in RAM0 at 0x40000000 and the rest in RAM1 at
+Layouts (docs/xen-abi.md §6): Arm64 (default) puts up to 3 GiB in RAM0 at 0x40000000 and the rest in RAM1 at
 0x200000000; x86 HVM puts low RAM below 0xF0000000 and the rest above 4 GiB. Holes are GFN ranges
 inside a bank that are not populated (ballooned out): foreign-mapping them fails per page with
 EINVAL, as Xen's ``xenmem_add_foreign_to_p2m`` / ``p2m_add_foreign`` does for a GFN without a page.

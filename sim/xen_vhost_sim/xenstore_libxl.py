@@ -2,7 +2,7 @@
 
 Layout and permissions follow ``tools/libs/light/libxl_create.c`` (``libxl__domain_make``),
 ``libxl_device.c`` (``libxl__device_generic_add``) and ``libxl_virtio.c`` / ``libxl_disk.c``; see
-../shared/reference/abi.md §7.
+docs/xen-abi.md §7.
 """
 
 from __future__ import annotations

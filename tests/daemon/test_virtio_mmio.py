@@ -231,7 +231,7 @@ def test_shm_registers_report_no_region():
 
 
 def test_guest_features_drop_vhost_and_unsupported_transport_bits():
-    qsd = 0x0000000175007E46  # qemu-storage-daemon's GET_FEATURES (peers.md)
+    qsd = 0x0000000175007E46  # qemu-storage-daemon's GET_FEATURES (docs/peers.md §1a)
     offered = guest_features(qsd)
     assert offered & (1 << 30) == 0 and offered & (1 << 26) == 0 and offered & (1 << 24) == 0
     assert offered & VERSION_1 and offered & EVENT_IDX and offered & 0x7E46 == 0x7E46

@@ -1,6 +1,6 @@
 """Start, watch and always stop the real vhost-user peers the tests run against.
 
-The command lines are the ones verified in /work/shared/reference/peers.md:
+The command lines are the ones of docs/peers.md:
 
 * qemu-storage-daemon (vhost-user-blk export of a raw file or a null-co device; it listens),
 * dpdk-testpmd with net_vhost (``client=0``: it listens; ``client=1``: it connects to us),
@@ -337,7 +337,7 @@ class Peers:
 
     # --- qemu-storage-daemon -------------------------------------------------------------------
     def qsd_raw(self, size: int = 64 << 20, num_queues: int = 1, image: Path | None = None) -> QsdPeer:
-        """vhost-user-blk export of a sparse raw file (peers.md §1a), listening; waits until ready."""
+        """vhost-user-blk export of a sparse raw file (docs/peers.md §1a), listening; waits until ready."""
         qsd = require_binary(QSD)
         n = next(_counter)
         if image is None:
@@ -373,7 +373,7 @@ class Peers:
 
     # --- dpdk-testpmd --------------------------------------------------------------------------
     def testpmd(self, sock: Path | None = None, client: bool = False, queues: int = 1) -> tuple[PeerProcess, Path]:
-        """dpdk-testpmd with a net_vhost port (peers.md §1b), both lcores pinned on CPU 0.
+        """dpdk-testpmd with a net_vhost port (docs/peers.md §1b), both lcores pinned on CPU 0.
 
         ``client=False``: testpmd listens on ``sock`` (waited for). ``client=True``: testpmd connects
         to ``sock`` (our listener) and retries about once a second; not waited for.
@@ -400,7 +400,7 @@ class Peers:
     def uml(self, sock: Path, *, mode: str, env: dict[str, str] | None = None, device_id: int = 2,
             mem: str = "128M") -> UmlRun:
         """Boot linux.uml (hostfs root, tests/peers/uml_init.sh as init) with a virtio_uml device
-        on ``sock`` (peers.md §4). Does not wait: UML connects to a listening back-end; use
+        on ``sock`` (docs/peers.md §4). Does not wait: UML connects to a listening back-end; use
         :meth:`UmlRun.finish`."""
         uml = require_binary(UML)
         modules = uml_modules_dir()

@@ -1,4 +1,4 @@
-"""vhost_user must never import xen_vhost_master (STYLE.md §2.1)."""
+"""vhost_user must never import xen_vhost_master (docs/design.md §1)."""
 
 from __future__ import annotations
 

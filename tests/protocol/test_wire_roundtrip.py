@@ -1,4 +1,4 @@
-"""Every wire struct round-trips (parse/build/sizeof) and has the C size from abi.md §9."""
+"""Every wire struct round-trips (parse/build/sizeof) and has the C size from docs/vhost-user-wire.md §2."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from vhost_user.wire import (
     encode_payload,
 )
 
-# abi.md appendix A (compiled C sizes of the vu_* structs).
+# docs/vhost-user-wire.md §2 (the C sizes of the rst's structs).
 C_SIZES = {
     U64: 8,
     VringState: 8,
@@ -96,7 +96,7 @@ def test_header_is_12_packed_native_bytes() -> None:
 
 
 def test_variable_sizes_match_spec() -> None:
-    # QEMU sends only 8 + n*sizeof(region) (abi.md §9); full C structs are 264 / 328.
+    # QEMU sends only 8 + n*sizeof(region) (docs/vhost-user-wire.md §2); full C structs are 264 / 328.
     assert len(encode_payload(MemoryTable(nregions=0, padding=0, regions=[REGION] * 8))) == 264
     assert len(encode_payload(XenMemoryTable(nregions=0, padding=0, regions=[XREGION] * 8))) == 328
     assert len(encode_payload(MemoryTable(nregions=0, padding=0, regions=[REGION] * 2))) == 8 + 64

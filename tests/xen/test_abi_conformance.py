@@ -2,11 +2,11 @@
 number and constant that ``xen_vhost_master.xen.abi`` defines; the test compares them.
 
 Headers: Xen's public headers and ``<xen/sys/privcmd.h>`` (libxen-dev; the Linux UAPI
-``<xen/privcmd.h>`` does not compile in userspace, abi.md §10.12), Linux UAPI ``<xen/evtchn.h>``
+``<xen/privcmd.h>`` does not compile in userspace, docs/xen-abi.md §10.12), Linux UAPI ``<xen/evtchn.h>``
 and ``<xen/gntdev.h>`` (linux-libc-dev). IRQFD / IOEVENTFD are newer than these headers and are
-checked against the values in ../shared/reference/abi.md §1.
+checked against the values in docs/xen-abi.md §1.
 
-On arm64 (abi.md Appendix A.2) every value here is identical; if a cross compiler and qemu-user are
+On arm64 (docs/xen-abi.md §10.14) every value here is identical; if a cross compiler and qemu-user are
 installed, :func:`test_arm64_values_match_x86_64` proves it again, otherwise it is skipped.
 """
 
@@ -176,7 +176,7 @@ ARM_ONLY: list[tuple[str, int]] = [
 ]
 
 
-# abi.md §1 (Linux >= 6.7 include/uapi/xen/privcmd.h, restated and compiled in abi_probe.c)
+# docs/xen-abi.md §1 (Linux >= 6.7 include/uapi/xen/privcmd.h)
 ABI_MD_EVENTFD = {
     "IOCTL_PRIVCMD_IRQFD": 0x40185008,
     "IOCTL_PRIVCMD_IOEVENTFD": 0x40305009,
@@ -202,7 +202,7 @@ def test_irqfd_ioeventfd_match_abi_md() -> None:
             if f"{cls.__name__}.{name}" in ABI_MD_EVENTFD:
                 got[f"{cls.__name__}.{name}"] = getattr(cls, name).offset
     assert got == ABI_MD_EVENTFD
-    # _IOW, not _IOC_NONE (abi.md §10.1)
+    # _IOW, not _IOC_NONE (docs/xen-abi.md §10.1)
     assert abi.PrivcmdIoctl.IRQFD >> 30 == 1 and abi.PrivcmdIoctl.IOEVENTFD >> 30 == 1
 
 

@@ -4,7 +4,7 @@ against the real headers by ``tests/xen/test_abi_conformance.py``.
 
 Headers: Linux UAPI ``include/uapi/xen/{privcmd,evtchn,gntdev}.h`` (6.1; IRQFD/IOEVENTFD from
 mainline >= 6.7), Xen public ``xen/hvm/{dm_op,ioreq,hvm_op}.h``, ``xen/memory.h``, ``xen/xen.h`` (4.17).
-All layouts are identical on x86_64 and arm64 (LP64, little-endian); see abi.md §10.14.
+All layouts are identical on x86_64 and arm64 (LP64, little-endian); see docs/xen-abi.md §10.14.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ PRIVCMD_IOEVENTFD_FLAG_DEASSIGN = 1
 
 
 class PrivcmdIoctl(enum.IntEnum):
-    """include/uapi/xen/privcmd.h. NB: IRQFD and IOEVENTFD are ``_IOW`` (abi.md §10.1), the rest ``_IOC_NONE``."""
+    """include/uapi/xen/privcmd.h. NB: IRQFD and IOEVENTFD are ``_IOW`` (docs/xen-abi.md §10.1), the rest ``_IOC_NONE``."""
 
     HYPERCALL = ioc(_IOC_NONE, "P", 0, ctypes.sizeof(privcmd_hypercall))
     MMAPBATCH_V2 = ioc(_IOC_NONE, "P", 4, ctypes.sizeof(privcmd_mmapbatch_v2))

@@ -1,5 +1,5 @@
 """Typed wrappers of the XEN_DMOP_* operations the daemon uses (xen/hvm/dm_op.h), sent through
-IOCTL_PRIVCMD_DM_OP with the full 32-byte ``xen_dm_op`` (abi.md §4, §10.13)."""
+IOCTL_PRIVCMD_DM_OP with the full 32-byte ``xen_dm_op`` (docs/xen-abi.md §4, §10.13)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The shared synchronous ioreq page (``ioreq_t[nr_vcpus]``, xen/hvm/ioreq.h) viewed in place.
 
-Memory ordering (abi.md §5): Xen writes the request fields, then (after a write barrier) the state
+Memory ordering (docs/xen-abi.md §5): Xen writes the request fields, then (after a write barrier) the state
 READY; the device model must read the state *before* the fields, and publish ``data`` *before*
 IORESP_READY. CPython's loads/stores from an mmap happen in program order and each is a C access;
 on x86 (TSO) that is enough. :func:`fence` is the single place where a real barrier would go on

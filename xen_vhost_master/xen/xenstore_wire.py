@@ -1,11 +1,11 @@
 """XenStore wire protocol (xs_wire), sans-IO: message framing, request/reply matching, typed errors.
 
-Bytes in, typed events out; no I/O, no clock, no logging (STYLE.md rule 1). Request ids are
+Bytes in, typed events out; no I/O, no clock, no logging (docs/design.md §3 rule 1). Request ids are
 allocated and matched here, and every field of every reply is validated, so a hostile xenstored
 gets a typed error, never a crash. Used by the asyncio client (``xen.xenstore``) and, for framing
 and encoding, by the simulated xenstored (``xen_vhost_sim.xenstored``).
 
-Wire facts: ``xen/include/public/io/xs_wire.h`` and ``io/xenbus.h`` (see ../shared/reference/abi.md §7).
+Wire facts: ``xen/include/public/io/xs_wire.h`` and ``io/xenbus.h`` (docs/xen-abi.md §7).
 """
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ class RequestSpec:
 
 
 F = FrontendRequest
-#: vhost-user.rst "Front-end message types" (abi.md §9 "Replies are always sent for").
+#: vhost-user.rst "Front-end message types" (docs/vhost-user-wire.md §4).
 FRONTEND_SPECS: dict[FrontendRequest, RequestSpec] = {
     F.GET_FEATURES: RequestSpec(None, U64),
     F.SET_FEATURES: RequestSpec(U64),

@@ -1,7 +1,7 @@
 """Request codes, header flags and feature bits of the vhost-user protocol.
 
 Every number here is from QEMU ``docs/interop/vhost-user.rst`` (restated and compiled in
-``../shared/reference/abi.md`` §9, appendix A). Unknown request codes are not an error at
+``docs/vhost-user-wire.md``). Unknown request codes are not an error at
 this layer: :meth:`FrontendRequest.from_code` returns a *pseudo-member* (``UNKNOWN_<n>``) so
 that the codec can reject it with a typed error instead of ``ValueError``/``KeyError``.
 """
@@ -136,7 +136,7 @@ VHOST_USER_F_PROTOCOL_FEATURES = 30
 class ProtocolFeatures(enum.IntFlag, boundary=enum.KEEP):
     """``VHOST_USER_PROTOCOL_F_*`` as bit masks (vhost-user.rst "Protocol features").
 
-    Bits 20 and above are not stable across implementations (prior-art.md §2); this library
+    Bits 20 and above are not stable across implementations (docs/vhost-user-wire.md §5); this library
     never offers or accepts them (:data:`STABLE_PROTOCOL_FEATURES`).
     """
 
@@ -166,7 +166,7 @@ STABLE_PROTOCOL_FEATURES = ProtocolFeatures((1 << 20) - 1)
 
 
 class VirtioFeatures(enum.IntFlag, boundary=enum.KEEP):
-    """Device-independent virtio feature bits (virtio 1.2 §6; abi.md §8) plus vhost's own."""
+    """Device-independent virtio feature bits (virtio 1.2 §6; docs/xen-abi.md §8) plus vhost's own."""
 
     NOTIFY_ON_EMPTY = 1 << 24
     LOG_ALL = 1 << 26  # VHOST_F_LOG_ALL
@@ -186,7 +186,7 @@ class VirtioFeatures(enum.IntFlag, boundary=enum.KEEP):
 
 
 class XenMmapFlags(enum.IntFlag, boundary=enum.KEEP):
-    """``xen_mmap_flags`` of a Xen memory region (abi.md §9).
+    """``xen_mmap_flags`` of a Xen memory region (docs/vhost-user-wire.md §3).
 
     NO_ADVANCE_MAP differs: the spec says bit 8 (0x100), rust-vmm puts 0x8 on the wire.
     """

@@ -1,6 +1,6 @@
 """The 12-byte vhost-user message header and the size limits around it.
 
-C definition (QEMU ``docs/interop/vhost-user.rst`` "Header"; abi.md §9: 12 bytes, packed,
+C definition (QEMU ``docs/interop/vhost-user.rst`` "Header"; docs/vhost-user-wire.md §1: 12 bytes, packed,
 native byte order, the payload starts at offset 12)::
 
     typedef struct {
@@ -28,9 +28,9 @@ __all__ = [
     "CONFIG_SPACE_MAX",
 ]
 
-# Every layout here is native little-endian (abi.md "General rules"); construct's Int*un is
+# Every layout here is native little-endian (docs/vhost-user-wire.md); construct's Int*un is
 # native, so refuse to run on a big-endian host rather than silently differ from the C side.
-assert sys.byteorder == "little", "vhost_user.wire assumes a little-endian host (abi.md)"
+assert sys.byteorder == "little", "vhost_user.wire assumes a little-endian host"
 
 HEADER_SIZE = 12
 
@@ -39,11 +39,11 @@ VHOST_MEMORY_BASELINE_NREGIONS = 8
 MAX_FDS = 8
 
 # QEMU caps device config space at 256 bytes (VHOST_USER_MAX_CONFIG_SIZE, vhost-user.rst
-# "config space"); virtio-mmio's window leaves 256 bytes of config too (abi.md §8).
+# "config space"); virtio-mmio's window leaves 256 bytes of config too (docs/xen-abi.md §8).
 CONFIG_SPACE_MAX = 256
 
-# Largest payload of any message: the Xen memory table, 8 + 8 * 40 = 328 bytes (abi.md §9
-# ``sizeof(struct vu_memory_xen)``). Config space is 12 + 256 = 268. Round up to a page, as
+# Largest payload of any message: the Xen memory table, 8 + 8 * 40 = 328 bytes
+# (docs/vhost-user-wire.md §2). Config space is 12 + 256 = 268. Round up to a page, as
 # the largest size the receiver will buffer before rejecting the header (QEMU's
 # vhost_user_read_header checks ``size > VHOST_USER_PAYLOAD_SIZE`` the same way).
 MAX_PAYLOAD_SIZE = 4096

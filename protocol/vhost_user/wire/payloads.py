@@ -1,7 +1,7 @@
 """Every vhost-user payload as a typed construct struct, each with its C definition.
 
 Source: QEMU ``docs/interop/vhost-user.rst`` section "Message types"/"payloads"; sizes are the
-compiled ones from ``../shared/reference/abi.md`` §9 and appendix A (``vu_*`` structs).
+C sizes listed in ``docs/vhost-user-wire.md`` §2.
 All integers are native (little) endian; padding is spelled out as a named field.
 """
 

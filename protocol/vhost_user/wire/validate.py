@@ -38,7 +38,7 @@ __all__ = [
 # Bits of the header flags the spec does not define (bits 4-31).
 RESERVED_FLAG_BITS = ~0xF & 0xFFFFFFFF
 
-# Split virtqueue alignment (virtio 1.2 §2.7; linux VRING_{DESC,AVAIL,USED}_ALIGN_SIZE; abi.md §8).
+# Split virtqueue alignment (virtio 1.2 §2.7; linux VRING_{DESC,AVAIL,USED}_ALIGN_SIZE; docs/xen-abi.md §8).
 DESC_ALIGN = 16
 AVAIL_ALIGN = 2
 USED_ALIGN = 4
