@@ -493,8 +493,9 @@ class _PauseRefs:
         self.bound = bound
         self.unknown = False  # every domctl interface version was refused
         self.held: dict[int, asyncio.TimerHandle] = {}
-        # called with (domid, held) once a reference is taken or dropped: the dispatcher keeps a
-        # record in xenstore, so that its successor drops what a killed dispatcher left
+        # called with (domid, False) once a reference is dropped: the dispatcher keeps a record of
+        # those it holds in xenstore (written as it takes one), so that its successor drops what a
+        # killed dispatcher left
         self.record: Callable[[int, bool], object] = lambda domid, held: None
 
     def adopt(self, domid: int, name: str) -> None:
@@ -526,8 +527,6 @@ class _PauseRefs:
                 log.warning("%s: cannot pause domain %d: %s", name, domid, e)
             return False
         self.held[domid] = asyncio.get_running_loop().call_later(self.bound, self._expired, domid, name)
-        self.record(domid, True)
-        log.info("%s: holding a pause reference on domain %d until its instance is READY", name, domid)
         return True
 
     def _expired(self, domid: int, name: str) -> None:
@@ -886,6 +885,10 @@ class Dispatcher:
             if not await self.launcher.is_served(name, domid):
                 held = self.pauses.take(domid, name)
                 if held:
+                    # recorded before anything else: a dispatcher killed from now on leaves the
+                    # reference to its successor
+                    await self._record_pause(domid, True)
+                    log.info("%s: holding a pause reference on domain %d until its instance is READY", name, domid)
                     await self._answer_initwait(name, domid, devices)
             async with self._name_locks.setdefault(name, asyncio.Lock()):
                 log.info("%s: domain %d has %d virtio device(s): starting its instance", name, domid, len(devices))

@@ -721,8 +721,12 @@ async def test_a_pause_reference_left_by_a_killed_dispatcher_is_dropped_by_the_n
             with second.ctl() as ctl:
                 assert ctl.domain_info(domid)["pause_count"] == 0
             xs = await XenstoreClient.open(socket_paths=(), timeout=TIMEOUT, opener=SimKernel(sim_path).open)
-            try:
-                assert await xs.directory("/local/domain/0/xen-vhost-master-watch/paused") == []
+            record = "/local/domain/0/xen-vhost-master-watch/paused"
+            try:  # the record goes right after the drop: wait for xenstore to show it gone
+                async with await xs.watch(record) as w, asyncio.timeout(TIMEOUT):
+                    async for _ in w:
+                        if await xs.directory(record) == []:
+                            break
             finally:
                 await xs.close()
             guest, dev = await attach(sim_path, domid)
