@@ -696,7 +696,7 @@ class Device:
         assert self.model is not None and self.frontend is not None
         try:
             restore_model(self.model, state)
-        except (ValueError, KeyError, TypeError) as e:
+        except ValueError as e:
             self.log.warning("saved state not usable (%s): the guest's driver must reset the device", e)
             await self._carry_out(self.model.needs_reset(f"device state lost: {e}"))
             return

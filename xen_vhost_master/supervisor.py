@@ -56,7 +56,8 @@ from .log import device_logger
 from .memory import XenMmapExport, foreign_reader, sim_memfd_export
 from .platform import Platform
 from .sd_notify import Notifier
-from .virtio_mmio import WINDOW_SIZE, Status, snapshot
+from .virtio_mmio import WINDOW_SIZE, Status, check_snapshot, snapshot
+from .xen.abi import DOMID_FIRST_RESERVED
 from .xen.evtchn import EventChannel
 from .xen.privcmd import PrivCmd
 from .xen.xenstore import XenstoreClient, XenstoreError, XsTransaction
@@ -117,6 +118,34 @@ class _Served:
         if not d.ready:
             return "waiting" if self.waiting_since else "connecting"
         return "lost" if d.frontend is None or d.frontend.broken else "connected"
+
+
+def _check_state(state: object) -> dict[str, Any]:
+    """``state`` if it has the shape :meth:`Supervisor._save_state` writes (ValueError naming what
+    is wrong if not)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{state!r} is not an object")
+    missing = sorted({"domid", "name", "ioreq_server", "devices"} - state.keys())
+    if missing:
+        raise ValueError(f"it lacks {', '.join(missing)}")
+    domid, server, name, devices = state["domid"], state["ioreq_server"], state["name"], state["devices"]
+    if isinstance(domid, bool) or not isinstance(domid, int) or not 0 <= domid < DOMID_FIRST_RESERVED:
+        raise ValueError(f"domid {domid!r} is not a domain id")
+    # ioservid_t is a uint16_t (xen/include/public/hvm/dm_op.h)
+    if isinstance(server, bool) or not isinstance(server, int) or not 0 <= server <= 0xFFFF:
+        raise ValueError(f"ioreq_server {server!r} is not an IOREQ server id")
+    if not isinstance(name, str):
+        raise ValueError(f"name {name!r} is not a string")
+    if not isinstance(devices, dict):
+        raise ValueError(f"devices {devices!r} is not an object")
+    for base, device in devices.items():
+        if not base.isdigit():
+            raise ValueError(f"device key {base!r} is not a window base address")
+        try:
+            check_snapshot(device)
+        except ValueError as e:
+            raise ValueError(f"device at {int(base):#x}: {e}") from None
+    return state
 
 
 class Supervisor:
@@ -662,7 +691,12 @@ class Supervisor:
         except (OSError, ValueError) as e:
             self.log.warning("ignoring unreadable state file %s: %s", path, e)
             return {}
-        if not isinstance(state, dict) or state.get("domid") != self.domid:
+        try:
+            state = _check_state(state)
+        except ValueError as e:
+            self.log.warning("ignoring malformed state file %s: %s", path, e)
+            return {}
+        if state["domid"] != self.domid:
             return {}
         self.log.info("state file of a previous run found: taking over")
         return state
