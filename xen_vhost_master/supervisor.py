@@ -31,7 +31,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -637,8 +636,7 @@ class Supervisor:
 
     def _check_peer(self, fe: AsyncFrontend, path: str) -> None:
         """SO_PEERCRED against the allow-list: our own uid, root, and --backend-user."""
-        creds = fe.sock.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, _gid = struct.unpack("3i", creds)
+        pid, uid, _gid = fe.peer_credentials()
         if uid not in (os.getuid(), 0, *self.opt.backend_uids):
             asyncio.ensure_future(fe.close())
             raise DeviceError(f"the peer on {path} (pid {pid}) runs as uid {uid}, which is not allowed "
@@ -941,10 +939,8 @@ class Supervisor:
     async def _teardown(self) -> None:
         """Reverse order, one step at a time, each bounded."""
         self._stop_tasks_and_status()
-        if self.ioreq is not None and self.ioreq._reading:
-            # No more guest accesses while the back-ends stop.
-            asyncio.get_running_loop().remove_reader(self.ioreq.evtchn.fileno())
-            self.ioreq._reading = False
+        if self.ioreq is not None:
+            self.ioreq.stop_reading()  # no more guest accesses while the back-ends stop
         for base in list(self.devices):
             await self._remove_device(base)
         if self.ioreq is not None:
