@@ -96,6 +96,11 @@ class DataPath(Protocol):
     """
 
     @property
+    def name(self) -> str:
+        """What ``status`` shows as the device's data path (e.g. "xen-mmap", "shadow")."""
+        ...
+
+    @property
     def protocol_features(self) -> ProtocolFeatures:
         """Protocol features the back-end must have (XEN_MMAP for Xen mappings, none for memfds)."""
         ...
@@ -143,6 +148,7 @@ class DataPathChooser:
 
     #: what to ask the back-end for; the data path is then chosen from what it granted
     protocol_features = ProtocolFeatures(0)
+    name = "not chosen yet"  # the back-end has not answered yet
 
     def __call__(self, negotiated: ProtocolFeatures, num_queues: int) -> DataPath:
         raise NotImplementedError

@@ -228,6 +228,7 @@ class ShadowDataPath:
     ``on_error(index, reason)``: a queue was stopped (set NEEDS_RESET).
     """
 
+    name = "shadow"
     protocol_features = ProtocolFeatures(0)
     packed = False
 

@@ -889,7 +889,7 @@ class Supervisor:
                 "devid": cfg.devid, "device_id": cfg.device_id, "base": hex(cfg.base), "irq": cfg.irq,
                 "socket": cfg.socket_path(self.name, self.domid), "mode": "server" if cfg.listen else "client",
                 "backend": served.backend, "attempts": served.attempts,
-                "data_path": _data_path_name(d.memory),
+                "data_path": d.memory.name,
                 "status": int(d.model.status) if d.model else 0,
                 "features": hex(d.model.driver_features) if d.model else "0x0",
                 "kicks": d.stats.per_queue_kicks, "calls": d.stats.per_queue_calls,
@@ -1072,21 +1072,3 @@ class _Choose(DataPathChooser):
             return self.sup._shadow(self.cfg, num_queues)
         log.info("device %d: shadow virtqueues (the back-end knows only shared memory)", devid)
         return self.sup._shadow(self.cfg, num_queues)
-
-
-def _data_path_name(memory: object) -> str:
-    """How a device's guest memory reaches its back-end, as ``status`` shows it."""
-    from .grant_memory import GrantShadowDataPath, GrantXenMmapExport  # noqa: PLC0415
-    from .shadow import ShadowDataPath  # noqa: PLC0415
-
-    if isinstance(memory, GrantXenMmapExport):
-        return "shadow (grants, region limit)" if memory.shadowed else "xen-mmap (grants)"
-    if isinstance(memory, GrantShadowDataPath):
-        return "shadow (grants)"
-    if isinstance(memory, ShadowDataPath):
-        return "shadow"
-    if isinstance(memory, XenMmapExport):
-        return "xen-mmap"
-    if isinstance(memory, DataPathChooser):
-        return "not chosen yet"  # the back-end has not answered yet
-    return "sim-memfd"
