@@ -124,10 +124,11 @@ def _check_state(state: object) -> dict[str, Any]:
     is wrong if not)."""
     if not isinstance(state, dict):
         raise ValueError(f"{state!r} is not an object")
-    missing = sorted({"domid", "name", "ioreq_server", "devices"} - state.keys())
+    # ("name" came later than the rest: a predecessor's file may lack it; nothing reads it back)
+    missing = sorted({"domid", "ioreq_server", "devices"} - state.keys())
     if missing:
         raise ValueError(f"it lacks {', '.join(missing)}")
-    domid, server, name, devices = state["domid"], state["ioreq_server"], state["name"], state["devices"]
+    domid, server, name, devices = state["domid"], state["ioreq_server"], state.get("name", ""), state["devices"]
     if isinstance(domid, bool) or not isinstance(domid, int) or not 0 <= domid < DOMID_FIRST_RESERVED:
         raise ValueError(f"domid {domid!r} is not a domain id")
     # ioservid_t is a uint16_t (xen/include/public/hvm/dm_op.h)
