@@ -8,11 +8,20 @@ STAMP := $(VENV)/.installed
 # tests/tools/debian-packages.tsv, whose package names depend on the Debian release (12 or 13).
 DEBS  := test
 
-.PHONY: test test-xen demo deps venv bench fuzz clean
+.PHONY: test lint test-xen demo deps venv bench fuzz clean
 # XVM_REQUIRE_PEERS=1: a peer `make deps` installs and a test cannot find is a failure, not a skip
 # (tests/peers/programs.py); -rs prints every skip's reason.
-test: deps venv
+test: deps venv lint
 	XVM_REQUIRE_PEERS=1 $(PY) -m pytest -q -rs -p no:cacheprovider $(PYTEST_ARGS)
+
+# ruff and mypy --strict over the three source roots (protocol/, xen_vhost_master/, sim/), with the
+# settings of pyproject.toml's [tool.ruff] and [tool.mypy] and the versions pinned in its `test`
+# extra. tests/test_static.py runs these same two commands (and checks that they are these).
+RUFF := $(PY) -m ruff check --no-cache --output-format concise .
+MYPY := $(PY) -m mypy --strict -p vhost_user -p xen_vhost_master -p xen_vhost_sim
+lint: venv
+	$(RUFF)
+	$(MYPY)
 
 # The real-Xen lab alone (arm64 Xen 4.17 + Debian dom0 + domU under qemu-system-aarch64; see
 # tests/xenlab/README.md). `make test` runs it too; XENLAB=0 leaves it out.

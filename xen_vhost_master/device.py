@@ -96,6 +96,11 @@ class DataPath(Protocol):
     """
 
     @property
+    def name(self) -> str:
+        """What ``status`` shows as the device's data path (e.g. "xen-mmap", "shadow")."""
+        ...
+
+    @property
     def protocol_features(self) -> ProtocolFeatures:
         """Protocol features the back-end must have (XEN_MMAP for Xen mappings, none for memfds)."""
         ...
@@ -143,6 +148,7 @@ class DataPathChooser:
 
     #: what to ask the back-end for; the data path is then chosen from what it granted
     protocol_features = ProtocolFeatures(0)
+    name = "not chosen yet"  # the back-end has not answered yet
 
     def __call__(self, negotiated: ProtocolFeatures, num_queues: int) -> DataPath:
         raise NotImplementedError
@@ -696,7 +702,7 @@ class Device:
         assert self.model is not None and self.frontend is not None
         try:
             restore_model(self.model, state)
-        except (ValueError, KeyError, TypeError) as e:
+        except ValueError as e:
             self.log.warning("saved state not usable (%s): the guest's driver must reset the device", e)
             await self._carry_out(self.model.needs_reset(f"device state lost: {e}"))
             return

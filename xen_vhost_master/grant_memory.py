@@ -424,6 +424,8 @@ class GrantShadowDataPath(ShadowDataPath):
     """Shadow virtqueues for a grant device: rings and buffers live in grant space
     (:data:`GRANT_SPACE` is the model's RAM); the memory is closed with the data path."""
 
+    name = "shadow (grants)"
+
     def __init__(self, memory: GrantGuestMemory, **kw: Any) -> None:
         super().__init__(memory, GRANT_SPACE, **kw)
         self.grant_memory = memory
@@ -536,6 +538,10 @@ class GrantXenMmapExport:
         self.shadow: DataPath | None = None  # built at the first layout that did not fit
         self.shadowed = False  # this activation runs on the shadow fallback
         self.fallbacks = 0
+
+    @property
+    def name(self) -> str:
+        return "shadow (grants, region limit)" if self.shadowed else "xen-mmap (grants)"
 
     @property
     def direct(self) -> bool:

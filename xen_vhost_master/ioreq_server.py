@@ -143,11 +143,21 @@ class IoreqServer:
             with contextlib.suppress(XenError):
                 self.dm.unmap_io_range(self.server_id, base, base + size - 1)
 
-    async def close(self) -> None:
-        """Reverse teardown; each step runs even if an earlier one failed (the domain may be gone)."""
+    @property
+    def reading(self) -> bool:
+        """Guest accesses are being taken (from :meth:`enable` until :meth:`stop_reading`)."""
+        return self._reading
+
+    def stop_reading(self) -> None:
+        """Take no more guest accesses: they wait in the ioreq page, their vCPUs blocked. Those
+        in progress go on. Idempotent."""
         if self._reading:
             asyncio.get_running_loop().remove_reader(self.evtchn.fileno())
             self._reading = False
+
+    async def close(self) -> None:
+        """Reverse teardown; each step runs even if an earlier one failed (the domain may be gone)."""
+        self.stop_reading()
         for task in list(self._tasks):
             await cancel_and_wait(task)
         for base in list(self._bases):
@@ -187,9 +197,7 @@ class IoreqServer:
         """Take no more guest accesses (they wait in the ioreq page, their vCPUs blocked) and let
         the ones in progress finish, for ``timeout`` seconds at most (then they are answered as
         failed, like any access whose device gave up)."""
-        if self._reading:
-            asyncio.get_running_loop().remove_reader(self.evtchn.fileno())
-            self._reading = False
+        self.stop_reading()
         if self._tasks:
             _, late = await asyncio.wait(set(self._tasks), timeout=timeout)
             for task in late:
@@ -200,9 +208,7 @@ class IoreqServer:
         MMIO ranges, so the guest's accesses queue in its page until the next device model
         process adopts it (:meth:`create` with ``adopt``). Our event-channel ports are unbound and
         the page unmapped."""
-        if self._reading:
-            asyncio.get_running_loop().remove_reader(self.evtchn.fileno())
-            self._reading = False
+        self.stop_reading()
         for port in self._ports:
             try:
                 self.evtchn.unbind(port)

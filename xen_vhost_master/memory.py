@@ -74,6 +74,7 @@ class FdRegion:
 class FdExport(_ZeroCopy):
     """Guest RAM banks that are (sim-only) shareable fds: plain vhost-user regions."""
 
+    name = "sim-memfd"
     protocol_features = ProtocolFeatures(0)
 
     def __init__(self, regions: Sequence[FdRegion], read_guest: Callable[[int, int], bytes] | None = None) -> None:
@@ -91,6 +92,7 @@ class FdExport(_ZeroCopy):
 class XenMmapExport(_ZeroCopy):
     """XEN_MMAP: the back-end maps the guest's RAM banks through the privcmd fd we pass."""
 
+    name = "xen-mmap"
     protocol_features = ProtocolFeatures.XEN_MMAP
 
     def __init__(self, domid: int, banks: Sequence[tuple[int, int]], privcmd_fd: int,

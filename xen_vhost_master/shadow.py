@@ -214,14 +214,8 @@ class GuestInflightRecord:
 
 def _driver_at(mem: GuestMemory, size: int, rings: RingAddresses, event_idx: bool, start: int) -> SplitQueueDriver:
     """A fresh shadow ring whose avail and used indices start at ``start`` (a resumed back-end's
-    SET_VRING_BASE). SplitQueueDriver always starts at 0, so set its counters and the ring words."""
-    drv = SplitQueueDriver(mem, size, rings.desc, rings.avail, rings.used, event_idx=event_idx)
-    if start:
-        drv._avail_idx = drv._kicked_avail = drv._last_used = start  # noqa: SLF001 (no start-index API yet)
-        for addr in (rings.avail + 2, rings.used + 2, rings.avail + 4 + 2 * size, rings.used + 4 + 8 * size):
-            with mem.view(addr, 2) as v:  # avail idx, used idx, used_event, avail_event
-                _U16.pack_into(v, 0, start)
-    return drv
+    SET_VRING_BASE)."""
+    return SplitQueueDriver(mem, size, rings.desc, rings.avail, rings.used, event_idx=event_idx, start=start)
 
 
 class ShadowDataPath:
@@ -234,6 +228,7 @@ class ShadowDataPath:
     ``on_error(index, reason)``: a queue was stopped (set NEEDS_RESET).
     """
 
+    name = "shadow"
     protocol_features = ProtocolFeatures(0)
     packed = False
 

@@ -31,7 +31,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -56,7 +55,8 @@ from .log import device_logger
 from .memory import XenMmapExport, foreign_reader, sim_memfd_export
 from .platform import Platform
 from .sd_notify import Notifier
-from .virtio_mmio import WINDOW_SIZE, Status, snapshot
+from .virtio_mmio import WINDOW_SIZE, Status, check_snapshot, snapshot
+from .xen.abi import DOMID_FIRST_RESERVED
 from .xen.evtchn import EventChannel
 from .xen.privcmd import PrivCmd
 from .xen.xenstore import XenstoreClient, XenstoreError, XsTransaction
@@ -117,6 +117,35 @@ class _Served:
         if not d.ready:
             return "waiting" if self.waiting_since else "connecting"
         return "lost" if d.frontend is None or d.frontend.broken else "connected"
+
+
+def _check_state(state: object) -> dict[str, Any]:
+    """``state`` if it has the shape :meth:`Supervisor._save_state` writes (ValueError naming what
+    is wrong if not)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{state!r} is not an object")
+    # ("name" came later than the rest: a predecessor's file may lack it; nothing reads it back)
+    missing = sorted({"domid", "ioreq_server", "devices"} - state.keys())
+    if missing:
+        raise ValueError(f"it lacks {', '.join(missing)}")
+    domid, server, name, devices = state["domid"], state["ioreq_server"], state.get("name", ""), state["devices"]
+    if isinstance(domid, bool) or not isinstance(domid, int) or not 0 <= domid < DOMID_FIRST_RESERVED:
+        raise ValueError(f"domid {domid!r} is not a domain id")
+    # ioservid_t is a uint16_t (xen/include/public/hvm/dm_op.h)
+    if isinstance(server, bool) or not isinstance(server, int) or not 0 <= server <= 0xFFFF:
+        raise ValueError(f"ioreq_server {server!r} is not an IOREQ server id")
+    if not isinstance(name, str):
+        raise ValueError(f"name {name!r} is not a string")
+    if not isinstance(devices, dict):
+        raise ValueError(f"devices {devices!r} is not an object")
+    for base, device in devices.items():
+        if not base.isdigit():
+            raise ValueError(f"device key {base!r} is not a window base address")
+        try:
+            check_snapshot(device)
+        except ValueError as e:
+            raise ValueError(f"device at {int(base):#x}: {e}") from None
+    return state
 
 
 class Supervisor:
@@ -608,8 +637,7 @@ class Supervisor:
 
     def _check_peer(self, fe: AsyncFrontend, path: str) -> None:
         """SO_PEERCRED against the allow-list: our own uid, root, and --backend-user."""
-        creds = fe.sock.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, _gid = struct.unpack("3i", creds)
+        pid, uid, _gid = fe.peer_credentials()
         if uid not in (os.getuid(), 0, *self.opt.backend_uids):
             asyncio.ensure_future(fe.close())
             raise DeviceError(f"the peer on {path} (pid {pid}) runs as uid {uid}, which is not allowed "
@@ -662,7 +690,12 @@ class Supervisor:
         except (OSError, ValueError) as e:
             self.log.warning("ignoring unreadable state file %s: %s", path, e)
             return {}
-        if not isinstance(state, dict) or state.get("domid") != self.domid:
+        try:
+            state = _check_state(state)
+        except ValueError as e:
+            self.log.warning("ignoring malformed state file %s: %s", path, e)
+            return {}
+        if state["domid"] != self.domid:
             return {}
         self.log.info("state file of a previous run found: taking over")
         return state
@@ -857,7 +890,7 @@ class Supervisor:
                 "devid": cfg.devid, "device_id": cfg.device_id, "base": hex(cfg.base), "irq": cfg.irq,
                 "socket": cfg.socket_path(self.name, self.domid), "mode": "server" if cfg.listen else "client",
                 "backend": served.backend, "attempts": served.attempts,
-                "data_path": _data_path_name(d.memory),
+                "data_path": d.memory.name,
                 "status": int(d.model.status) if d.model else 0,
                 "features": hex(d.model.driver_features) if d.model else "0x0",
                 "kicks": d.stats.per_queue_kicks, "calls": d.stats.per_queue_calls,
@@ -907,10 +940,8 @@ class Supervisor:
     async def _teardown(self) -> None:
         """Reverse order, one step at a time, each bounded."""
         self._stop_tasks_and_status()
-        if self.ioreq is not None and self.ioreq._reading:
-            # No more guest accesses while the back-ends stop.
-            asyncio.get_running_loop().remove_reader(self.ioreq.evtchn.fileno())
-            self.ioreq._reading = False
+        if self.ioreq is not None:
+            self.ioreq.stop_reading()  # no more guest accesses while the back-ends stop
         for base in list(self.devices):
             await self._remove_device(base)
         if self.ioreq is not None:
@@ -1042,21 +1073,3 @@ class _Choose(DataPathChooser):
             return self.sup._shadow(self.cfg, num_queues)
         log.info("device %d: shadow virtqueues (the back-end knows only shared memory)", devid)
         return self.sup._shadow(self.cfg, num_queues)
-
-
-def _data_path_name(memory: object) -> str:
-    """How a device's guest memory reaches its back-end, as ``status`` shows it."""
-    from .grant_memory import GrantShadowDataPath, GrantXenMmapExport  # noqa: PLC0415
-    from .shadow import ShadowDataPath  # noqa: PLC0415
-
-    if isinstance(memory, GrantXenMmapExport):
-        return "shadow (grants, region limit)" if memory.shadowed else "xen-mmap (grants)"
-    if isinstance(memory, GrantShadowDataPath):
-        return "shadow (grants)"
-    if isinstance(memory, ShadowDataPath):
-        return "shadow"
-    if isinstance(memory, XenMmapExport):
-        return "xen-mmap"
-    if isinstance(memory, DataPathChooser):
-        return "not chosen yet"  # the back-end has not answered yet
-    return "sim-memfd"

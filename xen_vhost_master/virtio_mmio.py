@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 __all__ = [
     "MAGIC",
@@ -32,6 +33,7 @@ __all__ = [
     "Reset",
     "Status",
     "VirtioMmioDevice",
+    "check_snapshot",
     "guest_features",
     "restore",
     "snapshot",
@@ -563,30 +565,60 @@ def snapshot(dev: VirtioMmioDevice) -> dict[str, object]:
     }
 
 
-def _int(value: object) -> int:
-    if not isinstance(value, int):
-        raise ValueError(f"snapshot holds {value!r} where a number belongs")
+U32, U64 = (1 << 32) - 1, (1 << 64) - 1
+_SNAPSHOT_NUMBERS = {"status": 0xFF, "driver_features": U64, "interrupt_status": U32, "config_generation": U32}
+_QUEUE_FIELDS = (("num", MAX_QUEUE_SIZE), ("ready", 1), ("desc", U64), ("driver", U64), ("device", U64))
+
+
+def _int(value: object, what: str, top: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"snapshot's {what} is {value!r}, not a number")
+    if not 0 <= value <= top:
+        raise ValueError(f"snapshot's {what} {value} is not in 0..{top:#x}")
     return value
+
+
+def _list(value: object, what: str, length: int | None = None) -> list[object]:
+    if not isinstance(value, list) or (length is not None and len(value) != length):
+        raise ValueError(f"snapshot's {what} is {value!r}, not a list" + (f" of {length}" if length is not None else ""))
+    return value
+
+
+def check_snapshot(state: object) -> dict[str, object]:
+    """``state`` if it has the shape and ranges of a :func:`snapshot` (ValueError naming what is
+    wrong if not): what a state file read back must be checked against before :func:`restore`."""
+    if not isinstance(state, dict):
+        raise ValueError(f"snapshot is {state!r}, not an object")
+    missing = sorted({*_SNAPSHOT_NUMBERS, "selectors", "queues"} - state.keys())
+    if missing:
+        raise ValueError(f"snapshot lacks {', '.join(missing)}")
+    for key, top in _SNAPSHOT_NUMBERS.items():
+        _int(state[key], key, top)
+    for i, sel in enumerate(_list(state["selectors"], "selectors", 4)):
+        _int(sel, f"selector {i}", U32)
+    for n, queue in enumerate(_list(state["queues"], "queues")):
+        for (name, top), value in zip(_QUEUE_FIELDS, _list(queue, f"queue {n}", len(_QUEUE_FIELDS))):
+            _int(value, f"queue {n} {name}", top)
+    return state
 
 
 def restore(dev: VirtioMmioDevice, state: dict[str, object]) -> None:
     """Load a :func:`snapshot` into a freshly built ``dev`` of the same shape (ValueError if not)."""
-    queues = state["queues"]
-    assert isinstance(queues, list)
+    check_snapshot(state)
+    queues = cast(list[list[int]], state["queues"])
     if len(queues) != len(dev.queues):
         raise ValueError(f"snapshot has {len(queues)} queues, the device {len(dev.queues)}")
-    features = _int(state["driver_features"])
+    features = cast(int, state["driver_features"])
     if features & ~dev.device_features:
         raise ValueError(f"snapshot's driver features {features:#x} exceed what the back-end offers")
-    dev.status = Status(_int(state["status"]))
+    dev.status = Status(cast(int, state["status"]))
     dev.driver_features = features
-    dev.interrupt_status = _int(state["interrupt_status"]) & (INT_VRING | INT_CONFIG)
-    dev.config_generation = _int(state["config_generation"])
-    sel = state["selectors"]
-    assert isinstance(sel, list)
-    dev.device_features_sel, dev.driver_features_sel, dev.queue_sel, dev.shm_sel = (int(x) for x in sel)
+    dev.interrupt_status = cast(int, state["interrupt_status"]) & (INT_VRING | INT_CONFIG)
+    dev.config_generation = cast(int, state["config_generation"])
+    sel = cast(list[int], state["selectors"])
+    dev.device_features_sel, dev.driver_features_sel, dev.queue_sel, dev.shm_sel = sel
     for q, (num, ready, desc, driver, device) in zip(dev.queues, queues):
-        q.num, q.ready, q.desc, q.driver, q.device = int(num), bool(ready), int(desc), int(driver), int(device)
+        q.num, q.ready, q.desc, q.driver, q.device = num, bool(ready), desc, driver, device
         if q.ready and dev._queue_problem(q):
             raise ValueError(f"snapshot's queue is invalid: {dev._queue_problem(q)}")
     dev._line = dev.interrupt_status != 0

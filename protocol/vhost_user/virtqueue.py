@@ -519,7 +519,7 @@ class SplitQueueDriver:
     """Driver side of a split virtqueue (a test front-end / simulated guest driver).
 
     The constructor initialises the rings (zeroes all three areas), as a driver does when it
-    allocates a queue. Free descriptors and in-flight chains are tracked in Python, never read back
+    allocates a queue; with ``start`` the indices begin there instead of 0. Free descriptors and in-flight chains are tracked in Python, never read back
     from shared memory; used elements from the device are validated (RingError).
     """
 
@@ -531,6 +531,7 @@ class SplitQueueDriver:
         avail_addr: int,
         used_addr: int,
         event_idx: bool = False,
+        start: int = 0,
     ) -> None:
         self._r = _Rings(mem, size, desc_addr, avail_addr, used_addr)
         self.event_idx = event_idx
@@ -544,9 +545,13 @@ class SplitQueueDriver:
         self._avail_event_w = self._r.avail_event_off // 2
         self._free: list[int] = list(range(size - 1, -1, -1))  # a stack; pops 0 first
         self._inflight: dict[int, tuple[list[int], Any]] = {}
-        self._avail_idx = 0
-        self._kicked_avail = 0
-        self._last_used = 0
+        # ``start``: the rings continue at that index (a back-end resumed with SET_VRING_BASE
+        # ``start``): avail idx, used idx, used_event and avail_event all hold it.
+        start &= 0xFFFF
+        self._avail_idx = self._kicked_avail = self._last_used = start
+        if start:
+            self._avail_w[1] = self._used_w[1] = _le16(start)
+            self._avail_w[self._used_event_w] = self._used_w[self._avail_event_w] = _le16(start)
 
     @property
     def size(self) -> int:

@@ -729,3 +729,19 @@ def test_supervisor_choice_for_a_grant_device(caplog):
     required = _Choose(Sup(), cfg, lambda nq: ("xen-mmap", nq), required=True)
     assert required(ProtocolFeatures.MQ, 1) == ("xen-mmap", 1)  # the device then refuses the back-end
     assert _Choose(Sup(), cfg, None).protocol_features == ProtocolFeatures(0)  # memory=shadow
+
+
+def test_each_data_path_names_itself_as_status_shows_it():
+    """``status`` shows ``DataPath.name``: one name per kind of data path, the grant XEN_MMAP
+    export's following whether this activation fell back to shadow rings."""
+    from xen_vhost_master.device import DataPathChooser
+    from xen_vhost_master.grant_memory import GrantShadowDataPath, GrantXenMmapExport
+    from xen_vhost_master.memory import FdExport, XenMmapExport
+    from xen_vhost_master.shadow import ShadowDataPath
+
+    assert [c.name for c in (XenMmapExport, ShadowDataPath, GrantShadowDataPath, FdExport, DataPathChooser)] == [
+        "xen-mmap", "shadow", "shadow (grants)", "sim-memfd", "not chosen yet"]
+    export = GrantXenMmapExport(None, 1, 1 << 20)  # (no gntdev needed to ask the name)
+    assert export.name == "xen-mmap (grants)"
+    export.shadowed = True
+    assert export.name == "shadow (grants, region limit)"

@@ -3,6 +3,7 @@ through (simulated) xenstore, the runtime directory, the per-guest lock, ``statu
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -27,6 +28,8 @@ from xen_vhost_sim.guest import SimControl
 from xen_vhost_sim.simkernel import SimKernel
 from xen_vhost_master.supervisor import ExitCode, Options, Supervisor
 from xen_vhost_master.xen.xenstore import XenstoreClient
+
+from tests.daemon.test_waiting_backend import logwatch  # noqa: F401  (fixture)
 
 ODD_NAMES = ["web1", "my-guest", "web 1", "a/b", "/lead", "tail/", "-lead", ".hidden", "x..y", "Ünïcødé",
              "日本", "tab\there", "back\\slash", "ok:_.Z9", "a//b", "é", "%i", "@x", "\udcff raw byte"]
@@ -172,3 +175,64 @@ async def test_a_domain_gone_between_resolution_and_start_is_exit_0_and_leaves_n
     opts = Options(domid=domid, xenstore=False, devices=(device,), state_file=str(run / "state.json"))
     assert await Supervisor(opts, platform).run() == ExitCode.UNAVAILABLE
     assert os.listdir(run) == []
+
+
+SNAPSHOT = {"status": 0, "driver_features": 0, "interrupt_status": 0, "config_generation": 0,
+            "selectors": [0, 0, 0, 0], "queues": [[0, 0, 0, 0, 0]]}
+GONE = object()  # the key is left out
+BAD_STATES = {
+    "no devices": ({"devices": GONE}, "it lacks devices"),
+    "domid not a number": ({"domid": "D"}, "domid 'D' is not a domain id"),
+    "devices null": ({"devices": None}, "devices None is not an object"),
+    "name a number": ({"name": 7}, "name 7 is not a string"),
+    "server id a string": ({"ioreq_server": "0"}, "ioreq_server '0' is not an IOREQ server id"),
+    "server id out of range": ({"ioreq_server": 1 << 16}, "ioreq_server 65536 is not an IOREQ server id"),
+    "devices a list": ({"devices": [1]}, "devices [1] is not an object"),
+    "device key": ({"devices": {"x": SNAPSHOT}}, "device key 'x' is not a window base address"),
+    "device lacks queues": ({"devices": {"33554432": {k: v for k, v in SNAPSHOT.items() if k != "queues"}}},
+                            "device at 0x2000000: snapshot lacks queues"),
+    "selectors a string": ({"devices": {"33554432": dict(SNAPSHOT, selectors="abcd")}},
+                           "device at 0x2000000: snapshot's selectors is 'abcd', not a list of 4"),
+    "status a bool": ({"devices": {"33554432": dict(SNAPSHOT, status=True)}},
+                      "device at 0x2000000: snapshot's status is True, not a number"),
+    "queue size": ({"devices": {"33554432": dict(SNAPSHOT, queues=[[65536, 1, 0, 0, 0]])}},
+                   "device at 0x2000000: snapshot's queue 0 num 65536 is not in 0..0x8000"),
+    "queue short": ({"devices": {"33554432": dict(SNAPSHOT, queues=[[1, 1, 0, 0]])}},
+                    "device at 0x2000000: snapshot's queue 0 is [1, 1, 0, 0], not a list of 5"),
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", [*BAD_STATES, "good", "good without a name"])
+async def test_a_malformed_state_file_is_logged_and_ignored(case, sim_control, platform, kernel, sim_dir, tmp_path, logwatch):
+    """A state.json with wrong types, missing keys or out-of-range values is one warning and the
+    daemon starts fresh (a new IOREQ server), as for an unreadable one, whatever part is wrong; the
+    same file well formed is taken over (the IOREQ server it names is adopted), also without the
+    guest's name (which files of a daemon before instances had a name lack)."""
+    from tests.daemon.test_waiting_backend import running
+    from xen_vhost_master.xen.dmop import DeviceModel
+    from xen_vhost_master.xen.privcmd import PrivCmd
+
+    domid = sim_control.create_domain(mem_bytes=16 << 20, name="brief")
+    with PrivCmd(kernel) as privcmd:  # a predecessor's IOREQ server, still there
+        server = DeviceModel(privcmd, domid).create_ioreq_server()
+    state: dict[str, object] = {"domid": domid, "name": "brief", "ioreq_server": server, "devices": {"33554432": SNAPSHOT}}
+    change, reason = BAD_STATES.get(case, ({"name": GONE} if case == "good without a name" else {}, ""))
+    state.update(change)
+    state = {k: v for k, v in state.items() if v is not GONE}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "state.json").write_text(json.dumps(state))
+    device = parse_device_arg(f"type=blk,base=0x2000000,irq=33,socket={sim_dir}/absent.sock")
+    opts = Options(domid=domid, name="brief", xenstore=False, devices=(device,), state_file=str(run / "state.json"))
+    with logwatch() as log:
+        async with running(platform, opts):
+            warnings = [line for line in log.lines if "state file" in line]
+            if case.startswith("good"):
+                assert warnings == [f"dom{domid}: state file of a previous run found: taking over"]
+                assert f"dom{domid}: ioreq server {server} adopted for 1 vCPU(s)" in log.lines
+            else:
+                assert warnings == [f"dom{domid}: ignoring malformed state file {run / 'state.json'}: {reason}"]
+                assert not [line for line in log.lines if "adopted" in line]
+                assert json.loads((run / "state.json").read_text())["ioreq_server"] != server  # started fresh
+

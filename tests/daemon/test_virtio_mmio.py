@@ -281,3 +281,19 @@ def test_snapshot_restore_round_trip_keeps_the_driver_view():
         restore(make(queues=(256,)), state)
     with pytest.raises(ValueError, match="features"):
         restore(make(features=0), state)
+
+
+@pytest.mark.parametrize("change", [
+    {"selectors": 7}, {"queues": "q"}, {"status": "4"}, {"driver_features": -1}, {"queues": [[1, 1, 0, 0]]},
+    {"selectors": [0, 0, 0, 1 << 32]}, {"queues": None, "status": None},
+])
+def test_restore_refuses_a_malformed_snapshot_with_value_error(change):
+    from xen_vhost_master.virtio_mmio import restore, snapshot
+
+    state = {**snapshot(make()), **change}
+    with pytest.raises(ValueError, match="snapshot"):
+        restore(make(), state)
+    missing = snapshot(make())
+    del missing["config_generation"]
+    with pytest.raises(ValueError, match="snapshot lacks config_generation"):
+        restore(make(), missing)

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from vhost_user import AsyncFrontend, BackendFailed, FeatureNotNegotiated, FrontendRequest, LocalProtocolError, ProtocolFeatures, VirtioFeatures
+from vhost_user import AsyncFrontend, BackendFailed, Disconnected, FdSocket, FeatureNotNegotiated, FrontendRequest, LocalProtocolError, ProtocolFeatures, VirtioFeatures
 from vhost_user.events import RequestReceived
 from vhost_user.testing import DummyBackend, RamDiskBlk, connected_pair
 from vhost_user.testing.blk import (
@@ -318,3 +318,16 @@ async def test_ramdisk_command_serves_a_frontend(tmp_path, no_fd_leak: None) -> 
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+@pytest.mark.asyncio
+async def test_peer_credentials_are_the_peer_process_ids(no_fd_leak: None) -> None:
+    a, b = FdSocket.pair()
+    fe = AsyncFrontend(a)
+    try:
+        assert fe.peer_credentials() == b.peer_credentials() == (os.getpid(), os.getuid(), os.getgid())
+    finally:
+        await fe.close()
+        b.close()
+    with pytest.raises(Disconnected):
+        b.peer_credentials()

@@ -578,3 +578,27 @@ def test_write_into_a_read_only_mapping_is_a_ring_error_not_a_type_error():
     with pytest.raises(RingError, match="read-only"):
         write_buffers(mem, [Buffer(0x200, 4), Buffer(0x1800, 4)], b"abcdefgh")
     assert ram[0x1800:0x1804] == bytes(4)
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_a_driver_started_at_an_index_pairs_with_a_device_resumed_there(event_idx):
+    """SET_VRING_BASE n on the device side, ``start=n`` on the driver side: the rings carry on
+    from n (here across the 16-bit wrap) as if n chains had gone round already."""
+    mem = FlatMemory(bytearray(MEM_SIZE), base=BASE)
+    desc, avail, used, _ = split_ring_layout(8, BASE)
+    drv = SplitQueueDriver(mem, 8, desc, avail, used, event_idx=event_idx, start=65534)
+    dev = SplitQueueDevice(mem, 8, desc, avail, used, event_idx=event_idx, last_avail_idx=65534)
+    words = [(avail + 2, "avail idx"), (used + 2, "used idx"), (avail + 4 + 2 * 8, "used_event"),
+             (used + 4 + 8 * 8, "avail_event")]
+    for addr, what in words:
+        with mem.view(addr, 2) as v:
+            assert struct.unpack("<H", v)[0] == 65534, what
+    assert drv.avail_idx == 65534 and dev.pop() is None  # nothing new: no stale chains
+    for n in range(3):  # 65534, 65535, 0
+        head = drv.add(writable=[(DATA, 4)], token=n)
+        assert drv.kick_needed()
+        chain = dev.pop()
+        assert chain is not None and chain.head == head
+        dev.push(head, 4)
+        assert drv.get_used() == [(n, 4)]
+    assert drv.avail_idx == dev.last_avail_idx == 1

@@ -182,6 +182,11 @@ class AsyncFrontend:
         """Protocol features in force."""
         return self.conn.protocol_features
 
+    def peer_credentials(self) -> tuple[int, int, int]:
+        """(pid, uid, gid) of the back-end's process when it connected or accepted
+        (:meth:`FdSocket.peer_credentials`): whom to trust is the caller's policy."""
+        return self.sock.peer_credentials()
+
     def has_protocol_feature(self, feature: ProtocolFeatures) -> bool:
         return self.conn.has_protocol_feature(feature)
 

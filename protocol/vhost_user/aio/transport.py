@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import socket
+import struct
 from collections.abc import Sequence
 
 from ..errors import Disconnected, FdCountMismatch, PeerTimeout, TransportError
@@ -83,6 +84,15 @@ class FdSocket:
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def peer_credentials(self) -> tuple[int, int, int]:
+        """(pid, uid, gid) of the peer as the kernel recorded them when the connection was made
+        (SO_PEERCRED, socket(7)). :class:`Disconnected` once the socket is closed."""
+        if self._closed:
+            raise Disconnected("socket is closed")
+        creds = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", creds)
+        return pid, uid, gid
 
     async def _wait(self, writable: bool) -> None:
         if self._closed:
