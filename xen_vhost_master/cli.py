@@ -70,9 +70,10 @@ back-end sockets:
   Default: /run/vhost-user/{name}/{devid}.sock, a directory the operator's back-end units own
   (systemd/xen-vhost-master.tmpfiles.conf creates /run/vhost-user). socket= and --socket are
   templates: {name} the guest's name (= %I of a back-end's template unit; escaped as
-  systemd-escape does, = %i, only when it is not one plain path component), {domid} its current domain id, {devid} the device id, {vdev} the disk name
-  decoded from a Xen virtual-block device id (51712 = xvda, 51728 = xvdb, 51729 = xvdb1; Xen
-  4.17 virtio_disk ids are these), else the id itself. {{ and }} are literal braces.
+  systemd-escape does, = %i, only when it is not one plain path component), {domid} its
+  current domain id, {devid} the device id, {vdev} the disk name decoded from a Xen
+  virtual-block device id (51712 = xvda, 51728 = xvdb, 51729 = xvdb1; Xen 4.17 virtio_disk
+  ids are these), else the id itself. {{ and }} are literal braces.
   In server mode the daemon creates the socket's directory (0755) and the socket (0600).
 
 --device keys:
