@@ -2,10 +2,10 @@
 
 What runs, each as its own process, exactly as on a dom0 except that Xen is simulated:
 
-1. ``xen-vhost-sim``: the simulated Xen host, with guest domain 1 (256 MiB, Arm64 layout) and a
+1. ``xen-vhost-sim``: the simulated Xen host, with guest domain 1 named ``demo`` (256 MiB, Arm64 layout) and a
    virtio-mmio disk slot written into its xenstore the way ``xl create`` (libxl) does;
 2. ``qemu-storage-daemon``: an unmodified vhost-user-blk back-end exporting a raw image;
-3. ``xen-vhost-master --domid 1``: the daemon, the systemd unit's command line; it finds the disk in
+3. ``xen-vhost-master --domain=demo``: the daemon, the systemd unit's command line; it finds the disk in
    xenstore, registers an IOREQ server, connects to the back-end;
 4. the guest: this process plays the guest's CPU, running a virtio-mmio driver that follows Linux's
    ``virtio_mmio.c``: it probes the device, negotiates, writes random data, reads it back.
@@ -34,6 +34,7 @@ from xen_vhost_sim.guest_driver import GuestPageAllocator
 __all__ = ["main"]
 
 DOMID, BASE, IRQ = 1, 0x0200_0000, 33
+NAME = "demo"  # the guest's name: what the instance is keyed by, as under systemd
 DISK = 64 << 20
 TOTAL = 16 << 20  # bytes the guest writes and reads back
 REQUEST = 64 << 10
@@ -129,7 +130,7 @@ def main() -> int:
         say(f"working in {work}")
         say(f"starting the simulated Xen host: domain {DOMID}, 256 MiB, virtio disk at {BASE:#x} irq {IRQ}")
         sim = subprocess.Popen(
-            [str(bindir / "xen-vhost-sim"), "--socket", str(sim_socket), "--domain", f"domid={DOMID},mem=256M,vcpus=2",
+            [str(bindir / "xen-vhost-sim"), "--socket", str(sim_socket), "--domain", f"domid={DOMID},name={NAME},mem=256M,vcpus=2",
              "--virtio", f"domid={DOMID},device_id=2,base={BASE:#x},irq={IRQ}", "-v"],
             stdout=logs["sim"], stderr=subprocess.STDOUT)
         procs.append(sim)
@@ -143,7 +144,7 @@ def main() -> int:
             stdout=logs["qsd"], stderr=subprocess.STDOUT)
         procs.append(backend)
         _wait_for_socket(backend_sock, backend, "qemu-storage-daemon")
-        cmd = [str(bindir / "xen-vhost-master"), "--domid", str(DOMID), "--runtime-dir", str(runtime)]
+        cmd = [str(bindir / "xen-vhost-master"), f"--domain={NAME}", "--runtime-dir", str(runtime)]
         memory = os.environ.get("DEMO_MEMORY")  # e.g. sim-memfd, the simulator-only zero-copy baseline
         if memory:
             cmd += ["--memory", memory]
@@ -154,7 +155,7 @@ def main() -> int:
         daemon = subprocess.Popen(cmd, env=env, stdout=logs["daemon"], stderr=subprocess.STDOUT)
         procs.append(daemon)
         _wait_for_socket(runtime / "status.sock", daemon, "xen-vhost-master")
-        status_cmd = [str(bindir / "xen-vhost-master"), "status", "--domid", str(DOMID), "--runtime-dir", str(runtime)]
+        status_cmd = [str(bindir / "xen-vhost-master"), "status", f"--domain={NAME}", "--runtime-dir", str(runtime)]
         data, seconds, nreq = asyncio.run(guest_io(str(sim_socket), status_cmd))
         digest = hashlib.sha256(data).hexdigest()[:16]
         with open(image, "rb") as f:
