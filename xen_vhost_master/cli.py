@@ -254,16 +254,16 @@ async def _serve(args: argparse.Namespace, platform: Platform) -> int | _Handove
     except (OSError, DaemonError) as e:
         return _fail(f"runtime directory {options.runtime_dir}: {e}", ExitCode.TEMPFAIL)
     supervisor = Supervisor(options, platform)
+    handover = False
     try:
         code = await supervisor.run()
-    except BaseException:
-        lock.release()
-        raise
-    if supervisor.handover:
-        lock.keep_for_exec()
-        return _Handover()
-    lock.release()
-    return code
+        handover = supervisor.handover
+    finally:
+        if handover:
+            lock.keep_for_exec()  # the next image of this process holds it on
+        else:
+            lock.release()
+    return _Handover() if handover else code
 
 
 def _status_socket(args: argparse.Namespace, platform: Platform | None = None) -> str:

@@ -266,6 +266,7 @@ class SpawnLauncher:
         loop = asyncio.get_running_loop()
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         out: int | IO[bytes] | None = None
+        spawned = False
         try:
             notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             address = f"\0xen-vhost-master-watch/{os.getpid()}/{next(_notify_names)}"
@@ -277,10 +278,10 @@ class SpawnLauncher:
                 *instance_argv(self.opt, name, domid), env=env, stdin=asyncio.subprocess.DEVNULL,
                 stdout=out if out is not None else asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             )
-        except BaseException:
-            notify.close()
-            raise
+            spawned = True
         finally:
+            if not spawned:  # the exec failed or was cancelled: the child's socket goes too
+                notify.close()
             if out is not None and not isinstance(out, int):
                 out.close()
         child = _Child(name, domid, proc, notify, loop.create_future(), loop.create_future())
@@ -989,13 +990,9 @@ def main(argv: list[str] | None = None, platform: Platform | None = None) -> int
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         opt = options(args)
-    except ValueError as e:
-        print(f"xen-vhost-master watch: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    try:
         platform = platform if platform is not None else platform_from_env()
-    except ConfigError as e:
-        print(f"xen-vhost-master watch: {e}", file=sys.stderr)
+    except (ValueError, ConfigError) as e:
+        log.error("configuration error: %s", e)
         return EXIT_CONFIG
     announce(platform, log)
     notifier = Notifier()  # takes NOTIFY_SOCKET out of the environment the instances inherit

@@ -198,7 +198,7 @@ class InstanceLock:
                 pid = _read_pid(fd)
                 os.close(fd)
                 raise AlreadyServed(guest, pid) from None
-            except BaseException:
+            except OSError:  # flock's other errors (ENOLCK, EINTR): no lock, no fd left open
                 os.close(fd)
                 raise
             if _same_file(fd, path):  # not unlinked by an exiting holder between open and flock

@@ -162,9 +162,7 @@ class IoreqServer:
             await cancel_and_wait(task)
         for base in list(self._bases):
             self.remove_window(base)
-        for port in self._ports:
-            self._step("unbind event channel", functools.partial(self.evtchn.unbind, port))
-        self._ports, self._vcpu_of = [], {}
+        self._unbind_ports()
         if self.server_id is not None:
             sid = self.server_id
             gone: XenError | None = None
@@ -209,12 +207,7 @@ class IoreqServer:
         process adopts it (:meth:`create` with ``adopt``). Our event-channel ports are unbound and
         the page unmapped."""
         self.stop_reading()
-        for port in self._ports:
-            try:
-                self.evtchn.unbind(port)
-            except XenError as e:
-                self.log.warning("handover: unbind event channel failed: %s", e)
-        self._ports, self._vcpu_of = [], {}
+        self._unbind_ports()
         self._bases, self._windows = [], {}
         if self.page is not None:
             self.page.close()
@@ -223,11 +216,16 @@ class IoreqServer:
         self.server_id = None
         self.enabled = False
 
+    def _unbind_ports(self) -> None:
+        for port in self._ports:
+            self._step("unbind event channel", functools.partial(self.evtchn.unbind, port))
+        self._ports, self._vcpu_of = [], {}
+
     def _step(self, what: str, op: Callable[[], None]) -> None:
         try:
             op()
         except XenError as e:
-            self.log.warning("teardown: %s failed: %s", what, e)
+            self.log.warning("%s failed: %s", what, e)
 
     # --- serving --------------------------------------------------------------------------------
 
