@@ -262,6 +262,20 @@ def ran_only_after_claimed(info: dict[str, Any], bases: list[int]) -> bool:
     return all(("claimed", b) in history[:first_run] for b in bases)
 
 
+async def unpaused_claimed_and_serving(watch: Watch, domid: int, disk: QsdPeer, seed: int) -> None:
+    """The guest holds no pause reference any more, first ran with its window claimed, and its
+    driver does I/O (checked in the back-end's image)."""
+    with watch.ctl() as ctl:
+        info = ctl.domain_info(domid)
+    assert info["pause_count"] == 0
+    assert ran_only_after_claimed(info, [BASE]), info["history"]
+    guest, dev = await attach(watch.sim_path, domid)
+    try:
+        await io_check(dev, image_of(disk), seed)
+    finally:
+        guest.close()
+
+
 @pytest.mark.peer
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # the dispatcher and instances run on uvloop
 async def test_a_new_guest_is_held_until_its_instance_is_ready_then_served_across_a_reboot(watch: Watch, peers: Peers) -> None:
@@ -287,15 +301,7 @@ async def test_a_new_guest_is_held_until_its_instance_is_ready_then_served_acros
     await watch.log.wait_for(rf"domain {domid}: pause reference dropped \(instance READY\)")
     served = watch.log.index(rf"alpha: domain {domid} is served \(READY\)")
     assert served < watch.log.index(rf"domain {domid}: pause reference dropped \(instance READY\)")
-    with watch.ctl() as ctl:
-        info = ctl.domain_info(domid)
-    assert info["pause_count"] == 0
-    assert ran_only_after_claimed(info, [BASE]), info["history"]
-    guest, dev = await attach(watch.sim_path, domid)
-    try:
-        await io_check(dev, image_of(disk), 1)
-    finally:
-        guest.close()
+    await unpaused_claimed_and_serving(watch, domid, disk, 1)
     first_pid = await watch.instance_pid("alpha", domid)
 
     new = await watch.xl("xl_reboot", domid)
@@ -404,15 +410,7 @@ async def test_a_xen_4_17_guest_is_created_while_its_instance_is_still_starting(
         held.close()  # the instance goes on starting
     await watch.served("lambda", domid)
     await watch.log.wait_for(rf"domain {domid}: pause reference dropped \(instance READY\)")
-    with watch.ctl() as ctl:
-        info = ctl.domain_info(domid)
-    assert info["pause_count"] == 0
-    assert ran_only_after_claimed(info, [BASE]), info["history"]
-    guest, dev = await attach(watch.sim_path, domid)
-    try:
-        await io_check(dev, image_of(disk), 6)
-    finally:
-        guest.close()
+    await unpaused_claimed_and_serving(watch, domid, disk, 6)
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])
