@@ -132,7 +132,7 @@ def _sim_modules_after(code: str, env: dict[str, str] | None = None) -> list[str
     "import runpy\nsys.argv = ['xen-vhost-master', '--help']\ntry:\n"
     "    runpy.run_module('xen_vhost_master', run_name='__main__')\nexcept SystemExit:\n    pass",
     "import xen_vhost_master.cli, xen_vhost_master.supervisor, xen_vhost_master.dispatcher, "
-    "xen_vhost_master.xen_blk_backend\nfrom xen_vhost_master.platform import platform_from_env\nplatform_from_env({})",
+    "xen_vhost_master.backend.blk\nfrom xen_vhost_master.platform import platform_from_env\nplatform_from_env({})",
 ], ids=["import-cli", "help", "daemon-on-real-platform"])
 def test_the_daemon_loads_no_simulator_module(code: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "XEN_VHOST_SIM"}
@@ -187,7 +187,7 @@ def test_the_daemon_says_at_once_which_platform_it_runs_on(simulated: bool, argv
 
 
 def test_the_blk_backend_says_its_platform_too(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from xen_vhost_master import xen_blk_backend
+    from xen_vhost_master.backend import blk as xen_blk_backend
 
     socket_path = str(tmp_path / "no-host.sock")
     caplog.set_level(logging.INFO)

@@ -20,22 +20,20 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from vhost_user import (
     AsyncFrontend,
     BackendRequest,
     InflightFd,
-    MemoryRegion,
     Negotiated,
     ProtocolFeatures,
     RequestReceived,
     VhostUserError,
-    XenMemoryRegion,
 )
 from vhost_user.aio import DEFAULT_PROTOCOL_FEATURES, cancel_and_wait
 
 from .config import DeviceConfig
+from .datapath.base import DataPath, DataPathChooser
 from .errors import GuestFault, XenError
 from .fastpath import QueueFastPath
 from .log import DeviceLogger, RateLimit
@@ -53,7 +51,7 @@ from .virtio_mmio import (
 )
 from .virtio_mmio import restore as restore_model
 
-__all__ = ["BackendAbsent", "DataPath", "DataPathChooser", "Device", "DeviceError", "DeviceStats", "RingAddresses"]
+__all__ = ["BackendAbsent", "Device", "DeviceError", "DeviceStats"]
 
 MAX_CONFIG_SIZE = 256  # virtio-mmio config window 0x100..0x1ff; QEMU's VHOST_USER_MAX_CONFIG_SIZE too
 _NUMBERS = re.compile(r"0x[0-9a-fA-F]+|\d+")
@@ -74,84 +72,6 @@ class BackendAbsent(Exception):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class RingAddresses:
-    """Where the back-end finds a queue's rings (addresses in the memory table's space)."""
-
-    desc: int
-    avail: int
-    used: int
-    base: int = 0  # SET_VRING_BASE: the next avail index the back-end is to read
-
-
-class DataPath(Protocol):
-    """How the back-end reaches the guest's buffers: directly (zero copy) or through the daemon.
-
-    Zero copy (:mod:`.memory`): the memory table describes guest RAM itself, the back-end gets the
-    guest's ring addresses, a guest notify is a kick, a back-end call is an interrupt. A copying
-    data path (shadow virtqueues) describes its own memory, gives the back-end its own rings, and
-    moves chains between the two on notifies and calls.
-    """
-
-    @property
-    def name(self) -> str:
-        """What ``status`` shows as the device's data path (e.g. "xen-mmap", "shadow")."""
-        ...
-
-    @property
-    def protocol_features(self) -> ProtocolFeatures:
-        """Protocol features the back-end must have (XEN_MMAP for Xen mappings, none for memfds)."""
-        ...
-
-    @property
-    def packed(self) -> bool:
-        """Whether packed rings can be offered to the guest."""
-        ...
-
-    def banks(self) -> Sequence[tuple[int, int]]:
-        """Guest RAM banks ``(gpa, size)``: the guest's rings must lie inside them."""
-        ...
-
-    def regions(self, queues: Sequence[QueueConfig]) -> tuple[Sequence[MemoryRegion | XenMemoryRegion], Sequence[int]]:
-        """The memory table and one fd per region (still owned by the data path), for a start of
-        ``queues``. Asked once per start of a back-end connection, before :meth:`open_queue` (a
-        copying data path gives each connection memory of its own; grant regions follow the rings)."""
-        ...
-
-    def open_queue(self, queue: QueueConfig, features: int, kick_fd: int, *, resume: bool = False) -> RingAddresses:
-        """The driver made ``queue`` ready and the device starts; ``kick_fd`` is the back-end's.
-        ``resume``: the queue ran with a back-end that is gone; say where the new one restarts."""
-        ...
-
-    def notify(self, index: int) -> None:
-        """The guest notified queue ``index``."""
-        ...
-
-    def used(self, index: int) -> bool:
-        """The back-end signalled queue ``index``; True if the guest should be interrupted."""
-        ...
-
-    def close_queue(self, index: int) -> None:
-        """The back-end has stopped the queue (GET_VRING_BASE answered)."""
-        ...
-
-    def close(self) -> None:
-        """The device is gone: release what the data path owns."""
-        ...
-
-
-class DataPathChooser:
-    """Picks the data path once the back-end's protocol features are known (``memory=auto``:
-    XEN_MMAP when the back-end has it, else shadow virtqueues). Subclass and implement __call__."""
-
-    #: what to ask the back-end for; the data path is then chosen from what it granted
-    protocol_features = ProtocolFeatures(0)
-    name = "not chosen yet"  # the back-end has not answered yet
-
-    def __call__(self, negotiated: ProtocolFeatures, num_queues: int) -> DataPath:
-        raise NotImplementedError
 
 
 @dataclass
@@ -563,7 +483,7 @@ class Device:
         (SET_INFLIGHT_FD) before the rings, so a restarted back-end resubmits exactly what its
         predecessor left in flight. (The shadow path resubmits its own chains and needs none.)
         A back-end that answers badly is logged; the device carries on without tracking."""
-        if not getattr(self.memory, "direct", False) or not fe.has_protocol_feature(ProtocolFeatures.INFLIGHT_SHMFD):
+        if not self.memory.direct or not fe.has_protocol_feature(ProtocolFeatures.INFLIGHT_SHMFD):
             return
         nq, qsize = len(self._kick), self.config.queue_size
         if self._inflight is None:
@@ -608,7 +528,7 @@ class Device:
     def _kernel_path(self, index: int) -> None:
         """Hand queue ``index``'s notifications to the kernel (privcmd ioeventfd/irqfd), if it can."""
         fp = self.fastpath
-        if fp is None or not getattr(self.memory, "direct", False) or index in fp.assigned:
+        if fp is None or not self.memory.direct or index in fp.assigned:
             return
         try:
             fp.assign(index, self._kick[index], self._call[index])

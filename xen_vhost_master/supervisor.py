@@ -46,13 +46,14 @@ from vhost_user import (
 from vhost_user.aio import cancel_and_wait
 
 from .config import DeviceConfig, MemoryMode, device_from_xenstore, merge
-from .device import BackendAbsent, DataPath, DataPathChooser, Device, DeviceError
+from .datapath.base import DataPath, DataPathChooser
+from .datapath.zerocopy import XenMmapExport, sim_memfd_export
+from .device import BackendAbsent, Device, DeviceError
 from .errors import ConfigError, ExitCode, XenError
 from .fastpath import KernelFastPath
-from .guest_memory import ForeignGuestMemory
+from .guestmem.foreign import ForeignGuestMemory, foreign_reader
 from .ioreq_server import IoreqServer
 from .log import device_logger
-from .memory import XenMmapExport, foreign_reader, sim_memfd_export
 from .platform import Platform
 from .sd_notify import Notifier
 from .virtio_mmio import WINDOW_SIZE, Status, check_snapshot, snapshot
@@ -62,7 +63,7 @@ from .xen.privcmd import PrivCmd
 from .xen.xenstore import XenstoreClient, XenstoreError, XsTransaction
 
 if TYPE_CHECKING:
-    from .shadow import GuestInflightRecord
+    from .datapath.shadow import GuestInflightRecord
 
 __all__ = ["ExitCode", "Options", "Supervisor"]
 
@@ -535,7 +536,7 @@ class Supervisor:
     def _grant_export(self, cfg: DeviceConfig, num_queues: int) -> DataPath:
         """XEN_MMAP for a grant device: grant space described as GRANT regions over a gntdev fd of
         its own; shadow virtqueues when an activation's rings do not fit the region limit."""
-        from .grant_memory import GrantXenMmapExport  # noqa: PLC0415
+        from .datapath.grant_export import GrantXenMmapExport  # noqa: PLC0415
         from .xen.gntdev import GrantDev  # noqa: PLC0415
 
         return GrantXenMmapExport(GrantDev(self.kernel), self.domid, self._grant_span,
@@ -547,10 +548,11 @@ class Supervisor:
         """Shadow virtqueues over the guest's RAM, foreign-mapped once per guest; for a grant
         device over its own gntdev mappings of the grants the guest hands out."""
         assert self.privcmd is not None
-        from .shadow import ShadowDataPath  # noqa: PLC0415  (imported when a device needs it)
+        from .datapath.shadow import ShadowDataPath  # noqa: PLC0415  (imported when a device needs it)
 
         if cfg.grants:
-            from .grant_memory import GrantGuestMemory, GrantShadowDataPath  # noqa: PLC0415
+            from .datapath.grant_export import GrantShadowDataPath  # noqa: PLC0415
+            from .guestmem.grants import GrantGuestMemory  # noqa: PLC0415
             from .xen.gntdev import GrantDev  # noqa: PLC0415
 
             log = device_logger("xen_vhost_master.shadow", self.domid, cfg.devid)
@@ -578,7 +580,7 @@ class Supervisor:
         path = self._inflight_path(cfg)
         if path is None:
             return None
-        from .shadow import GuestInflightRecord  # noqa: PLC0415
+        from .datapath.shadow import GuestInflightRecord  # noqa: PLC0415
 
         try:
             return GuestInflightRecord(path, num_queues, cfg.queue_size)
@@ -855,7 +857,7 @@ class Supervisor:
         devices first and Xen cannot finish destroying a domain whose pages dom0 still maps."""
         if self.guest_memory is None:
             return
-        from .shadow import ShadowDataPath  # noqa: PLC0415  (guest RAM is mapped only for it)
+        from .datapath.shadow import ShadowDataPath  # noqa: PLC0415  (guest RAM is mapped only for it)
 
         if any(isinstance(s.device.memory, ShadowDataPath) for s in self.devices.values()):
             return
@@ -1043,7 +1045,7 @@ class _Choose(DataPathChooser):
     """``memory=auto``: XEN_MMAP if the back-end grants it, else shadow; ``memory=shadow``: shadow.
 
     A grant device's XEN_MMAP export describes grant space (GRANT regions); with more queues than
-    :data:`~xen_vhost_master.grant_memory.MAX_GRANT_QUEUES` its rings may not fit the 8-region
+    :data:`~xen_vhost_master.datapath.grant_export.MAX_GRANT_QUEUES` its rings may not fit the 8-region
     limit, so it takes shadow virtqueues over gntdev. ``required``: memory=xen-mmap, the export is
     used whatever the back-end offers (the device then refuses a back-end without XEN_MMAP)."""
 
@@ -1053,7 +1055,7 @@ class _Choose(DataPathChooser):
         self.protocol_features = ProtocolFeatures.XEN_MMAP if xen_mmap is not None else ProtocolFeatures(0)
 
     def __call__(self, negotiated: ProtocolFeatures, num_queues: int) -> DataPath:
-        from .grant_memory import MAX_GRANT_QUEUES  # noqa: PLC0415
+        from .datapath.grant_export import MAX_GRANT_QUEUES  # noqa: PLC0415
 
         log, devid = self.sup.log, self.cfg.devid
         if self.xen_mmap is not None and (negotiated & ProtocolFeatures.XEN_MMAP or self.required):

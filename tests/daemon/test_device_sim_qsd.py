@@ -21,7 +21,7 @@ from xen_vhost_master.config import DeviceConfig
 from xen_vhost_master.device import Device
 from xen_vhost_master.ioreq_server import IoreqServer
 from xen_vhost_master.log import device_logger
-from xen_vhost_master.memory import sim_memfd_export
+from xen_vhost_master.datapath.zerocopy import sim_memfd_export
 from xen_vhost_sim.guest import SimGuest
 from xen_vhost_sim.guest_devices import BlkOp, VirtioBlk
 from xen_vhost_sim.guest_driver import GuestPageAllocator
@@ -36,7 +36,7 @@ class Daemon:
     """The daemon's pieces for one guest with one device, assembled by hand."""
 
     def __init__(self, kernel, control, domid: int, sock: str, queues: int | None = None) -> None:
-        from xen_vhost_master.memory import foreign_reader
+        from xen_vhost_master.guestmem.foreign import foreign_reader
 
         self.privcmd, self.evtchn = PrivCmd(kernel), EventChannel(kernel)
         self.log = device_logger("xvm.test", domid, "blk0")

@@ -15,7 +15,7 @@ from xen_vhost_master.config import DeviceConfig
 from xen_vhost_master.device import Device
 from xen_vhost_master.ioreq_server import IoreqServer
 from xen_vhost_master.log import device_logger
-from xen_vhost_master.memory import sim_memfd_export
+from xen_vhost_master.datapath.zerocopy import sim_memfd_export
 from xen_vhost_sim.guest import SimGuest
 from xen_vhost_sim.guest_devices import VirtioNet
 from xen_vhost_sim.guest_driver import GuestPageAllocator

@@ -19,7 +19,7 @@ from xen_vhost_master.device import Device
 from xen_vhost_master.fastpath import KernelFastPath
 from xen_vhost_master.ioreq_server import IoreqServer
 from xen_vhost_master.log import device_logger
-from xen_vhost_master.memory import XenMmapExport
+from xen_vhost_master.datapath.zerocopy import XenMmapExport
 from xen_vhost_sim.guest import SimGuest
 from xen_vhost_sim.guest_devices import BlkOp, VirtioBlk
 from xen_vhost_sim.guest_driver import GuestPageAllocator
@@ -28,7 +28,7 @@ from xen_vhost_sim.memory import Arch, bank_layout
 from xen_vhost_sim.simkernel import SimKernel
 from xen_vhost_master.xen.evtchn import EventChannel
 from xen_vhost_master.xen.privcmd import PrivCmd
-from xen_vhost_master.xen_mapper import XenRegionMapper
+from xen_vhost_master.backend.mapper import XenRegionMapper
 
 BASE, IRQ, TIMEOUT = 0x0200_0000, 33, 30.0
 

@@ -40,12 +40,12 @@ from xen_vhost_master.config import DeviceConfig
 from xen_vhost_master.device import Device
 from xen_vhost_master.errors import GuestFault
 from xen_vhost_sim.tools.faultbench import QsdProcess, kill_loop
-from xen_vhost_master.memory import FdExport, FdRegion
+from xen_vhost_master.datapath.zerocopy import FdExport, FdRegion
 from xen_vhost_master.virtio_mmio import Reg
-from xen_vhost_master.guest_memory import ForeignGuestMemory
+from xen_vhost_master.guestmem.foreign import ForeignGuestMemory
 from xen_vhost_master.ioreq_server import IoreqServer
 from xen_vhost_master.log import device_logger
-from xen_vhost_master.shadow import ShadowDataPath
+from xen_vhost_master.datapath.shadow import ShadowDataPath
 from xen_vhost_sim.guest import SimControl, SimGuest
 from xen_vhost_sim.guest_devices import BlkOp, VirtioBlk
 from xen_vhost_sim.guest_driver import DeviceStatus, GuestDriverError, GuestPageAllocator

@@ -21,7 +21,7 @@ from vhost_user.testing import RamDiskBlk, connected_pair
 from xen_vhost_master.config import DeviceConfig
 from xen_vhost_master.device import Device
 from xen_vhost_master.log import device_logger
-from xen_vhost_master.memory import FdExport, FdRegion
+from xen_vhost_master.datapath.zerocopy import FdExport, FdRegion
 from xen_vhost_master.virtio_mmio import Reg, Status
 
 RAM_BASE, RAM_SIZE = 0x4000_0000, 4 << 20

@@ -24,10 +24,11 @@ from vhost_user import AsyncFrontend, GuestMemoryError
 from vhost_user.virtqueue import SplitQueueDevice, SplitQueueDriver, read_buffers, split_ring_layout, write_buffers
 from xen_vhost_master.config import DeviceConfig
 from xen_vhost_master.device import Device
-from xen_vhost_master.grant_memory import GRANT_SPACE, GrantGuestMemory, GrantShadowDataPath
+from xen_vhost_master.datapath.grant_export import GrantShadowDataPath
+from xen_vhost_master.guestmem.grants import GRANT_SPACE, GrantGuestMemory
 from xen_vhost_master.ioreq_server import IoreqServer
 from xen_vhost_master.log import device_logger
-from xen_vhost_master.shadow_pool import SHADOW_BASE
+from xen_vhost_master.datapath.shadow_pool import SHADOW_BASE
 from xen_vhost_sim.guest import SimGuest
 from xen_vhost_sim.guest_devices import SECTOR_SIZE, BlkOp, VirtioBlk
 from xen_vhost_sim.guest_driver import (
@@ -593,7 +594,7 @@ async def test_cli_daemon_exports_grants_over_xen_mmap_to_a_python_backend_proce
         assert ready, "xen-vhost-sim did not start"
         with SimControl(sim_path) as ctl:
             ctl.add_virtio_device(domid, device_id=2, base=BASE, irq=IRQ, devid=0, grant_usage=True)
-        backend = subprocess.Popen([sys.executable, "-m", "xen_vhost_master.xen_blk_backend", "--socket", sock,
+        backend = subprocess.Popen([sys.executable, "-m", "xen_vhost_master.backend.blk", "--socket", sock,
                                     "--image", str(image), "--xen-no-advance", "spec"], env=env, stderr=subprocess.PIPE)
         runtime = tmp_path / "run"
         runtime.mkdir()
@@ -705,7 +706,7 @@ def test_supervisor_choice_for_a_grant_device(caplog):
     """XEN_MMAP grant export when the back-end offers XEN_MMAP and the rings fit; shadow over
     gntdev otherwise (each choice logged); memory=xen-mmap insists on the export."""
     from vhost_user import ProtocolFeatures
-    from xen_vhost_master.grant_memory import MAX_GRANT_QUEUES
+    from xen_vhost_master.datapath.grant_export import MAX_GRANT_QUEUES
     from xen_vhost_master.supervisor import _Choose
 
     caplog.set_level(logging.INFO)
@@ -734,10 +735,10 @@ def test_supervisor_choice_for_a_grant_device(caplog):
 def test_each_data_path_names_itself_as_status_shows_it():
     """``status`` shows ``DataPath.name``: one name per kind of data path, the grant XEN_MMAP
     export's following whether this activation fell back to shadow rings."""
-    from xen_vhost_master.device import DataPathChooser
-    from xen_vhost_master.grant_memory import GrantShadowDataPath, GrantXenMmapExport
-    from xen_vhost_master.memory import FdExport, XenMmapExport
-    from xen_vhost_master.shadow import ShadowDataPath
+    from xen_vhost_master.datapath.base import DataPathChooser
+    from xen_vhost_master.datapath.grant_export import GrantShadowDataPath, GrantXenMmapExport
+    from xen_vhost_master.datapath.zerocopy import FdExport, XenMmapExport
+    from xen_vhost_master.datapath.shadow import ShadowDataPath
 
     assert [c.name for c in (XenMmapExport, ShadowDataPath, GrantShadowDataPath, FdExport, DataPathChooser)] == [
         "xen-mmap", "shadow", "shadow (grants)", "sim-memfd", "not chosen yet"]

@@ -20,8 +20,8 @@ from vhost_user.virtqueue import (
     split_ring_layout,
     write_buffers,
 )
-from xen_vhost_master.shadow import GuestInflightRecord, ShadowDataPath, ShadowError
-from xen_vhost_master.shadow_pool import PAGE, SHADOW_BASE, PagePool
+from xen_vhost_master.datapath.shadow import GuestInflightRecord, ShadowDataPath, ShadowError
+from xen_vhost_master.datapath.shadow_pool import PAGE, SHADOW_BASE, PagePool
 from xen_vhost_master.virtio_mmio import QueueConfig
 
 GBASE, GSIZE = 0x4000_0000, 4 << 20

@@ -10,8 +10,8 @@ import pytest
 
 from vhost_user import GuestMemoryError
 from vhost_user.virtqueue import SplitQueueDriver, split_ring_layout
-from xen_vhost_master.guest_memory import ForeignGuestMemory
-from xen_vhost_master.shadow import ShadowDataPath
+from xen_vhost_master.guestmem.foreign import ForeignGuestMemory
+from xen_vhost_master.datapath.shadow import ShadowDataPath
 from xen_vhost_sim.guest import SimGuest
 from xen_vhost_master.virtio_mmio import QueueConfig
 from xen_vhost_master.xen.privcmd import PrivCmd

@@ -14,7 +14,7 @@ from vhost_user.virtqueue import VIRTQ_DESC_F_WRITE as WRITE
 from vhost_user.virtqueue import split_ring_layout
 
 from tests.daemon.test_shadow_engine import EVENT_IDX, GBASE, GSIZE, INDIRECT, rig  # noqa: F401  (fixture)
-from xen_vhost_master.shadow import ShadowQueueError
+from xen_vhost_master.datapath.shadow import ShadowQueueError
 
 NUM = 16
 

@@ -21,11 +21,11 @@ import pytest
 from vhost_user import AsyncFrontend, UnixListener
 from xen_vhost_master.config import DeviceConfig
 from xen_vhost_master.device import Device
-from xen_vhost_master.guest_memory import ForeignGuestMemory
+from xen_vhost_master.guestmem.foreign import ForeignGuestMemory
 from xen_vhost_master.ioreq_server import IoreqServer
 from xen_vhost_master.log import device_logger
-from xen_vhost_master.shadow import ShadowDataPath
-from xen_vhost_master.shadow_pool import SHADOW_BASE
+from xen_vhost_master.datapath.shadow import ShadowDataPath
+from xen_vhost_master.datapath.shadow_pool import SHADOW_BASE
 from xen_vhost_master.virtio_mmio import IrqLevel
 from xen_vhost_sim.guest import SimGuest
 from xen_vhost_sim.guest_devices import BlkFeature, BlkOp, VirtioBlk

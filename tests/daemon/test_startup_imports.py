@@ -29,7 +29,7 @@ NEVER_IN_THE_DAEMON = (
     "hypothesis", "pytest", "xen_vhost_sim", "vhost_user.aio.server", "vhost_user.aio.device",
     "vhost_user.testing", "vhost_user.trace", "vhost_user.backend",
 )
-ONLY_WHEN_USED = ("xen_vhost_master.shadow", "xen_vhost_master.grant_memory", "xen_vhost_master.xen.gntdev",
+ONLY_WHEN_USED = ("xen_vhost_master.datapath.shadow", "xen_vhost_master.datapath.grant_export", "xen_vhost_master.guestmem.grants", "xen_vhost_master.xen.gntdev",
                   "tomllib", "pathlib")
 
 

@@ -191,7 +191,7 @@ async def test_uml_grant_guest_blk_through_the_bridge_in_grant_mode(
     if path == "xen-mmap-python":
         with open(tmp_path / "backend.log", "wb") as blog:
             backend_proc = subprocess.Popen(
-                [sys.executable, "-m", "xen_vhost_master.xen_blk_backend", "--socket", str(sock), "--image", str(image)],
+                [sys.executable, "-m", "xen_vhost_master.backend.blk", "--socket", str(sock), "--image", str(image)],
                 env=dict(os.environ, XEN_VHOST_SIM=sim_host.path), stderr=blog)
     pattern = os.urandom(256 * 512)
     (tmp_path / "pattern.bin").write_bytes(pattern)

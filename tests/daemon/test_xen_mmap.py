@@ -17,14 +17,14 @@ from xen_vhost_master.config import DeviceConfig
 from xen_vhost_master.device import Device, DeviceError
 from xen_vhost_master.ioreq_server import IoreqServer
 from xen_vhost_master.log import device_logger
-from xen_vhost_master.memory import XenMmapExport
+from xen_vhost_master.datapath.zerocopy import XenMmapExport
 from xen_vhost_sim.guest import SimGuest
 from xen_vhost_sim.guest_devices import BlkOp, VirtioBlk
 from xen_vhost_sim.guest_driver import GuestPageAllocator
 from xen_vhost_sim.memory import bank_layout, Arch
 from xen_vhost_master.xen.evtchn import EventChannel
 from xen_vhost_master.xen.privcmd import PrivCmd
-from xen_vhost_master.xen_mapper import XenRegionMapper
+from xen_vhost_master.backend.mapper import XenRegionMapper
 
 BASE, IRQ, TIMEOUT = 0x0200_0000, 33, 30.0
 
@@ -108,18 +108,13 @@ import logging  # noqa: E402
 import struct  # noqa: E402
 
 from vhost_user import XenMmapFlags  # noqa: E402
-from xen_vhost_master.grant_memory import (  # noqa: E402
-    GRANT_ADDR_BIT,
-    MAX_REGIONS,
-    GrantXenMmapExport,
-    grant_layout,
-    ring_parts,
-)
+from xen_vhost_master.datapath.grant_export import MAX_REGIONS, GrantXenMmapExport, grant_layout, ring_parts  # noqa: E402
+from xen_vhost_master.guestmem.grants import GRANT_ADDR_BIT  # noqa: E402
 from xen_vhost_sim.guest_driver import DeviceStatus, Feature, grant_dma_address  # noqa: E402
 from xen_vhost_master.virtio_mmio import QueueConfig  # noqa: E402
 from xen_vhost_master.xen.gntdev import GrantDev  # noqa: E402
-from xen_vhost_master.xen_blk_backend import refuse_read_only_writes  # noqa: E402
-from xen_vhost_master.xen_mapper import GrantBacking, OnDemandGrantBacking  # noqa: E402
+from xen_vhost_master.backend.blk import refuse_read_only_writes  # noqa: E402
+from xen_vhost_master.guestmem.grants import GrantBacking, OnDemandGrantBacking  # noqa: E402
 
 RUSTVMM, SPEC = XenMmapFlags.NO_ADVANCE_MAP_RUSTVMM, XenMmapFlags.NO_ADVANCE_MAP_SPEC
 GRANT_FEATURES = int(VirtioBlk.DEFAULT_FEATURES | Feature.RING_EVENT_IDX)
@@ -418,7 +413,7 @@ def test_read_only_grant_refusals_are_counted_each_but_logged_at_a_bounded_rate(
 
     from vhost_user.virtqueue import Buffer
     from xen_vhost_master.log import GUEST_LOG_BURST
-    from xen_vhost_master.xen_blk_backend import refuse_read_only_writes
+    from xen_vhost_master.backend.blk import refuse_read_only_writes
 
     ram = bytes(0x2000)  # read-only memory: every view is read-only
     handled: list[int] = []
@@ -427,7 +422,7 @@ def test_read_only_grant_refusals_are_counted_each_but_logged_at_a_bounded_rate(
         _request=lambda chain, rb, wb: handled.append(chain.head) or 1,
     )
     refusals = refuse_read_only_writes(device)  # type: ignore[arg-type]
-    caplog.set_level(_logging.ERROR, logger="xen_vhost_master.xen_blk_backend")
+    caplog.set_level(_logging.ERROR, logger="xen_vhost_master.backend.blk")
     chain = SimpleNamespace(head=3, writable=[Buffer(0x1000, 1)])
     for _ in range(200):
         assert device._request(chain, None, None) == 0  # noqa: SLF001

@@ -8,7 +8,7 @@ The simulator used to remove everything at once; ``SimControl.xl_destroy`` /
 simulator had not: a device directory read half-removed (no ``state``), and a state write after
 libxl's rm re-creating the directory. Both are tested here against the daemon as a program
 (``xen-vhost-master --domid N``) with the project's XEN_MMAP back-end
-(``python -m xen_vhost_master.xen_blk_backend``), Xen 4.17's ``virtio_disk`` kind (decimal base).
+(``python -m xen_vhost_master.backend.blk``), Xen 4.17's ``virtio_disk`` kind (decimal base).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Lab:
         runtime.mkdir()
         env = dict(os.environ, XEN_VHOST_SIM=sim_path)
         self.backend = subprocess.Popen(
-            [sys.executable, "-m", "xen_vhost_master.xen_blk_backend", "--socket", str(runtime / f"{DEVID}.sock"),
+            [sys.executable, "-m", "xen_vhost_master.backend.blk", "--socket", str(runtime / f"{DEVID}.sock"),
              "--image", str(self.image)], env=env, stderr=subprocess.DEVNULL)
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(tmp / "notify"))

@@ -177,7 +177,7 @@ async def fio_direct(peers: Any, fio_time: int) -> dict[str, list[float]]:
 def python_backend(peers: Any, sim_path: str) -> tuple[Any, str]:
     """The project's RAM-disk back-end with XEN_MMAP (xen-blk-backend) on the simulated host."""
     sock = peers.sock_path(f"xblk-{time.monotonic_ns() % 10**6}.sock")
-    proc = peers.start("xen-blk-backend", [sys.executable, "-m", "xen_vhost_master.xen_blk_backend", "--socket", str(sock),
+    proc = peers.start("xen-blk-backend", [sys.executable, "-m", "xen_vhost_master.backend.blk", "--socket", str(sock),
                                            "--size", "256M"], env=dict(os.environ, XEN_VHOST_SIM=sim_path))
     proc.wait_listening(Path(sock))
     return proc, str(sock)

@@ -9,7 +9,7 @@ and drives the simulator's spec-following virtio-blk driver:
 * ``zero-copy``: the back-end maps guest RAM itself (the simulator's labelled sim-only memfd
   exposure, the baseline);
 * ``shadow``: guest RAM reached only through privcmd foreign mappings, chains bounced through the
-  daemon's memfd (:mod:`xen_vhost_master.shadow`), as on real Xen.
+  daemon's memfd (:mod:`xen_vhost_master.datapath.shadow`), as on real Xen.
 
 Workloads: 4 KiB random read at QD 1 and QD 32 (IOPS), 64 KiB sequential read at QD 8 (MB/s).
 QD n = batches of n requests, one notify per batch, all completed before the next batch.
@@ -39,11 +39,11 @@ from vhost_user import AsyncFrontend
 
 from xen_vhost_master.config import DeviceConfig
 from xen_vhost_master.device import Device
-from xen_vhost_master.guest_memory import ForeignGuestMemory
+from xen_vhost_master.guestmem.foreign import ForeignGuestMemory
 from xen_vhost_master.ioreq_server import IoreqServer
 from xen_vhost_master.log import device_logger
-from xen_vhost_master.memory import sim_memfd_export
-from xen_vhost_master.shadow import ShadowDataPath
+from xen_vhost_master.datapath.zerocopy import sim_memfd_export
+from xen_vhost_master.datapath.shadow import ShadowDataPath
 from xen_vhost_sim.guest import SimControl, SimGuest
 from xen_vhost_sim.guest_devices import BlkOp, VirtioBlk
 from xen_vhost_sim.guest_driver import Feature, GuestPageAllocator

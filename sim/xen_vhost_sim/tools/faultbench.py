@@ -59,11 +59,12 @@ from vhost_user import AsyncFrontend
 
 from xen_vhost_master.config import DeviceConfig
 from xen_vhost_master.device import Device
-from xen_vhost_master.guest_memory import ForeignGuestMemory
+from xen_vhost_master.guestmem.foreign import ForeignGuestMemory
 from xen_vhost_master.ioreq_server import IoreqServer
 from xen_vhost_master.log import device_logger
-from xen_vhost_master.memory import foreign_reader, sim_memfd_export
-from xen_vhost_master.shadow import ShadowDataPath
+from xen_vhost_master.datapath.zerocopy import sim_memfd_export
+from xen_vhost_master.guestmem.foreign import foreign_reader
+from xen_vhost_master.datapath.shadow import ShadowDataPath
 from xen_vhost_sim.guest import SimControl, SimGuest
 from xen_vhost_sim.guest_devices import BlkOp, VirtioBlk
 from xen_vhost_sim.guest_driver import Feature, GuestDriverError, GuestPageAllocator

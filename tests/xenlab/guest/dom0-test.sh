@@ -48,7 +48,7 @@ backend() {  # scenario
   dd if=/dev/zero of=$IMG bs=1M count=${XENLAB_DISK_MB:-16} 2>/dev/null
   mkdir -p $DIR
   case $S in
-    pyblk) python3 -m xen_vhost_master.xen_blk_backend --socket $SOCK --image $IMG > /tmp/backend-$S.log 2>&1 & ;;
+    pyblk) python3 -m xen_vhost_master.backend.blk --socket $SOCK --image $IMG > /tmp/backend-$S.log 2>&1 & ;;
     qsd)   qemu-storage-daemon --blockdev driver=file,node-name=file0,filename=$IMG,cache.direct=off \
              --blockdev driver=raw,node-name=disk0,file=file0 \
              --export type=vhost-user-blk,id=exp0,node-name=disk0,writable=on,addr.type=unix,addr.path=$SOCK \

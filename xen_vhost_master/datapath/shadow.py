@@ -1,59 +1,10 @@
 """Shadow virtqueues: any vhost-user back-end on guest memory it cannot map (real Xen).
 
-On Xen the guest's RAM reaches the daemon only through privcmd (or gntdev) mappings, which cannot
-be handed to another process as an fd. :class:`ShadowDataPath` is the copying
-:class:`~.device.DataPath`: the back-end's only memory region is a memfd of ours
-(:mod:`.shadow_pool`) holding one split ring per queue ("shadow rings") and a bounce pool. Per queue:
-
-* guest notify → :meth:`~ShadowDataPath.notify`: pop every available guest chain
-  (:class:`~vhost_user.virtqueue.SplitQueueDevice` validates it: loops, lengths, 4 GiB, order,
-  indirect tables, RAM bounds), allocate one bounce extent for it, copy the device-readable bytes
-  in (memoryview slices), publish a chain of the same shape on the shadow ring (same number of
-  descriptors, readable before writable; indirect when the guest used an indirect table, or when
-  the shadow ring lacks free descriptors and the back-end takes indirect tables), and kick the
-  back-end once per batch if its notification suppression asks for it;
-* back-end call → :meth:`~ShadowDataPath.used`: harvest the shadow used ring in the order the
-  back-end completed, copy back at most the reported written length into the guest's writable
-  buffers in order, free the extents, push the guest used elements in one batch, and say whether
-  the guest wants an interrupt (VRING_AVAIL_F_NO_INTERRUPT / EVENT_IDX ``used_event``).
-
-Back-pressure: when the pool or the shadow ring is full the queue stops pulling guest chains (the
-chain already popped is held) and resumes when the back-end completes something on any queue.
-
-A guest that breaks the rules (RingError) stops only its queue: logged, ``on_error(index,
-reason)`` called (wire it to the model's NEEDS_RESET), nothing more is pulled or written for that
-queue. Without ``on_error``, :meth:`~ShadowDataPath.notify` raises :class:`ShadowQueueError`.
-Copy-back writes only into buffers of validated guest chains, never more than their length.
-
-Grant-mapped guest memory: the engine needs only ``memory.view(addr, length)``. A memory object
-that maps on demand (gntdev grants) may also offer ``release_buffers([(addr, length), ...])``:
-device-readable buffers are released once copied in, device-writable ones once copied back (or
-when the queue is closed), so pages stay mapped for the duration of the request only. With such a
-memory a chain whose device-writable buffer maps read-only (a read-only grant) is refused before it
-is published (a guest error); a copy-back that still meets a read-only view (TypeError) is one too.
-It may also offer ``map_chain(readable, writable)`` (lists of ``(addr, length)``): called once per
-chain, after its bounce extent is allocated and before any of its views, so the memory can map all
-the chain's pages in one batch per access mode instead of one mapping per buffer (gntdev: one
-MAP_GRANT_REF + one mmap each); it never raises (views still fail for a bad buffer), and each
-batch ends with the ``release_buffers`` calls above (readable part after copy-in, writable part
-after copy-back or when the chain is dropped).
-
-Reconnect: each back-end connection gets its own memfd (:meth:`~ShadowDataPath.regions` is asked
-once per connection). A back-end that was replaced may be stopped rather than dead and write later
-into what it mapped; so before the switch its shadow used rings are harvested (those completions
-reach the guest), the bytes of the chains still in flight are carried over to the new memfd at the
-same offsets, and the old memfd is never read again. When the device model re-opens a queue with
-``resume=True`` (same rings, never closed), the shadow ring is rebuilt starting at the guest's used
-index (returned as the ring's ``base`` for the new back-end) and every chain still in flight is
-published again, in order: nothing is lost or completed twice. A queue resumed that this object
-never opened (a restarted daemon: the in-flight table died with the old process) restarts the
-guest side at the guest's used index (QEMU's rule without INFLIGHT_SHMFD; exact for back-ends that
-complete in order), unless the data path was given a :class:`GuestInflightRecord`: the guest
-side then keeps libvhost-user's inflight layout (:mod:`vhost_user.inflight`, the daemon in the
-back-end's role towards the guest) in a file of the runtime directory, which outlives the process;
-a restarted daemon takes the chains it left in flight again, oldest first, and resumes at
-``used idx + their number``, exact whatever order the back-end completed in.
-:meth:`~ShadowDataPath.close_queue` (reset) drops in-flight state.
+:class:`ShadowDataPath` is the copying :class:`~.base.DataPath`: the back-end's only memory region
+is a memfd of ours (:mod:`.shadow_pool`) holding one split ring per queue and a bounce pool; guest
+chains are validated, copied in, published on the shadow ring, and copied back when the back-end
+completes them. Back-pressure, guest errors, grant-mapped memory, reconnect and restart (the
+in-flight record): docs/datapath.md §2.
 """
 
 from __future__ import annotations
@@ -78,10 +29,10 @@ from vhost_user.virtqueue import (
     split_ring_layout,
 )
 
-from .device import RingAddresses
-from .errors import DaemonError
+from ..errors import DaemonError
+from ..virtio_mmio import QueueConfig
+from .base import RingAddresses
 from .shadow_pool import ShadowMemory
-from .virtio_mmio import QueueConfig
 
 __all__ = [
     "DEFAULT_POOL_SIZE",
@@ -222,7 +173,7 @@ class ShadowDataPath:
     """The copying :class:`~.device.DataPath` (split rings only).
 
     ``memory``: the guest's RAM as the daemon maps it (``view(gpa, length)``, e.g.
-    :class:`~.guest_memory.ForeignGuestMemory`; not closed here). ``banks``: its RAM banks.
+    :class:`~..guestmem.foreign.ForeignGuestMemory`; not closed here). ``banks``: its RAM banks.
     ``pool_size``: bytes of bounce pool (bounded; a chain longer than the pool is refused as a
     guest error). ``max_queues``/``max_queue_size``: ring slots reserved in the memfd.
     ``on_error(index, reason)``: a queue was stopped (set NEEDS_RESET).
@@ -231,6 +182,7 @@ class ShadowDataPath:
     name = "shadow"
     protocol_features = ProtocolFeatures(0)
     packed = False
+    direct = False  # the back-end sees shadow rings only: notifications go through the daemon
 
     def __init__(
         self,

@@ -1,13 +1,13 @@
 """A virtio-blk vhost-user back-end for a real dom0: the project's RAM disk with XEN_MMAP.
 
 ``vhost_user.testing.RamDiskBlk`` serves a file (mmap'd shared, so what the guest writes is in
-the file) or RAM; here its ``xen_mapper`` is :class:`~xen_vhost_master.xen_mapper.XenRegionMapper`
+the file) or RAM; here its ``xen_mapper`` is :class:`~xen_vhost_master.backend.mapper.XenRegionMapper`
 on the real kernel, so the guest's memory the daemon describes is mapped here: FOREIGN regions
 (RAM, with the daemon's /dev/xen/privcmd fd) or, for a grant-based guest, GRANT regions (grant
 space, with the daemon's /dev/xen/gntdev fd: rings in advance, data buffers per access). This is
 what the real-Xen lab (tests/xenlab) runs in dom0::
 
-    python3 -m xen_vhost_master.xen_blk_backend --socket /run/xen-vhost-master/1/51712.sock --image /root/disk.img
+    python3 -m xen_vhost_master.backend.blk --socket /run/xen-vhost-master/1/51712.sock --image /root/disk.img
 
 Same options as ``python -m vhost_user.testing.blk``, plus ``--xen-no-advance rust-vmm|spec``
 (the "no advance map" flag value the front-end uses for grant regions: 0x8, the default, or 0x100).
@@ -31,10 +31,10 @@ from vhost_user import GuestMemoryError
 from vhost_user.testing.blk import RamDiskBlk
 from vhost_user.testing.blk import main as blk_main
 
-from .errors import ConfigError
-from .log import RateLimit
-from .platform import Platform, announce, platform_from_env
-from .xen_mapper import XenRegionMapper, no_advance_flag
+from ..errors import ConfigError
+from ..log import RateLimit
+from ..platform import Platform, announce, platform_from_env
+from .mapper import XenRegionMapper, no_advance_flag
 
 __all__ = ["ReadOnlyRefusals", "main", "refuse_read_only_writes"]
 

@@ -1,58 +1,12 @@
-"""A grant-based guest's memory as the daemon sees it: grant references mapped through /dev/xen/gntdev.
+"""A grant-based guest's memory: grant references mapped through /dev/xen/gntdev, in both roles.
 
-A guest that does not trust dom0 with all its RAM (Linux ``CONFIG_XEN_VIRTIO``, xl
-``grant_usage=1``) accepts VIRTIO_F_ACCESS_PLATFORM and puts *grant DMA addresses* in its ring
-registers and descriptors: ``(1 << 63) | (first_ref << 12) | offset`` (``grant-dma-ops.c``), a
-buffer that spans pages using consecutive references. :class:`GrantGuestMemory` offers the
-:class:`vhost_user.virtqueue.GuestMemory` protocol (``view(addr, length)``) over that space, which
-is all the shadow data path (:mod:`.shadow`) needs; :data:`GRANT_SPACE` is the "RAM bank" the
-virtio-mmio model must accept ring addresses in.
-
-* Only grant addresses: anything without bit 63 is a :class:`~vhost_user.errors.GuestMemoryError`.
-* The references covering ``[addr, addr + length)`` are mapped together, writable first; a
-  read-only grant (the writable map fails with EINVAL) is mapped read-only and its views are
-  **read-only memoryviews**: a write attempt raises ``TypeError`` instead of faulting the process
-  (the pages are PROT_READ). A revoked or unknown reference fails that view (GuestMemoryError),
-  which the ring code turns into a RingError for that request only.
-* Mappings are cached (a view inside a mapped range reuses it): the rings stay mapped for the
-  queue's lifetime. :meth:`release_buffers` (called by the shadow engine once a request's buffers
-  are copied in / back) unmaps the data buffers' mappings, so a data page is mapped only while its
-  request is in flight and a reference the guest re-grants later is mapped afresh.
-* **One batch per chain** (:meth:`map_chain`, called by the shadow engine before it copies a
-  chain in): the pages of all the chain's device-readable buffers are mapped with ONE
-  MAP_GRANT_REF (an array of references, in buffer order; they need not be consecutive) and ONE
-  read-only mmap, those of its device-writable buffers with one more, writable (a gntdev mapping
-  has one protection for all its pages, and a guest grants device-readable buffers read-only, so
-  one mapping cannot serve both). Each buffer is then one contiguous slice of its batch, and
-  :meth:`view` of a buffer (or a prefix of it: a partial copy-back) is served from it without an
-  ioctl; :meth:`release_buffers` of the buffers of a batch unmaps it in one go. Per request this
-  replaces one map (plus a refused writable attempt for each read-only grant), mmap and unmap per
-  buffer — each a round trip to the simulated host, a hypercall and a TLB shootdown on real Xen —
-  by at most two of each. A batch holds at most ``max_batch_pages`` pages (more: several
-  batches; a buffer longer than that is mapped on its own when viewed). A batch that cannot be
-  mapped (a revoked or unknown reference, a read-only grant among the writable buffers, no room)
-  is not an error here: its buffers are then mapped one by one when viewed, which fails exactly
-  the buffer at fault as before (a GuestMemoryError; a read-only view of a device-writable
-  buffer), so the guest's chain is refused with the same reason.
-* A mapping is never unmapped while a view of it is alive (the rings' long-lived views, or a
-  hostile buffer aliasing a ring): every view is a fresh export of the mapping's own ctypes array,
-  so its reference count says whether any view is still held. Unmapping a page under a live view
-  would turn the next access into a segfault.
-* Bounded: at most ``max_pages`` pages mapped at once; idle mappings are unmapped oldest first
-  to make room, and when nothing is idle the view fails (GuestMemoryError), never the daemon.
-
-:class:`GrantShadowDataPath` is the shadow data path of a grant device; it owns its memory.
-
-:class:`GrantXenMmapExport` is the zero-copy data path of a grant device whose back-end negotiated
-XEN_MMAP (as xen-vhost-frontend exports grant guests to rust-vmm back-ends, docs/prior-art.md "Guest
-memory: foreign vs grant"): at each activation, one GRANT (0x2) region per vring part (desc
-``16*num``, avail ``4+2*num+2``, used ``4+8*num+2``; parts whose pages touch are merged) mapped in
-advance by the back-end, and GRANT|NO_ADVANCE_MAP regions filling the rest of grant space
-``[1 << 63, 1 << 63 + span)``, which the back-end maps per access; every region carries our
-/dev/xen/gntdev fd, ``mmap_offset`` 0 and the guest's domid (:func:`grant_layout`). The "no
-advance map" value is a per-device setting (0x8 as rust-vmm, the default, or 0x100 as the spec).
-A layout that needs more than :data:`MAX_REGIONS` regions (rings of several queues scattered
-over grant space) is served by shadow virtqueues for that activation instead (logged).
+:class:`GrantGuestMemory` is grant DMA space (``(1 << 63) | (ref << 12) | offset``, Linux
+``drivers/xen/grant-dma-ops.c``) behind ``view(addr, length)`` (the
+:class:`vhost_user.virtqueue.GuestMemory` protocol): mapped on demand, cached, one batch per chain,
+bounded; read-only grants give read-only views. A back-end's XEN_MMAP GRANT regions
+(:mod:`xen_vhost_master.backend.mapper`) are :class:`GrantBacking` (mapped in advance: the rings)
+and :class:`OnDemandGrantBacking` (per access: the data buffers). The design and its reasons:
+docs/datapath.md §3.
 """
 
 from __future__ import annotations
@@ -60,36 +14,30 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
-import os
 import sys
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
-from vhost_user import GuestMemoryError, LocalProtocolError, MemoryRegion, ProtocolFeatures, XenMemoryRegion, XenMmapFlags
+from vhost_user import GuestMemoryError, XenMemoryRegion
 
-from .errors import GuestFault, XenError
-from .shadow import ShadowDataPath
-from .xen.abi import XEN_PAGE_SHIFT
-from .xen.gntdev import GrantDev, GrantMapping
-
-if TYPE_CHECKING:
-    from .device import DataPath, RingAddresses
-    from .virtio_mmio import QueueConfig
+from ..errors import XenError
+from ..xen.abi import XEN_PAGE_SHIFT, XEN_PAGE_SIZE
+from ..xen.gntdev import GrantDev, GrantMapping
+from ..xen.kernel import Kernel
 
 __all__ = [
     "DEFAULT_MAX_BATCH_PAGES",
     "DEFAULT_MAX_PAGES",
     "GRANT_ADDR_BIT",
     "GRANT_SPACE",
+    "GrantBacking",
     "GrantGuestMemory",
     "GrantMemoryStats",
-    "GrantRegion",
-    "GrantShadowDataPath",
-    "GrantXenMmapExport",
-    "MAX_REGIONS",
-    "grant_layout",
+    "ON_DEMAND_IDLE",
+    "ON_DEMAND_MAX_PAGES",
+    "OnDemandGrantBacking",
     "is_grant_address",
 ]
 
@@ -106,6 +54,11 @@ DEFAULT_MAX_BATCH_PAGES: Final = 256
 _MAX_REF: Final = (1 << 32) - 1  # grant_ref_t is a u32
 _PAGE: Final = 1 << XEN_PAGE_SHIFT
 _IDLE_REFS: Final = 2  # the entry's own reference + getrefcount's argument
+#: Pages one back-end on-demand region keeps mapped at most (a single access may not be longer).
+ON_DEMAND_MAX_PAGES: Final = 1024
+#: Idle mappings an on-demand region keeps between :meth:`OnDemandGrantBacking.release` calls
+#: (the same buffer is typically touched two or three times per request: validated, read/written).
+ON_DEMAND_IDLE: Final = 8
 
 
 def is_grant_address(addr: int) -> bool:
@@ -420,216 +373,92 @@ class GrantGuestMemory:
                         " (chain batch)" if e.bufs is not None else "", exc)
 
 
-class GrantShadowDataPath(ShadowDataPath):
-    """Shadow virtqueues for a grant device: rings and buffers live in grant space
-    (:data:`GRANT_SPACE` is the model's RAM); the memory is closed with the data path."""
+# --- a back-end's XEN_MMAP GRANT regions ---------------------------------------------------------
 
-    name = "shadow (grants)"
-
-    def __init__(self, memory: GrantGuestMemory, **kw: Any) -> None:
-        super().__init__(memory, GRANT_SPACE, **kw)
-        self.grant_memory = memory
-
-    def close_queue(self, index: int) -> None:
-        """Reset/stop of queue ``index``: its rings' views are gone, so their grant mappings (and
-        any left idle) are unmapped: the guest may end those grants now."""
-        super().close_queue(index)
-        self.grant_memory.trim()
-
-    def close(self) -> None:
-        super().close()
-        self.grant_memory.close()
+def _grant_span(region: XenMemoryRegion) -> tuple[int, int, int]:
+    """(first ref, page count, offset in the first page) of a region of grant space."""
+    addr, size = region.guest_phys_addr, region.memory_size
+    if not addr & GRANT_ADDR_BIT or not size or addr + size > (1 << 64):
+        raise GuestMemoryError(addr, size, "GRANT region (not in grant DMA space)")
+    off = addr & ~GRANT_ADDR_BIT
+    first, page_off = off >> XEN_PAGE_SHIFT, off & (XEN_PAGE_SIZE - 1)
+    count = (page_off + size + XEN_PAGE_SIZE - 1) >> XEN_PAGE_SHIFT
+    if first + count - 1 > 0xFFFF_FFFF:
+        raise GuestMemoryError(addr, size, "GRANT region (references beyond u32)")
+    return first, count, page_off
 
 
-# --- XEN_MMAP export of grant space (zero copy) ------------------------------------------------------
+class GrantBacking:
+    """A GRANT region mapped in advance (a ring): its consecutive refs through gntdev, for the
+    region's lifetime. Owns the gntdev fd. A read-only grant among them is mapped read-only (the
+    ring code then refuses the ring: its views must be writable)."""
 
-#: VHOST_MEMORY_BASELINE_NREGIONS: regions (and fds) one SET_MEM_TABLE may carry (docs/vhost-user-wire.md §2).
-MAX_REGIONS: Final = 8
-#: Queues whose rings always fit: each queue's parts merged into one region, plus the gaps.
-MAX_GRANT_QUEUES: Final = (MAX_REGIONS - 1) // 2
-
-
-@dataclass(frozen=True)
-class GrantRegion:
-    """One XEN_MMAP region of grant space: ``[addr, addr + size)`` with its xen_mmap_flags."""
-
-    addr: int
-    size: int
-    flags: XenMmapFlags
-
-    @property
-    def in_advance(self) -> bool:
-        return self.flags == XenMmapFlags.GRANT
-
-
-def ring_parts(queue: QueueConfig) -> list[tuple[int, int]]:
-    """The grant-space extents of a split queue's rings, sized as xen-vhost-frontend maps them
-    (desc ``16*num``; avail and used with their trailing event-idx field)."""
-    n = queue.num
-    return [(queue.desc, 16 * n), (queue.driver, 4 + 2 * n + 2), (queue.device, 4 + 8 * n + 2)]
-
-
-def _pages_touch(end: int, start: int) -> bool:
-    """Whether an extent starting at ``start`` lies on the page after (or a page of) the one
-    holding byte ``end - 1``: merging them maps no page that neither needs."""
-    return start >> XEN_PAGE_SHIFT <= ((end - 1) >> XEN_PAGE_SHIFT) + 1
-
-
-def grant_layout(queues: Sequence[QueueConfig], span: int, no_advance: XenMmapFlags,
-                 max_regions: int = MAX_REGIONS) -> list[GrantRegion] | None:
-    """The XEN_MMAP regions for grant space ``[1 << 63, 1 << 63 + span)`` with these queues' rings:
-    one GRANT region per ring part (xen-vhost-frontend's layout) and GRANT|``no_advance`` regions
-    for the gaps. Over ``max_regions``, ring parts whose pages touch are merged; None if even that
-    does not fit. GuestFault for a ring outside the span (or two queues' rings overlapping)."""
-    lo, hi = GRANT_ADDR_BIT, GRANT_ADDR_BIT + span
-    parts = sorted(p for q in queues for p in ring_parts(q))
-    for (a, n), q in ((p, q) for q in queues for p in ring_parts(q)):
-        if not (lo <= a and a + n <= hi):
-            raise GuestFault(a, f"queue {q.index}: ring [{a:#x}, +{n:#x}) is outside the exported grant space")
-    for (a, n), (b, _m) in zip(parts, parts[1:]):
-        if b < a + n:
-            raise GuestFault(b, f"ring extents overlap at {b:#x}")
-    for merge in (False, True):
-        rings: list[list[int]] = []
-        for a, n in parts:
-            if merge and rings and _pages_touch(rings[-1][1], a):
-                rings[-1][1] = max(rings[-1][1], a + n)
-            else:
-                rings.append([a, a + n])
-        out, cur = [], lo
-        for a, end in rings:
-            if a > cur:
-                out.append(GrantRegion(cur, a - cur, XenMmapFlags.GRANT | no_advance))
-            out.append(GrantRegion(a, end - a, XenMmapFlags.GRANT))
-            cur = end
-        if cur < hi:
-            out.append(GrantRegion(cur, hi - cur, XenMmapFlags.GRANT | no_advance))
-        if len(out) <= max_regions:
-            return out
-    return None
-
-
-class GrantXenMmapExport:
-    """XEN_MMAP for a grant device: the back-end maps grant space itself through our gntdev fd.
-
-    The memory table follows the rings of the queues being started (:meth:`regions`).
-    ``fallback()`` builds the shadow data path used when the
-    rings' layout does not fit in :data:`MAX_REGIONS` regions; without one, that activation fails
-    (LocalProtocolError → the device shows NEEDS_RESET); rings outside grant space or overlapping
-    are the guest's fault (GuestFault → NEEDS_RESET too). ``gntdev`` is closed with the export.
-    """
-
-    protocol_features = ProtocolFeatures.XEN_MMAP
-    packed = False
-
-    def __init__(self, gntdev: GrantDev, domid: int, span: int, *,
-                 no_advance: XenMmapFlags = XenMmapFlags.NO_ADVANCE_MAP_RUSTVMM,
-                 fallback: Callable[[], DataPath] | None = None, log: Any = None) -> None:
-        if no_advance not in (XenMmapFlags.NO_ADVANCE_MAP_RUSTVMM, XenMmapFlags.NO_ADVANCE_MAP_SPEC):
-            raise ValueError(f"no_advance={int(no_advance):#x}: use 0x8 (rust-vmm) or 0x100 (spec)")
-        if span <= 0 or span % (1 << XEN_PAGE_SHIFT) or span > GRANT_ADDR_BIT - 1:
-            raise ValueError(f"grant span {span:#x} must be a positive number of pages")
-        self.gntdev, self.domid, self.span, self.no_advance = gntdev, domid, span, no_advance
-        self._fallback = fallback
-        self.log = log or logging.getLogger(__name__)
-        self._kick: dict[int, int] = {}
-        self._reader: GrantGuestMemory | None = None
-        self.layout: list[GrantRegion] = []  # the last memory table
-        self.shadow: DataPath | None = None  # built at the first layout that did not fit
-        self.shadowed = False  # this activation runs on the shadow fallback
-        self.fallbacks = 0
-
-    @property
-    def name(self) -> str:
-        return "shadow (grants, region limit)" if self.shadowed else "xen-mmap (grants)"
-
-    @property
-    def direct(self) -> bool:
-        """Zero copy (the back-end touches the guest's rings) unless on the shadow fallback."""
-        return not self.shadowed
-
-    def banks(self) -> Sequence[tuple[int, int]]:
-        return [(GRANT_ADDR_BIT, self.span)]
-
-    def regions(self, queues: Sequence[QueueConfig] = ()) -> tuple[Sequence[XenMemoryRegion], Sequence[int]]:
-        queues = list(queues)
-        layout = grant_layout(queues, self.span, self.no_advance)  # GuestFault: the device needs a reset
-        if layout is None:
-            if self._fallback is None:
-                raise LocalProtocolError(f"the rings of {len(queues)} queue(s) need more than {MAX_REGIONS} XEN_MMAP regions")
-            if self.shadow is None:
-                self.shadow = self._fallback()
-            self.shadowed, self.fallbacks = True, self.fallbacks + 1
-            self.log.warning("the rings of %d queues need more than %d XEN_MMAP grant regions: shadow virtqueues this time",
-                             len(queues), MAX_REGIONS)
-            shadow_regions, fds = self.shadow.regions(queues)
-            return [_as_unix(r) for r in shadow_regions], fds
-        self.shadowed = False
-        self.layout = layout
-        table = [
-            XenMemoryRegion(guest_phys_addr=r.addr, memory_size=r.size, userspace_addr=r.addr, mmap_offset=0,
-                            xen_mmap_flags=int(r.flags), domid=self.domid)
-            for r in layout
-        ]
-        return table, [self.gntdev.fileno()] * len(table)
-
-    def open_queue(self, queue: QueueConfig, features: int, kick_fd: int, *, resume: bool = False) -> RingAddresses:
-        from .device import RingAddresses  # noqa: PLC0415 - device imports the data paths
-
-        if self.shadowed:
-            assert self.shadow is not None
-            return self.shadow.open_queue(queue, features, kick_fd, resume=resume)
-        self._kick[queue.index] = kick_fd
-        base = 0
-        if resume:  # without INFLIGHT_SHMFD, QEMU's rule: restart at the guest's used index
-            try:
-                with self._memory().view(queue.device + 2, 2) as v:
-                    base = int.from_bytes(v, "little")
-            except GuestMemoryError as e:
-                raise GuestFault(queue.device, f"cannot read the used index to resume: {e}") from None
-            finally:
-                self._memory().trim()
-        return RingAddresses(queue.desc, queue.driver, queue.device, base)
-
-    def notify(self, index: int) -> None:
-        if self.shadowed:
-            assert self.shadow is not None
-            self.shadow.notify(index)
-            return
-        fd = self._kick.get(index)
-        if fd is not None:
-            os.eventfd_write(fd, 1)
-
-    def used(self, index: int) -> bool:
-        if self.shadowed:
-            assert self.shadow is not None
-            return self.shadow.used(index)
-        return True
-
-    def close_queue(self, index: int) -> None:
-        if self.shadowed and self.shadow is not None:
-            self.shadow.close_queue(index)
-        self._kick.pop(index, None)
-
-    def close(self) -> None:
-        self._kick.clear()
+    def __init__(self, kernel: Kernel, region: XenMemoryRegion, fd: int) -> None:
+        self._gntdev = GrantDev(kernel, fd=fd)
+        mapped = False
         try:
-            if self.shadow is not None:
-                self.shadow.close()
+            first, count, self._skew = _grant_span(region)
+            refs = list(range(first, first + count))
+            try:
+                try:
+                    self._gm: GrantMapping = self._gntdev.map_grant_refs(region.domid, refs, writable=True)
+                    self.readonly = False
+                except XenError as e:
+                    if e.errno != errno.EINVAL:  # EINVAL: a read-only grant asked for writable
+                        raise
+                    self._gm = self._gntdev.map_grant_refs(region.domid, refs, writable=False)
+                    self.readonly = True
+            except XenError as e:
+                log.error("domain %d: cannot map grant refs %d..%d: %s", region.domid, first, first + count - 1, e)
+                raise GuestMemoryError(region.guest_phys_addr, region.memory_size,
+                                       f"grant refs {first}..{first + count - 1} of domain {region.domid} ({e.strerror})") from None
+            mapped = True
         finally:
-            if self._reader is not None:
-                self._reader.close()
-            self.gntdev.close()
+            if not mapped:
+                self._gntdev.close()
+        self._view = self._gm.view()
+        self.size = region.memory_size
 
-    def _memory(self) -> GrantGuestMemory:
-        """The daemon's own (rare, small) reads of grant space, over a gntdev of its own: the
-        exported fd belongs to the back-end's use."""
-        if self._reader is None:
-            self._reader = GrantGuestMemory(GrantDev(self.gntdev.kernel), self.domid, max_pages=4, own_gntdev=True)
-        return self._reader
+    def slice(self, offset: int, length: int) -> memoryview:
+        start = self._skew + offset
+        return self._view[start : start + length]
+
+    def close(self) -> None:
+        self._view.release()
+        try:
+            self._gntdev.unmap(self._gm)
+        except XenError as e:  # the kernel frees the grant handles with the fd anyway
+            log.warning("unmapping grant refs at index %#x: %s", self._gm.index, e)
+        finally:
+            self._gntdev.close()
 
 
-def _as_unix(r: MemoryRegion | XenMemoryRegion) -> XenMemoryRegion:
-    """A shadow path's plain region in a XEN_MMAP memory table: xen_mmap_flags 0 (UNIX, an fd to mmap)."""
-    return XenMemoryRegion(guest_phys_addr=r.guest_phys_addr, memory_size=r.memory_size, userspace_addr=r.userspace_addr,
-                           mmap_offset=r.mmap_offset, xen_mmap_flags=0, domid=0)
+class OnDemandGrantBacking:
+    """A GRANT region that cannot be mapped in advance (the data buffers' grant space): each
+    access maps the refs it covers through gntdev (an access inside a mapping still held reuses
+    it). Mappings whose views are all dropped are unmapped by :meth:`release` (a device calls it
+    once a request is done: :func:`~xen_vhost_master.backend.blk.refuse_read_only_writes`
+    does) and, for devices that never do, beyond :data:`ON_DEMAND_IDLE` idle ones at the next
+    access. Read-only grants give read-only views. Owns the gntdev fd."""
+
+    def __init__(self, kernel: Kernel, region: XenMemoryRegion, fd: int, *, max_pages: int = ON_DEMAND_MAX_PAGES) -> None:
+        gntdev = GrantDev(kernel, fd=fd)
+        try:
+            _grant_span(region)
+            self.memory = GrantGuestMemory(gntdev, region.domid, max_pages=max_pages, own_gntdev=True)
+        except GuestMemoryError:
+            gntdev.close()
+            raise
+        self.base = region.guest_phys_addr
+
+    def slice(self, offset: int, length: int) -> memoryview:
+        if self.memory.mappings > ON_DEMAND_IDLE:
+            self.memory.trim(keep=ON_DEMAND_IDLE)  # what earlier accesses no longer view
+        return self.memory.view(self.base + offset, length)
+
+    def release(self) -> int:
+        """Unmap every mapping no view holds; returns how many."""
+        return self.memory.trim()
+
+    def close(self) -> None:
+        self.memory.close()

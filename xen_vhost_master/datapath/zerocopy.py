@@ -8,6 +8,7 @@
 
 In both, ``userspace_addr`` equals the guest-physical address, so the ring addresses the driver
 wrote into QueueDesc/Driver/Device can be passed to SET_VRING_ADDR unchanged (docs/vhost-user-wire.md §6).
+Design: docs/datapath.md §1.
 """
 
 from __future__ import annotations
@@ -18,13 +19,11 @@ from dataclasses import dataclass
 
 from vhost_user import MemoryRegion, ProtocolFeatures, XenMemoryRegion, XenMmapFlags
 
-from .device import RingAddresses
-from .errors import GuestFault
-from .virtio_mmio import QueueConfig
-from .xen.abi import XEN_PAGE_SHIFT, XEN_PAGE_SIZE
-from .xen.privcmd import PrivCmd
+from ..errors import GuestFault
+from ..virtio_mmio import QueueConfig
+from .base import RingAddresses
 
-__all__ = ["FdExport", "FdRegion", "XenMmapExport", "foreign_reader", "sim_memfd_export"]
+__all__ = ["FdExport", "FdRegion", "XenMmapExport", "sim_memfd_export"]
 
 
 class _ZeroCopy:
@@ -124,23 +123,3 @@ def sim_memfd_export(banks: Sequence[tuple[int, int]], memfd: int,
         regions.append(FdRegion(gpa, size, memfd, offset))
         offset += size
     return FdExport(regions, read_guest)
-
-
-def foreign_reader(privcmd: PrivCmd, domid: int) -> Callable[[int, int], bytes]:
-    """Read a few bytes of guest memory through a short-lived foreign mapping (rare, small reads:
-    e.g. a ring's used index when a back-end must be resumed)."""
-
-    def read(gpa: int, length: int) -> bytes:
-        first = gpa >> XEN_PAGE_SHIFT
-        count = ((gpa + length - 1) >> XEN_PAGE_SHIFT) - first + 1
-        fm = privcmd.map_foreign_range(domid, first, count)
-        try:
-            if not fm.ok():
-                raise GuestFault(gpa, "not mapped")
-            with fm.view() as view:
-                start = gpa & (XEN_PAGE_SIZE - 1)
-                return bytes(view[start : start + length])
-        finally:
-            fm.close()
-
-    return read
