@@ -38,20 +38,16 @@ from typing import TYPE_CHECKING, Any
 from vhost_user import (
     AsyncFrontend,
     FdSocket,
-    ProtocolFeatures,
     UnixListener,
     VhostUserError,
-    XenMmapFlags,
 )
 from vhost_user.aio import cancel_and_wait
 
 from .config import DeviceConfig, MemoryMode, device_from_xenstore, merge
-from .datapath.base import DataPath, DataPathChooser
-from .datapath.zerocopy import XenMmapExport, sim_memfd_export
+from .datapath.choose import GuestDataPaths, GuestResources
 from .device import BackendAbsent, Device, DeviceError
 from .errors import ConfigError, ExitCode, XenError
 from .fastpath import KernelFastPath
-from .guestmem.foreign import ForeignGuestMemory, foreign_reader
 from .ioreq_server import IoreqServer
 from .log import device_logger
 from .platform import Platform
@@ -168,17 +164,15 @@ class Supervisor:
         self._exit = ExitCode.OK
         self._tasks: set[asyncio.Task[Any]] = set()
         self._status_server: asyncio.AbstractServer | None = None
-        self._memfd: int | None = None
         self._saved: dict[str, Any] = {}
         self._skipped: set[str] = set()  # malformed xenstore devices already reported
         self.fastpath: KernelFastPath | None = None
-        self.guest_memory: ForeignGuestMemory | None = None
+        self._paths: GuestDataPaths | None = None  # once the guest's RAM layout is known
         self.restricted = False
         self.handover = False  # SIGHUP: the guest is left to the next image of this process
         self._serving = False
         self._gone = False
         self._devices_known = False  # discovery done: the state file's devices are those of self.devices
-        self._grant_span = 0  # bytes of grant space a grant device's XEN_MMAP export describes
 
     # --- the one entry point ---------------------------------------------------------------------
 
@@ -303,7 +297,11 @@ class Supervisor:
         # xen-vhost-frontend: grant space as large as the guest's RAM; with RAM not where the layout
         # expects it (e.g. a UML guest at 0), up to its top frame. Asked now: once restricted,
         # privcmd only takes dm_op and foreign mappings (IOCTL_PRIVCMD_RESTRICT).
-        self._grant_span = sum(size for _gpa, size in self.banks) or (self.privcmd.maximum_gpfn(self.domid) + 1) << 12
+        grant_span = sum(size for _gpa, size in self.banks) or (self.privcmd.maximum_gpfn(self.domid) + 1) << 12
+        self._paths = GuestDataPaths(GuestResources(
+            self.platform, self.privcmd, self.domid, self.banks, grant_span,
+            inflight_record=self._inflight_record, queue_failed=self._shadow_failed, log=self.log,
+        ))
         for cfg in configs:
             self._add_device(self._adjust(cfg), paths.get(cfg.base))
         self._devices_known = True
@@ -440,9 +438,10 @@ class Supervisor:
             return None
         log = device_logger("xen_vhost_master.device", self.domid, cfg.devid)
         served = _Served(cfg, None, path)  # type: ignore[arg-type]
-        ioreq = self.ioreq
+        ioreq, paths = self.ioreq, self._paths
+        assert paths is not None
         device = Device(
-            cfg, connect=lambda: self._connect(served), memory=self._export(cfg),
+            cfg, connect=lambda: self._connect(served), memory=paths.for_device(cfg),
             set_irq=lambda level: ioreq.set_irq(cfg.irq, level), log=log,
         )
         served.device = device
@@ -516,60 +515,6 @@ class Supervisor:
         await self._set_state(served, XENBUS_CLOSED)
         self.notifier.status(self._status_line())
 
-    def _export(self, cfg: DeviceConfig) -> DataPath | DataPathChooser:
-        assert self.privcmd is not None
-        mode = cfg.memory
-        if cfg.grants:
-            if mode not in (MemoryMode.AUTO, MemoryMode.SHADOW, MemoryMode.XEN_MMAP):
-                self.log.warning("device %d: grant-based guest: memory=%s is not possible, using shadow virtqueues",
-                                 cfg.devid, mode.value)
-            if mode not in (MemoryMode.AUTO, MemoryMode.XEN_MMAP):
-                return _Choose(self, cfg, None)
-            return _Choose(self, cfg, lambda nq: self._grant_export(cfg, nq), required=mode is MemoryMode.XEN_MMAP)
-        if mode is MemoryMode.SIM_MEMFD:
-            return self._sim_memfd()
-        xen_mmap = XenMmapExport(self.domid, self.banks, self.privcmd.fileno(), foreign_reader(self.privcmd, self.domid))
-        if mode is MemoryMode.XEN_MMAP:
-            return xen_mmap
-        return _Choose(self, cfg, (lambda nq: xen_mmap) if mode is MemoryMode.AUTO else None)
-
-    def _grant_export(self, cfg: DeviceConfig, num_queues: int) -> DataPath:
-        """XEN_MMAP for a grant device: grant space described as GRANT regions over a gntdev fd of
-        its own; shadow virtqueues when an activation's rings do not fit the region limit."""
-        from .datapath.grant_export import GrantXenMmapExport  # noqa: PLC0415
-        from .xen.gntdev import GrantDev  # noqa: PLC0415
-
-        return GrantXenMmapExport(GrantDev(self.kernel), self.domid, self._grant_span,
-                                  no_advance=XenMmapFlags(cfg.xen_no_advance),
-                                  fallback=lambda: self._shadow(cfg, num_queues),
-                                  log=device_logger("xen_vhost_master.grants", self.domid, cfg.devid))
-
-    def _shadow(self, cfg: DeviceConfig, num_queues: int) -> DataPath:
-        """Shadow virtqueues over the guest's RAM, foreign-mapped once per guest; for a grant
-        device over its own gntdev mappings of the grants the guest hands out."""
-        assert self.privcmd is not None
-        from .datapath.shadow import ShadowDataPath  # noqa: PLC0415  (imported when a device needs it)
-
-        if cfg.grants:
-            from .datapath.grant_export import GrantShadowDataPath  # noqa: PLC0415
-            from .guestmem.grants import GrantGuestMemory  # noqa: PLC0415
-            from .xen.gntdev import GrantDev  # noqa: PLC0415
-
-            log = device_logger("xen_vhost_master.shadow", self.domid, cfg.devid)
-            gpath = GrantShadowDataPath(GrantGuestMemory(GrantDev(self.kernel), self.domid, own_gntdev=True),
-                                        max_queues=num_queues, max_queue_size=cfg.queue_size, log=log,
-                                        inflight=self._inflight_record(cfg, num_queues))
-            gpath.on_error = lambda index, reason: self._shadow_failed(cfg.base, index, reason)
-            return gpath
-        if self.guest_memory is None:
-            self.guest_memory = ForeignGuestMemory(self.privcmd, self.domid, self.banks)
-            self.log.info("guest RAM mapped: %s", ", ".join(f"{gpa:#x}+{size >> 20} MiB" for gpa, size in self.banks))
-        log = device_logger("xen_vhost_master.shadow", self.domid, cfg.devid)
-        path = ShadowDataPath(self.guest_memory, self.banks, max_queues=num_queues,
-                              max_queue_size=cfg.queue_size, log=log, inflight=self._inflight_record(cfg, num_queues))
-        path.on_error = lambda index, reason: self._shadow_failed(cfg.base, index, reason)
-        return path
-
     def _inflight_path(self, cfg: DeviceConfig) -> str | None:
         state = self.opt.state_file
         return os.path.join(os.path.dirname(state), f"shadow-{cfg.devid}.inflight") if state else None
@@ -589,24 +534,10 @@ class Supervisor:
                              "the guest's used index", cfg.devid, e)
             return None
 
-    def _shadow_failed(self, base: int, index: int, reason: str) -> None:
-        served = self.devices.get(base)
+    def _shadow_failed(self, cfg: DeviceConfig, index: int, reason: str) -> None:
+        served = self.devices.get(cfg.base)
         if served is not None:
             served.device.fail(f"shadow queue {index} stopped: {reason}")
-
-    def _sim_memfd(self) -> DataPath:
-        """SIM-ONLY, labelled baseline: guest RAM exposed as the simulator's memfd."""
-        ram_memfd = self.platform.sim_ram_memfd
-        if ram_memfd is None:
-            raise ConfigError(f"memory=sim-memfd only exists in the simulator (platform: {self.platform.name})")
-        banks, memfd = ram_memfd(self.domid)
-        if self._memfd is None:
-            self._memfd = memfd
-        else:
-            os.close(memfd)
-        self.log.warning("SIM-ONLY: guest RAM exposed to back-ends as a memfd (a baseline, impossible on real Xen)")
-        assert self.privcmd is not None
-        return sim_memfd_export(banks, self._memfd, foreign_reader(self.privcmd, self.domid))
 
     async def _connect(self, served: _Served) -> AsyncFrontend:
         """One try to reach the device's back-end; :class:`BackendAbsent` if nobody answers yet."""
@@ -855,15 +786,8 @@ class Supervisor:
     def _release_guest_memory(self) -> None:
         """Unmap the guest's RAM as soon as no shadow device needs it: `xl destroy` removes the
         devices first and Xen cannot finish destroying a domain whose pages dom0 still maps."""
-        if self.guest_memory is None:
-            return
-        from .datapath.shadow import ShadowDataPath  # noqa: PLC0415  (guest RAM is mapped only for it)
-
-        if any(isinstance(s.device.memory, ShadowDataPath) for s in self.devices.values()):
-            return
-        self.guest_memory.close()
-        self.guest_memory = None
-        self.log.info("guest RAM unmapped")
+        if self._paths is not None and self._paths.release_guest_memory([s.device.memory for s in self.devices.values()]):
+            self.log.info("guest RAM unmapped")
 
     async def _watch_domain(self) -> None:
         """Return when the domain is gone (destroyed, or shut down and released). On a xenstore
@@ -953,10 +877,8 @@ class Supervisor:
                     os.unlink(self.opt.state_file)  # a clean stop: nothing to take over
         if self.xs is not None:
             await self.xs.close()
-        if self.guest_memory is not None:
-            self.guest_memory.close()
-        if self._memfd is not None:
-            os.close(self._memfd)
+        if self._paths is not None:
+            self._paths.close()
         for handle in (self.evtchn, self.privcmd):
             if handle is not None:
                 handle.close()
@@ -983,8 +905,8 @@ class Supervisor:
         self.ioreq.detach()
         if self.xs is not None:
             await self.xs.close()
-        if self._memfd is not None:
-            os.close(self._memfd)
+        if self._paths is not None:
+            self._paths.close(unmap=False)  # the shadow paths' views of guest RAM stay as they are
         for handle in (self.evtchn, self.privcmd):
             if handle is not None:
                 handle.close()
@@ -1039,39 +961,3 @@ async def _connect_once(path: str) -> AsyncFrontend:
         if not connected:
             sock.close()
     return AsyncFrontend(FdSocket(sock))
-
-
-class _Choose(DataPathChooser):
-    """``memory=auto``: XEN_MMAP if the back-end grants it, else shadow; ``memory=shadow``: shadow.
-
-    A grant device's XEN_MMAP export describes grant space (GRANT regions); with more queues than
-    :data:`~xen_vhost_master.datapath.grant_export.MAX_GRANT_QUEUES` its rings may not fit the 8-region
-    limit, so it takes shadow virtqueues over gntdev. ``required``: memory=xen-mmap, the export is
-    used whatever the back-end offers (the device then refuses a back-end without XEN_MMAP)."""
-
-    def __init__(self, sup: Supervisor, cfg: DeviceConfig, xen_mmap: Callable[[int], DataPath] | None, *,
-                 required: bool = False) -> None:
-        self.sup, self.cfg, self.xen_mmap, self.required = sup, cfg, xen_mmap, required
-        self.protocol_features = ProtocolFeatures.XEN_MMAP if xen_mmap is not None else ProtocolFeatures(0)
-
-    def __call__(self, negotiated: ProtocolFeatures, num_queues: int) -> DataPath:
-        from .datapath.grant_export import MAX_GRANT_QUEUES  # noqa: PLC0415
-
-        log, devid = self.sup.log, self.cfg.devid
-        if self.xen_mmap is not None and (negotiated & ProtocolFeatures.XEN_MMAP or self.required):
-            if not self.cfg.grants:
-                log.info("device %d: back-end maps guest memory itself (XEN_MMAP)", devid)
-                return self.xen_mmap(num_queues)
-            if num_queues <= MAX_GRANT_QUEUES or self.required:
-                log.info("device %d: grant-based guest: back-end maps the grants itself (XEN_MMAP grant regions, "
-                         "no-advance flag %#x)", devid, self.cfg.xen_no_advance)
-                return self.xen_mmap(num_queues)
-            log.info("device %d: grant-based guest: shadow virtqueues over gntdev (%d queues: their rings may not fit "
-                     "the 8 XEN_MMAP regions)", devid, num_queues)
-            return self.sup._shadow(self.cfg, num_queues)
-        if self.cfg.grants:
-            why = " (the back-end does not offer XEN_MMAP)" if self.xen_mmap is not None else ""
-            log.info("device %d: grant-based guest: shadow virtqueues over gntdev%s", devid, why)
-            return self.sup._shadow(self.cfg, num_queues)
-        log.info("device %d: shadow virtqueues (the back-end knows only shared memory)", devid)
-        return self.sup._shadow(self.cfg, num_queues)

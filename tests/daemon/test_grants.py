@@ -702,34 +702,46 @@ def test_uml_grant_ring_translates_chains_and_ends_grants():
     assert len(ended) == len(table) - 1  # all but the ring's own page
 
 
-def test_supervisor_choice_for_a_grant_device(caplog):
+def test_the_data_path_policy_for_a_grant_device():
     """XEN_MMAP grant export when the back-end offers XEN_MMAP and the rings fit; shadow over
-    gntdev otherwise (each choice logged); memory=xen-mmap insists on the export."""
+    gntdev otherwise, each with its reason; memory=xen-mmap insists on the export; nothing is
+    decided for a grant device before the back-end has answered."""
     from vhost_user import ProtocolFeatures
+    from xen_vhost_master.config import MemoryMode
+    from xen_vhost_master.datapath.choose import Kind, decide, wanted_protocol_features
     from xen_vhost_master.datapath.grant_export import MAX_GRANT_QUEUES
-    from xen_vhost_master.supervisor import _Choose
 
-    caplog.set_level(logging.INFO)
-
-    class Sup:
-        log = logging.getLogger("xvm.test.choose")
-
-        def _shadow(self, cfg, nq):
-            return ("shadow", nq)
-
-    cfg = DeviceConfig(devid=3, device_id=2, base=BASE, irq=IRQ, grants=True, xen_no_advance=0x100)
-    choose = _Choose(Sup(), cfg, lambda nq: ("xen-mmap", nq))
-    assert choose.protocol_features == ProtocolFeatures.XEN_MMAP  # asked for
     xm = ProtocolFeatures.XEN_MMAP | ProtocolFeatures.MQ
-    assert choose(xm, 1) == ("xen-mmap", 1)
-    assert "back-end maps the grants itself (XEN_MMAP grant regions, no-advance flag 0x100)" in caplog.text
-    assert choose(xm, MAX_GRANT_QUEUES + 1) == ("shadow", MAX_GRANT_QUEUES + 1)
-    assert "may not fit the 8 XEN_MMAP regions" in caplog.text
-    assert choose(ProtocolFeatures.MQ, 1) == ("shadow", 1)
-    assert "shadow virtqueues over gntdev (the back-end does not offer XEN_MMAP)" in caplog.text
-    required = _Choose(Sup(), cfg, lambda nq: ("xen-mmap", nq), required=True)
-    assert required(ProtocolFeatures.MQ, 1) == ("xen-mmap", 1)  # the device then refuses the back-end
-    assert _Choose(Sup(), cfg, None).protocol_features == ProtocolFeatures(0)  # memory=shadow
+    auto = MemoryMode.AUTO
+    assert wanted_protocol_features(auto) == ProtocolFeatures.XEN_MMAP  # asked for
+    assert decide(auto, True) is None
+    kind, why = decide(auto, True, xm, 1)
+    assert kind is Kind.GRANT_XEN_MMAP and "back-end maps the grants itself (XEN_MMAP grant regions" in why
+    kind, why = decide(auto, True, xm, MAX_GRANT_QUEUES + 1)
+    assert kind is Kind.GRANT_SHADOW and "may not fit the 8 XEN_MMAP regions" in why
+    kind, why = decide(auto, True, ProtocolFeatures.MQ, 1)
+    assert kind is Kind.GRANT_SHADOW and why.endswith("shadow virtqueues over gntdev (the back-end does not offer XEN_MMAP)")
+    # memory=xen-mmap: the export whatever the back-end offers (the device then refuses the back-end)
+    assert decide(MemoryMode.XEN_MMAP, True, ProtocolFeatures.MQ, 1)[0] is Kind.GRANT_XEN_MMAP  # type: ignore[index]
+    assert wanted_protocol_features(MemoryMode.SHADOW) == ProtocolFeatures(0)  # memory=shadow
+    for mode in (MemoryMode.SHADOW, MemoryMode.SIM_MEMFD):  # sim-memfd is impossible with grants
+        assert decide(mode, True, xm, 1) == (Kind.GRANT_SHADOW, "grant-based guest: shadow virtqueues over gntdev")
+
+
+def test_the_data_path_policy_for_a_ram_device():
+    """Guest RAM: XEN_MMAP and sim-memfd are fixed by the configuration; auto waits for the back-end
+    (XEN_MMAP if offered, else shadow); shadow is shadow whatever the back-end offers."""
+    from vhost_user import ProtocolFeatures
+    from xen_vhost_master.config import MemoryMode
+    from xen_vhost_master.datapath.choose import Kind, decide
+
+    xm = ProtocolFeatures.XEN_MMAP
+    assert decide(MemoryMode.XEN_MMAP, False) == (Kind.XEN_MMAP, "memory=xen-mmap")
+    assert decide(MemoryMode.SIM_MEMFD, False) == (Kind.SIM_MEMFD, "memory=sim-memfd")
+    assert decide(MemoryMode.AUTO, False) is None and decide(MemoryMode.SHADOW, False) is None
+    assert decide(MemoryMode.AUTO, False, xm) == (Kind.XEN_MMAP, "back-end maps guest memory itself (XEN_MMAP)")
+    assert decide(MemoryMode.AUTO, False, ProtocolFeatures(0))[0] is Kind.SHADOW  # type: ignore[index]
+    assert decide(MemoryMode.SHADOW, False, xm)[0] is Kind.SHADOW  # type: ignore[index]
 
 
 def test_each_data_path_names_itself_as_status_shows_it():
