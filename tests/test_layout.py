@@ -6,6 +6,11 @@ the simulator reaches the daemon: a Platform from above (xen_vhost_master/platfo
 * The simulator (``sim/xen_vhost_sim``, its own source root) imports of the daemon only the Xen
   adapters and the platform; its ``tools/`` (demo, benchmarks) may import anything.
 * The Xen adapters (``xen_vhost_master.xen``) import nothing of the project but ``errors``.
+* The daemon's rooms import downwards (:data:`ROOM_RULES`): ``guestmem`` nothing of ``datapath``,
+  ``device`` or ``backend``; ``datapath`` nothing of ``device``, ``supervisor``, ``cli`` or the
+  simulator; the back-end kit (``backend``) nothing of ``device``, ``datapath`` or ``supervisor``;
+  ``ioreq_server`` and ``fastpath`` nothing of ``device``, ``datapath`` or ``supervisor``; ``device``
+  of ``datapath`` only ``datapath.base``. Each rule is also shown to bite on a broken source.
 * Importing the CLI, ``--help`` and the real platform load no simulator module.
 * ``XEN_VHOST_SIM`` is the explicit request for the simulator's platform, found through the
   ``xen_vhost_master.platforms`` entry point; the daemon says at once which platform it runs on,
@@ -112,6 +117,66 @@ def test_the_simulator_imports_of_the_daemon_only_the_xen_adapters_and_the_platf
                                           or _within(n, f"{SIM}.tools"))
            for p in files}
     assert {f: names for f, names in bad.items() if names} == {}
+
+
+# The daemon's rooms (docs/datapath.md, README "What is in the box"): who may not import whom.
+# (room, the modules it consists of, what none of them may import, what is allowed inside that)
+ROOM_RULES = [
+    ("guestmem", ("xen_vhost_master.guestmem",),
+     ("xen_vhost_master.datapath", "xen_vhost_master.device", "xen_vhost_master.backend"), ()),
+    ("datapath", ("xen_vhost_master.datapath",),
+     ("xen_vhost_master.device", "xen_vhost_master.supervisor", "xen_vhost_master.cli", SIM), ()),
+    ("backend", ("xen_vhost_master.backend",),
+     ("xen_vhost_master.device", "xen_vhost_master.datapath", "xen_vhost_master.supervisor"), ()),
+    ("ioreq_server-fastpath", ("xen_vhost_master.ioreq_server", "xen_vhost_master.fastpath"),
+     ("xen_vhost_master.device", "xen_vhost_master.datapath", "xen_vhost_master.supervisor"), ()),
+    ("device", ("xen_vhost_master.device",),
+     ("xen_vhost_master.datapath", "xen_vhost_master.supervisor", SIM), ("xen_vhost_master.datapath.base",)),
+]
+
+
+def room_violations(modules: tuple[str, ...], never: tuple[str, ...], allowed: tuple[str, ...],
+                    sources: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """What the modules of a room import that the rule forbids. ``sources``: module name → text,
+    read from the tree when not given (a test may hand in a broken source to see the rule bite)."""
+    if sources is None:
+        sources = {_module_name(p): p.read_text() for p in sorted(DAEMON.rglob("*.py"))}
+    bad: dict[str, list[str]] = {}
+    for name, text in sources.items():
+        if not any(_within(name, m) for m in modules):
+            continue
+        is_pkg = (DAEMON.parent / (name.replace(".", "/") + "/__init__.py")).is_file()
+        found = imports_in(text, name if is_pkg else name.rpartition(".")[0])
+        hits = sorted(n for n in found if any(_within(n, f) for f in never)
+                      and not any(_within(n, a) for a in allowed) and not any(_within(n, m) for m in modules))
+        if hits:
+            bad[name] = hits
+    return bad
+
+
+@pytest.mark.parametrize(("modules", "never", "allowed"), [r[1:] for r in ROOM_RULES], ids=[r[0] for r in ROOM_RULES])
+def test_each_room_imports_only_downwards(modules: tuple[str, ...], never: tuple[str, ...],
+                                          allowed: tuple[str, ...]) -> None:
+    assert any(_within(_module_name(p), m) for p in DAEMON.rglob("*.py") for m in modules)  # the room exists
+    assert room_violations(modules, never, allowed) == {}
+
+
+@pytest.mark.parametrize(("modules", "never", "allowed"), [r[1:] for r in ROOM_RULES], ids=[r[0] for r in ROOM_RULES])
+def test_a_room_rule_bites_when_broken(modules: tuple[str, ...], never: tuple[str, ...],
+                                       allowed: tuple[str, ...]) -> None:
+    """Each rule, handed a module of its room that imports what it must not, reports it."""
+    target = next(n for n in never if n != SIM)
+    module = modules[0] + ".probe" if (DAEMON.parent / modules[0].replace(".", "/")).is_dir() else modules[0]
+    broken = {module: f"from __future__ import annotations\nimport {target}\n"}
+    assert room_violations(modules, never, allowed, broken) == {module: [target]}
+
+
+def test_the_device_may_import_the_data_path_base_only() -> None:
+    """``from .datapath import shadow`` names the package and its module: both are refused."""
+    sources = {"xen_vhost_master.device": "from .datapath.base import DataPath\nfrom .datapath import shadow\n"}
+    never, allowed = ROOM_RULES[-1][2], ROOM_RULES[-1][3]
+    assert room_violations(("xen_vhost_master.device",), never, allowed, sources) == {
+        "xen_vhost_master.device": ["xen_vhost_master.datapath", "xen_vhost_master.datapath.shadow"]}
 
 
 PROBE = """
