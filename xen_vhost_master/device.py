@@ -229,7 +229,7 @@ class Device:
                 await fe.close()
         if chosen is not None:
             self.memory, self._chooser = chosen, None
-        fe.on_lost = lambda exc: self.backend_lost(str(exc))
+        fe.on_lost = lambda exc: self.backend_lost(str(exc), reconnect=exc.reconnect)
         return fe, negotiated, nq, config
 
     async def _probe_config(self, fe: AsyncFrontend) -> bytes:
@@ -653,11 +653,20 @@ class Device:
         """The reconnect in progress, if any (await it to know the outcome)."""
         return self._reconnecting
 
-    def backend_lost(self, reason: str) -> None:
-        """The back-end connection broke: reconnect and resume, or tell the guest (NEEDS_RESET)."""
+    def backend_lost(self, reason: str, *, reconnect: bool = True) -> None:
+        """The back-end connection broke: reconnect and resume, or tell the guest (NEEDS_RESET).
+        ``reconnect``: the library's verdict on the error (``VhostUserError.reconnect``); when
+        it says connecting again will not help, the device fails at once, without a retry loop."""
         if self.model is None or self._closing or self._reconnecting is not None:
             return
         self.stats.last_error = f"back-end lost: {reason}"
+        if not reconnect:
+            self._give_up(f"back-end lost ({reason}); not reconnecting: the error is not one a new connection cures")
+            if self.frontend is not None:  # its socket goes now, not with the device
+                task = asyncio.get_running_loop().create_task(self.frontend.close())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            return
         self.log.warning("back-end lost (%s): reconnecting", reason)
         self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
 
@@ -682,6 +691,9 @@ class Device:
                     fe, negotiated, nq, config = await self._open_backend()
                     break
                 except (VhostUserError, DeviceError, BackendAbsent, OSError) as e:
+                    if isinstance(e, VhostUserError) and not e.reconnect:
+                        self._give_up(f"back-end came back but refused ({e}); not reconnecting again")
+                        return
                     if loop.time() + delay > deadline:
                         self._give_up(f"back-end did not come back within {RECONNECT_WINDOW:.0f} s: {e}")
                         return

@@ -11,6 +11,7 @@ qemu-storage-daemon back-ends, over the simulated Xen host:
 * a back-end that stops answering (SIGSTOP): the daemon's request times out, the device goes to
   DEVICE_NEEDS_RESET, a reconnect follows once the back-end answers again (SIGCONT), and the
   guest's other device goes on all along;
+* a connection lost to an error the library says no reconnect cures: the device fails at once;
 * the guest destroyed mid-I/O under the daemon as a program: it cleans up and exits 0;
 * malformed and half-removed xenstore device entries: logged, skipped, the others served.
 """
@@ -658,3 +659,37 @@ async def test_guest_fault_while_resuming_a_backend_needs_reset_not_a_dead_task(
             await result
         await _bring_up(device)
         assert device.model.active
+
+
+@pytest.mark.asyncio
+async def test_a_connection_lost_to_an_error_the_library_says_no_reconnect_cures_fails_the_device_at_once(
+        no_fd_leak, ram_memfd, caplog):
+    """The library classifies each error (``VhostUserError.reconnect``). A back-end that talks out
+    of turn while no request is in flight breaks the connection with an error it marks as not
+    worth reconnecting: the device goes to DEVICE_NEEDS_RESET with the reason logged, and no
+    reconnect loop starts (the back-end is not contacted again)."""
+    caplog.set_level(logging.WARNING)
+    async with asyncio.timeout(TIMEOUT), connected_pair(RamDiskBlk(1 << 20)) as (fe, server):
+        connects = 0
+
+        async def connect() -> AsyncFrontend:
+            nonlocal connects
+            connects += 1
+            return fe
+
+        device = Device(DeviceConfig(devid=0, device_id=2, base=0x2000000, irq=33, queue_size=64, num_queues=1),
+                        connect=connect, memory=FdExport([FdRegion(RAM_BASE, RAM_SIZE, ram_memfd)]),
+                        set_irq=lambda level: None, log=device_logger("xvm.test.reconnect", 1, "blk0"))
+        await device.start()
+        try:
+            await _bring_up(device)
+            assert device.model.active and connects == 1
+            await server.sock.send(bytes(12), [])  # a header nobody asked for
+            await fe.lost.wait()  # (the device heard of it first: on_lost runs as the connection breaks)
+            assert not fe.error.reconnect  # the library's verdict
+            assert device.reconnecting is None  # no retry loop
+            assert device.model.status & 0x40  # DEVICE_NEEDS_RESET
+            assert any("not reconnecting" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
+            assert connects == 1 and device.stats.reconnects == 0 and device.reconnecting is None
+        finally:
+            await device.close()
