@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 from .errors import ConfigError
 from .names import path_name, systemd_escape
+from .virtio_mmio import MAX_QUEUE_SIZE
+from .virtio_mmio import WINDOW_SIZE as MMIO_WINDOW
 
 if TYPE_CHECKING:
     from pathlib import Path  # annotations only: pathlib pulls in urllib.parse and ipaddress
@@ -50,8 +52,6 @@ SOCKET_TEMPLATE = "/run/vhost-user/{name}/{devid}.sock"
 # %i of a back-end's template unit), its current domain id, the device id, the disk name.
 SOCKET_KEYS = ("name", "domid", "devid", "vdev")
 DEFAULT_QUEUE_SIZE = 256  # QueueNumMax offered to the guest; QEMU's default for virtio-blk/net
-MMIO_WINDOW = 0x200  # libxl's per-device window (xen/include/public/arch-arm.h GUEST_VIRTIO_MMIO_SIZE)
-MAX_QUEUE_SIZE = 32768  # virtio 1.2 §2.7
 # XEN_MMAP grant regions' "can not be mapped in advance" flag: rust-vmm vm-memory puts 0x8 on the
 # wire (what existing Xen back-ends understand), the vhost-user spec says bit 8 (docs/vhost-user-wire.md §3).
 NO_ADVANCE_RUSTVMM, NO_ADVANCE_SPEC = 0x8, 0x100

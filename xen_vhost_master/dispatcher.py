@@ -88,14 +88,13 @@ from .platform import Platform, announce, platform_from_env
 from .sd_notify import Notifier
 from .xen.domctl import Domctl, DomctlInterfaceUnknown
 from .xen.privcmd import PrivCmd
-from .xen.xenstore import XenstoreClient, XenstoreError, XenstoreNotFound, XsTransaction, XsWatch
+from .xen.xenstore import XenbusState, XenstoreClient, XenstoreError, XenstoreNotFound, XsTransaction, XsWatch
 
 __all__ = ["Dispatcher", "WatchOptions", "instance_argv", "main", "parse_args"]
 
 log = logging.getLogger("xen_vhost_master.dispatcher")
 
 KINDS = ("virtio", "virtio_disk")
-XENBUS_INITIALISING, XENBUS_INITWAIT, XENBUS_CLOSING, XENBUS_CLOSED = 1, 2, 5, 6
 PAUSE_TIMEOUT = 120.0  # never hold a guest longer than this waiting for its instance
 OLD_INSTANCE_GRACE = 30.0  # how long a rebooted guest's old instance may take to exit by itself
 STOP_TIMEOUT = 20.0  # SIGTERM → SIGKILL for a spawned instance (the unit's TimeoutStopSec)
@@ -812,7 +811,7 @@ class Dispatcher:
                     continue
                 state = await self._read(f"{base}/{devid}/state")
                 online = await self._read(f"{base}/{devid}/online")
-                if state is None or state in (str(XENBUS_CLOSING), str(XENBUS_CLOSED)) or online == "0":
+                if state is None or state in (str(int(XenbusState.CLOSING)), str(int(XenbusState.CLOSED))) or online == "0":
                     continue  # being removed, or not a complete libxl device
                 found.add((kind, devid))
         return frozenset(found)
@@ -835,9 +834,9 @@ class Dispatcher:
                     state = await tx.read(f"{path}/state")
                 except XenstoreNotFound:
                     return False  # removed meanwhile: nothing to answer for
-                if state.strip(b"\0") != str(XENBUS_INITIALISING).encode():
+                if state.strip(b"\0") != str(int(XenbusState.INITIALISING)).encode():
                     return False
-                await tx.write(f"{path}/state", str(XENBUS_INITWAIT))
+                await tx.write(f"{path}/state", str(int(XenbusState.INIT_WAIT)))
                 return True
 
             try:

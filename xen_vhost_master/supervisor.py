@@ -56,7 +56,7 @@ from .virtio_mmio import WINDOW_SIZE, Status, check_snapshot, snapshot
 from .xen.abi import DOMID_FIRST_RESERVED
 from .xen.evtchn import EventChannel
 from .xen.privcmd import PrivCmd
-from .xen.xenstore import XenstoreClient, XenstoreError, XsTransaction
+from .xen.xenstore import XenbusState, XenstoreClient, XenstoreError, XsTransaction
 
 if TYPE_CHECKING:
     from .datapath.shadow import GuestInflightRecord
@@ -73,7 +73,6 @@ WAIT_BACKOFF_MAX = 2.0
 CONNECT_TIMEOUT = 5.0  # one connect() to an AF_UNIX path: it works at once or the backlog is full
 # connect() errors that mean "no back-end there yet" (no socket file, or nobody listening on it)
 _ABSENT = {errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN}
-XENBUS_INITWAIT, XENBUS_CONNECTED, XENBUS_CLOSING, XENBUS_CLOSED = 2, 4, 5, 6
 KINDS = ("virtio", "virtio_disk")
 
 
@@ -309,7 +308,7 @@ class Supervisor:
         self._restrict()
         self._detect_fast_path()
         for served in self.devices.values():
-            await self._set_state(served, XENBUS_INITWAIT)
+            await self._set_state(served, XenbusState.INIT_WAIT)
         if self.opt.status_socket:
             await self._start_status_socket(self.opt.status_socket)
         for served in self.devices.values():  # run once READY=1 is out (no await before it)
@@ -413,7 +412,7 @@ class Supervisor:
             except XenstoreError as e:
                 if e.errno != errno.ENOENT:
                     raise
-        if keys.get("online") == "0" or keys.get("state") in (str(XENBUS_CLOSING), str(XENBUS_CLOSED)):
+        if keys.get("online") == "0" or keys.get("state") in (str(int(XenbusState.CLOSING)), str(int(XenbusState.CLOSED))):
             return None
         if "state" not in keys:
             # libxl writes a device's directory (state included) in one transaction and removes it
@@ -512,7 +511,7 @@ class Supervisor:
         if served.listener is not None:
             served.listener.close()
             served.listener = None
-        await self._set_state(served, XENBUS_CLOSED)
+        await self._set_state(served, XenbusState.CLOSED)
         self.notifier.status(self._status_line())
 
     def _inflight_path(self, cfg: DeviceConfig) -> str | None:
@@ -576,7 +575,7 @@ class Supervisor:
             raise DeviceError(f"the peer on {path} (pid {pid}) runs as uid {uid}, which is not allowed "
                               "(allow it with --backend-user)")
 
-    async def _set_state(self, served: _Served, state: int) -> None:
+    async def _set_state(self, served: _Served, state: XenbusState) -> None:
         """Write the backend state, only while the toolstack's directory exists: a plain write
         would re-create a directory libxl already removed (``xl destroy`` removes it once we
         answered Closed, and the domain's end races with our teardown) and leave it behind."""
@@ -587,7 +586,7 @@ class Supervisor:
         async def body(tx: XsTransaction) -> bool:
             if not await tx.exists(path):
                 return False
-            await tx.write(f"{path}/state", str(state))
+            await tx.write(f"{path}/state", str(int(state)))
             return True
 
         try:
@@ -600,13 +599,13 @@ class Supervisor:
         """On every start/stop of the device: save the state file, and set the XenBus state
         (Connected while the guest's driver has DRIVER_OK, InitWait otherwise)."""
         device = served.device
-        shown = XENBUS_INITWAIT
+        shown = XenbusState.INIT_WAIT
         while True:
             await device.changed.wait()
             device.changed.clear()
             self._save_state()
             model = device.model
-            want = XENBUS_CONNECTED if model is not None and model.status & Status.DRIVER_OK else XENBUS_INITWAIT
+            want = XenbusState.CONNECTED if model is not None and model.status & Status.DRIVER_OK else XenbusState.INIT_WAIT
             if want != shown:
                 await self._set_state(served, want)
                 shown = want
@@ -740,7 +739,7 @@ class Supervisor:
                 self.log.info("device %d added in xenstore", cfg.devid)
                 added = self._add_device(self._adjust(cfg), path)
                 if added is not None:
-                    await self._set_state(added, XENBUS_INITWAIT)
+                    await self._set_state(added, XenbusState.INIT_WAIT)
                     self._launch(added)
         self.notifier.status(self._status_line())
 
@@ -754,7 +753,7 @@ class Supervisor:
             if e.errno == errno.ENOENT:
                 return False
             raise
-        return online != "0" and state == str(XENBUS_CLOSED)
+        return online != "0" and state == str(int(XenbusState.CLOSED))
 
     async def _remove_device(self, base: int) -> None:
         assert self.ioreq is not None
@@ -781,7 +780,7 @@ class Supervisor:
         if record is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(record)  # the device is gone: nothing to resume
-        await self._set_state(served, XENBUS_CLOSED)
+        await self._set_state(served, XenbusState.CLOSED)
 
     def _release_guest_memory(self) -> None:
         """Unmap the guest's RAM as soon as no shadow device needs it: `xl destroy` removes the

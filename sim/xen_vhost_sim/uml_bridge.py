@@ -67,7 +67,7 @@ from vhost_user.aio.transport import FdSocket, UnixListener
 from vhost_user.events import RequestReceived
 from vhost_user.wire.enums import FrontendRequest, ProtocolFeatures
 from xen_vhost_sim.guest import SimControl, SimGuest, SimHostError
-from xen_vhost_sim.guest_driver import MMIO_MAGIC, DeviceStatus, Interrupt, MmioReg
+from xen_vhost_sim.guest_driver import MMIO_MAGIC, DeviceStatus, Feature, Interrupt, MmioReg
 from xen_vhost_sim.uml_grants import GRANT_CACHE_RUNS, GrantRing, GrantRingError, GrantStats, RingArea
 
 __all__ = [
@@ -89,12 +89,12 @@ PAGE = 4096
 #: Feature bits the bridge never offers UML: RING_PACKED (34) and NOTIFICATION_DATA (38) (its
 #: kick is an eventfd without data), and bit 30, which on the vhost-user side is
 #: VHOST_USER_F_PROTOCOL_FEATURES (the server adds it; the virtio-mmio device must not offer it).
-BRIDGE_MASKED_FEATURES = (1 << 30) | (1 << 34) | (1 << 38)
+BRIDGE_MASKED_FEATURES = (1 << 30) | int(Feature.RING_PACKED | Feature.NOTIFICATION_DATA)
 MAX_QUEUES = 16
 #: Grant mode: not offered to UML (indirect tables and event-idx fields would need translating),
 #: nor ACCESS_PLATFORM (the bridge is UML's grant DMA layer: it accepts it towards the device).
-GRANT_MASKED_FEATURES = (1 << 28) | (1 << 29) | (1 << 33)
-F_ACCESS_PLATFORM = 1 << 33
+GRANT_MASKED_FEATURES = int(Feature.RING_INDIRECT_DESC | Feature.RING_EVENT_IDX | Feature.ACCESS_PLATFORM)
+F_ACCESS_PLATFORM = int(Feature.ACCESS_PLATFORM)
 GRANT_AREA = 1 << 20  # the bridge's ring pages in grant mode (appended to UML's memory file)
 CONFIG_RETRIES = 100
 MMIO_TIMEOUT = 10.0

@@ -30,7 +30,7 @@ from vhost_user.virtqueue import (
 )
 
 from ..errors import DaemonError
-from ..virtio_mmio import QueueConfig
+from ..virtio_mmio import F_EVENT_IDX, F_INDIRECT_DESC, QueueConfig
 from .base import RingAddresses
 from .shadow_pool import ShadowMemory
 
@@ -43,8 +43,6 @@ __all__ = [
     "ShadowQueueStats",
 ]
 
-VIRTIO_RING_F_INDIRECT_DESC: Final = 28
-VIRTIO_RING_F_EVENT_IDX: Final = 29
 DEFAULT_POOL_SIZE: Final = 16 << 20
 SMALL: Final = 512  # buffers shorter than this are packed at 16-byte alignment, longer ones at 512
 
@@ -235,8 +233,8 @@ class ShadowDataPath:
                               f"{self.shadow.max_queues} queue(s) of up to {self.shadow.max_queue_size}")
         desc, avail, used, _ = split_ring_layout(queue.num, self.shadow.ring_slot(index))
         rings = RingAddresses(desc, avail, used)
-        event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
-        indirect = bool(features >> VIRTIO_RING_F_INDIRECT_DESC & 1)
+        event_idx = bool(features >> F_EVENT_IDX & 1)
+        indirect = bool(features >> F_INDIRECT_DESC & 1)
         old = self._queues.get(index)
         if resume and old is not None and old.config == queue and old.broken is None and old.guest is not None \
                 and old.event_idx == event_idx:

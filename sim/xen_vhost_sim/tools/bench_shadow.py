@@ -42,6 +42,7 @@ from xen_vhost_master.device import Device
 from xen_vhost_master.guestmem.foreign import ForeignGuestMemory
 from xen_vhost_master.ioreq_server import IoreqServer
 from xen_vhost_master.log import device_logger
+from xen_vhost_master.virtio_mmio import WINDOW_SIZE
 from xen_vhost_master.datapath.zerocopy import sim_memfd_export
 from xen_vhost_master.datapath.shadow import ShadowDataPath
 from xen_vhost_sim.guest import SimControl, SimGuest
@@ -142,7 +143,7 @@ async def run_mode(mode: str, host: SimHost, ctl: SimControl, sock: str, seconds
     try:
         ioreq.create()
         await device.start()
-        ioreq.add_window(BASE, 0x200, device)
+        ioreq.add_window(BASE, WINDOW_SIZE, device)
         ioreq.enable()
         blk = await VirtioBlk.attach(guest, BASE, IRQ, GuestPageAllocator(guest.ram), queue_size=256,
                                      features=VirtioBlk.DEFAULT_FEATURES | Feature.RING_EVENT_IDX)

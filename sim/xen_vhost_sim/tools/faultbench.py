@@ -62,6 +62,7 @@ from xen_vhost_master.device import Device
 from xen_vhost_master.guestmem.foreign import ForeignGuestMemory
 from xen_vhost_master.ioreq_server import IoreqServer
 from xen_vhost_master.log import device_logger
+from xen_vhost_master.virtio_mmio import WINDOW_SIZE
 from xen_vhost_master.datapath.zerocopy import sim_memfd_export
 from xen_vhost_master.guestmem.foreign import foreign_reader
 from xen_vhost_master.datapath.shadow import ShadowDataPath
@@ -269,7 +270,7 @@ async def kill_loop(kernel: SimKernel, control: SimControl, host_path: str, work
         await proc.wait_listening()
         ioreq.create()
         await asyncio.wait_for(device.start(), STEP)
-        ioreq.add_window(BASE, 0x200, device)
+        ioreq.add_window(BASE, WINDOW_SIZE, device)
         ioreq.enable()
         guest = await SimGuest.connect(host_path, domid)
         blk = await asyncio.wait_for(
