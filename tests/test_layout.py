@@ -252,10 +252,10 @@ def test_the_daemon_says_at_once_which_platform_it_runs_on(simulated: bool, argv
 
 
 def test_the_blk_backend_says_its_platform_too(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from xen_vhost_master.backend import blk as xen_blk_backend
+    from xen_vhost_master.backend import blk
 
     socket_path = str(tmp_path / "no-host.sock")
     caplog.set_level(logging.INFO)
     with pytest.raises(SystemExit):
-        xen_blk_backend.main(["--help"], platform_from_env({"XEN_VHOST_SIM": socket_path}))
+        blk.main(["--help"], platform_from_env({"XEN_VHOST_SIM": socket_path}))
     assert f"platform: SIMULATED Xen host at {socket_path}" in caplog.text

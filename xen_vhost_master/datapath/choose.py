@@ -153,7 +153,7 @@ class GuestDataPaths:
         return GrantXenMmapExport(GrantDev(self.res.platform.kernel), self.res.domid, self.res.grant_span,
                                   no_advance=XenMmapFlags(cfg.xen_no_advance),
                                   fallback=lambda: self.shadow(cfg, num_queues),
-                                  log=device_logger("xen_vhost_master.grants", self.res.domid, cfg.devid))
+                                  log=device_logger("xen_vhost_master.datapath.grant_export", self.res.domid, cfg.devid))
 
     def shadow(self, cfg: DeviceConfig, num_queues: int) -> DataPath:
         """Shadow virtqueues over the guest's RAM, foreign-mapped once per guest; for a grant
@@ -161,7 +161,7 @@ class GuestDataPaths:
         from .shadow import ShadowDataPath  # noqa: PLC0415  (loaded when a device needs it)
 
         res = self.res
-        log = device_logger("xen_vhost_master.shadow", res.domid, cfg.devid)
+        log = device_logger("xen_vhost_master.datapath.shadow", res.domid, cfg.devid)
         path: ShadowDataPath
         if cfg.grants:
             from ..guestmem.grants import GrantGuestMemory  # noqa: PLC0415
