@@ -47,7 +47,7 @@ from vhost_user.aio import cancel_and_wait
 
 from .config import DeviceConfig, MemoryMode, device_from_xenstore, merge
 from .device import BackendAbsent, DataPath, DataPathChooser, Device, DeviceError
-from .errors import ConfigError, ExitCode, XenError
+from .errors import ConfigError, ExitCode, HostError, XenError, host_error
 from .fastpath import KernelFastPath
 from .guest_memory import ForeignGuestMemory
 from .ioreq_server import IoreqServer
@@ -198,6 +198,9 @@ class Supervisor:
         except ConfigError as e:
             self.log.error("configuration error: %s", e)
             self._exit = ExitCode.CONFIG
+        except HostError as e:
+            self.log.error("%s", e)
+            self._exit = e.code
         except _DomainGone as e:
             if self.opt.xenstore:  # resolved through xenstore moments ago: it went away since
                 self.log.info("%s: nothing to serve", e)
@@ -277,8 +280,11 @@ class Supervisor:
     # --- start ----------------------------------------------------------------------------------
 
     async def _start(self) -> None:
-        self.privcmd = PrivCmd(self.kernel)
-        self.evtchn = EventChannel(self.kernel)
+        try:
+            self.privcmd = PrivCmd(self.kernel)
+            self.evtchn = EventChannel(self.kernel)
+        except XenError as e:
+            raise (host_error(e) or e) from None
         self.ioreq = IoreqServer(self.privcmd, self.evtchn, self.domid, self.log)
         self._saved = self._load_state()
         try:
@@ -286,6 +292,9 @@ class Supervisor:
         except XenError as e:
             if e.errno in (errno.ESRCH, errno.ENOENT, errno.EINVAL):
                 raise _DomainGone(f"domain {self.domid} does not exist ({e})") from None
+            problem = host_error(XenError("dm_op create_ioreq_server", e.errno or errno.EIO) if e.op == "dm_op" else e)
+            if problem is not None:
+                raise problem from None
             raise
         self._save_state()
         discovered: list[tuple[DeviceConfig, str]] = []
