@@ -193,7 +193,7 @@ class Supervisor:
             if not self._stop.is_set():
                 self._serving = True
                 self.notifier.ready(self._status_line())
-                self.log.info("serving: %s", self._status_line())
+                self.log.info("serving: %s", self._device_counts())
                 await self._serve(gone)
         except ConfigError as e:
             self.log.error("configuration error: %s", e)
@@ -287,6 +287,7 @@ class Supervisor:
             raise (host_error(e) or e) from None
         self.ioreq = IoreqServer(self.privcmd, self.evtchn, self.domid, self.log)
         self._saved = self._load_state()
+        self._starting("creating the IOREQ server")
         try:
             self.ioreq.create(adopt=self._saved.get("ioreq_server"))
         except XenError as e:
@@ -299,6 +300,7 @@ class Supervisor:
         self._save_state()
         discovered: list[tuple[DeviceConfig, str]] = []
         if self.opt.xenstore:
+            self._starting("reading the guest's devices from xenstore")
             self.xs = await self.platform.open_xenstore()
             self.banks = await self._ram_banks()
             discovered = await self._discover()
@@ -312,9 +314,11 @@ class Supervisor:
         # expects it (e.g. a UML guest at 0), up to its top frame. Asked now: once restricted,
         # privcmd only takes dm_op and foreign mappings (IOCTL_PRIVCMD_RESTRICT).
         self._grant_span = sum(size for _gpa, size in self.banks) or (self.privcmd.maximum_gpfn(self.domid) + 1) << 12
+        self._starting(f"claiming windows of {len(configs)} device(s)")
         for cfg in configs:
             self._add_device(self._adjust(cfg), paths.get(cfg.base))
         self._devices_known = True
+        self._starting("enabling the IOREQ server")
         self.ioreq.enable()
         self._restrict()
         self._detect_fast_path()
@@ -513,6 +517,7 @@ class Supervisor:
         else:
             self.log.debug("device %d: back-end still not there after %d tries: %s", served.config.devid,
                            served.attempts, reason)
+        self.notifier.status(self._status_line())
 
     async def _refuse(self, served: _Served, reason: str) -> None:
         """The back-end answered but cannot be used: the device is failed (kept in ``status``)."""
@@ -911,15 +916,32 @@ class Supervisor:
                 "kernel_fast_path": self.fastpath is not None,
                 "ioreqs": {"served": ioreq.served, "spurious": ioreq.spurious, "refused": ioreq.refused} if ioreq else {}}
 
-    def _status_line(self) -> str:
-        """``STATUS=``: e.g. "dom5: 1 device(s) serving, 1 waiting" (", N connecting" and
-        ", N failed" when there are)."""
+    def _starting(self, step: str) -> None:
+        """``STATUS=`` during start-up, before READY: the step under way."""
+        self.notifier.status(f"dom{self.domid}: {step}")
+
+    def _device_counts(self) -> str:
+        """e.g. "1 device(s) serving, 1 waiting" (", N connecting" and ", N failed" when there are)."""
         states = [s.backend for s in self.devices.values()]
         serving = sum(state in ("connected", "lost") for state in states)
-        line = f"dom{self.domid}: {serving} device(s) serving, {states.count('waiting')} waiting"
+        line = f"{serving} device(s) serving, {states.count('waiting')} waiting"
         for state in ("connecting", "failed"):
             if n := states.count(state):
                 line += f", {n} {state}"
+        return line
+
+    def _status_line(self) -> str:
+        """``STATUS=``: the device counts, and what the first waiting device waits for, e.g. "dom5:
+        1 device(s) serving, 1 waiting; waiting for back-end /run/vhost-user/web1/51712.sock
+        (attempt 3)"."""
+        line = f"dom{self.domid}: {self._device_counts()}"
+        waiting = [s for s in self.devices.values() if s.backend == "waiting"]
+        if waiting:
+            first = waiting[0]
+            line += (f"; waiting for back-end {first.config.socket_path(self.name, self.domid)} "
+                     f"(attempt {first.attempts})")
+            if len(waiting) > 1:
+                line += f" and {len(waiting) - 1} more"
         return line
 
     async def _start_status_socket(self, path: str) -> None:
