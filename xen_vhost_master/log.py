@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, MutableMapping
+from types import TracebackType
 from typing import Any, TextIO
 
 __all__ = ["DeviceLogger", "JournalFormatter", "RateLimit", "device_logger", "journal_priority",
@@ -71,9 +72,16 @@ def stderr_is_journal(stream: TextIO | None = None, environ: Mapping[str, str] |
 def setup_logging(level: int, stream: TextIO | None = None) -> None:
     """The root logger to ``stream`` (stderr) at ``level``: journal-native or the terminal format."""
     out = stream or sys.stderr
+    journal = stderr_is_journal(out)
     handler = logging.StreamHandler(out)
-    handler.setFormatter(JournalFormatter() if stderr_is_journal(out) else logging.Formatter(FORMAT))
+    handler.setFormatter(JournalFormatter() if journal else logging.Formatter(FORMAT))
     logging.basicConfig(level=level, handlers=[handler])
+    if journal:
+        sys.excepthook = _log_uncaught  # a crash's traceback, line by line at <2>, not bare text
+
+
+def _log_uncaught(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    logging.getLogger("xen_vhost_master").critical("uncaught exception (a bug)", exc_info=(kind, value, tb))
 
 
 def say(message: object, priority: int = SD_ERR, stream: TextIO | None = None) -> None:

@@ -89,6 +89,20 @@ def test_a_traceback_has_the_priority_on_each_line() -> None:
         assert JournalFormatter().format(record) == f"<{priority}>x: m"
 
 
+def test_a_crash_reaches_the_journal_line_by_line_at_priority_2() -> None:
+    journal, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    code = ("import logging; from xen_vhost_master.log import setup_logging; setup_logging(logging.INFO); "
+            "raise RuntimeError('a bug')")
+    with journal, theirs:
+        proc = subprocess.run([str(BIN / "python3"), "-c", code], env={**os.environ, "JOURNAL_STREAM": journal_id(theirs)},
+                              stderr=theirs.fileno(), timeout=TIMEOUT, check=False)
+        theirs.close()
+        lines = journal.makefile("rb").read().decode().splitlines()
+    assert proc.returncode == 1
+    assert lines[0] == "<2>xen_vhost_master: uncaught exception (a bug)"
+    assert lines[-1] == "<2>RuntimeError: a bug" and all(line.startswith("<2>") for line in lines), lines
+
+
 def test_stderr_is_the_journal_only_when_journal_stream_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = socket.socketpair()
     with a, b, open(a.fileno(), "w", closefd=False) as stream:
