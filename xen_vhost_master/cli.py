@@ -81,12 +81,12 @@ back-end sockets:
 
 --device keys:
   type=blk|net|fs|...|<number>|virtio,deviceNN   virtio device type (required)
-  base=0x2000000     MMIO window base, hex or decimal (required)
-  irq=33             interrupt line: the GIC SPI on Arm (required)
-  socket=TEMPLATE    back-end socket (default: --socket, see above)
+  base=0x2000000     MMIO window base, hex or decimal, a multiple of 0x200 (required)
+  irq=33             interrupt line: a GIC SPI, 32..1019 (required)
+  socket=TEMPLATE    back-end socket, an absolute path (default: --socket, see above)
   mode=client|server client: connect to a listening back-end (qemu-storage-daemon);
                      server: listen, the back-end connects (dpdk-testpmd client=1, vhost-device-*)
-  queue-size=256     QueueNumMax offered to the guest
+  queue-size=256     QueueNumMax offered to the guest: a power of two, at most 32768
   queues=N           number of queues (default: the back-end's GET_QUEUE_NUM, else 1)
   memory=MODE        auto | xen-mmap | shadow | sim-memfd (see --memory)
   grants=0|1         grant-based guest (xl grant_usage=1)
@@ -99,7 +99,8 @@ back-end sockets:
 configuration files:
   <config-dir>/<name>.toml is read when it exists (a name containing '/' or starting with '.'
   uses its escaped form), then --config FILE; both add devices. Keys: [[device]] tables (the
-  --device keys), memory = "MODE", backend-user = ["USER", ...]. Flags win over files.
+  --device keys), memory = "MODE", backend-user = ["USER", ...]; any other key or table is an
+  error (exit 78). Flags win over files.
 
 signals:
   SIGTERM/SIGINT: full teardown (rings stopped, IOREQ server destroyed, XenBus Closed), exit 0.
@@ -236,6 +237,17 @@ def _options(args: argparse.Namespace, guest: GuestDomain) -> Options:
     )
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """--device, --socket and --config FILE, checked before anything touches Xen or xenstore: a bad
+    one is a configuration error (78) on any host. (The per-guest file needs the guest's name.)"""
+    for i, text in enumerate(args.device):
+        parse_device_arg(text, i)
+    if args.socket is not None:
+        check_socket_template(args.socket, "--socket")
+    if args.config:
+        load_guest_toml(args.config, "--config")
+
+
 def _platform(given: Platform | None) -> Platform:
     """The platform the caller handed over, else the one the environment asks for (platform.py)."""
     return given if given is not None else platform_from_env()
@@ -267,6 +279,7 @@ async def _serve(args: argparse.Namespace, platform: Platform) -> int | _Handove
     from .xen.dom0 import check_dom0  # noqa: PLC0415  (ctypes: only for who serves)
 
     try:
+        _check_flags(args)
         check_dom0(platform.kernel)
         guest = await _resolve(args, platform)
         options = _options(args, guest)

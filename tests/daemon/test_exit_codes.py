@@ -133,3 +133,23 @@ def test_every_exit_code_is_in_help_and_the_permanent_ones_stop_restarts(capsys:
         assert len(lines) == 1, unit
         assert {int(c) for c in lines[0].split("=", 1)[1].split()} == {int(c) for c in PERMANENT_EXIT_CODES}, unit
     assert ExitCode.TEMPFAIL not in PERMANENT_EXIT_CODES and ExitCode.FAILURE not in PERMANENT_EXIT_CODES
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--device", "type=blk,base=0x2000100,irq=33"], "base=0x2000100: not aligned to the 0x200-byte virtio-mmio window"),
+    (["--device", "type=blk,base=0x2000000,irq=7"], "irq=7: not a GIC SPI (32..1019"),
+    (["--device", "type=blk,base=0x2000000,irq=33,queue-size=7"], "queue-size=7: not a power of two"),
+    (["--socket", "rel/{devid}.sock"], "--socket='rel/{devid}.sock': not an absolute path"),
+    (["--config", "CONFIG"], "unknown table [[devices]]"),
+])
+def test_bad_flags_and_files_are_exit_78_before_anything_touches_xen(args: list[str], message: str, tmp_path: Path) -> None:
+    """On a host that is no dom0 at all (this one: no /dev/xen), a bad flag still says what is wrong
+    with the flag (78), not with the host (72)."""
+    config = tmp_path / "g.toml"
+    config.write_text("[[devices]]\ntype = 'blk'\nbase = 0x2000000\nirq = 33\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("XEN_VHOST_SIM", "JOURNAL_STREAM")}
+    r = run(env, "--domain", "web1", "--runtime-dir", str(tmp_path / "run"),
+            *[str(config) if a == "CONFIG" else a for a in args])
+    assert r.returncode == ExitCode.CONFIG, r.stderr
+    assert message in verdict(r) and r.stderr.count("\n") == 2  # the platform line, then the one error
+    assert not (tmp_path / "run").exists()
