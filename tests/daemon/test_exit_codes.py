@@ -84,6 +84,12 @@ async def test_hosts_that_cannot_serve_a_guest_exit_with_their_code_and_a_hint(s
 
         r = await asyncio.to_thread(run, env, "--domain", "nosuch", "--runtime-dir", str(runtime))
         assert (r.returncode, verdict(r)) == (ExitCode.UNAVAILABLE, "xen-vhost-master: no domain named 'nosuch'")
+        # status: a domain that exists but nobody serves (3) is not a domain that does not exist (69)
+        r = await asyncio.to_thread(run, env, "status", "--domid", str(DOMID))
+        assert r.returncode == ExitCode.NOT_RUNNING
+        assert verdict(r).startswith(f"xen-vhost-master: no daemon serves domain {DOMID} (nothing answers on ")
+        r = await asyncio.to_thread(run, env, "status", "--domid", "99")
+        assert (r.returncode, verdict(r)) == (ExitCode.UNAVAILABLE, "xen-vhost-master: no domain with id or name '99'")
     finally:
         stop(sim)
 
