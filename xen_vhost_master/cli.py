@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -24,9 +25,11 @@ from .config import (
     load_guest_toml,
     parse_device_arg,
 )
-from .errors import ConfigError, DaemonError, ExitCode
+from .errors import ConfigError, DaemonError, ExitCode, HostError, XenError
+from .log import say, setup_logging
 from .names import path_name
 from .instance import (
+    DOMID_FIRST_RESERVED,
     RUNTIME_ROOT,
     AlreadyServed,
     DomainNotFound,
@@ -78,12 +81,12 @@ back-end sockets:
 
 --device keys:
   type=blk|net|fs|...|<number>|virtio,deviceNN   virtio device type (required)
-  base=0x2000000     MMIO window base, hex or decimal (required)
-  irq=33             interrupt line: the GIC SPI on Arm (required)
-  socket=TEMPLATE    back-end socket (default: --socket, see above)
+  base=0x2000000     MMIO window base, hex or decimal, a multiple of 0x200 (required)
+  irq=33             interrupt line: a GIC SPI, 32..1019 (required)
+  socket=TEMPLATE    back-end socket, an absolute path (default: --socket, see above)
   mode=client|server client: connect to a listening back-end (qemu-storage-daemon);
                      server: listen, the back-end connects (dpdk-testpmd client=1, vhost-device-*)
-  queue-size=256     QueueNumMax offered to the guest
+  queue-size=256     QueueNumMax offered to the guest: a power of two, at most 32768
   queues=N           number of queues (default: the back-end's GET_QUEUE_NUM, else 1)
   memory=MODE        auto | xen-mmap | shadow | sim-memfd (see --memory)
   grants=0|1         grant-based guest (xl grant_usage=1)
@@ -96,7 +99,8 @@ back-end sockets:
 configuration files:
   <config-dir>/<name>.toml is read when it exists (a name containing '/' or starting with '.'
   uses its escaped form), then --config FILE; both add devices. Keys: [[device]] tables (the
-  --device keys), memory = "MODE", backend-user = ["USER", ...]. Flags win over files.
+  --device keys), memory = "MODE", backend-user = ["USER", ...]; any other key or table is an
+  error (exit 78). Flags win over files.
 
 signals:
   SIGTERM/SIGINT: full teardown (rings stopped, IOREQ server destroyed, XenBus Closed), exit 0.
@@ -104,9 +108,20 @@ signals:
   the process re-executes itself (same pid); the new image adopts the IOREQ server and devices
   and resumes the rings. The guest sees a pause, no reset.
 
-exit codes: 0 stopped cleanly, or the domain went away; 69 no such domain; 73 the guest is
-already served by another instance; 75 transient failure (systemd restarts); 78 configuration
-error (fix it; no restart).
+exit codes (each failure also prints one line saying what is wrong and how to fix it; all but
+1 and 75 are permanent: the units' RestartPreventExitStatus= lists them):
+   0  stopped cleanly, or the domain went away
+   1  unexpected error (a bug: the log has its traceback); restarted
+   2  bad command line, e.g. --domain 0 (a guest's domain id is 1..32751)
+   3  status: no daemon serves the domain
+  69  no such domain
+  72  not a Xen dom0: /dev/xen/privcmd missing, or /proc/xen/capabilities without control_d
+  73  the guest is already served by another instance
+  74  the runtime directory cannot be created or locked
+  75  transient failure (xenstore not answering, ...): systemd restarts
+  76  Xen has no IOREQ server (dm_op ENOSYS/EOPNOTSUPP): rebuild Xen with CONFIG_IOREQ_SERVER=y
+  77  permission denied on /dev/xen/* (or by Xen): run as root
+  78  configuration error (fix it)
 
 On a dom0 the daemon opens /dev/xen/{privcmd,evtchn,gntdev,xenbus}. With XEN_VHOST_SIM=<socket>
 in the environment it attaches to a simulated Xen host (xen-vhost-sim, an installed platform)
@@ -118,6 +133,14 @@ def _domid_flag(text: str) -> str:
     if not text.isascii() or not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a domain id (use --domain for a name)")
     return text
+
+
+def _domid_range_error(text: str) -> str | None:
+    """Why ``--domain``/``--domid`` ``text``, an id, is no guest's (None for a name or a fine id)."""
+    if not (text.isascii() and text.isdigit()) or 0 < int(text) < DOMID_FIRST_RESERVED:
+        return None
+    what = "domain 0 is dom0, where the daemon itself runs" if int(text) == 0 else "reserved by Xen"
+    return f"{text}: {what}; a guest's domain id is 1..{DOMID_FIRST_RESERVED - 1}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -156,6 +179,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.domain is None:
         args.domain = args.domid
+    if (why := _domid_range_error(args.domain)) is not None:
+        p.error(f"argument --domain/--domid: {why}")
     return args
 
 
@@ -212,6 +237,17 @@ def _options(args: argparse.Namespace, guest: GuestDomain) -> Options:
     )
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """--device, --socket and --config FILE, checked before anything touches Xen or xenstore: a bad
+    one is a configuration error (78) on any host. (The per-guest file needs the guest's name.)"""
+    for i, text in enumerate(args.device):
+        parse_device_arg(text, i)
+    if args.socket is not None:
+        check_socket_template(args.socket, "--socket")
+    if args.config:
+        load_guest_toml(args.config, "--config")
+
+
 def _platform(given: Platform | None) -> Platform:
     """The platform the caller handed over, else the one the environment asks for (platform.py)."""
     return given if given is not None else platform_from_env()
@@ -225,8 +261,13 @@ async def _resolve(args: argparse.Namespace, platform: Platform) -> GuestDomain:
 
 
 def _fail(message: object, code: ExitCode) -> int:
-    print(f"xen-vhost-master: {message}", file=sys.stderr)
+    say(message)
     return int(code)
+
+
+def _runtime_dir_code(error: OSError) -> ExitCode:
+    """Space or memory may come back (75); a read-only, missing or forbidden path will not (74)."""
+    return ExitCode.TEMPFAIL if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EAGAIN) else ExitCode.RUNTIME_DIR
 
 
 class _Handover:
@@ -235,14 +276,21 @@ class _Handover:
 
 async def _serve(args: argparse.Namespace, platform: Platform) -> int | _Handover:
     from .supervisor import Supervisor  # noqa: PLC0415
+    from .xen.dom0 import check_dom0  # noqa: PLC0415  (ctypes: only for who serves)
 
     try:
+        _check_flags(args)
+        check_dom0(platform.kernel)
         guest = await _resolve(args, platform)
         options = _options(args, guest)
+    except HostError as e:
+        return _fail(e, e.code)
     except ConfigError as e:
         return _fail(e, ExitCode.CONFIG)
     except DomainNotFound as e:
         return _fail(e, ExitCode.UNAVAILABLE)
+    except XenError as e:
+        return _fail(e, ExitCode.TEMPFAIL)
     except (XenstoreError, OSError) as e:
         return _fail(f"cannot resolve --domain {args.domain} through xenstore: {e}", ExitCode.TEMPFAIL)
     assert options.runtime_dir is not None
@@ -251,8 +299,11 @@ async def _serve(args: argparse.Namespace, platform: Platform) -> int | _Handove
         lock = InstanceLock.acquire(os.path.join(options.runtime_dir, "lock"), guest)
     except AlreadyServed as e:
         return _fail(e, ExitCode.ALREADY_SERVED)
-    except (OSError, DaemonError) as e:
-        return _fail(f"runtime directory {options.runtime_dir}: {e}", ExitCode.TEMPFAIL)
+    except OSError as e:
+        return _fail(f"cannot create the runtime directory {options.runtime_dir}: {e.strerror or e} "
+                     "(give --runtime-dir, or run as root: the unit's RuntimeDirectory= makes it)", _runtime_dir_code(e))
+    except DaemonError as e:
+        return _fail(f"runtime directory {options.runtime_dir}: {e}", ExitCode.RUNTIME_DIR)
     supervisor = Supervisor(options, platform)
     handover = False
     try:
@@ -281,19 +332,30 @@ def _status_socket(args: argparse.Namespace, platform: Platform | None = None) -
         return os.path.join(runtime_dir(guest.name), "status.sock")
     except (DomainNotFound, XenstoreError, OSError) as e:
         found = find_runtime_by_domid(int(text))
-        if found is None:
-            raise DomainNotFound(f"no instance serves domain {text} ({e}; no {RUNTIME_ROOT}/*/state.json names it)") from None
-        return os.path.join(found, "status.sock")
+        if found is not None:
+            return os.path.join(found, "status.sock")
+        if isinstance(e, DomainNotFound):
+            raise
+        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM):
+            raise HostError(ExitCode.NOPERM, f"permission denied resolving domain {text} through xenstore "
+                                             f"({e}): run status as root") from None
+        raise _NotServed(f"no daemon serves domain {text} ({e}; no {RUNTIME_ROOT}/*/state.json names it)") from None
 
 
-def _status(path: str) -> int:
+class _NotServed(DaemonError):
+    """``status``: nothing answers for the domain (exit 3)."""
+
+
+def _status(path: str, domain: str) -> int:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(5)
         try:
             s.connect(path)
+        except PermissionError as e:
+            return _fail(f"permission denied on {path} ({e.strerror}): run status as root", ExitCode.NOPERM)
         except OSError as e:
-            print(f"xen-vhost-master: no daemon answers on {path}: {e.strerror}", file=sys.stderr)
-            return int(ExitCode.UNAVAILABLE)
+            return _fail(f"no daemon serves domain {domain} (nothing answers on {path}: {e.strerror})",
+                         ExitCode.NOT_RUNNING)
         data = b""
         while chunk := s.recv(65536):
             data += chunk
@@ -311,14 +373,18 @@ def main(argv: list[str] | None = None, platform: Platform | None = None) -> int
         return watch(argv[1:], platform)
     args = parse_args(argv)
     level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose or args.command == "serve" else logging.WARNING
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(level)
     if args.command == "status":
         try:
-            return _status(_status_socket(args, platform))
+            return _status(_status_socket(args, platform), args.domain)
         except ConfigError as e:
             return _fail(e, ExitCode.CONFIG)
         except DomainNotFound as e:
             return _fail(e, ExitCode.UNAVAILABLE)
+        except HostError as e:
+            return _fail(e, e.code)
+        except _NotServed as e:
+            return _fail(e, ExitCode.NOT_RUNNING)
     # A reload asked for before the handler exists: this image already is the new one.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING
 
 from .errors import ConfigError
 from .names import path_name, systemd_escape
-from .virtio_mmio import MAX_QUEUE_SIZE
-from .virtio_mmio import WINDOW_SIZE as MMIO_WINDOW
+from .virtio_mmio import MAX_QUEUE_SIZE, WINDOW_SIZE
 
 if TYPE_CHECKING:
     from pathlib import Path  # annotations only: pathlib pulls in urllib.parse and ipaddress
@@ -52,6 +51,10 @@ SOCKET_TEMPLATE = "/run/vhost-user/{name}/{devid}.sock"
 # %i of a back-end's template unit), its current domain id, the device id, the disk name.
 SOCKET_KEYS = ("name", "domid", "devid", "vdev")
 DEFAULT_QUEUE_SIZE = 256  # QueueNumMax offered to the guest; QEMU's default for virtio-blk/net
+# Arm GIC architecture (IHI 0069, "INTID ranges"): 32..1019 are Shared Peripheral Interrupts, the
+# only kind a device's line can be; libxl gives virtio-mmio devices SPIs from 33
+# (xen/include/public/arch-arm.h GUEST_VIRTIO_MMIO_SPI_FIRST).
+SPI_FIRST, SPI_LAST = 32, 1019
 # XEN_MMAP grant regions' "can not be mapped in advance" flag: rust-vmm vm-memory puts 0x8 on the
 # wire (what existing Xen back-ends understand), the vhost-user spec says bit 8 (docs/vhost-user-wire.md §3).
 NO_ADVANCE_RUSTVMM, NO_ADVANCE_SPEC = 0x8, 0x100
@@ -162,6 +165,8 @@ def check_socket_template(text: str, what: str) -> str:
             raise ConfigError(f"{what}={text!r}: {{{key}}} takes no format spec or conversion")
     if not text:
         raise ConfigError(f"{what}: empty path")
+    if not text.startswith("/"):
+        raise ConfigError(f"{what}={text!r}: not an absolute path (the daemon's working directory is /)")
     return text
 
 
@@ -228,13 +233,24 @@ def _device(items: Mapping[str, object], what: str, source: str) -> DeviceConfig
     except ValueError:
         raise ConfigError(f"{what}: memory={memory!r}: use one of {', '.join(m.value for m in MemoryMode)}") from None
     queue_size = _int(items.get("queue-size", DEFAULT_QUEUE_SIZE), f"{what}: queue-size", 1, MAX_QUEUE_SIZE)
+    if queue_size & (queue_size - 1):
+        raise ConfigError(f"{what}: queue-size={queue_size}: not a power of two (virtio 1.2 §2.7: a split "
+                          f"virtqueue's size is a power of two, at most {MAX_QUEUE_SIZE})")
+    base = _int(items["base"], f"{what}: base")
+    if base % WINDOW_SIZE:
+        raise ConfigError(f"{what}: base={base:#x}: not aligned to the {WINDOW_SIZE:#x}-byte virtio-mmio window "
+                          f"(libxl places devices at 0x2000000 + n * {WINDOW_SIZE:#x})")
+    irq = _int(items["irq"], f"{what}: irq")
+    if not SPI_FIRST <= irq <= SPI_LAST:
+        raise ConfigError(f"{what}: irq={irq}: not a GIC SPI ({SPI_FIRST}..{SPI_LAST}; libxl gives virtio "
+                          "devices SPIs from 33)")
     queues = items.get("queues")
     no_advance = _no_advance(items.get("xen-no-advance", "rust-vmm"), f"{what}: xen-no-advance")
     return DeviceConfig(
         devid=_int(items.get("devid", 0), f"{what}: devid", 0, 2**31 - 1),
         device_id=virtio_id(str(items["type"]), f"{what}: type"),
-        base=_int(items["base"], f"{what}: base"),
-        irq=_int(items["irq"], f"{what}: irq", 0, 1019),
+        base=base,
+        irq=irq,
         socket=check_socket_template(str(items["socket"]), f"{what}: socket") if "socket" in items else "",
         listen=mode == "server",
         queue_size=queue_size,
@@ -302,9 +318,10 @@ def load_guest_toml(path: str | Path, what: str = "--config") -> TomlConfig:
         raise ConfigError(f"{where}: {e.strerror}") from None
     except ValueError as e:  # tomllib.TOMLDecodeError, or bytes that are not UTF-8
         raise ConfigError(f"{where}: not valid TOML: {e}") from None
-    unknown = set(data) - set(TOML_KEYS)
+    unknown = sorted(set(data) - set(TOML_KEYS))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(TOML_KEYS)}")
+        raise ConfigError(f"{where}: unknown {', '.join(_toml_item(k, data[k]) for k in unknown)}; known: "
+                          "[[device]] tables, memory = \"MODE\", backend-user = [...]")
     tables = data.get("device", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ConfigError(f"{where}: 'device' must be an array of tables ([[device]])")
@@ -322,6 +339,15 @@ def load_guest_toml(path: str | Path, what: str = "--config") -> TomlConfig:
     if not isinstance(users, list) or not all(isinstance(u, (str, int)) and not isinstance(u, bool) for u in users):
         raise ConfigError(f"{where}: backend-user must be a user name or uid, or a list of them")
     return TomlConfig(devices, memory, tuple(str(u) for u in users))
+
+
+def _toml_item(key: str, value: object) -> str:
+    """How ``key`` was written at the top level: ``[[key]]``, ``[key]`` or ``key = ...``."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return f"table [[{key}]]"
+    if isinstance(value, dict):
+        return f"table [{key}]"
+    return f"key {key}"
 
 
 def load_toml(path: str | Path) -> list[DeviceConfig]:
@@ -362,12 +388,18 @@ def merge(discovered: Iterable[DeviceConfig], explicit: Iterable[DeviceConfig]) 
     """
     by_base = {d.base: d for d in discovered}
     out: dict[int, DeviceConfig] = dict(by_base)
+    given: dict[int, DeviceConfig] = {}
     for d in explicit:
+        if d.base in given:  # two explicit devices at one base: neither may silently win
+            other = given[d.base]
+            raise ConfigError(f"devices {other.devid} ({other.source}) and {d.devid} ({d.source}) overlap: "
+                              f"MMIO windows at {other.base:#x} and {d.base:#x}")
+        given[d.base] = d
         if d.base in by_base:
             d = replace(d, devid=by_base[d.base].devid)
         out[d.base] = d
     devices = sorted(out.values(), key=lambda d: d.base)
     for a, b in itertools.pairwise(devices):
-        if a.base + MMIO_WINDOW > b.base:
+        if a.base + WINDOW_SIZE > b.base:
             raise ConfigError(f"devices {a.devid} ({a.source}) and {b.devid} ({b.source}) overlap: MMIO windows at {a.base:#x} and {b.base:#x}")
     return tuple(devices)

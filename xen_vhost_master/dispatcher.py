@@ -81,11 +81,13 @@ from typing import IO, Any, Protocol
 
 import uvloop
 
-from .errors import ConfigError, XenError
+from .errors import PERMANENT_EXIT_CODES, ConfigError, HostError, XenError
 from .instance import RUNTIME_ROOT, runtime_dir
 from .names import instance_unit, path_name
 from .platform import Platform, announce, platform_from_env
+from .log import setup_logging
 from .sd_notify import Notifier
+from .xen.dom0 import check_dom0
 from .xen.domctl import Domctl, DomctlInterfaceUnknown
 from .xen.privcmd import PrivCmd
 from .xen.xenstore import XenbusState, XenstoreClient, XenstoreError, XenstoreNotFound, XsTransaction, XsWatch
@@ -99,7 +101,8 @@ PAUSE_TIMEOUT = 120.0  # never hold a guest longer than this waiting for its ins
 OLD_INSTANCE_GRACE = 30.0  # how long a rebooted guest's old instance may take to exit by itself
 STOP_TIMEOUT = 20.0  # SIGTERM → SIGKILL for a spawned instance (the unit's TimeoutStopSec)
 MAX_ATTEMPTS = 3  # instance starts per domain
-# Exit statuses of an instance (supervisor.ExitCode, sysexits.h): not restarted by us either.
+# Exit statuses of an instance (errors.ExitCode, sysexits.h); with errors.PERMANENT_EXIT_CODES,
+# not restarted by us either.
 EXIT_OK, EXIT_ALREADY_SERVED, EXIT_CONFIG = 0, 73, 78
 
 _notify_names = itertools.count(1)
@@ -711,7 +714,7 @@ class Dispatcher:
         guest = self.guests.get(domid)
         if not was_ready or self._stopping or guest is None or guest.state is not _State.SERVED:
             return  # an exit before READY is the start's outcome; see _evaluate
-        if status in (EXIT_OK, EXIT_ALREADY_SERVED, EXIT_CONFIG):
+        if status == EXIT_OK or status in PERMANENT_EXIT_CODES:
             guest.state = _State.STOPPED
             return
         if guest.attempts >= MAX_ATTEMPTS:
@@ -985,8 +988,7 @@ def main(argv: list[str] | None = None, platform: Platform | None = None) -> int
     """``platform``: what to run on; None = the one the environment asks for, looked up once. The
     instances it spawns inherit the environment, and with it the same request."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.DEBUG if args.verbose > 1 else logging.INFO)
     try:
         opt = options(args)
         platform = platform if platform is not None else platform_from_env()
@@ -994,6 +996,14 @@ def main(argv: list[str] | None = None, platform: Platform | None = None) -> int
         log.error("configuration error: %s", e)
         return EXIT_CONFIG
     announce(platform, log)
+    try:
+        check_dom0(platform.kernel)
+    except HostError as e:
+        log.error("%s", e)
+        return int(e.code)
+    except XenError as e:
+        log.error("%s", e)
+        return 75
     notifier = Notifier()  # takes NOTIFY_SOCKET out of the environment the instances inherit
 
     async def go() -> int:

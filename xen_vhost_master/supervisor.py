@@ -46,7 +46,7 @@ from vhost_user.aio import cancel_and_wait
 from .config import DeviceConfig, MemoryMode, device_from_xenstore, merge
 from .datapath.choose import GuestDataPaths, GuestResources
 from .device import BackendAbsent, Device, DeviceError
-from .errors import ConfigError, ExitCode, XenError
+from .errors import ConfigError, ExitCode, HostError, XenError, host_error
 from .fastpath import KernelFastPath
 from .ioreq_server import IoreqServer
 from .log import device_logger
@@ -187,11 +187,14 @@ class Supervisor:
             if not self._stop.is_set():
                 self._serving = True
                 self.notifier.ready(self._status_line())
-                self.log.info("serving: %s", self._status_line())
+                self.log.info("serving: %s", self._device_counts())
                 await self._serve(gone)
         except ConfigError as e:
             self.log.error("configuration error: %s", e)
             self._exit = ExitCode.CONFIG
+        except HostError as e:
+            self.log.error("%s", e)
+            self._exit = e.code
         except _DomainGone as e:
             if self.opt.xenstore:  # resolved through xenstore moments ago: it went away since
                 self.log.info("%s: nothing to serve", e)
@@ -271,19 +274,27 @@ class Supervisor:
     # --- start ----------------------------------------------------------------------------------
 
     async def _start(self) -> None:
-        self.privcmd = PrivCmd(self.kernel)
-        self.evtchn = EventChannel(self.kernel)
+        try:
+            self.privcmd = PrivCmd(self.kernel)
+            self.evtchn = EventChannel(self.kernel)
+        except XenError as e:
+            raise (host_error(e) or e) from None
         self.ioreq = IoreqServer(self.privcmd, self.evtchn, self.domid, self.log)
         self._saved = self._load_state()
+        self._starting("creating the IOREQ server")
         try:
             self.ioreq.create(adopt=self._saved.get("ioreq_server"))
         except XenError as e:
             if e.errno in (errno.ESRCH, errno.ENOENT, errno.EINVAL):
                 raise _DomainGone(f"domain {self.domid} does not exist ({e})") from None
+            problem = host_error(XenError("dm_op create_ioreq_server", e.errno or errno.EIO) if e.op == "dm_op" else e)
+            if problem is not None:
+                raise problem from None
             raise
         self._save_state()
         discovered: list[tuple[DeviceConfig, str]] = []
         if self.opt.xenstore:
+            self._starting("reading the guest's devices from xenstore")
             self.xs = await self.platform.open_xenstore()
             self.banks = await self._ram_banks()
             discovered = await self._discover()
@@ -301,9 +312,11 @@ class Supervisor:
             self.platform, self.privcmd, self.domid, self.banks, grant_span,
             inflight_record=self._inflight_record, queue_failed=self._shadow_failed, log=self.log,
         ))
+        self._starting(f"claiming windows of {len(configs)} device(s)")
         for cfg in configs:
             self._add_device(self._adjust(cfg), paths.get(cfg.base))
         self._devices_known = True
+        self._starting("enabling the IOREQ server")
         self.ioreq.enable()
         self._restrict()
         self._detect_fast_path()
@@ -503,6 +516,7 @@ class Supervisor:
         else:
             self.log.debug("device %d: back-end still not there after %d tries: %s", served.config.devid,
                            served.attempts, reason)
+        self.notifier.status(self._status_line())
 
     async def _refuse(self, served: _Served, reason: str) -> None:
         """The back-end answered but cannot be used: the device is failed (kept in ``status``)."""
@@ -827,15 +841,32 @@ class Supervisor:
                 "kernel_fast_path": self.fastpath is not None,
                 "ioreqs": {"served": ioreq.served, "spurious": ioreq.spurious, "refused": ioreq.refused} if ioreq else {}}
 
-    def _status_line(self) -> str:
-        """``STATUS=``: e.g. "dom5: 1 device(s) serving, 1 waiting" (", N connecting" and
-        ", N failed" when there are)."""
+    def _starting(self, step: str) -> None:
+        """``STATUS=`` during start-up, before READY: the step under way."""
+        self.notifier.status(f"dom{self.domid}: {step}")
+
+    def _device_counts(self) -> str:
+        """e.g. "1 device(s) serving, 1 waiting" (", N connecting" and ", N failed" when there are)."""
         states = [s.backend for s in self.devices.values()]
         serving = sum(state in ("connected", "lost") for state in states)
-        line = f"dom{self.domid}: {serving} device(s) serving, {states.count('waiting')} waiting"
+        line = f"{serving} device(s) serving, {states.count('waiting')} waiting"
         for state in ("connecting", "failed"):
             if n := states.count(state):
                 line += f", {n} {state}"
+        return line
+
+    def _status_line(self) -> str:
+        """``STATUS=``: the device counts, and what the first waiting device waits for, e.g. "dom5:
+        1 device(s) serving, 1 waiting; waiting for back-end /run/vhost-user/web1/51712.sock
+        (attempt 3)"."""
+        line = f"dom{self.domid}: {self._device_counts()}"
+        waiting = [s for s in self.devices.values() if s.backend == "waiting"]
+        if waiting:
+            first = waiting[0]
+            line += (f"; waiting for back-end {first.config.socket_path(self.name, self.domid)} "
+                     f"(attempt {first.attempts})")
+            if len(waiting) > 1:
+                line += f" and {len(waiting) - 1} more"
         return line
 
     async def _start_status_socket(self, path: str) -> None:

@@ -171,6 +171,12 @@ class SimControl:
         4.17; any other value in a domctl is refused with EACCES, as xen/common/domctl.c does)."""
         return int(self.call({"op": "set_domctl_interface", "version": version})[0]["value"])
 
+    def set_host(self, **profile: object) -> dict[str, Any]:
+        """SIM-ONLY: play another host for later opens and dm_ops (server.HostProfile):
+        ``devices="ok"|"missing"|"eacces"``, ``capabilities="control_d\\n"|""|None`` (None: no
+        xenfs), ``ioreq_server=False`` (Xen without CONFIG_IOREQ_SERVER: dm_op ENOSYS)."""
+        return dict(self.call({"op": "set_host", **profile})[0]["value"])
+
     def domain_info(self, domid: int) -> dict[str, Any]:
         """Domain facts; ``fastpath`` holds the dom0 kernel's privcmd eventfd counters for it
         (``ioeventfd_consumed``: notify ioreqs completed in the kernel, ``ioeventfd_passed``: events

@@ -16,6 +16,7 @@ from __future__ import annotations
 import array
 import asyncio
 import ctypes
+import dataclasses
 import errno
 import logging
 import os
@@ -263,6 +264,13 @@ class Conn:
         if self.kind is not None:
             return ({"errno": errno.EBUSY}, b"", [])
         node = obj["node"]
+        host = self.server.host
+        if node in ("privcmd", "evtchn", "gntdev", "xenbus") and host.devices != "ok":
+            # SIM-ONLY (set_host): a host without the xen device nodes, or a user not let in
+            code = errno.ENOENT if host.devices == "missing" else errno.EACCES
+            return ({"errno": code, "why": f"/dev/xen/{node}: {os.strerror(code)}"}, b"", [])
+        if node == "capabilities":
+            return self._open_capabilities(host.capabilities)
         if node in ("privcmd", "gntdev", "control"):
             self.kind = node
             return _ok()
@@ -284,6 +292,16 @@ class Conn:
             self.close_after_send.append(fd)
             return ({"errno": 0}, b"", [fd])
         return ({"errno": errno.ENOENT}, b"", [])
+
+    def _open_capabilities(self, text: str | None) -> Reply:
+        """/proc/xen/capabilities (xenfs): a read-only file with ``text``; absent without xenfs."""
+        if text is None:
+            return ({"errno": errno.ENOENT}, b"", [])
+        rd, wr = os.pipe()
+        os.write(wr, text.encode())
+        os.close(wr)
+        self.close_after_send.append(rd)
+        return ({"errno": 0}, b"", [rd])
 
     # -------------------------------------------------------------- privcmd
     def _check_dom(self, dom: int) -> None:
@@ -340,6 +358,9 @@ class Conn:
         dom = int(o["dom"])
         sizes = [int(s) for s in o["sizes"]]
         self._check_dom(dom)
+        if not self.server.host.ioreq_server:
+            # Xen on Arm built without CONFIG_IOREQ_SERVER has no dm_op hypercall (xen/arch/arm/Makefile)
+            raise HvError(errno.ENOSYS, "HYPERVISOR_dm_op: no such hypercall (Xen without CONFIG_IOREQ_SERVER)")
         return ({"errno": 0, "ret": 0}, self.run_dm_op(dom, sizes, blob), [])
 
     def run_dm_op(self, dom: int, sizes: list[int], blob: bytes) -> bytes:
@@ -697,6 +718,19 @@ class Conn:
         self.server.domctl_interface = int(o["version"])
         return _ok(value=self.server.domctl_interface)
 
+    def _control_set_host(self, o: dict[str, Any], _b: bytes) -> Reply:
+        """SIM-ONLY: play another host (:class:`HostProfile`); applies to later opens and dm_ops."""
+        host = self.server.host
+        if "devices" in o:
+            if o["devices"] not in ("ok", "missing", "eacces"):
+                raise ValueError(f"devices={o['devices']!r}: ok, missing or eacces")
+            host.devices = str(o["devices"])
+        if "capabilities" in o:
+            host.capabilities = None if o["capabilities"] is None else str(o["capabilities"])
+        if "ioreq_server" in o:
+            host.ioreq_server = bool(o["ioreq_server"])
+        return _ok(value=dataclasses.asdict(host))
+
     def _control_shutdown(self, o: dict[str, Any], _b: bytes) -> Reply:
         self.hv.shutdown(int(o["domid"]), str(o.get("reason", "poweroff")))
         return _ok()
@@ -901,6 +935,20 @@ class _KernelCaller:
         self.hv = hv
 
 
+@dataclasses.dataclass
+class HostProfile:
+    """SIM-ONLY: the host the clients find (``SimControl.set_host``), a dom0 by default.
+
+    ``devices``: ok, missing (no /dev/xen/* nodes: ENOENT, as without the drivers) or eacces (the
+    nodes refuse this user). ``capabilities``: what /proc/xen/capabilities reads (``control_d`` in
+    dom0, empty in a domU), None = no xenfs mounted. ``ioreq_server``: False plays a Xen built
+    without CONFIG_IOREQ_SERVER (Debian's arm64 Xen): every dm_op answers ENOSYS."""
+
+    devices: str = "ok"
+    capabilities: str | None = "control_d\n"
+    ioreq_server: bool = True
+
+
 class SimServer:
     """Listens on ``path``; serves any number of SimKernel / SimGuest / SimControl clients."""
 
@@ -918,6 +966,7 @@ class SimServer:
         self.conns: set[Conn] = set()
         self.listener: socket.socket | None = None
         self.domctl_interface = DOMCTL_INTERFACE_VERSION  # SIM-ONLY setting: which Xen answers domctl
+        self.host = HostProfile()  # SIM-ONLY setting: what kind of host the daemon finds
         self.xl_configs: dict[int, dict[str, Any]] = {}  # domid -> what xl_create was given (xl_reboot)
 
     def _run_dm_op(self, dom: int, sizes: list[int], blob: bytes) -> None:

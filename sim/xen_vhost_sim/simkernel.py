@@ -83,6 +83,7 @@ _NODES = {
     "/dev/xen/xenbus": "xenbus",
     "/proc/xen/privcmd": "privcmd",
     "/proc/xen/xenbus": "xenbus",
+    "/proc/xen/capabilities": "capabilities",
 }
 
 
@@ -212,7 +213,7 @@ class SimKernel:
             sock, fds = self._connect(kind)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise _err(errno.ENOENT, f"simulated Xen host not reachable at {self.path}: {exc}") from None
-        if kind == "xenbus":
+        if kind in ("xenbus", "capabilities"):
             sock.close()
             fd = fds[0]
             os.set_blocking(fd, not flags & os.O_NONBLOCK)

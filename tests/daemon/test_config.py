@@ -84,6 +84,14 @@ def test_bad_socket_templates_are_one_line_config_errors(socket, message):
         check_socket_template(socket, "--socket")
 
 
+def test_the_edges_of_the_valid_ranges_are_accepted():
+    for text in ("type=blk,base=0x2000200,irq=32,queue-size=1", "type=blk,base=0,irq=1019,queue-size=32768",
+                 "type=blk,base=0x2000000,irq=33,socket=/run/{name}/{devid}.sock"):
+        parse_device_arg(text)
+    with pytest.raises(ConfigError, match="--socket='x/{devid}.sock': not an absolute path"):
+        check_socket_template("x/{devid}.sock", "--socket")
+
+
 def load_toml_text(text: str) -> list[DeviceConfig]:
     import tempfile
 
@@ -100,6 +108,16 @@ def load_toml_text(text: str) -> list[DeviceConfig]:
         ("type=blk,base=0x2000000,irq=33,mode=both", "mode='both'"),
         ("type=blk,base=zz,irq=33", "base: 'zz' is not a number"),
         ("type=blk,base=0x2000000,irq=33,queue-size=0", "queue-size: 0 is out of range"),
+        ("type=blk,base=0x2000000,irq=33,queue-size=65536", "queue-size: 65536 is out of range"),
+        ("type=blk,base=0x2000000,irq=33,queue-size=7", "queue-size=7: not a power of two"),
+        ("type=blk,base=0x2000000,irq=33,queue-size=384", "queue-size=384: not a power of two"),
+        ("type=blk,base=0x2000100,irq=33", "base=0x2000100: not aligned to the 0x200-byte virtio-mmio window"),
+        ("type=blk,base=0x2000001,irq=33", "base=0x2000001: not aligned"),
+        ("type=blk,base=0x2000000,irq=5", "irq=5: not a GIC SPI (32..1019"),
+        ("type=blk,base=0x2000000,irq=31", "irq=31: not a GIC SPI"),
+        ("type=blk,base=0x2000000,irq=1020", "irq=1020: not a GIC SPI"),
+        ("type=blk,base=0x2000000,irq=33,socket=qsd.sock", "socket='qsd.sock': not an absolute path"),
+        ("type=blk,base=0x2000000,irq=33,socket={name}/{devid}.sock", "not an absolute path"),
         ("type=blk,base=0x2000000,irq=33,colour=red", "unknown key"),
         ("type=blk,base=0x2000000,irq=33,memory=magic", "memory='magic'"),
         ("type=blk,0x2000000,irq=33", "not key=value"),
@@ -140,7 +158,12 @@ def test_toml_top_level_memory_and_backend_users(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("memory = 'fast'\n", "memory='fast': use one of auto, xen-mmap, shadow, sim-memfd"),
     ("backend-user = [true]\n", "backend-user must be a user name or uid"),
-    ("devices = []\n", "unknown key(s) devices; known: device, memory, backend-user"),
+    ("devices = []\n", 'unknown key devices; known: [[device]] tables, memory = "MODE", backend-user = [...]'),
+    ("[[devices]]\ntype = 'blk'\nbase = 0x2000000\nirq = 33\n", "unknown table [[devices]]; known: [[device]] tables"),
+    ("[options]\nmemory = 'shadow'\n", "unknown table [options]"),
+    ("[[device]]\ntype = 'blk'\nbase = 0x2000000\nirq = 33\nsockets = '/s'\n", "device #0: unknown key(s) sockets"),
+    ("[[device]]\ntype = 'blk'\nbase = 0x2000000\nirq = 33\n[device.extra]\nx = 1\n", "device #0: unknown key(s) extra"),
+    ("[[device]]\ntype = 'blk'\nbase = 0x2000100\nirq = 33\n", "device #0: base=0x2000100: not aligned"),
     ("[[device]]\ntype = 'blk'\n", "device #0: missing base="),
     ("\xff = 1\n", "not valid TOML"),
     ("[[device]\n", "not valid TOML"),
@@ -184,9 +207,12 @@ def test_merge_explicit_wins_and_keeps_discovered_devid():
 
 def test_merge_refuses_overlapping_windows():
     a = parse_device_arg("type=blk,base=0x2000000,irq=33", 0)
-    b = parse_device_arg("type=net,base=0x2000100,irq=34", 1)
+    b = DeviceConfig(devid=1, device_id=1, base=0x2000100, irq=34)  # parsing refuses the misaligned base
     with pytest.raises(ConfigError, match="overlap"):
         merge([], [a, b])
+    same = parse_device_arg("type=net,base=0x2000000,irq=34", 1)
+    with pytest.raises(ConfigError, match="devices 0 \\(cli\\) and 1 \\(cli\\) overlap: MMIO windows at 0x2000000 and 0x2000000"):
+        merge([], [a, same])
 
 
 @pytest.mark.parametrize("value, expected", [("rust-vmm", 0x8), ("0x8", 0x8), ("8", 0x8), ("spec", 0x100), ("0x100", 0x100),

@@ -129,8 +129,10 @@ async def test_daemon_serves_discovers_hotplugs_and_stops_cleanly(start_sim, sim
     try:
         loop = asyncio.get_running_loop()
         notify.setblocking(False)
-        msg = await asyncio.wait_for(loop.sock_recv(notify, 4096), TIMEOUT)
-        assert msg.startswith(b"READY=1"), msg
+        before = []  # STATUS= of each start-up step, then READY=1
+        while not (msg := await asyncio.wait_for(loop.sock_recv(notify, 4096), TIMEOUT)).startswith(b"READY=1"):
+            before.append(msg)
+        assert before[0] == f"STATUS=dom{DOMID}: creating the IOREQ server".encode(), before
         xs = await XenstoreClient.open(socket_paths=(), opener=SimKernel(sim_path).open)
         backend = f"/local/domain/0/backend/virtio/{DOMID}"
         assert await xs.read_str(f"{backend}/0/state") == "2"  # InitWait: `xl create` may go on

@@ -154,9 +154,10 @@ def test_status_finds_the_instance_by_name_or_by_the_domid_in_its_state_file(tmp
     assert find_runtime_by_domid(4, str(tmp_path)) == str(tmp_path / "b")
     # an id: xenstore cannot be reached here, so the state files say where
     assert cli._status_socket(cli.parse_args(["status", "--domid", "4"])) == str(tmp_path / "b" / "status.sock")
-    with pytest.raises(DomainNotFound, match="no instance serves domain 9"):
+    # xenstore unreachable and no state file: no daemon serves it (exit 3), not "no such domain" (69)
+    with pytest.raises(cli._NotServed, match="no daemon serves domain 9"):
         cli._status_socket(cli.parse_args(["status", "--domain", "9"]))
-    assert cli.main(["status", "--domain", "9"]) == 69
+    assert cli.main(["status", "--domain", "9"]) == ExitCode.NOT_RUNNING
 
 
 @pytest.mark.asyncio

@@ -229,7 +229,8 @@ async def test_a_backend_that_is_there_but_has_not_answered_yet_is_connecting_no
         listening.bind(sock)
         listening.listen(4)
         async with running(platform, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"))) as daemon:
-            assert daemon.notes.messages[0]["STATUS"] == f"dom{DOMID}: 0 device(s) serving, 0 waiting, 1 connecting"
+            ready = next(m for m in daemon.notes.messages if "READY" in m)
+            assert ready["STATUS"] == f"dom{DOMID}: 0 device(s) serving, 0 waiting, 1 connecting"
             assert daemon.device(0)["backend"] == "connecting"
 
 
@@ -244,13 +245,22 @@ async def test_ready_and_initwait_come_without_the_backend_which_is_served_once_
     backend = Backend(sock)
     with logwatch() as log:
         async with xenstore(kernel) as xs, running(platform, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"))) as daemon:
-            ready = daemon.notes.messages[0]
+            ready = next(m for m in daemon.notes.messages if "READY" in m)
             # READY comes before the back-end answers; its first try failed already (no socket)
-            assert ready["READY"] == 1 and ready["STATUS"] == f"dom{DOMID}: 0 device(s) serving, 1 waiting"
+            assert ready["READY"] == 1 and ready["STATUS"] == (f"dom{DOMID}: 0 device(s) serving, 1 waiting; "
+                                                               f"waiting for back-end {sock} (attempt 1)")
+            # what start-up did before, step by step
+            steps = [m["STATUS"] for m in daemon.notes.messages[:daemon.notes.messages.index(ready)]]
+            assert steps[:4] == [f"dom{DOMID}: creating the IOREQ server",
+                                 f"dom{DOMID}: reading the guest's devices from xenstore",
+                                 f"dom{DOMID}: claiming windows of 1 device(s)",
+                                 f"dom{DOMID}: enabling the IOREQ server"]
             assert await xs.read_str(f"{BE}/0/state") == "2"  # InitWait: `xl create` goes on
+            await log.wait_for(lambda line: line == f"dom{DOMID}: serving: 0 device(s) serving, 1 waiting")  # one prefix
             await log.wait_for(lambda line: line == f"dom{DOMID}: device 0: waiting for back-end at {sock} "
                                                     "(No such file or directory)")
             await log.wait_for(lambda line: "device 0: back-end still not there after 3 tries" in line)
+            await daemon.notes.status_says(f"; waiting for back-end {sock} (attempt 3)")
             d = daemon.device(0)
             assert (d["backend"], d["socket"], d["last_error"]) == ("waiting", sock, "No such file or directory")
             assert d["attempts"] >= 3 and d["data_path"] == "not chosen yet"
