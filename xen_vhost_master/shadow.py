@@ -38,8 +38,8 @@ MAP_GRANT_REF + one mmap each); it never raises (views still fail for a bad buff
 batch ends with the ``release_buffers`` calls above (readable part after copy-in, writable part
 after copy-back or when the chain is dropped).
 
-Reconnect: each back-end connection gets its own memfd (:meth:`~ShadowDataPath.regions` is asked
-once per connection). A back-end that was replaced may be stopped rather than dead and write later
+Reconnect: each back-end connection gets its own memfd (:meth:`~ShadowDataPath.new_connection`),
+kept for all its starts. A back-end that was replaced may be stopped rather than dead and write later
 into what it mapped; so before the switch its shadow used rings are harvested (those completions
 reach the guest), the bytes of the chains still in flight are carried over to the new memfd at the
 same offsets, and the old memfd is never read again. When the device model re-opens a queue with
@@ -261,16 +261,22 @@ class ShadowDataPath:
         self._queues: dict[int, _Queue] = {}
         self._held: set[int] = set()  # queues waiting for pool space
         self._handed_out = False  # a back-end has been given the current memfd
+        self._fresh = False  # a new back-end connected since: its first table gets a fresh memfd
 
     # --- DataPath ---------------------------------------------------------------------------
     def banks(self) -> Sequence[tuple[int, int]]:
         return self._banks
 
+    def new_connection(self) -> None:
+        """The next :meth:`regions` is for a new back-end: a fresh memfd if one was handed out."""
+        self._fresh = self._handed_out
+
     def regions(self, queues: Sequence[QueueConfig] = ()) -> tuple[Sequence[MemoryRegion], Sequence[int]]:
-        """The memory table of a new back-end connection (the device model asks once per
-        connection, before the queues): from the second connection on, a fresh memfd."""
-        if self._handed_out:
+        """The memory table: the same memfd for every start on one back-end connection (a guest
+        reset), a fresh one from the second connection on (:meth:`new_connection`)."""
+        if self._fresh:
             self._new_memory()
+            self._fresh = False
         self._handed_out = True
         return [self.shadow.region()], [self.shadow.fd]
 
