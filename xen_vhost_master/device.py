@@ -35,6 +35,7 @@ from vhost_user import (
 )
 from vhost_user.aio import DEFAULT_PROTOCOL_FEATURES, cancel_and_wait
 
+from . import devtypes
 from .config import DeviceConfig
 from .errors import GuestFault, XenError
 from .fastpath import QueueFastPath
@@ -256,7 +257,7 @@ class Device:
         (:class:`BackendAbsent` when nobody answers yet), leaving nothing open."""
         from .virtio_mmio import F_ACCESS_PLATFORM, F_VERSION_1  # noqa: PLC0415 (start() is this change's scope)
 
-        fe, negotiated, nq, config = await self._open_backend()
+        fe, negotiated, nq, view = await self._open_backend()
         self.frontend = fe
         self._kick = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nq)]
         self._call = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nq)]
@@ -265,17 +266,24 @@ class Device:
             loop.add_reader(fd, self._on_call, i)
         self.model = VirtioMmioDevice(
             device_id=self.config.device_id,
-            device_features=guest_features(negotiated.features, grants=self.config.grants, packed=self.memory.packed),
+            device_features=guest_features(view.features, grants=self.config.grants, packed=self.memory.packed),
             queue_sizes=[self.config.queue_size] * nq,
-            config=config,
+            config=view.config,
             ram=list(self.memory.banks()),
             # a grant device's driver must use grant DMA addresses: FEATURES_OK needs ACCESS_PLATFORM
             required_features=(1 << F_VERSION_1) | ((1 << F_ACCESS_PLATFORM) if self.config.grants else 0),
         )
         self.log.info(
             "back-end ready: features %#x, protocol features %#x, %d queue(s), config %d bytes",
-            negotiated.features, int(negotiated.protocol_features), nq, len(config),
+            negotiated.features, int(negotiated.protocol_features), nq, len(view.config),
         )
+        dtype = devtypes.lookup(self.config.device_id)
+        if dtype is None:
+            self.log.info("virtio device type %d has no entry in the device-type table: its feature bits "
+                          "and config pass as the back-end offers them", self.config.device_id)
+        elif withheld := negotiated.features & dtype.withheld:
+            self.log.info("%s: feature bits %#x withheld from the guest (the front-end would have to "
+                          "implement them)", dtype.name, withheld)
         if saved is not None:
             await self.restore(saved)
         self._gate.set()
@@ -287,7 +295,7 @@ class Device:
         self.stats.last_error = reason
         self._gate.set()
 
-    async def _open_backend(self) -> tuple[AsyncFrontend, Negotiated, int, bytes]:
+    async def _open_backend(self) -> tuple[AsyncFrontend, Negotiated, int, devtypes.Offer]:
         """Connect and negotiate (QEMU's init order); the connection is closed on any failure."""
         fe = await self._connect()
         opened = False
@@ -308,6 +316,7 @@ class Device:
                     "(use a back-end built with Xen support, or memory=shadow)"
                 )
             config = await self._probe_config(fe)
+            view = devtypes.offer(self.config.device_id, negotiated.features, config, mac=b"")
             opened = True
         finally:
             if not opened:  # refused, failed or cancelled: no half-open connection left behind
@@ -318,7 +327,7 @@ class Device:
             self.memory, self._chooser = chosen, None
         self.memory.new_connection()
         fe.on_lost = lambda exc: self.backend_lost(str(exc))
-        return fe, negotiated, nq, config
+        return fe, negotiated, nq, view
 
     async def _probe_config(self, fe: AsyncFrontend) -> bytes:
         """The back-end's config space, at the largest size it accepts (no per-device tables).
@@ -767,7 +776,7 @@ class Device:
         try:
             while True:
                 try:
-                    fe, negotiated, nq, config = await self._open_backend()
+                    fe, negotiated, nq, view = await self._open_backend()
                     break
                 except (VhostUserError, DeviceError, BackendAbsent, OSError) as e:
                     if loop.time() + delay > deadline:
@@ -777,14 +786,14 @@ class Device:
                     await asyncio.sleep(delay)  # back-off between attempts, not synchronisation
                     delay = min(delay * 2, RECONNECT_BACKOFF_MAX)
             async with self._lock:
-                missing = self.model.driver_features & ~guest_features(negotiated.features, grants=self.config.grants)
+                missing = self.model.driver_features & ~guest_features(view.features, grants=self.config.grants)
                 if nq != len(self._kick) or missing:
                     await fe.close()
                     self._give_up(f"the back-end came back different ({nq} queues, lacking features {missing:#x})")
                     return
                 self.frontend = fe
                 self.stats.reconnects += 1
-                await self._carry_out(self.model.config_changed(config))
+                await self._carry_out(self.model.config_changed(view.config))
                 if self.model.active and self._queues:
                     await self._guarded(self._start_backend(fe, self.model.driver_features, self._queues, resume=True))
                 self.log.info("back-end reconnected%s", " and resumed" if self._started else "")
