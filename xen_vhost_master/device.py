@@ -210,8 +210,11 @@ class Device:
         log: DeviceLogger,
         fastpath: QueueFastPath | None = None,
         clock: Callable[[], float] = time.monotonic,
+        guest_name: str = "",
     ) -> None:
         self.config = config
+        # net with an emulated config: the guest's MAC, as configured or stable per guest and device
+        self.mac = devtypes.parse_mac(config.mac) if config.mac else devtypes.stable_mac(guest_name, config.devid)
         self.fastpath = fastpath
         self._connect = connect
         self._chooser: DataPathChooser | None = None
@@ -284,6 +287,10 @@ class Device:
         elif withheld := negotiated.features & dtype.withheld:
             self.log.info("%s: feature bits %#x withheld from the guest (the front-end would have to "
                           "implement them)", dtype.name, withheld)
+        if view.emulated:
+            self.log.info("the back-end has no config space (no CONFIG protocol feature): the daemon serves "
+                          "the guest's, MAC %s (%s)", self.mac.hex(":"),
+                          "configured" if self.config.mac else "derived from the guest's name and device id")
         if saved is not None:
             await self.restore(saved)
         self._gate.set()
@@ -316,7 +323,7 @@ class Device:
                     "(use a back-end built with Xen support, or memory=shadow)"
                 )
             config = await self._probe_config(fe)
-            view = devtypes.offer(self.config.device_id, negotiated.features, config, mac=b"")
+            view = devtypes.offer(self.config.device_id, negotiated.features, config, mac=self.mac)
             opened = True
         finally:
             if not opened:  # refused, failed or cancelled: no half-open connection left behind
@@ -329,14 +336,14 @@ class Device:
         fe.on_lost = lambda exc: self.backend_lost(str(exc))
         return fe, negotiated, nq, view
 
-    async def _probe_config(self, fe: AsyncFrontend) -> bytes:
+    async def _probe_config(self, fe: AsyncFrontend) -> bytes | None:
         """The back-end's config space, at the largest size it accepts (no per-device tables).
 
         Back-ends refuse GET_CONFIG beyond their config struct (an empty reply), so binary-search
         the size: about eight round trips, once per connection.
         """
         if not fe.has_protocol_feature(ProtocolFeatures.CONFIG):
-            return b""
+            return None  # the device type's front-end part may emulate it (devtypes.offer)
         good, bad = 0, MAX_CONFIG_SIZE + 1
         data = b""
         while bad - good > 1:
@@ -544,6 +551,8 @@ class Device:
         if self.config.grants:  # ACCESS_PLATFORM is between the guest and us (grant addresses): the
             from .virtio_mmio import F_ACCESS_PLATFORM  # noqa: PLC0415  back-end sees shadow memory only
             features &= ~(1 << F_ACCESS_PLATFORM)
+        if fe.features is not None:  # bits the daemon serves itself (an emulated config) stay with it
+            features &= fe.features
         await fe.set_features(features)
         status = fe.has_protocol_feature(ProtocolFeatures.STATUS)
         if status:

@@ -442,7 +442,7 @@ class Supervisor:
         ioreq = self.ioreq
         device = Device(
             cfg, connect=lambda: self._connect(served), memory=self._export(cfg),
-            set_irq=lambda level: ioreq.set_irq(cfg.irq, level), log=log,
+            set_irq=lambda level: ioreq.set_irq(cfg.irq, level), log=log, guest_name=self.name,
         )
         served.device = device
         if self.fastpath is not None:
