@@ -322,7 +322,7 @@ class Device:
                     f"the back-end does not offer {missing!r}, needed to hand it guest memory "
                     "(use a back-end built with Xen support, or memory=shadow)"
                 )
-            config = await self._probe_config(fe)
+            config = await self._probe_config(fe, negotiated.features)
             view = devtypes.offer(self.config.device_id, negotiated.features, config, mac=self.mac)
             opened = True
         finally:
@@ -336,14 +336,31 @@ class Device:
         fe.on_lost = lambda exc: self.backend_lost(str(exc))
         return fe, negotiated, nq, view
 
-    async def _probe_config(self, fe: AsyncFrontend) -> bytes | None:
-        """The back-end's config space, at the largest size it accepts (no per-device tables).
-
-        Back-ends refuse GET_CONFIG beyond their config struct (an empty reply), so binary-search
-        the size: about eight round trips, once per connection.
-        """
+    async def _probe_config(self, fe: AsyncFrontend, features: int) -> bytes | None:
+        """The back-end's config space (None without the CONFIG protocol feature): one GET_CONFIG
+        of the size the device type's config struct has with the back-end's ``features``
+        (:mod:`.devtypes`, as QEMU's per-device config sizes)."""
         if not fe.has_protocol_feature(ProtocolFeatures.CONFIG):
             return None  # the device type's front-end part may emulate it (devtypes.offer)
+        dtype = devtypes.lookup(self.config.device_id)
+        if dtype is None:
+            return await self._search_config(fe)
+        size = dtype.config_size(features)
+        if size == 0:
+            return b""  # the type has no config space
+        try:
+            return await fe.get_config(0, size)
+        except VhostUserError as e:
+            if fe.broken:
+                raise
+            self.log.warning("GET_CONFIG of %d bytes (the %s config struct) refused (%s): looking for the size "
+                             "the back-end accepts", size, dtype.name, e)
+        return await self._search_config(fe)
+
+    async def _search_config(self, fe: AsyncFrontend) -> bytes:
+        """A config of a type without a table entry (or refused at its size): the largest size the
+        back-end accepts. Back-ends refuse GET_CONFIG beyond their config struct (an empty reply),
+        so binary-search the size: about eight round trips."""
         good, bad = 0, MAX_CONFIG_SIZE + 1
         data = b""
         while bad - good > 1:
