@@ -158,3 +158,49 @@ async def test_the_guest_reads_one_stable_mac_across_daemon_restarts_and_the_con
     finally:
         guest.close()
         listener.close()
+
+
+@pytest.mark.peer
+@pytest.mark.timeout(120)
+@pytest.mark.asyncio(loop_factories=["uvloop"])  # testpmd burns a CPU: run it once
+async def test_frames_flow_again_after_testpmd_restarts_then_the_guest_resets_on_the_shadow_path(
+        sim_host, sim_control, kernel, peers, sim_dir):
+    """A new testpmd (a new back-end connection) gets a memfd of its own and the running rings
+    resume on it; the guest's driver then resets the device on that connection: the table is that
+    connection's memfd again, and frames flow each time, exactly once."""
+    domid = sim_control.create_domain(mem_bytes=64 << 20)
+    sock = os.path.join(sim_dir, "net.sock")
+    listener = UnixListener(sock)
+    pmd, _ = peers.testpmd(sock=sock, client=True)
+    cfg = DeviceConfig(devid=0, device_id=1, base=BASE, irq=IRQ, listen=True, num_queues=2)
+    daemon = ShadowDaemon(kernel, sim_control, domid, cfg, lambda: AsyncFrontend.accept(listener, accept_timeout=TIMEOUT))
+    guest = await SimGuest.connect(sim_host.path, domid)
+    alloc = GuestPageAllocator(guest.ram)
+    try:
+        async with asyncio.timeout(TIMEOUT * 4):
+            await daemon.start()
+            net = await VirtioNet.attach(guest, BASE, IRQ, alloc, queue_size=64, mmio_timeout=TIMEOUT)
+            await pmd.wait_log_async(TESTPMD_FORWARDING_LOG)
+            await frames_come_back_once(net, 0, daemon, pmd)
+            first_fd = daemon.shadow.shadow.fd
+            await asyncio.to_thread(pmd.stop)
+            pmd, _ = peers.testpmd(sock=sock, client=True)
+            await pmd.wait_log_async(TESTPMD_FORWARDING_LOG)  # connected, rings resumed, RX drained
+            while daemon.device.reconnecting is not None or daemon.device.stats.reconnects == 0:
+                assert daemon.device.reconnecting is not None, daemon.device.stats
+                await daemon.device.reconnecting
+            second_fd = daemon.shadow.shadow.fd
+            assert second_fd != first_fd  # the new back-end got memory of its own
+            await frames_come_back_once(net, 100, daemon, pmd)
+            await net.close()
+            net = await VirtioNet.attach(guest, BASE, IRQ, alloc, queue_size=64, mmio_timeout=TIMEOUT)
+            assert daemon.shadow.shadow.fd == second_fd  # same connection: same memfd
+            await frames_come_back_once(net, 200, daemon, pmd)
+            await net.close()
+            assert daemon.device.stats.reconnects == 1 and daemon.errors == []
+    finally:
+        try:
+            guest.close()
+        finally:
+            await daemon.close()
+        listener.close()
