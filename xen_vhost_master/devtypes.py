@@ -32,6 +32,7 @@ __all__ = [
     "NET_CTRL_FEATURES",
     "NET_CONFIG_SIZE",
     "NET_EMULATED_FEATURES",
+    "NET_UNKNOWN_FEATURES",
     "TYPES",
     "lookup",
     "net_config",

@@ -10,7 +10,7 @@ from xen_vhost_master import devtypes
 from xen_vhost_master.config import VIRTIO_IDS
 from xen_vhost_master.devtypes import NET_CTRL_FEATURES, lookup, offer
 
-# What dpdk-testpmd 22.11's net_vhost offers (its log), control-queue family included.
+# A net back-end's offer (VERSION_1, EVENT_IDX, INDIRECT_DESC, MRG_RXBUF...) with control-queue bits.
 TESTPMD = 0x1_7020_8000 | (1 << 17) | (1 << 18) | (1 << 21) | (1 << 22)
 
 
