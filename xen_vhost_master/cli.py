@@ -94,6 +94,8 @@ back-end sockets:
                      grant guest over XEN_MMAP: the "not mapped in advance" region flag,
                      rust-vmm = 0x8 (default: what rust-vmm Xen back-ends expect),
                      spec = 0x100 (the vhost-user spec's bit 8); the back-end must agree
+  mac=00:16:3e:..    net: the guest's MAC when the back-end has no config space (dpdk-testpmd);
+                     default: a locally administered one derived from the guest's name and devid
   devid=N            device id (default: position on the command line)
 
 configuration files:

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from .devtypes import parse_mac
 from .errors import ConfigError
 from .names import path_name, systemd_escape
 from .virtio_mmio import MAX_QUEUE_SIZE, WINDOW_SIZE
@@ -90,6 +91,7 @@ class DeviceConfig:
     grants: bool = False  # grant-based guest (xenstore grant_usage=1)
     memory: MemoryMode = MemoryMode.AUTO
     xen_no_advance: int = NO_ADVANCE_RUSTVMM  # grant devices over XEN_MMAP: NO_ADVANCE_MAP value
+    mac: str = ""  # net: the guest's MAC (xl.cfg / xenstore mac=) for an emulated config; "" = derived
     source: str = "cli"  # where it came from, for messages: cli, config, xenstore
 
     def socket_path(self, name: str, domid: int) -> str:
@@ -217,7 +219,8 @@ def _bool(text: object, what: str) -> bool:
 
 
 def _device(items: Mapping[str, object], what: str, source: str) -> DeviceConfig:
-    known = {"devid", "type", "base", "irq", "socket", "mode", "queue-size", "queues", "grants", "memory", "xen-no-advance"}
+    known = {"devid", "type", "base", "irq", "socket", "mode", "queue-size", "queues", "grants", "memory", "xen-no-advance",
+             "mac"}
     unknown = set(items) - known
     if unknown:
         raise ConfigError(f"{what}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
@@ -246,6 +249,12 @@ def _device(items: Mapping[str, object], what: str, source: str) -> DeviceConfig
                           "devices SPIs from 33)")
     queues = items.get("queues")
     no_advance = _no_advance(items.get("xen-no-advance", "rust-vmm"), f"{what}: xen-no-advance")
+    mac = str(items.get("mac", ""))
+    if mac:
+        try:
+            parse_mac(mac)
+        except ValueError as e:
+            raise ConfigError(f"{what}: {e}") from None
     return DeviceConfig(
         devid=_int(items.get("devid", 0), f"{what}: devid", 0, 2**31 - 1),
         device_id=virtio_id(str(items["type"]), f"{what}: type"),
@@ -258,6 +267,7 @@ def _device(items: Mapping[str, object], what: str, source: str) -> DeviceConfig
         grants=_bool(items.get("grants", False), f"{what}: grants"),
         memory=mem,
         xen_no_advance=no_advance,
+        mac=mac.strip().lower(),
         source=source,
     )
 
@@ -374,7 +384,7 @@ def device_from_xenstore(kind: str, devid: int, keys: Mapping[str, str]) -> Devi
     else:
         raise ConfigError(f"{what}: unknown device kind {kind!r}")
     items: dict[str, object] = {"devid": devid, "type": type_, "grants": keys.get("grant_usage", "0")}
-    for key in ("base", "irq"):
+    for key in ("base", "irq", "mac"):
         if key in keys:
             items[key] = keys[key]
     return _device(items, what, "xenstore")

@@ -32,6 +32,7 @@ from vhost_user import (
 )
 from vhost_user.aio import DEFAULT_PROTOCOL_FEATURES, cancel_and_wait
 
+from . import devtypes
 from .config import DeviceConfig
 from .datapath.base import DataPath, DataPathChooser
 from .errors import GuestFault, XenError
@@ -122,8 +123,11 @@ class Device:
         log: DeviceLogger,
         fastpath: QueueFastPath | None = None,
         clock: Callable[[], float] = time.monotonic,
+        guest_name: str = "",
     ) -> None:
         self.config = config
+        # net with an emulated config: the guest's MAC, as configured or stable per guest and device
+        self.mac = devtypes.parse_mac(config.mac) if config.mac else devtypes.stable_mac(guest_name, config.devid)
         self.fastpath = fastpath
         self._connect = connect
         self._chooser: DataPathChooser | None = None
@@ -169,7 +173,7 @@ class Device:
         (:class:`BackendAbsent` when nobody answers yet), leaving nothing open."""
         from .virtio_mmio import F_ACCESS_PLATFORM, F_VERSION_1  # noqa: PLC0415 (start() is this change's scope)
 
-        fe, negotiated, nq, config = await self._open_backend()
+        fe, negotiated, nq, view = await self._open_backend()
         self.frontend = fe
         self._kick = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nq)]
         self._call = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nq)]
@@ -178,17 +182,28 @@ class Device:
             loop.add_reader(fd, self._on_call, i)
         self.model = VirtioMmioDevice(
             device_id=self.config.device_id,
-            device_features=guest_features(negotiated.features, grants=self.config.grants, packed=self.memory.packed),
+            device_features=guest_features(view.features, grants=self.config.grants, packed=self.memory.packed),
             queue_sizes=[self.config.queue_size] * nq,
-            config=config,
+            config=view.config,
             ram=list(self.memory.banks()),
             # a grant device's driver must use grant DMA addresses: FEATURES_OK needs ACCESS_PLATFORM
             required_features=(1 << F_VERSION_1) | ((1 << F_ACCESS_PLATFORM) if self.config.grants else 0),
         )
         self.log.info(
             "back-end ready: features %#x, protocol features %#x, %d queue(s), config %d bytes",
-            negotiated.features, int(negotiated.protocol_features), nq, len(config),
+            negotiated.features, int(negotiated.protocol_features), nq, len(view.config),
         )
+        dtype = devtypes.lookup(self.config.device_id)
+        if dtype is None:
+            self.log.info("virtio device type %d has no entry in the device-type table: its feature bits "
+                          "and config pass as the back-end offers them", self.config.device_id)
+        elif withheld := negotiated.features & dtype.withheld:
+            self.log.info("%s: feature bits %#x withheld from the guest (the front-end would have to "
+                          "implement them)", dtype.name, withheld)
+        if view.emulated:
+            self.log.info("the back-end has no config space (no CONFIG protocol feature): the daemon serves "
+                          "the guest's, MAC %s (%s)", self.mac.hex(":"),
+                          "configured" if self.config.mac else "derived from the guest's name and device id")
         if saved is not None:
             await self.restore(saved)
         self._gate.set()
@@ -200,7 +215,7 @@ class Device:
         self.stats.last_error = reason
         self._gate.set()
 
-    async def _open_backend(self) -> tuple[AsyncFrontend, Negotiated, int, bytes]:
+    async def _open_backend(self) -> tuple[AsyncFrontend, Negotiated, int, devtypes.Offer]:
         """Connect and negotiate (QEMU's init order); the connection is closed on any failure."""
         fe = await self._connect()
         opened = False
@@ -220,7 +235,8 @@ class Device:
                     f"the back-end does not offer {missing!r}, needed to hand it guest memory "
                     "(use a back-end built with Xen support, or memory=shadow)"
                 )
-            config = await self._probe_config(fe)
+            config = await self._probe_config(fe, negotiated.features)
+            view = devtypes.offer(self.config.device_id, negotiated.features, config, mac=self.mac)
             opened = True
         finally:
             if not opened:  # refused, failed or cancelled: no half-open connection left behind
@@ -229,17 +245,35 @@ class Device:
                 await fe.close()
         if chosen is not None:
             self.memory, self._chooser = chosen, None
+        self.memory.new_connection()
         fe.on_lost = lambda exc: self.backend_lost(str(exc), reconnect=exc.reconnect)
-        return fe, negotiated, nq, config
+        return fe, negotiated, nq, view
 
-    async def _probe_config(self, fe: AsyncFrontend) -> bytes:
-        """The back-end's config space, at the largest size it accepts (no per-device tables).
-
-        Back-ends refuse GET_CONFIG beyond their config struct (an empty reply), so binary-search
-        the size: about eight round trips, once per connection.
-        """
+    async def _probe_config(self, fe: AsyncFrontend, features: int) -> bytes | None:
+        """The back-end's config space (None without the CONFIG protocol feature): one GET_CONFIG
+        of the size the device type's config struct has with the back-end's ``features``
+        (:mod:`.devtypes`, as QEMU's per-device config sizes)."""
         if not fe.has_protocol_feature(ProtocolFeatures.CONFIG):
-            return b""
+            return None  # the device type's front-end part may emulate it (devtypes.offer)
+        dtype = devtypes.lookup(self.config.device_id)
+        if dtype is None:
+            return await self._search_config(fe)
+        size = dtype.config_size(features)
+        if size == 0:
+            return b""  # the type has no config space
+        try:
+            return await fe.get_config(0, size)
+        except VhostUserError as e:
+            if fe.broken:
+                raise
+            self.log.warning("GET_CONFIG of %d bytes (the %s config struct) refused (%s): looking for the size "
+                             "the back-end accepts", size, dtype.name, e)
+        return await self._search_config(fe)
+
+    async def _search_config(self, fe: AsyncFrontend) -> bytes:
+        """A config of a type without a table entry (or refused at its size): the largest size the
+        back-end accepts. Back-ends refuse GET_CONFIG beyond their config struct (an empty reply),
+        so binary-search the size: about eight round trips."""
         good, bad = 0, MAX_CONFIG_SIZE + 1
         data = b""
         while bad - good > 1:
@@ -447,6 +481,8 @@ class Device:
         if self.config.grants:  # ACCESS_PLATFORM is between the guest and us (grant addresses): the
             from .virtio_mmio import F_ACCESS_PLATFORM  # noqa: PLC0415  back-end sees shadow memory only
             features &= ~(1 << F_ACCESS_PLATFORM)
+        if fe.features is not None:  # bits the daemon serves itself (an emulated config) stay with it
+            features &= fe.features
         await fe.set_features(features)
         status = fe.has_protocol_feature(ProtocolFeatures.STATUS)
         if status:
@@ -688,7 +724,7 @@ class Device:
         try:
             while True:
                 try:
-                    fe, negotiated, nq, config = await self._open_backend()
+                    fe, negotiated, nq, view = await self._open_backend()
                     break
                 except (VhostUserError, DeviceError, BackendAbsent, OSError) as e:
                     if isinstance(e, VhostUserError) and not e.reconnect:
@@ -701,14 +737,14 @@ class Device:
                     await asyncio.sleep(delay)  # back-off between attempts, not synchronisation
                     delay = min(delay * 2, RECONNECT_BACKOFF_MAX)
             async with self._lock:
-                missing = self.model.driver_features & ~guest_features(negotiated.features, grants=self.config.grants)
+                missing = self.model.driver_features & ~guest_features(view.features, grants=self.config.grants)
                 if nq != len(self._kick) or missing:
                     await fe.close()
                     self._give_up(f"the back-end came back different ({nq} queues, lacking features {missing:#x})")
                     return
                 self.frontend = fe
                 self.stats.reconnects += 1
-                await self._carry_out(self.model.config_changed(config))
+                await self._carry_out(self.model.config_changed(view.config))
                 if self.model.active and self._queues:
                     await self._guarded(self._start_backend(fe, self.model.driver_features, self._queues, resume=True))
                 self.log.info("back-end reconnected%s", " and resumed" if self._started else "")

@@ -454,7 +454,7 @@ class Supervisor:
         assert paths is not None
         device = Device(
             cfg, connect=lambda: self._connect(served), memory=paths.for_device(cfg),
-            set_irq=lambda level: ioreq.set_irq(cfg.irq, level), log=log,
+            set_irq=lambda level: ioreq.set_irq(cfg.irq, level), log=log, guest_name=self.name,
         )
         served.device = device
         if self.fastpath is not None:

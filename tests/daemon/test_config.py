@@ -234,3 +234,17 @@ def test_xen_no_advance_defaults_to_rust_vmm_and_works_in_toml(tmp_path):
 def test_xen_no_advance_rejects_other_values_naming_both(value):
     with pytest.raises(ConfigError, match=r"xen-no-advance=.*rust-vmm \(0x8.*spec \(0x100"):
         parse_device_arg(f"type=blk,base=0x2000000,irq=33,xen-no-advance={value}")
+
+
+def test_net_mac_from_the_device_flag_and_from_xenstore():
+    assert parse_device_arg("type=net,base=0x2000000,irq=33,mac=00:16:3E:0a:0b:0c").mac == "00:16:3e:0a:0b:0c"
+    assert parse_device_arg("type=net,base=0x2000000,irq=33").mac == ""
+    d = device_from_xenstore("virtio", 0, {"type": "virtio,device1", "base": "0x2000000", "irq": "33", "transport": "mmio",
+                                           "mac": "00:16:3e:01:02:03"})
+    assert d.mac == "00:16:3e:01:02:03"
+
+
+@pytest.mark.parametrize("mac", ["00:16:3e:0a:0b", "01:16:3e:0a:0b:0c", "zz:16:3e:0a:0b:0c"])
+def test_a_bad_mac_is_a_one_line_config_error(mac):
+    with pytest.raises(ConfigError, match=r"^--device .*: mac="):
+        parse_device_arg(f"type=net,base=0x2000000,irq=33,mac={mac}")

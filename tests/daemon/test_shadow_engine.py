@@ -456,7 +456,8 @@ def test_a_replaced_back_end_still_alive_cannot_write_into_its_successor(rig):
     write_buffers(old_mem, chains[0].writable, b"old:" + bytes([1]) * 28)
     old.push(chains[0].head, 32)  # completed before it stalled
 
-    (new_region,), (new_fd,) = r.dp.regions()  # the replacement connects
+    r.dp.new_connection()  # the replacement connects
+    (new_region,), (new_fd,) = r.dp.regions()
     assert new_fd != old_fd and new_region.guest_phys_addr == old_region.guest_phys_addr
     rings = r.dp.open_queue(r.configs[0], r.features, r.kick[0], resume=True)
     assert [t for t, _ in drv.get_used()] == [0]  # harvested from the old memfd before the switch
@@ -529,3 +530,20 @@ def test_a_restarted_daemon_resumes_exactly_from_the_guest_inflight_record(rig, 
             new.release()
     finally:
         dp2.close()
+
+
+def test_one_memfd_for_every_start_on_one_connection(rig):
+    """A guest reset restarts the rings on the same back-end connection: the memory table is the
+    same memfd (DPDK keeps its mapping when the geometry is unchanged); a new connection gets a
+    fresh one, at the same geometry."""
+    r = rig(num=16)
+    (first,), (fd,) = r.dp.regions()
+    r.dp.close_queue(0)  # the driver reset the device
+    (again,), (fd_again,) = r.dp.regions()
+    assert fd_again == fd and again == first
+    r.dp.new_connection()
+    (fresh,), (fresh_fd,) = r.dp.regions()
+    assert fresh_fd != fd and fresh == first
+    r.dp.new_connection()  # a connection that never started the rings, then another
+    r.dp.new_connection()
+    assert r.dp.regions()[1] != [fresh_fd]

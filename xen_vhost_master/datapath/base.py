@@ -61,10 +61,17 @@ class DataPath(Protocol):
         """Guest RAM banks ``(gpa, size)``: the guest's rings must lie inside them."""
         ...
 
+    def new_connection(self) -> None:
+        """A new back-end connection was opened: the next :meth:`regions` is its first table."""
+        ...
+
     def regions(self, queues: Sequence[QueueConfig]) -> tuple[Sequence[MemoryRegion | XenMemoryRegion], Sequence[int]]:
         """The memory table and one fd per region (still owned by the data path), for a start of
-        ``queues``. Asked once per start of a back-end connection, before :meth:`open_queue` (a
-        copying data path gives each connection memory of its own; grant regions follow the rings)."""
+        ``queues``; asked at every start, before :meth:`open_queue`. A copying data path gives each
+        connection memory of its own and keeps it for that connection's later starts (a guest
+        reset); grant regions follow the rings. Within one connection a region whose geometry
+        (address, size, user address) is unchanged must be the same memory: DPDK
+        (``vhost_user_set_mem_table``) keeps its old mapping when only the fds differ."""
         ...
 
     def open_queue(self, queue: QueueConfig, features: int, kick_fd: int, *, resume: bool = False) -> RingAddresses:

@@ -165,6 +165,10 @@ class GrantXenMmapExport:
     def banks(self) -> Sequence[tuple[int, int]]:
         return [(GRANT_ADDR_BIT, self.span)]
 
+    def new_connection(self) -> None:
+        if self.shadow is not None:
+            self.shadow.new_connection()
+
     def regions(self, queues: Sequence[QueueConfig] = ()) -> tuple[Sequence[XenMemoryRegion], Sequence[int]]:
         queues = list(queues)
         layout = grant_layout(queues, self.span, self.no_advance)  # GuestFault: the device needs a reset

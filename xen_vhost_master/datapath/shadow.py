@@ -211,16 +211,22 @@ class ShadowDataPath:
         self._queues: dict[int, _Queue] = {}
         self._held: set[int] = set()  # queues waiting for pool space
         self._handed_out = False  # a back-end has been given the current memfd
+        self._fresh = False  # a new back-end connected since: its first table gets a fresh memfd
 
     # --- DataPath ---------------------------------------------------------------------------
     def banks(self) -> Sequence[tuple[int, int]]:
         return self._banks
 
+    def new_connection(self) -> None:
+        """The next :meth:`regions` is for a new back-end: a fresh memfd if one was handed out."""
+        self._fresh = self._handed_out
+
     def regions(self, queues: Sequence[QueueConfig] = ()) -> tuple[Sequence[MemoryRegion], Sequence[int]]:
-        """The memory table of a new back-end connection (the device model asks once per
-        connection, before the queues): from the second connection on, a fresh memfd."""
-        if self._handed_out:
+        """The memory table: the same memfd for every start on one back-end connection (a guest
+        reset), a fresh one from the second connection on (:meth:`new_connection`)."""
+        if self._fresh:
             self._new_memory()
+            self._fresh = False
         self._handed_out = True
         return [self.shadow.region()], [self.shadow.fd]
 

@@ -36,6 +36,9 @@ class _ZeroCopy:
         self._kick: dict[int, int] = {}
         self._read_guest = read_guest
 
+    def new_connection(self) -> None:
+        """Guest RAM itself: every connection gets the same regions (same fds, same geometry)."""
+
     def open_queue(self, queue: QueueConfig, features: int, kick_fd: int, *, resume: bool = False) -> RingAddresses:
         self._kick[queue.index] = kick_fd
         base = 0
