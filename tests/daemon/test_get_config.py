@@ -18,7 +18,7 @@ from xen_vhost_master.config import DeviceConfig
 from xen_vhost_master.device import Device
 from xen_vhost_master.devtypes import lookup
 from xen_vhost_master.log import device_logger
-from xen_vhost_master.memory import FdExport
+from xen_vhost_master.datapath.zerocopy import FdExport
 
 BASE, IRQ, TIMEOUT = 0x0200_0000, 33, 25.0
 DISK = 4 << 20

@@ -22,7 +22,7 @@ from xen_vhost_master.device import Device
 from xen_vhost_master.devtypes import stable_mac
 from xen_vhost_master.ioreq_server import IoreqServer
 from xen_vhost_master.log import device_logger
-from xen_vhost_master.memory import sim_memfd_export
+from xen_vhost_master.datapath.zerocopy import sim_memfd_export
 from xen_vhost_master.xen.evtchn import EventChannel
 from xen_vhost_master.xen.privcmd import PrivCmd
 from xen_vhost_sim.guest import SimGuest

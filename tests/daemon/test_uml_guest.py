@@ -78,8 +78,9 @@ async def serve_uml(
         try:
             domid = await bridge.accept(listener, timeout=STEP)
             daemon, notify = start_daemon(sim_path, domid, backend, tmp_path, **daemon_kw)
-            msg = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(notify, 4096), STEP)
-            assert msg.startswith(b"READY=1"), msg
+            loop = asyncio.get_running_loop()
+            while not (msg := await asyncio.wait_for(loop.sock_recv(notify, 4096), STEP)).startswith(b"READY=1"):
+                assert msg.startswith(b"STATUS="), msg  # start-up steps come before READY=1
             on_ready(domid)
             serving = asyncio.get_running_loop().create_task(bridge.serve())
             verdicts = await run.finish(timeout=STEP)
