@@ -146,4 +146,4 @@ def render(docs: Sequence[dict[str, Any]], *, openmetrics: bool = True) -> str:
             lines.append(f"{fam.name}{suffix}{_labels(labels)} {_number(value)}")
     if openmetrics:
         lines.append("# EOF")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" if lines else ""
