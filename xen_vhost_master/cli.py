@@ -73,7 +73,8 @@ STATUS_EPILOG = """formats:
 
 exit codes: 0 every instance asked answered; 69 no instance serves the domain (or its socket is
 left from one that is not running); 75 an instance did not answer in time; 77 permission denied
-(the status socket is the daemon's user's only: run as root); 78 bad arguments."""
+(the status socket is the daemon's user's only: run as root); 2 a bad argument; 78 a guest name
+that cannot name a runtime directory (give --runtime-dir)."""
 
 EPILOG = """the guest:
   --domain takes the guest's name or its current domain id (all digits: an id, as with xl).

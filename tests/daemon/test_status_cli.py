@@ -32,7 +32,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
 
 from tests.daemon.test_daemon_cli import BIN, TIMEOUT, DaemonLog, io_check, stop
-from xen_vhost_master import __version__, cli
+from xen_vhost_master import __version__, cli, metrics
 from xen_vhost_master.status import COLUMNS, EX_NOPERM, STATUS_SCHEMA, driver_status_names, status_error
 from xen_vhost_sim.guest import SimGuest
 from xen_vhost_sim.guest_devices import VirtioBlk
@@ -307,3 +307,24 @@ def test_driver_status_by_name():
     assert driver_status_names(15) == ["ACKNOWLEDGE", "DRIVER", "FEATURES_OK", "DRIVER_OK"]
     assert driver_status_names(0) == []
     assert driver_status_names(0x4B) == ["ACKNOWLEDGE", "DRIVER", "FEATURES_OK", "DEVICE_NEEDS_RESET"]
+
+
+def test_metrics_labels_are_escaped_and_both_formats_parse_back():
+    """A guest name holding a quote, a backslash and a newline (xenstore allows them) survives both
+    expositions; a counter's family is named without ``_total`` in OpenMetrics, with it in the
+    Prometheus text format; an instance with no devices still has its start time."""
+    name = 'we"b\\1\nx'
+    doc = {"name": name, "domid": 3, "version": "9", "started": 12.5, "devices": [
+        {"devid": 0, "type": "net", "backend": "lost", "reconnects": 2, "kicks": {"0": 1, "1": 2}, "calls": {}}]}
+    om = metrics.render([doc, {"name": "idle", "domid": 4, "started": 1.0, "devices": []}])
+    prom = metrics.render([doc], openmetrics=False)
+    assert "# TYPE xen_vhost_master_reconnects counter" in om and "# TYPE xen_vhost_master_reconnects_total counter" in prom
+    labels = {"domain": name, "domid": "3", "device": "0", "type": "net"}
+    for samples in (_samples(parse_openmetrics(om)), _samples(parse_prometheus(prom))):
+        assert _value(samples, "xen_vhost_master_reconnects_total", **labels) == 2
+        assert _value(samples, "xen_vhost_master_kicks_total", **labels) == 3
+        assert _value(samples, "xen_vhost_master_backend_up", **labels) == 0
+        assert _value(samples, "xen_vhost_master_backend_state", **labels, state="lost") == 1
+    assert _value(_samples(parse_openmetrics(om)), "xen_vhost_master_start_time_seconds", domain="idle", domid="4",
+                  version="") == 1.0
+    assert metrics.render([], openmetrics=False) == "" and metrics.render([]) == "# EOF\n"
