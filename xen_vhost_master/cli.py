@@ -1,8 +1,9 @@
 """``xen-vhost-master``: serve one Xen guest's virtio devices with vhost-user back-ends.
 
-    xen-vhost-master --domain web1                   # devices from xenstore (libxl's layout)
-    xen-vhost-master --domain 5 --device type=blk,base=0x2000000,irq=33,socket=/run/qsd.sock
-    xen-vhost-master status --domain web1            # what the running instance is doing
+    xen-vhost-master --domain web1                   # serve (the default command); devices from xenstore
+    xen-vhost-master serve --domain 5 --device type=blk,base=0x2000000,irq=33,socket=/run/qsd.sock
+    xen-vhost-master status --domain web1            # what the running instance is doing (status.py)
+    xen-vhost-master status --all --format=openmetrics   # metrics of every instance (metrics.py)
     xen-vhost-master watch [--spawn]                 # start one instance per guest (dispatcher.py)
 """
 
@@ -10,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import logging
 import os
 import pwd
 import signal
-import socket
 import sys
 from typing import TYPE_CHECKING
 
@@ -40,6 +39,7 @@ from .instance import (
     runtime_dir,
 )
 from .platform import Platform, announce, platform_from_env
+from .status import StatusError, instance_sockets, query, render_json, render_table
 from .xen.xenstore_wire import XenstoreError
 
 if TYPE_CHECKING:
@@ -52,6 +52,47 @@ if TYPE_CHECKING:
 __all__ = ["main", "parse_args"]
 
 CONFIG_DIR = "/etc/xen-vhost-master"
+COMMANDS = ("serve", "status", "watch")
+
+DESCRIPTION = """commands:
+  serve    serve a guest's virtio devices (the default: 'xen-vhost-master --domain NAME ...' is
+           'xen-vhost-master serve --domain NAME ...', what xen-vhost-master@.service runs)
+  status   show what running instances serve: a table, --json, or metrics (--format)
+  watch    start one instance per guest with virtio devices (a dispatcher)
+
+'xen-vhost-master COMMAND --help' shows each command's options."""
+
+STATUS_EPILOG = """formats:
+  table        (default) per instance a header (guest, domid, pid, version, uptime) and a row
+               per device: id, type, MMIO base and irq, back-end state (connecting | waiting |
+               failed | connected | lost), data path, driver status by name, kicks and calls
+               (summed over queues), reconnects, last error
+  json         the instance's status document (its "schema" key versions it); with --all
+               {"schema", "instances": [...], "unreachable": [...]}
+  openmetrics  OpenMetrics 1.0 text: per device back-end up/state, reconnects, kicks, calls,
+               and for shadow devices requests, bytes, a request latency histogram, in-flight
+               requests, bounce pool use and back-pressure
+  prometheus   the same in the Prometheus text format 0.0.4 (node_exporter's textfile collector)
+
+exit codes: 0 every instance asked answered; 3 no instance serves the domain (or its socket is
+left from one that is not running); 69 no such domain; 75 an instance did not answer in time;
+77 permission denied (the status socket is the daemon's user's only: run as root); 2 a bad
+argument; 78 a guest name that cannot name a runtime directory (give --runtime-dir)."""
+
+EXIT_CODES = """exit codes (each failure also prints one line saying what is wrong and how to fix it; all but
+1 and 75 are permanent: the units' RestartPreventExitStatus= lists them):
+   0  stopped cleanly, or the domain went away
+   1  unexpected error (a bug: the log has its traceback); restarted
+   2  bad command line, e.g. --domain 0 (a guest's domain id is 1..32751)
+   3  status: no daemon serves the domain
+  69  no such domain
+  72  not a Xen dom0: /dev/xen/privcmd missing, or /proc/xen/capabilities without control_d
+  73  the guest is already served by another instance
+  74  the runtime directory cannot be created or locked
+  75  transient failure (xenstore not answering, ...): systemd restarts
+  76  Xen has no IOREQ server (dm_op ENOSYS/EOPNOTSUPP): rebuild Xen with CONFIG_IOREQ_SERVER=y
+  77  permission denied on /dev/xen/* (or by Xen): run as root
+  78  configuration error (fix it)"""
 
 EPILOG = """the guest:
   --domain takes the guest's name or its current domain id (all digits: an id, as with xl).
@@ -110,21 +151,6 @@ signals:
   the process re-executes itself (same pid); the new image adopts the IOREQ server and devices
   and resumes the rings. The guest sees a pause, no reset.
 
-exit codes (each failure also prints one line saying what is wrong and how to fix it; all but
-1 and 75 are permanent: the units' RestartPreventExitStatus= lists them):
-   0  stopped cleanly, or the domain went away
-   1  unexpected error (a bug: the log has its traceback); restarted
-   2  bad command line, e.g. --domain 0 (a guest's domain id is 1..32751)
-   3  status: no daemon serves the domain
-  69  no such domain
-  72  not a Xen dom0: /dev/xen/privcmd missing, or /proc/xen/capabilities without control_d
-  73  the guest is already served by another instance
-  74  the runtime directory cannot be created or locked
-  75  transient failure (xenstore not answering, ...): systemd restarts
-  76  Xen has no IOREQ server (dm_op ENOSYS/EOPNOTSUPP): rebuild Xen with CONFIG_IOREQ_SERVER=y
-  77  permission denied on /dev/xen/* (or by Xen): run as root
-  78  configuration error (fix it)
-
 On a dom0 the daemon opens /dev/xen/{privcmd,evtchn,gntdev,xenbus}. With XEN_VHOST_SIM=<socket>
 in the environment it attaches to a simulated Xen host (xen-vhost-sim, an installed platform)
 instead, and its first log line says so.
@@ -145,18 +171,15 @@ def _domid_range_error(text: str) -> str | None:
     return f"{text}: {what}; a guest's domain id is 1..{DOMID_FIRST_RESERVED - 1}"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="xen-vhost-master",
-        description="Serve a Xen guest's virtio-mmio devices with vhost-user back-ends.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("command", nargs="?", choices=["serve", "status"], default="serve",
-                   help="serve (default) the guest, or print the running instance's status")
-    target = p.add_mutually_exclusive_group(required=True)
+def _target(p: argparse.ArgumentParser, *, required: bool = True) -> argparse._MutuallyExclusiveGroup:
+    target = p.add_mutually_exclusive_group(required=required)
     target.add_argument("--domain", metavar="NAME|ID", help="the guest: its name, or its current domain id")
     target.add_argument("--domid", type=_domid_flag, metavar="ID", help="the same as --domain ID")
+    return target
+
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
+    _target(p)
     p.add_argument("--device", action="append", default=[], metavar="KEY=VALUE,...",
                    help="a device (see 'devices' below); may be repeated")
     p.add_argument("--config", metavar="FILE", help="a TOML file with [[device]] tables (same keys as --device)")
@@ -178,10 +201,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend-domid", type=int, default=0, help="the domain this daemon runs in (default 0)")
     p.add_argument("--guest-arch", choices=["arm64", "x86_64"], help="guest memory layout (default: the host's)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+
+
+def _status_flags(p: argparse.ArgumentParser) -> None:
+    target = _target(p)
+    target.add_argument("--all", action="store_true", help="every instance under the runtime root")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--format", choices=["table", "json", "openmetrics", "prometheus"], default="table",
+                     help="what to print (default table; see 'formats' below)")
+    fmt.add_argument("--json", dest="format", action="store_const", const="json", help="the same as --format=json")
+    p.add_argument("--runtime-dir", metavar="DIR",
+                   help="the instance's runtime directory, if it was started with --runtime-dir")
+    p.add_argument("--runtime-root", metavar="DIR", default=RUNTIME_ROOT,
+                   help=f"where instances keep their runtime directories (default {RUNTIME_ROOT})")
+    p.add_argument("--backend-domid", type=int, default=0, help="the domain the instances run in (default 0)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    p.set_defaults(no_xenstore=False)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``[serve|status] FLAGS``: without a command, serve (``xen-vhost-master --domain X`` is what
+    the unit runs). ``watch`` has its own parser (:func:`xen_vhost_master.dispatcher.parse_args`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(
+        prog="xen-vhost-master",
+        description="Serve a Xen guest's virtio-mmio devices with vhost-user back-ends.\n\n" + DESCRIPTION,
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _serve_flags(sub.add_parser("serve", description="Serve a Xen guest's virtio-mmio devices with vhost-user back-ends.",
+                                epilog=EPILOG + "\n" + EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter))
+    _status_flags(sub.add_parser("status", description="Show what running instances serve.",
+                                 epilog=STATUS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter))
+    sub.add_parser("watch", add_help=False)  # (listed; main hands it to the dispatcher's own parser)
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        argv = ["serve", *argv]
     args = p.parse_args(argv)
+    if args.command == "watch":  # (main hands it to the dispatcher first)
+        p.error("watch: use 'xen-vhost-master watch --help'")
     if args.domain is None:
         args.domain = args.domid
-    if (why := _domid_range_error(args.domain)) is not None:
+    if args.domain is not None and (why := _domid_range_error(args.domain)) is not None:
         p.error(f"argument --domain/--domid: {why}")
     return args
 
@@ -324,16 +385,17 @@ def _status_socket(args: argparse.Namespace, platform: Platform | None = None) -
     xenstore needed), or for an id through xenstore, else by the state files' domain ids."""
     if args.runtime_dir:
         return os.path.join(args.runtime_dir, "status.sock")
+    root = getattr(args, "runtime_root", RUNTIME_ROOT)
     text = args.domain
     if not (text.isascii() and text.isdigit()):
-        return os.path.join(runtime_dir(text), "status.sock")
+        return os.path.join(runtime_dir(text, root), "status.sock")
     import uvloop  # noqa: PLC0415  (an id is resolved through xenstore)
 
     try:
         guest = uvloop.run(_resolve(args, _platform(platform)))
-        return os.path.join(runtime_dir(guest.name), "status.sock")
+        return os.path.join(runtime_dir(guest.name, root), "status.sock")
     except (DomainNotFound, XenstoreError, OSError) as e:
-        found = find_runtime_by_domid(int(text))
+        found = find_runtime_by_domid(int(text), root)
         if found is not None:
             return os.path.join(found, "status.sock")
         if isinstance(e, DomainNotFound):
@@ -341,28 +403,38 @@ def _status_socket(args: argparse.Namespace, platform: Platform | None = None) -
         if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM):
             raise HostError(ExitCode.NOPERM, f"permission denied resolving domain {text} through xenstore "
                                              f"({e}): run status as root") from None
-        raise _NotServed(f"no daemon serves domain {text} ({e}; no {RUNTIME_ROOT}/*/state.json names it)") from None
+        raise _NotServed(f"no daemon serves domain {text} ({e}; no {root}/*/state.json names it)") from None
 
 
 class _NotServed(DaemonError):
     """``status``: nothing answers for the domain (exit 3)."""
 
 
-def _status(path: str, domain: str) -> int:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(5)
+def _status(args: argparse.Namespace, platform: Platform | None) -> int:
+    """Ask one instance, or every one (``--all``), and print what they answer in ``--format``."""
+    paths = instance_sockets(args.runtime_root) if args.all else [_status_socket(args, platform)]
+    docs, failures = [], []
+    for path in paths:
         try:
-            s.connect(path)
-        except PermissionError as e:
-            return _fail(f"permission denied on {path} ({e.strerror}): run status as root", ExitCode.NOPERM)
-        except OSError as e:
-            return _fail(f"no daemon serves domain {domain} (nothing answers on {path}: {e.strerror})",
-                         ExitCode.NOT_RUNNING)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    print(json.dumps(json.loads(data), indent=2))
-    return 0
+            docs.append(query(path))
+        except StatusError as e:
+            failures.append((path, e))
+    if not args.all and failures:
+        error = failures[0][1]
+        what = f"no daemon serves domain {args.domain} ({error})" if error.code == ExitCode.NOT_RUNNING else error
+        print(f"xen-vhost-master: {what}", file=sys.stderr)
+        return error.code
+    if args.format == "json":
+        print(render_json(docs, failures, many=args.all))
+    elif args.format in ("openmetrics", "prometheus"):
+        from .metrics import render  # noqa: PLC0415
+
+        sys.stdout.write(render(docs, openmetrics=args.format == "openmetrics"))
+    else:
+        print(render_table(docs) if docs else f"no instance is running (no {args.runtime_root}/*/status.sock)")
+    for path, error in failures:  # (--all: the others are shown; these are said once, on stderr)
+        print(f"xen-vhost-master: {path}: {error}", file=sys.stderr)
+    return max((error.code for _, error in failures), default=0)
 
 
 def main(argv: list[str] | None = None, platform: Platform | None = None) -> int:
@@ -378,7 +450,7 @@ def main(argv: list[str] | None = None, platform: Platform | None = None) -> int
     setup_logging(level)
     if args.command == "status":
         try:
-            return _status(_status_socket(args, platform), args.domain)
+            return _status(args, platform)
         except ConfigError as e:
             return _fail(e, ExitCode.CONFIG)
         except DomainNotFound as e:

@@ -31,6 +31,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -43,7 +44,9 @@ from vhost_user import (
 )
 from vhost_user.aio import cancel_and_wait
 
+from . import __version__
 from .config import DeviceConfig, MemoryMode, device_from_xenstore, merge
+from .datapath.base import DataPath
 from .datapath.choose import GuestDataPaths, GuestResources
 from .device import BackendAbsent, Device, DeviceError
 from .errors import ConfigError, ExitCode, HostError, XenError, host_error
@@ -52,6 +55,7 @@ from .ioreq_server import IoreqServer
 from .log import device_logger
 from .platform import Platform
 from .sd_notify import Notifier
+from .status import STATUS_SCHEMA, driver_status_names, type_name
 from .virtio_mmio import WINDOW_SIZE, Status, check_snapshot, snapshot
 from .xen.abi import DOMID_FIRST_RESERVED
 from .xen.evtchn import EventChannel
@@ -165,6 +169,9 @@ class Supervisor:
         self._status_server: asyncio.AbstractServer | None = None
         self._saved: dict[str, Any] = {}
         self._skipped: set[str] = set()  # malformed xenstore devices already reported
+        self._rejected: dict[str, tuple[str, dict[str, str], str]] = {}  # path → kind, keys, why (in status)
+        self._started_at = time.time()  # (wall clock: what status shows an operator)
+        self._started_mono = time.monotonic()
         self.fastpath: KernelFastPath | None = None
         self._paths: GuestDataPaths | None = None  # once the guest's RAM layout is known
         self.restricted = False
@@ -398,6 +405,7 @@ class Supervisor:
 
     async def _discover(self) -> list[tuple[DeviceConfig, str]]:
         found = []
+        self._rejected.clear()  # (each pass finds the malformed entries still there again)
         for kind in KINDS:
             for devid in await self._directory(self._backend_dir(kind)):
                 cfg = await self._read_device(kind, devid)
@@ -437,6 +445,7 @@ class Supervisor:
                 raise ConfigError(f"xenstore {path}: device id {devid!r} is not a number")
             return device_from_xenstore(kind, int(devid), keys)
         except ConfigError as e:
+            self._rejected[path] = (kind, keys, str(e))
             # Every xenstore event re-reads the directory: say it once per distinct problem.
             if str(e) not in self._skipped:
                 self._skipped.add(str(e))
@@ -822,22 +831,40 @@ class Supervisor:
     # --- status ---------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        """What ``status`` shows (status.py renders it; its keys are STATUS_SCHEMA's): every
+        device, whatever its state, and the xenstore entries refused as malformed (failed)."""
         devices = []
         for served in self.devices.values():
             d, cfg = served.device, served.config
+            status = int(d.model.status) if d.model else 0
             devices.append({
-                "devid": cfg.devid, "device_id": cfg.device_id, "base": hex(cfg.base), "irq": cfg.irq,
+                "devid": cfg.devid, "device_id": cfg.device_id, "type": type_name(cfg.device_id),
+                "base": hex(cfg.base), "irq": cfg.irq,
                 "socket": cfg.socket_path(self.name, self.domid), "mode": "server" if cfg.listen else "client",
                 "backend": served.backend, "attempts": served.attempts,
                 "data_path": d.memory.name,
-                "status": int(d.model.status) if d.model else 0,
+                "status": status, "driver_status": driver_status_names(status),
                 "features": hex(d.model.driver_features) if d.model else "0x0",
                 "kicks": d.stats.per_queue_kicks, "calls": d.stats.per_queue_calls,
                 "reads": d.stats.reads, "writes": d.stats.writes, "interrupts": d.stats.interrupts,
                 "reconnects": d.stats.reconnects, "guest_errors": d.stats.guest_errors, "last_error": d.stats.last_error,
+                "data_path_stats": _data_path_stats(d.memory),
+            })
+        for path, (kind, keys, reason) in sorted(self._rejected.items()):
+            devid = path.rsplit("/", 1)[1]
+            devices.append({
+                "devid": int(devid) if devid.isdigit() else devid, "device_id": None, "type": keys.get("type", "?"),
+                "base": keys.get("base", "?"), "irq": keys.get("irq", "?"), "socket": "", "mode": "",
+                "backend": "failed", "attempts": 0, "data_path": "none", "status": 0, "driver_status": [],
+                "features": "0x0", "kicks": {}, "calls": {}, "reads": 0, "writes": 0, "interrupts": 0,
+                "reconnects": 0, "guest_errors": 0, "last_error": f"xenstore {kind} entry refused: {reason}",
+                "data_path_stats": None,
             })
         ioreq = self.ioreq.stats if self.ioreq else None
-        return {"domid": self.domid, "name": self.name, "pid": os.getpid(), "devices": devices, "restricted": self.restricted,
+        return {"schema": STATUS_SCHEMA, "version": __version__,
+                "domid": self.domid, "name": self.name, "pid": os.getpid(),
+                "started": round(self._started_at, 3), "uptime": round(time.monotonic() - self._started_mono, 3),
+                "devices": devices, "restricted": self.restricted,
                 "kernel_fast_path": self.fastpath is not None,
                 "ioreqs": {"served": ioreq.served, "spurious": ioreq.spurious, "refused": ioreq.refused} if ioreq else {}}
 
@@ -951,6 +978,25 @@ class Supervisor:
             self.log.warning("%s did not finish within %.0f s", what, STEP_TIMEOUT)
         except XenError as e:
             self.log.warning("%s: %s", what, e)
+
+
+def _data_path_stats(path: DataPath) -> dict[str, Any] | None:
+    """The copying path's own figures, summed over its queues (None for a path that does not
+    see the requests: zero-copy back-ends read the guest's rings themselves)."""
+    from .datapath.shadow import LATENCY_BOUNDS_NS, ShadowDataPath  # noqa: PLC0415  (loaded with the first shadow device)
+
+    if not isinstance(path, ShadowDataPath):
+        return None
+    total = path.totals()
+    return {
+        "requests": total.completed, "published": total.chains,
+        "bytes_read": total.bytes_in, "bytes_written": total.bytes_out,
+        "inflight": path.inflight_total(), "held": total.held, "held_now": path.held_queues,
+        "resubmitted": total.resubmitted,
+        "pool_bytes": path.pool.capacity, "pool_used_bytes": path.pool.capacity - path.pool.free_bytes,
+        "latency_bounds": [b / 1e9 for b in LATENCY_BOUNDS_NS], "latency_counts": total.latency,
+        "latency_sum": total.latency_sum_ns / 1e9,
+    }
 
 
 class _DomainGone(Exception):

@@ -137,7 +137,7 @@ async def test_daemon_serves_discovers_hotplugs_and_stops_cleanly(start_sim, sim
         backend = f"/local/domain/0/backend/virtio/{DOMID}"
         assert await xs.read_str(f"{backend}/0/state") == "2"  # InitWait: `xl create` may go on
         await log.wait_for("serving virtio device")  # (READY comes before the back-end is reached)
-        status = subprocess.run([str(BIN / "xen-vhost-master"), "status", "--domid", str(DOMID), "--runtime-dir", str(runtime)],
+        status = subprocess.run([str(BIN / "xen-vhost-master"), "status", "--json", "--domid", str(DOMID), "--runtime-dir", str(runtime)],
                                 capture_output=True, text=True, timeout=TIMEOUT, check=True)
         state = json.loads(status.stdout)
         assert state["restricted"] is True  # privcmd/evtchn only reach this guest now

@@ -616,7 +616,7 @@ async def test_cli_daemon_exports_grants_over_xen_mmap_to_a_python_backend_proce
             assert f.read(len(data)) == data  # the back-end wrote the guest's bytes, mapped through grants
         await asyncio.wait_for(blk.close(), T)
         assert blk.driver.live_grants == 0  # the back-end unmapped everything: the guest ended all grants
-        status = subprocess.run([str(bin_dir / "xen-vhost-master"), "status", "--domid", str(domid),
+        status = subprocess.run([str(bin_dir / "xen-vhost-master"), "status", "--json", "--domid", str(domid),
                                  "--runtime-dir", str(runtime)], capture_output=True, text=True, timeout=T, check=True)
         assert [d["data_path"] for d in json.loads(status.stdout)["devices"]] == ["xen-mmap (grants)"]
         daemon.send_signal(signal.SIGTERM)

@@ -107,7 +107,7 @@ async def test_a_second_instance_for_a_served_guest_exits_73_and_leaves_the_firs
         assert (runtime / "lock").read_text() == f"{first.pid}\n"
         assert first.poll() is None
         status = await asyncio.to_thread(
-            subprocess.run, [DAEMON, "status", "--domain", NAME, "--runtime-dir", str(runtime)], env=env,
+            subprocess.run, [DAEMON, "status", "--json", "--domain", NAME, "--runtime-dir", str(runtime)], env=env,
             capture_output=True, text=True, timeout=TIMEOUT)
         assert json.loads(status.stdout)["pid"] == first.pid, status  # who serves the guest
         await blk.close()

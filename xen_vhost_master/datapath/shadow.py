@@ -9,12 +9,14 @@ in-flight record): docs/datapath.md §2.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import mmap
 import os
 import struct
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
 from vhost_user import GuestMemoryError, InflightRegionError, MemoryRegion, ProtocolFeatures
@@ -36,6 +38,7 @@ from .shadow_pool import ShadowMemory
 
 __all__ = [
     "DEFAULT_POOL_SIZE",
+    "LATENCY_BOUNDS_NS",
     "GuestInflightRecord",
     "ShadowDataPath",
     "ShadowError",
@@ -45,6 +48,8 @@ __all__ = [
 
 DEFAULT_POOL_SIZE: Final = 16 << 20
 SMALL: Final = 512  # buffers shorter than this are packed at 16-byte alignment, longer ones at 512
+# Upper bounds of the request latency buckets: 50 µs (a copy and a back-end's round trip) to 1 s.
+LATENCY_BOUNDS_NS: Final = tuple(int(ms * 1e6) for ms in (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 1000))
 
 _FLAGS = struct.Struct("<H")
 _U16 = struct.Struct("<H")
@@ -77,12 +82,25 @@ class ShadowQueueStats:
     held: int = 0  # times the queue stopped pulling for lack of pool or ring space
     resubmitted: int = 0
     overlong: int = 0  # completions whose reported length exceeded the writable buffers
+    # Request latency, guest chain popped (its kick) → its used element pushed: a count per
+    # LATENCY_BOUNDS_NS bucket (not cumulative; the last one is +Inf) and the sum.
+    latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_NS) + 1))
+    latency_sum_ns: int = 0
+
+    def add(self, other: ShadowQueueStats) -> None:
+        """Add ``other``'s counts to these."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, list):
+                setattr(self, f.name, [a + b for a, b in zip(mine, theirs, strict=True)])
+            else:
+                setattr(self, f.name, mine + theirs)
 
 
 class _InFlight:
     """One guest chain published on the shadow ring (its bounce extent and both shapes)."""
 
-    __slots__ = ("head", "offset", "nbytes", "table", "readable", "writable", "copy_back", "writable_len")
+    __slots__ = ("head", "offset", "nbytes", "table", "readable", "writable", "copy_back", "writable_len", "popped")
 
     def __init__(self, head: int, offset: int, nbytes: int, table: int,
                  readable: list[tuple[int, int]], writable: list[tuple[int, int]],
@@ -95,11 +113,12 @@ class _InFlight:
         self.writable = writable
         self.copy_back = copy_back  # (guest addr, memfd offset, len) of the writable buffers
         self.writable_len = writable_len
+        self.popped = 0  # time.monotonic_ns() when the chain was taken from the guest's ring
 
 
 class _Queue:
     __slots__ = ("config", "kick_fd", "guest", "guest_desc", "drv", "rings", "event_idx", "indirect",
-                 "pending", "inflight", "broken", "unreported", "stats")
+                 "pending", "popped", "inflight", "broken", "unreported", "stats")
 
     def __init__(self, config: QueueConfig, kick_fd: int, rings: RingAddresses, event_idx: bool, indirect: bool) -> None:
         self.config = config
@@ -111,6 +130,7 @@ class _Queue:
         self.guest_desc: memoryview | None = None
         self.drv: SplitQueueDriver | None = None
         self.pending: Chain | None = None  # popped from the guest, waiting for pool/ring space
+        self.popped = 0  # time.monotonic_ns() when the chain being published was popped
         self.inflight: dict[int, _InFlight] = {}  # guest head → chain, in publication order
         self.broken: str | None = None
         self.unreported = False  # broken without on_error: notify() raises once
@@ -209,6 +229,7 @@ class ShadowDataPath:
         self.on_error = on_error
         self.log: Logger = log if log is not None else logging.getLogger(__name__)
         self._queues: dict[int, _Queue] = {}
+        self._retired = ShadowQueueStats()  # the counts of the queues closed so far
         self._held: set[int] = set()  # queues waiting for pool space
         self._handed_out = False  # a back-end has been given the current memfd
         self._fresh = False  # a new back-end connected since: its first table gets a fresh memfd
@@ -330,6 +351,7 @@ class ShadowDataPath:
             self.log.debug("queue %d closed with %d chain(s) in flight (dropped)", index, len(q.inflight))
         q.inflight.clear()
         q.pending = None
+        self._retired.add(q.stats)
         record = self.inflight_record.queue(index, q.config.num) if self.inflight_record is not None else None
         if record is not None:
             record.clear()  # nothing of it is in flight any more
@@ -343,6 +365,22 @@ class ShadowDataPath:
     def inflight(self, index: int) -> int:
         q = self._queues.get(index)
         return 0 if q is None else len(q.inflight)
+
+    def totals(self) -> ShadowQueueStats:
+        """Every queue's counts since the data path was made, closed queues' included."""
+        total = ShadowQueueStats()
+        for stats in (self._retired, *(q.stats for q in self._queues.values())):
+            total.add(stats)
+        return total
+
+    def inflight_total(self) -> int:
+        """Chains in flight on all queues."""
+        return sum(len(q.inflight) for q in self._queues.values())
+
+    @property
+    def held_queues(self) -> int:
+        """Queues stopped for lack of pool or shadow-ring space right now (back-pressure)."""
+        return len(self._held)
 
     def broken(self, index: int) -> str | None:
         q = self._queues.get(index)
@@ -417,6 +455,7 @@ class ShadowDataPath:
         if guest is None or drv is None:
             return
         published = 0
+        now = time.monotonic_ns()
         try:
             while True:
                 chain = q.pending
@@ -424,6 +463,7 @@ class ShadowDataPath:
                     chain = guest.pop()
                     if chain is None:
                         break
+                    q.popped = now
                     self._check(q, chain)
                 if not self._publish(q, chain, drv):
                     if q.pending is None:
@@ -513,6 +553,7 @@ class ShadowDataPath:
             self._release([(b.addr, b.length) for b in readable])  # copied: no longer needed
         wlen = sum(b.length for b in writable)
         f = _InFlight(chain.head, extent, pos, base + extent if indirect else -1, shadow_r, shadow_w, copy_back, wlen)
+        f.popped = q.popped
         self._add(drv, f)
         q.inflight[chain.head] = f
         q.stats.bytes_in += copied
@@ -551,7 +592,11 @@ class ShadowDataPath:
         pushes: list[tuple[int, int]] = []
         out = 0
         fault: str | None = None
+        now, latency, spent = time.monotonic_ns(), q.stats.latency, 0
         for f, written in done:
+            if f.popped:  # (0: resumed from a predecessor's record, its kick time unknown)
+                latency[bisect.bisect_left(LATENCY_BOUNDS_NS, now - f.popped)] += 1
+                spent += now - f.popped
             if written > f.writable_len:
                 q.stats.overlong += 1
                 if q.stats.overlong == 1:
@@ -578,6 +623,7 @@ class ShadowDataPath:
         q.guest.push_many(pushes)
         q.stats.completed += len(pushes)
         q.stats.bytes_out += out
+        q.stats.latency_sum_ns += spent
         if fault is not None:
             self._break(q, fault)
 

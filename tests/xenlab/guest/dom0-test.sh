@@ -100,7 +100,7 @@ served_io() {  # scenario boot-number: the guest's boot N finished its I/O; the 
 }
 
 status_line() {  # scenario
-  xen-vhost-master status --domain lab-$1 2>&1 | tr -d '\n ' | sed 's/^/XENLAB-STATUS '"$1"' /'; echo
+  xen-vhost-master status --json --domain lab-$1 2>&1 | tr -d '\n ' | sed 's/^/XENLAB-STATUS '"$1"' /'; echo
 }
 
 reboot_guest() {  # scenario: xl reboot, a new domid, served again, I/O again
@@ -175,7 +175,7 @@ for S in $XENLAB_SCENARIOS; do
 done
 # the guests ran at the same time, each served by its own instance
 RUNNING=$(xl list | awk 'NR>1 && $2 != 0' | wc -l)
-PIDS=$(for S in $XENLAB_SCENARIOS; do xen-vhost-master status --domain lab-$S 2>/dev/null | sed -n 's/.*"pid": \([0-9]*\).*/\1/p'; done | sort -u | wc -l)
+PIDS=$(for S in $XENLAB_SCENARIOS; do xen-vhost-master status --json --domain lab-$S 2>/dev/null | sed -n 's/.*"pid": \([0-9]*\).*/\1/p'; done | sort -u | wc -l)
 for S in $XENLAB_SCENARIOS; do
   check $S second-guest $(yes01 sh -c "[ $ALL = 1 ] && [ $RUNNING -ge $(echo $XENLAB_SCENARIOS | wc -w) ]") \
     "guests_running=$RUNNING all_io_ok=$ALL instances=$PIDS"
