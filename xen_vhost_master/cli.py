@@ -37,6 +37,7 @@ from .instance import (
     runtime_dir,
 )
 from .platform import Platform, announce, platform_from_env
+from .version import VersionAction
 from .xen.xenstore_wire import XenstoreError
 
 if TYPE_CHECKING:
@@ -127,6 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action=VersionAction)
     p.add_argument("command", nargs="?", choices=["serve", "status"], default="serve",
                    help="serve (default) the guest, or print the running instance's status")
     target = p.add_mutually_exclusive_group(required=True)
@@ -274,10 +276,10 @@ def _status_socket(args: argparse.Namespace, platform: Platform | None = None) -
     text = args.domain
     if not (text.isascii() and text.isdigit()):
         return os.path.join(runtime_dir(text), "status.sock")
-    import uvloop  # noqa: PLC0415  (an id is resolved through xenstore)
+    from .eventloop import run  # noqa: PLC0415  (an id is resolved through xenstore)
 
     try:
-        guest = uvloop.run(_resolve(args, _platform(platform)))
+        guest = run(_resolve(args, _platform(platform)))
         return os.path.join(runtime_dir(guest.name), "status.sock")
     except (DomainNotFound, XenstoreError, OSError) as e:
         found = find_runtime_by_domid(int(text))
@@ -326,9 +328,9 @@ def main(argv: list[str] | None = None, platform: Platform | None = None) -> int
     except ConfigError as e:
         return _fail(e, ExitCode.CONFIG)
     announce(platform, logging.getLogger("xen_vhost_master"))
-    import uvloop  # noqa: PLC0415
+    from .eventloop import run  # noqa: PLC0415
 
-    result = uvloop.run(_serve(args, platform))
+    result = run(_serve(args, platform))
     if isinstance(result, _Handover):
         return _reexec(sys.argv[1:] if argv is None else argv)
     return result
