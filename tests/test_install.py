@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -160,3 +161,25 @@ def test_the_installed_daemon_serves_on_asyncios_loop_when_uvloop_is_missing(ins
         assert proc.returncode == 0, proc.returncode
     finally:
         stop(sim)
+
+
+def test_make_install_writes_the_same_tree_under_destdir_and_prefix(installed_package: Installed,
+                                                                     tmp_path: Path) -> None:
+    """`make install DESTDIR=... PREFIX=/usr/local`: the command, units pointing at it, the same
+    environment; an operator's /etc/default edits are kept on a second install."""
+    dest = tmp_path / "dest"
+    cmd = [sys.executable, str(REPO / "packaging" / "build_deb.py"), "install", "--destdir", str(dest),
+           "--prefix", "/usr/local"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr
+    unit = (dest / "usr/local/lib/systemd/system/xen-vhost-master@.service").read_text()
+    assert "ExecStart=/usr/local/bin/xen-vhost-master --domain=%I" in unit
+    assert os.access(dest / "usr/local/bin/xen-vhost-master", os.X_OK)
+    assert (dest / "usr/local/share/man/man8/xen-vhost-master.8.gz").exists()
+    site = "opt/xen-vhost-master/lib"
+    assert sorted(p.name for p in (dest / site).glob("*/site-packages/*")) == \
+        sorted(p.name for p in (installed_package.root / site).glob("*/site-packages/*"))
+    (dest / "etc/default/xen-vhost-master").write_text('XEN_VHOST_MASTER_ARGS="-v"\n')
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr
+    assert (dest / "etc/default/xen-vhost-master").read_text() == 'XEN_VHOST_MASTER_ARGS="-v"\n'
