@@ -13,10 +13,9 @@ import sys
 import tarfile
 from pathlib import Path
 
-import pytest
-
 from tests.daemon.test_daemon_cli import DOMID, TIMEOUT, start_sim, stop
 from tests.installed import REPO, Installed, sim_plugin
+from tests.peers import programs
 from xen_vhost_master.version import version
 
 UNITS = ("xen-vhost-master@.service", "xen-vhost-master-watch.service")
@@ -57,6 +56,7 @@ def test_the_installed_command_prints_its_version_and_help_on_debians_python(ins
 
 
 def test_the_man_page_is_installed_and_renders(installed_package: Installed) -> None:
+    programs.require("man")
     r = _run(installed_package, ["man", "-w", "xen-vhost-master"])
     assert r.stdout.strip() == "/usr/share/man/man8/xen-vhost-master.8.gz", r
     r = _run(installed_package, ["man", "-l", "/usr/share/man/man8/xen-vhost-master.8.gz"], MANWIDTH="80")
@@ -74,8 +74,7 @@ def test_the_man_page_is_installed_and_renders(installed_package: Installed) -> 
 def test_systemd_analyze_verify_passes_on_the_installed_units(installed_package: Installed) -> None:
     """On this machine's systemd and units (Debian's xen.service, if any, and no proc-xen.mount):
     every dependency, ExecStart=/ExecCondition= program and Documentation=man: page resolves."""
-    if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze (systemd) not installed")
+    programs.require("systemd")  # systemd-analyze comes with it
     units = ["/usr/lib/systemd/system/xen-vhost-master@web1.service", "/usr/lib/systemd/system/xen-vhost-master-watch.service"]
     r = _run(installed_package, ["systemd-analyze", "verify", *units])
     assert r.returncode == 0 and r.stderr == "", r.stderr
