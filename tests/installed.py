@@ -34,6 +34,7 @@ OVERLAID = ("usr", "opt", "etc")
 class Installed:
     deb: Path
     root: Path  # the package's files, as `dpkg-deb -x` unpacks them
+    control: Path  # its control files (postinst, prerm, ...), as `dpkg-deb -e` unpacks them
 
     def overlay_script(self) -> str:
         """Shell lines that lay the scratch root over the host, in the current mount namespace."""
@@ -70,9 +71,10 @@ def build(work: Path) -> Installed:
     if r.returncode != 0:
         raise AssertionError(f"package build failed (rc {r.returncode}):\n{r.stdout}\n{r.stderr}")
     deb = Path(r.stdout.strip().splitlines()[-1])
-    root = work / "root"
+    root, control = work / "root", work / "control"
     subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True, timeout=120)
-    return Installed(deb, root)
+    subprocess.run(["dpkg-deb", "-e", str(deb), str(control)], check=True, timeout=120)
+    return Installed(deb, root, control)
 
 
 def sim_plugin(directory: Path) -> Path:

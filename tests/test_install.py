@@ -130,7 +130,7 @@ def test_the_installed_daemon_serves_on_asyncios_loop_when_uvloop_is_missing(ins
     assert removed
     for p in removed:
         shutil.rmtree(p)
-    no_uvloop = Installed(installed_package.deb, root)
+    no_uvloop = Installed(installed_package.deb, root, installed_package.control)
     plugin = sim_plugin(tmp_path / "plugin")
     sim, sim_path = start_sim(str(tmp_path))
     try:

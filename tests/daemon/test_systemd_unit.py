@@ -53,12 +53,21 @@ NAME = "my-guest 7"
 INSTANCE = instance_name(NAME)
 UNIT = f"xen-vhost-master@{INSTANCE}.service"
 
+#: The drop-in every unit the tests start carries: nothing of the host's boot is started with it.
+NO_SYSINIT = "[Unit]\nDefaultDependencies=no\n"
+
 BOOT = """\
 set -e
 mount --make-rprivate /
 {overlays}mount -t proc proc /proc
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p /run/systemd/system '/run/vhost-user/{guest_dir}'
+# A safety net: the host's /tmp, /var and /etc are this namespace's too, so the units that clean
+# or populate them from tmpfiles.d are masked (should anything pull in sysinit.target after all).
+for u in systemd-tmpfiles-setup.service systemd-tmpfiles-setup-dev.service \
+         systemd-tmpfiles-clean.service systemd-tmpfiles-clean.timer; do
+  ln -s /dev/null "/run/systemd/system/$u"
+done
 cp -r {units}/. /run/systemd/system/
 ln -s {backend} '/run/vhost-user/{guest_dir}/0.sock'
 export container=xen-vhost-master-test
@@ -117,10 +126,14 @@ class SystemdNamespace:
         raise AssertionError(f"systemd did not start: {self.logs()}")
 
     def ctl(self, *args: str, check: bool = True) -> str:
-        r = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "systemctl", *args],
+        return self.run("systemctl", *args, check=check)
+
+    def run(self, *argv: str, check: bool = True) -> str:
+        """``argv`` in the namespace (its mounts: the package installed; its PID 1)."""
+        r = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", *argv],
                            capture_output=True, timeout=TIMEOUT + 10, check=False)
         if check and r.returncode != 0:
-            raise AssertionError(f"systemctl {' '.join(args)}: rc {r.returncode} {r.stderr.decode()}")
+            raise AssertionError(f"{' '.join(argv)}: rc {r.returncode} {r.stderr.decode()}")
         return r.stdout.decode()
 
     def show_unit(self, unit: str, *props: str) -> dict[str, str]:
@@ -180,8 +193,13 @@ class Systemd(SystemdNamespace):
 
     def __init__(self, work: Path, backend_sock: Path, dropin: str, installed: Installed) -> None:
         units = work / "units"
+        # Every instance: DefaultDependencies=no, so that no start pulls in sysinit.target (its
+        # systemd-tmpfiles-setup.service would clean the host's /tmp: this mount namespace shares it).
         (units / "xen-vhost-master@.service.d").mkdir(parents=True)
-        (units / "xen-vhost-master@.service.d" / "test.conf").write_text(dropin)
+        (units / "xen-vhost-master@.service.d" / "no-sysinit.conf").write_text(NO_SYSINIT)
+        # The simulator, for the test's guest only: any other instance runs the installed unit as is.
+        (units / f"{UNIT}.d").mkdir(parents=True)
+        (units / f"{UNIT}.d" / "test.conf").write_text(dropin)
         self._boot(work, units, backend_sock, NAME, installed)
 
     def show(self, *props: str) -> dict[str, str]:
@@ -252,6 +270,13 @@ async def test_the_installed_unit_under_real_systemd(start_sim, work, peers, use
     try:
         sd = await asyncio.to_thread(Systemd, work, disk.sock, dropin, installed_package)
         await asyncio.to_thread(sd.wait_running)
+        # The installed unit, untouched, on a host that is not a dom0 (no /proc/xen here): skipped
+        # by its condition, not failed, and no daemon ran.
+        await asyncio.to_thread(sd.ctl, "start", "xen-vhost-master@not-a-dom0.service")
+        skipped = await asyncio.to_thread(sd.show_unit, "xen-vhost-master@not-a-dom0.service", "ActiveState",
+                                          "ConditionResult", "Result", "ExecMainPID")
+        assert skipped == {"ActiveState": "inactive", "ConditionResult": "no", "Result": "success",
+                           "ExecMainPID": "0"}, skipped
         # Type=notify: `systemctl start` returns once the daemon said READY=1 (it then serves).
         await asyncio.to_thread(sd.ctl, "start", UNIT)
         first = await asyncio.to_thread(sd.show, "ActiveState", "MainPID", "NRestarts")
@@ -272,9 +297,10 @@ async def test_the_installed_unit_under_real_systemd(start_sim, work, peers, use
         assert _field(served, "VmHWM") * 1024 * 4 < int(limits["MemoryMax"]), (served, limits)
         assert _field(served, "Threads") * 4 <= int(limits["TasksMax"]), (served, limits)
 
-        # systemctl reload: the handover. The same process re-executes itself (MainPID unchanged, no
+        # An upgrade: the package's postinst (`configure <old version>`) reloads every active instance,
+        # the handover. The same process re-executes itself (MainPID unchanged, no
         # restart counted), the new image adopts the IOREQ server, and the guest's I/O goes on.
-        await asyncio.to_thread(sd.ctl, "reload", UNIT)
+        await asyncio.to_thread(sd.run, "sh", str(installed_package.control / "postinst"), "configure", "0.0.1-1")
         await asyncio.to_thread(wait_for_line, work / "daemon.log", "ioreq server 0 adopted")
         reloaded = await asyncio.to_thread(sd.wait_active)
         assert (reloaded["MainPID"], reloaded["NRestarts"]) == (first["MainPID"], "0"), reloaded
