@@ -77,7 +77,9 @@ def test_systemd_analyze_verify_passes_on_the_installed_units(installed_package:
     programs.require("systemd")  # systemd-analyze comes with it
     units = ["/usr/lib/systemd/system/xen-vhost-master@web1.service", "/usr/lib/systemd/system/xen-vhost-master-watch.service"]
     r = _run(installed_package, ["systemd-analyze", "verify", *units])
-    assert r.returncode == 0 and r.stderr == "", r.stderr
+    # Warnings about other units a release ships (verify loads the whole dependency tree) are not ours.
+    ours = [line for line in r.stderr.splitlines() if "xen-vhost-master" in line]
+    assert r.returncode == 0 and ours == [], r.stderr
     for unit in UNITS:
         text = (installed_package.root / "usr/lib/systemd/system" / unit).read_text()
         assert "Documentation=man:xen-vhost-master(8)" in text
