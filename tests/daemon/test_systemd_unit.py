@@ -1,4 +1,4 @@
-"""The shipped unit, systemd/xen-vhost-master@.service, run by real systemd (Debian 12's 252) as
+"""The installed unit, systemd/xen-vhost-master@.service from the package, run by real systemd (Debian 12's 252) as
 PID 1 of fresh PID and mount namespaces, against ``xen-vhost-sim`` and qemu-storage-daemon.
 
 What this proves that ``systemd-analyze security`` cannot: the daemon starts and serves guest I/O
@@ -7,7 +7,9 @@ RestrictAddressFamilies, ProtectSystem=strict, PrivateTmp, DevicePolicy=closed, 
 start-up (READY=1) and the watchdog, Restart=on-failure after a SIGKILL with
 RuntimeDirectoryPreserve=restart (the restarted daemon adopts its predecessor's IOREQ server and
 the guest's blocked access is served), ``systemctl reload`` as a handover (same MainPID, no restart,
-the IOREQ server adopted, guest I/O goes on), and a clean ``systemctl stop``.
+the IOREQ server adopted, guest I/O goes on) run by the package's postinst as on an upgrade, a
+clean stop by its prerm as on ``apt remove``, and the untouched unit skipped on a host that is not a
+dom0.
 
 The unit and the program are the *installed* ones: `make deb`'s package, unpacked into a scratch
 root that the namespace lays over /usr, /opt and /etc (tests/installed.py), so systemd loads
@@ -322,7 +324,8 @@ async def test_the_installed_unit_under_real_systemd(start_sim, work, peers, use
         await io_check(blk, disk.image, 13)
         await blk.close()
 
-        await asyncio.to_thread(sd.ctl, "stop", UNIT)
+        # `apt remove`: the package's prerm stops every instance (and the dispatcher, not running here).
+        await asyncio.to_thread(sd.run, "sh", str(installed_package.control / "prerm"), "remove")
         final = await asyncio.to_thread(sd.show, "ActiveState", "Result", "ExecMainStatus")
         assert final == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, final
         log = (work / "daemon.log").read_text()
