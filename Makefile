@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # tests/tools/debian-packages.tsv, whose package names depend on the Debian release (12 or 13).
 DEBS  := test
 
-.PHONY: test lint test-xen demo deps venv bench fuzz clean
+.PHONY: test lint test-xen demo deps venv bench fuzz clean deb install
 # XVM_REQUIRE_PEERS=1: a peer `make deps` installs and a test cannot find is a failure, not a skip
 # (tests/peers/programs.py); -rs prints every skip's reason.
 test: deps venv lint
@@ -43,6 +43,19 @@ $(STAMP): pyproject.toml
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	@touch $@
 
+# The Debian package (packaging/build_deb.py): dist/xen-vhost-master_<version>_<arch>.deb, for the
+# Debian release it is built on (12 or 13): a private environment under /opt/xen-vhost-master on
+# Debian's /usr/bin/python3 with the pinned wheels of packaging/requirements.txt (fetched from PyPI),
+# the command, the units, the man page and the docs. Install it with `apt install ./dist/*.deb`.
+deb: venv
+	$(PY) packaging/build_deb.py deb --out dist
+
+# The same tree without dpkg: `make install DESTDIR=/ PREFIX=/usr` (or a staging DESTDIR).
+DESTDIR ?= /
+PREFIX  ?= /usr
+install: venv
+	$(PY) packaging/build_deb.py install --destdir $(DESTDIR) --prefix $(PREFIX)
+
 bench: deps venv
 	$(PY) -m xen_vhost_sim.tools.bench
 
@@ -54,4 +67,4 @@ fuzz: venv
 	  "tests/protocol/test_sans_io_pair.py::test_connections_fed_random_chunks_only_raise_library_errors"
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

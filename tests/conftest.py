@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator, Mapping
 import pytest
 import uvloop
 
+from tests.installed import Installed, build, cannot_install
+
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
@@ -46,3 +48,13 @@ def no_fd_leak() -> Iterator[None]:
     # /proc/self/fd listing itself can show a transient fd; re-check once.
     leaked = {fd for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}
     assert not leaked, f"leaked fds: {sorted(leaked)} -> {[os.readlink(f'/proc/self/fd/{fd}') for fd in leaked]}"
+
+
+@pytest.fixture(scope="session")
+def installed_package(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """The Debian package (`make deb`), built once per session and unpacked into a scratch root
+    (tests/installed.py); skipped where it cannot be (no dpkg-deb, not root)."""
+    reason = cannot_install()
+    if reason is not None:
+        pytest.skip(reason)
+    return build(tmp_path_factory.mktemp("deb"))

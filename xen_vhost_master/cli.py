@@ -40,6 +40,7 @@ from .instance import (
 )
 from .platform import Platform, announce, platform_from_env
 from .status import StatusError, instance_sockets, query, render_json, render_table
+from .version import VersionAction
 from .xen.xenstore_wire import XenstoreError
 
 if TYPE_CHECKING:
@@ -229,13 +230,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action=VersionAction)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _serve_flags(sub.add_parser("serve", description="Serve a Xen guest's virtio-mmio devices with vhost-user back-ends.",
                                 epilog=EPILOG + "\n" + EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter))
     _status_flags(sub.add_parser("status", description="Show what running instances serve.",
                                  epilog=STATUS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter))
     sub.add_parser("watch", add_help=False)  # (listed; main hands it to the dispatcher's own parser)
-    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
         argv = ["serve", *argv]
     args = p.parse_args(argv)
     if args.command == "watch":  # (main hands it to the dispatcher first)
@@ -389,10 +391,10 @@ def _status_socket(args: argparse.Namespace, platform: Platform | None = None) -
     text = args.domain
     if not (text.isascii() and text.isdigit()):
         return os.path.join(runtime_dir(text, root), "status.sock")
-    import uvloop  # noqa: PLC0415  (an id is resolved through xenstore)
+    from .eventloop import run  # noqa: PLC0415  (an id is resolved through xenstore)
 
     try:
-        guest = uvloop.run(_resolve(args, _platform(platform)))
+        guest = run(_resolve(args, _platform(platform)))
         return os.path.join(runtime_dir(guest.name, root), "status.sock")
     except (DomainNotFound, XenstoreError, OSError) as e:
         found = find_runtime_by_domid(int(text), root)
@@ -466,9 +468,9 @@ def main(argv: list[str] | None = None, platform: Platform | None = None) -> int
     except ConfigError as e:
         return _fail(e, ExitCode.CONFIG)
     announce(platform, logging.getLogger("xen_vhost_master"))
-    import uvloop  # noqa: PLC0415
+    from .eventloop import run  # noqa: PLC0415
 
-    result = uvloop.run(_serve(args, platform))
+    result = run(_serve(args, platform))
     if isinstance(result, _Handover):
         return _reexec(sys.argv[1:] if argv is None else argv)
     return result

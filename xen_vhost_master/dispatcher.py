@@ -79,9 +79,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
-import uvloop
-
 from .errors import PERMANENT_EXIT_CODES, ConfigError, HostError, XenError
+from .eventloop import run
 from .instance import RUNTIME_ROOT, runtime_dir
 from .names import instance_unit, path_name
 from .platform import Platform, announce, platform_from_env
@@ -1009,4 +1008,4 @@ def main(argv: list[str] | None = None, platform: Platform | None = None) -> int
     async def go() -> int:
         return await Dispatcher(opt, platform, notifier=notifier).run()
 
-    return uvloop.run(go())
+    return run(go())

@@ -1,4 +1,4 @@
-"""The shipped unit, systemd/xen-vhost-master@.service, run by real systemd (Debian 12's 252) as
+"""The installed unit, systemd/xen-vhost-master@.service from the package, run by real systemd (Debian 12's 252) as
 PID 1 of fresh PID and mount namespaces, against ``xen-vhost-sim`` and qemu-storage-daemon.
 
 What this proves that ``systemd-analyze security`` cannot: the daemon starts and serves guest I/O
@@ -7,13 +7,19 @@ RestrictAddressFamilies, ProtectSystem=strict, PrivateTmp, DevicePolicy=closed, 
 start-up (READY=1) and the watchdog, Restart=on-failure after a SIGKILL with
 RuntimeDirectoryPreserve=restart (the restarted daemon adopts its predecessor's IOREQ server and
 the guest's blocked access is served), ``systemctl reload`` as a handover (same MainPID, no restart,
-the IOREQ server adopted, guest I/O goes on), and a clean ``systemctl stop``.
+the IOREQ server adopted, guest I/O goes on) run by the package's postinst as on an upgrade, a
+clean stop by its prerm as on ``apt remove``, and the untouched unit skipped on a host that is not a
+dom0.
 
-The unit file is used as shipped except for what cannot exist without Xen, changed here in plain
-sight: ``Requires=``/``After=proc-xen.mount`` are dropped (no /proc/xen), and a drop-in points
-``ExecStart`` at this checkout, sets ``XEN_VHOST_SIM``, binds the test's directories into the
-sandbox, sends stderr to a file (no journald here) and sets ``DefaultDependencies=no`` (so systemd
-starts nothing but this unit: no sysinit.target touching the host's files).
+The unit and the program are the *installed* ones: `make deb`'s package, unpacked into a scratch
+root that the namespace lays over /usr, /opt and /etc (tests/installed.py), so systemd loads
+/usr/lib/systemd/system/xen-vhost-master@.service and runs /usr/bin/xen-vhost-master on Debian's
+python3, as on a dom0 after ``apt install``. A drop-in changes, in plain sight, only what cannot be
+without Xen or journald: the dom0 conditions reset (``ConditionPathIsDirectory=/proc/xen``,
+``ExecCondition=``: no /proc/xen here), ``XEN_VHOST_SIM`` and a PYTHONPATH that plugs the simulator
+(not in the package) in as a platform, binds of the test's directories and this checkout (the
+simulator's code), stderr to a file, and ``DefaultDependencies=no`` (so systemd starts nothing but
+this unit: no sysinit.target touching the host's files).
 """
 
 from __future__ import annotations
@@ -25,7 +31,6 @@ import pwd
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -34,6 +39,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon.test_daemon_cli import DOMID, TIMEOUT, io_check, stop
+from tests.installed import Installed, sim_plugin
 from tests.peers import programs
 from xen_vhost_master.config import instance_name
 from xen_vhost_master.names import path_name
@@ -42,7 +48,6 @@ from xen_vhost_sim.guest_devices import VirtioBlk
 from xen_vhost_sim.guest_driver import GuestPageAllocator
 
 REPO = Path(__file__).resolve().parents[2]
-UNIT_FILE = REPO / "systemd" / "xen-vhost-master@.service"
 # A guest name systemd must escape: the instance is "my\x2dguest\x207", %I gives the name back,
 # and RuntimeDirectory=xen-vhost-master/%i must be the daemon's own runtime directory (under
 # ProtectSystem=strict it could write nowhere else).
@@ -50,12 +55,21 @@ NAME = "my-guest 7"
 INSTANCE = instance_name(NAME)
 UNIT = f"xen-vhost-master@{INSTANCE}.service"
 
+#: The drop-in every unit the tests start carries: nothing of the host's boot is started with it.
+NO_SYSINIT = "[Unit]\nDefaultDependencies=no\n"
+
 BOOT = """\
 set -e
 mount --make-rprivate /
-mount -t proc proc /proc
+{overlays}mount -t proc proc /proc
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p /run/systemd/system '/run/vhost-user/{guest_dir}'
+# A safety net: the host's /tmp, /var and /etc are this namespace's too, so the units that clean
+# or populate them from tmpfiles.d are masked (should anything pull in sysinit.target after all).
+for u in systemd-tmpfiles-setup.service systemd-tmpfiles-setup-dev.service \
+         systemd-tmpfiles-clean.service systemd-tmpfiles-clean.timer; do
+  ln -s /dev/null "/run/systemd/system/$u"
+done
 cp -r {units}/. /run/systemd/system/
 ln -s {backend} '/run/vhost-user/{guest_dir}/0.sock'
 export container=xen-vhost-master-test
@@ -72,8 +86,8 @@ def _can_boot_systemd() -> str | None:
     return None if r.returncode == 0 else f"cannot create namespaces: {r.stderr.decode().strip()}"
 
 
-#: What the daemon's ExecStart needs to see: this checkout, its venv, the venv's interpreter.
-CHECKOUT_PATHS = (REPO, Path(sys.prefix), Path(sys.base_prefix).resolve())
+#: What the installed daemon needs to see besides the package: this checkout (the simulator's code).
+CHECKOUT_PATHS = (REPO,)
 #: ProtectHome=yes makes these inaccessible (systemd.exec(5)).
 HOME_DIRS = (Path("/root"), Path("/home"), Path("/run/user"))
 
@@ -86,12 +100,13 @@ class SystemdNamespace:
     """systemd as PID 1 of new PID + mount namespaces, booted with the units in ``units``;
     ``systemctl`` through nsenter. Subclasses write the units, then call :meth:`_boot`."""
 
-    def _boot(self, work: Path, units: Path, backend_sock: Path, name: str) -> None:
-        """Boot with guest ``name``'s back-end socket at the daemon's default path."""
+    def _boot(self, work: Path, units: Path, backend_sock: Path, name: str, installed: Installed) -> None:
+        """Boot with guest ``name``'s back-end socket at the daemon's default path and the package
+        ``installed`` laid over /usr, /opt and /etc."""
         (units / "xvm-test.target").write_text("[Unit]\nDescription=test target\nDefaultDependencies=no\n")
         boot = work / "boot.sh"
         boot.write_text(BOOT.format(guest_dir=path_name(name), units=units, backend=backend_sock,
-                                    systemd=programs.require("systemd")))
+                                    systemd=programs.require("systemd"), overlays=installed.overlay_script()))
         self.log = open(work / "systemd.log", "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(["unshare", "--pid", "--mount", "--fork", "--kill-child", "sh", str(boot)],
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -113,10 +128,14 @@ class SystemdNamespace:
         raise AssertionError(f"systemd did not start: {self.logs()}")
 
     def ctl(self, *args: str, check: bool = True) -> str:
-        r = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "systemctl", *args],
+        return self.run("systemctl", *args, check=check)
+
+    def run(self, *argv: str, check: bool = True) -> str:
+        """``argv`` in the namespace (its mounts: the package installed; its PID 1)."""
+        r = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", *argv],
                            capture_output=True, timeout=TIMEOUT + 10, check=False)
         if check and r.returncode != 0:
-            raise AssertionError(f"systemctl {' '.join(args)}: rc {r.returncode} {r.stderr.decode()}")
+            raise AssertionError(f"{' '.join(argv)}: rc {r.returncode} {r.stderr.decode()}")
         return r.stdout.decode()
 
     def show_unit(self, unit: str, *props: str) -> dict[str, str]:
@@ -155,18 +174,35 @@ class SystemdNamespace:
         self.log.close()
 
 
-class Systemd(SystemdNamespace):
-    """The shipped instance unit with the test's drop-in."""
+def sim_dropin(work: Path, sim_path: str) -> str:
+    """The drop-in that lets an installed unit run against the simulated Xen host (the module's
+    docstring says why each line is there); [Service] lines may follow."""
+    plugin = sim_plugin(work / "plugin")
+    return (
+        "[Unit]\nDefaultDependencies=no\n"
+        "ConditionPathIsDirectory=\n"
+        "[Service]\nExecCondition=\n"
+        f"Environment=XEN_VHOST_SIM={sim_path} PYTHONPATH={plugin}\n"
+        f"BindReadOnlyPaths={' '.join(str(p) for p in CHECKOUT_PATHS)}\n"
+        # A checkout under /root, /home or /run/user is hidden by ProtectHome=yes; tmpfs hides the
+        # homes just as well (an empty read-only tmpfs) and lets the bind above show through.
+        + ("ProtectHome=tmpfs\n" if _under_home(CHECKOUT_PATHS) else "")
+    )
 
-    def __init__(self, work: Path, backend_sock: Path, dropin: str) -> None:
+
+class Systemd(SystemdNamespace):
+    """The installed instance unit with the test's drop-in."""
+
+    def __init__(self, work: Path, backend_sock: Path, dropin: str, installed: Installed) -> None:
         units = work / "units"
+        # Every instance: DefaultDependencies=no, so that no start pulls in sysinit.target (its
+        # systemd-tmpfiles-setup.service would clean the host's /tmp: this mount namespace shares it).
         (units / "xen-vhost-master@.service.d").mkdir(parents=True)
-        shipped = UNIT_FILE.read_text()
-        unit = shipped.replace("Requires=proc-xen.mount\n", "").replace(" proc-xen.mount\n", "\n")
-        assert unit.count("proc-xen.mount") == shipped.count("proc-xen.mount") - 2  # exactly those two
-        (units / "xen-vhost-master@.service").write_text(unit)
-        (units / "xen-vhost-master@.service.d" / "test.conf").write_text(dropin)
-        self._boot(work, units, backend_sock, NAME)
+        (units / "xen-vhost-master@.service.d" / "no-sysinit.conf").write_text(NO_SYSINIT)
+        # The simulator, for the test's guest only: any other instance runs the installed unit as is.
+        (units / f"{UNIT}.d").mkdir(parents=True)
+        (units / f"{UNIT}.d" / "test.conf").write_text(dropin)
+        self._boot(work, units, backend_sock, NAME, installed)
 
     def show(self, *props: str) -> dict[str, str]:
         return self.show_unit(UNIT, *props)
@@ -181,6 +217,12 @@ class Systemd(SystemdNamespace):
                 return state
             time.sleep(0.1)  # systemd's unit state is another process's: poll it, bounded
         raise AssertionError(f"{UNIT} not active again: {state}")
+
+
+def _field(status: str, name: str) -> int:
+    """A number of /proc/<pid>/status ("VmHWM:\t  41234 kB" -> 41234)."""
+    line = next(line for line in status.splitlines() if line.startswith(f"{name}:"))
+    return int(line.split()[1])
 
 
 def wait_for_line(path: Path, text: str) -> None:
@@ -204,7 +246,7 @@ def work() -> Iterator[Path]:
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("user", ["root", "nobody"])
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # the daemon itself runs on uvloop
-async def test_the_shipped_unit_under_real_systemd(start_sim, work, peers, user):
+async def test_the_installed_unit_under_real_systemd(start_sim, work, peers, user, installed_package):
     """``user``: root (the unit as shipped), or a dedicated unprivileged user as systemd/README.md's
     "Running as a dedicated user" adds with a drop-in (User=/Group=); its sockets are made
     reachable for it the way that section says (here: mode 0666 on the simulator's and qsd's)."""
@@ -214,32 +256,29 @@ async def test_the_shipped_unit_under_real_systemd(start_sim, work, peers, user)
         pytest.skip(reason)
     sim, sim_path = start_sim(str(work), name=NAME)
     disk = peers.qsd_raw(size=8 << 20)
-    bin_dir = Path(sys.executable).parent
     if user != "root":
         for path in (work, disk.sock.parent):
             path.chmod(0o755)
         for path in (Path(sim_path), disk.sock):
             path.chmod(0o666)
     dropin = (
-        "[Unit]\nDefaultDependencies=no\n"
-        "[Service]\n"
+        sim_dropin(work, sim_path)
         + ("" if user == "root" else f"User={user}\nGroup={grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name}\n")
-        + "ExecStart=\n"
-        f"ExecStart={bin_dir / 'xen-vhost-master'} --domain=%I\n"
-        f"Environment=XEN_VHOST_SIM={sim_path}\n"
-        f"BindReadOnlyPaths={' '.join(str(p) for p in CHECKOUT_PATHS)}\n"
-        f"BindPaths={work} {disk.sock.parent}\n"
-        # A checkout, venv or interpreter under /root, /home or /run/user (a clone in root's home, a
-        # pyenv) is hidden by ProtectHome=yes (status=203/EXEC); tmpfs hides the homes just as well
-        # (an empty read-only tmpfs) and lets the binds above show through.
-        + ("ProtectHome=tmpfs\n" if _under_home(CHECKOUT_PATHS) else "")
+        + f"BindPaths={work} {disk.sock.parent}\n"
         + f"StandardError=append:{work / 'daemon.log'}\n"
     )
     sd = None
     guest = None
     try:
-        sd = await asyncio.to_thread(Systemd, work, disk.sock, dropin)
+        sd = await asyncio.to_thread(Systemd, work, disk.sock, dropin, installed_package)
         await asyncio.to_thread(sd.wait_running)
+        # The installed unit, untouched, on a host that is not a dom0 (no /proc/xen here): skipped
+        # by its condition, not failed, and no daemon ran.
+        await asyncio.to_thread(sd.ctl, "start", "xen-vhost-master@not-a-dom0.service")
+        skipped = await asyncio.to_thread(sd.show_unit, "xen-vhost-master@not-a-dom0.service", "ActiveState",
+                                          "ConditionResult", "Result", "ExecMainPID")
+        assert skipped == {"ActiveState": "inactive", "ConditionResult": "no", "Result": "success",
+                           "ExecMainPID": "0"}, skipped
         # Type=notify: `systemctl start` returns once the daemon said READY=1 (it then serves).
         await asyncio.to_thread(sd.ctl, "start", UNIT)
         first = await asyncio.to_thread(sd.show, "ActiveState", "MainPID", "NRestarts")
@@ -253,10 +292,17 @@ async def test_the_shipped_unit_under_real_systemd(start_sim, work, peers, user)
         guest = await SimGuest.connect(sim_path, DOMID)
         blk = await asyncio.wait_for(VirtioBlk.attach(guest, 0x2000000, 33, GuestPageAllocator(guest.ram)), TIMEOUT)
         await io_check(blk, disk.image, 11)
+        served = await asyncio.to_thread(sd.in_ns, int(first["MainPID"]))
+        print(f"daemon after I/O: {_field(served, 'VmHWM')} kB peak RSS, {_field(served, 'Threads')} threads")
+        # The unit's MemoryMax=/TasksMax= come from these figures (its comment): well inside them.
+        limits = await asyncio.to_thread(sd.show, "MemoryMax", "TasksMax")
+        assert _field(served, "VmHWM") * 1024 * 4 < int(limits["MemoryMax"]), (served, limits)
+        assert _field(served, "Threads") * 4 <= int(limits["TasksMax"]), (served, limits)
 
-        # systemctl reload: the handover. The same process re-executes itself (MainPID unchanged, no
+        # An upgrade: the package's postinst (`configure <old version>`) reloads every active instance,
+        # the handover. The same process re-executes itself (MainPID unchanged, no
         # restart counted), the new image adopts the IOREQ server, and the guest's I/O goes on.
-        await asyncio.to_thread(sd.ctl, "reload", UNIT)
+        await asyncio.to_thread(sd.run, "sh", str(installed_package.control / "postinst"), "configure", "0.0.1-1")
         await asyncio.to_thread(wait_for_line, work / "daemon.log", "ioreq server 0 adopted")
         reloaded = await asyncio.to_thread(sd.wait_active)
         assert (reloaded["MainPID"], reloaded["NRestarts"]) == (first["MainPID"], "0"), reloaded
@@ -278,7 +324,8 @@ async def test_the_shipped_unit_under_real_systemd(start_sim, work, peers, user)
         await io_check(blk, disk.image, 13)
         await blk.close()
 
-        await asyncio.to_thread(sd.ctl, "stop", UNIT)
+        # `apt remove`: the package's prerm stops every instance (and the dispatcher, not running here).
+        await asyncio.to_thread(sd.run, "sh", str(installed_package.control / "prerm"), "remove")
         final = await asyncio.to_thread(sd.show, "ActiveState", "Result", "ExecMainStatus")
         assert final == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, final
         log = (work / "daemon.log").read_text()

@@ -9,9 +9,10 @@ escaping starts ``xen-vhost-master@<escaped name>.service``, the guest stays pau
 unit is READY, I/O goes through; ``xl reboot`` gets the same unit started again for the new
 domid; stopping the dispatcher leaves the instance running.
 
-Changed in plain sight, as test_systemd_unit.py does: ``Requires=``/``After=proc-xen.mount``
-dropped (no /proc/xen without Xen), drop-ins for ``DefaultDependencies=no``, ``ExecStart`` from this
-checkout, ``XEN_VHOST_SIM``, binds of the test's directories and the interpreter, stderr to files.
+The units and the program are the installed ones (`make deb`'s package laid over /usr, /opt and
+/etc, as in test_systemd_unit.py), with the same drop-in for both units (``sim_dropin``: dom0
+conditions reset, ``DefaultDependencies=no``, ``XEN_VHOST_SIM`` and the simulator plugged in through
+PYTHONPATH, binds of the test's directories) plus stderr to files.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -35,7 +35,8 @@ from tests.daemon.test_dispatcher import (
     ran_only_after_claimed,
     start_sim,
 )
-from tests.daemon.test_systemd_unit import SystemdNamespace, _can_boot_systemd
+from tests.daemon.test_systemd_unit import SystemdNamespace, _can_boot_systemd, _field, sim_dropin
+from tests.installed import Installed
 from tests.peers.harness import Peers
 from xen_vhost_master.names import systemd_escape
 from xen_vhost_sim.guest import SimControl
@@ -48,40 +49,21 @@ WATCH = "xen-vhost-master-watch.service"
 
 
 
-def _unit(name: str) -> str:
-    shipped = (REPO / "systemd" / name).read_text()
-    unit = shipped.replace("Requires=proc-xen.mount\n", "").replace("After=proc-xen.mount ", "After=")
-    unit = unit.replace(" proc-xen.mount\n", "\n")
-    assert not [line for line in unit.splitlines() if "proc-xen.mount" in line and not line.startswith("#")], name
-    return unit
-
-
 class Systemd(SystemdNamespace):
-    """systemd as PID 1 of new namespaces with both units installed; ``systemctl`` via nsenter."""
+    """systemd as PID 1 of new namespaces with both units installed (the package's, laid over
+    /usr: tests/installed.py); ``systemctl`` via nsenter."""
 
-    def __init__(self, work: Path, backend_sock: Path, sim_path: str) -> None:
+    def __init__(self, work: Path, backend_sock: Path, sim_path: str, installed: Installed) -> None:
         units = work / "units"
         units.mkdir()
-        bin_dir = Path(sys.executable).parent
-        common = (
-            f"Environment=XEN_VHOST_SIM={sim_path}\n"
-            f"BindReadOnlyPaths={REPO} {Path(sys.prefix)}\n"
-            f"BindPaths={work} {backend_sock.parent}\n"
-            f"BindReadOnlyPaths={Path(sys.base_prefix).resolve()}\n"
-            + ("ProtectHome=tmpfs\n" if Path(sys.base_prefix).resolve().parts[1] in ("root", "home") else "")
-        )
-        for name, exec_start, log in (
-            ("xen-vhost-master@.service", f"{bin_dir / 'xen-vhost-master'} --domain=%I", "instance.log"),
-            (WATCH, f"{bin_dir / 'xen-vhost-master'} watch", "watch.log"),
-        ):
-            (units / name).write_text(_unit(name))
+        for name, log in (("xen-vhost-master@.service", "instance.log"), (WATCH, "watch.log")):
             (units / f"{name}.d").mkdir()
             (units / f"{name}.d" / "test.conf").write_text(
-                "[Unit]\nDefaultDependencies=no\n[Service]\nExecStart=\n"
-                f"ExecStart={exec_start}\n{common}StandardError=append:{work / log}\n"
+                sim_dropin(work, sim_path) + f"BindPaths={work} {backend_sock.parent}\n"
+                f"StandardError=append:{work / log}\n"
             )
         self.work = work
-        self._boot(work, units, backend_sock, NAME)
+        self._boot(work, units, backend_sock, NAME, installed)
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
         return self.show_unit(unit, *props)
@@ -110,7 +92,8 @@ def work() -> Iterator[Path]:
 @pytest.mark.peer
 @pytest.mark.timeout(120)
 @pytest.mark.asyncio(loop_factories=["asyncio"])
-async def test_the_shipped_dispatcher_unit_under_real_systemd(work: Path, peers: Peers) -> None:
+async def test_the_installed_dispatcher_unit_under_real_systemd(work: Path, peers: Peers,
+                                                                installed_package: Installed) -> None:
     reason = _can_boot_systemd()
     if reason is not None:
         pytest.skip(reason)
@@ -119,7 +102,7 @@ async def test_the_shipped_dispatcher_unit_under_real_systemd(work: Path, peers:
     watch_log = work / "watch.log"
     sd = None
     try:
-        sd = await asyncio.to_thread(Systemd, work, disk.sock, sim_path)
+        sd = await asyncio.to_thread(Systemd, work, disk.sock, sim_path, installed_package)
         await asyncio.to_thread(sd.wait_running)
         await asyncio.to_thread(sd.ctl, "start", WATCH)  # Type=notify: returns once it watches
         status = await asyncio.to_thread(sd.status_of, WATCH)
@@ -141,6 +124,8 @@ async def test_the_shipped_dispatcher_unit_under_real_systemd(work: Path, peers:
         finally:
             guest.close()
         first_pid = (await asyncio.to_thread(sd.show, UNIT, "MainPID"))["MainPID"]
+        watching = await asyncio.to_thread(sd.status_of, WATCH)
+        print(f"dispatcher after a start: {_field(watching, 'VmHWM')} kB peak RSS, {_field(watching, 'Threads')} threads")
 
         new = await asyncio.to_thread(lambda: SimControl(sim_path).xl_reboot(domid))
         await asyncio.to_thread(wait_for_log, watch_log, rf"domain {new} is served \(READY\)")

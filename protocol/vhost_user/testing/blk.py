@@ -301,9 +301,13 @@ def main(argv: list[str] | None = None, *, prog: str | None = None,
         return dev
 
     try:
-        import uvloop
-
-        uvloop.run(serve_unix(factory, args.socket, connections=args.connections))
+        try:
+            import uvloop
+        except ImportError as e:
+            log.warning("uvloop is not available (%s): running on asyncio's event loop", e)
+            asyncio.run(serve_unix(factory, args.socket, connections=args.connections))
+        else:
+            uvloop.run(serve_unix(factory, args.socket, connections=args.connections))
     except KeyboardInterrupt:
         pass
     return 0
