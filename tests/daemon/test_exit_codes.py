@@ -134,6 +134,8 @@ def test_every_exit_code_is_in_help_and_the_permanent_ones_stop_restarts(capsys:
     text = capsys.readouterr().out
     documented = {int(m) for m in re.findall(r"^ +(\d+)  \S", text.split("exit codes")[1], re.M)}
     assert documented == {int(c) for c in ExitCode}
+    man = (UNITS.parent / "docs" / "xen-vhost-master.8").read_text().split(".SH EXIT STATUS")[1].split(".SH ")[0]
+    assert {int(m) for m in re.findall(r"^\.B (\d+)$", man, re.M)} == documented  # the man page says the same
     for unit in ("xen-vhost-master@.service", "xen-vhost-master-watch.service"):
         lines = [line for line in (UNITS / unit).read_text().splitlines() if line.startswith("RestartPreventExitStatus=")]
         assert len(lines) == 1, unit
