@@ -51,7 +51,7 @@ def test_the_installed_command_prints_its_version_and_help_on_debians_python(ins
     exe, module = r.stdout.split()
     assert exe == os.path.realpath("/usr/bin/python3") and module.startswith(f"{VENV}/lib/"), r.stdout
     assert _field(installed_package.deb, "Depends").startswith(os.path.basename(exe))
-    r = _run(installed_package, ["/usr/bin/xen-vhost-master", "--help"])
+    r = _run(installed_package, ["/usr/bin/xen-vhost-master", "serve", "--help"])
     assert r.returncode == 0 and "--domain NAME|ID" in r.stdout and "exit codes" in r.stdout, r
 
 
