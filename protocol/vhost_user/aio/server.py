@@ -528,15 +528,17 @@ class BackendServer:
 
 async def serve_unix(
     device_factory: Callable[[], VhostUserDevice],
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | UnixListener,
     *,
     connections: int | None = None,
     ready: Callable[[], None] | None = None,
 ) -> None:
-    """Listen on ``path`` and serve front-ends one after another (``connections`` of them, or
-    forever). Each connection gets a fresh device from ``device_factory``. A connection that
-    breaks the protocol is logged and dropped; the server keeps listening."""
-    with UnixListener(path) as listener:
+    """Listen on ``path`` (or on a :class:`UnixListener` given instead, e.g. one from
+    :meth:`UnixListener.from_fd`; closed at the end) and serve front-ends one after another
+    (``connections`` of them, or forever). Each connection gets a fresh device from
+    ``device_factory``. A connection that breaks the protocol is logged and dropped; the server
+    keeps listening."""
+    with path if isinstance(path, UnixListener) else UnixListener(path) as listener:
         if ready is not None:
             ready()
         served = 0
