@@ -7,9 +7,10 @@ on the real kernel, so the guest's memory the daemon describes is mapped here: F
 space, with the daemon's /dev/xen/gntdev fd: rings in advance, data buffers per access). This is
 what the real-Xen lab (tests/xenlab) runs in dom0::
 
-    python3 -m xen_vhost_master.backend.blk --socket /run/xen-vhost-master/1/51712.sock --image /root/disk.img
+    python3 -m xen_vhost_master.backend.blk --socket-path /run/vhost-user/guest1/51712.sock --blk-file /root/disk.img
 
-Same options as ``python -m vhost_user.testing.blk``, plus ``--xen-no-advance rust-vmm|spec``
+Same options as ``python -m vhost_user.testing.blk`` (vhost-user.rst's back-end program
+conventions: ``--socket-path`` or ``--fd``, ``--print-capabilities``, ``--version``), plus ``--xen-no-advance rust-vmm|spec``
 (the "no advance map" flag value the front-end uses for grant regions: 0x8, the default, or 0x100).
 ``XEN_VHOST_SIM`` asks for the simulated host (an installed platform, ``xen_vhost_master/platform.py``)
 instead of /dev/xen, for tests.
@@ -82,10 +83,13 @@ def refuse_read_only_writes(device: RamDiskBlk, mapper: XenRegionMapper | None =
 
 def main(argv: list[str] | None = None, platform: Platform | None = None) -> int:
     """``platform``: whose kernel maps the guest's memory; None = the one the environment asks for."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--xen-no-advance", default="rust-vmm", help="rust-vmm (0x8, default) or spec (0x100)")
+    xen = argparse.ArgumentParser(add_help=False)  # listed in --help by the back-end's parser
+    xen.add_argument("--xen-no-advance", default="rust-vmm", help="rust-vmm (0x8, default) or spec (0x100)")
+    pre = argparse.ArgumentParser(add_help=False, parents=[xen])
     pre.add_argument("-v", "--verbose", action="store_true")
     ours, rest = pre.parse_known_args(argv)
+    if {"--version", "--print-capabilities"} & set(rest):
+        return blk_main(rest, prog="xen-blk-backend", parents=[xen])  # exits before any platform
     if ours.verbose:
         rest.append("-v")
     # the platform is said before the back-end starts (blk_main's own basicConfig is then a no-op)
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None, platform: Platform | None = None) -> int
         device.xen_mapper = mapper
         refuse_read_only_writes(device, mapper)
 
-    return blk_main(rest, prog="xen-blk-backend", configure=with_xen_mmap)
+    return blk_main(rest, prog="xen-blk-backend", configure=with_xen_mmap, parents=[xen])
 
 
 if __name__ == "__main__":

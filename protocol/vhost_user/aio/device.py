@@ -164,7 +164,8 @@ class VhostUserDevice:
 
     # -- device ------------------------------------------------------------------------
     def reset(self) -> None:
-        """RESET_DEVICE / RESET_OWNER / SET_STATUS(0)."""
+        """RESET_DEVICE / RESET_OWNER / SET_STATUS(0). The rings are stopped first; after
+        SET_STATUS(0) each keeps its position (GET_VRING_BASE may still follow)."""
 
     def observe(self, event: Any) -> None:
         """Called with every :class:`~vhost_user.events.RequestReceived` before it is handled

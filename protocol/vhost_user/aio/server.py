@@ -267,10 +267,7 @@ class BackendServer:
 
     def _get_vring_base(self, ev: RequestReceived) -> VringState:
         vring = self._vring(ev.payload.index)
-        self._stop(vring)
-        base = vring.last_avail_idx
-        vring.base = base
-        vring.drop_queue()
+        base = self._suspend(vring)
         # vhost-user.rst: GET_VRING_BASE stops the ring; kick fd is no longer polled.
         vring.set_fd("kick_fd", None)
         return VringState(index=vring.index, num=base)
@@ -409,9 +406,17 @@ class BackendServer:
         vring.base = base
 
     def _set_status(self, ev: RequestReceived) -> None:
+        """Status 0 stops every ring but keeps its position: QEMU 7.2 and 8.0 send SET_STATUS(0)
+        *before* GET_VRING_BASE when they stop a device (``vhost_dev_stop`` calls
+        ``vhost_dev_start(false)`` first), QEMU 8.1 and later after it; either way GET_VRING_BASE
+        must answer where the ring stopped, or the front-end restarts it at a stale index. The
+        front-end sets every ring's base (SET_VRING_BASE) before it starts it again."""
         self.device.status = int(ev.payload.value)
         if self.device.status == 0:
-            self._reset(ev)
+            for vring in self.vrings:
+                self._suspend(vring)
+                vring.enabled = False
+            self.device.reset()
 
     # -- vring start/stop and kicks ----------------------------------------------------------
     def _start(self, vring: Vring) -> bool:
@@ -453,6 +458,14 @@ class BackendServer:
                     base = vring.last_avail_idx
                     vring.drop_queue()
                     vring.base = base
+
+    def _suspend(self, vring: Vring) -> int:
+        """Stop ``vring`` and keep its position in :attr:`Vring.base`; returns that position."""
+        self._stop(vring)
+        base = vring.last_avail_idx
+        vring.base = base
+        vring.drop_queue()
+        return base
 
     def _stop(self, vring: Vring) -> None:
         if vring.kick_fd is not None and self._loop is not None:
@@ -515,15 +528,17 @@ class BackendServer:
 
 async def serve_unix(
     device_factory: Callable[[], VhostUserDevice],
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | UnixListener,
     *,
     connections: int | None = None,
     ready: Callable[[], None] | None = None,
 ) -> None:
-    """Listen on ``path`` and serve front-ends one after another (``connections`` of them, or
-    forever). Each connection gets a fresh device from ``device_factory``. A connection that
-    breaks the protocol is logged and dropped; the server keeps listening."""
-    with UnixListener(path) as listener:
+    """Listen on ``path`` (or on a :class:`UnixListener` given instead, e.g. one from
+    :meth:`UnixListener.from_fd`; closed at the end) and serve front-ends one after another
+    (``connections`` of them, or forever). Each connection gets a fresh device from
+    ``device_factory``. A connection that breaks the protocol is logged and dropped; the server
+    keeps listening."""
+    with path if isinstance(path, UnixListener) else UnixListener(path) as listener:
         if ready is not None:
             ready()
         served = 0

@@ -235,7 +235,7 @@ class UnixListener:
     """Server mode: listen on an AF_UNIX path and accept one peer at a time."""
 
     def __init__(self, path: str | os.PathLike[str], *, backlog: int = 1) -> None:
-        self.path = os.fspath(path)
+        self.path: str | None = os.fspath(path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -247,6 +247,30 @@ class UnixListener:
             raise
         self.sock.setblocking(False)
 
+    @classmethod
+    def from_fd(cls, fd: int) -> UnixListener:
+        """Adopt an inherited, already listening AF_UNIX stream socket (the ``--fd`` of
+        vhost-user.rst's back-end program conventions). Raises ValueError, leaving ``fd`` to
+        the caller, when it is not one; closing the listener does not unlink anything."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise ValueError(f"fd {fd} is not a socket: {exc.strerror}") from exc
+        try:
+            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        except OSError as exc:  # pragma: no cover - any socket answers SO_ACCEPTCONN on Linux
+            sock.detach()
+            raise ValueError(f"fd {fd}: {exc.strerror}") from exc
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
+            what = f"{sock.family.name}/{sock.type.name}{'' if listening else ', not listening'}"
+            sock.detach()
+            raise ValueError(f"fd {fd} is not a listening AF_UNIX stream socket ({what})")
+        sock.set_inheritable(False)
+        sock.setblocking(False)
+        self = cls.__new__(cls)
+        self.path, self.sock = None, sock
+        return self
+
     async def accept(self, timeout: float | None = ACCEPT_TIMEOUT) -> FdSocket:
         """Wait for one peer (``timeout=None``: forever)."""
         loop = asyncio.get_running_loop()
@@ -254,14 +278,16 @@ class UnixListener:
             async with asyncio.timeout(timeout):
                 conn, _ = await loop.sock_accept(self.sock)
         except TimeoutError as exc:
-            raise PeerTimeout(f"a peer to connect to {self.path}", timeout or 0.0) from exc
+            where = self.path if self.path is not None else f"fd {self.sock.fileno()}"
+            raise PeerTimeout(f"a peer to connect to {where}", timeout or 0.0) from exc
         return FdSocket(conn)
 
     def close(self) -> None:
         if self.sock.fileno() >= 0:
             self.sock.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            if self.path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
 
     def __enter__(self) -> UnixListener:
         return self

@@ -6,14 +6,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .._lazy import lazy_exports
 from ..aio.client import AsyncFrontend
 from ..aio.device import VhostUserDevice
 from ..aio.server import BackendServer
 from ..aio.transport import FdSocket
-from .blk import RamDiskBlk
-from .dummy_backend import DummyBackend, Recorded
+
+if TYPE_CHECKING:
+    from .blk import RamDiskBlk
+    from .dummy_backend import DummyBackend, Recorded
+
+# The devices are imported on first use (PEP 562): ``python -m vhost_user.testing.blk`` imports
+# this package first, and runpy warns when the module it is about to run is already imported.
+_LAZY: dict[str, str] = {"RamDiskBlk": ".blk", "DummyBackend": ".dummy_backend", "Recorded": ".dummy_backend"}
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 __all__ = ["DummyBackend", "Recorded", "RamDiskBlk", "connected_pair", "PAIR_SHUTDOWN_TIMEOUT"]
 

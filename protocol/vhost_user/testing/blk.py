@@ -11,24 +11,31 @@ served when popped but put in the used ring after a random delay of up to ``hold
 a back-end killed at any moment has chains in flight behind completed younger ones (what
 inflight tracking exists for). Held chains are completed at once when the ring stops.
 
-Run standalone: ``python -m vhost_user.testing.blk --socket PATH --size 64M [--image FILE]
-[--reorder SEED [--hold-ms MS]] [--no-inflight]``.
+Run standalone: ``python -m vhost_user.testing.blk --socket-path PATH | --fd FDNUM [--size 64M]
+[--blk-file FILE] [--read-only] [--reorder SEED [--hold-ms MS]] [--no-inflight]``; it follows
+vhost-user.rst's back-end program conventions (``--print-capabilities``, SIGTERM ends it cleanly;
+``--socket`` and ``--image`` are kept as aliases of ``--socket-path`` and ``--blk-file``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import logging
 import mmap
 import os
 import random
+import signal
 import struct
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..aio.device import VhostUserDevice, Vring
 from ..aio.server import serve_unix
+from ..aio.transport import UnixListener
 from ..errors import VhostUserError
 from ..wire.enums import ProtocolFeatures, VirtioFeatures
 
@@ -42,10 +49,13 @@ __all__ = [
     "VIRTIO_BLK_S_IOERR",
     "VIRTIO_BLK_S_UNSUPP",
     "VIRTIO_BLK_F_SEG_MAX",
+    "VIRTIO_BLK_F_RO",
     "VIRTIO_BLK_F_BLK_SIZE",
     "VIRTIO_BLK_F_FLUSH",
     "VIRTIO_BLK_F_MQ",
     "SECTOR_SIZE",
+    "CAPABILITIES",
+    "build_parser",
     "main",
 ]
 
@@ -61,6 +71,7 @@ VIRTIO_BLK_S_IOERR = 1
 VIRTIO_BLK_S_UNSUPP = 2
 # virtio 1.2 §5.2.3 feature bits.
 VIRTIO_BLK_F_SEG_MAX = 1 << 2
+VIRTIO_BLK_F_RO = 1 << 5
 VIRTIO_BLK_F_BLK_SIZE = 1 << 6
 VIRTIO_BLK_F_FLUSH = 1 << 9
 VIRTIO_BLK_F_MQ = 1 << 12
@@ -97,6 +108,7 @@ class RamDiskBlk(VhostUserDevice):
         inflight: bool = True,
         reorder: random.Random | None = None,
         hold: float = 0.02,
+        read_only: bool = False,
     ) -> None:
         super().__init__()
         self.num_queues = num_queues
@@ -104,14 +116,15 @@ class RamDiskBlk(VhostUserDevice):
             self.protocol_features = type(self).protocol_features | ProtocolFeatures.INFLIGHT_SHMFD
         self.reorder = reorder
         self.hold = hold
+        self.read_only = read_only
         # vring index -> head -> (bytes written, timer that completes it)
         self._held: dict[int, dict[int, tuple[int, asyncio.TimerHandle]]] = {}
         self._image_map: mmap.mmap | None = None
         if image is not None:
-            fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(image, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
             try:
                 size = os.fstat(fd).st_size
-                self._image_map = mmap.mmap(fd, size)
+                self._image_map = mmap.mmap(fd, size, access=mmap.ACCESS_READ if read_only else mmap.ACCESS_WRITE)
             finally:
                 os.close(fd)
             self.disk: Any = self._image_map
@@ -127,6 +140,8 @@ class RamDiskBlk(VhostUserDevice):
             features |= VirtioFeatures.RING_EVENT_IDX
         if num_queues > 1:
             features |= VIRTIO_BLK_F_MQ
+        if read_only:
+            features |= VIRTIO_BLK_F_RO
         self.device_features = int(features)
         self.queue_size_max = queue_size_max
         self.requests = {VIRTIO_BLK_T_IN: 0, VIRTIO_BLK_T_OUT: 0, VIRTIO_BLK_T_FLUSH: 0, VIRTIO_BLK_T_GET_ID: 0}
@@ -230,7 +245,7 @@ class RamDiskBlk(VhostUserDevice):
                 payload = bytes(self.disk[start : start + data_in_len])
         elif req_type == VIRTIO_BLK_T_OUT:
             start = sector * SECTOR_SIZE
-            if len(data_out) % SECTOR_SIZE or start + len(data_out) > self.size:
+            if self.read_only or len(data_out) % SECTOR_SIZE or start + len(data_out) > self.size:
                 status = VIRTIO_BLK_S_IOERR
             else:
                 self.disk[start : start + len(data_out)] = data_out
@@ -260,14 +275,30 @@ class RamDiskBlk(VhostUserDevice):
             self._image_map = None
 
 
-def main(argv: list[str] | None = None, *, prog: str | None = None,
-         configure: Callable[[RamDiskBlk], None] | None = None) -> int:
-    """``python -m vhost_user.testing.blk``. ``configure(device)`` runs on each new device (a
-    Xen-aware launcher sets ``device.xen_mapper`` there)."""
-    parser = argparse.ArgumentParser(prog=prog, description="RAM-disk virtio-blk vhost-user back-end")
-    parser.add_argument("--socket", required=True, help="AF_UNIX path to listen on")
-    parser.add_argument("--size", default="64M", help="disk size (K/M/G suffix), ignored with --image")
-    parser.add_argument("--image", help="serve this file (mmap'd shared) instead of RAM")
+#: ``--print-capabilities`` (vhost-user.rst "Backend program conventions"; the
+#: ``VHostUserBackendCapabilitiesBlock`` shape of QEMU's docs/interop/vhost-user.json).
+CAPABILITIES: dict[str, Any] = {"type": "block", "features": ["read-only", "blk-file"]}
+
+
+def build_parser(prog: str | None = None, parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
+    """The command line: vhost-user.rst's back-end program conventions (``--socket-path`` or
+    ``--fd``, ``--print-capabilities``, and its vhost-user-blk ``--blk-file``, ``--read-only``),
+    ``--version``, and this device's own options."""
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(prog=prog or "python -m vhost_user.testing.blk", parents=list(parents),
+                                     description="RAM-disk virtio-blk vhost-user back-end")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket-path", metavar="PATH", help="AF_UNIX path to listen on")
+    where.add_argument("--socket", dest="socket_path", metavar="PATH", help="deprecated alias of --socket-path")
+    where.add_argument("--fd", type=int, metavar="FDNUM", help="serve on this inherited, listening AF_UNIX socket")
+    parser.add_argument("--print-capabilities", action="store_true",
+                        help="print the back-end capabilities as JSON and exit (other options are ignored)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--size", default="64M", help="disk size (K/M/G suffix), ignored with --blk-file")
+    parser.add_argument("--blk-file", "--image", dest="image", metavar="PATH",
+                        help="serve this file (mmap'd shared) instead of RAM")
+    parser.add_argument("--read-only", action="store_true", help="offer VIRTIO_BLK_F_RO and refuse writes")
     parser.add_argument("--queues", type=int, default=1)
     parser.add_argument("--connections", type=int, default=None, help="exit after N front-ends")
     parser.add_argument("--no-inflight", action="store_true", help="do not offer INFLIGHT_SHMFD")
@@ -275,7 +306,21 @@ def main(argv: list[str] | None = None, *, prog: str | None = None,
                         help="complete requests out of order on purpose (random delays, seeded)")
     parser.add_argument("--hold-ms", type=float, default=20.0, help="longest delay of a completion with --reorder")
     parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None, *, prog: str | None = None,
+         configure: Callable[[RamDiskBlk], None] | None = None,
+         parents: Sequence[argparse.ArgumentParser] = ()) -> int:
+    """``python -m vhost_user.testing.blk``. ``configure(device)`` runs on each new device (a
+    Xen-aware launcher sets ``device.xen_mapper`` there); ``parents`` add a launcher's own
+    options (argparse parents, already parsed by it) to ``--help``."""
+    args_in = sys.argv[1:] if argv is None else list(argv)
+    if "--print-capabilities" in args_in:  # "other options and arguments should be ignored"
+        print(json.dumps(CAPABILITIES))
+        return 0
+    parser = build_parser(prog, parents)
+    args = parser.parse_args(args_in)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     size_s = args.size.upper()
@@ -285,14 +330,22 @@ def main(argv: list[str] | None = None, *, prog: str | None = None,
         parser.error(f"--size {args.size}: use a number of bytes or a K/M/G suffix")
     image = args.image
     if image is not None and not os.path.isfile(image):
-        parser.error(f"--image {image}: no such file")
-    os.makedirs(os.path.dirname(os.path.abspath(args.socket)), mode=0o700, exist_ok=True)
+        parser.error(f"--blk-file {image}: no such file")
+    where: str | UnixListener
+    if args.fd is not None:
+        try:
+            where = UnixListener.from_fd(args.fd)
+        except ValueError as exc:
+            parser.error(f"--fd {args.fd}: {exc}")
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(args.socket_path)), mode=0o700, exist_ok=True)
+        where = args.socket_path
     disk_holder: dict[str, bytearray] = {}
     rng = None if args.reorder is None else random.Random(args.reorder)
 
     def factory() -> RamDiskBlk:
         dev = RamDiskBlk(size, image=image, num_queues=args.queues, inflight=not args.no_inflight,
-                         reorder=rng, hold=args.hold_ms / 1000)
+                         reorder=rng, hold=args.hold_ms / 1000, read_only=args.read_only)
         # RAM disks keep their content across reconnects within one process.
         if image is None:
             dev.disk = disk_holder.setdefault("disk", dev.disk)
@@ -300,14 +353,23 @@ def main(argv: list[str] | None = None, *, prog: str | None = None,
             configure(dev)
         return dev
 
+    async def serve() -> None:
+        # vhost-user.rst: end "as quickly and cleanly as possible" on SIGTERM (the listener
+        # unlinks its path on the way out).
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await serve_unix(factory, where, connections=args.connections)
+
     try:
         try:
             import uvloop
         except ImportError as e:
             log.warning("uvloop is not available (%s): running on asyncio's event loop", e)
-            asyncio.run(serve_unix(factory, args.socket, connections=args.connections))
+            asyncio.run(serve())
         else:
-            uvloop.run(serve_unix(factory, args.socket, connections=args.connections))
+            uvloop.run(serve())
     except KeyboardInterrupt:
         pass
     return 0
