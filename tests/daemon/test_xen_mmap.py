@@ -113,7 +113,7 @@ from xen_vhost_master.guestmem.grants import GRANT_ADDR_BIT  # noqa: E402
 from xen_vhost_sim.guest_driver import DeviceStatus, Feature, grant_dma_address  # noqa: E402
 from xen_vhost_master.virtio_mmio import QueueConfig  # noqa: E402
 from xen_vhost_master.xen.gntdev import GrantDev  # noqa: E402
-from xen_vhost_master.backend.blk import refuse_read_only_writes  # noqa: E402
+from xen_vhost_master.backend.blk import XenRamDiskBlk  # noqa: E402
 from xen_vhost_master.guestmem.grants import GrantBacking, OnDemandGrantBacking  # noqa: E402
 
 RUSTVMM, SPEC = XenMmapFlags.NO_ADVANCE_MAP_RUSTVMM, XenMmapFlags.NO_ADVANCE_MAP_SPEC
@@ -126,10 +126,11 @@ class GrantXenMmap:
 
     def __init__(self, kernel, domid: int, sim_dir: str, *, front: XenMmapFlags = RUSTVMM,
                  back: XenMmapFlags = RUSTVMM, span: int = 32 << 20) -> None:
-        self.disk = RamDiskBlk(4 << 20)
+        self.disk = XenRamDiskBlk(4 << 20)
         self.mapper = XenRegionMapper(kernel, no_advance=back)
         self.seen: list[tuple[int, int, int, int, object]] = []
-        self.refusals = refuse_read_only_writes(self.disk, self.mapper)
+        self.disk.release_mapper = self.mapper
+        self.refusals = self.disk.refusals
 
         def recording_mapper(region, fd):
             backing = self.mapper(region, fd)
@@ -413,19 +414,16 @@ def test_read_only_grant_refusals_are_counted_each_but_logged_at_a_bounded_rate(
 
     from vhost_user.virtqueue import Buffer
     from xen_vhost_master.log import GUEST_LOG_BURST
-    from xen_vhost_master.backend.blk import refuse_read_only_writes
+    from xen_vhost_master.backend.blk import XenRamDiskBlk
 
     ram = bytes(0x2000)  # read-only memory: every view is read-only
-    handled: list[int] = []
-    device = SimpleNamespace(
-        memory=SimpleNamespace(view=lambda addr, length: memoryview(ram)[addr : addr + length]),
-        _request=lambda chain, rb, wb: handled.append(chain.head) or 1,
-    )
-    refusals = refuse_read_only_writes(device)  # type: ignore[arg-type]
+    device = XenRamDiskBlk(0x2000)
+    device.memory = SimpleNamespace(view=lambda addr, length: memoryview(ram)[addr : addr + length])
+    refusals = device.refusals
     caplog.set_level(_logging.ERROR, logger="xen_vhost_master.backend.blk")
     chain = SimpleNamespace(head=3, writable=[Buffer(0x1000, 1)])
     for _ in range(200):
-        assert device._request(chain, None, None) == 0  # noqa: SLF001
-    assert refusals.count == 200 and handled == []
+        assert device.handle_request(chain, None, None) == 0  # refused before RamDiskBlk's handler
+    assert refusals.count == 200
     lines = [r for r in caplog.records if "read-only grant" in r.getMessage()]
     assert 1 <= len(lines) <= GUEST_LOG_BURST

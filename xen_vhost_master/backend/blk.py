@@ -37,7 +37,7 @@ from ..log import RateLimit
 from ..platform import Platform, announce, platform_from_env
 from .mapper import XenRegionMapper, no_advance_flag
 
-__all__ = ["ReadOnlyRefusals", "main", "refuse_read_only_writes"]
+__all__ = ["ReadOnlyRefusals", "XenRamDiskBlk", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -48,37 +48,39 @@ class ReadOnlyRefusals:
     last: str = ""
 
 
-def refuse_read_only_writes(device: RamDiskBlk, mapper: XenRegionMapper | None = None) -> ReadOnlyRefusals:
-    """Make ``device`` refuse any request with a device-writable buffer on read-only memory (a
-    read-only grant): logged, used length 0, the page untouched; the ring keeps going. With
-    ``mapper``, on-demand grant mappings left idle are unmapped after each request."""
-    refusals = ReadOnlyRefusals()
-    limit = RateLimit(time.monotonic)  # a guest granting read-only on purpose must not flood the log
-    handle = device._request  # RamDiskBlk's per-chain handler  # noqa: SLF001
+class XenRamDiskBlk(RamDiskBlk):
+    """:class:`RamDiskBlk` on Xen memory: it refuses any request with a device-writable buffer on
+    read-only memory (a read-only grant): logged, used length 0, the page untouched; the ring keeps
+    going. With ``release_mapper``, on-demand grant mappings left idle are unmapped after each
+    request."""
 
-    def guarded(chain: Any, read_buffers: Any, write_buffers: Any) -> int:
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.refusals = ReadOnlyRefusals()
+        self.release_mapper: XenRegionMapper | None = None
+        self._limit = RateLimit(time.monotonic)  # a guest granting read-only on purpose must not flood the log
+
+    def handle_request(self, chain: Any, read_buffers: Any, write_buffers: Any) -> int:
         try:
             for buf in chain.writable:
                 try:
-                    with device.memory.view(buf.addr, buf.length) as view:
+                    with self.memory.view(buf.addr, buf.length) as view:
                         read_only = view.readonly
                 except GuestMemoryError:
                     continue  # not mapped at all: the handler's own error path reports it
                 if read_only:
-                    refusals.count += 1
-                    refusals.last = f"chain {chain.head}: device-writable buffer [{buf.addr:#x}, +{buf.length:#x}) is read-only"
-                    allowed, suppressed = limit.allow("read-only grant")
+                    self.refusals.count += 1
+                    self.refusals.last = (f"chain {chain.head}: device-writable buffer [{buf.addr:#x}, "
+                                          f"+{buf.length:#x}) is read-only")
+                    allowed, suppressed = self._limit.allow("read-only grant")
                     if allowed:
                         more = f" ({suppressed} similar lines suppressed)" if suppressed else ""
-                        log.error("refusing request: %s (a read-only grant)%s", refusals.last, more)
+                        log.error("refusing request: %s (a read-only grant)%s", self.refusals.last, more)
                     return 0
-            return int(handle(chain, read_buffers, write_buffers))
+            return super().handle_request(chain, read_buffers, write_buffers)
         finally:
-            if mapper is not None:
-                mapper.release()
-
-    device._request = guarded  # type: ignore[method-assign]  # noqa: SLF001
-    return refusals
+            if self.release_mapper is not None:
+                self.release_mapper.release()
 
 
 def main(argv: list[str] | None = None, platform: Platform | None = None) -> int:
@@ -106,10 +108,10 @@ def main(argv: list[str] | None = None, platform: Platform | None = None) -> int
     mapper = XenRegionMapper(platform.kernel, no_advance=no_advance)
 
     def with_xen_mmap(device: RamDiskBlk) -> None:
-        device.xen_mapper = mapper
-        refuse_read_only_writes(device, mapper)
+        assert isinstance(device, XenRamDiskBlk)
+        device.xen_mapper = device.release_mapper = mapper
 
-    return blk_main(rest, prog="xen-blk-backend", configure=with_xen_mmap, parents=[xen])
+    return blk_main(rest, prog="xen-blk-backend", configure=with_xen_mmap, parents=[xen], device_class=XenRamDiskBlk)
 
 
 if __name__ == "__main__":

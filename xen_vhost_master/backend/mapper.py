@@ -17,7 +17,7 @@ fd of the front-end's and is mapped here, as rust-vmm's vm-memory ``xen`` featur
   covers and the mapping goes once the access's view is dropped (:class:`OnDemandGrantBacking`,
   over :class:`~xen_vhost_master.guestmem.grants.GrantGuestMemory`). A read-only grant is mapped
   read-only and its views are read-only memoryviews: a write attempt is a Python error, never a
-  fault (the device refuses that request: :func:`xen_vhost_master.backend.blk.refuse_read_only_writes`).
+  fault (the device refuses that request: :class:`xen_vhost_master.backend.blk.XenRamDiskBlk`).
 * 0 (UNIX): a plain shareable fd (e.g. a front-end's shadow memfd), mmap'd as without XEN_MMAP.
 
 The "no advance map" bit differs between the spec (bit 8, 0x100) and rust-vmm (0x8, what existing

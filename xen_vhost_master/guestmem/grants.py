@@ -437,7 +437,7 @@ class OnDemandGrantBacking:
     """A GRANT region that cannot be mapped in advance (the data buffers' grant space): each
     access maps the refs it covers through gntdev (an access inside a mapping still held reuses
     it). Mappings whose views are all dropped are unmapped by :meth:`release` (a device calls it
-    once a request is done: :func:`~xen_vhost_master.backend.blk.refuse_read_only_writes`
+    once a request is done: :class:`~xen_vhost_master.backend.blk.XenRamDiskBlk`
     does) and, for devices that never do, beyond :data:`ON_DEMAND_IDLE` idle ones at the next
     access. Read-only grants give read-only views. Owns the gntdev fd."""
 

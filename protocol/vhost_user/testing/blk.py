@@ -173,7 +173,7 @@ class RamDiskBlk(VhostUserDevice):
                 if queue.event_idx and queue.enable_notify():
                     continue  # more arrived while we re-enabled notifications
                 break
-            written = self._request(chain, read_buffers, write_buffers)
+            written = self.handle_request(chain, read_buffers, write_buffers)
             if self.reorder is None:
                 queue.push(chain.head, written)
             else:
@@ -224,7 +224,10 @@ class RamDiskBlk(VhostUserDevice):
         for _written, handle in held.values():
             handle.cancel()
 
-    def _request(self, chain: Any, read_buffers: Any, write_buffers: Any) -> int:
+    def handle_request(self, chain: Any, read_buffers: Any, write_buffers: Any) -> int:
+        """Serve one virtio-blk request chain; returns the used length. A subclass may refuse a
+        request before it (returning 0) or clean up after it, e.g. a Xen-aware back-end
+        (xen_vhost_master/backend/blk.py)."""
         mem = self.memory
         readable = read_buffers(mem, chain.readable)
         writable_len = sum(b.length for b in chain.writable)
@@ -311,10 +314,11 @@ def build_parser(prog: str | None = None, parents: Sequence[argparse.ArgumentPar
 
 def main(argv: list[str] | None = None, *, prog: str | None = None,
          configure: Callable[[RamDiskBlk], None] | None = None,
-         parents: Sequence[argparse.ArgumentParser] = ()) -> int:
+         parents: Sequence[argparse.ArgumentParser] = (), device_class: type[RamDiskBlk] | None = None) -> int:
     """``python -m vhost_user.testing.blk``. ``configure(device)`` runs on each new device (a
     Xen-aware launcher sets ``device.xen_mapper`` there); ``parents`` add a launcher's own
-    options (argparse parents, already parsed by it) to ``--help``."""
+    options (argparse parents, already parsed by it) to ``--help``; ``device_class`` is the
+    :class:`RamDiskBlk` subclass to serve with."""
     args_in = sys.argv[1:] if argv is None else list(argv)
     if "--print-capabilities" in args_in:  # "other options and arguments should be ignored"
         print(json.dumps(CAPABILITIES))
@@ -344,7 +348,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None,
     rng = None if args.reorder is None else random.Random(args.reorder)
 
     def factory() -> RamDiskBlk:
-        dev = RamDiskBlk(size, image=image, num_queues=args.queues, inflight=not args.no_inflight,
+        dev = (device_class or RamDiskBlk)(size, image=image, num_queues=args.queues, inflight=not args.no_inflight,
                          reorder=rng, hold=args.hold_ms / 1000, read_only=args.read_only)
         # RAM disks keep their content across reconnects within one process.
         if image is None:
