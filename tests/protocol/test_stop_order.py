@@ -46,6 +46,8 @@ class QemuLikeFrontend:
         self.inflight: InflightFd | None = None
         self.started_once = False
         self.last_avail = 0  # what QEMU keeps from GET_VRING_BASE
+        # vhost-user-blk sizes the inflight area by its queue-size property (hw/block/vhost-user-blk.c)
+        self.inflight_queue_size = g.drv.size
 
     async def add_status(self, bits: int) -> None:
         """vhost_user_add_status: GET_STATUS, then SET_STATUS only if a bit is missing."""
@@ -59,10 +61,10 @@ class QemuLikeFrontend:
         fe, g = self.fe, self.g
         if fe.has_protocol_feature(ProtocolFeatures.INFLIGHT_SHMFD):
             if self.inflight is None:
-                self.inflight = await fe.get_inflight_fd(num_queues=1, queue_size=g.drv.size)
+                self.inflight = await fe.get_inflight_fd(num_queues=1, queue_size=self.inflight_queue_size)
             i = self.inflight
             await fe.set_inflight_fd(i.fd, mmap_size=i.mmap_size, mmap_offset=i.mmap_offset,
-                                     num_queues=1, queue_size=g.drv.size)
+                                     num_queues=1, queue_size=self.inflight_queue_size)
         features = int(VirtioFeatures.VERSION_1)
         await fe.set_features(features)
         await self.add_status(FEATURES_OK)
@@ -169,3 +171,26 @@ async def test_status_0_keeps_the_ring_fds_and_a_second_get_vring_base_answers_t
                 assert not vring.started and not vring.enabled
     finally:
         os.close(err)
+
+
+@pytest.mark.asyncio
+async def test_a_ring_larger_than_the_inflight_area_runs_without_inflight_tracking(
+        no_fd_leak: None, caplog: pytest.LogCaptureFixture) -> None:
+    """QEMU on virtio-mmio offers QueueNumMax 1024 whatever vhost-user-blk's queue-size
+    (hw/virtio/virtio-mmio.c VIRTIO_MMIO_QUEUE_NUM_MAX answers VIRTQUEUE_MAX_SIZE) but sizes the
+    inflight area by queue-size: a guest that takes the larger ring must still be served (the ring
+    runs without inflight tracking, said at each start), not left hanging on a ring that never starts."""
+    dev = RamDiskBlk(1 << 20, inflight=True)
+    disk: dict[int, bytes] = {}
+    with guest(queue_size=16) as g:
+        async with asyncio.timeout(TEST_TIMEOUT), qemu_like(dev, g, "qemu-7.2-status-first") as (q, dev):
+            q.inflight_queue_size = 8
+            await q.start()
+            await write_batch(g, 0, 3, disk)
+            assert await q.stop() == 3
+            await q.start()
+            await write_batch(g, 3, 3, disk)
+            assert await q.stop() == 6
+    assert dev.requests[VIRTIO_BLK_T_OUT] == 6
+    warned = [r for r in caplog.records if "without inflight tracking" in r.getMessage()]
+    assert len(warned) == 2, [r.getMessage() for r in caplog.records]  # one per start

@@ -393,6 +393,15 @@ class BackendServer:
         back-end left in flight; consumption resumes at used idx + that many."""
         if vring.inflight is None:
             return
+        if vring.num > vring.inflight.desc_num:
+            # QEMU on virtio-mmio offers rings of up to 1024 entries (VIRTIO_MMIO_QUEUE_NUM_MAX answers
+            # VIRTQUEUE_MAX_SIZE) but sizes the area by vhost-user-blk's queue-size: the area cannot
+            # track this ring's heads, so the ring runs without it rather than not at all.
+            self.log.warning("vring %d: ring of %d entries, the inflight area tracks %d: running it without "
+                             "inflight tracking (a back-end restart would not resubmit its requests)",
+                             vring.index, vring.num, vring.inflight.desc_num)
+            vring.inflight = None
+            return
         with self.device.memory.view(vring.gpa_used + 2, 2) as view:
             (used_idx,) = struct.unpack("<H", view)
         base = vring.inflight.recover(used_idx, vring.num)
