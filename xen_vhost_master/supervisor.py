@@ -51,6 +51,7 @@ from .datapath.choose import GuestDataPaths, GuestResources
 from .device import BackendAbsent, Device, DeviceError
 from .errors import ConfigError, ExitCode, HostError, XenError, host_error
 from .fastpath import KernelFastPath
+from .instance import RuntimeDir
 from .ioreq_server import IoreqServer
 from .log import device_logger
 from .platform import Platform
@@ -149,7 +150,10 @@ def _check_state(state: object) -> dict[str, Any]:
 
 
 class Supervisor:
-    def __init__(self, options: Options, platform: Platform, *, notifier: Notifier | None = None) -> None:
+    def __init__(self, options: Options, platform: Platform, *, notifier: Notifier | None = None,
+                 runtime: RuntimeDir | None = None) -> None:
+        """``runtime``: the state file's directory, opened and checked (the caller keeps it);
+        without it the supervisor opens and checks it itself (:meth:`RuntimeDir.open`)."""
         self.opt = options
         self.domid = options.domid
         self.name = options.name or str(options.domid)
@@ -179,6 +183,8 @@ class Supervisor:
         self._serving = False
         self._gone = False
         self._devices_known = False  # discovery done: the state file's devices are those of self.devices
+        self.runtime = runtime
+        self._own_runtime = False  # opened here, so closed here
 
     # --- the one entry point ---------------------------------------------------------------------
 
@@ -287,6 +293,7 @@ class Supervisor:
         except XenError as e:
             raise (host_error(e) or e) from None
         self.ioreq = IoreqServer(self.privcmd, self.evtchn, self.domid, self.log)
+        self._open_runtime()
         self._saved = self._load_state()
         self._starting("creating the IOREQ server")
         try:
@@ -537,20 +544,20 @@ class Supervisor:
         await self._set_state(served, XenbusState.CLOSED)
         self.notifier.status(self._status_line())
 
-    def _inflight_path(self, cfg: DeviceConfig) -> str | None:
-        state = self.opt.state_file
-        return os.path.join(os.path.dirname(state), f"shadow-{cfg.devid}.inflight") if state else None
+    def _inflight_name(self, cfg: DeviceConfig) -> str | None:
+        """The device's in-flight record in the runtime directory (None without one)."""
+        return f"shadow-{cfg.devid}.inflight" if self.runtime is not None else None
 
     def _inflight_record(self, cfg: DeviceConfig, num_queues: int) -> GuestInflightRecord | None:
         """The shadow path's guest-side in-flight record, next to state.json (kept across a
         restart like it): a restarted daemon resumes the device's queues exactly from it."""
-        path = self._inflight_path(cfg)
-        if path is None:
+        name = self._inflight_name(cfg)
+        if name is None or self.runtime is None:
             return None
         from .datapath.shadow import GuestInflightRecord  # noqa: PLC0415
 
         try:
-            return GuestInflightRecord(path, num_queues, cfg.queue_size)
+            return GuestInflightRecord(name, num_queues, cfg.queue_size, dir_fd=self.runtime.fd)
         except OSError as e:
             self.log.warning("device %d: no in-flight record (%s): a restarted daemon would resume at "
                              "the guest's used index", cfg.devid, e)
@@ -633,15 +640,31 @@ class Supervisor:
                 await self._set_state(served, want)
                 shown = want
 
+    def _open_runtime(self) -> None:
+        """The state file's directory, unless the caller handed it over: refused (exit 74) unless
+        it is ours and nobody else's to write (:meth:`RuntimeDir.open`)."""
+        if self.runtime is not None or not self.opt.state_file:
+            return
+        where = os.path.dirname(os.path.abspath(self.opt.state_file))
+        try:
+            self.runtime = RuntimeDir.open(where)
+        except OSError as e:
+            raise HostError(ExitCode.RUNTIME_DIR, f"cannot open the runtime directory {where}: "
+                                                  f"{e.strerror or e}") from None
+        self._own_runtime = True
+
+    def _state_name(self) -> str | None:
+        return os.path.basename(self.opt.state_file) if self.opt.state_file and self.runtime is not None else None
+
     def _load_state(self) -> dict[str, Any]:
-        path = self.opt.state_file
-        if not path:
+        path, name = self.opt.state_file, self._state_name()
+        if not path or name is None or self.runtime is None:
             return {}
         try:
-            with open(path) as f:
-                state = json.load(f)
-        except FileNotFoundError:
-            return {}
+            data = self.runtime.read(name)
+            if data is None:
+                return {}
+            state = json.loads(data)
         except (OSError, ValueError) as e:
             self.log.warning("ignoring unreadable state file %s: %s", path, e)
             return {}
@@ -672,11 +695,11 @@ class Supervisor:
             elif s.device.refused is None and str(base) in pending:
                 devices[str(base)] = pending[str(base)]
         state = {"domid": self.domid, "name": self.name, "ioreq_server": self.ioreq.server_id, "devices": devices}
-        tmp = f"{path}.tmp"
+        name = self._state_name()
+        if name is None or self.runtime is None:
+            return
         try:
-            with open(tmp, "w") as f:
-                json.dump(state, f)
-            os.replace(tmp, path)
+            self.runtime.write_atomic(name, json.dumps(state).encode())
         except OSError as e:
             self.log.warning("cannot save state to %s: %s", path, e)
 
@@ -799,11 +822,16 @@ class Supervisor:
                 os.unlink(served.config.socket_path(self.name, self.domid))
             served.listener = None
         self._release_guest_memory()
-        record = self._inflight_path(served.config)
-        if record is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(record)  # the device is gone: nothing to resume
+        self._forget_inflight(served.config)  # the device is gone: nothing to resume
         await self._set_state(served, XenbusState.CLOSED)
+
+    def _forget_inflight(self, cfg: DeviceConfig) -> None:
+        name = self._inflight_name(cfg)
+        if name is not None and self.runtime is not None:
+            try:
+                self.runtime.unlink(name)
+            except OSError as e:
+                self.log.warning("device %d: cannot remove its in-flight record %s: %s", cfg.devid, name, e)
 
     def _release_guest_memory(self) -> None:
         """Unmap the guest's RAM as soon as no shadow device needs it: `xl destroy` removes the
@@ -929,9 +957,10 @@ class Supervisor:
             await self._remove_device(base)
         if self.ioreq is not None:
             await self._bounded("ioreq server teardown", self.ioreq.close())
-            if self.ioreq.server_id is None and self.opt.state_file:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.opt.state_file)  # a clean stop: nothing to take over
+            name = self._state_name()
+            if self.ioreq.server_id is None and name is not None and self.runtime is not None:
+                with contextlib.suppress(OSError):
+                    self.runtime.unlink(name)  # a clean stop: nothing to take over
         if self.xs is not None:
             await self.xs.close()
         if self._paths is not None:
@@ -939,6 +968,7 @@ class Supervisor:
         for handle in (self.evtchn, self.privcmd):
             if handle is not None:
                 handle.close()
+        self._close_runtime()
         self.log.info("stopped")
 
     async def _hand_over(self) -> None:
@@ -967,8 +997,14 @@ class Supervisor:
         for handle in (self.evtchn, self.privcmd):
             if handle is not None:
                 handle.close()
+        self._close_runtime()
         self.notifier.keep_for_exec()
         self.log.info("handover: state saved, handing over")
+
+    def _close_runtime(self) -> None:
+        if self._own_runtime and self.runtime is not None:
+            self.runtime.close()
+            self.runtime, self._own_runtime = None, False
 
     async def _bounded(self, what: str, op: Awaitable[None]) -> None:
         try:
