@@ -171,12 +171,23 @@ class Device:
         ``saved``, take over the state a previous daemon left (:meth:`restore`). Guest accesses
         made before are then served. One attempt: raises as the connection or negotiation fails
         (:class:`BackendAbsent` when nobody answers yet), leaving nothing open."""
-        from .virtio_mmio import F_ACCESS_PLATFORM, F_VERSION_1  # noqa: PLC0415 (start() is this change's scope)
-
+        chooser = self._chooser
         fe, negotiated, nq, view = await self._open_backend()
         self.frontend = fe
-        self._kick = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nq)]
-        self._call = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nq)]
+        try:
+            await self._started_with(fe, negotiated, nq, view, saved)
+        except BaseException:
+            await self._abandon_start(fe, chooser)
+            raise
+
+    async def _started_with(self, fe: AsyncFrontend, negotiated: Negotiated, nq: int, view: devtypes.Offer,
+                            saved: dict[str, object] | None) -> None:
+        """The rest of :meth:`start`, once the back-end has negotiated and the data path is chosen."""
+        from .virtio_mmio import F_ACCESS_PLATFORM, F_VERSION_1  # noqa: PLC0415 (start() is this change's scope)
+
+        for fds in (self._kick, self._call):
+            for _ in range(nq):
+                fds.append(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
         loop = asyncio.get_running_loop()
         for i, fd in enumerate(self._call):
             loop.add_reader(fd, self._on_call, i)
@@ -207,6 +218,29 @@ class Device:
         if saved is not None:
             await self.restore(saved)
         self._gate.set()
+
+    async def _abandon_start(self, fe: AsyncFrontend, chooser: DataPathChooser | None) -> None:
+        """A start that failed (or was cancelled) after the back-end negotiated: release what it
+        opened (rings, eventfds, the connection, a data path chosen for this back-end) and leave
+        the device as it was before, ready for another try."""
+        loop = asyncio.get_running_loop()
+        started, self._started = self._started, []
+        for index in started:
+            self._user_path(index)
+            self.memory.close_queue(index)
+        self._queues = ()
+        for fd in self._call:
+            loop.remove_reader(fd)
+        for fd in (*self._kick, *self._call):
+            os.close(fd)
+        self._kick, self._call = [], []
+        self._drop_inflight()
+        self.model = None
+        self.frontend = None
+        if chooser is not None and self._chooser is None:
+            self.memory.close()
+            self.memory, self._chooser = chooser, chooser  # type: ignore[assignment]  # chosen again next time
+        await fe.close()
 
     def refuse(self, reason: str) -> None:
         """The back-end was refused for good: the device will not serve, and the guest's waiting

@@ -541,6 +541,7 @@ class Supervisor:
         if served.listener is not None:
             served.listener.close()
             served.listener = None
+        self._forget_inflight(served.config)  # (its start released the data path) nothing will resume
         await self._set_state(served, XenbusState.CLOSED)
         self.notifier.status(self._status_line())
 
@@ -802,8 +803,13 @@ class Supervisor:
         return online != "0" and state == str(int(XenbusState.CLOSED))
 
     async def _remove_device(self, base: int) -> None:
+        """Tear one device down. Its entry stays in :attr:`devices` until its back-end, data path
+        and socket are released: a removal cancelled half-way (the watcher that started it is
+        reaped because the domain went away) is done again, in full, by the teardown."""
         assert self.ioreq is not None
-        served = self.devices.pop(base)
+        served = self.devices.get(base)
+        if served is None:
+            return
         self.ioreq.remove_window(base)
         if served.state_task is not None:
             served.state_task.cancel()
@@ -821,6 +827,7 @@ class Supervisor:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(served.config.socket_path(self.name, self.domid))
             served.listener = None
+        self.devices.pop(base, None)
         self._release_guest_memory()
         self._forget_inflight(served.config)  # the device is gone: nothing to resume
         await self._set_state(served, XenbusState.CLOSED)
@@ -954,7 +961,11 @@ class Supervisor:
         if self.ioreq is not None:
             self.ioreq.stop_reading()  # no more guest accesses while the back-ends stop
         for base in list(self.devices):
-            await self._remove_device(base)
+            try:
+                await self._remove_device(base)
+            except Exception:  # noqa: BLE001 - a bug in one device's teardown must not keep the rest
+                self.log.exception("device at %#x: its teardown failed", base)
+                self.devices.pop(base, None)
         if self.ioreq is not None:
             await self._bounded("ioreq server teardown", self.ioreq.close())
             name = self._state_name()
