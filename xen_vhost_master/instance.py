@@ -34,8 +34,10 @@ __all__ = [
     "InstanceLock",
     "RuntimeDir",
     "find_runtime_by_domid",
+    "read_state_file",
     "resolve_domain",
     "runtime_dir",
+    "untrusted",
 ]
 
 # systemd's RuntimeDirectory=xen-vhost-master/%i: one directory per instance (= escaped name).
@@ -287,23 +289,32 @@ def find_runtime_by_domid(domid: int, root: str | None = None) -> str | None:
         return None
     for entry in entries:
         path = os.path.join(root, entry, "state.json")
-        try:
-            fd = os.open(path, os.O_RDONLY | _FILE_FLAGS)
-        except OSError:
+        found = read_state_file(path)
+        if found is None:
             continue
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size > STATE_MAX:
-                continue
-            state = json.loads(os.pread(fd, STATE_MAX, 0))
-            mtime = st.st_mtime
-        except (OSError, ValueError):
-            continue
-        finally:
-            os.close(fd)
+        state, mtime = found
         if isinstance(state, dict) and state.get("domid") == domid and (best is None or mtime > best[0]):
             best = (mtime, os.path.join(root, entry))
     return best[1] if best else None
+
+
+def read_state_file(path: str) -> tuple[object, float] | None:
+    """The JSON document in ``path`` and its mtime, for a look from outside the instance
+    (``status``, the dispatcher): None unless it is a regular file (not reached through a
+    symbolic link) of at most :data:`STATE_MAX` bytes holding JSON."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _FILE_FLAGS)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > STATE_MAX:
+            return None
+        return json.loads(os.pread(fd, STATE_MAX, 0)), st.st_mtime
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
 
 
 class InstanceLock:

@@ -315,3 +315,48 @@ async def test_a_crash_leaves_the_records_for_the_successor_and_its_clean_stop_r
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+
+
+# --- the dispatcher's files -----------------------------------------------------------------------
+
+
+def test_the_dispatchers_log_dir_must_be_its_own_and_logs_are_not_written_through_links(tmp_path):
+    """``watch --log-dir``: a directory others may write (not sticky) or another user owns is a
+    configuration error; an instance's log planted as a link is refused, its target untouched;
+    state.json reached through a link says no domain."""
+    from types import SimpleNamespace
+
+    from xen_vhost_master import dispatcher
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    os.chmod(logs, 0o777)
+    with pytest.raises(ValueError, match=r"--log-dir .*/logs: is writable by others \(mode 0777\)"):
+        dispatcher.options(dispatcher.parse_args(["--spawn", "--log-dir", str(logs)]))
+    if os.geteuid() == 0:
+        os.chmod(logs, 0o755)
+        os.chown(logs, NOBODY, -1)
+        with pytest.raises(ValueError, match=rf"--log-dir .*/logs: is owned by uid {NOBODY}, not 0"):
+            dispatcher.options(dispatcher.parse_args(["--spawn", "--log-dir", str(logs)]))
+        os.chown(logs, 0, -1)
+    os.chmod(logs, 0o755)
+    opt = dispatcher.options(dispatcher.parse_args(["--spawn", "--log-dir", str(logs),
+                                                    "--runtime-root", str(tmp_path / "root")]))
+    launcher = SimpleNamespace(opt=opt)
+    target = victim(tmp_path)
+    os.symlink(target, logs / "web1.log")
+    with pytest.raises(OSError):
+        dispatcher.SpawnLauncher._log_file(launcher, "web1")  # type: ignore[arg-type]
+    assert target.read_text() == "precious\n"
+    with dispatcher.SpawnLauncher._log_file(launcher, "web2") as f:  # type: ignore[arg-type]
+        f.write(b"line\n")
+    assert (logs / "web2.log").read_text() == "line\n" and (logs / "web2.log").stat().st_mode & 0o777 == 0o640
+
+    (tmp_path / "root" / "web1").mkdir(parents=True)
+    elsewhere = tmp_path / "state-elsewhere.json"
+    elsewhere.write_text(json.dumps({"domid": 5}))
+    os.symlink(elsewhere, tmp_path / "root" / "web1" / "state.json")
+    assert dispatcher._served_domid(opt, "web1") is None
+    os.unlink(tmp_path / "root" / "web1" / "state.json")
+    (tmp_path / "root" / "web1" / "state.json").write_text(json.dumps({"domid": 5}))
+    assert dispatcher._served_domid(opt, "web1") == 5
