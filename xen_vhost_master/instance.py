@@ -179,7 +179,8 @@ class RuntimeDir:
         be created or opened."""
         if create:
             parent = os.path.dirname(os.path.abspath(path))
-            os.makedirs(parent, mode=0o755, exist_ok=True)
+            if not os.path.lexists(parent):
+                os.makedirs(parent, mode=0o755, exist_ok=True)
             try:
                 os.mkdir(path, 0o700)
             except FileExistsError:
