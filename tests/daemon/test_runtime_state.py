@@ -236,6 +236,37 @@ async def test_a_domain_destroyed_without_the_toolstack_handshake_leaves_no_fd_a
 
 
 @pytest.mark.asyncio
+async def test_a_fatal_error_while_serving_leaves_no_fd_and_no_file(
+        no_fd_leak, platform, sim_host, sim_control, sim_dir, tmp_path, monkeypatch):
+    """The run ends on an error (here the xenstore device watch fails, EIO): exit 75 (a restart
+    may cure it) after the same full teardown as SIGTERM: nothing left to adopt, nothing left."""
+    from xen_vhost_master.supervisor import Supervisor
+
+    failing = asyncio.Event()
+
+    async def watch_fails(self: Supervisor) -> None:
+        await failing.wait()
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(Supervisor, "_watch_devices", watch_fails)
+    guest_domain(sim_control)
+    run = runtime(tmp_path)
+    backend = Backend(os.path.join(sim_dir, "0.sock"))
+    await backend.start()
+    daemon = Daemon(platform, options(sim_dir, run))
+    try:
+        async with serving_with_io(daemon, sim_host, backend, run):
+            failing.set()
+            assert daemon.task is not None
+            assert await asyncio.wait_for(daemon.task, TIMEOUT) == ExitCode.TEMPFAIL
+            assert os.listdir(run) == []
+    finally:
+        if daemon.task is not None and not daemon.task.done():
+            await daemon.stop()
+        await backend.stop()
+
+
+@pytest.mark.asyncio
 async def test_a_device_whose_start_fails_after_its_data_path_was_chosen_keeps_nothing_open(
         no_fd_leak, platform, sim_host, sim_control, sim_dir, tmp_path, monkeypatch, logwatch):
     """The back-end negotiated and the shadow path was chosen (its pool memfd and in-flight
