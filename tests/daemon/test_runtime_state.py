@@ -112,7 +112,7 @@ async def test_a_runtime_directory_another_user_owns_or_may_write_is_refused_wit
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user: needs root")
 @pytest.mark.asyncio
 async def test_the_supervisor_refuses_a_state_file_in_a_directory_of_another_user(
-        platform, sim_host, sim_control, sim_dir, tmp_path):
+        no_fd_leak, platform, sim_host, sim_control, sim_dir, tmp_path):
     """The same check where the supervisor is given a state file without the command line."""
     guest_domain(sim_control)
     run = runtime(tmp_path, 0o777, NOBODY)
