@@ -236,6 +236,48 @@ async def test_a_domain_destroyed_without_the_toolstack_handshake_leaves_no_fd_a
 
 
 @pytest.mark.asyncio
+async def test_a_device_removal_the_domains_end_interrupts_is_finished_by_the_teardown(
+        no_fd_leak, platform, sim_host, sim_control, sim_dir, tmp_path, monkeypatch, logwatch):
+    """What a hard destroy does, in a fixed order: the device's xenstore directory goes and its
+    removal starts (held here inside the device's close until the domain is gone); then the domain
+    goes, which ends the run and cancels that removal half-way. The teardown still releases the
+    device: no fd, no in-flight record. (The test above meets this order by chance.)"""
+    from xen_vhost_master.device import Device
+
+    held: list[Device] = []
+    real_close = Device.close
+
+    async def first_close_held(self: Device) -> None:
+        if not held:  # the removal's: it waits until the run's end cancels it
+            held.append(self)
+            await asyncio.Event().wait()
+        await real_close(self)
+
+    monkeypatch.setattr(Device, "close", first_close_held)
+    guest_domain(sim_control)
+    run = runtime(tmp_path)
+    backend = Backend(os.path.join(sim_dir, "0.sock"))
+    await backend.start()
+    loop = asyncio.get_running_loop()
+    with logwatch() as log:
+        daemon = Daemon(platform, options(sim_dir, run))
+        try:
+            async with serving_with_io(daemon, sim_host, backend, run):
+                await loop.run_in_executor(None, lambda: sim_control.remove_virtio_device(
+                    DOMID, device_id=2, base=BASES[0], irq=IRQS[0], devid=0))
+                await log.wait_for(lambda line: line == f"dom{DOMID}: device 0 removed from xenstore: tearing it down")
+                await loop.run_in_executor(None, sim_control.destroy_domain, DOMID)
+                assert daemon.task is not None
+                assert await asyncio.wait_for(daemon.task, TIMEOUT) == 0
+                assert held  # the removal was under way when the run ended
+                assert os.listdir(run) == []
+        finally:
+            if daemon.task is not None and not daemon.task.done():
+                await daemon.stop()
+            await backend.stop()
+
+
+@pytest.mark.asyncio
 async def test_a_fatal_error_while_serving_leaves_no_fd_and_no_file(
         no_fd_leak, platform, sim_host, sim_control, sim_dir, tmp_path, monkeypatch):
     """The run ends on an error (here the xenstore device watch fails, EIO): exit 75 (a restart
