@@ -59,6 +59,9 @@ _NUMBERS = re.compile(r"0x[0-9a-fA-F]+|\d+")
 RECONNECT_WINDOW = 60.0  # seconds a lost back-end may take to come back before NEEDS_RESET
 RECONNECT_BACKOFF = 0.05  # first pause between reconnect attempts (doubling, capped)
 RECONNECT_BACKOFF_MAX = 1.0
+# After close() dropped the back-end's connection, how long a back-end operation of a guest access
+# may still hold the device (it fails at once: its connection is gone) before the release waits no more.
+RELEASE_WAIT = 1.0
 
 
 class DeviceError(Exception):
@@ -322,18 +325,37 @@ class Device:
                 bad = mid
         return data  # from the last successful probe, whose size is `good`
 
-    async def close(self) -> None:
+    async def close(self, stop_timeout: float | None = None) -> None:
         """Stop the back-end's rings (if running) and release everything. Idempotent. Guest
-        accesses still waiting for the back-end are answered as if no device were there."""
+        accesses still waiting for the back-end are answered as if no device were there. A
+        back-end that has not stopped within ``stop_timeout`` s is dropped (its connection
+        closed) and the device released all the same."""
         self._closing = True
         self._gate.set()
         await cancel_and_wait(self._reconnecting)
-        async with self._lock:
-            if self.frontend is not None and not self.frontend.broken:
-                with contextlib.suppress(VhostUserError):
-                    await self._stop_backend()
-            if self.frontend is not None:
-                await self.frontend.close()
+        try:
+            async with asyncio.timeout(stop_timeout), self._lock:
+                if self.frontend is not None and not self.frontend.broken:
+                    with contextlib.suppress(VhostUserError):
+                        await self._stop_backend()
+        except TimeoutError:
+            self.log.warning("back-end did not stop within %g s: dropping its connection", stop_timeout)
+        if self.frontend is not None:
+            await self.frontend.close()
+        try:  # a guest access's back-end operation may hold the device: it fails now, without a connection
+            async with asyncio.timeout(RELEASE_WAIT):
+                await self._lock.acquire()
+        except TimeoutError:
+            self.log.warning("a back-end operation still runs %g s after its connection was closed: "
+                             "the device's eventfds and data path stay open", RELEASE_WAIT)
+            return
+        try:
+            self._release()
+        finally:
+            self._lock.release()
+
+    def _release(self) -> None:
+        """What :meth:`close` releases once the back-end is stopped or dropped. Idempotent."""
         for task in list(self._tasks):
             task.cancel()
         loop = asyncio.get_running_loop()

@@ -818,10 +818,10 @@ class Supervisor:
         except Exception as e:  # noqa: BLE001 - _bring_up catches what a try raises; this is a bug
             self.log.error("device %d: its start ended with %r", served.config.devid, e)
         try:
-            async with asyncio.timeout(STEP_TIMEOUT):
-                await served.device.close()
+            async with asyncio.timeout(2 * STEP_TIMEOUT):  # (the device bounds its back-end's stop itself)
+                await served.device.close(stop_timeout=STEP_TIMEOUT)
         except TimeoutError:
-            self.log.warning("device %d: back-end did not stop within %.0f s", served.config.devid, STEP_TIMEOUT)
+            self.log.warning("device %d: not released within %.0f s", served.config.devid, 2 * STEP_TIMEOUT)
         if served.listener is not None:
             served.listener.close()
             with contextlib.suppress(FileNotFoundError):

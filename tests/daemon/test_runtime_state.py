@@ -247,11 +247,11 @@ async def test_a_device_removal_the_domains_end_interrupts_is_finished_by_the_te
     held: list[Device] = []
     real_close = Device.close
 
-    async def first_close_held(self: Device) -> None:
+    async def first_close_held(self: Device, stop_timeout: float | None = None) -> None:
         if not held:  # the removal's: it waits until the run's end cancels it
             held.append(self)
             await asyncio.Event().wait()
-        await real_close(self)
+        await real_close(self, stop_timeout)
 
     monkeypatch.setattr(Device, "close", first_close_held)
     guest_domain(sim_control)
@@ -275,6 +275,37 @@ async def test_a_device_removal_the_domains_end_interrupts_is_finished_by_the_te
             if daemon.task is not None and not daemon.task.done():
                 await daemon.stop()
             await backend.stop()
+
+
+@pytest.mark.asyncio
+async def test_sigterm_with_a_backend_that_never_answers_the_stop_still_releases_the_device(
+        no_fd_leak, platform, sim_host, sim_control, sim_dir, tmp_path, monkeypatch):
+    """The back-end takes the guest's rings but never answers GET_VRING_BASE: the teardown's
+    bounded step gives up on it, and still closes the connection, the eventfds and the data path
+    (its memfd and record) and removes the record."""
+    from vhost_user import AsyncFrontend
+
+    from xen_vhost_master import supervisor
+
+    async def never_answers(self: AsyncFrontend, index: int) -> int:
+        await asyncio.Event().wait()
+        return 0
+
+    guest_domain(sim_control)
+    run = runtime(tmp_path)
+    backend = Backend(os.path.join(sim_dir, "0.sock"))
+    await backend.start()
+    daemon = Daemon(platform, options(sim_dir, run))
+    try:
+        async with serving_with_io(daemon, sim_host, backend, run):
+            monkeypatch.setattr(AsyncFrontend, "stop_vring", never_answers)
+            monkeypatch.setattr(supervisor, "STEP_TIMEOUT", 0.5)
+            assert await daemon.stop() == 0
+            assert os.listdir(run) == []
+    finally:
+        if daemon.task is not None and not daemon.task.done():
+            await daemon.stop()
+        await backend.stop()
 
 
 @pytest.mark.asyncio
