@@ -34,6 +34,7 @@ from .instance import (
     DomainNotFound,
     GuestDomain,
     InstanceLock,
+    RuntimeDir,
     find_runtime_by_domid,
     resolve_domain,
     runtime_dir,
@@ -89,7 +90,8 @@ EXIT_CODES = """exit codes (each failure also prints one line saying what is wro
   69  no such domain
   72  not a Xen dom0: /dev/xen/privcmd missing, or /proc/xen/capabilities without control_d
   73  the guest is already served by another instance
-  74  the runtime directory cannot be created or locked
+  74  the runtime directory cannot be created or locked, or is not to be trusted (owned by
+      another user, or writable by group or others)
   75  transient failure (xenstore not answering, ...): systemd restarts
   76  Xen has no IOREQ server (dm_op ENOSYS/EOPNOTSUPP): rebuild Xen with CONFIG_IOREQ_SERVER=y
   77  permission denied on /dev/xen/* (or by Xen): run as root
@@ -359,17 +361,22 @@ async def _serve(args: argparse.Namespace, platform: Platform) -> int | _Handove
     except (XenstoreError, OSError) as e:
         return _fail(f"cannot resolve --domain {args.domain} through xenstore: {e}", ExitCode.TEMPFAIL)
     assert options.runtime_dir is not None
+    runtime: RuntimeDir | None = None
     try:
-        os.makedirs(options.runtime_dir, mode=0o700, exist_ok=True)
-        lock = InstanceLock.acquire(os.path.join(options.runtime_dir, "lock"), guest)
-    except AlreadyServed as e:
-        return _fail(e, ExitCode.ALREADY_SERVED)
-    except OSError as e:
-        return _fail(f"cannot create the runtime directory {options.runtime_dir}: {e.strerror or e} "
-                     "(give --runtime-dir, or run as root: the unit's RuntimeDirectory= makes it)", _runtime_dir_code(e))
-    except DaemonError as e:
+        runtime = RuntimeDir.open(options.runtime_dir)
+        lock = InstanceLock.acquire(os.path.join(options.runtime_dir, "lock"), guest, runtime=runtime)
+    except (OSError, DaemonError) as e:
+        if runtime is not None:
+            runtime.close()
+        if isinstance(e, AlreadyServed):
+            return _fail(e, ExitCode.ALREADY_SERVED)
+        if isinstance(e, HostError):
+            return _fail(e, e.code)
+        if isinstance(e, OSError):
+            return _fail(f"cannot create the runtime directory {options.runtime_dir}: {e.strerror or e} "
+                         "(give --runtime-dir, or run as root: the unit's RuntimeDirectory= makes it)", _runtime_dir_code(e))
         return _fail(f"runtime directory {options.runtime_dir}: {e}", ExitCode.RUNTIME_DIR)
-    supervisor = Supervisor(options, platform)
+    supervisor = Supervisor(options, platform, runtime=runtime)
     handover = False
     try:
         code = await supervisor.run()
@@ -379,6 +386,7 @@ async def _serve(args: argparse.Namespace, platform: Platform) -> int | _Handove
             lock.keep_for_exec()  # the next image of this process holds it on
         else:
             lock.release()
+        runtime.close()
     return _Handover() if handover else code
 
 

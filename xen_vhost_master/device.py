@@ -59,6 +59,9 @@ _NUMBERS = re.compile(r"0x[0-9a-fA-F]+|\d+")
 RECONNECT_WINDOW = 60.0  # seconds a lost back-end may take to come back before NEEDS_RESET
 RECONNECT_BACKOFF = 0.05  # first pause between reconnect attempts (doubling, capped)
 RECONNECT_BACKOFF_MAX = 1.0
+# After close() dropped the back-end's connection, how long a back-end operation of a guest access
+# may still hold the device (it fails at once: its connection is gone) before the release waits no more.
+RELEASE_WAIT = 1.0
 
 
 class DeviceError(Exception):
@@ -171,12 +174,23 @@ class Device:
         ``saved``, take over the state a previous daemon left (:meth:`restore`). Guest accesses
         made before are then served. One attempt: raises as the connection or negotiation fails
         (:class:`BackendAbsent` when nobody answers yet), leaving nothing open."""
-        from .virtio_mmio import F_ACCESS_PLATFORM, F_VERSION_1  # noqa: PLC0415 (start() is this change's scope)
-
+        chooser = self._chooser
         fe, negotiated, nq, view = await self._open_backend()
         self.frontend = fe
-        self._kick = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nq)]
-        self._call = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nq)]
+        try:
+            await self._started_with(fe, negotiated, nq, view, saved)
+        except BaseException:
+            await self._abandon_start(fe, chooser)
+            raise
+
+    async def _started_with(self, fe: AsyncFrontend, negotiated: Negotiated, nq: int, view: devtypes.Offer,
+                            saved: dict[str, object] | None) -> None:
+        """The rest of :meth:`start`, once the back-end has negotiated and the data path is chosen."""
+        from .virtio_mmio import F_ACCESS_PLATFORM, F_VERSION_1  # noqa: PLC0415 (start() is this change's scope)
+
+        for fds in (self._kick, self._call):
+            for _ in range(nq):
+                fds.append(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
         loop = asyncio.get_running_loop()
         for i, fd in enumerate(self._call):
             loop.add_reader(fd, self._on_call, i)
@@ -207,6 +221,29 @@ class Device:
         if saved is not None:
             await self.restore(saved)
         self._gate.set()
+
+    async def _abandon_start(self, fe: AsyncFrontend, chooser: DataPathChooser | None) -> None:
+        """A start that failed (or was cancelled) after the back-end negotiated: release what it
+        opened (rings, eventfds, the connection, a data path chosen for this back-end) and leave
+        the device as it was before, ready for another try."""
+        loop = asyncio.get_running_loop()
+        started, self._started = self._started, []
+        for index in started:
+            self._user_path(index)
+            self.memory.close_queue(index)
+        self._queues = ()
+        for fd in self._call:
+            loop.remove_reader(fd)
+        for fd in (*self._kick, *self._call):
+            os.close(fd)
+        self._kick, self._call = [], []
+        self._drop_inflight()
+        self.model = None
+        self.frontend = None
+        if chooser is not None and self._chooser is None:
+            self.memory.close()
+            self.memory, self._chooser = chooser, chooser  # type: ignore[assignment]  # chosen again next time
+        await fe.close()
 
     def refuse(self, reason: str) -> None:
         """The back-end was refused for good: the device will not serve, and the guest's waiting
@@ -288,18 +325,37 @@ class Device:
                 bad = mid
         return data  # from the last successful probe, whose size is `good`
 
-    async def close(self) -> None:
+    async def close(self, stop_timeout: float | None = None) -> None:
         """Stop the back-end's rings (if running) and release everything. Idempotent. Guest
-        accesses still waiting for the back-end are answered as if no device were there."""
+        accesses still waiting for the back-end are answered as if no device were there. A
+        back-end that has not stopped within ``stop_timeout`` s is dropped (its connection
+        closed) and the device released all the same."""
         self._closing = True
         self._gate.set()
         await cancel_and_wait(self._reconnecting)
-        async with self._lock:
-            if self.frontend is not None and not self.frontend.broken:
-                with contextlib.suppress(VhostUserError):
-                    await self._stop_backend()
-            if self.frontend is not None:
-                await self.frontend.close()
+        try:
+            async with asyncio.timeout(stop_timeout), self._lock:
+                if self.frontend is not None and not self.frontend.broken:
+                    with contextlib.suppress(VhostUserError):
+                        await self._stop_backend()
+        except TimeoutError:
+            self.log.warning("back-end did not stop within %g s: dropping its connection", stop_timeout)
+        if self.frontend is not None:
+            await self.frontend.close()
+        try:  # a guest access's back-end operation may hold the device: it fails now, without a connection
+            async with asyncio.timeout(RELEASE_WAIT):
+                await self._lock.acquire()
+        except TimeoutError:
+            self.log.warning("a back-end operation still runs %g s after its connection was closed: "
+                             "the device's eventfds and data path stay open", RELEASE_WAIT)
+            return
+        try:
+            self._release()
+        finally:
+            self._lock.release()
+
+    def _release(self) -> None:
+        """What :meth:`close` releases once the back-end is stopped or dropped. Idempotent."""
         for task in list(self._tasks):
             task.cancel()
         loop = asyncio.get_running_loop()

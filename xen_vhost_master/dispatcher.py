@@ -67,12 +67,12 @@ import enum
 import errno
 import fcntl
 import itertools
-import json
 import logging
 import os
 import shlex
 import signal
 import socket
+import stat
 import struct
 import sys
 from collections.abc import Awaitable, Callable
@@ -81,7 +81,7 @@ from typing import IO, Any, Protocol
 
 from .errors import PERMANENT_EXIT_CODES, ConfigError, HostError, XenError
 from .eventloop import run
-from .instance import RUNTIME_ROOT, runtime_dir
+from .instance import RUNTIME_ROOT, read_state_file, runtime_dir, untrusted
 from .names import instance_unit, path_name
 from .platform import Platform, announce, platform_from_env
 from .log import setup_logging
@@ -164,12 +164,8 @@ class Launcher(Protocol):
 
 def _served_domid(opt: WatchOptions, name: str) -> int | None:
     """The domid an instance says it serves (``state.json`` in its runtime directory), if any."""
-    path = os.path.join(runtime_dir(name, opt.runtime_root), "state.json")
-    try:
-        with open(path) as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        return None
+    found = read_state_file(os.path.join(runtime_dir(name, opt.runtime_root), "state.json"))
+    state = found[0] if found is not None else None
     domid = state.get("domid") if isinstance(state, dict) else None
     return domid if isinstance(domid, int) else None
 
@@ -295,8 +291,24 @@ class SpawnLauncher:
         return child
 
     def _log_file(self, name: str) -> IO[bytes]:
+        """``<log-dir>/<name>.log``, appended to: opened relative to the directory, never through
+        a symbolic link, and only if it is a regular file."""
         assert self.opt.log_dir
-        return open(os.path.join(self.opt.log_dir, f"{path_name(name)}.log"), "ab")
+        where = os.open(self.opt.log_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fd = os.open(f"{path_name(name)}.log",
+                         os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o640,
+                         dir_fd=where)
+        finally:
+            os.close(where)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, f"{self.opt.log_dir}/{path_name(name)}.log is not a regular file")
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "ab")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def _notified(self, child: _Child) -> None:
         """sd_notify datagrams of ``child`` (sd_notify(3)); others on the socket are ignored."""
@@ -973,8 +985,15 @@ def options(args: argparse.Namespace) -> WatchOptions:
     for flag, value in (("--stop-timeout", args.stop_timeout), ("--reboot-grace", args.reboot_grace)):
         if not 0 < value <= 3600:
             raise ValueError(f"{flag} {value}: between 0 and 3600 seconds")
-    if args.log_dir and not os.path.isdir(args.log_dir):
-        raise ValueError(f"--log-dir {args.log_dir}: not a directory")
+    if args.log_dir:
+        try:
+            st = os.stat(args.log_dir, follow_symlinks=False)
+        except OSError as e:
+            raise ValueError(f"--log-dir {args.log_dir}: {e.strerror or e}") from None
+        # the instances' logs are created there: a directory another user may write is refused
+        problem = untrusted(st, os.geteuid(), parent=True)
+        if problem is not None:
+            raise ValueError(f"--log-dir {args.log_dir}: {problem}")
     spawn = args.spawn or (not args.systemd and not os.path.isdir("/run/systemd/system"))
     return WatchOptions(
         backend_domid=args.backend_domid, spawn=spawn, instance_args=tuple(shlex.split(args.instance_args)),

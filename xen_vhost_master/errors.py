@@ -33,7 +33,7 @@ class ExitCode(enum.IntEnum):
     UNAVAILABLE = 69  # EX_UNAVAILABLE: the domain does not exist
     NOT_DOM0 = 72  # EX_OSFILE: no /dev/xen/privcmd, or /proc/xen/capabilities lacks control_d
     ALREADY_SERVED = 73  # another instance serves this guest (its lock is held): do not restart
-    RUNTIME_DIR = 74  # EX_IOERR: the runtime directory cannot be created or locked
+    RUNTIME_DIR = 74  # EX_IOERR: the runtime directory cannot be created or locked, or is not trusted
     TEMPFAIL = 75  # EX_TEMPFAIL: try again later (Restart=on-failure)
     NO_IOREQ_SERVER = 76  # EX_PROTOCOL: Xen refuses the IOREQ server dm_ops (no CONFIG_IOREQ_SERVER)
     NOPERM = 77  # EX_NOPERM: permission denied on /dev/xen/* or by Xen

@@ -14,11 +14,12 @@ import errno
 import fcntl
 import json
 import os
+import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .config import instance_name
-from .errors import ConfigError, DaemonError
+from .errors import ConfigError, DaemonError, ExitCode, HostError
 from .xen.xenstore_wire import XenstoreNotFound
 
 if TYPE_CHECKING:
@@ -31,9 +32,12 @@ __all__ = [
     "DomainNotFound",
     "GuestDomain",
     "InstanceLock",
+    "RuntimeDir",
     "find_runtime_by_domid",
+    "read_state_file",
     "resolve_domain",
     "runtime_dir",
+    "untrusted",
 ]
 
 # systemd's RuntimeDirectory=xen-vhost-master/%i: one directory per instance (= escaped name).
@@ -44,6 +48,10 @@ ENV_LOCK_FD = "XEN_VHOST_MASTER_LOCK_FD"
 NAME_MAX = 255  # one path component (Linux NAME_MAX); systemd's unit names are shorter still
 DOMID_FIRST_RESERVED = 0x7FF0  # xen/include/public/xen.h: ids from here on are not domains
 _LOCK_ATTEMPTS = 3  # the holder may unlink the lock file as it exits: open and lock again
+# Every file of the runtime directory is opened relative to its fd, never through a symbolic link
+# (open(2) O_NOFOLLOW), and without blocking on a FIFO planted there (O_NONBLOCK).
+_FILE_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+STATE_MAX = 1 << 20  # bytes of a state file read back: a few hundred per device
 
 
 class DomainNotFound(DaemonError):
@@ -153,6 +161,124 @@ def _guest(guest: GuestDomain, backend_domid: int) -> GuestDomain:
     return guest
 
 
+class RuntimeDir:
+    """The instance's runtime directory, held open (``fd``) and trusted: owned by the daemon's
+    user and writable by nobody else (:meth:`open` refuses any other, exit 74). Every file in it
+    (lock, state, in-flight records) is created and opened relative to ``fd`` without following
+    a symbolic link, and temporary files are created exclusively: what another user may have
+    placed on the path cannot redirect a write or feed a read."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd = fd
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str, *, create: bool = True) -> RuntimeDir:
+        """``path`` (created 0700 if ``create`` and missing, its parents 0755), opened and checked;
+        :class:`~.errors.HostError` (RUNTIME_DIR) if it is not to be trusted, OSError if it cannot
+        be created or opened."""
+        if create:
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.lexists(parent):
+                os.makedirs(parent, mode=0o755, exist_ok=True)
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                pass
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            problem = untrusted(os.fstat(fd), os.geteuid())
+            if problem is None:
+                # its parent must not let another user swap the directory for one of their own
+                parent_problem = untrusted(os.stat(os.path.dirname(os.path.abspath(path))), os.geteuid(), parent=True)
+                problem = f"its parent directory {parent_problem}" if parent_problem else None
+        except BaseException:
+            os.close(fd)
+            raise
+        if problem is not None:
+            os.close(fd)
+            raise HostError(ExitCode.RUNTIME_DIR, f"runtime directory {path} {problem}: refusing to keep state "
+                                                  f"there (give --runtime-dir a directory only uid {os.geteuid()} "
+                                                  "can write, e.g. the unit's RuntimeDirectory=)")
+        return cls(fd, path)
+
+    def open_file(self, name: str, flags: int, mode: int = 0o600) -> int:
+        """``os.open(name, flags)`` in the directory: never through a symbolic link."""
+        return os.open(name, flags | _FILE_FLAGS, mode, dir_fd=self.fd)
+
+    def stat(self, name: str) -> os.stat_result:
+        return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+
+    def read(self, name: str, limit: int = STATE_MAX) -> bytes | None:
+        """The content of the regular file ``name`` (None if there is none); OSError if it is not
+        a regular file or longer than ``limit`` bytes."""
+        try:
+            fd = self.open_file(name, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, f"{os.path.join(self.path, name)} is not a regular file")
+            if st.st_size > limit:
+                raise OSError(errno.EFBIG, f"{os.path.join(self.path, name)} holds {st.st_size} bytes, more than "
+                                           f"{limit}")
+            return os.pread(fd, limit + 1, 0)[:limit]
+        finally:
+            os.close(fd)
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        """Replace ``name`` with ``data`` at once: written to ``name.tmp``, created exclusively
+        (O_EXCL: a file or link left there is removed, never written through), then renamed."""
+        tmp = f"{name}.tmp"
+        for _ in range(2):
+            try:
+                fd = self.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+                break
+            except FileExistsError:
+                self.unlink(tmp)  # a crash's leftover, or something planted: unlink(2) does not follow links
+        else:
+            raise OSError(errno.EEXIST, f"{os.path.join(self.path, tmp)} keeps being re-created")
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            os.replace(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        except BaseException:
+            self.unlink(tmp)
+            raise
+
+    def unlink(self, name: str) -> bool:
+        """Remove ``name`` (a link itself, not what it points to); False if it was not there."""
+        try:
+            os.unlink(name, dir_fd=self.fd)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Idempotent."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def untrusted(st: os.stat_result, uid: int, *, parent: bool = False) -> str | None:
+    """Why a directory of status ``st`` is not to be trusted by a daemon running as ``uid`` (None
+    if it is): not a directory, owned by another user (a parent may be root's), or writable by
+    group or others (a parent may be, with the sticky bit: others cannot rename what is ours)."""
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != uid and not (parent and st.st_uid == 0):
+        return f"is owned by uid {st.st_uid}, not {uid}"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not (parent and st.st_mode & stat.S_ISVTX):
+        return f"is writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'} (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
 def find_runtime_by_domid(domid: int, root: str | None = None) -> str | None:
     """The runtime directory whose ``state.json`` names domain ``domid`` (for ``status --domain
     ID`` when xenstore cannot say the name); the most recently written one if several do."""
@@ -164,57 +290,84 @@ def find_runtime_by_domid(domid: int, root: str | None = None) -> str | None:
         return None
     for entry in entries:
         path = os.path.join(root, entry, "state.json")
-        try:
-            with open(path) as f:
-                state = json.load(f)
-            mtime = os.stat(path).st_mtime
-        except (OSError, ValueError):
+        found = read_state_file(path)
+        if found is None:
             continue
+        state, mtime = found
         if isinstance(state, dict) and state.get("domid") == domid and (best is None or mtime > best[0]):
             best = (mtime, os.path.join(root, entry))
     return best[1] if best else None
 
 
+def read_state_file(path: str) -> tuple[object, float] | None:
+    """The JSON document in ``path`` and its mtime, for a look from outside the instance
+    (``status``, the dispatcher): None unless it is a regular file (not reached through a
+    symbolic link) of at most :data:`STATE_MAX` bytes holding JSON."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _FILE_FLAGS)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > STATE_MAX:
+            return None
+        return json.loads(os.pread(fd, STATE_MAX, 0)), st.st_mtime
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+
+
 class InstanceLock:
     """``<runtime>/lock``: an exclusive flock(2) held for the instance's life, with the holder's
-    pid in the file. Taken before anything else touches the runtime directory."""
+    pid in the file. Taken before anything else touches the runtime directory; with ``runtime``,
+    the file is opened relative to that directory's fd (:class:`RuntimeDir`)."""
 
-    def __init__(self, fd: int, path: str) -> None:
+    def __init__(self, fd: int, path: str, runtime: RuntimeDir | None = None) -> None:
         self.fd = fd
         self.path = path
+        self._runtime = runtime
+        self._name = os.path.basename(path) if runtime is not None else path
 
     @classmethod
-    def acquire(cls, path: str, guest: GuestDomain) -> InstanceLock:
+    def acquire(cls, path: str, guest: GuestDomain, *, runtime: RuntimeDir | None = None) -> InstanceLock:
         """The lock, or :class:`AlreadyServed`. A lock handed over by the previous image of this
         process (``$XEN_VHOST_MASTER_LOCK_FD``) is taken as it is."""
-        inherited = cls._inherited(path)
+        where = cls(-1, path, runtime)
+        inherited = where._inherited()
         if inherited is not None:
             return inherited
         for _ in range(_LOCK_ATTEMPTS):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            fd = where._open(os.O_RDWR | os.O_CREAT)
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise DaemonError(f"{path}: not a regular file")
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 pid = _read_pid(fd)
                 os.close(fd)
                 raise AlreadyServed(guest, pid) from None
-            except OSError:  # flock's other errors (ENOLCK, EINTR): no lock, no fd left open
+            except BaseException:  # flock's other errors (ENOLCK, EINTR): no lock, no fd left open
                 os.close(fd)
                 raise
-            if _same_file(fd, path):  # not unlinked by an exiting holder between open and flock
-                lock = cls(fd, path)
+            if where._same_file(fd):  # not unlinked by an exiting holder between open and flock
+                lock = cls(fd, path, runtime)
                 lock._write_pid()
                 return lock
             os.close(fd)
         raise DaemonError(f"{path}: the lock file keeps being replaced")
 
-    @classmethod
-    def _inherited(cls, path: str) -> InstanceLock | None:
+    def _open(self, flags: int) -> int:
+        if self._runtime is not None:
+            return self._runtime.open_file(self._name, flags, 0o644)
+        return os.open(self._name, flags | _FILE_FLAGS, 0o644)
+
+    def _inherited(self) -> InstanceLock | None:
         text = os.environ.pop(ENV_LOCK_FD, None)
         if text is None or not text.isdigit():
             return None
         fd = int(text)
-        if not _same_file(fd, path):
+        if not self._same_file(fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
             return None
@@ -224,7 +377,7 @@ class InstanceLock:
             os.close(fd)
             return None
         os.set_inheritable(fd, False)
-        lock = cls(fd, path)
+        lock = type(self)(fd, self.path, self._runtime)
         lock._write_pid()
         return lock
 
@@ -241,21 +394,22 @@ class InstanceLock:
         """Remove the lock file (if it is still ours) and unlock. Idempotent."""
         if self.fd < 0:
             return
-        if _same_file(self.fd, self.path):
+        if self._same_file(self.fd):
             with contextlib.suppress(OSError):
-                os.unlink(self.path)
+                os.unlink(self._name, dir_fd=self._runtime.fd if self._runtime is not None else None)
         os.close(self.fd)
         self.fd = -1
 
-
-def _same_file(fd: int, path: str) -> bool:
-    try:
-        a, b = os.fstat(fd), os.stat(path, follow_symlinks=False)
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.EBADF):
-            return False
-        raise
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+    def _same_file(self, fd: int) -> bool:
+        try:
+            a = os.fstat(fd)
+            b = os.stat(self._name, dir_fd=self._runtime.fd if self._runtime is not None else None,
+                        follow_symlinks=False)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.EBADF):
+                return False
+            raise
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _read_pid(fd: int) -> int | None:

@@ -137,7 +137,11 @@ class IoreqServer:
         self._windows[base] = (size, handler)
 
     def remove_window(self, base: int) -> None:
-        size, _ = self._windows.pop(base)
+        """Stop serving the window at ``base`` (no-op if it is not served)."""
+        window = self._windows.pop(base, None)
+        if window is None:
+            return
+        size, _ = window
         self._bases.remove(base)
         if self.server_id is not None:
             with contextlib.suppress(XenError):

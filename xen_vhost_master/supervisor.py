@@ -51,6 +51,7 @@ from .datapath.choose import GuestDataPaths, GuestResources
 from .device import BackendAbsent, Device, DeviceError
 from .errors import ConfigError, ExitCode, HostError, XenError, host_error
 from .fastpath import KernelFastPath
+from .instance import RuntimeDir
 from .ioreq_server import IoreqServer
 from .log import device_logger
 from .platform import Platform
@@ -149,7 +150,10 @@ def _check_state(state: object) -> dict[str, Any]:
 
 
 class Supervisor:
-    def __init__(self, options: Options, platform: Platform, *, notifier: Notifier | None = None) -> None:
+    def __init__(self, options: Options, platform: Platform, *, notifier: Notifier | None = None,
+                 runtime: RuntimeDir | None = None) -> None:
+        """``runtime``: the state file's directory, opened and checked (the caller keeps it);
+        without it the supervisor opens and checks it itself (:meth:`RuntimeDir.open`)."""
         self.opt = options
         self.domid = options.domid
         self.name = options.name or str(options.domid)
@@ -179,6 +183,8 @@ class Supervisor:
         self._serving = False
         self._gone = False
         self._devices_known = False  # discovery done: the state file's devices are those of self.devices
+        self.runtime = runtime
+        self._own_runtime = False  # opened here, so closed here
 
     # --- the one entry point ---------------------------------------------------------------------
 
@@ -287,6 +293,7 @@ class Supervisor:
         except XenError as e:
             raise (host_error(e) or e) from None
         self.ioreq = IoreqServer(self.privcmd, self.evtchn, self.domid, self.log)
+        self._open_runtime()
         self._saved = self._load_state()
         self._starting("creating the IOREQ server")
         try:
@@ -534,23 +541,24 @@ class Supervisor:
         if served.listener is not None:
             served.listener.close()
             served.listener = None
+        self._forget_inflight(served.config)  # (its start released the data path) nothing will resume
         await self._set_state(served, XenbusState.CLOSED)
         self.notifier.status(self._status_line())
 
-    def _inflight_path(self, cfg: DeviceConfig) -> str | None:
-        state = self.opt.state_file
-        return os.path.join(os.path.dirname(state), f"shadow-{cfg.devid}.inflight") if state else None
+    def _inflight_name(self, cfg: DeviceConfig) -> str | None:
+        """The device's in-flight record in the runtime directory (None without one)."""
+        return f"shadow-{cfg.devid}.inflight" if self.runtime is not None else None
 
     def _inflight_record(self, cfg: DeviceConfig, num_queues: int) -> GuestInflightRecord | None:
         """The shadow path's guest-side in-flight record, next to state.json (kept across a
         restart like it): a restarted daemon resumes the device's queues exactly from it."""
-        path = self._inflight_path(cfg)
-        if path is None:
+        name = self._inflight_name(cfg)
+        if name is None or self.runtime is None:
             return None
         from .datapath.shadow import GuestInflightRecord  # noqa: PLC0415
 
         try:
-            return GuestInflightRecord(path, num_queues, cfg.queue_size)
+            return GuestInflightRecord(name, num_queues, cfg.queue_size, dir_fd=self.runtime.fd)
         except OSError as e:
             self.log.warning("device %d: no in-flight record (%s): a restarted daemon would resume at "
                              "the guest's used index", cfg.devid, e)
@@ -633,15 +641,31 @@ class Supervisor:
                 await self._set_state(served, want)
                 shown = want
 
+    def _open_runtime(self) -> None:
+        """The state file's directory, unless the caller handed it over: refused (exit 74) unless
+        it is ours and nobody else's to write (:meth:`RuntimeDir.open`)."""
+        if self.runtime is not None or not self.opt.state_file:
+            return
+        where = os.path.dirname(os.path.abspath(self.opt.state_file))
+        try:
+            self.runtime = RuntimeDir.open(where)
+        except OSError as e:
+            raise HostError(ExitCode.RUNTIME_DIR, f"cannot open the runtime directory {where}: "
+                                                  f"{e.strerror or e}") from None
+        self._own_runtime = True
+
+    def _state_name(self) -> str | None:
+        return os.path.basename(self.opt.state_file) if self.opt.state_file and self.runtime is not None else None
+
     def _load_state(self) -> dict[str, Any]:
-        path = self.opt.state_file
-        if not path:
+        path, name = self.opt.state_file, self._state_name()
+        if not path or name is None or self.runtime is None:
             return {}
         try:
-            with open(path) as f:
-                state = json.load(f)
-        except FileNotFoundError:
-            return {}
+            data = self.runtime.read(name)
+            if data is None:
+                return {}
+            state = json.loads(data)
         except (OSError, ValueError) as e:
             self.log.warning("ignoring unreadable state file %s: %s", path, e)
             return {}
@@ -672,11 +696,11 @@ class Supervisor:
             elif s.device.refused is None and str(base) in pending:
                 devices[str(base)] = pending[str(base)]
         state = {"domid": self.domid, "name": self.name, "ioreq_server": self.ioreq.server_id, "devices": devices}
-        tmp = f"{path}.tmp"
+        name = self._state_name()
+        if name is None or self.runtime is None:
+            return
         try:
-            with open(tmp, "w") as f:
-                json.dump(state, f)
-            os.replace(tmp, path)
+            self.runtime.write_atomic(name, json.dumps(state).encode())
         except OSError as e:
             self.log.warning("cannot save state to %s: %s", path, e)
 
@@ -779,8 +803,13 @@ class Supervisor:
         return online != "0" and state == str(int(XenbusState.CLOSED))
 
     async def _remove_device(self, base: int) -> None:
+        """Tear one device down. Its entry stays in :attr:`devices` until its back-end, data path
+        and socket are released: a removal cancelled half-way (the watcher that started it is
+        reaped because the domain went away) is done again, in full, by the teardown."""
         assert self.ioreq is not None
-        served = self.devices.pop(base)
+        served = self.devices.get(base)
+        if served is None:
+            return
         self.ioreq.remove_window(base)
         if served.state_task is not None:
             served.state_task.cancel()
@@ -789,21 +818,27 @@ class Supervisor:
         except Exception as e:  # noqa: BLE001 - _bring_up catches what a try raises; this is a bug
             self.log.error("device %d: its start ended with %r", served.config.devid, e)
         try:
-            async with asyncio.timeout(STEP_TIMEOUT):
-                await served.device.close()
+            async with asyncio.timeout(2 * STEP_TIMEOUT):  # (the device bounds its back-end's stop itself)
+                await served.device.close(stop_timeout=STEP_TIMEOUT)
         except TimeoutError:
-            self.log.warning("device %d: back-end did not stop within %.0f s", served.config.devid, STEP_TIMEOUT)
+            self.log.warning("device %d: not released within %.0f s", served.config.devid, 2 * STEP_TIMEOUT)
         if served.listener is not None:
             served.listener.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(served.config.socket_path(self.name, self.domid))
             served.listener = None
+        self.devices.pop(base, None)
         self._release_guest_memory()
-        record = self._inflight_path(served.config)
-        if record is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(record)  # the device is gone: nothing to resume
+        self._forget_inflight(served.config)  # the device is gone: nothing to resume
         await self._set_state(served, XenbusState.CLOSED)
+
+    def _forget_inflight(self, cfg: DeviceConfig) -> None:
+        name = self._inflight_name(cfg)
+        if name is not None and self.runtime is not None:
+            try:
+                self.runtime.unlink(name)
+            except OSError as e:
+                self.log.warning("device %d: cannot remove its in-flight record %s: %s", cfg.devid, name, e)
 
     def _release_guest_memory(self) -> None:
         """Unmap the guest's RAM as soon as no shadow device needs it: `xl destroy` removes the
@@ -926,12 +961,17 @@ class Supervisor:
         if self.ioreq is not None:
             self.ioreq.stop_reading()  # no more guest accesses while the back-ends stop
         for base in list(self.devices):
-            await self._remove_device(base)
+            try:
+                await self._remove_device(base)
+            except Exception:  # noqa: BLE001 - a bug in one device's teardown must not keep the rest
+                self.log.exception("device at %#x: its teardown failed", base)
+                self.devices.pop(base, None)
         if self.ioreq is not None:
             await self._bounded("ioreq server teardown", self.ioreq.close())
-            if self.ioreq.server_id is None and self.opt.state_file:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.opt.state_file)  # a clean stop: nothing to take over
+            name = self._state_name()
+            if self.ioreq.server_id is None and name is not None and self.runtime is not None:
+                with contextlib.suppress(OSError):
+                    self.runtime.unlink(name)  # a clean stop: nothing to take over
         if self.xs is not None:
             await self.xs.close()
         if self._paths is not None:
@@ -939,6 +979,7 @@ class Supervisor:
         for handle in (self.evtchn, self.privcmd):
             if handle is not None:
                 handle.close()
+        self._close_runtime()
         self.log.info("stopped")
 
     async def _hand_over(self) -> None:
@@ -967,8 +1008,14 @@ class Supervisor:
         for handle in (self.evtchn, self.privcmd):
             if handle is not None:
                 handle.close()
+        self._close_runtime()
         self.notifier.keep_for_exec()
         self.log.info("handover: state saved, handing over")
+
+    def _close_runtime(self) -> None:
+        if self._own_runtime and self.runtime is not None:
+            self.runtime.close()
+            self.runtime, self._own_runtime = None, False
 
     async def _bounded(self, what: str, op: Awaitable[None]) -> None:
         try:

@@ -602,6 +602,21 @@ def check_snapshot(state: object) -> dict[str, object]:
     return state
 
 
+def _status_problem(value: int, features: int, required: int) -> Status:
+    """``value`` as a Status a driver can have reached (virtio 1.2 §3.1.1: ACKNOWLEDGE, DRIVER,
+    FEATURES_OK with the features the device requires, DRIVER_OK, in this order), else ValueError."""
+    if value & ~sum(Status):
+        raise ValueError(f"snapshot's status {value:#x} has bits no status defines")
+    status = Status(value)
+    order = (Status.ACKNOWLEDGE, Status.DRIVER, Status.FEATURES_OK, Status.DRIVER_OK)
+    for before, after in zip(order, order[1:]):
+        if status & after and not status & before:
+            raise ValueError(f"snapshot's status {value:#x} has {after.name} without {before.name}")
+    if status & Status.FEATURES_OK and required & ~features:
+        raise ValueError(f"snapshot's status has FEATURES_OK without the required features {required & ~features:#x}")
+    return status
+
+
 def restore(dev: VirtioMmioDevice, state: dict[str, object]) -> None:
     """Load a :func:`snapshot` into a freshly built ``dev`` of the same shape (ValueError if not)."""
     check_snapshot(state)
@@ -611,7 +626,11 @@ def restore(dev: VirtioMmioDevice, state: dict[str, object]) -> None:
     features = cast(int, state["driver_features"])
     if features & ~dev.device_features:
         raise ValueError(f"snapshot's driver features {features:#x} exceed what the back-end offers")
-    dev.status = Status(cast(int, state["status"]))
+    status = _status_problem(cast(int, state["status"]), features, dev.required_features)
+    for n, (q, (num, ready, *_)) in enumerate(zip(dev.queues, queues)):
+        if not ready and num > q.num_max:  # (a ready queue's whole setup is checked below)
+            raise ValueError(f"snapshot's queue {n} num {num} exceeds QueueNumMax {q.num_max}")
+    dev.status = status
     dev.driver_features = features
     dev.interrupt_status = cast(int, state["interrupt_status"]) & (INT_VRING | INT_CONFIG)
     dev.config_generation = cast(int, state["config_generation"])

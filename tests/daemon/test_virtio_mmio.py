@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -297,3 +299,23 @@ def test_restore_refuses_a_malformed_snapshot_with_value_error(change):
     del missing["config_generation"]
     with pytest.raises(ValueError, match="snapshot lacks config_generation"):
         restore(make(), missing)
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"status": 0x10}, "status 0x10 has bits no status defines"),
+    ({"status": 0x7}, "status 0x7 has DRIVER_OK without FEATURES_OK"),
+    ({"status": 0xE}, "status 0xe has DRIVER without ACKNOWLEDGE"),
+    ({"status": 0xB, "driver_features": 0}, "FEATURES_OK without the required features 0x100000000"),
+    ({"queues": [[512, 0, 0, 0, 0], [0, 0, 0, 0, 0]]}, "queue 0 num 512 exceeds QueueNumMax 256"),
+])
+def test_restore_refuses_a_state_no_driver_could_have_reached(change, why):
+    """A state file read back is not trusted to be one the model produced: a status a driver
+    cannot reach through the virtio 1.2 §3.1.1 steps, FEATURES_OK without what the device
+    requires (checked when the driver sets it), a queue larger than the device offers."""
+    import json
+
+    from xen_vhost_master.virtio_mmio import restore, snapshot
+
+    state = {**json.loads(json.dumps(snapshot(active_device()))), **change}
+    with pytest.raises(ValueError, match=re.escape(why)):
+        restore(make(), state)

@@ -168,15 +168,29 @@ class GuestDataPaths:
             from ..xen.gntdev import GrantDev  # noqa: PLC0415
             from .grant_export import GrantShadowDataPath  # noqa: PLC0415
 
-            path = GrantShadowDataPath(GrantGuestMemory(GrantDev(res.platform.kernel), res.domid, own_gntdev=True),
-                                       max_queues=num_queues, max_queue_size=cfg.queue_size, log=log,
-                                       inflight=res.inflight_record(cfg, num_queues))
+            memory = GrantGuestMemory(GrantDev(res.platform.kernel), res.domid, own_gntdev=True)
+            record = None
+            try:
+                record = res.inflight_record(cfg, num_queues)
+                path = GrantShadowDataPath(memory, max_queues=num_queues, max_queue_size=cfg.queue_size, log=log,
+                                           inflight=record)
+            except BaseException:  # what this call opened goes with it
+                if record is not None:
+                    record.close()
+                memory.close()
+                raise
         else:
             if self.guest_memory is None:
                 self.guest_memory = ForeignGuestMemory(res.privcmd, res.domid, res.banks)
                 res.log.info("guest RAM mapped: %s", ", ".join(f"{gpa:#x}+{size >> 20} MiB" for gpa, size in res.banks))
-            path = ShadowDataPath(self.guest_memory, res.banks, max_queues=num_queues, max_queue_size=cfg.queue_size,
-                                  log=log, inflight=res.inflight_record(cfg, num_queues))
+            record = res.inflight_record(cfg, num_queues)
+            try:
+                path = ShadowDataPath(self.guest_memory, res.banks, max_queues=num_queues,
+                                      max_queue_size=cfg.queue_size, log=log, inflight=record)
+            except BaseException:
+                if record is not None:
+                    record.close()
+                raise
         path.on_error = lambda index, reason: res.queue_failed(cfg, index, reason)
         return path
 

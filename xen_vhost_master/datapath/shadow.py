@@ -10,9 +10,11 @@ in-flight record): docs/datapath.md §2.
 from __future__ import annotations
 
 import bisect
+import errno
 import logging
 import mmap
 import os
+import stat
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -150,13 +152,19 @@ class GuestInflightRecord:
     daemon's runtime directory, which systemd keeps across restarts): what a restarted daemon needs
     to resume a shadow queue exactly. A file of another shape is started afresh."""
 
-    def __init__(self, path: str, num_queues: int, queue_size: int) -> None:
+    def __init__(self, path: str, num_queues: int, queue_size: int, *, dir_fd: int | None = None) -> None:
+        """``path`` relative to the directory ``dir_fd`` when given (never through a symbolic
+        link; a file that is not a regular one is refused with OSError)."""
         self.path = path
         size = region_size(num_queues, queue_size)
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600,
+                           dir_fd=dir_fd)
         done = False
         try:
-            self.fresh = os.fstat(self._fd).st_size != size
+            st = os.fstat(self._fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, f"{path} is not a regular file")
+            self.fresh = st.st_size != size
             if self.fresh:
                 os.ftruncate(self._fd, 0)  # zero: never used
                 os.ftruncate(self._fd, size)
