@@ -7,8 +7,8 @@ good back-end, serves the guest's I/O.
 
 Each example asserts: every guest access to the attacked device is answered (its vCPU is never
 held for good), the other device still serves, no fd is left, the lines logged stay bounded
-(rate-limited), and the process's RSS stays within RSS_BUDGET of what it was after the first
-example. ``make test`` runs a few examples; ``make fuzz`` many (HYPOTHESIS_FUZZ_EXAMPLES). With
+(rate-limited), and the attacked process's RSS stays within RSS_BUDGET of what it was after
+the first example (the attacks run in a process of their own: :func:`serve_plans`). ``make test`` runs a few examples; ``make fuzz`` many (HYPOTHESIS_FUZZ_EXAMPLES). With
 XVM_FUZZ_FIGURES=<file>, the run's figures (messages tried, RSS, lines logged, I/O served on the
 other device) are written there as JSON after each example (README.md, "Reliability").
 
@@ -18,16 +18,24 @@ No simulator: back-ends are the library's RamDiskBlk over socketpairs; guest RAM
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
 import logging
 import os
 import random
 import resource
+import select
 import struct
+import subprocess
+import sys
 import time
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import pytest
 
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -51,7 +59,9 @@ EXAMPLES = max(3, FUZZ_EXAMPLES // 100)
 STORMS = [0, 1, 100, 2000, 5000] if FUZZ_EXAMPLES >= 10_000 else [0, 1, 20, 100, 200]
 RSS_BUDGET = 8 << 20  # bytes the run may grow after its first example
 LINES_PER_EXAMPLE = 200  # every kind of line is rate-limited (RateLimit: 10 per 10 s per kind)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ACCESS_BOUND = 15.0  # a guest access not answered by then is a held vCPU: a failure, not a timing figure
+EXAMPLE_BOUND = 120.0  # seconds an example may take in all (its accesses are bounded one by one)
 REQUEST_TIMEOUT = 0.3  # the attacked front-end's per-request timeout (the daemon's is 5 s)
 NEED_REPLY, REPLY, VERSION = 0x8, 0x4, 0x1
 
@@ -302,41 +312,83 @@ class _Count(logging.Handler):
             self.lines.append(record.getMessage())
 
 
-@settings(max_examples=EXAMPLES, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate),  # no shrinking:
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(plan=plans)
-def test_hostile_backend_behaviour_leaves_the_guest_and_the_other_device_served(monkeypatch, plan):
-    # (each example takes seconds: a failing plan is reported as found, not shrunk)
+def serve_plans() -> None:
+    """The attacked process: one plan (JSON) per line of stdin, one verdict (JSON) per line of
+    stdout. A process of its own, so that its RSS is the daemon's code under attack, not the
+    fuzzer's (hypothesis keeps what it generated)."""
     # a stalled GET_VRING_BASE is given up on as quickly as any request (the daemon allows 30 s:
     # the back-end may drain its I/O first); the reset's own bound is shortened alike
-    monkeypatch.setattr(client, "GET_VRING_BASE_TIMEOUT", REQUEST_TIMEOUT)
-    monkeypatch.setattr(device_module, "RESET_STOP_TIMEOUT", 1.0)
+    client.GET_VRING_BASE_TIMEOUT = REQUEST_TIMEOUT
+    device_module.RESET_STOP_TIMEOUT = 1.0
     handler = _Count()
     root = logging.getLogger()
-    level = root.level
     root.addHandler(handler)
     root.setLevel(logging.INFO)
-    fds = open_fds()
-    begun = time.monotonic()
+    figures: dict[str, Any] = {"storm_messages": 0, "requests_seen": 0, "other_device_io": 0}
+    for line in sys.stdin:
+        plan = Plan(**json.loads(line))
+        handler.lines.clear()
+        fds = open_fds()
+        begun = time.monotonic()
+        error = ""
+        try:
+            asyncio.run(attack(plan, figures))
+        except Exception:  # noqa: BLE001 - reported to the fuzzer, which fails the example
+            error = traceback.format_exc()
+        gc.collect()
+        leaked = [os.readlink(f"/proc/self/fd/{fd}") for fd in open_fds() - fds if os.path.exists(f"/proc/self/fd/{fd}")]
+        print(json.dumps({"error": error, "leaked": leaked, "lines": handler.lines[:40], "line_count": len(handler.lines),
+                          "seconds": time.monotonic() - begun, "rss": rss(), **figures}), flush=True)
+
+
+@pytest.fixture(scope="module")
+def attacked() -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen([sys.executable, "-c", "from tests.daemon.test_fuzz_backend_behaviour import serve_plans; serve_plans()"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])})
     try:
-        asyncio.run(attack(plan, FIGURES))
+        yield proc
     finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-    gc.collect()
-    seconds = time.monotonic() - begun
-    now = rss()
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(ACCESS_BOUND * 2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def verdict(proc: subprocess.Popen[str], plan: Plan) -> dict[str, Any]:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(json.dumps(dataclasses.asdict(plan)) + "\n")
+    proc.stdin.flush()
+    ready, _, _ = select.select([proc.stdout], [], [], EXAMPLE_BOUND)
+    assert ready, f"the attacked process did not finish the example within {EXAMPLE_BOUND} s"
+    line = proc.stdout.readline()
+    assert line, f"the attacked process died (exit status {proc.wait()})"
+    result: dict[str, Any] = json.loads(line)
+    return result
+
+
+@settings(max_examples=EXAMPLES, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate),  # no shrinking:
+          suppress_health_check=[HealthCheck.too_slow])
+@given(plan=plans)
+def test_hostile_backend_behaviour_leaves_the_guest_and_the_other_device_served(attacked, plan):
+    # (each example takes seconds: a failing plan is reported as found, not shrunk)
+    got = verdict(attacked, plan)
     FIGURES["examples"] += 1
-    FIGURES["seconds"] += seconds
-    FIGURES["lines_logged"] += len(handler.lines)
-    FIGURES["messages_tried"] = FIGURES["storm_messages"] + FIGURES["requests_seen"]
-    FIGURES["rss_first_kib"] = FIGURES["rss_first_kib"] or now >> 10
-    FIGURES["rss_max_kib"] = max(FIGURES["rss_max_kib"], now >> 10)
-    FIGURES["rss_last_kib"] = now >> 10
+    FIGURES["seconds"] += got["seconds"]
+    FIGURES["lines_logged"] += got["line_count"]
+    for key in ("storm_messages", "requests_seen", "other_device_io"):
+        FIGURES[key] = got[key]
+    FIGURES["messages_tried"] = got["storm_messages"] + got["requests_seen"]
+    FIGURES["rss_first_kib"] = FIGURES["rss_first_kib"] or got["rss"] >> 10
+    FIGURES["rss_max_kib"] = max(FIGURES["rss_max_kib"], got["rss"] >> 10)
+    FIGURES["rss_last_kib"] = got["rss"] >> 10
     if path := os.environ.get("XVM_FUZZ_FIGURES"):
         with open(path, "w") as f:
             json.dump(FIGURES, f, indent=1)
-    leaked = {fd for fd in open_fds() - fds if os.path.exists(f"/proc/self/fd/{fd}")}
-    assert not leaked, [os.readlink(f"/proc/self/fd/{fd}") for fd in leaked]
-    assert len(handler.lines) <= LINES_PER_EXAMPLE, f"{len(handler.lines)} lines: " + "\n".join(handler.lines[:40])
-    assert now <= (FIGURES["rss_first_kib"] << 10) + RSS_BUDGET, FIGURES
+    assert not got["error"], got["error"]
+    assert not got["leaked"], got["leaked"]
+    assert got["line_count"] <= LINES_PER_EXAMPLE, f"{got['line_count']} lines: " + "\n".join(got["lines"])
+    assert got["rss"] <= (FIGURES["rss_first_kib"] << 10) + RSS_BUDGET, FIGURES
