@@ -62,6 +62,9 @@ _NUMBERS = re.compile(r"0x[0-9a-fA-F]+|\d+")
 RECONNECT_WINDOW = 60.0  # seconds a lost back-end may take to come back before NEEDS_RESET
 RECONNECT_BACKOFF = 0.05  # first pause between reconnect attempts (doubling, capped)
 RECONNECT_BACKOFF_MAX = 1.0
+# A back-end may answer each request just inside the request timeout: the whole negotiation of a
+# connection is bounded too (then TimeoutError, an OSError: the device waits and tries again).
+NEGOTIATION_TIMEOUT = 15.0
 RESET_WAIT = 0.5  # seconds the driver's reset write waits for the back-end's rings to stop
 RESET_STOP_TIMEOUT = 5.0  # the stop's bound after that: the back-end is dropped and reconnected
 
@@ -229,17 +232,30 @@ class Device:
         fe = await self._connect()
         fe.log = self.log  # the library's lines about this connection: prefixed and rate-limited
         opened = False
-        chosen: DataPath | None = None  # chosen for this back-end: kept only if it is opened
         try:
-            negotiated = await fe.negotiate(
-                protocol_features=DEFAULT_PROTOCOL_FEATURES | self.memory.protocol_features,
-                backend_handler=self._backend_request,
-            )
-            nq = self.config.num_queues or negotiated.queue_num or 1
-            memory = self.memory
-            if self._chooser is not None:
-                memory = chosen = self._chooser(negotiated.protocol_features, nq)
-            missing = memory.protocol_features & ~negotiated.protocol_features
+            async with asyncio.timeout(NEGOTIATION_TIMEOUT):
+                negotiated, nq, chosen, view = await self._negotiate(fe)
+            opened = True
+        finally:
+            if not opened:  # refused, failed, too slow or cancelled: no half-open connection left behind
+                await fe.close()
+        if chosen is not None:
+            self.memory, self._chooser = chosen, None
+        self.memory.new_connection()
+        fe.on_lost = lambda exc: self.backend_lost(str(exc), reconnect=exc.reconnect)
+        return fe, negotiated, nq, view
+
+    async def _negotiate(self, fe: AsyncFrontend) -> tuple[Negotiated, int, DataPath | None, devtypes.Offer]:
+        """Negotiate, choose the data path (if not given), read the config; the chosen data path
+        (returned) is closed if anything after the choice fails."""
+        negotiated = await fe.negotiate(
+            protocol_features=DEFAULT_PROTOCOL_FEATURES | self.memory.protocol_features,
+            backend_handler=self._backend_request,
+        )
+        nq = self.config.num_queues or negotiated.queue_num or 1
+        chosen = self._chooser(negotiated.protocol_features, nq) if self._chooser is not None else None
+        try:
+            missing = (chosen or self.memory).protocol_features & ~negotiated.protocol_features
             if missing:
                 raise DeviceError(
                     f"the back-end does not offer {missing!r}, needed to hand it guest memory "
@@ -247,17 +263,11 @@ class Device:
                 )
             config = await self._probe_config(fe, negotiated.features)
             view = devtypes.offer(self.config.device_id, negotiated.features, config, mac=self.mac)
-            opened = True
-        finally:
-            if not opened:  # refused, failed or cancelled: no half-open connection left behind
-                if chosen is not None:
-                    chosen.close()
-                await fe.close()
-        if chosen is not None:
-            self.memory, self._chooser = chosen, None
-        self.memory.new_connection()
-        fe.on_lost = lambda exc: self.backend_lost(str(exc), reconnect=exc.reconnect)
-        return fe, negotiated, nq, view
+        except BaseException:
+            if chosen is not None:
+                chosen.close()
+            raise
+        return negotiated, nq, chosen, view
 
     async def _probe_config(self, fe: AsyncFrontend, features: int) -> bytes | None:
         """The back-end's config space (None without the CONFIG protocol feature): one GET_CONFIG

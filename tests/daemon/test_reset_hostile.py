@@ -208,3 +208,46 @@ async def test_guest_cycling_reset_setup_corrupt_chain_logs_a_bounded_number_of_
     assert len(lines) <= 4 * 10 + 4, "\n".join(lines)
     for line in lines:
         assert line.startswith(PREFIX) and line.count("dom1/") == 1, line
+
+
+# --- a back-end that answers every request, slowly ------------------------------------------------
+
+
+class SlowServer(BackendServer):
+    """Answers each request after ``delay`` s: within any per-request timeout, yet never done."""
+
+    delay = 0.1
+
+    async def _dispatch(self, event: RequestReceived) -> None:
+        await asyncio.sleep(self.delay)  # the back-end's pace, not synchronisation
+        await super()._dispatch(event)
+
+
+@pytest.mark.asyncio
+async def test_negotiation_as_a_whole_is_bounded_and_leaves_nothing_open(no_fd_leak, ram_memfd, monkeypatch):
+    """Each answer comes inside the request timeout, but the negotiation does not end in
+    NEGOTIATION_TIMEOUT: the start fails with TimeoutError (an OSError, so the supervisor keeps the
+    device waiting and tries again), the connection is closed."""
+    monkeypatch.setattr(device_module, "NEGOTIATION_TIMEOUT", 3 * SlowServer.delay)
+    tasks: list[asyncio.Task[None]] = []
+    servers: list[BackendServer] = []
+
+    async def connect() -> AsyncFrontend:
+        a, b = FdSocket.pair()
+        servers.append(SlowServer(RamDiskBlk(1 << 20), b))
+        tasks.append(asyncio.get_running_loop().create_task(servers[-1].run()))
+        return AsyncFrontend(a)
+
+    device = Device(DeviceConfig(devid=0, device_id=2, base=0x2000000, irq=33, queue_size=64, num_queues=1),
+                    connect=connect, memory=FdExport([FdRegion(RAM_BASE, RAM_SIZE, ram_memfd)]),
+                    set_irq=lambda level: None, log=device_logger("xvm.test.reset", 1, "blk0"))
+    async with asyncio.timeout(TIMEOUT):
+        try:
+            with pytest.raises(TimeoutError) as info:
+                await device.start()
+            assert isinstance(info.value, OSError) and device.frontend is None
+            await asyncio.gather(*tasks, return_exceptions=True)  # the back-end sees the connection close
+        finally:
+            await device.close()
+            for s in servers:
+                s.close()
