@@ -65,7 +65,10 @@ RECONNECT_BACKOFF_MAX = 1.0
 # A back-end may answer each request just inside the request timeout: the whole negotiation of a
 # connection is bounded too (then TimeoutError, an OSError: the device waits and tries again).
 NEGOTIATION_TIMEOUT = 15.0
-RESET_WAIT = 0.5  # seconds the driver's reset write waits for the back-end's rings to stop
+# Seconds the driver's reset write waits for the back-end's rings to stop. One that behaves stops in
+# milliseconds, and waiting for it keeps a driver that frees its rings after the reset from racing
+# a back-end that maps guest RAM (zero copy); a vCPU held longer looks like a lockup to the guest.
+RESET_WAIT = 1.0
 RESET_STOP_TIMEOUT = 5.0  # the stop's bound after that: the back-end is dropped and reconnected
 
 
