@@ -316,9 +316,11 @@ def serve_plans() -> None:
     """The attacked process: one plan (JSON) per line of stdin, one verdict (JSON) per line of
     stdout. A process of its own, so that its RSS is the daemon's code under attack, not the
     fuzzer's (hypothesis keeps what it generated)."""
-    # a stalled GET_VRING_BASE is given up on as quickly as any request (the daemon allows 30 s:
-    # the back-end may drain its I/O first); the reset's own bound is shortened alike
+    # a stalled GET_VRING_BASE or SET_MEM_TABLE is given up on as quickly as any request (the
+    # daemon allows 30 s for each: the back-end may drain its I/O first, or map a large guest;
+    # meanwhile the vCPU that asked waits, as with QEMU); the reset's own bound is shortened alike
     client.GET_VRING_BASE_TIMEOUT = REQUEST_TIMEOUT
+    client.MEM_TABLE_TIMEOUT = REQUEST_TIMEOUT
     device_module.RESET_STOP_TIMEOUT = 1.0
     handler = _Count()
     root = logging.getLogger()
