@@ -60,11 +60,14 @@ bench: deps venv
 	$(PY) -m xen_vhost_sim.tools.bench
 
 # Long fuzzing runs (each example bounded): 100,000 guest register programs, 100,000 byte streams
-# into the vhost-user state machines, 100,000 hostile back-end replies over real sockets.
+# into the vhost-user state machines, 100,000 hostile back-end replies over real sockets, 1,000
+# hostile back-end behaviours (storms, slow readers, disconnects) against a device while another
+# serves I/O; that run's figures go to fuzz-figures.json (README.md, "Reliability").
 fuzz: venv
-	HYPOTHESIS_FUZZ_EXAMPLES=100000 $(PY) -m pytest -q -p no:cacheprovider --timeout=7200 \
+	HYPOTHESIS_FUZZ_EXAMPLES=100000 XVM_FUZZ_FIGURES=fuzz-figures.json $(PY) -m pytest -q -p no:cacheprovider --timeout=7200 \
 	  tests/daemon/test_fuzz_guest.py tests/protocol/test_fuzz_backend_replies.py \
-	  "tests/protocol/test_sans_io_pair.py::test_connections_fed_random_chunks_only_raise_library_errors"
+	  "tests/protocol/test_sans_io_pair.py::test_connections_fed_random_chunks_only_raise_library_errors" \
+	  tests/daemon/test_fuzz_backend_behaviour.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -3,9 +3,12 @@
 The IOREQ server hands guest register accesses to :meth:`Device.mmio`;
 the pure model (:mod:`.virtio_mmio`) answers and returns actions, which this class carries out:
 start or stop the back-end's rings, forward config writes, kick queue eventfds, drive the
-interrupt line. Accesses are served one at a time per device, and an access that starts or stops
-the back-end completes only once the back-end has done so (the guest's vCPU waits, as with QEMU),
-so a driver that frees its rings after a reset can never race the back-end.
+interrupt line. Accesses are served one at a time per device, and an access that starts the
+back-end completes only once the back-end has done so (the guest's vCPU waits, as with QEMU). The
+driver's reset waits for the back-end's rings to stop for RESET_WAIT at most: virtio 1.2 §4.2.2.1
+has the driver read Status back until it is 0, so a back-end that hangs or fails at GET_VRING_BASE
+must not hold the guest's vCPU. The stop then finishes on its own (bounded by RESET_STOP_TIMEOUT,
+then the back-end is dropped and reconnected), and the next start waits for it.
 
 The user-space notification relay lives here too: QueueNotify → ``eventfd_write(kick)``, the
 back-end's call eventfd (add_reader) → InterruptStatus + interrupt line.
@@ -37,7 +40,7 @@ from .config import DeviceConfig
 from .datapath.base import DataPath, DataPathChooser
 from .errors import GuestFault, XenError
 from .fastpath import QueueFastPath
-from .log import DeviceLogger, RateLimit
+from .log import DeviceLogger, LimitedLogger
 from .virtio_mmio import (
     Activate,
     ConfigWrite,
@@ -62,6 +65,14 @@ RECONNECT_BACKOFF_MAX = 1.0
 # After close() dropped the back-end's connection, how long a back-end operation of a guest access
 # may still hold the device (it fails at once: its connection is gone) before the release waits no more.
 RELEASE_WAIT = 1.0
+# A back-end may answer each request just inside the request timeout: the whole negotiation of a
+# connection is bounded too (then TimeoutError, an OSError: the device waits and tries again).
+NEGOTIATION_TIMEOUT = 15.0
+# Seconds the driver's reset write waits for the back-end's rings to stop. One that behaves stops in
+# milliseconds, and waiting for it keeps a driver that frees its rings after the reset from racing
+# a back-end that maps guest RAM (zero copy); a vCPU held longer looks like a lockup to the guest.
+RESET_WAIT = 1.0
+RESET_STOP_TIMEOUT = 5.0  # the stop's bound after that: the back-end is dropped and reconnected
 
 
 class DeviceError(Exception):
@@ -138,8 +149,10 @@ class Device:
             self._chooser = memory
         self.memory: DataPath = memory  # type: ignore[assignment]  # replaced at the first negotiation when chosen
         self._set_irq = set_irq
-        self.log = log
-        self._limit = RateLimit(clock)
+        # every line of a device can be caused, as often as they like, by its guest or back-end
+        self.log = LimitedLogger.over(log, clock)
+        self._guest_log = log  # guest errors: rate-limited per kind of complaint (_guest_error)
+        self._limit = self.log.limit
         self.stats = DeviceStats()
         self.frontend: AsyncFrontend | None = None
         self.model: VirtioMmioDevice | None = None
@@ -149,7 +162,9 @@ class Device:
         self._call: list[int] = []
         self._started: list[int] = []
         self._queues: tuple[QueueConfig, ...] = ()  # as the driver set them up (for a reconnect)
+        self._fresh = False  # _queues were never started (the driver's start waits for a reconnect)
         self._reconnecting: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Task[None] | None = None  # the stop a driver's reset left running
         # GET_INFLIGHT_FD's area: kept for the device's life (every back-end restart gets it
         # back), dropped when the driver resets the device
         self._inflight: InflightFd | None = None
@@ -255,18 +270,32 @@ class Device:
     async def _open_backend(self) -> tuple[AsyncFrontend, Negotiated, int, devtypes.Offer]:
         """Connect and negotiate (QEMU's init order); the connection is closed on any failure."""
         fe = await self._connect()
+        fe.log = self.log  # the library's lines about this connection: prefixed and rate-limited
         opened = False
-        chosen: DataPath | None = None  # chosen for this back-end: kept only if it is opened
         try:
-            negotiated = await fe.negotiate(
-                protocol_features=DEFAULT_PROTOCOL_FEATURES | self.memory.protocol_features,
-                backend_handler=self._backend_request,
-            )
-            nq = self.config.num_queues or negotiated.queue_num or 1
-            memory = self.memory
-            if self._chooser is not None:
-                memory = chosen = self._chooser(negotiated.protocol_features, nq)
-            missing = memory.protocol_features & ~negotiated.protocol_features
+            async with asyncio.timeout(NEGOTIATION_TIMEOUT):
+                negotiated, nq, chosen, view = await self._negotiate(fe)
+            opened = True
+        finally:
+            if not opened:  # refused, failed, too slow or cancelled: no half-open connection left behind
+                await fe.close()
+        if chosen is not None:
+            self.memory, self._chooser = chosen, None
+        self.memory.new_connection()
+        fe.on_lost = lambda exc: self.backend_lost(str(exc), reconnect=exc.reconnect)
+        return fe, negotiated, nq, view
+
+    async def _negotiate(self, fe: AsyncFrontend) -> tuple[Negotiated, int, DataPath | None, devtypes.Offer]:
+        """Negotiate, choose the data path (if not given), read the config; the chosen data path
+        (returned) is closed if anything after the choice fails."""
+        negotiated = await fe.negotiate(
+            protocol_features=DEFAULT_PROTOCOL_FEATURES | self.memory.protocol_features,
+            backend_handler=self._backend_request,
+        )
+        nq = self.config.num_queues or negotiated.queue_num or 1
+        chosen = self._chooser(negotiated.protocol_features, nq) if self._chooser is not None else None
+        try:
+            missing = (chosen or self.memory).protocol_features & ~negotiated.protocol_features
             if missing:
                 raise DeviceError(
                     f"the back-end does not offer {missing!r}, needed to hand it guest memory "
@@ -274,17 +303,11 @@ class Device:
                 )
             config = await self._probe_config(fe, negotiated.features)
             view = devtypes.offer(self.config.device_id, negotiated.features, config, mac=self.mac)
-            opened = True
-        finally:
-            if not opened:  # refused, failed or cancelled: no half-open connection left behind
-                if chosen is not None:
-                    chosen.close()
-                await fe.close()
-        if chosen is not None:
-            self.memory, self._chooser = chosen, None
-        self.memory.new_connection()
-        fe.on_lost = lambda exc: self.backend_lost(str(exc), reconnect=exc.reconnect)
-        return fe, negotiated, nq, view
+        except BaseException:
+            if chosen is not None:
+                chosen.close()
+            raise
+        return negotiated, nq, chosen, view
 
     async def _probe_config(self, fe: AsyncFrontend, features: int) -> bytes | None:
         """The back-end's config space (None without the CONFIG protocol feature): one GET_CONFIG
@@ -332,6 +355,7 @@ class Device:
         closed) and the device released all the same."""
         self._closing = True
         self._gate.set()
+        await cancel_and_wait(self._stopping)
         await cancel_and_wait(self._reconnecting)
         try:
             async with asyncio.timeout(stop_timeout), self._lock:
@@ -378,6 +402,7 @@ class Device:
         they are: a shadow path's in-flight record (a file) still holds the chains in flight, which
         the next image takes again; the rest goes with this image."""
         self._closing = True
+        await self._settle()
         await cancel_and_wait(self._reconnecting)
         async with self._lock:
             fe, self.frontend = self.frontend, None
@@ -482,10 +507,12 @@ class Device:
                     self.changed.set()
                     self.log.info("driver reset the device%s", " (stopping the back-end)" if was_active else "")
                     if was_active:
-                        await self._guarded(self._stop_backend())
-                    self._drop_inflight()  # nothing is in flight any more: a fresh area next start
+                        await self._reset_backend()
+                    elif self._stopping is None:
+                        self._drop_inflight()  # nothing is in flight any more: a fresh area next start
                 case ConfigWrite(offset, data):
-                    if self.frontend is not None and self.frontend.has_protocol_feature(ProtocolFeatures.CONFIG):
+                    await self._settle()
+                    if self.frontend is not None and self._reconnecting is None and self.frontend.has_protocol_feature(ProtocolFeatures.CONFIG):
                         await self._guarded(self.frontend.set_config(offset, data))
 
     def _irq(self, level: bool) -> None:
@@ -498,10 +525,10 @@ class Device:
         self.stats.last_error = reason
         # One budget per kind of complaint, whatever the numbers in it (a guest cycling through
         # queue indices or offsets must not get a fresh budget each time).
-        allowed, suppressed = self._limit.allow(_NUMBERS.sub("#", reason.split(":")[0]))
+        allowed, suppressed = self._limit.allow("guest:" + _NUMBERS.sub("#", reason.split(":")[0]))
         if allowed:
             more = f" ({suppressed} similar lines suppressed)" if suppressed else ""
-            self.log.warning("guest: %s%s", reason, more)
+            self._guest_log.warning("guest: %s%s", reason, more)
 
     async def _guarded(self, op: Awaitable[None]) -> None:
         """Run a back-end operation; on failure the device goes to DEVICE_NEEDS_RESET. A guest
@@ -519,11 +546,37 @@ class Device:
 
     # --- back-end start/stop, in QEMU's order (reference trace) ----------------------------------
 
-    async def _activate(self, action: Activate) -> None:
+    async def _reset_backend(self) -> None:
+        """The driver reset a running device: stop the back-end's rings, waiting RESET_WAIT at
+        most; the rest of the stop goes on alone (:meth:`_settle` waits for it)."""
+        task = asyncio.get_running_loop().create_task(self._stop_after_reset())
+        self._stopping = task
+        await asyncio.wait([task], timeout=RESET_WAIT)
+
+    async def _stop_after_reset(self) -> None:
         fe = self.frontend
-        if fe is None or fe.broken:
+        try:
+            async with asyncio.timeout(RESET_STOP_TIMEOUT):
+                await self._stop_backend()
+        except (VhostUserError, TimeoutError) as e:
+            reason = str(e) if isinstance(e, VhostUserError) else f"no answer within {RESET_STOP_TIMEOUT:g} s"
+            if fe is not None and fe is self.frontend:  # (a lost connection is being replaced already)
+                self.backend_lost(f"its rings did not stop at the driver's reset: {reason}")
+        finally:
+            self._drop_inflight()  # nothing is in flight any more: a fresh area next start
+            self._stopping = None
+
+    async def _settle(self) -> None:
+        """Wait for the stop a driver's reset left running (bounded by RESET_STOP_TIMEOUT)."""
+        if self._stopping is not None:
+            await asyncio.wait([self._stopping])
+
+    async def _activate(self, action: Activate) -> None:
+        await self._settle()
+        fe = self.frontend
+        if fe is None or fe.broken or self._reconnecting is not None:
             if self._reconnecting is not None:
-                self._queues = action.queues  # started (resumed) once the back-end is back
+                self._queues, self._fresh = action.queues, True  # started once the back-end is back
                 return
             assert self.model is not None
             await self._carry_out(self.model.needs_reset("DRIVER_OK but the back-end is not connected"))
@@ -647,7 +700,7 @@ class Device:
     async def _stop_backend(self) -> None:
         fe = self.frontend
         started, self._started = self._started, []
-        self._queues = ()
+        self._queues, self._fresh = (), False
         if fe is None or fe.broken:
             for index in started:
                 self._user_path(index)
@@ -696,6 +749,7 @@ class Device:
 
     async def _refresh_config(self) -> None:
         async with self._lock:
+            await self._settle()
             fe, model = self.frontend, self.model
             if fe is None or model is None or fe.broken:
                 return
@@ -802,7 +856,8 @@ class Device:
                 self.stats.reconnects += 1
                 await self._carry_out(self.model.config_changed(view.config))
                 if self.model.active and self._queues:
-                    await self._guarded(self._start_backend(fe, self.model.driver_features, self._queues, resume=True))
+                    resume, self._fresh = not self._fresh, False
+                    await self._guarded(self._start_backend(fe, self.model.driver_features, self._queues, resume=resume))
                 self.log.info("back-end reconnected%s", " and resumed" if self._started else "")
         finally:
             self._reconnecting = None

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping, MutableMapping
 from types import TracebackType
 from typing import Any, TextIO
 
-__all__ = ["DeviceLogger", "JournalFormatter", "RateLimit", "device_logger", "journal_priority",
+__all__ = ["DeviceLogger", "JournalFormatter", "LimitedLogger", "RateLimit", "device_logger", "journal_priority",
            "say", "setup_logging", "stderr_is_journal"]
 
 FORMAT = "%(levelname)s %(name)s: %(message)s"  # by hand
@@ -128,3 +129,33 @@ class RateLimit:
             return True, suppressed
         self._state[key] = (start, used, suppressed + 1)
         return False, 0
+
+
+_NUMBERS = re.compile(r"0x[0-9a-fA-F]+|\d+")
+
+
+class LimitedLogger(DeviceLogger):
+    """A :class:`DeviceLogger` whose lines are rate-limited: for lines a guest or a back-end can
+    cause as often as it likes. One budget per level and message template (numbers in the
+    template do not make a new one); the next line let through says how many were suppressed."""
+
+    def __init__(self, logger: logging.Logger, prefix: str, limit: RateLimit) -> None:
+        super().__init__(logger, {"prefix": prefix})
+        self.limit = limit
+
+    @classmethod
+    def over(cls, log: DeviceLogger, clock: Callable[[], float]) -> LimitedLogger:
+        """The same logger and prefix as ``log``, rate-limited."""
+        if isinstance(log, LimitedLogger):
+            return log
+        return cls(log.logger, str((log.extra or {})["prefix"]), RateLimit(clock))
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if not self.isEnabledFor(level):
+            return
+        allowed, suppressed = self.limit.allow(f"{level}:{_NUMBERS.sub('#', str(msg))}")
+        if not allowed:
+            return
+        if suppressed:
+            msg = f"{msg} ({suppressed} similar lines suppressed)"
+        super().log(level, msg, *args, **kwargs)

@@ -493,6 +493,7 @@ class Supervisor:
         delay = WAIT_BACKOFF
         while True:
             served.attempts += 1
+            paced = not cfg.listen  # (in server mode the try itself waited)
             try:
                 await device.start(saved)
                 break
@@ -503,14 +504,19 @@ class Supervisor:
                     await self._refuse(served, f"back-end refused: {e}")
                     return
                 self._waiting(served, f"negotiation failed: {e}")
-            except (DeviceError, OSError) as e:
+            except OSError as e:  # this host ran short (fds, memory, a mapping): a later try may not
+                if saved is None:  # (its start released the data path) a fresh record held nothing
+                    self._forget_inflight(cfg)
+                self._waiting(served, f"start failed: {e}")
+                paced = True
+            except DeviceError as e:
                 await self._refuse(served, str(e))
                 return
             except Exception as e:  # a bug must not leave the guest's vCPUs held forever
                 self.log.exception("device %d: starting it failed", cfg.devid)
                 await self._refuse(served, f"internal error: {e!r}")
                 return
-            if not cfg.listen:  # (in server mode the try itself waited)
+            if paced:
                 await asyncio.sleep(delay)  # the retry pace, not synchronisation
             delay = min(delay * 2, WAIT_BACKOFF_MAX)
         if device.stats.last_error == served.waiting_since:
@@ -592,8 +598,8 @@ class Supervisor:
                 raise BackendAbsent(path, "listening for it to connect") from e
             try:
                 self._check_peer(fe, path)
-            except DeviceError as e:
-                self.log.warning("%s: connection refused", e)
+            except DeviceError as e:  # any local process may connect, as often as it likes
+                served.device.log.warning("%s: connection refused", e)
                 await fe.close()
                 continue
             return fe

@@ -389,26 +389,40 @@ class VirtioMmioDevice:
         q.ready = True
         return []
 
+    def _areas(self, q: _Queue) -> tuple[tuple[str, int, int, int], ...]:
+        """(name, address, length, alignment) of each of a queue's three areas (virtio 1.2 §2.7.2
+        for a split ring, §2.8.10 for a packed one: one event suppression structure each)."""
+        if self.driver_features >> F_RING_PACKED & 1:
+            return (("descriptor table", q.desc, 16 * q.num, 16), ("driver area", q.driver, 4, 4), ("device area", q.device, 4, 4))
+        event_idx = 2 if self.driver_features >> F_EVENT_IDX & 1 else 0
+        return (
+            ("descriptor table", q.desc, 16 * q.num, 16),
+            ("driver area", q.driver, 4 + 2 * q.num + event_idx, 2),
+            ("device area", q.device, 4 + 8 * q.num + event_idx, 4),
+        )
+
     def _queue_problem(self, q: _Queue) -> str | None:
         packed = bool(self.driver_features >> F_RING_PACKED & 1)
         if not 0 < q.num <= q.num_max:
             return f"QueueNum {q.num} not in 1..QueueNumMax {q.num_max}"
         if not packed and q.num & (q.num - 1):
             return f"QueueNum {q.num} is not a power of two (split ring)"
-        if packed:
-            areas = (("descriptor table", q.desc, 16 * q.num, 16), ("driver area", q.driver, 4, 4), ("device area", q.device, 4, 4))
-        else:
-            event_idx = 2 if self.driver_features >> F_EVENT_IDX & 1 else 0
-            areas = (
-                ("descriptor table", q.desc, 16 * q.num, 16),
-                ("driver area", q.driver, 4 + 2 * q.num + event_idx, 2),
-                ("device area", q.device, 4 + 8 * q.num + event_idx, 4),
-            )
+        areas = self._areas(q)
         for name, addr, length, align in areas:
             if addr % align:
                 return f"{name} at {addr:#x} not {align}-byte aligned"
             if not self._in_ram(addr, length):
                 return f"{name} [{addr:#x}, +{length:#x}) outside guest RAM"
+        # Each area is its own part of guest memory (virtio 1.2 §2.7): the device writes the
+        # device area, the driver the others, so areas sharing bytes, within a queue or with
+        # another ready queue's, are a driver bug.
+        others = [(f"queue {i} {name}", addr, length) for i, other in enumerate(self.queues)
+                  if other is not q and other.ready for name, addr, length, _ in self._areas(other)]
+        mine = [(name, addr, length) for name, addr, length, _ in areas]
+        for k, (name, addr, length) in enumerate(mine):
+            for other_name, other_addr, other_length in mine[k + 1:] + others:
+                if addr < other_addr + other_length and other_addr < addr + length:
+                    return f"{name} [{addr:#x}, +{length:#x}) overlaps the {other_name} [{other_addr:#x}, +{other_length:#x})"
         return None
 
     def _in_ram(self, addr: int, length: int) -> bool:

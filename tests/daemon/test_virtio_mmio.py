@@ -319,3 +319,33 @@ def test_restore_refuses_a_state_no_driver_could_have_reached(change, why):
     state = {**json.loads(json.dumps(snapshot(active_device()))), **change}
     with pytest.raises(ValueError, match=re.escape(why)):
         restore(make(), state)
+
+
+def _place(dev: VirtioMmioDevice, index: int, desc: int, driver: int, device: int, num: int = 16) -> list:
+    w(dev, Reg.QUEUE_SEL, index)
+    w(dev, Reg.QUEUE_NUM, num)
+    for reg, addr in ((Reg.QUEUE_DESC_LOW, desc), (Reg.QUEUE_DRIVER_LOW, driver), (Reg.QUEUE_DEVICE_LOW, device)):
+        w(dev, reg, addr & 0xFFFFFFFF)
+        w(dev, reg + 4, addr >> 32)
+    return w(dev, Reg.QUEUE_READY, 1)
+
+
+@pytest.mark.parametrize("case", ["used over avail", "avail in the table", "same rings as queue 0", "used in queue 0's table"])
+def test_overlapping_ring_areas_are_refused_at_queue_ready_as_a_guest_error(case):
+    """16 entries: table 256 bytes, driver area 38, device area 134 (split, EVENT_IDX)."""
+    b = 0x4010_0000
+    dev = make()
+    negotiate(dev, VERSION_1 | EVENT_IDX)
+    if case == "used over avail":
+        actions = _place(dev, 0, b, b + 0x100, b + 0x110)
+    elif case == "avail in the table":
+        actions = _place(dev, 0, b, b + 0xF0, b + 0x200)
+    else:
+        assert _place(dev, 0, b, b + 0x100, b + 0x200) == []
+        other = (b, b + 0x100, b + 0x200) if case == "same rings as queue 0" else (b + 0x1000, b + 0x1100, b + 0x80)
+        actions = _place(dev, 1, *other)
+    assert any(isinstance(a, GuestError) and "overlaps" in a.reason for a in actions), actions
+    assert r(dev, Reg.STATUS) & Status.DEVICE_NEEDS_RESET and r(dev, Reg.QUEUE_READY) == 0
+    # packed right up against each other is fine
+    negotiate(dev, VERSION_1 | EVENT_IDX)
+    assert _place(dev, 0, b, b + 0x100, b + 0x128) == [] and _place(dev, 1, b + 0x1B0, b + 0x2B0, b + 0x2D8) == []

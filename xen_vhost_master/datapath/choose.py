@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -21,7 +22,7 @@ from vhost_user import ProtocolFeatures, XenMmapFlags
 from ..config import DeviceConfig, MemoryMode
 from ..errors import ConfigError
 from ..guestmem.foreign import ForeignGuestMemory, foreign_reader
-from ..log import device_logger
+from ..log import LimitedLogger, device_logger
 from ..platform import Platform
 from ..xen.privcmd import PrivCmd
 from .base import DataPath, DataPathChooser
@@ -153,7 +154,8 @@ class GuestDataPaths:
         return GrantXenMmapExport(GrantDev(self.res.platform.kernel), self.res.domid, self.res.grant_span,
                                   no_advance=XenMmapFlags(cfg.xen_no_advance),
                                   fallback=lambda: self.shadow(cfg, num_queues),
-                                  log=device_logger("xen_vhost_master.datapath.grant_export", self.res.domid, cfg.devid))
+                                  log=LimitedLogger.over(device_logger("xen_vhost_master.datapath.grant_export", self.res.domid,
+                                                                       cfg.devid), time.monotonic))  # (per activation)
 
     def shadow(self, cfg: DeviceConfig, num_queues: int) -> DataPath:
         """Shadow virtqueues over the guest's RAM, foreign-mapped once per guest; for a grant

@@ -34,6 +34,7 @@ from vhost_user.virtqueue import (
 )
 
 from ..errors import DaemonError
+from ..log import DeviceLogger, LimitedLogger
 from ..virtio_mmio import F_EVENT_IDX, F_INDIRECT_DESC, QueueConfig
 from .base import RingAddresses
 from .shadow_pool import ShadowMemory
@@ -235,7 +236,9 @@ class ShadowDataPath:
         self._buf = self.shadow.mv  # the whole memfd, for the copies
         self._base = self.shadow.base
         self.on_error = on_error
-        self.log: Logger = log if log is not None else logging.getLogger(__name__)
+        # what the guest's chains and the back-end's completions make it say: rate-limited
+        self.log: Logger = LimitedLogger.over(log, time.monotonic) if isinstance(log, DeviceLogger) else (
+            log if log is not None else logging.getLogger(__name__))
         self._queues: dict[int, _Queue] = {}
         self._retired = ShadowQueueStats()  # the counts of the queues closed so far
         self._held: set[int] = set()  # queues waiting for pool space
@@ -451,10 +454,11 @@ class ShadowDataPath:
         q.broken = reason
         q.pending = None
         self._held.discard(q.config.index)
-        self.log.error("queue %d stopped: %s", q.config.index, reason)
-        if self.on_error is not None:
+        if self.on_error is not None:  # its owner says it (one line per event)
+            self.log.debug("queue %d stopped: %s", q.config.index, reason)
             self.on_error(q.config.index, reason)
         else:
+            self.log.error("queue %d stopped: %s", q.config.index, reason)
             q.unreported = True
 
     def _pump(self, q: _Queue) -> None:

@@ -1,0 +1,253 @@
+"""A driver's reset against a back-end that misbehaves at it, and a guest that cycles reset →
+set-up → corrupt chain: the guest's vCPU is never held by the back-end, Status reads 0 after the
+reset (virtio 1.2 §4.2.2.1: the driver reads it back until it is 0), the next bring-up works on a
+new connection, and what the guest or the back-end makes the device log stays bounded.
+
+No simulator: the back-end is the library's RamDiskBlk over a socketpair, its GET_VRING_BASE
+handling replaced by the misbehaviour under test; guest RAM is a bytearray (FlatMemory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import struct
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from vhost_user import AsyncFrontend, FdSocket, FrontendRequest, RequestReceived
+from vhost_user.aio import BackendServer
+from vhost_user.testing import RamDiskBlk, connected_pair
+from vhost_user.virtqueue import FlatMemory, split_ring_layout
+from xen_vhost_master import device as device_module
+from xen_vhost_master.config import DeviceConfig
+from xen_vhost_master.datapath.shadow import ShadowDataPath
+from xen_vhost_master.datapath.zerocopy import FdExport, FdRegion
+from xen_vhost_master.device import Device
+from xen_vhost_master.log import device_logger
+from xen_vhost_master.virtio_mmio import Reg
+
+TIMEOUT = 20.0
+RAM_BASE, RAM_SIZE = 0x4000_0000, 1 << 20
+PREFIX = "dom1/blk0: "
+
+
+class MisbehavingServer(BackendServer):
+    """A back-end that, at GET_VRING_BASE, hangs until ``release`` is set or closes its socket."""
+
+    def __init__(self, *args: object, mode: str, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.mode = mode
+        self.asked = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def _dispatch(self, event: RequestReceived) -> None:
+        if event.request == FrontendRequest.GET_VRING_BASE:
+            self.asked.set()
+            if self.mode == "close":
+                self.sock.close()
+                raise ConnectionError("closed at GET_VRING_BASE")
+            await self.release.wait()
+        await super()._dispatch(event)
+
+
+@contextlib.asynccontextmanager
+async def backends(mode: str) -> AsyncIterator[tuple[Callable[[], object], list[BackendServer]]]:
+    """A connect() for a device: the first back-end misbehaves (``mode``), the next ones are good."""
+    servers: list[BackendServer] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    async def connect() -> AsyncFrontend:
+        a, b = FdSocket.pair()
+        dev = RamDiskBlk(1 << 20)
+        server = MisbehavingServer(dev, b, mode=mode) if not servers else BackendServer(dev, b)
+        servers.append(server)
+        tasks.append(asyncio.get_running_loop().create_task(server.run()))
+        return AsyncFrontend(a)
+
+    try:
+        yield connect, servers
+    finally:
+        for s in servers:
+            if isinstance(s, MisbehavingServer):
+                s.release.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), TIMEOUT)
+        for s in servers:
+            s.close()
+
+
+async def write(device: Device, reg: int, value: int) -> None:
+    result = device.mmio(reg, 4, True, value)
+    if result is not None:
+        await result  # type: ignore[misc]
+
+
+def read(device: Device, reg: int) -> int:
+    result = device.mmio(reg, 4, False, 0)
+    assert isinstance(result, int)
+    return result
+
+
+async def bring_up(device: Device, rings: tuple[int, int, int] = (RAM_BASE, RAM_BASE + 0x1000, RAM_BASE + 0x2000),
+                   num: int = 64) -> None:
+    """A driver's bring-up of queue 0 by register writes."""
+    for value in (0, 1, 3):
+        await write(device, Reg.STATUS, value)
+    for sel, value in ((0, 0), (1, 1)):  # VERSION_1
+        await write(device, Reg.DRIVER_FEATURES_SEL, sel)
+        await write(device, Reg.DRIVER_FEATURES, value)
+    await write(device, Reg.STATUS, 11)
+    await write(device, Reg.QUEUE_SEL, 0)
+    await write(device, Reg.QUEUE_NUM, num)
+    for reg, addr in zip((Reg.QUEUE_DESC_LOW, Reg.QUEUE_DRIVER_LOW, Reg.QUEUE_DEVICE_LOW), rings, strict=True):
+        await write(device, reg, addr)
+        await write(device, reg + 4, 0)
+    await write(device, Reg.QUEUE_READY, 1)
+    await write(device, Reg.STATUS, 15)
+
+
+@pytest.fixture
+def ram_memfd():  # type: ignore[no-untyped-def]
+    fd = os.memfd_create("reset-test-ram", os.MFD_CLOEXEC)
+    os.ftruncate(fd, RAM_SIZE)
+    yield fd
+    os.close(fd)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", ["hang", "close"])
+async def test_reset_is_answered_while_the_backend_hangs_or_drops_and_the_next_bring_up_reconnects(
+        no_fd_leak, ram_memfd, monkeypatch, caplog, mode):
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(device_module, "RESET_STOP_TIMEOUT", 0.5)  # the hung back-end is given up on soon
+    order: list[str] = []
+    async with asyncio.timeout(TIMEOUT), backends(mode) as (connect, servers):
+        device = Device(DeviceConfig(devid=0, device_id=2, base=0x2000000, irq=33, queue_size=64, num_queues=1),
+                        connect=connect,  # type: ignore[arg-type]
+                        memory=FdExport([FdRegion(RAM_BASE, RAM_SIZE, ram_memfd)]), set_irq=lambda level: None,
+                        log=device_logger("xvm.test.reset", 1, "blk0"))
+        try:
+            await device.start()
+            await bring_up(device)
+            assert device.stats.starts == 1
+            bad = servers[0]
+            assert isinstance(bad, MisbehavingServer)
+            reset = asyncio.ensure_future(write(device, Reg.STATUS, 0))
+            reset.add_done_callback(lambda _: order.append("reset answered"))
+            await bad.asked.wait()
+            # the back-end holds GET_VRING_BASE for as long as the test likes; the guest's write
+            # must be answered meanwhile (the front-end's own GET_VRING_BASE timeout is 30 s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(reset), TIMEOUT / 2)
+            order.append("back-end released")
+            bad.release.set()
+            await reset
+            assert order == ["reset answered", "back-end released"]
+            assert read(device, Reg.STATUS) == 0
+            await bring_up(device)  # waits for the stop, then for the new connection
+            if device.reconnecting is not None:
+                await device.reconnecting
+            assert device.model is not None and device.model.active
+            assert read(device, Reg.STATUS) == 15  # not NEEDS_RESET
+            assert len(servers) == 2 and device.stats.starts == 2 and device.stats.reconnects == 1
+            assert servers[1].vrings[0].started
+            daemon = [r for r in caplog.records if not r.name.startswith("vhost_user.aio.server")]
+            assert daemon and all(r.getMessage().startswith(PREFIX) for r in daemon), [r.getMessage() for r in daemon]
+        finally:
+            await device.close()
+
+
+# --- a guest cycling reset → set-up → corrupt chain (the shadow path stops the queue) ------------
+
+NUM = 16
+
+
+@pytest.mark.asyncio
+async def test_guest_cycling_reset_setup_corrupt_chain_logs_a_bounded_number_of_prefixed_lines(no_fd_leak, caplog):
+    caplog.set_level(logging.DEBUG + 1)
+    ram = bytearray(RAM_SIZE)
+    mem = FlatMemory(ram, RAM_BASE)
+    desc, avail, used, _ = split_ring_layout(NUM, RAM_BASE)
+    shadow = ShadowDataPath(mem, [(RAM_BASE, RAM_SIZE)], pool_size=1 << 20, max_queues=1, max_queue_size=NUM,
+                            log=device_logger("xen_vhost_master.datapath.shadow", 1, "blk0"))
+    cycles = 40
+    async with asyncio.timeout(TIMEOUT * 3), connected_pair(RamDiskBlk(1 << 20)) as (fe, _server):
+        async def ready() -> AsyncFrontend:
+            return fe
+
+        device = Device(DeviceConfig(devid=0, device_id=2, base=0x2000000, irq=33, queue_size=NUM, num_queues=1),
+                        connect=ready, memory=shadow, set_irq=lambda level: None,
+                        log=device_logger("xen_vhost_master.device", 1, "blk0"), clock=lambda: 0.0)
+        shadow.on_error = lambda index, reason: device.fail(f"shadow queue {index} stopped: {reason}")
+        try:
+            await device.start()
+            caplog.clear()
+            for _ in range(cycles):
+                await bring_up(device, (desc, avail, used), NUM)
+                assert read(device, Reg.STATUS) == 15
+                # a chain whose only descriptor lies below guest RAM
+                struct.pack_into("<QIHH", ram, desc - RAM_BASE, 0x1000, 64, 0, 0)
+                idx = struct.unpack_from("<H", ram, avail + 2 - RAM_BASE)[0]
+                struct.pack_into("<H", ram, avail + 4 + 2 * (idx % NUM) - RAM_BASE, 0)
+                struct.pack_into("<H", ram, avail + 2 - RAM_BASE, (idx + 1) & 0xFFFF)
+                await write(device, Reg.QUEUE_NOTIFY, 0)
+                assert read(device, Reg.STATUS) & 0x40  # DEVICE_NEEDS_RESET
+                await write(device, Reg.STATUS, 0)
+                ram[:] = bytes(RAM_SIZE)
+            assert device.stats.starts == cycles
+        finally:
+            await device.close()
+            shadow.close()
+    lines = [r.getMessage() for r in caplog.records  # (the stand-in back-end's own lines are not the daemon's)
+             if r.levelno > logging.DEBUG and not r.name.startswith("vhost_user.aio.server")]
+    # 4 kinds of line per cycle (reset, started, stopped queue, NEEDS_RESET): each kind is let
+    # through RateLimit's burst (10) times in its window, whatever the number of cycles
+    assert len(lines) <= 4 * 10 + 4, "\n".join(lines)
+    for line in lines:
+        assert line.startswith(PREFIX) and line.count("dom1/") == 1, line
+
+
+# --- a back-end that answers every request, slowly ------------------------------------------------
+
+
+class SlowServer(BackendServer):
+    """Answers each request after ``delay`` s: within any per-request timeout, yet never done."""
+
+    delay = 0.1
+
+    async def _dispatch(self, event: RequestReceived) -> None:
+        await asyncio.sleep(self.delay)  # the back-end's pace, not synchronisation
+        await super()._dispatch(event)
+
+
+@pytest.mark.asyncio
+async def test_negotiation_as_a_whole_is_bounded_and_leaves_nothing_open(no_fd_leak, ram_memfd, monkeypatch):
+    """Each answer comes inside the request timeout, but the negotiation does not end in
+    NEGOTIATION_TIMEOUT: the start fails with TimeoutError (an OSError, so the supervisor keeps the
+    device waiting and tries again), the connection is closed."""
+    monkeypatch.setattr(device_module, "NEGOTIATION_TIMEOUT", 3 * SlowServer.delay)
+    tasks: list[asyncio.Task[None]] = []
+    servers: list[BackendServer] = []
+
+    async def connect() -> AsyncFrontend:
+        a, b = FdSocket.pair()
+        servers.append(SlowServer(RamDiskBlk(1 << 20), b))
+        tasks.append(asyncio.get_running_loop().create_task(servers[-1].run()))
+        return AsyncFrontend(a)
+
+    device = Device(DeviceConfig(devid=0, device_id=2, base=0x2000000, irq=33, queue_size=64, num_queues=1),
+                    connect=connect, memory=FdExport([FdRegion(RAM_BASE, RAM_SIZE, ram_memfd)]),
+                    set_irq=lambda level: None, log=device_logger("xvm.test.reset", 1, "blk0"))
+    async with asyncio.timeout(TIMEOUT):
+        try:
+            with pytest.raises(TimeoutError) as info:
+                await device.start()
+            assert isinstance(info.value, OSError) and device.frontend is None
+            await asyncio.gather(*tasks, return_exceptions=True)  # the back-end sees the connection close
+        finally:
+            await device.close()
+            for s in servers:
+                s.close()
