@@ -9,9 +9,13 @@ hypervisor-level part to the simulated host over the node's own connection.
 Every fd it returns is real:
 * privcmd, gntdev: a Unix socket connected to the simulated host (so a privcmd fd passed to another
   process over SCM_RIGHTS is still meaningful there: that process's SimKernel adopts it);
-* evtchn: a socket whose reads return pending local ports as u32 and whose writes unmask them,
-  exactly as /dev/xen/evtchn (``asyncio`` ``add_reader`` works on it); the ioctl channel is a
-  second, internal connection;
+* evtchn: an epoll fd whose reads return pending local ports as u32 and whose writes unmask them,
+  exactly as /dev/xen/evtchn (``asyncio`` ``add_reader`` works on it). It polls the host's "ring"
+  socket (events the host delivers, unmasks and posted notifies it reads) and, for each port bound
+  to a vCPU's IOREQ port, the port's *deliver* eventfd (sim.vcpu_channel): such a port's mask lives
+  here (masked = its eventfd is not polled; the counter is the pending bit) and IOCTL_EVTCHN_NOTIFY
+  on it writes the vCPU's *wake* eventfd, so the IOREQ hot path never goes through the host. The
+  ioctl channel is a second, internal connection;
 * xenbus: a client connection of the simulated xenstored (xs_wire on read/write).
 
 Memory: ``mmap`` on privcmd reserves an inaccessible range (the empty privcmd VMA); MMAPBATCH_V2
@@ -26,6 +30,7 @@ import ctypes
 import errno
 import logging
 import os
+import select
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -154,6 +159,12 @@ class _Node:
     adopted: bool = False  # received from another process: ``sock`` is our dup of the fd
     ports: set[int] = field(default_factory=set)  # evtchn: ports bound through this node
     broken: bool = False
+    # evtchn: the poll set, and the eventfd route of ports bound to vCPU IOREQ ports
+    ep: select.epoll | None = None
+    fast: dict[int, tuple[int, int]] = field(default_factory=dict)  # port -> (deliver, wake)
+    by_fd: dict[int, int] = field(default_factory=dict)  # deliver fd -> port
+    masked: set[int] = field(default_factory=set)
+    blocking: bool = False
 
     def call(
         self, obj: dict[str, Any], blob: bytes = b"", fds: list[int] | None = None
@@ -220,9 +231,18 @@ class SimKernel:
             return fd
         if kind == "evtchn":
             ring = fds[0]
-            os.set_blocking(ring, not flags & os.O_NONBLOCK)
-            self._nodes[ring] = _Node(kind, sock, ring=ring)
-            return ring
+            os.set_blocking(ring, False)
+            try:
+                ep = select.epoll()
+            except OSError:
+                os.close(ring)
+                sock.close()
+                raise
+            ep.register(ring, select.EPOLLIN)
+            fd = ep.fileno()
+            os.set_blocking(fd, not flags & os.O_NONBLOCK)
+            self._nodes[fd] = _Node(kind, sock, ring=ring, ep=ep, blocking=not flags & os.O_NONBLOCK)
+            return fd
         fd = sock.fileno()
         self._nodes[fd] = _Node(kind, sock)
         return fd
@@ -265,15 +285,89 @@ class SimKernel:
             return
         if node.kind == "evtchn":
             os.close(node.ring)
+            for port in list(node.fast):
+                self._drop_fast(node, port)
+            assert node.ep is not None
+            node.ep.close()
         node.sock.close()
         if node.adopted:
             os.close(fd)
 
     def read(self, fd: int, length: int) -> bytes:
-        return os.read(fd, length)
+        node = self._nodes.get(fd)
+        if node is None or node.kind != "evtchn":
+            return os.read(fd, length)
+        return self._evtchn_read(node, length)
 
     def write(self, fd: int, data: bytes) -> int:
-        return os.write(fd, data)
+        node = self._nodes.get(fd)
+        if node is None or node.kind != "evtchn" or not node.fast:
+            return os.write(node.ring if node is not None and node.kind == "evtchn" else fd, data)
+        ports = array.array("I")
+        ports.frombytes(data[: len(data) - len(data) % 4])
+        rest = array.array("I")
+        assert node.ep is not None
+        for port in ports:
+            route = node.fast.get(port)
+            if route is None:
+                rest.append(port)
+            elif port in node.masked:
+                node.masked.discard(port)
+                node.ep.modify(route[0], select.EPOLLIN)  # level: a pending counter fires again
+        if rest:
+            os.write(node.ring, rest.tobytes())
+        return len(data)
+
+    def _evtchn_read(self, node: _Node, length: int) -> bytes:
+        """evtchn_read: the pending ports (at most ``length`` // 4), each left masked."""
+        assert node.ep is not None
+        limit = length // 4
+        if limit <= 0:
+            raise _err(errno.EINVAL)
+        while True:
+            out = array.array("I")
+            for fd, _ev in node.ep.poll(0, limit + 1):
+                if fd == node.ring:
+                    try:
+                        data = os.read(node.ring, 4 * (limit - len(out)))
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        return b""  # the simulated host died (a real evtchn never ends)
+                    out.frombytes(data[: len(data) - len(data) % 4])
+                    continue
+                port = node.by_fd.get(fd)
+                if port is None or len(out) >= limit:
+                    continue
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    continue
+                node.masked.add(port)
+                node.ep.modify(fd, 0)
+                out.append(port)
+            if out:
+                return out.tobytes()
+            if not node.blocking:
+                raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+            node.ep.poll(-1, 1)
+
+    def _add_fast(self, node: _Node, port: int, deliver: int, wake: int) -> None:
+        assert node.ep is not None
+        node.fast[port] = (deliver, wake)
+        node.by_fd[deliver] = port
+        node.ep.register(deliver, select.EPOLLIN)
+
+    def _drop_fast(self, node: _Node, port: int) -> None:
+        route = node.fast.pop(port, None)
+        if route is None:
+            return
+        assert node.ep is not None
+        node.by_fd.pop(route[0], None)
+        node.masked.discard(port)
+        node.ep.unregister(route[0])
+        os.close(route[0])
+        os.close(route[1])
 
     # ------------------------------------------------------------------ mmap
     def mmap(
@@ -513,13 +607,24 @@ class SimKernel:
         raw = copy_from_user(addr, ioc_size(request))
         if which is EvtchnIoctl.RESET:
             self._drain(node.ring)
+            assert node.ep is not None
+            for port, (deliver, _wake) in node.fast.items():
+                self._drain(deliver)
+                node.ep.modify(deliver, select.EPOLLIN)
+            node.masked.clear()
             return int(node.call({"op": "reset"})[0]["ret"])
         if which is EvtchnIoctl.RESTRICT_DOMID:
             return int(node.call({"op": "restrict_domid", "domid": struct.unpack("<H", raw)[0]})[0]["ret"])
         if which is EvtchnIoctl.BIND_INTERDOMAIN:
             rd, rp = struct.unpack("<II", raw)
-            port = int(node.call({"op": "bind_interdomain", "remote_domain": rd, "remote_port": rp})[0]["ret"])
+            reply, _b, fds = node.call({"op": "bind_interdomain", "remote_domain": rd, "remote_port": rp})
+            port = int(reply["ret"])
             node.ports.add(port)
+            if len(fds) == 2:
+                self._add_fast(node, port, fds[0], fds[1])
+            else:
+                for f in fds:
+                    os.close(f)
             return port
         (value,) = struct.unpack("<I", raw)
         if which is EvtchnIoctl.NOTIFY and not node.adopted:
@@ -528,6 +633,10 @@ class SimKernel:
             # ENOTCONN is decided here, from the ports this fd bound (the host checks again).
             if value not in node.ports:
                 raise _err(errno.ENOTCONN, f"port {value} not bound on this fd")
+            route = node.fast.get(value)
+            if route is not None:
+                os.eventfd_write(route[1], 1)  # the vCPU's port fires (sim.vcpu_channel)
+                return 0
             try:
                 os.write(node.ring, struct.pack("<I", value | rpc.RING_NOTIFY))
                 return 0
@@ -544,6 +653,7 @@ class SimKernel:
             node.ports.add(ret)
         elif which is EvtchnIoctl.UNBIND:
             node.ports.discard(value)
+            self._drop_fast(node, value)
         return ret
 
     @staticmethod
