@@ -28,6 +28,7 @@ from typing import Any, Self
 
 from xen_vhost_sim import rpc, vcpu_channel
 from xen_vhost_sim.memory import GuestMemory
+from xen_vhost_sim.vcpu_channel import Snapshot
 from xen_vhost_master.xen.abi import IOREQ_SLOT_SIZE, XEN_PAGE_SIZE, IoreqState, IoreqType, ioreq_t
 
 __all__ = ["SimControl", "SimGuest", "SimGuestRam", "SimHostError"]
@@ -265,6 +266,7 @@ class SimGuest:
         self._routes: dict[tuple[int, int], _Route] = {}
         self._vlocks: dict[int, asyncio.Lock] = {}
         self._fast_waits: set[asyncio.Future[None]] = set()
+        self._snap: Snapshot | None = None  # the page as last read (valid while its seq is)
         try:
             reply, fds = self._ctl.call({"op": "guest_ram", "domid": domid})
             banks = [(int(a), int(b)) for a, b in reply["banks"]]
@@ -403,7 +405,9 @@ class SimGuest:
         chan = self._chan
         if chan is None or size not in (1, 2, 4, 8) or not 0 <= vcpu < vcpu_channel.MAX_FAST_VCPUS:
             return None
-        snap = vcpu_channel.read_snapshot(chan)
+        snap = self._snap
+        if snap is None or snap.seq != vcpu_channel.seq_of(chan):
+            snap = self._snap = vcpu_channel.read_snapshot(chan)
         if snap is None or snap.flags & (vcpu_channel.FLAG_RUNNING | vcpu_channel.FLAG_DYING) != vcpu_channel.FLAG_RUNNING:
             return None
         claim = snap.claim(addr, size)
@@ -449,7 +453,9 @@ class SimGuest:
         try:
             slot.flags = (ioreq_t.DIR if not write else 0) | IoreqState.READY  # state last (wmb)
             os.eventfd_write(route.deliver, 1)  # EVTCHNOP_send on the vCPU's port
-            snap = vcpu_channel.read_snapshot(self._chan)
+            seen = self._snap
+            snap = seen if seen is not None and seen.seq == vcpu_channel.seq_of(self._chan) \
+                else vcpu_channel.read_snapshot(self._chan)
             if snap is not None and snap.gen_of(uid) not in (None, route.gen):
                 # the device model re-bound meanwhile: the new binding's pending event covers a
                 # READY slot only if it came after; send on the new route too (spurious at worst)
@@ -467,12 +473,8 @@ class SimGuest:
         """Until the slot says IORESP_READY (data) or the server/domain is gone (-1: all-ones)."""
         assert self._loop is not None and self._chan is not None
         loop = self._loop
+        woken = False
         while True:
-            try:
-                os.eventfd_read(route.wake)
-                woken = True
-            except BlockingIOError:
-                woken = False
             if slot.state == IoreqState.IORESP_READY:
                 data = int(slot.data)
                 slot.state = IoreqState.NONE
@@ -484,6 +486,7 @@ class SimGuest:
                     snap = vcpu_channel.read_snapshot(self._chan)
                 if snap.flags & vcpu_channel.FLAG_DYING or uid not in snap.live:
                     return -1  # the access completes as an unclaimed one (IoreqServer.close)
+                woken = False  # spurious (Xen keeps the vCPU blocked): wait again
                 continue
             fut: asyncio.Future[None] = loop.create_future()
             self._fast_waits.add(fut)
@@ -493,6 +496,11 @@ class SimGuest:
             finally:
                 loop.remove_reader(route.wake)
                 self._fast_waits.discard(fut)
+            try:
+                os.eventfd_read(route.wake)
+                woken = True
+            except BlockingIOError:
+                woken = False
 
     def irq_level(self, irq: int) -> bool:
         return bool(self._ctl.call({"op": "irq_level", "domid": self.domid, "irq": irq})[0]["value"])

@@ -30,7 +30,7 @@ import struct
 
 __all__ = [
     "BUSY_OFF", "FLAG_ARM64", "FLAG_DYING", "FLAG_RUNNING", "LIVE_OFF", "MAX_ENTRIES", "MAX_FAST_VCPUS",
-    "MAX_LIVE", "PAGE", "Snapshot", "read_snapshot", "write",
+    "MAX_LIVE", "PAGE", "Snapshot", "read_snapshot", "seq_of", "write",
 ]
 
 PAGE = 4096
@@ -39,6 +39,7 @@ FLAG_DYING = 2
 FLAG_ARM64 = 4
 FLAG_OVERFLOW = 8  # more ranges or servers than the page holds: every access takes the host's path
 _HEAD = struct.Struct("<QII")
+_SEQ = struct.Struct("<Q")
 _ENT = struct.Struct("<QQIII")
 ENT_OFF = _HEAD.size
 LIVE_OFF = 2048
@@ -49,10 +50,10 @@ MAX_FAST_VCPUS = 32
 
 
 class Snapshot:
-    __slots__ = ("entries", "flags", "live")
+    __slots__ = ("entries", "flags", "live", "seq")
 
-    def __init__(self, flags: int, entries: list[tuple[int, int, int, int, int]], live: set[int]) -> None:
-        self.flags, self.entries, self.live = flags, entries, live
+    def __init__(self, seq: int, flags: int, entries: list[tuple[int, int, int, int, int]], live: set[int]) -> None:
+        self.seq, self.flags, self.entries, self.live = seq, flags, entries, live
 
     def claim(self, addr: int, size: int) -> tuple[int, int, int] | None:
         """(uid, fast_vcpus, route_gen) of the first server claiming [addr, addr+size), or None."""
@@ -81,6 +82,11 @@ def write(buf: mmap.mmap | bytearray, seq: int, flags: int, entries: list[tuple[
     return seq + 2
 
 
+def seq_of(buf: mmap.mmap | bytearray) -> int:
+    """The page's sequence counter: a snapshot with this ``seq`` is still current."""
+    return int(_SEQ.unpack_from(buf, 0)[0])
+
+
 def read_snapshot(buf: mmap.mmap | bytearray) -> Snapshot | None:
     """Guest side: a consistent copy of the page, or None if the host was writing (take its path)."""
     seq, flags, n = _HEAD.unpack_from(buf, 0)
@@ -91,4 +97,4 @@ def read_snapshot(buf: mmap.mmap | bytearray) -> Snapshot | None:
     live = set(struct.unpack_from(f"<{min(count, MAX_LIVE)}I", buf, LIVE_OFF + 4))
     if _HEAD.unpack_from(buf, 0)[0] != seq:
         return None
-    return Snapshot(flags, entries, live)
+    return Snapshot(seq, flags, entries, live)
