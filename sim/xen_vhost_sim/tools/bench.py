@@ -471,10 +471,10 @@ class Progress:
         i = next((k for k in range(self.done, len(self.phases)) if self.phases[k][0] == name), self.done)
         elapsed = time.perf_counter() - self.t0
         left = sum(w for _n, w in self.phases[i:])
-        pace = elapsed / self.spent if self.spent > 0 else 1.0
+        self.spent = sum(w for _n, w in self.phases[:i])  # expected seconds of the phases done
+        pace = elapsed / self.spent if self.spent > 0 and elapsed > 0 else 1.0
         print(f"[{i + 1}/{len(self.phases)}] {name}: {elapsed:.0f} s elapsed, about {fmt_s(left * pace)} left",
               file=sys.stderr, flush=True)
-        self.spent = sum(w for _n, w in self.phases[:i])
         self.done = i
 
     def finish(self) -> None:
@@ -690,7 +690,8 @@ def plot(res: dict[str, Any], path: str) -> None:
     ax1.set_xticks([k + 0.4 - width / 2 for k in range(len(JOBS))], list(JOBS))
     ax1.set_ylabel("path / direct (median ratio)")
     ax1.set_title("fio in UML: each path against direct")
-    ax1.legend(fontsize=8)
+    if names:
+        ax1.legend(fontsize=8)
     rel = res["relay"]
     bars = [("raw eventfd\nping-pong", rel["raw_eventfd_rtt_s"])]
     if rel.get("async_eventfd_rtt_s"):
