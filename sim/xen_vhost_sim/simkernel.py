@@ -12,8 +12,9 @@ Every fd it returns is real:
 * evtchn: an epoll fd whose reads return pending local ports as u32 and whose writes unmask them,
   exactly as /dev/xen/evtchn (``asyncio`` ``add_reader`` works on it). It polls the host's "ring"
   socket (events the host delivers, unmasks and posted notifies it reads) and, for each port bound
-  to a vCPU's IOREQ port, the port's *deliver* eventfd (sim.vcpu_channel): such a port's mask lives
-  here (masked = its eventfd is not polled; the counter is the pending bit) and IOCTL_EVTCHN_NOTIFY
+  to a vCPU's IOREQ port, the port's *deliver* eventfd (sim.vcpu_channel, edge-triggered): such a
+  port's mask lives here (the counter is the pending bit; an edge seen while masked is held and
+  raised again by the unmask) and IOCTL_EVTCHN_NOTIFY
   on it writes the vCPU's *wake* eventfd, so the IOREQ hot path never goes through the host. The
   ioctl channel is a second, internal connection;
 * xenbus: a client connection of the simulated xenstored (xs_wire on read/write).
@@ -168,6 +169,7 @@ class _Node:
     fast: dict[int, tuple[int, int]] = field(default_factory=dict)  # port -> (deliver, wake)
     by_fd: dict[int, int] = field(default_factory=dict)  # deliver fd -> port
     masked: set[int] = field(default_factory=set)
+    held: set[int] = field(default_factory=set)  # masked ports whose event came meanwhile
     blocking: bool = False
 
     def call(
@@ -317,7 +319,9 @@ class SimKernel:
                 rest.append(port)
             elif port in node.masked:
                 node.masked.discard(port)
-                node.ep.modify(route[0], select.EPOLLIN)  # level: a pending counter fires again
+                if port in node.held:  # pending while masked: a new edge delivers it
+                    node.held.discard(port)
+                    os.eventfd_write(route[0], 1)
         if rest:
             os.write(node.ring, rest.tobytes())
         return len(data)
@@ -332,6 +336,8 @@ class SimKernel:
             out = array.array("I")
             for fd, _ev in node.ep.poll(0, limit + 1):
                 if fd == node.ring:
+                    if len(out) >= limit:
+                        continue  # level-triggered: still readable for the next read
                     try:
                         data = os.read(node.ring, 4 * (limit - len(out)))
                     except BlockingIOError:
@@ -341,14 +347,19 @@ class SimKernel:
                     out.frombytes(data[: len(data) - len(data) % 4])
                     continue
                 port = node.by_fd.get(fd)
-                if port is None or len(out) >= limit:
+                if port is None:
+                    continue
+                if port in node.masked:
+                    node.held.add(port)  # this edge is consumed: the unmask raises it again
+                    continue
+                if len(out) >= limit:
+                    os.eventfd_write(fd, 1)  # no room in this read: a new edge for the next one
                     continue
                 try:
                     os.eventfd_read(fd)
                 except BlockingIOError:
                     continue
                 node.masked.add(port)
-                node.ep.modify(fd, 0)
                 out.append(port)
             if out:
                 return out.tobytes()
@@ -360,7 +371,7 @@ class SimKernel:
         assert node.ep is not None
         node.fast[port] = (deliver, wake)
         node.by_fd[deliver] = port
-        node.ep.register(deliver, select.EPOLLIN)
+        node.ep.register(deliver, select.EPOLLIN | select.EPOLLET)
 
     def _drop_fast(self, node: _Node, port: int) -> None:
         route = node.fast.pop(port, None)
@@ -369,6 +380,7 @@ class SimKernel:
         assert node.ep is not None
         node.by_fd.pop(route[0], None)
         node.masked.discard(port)
+        node.held.discard(port)
         node.ep.unregister(route[0])
         os.close(route[0])
         os.close(route[1])
@@ -619,10 +631,10 @@ class SimKernel:
         if which is EvtchnIoctl.RESET:
             self._drain(node.ring)
             assert node.ep is not None
-            for port, (deliver, _wake) in node.fast.items():
+            for deliver, _wake in node.fast.values():
                 self._drain(deliver)
-                node.ep.modify(deliver, select.EPOLLIN)
             node.masked.clear()
+            node.held.clear()
             return int(node.call({"op": "reset"})[0]["ret"])
         if which is EvtchnIoctl.RESTRICT_DOMID:
             return int(node.call({"op": "restrict_domid", "domid": struct.unpack("<H", raw)[0]})[0]["ret"])
