@@ -246,7 +246,10 @@ class _Route:
 
     def close(self) -> None:
         self.slot = None  # a ctypes view pins the mmap
-        self.page.close()
+        try:
+            self.page.close()
+        except BufferError:
+            pass  # an access in flight still holds a view: the mapping goes with it
         os.close(self.wake)
         os.close(self.deliver)
 
@@ -319,6 +322,8 @@ class SimGuest:
         self._futs.clear()
         self._fail_fast_waits(ConnectionResetError("SimGuest closed"))
         for route in self._routes.values():
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(route.wake)
             route.close()
         self._routes.clear()
         if self._chan is not None:
@@ -449,7 +454,8 @@ class SimGuest:
         slot.addr, slot.data, slot.count, slot.size = addr, (value & (_U64 if arm64 else mask)) if write else 0, 1, size
         slot.type = IoreqType.COPY
         busy = vcpu_channel.BUSY_OFF + vcpu
-        self._chan[busy] = 1
+        chan = self._chan
+        chan[busy] = 1
         try:
             slot.flags = (ioreq_t.DIR if not write else 0) | IoreqState.READY  # state last (wmb)
             os.eventfd_write(route.deliver, 1)  # EVTCHNOP_send on the vCPU's port
@@ -466,7 +472,8 @@ class SimGuest:
                     slot = fresh.slot  # type: ignore[assignment]
             data = await self._fast_wait(uid, route, slot)
         finally:
-            self._chan[busy] = 0
+            if not chan.closed:  # (close() during the access)
+                chan[busy] = 0
         return 0 if write else (mask if data == -1 else data & mask)
 
     async def _fast_wait(self, uid: int, route: _Route, slot: ioreq_t) -> int:
@@ -494,7 +501,8 @@ class SimGuest:
             try:
                 await fut
             finally:
-                loop.remove_reader(route.wake)
+                if route.slot is not None:  # (close() has unregistered and closed it)
+                    loop.remove_reader(route.wake)
                 self._fast_waits.discard(fut)
             try:
                 os.eventfd_read(route.wake)

@@ -195,3 +195,22 @@ async def test_access_in_flight_completes_as_unclaimed_when_destroyed(
     finally:
         guest.close()
         dm.close()
+
+
+@pytest.mark.asyncio
+async def test_closing_the_guest_fails_its_access_in_flight(
+    sim_host: SimHost, sim_control: SimControl, kernel: SimKernel
+) -> None:
+    domid = sim_control.create_domain(mem_bytes=16 << 20)
+    guest = await SimGuest.connect(sim_host.path, domid)
+    dm = Dm(kernel, domid)
+    try:
+        await dm.drain()
+        read = asyncio.ensure_future(guest.mmio_read(BASE, 4))
+        assert await asyncio.wait_for(dm.ev.wait(), TIMEOUT) == dm.ports  # the vCPU is waiting in this process
+        guest.close()
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(read, TIMEOUT)
+    finally:
+        guest.close()
+        dm.close()
