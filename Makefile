@@ -56,8 +56,9 @@ PREFIX  ?= /usr
 install: venv
 	$(PY) packaging/build_deb.py install --destdir $(DESTDIR) --prefix $(PREFIX)
 
+# BENCH_ARGS: e.g. --plot bench.png (needs the plot extra), --only micro, --reps 1
 bench: deps venv
-	$(PY) -m xen_vhost_sim.tools.bench
+	$(PY) -m xen_vhost_sim.tools.bench $(BENCH_ARGS)
 
 # Long fuzzing runs (each example bounded): 100,000 guest register programs, 100,000 byte streams
 # into the vhost-user state machines, 100,000 hostile back-end replies over real sockets, 1,000

@@ -8,6 +8,11 @@
 
 The guest's RAM is reached through the host's RAM memfd, which only the *guest* side gets (the guest
 owns its memory); the daemon's side never does: it must foreign-map or grant-map like on Xen.
+
+vCPU accesses take the vCPU channel (sim.vcpu_channel) when the host's page says they may: the
+guest writes the IOREQ slot and signals the device model's event channel itself, and waits for the
+device model's notify on an eventfd, so an access costs no round trip to the simulated host.
+Anything else (paused, unclaimed, a kernel ioeventfd, ...) is the host's ``mmio`` request.
 """
 
 from __future__ import annotations
@@ -15,12 +20,16 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
+import mmap
 import os
 import socket
+from dataclasses import dataclass
 from typing import Any, Self
 
-from xen_vhost_sim import rpc
+from xen_vhost_sim import rpc, vcpu_channel
 from xen_vhost_sim.memory import GuestMemory
+from xen_vhost_sim.vcpu_channel import Snapshot
+from xen_vhost_master.xen.abi import IOREQ_SLOT_SIZE, XEN_PAGE_SIZE, IoreqState, IoreqType, ioreq_t
 
 __all__ = ["SimControl", "SimGuest", "SimGuestRam", "SimHostError"]
 
@@ -200,6 +209,15 @@ class SimControl:
         return bool(self.call({"op": "pending_access", "domid": domid, "vcpu": vcpu})[0]["value"])
 
 
+def vcpu_channel_page() -> int:
+    return vcpu_channel.PAGE
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class SimGuestRam:
     """GuestRam over the (sim-only) RAM memfd of a domain."""
 
@@ -216,16 +234,56 @@ class SimGuestRam:
         self._mem.close()
 
 
-class SimGuest:
-    """GuestBus of domain ``domid`` on the simulated host at ``path``. Create with :meth:`connect`."""
+@dataclass(eq=False)
+class _Route:
+    """One vCPU's eventfd route to one IOREQ server (sim.vcpu_channel)."""
 
-    def __init__(self, path: str, domid: int) -> None:
+    gen: int
+    page: mmap.mmap
+    slot: ioreq_t | None
+    wake: int
+    deliver: int
+
+    def close(self) -> None:
+        self.slot = None  # a ctypes view pins the mmap
+        try:
+            self.page.close()
+        except BufferError:
+            pass  # an access in flight still holds a view: the mapping goes with it
+        os.close(self.wake)
+        os.close(self.deliver)
+
+
+_U64 = (1 << 64) - 1
+
+
+class SimGuest:
+    """GuestBus of domain ``domid`` on the simulated host at ``path``. Create with :meth:`connect`.
+
+    ``vcpu_channel=False`` sends every access through the simulated host (the reference path)."""
+
+    def __init__(self, path: str, domid: int, *, vcpu_channel: bool = True) -> None:
         self.path, self.domid = path, domid
         self._ctl = SimControl(path)
-        reply, fds = self._ctl.call({"op": "guest_ram", "domid": domid})
-        banks = [(int(a), int(b)) for a, b in reply["banks"]]
-        holes = [(int(a), int(b)) for a, b in reply["holes"]]
-        self._ram = SimGuestRam(GuestMemory(banks, holes, memfd=fds[0]))
+        self._chan: mmap.mmap | None = None
+        self._routes: dict[tuple[int, int], _Route] = {}
+        self._vlocks: dict[int, asyncio.Lock] = {}
+        self._fast_waits: set[asyncio.Future[None]] = set()
+        self._snap: Snapshot | None = None  # the page as last read (valid while its seq is)
+        try:
+            reply, fds = self._ctl.call({"op": "guest_ram", "domid": domid})
+            banks = [(int(a), int(b)) for a, b in reply["banks"]]
+            holes = [(int(a), int(b)) for a, b in reply["holes"]]
+            self._ram = SimGuestRam(GuestMemory(banks, holes, memfd=fds[0]))
+            if vcpu_channel:
+                _r, cfds = self._ctl.call({"op": "vcpu_channel", "domid": domid})
+                try:
+                    self._chan = mmap.mmap(cfds[0], vcpu_channel_page())
+                finally:
+                    os.close(cfds[0])
+        except BaseException:
+            self._ctl.close()
+            raise
         self._sock: socket.socket | None = None
         self._reader = rpc.MessageReader()
         self._futs: dict[int, asyncio.Future[Any]] = {}
@@ -233,8 +291,8 @@ class SimGuest:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    async def connect(cls, path: str, domid: int) -> SimGuest:
-        g = cls(path, domid)
+    async def connect(cls, path: str, domid: int, *, vcpu_channel: bool = True) -> SimGuest:
+        g = cls(path, domid, vcpu_channel=vcpu_channel)
         connected = False
         try:
             g._loop = asyncio.get_running_loop()
@@ -262,8 +320,23 @@ class SimGuest:
             if not f.done():
                 f.set_exception(ConnectionResetError("SimGuest closed"))
         self._futs.clear()
+        self._fail_fast_waits(ConnectionResetError("SimGuest closed"))
+        for route in self._routes.values():
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(route.wake)
+            route.close()
+        self._routes.clear()
+        if self._chan is not None:
+            self._chan.close()
+            self._chan = None
         self._ctl.close()
         self._ram.close()
+
+    def _fail_fast_waits(self, exc: BaseException) -> None:
+        for f in self._fast_waits:
+            if not f.done():
+                f.set_exception(exc)
+        self._fast_waits.clear()
 
     async def __aenter__(self) -> Self:
         return self
@@ -282,6 +355,7 @@ class SimGuest:
                 if not f.done():
                     f.set_exception(ConnectionResetError("simulated host went away"))
             self._futs.clear()
+            self._fail_fast_waits(ConnectionResetError("simulated host went away"))
             return
         for obj, _blob in self._reader.feed(data):
             fut = self._futs.pop(int(obj.get("tag", -1)), None)
@@ -312,10 +386,129 @@ class SimGuest:
         return self._ram
 
     async def mmio_read(self, addr: int, size: int, vcpu: int = 0) -> int:
-        return int(await self._call({"op": "mmio", "addr": addr, "size": size, "write": False, "vcpu": vcpu}))
+        return await self._mmio(addr, size, False, 0, vcpu)
 
     async def mmio_write(self, addr: int, size: int, value: int, vcpu: int = 0) -> None:
-        await self._call({"op": "mmio", "addr": addr, "size": size, "write": True, "value": value, "vcpu": vcpu})
+        await self._mmio(addr, size, True, value, vcpu)
+
+    async def _mmio(self, addr: int, size: int, write: bool, value: int, vcpu: int) -> int:
+        lock = self._vlocks.get(vcpu)
+        if lock is None:
+            lock = self._vlocks[vcpu] = asyncio.Lock()
+        async with lock:  # one access per vCPU at a time (Hypervisor.mmio holds the vCPU's lock)
+            got = self._route(addr, size, vcpu)
+            if got is None:
+                obj = {"op": "mmio", "addr": addr, "size": size, "write": write, "vcpu": vcpu}
+                if write:
+                    obj["value"] = value
+                return int(await self._call(obj))
+            uid, route, arm64 = got
+            return await self._fast_mmio(uid, route, addr, size, write, value, vcpu, arm64)
+
+    def _route(self, addr: int, size: int, vcpu: int) -> tuple[int, _Route, bool] | None:
+        """The vCPU channel for this access, if the host's page allows it (else None: host path)."""
+        chan = self._chan
+        if chan is None or size not in (1, 2, 4, 8) or not 0 <= vcpu < vcpu_channel.MAX_FAST_VCPUS:
+            return None
+        snap = self._snap
+        if snap is None or snap.seq != vcpu_channel.seq_of(chan):
+            snap = self._snap = vcpu_channel.read_snapshot(chan)
+        if snap is None or snap.flags & (vcpu_channel.FLAG_RUNNING | vcpu_channel.FLAG_DYING) != vcpu_channel.FLAG_RUNNING:
+            return None
+        claim = snap.claim(addr, size)
+        if claim is None or not claim[1] >> vcpu & 1:
+            return None
+        uid, _fast, gen = claim
+        route = self._routes.get((uid, vcpu))
+        if route is None or route.gen != gen:
+            route = self._fetch_route(uid, vcpu, gen)
+        if route is None:
+            return None
+        return uid, route, bool(snap.flags & vcpu_channel.FLAG_ARM64)
+
+    def _fetch_route(self, uid: int, vcpu: int, gen: int) -> _Route | None:
+        old = self._routes.pop((uid, vcpu), None)
+        if old is not None:
+            old.close()
+        try:
+            _r, fds = self._ctl.call({"op": "vcpu_server", "domid": self.domid, "uid": uid, "vcpu": vcpu})
+        except SimHostError:
+            return None  # gone or re-routed meanwhile: the host's path
+        try:
+            page = mmap.mmap(fds[0], XEN_PAGE_SIZE)
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            return None
+        os.close(fds[0])
+        route = _Route(gen, page, ioreq_t.from_buffer(page, vcpu * IOREQ_SLOT_SIZE), fds[1], fds[2])
+        self._routes[(uid, vcpu)] = route
+        return route
+
+    async def _fast_mmio(self, uid: int, route: _Route, addr: int, size: int, write: bool, value: int, vcpu: int,
+                         arm64: bool) -> int:
+        """Hypervisor.mmio's claimed-access path, played by the vCPU itself (sim.vcpu_channel)."""
+        assert self._chan is not None and self._loop is not None and route.slot is not None
+        mask = (1 << (8 * size)) - 1
+        slot = route.slot
+        slot.addr, slot.data, slot.count, slot.size = addr, (value & (_U64 if arm64 else mask)) if write else 0, 1, size
+        slot.type = IoreqType.COPY
+        busy = vcpu_channel.BUSY_OFF + vcpu
+        chan = self._chan
+        chan[busy] = 1
+        try:
+            slot.flags = (ioreq_t.DIR if not write else 0) | IoreqState.READY  # state last (wmb)
+            os.eventfd_write(route.deliver, 1)  # EVTCHNOP_send on the vCPU's port
+            seen = self._snap
+            snap = seen if seen is not None and seen.seq == vcpu_channel.seq_of(self._chan) \
+                else vcpu_channel.read_snapshot(self._chan)
+            if snap is not None and snap.gen_of(uid) not in (None, route.gen):
+                # the device model re-bound meanwhile: the new binding's pending event covers a
+                # READY slot only if it came after; send on the new route too (spurious at worst)
+                fresh = self._fetch_route(uid, vcpu, int(snap.gen_of(uid) or 0))
+                if fresh is not None:
+                    os.eventfd_write(fresh.deliver, 1)
+                    route = fresh
+                    slot = fresh.slot  # type: ignore[assignment]
+            data = await self._fast_wait(uid, route, slot)
+        finally:
+            if not chan.closed:  # (close() during the access)
+                chan[busy] = 0
+        return 0 if write else (mask if data == -1 else data & mask)
+
+    async def _fast_wait(self, uid: int, route: _Route, slot: ioreq_t) -> int:
+        """Until the slot says IORESP_READY (data) or the server/domain is gone (-1: all-ones)."""
+        assert self._loop is not None and self._chan is not None
+        loop = self._loop
+        woken = False
+        while True:
+            if slot.state == IoreqState.IORESP_READY:
+                data = int(slot.data)
+                slot.state = IoreqState.NONE
+                return data
+            if woken:
+                snap = vcpu_channel.read_snapshot(self._chan)
+                while snap is None:  # the host is writing the page: a few instructions
+                    await asyncio.sleep(0)
+                    snap = vcpu_channel.read_snapshot(self._chan)
+                if snap.flags & vcpu_channel.FLAG_DYING or uid not in snap.live:
+                    return -1  # the access completes as an unclaimed one (IoreqServer.close)
+                woken = False  # spurious (Xen keeps the vCPU blocked): wait again
+                continue
+            fut: asyncio.Future[None] = loop.create_future()
+            self._fast_waits.add(fut)
+            loop.add_reader(route.wake, _wake, fut)
+            try:
+                await fut
+            finally:
+                if route.slot is not None:  # (close() has unregistered and closed it)
+                    loop.remove_reader(route.wake)
+                self._fast_waits.discard(fut)
+            try:
+                os.eventfd_read(route.wake)
+                woken = True
+            except BlockingIOError:
+                woken = False
 
     def irq_level(self, irq: int) -> bool:
         return bool(self._ctl.call({"op": "irq_level", "domid": self.domid, "irq": irq})[0]["value"])

@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from xen_vhost_sim import vcpu_channel
 from xen_vhost_sim.memory import Arch, GuestMemory, bank_layout
 from xen_vhost_master.xen.abi import (
     DOMID_FIRST_RESERVED,
@@ -51,6 +52,7 @@ MAX_IOREQ_SERVERS = 8  # MAX_NR_IOREQ_SERVERS
 MAX_VCPUS = 128  # one ioreq page holds 128 slots
 MAX_CONTROLLER_PAUSES = 255  # _domain_pause_by_systemcontroller: "an arbitrary 255"
 HISTORY_MAX = 256
+_uids = itertools.count(1)
 
 
 class HvError(Exception):
@@ -86,6 +88,7 @@ class Vcpu:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     pending: asyncio.Future[int] | None = None
     pending_server: IoreqServer | None = None
+    watching: asyncio.AbstractEventLoop | None = None  # the loop reading pending_server.wake[index]
 
 
 class IoreqServer:
@@ -94,10 +97,18 @@ class IoreqServer:
     def __init__(self, hv: Hypervisor, dom: Domain, sid: int, bufioreq: int, emulator: int) -> None:
         self.hv, self.dom, self.id, self.bufioreq, self.emulator = hv, dom, sid, bufioreq, emulator
         self.enabled = False
+        self.closed = False
         self.ranges: list[tuple[int, int, int]] = []  # (type, start, end inclusive)
+        self.uid = next(_uids)  # SIM-ONLY: names this server in the vCPU channel page
         self.memfd = os.memfd_create(f"xen-sim-ioreq-d{dom.domid}-s{sid}", os.MFD_CLOEXEC)
         os.ftruncate(self.memfd, XEN_PAGE_SIZE)
         self.page = mmap.mmap(self.memfd, XEN_PAGE_SIZE)
+        # SIM-ONLY (sim.vcpu_channel): per vCPU, the guest port's event as an eventfd (written by
+        # whoever notifies the port: the daemon's SimKernel directly, or the host) and the bound
+        # dom0 port's event as an eventfd (set by the evtchn connection that bound it).
+        self.wake = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(dom.nr_vcpus)]
+        self.deliver: list[int | None] = [None] * dom.nr_vcpus
+        self.route_gen = 0  # bumped whenever an entry of ``deliver`` changes
         self.ports: list[int] = []
         for v in range(dom.nr_vcpus):
             p = dom.alloc_port(remote_dom=emulator, consumer=self._on_event)
@@ -115,7 +126,22 @@ class IoreqServer:
         vcpu = self.dom.vcpus[self.ports.index(port.port)]
         fut = vcpu.pending
         if fut is None or fut.done() or vcpu.pending_server is not self:
+            _kick(self.wake[vcpu.index])  # a vCPU waiting in the guest's process (sim.vcpu_channel)
             return
+        self.complete(vcpu)
+
+    def woken(self, vcpu: Vcpu) -> None:
+        """vCPU ``vcpu``'s wake eventfd fired while the host itself waits for the access."""
+        try:
+            os.eventfd_read(self.wake[vcpu.index])
+        except BlockingIOError:
+            return
+        if vcpu.pending is not None and not vcpu.pending.done() and vcpu.pending_server is self:
+            self.complete(vcpu)
+
+    def complete(self, vcpu: Vcpu) -> None:
+        fut = vcpu.pending
+        assert fut is not None
         slot = self.slot(vcpu.index)
         if slot.state != IoreqState.IORESP_READY:
             return  # spurious or early: Xen keeps the vCPU blocked
@@ -124,13 +150,39 @@ class IoreqServer:
         fut.set_result(data)
 
     def close(self) -> None:
+        self.closed = True
+        self.hv.publish(self.dom)  # a vCPU waiting in the guest's process sees the server gone ...
         for v in self.dom.vcpus:
             if v.pending_server is self and v.pending is not None and not v.pending.done():
                 v.pending.set_result(-1)  # the access completes as an unclaimed one (all-ones)
+            if v.pending_server is self and v.watching is not None:
+                v.watching.remove_reader(self.wake[v.index])
+                v.watching = None
+            _kick(self.wake[v.index])  # ... once woken
         for p in self.ports:
             self.hv.close_port(self.dom.domid, p)
         self.page.close()
         os.close(self.memfd)
+        for fd in self.wake:
+            os.close(fd)
+        self.wake = []
+
+    def fast_vcpus(self) -> int:
+        """Bit i: vCPU i's port has the eventfd route and no dom0 kernel handler (sim.vcpu_channel)."""
+        mask = 0
+        for i, d in enumerate(self.deliver[: vcpu_channel.MAX_FAST_VCPUS]):
+            p = self.dom.ports.get(self.ports[i])
+            if d is not None and p is not None and p.state == "interdomain" and p.remote_dom == 0 \
+                    and not self.hv.kernel_handles(p.remote_port):
+                mask |= 1 << i
+        return mask
+
+
+def _kick(fd: int) -> None:
+    try:
+        os.eventfd_write(fd, 1)
+    except OSError:
+        pass  # closed or saturated: the waiter re-reads the state anyway
 
 
 class Domain:
@@ -159,6 +211,15 @@ class Domain:
         # each change, ["claimed", base] when an MMIO range becomes served by an enabled IOREQ
         # server. Lets a test prove the guest never ran while a window was unclaimed.
         self.history: deque[tuple[str, object]] = deque(maxlen=HISTORY_MAX)
+        # SIM-ONLY: the vCPU channel page (sim.vcpu_channel), guests only
+        self.ctl_fd = -1
+        self.ctl: mmap.mmap | None = None
+        self.ctl_seq = 0
+        if memory is not None:
+            self.ctl_fd = os.memfd_create(f"xen-sim-vcpu-d{domid}", os.MFD_CLOEXEC)
+            os.ftruncate(self.ctl_fd, vcpu_channel.PAGE)
+            self.ctl = mmap.mmap(self.ctl_fd, vcpu_channel.PAGE)
+        self.on_change: Callable[[Domain], None] | None = None
 
     def sync_running(self) -> None:
         run = self.pause_count == 0 and self.shutdown_reason is None and not self.dying
@@ -168,6 +229,8 @@ class Domain:
             self.running.set()  # a dying domain's waiting vCPUs must see that it is gone
         else:
             self.running.clear()
+        if self.on_change is not None:
+            self.on_change(self)
 
     def alloc_port(self, remote_dom: int, consumer: Callable[[Port], None] | None = None, owner: object = None) -> Port:
         for n in range(1, MAX_PORTS):
@@ -196,6 +259,24 @@ class Hypervisor:
     def __init__(self) -> None:
         self.domains: dict[int, Domain] = {0: Domain(0, "Domain-0", 1, None, Arch.ARM64)}
         self._rover = 0  # XEN_DOMCTL_createdomain's "static domid_t rover": ids are not reused at once
+        #: SIM-ONLY: whether a dom0 kernel handler (privcmd ioeventfd) shares this dom0 port
+        self.kernel_handles: Callable[[int], bool] = lambda _port: False
+
+    def publish(self, dom: Domain) -> None:
+        """SIM-ONLY: rewrite ``dom``'s vCPU channel page from the current state (sim.vcpu_channel)."""
+        if dom.ctl is None:
+            return
+        run = dom.pause_count == 0 and dom.shutdown_reason is None and not dom.dying
+        flags = (vcpu_channel.FLAG_RUNNING if run else 0) | (vcpu_channel.FLAG_DYING if dom.dying else 0) \
+            | (vcpu_channel.FLAG_ARM64 if dom.arch is Arch.ARM64 else 0)
+        live = [s for s in dom.servers.values() if not s.closed]
+        entries = [(start, end, s.uid, s.fast_vcpus(), s.route_gen & 0xFFFFFFFF) for s in live if s.enabled
+                   for kind, start, end in s.ranges if kind == IoRangeType.MEMORY]
+        dom.ctl_seq = vcpu_channel.write(dom.ctl, dom.ctl_seq, flags, entries, [s.uid for s in live])
+
+    def publish_all(self) -> None:
+        for dom in self.domains.values():
+            self.publish(dom)
 
     def _next_domid(self) -> int:
         """The first free id after the last one handed out, wrapping below DOMID_FIRST_RESERVED."""
@@ -245,7 +326,7 @@ class Hypervisor:
                 raise HvError(errno.EINVAL, "paged range not page aligned")
             mem.paged.append((gpa >> 12, (gpa + size) >> 12))
         dom = Domain(domid, name or f"guest{domid}", vcpus, mem, a, paused=paused)
-        self.domains[domid] = dom
+        self._adopt(dom)
         log.info("created d%d (%s, %d vCPUs, %d MiB, %s%s)", domid, dom.name, vcpus, mem_bytes >> 20, a.value,
                  ", paused" if paused else "")
         return dom
@@ -277,10 +358,15 @@ class Hypervisor:
             os.close(own)
             raise HvError(errno.EINVAL, str(exc)) from None
         dom = Domain(domid, name or f"guest{domid}", vcpus, mem, Arch(arch), paused=paused)
-        self.domains[domid] = dom
+        self._adopt(dom)
         log.info("created d%d (%s, %d vCPUs, external RAM %d MiB in %d bank(s), %s)", domid, dom.name, vcpus,
                  total >> 20, len(banks), arch)
         return dom
+
+    def _adopt(self, dom: Domain) -> None:
+        self.domains[dom.domid] = dom
+        dom.on_change = self.publish
+        self.publish(dom)
 
     def domain(self, domid: int) -> Domain:
         dom = self.domains.get(domid)
@@ -331,6 +417,10 @@ class Hypervisor:
         del self.domains[domid]
         if dom.memory is not None:
             dom.memory.close()  # mappings already made by dom0 keep their pages, as on Xen
+        if dom.ctl is not None:
+            dom.ctl.close()
+            os.close(dom.ctl_fd)
+            dom.ctl, dom.ctl_fd = None, -1
         log.info("destroyed d%d", domid)
 
     # ------------------------------------------------------------------ event channels
@@ -338,7 +428,8 @@ class Hypervisor:
         self.domain(remote_dom)
         return self.domain(domid).alloc_port(remote_dom, **kw)  # type: ignore[arg-type]
 
-    def bind_interdomain(self, domid: int, remote_dom: int, remote_port: int, **kw: object) -> Port:
+    def bind_interdomain(self, domid: int, remote_dom: int, remote_port: int, *, fire: bool = True,
+                         **kw: object) -> Port:
         local = self.domain(domid)
         rdom = self.domain(remote_dom)
         rp = rdom.port(remote_port)
@@ -349,7 +440,9 @@ class Hypervisor:
         rp.state, rp.remote_dom, rp.remote_port = "interdomain", domid, lp.port
         # xen/common/event_channel.c: "We may have lost notifications on the remote unbound port.
         # Fix that up here by conservatively always setting a notification on the local port."
-        self._fire(lp)
+        # (``fire=False``: the caller fires it once its delivery route is in place.)
+        if fire:
+            self._fire(lp)
         return lp
 
     def close_port(self, domid: int, port: int) -> None:
@@ -375,9 +468,11 @@ class Hypervisor:
         if rp is not None:
             self._fire(rp)
 
-    def _fire(self, p: Port) -> None:
+    def fire(self, p: Port) -> None:
         if p.consumer is not None:
             p.consumer(p)
+
+    _fire = fire
 
     # ------------------------------------------------------------------ ioreq servers
     def create_ioreq_server(self, domid: int, bufioreq: int, emulator: int = 0) -> IoreqServer:
@@ -389,6 +484,7 @@ class Hypervisor:
             raise HvError(errno.ENOSPC)
         s = IoreqServer(self, dom, sid, bufioreq, emulator)
         dom.servers[sid] = s
+        self.publish(dom)
         return s
 
     def ioreq_server(self, domid: int, sid: int, emulator: int = 0) -> IoreqServer:
@@ -403,6 +499,7 @@ class Hypervisor:
         s = self.ioreq_server(domid, sid, emulator)
         del s.dom.servers[sid]
         s.close()
+        self.publish(s.dom)
 
     def map_io_range(self, domid: int, sid: int, kind: int, start: int, end: int, emulator: int = 0) -> None:
         s = self.ioreq_server(domid, sid, emulator)
@@ -413,12 +510,14 @@ class Hypervisor:
         s.ranges.append((kind, start, end))
         if s.enabled and kind == IoRangeType.MEMORY:
             s.dom.history.append(("claimed", start))
+        self.publish(s.dom)
 
     def set_ioreq_server_state(self, domid: int, sid: int, enabled: bool, emulator: int = 0) -> None:
         s = self.ioreq_server(domid, sid, emulator)
         if enabled and not s.enabled:
             s.dom.history.extend(("claimed", start) for kind, start, _end in s.ranges if kind == IoRangeType.MEMORY)
         s.enabled = enabled
+        self.publish(s.dom)
 
     def unmap_io_range(self, domid: int, sid: int, kind: int, start: int, end: int, emulator: int = 0) -> None:
         s = self.ioreq_server(domid, sid, emulator)
@@ -426,6 +525,7 @@ class Hypervisor:
             s.ranges.remove((kind, start, end))
         except ValueError:
             raise HvError(errno.ENOENT) from None
+        self.publish(s.dom)
 
     async def mmio(self, domid: int, vcpu: int, addr: int, size: int, write: bool, value: int = 0) -> int:
         """One vCPU access; blocks (awaits) until the device model completed it."""
@@ -449,18 +549,28 @@ class Hypervisor:
             slot.type = IoreqType.COPY
             slot.flags = (ioreq_t.DIR if not write else 0) | IoreqState.READY  # state last (wmb)
             del slot  # a ctypes view pins the page's mmap: destroying the domain must be able to unmap it
-            fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[int] = loop.create_future()
             v.pending, v.pending_server = fut, server
+            wake = server.wake[vcpu]
+            loop.add_reader(wake, server.woken, v)  # a notify that went straight to the wake eventfd
+            v.watching = loop
             try:
                 self.send(domid, server.ports[vcpu])
                 data = await fut
             finally:
+                if v.watching is not None:
+                    v.watching.remove_reader(wake)
+                    v.watching = None
                 v.pending, v.pending_server = None, None
             return 0 if write else (mask if data == -1 else data & mask)
 
     def pending_access(self, domid: int, vcpu: int) -> bool:
-        v = self.guest(domid).vcpus[vcpu]
-        return v.pending is not None and not v.pending.done()
+        dom = self.guest(domid)
+        v = dom.vcpus[vcpu]
+        in_guest = dom.ctl is not None and vcpu < vcpu_channel.PAGE - vcpu_channel.BUSY_OFF \
+            and dom.ctl[vcpu_channel.BUSY_OFF + vcpu] != 0  # an access the guest's process made itself
+        return in_guest or (v.pending is not None and not v.pending.done())
 
     # ------------------------------------------------------------------ interrupts
     def set_irq_level(self, domid: int, irq: int, level: int) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from xen_vhost_sim import rpc
 from xen_vhost_sim.fastpath import EventfdMode, FastPath
-from xen_vhost_sim.hypervisor import Domain, HvError, Hypervisor, Port
+from xen_vhost_sim.hypervisor import Domain, HvError, Hypervisor, IoreqServer, Port
 from xen_vhost_master.xen.abi import (
     DOMID_FIRST_RESERVED,
     XEN_PAGE_SHIFT,
@@ -105,6 +105,8 @@ class Conn:
         self.ring_buf = bytearray()
         self.bound: dict[int, _EvtchnBinding] = {}
         self.evtchn_restrict: int | None = None
+        # ports with the eventfd route (sim.vcpu_channel): port -> (server, vCPU, deliver eventfd)
+        self.fast: dict[int, tuple[IoreqServer, int, int]] = {}
         # gntdev: index -> {"refs": [(domid, ref)], "notify": (action, offset, port) | None}
         self.gmaps: dict[int, dict[str, Any]] = {}
         self.next_gindex = 0
@@ -245,6 +247,8 @@ class Conn:
         for port in list(self.bound):
             self.hv.close_port(0, port)
         self.bound.clear()
+        for port in list(self.fast):
+            self._drop_fast(port)
         if self.ring is not None:
             self.loop.remove_reader(self.ring.fileno())
             self.ring.close()
@@ -253,6 +257,7 @@ class Conn:
             self._gntdev_release(index)
         if self.kind == "privcmd":
             self.server.fastpath.release_owner(self)
+            self.hv.publish_all()
         while self.in_fds:
             os.close(self.in_fds.pop())
         self.sock.close()
@@ -396,7 +401,10 @@ class Conn:
         return _ok()
 
     def _privcmd_ioeventfd(self, o: dict[str, Any], _b: bytes) -> Reply:
-        self.server.fastpath.ioeventfd(o, self._take_fds(o), self.restrict, self)
+        try:
+            self.server.fastpath.ioeventfd(o, self._take_fds(o), self.restrict, self)
+        finally:
+            self.hv.publish_all()  # a kernel handler on a port takes the vCPU off the eventfd route
         return _ok()
 
     def _do_dm_op(self, dom: int, op: xen_dm_op) -> None:
@@ -494,6 +502,16 @@ class Conn:
 
     # -------------------------------------------------------------- evtchn
     def _deliver(self, p: Port) -> None:
+        fast = self.fast.get(p.port)
+        if fast is not None:
+            # eventfd route: the daemon's SimKernel keeps the mask (a masked port is an eventfd it
+            # does not poll; its counter is the pending bit)
+            self.server.fastpath.port_event(p.port)
+            try:
+                os.eventfd_write(fast[2], 1)
+            except OSError as exc:
+                log.warning("evtchn port %d: deliver eventfd: %s", p.port, exc)
+            return
         st = self.bound.setdefault(p.port, _EvtchnBinding())
         if st.masked or self.ring is None:
             st.pending = True
@@ -555,9 +573,38 @@ class Conn:
         rd, rp = int(o["remote_domain"]), int(o["remote_port"])
         if self.evtchn_restrict is not None and rd != self.evtchn_restrict:
             raise HvError(errno.EACCES)
-        p = self.hv.bind_interdomain(0, rd, rp, consumer=self._deliver, owner=self)
+        p = self.hv.bind_interdomain(0, rd, rp, consumer=self._deliver, owner=self, fire=False)
         self.bound.setdefault(p.port, _EvtchnBinding())
-        return _ok(ret=p.port)
+        fds: list[int] = []
+        target = self._vcpu_port(rd, rp)
+        if target is not None and self.server.fastpath.mode is not EventfdMode.ON:
+            # A vCPU's IOREQ port gets the eventfd route (sim.vcpu_channel): its events reach
+            # the daemon's evtchn fd, and the daemon's notifies the vCPU, without this host.
+            srv, vcpu = target
+            deliver = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self.fast[p.port] = (srv, vcpu, deliver)
+            srv.deliver[vcpu] = deliver
+            srv.route_gen += 1
+            fds = [os.dup(deliver), os.dup(srv.wake[vcpu])]
+            self.close_after_send.extend(fds)
+            self.hv.publish(srv.dom)
+        self.hv.fire(p)  # the bind-time pending event (see Hypervisor.bind_interdomain)
+        return ({"errno": 0, "ret": p.port}, b"", fds)
+
+    def _vcpu_port(self, domid: int, port: int) -> tuple[IoreqServer, int] | None:
+        dom = self.hv.domains.get(domid)
+        for srv in dom.servers.values() if dom is not None else ():
+            if port in srv.ports and not srv.closed:
+                return srv, srv.ports.index(port)
+        return None
+
+    def _drop_fast(self, port: int) -> None:
+        srv, vcpu, deliver = self.fast.pop(port)
+        if srv.deliver[vcpu] == deliver:
+            srv.deliver[vcpu] = None
+            srv.route_gen += 1
+            self.hv.publish(srv.dom)
+        os.close(deliver)
 
     def _evtchn_bind_unbound_port(self, o: dict[str, Any], _b: bytes) -> Reply:
         if self.evtchn_restrict is not None:
@@ -576,6 +623,8 @@ class Conn:
         self._owned(port)
         self.hv.close_port(0, port)
         self.bound.pop(port, None)
+        if port in self.fast:
+            self._drop_fast(port)
         return _ok(ret=0)
 
     def _evtchn_notify(self, o: dict[str, Any], _b: bytes) -> Reply:
@@ -765,6 +814,28 @@ class Conn:
         except ValueError as exc:
             raise HvError(errno.EINVAL, str(exc)) from None
         return _ok(value=self.server.fastpath.mode.value)
+
+    def _control_vcpu_channel(self, o: dict[str, Any], _b: bytes) -> Reply:
+        """SIM-ONLY (sim.vcpu_channel): the domain's vCPU channel page."""
+        d = self.hv.guest(int(o["domid"]))
+        fd = os.dup(d.ctl_fd)
+        self.close_after_send.append(fd)
+        return ({"errno": 0}, b"", [fd])
+
+    def _control_vcpu_server(self, o: dict[str, Any], _b: bytes) -> Reply:
+        """SIM-ONLY (sim.vcpu_channel): server ``uid``'s ioreq page, and vCPU ``vcpu``'s wake and
+        deliver eventfds (ENOENT: no such live server; EAGAIN: the vCPU has no eventfd route)."""
+        d = self.hv.guest(int(o["domid"]))
+        uid, vcpu = int(o["uid"]), int(o["vcpu"])
+        srv = next((x for x in d.servers.values() if x.uid == uid and not x.closed), None)
+        if srv is None or not 0 <= vcpu < d.nr_vcpus:
+            raise HvError(errno.ENOENT, f"no live ioreq server {uid} with vCPU {vcpu}")
+        deliver = srv.deliver[vcpu]
+        if deliver is None:
+            raise HvError(errno.EAGAIN, "no eventfd route for this vCPU")
+        fds = [os.dup(srv.memfd), os.dup(srv.wake[vcpu]), os.dup(deliver)]
+        self.close_after_send.extend(fds)
+        return ({"errno": 0}, b"", fds)
 
     def _control_guest_ram(self, o: dict[str, Any], _b: bytes) -> Reply:
         """SIM-ONLY: the guest's RAM memfd (for the guest's own view and for baselines)."""
@@ -963,6 +1034,7 @@ class SimServer:
         self.hv, self.path = hv, path
         self.toolstack = toolstack
         self.fastpath = FastPath(hv, self._run_dm_op, privcmd_eventfd)
+        hv.kernel_handles = lambda port: port in self.fastpath.by_port
         self.conns: set[Conn] = set()
         self.listener: socket.socket | None = None
         self.domctl_interface = DOMCTL_INTERFACE_VERSION  # SIM-ONLY setting: which Xen answers domctl

@@ -9,9 +9,14 @@ hypervisor-level part to the simulated host over the node's own connection.
 Every fd it returns is real:
 * privcmd, gntdev: a Unix socket connected to the simulated host (so a privcmd fd passed to another
   process over SCM_RIGHTS is still meaningful there: that process's SimKernel adopts it);
-* evtchn: a socket whose reads return pending local ports as u32 and whose writes unmask them,
-  exactly as /dev/xen/evtchn (``asyncio`` ``add_reader`` works on it); the ioctl channel is a
-  second, internal connection;
+* evtchn: an epoll fd whose reads return pending local ports as u32 and whose writes unmask them,
+  exactly as /dev/xen/evtchn (``asyncio`` ``add_reader`` works on it). It polls the host's "ring"
+  socket (events the host delivers, unmasks and posted notifies it reads) and, for each port bound
+  to a vCPU's IOREQ port, the port's *deliver* eventfd (sim.vcpu_channel, edge-triggered): such a
+  port's mask lives here (the counter is the pending bit; an edge seen while masked is held and
+  raised again by the unmask) and IOCTL_EVTCHN_NOTIFY
+  on it writes the vCPU's *wake* eventfd, so the IOREQ hot path never goes through the host. The
+  ioctl channel is a second, internal connection;
 * xenbus: a client connection of the simulated xenstored (xs_wire on read/write).
 
 Memory: ``mmap`` on privcmd reserves an inaccessible range (the empty privcmd VMA); MMAPBATCH_V2
@@ -26,6 +31,7 @@ import ctypes
 import errno
 import logging
 import os
+import select
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -85,6 +91,10 @@ _NODES = {
     "/proc/xen/xenbus": "xenbus",
     "/proc/xen/capabilities": "capabilities",
 }
+
+
+_NOTIFY = int(EvtchnIoctl.NOTIFY)
+_U32 = struct.Struct("<I")
 
 
 def _err(code: int, why: str = "") -> OSError:
@@ -154,6 +164,13 @@ class _Node:
     adopted: bool = False  # received from another process: ``sock`` is our dup of the fd
     ports: set[int] = field(default_factory=set)  # evtchn: ports bound through this node
     broken: bool = False
+    # evtchn: the poll set, and the eventfd route of ports bound to vCPU IOREQ ports
+    ep: select.epoll | None = None
+    fast: dict[int, tuple[int, int]] = field(default_factory=dict)  # port -> (deliver, wake)
+    by_fd: dict[int, int] = field(default_factory=dict)  # deliver fd -> port
+    masked: set[int] = field(default_factory=set)
+    held: set[int] = field(default_factory=set)  # masked ports whose event came meanwhile
+    blocking: bool = False
 
     def call(
         self, obj: dict[str, Any], blob: bytes = b"", fds: list[int] | None = None
@@ -220,9 +237,18 @@ class SimKernel:
             return fd
         if kind == "evtchn":
             ring = fds[0]
-            os.set_blocking(ring, not flags & os.O_NONBLOCK)
-            self._nodes[ring] = _Node(kind, sock, ring=ring)
-            return ring
+            os.set_blocking(ring, False)
+            try:
+                ep = select.epoll()
+            except OSError:
+                os.close(ring)
+                sock.close()
+                raise
+            ep.register(ring, select.EPOLLIN)
+            fd = ep.fileno()
+            os.set_blocking(fd, not flags & os.O_NONBLOCK)
+            self._nodes[fd] = _Node(kind, sock, ring=ring, ep=ep, blocking=not flags & os.O_NONBLOCK)
+            return fd
         fd = sock.fileno()
         self._nodes[fd] = _Node(kind, sock)
         return fd
@@ -265,15 +291,99 @@ class SimKernel:
             return
         if node.kind == "evtchn":
             os.close(node.ring)
+            for port in list(node.fast):
+                self._drop_fast(node, port)
+            assert node.ep is not None
+            node.ep.close()
         node.sock.close()
         if node.adopted:
             os.close(fd)
 
     def read(self, fd: int, length: int) -> bytes:
-        return os.read(fd, length)
+        node = self._nodes.get(fd)
+        if node is None or node.kind != "evtchn":
+            return os.read(fd, length)
+        return self._evtchn_read(node, length)
 
     def write(self, fd: int, data: bytes) -> int:
-        return os.write(fd, data)
+        node = self._nodes.get(fd)
+        if node is None or node.kind != "evtchn" or not node.fast:
+            return os.write(node.ring if node is not None and node.kind == "evtchn" else fd, data)
+        ports = array.array("I")
+        ports.frombytes(data[: len(data) - len(data) % 4])
+        rest = array.array("I")
+        assert node.ep is not None
+        for port in ports:
+            route = node.fast.get(port)
+            if route is None:
+                rest.append(port)
+            elif port in node.masked:
+                node.masked.discard(port)
+                if port in node.held:  # pending while masked: a new edge delivers it
+                    node.held.discard(port)
+                    os.eventfd_write(route[0], 1)
+        if rest:
+            os.write(node.ring, rest.tobytes())
+        return len(data)
+
+    def _evtchn_read(self, node: _Node, length: int) -> bytes:
+        """evtchn_read: the pending ports (at most ``length`` // 4), each left masked."""
+        assert node.ep is not None
+        limit = length // 4
+        if limit <= 0:
+            raise _err(errno.EINVAL)
+        while True:
+            out = array.array("I")
+            for fd, _ev in node.ep.poll(0, limit + 1):
+                if fd == node.ring:
+                    if len(out) >= limit:
+                        continue  # level-triggered: still readable for the next read
+                    try:
+                        data = os.read(node.ring, 4 * (limit - len(out)))
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        return b""  # the simulated host died (a real evtchn never ends)
+                    out.frombytes(data[: len(data) - len(data) % 4])
+                    continue
+                port = node.by_fd.get(fd)
+                if port is None:
+                    continue
+                if port in node.masked:
+                    node.held.add(port)  # this edge is consumed: the unmask raises it again
+                    continue
+                if len(out) >= limit:
+                    os.eventfd_write(fd, 1)  # no room in this read: a new edge for the next one
+                    continue
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    continue
+                node.masked.add(port)
+                out.append(port)
+            if out:
+                return out.tobytes()
+            if not node.blocking:
+                raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+            node.ep.poll(-1, 1)
+
+    def _add_fast(self, node: _Node, port: int, deliver: int, wake: int) -> None:
+        assert node.ep is not None
+        node.fast[port] = (deliver, wake)
+        node.by_fd[deliver] = port
+        node.ep.register(deliver, select.EPOLLIN | select.EPOLLET)
+
+    def _drop_fast(self, node: _Node, port: int) -> None:
+        route = node.fast.pop(port, None)
+        if route is None:
+            return
+        assert node.ep is not None
+        node.by_fd.pop(route[0], None)
+        node.masked.discard(port)
+        node.held.discard(port)
+        node.ep.unregister(route[0])
+        os.close(route[0])
+        os.close(route[1])
 
     # ------------------------------------------------------------------ mmap
     def mmap(
@@ -506,6 +616,13 @@ class SimKernel:
 
     # evtchn.c -----------------------------------------------------------
     def _evtchn(self, node: _Node, request: int, addr: int) -> int:
+        if request == _NOTIFY and node.fast:
+            # the hot path first: NOTIFY of a port with the eventfd route (no enum lookup)
+            (port,) = _U32.unpack(copy_from_user(addr, 4))
+            route = node.fast.get(port)
+            if route is not None and port in node.ports:
+                os.eventfd_write(route[1], 1)  # the vCPU's port fires (sim.vcpu_channel)
+                return 0
         try:
             which = EvtchnIoctl(request)
         except ValueError:
@@ -513,13 +630,24 @@ class SimKernel:
         raw = copy_from_user(addr, ioc_size(request))
         if which is EvtchnIoctl.RESET:
             self._drain(node.ring)
+            assert node.ep is not None
+            for deliver, _wake in node.fast.values():
+                self._drain(deliver)
+            node.masked.clear()
+            node.held.clear()
             return int(node.call({"op": "reset"})[0]["ret"])
         if which is EvtchnIoctl.RESTRICT_DOMID:
             return int(node.call({"op": "restrict_domid", "domid": struct.unpack("<H", raw)[0]})[0]["ret"])
         if which is EvtchnIoctl.BIND_INTERDOMAIN:
             rd, rp = struct.unpack("<II", raw)
-            port = int(node.call({"op": "bind_interdomain", "remote_domain": rd, "remote_port": rp})[0]["ret"])
+            reply, _b, fds = node.call({"op": "bind_interdomain", "remote_domain": rd, "remote_port": rp})
+            port = int(reply["ret"])
             node.ports.add(port)
+            if len(fds) == 2:
+                self._add_fast(node, port, fds[0], fds[1])
+            else:
+                for f in fds:
+                    os.close(f)
             return port
         (value,) = struct.unpack("<I", raw)
         if which is EvtchnIoctl.NOTIFY and not node.adopted:
@@ -528,6 +656,10 @@ class SimKernel:
             # ENOTCONN is decided here, from the ports this fd bound (the host checks again).
             if value not in node.ports:
                 raise _err(errno.ENOTCONN, f"port {value} not bound on this fd")
+            route = node.fast.get(value)
+            if route is not None:
+                os.eventfd_write(route[1], 1)  # the vCPU's port fires (sim.vcpu_channel)
+                return 0
             try:
                 os.write(node.ring, struct.pack("<I", value | rpc.RING_NOTIFY))
                 return 0
@@ -544,6 +676,7 @@ class SimKernel:
             node.ports.add(ret)
         elif which is EvtchnIoctl.UNBIND:
             node.ports.discard(value)
+            self._drop_fast(node, value)
         return ret
 
     @staticmethod

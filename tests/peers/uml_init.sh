@@ -12,7 +12,9 @@
 #                 fio: for each of UMLT_FIO_REPS repetitions, for each job of UMLT_FIO_JOBS
 #                 (comma-separated rw:bs:iodepth, e.g. randread:4k:32), run fio for UMLT_FIO_TIME
 #                 seconds on /dev/vda with UMLT_FIO_ENGINE (libaio, or psync: iodepth becomes
-#                 numjobs) and print "FIO <rep> <job> <terse v3 line>".
+#                 numjobs) and print "FIO <rep> <job> <terse v3 line>"; with UMLT_FIO_OUTPUT=json,
+#                 "FIOJ <rep> <job> <one-line JSON>" instead: fio's JSON output (read and write
+#                 sections: iops, bw_bytes, io_bytes, runtime ms, clat percentiles ns) condensed.
 # Every verdict is one console line starting with "UMLT:"; the host reads the console.
 # Always ends with poweroff -f, whatever happened.
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -107,6 +109,23 @@ fio)
             rw=${job%%:*}; rest=${job#*:}; bs=${rest%%:*}; qd=${rest#*:}
             if [ "$UMLT_FIO_ENGINE" = psync ]; then par="--ioengine=psync --numjobs=$qd --group_reporting"
             else par="--ioengine=${UMLT_FIO_ENGINE:-libaio} --iodepth=$qd"; fi
+            if [ "$UMLT_FIO_OUTPUT" = json ]; then
+                fio --name=j --filename=/dev/vda --direct=1 --rw="$rw" --bs="$bs" $par \
+                    --runtime="${UMLT_FIO_TIME:-3}" --time_based --output-format=json --output=$S/fio.json \
+                    2>$S/fio.err || { say "FAIL fio $job $(head -c 300 $S/fio.err | tr '\n' ' ')"; finish 1; }
+                out=$(python3 - $S/fio.json <<'PYEOF'
+import json, sys
+job = json.load(open(sys.argv[1]))["jobs"][0]
+def side(d):
+    pct = d.get("clat_ns", {}).get("percentile", {})
+    return {"iops": d["iops"], "bw_bytes": d["bw_bytes"], "io_bytes": d["io_bytes"], "runtime_ms": d["runtime"],
+            "clat_ns_p50": pct.get("50.000000"), "clat_ns_p99": pct.get("99.000000")}
+print(json.dumps({"read": side(job["read"]), "write": side(job["write"])}, separators=(",", ":")))
+PYEOF
+) || { say "FAIL fio json $job"; finish 1; }
+                say "FIOJ $r $job $out"
+                continue
+            fi
             out=$(fio --name=j --filename=/dev/vda --direct=1 --rw="$rw" --bs="$bs" $par \
                   --runtime="${UMLT_FIO_TIME:-3}" --time_based --output-format=terse --terse-version=3 \
                   2>$S/fio.err) || { say "FAIL fio $job $(head -c 300 $S/fio.err | tr '\n' ' ')"; finish 1; }

@@ -9,12 +9,12 @@ arm64; the state byte is written with one byte store (``(byte30 & 0xf0) | state`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import struct
+from typing import NamedTuple
 
 from xen_vhost_master.xen.abi import (
     IOREQ_SLOT_SIZE,
     XEN_PAGE_SIZE,
-    IoreqDir,
     IoreqState,
     ResourceType,
     XENMEM_resource_ioreq_server_frame_ioreq,
@@ -25,20 +25,22 @@ from xen_vhost_master.xen.privcmd import PrivCmd
 
 __all__ = ["IoreqPage", "IoreqRequest", "fence"]
 
+# struct ioreq (abi.ioreq_t): addr, data, count, size, vp_eport, _pad0, flags, type
+_SLOT = struct.Struct("<QQIIIHBB")
+
 
 def fence() -> None:
     """Full memory barrier point of the ioreq handshake (see module doc)."""
 
 
-@dataclass(frozen=True)
-class IoreqRequest:
+class IoreqRequest(NamedTuple):
     vcpu: int
     addr: int
     size: int
     is_write: bool
     data: int  # for writes: masked to ``size`` bytes (Arm does not mask)
     type: int
-    count: int
+    count: int  # type: ignore[assignment]  # the field shadows tuple.count (never called)
     data_is_ptr: bool
 
 
@@ -50,6 +52,7 @@ class IoreqPage:
             raise ValueError(f"{nr_vcpus} vCPUs do not fit one ioreq page")
         self.mapping, self.nr_vcpus = mapping, nr_vcpus
         self._slots = [ioreq_t.from_address(mapping.addr + i * IOREQ_SLOT_SIZE) for i in range(nr_vcpus)]
+        self._raw = [memoryview(s).cast("B") for s in self._slots]  # the same bytes, for one-shot reads
 
     @classmethod
     def map(cls, privcmd: PrivCmd, domid: int, server_id: int, nr_vcpus: int) -> IoreqPage:
@@ -59,6 +62,9 @@ class IoreqPage:
         return cls(m, nr_vcpus)
 
     def close(self) -> None:
+        for raw in self._raw:
+            raw.release()
+        self._raw = []
         self._slots = []
         self.mapping.close()
 
@@ -84,16 +90,16 @@ class IoreqPage:
         """If vCPU's slot is READY (or, with ``recover``, INPROCESS left by a dead predecessor):
         read it, mark INPROCESS and return it; else None (spurious wakeup: do not notify)."""
         s = self._slots[vcpu]
-        if s.state != IoreqState.READY and not (recover and s.state == IoreqState.INPROCESS):
+        state = s.flags & ioreq_t.STATE_MASK
+        if state != IoreqState.READY and not (recover and state == IoreqState.INPROCESS):
             return None
-        fence()
-        size = int(s.size)
-        is_write = s.dir == IoreqDir.WRITE
-        data = int(s.data)
+        fence()  # the state before the fields
+        addr, data, count, size, _port, _pad, flags, rtype = _SLOT.unpack(self._raw[vcpu])
+        is_write = not flags & ioreq_t.DIR  # dir bit clear: IOREQ_WRITE (abi.IoreqDir.WRITE = 0)
         if is_write and 0 < size < 8:
             data &= (1 << (8 * size)) - 1
-        req = IoreqRequest(vcpu, int(s.addr), size, is_write, data, int(s.type), int(s.count), s.data_is_ptr)
-        s.state = IoreqState.INPROCESS
+        req = IoreqRequest(vcpu, addr, size, is_write, data, rtype, count, bool(flags & ioreq_t.DATA_IS_PTR))
+        s.flags = (flags & ~ioreq_t.STATE_MASK) | IoreqState.INPROCESS
         return req
 
     def complete(self, vcpu: int, data: int | None = None) -> None:

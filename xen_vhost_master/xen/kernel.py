@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import mmap as _mmap
 import os
+import threading
 from typing import Protocol
 
 __all__ = [
@@ -95,6 +96,20 @@ def libc_munmap(addr: int, length: int) -> None:
         raise _oserror()
 
 
+_SMALL_COPY = 256  # ioctl arguments: one per-thread scratch buffer, iovecs built once
+_tls = threading.local()
+
+
+class _Scratch:
+    __slots__ = ("buf", "local", "plocal", "premote", "remote")
+
+    def __init__(self) -> None:
+        self.buf = ctypes.create_string_buffer(_SMALL_COPY)
+        self.local = _iovec(ctypes.addressof(self.buf), 0)
+        self.remote = _iovec(0, 0)
+        self.plocal, self.premote = ctypes.byref(self.local), ctypes.byref(self.remote)
+
+
 def copy_from_user(addr: int, length: int) -> bytes:
     """Read ``length`` bytes at a user address of this process; EFAULT (never SIGSEGV) if unmapped.
 
@@ -104,6 +119,15 @@ def copy_from_user(addr: int, length: int) -> bytes:
         return b""
     if addr == 0:
         raise OSError(14, os.strerror(14))
+    if 0 < length <= _SMALL_COPY:
+        sc: _Scratch | None = getattr(_tls, "scratch", None)
+        if sc is None:
+            sc = _tls.scratch = _Scratch()
+        sc.local.iov_len = sc.remote.iov_len = length
+        sc.remote.iov_base = addr
+        if _libc.process_vm_readv(os.getpid(), sc.plocal, 1, sc.premote, 1, 0) != length:
+            raise OSError(14, os.strerror(14))
+        return sc.buf.raw[:length]
     buf = ctypes.create_string_buffer(length)
     local = _iovec(ctypes.addressof(buf), length)
     remote = _iovec(addr, length)

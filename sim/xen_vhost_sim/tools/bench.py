@@ -19,15 +19,22 @@ Every figure is paired with its reference measured in the same run:
 * **relay microbenchmark**: a simulated guest's QueueNotify → daemon → a Python echo back-end that
   calls at once → daemon → interrupt line → the guest reads and acks InterruptStatus; round-trip
   p50/p99 and notifies/s vs a raw eventfd ping-pong between two Python processes (same run), and
-  the bare IOREQ round trip (one MMIO read) for the breakdown.
+  the bare IOREQ round trip (one MMIO read: guest → daemon → guest over the vCPU channel, see
+  sim/xen_vhost_sim/vcpu_channel.py) side by side with the ping-pong (target <= 3x) and with the
+  same read sent through the simulated host (``SimGuest(vcpu_channel=False)``, the old path).
 * guest-memory **mapping time** (``PrivCmd.map_foreign`` through the simulator) for 256 MiB,
   1 GiB and 4 GiB guests.
 * the daemon's **RSS** idle (after READY) and under load (max during the relayed fio), its CPU
   seconds per relayed run, **idle wake-ups/s** (context switches of all its threads over
   ``--idle-window`` s with a live device: must be 0), **start → READY** time (sd_notify).
 
-Prints a table (median, min, max) and writes ``bench-results.json``. Needs linux.uml, fio,
-qemu-storage-daemon (as the peer tests). SIM-ONLY numbers: the simulator's Xen is Python.
+fio runs with ``--output-format=json`` in the guest (condensed to one line per job, see
+tests/peers/uml_init.sh): IOPS, bandwidth in bytes/s (MB/s = 10^6 bytes/s), completion-latency
+p50/p99. Progress goes to stderr, one line per phase with an estimate of the time left. Prints a
+table (median, min, max, fixed precision per unit) and writes ``bench-results.json``; ``--plot
+FILE`` also draws each path against its reference (needs the ``plot`` extra: matplotlib). Needs
+linux.uml, fio, qemu-storage-daemon (as the peer tests). SIM-ONLY numbers: the simulator's Xen is
+Python.
 """
 
 from __future__ import annotations
@@ -127,9 +134,14 @@ class Daemon:
         self.ready_s = 0.0
 
     async def ready(self) -> float:
-        msg = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(self.notify, 4096), STEP)
-        if not msg.startswith(b"READY=1"):
-            raise RuntimeError(f"daemon said {msg!r}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STEP
+        while True:  # STATUS= progress lines come first (sd_notify)
+            msg = await asyncio.wait_for(loop.sock_recv(self.notify, 4096), max(0.0, deadline - loop.time()))
+            if b"READY=1" in msg.split(b"\n"):
+                break
+            if msg.startswith(b"ERRNO=") or b"STOPPING=1" in msg:
+                raise RuntimeError(f"daemon said {msg!r}")
         self.ready_s = time.perf_counter() - self.t0
         return self.ready_s
 
@@ -142,23 +154,29 @@ class Daemon:
 
 # ---------------------------------------------------------------------------------------------- fio
 def parse_fio(verdicts: list[str]) -> dict[str, list[float]]:
-    """{job: [value per repetition]}: IOPS for 4k jobs, MB/s for the 128k one (terse v3: field 6 =
-    read bandwidth KiB/s, field 7 = read IOPS)."""
+    """{job: [value per repetition]} from the guest's ``FIOJ <rep> <job> <json>`` lines (fio's JSON
+    output, read side): IOPS for 4k jobs, MB/s (bw_bytes / 10^6) for the 128k one; and, under
+    ``<job>.clat_p50_us`` / ``<job>.clat_p99_us``, the completion latency percentiles."""
     names = {v: k for k, v in JOBS.items()}
     out: dict[str, list[float]] = {}
     for line in verdicts:
-        if not line.startswith("FIO "):
+        if not line.startswith("FIOJ "):
             continue
-        _tag, _rep, job, terse = line.split(" ", 3)
-        fields = terse.split(";")
+        _tag, _rep, job, text = line.split(" ", 3)
+        rd = json.loads(text)["read"]
         name = names[job]
-        value = float(fields[6]) / 1000.0 if "128k" in job else float(fields[7])
+        value = float(rd["bw_bytes"]) / 1e6 if "128k" in job else float(rd["iops"])
         out.setdefault(name, []).append(value)
+        for q in ("p50", "p99"):
+            ns = rd.get(f"clat_ns_{q}")
+            if ns is not None:
+                out.setdefault(f"{name}.clat_{q}_us", []).append(float(ns) / 1e3)
     return out
 
 
 def uml_fio_env(fio_time: int) -> dict[str, str]:
-    return {"UMLT_FIO_JOBS": ",".join(JOBS.values()), "UMLT_FIO_TIME": str(fio_time), "UMLT_FIO_ENGINE": "libaio"}
+    return {"UMLT_FIO_JOBS": ",".join(JOBS.values()), "UMLT_FIO_TIME": str(fio_time), "UMLT_FIO_ENGINE": "libaio",
+            "UMLT_FIO_OUTPUT": "json"}
 
 
 async def fio_direct(peers: Any, fio_time: int) -> dict[str, list[float]]:
@@ -277,6 +295,53 @@ def eventfd_pingpong(n: int) -> list[float]:
     return out
 
 
+_ASYNC_CHILD = """
+import os, sys, uvloop
+a, b = int(sys.argv[1]), int(sys.argv[2])
+def on_ping():
+    os.eventfd_read(a)
+    os.eventfd_write(b, 1)
+async def main():
+    import asyncio
+    asyncio.get_running_loop().add_reader(a, on_ping)
+    await asyncio.Event().wait()
+uvloop.run(main())
+"""
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def eventfd_pingpong_async(n: int) -> list[float]:
+    """Round trips of an eventfd ping-pong between two Python event loops (uvloop ``add_reader`` on
+    both sides): the floor for any path where both ends are asyncio processes, as the guest and the
+    daemon are."""
+    ping, pong = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    child = subprocess.Popen([sys.executable, "-c", _ASYNC_CHILD, str(ping), str(pong)], pass_fds=(ping, pong))
+    loop = asyncio.get_running_loop()
+    out: list[float] = []
+    try:
+        for _ in range(n):
+            fut: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(pong, _resolve, fut)
+            t0 = time.perf_counter()
+            os.eventfd_write(ping, 1)
+            try:
+                await asyncio.wait_for(fut, STEP)
+            finally:
+                loop.remove_reader(pong)
+            os.eventfd_read(pong)
+            out.append(time.perf_counter() - t0)
+    finally:
+        child.kill()
+        child.wait()
+        os.close(ping)
+        os.close(pong)
+    return out
+
+
 async def relay_micro(peers: Any, work: Path, sim_path: str, n: int) -> dict[str, Any]:
     from xen_vhost_sim.guest import SimControl, SimGuest
     from xen_vhost_sim.guest_driver import DeviceStatus as S
@@ -289,6 +354,7 @@ async def relay_micro(peers: Any, work: Path, sim_path: str, n: int) -> dict[str
         domid = ctl.create_domain(mem_bytes=64 << 20)
     daemon = Daemon(peers, work, sim_path, domid, f"type=rng,base={BASE:#x},irq={IRQ},socket={sock}")
     guest = await SimGuest.connect(sim_path, domid)
+    via_host = await SimGuest.connect(sim_path, domid, vcpu_channel=False)
     try:
         await daemon.ready()
         async def w(reg: int, v: int) -> None:
@@ -313,11 +379,16 @@ async def relay_micro(peers: Any, work: Path, sim_path: str, n: int) -> dict[str
             await w(reg + 4, 0)
         await w(R.QUEUE_READY, 1)
         await w(R.STATUS, S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
-        ioreq, rtt = [], []
-        for _ in range(n // 4):
-            t0 = time.perf_counter()
-            await r(R.MAGIC_VALUE)
-            ioreq.append(time.perf_counter() - t0)
+        ioreq, ioreq_host, rtt = [], [], []
+        for _ in range(max(1, n // 200)):  # the two paths alternate in blocks: same machine load for both
+            for _ in range(50):
+                t0 = time.perf_counter()
+                await r(R.MAGIC_VALUE)
+                ioreq.append(time.perf_counter() - t0)
+            for _ in range(50):
+                t0 = time.perf_counter()
+                await via_host.mmio_read(BASE + R.MAGIC_VALUE, 4)
+                ioreq_host.append(time.perf_counter() - t0)
         for _ in range(n):
             t0 = time.perf_counter()
             await w(R.QUEUE_NOTIFY, 0)
@@ -329,12 +400,15 @@ async def relay_micro(peers: Any, work: Path, sim_path: str, n: int) -> dict[str
             await w(R.QUEUE_NOTIFY, 0)
         notifies_per_s = n / (time.perf_counter() - t0)
         await w(R.STATUS, 0)
+        raw = await asyncio.get_running_loop().run_in_executor(None, eventfd_pingpong, n)  # same daemon alive
+        raw_async = await eventfd_pingpong_async(n)
     finally:
+        via_host.close()
         guest.close()
         daemon.stop()
         echo.stop()
-    raw = await asyncio.get_running_loop().run_in_executor(None, eventfd_pingpong, n)
-    return {"relay_rtt_s": rtt, "raw_eventfd_rtt_s": raw, "ioreq_rtt_s": ioreq, "notifies_per_s": notifies_per_s}
+    return {"relay_rtt_s": rtt, "raw_eventfd_rtt_s": raw, "async_eventfd_rtt_s": raw_async, "ioreq_rtt_s": ioreq,
+            "ioreq_via_host_rtt_s": ioreq_host, "notifies_per_s": notifies_per_s}
 
 
 # ---------------------------------------------------------------------------------------------- mapping
@@ -372,11 +446,62 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+#: Fixed precision per unit (digits after the point).
+PRECISION = {"IOPS": 0, "MB/s": 1, "ratio": 3, "us": 1, "ms": 1, "MiB": 1, "s": 2, "1/s": 1, "s/s": 4}
+
+
 def table(rows: list[tuple[str, str, dict[str, float], str]]) -> str:
-    lines = [f"{'figure':<44} {'unit':<8} {'median':>12} {'min':>12} {'max':>12}  note", "-" * 110]
+    lines = [f"{'figure':<48} {'unit':<6} {'median':>11} {'min':>11} {'max':>11}  note", "-" * 112]
     for name, unit, s, note in rows:
-        lines.append(f"{name:<44} {unit:<8} {s['median']:>12.4g} {s['min']:>12.4g} {s['max']:>12.4g}  {note}")
+        d = PRECISION.get(unit, 2)
+        lines.append(f"{name:<48} {unit:<6} {s['median']:>11.{d}f} {s['min']:>11.{d}f} {s['max']:>11.{d}f}  {note}")
     return "\n".join(lines)
+
+
+class Progress:
+    """Phase progress on stderr with an estimate of the time left: each phase has a weight (its
+    expected seconds); the estimate scales the remaining weight by the measured pace so far."""
+
+    def __init__(self, phases: list[tuple[str, float]]) -> None:
+        self.phases, self.done, self.t0 = phases, 0, time.perf_counter()
+        self.total = sum(w for _n, w in phases) or 1.0
+        self.spent = 0.0
+
+    def start(self, name: str) -> None:
+        i = next((k for k in range(self.done, len(self.phases)) if self.phases[k][0] == name), self.done)
+        elapsed = time.perf_counter() - self.t0
+        left = sum(w for _n, w in self.phases[i:])
+        self.spent = sum(w for _n, w in self.phases[:i])  # expected seconds of the phases done
+        pace = elapsed / self.spent if self.spent > 0 and elapsed > 0 else 1.0
+        print(f"[{i + 1}/{len(self.phases)}] {name}: {elapsed:.0f} s elapsed, about {fmt_s(left * pace)} left",
+              file=sys.stderr, flush=True)
+        self.done = i
+
+    def finish(self) -> None:
+        print(f"done in {fmt_s(time.perf_counter() - self.t0)}", file=sys.stderr, flush=True)
+
+
+def fmt_s(seconds: float) -> str:
+    m, sec = divmod(int(round(seconds)), 60)
+    return f"{m} min {sec:02d} s" if m else f"{sec} s"
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """The phases of :func:`run_all` in order, each with its expected duration (s)."""
+    boot = 3 * args.fio_time + 12.0  # a UML boot + the three fio jobs + teardown
+    paths = [r[0] for r in RELAYED if r[0] in args.paths]
+    grants = [g[0] for g in GRANTED if g[0] in args.paths]
+    out: list[tuple[str, float]] = []
+    if args.only != "micro":
+        for rep in range(args.reps):
+            out.append((f"fio direct, repetition {rep + 1}/{args.reps}", boot))
+            out += [(f"fio {n}, repetition {rep + 1}/{args.reps}", boot + 3.0 + args.idle_window) for n in paths]
+            if rep < args.grant_reps:
+                out += [(f"fio {n}, repetition {rep + 1}/{args.reps}", boot + 3.0 + args.idle_window) for n in grants]
+    out.append(("relay and IOREQ microbenchmark", 5.0 + args.pingpong * 0.004))
+    if args.only != "micro":
+        out.append(("guest memory mapping", 4.0 * args.map_reps))
+    return out
 
 
 def machine() -> dict[str, Any]:
@@ -419,21 +544,29 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     harness = _harness()
     res: dict[str, Any] = {"machine": machine(), "params": vars(args).copy(), "started": time.time()}
     t_start = time.perf_counter()
+    progress = Progress(plan(args))
     paths = [r for r in RELAYED if r[0] in args.paths]
     grant_paths = [g for g in GRANTED if g[0] in args.paths]
     with _workdir(args.keep) as work, harness.peers_in(work) as peers:
         sims = {"plain": str(peers.sock_dir / "xen.sock"), "eventfd": str(peers.sock_dir / "xenf.sock")}
         start_sim(peers, sims["plain"])
+        if args.only == "micro":
+            res.update(fio={"direct": {}}, paths={}, grant_paths={}, daemon={}, mapping_s={})
+            progress.start("relay and IOREQ microbenchmark")
+            res["relay"] = await relay_micro(peers, work, sims["plain"], args.pingpong)
+            res["elapsed_s"] = time.perf_counter() - t_start
+            progress.finish()
+            return res
         if any(host == "eventfd" for _n, host, _m, _d in paths):
             start_sim(peers, sims["eventfd"], "--privcmd-eventfd", "on")
         fio: dict[str, dict[str, list[float]]] = {"direct": {}, **{name: {} for name, *_ in (*paths, *grant_paths)}}
         daemon: dict[str, dict[str, Any]] = {name: _daemon_figs(args.idle_window) for name, *_ in (*paths, *grant_paths)}
         for rep in range(args.reps):  # the paths alternate within each repetition
-            log.info("fio repetition %d/%d: direct", rep + 1, args.reps)
+            progress.start(f"fio direct, repetition {rep + 1}/{args.reps}")
             for k, v in (await fio_direct(peers, args.fio_time)).items():
                 fio["direct"].setdefault(k, []).extend(v)
             for name, host, memory, _what in paths:
-                log.info("fio repetition %d/%d: %s", rep + 1, args.reps, name)
+                progress.start(f"fio {name}, repetition {rep + 1}/{args.reps}")
                 prof = work / "daemon.prof" if args.profile and rep == 0 and name == "relayed" else None
                 got = await fio_relayed(peers, work, sims[host], args.fio_time, daemon[name], prof, memory)
                 for k, v in got.items():
@@ -441,7 +574,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 if prof is not None and prof.exists():
                     shutil.copy(prof, args.profile)
             for name, backend, memory, _ref, _what in grant_paths if rep < args.grant_reps else ():
-                log.info("fio repetition %d/%d: %s", rep + 1, args.reps, name)
+                progress.start(f"fio {name}, repetition {rep + 1}/{args.reps}")
                 got = await fio_relayed(peers, work, sims["plain"], args.fio_time, daemon[name], None, memory,
                                         grants=True, backend=backend)
                 for k, v in got.items():
@@ -450,11 +583,12 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         res["paths"] = {name: what for name, _h, _m, what in paths}
         res["grant_paths"] = {name: {"what": what, "ref": ref} for name, _b, _m, ref, what in grant_paths}
         res["daemon"] = daemon
-        log.info("relay microbenchmark (%d round trips)", args.pingpong)
+        progress.start("relay and IOREQ microbenchmark")
         res["relay"] = await relay_micro(peers, work, sims["plain"], args.pingpong)
-    log.info("guest memory mapping")
+    progress.start("guest memory mapping")
     res["mapping_s"] = await asyncio.get_running_loop().run_in_executor(None, mapping_times, args.map_reps)
     res["elapsed_s"] = time.perf_counter() - t_start
+    progress.finish()
     return res
 
 
@@ -467,10 +601,16 @@ def report(res: dict[str, Any]) -> str:
         if not d:
             continue
         rows.append((f"fio {job} direct", unit, summary(d), "UML -> qsd null-co (no daemon)"))
+        lat = fio["direct"].get(f"{job}.clat_p50_us")
+        if lat:
+            rows.append((f"fio {job} direct clat p50", "us", summary(lat), ""))
         for name, what in res["paths"].items():
             r = fio[name].get(job)
             if r:
                 rows.append((f"fio {job} {name}", unit, summary(r), what))
+                lat = fio[name].get(f"{job}.clat_p50_us")
+                if lat:
+                    rows.append((f"fio {job} {name} clat p50", "us", summary(lat), ""))
                 rows.append((f"fio {job} {name}/direct", "ratio", summary([b / a for a, b in zip(d, r)]), "per repetition"))
         for name, g in res.get("grant_paths", {}).items():
             r = fio[name].get(job)
@@ -494,7 +634,20 @@ def report(res: dict[str, Any]) -> str:
     for q in (0.5, 0.99):
         added = pct(rel["relay_rtt_s"], q) - pct(rel["raw_eventfd_rtt_s"], q)
         rows.append((f"relay added latency p{int(q * 100)}", "us", summary([1e6 * added]), "relay - raw eventfd"))
-    rows.append(("IOREQ round trip (1 MMIO read) p50", "us", summary([1e6 * pct(rel["ioreq_rtt_s"], 0.5)]), "guest->sim->daemon->sim->guest"))
+    rows.append(("IOREQ round trip (1 MMIO read) p50", "us", summary([1e6 * pct(rel["ioreq_rtt_s"], 0.5)]),
+                 "guest->daemon->guest (vCPU channel)"))
+    rows.append(("IOREQ round trip (1 MMIO read) p99", "us", summary([1e6 * pct(rel["ioreq_rtt_s"], 0.99)]), ""))
+    if rel.get("ioreq_via_host_rtt_s"):
+        rows.append(("IOREQ round trip through the sim host p50", "us",
+                     summary([1e6 * pct(rel["ioreq_via_host_rtt_s"], 0.5)]), "guest->sim->daemon->sim->guest (old path)"))
+    rows.append(("IOREQ round trip/raw eventfd ping-pong p50", "ratio",
+                 summary([pct(rel["ioreq_rtt_s"], 0.5) / pct(rel["raw_eventfd_rtt_s"], 0.5)]), "target <= 3"))
+    if rel.get("async_eventfd_rtt_s"):
+        rows.append(("asyncio eventfd ping-pong p50", "us", summary([1e6 * pct(rel["async_eventfd_rtt_s"], 0.5)]),
+                     "2 Python processes, uvloop add_reader both sides"))
+        rows.append(("IOREQ round trip/asyncio eventfd ping-pong p50", "ratio",
+                     summary([pct(rel["ioreq_rtt_s"], 0.5) / pct(rel["async_eventfd_rtt_s"], 0.5)]),
+                     "the event-loop floor of both ends"))
     rows.append(("relay/raw p50", "ratio", summary([pct(rel["relay_rtt_s"], 0.5) / pct(rel["raw_eventfd_rtt_s"], 0.5)]), "target <= 2"))
     rows.append(("QueueNotify writes/s", "1/s", summary([rel["notifies_per_s"]]), "sync IOREQ, back to back"))
     for label, v in res["mapping_s"].items():
@@ -514,6 +667,47 @@ def report(res: dict[str, Any]) -> str:
     return head + table(rows) + f"\nelapsed {res['elapsed_s']:.0f} s"
 
 
+def plot(res: dict[str, Any], path: str) -> None:
+    """Each path against its reference: fio figures / direct per job, IOREQ and relay vs eventfd."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fio = res["fio"]
+    names = [n for n in (*res["paths"], *res.get("grant_paths", {})) if any(fio.get(n, {}).get(j) for j in JOBS)]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        xs, ys = [], []
+        for k, job in enumerate(JOBS):
+            d, r = fio["direct"].get(job), fio[name].get(job)
+            if d and r:
+                xs.append(k + i * width)
+                ys.append(statistics.median([b / a for a, b in zip(d, r)]))
+        ax1.bar(xs, ys, width, label=name)
+    ax1.axhline(1.0, color="black", linewidth=0.8)
+    ax1.set_xticks([k + 0.4 - width / 2 for k in range(len(JOBS))], list(JOBS))
+    ax1.set_ylabel("path / direct (median ratio)")
+    ax1.set_title("fio in UML: each path against direct")
+    if names:
+        ax1.legend(fontsize=8)
+    rel = res["relay"]
+    bars = [("raw eventfd\nping-pong", rel["raw_eventfd_rtt_s"])]
+    if rel.get("async_eventfd_rtt_s"):
+        bars.append(("asyncio eventfd\nping-pong", rel["async_eventfd_rtt_s"]))
+    bars.append(("IOREQ\nvCPU channel", rel["ioreq_rtt_s"]))
+    if rel.get("ioreq_via_host_rtt_s"):
+        bars.append(("IOREQ\nthrough sim host", rel["ioreq_via_host_rtt_s"]))
+    bars.append(("relay\nnotify->irq->ack", rel["relay_rtt_s"]))
+    ax2.bar([b[0] for b in bars], [1e6 * pct(b[1], 0.5) for b in bars])
+    ax2.set_ylabel("p50 round trip (us)")
+    ax2.set_yscale("log")
+    ax2.set_title("round trips against the raw eventfd ping-pong")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m xen_vhost_sim.tools.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=3, help="fio boots per path (direct and relayed alternate)")
@@ -526,6 +720,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paths", default=",".join(r[0] for r in (*RELAYED, *GRANTED)),
                    help="relayed variants to run, comma-separated (%(default)s)")
     p.add_argument("--profile", metavar="FILE", help="run the first relayed daemon under cProfile, stats to FILE")
+    p.add_argument("--only", choices=("micro",), help="run only the relay/IOREQ microbenchmark")
+    p.add_argument("--plot", metavar="FILE", help="also draw the figures against their references (PNG/SVG/PDF; "
+                                                  "needs matplotlib: pip install '.[plot]')")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     p.add_argument("--echo-backend", metavar="SOCKET", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -536,6 +733,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.echo_backend:
         echo_backend(args.echo_backend)
         return 0
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("--plot needs matplotlib (pip install '.[plot]')")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)
@@ -547,6 +749,9 @@ def main(argv: list[str] | None = None) -> int:
     res["table"] = text
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1, default=str)
+    if args.plot:
+        plot(res, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,100 @@
+"""SIM-ONLY: the page that lets a guest's vCPU reach its device model without the simulated host.
+
+On Xen a vCPU's MMIO access to a range an IOREQ server claims is decided in the hypervisor, written
+into the server's ioreq page, and signalled on the server's event channel; the device model's
+EVTCHNOP_send completes it. In the simulator the guest's vCPUs live in another process than the
+simulated host, so each of those steps would be a round trip to the host. Instead the host
+publishes what the vCPU needs to decide by itself in one page per domain (a memfd the guest maps;
+the host is its only writer, under a sequence counter), and hands the guest, for each vCPU port a
+dom0 evtchn fd has bound, two eventfds: ``deliver`` (the dom0 port's pending event, which the
+daemon's SimKernel reads from its evtchn fd) and ``wake`` (the guest port's event, written by the
+daemon's IOCTL_EVTCHN_NOTIFY). An access then costs what it costs on Xen: the slot write, one
+event to the device model, one event back.
+
+Whenever the page says anything else (paused, dying, unclaimed, a kernel ioeventfd on the server,
+more ranges than fit) the guest takes the host's path (the ``mmio`` request), which is the
+reference semantics.
+
+Layout (little endian): u64 seq (odd while the host writes), u32 flags, u32 nent, then ``nent``
+entries ``{u64 start; u64 end; u32 uid; u32 fast_vcpus; u32 route_gen}`` (enabled servers' MEMORY
+ranges, in the order the hypervisor searches them; ``fast_vcpus`` bit i: vCPU i's port has the
+eventfd route; ``route_gen`` changes whenever a route of the server is made or dropped);
+at LIVE_OFF: u32 count, u32 uid[count] (servers alive); at BUSY_OFF: one byte per vCPU, written by
+the guest only (1 while a fast access is in flight, for ``pending_access``).
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+
+__all__ = [
+    "BUSY_OFF", "FLAG_ARM64", "FLAG_DYING", "FLAG_RUNNING", "LIVE_OFF", "MAX_ENTRIES", "MAX_FAST_VCPUS",
+    "MAX_LIVE", "PAGE", "Snapshot", "read_snapshot", "seq_of", "write",
+]
+
+PAGE = 4096
+FLAG_RUNNING = 1
+FLAG_DYING = 2
+FLAG_ARM64 = 4
+FLAG_OVERFLOW = 8  # more ranges or servers than the page holds: every access takes the host's path
+_HEAD = struct.Struct("<QII")
+_SEQ = struct.Struct("<Q")
+_ENT = struct.Struct("<QQIII")
+ENT_OFF = _HEAD.size
+LIVE_OFF = 2048
+BUSY_OFF = 3072
+MAX_ENTRIES = (LIVE_OFF - ENT_OFF) // _ENT.size
+MAX_LIVE = (BUSY_OFF - LIVE_OFF - 4) // 4
+MAX_FAST_VCPUS = 32
+
+
+class Snapshot:
+    __slots__ = ("entries", "flags", "live", "seq")
+
+    def __init__(self, seq: int, flags: int, entries: list[tuple[int, int, int, int, int]], live: set[int]) -> None:
+        self.seq, self.flags, self.entries, self.live = seq, flags, entries, live
+
+    def claim(self, addr: int, size: int) -> tuple[int, int, int] | None:
+        """(uid, fast_vcpus, route_gen) of the first server claiming [addr, addr+size), or None."""
+        last = addr + size - 1
+        for start, end, uid, fast, gen in self.entries:
+            if start <= addr and last <= end:
+                return uid, fast, gen
+        return None
+
+    def gen_of(self, uid: int) -> int | None:
+        return next((e[4] for e in self.entries if e[2] == uid), None)
+
+
+def write(buf: mmap.mmap | bytearray, seq: int, flags: int, entries: list[tuple[int, int, int, int, int]],
+          live: list[int]) -> int:
+    """Host side: publish a new state under the sequence counter; returns the new (even) seq."""
+    if len(entries) > MAX_ENTRIES or len(live) > MAX_LIVE:
+        flags |= FLAG_OVERFLOW
+        entries, live = [], []
+    body = b"".join(_ENT.pack(*e) for e in entries)
+    lv = struct.pack(f"<I{len(live)}I", len(live), *live)
+    _HEAD.pack_into(buf, 0, seq + 1, flags, len(entries))  # odd: being written
+    buf[ENT_OFF:ENT_OFF + len(body)] = body
+    buf[LIVE_OFF:LIVE_OFF + len(lv)] = lv
+    _HEAD.pack_into(buf, 0, seq + 2, flags, len(entries))
+    return seq + 2
+
+
+def seq_of(buf: mmap.mmap | bytearray) -> int:
+    """The page's sequence counter: a snapshot with this ``seq`` is still current."""
+    return int(_SEQ.unpack_from(buf, 0)[0])
+
+
+def read_snapshot(buf: mmap.mmap | bytearray) -> Snapshot | None:
+    """Guest side: a consistent copy of the page, or None if the host was writing (take its path)."""
+    seq, flags, n = _HEAD.unpack_from(buf, 0)
+    if seq & 1 or n > MAX_ENTRIES:
+        return None
+    entries = [_ENT.unpack_from(buf, ENT_OFF + i * _ENT.size) for i in range(n)]
+    (count,) = struct.unpack_from("<I", buf, LIVE_OFF)
+    live = set(struct.unpack_from(f"<{min(count, MAX_LIVE)}I", buf, LIVE_OFF + 4))
+    if _HEAD.unpack_from(buf, 0)[0] != seq:
+        return None
+    return Snapshot(seq, flags, entries, live)

@@ -1,0 +1,62 @@
+"""`make bench`'s reporting (sim/xen_vhost_sim/tools/bench.py), without running anything: fio's JSON
+lines, the units, the fixed precision and the phase plan the progress line counts down."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from xen_vhost_sim.tools import bench
+
+
+def _fioj(job: str, iops: float, bw_bytes: int, p50_ns: int) -> str:
+    side = {"iops": iops, "bw_bytes": bw_bytes, "io_bytes": 1, "runtime_ms": 4000, "clat_ns_p50": p50_ns,
+            "clat_ns_p99": 2 * p50_ns}
+    return f"FIOJ 1 {job} " + json.dumps({"read": side, "write": {**side, "iops": 0.0}})
+
+
+def test_fio_json_lines_give_iops_and_true_megabytes_per_second() -> None:
+    got = bench.parse_fio([
+        "UMLT noise",
+        _fioj("randread:4k:1", 1234.5, 5_056_512, 700_000),
+        _fioj("read:128k:4", 8000.0, 1_048_576_000, 500_000),
+        "FIO 1 read:128k:4 old;terse;line",  # the terse form is not read any more
+    ])
+    assert got["randread_4k_qd1"] == [1234.5]
+    assert got["randread_4k_qd1.clat_p50_us"] == [700.0]
+    # 1,048,576,000 bytes/s is 1048.576 MB/s (KiB/s / 1000 would say 1024.0)
+    assert got["read_128k_qd4"] == [pytest.approx(1048.576)]
+    assert got["read_128k_qd4.clat_p99_us"] == [1000.0]
+
+
+def test_table_prints_fixed_precision_per_unit() -> None:
+    s = bench.summary([1.0, 2.0, 3.0])
+    text = bench.table([("a", "IOPS", bench.summary([11800.4]), ""), ("b", "ratio", s, ""), ("c", "us", s, "")])
+    rows = text.splitlines()[2:]
+    assert rows[0].split()[2:5] == ["11800", "11800", "11800"]
+    assert rows[1].split()[2:5] == ["2.000", "1.000", "3.000"]
+    assert rows[2].split()[2:5] == ["2.0", "1.0", "3.0"]
+
+
+def test_plan_lists_every_phase_run_all_announces() -> None:
+    args = argparse.Namespace(reps=2, fio_time=4, paths=["relayed", "grant_shadow"], grant_reps=1, only=None,
+                              idle_window=3.0, pingpong=2000, map_reps=3)
+    names = [n for n, _w in bench.plan(args)]
+    assert names == [
+        "fio direct, repetition 1/2", "fio relayed, repetition 1/2", "fio grant_shadow, repetition 1/2",
+        "fio direct, repetition 2/2", "fio relayed, repetition 2/2",
+        "relay and IOREQ microbenchmark", "guest memory mapping",
+    ]
+    assert all(w > 0 for _n, w in bench.plan(args))
+
+
+def test_progress_estimates_the_time_left_from_the_pace(capsys: pytest.CaptureFixture[str]) -> None:
+    p = bench.Progress([("one", 10.0), ("two", 30.0)])
+    p.start("one")
+    p.t0 -= 20.0  # the first phase took twice its expected 10 s
+    p.start("two")
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("[1/2] one: 0 s elapsed, about 40 s left")
+    assert err[1].startswith("[2/2] two: 20 s elapsed, about 1 min 00 s left")
