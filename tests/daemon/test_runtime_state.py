@@ -358,7 +358,11 @@ async def test_a_device_whose_start_fails_after_its_data_path_was_chosen_keeps_n
         made.append(real_eventfd(initval, flags))
         return made[-1]
 
-    monkeypatch.setattr(device_module.os, "eventfd", eventfd)
+    class DeviceOs:  # the device's os module alone: the simulated host makes eventfds of its own
+        def __getattr__(self, name: str) -> object:
+            return eventfd if name == "eventfd" else getattr(os, name)
+
+    monkeypatch.setattr(device_module, "os", DeviceOs())
     with logwatch() as log:
         daemon = Daemon(platform, options(sim_dir, run))
         backend = None
