@@ -385,3 +385,73 @@ async def test_data_flows_again_after(kind: str, path: str, event: str, sim_host
             pass
         guest.close()
         await daemon.stop()
+
+
+# --- a real Linux guest: its driver unloaded and loaded again --------------------------------------
+
+UML_FRAMES = 16
+
+
+UML_NO_SHADOW = ("the bridge's domain has UML's RAM at guest-physical 0, not where libxl puts a guest's RAM, "
+                 "which is where the shadow path maps it from (the daemon refuses: RAM bank not in the memory table)")
+
+
+def uml_cells() -> Iterator[object]:
+    for kind in ("blk", "net"):
+        for path in PATHS:
+            if path == "shadow":
+                yield pytest.param(kind, path, id=f"uml-{kind}-shadow-SKIP-ram-not-at-libxl-layout",
+                                   marks=pytest.mark.skip(reason=UML_NO_SHADOW))
+            else:
+                yield pytest.param(kind, path, id=f"uml-{kind}-{path}-driver-reload")
+
+
+@pytest.mark.parametrize(("kind", "path"), list(uml_cells()))
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # the daemon runs uvloop in its own process
+async def test_real_linux_guest_reloads_its_driver_and_data_flows_again(
+        kind: str, path: str, sim_host: SimHost, sim_control: SimControl, peers: Peers, tmp_path: Path) -> None:
+    """User-Mode Linux (tests/daemon/test_uml_guest.py: virtio_uml through the bridge, a simulated
+    Xen domain, the daemon, a real peer): the guest's virtio_blk or virtio_net checks data, is
+    rmmod'ed (the driver's removal resets the device), insmod'ed again (a new probe, features,
+    rings) and checks data once more. Net: the daemon's feature policy as it is."""
+    from tests.daemon.test_uml_guest import serve_uml
+    from xen_vhost_sim.uml_bridge import UmlBridge
+
+    grants = path == "grant"
+    uml_sock = peers.sock_path("uml.sock")
+    extra = (",queues=2" if kind == "net" else "") + (",grants=1" if grants else "")
+    bridge = UmlBridge(sim_host.path, base=BASE, irq=IRQ, device_id=TYPES[kind], grants=grants)
+    if kind == "blk":
+        qsd = peers.qsd_raw(size=16 << 20)
+        backend, image = Path(qsd.sock), qsd.image
+        assert image is not None
+        pattern = os.urandom(256 * 512)
+        (tmp_path / "pattern.bin").write_bytes(pattern)
+        env = {"UMLT_PATTERN": str(tmp_path / "pattern.bin"), "UMLT_WSECTOR": "8192", "UMLT_WSECTOR2": "16384",
+               "UMLT_RELOAD": "1"}
+        start = lambda: peers.uml(uml_sock, mode="blkrw", env=env)  # noqa: E731
+    else:
+        pmd, backend = peers.testpmd()
+        start = lambda: peers.uml(uml_sock, mode="net", device_id=1, mem="64M",  # noqa: E731
+                                  env={"UMLT_NET_FRAMES": str(UML_FRAMES), "UMLT_RELOAD": "1"})
+    run, verdicts, rc, _ = await serve_uml(bridge, uml_sock, start, sim_host.path, backend, tmp_path, kind=kind,
+                                           extra=extra, memory=MEMORY[path])
+    daemon_log = (tmp_path / "daemon.log").read_text()
+    tail = run.process.log_tail(60) + "\n" + daemon_log[-4000:]
+    assert "DONE 0" in verdicts, tail
+    if kind == "blk":
+        assert run.value("WRITE-READ-OK") == "256" and run.value("RELOAD-WRITE-READ-OK") == "256", tail
+        with open(image, "rb") as f:
+            for sector in (8192, 16384):
+                f.seek(sector * 512)
+                assert f.read(len(pattern)) == pattern, f"UML's pattern is not at sector {sector} of the raw file"
+    else:
+        tail += "\n" + pmd.log_tail(20)
+        want = f"sent={UML_FRAMES} looped={UML_FRAMES}"
+        assert run.value("NET") == want and run.value("RELOAD-NET") == want, tail
+    assert DATA_PATH_LOG[path] in daemon_log, tail
+    # the reload went through the daemon: a reset that stopped the back-end, a second start
+    assert daemon_log.count("driver reset the device (stopping the back-end)") >= 1, tail
+    assert daemon_log.count("started: features") >= 2, tail
+    assert bridge.error is None, bridge.error
+    assert rc == 0, tail
