@@ -131,9 +131,10 @@ class Daemon:
         self.proc.kill()
         await asyncio.to_thread(self.proc.wait, STEP)
 
-    async def stop(self) -> int:
-        """SIGTERM: the full teardown; its exit status."""
-        assert self.proc is not None
+    async def stop(self) -> int | None:
+        """SIGTERM: the full teardown; its exit status (None: never started)."""
+        if self.proc is None:
+            return None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -143,7 +144,7 @@ class Daemon:
                 await asyncio.to_thread(self.proc.wait, STEP)
         for t in self._threads:
             await asyncio.to_thread(t.join, STEP)
-        return int(self.proc.returncode)
+        return self.proc.returncode
 
 
 # --- the peers ------------------------------------------------------------------------------------
@@ -159,8 +160,7 @@ class Peer:
 
     def start(self) -> None:
         """The peer listening on ``sock`` (the same path every time)."""
-        with_socket = self.sock.exists()
-        if with_socket:  # a SIGKILLed peer leaves its socket file; DPDK will not bind over it
+        if self.sock.exists():  # a SIGKILLed peer leaves its socket file; DPDK will not bind over it
             self.sock.unlink()
         if self.kind == "blk":
             image = self.tmp / "disk.raw"
