@@ -603,7 +603,8 @@ class Device:
         await self._share_inflight(fe)
         for q in queues:
             rings = self.memory.open_queue(q, features, self._kick[q.index], resume=resume)
-            self._started.append(q.index)
+            if q.index not in self._started:  # a resumed queue was started once already
+                self._started.append(q.index)
             await fe.start_vring(
                 q.index, num=q.num, desc=rings.desc, avail=rings.avail, used=rings.used,
                 kick_fd=self._kick[q.index], call_fd=self._call[q.index], base=rings.base,

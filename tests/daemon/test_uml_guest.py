@@ -36,7 +36,8 @@ BIN = Path(sys.executable).parent
 
 
 def start_daemon(sim_path: str, domid: int, backend: Path, tmp_path: Path, kind: str = "blk",
-                 extra: str = "", memory: str = "sim-memfd") -> tuple[subprocess.Popen[bytes], socket.socket]:
+                 extra: str = "", memory: str = "sim-memfd", guest_arch: str = "",
+                 ) -> tuple[subprocess.Popen[bytes], socket.socket]:
     runtime = tmp_path / "run"
     runtime.mkdir()
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -46,7 +47,8 @@ def start_daemon(sim_path: str, domid: int, backend: Path, tmp_path: Path, kind:
     with open(tmp_path / "daemon.log", "wb") as log:
         proc = subprocess.Popen(
             [str(BIN / "xen-vhost-master"), "--domid", str(domid), "--no-xenstore", "--memory", memory,
-             "--runtime-dir", str(runtime), "--device", f"type={kind},base={BASE:#x},irq={IRQ},socket={backend}{extra}"],
+             "--runtime-dir", str(runtime), "--device", f"type={kind},base={BASE:#x},irq={IRQ},socket={backend}{extra}",
+             *(["--guest-arch", guest_arch] if guest_arch else [])],
             env=env, stderr=log,
         )
     return proc, notify

@@ -9,6 +9,9 @@
 #                 net: virtio_net instead of virtio_blk; send UMLT_NET_FRAMES raw broadcast frames on
 #                 eth0 and count those that come back intact within UMLT_NET_WAIT s (12) ("NET
 #                 sent=N looped=M").
+#                 UMLT_RELOAD=1 (blkrw, net): then unload the driver (rmmod: the device is reset),
+#                 load it again, and do the same check once more ("RELOAD-WRITE-READ-OK n" at
+#                 UMLT_WSECTOR2, "RELOAD-NET sent=N looped=M").
 #                 fio: for each of UMLT_FIO_REPS repetitions, for each job of UMLT_FIO_JOBS
 #                 (comma-separated rw:bs:iodepth, e.g. randread:4k:32), run fio for UMLT_FIO_TIME
 #                 seconds on /dev/vda with UMLT_FIO_ENGINE (libaio, or psync: iodepth becomes
@@ -31,25 +34,48 @@ S=/mnt
 mount -t tmpfs tmpfs $S || { say "FAIL tmpfs"; finish 1; }
 say "BOOTED"
 
+# wait_for TEST: bounded wait (UML's own clock, 5 s) until TEST holds; its status.
+wait_for() { i=0; while ! test "$@" && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done; test "$@"; }
+
+load_net() {
+    insmod "$UMLT_MODULES/kernel/drivers/net/virtio_net.ko" || { say "FAIL insmod virtio_net"; finish 1; }
+    wait_for -e /sys/class/net/eth0 || { say "FAIL no eth0"; finish 1; }
+    ip link set eth0 up || { say "FAIL link up"; finish 1; }
+}
+
+load_blk() {
+    insmod "$UMLT_MODULES/kernel/drivers/block/virtio_blk.ko" || { say "FAIL insmod virtio_blk"; finish 1; }
+    # The disk appears asynchronously after the driver binds.
+    wait_for -b /dev/vda || { say "FAIL no /dev/vda"; finish 1; }
+}
+
+# unload MODULE GONE: rmmod (the driver's removal resets the device), wait until GONE is gone.
+unload() {
+    rmmod "$1" || { say "FAIL rmmod $1"; finish 1; }
+    wait_for ! -e "$2" || { say "FAIL $2 still there after rmmod $1"; finish 1; }
+}
+
 if [ "$UMLT_MODE" = net ]; then
-    for m in net/core/failover drivers/net/net_failover drivers/net/virtio_net; do
+    for m in net/core/failover drivers/net/net_failover; do
         insmod "$UMLT_MODULES/kernel/$m.ko" || { say "FAIL insmod $m"; finish 1; }
     done
-    i=0
-    while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
-    if [ ! -e /sys/class/net/eth0 ]; then say "FAIL no eth0"; finish 1; fi
-    ip link set eth0 up || { say "FAIL link up"; finish 1; }
+    load_net
     say "MAC $(cat /sys/class/net/eth0/address)"
 else
-    if ! insmod "$UMLT_MODULES/kernel/drivers/block/virtio_blk.ko"; then
-        say "FAIL insmod virtio_blk"; finish 1
-    fi
-    # The disk appears asynchronously after the driver binds; bounded wait (UML's own clock).
-    i=0
-    while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
-    if [ ! -b /dev/vda ]; then say "FAIL no /dev/vda"; finish 1; fi
+    load_blk
     say "SECTORS $(cat /sys/block/vda/size)"
 fi
+
+# blk_rw SECTOR: the pattern written at SECTOR with O_DIRECT, read back, compared; 0 if equal.
+blk_rw() {
+    if ! dd if="$UMLT_PATTERN" of=/dev/vda bs=512 seek="$1" count="$n" oflag=direct conv=fsync 2>$S/dd.err; then
+        say "FAIL write $(cat $S/dd.err)"; finish 1
+    fi
+    if ! dd if=/dev/vda of=$S/back bs=512 skip="$1" count="$n" iflag=direct 2>$S/dd.err; then
+        say "FAIL read $(cat $S/dd.err)"; finish 1
+    fi
+    cmp -s "$UMLT_PATTERN" $S/back
+}
 
 case "$UMLT_MODE" in
 probe)
@@ -58,13 +84,12 @@ probe)
 blkrw)
     bytes=$(stat -c %s "$UMLT_PATTERN" 2>$S/err) || { say "FAIL pattern $(cat $S/err)"; finish 1; }
     n=$((bytes / 512))
-    if ! dd if="$UMLT_PATTERN" of=/dev/vda bs=512 seek="$UMLT_WSECTOR" count="$n" oflag=direct conv=fsync 2>$S/dd.err; then
-        say "FAIL write $(cat $S/dd.err)"; finish 1
+    if blk_rw "$UMLT_WSECTOR"; then say "WRITE-READ-OK $n"; else say "FAIL readback differs"; finish 1; fi
+    if [ "$UMLT_RELOAD" = 1 ]; then
+        unload virtio_blk /dev/vda
+        load_blk
+        if blk_rw "$UMLT_WSECTOR2"; then say "RELOAD-WRITE-READ-OK $n"; else say "FAIL readback differs after reload"; finish 1; fi
     fi
-    if ! dd if=/dev/vda of=$S/back bs=512 skip="$UMLT_WSECTOR" count="$n" iflag=direct 2>$S/dd.err; then
-        say "FAIL read $(cat $S/dd.err)"; finish 1
-    fi
-    if cmp -s "$UMLT_PATTERN" $S/back; then say "WRITE-READ-OK $n"; else say "FAIL readback differs"; finish 1; fi
     if [ -n "$UMLT_RCOUNT" ]; then
         dd if=/dev/vda of=$S/r bs=512 skip="$UMLT_RSECTOR" count="$UMLT_RCOUNT" iflag=direct 2>/dev/null
         say "READ-MD5 $(md5sum < $S/r | cut -d' ' -f1)"
@@ -75,7 +100,7 @@ net)
     # Raw frames (EtherType 0x88b5, local experimental) to broadcast on eth0 (virtio_net); a peer
     # that loops the port back (dpdk-testpmd io forwarding) returns them: count the returned ones
     # whose bytes match what was sent.
-    python3 - "${UMLT_NET_FRAMES:-32}" <<'PYEOF' >$S/net.out 2>&1
+    cat >$S/net.py <<'PYEOF'
 import os, socket, sys, time
 n = int(sys.argv[1])
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
@@ -99,7 +124,15 @@ except socket.timeout:
     pass
 print("NET sent=%d looped=%d" % (n, back))
 PYEOF
+    python3 $S/net.py "${UMLT_NET_FRAMES:-32}" >$S/net.out 2>&1
     say "$(tail -n 1 $S/net.out | tr '\n' ' ')"
+    if [ "$UMLT_RELOAD" = 1 ]; then
+        ip link set eth0 down
+        unload virtio_net /sys/class/net/eth0
+        load_net
+        python3 $S/net.py "${UMLT_NET_FRAMES:-32}" >$S/net.out 2>&1
+        say "RELOAD-$(tail -n 1 $S/net.out | tr '\n' ' ')"
+    fi
     finish 0
     ;;
 fio)
