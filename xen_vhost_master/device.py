@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import time
@@ -59,6 +60,13 @@ _NUMBERS = re.compile(r"0x[0-9a-fA-F]+|\d+")
 RECONNECT_WINDOW = 60.0  # seconds a lost back-end may take to come back before NEEDS_RESET
 RECONNECT_BACKOFF = 0.05  # first pause between reconnect attempts (doubling, capped)
 RECONNECT_BACKOFF_MAX = 1.0
+# Back-end losses in a row delay the next reconnect: from the second loss of a streak on,
+# RECONNECT_BACKOFF doubled per loss, at most LOSS_BACKOFF_MAX, so a back-end that accepts and
+# drops (or floods) at once cannot make the daemon spin. A completion relayed to the guest, or a
+# connection that lived LOSS_STREAK_FORGET seconds, ends a streak. (What is replayed to the new
+# back-end is bounded by the data path: datapath.shadow.MAX_LOSSES_IN_FLIGHT.)
+LOSS_BACKOFF_MAX = 10.0
+LOSS_STREAK_FORGET = 60.0
 
 
 class DeviceError(Exception):
@@ -147,6 +155,10 @@ class Device:
         self._started: list[int] = []
         self._queues: tuple[QueueConfig, ...] = ()  # as the driver set them up (for a reconnect)
         self._reconnecting: asyncio.Task[None] | None = None
+        self._losses = 0  # back-end losses in a row without a completion in between
+        self._connected_at = 0.0  # loop time of the current connection
+        self._config_dirty = False  # CONFIG_CHANGE_MSG received, GET_CONFIG not yet sent
+        self._config_task: asyncio.Task[None] | None = None  # the one pending config refresh
         # GET_INFLIGHT_FD's area: kept for the device's life (every back-end restart gets it
         # back), dropped when the driver resets the device
         self._inflight: InflightFd | None = None
@@ -175,6 +187,7 @@ class Device:
 
         fe, negotiated, nq, view = await self._open_backend()
         self.frontend = fe
+        self._connected_at = asyncio.get_running_loop().time()
         self._kick = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nq)]
         self._call = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nq)]
         loop = asyncio.get_running_loop()
@@ -622,34 +635,54 @@ class Device:
         self.stats.per_queue_calls[index] = self.stats.per_queue_calls.get(index, 0) + 1
         if self.model is None or not self.memory.used(index):
             return
+        self._losses = 0  # the back-end completes what it is given
         for action in self.model.used_buffer():
             if isinstance(action, IrqLevel):
                 self._irq(action.level)
+
+    def _backend_note(self, level: int, key: str, msg: str, *args: object) -> None:
+        """A line caused by the back-end: at most the rate limit's burst per ``key`` and window."""
+        allowed, suppressed = self._limit.allow(f"back-end {key}")
+        if allowed:
+            self.log.log(level, msg + (f" ({suppressed} similar lines suppressed)" if suppressed else ""), *args)
 
     async def _backend_request(self, event: RequestReceived) -> int:
         for fd in event.fds:
             os.close(fd)
         if event.request == BackendRequest.CONFIG_CHANGE_MSG:
             # Answer at once: the back-end may wait for our ACK before it serves our GET_CONFIG.
-            task = asyncio.get_running_loop().create_task(self._refresh_config())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            # Coalesced: one refresh pending at most, whatever the number of messages.
+            self._config_dirty = True
+            if self._config_task is None:
+                task = self._config_task = asyncio.get_running_loop().create_task(self._refresh_config())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             return 0
-        self.log.info("refusing back-end request %s", event.request.name)
+        self._backend_note(logging.INFO, "refused", "refusing back-end request %s", event.request.name)
         return 1
 
     async def _refresh_config(self) -> None:
-        async with self._lock:
-            fe, model = self.frontend, self.model
-            if fe is None or model is None or fe.broken:
-                return
-            try:
-                config = await fe.get_config(0, len(model.config) or MAX_CONFIG_SIZE)
-            except VhostUserError as e:
-                self.log.warning("config change announced but GET_CONFIG failed: %s", e)
-                return
-            self.log.info("back-end config changed")
-            await self._carry_out(model.config_changed(config))
+        """GET_CONFIG until no CONFIG_CHANGE_MSG came in meanwhile; the guest gets one config
+        interrupt per change it can see (``config_changed`` ignores an unchanged config)."""
+        try:
+            while self._config_dirty:
+                async with self._lock:
+                    self._config_dirty = False
+                    fe, model = self.frontend, self.model
+                    if fe is None or model is None or fe.broken:
+                        return
+                    try:
+                        config = await fe.get_config(0, len(model.config) or MAX_CONFIG_SIZE)
+                    except VhostUserError as e:
+                        self._backend_note(logging.WARNING, "config", "config change announced but GET_CONFIG failed: %s", e)
+                        return
+                    generation = model.config_generation
+                    actions = model.config_changed(config)
+                    if model.config_generation != generation:
+                        self._backend_note(logging.INFO, "config", "back-end config changed")
+                    await self._carry_out(actions)
+        finally:
+            self._config_task = None
 
     async def restore(self, state: dict[str, object]) -> None:
         """Take over a device whose previous daemon died: the driver-visible state saved by that
@@ -696,6 +729,9 @@ class Device:
         if self.model is None or self._closing or self._reconnecting is not None:
             return
         self.stats.last_error = f"back-end lost: {reason}"
+        if asyncio.get_running_loop().time() - self._connected_at >= LOSS_STREAK_FORGET:
+            self._losses = 0
+        self._losses += 1
         if not reconnect:
             self._give_up(f"back-end lost ({reason}); not reconnecting: the error is not one a new connection cures")
             if self.frontend is not None:  # its socket goes now, not with the device
@@ -703,10 +739,12 @@ class Device:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             return
-        self.log.warning("back-end lost (%s): reconnecting", reason)
-        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+        pause = 0.0 if self._losses < 2 else min(RECONNECT_BACKOFF * 2 ** (self._losses - 2), LOSS_BACKOFF_MAX)
+        self.log.warning("back-end lost (%s): reconnecting%s", reason,
+                         f" in {pause:g} s ({self._losses} losses in a row)" if pause else "")
+        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect(pause))
 
-    async def _reconnect(self) -> None:
+    async def _reconnect(self, pause: float = 0.0) -> None:
         """Reconnect within RECONNECT_WINDOW, replay features, memory and rings, and resume.
 
         The guest sees at most a pause: its queue state lives in the model, its notifies keep
@@ -719,9 +757,11 @@ class Device:
         old, self.frontend = self.frontend, None
         if old is not None:
             await old.close()
-        deadline = loop.time() + RECONNECT_WINDOW
+        deadline = loop.time() + pause + RECONNECT_WINDOW
         delay = RECONNECT_BACKOFF
         try:
+            if pause:
+                await asyncio.sleep(pause)  # back-off after losses in a row, not synchronisation
             while True:
                 try:
                     fe, negotiated, nq, view = await self._open_backend()
@@ -743,6 +783,7 @@ class Device:
                     self._give_up(f"the back-end came back different ({nq} queues, lacking features {missing:#x})")
                     return
                 self.frontend = fe
+                self._connected_at = loop.time()
                 self.stats.reconnects += 1
                 await self._carry_out(self.model.config_changed(view.config))
                 if self.model.active and self._queues:
