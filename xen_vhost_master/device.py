@@ -729,9 +729,6 @@ class Device:
         if self.model is None or self._closing or self._reconnecting is not None:
             return
         self.stats.last_error = f"back-end lost: {reason}"
-        if asyncio.get_running_loop().time() - self._connected_at >= LOSS_STREAK_FORGET:
-            self._losses = 0
-        self._losses += 1
         if not reconnect:
             self._give_up(f"back-end lost ({reason}); not reconnecting: the error is not one a new connection cures")
             if self.frontend is not None:  # its socket goes now, not with the device
@@ -739,10 +736,17 @@ class Device:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             return
-        pause = 0.0 if self._losses < 2 else min(RECONNECT_BACKOFF * 2 ** (self._losses - 2), LOSS_BACKOFF_MAX)
+        pause = self._count_loss()
         self.log.warning("back-end lost (%s): reconnecting%s", reason,
                          f" in {pause:g} s ({self._losses} losses in a row)" if pause else "")
         self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect(pause))
+
+    def _count_loss(self) -> float:
+        """One more loss in the streak: the pause before reconnecting (0 for the first)."""
+        if asyncio.get_running_loop().time() - self._connected_at >= LOSS_STREAK_FORGET:
+            self._losses = 0
+        self._losses += 1
+        return 0.0 if self._losses < 2 else min(RECONNECT_BACKOFF * 2 ** (self._losses - 2), LOSS_BACKOFF_MAX)
 
     async def _reconnect(self, pause: float = 0.0) -> None:
         """Reconnect within RECONNECT_WINDOW, replay features, memory and rings, and resume.
@@ -750,47 +754,77 @@ class Device:
         The guest sees at most a pause: its queue state lives in the model, its notifies keep
         accumulating on the kick eventfds the new back-end is given, and the rings restart at the
         used index (QEMU's rule: what was in flight is submitted again; exact for an out-of-order
-        back-end only with INFLIGHT_SHMFD, whose area the new back-end gets back).
+        back-end only with INFLIGHT_SHMFD, whose area the new back-end gets back). A back-end
+        lost again while being resumed counts as one more loss of the streak.
         """
         assert self.model is not None
         loop = asyncio.get_running_loop()
         old, self.frontend = self.frontend, None
         if old is not None:
             await old.close()
-        deadline = loop.time() + pause + RECONNECT_WINDOW
-        delay = RECONNECT_BACKOFF
         try:
-            if pause:
-                await asyncio.sleep(pause)  # back-off after losses in a row, not synchronisation
             while True:
-                try:
-                    fe, negotiated, nq, view = await self._open_backend()
-                    break
-                except (VhostUserError, DeviceError, BackendAbsent, OSError) as e:
-                    if isinstance(e, VhostUserError) and not e.reconnect:
-                        self._give_up(f"back-end came back but refused ({e}); not reconnecting again")
-                        return
-                    if loop.time() + delay > deadline:
-                        self._give_up(f"back-end did not come back within {RECONNECT_WINDOW:.0f} s: {e}")
-                        return
-                    self.log.debug("reconnect attempt failed: %s", e)
-                    await asyncio.sleep(delay)  # back-off between attempts, not synchronisation
-                    delay = min(delay * 2, RECONNECT_BACKOFF_MAX)
-            async with self._lock:
-                missing = self.model.driver_features & ~guest_features(view.features, grants=self.config.grants)
-                if nq != len(self._kick) or missing:
-                    await fe.close()
-                    self._give_up(f"the back-end came back different ({nq} queues, lacking features {missing:#x})")
+                opened = await self._open_again(pause)
+                if opened is None:
                     return
-                self.frontend = fe
-                self._connected_at = loop.time()
-                self.stats.reconnects += 1
-                await self._carry_out(self.model.config_changed(view.config))
-                if self.model.active and self._queues:
-                    await self._guarded(self._start_backend(fe, self.model.driver_features, self._queues, resume=True))
-                self.log.info("back-end reconnected%s", " and resumed" if self._started else "")
+                fe, nq, view = opened
+                async with self._lock:
+                    missing = self.model.driver_features & ~guest_features(view.features, grants=self.config.grants)
+                    if nq != len(self._kick) or missing:
+                        await fe.close()
+                        self._give_up(f"the back-end came back different ({nq} queues, lacking features {missing:#x})")
+                        return
+                    self.frontend = fe
+                    self._connected_at = loop.time()
+                    self.stats.reconnects += 1
+                    await self._carry_out(self.model.config_changed(view.config))
+                    if self.model.active and self._queues:
+                        try:
+                            await self._start_backend(fe, self.model.driver_features, self._queues, resume=True)
+                        except VhostUserError as e:
+                            if not (fe.broken and e.reconnect):
+                                await self._guarded(self._reraise(e))
+                            else:
+                                self.frontend = None
+                                await fe.close()
+                                pause = self._count_loss()
+                                self.stats.last_error = f"back-end lost: {e}"
+                                self.log.warning("back-end lost again while resuming (%s): reconnecting in %g s "
+                                                 "(%d losses in a row)", e, pause, self._losses)
+                                continue
+                        except GuestFault as e:
+                            await self._guarded(self._reraise(e))
+                    self.log.info("back-end reconnected%s", " and resumed" if self._started else "")
+                    return
         finally:
             self._reconnecting = None
+
+    @staticmethod
+    async def _reraise(exc: Exception) -> None:
+        raise exc
+
+    async def _open_again(self, pause: float) -> tuple[AsyncFrontend, int, devtypes.Offer] | None:
+        """After ``pause``, connect and negotiate within RECONNECT_WINDOW (None: gave up, the
+        device is in NEEDS_RESET)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + pause + RECONNECT_WINDOW
+        delay = RECONNECT_BACKOFF
+        if pause:
+            await asyncio.sleep(pause)  # back-off after losses in a row, not synchronisation
+        while True:
+            try:
+                fe, _negotiated, nq, view = await self._open_backend()
+                return fe, nq, view
+            except (VhostUserError, DeviceError, BackendAbsent, OSError) as e:
+                if isinstance(e, VhostUserError) and not e.reconnect:
+                    self._give_up(f"back-end came back but refused ({e}); not reconnecting again")
+                    return None
+                if loop.time() + delay > deadline:
+                    self._give_up(f"back-end did not come back within {RECONNECT_WINDOW:.0f} s: {e}")
+                    return None
+                self.log.debug("reconnect attempt failed: %s", e)
+                await asyncio.sleep(delay)  # back-off between attempts, not synchronisation
+                delay = min(delay * 2, RECONNECT_BACKOFF_MAX)
 
     def _give_up(self, reason: str) -> None:
         assert self.model is not None
