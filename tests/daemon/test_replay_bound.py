@@ -26,6 +26,12 @@ from vhost_user import AsyncFrontend
 from vhost_user.aio import BackendServer, FdSocket
 from vhost_user.testing import RamDiskBlk
 from tests.daemon.test_backend_flood import QSIZE, RAM_BASE, RAM_SIZE, Counting, Driver
+from tests.daemon.test_faults import TIMEOUT as STEP, TwoDisks, _tear_down
+from tests.peers import programs
+from xen_vhost_sim.guest import SimGuest
+from xen_vhost_sim.guest_devices import VirtioBlk
+from xen_vhost_sim.guest_driver import DeviceStatus, GuestDriverError, GuestPageAllocator
+from xen_vhost_sim.tools.faultbench import QsdProcess
 from xen_vhost_master.config import DeviceConfig
 from xen_vhost_master.datapath.shadow import MAX_LOSSES_IN_FLIGHT, ShadowDataPath
 from xen_vhost_master.device import Device
@@ -189,3 +195,65 @@ async def test_a_zero_length_buffer_is_refused_as_a_guest_error_before_any_backe
             assert device.model.active
     finally:
         logger.removeHandler(counter)
+
+
+# --- with qemu-storage-daemon and the simulated guest's driver ---------------------------------------
+
+
+@pytest.mark.peer
+@pytest.mark.timeout(90)
+@pytest.mark.asyncio
+async def test_qsd_never_sees_a_zero_length_buffer_no_reconnect_loop_guest_reset_recovers(
+        no_fd_leak, sim_host, sim_control, kernel, tmp_path, caplog):
+    """qemu-storage-daemon (libvhost-user) refuses a zero-sized buffer and drops the connection;
+    the shadow path used to pass one through and publish it again to every new connection. Now the
+    guest's chain is refused as a guest error: the device goes to DEVICE_NEEDS_RESET with the reason
+    logged, at most MAX_LOSSES_IN_FLIGHT reconnects happen (none here), and after the guest's
+    reset the disk serves again, its data intact."""
+    programs.require("qemu-storage-daemon")  # QsdProcess looks it up in PATH
+    caplog.set_level(logging.INFO)
+    image = tmp_path / "a.raw"
+    with open(image, "wb") as f:
+        f.truncate(8 << 20)
+    procs = [QsdProcess(str(image), str(tmp_path / "a.sock"), str(tmp_path / "a.log"))]
+    domid = sim_control.create_domain(mem_bytes=64 << 20, vcpus=1)
+    daemon = guest = None
+    try:
+        procs[0].start()
+        await procs[0].wait_listening()
+        daemon = TwoDisks(kernel, sim_control, domid, [procs[0].sock], request_timeout=5.0)
+        device, shadow = daemon.devices[0], daemon.shadows[0]
+        shadow.on_error = lambda i, reason: device.fail(f"shadow queue {i} stopped: {reason}")  # as the supervisor
+        await daemon.start()
+        guest = await SimGuest.connect(sim_host.path, domid)
+        alloc = GuestPageAllocator(guest.ram)
+        blk = await asyncio.wait_for(VirtioBlk.attach(guest, TwoDisks.BASES[0], 33, alloc, vcpu=0), STEP)
+        before = bytes(range(256)) * 64
+        await asyncio.wait_for(blk.write(100, before), TIMEOUT)
+
+        # a write whose data descriptor has len 0
+        gpa = alloc.alloc(4096)
+        with guest.ram.view(gpa, 16) as hdr:
+            struct.pack_into("<IIQ", hdr, 0, 1, 0, 10)  # VIRTIO_BLK_T_OUT, sector 10
+        with guest.ram.view(gpa + 16, 1) as st:
+            st[0] = 0xFF
+        fut = await blk.driver.submit(0, [(gpa, 16), (gpa + 512, 0)], [(gpa + 16, 1)])
+        with pytest.raises(GuestDriverError):  # the driver sees DEVICE_NEEDS_RESET (or gives up waiting)
+            await asyncio.wait_for(blk.driver.wait(fut), TIMEOUT)
+        status = await asyncio.wait_for(guest.mmio_read(TwoDisks.BASES[0] + 0x70, 4, vcpu=0), TIMEOUT)
+        assert device.stats.reconnects <= MAX_LOSSES_IN_FLIGHT, f"{device.stats.reconnects} reconnects"
+        assert status & DeviceStatus.DEVICE_NEEDS_RESET, hex(status)
+        assert device.stats.reconnects == 0 and device.frontend is not None and not device.frontend.broken
+        assert any("length 0" in r.getMessage() and r.levelno >= logging.WARNING for r in caplog.records)
+
+        # the guest resets the device and starts over: the disk serves, its data is there
+        await asyncio.wait_for(blk.close(), TIMEOUT)
+        blk = await asyncio.wait_for(VirtioBlk.attach(guest, TwoDisks.BASES[0], 33, alloc, vcpu=0), STEP)
+        assert await asyncio.wait_for(blk.read(100, len(before) // 512), TIMEOUT) == before
+        after = b"\x77" * 4096
+        await asyncio.wait_for(blk.write(300, after), TIMEOUT)
+        assert await asyncio.wait_for(blk.read(300, 8), TIMEOUT) == after
+        assert device.stats.reconnects == 0
+        await asyncio.wait_for(blk.close(), TIMEOUT)
+    finally:
+        await _tear_down(procs, guest, daemon, stopped=False)
