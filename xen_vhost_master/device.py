@@ -798,6 +798,10 @@ class Device:
                     return
         finally:
             self._reconnecting = None
+            current = self.frontend
+            if current is not None and current.error is not None and not self._closing:
+                # lost again once resumed, while this task still ran (backend_lost ignored it)
+                self.backend_lost(str(current.error), reconnect=current.error.reconnect)
 
     @staticmethod
     async def _reraise(exc: Exception) -> None:

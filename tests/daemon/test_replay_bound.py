@@ -257,3 +257,76 @@ async def test_qsd_never_sees_a_zero_length_buffer_no_reconnect_loop_guest_reset
         await asyncio.wait_for(blk.close(), TIMEOUT)
     finally:
         await _tear_down(procs, guest, daemon, stopped=False)
+
+
+class DropAfterConfig(RamDiskBlk):
+    """A RAM disk that, once armed, drops its connection just after answering GET_CONFIG (the last
+    request of the daemon's negotiation): every reconnect succeeds, and is lost at once."""
+
+    armed = False
+
+    def __init__(self, drop: Any) -> None:
+        super().__init__(1 << 20, event_idx=False)
+        self.drop = drop
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        if DropAfterConfig.armed:
+            asyncio.get_running_loop().call_later(0.01, self.drop)
+        return super().get_config(offset, size)
+
+
+@pytest.mark.asyncio
+async def test_a_backend_lost_right_after_every_reconnect_gets_growing_pauses_not_a_spin(no_fd_leak):
+    logger = logging.getLogger("xvm.test.replay")
+    pauses: list[str] = []
+
+    class Pauses(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            if "reconnecting" in msg:
+                pauses.append(msg.split("reconnecting", 1)[1])
+
+    handler = Pauses()
+    logger.addHandler(handler)
+    socks: list[FdSocket] = []
+
+    async def connect() -> AsyncFrontend:
+        a, b = FdSocket.pair()
+        socks.append(b)
+        server = BackendServer(DropAfterConfig(lambda: b.sock.shutdown(socket.SHUT_RDWR)), b)
+        tasks.append(asyncio.get_running_loop().create_task(server.run()))
+        servers.append(server)
+        if len(servers) == 7:
+            seventh.set()
+        return AsyncFrontend(a)
+
+    seventh = asyncio.Event()
+
+    tasks: list[asyncio.Task[None]] = []
+    servers: list[BackendServer] = []
+    DropAfterConfig.armed = False
+    device = Device(DeviceConfig(devid=0, device_id=2, base=0x200_0000, irq=33, queue_size=QSIZE, num_queues=1),
+                    connect=connect, memory=ShadowDataPath(FlatMemory(bytearray(RAM_SIZE), RAM_BASE),
+                                                           [(RAM_BASE, RAM_SIZE)], pool_size=1 << 20, max_queues=1,
+                                                           max_queue_size=QSIZE),
+                    set_irq=lambda level: None, log=device_logger("xvm.test.replay", 1, "blk0"))
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            await device.start()
+            DropAfterConfig.armed = True
+            socks[0].sock.shutdown(socket.SHUT_RDWR)  # the first loss; every reconnect is lost again
+            await seventh.wait()  # six losses, six reconnects
+            # the first reconnect is at once, then each waits twice as long as the one before
+            assert pauses[:6] == ["", " in 0.05 s (2 losses in a row)", " in 0.1 s (3 losses in a row)",
+                                  " in 0.2 s (4 losses in a row)", " in 0.4 s (5 losses in a row)",
+                                  " in 0.8 s (6 losses in a row)"], pauses
+    finally:
+        DropAfterConfig.armed = False
+        logger.removeHandler(handler)
+        await device.close()
+        device.memory.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for server in servers:
+            server.close()
