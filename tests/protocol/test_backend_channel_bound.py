@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from vhost_user import ChannelFlood, RequestReceived, VhostUserError
+from vhost_user import AsyncFrontend, BackendServer, ChannelFlood, FdSocket, RequestReceived, VhostUserError
 from vhost_user.aio import BACKEND_EVENTS_MAX
 from vhost_user.testing import DummyBackend, connected_pair
 
@@ -54,3 +54,35 @@ async def test_a_flooding_backend_is_disconnected_with_channel_flood(no_fd_leak:
         assert "flooded its request channel" in str(fe.error)
         with pytest.raises(ChannelFlood):  # sticky: every later request fails at once
             await fe.get_features()
+
+
+@pytest.mark.asyncio
+async def test_a_request_waiting_for_a_flooding_backend_fails_with_the_flood_not_a_timeout(no_fd_leak: None) -> None:
+    a, b = FdSocket.pair()
+    server = BackendServer(DummyBackend(), b)
+    task = asyncio.get_running_loop().create_task(server.run())
+    fe = AsyncFrontend(a, timeout=60.0, backend_burst=8, backend_rate=0.001)
+    try:
+        async with asyncio.timeout(TEST_TIMEOUT):
+            await fe.negotiate()
+
+            asked = asyncio.Event()
+
+            async def never_answer(event: RequestReceived) -> None:
+                asked.set()
+                await asyncio.get_running_loop().create_future()
+
+            server._dispatch = never_answer  # type: ignore[method-assign]  # the back-end stops answering ...
+            waiting = asyncio.get_running_loop().create_task(fe.get_features())
+            await asked.wait()
+            assert server.channel is not None and server.channel_sock is not None
+            with pytest.raises(VhostUserError):  # ... and floods its channel until hung up on
+                for _ in range(1000):
+                    await server.channel_sock.send(server.channel.config_change(need_reply=False).data * 100, [])
+            with pytest.raises(ChannelFlood):
+                await waiting
+    finally:
+        await fe.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        server.close()

@@ -13,6 +13,7 @@ closed here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -289,6 +290,8 @@ class AsyncFrontend:
                             partial = self.conn.mid_message
                             have, need = self.conn.buffered, self.conn.buffered + self.conn.bytes_needed
                             close_fds(fds, self.conn.take_unclaimed_fds())
+                            if self.error is not None:  # we hung up (a flooded back-end channel)
+                                raise self.error
                             if partial:
                                 raise PartialMessage(have, need)
                             raise Disconnected(f"back-end closed the connection awaiting {request!s}")
@@ -308,8 +311,11 @@ class AsyncFrontend:
                 raise err from exc
             except VhostUserError as exc:
                 close_fds(self.conn.take_unclaimed_fds())
+                cause = self.error  # the connection broke meanwhile (e.g. a flooded back-end channel)
                 if self.conn.error is not None or not isinstance(exc, LocalProtocolError):
                     self._break(exc)
+                if cause is not None and cause is not exc:
+                    raise cause from exc
                 raise
         finally:
             self._busy = False
@@ -460,6 +466,9 @@ class AsyncFrontend:
                         close_fds(*(e.fds for e in events[i:] if isinstance(e, RequestReceived)),
                                   chan.take_unclaimed_fds())
                         self._break(ChannelFlood(budget.taken, budget.burst, budget.rate))
+                        # hang up on it: a request waiting for its answer fails now, with the flood
+                        with contextlib.suppress(OSError):
+                            self.sock.sock.shutdown(socket.SHUT_RDWR)
                         return
                     self.log.debug("back-end request %s", event.request.name)
                     result = handler(event)
