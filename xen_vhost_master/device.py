@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import time
@@ -73,6 +74,13 @@ NEGOTIATION_TIMEOUT = 15.0
 # a back-end that maps guest RAM (zero copy); a vCPU held longer looks like a lockup to the guest.
 RESET_WAIT = 1.0
 RESET_STOP_TIMEOUT = 5.0  # the stop's bound after that: the back-end is dropped and reconnected
+# Back-end losses in a row delay the next reconnect: from the second loss of a streak on,
+# RECONNECT_BACKOFF doubled per loss, at most LOSS_BACKOFF_MAX, so a back-end that accepts and
+# drops (or floods) at once cannot make the daemon spin. A completion relayed to the guest, or a
+# connection that lived LOSS_STREAK_FORGET seconds, ends a streak. (What is replayed to the new
+# back-end is bounded by the data path: datapath.shadow.MAX_LOSSES_IN_FLIGHT.)
+LOSS_BACKOFF_MAX = 10.0
+LOSS_STREAK_FORGET = 60.0
 
 
 class DeviceError(Exception):
@@ -165,6 +173,10 @@ class Device:
         self._fresh = False  # _queues were never started (the driver's start waits for a reconnect)
         self._reconnecting: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None  # the stop a driver's reset left running
+        self._losses = 0  # back-end losses in a row without a completion in between
+        self._connected_at = 0.0  # loop time of the current connection
+        self._config_dirty = False  # CONFIG_CHANGE_MSG received, GET_CONFIG not yet sent
+        self._config_task: asyncio.Task[None] | None = None  # the one pending config refresh
         # GET_INFLIGHT_FD's area: kept for the device's life (every back-end restart gets it
         # back), dropped when the driver resets the device
         self._inflight: InflightFd | None = None
@@ -192,6 +204,7 @@ class Device:
         chooser = self._chooser
         fe, negotiated, nq, view = await self._open_backend()
         self.frontend = fe
+        self._connected_at = asyncio.get_running_loop().time()
         try:
             await self._started_with(fe, negotiated, nq, view, saved)
         except BaseException:
@@ -732,35 +745,55 @@ class Device:
         self.stats.per_queue_calls[index] = self.stats.per_queue_calls.get(index, 0) + 1
         if self.model is None or not self.memory.used(index):
             return
+        self._losses = 0  # the back-end completes what it is given
         for action in self.model.used_buffer():
             if isinstance(action, IrqLevel):
                 self._irq(action.level)
+
+    def _backend_note(self, level: int, key: str, msg: str, *args: object) -> None:
+        """A line caused by the back-end: at most the rate limit's burst per ``key`` and window."""
+        allowed, suppressed = self._limit.allow(f"back-end {key}")
+        if allowed:
+            self.log.log(level, msg + (f" ({suppressed} similar lines suppressed)" if suppressed else ""), *args)
 
     async def _backend_request(self, event: RequestReceived) -> int:
         for fd in event.fds:
             os.close(fd)
         if event.request == BackendRequest.CONFIG_CHANGE_MSG:
             # Answer at once: the back-end may wait for our ACK before it serves our GET_CONFIG.
-            task = asyncio.get_running_loop().create_task(self._refresh_config())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            # Coalesced: one refresh pending at most, whatever the number of messages.
+            self._config_dirty = True
+            if self._config_task is None:
+                task = self._config_task = asyncio.get_running_loop().create_task(self._refresh_config())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             return 0
-        self.log.info("refusing back-end request %s", event.request.name)
+        self._backend_note(logging.INFO, "refused", "refusing back-end request %s", event.request.name)
         return 1
 
     async def _refresh_config(self) -> None:
-        async with self._lock:
-            await self._settle()
-            fe, model = self.frontend, self.model
-            if fe is None or model is None or fe.broken:
-                return
-            try:
-                config = await fe.get_config(0, len(model.config) or MAX_CONFIG_SIZE)
-            except VhostUserError as e:
-                self.log.warning("config change announced but GET_CONFIG failed: %s", e)
-                return
-            self.log.info("back-end config changed")
-            await self._carry_out(model.config_changed(config))
+        """GET_CONFIG until no CONFIG_CHANGE_MSG came in meanwhile; the guest gets one config
+        interrupt per change it can see (``config_changed`` ignores an unchanged config)."""
+        try:
+            while self._config_dirty:
+                async with self._lock:
+                    await self._settle()
+                    self._config_dirty = False
+                    fe, model = self.frontend, self.model
+                    if fe is None or model is None or fe.broken:
+                        return
+                    try:
+                        config = await fe.get_config(0, len(model.config) or MAX_CONFIG_SIZE)
+                    except VhostUserError as e:
+                        self._backend_note(logging.WARNING, "config", "config change announced but GET_CONFIG failed: %s", e)
+                        return
+                    generation = model.config_generation
+                    actions = model.config_changed(config)
+                    if model.config_generation != generation:
+                        self._backend_note(logging.INFO, "config", "back-end config changed")
+                    await self._carry_out(actions)
+        finally:
+            self._config_task = None
 
     async def restore(self, state: dict[str, object]) -> None:
         """Take over a device whose previous daemon died: the driver-visible state saved by that
@@ -814,54 +847,101 @@ class Device:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             return
-        self.log.warning("back-end lost (%s): reconnecting", reason)
-        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+        pause = self._count_loss()
+        self.log.warning("back-end lost (%s): reconnecting%s", reason,
+                         f" in {pause:g} s ({self._losses} losses in a row)" if pause else "")
+        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect(pause))
 
-    async def _reconnect(self) -> None:
+    def _count_loss(self) -> float:
+        """One more loss in the streak: the pause before reconnecting (0 for the first)."""
+        if asyncio.get_running_loop().time() - self._connected_at >= LOSS_STREAK_FORGET:
+            self._losses = 0
+        self._losses += 1
+        return 0.0 if self._losses < 2 else min(RECONNECT_BACKOFF * 2 ** (self._losses - 2), LOSS_BACKOFF_MAX)
+
+    async def _reconnect(self, pause: float = 0.0) -> None:
         """Reconnect within RECONNECT_WINDOW, replay features, memory and rings, and resume.
 
         The guest sees at most a pause: its queue state lives in the model, its notifies keep
         accumulating on the kick eventfds the new back-end is given, and the rings restart at the
         used index (QEMU's rule: what was in flight is submitted again; exact for an out-of-order
-        back-end only with INFLIGHT_SHMFD, whose area the new back-end gets back).
+        back-end only with INFLIGHT_SHMFD, whose area the new back-end gets back). A back-end
+        lost again while being resumed counts as one more loss of the streak.
         """
         assert self.model is not None
         loop = asyncio.get_running_loop()
         old, self.frontend = self.frontend, None
         if old is not None:
             await old.close()
-        deadline = loop.time() + RECONNECT_WINDOW
-        delay = RECONNECT_BACKOFF
         try:
             while True:
-                try:
-                    fe, negotiated, nq, view = await self._open_backend()
-                    break
-                except (VhostUserError, DeviceError, BackendAbsent, OSError) as e:
-                    if isinstance(e, VhostUserError) and not e.reconnect:
-                        self._give_up(f"back-end came back but refused ({e}); not reconnecting again")
-                        return
-                    if loop.time() + delay > deadline:
-                        self._give_up(f"back-end did not come back within {RECONNECT_WINDOW:.0f} s: {e}")
-                        return
-                    self.log.debug("reconnect attempt failed: %s", e)
-                    await asyncio.sleep(delay)  # back-off between attempts, not synchronisation
-                    delay = min(delay * 2, RECONNECT_BACKOFF_MAX)
-            async with self._lock:
-                missing = self.model.driver_features & ~guest_features(view.features, grants=self.config.grants)
-                if nq != len(self._kick) or missing:
-                    await fe.close()
-                    self._give_up(f"the back-end came back different ({nq} queues, lacking features {missing:#x})")
+                opened = await self._open_again(pause)
+                if opened is None:
                     return
-                self.frontend = fe
-                self.stats.reconnects += 1
-                await self._carry_out(self.model.config_changed(view.config))
-                if self.model.active and self._queues:
-                    resume, self._fresh = not self._fresh, False
-                    await self._guarded(self._start_backend(fe, self.model.driver_features, self._queues, resume=resume))
-                self.log.info("back-end reconnected%s", " and resumed" if self._started else "")
+                fe, nq, view = opened
+                async with self._lock:
+                    missing = self.model.driver_features & ~guest_features(view.features, grants=self.config.grants)
+                    if nq != len(self._kick) or missing:
+                        await fe.close()
+                        self._give_up(f"the back-end came back different ({nq} queues, lacking features {missing:#x})")
+                        return
+                    self.frontend = fe
+                    self._connected_at = loop.time()
+                    self.stats.reconnects += 1
+                    await self._carry_out(self.model.config_changed(view.config))
+                    if self.model.active and self._queues:
+                        resume, self._fresh = not self._fresh, False  # never-started queues start afresh
+                        try:
+                            await self._start_backend(fe, self.model.driver_features, self._queues, resume=resume)
+                        except VhostUserError as e:
+                            if not (fe.broken and e.reconnect):
+                                await self._guarded(self._reraise(e))
+                            else:
+                                self.frontend = None
+                                self._fresh = not resume  # (never-started queues stay so)
+                                await fe.close()
+                                pause = self._count_loss()
+                                self.stats.last_error = f"back-end lost: {e}"
+                                self.log.warning("back-end lost again while resuming (%s): reconnecting in %g s "
+                                                 "(%d losses in a row)", e, pause, self._losses)
+                                continue
+                        except GuestFault as e:
+                            await self._guarded(self._reraise(e))
+                    self.log.info("back-end reconnected%s", " and resumed" if self._started else "")
+                    return
         finally:
             self._reconnecting = None
+            current = self.frontend
+            if current is not None and current.error is not None and not self._closing:
+                # lost again once resumed, while this task still ran (backend_lost ignored it)
+                self.backend_lost(str(current.error), reconnect=current.error.reconnect)
+
+    @staticmethod
+    async def _reraise(exc: Exception) -> None:
+        raise exc
+
+    async def _open_again(self, pause: float) -> tuple[AsyncFrontend, int, devtypes.Offer] | None:
+        """After ``pause``, connect and negotiate within RECONNECT_WINDOW (None: gave up, the
+        device is in NEEDS_RESET)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + pause + RECONNECT_WINDOW
+        delay = RECONNECT_BACKOFF
+        if pause:
+            await asyncio.sleep(pause)  # back-off after losses in a row, not synchronisation
+        while True:
+            try:
+                fe, _negotiated, nq, view = await self._open_backend()
+                return fe, nq, view
+            except (VhostUserError, DeviceError, BackendAbsent, OSError) as e:
+                if isinstance(e, VhostUserError) and not e.reconnect:
+                    self._give_up(f"back-end came back but refused ({e}); not reconnecting again")
+                    return None
+                if loop.time() + delay > deadline:
+                    self._give_up(f"back-end did not come back within {RECONNECT_WINDOW:.0f} s: {e}")
+                    return None
+                self.log.debug("reconnect attempt failed: %s", e)
+                await asyncio.sleep(delay)  # back-off between attempts, not synchronisation
+                delay = min(delay * 2, RECONNECT_BACKOFF_MAX)
 
     def _give_up(self, reason: str) -> None:
         assert self.model is not None

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .backend import BackendChannelRequester, BackendConnection
     from .errors import (
         BackendFailed,
+        ChannelFlood,
         Disconnected,
         FdCountMismatch,
         FeatureNotNegotiated,
@@ -88,6 +89,7 @@ _LAZY: dict[str, str] = {
     "MalformedMessage": ".errors",
     "PartialMessage": ".errors",
     "PeerTimeout": ".errors",
+    "ChannelFlood": ".errors",
     "ProtocolError": ".errors",
     "RemoteProtocolError": ".errors",
     "TransportError": ".errors",
@@ -143,6 +145,7 @@ __all__ = [
     "MalformedMessage",
     "PartialMessage",
     "PeerTimeout",
+    "ChannelFlood",
     "ProtocolError",
     "RemoteProtocolError",
     "TransportError",

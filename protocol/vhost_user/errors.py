@@ -44,6 +44,7 @@ __all__ = [
     "FdCountMismatch",
     "GuestMemoryError",
     "PeerTimeout",
+    "ChannelFlood",
 ]
 
 
@@ -188,3 +189,19 @@ class PeerTimeout(VhostUserError, TimeoutError):
         self.what = what
         self.seconds = seconds
         super().__init__(f"peer did not answer {what} within {seconds:g} s")
+
+
+class ChannelFlood(RemoteProtocolError):
+    """The back-end sent more requests on its channel than the front-end's bound allows (a
+    burst of ``burst``, then ``rate`` a second). The back-end is misbehaving, not the link; a new
+    connection may behave, so ``reconnect`` is True (the caller's backoff bounds the cost)."""
+
+    reconnect: ClassVar[bool] = True
+
+    def __init__(self, received: int, burst: int, rate: float) -> None:
+        self.received = received
+        self.burst = burst
+        self.rate = rate
+        super().__init__(
+            f"back-end flooded its request channel: {received} requests, more than {burst} at once "
+            f"or {rate:g} a second; disconnecting it")

@@ -53,12 +53,16 @@ def hostile_cases(r):
         "head out of range": lambda: post_raw(r, 0, [(rd[0], 64, 0, 0)], head=NUM + 3),
         "avail idx far ahead": lambda: post_raw(r, 0, [(rd[0], 64, 0, 0)], avail_step=NUM + 1),
         "indirect and next": lambda: post_raw(r, 0, [(rd[0], 32, IND | NEXT, 1), (wr[0], 64, WRITE, 0)]),
+        "zero-length buffer": lambda: post_raw(r, 0, [(rd[0], 64, NEXT, 1), (wr[0], 0, WRITE, 0)]),
+        "zero-length indirect buffer": lambda: post_raw(
+            r, 0, [(table(r, [(rd[0], 0, NEXT, 1), (wr[0], 64, WRITE, 0)])[0], 32, IND, 0)]),
     }
 
 
 CASES = [
     "loop", "out of RAM", "below RAM", "over 4 GiB", "write before read", "oversize indirect", "ragged indirect",
     "nested indirect", "longer than the queue", "head out of range", "avail idx far ahead", "indirect and next",
+    "zero-length buffer", "zero-length indirect buffer",
 ]
 
 

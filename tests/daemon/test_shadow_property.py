@@ -18,7 +18,8 @@ from vhost_user.virtqueue import SplitQueueDevice, read_buffers, split_ring_layo
 
 NUM = 32
 PATTERN = bytes(range(256)) * 120  # longer than any chain's writable bytes (3 × 9000) + 251
-size = st.one_of(st.sampled_from([0, 1, 4096, 9000]), st.integers(0, 9000))
+# no zero-length buffer: the shadow path refuses one as a guest error (test_replay_bound.py)
+size = st.one_of(st.sampled_from([1, 4096, 9000]), st.integers(1, 9000))
 chain = st.tuples(st.lists(size, max_size=3), st.lists(size, max_size=3), st.booleans())
 
 

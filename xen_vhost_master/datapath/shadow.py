@@ -42,6 +42,7 @@ from .shadow_pool import ShadowMemory
 __all__ = [
     "DEFAULT_POOL_SIZE",
     "LATENCY_BOUNDS_NS",
+    "MAX_LOSSES_IN_FLIGHT",
     "GuestInflightRecord",
     "ShadowDataPath",
     "ShadowError",
@@ -53,6 +54,11 @@ DEFAULT_POOL_SIZE: Final = 16 << 20
 SMALL: Final = 512  # buffers shorter than this are packed at 16-byte alignment, longer ones at 512
 # Upper bounds of the request latency buckets: 50 µs (a copy and a back-end's round trip) to 1 s.
 LATENCY_BOUNDS_NS: Final = tuple(int(ms * 1e6) for ms in (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 1000))
+
+# A chain still in flight when the back-end has dropped the connection this many times in a row
+# is not published again (the queue stops, the device goes to DEVICE_NEEDS_RESET): a chain that
+# crashes its back-end would otherwise be replayed to every new one, forever.
+MAX_LOSSES_IN_FLIGHT: Final = 3
 
 _FLAGS = struct.Struct("<H")
 _U16 = struct.Struct("<H")
@@ -103,7 +109,8 @@ class ShadowQueueStats:
 class _InFlight:
     """One guest chain published on the shadow ring (its bounce extent and both shapes)."""
 
-    __slots__ = ("head", "offset", "nbytes", "table", "readable", "writable", "copy_back", "writable_len", "popped")
+    __slots__ = ("head", "offset", "nbytes", "table", "readable", "writable", "copy_back", "writable_len", "popped",
+                 "losses")
 
     def __init__(self, head: int, offset: int, nbytes: int, table: int,
                  readable: list[tuple[int, int]], writable: list[tuple[int, int]],
@@ -117,6 +124,7 @@ class _InFlight:
         self.copy_back = copy_back  # (guest addr, memfd offset, len) of the writable buffers
         self.writable_len = writable_len
         self.popped = 0  # time.monotonic_ns() when the chain was taken from the guest's ring
+        self.losses = 0  # back-end connections lost while this chain was in flight
 
 
 class _Queue:
@@ -502,6 +510,13 @@ class ShadowDataPath:
         n = len(chain.readable) + len(chain.writable)
         if n > q.config.num:
             raise RingError(f"chain {chain.head}: {n} descriptors, longer than the queue ({q.config.num})")
+        # A zero-sized buffer: every back-end built on QEMU's virtio core or libvhost-user (e.g.
+        # qemu-storage-daemon) refuses it for any device type ("virtio: zero sized buffers are not
+        # allowed") and drops the connection; no virtio-blk request part is empty (virtio 1.2
+        # §5.2.6: a 16-byte header, data in 512-byte sectors, a 1-byte status).
+        for i, b in enumerate((*chain.readable, *chain.writable)):
+            if b.length == 0:
+                raise RingError(f"chain {chain.head}: buffer {i} has length 0 (zero-sized buffers are not allowed)")
         if chain.head in q.inflight:
             raise RingError(f"chain {chain.head} made available again while still in flight")
 
@@ -659,6 +674,13 @@ class ShadowDataPath:
         q.indirect = indirect
         if not indirect and any(f.table >= 0 for f in q.inflight.values()):
             self._break(q, "the reconnected back-end lacks indirect descriptors, needed by chains in flight")
+            return RingAddresses(q.rings.desc, q.rings.avail, q.rings.used, start)
+        for f in q.inflight.values():
+            f.losses += 1
+        stuck = [f for f in q.inflight.values() if f.losses >= MAX_LOSSES_IN_FLIGHT]
+        if stuck:
+            self._break(q, f"chain {stuck[0].head} was in flight each of the {stuck[0].losses} times in a row the "
+                           "back-end dropped the connection: not publishing it again")
             return RingAddresses(q.rings.desc, q.rings.avail, q.rings.used, start)
         for f in q.inflight.values():
             self._add(q.drv, f)

@@ -8,6 +8,9 @@ from .._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .client import (
+        BACKEND_EVENTS_MAX,
+        BACKEND_REQUEST_BURST,
+        BACKEND_REQUEST_RATE,
         DEFAULT_PROTOCOL_FEATURES,
         GET_VRING_BASE_TIMEOUT,
         REQUEST_TIMEOUT,
@@ -32,6 +35,9 @@ if TYPE_CHECKING:
 # Names are imported from their submodule on first use (PEP 562), so that a program needing one
 # layer (the daemon: the front-end) does not pay for the others (back-end server, testing kit).
 _LAZY: dict[str, str] = {
+    "BACKEND_EVENTS_MAX": ".client",
+    "BACKEND_REQUEST_BURST": ".client",
+    "BACKEND_REQUEST_RATE": ".client",
     "DEFAULT_PROTOCOL_FEATURES": ".client",
     "GET_VRING_BASE_TIMEOUT": ".client",
     "REQUEST_TIMEOUT": ".client",
@@ -60,6 +66,9 @@ __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 
 __all__ = [
+    "BACKEND_EVENTS_MAX",
+    "BACKEND_REQUEST_BURST",
+    "BACKEND_REQUEST_RATE",
     "cancel_and_wait",
     "DEFAULT_PROTOCOL_FEATURES",
     "GET_VRING_BASE_TIMEOUT",

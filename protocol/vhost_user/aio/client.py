@@ -13,6 +13,7 @@ closed here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -23,6 +24,7 @@ from typing import Any
 
 from ..errors import (
     BackendFailed,
+    ChannelFlood,
     Disconnected,
     LocalProtocolError,
     PartialMessage,
@@ -49,6 +51,9 @@ __all__ = [
     "REQUEST_TIMEOUT",
     "GET_VRING_BASE_TIMEOUT",
     "DEFAULT_PROTOCOL_FEATURES",
+    "BACKEND_REQUEST_BURST",
+    "BACKEND_REQUEST_RATE",
+    "BACKEND_EVENTS_MAX",
 ]
 
 log = logging.getLogger("vhost_user.aio.client")
@@ -62,6 +67,16 @@ GET_VRING_BASE_TIMEOUT = 30.0
 # SET_MEM_TABLE / ADD_MEM_REG: the back-end maps the regions before it answers, which for a Xen
 # back-end is a foreign mapping of every guest page: seconds for a large guest on a loaded host.
 MEM_TABLE_TIMEOUT = 30.0
+# What a back-end may send on its request channel before it counts as flooding it (and is
+# disconnected): a burst of BACKEND_REQUEST_BURST requests, then BACKEND_REQUEST_RATE a second. A
+# back-end sends CONFIG_CHANGE_MSG on a resize or a link change, a few at a time; VRING_CALL/ERR
+# come on the channel only with INBAND_NOTIFICATIONS, which DEFAULT_PROTOCOL_FEATURES leaves out
+# (docs/interop/vhost-user.rst, "Back-end message types"). Both are constructor arguments.
+BACKEND_REQUEST_BURST = 256
+BACKEND_REQUEST_RATE = 64.0
+# :attr:`AsyncFrontend.backend_events` keeps the newest this many events (a log for whoever reads
+# it; nobody has to).
+BACKEND_EVENTS_MAX = 64
 
 P = ProtocolFeatures
 #: What negotiate() asks for by default (intersected with what the back-end offers). XEN_MMAP
@@ -80,6 +95,28 @@ DEFAULT_PROTOCOL_FEATURES = (
 del P
 
 BackendRequestHandler = Callable[[RequestReceived], int | Awaitable[int]]
+
+
+class _RequestBudget:
+    """A token bucket: ``burst`` requests at once, refilled at ``rate`` a second (``clock`` in s)."""
+
+    def __init__(self, burst: int, rate: float, clock: Callable[[], float]) -> None:
+        self.burst = burst
+        self.rate = rate
+        self._clock = clock
+        self._tokens = float(burst)
+        self._last = clock()
+        self.taken = 0
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        self.taken += 1
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +151,9 @@ class AsyncFrontend:
     call :meth:`close`.
 
     ``on_lost(exc)`` is called once when the connection breaks (peer hangs up while idle, a
-    protocol error, a timeout), so a supervisor can react without polling.
+    protocol error, a timeout, a back-end flooding its request channel beyond ``backend_burst``
+    requests at once or ``backend_rate`` a second: :class:`ChannelFlood`), so a supervisor can
+    react without polling; the owner closes the connection.
     """
 
     def __init__(
@@ -125,6 +164,8 @@ class AsyncFrontend:
         ack_all: bool = True,
         on_lost: Callable[[VhostUserError], None] | None = None,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
+        backend_burst: int = BACKEND_REQUEST_BURST,
+        backend_rate: float = BACKEND_REQUEST_RATE,
     ) -> None:
         self.sock = sock
         self.conn = FrontendConnection(ack_all=ack_all)
@@ -133,7 +174,10 @@ class AsyncFrontend:
         self.log = logger or log
         self.error: VhostUserError | None = None
         self.lost = asyncio.Event()
-        self.backend_events: asyncio.Queue[RequestReceived] = asyncio.Queue()
+        self.backend_events: asyncio.Queue[RequestReceived] = asyncio.Queue(BACKEND_EVENTS_MAX)
+        self.backend_events_dropped = 0  # events pushed out of the full queue (oldest first)
+        self.backend_burst = backend_burst
+        self.backend_rate = backend_rate
         self._backend_sock: FdSocket | None = None
         self._backend_task: asyncio.Task[None] | None = None
         self._backend_handler: BackendRequestHandler | None = None
@@ -246,6 +290,8 @@ class AsyncFrontend:
                             partial = self.conn.mid_message
                             have, need = self.conn.buffered, self.conn.buffered + self.conn.bytes_needed
                             close_fds(fds, self.conn.take_unclaimed_fds())
+                            if self.error is not None:  # we hung up (a flooded back-end channel)
+                                raise self.error
                             if partial:
                                 raise PartialMessage(have, need)
                             raise Disconnected(f"back-end closed the connection awaiting {request!s}")
@@ -265,8 +311,11 @@ class AsyncFrontend:
                 raise err from exc
             except VhostUserError as exc:
                 close_fds(self.conn.take_unclaimed_fds())
+                cause = self.error  # the connection broke meanwhile (e.g. a flooded back-end channel)
                 if self.conn.error is not None or not isinstance(exc, LocalProtocolError):
                     self._break(exc)
+                if cause is not None and cause is not exc:
+                    raise cause from exc
                 raise
         finally:
             self._busy = False
@@ -359,7 +408,11 @@ class AsyncFrontend:
         the u64 status for NEED_REPLY requests (0 = success); it may be a coroutine function.
         Without a handler, CONFIG_CHANGE_MSG and VRING_CALL/ERR are accepted (status 0) and
         everything else is refused (status 1, fds closed). Every event is also put, without
-        its fds, on :attr:`backend_events`.
+        its fds, on :attr:`backend_events`, which keeps the newest BACKEND_EVENTS_MAX.
+
+        A back-end sending more than ``backend_burst`` requests at once or ``backend_rate`` a
+        second is disconnected: the channel closes and the connection breaks with
+        :class:`ChannelFlood` (``on_lost``).
 
         The handler runs on the channel's own task and must not await requests on the main
         channel (the back-end may be blocked waiting for this answer, and the front-end is
@@ -393,6 +446,7 @@ class AsyncFrontend:
         assert sock is not None
         chan = BackendChannelResponder(reply_ack=self.has_protocol_feature(ProtocolFeatures.REPLY_ACK))
         handler = self._backend_handler or self._default_backend_handler
+        budget = _RequestBudget(self.backend_burst, self.backend_rate, asyncio.get_running_loop().time)
         try:
             while True:
                 data, fds = await sock.recv(max(1, chan.bytes_needed))
@@ -406,8 +460,16 @@ class AsyncFrontend:
                     close_fds(fds, chan.take_unclaimed_fds())
                     self.log.warning("back-end channel: %s; closing it", exc)
                     return
-                for event in events:
+                for i, event in enumerate(events):
                     assert isinstance(event, RequestReceived)
+                    if not budget.take():  # this one and the rest are not served: their fds go
+                        close_fds(*(e.fds for e in events[i:] if isinstance(e, RequestReceived)),
+                                  chan.take_unclaimed_fds())
+                        self._break(ChannelFlood(budget.taken, budget.burst, budget.rate))
+                        # hang up on it: a request waiting for its answer fails now, with the flood
+                        with contextlib.suppress(OSError):
+                            self.sock.sock.shutdown(socket.SHUT_RDWR)
+                        return
                     self.log.debug("back-end request %s", event.request.name)
                     result = handler(event)
                     status = await result if inspect.isawaitable(result) else result
@@ -415,6 +477,9 @@ class AsyncFrontend:
                         await sock.send(chan.ack(event.request, int(status or 0)).data)
                     elif event.answer == "reply":
                         await sock.send(chan.reply(event.request, None).data)
+                    if self.backend_events.full():
+                        self.backend_events.get_nowait()
+                        self.backend_events_dropped += 1
                     self.backend_events.put_nowait(dataclasses.replace(event, fds=()))
         except Disconnected as exc:
             self.log.info("back-end channel closed: %s", exc)

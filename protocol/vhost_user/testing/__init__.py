@@ -45,6 +45,7 @@ async def connected_pair(
         if not built:
             a.close()
             task.cancel()
+            b.close()
     try:
         yield fe, server
     finally:
