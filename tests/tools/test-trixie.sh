@@ -43,6 +43,14 @@ rm -rf "$ROOT/src"
 git clone -q --no-hardlinks "$REPO" "$ROOT/src"
 git -C "$ROOT/src" checkout -q --detach "$head"
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+# This host's local certificate authorities (update-ca-certificates(8)), e.g. a site's TLS proxy,
+# are trusted in the root too: pip reaches PyPI the way the host does.
+if [ -d /usr/local/share/ca-certificates ] && \
+   ! diff -rq /usr/local/share/ca-certificates "$ROOT/usr/local/share/ca-certificates" >/dev/null 2>&1; then
+  rm -rf "$ROOT/usr/local/share/ca-certificates"
+  cp -r /usr/local/share/ca-certificates "$ROOT/usr/local/share/ca-certificates"
+  chroot "$ROOT" update-ca-certificates --fresh >/dev/null
+fi
 
 # The cgroup that becomes the run's cgroup namespace root (cgroup2, wherever the host mounts it).
 cg2=$(findmnt -n -t cgroup2 -o TARGET | head -n1)
