@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make test` on Debian 13 (trixie), from any Debian host, as root: `make test-trixie`.
 #   test-trixie.sh [PYTEST ARGUMENTS...]   (e.g. tests/test_install.py -x: only those)
+#   test-trixie.sh --run COMMAND...        (COMMAND instead of make test, in the same root: to look)
 #
 # A trixie root made by mmdebstrap (the apt variant plus what `make test` bootstraps from: python3,
 # python3-venv, make, git, ca-certificates) is cached in $XVM_TRIXIE_CACHE/root (default
@@ -49,7 +50,7 @@ if [ -d /usr/local/share/ca-certificates ] && \
    ! diff -rq /usr/local/share/ca-certificates "$ROOT/usr/local/share/ca-certificates" >/dev/null 2>&1; then
   rm -rf "$ROOT/usr/local/share/ca-certificates"
   cp -r /usr/local/share/ca-certificates "$ROOT/usr/local/share/ca-certificates"
-  chroot "$ROOT" update-ca-certificates --fresh >/dev/null
+  chroot "$ROOT" update-ca-certificates --fresh >/dev/null 2>&1
 fi
 
 # The cgroup that becomes the run's cgroup namespace root (cgroup2, wherever the host mounts it).
@@ -69,11 +70,19 @@ cleanup() {
 trap cleanup EXIT
 
 args=""
-[ $# -eq 0 ] || args=$(printf '%q ' "$@")
+if [ "${1:-}" = --run ]; then
+  shift
+  cmd=$(printf '%q ' "$@")
+else
+  [ $# -eq 0 ] || args=$(printf '%q ' "$@")
+  cmd="make -C /src test PYTEST_ARGS=\"$args\""
+fi
 inner=$(cat <<EOF
 set -e
 mount --make-rprivate /
 R=$ROOT
+# The root is a mount of its own, as / is on a machine (\`mount --make-rprivate /\` in it works).
+mount --bind \$R \$R
 mount -t proc proc \$R/proc
 mount -t sysfs sysfs \$R/sys
 mount -t cgroup2 cgroup2 \$R/sys/fs/cgroup
@@ -85,7 +94,7 @@ mount -t tmpfs -o mode=0755 tmpfs \$R/run
 mount -t tmpfs -o mode=1777 tmpfs \$R/tmp
 exec chroot \$R /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb XENLAB=0 \
   PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-  python3 -c "\$REAPER" make -C /src test PYTEST_ARGS="$args"
+  python3 -c "\$REAPER" $cmd
 EOF
 )
 # PID 1 of the run: starts make, reaps every orphan, exits with make's status.
