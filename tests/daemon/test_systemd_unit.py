@@ -253,7 +253,7 @@ async def test_the_installed_unit_under_real_systemd(start_sim, work, peers, use
     programs.require("systemd")
     reason = _can_boot_systemd()
     if reason is not None:
-        pytest.skip(reason)
+        programs.unable(reason)
     sim, sim_path = start_sim(str(work), name=NAME)
     disk = peers.qsd_raw(size=8 << 20)
     if user != "root":
