@@ -132,7 +132,9 @@ class SystemdNamespace:
 
     def run(self, *argv: str, check: bool = True) -> str:
         """``argv`` in the namespace (its mounts: the package installed; its PID 1)."""
-        r = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", *argv],
+        # -r -w: PID 1's root and cwd too. Entering a mount namespace sets the root to the namespace's
+        # own, which is not PID 1's when the tests run in a chroot (tests/tools/test-trixie.sh).
+        r = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "-r", "-w", *argv],
                            capture_output=True, timeout=TIMEOUT + 10, check=False)
         if check and r.returncode != 0:
             raise AssertionError(f"{' '.join(argv)}: rc {r.returncode} {r.stderr.decode()}")
@@ -155,7 +157,7 @@ class SystemdNamespace:
 
     def in_ns(self, pid_in_ns: int | str) -> str:
         """/proc/<pid>/status of a process of the namespace, read from inside it."""
-        r = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "cat", f"/proc/{pid_in_ns}/status"],
+        r = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "-r", "-w", "cat", f"/proc/{pid_in_ns}/status"],
                            capture_output=True, timeout=TIMEOUT, check=False)
         return r.stdout.decode()
 
