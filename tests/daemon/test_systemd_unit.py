@@ -49,7 +49,7 @@ from xen_vhost_sim.guest_driver import GuestPageAllocator
 
 REPO = Path(__file__).resolve().parents[2]
 # A guest name systemd must escape: the instance is "my\x2dguest\x207", %I gives the name back,
-# and RuntimeDirectory=xen-vhost-master/%i must be the daemon's own runtime directory (under
+# and RuntimeDirectory=xen-vhost-master/%I must be the daemon's own runtime directory (under
 # ProtectSystem=strict it could write nowhere else).
 NAME = "my-guest 7"
 INSTANCE = instance_name(NAME)
