@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # tests/tools/debian-packages.tsv, whose package names depend on the Debian release (12 or 13).
 DEBS  := test
 
-.PHONY: test lint test-xen demo deps venv bench fuzz clean deb install
+.PHONY: test lint test-xen test-trixie demo deps venv bench fuzz clean deb install
 # XVM_REQUIRE_PEERS=1: a peer `make deps` installs and a test cannot find is a failure, not a skip
 # (tests/peers/programs.py); -rs prints every skip's reason.
 test: deps venv lint
@@ -27,6 +27,12 @@ lint: venv
 # tests/xenlab/README.md). `make test` runs it too; XENLAB=0 leaves it out.
 test-xen: venv
 	bash tests/xenlab/run-lab.sh
+
+# `make test` on Debian 13 (trixie) from this host (12 or 13), as root: a cached mmdebstrap root,
+# this checkout's committed HEAD cloned into it, chrooted in namespaces of its own, XENLAB=0
+# (tests/tools/test-trixie.sh). PYTEST_ARGS narrows it as for `make test`.
+test-trixie:
+	bash tests/tools/test-trixie.sh $(PYTEST_ARGS)
 
 demo: venv
 	@bash tests/tools/install-debs.sh demo

@@ -283,7 +283,8 @@ def build_deb(out: Path, python: str = "/usr/bin/python3") -> Path:
         deb_version = f"{version}-1" + (f"+deb{release}" if release else "")
         size_kib = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink()) // 1024
         control = (f"Package: {NAME}\nVersion: {deb_version}\nArchitecture: {arch}\nMaintainer: {MAINTAINER}\n"
-                   f"Installed-Size: {size_kib}\nDepends: {pyver}, libc6\nRecommends: xen-utils-common\n"
+                   # procps: /bin/kill, the instance unit's ExecReload= (not Essential: a minimal Debian 13 lacks it)
+                   f"Installed-Size: {size_kib}\nDepends: {pyver}, libc6, procps\nRecommends: xen-utils-common\n"
                    f"Section: admin\nPriority: optional\nDescription: {DESCRIPTION}\n")
         debian = root / "DEBIAN"
         _write(debian / "control", control)

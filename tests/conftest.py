@@ -14,6 +14,7 @@ import pytest
 import uvloop
 
 from tests.installed import Installed, build, cannot_install
+from tests.peers import programs
 
 
 def pytest_asyncio_loop_factories(
@@ -53,8 +54,8 @@ def no_fd_leak() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def installed_package(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     """The Debian package (`make deb`), built once per session and unpacked into a scratch root
-    (tests/installed.py); skipped where it cannot be (no dpkg-deb, not root)."""
+    (tests/installed.py); skipped where it cannot be (no dpkg-deb, not root), a failure under `make test`."""
     reason = cannot_install()
     if reason is not None:
-        pytest.skip(reason)
+        programs.unable(reason)
     return build(tmp_path_factory.mktemp("deb"))

@@ -102,7 +102,7 @@ EPILOG = """the guest:
   It is resolved once, at start, through xenstore (/local/domain/*/name). The instance is keyed
   by the NAME: systemd's xen-vhost-master@<name>.service (the instance is the name escaped by
   systemd-escape(1); the unit runs --domain %I), the runtime directory
-  /run/xen-vhost-master/<escaped name>/ (lock, state.json, status.sock) and the per-guest
+  /run/xen-vhost-master/<name>/ (lock, state.json, status.sock) and the per-guest
   configuration file <config-dir>/<name>.toml. One instance per guest: a second one exits 73.
 
 devices:
@@ -194,7 +194,7 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    help="how guest memory reaches back-ends: auto (default; XEN_MMAP when the back-end offers it), "
                         "xen-mmap, shadow (copying; any back-end), sim-memfd (simulator-only baseline)")
     p.add_argument("--runtime-dir", metavar="DIR",
-                   help=f"lock, state and status socket (default {RUNTIME_ROOT}/<escaped name>); when given, "
+                   help=f"lock, state and status socket (default {RUNTIME_ROOT}/<name>); when given, "
                         "back-end sockets default to DIR/{devid}.sock")
     p.add_argument("--socket", metavar="TEMPLATE",
                    help="back-end socket of devices without socket= (default /run/vhost-user/{name}/{devid}.sock)")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from .config import instance_name
 from .errors import ConfigError, DaemonError, ExitCode, HostError
+from .names import path_name
 from .xen.xenstore_wire import XenstoreNotFound
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ __all__ = [
     "untrusted",
 ]
 
-# systemd's RuntimeDirectory=xen-vhost-master/%i: one directory per instance (= escaped name).
+# systemd's RuntimeDirectory=xen-vhost-master/%I: one directory per instance (= the guest's name).
 RUNTIME_ROOT = "/run/xen-vhost-master"
 # The lock file's descriptor, kept open across a handover's exec (the new image holds the lock
 # without a moment in which a second instance could take it).
@@ -74,15 +75,22 @@ class GuestDomain:
 
 
 def runtime_dir(name: str, root: str | None = None) -> str:
-    """``/run/xen-vhost-master/<systemd-escaped name>``: what RuntimeDirectory=xen-vhost-master/%i
-    creates for the instance ``xen-vhost-master@<escaped name>``."""
-    escaped = instance_name(name)
-    if not escaped:
+    """``/run/xen-vhost-master/<name>``: what RuntimeDirectory=xen-vhost-master/%I creates for the
+    instance ``xen-vhost-master@<escaped name>`` (``%I`` is the name itself). A name that is not one
+    plain path component (``/`` in it, a leading ``.``: :func:`path_name`) gets its escaped form,
+    never a path outside the root; and the escaped directory of an instance started by a unit
+    that still said ``%i`` (before an upgrade's restart) is used while it is there."""
+    component = path_name(name)
+    if not component:
         raise ConfigError("the guest's name is empty: give --runtime-dir")
-    if len(escaped) > NAME_MAX:
-        raise ConfigError(f"the guest's name escapes to {len(escaped)} characters, more than a directory "
-                          f"name may have ({NAME_MAX}): give --runtime-dir")
-    return os.path.join(root or RUNTIME_ROOT, escaped)
+    if len(component.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        raise ConfigError(f"the guest's name is {len(component.encode('utf-8', 'surrogateescape'))} bytes as a "
+                          f"directory name, more than a directory name may have ({NAME_MAX}): give --runtime-dir")
+    base = root or RUNTIME_ROOT
+    plain, escaped = os.path.join(base, component), os.path.join(base, instance_name(name))
+    if escaped != plain and os.path.isdir(escaped) and not os.path.isdir(plain):
+        return escaped
+    return plain
 
 
 def _domid_argument(text: str) -> int | None:

@@ -1,6 +1,6 @@
-"""Guest names as systemd sees them: the instance part of ``xen-vhost-master@<instance>.service``
-and the runtime directory ``/run/xen-vhost-master/<instance>/`` (``RuntimeDirectory=`` of the
-template unit expands ``%i``, the escaped form).
+"""Guest names as systemd sees them: the instance part of ``xen-vhost-master@<instance>.service``,
+and as one path component (:func:`path_name`: the runtime directory ``/run/xen-vhost-master/<name>/``,
+which ``RuntimeDirectory=`` of the template unit makes from ``%I``, the name itself).
 
 The escaping is systemd's ``unit_name_escape()`` (src/basic/unit-name.c), what
 ``systemd-escape NAME`` prints: ``/`` becomes ``-``; every byte of the UTF-8 encoding outside

@@ -46,14 +46,22 @@ def test_instance_name_is_what_systemd_escape_prints(name):
     assert subprocess.run([binary, "--", raw], capture_output=True, check=True).stdout.decode() == escaped + "\n"
 
 
-def test_runtime_dir_is_one_escaped_component_and_refuses_empty_or_too_long_names():
+def test_runtime_dir_is_the_name_as_percent_I_gives_it_and_refuses_empty_or_too_long_names(tmp_path):
+    # what RuntimeDirectory=xen-vhost-master/%I creates: the name itself, when it is one plain component
+    assert runtime_dir("my-guest 7", root="/r") == "/r/my-guest 7"
+    # one component whatever the name: escaped when it is not plain
     assert runtime_dir("web 1/x", root="/r") == "/r/web\\x201-x"
     assert runtime_dir("..", root="/r") == "/r/\\x2e."  # never the parent directory
     with pytest.raises(ConfigError, match="empty"):
         runtime_dir("")
-    assert len(os.path.basename(runtime_dir("é" * 21))) == 21 * 8  # 2 bytes, \xNN each
+    assert os.path.basename(runtime_dir("é" * 127)) == "é" * 127  # 254 bytes
     with pytest.raises(ConfigError, match="more than a directory name may have"):
-        runtime_dir("é" * 40)
+        runtime_dir("é" * 128)
+    # an instance started by a unit that said %i (before the upgrade's restart) keeps its directory
+    (tmp_path / "my\\x2dguest").mkdir()
+    assert runtime_dir("my-guest", root=str(tmp_path)) == str(tmp_path / "my\\x2dguest")
+    (tmp_path / "my-guest").mkdir()
+    assert runtime_dir("my-guest", root=str(tmp_path)) == str(tmp_path / "my-guest")
 
 
 def test_per_guest_config_file_name():

@@ -49,7 +49,7 @@ from xen_vhost_sim.guest_driver import GuestPageAllocator
 
 REPO = Path(__file__).resolve().parents[2]
 # A guest name systemd must escape: the instance is "my\x2dguest\x207", %I gives the name back,
-# and RuntimeDirectory=xen-vhost-master/%i must be the daemon's own runtime directory (under
+# and RuntimeDirectory=xen-vhost-master/%I must be the daemon's own runtime directory (under
 # ProtectSystem=strict it could write nowhere else).
 NAME = "my-guest 7"
 INSTANCE = instance_name(NAME)
@@ -132,7 +132,9 @@ class SystemdNamespace:
 
     def run(self, *argv: str, check: bool = True) -> str:
         """``argv`` in the namespace (its mounts: the package installed; its PID 1)."""
-        r = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", *argv],
+        # -r -w: PID 1's root and cwd too. Entering a mount namespace sets the root to the namespace's
+        # own, which is not PID 1's when the tests run in a chroot (tests/tools/test-trixie.sh).
+        r = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "-r", "-w", *argv],
                            capture_output=True, timeout=TIMEOUT + 10, check=False)
         if check and r.returncode != 0:
             raise AssertionError(f"{' '.join(argv)}: rc {r.returncode} {r.stderr.decode()}")
@@ -155,7 +157,7 @@ class SystemdNamespace:
 
     def in_ns(self, pid_in_ns: int | str) -> str:
         """/proc/<pid>/status of a process of the namespace, read from inside it."""
-        r = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "cat", f"/proc/{pid_in_ns}/status"],
+        r = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "-r", "-w", "cat", f"/proc/{pid_in_ns}/status"],
                            capture_output=True, timeout=TIMEOUT, check=False)
         return r.stdout.decode()
 
@@ -253,7 +255,7 @@ async def test_the_installed_unit_under_real_systemd(start_sim, work, peers, use
     programs.require("systemd")
     reason = _can_boot_systemd()
     if reason is not None:
-        pytest.skip(reason)
+        programs.unable(reason)
     sim, sim_path = start_sim(str(work), name=NAME)
     disk = peers.qsd_raw(size=8 << 20)
     if user != "root":

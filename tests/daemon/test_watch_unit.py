@@ -37,6 +37,7 @@ from tests.daemon.test_dispatcher import (
 )
 from tests.daemon.test_systemd_unit import SystemdNamespace, _can_boot_systemd, _field, sim_dropin
 from tests.installed import Installed
+from tests.peers import programs
 from tests.peers.harness import Peers
 from xen_vhost_master.names import systemd_escape
 from xen_vhost_sim.guest import SimControl
@@ -96,7 +97,7 @@ async def test_the_installed_dispatcher_unit_under_real_systemd(work: Path, peer
                                                                 installed_package: Installed) -> None:
     reason = _can_boot_systemd()
     if reason is not None:
-        pytest.skip(reason)
+        programs.unable(reason)
     sim, sim_path = start_sim(str(work))
     disk = peers.qsd_raw(size=8 << 20)
     watch_log = work / "watch.log"

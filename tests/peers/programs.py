@@ -19,7 +19,7 @@ from typing import Final, NoReturn
 
 import pytest
 
-__all__ = ["Need", "find", "missing", "require", "host_release", "table", "REQUIRE_ENV"]
+__all__ = ["Need", "find", "missing", "unable", "require", "host_release", "table", "REQUIRE_ENV"]
 
 TABLE: Final = Path(__file__).resolve().parents[1] / "tools" / "debian-packages.tsv"
 #: Set by the Makefile's ``test`` target: what ``make deps`` installs must be there.
@@ -94,6 +94,14 @@ def missing(reason: str) -> NoReturn:
     """Stop the test: a failure under ``make test`` (its deps are installed), a skip otherwise."""
     if os.environ.get(REQUIRE_ENV) == "1":
         pytest.fail(f"{reason} (make test installed its Debian packages, so this is a failure)", pytrace=False)
+    pytest.skip(reason)
+
+
+def unable(reason: str) -> NoReturn:
+    """Stop a test this machine cannot run (root, namespaces, overlayfs): a failure under ``make
+    test``, which runs as root on Debian 12 or 13 where all of that works, a skip otherwise."""
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{reason} (make test runs as root on Debian 12 or 13, so this is a failure)", pytrace=False)
     pytest.skip(reason)
 
 
