@@ -19,6 +19,13 @@ from xen_vhost_sim.simkernel import SimKernel
 
 IRQ = 40
 ACK = BASE + 0x64  # virtio-mmio InterruptACK
+UNCLAIMED = BASE + 0x10000
+
+
+async def sent(guest: SimGuest) -> None:
+    """Until ``guest``'s request in flight has been written to the host."""
+    while not guest._futs:
+        await asyncio.sleep(0)
 
 
 async def serve(dm: Dm, value: int, before_complete: object = None) -> None:
@@ -92,7 +99,9 @@ async def test_the_hosts_path_sees_lines_the_device_model_changed_itself(sim_pro
         dm.dm.set_irq_level(IRQ, 0)  # from here on the device model writes the line itself
         assert not via_host.irq_level(IRQ)
         waiter = asyncio.ensure_future(via_host.wait_irq(IRQ))
-        assert not via_host.irq_level(IRQ)  # (a host round trip: the wait is registered by now)
+        await asyncio.wait_for(sent(via_host), TIMEOUT)
+        # an access on the same connection, unclaimed (all-ones): the host took the wait first
+        assert await asyncio.wait_for(via_host.mmio_read(UNCLAIMED, 4), TIMEOUT) == 0xFFFFFFFF
         assert not waiter.done()
         dm.dm.set_irq_level(IRQ, 1)
         await asyncio.wait_for(waiter, TIMEOUT)
