@@ -270,6 +270,8 @@ class SimGuest:
         self._vlocks: dict[int, asyncio.Lock] = {}
         self._fast_waits: set[asyncio.Future[None]] = set()
         self._snap: Snapshot | None = None  # the page as last read (valid while its seq is)
+        self._irq_efd = -1  # the domain's asserted-line events (sim.vcpu_channel)
+        self._irq_waits: set[asyncio.Future[None]] = set()
         try:
             reply, fds = self._ctl.call({"op": "guest_ram", "domid": domid})
             banks = [(int(a), int(b)) for a, b in reply["banks"]]
@@ -281,6 +283,7 @@ class SimGuest:
                     self._chan = mmap.mmap(cfds[0], vcpu_channel_page())
                 finally:
                     os.close(cfds[0])
+                self._irq_efd = cfds[1]
         except BaseException:
             self._ctl.close()
             raise
@@ -326,6 +329,12 @@ class SimGuest:
                 self._loop.remove_reader(route.wake)
             route.close()
         self._routes.clear()
+        if self._irq_efd >= 0:
+            if self._irq_waits and self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._irq_efd)
+            self._irq_waits.clear()
+            os.close(self._irq_efd)
+            self._irq_efd = -1
         if self._chan is not None:
             self._chan.close()
             self._chan = None
@@ -510,11 +519,54 @@ class SimGuest:
             except BlockingIOError:
                 woken = False
 
+    def _irq_line(self, irq: int) -> int | None:
+        """The page byte of ``irq``'s level, if the guest reads the line itself (sim.vcpu_channel)."""
+        chan = self._chan
+        off = vcpu_channel.irq_offset(irq)
+        if chan is None or self._irq_efd < 0 or off is None or \
+                vcpu_channel.flags_of(chan) & (vcpu_channel.FLAG_DYING | vcpu_channel.FLAG_ARM64) \
+                != vcpu_channel.FLAG_ARM64:
+            return None
+        return off
+
     def irq_level(self, irq: int) -> bool:
+        off = self._irq_line(irq)
+        if off is not None:
+            assert self._chan is not None
+            return self._chan[off] != 0
         return bool(self._ctl.call({"op": "irq_level", "domid": self.domid, "irq": irq})[0]["value"])
 
     async def wait_irq(self, irq: int) -> None:
-        await self._call({"op": "wait_irq", "irq": irq})
+        """Until ``irq``'s line is asserted (level: at once if it is)."""
+        while True:
+            off = self._irq_line(irq)
+            if off is None:
+                await self._call({"op": "wait_irq", "irq": irq})  # the host's path (reference)
+                return
+            assert self._chan is not None and self._loop is not None
+            if self._chan[off]:
+                return
+            fut: asyncio.Future[None] = self._loop.create_future()
+            if not self._irq_waits:
+                self._loop.add_reader(self._irq_efd, self._irq_woken)
+            self._irq_waits.add(fut)
+            self._fast_waits.add(fut)
+            try:
+                await fut
+            finally:
+                self._fast_waits.discard(fut)
+                self._irq_waits.discard(fut)
+                if not self._irq_waits and self._irq_efd >= 0 and not self._loop.is_closed():
+                    self._loop.remove_reader(self._irq_efd)
+
+    def _irq_woken(self) -> None:
+        try:
+            os.eventfd_read(self._irq_efd)
+        except BlockingIOError:
+            pass
+        for f in self._irq_waits:  # each re-reads its line
+            if not f.done():
+                f.set_result(None)
 
     def grant(self, gfn: int, *, readonly: bool = False) -> int:
         return int(self._ctl.call({"op": "grant", "domid": self.domid, "gfn": gfn, "readonly": readonly})[0]["value"])

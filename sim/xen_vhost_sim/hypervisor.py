@@ -215,11 +215,57 @@ class Domain:
         self.ctl_fd = -1
         self.ctl: mmap.mmap | None = None
         self.ctl_seq = 0
+        # SIM-ONLY: an asserted line's events (sim.vcpu_channel): the guest's, and the host's own
+        self.irq_efd = self.irq_host_efd = -1
+        self.irq_watching: asyncio.AbstractEventLoop | None = None
         if memory is not None:
             self.ctl_fd = os.memfd_create(f"xen-sim-vcpu-d{domid}", os.MFD_CLOEXEC)
             os.ftruncate(self.ctl_fd, vcpu_channel.PAGE)
             self.ctl = mmap.mmap(self.ctl_fd, vcpu_channel.PAGE)
+            self.irq_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self.irq_host_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.on_change: Callable[[Domain], None] | None = None
+
+    def irq_level(self, irq: int) -> bool:
+        off = vcpu_channel.irq_offset(irq)
+        if self.ctl is not None and off is not None:
+            return self.ctl[off] != 0
+        return self.irq.get(irq, False)
+
+    def set_irq_line(self, irq: int, level: bool) -> None:
+        off = vcpu_channel.irq_offset(irq)
+        if self.ctl is None or off is None:
+            self.irq[irq] = level
+            return
+        self.ctl[off] = int(level)
+        if level:
+            for efd in (self.irq_efd, self.irq_host_efd):
+                os.eventfd_write(efd, 1)
+
+    def wake_irq_waiters(self) -> None:
+        """The host's waiters of lines now asserted (by the host or by a device model's SimKernel)."""
+        if self.irq_host_efd >= 0:
+            try:
+                os.eventfd_read(self.irq_host_efd)
+            except BlockingIOError:
+                pass
+        for irq in [i for i in self.irq_waiters if self.irq_level(i)]:
+            for w in self.irq_waiters.pop(irq):
+                if not w.done():
+                    w.set_result(None)
+        if not self.irq_waiters and self.irq_watching is not None:
+            self.irq_watching.remove_reader(self.irq_host_efd)
+            self.irq_watching = None
+
+    def close_irq(self) -> None:
+        if self.irq_watching is not None:
+            self.irq_watching.remove_reader(self.irq_host_efd)
+            self.irq_watching = None
+        if self.irq_efd >= 0:
+            os.eventfd_write(self.irq_efd, 1)  # the guest's waiters see the domain dying
+            os.close(self.irq_efd)
+            os.close(self.irq_host_efd)
+            self.irq_efd = self.irq_host_efd = -1
 
     def sync_running(self) -> None:
         run = self.pause_count == 0 and self.shutdown_reason is None and not self.dying
@@ -417,6 +463,7 @@ class Hypervisor:
         del self.domains[domid]
         if dom.memory is not None:
             dom.memory.close()  # mappings already made by dom0 keep their pages, as on Xen
+        dom.close_irq()
         if dom.ctl is not None:
             dom.ctl.close()
             os.close(dom.ctl_fd)
@@ -579,11 +626,9 @@ class Hypervisor:
             raise HvError(errno.EOPNOTSUPP, "set_irq_level is Arm-only")
         if not 32 <= irq < 32 + NR_SPIS or level not in (0, 1):
             raise HvError(errno.EINVAL)
-        dom.irq[irq] = bool(level)
-        if level:
-            for w in dom.irq_waiters.pop(irq, []):
-                if not w.done():
-                    w.set_result(None)
+        dom.set_irq_line(irq, bool(level))
+        if level and irq in dom.irq_waiters:
+            dom.wake_irq_waiters()
 
     def inject_msi(self, domid: int, addr: int, data: int) -> None:
         dom = self.guest(domid)
@@ -593,11 +638,22 @@ class Hypervisor:
 
     async def wait_irq(self, domid: int, irq: int) -> None:
         dom = self.guest(domid)
-        if dom.irq.get(irq):
+        if dom.irq_level(irq):
             return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         dom.irq_waiters.setdefault(irq, []).append(fut)
-        await fut
+        if dom.irq_watching is None and dom.irq_host_efd >= 0:
+            loop.add_reader(dom.irq_host_efd, dom.wake_irq_waiters)  # a SimKernel's assert
+            dom.irq_watching = loop
+        try:
+            await fut
+        finally:
+            w = dom.irq_waiters.get(irq)
+            if w is not None and fut in w:
+                w.remove(fut)
+                if not w:
+                    del dom.irq_waiters[irq]
 
     # ------------------------------------------------------------------ grants
     def grant(self, domid: int, gfn: int, readonly: bool) -> int:

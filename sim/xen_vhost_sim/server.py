@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from xen_vhost_sim import rpc
 from xen_vhost_sim.fastpath import EventfdMode, FastPath
 from xen_vhost_sim.hypervisor import Domain, HvError, Hypervisor, IoreqServer, Port
+from xen_vhost_sim.memory import Arch
 from xen_vhost_master.xen.abi import (
     DOMID_FIRST_RESERVED,
     XEN_PAGE_SHIFT,
@@ -385,6 +386,23 @@ class Conn:
         n = min(sizes[0], ctypes.sizeof(op))
         out[:n] = bytes(op)[:n]
         return bytes(out)
+
+    def _privcmd_irq_route(self, o: dict[str, Any], _b: bytes) -> Reply:
+        """SIM-ONLY (sim.vcpu_channel): what lets the caller's SimKernel carry out
+        XEN_DMOP_set_irq_level on ``dom`` by itself: the vCPU channel page (the levels), the guest's
+        and the host's irq eventfds. Only for what this fd's dm_op could do: same checks, in order."""
+        dom = int(o["dom"])
+        self._check_dom(dom)
+        if not self.server.host.ioreq_server:
+            raise HvError(errno.ENOSYS)
+        if dom >= DOMID_FIRST_RESERVED or dom == 0:
+            raise HvError(errno.EPERM)
+        d = self.hv.guest(dom)
+        if d.arch is not Arch.ARM64 or d.dying or d.irq_efd < 0:
+            raise HvError(errno.EOPNOTSUPP, "no interrupt-line route for this domain")
+        fds = [os.dup(d.ctl_fd), os.dup(d.irq_efd), os.dup(d.irq_host_efd)]
+        self.close_after_send.extend(fds)
+        return ({"errno": 0}, b"", fds)
 
     # privcmd IRQFD / IOEVENTFD (sim.fastpath: the dom0 kernel's part, run here in the host)
     def _privcmd_eventfd_probe(self, _o: dict[str, Any], _b: bytes) -> Reply:
@@ -816,11 +834,11 @@ class Conn:
         return _ok(value=self.server.fastpath.mode.value)
 
     def _control_vcpu_channel(self, o: dict[str, Any], _b: bytes) -> Reply:
-        """SIM-ONLY (sim.vcpu_channel): the domain's vCPU channel page."""
+        """SIM-ONLY (sim.vcpu_channel): the domain's vCPU channel page and its guest irq eventfd."""
         d = self.hv.guest(int(o["domid"]))
-        fd = os.dup(d.ctl_fd)
-        self.close_after_send.append(fd)
-        return ({"errno": 0}, b"", [fd])
+        fds = [os.dup(d.ctl_fd), os.dup(d.irq_efd)]
+        self.close_after_send.extend(fds)
+        return ({"errno": 0}, b"", fds)
 
     def _control_vcpu_server(self, o: dict[str, Any], _b: bytes) -> Reply:
         """SIM-ONLY (sim.vcpu_channel): server ``uid``'s ioreq page, and vCPU ``vcpu``'s wake and
@@ -851,7 +869,7 @@ class Conn:
         return _ok()
 
     def _control_irq_level(self, o: dict[str, Any], _b: bytes) -> Reply:
-        return _ok(value=bool(self.hv.guest(int(o["domid"])).irq.get(int(o["irq"]), False)))
+        return _ok(value=self.hv.guest(int(o["domid"])).irq_level(int(o["irq"])))
 
     def _control_pending_access(self, o: dict[str, Any], _b: bytes) -> Reply:
         return _ok(value=self.hv.pending_access(int(o["domid"]), int(o.get("vcpu", 0))))

@@ -30,6 +30,7 @@ import array
 import ctypes
 import errno
 import logging
+import mmap
 import os
 import select
 import socket
@@ -37,10 +38,11 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from xen_vhost_sim import rpc
+from xen_vhost_sim import rpc, vcpu_channel
 from xen_vhost_master.xen.abi import (
     XEN_PAGE_SHIFT,
     XEN_PAGE_SIZE,
+    DmOp,
     EvtchnIoctl,
     GntdevIoctl,
     Hypercall,
@@ -95,6 +97,20 @@ _NODES = {
 
 _NOTIFY = int(EvtchnIoctl.NOTIFY)
 _U32 = struct.Struct("<I")
+
+
+_DM_OP_IRQ = struct.Struct("<IIIB3s")  # struct xen_dm_op {op; pad; u.set_irq_level {irq; level; pad[3]}}
+_SET_IRQ_LEVEL = int(DmOp.set_irq_level)
+
+
+def _irq_level_op(blob: bytes) -> tuple[int, int] | None:
+    """(irq, level) of a well-formed XEN_DMOP_set_irq_level buffer, else None."""
+    if len(blob) < _DM_OP_IRQ.size:
+        return None
+    op, pad, irq, level, pad3 = _DM_OP_IRQ.unpack_from(blob)
+    if op != _SET_IRQ_LEVEL or pad or pad3 != b"\0\0\0":
+        return None
+    return irq, level
 
 
 def _err(code: int, why: str = "") -> OSError:
@@ -154,6 +170,27 @@ class _Vma:
         return self.addr <= addr and addr + length <= self.addr + self.length
 
 
+class _IrqRoute:
+    """A domain's interrupt lines as the host handed them to this privcmd fd (sim.vcpu_channel)."""
+
+    __slots__ = ("host_efd", "page", "guest_efd")
+
+    def __init__(self, fds: list[int]) -> None:
+        try:
+            self.page = mmap.mmap(fds[0], vcpu_channel.PAGE)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        os.close(fds[0])
+        self.guest_efd, self.host_efd = fds[1], fds[2]
+
+    def close(self) -> None:
+        self.page.close()
+        os.close(self.guest_efd)
+        os.close(self.host_efd)
+
+
 @dataclass
 class _Node:
     kind: str
@@ -171,6 +208,13 @@ class _Node:
     masked: set[int] = field(default_factory=set)
     held: set[int] = field(default_factory=set)  # masked ports whose event came meanwhile
     blocking: bool = False
+    # privcmd: per domain, the interrupt-line route (sim.vcpu_channel)
+    irq: dict[int, _IrqRoute] = field(default_factory=dict)
+
+    def drop_irq_routes(self) -> None:
+        for route in self.irq.values():
+            route.close()
+        self.irq.clear()
 
     def call(
         self, obj: dict[str, Any], blob: bytes = b"", fds: list[int] | None = None
@@ -295,6 +339,7 @@ class SimKernel:
                 self._drop_fast(node, port)
             assert node.ep is not None
             node.ep.close()
+        node.drop_irq_routes()
         node.sock.close()
         if node.adopted:
             os.close(fd)
@@ -460,6 +505,7 @@ class SimKernel:
         if request == PrivcmdIoctl.RESTRICT:
             dom = struct.unpack("<H", copy_from_user(addr, 2))[0]
             node.call({"op": "restrict", "dom": dom})
+            node.drop_irq_routes()  # fetched under the old restriction
             return 0
         if request == PrivcmdIoctl.MMAP_RESOURCE:
             return self._mmap_resource(node, addr)
@@ -580,12 +626,43 @@ class SimKernel:
         if any(size > DM_OP_BUF_MAX_SIZE for _p, size in bufs):
             raise _err(errno.E2BIG)
         blob = b"".join(copy_from_user(p, size) for p, size in bufs)
-        reply, out, _f = node.call({"op": "dm_op", "dom": int(k.dom), "sizes": [s for _p, s in bufs]}, blob)
+        dom = int(k.dom)
+        irq = _irq_level_op(blob) if k.num == 1 else None
+        if irq is not None and self._set_irq_level(node, dom, *irq):
+            return 0
+        reply, out, _f = node.call({"op": "dm_op", "dom": dom, "sizes": [s for _p, s in bufs]}, blob)
         pos = 0
         for p, size in bufs:
             copy_to_user(p, out[pos : pos + size])
             pos += size
+        if irq is not None and dom not in node.irq:
+            # the host carried it out, so this fd may: from now on the line is written here
+            try:
+                _r, _b, fds = node.call({"op": "irq_route", "dom": dom})
+                node.irq[dom] = _IrqRoute(fds)
+            except OSError as exc:
+                log.debug("no interrupt-line route for d%d: %s", dom, exc)
         return int(reply.get("ret", 0))
+
+    @staticmethod
+    def _set_irq_level(node: _Node, dom: int, irq: int, level: int) -> bool:
+        """XEN_DMOP_set_irq_level without the host (sim.vcpu_channel); False: take the host's path
+        (no route, a dying domain, or arguments the hypervisor refuses, for its error)."""
+        route = node.irq.get(dom)
+        if route is None:
+            return False
+        off = vcpu_channel.irq_offset(irq)
+        if off is None or level > 1:
+            return False
+        if vcpu_channel.flags_of(route.page) & vcpu_channel.FLAG_DYING:
+            del node.irq[dom]
+            route.close()
+            return False
+        route.page[off] = level  # the line first (the guest reads it once woken) ...
+        if level:  # ... then the events (vgic_inject_irq on a level-sensitive SPI)
+            os.eventfd_write(route.guest_efd, 1)
+            os.eventfd_write(route.host_efd, 1)
+        return True
 
     def _mmap_resource(self, node: _Node, addr: int) -> int:
         r = self._struct(privcmd_mmap_resource, addr)

@@ -20,7 +20,15 @@ entries ``{u64 start; u64 end; u32 uid; u32 fast_vcpus; u32 route_gen}`` (enable
 ranges, in the order the hypervisor searches them; ``fast_vcpus`` bit i: vCPU i's port has the
 eventfd route; ``route_gen`` changes whenever a route of the server is made or dropped);
 at LIVE_OFF: u32 count, u32 uid[count] (servers alive); at BUSY_OFF: one byte per vCPU, written by
-the guest only (1 while a fast access is in flight, for ``pending_access``).
+the guest only (1 while a fast access is in flight, for ``pending_access``); at IRQ_OFF: one byte
+per SPI (``IRQ_BASE`` + i), the interrupt line's level.
+
+Interrupt lines take the same shortcut: the levels live in the page, written by whoever runs
+XEN_DMOP_set_irq_level (the host, or the device model's SimKernel once the host has handed it the
+page and the domain's two *irq* eventfds after a first dm_op it carried out itself). An assert
+writes the level first, then the guest's irq eventfd (which the guest's ``wait_irq`` polls) and
+the host's (which wakes the waiters of the host's reference path); a deassert only writes the
+level. Writing a line's level is what vgic_inject_irq does to a level-sensitive SPI's line.
 """
 
 from __future__ import annotations
@@ -29,8 +37,8 @@ import mmap
 import struct
 
 __all__ = [
-    "BUSY_OFF", "FLAG_ARM64", "FLAG_DYING", "FLAG_RUNNING", "LIVE_OFF", "MAX_ENTRIES", "MAX_FAST_VCPUS",
-    "MAX_LIVE", "PAGE", "Snapshot", "read_snapshot", "seq_of", "write",
+    "BUSY_OFF", "IRQ_BASE", "IRQ_OFF", "NR_IRQS", "irq_offset", "FLAG_ARM64", "FLAG_DYING", "FLAG_RUNNING", "LIVE_OFF", "MAX_ENTRIES", "MAX_FAST_VCPUS",
+    "MAX_LIVE", "PAGE", "Snapshot", "flags_of", "read_snapshot", "seq_of", "write",
 ]
 
 PAGE = 4096
@@ -40,6 +48,7 @@ FLAG_ARM64 = 4
 FLAG_OVERFLOW = 8  # more ranges or servers than the page holds: every access takes the host's path
 _HEAD = struct.Struct("<QII")
 _SEQ = struct.Struct("<Q")
+_FLAGS = struct.Struct("<I")
 _ENT = struct.Struct("<QQIII")
 ENT_OFF = _HEAD.size
 LIVE_OFF = 2048
@@ -47,6 +56,20 @@ BUSY_OFF = 3072
 MAX_ENTRIES = (LIVE_OFF - ENT_OFF) // _ENT.size
 MAX_LIVE = (BUSY_OFF - LIVE_OFF - 4) // 4
 MAX_FAST_VCPUS = 32
+IRQ_OFF = 3584
+IRQ_BASE = 32  # the first SPI
+NR_IRQS = 64  # SPIs 32..95 (hypervisor.NR_SPIS)
+FLAGS_OFF = 8
+
+
+def irq_offset(irq: int) -> int | None:
+    """The byte holding ``irq``'s level, or None for a line the page does not hold."""
+    return IRQ_OFF + irq - IRQ_BASE if IRQ_BASE <= irq < IRQ_BASE + NR_IRQS else None
+
+
+def flags_of(buf: mmap.mmap | bytearray) -> int:
+    """The page's flags word (one aligned 32-bit load: no torn read)."""
+    return int(_FLAGS.unpack_from(buf, FLAGS_OFF)[0])
 
 
 class Snapshot:

@@ -6,9 +6,11 @@ guest-physical and as user address)::
     [0, ring_area)                one fixed slot per queue index: split ring desc/avail/used
     [ring_area, ring_area+pool)   bounce pool, page granular (:class:`PagePool`)
 
-:class:`PagePool` is a next-fit allocator over a one-byte-per-page bitmap (a ``bytearray``):
+:class:`PagePool` is a first-fit allocator over a one-byte-per-page bitmap (a ``bytearray``):
 finding a run of ``k`` free pages is one ``bytearray.find`` (C, no per-page Python work), freeing
-is one slice assignment. Requests never allocate memory: the pool is fixed when the data path is
+is one slice assignment. First fit keeps reusing the lowest pages, so the memfd pages ever touched
+(resident, counted in the daemon's RSS) stay those of the peak in-flight bytes, not the whole
+pool. Requests never allocate memory: the pool is fixed when the data path is
 built (bounded, configurable) and allocation failure is the back-pressure signal.
 """
 
@@ -45,7 +47,6 @@ class PagePool:
         self._ones = memoryview(b"\x01" * pages)
         self._zeros = memoryview(bytes(pages))
         self._needle: dict[int, bytes] = {}
-        self._cursor = 0
         self.used_pages = 0
 
     @property
@@ -64,13 +65,10 @@ class PagePool:
         needle = self._needle.get(k)
         if needle is None:
             needle = self._needle[k] = bytes(k)
-        i = self._map.find(needle, self._cursor)
+        i = self._map.find(needle)
         if i < 0:
-            i = self._map.find(needle, 0, min(self._cursor + k - 1, self.pages))
-            if i < 0:
-                return None
+            return None
         self._map[i : i + k] = self._ones[:k]
-        self._cursor = i + k if i + k < self.pages else 0
         self.used_pages += k
         return self.offset + i * PAGE
 

@@ -1,0 +1,134 @@
+"""Interrupt lines on the vCPU channel (sim.vcpu_channel): the device model's XEN_DMOP_set_irq_level
+reaches the guest's ``wait_irq`` without the simulated host, with level semantics (an asserted line
+is seen at once, a pulse withdrawn before the guest looks is no interrupt, the ack's deassert is
+visible when the guest's InterruptACK write completes), and the host's reference path still sees
+every line a device model changed by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+
+import pytest
+
+from tests.sim.test_vcpu_channel import BASE, DOMID, TIMEOUT, Dm, sim_process  # noqa: F401  (fixture)
+from xen_vhost_sim.guest import SimGuest
+from xen_vhost_sim.simkernel import SimKernel
+
+IRQ = 40
+ACK = BASE + 0x64  # virtio-mmio InterruptACK
+UNCLAIMED = BASE + 0x10000
+
+
+async def sent(guest: SimGuest) -> None:
+    """Until ``guest``'s request in flight has been written to the host."""
+    while not guest._futs:
+        await asyncio.sleep(0)
+
+
+async def serve(dm: Dm, value: int, before_complete: object = None) -> None:
+    """One access, served as the daemon does: ``before_complete`` (the line change an InterruptACK
+    makes) runs before the response is written and the guest notified."""
+    fired = await asyncio.wait_for(dm.ev.wait(), TIMEOUT)
+    dm.ev.unmask(*fired)
+    for port in fired:
+        vcpu = dm.ports.index(port)
+        req = dm.page.take(vcpu)
+        if req is None:
+            continue
+        if callable(before_complete):
+            before_complete()
+        dm.page.complete(vcpu, None if req.is_write else value)
+        dm.ev.notify(port)
+
+
+async def round_trip(guest: SimGuest, dm: Dm) -> None:
+    """One MMIO read served: the guest's loop has run everything ready before it returns."""
+    read = asyncio.ensure_future(guest.mmio_read(BASE, 4))
+    await serve(dm, 0x74726976)
+    assert await asyncio.wait_for(read, TIMEOUT) == 0x74726976
+
+
+@pytest.mark.asyncio
+async def test_interrupt_lines_flow_while_the_simulated_host_is_stopped(sim_process: tuple[str, int]) -> None:
+    path, pid = sim_process
+    dm = Dm(SimKernel(path), DOMID)
+    guest = await SimGuest.connect(path, DOMID)
+    try:
+        await dm.drain()
+        await round_trip(guest, dm)  # the vCPU's own route is set up
+        dm.dm.set_irq_level(IRQ, 1)  # the first change goes through the host, which hands over the line
+        await asyncio.wait_for(guest.wait_irq(IRQ), TIMEOUT)
+        dm.dm.set_irq_level(IRQ, 0)
+        assert not guest.irq_level(IRQ)
+        os.kill(pid, signal.SIGSTOP)  # no host from here on: every hop through it would hang
+        try:
+            for _ in range(10):
+                waiter = asyncio.ensure_future(guest.wait_irq(IRQ))
+                await round_trip(guest, dm)
+                assert not waiter.done()  # low line: no interrupt
+                dm.dm.set_irq_level(IRQ, 1)  # a pulse withdrawn before the guest looks ...
+                dm.dm.set_irq_level(IRQ, 0)
+                await round_trip(guest, dm)
+                assert not waiter.done()  # ... is no interrupt (level, not edge)
+                dm.dm.set_irq_level(IRQ, 1)
+                await asyncio.wait_for(waiter, TIMEOUT)
+                assert guest.irq_level(IRQ)
+                await asyncio.wait_for(guest.wait_irq(IRQ), TIMEOUT)  # still high: at once
+                ack = asyncio.ensure_future(guest.mmio_write(ACK, 4, 1))
+                await serve(dm, 0, lambda: dm.dm.set_irq_level(IRQ, 0))
+                await asyncio.wait_for(ack, TIMEOUT)
+                assert not guest.irq_level(IRQ)  # the ack's deassert came before its completion
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert not guest.irq_level(IRQ)
+    finally:
+        guest.close()
+        dm.close()
+
+
+@pytest.mark.asyncio
+async def test_the_hosts_path_sees_lines_the_device_model_changed_itself(sim_process: tuple[str, int]) -> None:
+    path, _pid = sim_process
+    dm = Dm(SimKernel(path), DOMID)
+    via_host = await SimGuest.connect(path, DOMID, vcpu_channel=False)
+    try:
+        dm.dm.set_irq_level(IRQ, 1)
+        dm.dm.set_irq_level(IRQ, 0)  # from here on the device model writes the line itself
+        assert not via_host.irq_level(IRQ)
+        waiter = asyncio.ensure_future(via_host.wait_irq(IRQ))
+        await asyncio.wait_for(sent(via_host), TIMEOUT)
+        # an access on the same connection, unclaimed (all-ones): the host took the wait first
+        assert await asyncio.wait_for(via_host.mmio_read(UNCLAIMED, 4), TIMEOUT) == 0xFFFFFFFF
+        assert not waiter.done()
+        dm.dm.set_irq_level(IRQ, 1)
+        await asyncio.wait_for(waiter, TIMEOUT)
+        assert via_host.irq_level(IRQ)
+    finally:
+        via_host.close()
+        dm.close()
+
+
+@pytest.mark.asyncio
+async def test_a_handed_over_line_keeps_the_dm_op_checks(sim_process: tuple[str, int]) -> None:
+    path, _pid = sim_process
+    dm = Dm(SimKernel(path), DOMID)
+    guest = await SimGuest.connect(path, DOMID)
+    try:
+        dm.dm.set_irq_level(IRQ, 1)
+        dm.dm.set_irq_level(IRQ, 0)
+        for irq, level in ((31, 1), (96, 1), (IRQ, 2)):  # not an SPI of the vGIC, not a level
+            with pytest.raises(OSError) as exc:
+                dm.dm.set_irq_level(irq, level)
+            assert exc.value.errno == errno.EINVAL
+        assert not guest.irq_level(IRQ)
+        dm.pc.restrict(DOMID + 1)  # the fd may no longer act on the guest
+        with pytest.raises(OSError) as exc:
+            dm.dm.set_irq_level(IRQ, 1)
+        assert exc.value.errno == errno.EPERM
+        assert not guest.irq_level(IRQ)
+    finally:
+        guest.close()
+        dm.close()
