@@ -456,7 +456,8 @@ class Device:
              vcpu: int | None = None) -> int | None | Awaitable[int | None]:
         """A guest access from the IOREQ server. Served at once unless it starts, stops or
         reconfigures the back-end: then a coroutine is returned, and writes that follow it wait
-        their turn behind it (the vCPU that made it stays blocked until the back-end is done).
+        their turn behind it (the vCPU that made it stays blocked until the back-end is done, or
+        for START_WAIT / RESET_WAIT at most when it starts or resets the device).
         Before the device serves (its back-end has not answered yet), the access waits for it,
         for as long as the device lives."""
         if not self._gate.is_set():
