@@ -326,3 +326,22 @@ async def test_reset_while_the_start_hangs_is_answered_and_the_next_bring_up_use
         guest.queue_write(0)
         await guest.w(Reg.QUEUE_NOTIFY, 0)
         assert await guest.completions(1) == [0] and guest.status_byte(0) == b"\x00"
+
+
+@pytest.mark.asyncio
+async def test_device_closed_while_its_start_hangs_leaves_nothing_open(no_fd_leak, ram):
+    async with asyncio.timeout(TIMEOUT), backends("forever") as (connect, servers):
+        async with served("shadow", ram, connect) as guest:
+            device = guest.device
+            assert device is not None
+            await guest.set_up()
+            bad = servers[0]
+            assert isinstance(bad, HangingServer)
+            assert await driver_ok_while_hanging(guest, bad) == ["answered", DRIVER_OK, False]
+            guest.queue_write(0)
+            assert guest.mmio(Reg.QUEUE_NOTIFY, 0) is None
+            starting = device.starting
+            assert starting is not None and not starting.done()
+        # (served() closed the device: the start is cut, its connection closed)
+        assert starting.cancelled() and device.frontend is not None and device.frontend.broken
+        assert not bad.release.is_set()
