@@ -3,8 +3,12 @@
 The IOREQ server hands guest register accesses to :meth:`Device.mmio`;
 the pure model (:mod:`.virtio_mmio`) answers and returns actions, which this class carries out:
 start or stop the back-end's rings, forward config writes, kick queue eventfds, drive the
-interrupt line. Accesses are served one at a time per device, and an access that starts the
-back-end completes only once the back-end has done so (the guest's vCPU waits, as with QEMU). The
+interrupt line. Accesses are served one at a time per device. The driver's DRIVER_OK write waits
+for the back-end's start for START_WAIT at most (one that behaves is done by then, so the write
+completes after the start, as with QEMU): a back-end that hangs or maps slowly at SET_MEM_TABLE must
+not hold the guest's vCPU. The start then goes on alone (bounded by START_TIMEOUT); the guest's
+notifies meanwhile are handed to the queues once they run, and a start that fails puts the device
+in DEVICE_NEEDS_RESET and drops the back-end (reconnected for the next bring-up). The
 driver's reset waits for the back-end's rings to stop for RESET_WAIT at most: virtio 1.2 §4.2.2.1
 has the driver read Status back until it is 0, so a back-end that hangs or fails at GET_VRING_BASE
 must not hold the guest's vCPU. The stop then finishes on its own (bounded by RESET_STOP_TIMEOUT,
@@ -39,7 +43,7 @@ from vhost_user.aio import DEFAULT_PROTOCOL_FEATURES, cancel_and_wait
 from . import devtypes
 from .config import DeviceConfig
 from .datapath.base import DataPath, DataPathChooser
-from .errors import GuestFault, XenError
+from .errors import DaemonError, GuestFault, XenError
 from .fastpath import QueueFastPath
 from .log import DeviceLogger, LimitedLogger
 from .virtio_mmio import (
@@ -74,6 +78,13 @@ NEGOTIATION_TIMEOUT = 15.0
 # a back-end that maps guest RAM (zero copy); a vCPU held longer looks like a lockup to the guest.
 RESET_WAIT = 1.0
 RESET_STOP_TIMEOUT = 5.0  # the stop's bound after that: the back-end is dropped and reconnected
+# Seconds the driver's DRIVER_OK write waits for the back-end's start (SET_FEATURES, SET_MEM_TABLE,
+# SET_VRING_*). One that behaves answers in milliseconds, and the write completing after the start
+# keeps QEMU's order; a back-end may take up to the library's MEM_TABLE_TIMEOUT (30 s) to map guest
+# RAM, and a vCPU held that long looks like a soft lockup to the guest.
+START_WAIT = 1.0
+# The whole start's bound (each request has its own): then DEVICE_NEEDS_RESET, the back-end dropped.
+START_TIMEOUT = 60.0
 # Back-end losses in a row delay the next reconnect: from the second loss of a streak on,
 # RECONNECT_BACKOFF doubled per loss, at most LOSS_BACKOFF_MAX, so a back-end that accepts and
 # drops (or floods) at once cannot make the daemon spin. A completion relayed to the guest, or a
@@ -173,6 +184,8 @@ class Device:
         self._fresh = False  # _queues were never started (the driver's start waits for a reconnect)
         self._reconnecting: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None  # the stop a driver's reset left running
+        self._starting: asyncio.Task[None] | None = None  # the start a DRIVER_OK write left running
+        self._early: set[int] = set()  # queues the guest notified while _starting ran
         self._losses = 0  # back-end losses in a row without a completion in between
         self._connected_at = 0.0  # loop time of the current connection
         self._config_dirty = False  # CONFIG_CHANGE_MSG received, GET_CONFIG not yet sent
@@ -368,6 +381,7 @@ class Device:
         closed) and the device released all the same."""
         self._closing = True
         self._gate.set()
+        await cancel_and_wait(self._starting)
         await cancel_and_wait(self._stopping)
         await cancel_and_wait(self._reconnecting)
         try:
@@ -442,7 +456,8 @@ class Device:
              vcpu: int | None = None) -> int | None | Awaitable[int | None]:
         """A guest access from the IOREQ server. Served at once unless it starts, stops or
         reconfigures the back-end: then a coroutine is returned, and writes that follow it wait
-        their turn behind it (the vCPU that made it stays blocked until the back-end is done).
+        their turn behind it (the vCPU that made it stays blocked until the back-end is done, or
+        for START_WAIT / RESET_WAIT at most when it starts or resets the device).
         Before the device serves (its back-end has not answered yet), the access waits for it,
         for as long as the device lives."""
         if not self._gate.is_set():
@@ -502,7 +517,10 @@ class Device:
                 case Notify(index):
                     self.stats.notifies += 1
                     self.stats.per_queue_kicks[index] = self.stats.per_queue_kicks.get(index, 0) + 1
-                    self.memory.notify(index)
+                    if self._starting is not None:
+                        self._early.add(index)  # its queue is not open yet: handed over once it is
+                    else:
+                        self.memory.notify(index)
                 case IrqLevel(level):
                     self._irq(level)
                 case GuestError(reason):
@@ -570,8 +588,11 @@ class Device:
         fe = self.frontend
         try:
             async with asyncio.timeout(RESET_STOP_TIMEOUT):
+                if self._starting is not None:  # the start the driver's DRIVER_OK left running ends first
+                    await asyncio.wait([self._starting])
                 await self._stop_backend()
         except (VhostUserError, TimeoutError) as e:
+            await cancel_and_wait(self._starting)
             reason = str(e) if isinstance(e, VhostUserError) else f"no answer within {RESET_STOP_TIMEOUT:g} s"
             if fe is not None and fe is self.frontend:  # (a lost connection is being replaced already)
                 self.backend_lost(f"its rings did not stop at the driver's reset: {reason}")
@@ -580,9 +601,11 @@ class Device:
             self._stopping = None
 
     async def _settle(self) -> None:
-        """Wait for the stop a driver's reset left running (bounded by RESET_STOP_TIMEOUT)."""
-        if self._stopping is not None:
-            await asyncio.wait([self._stopping])
+        """Wait for the start a DRIVER_OK write left running (bounded by START_TIMEOUT) and the
+        stop a driver's reset left running (bounded by RESET_STOP_TIMEOUT)."""
+        for task in (self._starting, self._stopping):
+            if task is not None:
+                await asyncio.wait([task])
 
     async def _activate(self, action: Activate) -> None:
         await self._settle()
@@ -594,7 +617,91 @@ class Device:
             assert self.model is not None
             await self._carry_out(self.model.needs_reset("DRIVER_OK but the back-end is not connected"))
             return
-        await self._guarded(self._start_backend(fe, action.features, action.queues))
+        task = asyncio.get_running_loop().create_task(self._start_after_activate(fe, action))
+        self._starting = task
+        await asyncio.wait([task], timeout=START_WAIT)
+        if task.done():
+            task.result()  # what no back-end or guest caused surfaces in the guest's access, as before
+        else:
+            task.add_done_callback(self._started_late)
+
+    def _started_late(self, task: asyncio.Task[None]) -> None:
+        """A start that outlived the DRIVER_OK write ended with an error nobody awaits: the device
+        goes to DEVICE_NEEDS_RESET with the reason."""
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.fail(f"starting the back-end failed: {exc!r}")
+
+    async def _start_after_activate(self, fe: AsyncFrontend, action: Activate) -> None:
+        """The start the driver's DRIVER_OK asked for, bounded by START_TIMEOUT. On success the
+        notifies the guest made meanwhile are handed to the queues; on failure the device goes to
+        DEVICE_NEEDS_RESET, what was opened is closed and the back-end is dropped (reconnected for the
+        next bring-up, which starts afresh)."""
+        reason = ""
+        try:
+            try:
+                async with asyncio.timeout(START_TIMEOUT):
+                    await self._start_backend(fe, action.features, action.queues)
+            except VhostUserError as e:
+                reason = f"back-end failed: {e}"
+            except TimeoutError:
+                reason = f"back-end failed: its start did not end within {START_TIMEOUT:g} s"
+            except GuestFault as e:
+                self._drop_queues()
+                assert self.model is not None
+                self._carry_out_now(self.model.needs_reset(f"fault while starting the back-end: {e}"))
+                return
+            except asyncio.CancelledError:
+                self._drop_queues()
+                await fe.close()  # cut mid-request: the connection cannot carry another one
+                raise
+            except BaseException:
+                self._drop_queues()
+                raise
+            if reason:
+                await self._start_failed(fe, reason)
+                return
+            early, self._early = self._early, set()
+            self._starting = None
+            for index in sorted(early):
+                self._notify_early(index)
+        finally:
+            self._early.clear()
+            if self._starting is asyncio.current_task():
+                self._starting = None
+            self.changed.set()
+
+    def _notify_early(self, index: int) -> None:
+        """A notify the guest made while its queue's start ran, handed over now that it runs."""
+        if index not in self._started:
+            return
+        try:
+            self.memory.notify(index)
+        except DaemonError as e:
+            self.fail(str(e))
+
+    async def _start_failed(self, fe: AsyncFrontend, reason: str) -> None:
+        """DEVICE_NEEDS_RESET (unless the driver reset the device meanwhile), the reason logged,
+        the back-end dropped and reconnected (a request cut by START_TIMEOUT leaves its connection
+        unusable, and a back-end refusing its start is in a state nobody knows)."""
+        self._drop_queues()
+        self.stats.last_error = reason
+        self.log.error("%s", reason)
+        assert self.model is not None
+        if self.model.status & Status.DRIVER_OK:  # (not reset meanwhile)
+            for action in self.model.needs_reset(reason):
+                if isinstance(action, IrqLevel):
+                    self._irq(action.level)
+        if fe is self.frontend:  # (a lost connection is being replaced already)
+            self.backend_lost(f"dropped after its start failed: {reason}")
+            await fe.close()
+
+    def _drop_queues(self) -> None:
+        """Close the queues a start opened (the next start opens them afresh)."""
+        started, self._started = self._started, []
+        self._queues = ()
+        for index in started:
+            self._user_path(index)
+            self.memory.close_queue(index)
 
     async def _start_backend(self, fe: AsyncFrontend, features: int, queues: Sequence[QueueConfig], *,
                              resume: bool = False) -> None:
@@ -776,8 +883,10 @@ class Device:
         interrupt per change it can see (``config_changed`` ignores an unchanged config)."""
         try:
             while self._config_dirty:
+                await self._settle()  # not under the lock: a guest's reset must not wait for a start
                 async with self._lock:
-                    await self._settle()
+                    if self._starting is not None or self._stopping is not None:
+                        continue  # one began meanwhile: wait for it too
                     self._config_dirty = False
                     fe, model = self.frontend, self.model
                     if fe is None or model is None or fe.broken:
@@ -827,6 +936,12 @@ class Device:
         for action in self.model.needs_reset(reason):
             if isinstance(action, IrqLevel):
                 self._irq(action.level)
+
+    @property
+    def starting(self) -> asyncio.Task[None] | None:
+        """The start a DRIVER_OK write left running, if any (await it to know it ended; it
+        raises only if cancelled: a failure is the device's DEVICE_NEEDS_RESET)."""
+        return self._starting
 
     @property
     def reconnecting(self) -> asyncio.Task[None] | None:

@@ -317,8 +317,11 @@ def serve_plans() -> None:
     stdout. A process of its own, so that its RSS is the daemon's code under attack, not the
     fuzzer's (hypothesis keeps what it generated)."""
     # a stalled GET_VRING_BASE or SET_MEM_TABLE is given up on as quickly as any request (the
-    # daemon allows 30 s for each: the back-end may drain its I/O first, or map a large guest;
-    # meanwhile the vCPU that asked waits, as with QEMU); the reset's own bound is shortened alike
+    # daemon allows 30 s for each: the back-end may drain its I/O first, or map a large guest).
+    # The guest's DRIVER_OK write and reset no longer wait for them (START_WAIT, RESET_WAIT), but
+    # close() waits for GET_VRING_BASE, and a reconnect resuming a running device holds the
+    # device's writes for its whole start, SET_MEM_TABLE included; the reset's own bound is
+    # shortened alike
     client.GET_VRING_BASE_TIMEOUT = REQUEST_TIMEOUT
     client.MEM_TABLE_TIMEOUT = REQUEST_TIMEOUT
     device_module.RESET_STOP_TIMEOUT = 1.0

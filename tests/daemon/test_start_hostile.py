@@ -1,0 +1,347 @@
+"""The driver's DRIVER_OK write against a back-end that hangs at the device's start (SET_MEM_TABLE):
+the guest's vCPU is not held by the back-end (the write is answered while it hangs, Status reads
+DRIVER_OK), the notifies the guest makes meanwhile are served once the start completes, a start
+that fails puts the device in DEVICE_NEEDS_RESET and drops the back-end, and the next bring-up works
+on a new connection.
+
+No simulator: the back-end is the library's RamDiskBlk over a socketpair, its SET_MEM_TABLE handling
+replaced by the misbehaviour under test; guest RAM is a memfd (zero copy) or a bytearray behind the
+shadow path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import mmap
+import os
+import struct
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+
+from vhost_user import AsyncFrontend, FdSocket, FrontendRequest, RequestReceived
+from vhost_user.aio import BackendServer
+from vhost_user.testing import RamDiskBlk
+from vhost_user.virtqueue import FlatMemory, SplitQueueDriver
+from xen_vhost_master import device as device_module
+from xen_vhost_master.config import DeviceConfig
+from xen_vhost_master.datapath.base import DataPath
+from xen_vhost_master.datapath.shadow import ShadowDataPath
+from xen_vhost_master.datapath.zerocopy import FdExport, FdRegion
+from xen_vhost_master.device import Device
+from xen_vhost_master.log import device_logger
+from xen_vhost_master.virtio_mmio import Reg, Status
+
+TIMEOUT = 30.0
+HANG = 5.0  # how long a test lets the back-end hang before releasing it anyway (only reached on failure)
+RAM_BASE, RAM_SIZE = 0x4000_0000, 1 << 20
+QSIZE = 16
+DESC, AVAIL, USED, BUF = RAM_BASE, RAM_BASE + 0x1000, RAM_BASE + 0x2000, RAM_BASE + 0x4000
+PREFIX = "dom1/blk0: "
+DRIVER_OK = int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK)
+
+
+class HangingServer(BackendServer):
+    """A back-end that holds SET_MEM_TABLE until ``release`` is set, then answers it (``mode``
+    "answer"), closes its socket ("close"), or keeps holding it ("forever")."""
+
+    def __init__(self, *args: object, mode: str, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.mode = mode
+        self.asked = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def _dispatch(self, event: RequestReceived) -> None:
+        if event.request == FrontendRequest.SET_MEM_TABLE and not self.asked.is_set():
+            self.asked.set()
+            await self.release.wait()
+            if self.mode != "answer":
+                for fd in event.fds:
+                    os.close(fd)
+                self.sock.close()
+                raise ConnectionError("closed at SET_MEM_TABLE")
+        await super()._dispatch(event)
+
+
+@contextlib.asynccontextmanager
+async def backends(mode: str) -> AsyncIterator[tuple[Callable[[], object], list[BackendServer]]]:
+    """A connect() for a device: the first back-end hangs at SET_MEM_TABLE (``mode``), the next
+    ones are good."""
+    servers: list[BackendServer] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    async def connect() -> AsyncFrontend:
+        a, b = FdSocket.pair()
+        dev = RamDiskBlk(1 << 20)
+        server = HangingServer(dev, b, mode=mode) if not servers else BackendServer(dev, b)
+        servers.append(server)
+        tasks.append(asyncio.get_running_loop().create_task(server.run()))
+        return AsyncFrontend(a)
+
+    try:
+        yield connect, servers
+    finally:
+        for s in servers:
+            if isinstance(s, HangingServer):
+                s.release.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), TIMEOUT)
+        for s in servers:
+            s.close()
+
+
+class Guest:
+    """The guest's virtio-blk driver of queue 0, by register writes; its rings in ``ram``."""
+
+    def __init__(self, ram: mmap.mmap) -> None:
+        self.ram = ram
+        self.irq = asyncio.Event()
+        self.mem = FlatMemory(ram, base=RAM_BASE)
+        self.drv: SplitQueueDriver | None = None
+        self.device: Device | None = None
+
+    def mmio(self, reg: int, value: int) -> object:
+        assert self.device is not None
+        return self.device.mmio(reg, 4, True, value)
+
+    async def w(self, reg: int, value: int) -> None:
+        result = self.mmio(reg, value)
+        if result is not None:
+            await result  # type: ignore[misc]
+
+    def status(self) -> int:
+        assert self.device is not None
+        result = self.device.mmio(Reg.STATUS, 4, False, 0)
+        assert isinstance(result, int)
+        return result
+
+    async def set_up(self) -> None:
+        """Everything of a bring-up but the DRIVER_OK write."""
+        self.ram[: 0x3000] = bytes(0x3000)
+        for value in (0, 1, 3):
+            await self.w(Reg.STATUS, value)
+        for sel, value in ((0, 0), (1, 1)):  # VERSION_1
+            await self.w(Reg.DRIVER_FEATURES_SEL, sel)
+            await self.w(Reg.DRIVER_FEATURES, value)
+        await self.w(Reg.STATUS, 11)
+        await self.w(Reg.QUEUE_SEL, 0)
+        await self.w(Reg.QUEUE_NUM, QSIZE)
+        for reg, addr in ((Reg.QUEUE_DESC_LOW, DESC), (Reg.QUEUE_DRIVER_LOW, AVAIL), (Reg.QUEUE_DEVICE_LOW, USED)):
+            await self.w(reg, addr)
+            await self.w(reg + 4, 0)
+        if self.drv is not None:
+            self.drv.release()
+        self.drv = SplitQueueDriver(self.mem, QSIZE, DESC, AVAIL, USED)
+        await self.w(Reg.QUEUE_READY, 1)
+
+    def put(self, gpa: int, data: bytes) -> None:
+        self.ram[gpa - RAM_BASE : gpa - RAM_BASE + len(data)] = data
+
+    def get(self, gpa: int, n: int) -> bytes:
+        return bytes(self.ram[gpa - RAM_BASE : gpa - RAM_BASE + n])
+
+    def queue_write(self, i: int) -> None:
+        """A VIRTIO_BLK_T_OUT of one sector (sector ``i``, filled with ``i + 1``), token ``i``."""
+        assert self.drv is not None
+        hdr, payload, status = BUF + 0x400 * i, BUF + 0x400 * i + 0x10, BUF + 0x400 * i + 0x210
+        self.put(hdr, struct.pack("<IIQ", 1, 0, i))
+        self.put(payload, bytes([i + 1]) * 512)
+        self.put(status, b"\xff")
+        self.drv.add(readable=[(hdr, 16), (payload, 512)], writable=[(status, 1)], token=i)
+
+    def status_byte(self, i: int) -> bytes:
+        return self.get(BUF + 0x400 * i + 0x210, 1)
+
+    async def completions(self, count: int) -> list[int]:
+        """The tokens of the next ``count`` used entries (waits for the interrupt line)."""
+        assert self.drv is not None
+        tokens: list[int] = []
+        while len(tokens) < count:
+            self.irq.clear()
+            done = self.drv.get_used()
+            tokens += [t for t, _ in done]
+            if not done:
+                await self.irq.wait()
+            await self.w(Reg.INTERRUPT_ACK, 1)
+        return tokens
+
+    def close(self) -> None:
+        if self.drv is not None:
+            self.drv.release()
+        self.mem.release()
+
+
+@pytest.fixture
+def ram() -> Iterator[tuple[int, mmap.mmap]]:
+    fd = os.memfd_create("start-test-ram", os.MFD_CLOEXEC)
+    os.ftruncate(fd, RAM_SIZE)
+    view = mmap.mmap(fd, RAM_SIZE)
+    yield fd, view
+    view.close()
+    os.close(fd)
+
+
+def data_path(kind: str, fd: int, guest: Guest) -> DataPath:
+    if kind == "shadow":
+        return ShadowDataPath(guest.mem, [(RAM_BASE, RAM_SIZE)], pool_size=1 << 20, max_queues=1,
+                              max_queue_size=QSIZE,
+                              log=device_logger("xen_vhost_master.datapath.shadow", 1, "blk0"))
+    return FdExport([FdRegion(RAM_BASE, RAM_SIZE, fd)],
+                    lambda gpa, n: guest.get(gpa, n))
+
+
+@contextlib.asynccontextmanager
+async def served(kind: str, ram: tuple[int, mmap.mmap], connect: Callable[[], object]) -> AsyncIterator[Guest]:
+    guest = Guest(ram[1])
+    memory = data_path(kind, ram[0], guest)
+    device = Device(DeviceConfig(devid=0, device_id=2, base=0x2000000, irq=33, queue_size=QSIZE, num_queues=1),
+                    connect=connect,  # type: ignore[arg-type]
+                    memory=memory, set_irq=lambda level: guest.irq.set() if level else None,
+                    log=device_logger("xvm.test.start", 1, "blk0"))
+    if isinstance(memory, ShadowDataPath):
+        memory.on_error = lambda index, reason: device.fail(f"shadow queue {index} stopped: {reason}")
+    guest.device = device
+    try:
+        await device.start()
+        yield guest
+    finally:
+        await device.close()
+        memory.close()
+        guest.close()
+
+
+async def driver_ok_while_hanging(guest: Guest, bad: HangingServer) -> list[object]:
+    """The DRIVER_OK write while the back-end holds SET_MEM_TABLE: what the guest saw when its write
+    was answered (the Status it then reads, whether the back-end had been released by then)."""
+    seen: list[object] = []
+    result = guest.mmio(Reg.STATUS, DRIVER_OK)
+    if result is None:
+        seen += ["answered", guest.status(), bad.release.is_set()]
+        return seen
+    write = asyncio.ensure_future(result)  # type: ignore[call-overload]
+    write.add_done_callback(lambda _: seen.extend(["answered", guest.status(), bad.release.is_set()]))
+    await bad.asked.wait()
+    with contextlib.suppress(TimeoutError):  # answered at once, or the test releases the back-end
+        await asyncio.wait_for(asyncio.shield(write), HANG)
+    return seen
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", ["close", "forever"])
+async def test_driver_ok_is_answered_while_the_backend_hangs_at_set_mem_table_and_a_failed_start_needs_reset(
+        no_fd_leak, ram, monkeypatch, caplog, mode):
+    caplog.set_level(logging.INFO)
+    if mode == "forever":  # the start as a whole is given up on (the back-end never answers)
+        monkeypatch.setattr(device_module, "START_TIMEOUT", 3.0, raising=False)
+    async with asyncio.timeout(TIMEOUT), backends(mode) as (connect, servers), \
+            served("zerocopy", ram, connect) as guest:
+        device = guest.device
+        assert device is not None
+        await guest.set_up()
+        bad = servers[0]
+        assert isinstance(bad, HangingServer)
+        seen = await driver_ok_while_hanging(guest, bad)
+        # answered while the back-end still held SET_MEM_TABLE, DRIVER_OK readable (virtio 1.2
+        # §2.1.1: NEEDS_RESET only once the device knows it failed)
+        assert seen == ["answered", DRIVER_OK, False]
+        if mode == "close":
+            bad.release.set()
+        assert device.starting is not None
+        await device.starting
+        assert guest.status() & Status.DEVICE_NEEDS_RESET and guest.status() & Status.DRIVER_OK
+        assert device.stats.starts == 0
+        failed = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert any(m.startswith(PREFIX + "back-end failed") for m in failed), failed
+        # the guest resets (answered at once) and brings the device up again: a new back-end
+        await guest.w(Reg.STATUS, 0)
+        assert guest.status() == 0
+        if device.reconnecting is not None:
+            await device.reconnecting
+        await guest.set_up()
+        await guest.w(Reg.STATUS, DRIVER_OK)
+        assert guest.status() == DRIVER_OK
+        assert len(servers) == 2 and device.stats.starts == 1 and servers[1].vrings[0].started
+        guest.queue_write(0)
+        await guest.w(Reg.QUEUE_NOTIFY, 0)
+        assert await guest.completions(1) == [0] and guest.status_byte(0) == b"\x00"
+        daemon = [r for r in caplog.records if not r.name.startswith("vhost_user.aio.server")]
+        assert all(r.getMessage().startswith(PREFIX) for r in daemon), [r.getMessage() for r in daemon]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["zerocopy", "shadow"])
+async def test_notifies_made_while_a_slow_backend_maps_are_served_exactly_once_when_it_answers(
+        no_fd_leak, ram, kind):
+    count = 5  # a full ring: 16 descriptors, 3 per request
+    async with asyncio.timeout(TIMEOUT), backends("answer") as (connect, servers), \
+            served(kind, ram, connect) as guest:
+        device = guest.device
+        assert device is not None
+        await guest.set_up()
+        bad = servers[0]
+        assert isinstance(bad, HangingServer)
+        seen = await driver_ok_while_hanging(guest, bad)
+        assert seen == ["answered", DRIVER_OK, False]
+        for i in range(count):  # each notify answered at once, though no queue runs yet
+            guest.queue_write(i)
+            assert guest.mmio(Reg.QUEUE_NOTIFY, 0) is None
+        bad.release.set()
+        tokens = await guest.completions(count)
+        assert sorted(tokens) == list(range(count)), tokens  # each request once
+        assert all(guest.status_byte(i) == b"\x00" for i in range(count))
+        disk = bad.device.disk  # type: ignore[attr-defined]
+        assert all(disk[512 * i : 512 * (i + 1)] == bytes([i + 1]) * 512 for i in range(count))
+        assert guest.drv is not None and not guest.drv.get_used()  # nothing completed twice
+        if device.starting is not None:
+            await device.starting
+        assert guest.status() == DRIVER_OK and len(servers) == 1 and device.stats.starts == 1
+        # and the device serves on as usual
+        guest.queue_write(count)
+        await guest.w(Reg.QUEUE_NOTIFY, 0)
+        assert await guest.completions(1) == [count] and guest.status_byte(count) == b"\x00"
+
+
+@pytest.mark.asyncio
+async def test_reset_while_the_start_hangs_is_answered_and_the_next_bring_up_uses_a_new_backend(
+        no_fd_leak, ram, monkeypatch):
+    monkeypatch.setattr(device_module, "RESET_STOP_TIMEOUT", 0.5)  # the hung start is given up on soon
+    async with asyncio.timeout(TIMEOUT), backends("forever") as (connect, servers), \
+            served("zerocopy", ram, connect) as guest:
+        device = guest.device
+        assert device is not None
+        await guest.set_up()
+        bad = servers[0]
+        assert isinstance(bad, HangingServer)
+        seen = await driver_ok_while_hanging(guest, bad)
+        assert seen == ["answered", DRIVER_OK, False]
+        await guest.w(Reg.STATUS, 0)  # the stop waits for the start, not the guest
+        assert guest.status() == 0 and not bad.release.is_set()
+        await guest.set_up()
+        await guest.w(Reg.STATUS, DRIVER_OK)  # after the dropped start, on a new connection
+        if device.reconnecting is not None:
+            await device.reconnecting
+        assert guest.status() == DRIVER_OK
+        assert len(servers) == 2 and servers[1].vrings[0].started
+        guest.queue_write(0)
+        await guest.w(Reg.QUEUE_NOTIFY, 0)
+        assert await guest.completions(1) == [0] and guest.status_byte(0) == b"\x00"
+
+
+@pytest.mark.asyncio
+async def test_device_closed_while_its_start_hangs_leaves_nothing_open(no_fd_leak, ram):
+    async with asyncio.timeout(TIMEOUT), backends("forever") as (connect, servers):
+        async with served("shadow", ram, connect) as guest:
+            device = guest.device
+            assert device is not None
+            await guest.set_up()
+            bad = servers[0]
+            assert isinstance(bad, HangingServer)
+            assert await driver_ok_while_hanging(guest, bad) == ["answered", DRIVER_OK, False]
+            guest.queue_write(0)
+            assert guest.mmio(Reg.QUEUE_NOTIFY, 0) is None
+            starting = device.starting
+            assert starting is not None and not starting.done()
+        # (served() closed the device: the start is cut, its connection closed)
+        assert starting.cancelled() and device.frontend is not None and device.frontend.broken
+        assert not bad.release.is_set()
