@@ -267,18 +267,12 @@ class Device:
         """A start that failed (or was cancelled) after the back-end negotiated: release what it
         opened (rings, eventfds, the connection, a data path chosen for this back-end) and leave
         the device as it was before, ready for another try."""
-        loop = asyncio.get_running_loop()
         started, self._started = self._started, []
         for index in started:
             self._user_path(index)
             self.memory.close_queue(index)
         self._queues = ()
-        for fd in self._call:
-            loop.remove_reader(fd)
-        for fd in (*self._kick, *self._call):
-            os.close(fd)
-        self._kick, self._call = [], []
-        self._drop_inflight()
+        self._close_eventfds()
         self.model = None
         self.frontend = None
         if chooser is not None and self._chooser is None:
@@ -409,15 +403,9 @@ class Device:
         """What :meth:`close` releases once the back-end is stopped or dropped. Idempotent."""
         for task in list(self._tasks):
             task.cancel()
-        loop = asyncio.get_running_loop()
         for index in list(self.fastpath.assigned if self.fastpath else ()):
             self._user_path(index)
-        for fd in self._call:
-            loop.remove_reader(fd)
-        for fd in (*self._kick, *self._call):
-            os.close(fd)
-        self._kick, self._call = [], []
-        self._drop_inflight()
+        self._close_eventfds()
         if self._chooser is None:
             self.memory.close()
 
@@ -774,6 +762,16 @@ class Device:
             if fe.broken:
                 raise
             self.log.warning("SET_INFLIGHT_FD refused (%s): the rings restart without inflight tracking", e)
+
+    def _close_eventfds(self) -> None:
+        """Close the queues' kick and call eventfds and drop the inflight area (start and release)."""
+        loop = asyncio.get_running_loop()
+        for fd in self._call:
+            loop.remove_reader(fd)
+        for fd in (*self._kick, *self._call):
+            os.close(fd)
+        self._kick, self._call = [], []
+        self._drop_inflight()
 
     def _drop_inflight(self) -> None:
         area, self._inflight = self._inflight, None
