@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import select
-import shutil
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 
+from tests.sim.simproc import sim_command, start_sim_process, stop_process
 from xen_vhost_sim.guest import SimControl, SimGuest
 from xen_vhost_sim.host import SimHost
 from xen_vhost_sim.simkernel import SimKernel
@@ -74,27 +71,13 @@ class Dm:
 @pytest.fixture
 def sim_process(sim_dir: str) -> Iterator[tuple[str, int]]:
     path = os.path.join(sim_dir, "xen.sock")
-    exe = shutil.which("xen-vhost-sim", path=os.path.dirname(sys.executable))
-    cmd = [exe] if exe else [sys.executable, "-m", "xen_vhost_sim.cli"]
-    r, w = os.pipe()
-    proc = subprocess.Popen(
-        [*cmd, "--socket", path, "--domain", f"domid={DOMID},mem=16M,vcpus=1,name=chan", "--ready-fd", str(w)],
-        pass_fds=(w,),
-    )
-    os.close(w)
+    proc = start_sim_process(
+        [*sim_command(), "--socket", path, "--domain", f"domid={DOMID},mem=16M,vcpus=1,name=chan"], TIMEOUT)
     try:
-        ready = select.select([r], [], [], TIMEOUT)[0]
-        assert ready and os.read(r, 16) == b"ready\n", "xen-vhost-sim did not start"
         yield path, proc.pid
     finally:
-        os.close(r)
         os.kill(proc.pid, signal.SIGCONT)
-        proc.terminate()
-        try:
-            proc.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, TIMEOUT)
 
 
 @pytest.mark.asyncio
