@@ -5,9 +5,10 @@ server and domain destruction)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -68,6 +69,21 @@ class Dm:
         self.pc.close()
 
 
+@contextlib.asynccontextmanager
+async def guest_and_dm(sim_host: SimHost, sim_control: SimControl,
+                       kernel: SimKernel) -> AsyncIterator[tuple[int, SimGuest, Dm]]:
+    """A new 16 MiB domain, its guest connected and a device model serving its window; both
+    closed however the body ends."""
+    domid = sim_control.create_domain(mem_bytes=16 << 20)
+    guest = await SimGuest.connect(sim_host.path, domid)
+    dm = Dm(kernel, domid)
+    try:
+        yield domid, guest, dm
+    finally:
+        guest.close()
+        dm.close()
+
+
 @pytest.fixture
 def sim_process(sim_dir: str) -> Iterator[tuple[str, int]]:
     path = os.path.join(sim_dir, "xen.sock")
@@ -113,10 +129,7 @@ async def test_ioreq_round_trips_complete_while_the_simulated_host_is_stopped(si
 async def test_masked_port_keeps_the_event_pending_until_unmasked(
     sim_host: SimHost, sim_control: SimControl, kernel: SimKernel
 ) -> None:
-    domid = sim_control.create_domain(mem_bytes=16 << 20)
-    guest = await SimGuest.connect(sim_host.path, domid)
-    dm = Dm(kernel, domid)
-    try:
+    async with guest_and_dm(sim_host, sim_control, kernel) as (domid, guest, dm):
         # the bind-time event, left masked
         assert await asyncio.wait_for(dm.ev.wait(), TIMEOUT) == dm.ports
         read = asyncio.ensure_future(guest.mmio_read(BASE, 4))
@@ -128,19 +141,13 @@ async def test_masked_port_keeps_the_event_pending_until_unmasked(
         await dm.serve_one(5)
         assert await asyncio.wait_for(read, TIMEOUT) == 5
         assert sim_control.pending_access(domid) is False
-    finally:
-        guest.close()
-        dm.close()
 
 
 @pytest.mark.asyncio
 async def test_paused_domain_access_waits_for_unpause(
     sim_host: SimHost, sim_control: SimControl, kernel: SimKernel
 ) -> None:
-    domid = sim_control.create_domain(mem_bytes=16 << 20)
-    guest = await SimGuest.connect(sim_host.path, domid)
-    dm = Dm(kernel, domid)
-    try:
+    async with guest_and_dm(sim_host, sim_control, kernel) as (domid, guest, dm):
         await dm.drain()
         sim_control.pause(domid)
         read = asyncio.ensure_future(guest.mmio_read(BASE, 4))
@@ -152,9 +159,6 @@ async def test_paused_domain_access_waits_for_unpause(
         sim_control.unpause(domid)
         await dm.serve_one(9)
         assert await asyncio.wait_for(read, TIMEOUT) == 9
-    finally:
-        guest.close()
-        dm.close()
 
 
 @pytest.mark.asyncio
@@ -162,10 +166,7 @@ async def test_paused_domain_access_waits_for_unpause(
 async def test_access_in_flight_completes_as_unclaimed_when_destroyed(
     sim_host: SimHost, sim_control: SimControl, kernel: SimKernel, what: str
 ) -> None:
-    domid = sim_control.create_domain(mem_bytes=16 << 20)
-    guest = await SimGuest.connect(sim_host.path, domid)
-    dm = Dm(kernel, domid)
-    try:
+    async with guest_and_dm(sim_host, sim_control, kernel) as (domid, guest, dm):
         await dm.drain()
         read = asyncio.ensure_future(guest.mmio_read(BASE, 4))
         assert await asyncio.wait_for(dm.ev.wait(), TIMEOUT) == dm.ports  # never answered
@@ -175,25 +176,16 @@ async def test_access_in_flight_completes_as_unclaimed_when_destroyed(
         else:
             sim_control.destroy_domain(domid)
         assert await asyncio.wait_for(read, TIMEOUT) == 0xFFFFFFFF
-    finally:
-        guest.close()
-        dm.close()
 
 
 @pytest.mark.asyncio
 async def test_closing_the_guest_fails_its_access_in_flight(
     sim_host: SimHost, sim_control: SimControl, kernel: SimKernel
 ) -> None:
-    domid = sim_control.create_domain(mem_bytes=16 << 20)
-    guest = await SimGuest.connect(sim_host.path, domid)
-    dm = Dm(kernel, domid)
-    try:
+    async with guest_and_dm(sim_host, sim_control, kernel) as (domid, guest, dm):
         await dm.drain()
         read = asyncio.ensure_future(guest.mmio_read(BASE, 4))
         assert await asyncio.wait_for(dm.ev.wait(), TIMEOUT) == dm.ports  # the vCPU is waiting in this process
         guest.close()
         with pytest.raises(ConnectionResetError):
             await asyncio.wait_for(read, TIMEOUT)
-    finally:
-        guest.close()
-        dm.close()
