@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -49,7 +49,9 @@ class Dm:
             got.update(fired)
             self.ev.unmask(*fired)
 
-    async def serve_one(self, value: int) -> None:
+    async def serve_one(self, value: int, before_complete: Callable[[], object] | None = None) -> None:
+        """One access served as the daemon does: ``before_complete`` (the line change an
+        InterruptACK makes) runs before the response is written and the guest notified."""
         fired = await asyncio.wait_for(self.ev.wait(), TIMEOUT)
         self.ev.unmask(*fired)
         for port in fired:
@@ -59,6 +61,8 @@ class Dm:
             if req is None:
                 continue
             self.states.append(self.page.state(vcpu))
+            if before_complete is not None:
+                before_complete()
             self.page.complete(vcpu, None if req.is_write else value)
             self.states.append(self.page.state(vcpu))
             self.ev.notify(port)
@@ -67,6 +71,21 @@ class Dm:
         self.page.close()
         self.ev.close()
         self.pc.close()
+
+
+@contextlib.asynccontextmanager
+async def dm_and_guest(path: str, **connect: bool) -> AsyncIterator[tuple[Dm, SimGuest]]:
+    """A device model for domain DOMID of the host at ``path``, then its guest connected
+    (``connect``: SimGuest.connect's options); both closed however the body ends."""
+    dm = Dm(SimKernel(path), DOMID)
+    try:
+        guest = await SimGuest.connect(path, DOMID, **connect)
+        try:
+            yield dm, guest
+        finally:
+            guest.close()
+    finally:
+        dm.close()
 
 
 @contextlib.asynccontextmanager
@@ -99,9 +118,7 @@ def sim_process(sim_dir: str) -> Iterator[tuple[str, int]]:
 @pytest.mark.asyncio
 async def test_ioreq_round_trips_complete_while_the_simulated_host_is_stopped(sim_process: tuple[str, int]) -> None:
     path, pid = sim_process
-    dm = Dm(SimKernel(path), DOMID)
-    guest = await SimGuest.connect(path, DOMID)
-    try:
+    async with dm_and_guest(path) as (dm, guest):
         await dm.drain()
         read = asyncio.ensure_future(guest.mmio_read(BASE, 4))
         await dm.serve_one(0x74726976)
@@ -120,9 +137,6 @@ async def test_ioreq_round_trips_complete_while_the_simulated_host_is_stopped(si
             os.kill(pid, signal.SIGCONT)
         # READY -> INPROCESS -> IORESP_READY for every request (docs/xen-abi.md)
         assert dm.states == [IoreqState.READY, IoreqState.INPROCESS, IoreqState.IORESP_READY] * 41
-    finally:
-        guest.close()
-        dm.close()
 
 
 @pytest.mark.asyncio
