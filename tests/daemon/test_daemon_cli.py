@@ -49,6 +49,14 @@ def stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
     stop_process(proc, TIMEOUT)
 
 
+def daemon_env(sim_path: str) -> dict[str, str]:
+    """The environment of a daemon run as a program over the simulated host at ``sim_path``: this
+    one without JOURNAL_STREAM, so the daemon logs to stderr as text."""
+    env = dict(os.environ, XEN_VHOST_SIM=sim_path)
+    env.pop("JOURNAL_STREAM", None)
+    return env
+
+
 class DaemonLog:
     """The daemon's stderr, read line by line from the event loop."""
 

@@ -93,12 +93,13 @@ async def test_a_runtime_directory_another_user_owns_or_may_write_is_refused_wit
     """The program, as the unit runs it: one line naming the directory and why, exit 74 (a
     permanent code: RestartPreventExitStatus=), and nothing written there: a link planted as
     state.json.tmp towards a root-owned file is not followed."""
+    from tests.daemon.test_daemon_cli import daemon_env
+
     _sim, sim_path = start_sim(sim_dir)
     run = runtime(tmp_path, mode, NOBODY if owner == "nobody" else None)
     target = victim(tmp_path)
     os.symlink(target, run / "state.json.tmp")
-    env = dict(os.environ, XEN_VHOST_SIM=sim_path)
-    env.pop("JOURNAL_STREAM", None)
+    env = daemon_env(sim_path)
     r = await asyncio.to_thread(subprocess.run, [str(BIN / "xen-vhost-master"), "--domid", str(DOMID), "--runtime-dir",
                                                  str(run)], env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == ExitCode.RUNTIME_DIR, r.stderr
@@ -369,7 +370,7 @@ async def test_a_crash_leaves_the_records_for_the_successor_and_its_clean_stop_r
         start_sim, sim_dir, tmp_path):
     """SIGKILL: state.json and the in-flight record stay (RuntimeDirectoryPreserve=restart keeps
     them for the next instance, which adopts the guest); that one's SIGTERM removes them."""
-    from tests.daemon.test_daemon_cli import DaemonLog
+    from tests.daemon.test_daemon_cli import DaemonLog, daemon_env
 
     _sim, sim_path = start_sim(sim_dir)
     run = runtime(tmp_path)
@@ -377,8 +378,7 @@ async def test_a_crash_leaves_the_records_for_the_successor_and_its_clean_stop_r
     blk = subprocess.Popen([sys.executable, "-m", "vhost_user.testing.blk", "--socket", sock, "--size", "8M"],
                            stderr=subprocess.DEVNULL)
     cmd = [str(BIN / "xen-vhost-master"), "--domid", str(DOMID), "--runtime-dir", str(run)]
-    env = dict(os.environ, XEN_VHOST_SIM=sim_path)
-    env.pop("JOURNAL_STREAM", None)
+    env = daemon_env(sim_path)
     daemons: list[subprocess.Popen[bytes]] = []
     try:
         daemons.append(subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE))
