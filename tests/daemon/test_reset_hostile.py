@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import struct
 from collections.abc import AsyncIterator, Callable
 
@@ -20,6 +19,7 @@ import pytest
 
 from tests.daemon.backends import serve_pair
 from tests.daemon.mmio_driver import bring_up, read, write
+from tests.daemon.test_faults import RAM_BASE, RAM_SIZE, ram_memfd  # noqa: F401  (fixture)
 from vhost_user import AsyncFrontend, FdSocket, FrontendRequest, RequestReceived
 from vhost_user.aio import BackendServer
 from vhost_user.testing import RamDiskBlk, connected_pair
@@ -33,7 +33,6 @@ from xen_vhost_master.log import device_logger
 from xen_vhost_master.virtio_mmio import Reg
 
 TIMEOUT = 20.0
-RAM_BASE, RAM_SIZE = 0x4000_0000, 1 << 20
 RINGS = (RAM_BASE, RAM_BASE + 0x1000, RAM_BASE + 0x2000)
 PREFIX = "dom1/blk0: "
 
@@ -81,14 +80,6 @@ async def backends(mode: str) -> AsyncIterator[tuple[Callable[[], object], list[
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), TIMEOUT)
         for s in servers:
             s.close()
-
-
-@pytest.fixture
-def ram_memfd():  # type: ignore[no-untyped-def]
-    fd = os.memfd_create("reset-test-ram", os.MFD_CLOEXEC)
-    os.ftruncate(fd, RAM_SIZE)
-    yield fd
-    os.close(fd)
 
 
 @pytest.mark.asyncio
