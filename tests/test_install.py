@@ -13,7 +13,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from tests.daemon.test_daemon_cli import DOMID, TIMEOUT, start_sim, stop
+from tests.daemon.test_daemon_cli import DOMID, start_sim, stop
 from tests.installed import REPO, Installed, sim_plugin
 from tests.peers import programs
 from xen_vhost_master.version import version
@@ -156,12 +156,7 @@ def test_the_installed_daemon_serves_on_asyncios_loop_when_uvloop_is_missing(ins
             assert proc.poll() is None, text
             assert text.count("uvloop is not available") == 1 and "asyncio's event loop" in text, text
         finally:
-            proc.terminate()
-            try:
-                proc.wait(TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
         assert proc.returncode == 0, proc.returncode
     finally:
         stop(sim)

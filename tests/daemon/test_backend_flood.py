@@ -21,7 +21,8 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from vhost_user import AsyncFrontend, ChannelFlood, VhostUserError
+from tests.daemon.backends import StandInBackends
+from vhost_user import ChannelFlood, VhostUserError
 from vhost_user.aio import BACKEND_REQUEST_BURST, BackendServer, FdSocket
 from vhost_user.testing import RamDiskBlk
 from vhost_user.virtqueue import FlatMemory, SplitQueueDriver
@@ -61,33 +62,11 @@ class Counting(logging.Handler):
         return sum(n for lv, n in self.by_level.items() if lv >= level)
 
 
-class Backends:
+class Backends(StandInBackends):
     """A connect() for a Device: every call starts a fresh RAM-disk back-end over a socketpair."""
 
-    def __init__(self, stack: contextlib.AsyncExitStack) -> None:
-        self.stack = stack
-        self.servers: list[BackendServer] = []
-        self.frontends: list[AsyncFrontend] = []
-
-    async def connect(self) -> AsyncFrontend:
-        a, b = FdSocket.pair()
-        server = BackendServer(RamDiskBlk(1 << 20), b)
-        task = asyncio.get_running_loop().create_task(server.run())
-        fe = AsyncFrontend(a)
-
-        async def stop() -> None:
-            await fe.close()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5):
-                    await asyncio.gather(task, return_exceptions=True)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            server.close()
-
-        self.stack.push_async_callback(stop)
-        self.servers.append(server)
-        self.frontends.append(fe)
-        return fe
+    def make_server(self, sock: FdSocket) -> BackendServer:
+        return BackendServer(RamDiskBlk(1 << 20), sock)
 
 
 class Driver:

@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import random
-import select
 import signal
 import socket
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.sim.simproc import start_sim_process, stop_process
 from xen_vhost_sim.guest import SimControl, SimGuest
 from xen_vhost_sim.guest_devices import BlkOp, VirtioBlk
 from xen_vhost_sim.guest_driver import GuestDriverError, GuestPageAllocator
@@ -38,34 +38,23 @@ def start_sim(sim_dir: str, name: str = "") -> tuple[subprocess.Popen[bytes], st
     nothing is left running if it does not start (the ``start_sim`` fixture of conftest.py also
     stops it when the test ends, however it ends)."""
     path = os.path.join(sim_dir, "xen.sock")
-    r, w = os.pipe()
-    try:
-        proc = subprocess.Popen(
-            [str(BIN / "xen-vhost-sim"), "--socket", path, "--domain", f"domid={DOMID},mem=64M,vcpus=2"
-             + (f",name={name}" if name else ""),
-             "--virtio", f"domid={DOMID},device_id=2,base=0x2000000,irq=33,devid=0", "--ready-fd", str(w)],
-            pass_fds=(w,),
-        )
-    finally:
-        os.close(w)
-    try:
-        ready = select.select([r], [], [], TIMEOUT)[0]
-    finally:
-        os.close(r)
-    if not ready:
-        stop(proc)
-        raise AssertionError("xen-vhost-sim did not start")
+    proc = start_sim_process(
+        [str(BIN / "xen-vhost-sim"), "--socket", path, "--domain", f"domid={DOMID},mem=64M,vcpus=2"
+         + (f",name={name}" if name else ""),
+         "--virtio", f"domid={DOMID},device_id=2,base=0x2000000,irq=33,devid=0"], TIMEOUT)
     return proc, path
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
+    stop_process(proc, TIMEOUT)
+
+
+def daemon_env(sim_path: str) -> dict[str, str]:
+    """The environment of a daemon run as a program over the simulated host at ``sim_path``: this
+    one without JOURNAL_STREAM, so the daemon logs to stderr as text."""
+    env = dict(os.environ, XEN_VHOST_SIM=sim_path)
+    env.pop("JOURNAL_STREAM", None)
+    return env
 
 
 class DaemonLog:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Iterator
 
 import pytest
 
@@ -19,17 +18,9 @@ from xen_vhost_master.device import Device
 from xen_vhost_master.log import device_logger
 from xen_vhost_master.virtio_mmio import Reg
 
-from tests.daemon.test_faults import RAM_BASE, RAM_SIZE, _bring_up
+from tests.daemon.test_faults import RAM_BASE, RAM_SIZE, _bring_up, ram_memfd  # noqa: F401  (fixture)
 
 TIMEOUT = 20.0
-
-
-@pytest.fixture
-def ram_memfd() -> Iterator[int]:
-    fd = os.memfd_create("resume-test-ram", os.MFD_CLOEXEC)
-    os.ftruncate(fd, RAM_SIZE)
-    yield fd
-    os.close(fd)
 
 
 @pytest.mark.asyncio

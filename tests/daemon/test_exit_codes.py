@@ -13,14 +13,17 @@ import os
 import re
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.daemon.test_daemon_cli import BIN, DOMID, TIMEOUT, start_sim, stop
+from tests.daemon.test_daemon_cli import BIN, DOMID, TIMEOUT, daemon_env
 from xen_vhost_master import cli
 from xen_vhost_master.errors import PERMANENT_EXIT_CODES, ExitCode
 from xen_vhost_sim.guest import SimControl
+
+StartSim = Callable[..., tuple[subprocess.Popen[bytes], str]]  # the start_sim fixture of conftest.py
 
 DAEMON = str(BIN / "xen-vhost-master")
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
@@ -46,68 +49,62 @@ def test_a_domain_id_that_is_no_guests_is_refused_at_parse_time(args: list[str],
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])
-async def test_hosts_that_cannot_serve_a_guest_exit_with_their_code_and_a_hint(sim_dir: str, tmp_path: Path) -> None:
-    sim, sim_path = start_sim(sim_dir)
-    env = dict(os.environ, XEN_VHOST_SIM=sim_path)
-    env.pop("JOURNAL_STREAM", None)
+async def test_hosts_that_cannot_serve_a_guest_exit_with_their_code_and_a_hint(start_sim: StartSim, sim_dir: str,
+                                                                             tmp_path: Path) -> None:
+    _sim, sim_path = start_sim(sim_dir)
+    env = daemon_env(sim_path)
     runtime = tmp_path / "run"
     serve = ("--domain", str(DOMID), "--runtime-dir", str(runtime))
-    try:
-        with SimControl(sim_path) as ctl:
-            ctl.set_host(devices="missing")
-            r = await asyncio.to_thread(run, env, *serve)
-            assert r.returncode == ExitCode.NOT_DOM0
-            assert verdict(r) == ("xen-vhost-master: not a Xen dom0: /dev/xen/privcmd is missing (ENOENT): run in dom0 "
-                                  "with the xen-privcmd, xen-evtchn, xen-gntdev modules loaded (see README Requirements)")
+    with SimControl(sim_path) as ctl:
+        ctl.set_host(devices="missing")
+        r = await asyncio.to_thread(run, env, *serve)
+        assert r.returncode == ExitCode.NOT_DOM0
+        assert verdict(r) == ("xen-vhost-master: not a Xen dom0: /dev/xen/privcmd is missing (ENOENT): run in dom0 "
+                              "with the xen-privcmd, xen-evtchn, xen-gntdev modules loaded (see README Requirements)")
 
-            ctl.set_host(devices="ok", capabilities="")  # a domU: xenfs mounted, no control_d
-            r = await asyncio.to_thread(run, env, *serve)
-            assert r.returncode == ExitCode.NOT_DOM0
-            assert verdict(r) == ("xen-vhost-master: not a Xen dom0: /proc/xen/capabilities lacks control_d: "
-                                  "run the daemon in the control domain (dom0)")
+        ctl.set_host(devices="ok", capabilities="")  # a domU: xenfs mounted, no control_d
+        r = await asyncio.to_thread(run, env, *serve)
+        assert r.returncode == ExitCode.NOT_DOM0
+        assert verdict(r) == ("xen-vhost-master: not a Xen dom0: /proc/xen/capabilities lacks control_d: "
+                              "run the daemon in the control domain (dom0)")
 
-            ctl.set_host(capabilities="control_d\n", devices="eacces")
-            r = await asyncio.to_thread(run, env, *serve)
-            assert r.returncode == ExitCode.NOPERM
-            assert verdict(r) == ("xen-vhost-master: permission denied opening /dev/xen/privcmd (EACCES): run as root, "
-                                  "as the unit does")
+        ctl.set_host(capabilities="control_d\n", devices="eacces")
+        r = await asyncio.to_thread(run, env, *serve)
+        assert r.returncode == ExitCode.NOPERM
+        assert verdict(r) == ("xen-vhost-master: permission denied opening /dev/xen/privcmd (EACCES): run as root, "
+                              "as the unit does")
 
-            ctl.set_host(devices="ok", ioreq_server=False)  # Debian's arm64 Xen
-            r = await asyncio.to_thread(run, env, *serve)
-            assert r.returncode == ExitCode.NO_IOREQ_SERVER
-            errors = [line for line in r.stderr.splitlines() if line.startswith("ERROR")]
-            assert errors == [f"ERROR xen_vhost_master: dom{DOMID}: Xen has no IOREQ server (dm_op create_ioreq_server: "
-                              "ENOSYS): rebuild Xen with CONFIG_IOREQ_SERVER=y (see README Requirements)"], r.stderr
-            assert "Traceback" not in r.stderr
-            assert not (runtime / "status.sock").exists()
-            ctl.set_host(ioreq_server=True)
+        ctl.set_host(devices="ok", ioreq_server=False)  # Debian's arm64 Xen
+        r = await asyncio.to_thread(run, env, *serve)
+        assert r.returncode == ExitCode.NO_IOREQ_SERVER
+        errors = [line for line in r.stderr.splitlines() if line.startswith("ERROR")]
+        assert errors == [f"ERROR xen_vhost_master: dom{DOMID}: Xen has no IOREQ server (dm_op create_ioreq_server: "
+                          "ENOSYS): rebuild Xen with CONFIG_IOREQ_SERVER=y (see README Requirements)"], r.stderr
+        assert "Traceback" not in r.stderr
+        assert not (runtime / "status.sock").exists()
+        ctl.set_host(ioreq_server=True)
 
-        r = await asyncio.to_thread(run, env, "--domain", "nosuch", "--runtime-dir", str(runtime))
-        assert (r.returncode, verdict(r)) == (ExitCode.UNAVAILABLE, "xen-vhost-master: no domain named 'nosuch'")
-        # status: a domain that exists but nobody serves (3) is not a domain that does not exist (69)
-        r = await asyncio.to_thread(run, env, "status", "--domid", str(DOMID))
-        assert r.returncode == ExitCode.NOT_RUNNING
-        assert verdict(r).startswith(f"xen-vhost-master: no daemon serves domain {DOMID} (nothing answers on ")
-        r = await asyncio.to_thread(run, env, "status", "--domid", "99")
-        assert (r.returncode, verdict(r)) == (ExitCode.UNAVAILABLE, "xen-vhost-master: no domain with id or name '99'")
-    finally:
-        stop(sim)
+    r = await asyncio.to_thread(run, env, "--domain", "nosuch", "--runtime-dir", str(runtime))
+    assert (r.returncode, verdict(r)) == (ExitCode.UNAVAILABLE, "xen-vhost-master: no domain named 'nosuch'")
+    # status: a domain that exists but nobody serves (3) is not a domain that does not exist (69)
+    r = await asyncio.to_thread(run, env, "status", "--domid", str(DOMID))
+    assert r.returncode == ExitCode.NOT_RUNNING
+    assert verdict(r).startswith(f"xen-vhost-master: no daemon serves domain {DOMID} (nothing answers on ")
+    r = await asyncio.to_thread(run, env, "status", "--domid", "99")
+    assert (r.returncode, verdict(r)) == (ExitCode.UNAVAILABLE, "xen-vhost-master: no domain with id or name '99'")
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])
-async def test_an_uncreatable_runtime_directory_is_one_line_and_a_permanent_code(sim_dir: str, tmp_path: Path) -> None:
-    sim, sim_path = start_sim(sim_dir)
-    env = dict(os.environ, XEN_VHOST_SIM=sim_path)
-    env.pop("JOURNAL_STREAM", None)
+async def test_an_uncreatable_runtime_directory_is_one_line_and_a_permanent_code(start_sim: StartSim, sim_dir: str,
+                                                                                 tmp_path: Path) -> None:
+    _sim, sim_path = start_sim(sim_dir)
+    env = daemon_env(sim_path)
     blocker = tmp_path / "file"
     blocker.write_text("")
-    try:
-        r = await asyncio.to_thread(run, env, "--domain", str(DOMID), "--runtime-dir", str(blocker / "run"))
-        assert r.returncode == ExitCode.RUNTIME_DIR
-        assert verdict(r).startswith(f"xen-vhost-master: cannot create the runtime directory {blocker}/run: Not a directory")
-        assert r.stderr.count("\n") == 2  # the platform line, then the verdict
-    finally:
-        stop(sim)
+    r = await asyncio.to_thread(run, env, "--domain", str(DOMID), "--runtime-dir", str(blocker / "run"))
+    assert r.returncode == ExitCode.RUNTIME_DIR
+    assert verdict(r).startswith(f"xen-vhost-master: cannot create the runtime directory {blocker}/run: Not a directory")
+    assert r.stderr.count("\n") == 2  # the platform line, then the verdict
 
 
 def test_status_tells_permission_denied_from_no_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

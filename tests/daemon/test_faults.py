@@ -36,6 +36,7 @@ from vhost_user import AsyncFrontend, FrontendRequest
 from vhost_user.inflight import region_size
 from vhost_user.testing import RamDiskBlk, connected_pair
 from vhost_user.wire import Inflight
+from tests.daemon.mmio_driver import bring_up
 from tests.peers import programs
 from xen_vhost_master.config import DeviceConfig
 from xen_vhost_master.device import Device
@@ -118,25 +119,7 @@ async def _ready(fe):  # type: ignore[no-untyped-def]
 
 async def _bring_up(device: Device) -> None:
     """A driver's bring-up of queue 0 (64 entries) by register writes."""
-    async def w(reg: int, value: int) -> None:
-        result = device.mmio(reg, 4, True, value)
-        if result is not None:
-            await result
-
-    for value in (0, 1, 3):
-        await w(Reg.STATUS, value)
-    for sel, value in ((0, 0), (1, 1)):  # VERSION_1
-        await w(Reg.DRIVER_FEATURES_SEL, sel)
-        await w(Reg.DRIVER_FEATURES, value)
-    await w(Reg.STATUS, 11)
-    await w(Reg.QUEUE_SEL, 0)
-    await w(Reg.QUEUE_NUM, 64)
-    for reg, addr in ((Reg.QUEUE_DESC_LOW, RAM_BASE), (Reg.QUEUE_DRIVER_LOW, RAM_BASE + 0x1000),
-                      (Reg.QUEUE_DEVICE_LOW, RAM_BASE + 0x2000)):
-        await w(reg, addr)
-        await w(reg + 4, 0)
-    await w(Reg.QUEUE_READY, 1)
-    await w(Reg.STATUS, 15)
+    await bring_up(device, (RAM_BASE, RAM_BASE + 0x1000, RAM_BASE + 0x2000), 64)
 
 
 @contextlib.asynccontextmanager

@@ -51,6 +51,8 @@ from xen_vhost_master.log import device_logger
 from xen_vhost_master.virtio_mmio import Reg
 
 from tests.conftest import open_fds
+from tests.daemon import mmio_driver
+from tests.daemon.backends import serve_pair
 from tests.protocol.guestmem import GPA_BASE, Guest
 
 FUZZ_EXAMPLES = int(os.environ.get("HYPOTHESIS_FUZZ_EXAMPLES", "0"))
@@ -173,28 +175,11 @@ class HostileServer(BackendServer):
 
 
 async def write(device: Device, reg: int, value: int) -> None:
-    result = device.mmio(reg, 4, True, value)
-    if result is not None:
-        try:
-            await asyncio.wait_for(result, ACCESS_BOUND)  # type: ignore[arg-type]
-        except TimeoutError as e:
-            raise AssertionError(f"guest write of {value:#x} at {reg:#x} held its vCPU {ACCESS_BOUND} s") from e
+    await mmio_driver.write(device, reg, value, ACCESS_BOUND)
 
 
 async def bring_up(device: Device, rings: tuple[int, int, int], num: int) -> None:
-    for value in (0, 1, 3):
-        await write(device, Reg.STATUS, value)
-    for sel, value in ((0, 0), (1, 1)):  # VERSION_1
-        await write(device, Reg.DRIVER_FEATURES_SEL, sel)
-        await write(device, Reg.DRIVER_FEATURES, value)
-    await write(device, Reg.STATUS, 11)
-    await write(device, Reg.QUEUE_SEL, 0)
-    await write(device, Reg.QUEUE_NUM, num)
-    for reg, addr in zip((Reg.QUEUE_DESC_LOW, Reg.QUEUE_DRIVER_LOW, Reg.QUEUE_DEVICE_LOW), rings, strict=True):
-        await write(device, reg, addr)
-        await write(device, reg + 4, 0)
-    await write(device, Reg.QUEUE_READY, 1)
-    await write(device, Reg.STATUS, 15)
+    await mmio_driver.bring_up(device, rings, num, ACCESS_BOUND)
 
 
 class OtherDisk:
@@ -246,11 +231,9 @@ async def attack(plan: Plan, figures: dict[str, Any]) -> None:
     async def hostile_connect() -> AsyncFrontend:
         if len(servers) >= 20:  # the attacked back-end's unit gave up restarting
             raise BackendAbsent("hostile", "not restarted again")
-        a, b = FdSocket.pair()
-        server = HostileServer(b, plan, figures)
+        fe, server = serve_pair(lambda b: HostileServer(b, plan, figures), tasks, timeout=REQUEST_TIMEOUT)
         servers.append(server)
-        tasks.append(asyncio.get_running_loop().create_task(server.run()))
-        return AsyncFrontend(a, timeout=REQUEST_TIMEOUT)
+        return fe
 
     guest = Guest(size=1 << 20, queue_size=16)
     victim_ram = os.memfd_create("fuzz-victim-ram", os.MFD_CLOEXEC)

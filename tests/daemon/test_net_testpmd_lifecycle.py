@@ -25,16 +25,30 @@ from xen_vhost_master.log import device_logger
 from xen_vhost_master.datapath.zerocopy import sim_memfd_export
 from xen_vhost_master.xen.evtchn import EventChannel
 from xen_vhost_master.xen.privcmd import PrivCmd
-from xen_vhost_sim.guest import SimGuest
+from xen_vhost_sim.guest import SimControl, SimGuest
 from xen_vhost_sim.guest_devices import NetFeature, VirtioNet
 from xen_vhost_sim.guest_driver import GuestDriverError, GuestPageAllocator
 
-from tests.daemon.test_shadow_sim import ShadowDaemon
-from tests.peers.harness import TESTPMD_FORWARDING_LOG, PeerProcess
+from tests.daemon.test_shadow_sim import ShadowDaemon, shadow_guest
+from tests.peers.harness import TESTPMD_FORWARDING_LOG, PeerProcess, Peers
+
+# every test here: testpmd, bounded, on uvloop alone (testpmd burns a CPU: run each once)
+pytestmark = [pytest.mark.peer, pytest.mark.timeout(120), pytest.mark.asyncio(loop_factories=["uvloop"])]
 
 BASE, IRQ, TIMEOUT = 0x0200_0000, 35, 25.0
 FRAMES = 6
 RESETS = 2
+
+
+def start_testpmd_net(sim_control: SimControl, peers: Peers,
+                sim_dir: str) -> tuple[int, str, UnixListener, PeerProcess, DeviceConfig]:
+    """A 64 MiB domain and, for its net device (two queues, the daemon listening), testpmd
+    connecting as a client to the socket: (domid, socket path, listener, testpmd, config)."""
+    domid = sim_control.create_domain(mem_bytes=64 << 20)
+    sock = os.path.join(sim_dir, "net.sock")
+    listener = UnixListener(sock)
+    pmd, _ = peers.testpmd(sock=sock, client=True)
+    return domid, sock, listener, pmd, DeviceConfig(devid=0, device_id=1, base=BASE, irq=IRQ, listen=True, num_queues=2)
 
 
 def frame(n: int) -> bytes:
@@ -56,24 +70,16 @@ async def frames_come_back_once(net: VirtioNet, first: int, daemon: ShadowDaemon
         assert got == sent, f"frame {n - first}: another frame came back (a duplicate, or one of before the reset)"
 
 
-@pytest.mark.peer
-@pytest.mark.timeout(120)
-@pytest.mark.asyncio(loop_factories=["uvloop"])  # testpmd burns a CPU: run it once
 async def test_frames_flow_again_after_guest_driver_resets_on_the_shadow_path(
         sim_host, sim_control, kernel, peers, sim_dir):
     """Each DRIVER_OK after a reset hands testpmd the memory table again. DPDK compares only the
     regions' geometry and keeps its old mapping when it is unchanged ("memory regions not
     changed"): the shadow memory must be the same memfd for every start on one connection, or the
     back-end reads rings the daemon no longer writes and no frame comes back."""
-    domid = sim_control.create_domain(mem_bytes=64 << 20)
-    sock = os.path.join(sim_dir, "net.sock")
-    listener = UnixListener(sock)
-    pmd, _ = peers.testpmd(sock=sock, client=True)
-    cfg = DeviceConfig(devid=0, device_id=1, base=BASE, irq=IRQ, listen=True, num_queues=2)
+    domid, sock, listener, pmd, cfg = start_testpmd_net(sim_control, peers, sim_dir)
     daemon = ShadowDaemon(kernel, sim_control, domid, cfg, lambda: AsyncFrontend.accept(listener, accept_timeout=TIMEOUT))
-    guest = await SimGuest.connect(sim_host.path, domid)
-    alloc = GuestPageAllocator(guest.ram)
-    try:
+    async with shadow_guest(daemon, sim_host, domid, listener) as guest:
+        alloc = GuestPageAllocator(guest.ram)
         async with asyncio.timeout(TIMEOUT * (RESETS + 2)):
             await daemon.start()
             frontend = daemon.device.frontend
@@ -87,12 +93,6 @@ async def test_frames_flow_again_after_guest_driver_resets_on_the_shadow_path(
             assert daemon.device.frontend is frontend and not frontend.broken  # one connection throughout
             assert daemon.device.stats.starts == RESETS + 1
             assert daemon.errors == []
-    finally:
-        try:
-            guest.close()
-        finally:
-            await daemon.close()
-        listener.close()
 
 
 async def daemon_run(kernel, sim_control, guest: SimGuest, domid: int, listener: UnixListener, cfg: DeviceConfig,
@@ -132,19 +132,12 @@ async def daemon_run(kernel, sim_control, guest: SimGuest, domid: int, listener:
         privcmd.close()
 
 
-@pytest.mark.peer
-@pytest.mark.timeout(120)
-@pytest.mark.asyncio(loop_factories=["uvloop"])  # testpmd burns a CPU: run it once
 async def test_the_guest_reads_one_stable_mac_across_daemon_restarts_and_the_configured_one(
         sim_host, sim_control, kernel, peers, sim_dir):
     """testpmd offers no CONFIG: the guest's driver is offered MAC and STATUS and reads a MAC, link
     up and one queue pair from the daemon; the MAC is the same after the daemon is restarted (a new
     back-end connection), and is the one of the guest's configuration when it has ``mac=``."""
-    domid = sim_control.create_domain(mem_bytes=64 << 20)
-    sock = os.path.join(sim_dir, "net.sock")
-    listener = UnixListener(sock)
-    pmd, _ = peers.testpmd(sock=sock, client=True)
-    cfg = DeviceConfig(devid=0, device_id=1, base=BASE, irq=IRQ, listen=True, num_queues=2)
+    domid, sock, listener, pmd, cfg = start_testpmd_net(sim_control, peers, sim_dir)
     guest = await SimGuest.connect(sim_host.path, domid)
     try:
         async with asyncio.timeout(TIMEOUT * 4):
@@ -160,23 +153,15 @@ async def test_the_guest_reads_one_stable_mac_across_daemon_restarts_and_the_con
         listener.close()
 
 
-@pytest.mark.peer
-@pytest.mark.timeout(120)
-@pytest.mark.asyncio(loop_factories=["uvloop"])  # testpmd burns a CPU: run it once
 async def test_frames_flow_again_after_testpmd_restarts_then_the_guest_resets_on_the_shadow_path(
         sim_host, sim_control, kernel, peers, sim_dir):
     """A new testpmd (a new back-end connection) gets a memfd of its own and the running rings
     resume on it; the guest's driver then resets the device on that connection: the table is that
     connection's memfd again, and frames flow each time, exactly once."""
-    domid = sim_control.create_domain(mem_bytes=64 << 20)
-    sock = os.path.join(sim_dir, "net.sock")
-    listener = UnixListener(sock)
-    pmd, _ = peers.testpmd(sock=sock, client=True)
-    cfg = DeviceConfig(devid=0, device_id=1, base=BASE, irq=IRQ, listen=True, num_queues=2)
+    domid, sock, listener, pmd, cfg = start_testpmd_net(sim_control, peers, sim_dir)
     daemon = ShadowDaemon(kernel, sim_control, domid, cfg, lambda: AsyncFrontend.accept(listener, accept_timeout=TIMEOUT))
-    guest = await SimGuest.connect(sim_host.path, domid)
-    alloc = GuestPageAllocator(guest.ram)
-    try:
+    async with shadow_guest(daemon, sim_host, domid, listener) as guest:
+        alloc = GuestPageAllocator(guest.ram)
         async with asyncio.timeout(TIMEOUT * 4):
             await daemon.start()
             net = await VirtioNet.attach(guest, BASE, IRQ, alloc, queue_size=64, mmio_timeout=TIMEOUT)
@@ -198,9 +183,3 @@ async def test_frames_flow_again_after_testpmd_restarts_then_the_guest_resets_on
             await frames_come_back_once(net, 200, daemon, pmd)
             await net.close()
             assert daemon.device.stats.reconnects == 1 and daemon.errors == []
-    finally:
-        try:
-            guest.close()
-        finally:
-            await daemon.close()
-        listener.close()

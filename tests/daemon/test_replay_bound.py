@@ -25,6 +25,7 @@ import pytest
 from vhost_user import AsyncFrontend
 from vhost_user.aio import BackendServer, FdSocket
 from vhost_user.testing import RamDiskBlk
+from tests.daemon.backends import StandInBackends, serve_pair
 from tests.daemon.test_backend_flood import QSIZE, RAM_BASE, RAM_SIZE, Counting, Driver
 from tests.daemon.test_faults import TIMEOUT as STEP, TwoDisks, _tear_down
 from tests.peers import programs
@@ -64,35 +65,20 @@ class PoisonBlk(RamDiskBlk):
         return super().handle_request(chain, read_buffers, write_buffers)
 
 
-class Backends:
+class Backends(StandInBackends):
     """connect() for a Device: a fresh PoisonBlk over a socketpair on every call."""
 
     def __init__(self, stack: contextlib.AsyncExitStack) -> None:
-        self.stack = stack
+        super().__init__(stack)
         self.disks: list[PoisonBlk] = []
         self.runaway = asyncio.Event()
 
-    async def connect(self) -> AsyncFrontend:
-        a, b = FdSocket.pair()
-        disk = PoisonBlk(lambda: b.sock.shutdown(socket.SHUT_RDWR))
-        server = BackendServer(disk, b)
-        task = asyncio.get_running_loop().create_task(server.run())
-        fe = AsyncFrontend(a)
+    def make_server(self, sock: FdSocket) -> BackendServer:
+        disk = PoisonBlk(lambda: sock.sock.shutdown(socket.SHUT_RDWR))
         self.disks.append(disk)
         if len(self.disks) >= RUNAWAY:
             self.runaway.set()
-
-        async def stop() -> None:
-            await fe.close()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5):
-                    await asyncio.gather(task, return_exceptions=True)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            server.close()
-
-        self.stack.push_async_callback(stop)
-        return fe
+        return BackendServer(disk, sock)
 
 
 @contextlib.asynccontextmanager
@@ -290,15 +276,16 @@ async def test_a_backend_lost_right_after_every_reconnect_gets_growing_pauses_no
     logger.addHandler(handler)
     socks: list[FdSocket] = []
 
-    async def connect() -> AsyncFrontend:
-        a, b = FdSocket.pair()
+    def drop_after_config(b: FdSocket) -> BackendServer:
         socks.append(b)
-        server = BackendServer(DropAfterConfig(lambda: b.sock.shutdown(socket.SHUT_RDWR)), b)
-        tasks.append(asyncio.get_running_loop().create_task(server.run()))
+        return BackendServer(DropAfterConfig(lambda: b.sock.shutdown(socket.SHUT_RDWR)), b)
+
+    async def connect() -> AsyncFrontend:
+        fe, server = serve_pair(drop_after_config, tasks)
         servers.append(server)
         if len(servers) == 7:
             seventh.set()
-        return AsyncFrontend(a)
+        return fe
 
     seventh = asyncio.Event()
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import struct
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from tests.daemon.backends import serve_pair
+from tests.daemon.mmio_driver import bring_up, read, write
+from tests.daemon.test_faults import RAM_BASE, RAM_SIZE, ram_memfd  # noqa: F401  (fixture)
 from vhost_user import AsyncFrontend, FdSocket, FrontendRequest, RequestReceived
 from vhost_user.aio import BackendServer
 from vhost_user.testing import RamDiskBlk, connected_pair
@@ -31,7 +33,7 @@ from xen_vhost_master.log import device_logger
 from xen_vhost_master.virtio_mmio import Reg
 
 TIMEOUT = 20.0
-RAM_BASE, RAM_SIZE = 0x4000_0000, 1 << 20
+RINGS = (RAM_BASE, RAM_BASE + 0x1000, RAM_BASE + 0x2000)
 PREFIX = "dom1/blk0: "
 
 
@@ -60,13 +62,14 @@ async def backends(mode: str) -> AsyncIterator[tuple[Callable[[], object], list[
     servers: list[BackendServer] = []
     tasks: list[asyncio.Task[None]] = []
 
-    async def connect() -> AsyncFrontend:
-        a, b = FdSocket.pair()
+    def make_server(b: FdSocket) -> BackendServer:
         dev = RamDiskBlk(1 << 20)
-        server = MisbehavingServer(dev, b, mode=mode) if not servers else BackendServer(dev, b)
+        return MisbehavingServer(dev, b, mode=mode) if not servers else BackendServer(dev, b)
+
+    async def connect() -> AsyncFrontend:
+        fe, server = serve_pair(make_server, tasks)
         servers.append(server)
-        tasks.append(asyncio.get_running_loop().create_task(server.run()))
-        return AsyncFrontend(a)
+        return fe
 
     try:
         yield connect, servers
@@ -77,44 +80,6 @@ async def backends(mode: str) -> AsyncIterator[tuple[Callable[[], object], list[
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), TIMEOUT)
         for s in servers:
             s.close()
-
-
-async def write(device: Device, reg: int, value: int) -> None:
-    result = device.mmio(reg, 4, True, value)
-    if result is not None:
-        await result  # type: ignore[misc]
-
-
-def read(device: Device, reg: int) -> int:
-    result = device.mmio(reg, 4, False, 0)
-    assert isinstance(result, int)
-    return result
-
-
-async def bring_up(device: Device, rings: tuple[int, int, int] = (RAM_BASE, RAM_BASE + 0x1000, RAM_BASE + 0x2000),
-                   num: int = 64) -> None:
-    """A driver's bring-up of queue 0 by register writes."""
-    for value in (0, 1, 3):
-        await write(device, Reg.STATUS, value)
-    for sel, value in ((0, 0), (1, 1)):  # VERSION_1
-        await write(device, Reg.DRIVER_FEATURES_SEL, sel)
-        await write(device, Reg.DRIVER_FEATURES, value)
-    await write(device, Reg.STATUS, 11)
-    await write(device, Reg.QUEUE_SEL, 0)
-    await write(device, Reg.QUEUE_NUM, num)
-    for reg, addr in zip((Reg.QUEUE_DESC_LOW, Reg.QUEUE_DRIVER_LOW, Reg.QUEUE_DEVICE_LOW), rings, strict=True):
-        await write(device, reg, addr)
-        await write(device, reg + 4, 0)
-    await write(device, Reg.QUEUE_READY, 1)
-    await write(device, Reg.STATUS, 15)
-
-
-@pytest.fixture
-def ram_memfd():  # type: ignore[no-untyped-def]
-    fd = os.memfd_create("reset-test-ram", os.MFD_CLOEXEC)
-    os.ftruncate(fd, RAM_SIZE)
-    yield fd
-    os.close(fd)
 
 
 @pytest.mark.asyncio
@@ -131,7 +96,7 @@ async def test_reset_is_answered_while_the_backend_hangs_or_drops_and_the_next_b
                         log=device_logger("xvm.test.reset", 1, "blk0"))
         try:
             await device.start()
-            await bring_up(device)
+            await bring_up(device, RINGS, 64)
             assert device.stats.starts == 1
             bad = servers[0]
             assert isinstance(bad, MisbehavingServer)
@@ -147,7 +112,7 @@ async def test_reset_is_answered_while_the_backend_hangs_or_drops_and_the_next_b
             await reset
             assert order == ["reset answered", "back-end released"]
             assert read(device, Reg.STATUS) == 0
-            await bring_up(device)  # waits for the stop, then for the new connection
+            await bring_up(device, RINGS, 64)  # waits for the stop, then for the new connection
             if device.reconnecting is not None:
                 await device.reconnecting
             assert device.model is not None and device.model.active
@@ -233,10 +198,9 @@ async def test_negotiation_as_a_whole_is_bounded_and_leaves_nothing_open(no_fd_l
     servers: list[BackendServer] = []
 
     async def connect() -> AsyncFrontend:
-        a, b = FdSocket.pair()
-        servers.append(SlowServer(RamDiskBlk(1 << 20), b))
-        tasks.append(asyncio.get_running_loop().create_task(servers[-1].run()))
-        return AsyncFrontend(a)
+        fe, server = serve_pair(lambda b: SlowServer(RamDiskBlk(1 << 20), b), tasks)
+        servers.append(server)
+        return fe
 
     device = Device(DeviceConfig(devid=0, device_id=2, base=0x2000000, irq=33, queue_size=64, num_queues=1),
                     connect=connect, memory=FdExport([FdRegion(RAM_BASE, RAM_SIZE, ram_memfd)]),

@@ -44,7 +44,9 @@ from tests.daemon.test_waiting_backend import (
 )
 from xen_vhost_master import device as device_module
 from xen_vhost_master.errors import ExitCode
+from xen_vhost_master.platform import Platform
 from xen_vhost_master.supervisor import Options
+from xen_vhost_sim.guest import SimControl
 from xen_vhost_sim.guest_devices import VirtioBlk
 from xen_vhost_sim.guest_driver import GuestPageAllocator
 
@@ -91,12 +93,13 @@ async def test_a_runtime_directory_another_user_owns_or_may_write_is_refused_wit
     """The program, as the unit runs it: one line naming the directory and why, exit 74 (a
     permanent code: RestartPreventExitStatus=), and nothing written there: a link planted as
     state.json.tmp towards a root-owned file is not followed."""
+    from tests.daemon.test_daemon_cli import daemon_env
+
     _sim, sim_path = start_sim(sim_dir)
     run = runtime(tmp_path, mode, NOBODY if owner == "nobody" else None)
     target = victim(tmp_path)
     os.symlink(target, run / "state.json.tmp")
-    env = dict(os.environ, XEN_VHOST_SIM=sim_path)
-    env.pop("JOURNAL_STREAM", None)
+    env = daemon_env(sim_path)
     r = await asyncio.to_thread(subprocess.run, [str(BIN / "xen-vhost-master"), "--domid", str(DOMID), "--runtime-dir",
                                                  str(run)], env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == ExitCode.RUNTIME_DIR, r.stderr
@@ -195,9 +198,12 @@ async def serving_with_io(daemon: Daemon, sim_host: Any, backend: Backend, run: 
                 await asyncio.wait_for(blk.close(), TIMEOUT)
 
 
-@pytest.mark.asyncio
-async def test_sigterm_closes_every_fd_and_removes_every_file(no_fd_leak, platform, sim_host, sim_control, sim_dir,
-                                                             tmp_path):
+@contextlib.asynccontextmanager
+async def daemon_serving_with_io(platform: Platform, sim_host: Any, sim_control: SimControl, sim_dir: str,
+                                 tmp_path: Path) -> AsyncIterator[tuple[Daemon, Path]]:
+    """The guest's one disk, its back-end a RAM disk, served by a daemon in this loop with its
+    driver doing I/O (serving_with_io); yields the daemon and its runtime directory. However the
+    body ends, a daemon still running is stopped, then the back-end."""
     guest_domain(sim_control)
     run = runtime(tmp_path)
     backend = Backend(os.path.join(sim_dir, "0.sock"))
@@ -205,12 +211,19 @@ async def test_sigterm_closes_every_fd_and_removes_every_file(no_fd_leak, platfo
     daemon = Daemon(platform, options(sim_dir, run))
     try:
         async with serving_with_io(daemon, sim_host, backend, run):
-            assert await daemon.stop() == 0
-            assert os.listdir(run) == []
+            yield daemon, run
     finally:
         if daemon.task is not None and not daemon.task.done():
             await daemon.stop()
         await backend.stop()
+
+
+@pytest.mark.asyncio
+async def test_sigterm_closes_every_fd_and_removes_every_file(no_fd_leak, platform, sim_host, sim_control, sim_dir,
+                                                             tmp_path):
+    async with daemon_serving_with_io(platform, sim_host, sim_control, sim_dir, tmp_path) as (daemon, run):
+        assert await daemon.stop() == 0
+        assert os.listdir(run) == []
 
 
 @pytest.mark.asyncio
@@ -218,21 +231,11 @@ async def test_a_domain_destroyed_without_the_toolstack_handshake_leaves_no_fd_a
         no_fd_leak, platform, sim_host, sim_control, sim_dir, tmp_path):
     """``destroy_domain``: the domain and its xenstore directories vanish at once (no `xl destroy`
     waiting for our Closed): the daemon exits 0 and leaves nothing."""
-    guest_domain(sim_control)
-    run = runtime(tmp_path)
-    backend = Backend(os.path.join(sim_dir, "0.sock"))
-    await backend.start()
-    daemon = Daemon(platform, options(sim_dir, run))
-    try:
-        async with serving_with_io(daemon, sim_host, backend, run):
-            await asyncio.get_running_loop().run_in_executor(None, sim_control.destroy_domain, DOMID)
-            assert daemon.task is not None
-            assert await asyncio.wait_for(daemon.task, TIMEOUT) == 0
-            assert os.listdir(run) == []
-    finally:
-        if daemon.task is not None and not daemon.task.done():
-            await daemon.stop()
-        await backend.stop()
+    async with daemon_serving_with_io(platform, sim_host, sim_control, sim_dir, tmp_path) as (daemon, run):
+        await asyncio.get_running_loop().run_in_executor(None, sim_control.destroy_domain, DOMID)
+        assert daemon.task is not None
+        assert await asyncio.wait_for(daemon.task, TIMEOUT) == 0
+        assert os.listdir(run) == []
 
 
 @pytest.mark.asyncio
@@ -254,27 +257,17 @@ async def test_a_device_removal_the_domains_end_interrupts_is_finished_by_the_te
         await real_close(self, stop_timeout)
 
     monkeypatch.setattr(Device, "close", first_close_held)
-    guest_domain(sim_control)
-    run = runtime(tmp_path)
-    backend = Backend(os.path.join(sim_dir, "0.sock"))
-    await backend.start()
     loop = asyncio.get_running_loop()
     with logwatch() as log:
-        daemon = Daemon(platform, options(sim_dir, run))
-        try:
-            async with serving_with_io(daemon, sim_host, backend, run):
-                await loop.run_in_executor(None, lambda: sim_control.remove_virtio_device(
-                    DOMID, device_id=2, base=BASES[0], irq=IRQS[0], devid=0))
-                await log.wait_for(lambda line: line == f"dom{DOMID}: device 0 removed from xenstore: tearing it down")
-                await loop.run_in_executor(None, sim_control.destroy_domain, DOMID)
-                assert daemon.task is not None
-                assert await asyncio.wait_for(daemon.task, TIMEOUT) == 0
-                assert held  # the removal was under way when the run ended
-                assert os.listdir(run) == []
-        finally:
-            if daemon.task is not None and not daemon.task.done():
-                await daemon.stop()
-            await backend.stop()
+        async with daemon_serving_with_io(platform, sim_host, sim_control, sim_dir, tmp_path) as (daemon, run):
+            await loop.run_in_executor(None, lambda: sim_control.remove_virtio_device(
+                DOMID, device_id=2, base=BASES[0], irq=IRQS[0], devid=0))
+            await log.wait_for(lambda line: line == f"dom{DOMID}: device 0 removed from xenstore: tearing it down")
+            await loop.run_in_executor(None, sim_control.destroy_domain, DOMID)
+            assert daemon.task is not None
+            assert await asyncio.wait_for(daemon.task, TIMEOUT) == 0
+            assert held  # the removal was under way when the run ended
+            assert os.listdir(run) == []
 
 
 @pytest.mark.asyncio
@@ -291,21 +284,11 @@ async def test_sigterm_with_a_backend_that_never_answers_the_stop_still_releases
         await asyncio.Event().wait()
         return 0
 
-    guest_domain(sim_control)
-    run = runtime(tmp_path)
-    backend = Backend(os.path.join(sim_dir, "0.sock"))
-    await backend.start()
-    daemon = Daemon(platform, options(sim_dir, run))
-    try:
-        async with serving_with_io(daemon, sim_host, backend, run):
-            monkeypatch.setattr(AsyncFrontend, "stop_vring", never_answers)
-            monkeypatch.setattr(supervisor, "STEP_TIMEOUT", 0.5)
-            assert await daemon.stop() == 0
-            assert os.listdir(run) == []
-    finally:
-        if daemon.task is not None and not daemon.task.done():
-            await daemon.stop()
-        await backend.stop()
+    async with daemon_serving_with_io(platform, sim_host, sim_control, sim_dir, tmp_path) as (daemon, run):
+        monkeypatch.setattr(AsyncFrontend, "stop_vring", never_answers)
+        monkeypatch.setattr(supervisor, "STEP_TIMEOUT", 0.5)
+        assert await daemon.stop() == 0
+        assert os.listdir(run) == []
 
 
 @pytest.mark.asyncio
@@ -322,21 +305,11 @@ async def test_a_fatal_error_while_serving_leaves_no_fd_and_no_file(
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(Supervisor, "_watch_devices", watch_fails)
-    guest_domain(sim_control)
-    run = runtime(tmp_path)
-    backend = Backend(os.path.join(sim_dir, "0.sock"))
-    await backend.start()
-    daemon = Daemon(platform, options(sim_dir, run))
-    try:
-        async with serving_with_io(daemon, sim_host, backend, run):
-            failing.set()
-            assert daemon.task is not None
-            assert await asyncio.wait_for(daemon.task, TIMEOUT) == ExitCode.TEMPFAIL
-            assert os.listdir(run) == []
-    finally:
-        if daemon.task is not None and not daemon.task.done():
-            await daemon.stop()
-        await backend.stop()
+    async with daemon_serving_with_io(platform, sim_host, sim_control, sim_dir, tmp_path) as (daemon, run):
+        failing.set()
+        assert daemon.task is not None
+        assert await asyncio.wait_for(daemon.task, TIMEOUT) == ExitCode.TEMPFAIL
+        assert os.listdir(run) == []
 
 
 @pytest.mark.asyncio
@@ -397,7 +370,7 @@ async def test_a_crash_leaves_the_records_for_the_successor_and_its_clean_stop_r
         start_sim, sim_dir, tmp_path):
     """SIGKILL: state.json and the in-flight record stay (RuntimeDirectoryPreserve=restart keeps
     them for the next instance, which adopts the guest); that one's SIGTERM removes them."""
-    from tests.daemon.test_daemon_cli import DaemonLog
+    from tests.daemon.test_daemon_cli import DaemonLog, daemon_env
 
     _sim, sim_path = start_sim(sim_dir)
     run = runtime(tmp_path)
@@ -405,8 +378,7 @@ async def test_a_crash_leaves_the_records_for_the_successor_and_its_clean_stop_r
     blk = subprocess.Popen([sys.executable, "-m", "vhost_user.testing.blk", "--socket", sock, "--size", "8M"],
                            stderr=subprocess.DEVNULL)
     cmd = [str(BIN / "xen-vhost-master"), "--domid", str(DOMID), "--runtime-dir", str(run)]
-    env = dict(os.environ, XEN_VHOST_SIM=sim_path)
-    env.pop("JOURNAL_STREAM", None)
+    env = daemon_env(sim_path)
     daemons: list[subprocess.Popen[bytes]] = []
     try:
         daemons.append(subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE))

@@ -9,12 +9,14 @@ virtiofsd (FUSE INIT / LOOKUP / GETATTR / READ about a real directory).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import random
 import stat
 import struct
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -28,6 +30,7 @@ from xen_vhost_master.datapath.shadow import ShadowDataPath
 from xen_vhost_master.datapath.shadow_pool import SHADOW_BASE
 from xen_vhost_master.virtio_mmio import IrqLevel
 from xen_vhost_sim.guest import SimGuest
+from xen_vhost_sim.host import SimHost
 from xen_vhost_sim.guest_devices import BlkFeature, BlkOp, VirtioBlk
 from xen_vhost_sim.guest_driver import Feature, GuestDriverError, GuestPageAllocator
 from xen_vhost_master.xen.evtchn import EventChannel
@@ -80,6 +83,25 @@ class ShadowDaemon:
         self.privcmd.close()
 
 
+@contextlib.asynccontextmanager
+async def shadow_guest(daemon: ShadowDaemon, sim_host: SimHost, domid: int,
+                       listener: UnixListener | None = None) -> AsyncIterator[SimGuest]:
+    """The guest of ``daemon``'s domain, connected; however the body ends the guest is closed, then
+    the daemon, then ``listener`` (the back-end's, when the daemon listens)."""
+    guest = await SimGuest.connect(sim_host.path, domid)
+    try:
+        yield guest
+    finally:
+        try:
+            try:
+                guest.close()
+            finally:
+                await daemon.close()
+        finally:
+            if listener is not None:
+                listener.close()
+
+
 def regions_are_shadow_only(daemon: ShadowDaemon) -> None:
     region = daemon.shadow.shadow.region()  # (regions() itself is once per back-end connection)
     assert region.guest_phys_addr == SHADOW_BASE and region.memory_size == daemon.shadow.shadow.size
@@ -116,8 +138,7 @@ async def test_qsd_4mib_random_write_read_back_at_qd_1_8_32_and_mixed(no_fd_leak
     domid = sim_control.create_domain(mem_bytes=64 << 20)
     cfg = DeviceConfig(devid=0, device_id=2, base=BASE, irq=IRQ, socket=str(qsd.sock))
     daemon = ShadowDaemon(kernel, sim_control, domid, cfg, lambda: AsyncFrontend.connect(str(qsd.sock)))
-    guest = await SimGuest.connect(sim_host.path, domid)
-    try:
+    async with shadow_guest(daemon, sim_host, domid) as guest:
         await daemon.start()
         regions_are_shadow_only(daemon)
         features = VirtioBlk.DEFAULT_FEATURES | Feature.RING_EVENT_IDX
@@ -155,11 +176,6 @@ async def test_qsd_4mib_random_write_read_back_at_qd_1_8_32_and_mixed(no_fd_leak
         assert st.kicks < st.chains  # one kick per batch
         assert daemon.errors == [] and daemon.shadow.pool.used_pages == 0
         await blk.close()
-    finally:
-        try:
-            guest.close()
-        finally:
-            await daemon.close()
 
 
 def frame(n: int) -> bytes:
@@ -178,8 +194,7 @@ async def test_testpmd_frames_out_and_back_through_the_shadow_path(sim_host, sim
     pmd, _ = peers.testpmd(sock=sock, client=True)
     cfg = DeviceConfig(devid=0, device_id=1, base=BASE, irq=IRQ + 1, listen=True, num_queues=2)
     daemon = ShadowDaemon(kernel, sim_control, domid, cfg, lambda: AsyncFrontend.accept(listener, accept_timeout=TIMEOUT))
-    guest = await SimGuest.connect(sim_host.path, domid)
-    try:
+    async with shadow_guest(daemon, sim_host, domid, listener) as guest:
         async with asyncio.timeout(TIMEOUT):
             await daemon.start()
             regions_are_shadow_only(daemon)
@@ -202,12 +217,6 @@ async def test_testpmd_frames_out_and_back_through_the_shadow_path(sim_host, sim
             assert rx.completed >= 16 and rx.bytes_out == sum(12 + len(f) for f in sent[: rx.completed])
             assert daemon.errors == []
             await net.close()
-    finally:
-        try:
-            guest.close()
-        finally:
-            await daemon.close()
-        listener.close()
 
 
 # --- virtio-fs: a tiny FUSE client (include/uapi/linux/fuse.h, protocol 7.31) ---------------------
@@ -270,8 +279,7 @@ async def test_virtiofsd_answers_fuse_init_lookup_getattr_read_about_a_real_dire
     domid = sim_control.create_domain(mem_bytes=64 << 20)
     cfg = DeviceConfig(devid=0, device_id=VIRTIO_ID_FS, base=BASE, irq=IRQ, socket=str(sock), num_queues=2)
     daemon = ShadowDaemon(kernel, sim_control, domid, cfg, lambda: AsyncFrontend.connect(str(sock)))
-    guest = await SimGuest.connect(sim_host.path, domid)
-    try:
+    async with shadow_guest(daemon, sim_host, domid) as guest:
         async with asyncio.timeout(TIMEOUT):
             await daemon.start()
             regions_are_shadow_only(daemon)
@@ -316,11 +324,6 @@ async def test_virtiofsd_answers_fuse_init_lookup_getattr_read_about_a_real_dire
             st1 = daemon.shadow.stats(1)
             assert st1.completed == 7 and daemon.shadow.stats(0).chains == 0 and daemon.errors == []
             await driver.close()
-    finally:
-        try:
-            guest.close()
-        finally:
-            await daemon.close()
 
 
 @pytest.mark.peer
@@ -337,8 +340,7 @@ async def test_qsd_killed_under_io_in_flight_chains_are_resubmitted_not_lost(sim
     domid = sim_control.create_domain(mem_bytes=64 << 20)
     cfg = DeviceConfig(devid=0, device_id=2, base=BASE, irq=IRQ, socket=str(link))
     daemon = ShadowDaemon(kernel, sim_control, domid, cfg, lambda: AsyncFrontend.connect(str(link)))
-    guest = await SimGuest.connect(sim_host.path, domid)
-    try:
+    async with shadow_guest(daemon, sim_host, domid) as guest:
         await daemon.start()
         blk = await asyncio.wait_for(VirtioBlk.attach(guest, BASE, IRQ, GuestPageAllocator(guest.ram)), TIMEOUT)
         rng = random.Random(11)
@@ -378,11 +380,6 @@ async def test_qsd_killed_under_io_in_flight_chains_are_resubmitted_not_lost(sim
                 assert f.read(4096) == data
         assert daemon.errors == [] and daemon.shadow.inflight(0) == 0
         await blk.close()
-    finally:
-        try:
-            guest.close()
-        finally:
-            await daemon.close()
 
 
 @pytest.mark.peer
@@ -397,8 +394,7 @@ async def test_hostile_chain_needs_reset_then_the_driver_recovers_on_the_same_ba
     domid = sim_control.create_domain(mem_bytes=64 << 20)
     cfg = DeviceConfig(devid=0, device_id=2, base=BASE, irq=IRQ, socket=str(qsd.sock))
     daemon = ShadowDaemon(kernel, sim_control, domid, cfg, lambda: AsyncFrontend.connect(str(qsd.sock)), needs_reset=True)
-    guest = await SimGuest.connect(sim_host.path, domid)
-    try:
+    async with shadow_guest(daemon, sim_host, domid) as guest:
         await daemon.start()
         frontend = daemon.device.frontend
         alloc = GuestPageAllocator(guest.ram)
@@ -423,11 +419,6 @@ async def test_hostile_chain_needs_reset_then_the_driver_recovers_on_the_same_ba
         assert await asyncio.wait_for(blk.read(0, 8), TIMEOUT) == b"\x5a" * 4096
         assert daemon.device.frontend is frontend and not frontend.broken
         await blk.close()
-    finally:
-        try:
-            guest.close()
-        finally:
-            await daemon.close()
 
 
 @pytest.mark.peer
@@ -442,8 +433,7 @@ async def test_two_queues_and_driver_resets_through_the_shadow_path(sim_host, si
     domid = sim_control.create_domain(mem_bytes=64 << 20, vcpus=2)
     cfg = DeviceConfig(devid=0, device_id=2, base=BASE, irq=IRQ, socket=str(qsd.sock))
     daemon = ShadowDaemon(kernel, sim_control, domid, cfg, lambda: AsyncFrontend.connect(str(qsd.sock)))
-    guest = await SimGuest.connect(sim_host.path, domid)
-    try:
+    async with shadow_guest(daemon, sim_host, domid) as guest:
         await daemon.start()
         frontend = daemon.device.frontend
         alloc = GuestPageAllocator(guest.ram)
@@ -465,8 +455,3 @@ async def test_two_queues_and_driver_resets_through_the_shadow_path(sim_host, si
             assert daemon.shadow.stats(0) is None and daemon.shadow.pool.used_pages == 0  # closed
             assert daemon.device.frontend is frontend and not frontend.broken
         assert daemon.errors == []
-    finally:
-        try:
-            guest.close()
-        finally:
-            await daemon.close()

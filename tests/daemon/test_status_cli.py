@@ -20,7 +20,6 @@ import errno
 import json
 import os
 import re
-import select
 import signal
 import socket
 import subprocess
@@ -32,6 +31,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
 
 from tests.daemon.test_daemon_cli import BIN, TIMEOUT, DaemonLog, io_check, stop
+from tests.sim.simproc import start_sim_process
 from xen_vhost_master import __version__, cli, metrics
 from xen_vhost_master.errors import ExitCode
 from xen_vhost_master.status import COLUMNS, STATUS_SCHEMA, driver_status_names, status_error
@@ -50,23 +50,11 @@ MALFORMED_DEVID = 5
 def _start_sim(sim_dir: str) -> tuple[subprocess.Popen[bytes], str]:
     """``xen-vhost-sim`` with both guests, each with one virtio disk at BASE in xenstore."""
     path = os.path.join(sim_dir, "xen.sock")
-    r, w = os.pipe()
-    argv = [str(BIN / "xen-vhost-sim"), "--socket", path, "--ready-fd", str(w)]
+    argv = [str(BIN / "xen-vhost-sim"), "--socket", path]
     for domid, name in (WEB, DB):
         argv += ["--domain", f"domid={domid},mem=64M,vcpus=1,name={name}",
                  "--virtio", f"domid={domid},device_id=2,base={BASE:#x},irq={IRQ},devid=0"]
-    try:
-        proc = subprocess.Popen(argv, pass_fds=(w,))
-    finally:
-        os.close(w)
-    try:
-        ready = select.select([r], [], [], TIMEOUT)[0]
-    finally:
-        os.close(r)
-    if not ready:
-        stop(proc)
-        raise AssertionError("xen-vhost-sim did not start")
-    return proc, path
+    return start_sim_process(argv, TIMEOUT), path
 
 
 async def _logged(log: DaemonLog, text: str) -> None:

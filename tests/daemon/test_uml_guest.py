@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.peers.harness import Peers, UmlRun
+from tests.sim.simproc import stop_process
 from vhost_user.aio.transport import UnixListener
 from xen_vhost_sim.guest import SimControl
 from xen_vhost_sim.host import SimHost
@@ -208,12 +209,7 @@ async def test_uml_grant_guest_blk_through_the_bridge_in_grant_mode(
             sim_host.path, sock, tmp_path, extra=",grants=1", memory="auto")
     finally:
         if backend_proc is not None:
-            backend_proc.terminate()
-            try:
-                backend_proc.wait(STEP)
-            except subprocess.TimeoutExpired:
-                backend_proc.kill()
-                backend_proc.wait()
+            stop_process(backend_proc, STEP)
 
     daemon_log = (tmp_path / "daemon.log").read_text()
     tail = run.process.log_tail(60) + "\n" + daemon_log[-3000:]

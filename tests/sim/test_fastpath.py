@@ -12,8 +12,6 @@ import asyncio
 import ctypes
 import errno
 import os
-import select
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from dataclasses import dataclass
 import pytest
 import pytest_asyncio
 
+from tests.sim.simproc import start_sim_process, stop_process
 from xen_vhost_master.errors import XenError
 from xen_vhost_sim.guest import SimControl, SimGuest
 from xen_vhost_sim.host import SimHost
@@ -347,25 +346,13 @@ async def test_restricted_fd_is_eperm_for_other_domains(no_fd_leak: None, rig: R
 def sim_process(sim_dir: str) -> Iterator[str]:
     """``xen-vhost-sim --privcmd-eventfd=on`` as its own process: the eventfds cross a process boundary."""
     path = os.path.join(sim_dir, "xen.sock")
-    r, w = os.pipe()
-    proc = subprocess.Popen(
+    proc = start_sim_process(
         [sys.executable, "-m", "xen_vhost_sim.cli", "--socket", path, "--privcmd-eventfd", "on",
-         "--domain", "domid=3,mem=32M,vcpus=1", "--ready-fd", str(w)],
-        pass_fds=(w,),
-    )
-    os.close(w)
+         "--domain", "domid=3,mem=32M,vcpus=1"], T * 2)
     try:
-        ready = select.select([r], [], [], T * 2)[0]
-        assert ready and os.read(r, 16) == b"ready\n", "xen-vhost-sim did not start"
         yield path
     finally:
-        os.close(r)
-        proc.terminate()
-        try:
-            proc.wait(T)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, T)
     assert proc.returncode == 0
 
 

@@ -13,9 +13,8 @@ import signal
 
 import pytest
 
-from tests.sim.test_vcpu_channel import BASE, DOMID, TIMEOUT, Dm, sim_process  # noqa: F401  (fixture)
+from tests.sim.test_vcpu_channel import BASE, DOMID, TIMEOUT, Dm, dm_and_guest, sim_process  # noqa: F401  (fixture)
 from xen_vhost_sim.guest import SimGuest
-from xen_vhost_sim.simkernel import SimKernel
 
 IRQ = 40
 ACK = BASE + 0x64  # virtio-mmio InterruptACK
@@ -28,35 +27,17 @@ async def sent(guest: SimGuest) -> None:
         await asyncio.sleep(0)
 
 
-async def serve(dm: Dm, value: int, before_complete: object = None) -> None:
-    """One access, served as the daemon does: ``before_complete`` (the line change an InterruptACK
-    makes) runs before the response is written and the guest notified."""
-    fired = await asyncio.wait_for(dm.ev.wait(), TIMEOUT)
-    dm.ev.unmask(*fired)
-    for port in fired:
-        vcpu = dm.ports.index(port)
-        req = dm.page.take(vcpu)
-        if req is None:
-            continue
-        if callable(before_complete):
-            before_complete()
-        dm.page.complete(vcpu, None if req.is_write else value)
-        dm.ev.notify(port)
-
-
 async def round_trip(guest: SimGuest, dm: Dm) -> None:
     """One MMIO read served: the guest's loop has run everything ready before it returns."""
     read = asyncio.ensure_future(guest.mmio_read(BASE, 4))
-    await serve(dm, 0x74726976)
+    await dm.serve_one(0x74726976)
     assert await asyncio.wait_for(read, TIMEOUT) == 0x74726976
 
 
 @pytest.mark.asyncio
 async def test_interrupt_lines_flow_while_the_simulated_host_is_stopped(sim_process: tuple[str, int]) -> None:
     path, pid = sim_process
-    dm = Dm(SimKernel(path), DOMID)
-    guest = await SimGuest.connect(path, DOMID)
-    try:
+    async with dm_and_guest(path) as (dm, guest):
         await dm.drain()
         await round_trip(guest, dm)  # the vCPU's own route is set up
         dm.dm.set_irq_level(IRQ, 1)  # the first change goes through the host, which hands over the line
@@ -78,23 +59,18 @@ async def test_interrupt_lines_flow_while_the_simulated_host_is_stopped(sim_proc
                 assert guest.irq_level(IRQ)
                 await asyncio.wait_for(guest.wait_irq(IRQ), TIMEOUT)  # still high: at once
                 ack = asyncio.ensure_future(guest.mmio_write(ACK, 4, 1))
-                await serve(dm, 0, lambda: dm.dm.set_irq_level(IRQ, 0))
+                await dm.serve_one(0, lambda: dm.dm.set_irq_level(IRQ, 0))
                 await asyncio.wait_for(ack, TIMEOUT)
                 assert not guest.irq_level(IRQ)  # the ack's deassert came before its completion
         finally:
             os.kill(pid, signal.SIGCONT)
         assert not guest.irq_level(IRQ)
-    finally:
-        guest.close()
-        dm.close()
 
 
 @pytest.mark.asyncio
 async def test_the_hosts_path_sees_lines_the_device_model_changed_itself(sim_process: tuple[str, int]) -> None:
     path, _pid = sim_process
-    dm = Dm(SimKernel(path), DOMID)
-    via_host = await SimGuest.connect(path, DOMID, vcpu_channel=False)
-    try:
+    async with dm_and_guest(path, vcpu_channel=False) as (dm, via_host):
         dm.dm.set_irq_level(IRQ, 1)
         dm.dm.set_irq_level(IRQ, 0)  # from here on the device model writes the line itself
         assert not via_host.irq_level(IRQ)
@@ -106,17 +82,12 @@ async def test_the_hosts_path_sees_lines_the_device_model_changed_itself(sim_pro
         dm.dm.set_irq_level(IRQ, 1)
         await asyncio.wait_for(waiter, TIMEOUT)
         assert via_host.irq_level(IRQ)
-    finally:
-        via_host.close()
-        dm.close()
 
 
 @pytest.mark.asyncio
 async def test_a_handed_over_line_keeps_the_dm_op_checks(sim_process: tuple[str, int]) -> None:
     path, _pid = sim_process
-    dm = Dm(SimKernel(path), DOMID)
-    guest = await SimGuest.connect(path, DOMID)
-    try:
+    async with dm_and_guest(path) as (dm, guest):
         dm.dm.set_irq_level(IRQ, 1)
         dm.dm.set_irq_level(IRQ, 0)
         for irq, level in ((31, 1), (96, 1), (IRQ, 2)):  # not an SPI of the vGIC, not a level
@@ -129,6 +100,3 @@ async def test_a_handed_over_line_keeps_the_dm_op_checks(sim_process: tuple[str,
             dm.dm.set_irq_level(IRQ, 1)
         assert exc.value.errno == errno.EPERM
         assert not guest.irq_level(IRQ)
-    finally:
-        guest.close()
-        dm.close()

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import select
-import shutil
 import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.sim.simproc import sim_command, start_sim_process, stop_process
 from xen_vhost_sim.guest import SimControl, SimGuest
 
 TIMEOUT = 10.0
@@ -26,28 +24,14 @@ CLIENT = str(Path(__file__).with_name("dm_client.py"))
 @pytest.fixture
 def sim_process(sim_dir: str) -> Iterator[str]:
     path = os.path.join(sim_dir, "xen.sock")
-    exe = shutil.which("xen-vhost-sim", path=os.path.dirname(sys.executable))
-    cmd = [exe] if exe else [sys.executable, "-m", "xen_vhost_sim.cli"]
-    r, w = os.pipe()
-    proc = subprocess.Popen(
-        [*cmd, "--socket", path, "--domain", f"domid={DOMID},mem=64M,vcpus=2,name=sim-guest",
+    proc = start_sim_process(
+        [*sim_command(), "--socket", path, "--domain", f"domid={DOMID},mem=64M,vcpus=2,name=sim-guest",
          "--virtio", f"domid={DOMID},device_id=2,base={BASE:#x},irq=33",
-         "--xenstore-socket", os.path.join(sim_dir, "xenstored.sock"), "--ready-fd", str(w)],
-        pass_fds=(w,),
-    )
-    os.close(w)
+         "--xenstore-socket", os.path.join(sim_dir, "xenstored.sock")], TIMEOUT)
     try:
-        ready = select.select([r], [], [], TIMEOUT)[0]
-        assert ready and os.read(r, 16) == b"ready\n", "xen-vhost-sim did not start"
         yield path
     finally:
-        os.close(r)
-        proc.terminate()
-        try:
-            proc.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, TIMEOUT)
     assert proc.returncode == 0
 
 

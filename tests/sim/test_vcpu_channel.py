@@ -5,16 +5,14 @@ server and domain destruction)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import select
-import shutil
 import signal
-import subprocess
-import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
+from tests.sim.simproc import sim_command, start_sim_process, stop_process
 from xen_vhost_sim.guest import SimControl, SimGuest
 from xen_vhost_sim.host import SimHost
 from xen_vhost_sim.simkernel import SimKernel
@@ -51,7 +49,9 @@ class Dm:
             got.update(fired)
             self.ev.unmask(*fired)
 
-    async def serve_one(self, value: int) -> None:
+    async def serve_one(self, value: int, before_complete: Callable[[], object] | None = None) -> None:
+        """One access served as the daemon does: ``before_complete`` (the line change an
+        InterruptACK makes) runs before the response is written and the guest notified."""
         fired = await asyncio.wait_for(self.ev.wait(), TIMEOUT)
         self.ev.unmask(*fired)
         for port in fired:
@@ -61,6 +61,8 @@ class Dm:
             if req is None:
                 continue
             self.states.append(self.page.state(vcpu))
+            if before_complete is not None:
+                before_complete()
             self.page.complete(vcpu, None if req.is_write else value)
             self.states.append(self.page.state(vcpu))
             self.ev.notify(port)
@@ -71,38 +73,52 @@ class Dm:
         self.pc.close()
 
 
+@contextlib.asynccontextmanager
+async def dm_and_guest(path: str, **connect: bool) -> AsyncIterator[tuple[Dm, SimGuest]]:
+    """A device model for domain DOMID of the host at ``path``, then its guest connected
+    (``connect``: SimGuest.connect's options); both closed however the body ends."""
+    dm = Dm(SimKernel(path), DOMID)
+    try:
+        guest = await SimGuest.connect(path, DOMID, **connect)
+        try:
+            yield dm, guest
+        finally:
+            guest.close()
+    finally:
+        dm.close()
+
+
+@contextlib.asynccontextmanager
+async def guest_and_dm(sim_host: SimHost, sim_control: SimControl,
+                       kernel: SimKernel) -> AsyncIterator[tuple[int, SimGuest, Dm]]:
+    """A new 16 MiB domain, its guest connected and a device model serving its window; both
+    closed however the body ends."""
+    domid = sim_control.create_domain(mem_bytes=16 << 20)
+    guest = await SimGuest.connect(sim_host.path, domid)
+    dm = Dm(kernel, domid)
+    try:
+        yield domid, guest, dm
+    finally:
+        guest.close()
+        dm.close()
+
+
 @pytest.fixture
 def sim_process(sim_dir: str) -> Iterator[tuple[str, int]]:
     path = os.path.join(sim_dir, "xen.sock")
-    exe = shutil.which("xen-vhost-sim", path=os.path.dirname(sys.executable))
-    cmd = [exe] if exe else [sys.executable, "-m", "xen_vhost_sim.cli"]
-    r, w = os.pipe()
-    proc = subprocess.Popen(
-        [*cmd, "--socket", path, "--domain", f"domid={DOMID},mem=16M,vcpus=1,name=chan", "--ready-fd", str(w)],
-        pass_fds=(w,),
-    )
-    os.close(w)
+    proc = start_sim_process(
+        [*sim_command(), "--socket", path, "--domain", f"domid={DOMID},mem=16M,vcpus=1,name=chan"], TIMEOUT)
     try:
-        ready = select.select([r], [], [], TIMEOUT)[0]
-        assert ready and os.read(r, 16) == b"ready\n", "xen-vhost-sim did not start"
         yield path, proc.pid
     finally:
-        os.close(r)
         os.kill(proc.pid, signal.SIGCONT)
-        proc.terminate()
-        try:
-            proc.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, TIMEOUT)
 
 
 @pytest.mark.asyncio
 async def test_ioreq_round_trips_complete_while_the_simulated_host_is_stopped(sim_process: tuple[str, int]) -> None:
     path, pid = sim_process
-    dm = Dm(SimKernel(path), DOMID)
-    guest = await SimGuest.connect(path, DOMID)
-    try:
+    async with dm_and_guest(path) as (dm, guest):
         await dm.drain()
         read = asyncio.ensure_future(guest.mmio_read(BASE, 4))
         await dm.serve_one(0x74726976)
@@ -121,19 +137,13 @@ async def test_ioreq_round_trips_complete_while_the_simulated_host_is_stopped(si
             os.kill(pid, signal.SIGCONT)
         # READY -> INPROCESS -> IORESP_READY for every request (docs/xen-abi.md)
         assert dm.states == [IoreqState.READY, IoreqState.INPROCESS, IoreqState.IORESP_READY] * 41
-    finally:
-        guest.close()
-        dm.close()
 
 
 @pytest.mark.asyncio
 async def test_masked_port_keeps_the_event_pending_until_unmasked(
     sim_host: SimHost, sim_control: SimControl, kernel: SimKernel
 ) -> None:
-    domid = sim_control.create_domain(mem_bytes=16 << 20)
-    guest = await SimGuest.connect(sim_host.path, domid)
-    dm = Dm(kernel, domid)
-    try:
+    async with guest_and_dm(sim_host, sim_control, kernel) as (domid, guest, dm):
         # the bind-time event, left masked
         assert await asyncio.wait_for(dm.ev.wait(), TIMEOUT) == dm.ports
         read = asyncio.ensure_future(guest.mmio_read(BASE, 4))
@@ -145,19 +155,13 @@ async def test_masked_port_keeps_the_event_pending_until_unmasked(
         await dm.serve_one(5)
         assert await asyncio.wait_for(read, TIMEOUT) == 5
         assert sim_control.pending_access(domid) is False
-    finally:
-        guest.close()
-        dm.close()
 
 
 @pytest.mark.asyncio
 async def test_paused_domain_access_waits_for_unpause(
     sim_host: SimHost, sim_control: SimControl, kernel: SimKernel
 ) -> None:
-    domid = sim_control.create_domain(mem_bytes=16 << 20)
-    guest = await SimGuest.connect(sim_host.path, domid)
-    dm = Dm(kernel, domid)
-    try:
+    async with guest_and_dm(sim_host, sim_control, kernel) as (domid, guest, dm):
         await dm.drain()
         sim_control.pause(domid)
         read = asyncio.ensure_future(guest.mmio_read(BASE, 4))
@@ -169,9 +173,6 @@ async def test_paused_domain_access_waits_for_unpause(
         sim_control.unpause(domid)
         await dm.serve_one(9)
         assert await asyncio.wait_for(read, TIMEOUT) == 9
-    finally:
-        guest.close()
-        dm.close()
 
 
 @pytest.mark.asyncio
@@ -179,10 +180,7 @@ async def test_paused_domain_access_waits_for_unpause(
 async def test_access_in_flight_completes_as_unclaimed_when_destroyed(
     sim_host: SimHost, sim_control: SimControl, kernel: SimKernel, what: str
 ) -> None:
-    domid = sim_control.create_domain(mem_bytes=16 << 20)
-    guest = await SimGuest.connect(sim_host.path, domid)
-    dm = Dm(kernel, domid)
-    try:
+    async with guest_and_dm(sim_host, sim_control, kernel) as (domid, guest, dm):
         await dm.drain()
         read = asyncio.ensure_future(guest.mmio_read(BASE, 4))
         assert await asyncio.wait_for(dm.ev.wait(), TIMEOUT) == dm.ports  # never answered
@@ -192,25 +190,16 @@ async def test_access_in_flight_completes_as_unclaimed_when_destroyed(
         else:
             sim_control.destroy_domain(domid)
         assert await asyncio.wait_for(read, TIMEOUT) == 0xFFFFFFFF
-    finally:
-        guest.close()
-        dm.close()
 
 
 @pytest.mark.asyncio
 async def test_closing_the_guest_fails_its_access_in_flight(
     sim_host: SimHost, sim_control: SimControl, kernel: SimKernel
 ) -> None:
-    domid = sim_control.create_domain(mem_bytes=16 << 20)
-    guest = await SimGuest.connect(sim_host.path, domid)
-    dm = Dm(kernel, domid)
-    try:
+    async with guest_and_dm(sim_host, sim_control, kernel) as (domid, guest, dm):
         await dm.drain()
         read = asyncio.ensure_future(guest.mmio_read(BASE, 4))
         assert await asyncio.wait_for(dm.ev.wait(), TIMEOUT) == dm.ports  # the vCPU is waiting in this process
         guest.close()
         with pytest.raises(ConnectionResetError):
             await asyncio.wait_for(read, TIMEOUT)
-    finally:
-        guest.close()
-        dm.close()

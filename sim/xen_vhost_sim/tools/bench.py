@@ -271,27 +271,41 @@ def echo_backend(path: str) -> None:
     uvloop.run(serve_unix(Echo, path))
 
 
+_SYNC_CHILD = """
+import os, sys
+a, b = int(sys.argv[1]), int(sys.argv[2])
+while True:
+    os.eventfd_read(a)
+    os.eventfd_write(b, 1)
+"""
+
+
+@contextlib.contextmanager
+def _eventfd_peer(code: str, flags: int = os.EFD_CLOEXEC) -> Iterator[tuple[int, int]]:
+    """Two eventfds (ping, pong) and a child Python process running ``code`` with their numbers
+    as argv[1:3]; the child killed and both fds closed however the body ends."""
+    ping, pong = os.eventfd(0, flags), os.eventfd(0, flags)
+    try:
+        child = subprocess.Popen([sys.executable, "-c", code, str(ping), str(pong)], pass_fds=(ping, pong))
+        try:
+            yield ping, pong
+        finally:
+            child.kill()
+            child.wait()
+    finally:
+        os.close(ping)
+        os.close(pong)
+
+
 def eventfd_pingpong(n: int) -> list[float]:
     """Round trips of a raw eventfd ping-pong with a child Python process (blocking reads)."""
-    ping, pong = os.eventfd(0), os.eventfd(0)
-    child = subprocess.Popen(
-        [sys.executable, "-c",
-         "import os,sys\na,b=int(sys.argv[1]),int(sys.argv[2])\n"
-         "while True:\n    os.eventfd_read(a)\n    os.eventfd_write(b,1)\n", str(ping), str(pong)],
-        pass_fds=(ping, pong),
-    )
     out = []
-    try:
+    with _eventfd_peer(_SYNC_CHILD) as (ping, pong):
         for _ in range(n):
             t0 = time.perf_counter()
             os.eventfd_write(ping, 1)
             os.eventfd_read(pong)
             out.append(time.perf_counter() - t0)
-    finally:
-        child.kill()
-        child.wait()
-        os.close(ping)
-        os.close(pong)
     return out
 
 
@@ -318,11 +332,9 @@ async def eventfd_pingpong_async(n: int) -> list[float]:
     """Round trips of an eventfd ping-pong between two Python event loops (uvloop ``add_reader`` on
     both sides): the floor for any path where both ends are asyncio processes, as the guest and the
     daemon are."""
-    ping, pong = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
-    child = subprocess.Popen([sys.executable, "-c", _ASYNC_CHILD, str(ping), str(pong)], pass_fds=(ping, pong))
     loop = asyncio.get_running_loop()
     out: list[float] = []
-    try:
+    with _eventfd_peer(_ASYNC_CHILD, os.EFD_NONBLOCK) as (ping, pong):
         for _ in range(n):
             fut: asyncio.Future[None] = loop.create_future()
             loop.add_reader(pong, _resolve, fut)
@@ -334,11 +346,6 @@ async def eventfd_pingpong_async(n: int) -> list[float]:
                 loop.remove_reader(pong)
             os.eventfd_read(pong)
             out.append(time.perf_counter() - t0)
-    finally:
-        child.kill()
-        child.wait()
-        os.close(ping)
-        os.close(pong)
     return out
 
 
