@@ -309,6 +309,8 @@ async def test_backend_that_stops_answering_times_out_needs_reset_then_reconnect
             stale = await attach  # DRIVER_OK is accepted; the device then says it needs a reset
         except GuestDriverError:
             pass  # (or the driver saw NEEDS_RESET at once)
+        if dev_a.starting is not None:  # DRIVER_OK is answered within START_WAIT; the start goes on
+            await asyncio.wait_for(asyncio.shield(dev_a.starting), TIMEOUT)
         status = await asyncio.wait_for(guest.mmio_read(TwoDisks.BASES[0] + 0x70, 4, vcpu=0), TIMEOUT)
         assert status & DeviceStatus.DEVICE_NEEDS_RESET, hex(status)
         assert dev_a.reconnecting is not None  # and the daemon is trying to get the back-end back
