@@ -681,6 +681,7 @@ class VirtioMmioDriver:
             for fut in queue.pending:
                 if not fut.done():
                     fut.set_exception(exc)
+                    fut.exception()  # whoever awaits it gets exc; one nobody awaits (a posted buffer) is not an error
             queue.pending.clear()
             queue.free_slot.set()
 
