@@ -202,7 +202,7 @@ jiffies() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
 pcpu() { for p in "$@"; do [ -r /proc/$p/stat ] && sed 's/.*) //' /proc/$p/stat | awk '{print $12+$13}'; done | awk '{s+=$1} END {print s+0}'; }
 bench_guest() {  # scenario
   S=$1; NAME=bench-$S; IMG=/root/disk-$S.img; PV=/root/pv-$S.img
-  dd if=/dev/zero of=$PV bs=1M count=${XENLAB_DISK_MB:-64} 2>/dev/null
+  dd if=/dev/zero of=$PV bs=1M count=40 2>/dev/null
   LOOP=$(losetup -f); losetup $LOOP $PV
   cat > /etc/xen/$NAME.cfg <<EOC
 name = "$NAME"
@@ -231,12 +231,13 @@ EOC
   sleep 2   # the reader prints the last edge from the console (busybox tail -F polls each second)
   grep DOMU-BENCH $CONSOLE/guest-$NAME.log | tr -d '\r' | prefix "BENCH[$S]"
   xl destroy $NAME; losetup -d $LOOP 2>/dev/null
+  rm -f $PV $IMG   # dom0's root is its initramfs, in RAM: room for the next scenario's disks
   prefix "DAEMON[$S]" < "$(ilog $NAME)" | grep -E "XEN_MMAP|shadow virtqueues|ioreq server" | head -5
 }
 if [ "${XENLAB_BENCH:-0}" = 1 ]; then
   for m in loop xen-blkback; do insmod /lib/modules/xenlab/$m.ko 2>/dev/null || t "insmod $m failed"; done
   phy_script; mkdir -p $LOGS
-  for S in $XENLAB_SCENARIOS; do XENLAB_PREFIX=bench XENLAB_DISK_MB=64 backend $S; done
+  for S in $XENLAB_SCENARIOS; do XENLAB_PREFIX=bench XENLAB_DISK_MB=40 backend $S; done
   for S in $XENLAB_SCENARIOS; do wait_for 60 test -S /run/vhost-user/bench-$S/51712.sock || t "back-end $S: no socket"; done
   xen-vhost-master watch --spawn --log-dir $LOGS > /tmp/watch.log 2>&1 &
   WATCH=$!
