@@ -139,7 +139,7 @@ term_guest() {  # scenario: SIGTERM to the guest's instance while the guest live
   grep -iE -A3 'Internal error|Unhandled fault' $CONSOLE/guest-$NAME.log | head -8 | prefix "TERM-FAULT[$S]"
   # meanwhile (>= 6 s of guest time) the dispatcher started nothing for this domain
   NOW=$(grep -c "$NAME: domain $D has [0-9]* virtio device(s): starting its instance" /tmp/watch.log)
-  ALIVE=$(pgrep -f "xen_vhost_master --domain=$D( |\$)" | wc -l)
+  ALIVE=$(ps -o args 2>/dev/null | grep -c -E "[x]en_vhost_master --domain=$D( |\$)")
   check $S term-not-restarted $(yes01 sh -c "[ $NOW = $STARTS ] && [ $ALIVE = 0 ]") "starts_before=$STARTS after=$NOW instances_for_domain=$ALIVE"
   grep -E "DOMU-(HB|LOOP-ERR)" $CONSOLE/guest-$NAME.log | tail -3 | prefix "TERM[$S]"
 }
