@@ -124,8 +124,9 @@ def test_two_vcpus_each_send_through_their_own_event_channel(lab: LabRun, scenar
 
 def test_sigterm_under_a_live_guest_stops_cleanly_and_is_not_restarted(lab: LabRun) -> None:
     """7. ``systemctl stop`` (SIGTERM) of the last scenario's instance while its guest does I/O:
-    exit 0, XenBus Closed while the domain lives, the daemon's own IOREQ server teardown, the guest
-    runs on, and the dispatcher does not start the instance again."""
+    exit 0, XenBus Closed while the domain lives, the daemon's own IOREQ server teardown, and the
+    dispatcher does not start the instance again. (Whether the guest survives is reported, not
+    required: see tests/xenlab/README.md.)"""
     _require(lab, list(lab.verdict.scenarios)[-1], *TERM_REQUIRED)
 
 
