@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # tests/tools/debian-packages.tsv, whose package names depend on the Debian release (12 or 13).
 DEBS  := test
 
-.PHONY: test lint test-xen test-trixie demo deps venv bench fuzz clean deb install
+.PHONY: test lint test-xen test-trixie bench-xen demo deps venv bench fuzz clean deb install
 # XVM_REQUIRE_PEERS=1: a peer `make deps` installs and a test cannot find is a failure, not a skip
 # (tests/peers/programs.py); -rs prints every skip's reason.
 test: deps venv lint
@@ -33,6 +33,12 @@ test-xen: venv
 # (tests/tools/test-trixie.sh). PYTEST_ARGS narrows it as for `make test`.
 test-trixie:
 	bash tests/tools/test-trixie.sh $(PYTEST_ARGS)
+
+# The real-Xen benchmark: one boot of the lab, a domU per back-end with a virtio disk
+# through the daemon and a Xen PV disk (blkback) side by side; bench-xen-results.json and a table.
+# Not part of `make test`.
+bench-xen: venv
+	XENLAB_BENCH=1 bash tests/xenlab/run-lab.sh
 
 demo: venv
 	@bash tests/tools/install-debs.sh demo

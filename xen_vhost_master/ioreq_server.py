@@ -20,7 +20,7 @@ import contextlib
 import errno
 import functools
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from vhost_user.aio import cancel_and_wait
@@ -53,6 +53,7 @@ class IoreqStats:
     served: int = 0
     spurious: int = 0
     refused: int = 0
+    per_vcpu: list[int] = field(default_factory=list)  # served, by the vCPU (and event channel) they came from
 
 
 class IoreqServer:
@@ -100,6 +101,7 @@ class IoreqServer:
         if self.server_id is None:
             self.server_id = self.dm.create_ioreq_server()
         self.page = IoreqPage.map(self.privcmd, self.domid, self.server_id, self.nr_vcpus)
+        self.stats.per_vcpu = [0] * self.nr_vcpus
         self.log.info("ioreq server %d %s for %d vCPU(s)", self.server_id,
                       "adopted" if self.adopted else "created", self.nr_vcpus)
 
@@ -166,6 +168,7 @@ class IoreqServer:
             await cancel_and_wait(task)
         for base in list(self._bases):
             self.remove_window(base)
+        self._answer_waiting()
         self._unbind_ports()
         if self.server_id is not None:
             sid = self.server_id
@@ -204,6 +207,23 @@ class IoreqServer:
             _, late = await asyncio.wait(set(self._tasks), timeout=timeout)
             for task in late:
                 await cancel_and_wait(task)
+
+    def _answer_waiting(self) -> None:
+        """Answer the accesses still in the page (taken by no one once reading stopped) as failed
+        ones (reads all-ones, writes dropped) and wake their vCPUs, before the server goes: Xen
+        does not wake a vCPU blocked on a destroyed server's request (tests/xenlab: a guest
+        stopped for good when its daemon was stopped under it). The windows are unmapped first, so
+        no new access comes to this server; the guest's next access to them faults instead."""
+        if self.page is None:
+            return
+        for vcpu in self.page.unfinished():
+            req = self.page.take(vcpu, recover=True)
+            if req is None or vcpu >= len(self._ports):
+                continue
+            self.page.complete(vcpu, None if req.is_write else ALL_ONES)
+            self._step(f"notify vCPU {vcpu}", functools.partial(self.evtchn.notify, self._ports[vcpu]))
+            self.log.info("teardown: vCPU %d's %s at %#x answered as failed", vcpu,
+                          "write" if req.is_write else "read", req.addr)
 
     def detach(self) -> None:
         """Let go of the server without destroying it (a handover): it stays enabled with its
@@ -283,6 +303,8 @@ class IoreqServer:
     def _complete(self, req: IoreqRequest, data: int | None) -> None:
         """Publish the response and wake the vCPU (docs/xen-abi.md §5 steps 6-8)."""
         self.stats.served += 1
+        if req.vcpu < len(self.stats.per_vcpu):
+            self.stats.per_vcpu[req.vcpu] += 1
         if self.page is None:
             return
         self.page.complete(req.vcpu, data)

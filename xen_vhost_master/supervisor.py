@@ -907,7 +907,8 @@ class Supervisor:
                 "started": round(self._started_at, 3), "uptime": round(time.monotonic() - self._started_mono, 3),
                 "devices": devices, "restricted": self.restricted,
                 "kernel_fast_path": self.fastpath is not None,
-                "ioreqs": {"served": ioreq.served, "spurious": ioreq.spurious, "refused": ioreq.refused} if ioreq else {}}
+                "ioreqs": {"served": ioreq.served, "spurious": ioreq.spurious, "refused": ioreq.refused,
+                           "per_vcpu": list(ioreq.per_vcpu)} if ioreq else {}}
 
     def _starting(self, step: str) -> None:
         """``STATUS=`` during start-up, before READY: the step under way."""

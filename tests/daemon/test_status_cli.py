@@ -165,6 +165,8 @@ async def test_status_table_json_all_and_metrics_of_two_served_guests_after_real
         assert (doc["schema"], doc["version"], doc["name"], doc["domid"], doc["pid"]) == (
             STATUS_SCHEMA, __version__, WEB[1], WEB[0], daemons[0].pid)
         assert doc["uptime"] >= 0 and doc["started"] > 0
+        # every ioreq counted once, under the vCPU (event channel) it came from: one vCPU here
+        assert doc["ioreqs"]["served"] > 0 and doc["ioreqs"]["per_vcpu"] == [doc["ioreqs"]["served"]], doc["ioreqs"]
         by_devid = {d["devid"]: d for d in doc["devices"]}
         assert sorted(by_devid) == [0, MALFORMED_DEVID, REFUSED_DEVID]
         assert by_devid[0]["driver_status"] == ["ACKNOWLEDGE", "DRIVER", "FEATURES_OK", "DRIVER_OK"]

@@ -32,12 +32,16 @@ D=$W/domu
 mkdir -p "$D"/{bin,proc,sys,dev,tmp,lib/modules}
 cp "$A/rootfs/bin/busybox" "$D/bin/"
 cp "$A/modules/virtio_mmio.ko" "$A/modules/virtio_blk.ko" "$D/lib/modules/"
+[ ! -f "$A/modules/xen-blkfront.ko" ] || cp "$A/modules/xen-blkfront.ko" "$D/lib/modules/"   # make bench-xen's PV disk
 cp "$H/guest/domu-init.sh" "$D/init"; chmod +x "$D/init"
 (cd "$D" && find . | cpio -o -H newc --quiet | gzip -1) > "$R/boot/domu.cpio.gz"
 ln "$A/Image" "$R/boot/domu-vmlinuz" 2>/dev/null || cp "$A/Image" "$R/boot/domu-vmlinuz"
 # the lab
 cp "$H/guest/dom0-init.sh" "$R/init"; cp "$H/guest/dom0-test.sh" "$R/xenlab/"
 chmod +x "$R/init" "$R/xenlab/dom0-test.sh"
-{ echo "XENLAB_SCENARIOS=\"${XENLAB_SCENARIOS:-pyblk qsd}\""; echo "export XENLAB_SCENARIOS"; } > "$R/xenlab/lab.env"
+{ echo "XENLAB_SCENARIOS=\"${XENLAB_SCENARIOS:-pyblk qsd}\""; echo "export XENLAB_SCENARIOS"
+  for v in XENLAB_TERM_SIGNAL XENLAB_DOMU_VCPUS XENLAB_BENCH; do
+    [ -n "${!v:-}" ] && echo "$v=\"${!v}\"" && echo "export $v"
+  done; } > "$R/xenlab/lab.env"
 (cd "$R" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT.tmp"
 mv "$OUT.tmp" "$OUT"

@@ -106,8 +106,11 @@ A=$C/$KEY
 mkdir -p "$A"; echo "$VERS" > "$A/versions.txt"
 MIRRORS=("deb $M bookworm main" "deb $MS bookworm-security main")
 
-# 2. kernel (Image + modules)
-if [ ! -f "$A/kernel.done" ]; then
+# 2. kernel (Image + modules); kernel.done lists the modules taken, so a longer list extracts again
+KMODS="drivers/xen/xen-privcmd.ko drivers/xen/xen-evtchn.ko drivers/xen/xen-gntdev.ko drivers/xen/xen-gntalloc.ko \
+drivers/xen/xenfs/xenfs.ko drivers/virtio/virtio_mmio.ko drivers/virtio/virtio.ko drivers/virtio/virtio_ring.ko \
+drivers/block/virtio_blk.ko drivers/block/xen-blkback/xen-blkback.ko drivers/block/xen-blkfront.ko drivers/block/loop.ko"
+if [ "$(cat "$A/kernel.done" 2>/dev/null)" != "$KMODS" ]; then
   step "arm64 kernel ($KPKG)"
   kernel() {
     rm -rf "$A/kern"
@@ -117,13 +120,12 @@ if [ ! -f "$A/kernel.done" ]; then
   KV=$(ls "$A/kern/lib/modules" | head -1)
   cp "$A/kern/boot/vmlinuz-$KV" "$A/Image"
   mkdir -p "$A/modules"
-  for m in drivers/xen/xen-privcmd.ko drivers/xen/xen-evtchn.ko drivers/xen/xen-gntdev.ko drivers/xen/xen-gntalloc.ko \
-           drivers/xen/xenfs/xenfs.ko drivers/virtio/virtio_mmio.ko drivers/virtio/virtio.ko drivers/virtio/virtio_ring.ko \
-           drivers/block/virtio_blk.ko; do
+  for m in $KMODS; do   # a module Debian builds in is simply not there (nothing to load)
     [ -f "$A/kern/lib/modules/$KV/kernel/$m" ] && cp "$A/kern/lib/modules/$KV/kernel/$m" "$A/modules/"
   done
+  grep -E '^CONFIG_(XEN_BLKDEV_BACKEND|XEN_BLKDEV_FRONTEND|BLK_DEV_LOOP)=' "$A/kern/boot/config-$KV" > "$A/kernel-blk.config" || true
   echo "$KV" > "$A/kernel-version"
-  rm -rf "$A/kern"; touch "$A/kernel.done"
+  rm -rf "$A/kern"; echo "$KMODS" > "$A/kernel.done"
 fi
 
 # 3. hypervisor: Debian's xen source package (bookworm or bookworm-security), rebuilt with the IOREQ server

@@ -4,7 +4,9 @@
 # scenarios, decide from the serial log.
 #   env: XENLAB_CACHE (default /var/cache/xen-vhost-master-lab), XENLAB_LOG (default
 #        $XENLAB_CACHE/logs/lab.log; failures are also kept as logs/fail-<time>.log), XENLAB_SCENARIOS
-#        (default: pyblk qsd), XENLAB_TIMEOUT (s, default 1200)
+#        (default: pyblk qsd), XENLAB_TIMEOUT (s, default 1200), XENLAB_BENCH=1 (`make bench-xen`: the
+#        benchmark boot instead of the checks; XENLAB_BENCH_OUT, default ./bench-xen-results.json),
+#        XENLAB_TERM_SIGNAL (TERM: the signal the SIGTERM step sends; KILL shows its checks failing)
 # exit: 0 pass, 1 fail (the log's tail is printed), 3 the lab cannot be built here (reason printed):
 #       both are failures of `make test` (XENLAB=0 is the one way to leave the lab out)
 set -euo pipefail
@@ -28,6 +30,11 @@ step "dom0 initramfs from $TREE (scenarios: $XENLAB_SCENARIOS)"
 step "boot Xen + dom0 under qemu-system-aarch64 (TCG); serial log $LOG"
 python3 "$H/boot.py" --xen "$ART/xen-ioreq" --kernel "$ART/Image" --initrd "$INITRD" --log "$LOG" \
   --timeout "${XENLAB_TIMEOUT:-1200}" || true
+if [ "${XENLAB_BENCH:-0}" = 1 ]; then   # make bench-xen: a report, not a verdict
+  step "bench-xen report"
+  python3 "$H/bench_xen.py" "$LOG" --out "${XENLAB_BENCH_OUT:-$TREE/bench-xen-results.json}"
+  exit $?
+fi
 step "verdict"
 if python3 "$H/verdict.py" "$LOG" --scenarios "$XENLAB_SCENARIOS"; then
   cp "$LOG" "$XENLAB_CACHE/logs/last-pass.log" 2>/dev/null || true

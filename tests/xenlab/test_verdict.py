@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from verdict import REQUIRED, main, parse  # noqa: E402
+from verdict import REQUIRED, TERM_REQUIRED, main, parse  # noqa: E402
 
 GOOD = """\
 [    5.5] XENLAB-DOM0-UP uptime=3.47 caps=control_d xen=4.17
@@ -19,7 +19,12 @@ GOOD = """\
 [   25.3] XENLAB-CHECK pyblk image-has-pattern ok=1 guest=aa image=aa mark=M image_head=M
 [   30.1] XENLAB-CHECK pyblk second-guest ok=1 guests_running=2 all_io_ok=1 instances=2
 [   31.0] XENLAB-CHECK pyblk reboot-served ok=1 rc=0 old=1 new=3 ms=20400 old_instance_exit0=1
-[   31.5] XENLAB-STATUS pyblk {"domid":1,"devices":[{"devid":51712,"interrupts":125}],"ioreqs":{"served":464}}
+[   31.5] XENLAB-STATUS pyblk {"domid":1,"devices":[{"devid":51712,"interrupts":125}],"ioreqs":{"served":464,"per_vcpu":[400,64]}}
+[   31.7] XENLAB-CHECK pyblk term-exit ok=1 signal=TERM pid=200 rc=0 ms=900
+[   31.8] XENLAB-CHECK pyblk term-closed ok=1 backend_state=6 domain_alive=1
+[   31.8] XENLAB-CHECK pyblk term-ioreq-destroyed ok=1 id=1 ioreq server 1 destroyed
+[   31.9] XENLAB-CHECK pyblk term-guest-alive ok=1 heartbeats_after=3 kernel_faults=0
+[   31.9] XENLAB-CHECK pyblk term-not-restarted ok=1 starts_before=1 after=1 instances_for_domain=0
 [   33.0] XENLAB-CHECK pyblk xl-destroy ok=1 rc=0 ms=1330 guest_io_loops=13
 [   33.4] XENLAB-CHECK pyblk daemon-exit ok=1 rc=0
 [   33.5] XENLAB-CHECK pyblk ioreq-server-destroyed ok=1 id=0
@@ -27,6 +32,9 @@ GOOD = """\
 [   35.1] XENLAB-CHECK pyblk backend-alive ok=1 pid=151
 [   35.3] DOMU[pyblk]| DOMU-VIRTIO virtio0 device=0x0002 vendor=0x4e455858 status=0x0000000f features=0011 driver=virtio_blk\r
 [   35.3] DOMU[pyblk]| DOMU-IO-OK md5=aa mark=M
+[   35.3] DOMU[pyblk]| DOMU-VCPU-IO cpu=1 ok=1 want=bb got=bb\r
+[   35.3] DOMU[pyblk]| DOMU-VCPU-IO cpu=0 ok=1 want=cc got=cc
+[   35.3] DOMU[pyblk]| DOMU-NCPU 2
 [   35.4] DAEMON[pyblk]| INFO xen_vhost_master: dom1: device 51712: back-end maps guest memory itself (XEN_MMAP)
 [   35.3] DOMU[pyblk]| DOMU-IRQ  14:         11     GICv3  33 Edge      virtio0
 [   35.7] XENLAB-FINISHED scenarios=pyblk
@@ -37,7 +45,7 @@ GOOD = """\
 def test_complete_run_passes() -> None:
     v = parse(GOOD, ["pyblk"])
     assert v.ok, v.failures
-    assert all(v.scenarios["pyblk"].checks[c][0] for c in REQUIRED)
+    assert all(v.scenarios["pyblk"].checks[c][0] for c in REQUIRED + TERM_REQUIRED)
     assert "VERDICT PASS" in v.summary()
 
 
@@ -59,6 +67,16 @@ def test_complete_run_passes() -> None:
         (lambda t: t.replace("daemon-exit ok=1 rc=0", "daemon-exit ok=0 rc=75"), "daemon-exit"),
         (lambda t: "\n".join(ln for ln in t.splitlines() if "domain-gone" not in ln), "domain-gone"),
         (lambda t: t.replace("CHECK pyblk backend-alive", "CHECK other backend-alive"), "backend-alive"),
+        (lambda t: t.replace("DOMU-NCPU 2", "DOMU-NCPU 1"), "vcpus-io"),  # a 1-vCPU guest proves nothing
+        (lambda t: t.replace("cpu=1 ok=1", "cpu=1 ok=0"), "vcpus-io"),
+        (lambda t: "\n".join(ln for ln in t.splitlines() if "cpu=1" not in ln), "vcpus-io"),
+        (lambda t: t.replace('"per_vcpu":[400,64]', '"per_vcpu":[464,0]'), "vcpus-io"),  # vCPU 1's channel unused
+        (lambda t: t.replace('"per_vcpu":[400,64]', '"per_vcpu":[464]'), "vcpus-io"),
+        (lambda t: t.replace(',"per_vcpu":[400,64]', ""), "vcpus-io"),
+        (lambda t: t.replace("term-exit ok=1", "term-exit ok=0"), "term-exit"),
+        (lambda t: t.replace("term-closed ok=1", "term-closed ok=0"), "term-closed"),
+        (lambda t: "\n".join(ln for ln in t.splitlines() if "term-ioreq-destroyed" not in ln), "term-ioreq-destroyed"),
+        (lambda t: t.replace("term-not-restarted ok=1", "term-not-restarted ok=0"), "term-not-restarted"),
     ],
 )
 def test_each_missing_fact_fails(edit: object, failed: str) -> None:
@@ -66,6 +84,23 @@ def test_each_missing_fact_fails(edit: object, failed: str) -> None:
     assert not v.ok
     assert not v.scenarios["pyblk"].checks.get(failed, (False, ""))[0]
     assert any(f.startswith(f"pyblk/{failed}:") for f in v.failures), v.failures
+
+
+def test_a_guest_that_died_under_a_stopped_daemon_is_reported_not_failed() -> None:
+    v = parse(GOOD.replace("term-guest-alive ok=1", "term-guest-alive ok=0"), ["pyblk"])
+    assert v.ok, v.failures
+    assert "WARN pyblk  term-guest-alive" in v.summary()
+
+
+def test_term_checks_are_the_last_scenarios() -> None:
+    """The SIGTERM step runs on the last scenario's guest: required there, not of the others."""
+    two = GOOD + GOOD.replace("pyblk", "qsd").replace("itself (XEN_MMAP)", "shadow virtqueues")
+    v = parse(two, ["pyblk", "qsd"])
+    assert v.ok, v.failures
+    v = parse("\n".join(ln for ln in two.splitlines() if "qsd term-exit" not in ln), ["pyblk", "qsd"])
+    assert [f for f in v.failures if "term-" in f] == ["qsd/term-exit: not reported"]
+    v = parse("\n".join(ln for ln in two.splitlines() if "pyblk term-exit" not in ln), ["pyblk", "qsd"])
+    assert v.ok, v.failures
 
 
 def test_unfinished_lab_and_missing_scenario_fail() -> None:

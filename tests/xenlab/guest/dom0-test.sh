@@ -44,7 +44,7 @@ ilog_has() { grep -q "$2" "$(ilog $1)" 2>/dev/null; }
 # Xen 4.17's `disk = [...specification=virtio...]` device id is the disk's xvd number (xvda = 51712):
 # the daemon's default socket is /run/vhost-user/<name>/<devid>.sock.
 backend() {  # scenario
-  S=$1; NAME=lab-$S; IMG=/root/disk-$S.img; DIR=/run/vhost-user/$NAME; SOCK=$DIR/51712.sock
+  S=$1; NAME=${XENLAB_PREFIX:-lab}-$S; IMG=/root/disk-$S.img; DIR=/run/vhost-user/$NAME; SOCK=$DIR/51712.sock
   dd if=/dev/zero of=$IMG bs=1M count=${XENLAB_DISK_MB:-16} 2>/dev/null
   mkdir -p $DIR
   case $S in
@@ -65,7 +65,7 @@ name = "$NAME"
 kernel = "/boot/domu-vmlinuz"
 ramdisk = "/boot/domu.cpio.gz"
 memory = ${XENLAB_DOMU_MB:-128}
-vcpus = 1
+vcpus = ${XENLAB_DOMU_VCPUS:-2}
 extra = "console=hvc0 rdinit=/init loglevel=4"
 on_reboot = "restart"
 disk = [ "backend=0,backendtype=standalone,specification=virtio,vdev=xvda,target=/root/disk-$S.img" ]
@@ -103,6 +103,47 @@ status_line() {  # scenario
   xen-vhost-master status --json --domain lab-$1 2>&1 | tr -d '\n ' | sed 's/^/XENLAB-STATUS '"$1"' /'; echo
 }
 
+term_guest() {  # scenario: SIGTERM to the guest's instance while the guest lives and does I/O, as
+  # `systemctl stop xen-vhost-master@NAME` does. The operator stopped it: the instance tears down
+  # (its IOREQ server destroyed, XenBus Closed), exits 0, and the dispatcher does NOT start it again
+  # for that domain (an exit 0 is a stop, not a crash). The guest keeps running without its device.
+  S=$1; NAME=lab-$S; D=$(domid_of $NAME); SIG=${XENLAB_TERM_SIGNAL:-TERM}
+  P=$(xen-vhost-master status --json --domain $NAME 2>/dev/null | sed -n 's/.*"pid": \([0-9]*\).*/\1/p' | head -1)
+  STARTS=$(grep -c "$NAME: domain $D has [0-9]* virtio device(s): starting its instance" /tmp/watch.log)
+  N=$(console_count $NAME DOMU-LOOP)
+  wait_for 30 console_has_n $NAME DOMU-LOOP $((N + 1)) || t "scenario $S: guest I/O loop not seen"
+  T0=$(ms)
+  [ -n "$P" ] && kill -$SIG $P
+  wait_for 30 grep -q "instance for domain $D (pid [0-9]*) exited" /tmp/watch.log
+  T1=$(ms)
+  TRC=$(grep "instance for domain $D (pid [0-9]*) exited" /tmp/watch.log | tail -1 | sed -n 's/.*exited with status \(-\?[0-9]*\).*/\1/p')
+  check $S term-exit $(yes01 sh -c "[ -n '$P' ] && [ '$TRC' = 0 ]") "signal=$SIG pid=${P:-none} rc=${TRC:-none} ms=$((T1-T0))"
+  XS=$(xenstore-read /local/domain/0/backend/virtio_disk/$D/51712/state 2>&1)
+  LIVE=$(yes01 test -n "$(domid_of $NAME)")
+  check $S term-closed $(yes01 sh -c "[ '$XS' = 6 ] && [ $LIVE = 1 ]") "backend_state=$XS domain_alive=$LIVE"
+  SID=$(sed -n "s/.*dom$D: ioreq server \([0-9]*\) created.*/\1/p" "$(ilog $NAME)" | tail -1)
+  GONE=$(grep -E "dom$D: ioreq server $SID destroyed" "$(ilog $NAME)" | tail -1 | sed 's/.*: ioreq/ioreq/')
+  check $S term-ioreq-destroyed $(yes01 sh -c "[ -n '$SID' ] && [ -n '$GONE' ]") "id=$SID ${GONE:-no 'destroyed' line}"
+  # the guest lives on: its heartbeat (no disk involved) keeps ticking, no panic; what its I/O does
+  H=$(console_count $NAME DOMU-HB)
+  wait_for 60 console_has_n $NAME DOMU-HB $((H + 3)); HBOK=$?
+  # (its next access to the window finds no ioreq server: Xen injects a data abort, which Linux
+  # reports as an oops of the accessing task; in-flight requests never complete: virtio-blk has no
+  # timeout. Reported, not failed: what fails is a guest that stops or panics.)
+  PANIC=$(grep -ciE 'Kernel panic' $CONSOLE/guest-$NAME.log)
+  FAULTS=$(grep -ciE 'Internal error|Unhandled fault|Oops' $CONSOLE/guest-$NAME.log)
+  LAST=$(grep DOMU-HB $CONSOLE/guest-$NAME.log | tail -1 | tr -d '\r')
+  ERRS=$(grep -c DOMU-LOOP-ERR $CONSOLE/guest-$NAME.log)
+  check $S term-guest-alive $(yes01 sh -c "[ $HBOK = 0 ] && [ $PANIC = 0 ]") \
+    "heartbeats_after=$(( $(console_count $NAME DOMU-HB) - H )) panics=$PANIC kernel_faults=$FAULTS io_errors=$ERRS last='$LAST'"
+  grep -iE -A3 'Internal error|Unhandled fault' $CONSOLE/guest-$NAME.log | head -8 | prefix "TERM-FAULT[$S]"
+  # meanwhile (>= 6 s of guest time) the dispatcher started nothing for this domain
+  NOW=$(grep -c "$NAME: domain $D has [0-9]* virtio device(s): starting its instance" /tmp/watch.log)
+  ALIVE=$(ps -o args 2>/dev/null | grep -c -E "[x]en_vhost_master --domain=$D( |\$)")
+  check $S term-not-restarted $(yes01 sh -c "[ $NOW = $STARTS ] && [ $ALIVE = 0 ]") "starts_before=$STARTS after=$NOW instances_for_domain=$ALIVE"
+  grep -E "DOMU-(HB|LOOP-ERR)" $CONSOLE/guest-$NAME.log | tail -3 | prefix "TERM[$S]"
+}
+
 reboot_guest() {  # scenario: xl reboot, a new domid, served again, I/O again
   S=$1; NAME=lab-$S; OLD=$(domid_of $NAME)
   T0=$(ms)
@@ -120,7 +161,7 @@ reboot_guest() {  # scenario: xl reboot, a new domid, served again, I/O again
 destroy_guest() {  # scenario: xl destroy while the guest's I/O loop runs; the teardown checks
   S=$1; NAME=lab-$S; D=$(domid_of $NAME); BE=$(cat /tmp/backend-$S.pid)
   N=$(console_count $NAME DOMU-LOOP)
-  wait_for 30 console_has_n $NAME DOMU-LOOP $((N + 1)) || t "scenario $S: guest I/O loop not seen"
+  [ "$S" = "$TERM_S" ] || wait_for 30 console_has_n $NAME DOMU-LOOP $((N + 1)) || t "scenario $S: guest I/O loop not seen"
   T2=$(ms)
   xl -vvv destroy $NAME > /tmp/xl-destroy-$S.log 2>&1; XDRC=$?
   T3=$(ms)
@@ -138,6 +179,78 @@ destroy_guest() {  # scenario: xl destroy while the guest's I/O loop runs; the t
   check $S ioreq-server-destroyed $(yes01 sh -c "[ -n '$SID' ] && [ -n '$GONE' ]") "id=$SID $GONE"
   check $S backend-alive $(yes01 alive $BE) "pid=$BE"
 }
+
+# --- make bench-xen (XENLAB_BENCH=1): one guest per scenario, one after the other, two disks each --
+# xvda virtio through the daemon and the scenario's back-end, xvdb a Xen PV disk (the dom0 kernel's
+# blkback over a loop device on a file of the same RAM-backed filesystem as the back-end's image).
+# dom0's CPU counters are read at each phase's edges (the guest idles 2 s around every phase, and
+# this reader reacts to the console line within that gap): all dom0 CPUs (/proc/stat: user+nice+
+# system+irq+softirq jiffies), and the instance's and the back-end's own (utime+stime).
+phy_script() {  # libxl's block hotplug protocol for a phy: device (tools/hotplug/Linux/block),
+  # without bash (this dom0 has none): physical-device as hex major:minor, then hotplug-status
+  cat > /xenlab/block-phy <<'EOS'
+#!/bin/sh
+export PATH=/usr/lib/xen-4.17/bin:/usr/sbin:/usr/bin:/sbin:/bin
+[ "$1" = add ] || exit 0
+dev=$(xenstore-read "$XENBUS_PATH/params")
+xenstore-write "$XENBUS_PATH/physical-device" "$(stat -L -c '%t:%T' "$dev")" \
+  "$XENBUS_PATH/physical-device-path" "$dev" "$XENBUS_PATH/hotplug-status" connected
+EOS
+  chmod +x /xenlab/block-phy
+}
+jiffies() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
+pcpu() { for p in "$@"; do [ -r /proc/$p/stat ] && sed 's/.*) //' /proc/$p/stat | awk '{print $12+$13}'; done | awk '{s+=$1} END {print s+0}'; }
+bench_guest() {  # scenario
+  S=$1; NAME=bench-$S; IMG=/root/disk-$S.img; PV=/root/pv-$S.img
+  dd if=/dev/zero of=$PV bs=1M count=40 2>/dev/null
+  LOOP=$(losetup -f); losetup $LOOP $PV
+  cat > /etc/xen/$NAME.cfg <<EOC
+name = "$NAME"
+kernel = "/boot/domu-vmlinuz"
+ramdisk = "/boot/domu.cpio.gz"
+memory = ${XENLAB_DOMU_MB:-128}
+vcpus = 1
+extra = "console=hvc0 rdinit=/init loglevel=4 xenlab_bench"
+disk = [ "backend=0,backendtype=standalone,specification=virtio,vdev=xvda,target=$IMG",
+         "format=raw,vdev=xvdb,access=rw,backendtype=phy,script=/xenlab/block-phy,target=$LOOP" ]
+EOC
+  xl create /etc/xen/$NAME.cfg > /tmp/xl-create-$NAME.log 2>&1; echo "XENLAB-BENCH-CREATE $S rc=$? loop=$LOOP"
+  wait_for 30 sh -c "xen-vhost-master status --json --domain $NAME 2>/dev/null | grep -q '\"pid\"'"
+  IP=$(xen-vhost-master status --json --domain $NAME 2>/dev/null | sed -n 's/.*"pid": \([0-9]*\).*/\1/p' | head -1)
+  BP=$(cat /tmp/backend-$S.pid)
+  tail -F $CONSOLE/guest-$NAME.log 2>/dev/null | while read -r l; do
+    case "$l" in
+      *DOMU-BENCH-BEGIN*|*DOMU-BENCH-END*)
+        KT=$(ps -o pid,comm 2>/dev/null | awk '/blkback/{print $1}')
+        echo "XENLAB-BENCH-CPU $S $(echo "$l" | tr -d '\r' | awk '{print $1, $2, $3}') dom0=$(jiffies) instance=$(pcpu $IP) backend=$(pcpu $BP) blkback=$(pcpu $KT) hz=$(getconf CLK_TCK 2>/dev/null || echo 100)";;
+      *DOMU-BENCH-DONE*) echo "XENLAB-BENCH-GUEST-DONE $S";;
+    esac
+  done &
+  echo $! >> /tmp/tails.pid
+  wait_for 600 console_has_n $NAME DOMU-BENCH-DONE 1 || t "bench $S: no DOMU-BENCH-DONE"
+  sleep 2   # the reader prints the last edge from the console (busybox tail -F polls each second)
+  grep DOMU-BENCH $CONSOLE/guest-$NAME.log | tr -d '\r' | prefix "BENCH[$S]"
+  xl destroy $NAME; losetup -d $LOOP 2>/dev/null
+  rm -f $PV $IMG   # dom0's root is its initramfs, in RAM: room for the next scenario's disks
+  prefix "DAEMON[$S]" < "$(ilog $NAME)" | grep -E "XEN_MMAP|shadow virtqueues|ioreq server" | head -5
+}
+if [ "${XENLAB_BENCH:-0}" = 1 ]; then
+  for m in loop xen-blkback; do insmod /lib/modules/xenlab/$m.ko 2>/dev/null || t "insmod $m failed"; done
+  phy_script; mkdir -p $LOGS
+  for S in $XENLAB_SCENARIOS; do XENLAB_PREFIX=bench XENLAB_DISK_MB=40 backend $S; done
+  for S in $XENLAB_SCENARIOS; do wait_for 60 test -S /run/vhost-user/bench-$S/51712.sock || t "back-end $S: no socket"; done
+  xen-vhost-master watch --spawn --log-dir $LOGS > /tmp/watch.log 2>&1 &
+  WATCH=$!
+  wait_for 60 grep -q "watching" /tmp/watch.log || t "dispatcher: no 'watching' line"
+  for S in $XENLAB_SCENARIOS; do bench_guest $S; done
+  kill -TERM $WATCH; wait_for 20 dead $WATCH
+  for S in $XENLAB_SCENARIOS; do kill -TERM $(cat /tmp/backend-$S.pid) 2>/dev/null; done
+  kill $(cat /tmp/tails.pid) 2>/dev/null
+  prefix WATCH < /tmp/watch.log | tail -20
+  echo "XENLAB-BENCH-FINISHED scenarios=$(echo $XENLAB_SCENARIOS | tr ' ' ,)"
+  echo "XENLAB-FINISHED scenarios=$(echo $XENLAB_SCENARIOS | tr ' ' ,)"
+  exit 0
+fi
 
 # --- the flow ----------------------------------------------------------------------------------
 mkdir -p $LOGS
@@ -183,6 +296,10 @@ done
 
 RB=""; for S in $XENLAB_SCENARIOS; do reboot_guest $S & RB="$RB $!"; done   # every guest reboots at once
 wait $RB
+# the daemon stopped under a live guest: the last scenario's (rebooted) guest, instead of its xl
+# destroy during I/O (the other scenarios keep that); xl destroy then ends the guest
+TERM_S=$(echo $XENLAB_SCENARIOS | awk '{print $NF}')
+term_guest $TERM_S
 for S in $XENLAB_SCENARIOS; do destroy_guest $S; done
 
 # no zombie: a domain whose pages are still mapped by dom0 lingers as a dying "(null)" domain

@@ -8,6 +8,29 @@ for n in /proc/device-tree/virtio*; do
   [ -e "$n" ] && echo "DOMU-DT $(basename $n) compatible=$(tr '\0' ' ' < $n/compatible) iommus=$([ -e $n/iommus ] && echo yes || echo no)"
 done
 insmod /lib/modules/virtio_mmio.ko; insmod /lib/modules/virtio_blk.ko
+if grep -q xenlab_bench /proc/cmdline; then
+  # make bench-xen: the same dd, O_DIRECT (every block one request, no page cache), on the virtio
+  # disk the daemon serves (vda) and on a Xen PV disk served by dom0's blkback (xvdb), phase by phase,
+  # each framed by idle gaps so that dom0 snapshots its CPU counters while nothing runs.
+  insmod /lib/modules/xen-blkfront.ko 2>/dev/null
+  i=0; while { [ ! -b /dev/vda ] || [ ! -b /dev/xvdb ]; } && [ $i -lt 150 ]; do sleep 0.2; i=$((i+1)); done
+  echo "DOMU-BENCH-DISKS vda=$(cat /sys/block/vda/size 2>/dev/null) xvdb=$(cat /sys/block/xvdb/size 2>/dev/null)"
+  ms() { awk '{printf "%d", $1*1000}' /proc/uptime; }
+  N4=${N4:-256}; N1=${N1:-32}
+  for spec in "seqwrite-1M 1048576 $N1 w" "seqread-1M 1048576 $N1 r" "write-4k 4096 $N4 w" "read-4k 4096 $N4 r"; do
+    set -- $spec; TEST=$1; BS=$2; CNT=$3; DIR=$4
+    for dev in vda xvdb; do
+      echo "DOMU-BENCH-BEGIN $TEST $dev"; sleep 2
+      T0=$(ms)
+      if [ $DIR = w ]; then dd if=/dev/zero of=/dev/$dev bs=$BS count=$CNT oflag=direct 2>/dev/null; rc=$?
+      else dd if=/dev/$dev of=/dev/null bs=$BS count=$CNT iflag=direct 2>/dev/null; rc=$?; fi
+      T1=$(ms)
+      echo "DOMU-BENCH-END $TEST $dev rc=$rc bs=$BS ios=$CNT ms=$((T1 - T0))"; sleep 2
+    done
+  done
+  echo "DOMU-BENCH-DONE"
+  while true; do sleep 3600; done
+fi
 i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
 for d in /sys/bus/virtio/devices/*; do
   [ -e "$d" ] && echo "DOMU-VIRTIO $(basename $d) device=$(cat $d/device) vendor=$(cat $d/vendor) status=$(cat $d/status) features=$(cat $d/features) driver=$(basename $(readlink $d/driver) 2>/dev/null)"
@@ -25,15 +48,34 @@ else
   GOT=$(dd if=/dev/vda bs=65536 skip=16 count=16 2>/dev/null | md5sum | cut -d' ' -f1)
   echo "DOMU-IO write_rc=$wrc want=$WANT got=$GOT mark=$MARK"
   [ "$WANT" = "$GOT" ] && [ $wrc = 0 ] && echo "DOMU-IO-OK md5=$WANT mark=$MARK" || echo "DOMU-IO-FAIL md5 mismatch"
+  # I/O from every vCPU at once (busybox taskset): each vCPU's virtio notifies reach the daemon
+  # through that vCPU's own ioreq slot and event channel. O_DIRECT, so the reads go to the device.
+  NCPU=$(nproc)
+  if [ "$NCPU" -ge 2 ]; then
+    c=0
+    while [ $c -lt $NCPU ]; do
+      ( head -c 262144 /dev/urandom > /tmp/cpu$c; W=$(md5sum < /tmp/cpu$c | cut -d' ' -f1)
+        taskset -c $c dd if=/tmp/cpu$c of=/dev/vda bs=4096 seek=$((2048 + c * 64)) oflag=direct 2>/dev/null; r1=$?
+        R=$(taskset -c $c dd if=/dev/vda bs=4096 skip=$((2048 + c * 64)) count=64 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+        echo "DOMU-VCPU-IO cpu=$c ok=$([ $r1 = 0 ] && [ "$W" = "$R" ] && echo 1 || echo 0) want=$W got=$R" ) &
+      c=$((c + 1))
+    done
+    wait
+  fi
+  echo "DOMU-NCPU $NCPU"
   grep -E 'virtio' /proc/interrupts | sed 's/^/DOMU-IRQ /'
 fi
 echo "DOMU-DONE uptime=$(cut -d' ' -f1 /proc/uptime)"
-# keep I/O running until dom0 destroys us (xl destroy while I/O runs)
+# a heartbeat independent of the disk: the guest stays alive whatever its device does (dom0 reads
+# it after stopping the daemon under the guest); the I/O loop's count and vda's in-flight requests
+h=0
+( while sleep 2; do h=$((h+1)); echo "DOMU-HB $h loop=$(cat /tmp/loop 2>/dev/null) inflight=$(cat /sys/block/vda/inflight 2>/dev/null | tr -s ' ' ,)"; done ) &
+# keep I/O running until dom0 destroys us (xl destroy while I/O runs); a failing dd is reported
 n=0
 while [ -b /dev/vda ]; do
-  dd if=/dev/urandom of=/dev/vda bs=65536 seek=64 count=16 conv=fsync 2>/dev/null
+  dd if=/dev/urandom of=/dev/vda bs=65536 seek=64 count=16 conv=fsync 2>/dev/null || echo "DOMU-LOOP-ERR write rc=$?"
   echo 3 > /proc/sys/vm/drop_caches
-  dd if=/dev/vda of=/dev/null bs=65536 skip=64 count=16 2>/dev/null
-  n=$((n+1)); echo "DOMU-LOOP $n"
+  dd if=/dev/vda of=/dev/null bs=65536 skip=64 count=16 2>/dev/null || echo "DOMU-LOOP-ERR read rc=$?"
+  n=$((n+1)); echo $n > /tmp/loop; echo "DOMU-LOOP $n"
 done
 while true; do sleep 3600; done
