@@ -47,6 +47,8 @@ from .errors import DaemonError, GuestFault, XenError
 from .fastpath import QueueFastPath
 from .log import DeviceLogger, LimitedLogger
 from .virtio_mmio import (
+    F_ACCESS_PLATFORM,
+    F_VERSION_1,
     Activate,
     ConfigWrite,
     GuestError,
@@ -227,8 +229,6 @@ class Device:
     async def _started_with(self, fe: AsyncFrontend, negotiated: Negotiated, nq: int, view: devtypes.Offer,
                             saved: dict[str, object] | None) -> None:
         """The rest of :meth:`start`, once the back-end has negotiated and the data path is chosen."""
-        from .virtio_mmio import F_ACCESS_PLATFORM, F_VERSION_1  # noqa: PLC0415 (start() is this change's scope)
-
         for fds in (self._kick, self._call):
             for _ in range(nq):
                 fds.append(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
@@ -696,8 +696,7 @@ class Device:
         """QEMU's start order. ``resume``: the rings were running with a back-end that is gone;
         the data path says where each restarts (and what it queued meanwhile is looked at)."""
         if self.config.grants:  # ACCESS_PLATFORM is between the guest and us (grant addresses): the
-            from .virtio_mmio import F_ACCESS_PLATFORM  # noqa: PLC0415  back-end sees shadow memory only
-            features &= ~(1 << F_ACCESS_PLATFORM)
+            features &= ~(1 << F_ACCESS_PLATFORM)  # the back-end sees shadow memory only
         if fe.features is not None:  # bits the daemon serves itself (an emulated config) stay with it
             features &= fe.features
         await fe.set_features(features)
