@@ -12,7 +12,9 @@ in DEVICE_NEEDS_RESET and drops the back-end (reconnected for the next bring-up)
 driver's reset waits for the back-end's rings to stop for RESET_WAIT at most: virtio 1.2 §4.2.2.1
 has the driver read Status back until it is 0, so a back-end that hangs or fails at GET_VRING_BASE
 must not hold the guest's vCPU. The stop then finishes on its own (bounded by RESET_STOP_TIMEOUT,
-then the back-end is dropped and reconnected), and the next start waits for it.
+then the back-end is dropped and reconnected), and the next start waits for it. A reconnect's
+start of the rings (which the device's writes wait for) is abandoned when the driver resets the
+device: its connection is dropped, and a new one serves the next bring-up.
 
 The user-space notification relay lives here too: QueueNotify → ``eventfd_write(kick)``, the
 back-end's call eventfd (add_reader) → InterruptStatus + interrupt line.
@@ -55,6 +57,7 @@ from .virtio_mmio import (
     IrqLevel,
     Notify,
     QueueConfig,
+    Reg,
     Reset,
     Status,
     VirtioMmioDevice,
@@ -187,6 +190,7 @@ class Device:
         self._reconnecting: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None  # the stop a driver's reset left running
         self._starting: asyncio.Task[None] | None = None  # the start a DRIVER_OK write left running
+        self._resuming: asyncio.Task[None] | None = None  # a reconnect's resume (a driver's reset cuts it)
         self._early: set[int] = set()  # queues the guest notified while _starting ran
         self._losses = 0  # back-end losses in a row without a completion in between
         self._connected_at = 0.0  # loop time of the current connection
@@ -485,6 +489,8 @@ class Device:
 
     async def _write_in_turn(self, offset: int, size: int, value: int) -> None:
         assert self.model is not None
+        if offset == Reg.STATUS and value == 0:
+            self._cut_resume()
         self._slow += 1
         try:
             async with self._lock:
@@ -493,11 +499,20 @@ class Device:
             self._slow -= 1
 
     async def _carry_out_in_turn(self, actions: list) -> None:  # type: ignore[type-arg]
+        if any(isinstance(a, Reset) for a in actions):
+            self._cut_resume()
         try:
             async with self._lock:
                 await self._carry_out(actions)
         finally:
             self._slow -= 1
+
+    def _cut_resume(self) -> None:
+        """The driver resets the device: a reconnect's start of its rings (which holds the device's
+        writes, up to the library's MEM_TABLE_TIMEOUT with a back-end slow to map) is pointless now.
+        The reconnect drops that connection and connects again; the next bring-up starts afresh."""
+        if self._resuming is not None:
+            self._resuming.cancel()
 
     def _carry_out_now(self, actions: list) -> None:  # type: ignore[type-arg]
         for action in actions:
@@ -1004,7 +1019,13 @@ class Device:
                     if self.model.active and self._queues:
                         resume, self._fresh = not self._fresh, False  # never-started queues start afresh
                         try:
-                            await self._start_backend(fe, self.model.driver_features, self._queues, resume=resume)
+                            if not await self._resume(fe, resume):
+                                self.frontend = None
+                                await fe.close()  # cut mid-request: the connection cannot carry another one
+                                pause = 0.0
+                                self.log.warning("the driver reset the device while the back-end was being "
+                                                 "resumed: resume abandoned, reconnecting")
+                                continue
                         except VhostUserError as e:
                             if not (fe.broken and e.reconnect):
                                 await self._guarded(self._reraise(e))
@@ -1027,6 +1048,24 @@ class Device:
             if current is not None and current.error is not None and not self._closing:
                 # lost again once resumed, while this task still ran (backend_lost ignored it)
                 self.backend_lost(str(current.error), reconnect=current.error.reconnect)
+
+    async def _resume(self, fe: AsyncFrontend, resume: bool) -> bool:
+        """A reconnect's start of the rings, as a task a driver's reset cancels (False: it did)."""
+        assert self.model is not None
+        task = asyncio.get_running_loop().create_task(
+            self._start_backend(fe, self.model.driver_features, self._queues, resume=resume))
+        self._resuming = task
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError:
+            await cancel_and_wait(task)
+            raise
+        finally:
+            self._resuming = None
+        if task.cancelled():
+            return False
+        task.result()
+        return True
 
     @staticmethod
     async def _reraise(exc: Exception) -> None:

@@ -2,7 +2,8 @@
 the guest's vCPU is not held by the back-end (the write is answered while it hangs, Status reads
 DRIVER_OK), the notifies the guest makes meanwhile are served once the start completes, a start
 that fails puts the device in DEVICE_NEEDS_RESET and drops the back-end, and the next bring-up works
-on a new connection.
+on a new connection. The driver's reset made while a reconnect's resume hangs there is answered
+alike: the resume is abandoned and the next bring-up finds a new back-end.
 
 No simulator: the back-end is the library's RamDiskBlk over a socketpair, its SET_MEM_TABLE handling
 replaced by the misbehaviour under test; guest RAM is a memfd (zero copy) or a bytearray behind the
@@ -21,6 +22,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
+from tests.daemon.backends import StandInBackends
 from vhost_user import AsyncFrontend, FdSocket, FrontendRequest, RequestReceived
 from vhost_user.aio import BackendServer
 from vhost_user.testing import RamDiskBlk
@@ -345,3 +347,73 @@ async def test_device_closed_while_its_start_hangs_leaves_nothing_open(no_fd_lea
         # (served() closed the device: the start is cut, its connection closed)
         assert starting.cancelled() and device.frontend is not None and device.frontend.broken
         assert not bad.release.is_set()
+
+
+class GoodHungGood(StandInBackends):
+    """Good back-ends, but the second one holds SET_MEM_TABLE (until ``hung.release``, then closes
+    its socket); ``asked`` is set once it holds it."""
+
+    def __init__(self, stack: contextlib.AsyncExitStack) -> None:
+        super().__init__(stack)
+        self.asked = asyncio.Event()
+        self.hung: HangingServer | None = None
+
+    def make_server(self, sock: FdSocket) -> BackendServer:
+        dev = RamDiskBlk(1 << 20)
+        if len(self.servers) != 1:
+            return BackendServer(dev, sock)
+        self.hung = HangingServer(dev, sock, mode="close")
+        self.hung.asked = self.asked
+        return self.hung
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("kind", "config_write"), [("zerocopy", False), ("shadow", False), ("zerocopy", True)])
+async def test_reset_while_a_reconnect_resume_hangs_is_answered_and_the_next_bring_up_uses_a_new_backend(
+        no_fd_leak, ram, kind, config_write):
+    # config_write: a config write waits behind the resume, the reset behind it
+    async with asyncio.timeout(TIMEOUT), contextlib.AsyncExitStack() as stack:
+        stand_ins = GoodHungGood(stack)
+        async with served(kind, ram, stand_ins.connect) as guest:
+            device = guest.device
+            assert device is not None
+            await guest.set_up()
+            await guest.w(Reg.STATUS, DRIVER_OK)
+            guest.queue_write(0)
+            await guest.w(Reg.QUEUE_NOTIFY, 0)
+            assert await guest.completions(1) == [0]
+            stand_ins.servers[0].sock.close()  # the back-end goes away: the device reconnects, resumes
+            await stand_ins.asked.wait()  # the second back-end holds the resume's SET_MEM_TABLE
+            bad = stand_ins.hung
+            assert bad is not None and device.reconnecting is not None
+            seen: list[object] = []
+            before: list[asyncio.Future[object]] = []
+            if config_write:
+                cw = device.mmio(0x100, 4, True, 0)
+                assert cw is not None and not isinstance(cw, int)
+                before.append(asyncio.ensure_future(cw))
+                before[0].add_done_callback(lambda _: seen.extend(["config written", bad.release.is_set()]))
+            result = guest.mmio(Reg.STATUS, 0)
+            if result is None:
+                seen += ["answered", guest.status(), bad.release.is_set()]
+            else:
+                write = asyncio.ensure_future(result)  # type: ignore[call-overload]
+                write.add_done_callback(lambda _: seen.extend(["answered", guest.status(), bad.release.is_set()]))
+                with contextlib.suppress(TimeoutError):  # answered at once, or the test releases the back-end
+                    await asyncio.wait_for(asyncio.shield(write), HANG)
+            bad.release.set()
+            assert seen == ["config written", False] * config_write + ["answered", 0, False]
+            await asyncio.gather(*before)
+            if device.reconnecting is not None:
+                await device.reconnecting
+            await guest.set_up()
+            await guest.w(Reg.STATUS, DRIVER_OK)
+            if device.reconnecting is not None:
+                await device.reconnecting
+            if device.starting is not None:
+                await device.starting
+            assert guest.status() == DRIVER_OK
+            assert len(stand_ins.servers) == 3 and stand_ins.servers[2].vrings[0].started
+            guest.queue_write(1)
+            await guest.w(Reg.QUEUE_NOTIFY, 0)
+            assert await guest.completions(1) == [1] and guest.status_byte(1) == b"\x00"
