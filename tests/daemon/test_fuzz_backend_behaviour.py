@@ -299,14 +299,12 @@ def serve_plans() -> None:
     """The attacked process: one plan (JSON) per line of stdin, one verdict (JSON) per line of
     stdout. A process of its own, so that its RSS is the daemon's code under attack, not the
     fuzzer's (hypothesis keeps what it generated)."""
-    # a stalled GET_VRING_BASE or SET_MEM_TABLE is given up on as quickly as any request (the
-    # daemon allows 30 s for each: the back-end may drain its I/O first, or map a large guest).
-    # The guest's DRIVER_OK write and reset no longer wait for them (START_WAIT, RESET_WAIT), but
-    # close() waits for GET_VRING_BASE, and a reconnect resuming a running device holds the
-    # device's writes for its whole start, SET_MEM_TABLE included; the reset's own bound is
-    # shortened alike
+    # a stalled GET_VRING_BASE is given up on as quickly as any request (the daemon allows 30 s:
+    # the back-end may drain its I/O first). The guest's reset no longer waits for it
+    # (RESET_WAIT), but close() does; the reset's own bound is shortened alike. (SET_MEM_TABLE
+    # keeps its 30 s: the guest's DRIVER_OK write waits START_WAIT for it at most, and its reset
+    # cuts a reconnect's start of the rings, which the writes made meanwhile wait for.)
     client.GET_VRING_BASE_TIMEOUT = REQUEST_TIMEOUT
-    client.MEM_TABLE_TIMEOUT = REQUEST_TIMEOUT
     device_module.RESET_STOP_TIMEOUT = 1.0
     handler = _Count()
     root = logging.getLogger()
