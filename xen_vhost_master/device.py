@@ -85,11 +85,13 @@ RESET_WAIT = 1.0
 RESET_STOP_TIMEOUT = 5.0  # the stop's bound after that: the back-end is dropped and reconnected
 # Seconds the driver's DRIVER_OK write waits for the back-end's start (SET_FEATURES, SET_MEM_TABLE,
 # SET_VRING_*). One that behaves answers in milliseconds, and the write completing after the start
-# keeps QEMU's order; a back-end may take up to the library's MEM_TABLE_TIMEOUT (30 s) to map guest
+# keeps QEMU's order; a back-end may take up to the library's MEM_TABLE_TIMEOUT (120 s) to map guest
 # RAM, and a vCPU held that long looks like a soft lockup to the guest.
 START_WAIT = 1.0
 # The whole start's bound (each request has its own): then DEVICE_NEEDS_RESET, the back-end dropped.
-START_TIMEOUT = 60.0
+# Above MEM_TABLE_TIMEOUT: a Linux guest does not recover a device from NEEDS_RESET by itself, so a
+# slow back-end is waited for rather than failed.
+START_TIMEOUT = 180.0
 # Back-end losses in a row delay the next reconnect: from the second loss of a streak on,
 # RECONNECT_BACKOFF doubled per loss, at most LOSS_BACKOFF_MAX, so a back-end that accepts and
 # drops (or floods) at once cannot make the daemon spin. A completion relayed to the guest, or a
