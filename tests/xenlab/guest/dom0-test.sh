@@ -254,6 +254,11 @@ fi
 
 # --- the flow ----------------------------------------------------------------------------------
 mkdir -p $LOGS
+# dom0 first: its vCPUs run the daemon and the back-ends that every guest vCPU waits for, so when the
+# host starves this emulated machine, guest vCPUs busy with I/O must not starve dom0 (xl(1)
+# sched-credit2 / sched-credit: -w weight, default 256). What a dom0 serving device models is given.
+xl sched-credit2 -d 0 -w 1024 >/dev/null 2>&1 || xl sched-credit -d 0 -w 1024 >/dev/null 2>&1 || true
+echo "XENLAB-T $(up) dom0 weight: $(xl sched-credit2 -d 0 2>/dev/null | tail -1 || true)"
 for S in $XENLAB_SCENARIOS; do backend $S; cfg $S; done
 for S in $XENLAB_SCENARIOS; do wait_for 60 test -S /run/vhost-user/lab-$S/51712.sock || t "back-end $S: no socket"; done
 # trace the backend directory (what libxl, the dispatcher and the daemon write, in order) for the log
