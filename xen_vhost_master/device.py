@@ -228,7 +228,7 @@ class Device:
         self._connected_at = asyncio.get_running_loop().time()
         try:
             await self._started_with(fe, negotiated, nq, view, saved)
-        except BaseException:
+        except BaseException:  # the back-end's or the host's error, or a cancellation: nothing stays open
             await self._abandon_start(fe, chooser)
             raise
 
@@ -329,7 +329,7 @@ class Device:
                 )
             config = await self._probe_config(fe, negotiated.features)
             view = devtypes.offer(self.config.device_id, negotiated.features, config, mac=self.mac)
-        except BaseException:
+        except BaseException:  # a refused or broken negotiation, or a cancellation: the chosen path is not kept
             if chosen is not None:
                 chosen.close()
             raise
@@ -659,7 +659,7 @@ class Device:
                 self._drop_queues()
                 await fe.close()  # cut mid-request: the connection cannot carry another one
                 raise
-            except BaseException:
+            except BaseException:  # a bug's exception: the queues opened are closed, the caller's log says it
                 self._drop_queues()
                 raise
             if reason:

@@ -306,7 +306,7 @@ class SpawnLauncher:
                 raise OSError(errno.EINVAL, f"{self.opt.log_dir}/{path_name(name)}.log is not a regular file")
             os.set_blocking(fd, True)
             return os.fdopen(fd, "ab")
-        except BaseException:
+        except BaseException:  # fstat/fdopen's OSError, or a cancellation: the fd is not handed out
             os.close(fd)
             raise
 

@@ -200,7 +200,7 @@ class RuntimeDir:
                 # its parent must not let another user swap the directory for one of their own
                 parent_problem = untrusted(os.stat(os.path.dirname(os.path.abspath(path))), os.geteuid(), parent=True)
                 problem = f"its parent directory {parent_problem}" if parent_problem else None
-        except BaseException:
+        except BaseException:  # fstat/stat's OSError, or a cancellation: the fd is not handed out
             os.close(fd)
             raise
         if problem is not None:
@@ -255,7 +255,7 @@ class RuntimeDir:
             finally:
                 os.close(fd)
             os.replace(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
-        except BaseException:
+        except BaseException:  # a write's or rename's OSError (ENOSPC...): no temp file stays behind
             self.unlink(tmp)
             raise
 

@@ -189,7 +189,7 @@ class GuestDataPaths:
             try:
                 path = ShadowDataPath(self.guest_memory, res.banks, max_queues=num_queues,
                                       max_queue_size=cfg.queue_size, log=log, inflight=record)
-            except BaseException:
+            except BaseException:  # the pool's memfd/mmap OSError, or a bad record: the record is not kept
                 if record is not None:
                     record.close()
                 raise
