@@ -37,6 +37,22 @@ __all__ = ["IoreqServer", "IoreqStats", "MmioHandler"]
 
 ALL_ONES = 0xFFFFFFFFFFFFFFFF
 _GONE = (errno.ENOENT, errno.ESRCH)  # the server, or its whole domain, no longer exists
+#: How long a going device's window is still answered, as a removed device, after its interrupt
+#: line was lowered: an interrupt handler the guest entered just before (Linux ``vm_interrupt``
+#: reads InterruptStatus, then writes InterruptACK unconditionally) finds the window claimed for
+#: both accesses; once the window is unclaimed, Xen on Arm answers an access with a data abort
+#: (tests/xenlab/README.md: a fatal oops in interrupt context when this window was not kept).
+REMOVED_GRACE = 0.5
+
+
+class _Removed:
+    """The answer of a going device's window: no interrupt pending, status 0, writes dropped."""
+
+    def mmio(self, offset: int, size: int, is_write: bool, value: int, vcpu: int) -> int | None:
+        return None if is_write else 0
+
+
+_REMOVED = _Removed()
 
 
 class MmioHandler(Protocol):
@@ -79,6 +95,7 @@ class IoreqServer:
         self._windows: dict[int, tuple[int, MmioHandler]] = {}  # base -> (size, handler)
         self._tasks: set[asyncio.Task[None]] = set()
         self._reading = False
+        self._retired: dict[int, tuple[int, float, bool]] = {}  # window base -> (irq, since when, raised)
 
     # --- life cycle -----------------------------------------------------------------------------
 
@@ -138,9 +155,42 @@ class IoreqServer:
         bisect.insort(self._bases, base)
         self._windows[base] = (size, handler)
 
+    def retire_window(self, base: int, irq: int, *, raised: bool) -> None:
+        """The device at ``base`` is going: its window answers as a removed device from now on
+        (reads 0, writes dropped: the device's own handler is no longer called) and its
+        interrupt line ``irq`` is kept low, so the guest enters no new handler for it; ``raised``:
+        the line may be high now (the device drove it, or a kernel irqfd may have), so it is
+        lowered. :meth:`remove_window_after_grace` unclaims the window. No-op for an unknown
+        window."""
+        window = self._windows.get(base)
+        if window is None or base in self._retired:
+            return
+        self._windows[base] = (window[0], _REMOVED)
+        self._retired[base] = (irq, asyncio.get_running_loop().time(), raised)
+        if raised:
+            self.set_irq(irq, False)
+
+    async def remove_window_after_grace(self, base: int, grace: float = REMOVED_GRACE) -> None:
+        """Unclaim a retired window once its line has been low for ``grace`` seconds (the line is
+        lowered once more first: a kernel irqfd may have raised it until the device let go of
+        it). Without a guest reading any more (the server no longer serves, ``grace`` 0: the
+        domain is gone) the window goes at once."""
+        retired = self._retired.get(base)
+        if retired is not None and self._reading and grace > 0:
+            irq, lowered, raised = retired
+            if raised:
+                self.set_irq(irq, False)
+            now = asyncio.get_running_loop().time()
+            wait = max(lowered + grace, now + grace / 5) - now
+            await asyncio.sleep(wait)
+            self.log.info("window at %#x answered as a removed device for %.1f s, line %d low: unclaiming it",
+                          base, asyncio.get_running_loop().time() - lowered, irq)
+        self.remove_window(base)
+
     def remove_window(self, base: int) -> None:
         """Stop serving the window at ``base`` (no-op if it is not served)."""
         window = self._windows.pop(base, None)
+        self._retired.pop(base, None)
         if window is None:
             return
         size, _ = window
@@ -341,7 +391,10 @@ class IoreqServer:
             self.log.warning("%s%s", reason, f" ({suppressed} similar suppressed)" if suppressed else "")
 
     def set_irq(self, irq: int, level: bool) -> None:
-        """Drive the guest's interrupt line (XEN_DMOP_set_irq_level)."""
+        """Drive the guest's interrupt line (XEN_DMOP_set_irq_level). A retired window's line
+        stays low."""
+        if level and any(r[0] == irq for r in self._retired.values()):
+            return
         try:
             self.dm.set_irq_level(irq, int(level))
         except XenError as e:

@@ -52,7 +52,7 @@ from .device import BackendAbsent, Device, DeviceError
 from .errors import ConfigError, ExitCode, HostError, XenError, host_error
 from .fastpath import KernelFastPath
 from .instance import RuntimeDir
-from .ioreq_server import IoreqServer
+from .ioreq_server import REMOVED_GRACE, IoreqServer
 from .log import device_logger
 from .platform import Platform
 from .sd_notify import Notifier
@@ -816,7 +816,7 @@ class Supervisor:
         served = self.devices.get(base)
         if served is None:
             return
-        self.ioreq.remove_window(base)
+        self.ioreq.retire_window(base, served.config.irq, raised=served.device.may_raise_line)
         if served.state_task is not None:
             served.state_task.cancel()
         try:
@@ -833,6 +833,7 @@ class Supervisor:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(served.config.socket_path(self.name, self.domid))
             served.listener = None
+        await self.ioreq.remove_window_after_grace(base, 0 if self._gone else REMOVED_GRACE)
         self.devices.pop(base, None)
         self._release_guest_memory()
         self._forget_inflight(served.config)  # the device is gone: nothing to resume
@@ -965,8 +966,9 @@ class Supervisor:
     async def _teardown(self) -> None:
         """Reverse order, one step at a time, each bounded."""
         self._stop_tasks_and_status()
-        if self.ioreq is not None:
-            self.ioreq.stop_reading()  # no more guest accesses while the back-ends stop
+        if self.ioreq is not None:  # every device goes at once: answered as removed, lines low
+            for base, served in self.devices.items():
+                self.ioreq.retire_window(base, served.config.irq, raised=served.device.may_raise_line)
         for base in list(self.devices):
             try:
                 await self._remove_device(base)

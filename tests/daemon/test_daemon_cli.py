@@ -146,10 +146,12 @@ async def test_daemon_serves_discovers_hotplugs_and_stops_cleanly(start_sim, sim
         blk1 = await asyncio.wait_for(VirtioBlk.attach(guest, 0x2000200, 34, alloc), TIMEOUT)
         await io_check(blk1, disk1.image, 2)
 
-        # Hot remove: the window goes away (unclaimed MMIO reads as all-ones), device 0 goes on.
+        # Hot remove: the window answers as a removed device (reads 0) for a grace, then goes away
+        # (unclaimed MMIO reads as all-ones); device 0 goes on.
         with SimControl(sim_path) as ctl:
             ctl.remove_virtio_device(DOMID, device_id=2, base=0x2000200, irq=34, devid=1)
         await log.wait_for("removed from xenstore")
+        await log.wait_for("window at 0x2000200 answered as a removed device")
         assert await asyncio.wait_for(guest.mmio_read(0x2000200, 4), TIMEOUT) == 0xFFFFFFFF
         await io_check(blk0, disk0.image, 3)
         await blk0.close()  # the guest's driver resets its device: back to InitWait

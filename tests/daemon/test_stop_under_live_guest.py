@@ -1,0 +1,79 @@
+"""``systemctl stop`` (SIGTERM) while the guest lives and uses its device: from the stop on, each
+device's window answers as a removed device (reads 0: no interrupt pending, status 0; writes
+dropped) with its interrupt line low, while its back-end stops; only then is the window unclaimed
+and the IOREQ server destroyed. A guest vCPU that was in the device's interrupt handler when the
+stop came finds the window still claimed for its InterruptStatus read and its InterruptACK write
+(on Xen on Arm an unclaimed access is a data abort: tests/xenlab/README.md saw it kill a guest
+in interrupt context).
+
+The daemon runs in the test's event loop over the in-process simulated host (as in
+test_waiting_backend.py); its back-end hangs at GET_VRING_BASE until the test lets it go, so the
+teardown is caught half-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+from vhost_user import UnixListener
+from vhost_user.testing import RamDiskBlk
+
+from tests.daemon.test_reset_hostile import MisbehavingServer
+from tests.daemon.test_waiting_backend import BASES, DOMID, IRQS, TIMEOUT, guest_domain, guest_of, logwatch, running  # noqa: F401  (fixture)
+from xen_vhost_master.supervisor import Options
+from xen_vhost_sim.guest_devices import VirtioBlk
+from xen_vhost_sim.guest_driver import GuestDriverError, GuestPageAllocator
+
+INTERRUPT_STATUS, INTERRUPT_ACK, STATUS = 0x60, 0x64, 0x70  # virtio-mmio registers
+
+
+@pytest.mark.asyncio
+async def test_sigterm_under_a_live_guest_answers_its_window_as_removed_with_the_line_low_until_unclaimed(
+        no_fd_leak, platform, sim_host, sim_control, sim_dir, logwatch):
+    guest_domain(sim_control)
+    path = os.path.join(sim_dir, "0.sock")
+    servers: list[MisbehavingServer] = []
+    listener = UnixListener(path)
+
+    async def serve() -> None:
+        sock = await listener.accept(timeout=None)
+        servers.append(MisbehavingServer(RamDiskBlk(1 << 20), sock, mode="hang"))
+        await servers[0].run()
+
+    backend = asyncio.ensure_future(serve())
+    base, irq = BASES[0], IRQS[0]
+    try:
+        with logwatch() as log:
+            async with running(platform, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"))) as daemon, \
+                    guest_of(sim_host) as guest:
+                blk = await asyncio.wait_for(VirtioBlk.attach(guest, base, irq, GuestPageAllocator(guest.ram)), TIMEOUT)
+                data = os.urandom(4096)
+                await asyncio.wait_for(blk.write(8, data), TIMEOUT)
+                assert await asyncio.wait_for(blk.read(8, 8), TIMEOUT) == data
+                assert await asyncio.wait_for(guest.mmio_read(base + STATUS, 4), TIMEOUT) == 0xF  # DRIVER_OK
+
+                stop = asyncio.ensure_future(daemon.stop())
+                await asyncio.wait_for(servers[0].asked.wait(), TIMEOUT)  # the back-end is being stopped
+                assert not guest.irq_level(irq)
+                assert await asyncio.wait_for(guest.mmio_read(base + INTERRUPT_STATUS, 4), TIMEOUT) == 0
+                await asyncio.wait_for(guest.mmio_write(base + INTERRUPT_ACK, 4, 1), TIMEOUT)
+                assert await asyncio.wait_for(guest.mmio_read(base + STATUS, 4), TIMEOUT) == 0
+                assert not stop.done()
+                servers[0].release.set()
+                assert await asyncio.wait_for(stop, TIMEOUT) == 0
+                assert not guest.irq_level(irq)
+                # gone now: the simulator answers an unclaimed access all-ones (x86 HVM's answer)
+                assert await asyncio.wait_for(guest.mmio_read(base + INTERRUPT_STATUS, 4), TIMEOUT) == 0xFFFFFFFF
+                with pytest.raises(GuestDriverError, match="did not complete its reset"):  # (no device any more)
+                    await asyncio.wait_for(blk.close(), TIMEOUT)  # the driver lets go of its rings all the same
+            order = [i for i, line in enumerate(log.lines)
+                     if "answered as a removed device" in line or "ioreq server" in line and "destroyed" in line]
+            assert [("removed" in log.lines[i]) for i in order] == [True, False], [log.lines[i] for i in order]
+    finally:
+        for s in servers:
+            s.release.set()
+        backend.cancel()
+        await asyncio.gather(backend, return_exceptions=True)
+        listener.close()
