@@ -6,8 +6,10 @@ modules.dep: ``depmod`` makes it at install time).
 
 Cache: ``$XVM_QEMU86_CACHE`` or /var/cache/xen-vhost-master-qemu86 (root) or
 ~/.cache/xen-vhost-master-qemu86, one directory per kernel package and version holding
-``vmlinuz``, ``modules/*.ko`` (decompressed), ``modules/order`` and ``done``. Filling it is
-serialised by a lock file, and a directory is only renamed into place complete.
+``vmlinuz``, ``modules/*.ko`` (decompressed), ``modules/order`` and ``done`` (package, version,
+modules asked for). Filling it is serialised by a lock file, a directory is only renamed into
+place complete, and only the current kernel is kept. When the apt lists are missing or outdated
+(the mirror no longer has their kernel), the newest cached kernel serves, with a warning.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gzip
+import logging
 import lzma
 import os
 import re
@@ -38,6 +41,8 @@ __all__ = [
     "load_order",
     "debian_amd64_kernel",
 ]
+
+log = logging.getLogger(__name__)
 
 #: The metapackage that names the current kernel of the release (Depends: linux-image-<abi>-amd64 (= V)).
 METAPACKAGE: Final = "linux-image-amd64"
@@ -113,6 +118,13 @@ def elf_info(path: Path) -> tuple[int, bool]:
 def modinfo(ko: bytes, what: str = "module") -> dict[str, str]:
     """The ``key=value`` strings of a kernel module's ``.modinfo`` section (include/linux/moduleparam.h
     ``__MODULE_INFO``); a key given more than once keeps its last value."""
+    try:
+        return _modinfo(ko, what)
+    except struct.error:
+        raise ValueError(f"{what}: truncated ELF file") from None
+
+
+def _modinfo(ko: bytes, what: str) -> dict[str, str]:
     _elf64(ko, what)
     shoff, = struct.unpack_from("<Q", ko, 0x28)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", ko, 0x3A)
@@ -126,7 +138,9 @@ def modinfo(ko: bytes, what: str = "module") -> dict[str, str]:
     _, str_off, _ = section(shstrndx)
     for i in range(shnum):
         name, offset, size = section(i)
-        end = ko.index(b"\0", str_off + name)
+        end = ko.find(b"\0", str_off + name)
+        if end < 0:
+            raise ValueError(f"{what}: section name {i} is not terminated")
         if ko[str_off + name:end] == b".modinfo":
             info: dict[str, str] = {}
             for item in ko[offset:offset + size].split(b"\0"):
@@ -247,8 +261,15 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _cached(where: Path, package: str, version: str) -> GuestKernel | None:
-    if not (where / "done").is_file():
+def _done_line(package: str, version: str, wanted: tuple[str, ...]) -> str:
+    return f"{package} {version} {','.join(wanted)}\n"
+
+
+def _cached(where: Path, package: str, version: str, wanted: tuple[str, ...]) -> GuestKernel | None:
+    try:
+        if (where / "done").read_text() != _done_line(package, version, wanted):
+            return None
+    except FileNotFoundError:
         return None
     order = (where / "modules" / "order").read_text().split()
     return GuestKernel(where / "vmlinuz", tuple(where / "modules" / f"{n}.ko" for n in order), package, version)
@@ -257,31 +278,66 @@ def _cached(where: Path, package: str, version: str) -> GuestKernel | None:
 def debian_amd64_kernel(wanted: Iterable[str] = PCI_BLK_MODULES, root: Path | None = None) -> GuestKernel:
     """The current ``linux-image-amd64`` kernel with ``wanted`` modules, from the cache or fetched
     into it. :class:`KernelUnavailable` says why not."""
-    package, version = candidate()
     root = cache_root() if root is None else root
+    wanted = tuple(wanted)
+    try:
+        package, version = candidate()
+    except KernelUnavailable as exc:
+        older = _newest_cached(root, wanted)
+        if older is None:
+            raise
+        log.warning("%s; using the cached %s %s", exc, older.package, older.version)
+        return older
     where = root / f"{package}_{version}".replace(":", "%3a")
-    found = _cached(where, package, version)
+    found = _cached(where, package, version, wanted)
     if found is not None:
         return found
     with _locked(root):
-        found = _cached(where, package, version)
+        found = _cached(where, package, version, wanted)
         if found is not None:
             return found
-        work = Path(tempfile.mkdtemp(prefix=".fetch-", dir=root))
         try:
-            # apt's sandbox user cannot write to a root-only cache: download as the caller.
-            sandbox = ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
-            _run(["apt-get", "download", "-q", *sandbox, f"{package}={version}"], work,
-                 f"apt-get download {package}={version}")
-            debs = list(work.glob("*.deb"))
-            if len(debs) != 1:
-                raise KernelUnavailable(f"apt-get download {package}={version} left {len(debs)} .deb files")
-            out = work / "kernel"
-            _extract(debs[0], out, wanted)
-            (out / "done").write_text(f"{package} {version}\n")
-            os.rename(out, where)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-    found = _cached(where, package, version)
+            _fetch(package, version, root, where, wanted)
+        except KernelUnavailable as exc:
+            # The mirror drops a kernel once a newer one replaces it: until the apt lists are
+            # updated, the newest kernel fetched before serves.
+            older = _newest_cached(root, wanted)
+            if older is None:
+                raise KernelUnavailable(f"{exc} (an outdated apt list? run apt-get update)") from None
+            log.warning("%s; using the cached %s %s instead", exc, older.package, older.version)
+            return older
+        for old in root.glob("linux-image-*"):  # one kernel kept: the current one
+            if old != where:
+                shutil.rmtree(old, ignore_errors=True)
+    found = _cached(where, package, version, wanted)
     assert found is not None
     return found
+
+
+def _fetch(package: str, version: str, root: Path, where: Path, wanted: tuple[str, ...]) -> None:
+    work = Path(tempfile.mkdtemp(prefix=".fetch-", dir=root))
+    try:
+        # apt's sandbox user cannot write to a root-only cache: download as the caller.
+        sandbox = ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
+        _run(["apt-get", "download", "-q", *sandbox, f"{package}={version}"], work,
+             f"apt-get download {package}={version}")
+        debs = list(work.glob("*.deb"))
+        if len(debs) != 1:
+            raise KernelUnavailable(f"apt-get download {package}={version} left {len(debs)} .deb files")
+        out = work / "kernel"
+        _extract(debs[0], out, wanted)
+        (out / "done").write_text(_done_line(package, version, wanted))
+        shutil.rmtree(where, ignore_errors=True)  # one fetched for other modules
+        os.rename(out, where)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _newest_cached(root: Path, wanted: tuple[str, ...]) -> GuestKernel | None:
+    done = sorted(root.glob("linux-image-*/done"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for marker in done:
+        package, version = (marker.read_text().split() + ["", ""])[:2]
+        found = _cached(marker.parent, package, version, wanted)
+        if found is not None:
+            return found
+    return None
