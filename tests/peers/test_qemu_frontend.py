@@ -240,10 +240,18 @@ def last_ok(console: PeerProcess) -> int:
     return max(ok_rounds(console), default=0)
 
 
-def wait_rounds(qemu: PeerProcess, at_least: int, timeout: float) -> None:
+#: What QEMU prints when the vhost-user device cannot start (the guest would wait for its disk forever).
+QEMU_VHOST_FAILED = r"^qemu-system-\S+: .*(vhost|msg header).*"
+
+
+def wait_rounds(qemu: PeerProcess, at_least: int, timeout: float, backend: PeerProcess) -> None:
     def progressed() -> bool:
-        broken = re.search(r"^ROUND \d+ (BAD|WRITE-ERROR|READ-ERROR)|^GUEST-FAIL.*", qemu.log_text(), re.MULTILINE)
+        text = qemu.log_text()
+        broken = re.search(r"^ROUND \d+ (BAD|WRITE-ERROR|READ-ERROR)|^GUEST-FAIL.*", text, re.MULTILINE)
         assert broken is None, f"guest I/O broke: {broken.group(0)}; console tail:\n{qemu.log_tail()}"
+        failed = re.search(QEMU_VHOST_FAILED, text, re.MULTILINE)
+        assert failed is None, (f"QEMU's vhost-user device failed: {failed.group(0)}; console tail:\n{qemu.log_tail()}\n"
+                                f"back-end log tail:\n{backend.log_tail(5)}")
         return last_ok(qemu) >= at_least
 
     qemu.wait_for(progressed, f"guest I/O round {at_least}", timeout)
@@ -333,7 +341,7 @@ def test_qemu_stop_cont_while_the_guest_does_io(peers: Peers, tmp_path: Path, ar
         "-qmp", f"unix:{qmp_path},server=on,wait=off",
         "-kernel", str(guest.kernel), "-initrd", str(initrd), "-append", f"console={machine.console} panic=-1 quiet",
     ])
-    wait_rounds(qemu, 3, BOOT_TIMEOUT)
+    wait_rounds(qemu, 3, BOOT_TIMEOUT, backend)
     boot = len(vring_bases(backend.log_text()))  # SeaBIOS's virtio-blk driver starts the ring once first
     assert boot >= 1
     qmp = Qmp(qmp_path)
@@ -343,7 +351,7 @@ def test_qemu_stop_cont_while_the_guest_does_io(peers: Peers, tmp_path: Path, ar
             paused_at = last_ok(qemu)
             qmp.execute("cont")  # SET_VRING_BASE with that answer, then the ring runs again
             wait_restarted(backend, boot + pause + 1, boot)
-            wait_rounds(qemu, paused_at + 3, ROUNDS_TIMEOUT)
+            wait_rounds(qemu, paused_at + 3, ROUNDS_TIMEOUT, backend)
         qmp.execute("quit")
     finally:
         qmp.close()
