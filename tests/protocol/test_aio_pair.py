@@ -295,6 +295,47 @@ async def test_xen_mmap_regions_reach_the_device_mapper_and_io_works(no_fd_leak:
 
 
 @pytest.mark.asyncio
+async def test_plain_regions_under_an_acknowledged_xen_mmap_are_mapped_as_shared_memory(no_fd_leak: None) -> None:
+    """QEMU 8.2 and later acknowledge XEN_MMAP (bit 17, which they only reserve; see
+    vhost_user.wire.codec) and send plain regions with a memfd: the back-end maps the memfd itself
+    (its Xen mapper is not asked) and serves I/O. A plain region whose fd is a device node is
+    refused and the connection goes on."""
+    from vhost_user import XenMemoryRegion
+    from vhost_user.aio import DEFAULT_PROTOCOL_FEATURES
+    from vhost_user.memory import MmapBacking
+
+    asked: list[XenMemoryRegion] = []
+
+    def mapper(region: XenMemoryRegion, fd: int) -> MmapBacking:
+        asked.append(region)
+        return MmapBacking(region, fd)
+
+    dev = RamDiskBlk(1 << 20)
+    dev.xen_mapper = mapper
+    with guest() as g:
+        async with asyncio.timeout(TEST_TIMEOUT), connected_pair(dev) as (fe, server):
+            await fe.negotiate(protocol_features=DEFAULT_PROTOCOL_FEATURES | ProtocolFeatures.XEN_MMAP)
+            assert server.conn.xen_mmap
+            fe.conn.protocol_features &= ~ProtocolFeatures.XEN_MMAP  # QEMU's side: acknowledged, not implemented
+            null = os.open("/dev/null", os.O_RDWR)
+            try:
+                with pytest.raises(BackendFailed):
+                    await fe.add_mem_reg(g.region(), null)
+            finally:
+                os.close(null)
+            assert len(dev.memory) == 0 and not fe.broken
+            await fe.add_mem_reg(g.region(), g.fd)
+            await fe.set_features(int(VirtioFeatures.VERSION_1))
+            await fe.start_vring(0, **g.vring_args())
+            data = os.urandom(1024)
+            g.blk(VIRTIO_BLK_T_OUT, 2, len(data), data, token="w")
+            g.notify()
+            await g.complete({"w"})
+            assert bytes(dev.disk[1024 : 1024 + len(data)]) == data
+            assert asked == []
+
+
+@pytest.mark.asyncio
 async def test_ramdisk_command_serves_a_frontend(tmp_path, no_fd_leak: None) -> None:  # type: ignore[no-untyped-def]
     """``python -m vhost_user.testing.blk`` as a separate process (what peer tests can start)."""
     import sys

@@ -59,6 +59,31 @@ def test_request_with_reply_bit_rejected() -> None:
     assert exc.value.field == "flags.reply"
 
 
+def test_plain_memory_messages_decode_plain_under_xen_mmap() -> None:
+    """QEMU 8.2 and later acknowledge XEN_MMAP (bit 17, which they only reserve) and send the
+    plain layout: a memory message of exactly the plain size is read as plain, the Xen sizes as Xen."""
+    from vhost_user.wire import MemRegMsg, XenMemoryRegion, XenMemoryTable, XenMemRegMsg
+
+    x0 = XenMemoryRegion(guest_phys_addr=0, memory_size=0x1000, userspace_addr=0x10000, mmap_offset=0,
+                         xen_mmap_flags=1, domid=5)
+    r1 = dataclasses.replace(R0, guest_phys_addr=0x1000, userspace_addr=0x11000)
+    x1 = dataclasses.replace(x0, guest_phys_addr=0x1000, userspace_addr=0x11000)
+    cases = [
+        (FrontendRequest.ADD_MEM_REG, MemRegMsg(padding=0, region=R0), MemRegMsg, (3,)),
+        (FrontendRequest.ADD_MEM_REG, XenMemRegMsg(padding=0, region=x0), XenMemRegMsg, (3,)),
+        (FrontendRequest.REM_MEM_REG, MemRegMsg(padding=0, region=R0), MemRegMsg, ()),
+        (FrontendRequest.SET_MEM_TABLE, MemoryTable(nregions=2, padding=0, regions=[R0, r1]), MemoryTable, (3, 4)),
+        (FrontendRequest.SET_MEM_TABLE, XenMemoryTable(nregions=2, padding=0, regions=[x0, x1]), XenMemoryTable, (3, 4)),
+    ]
+    for request, payload, cls, fds in cases:
+        msg = decode_request(*frame(encode(request, payload), fds), xen_mmap=True)
+        assert type(msg.payload) is cls, (request, cls)
+        assert msg.payload == payload
+    # without XEN_MMAP the Xen layout is still a size error
+    with pytest.raises(MalformedMessage):
+        decode_request(*frame(encode(FrontendRequest.ADD_MEM_REG, XenMemRegMsg(padding=0, region=x0)), (3,)))
+
+
 def test_unknown_request_code_is_typed_error() -> None:
     with pytest.raises(UnknownRequest) as exc:
         decode_request(*frame(bytes.fromhex("63000000" "01000000" "00000000")))

@@ -15,6 +15,7 @@ import logging
 import mmap
 import os
 import socket
+import stat
 import struct
 from collections.abc import Callable
 from typing import cast
@@ -29,7 +30,7 @@ from ..wire.enums import (
     ProtocolFeatures,
     VirtioFeatures,
 )
-from ..wire.payloads import ConfigSpace, Inflight, U64, VringState
+from ..wire.payloads import ConfigSpace, Inflight, U64, VringState, XenMemoryRegion
 from .device import VhostUserDevice, Vring
 from .transport import FdSocket, UnixListener, close_fds
 
@@ -60,6 +61,7 @@ class BackendServer:
         self.channel: BackendChannelRequester | None = None
         device.server = self
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._plain_under_xen_logged = False
         self._handlers: dict[FrontendRequest, Callable[[RequestReceived], object]] = {
             F.GET_FEATURES: self._get_features,
             F.SET_FEATURES: self._set_features,
@@ -198,15 +200,32 @@ class BackendServer:
         self.device.reset()
 
     def _map(self, region: object, fd: int) -> None:
-        """Map one region (takes ``fd``): mmap, or the device's Xen mapper under XEN_MMAP."""
-        if self.conn.xen_mmap:
+        """Map one region (takes ``fd``): the device's Xen mapper for a Xen region, else mmap.
+        A plain region under XEN_MMAP (QEMU 8.2 and later acknowledge the feature without
+        implementing it, see vhost_user.wire.codec) is mapped only from shared memory (a memfd or
+        file), never from a device node such as /dev/xen/privcmd, which needs its ioctl first."""
+        if isinstance(region, XenMemoryRegion):
             mapper = self.device.xen_mapper
             if mapper is None:  # pragma: no cover - XEN_MMAP is only offered with a mapper
                 os.close(fd)
                 raise LocalProtocolError("XEN_MMAP negotiated without a mapper")
-            self.device.memory.add_backing(region, mapper(region, fd))  # type: ignore[arg-type]
-        else:
-            self.device.memory.add(region, fd)  # type: ignore[arg-type]
+            self.device.memory.add_backing(region, mapper(region, fd))
+            return
+        if self.conn.xen_mmap:
+            try:
+                mode = os.fstat(fd).st_mode
+            except OSError:
+                os.close(fd)
+                raise
+            if not stat.S_ISREG(mode):
+                os.close(fd)
+                raise ValueError("a plain memory region under XEN_MMAP must come with a memfd or file, "
+                                 f"not a {stat.filemode(mode)[0]!r} file")
+            if not self._plain_under_xen_logged:
+                self._plain_under_xen_logged = True
+                self.log.warning("the front-end acknowledged XEN_MMAP but sends plain memory regions "
+                                 "(as QEMU 8.2 and later do): mapping them as shared memory")
+        self.device.memory.add(region, fd)  # type: ignore[arg-type]
 
     def _set_mem_table(self, ev: RequestReceived) -> bool:
         for vring in self.vrings:

@@ -198,6 +198,24 @@ class Message:
         return bool(self.flags & HeaderFlags.NEED_REPLY)
 
 
+def _plain_layout(cls: type | None, body: bytes) -> bool:
+    """A memory message of exactly the plain layout's size (ADD/REM_MEM_REG 40 bytes, SET_MEM_TABLE
+    8 + nregions * 32), which no Xen layout can be: for nregions >= 1 the Xen table is at least
+    8 + nregions * 40 and at most the full 328-byte struct, above 8 + nregions * 32 up to the
+    baseline's 8 regions.
+
+    QEMU 8.2 and later acknowledge XEN_MMAP (protocol feature 17) when a back-end offers it,
+    without implementing it: include/hw/virtio/vhost-user.h only reserves bit 17 ("Feature 17
+    reserved for VHOST_USER_PROTOCOL_F_XEN_MMAP"), while hw/virtio/vhost-user.c's
+    VHOST_USER_PROTOCOL_FEATURE_MASK is every bit below VHOST_USER_PROTOCOL_F_MAX (19 or more since
+    SHARED_OBJECT = 18); their memory messages keep the plain layout."""
+    if cls is _MemReg:
+        return len(body) == STRUCTS[MemRegMsg].sizeof()
+    if cls is _MemTable and len(body) >= 4:
+        return len(body) == 8 + int.from_bytes(body[:4], "little") * STRUCTS[_region_of(MemoryTable)].sizeof()
+    return False
+
+
 def _resolve(cls: type | None, xen_mmap: bool) -> type | None:
     if cls is _MemTable:
         return XenMemoryTable if xen_mmap else MemoryTable
@@ -313,7 +331,8 @@ def decode_request(
     request, spec = _spec(header.request, channel)
     if len(body) != header.size:
         raise MalformedMessage("size", header.size, f"{len(body)} payload bytes present")
-    payload = _parse(_resolve(spec.payload, xen_mmap), body, request.name)
+    xen_layout = xen_mmap and not _plain_layout(spec.payload, body)
+    payload = _parse(_resolve(spec.payload, xen_layout), body, request.name)
     _validate_payload(request, payload)
     lo, hi = spec.fds(payload)
     validate.check_fd_count(request, fds, lo, hi)
