@@ -281,7 +281,7 @@ class IoreqServer:
         except Exception:  # noqa: BLE001 - the vCPU's lifeline: a device bug must not block it forever
             self._failed(req)
             result = default
-        if isinstance(result, Awaitable):
+        if result is not None and type(result) is not int and isinstance(result, Awaitable):
             task = asyncio.get_running_loop().create_task(self._finish(req, result, default))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
