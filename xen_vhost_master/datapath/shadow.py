@@ -470,18 +470,28 @@ class ShadowDataPath:
             q.unreported = True
 
     def _pump(self, q: _Queue) -> None:
-        """Publish every available guest chain that fits; one kick for the batch."""
+        """Publish every available guest chain that fits; one kick for the batch.
+
+        The guest is asked not to kick while the pass takes chains (virtio 1.2 §2.7.10: with
+        EVENT_IDX its avail_event is left where it was, else VIRTQ_USED_F_NO_NOTIFY is set), as
+        vhost does: a chain it adds meanwhile is taken by this pass, and its kick would be one
+        more IOREQ for nothing. Kicks are asked for again before the pass ends, and the ring is
+        looked at once more after that (what came in between gets no kick)."""
         guest, drv = q.guest, q.drv
         if guest is None or drv is None:
             return
         published = 0
         now = time.monotonic_ns()
         try:
+            guest.disable_notify()
             while True:
                 chain = q.pending
                 if chain is None:
                     chain = guest.pop()
                     if chain is None:
+                        if guest.enable_notify():
+                            guest.disable_notify()
+                            continue
                         break
                     q.popped = now
                 if not self._publish(q, chain, drv):
@@ -489,6 +499,7 @@ class ShadowDataPath:
                         q.stats.held += 1
                     q.pending = chain
                     self._held.add(q.config.index)
+                    guest.enable_notify()  # a kick retries the held chain, as before this pass
                     break
                 q.pending = None
                 published += 1
