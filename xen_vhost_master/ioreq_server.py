@@ -37,6 +37,7 @@ __all__ = ["IoreqServer", "IoreqStats", "MmioHandler"]
 
 ALL_ONES = 0xFFFFFFFFFFFFFFFF
 _GONE = (errno.ENOENT, errno.ESRCH)  # the server, or its whole domain, no longer exists
+_COPY, _INVALIDATE = int(IoreqType.COPY), int(IoreqType.INVALIDATE)  # plain ints: compared on every access
 
 
 class MmioHandler(Protocol):
@@ -314,9 +315,9 @@ class IoreqServer:
             self.log.error("notify vCPU %d: %s", req.vcpu, e)
 
     def _handle(self, req: IoreqRequest) -> int | None | Awaitable[int | None]:
-        if req.type == IoreqType.INVALIDATE:
+        if req.type == _INVALIDATE:
             return None  # x86 mapcache invalidation: nothing cached here
-        if req.type != IoreqType.COPY or req.data_is_ptr or req.count != 1 or req.size not in (1, 2, 4, 8):
+        if req.type != _COPY or req.data_is_ptr or req.count != 1 or req.size not in (1, 2, 4, 8):
             self._refuse(f"unsupported ioreq type={req.type} size={req.size} count={req.count} ptr={req.data_is_ptr} at {req.addr:#x}")
             return ALL_ONES if not req.is_write else None
         window = self._window(req.addr, req.size)

@@ -9,6 +9,7 @@ import asyncio
 import ctypes
 import errno
 import os
+import struct
 
 from xen_vhost_master.errors import XenError
 from xen_vhost_master.xen.abi import (
@@ -27,6 +28,7 @@ __all__ = ["EVTCHN_PATH", "EventChannel"]
 EVTCHN_PATH = "/dev/xen/evtchn"
 MAX_PORTS_PER_READ = 1024  # the driver caps a read at one page of u32 ports
 _NOTIFY = int(EvtchnIoctl.NOTIFY)
+_PORT = struct.Struct("=I")  # a port as read from and written to the fd: a native u32 (as array "I")
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
@@ -90,6 +92,8 @@ class EventChannel(XenDeviceFile):
             raise XenError("evtchn read", exc.errno or errno.EIO) from None
         if not data:  # /dev/xen/evtchn never reaches EOF; a simulated host that died does
             raise XenError("evtchn read", errno.ENODEV)
+        if len(data) == 4:  # one port: the usual case
+            return [_PORT.unpack(data)[0]]
         ports = array.array("I")
         ports.frombytes(data[: len(data) - len(data) % 4])
         return list(ports)
@@ -97,7 +101,7 @@ class EventChannel(XenDeviceFile):
     def unmask(self, *ports: int) -> None:
         if ports:
             try:
-                self.kernel.write(self.fd, array.array("I", ports).tobytes())
+                self.kernel.write(self.fd, _PORT.pack(ports[0]) if len(ports) == 1 else array.array("I", ports).tobytes())
             except OSError as exc:
                 raise XenError("evtchn unmask", exc.errno or errno.EIO) from None
 
