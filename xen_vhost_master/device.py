@@ -470,9 +470,10 @@ class Device:
         actions = self.model.write(offset, size, value)
         if not actions:
             return None
-        if any(isinstance(a, (Activate, Reset, ConfigWrite)) for a in actions):
-            self._slow += 1
-            return self._carry_out_in_turn(actions)
+        for a in actions:
+            if isinstance(a, (Activate, Reset, ConfigWrite)):
+                self._slow += 1
+                return self._carry_out_in_turn(actions)
         self._carry_out_now(actions)
         return None
 
