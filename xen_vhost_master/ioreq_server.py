@@ -35,9 +35,9 @@ from .xen.privcmd import PrivCmd
 
 __all__ = ["IoreqServer", "IoreqStats", "MmioHandler"]
 
+_COPY, _INVALIDATE = int(IoreqType.COPY), int(IoreqType.INVALIDATE)  # plain ints: compared on every access
 ALL_ONES = 0xFFFFFFFFFFFFFFFF
 _GONE = (errno.ENOENT, errno.ESRCH)  # the server, or its whole domain, no longer exists
-_COPY, _INVALIDATE = int(IoreqType.COPY), int(IoreqType.INVALIDATE)  # plain ints: compared on every access
 
 
 class MmioHandler(Protocol):
