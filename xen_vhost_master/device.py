@@ -467,15 +467,19 @@ class Device:
         if not is_write:
             self.stats.reads += 1
             result, actions = self.model.read(offset, size)
-            self._carry_out_now(actions)  # reads only ever produce guest errors
+            if actions:
+                self._carry_out_now(actions)  # reads only ever produce guest errors
             return result
         self.stats.writes += 1
         if self._slow:
             return self._write_in_turn(offset, size, value)
         actions = self.model.write(offset, size, value)
-        if any(isinstance(a, (Activate, Reset, ConfigWrite)) for a in actions):
-            self._slow += 1
-            return self._carry_out_in_turn(actions)
+        if not actions:
+            return None
+        for a in actions:
+            if isinstance(a, (Activate, Reset, ConfigWrite)):
+                self._slow += 1
+                return self._carry_out_in_turn(actions)
         self._carry_out_now(actions)
         return None
 

@@ -35,6 +35,7 @@ from .xen.privcmd import PrivCmd
 
 __all__ = ["IoreqServer", "IoreqStats", "MmioHandler"]
 
+_COPY, _INVALIDATE = int(IoreqType.COPY), int(IoreqType.INVALIDATE)  # plain ints: compared on every access
 ALL_ONES = 0xFFFFFFFFFFFFFFFF
 _GONE = (errno.ENOENT, errno.ESRCH)  # the server, or its whole domain, no longer exists
 #: How long a going device's window is still answered, as a removed device, after its interrupt
@@ -331,7 +332,7 @@ class IoreqServer:
         except Exception:  # noqa: BLE001 - the vCPU's lifeline: a device bug must not block it forever
             self._failed(req)
             result = default
-        if isinstance(result, Awaitable):
+        if result is not None and type(result) is not int and isinstance(result, Awaitable):
             task = asyncio.get_running_loop().create_task(self._finish(req, result, default))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -364,9 +365,9 @@ class IoreqServer:
             self.log.error("notify vCPU %d: %s", req.vcpu, e)
 
     def _handle(self, req: IoreqRequest) -> int | None | Awaitable[int | None]:
-        if req.type == IoreqType.INVALIDATE:
+        if req.type == _INVALIDATE:
             return None  # x86 mapcache invalidation: nothing cached here
-        if req.type != IoreqType.COPY or req.data_is_ptr or req.count != 1 or req.size not in (1, 2, 4, 8):
+        if req.type != _COPY or req.data_is_ptr or req.count != 1 or req.size not in (1, 2, 4, 8):
             self._refuse(f"unsupported ioreq type={req.type} size={req.size} count={req.count} ptr={req.data_is_ptr} at {req.addr:#x}")
             return ALL_ONES if not req.is_write else None
         window = self._window(req.addr, req.size)

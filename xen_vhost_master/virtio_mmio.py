@@ -17,6 +17,7 @@ edge still sees the new event, and a level-sensitive one sees no spurious change
 from __future__ import annotations
 
 import enum
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -221,6 +222,12 @@ _STAGES = (
     Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK,
 )
 _DRIVER_BITS = Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK
+# The hot paths (every guest access) compare plain ints: reading an enum member is a Python-level
+# lookup in CPython 3.11, and an IntFlag ``&`` a Python-level call.
+_R = types.SimpleNamespace(**{r.name: int(r) for r in Reg})  # Reg's offsets, for the register dispatch
+_DRIVER_OK = int(Status.DRIVER_OK)
+_NEEDS_RESET = int(Status.DEVICE_NEEDS_RESET)
+_LINE = (IrqLevel(False), IrqLevel(True))
 
 
 @dataclass
@@ -252,10 +259,12 @@ class VirtioMmioDevice:
     kernel_irq: bool = False
     queues: list[_Queue] = field(init=False)
     _line: bool = field(init=False, default=False)
+    _notifies: list[Notify] = field(init=False, repr=False)
     _config: bytearray = field(init=False)
 
     def __post_init__(self) -> None:
         self.queues = [_Queue(num_max=n) for n in self.queue_sizes]
+        self._notifies = [Notify(i) for i in range(len(self.queues))]  # actions are immutable: made once
         self._config = bytearray(self.config)
 
     # --- reads ----------------------------------------------------------------------------------
@@ -271,38 +280,38 @@ class VirtioMmioDevice:
     def _register(self, offset: int) -> int:
         q = self._selected()
         match offset:
-            case Reg.MAGIC_VALUE:
+            case _R.MAGIC_VALUE:
                 return MAGIC
-            case Reg.VERSION:
+            case _R.VERSION:
                 return VERSION
-            case Reg.DEVICE_ID:
+            case _R.DEVICE_ID:
                 return self.device_id
-            case Reg.VENDOR_ID:
+            case _R.VENDOR_ID:
                 return VENDOR_ID
-            case Reg.DEVICE_FEATURES:
+            case _R.DEVICE_FEATURES:
                 if self.device_features_sel > 1:
                     return 0
                 return (self.device_features >> (32 * self.device_features_sel)) & 0xFFFFFFFF
-            case Reg.QUEUE_NUM_MAX:
+            case _R.QUEUE_NUM_MAX:
                 return q.num_max if q else 0
-            case Reg.QUEUE_READY:
+            case _R.QUEUE_READY:
                 return int(q.ready) if q else 0
-            case Reg.INTERRUPT_STATUS:
-                if self.kernel_irq and self.status & Status.DRIVER_OK:
+            case _R.INTERRUPT_STATUS:
+                if self.kernel_irq and int(self.status) & _DRIVER_OK:
                     return self.interrupt_status | INT_VRING
                 return self.interrupt_status
-            case Reg.STATUS:
+            case _R.STATUS:
                 return int(self.status)
-            case Reg.SHM_LEN_LOW | Reg.SHM_LEN_HIGH | Reg.SHM_BASE_LOW | Reg.SHM_BASE_HIGH:
+            case _R.SHM_LEN_LOW | _R.SHM_LEN_HIGH | _R.SHM_BASE_LOW | _R.SHM_BASE_HIGH:
                 return NO_SHM
-            case Reg.CONFIG_GENERATION:
+            case _R.CONFIG_GENERATION:
                 return self.config_generation & 0xFFFFFFFF
-            case Reg.QUEUE_DESC_LOW | Reg.QUEUE_DESC_HIGH:
-                return (q.desc >> (32 * ((offset - Reg.QUEUE_DESC_LOW) // 4))) & 0xFFFFFFFF if q else 0
-            case Reg.QUEUE_DRIVER_LOW | Reg.QUEUE_DRIVER_HIGH:
-                return (q.driver >> (32 * ((offset - Reg.QUEUE_DRIVER_LOW) // 4))) & 0xFFFFFFFF if q else 0
-            case Reg.QUEUE_DEVICE_LOW | Reg.QUEUE_DEVICE_HIGH:
-                return (q.device >> (32 * ((offset - Reg.QUEUE_DEVICE_LOW) // 4))) & 0xFFFFFFFF if q else 0
+            case _R.QUEUE_DESC_LOW | _R.QUEUE_DESC_HIGH:
+                return (q.desc >> (32 * ((offset - _R.QUEUE_DESC_LOW) // 4))) & 0xFFFFFFFF if q else 0
+            case _R.QUEUE_DRIVER_LOW | _R.QUEUE_DRIVER_HIGH:
+                return (q.driver >> (32 * ((offset - _R.QUEUE_DRIVER_LOW) // 4))) & 0xFFFFFFFF if q else 0
+            case _R.QUEUE_DEVICE_LOW | _R.QUEUE_DEVICE_HIGH:
+                return (q.device >> (32 * ((offset - _R.QUEUE_DEVICE_LOW) // 4))) & 0xFFFFFFFF if q else 0
             case _:
                 # Write-only and reserved registers read as zero.
                 return 0
@@ -324,23 +333,23 @@ class VirtioMmioDevice:
         if size != 4 or offset % 4:
             return [GuestError(f"register write at {offset:#x} of size {size}: only aligned 32-bit writes")]
         match offset:
-            case Reg.DEVICE_FEATURES_SEL:
+            case _R.DEVICE_FEATURES_SEL:
                 self.device_features_sel = value
-            case Reg.DRIVER_FEATURES_SEL:
+            case _R.DRIVER_FEATURES_SEL:
                 self.driver_features_sel = value
-            case Reg.DRIVER_FEATURES:
+            case _R.DRIVER_FEATURES:
                 return self._driver_features(value)
-            case Reg.QUEUE_SEL:
+            case _R.QUEUE_SEL:
                 self.queue_sel = value
-            case Reg.QUEUE_NUM | Reg.QUEUE_READY | Reg.QUEUE_DESC_LOW | Reg.QUEUE_DESC_HIGH | Reg.QUEUE_DRIVER_LOW | Reg.QUEUE_DRIVER_HIGH | Reg.QUEUE_DEVICE_LOW | Reg.QUEUE_DEVICE_HIGH:
+            case _R.QUEUE_NUM | _R.QUEUE_READY | _R.QUEUE_DESC_LOW | _R.QUEUE_DESC_HIGH | _R.QUEUE_DRIVER_LOW | _R.QUEUE_DRIVER_HIGH | _R.QUEUE_DEVICE_LOW | _R.QUEUE_DEVICE_HIGH:
                 return self._queue_write(offset, value)
-            case Reg.QUEUE_NOTIFY:
+            case _R.QUEUE_NOTIFY:
                 return self._notify(value)
-            case Reg.INTERRUPT_ACK:
+            case _R.INTERRUPT_ACK:
                 return self._ack(value)
-            case Reg.STATUS:
+            case _R.STATUS:
                 return self._status_write(value)
-            case Reg.SHM_SEL:
+            case _R.SHM_SEL:
                 self.shm_sel = value
             case _:
                 return [GuestError(f"write to read-only or reserved register {offset:#x} ignored")]
@@ -361,19 +370,19 @@ class VirtioMmioDevice:
         q = self._selected()
         if q is None:
             return [GuestError(f"queue register {offset:#x} written for absent queue {self.queue_sel}")]
-        if offset == Reg.QUEUE_READY:
+        if offset == _R.QUEUE_READY:
             return self._queue_ready(q, value)
         if q.ready:
             return [GuestError(f"queue {self.queue_sel} register {offset:#x} written while ready: ignored")]
         match offset:
-            case Reg.QUEUE_NUM:
+            case _R.QUEUE_NUM:
                 q.num = value
-            case Reg.QUEUE_DESC_LOW | Reg.QUEUE_DESC_HIGH:
-                q.desc = _set_half(q.desc, (offset - Reg.QUEUE_DESC_LOW) // 4, value)
-            case Reg.QUEUE_DRIVER_LOW | Reg.QUEUE_DRIVER_HIGH:
-                q.driver = _set_half(q.driver, (offset - Reg.QUEUE_DRIVER_LOW) // 4, value)
-            case Reg.QUEUE_DEVICE_LOW | Reg.QUEUE_DEVICE_HIGH:
-                q.device = _set_half(q.device, (offset - Reg.QUEUE_DEVICE_LOW) // 4, value)
+            case _R.QUEUE_DESC_LOW | _R.QUEUE_DESC_HIGH:
+                q.desc = _set_half(q.desc, (offset - _R.QUEUE_DESC_LOW) // 4, value)
+            case _R.QUEUE_DRIVER_LOW | _R.QUEUE_DRIVER_HIGH:
+                q.driver = _set_half(q.driver, (offset - _R.QUEUE_DRIVER_LOW) // 4, value)
+            case _R.QUEUE_DEVICE_LOW | _R.QUEUE_DEVICE_HIGH:
+                q.device = _set_half(q.device, (offset - _R.QUEUE_DEVICE_LOW) // 4, value)
         return []
 
     def _queue_ready(self, q: _Queue, value: int) -> list[Action]:
@@ -430,11 +439,11 @@ class VirtioMmioDevice:
 
     def _notify(self, value: int) -> list[Action]:
         index = value & 0xFFFF
-        if not self.status & Status.DRIVER_OK or self.status & Status.DEVICE_NEEDS_RESET:
+        if int(self.status) & (_DRIVER_OK | _NEEDS_RESET) != _DRIVER_OK:
             return [GuestError(f"notify for queue {index} before DRIVER_OK or while NEEDS_RESET: ignored")]
         if index >= len(self.queues) or not self.queues[index].ready:
             return [GuestError(f"notify for queue {index}, which is not ready: ignored")]
-        return [Notify(index)]
+        return [self._notifies[index]]
 
     def _ack(self, value: int) -> list[Action]:
         before = self.interrupt_status
@@ -442,12 +451,12 @@ class VirtioMmioDevice:
         if self.interrupt_status and self.interrupt_status != before:
             # Some bits remain: pulse so that an edge-triggered line sees the remaining event.
             self._line = True
-            return [IrqLevel(False), IrqLevel(True)]
+            return [_LINE[False], _LINE[True]]
         actions = self._update_line()
         if self.kernel_irq and value & INT_VRING and not self.interrupt_status and not actions:
             # The kernel raised the line (irqfd); the guest reads its used rings only after this
             # ACK completes, so lowering it now loses nothing.
-            actions = [IrqLevel(False)]
+            actions = [_LINE[False]]
         return actions
 
     def _update_line(self) -> list[Action]:
@@ -455,7 +464,7 @@ class VirtioMmioDevice:
         if level == self._line:
             return []
         self._line = level
-        return [IrqLevel(level)]
+        return [_LINE[level]]
 
     def _config_write(self, offset: int, size: int, value: int) -> list[Action]:
         if size not in (1, 2, 4, 8):
@@ -528,7 +537,7 @@ class VirtioMmioDevice:
 
     def used_buffer(self) -> list[Action]:
         """The back-end signalled a used buffer (its call eventfd fired)."""
-        if not self.status & Status.DRIVER_OK:
+        if not int(self.status) & _DRIVER_OK:
             return []
         self.interrupt_status |= INT_VRING
         return self._update_line()

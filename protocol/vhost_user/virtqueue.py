@@ -41,11 +41,11 @@ cast of the ring view (one aligned 16-bit ``memcpy`` in CPython's memoryview ite
 
 from __future__ import annotations
 
+import operator
 import struct
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Final, NamedTuple, Protocol
 
 from vhost_user.errors import GuestMemoryError, VhostUserError
 
@@ -110,10 +110,10 @@ class QueueFull(VhostUserError):
 
 
 class GuestMemory(Protocol):
-    """What the queues need from guest memory. A memory that maps on demand (Xen grants) may also
-    offer ``check(addr, length)`` (raises as ``view`` would, maps nothing): the device side then
-    validates a chain's buffers with it instead of a view of each, and the chain's user maps them
-    later, all at once."""
+    """What the queues need from guest memory. A memory may also offer ``check(addr, length)``
+    (raises as ``view`` would, makes no view): the device side then validates a chain's buffers
+    with it instead of a view of each (cheaper; and a memory that maps on demand, Xen grants, maps
+    nothing: the chain's user maps them later, all at once)."""
 
     def view(self, addr: int, length: int) -> memoryview: ...
 
@@ -139,21 +139,25 @@ class FlatMemory:
             raise GuestMemoryError(addr, length)
         return self._mv[off : off + length]
 
+    def check(self, addr: int, length: int) -> None:
+        """Raise as :meth:`view` would, without making a view."""
+        off = addr - self.base
+        if length < 0 or off < 0 or off + length > self.size:
+            raise GuestMemoryError(addr, length)
+
     def release(self) -> None:
         """Drop the underlying export (so an mmap behind it can be closed)."""
         self._mv.release()
 
 
-@dataclass(frozen=True, slots=True)
-class Buffer:
+class Buffer(NamedTuple):
     """One guest buffer of a chain: guest address and length in bytes."""
 
     addr: int
     length: int
 
 
-@dataclass(frozen=True, slots=True)
-class Chain:
+class Chain(NamedTuple):
     """One descriptor chain popped by the device: device-readable buffers, then device-writable."""
 
     head: int
@@ -169,10 +173,16 @@ class Chain:
         return sum(b.length for b in self.writable)
 
 
-def _le16(value: int) -> int:
-    """Convert between a little-endian ring u16 and the host's native u16 (an ``"H"`` cast view
-    stores and loads native words; a no-op on x86-64 and arm64)."""
-    return value if _LITTLE_ENDIAN_HOST else ((value & 0xFF) << 8) | (value >> 8)
+_new = tuple.__new__  # builds a Buffer/Chain without NamedTuple's Python-level __new__ (the hot path)
+
+
+def _swap16(value: int) -> int:
+    return ((value & 0xFF) << 8) | (value >> 8)
+
+
+#: Convert between a little-endian ring u16 and the host's native u16 (an ``"H"`` cast view
+#: stores and loads native words): the identity on x86-64 and arm64, there a call into C.
+_le16: Callable[[int], int] = operator.index if _LITTLE_ENDIAN_HOST else _swap16
 
 
 def _align(value: int, alignment: int) -> int:
@@ -284,46 +294,32 @@ class _Rings:
 class _ChainBuilder:
     """Accumulates validated buffers of one chain (device side)."""
 
-    __slots__ = ("mem", "check", "head", "readable", "writable", "total")
+    __slots__ = ("probe", "head", "readable", "writable", "total")
 
-    def __init__(self, mem: GuestMemory, head: int) -> None:
-        self.mem = mem
-        # A memory that maps on demand (gntdev grants) may validate a buffer without mapping it
-        # (``check(addr, length)``): the user of the chain maps its buffers later, all at once.
-        self.check: Any = getattr(mem, "check", None)
+    def __init__(self, probe: Any, head: int) -> None:
+        self.probe = probe  # see _probe_of
         self.head = head
         self.readable: list[Buffer] = []
         self.writable: list[Buffer] = []
         self.total = 0
 
-    def add(self, addr: int, length: int, write: int) -> None:
-        head = self.head
-        if addr + length > _U64_MAX + 1:
-            raise RingError(f"chain {head}: buffer {addr:#x}+{length:#x} wraps the address space")
-        if length:
-            try:
-                if self.check is not None:
-                    self.check(addr, length)
-                    probe = None
-                else:
-                    probe = self.mem.view(addr, length)
-            except _MEMORY_FAULTS as exc:
-                raise RingError(
-                    f"chain {head}: buffer [{addr:#x}, +{length:#x}) is not in guest memory: {exc}"
-                ) from exc
-            if probe is not None:
-                with probe:
-                    if len(probe) != length:
-                        raise RingError(f"chain {head}: buffer at {addr:#x}: memory returned a short view")
-        self.total += length
-        if self.total > MAX_CHAIN_BYTES:
-            raise RingError(f"chain {head}: total length {self.total} exceeds 4 GiB - 1")
-        if write:
-            self.writable.append(Buffer(addr, length))
-        elif self.writable:
-            raise RingError(f"chain {head}: device-readable descriptor after a device-writable one")
-        else:
-            self.readable.append(Buffer(addr, length))
+
+def _probe_of(mem: GuestMemory) -> Any:
+    """``probe(addr, length)``: raises as ``mem.view`` would for a range ``mem`` does not cover.
+    A memory that offers ``check`` validates without a view (and one that maps on demand, gntdev
+    grants, maps nothing: the user of the chain maps its buffers later, all at once); otherwise
+    a view of the buffer is taken, its length checked and released."""
+    check = getattr(mem, "check", None)
+    if check is not None:
+        return check
+    view = mem.view
+
+    def probe(addr: int, length: int) -> None:
+        with view(addr, length) as v:
+            if len(v) != length:
+                raise GuestMemoryError(addr, length, "memory returned a short view")
+
+    return probe
 
 
 class SplitQueueDevice:
@@ -351,12 +347,14 @@ class SplitQueueDevice:
         inflight: Any = None,
     ) -> None:
         self._r = _Rings(mem, size, desc_addr, avail_addr, used_addr)
+        self._probe = _probe_of(mem)
         # The words the driver polls (used idx, flags, avail_event) are stored with one 16-bit
         # store each, never through struct (see "Single stores" in the module docstring).
         self._used_w = self._r.used.cast("H")
         self.inflight = inflight
         self.event_idx = event_idx
         self._last_avail = last_avail_idx & 0xFFFF
+        self._avail_seen = self._last_avail  # the avail idx last read (validated by available())
         self._used_idx = (_U16.unpack_from(self._r.used, 2)[0] if used_idx is None else used_idx) & 0xFFFF
         self._signalled_used = self._used_idx
         self._notify_enabled = True
@@ -390,6 +388,7 @@ class SplitQueueDevice:
                 f"avail idx {avail_idx} is {pending} entries ahead of last_avail_idx "
                 f"{self._last_avail} (queue size {self._r.size})"
             )
+        self._avail_seen = avail_idx
         return pending
 
     def pop(self) -> Chain | None:
@@ -400,7 +399,8 @@ class SplitQueueDevice:
             again = inflight.next_resubmit()
             if again is not None:
                 return self._walk(again)
-        if not self.available():
+        # Chains up to the avail idx read last are there without reading it again.
+        if self._avail_seen == self._last_avail and not self.available():
             return None
         # Read barrier here (avail idx before the ring entry) — see the module docstring.
         slot = self._last_avail & self._r.mask
@@ -417,7 +417,7 @@ class SplitQueueDevice:
         size = self._r.size
         if head >= size:
             raise RingError(f"chain head {head} out of range (queue size {size})")
-        acc = _ChainBuilder(self._r.mem, head)
+        acc = _ChainBuilder(self._probe, head)
         indirect = self._walk_table(acc, self._r.desc, size, head, "descriptor table", True)
         if indirect is not None:
             addr, length = indirect
@@ -428,28 +428,51 @@ class SplitQueueDevice:
                 raise RingError(f"chain {head}: indirect table of {entries} entries is too big")
             with _ring_view(self._r.mem, addr, length, 1, f"chain {head}: indirect table") as table:
                 self._walk_table(acc, table, entries, 0, "indirect table", False)
-        return Chain(head, acc.readable, acc.writable)
+        return _new(Chain, (head, acc.readable, acc.writable))
 
     @staticmethod
     def _walk_table(
         acc: _ChainBuilder, table: memoryview, entries: int, idx: int, where: str, allow_indirect: bool
     ) -> tuple[int, int] | None:
-        """Follow NEXT links from ``idx``; returns (addr, len) of a final indirect descriptor."""
-        head = acc.head
-        for _ in range(entries):
-            addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * idx)
-            if flags & VIRTQ_DESC_F_INDIRECT:
-                if not allow_indirect:
-                    raise RingError(f"chain {head}: nested indirect descriptor")
-                if flags & VIRTQ_DESC_F_NEXT:
-                    raise RingError(f"chain {head}: descriptor {idx} has both INDIRECT and NEXT")
-                return addr, length
-            acc.add(addr, length, flags & VIRTQ_DESC_F_WRITE)
-            if not flags & VIRTQ_DESC_F_NEXT:
-                return None
-            if nxt >= entries:
-                raise RingError(f"chain {head}: next index {nxt} out of range of the {where} ({entries})")
-            idx = nxt
+        """Follow NEXT links from ``idx``, validating each buffer (in guest memory, no address
+        wrap, readable before writable, the chain's total within a u32); returns (addr, len) of a
+        final indirect descriptor."""
+        head, probe, readable, writable, total = acc.head, acc.probe, acc.readable, acc.writable, acc.total
+        unpack = _DESC.unpack_from
+        try:
+            for _ in range(entries):
+                addr, length, flags, nxt = unpack(table, DESC_SIZE * idx)
+                if flags & VIRTQ_DESC_F_INDIRECT:
+                    if not allow_indirect:
+                        raise RingError(f"chain {head}: nested indirect descriptor")
+                    if flags & VIRTQ_DESC_F_NEXT:
+                        raise RingError(f"chain {head}: descriptor {idx} has both INDIRECT and NEXT")
+                    return addr, length
+                if addr + length > _U64_MAX + 1:
+                    raise RingError(f"chain {head}: buffer {addr:#x}+{length:#x} wraps the address space")
+                if length:
+                    try:
+                        probe(addr, length)
+                    except _MEMORY_FAULTS as exc:
+                        raise RingError(
+                            f"chain {head}: buffer [{addr:#x}, +{length:#x}) is not in guest memory: {exc}"
+                        ) from exc
+                total += length
+                if total > MAX_CHAIN_BYTES:
+                    raise RingError(f"chain {head}: total length {total} exceeds 4 GiB - 1")
+                if flags & VIRTQ_DESC_F_WRITE:
+                    writable.append(_new(Buffer, (addr, length)))
+                elif writable:
+                    raise RingError(f"chain {head}: device-readable descriptor after a device-writable one")
+                else:
+                    readable.append(_new(Buffer, (addr, length)))
+                if not flags & VIRTQ_DESC_F_NEXT:
+                    return None
+                if nxt >= entries:
+                    raise RingError(f"chain {head}: next index {nxt} out of range of the {where} ({entries})")
+                idx = nxt
+        finally:
+            acc.total = total
         raise RingError(f"chain {head} is longer than its {where} ({entries} entries): descriptor loop")
 
     # --- producing -----------------------------------------------------------------------------
@@ -577,22 +600,24 @@ class SplitQueueDriver:
         token: Any = None,
     ) -> int:
         """Expose a chain (readable buffers first) and make it available. Returns its head."""
-        bufs = [(a, n, 0) for a, n in readable] + [(a, n, VIRTQ_DESC_F_WRITE) for a, n in writable]
-        if not bufs:
+        n = len(readable) + len(writable)
+        if not n:
             raise ValueError("a chain needs at least one buffer")
-        if len(bufs) > len(self._free):
-            raise QueueFull(f"chain of {len(bufs)} descriptors, {len(self._free)} free")
-        indices = [self._free.pop() for _ in bufs]
-        for i, (slot, (addr, length, flags)) in enumerate(zip(indices, bufs)):
-            last = i == len(bufs) - 1
-            _DESC.pack_into(
-                self._r.desc,
-                DESC_SIZE * slot,
-                addr,
-                length,
-                flags | (0 if last else VIRTQ_DESC_F_NEXT),
-                0 if last else indices[i + 1],
-            )
+        free = self._free
+        if n > len(free):
+            raise QueueFull(f"chain of {n} descriptors, {len(free)} free")
+        indices = free[-n:]  # the stack's top n, popped in order
+        indices.reverse()
+        del free[-n:]
+        pack, table = _DESC.pack_into, self._r.desc
+        i, last = 0, n - 1
+        for flags, bufs in ((0, readable), (VIRTQ_DESC_F_WRITE, writable)):
+            for addr, length in bufs:
+                if i == last:
+                    pack(table, DESC_SIZE * indices[i], addr, length, flags, 0)
+                else:
+                    pack(table, DESC_SIZE * indices[i], addr, length, flags | VIRTQ_DESC_F_NEXT, indices[i + 1])
+                i += 1
         return self._publish(indices, token)
 
     def add_indirect(

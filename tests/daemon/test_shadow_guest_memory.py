@@ -36,9 +36,12 @@ async def test_foreign_guest_memory_reads_writes_and_refuses_holes(no_fd_leak, s
         assert bytes(guest.ram.view(RAM0 + 0x1000, 8)) == b"DM!!-gst"
         with mem.view(HOLE - 4096, 4096) as v:  # just below the hole: fine
             assert len(v) == 4096
+        mem.check(HOLE - 4096, 4096)  # what the ring walk validates buffers with: the same rule, no view
         for gpa, n in ((HOLE - 8, 16), (HOLE + 4096, 1), (RAM0 - 4096, 16), (RAM0 + (16 << 20) - 4, 8), (RAM0, -1)):
             with pytest.raises(GuestMemoryError):
                 mem.view(gpa, n)
+            with pytest.raises(GuestMemoryError):
+                mem.check(gpa, n)
     finally:
         mem.close()
         mem.close()  # idempotent

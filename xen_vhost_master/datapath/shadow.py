@@ -470,26 +470,36 @@ class ShadowDataPath:
             q.unreported = True
 
     def _pump(self, q: _Queue) -> None:
-        """Publish every available guest chain that fits; one kick for the batch."""
+        """Publish every available guest chain that fits; one kick for the batch.
+
+        The guest is asked not to kick while the pass takes chains (virtio 1.2 §2.7.10: with
+        EVENT_IDX its avail_event is left where it was, else VIRTQ_USED_F_NO_NOTIFY is set), as
+        vhost does: a chain it adds meanwhile is taken by this pass, and its kick would be one
+        more IOREQ for nothing. Kicks are asked for again before the pass ends, and the ring is
+        looked at once more after that (what came in between gets no kick)."""
         guest, drv = q.guest, q.drv
         if guest is None or drv is None:
             return
         published = 0
         now = time.monotonic_ns()
         try:
+            guest.disable_notify()
             while True:
                 chain = q.pending
                 if chain is None:
                     chain = guest.pop()
                     if chain is None:
+                        if guest.enable_notify():
+                            guest.disable_notify()
+                            continue
                         break
                     q.popped = now
-                    self._check(q, chain)
                 if not self._publish(q, chain, drv):
                     if q.pending is None:
                         q.stats.held += 1
                     q.pending = chain
                     self._held.add(q.config.index)
+                    guest.enable_notify()  # a kick retries the held chain, as before this pass
                     break
                 q.pending = None
                 published += 1
@@ -506,40 +516,40 @@ class ShadowDataPath:
         q.stats.kicks += 1
         os.eventfd_write(q.kick_fd, 1)
 
-    def _check(self, q: _Queue, chain: Chain) -> None:
-        n = len(chain.readable) + len(chain.writable)
-        if n > q.config.num:
-            raise RingError(f"chain {chain.head}: {n} descriptors, longer than the queue ({q.config.num})")
-        # A zero-sized buffer: every back-end built on QEMU's virtio core or libvhost-user (e.g.
-        # qemu-storage-daemon) refuses it for any device type ("virtio: zero sized buffers are not
-        # allowed") and drops the connection; no virtio-blk request part is empty (virtio 1.2
-        # §5.2.6: a 16-byte header, data in 512-byte sectors, a 1-byte status).
-        for i, b in enumerate((*chain.readable, *chain.writable)):
-            if b.length == 0:
-                raise RingError(f"chain {chain.head}: buffer {i} has length 0 (zero-sized buffers are not allowed)")
-        if chain.head in q.inflight:
-            raise RingError(f"chain {chain.head} made available again while still in flight")
-
     def _publish(self, q: _Queue, chain: Chain, drv: SplitQueueDriver) -> bool:
-        """Bounce ``chain`` and publish it on the shadow ring; False when out of pool or ring space."""
-        readable, writable = chain.readable, chain.writable
-        n = len(readable) + len(writable)
+        """Check ``chain``, bounce it and publish it on the shadow ring; False when out of pool or
+        ring space (nothing of it taken: it is offered again)."""
+        head, readable, writable = chain
+        bufs = readable + writable
+        n = len(bufs)
+        if n > q.config.num:
+            raise RingError(f"chain {head}: {n} descriptors, longer than the queue ({q.config.num})")
         assert q.guest_desc is not None
-        guest_indirect = _FLAGS.unpack_from(q.guest_desc, 16 * chain.head + 12)[0] & VIRTQ_DESC_F_INDIRECT
         free = drv.num_free
-        indirect = q.indirect and n > 1 and (bool(guest_indirect) or n > free)
-        if (1 if indirect else n) > free:
-            return False
+        indirect = q.indirect and n > 1 and (
+            n > free or bool(_FLAGS.unpack_from(q.guest_desc, 16 * head + 12)[0] & VIRTQ_DESC_F_INDIRECT))
         # Extent layout: [indirect table][buffers, 16- or 512-aligned].
         pos = 16 * n if indirect else 0
         offsets = []
-        for b in (*readable, *writable):
-            a = SMALL - 1 if b.length >= SMALL else 15
+        i = 0
+        for _addr, length in bufs:
+            # A zero-sized buffer: every back-end built on QEMU's virtio core or libvhost-user
+            # (e.g. qemu-storage-daemon) refuses it for any device type ("virtio: zero sized
+            # buffers are not allowed") and drops the connection; no virtio-blk request part is
+            # empty (virtio 1.2 §5.2.6: a 16-byte header, data in 512-byte sectors, a 1-byte status).
+            if not length:
+                raise RingError(f"chain {head}: buffer {i} has length 0 (zero-sized buffers are not allowed)")
+            i += 1
+            a = SMALL - 1 if length >= SMALL else 15
             pos = (pos + a) & ~a
             offsets.append(pos)
-            pos += b.length
+            pos += length
+        if head in q.inflight:
+            raise RingError(f"chain {head} made available again while still in flight")
+        if (1 if indirect else n) > free:
+            return False
         if pos > self.pool.capacity:
-            raise RingError(f"chain {chain.head}: {pos} bytes do not fit the bounce pool ({self.pool.capacity} bytes)")
+            raise RingError(f"chain {head}: {pos} bytes do not fit the bounce pool ({self.pool.capacity} bytes)")
         extent = self.pool.alloc(pos)
         if extent is None:
             return False  # held: nothing of the chain is mapped yet
@@ -551,38 +561,40 @@ class ShadowDataPath:
             except RingError:
                 self.pool.free(extent, pos)
                 raise
-        buf, mem, base = self._buf, self.memory, self._base
+        buf, view, base = self._buf, self.memory.view, self._base
+        nr = len(readable)
         shadow_r: list[tuple[int, int]] = []
         shadow_w: list[tuple[int, int]] = []
         copy_back: list[tuple[int, int, int]] = []
-        copied = 0
+        copied = wlen = 0
         try:
-            i = 0
-            for b in readable:
-                off = extent + offsets[i]
-                i += 1
-                if b.length:
-                    buf[off : off + b.length] = mem.view(b.addr, b.length)
-                    copied += b.length
-                shadow_r.append((base + off, b.length))
-            for b in writable:
-                off = extent + offsets[i]
-                i += 1
-                shadow_w.append((base + off, b.length))
-                copy_back.append((b.addr, off, b.length))
+            for k in range(nr):
+                addr, length = readable[k]
+                off = extent + offsets[k]
+                buf[off : off + length] = view(addr, length)
+                copied += length
+                shadow_r.append((base + off, length))
         except _FAULTS as e:
             self.pool.free(extent, pos)
             if self._release is not None:  # what was mapped for it goes now, not at the queue's reset
                 self._release([(b.addr, b.length) for b in readable])
                 self._release([(b.addr, b.length) for b in writable])
-            raise RingError(f"chain {chain.head}: guest buffer unreadable: {e}") from e
+            raise RingError(f"chain {head}: guest buffer unreadable: {e}") from e
         if self._release is not None and readable:
             self._release([(b.addr, b.length) for b in readable])  # copied: no longer needed
-        wlen = sum(b.length for b in writable)
-        f = _InFlight(chain.head, extent, pos, base + extent if indirect else -1, shadow_r, shadow_w, copy_back, wlen)
+        for k in range(nr, n):
+            addr, length = bufs[k]
+            off = extent + offsets[k]
+            shadow_w.append((base + off, length))
+            copy_back.append((addr, off, length))
+            wlen += length
+        f = _InFlight(head, extent, pos, base + extent if indirect else -1, shadow_r, shadow_w, copy_back, wlen)
         f.popped = q.popped
-        self._add(drv, f)
-        q.inflight[chain.head] = f
+        if indirect:
+            drv.add_indirect(f.table, shadow_r, shadow_w, token=f)
+        else:
+            drv.add(shadow_r, shadow_w, token=f)
+        q.inflight[head] = f
         q.stats.bytes_in += copied
         return True
 
@@ -615,7 +627,7 @@ class ShadowDataPath:
     def _complete(self, q: _Queue, done: list[tuple[Any, int]]) -> None:
         """Copy back what the back-end wrote, free the extents, push the guest's used elements."""
         assert q.guest is not None
-        buf, mem = self._buf, self.memory
+        buf, view, free, inflight = self._buf, self.memory.view, self.pool.free, q.inflight
         pushes: list[tuple[int, int]] = []
         out = 0
         fault: str | None = None
@@ -637,15 +649,15 @@ class ShadowDataPath:
                         if left <= 0:
                             break
                         m = length if length < left else left
-                        mem.view(gaddr, m)[:] = buf[off : off + m]
+                        view(gaddr, m)[:] = buf[off : off + m]
                         left -= m
                         out += m
                 except (*_FAULTS, TypeError) as e:  # TypeError: a read-only view
                     fault = f"chain {f.head}: guest buffer unwritable: {e}"
-            self.pool.free(f.offset, f.nbytes)
+            free(f.offset, f.nbytes)
             if self._release is not None:
                 self._release([(a, n) for a, _, n in f.copy_back])
-            del q.inflight[f.head]
+            del inflight[f.head]
             pushes.append((f.head, written))
         q.guest.push_many(pushes)
         q.stats.completed += len(pushes)

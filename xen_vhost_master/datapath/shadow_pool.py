@@ -59,7 +59,7 @@ class PagePool:
 
     def alloc(self, nbytes: int) -> int | None:
         """Memfd offset of ``nbytes`` (rounded up to pages) of contiguous pool, or None if full."""
-        k = _pages(max(nbytes, 1))
+        k = (nbytes + PAGE - 1) // PAGE or 1  # _pages(max(nbytes, 1)), once per chain
         if k > self.pages - self.used_pages:
             return None
         needle = self._needle.get(k)
@@ -73,7 +73,7 @@ class PagePool:
         return self.offset + i * PAGE
 
     def free(self, offset: int, nbytes: int) -> None:
-        k = _pages(max(nbytes, 1))
+        k = (nbytes + PAGE - 1) // PAGE or 1
         i = (offset - self.offset) // PAGE
         if not (0 <= i and i + k <= self.pages) or (offset - self.offset) % PAGE:
             raise ValueError(f"free of [{offset:#x}, +{nbytes:#x}) outside the pool")

@@ -65,11 +65,16 @@ class ForeignRange:
 
     def slice(self, offset: int, length: int) -> memoryview:
         if self.bad:
+            self.check(offset, length)
+        return self.mv[offset : offset + length]
+
+    def check(self, offset: int, length: int) -> None:
+        """GuestMemoryError if ``[offset, offset + length)`` covers a frame that failed to map."""
+        if self.bad:
             first, last = offset >> XEN_PAGE_SHIFT, (offset + max(length, 1) - 1) >> XEN_PAGE_SHIFT
             i = bisect.bisect_left(self.bad, first)
             if i < len(self.bad) and self.bad[i] <= last:
                 raise GuestMemoryError(self.gpa + offset, length, "guest-physical (a frame Xen did not map)")
-        return self.mv[offset : offset + length]
 
     def close(self) -> None:
         self.mv.release()
@@ -111,6 +116,18 @@ class ForeignGuestMemory:
             bank = self._banks[i]
             if gpa + length <= bank.end:
                 return bank.slice(gpa - bank.gpa, length)
+        raise GuestMemoryError(gpa, length, "guest-physical")
+
+    def check(self, gpa: int, length: int) -> None:
+        """Raise as :meth:`view` would for ``[gpa, gpa+length)``, without making a view (what the
+        ring walk validates a chain's buffers with: vhost_user.virtqueue.GuestMemory)."""
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i >= 0 and length >= 0:
+            bank = self._banks[i]
+            if gpa + length <= bank.end:
+                if bank.bad:
+                    bank.check(gpa - bank.gpa, length)
+                return
         raise GuestMemoryError(gpa, length, "guest-physical")
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ from xen_vhost_master.xen.abi import (
     IoRangeType,
     xen_dm_op,
 )
-from xen_vhost_master.xen.privcmd import PrivCmd
+from xen_vhost_master.xen.privcmd import PreparedDmOp, PrivCmd
 
 __all__ = ["DeviceModel", "IoreqServerInfo"]
 
@@ -30,6 +30,7 @@ class DeviceModel:
 
     def __init__(self, privcmd: PrivCmd, domid: int) -> None:
         self.privcmd, self.domid = privcmd, domid
+        self._irq_ops: dict[tuple[int, int], PreparedDmOp] = {}  # (irq, level) -> its set_irq_level
 
     def _op(self, op: DmOp) -> xen_dm_op:
         return xen_dm_op(op=op)
@@ -78,10 +79,14 @@ class DeviceModel:
         self._send(d)
 
     def set_irq_level(self, irq: int, level: int) -> None:
-        """Arm: drive SPI ``irq`` to ``level`` (0/1)."""
-        d = self._op(DmOp.set_irq_level)
-        d.u.set_irq_level.irq, d.u.set_irq_level.level = irq, level
-        self._send(d)
+        """Arm: drive SPI ``irq`` to ``level`` (0/1). The op has no OUT fields (Xen does not copy it
+        back), so each (irq, level) is built once: every interrupt raises and lowers a line."""
+        op = self._irq_ops.get((irq, level))
+        if op is None:
+            d = self._op(DmOp.set_irq_level)
+            d.u.set_irq_level.irq, d.u.set_irq_level.level = irq, level
+            op = self._irq_ops[(irq, level)] = self.privcmd.prepare_dm_op(self.domid, d)
+        op()
 
     def inject_msi(self, addr: int, data: int) -> None:
         """x86: inject an MSI."""

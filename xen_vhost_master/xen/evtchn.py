@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import array
 import asyncio
+import ctypes
 import errno
 import os
+import struct
 
 from xen_vhost_master.errors import XenError
 from xen_vhost_master.xen.abi import (
@@ -25,6 +27,8 @@ __all__ = ["EVTCHN_PATH", "EventChannel"]
 
 EVTCHN_PATH = "/dev/xen/evtchn"
 MAX_PORTS_PER_READ = 1024  # the driver caps a read at one page of u32 ports
+_NOTIFY = int(EvtchnIoctl.NOTIFY)
+_PORT = struct.Struct("=I")  # a port as read from and written to the fd: a native u32 (as array "I")
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
@@ -37,6 +41,9 @@ class EventChannel(XenDeviceFile):
 
     def __init__(self, kernel: Kernel, path: str = EVTCHN_PATH) -> None:
         super().__init__(kernel, path, os.O_RDWR | os.O_NONBLOCK)
+        # NOTIFY's argument per port, built once (the hot path: every answered IOREQ notifies):
+        # the struct, kept alive, and its address.
+        self._notify_args: dict[int, tuple[ioctl_evtchn_notify, int]] = {}
 
     def __enter__(self) -> EventChannel:
         return self
@@ -55,12 +62,21 @@ class EventChannel(XenDeviceFile):
         )
 
     def unbind(self, port: int) -> None:
+        self._notify_args.pop(port, None)
         self._ioctl("evtchn unbind", EvtchnIoctl.UNBIND, ioctl_evtchn_unbind(port))
 
     def notify(self, port: int) -> None:
-        self._ioctl("evtchn notify", EvtchnIoctl.NOTIFY, ioctl_evtchn_notify(port))
+        arg = self._notify_args.get(port)
+        if arg is None:
+            s = ioctl_evtchn_notify(port)
+            arg = self._notify_args[port] = (s, ctypes.addressof(s))
+        try:
+            self.kernel.ioctl(self.fd, _NOTIFY, arg[1])
+        except OSError as exc:
+            raise XenError("evtchn notify", exc.errno or errno.EIO) from None
 
     def reset(self) -> None:
+        self._notify_args.clear()
         self._ioctl("evtchn reset", EvtchnIoctl.RESET, None)
 
     def restrict_domid(self, domid: int) -> None:
@@ -76,6 +92,8 @@ class EventChannel(XenDeviceFile):
             raise XenError("evtchn read", exc.errno or errno.EIO) from None
         if not data:  # /dev/xen/evtchn never reaches EOF; a simulated host that died does
             raise XenError("evtchn read", errno.ENODEV)
+        if len(data) == 4:  # one port: the usual case
+            return [_PORT.unpack(data)[0]]
         ports = array.array("I")
         ports.frombytes(data[: len(data) - len(data) % 4])
         return list(ports)
@@ -83,7 +101,7 @@ class EventChannel(XenDeviceFile):
     def unmask(self, *ports: int) -> None:
         if ports:
             try:
-                self.kernel.write(self.fd, array.array("I", ports).tobytes())
+                self.kernel.write(self.fd, _PORT.pack(ports[0]) if len(ports) == 1 else array.array("I", ports).tobytes())
             except OSError as exc:
                 raise XenError("evtchn unmask", exc.errno or errno.EIO) from None
 

@@ -10,7 +10,7 @@ arm64; the state byte is written with one byte store (``(byte30 & 0xf0) | state`
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from xen_vhost_master.xen.abi import (
     IOREQ_SLOT_SIZE,
@@ -27,6 +27,14 @@ __all__ = ["IoreqPage", "IoreqRequest", "fence"]
 
 # struct ioreq (abi.ioreq_t): addr, data, count, size, vp_eport, _pad0, flags, type
 _SLOT = struct.Struct("<QQIIIHBB")
+_FLAGS_OFF: Final = ioreq_t.flags.offset  # type: ignore[attr-defined]  # the state byte: one store changes it
+_STATE_MASK: Final = ioreq_t.STATE_MASK
+_DIR: Final = ioreq_t.DIR
+_DATA_IS_PTR: Final = ioreq_t.DATA_IS_PTR
+_READY: Final = int(IoreqState.READY)
+_INPROCESS: Final = int(IoreqState.INPROCESS)
+_IORESP_READY: Final = int(IoreqState.IORESP_READY)
+_new = tuple.__new__  # an IoreqRequest without NamedTuple's Python-level __new__ (once per access)
 
 
 def fence() -> None:
@@ -89,24 +97,24 @@ class IoreqPage:
     def take(self, vcpu: int, *, recover: bool = False) -> IoreqRequest | None:
         """If vCPU's slot is READY (or, with ``recover``, INPROCESS left by a dead predecessor):
         read it, mark INPROCESS and return it; else None (spurious wakeup: do not notify)."""
-        s = self._slots[vcpu]
-        state = s.flags & ioreq_t.STATE_MASK
-        if state != IoreqState.READY and not (recover and state == IoreqState.INPROCESS):
+        raw = self._raw[vcpu]
+        state = raw[_FLAGS_OFF] & _STATE_MASK
+        if state != _READY and not (recover and state == _INPROCESS):
             return None
         fence()  # the state before the fields
-        addr, data, count, size, _port, _pad, flags, rtype = _SLOT.unpack(self._raw[vcpu])
-        is_write = not flags & ioreq_t.DIR  # dir bit clear: IOREQ_WRITE (abi.IoreqDir.WRITE = 0)
+        addr, data, count, size, _port, _pad, flags, rtype = _SLOT.unpack(raw)
+        is_write = not flags & _DIR  # dir bit clear: IOREQ_WRITE (abi.IoreqDir.WRITE = 0)
         if is_write and 0 < size < 8:
             data &= (1 << (8 * size)) - 1
-        req = IoreqRequest(vcpu, addr, size, is_write, data, rtype, count, bool(flags & ioreq_t.DATA_IS_PTR))
-        s.flags = (flags & ~ioreq_t.STATE_MASK) | IoreqState.INPROCESS
+        req = _new(IoreqRequest, (vcpu, addr, size, is_write, data, rtype, count, bool(flags & _DATA_IS_PTR)))
+        raw[_FLAGS_OFF] = (flags & ~_STATE_MASK & 0xFF) | _INPROCESS
         return req
 
     def complete(self, vcpu: int, data: int | None = None) -> None:
         """Publish the response (``data`` for reads), then IORESP_READY. Notify the port afterwards."""
-        s = self._slots[vcpu]
         if data is not None:
-            s.data = data & 0xFFFFFFFFFFFFFFFF
+            self._slots[vcpu].data = data & 0xFFFFFFFFFFFFFFFF
         fence()
-        s.state = IoreqState.IORESP_READY
+        raw = self._raw[vcpu]
+        raw[_FLAGS_OFF] = (raw[_FLAGS_OFF] & ~_STATE_MASK & 0xFF) | _IORESP_READY
         fence()

@@ -34,7 +34,7 @@ from xen_vhost_master.xen.abi import (
 from xen_vhost_master.xen.device_file import XenDeviceFile
 from xen_vhost_master.xen.kernel import PROT_READ, PROT_WRITE, Kernel, Mapping
 
-__all__ = ["ForeignMapping", "PrivCmd", "PRIVCMD_PATH"]
+__all__ = ["ForeignMapping", "PreparedDmOp", "PrivCmd", "PRIVCMD_PATH"]
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +102,12 @@ class PrivCmd(XenDeviceFile):
     # ------------------------------------------------------------ dm_op
     def dm_op(self, domid: int, *bufs: ctypes.Structure | ctypes.Array) -> int:  # type: ignore[type-arg]
         """IOCTL_PRIVCMD_DM_OP with ``bufs`` (bufs[0] is the xen_dm_op); OUT fields land in place."""
-        arr = (privcmd_dm_op_buf * max(len(bufs), 1))()
-        for i, b in enumerate(bufs):
-            arr[i].uptr, arr[i].size = ctypes.addressof(b), ctypes.sizeof(b)
-        k = privcmd_dm_op(dom=domid, num=len(bufs), ubufs=ctypes.addressof(arr))
-        return self._ioctl("dm_op", PrivcmdIoctl.DM_OP, k)
+        return self.prepare_dm_op(domid, *bufs)()
+
+    def prepare_dm_op(self, domid: int, *bufs: ctypes.Structure | ctypes.Array) -> PreparedDmOp:  # type: ignore[type-arg]
+        """:meth:`dm_op`'s argument built once: each call of the result issues it again, with
+        ``bufs`` as they are then (a dm_op the hot path repeats, e.g. an interrupt line change)."""
+        return PreparedDmOp(self, domid, bufs)
 
     # ------------------------------------------------------------ foreign mapping
     def map_foreign(self, domid: int, gfns: array.array[int] | memoryview, *, prot: int = PROT_READ | PROT_WRITE) -> ForeignMapping:
@@ -201,3 +202,27 @@ class PrivCmd(XenDeviceFile):
         except OSError as exc:
             return exc.errno not in (errno.ENOTTY, errno.EOPNOTSUPP)
         return True
+
+
+class PreparedDmOp:
+    """One IOCTL_PRIVCMD_DM_OP argument (``privcmd_dm_op`` and its buffer array) for ``bufs``,
+    which it keeps alive; calling it issues the ioctl (XenError on failure)."""
+
+    __slots__ = ("_privcmd", "_keep", "_addr")
+
+    def __init__(self, privcmd: PrivCmd, domid: int, bufs: tuple[ctypes.Structure | ctypes.Array, ...]) -> None:  # type: ignore[type-arg]
+        arr = (privcmd_dm_op_buf * max(len(bufs), 1))()
+        for i, b in enumerate(bufs):
+            arr[i].uptr, arr[i].size = ctypes.addressof(b), ctypes.sizeof(b)
+        k = privcmd_dm_op(dom=domid, num=len(bufs), ubufs=ctypes.addressof(arr))
+        self._privcmd, self._keep, self._addr = privcmd, (bufs, arr, k), ctypes.addressof(k)
+
+    def __call__(self) -> int:
+        pc = self._privcmd
+        try:
+            return pc.kernel.ioctl(pc.fd, _DM_OP, self._addr)
+        except OSError as exc:
+            raise XenError("dm_op", exc.errno or errno.EIO) from None
+
+
+_DM_OP = int(PrivcmdIoctl.DM_OP)

@@ -53,7 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +114,9 @@ class Daemon:
     """``xen-vhost-master`` for one domain and one device, READY through a real NOTIFY_SOCKET."""
 
     def __init__(self, peers: Any, work: Path, sim_path: str, domid: int, device: str, profile: Path | None = None,
-                 memory: str = "sim-memfd") -> None:
-        """``memory``: the --memory mode (sim-memfd, shadow, or auto for grant devices)."""
+                 memory: str = "sim-memfd", wrap: Sequence[str] = ()) -> None:
+        """``memory``: the --memory mode (sim-memfd, shadow, or auto for grant devices); ``wrap``:
+        a command the daemon runs under (e.g. valgrind and the interpreter)."""
         self.notify_path = work / f"notify-{domid}-{time.monotonic_ns()}"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(self.notify_path))
@@ -129,6 +130,7 @@ class Daemon:
             argv += ["--guest-arch", "x86_64"]
         if profile is not None:
             argv = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "xen_vhost_master", *argv[1:]]
+        argv = [*wrap, *argv]
         self.t0 = time.perf_counter()
         self.proc = peers.start("xen-vhost-master", argv, env=env)
         self.ready_s = 0.0
@@ -349,9 +351,43 @@ async def eventfd_pingpong_async(n: int) -> list[float]:
     return out
 
 
+MmioWrite = Callable[[int, int], Awaitable[None]]
+MmioRead = Callable[[int], Awaitable[int]]
+
+
+async def micro_device_up(guest: Any) -> tuple[MmioWrite, MmioRead]:
+    """Bring the microbenchmark's device (an rng at BASE, one queue of 64) to DRIVER_OK the way a
+    driver does; returns its register write and read (offsets in the window)."""
+    from xen_vhost_sim.guest_driver import DeviceStatus as S
+    from xen_vhost_sim.guest_driver import MmioReg as R
+
+    async def w(reg: int, v: int) -> None:
+        await guest.mmio_write(BASE + reg, 4, v)
+
+    async def r(reg: int) -> int:
+        return int(await guest.mmio_read(BASE + reg, 4))
+
+    await w(R.STATUS, 0)
+    await w(R.STATUS, S.ACKNOWLEDGE)
+    await w(R.STATUS, S.ACKNOWLEDGE | S.DRIVER)
+    await w(R.DRIVER_FEATURES_SEL, 1)
+    await w(R.DRIVER_FEATURES, 1)  # VERSION_1
+    await w(R.DRIVER_FEATURES_SEL, 0)
+    await w(R.DRIVER_FEATURES, 0)
+    await w(R.STATUS, S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK)
+    ram = 0x4000_0000 + (1 << 20)
+    await w(R.QUEUE_SEL, 0)
+    await w(R.QUEUE_NUM, 64)
+    for reg, gpa in ((R.QUEUE_DESC_LOW, ram), (R.QUEUE_DRIVER_LOW, ram + 0x1000), (R.QUEUE_DEVICE_LOW, ram + 0x2000)):
+        await w(reg, gpa)
+        await w(reg + 4, 0)
+    await w(R.QUEUE_READY, 1)
+    await w(R.STATUS, S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
+    return w, r
+
+
 async def relay_micro(peers: Any, work: Path, sim_path: str, n: int) -> dict[str, Any]:
     from xen_vhost_sim.guest import SimControl, SimGuest
-    from xen_vhost_sim.guest_driver import DeviceStatus as S
     from xen_vhost_sim.guest_driver import MmioReg as R
 
     sock = peers.sock_path("echo.sock")
@@ -364,28 +400,7 @@ async def relay_micro(peers: Any, work: Path, sim_path: str, n: int) -> dict[str
     via_host = await SimGuest.connect(sim_path, domid, vcpu_channel=False)
     try:
         await daemon.ready()
-        async def w(reg: int, v: int) -> None:
-            await guest.mmio_write(BASE + reg, 4, v)
-
-        async def r(reg: int) -> int:
-            return await guest.mmio_read(BASE + reg, 4)
-
-        await w(R.STATUS, 0)
-        await w(R.STATUS, S.ACKNOWLEDGE)
-        await w(R.STATUS, S.ACKNOWLEDGE | S.DRIVER)
-        await w(R.DRIVER_FEATURES_SEL, 1)
-        await w(R.DRIVER_FEATURES, 1)  # VERSION_1
-        await w(R.DRIVER_FEATURES_SEL, 0)
-        await w(R.DRIVER_FEATURES, 0)
-        await w(R.STATUS, S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK)
-        ram = 0x4000_0000 + (1 << 20)
-        await w(R.QUEUE_SEL, 0)
-        await w(R.QUEUE_NUM, 64)
-        for reg, gpa in ((R.QUEUE_DESC_LOW, ram), (R.QUEUE_DRIVER_LOW, ram + 0x1000), (R.QUEUE_DEVICE_LOW, ram + 0x2000)):
-            await w(reg, gpa)
-            await w(reg + 4, 0)
-        await w(R.QUEUE_READY, 1)
-        await w(R.STATUS, S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
+        w, r = await micro_device_up(guest)
         ioreq, ioreq_host, rtt = [], [], []
         for _ in range(max(1, n // 200)):  # the two paths alternate in blocks: same machine load for both
             for _ in range(50):

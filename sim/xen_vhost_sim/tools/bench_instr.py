@@ -1,0 +1,182 @@
+"""``python -m xen_vhost_sim.tools.bench_instr``: the daemon's hot path in instructions (callgrind).
+
+CPU time on a shared machine moves with its load (the micro benchmark's daemon CPU per IOREQ
+ranged 22–34 µs over three runs at load ~4.5); the instructions a piece of code executes do not.
+Each figure runs the code twice under ``valgrind --tool=callgrind`` (user-space instructions only:
+the kernel's side of a system call is not counted), once with ``n`` operations and once with none,
+and divides the difference by ``n``, so start-up and teardown cancel out:
+
+* ``ioreq``: the daemon process (``xen-vhost-master``, sim-memfd, the relay microbenchmark's echo
+  back-end, see :mod:`.bench`) under callgrind; the guest makes ``n`` MMIO reads (one IOREQ each)
+  → instructions per IOREQ, and ``n // 5`` relay round trips (QueueNotify → back-end → interrupt
+  → InterruptStatus read + ack) → instructions per relay round trip. The daemon's in-process
+  simulated ioctls (SimKernel) are counted, as its CPU time counts them.
+* ``shadow``: the shadow engine alone (``ShadowDataPath.notify``/``used`` between a guest driver
+  and a fake back-end, in one process, guest RAM a bytearray): 4 KiB read chains (a 16-byte
+  header, 4 KiB of data, a status byte) at QD 32 → instructions per request, the guest driver's
+  and the fake back-end's share included.
+
+Needs valgrind. SIM-ONLY numbers, like every benchmark here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+VALGRIND = "valgrind"
+ENGINE_QD = 32
+
+
+def callgrind_total(path: str) -> int:
+    """The instructions a callgrind output file counted (its ``summary:`` or ``totals:`` line)."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+    raise ValueError(f"{path}: no summary line (did the program exit normally?)")
+
+
+def _valgrind(out: str) -> list[str]:
+    return [VALGRIND, "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable]
+
+
+# ---------------------------------------------------------------------------------------------- ioreq
+async def _daemon_run(work_out: str, reads: int, relays: int) -> int:
+    """Instructions of one daemon lifetime serving ``reads`` MMIO reads and ``relays`` relay
+    round trips after the device's bring-up."""
+    from xen_vhost_sim.guest import SimControl, SimGuest
+    from xen_vhost_sim.guest_driver import MmioReg as R
+    from xen_vhost_sim.tools import bench
+
+    harness = bench._harness()
+    with bench._workdir(False) as work, harness.peers_in(work) as peers:
+        sim = str(peers.sock_dir / "xen.sock")
+        bench.start_sim(peers, sim)
+        sock = peers.sock_path("echo.sock")
+        echo = peers.start("echo-backend", [sys.executable, "-m", "xen_vhost_sim.tools.bench", "--echo-backend", str(sock)])
+        echo.wait_listening(sock)
+        with SimControl(sim) as ctl:
+            domid = ctl.create_domain(mem_bytes=64 << 20)
+        daemon = bench.Daemon(peers, work, sim, domid, f"type=rng,base={bench.BASE:#x},irq={bench.IRQ},socket={sock}",
+                              wrap=_valgrind(work_out))
+        guest = await SimGuest.connect(sim, domid)
+        try:
+            await daemon.ready()
+            w, r = await bench.micro_device_up(guest)
+            for _ in range(reads):
+                await r(R.MAGIC_VALUE)
+            for _ in range(relays):
+                await w(R.QUEUE_NOTIFY, 0)
+                await asyncio.wait_for(guest.wait_irq(bench.IRQ), bench.STEP)
+                await w(R.INTERRUPT_ACK, await r(R.INTERRUPT_STATUS))
+            await w(R.STATUS, 0)
+        finally:
+            guest.close()
+            daemon.proc.stop(timeout=bench.STEP)  # SIGTERM: the daemon exits, callgrind writes its file
+            daemon.notify.close()
+            echo.stop()
+    return callgrind_total(work_out)
+
+
+async def ioreq_figures(n: int, tmp: str) -> dict[str, float]:
+    base = await _daemon_run(os.path.join(tmp, "ioreq-0.out"), 0, 0)
+    reads = await _daemon_run(os.path.join(tmp, "ioreq-r.out"), n, 0)
+    relays = await _daemon_run(os.path.join(tmp, "ioreq-q.out"), 0, max(1, n // 5))
+    return {"daemon instructions per IOREQ (1 MMIO read)": (reads - base) / n,
+            "daemon instructions per relay round trip": (relays - base) / max(1, n // 5)}
+
+
+# ---------------------------------------------------------------------------------------------- shadow
+def engine(n: int) -> int:
+    """``n`` (rounded up to a batch) 4 KiB read chains through the shadow engine at QD 32, EVENT_IDX
+    and indirect descriptors negotiated; returns the requests served."""
+    from vhost_user.virtqueue import FlatMemory, SplitQueueDevice, SplitQueueDriver, split_ring_layout
+
+    from xen_vhost_master.datapath.shadow import ShadowDataPath
+    from xen_vhost_master.virtio_mmio import F_EVENT_IDX, F_INDIRECT_DESC, QueueConfig
+
+    gbase, gsize, num = 0x4000_0000, 8 << 20, 256
+    mem = FlatMemory(bytearray(gsize), gbase)
+    dp = ShadowDataPath(mem, [(gbase, gsize)], pool_size=4 << 20, max_queues=1, max_queue_size=num)
+    desc, avail, used, _ = split_ring_layout(num, gbase)
+    drv = SplitQueueDriver(mem, num, desc, avail, used, event_idx=True)
+    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    backend: SplitQueueDevice | None = None
+    try:
+        rings = dp.open_queue(QueueConfig(0, num, desc, avail, used), 1 << F_EVENT_IDX | 1 << F_INDIRECT_DESC, kick)
+        backend = SplitQueueDevice(dp.shadow, num, rings.desc, rings.avail, rings.used, event_idx=True)
+        data = gbase + (1 << 20)  # request k: header at +8192k, status at +64, data at +4096
+        done = 0
+        while done < n:
+            for k in range(ENGINE_QD):
+                drv.add([(data + 8192 * k, 16)], [(data + 8192 * k + 4096, 4096), (data + 8192 * k + 64, 1)])
+            dp.notify(0)
+            while (c := backend.pop()) is not None:
+                backend.push(c.head, 4097)
+            dp.used(0)
+            if len(drv.get_used()) != ENGINE_QD:
+                raise RuntimeError("the shadow engine lost a chain")
+            done += ENGINE_QD
+        return done
+    finally:
+        if backend is not None:
+            backend.release()
+        drv.release()
+        dp.close()
+        mem.release()
+        os.close(kick)
+
+
+def shadow_figures(n: int, tmp: str) -> dict[str, float]:
+    totals = []
+    for count in (0, n):
+        out = os.path.join(tmp, f"engine-{count}.out")
+        subprocess.run([*_valgrind(out), "-m", "xen_vhost_sim.tools.bench_instr", "--engine-child", str(count)],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        totals.append(callgrind_total(out))
+    n = -(-n // ENGINE_QD) * ENGINE_QD
+    return {f"shadow engine instructions per 4k request (QD{ENGINE_QD})": (totals[1] - totals[0]) / n}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m xen_vhost_sim.tools.bench_instr", description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", choices=("ioreq", "shadow"), help="one group of figures")
+    p.add_argument("-n", type=int, default=5000, help="MMIO reads (relay round trips: n/5)")
+    p.add_argument("--requests", type=int, default=3200, help="shadow engine requests")
+    p.add_argument("--out", help="also write the figures as JSON to this file")
+    p.add_argument("--engine-child", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.engine_child is not None:
+        engine(args.engine_child)
+        return 0
+    if shutil.which(VALGRIND) is None:
+        p.error("valgrind not found (Debian: apt install valgrind)")
+    if args.n <= 0 or args.requests <= 0:
+        p.error("-n and --requests must be positive")
+    figures: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="xvm-instr-") as tmp:
+        if args.only in (None, "shadow"):
+            figures.update(shadow_figures(args.requests, tmp))
+        if args.only in (None, "ioreq"):
+            figures.update(asyncio.run(ioreq_figures(args.n, tmp)))
+    for name, value in figures.items():
+        print(f"{name:<52} {value:>10,.0f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(figures, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,21 @@
+"""`python -m xen_vhost_sim.tools.bench_instr` without valgrind: the shadow engine loop it counts
+serves every chain it publishes, and a callgrind file's total comes from its summary line."""
+
+from __future__ import annotations
+
+import pytest
+
+from xen_vhost_sim.tools import bench_instr
+
+
+def test_the_counted_shadow_engine_loop_serves_whole_batches() -> None:
+    assert bench_instr.engine(40) == 2 * bench_instr.ENGINE_QD  # rounded up to a batch, all returned
+
+
+def test_callgrind_total_is_the_summary_line(tmp_path) -> None:
+    out = tmp_path / "callgrind.out"
+    out.write_text("version: 1\ncreator: callgrind-3.19.0\nevents: Ir\nfn=main\n5 10\nsummary: 1234567\n")
+    assert bench_instr.callgrind_total(str(out)) == 1234567
+    out.write_text("version: 1\nevents: Ir\n")  # a killed program leaves no summary
+    with pytest.raises(ValueError, match="no summary"):
+        bench_instr.callgrind_total(str(out))
