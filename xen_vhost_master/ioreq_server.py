@@ -394,7 +394,7 @@ class IoreqServer:
     def set_irq(self, irq: int, level: bool) -> None:
         """Drive the guest's interrupt line (XEN_DMOP_set_irq_level). A retired window's line
         stays low."""
-        if level and any(r[0] == irq for r in self._retired.values()):
+        if level and self._retired and any(r[0] == irq for r in self._retired.values()):
             return
         try:
             self.dm.set_irq_level(irq, int(level))
