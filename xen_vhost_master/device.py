@@ -448,7 +448,11 @@ class Device:
             fe, self.frontend = self.frontend, None
             if fe is not None and not fe.broken:
                 try:
-                    for index in self._started:
+                    # Last queue first: what a back-end takes from a queue it may put on a lower
+                    # one (net and vsock: transmitq 2n+1 feeds receiveq 2n on a looped port or a
+                    # local peer); stopped before it, that would be dropped with the guest told
+                    # it went out, and nothing in the next image could give it back.
+                    for index in sorted(self._started, reverse=True):
                         await fe.stop_vring(index)
                 except VhostUserError as e:
                     self.log.warning("handover: stopping the back-end's rings: %s", e)
