@@ -287,6 +287,7 @@ class VirtioNet:
         self.link_up = True
         self._rx_region = 0
         self._rx_done: asyncio.Queue[tuple[int, asyncio.Future[int]]] = asyncio.Queue()
+        self._rx_ready = asyncio.Event()  # set while _rx_done holds a completed buffer
         self.sent = 0
         self.received = 0
 
@@ -326,7 +327,16 @@ class VirtioNet:
             with self.driver.bus.ram.view(gpa, self.buffer_size) as mv:
                 mv[:] = bytes([self.rx_poison]) * self.buffer_size
         fut = await self.driver.submit(NET_RX_QUEUE, writable=[(gpa, self.buffer_size)], kick=kick)
-        fut.add_done_callback(lambda f: self._rx_done.put_nowait((gpa, f)))
+        fut.add_done_callback(lambda f: self._rx_completed(gpa, f))
+
+    def _rx_completed(self, gpa: int, fut: asyncio.Future[int]) -> None:
+        self._rx_done.put_nowait((gpa, fut))
+        self._rx_ready.set()
+
+    async def wait_received(self) -> None:
+        """Until a frame is there for :meth:`recv` (which then does not wait for one); taking
+        nothing, so cancelling this loses nothing (cancelling :meth:`recv` may lose its frame)."""
+        await self._rx_ready.wait()
 
     async def post(self, frame: bytes, *, kick: bool = True) -> asyncio.Future[int]:
         """Put one Ethernet frame (a zeroed header: no offloads) on the transmitq without waiting:
@@ -371,6 +381,8 @@ class VirtioNet:
         try:
             async with asyncio.timeout(self.driver.mmio_timeout if timeout is None else timeout):
                 gpa, fut = await self._rx_done.get()
+            if self._rx_done.empty():
+                self._rx_ready.clear()
         except TimeoutError:
             raise GuestTimeout("no frame received in time") from None
         written = fut.result()  # raises the driver error if the queue was failed

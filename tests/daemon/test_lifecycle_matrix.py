@@ -364,6 +364,7 @@ class GuestDevice:
         assert isinstance(self.dev, VirtioNet)
         self.tx = {}
         self._stop_sending = asyncio.Event()
+        self._stop_receiving = asyncio.Event()
         self._took = asyncio.Event()
         self._posted = asyncio.Event()
         self._sender = asyncio.ensure_future(self._send_frames(self.dev))
@@ -395,19 +396,38 @@ class GuestDevice:
             stop.cancel()
 
     async def _receive_frames(self, dev: VirtioNet) -> None:
-        while True:
-            self.frames.take(await dev.recv(STEP * 4), "traffic")
-            self._took.set()
+        """Until told to stop, between two frames (a frame taken is always taken whole, its
+        buffer posted again: a cancelled recv could lose it half way)."""
+        stop = asyncio.ensure_future(self._stop_receiving.wait())
+        try:
+            while True:
+                await first_of(stop, dev.wait_received(), timeout=STEP * 4)
+                if stop.done():
+                    return
+                self.frames.take(await dev.recv(STEP), "traffic")
+                self._took.set()
+        finally:
+            stop.cancel()
 
     async def frames_back(self, count: int, what: str) -> None:
         """Until ``count`` frames in all have come back (the receiver's failure is raised)."""
-        async with asyncio.timeout(STEP * 2):
-            while len(self.frames.got) < count:
-                if self._receiver.done():
-                    self._receiver.result()
-                    raise AssertionError(f"net: the receiver ended {what}")
-                self._took.clear()
-                await first_of(self._receiver, self._took.wait())
+        try:
+            async with asyncio.timeout(STEP * 2):
+                while len(self.frames.got) < count:
+                    if self._receiver.done():
+                        self._receiver.result()
+                        raise AssertionError(f"net: the receiver ended {what}")
+                    self._took.clear()
+                    await first_of(self._receiver, self._took.wait())
+        except TimeoutError as e:
+            raise AssertionError(f"net: traffic stopped {what}: {self.missing()}") from e
+
+    def missing(self) -> str:
+        """The frames sent that did not come back, and which of them the guest has a TX completion for."""
+        missing = sorted(set(self.tx) - self.frames.got)
+        done = [no for no in missing if self.tx[no].done() and not self.tx[no].cancelled() and self.tx[no].exception() is None]
+        return (f"{len(missing)} of {len(self.tx)} frames not back, {len(done)} of them with a TX completion "
+                f"{done[:8]}{'...' if len(done) > 8 else ''}")
 
     async def stop_sending(self) -> None:
         """No more frames posted (those in flight stay in flight)."""
@@ -422,10 +442,9 @@ class GuestDevice:
                 await asyncio.gather(task, return_exceptions=True)
 
     async def stop_receiving(self) -> None:
-        self._receiver.cancel()
-        await asyncio.gather(self._receiver, return_exceptions=True)
-        if not self._receiver.cancelled() and self._receiver.exception() is not None:
-            raise self._receiver.exception()  # type: ignore[misc]
+        self._stop_receiving.set()
+        async with asyncio.timeout(STEP * 2):
+            await self._receiver  # (its failure raised)
 
     async def settle_traffic(self, what: str, *, exact: bool) -> None:
         """After the event. ``exact`` (a daemon restart, which the guest cannot see): every frame
@@ -441,10 +460,7 @@ class GuestDevice:
                         await fut
                 await self.frames_back(len(self.frames.sent), f"after {what}")
             except (GuestDriverError, TimeoutError) as e:
-                missing = sorted(set(self.tx) - self.frames.got)
-                pending = sum(not fut.done() for fut in self.tx.values())
-                raise AssertionError(f"net: {len(missing)} of {len(self.tx)} frames sent through {what} did not come "
-                                     f"back ({pending} without a TX completion): {missing[:8]}...: {e!r}") from e
+                raise AssertionError(f"net: through {what}: {self.missing()}: {e!r}") from e
             await self.stop_receiving()
         else:
             traffic_on = not self._receiver.done()  # (a guest reset stopped it: nothing may be late)
