@@ -140,6 +140,8 @@ back-end sockets:
                      spec = 0x100 (the vhost-user spec's bit 8); the back-end must agree
   mac=00:16:3e:..    net: the guest's MAC when the back-end has no config space (dpdk-testpmd);
                      default: a locally administered one derived from the guest's name and devid
+  cid=N              vsock: the guest's CID (3..4294967294) when the back-end has no config
+                     space (QEMU vhost-vsock's guest-cid=); a back-end's own config wins
   devid=N            device id (default: position on the command line)
 
 configuration files:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from .devtypes import parse_mac
+from .devtypes import parse_cid, parse_mac
 from .errors import ConfigError
 from .names import path_name, systemd_escape
 from .virtio_mmio import MAX_QUEUE_SIZE, WINDOW_SIZE
@@ -92,6 +92,7 @@ class DeviceConfig:
     memory: MemoryMode = MemoryMode.AUTO
     xen_no_advance: int = NO_ADVANCE_RUSTVMM  # grant devices over XEN_MMAP: NO_ADVANCE_MAP value
     mac: str = ""  # net: the guest's MAC (xl.cfg / xenstore mac=) for an emulated config; "" = derived
+    cid: int | None = None  # vsock: the guest's CID for an emulated config (QEMU vhost-vsock guest-cid=)
     source: str = "cli"  # where it came from, for messages: cli, config, xenstore
 
     def socket_path(self, name: str, domid: int) -> str:
@@ -220,7 +221,7 @@ def _bool(text: object, what: str) -> bool:
 
 def _device(items: Mapping[str, object], what: str, source: str) -> DeviceConfig:
     known = {"devid", "type", "base", "irq", "socket", "mode", "queue-size", "queues", "grants", "memory", "xen-no-advance",
-             "mac"}
+             "mac", "cid"}
     unknown = set(items) - known
     if unknown:
         raise ConfigError(f"{what}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
@@ -255,9 +256,18 @@ def _device(items: Mapping[str, object], what: str, source: str) -> DeviceConfig
             parse_mac(mac)
         except ValueError as e:
             raise ConfigError(f"{what}: {e}") from None
+    device_id = virtio_id(str(items["type"]), f"{what}: type")
+    cid = None
+    if "cid" in items:
+        if device_id != VIRTIO_IDS["vsock"]:
+            raise ConfigError(f"{what}: cid= is the guest's vsock address: only for type=vsock")
+        try:
+            cid = parse_cid(str(items["cid"]))
+        except ValueError as e:
+            raise ConfigError(f"{what}: {e}") from None
     return DeviceConfig(
         devid=_int(items.get("devid", 0), f"{what}: devid", 0, 2**31 - 1),
-        device_id=virtio_id(str(items["type"]), f"{what}: type"),
+        device_id=device_id,
         base=base,
         irq=irq,
         socket=check_socket_template(str(items["socket"]), f"{what}: socket") if "socket" in items else "",
@@ -268,6 +278,7 @@ def _device(items: Mapping[str, object], what: str, source: str) -> DeviceConfig
         memory=mem,
         xen_no_advance=no_advance,
         mac=mac.strip().lower(),
+        cid=cid,
         source=source,
     )
 

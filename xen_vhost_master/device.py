@@ -267,13 +267,31 @@ class Device:
         elif withheld := negotiated.features & dtype.withheld:
             self.log.info("%s: feature bits %#x withheld from the guest (the front-end would have to "
                           "implement them)", dtype.name, withheld)
-        if view.emulated:
+        if view.emulated and self.config.device_id == devtypes.VSOCK.id:
+            self.log.info("the back-end has no config space (no CONFIG protocol feature): the daemon serves "
+                          "the guest's, CID %d (configured)", self.config.cid)
+        elif view.emulated:
             self.log.info("the back-end has no config space (no CONFIG protocol feature): the daemon serves "
                           "the guest's, MAC %s (%s)", self.mac.hex(":"),
                           "configured" if self.config.mac else "derived from the guest's name and device id")
+        elif self.config.device_id == devtypes.VSOCK.id:
+            self._vsock_cid_checked(view.config)
         if saved is not None:
             await self.restore(saved)
         self._gate.set()
+
+    def _vsock_cid_checked(self, config: bytes) -> None:
+        """A vsock back-end's own config, against the device's ``cid=``: logged when they differ
+        (the back-end's is the guest's: it routes by the CID it was started with) or when there is
+        neither (the guest reads CID 0, reserved)."""
+        if len(config) < devtypes.VSOCK.config_min:
+            self.log.warning("vsock back-end without a config space and no cid= configured: the guest reads "
+                             "CID 0 (reserved); set cid= on the device")
+            return
+        theirs = int.from_bytes(config[:devtypes.VSOCK.config_min], "little")
+        if self.config.cid is not None and theirs != self.config.cid:
+            self.log.warning("cid=%d configured, the back-end's config says %d: the guest gets the back-end's",
+                             self.config.cid, theirs)
 
     async def _abandon_start(self, fe: AsyncFrontend, chooser: DataPathChooser | None) -> None:
         """A start that failed (or was cancelled) after the back-end negotiated: release what it
@@ -334,7 +352,8 @@ class Device:
                     "(use a back-end built with Xen support, or memory=shadow)"
                 )
             config = await self._probe_config(fe, negotiated.features)
-            view = devtypes.offer(self.config.device_id, negotiated.features, config, mac=self.mac)
+            view = devtypes.offer(self.config.device_id, negotiated.features, config, mac=self.mac,
+                                  cid=self.config.cid)
         except BaseException:  # a refused or broken negotiation, or a cancellation: the chosen path is not kept
             if chosen is not None:
                 chosen.close()
@@ -435,7 +454,11 @@ class Device:
             fe, self.frontend = self.frontend, None
             if fe is not None and not fe.broken:
                 try:
-                    for index in self._started:
+                    # Last queue first: what a back-end takes from a queue it may put on a lower
+                    # one (net and vsock: transmitq 2n+1 feeds receiveq 2n on a looped port or a
+                    # local peer); stopped before it, that would be dropped with the guest told
+                    # it went out, and nothing in the next image could give it back.
+                    for index in sorted(self._started, reverse=True):
                         await fe.stop_vring(index)
                 except VhostUserError as e:
                     self.log.warning("handover: stopping the back-end's rings: %s", e)

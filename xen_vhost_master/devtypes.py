@@ -12,6 +12,8 @@ hw/virtio/virtio.c's ``virtio_get_config_size`` parameters).
   GET_CONFIG a front-end sends.
 * :func:`net_config` — the net config space a front-end emulates for a back-end without the
   CONFIG protocol feature (DPDK): MAC, link up, one queue pair.
+* :func:`vsock_config` — the vsock config space (the guest's CID) a front-end emulates for a
+  back-end without CONFIG, as QEMU's vhost-vsock takes ``guest-cid=``.
 
 An unknown device id has no entry (:func:`lookup` returns None): its bits pass as they are.
 """
@@ -34,11 +36,16 @@ __all__ = [
     "NET_EMULATED_FEATURES",
     "NET_UNKNOWN_FEATURES",
     "TYPES",
+    "VSOCK",
+    "VSOCK_CID_MAX",
+    "VSOCK_CID_MIN",
     "lookup",
     "net_config",
     "offer",
+    "parse_cid",
     "parse_mac",
     "stable_mac",
+    "vsock_config",
 ]
 
 
@@ -116,15 +123,24 @@ NET: Final = DeviceType(1, "net", 6, ((NET_F_MAC, 6), (NET_F_STATUS, 8), (NET_F_
                                       (NET_F_SPEED_DUPLEX, 17), (NET_F_RSS, 24), (NET_F_HASH_REPORT, 24)),
                         withheld=NET_CTRL_FEATURES)
 
+# --- virtio-vsock (virtio 1.2 §5.10; linux/virtio_vsock.h) ---------------------------------------
+#: struct virtio_vsock_config: le64 guest_cid (its upper 32 bits reserved and zero).
+_VSOCK_CONFIG = struct.Struct("<Q")
+#: virtio 1.2 §5.10.4: CIDs 0, 1, 2 and 0xffffffff are reserved (linux/vm_sockets.h:
+#: VMADDR_CID_HYPERVISOR, VMADDR_CID_LOCAL, VMADDR_CID_HOST, VMADDR_CID_ANY).
+VSOCK_CID_MIN: Final = 3
+VSOCK_CID_MAX: Final = 2**32 - 2
+VSOCK: Final = DeviceType(19, "vsock", _VSOCK_CONFIG.size)
+
 TYPES: Final[dict[int, DeviceType]] = {t.id: t for t in (
     NET,
     BLK,
+    VSOCK,
     DeviceType(3, "console", 12),  # struct virtio_console_config: cols, rows, max_nr_ports, emerg_wr
     DeviceType(4, "rng", 0),  # no config space
     DeviceType(8, "scsi", 36),  # struct virtio_scsi_config
     DeviceType(16, "gpu", 16),  # struct virtio_gpu_config: events_read/clear, num_scanouts, num_capsets
     DeviceType(18, "input", 136),  # struct virtio_input_config: select, subsel, size, reserved[5], u[128]
-    DeviceType(19, "vsock", 8),  # struct virtio_vsock_config: guest_cid
     DeviceType(25, "sound", 12, ((0, 16),)),  # virtio_snd_config: jacks, streams, chmaps (+ controls, F_CTLS)
     DeviceType(26, "fs", 40, ((0, 44),)),  # virtio_fs_config: tag[36], num_request_queues (+ notify_buf_size)
     DeviceType(32, "scmi", 0),  # no config space
@@ -160,6 +176,24 @@ def stable_mac(guest: str, devid: int) -> bytes:
     return bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]
 
 
+def parse_cid(text: str) -> int:
+    """A vsock guest CID, decimal or 0x-hex, in ``VSOCK_CID_MIN..VSOCK_CID_MAX``; ValueError
+    (starting ``cid=``) for anything else."""
+    try:
+        cid = int(text.strip(), 0)
+    except ValueError:
+        raise ValueError(f"cid={text!r} is not a number (decimal or 0x-hex)") from None
+    if not VSOCK_CID_MIN <= cid <= VSOCK_CID_MAX:
+        raise ValueError(f"cid={text!r} is out of range {VSOCK_CID_MIN}..{VSOCK_CID_MAX} "
+                         "(0, 1, 2 and 0xffffffff are reserved: virtio 1.2 §5.10.4)")
+    return cid
+
+
+def vsock_config(cid: int) -> bytes:
+    """The virtio-vsock config space a front-end emulates: the guest's CID."""
+    return _VSOCK_CONFIG.pack(cid)
+
+
 def net_config(mac: bytes) -> bytes:
     """The virtio-net config space a front-end emulates: ``mac``, link up, one queue pair, MTU and
     speed/duplex unknown (their feature bits are not offered), no RSS."""
@@ -176,14 +210,18 @@ class Offer:
     emulated: bool = False
 
 
-def offer(device_id: int, features: int, config: bytes | None, *, mac: bytes) -> Offer:
+def offer(device_id: int, features: int, config: bytes | None, *, mac: bytes, cid: int | None = None) -> Offer:
     """The guest's view of a device whose back-end offers ``features`` and ``config`` (None: the
     back-end has no CONFIG protocol feature). Unknown types pass as they are (config empty
-    without CONFIG); a net back-end without CONFIG gets :func:`net_config` with ``mac``."""
+    without CONFIG); a net back-end without CONFIG gets :func:`net_config` with ``mac``, a vsock
+    one :func:`vsock_config` with ``cid`` when given (the back-end's own config wins when it
+    has one: it routes by the CID it was started with)."""
     t = lookup(device_id)
     if t is None:
         return Offer(features, config or b"")
     offered = t.offer(features)
     if config is None and t.id == NET.id:
         return Offer(offered & ~NET_UNKNOWN_FEATURES | NET_EMULATED_FEATURES, net_config(mac), emulated=True)
+    if config is None and t.id == VSOCK.id and cid is not None:
+        return Offer(offered, vsock_config(cid), emulated=True)
     return Offer(offered, config or b"")

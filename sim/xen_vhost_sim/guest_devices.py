@@ -279,13 +279,15 @@ class VirtioNet:
 
     DEFAULT_FEATURES = Feature.VERSION_1 | NetFeature.MAC | NetFeature.STATUS
 
-    def __init__(self, driver: VirtioMmioDriver, buffer_size: int = NET_BUFFER_SIZE) -> None:
+    def __init__(self, driver: VirtioMmioDriver, buffer_size: int = NET_BUFFER_SIZE, rx_poison: int | None = None) -> None:
         self.driver = driver
         self.buffer_size = buffer_size
+        self.rx_poison = rx_poison  # each rx buffer is filled with this byte before it is posted
         self.mac = b""
         self.link_up = True
         self._rx_region = 0
         self._rx_done: asyncio.Queue[tuple[int, asyncio.Future[int]]] = asyncio.Queue()
+        self._rx_ready = asyncio.Event()  # set while _rx_done holds a completed buffer
         self.sent = 0
         self.received = 0
 
@@ -293,12 +295,14 @@ class VirtioNet:
     async def attach(
         cls, bus: GuestBus, base: int, irq: int, allocator: GuestPageAllocator, *,
         features: int = DEFAULT_FEATURES, queue_size: int = 256, rx_buffers: int | None = None,
-        **driver_kw: object,
+        rx_poison: int | None = None, **driver_kw: object,
     ) -> VirtioNet:
+        """Bring the NIC up; ``rx_poison``: a byte every rx buffer is filled with before it is
+        posted (a completion that did not write the frame then shows as poison, not as an old frame)."""
         driver = VirtioMmioDriver(bus, base, irq, allocator, **driver_kw)  # type: ignore[arg-type]
         if await driver.probe() != VIRTIO_ID_NET:
             raise GuestDriverError(f"device at {base:#x} is id {driver.device_id}, not a network device")
-        net = cls(driver)
+        net = cls(driver, rx_poison=rx_poison)
         await driver.negotiate(features)
         await net.refresh_config()
         rxq = await driver.setup_queue(NET_RX_QUEUE, queue_size)
@@ -319,11 +323,25 @@ class VirtioNet:
             self.link_up = bool(status & NET_LINK_UP)
 
     async def _post_rx(self, gpa: int, *, kick: bool = True) -> None:
+        if self.rx_poison is not None:
+            with self.driver.bus.ram.view(gpa, self.buffer_size) as mv:
+                mv[:] = bytes([self.rx_poison]) * self.buffer_size
         fut = await self.driver.submit(NET_RX_QUEUE, writable=[(gpa, self.buffer_size)], kick=kick)
-        fut.add_done_callback(lambda f: self._rx_done.put_nowait((gpa, f)))
+        fut.add_done_callback(lambda f: self._rx_completed(gpa, f))
 
-    async def send(self, frame: bytes) -> None:
-        """Transmit one Ethernet frame (a zeroed header: no offloads) and wait until the device took it."""
+    def _rx_completed(self, gpa: int, fut: asyncio.Future[int]) -> None:
+        self._rx_done.put_nowait((gpa, fut))
+        self._rx_ready.set()
+
+    async def wait_received(self) -> None:
+        """Until a frame is there for :meth:`recv` (which then does not wait for one); taking
+        nothing, so cancelling this loses nothing (cancelling :meth:`recv` may lose its frame)."""
+        await self._rx_ready.wait()
+
+    async def post(self, frame: bytes, *, kick: bool = True) -> asyncio.Future[int]:
+        """Put one Ethernet frame (a zeroed header: no offloads) on the transmitq without waiting:
+        the future resolves when the device has taken it (the TX completion). With ``kick=False``
+        several frames go out with one :meth:`kick`."""
         if len(frame) + NET_HDR_SIZE > self.buffer_size:
             raise ValueError(f"frame of {len(frame)} bytes exceeds the buffer")
         gpa = self.driver.allocator.alloc(NET_HDR_SIZE + len(frame))
@@ -332,20 +350,39 @@ class VirtioNet:
             with self.driver.bus.ram.view(gpa, NET_HDR_SIZE + len(frame)) as mv:
                 mv[:NET_HDR_SIZE] = bytes(NET_HDR_SIZE)
                 mv[NET_HDR_SIZE:] = frame
-            fut = await self.driver.submit(NET_TX_QUEUE, readable=[(gpa, NET_HDR_SIZE + len(frame))])
-            await self.driver.wait(fut)
+            fut = await self.driver.submit(NET_TX_QUEUE, readable=[(gpa, NET_HDR_SIZE + len(frame))], kick=kick)
         finally:
-            if fut is None or fut.done():
+            if fut is None:
                 self.driver.allocator.free(gpa)
-            else:  # the device still owns the buffer
+            else:  # the device owns the buffer until it completes (or the queue is failed)
                 fut.add_done_callback(lambda _f: self.driver.allocator.free(gpa))
+        return fut
+
+    async def kick(self) -> None:
+        """Notify the transmitq (after frames posted with ``kick=False``)."""
+        await self.driver.kick(NET_TX_QUEUE)
+
+    async def send(self, frame: bytes) -> None:
+        """Transmit one Ethernet frame (a zeroed header: no offloads) and wait until the device took it."""
+        fut = await self.post(frame)
+        await self.driver.wait(fut)
         self.sent += 1
+
+    async def recv_ready(self) -> list[bytes]:
+        """The frames already received (their rx buffers completed), without waiting; each buffer
+        is posted again. What a driver's NAPI poll takes before the driver is removed."""
+        frames = []
+        while not self._rx_done.empty():
+            frames.append(await self.recv())
+        return frames
 
     async def recv(self, timeout: float | None = None) -> bytes:
         """The next received frame (without its virtio-net header); the buffer is posted again."""
         try:
             async with asyncio.timeout(self.driver.mmio_timeout if timeout is None else timeout):
                 gpa, fut = await self._rx_done.get()
+            if self._rx_done.empty():
+                self._rx_ready.clear()
         except TimeoutError:
             raise GuestTimeout("no frame received in time") from None
         written = fut.result()  # raises the driver error if the queue was failed

@@ -248,3 +248,27 @@ def test_net_mac_from_the_device_flag_and_from_xenstore():
 def test_a_bad_mac_is_a_one_line_config_error(mac):
     with pytest.raises(ConfigError, match=r"^--device .*: mac="):
         parse_device_arg(f"type=net,base=0x2000000,irq=33,mac={mac}")
+
+
+def test_vsock_cid_from_the_device_flag_and_from_toml():
+    assert parse_device_arg("type=vsock,base=0x2000000,irq=33,cid=3").cid == 3
+    assert parse_device_arg("type=vsock,base=0x2000000,irq=33,cid=0xfffffffe").cid == 2**32 - 2
+    assert parse_device_arg("type=vsock,base=0x2000000,irq=33").cid is None
+    (d,) = load_toml_text('[[device]]\ntype = "vsock"\nbase = 0x2000000\nirq = 33\ncid = 42\n')
+    assert d.cid == 42
+
+
+@pytest.mark.parametrize("cid", ["0", "1", "2", "0xffffffff", "0x100000000", "-3", "guest", ""])
+def test_a_bad_vsock_cid_is_a_one_line_config_error(cid):
+    with pytest.raises(ConfigError, match=r"^--device .*: cid=.*(out of range 3\.\.4294967294|not a number)") as e:
+        parse_device_arg(f"type=vsock,base=0x2000000,irq=33,cid={cid}")
+    assert "\n" not in str(e.value)
+
+
+def test_a_vsock_cid_in_toml_out_of_range_or_on_another_type_is_a_one_line_config_error(tmp_path):
+    path = tmp_path / "guest.toml"
+    path.write_text('[[device]]\ntype = "vsock"\nbase = 0x2000000\nirq = 33\ncid = 2\n')
+    with pytest.raises(ConfigError, match=r"^--config .*guest\.toml device #0: cid='2' is out of range"):
+        load_guest_toml(path)
+    with pytest.raises(ConfigError, match=r"^--device .*: cid= is the guest's vsock address: only for type=vsock$"):
+        parse_device_arg("type=net,base=0x2000000,irq=33,cid=5")

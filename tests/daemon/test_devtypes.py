@@ -68,3 +68,20 @@ def test_parse_mac_refuses_what_is_not_a_unicast_address(text: str) -> None:
 
 def test_parse_mac_reads_the_xl_cfg_form() -> None:
     assert devtypes.parse_mac(" 00:16:3E:12:34:56 ") == bytes.fromhex("00163e123456")
+
+
+def test_vsock_config_is_the_configured_cid_without_the_config_protocol_feature() -> None:
+    got = offer(19, 1 << 32, None, mac=b"", cid=0x1234_5678)
+    assert got.emulated and got.config == struct.pack("<Q", 0x1234_5678)  # struct virtio_vsock_config: le64 guest_cid
+    assert got.features == 1 << 32
+    # a back-end with a config space (vhost-device-vsock --guest-cid) answers for itself
+    theirs = struct.pack("<Q", 7)
+    assert offer(19, 1 << 32, theirs, mac=b"", cid=9) == devtypes.Offer(1 << 32, theirs)
+    # neither: as before (the daemon logs it)
+    assert offer(19, 1 << 32, None, mac=b"") == devtypes.Offer(1 << 32, b"")
+
+
+@pytest.mark.parametrize("text", ["0", "2", "4294967295", "4294967296", "x", "-1"])
+def test_parse_cid_refuses_the_reserved_and_out_of_range_cids(text: str) -> None:
+    with pytest.raises(ValueError, match="^cid="):
+        devtypes.parse_cid(text)

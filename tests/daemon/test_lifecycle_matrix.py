@@ -3,8 +3,12 @@ as an operator runs it (``xen-vhost-master``, its own process) and the simulated
 drivers. After each event data must flow again:
 
 * blk × qemu-storage-daemon: 64 KiB written, read back equal, and in the raw file;
-* net × dpdk-testpmd (io forwarding, port looped): frames come back each exactly once (one in
-  flight at a time, then a marker: a duplicate or a loss shows as a mismatch); no feature bit is
+* net × dpdk-testpmd (io forwarding, port looped): traffic flows through the event, BURST frames
+  in flight (TX posted in batches with one notify, RX buffers posted, each poisoned first); across
+  a daemon restart (which the guest cannot see) every frame completes and comes back exactly once
+  with its bytes; across a back-end restart or a guest reset frames inside may be lost (as on a
+  real NIC: the count is printed, ``-rP`` shows it) but none comes back twice, none with stale
+  bytes; then frames one at a time, each waited for and the only one back; no feature bit is
   withheld by the harness, the guest asks for what the daemon's policy offers;
 * fs × the C virtiofsd: a FUSE session (INIT, LOOKUP, OPEN, READ, DESTROY) reads a file of the
   shared directory with the right contents.
@@ -37,7 +41,7 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +65,9 @@ FUSE_DESTROY = 38
 NET_FRONT_END_ONLY = sum(1 << b for b in (17, 18, 19, 21, 22, 23))
 NET_ALL_BUT_RING_LAYOUTS = ((1 << 64) - 1) & ~(Feature.RING_PACKED | 1 << 35 | Feature.NOTIFICATION_DATA)  # 35: IN_ORDER
 FRAMES = 4
+BURST = 32  # TX frames in flight through each event (rings of 64: every frame has an RX buffer)
+RX_POISON = 0xA5  # what an RX buffer holds until the device writes a frame into it
+ETHERTYPE = b"\x88\xb5"  # IEEE 802 local experimental ethertype 1
 SHARE_FILE = "matrix.bin"
 
 TYPES = {"blk": 2, "net": 1, "fs": VIRTIO_ID_FS}
@@ -221,6 +228,44 @@ class Peer:
 # --- the guest's side: bring up, and data flowing -------------------------------------------------
 
 
+async def first_of(done: asyncio.Future[None], wake: Coroutine[object, object, object],
+                   timeout: float | None = None) -> None:
+    """Until ``done`` is done or ``wake`` returns (or ``timeout``); ``wake`` does not outlive it."""
+    waker = asyncio.ensure_future(wake)
+    try:
+        await asyncio.wait([done, waker], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waker.cancel()
+
+
+class FrameLedger:
+    """Every frame the guest sent (numbered, its bytes kept) and which came back: a frame back
+    twice, or RX bytes that are no frame sent (stale, poison, torn), fail at once."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.sent: dict[int, bytes] = {}
+        self.got: set[int] = set()
+        self.latest = 0  # the newest frame back (the loop keeps their order: older ones not back are lost)
+
+    def new(self, mac: bytes, size: int) -> tuple[int, bytes]:
+        no = len(self.sent) + 1
+        frame = b"\xff" * 6 + mac + ETHERTYPE + no.to_bytes(4, "big") + self.rng.randbytes(size)
+        self.sent[no] = frame
+        return no, frame
+
+    def take(self, frame: bytes, what: str) -> int:
+        no = int.from_bytes(frame[14:18], "big") if len(frame) >= 18 and frame[12:14] == ETHERTYPE else 0
+        if self.sent.get(no) != frame:
+            raise AssertionError(f"{what}: an RX buffer completed with bytes that are no frame sent (stale, poison "
+                                 f"or torn): {len(frame)} bytes, {frame[:20].hex()}...")
+        if no in self.got:
+            raise AssertionError(f"{what}: frame {no} came back twice")
+        self.got.add(no)
+        self.latest = max(self.latest, no)
+        return no
+
+
 class GuestDevice:
     """The simulated guest's driver for one device type; :meth:`check` proves data flows."""
 
@@ -229,7 +274,8 @@ class GuestDevice:
         self.alloc = GuestPageAllocator(guest.ram)
         self.dev: VirtioBlk | VirtioNet | VirtioMmioDriver | None = None
         self.rng = random.Random(f"{kind}{grants}")
-        self.frame_no = 0
+        self.frames = FrameLedger(self.rng)
+        self.tx: dict[int, asyncio.Future[int]] = {}  # the traffic's frames (start_traffic)
         self.fuse: Fuse | None = None
 
     @property
@@ -247,7 +293,7 @@ class GuestDevice:
             # every bit the device offers, as a Linux driver takes them, but the ring layouts this
             # driver does not implement: what the guest gets is the daemon's policy, nothing withheld here
             self.dev = await VirtioNet.attach(self.guest, BASE, IRQ, self.alloc, queue_size=64,
-                                              features=NET_ALL_BUT_RING_LAYOUTS, **kw)
+                                              features=NET_ALL_BUT_RING_LAYOUTS, rx_poison=RX_POISON, **kw)
             offered = self.dev.driver.device_features
             assert not offered & NET_FRONT_END_ONLY, f"control-queue bits offered to the guest: {offered:#x}"
             assert self.dev.driver.has(NetFeature.MAC | NetFeature.STATUS), f"{self.dev.driver.features:#x}"
@@ -262,7 +308,11 @@ class GuestDevice:
             self.dev = driver
 
     async def reset(self) -> None:
-        """The driver unloaded (device reset) and loaded again."""
+        """The driver unloaded (device reset) and loaded again; net: the frames received until
+        then are taken first (a frame still inside the device when it resets may be lost)."""
+        if isinstance(self.dev, VirtioNet):
+            for frame in await self.dev.recv_ready():
+                self.frames.take(frame, "received before the guest's reset")
         await self.close()
         await self.attach()
 
@@ -292,15 +342,136 @@ class GuestDevice:
             f.seek(sector * 512)
             assert f.read(len(data)) == data, "the written blocks are not in the raw file"
 
-    async def _net(self) -> None:
+    async def _net(self, *, late: bool = False) -> None:
+        """Frames one at a time, each waited for: the one sent comes back, nothing else; with
+        ``late`` frames of the traffic still on their way may come first (once, with their bytes)."""
         assert isinstance(self.dev, VirtioNet)
         for n in range(FRAMES + 1):
-            self.frame_no += 1
-            sent = b"\xff" * 6 + self.dev.mac + b"\x88\xb5" + self.frame_no.to_bytes(4, "big") + self.rng.randbytes(
-                60 + 13 * n)
+            no, sent = self.frames.new(self.dev.mac, 60 + 13 * n)
             await self.dev.send(sent)
-            got = await self.dev.recv(STEP)
-            assert got == sent, f"frame {n}: another frame came back (a duplicate, or one from before the event)"
+            while no not in self.frames.got:
+                got = self.frames.take(await self.dev.recv(STEP), f"frame {no}")
+                assert got == no or late and got in self.tx, \
+                    f"frame {got} came back where {no} was sent alone (a frame from before the event)"
+
+    # Traffic through the event: a sender keeps BURST frames in flight (posted in batches, one
+    # notify each; a frame is in flight until it, or a newer one, is back: no more than the RX
+    # buffers can take, so the loop itself never drops), a receiver takes every frame back as it
+    # comes (its buffer posted again).
+
+    async def start_traffic(self) -> None:
+        """Frames flowing, BURST in flight; returns once 2 * BURST have come back (steady state)."""
+        assert isinstance(self.dev, VirtioNet)
+        self.tx = {}
+        self._stop_sending = asyncio.Event()
+        self._stop_receiving = asyncio.Event()
+        self._took = asyncio.Event()
+        self._posted = asyncio.Event()
+        self._sender = asyncio.ensure_future(self._send_frames(self.dev))
+        self._receiver = asyncio.ensure_future(self._receive_frames(self.dev))
+        await self.frames_back(len(self.frames.got) + 2 * BURST, "before the event")
+        self._posted.clear()  # and a window just posted: the event fires now
+        await first_of(self._sender, self._posted.wait(), timeout=STEP)
+        if self._sender.done():
+            self._sender.result()
+        self.at_event = self.in_flight()
+
+    def in_flight(self) -> int:
+        return sum(no > self.frames.latest for no in self.tx)
+
+    async def _send_frames(self, dev: VirtioNet) -> None:
+        stop = asyncio.ensure_future(self._stop_sending.wait())
+        try:
+            while not self._stop_sending.is_set():
+                in_flight = self.in_flight()
+                for _ in range(BURST - in_flight):
+                    no, frame = self.frames.new(dev.mac, 46 + (len(self.frames.sent) * 41) % 1400)
+                    self.tx[no] = await dev.post(frame, kick=False)
+                if in_flight < BURST:
+                    await dev.kick()
+                    self._posted.set()
+                self._took.clear()
+                await first_of(stop, self._took.wait(), timeout=STEP)
+        finally:
+            stop.cancel()
+
+    async def _receive_frames(self, dev: VirtioNet) -> None:
+        """Until told to stop, between two frames (a frame taken is always taken whole, its
+        buffer posted again: a cancelled recv could lose it half way)."""
+        stop = asyncio.ensure_future(self._stop_receiving.wait())
+        try:
+            while True:
+                await first_of(stop, dev.wait_received(), timeout=STEP * 4)
+                if stop.done():
+                    return
+                self.frames.take(await dev.recv(STEP), "traffic")
+                self._took.set()
+        finally:
+            stop.cancel()
+
+    async def frames_back(self, count: int, what: str) -> None:
+        """Until ``count`` frames in all have come back (the receiver's failure is raised)."""
+        try:
+            async with asyncio.timeout(STEP * 2):
+                while len(self.frames.got) < count:
+                    if self._receiver.done():
+                        self._receiver.result()
+                        raise AssertionError(f"net: the receiver ended {what}")
+                    self._took.clear()
+                    await first_of(self._receiver, self._took.wait())
+        except TimeoutError as e:
+            raise AssertionError(f"net: traffic stopped {what}: {self.missing()}") from e
+
+    def missing(self) -> str:
+        """The frames sent that did not come back, and which of them the guest has a TX completion for."""
+        missing = sorted(set(self.tx) - self.frames.got)
+        done = [no for no in missing if self.tx[no].done() and not self.tx[no].cancelled() and self.tx[no].exception() is None]
+        return (f"{len(missing)} of {len(self.tx)} frames not back, {len(done)} of them with a TX completion "
+                f"{done[:8]}{'...' if len(done) > 8 else ''}")
+
+    async def stop_sending(self) -> None:
+        """No more frames posted (those in flight stay in flight)."""
+        self._stop_sending.set()
+        await self._sender
+
+    async def stop_traffic(self) -> None:
+        """Sender and receiver gone, whatever their state (a failed cell's teardown)."""
+        for task in (getattr(self, "_sender", None), getattr(self, "_receiver", None)):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    async def stop_receiving(self) -> None:
+        self._stop_receiving.set()
+        async with asyncio.timeout(STEP * 2):
+            await self._receiver  # (its failure raised)
+
+    async def settle_traffic(self, what: str, *, exact: bool) -> None:
+        """After the event. ``exact`` (a daemon restart, which the guest cannot see): every frame
+        sent completes on TX and comes back exactly once. Otherwise (back-end restart, guest
+        reset) the frames the device held may be lost, never duplicated: frames one at a time
+        then show what is still to come."""
+        assert isinstance(self.dev, VirtioNet)
+        if exact:
+            await self.stop_sending()
+            try:
+                async with asyncio.timeout(STEP * 2):
+                    for fut in self.tx.values():
+                        await fut
+                await self.frames_back(len(self.frames.sent), f"after {what}")
+            except (GuestDriverError, TimeoutError) as e:
+                raise AssertionError(f"net: through {what}: {self.missing()}: {e!r}") from e
+            await self.stop_receiving()
+        else:
+            traffic_on = not self._receiver.done()  # (a guest reset stopped it: nothing may be late)
+            if traffic_on:
+                await self.stop_sending()
+                await self.stop_receiving()
+            await self._net(late=traffic_on)
+        completed = sum(f.done() and not f.cancelled() and f.exception() is None for f in self.tx.values())
+        lost = [no for no in self.tx if no not in self.frames.got]
+        print(f"net {what}: {len(self.tx)} frames sent, {self.at_event} in flight at the event, {completed} "
+              f"TX-completed, {len(lost)} lost, 0 duplicated")
 
     async def _fs(self, session: str) -> None:
         if session != "reuse":
@@ -388,7 +559,13 @@ async def test_data_flows_again_after(kind: str, path: str, event: str, sim_host
         mounted = event.endswith("-mounted")
         event = event.removesuffix("-mounted")
         await dev.check("before the event", fs_session="open" if mounted else "")
+        traffic = kind == "net"
+        if traffic:  # frames flow while the event fires
+            await dev.start_traffic()
         if event == "guest-reset":
+            if traffic:  # the driver's removal: it stops sending, and takes what has come back
+                await dev.stop_sending()
+                await dev.stop_receiving()
             await dev.reset()
         elif event == "backend-restart":
             mark = daemon.mark()
@@ -409,6 +586,10 @@ async def test_data_flows_again_after(kind: str, path: str, event: str, sim_host
             if kind == "fs":
                 await peer_restarted_if_gone(peer, daemon, mark)
             await daemon.wait_log("ioreq server 0 adopted", mark)
+        if traffic:
+            if event != "guest-reset":  # and on after it
+                await dev.frames_back(len(dev.frames.got) + 2 * BURST, f"after {event}")
+            await dev.settle_traffic(f"{path} {event}", exact=event.startswith("daemon-"))
         await dev.check(f"after {event}", fs_session="reuse" if mounted else "")
         await dev.reset()  # and the next driver load on the same connection
         await dev.check(f"after {event} and a guest reset")
@@ -420,6 +601,7 @@ async def test_data_flows_again_after(kind: str, path: str, event: str, sim_host
             print(peer.process.log_tail(30))
         raise
     finally:
+        await dev.stop_traffic()
         try:
             await dev.close()
         except GuestDriverError:

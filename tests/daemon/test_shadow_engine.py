@@ -586,3 +586,53 @@ def test_one_memfd_for_every_start_on_one_connection(rig):
     r.dp.new_connection()  # a connection that never started the rings, then another
     r.dp.new_connection()
     assert r.dp.regions()[1] != [fresh_fd]
+
+
+def test_a_transmitq_completion_reaches_the_guest_after_the_receipt_it_fed_on_a_lower_queue(rig):
+    """A looped net back-end (dpdk-testpmd io forwarding) takes a frame from transmitq 1, puts it
+    in a buffer of receiveq 0, and signals queue 1 first. The call of queue 1 brings queue 0's
+    completion to the guest too, first: were the daemon killed between the two, the guest would
+    hold a TX completion for a frame whose receipt died with the shadow memory."""
+    r = rig(queues=2, num=16, features=EVENT_IDX)
+    rx, tx = r.drivers
+    rx.add([], [r.buf(2048)], token="rx")
+    frame = os.urandom(200)
+    tx.add([r.buf(frame)], [], token="tx")
+    r.dp.notify(0)
+    r.dp.notify(1)
+    taken = r.backends[1].pop()
+    room = r.backends[0].pop()
+    assert taken is not None and room is not None
+    data = read_buffers(r.dp.shadow, taken.readable)
+    r.backends[1].push(taken.head, 0)  # transmitq done (its call first) ...
+    r.backends[0].push(room.head, write_buffers(r.dp.shadow, room.writable, data))  # ... then the receipt
+    assert r.dp.used(1) is True
+    assert rx.get_used() == [("rx", len(frame))], "the receipt did not reach the guest with the TX completion"
+    assert tx.get_used() == [("tx", 0)]
+    assert r.dp.used(0) is False  # nothing left for queue 0's own call
+
+
+def test_a_restarted_daemon_interrupts_the_guest_for_what_its_predecessor_pushed_unsignalled(rig, tmp_path):
+    """The daemon pushed a completion to the guest's used ring and died before the interrupt. A
+    driver that waits for it sends nothing more (a NIC whose receive buffers are all used), so
+    no later completion would bring the interrupt: the restarted daemon's first call says to."""
+    path = str(tmp_path / "shadow-0.inflight")
+    r = rig(num=16, features=EVENT_IDX, inflight=GuestInflightRecord(path, 4, 256))
+    drv = r.drivers[0]
+    drv.add([], [r.buf(16)], token="rx")
+    r.dp.notify(0)
+    be = r.backends[0]
+    c = be.pop()
+    assert c is not None
+    be.push(c.head, write_buffers(r.dp.shadow, c.writable, b"frame!" * 2))
+    assert r.dp.used(0) is True  # pushed to the guest; SIGKILL before the daemon raised the interrupt
+    dp2 = ShadowDataPath(r.mem, [(GBASE, GSIZE)], pool_size=1 << 20, max_queues=4, max_queue_size=256,
+                         inflight=GuestInflightRecord(path, 4, 256))
+    try:
+        dp2.open_queue(r.configs[0], r.features, r.kick[0], resume=True)
+        dp2.notify(0)
+        assert dp2.used(0) is True  # (the device writes the call eventfd on a resume)
+        assert dp2.used(0) is False
+        assert drv.get_used() == [("rx", 12)]
+    finally:
+        dp2.close()

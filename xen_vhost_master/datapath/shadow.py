@@ -129,7 +129,7 @@ class _InFlight:
 
 class _Queue:
     __slots__ = ("config", "kick_fd", "guest", "guest_desc", "drv", "rings", "event_idx", "indirect",
-                 "pending", "popped", "inflight", "broken", "unreported", "stats")
+                 "pending", "popped", "inflight", "broken", "unreported", "unsignalled", "stats")
 
     def __init__(self, config: QueueConfig, kick_fd: int, rings: RingAddresses, event_idx: bool, indirect: bool) -> None:
         self.config = config
@@ -145,6 +145,7 @@ class _Queue:
         self.inflight: dict[int, _InFlight] = {}  # guest head → chain, in publication order
         self.broken: str | None = None
         self.unreported = False  # broken without on_error: notify() raises once
+        self.unsignalled = False  # used elements a predecessor pushed may not have been signalled
         self.stats = ShadowQueueStats()
 
     def release(self) -> None:
@@ -298,6 +299,10 @@ class ShadowDataPath:
             if resume:
                 with self.memory.view(queue.device + 2, 2) as v:
                     first = _U16.unpack_from(v)[0]
+                # A predecessor that died between pushing used elements and the interrupt left
+                # the guest unaware of them, and the next may never come (a driver waiting for
+                # them sends nothing more): the first call after the resume interrupts the guest.
+                q.unsignalled = True
                 if record is not None:
                     first = self._recover(index, record, first, queue.num)
             elif record is not None:
@@ -339,13 +344,18 @@ class ShadowDataPath:
         q = self._queues.get(index)
         if q is None or q.broken is not None or q.drv is None or q.guest is None:
             return False
-        try:
-            done = q.drv.get_used()
-        except RingError as e:
-            self._break(q, f"back-end: {e}")
-            return False
-        if done:
-            self._complete(q, done)
+        # The lower queues' completions first: a back-end may put what it takes from a queue on
+        # a lower one (net, vsock: transmitq 2n+1 feeds receiveq 2n on a looped port or a local
+        # peer) and signal the transmitq first. Reported done before its receipt reached the
+        # guest, a frame would be lost if this process died in between (its receive buffer is
+        # taken again from the in-flight record, the bytes in it gone with the shadow memory).
+        notify, q.unsignalled = q.unsignalled, False
+        for lower in range(index):
+            other = self._queues.get(lower)
+            if other is not None and self._harvest(other) and other.guest is not None:
+                notify = other.guest.needs_notify() or notify
+        if not self._harvest(q):
+            return notify
         if self._held:
             for i in sorted(self._held):
                 held = self._queues.get(i)
@@ -353,7 +363,20 @@ class ShadowDataPath:
                     self._pump(held)
         if q.pending is not None and q.broken is None:
             self._pump(q)
-        return q.guest is not None and q.broken is None and q.guest.needs_notify()
+        return (q.guest is not None and q.broken is None and q.guest.needs_notify()) or notify
+
+    def _harvest(self, q: _Queue) -> bool:
+        """The back-end's completions on ``q`` to the guest; False if the queue is (now) broken."""
+        if q.broken is not None or q.drv is None or q.guest is None:
+            return False
+        try:
+            done = q.drv.get_used()
+        except RingError as e:
+            self._break(q, f"back-end: {e}")
+            return False
+        if done:
+            self._complete(q, done)
+        return q.broken is None
 
     def close_queue(self, index: int) -> None:
         q = self._queues.pop(index, None)
