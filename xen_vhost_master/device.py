@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from vhost_user import (
     AsyncFrontend,
     BackendRequest,
+    FdSocket,
     InflightFd,
     Negotiated,
     ProtocolFeatures,
@@ -46,6 +48,7 @@ from . import devtypes
 from .config import DeviceConfig
 from .datapath.base import DataPath, DataPathChooser
 from .errors import DaemonError, GuestFault, XenError
+from .fdstore import Keeper, Kept, SessionMeta, kept_name, new_meta_fd
 from .fastpath import QueueFastPath
 from .log import DeviceLogger, LimitedLogger
 from .virtio_mmio import (
@@ -92,6 +95,9 @@ START_WAIT = 1.0
 # Above MEM_TABLE_TIMEOUT: a Linux guest does not recover a device from NEEDS_RESET by itself, so a
 # slow back-end is waited for rather than failed.
 START_TIMEOUT = 180.0
+# A connection kept from the previous process (fdstore.py) answers GET_FEATURES and stops its rings
+# within this, or is given up for a fresh one.
+KEPT_TIMEOUT = 5.0
 # Back-end losses in a row delay the next reconnect: from the second loss of a streak on,
 # RECONNECT_BACKOFF doubled per loss, at most LOSS_BACKOFF_MAX, so a back-end that accepts and
 # drops (or floods) at once cannot make the daemon spin. A completion relayed to the guest, or a
@@ -135,6 +141,27 @@ def _no_device(size: int, is_write: bool) -> int | None:
     return None if is_write else (1 << (8 * size)) - 1
 
 
+def _drain(fd: int) -> int:
+    """Read what is waiting on a kept connection (bytes meant for the previous process); the fds
+    that came with them are closed. OSError if the back-end has hung up."""
+    sock = socket.socket(fileno=os.dup(fd))
+    total = 0
+    try:
+        sock.setblocking(False)
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 16)
+            except BlockingIOError:
+                return total
+            for got in fds:
+                os.close(got)
+            if not data:
+                raise ConnectionResetError("the back-end has closed the connection")
+            total += len(data)
+    finally:
+        sock.close()
+
+
 def _inflight_problem(got: InflightFd, num_queues: int, queue_size: int) -> str:
     """Why a GET_INFLIGHT_FD answer cannot be used ("" if it can)."""
     if got.mmap_size == 0:
@@ -164,8 +191,13 @@ class Device:
         fastpath: QueueFastPath | None = None,
         clock: Callable[[], float] = time.monotonic,
         guest_name: str = "",
+        keeper: Keeper | None = None,
     ) -> None:
         self.config = config
+        self._keeper = keeper  # keeps the back-end connection for the next process (fdstore.py)
+        self._meta: SessionMeta | None = None  # the current connection's record (in _meta_fd)
+        self._meta_fd: int | None = None
+        self._stored: dict[str, int] = {}  # name → the fd stored under it (ours, not a copy)
         # net with an emulated config: the guest's MAC, as configured or stable per guest and device
         self.mac = devtypes.parse_mac(config.mac) if config.mac else devtypes.stable_mac(guest_name, config.devid)
         self.fastpath = fastpath
@@ -217,13 +249,16 @@ class Device:
         """True once the device serves the guest's accesses with its model."""
         return self._gate.is_set() and self.model is not None and not self._closing
 
-    async def start(self, saved: dict[str, object] | None = None) -> None:
+    async def start(self, saved: dict[str, object] | None = None, *, kept: Kept | None = None) -> None:
         """Connect to the back-end, negotiate and learn the device's shape (queues, config); with
         ``saved``, take over the state a previous daemon left (:meth:`restore`). Guest accesses
         made before are then served. One attempt: raises as the connection or negotiation fails
-        (:class:`BackendAbsent` when nobody answers yet), leaving nothing open."""
+        (:class:`BackendAbsent` when nobody answers yet), leaving nothing open. ``kept``: the
+        previous process's connection (fdstore.py), taken over if it is still good (its fds are
+        this call's), else a fresh one is made."""
         chooser = self._chooser
-        fe, negotiated, nq, view = await self._open_backend()
+        opened = await self._take_kept(kept) if kept is not None else None
+        fe, negotiated, nq, view = opened or await self._open_backend()
         self.frontend = fe
         self._connected_at = asyncio.get_running_loop().time()
         try:
@@ -309,6 +344,163 @@ class Device:
             self.memory, self._chooser = chosen, None
         self.memory.new_connection()
         fe.on_lost = lambda exc: self.backend_lost(str(exc), reconnect=exc.reconnect)
+        self._keep_connection(fe, negotiated, nq)
+        return fe, negotiated, nq, view
+
+    # --- the connection kept for the next process (fdstore.py) ------------------------------------
+
+    def _keep_connection(self, fe: AsyncFrontend, negotiated: Negotiated, nq: int) -> None:
+        """A connection negotiated: its record written, it and its channel handed to the keeper."""
+        self._meta = SessionMeta(
+            socket=self.config.socket, features=negotiated.features,
+            protocol_features=int(negotiated.protocol_features),
+            backend_protocol_features=int(negotiated.backend_protocol_features),
+            queue_num=negotiated.queue_num, max_mem_slots=negotiated.max_mem_slots,
+            channel=negotiated.backend_channel, num_queues=nq)
+        try:
+            if self._meta_fd is None:
+                self._meta_fd = new_meta_fd()
+            self._meta.write(self._meta_fd)
+        except OSError as e:
+            self.log.warning("cannot record the back-end session (%s): a restart of the daemon connects afresh", e)
+            self._forget_kept()
+            return
+        self._store("meta", self._meta_fd)
+        self._store("conn", fe.sock.fileno())
+        chan = fe.backend_channel_fileno()
+        if chan is not None:
+            self._store("chan", chan)
+        else:
+            self._unstore("chan")
+
+    def _note_rings(self) -> None:
+        """The running rings, in the record (a new process stops them before it resumes)."""
+        if self._meta is None or self._meta_fd is None:
+            return
+        self._meta.running = sorted(self._started)
+        try:
+            self._meta.write(self._meta_fd)
+        except OSError as e:
+            self.log.warning("cannot update the back-end session record: %s", e)
+        memory_fd = getattr(self.memory, "memory_fd", None)
+        if callable(memory_fd) and (fd := memory_fd()) is not None:
+            self._store("shadow", fd)
+
+    def _store(self, what: str, fd: int) -> None:
+        if self._stored.get(what) == fd or self._keeper is None:
+            return
+        name = kept_name(self.config.devid, what)
+        if what in self._stored:
+            self._keeper.remove_fds(name)
+        self._stored[what] = fd
+        self._keeper.store_fds(name, [fd])
+
+    def _unstore(self, what: str) -> None:
+        if self._stored.pop(what, None) is not None and self._keeper is not None:
+            self._keeper.remove_fds(kept_name(self.config.devid, what))
+
+    def _forget_kept(self) -> None:
+        """Nothing of this device is to be resumed by a next process any more."""
+        for what in list(self._stored):
+            self._unstore(what)
+        fd, self._meta_fd, self._meta = self._meta_fd, None, None
+        if fd is not None:
+            os.close(fd)
+
+    def _kept_fds(self) -> list[tuple[str, int]]:
+        """Copies of what a next image needs to go on with the connection (handover)."""
+        fds = []
+        for what in ("conn", "chan", "meta", "shadow"):
+            fd = {"conn": self.frontend.sock.fileno() if self.frontend else None,
+                  "chan": self.frontend.backend_channel_fileno() if self.frontend else None,
+                  "meta": self._meta_fd}.get(what)
+            if what == "shadow":
+                memory_fd = getattr(self.memory, "memory_fd", None)
+                fd = memory_fd() if callable(memory_fd) else None
+            if fd is not None:
+                fds.append((kept_name(self.config.devid, what), os.dup(fd)))
+        return fds
+
+    async def _take_kept(self, kept: Kept) -> tuple[AsyncFrontend, Negotiated, int, devtypes.Offer] | None:
+        """Go on with the connection the previous process kept (None: it is unusable, logged in
+        one line, everything of it closed; the caller connects afresh). Nothing is negotiated
+        again: GET_FEATURES proves the back-end is there and in step (its answer must be what was
+        negotiated), the rings the previous process left running are stopped (GET_VRING_BASE),
+        and the device's restore restarts them as QEMU's ``cont`` does."""
+        fe: AsyncFrontend | None = None
+        chosen: DataPath | None = None
+        try:
+            meta = kept.check()
+            if meta.socket != self.config.socket:
+                raise ValueError(f"it was made to {meta.socket!r}, the device's back-end is {self.config.socket!r}")
+            if self.config.num_queues and meta.num_queues != self.config.num_queues:
+                raise ValueError(f"{meta.num_queues} queue(s), the device has {self.config.num_queues}")
+            stale = _drain(kept.conn)
+            if stale:
+                self.log.warning("kept back-end connection: %d byte(s) meant for the previous process discarded "
+                                 "(an answer it did not live to read)", stale)
+            conn, kept.conn = kept.conn, -1
+            chan, kept.chan = kept.chan, None
+            negotiated = Negotiated(meta.features, ProtocolFeatures(meta.protocol_features),
+                                    ProtocolFeatures(meta.backend_protocol_features), meta.queue_num,
+                                    meta.max_mem_slots, meta.channel)
+            fe = AsyncFrontend.adopt(FdSocket(socket.socket(fileno=conn)), negotiated,
+                                     backend_sock=FdSocket(socket.socket(fileno=chan)) if chan is not None else None,
+                                     backend_handler=self._backend_request)
+            fe.log = self.log
+            async with asyncio.timeout(KEPT_TIMEOUT):
+                features = await fe.get_features()
+                if features != meta.features:
+                    raise ValueError(f"the back-end offers features {features:#x}, {meta.features:#x} were "
+                                     "negotiated: another back-end")
+                for index in meta.running:
+                    await fe.stop_vring(index)
+            if meta.running:
+                self.log.info("kept back-end connection: rings %s the previous process left running stopped",
+                              meta.running)
+            nq = meta.num_queues
+            if self._chooser is not None:
+                chosen = self._chooser(negotiated.protocol_features, nq)
+            memory = chosen or self.memory
+            adopt = getattr(memory, "adopt_memory", None)
+            if kept.shadow is not None:
+                if not callable(adopt):
+                    raise ValueError("a shadow memory was kept, the device's data path has none")
+                shadow, kept.shadow = kept.shadow, None
+                adopt(shadow)
+            elif callable(adopt) and meta.running:
+                raise ValueError("its shadow memory was not kept")
+            async with asyncio.timeout(NEGOTIATION_TIMEOUT):
+                config = await self._probe_config(fe, meta.features)
+            view = devtypes.offer(self.config.device_id, meta.features, config, mac=self.mac)
+        except (OSError, ValueError, VhostUserError, TimeoutError) as e:
+            reason = "no answer" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
+            self.log.warning("the back-end connection kept from the previous process is unusable (%s): "
+                             "connecting afresh", reason)
+            if fe is not None:
+                await fe.close()
+            if chosen is not None:
+                chosen.close()
+            kept.close()
+            if self._keeper is not None:
+                for what in ("conn", "chan", "meta", "shadow"):
+                    self._keeper.remove_fds(kept_name(self.config.devid, what))
+            return None
+        if chosen is not None:
+            self.memory, self._chooser = chosen, None
+        self._meta_fd, kept.meta = kept.meta, -1
+        self._meta = meta
+        self._meta.running = []
+        self._meta.write(self._meta_fd)
+        self._stored = {}
+        self._store("meta", self._meta_fd)
+        self._store("conn", fe.sock.fileno())
+        chan_fd = fe.backend_channel_fileno()
+        if chan_fd is not None:
+            self._store("chan", chan_fd)
+        fe.on_lost = lambda exc: self.backend_lost(str(exc), reconnect=exc.reconnect)
+        self.log.info("going on with the back-end connection kept from the previous process (nothing "
+                      "renegotiated): features %#x, protocol features %#x", meta.features, meta.protocol_features)
         return fe, negotiated, nq, view
 
     async def _negotiate(self, fe: AsyncFrontend) -> tuple[Negotiated, int, DataPath | None, devtypes.Offer]:
@@ -404,6 +596,7 @@ class Device:
             self._release()
         finally:
             self._lock.release()
+        self._forget_kept()
 
     def _release(self) -> None:
         """What :meth:`close` releases once the back-end is stopped or dropped. Idempotent."""
@@ -415,24 +608,34 @@ class Device:
         if self._chooser is None:
             self.memory.close()
 
-    async def suspend(self) -> None:
+    async def suspend(self) -> list[tuple[str, int]]:
         """Handover to the next image of this process (which resumes the device with
-        :meth:`restore`, as after a lost back-end): the back-end's rings are stopped
-        (GET_VRING_BASE, no reset: the back-end keeps the device as the guest configured it), the
-        kernel fast path given back, the connection closed. The model and the data path stay as
-        they are: a shadow path's in-flight record (a file) still holds the chains in flight, which
-        the next image takes again; the rest goes with this image."""
+        :meth:`restore`, on the same connection): the back-end's rings are stopped
+        (GET_VRING_BASE, no reset: the back-end keeps the device as the guest configured it, and
+        its session), the kernel fast path given back. Returns copies of the connection's fds
+        for the next image (fdstore.py; empty if the connection is gone or broken: the next image
+        connects afresh). The model and the data path stay as they are: a shadow path's
+        in-flight record (a file) still holds the chains in flight, which the next image takes
+        again; the rest goes with this image."""
         self._closing = True
         await self._settle()
         await cancel_and_wait(self._reconnecting)
+        kept: list[tuple[str, int]] = []
         async with self._lock:
-            fe, self.frontend = self.frontend, None
-            if fe is not None and not fe.broken:
+            fe = self.frontend
+            stopped = fe is not None and not fe.broken
+            if fe is not None and stopped:
                 try:
                     for index in self._started:
                         await fe.stop_vring(index)
                 except VhostUserError as e:
+                    stopped = False
                     self.log.warning("handover: stopping the back-end's rings: %s", e)
+            started, self._started = self._started, []
+            self._note_rings()
+            if stopped and self._meta is not None:
+                kept = self._kept_fds()
+            self.frontend = None
             for index in list(self.fastpath.assigned if self.fastpath else ()):
                 self._user_path(index)
             if fe is not None:
@@ -442,7 +645,9 @@ class Device:
         loop = asyncio.get_running_loop()
         for fd in self._call:
             loop.remove_reader(fd)
-        self.log.info("handed over: queues %s stopped, device state kept", self._started)
+        self.log.info("handed over: queues %s stopped, device state kept, back-end connection %s", started,
+                      "passed on" if kept else "closed")
+        return kept
 
     # --- guest register accesses (from the IOREQ server) ---------------------------------------
 
@@ -745,6 +950,7 @@ class Device:
             await fe.set_status(int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK))
         self._queues = tuple(queues)
         self.stats.starts += 1
+        self._note_rings()
         self.log.info("%s: features %#x, queues %s", "resumed" if resume else "started", features, [q.index for q in queues])
 
     async def _share_inflight(self, fe: AsyncFrontend) -> None:
@@ -851,6 +1057,7 @@ class Device:
                 self.memory.close_queue(index)
         if started:
             self.stats.stops += 1
+        self._note_rings()
         if fe.has_protocol_feature(ProtocolFeatures.RESET_DEVICE):
             await fe.reset_device()
         elif fe.has_protocol_feature(ProtocolFeatures.STATUS):

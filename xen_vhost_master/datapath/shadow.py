@@ -270,6 +270,24 @@ class ShadowDataPath:
         self._handed_out = True
         return [self.shadow.region()], [self.shadow.fd]
 
+    def memory_fd(self) -> int | None:
+        """The memfd the back-end maps (kept for a next process of the daemon: fdstore.py)."""
+        return self.shadow.fd if self.shadow.fd >= 0 else None
+
+    def adopt_memory(self, fd: int) -> None:
+        """Go on with the memfd a previous process of the daemon gave this back-end connection
+        (taken; ValueError if it is not of this path's shape), before any queue is opened: its
+        rings are laid out afresh when the queues open, its bounce pool starts empty (the
+        chains in flight are taken from the guest again)."""
+        if self._queues:
+            raise ValueError("shadow memory adopted while queues are open")
+        old = self.shadow
+        new = ShadowMemory(pool_size=old.pool.capacity, max_queues=old.max_queues,
+                           max_queue_size=old.max_queue_size, base=old.base, fd=fd)
+        old.close()
+        self.shadow, self.pool, self._buf = new, new.pool, new.mv
+        self._handed_out, self._fresh = True, False
+
     def open_queue(self, queue: QueueConfig, features: int, kick_fd: int, *, resume: bool = False) -> RingAddresses:
         """Shadow rings for ``queue``. ``resume``: the back-end was replaced while the queue ran;
         the returned ``base`` is where the new one starts reading our shadow ring."""
