@@ -316,6 +316,7 @@ class Device:
         self._close_eventfds()
         self.model = None
         self.frontend = None
+        self._forget_kept()
         if chooser is not None and self._chooser is None:
             self.memory.close()
             self.memory, self._chooser = chooser, chooser  # type: ignore[assignment]  # chosen again next time
