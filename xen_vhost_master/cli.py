@@ -152,8 +152,15 @@ configuration files:
 signals:
   SIGTERM/SIGINT: full teardown (rings stopped, IOREQ server destroyed, XenBus Closed), exit 0.
   SIGHUP (systemctl reload): handover. The back-ends' rings are stopped, state.json saved, and
-  the process re-executes itself (same pid); the new image adopts the IOREQ server and devices
-  and resumes the rings. The guest sees a pause, no reset.
+  the process re-executes itself (same pid) with the back-end connections; the new image adopts
+  the IOREQ server and devices, goes on with each connection (not renegotiated: a back-end's
+  session survives) and resumes the rings. The guest sees a pause, no reset.
+
+back-end connections across a crash:
+  Under a service manager with a file descriptor store (systemd's FileDescriptorStoreMax=, the
+  dispatcher's 'watch --spawn') each device's connection is stored (FDSTORE=1) and handed back
+  to the restarted daemon (LISTEN_FDS), which goes on with it; one it cannot use is logged and
+  replaced by a fresh connection.
 
 On a dom0 the daemon opens /dev/xen/{privcmd,evtchn,gntdev,xenbus}. With XEN_VHOST_SIM=<socket>
 in the environment it attaches to a simulated Xen host (xen-vhost-sim, an installed platform)

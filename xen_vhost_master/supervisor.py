@@ -988,9 +988,13 @@ class Supervisor:
     # --- teardown -------------------------------------------------------------------------------
 
     def _stop_tasks_and_status(self) -> None:
-        """The first step of both ends (teardown, handover): our tasks and the status socket."""
+        """The first step of both ends (teardown, handover): our tasks and the status socket (and
+        kept back-end connections no device took: a device not brought up yet connects afresh)."""
         for task in list(self._tasks):
             task.cancel()
+        for kept in self._kept.values():
+            kept.close()
+        self._kept.clear()
         if self._status_server is not None:
             self._status_server.close()
             with contextlib.suppress(FileNotFoundError):
