@@ -388,11 +388,12 @@ class Device:
             self._store("shadow", fd)
 
     def _store(self, what: str, fd: int) -> None:
+        """``fd`` kept as ``dev<devid>.<what>``, in place of whatever the store held under that
+        name (systemd keeps every fd stored under a name, until FDSTOREREMOVE)."""
         if self._stored.get(what) == fd or self._keeper is None:
             return
         name = kept_name(self.config.devid, what)
-        if what in self._stored:
-            self._keeper.remove_fds(name)
+        self._keeper.remove_fds(name)
         self._stored[what] = fd
         self._keeper.store_fds(name, [fd])
 
