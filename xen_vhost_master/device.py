@@ -48,7 +48,7 @@ from . import devtypes
 from .config import DeviceConfig
 from .datapath.base import DataPath, DataPathChooser
 from .errors import DaemonError, GuestFault, XenError
-from .fdstore import Keeper, Kept, SessionMeta, kept_name, new_meta_fd
+from .fdstore import Keeper, Kept, SessionMeta, kept_name, new_meta_fd, read_snapshot, write_snapshot
 from .fastpath import QueueFastPath
 from .log import DeviceLogger, LimitedLogger
 from .virtio_mmio import (
@@ -67,6 +67,7 @@ from .virtio_mmio import (
     guest_features,
 )
 from .virtio_mmio import restore as restore_model
+from .virtio_mmio import snapshot
 
 __all__ = ["BackendAbsent", "Device", "DeviceError", "DeviceStats"]
 
@@ -98,6 +99,10 @@ START_TIMEOUT = 180.0
 # A connection kept from the previous process (fdstore.py) answers GET_FEATURES and stops its rings
 # within this, or is given up for a fresh one.
 KEPT_TIMEOUT = 5.0
+# At a handover, how long a back-end may take, after GET_VRING_BASE, to complete what it took from a
+# shadow ring (the spec's "suspended" back-end has: a conforming one drains before it answers); one
+# that has not by then gets its connection closed rather than completions into the next image's rings.
+SUSPEND_DRAIN = 2.0
 # Back-end losses in a row delay the next reconnect: from the second loss of a streak on,
 # RECONNECT_BACKOFF doubled per loss, at most LOSS_BACKOFF_MAX, so a back-end that accepts and
 # drops (or floods) at once cannot make the daemon spin. A completion relayed to the guest, or a
@@ -257,6 +262,15 @@ class Device:
         previous process's connection (fdstore.py), taken over if it is still good (its fds are
         this call's), else a fresh one is made."""
         chooser = self._chooser
+        if kept is not None and saved is not None and (current := read_snapshot(kept.meta)) is not None:
+            if (current.get("status"), current.get("queues")) != (saved.get("status"), saved.get("queues")):
+                self.log.info("device state from the kept session record (state.json was behind it)")
+            # The record is written at the driver's status and queue writes, not at each interrupt:
+            # the guest is interrupted once more (virtio allows a spurious one; a lost one hangs it).
+            rec_isr, file_isr = current.get("interrupt_status"), saved.get("interrupt_status")
+            if isinstance(rec_isr, int) and isinstance(file_isr, int) and isinstance(status := current.get("status"), int):
+                current = {**current, "interrupt_status": rec_isr | file_isr | (1 if status & Status.DRIVER_OK else 0)}
+            saved = current
         opened = await self._take_kept(kept) if kept is not None else None
         fe, negotiated, nq, view = opened or await self._open_backend()
         self.frontend = fe
@@ -302,6 +316,7 @@ class Device:
                           "configured" if self.config.mac else "derived from the guest's name and device id")
         if saved is not None:
             await self.restore(saved)
+        self._record_model()
         self._gate.set()
 
     async def _abandon_start(self, fe: AsyncFrontend, chooser: DataPathChooser | None) -> None:
@@ -373,6 +388,15 @@ class Device:
             self._store("chan", chan)
         else:
             self._unstore("chan")
+
+    def _record_model(self) -> None:
+        """The driver-visible state, in the session record (a crash's successor resumes from it)."""
+        if self._meta_fd is None or self.model is None:
+            return
+        try:
+            write_snapshot(self._meta_fd, snapshot(self.model))
+        except OSError as e:
+            self.log.warning("cannot update the back-end session record: %s", e)
 
     def _note_rings(self) -> None:
         """The running rings, in the record (a new process stops them before it resumes)."""
@@ -458,8 +482,12 @@ class Device:
                 for index in meta.running:
                     await fe.stop_vring(index)
             if meta.running:
-                self.log.info("kept back-end connection: rings %s the previous process left running stopped",
-                              meta.running)
+                # what the back-end did meanwhile is not recorded anywhere this process can read
+                self.log.warning(
+                    "kept back-end connection: rings %s the previous process left running stopped; what it had "
+                    "handed the back-end and not returned to the guest is taken from the guest's rings again (a "
+                    "request the back-end had completed meanwhile runs a second time, the guest sees it complete "
+                    "once)", meta.running)
             nq = meta.num_queues
             if self._chooser is not None:
                 chosen = self._chooser(negotiated.protocol_features, nq)
@@ -626,15 +654,22 @@ class Device:
         async with self._lock:
             fe = self.frontend
             stopped = fe is not None and not fe.broken
+            bases: dict[int, int] = {}
             if fe is not None and stopped:
                 try:
                     for index in self._started:
-                        await fe.stop_vring(index)
+                        bases[index] = await fe.stop_vring(index)
                 except VhostUserError as e:
                     stopped = False
                     self.log.warning("handover: stopping the back-end's rings: %s", e)
+            if stopped and not await self._drained(bases):
+                stopped = False
+                self.log.warning("handover: the back-end still has requests it took in flight %g s after GET_VRING_BASE "
+                                 "(it does not drain): its connection is closed (it drops them) and the next image "
+                                 "connects afresh and takes them from the guest again", SUSPEND_DRAIN)
             started, self._started = self._started, []
             self._note_rings()
+            self._record_model()
             if stopped and self._meta is not None:
                 kept = self._kept_fds()
             self.frontend = None
@@ -650,6 +685,22 @@ class Device:
         self.log.info("handed over: queues %s stopped, device state kept, back-end connection %s", started,
                       "passed on" if kept else "closed")
         return kept
+
+    async def _drained(self, bases: dict[int, int]) -> bool:
+        """Whether the back-end has completed, and the data path taken back, every chain it took
+        from the rings stopped at ``bases`` (their GET_VRING_BASE answers), waiting SUSPEND_DRAIN
+        at most (its completions arrive through :meth:`_on_call`). True for a data path that does
+        not know (zero copy: the back-end completes into the guest's own ring)."""
+        harvested = getattr(self.memory, "harvested", None)
+        if not callable(harvested):
+            return True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SUSPEND_DRAIN
+        while True:
+            behind = [i for i, base in bases.items() if (done := harvested(i)) is not None and done != base & 0xFFFF]
+            if not behind or loop.time() >= deadline:
+                return not behind
+            await asyncio.sleep(0.01)  # completions come through the call eventfds' readers meanwhile
 
     # --- guest register accesses (from the IOREQ server) ---------------------------------------
 
@@ -674,6 +725,8 @@ class Device:
         if self._slow:
             return self._write_in_turn(offset, size, value)
         actions = self.model.write(offset, size, value)
+        if offset in (Reg.STATUS, Reg.QUEUE_READY):
+            self._record_model()
         if any(isinstance(a, (Activate, Reset, ConfigWrite)) for a in actions):
             self._slow += 1
             return self._carry_out_in_turn(actions)
@@ -703,7 +756,10 @@ class Device:
         self._slow += 1
         try:
             async with self._lock:
-                await self._carry_out(self.model.write(offset, size, value))
+                actions = self.model.write(offset, size, value)
+                if offset in (Reg.STATUS, Reg.QUEUE_READY):
+                    self._record_model()
+                await self._carry_out(actions)
         finally:
             self._slow -= 1
 

@@ -12,8 +12,9 @@ and passes the same fds the same way.
 Per device (``dev<devid>.<what>``):
 
 * ``conn``: the vhost-user socket; ``chan``: our end of the back-end channel (SET_BACKEND_REQ_FD);
-* ``meta``: a memfd holding :class:`SessionMeta` (what was negotiated, which rings run), rewritten
-  in place whenever that changes: it is current whenever the process dies;
+* ``meta``: a memfd holding :class:`SessionMeta` (what was negotiated, which rings run) and the
+  device's driver-visible state (``virtio_mmio.snapshot``), each rewritten in place whenever it
+  changes: current whenever the process dies, unlike ``state.json``, written a moment later;
 * ``shadow``: the shadow data path's memfd (the back-end keeps mapping it; DPDK keeps its old
   mapping of a region whose geometry did not change, so the same file must be handed again).
 """
@@ -47,6 +48,7 @@ __all__ = [
 SD_LISTEN_FDS_START = 3  # sd_listen_fds(3)
 MAX_LISTEN_FDS = 256  # more than any guest's devices need; beyond it the variables are refused
 META_SIZE = 4096  # one page: rewritten with one pwrite(2)
+SNAPSHOT_SIZE = 3 * 4096  # the device's snapshot, after the record
 META_VERSION = 1
 FD_KINDS = ("conn", "chan", "meta", "shadow")
 # The dispatcher's trampoline (``python -m xen_vhost_master.fdstore``): "name=fd:name=fd" of the
@@ -122,11 +124,29 @@ class SessionMeta:
 def new_meta_fd() -> int:
     fd = os.memfd_create("xen-vhost-session", os.MFD_CLOEXEC)
     try:
-        os.ftruncate(fd, META_SIZE)
+        os.ftruncate(fd, META_SIZE + SNAPSHOT_SIZE)
     except OSError:
         os.close(fd)
         raise
     return fd
+
+
+def write_snapshot(fd: int, state: Mapping[str, object] | None) -> None:
+    """The device's driver-visible state next to the session record (None: none to resume)."""
+    data = json.dumps(state, separators=(",", ":")).encode() if state is not None else b""
+    if len(data) > SNAPSHOT_SIZE:
+        data = b""  # (a device this large resumes from state.json)
+    os.pwrite(fd, data.ljust(SNAPSHOT_SIZE, b" "), META_SIZE)
+
+
+def read_snapshot(fd: int) -> dict[str, object] | None:
+    """What :func:`write_snapshot` left (None if nothing, or not an object)."""
+    try:
+        data = os.pread(fd, SNAPSHOT_SIZE, META_SIZE).rstrip(b" \0")
+        state = json.loads(data) if data else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return state if isinstance(state, dict) else None
 
 
 @dataclass

@@ -131,6 +131,33 @@ async def test_a_handed_over_connection_goes_on_without_renegotiating(no_fd_leak
         assert not keeper.stored
 
 
+@pytest.mark.asyncio
+async def test_the_kept_record_has_the_device_state_a_crash_left_not_an_older_state_file(no_fd_leak, ram_memfd):
+    """state.json is written a moment after the driver's writes; the session record with them. A
+    successor handed a state file from before the driver's bring-up resumes the running device
+    all the same, from the record."""
+    async with contextlib.AsyncExitStack() as stack:
+        backends, keeper = Backends(stack), Keeper()
+        first = device(ram_memfd, backends.connect, keeper)
+        async with asyncio.timeout(TIMEOUT):
+            await first.start()
+            assert first.model is not None
+            behind = snapshot(first.model)  # the last state file: nothing set up yet
+            await _bring_up(first)
+        handed = await first.suspend()
+        await first.close()
+        kept, _ = group_by_device(dict(handed))
+        second = device(ram_memfd, backends.connect, keeper)
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                await second.start(behind, kept=kept[0])
+            assert len(backends.backends) == 1  # the same connection
+            assert second.model is not None and second.model.active
+            assert backends.backends[0].requests().count(FrontendRequest.SET_VRING_KICK) == 2  # started, resumed
+        finally:
+            await second.close()
+
+
 def _meta_fd(meta: SessionMeta | bytes) -> int:
     fd = new_meta_fd()
     os.pwrite(fd, meta.encode() if isinstance(meta, SessionMeta) else meta, 0)

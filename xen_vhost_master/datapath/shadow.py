@@ -270,6 +270,13 @@ class ShadowDataPath:
         self._handed_out = True
         return [self.shadow.region()], [self.shadow.fd]
 
+    def harvested(self, index: int) -> int | None:
+        """How far queue ``index``'s shadow used ring has been taken back to the guest (None
+        without such a queue): the back-end has completed every chain it took once this reaches
+        the index GET_VRING_BASE answered."""
+        q = self._queues.get(index)
+        return None if q is None or q.drv is None or q.broken is not None else q.drv.last_used
+
     def memory_fd(self) -> int | None:
         """The memfd the back-end maps (kept for a next process of the daemon: fdstore.py)."""
         return self.shadow.fd if self.shadow.fd >= 0 else None
