@@ -403,6 +403,8 @@ class Device:
         if self._meta is None or self._meta_fd is None:
             return
         self._meta.running = sorted(self._started)
+        sizes = {q.index: q.num for q in self._queues}
+        self._meta.sizes = [sizes.get(i, 0) for i in self._meta.running]
         try:
             self._meta.write(self._meta_fd)
         except OSError as e:
@@ -474,13 +476,14 @@ class Device:
                                      backend_sock=FdSocket(socket.socket(fileno=chan)) if chan is not None else None,
                                      backend_handler=self._backend_request)
             fe.log = self.log
+            bases: dict[int, int] = {}
             async with asyncio.timeout(KEPT_TIMEOUT):
                 features = await fe.get_features()
                 if features != meta.features:
                     raise ValueError(f"the back-end offers features {features:#x}, {meta.features:#x} were "
                                      "negotiated: another back-end")
                 for index in meta.running:
-                    await fe.stop_vring(index)
+                    bases[index] = await fe.stop_vring(index)
             if meta.running:
                 # what the back-end did meanwhile is not recorded anywhere this process can read
                 self.log.warning(
@@ -498,6 +501,7 @@ class Device:
                     raise ValueError("a shadow memory was kept, the device's data path has none")
                 shadow, kept.shadow = kept.shadow, None
                 adopt(shadow)
+                await self._backend_done(memory, bases, dict(zip(meta.running, meta.sizes, strict=False)))
             elif callable(adopt) and meta.running:
                 raise ValueError("its shadow memory was not kept")
             async with asyncio.timeout(NEGOTIATION_TIMEOUT):
@@ -685,6 +689,26 @@ class Device:
         self.log.info("handed over: queues %s stopped, device state kept, back-end connection %s", started,
                       "passed on" if kept else "closed")
         return kept
+
+    async def _backend_done(self, memory: object, bases: dict[int, int], sizes: dict[int, int]) -> None:
+        """After a crash: the back-end has completed, into the previous process's shadow rings
+        (whose completions nobody takes back: those chains are taken from the guest again), all
+        it took before GET_VRING_BASE answered ``bases``, within SUSPEND_DRAIN; else ValueError
+        (its connection is dropped: a late completion must not land in the rings laid out anew)."""
+        used_idx = getattr(memory, "backend_used", None)
+        if not callable(used_idx) or not bases:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SUSPEND_DRAIN
+        while True:
+            behind = {i: (base - used_idx(i, sizes[i])) & 0xFFFF for i, base in bases.items()
+                      if sizes.get(i) and used_idx(i, sizes[i]) != base & 0xFFFF}
+            if not behind:
+                return
+            if loop.time() >= deadline:
+                raise ValueError(f"the back-end still has requests in flight ({behind} by queue) {SUSPEND_DRAIN:g} s "
+                                 "after GET_VRING_BASE (it does not drain)")
+            await asyncio.sleep(0.01)  # the back-end writes its used rings in memory: nothing to wait on
 
     async def _drained(self, bases: dict[int, int]) -> bool:
         """Whether the back-end has completed, and the data path taken back, every chain it took

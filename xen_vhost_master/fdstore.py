@@ -83,6 +83,7 @@ class SessionMeta:
     channel: bool  # SET_BACKEND_REQ_FD was sent
     num_queues: int  # as the device uses them
     running: list[int] = field(default_factory=list)  # rings started on the connection (not stopped since)
+    sizes: list[int] = field(default_factory=list)  # their sizes (QueueNum), in the same order
     version: int = META_VERSION
 
     def encode(self) -> bytes:
@@ -106,7 +107,9 @@ class SessionMeta:
                 or any(isinstance(raw.get(k), bool) or not isinstance(raw.get(k), int) for k in ints) \
                 or any(raw.get(k) is not None and not isinstance(raw.get(k), int) for k in optional) \
                 or not isinstance(raw.get("running"), list) \
-                or not all(isinstance(i, int) and 0 <= i < raw["num_queues"] for i in raw["running"]):
+                or not all(isinstance(i, int) and 0 <= i < raw["num_queues"] for i in raw["running"]) \
+                or not isinstance(raw.get("sizes", []), list) \
+                or not all(isinstance(n, int) and 0 < n <= 0x8000 for n in raw.get("sizes", [])):
             raise ValueError("session record malformed")
         try:
             return cls(**raw)

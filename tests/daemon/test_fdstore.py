@@ -14,10 +14,13 @@ import contextlib
 import json
 import logging
 import os
+import random
+import signal
 import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -325,3 +328,73 @@ def test_the_dispatchers_store_keeps_one_fd_a_name_and_refuses_the_rest(caplog):
     assert not open_(second)
     launcher._drop_store("g")
     assert not launcher.stored and not any(open_(n) for n in pipes)
+
+
+# --- a crash with requests in flight, under the dispatcher's store ---------------------------------
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # the dispatcher and its instances run on uvloop
+async def test_an_instance_killed_with_out_of_order_requests_in_flight_goes_on_with_its_connection(
+        start_sim, sim_dir, tmp_path):
+    """Shadow path, a back-end that completes out of order and holds requests (the project's RAM
+    disk, ``--reorder``, ``--hold-ms``; it does not drain at GET_VRING_BASE), its daemon run by the
+    dispatcher: the instance is SIGKILLed right after the first of 8 writes completed, twice (the
+    dispatcher starts an instance three times at most). Each restarted instance is handed the connection back and goes on with it once the
+    back-end has completed what it took (or, if it does not within the bound, says so and
+    connects afresh): every write completes exactly once (the guest driver fails the batch on a
+    completion for a chain not in flight, and a lost one times out), and every byte is in the
+    image."""
+    from tests.daemon.test_daemon_cli import DOMID
+    from tests.daemon.test_dispatcher import run_watch
+    from xen_vhost_sim.guest import SimGuest
+    from xen_vhost_sim.guest_devices import BlkOp, VirtioBlk
+    from xen_vhost_sim.guest_driver import GuestPageAllocator
+
+    sim, sim_path = start_sim(sim_dir, name="kept")
+    root = Path(sim_dir) / "run"
+    (root / "kept").mkdir(parents=True)
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(8 << 20))
+    sock = Path(sim_dir) / "blk.sock"
+    backend = subprocess.Popen(
+        [sys.executable, "-m", "vhost_user.testing.blk", "--socket", str(sock), "--size", "8M", "--image", str(image),
+         "--reorder", "3", "--hold-ms", "40"], stderr=subprocess.DEVNULL)
+    (root / "kept" / "0.sock").symlink_to(sock)
+    guest = None
+    try:
+        async with run_watch(sim_path, root, ["--spawn", "--instance-args", "--memory shadow"], dict(os.environ)) as w:
+            await w.served("kept", DOMID)
+            guest = await SimGuest.connect(sim_path, DOMID)
+            blk = await asyncio.wait_for(VirtioBlk.attach(guest, 0x2000000, 33, GuestPageAllocator(guest.ram)), TIMEOUT)
+            queue = blk.driver.queues[0]
+            rng = random.Random(9)
+            expected: dict[int, bytes] = {}
+            for round_ in range(2):
+                ops = [BlkOp("write", 4096 * round_ + 64 * i, data=rng.randbytes(16 << 10)) for i in range(8)]
+                batch = asyncio.ensure_future(blk.batch(ops))
+                async with asyncio.timeout(TIMEOUT):
+                    while len(queue.pending) < len(ops):  # all posted and kicked
+                        await asyncio.sleep(0)
+                    await asyncio.wait(set(queue.pending), return_when=asyncio.FIRST_COMPLETED)
+                mark = len(w.log.lines)
+                pid = int([line for line in w.log.lines if f"started instance for domain {DOMID}: pid" in line][-1].split()[-1])
+                os.kill(pid, signal.SIGKILL)
+                await w.log.wait_for(rf"\(pid {pid}\) exited with status -9", mark)
+                await w.log.wait_for("ioreq server 0 adopted", mark)
+                await asyncio.wait_for(batch, TIMEOUT)  # every write, exactly once
+                expected.update((op.sector, op.data) for op in ops)
+            for sector, data in expected.items():
+                assert await asyncio.wait_for(blk.read(sector, len(data) // 512), TIMEOUT) == data
+            await blk.close()
+            with open(image, "rb") as f:
+                for sector, data in expected.items():
+                    f.seek(sector * 512)
+                    assert f.read(len(data)) == data
+            kept, refused = w.log.count("going on with the back-end connection kept"), w.log.count("is unusable")
+            assert kept >= 1 and kept + refused == 2, "".join(w.log.lines[-60:])
+    finally:
+        if guest is not None:
+            guest.close()
+        backend.kill()
+        backend.wait(TIMEOUT)
+        sim.kill()

@@ -277,6 +277,15 @@ class ShadowDataPath:
         q = self._queues.get(index)
         return None if q is None or q.drv is None or q.broken is not None else q.drv.last_used
 
+    def backend_used(self, index: int, num: int) -> int:
+        """The used index the back-end wrote in queue ``index``'s shadow ring of ``num`` entries,
+        as it lies in the memory now (a previous process's ring, before it is laid out anew)."""
+        if not 0 < num <= self.shadow.max_queue_size or not 0 <= index < self.shadow.max_queues:
+            raise ValueError(f"queue {index} of {num} entries has no ring slot in the shadow memory")
+        _, _, used, _ = split_ring_layout(num, self.shadow.ring_slot(index))
+        with self.shadow.view(used + 2, 2) as v:
+            return int(_U16.unpack_from(v)[0])
+
     def memory_fd(self) -> int | None:
         """The memfd the back-end maps (kept for a next process of the daemon: fdstore.py)."""
         return self.shadow.fd if self.shadow.fd >= 0 else None
