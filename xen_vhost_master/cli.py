@@ -29,6 +29,7 @@ from .log import say, setup_logging
 from .names import path_name
 from .instance import (
     DOMID_FIRST_RESERVED,
+    ENV_LOCK_FD,
     RUNTIME_ROOT,
     AlreadyServed,
     DomainNotFound,
@@ -153,8 +154,15 @@ configuration files:
 signals:
   SIGTERM/SIGINT: full teardown (rings stopped, IOREQ server destroyed, XenBus Closed), exit 0.
   SIGHUP (systemctl reload): handover. The back-ends' rings are stopped, state.json saved, and
-  the process re-executes itself (same pid); the new image adopts the IOREQ server and devices
-  and resumes the rings. The guest sees a pause, no reset.
+  the process re-executes itself (same pid) with the back-end connections; the new image adopts
+  the IOREQ server and devices, goes on with each connection (not renegotiated: a back-end's
+  session survives) and resumes the rings. The guest sees a pause, no reset.
+
+back-end connections across a crash:
+  Under a service manager with a file descriptor store (systemd's FileDescriptorStoreMax=, the
+  dispatcher's 'watch --spawn') each device's connection is stored (FDSTORE=1) and handed back
+  to the restarted daemon (LISTEN_FDS), which goes on with it; one it cannot use is logged and
+  replaced by a fresh connection.
 
 On a dom0 the daemon opens /dev/xen/{privcmd,evtchn,gntdev,xenbus}. With XEN_VHOST_SIM=<socket>
 in the environment it attaches to a simulated Xen host (xen-vhost-sim, an installed platform)
@@ -340,7 +348,11 @@ def _runtime_dir_code(error: OSError) -> ExitCode:
 
 
 class _Handover:
-    """Returned by :func:`_serve` when the instance asked to re-execute itself (SIGHUP)."""
+    """Returned by :func:`_serve` when the instance asked to re-execute itself (SIGHUP), with the
+    back-end connections' fds the next image goes on with (fdstore.py)."""
+
+    def __init__(self, fds: list[tuple[str, int]]) -> None:
+        self.fds = fds
 
 
 async def _serve(args: argparse.Namespace, platform: Platform) -> int | _Handover:
@@ -389,7 +401,7 @@ async def _serve(args: argparse.Namespace, platform: Platform) -> int | _Handove
         else:
             lock.release()
         runtime.close()
-    return _Handover() if handover else code
+    return _Handover(supervisor.handed_over) if handover else code
 
 
 def _status_socket(args: argparse.Namespace, platform: Platform | None = None) -> str:
@@ -482,21 +494,25 @@ def main(argv: list[str] | None = None, platform: Platform | None = None) -> int
 
     result = run(_serve(args, platform))
     if isinstance(result, _Handover):
-        return _reexec(sys.argv[1:] if argv is None else argv)
+        return _reexec(sys.argv[1:] if argv is None else argv, result.fds)
     return result
 
 
-def _reexec(argv: list[str]) -> int:
+def _reexec(argv: list[str], fds: list[tuple[str, int]]) -> int:
     """Replace this process's image with a fresh one of the same command: same pid, so systemd's
-    MainPID stays; the lock's fd and the notification socket are inherited. Returns only if exec
-    fails: exit 75, and a restart adopts the guest from state.json as after a crash."""
+    MainPID stays; the lock's fd, the notification socket and the back-end connections ``fds``
+    (as systemd hands stored fds back: fdstore.py) are inherited. Returns only if exec fails:
+    exit 75, and a restart adopts the guest from state.json as after a crash."""
+    from .fdstore import exec_with_fds  # noqa: PLC0415
+
     log = logging.getLogger("xen_vhost_master")
-    log.info("handover: re-executing %s -m xen_vhost_master", sys.executable)
+    log.info("handover: re-executing %s -m xen_vhost_master%s", sys.executable,
+             f" with {len(fds)} back-end connection fd(s)" if fds else "")
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited: no SIGHUP may kill the new image early
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     try:
-        os.execv(sys.executable, [sys.executable, "-m", "xen_vhost_master", *argv])
+        exec_with_fds([sys.executable, "-m", "xen_vhost_master", *argv], fds, keep_env=[ENV_LOCK_FD])
     except OSError as e:
         log.error("handover: cannot execute %s: %s", sys.executable, e)
     return int(ExitCode.TEMPFAIL)

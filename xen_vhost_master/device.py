@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from vhost_user import (
     AsyncFrontend,
     BackendRequest,
+    FdSocket,
     InflightFd,
     Negotiated,
     ProtocolFeatures,
@@ -46,6 +48,7 @@ from . import devtypes
 from .config import DeviceConfig
 from .datapath.base import DataPath, DataPathChooser
 from .errors import DaemonError, GuestFault, XenError
+from .fdstore import Keeper, Kept, SessionMeta, kept_name, new_meta_fd, read_snapshot, write_snapshot
 from .fastpath import QueueFastPath
 from .log import DeviceLogger, LimitedLogger
 from .virtio_mmio import (
@@ -64,11 +67,13 @@ from .virtio_mmio import (
     guest_features,
 )
 from .virtio_mmio import restore as restore_model
+from .virtio_mmio import snapshot
 
 __all__ = ["BackendAbsent", "Device", "DeviceError", "DeviceStats"]
 
 MAX_CONFIG_SIZE = 256  # virtio-mmio config window 0x100..0x1ff; QEMU's VHOST_USER_MAX_CONFIG_SIZE too
 _NUMBERS = re.compile(r"0x[0-9a-fA-F]+|\d+")
+_REG_STATUS, _REG_QUEUE_READY = int(Reg.STATUS), int(Reg.QUEUE_READY)  # (plain ints: compared on every register write)
 RECONNECT_WINDOW = 60.0  # seconds a lost back-end may take to come back before NEEDS_RESET
 RECONNECT_BACKOFF = 0.05  # first pause between reconnect attempts (doubling, capped)
 RECONNECT_BACKOFF_MAX = 1.0
@@ -92,6 +97,13 @@ START_WAIT = 1.0
 # Above MEM_TABLE_TIMEOUT: a Linux guest does not recover a device from NEEDS_RESET by itself, so a
 # slow back-end is waited for rather than failed.
 START_TIMEOUT = 180.0
+# A connection kept from the previous process (fdstore.py) answers GET_FEATURES and stops its rings
+# within this, or is given up for a fresh one.
+KEPT_TIMEOUT = 5.0
+# At a handover, how long a back-end may take, after GET_VRING_BASE, to complete what it took from a
+# shadow ring (the spec's "suspended" back-end has: a conforming one drains before it answers); one
+# that has not by then gets its connection closed rather than completions into the next image's rings.
+SUSPEND_DRAIN = 2.0
 # Back-end losses in a row delay the next reconnect: from the second loss of a streak on,
 # RECONNECT_BACKOFF doubled per loss, at most LOSS_BACKOFF_MAX, so a back-end that accepts and
 # drops (or floods) at once cannot make the daemon spin. A completion relayed to the guest, or a
@@ -135,6 +147,27 @@ def _no_device(size: int, is_write: bool) -> int | None:
     return None if is_write else (1 << (8 * size)) - 1
 
 
+def _drain(fd: int) -> int:
+    """Read what is waiting on a kept connection (bytes meant for the previous process); the fds
+    that came with them are closed. OSError if the back-end has hung up."""
+    sock = socket.socket(fileno=os.dup(fd))
+    total = 0
+    try:
+        sock.setblocking(False)
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 16)
+            except BlockingIOError:
+                return total
+            for got in fds:
+                os.close(got)
+            if not data:
+                raise ConnectionResetError("the back-end has closed the connection")
+            total += len(data)
+    finally:
+        sock.close()
+
+
 def _inflight_problem(got: InflightFd, num_queues: int, queue_size: int) -> str:
     """Why a GET_INFLIGHT_FD answer cannot be used ("" if it can)."""
     if got.mmap_size == 0:
@@ -164,8 +197,13 @@ class Device:
         fastpath: QueueFastPath | None = None,
         clock: Callable[[], float] = time.monotonic,
         guest_name: str = "",
+        keeper: Keeper | None = None,
     ) -> None:
         self.config = config
+        self._keeper = keeper  # keeps the back-end connection for the next process (fdstore.py)
+        self._meta: SessionMeta | None = None  # the current connection's record (in _meta_fd)
+        self._meta_fd: int | None = None
+        self._stored: dict[str, int] = {}  # name → the fd stored under it (ours, not a copy)
         # net with an emulated config: the guest's MAC, as configured or stable per guest and device
         self.mac = devtypes.parse_mac(config.mac) if config.mac else devtypes.stable_mac(guest_name, config.devid)
         self.fastpath = fastpath
@@ -223,13 +261,25 @@ class Device:
         irqfd raises it for used buffers (fast path)."""
         return self.model is not None and (self.model.line or self.model.kernel_irq)
 
-    async def start(self, saved: dict[str, object] | None = None) -> None:
+    async def start(self, saved: dict[str, object] | None = None, *, kept: Kept | None = None) -> None:
         """Connect to the back-end, negotiate and learn the device's shape (queues, config); with
         ``saved``, take over the state a previous daemon left (:meth:`restore`). Guest accesses
         made before are then served. One attempt: raises as the connection or negotiation fails
-        (:class:`BackendAbsent` when nobody answers yet), leaving nothing open."""
+        (:class:`BackendAbsent` when nobody answers yet), leaving nothing open. ``kept``: the
+        previous process's connection (fdstore.py), taken over if it is still good (its fds are
+        this call's), else a fresh one is made."""
         chooser = self._chooser
-        fe, negotiated, nq, view = await self._open_backend()
+        if kept is not None and saved is not None and (current := read_snapshot(kept.meta)) is not None:
+            if (current.get("status"), current.get("queues")) != (saved.get("status"), saved.get("queues")):
+                self.log.info("device state from the kept session record (state.json was behind it)")
+            # The record is written at the driver's status and queue writes, not at each interrupt:
+            # the guest is interrupted once more (virtio allows a spurious one; a lost one hangs it).
+            rec_isr, file_isr = current.get("interrupt_status"), saved.get("interrupt_status")
+            if isinstance(rec_isr, int) and isinstance(file_isr, int) and isinstance(status := current.get("status"), int):
+                current = {**current, "interrupt_status": rec_isr | file_isr | (1 if status & Status.DRIVER_OK else 0)}
+            saved = current
+        opened = await self._take_kept(kept) if kept is not None else None
+        fe, negotiated, nq, view = opened or await self._open_backend()
         self.frontend = fe
         self._connected_at = asyncio.get_running_loop().time()
         try:
@@ -278,6 +328,7 @@ class Device:
             self._vsock_cid_checked(view.config)
         if saved is not None:
             await self.restore(saved)
+        self._record_model()
         self._gate.set()
 
     def _vsock_cid_checked(self, config: bytes) -> None:
@@ -305,6 +356,7 @@ class Device:
         self._close_eventfds()
         self.model = None
         self.frontend = None
+        self._forget_kept()
         if chooser is not None and self._chooser is None:
             self.memory.close()
             self.memory, self._chooser = chooser, chooser  # type: ignore[assignment]  # chosen again next time
@@ -333,6 +385,181 @@ class Device:
             self.memory, self._chooser = chosen, None
         self.memory.new_connection()
         fe.on_lost = lambda exc: self.backend_lost(str(exc), reconnect=exc.reconnect)
+        self._keep_connection(fe, negotiated, nq)
+        return fe, negotiated, nq, view
+
+    # --- the connection kept for the next process (fdstore.py) ------------------------------------
+
+    def _keep_connection(self, fe: AsyncFrontend, negotiated: Negotiated, nq: int) -> None:
+        """A connection negotiated: its record written, it and its channel handed to the keeper."""
+        self._meta = SessionMeta(
+            socket=self.config.socket, features=negotiated.features,
+            protocol_features=int(negotiated.protocol_features),
+            backend_protocol_features=int(negotiated.backend_protocol_features),
+            queue_num=negotiated.queue_num, max_mem_slots=negotiated.max_mem_slots,
+            channel=negotiated.backend_channel, num_queues=nq)
+        try:
+            if self._meta_fd is None:
+                self._meta_fd = new_meta_fd()
+            self._meta.write(self._meta_fd)
+        except OSError as e:
+            self.log.warning("cannot record the back-end session (%s): a restart of the daemon connects afresh", e)
+            self._forget_kept()
+            return
+        self._store("meta", self._meta_fd)
+        self._store("conn", fe.sock.fileno())
+        chan = fe.backend_channel_fileno()
+        if chan is not None:
+            self._store("chan", chan)
+        else:
+            self._unstore("chan")
+
+    def _record_model(self) -> None:
+        """The driver-visible state, in the session record (a crash's successor resumes from it)."""
+        if self._meta_fd is None or self.model is None:
+            return
+        try:
+            write_snapshot(self._meta_fd, snapshot(self.model))
+        except OSError as e:
+            self.log.warning("cannot update the back-end session record: %s", e)
+
+    def _note_rings(self) -> None:
+        """The running rings, in the record (a new process stops them before it resumes)."""
+        if self._meta is None or self._meta_fd is None:
+            return
+        self._meta.running = sorted(self._started)
+        sizes = {q.index: q.num for q in self._queues}
+        self._meta.sizes = [sizes.get(i, 0) for i in self._meta.running]
+        try:
+            self._meta.write(self._meta_fd)
+        except OSError as e:
+            self.log.warning("cannot update the back-end session record: %s", e)
+        memory_fd = getattr(self.memory, "memory_fd", None)
+        if callable(memory_fd) and (fd := memory_fd()) is not None:
+            self._store("shadow", fd)
+
+    def _store(self, what: str, fd: int) -> None:
+        """``fd`` kept as ``dev<devid>.<what>``, in place of whatever the store held under that
+        name (systemd keeps every fd stored under a name, until FDSTOREREMOVE)."""
+        if self._stored.get(what) == fd or self._keeper is None:
+            return
+        name = kept_name(self.config.devid, what)
+        self._keeper.remove_fds(name)
+        self._stored[what] = fd
+        self._keeper.store_fds(name, [fd])
+
+    def _unstore(self, what: str) -> None:
+        if self._stored.pop(what, None) is not None and self._keeper is not None:
+            self._keeper.remove_fds(kept_name(self.config.devid, what))
+
+    def _forget_kept(self) -> None:
+        """Nothing of this device is to be resumed by a next process any more."""
+        for what in list(self._stored):
+            self._unstore(what)
+        fd, self._meta_fd, self._meta = self._meta_fd, None, None
+        if fd is not None:
+            os.close(fd)
+
+    def _kept_fds(self) -> list[tuple[str, int]]:
+        """Copies of what a next image needs to go on with the connection (handover)."""
+        fds = []
+        for what in ("conn", "chan", "meta", "shadow"):
+            fd = {"conn": self.frontend.sock.fileno() if self.frontend else None,
+                  "chan": self.frontend.backend_channel_fileno() if self.frontend else None,
+                  "meta": self._meta_fd}.get(what)
+            if what == "shadow":
+                memory_fd = getattr(self.memory, "memory_fd", None)
+                fd = memory_fd() if callable(memory_fd) else None
+            if fd is not None:
+                fds.append((kept_name(self.config.devid, what), os.dup(fd)))
+        return fds
+
+    async def _take_kept(self, kept: Kept) -> tuple[AsyncFrontend, Negotiated, int, devtypes.Offer] | None:
+        """Go on with the connection the previous process kept (None: it is unusable, logged in
+        one line, everything of it closed; the caller connects afresh). Nothing is negotiated
+        again: GET_FEATURES proves the back-end is there and in step (its answer must be what was
+        negotiated), the rings the previous process left running are stopped (GET_VRING_BASE),
+        and the device's restore restarts them as QEMU's ``cont`` does."""
+        fe: AsyncFrontend | None = None
+        chosen: DataPath | None = None
+        try:
+            meta = kept.check()
+            if meta.socket != self.config.socket:
+                raise ValueError(f"it was made to {meta.socket!r}, the device's back-end is {self.config.socket!r}")
+            if self.config.num_queues and meta.num_queues != self.config.num_queues:
+                raise ValueError(f"{meta.num_queues} queue(s), the device has {self.config.num_queues}")
+            stale = _drain(kept.conn)
+            if stale:
+                self.log.warning("kept back-end connection: %d byte(s) meant for the previous process discarded "
+                                 "(an answer it did not live to read)", stale)
+            conn, kept.conn = kept.conn, -1
+            chan, kept.chan = kept.chan, None
+            negotiated = Negotiated(meta.features, ProtocolFeatures(meta.protocol_features),
+                                    ProtocolFeatures(meta.backend_protocol_features), meta.queue_num,
+                                    meta.max_mem_slots, meta.channel)
+            fe = AsyncFrontend.adopt(FdSocket(socket.socket(fileno=conn)), negotiated,
+                                     backend_sock=FdSocket(socket.socket(fileno=chan)) if chan is not None else None,
+                                     backend_handler=self._backend_request)
+            fe.log = self.log
+            bases: dict[int, int] = {}
+            async with asyncio.timeout(KEPT_TIMEOUT):
+                features = await fe.get_features()
+                if features != meta.features:
+                    raise ValueError(f"the back-end offers features {features:#x}, {meta.features:#x} were "
+                                     "negotiated: another back-end")
+                for index in meta.running:
+                    bases[index] = await fe.stop_vring(index)
+            if meta.running:
+                # what the back-end did meanwhile is not recorded anywhere this process can read
+                self.log.warning(
+                    "kept back-end connection: rings %s the previous process left running stopped; what it had "
+                    "handed the back-end and not returned to the guest is taken from the guest's rings again (a "
+                    "request the back-end had completed meanwhile runs a second time, the guest sees it complete "
+                    "once)", meta.running)
+            nq = meta.num_queues
+            if self._chooser is not None:
+                chosen = self._chooser(negotiated.protocol_features, nq)
+            memory = chosen or self.memory
+            adopt = getattr(memory, "adopt_memory", None)
+            if kept.shadow is not None:
+                if not callable(adopt):
+                    raise ValueError("a shadow memory was kept, the device's data path has none")
+                shadow, kept.shadow = kept.shadow, None
+                adopt(shadow)
+                await self._backend_done(memory, bases, dict(zip(meta.running, meta.sizes, strict=False)))
+            elif callable(adopt) and meta.running:
+                raise ValueError("its shadow memory was not kept")
+            async with asyncio.timeout(NEGOTIATION_TIMEOUT):
+                config = await self._probe_config(fe, meta.features)
+            view = devtypes.offer(self.config.device_id, meta.features, config, mac=self.mac)
+        except (OSError, ValueError, VhostUserError, TimeoutError) as e:
+            reason = "no answer" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
+            self.log.warning("the back-end connection kept from the previous process is unusable (%s): "
+                             "connecting afresh", reason)
+            if fe is not None:
+                await fe.close()
+            if chosen is not None:
+                chosen.close()
+            kept.close()
+            if self._keeper is not None:
+                for what in ("conn", "chan", "meta", "shadow"):
+                    self._keeper.remove_fds(kept_name(self.config.devid, what))
+            return None
+        if chosen is not None:
+            self.memory, self._chooser = chosen, None
+        self._meta_fd, kept.meta = kept.meta, -1
+        self._meta = meta
+        self._meta.running = []
+        self._meta.write(self._meta_fd)
+        self._stored = {}
+        self._store("meta", self._meta_fd)
+        self._store("conn", fe.sock.fileno())
+        chan_fd = fe.backend_channel_fileno()
+        if chan_fd is not None:
+            self._store("chan", chan_fd)
+        fe.on_lost = lambda exc: self.backend_lost(str(exc), reconnect=exc.reconnect)
+        self.log.info("going on with the back-end connection kept from the previous process (nothing "
+                      "renegotiated): features %#x, protocol features %#x", meta.features, meta.protocol_features)
         return fe, negotiated, nq, view
 
     async def _negotiate(self, fe: AsyncFrontend) -> tuple[Negotiated, int, DataPath | None, devtypes.Offer]:
@@ -429,6 +656,7 @@ class Device:
             self._release()
         finally:
             self._lock.release()
+        self._forget_kept()
 
     def _release(self) -> None:
         """What :meth:`close` releases once the back-end is stopped or dropped. Idempotent."""
@@ -440,28 +668,45 @@ class Device:
         if self._chooser is None:
             self.memory.close()
 
-    async def suspend(self) -> None:
+    async def suspend(self) -> list[tuple[str, int]]:
         """Handover to the next image of this process (which resumes the device with
-        :meth:`restore`, as after a lost back-end): the back-end's rings are stopped
-        (GET_VRING_BASE, no reset: the back-end keeps the device as the guest configured it), the
-        kernel fast path given back, the connection closed. The model and the data path stay as
-        they are: a shadow path's in-flight record (a file) still holds the chains in flight, which
-        the next image takes again; the rest goes with this image."""
+        :meth:`restore`, on the same connection): the back-end's rings are stopped
+        (GET_VRING_BASE, no reset: the back-end keeps the device as the guest configured it, and
+        its session), the kernel fast path given back. Returns copies of the connection's fds
+        for the next image (fdstore.py; empty if the connection is gone or broken: the next image
+        connects afresh). The model and the data path stay as they are: a shadow path's
+        in-flight record (a file) still holds the chains in flight, which the next image takes
+        again; the rest goes with this image."""
         self._closing = True
         await self._settle()
         await cancel_and_wait(self._reconnecting)
+        kept: list[tuple[str, int]] = []
         async with self._lock:
-            fe, self.frontend = self.frontend, None
-            if fe is not None and not fe.broken:
+            fe = self.frontend
+            stopped = fe is not None and not fe.broken
+            bases: dict[int, int] = {}
+            if fe is not None and stopped:
                 try:
                     # Last queue first: what a back-end takes from a queue it may put on a lower
                     # one (net and vsock: transmitq 2n+1 feeds receiveq 2n on a looped port or a
                     # local peer); stopped before it, that would be dropped with the guest told
                     # it went out, and nothing in the next image could give it back.
                     for index in sorted(self._started, reverse=True):
-                        await fe.stop_vring(index)
+                        bases[index] = await fe.stop_vring(index)
                 except VhostUserError as e:
+                    stopped = False
                     self.log.warning("handover: stopping the back-end's rings: %s", e)
+            if stopped and not await self._drained(bases):
+                stopped = False
+                self.log.warning("handover: the back-end still has requests it took in flight %g s after GET_VRING_BASE "
+                                 "(it does not drain): its connection is closed (it drops them) and the next image "
+                                 "connects afresh and takes them from the guest again", SUSPEND_DRAIN)
+            started, self._started = self._started, []
+            self._note_rings()
+            self._record_model()
+            if stopped and self._meta is not None:
+                kept = self._kept_fds()
+            self.frontend = None
             for index in list(self.fastpath.assigned if self.fastpath else ()):
                 self._user_path(index)
             if fe is not None:
@@ -471,7 +716,45 @@ class Device:
         loop = asyncio.get_running_loop()
         for fd in self._call:
             loop.remove_reader(fd)
-        self.log.info("handed over: queues %s stopped, device state kept", self._started)
+        self.log.info("handed over: queues %s stopped, device state kept, back-end connection %s", started,
+                      "passed on" if kept else "closed")
+        return kept
+
+    async def _backend_done(self, memory: object, bases: dict[int, int], sizes: dict[int, int]) -> None:
+        """After a crash: the back-end has completed, into the previous process's shadow rings
+        (whose completions nobody takes back: those chains are taken from the guest again), all
+        it took before GET_VRING_BASE answered ``bases``, within SUSPEND_DRAIN; else ValueError
+        (its connection is dropped: a late completion must not land in the rings laid out anew)."""
+        used_idx = getattr(memory, "backend_used", None)
+        if not callable(used_idx) or not bases:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SUSPEND_DRAIN
+        while True:
+            behind = {i: (base - used_idx(i, sizes[i])) & 0xFFFF for i, base in bases.items()
+                      if sizes.get(i) and used_idx(i, sizes[i]) != base & 0xFFFF}
+            if not behind:
+                return
+            if loop.time() >= deadline:
+                raise ValueError(f"the back-end still has requests in flight ({behind} by queue) {SUSPEND_DRAIN:g} s "
+                                 "after GET_VRING_BASE (it does not drain)")
+            await asyncio.sleep(0.01)  # the back-end writes its used rings in memory: nothing to wait on
+
+    async def _drained(self, bases: dict[int, int]) -> bool:
+        """Whether the back-end has completed, and the data path taken back, every chain it took
+        from the rings stopped at ``bases`` (their GET_VRING_BASE answers), waiting SUSPEND_DRAIN
+        at most (its completions arrive through :meth:`_on_call`). True for a data path that does
+        not know (zero copy: the back-end completes into the guest's own ring)."""
+        harvested = getattr(self.memory, "harvested", None)
+        if not callable(harvested):
+            return True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SUSPEND_DRAIN
+        while True:
+            behind = [i for i, base in bases.items() if (done := harvested(i)) is not None and done != base & 0xFFFF]
+            if not behind or loop.time() >= deadline:
+                return not behind
+            await asyncio.sleep(0.01)  # completions come through the call eventfds' readers meanwhile
 
     # --- guest register accesses (from the IOREQ server) ---------------------------------------
 
@@ -497,6 +780,8 @@ class Device:
         if self._slow:
             return self._write_in_turn(offset, size, value)
         actions = self.model.write(offset, size, value)
+        if offset == _REG_STATUS or offset == _REG_QUEUE_READY:
+            self._record_model()
         if not actions:
             return None
         for a in actions:
@@ -529,7 +814,10 @@ class Device:
         self._slow += 1
         try:
             async with self._lock:
-                await self._carry_out(self.model.write(offset, size, value))
+                actions = self.model.write(offset, size, value)
+                if offset in (Reg.STATUS, Reg.QUEUE_READY):
+                    self._record_model()
+                await self._carry_out(actions)
         finally:
             self._slow -= 1
 
@@ -778,6 +1066,7 @@ class Device:
             await fe.set_status(int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK))
         self._queues = tuple(queues)
         self.stats.starts += 1
+        self._note_rings()
         self.log.info("%s: features %#x, queues %s", "resumed" if resume else "started", features, [q.index for q in queues])
 
     async def _share_inflight(self, fe: AsyncFrontend) -> None:
@@ -884,6 +1173,7 @@ class Device:
                 self.memory.close_queue(index)
         if started:
             self.stats.stops += 1
+        self._note_rings()
         if fe.has_protocol_feature(ProtocolFeatures.RESET_DEVICE):
             await fe.reset_device()
         elif fe.has_protocol_feature(ProtocolFeatures.STATUS):

@@ -15,7 +15,11 @@ them again. A guest with at least one device gets one instance, keyed by its NAM
   datagram socket; only datagrams whose SCM_CREDENTIALS name the child's pid count), relays the
   child's output (prefixed with the guest's name) or sends it to ``--log-dir``, reaps it, restarts
   it (bounded) if it dies with an error, and on SIGTERM stops every child (SIGTERM, then SIGKILL
-  after a bounded wait) and exits 0.
+  after a bounded wait) and exits 0. It is the instances' file descriptor store, as systemd is
+  with ``FileDescriptorStoreMax=`` (fdstore.py): fds a child sends with ``FDSTORE=1`` and
+  ``FDNAME=`` are kept per guest (``FDSTOREREMOVE=1`` drops them, at most MAX_STORED_FDS) and
+  handed to the guest's next instance after a crash as ``LISTEN_FDS``/``LISTEN_FDNAMES``; they
+  are closed once the guest's instance ends cleanly or for good.
 
 **Never missing the guest's first access.** The instance claims a device's window with its IOREQ
 server before it says READY. Xen 4.17 libxl (``disk=[...specification=virtio]``) waits up to 10 s
@@ -81,6 +85,7 @@ from typing import IO, Any, Protocol
 
 from .errors import PERMANENT_EXIT_CODES, ConfigError, HostError, XenError
 from .eventloop import run
+from .fdstore import ENV_PASS_FDS
 from .instance import RUNTIME_ROOT, read_state_file, runtime_dir, untrusted
 from .names import instance_unit, path_name
 from .platform import Platform, announce, platform_from_env
@@ -100,6 +105,8 @@ PAUSE_TIMEOUT = 120.0  # never hold a guest longer than this waiting for its ins
 OLD_INSTANCE_GRACE = 30.0  # how long a rebooted guest's old instance may take to exit by itself
 STOP_TIMEOUT = 20.0  # SIGTERM → SIGKILL for a spawned instance (the unit's TimeoutStopSec)
 MAX_ATTEMPTS = 3  # instance starts per domain
+MAX_STORED_FDS = 64  # fds kept per guest (systemd's FileDescriptorStoreMax= of the unit is 64 too)
+MAX_FDS_PER_MESSAGE = 16
 # Exit statuses of an instance (errors.ExitCode, sysexits.h); with errors.PERMANENT_EXIT_CODES,
 # not restarted by us either.
 EXIT_OK, EXIT_ALREADY_SERVED, EXIT_CONFIG = 0, 73, 78
@@ -214,7 +221,12 @@ class SpawnLauncher:
         self.opt = opt
         self.host = host
         self.children: dict[str, _Child] = {}  # by guest name
+        self.stored: dict[str, dict[str, int]] = {}  # guest name → FDNAME → fd (the file descriptor store)
         self._stopping = False
+
+    def _drop_store(self, name: str) -> None:
+        for fd in self.stored.pop(name, {}).values():
+            os.close(fd)
 
     async def is_served(self, name: str, domid: int) -> bool:
         child = self.children.get(name)
@@ -271,8 +283,17 @@ class SpawnLauncher:
             env = dict(os.environ, NOTIFY_SOCKET="@" + address[1:])
             if self.opt.log_dir:
                 out = self._log_file(name)
+            argv = instance_argv(self.opt, name, domid)
+            stored = self.stored.get(name, {})
+            if stored:
+                # handed back as systemd does (LISTEN_FDS from fd 3 on, LISTEN_PID the child's):
+                # placed by the trampoline once the child's pid is its own
+                argv[1:3] = ["-m", "xen_vhost_master.fdstore"]
+                env[ENV_PASS_FDS] = ":".join(f"{fdname}={fd}" for fdname, fd in stored.items())
+                log.info("%s: handing %d stored fd(s) to its next instance: %s", name, len(stored),
+                         " ".join(sorted(stored)))
             proc = await asyncio.create_subprocess_exec(
-                *instance_argv(self.opt, name, domid), env=env, stdin=asyncio.subprocess.DEVNULL,
+                *argv, env=env, stdin=asyncio.subprocess.DEVNULL, pass_fds=tuple(stored.values()),
                 stdout=out if out is not None else asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             )
             spawned = True
@@ -314,21 +335,68 @@ class SpawnLauncher:
         """sd_notify datagrams of ``child`` (sd_notify(3)); others on the socket are ignored."""
         while True:
             try:
-                data, anc, _flags, _addr = child.notify.recvmsg(4096, socket.CMSG_SPACE(12))
+                data, anc, flags, _addr = child.notify.recvmsg(
+                    4096, socket.CMSG_SPACE(12) + socket.CMSG_SPACE(4 * MAX_FDS_PER_MESSAGE), socket.MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 return
-            pid = next((struct.unpack("iII", cdata[:12])[0] for level, kind, cdata in anc
-                        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(cdata) >= 12), None)
+            fds: list[int] = []
+            pid = None
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds += struct.unpack(f"{len(cdata) // 4}i", cdata[: len(cdata) // 4 * 4])
+                elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(cdata) >= 12:
+                    pid = struct.unpack("iII", cdata[:12])[0]
             if pid != child.proc.pid:
                 log.debug("%s: ignoring a notification from pid %s", child.name, pid)
+                self._close(fds)
                 continue
             fields = dict(line.partition("=")[::2] for line in data.decode(errors="replace").splitlines())
             if fields.get("READY") == "1" and not child.ready.done():
                 child.ready.set_result(None)
             if "STATUS" in fields:
                 log.debug("%s: %s", child.name, fields["STATUS"])
+            if fields.get("FDSTOREREMOVE") == "1":
+                self._unstore(child.name, fields.get("FDNAME", ""))
+            if fields.get("FDSTORE") == "1" or fds:
+                self._store(child.name, fields, fds, truncated=bool(flags & socket.MSG_CTRUNC))
+
+    @staticmethod
+    def _close(fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+
+    def _store(self, name: str, fields: dict[str, str], fds: list[int], *, truncated: bool) -> None:
+        """``FDSTORE=1``: keep ``fds`` under ``FDNAME`` (one fd a name: a name stored again is
+        replaced); anything else that came with fds is refused, the fds closed."""
+        fdname = fields.get("FDNAME", "stored")
+        store = self.stored.setdefault(name, {})
+        problem = ""
+        if fields.get("FDSTORE") != "1":
+            problem = "fds sent without FDSTORE=1"
+        elif truncated:
+            problem = f"more than {MAX_FDS_PER_MESSAGE} fds in one message"
+        elif len(fds) != 1:
+            problem = f"{len(fds)} fds under one name (this store keeps one a name)"
+        elif not fdname.isascii() or not fdname.isprintable() or ":" in fdname or len(fdname) > 255:
+            problem = f"FDNAME {fdname!r} is not a valid name"
+        elif fdname not in store and len(store) >= MAX_STORED_FDS:
+            problem = f"the store holds {MAX_STORED_FDS} fds already"
+        if problem:
+            log.warning("%s: fd store: %s: refused", name, problem)
+            self._close(fds)
+            return
+        old = store.get(fdname)
+        store[fdname] = fds[0]
+        if old is not None:
+            os.close(old)
+        log.debug("%s: fd store: %s kept", name, fdname)
+
+    def _unstore(self, name: str, fdname: str) -> None:
+        fd = self.stored.get(name, {}).pop(fdname, None)
+        if fd is not None:
+            os.close(fd)
 
     async def _relay(self, child: _Child, stream: asyncio.StreamReader) -> None:
         """The child's output, line by line, prefixed with its guest's name. Read to the end even
@@ -361,6 +429,8 @@ class SpawnLauncher:
         if self.children.get(child.name) is child:
             del self.children[child.name]
         was_ready = child.ready.done()
+        if status == EXIT_OK or status in PERMANENT_EXIT_CODES or self._stopping:
+            self._drop_store(child.name)  # nothing of its to resume (EXIT_ALREADY_SERVED: never its to keep)
         level = logging.INFO if status in (EXIT_OK, EXIT_ALREADY_SERVED) else logging.WARNING
         log.log(level, "%s: instance for domain %d (pid %d) exited with status %d", child.name, child.domid,
                 child.proc.pid, status)
@@ -389,6 +459,8 @@ class SpawnLauncher:
         if children:
             log.info("stopping %d instance(s)", len(children))
         await self._stop(children)
+        for name in list(self.stored):
+            self._drop_store(name)
 
 
 # --- systemd mode ----------------------------------------------------------------------------------

@@ -7,9 +7,11 @@ inherit it and confuse systemd.
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 import time
+from collections.abc import Sequence
 
 __all__ = ["Notifier"]
 
@@ -52,6 +54,25 @@ class Notifier:
             self._sock.sendto(message, self._address)
         except (BlockingIOError, ConnectionRefusedError, FileNotFoundError):
             pass
+
+    def store_fds(self, name: str, fds: Sequence[int]) -> bool:
+        """``FDSTORE=1`` with ``FDNAME=name`` and ``fds`` (sd_pid_notify_with_fds(3)): the service
+        manager keeps them and hands them back to the next process of this service (systemd:
+        with ``FileDescriptorStoreMax=`` in the unit). False if there is no manager or it did
+        not take the datagram."""
+        if self._sock is None or not fds:
+            return False
+        message = f"FDSTORE=1\nFDNAME={name}".encode()
+        try:
+            self._sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
+                               0, self._address)
+        except OSError:
+            return False
+        return True
+
+    def remove_fds(self, name: str) -> None:
+        """``FDSTOREREMOVE=1``: the fds stored as ``name`` are of no use any more."""
+        self.notify(FDSTOREREMOVE=1, FDNAME=name)
 
     def ready(self, status: str) -> None:
         self.notify(READY=1, STATUS=status)

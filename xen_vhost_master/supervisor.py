@@ -51,6 +51,7 @@ from .datapath.choose import GuestDataPaths, GuestResources
 from .device import BackendAbsent, Device, DeviceError
 from .errors import ConfigError, ExitCode, HostError, XenError, host_error
 from .fastpath import KernelFastPath
+from .fdstore import Kept, group_by_device, kept_name, take_listen_fds
 from .instance import RuntimeDir
 from .ioreq_server import REMOVED_GRACE, IoreqServer
 from .log import device_logger
@@ -180,6 +181,8 @@ class Supervisor:
         self._paths: GuestDataPaths | None = None  # once the guest's RAM layout is known
         self.restricted = False
         self.handover = False  # SIGHUP: the guest is left to the next image of this process
+        self.handed_over: list[tuple[str, int]] = []  # fds for the next image (fdstore.py), by name
+        self._kept: dict[int, Kept] = {}  # back-end connections the previous process kept, by devid
         self._serving = False
         self._gone = False
         self._devices_known = False  # discovery done: the state file's devices are those of self.devices
@@ -293,6 +296,7 @@ class Supervisor:
         except XenError as e:
             raise (host_error(e) or e) from None
         self.ioreq = IoreqServer(self.privcmd, self.evtchn, self.domid, self.log)
+        self._take_kept()
         self._open_runtime()
         self._saved = self._load_state()
         self._starting("creating the IOREQ server")
@@ -330,6 +334,7 @@ class Supervisor:
         for cfg in configs:
             self._add_device(self._adjust(cfg), paths.get(cfg.base))
         self._devices_known = True
+        self._drop_unclaimed_kept()
         self._starting("enabling the IOREQ server")
         self.ioreq.enable()
         self._restrict()
@@ -340,6 +345,26 @@ class Supervisor:
             await self._start_status_socket(self.opt.status_socket)
         for served in self.devices.values():  # run once READY=1 is out (no await before it)
             self._launch(served)
+
+    def _take_kept(self) -> None:
+        """The back-end connections handed to this process (fdstore.py: by the service manager
+        after a crash, or by this process's previous image at a handover)."""
+        kept, problems = group_by_device(take_listen_fds())
+        for problem in problems:
+            self.log.error("%s", problem)
+        if kept:
+            self.log.info("back-end connection(s) of device(s) %s handed back", sorted(kept))
+        self._kept = kept
+
+    def _drop_unclaimed_kept(self) -> None:
+        """Kept connections of devices this process does not serve: closed, and dropped from the store."""
+        served = {s.config.devid for s in self.devices.values()}
+        for devid in [d for d in self._kept if d not in served]:
+            self.log.warning("a back-end connection was kept for device %d, which is not served any more: closed",
+                             devid)
+            self._kept.pop(devid).close()
+            for what in ("conn", "chan", "meta", "shadow"):
+                self.notifier.remove_fds(kept_name(devid, what))
 
     def _restrict(self) -> None:
         """Least privilege: from now on our privcmd and evtchn fds only reach this guest, and so
@@ -471,6 +496,7 @@ class Supervisor:
         device = Device(
             cfg, connect=lambda: self._connect(served), memory=paths.for_device(cfg),
             set_irq=lambda level: ioreq.set_irq(cfg.irq, level), log=log, guest_name=self.name,
+            keeper=self.notifier,
         )
         served.device = device
         if self.fastpath is not None:
@@ -490,12 +516,18 @@ class Supervisor:
         cfg, device = served.config, served.device
         assert self.ioreq is not None
         saved = self._saved.get("devices", {}).get(str(cfg.base)) if self.ioreq.adopted else None
+        kept = self._kept.pop(cfg.devid, None)
+        if kept is not None and saved is None:
+            self.log.warning("device %d: a back-end connection was kept but no device state: connecting afresh",
+                             cfg.devid)
+            kept.close()
+            kept = None
         delay = WAIT_BACKOFF
         while True:
             served.attempts += 1
             paced = not cfg.listen  # (in server mode the try itself waited)
             try:
-                await device.start(saved)
+                await device.start(saved, kept=kept)
                 break
             except BackendAbsent as e:
                 self._waiting(served, e.reason)
@@ -516,6 +548,8 @@ class Supervisor:
                 self.log.exception("device %d: starting it failed", cfg.devid)
                 await self._refuse(served, f"internal error: {e!r}")
                 return
+            finally:
+                kept = None  # (start took its fds, whatever the outcome)
             if paced:
                 await asyncio.sleep(delay)  # the retry pace, not synchronisation
             delay = min(delay * 2, WAIT_BACKOFF_MAX)
@@ -955,9 +989,13 @@ class Supervisor:
     # --- teardown -------------------------------------------------------------------------------
 
     def _stop_tasks_and_status(self) -> None:
-        """The first step of both ends (teardown, handover): our tasks and the status socket."""
+        """The first step of both ends (teardown, handover): our tasks and the status socket (and
+        kept back-end connections no device took: a device not brought up yet connects afresh)."""
         for task in list(self._tasks):
             task.cancel()
+        for kept in self._kept.values():
+            kept.close()
+        self._kept.clear()
         if self._status_server is not None:
             self._status_server.close()
             with contextlib.suppress(FileNotFoundError):
@@ -1005,7 +1043,7 @@ class Supervisor:
         self._stop_tasks_and_status()
         await self._bounded("handover: guest accesses in progress", self.ioreq.stop_serving(STEP_TIMEOUT))
         for served in self.devices.values():
-            await self._bounded(f"handover: device {served.config.devid}", served.device.suspend())
+            await self._bounded(f"handover: device {served.config.devid}", self._suspend(served.device))
             if served.listener is not None:
                 served.listener.close()
         self._save_state()
@@ -1020,6 +1058,9 @@ class Supervisor:
         self._close_runtime()
         self.notifier.keep_for_exec()
         self.log.info("handover: state saved, handing over")
+
+    async def _suspend(self, device: Device) -> None:
+        self.handed_over += await device.suspend()
 
     def _close_runtime(self) -> None:
         if self._own_runtime and self.runtime is not None:

@@ -106,6 +106,20 @@ class FrontendConnection(Requester):
         self.acked_features: int | None = None  # last SET_FEATURES value
 
     # -- negotiation bookkeeping -------------------------------------------------------
+    def resume_negotiated(self, backend_features: int, backend_protocol_features: ProtocolFeatures | None,
+                          protocol_features: ProtocolFeatures) -> None:
+        """Take over a connection another front-end negotiated (the same process's previous
+        image, or its predecessor through a file descriptor store): what it learnt and set is in
+        force, nothing is sent. Only on a fresh object."""
+        if self.negotiation is not Negotiation.START:
+            raise LocalProtocolError("resume_negotiated on a connection that has negotiated itself")
+        self.backend_features = backend_features
+        self.negotiation = Negotiation.FEATURES_KNOWN
+        if backend_protocol_features is not None:
+            self.backend_protocol_features = backend_protocol_features
+            self.protocol_features = protocol_features
+            self.negotiation = Negotiation.PROTOCOL_SET
+
     def _negotiate(self, symbol: NegotiationInput) -> None:
         nxt = next_negotiation(self.negotiation, symbol)
         if nxt is None:

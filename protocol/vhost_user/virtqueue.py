@@ -588,6 +588,11 @@ class SplitQueueDriver:
     def avail_idx(self) -> int:
         return self._avail_idx
 
+    @property
+    def last_used(self) -> int:
+        """The used index up to which the device's completions have been taken (:meth:`get_used`)."""
+        return self._last_used
+
     def release(self) -> None:
         self._avail_w.release()
         self._used_w.release()

@@ -5,9 +5,10 @@ What this proves that ``systemd-analyze security`` cannot: the daemon starts and
 *inside* the unit's sandbox (seccomp SystemCallFilter, MemoryDenyWriteExecute, no capabilities,
 RestrictAddressFamilies, ProtectSystem=strict, PrivateTmp, DevicePolicy=closed, UMask), Type=notify
 start-up (READY=1) and the watchdog, Restart=on-failure after a SIGKILL with
-RuntimeDirectoryPreserve=restart (the restarted daemon adopts its predecessor's IOREQ server and
-the guest's blocked access is served), ``systemctl reload`` as a handover (same MainPID, no restart,
-the IOREQ server adopted, guest I/O goes on) run by the package's postinst as on an upgrade, a
+RuntimeDirectoryPreserve=restart (the restarted daemon adopts its predecessor's IOREQ server and,
+from the unit's file descriptor store, its back-end connection, and the guest's blocked access is
+served), ``systemctl reload`` as a handover (same MainPID, no restart, the IOREQ server and the
+back-end connection taken over, guest I/O goes on) run by the package's postinst as on an upgrade, a
 clean stop by its prerm as on ``apt remove``, and the untouched unit skipped on a host that is not a
 dom0.
 
@@ -332,6 +333,10 @@ async def test_the_installed_unit_under_real_systemd(start_sim, work, peers, use
         assert final == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, final
         log = (work / "daemon.log").read_text()
         assert log.count("ioreq server 0 adopted") == 2, log[-3000:]  # by the reload, and after the SIGKILL
+        # ... each on the back-end connection its predecessor had: the handover passes it to the new
+        # image, and across the SIGKILL the unit's file descriptor store (FileDescriptorStoreMax=) held it
+        assert log.count("going on with the back-end connection kept from the previous process") == 2, log[-3000:]
+        assert "unusable" not in log and "cannot record the back-end session" not in log, log[-3000:]
         with SimControl(sim_path) as ctl:
             assert ctl.domain_info(DOMID)["servers"] == []  # the clean stop destroyed the IOREQ server
     except BaseException:

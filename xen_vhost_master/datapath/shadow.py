@@ -271,6 +271,40 @@ class ShadowDataPath:
         self._handed_out = True
         return [self.shadow.region()], [self.shadow.fd]
 
+    def harvested(self, index: int) -> int | None:
+        """How far queue ``index``'s shadow used ring has been taken back to the guest (None
+        without such a queue): the back-end has completed every chain it took once this reaches
+        the index GET_VRING_BASE answered."""
+        q = self._queues.get(index)
+        return None if q is None or q.drv is None or q.broken is not None else q.drv.last_used
+
+    def backend_used(self, index: int, num: int) -> int:
+        """The used index the back-end wrote in queue ``index``'s shadow ring of ``num`` entries,
+        as it lies in the memory now (a previous process's ring, before it is laid out anew)."""
+        if not 0 < num <= self.shadow.max_queue_size or not 0 <= index < self.shadow.max_queues:
+            raise ValueError(f"queue {index} of {num} entries has no ring slot in the shadow memory")
+        _, _, used, _ = split_ring_layout(num, self.shadow.ring_slot(index))
+        with self.shadow.view(used + 2, 2) as v:
+            return int(_U16.unpack_from(v)[0])
+
+    def memory_fd(self) -> int | None:
+        """The memfd the back-end maps (kept for a next process of the daemon: fdstore.py)."""
+        return self.shadow.fd if self.shadow.fd >= 0 else None
+
+    def adopt_memory(self, fd: int) -> None:
+        """Go on with the memfd a previous process of the daemon gave this back-end connection
+        (taken; ValueError if it is not of this path's shape), before any queue is opened: its
+        rings are laid out afresh when the queues open, its bounce pool starts empty (the
+        chains in flight are taken from the guest again)."""
+        if self._queues:
+            raise ValueError("shadow memory adopted while queues are open")
+        old = self.shadow
+        new = ShadowMemory(pool_size=old.pool.capacity, max_queues=old.max_queues,
+                           max_queue_size=old.max_queue_size, base=old.base, fd=fd)
+        old.close()
+        self.shadow, self.pool, self._buf = new, new.pool, new.mv
+        self._handed_out, self._fresh = True, False
+
     def open_queue(self, queue: QueueConfig, features: int, kick_fd: int, *, resume: bool = False) -> RingAddresses:
         """Shadow rings for ``queue``. ``resume``: the back-end was replaced while the queue ran;
         the returned ``base`` is where the new one starts reading our shadow ring."""

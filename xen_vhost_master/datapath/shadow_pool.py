@@ -90,7 +90,10 @@ class ShadowMemory:
     :class:`vhost_user.virtqueue.SplitQueueDriver` of each shadow ring works over it.
     """
 
-    def __init__(self, *, pool_size: int, max_queues: int, max_queue_size: int, base: int = SHADOW_BASE) -> None:
+    def __init__(self, *, pool_size: int, max_queues: int, max_queue_size: int, base: int = SHADOW_BASE,
+                 fd: int | None = None) -> None:
+        """``fd``: a memfd of this shape a back-end already maps (kept from a previous process of
+        the daemon): taken (closed with this object, or at once if it does not fit: ValueError)."""
         if max_queues <= 0:
             raise ValueError("max_queues must be positive")
         self.base = base
@@ -100,10 +103,20 @@ class ShadowMemory:
         ring_area = self.slot_size * max_queues
         self.size = ring_area + _pages(pool_size) * PAGE
         self.pool = PagePool(ring_area, _pages(pool_size))
-        self.fd = os.memfd_create("xen-vhost-shadow", os.MFD_CLOEXEC)
+        if fd is not None:
+            try:
+                have = os.fstat(fd).st_size
+            except OSError:
+                os.close(fd)
+                raise
+            if have != self.size:
+                os.close(fd)
+                raise ValueError(f"the kept shadow memory holds {have} bytes, this device's takes {self.size}")
+        self.fd = fd if fd is not None else os.memfd_create("xen-vhost-shadow", os.MFD_CLOEXEC)
         mapped = False
         try:
-            os.ftruncate(self.fd, self.size)
+            if fd is None:
+                os.ftruncate(self.fd, self.size)
             self._mmap = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             mapped = True
         finally:

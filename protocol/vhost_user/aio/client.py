@@ -207,6 +207,29 @@ class AsyncFrontend:
         sock = await (listener.accept() if accept_timeout is None else listener.accept(accept_timeout))
         return cls(sock, **kwargs)
 
+    @classmethod
+    def adopt(cls, sock: FdSocket, negotiated: Negotiated, *, backend_sock: FdSocket | None = None,
+              backend_handler: BackendRequestHandler | None = None, **kwargs: Any) -> AsyncFrontend:
+        """A connection negotiated by another front-end (this process's previous image, or its
+        crashed predecessor through a file descriptor store) taken over as it is: ``negotiated``
+        is what that front-end learnt and set, ``backend_sock`` its end of the back-end channel
+        (served here with ``backend_handler``). Nothing is sent: the caller checks the connection
+        (e.g. GET_FEATURES) and restarts the rings, as QEMU does on ``cont``."""
+        fe = cls(sock, **kwargs)
+        fe.conn.resume_negotiated(negotiated.features, negotiated.backend_protocol_features
+                                  if negotiated.features & VirtioFeatures.PROTOCOL_FEATURES else None,
+                                  negotiated.protocol_features)
+        if backend_sock is not None:
+            fe._backend_sock = backend_sock
+            fe._backend_handler = backend_handler
+            fe._backend_task = asyncio.get_running_loop().create_task(fe._serve_backend_channel())
+        return fe
+
+    def backend_channel_fileno(self) -> int | None:
+        """Our end of the back-end channel (SET_BACKEND_REQ_FD), if there is one."""
+        sock = self._backend_sock
+        return None if sock is None or sock.closed else sock.fileno()
+
     async def __aenter__(self) -> AsyncFrontend:
         return self
 
