@@ -116,12 +116,18 @@ class VirtioBlk:
         features: int = DEFAULT_FEATURES, queue_size: int = 128, **driver_kw: object,
     ) -> VirtioBlk:
         driver = VirtioMmioDriver(bus, base, irq, allocator, **driver_kw)  # type: ignore[arg-type]
+        return await cls.bring_up(driver, features=features, queue_size=queue_size)
+
+    @classmethod
+    async def bring_up(cls, driver: VirtioMmioDriver, *, features: int = DEFAULT_FEATURES,
+                       queue_size: int = 128) -> VirtioBlk:
+        """Probe, negotiate, read the config, set up the request queue, DRIVER_OK: on any transport's driver."""
         if await driver.probe() != VIRTIO_ID_BLOCK:
-            raise GuestDriverError(f"device at {base:#x} is id {driver.device_id}, not a block device")
+            raise GuestDriverError(f"device {driver.where} is id {driver.device_id}, not a block device")
         blk = cls(driver)
         await driver.negotiate(features)
         await blk.refresh_config()
-        await driver.setup_queue(0, queue_size)
+        await driver.setup_queues([queue_size])
         await driver.driver_ok()
         return blk
 
