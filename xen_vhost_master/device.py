@@ -55,6 +55,7 @@ from .virtio_mmio import (
     ConfigWrite,
     GuestError,
     IrqLevel,
+    Msi,
     Notify,
     QueueConfig,
     Reg,
@@ -64,6 +65,7 @@ from .virtio_mmio import (
     guest_features,
 )
 from .virtio_mmio import restore as restore_model
+from .virtio_pci import BarMap, Common, VirtioPciDevice
 
 __all__ = ["BackendAbsent", "Device", "DeviceError", "DeviceStats"]
 
@@ -164,8 +166,15 @@ class Device:
         fastpath: QueueFastPath | None = None,
         clock: Callable[[], float] = time.monotonic,
         guest_name: str = "",
+        inject_msi: Callable[[int, int], None] | None = None,
+        on_bar: Callable[[int | None, int], None] | None = None,
     ) -> None:
+        """``set_irq``: the interrupt line (a PCI function's INTx); for ``transport=pci``,
+        ``inject_msi(address, data)`` sends an MSI and ``on_bar(address or None, size)`` is told
+        where the guest placed the function's BAR (claim it) or that it no longer decodes."""
         self.config = config
+        self._inject_msi = inject_msi
+        self._on_bar = on_bar
         # net with an emulated config: the guest's MAC, as configured or stable per guest and device
         self.mac = devtypes.parse_mac(config.mac) if config.mac else devtypes.stable_mac(guest_name, config.devid)
         self.fastpath = fastpath
@@ -181,7 +190,7 @@ class Device:
         self._limit = self.log.limit
         self.stats = DeviceStats()
         self.frontend: AsyncFrontend | None = None
-        self.model: VirtioMmioDevice | None = None
+        self.model: VirtioMmioDevice | VirtioPciDevice | None = None
         self._lock = asyncio.Lock()
         self._slow = 0  # writes that wait for, or are, a back-end round trip
         self._kick: list[int] = []
@@ -241,7 +250,7 @@ class Device:
         loop = asyncio.get_running_loop()
         for i, fd in enumerate(self._call):
             loop.add_reader(fd, self._on_call, i)
-        self.model = VirtioMmioDevice(
+        self.model = (VirtioPciDevice if self.config.pci else VirtioMmioDevice)(
             device_id=self.config.device_id,
             device_features=guest_features(view.features, grants=self.config.grants, packed=self.memory.packed),
             queue_sizes=[self.config.queue_size] * nq,
@@ -448,32 +457,66 @@ class Device:
 
     def mmio(self, offset: int, size: int, is_write: bool, value: int,
              vcpu: int | None = None) -> int | None | Awaitable[int | None]:
-        """A guest access from the IOREQ server. Served at once unless it starts, stops or
+        """A guest access from the IOREQ server (the virtio-mmio window; a PCI function's BAR,
+        offsets from its base). Served at once unless it starts, stops or
         reconfigures the back-end: then a coroutine is returned, and writes that follow it wait
         their turn behind it (the vCPU that made it stays blocked until the back-end is done, or
         for START_WAIT / RESET_WAIT at most when it starts or resets the device).
         Before the device serves (its back-end has not answered yet), the access waits for it,
         for as long as the device lives."""
+        return self._access(False, offset, size, is_write, value, vcpu)
+
+    def pci_config(self, reg: int, size: int, is_write: bool, value: int,
+                   vcpu: int | None = None) -> int | None | Awaitable[int | None]:
+        """A PCI configuration-space access of the guest (``transport=pci``), served as :meth:`mmio`."""
+        return self._access(True, reg, size, is_write, value, vcpu)
+
+    def _access(self, cfg: bool, offset: int, size: int, is_write: bool, value: int,
+                vcpu: int | None) -> int | None | Awaitable[int | None]:
         if not self._gate.is_set():
-            return self._held(offset, size, is_write, value, vcpu)
+            return self._held(cfg, offset, size, is_write, value, vcpu)
         if self.model is None:
             return _no_device(size, is_write)
         if not is_write:
             self.stats.reads += 1
-            result, actions = self.model.read(offset, size)
-            self._carry_out_now(actions)  # reads only ever produce guest errors
+            result, actions = self._model_read(self.model, cfg, offset, size)
+            self._carry_out_now(actions)  # reads produce guest errors, interrupt changes (ISR), BAR moves
             return result
         self.stats.writes += 1
         if self._slow:
-            return self._write_in_turn(offset, size, value)
-        actions = self.model.write(offset, size, value)
+            return self._write_in_turn(cfg, offset, size, value)
+        actions = self._model_write(self.model, cfg, offset, size, value)
         if any(isinstance(a, (Activate, Reset, ConfigWrite)) for a in actions):
             self._slow += 1
             return self._carry_out_in_turn(actions)
         self._carry_out_now(actions)
         return None
 
-    async def _held(self, offset: int, size: int, is_write: bool, value: int, vcpu: int | None) -> int | None:
+    @staticmethod
+    def _model_read(model: VirtioMmioDevice | VirtioPciDevice, cfg: bool, offset: int,
+                    size: int) -> tuple[int, list]:  # type: ignore[type-arg]
+        if isinstance(model, VirtioPciDevice):
+            return model.config_read(offset, size) if cfg else model.bar_read(offset, size)
+        if cfg:
+            return (1 << (8 * size)) - 1, [GuestError("PCI configuration access to a virtio-mmio device")]
+        return model.read(offset, size)
+
+    @staticmethod
+    def _model_write(model: VirtioMmioDevice | VirtioPciDevice, cfg: bool, offset: int, size: int,
+                     value: int) -> list:  # type: ignore[type-arg]
+        if isinstance(model, VirtioPciDevice):
+            return model.config_write(offset, size, value) if cfg else model.bar_write(offset, size, value)
+        if cfg:
+            return [GuestError("PCI configuration access to a virtio-mmio device")]
+        return model.write(offset, size, value)
+
+    def _resets(self, cfg: bool, offset: int, size: int, value: int) -> bool:
+        """The write is the driver's reset (device status 0)."""
+        if isinstance(self.model, VirtioPciDevice):
+            return not cfg and offset == self.model.layout.common + Common.DEVICE_STATUS and value & 0xFF == 0
+        return not cfg and offset == Reg.STATUS and value == 0
+
+    async def _held(self, cfg: bool, offset: int, size: int, is_write: bool, value: int, vcpu: int | None) -> int | None:
         """An access made before the device serves: the vCPU stays blocked until the back-end
         answers (then the model serves it), or the device is refused or removed (then it reads
         as no device)."""
@@ -484,19 +527,19 @@ class Device:
         await self._gate.wait()
         if self.model is None or self._closing:
             return _no_device(size, is_write)
-        result = self.mmio(offset, size, is_write, value, vcpu)
+        result = self._access(cfg, offset, size, is_write, value, vcpu)
         if isinstance(result, Awaitable):
             return await result
         return result
 
-    async def _write_in_turn(self, offset: int, size: int, value: int) -> None:
+    async def _write_in_turn(self, cfg: bool, offset: int, size: int, value: int) -> None:
         assert self.model is not None
-        if offset == Reg.STATUS and value == 0:
+        if self._resets(cfg, offset, size, value):
             self._cut_resume()
         self._slow += 1
         try:
             async with self._lock:
-                await self._carry_out(self.model.write(offset, size, value))
+                await self._carry_out(self._model_write(self.model, cfg, offset, size, value))
         finally:
             self._slow -= 1
 
@@ -528,13 +571,18 @@ class Device:
                         self.memory.notify(index)
                 case IrqLevel(level):
                     self._irq(level)
+                case Msi(address, data):
+                    self._msi(address, data)
+                case BarMap(address, size):
+                    if self._on_bar is not None:
+                        self._on_bar(address, size)
                 case GuestError(reason):
                     self._guest_error(reason)
 
     async def _carry_out(self, actions: list) -> None:  # type: ignore[type-arg]
         for action in actions:
             match action:
-                case Notify() | IrqLevel() | GuestError():
+                case Notify() | IrqLevel() | Msi() | BarMap() | GuestError():
                     self._carry_out_now([action])
                 case Activate():
                     await self._activate(action)
@@ -555,6 +603,19 @@ class Device:
         if level:
             self.stats.interrupts += 1
         self._set_irq(level)
+
+    def _msi(self, address: int, data: int) -> None:
+        self.stats.interrupts += 1
+        if self._inject_msi is not None:
+            self._inject_msi(address, data)
+
+    def _signal(self, actions: Sequence[object]) -> None:
+        """Carry out the interrupts among ``actions`` (line levels, MSIs)."""
+        for action in actions:
+            if isinstance(action, IrqLevel):
+                self._irq(action.level)
+            elif isinstance(action, Msi):
+                self._msi(action.address, action.data)
 
     def _guest_error(self, reason: str) -> None:
         self.stats.guest_errors += 1
@@ -693,9 +754,7 @@ class Device:
         self.log.error("%s", reason)
         assert self.model is not None
         if self.model.status & Status.DRIVER_OK:  # (not reset meanwhile)
-            for action in self.model.needs_reset(reason):
-                if isinstance(action, IrqLevel):
-                    self._irq(action.level)
+            self._signal(self.model.needs_reset(reason))
         if fe is self.frontend:  # (a lost connection is being replaced already)
             self.backend_lost(f"dropped after its start failed: {reason}")
             await fe.close()
@@ -808,7 +867,9 @@ class Device:
     def _kernel_path(self, index: int) -> None:
         """Hand queue ``index``'s notifications to the kernel (privcmd ioeventfd/irqfd), if it can."""
         fp = self.fastpath
-        if fp is None or not self.memory.direct or index in fp.assigned:
+        # (privcmd ioeventfd matches virtio-mmio's QueueNotify only: a PCI function's notifies
+        # and interrupts stay in user space)
+        if fp is None or not self.memory.direct or index in fp.assigned or self.config.pci:
             return
         try:
             fp.assign(index, self._kick[index], self._call[index])
@@ -816,7 +877,7 @@ class Device:
             self.log.warning("kernel fast path refused for queue %d (%s): user-space relay", index, e)
             return
         asyncio.get_running_loop().remove_reader(self._call[index])  # the kernel reads it now
-        assert self.model is not None
+        assert isinstance(self.model, VirtioMmioDevice)
         self.model.kernel_irq = True
 
     def _user_path(self, index: int) -> None:
@@ -829,7 +890,7 @@ class Device:
         except XenError as e:
             self.log.warning("kernel fast path: deassign of queue %d failed: %s", index, e)
         asyncio.get_running_loop().add_reader(self._call[index], self._on_call, index)
-        if self.model is not None and not fp.assigned:
+        if isinstance(self.model, VirtioMmioDevice) and not fp.assigned:
             self.model.kernel_irq = False
 
     async def _stop_backend(self) -> None:
@@ -867,9 +928,7 @@ class Device:
         if self.model is None or not self.memory.used(index):
             return
         self._losses = 0  # the back-end completes what it is given
-        for action in self.model.used_buffer():
-            if isinstance(action, IrqLevel):
-                self._irq(action.level)
+        self._signal(self.model.used_buffer(index))
 
     def _backend_note(self, level: int, key: str, msg: str, *args: object) -> None:
         """A line caused by the back-end: at most the rate limit's burst per ``key`` and window."""
@@ -924,6 +983,8 @@ class Device:
         back-end's rings are resumed at the guest's used indices."""
         assert self.model is not None and self.frontend is not None
         try:
+            if isinstance(self.model, VirtioPciDevice):
+                raise ValueError("a virtio-pci function's state is not saved across daemons")
             restore_model(self.model, state)
         except ValueError as e:
             self.log.warning("saved state not usable (%s): the guest's driver must reset the device", e)
@@ -947,9 +1008,7 @@ class Device:
             return
         self.log.error("%s", reason)
         self.stats.last_error = reason
-        for action in self.model.needs_reset(reason):
-            if isinstance(action, IrqLevel):
-                self._irq(action.level)
+        self._signal(self.model.needs_reset(reason))
 
     @property
     def starting(self) -> asyncio.Task[None] | None:
@@ -1104,8 +1163,8 @@ class Device:
             self._user_path(index)
             self.memory.close_queue(index)
         self.changed.set()
-        for action in self.model.needs_reset(reason):
-            if isinstance(action, IrqLevel):
-                self._irq(action.level)
-            elif isinstance(action, GuestError):
+        actions = self.model.needs_reset(reason)
+        self._signal(actions)
+        for action in actions:
+            if isinstance(action, GuestError):
                 self.stats.last_error = action.reason

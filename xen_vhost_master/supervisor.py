@@ -57,7 +57,7 @@ from .log import device_logger
 from .platform import Platform
 from .sd_notify import Notifier
 from .status import STATUS_SCHEMA, driver_status_names, type_name
-from .virtio_mmio import WINDOW_SIZE, Status, check_snapshot, snapshot
+from .virtio_mmio import WINDOW_SIZE, Status, VirtioMmioDevice, check_snapshot, snapshot
 from .xen.abi import DOMID_FIRST_RESERVED
 from .xen.evtchn import EventChannel
 from .xen.privcmd import PrivCmd
@@ -107,6 +107,7 @@ class _Served:
     start_task: asyncio.Task[None] | None = field(default=None, repr=False)
     attempts: int = 0  # tries to reach the back-end before it answered
     waiting_since: str = ""  # the reason last logged while waiting ("" = none logged yet)
+    bar: int | None = None  # transport=pci: where the function's BAR is claimed
 
     @property
     def backend(self) -> str:
@@ -314,10 +315,14 @@ class Supervisor:
             discovered = await self._discover()
         elif self.opt.devices:
             self.banks = self._layout(await self._ram_size_from_hypervisor())
-        paths = {cfg.base: path for cfg, path in discovered}
+        paths = {cfg.key: path for cfg, path in discovered}
         configs = merge([c for c, _ in discovered], [self._adjust(d) for d in self.opt.devices])
         if not configs and not self.opt.xenstore:
             raise ConfigError("no devices: give --device or --config, or let xenstore discovery run")
+        pci = [c for c in configs if c.pci]
+        if pci and self._arch() != "x86_64":
+            raise ConfigError(f"device {pci[0].devid} is transport=pci: virtio-pci functions are served to x86 HVM "
+                              f"guests (--guest-arch x86_64), this guest is {self._arch()}")
         # xen-vhost-frontend: grant space as large as the guest's RAM; with RAM not where the layout
         # expects it (e.g. a UML guest at 0), up to its top frame. Asked now: once restricted,
         # privcmd only takes dm_op and foreign mappings (IOCTL_PRIVCMD_RESTRICT).
@@ -328,7 +333,7 @@ class Supervisor:
         ))
         self._starting(f"claiming windows of {len(configs)} device(s)")
         for cfg in configs:
-            self._add_device(self._adjust(cfg), paths.get(cfg.base))
+            self._add_device(self._adjust(cfg), paths.get(cfg.key))
         self._devices_known = True
         self._starting("enabling the IOREQ server")
         self.ioreq.enable()
@@ -366,7 +371,8 @@ class Supervisor:
         self.fastpath = KernelFastPath(self.privcmd, self.domid, self.ioreq.page, self.ioreq.ports, self.log)
         self.log.info("kernel fast path available: privcmd ioeventfd/irqfd for zero-copy devices")
         for served in self.devices.values():
-            served.device.use_fast_path(self.fastpath.for_device(served.config.base, served.config.irq))
+            if not served.config.pci:
+                served.device.use_fast_path(self.fastpath.for_device(served.config.base, served.config.irq))
 
     def _adjust(self, cfg: DeviceConfig) -> DeviceConfig:
         if cfg.memory is MemoryMode.AUTO and self.opt.memory is not MemoryMode.AUTO:
@@ -460,26 +466,51 @@ class Supervisor:
             return None
 
     def _add_device(self, cfg: DeviceConfig, path: str | None) -> _Served | None:
-        """Claim the device's window at once; its back-end is reached later (:meth:`_launch`)."""
+        """Claim the device's window (or PCI function) at once; its back-end is reached later (:meth:`_launch`)."""
         assert self.ioreq is not None and self.privcmd is not None
-        if cfg.base in self.devices:
+        if cfg.key in self.devices:
             return None
         log = device_logger("xen_vhost_master.device", self.domid, cfg.devid)
         served = _Served(cfg, None, path)  # type: ignore[arg-type]
         ioreq, paths = self.ioreq, self._paths
         assert paths is not None
-        device = Device(
-            cfg, connect=lambda: self._connect(served), memory=paths.for_device(cfg),
-            set_irq=lambda level: ioreq.set_irq(cfg.irq, level), log=log, guest_name=self.name,
-        )
-        served.device = device
-        if self.fastpath is not None:
-            device.use_fast_path(self.fastpath.for_device(cfg.base, cfg.irq))
-        ioreq.add_window(cfg.base, WINDOW_SIZE, device)
-        self.devices[cfg.base] = served
-        log.info("virtio device %d at %#x irq %d claimed; back-end %s", cfg.device_id, cfg.base, cfg.irq,
+        if cfg.pci:
+            device = Device(
+                cfg, connect=lambda: self._connect(served), memory=paths.for_device(cfg),
+                set_irq=lambda level: ioreq.set_pci_intx(cfg.bdf >> 3, level), log=log, guest_name=self.name,
+                inject_msi=ioreq.inject_msi, on_bar=lambda address, size: self._place_bar(served, address, size),
+            )
+            served.device = device
+            ioreq.add_function(cfg.bdf, device)
+        else:
+            device = Device(
+                cfg, connect=lambda: self._connect(served), memory=paths.for_device(cfg),
+                set_irq=lambda level: ioreq.set_irq(cfg.irq, level), log=log, guest_name=self.name,
+            )
+            served.device = device
+            if self.fastpath is not None:
+                device.use_fast_path(self.fastpath.for_device(cfg.base, cfg.irq))
+            ioreq.add_window(cfg.base, WINDOW_SIZE, device)
+        self.devices[cfg.key] = served
+        log.info("virtio device %d %s claimed; back-end %s", cfg.device_id, cfg.where,
                  cfg.socket_path(self.name, self.domid))
         return served
+
+    def _place_bar(self, served: _Served, address: int | None, size: int) -> None:
+        """The guest moved a PCI function's BAR (or turned its decoding off): claim where it is now."""
+        assert self.ioreq is not None
+        if served.bar is not None:
+            self.ioreq.remove_window(served.bar)
+            served.bar = None
+        if address is None:
+            return
+        try:
+            self.ioreq.add_window(address, size, served.device)
+        except XenError as e:
+            served.device.log.error("BAR at %#x (+%#x) not claimed: %s", address, size, e)
+            return
+        served.bar = address
+        served.device.log.info("BAR at %#x (+%#x) claimed", address, size)
 
     def _launch(self, served: _Served) -> None:
         if served.start_task is None:
@@ -489,7 +520,7 @@ class Supervisor:
         """Reach the device's back-end, for as long as the device lives, and start serving."""
         cfg, device = served.config, served.device
         assert self.ioreq is not None
-        saved = self._saved.get("devices", {}).get(str(cfg.base)) if self.ioreq.adopted else None
+        saved = self._saved.get("devices", {}).get(str(cfg.key)) if self.ioreq.adopted else None
         delay = WAIT_BACKOFF
         while True:
             served.attempts += 1
@@ -523,7 +554,7 @@ class Supervisor:
             device.stats.last_error = ""  # what kept it waiting is over
         served.state_task = self._spawn(self._follow_device(served))
         self._save_state()
-        device.log.info("serving virtio device %d at %#x irq %d, back-end %s%s", cfg.device_id, cfg.base, cfg.irq,
+        device.log.info("serving virtio device %d %s, back-end %s%s", cfg.device_id, cfg.where,
                         cfg.socket_path(self.name, self.domid), f" (after {served.attempts} tries)" if served.waiting_since else "")
         self.notifier.status(self._status_line())
 
@@ -571,7 +602,7 @@ class Supervisor:
             return None
 
     def _shadow_failed(self, cfg: DeviceConfig, index: int, reason: str) -> None:
-        served = self.devices.get(cfg.base)
+        served = self.devices.get(cfg.key)
         if served is not None:
             served.device.fail(f"shadow queue {index} stopped: {reason}")
 
@@ -697,7 +728,7 @@ class Supervisor:
         for base, s in self.devices.items():
             # a device suspended for a handover is no longer ready, and its model is what the
             # next image restores
-            if s.device.model is not None and (s.device.ready or self.handover):
+            if isinstance(s.device.model, VirtioMmioDevice) and (s.device.ready or self.handover):
                 devices[str(base)] = snapshot(s.device.model)
             elif s.device.refused is None and str(base) in pending:
                 devices[str(base)] = pending[str(base)]
@@ -779,8 +810,8 @@ class Supervisor:
 
     async def _reconcile(self) -> None:
         assert self.ioreq is not None
-        found = {cfg.base: (cfg, path) for cfg, path in await self._discover()}
-        explicit = {d.base for d in self.opt.devices}
+        found = {cfg.key: (cfg, path) for cfg, path in await self._discover()}
+        explicit = {d.key for d in self.opt.devices}
         for base, served in list(self.devices.items()):
             if served.path is not None and base not in found and base not in explicit:
                 if served.device.refused is not None and await self._still_listed(served.path):
@@ -816,7 +847,13 @@ class Supervisor:
         served = self.devices.get(base)
         if served is None:
             return
-        self.ioreq.remove_window(base)
+        if served.config.pci:
+            self.ioreq.remove_function(served.config.bdf)
+            if served.bar is not None:
+                self.ioreq.remove_window(served.bar)
+                served.bar = None
+        else:
+            self.ioreq.remove_window(base)
         if served.state_task is not None:
             served.state_task.cancel()
         try:

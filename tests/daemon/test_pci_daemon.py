@@ -1,0 +1,159 @@
+"""The daemon serving a virtio-pci function to an x86 HVM guest (issue 20): ``--device
+type=blk,transport=pci,bdf=00:03.0`` claims the function's SBDF, answers its configuration space,
+claims the BAR where the guest places it, interrupts with MSI-X (or INTx when the guest's driver
+does not enable MSI-X), and the simulated guest's virtio-pci driver (sim/xen_vhost_sim/guest_pci.py,
+written independently of the daemon's model) does I/O through it, to the project's RAM-disk
+back-end and to qemu-storage-daemon.
+
+The daemon (:class:`~xen_vhost_master.supervisor.Supervisor`) runs in the test's event loop over the
+in-process simulated host, as in tests/daemon/test_waiting_backend.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+
+import pytest
+from test_waiting_backend import TIMEOUT, Backend, running
+
+from xen_vhost_master.config import parse_device_arg
+from xen_vhost_master.errors import ExitCode
+from xen_vhost_master.supervisor import Options
+from xen_vhost_master.xen.abi import XEN_DMOP_PCI_SBDF
+from xen_vhost_sim.guest import SimGuest
+from xen_vhost_sim.guest_devices import BlkOp, VirtioBlk
+from xen_vhost_sim.guest_driver import GuestPageAllocator
+from xen_vhost_sim.guest_pci import MSI_ADDRESS, VirtioPciDriver, pci_intx_gsi, sbdf
+
+DOMID = 9
+DEV = 3
+
+
+def pci_options(sock: str, *, arch: str = "x86_64") -> Options:
+    device = parse_device_arg(f"type=blk,transport=pci,bdf=00:{DEV:02x}.0,socket={sock}")
+    return Options(domid=DOMID, devices=(device,), xenstore=False, guest_arch=arch)
+
+
+async def disk_io(guest: SimGuest, *, msix: bool, check) -> tuple[VirtioPciDriver, VirtioBlk]:  # type: ignore[no-untyped-def]
+    driver = VirtioPciDriver(guest, sbdf(DEV), GuestPageAllocator(guest.ram, reserve=1 << 20), msix=msix)
+    blk = await asyncio.wait_for(VirtioBlk.bring_up(driver, queue_size=64), TIMEOUT)
+    rng = random.Random(msix)
+    data = rng.randbytes(128 << 10)
+    await asyncio.wait_for(blk.write(64, data), TIMEOUT)
+    assert await asyncio.wait_for(blk.read(64, len(data) // 512), TIMEOUT) == data
+    check(64 * 512, data)
+    payloads = [rng.randbytes(4096) for _ in range(8)]
+    await asyncio.wait_for(blk.batch([BlkOp("write", 1000 + 8 * i, data=p) for i, p in enumerate(payloads)]), TIMEOUT)
+    assert await asyncio.wait_for(blk.batch([BlkOp("read", 1000 + 8 * i, 8) for i in range(8)]), TIMEOUT) == payloads
+    await asyncio.wait_for(blk.flush(), TIMEOUT)
+    return driver, blk
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("msix", [True, False], ids=["msix", "intx"])
+async def test_an_x86_guest_does_io_through_a_virtio_pci_function(platform, sim_host, sim_control, sim_dir, msix):
+    sim_control.create_domain(DOMID, mem_bytes=64 << 20, vcpus=2, arch="x86_64")
+    sock = os.path.join(sim_dir, "blk.sock")
+    backend = Backend(sock)
+    await backend.start()
+    try:
+        async with running(platform, pci_options(sock)) as daemon:
+            guest = await SimGuest.connect(sim_host.path, DOMID)
+            try:
+                await daemon.notes.status_says(f"dom{DOMID}: 1 device(s) serving, 0 waiting")
+
+                def check(offset: int, data: bytes) -> None:
+                    assert bytes(backend.disk[offset:offset + len(data)]) == data  # reached the back-end
+
+                driver, blk = await disk_io(guest, msix=msix, check=check)
+                served = daemon.sup.devices[next(iter(daemon.sup.devices))]
+                assert served.bar == driver.bars[0][0]  # the BAR is claimed where the guest put it
+                stats = served.device.stats
+                assert stats.notifies > 0 and stats.interrupts > 0 and stats.guest_errors == 0
+                assert daemon.sup.ioreq is not None and daemon.sup.ioreq.stats.refused == 0
+                msis = sim_control.domain_info(DOMID)["msis"]
+                if msix:
+                    assert [MSI_ADDRESS, 0x31] in msis and driver.interrupts >= 5  # queue 0's vector
+                else:
+                    assert msis == [] and driver.interrupts >= 5
+                    assert not guest.irq_level(pci_intx_gsi(DEV, 0))
+                await asyncio.wait_for(blk.close(), TIMEOUT)
+                assert daemon.device(0)["status"] == 0  # the driver's reset reached the daemon
+            finally:
+                guest.close()
+        info = sim_control.domain_info(DOMID)
+        assert info["servers"] == []  # SBDF, BAR and server released
+        guest = await SimGuest.connect(sim_host.path, DOMID)
+        try:
+            assert await guest.pci_config_read(XEN_DMOP_PCI_SBDF(0, 0, DEV, 0), 0, 4) == 0xFFFFFFFF
+        finally:
+            guest.close()
+    finally:
+        await backend.stop()
+
+
+@pytest.mark.asyncio
+async def test_the_bar_follows_the_guest_and_is_released_when_decoding_stops(platform, sim_host, sim_control, sim_dir):
+    sim_control.create_domain(DOMID, mem_bytes=64 << 20, arch="x86_64")
+    sock = os.path.join(sim_dir, "blk.sock")
+    backend = Backend(sock)
+    await backend.start()
+    try:
+        async with running(platform, pci_options(sock)) as daemon:
+            await daemon.notes.status_says(f"dom{DOMID}: 1 device(s) serving, 0 waiting")
+            guest = await SimGuest.connect(sim_host.path, DOMID)
+            try:
+                fn = sbdf(DEV)
+                served = next(iter(daemon.sup.devices.values()))
+                await guest.pci_config_write(fn, 0x10, 4, 0xE000_0000)
+                await guest.pci_config_write(fn, 0x14, 4, 0)
+                assert served.bar is None  # memory decoding is still off
+                await guest.pci_config_write(fn, 0x04, 2, 0x2)
+                assert served.bar == 0xE000_0000
+                assert await guest.mmio_read(0xE000_0000 + 0x12, 2) == 1  # num_queues, through the BAR
+                await guest.pci_config_write(fn, 0x10, 4, 0xE100_0000)  # moved while decoding
+                assert served.bar == 0xE100_0000
+                assert await guest.mmio_read(0xE000_0000 + 0x12, 2) == 0xFFFF  # the old place is nobody's
+                await guest.pci_config_write(fn, 0x04, 2, 0)
+                assert served.bar is None
+                assert await guest.mmio_read(0xE100_0000 + 0x12, 2) == 0xFFFF
+            finally:
+                guest.close()
+    finally:
+        await backend.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_pci_device_for_an_arm_guest_is_refused_with_a_reason(platform, sim_host, sim_control, sim_dir,
+                                                                       caplog):
+    from xen_vhost_master.supervisor import Supervisor
+
+    sim_control.create_domain(DOMID, mem_bytes=64 << 20)
+    sup = Supervisor(pci_options(os.path.join(sim_dir, "blk.sock"), arch="arm64"), platform)
+    assert await asyncio.wait_for(sup.run(), TIMEOUT) == ExitCode.CONFIG
+    assert "device 0 is transport=pci: virtio-pci functions are served to x86 HVM guests" in caplog.text
+    assert sim_control.domain_info(DOMID)["servers"] == []  # nothing left behind
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio
+async def test_virtio_pci_to_qemu_storage_daemon(platform, sim_host, sim_control, peers):
+    qsd = peers.qsd_raw(size=16 << 20)
+    sim_control.create_domain(DOMID, mem_bytes=64 << 20, vcpus=2, arch="x86_64")
+    async with running(platform, pci_options(str(qsd.sock))) as daemon:
+        guest = await SimGuest.connect(sim_host.path, DOMID)
+        try:
+            await daemon.notes.status_says(f"dom{DOMID}: 1 device(s) serving, 0 waiting")
+
+            def check(offset: int, data: bytes) -> None:
+                with open(qsd.image, "rb") as f:
+                    f.seek(offset)
+                    assert f.read(len(data)) == data
+
+            driver, blk = await disk_io(guest, msix=True, check=check)
+            assert blk.capacity == (16 << 20) // 512 and driver.interrupts >= 5
+            await asyncio.wait_for(blk.close(), TIMEOUT)
+        finally:
+            guest.close()
