@@ -157,3 +157,11 @@ async def test_virtio_pci_to_qemu_storage_daemon(platform, sim_host, sim_control
             await asyncio.wait_for(blk.close(), TIMEOUT)
         finally:
             guest.close()
+
+
+def test_an_x86_guest_s_ram_is_below_the_pci_hole_and_above_4_gib(platform):
+    from xen_vhost_master.supervisor import Supervisor
+
+    sup = Supervisor(Options(domid=DOMID, guest_arch="x86_64"), platform)
+    assert sup._layout(64 << 20) == [(0, 64 << 20)]
+    assert sup._layout(5 << 30) == [(0, 0xF000_0000), (1 << 32, (5 << 30) - 0xF000_0000)]  # libxl's default hole
