@@ -66,6 +66,7 @@ from .virtio_mmio import (
 )
 from .virtio_mmio import restore as restore_model
 from .virtio_pci import BarMap, Common, VirtioPciDevice
+from .virtio_pci import restore as restore_function
 
 __all__ = ["BackendAbsent", "Device", "DeviceError", "DeviceStats"]
 
@@ -982,10 +983,12 @@ class Device:
         daemon (``virtio_mmio.snapshot``) is loaded and, if the driver had the device running, the
         back-end's rings are resumed at the guest's used indices."""
         assert self.model is not None and self.frontend is not None
+        restored: list[object] = []  # a PCI function's: its BAR claim, its INTx level
         try:
             if isinstance(self.model, VirtioPciDevice):
-                raise ValueError("a virtio-pci function's state is not saved across daemons")
-            restore_model(self.model, state)
+                restored = list(restore_function(self.model, state))
+            else:
+                restore_model(self.model, state)
         except ValueError as e:
             self.log.warning("saved state not usable (%s): the guest's driver must reset the device", e)
             await self._carry_out(self.model.needs_reset(f"device state lost: {e}"))
@@ -998,7 +1001,9 @@ class Device:
             async with self._lock:
                 await self._guarded(self._start_backend(self.frontend, self.model.driver_features, self._queues, resume=True))
             self.log.info("resumed the device a previous run left running (queues %s)", [q.index for q in self._queues])
-        if self.model.line:
+        if isinstance(self.model, VirtioPciDevice):
+            self._carry_out_now(restored)
+        elif self.model.line:
             self._set_irq(True)
 
     def fail(self, reason: str) -> None:

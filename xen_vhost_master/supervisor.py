@@ -58,6 +58,8 @@ from .platform import Platform
 from .sd_notify import Notifier
 from .status import STATUS_SCHEMA, driver_status_names, type_name
 from .virtio_mmio import WINDOW_SIZE, Status, VirtioMmioDevice, check_snapshot, snapshot
+from .virtio_pci import VirtioPciDevice
+from .virtio_pci import snapshot as pci_snapshot
 from .xen.abi import DOMID_FIRST_RESERVED
 from .xen.evtchn import EventChannel
 from .xen.privcmd import PrivCmd
@@ -482,6 +484,9 @@ class Supervisor:
             )
             served.device = device
             ioreq.add_function(cfg.bdf, device)
+            bar = self._saved_bar(cfg)
+            if bar is not None:  # the guest's accesses to it wait for the device, not all-ones
+                self._place_bar(served, *bar)
         else:
             device = Device(
                 cfg, connect=lambda: self._connect(served), memory=paths.for_device(cfg),
@@ -496,9 +501,21 @@ class Supervisor:
                  cfg.socket_path(self.name, self.domid))
         return served
 
+    def _saved_bar(self, cfg: DeviceConfig) -> tuple[int, int] | None:
+        """Where a PCI function a previous run served had its BAR claimed (adopted server only)."""
+        assert self.ioreq is not None
+        saved = self._saved.get("devices", {}).get(str(cfg.key)) if self.ioreq.adopted else None
+        bar = saved.get("bar") if isinstance(saved, dict) else None
+        if isinstance(bar, list) and len(bar) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in bar) \
+                and 0 < bar[1] and 0 <= bar[0] < bar[0] + bar[1] <= 1 << 64:
+            return bar[0], bar[1]
+        return None
+
     def _place_bar(self, served: _Served, address: int | None, size: int) -> None:
         """The guest moved a PCI function's BAR (or turned its decoding off): claim where it is now."""
         assert self.ioreq is not None
+        if address is not None and address == served.bar:
+            return  # claimed there already (taken over from a previous run)
         if served.bar is not None:
             self.ioreq.remove_window(served.bar)
             served.bar = None
@@ -550,6 +567,8 @@ class Supervisor:
             if paced:
                 await asyncio.sleep(delay)  # the retry pace, not synchronisation
             delay = min(delay * 2, WAIT_BACKOFF_MAX)
+        if cfg.pci and isinstance(device.model, VirtioPciDevice) and served.bar != device.model.decoding:
+            self._place_bar(served, device.model.decoding, device.model.layout.bar_size)  # a BAR claimed for a state not restored
         if device.stats.last_error == served.waiting_since:
             device.stats.last_error = ""  # what kept it waiting is over
         served.state_task = self._spawn(self._follow_device(served))
@@ -728,8 +747,14 @@ class Supervisor:
         for base, s in self.devices.items():
             # a device suspended for a handover is no longer ready, and its model is what the
             # next image restores
-            if isinstance(s.device.model, VirtioMmioDevice) and (s.device.ready or self.handover):
-                devices[str(base)] = snapshot(s.device.model)
+            if s.device.model is not None and (s.device.ready or self.handover):
+                model = s.device.model
+                if isinstance(model, VirtioMmioDevice):
+                    devices[str(base)] = snapshot(model)
+                else:
+                    bar = model.decoding
+                    devices[str(base)] = {**pci_snapshot(model),
+                                          "bar": None if bar is None else [bar, model.layout.bar_size]}
             elif s.device.refused is None and str(base) in pending:
                 devices[str(base)] = pending[str(base)]
         state = {"domid": self.domid, "name": self.name, "ioreq_server": self.ioreq.server_id, "devices": devices}

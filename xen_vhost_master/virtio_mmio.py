@@ -283,6 +283,9 @@ class VirtioCore:
         """The transport's part of a device reset, after the core's."""
         raise NotImplementedError
 
+    def _restored(self, transport_selector: int) -> None:
+        """The transport's part of :func:`restore`, after the core's (the snapshot's fourth selector)."""
+
     # --- shared register semantics ------------------------------------------------------------
 
     def _device_features_word(self) -> int:
@@ -609,6 +612,10 @@ class VirtioMmioDevice(VirtioCore):
         self.interrupt_status |= kind
         return self._update_line()
 
+    def _restored(self, transport_selector: int) -> None:
+        self.shm_sel = transport_selector
+        self._line = self.interrupt_status != 0
+
     @property
     def line(self) -> bool:
         """The level this device drives its interrupt line to."""
@@ -681,7 +688,7 @@ def _status_problem(value: int, features: int, required: int) -> Status:
     return status
 
 
-def restore(dev: VirtioMmioDevice, state: dict[str, object]) -> None:
+def restore(dev: VirtioCore, state: dict[str, object]) -> None:
     """Load a :func:`snapshot` into a freshly built ``dev`` of the same shape (ValueError if not)."""
     check_snapshot(state)
     queues = cast(list[list[int]], state["queues"])
@@ -699,9 +706,9 @@ def restore(dev: VirtioMmioDevice, state: dict[str, object]) -> None:
     dev.interrupt_status = cast(int, state["interrupt_status"]) & (INT_VRING | INT_CONFIG)
     dev.config_generation = cast(int, state["config_generation"])
     sel = cast(list[int], state["selectors"])
-    dev.device_features_sel, dev.driver_features_sel, dev.queue_sel, dev.shm_sel = sel
+    dev.device_features_sel, dev.driver_features_sel, dev.queue_sel = sel[:3]
     for q, (num, ready, desc, driver, device) in zip(dev.queues, queues):
         q.num, q.ready, q.desc, q.driver, q.device = num, bool(ready), desc, driver, device
         if q.ready and dev._queue_problem(q):
             raise ValueError(f"snapshot's queue is invalid: {dev._queue_problem(q)}")
-    dev._line = dev.interrupt_status != 0
+    dev._restored(sel[3])

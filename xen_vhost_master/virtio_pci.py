@@ -33,6 +33,7 @@ the ISR config bit either way (§4.1.4.5.1).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 from .virtio_mmio import (
     INT_CONFIG,
@@ -42,7 +43,9 @@ from .virtio_mmio import (
     IrqLevel,
     Msi,
     VirtioCore,
+    check_snapshot,
 )
+from .virtio_mmio import restore as restore_core
 
 __all__ = [
     "BAR_SIZE_MIN",
@@ -54,6 +57,8 @@ __all__ = [
     "PciAction",
     "VirtioPciDevice",
     "class_code",
+    "restore",
+    "snapshot",
 ]
 
 VENDOR_ID = 0x1AF4  # virtio 1.2 §4.1.2: PCI vendor of virtio devices
@@ -670,3 +675,68 @@ class VirtioPciDevice(VirtioCore):
     def line(self) -> bool:
         """The INTx level (as virtio-mmio's ``line``)."""
         return self._intx
+
+
+def snapshot(dev: VirtioPciDevice) -> dict[str, object]:
+    """The driver-visible state of ``dev``, JSON-serialisable (as ``virtio_mmio.snapshot``, plus
+    the function's configuration space, MSI-X table and pending bits, and vectors)."""
+    return {
+        "status": int(dev.status),
+        "driver_features": dev.driver_features,
+        "interrupt_status": dev.interrupt_status,
+        "config_generation": dev.config_generation,
+        "selectors": [dev.device_features_sel, dev.driver_features_sel, dev.queue_sel, 0],
+        "queues": [[q.num, int(q.ready), q.desc, q.driver, q.device] for q in dev.queues],
+        "pci": {
+            "config": dev._cfg.hex(),
+            "msix_table": dev._table.hex(),
+            "pending": dev._pending,
+            "config_vector": dev.config_vector,
+            "queue_vectors": list(dev.queue_vectors),
+        },
+    }
+
+
+def restore(dev: VirtioPciDevice, state: dict[str, object]) -> list[PciAction]:
+    """Load a :func:`snapshot` into a freshly built ``dev`` of the same shape (ValueError naming
+    what is wrong if not). Returns what the caller must do: claim the BAR where the guest had it
+    (:class:`BarMap`), drive INTx as it was."""
+    check_snapshot(state)
+    pci = state.get("pci")
+    if not isinstance(pci, dict):
+        raise ValueError("snapshot has no PCI function state (a virtio-mmio device's?)")
+    try:
+        cfg = bytes.fromhex(str(pci["config"]))
+        table = bytes.fromhex(str(pci["msix_table"]))
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"snapshot's PCI state is malformed: {e}") from None
+    if len(cfg) != CONFIG_SIZE or len(table) != len(dev._table):
+        raise ValueError(f"snapshot's PCI state has {len(cfg)} config bytes and a {len(table)}-byte MSI-X table, "
+                         f"the function {CONFIG_SIZE} and {len(dev._table)}")
+    fixed = [i for i in range(CONFIG_SIZE) if (cfg[i] ^ dev._cfg[i]) & ~dev._wmask[i]]
+    if fixed:
+        raise ValueError(f"snapshot's configuration space differs in read-only bytes from {fixed[0]:#x}: "
+                         "another device's")
+    vectors = pci.get("queue_vectors")
+    config_vector, pending = pci.get("config_vector"), pci.get("pending")
+    def ok(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and (v == NO_VECTOR or 0 <= v < dev.vectors)
+
+    if not isinstance(vectors, list) or len(vectors) != len(dev.queues) or not all(ok(v) for v in vectors) \
+            or not ok(config_vector):
+        raise ValueError(f"snapshot's MSI-X vectors {config_vector!r}, {vectors!r} do not fit a table of {dev.vectors}")
+    if not isinstance(pending, int) or isinstance(pending, bool) or not 0 <= pending < 1 << dev.vectors:
+        raise ValueError(f"snapshot's pending bits {pending!r} do not fit a table of {dev.vectors}")
+    restore_core(dev, state)
+    dev._cfg[:] = cfg
+    for v in range(dev.vectors):  # only the writable bits of each entry (as _table_write)
+        at = v * PCI_MSIX_ENTRY_SIZE
+        dev._table[at : at + 12] = table[at : at + 12]
+        dev._table[at] &= 0xFC
+        dev._table[at + 12] = table[at + 12] & PCI_MSIX_ENTRY_CTRL_MASKBIT
+    dev._pending = pending
+    dev.config_vector = cast(int, config_vector)
+    dev.queue_vectors = [int(v) for v in vectors]
+    dev._mapped = None
+    return [*dev._remap(), *dev._update_intx()]
+

@@ -165,3 +165,55 @@ def test_an_x86_guest_s_ram_is_below_the_pci_hole_and_above_4_gib(platform):
     sup = Supervisor(Options(domid=DOMID, guest_arch="x86_64"), platform)
     assert sup._layout(64 << 20) == [(0, 64 << 20)]
     assert sup._layout(5 << 30) == [(0, 0xF000_0000), (1 << 32, (5 << 30) - 0xF000_0000)]  # libxl's default hole
+
+
+@pytest.mark.asyncio
+async def test_a_handover_keeps_the_function_its_bar_and_its_vectors(platform, sim_host, sim_control, sim_dir,
+                                                                     tmp_path):
+    """SIGHUP: the next image adopts the IOREQ server, restores the function (configuration
+    space, MSI-X table, vectors, queues) and its BAR claim; the guest's driver, never reset, goes
+    on with I/O and MSIs."""
+    import signal
+
+    from test_waiting_backend import Daemon
+
+    sim_control.create_domain(DOMID, mem_bytes=64 << 20, vcpus=2, arch="x86_64")
+    sock = os.path.join(sim_dir, "blk.sock")
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    device = parse_device_arg(f"type=blk,transport=pci,bdf=00:{DEV:02x}.0,socket={sock}")
+    opts = Options(domid=DOMID, devices=(device,), xenstore=False, guest_arch="x86_64",
+                   state_file=str(run / "state.json"))
+    backend = Backend(sock)
+    await backend.start()
+    guest = await SimGuest.connect(sim_host.path, DOMID)
+    try:
+        first = Daemon(platform, opts)
+        await first.start()
+        await first.notes.status_says(f"dom{DOMID}: 1 device(s) serving, 0 waiting")
+        driver, blk = await disk_io(guest, msix=True, check=lambda o, d: None)
+        sid = first.sup.ioreq.server_id  # type: ignore[union-attr]
+        bar = driver.bars[0][0]
+        first.sup._signalled(signal.SIGHUP)
+        assert await asyncio.wait_for(first.task, TIMEOUT) == 0  # type: ignore[arg-type]
+        assert sim_control.domain_info(DOMID)["servers"] == [sid]  # left enabled for the next image
+        # a vCPU reads the function's num_queues between the two images: it waits in the server's page
+        early = asyncio.ensure_future(guest.mmio_read(bar + 0x12, 2, vcpu=1))
+        async with asyncio.timeout(TIMEOUT):
+            while not await asyncio.to_thread(sim_control.pending_access, DOMID, 1):
+                await asyncio.sleep(0.01)  # polls the host's state (no event for it)
+        async with running(platform, opts) as second:
+            assert await asyncio.wait_for(early, TIMEOUT) == 1  # served by the restored function, not all-ones
+            await second.notes.status_says(f"dom{DOMID}: 1 device(s) serving, 0 waiting")
+            served = next(iter(second.sup.devices.values()))
+            assert second.sup.ioreq.adopted and served.bar == bar  # type: ignore[union-attr]
+            interrupts = driver.interrupts
+            data = random.Random(5).randbytes(64 << 10)
+            await asyncio.wait_for(blk.write(4096, data), TIMEOUT)  # the same driver, not reset
+            assert await asyncio.wait_for(blk.read(4096, len(data) // 512), TIMEOUT) == data
+            assert bytes(backend.disk[4096 * 512:4096 * 512 + len(data)]) == data
+            assert driver.interrupts > interrupts and served.device.stats.guest_errors == 0
+            await asyncio.wait_for(blk.close(), TIMEOUT)
+    finally:
+        guest.close()
+        await backend.stop()

@@ -19,7 +19,7 @@ from xen_vhost_master.virtio_mmio import (
     Status,
     VirtioMmioDevice,
 )
-from xen_vhost_master.virtio_pci import NO_VECTOR, BarMap, Cap, Common, VirtioPciDevice
+from xen_vhost_master.virtio_pci import NO_VECTOR, BarMap, Cap, Common, VirtioPciDevice, restore, snapshot
 
 RAM = [(0, 0x8000_0000), (0x1_0000_0000, 0x4000_0000)]  # x86 HVM: below the hole, above 4 GiB
 VERSION_1 = 1 << 32
@@ -410,6 +410,48 @@ def test_the_mmio_model_keeps_its_own_interrupts_on_the_shared_core():
     mmio = VirtioMmioDevice(device_id=2, device_features=VERSION_1, queue_sizes=[8])
     mmio.status = Status(15)
     assert mmio.used_buffer(0) == [IrqLevel(True)] and mmio.interrupt_status == 1
+
+
+# --- a restarted daemon's state ---------------------------------------------------------------------
+
+
+def test_a_snapshot_restores_the_function_as_the_driver_left_it():
+    dev = make()
+    drv = Driver(dev)
+    drv.bring_up()
+    dev.bar_write(dev.layout.msix_table + 16 + 12, 4, 1)  # vector 1 masked ...
+    dev.used_buffer(0)  # ... with a message pending
+    state = snapshot(dev)
+    import json
+    state = json.loads(json.dumps(state))  # as the state file holds it
+    fresh = make()
+    actions = restore(fresh, state)
+    assert actions == [BarMap(BAR, fresh.layout.bar_size)]  # claim the BAR where the guest put it
+    assert fresh.active and fresh.msix_enabled and fresh.pending(1)
+    data = fresh.layout.cap_pci + 16  # (pci_cfg_data: an access through the capability, not a register)
+    assert [cr(fresh, o) for o in range(0, 0x100, 4) if o != data] == [cr(dev, o) for o in range(0, 0x100, 4) if o != data]
+    assert fresh.queue_vectors == [1, 2] and fresh.config_vector == 0
+    assert fresh.bar_write(fresh.layout.msix_table + 16 + 12, 4, 0) == [Msi(MSI_ADDR | 1 << 12, 0x41, 1)]
+    assert fresh.used_buffer(1) == [Msi(MSI_ADDR | 2 << 12, 0x42, 2)]
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda s: s.pop("pci"), "no PCI function state"),
+    (lambda s: s["pci"].update(config="00" * 256), "read-only bytes"),
+    (lambda s: s["pci"].update(config="zz"), "malformed"),
+    (lambda s: s["pci"].update(msix_table="00" * 16), "MSI-X table"),
+    (lambda s: s["pci"].update(queue_vectors=[1, 7]), "vectors"),
+    (lambda s: s["pci"].update(config_vector=True), "vectors"),
+    (lambda s: s["pci"].update(pending=1 << 3), "pending bits"),
+    (lambda s: s.update(status=0x100), "status"),
+])
+def test_a_snapshot_that_does_not_fit_the_function_is_refused(change, message):
+    dev = make()
+    Driver(dev).bring_up()
+    state = snapshot(dev)
+    change(state)
+    with pytest.raises(ValueError, match=message):
+        restore(make(), state)
 
 
 # --- fuzz -----------------------------------------------------------------------------------------
