@@ -64,6 +64,10 @@ NO_ADVANCE_NAMES = {"rust-vmm": NO_ADVANCE_RUSTVMM, "spec": NO_ADVANCE_SPEC}
 # A PCI function's key among a guest's devices: above every guest-physical window base.
 PCI_KEY = 1 << 64
 TRANSPORTS = ("mmio", "pci")
+# QEMU's xenfv (i440fx) machine, the primary device model of a Xen HVM guest, always has its host
+# bridge at 00:00.0, the PIIX3 functions at 00:01.x and the VGA at 00:02.0; the Xen platform
+# device takes the next free slot (00:03.0) unless xl's xen_platform_pci=0, emulated NICs the ones after.
+QEMU_SLOTS = 3
 
 # linux/virtio_ids.h: names accepted for `type=` (numbers and `virtio,deviceNN` work too).
 VIRTIO_IDS = {
@@ -301,6 +305,9 @@ def parse_bdf(text: str, what: str = "bdf") -> int:
         raise ConfigError(f"{what}={text!r}: only segment 0, bus 0 (an HVM guest's PCI bus)")
     if not 0 <= d <= 0x1F or not 0 <= f <= 7:
         raise ConfigError(f"{what}={text!r}: device 00..1f and function 0..7")
+    if d < QEMU_SLOTS:
+        raise ConfigError(f"{what}={text!r}: slots 00..{QEMU_SLOTS - 1:02x} hold QEMU's own devices on a Xen HVM "
+                          "guest (host bridge 00:00.0, PIIX3 00:01.x, VGA 00:02.0): use a free slot, e.g. 00:08.0")
     return d << 3 | f
 
 

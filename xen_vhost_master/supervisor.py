@@ -942,7 +942,7 @@ class Supervisor:
             status = int(d.model.status) if d.model else 0
             devices.append({
                 "devid": cfg.devid, "device_id": cfg.device_id, "type": type_name(cfg.device_id),
-                "base": hex(cfg.base), "irq": cfg.irq,
+                "base": cfg.where if cfg.pci else hex(cfg.base), "irq": _irq_name(d) if cfg.pci else cfg.irq,
                 "socket": cfg.socket_path(self.name, self.domid), "mode": "server" if cfg.listen else "client",
                 "backend": served.backend, "attempts": served.attempts,
                 "data_path": d.memory.name,
@@ -1094,6 +1094,12 @@ class Supervisor:
             self.log.warning("%s did not finish within %.0f s", what, STEP_TIMEOUT)
         except XenError as e:
             self.log.warning("%s: %s", what, e)
+
+
+def _irq_name(device: Device) -> str:
+    """How a PCI function interrupts now: msi-x or intx (as ``status`` shows it)."""
+    model = device.model
+    return "msi-x" if isinstance(model, VirtioPciDevice) and model.msix_enabled else "intx"
 
 
 def _data_path_stats(path: DataPath) -> dict[str, Any] | None:

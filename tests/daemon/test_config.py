@@ -253,7 +253,7 @@ def test_a_bad_mac_is_a_one_line_config_error(mac):
 # --- transport=pci (issue 20) -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("bdf", "expected"), [("00:03.0", 3 << 3), ("0000:00:1f.7", 0x1F << 3 | 7), ("00:0a.1", 0xA << 3 | 1)])
+@pytest.mark.parametrize(("bdf", "expected"), [("00:08.0", 8 << 3), ("0000:00:1f.7", 0x1F << 3 | 7), ("00:0a.1", 0xA << 3 | 1)])
 def test_a_pci_device_names_its_function_on_bus_0(bdf, expected):
     d = parse_device_arg(f"type=blk,transport=pci,bdf={bdf},socket=/run/qsd.sock", 2)
     assert (d.transport, d.bdf, d.pci, d.base, d.irq, d.devid) == ("pci", expected, True, 0, 0, 2)
@@ -267,6 +267,8 @@ def test_a_pci_device_names_its_function_on_bus_0(bdf, expected):
     ("type=blk,transport=pci,bdf=01:03.0", "only segment 0, bus 0"),
     ("type=blk,transport=pci,bdf=00:20.0", "device 00..1f and function 0..7"),
     ("type=blk,transport=pci,bdf=00:03", "device 00..1f and function 0..7"),
+    ("type=blk,transport=pci,bdf=00:02.0", "hold QEMU's own devices"),
+    ("type=blk,transport=pci,bdf=00:00.0", "host bridge 00:00.0"),
     ("type=blk,transport=pci,bdf=xx", "not BB:DD.F"),
     ("type=blk,transport=pci,bdf=00:zz.0", "hexadecimal"),
     ("type=blk,transport=pci,bdf=00:03.0,grants=1", "grants=1 with transport=pci"),
@@ -281,7 +283,7 @@ def test_pci_device_errors_name_the_key_and_the_fix(text, message):
 def test_pci_devices_merge_by_function_and_do_not_collide_with_windows(tmp_path):
     mmio = parse_device_arg("type=blk,base=0x2000000,irq=33")
     a = parse_device_arg("type=blk,transport=pci,bdf=00:03.0", 1)
-    b = parse_device_arg("type=net,transport=pci,bdf=00:04.0", 2)
+    b = parse_device_arg("type=net,transport=pci,bdf=00:09.0", 2)
     assert merge([], [mmio, a, b]) == (mmio, a, b)
     with pytest.raises(ConfigError, match="are both PCI 00:03.0"):
         merge([], [a, parse_device_arg("type=net,transport=pci,bdf=00:03.0", 3)])

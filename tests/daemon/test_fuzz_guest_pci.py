@@ -130,7 +130,7 @@ async def fuzz_once(program: list[tuple]) -> None:  # type: ignore[type-arg]
                 guest.msis += 1
 
             device = Device(
-                parse_device_arg("type=blk,transport=pci,bdf=00:03.0,queues=2,queue-size=256"),
+                parse_device_arg("type=blk,transport=pci,bdf=00:08.0,queues=2,queue-size=256"),
                 connect=lambda: _ready(fe), memory=FdExport([FdRegion(RAM_BASE, RAM_SIZE, memfd)]),
                 set_irq=lambda level: None, log=device_logger("xvm.fuzz", 1, "pci0"),
                 inject_msi=msi, on_bar=on_bar,
@@ -166,7 +166,7 @@ def test_a_valid_bring_up_starts_the_back_end():
                 msis: list[tuple[int, int]] = []
                 bars: list[int | None] = []
                 device = Device(
-                    parse_device_arg("type=blk,transport=pci,bdf=00:03.0,queues=2"),
+                    parse_device_arg("type=blk,transport=pci,bdf=00:08.0,queues=2"),
                     connect=lambda: _ready(fe), memory=FdExport([FdRegion(RAM_BASE, RAM_SIZE, memfd)]),
                     set_irq=lambda level: None, log=device_logger("xvm.fuzz", 1, "pci0"),
                     inject_msi=lambda a, d: msis.append((a, d)),

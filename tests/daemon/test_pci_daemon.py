@@ -1,5 +1,5 @@
 """The daemon serving a virtio-pci function to an x86 HVM guest (issue 20): ``--device
-type=blk,transport=pci,bdf=00:03.0`` claims the function's SBDF, answers its configuration space,
+type=blk,transport=pci,bdf=00:08.0`` claims the function's SBDF, answers its configuration space,
 claims the BAR where the guest places it, interrupts with MSI-X (or INTx when the guest's driver
 does not enable MSI-X), and the simulated guest's virtio-pci driver (sim/xen_vhost_sim/guest_pci.py,
 written independently of the daemon's model) does I/O through it, to the project's RAM-disk
@@ -28,7 +28,7 @@ from xen_vhost_sim.guest_driver import GuestPageAllocator
 from xen_vhost_sim.guest_pci import MSI_ADDRESS, VirtioPciDriver, pci_intx_gsi, sbdf
 
 DOMID = 9
-DEV = 3
+DEV = 8
 
 
 def pci_options(sock: str, *, arch: str = "x86_64") -> Options:
@@ -68,6 +68,8 @@ async def test_an_x86_guest_does_io_through_a_virtio_pci_function(platform, sim_
                     assert bytes(backend.disk[offset:offset + len(data)]) == data  # reached the back-end
 
                 driver, blk = await disk_io(guest, msix=msix, check=check)
+                shown = daemon.device(0)
+                assert (shown["base"], shown["irq"]) == (f"PCI 00:{DEV:02x}.0", "msi-x" if msix else "intx")
                 served = daemon.sup.devices[next(iter(daemon.sup.devices))]
                 assert served.bar == driver.bars[0][0]  # the BAR is claimed where the guest put it
                 stats = served.device.stats
@@ -217,3 +219,38 @@ async def test_a_handover_keeps_the_function_its_bar_and_its_vectors(platform, s
     finally:
         guest.close()
         await backend.stop()
+
+
+@pytest.mark.asyncio
+async def test_two_functions_placed_over_each_other_leave_the_second_unclaimed(platform, sim_host, sim_control,
+                                                                                sim_dir, caplog):
+    """A guest that programs two BARs at one address: the first claim stands, the second is refused
+    with a logged reason (Xen's rangeset refuses an overlapping range: EEXIST), nothing breaks."""
+    sim_control.create_domain(DOMID, mem_bytes=64 << 20, arch="x86_64")
+    socks = [os.path.join(sim_dir, f"blk{i}.sock") for i in range(2)]
+    backends = [Backend(sock) for sock in socks]
+    for backend in backends:
+        await backend.start()
+    devices = tuple(parse_device_arg(f"type=blk,transport=pci,bdf=00:{DEV + i:02x}.0,socket={sock}", i)
+                    for i, sock in enumerate(socks))
+    try:
+        async with running(platform, Options(domid=DOMID, devices=devices, xenstore=False,
+                                             guest_arch="x86_64")) as daemon:
+            await daemon.notes.status_says(f"dom{DOMID}: 2 device(s) serving, 0 waiting")
+            guest = await SimGuest.connect(sim_host.path, DOMID)
+            try:
+                for dev in (DEV, DEV + 1):
+                    await guest.pci_config_write(sbdf(dev), 0x10, 4, 0xE000_0000)
+                    await guest.pci_config_write(sbdf(dev), 0x04, 2, 0x2)
+                first, second = (daemon.sup.devices[k] for k in sorted(daemon.sup.devices))
+                assert first.bar == 0xE000_0000 and second.bar is None
+                assert "BAR at 0xe0000000 (+0x8000) not claimed" in caplog.text
+                assert await guest.mmio_read(0xE000_0000 + 0x12, 2) == 1  # the first function answers
+                await guest.pci_config_write(sbdf(DEV), 0x04, 2, 0)  # the first stops decoding ...
+                await guest.pci_config_write(sbdf(DEV + 1), 0x10, 4, 0xE001_0000)  # ... the second moves
+                assert first.bar is None and second.bar == 0xE001_0000
+            finally:
+                guest.close()
+    finally:
+        for backend in backends:
+            await backend.stop()
