@@ -254,3 +254,41 @@ async def test_two_functions_placed_over_each_other_leave_the_second_unclaimed(p
     finally:
         for backend in backends:
             await backend.stop()
+
+
+@pytest.mark.peer
+@pytest.mark.timeout(90)
+@pytest.mark.asyncio(loop_factories=["uvloop"])  # testpmd burns a CPU: run it once
+async def test_virtio_pci_net_frames_loop_back_through_testpmd(platform, sim_host, sim_control, peers):
+    """virtio-net over virtio-pci with MSI-X: frames the guest transmits come back from dpdk-testpmd
+    (io forwarding, port looped), each once and in order, one at a time and in a burst."""
+    from test_device_sim_testpmd import frame
+
+    from tests.peers.harness import TESTPMD_FORWARDING_LOG
+    from xen_vhost_sim.guest_devices import VirtioNet
+
+    pmd, sock = peers.testpmd()
+    sim_control.create_domain(DOMID, mem_bytes=64 << 20, vcpus=2, arch="x86_64")
+    device = parse_device_arg(f"type=net,transport=pci,bdf=00:{DEV + 1:02x}.0,socket={sock},queues=2")
+    async with running(platform, Options(domid=DOMID, devices=(device,), xenstore=False, guest_arch="x86_64")) as daemon:
+        await daemon.notes.status_says(f"dom{DOMID}: 1 device(s) serving, 0 waiting")
+        guest = await SimGuest.connect(sim_host.path, DOMID)
+        try:
+            driver = VirtioPciDriver(guest, sbdf(DEV + 1), GuestPageAllocator(guest.ram, reserve=1 << 20))
+            net = await asyncio.wait_for(VirtioNet.bring_up(driver, queue_size=64), TIMEOUT)
+            await pmd.wait_log_async(TESTPMD_FORWARDING_LOG)
+            sent = [frame(i) for i in range(8)]
+            received = []
+            for f in sent:
+                await net.send(f)
+                received.append(await net.recv(TIMEOUT))
+            assert received == sent
+            burst = [frame(i) for i in range(8, 16)]
+            await asyncio.gather(*(net.send(f) for f in burst))
+            assert [await net.recv(TIMEOUT) for _ in burst] == burst
+            served = next(iter(daemon.sup.devices.values()))
+            assert served.device.stats.interrupts > 0 and driver.interrupts > 0
+            assert [MSI_ADDRESS, 0x31] in sim_control.domain_info(DOMID)["msis"]  # receiveq's vector
+            await asyncio.wait_for(net.close(), TIMEOUT)
+        finally:
+            guest.close()
