@@ -12,6 +12,7 @@ in-process simulated host, as in tests/daemon/test_waiting_backend.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 
@@ -292,3 +293,31 @@ async def test_virtio_pci_net_frames_loop_back_through_testpmd(platform, sim_hos
             await asyncio.wait_for(net.close(), TIMEOUT)
         finally:
             guest.close()
+
+
+@pytest.mark.asyncio
+async def test_enumeration_before_the_backend_answers_holds_the_vcpu_until_it_does(platform, sim_host, sim_control,
+                                                                                   sim_dir, caplog):
+    """The daemon claims the function before any back-end answers (``xl create -p``, then unpause):
+    the guest's firmware reading its vendor id then waits, and reads the virtio function once the
+    back-end is there, not all-ones (an empty slot it would skip for good)."""
+    caplog.set_level(logging.INFO)
+    sim_control.create_domain(DOMID, mem_bytes=64 << 20, vcpus=2, arch="x86_64")
+    sock = os.path.join(sim_dir, "blk.sock")
+    backend = Backend(sock)
+    try:
+        async with running(platform, pci_options(sock)) as daemon:
+            guest = await SimGuest.connect(sim_host.path, DOMID)
+            try:
+                vendor = asyncio.ensure_future(guest.pci_config_read(sbdf(DEV), 0, 4, vcpu=1))
+                await daemon.notes.status_says("waiting for back-end")
+                async with asyncio.timeout(TIMEOUT):
+                    while "touched device 0 before its back-end was ready: holding it" not in caplog.text:
+                        await asyncio.sleep(0.01)  # (the log line is the event; caplog has no waiter)
+                assert not vendor.done()
+                await backend.start()
+                assert await asyncio.wait_for(vendor, TIMEOUT) == (0x1040 + 2) << 16 | 0x1AF4
+            finally:
+                guest.close()
+    finally:
+        await backend.stop()
