@@ -1,7 +1,8 @@
-"""One virtio device of a guest: the virtio-mmio model wired to a vhost-user back-end.
+"""One virtio device of a guest: the transport's model wired to a vhost-user back-end.
 
-The IOREQ server hands guest register accesses to :meth:`Device.mmio`;
-the pure model (:mod:`.virtio_mmio`) answers and returns actions, which this class carries out:
+The IOREQ server hands guest register accesses to :meth:`Device.mmio` (and, for a virtio-pci
+function, configuration-space accesses to :meth:`Device.pci_config`); the pure model
+(:mod:`.virtio_mmio`, :mod:`.virtio_pci`) answers and returns actions, which this class carries out:
 start or stop the back-end's rings, forward config writes, kick queue eventfds, drive the
 interrupt line. Accesses are served one at a time per device. The driver's DRIVER_OK write waits
 for the back-end's start for START_WAIT at most (one that behaves is done by then, so the write
@@ -154,7 +155,8 @@ def _inflight_problem(got: InflightFd, num_queues: int, queue_size: int) -> str:
 
 
 class Device:
-    """A guest's virtio-mmio device served by one vhost-user back-end through a data path."""
+    """A guest's virtio device (a virtio-mmio window or a virtio-pci function) served by one
+    vhost-user back-end through a data path."""
 
     def __init__(
         self,

@@ -599,7 +599,7 @@ class Hypervisor:
         dom = self.guest(domid)
         if dom.arch is not Arch.X86_64:
             raise HvError(errno.EOPNOTSUPP, "PCI config ioreqs are x86-only")
-        if not 0 <= sbdf <= 0xFFFFFFFF or not 0 <= reg < 4096 or size not in (1, 2, 4) or reg % size:
+        if not 0 <= sbdf <= 0xFFFFFFFF or not 0 <= reg < 4096 or size not in (1, 2, 4) or (reg & 3) + size > 4:
             raise HvError(errno.EINVAL)
         return await self._access(domid, vcpu, IoRangeType.PCI, IoreqType.PCI_CONFIG, sbdf, sbdf << 32 | reg,
                                   size, write, value)

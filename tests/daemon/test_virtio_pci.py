@@ -209,6 +209,12 @@ def test_a_bar_over_guest_ram_or_at_zero_is_not_decoded():
     assert actions[-1] == BarMap(None, dev.layout.bar_size) and dev.decoding is None
 
 
+def test_config_accesses_within_a_dword_need_not_be_aligned():
+    dev = make(device_id=2)
+    assert dev.config_read(0x01, 2) == (0x421A, [])  # vendor's high byte, device's low byte (CF8/CFC + 1)
+    assert dev.config_read(0x05, 2)[0] == 0x1000  # command high byte, status low byte: CAP_LIST
+
+
 def test_garbage_in_the_bar_keeps_its_type_bits_and_alignment():
     dev = make()
     cw(dev, 0x10, 4, 0x1234_5677)
@@ -349,7 +355,8 @@ def test_the_pci_cfg_access_capability_reaches_the_bar():
 
 
 @pytest.mark.parametrize(("op", "expect"), [
-    (lambda d, b: d.config_read(0x02, 4), "not naturally aligned"),
+    (lambda d, b: d.config_read(0x02, 4), "crosses a dword"),
+    (lambda d, b: d.config_write(0x07, 2, 0), "crosses a dword"),
     (lambda d, b: d.config_read(0x00, 3), "only 1, 2 or 4"),
     (lambda d, b: d.config_write(0x1000, 4, 0), "beyond the 4 KiB"),
     (lambda d, b: d.config_write(0x100, 4, 0), "no extended"),

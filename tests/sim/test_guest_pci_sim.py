@@ -199,7 +199,7 @@ async def test_an_unclaimed_function_reads_all_ones_and_arm_has_no_pci_config_io
             await arm_guest.pci_config_read(sbdf(DEV), 0, 4)
         assert e.value.errno == errno.EOPNOTSUPP
         with pytest.raises(SimHostError) as e:
-            await guest.pci_config_read(sbdf(DEV), 2, 4)  # not naturally aligned
+            await guest.pci_config_read(sbdf(DEV), 2, 4)  # crosses a dword
         assert e.value.errno == errno.EINVAL
     finally:
         guest.close()
