@@ -47,7 +47,7 @@ from . import devtypes
 from .config import DeviceConfig
 from .datapath.base import DataPath, DataPathChooser
 from .errors import DaemonError, GuestFault, XenError
-from .fastpath import QueueFastPath
+from .fastpath import PciKickFastPath, QueueFastPath
 from .log import DeviceLogger, LimitedLogger
 from .virtio_mmio import (
     F_ACCESS_PLATFORM,
@@ -166,7 +166,7 @@ class Device:
         memory: DataPath | DataPathChooser,
         set_irq: Callable[[bool], None],
         log: DeviceLogger,
-        fastpath: QueueFastPath | None = None,
+        fastpath: QueueFastPath | PciKickFastPath | None = None,
         clock: Callable[[], float] = time.monotonic,
         guest_name: str = "",
         inject_msi: Callable[[int, int], None] | None = None,
@@ -577,8 +577,7 @@ class Device:
                 case Msi(address, data):
                     self._msi(address, data)
                 case BarMap(address, size):
-                    if self._on_bar is not None:
-                        self._on_bar(address, size)
+                    self._bar_moved(address, size)
                 case GuestError(reason):
                     self._guest_error(reason)
 
@@ -861,24 +860,33 @@ class Device:
         """The inflight area shared with the back-end (None: no tracking)."""
         return self._inflight
 
-    def use_fast_path(self, fastpath: QueueFastPath) -> None:
+    def use_fast_path(self, fastpath: QueueFastPath | PciKickFastPath) -> None:
         """The kernel fast path became available: use it, for running queues too."""
         self.fastpath = fastpath
+        if isinstance(fastpath, PciKickFastPath):
+            fastpath.notify_address = self._notify_address
         for index in self._started:
             self._kernel_path(index)
+
+    def _notify_address(self, index: int) -> int | None:
+        """Where a PCI function's queue ``index`` is notified now (None: the BAR does not decode)."""
+        model = self.model
+        if not isinstance(model, VirtioPciDevice) or model.decoding is None:
+            return None
+        return model.decoding + model.layout.notify + index * model.layout.notify_multiplier
 
     def _kernel_path(self, index: int) -> None:
         """Hand queue ``index``'s notifications to the kernel (privcmd ioeventfd/irqfd), if it can."""
         fp = self.fastpath
-        # (privcmd ioeventfd matches virtio-mmio's QueueNotify only: a PCI function's notifies
-        # and interrupts stay in user space)
-        if fp is None or not self.memory.direct or index in fp.assigned or self.config.pci:
+        if fp is None or not self.memory.direct or index in fp.assigned:
             return
         try:
             fp.assign(index, self._kick[index], self._call[index])
         except XenError as e:
             self.log.warning("kernel fast path refused for queue %d (%s): user-space relay", index, e)
             return
+        if not fp.takes_calls or index not in fp.assigned:
+            return  # (a PCI function: its used buffers stay here)
         asyncio.get_running_loop().remove_reader(self._call[index])  # the kernel reads it now
         assert isinstance(self.model, VirtioMmioDevice)
         self.model.kernel_irq = True
@@ -892,9 +900,22 @@ class Device:
             fp.deassign(index)
         except XenError as e:
             self.log.warning("kernel fast path: deassign of queue %d failed: %s", index, e)
+        if not fp.takes_calls:
+            return
         asyncio.get_running_loop().add_reader(self._call[index], self._on_call, index)
         if isinstance(self.model, VirtioMmioDevice) and not fp.assigned:
             self.model.kernel_irq = False
+
+    def _bar_moved(self, address: int | None, size: int) -> None:
+        """The guest placed a PCI function's BAR elsewhere (or stopped its decoding): the claim
+        follows it, and so do the kernel's kick assignments."""
+        if self._on_bar is not None:
+            self._on_bar(address, size)
+        if isinstance(self.fastpath, PciKickFastPath) and self._started:
+            for index in list(self.fastpath.assigned):
+                self._user_path(index)
+            for index in self._started:
+                self._kernel_path(index)
 
     async def _stop_backend(self) -> None:
         fe = self.frontend

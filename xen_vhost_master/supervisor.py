@@ -373,8 +373,8 @@ class Supervisor:
         self.fastpath = KernelFastPath(self.privcmd, self.domid, self.ioreq.page, self.ioreq.ports, self.log)
         self.log.info("kernel fast path available: privcmd ioeventfd/irqfd for zero-copy devices")
         for served in self.devices.values():
-            if not served.config.pci:
-                served.device.use_fast_path(self.fastpath.for_device(served.config.base, served.config.irq))
+            cfg = served.config
+            served.device.use_fast_path(self.fastpath.for_function() if cfg.pci else self.fastpath.for_device(cfg.base, cfg.irq))
 
     def _adjust(self, cfg: DeviceConfig) -> DeviceConfig:
         if cfg.memory is MemoryMode.AUTO and self.opt.memory is not MemoryMode.AUTO:
@@ -483,6 +483,8 @@ class Supervisor:
                 inject_msi=ioreq.inject_msi, on_bar=lambda address, size: self._place_bar(served, address, size),
             )
             served.device = device
+            if self.fastpath is not None:
+                device.use_fast_path(self.fastpath.for_function())
             ioreq.add_function(cfg.bdf, device)
             bar = self._saved_bar(cfg)
             if bar is not None:  # the guest's accesses to it wait for the device, not all-ones

@@ -321,3 +321,97 @@ async def test_enumeration_before_the_backend_answers_holds_the_vcpu_until_it_do
                 guest.close()
     finally:
         await backend.stop()
+
+
+@pytest.mark.parametrize("kernel_mode", ["on", "enotty"])
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_a_functions_kicks_go_through_the_kernel_fast_path_and_follow_its_bar(sim_dir, kernel_mode):
+    """With privcmd ioeventfd (Linux >= 6.7) and a zero-copy back-end, the guest's notifies of a
+    virtio-pci function are completed by the kernel (the daemon sees none), also after the guest
+    moved the BAR; its MSIs stay the daemon's. Without it, the user-space relay does the same."""
+    from vhost_user import AsyncFrontend
+    from vhost_user.aio.server import serve_unix
+    from vhost_user.testing import RamDiskBlk
+
+    from xen_vhost_master.backend.mapper import XenRegionMapper
+    from xen_vhost_master.datapath.zerocopy import XenMmapExport
+    from xen_vhost_master.device import Device
+    from xen_vhost_master.fastpath import KernelFastPath
+    from xen_vhost_master.ioreq_server import IoreqServer
+    from xen_vhost_master.log import device_logger
+    from xen_vhost_master.xen.evtchn import EventChannel
+    from xen_vhost_master.xen.privcmd import PrivCmd
+    from xen_vhost_sim.host import SimHost
+    from xen_vhost_sim.memory import Arch, bank_layout
+    from xen_vhost_sim.simkernel import SimKernel
+
+    with SimHost(os.path.join(sim_dir, "xen.sock"), privcmd_eventfd=kernel_mode) as host, host.control() as ctl:
+        kernel = SimKernel(host.path)
+        domid = ctl.create_domain(mem_bytes=32 << 20, arch="x86_64")
+        disk = RamDiskBlk(4 << 20)
+        disk.xen_mapper = XenRegionMapper(kernel)
+        sock = os.path.join(sim_dir, "blk.sock")
+        ready = asyncio.Event()
+        backend = asyncio.ensure_future(serve_unix(lambda: disk, sock, connections=1, ready=ready.set))
+        privcmd, evtchn = PrivCmd(kernel), EventChannel(kernel)
+        log = device_logger("xvm.test", domid, "blk0")
+        ioreq = IoreqServer(privcmd, evtchn, domid, log)
+        cfg = parse_device_arg(f"type=blk,transport=pci,bdf=00:{DEV:02x}.0,socket={sock}")
+        bars: list[int | None] = []
+
+        def on_bar(address: int | None, size: int) -> None:
+            if bars and bars[-1] is not None:
+                ioreq.remove_window(bars[-1])
+            if address is not None:
+                ioreq.add_window(address, size, device)
+            bars.append(address)
+
+        device = Device(cfg, connect=lambda: AsyncFrontend.connect(sock),
+                        memory=XenMmapExport(domid, bank_layout(Arch.X86_64, 32 << 20), privcmd.fileno()),
+                        set_irq=lambda level: ioreq.set_pci_intx(DEV, level), log=log,
+                        inject_msi=ioreq.inject_msi, on_bar=on_bar)
+        guest = await SimGuest.connect(host.path, domid)
+        try:
+            await asyncio.wait_for(ready.wait(), TIMEOUT)
+            ioreq.create()
+            await device.start()
+            ioreq.add_function(cfg.bdf, device)
+            ioreq.enable()
+            available = privcmd.eventfd_ioctls_supported()
+            assert available == (kernel_mode == "on")
+            if available:
+                device.use_fast_path(KernelFastPath(privcmd, domid, ioreq.page, ioreq.ports, log).for_function())
+            driver = VirtioPciDriver(guest, sbdf(DEV), GuestPageAllocator(guest.ram, reserve=1 << 20))
+            blk = await asyncio.wait_for(VirtioBlk.bring_up(driver, queue_size=64), TIMEOUT)
+            data = random.Random(7).randbytes(64 << 10)
+            await asyncio.wait_for(blk.write(0, data), TIMEOUT)
+            assert await asyncio.wait_for(blk.read(0, 128), TIMEOUT) == data
+            # the guest moves the BAR (decoding off, new address, on): kicks follow it
+            old = driver.bars[0][0]
+            await guest.pci_config_write(sbdf(DEV), 0x04, 2, 0x4)
+            await guest.pci_config_write(sbdf(DEV), 0x10, 4, old + 0x10_0000)
+            await guest.pci_config_write(sbdf(DEV), 0x04, 2, 0x6)
+            moved = old + 0x10_0000
+            driver.bars[0] = (moved, driver.bars[0][1])
+            driver.regions = {t: (a - old + moved, n) for t, (a, n) in driver.regions.items()}
+            assert bars[-1] == moved
+            await asyncio.wait_for(blk.write(256, data), TIMEOUT)
+            assert await asyncio.wait_for(blk.read(256, 128), TIMEOUT) == data
+            counters = ctl.domain_info(domid)["fastpath"]
+            if available:
+                assert counters["ioeventfd_consumed"] >= 4 and counters["irqfd_injected"] == 0
+                assert device.stats.notifies == 0  # every notify was completed by the kernel
+                assert device.stats.per_queue_calls.get(0, 0) > 0  # used buffers: the daemon's MSIs
+                assert device.fastpath is not None and set(device.fastpath.assigned) == {0}
+            else:
+                assert counters["ioeventfd_consumed"] == 0 and device.stats.notifies > 0
+            await asyncio.wait_for(blk.close(), TIMEOUT)
+            assert device.fastpath is None or device.fastpath.assigned == {}
+        finally:
+            guest.close()
+            await ioreq.close()
+            await device.close()
+            evtchn.close()
+            privcmd.close()
+            backend.cancel()
+            await asyncio.gather(backend, return_exceptions=True)
