@@ -130,7 +130,7 @@ back-end sockets:
   transport=mmio|pci mmio (default): a virtio-mmio window; pci: a virtio-pci modern function
                      of an x86 HVM guest (--guest-arch x86_64), served as a secondary IOREQ
                      server beside QEMU: no base=/irq=, interrupts by MSI-X or INTx
-  bdf=00:08.0        transport=pci: the function on bus 0 (device 03..1f, function 0..7; 00..02
+  bdf=00:08.0        transport=pci: the function on bus 0 (device 03..1f, function 0; 00..02
                      are QEMU's, 03 its Xen platform device, NICs the slots after)
   socket=TEMPLATE    back-end socket, an absolute path (default: --socket, see above)
   mode=client|server client: connect to a listening back-end (qemu-storage-daemon);

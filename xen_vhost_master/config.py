@@ -287,8 +287,9 @@ def _pci_device(items: Mapping[str, object], what: str, source: str) -> DeviceCo
 
 
 def parse_bdf(text: str, what: str = "bdf") -> int:
-    """``00:03.0`` (or ``0000:00:03.0``) → device << 3 | function; only segment 0, bus 0: the
-    bus an HVM guest's PCI functions live on (XEN_DMOP_set_pci_intx_level takes no other)."""
+    """``00:08.0`` (or ``0000:00:08.0``) → device << 3 | function; only segment 0, bus 0: the
+    bus an HVM guest's PCI functions live on (XEN_DMOP_set_pci_intx_level takes no other), and
+    function 0 (Linux's pci_scan_slot looks for the others only behind a multi-function 0)."""
     parts = text.strip().lower().split(":")
     if len(parts) == 3:
         segment, bus, rest = parts
@@ -305,6 +306,9 @@ def parse_bdf(text: str, what: str = "bdf") -> int:
         raise ConfigError(f"{what}={text!r}: only segment 0, bus 0 (an HVM guest's PCI bus)")
     if not 0 <= d <= 0x1F or not 0 <= f <= 7:
         raise ConfigError(f"{what}={text!r}: device 00..1f and function 0..7")
+    if f:
+        raise ConfigError(f"{what}={text!r}: function {f}: a guest scans functions 1-7 of a slot only when its "
+                          "function 0 is there and multi-function; use function 0 of a free slot")
     if d < QEMU_SLOTS:
         raise ConfigError(f"{what}={text!r}: slots 00..{QEMU_SLOTS - 1:02x} hold QEMU's own devices on a Xen HVM "
                           "guest (host bridge 00:00.0, PIIX3 00:01.x, VGA 00:02.0): use a free slot, e.g. 00:08.0")

@@ -911,6 +911,7 @@ class Device:
         follows it, and so do the kernel's kick assignments."""
         if self._on_bar is not None:
             self._on_bar(address, size)
+        self.changed.set()  # (the state file follows: a successor claims the BAR where it is)
         if isinstance(self.fastpath, PciKickFastPath) and self._started:
             for index in list(self.fastpath.assigned):
                 self._user_path(index)

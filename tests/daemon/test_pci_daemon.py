@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import random
+from dataclasses import replace
 
 import pytest
 from test_waiting_backend import TIMEOUT, Backend, running
@@ -97,14 +98,33 @@ async def test_an_x86_guest_does_io_through_a_virtio_pci_function(platform, sim_
         await backend.stop()
 
 
+async def saved_bar(path: str, want: list[int] | None) -> None:
+    """Until the daemon's state file says the function's BAR is at ``want``."""
+    import json
+
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            try:
+                devices = json.loads(open(path).read())["devices"]
+            except (OSError, ValueError):
+                devices = {}
+            if [d.get("bar") for d in devices.values()] == [want]:
+                return
+            await asyncio.sleep(0.01)  # (the file is written by the daemon's task; no event to wait on)
+
+
 @pytest.mark.asyncio
-async def test_the_bar_follows_the_guest_and_is_released_when_decoding_stops(platform, sim_host, sim_control, sim_dir):
+async def test_the_bar_follows_the_guest_and_is_released_when_decoding_stops(platform, sim_host, sim_control, sim_dir,
+                                                                            tmp_path):
     sim_control.create_domain(DOMID, mem_bytes=64 << 20, arch="x86_64")
     sock = os.path.join(sim_dir, "blk.sock")
     backend = Backend(sock)
     await backend.start()
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    state = str(run / "state.json")
     try:
-        async with running(platform, pci_options(sock)) as daemon:
+        async with running(platform, replace(pci_options(sock), state_file=state)) as daemon:
             await daemon.notes.status_says(f"dom{DOMID}: 1 device(s) serving, 0 waiting")
             guest = await SimGuest.connect(sim_host.path, DOMID)
             try:
@@ -118,6 +138,7 @@ async def test_the_bar_follows_the_guest_and_is_released_when_decoding_stops(pla
                 assert await guest.mmio_read(0xE000_0000 + 0x12, 2) == 1  # num_queues, through the BAR
                 await guest.pci_config_write(fn, 0x10, 4, 0xE100_0000)  # moved while decoding
                 assert served.bar == 0xE100_0000
+                await saved_bar(state, [0xE100_0000, 0x8000])  # a successor would claim it there
                 assert await guest.mmio_read(0xE000_0000 + 0x12, 2) == 0xFFFF  # the old place is nobody's
                 await guest.pci_config_write(fn, 0x04, 2, 0)
                 assert served.bar is None
