@@ -10,7 +10,8 @@ the simulator reaches the daemon: a Platform from above (xen_vhost_master/platfo
   ``device`` or ``backend``; ``datapath`` nothing of ``device``, ``supervisor``, ``cli`` or the
   simulator; the back-end kit (``backend``) nothing of ``device``, ``datapath`` or ``supervisor``;
   ``ioreq_server`` and ``fastpath`` nothing of ``device``, ``datapath`` or ``supervisor``; ``device``
-  of ``datapath`` only ``datapath.base``. Each rule is also shown to bite on a broken source.
+  of ``datapath`` only ``datapath.base``; the pure transport models (``virtio_mmio``, ``virtio_pci``)
+  nothing of the project but each other. Each rule is also shown to bite on a broken source.
 * Importing the CLI, ``--help`` and the real platform load no simulator module.
 * ``XEN_VHOST_SIM`` is the explicit request for the simulator's platform, found through the
   ``xen_vhost_master.platforms`` entry point; the daemon says at once which platform it runs on,
@@ -130,6 +131,8 @@ ROOM_RULES = [
      ("xen_vhost_master.device", "xen_vhost_master.datapath", "xen_vhost_master.supervisor"), ()),
     ("ioreq_server-fastpath", ("xen_vhost_master.ioreq_server", "xen_vhost_master.fastpath"),
      ("xen_vhost_master.device", "xen_vhost_master.datapath", "xen_vhost_master.supervisor"), ()),
+    ("transport-models", ("xen_vhost_master.virtio_mmio", "xen_vhost_master.virtio_pci"),
+     ("xen_vhost_master", "vhost_user", SIM), ()),
     ("device", ("xen_vhost_master.device",),
      ("xen_vhost_master.datapath", "xen_vhost_master.supervisor", SIM), ("xen_vhost_master.datapath.base",)),
 ]

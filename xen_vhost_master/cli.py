@@ -126,8 +126,13 @@ back-end sockets:
 
 --device keys:
   type=blk|net|fs|...|<number>|virtio,deviceNN   virtio device type (required)
-  base=0x2000000     MMIO window base, hex or decimal, a multiple of 0x200 (required)
-  irq=33             interrupt line: a GIC SPI, 32..1019 (required)
+  base=0x2000000     MMIO window base, hex or decimal, a multiple of 0x200 (required for mmio)
+  irq=33             interrupt line: a GIC SPI, 32..1019 (required for mmio)
+  transport=mmio|pci mmio (default): a virtio-mmio window; pci: a virtio-pci modern function
+                     of an x86 HVM guest (--guest-arch x86_64), served as a secondary IOREQ
+                     server beside QEMU: no base=/irq=, interrupts by MSI-X or INTx
+  bdf=00:08.0        transport=pci: the function on bus 0 (device 03..1f, function 0; 00..02
+                     are QEMU's, 03 its Xen platform device, NICs the slots after)
   socket=TEMPLATE    back-end socket, an absolute path (default: --socket, see above)
   mode=client|server client: connect to a listening back-end (qemu-storage-daemon);
                      server: listen, the back-end connects (dpdk-testpmd client=1, vhost-device-*)

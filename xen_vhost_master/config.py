@@ -39,6 +39,7 @@ __all__ = [
     "load_guest_toml",
     "load_toml",
     "merge",
+    "parse_bdf",
     "parse_device_arg",
     "vdev_name",
     "virtio_id",
@@ -60,6 +61,13 @@ SPI_FIRST, SPI_LAST = 32, 1019
 # wire (what existing Xen back-ends understand), the vhost-user spec says bit 8 (docs/vhost-user-wire.md §3).
 NO_ADVANCE_RUSTVMM, NO_ADVANCE_SPEC = 0x8, 0x100
 NO_ADVANCE_NAMES = {"rust-vmm": NO_ADVANCE_RUSTVMM, "spec": NO_ADVANCE_SPEC}
+# A PCI function's key among a guest's devices: above every guest-physical window base.
+PCI_KEY = 1 << 64
+TRANSPORTS = ("mmio", "pci")
+# QEMU's xenfv (i440fx) machine, the primary device model of a Xen HVM guest, always has its host
+# bridge at 00:00.0, the PIIX3 functions at 00:01.x and the VGA at 00:02.0; the Xen platform
+# device takes the next free slot (00:03.0) unless xl's xen_platform_pci=0, emulated NICs the ones after.
+QEMU_SLOTS = 3
 
 # linux/virtio_ids.h: names accepted for `type=` (numbers and `virtio,deviceNN` work too).
 VIRTIO_IDS = {
@@ -94,6 +102,22 @@ class DeviceConfig:
     mac: str = ""  # net: the guest's MAC (xl.cfg / xenstore mac=) for an emulated config; "" = derived
     cid: int | None = None  # vsock: the guest's CID for an emulated config (QEMU vhost-vsock guest-cid=)
     source: str = "cli"  # where it came from, for messages: cli, config, xenstore
+    transport: str = "mmio"  # mmio (a window at base, line irq) or pci (function bdf of an x86 guest's bus 0)
+    bdf: int = 0  # pci: device << 3 | function on bus 0 (XEN_DMOP_PCI_SBDF with segment and bus 0)
+
+    @property
+    def pci(self) -> bool:
+        return self.transport == "pci"
+
+    @property
+    def key(self) -> int:
+        """What tells this device from the guest's others: its window's base, or its PCI function."""
+        return PCI_KEY | self.bdf if self.pci else self.base
+
+    @property
+    def where(self) -> str:
+        """The device's place, for messages: ``at 0x2000000 irq 33`` or ``PCI 00:03.0``."""
+        return f"PCI 00:{self.bdf >> 3:02x}.{self.bdf & 7}" if self.pci else f"at {self.base:#x} irq {self.irq}"
 
     def socket_path(self, name: str, domid: int) -> str:
         """The back-end socket of this device of guest ``name`` (domain ``domid``)."""
@@ -221,13 +245,79 @@ def _bool(text: object, what: str) -> bool:
 
 def _device(items: Mapping[str, object], what: str, source: str) -> DeviceConfig:
     known = {"devid", "type", "base", "irq", "socket", "mode", "queue-size", "queues", "grants", "memory", "xen-no-advance",
-             "mac", "cid"}
+             "mac", "cid", "transport", "bdf"}
     unknown = set(items) - known
     if unknown:
         raise ConfigError(f"{what}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    transport = str(items.get("transport", "mmio"))
+    if transport not in TRANSPORTS:
+        raise ConfigError(f"{what}: transport={transport!r}: use mmio (a virtio-mmio window) or pci (a virtio-pci "
+                          "function of an x86 HVM guest)")
+    if transport == "pci":
+        return _pci_device(items, what, source)
+    if "bdf" in items:
+        raise ConfigError(f"{what}: bdf= is for transport=pci")
     for key in ("type", "base", "irq"):
         if key not in items:
             raise ConfigError(f"{what}: missing {key}= (e.g. type=blk,base=0x2000000,irq=33)")
+    common = _common(items, what, source)
+    base = _int(items["base"], f"{what}: base")
+    if base % WINDOW_SIZE:
+        raise ConfigError(f"{what}: base={base:#x}: not aligned to the {WINDOW_SIZE:#x}-byte virtio-mmio window "
+                          f"(libxl places devices at 0x2000000 + n * {WINDOW_SIZE:#x})")
+    irq = _int(items["irq"], f"{what}: irq")
+    if not SPI_FIRST <= irq <= SPI_LAST:
+        raise ConfigError(f"{what}: irq={irq}: not a GIC SPI ({SPI_FIRST}..{SPI_LAST}; libxl gives virtio "
+                          "devices SPIs from 33)")
+    return replace(common, base=base, irq=irq)
+
+
+def _pci_device(items: Mapping[str, object], what: str, source: str) -> DeviceConfig:
+    for key in ("type", "bdf"):
+        if key not in items:
+            raise ConfigError(f"{what}: missing {key}= (e.g. type=blk,transport=pci,bdf=00:03.0)")
+    for key in ("base", "irq"):
+        if key in items:
+            raise ConfigError(f"{what}: {key}= is for transport=mmio: a PCI function's BAR is placed by the "
+                              "guest and it interrupts with MSI-X or INTx")
+    common = _common(items, what, source)
+    if common.grants:
+        raise ConfigError(f"{what}: grants=1 with transport=pci: grant DMA is described to the guest per "
+                          "virtio-mmio device (device tree); use grants=0")
+    return replace(common, transport="pci", bdf=parse_bdf(str(items["bdf"]), f"{what}: bdf"))
+
+
+def parse_bdf(text: str, what: str = "bdf") -> int:
+    """``00:08.0`` (or ``0000:00:08.0``) → device << 3 | function; only segment 0, bus 0: the
+    bus an HVM guest's PCI functions live on (XEN_DMOP_set_pci_intx_level takes no other), and
+    function 0 (Linux's pci_scan_slot looks for the others only behind a multi-function 0)."""
+    parts = text.strip().lower().split(":")
+    if len(parts) == 3:
+        segment, bus, rest = parts
+    elif len(parts) == 2:
+        segment, (bus, rest) = "0", parts
+    else:
+        raise ConfigError(f"{what}={text!r}: not BB:DD.F (e.g. 00:03.0)")
+    dev, dot, fn = rest.partition(".")
+    try:
+        s, b, d, f = int(segment, 16), int(bus, 16), int(dev, 16), int(fn, 16) if dot else -1
+    except ValueError:
+        raise ConfigError(f"{what}={text!r}: not BB:DD.F with hexadecimal numbers (e.g. 00:03.0)") from None
+    if s or b:
+        raise ConfigError(f"{what}={text!r}: only segment 0, bus 0 (an HVM guest's PCI bus)")
+    if not 0 <= d <= 0x1F or not 0 <= f <= 7:
+        raise ConfigError(f"{what}={text!r}: device 00..1f and function 0..7")
+    if f:
+        raise ConfigError(f"{what}={text!r}: function {f}: a guest scans functions 1-7 of a slot only when its "
+                          "function 0 is there and multi-function; use function 0 of a free slot")
+    if d < QEMU_SLOTS:
+        raise ConfigError(f"{what}={text!r}: slots 00..{QEMU_SLOTS - 1:02x} hold QEMU's own devices on a Xen HVM "
+                          "guest (host bridge 00:00.0, PIIX3 00:01.x, VGA 00:02.0): use a free slot, e.g. 00:08.0")
+    return d << 3 | f
+
+
+def _common(items: Mapping[str, object], what: str, source: str = "cli") -> DeviceConfig:
+    """What both transports share: type, back-end, queues, data path."""
     mode = str(items.get("mode", "client"))
     if mode not in ("client", "server"):
         raise ConfigError(f"{what}: mode={mode!r}: use client (connect to a listening back-end) or server (listen)")
@@ -240,14 +330,6 @@ def _device(items: Mapping[str, object], what: str, source: str) -> DeviceConfig
     if queue_size & (queue_size - 1):
         raise ConfigError(f"{what}: queue-size={queue_size}: not a power of two (virtio 1.2 §2.7: a split "
                           f"virtqueue's size is a power of two, at most {MAX_QUEUE_SIZE})")
-    base = _int(items["base"], f"{what}: base")
-    if base % WINDOW_SIZE:
-        raise ConfigError(f"{what}: base={base:#x}: not aligned to the {WINDOW_SIZE:#x}-byte virtio-mmio window "
-                          f"(libxl places devices at 0x2000000 + n * {WINDOW_SIZE:#x})")
-    irq = _int(items["irq"], f"{what}: irq")
-    if not SPI_FIRST <= irq <= SPI_LAST:
-        raise ConfigError(f"{what}: irq={irq}: not a GIC SPI ({SPI_FIRST}..{SPI_LAST}; libxl gives virtio "
-                          "devices SPIs from 33)")
     queues = items.get("queues")
     no_advance = _no_advance(items.get("xen-no-advance", "rust-vmm"), f"{what}: xen-no-advance")
     mac = str(items.get("mac", ""))
@@ -268,8 +350,8 @@ def _device(items: Mapping[str, object], what: str, source: str) -> DeviceConfig
     return DeviceConfig(
         devid=_int(items.get("devid", 0), f"{what}: devid", 0, 2**31 - 1),
         device_id=device_id,
-        base=base,
-        irq=irq,
+        base=0,
+        irq=0,
         socket=check_socket_template(str(items["socket"]), f"{what}: socket") if "socket" in items else "",
         listen=mode == "server",
         queue_size=queue_size,
@@ -402,25 +484,29 @@ def device_from_xenstore(kind: str, devid: int, keys: Mapping[str, str]) -> Devi
 
 
 def merge(discovered: Iterable[DeviceConfig], explicit: Iterable[DeviceConfig]) -> tuple[DeviceConfig, ...]:
-    """Explicit devices (CLI/TOML) win over discovered ones with the same MMIO base.
+    """Explicit devices (CLI/TOML) win over discovered ones with the same MMIO base (or PCI function).
 
     An explicit device that matches a discovered one takes the discovered devid (so the socket
     template and the xenstore handshake refer to the same device); settings come from the explicit one.
     """
-    by_base = {d.base: d for d in discovered}
-    out: dict[int, DeviceConfig] = dict(by_base)
+    by_key = {d.key: d for d in discovered}
+    out: dict[int, DeviceConfig] = dict(by_key)
     given: dict[int, DeviceConfig] = {}
     for d in explicit:
-        if d.base in given:  # two explicit devices at one base: neither may silently win
-            other = given[d.base]
+        if d.key in given:  # two explicit devices at one place: neither may silently win
+            other = given[d.key]
+            if d.pci:
+                raise ConfigError(f"devices {other.devid} ({other.source}) and {d.devid} ({d.source}) are both "
+                                  f"{d.where}")
             raise ConfigError(f"devices {other.devid} ({other.source}) and {d.devid} ({d.source}) overlap: "
                               f"MMIO windows at {other.base:#x} and {d.base:#x}")
-        given[d.base] = d
-        if d.base in by_base:
-            d = replace(d, devid=by_base[d.base].devid)
-        out[d.base] = d
-    devices = sorted(out.values(), key=lambda d: d.base)
-    for a, b in itertools.pairwise(devices):
+        given[d.key] = d
+        if d.key in by_key:
+            d = replace(d, devid=by_key[d.key].devid)
+        out[d.key] = d
+    devices = sorted(out.values(), key=lambda d: d.key)
+    windows = [d for d in devices if not d.pci]
+    for a, b in itertools.pairwise(windows):
         if a.base + WINDOW_SIZE > b.base:
             raise ConfigError(f"devices {a.devid} ({a.source}) and {b.devid} ({b.source}) overlap: MMIO windows at {a.base:#x} and {b.base:#x}")
     return tuple(devices)

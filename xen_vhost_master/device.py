@@ -1,7 +1,8 @@
-"""One virtio device of a guest: the virtio-mmio model wired to a vhost-user back-end.
+"""One virtio device of a guest: the transport's model wired to a vhost-user back-end.
 
-The IOREQ server hands guest register accesses to :meth:`Device.mmio`;
-the pure model (:mod:`.virtio_mmio`) answers and returns actions, which this class carries out:
+The IOREQ server hands guest register accesses to :meth:`Device.mmio` (and, for a virtio-pci
+function, configuration-space accesses to :meth:`Device.pci_config`); the pure model
+(:mod:`.virtio_mmio`, :mod:`.virtio_pci`) answers and returns actions, which this class carries out:
 start or stop the back-end's rings, forward config writes, kick queue eventfds, drive the
 interrupt line. Accesses are served one at a time per device. The driver's DRIVER_OK write waits
 for the back-end's start for START_WAIT at most (one that behaves is done by then, so the write
@@ -49,7 +50,7 @@ from .config import DeviceConfig
 from .datapath.base import DataPath, DataPathChooser
 from .errors import DaemonError, GuestFault, XenError
 from .fdstore import Keeper, Kept, SessionMeta, kept_name, new_meta_fd, read_snapshot, write_snapshot
-from .fastpath import QueueFastPath
+from .fastpath import PciKickFastPath, QueueFastPath
 from .log import DeviceLogger, LimitedLogger
 from .virtio_mmio import (
     F_ACCESS_PLATFORM,
@@ -58,6 +59,7 @@ from .virtio_mmio import (
     ConfigWrite,
     GuestError,
     IrqLevel,
+    Msi,
     Notify,
     QueueConfig,
     Reg,
@@ -68,6 +70,8 @@ from .virtio_mmio import (
 )
 from .virtio_mmio import restore as restore_model
 from .virtio_mmio import snapshot
+from .virtio_pci import BarMap, Common, VirtioPciDevice
+from .virtio_pci import restore as restore_function
 
 __all__ = ["BackendAbsent", "Device", "DeviceError", "DeviceStats"]
 
@@ -184,7 +188,8 @@ def _inflight_problem(got: InflightFd, num_queues: int, queue_size: int) -> str:
 
 
 class Device:
-    """A guest's virtio-mmio device served by one vhost-user back-end through a data path."""
+    """A guest's virtio device (a virtio-mmio window or a virtio-pci function) served by one
+    vhost-user back-end through a data path."""
 
     def __init__(
         self,
@@ -194,16 +199,23 @@ class Device:
         memory: DataPath | DataPathChooser,
         set_irq: Callable[[bool], None],
         log: DeviceLogger,
-        fastpath: QueueFastPath | None = None,
+        fastpath: QueueFastPath | PciKickFastPath | None = None,
         clock: Callable[[], float] = time.monotonic,
         guest_name: str = "",
         keeper: Keeper | None = None,
+        inject_msi: Callable[[int, int], None] | None = None,
+        on_bar: Callable[[int | None, int], None] | None = None,
     ) -> None:
+        """``set_irq``: the interrupt line (a PCI function's INTx); for ``transport=pci``,
+        ``inject_msi(address, data)`` sends an MSI and ``on_bar(address or None, size)`` is told
+        where the guest placed the function's BAR (claim it) or that it no longer decodes."""
         self.config = config
         self._keeper = keeper  # keeps the back-end connection for the next process (fdstore.py)
         self._meta: SessionMeta | None = None  # the current connection's record (in _meta_fd)
         self._meta_fd: int | None = None
         self._stored: dict[str, int] = {}  # name → the fd stored under it (ours, not a copy)
+        self._inject_msi = inject_msi
+        self._on_bar = on_bar
         # net with an emulated config: the guest's MAC, as configured or stable per guest and device
         self.mac = devtypes.parse_mac(config.mac) if config.mac else devtypes.stable_mac(guest_name, config.devid)
         self.fastpath = fastpath
@@ -219,7 +231,7 @@ class Device:
         self._limit = self.log.limit
         self.stats = DeviceStats()
         self.frontend: AsyncFrontend | None = None
-        self.model: VirtioMmioDevice | None = None
+        self.model: VirtioMmioDevice | VirtioPciDevice | None = None
         self._lock = asyncio.Lock()
         self._slow = 0  # writes that wait for, or are, a back-end round trip
         self._kick: list[int] = []
@@ -297,7 +309,7 @@ class Device:
         loop = asyncio.get_running_loop()
         for i, fd in enumerate(self._call):
             loop.add_reader(fd, self._on_call, i)
-        self.model = VirtioMmioDevice(
+        self.model = (VirtioPciDevice if self.config.pci else VirtioMmioDevice)(
             device_id=self.config.device_id,
             device_features=guest_features(view.features, grants=self.config.grants, packed=self.memory.packed),
             queue_sizes=[self.config.queue_size] * nq,
@@ -414,9 +426,14 @@ class Device:
         else:
             self._unstore("chan")
 
+    def _recorded(self, cfg: bool, offset: int) -> bool:
+        """The write changes what the session record holds of a virtio-mmio model (the device's
+        status, a queue's readiness). A PCI function's successor restores it from state.json."""
+        return not cfg and (offset == _REG_STATUS or offset == _REG_QUEUE_READY) and isinstance(self.model, VirtioMmioDevice)
+
     def _record_model(self) -> None:
         """The driver-visible state, in the session record (a crash's successor resumes from it)."""
-        if self._meta_fd is None or self.model is None:
+        if self._meta_fd is None or not isinstance(self.model, VirtioMmioDevice):
             return
         try:
             write_snapshot(self._meta_fd, snapshot(self.model))
@@ -760,27 +777,36 @@ class Device:
 
     def mmio(self, offset: int, size: int, is_write: bool, value: int,
              vcpu: int | None = None) -> int | None | Awaitable[int | None]:
-        """A guest access from the IOREQ server. Served at once unless it starts, stops or
+        """A guest access from the IOREQ server (the virtio-mmio window; a PCI function's BAR,
+        offsets from its base). Served at once unless it starts, stops or
         reconfigures the back-end: then a coroutine is returned, and writes that follow it wait
         their turn behind it (the vCPU that made it stays blocked until the back-end is done, or
         for START_WAIT / RESET_WAIT at most when it starts or resets the device).
         Before the device serves (its back-end has not answered yet), the access waits for it,
         for as long as the device lives."""
+        return self._access(False, offset, size, is_write, value, vcpu)
+
+    def pci_config(self, reg: int, size: int, is_write: bool, value: int,
+                   vcpu: int | None = None) -> int | None | Awaitable[int | None]:
+        """A PCI configuration-space access of the guest (``transport=pci``), served as :meth:`mmio`."""
+        return self._access(True, reg, size, is_write, value, vcpu)
+
+    def _access(self, cfg: bool, offset: int, size: int, is_write: bool, value: int,
+                vcpu: int | None) -> int | None | Awaitable[int | None]:
         if not self._gate.is_set():
-            return self._held(offset, size, is_write, value, vcpu)
+            return self._held(cfg, offset, size, is_write, value, vcpu)
         if self.model is None:
             return _no_device(size, is_write)
         if not is_write:
             self.stats.reads += 1
-            result, actions = self.model.read(offset, size)
-            if actions:
-                self._carry_out_now(actions)  # reads only ever produce guest errors
+            result, actions = self._model_read(self.model, cfg, offset, size)
+            self._carry_out_now(actions)  # reads produce guest errors, interrupt changes (ISR), BAR moves
             return result
         self.stats.writes += 1
         if self._slow:
-            return self._write_in_turn(offset, size, value)
-        actions = self.model.write(offset, size, value)
-        if offset == _REG_STATUS or offset == _REG_QUEUE_READY:
+            return self._write_in_turn(cfg, offset, size, value)
+        actions = self._model_write(self.model, cfg, offset, size, value)
+        if self._recorded(cfg, offset):
             self._record_model()
         if not actions:
             return None
@@ -791,7 +817,31 @@ class Device:
         self._carry_out_now(actions)
         return None
 
-    async def _held(self, offset: int, size: int, is_write: bool, value: int, vcpu: int | None) -> int | None:
+    @staticmethod
+    def _model_read(model: VirtioMmioDevice | VirtioPciDevice, cfg: bool, offset: int,
+                    size: int) -> tuple[int, list]:  # type: ignore[type-arg]
+        if isinstance(model, VirtioPciDevice):
+            return model.config_read(offset, size) if cfg else model.bar_read(offset, size)
+        if cfg:
+            return (1 << (8 * size)) - 1, [GuestError("PCI configuration access to a virtio-mmio device")]
+        return model.read(offset, size)
+
+    @staticmethod
+    def _model_write(model: VirtioMmioDevice | VirtioPciDevice, cfg: bool, offset: int, size: int,
+                     value: int) -> list:  # type: ignore[type-arg]
+        if isinstance(model, VirtioPciDevice):
+            return model.config_write(offset, size, value) if cfg else model.bar_write(offset, size, value)
+        if cfg:
+            return [GuestError("PCI configuration access to a virtio-mmio device")]
+        return model.write(offset, size, value)
+
+    def _resets(self, cfg: bool, offset: int, size: int, value: int) -> bool:
+        """The write is the driver's reset (device status 0)."""
+        if isinstance(self.model, VirtioPciDevice):
+            return not cfg and offset == self.model.layout.common + Common.DEVICE_STATUS and value & 0xFF == 0
+        return not cfg and offset == Reg.STATUS and value == 0
+
+    async def _held(self, cfg: bool, offset: int, size: int, is_write: bool, value: int, vcpu: int | None) -> int | None:
         """An access made before the device serves: the vCPU stays blocked until the back-end
         answers (then the model serves it), or the device is refused or removed (then it reads
         as no device)."""
@@ -802,20 +852,20 @@ class Device:
         await self._gate.wait()
         if self.model is None or self._closing:
             return _no_device(size, is_write)
-        result = self.mmio(offset, size, is_write, value, vcpu)
+        result = self._access(cfg, offset, size, is_write, value, vcpu)
         if isinstance(result, Awaitable):
             return await result
         return result
 
-    async def _write_in_turn(self, offset: int, size: int, value: int) -> None:
+    async def _write_in_turn(self, cfg: bool, offset: int, size: int, value: int) -> None:
         assert self.model is not None
-        if offset == Reg.STATUS and value == 0:
+        if self._resets(cfg, offset, size, value):
             self._cut_resume()
         self._slow += 1
         try:
             async with self._lock:
-                actions = self.model.write(offset, size, value)
-                if offset in (Reg.STATUS, Reg.QUEUE_READY):
+                actions = self._model_write(self.model, cfg, offset, size, value)
+                if self._recorded(cfg, offset):
                     self._record_model()
                 await self._carry_out(actions)
         finally:
@@ -849,13 +899,17 @@ class Device:
                         self.memory.notify(index)
                 case IrqLevel(level):
                     self._irq(level)
+                case Msi(address, data):
+                    self._msi(address, data)
+                case BarMap(address, size):
+                    self._bar_moved(address, size)
                 case GuestError(reason):
                     self._guest_error(reason)
 
     async def _carry_out(self, actions: list) -> None:  # type: ignore[type-arg]
         for action in actions:
             match action:
-                case Notify() | IrqLevel() | GuestError():
+                case Notify() | IrqLevel() | Msi() | BarMap() | GuestError():
                     self._carry_out_now([action])
                 case Activate():
                     await self._activate(action)
@@ -876,6 +930,19 @@ class Device:
         if level:
             self.stats.interrupts += 1
         self._set_irq(level)
+
+    def _msi(self, address: int, data: int) -> None:
+        self.stats.interrupts += 1
+        if self._inject_msi is not None:
+            self._inject_msi(address, data)
+
+    def _signal(self, actions: Sequence[object]) -> None:
+        """Carry out the interrupts among ``actions`` (line levels, MSIs)."""
+        for action in actions:
+            if isinstance(action, IrqLevel):
+                self._irq(action.level)
+            elif isinstance(action, Msi):
+                self._msi(action.address, action.data)
 
     def _guest_error(self, reason: str) -> None:
         self.stats.guest_errors += 1
@@ -1014,9 +1081,7 @@ class Device:
         self.log.error("%s", reason)
         assert self.model is not None
         if self.model.status & Status.DRIVER_OK:  # (not reset meanwhile)
-            for action in self.model.needs_reset(reason):
-                if isinstance(action, IrqLevel):
-                    self._irq(action.level)
+            self._signal(self.model.needs_reset(reason))
         if fe is self.frontend:  # (a lost connection is being replaced already)
             self.backend_lost(f"dropped after its start failed: {reason}")
             await fe.close()
@@ -1121,11 +1186,20 @@ class Device:
         """The inflight area shared with the back-end (None: no tracking)."""
         return self._inflight
 
-    def use_fast_path(self, fastpath: QueueFastPath) -> None:
+    def use_fast_path(self, fastpath: QueueFastPath | PciKickFastPath) -> None:
         """The kernel fast path became available: use it, for running queues too."""
         self.fastpath = fastpath
+        if isinstance(fastpath, PciKickFastPath):
+            fastpath.notify_address = self._notify_address
         for index in self._started:
             self._kernel_path(index)
+
+    def _notify_address(self, index: int) -> int | None:
+        """Where a PCI function's queue ``index`` is notified now (None: the BAR does not decode)."""
+        model = self.model
+        if not isinstance(model, VirtioPciDevice) or model.decoding is None:
+            return None
+        return model.decoding + model.layout.notify + index * model.layout.notify_multiplier
 
     def _kernel_path(self, index: int) -> None:
         """Hand queue ``index``'s notifications to the kernel (privcmd ioeventfd/irqfd), if it can."""
@@ -1137,8 +1211,10 @@ class Device:
         except XenError as e:
             self.log.warning("kernel fast path refused for queue %d (%s): user-space relay", index, e)
             return
+        if not fp.takes_calls or index not in fp.assigned:
+            return  # (a PCI function: its used buffers stay here)
         asyncio.get_running_loop().remove_reader(self._call[index])  # the kernel reads it now
-        assert self.model is not None
+        assert isinstance(self.model, VirtioMmioDevice)
         self.model.kernel_irq = True
 
     def _user_path(self, index: int) -> None:
@@ -1150,9 +1226,23 @@ class Device:
             fp.deassign(index)
         except XenError as e:
             self.log.warning("kernel fast path: deassign of queue %d failed: %s", index, e)
+        if not fp.takes_calls:
+            return
         asyncio.get_running_loop().add_reader(self._call[index], self._on_call, index)
-        if self.model is not None and not fp.assigned:
+        if isinstance(self.model, VirtioMmioDevice) and not fp.assigned:
             self.model.kernel_irq = False
+
+    def _bar_moved(self, address: int | None, size: int) -> None:
+        """The guest placed a PCI function's BAR elsewhere (or stopped its decoding): the claim
+        follows it, and so do the kernel's kick assignments."""
+        if self._on_bar is not None:
+            self._on_bar(address, size)
+        self.changed.set()  # (the state file follows: a successor claims the BAR where it is)
+        if isinstance(self.fastpath, PciKickFastPath) and self._started:
+            for index in list(self.fastpath.assigned):
+                self._user_path(index)
+            for index in self._started:
+                self._kernel_path(index)
 
     async def _stop_backend(self) -> None:
         fe = self.frontend
@@ -1190,9 +1280,7 @@ class Device:
         if self.model is None or not self.memory.used(index):
             return
         self._losses = 0  # the back-end completes what it is given
-        for action in self.model.used_buffer():
-            if isinstance(action, IrqLevel):
-                self._irq(action.level)
+        self._signal(self.model.used_buffer(index))
 
     def _backend_note(self, level: int, key: str, msg: str, *args: object) -> None:
         """A line caused by the back-end: at most the rate limit's burst per ``key`` and window."""
@@ -1246,8 +1334,12 @@ class Device:
         daemon (``virtio_mmio.snapshot``) is loaded and, if the driver had the device running, the
         back-end's rings are resumed at the guest's used indices."""
         assert self.model is not None and self.frontend is not None
+        restored: list[object] = []  # a PCI function's: its BAR claim, its INTx level
         try:
-            restore_model(self.model, state)
+            if isinstance(self.model, VirtioPciDevice):
+                restored = list(restore_function(self.model, state))
+            else:
+                restore_model(self.model, state)
         except ValueError as e:
             self.log.warning("saved state not usable (%s): the guest's driver must reset the device", e)
             await self._carry_out(self.model.needs_reset(f"device state lost: {e}"))
@@ -1260,7 +1352,9 @@ class Device:
             async with self._lock:
                 await self._guarded(self._start_backend(self.frontend, self.model.driver_features, self._queues, resume=True))
             self.log.info("resumed the device a previous run left running (queues %s)", [q.index for q in self._queues])
-        if self.model.line:
+        if isinstance(self.model, VirtioPciDevice):
+            self._carry_out_now(restored)
+        elif self.model.line:
             self._set_irq(True)
 
     def fail(self, reason: str) -> None:
@@ -1270,9 +1364,7 @@ class Device:
             return
         self.log.error("%s", reason)
         self.stats.last_error = reason
-        for action in self.model.needs_reset(reason):
-            if isinstance(action, IrqLevel):
-                self._irq(action.level)
+        self._signal(self.model.needs_reset(reason))
 
     @property
     def starting(self) -> asyncio.Task[None] | None:
@@ -1427,8 +1519,8 @@ class Device:
             self._user_path(index)
             self.memory.close_queue(index)
         self.changed.set()
-        for action in self.model.needs_reset(reason):
-            if isinstance(action, IrqLevel):
-                self._irq(action.level)
-            elif isinstance(action, GuestError):
+        actions = self.model.needs_reset(reason)
+        self._signal(actions)
+        for action in actions:
+            if isinstance(action, GuestError):
                 self.stats.last_error = action.reason

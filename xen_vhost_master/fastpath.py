@@ -10,6 +10,10 @@ ioreqs and asserts interrupt lines itself, so the daemon leaves the notification
   the device model reports InterruptStatus.VRING while the fast path is on and lowers the line on
   the guest's ACK (virtio_mmio's ``kernel_irq``).
 
+A virtio-pci function (:class:`PciKickFastPath`) hands the kernel its kicks only: its notify
+address looks to the kernel like a QueueNotify (``addr + 0x50``, the queue's index as data), and
+its used buffers stay in user space, where MSI-X masking and vector changes are honoured.
+
 Only zero-copy data paths can use it: the shadow path must see every kick and call to copy.
 Availability is decided once per guest (ENOTTY: kernel < 6.7, EOPNOTSUPP: not configured) and
 logged. Every assignment is undone explicitly: Linux keeps them past the privcmd fd's close.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+from collections.abc import Callable
 
 from .log import DeviceLogger
 from .virtio_mmio import Reg
@@ -33,7 +38,7 @@ from .xen.abi import (
 from .xen.ioreq import IoreqPage
 from .xen.privcmd import PrivCmd
 
-__all__ = ["KernelFastPath", "QueueFastPath"]
+__all__ = ["KernelFastPath", "PciKickFastPath", "QueueFastPath"]
 
 
 class KernelFastPath:
@@ -50,9 +55,12 @@ class KernelFastPath:
     def for_device(self, base: int, irq: int) -> QueueFastPath:
         return QueueFastPath(self, base, irq)
 
-    def _ioeventfd(self, base: int, index: int, kick_fd: int, flags: int) -> None:
+    def for_function(self) -> PciKickFastPath:
+        return PciKickFastPath(self)
+
+    def _ioeventfd(self, base: int, index: int, kick_fd: int, flags: int, addr_len: int = 4) -> None:
         arg = privcmd_ioeventfd(
-            ioreq=self.page.mapping.addr, ports=self._ports.buffer_info()[0], addr=base, addr_len=4,
+            ioreq=self.page.mapping.addr, ports=self._ports.buffer_info()[0], addr=base, addr_len=addr_len,
             event_fd=kick_fd, vcpus=len(self._ports), vq=index, flags=flags, dom=self.domid,
         )
         self.privcmd.ioeventfd(arg)
@@ -68,6 +76,7 @@ class QueueFastPath:
     """One device's queues on the fast path (window ``base``, interrupt line ``irq``)."""
 
     NOTIFY_OFFSET = int(Reg.QUEUE_NOTIFY)  # the kernel matches base + 0x50 itself
+    takes_calls = True  # the kernel raises the interrupt too (irqfd)
 
     def __init__(self, guest: KernelFastPath, base: int, irq: int) -> None:
         self.guest, self.base, self.irq = guest, base, irq
@@ -91,3 +100,35 @@ class QueueFastPath:
         kick_fd, call_fd = fds
         self.guest._irqfd(self.irq, call_fd, PRIVCMD_IRQFD_FLAG_DEASSIGN)
         self.guest._ioeventfd(self.base, index, kick_fd, PRIVCMD_IOEVENTFD_FLAG_DEASSIGN)
+
+
+class PciKickFastPath:
+    """A virtio-pci function's kicks on the fast path: per queue an ioeventfd whose ``addr + 0x50``
+    is the queue's notify address, matching the 2-byte write of its index (Linux ``vp_notify``:
+    ``iowrite16``). ``notify_address(index)`` says where that is now (None while the BAR does not
+    decode); the device re-assigns when the guest moves the BAR."""
+
+    NOTIFY_SIZE = 2
+    takes_calls = False  # used buffers stay in user space: MSI-X vectors are masked and moved at will
+
+    def __init__(self, guest: KernelFastPath) -> None:
+        self.guest = guest
+        self.notify_address: Callable[[int], int | None] = lambda _index: None
+        self.assigned: dict[int, tuple[int, int]] = {}  # queue -> (kick fd, ioeventfd addr)
+
+    def assign(self, index: int, kick_fd: int, call_fd: int) -> None:
+        """Kick of queue ``index`` to the kernel, if the function's notify region decodes."""
+        address = self.notify_address(index)
+        if address is None or address < QueueFastPath.NOTIFY_OFFSET:
+            return
+        base = address - QueueFastPath.NOTIFY_OFFSET
+        self.guest._ioeventfd(base, index, kick_fd, 0, self.NOTIFY_SIZE)
+        self.assigned[index] = (kick_fd, base)
+
+    def deassign(self, index: int) -> None:
+        got = self.assigned.pop(index, None)
+        if got is None:
+            return
+        kick_fd, base = got
+        self.guest._ioeventfd(base, index, kick_fd, PRIVCMD_IOEVENTFD_FLAG_DEASSIGN, self.NOTIFY_SIZE)
+

@@ -27,15 +27,15 @@ from vhost_user.aio import cancel_and_wait
 
 from .errors import XenError
 from .log import DeviceLogger, RateLimit
-from .xen.abi import IoreqType
+from .xen.abi import IoRangeType, IoreqType
 from .xen.dmop import DeviceModel
 from .xen.evtchn import EventChannel
 from .xen.ioreq import IoreqPage, IoreqRequest
 from .xen.privcmd import PrivCmd
 
-__all__ = ["IoreqServer", "IoreqStats", "MmioHandler"]
+__all__ = ["IoreqServer", "IoreqStats", "MmioHandler", "PciHandler"]
 
-_COPY, _INVALIDATE = int(IoreqType.COPY), int(IoreqType.INVALIDATE)  # plain ints: compared on every access
+_COPY, _INVALIDATE, _PCI_CONFIG = int(IoreqType.COPY), int(IoreqType.INVALIDATE), int(IoreqType.PCI_CONFIG)  # plain ints: compared on every access
 ALL_ONES = 0xFFFFFFFFFFFFFFFF
 _GONE = (errno.ENOENT, errno.ESRCH)  # the server, or its whole domain, no longer exists
 #: How long a going device's window is still answered, as a removed device, after its interrupt
@@ -62,6 +62,15 @@ class MmioHandler(Protocol):
     def mmio(self, offset: int, size: int, is_write: bool, value: int, vcpu: int) -> int | None | Awaitable[int | None]:
         """Serve ``vcpu``'s access: the read value (None for writes), or an awaitable of it when
         the device must first talk to its back-end (the vCPU stays blocked until it finishes)."""
+        ...
+
+
+class PciHandler(Protocol):
+    """A PCI function: configuration-space accesses (IOREQ_TYPE_PCI_CONFIG), ``reg`` 0..4095."""
+
+    def pci_config(self, reg: int, size: int, is_write: bool, value: int,
+                   vcpu: int) -> int | None | Awaitable[int | None]:
+        """As :meth:`MmioHandler.mmio`, for the function's configuration space."""
         ...
 
 
@@ -94,6 +103,7 @@ class IoreqServer:
         self._vcpu_of: dict[int, int] = {}
         self._bases: list[int] = []  # sorted window bases
         self._windows: dict[int, tuple[int, MmioHandler]] = {}  # base -> (size, handler)
+        self._functions: dict[int, PciHandler] = {}  # SBDF -> handler
         self._tasks: set[asyncio.Task[None]] = set()
         self._reading = False
         self._retired: dict[int, tuple[int, float, bool]] = {}  # window base -> (irq, since when, raised)
@@ -200,6 +210,24 @@ class IoreqServer:
             with contextlib.suppress(XenError):
                 self.dm.unmap_io_range(self.server_id, base, base + size - 1)
 
+    def add_function(self, sbdf: int, handler: PciHandler) -> None:
+        """Route PCI function ``sbdf``'s configuration space to ``handler`` (XEN_DMOP_IO_RANGE_PCI)."""
+        assert self.server_id is not None
+        try:
+            self.dm.map_io_range(self.server_id, sbdf, sbdf, IoRangeType.PCI)
+        except XenError as e:
+            if not (self.adopted and e.errno == errno.EEXIST):
+                raise
+        self._functions[sbdf] = handler
+
+    def remove_function(self, sbdf: int) -> None:
+        """Stop serving PCI function ``sbdf`` (no-op if it is not served)."""
+        if self._functions.pop(sbdf, None) is None:
+            return
+        if self.server_id is not None:
+            with contextlib.suppress(XenError):
+                self.dm.unmap_io_range(self.server_id, sbdf, sbdf, IoRangeType.PCI)
+
     @property
     def reading(self) -> bool:
         """Guest accesses are being taken (from :meth:`enable` until :meth:`stop_reading`)."""
@@ -219,6 +247,8 @@ class IoreqServer:
             await cancel_and_wait(task)
         for base in list(self._bases):
             self.remove_window(base)
+        for sbdf in list(self._functions):
+            self.remove_function(sbdf)
         self._answer_waiting()
         self._unbind_ports()
         if self.server_id is not None:
@@ -283,7 +313,7 @@ class IoreqServer:
         the page unmapped."""
         self.stop_reading()
         self._unbind_ports()
-        self._bases, self._windows = [], {}
+        self._bases, self._windows, self._functions = [], {}, {}
         if self.page is not None:
             self.page.close()
             self.page = None
@@ -367,6 +397,13 @@ class IoreqServer:
     def _handle(self, req: IoreqRequest) -> int | None | Awaitable[int | None]:
         if req.type == _INVALIDATE:
             return None  # x86 mapcache invalidation: nothing cached here
+        if req.type == _PCI_CONFIG and not req.data_is_ptr and req.count == 1 and req.size in (1, 2, 4):
+            # addr = SBDF << 32 | register (xen/arch/x86/hvm/ioreq.c arch_ioreq_server_get_type_addr)
+            function = self._functions.get(req.addr >> 32)
+            if function is None:
+                self._refuse(f"configuration access of function {req.addr >> 32:#x}, which is not ours")
+                return ALL_ONES if not req.is_write else None
+            return function.pci_config(req.addr & 0xFFF, req.size, req.is_write, req.data, req.vcpu)
         if req.type != _COPY or req.data_is_ptr or req.count != 1 or req.size not in (1, 2, 4, 8):
             self._refuse(f"unsupported ioreq type={req.type} size={req.size} count={req.count} ptr={req.data_is_ptr} at {req.addr:#x}")
             return ALL_ONES if not req.is_write else None
@@ -390,6 +427,20 @@ class IoreqServer:
         allowed, suppressed = self._limit.allow(reason.split(" ")[0])  # "unsupported" / "access"
         if allowed:
             self.log.warning("%s%s", reason, f" ({suppressed} similar suppressed)" if suppressed else "")
+
+    def inject_msi(self, address: int, data: int) -> None:
+        """x86: send an MSI into the guest (XEN_DMOP_inject_msi)."""
+        try:
+            self.dm.inject_msi(address, data)
+        except XenError as e:
+            self.log.error("inject_msi(%#x, %#x): %s", address, data, e)
+
+    def set_pci_intx(self, device: int, level: bool) -> None:
+        """x86: drive INTA# of bus 0's ``device`` (XEN_DMOP_set_pci_intx_level)."""
+        try:
+            self.dm.set_pci_intx_level(0, device, 0, int(level))
+        except XenError as e:
+            self.log.error("set_pci_intx_level(00:%02x, %d): %s", device, level, e)
 
     def set_irq(self, irq: int, level: bool) -> None:
         """Drive the guest's interrupt line (XEN_DMOP_set_irq_level). A retired window's line

@@ -58,7 +58,9 @@ from .log import device_logger
 from .platform import Platform
 from .sd_notify import Notifier
 from .status import STATUS_SCHEMA, driver_status_names, type_name
-from .virtio_mmio import WINDOW_SIZE, Status, check_snapshot, snapshot
+from .virtio_mmio import WINDOW_SIZE, Status, VirtioMmioDevice, check_snapshot, snapshot
+from .virtio_pci import VirtioPciDevice
+from .virtio_pci import snapshot as pci_snapshot
 from .xen.abi import DOMID_FIRST_RESERVED
 from .xen.evtchn import EventChannel
 from .xen.privcmd import PrivCmd
@@ -108,6 +110,7 @@ class _Served:
     start_task: asyncio.Task[None] | None = field(default=None, repr=False)
     attempts: int = 0  # tries to reach the back-end before it answered
     waiting_since: str = ""  # the reason last logged while waiting ("" = none logged yet)
+    bar: int | None = None  # transport=pci: where the function's BAR is claimed
 
     @property
     def backend(self) -> str:
@@ -318,10 +321,14 @@ class Supervisor:
             discovered = await self._discover()
         elif self.opt.devices:
             self.banks = self._layout(await self._ram_size_from_hypervisor())
-        paths = {cfg.base: path for cfg, path in discovered}
+        paths = {cfg.key: path for cfg, path in discovered}
         configs = merge([c for c, _ in discovered], [self._adjust(d) for d in self.opt.devices])
         if not configs and not self.opt.xenstore:
             raise ConfigError("no devices: give --device or --config, or let xenstore discovery run")
+        pci = [c for c in configs if c.pci]
+        if pci and self._arch() != "x86_64":
+            raise ConfigError(f"device {pci[0].devid} is transport=pci: virtio-pci functions are served to x86 HVM "
+                              f"guests (--guest-arch x86_64), this guest is {self._arch()}")
         # xen-vhost-frontend: grant space as large as the guest's RAM; with RAM not where the layout
         # expects it (e.g. a UML guest at 0), up to its top frame. Asked now: once restricted,
         # privcmd only takes dm_op and foreign mappings (IOCTL_PRIVCMD_RESTRICT).
@@ -332,7 +339,7 @@ class Supervisor:
         ))
         self._starting(f"claiming windows of {len(configs)} device(s)")
         for cfg in configs:
-            self._add_device(self._adjust(cfg), paths.get(cfg.base))
+            self._add_device(self._adjust(cfg), paths.get(cfg.key))
         self._devices_known = True
         self._drop_unclaimed_kept()
         self._starting("enabling the IOREQ server")
@@ -391,7 +398,8 @@ class Supervisor:
         self.fastpath = KernelFastPath(self.privcmd, self.domid, self.ioreq.page, self.ioreq.ports, self.log)
         self.log.info("kernel fast path available: privcmd ioeventfd/irqfd for zero-copy devices")
         for served in self.devices.values():
-            served.device.use_fast_path(self.fastpath.for_device(served.config.base, served.config.irq))
+            cfg = served.config
+            served.device.use_fast_path(self.fastpath.for_function() if cfg.pci else self.fastpath.for_device(cfg.base, cfg.irq))
 
     def _adjust(self, cfg: DeviceConfig) -> DeviceConfig:
         if cfg.memory is MemoryMode.AUTO and self.opt.memory is not MemoryMode.AUTO:
@@ -485,27 +493,70 @@ class Supervisor:
             return None
 
     def _add_device(self, cfg: DeviceConfig, path: str | None) -> _Served | None:
-        """Claim the device's window at once; its back-end is reached later (:meth:`_launch`)."""
+        """Claim the device's window (or PCI function) at once; its back-end is reached later (:meth:`_launch`)."""
         assert self.ioreq is not None and self.privcmd is not None
-        if cfg.base in self.devices:
+        if cfg.key in self.devices:
             return None
         log = device_logger("xen_vhost_master.device", self.domid, cfg.devid)
         served = _Served(cfg, None, path)  # type: ignore[arg-type]
         ioreq, paths = self.ioreq, self._paths
         assert paths is not None
-        device = Device(
-            cfg, connect=lambda: self._connect(served), memory=paths.for_device(cfg),
-            set_irq=lambda level: ioreq.set_irq(cfg.irq, level), log=log, guest_name=self.name,
-            keeper=self.notifier,
-        )
-        served.device = device
-        if self.fastpath is not None:
-            device.use_fast_path(self.fastpath.for_device(cfg.base, cfg.irq))
-        ioreq.add_window(cfg.base, WINDOW_SIZE, device)
-        self.devices[cfg.base] = served
-        log.info("virtio device %d at %#x irq %d claimed; back-end %s", cfg.device_id, cfg.base, cfg.irq,
+        if cfg.pci:
+            device = Device(
+                cfg, connect=lambda: self._connect(served), memory=paths.for_device(cfg),
+                set_irq=lambda level: ioreq.set_pci_intx(cfg.bdf >> 3, level), log=log, guest_name=self.name,
+                inject_msi=ioreq.inject_msi, on_bar=lambda address, size: self._place_bar(served, address, size),
+                keeper=self.notifier,
+            )
+            served.device = device
+            if self.fastpath is not None:
+                device.use_fast_path(self.fastpath.for_function())
+            ioreq.add_function(cfg.bdf, device)
+            bar = self._saved_bar(cfg)
+            if bar is not None:  # the guest's accesses to it wait for the device, not all-ones
+                self._place_bar(served, *bar)
+        else:
+            device = Device(
+                cfg, connect=lambda: self._connect(served), memory=paths.for_device(cfg),
+                set_irq=lambda level: ioreq.set_irq(cfg.irq, level), log=log, guest_name=self.name,
+                keeper=self.notifier,
+            )
+            served.device = device
+            if self.fastpath is not None:
+                device.use_fast_path(self.fastpath.for_device(cfg.base, cfg.irq))
+            ioreq.add_window(cfg.base, WINDOW_SIZE, device)
+        self.devices[cfg.key] = served
+        log.info("virtio device %d %s claimed; back-end %s", cfg.device_id, cfg.where,
                  cfg.socket_path(self.name, self.domid))
         return served
+
+    def _saved_bar(self, cfg: DeviceConfig) -> tuple[int, int] | None:
+        """Where a PCI function a previous run served had its BAR claimed (adopted server only)."""
+        assert self.ioreq is not None
+        saved = self._saved.get("devices", {}).get(str(cfg.key)) if self.ioreq.adopted else None
+        bar = saved.get("bar") if isinstance(saved, dict) else None
+        if isinstance(bar, list) and len(bar) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in bar) \
+                and 0 < bar[1] and 0 <= bar[0] < bar[0] + bar[1] <= 1 << 64:
+            return bar[0], bar[1]
+        return None
+
+    def _place_bar(self, served: _Served, address: int | None, size: int) -> None:
+        """The guest moved a PCI function's BAR (or turned its decoding off): claim where it is now."""
+        assert self.ioreq is not None
+        if address is not None and address == served.bar:
+            return  # claimed there already (taken over from a previous run)
+        if served.bar is not None:
+            self.ioreq.remove_window(served.bar)
+            served.bar = None
+        if address is None:
+            return
+        try:
+            self.ioreq.add_window(address, size, served.device)
+        except XenError as e:
+            served.device.log.error("BAR at %#x (+%#x) not claimed: %s", address, size, e)
+            return
+        served.bar = address
+        served.device.log.info("BAR at %#x (+%#x) claimed", address, size)
 
     def _launch(self, served: _Served) -> None:
         if served.start_task is None:
@@ -515,7 +566,7 @@ class Supervisor:
         """Reach the device's back-end, for as long as the device lives, and start serving."""
         cfg, device = served.config, served.device
         assert self.ioreq is not None
-        saved = self._saved.get("devices", {}).get(str(cfg.base)) if self.ioreq.adopted else None
+        saved = self._saved.get("devices", {}).get(str(cfg.key)) if self.ioreq.adopted else None
         kept = self._kept.pop(cfg.devid, None)
         if kept is not None and saved is None:
             self.log.warning("device %d: a back-end connection was kept but no device state: connecting afresh",
@@ -553,11 +604,13 @@ class Supervisor:
             if paced:
                 await asyncio.sleep(delay)  # the retry pace, not synchronisation
             delay = min(delay * 2, WAIT_BACKOFF_MAX)
+        if cfg.pci and isinstance(device.model, VirtioPciDevice) and served.bar != device.model.decoding:
+            self._place_bar(served, device.model.decoding, device.model.layout.bar_size)  # a BAR claimed for a state not restored
         if device.stats.last_error == served.waiting_since:
             device.stats.last_error = ""  # what kept it waiting is over
         served.state_task = self._spawn(self._follow_device(served))
         self._save_state()
-        device.log.info("serving virtio device %d at %#x irq %d, back-end %s%s", cfg.device_id, cfg.base, cfg.irq,
+        device.log.info("serving virtio device %d %s, back-end %s%s", cfg.device_id, cfg.where,
                         cfg.socket_path(self.name, self.domid), f" (after {served.attempts} tries)" if served.waiting_since else "")
         self.notifier.status(self._status_line())
 
@@ -605,7 +658,7 @@ class Supervisor:
             return None
 
     def _shadow_failed(self, cfg: DeviceConfig, index: int, reason: str) -> None:
-        served = self.devices.get(cfg.base)
+        served = self.devices.get(cfg.key)
         if served is not None:
             served.device.fail(f"shadow queue {index} stopped: {reason}")
 
@@ -732,7 +785,13 @@ class Supervisor:
             # a device suspended for a handover is no longer ready, and its model is what the
             # next image restores
             if s.device.model is not None and (s.device.ready or self.handover):
-                devices[str(base)] = snapshot(s.device.model)
+                model = s.device.model
+                if isinstance(model, VirtioMmioDevice):
+                    devices[str(base)] = snapshot(model)
+                else:
+                    bar = model.decoding
+                    devices[str(base)] = {**pci_snapshot(model),
+                                          "bar": None if bar is None else [bar, model.layout.bar_size]}
             elif s.device.refused is None and str(base) in pending:
                 devices[str(base)] = pending[str(base)]
         state = {"domid": self.domid, "name": self.name, "ioreq_server": self.ioreq.server_id, "devices": devices}
@@ -813,8 +872,8 @@ class Supervisor:
 
     async def _reconcile(self) -> None:
         assert self.ioreq is not None
-        found = {cfg.base: (cfg, path) for cfg, path in await self._discover()}
-        explicit = {d.base for d in self.opt.devices}
+        found = {cfg.key: (cfg, path) for cfg, path in await self._discover()}
+        explicit = {d.key for d in self.opt.devices}
         for base, served in list(self.devices.items()):
             if served.path is not None and base not in found and base not in explicit:
                 if served.device.refused is not None and await self._still_listed(served.path):
@@ -850,7 +909,13 @@ class Supervisor:
         served = self.devices.get(base)
         if served is None:
             return
-        self.ioreq.retire_window(base, served.config.irq, raised=served.device.may_raise_line)
+        if served.config.pci:
+            self.ioreq.remove_function(served.config.bdf)
+            if served.bar is not None:
+                self.ioreq.remove_window(served.bar)
+                served.bar = None
+        else:
+            self.ioreq.retire_window(base, served.config.irq, raised=served.device.may_raise_line)
         if served.state_task is not None:
             served.state_task.cancel()
         try:
@@ -915,7 +980,7 @@ class Supervisor:
             status = int(d.model.status) if d.model else 0
             devices.append({
                 "devid": cfg.devid, "device_id": cfg.device_id, "type": type_name(cfg.device_id),
-                "base": hex(cfg.base), "irq": cfg.irq,
+                "base": cfg.where if cfg.pci else hex(cfg.base), "irq": _irq_name(d) if cfg.pci else cfg.irq,
                 "socket": cfg.socket_path(self.name, self.domid), "mode": "server" if cfg.listen else "client",
                 "backend": served.backend, "attempts": served.attempts,
                 "data_path": d.memory.name,
@@ -1075,6 +1140,12 @@ class Supervisor:
             self.log.warning("%s did not finish within %.0f s", what, STEP_TIMEOUT)
         except XenError as e:
             self.log.warning("%s: %s", what, e)
+
+
+def _irq_name(device: Device) -> str:
+    """How a PCI function interrupts now: msi-x or intx (as ``status`` shows it)."""
+    model = device.model
+    return "msi-x" if isinstance(model, VirtioPciDevice) and model.msix_enabled else "intx"
 
 
 def _data_path_stats(path: DataPath) -> dict[str, Any] | None:

@@ -1,4 +1,5 @@
-"""The virtio-mmio v2 transport as a pure state machine (virtio 1.2 §4.2.2).
+"""The virtio-mmio v2 transport as a pure state machine (virtio 1.2 §4.2.2), on the
+transport-independent device core (:class:`VirtioCore`) it shares with ``virtio_pci``.
 
 No I/O, no clock, no logging: register accesses go in, values and *actions* come out. The caller (the
 IOREQ bridge) carries the actions out: talk to the vhost-user back-end, drive the guest's interrupt
@@ -27,12 +28,16 @@ __all__ = [
     "Activate",
     "ConfigWrite",
     "GuestError",
+    "INT_CONFIG",
+    "INT_VRING",
     "IrqLevel",
+    "Msi",
     "Notify",
     "QueueConfig",
     "Reg",
     "Reset",
     "Status",
+    "VirtioCore",
     "VirtioMmioDevice",
     "check_snapshot",
     "guest_features",
@@ -144,6 +149,16 @@ class IrqLevel:
 
 
 @dataclass(frozen=True)
+class Msi:
+    """Send the message-signalled interrupt ``data`` to ``address`` (a PCI transport's MSI-X
+    vector ``vector``; x86: XEN_DMOP_inject_msi)."""
+
+    address: int
+    data: int
+    vector: int
+
+
+@dataclass(frozen=True)
 class Notify:
     """The driver notified queue ``index`` (QueueNotify): kick the back-end."""
 
@@ -191,7 +206,7 @@ class GuestError:
     reason: str
 
 
-Action = IrqLevel | Notify | Activate | Reset | ConfigWrite | GuestError
+Action = IrqLevel | Msi | Notify | Activate | Reset | ConfigWrite | GuestError
 
 
 @dataclass
@@ -231,13 +246,17 @@ _LINE = (IrqLevel(False), IrqLevel(True))
 
 
 @dataclass
-class VirtioMmioDevice:
-    """Register file and status machine of one virtio-mmio v2 device.
+class VirtioCore:
+    """The transport-independent part of one virtio device (virtio 1.2 §2, §3): feature pages,
+    queues and their checks, device config space, the status machine, and the driver's reset.
 
+    A transport (:class:`VirtioMmioDevice` here, ``virtio_pci.VirtioPciDevice``) decodes its
+    registers onto these and says how an interrupt reaches the driver (:meth:`_interrupt`).
     ``device_features`` is what the guest is offered (see :func:`guest_features`),
-    ``queue_sizes`` the maximum size of each queue (QueueNumMax), ``config`` the device config space
-    as last read from the back-end, ``ram`` the guest's RAM banks as ``(gpa, size)`` pairs (rings
-    must lie inside one of them).
+    ``queue_sizes`` the maximum size of each queue, ``config`` the device config space as last
+    read from the back-end, ``ram`` the guest's RAM banks as ``(gpa, size)`` pairs (rings must lie
+    inside one of them). ``interrupt_status`` holds the INT_VRING/INT_CONFIG bits the driver has
+    not acknowledged yet (virtio-mmio InterruptStatus, virtio-pci ISR status).
     """
 
     device_id: int
@@ -253,107 +272,33 @@ class VirtioMmioDevice:
     device_features_sel: int = 0
     driver_features_sel: int = 0
     queue_sel: int = 0
-    shm_sel: int = 0
-    # The kernel's irqfd raises the line for used buffers behind our back (fast path): report
-    # VRING while running, and lower the line on every ACK of it.
-    kernel_irq: bool = False
     queues: list[_Queue] = field(init=False)
-    _line: bool = field(init=False, default=False)
-    _notifies: list[Notify] = field(init=False, repr=False)
     _config: bytearray = field(init=False)
 
     def __post_init__(self) -> None:
         self.queues = [_Queue(num_max=n) for n in self.queue_sizes]
-        self._notifies = [Notify(i) for i in range(len(self.queues))]  # actions are immutable: made once
         self._config = bytearray(self.config)
 
-    # --- reads ----------------------------------------------------------------------------------
+    # --- what a transport provides ----------------------------------------------------------------
 
-    def read(self, offset: int, size: int) -> tuple[int, list[Action]]:
-        """A guest load of ``size`` bytes at ``offset`` in the window: (value, actions)."""
-        if offset >= CONFIG_OFFSET:
-            return self._config_read(offset - CONFIG_OFFSET, size)
-        if size != 4 or offset % 4:
-            return 0, [GuestError(f"register read at {offset:#x} of size {size}: only aligned 32-bit reads")]
-        return self._register(offset), []
+    def _interrupt(self, kind: int, index: int | None) -> list[Action]:
+        """Tell the driver about ``kind`` (INT_VRING for queue ``index``, INT_CONFIG with ``index``
+        None): the transport's interrupt (virtio 1.2 §4.2.3.4, §4.1.5.3-4)."""
+        raise NotImplementedError
 
-    def _register(self, offset: int) -> int:
-        q = self._selected()
-        match offset:
-            case _R.MAGIC_VALUE:
-                return MAGIC
-            case _R.VERSION:
-                return VERSION
-            case _R.DEVICE_ID:
-                return self.device_id
-            case _R.VENDOR_ID:
-                return VENDOR_ID
-            case _R.DEVICE_FEATURES:
-                if self.device_features_sel > 1:
-                    return 0
-                return (self.device_features >> (32 * self.device_features_sel)) & 0xFFFFFFFF
-            case _R.QUEUE_NUM_MAX:
-                return q.num_max if q else 0
-            case _R.QUEUE_READY:
-                return int(q.ready) if q else 0
-            case _R.INTERRUPT_STATUS:
-                if self.kernel_irq and int(self.status) & _DRIVER_OK:
-                    return self.interrupt_status | INT_VRING
-                return self.interrupt_status
-            case _R.STATUS:
-                return int(self.status)
-            case _R.SHM_LEN_LOW | _R.SHM_LEN_HIGH | _R.SHM_BASE_LOW | _R.SHM_BASE_HIGH:
-                return NO_SHM
-            case _R.CONFIG_GENERATION:
-                return self.config_generation & 0xFFFFFFFF
-            case _R.QUEUE_DESC_LOW | _R.QUEUE_DESC_HIGH:
-                return (q.desc >> (32 * ((offset - _R.QUEUE_DESC_LOW) // 4))) & 0xFFFFFFFF if q else 0
-            case _R.QUEUE_DRIVER_LOW | _R.QUEUE_DRIVER_HIGH:
-                return (q.driver >> (32 * ((offset - _R.QUEUE_DRIVER_LOW) // 4))) & 0xFFFFFFFF if q else 0
-            case _R.QUEUE_DEVICE_LOW | _R.QUEUE_DEVICE_HIGH:
-                return (q.device >> (32 * ((offset - _R.QUEUE_DEVICE_LOW) // 4))) & 0xFFFFFFFF if q else 0
-            case _:
-                # Write-only and reserved registers read as zero.
-                return 0
+    def _transport_reset(self) -> list[Action]:
+        """The transport's part of a device reset, after the core's."""
+        raise NotImplementedError
 
-    def _config_read(self, offset: int, size: int) -> tuple[int, list[Action]]:
-        if size not in (1, 2, 4, 8):
-            return 0, [GuestError(f"config read of size {size}")]
-        if offset + size > len(self._config):
-            return 0, [GuestError(f"config read at {offset:#x}+{size} beyond config size {len(self._config)}")]
-        return int.from_bytes(self._config[offset : offset + size], "little"), []
+    def _restored(self, transport_selector: int) -> None:
+        """The transport's part of :func:`restore`, after the core's (the snapshot's fourth selector)."""
 
-    # --- writes ---------------------------------------------------------------------------------
+    # --- shared register semantics ------------------------------------------------------------
 
-    def write(self, offset: int, size: int, value: int) -> list[Action]:
-        """A guest store of the low ``size`` bytes of ``value`` at ``offset``; returns actions."""
-        value &= (1 << (8 * size)) - 1 if size in (1, 2, 4, 8) else 0
-        if offset >= CONFIG_OFFSET:
-            return self._config_write(offset - CONFIG_OFFSET, size, value)
-        if size != 4 or offset % 4:
-            return [GuestError(f"register write at {offset:#x} of size {size}: only aligned 32-bit writes")]
-        match offset:
-            case _R.DEVICE_FEATURES_SEL:
-                self.device_features_sel = value
-            case _R.DRIVER_FEATURES_SEL:
-                self.driver_features_sel = value
-            case _R.DRIVER_FEATURES:
-                return self._driver_features(value)
-            case _R.QUEUE_SEL:
-                self.queue_sel = value
-            case _R.QUEUE_NUM | _R.QUEUE_READY | _R.QUEUE_DESC_LOW | _R.QUEUE_DESC_HIGH | _R.QUEUE_DRIVER_LOW | _R.QUEUE_DRIVER_HIGH | _R.QUEUE_DEVICE_LOW | _R.QUEUE_DEVICE_HIGH:
-                return self._queue_write(offset, value)
-            case _R.QUEUE_NOTIFY:
-                return self._notify(value)
-            case _R.INTERRUPT_ACK:
-                return self._ack(value)
-            case _R.STATUS:
-                return self._status_write(value)
-            case _R.SHM_SEL:
-                self.shm_sel = value
-            case _:
-                return [GuestError(f"write to read-only or reserved register {offset:#x} ignored")]
-        return []
+    def _device_features_word(self) -> int:
+        if self.device_features_sel > 1:
+            return 0
+        return (self.device_features >> (32 * self.device_features_sel)) & 0xFFFFFFFF
 
     def _driver_features(self, value: int) -> list[Action]:
         if self.status & Status.FEATURES_OK:
@@ -365,25 +310,6 @@ class VirtioMmioDevice:
 
     def _selected(self) -> _Queue | None:
         return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
-
-    def _queue_write(self, offset: int, value: int) -> list[Action]:
-        q = self._selected()
-        if q is None:
-            return [GuestError(f"queue register {offset:#x} written for absent queue {self.queue_sel}")]
-        if offset == _R.QUEUE_READY:
-            return self._queue_ready(q, value)
-        if q.ready:
-            return [GuestError(f"queue {self.queue_sel} register {offset:#x} written while ready: ignored")]
-        match offset:
-            case _R.QUEUE_NUM:
-                q.num = value
-            case _R.QUEUE_DESC_LOW | _R.QUEUE_DESC_HIGH:
-                q.desc = _set_half(q.desc, (offset - _R.QUEUE_DESC_LOW) // 4, value)
-            case _R.QUEUE_DRIVER_LOW | _R.QUEUE_DRIVER_HIGH:
-                q.driver = _set_half(q.driver, (offset - _R.QUEUE_DRIVER_LOW) // 4, value)
-            case _R.QUEUE_DEVICE_LOW | _R.QUEUE_DEVICE_HIGH:
-                q.device = _set_half(q.device, (offset - _R.QUEUE_DEVICE_LOW) // 4, value)
-        return []
 
     def _queue_ready(self, q: _Queue, value: int) -> list[Action]:
         if value == 0:
@@ -437,34 +363,20 @@ class VirtioMmioDevice:
     def _in_ram(self, addr: int, length: int) -> bool:
         return any(base <= addr and addr + length <= base + size for base, size in self.ram)
 
-    def _notify(self, value: int) -> list[Action]:
-        index = value & 0xFFFF
+    def _queue_notified(self, index: int) -> list[Action]:
+        """The driver notified queue ``index``: a kick for the back-end if the queue runs."""
         if int(self.status) & (_DRIVER_OK | _NEEDS_RESET) != _DRIVER_OK:
             return [GuestError(f"notify for queue {index} before DRIVER_OK or while NEEDS_RESET: ignored")]
         if index >= len(self.queues) or not self.queues[index].ready:
             return [GuestError(f"notify for queue {index}, which is not ready: ignored")]
-        return [self._notifies[index]]
+        return [Notify(index)]
 
-    def _ack(self, value: int) -> list[Action]:
-        before = self.interrupt_status
-        self.interrupt_status &= ~value & (INT_VRING | INT_CONFIG)
-        if self.interrupt_status and self.interrupt_status != before:
-            # Some bits remain: pulse so that an edge-triggered line sees the remaining event.
-            self._line = True
-            return [_LINE[False], _LINE[True]]
-        actions = self._update_line()
-        if self.kernel_irq and value & INT_VRING and not self.interrupt_status and not actions:
-            # The kernel raised the line (irqfd); the guest reads its used rings only after this
-            # ACK completes, so lowering it now loses nothing.
-            actions = [_LINE[False]]
-        return actions
-
-    def _update_line(self) -> list[Action]:
-        level = self.interrupt_status != 0
-        if level == self._line:
-            return []
-        self._line = level
-        return [_LINE[level]]
+    def _config_read(self, offset: int, size: int) -> tuple[int, list[Action]]:
+        if size not in (1, 2, 4, 8):
+            return 0, [GuestError(f"config read of size {size}")]
+        if offset + size > len(self._config):
+            return 0, [GuestError(f"config read at {offset:#x}+{size} beyond config size {len(self._config)}")]
+        return int.from_bytes(self._config[offset : offset + size], "little"), []
 
     def _config_write(self, offset: int, size: int, value: int) -> list[Action]:
         if size not in (1, 2, 4, 8):
@@ -527,20 +439,19 @@ class VirtioMmioDevice:
         was_active = bool(self.status & Status.DRIVER_OK)
         self.status = Status(0)
         self.driver_features = 0
-        self.device_features_sel = self.driver_features_sel = self.queue_sel = self.shm_sel = 0
+        self.device_features_sel = self.driver_features_sel = self.queue_sel = 0
         for q in self.queues:
             q.clear()
         self.interrupt_status = 0
-        return [Reset(was_active), *self._update_line()]
+        return [Reset(was_active), *self._transport_reset()]
 
     # --- events from the back-end side ------------------------------------------------------------
 
-    def used_buffer(self) -> list[Action]:
-        """The back-end signalled a used buffer (its call eventfd fired)."""
-        if not int(self.status) & _DRIVER_OK:
+    def used_buffer(self, index: int | None = None) -> list[Action]:
+        """The back-end signalled a used buffer in queue ``index`` (its call eventfd fired)."""
+        if not self.status & Status.DRIVER_OK:
             return []
-        self.interrupt_status |= INT_VRING
-        return self._update_line()
+        return self._interrupt(INT_VRING, index)
 
     def config_changed(self, config: bytes) -> list[Action]:
         """The back-end's config space changed (CONFIG_CHANGE_MSG, then GET_CONFIG)."""
@@ -550,8 +461,7 @@ class VirtioMmioDevice:
         self.config_generation += 1
         if not self.status & Status.DRIVER_OK:
             return []
-        self.interrupt_status |= INT_CONFIG
-        return self._update_line()
+        return self._interrupt(INT_CONFIG, None)
 
     def needs_reset(self, reason: str) -> list[Action]:
         """Enter DEVICE_NEEDS_RESET (back-end lost, invalid queue setup): the driver must reset us."""
@@ -560,8 +470,7 @@ class VirtioMmioDevice:
             return actions
         self.status |= Status.DEVICE_NEEDS_RESET
         if self.status & Status.DRIVER_OK:
-            self.interrupt_status |= INT_CONFIG
-            actions += self._update_line()
+            actions += self._interrupt(INT_CONFIG, None)
         return actions
 
     @property
@@ -569,10 +478,156 @@ class VirtioMmioDevice:
         """DRIVER_OK is set and the device has not failed."""
         return bool(self.status & Status.DRIVER_OK) and not self.status & (Status.DEVICE_NEEDS_RESET | Status.FAILED)
 
+
+@dataclass
+class VirtioMmioDevice(VirtioCore):
+    """Register file and interrupt line of one virtio-mmio v2 device (on :class:`VirtioCore`)."""
+
+    shm_sel: int = 0
+    # The kernel's irqfd raises the line for used buffers behind our back (fast path): report
+    # VRING while running, and lower the line on every ACK of it.
+    kernel_irq: bool = False
+    _line: bool = field(init=False, default=False)
+
+    # --- reads ----------------------------------------------------------------------------------
+
+    def read(self, offset: int, size: int) -> tuple[int, list[Action]]:
+        """A guest load of ``size`` bytes at ``offset`` in the window: (value, actions)."""
+        if offset >= CONFIG_OFFSET:
+            return self._config_read(offset - CONFIG_OFFSET, size)
+        if size != 4 or offset % 4:
+            return 0, [GuestError(f"register read at {offset:#x} of size {size}: only aligned 32-bit reads")]
+        return self._register(offset), []
+
+    def _register(self, offset: int) -> int:
+        q = self._selected()
+        match offset:
+            case _R.MAGIC_VALUE:
+                return MAGIC
+            case _R.VERSION:
+                return VERSION
+            case _R.DEVICE_ID:
+                return self.device_id
+            case _R.VENDOR_ID:
+                return VENDOR_ID
+            case _R.DEVICE_FEATURES:
+                return self._device_features_word()
+            case _R.QUEUE_NUM_MAX:
+                return q.num_max if q else 0
+            case _R.QUEUE_READY:
+                return int(q.ready) if q else 0
+            case _R.INTERRUPT_STATUS:
+                if self.kernel_irq and int(self.status) & _DRIVER_OK:
+                    return self.interrupt_status | INT_VRING
+                return self.interrupt_status
+            case _R.STATUS:
+                return int(self.status)
+            case _R.SHM_LEN_LOW | _R.SHM_LEN_HIGH | _R.SHM_BASE_LOW | _R.SHM_BASE_HIGH:
+                return NO_SHM
+            case _R.CONFIG_GENERATION:
+                return self.config_generation & 0xFFFFFFFF
+            case _R.QUEUE_DESC_LOW | _R.QUEUE_DESC_HIGH:
+                return (q.desc >> (32 * ((offset - _R.QUEUE_DESC_LOW) // 4))) & 0xFFFFFFFF if q else 0
+            case _R.QUEUE_DRIVER_LOW | _R.QUEUE_DRIVER_HIGH:
+                return (q.driver >> (32 * ((offset - _R.QUEUE_DRIVER_LOW) // 4))) & 0xFFFFFFFF if q else 0
+            case _R.QUEUE_DEVICE_LOW | _R.QUEUE_DEVICE_HIGH:
+                return (q.device >> (32 * ((offset - _R.QUEUE_DEVICE_LOW) // 4))) & 0xFFFFFFFF if q else 0
+            case _:
+                # Write-only and reserved registers read as zero.
+                return 0
+
+    # --- writes ---------------------------------------------------------------------------------
+
+    def write(self, offset: int, size: int, value: int) -> list[Action]:
+        """A guest store of the low ``size`` bytes of ``value`` at ``offset``; returns actions."""
+        value &= (1 << (8 * size)) - 1 if size in (1, 2, 4, 8) else 0
+        if offset >= CONFIG_OFFSET:
+            return self._config_write(offset - CONFIG_OFFSET, size, value)
+        if size != 4 or offset % 4:
+            return [GuestError(f"register write at {offset:#x} of size {size}: only aligned 32-bit writes")]
+        match offset:
+            case _R.DEVICE_FEATURES_SEL:
+                self.device_features_sel = value
+            case _R.DRIVER_FEATURES_SEL:
+                self.driver_features_sel = value
+            case _R.DRIVER_FEATURES:
+                return self._driver_features(value)
+            case _R.QUEUE_SEL:
+                self.queue_sel = value
+            case _R.QUEUE_NUM | _R.QUEUE_READY | _R.QUEUE_DESC_LOW | _R.QUEUE_DESC_HIGH | _R.QUEUE_DRIVER_LOW | _R.QUEUE_DRIVER_HIGH | _R.QUEUE_DEVICE_LOW | _R.QUEUE_DEVICE_HIGH:
+                return self._queue_write(offset, value)
+            case _R.QUEUE_NOTIFY:
+                return self._notify(value)
+            case _R.INTERRUPT_ACK:
+                return self._ack(value)
+            case _R.STATUS:
+                return self._status_write(value)
+            case _R.SHM_SEL:
+                self.shm_sel = value
+            case _:
+                return [GuestError(f"write to read-only or reserved register {offset:#x} ignored")]
+        return []
+
+    def _queue_write(self, offset: int, value: int) -> list[Action]:
+        q = self._selected()
+        if q is None:
+            return [GuestError(f"queue register {offset:#x} written for absent queue {self.queue_sel}")]
+        if offset == _R.QUEUE_READY:
+            return self._queue_ready(q, value)
+        if q.ready:
+            return [GuestError(f"queue {self.queue_sel} register {offset:#x} written while ready: ignored")]
+        match offset:
+            case _R.QUEUE_NUM:
+                q.num = value
+            case _R.QUEUE_DESC_LOW | _R.QUEUE_DESC_HIGH:
+                q.desc = _set_half(q.desc, (offset - _R.QUEUE_DESC_LOW) // 4, value)
+            case _R.QUEUE_DRIVER_LOW | _R.QUEUE_DRIVER_HIGH:
+                q.driver = _set_half(q.driver, (offset - _R.QUEUE_DRIVER_LOW) // 4, value)
+            case _R.QUEUE_DEVICE_LOW | _R.QUEUE_DEVICE_HIGH:
+                q.device = _set_half(q.device, (offset - _R.QUEUE_DEVICE_LOW) // 4, value)
+        return []
+
+    def _notify(self, value: int) -> list[Action]:
+        return self._queue_notified(value & 0xFFFF)
+
+    def _ack(self, value: int) -> list[Action]:
+        before = self.interrupt_status
+        self.interrupt_status &= ~value & (INT_VRING | INT_CONFIG)
+        if self.interrupt_status and self.interrupt_status != before:
+            # Some bits remain: pulse so that an edge-triggered line sees the remaining event.
+            self._line = True
+            return [_LINE[False], _LINE[True]]
+        actions = self._update_line()
+        if self.kernel_irq and value & INT_VRING and not self.interrupt_status and not actions:
+            # The kernel raised the line (irqfd); the guest reads its used rings only after this
+            # ACK completes, so lowering it now loses nothing.
+            actions = [_LINE[False]]
+        return actions
+
+    def _update_line(self) -> list[Action]:
+        level = self.interrupt_status != 0
+        if level == self._line:
+            return []
+        self._line = level
+        return [_LINE[level]]
+
+    def _transport_reset(self) -> list[Action]:
+        self.shm_sel = 0
+        return self._update_line()
+
+    def _interrupt(self, kind: int, index: int | None) -> list[Action]:
+        self.interrupt_status |= kind
+        return self._update_line()
+
+    def _restored(self, transport_selector: int) -> None:
+        self.shm_sel = transport_selector
+        self._line = self.interrupt_status != 0
+
     @property
     def line(self) -> bool:
         """The level this device drives its interrupt line to."""
         return self._line
+
 
 
 def snapshot(dev: VirtioMmioDevice) -> dict[str, object]:
@@ -640,7 +695,7 @@ def _status_problem(value: int, features: int, required: int) -> Status:
     return status
 
 
-def restore(dev: VirtioMmioDevice, state: dict[str, object]) -> None:
+def restore(dev: VirtioCore, state: dict[str, object]) -> None:
     """Load a :func:`snapshot` into a freshly built ``dev`` of the same shape (ValueError if not)."""
     check_snapshot(state)
     queues = cast(list[list[int]], state["queues"])
@@ -658,9 +713,9 @@ def restore(dev: VirtioMmioDevice, state: dict[str, object]) -> None:
     dev.interrupt_status = cast(int, state["interrupt_status"]) & (INT_VRING | INT_CONFIG)
     dev.config_generation = cast(int, state["config_generation"])
     sel = cast(list[int], state["selectors"])
-    dev.device_features_sel, dev.driver_features_sel, dev.queue_sel, dev.shm_sel = sel
+    dev.device_features_sel, dev.driver_features_sel, dev.queue_sel = sel[:3]
     for q, (num, ready, desc, driver, device) in zip(dev.queues, queues):
         q.num, q.ready, q.desc, q.driver, q.device = num, bool(ready), desc, driver, device
         if q.ready and dev._queue_problem(q):
             raise ValueError(f"snapshot's queue is invalid: {dev._queue_problem(q)}")
-    dev._line = dev.interrupt_status != 0
+    dev._restored(sel[3])

@@ -568,6 +568,18 @@ class SimGuest:
             if not f.done():
                 f.set_result(None)
 
+    # ------------------------------------------------------------ PciBus (x86 HVM guests)
+    async def pci_config_read(self, sbdf: int, reg: int, size: int, vcpu: int = 0) -> int:
+        return int(await self._call({"op": "pci_config", "sbdf": sbdf, "reg": reg, "size": size, "write": False,
+                                     "vcpu": vcpu}))
+
+    async def pci_config_write(self, sbdf: int, reg: int, size: int, value: int, vcpu: int = 0) -> None:
+        await self._call({"op": "pci_config", "sbdf": sbdf, "reg": reg, "size": size, "write": True,
+                          "value": value, "vcpu": vcpu})
+
+    async def wait_msi(self, addr: int, data: int) -> None:
+        await self._call({"op": "wait_msi", "addr": addr, "data": data})
+
     def grant(self, gfn: int, *, readonly: bool = False) -> int:
         return int(self._ctl.call({"op": "grant", "domid": self.domid, "gfn": gfn, "readonly": readonly})[0]["value"])
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-__all__ = ["GuestBus", "GuestRam"]
+__all__ = ["GuestBus", "GuestRam", "PciBus"]
 
 
 class GuestRam(Protocol):
@@ -52,4 +52,21 @@ class GuestBus(Protocol):
 
     def revoke(self, ref: int) -> None:
         """End the grant ``ref``: later maps fail; existing mappings behave as Xen's do."""
+        ...
+
+
+class PciBus(GuestBus, Protocol):
+    """An x86 HVM guest's view of PCI: configuration space of bus 0 (what its CF8/CFC or MMCONFIG
+    accesses become once Xen decoded them) and the MSIs its local APIC takes."""
+
+    async def pci_config_read(self, sbdf: int, reg: int, size: int, vcpu: int = 0) -> int:
+        """A configuration read of function ``sbdf`` (XEN_DMOP_PCI_SBDF); all-ones if none answers."""
+        ...
+
+    async def pci_config_write(self, sbdf: int, reg: int, size: int, value: int, vcpu: int = 0) -> None:
+        """A configuration write; returns once the device model has completed it."""
+        ...
+
+    async def wait_msi(self, addr: int, data: int) -> None:
+        """Take one MSI with this address and data (at once if one is pending)."""
         ...

@@ -116,12 +116,18 @@ class VirtioBlk:
         features: int = DEFAULT_FEATURES, queue_size: int = 128, **driver_kw: object,
     ) -> VirtioBlk:
         driver = VirtioMmioDriver(bus, base, irq, allocator, **driver_kw)  # type: ignore[arg-type]
+        return await cls.bring_up(driver, features=features, queue_size=queue_size)
+
+    @classmethod
+    async def bring_up(cls, driver: VirtioMmioDriver, *, features: int = DEFAULT_FEATURES,
+                       queue_size: int = 128) -> VirtioBlk:
+        """Probe, negotiate, read the config, set up the request queue, DRIVER_OK: on any transport's driver."""
         if await driver.probe() != VIRTIO_ID_BLOCK:
-            raise GuestDriverError(f"device at {base:#x} is id {driver.device_id}, not a block device")
+            raise GuestDriverError(f"device {driver.where} is id {driver.device_id}, not a block device")
         blk = cls(driver)
         await driver.negotiate(features)
         await blk.refresh_config()
-        await driver.setup_queue(0, queue_size)
+        await driver.setup_queues([queue_size])
         await driver.driver_ok()
         return blk
 
@@ -300,16 +306,24 @@ class VirtioNet:
         """Bring the NIC up; ``rx_poison``: a byte every rx buffer is filled with before it is
         posted (a completion that did not write the frame then shows as poison, not as an old frame)."""
         driver = VirtioMmioDriver(bus, base, irq, allocator, **driver_kw)  # type: ignore[arg-type]
+        return await cls.bring_up(driver, features=features, queue_size=queue_size, rx_buffers=rx_buffers,
+                                  rx_poison=rx_poison)
+
+    @classmethod
+    async def bring_up(cls, driver: VirtioMmioDriver, *, features: int = DEFAULT_FEATURES, queue_size: int = 256,
+                       rx_buffers: int | None = None, rx_poison: int | None = None) -> VirtioNet:
+        """Probe, negotiate, read the config, set up receiveq and transmitq, DRIVER_OK, post receive
+        buffers: on any transport's driver."""
         if await driver.probe() != VIRTIO_ID_NET:
-            raise GuestDriverError(f"device at {base:#x} is id {driver.device_id}, not a network device")
+            raise GuestDriverError(f"device {driver.where} is id {driver.device_id}, not a network device")
         net = cls(driver, rx_poison=rx_poison)
         await driver.negotiate(features)
         await net.refresh_config()
-        rxq = await driver.setup_queue(NET_RX_QUEUE, queue_size)
-        await driver.setup_queue(NET_TX_QUEUE, queue_size)
+        assert (NET_RX_QUEUE, NET_TX_QUEUE) == (0, 1)
+        rxq, _txq = await driver.setup_queues([queue_size, queue_size])
         await driver.driver_ok()
         count = min(rx_buffers or rxq.size, rxq.size)
-        net._rx_region = allocator.alloc(count * net.buffer_size)
+        net._rx_region = driver.allocator.alloc(count * net.buffer_size)
         for i in range(count):
             await net._post_rx(net._rx_region + i * net.buffer_size, kick=False)
         await driver.kick(NET_RX_QUEUE)

@@ -452,6 +452,15 @@ class VirtioMmioDriver:
         await self.write_reg(MmioReg.QUEUE_READY, 1)
         return queue
 
+    async def setup_queues(self, sizes: Sequence[int]) -> list[GuestQueue]:
+        """One queue per entry of ``sizes``, from index 0 (``vm_find_vqs``)."""
+        return [await self.setup_queue(index, size) for index, size in enumerate(sizes)]
+
+    @property
+    def where(self) -> str:
+        """The device's place, for messages."""
+        return f"at {self.base:#x}"
+
     async def driver_ok(self) -> None:
         """Set DRIVER_OK and start servicing the interrupt line."""
         await self._add_status(DeviceStatus.DRIVER_OK)

@@ -11,6 +11,9 @@ Modelled after xen/common/{event_channel.c,ioreq.c,grant_table.c} and xen/arch/a
   notifications, and a re-attaching device model relies on it);
 * IOREQ servers belong to the *domain* that created them (dom0), not to a process or fd: they
   survive the daemon's death, with any vCPU access still pending in its slot;
+* x86 guests' PCI configuration accesses go, as IOREQ_TYPE_PCI_CONFIG, to the server that claimed the
+  function's SBDF; their MSIs (XEN_DMOP_inject_msi) and INTx levels (XEN_DMOP_set_pci_intx_level)
+  reach the guest;
 * a vCPU's MMIO access to a range claimed by an enabled server blocks the vCPU until the slot reaches
   STATE_IORESP_READY and its event channel fires; unclaimed accesses read all-ones and drop writes
   (x86 HVM behaviour; Xen on Arm would inject a data abort, see README of sim).
@@ -41,7 +44,7 @@ from xen_vhost_master.xen.abi import (
     ioreq_t,
 )
 
-__all__ = ["Domain", "HvError", "Hypervisor", "IoreqServer", "Port"]
+__all__ = ["Domain", "HvError", "Hypervisor", "IoreqServer", "Port", "pci_intx_gsi"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,12 @@ MAX_VCPUS = 128  # one ioreq page holds 128 slots
 MAX_CONTROLLER_PAUSES = 255  # _domain_pause_by_systemcontroller: "an arbitrary 255"
 HISTORY_MAX = 256
 _uids = itertools.count(1)
+
+
+def pci_intx_gsi(device: int, intx: int) -> int:
+    """The GSI of PCI device ``device``'s pin ``intx`` (0 = INTA) on an HVM guest's bus 0:
+    ``hvm_pci_intx_gsi`` (xen/arch/x86/include/asm/hvm/irq.h)."""
+    return ((((device << 2) + (device >> 3) + intx) & 31) + 16)
 
 
 class HvError(Exception):
@@ -194,7 +203,9 @@ class Domain:
         self.servers: dict[int, IoreqServer] = {}
         self.irq: dict[int, bool] = {}
         self.irq_waiters: dict[int, list[asyncio.Future[None]]] = {}
-        self.msis: list[tuple[int, int]] = []
+        self.msis: deque[tuple[int, int]] = deque(maxlen=HISTORY_MAX)  # (addr, data) injected, latest last
+        self.msi_pending: dict[tuple[int, int], int] = {}  # not yet taken by the guest (Hypervisor.wait_msi)
+        self.msi_waiters: dict[tuple[int, int], list[asyncio.Future[None]]] = {}
         self.grants: dict[int, Grant] = {}
         self._next_ref = GNTTAB_FIRST_REF
         self.vcpus = [Vcpu(i) for i in range(nr_vcpus)]
@@ -456,7 +467,7 @@ class Hypervisor:
         dom.servers.clear()
         for n in list(dom.ports):
             self.close_port(domid, n)
-        for waiters in dom.irq_waiters.values():
+        for waiters in [*dom.irq_waiters.values(), *dom.msi_waiters.values()]:
             for w in waiters:
                 if not w.done():
                     w.cancel()
@@ -576,6 +587,25 @@ class Hypervisor:
 
     async def mmio(self, domid: int, vcpu: int, addr: int, size: int, write: bool, value: int = 0) -> int:
         """One vCPU access; blocks (awaits) until the device model completed it."""
+        return await self._access(domid, vcpu, IoRangeType.MEMORY, IoreqType.COPY, addr, addr, size, write, value)
+
+    async def pci_config(self, domid: int, vcpu: int, sbdf: int, reg: int, size: int, write: bool,
+                         value: int = 0) -> int:
+        """One configuration-space access of an x86 guest (its CF8/CFC or MMCONFIG access, decoded by
+        Xen): sent as IOREQ_TYPE_PCI_CONFIG with ``addr = SBDF << 32 | reg`` to the server that
+        claimed function ``sbdf`` (XEN_DMOP_IO_RANGE_PCI; xen/arch/x86/hvm/ioreq.c
+        arch_ioreq_server_get_type_addr). Nobody claimed: all-ones, as the primary device model
+        answers for an empty slot."""
+        dom = self.guest(domid)
+        if dom.arch is not Arch.X86_64:
+            raise HvError(errno.EOPNOTSUPP, "PCI config ioreqs are x86-only")
+        if not 0 <= sbdf <= 0xFFFFFFFF or not 0 <= reg < 4096 or size not in (1, 2, 4) or (reg & 3) + size > 4:
+            raise HvError(errno.EINVAL)
+        return await self._access(domid, vcpu, IoRangeType.PCI, IoreqType.PCI_CONFIG, sbdf, sbdf << 32 | reg,
+                                  size, write, value)
+
+    async def _access(self, domid: int, vcpu: int, kind: int, ioreq_type: int, key: int, addr: int, size: int,
+                      write: bool, value: int) -> int:
         dom = self.guest(domid)
         if not 0 <= vcpu < dom.nr_vcpus or size not in (1, 2, 4, 8):
             raise HvError(errno.EINVAL)
@@ -585,15 +615,17 @@ class Hypervisor:
             await dom.running.wait()
             if dom.dying:
                 raise HvError(errno.ESRCH, "domain destroyed")
-            server = next((s for s in dom.servers.values() if s.claims(IoRangeType.MEMORY, addr, size)), None)
+            server = next((s for s in dom.servers.values() if s.claims(kind, key, 1 if kind == IoRangeType.PCI
+                                                                          else size)), None)
             if server is None:
-                log.debug("d%d vcpu%d unclaimed MMIO %s %#x/%d", domid, vcpu, "W" if write else "R", addr, size)
+                log.debug("d%d vcpu%d unclaimed %s %s %#x/%d", domid, vcpu, IoRangeType(kind).name,
+                          "W" if write else "R", addr, size)
                 return 0 if write else mask
             slot = server.slot(vcpu)
             # Xen on Arm copies the whole source register into data without masking (docs/xen-abi.md §10.8)
             wdata = value & (0xFFFFFFFFFFFFFFFF if dom.arch is Arch.ARM64 else mask)
             slot.addr, slot.data, slot.count, slot.size = addr, wdata if write else 0, 1, size
-            slot.type = IoreqType.COPY
+            slot.type = ioreq_type
             slot.flags = (ioreq_t.DIR if not write else 0) | IoreqState.READY  # state last (wmb)
             del slot  # a ctypes view pins the page's mmap: destroying the domain must be able to unmap it
             loop = asyncio.get_running_loop()
@@ -635,6 +667,41 @@ class Hypervisor:
         if dom.arch is not Arch.X86_64:
             raise HvError(errno.EOPNOTSUPP, "inject_msi is x86-only")
         dom.msis.append((addr, data))
+        dom.msi_pending[(addr, data)] = dom.msi_pending.get((addr, data), 0) + 1
+        for w in dom.msi_waiters.pop((addr, data), []):
+            if not w.done():
+                w.set_result(None)
+
+    async def wait_msi(self, domid: int, addr: int, data: int) -> None:
+        """SIM-ONLY: the guest takes one MSI ``(addr, data)``: at once if one arrived since it last
+        took one (the local APIC's IRR holds it), else when the next is injected."""
+        dom = self.guest(domid)
+        while not dom.msi_pending.get((addr, data)):
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            dom.msi_waiters.setdefault((addr, data), []).append(fut)
+            try:
+                await fut
+            finally:
+                w = dom.msi_waiters.get((addr, data))
+                if w is not None and fut in w:
+                    w.remove(fut)
+                    if not w:
+                        del dom.msi_waiters[(addr, data)]
+        dom.msi_pending[(addr, data)] -= 1
+
+    def set_pci_intx_level(self, domid: int, segment: int, bus: int, device: int, intx: int, level: int) -> None:
+        """XEN_DMOP_set_pci_intx_level (xen/arch/x86/hvm/dm.c): only segment 0 bus 0, device
+        0..31, INTA..INTD, level 0/1 (else EINVAL); the line is the GSI the HVM PCI link
+        routing gives that pin (hvm_pci_intx_gsi, xen/arch/x86/include/asm/hvm/irq.h)."""
+        dom = self.guest(domid)
+        if dom.arch is not Arch.X86_64:
+            raise HvError(errno.EOPNOTSUPP, "set_pci_intx_level is x86-only")
+        if segment or bus or device > 0x1F or intx > 3 or level not in (0, 1):
+            raise HvError(errno.EINVAL)
+        gsi = pci_intx_gsi(device, intx)
+        dom.set_irq_line(gsi, bool(level))
+        if level and gsi in dom.irq_waiters:
+            dom.wake_irq_waiters()
 
     async def wait_irq(self, domid: int, irq: int) -> None:
         dom = self.guest(domid)

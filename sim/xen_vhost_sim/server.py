@@ -466,6 +466,9 @@ class Conn:
             if any(lv.pad):
                 raise HvError(errno.EINVAL)
             hv.set_irq_level(dom, lv.irq, lv.level)
+        elif op.op == DmOp.set_pci_intx_level:
+            x = u.set_pci_intx_level
+            hv.set_pci_intx_level(dom, x.domain, x.bus, x.device, x.intx, x.level)
         elif op.op == DmOp.inject_msi:
             m = u.inject_msi
             if m.pad:
@@ -822,7 +825,7 @@ class Conn:
             domid=d.domid, name=d.name, vcpus=d.nr_vcpus, arch=d.arch.value, banks=d.memory.banks,
             holes=d.memory.holes, paused=not d.running.is_set(), pause_count=d.pause_count,
             history=[list(h) for h in d.history], shutdown=d.shutdown_reason,
-            servers=sorted(d.servers), msis=d.msis, fastpath=self.server.fastpath.info(d.domid),
+            servers=sorted(d.servers), msis=list(d.msis), fastpath=self.server.fastpath.info(d.domid),
         )
 
     def _control_set_privcmd_eventfd(self, o: dict[str, Any], _b: bytes) -> Reply:
@@ -906,6 +909,15 @@ async def _a_mmio(conn: Conn, o: dict[str, Any]) -> int:
 
 async def _a_wait_irq(conn: Conn, o: dict[str, Any]) -> None:
     await conn.hv.wait_irq(int(o["domid"]), int(o["irq"]))
+
+
+async def _a_pci_config(conn: Conn, o: dict[str, Any]) -> int:
+    return await conn.hv.pci_config(int(o["domid"]), int(o.get("vcpu", 0)), int(o["sbdf"]), int(o["reg"]),
+                                    int(o["size"]), bool(o["write"]), int(o.get("value", 0)))
+
+
+async def _a_wait_msi(conn: Conn, o: dict[str, Any]) -> None:
+    await conn.hv.wait_msi(int(o["domid"]), int(o["addr"]), int(o["data"]))
 
 
 async def _a_evtchn_wait(conn: Conn, o: dict[str, Any]) -> None:
@@ -1010,6 +1022,7 @@ async def _a_xl_detach_virtio_device(conn: Conn, o: dict[str, Any]) -> bool:
 
 
 _ASYNC_OPS = {"mmio": _a_mmio, "wait_irq": _a_wait_irq, "evtchn_wait": _a_evtchn_wait,
+              "pci_config": _a_pci_config, "wait_msi": _a_wait_msi,
               "xl_destroy": _a_xl_destroy, "xl_detach_virtio_device": _a_xl_detach_virtio_device,
               "xl_create": _a_xl_create, "xl_reboot": _a_xl_reboot}
 

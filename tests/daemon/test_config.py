@@ -272,3 +272,45 @@ def test_a_vsock_cid_in_toml_out_of_range_or_on_another_type_is_a_one_line_confi
         load_guest_toml(path)
     with pytest.raises(ConfigError, match=r"^--device .*: cid= is the guest's vsock address: only for type=vsock$"):
         parse_device_arg("type=net,base=0x2000000,irq=33,cid=5")
+# --- transport=pci (issue 20) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("bdf", "expected"), [("00:08.0", 8 << 3), ("0000:00:1f.0", 0x1F << 3), ("00:0a.0", 0xA << 3)])
+def test_a_pci_device_names_its_function_on_bus_0(bdf, expected):
+    d = parse_device_arg(f"type=blk,transport=pci,bdf={bdf},socket=/run/qsd.sock", 2)
+    assert (d.transport, d.bdf, d.pci, d.base, d.irq, d.devid) == ("pci", expected, True, 0, 0, 2)
+    assert d.key != d.base and d.where == f"PCI 00:{expected >> 3:02x}.{expected & 7}"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("type=blk,transport=pci", "missing bdf="),
+    ("type=blk,transport=pci,bdf=00:03.0,base=0x2000000", "base= is for transport=mmio"),
+    ("type=blk,transport=pci,bdf=00:03.0,irq=33", "irq= is for transport=mmio"),
+    ("type=blk,transport=pci,bdf=01:03.0", "only segment 0, bus 0"),
+    ("type=blk,transport=pci,bdf=00:20.0", "device 00..1f and function 0..7"),
+    ("type=blk,transport=pci,bdf=00:03", "device 00..1f and function 0..7"),
+    ("type=blk,transport=pci,bdf=00:02.0", "hold QEMU's own devices"),
+    ("type=blk,transport=pci,bdf=00:08.1", "function 1: a guest scans functions 1-7"),
+    ("type=blk,transport=pci,bdf=00:00.0", "host bridge 00:00.0"),
+    ("type=blk,transport=pci,bdf=xx", "not BB:DD.F"),
+    ("type=blk,transport=pci,bdf=00:zz.0", "hexadecimal"),
+    ("type=blk,transport=pci,bdf=00:03.0,grants=1", "grants=1 with transport=pci"),
+    ("type=blk,transport=isa,base=0x2000000,irq=33", "transport='isa'"),
+    ("type=blk,base=0x2000000,irq=33,bdf=00:03.0", "bdf= is for transport=pci"),
+])
+def test_pci_device_errors_name_the_key_and_the_fix(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_device_arg(text)
+
+
+def test_pci_devices_merge_by_function_and_do_not_collide_with_windows(tmp_path):
+    mmio = parse_device_arg("type=blk,base=0x2000000,irq=33")
+    a = parse_device_arg("type=blk,transport=pci,bdf=00:03.0", 1)
+    b = parse_device_arg("type=net,transport=pci,bdf=00:09.0", 2)
+    assert merge([], [mmio, a, b]) == (mmio, a, b)
+    with pytest.raises(ConfigError, match="are both PCI 00:03.0"):
+        merge([], [a, parse_device_arg("type=net,transport=pci,bdf=00:03.0", 3)])
+    toml = tmp_path / "g.toml"
+    toml.write_text('[[device]]\ntype = "blk"\ntransport = "pci"\nbdf = "00:05.0"\n')
+    (d,) = load_toml(toml)
+    assert d.pci and d.bdf == 5 << 3 and d.source == "config"

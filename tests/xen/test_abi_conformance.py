@@ -67,6 +67,7 @@ STRUCTS: list[tuple[type[ctypes.Structure], str, dict[str, str]]] = [
     (abi.xen_dm_op_destroy_ioreq_server, "struct xen_dm_op_destroy_ioreq_server", {}),
     (abi.xen_dm_op_inject_msi, "struct xen_dm_op_inject_msi", {}),
     (abi.xen_dm_op_set_irq_level, "struct xen_dm_op_set_irq_level", {}),
+    (abi.xen_dm_op_set_pci_intx_level, "struct xen_dm_op_set_pci_intx_level", {}),
     (abi.xen_dm_op_nr_vcpus, "struct xen_dm_op_nr_vcpus", {}),
     (abi.xen_domctl, "struct xen_domctl", {}),
     # the bitfield byte (flags) has no offsetof; its bits are checked below
@@ -120,6 +121,8 @@ def checks() -> list[tuple[str, int]]:
         ("HVM_IOREQSRV_BUFIOREQ_LEGACY", abi.HVM_IOREQSRV_BUFIOREQ_LEGACY),
         ("HVM_IOREQSRV_BUFIOREQ_ATOMIC", abi.HVM_IOREQSRV_BUFIOREQ_ATOMIC),
         ("XEN_DMOP_no_gfns", abi.XEN_DMOP_no_gfns),
+        ("XEN_DMOP_PCI_SBDF(0, 0, 3, 0)", abi.XEN_DMOP_PCI_SBDF(0, 0, 3, 0)),
+        ("XEN_DMOP_PCI_SBDF(0x1234, 0xab, 0x1f, 7)", abi.XEN_DMOP_PCI_SBDF(0x1234, 0xAB, 0x1F, 7)),
         ("IOREQ_BUFFER_SLOT_NUM", abi.BufIoreq.SLOT_NUM),
         ("DOMID_FIRST_RESERVED", abi.DOMID_FIRST_RESERVED),
         ("DOMID_SELF", abi.DOMID_SELF),

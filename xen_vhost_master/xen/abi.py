@@ -61,6 +61,8 @@ __all__ = [
     "xen_dm_op_destroy_ioreq_server",
     "xen_dm_op_get_ioreq_server_info",
     "xen_dm_op_inject_msi",
+    "xen_dm_op_set_pci_intx_level",
+    "XEN_DMOP_PCI_SBDF",
     "xen_dm_op_ioreq_server_range",
     "xen_dm_op_nr_vcpus",
     "xen_dm_op_set_ioreq_server_state",
@@ -332,6 +334,7 @@ class DmOp(enum.IntEnum):
     unmap_io_range_from_ioreq_server = 4
     set_ioreq_server_state = 5
     destroy_ioreq_server = 6
+    set_pci_intx_level = 8
     inject_msi = 14
     set_irq_level = 19
     nr_vcpus = 20
@@ -397,6 +400,20 @@ class xen_dm_op_destroy_ioreq_server(ctypes.Structure):
     _fields_ = [("id", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
 
+class xen_dm_op_set_pci_intx_level(ctypes.Structure):
+    """``struct xen_dm_op_set_pci_intx_level { uint16_t domain; uint8_t bus, device, intx;
+    uint8_t level; };`` (6 bytes, x86; ``domain`` is the PCI segment)"""
+
+    _fields_ = [("domain", ctypes.c_uint16), ("bus", ctypes.c_uint8), ("device", ctypes.c_uint8),
+                ("intx", ctypes.c_uint8), ("level", ctypes.c_uint8)]
+
+
+def XEN_DMOP_PCI_SBDF(s: int, b: int, d: int, f: int) -> int:  # noqa: N802 (the header's macro)
+    """``XEN_DMOP_PCI_SBDF(s,b,d,f)`` (dm_op.h): the ``start``/``end`` of an IO_RANGE_PCI claim,
+    and the upper 32 bits of an IOREQ_TYPE_PCI_CONFIG request's ``addr``."""
+    return (s & 0xFFFF) << 16 | (b & 0xFF) << 8 | (d & 0x1F) << 3 | (f & 7)
+
+
 class xen_dm_op_inject_msi(ctypes.Structure):
     """``struct xen_dm_op_inject_msi { uint32_t data; uint32_t pad; uint64_aligned_t addr; };``"""
 
@@ -423,6 +440,7 @@ class _xen_dm_op_u(ctypes.Union):
         ("unmap_io_range_from_ioreq_server", xen_dm_op_ioreq_server_range),
         ("set_ioreq_server_state", xen_dm_op_set_ioreq_server_state),
         ("destroy_ioreq_server", xen_dm_op_destroy_ioreq_server),
+        ("set_pci_intx_level", xen_dm_op_set_pci_intx_level),
         ("inject_msi", xen_dm_op_inject_msi),
         ("set_irq_level", xen_dm_op_set_irq_level),
         ("nr_vcpus", xen_dm_op_nr_vcpus),

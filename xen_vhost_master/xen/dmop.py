@@ -88,6 +88,13 @@ class DeviceModel:
             op = self._irq_ops[(irq, level)] = self.privcmd.prepare_dm_op(self.domid, d)
         op()
 
+    def set_pci_intx_level(self, bus: int, device: int, intx: int, level: int, segment: int = 0) -> None:
+        """x86: drive PCI device ``device``'s pin ``intx`` (0 = INTA) to ``level`` (0/1)."""
+        d = self._op(DmOp.set_pci_intx_level)
+        x = d.u.set_pci_intx_level
+        x.domain, x.bus, x.device, x.intx, x.level = segment, bus, device, intx, level
+        self._send(d)
+
     def inject_msi(self, addr: int, data: int) -> None:
         """x86: inject an MSI."""
         d = self._op(DmOp.inject_msi)
