@@ -271,7 +271,8 @@ class Device:
     def may_raise_line(self) -> bool:
         """The device's interrupt line may be high now: its model drives it, or the kernel's
         irqfd raises it for used buffers (fast path)."""
-        return self.model is not None and (self.model.line or self.model.kernel_irq)
+        model = self.model
+        return model is not None and (model.line or isinstance(model, VirtioMmioDevice) and model.kernel_irq)
 
     async def start(self, saved: dict[str, object] | None = None, *, kept: Kept | None = None) -> None:
         """Connect to the back-end, negotiate and learn the device's shape (queues, config); with
@@ -1277,7 +1278,12 @@ class Device:
         except BlockingIOError:
             return
         self.stats.per_queue_calls[index] = self.stats.per_queue_calls.get(index, 0) + 1
-        if self.model is None or not self.memory.used(index):
+        if self.model is None:
+            return
+        mine = self.memory.used(index)
+        for other in self.memory.also_used():  # (before this queue's: they were completed first)
+            self._signal(self.model.used_buffer(other))
+        if not mine:
             return
         self._losses = 0  # the back-end completes what it is given
         self._signal(self.model.used_buffer(index))

@@ -155,9 +155,11 @@ def _check_state(state: object) -> dict[str, Any]:
 
 class Supervisor:
     def __init__(self, options: Options, platform: Platform, *, notifier: Notifier | None = None,
-                 runtime: RuntimeDir | None = None) -> None:
+                 runtime: RuntimeDir | None = None, handed: dict[str, int] | None = None) -> None:
         """``runtime``: the state file's directory, opened and checked (the caller keeps it);
-        without it the supervisor opens and checks it itself (:meth:`RuntimeDir.open`)."""
+        without it the supervisor opens and checks it itself (:meth:`RuntimeDir.open`).
+        ``handed``: the stored fds handed to this supervisor, by name (the previous image's
+        :attr:`handed_over`); by default those of ``LISTEN_FDS`` (fdstore.take_listen_fds)."""
         self.opt = options
         self.domid = options.domid
         self.name = options.name or str(options.domid)
@@ -186,6 +188,7 @@ class Supervisor:
         self.handover = False  # SIGHUP: the guest is left to the next image of this process
         self.handed_over: list[tuple[str, int]] = []  # fds for the next image (fdstore.py), by name
         self._kept: dict[int, Kept] = {}  # back-end connections the previous process kept, by devid
+        self._handed = handed
         self._serving = False
         self._gone = False
         self._devices_known = False  # discovery done: the state file's devices are those of self.devices
@@ -356,7 +359,7 @@ class Supervisor:
     def _take_kept(self) -> None:
         """The back-end connections handed to this process (fdstore.py: by the service manager
         after a crash, or by this process's previous image at a handover)."""
-        kept, problems = group_by_device(take_listen_fds())
+        kept, problems = group_by_device(take_listen_fds() if self._handed is None else self._handed)
         for problem in problems:
             self.log.error("%s", problem)
         if kept:

@@ -226,7 +226,7 @@ async def test_a_handover_keeps_the_function_its_bar_and_its_vectors(platform, s
         async with asyncio.timeout(TIMEOUT):
             while not await asyncio.to_thread(sim_control.pending_access, DOMID, 1):
                 await asyncio.sleep(0.01)  # polls the host's state (no event for it)
-        async with running(platform, opts) as second:
+        async with running(platform, opts, handed=dict(first.sup.handed_over)) as second:  # (what the exec passes)
             assert await asyncio.wait_for(early, TIMEOUT) == 1  # served by the restored function, not all-ones
             await second.notes.status_says(f"dom{DOMID}: 1 device(s) serving, 0 waiting")
             served = next(iter(second.sup.devices.values()))

@@ -148,9 +148,9 @@ class Backend:
 class Daemon:
     """The supervisor in this event loop; ``stop()`` is what SIGTERM does."""
 
-    def __init__(self, platform: Platform, options: Options) -> None:
+    def __init__(self, platform: Platform, options: Options, handed: dict[str, int] | None = None) -> None:
         self.notes = Notes()
-        self.sup = Supervisor(options, platform, notifier=self.notes)
+        self.sup = Supervisor(options, platform, notifier=self.notes, handed=handed)
         self.task: asyncio.Task[int] | None = None
 
     async def start(self) -> dict[str, Any]:
@@ -168,8 +168,8 @@ class Daemon:
 
 
 @contextlib.asynccontextmanager
-async def running(platform: Platform, options: Options) -> AsyncIterator[Daemon]:
-    daemon = Daemon(platform, options)
+async def running(platform: Platform, options: Options, handed: dict[str, int] | None = None) -> AsyncIterator[Daemon]:
+    daemon = Daemon(platform, options, handed)
     await daemon.start()
     try:
         yield daemon

@@ -87,6 +87,12 @@ class DataPath(Protocol):
         """The back-end signalled queue ``index``; True if the guest should be interrupted."""
         ...
 
+    def also_used(self) -> list[int]:
+        """Other queues whose completions the last :meth:`used` took to the guest and whose
+        guest must be interrupted too (a PCI function interrupts each queue on its own vector);
+        each is reported once."""
+        ...
+
     def close_queue(self, index: int) -> None:
         """The back-end has stopped the queue (GET_VRING_BASE answered)."""
         ...

@@ -222,6 +222,9 @@ class GrantXenMmapExport:
             return self.shadow.used(index)
         return True
 
+    def also_used(self) -> list[int]:
+        return self.shadow.also_used() if self.shadowed and self.shadow is not None else []
+
     def close_queue(self, index: int) -> None:
         if self.shadowed and self.shadow is not None:
             self.shadow.close_queue(index)

@@ -251,6 +251,7 @@ class ShadowDataPath:
         self._queues: dict[int, _Queue] = {}
         self._retired = ShadowQueueStats()  # the counts of the queues closed so far
         self._held: set[int] = set()  # queues waiting for pool space
+        self._also_used: list[int] = []  # lower queues completed by the last used(), to interrupt too
         self._handed_out = False  # a back-end has been given the current memfd
         self._fresh = False  # a new back-end connected since: its first table gets a fresh memfd
 
@@ -386,8 +387,8 @@ class ShadowDataPath:
         notify, q.unsignalled = q.unsignalled, False
         for lower in range(index):
             other = self._queues.get(lower)
-            if other is not None and self._harvest(other) and other.guest is not None:
-                notify = other.guest.needs_notify() or notify
+            if other is not None and self._harvest(other) and other.guest is not None and other.guest.needs_notify():
+                self._also_used.append(lower)
         if not self._harvest(q):
             return notify
         if self._held:
@@ -411,6 +412,10 @@ class ShadowDataPath:
         if done:
             self._complete(q, done)
         return q.broken is None
+
+    def also_used(self) -> list[int]:
+        also, self._also_used = self._also_used, []
+        return also
 
     def close_queue(self, index: int) -> None:
         q = self._queues.pop(index, None)
