@@ -65,14 +65,17 @@ while [ $n -lt $((XENLAB_X86_DOMU_WAIT * 2)) ]; do
   [ $((n % 10)) = 9 ] && ! xenstore-exists /local/domain/$DOMID 2>/dev/null && { t "domain hvm1 is gone"; break; }
   sleep 0.5; n=$((n + 1))
 done
-[ -f $SER ] && { total=$(wc -l < $SER); [ $total -gt $sent ] && sed -n "$((sent + 1)),${total}p" $SER | sed 's/^/XENLAB-X86-DOMU| /'; }
+# the last line may still be without its newline (the guest is slow): wait a little, print it anyway
+sleep 2; [ -f $SER ] && sed -n "$((sent + 1)),\$p" $SER | sed 's/^/XENLAB-X86-DOMU| /'
 [ $seen = 1 ] || t "domu-first-userspace never (waited ${XENLAB_X86_DOMU_WAIT}s)"
 xl list | sed 's/^/XENLAB-X86-XLLIST /'
 for f in /var/log/xen/qemu-dm-hvm1.log /var/log/xen/xl-hvm1.log; do
   [ -f $f ] && tail -20 $f | sed "s|^|XENLAB-X86-LOG $(basename $f) |"
 done
 xl dmesg | tail -30 | sed 's/^/XENLAB-X86-XLDMESG-END /'
-if xl list hvm1 >/dev/null 2>&1; then xl destroy hvm1; t "xl-destroy rc=$?"; else t "hvm1 powered itself off"; fi
+# the guest powers itself off after DOMU-DONE (on_poweroff = "destroy"): give xl's own clean-up 10 s
+n=0; while [ $n -lt 20 ] && xenstore-exists /local/domain/$DOMID 2>/dev/null; do sleep 0.5; n=$((n + 1)); done
+if xenstore-exists /local/domain/$DOMID 2>/dev/null; then xl destroy hvm1; t "xl-destroy rc=$?"; else t "hvm1 powered itself off"; fi
 echo "XENLAB-X86-DOM0-END uptime=$(up)"
 if grep -q xenlab_interactive /proc/cmdline; then exec setsid cttyhack sh; fi
 sync

@@ -9,8 +9,9 @@ for d in /sys/bus/pci/devices/*; do
   [ -e "$d" ] && echo "DOMU-PCI $(basename $d) vendor=$(cat $d/vendor) device=$(cat $d/device) class=$(cat $d/class)"
 done
 dmesg | grep -iE 'xen|hvm|pvh|clocksource|virtio' | head -20 | sed 's/^/DOMU-DMESG /'
-# where the kernel's time went: every gap of 2 s or more between two dmesg lines (the line after it)
-dmesg | awk -F'[][]' '{ t = $2 + 0; if (NR > 1 && t - p >= 2) printf "DOMU-GAP %.1fs before: %s\n", t - p, $0; p = t }'
+# where the kernel's time went: every gap of 2 s or more between two dmesg lines (the lines around it)
+dmesg | awk '/^\[ *[0-9]+\.[0-9]+\]/ { s = $0; sub(/^\[ */, "", s); t = s + 0
+  if (n++ && t - p >= 2) printf "DOMU-GAP %.1fs between: %s  ->  %s\n", t - p, q, $0; p = t; q = $0 }'
 echo "DOMU-DONE uptime=$(cut -d' ' -f1 /proc/uptime)"
 sync
 poweroff -f
