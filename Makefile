@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # tests/tools/debian-packages.tsv, whose package names depend on the Debian release (12 or 13).
 DEBS  := test
 
-.PHONY: test lint test-xen test-trixie bench-xen demo deps venv bench fuzz clean deb install
+.PHONY: test lint test-xen test-xen-x86 test-trixie bench-xen demo deps venv bench fuzz clean deb install
 # XVM_REQUIRE_PEERS=1: a peer `make deps` installs and a test cannot find is a failure, not a skip
 # (tests/peers/programs.py); -rs prints every skip's reason.
 test: deps venv lint
@@ -27,6 +27,11 @@ lint: venv
 # tests/xenlab/README.md). `make test` runs it too; XENLAB=0 leaves it out.
 test-xen: venv
 	bash tests/xenlab/run-lab.sh
+
+# The x86 real-Xen scout (x86 Xen 4.17 + Debian amd64 dom0 + an HVM domU under qemu-system-x86_64
+# TCG; see tests/xenlab/x86/README.md). Not part of `make test`.
+test-xen-x86:
+	bash tests/xenlab/x86/run.sh
 
 # `make test` on Debian 13 (trixie) from this host (12 or 13), as root: a cached mmdebstrap root,
 # this checkout's committed HEAD cloned into it, chrooted in namespaces of its own, XENLAB=0

@@ -1,0 +1,82 @@
+#!/bin/busybox sh
+# dom0's /init in the x86 scout: mount, load the Xen modules, start the toolstack, create one HVM
+# domU (QEMU the primary device model, Debian's kernel by direct boot, its serial port in a file),
+# relay its serial lines, destroy it, power off. Lines starting with XENLAB-X86- are read on the host.
+/bin/busybox --install -s /bin 2>/dev/null
+export PATH=/usr/lib/xen-4.17/bin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /tmp
+ln -sfn /run /var/run
+up() { cut -d' ' -f1 /proc/uptime; }
+t() { echo "XENLAB-X86-T $(up) $*"; }
+for m in xen-privcmd xen-evtchn xen-gntdev xen-gntalloc xenfs; do
+  insmod /lib/modules/xenlab/$m.ko 2>/dev/null || echo "XENLAB-X86-WARN insmod $m failed"
+done
+mkdir -p /proc/xen; mount -t xenfs xenfs /proc/xen
+echo "XENLAB-X86-DOM0-UP uptime=$(up) caps=$(cat /proc/xen/capabilities 2>/dev/null) xen=$(cat /sys/hypervisor/version/major).$(cat /sys/hypervisor/version/minor)"
+mkdir -p /var/run/xen /var/run/xenstored /var/lib/xen /var/log/xen/console /var/lib/xenstored /var/lib/xen/dump /run/xen
+xenstored --pid-file=/var/run/xenstored.pid; t "xenstored rc=$?"
+xen-init-dom0 >/dev/null; t "xen-init-dom0 rc=$?"
+xenconsoled --pid-file=/var/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console; t "xenconsoled rc=$?"
+xl info | grep -E '^(xen_version|xen_caps|virt_caps|nr_cpus|total_memory|free_memory)' | sed 's/^/XENLAB-X86-XLINFO /'
+xl dmesg | grep -iE 'svm|hvm|hap|vmx|asid|npt|nested' | sed 's/^/XENLAB-X86-XLDMESG /'
+. /xenlab/lab.env
+SER=/var/log/xen/domu-serial.log
+mkdir -p /etc/xen
+cat > /etc/xen/hvm1.cfg <<CFG
+name = "hvm1"
+type = "hvm"
+device_model_version = "qemu-xen"
+device_model_override = "/usr/libexec/xen-qemu-system-i386"
+memory = $XENLAB_X86_DOMU_MEM
+vcpus = 1
+kernel = "/boot/domu-vmlinuz"
+ramdisk = "/boot/domu.cpio.gz"
+cmdline = "console=ttyS0,115200 loglevel=4 $XENLAB_X86_DOMU_CMDLINE"
+serial = "file:$SER"
+vnc = 0
+sdl = 0
+vga = "none"
+boot = "c"
+on_poweroff = "destroy"
+on_reboot = "destroy"
+on_crash = "preserve"
+CFG
+t "xl-create-start"
+T0=$(up)
+xl -v create /etc/xen/hvm1.cfg > /tmp/xl-create.log 2>&1; rc=$?
+t "xl-create rc=$rc"
+sed 's/^/XENLAB-X86-XLCREATE /' /tmp/xl-create.log | tail -40
+xl list | sed 's/^/XENLAB-X86-XLLIST /'
+DOMID=$(xl domid hvm1 2>/dev/null || echo none)
+# relay the guest's serial until its init has spoken (or the budget is spent)
+n=0; seen=0; sent=0
+while [ $n -lt $((XENLAB_X86_DOMU_WAIT * 2)) ]; do
+  if [ -f $SER ]; then
+    total=$(wc -l < $SER)
+    if [ $total -gt $sent ]; then sed -n "$((sent + 1)),${total}p" $SER | sed 's/^/XENLAB-X86-DOMU| /'; sent=$total; fi
+    if [ $seen = 0 ] && grep -q DOMU-INIT $SER; then
+      seen=1; t "domu-first-userspace after=$(awk -v a=$T0 -v b=$(up) 'BEGIN{printf "%.1f", b-a}')"
+    fi
+    grep -q DOMU-DONE $SER && break
+  fi
+  # xl is slow to start under TCG: ask xenstore (cheaper) every 5 s whether the domain still lives
+  [ $((n % 10)) = 9 ] && ! xenstore-exists /local/domain/$DOMID 2>/dev/null && { t "domain hvm1 is gone"; break; }
+  sleep 0.5; n=$((n + 1))
+done
+# the last line may still be without its newline (the guest is slow): wait a little, print it anyway
+sleep 2; [ -f $SER ] && sed -n "$((sent + 1)),\$p" $SER | sed 's/^/XENLAB-X86-DOMU| /'
+[ $seen = 1 ] || t "domu-first-userspace never (waited ${XENLAB_X86_DOMU_WAIT}s)"
+xl list | sed 's/^/XENLAB-X86-XLLIST /'
+for f in /var/log/xen/qemu-dm-hvm1.log /var/log/xen/xl-hvm1.log; do
+  [ -f $f ] && tail -20 $f | sed "s|^|XENLAB-X86-LOG $(basename $f) |"
+done
+xl dmesg | tail -30 | sed 's/^/XENLAB-X86-XLDMESG-END /'
+# the guest powers itself off after DOMU-DONE (on_poweroff = "destroy"): give xl's own clean-up 10 s
+n=0; while [ $n -lt 20 ] && xenstore-exists /local/domain/$DOMID 2>/dev/null; do sleep 0.5; n=$((n + 1)); done
+if xenstore-exists /local/domain/$DOMID 2>/dev/null; then xl destroy hvm1; t "xl-destroy rc=$?"; else t "hvm1 powered itself off"; fi
+echo "XENLAB-X86-DOM0-END uptime=$(up)"
+if grep -q xenlab_interactive /proc/cmdline; then exec setsid cttyhack sh; fi
+sync
+poweroff -f
