@@ -177,6 +177,9 @@ async def test_sighup_hands_the_guest_over_with_writes_in_flight_then_sigterm_te
             with SimControl(sim_path) as ctl:
                 assert ctl.domain_info(DOMID)["servers"] == [0]
             assert (runtime / "lock").read_text() == f"{daemon.pid}\n"
+            # (the writes may all have completed in the old image: a read served by the new one
+            # makes it raise the line, whose simulated route it opens on first use)
+            await asyncio.wait_for(blk.read(0, 1), TIMEOUT)
             assert fd_count(daemon.pid) == fds  # the old image's handles went with it
         for sector, data in expected.items():
             assert await asyncio.wait_for(blk.read(sector, len(data) // 512), TIMEOUT) == data
