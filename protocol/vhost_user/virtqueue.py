@@ -203,14 +203,16 @@ def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
 
 
-def _ring_view(mem: GuestMemory, addr: int, length: int, align: int, what: str) -> memoryview:
+def _ring_view(mem: GuestMemory, addr: int, length: int, align: int, what: str, *, writable: bool = True) -> memoryview:
+    """``writable=False``: the device only reads it (an indirect table: device-readable, which a
+    guest may grant read-only, e.g. Linux ``xen_grant_dma`` for a DMA_TO_DEVICE mapping)."""
     if addr % align:
         raise RingError(f"{what} address {addr:#x} is not {align}-byte aligned")
     try:
         view = mem.view(addr, length)
     except _MEMORY_FAULTS as exc:
         raise RingError(f"{what} [{addr:#x}, +{length:#x}) is not in guest memory: {exc}") from exc
-    if len(view) != length or view.readonly:
+    if len(view) != length or (writable and view.readonly):
         raise RingError(f"{what} at {addr:#x}: memory returned an unusable view")
     return view
 
@@ -426,7 +428,7 @@ class SplitQueueDevice:
             entries = length // DESC_SIZE
             if entries > MAX_INDIRECT_DESCRIPTORS:
                 raise RingError(f"chain {head}: indirect table of {entries} entries is too big")
-            with _ring_view(self._r.mem, addr, length, 1, f"chain {head}: indirect table") as table:
+            with _ring_view(self._r.mem, addr, length, 1, f"chain {head}: indirect table", writable=False) as table:
                 self._walk_table(acc, table, entries, 0, "indirect table", False)
         return Chain(head, acc.readable, acc.writable)
 
