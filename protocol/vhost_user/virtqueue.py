@@ -428,8 +428,16 @@ class SplitQueueDevice:
             entries = length // DESC_SIZE
             if entries > MAX_INDIRECT_DESCRIPTORS:
                 raise RingError(f"chain {head}: indirect table of {entries} entries is too big")
-            with _ring_view(self._r.mem, addr, length, 1, f"chain {head}: indirect table", writable=False) as table:
-                self._walk_table(acc, table, entries, 0, "indirect table", False)
+            try:
+                with _ring_view(self._r.mem, addr, length, 1, f"chain {head}: indirect table", writable=False) as table:
+                    self._walk_table(acc, table, entries, 0, "indirect table", False)
+            finally:
+                # A memory that maps on demand (grants) unmaps the table now: the guest ends its
+                # grant when the chain completes, and Linux's xen_grant_dma gives up on a device
+                # whose grant is still mapped then ("Grant still in use by backend domain").
+                release = getattr(self._r.mem, "release_buffers", None)
+                if release is not None:
+                    release([(addr, length)])
         return Chain(head, acc.readable, acc.writable)
 
     @staticmethod
