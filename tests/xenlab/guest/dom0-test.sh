@@ -106,7 +106,7 @@ served_io() {  # scenario boot-number: the guest's boot N finished its I/O; the 
   S=$1; N=$2; NAME=lab-$S; IMG=/root/disk-$S.img
   if ! wait_for ${XENLAB_DOMU_WAIT:-150} console_has_n $NAME DOMU-DONE $N; then
     t "scenario $S: no DOMU-DONE #$N"   # what the guest and dom0 were doing, now (the console is dumped at the end too)
-    tail -15 $CONSOLE/guest-$NAME.log | tr -d '\r' | prefix "STUCK-DOMU[$S]"
+    tail -40 $CONSOLE/guest-$NAME.log | tr -d '\r' | prefix "STUCK-DOMU[$S]"
     for p in $(pgrep -f "xen_vhost_master --domain=$(domid_of $NAME)( |\$)") $(cat /tmp/backend-$S.pid); do
       for tk in /proc/$p/task/*; do echo "STUCK-TASK[$S] pid=$p tid=${tk##*/} $(sed -n 's/^State:\t//p' $tk/status) wchan=$(cat $tk/wchan 2>/dev/null)"; done
     done
