@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # tests/tools/debian-packages.tsv, whose package names depend on the Debian release (12 or 13).
 DEBS  := test
 
-.PHONY: test lint test-xen test-xen-x86 test-trixie bench-xen demo deps venv bench fuzz clean deb install
+.PHONY: test lint test-xen test-xen-full test-xen-x86 test-trixie bench-xen demo deps venv bench fuzz clean deb install
 # XVM_REQUIRE_PEERS=1: a peer `make deps` installs and a test cannot find is a failure, not a skip
 # (tests/peers/programs.py); -rs prints every skip's reason.
 test: deps venv lint
@@ -32,6 +32,10 @@ test-xen: venv
 # TCG; see tests/xenlab/x86/README.md). Not part of `make test`.
 test-xen-x86:
 	bash tests/xenlab/x86/run.sh
+# Every real-Xen scenario in one boot, the heavier ones too (tests/xenlab/README.md): also a
+# grant-based guest whose back-end maps the grants itself (XEN_MMAP grant regions, kernel fast path).
+test-xen-full: venv
+	XENLAB_SCENARIOS="pyblk qsd grant grantmmap" bash tests/xenlab/run-lab.sh
 
 # `make test` on Debian 13 (trixie) from this host (12 or 13), as root: a cached mmdebstrap root,
 # this checkout's committed HEAD cloned into it, chrooted in namespaces of its own, XENLAB=0

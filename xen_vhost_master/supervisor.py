@@ -33,7 +33,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from vhost_user import (
@@ -993,6 +993,7 @@ class Supervisor:
                 "reads": d.stats.reads, "writes": d.stats.writes, "interrupts": d.stats.interrupts,
                 "reconnects": d.stats.reconnects, "guest_errors": d.stats.guest_errors, "last_error": d.stats.last_error,
                 "data_path_stats": _data_path_stats(d.memory),
+                "kernel_queues": sorted(d.fastpath.assigned) if d.fastpath else [],
             })
         for path, (kind, keys, reason) in sorted(self._rejected.items()):
             devid = path.rsplit("/", 1)[1]
@@ -1002,7 +1003,7 @@ class Supervisor:
                 "backend": "failed", "attempts": 0, "data_path": "none", "status": 0, "driver_status": [],
                 "features": "0x0", "kicks": {}, "calls": {}, "reads": 0, "writes": 0, "interrupts": 0,
                 "reconnects": 0, "guest_errors": 0, "last_error": f"xenstore {kind} entry refused: {reason}",
-                "data_path_stats": None,
+                "data_path_stats": None, "kernel_queues": [],
             })
         ioreq = self.ioreq.stats if self.ioreq else None
         return {"schema": STATUS_SCHEMA, "version": __version__,
@@ -1154,6 +1155,7 @@ def _irq_name(device: Device) -> str:
 def _data_path_stats(path: DataPath) -> dict[str, Any] | None:
     """The copying path's own figures, summed over its queues (None for a path that does not
     see the requests: zero-copy back-ends read the guest's rings themselves)."""
+    from .datapath.grant_export import GrantShadowDataPath  # noqa: PLC0415
     from .datapath.shadow import LATENCY_BOUNDS_NS, ShadowDataPath  # noqa: PLC0415  (loaded with the first shadow device)
 
     if not isinstance(path, ShadowDataPath):
@@ -1167,6 +1169,7 @@ def _data_path_stats(path: DataPath) -> dict[str, Any] | None:
         "pool_bytes": path.pool.capacity, "pool_used_bytes": path.pool.capacity - path.pool.free_bytes,
         "latency_bounds": [b / 1e9 for b in LATENCY_BOUNDS_NS], "latency_counts": total.latency,
         "latency_sum": total.latency_sum_ns / 1e9,
+        "grants": asdict(path.grant_memory.stats) if isinstance(path, GrantShadowDataPath) else None,
     }
 
 

@@ -213,14 +213,16 @@ def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
 
 
-def _ring_view(mem: GuestMemory, addr: int, length: int, align: int, what: str) -> memoryview:
+def _ring_view(mem: GuestMemory, addr: int, length: int, align: int, what: str, *, writable: bool = True) -> memoryview:
+    """``writable=False``: the device only reads it (an indirect table: device-readable, which a
+    guest may grant read-only, e.g. Linux ``xen_grant_dma`` for a DMA_TO_DEVICE mapping)."""
     if addr % align:
         raise RingError(f"{what} address {addr:#x} is not {align}-byte aligned")
     try:
         view = mem.view(addr, length)
     except _MEMORY_FAULTS as exc:
         raise RingError(f"{what} [{addr:#x}, +{length:#x}) is not in guest memory: {exc}") from exc
-    if len(view) != length or view.readonly:
+    if len(view) != length or (writable and view.readonly):
         raise RingError(f"{what} at {addr:#x}: memory returned an unusable view")
     return view
 
@@ -426,8 +428,16 @@ class SplitQueueDevice:
             entries = length // DESC_SIZE
             if entries > MAX_INDIRECT_DESCRIPTORS:
                 raise RingError(f"chain {head}: indirect table of {entries} entries is too big")
-            with _ring_view(self._r.mem, addr, length, 1, f"chain {head}: indirect table") as table:
-                self._walk_table(acc, table, entries, 0, "indirect table", False)
+            try:
+                with _ring_view(self._r.mem, addr, length, 1, f"chain {head}: indirect table", writable=False) as table:
+                    self._walk_table(acc, table, entries, 0, "indirect table", False)
+            finally:
+                # A memory that maps on demand (grants) unmaps the table now: the guest ends its
+                # grant when the chain completes, and Linux's xen_grant_dma gives up on a device
+                # whose grant is still mapped then ("Grant still in use by backend domain").
+                release = getattr(self._r.mem, "release_buffers", None)
+                if release is not None:
+                    release([(addr, length)])
         return _new(Chain, (head, acc.readable, acc.writable))
 
     @staticmethod

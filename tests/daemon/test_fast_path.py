@@ -70,6 +70,7 @@ async def test_io_with_and_without_the_kernel_fast_path(sim_dir, kernel_mode):
             got = await asyncio.wait_for(blk.batch([BlkOp("read", 128 * i, count=128) for i in range(4)]), TIMEOUT)
             assert b"".join(got) == data and bytes(disk.disk[: len(data)]) == data
             counters = ctl.domain_info(domid)["fastpath"]
+            assert sorted(device.fastpath.assigned if device.fastpath else ()) == ([0] if available else [])
             if available:
                 assert counters["ioeventfd_consumed"] > 0 and counters["irqfd_injected"] > 0
                 assert device.stats.notifies == 0  # every QueueNotify was completed by the kernel

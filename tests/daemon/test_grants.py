@@ -555,6 +555,13 @@ async def test_cli_daemon_serves_a_grant_usage_device_from_xenstore(sim_dir, pee
         with open(qsd.image, "rb") as f:
             f.seek(64 * SECTOR_SIZE)
             assert f.read(len(data)) == data
+        # status shows the daemon's own gntdev mappings, the written buffers' read-only (the real-Xen lab reads these)
+        status = subprocess.run([str(bin_dir / "xen-vhost-master"), "status", "--json", "--domid", str(domid),
+                                 "--runtime-dir", str(runtime)], capture_output=True, text=True, timeout=T, check=True)
+        (dev,) = json.loads(status.stdout)["devices"]
+        assert dev["data_path"] == "shadow (grants)" and dev["kernel_queues"] == []
+        grants = dev["data_path_stats"]["grants"]
+        assert grants["maps"] > 0 and 0 < grants["read_only"] < grants["maps"], grants
         await asyncio.wait_for(blk.close(), T)
         daemon.send_signal(signal.SIGTERM)
         rc = await asyncio.get_running_loop().run_in_executor(None, daemon.wait, T)

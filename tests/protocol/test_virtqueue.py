@@ -231,6 +231,53 @@ def test_indirect_chain_round_trip():
     assert drv.num_free == 2
 
 
+class _ReadOnlyRange(FlatMemory):
+    """Guest memory whose ``[lo, hi)`` is mapped read-only (a read-only grant)."""
+
+    def __init__(self, buf: bytearray, base: int, lo: int, hi: int) -> None:
+        super().__init__(buf, base=base)
+        self.lo, self.hi = lo, hi
+
+    def view(self, addr: int, length: int) -> memoryview:
+        v = super().view(addr, length)
+        return v.toreadonly() if self.lo <= addr < self.hi else v
+
+
+def test_indirect_table_the_guest_granted_read_only_is_walked():
+    """A device only reads an indirect table: Linux's xen_grant_dma grants it read-only
+    (DMA_TO_DEVICE), as seen on real Xen; the ring areas themselves must stay writable views."""
+    buf = bytearray(MEM_SIZE)
+    desc, avail, used, _ = split_ring_layout(2, BASE)
+    table = BASE + 0x4000
+    drv = SplitQueueDriver(FlatMemory(buf, base=BASE), 2, desc, avail, used)
+    drv.add_indirect(table, readable=[(DATA, 16)], writable=[(DATA + 64, 1)], token="ind")
+    dev = SplitQueueDevice(_ReadOnlyRange(buf, BASE, table, table + 0x1000), 2, desc, avail, used)
+    c = dev.pop()
+    assert len(c.readable) == 1 and len(c.writable) == 1
+    with pytest.raises(RingError, match="used ring at .*unusable view"):
+        SplitQueueDevice(_ReadOnlyRange(buf, BASE, used, used + 1), 2, desc, avail, used)
+
+
+def test_indirect_table_is_released_once_walked():
+    """A memory that maps on demand (``release_buffers``: grants) is told the indirect table is
+    read: the guest ends that grant when the chain completes, and must find it unmapped."""
+
+    class Releasing(FlatMemory):
+        released: list[list[tuple[int, int]]] = []
+
+        def release_buffers(self, buffers: list[tuple[int, int]]) -> None:
+            self.released.append(buffers)
+
+    buf = bytearray(MEM_SIZE)
+    desc, avail, used, _ = split_ring_layout(2, BASE)
+    table = BASE + 0x4000
+    SplitQueueDriver(FlatMemory(buf, base=BASE), 2, desc, avail, used).add_indirect(
+        table, readable=[(DATA, 16)], writable=[(DATA + 64, 1)], token="ind")
+    mem = Releasing(buf, base=BASE)
+    SplitQueueDevice(mem, 2, desc, avail, used).pop()
+    assert mem.released == [[(table, 32)]]
+
+
 def test_direct_descriptors_followed_by_indirect_table():
     """§2.7.5.3.2: the device must handle direct descriptors followed by one indirect one."""
     mem, _, dev, (desc, avail, used) = make_pair()

@@ -23,7 +23,7 @@ import tempfile
 import time
 
 PANIC = re.compile(r"crashed on cpu|Panic on CPU|Kernel panic|Unable to handle kernel|\bBUG: ")
-GUEST_DUMP = re.compile(r"(DOMU|TERM-FAULT)\[")  # a domU's console, shown by dom0: not dom0 or Xen failing
+GUEST_DUMP = re.compile(r"(DOMU|TERM-FAULT|STUCK-DOMU)\[")  # a domU's console, shown by dom0: not dom0 or Xen failing
 KADDR, IADDR = 0x50000000, 0x56000000
 MACHINE = "virt,virtualization=on,gic-version=3"
 

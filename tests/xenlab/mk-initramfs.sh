@@ -2,7 +2,8 @@
 # Assemble the dom0 initramfs of the real-Xen lab: the cached arm64 userland (prepare.sh) + this
 # project from the working tree + the arm64 wheels + the domU (same kernel, busybox initramfs
 # running guest/domu-init.sh) + the lab scripts.
-# usage: mk-initramfs.sh ART_DIR OUT.cpio.gz        env: XENLAB_SCENARIOS (default "pyblk qsd")
+# usage: mk-initramfs.sh ART_DIR OUT.cpio.gz
+#   env: XENLAB_SCENARIOS (default "pyblk qsd grant"), XENLAB_KERNEL (the lab's kernel Image, for grant domUs)
 set -euo pipefail
 H=$(cd "$(dirname "$0")" && pwd)
 TREE=$(cd "$H/../.." && pwd)
@@ -36,11 +37,13 @@ cp "$A/modules/virtio_mmio.ko" "$A/modules/virtio_blk.ko" "$D/lib/modules/"
 cp "$H/guest/domu-init.sh" "$D/init"; chmod +x "$D/init"
 (cd "$D" && find . | cpio -o -H newc --quiet | gzip -1) > "$R/boot/domu.cpio.gz"
 ln "$A/Image" "$R/boot/domu-vmlinuz" 2>/dev/null || cp "$A/Image" "$R/boot/domu-vmlinuz"
+# grant-based domUs boot the lab's kernel (CONFIG_XEN_VIRTIO_FORCE_GRANT, everything built in)
+[ -z "${XENLAB_KERNEL:-}" ] || ln "$XENLAB_KERNEL" "$R/boot/domu-xenlab-vmlinuz" 2>/dev/null || cp "$XENLAB_KERNEL" "$R/boot/domu-xenlab-vmlinuz"
 # the lab
 cp "$H/guest/dom0-init.sh" "$R/init"; cp "$H/guest/dom0-test.sh" "$R/xenlab/"
 chmod +x "$R/init" "$R/xenlab/dom0-test.sh"
-{ echo "XENLAB_SCENARIOS=\"${XENLAB_SCENARIOS:-pyblk qsd}\""; echo "export XENLAB_SCENARIOS"
-  for v in XENLAB_TERM_SIGNAL XENLAB_DOMU_VCPUS XENLAB_BENCH; do
+{ echo "XENLAB_SCENARIOS=\"${XENLAB_SCENARIOS:-pyblk qsd grant}\""; echo "export XENLAB_SCENARIOS"
+  for v in XENLAB_TERM_SIGNAL XENLAB_DOMU_VCPUS XENLAB_BENCH XENLAB_DOMU_WAIT XENLAB_GRANT_TOML XENLAB_DOM0_KERNEL; do
     [ -n "${!v:-}" ] && echo "$v=\"${!v}\"" && echo "export $v"
   done; } > "$R/xenlab/lab.env"
 (cd "$R" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT.tmp"

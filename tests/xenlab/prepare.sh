@@ -4,7 +4,9 @@
 #   group of tests/tools/debian-packages.tsv, named for the host's release, Debian 12 or 13),
 #   Debian's arm64 kernel, Debian's Xen 4.17 hypervisor rebuilt with CONFIG_EXPERT=y CONFIG_IOREQ_SERVER=y
 #   (Debian's arm64 binary has no IOREQ server, so XEN_DMOP would return ENOSYS),
-#   an arm64 dom0 userland (xl, xenstored, python3, qemu-storage-daemon) and arm64 wheels for the project.
+#   an arm64 dom0 userland (xl, xenstored, python3, qemu-storage-daemon), arm64 wheels for the project,
+#   and the lab's own kernel (dom0, grant-based domUs): Debian's linux 6.12 source (bookworm-backports)
+#   with kernel/*.patch, configured by kernel/xenlab.config over allnoconfig (privcmd ioeventfd/irqfd).
 # The lab's pieces are Debian 12's (bookworm) whatever the host runs: a private apt state under the
 # cache ($XENLAB_CACHE/apt: bookworm + bookworm-security, arm64 packages and sources) answers every
 # question about them, so the host's own sources and architectures are neither read nor changed.
@@ -13,7 +15,8 @@
 # the dom0's own python 3.11 under qemu-user, so the host's python version does not matter.
 # Cache: ${XENLAB_CACHE:-/var/cache/xen-vhost-master-lab}/<key>/ where <key> hashes the package versions.
 # XENLAB_MIRROR / XENLAB_SECURITY_MIRROR: the Debian archive used (default deb.debian.org).
-# Prints "XENLAB_ART=<dir>" on its last line. Exit 3 = the lab cannot be built here, the reason on a
+# The kernel has its own cache directory, ${XENLAB_CACHE}/kernel-<key> (source version, kernel/, compiler).
+# Prints "XENLAB_KERNEL=<Image>" and, on its last line, "XENLAB_ART=<dir>". Exit 3 = the lab cannot be built here, the reason on a
 # line "XENLAB-CANNOT-BUILD: ..." (test_real_xen.py fails with it). Downloads are tried 3 times,
 # XENLAB_RETRY_DELAY (5) and twice that seconds apart.
 #   prepare.sh --plan   print what would be built (host packages, kernel, Xen source, compiler, key)
@@ -57,6 +60,7 @@ deb [signed-by=$KEYRING] $M bookworm main
 deb [signed-by=$KEYRING] $MS bookworm-security main
 deb-src [signed-by=$KEYRING] $M bookworm main
 deb-src [signed-by=$KEYRING] $MS bookworm-security main
+deb-src [signed-by=$KEYRING] $M bookworm-backports main
 EOF
 cat > "$AP/apt.conf" <<EOF
 Dir::Etc::sourcelist "$AP/sources.list";
@@ -92,12 +96,21 @@ XEN_SRC=$(ac showsrc xen 2>/dev/null | sed -n 's/^Version: //p' | grep '^4\.17' 
 [ -n "$XEN_SRC" ] || cant "bookworm's apt lists know no xen 4.17 source"
 XCC=aarch64-linux-gnu-gcc-12
 XCC_VERSION=$($XCC -dumpfullversion 2>/dev/null || echo "not installed")
+# the lab's own kernel (dom0, grant-based domUs): Debian's newest 6.12 source (bookworm-backports),
+# kernel/xenlab.config over allnoconfig; its own key, so a change of the fragment rebuilds only it
+LK_SRC=$(ac showsrc linux 2>/dev/null | sed -n 's/^Version: //p' | grep '^6\.12\.' | sort -Vru || true)
+[ -n "$LK_SRC" ] || cant "bookworm-backports' apt lists know no linux 6.12 source"
+LK_KEY=$(cat "$H/kernel/xenlab.config" "$H/kernel/"*.patch | sha256sum | cut -c1-12)
+LK_VERS="linux-src=$(echo $LK_SRC | cut -d' ' -f1) config=$LK_KEY cc=$XCC-$XCC_VERSION"
+LK=$C/kernel-$(echo "$LK_VERS" | sha256sum | cut -c1-16)
 VERS="$KPKG=$(ver "$KPKG") xen-hypervisor-4.17-arm64=$(ver xen-hypervisor-4.17-arm64) xen-utils-4.17=$(ver xen-utils-4.17) python3=$(ver python3) qemu-system-common=$(ver qemu-system-common) busybox-static=$(ver busybox-static) xen-src=$(echo $XEN_SRC | tr ' ' ,) cc=$XCC-$XCC_VERSION lab=3"
 KEY=$(echo "$VERS" | sha256sum | cut -c1-16)
 if [ $PLAN = 1 ]; then
   echo "kernel: $KPKG"
   echo "xen-source: $(echo $XEN_SRC | cut -d' ' -f1)"
   echo "cross-compiler: $XCC $XCC_VERSION"
+  echo "lab-kernel: $LK_VERS"
+  echo "lab-kernel-dir: $LK"
   echo "versions: $VERS"
   echo "key: $KEY"
   exit 0
@@ -183,5 +196,35 @@ if [ ! -f "$A/wheels.done" ]; then
     || cant "pip download of the dom0's arm64 wheels failed 3 times (no network to PyPI?)"
   touch "$A/wheels.done"
 fi
-step "artefacts ready in $A"
+# 6. the lab's kernel: Debian's linux 6.12 source, the lab's minimal configuration, everything built
+# in: CONFIG_XEN_PRIVCMD_EVENTFD (privcmd ioeventfd/irqfd) for dom0, CONFIG_XEN_VIRTIO_FORCE_GRANT
+# for grant-based domUs (see kernel/xen-virtio-force-grant-dt.patch)
+if [ ! -f "$LK/Image" ]; then
+  step "lab kernel: linux $(echo $LK_SRC | cut -d' ' -f1) with kernel/xenlab.config, $XCC (nice, -j$(nproc))"
+  kt0=$(date +%s)
+  rm -rf "$LK"; mkdir -p "$LK/src"; cd "$LK/src"
+  ok=0
+  for v in $LK_SRC; do
+    if retry ag source -qq --download-only "linux=$v" >/dev/null 2>&1; then ok=1; echo "$v" > "$LK/linux-src-version"; break; fi
+    rm -f linux_*
+  done
+  [ $ok = 1 ] || cant "apt-get source linux failed for every 6.12 version ($(echo $LK_SRC | tr ' ' ,))"
+  dpkg-source -x "$(ls linux_6.12*.dsc | head -1)" linux >"$LK/build.log" 2>&1 || { tail -20 "$LK/build.log" >&2; exit 1; }
+  for pt in "$H/kernel/"*.patch; do
+    patch -d linux -p1 --forward --quiet < "$pt" >>"$LK/build.log" 2>&1 || { echo "kernel patch $pt does not apply" >&2; exit 1; }
+  done
+  KMK=(nice -n 10 make -C linux ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu- CC=$XCC O="$LK/src/build")
+  "${KMK[@]}" KCONFIG_ALLCONFIG="$H/kernel/xenlab.config" allnoconfig >>"$LK/build.log" 2>&1 || { tail -30 "$LK/build.log" >&2; exit 1; }
+  missing=$(grep -v '^#' "$H/kernel/xenlab.config" | grep . | while read -r l; do grep -qxF "$l" build/.config || echo "$l"; done)
+  [ -z "$missing" ] || { echo "kernel/xenlab.config: not in the resulting .config (unmet dependencies?): $(echo $missing)" >&2; exit 1; }
+  TIMEFORMAT="make: wall %R s, user %U s, sys %S s"
+  { time "${KMK[@]}" -j"$(nproc)" Image >>"$LK/build.log" 2>&1; } 2>"$LK/make-time" || { tail -30 "$LK/build.log" >&2; exit 1; }
+  cp build/.config "$LK/config"; cp build/include/config/kernel.release "$LK/kernel-version"
+  cp build/arch/arm64/boot/Image "$LK/Image.tmp"
+  cd "$C"; rm -rf "$LK/src"; mv "$LK/Image.tmp" "$LK/Image"
+  echo "$(( $(date +%s) - kt0 ))" > "$LK/build-seconds"
+  step "lab kernel $(cat "$LK/kernel-version") built in $(cat "$LK/build-seconds") s ($(cat "$LK/make-time"))"
+fi
+step "artefacts ready in $A (lab kernel $LK)"
+echo "XENLAB_KERNEL=$LK/Image"
 echo "XENLAB_ART=$A"

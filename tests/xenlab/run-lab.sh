@@ -4,7 +4,8 @@
 # scenarios, decide from the serial log.
 #   env: XENLAB_CACHE (default /var/cache/xen-vhost-master-lab), XENLAB_LOG (default
 #        $XENLAB_CACHE/logs/lab.log; failures are also kept as logs/fail-<time>.log), XENLAB_SCENARIOS
-#        (default: pyblk qsd), XENLAB_TIMEOUT (s, default 1200), XENLAB_BENCH=1 (`make bench-xen`: the
+#        (default: pyblk qsd grant; `make test-xen-full`: every scenario), XENLAB_DOM0_KERNEL (xenlab:
+#        the lab's kernel with the privcmd fast path, the default; debian: Debian's), XENLAB_TIMEOUT (s, default 1200), XENLAB_BENCH=1 (`make bench-xen`: the
 #        benchmark boot instead of the checks; XENLAB_BENCH_OUT, default ./bench-xen-results.json),
 #        XENLAB_TERM_SIGNAL (TERM: the signal the SIGTERM step sends; KILL shows its checks failing)
 # exit: 0 pass, 1 fail (the log's tail is printed), 3 the lab cannot be built here (reason printed):
@@ -14,21 +15,30 @@ H=$(cd "$(dirname "$0")" && pwd)
 TREE=$(cd "$H/../.." && pwd)
 export XENLAB_CACHE=${XENLAB_CACHE:-/var/cache/xen-vhost-master-lab}
 t0=$(date +%s); step() { echo "== xenlab [$(( $(date +%s) - t0 ))s] $*" >&2; }
-export XENLAB_SCENARIOS=${XENLAB_SCENARIOS:-pyblk qsd}
+if [ "${XENLAB_BENCH:-0}" = 1 ]; then export XENLAB_SCENARIOS=${XENLAB_SCENARIOS:-pyblk qsd}
+else export XENLAB_SCENARIOS=${XENLAB_SCENARIOS:-pyblk qsd grant}; fi
 set +e
 OUT=$("$H/prepare.sh")
 rc=$?
 set -e
 [ $rc = 0 ] || exit $rc
 ART=$(echo "$OUT" | sed -n 's/^XENLAB_ART=//p' | tail -1)
+export XENLAB_KERNEL=$(echo "$OUT" | sed -n 's/^XENLAB_KERNEL=//p' | tail -1)
+# dom0's kernel: the lab's (privcmd fast path) unless XENLAB_DOM0_KERNEL=debian (Debian's, no fast path)
+export XENLAB_DOM0_KERNEL=${XENLAB_DOM0_KERNEL:-xenlab}
+case $XENLAB_DOM0_KERNEL in
+  xenlab) DOM0_KERNEL=$XENLAB_KERNEL ;;
+  debian) DOM0_KERNEL=$ART/Image ;;
+  *) echo "XENLAB_DOM0_KERNEL=$XENLAB_DOM0_KERNEL: use xenlab or debian" >&2; exit 1 ;;
+esac
 mkdir -p "$XENLAB_CACHE/logs"
 LOG=${XENLAB_LOG:-$XENLAB_CACHE/logs/lab.log}
 INITRD=$(mktemp "${TMPDIR:-/tmp}/xenlab-dom0.XXXXXX.cpio.gz")
 trap 'rm -f "$INITRD"' EXIT
 step "dom0 initramfs from $TREE (scenarios: $XENLAB_SCENARIOS)"
 "$H/mk-initramfs.sh" "$ART" "$INITRD"
-step "boot Xen + dom0 under qemu-system-aarch64 (TCG); serial log $LOG"
-python3 "$H/boot.py" --xen "$ART/xen-ioreq" --kernel "$ART/Image" --initrd "$INITRD" --log "$LOG" \
+step "boot Xen + dom0 ($XENLAB_DOM0_KERNEL kernel) under qemu-system-aarch64 (TCG); serial log $LOG"
+python3 "$H/boot.py" --xen "$ART/xen-ioreq" --kernel "$DOM0_KERNEL" --initrd "$INITRD" --log "$LOG" \
   --timeout "${XENLAB_TIMEOUT:-1200}" || true
 if [ "${XENLAB_BENCH:-0}" = 1 ]; then   # make bench-xen: a report, not a verdict
   step "bench-xen report"

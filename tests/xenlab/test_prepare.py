@@ -34,6 +34,9 @@ def test_on_debian_13_the_host_packages_are_trixie_names_and_the_lab_stays_bookw
     assert trixie["kernel"].startswith("linux-image-6.1.") and trixie["kernel"].endswith("-arm64")
     assert trixie["xen-source"].startswith("4.17.")
     assert "python3=3.11." in trixie["versions"]
+    # the lab's kernel: Debian's 6.12 source (bookworm-backports), the same build on either host
+    assert trixie["lab-kernel"].startswith("linux-src=6.12.")
+    assert bookworm["lab-kernel-dir"] == trixie["lab-kernel-dir"]
     # and the key of the cache is the same whatever the host's release (same compiler version here)
     assert bookworm["key"] == trixie["key"]
 

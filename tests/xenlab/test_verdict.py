@@ -19,7 +19,7 @@ GOOD = """\
 [   25.3] XENLAB-CHECK pyblk image-has-pattern ok=1 guest=aa image=aa mark=M image_head=M
 [   30.1] XENLAB-CHECK pyblk second-guest ok=1 guests_running=2 all_io_ok=1 instances=2
 [   31.0] XENLAB-CHECK pyblk reboot-served ok=1 rc=0 old=1 new=3 ms=20400 old_instance_exit0=1
-[   31.5] XENLAB-STATUS pyblk {"domid":1,"devices":[{"devid":51712,"interrupts":125}],"ioreqs":{"served":464,"per_vcpu":[400,64]}}
+[   31.5] XENLAB-STATUS pyblk {"domid":1,"kernel_fast_path":true,"devices":[{"devid":51712,"data_path":"xen-mmap","interrupts":2,"kernel_queues":[0],"calls":{}}],"ioreqs":{"served":464,"per_vcpu":[400,64]}}
 [   31.7] XENLAB-CHECK pyblk term-exit ok=1 signal=TERM pid=200 rc=0 ms=900
 [   31.8] XENLAB-CHECK pyblk term-closed ok=1 backend_state=6 domain_alive=1
 [   31.8] XENLAB-CHECK pyblk term-ioreq-destroyed ok=1 id=1 ioreq server 1 destroyed
@@ -35,6 +35,7 @@ GOOD = """\
 [   35.3] DOMU[pyblk]| DOMU-VCPU-IO cpu=1 ok=1 want=bb got=bb\r
 [   35.3] DOMU[pyblk]| DOMU-VCPU-IO cpu=0 ok=1 want=cc got=cc
 [   35.3] DOMU[pyblk]| DOMU-NCPU 2
+[   35.4] DAEMON[pyblk]| INFO xen_vhost_master: dom1: kernel fast path available: privcmd ioeventfd/irqfd for zero-copy devices
 [   35.4] DAEMON[pyblk]| INFO xen_vhost_master: dom1: device 51712: back-end maps guest memory itself (XEN_MMAP)
 [   35.3] DOMU[pyblk]| DOMU-IRQ  14:         11     GICv3  33 Edge      virtio0
 [   35.7] XENLAB-FINISHED scenarios=pyblk
@@ -59,7 +60,13 @@ def test_complete_run_passes() -> None:
         (lambda t: t.replace("image-has-pattern ok=1", "image-has-pattern ok=0"), "image-has-pattern"),
         (lambda t: t.replace("itself (XEN_MMAP)", "itself"), "data-path"),
         (lambda t: t.replace("         11     GICv3", "          0     GICv3"), "interrupts"),
-        (lambda t: t.replace('"interrupts":125', '"interrupts":0'), "interrupts"),
+        (lambda t: t.replace('"interrupts":2,"kernel_queues":[0]', '"interrupts":0,"kernel_queues":[]'), "interrupts"),
+        # the kernel fast path: Debian's dom0 kernel (no CONFIG_XEN_PRIVCMD_EVENTFD) relays in user space
+        (lambda t: t.replace("kernel fast path available: privcmd ioeventfd/irqfd for zero-copy devices",
+                             "kernel fast path (privcmd ioeventfd/irqfd) not available: user-space relay"), "fast-path"),
+        (lambda t: t.replace('"kernel_fast_path":true', '"kernel_fast_path":false'), "fast-path"),
+        (lambda t: t.replace('"kernel_queues":[0]', '"kernel_queues":[]'), "fast-path"),  # queue refused: relayed
+        (lambda t: t.replace('"interrupts":2,', '"interrupts":11,'), "fast-path"),  # the daemon raised them all
         (lambda t: t.replace("XENLAB-STATUS pyblk {", "XENLAB-STATUS pyblk {broken"), "interrupts"),
         (lambda t: t.replace("second-guest ok=1", "second-guest ok=0"), "second-guest"),
         (lambda t: "\n".join(ln for ln in t.splitlines() if "reboot-served" not in ln), "reboot-served"),
@@ -86,10 +93,41 @@ def test_each_missing_fact_fails(edit: object, failed: str) -> None:
     assert any(f.startswith(f"pyblk/{failed}:") for f in v.failures), v.failures
 
 
+GRANT = (GOOD.replace("pyblk", "grant")
+         .replace("back-end maps guest memory itself (XEN_MMAP)", "grant-based guest: shadow virtqueues over gntdev")
+         .replace('"data_path":"xen-mmap"', '"data_path":"shadow (grants)",'
+                  '"data_path_stats":{"requests":90,"grants":{"maps":40,"read_only":12}}')
+         .replace("DOMU[grant]| DOMU-NCPU 2", "DOMU[grant]| DOMU-NCPU 2\n"
+                  "[   35.3] DOMU[grant]| DOMU-GRANT-DMA [    1.2] virtio-mmio 2000000.virtio: Using dom0 as backend"))
+
+
+def test_grant_scenario_passes_with_the_guests_grant_dma_and_the_daemons_gntdev_maps() -> None:
+    v = parse(GRANT, ["grant"])
+    assert v.ok, v.failures
+    assert "fast-path" not in v.scenarios["grant"].checks  # the shadow path sees every kick: no fast path
+    assert "gntdev_maps=40 read_only_maps=12" in v.scenarios["grant"].checks["grants"][1]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda t: "\n".join(ln for ln in t.splitlines() if "Using dom0 as backend" not in ln),  # no grant DMA
+        lambda t: t.replace('"data_path":"shadow (grants)"', '"data_path":"shadow"'),  # served as RAM
+        lambda t: t.replace('"maps":40', '"maps":0'),
+        lambda t: t.replace('"read_only":12', '"read_only":0'),  # readable buffers mapped writable
+        lambda t: t.replace(',"grants":{"maps":40,"read_only":12}', ""),
+    ],
+)
+def test_each_missing_grant_fact_fails(edit: object) -> None:
+    v = parse(edit(GRANT), ["grant"])  # type: ignore[operator]
+    assert not v.ok
+    assert [f.split(":")[0] for f in v.failures] == ["grant/grants"], v.failures
+
+
 def test_a_guest_that_died_under_a_stopped_daemon_is_reported_not_failed() -> None:
     v = parse(GOOD.replace("term-guest-alive ok=1", "term-guest-alive ok=0"), ["pyblk"])
     assert v.ok, v.failures
-    assert "WARN pyblk  term-guest-alive" in v.summary()
+    assert "WARN pyblk     term-guest-alive" in v.summary()
 
 
 def test_term_checks_are_the_last_scenarios() -> None:

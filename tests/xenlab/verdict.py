@@ -43,7 +43,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-__all__ = ["Verdict", "parse", "REQUIRED", "TERM_REQUIRED", "required", "main"]
+__all__ = ["Verdict", "parse", "REQUIRED", "TERM_REQUIRED", "FAST_PATH", "GRANTS", "required", "main"]
 
 REQUIRED = ("xl-create", "driver-ok", "data-path", "guest-io", "image-has-pattern", "interrupts", "vcpus-io",
             "second-guest", "reboot-served", "xl-destroy", "daemon-exit", "ioreq-server-destroyed", "domain-gone",
@@ -60,7 +60,14 @@ _DOMU = re.compile(r"^DOMU\[(\S+)\]\| (.*)$")
 _STATUS = re.compile(r"XENLAB-STATUS (\S+) (.*)$")
 _DAEMON = re.compile(r"^DAEMON\[(\S+)\]\| (.*)$")
 # how guest memory must reach each scenario's back-end (the daemon's own log line)
-DATA_PATH = {"pyblk": "back-end maps guest memory itself (XEN_MMAP)", "qsd": "shadow virtqueues"}
+DATA_PATH = {"pyblk": "back-end maps guest memory itself (XEN_MMAP)", "qsd": "shadow virtqueues",
+             "grant": "grant-based guest: shadow virtqueues over gntdev",
+             "grantmmap": "grant-based guest: back-end maps the grants itself (XEN_MMAP grant regions"}
+# zero-copy scenarios: with the lab's dom0 kernel, notifications go through privcmd ioeventfd/irqfd
+FAST_PATH = ("pyblk", "grantmmap")
+# grant-based guests (the lab's domU kernel, CONFIG_XEN_VIRTIO_FORCE_GRANT)
+GRANTS = ("grant", "grantmmap")
+FAST_PATH_LINE = "kernel fast path available: privcmd ioeventfd/irqfd"
 
 
 @dataclass
@@ -92,19 +99,84 @@ class Verdict:
         for s in self.scenarios.values():
             for check in required(s.name, names):
                 ok, detail = s.checks.get(check, (False, "not reported"))
-                out.append(f"{'PASS' if ok else 'FAIL'} {s.name:6} {check:24} {detail}")
+                out.append(f"{'PASS' if ok else 'FAIL'} {s.name:9} {check:24} {detail}")
             for check in REPORTED:
                 if check in s.checks:
                     ok, detail = s.checks[check]
-                    out.append(f"{'INFO' if ok else 'WARN'} {s.name:6} {check:24} {detail}")
-        out.append(f"{'PASS' if self.finished else 'FAIL'} lab    finished                 {self.boot_end}")
+                    out.append(f"{'INFO' if ok else 'WARN'} {s.name:9} {check:24} {detail}")
+        out.append(f"{'PASS' if self.finished else 'FAIL'} lab       finished                 {self.boot_end}")
         out.append("VERDICT " + ("PASS" if self.ok else "FAIL: " + "; ".join(self.failures)))
         return "\n".join(out)
 
 
 def required(name: str, scenarios: list[str]) -> tuple[str, ...]:
-    """The checks scenario ``name`` must pass: every scenario's, and the SIGTERM ones for the last."""
-    return REQUIRED + (TERM_REQUIRED if scenarios and name == scenarios[-1] else ())
+    """The checks scenario ``name`` must pass: every scenario's, ``fast-path`` for the zero-copy
+    ones, ``grants`` for the grant-based ones, and the SIGTERM ones for the last."""
+    return (REQUIRED + (("fast-path",) if name in FAST_PATH else ()) + (("grants",) if name in GRANTS else ())
+            + (TERM_REQUIRED if scenarios and name == scenarios[-1] else ()))
+
+
+def _devices(s: Scenario) -> list[dict[str, object]]:
+    devices = s.status.get("devices") if s.status else None
+    return [d for d in devices if isinstance(d, dict)] if isinstance(devices, list) else []
+
+
+def _guest_irqs(s: Scenario) -> int:
+    """The guest's /proc/interrupts count for its virtio device (the first boot's line)."""
+    for ln in s.guest:
+        if ln.startswith("DOMU-IRQ "):
+            # "DOMU-IRQ  14:  11  GICv3  33 Edge  virtio0": per-CPU counts follow the "N:" column
+            total = 0
+            for tok in ln.split()[2:]:
+                if not tok.isdigit():
+                    break
+                total += int(tok)
+            return total
+    return 0
+
+
+def _fast_path_checks(s: Scenario) -> None:
+    """``fast-path``: the daemon found privcmd ioeventfd/irqfd (its log and status), handed the
+    device's queues to the kernel (status ``kernel_queues``), and the guest's interrupts came from
+    the kernel: the guest counted more than the daemon raised itself (relayed, each guest interrupt
+    is one of the daemon's set_irq_level calls, so never more)."""
+    line = next((ln for ln in s.daemon if FAST_PATH_LINE in ln), None)
+    relay = next((ln for ln in s.daemon if "kernel fast path" in ln and "not available" in ln), None)
+    on = bool(s.status and s.status.get("kernel_fast_path") is True)
+    queues: list[object] = []
+    daemon_irqs = calls = 0
+    for d in _devices(s):
+        q = d.get("kernel_queues")
+        queues += q if isinstance(q, list) else []
+        n = d.get("interrupts")
+        daemon_irqs += n if isinstance(n, int) else 0
+        c = d.get("calls")
+        calls += sum(v for v in c.values() if isinstance(v, int)) if isinstance(c, dict) else 0
+    guest = _guest_irqs(s)
+    s.set("fast-path", line is not None and on and bool(queues) and guest > daemon_irqs,
+          f"status_kernel_fast_path={on} kernel_queues={queues} guest_irqs={guest} daemon_set_irq={daemon_irqs} "
+          f"daemon_relayed_calls={calls} log={'yes' if line else (relay or 'no fast-path line')!r}")
+
+
+def _grant_checks(s: Scenario) -> None:
+    """``grants``: the guest's kernel put grant addresses in its rings (grant-dma-ops.c: "Using
+    dom0 as backend"), the daemon served the device over grants (status ``data_path``), and where the
+    daemon maps them itself (shadow over gntdev) it mapped grants, the device-readable ones read-only."""
+    dma = next((ln for ln in s.guest if ln.startswith("DOMU-GRANT-DMA") and "Using dom0 as backend" in ln), None)
+    dev = next(iter(_devices(s)), {})
+    path = str(dev.get("data_path", "none"))
+    stats = dev.get("data_path_stats")
+    grants = stats.get("grants") if isinstance(stats, dict) else None
+    ok = dma is not None and "grants" in path
+    said = "grant DMA" if dma else "no 'Using dom0 as backend'"
+    detail = f"data_path={path!r} guest={said}"
+    if path.startswith("shadow"):
+        maps = grants.get("maps", 0) if isinstance(grants, dict) else 0
+        ro = grants.get("read_only", 0) if isinstance(grants, dict) else 0
+        ok = ok and isinstance(maps, int) and isinstance(ro, int) and maps > 0 and ro > 0
+        detail += f" gntdev_maps={maps} read_only_maps={ro}"
+    dt = next((ln for ln in s.guest if ln.startswith("DOMU-DT ")), "")
+    s.set("grants", ok, detail + (f" ({dt.split(' ', 1)[1]})" if dt else ""))
 
 
 def _vcpu_checks(s: Scenario) -> None:
@@ -144,28 +216,24 @@ def _guest_checks(s: Scenario) -> None:
     io = next((ln for ln in s.guest if ln.startswith("DOMU-IO-OK")), None)
     fail = next((ln for ln in s.guest if ln.startswith(("DOMU-IO-FAIL", "DOMU-IO "))), None)
     s.set("guest-io", io is not None, io or fail or "no DOMU-IO line")
-    guest_irqs = 0
-    for ln in s.guest:
-        if ln.startswith("DOMU-IRQ "):
-            # "DOMU-IRQ  14:  11  GICv3  33 Edge  virtio0": per-CPU counts follow the "N:" column
-            for tok in ln.split()[2:]:
-                if not tok.isdigit():
-                    break
-                guest_irqs += int(tok)
+    guest_irqs = _guest_irqs(s)
     want = DATA_PATH.get(s.name)
     path_line = next((ln for ln in s.daemon if want and want in ln), None)
     s.set("data-path", path_line is not None, path_line or f"daemon never said {want!r}")
     daemon_irqs = served = 0
+    kernel = False
     if s.status:
         ioreqs = s.status.get("ioreqs")
         if isinstance(ioreqs, dict) and isinstance(ioreqs.get("served"), int):
             served = ioreqs["served"]
-        devices = s.status.get("devices")
-        for d in devices if isinstance(devices, list) else []:
-            if isinstance(d, dict) and isinstance(d.get("interrupts"), int):
-                daemon_irqs += d["interrupts"]
-    s.set("interrupts", guest_irqs > 0 and daemon_irqs > 0,
-          f"guest_count={guest_irqs} daemon_set_irq={daemon_irqs} ioreqs_served_via_evtchn={served}")
+    for d in _devices(s):
+        n = d.get("interrupts")
+        daemon_irqs += n if isinstance(n, int) else 0
+        kernel = kernel or bool(d.get("kernel_queues"))
+    # on the kernel fast path, privcmd's irqfd raises the line (set_irq_level) instead of the daemon
+    s.set("interrupts", guest_irqs > 0 and (daemon_irqs > 0 or kernel),
+          f"guest_count={guest_irqs} daemon_set_irq={daemon_irqs} kernel_irqfd={'yes' if kernel else 'no'} "
+          f"ioreqs_served_via_evtchn={served}")
 
 
 def parse(text: str, scenarios: list[str]) -> Verdict:
@@ -199,6 +267,10 @@ def parse(text: str, scenarios: list[str]) -> Verdict:
     for s in found.values():
         _guest_checks(s)
         _vcpu_checks(s)
+        if s.name in FAST_PATH:
+            _fast_path_checks(s)
+        if s.name in GRANTS:
+            _grant_checks(s)
         for check in required(s.name, scenarios):
             ok, detail = s.checks.get(check, (False, "not reported"))
             if not ok:

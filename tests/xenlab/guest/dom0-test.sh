@@ -40,6 +40,12 @@ LOGS=/var/log/xen-vhost-master
 ilog() { echo "$LOGS/$1.log"; }   # the dispatcher's log of NAME's instances (every domid, appended)
 ilog_has() { grep -q "$2" "$(ilog $1)" 2>/dev/null; }
 
+# --- scenarios: the back-end, and whether the guest grants its buffers -------------------------
+# pyblk, qsd: Debian's domU kernel (no CONFIG_XEN_VIRTIO: guest-physical addresses in its rings);
+# grant, grantmmap: the lab's kernel (CONFIG_XEN_VIRTIO_FORCE_GRANT: grant addresses, xen_grant_dma).
+be_kind() { case $1 in pyblk|grantmmap) echo pyblk ;; *) echo qsd ;; esac; }
+grants_of() { case $1 in grant|grantmmap) echo 1 ;; *) echo 0 ;; esac; }
+
 # --- back-ends: started by guest name, before any guest exists ---------------------------------
 # Xen 4.17's `disk = [...specification=virtio...]` device id is the disk's xvd number (xvda = 51712):
 # the daemon's default socket is /run/vhost-user/<name>/<devid>.sock.
@@ -47,7 +53,7 @@ backend() {  # scenario
   S=$1; NAME=${XENLAB_PREFIX:-lab}-$S; IMG=/root/disk-$S.img; DIR=/run/vhost-user/$NAME; SOCK=$DIR/51712.sock
   dd if=/dev/zero of=$IMG bs=1M count=${XENLAB_DISK_MB:-16} 2>/dev/null
   mkdir -p $DIR
-  case $S in
+  case $(be_kind $S) in
     pyblk) python3 -m xen_vhost_master.backend.blk --socket $SOCK --image $IMG > /tmp/backend-$S.log 2>&1 & ;;
     qsd)   qemu-storage-daemon --blockdev driver=file,node-name=file0,filename=$IMG,cache.direct=off \
              --blockdev driver=raw,node-name=disk0,file=file0 \
@@ -59,10 +65,18 @@ backend() {  # scenario
 }
 
 cfg() {  # scenario
-  S=$1; NAME=lab-$S
+  S=$1; NAME=lab-$S; K=/boot/domu-vmlinuz
+  if [ "$(grants_of $S)" = 1 ]; then
+    K=/boot/domu-xenlab-vmlinuz
+    # Xen 4.17's libxl writes no grant_usage key for the device (4.18's virtio = [...] does): the
+    # operator tells the daemon in the guest's TOML file; the discovered device takes these settings
+    # (XENLAB_GRANT_TOML=0 leaves it out: the daemon serves guest RAM, which the guest refuses)
+    mkdir -p /etc/xen-vhost-master
+    [ "${XENLAB_GRANT_TOML:-1}" = 0 ] || printf '[[device]]\ntype = "blk"\nbase = 0x2000000\nirq = 33\ngrants = true\n' > /etc/xen-vhost-master/$NAME.toml
+  fi
   cat > /etc/xen/$NAME.cfg <<EOC
 name = "$NAME"
-kernel = "/boot/domu-vmlinuz"
+kernel = "$K"
 ramdisk = "/boot/domu.cpio.gz"
 memory = ${XENLAB_DOMU_MB:-128}
 vcpus = ${XENLAB_DOMU_VCPUS:-2}
@@ -90,7 +104,13 @@ created() {  # scenario: xl create's own verdict, libxl's InitWait handshake inc
 
 served_io() {  # scenario boot-number: the guest's boot N finished its I/O; the image holds its pattern
   S=$1; N=$2; NAME=lab-$S; IMG=/root/disk-$S.img
-  wait_for ${XENLAB_DOMU_WAIT:-150} console_has_n $NAME DOMU-DONE $N || t "scenario $S: no DOMU-DONE #$N"
+  if ! wait_for ${XENLAB_DOMU_WAIT:-150} console_has_n $NAME DOMU-DONE $N; then
+    t "scenario $S: no DOMU-DONE #$N"   # what the guest and dom0 were doing, now (the console is dumped at the end too)
+    tail -40 $CONSOLE/guest-$NAME.log | tr -d '\r' | prefix "STUCK-DOMU[$S]"
+    for p in $(pgrep -f "xen_vhost_master --domain=$(domid_of $NAME)( |\$)") $(cat /tmp/backend-$S.pid); do
+      for tk in /proc/$p/task/*; do echo "STUCK-TASK[$S] pid=$p tid=${tk##*/} $(sed -n 's/^State:\t//p' $tk/status) wchan=$(cat $tk/wchan 2>/dev/null)"; done
+    done
+  fi
   OKLINE=$(grep 'DOMU-IO-OK' $CONSOLE/guest-$NAME.log 2>/dev/null | sed -n "${N}p")
   WANT=$(echo "$OKLINE" | sed -n 's/.*md5=\([0-9a-f]*\).*/\1/p'); MARK=$(echo "$OKLINE" | sed -n 's/.*mark=\([A-Za-z0-9-]*\).*/\1/p')
   HAVE=$(dd if=$IMG bs=65536 skip=16 count=16 2>/dev/null | md5sum | cut -d' ' -f1)
@@ -99,8 +119,13 @@ served_io() {  # scenario boot-number: the guest's boot N finished its I/O; the 
   R=$?; echo "guest=$WANT image=$HAVE mark=$MARK image_head=$HEAD" > /tmp/io-$S-$N.txt; return $R
 }
 
-status_line() {  # scenario
-  xen-vhost-master status --json --domain lab-$1 2>&1 | tr -d '\n ' | sed 's/^/XENLAB-STATUS '"$1"' /'; echo
+status_line() {  # scenario: the instance's status; asked again (3 times in all) when it does not answer in
+  # the CLI's 5 s, as an instance under TCG beside three busy guests did once
+  for i in 1 2 3; do
+    OUT=$(xen-vhost-master status --json --domain lab-$1 2>&1 | tr -d '\n ')
+    case "$OUT" in '{'*) break ;; esac
+  done
+  echo "XENLAB-STATUS $1 $OUT"
 }
 
 term_guest() {  # scenario: SIGTERM to the guest's instance while the guest lives and does I/O, as

@@ -7,7 +7,9 @@ echo "DOMU-INIT uptime=$(cut -d' ' -f1 /proc/uptime)"
 for n in /proc/device-tree/virtio*; do
   [ -e "$n" ] && echo "DOMU-DT $(basename $n) compatible=$(tr '\0' ' ' < $n/compatible) iommus=$([ -e $n/iommus ] && echo yes || echo no)"
 done
-insmod /lib/modules/virtio_mmio.ko; insmod /lib/modules/virtio_blk.ko
+# Debian's kernel has virtio as modules; the lab's kernel (no module support) has it built in
+[ ! -e /proc/modules ] || { insmod /lib/modules/virtio_mmio.ko; insmod /lib/modules/virtio_blk.ko; }
+echo "DOMU-KERNEL $(uname -r)"
 if grep -q xenlab_bench /proc/cmdline; then
   # make bench-xen: the same dd, O_DIRECT (every block one request, no page cache), on the virtio
   # disk the daemon serves (vda) and on a Xen PV disk served by dom0's blkback (xvdb), phase by phase,
@@ -63,6 +65,8 @@ else
     wait
   fi
   echo "DOMU-NCPU $NCPU"
+  # grant DMA (drivers/xen/grant-dma-ops.c): "Using dom0 as backend" when the device's buffers are granted
+  dmesg | grep -E 'Using dom0 as backend|grant' | sed 's/^/DOMU-GRANT-DMA /'
   grep -E 'virtio' /proc/interrupts | sed 's/^/DOMU-IRQ /'
 fi
 echo "DOMU-DONE uptime=$(cut -d' ' -f1 /proc/uptime)"
