@@ -63,7 +63,17 @@ class KernelFastPath:
             ioreq=self.page.mapping.addr, ports=self._ports.buffer_info()[0], addr=base, addr_len=addr_len,
             event_fd=kick_fd, vcpus=len(self._ports), vq=index, flags=flags, dom=self.domid,
         )
-        self.privcmd.ioeventfd(arg)
+        notify = (base + QueueFastPath.NOTIFY_OFFSET, addr_len, index)  # what the kernel answers from now on
+        if flags & PRIVCMD_IOEVENTFD_FLAG_DEASSIGN:
+            self.privcmd.ioeventfd(arg)
+            self.page.kernel_notifies.discard(notify)
+        else:
+            self.page.kernel_notifies.add(notify)  # (before: the kernel may answer at once)
+            try:
+                self.privcmd.ioeventfd(arg)
+            except BaseException:
+                self.page.kernel_notifies.discard(notify)
+                raise
 
     def _irqfd(self, irq: int, call_fd: int, flags: int) -> None:
         op = xen_dm_op(op=DmOp.set_irq_level)

@@ -27,7 +27,7 @@ from vhost_user.aio import cancel_and_wait
 
 from .errors import XenError
 from .log import DeviceLogger, RateLimit
-from .xen.abi import IoRangeType, IoreqType
+from .xen.abi import IoRangeType, IoreqState, IoreqType
 from .xen.dmop import DeviceModel
 from .xen.evtchn import EventChannel
 from .xen.ioreq import IoreqPage, IoreqRequest
@@ -36,6 +36,7 @@ from .xen.privcmd import PrivCmd
 __all__ = ["IoreqServer", "IoreqStats", "MmioHandler", "PciHandler"]
 
 _COPY, _INVALIDATE, _PCI_CONFIG = int(IoreqType.COPY), int(IoreqType.INVALIDATE), int(IoreqType.PCI_CONFIG)  # plain ints: compared on every access
+_STATE_READY, _STATE_INPROCESS = int(IoreqState.READY), int(IoreqState.INPROCESS)
 ALL_ONES = 0xFFFFFFFFFFFFFFFF
 _GONE = (errno.ENOENT, errno.ESRCH)  # the server, or its whole domain, no longer exists
 #: How long a going device's window is still answered, as a removed device, after its interrupt
@@ -44,6 +45,9 @@ _GONE = (errno.ENOENT, errno.ESRCH)  # the server, or its whole domain, no longe
 #: both accesses; once the window is unclaimed, Xen on Arm answers an access with a data abort
 #: (tests/xenlab/README.md: a fatal oops in interrupt context when this window was not kept).
 REMOVED_GRACE = 0.5
+#: How often a slot the kernel may hold is looked at again (16 at once, then backing off to 0.1 s:
+#: about half a second in all) before it is left to its next event.
+KERNEL_WATCH_TRIES = 28
 
 
 class _Removed:
@@ -106,6 +110,9 @@ class IoreqServer:
         self._functions: dict[int, PciHandler] = {}  # SBDF -> handler
         self._tasks: set[asyncio.Task[None]] = set()
         self._reading = False
+        self._busy: set[int] = set()  # vCPUs whose request this loop took and has not answered yet
+        self._kernel_watch: set[int] = set()  # vCPUs whose slot is looked at again (_watch_kernel)
+        self._kernel_tries: dict[int, int] = {}
         self._retired: dict[int, tuple[int, float, bool]] = {}  # window base -> (irq, since when, raised)
 
     # --- life cycle -----------------------------------------------------------------------------
@@ -352,10 +359,17 @@ class IoreqServer:
         """Serve one vCPU's request: at once when the device can (register reads, notifies,
         interrupt ACKs: the hot path creates no task), else in a task for the slow part."""
         assert self.page is not None
+        if vcpu in self._busy:  # ours, being served (a kernel handler may have stored READY back)
+            self.stats.spurious += 1
+            return
         req = self.page.take(vcpu, recover=recover)
         if req is None:
             self.stats.spurious += 1
+            if self.page.kernel_notifies:
+                self._watch_kernel(vcpu)
             return
+        self._kernel_tries.pop(vcpu, None)
+        self._busy.add(vcpu)
         default = None if req.is_write else ALL_ONES
         try:
             result = self._handle(req)
@@ -381,8 +395,37 @@ class IoreqServer:
     def _failed(self, req: IoreqRequest) -> None:
         self.log.exception("serving %s of %d bytes at %#x failed", "write" if req.is_write else "read", req.size, req.addr)
 
+    def _watch_kernel(self, vcpu: int) -> None:
+        """With the dom0 kernel answering QueueNotify writes (privcmd ioeventfd), a slot this
+        loop did not take may be the kernel's for a moment: READY with a notify it answers, or
+        INPROCESS while its handler looks, after which it stores READY back, with no new event,
+        for any other access (Linux drivers/xen/privcmd.c ioeventfd_interrupt). Such a slot is
+        looked at again, soon and then less often, until it is answered or taken."""
+        assert self.page is not None
+        if self.page.state(vcpu) not in (_STATE_READY, _STATE_INPROCESS):
+            self._kernel_tries.pop(vcpu, None)  # answered, or nothing there
+            return
+        if vcpu in self._kernel_watch:
+            return
+        tries = self._kernel_tries.get(vcpu, 0)
+        if tries >= KERNEL_WATCH_TRIES:
+            self._kernel_tries.pop(vcpu, None)
+            self._refuse(f"vCPU {vcpu}'s slot stays state {self.page.state(vcpu)}, neither the kernel's "
+                         f"answer nor taken here, after {tries} looks: left to its next event")
+            return
+        self._kernel_tries[vcpu] = tries + 1
+        self._kernel_watch.add(vcpu)
+        delay = 0.0 if tries < 16 else min(0.0005 * 2 ** (tries - 16), 0.1)
+        asyncio.get_running_loop().call_later(delay, self._kernel_look, vcpu)
+
+    def _kernel_look(self, vcpu: int) -> None:
+        self._kernel_watch.discard(vcpu)
+        if self._reading and self.page is not None:
+            self._dispatch(vcpu)
+
     def _complete(self, req: IoreqRequest, data: int | None) -> None:
         """Publish the response and wake the vCPU (docs/xen-abi.md §5 steps 6-8)."""
+        self._busy.discard(req.vcpu)
         self.stats.served += 1
         if req.vcpu < len(self.stats.per_vcpu):
             self.stats.per_vcpu[req.vcpu] += 1

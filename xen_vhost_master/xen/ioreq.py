@@ -16,6 +16,7 @@ from xen_vhost_master.xen.abi import (
     IOREQ_SLOT_SIZE,
     XEN_PAGE_SIZE,
     IoreqState,
+    IoreqType,
     ResourceType,
     XENMEM_resource_ioreq_server_frame_ioreq,
     ioreq_t,
@@ -32,6 +33,7 @@ _STATE_MASK: Final = ioreq_t.STATE_MASK
 _DIR: Final = ioreq_t.DIR
 _DATA_IS_PTR: Final = ioreq_t.DATA_IS_PTR
 _READY: Final = int(IoreqState.READY)
+_COPY: Final = int(IoreqType.COPY)
 _INPROCESS: Final = int(IoreqState.INPROCESS)
 _IORESP_READY: Final = int(IoreqState.IORESP_READY)
 _new = tuple.__new__  # an IoreqRequest without NamedTuple's Python-level __new__ (once per access)
@@ -61,6 +63,10 @@ class IoreqPage:
         self.mapping, self.nr_vcpus = mapping, nr_vcpus
         self._slots = [ioreq_t.from_address(mapping.addr + i * IOREQ_SLOT_SIZE) for i in range(nr_vcpus)]
         self._raw = [memoryview(s).cast("B") for s in self._slots]  # the same bytes, for one-shot reads
+        # (address, size, queue) of the QueueNotify writes the dom0 kernel answers (privcmd
+        # ioeventfd): Linux drivers/xen/privcmd.c ioeventfd_interrupt takes a READY COPY write
+        # with addr == ioeventfd addr + 0x50, size == addr_len and (data & 0xFFFF) == vq.
+        self.kernel_notifies: set[tuple[int, int, int]] = set()
 
     @classmethod
     def map(cls, privcmd: PrivCmd, domid: int, server_id: int, nr_vcpus: int) -> IoreqPage:
@@ -96,7 +102,10 @@ class IoreqPage:
 
     def take(self, vcpu: int, *, recover: bool = False) -> IoreqRequest | None:
         """If vCPU's slot is READY (or, with ``recover``, INPROCESS left by a dead predecessor):
-        read it, mark INPROCESS and return it; else None (spurious wakeup: do not notify)."""
+        read it, mark INPROCESS and return it; else None (spurious wakeup: do not notify). A
+        QueueNotify the dom0 kernel answers (:attr:`kernel_notifies`) is left as it is: the
+        kernel's handler and this one share the slot with plain stores, and two answers to one
+        request leave Xen a slot in a bad state (tests/xenlab/README.md)."""
         raw = self._raw[vcpu]
         state = raw[_FLAGS_OFF] & _STATE_MASK
         if state != _READY and not (recover and state == _INPROCESS):
@@ -104,6 +113,8 @@ class IoreqPage:
         fence()  # the state before the fields
         addr, data, count, size, _port, _pad, flags, rtype = _SLOT.unpack(raw)
         is_write = not flags & _DIR  # dir bit clear: IOREQ_WRITE (abi.IoreqDir.WRITE = 0)
+        if is_write and self.kernel_notifies and rtype == _COPY and (addr, size, data & 0xFFFF) in self.kernel_notifies:
+            return None
         if is_write and 0 < size < 8:
             data &= (1 << (8 * size)) - 1
         req = _new(IoreqRequest, (vcpu, addr, size, is_write, data, rtype, count, bool(flags & _DATA_IS_PTR)))
