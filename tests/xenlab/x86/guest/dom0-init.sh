@@ -89,6 +89,13 @@ while [ $n -lt $((XENLAB_X86_DOMU_WAIT * 2)) ]; do
       STATUS_SEEN=1   # the daemon's own view while the guest still runs
       xen-vhost-master status --json --runtime-dir /run/xvm-hvm1 --domid $DOMID 2>&1 | tr -d '\n ' | sed 's/^/XENLAB-X86-STATUS /'; echo
     fi
+    if [ "$XENLAB_X86_SCENARIO" = pci-pyblk ]; then   # the daemon's log, live
+      dtotal=$(wc -l < /tmp/daemon.log)
+      if [ $dtotal -gt $dsent ]; then sed -n "$((dsent + 1)),${dtotal}p" /tmp/daemon.log | sed 's/^/XENLAB-X86-DAEMON /'; dsent=$dtotal; fi
+      if [ $((n % 60)) = 59 ] && grep -q 'DOMU-PCI 0000:00:04.0' $SER; then
+        xen-vhost-master status --json --runtime-dir /run/xvm-hvm1 --domid $DOMID 2>&1 | tr -d '\n ' | sed 's/^/XENLAB-X86-STATUS /'; echo
+      fi
+    fi
     grep -q DOMU-DONE $SER && break
   fi
   # xl is slow to start under TCG: ask xenstore (cheaper) every 5 s whether the domain still lives
@@ -99,7 +106,7 @@ done
 sleep 2; [ -f $SER ] && sed -n "$((sent + 1)),\$p" $SER | sed 's/^/XENLAB-X86-DOMU| /'
 [ $seen = 1 ] || t "domu-first-userspace never (waited ${XENLAB_X86_DOMU_WAIT}s)"
 if [ "$XENLAB_X86_SCENARIO" = pci-pyblk ]; then
-  sed -n "$((dsent + 1)),\$p" /tmp/daemon.log | sed 's/^/XENLAB-X86-DAEMON /' | tail -300
+  sed -n "$((dsent + 1)),\$p" /tmp/daemon.log | sed 's/^/XENLAB-X86-DAEMON /'
   tail -40 /tmp/backend.log | sed 's/^/XENLAB-X86-BACKEND /'
   MARK=$(sed -n 's/.*DOMU-IO-OK .*mark=\(XENLAB-PATTERN-[0-9a-f]*\).*/\1/p' $SER | head -1)
   if [ -n "$MARK" ] && dd if=$IMG bs=65536 skip=16 count=1 2>/dev/null | head -1 | grep -q "^$MARK\$"; then

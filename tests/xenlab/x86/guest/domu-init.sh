@@ -14,10 +14,14 @@ if [ -f /lib/modules/virtio_pci.ko ]; then
   # issue 20: the daemon's virtio-pci function (00:04.0): bind Linux's virtio_pci + virtio_blk,
   # a 1 MiB pattern written to /dev/vda and read back (dom0 finds its marker in the image)
   # in dependency order (Debian 6.1: virtio.ko needs virtio_ring.ko's virtio_break_device)
-  for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
+  for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev; do
     insmod /lib/modules/$m.ko || echo "DOMU-WARN insmod $m failed"
   done
-  i=0; while [ ! -b /dev/vda ] && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done
+  # the probes in the background: a probe waiting for an interrupt that never comes must not
+  # hide what the guest sees (the wait below is counted in commands, ~1 s each here)
+  ( insmod /lib/modules/virtio_pci.ko && insmod /lib/modules/virtio_blk.ko; echo "DOMU-INSMOD rc=$?" ) &
+  i=0; while [ ! -b /dev/vda ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done
+  echo "DOMU-WAITED-VDA loops=$i"
   F=/sys/bus/pci/devices/0000:00:04.0
   [ -e $F ] && echo "DOMU-FN 00:04.0 driver=$(basename $(readlink $F/driver) 2>/dev/null) irq=$(cat $F/irq) msi_irqs=$(ls $F/msi_irqs 2>/dev/null | tr '\n' ,) enable=$(cat $F/enable) resource0=$(head -1 $F/resource)"
   for d in /sys/bus/virtio/devices/*; do
@@ -26,6 +30,8 @@ if [ -f /lib/modules/virtio_pci.ko ]; then
   grep -iE 'virtio|CPU0' /proc/interrupts | sed 's/^/DOMU-IRQ /'
   if [ ! -b /dev/vda ]; then
     echo "DOMU-IO-FAIL no /dev/vda"
+    dmesg | grep -iE 'virtio|vda|00:04.0|msi|blk' | tail -30 | sed 's/^/DOMU-DMESG-PCI /'
+    for f in /proc/*/stack; do grep -q virt "$f" 2>/dev/null && sed "s|^|DOMU-STACK $f |" "$f"; done
   else
     echo "DOMU-VDA size=$(cat /sys/block/vda/size) sectors"
     MARK="XENLAB-PATTERN-$(head -c 8 /dev/urandom | md5sum | cut -c1-16)"
