@@ -122,7 +122,8 @@ xl dmesg | tail -30 | sed 's/^/XENLAB-X86-XLDMESG-END /'
 n=0; while [ $n -lt 20 ] && xenstore-exists /local/domain/$DOMID 2>/dev/null; do sleep 0.5; n=$((n + 1)); done
 if xenstore-exists /local/domain/$DOMID 2>/dev/null; then xl destroy hvm1; t "xl-destroy rc=$?"; else t "hvm1 powered itself off"; fi
 if [ "$XENLAB_X86_SCENARIO" = pci-pyblk ]; then
-  kill -TERM $DPID 2>/dev/null; wait_for 60 sh -c "! kill -0 $DPID 2>/dev/null"
+  # the domain is gone: the daemon stops by itself (SIGTERM only if it does not)
+  wait_for 60 sh -c "! kill -0 $DPID 2>/dev/null" || { t "daemon still running: SIGTERM"; kill -TERM $DPID; wait_for 60 sh -c "! kill -0 $DPID 2>/dev/null"; }
   wait $DPID; t "daemon exit rc=$?"; tail -5 /tmp/daemon.log | sed 's/^/XENLAB-X86-DAEMON-END /'
   kill -TERM $BEPID 2>/dev/null
 fi
