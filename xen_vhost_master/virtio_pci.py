@@ -83,6 +83,7 @@ PCI_BASE_ADDRESS_MEM_TYPE_64, PCI_BASE_ADDRESS_MEM_PREFETCH = 0x04, 0x08
 PCI_CAP_ID_VNDR, PCI_CAP_ID_MSIX = 0x09, 0x11
 PCI_MSIX_FLAGS_MASKALL, PCI_MSIX_FLAGS_ENABLE = 0x4000, 0x8000
 PCI_MSIX_ENTRY_SIZE, PCI_MSIX_ENTRY_CTRL_MASKBIT = 16, 1
+MSI_ADDRESS_BASE = 0xFEE0_0000  # x86 MSI message address, bits 31:20 (Xen: xen/include/asm-x86/msi.h)
 
 
 class Cap:
@@ -600,13 +601,25 @@ class VirtioPciDevice(VirtioCore):
         data = int.from_bytes(self._table[at + 8 : at + 12], "little")
         return address, data, bool(self._table[at + 12] & PCI_MSIX_ENTRY_CTRL_MASKBIT)
 
+    def _masked(self, vector: int) -> bool:
+        """Whether ``vector`` is held back now: its entry's mask bit or the function mask, except
+        for a Xen PIRQ message (vector field 0, the PIRQ in the destination id: Xen's
+        ``hvm_inject_msi``). A Linux HVM guest on Xen that maps MSI-X to PIRQs masks them through
+        event channels and never writes the table's mask bits (``pci_msi_ignore_mask``,
+        ``arch/x86/pci/xen.c``), so they keep their reset value, masked; QEMU's
+        ``msix_vector_masked`` (``hw/pci/msix.c``) ignores both masks for such a message."""
+        address, data, masked = self._entry(vector)
+        if data & 0xFF == 0 and address & 0xFFF0_0000 == MSI_ADDRESS_BASE:
+            return False
+        return masked or self.msix_function_masked
+
     def _fire(self, vector: int) -> list[Action]:
         if vector == NO_VECTOR or vector >= self.vectors:
             return []
-        address, data, masked = self._entry(vector)
-        if masked or self.msix_function_masked:
+        if self._masked(vector):
             self._pending |= 1 << vector
             return []
+        address, data, _ = self._entry(vector)
         return [Msi(address, data, vector)]
 
     def pending(self, vector: int) -> bool:
@@ -616,10 +629,10 @@ class VirtioPciDevice(VirtioCore):
     def _deliver_pending(self) -> list[PciAction]:
         """Send the pending messages whose vector (and function) are no longer masked."""
         actions: list[PciAction] = []
-        if not self.msix_enabled or self.msix_function_masked:
+        if not self.msix_enabled:
             return actions
         for vector in range(self.vectors):
-            if self._pending >> vector & 1 and not self._entry(vector)[2]:
+            if self._pending >> vector & 1 and not self._masked(vector):
                 self._pending &= ~(1 << vector)
                 address, data, _ = self._entry(vector)
                 actions.append(Msi(address, data, vector))

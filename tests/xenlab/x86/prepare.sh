@@ -51,8 +51,8 @@ fi
 ver() { ac policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: //p' | head -1; }
 KPKG=$(ac depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*\).*/\1/p' | head -1 || true)
 [ -n "$KPKG" ] || cant "bookworm's apt lists do not know linux-image-amd64"
-PKGS="$KPKG xen-hypervisor-4.17-amd64 xen-utils-4.17 xenstore-utils qemu-system-xen busybox-static libc-bin"
-VERS=$(for p in $PKGS; do printf '%s=%s ' "$p" "$(ver "$p")"; done; echo "x86lab=1")
+PKGS="$KPKG xen-hypervisor-4.17-amd64 xen-utils-4.17 xenstore-utils qemu-system-xen busybox-static libc-bin python3"
+VERS=$(for p in $PKGS; do printf '%s=%s ' "$p" "$(ver "$p")"; done; echo "x86lab=2")
 KEY=$(echo "$VERS" | sha256sum | cut -c1-16)
 A=$C/$KEY
 mkdir -p "$A"; echo "$VERS" > "$A/versions.txt"
@@ -61,6 +61,9 @@ MIRRORS=("deb $M bookworm main" "deb $MS bookworm-security main")
 # dom0's modules: Debian builds these Xen drivers as modules (a built-in one is simply not there)
 KMODS="drivers/xen/xen-privcmd.ko drivers/xen/xen-evtchn.ko drivers/xen/xen-gntdev.ko drivers/xen/xen-gntalloc.ko \
 drivers/xen/xenfs/xenfs.ko drivers/xen/xen-pciback/xen-pciback.ko"
+# the domU's virtio-pci driver stack (issue 20): whichever of these Debian builds as modules
+DOMU_KMODS="drivers/virtio/virtio.ko drivers/virtio/virtio_ring.ko drivers/virtio/virtio_pci_modern_dev.ko \
+drivers/virtio/virtio_pci_legacy_dev.ko drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko"
 if [ ! -f "$A/rootfs.done" ]; then
   step "dom0 userland + kernel + hypervisor (mmdebstrap --variant=extract, amd64)"
   R=$A/rootfs
@@ -76,9 +79,21 @@ if [ ! -f "$A/rootfs.done" ]; then
   gunzip -c "$XGZ" > "$A/xen"     # QEMU's multiboot loader wants the ELF, not the gzip
   mkdir -p "$A/modules"
   for m in $KMODS; do [ -f "$R/lib/modules/$KV/kernel/$m" ] && cp "$R/lib/modules/$KV/kernel/$m" "$A/modules/"; done
+  mkdir -p "$A/domu-modules"
+  for m in $DOMU_KMODS; do [ -f "$R/lib/modules/$KV/kernel/$m" ] && cp "$R/lib/modules/$KV/kernel/$m" "$A/domu-modules/"; done
   rm -rf "$R"/boot "$R"/lib/modules "$R"/lib/firmware "$R"/usr/share/{doc,man,locale,info,bash-completion} \
          "$R"/var/cache/apt "$R"/var/lib/apt/lists "$R"/usr/lib/python3*/test
   touch "$A/rootfs.done"
+fi
+# amd64 wheels of the project's dependencies (PyPI), for the dom0's python 3.11 (the daemon's scenario)
+if [ ! -f "$A/wheels.done" ]; then
+  step "amd64 wheels (uvloop, construct, construct-typing)"
+  rm -rf "$A/wheels"; mkdir -p "$A/wheels"
+  retry python3 -m pip download -q --disable-pip-version-check --no-deps --dest "$A/wheels" \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --python-version 3.11 --implementation cp \
+    --only-binary=:all: 'uvloop>=0.19' 'construct==2.10.70' 'construct-typing>=0.8' 'typing-extensions' >/dev/null 2>&1 \
+    || cant "pip download of the dom0's amd64 wheels failed 3 times (no network to PyPI?)"
+  touch "$A/wheels.done"
 fi
 step "artefacts ready in $A"
 echo "XENLAB_X86_ART=$A"

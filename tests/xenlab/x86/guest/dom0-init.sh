@@ -43,21 +43,58 @@ on_poweroff = "destroy"
 on_reboot = "destroy"
 on_crash = "preserve"
 CFG
+wait_for() {  # seconds command...: poll every 0.5 s
+  local s=$1 n=0; shift
+  while [ $n -lt $((s * 2)) ]; do "$@" && return 0; sleep 0.5; n=$((n + 1)); done; return 1
+}
+IMG=/root/disk.img; SOCK=/run/vhost-user/hvm1/pci.sock
+if [ "$XENLAB_X86_SCENARIO" = pci-pyblk ]; then
+  # issue 20: the daemon a secondary IOREQ server of the HVM domU beside QEMU, one virtio-pci
+  # function (00:04.0) served by the Python RAM-disk back-end (XEN_MMAP)
+  echo "XENLAB-X86-PY $(python3 -c 'import sys, uvloop, construct; print(sys.version.split()[0], uvloop.__version__, construct.__version__)' 2>&1)"
+  dd if=/dev/zero of=$IMG bs=1M count=16 2>/dev/null; mkdir -p /run/vhost-user/hvm1
+  python3 -m xen_vhost_master.backend.blk --socket $SOCK --image $IMG > /tmp/backend.log 2>&1 &
+  BEPID=$!; t "back-end pid $BEPID"
+  wait_for 120 test -S $SOCK && t "back-end listening" || t "back-end socket never appeared"
+fi
 t "xl-create-start"
 T0=$(up)
-xl -v create /etc/xen/hvm1.cfg > /tmp/xl-create.log 2>&1; rc=$?
+CREATE="xl -v create"; [ -n "$XENLAB_X86_SCENARIO" ] && CREATE="xl -v create -p"
+$CREATE /etc/xen/hvm1.cfg > /tmp/xl-create.log 2>&1; rc=$?
 t "xl-create rc=$rc"
 sed 's/^/XENLAB-X86-XLCREATE /' /tmp/xl-create.log | tail -40
 xl list | sed 's/^/XENLAB-X86-XLLIST /'
 DOMID=$(xl domid hvm1 2>/dev/null || echo none)
+if [ "$XENLAB_X86_SCENARIO" = pci-pyblk ]; then
+  xen-vhost-master serve --domid $DOMID --guest-arch x86_64 -vv --runtime-dir /run/xvm-hvm1 \
+    --device type=blk,transport=pci,bdf=00:04.0,socket=$SOCK > /tmp/daemon.log 2>&1 &
+  DPID=$!; t "daemon pid $DPID"
+  if wait_for 180 grep -q "serving virtio device" /tmp/daemon.log; then t "daemon serving"
+  else t "daemon not serving after 180s"; fi
+  sed 's/^/XENLAB-X86-DAEMON /' /tmp/daemon.log
+  dsent=$(wc -l < /tmp/daemon.log)
+  xl unpause hvm1; t "xl-unpause rc=$?"
+  T0=$(up)
+fi
 # relay the guest's serial until its init has spoken (or the budget is spent)
-n=0; seen=0; sent=0
+n=0; seen=0; sent=0; STATUS_SEEN='';
 while [ $n -lt $((XENLAB_X86_DOMU_WAIT * 2)) ]; do
   if [ -f $SER ]; then
     total=$(wc -l < $SER)
     if [ $total -gt $sent ]; then sed -n "$((sent + 1)),${total}p" $SER | sed 's/^/XENLAB-X86-DOMU| /'; sent=$total; fi
     if [ $seen = 0 ] && grep -q DOMU-INIT $SER; then
       seen=1; t "domu-first-userspace after=$(awk -v a=$T0 -v b=$(up) 'BEGIN{printf "%.1f", b-a}')"
+    fi
+    if [ "$XENLAB_X86_SCENARIO" = pci-pyblk ] && [ -z "$STATUS_SEEN" ] && grep -q 'DOMU-IO' $SER; then
+      STATUS_SEEN=1   # the daemon's own view while the guest still runs
+      xen-vhost-master status --json --runtime-dir /run/xvm-hvm1 --domid $DOMID 2>&1 | tr -d '\n ' | sed 's/^/XENLAB-X86-STATUS /'; echo
+    fi
+    if [ "$XENLAB_X86_SCENARIO" = pci-pyblk ]; then   # the daemon's log, live
+      dtotal=$(wc -l < /tmp/daemon.log)
+      if [ $dtotal -gt $dsent ]; then sed -n "$((dsent + 1)),${dtotal}p" /tmp/daemon.log | sed 's/^/XENLAB-X86-DAEMON /'; dsent=$dtotal; fi
+      if [ $((n % 60)) = 59 ] && grep -q 'DOMU-PCI 0000:00:04.0' $SER; then
+        xen-vhost-master status --json --runtime-dir /run/xvm-hvm1 --domid $DOMID 2>&1 | tr -d '\n ' | sed 's/^/XENLAB-X86-STATUS /'; echo
+      fi
     fi
     grep -q DOMU-DONE $SER && break
   fi
@@ -68,6 +105,14 @@ done
 # the last line may still be without its newline (the guest is slow): wait a little, print it anyway
 sleep 2; [ -f $SER ] && sed -n "$((sent + 1)),\$p" $SER | sed 's/^/XENLAB-X86-DOMU| /'
 [ $seen = 1 ] || t "domu-first-userspace never (waited ${XENLAB_X86_DOMU_WAIT}s)"
+if [ "$XENLAB_X86_SCENARIO" = pci-pyblk ]; then
+  sed -n "$((dsent + 1)),\$p" /tmp/daemon.log | sed 's/^/XENLAB-X86-DAEMON /'
+  tail -40 /tmp/backend.log | sed 's/^/XENLAB-X86-BACKEND /'
+  MARK=$(sed -n 's/.*DOMU-IO-OK .*mark=\(XENLAB-PATTERN-[0-9a-f]*\).*/\1/p' $SER | head -1)
+  if [ -n "$MARK" ] && dd if=$IMG bs=65536 skip=16 count=1 2>/dev/null | head -1 | grep -q "^$MARK\$"; then
+    echo "XENLAB-X86-CHECK image-has-pattern ok mark=$MARK"
+  else echo "XENLAB-X86-CHECK image-has-pattern FAIL mark=$MARK"; fi
+fi
 xl list | sed 's/^/XENLAB-X86-XLLIST /'
 for f in /var/log/xen/qemu-dm-hvm1.log /var/log/xen/xl-hvm1.log; do
   [ -f $f ] && tail -20 $f | sed "s|^|XENLAB-X86-LOG $(basename $f) |"
@@ -76,6 +121,12 @@ xl dmesg | tail -30 | sed 's/^/XENLAB-X86-XLDMESG-END /'
 # the guest powers itself off after DOMU-DONE (on_poweroff = "destroy"): give xl's own clean-up 10 s
 n=0; while [ $n -lt 20 ] && xenstore-exists /local/domain/$DOMID 2>/dev/null; do sleep 0.5; n=$((n + 1)); done
 if xenstore-exists /local/domain/$DOMID 2>/dev/null; then xl destroy hvm1; t "xl-destroy rc=$?"; else t "hvm1 powered itself off"; fi
+if [ "$XENLAB_X86_SCENARIO" = pci-pyblk ]; then
+  # the domain is gone: the daemon stops by itself (SIGTERM only if it does not)
+  wait_for 60 sh -c "! kill -0 $DPID 2>/dev/null" || { t "daemon still running: SIGTERM"; kill -TERM $DPID; wait_for 60 sh -c "! kill -0 $DPID 2>/dev/null"; }
+  wait $DPID; t "daemon exit rc=$?"; tail -5 /tmp/daemon.log | sed 's/^/XENLAB-X86-DAEMON-END /'
+  kill -TERM $BEPID 2>/dev/null
+fi
 echo "XENLAB-X86-DOM0-END uptime=$(up)"
 if grep -q xenlab_interactive /proc/cmdline; then exec setsid cttyhack sh; fi
 sync
