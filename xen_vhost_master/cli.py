@@ -500,6 +500,7 @@ def main(argv: list[str] | None = None, platform: Platform | None = None) -> int
     result = run(_serve(args, platform))
     if isinstance(result, _Handover):
         return _reexec(sys.argv[1:] if argv is None else argv, result.fds)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopped: a late stop has nothing left to stop
     return result
 
 

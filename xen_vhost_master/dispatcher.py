@@ -100,6 +100,10 @@ __all__ = ["Dispatcher", "WatchOptions", "instance_argv", "main", "parse_args"]
 
 log = logging.getLogger("xen_vhost_master.dispatcher")
 
+
+def _signalled_after_end(sig: int) -> None:
+    log.info("%s after the end: already stopped", signal.Signals(sig).name)
+
 KINDS = ("virtio", "virtio_disk")
 PAUSE_TIMEOUT = 120.0  # never hold a guest longer than this waiting for its instance
 OLD_INSTANCE_GRACE = 30.0  # how long a rebooted guest's old instance may take to exit by itself
@@ -701,8 +705,8 @@ class Dispatcher:
         finally:
             self.notifier.stopping()
             await self._teardown(pumps)
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+            for sig in (signal.SIGTERM, signal.SIGINT):  # a stop asked for now finds nothing left to stop
+                loop.add_signal_handler(sig, _signalled_after_end, sig)
             self.notifier.close()
         return status
 

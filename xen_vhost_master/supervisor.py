@@ -239,10 +239,13 @@ class Supervisor:
                 self.handover = False
                 self.notifier.stopping()
                 await self._teardown()
-            for sig in SIGNALS:
-                loop.remove_signal_handler(sig)
+            for sig in SIGNALS:  # a stop asked for now finds nothing left to stop (the default would kill: 143)
+                loop.add_signal_handler(sig, self._signalled_after_end, sig)
             self.notifier.close()
         return int(self._exit)
+
+    def _signalled_after_end(self, sig: int) -> None:
+        self.log.info("%s after the end: already stopped", signal.Signals(sig).name)
 
     def _signalled(self, sig: int) -> None:
         if sig == signal.SIGHUP:

@@ -160,6 +160,8 @@ async def test_daemon_serves_discovers_hotplugs_and_stops_cleanly(start_sim, sim
         await wait_state(xs, f"{backend}/0/state", "2")
 
         daemon.send_signal(signal.SIGTERM)
+        await log.wait_for(f"dom{DOMID}: stopped")  # its teardown is done ...
+        daemon.send_signal(signal.SIGTERM)  # ... and a second stop (an operator's, twice) finds nothing to stop
         rc = await loop.run_in_executor(None, daemon.wait, TIMEOUT)
         assert rc == 0, "".join(log.lines)
         messages = []

@@ -191,11 +191,18 @@ def _vcpu_checks(s: Scenario) -> None:
     if s.status:
         ioreqs = s.status.get("ioreqs")
         per_vcpu = ioreqs.get("per_vcpu") if isinstance(ioreqs, dict) else None
+    # With the queue on the kernel fast path, a vCPU whose only accesses are QueueNotify writes
+    # (the pinned writer's; the interrupt handler runs where the SPI goes) is served by the dom0
+    # kernel alone, through that vCPU's slot and event channel: the daemon then counts none for it.
+    devices = s.status.get("devices") if s.status else None
+    kernel = isinstance(devices, list) and any(isinstance(d, dict) and d.get("kernel_queues") for d in devices)
     daemon_ok = (isinstance(per_vcpu, list) and len(per_vcpu) >= 2
-                 and all(isinstance(n, int) and n > 0 for n in per_vcpu))
+                 and all(isinstance(n, int) and (n > 0 or kernel) for n in per_vcpu) and any(
+                     isinstance(n, int) and n > 0 for n in per_vcpu))
     bad = [ln.split()[1] for ln in per_cpu if " ok=1 " not in ln]
     s.set("vcpus-io", guest_ok and daemon_ok,
-          f"guest_vcpus={ncpu} pinned_io={len(per_cpu)} cpus={','.join(sorted(cpus))} failed={','.join(bad) or 'none'} daemon_ioreqs_per_vcpu={per_vcpu}")
+          f"guest_vcpus={ncpu} pinned_io={len(per_cpu)} cpus={','.join(sorted(cpus))} failed={','.join(bad) or 'none'} daemon_ioreqs_per_vcpu={per_vcpu}"
+          + (" (notifies answered by the kernel fast path)" if kernel else ""))
 
 
 def _guest_checks(s: Scenario) -> None:
