@@ -132,7 +132,8 @@ back-end sockets:
                      of an x86 HVM guest (--guest-arch x86_64), served as a secondary IOREQ
                      server beside QEMU: no base=/irq=, interrupts by MSI-X or INTx
   bdf=00:08.0        transport=pci: the function on bus 0 (device 03..1f, function 0; 00..02
-                     are QEMU's, 03 its Xen platform device, NICs the slots after)
+                     are QEMU's, its Xen platform device at 02 or 03 (03 with an emulated
+                     VGA), NICs the slots after: 00:04.0 on real Xen with vga="none")
   socket=TEMPLATE    back-end socket, an absolute path (default: --socket, see above)
   mode=client|server client: connect to a listening back-end (qemu-storage-daemon);
                      server: listen, the back-end connects (dpdk-testpmd client=1, vhost-device-*)
