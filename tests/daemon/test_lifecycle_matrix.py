@@ -51,7 +51,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon.test_shadow_sim import _ATTR, _ENTRY, FUSE_INIT, FUSE_LOOKUP, FUSE_OPEN, FUSE_READ, VIRTIO_ID_FS, Fuse
+from tests.daemon.test_shadow_sim import _ATTR, _ENTRY, FUSE_DESTROY, FUSE_INIT, FUSE_LOOKUP, FUSE_OPEN, FUSE_READ, VIRTIO_ID_FS, Fuse
 from tests.peers import programs
 from tests.peers.harness import TESTPMD_FORWARDING_LOG, PeerProcess, Peers
 from xen_vhost_sim.guest import SimControl, SimGuest
@@ -64,7 +64,6 @@ pytestmark = [pytest.mark.peer, pytest.mark.timeout(90)]
 BASE, IRQ = 0x0200_0000, 33
 STEP = 25.0  # bound on each wait
 BIN = Path(sys.executable).parent
-FUSE_DESTROY = 38
 # virtio 1.2 §5.1.3: CTRL_VQ 17, CTRL_RX 18, CTRL_VLAN 19, GUEST_ANNOUNCE 21, MQ 22, CTRL_MAC_ADDR 23
 NET_FRONT_END_ONLY = sum(1 << b for b in (17, 18, 19, 21, 22, 23))
 NET_ALL_BUT_RING_LAYOUTS = ((1 << 64) - 1) & ~(Feature.RING_PACKED | 1 << 35 | Feature.NOTIFICATION_DATA)  # 35: IN_ORDER
