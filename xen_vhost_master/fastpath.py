@@ -25,6 +25,7 @@ import array
 import ctypes
 from collections.abc import Callable
 
+from .errors import XenError
 from .log import DeviceLogger
 from .virtio_mmio import Reg
 from .xen.abi import (
@@ -71,7 +72,7 @@ class KernelFastPath:
             self.page.kernel_notifies.add(notify)  # (before: the kernel may answer at once)
             try:
                 self.privcmd.ioeventfd(arg)
-            except BaseException:
+            except XenError:  # refused (ENOTTY, EOPNOTSUPP, EEXIST...): the daemon keeps answering it
                 self.page.kernel_notifies.discard(notify)
                 raise
 

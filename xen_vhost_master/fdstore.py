@@ -33,6 +33,8 @@ from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import NoReturn, Protocol
 
+from .log import say
+
 __all__ = [
     "ENV_PASS_FDS",
     "FD_KINDS",
@@ -291,7 +293,7 @@ def trampoline() -> NoReturn:
     try:
         exec_with_fds([sys.executable, "-m", "xen_vhost_master", *sys.argv[1:]], named)
     except OSError as e:
-        print(f"xen-vhost-master: cannot execute {sys.executable}: {e}", file=sys.stderr)
+        say(f"cannot execute {sys.executable}: {e}")
         raise SystemExit(75) from None
 
 
