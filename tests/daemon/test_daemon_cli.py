@@ -76,6 +76,14 @@ class DaemonLog:
                 if text in line:
                     return line
 
+    async def ended(self) -> str:
+        """Everything the daemon logged, once it is stopped (SIGTERM, then SIGKILL): for a
+        failing test's message."""
+        await asyncio.to_thread(stop, self.proc)
+        assert self.proc.stderr is not None
+        rest = await asyncio.to_thread(self.proc.stderr.read)
+        return "".join(self.lines) + rest.decode(errors="replace")
+
 
 async def wait_state(xs: XenstoreClient, path: str, value: str) -> None:
     async with await xs.watch(path) as w:
