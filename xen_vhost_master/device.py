@@ -528,12 +528,8 @@ class Device:
                 for index in meta.running:
                     bases[index] = await fe.stop_vring(index)
             if meta.running:
-                # what the back-end did meanwhile is not recorded anywhere this process can read
-                self.log.warning(
-                    "kept back-end connection: rings %s the previous process left running stopped; what it had "
-                    "handed the back-end and not returned to the guest is taken from the guest's rings again (a "
-                    "request the back-end had completed meanwhile runs a second time, the guest sees it complete "
-                    "once)", meta.running)
+                self.log.info("kept back-end connection: rings %s the previous process left running stopped, the "
+                              "back-end at avail index %s", meta.running, [bases[i] for i in meta.running])
             nq = meta.num_queues
             if self._chooser is not None:
                 chosen = self._chooser(negotiated.protocol_features, nq)
@@ -739,10 +735,11 @@ class Device:
         return kept
 
     async def _backend_done(self, memory: object, bases: dict[int, int], sizes: dict[int, int]) -> None:
-        """After a crash: the back-end has completed, into the previous process's shadow rings
-        (whose completions nobody takes back: those chains are taken from the guest again), all
-        it took before GET_VRING_BASE answered ``bases``, within SUSPEND_DRAIN; else ValueError
-        (its connection is dropped: a late completion must not land in the rings laid out anew)."""
+        """After a crash: the back-end has completed, into the previous process's shadow rings,
+        all it took before GET_VRING_BASE answered ``bases``, within SUSPEND_DRAIN (what the
+        previous process had not taken back from there goes to the guest when the queues resume:
+        ``give_back_kept``); else ValueError (its connection is dropped: a late completion must
+        not land in the rings laid out anew)."""
         used_idx = getattr(memory, "backend_used", None)
         if not callable(used_idx) or not bases:
             return
@@ -752,6 +749,9 @@ class Device:
             behind = {i: (base - used_idx(i, sizes[i])) & 0xFFFF for i, base in bases.items()
                       if sizes.get(i) and used_idx(i, sizes[i]) != base & 0xFFFF}
             if not behind:
+                give_back = getattr(memory, "give_back_kept", None)
+                if callable(give_back):
+                    give_back({i: sizes[i] for i in bases if sizes.get(i)})
                 return
             if loop.time() >= deadline:
                 raise ValueError(f"the back-end still has requests in flight ({behind} by queue) {SUSPEND_DRAIN:g} s "

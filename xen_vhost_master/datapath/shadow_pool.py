@@ -4,7 +4,15 @@ Layout (offsets in the memfd; the back-end sees the memfd at :data:`SHADOW_BASE`
 guest-physical and as user address)::
 
     [0, ring_area)                one fixed slot per queue index: split ring desc/avail/used
-    [ring_area, ring_area+pool)   bounce pool, page granular (:class:`PagePool`)
+    [ring_area, +map_area)        one head map per queue index (:meth:`ShadowMemory.head_map`)
+    [.., +pool)                   bounce pool, page granular (:class:`PagePool`)
+
+A head map says, for each shadow descriptor heading a published chain, which guest chain it
+carries (u16 guest head per shadow descriptor, after a 16-byte header whose first u16 is the
+shadow used index minus the guest's used index of the ring laid out last): what a next process
+of the daemon, handed this memfd, needs to give the guest what the back-end completed into it.
+Little-endian; only the daemon reads it (the back-end maps it, and could scribble over it:
+what is read back is checked against both rings before use).
 
 :class:`PagePool` is a first-fit allocator over a one-byte-per-page bitmap (a ``bytearray``):
 finding a run of ``k`` free pages is one ``bytearray.find`` (C, no per-page Python work), freeing
@@ -23,12 +31,13 @@ from typing import Final
 from vhost_user import GuestMemoryError, MemoryRegion
 from vhost_user.virtqueue import split_ring_layout
 
-__all__ = ["PAGE", "SHADOW_BASE", "PagePool", "ShadowMemory"]
+__all__ = ["HEAD_MAP_HEADER", "PAGE", "SHADOW_BASE", "PagePool", "ShadowMemory"]
 
 PAGE: Final = 4096
 #: Where the back-end sees the shadow memfd. Far above any guest RAM bank, so a guest address
 #: that leaked into a shadow descriptor would be refused by the back-end, not silently used.
 SHADOW_BASE: Final = 1 << 40
+HEAD_MAP_HEADER: Final = 16  # bytes before a head map's entries
 
 
 def _pages(nbytes: int) -> int:
@@ -101,8 +110,11 @@ class ShadowMemory:
         self.max_queues = max_queues
         self.max_queue_size = max_queue_size
         ring_area = self.slot_size * max_queues
-        self.size = ring_area + _pages(pool_size) * PAGE
-        self.pool = PagePool(ring_area, _pages(pool_size))
+        self.map_stride = HEAD_MAP_HEADER + 2 * max_queue_size
+        self.map_area = ring_area
+        pool_offset = ring_area + _pages(self.map_stride * max_queues) * PAGE
+        self.size = pool_offset + _pages(pool_size) * PAGE
+        self.pool = PagePool(pool_offset, _pages(pool_size))
         if fd is not None:
             try:
                 have = os.fstat(fd).st_size
@@ -129,6 +141,12 @@ class ShadowMemory:
         if not 0 <= index < self.max_queues:
             raise IndexError(f"queue {index}: the shadow memory has {self.max_queues} ring slots")
         return self.base + index * self.slot_size
+
+    def head_map(self, index: int) -> int:
+        """Memfd offset of queue ``index``'s head map (its header; entry ``k`` at ``+16 + 2k``)."""
+        if not 0 <= index < self.max_queues:
+            raise IndexError(f"queue {index}: the shadow memory has {self.max_queues} head maps")
+        return self.map_area + index * self.map_stride
 
     def view(self, addr: int, length: int) -> memoryview:
         off = addr - self.base

@@ -1,0 +1,193 @@
+"""What a daemon killed with SIGKILL leaves behind, taken over by its successor through the kept
+back-end connection (xen_vhost_master/fdstore.py): no simulator, back-ends in this process over
+socketpairs, guest RAM in a memfd. A "crash" here is a device frozen mid-flight: its readers
+removed (it harvests nothing more), its end of the connection closed (nothing sent: a killed
+process stops the rings of nobody), the fds the service manager holds copied first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import mmap
+import os
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vhost_user import AsyncFrontend
+from vhost_user.testing import RamDiskBlk, connected_pair
+from vhost_user.testing.blk import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
+from vhost_user.virtqueue import FlatMemory, SplitQueueDriver
+from xen_vhost_master.datapath.shadow import GuestInflightRecord, ShadowDataPath
+from xen_vhost_master.device import Device
+from xen_vhost_master.fdstore import Kept
+from xen_vhost_master.log import device_logger
+from xen_vhost_master.virtio_mmio import Reg, VirtioMmioDevice, snapshot
+
+from tests.daemon.mmio_driver import write
+from tests.daemon.test_faults import RAM_BASE, RAM_SIZE, _bring_up, ram_memfd  # noqa: F401  (fixture)
+from tests.daemon.test_fdstore import CONFIG, Keeper
+
+TIMEOUT = 20.0
+RINGS = (RAM_BASE, RAM_BASE + 0x1000, RAM_BASE + 0x2000)  # _bring_up's, 64 entries
+BUFS = RAM_BASE + 0x10000  # request buffers: 4 KiB per request slot
+_HDR = struct.Struct("<IIQ")  # virtio 1.2 §5.2.6 struct virtio_blk_req header
+
+
+class Guest:
+    """The guest's side of queue 0: a split-ring driver over its RAM and the interrupt line."""
+
+    def __init__(self, ram: int) -> None:
+        self._map = mmap.mmap(ram, RAM_SIZE)
+        self.mem = FlatMemory(self._map, RAM_BASE)
+        self.drv = SplitQueueDriver(self.mem, 64, *RINGS)
+        self.irq = asyncio.Event()
+        self.done: dict[Any, int] = {}
+
+    def set_irq(self, level: bool) -> None:
+        if level:
+            self.irq.set()
+
+    def request(self, slot: int, kind: int, sector: int, data: bytes = b"", read: int = 0) -> int:
+        """A virtio-blk request in buffer slot ``slot``: header, data out, data in, status."""
+        base = BUFS + 0x1000 * slot
+        self.mem.view(base, _HDR.size)[:] = _HDR.pack(kind, 0, sector)
+        self.mem.view(base + 0x100, len(data))[:] = data
+        self.mem.view(base + 0x100 + len(data) + read, 1)[:] = b"\xff"
+        readable = [(base, _HDR.size)] + ([(base + 0x100, len(data))] if data else [])
+        writable = ([(base + 0x100, read)] if read else []) + [(base + 0x100 + len(data) + read, 1)]
+        self.drv.add(readable, writable, token=slot)
+        return slot
+
+    def status(self, slot: int, data_len: int) -> int:
+        return self.mem.view(BUFS + 0x1000 * slot + 0x100 + data_len, 1)[0]
+
+    def read_back(self, slot: int, length: int) -> bytes:
+        return bytes(self.mem.view(BUFS + 0x1000 * slot + 0x100, length))
+
+    async def completed(self, device: Device, tokens: set[int]) -> None:
+        """Wait (interrupt by interrupt) until the device has returned ``tokens``; each at most once."""
+        while not tokens <= self.done.keys():
+            await self.irq.wait()
+            self.irq.clear()
+            await write(device, Reg.INTERRUPT_ACK, 1)
+            for token, written in self.drv.get_used():
+                assert token not in self.done, f"request {token} completed twice"
+                self.done[token] = written
+
+    def close(self) -> None:
+        self.drv.release()
+        self.mem.release()
+        self._map.close()
+
+
+def shadow_path(guest: Guest, record: Path | None) -> ShadowDataPath:
+    return ShadowDataPath(guest.mem, [(RAM_BASE, RAM_SIZE)], pool_size=1 << 20, max_queues=1, max_queue_size=64,
+                          log=device_logger("xvm.test.crash", 1, "blk0"),
+                          inflight=GuestInflightRecord(str(record), 1, 64) if record is not None else None)
+
+
+def new_device(guest: Guest, memory: Any, connect: Any, keeper: Keeper) -> Device:
+    return Device(CONFIG, connect=connect, memory=memory, set_irq=guest.set_irq,
+                  log=device_logger("xvm.test.crash", 1, "blk0"), keeper=keeper)
+
+
+async def _no_new_connection() -> AsyncFrontend:
+    raise AssertionError("connected afresh: the kept connection was refused")
+
+
+@contextlib.asynccontextmanager
+async def called(device: Device, index: int = 0) -> AsyncIterator[asyncio.Event]:
+    """Freeze ``device``'s harvest of queue ``index``: the back-end's calls set the event instead."""
+    loop = asyncio.get_running_loop()
+    fd = device._call[index]
+    event = asyncio.Event()
+
+    def on_call() -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(fd)
+        event.set()
+
+    loop.remove_reader(fd)
+    loop.add_reader(fd, on_call)
+    try:
+        yield event
+    finally:
+        loop.remove_reader(fd)
+
+
+async def close(devices: Any) -> None:
+    for device in devices():
+        if device is not None:
+            await device.close()
+
+
+async def crash(device: Device, keeper: Keeper) -> Kept:
+    """The process dies: the service manager's copies of what it stored are all that is left."""
+    copies = {name.split(".", 1)[1]: os.dup(fd) for name, fd in keeper.stored.items()}
+    assert device.frontend is not None
+    await device.frontend.close()  # (only this process's end: the copy keeps the connection)
+    return Kept(0, copies["conn"], copies["meta"], copies.get("chan"), copies.get("shadow"))
+
+
+@pytest.mark.parametrize("record", [True, False], ids=["inflight-record", "no-record"])
+@pytest.mark.asyncio
+async def test_completions_the_backend_made_before_the_crash_reach_the_guest_once_and_are_not_run_again(
+        no_fd_leak, ram_memfd, tmp_path, record):
+    """Shadow path: a write and a read the back-end completed into the killed process's shadow
+    ring, which it did not live to harvest. The successor gives both to the guest from the kept
+    shadow memory (the read's data copied back, the write's status), and the back-end never sees
+    either again: 2 writes and 1 read executed for 2 writes and 1 read asked, with or without the
+    guest-side in-flight record. A later write is served as usual."""
+    path = tmp_path / "dev0.inflight" if record else None
+    backend = RamDiskBlk(1 << 20)
+    guest = Guest(ram_memfd)
+    first = second = None
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            fe, _server = await stack.enter_async_context(connected_pair(backend))
+            stack.push_async_callback(close, lambda: (second, first))  # before the back-end's end
+
+            async def connect() -> AsyncFrontend:
+                return fe
+
+            keeper = Keeper()
+            first = new_device(guest, shadow_path(guest, path), connect, keeper)
+            one = b"\x11" * 512
+            async with asyncio.timeout(TIMEOUT):
+                await first.start()
+                await _bring_up(first)
+                guest.request(0, VIRTIO_BLK_T_OUT, 0, one)
+                await write(first, Reg.QUEUE_NOTIFY, 0)
+                await guest.completed(first, {0})
+                assert "dev0.shadow" in keeper.stored
+                two = b"\x22" * 512
+                async with called(first) as backend_called:
+                    guest.request(1, VIRTIO_BLK_T_OUT, 8, two)
+                    guest.request(2, VIRTIO_BLK_T_IN, 0, read=512)
+                    await write(first, Reg.QUEUE_NOTIFY, 0)
+                    await backend_called.wait()  # the back-end completed both: nobody harvests them
+                    assert backend.requests[VIRTIO_BLK_T_OUT] == 2 and backend.requests[VIRTIO_BLK_T_IN] == 1
+                    assert isinstance(first.model, VirtioMmioDevice)
+                    saved = snapshot(first.model)
+                    kept = await crash(first, keeper)
+                second = new_device(guest, shadow_path(guest, path), _no_new_connection, Keeper())
+                await second.start(saved, kept=kept)
+                await guest.completed(second, {1, 2})
+                assert guest.status(1, 512) == 0 and guest.status(2, 512) == 0
+                assert guest.read_back(2, 512) == one  # the read's bytes, copied back from the kept memory
+                assert guest.done[2] == 513
+                assert backend.requests[VIRTIO_BLK_T_OUT] == 2 and backend.requests[VIRTIO_BLK_T_IN] == 1, \
+                    f"a chain the back-end had completed ran again: {backend.requests}"
+                assert bytes(backend.disk[8 * 512 : 9 * 512]) == two
+                three = b"\x33" * 512
+                guest.request(3, VIRTIO_BLK_T_OUT, 16, three)
+                await write(second, Reg.QUEUE_NOTIFY, 0)
+                await guest.completed(second, {3})
+                assert bytes(backend.disk[16 * 512 : 17 * 512]) == three and backend.requests[VIRTIO_BLK_T_OUT] == 3
+    finally:
+        guest.close()
