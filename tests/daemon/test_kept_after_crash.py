@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import mmap
 import os
+import random
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from vhost_user import AsyncFrontend
-from vhost_user.testing import RamDiskBlk, connected_pair
+from vhost_user import AsyncFrontend, FdSocket
+from vhost_user.aio.server import BackendServer
+from vhost_user.testing import PAIR_SHUTDOWN_TIMEOUT, RamDiskBlk, connected_pair
 from vhost_user.testing.blk import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from vhost_user.virtqueue import FlatMemory, SplitQueueDriver
 from xen_vhost_master.datapath.shadow import GuestInflightRecord, ShadowDataPath
@@ -94,6 +97,41 @@ def shadow_path(guest: Guest, record: Path | None) -> ShadowDataPath:
 def new_device(guest: Guest, memory: Any, connect: Any, keeper: Keeper) -> Device:
     return Device(CONFIG, connect=connect, memory=memory, set_irq=guest.set_irq,
                   log=device_logger("xvm.test.crash", 1, "blk0"), keeper=keeper)
+
+
+class Holding(RamDiskBlk):
+    """Serves each request but completes none, not even at GET_VRING_BASE: it does not drain."""
+
+    def __init__(self, disk: bytearray) -> None:
+        super().__init__(1 << 20, reorder=random.Random(0))
+        self.disk = disk
+        self.took = asyncio.Event()
+
+    def _hold_completion(self, vring: Any, head: int, written: int) -> None:
+        self.took.set()
+
+    def vring_stopped(self, vring: Any) -> None:
+        pass
+
+
+@contextlib.asynccontextmanager
+async def serving(device: RamDiskBlk) -> AsyncIterator[tuple[AsyncFrontend, asyncio.Task[None]]]:
+    """A front-end connected to ``device`` over a socketpair, and the back-end's task (it ends when
+    the connection does)."""
+    ours, theirs = FdSocket.pair()
+    server = BackendServer(device, theirs)
+    task = asyncio.get_running_loop().create_task(server.run())
+    fe = AsyncFrontend(ours)
+    try:
+        yield fe, task
+    finally:
+        await fe.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(PAIR_SHUTDOWN_TIMEOUT):
+                await asyncio.gather(task, return_exceptions=True)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        server.close()
 
 
 async def _no_new_connection() -> AsyncFrontend:
@@ -189,5 +227,65 @@ async def test_completions_the_backend_made_before_the_crash_reach_the_guest_onc
                 await write(second, Reg.QUEUE_NOTIFY, 0)
                 await guest.completed(second, {3})
                 assert bytes(backend.disk[16 * 512 : 17 * 512]) == three and backend.requests[VIRTIO_BLK_T_OUT] == 3
+    finally:
+        guest.close()
+
+
+@pytest.mark.asyncio
+async def test_a_backend_that_does_not_drain_after_the_crash_is_dropped_in_one_line_and_a_fresh_one_serves(
+        no_fd_leak, ram_memfd, tmp_path, caplog, monkeypatch):
+    """Shadow path, a back-end that took a write and never completes it (not even once GET_VRING_BASE
+    stopped its ring): the successor does not go on with its connection, whose late completion
+    would land in the shadow ring laid out anew; it says so in one line, the connection is closed
+    (the back-end sees it end), and a fresh connection serves: the write is taken from the guest
+    again and completes once, and a later one too."""
+    monkeypatch.setattr("xen_vhost_master.device.SUSPEND_DRAIN", 0.3)  # (the bound, not a synchronisation)
+    path = tmp_path / "dev0.inflight"
+    disk = bytearray(1 << 20)
+    holding, fresh = Holding(disk), RamDiskBlk(1 << 20)
+    fresh.disk = disk
+    guest = Guest(ram_memfd)
+    first = second = None
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            held_fe, held_task = await stack.enter_async_context(serving(holding))
+            stack.push_async_callback(close, lambda: (second, first))
+            connections: list[AsyncFrontend] = []
+
+            async def connect_held() -> AsyncFrontend:
+                return held_fe
+
+            async def connect_fresh() -> AsyncFrontend:
+                fe, _task = await stack.enter_async_context(serving(fresh))
+                connections.append(fe)
+                return fe
+
+            keeper = Keeper()
+            first = new_device(guest, shadow_path(guest, path), connect_held, keeper)
+            one = b"\x44" * 512
+            async with asyncio.timeout(TIMEOUT):
+                await first.start()
+                await _bring_up(first)
+                guest.request(0, VIRTIO_BLK_T_OUT, 0, one)
+                await write(first, Reg.QUEUE_NOTIFY, 0)
+                await holding.took.wait()
+                assert isinstance(first.model, VirtioMmioDevice)
+                saved = snapshot(first.model)
+                kept = await crash(first, keeper)
+                second = new_device(guest, shadow_path(guest, path), connect_fresh, Keeper())
+                with caplog.at_level(logging.WARNING):
+                    await second.start(saved, kept=kept)
+                lines = [r.getMessage() for r in caplog.records if "kept from the previous process is unusable" in r.getMessage()]
+                assert len(lines) == 1 and "does not drain" in lines[0] and "connecting afresh" in lines[0], lines
+                assert "\n" not in lines[0]
+                await held_task  # its connection is closed: it ends
+                assert len(connections) == 1 and second.frontend is connections[0]
+                await guest.completed(second, {0})
+                assert guest.status(0, 512) == 0 and bytes(disk[:512]) == one
+                two = b"\x55" * 512
+                guest.request(1, VIRTIO_BLK_T_OUT, 8, two)
+                await write(second, Reg.QUEUE_NOTIFY, 0)
+                await guest.completed(second, {1})
+                assert bytes(disk[8 * 512 : 9 * 512]) == two and fresh.requests[VIRTIO_BLK_T_OUT] == 2
     finally:
         guest.close()
