@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from . import devtypes
 from .config import DeviceConfig
 from .datapath.base import DataPath, DataPathChooser
 from .errors import DaemonError, GuestFault, XenError
-from .fdstore import Keeper, Kept, SessionMeta, kept_name, new_meta_fd, read_snapshot, write_snapshot
+from .fdstore import FD_KINDS, Keeper, Kept, SessionMeta, kept_name, new_meta_fd, read_snapshot, write_snapshot
 from .fastpath import PciKickFastPath, QueueFastPath
 from .log import DeviceLogger, LimitedLogger
 from .virtio_mmio import (
@@ -410,7 +411,7 @@ class Device:
             protocol_features=int(negotiated.protocol_features),
             backend_protocol_features=int(negotiated.backend_protocol_features),
             queue_num=negotiated.queue_num, max_mem_slots=negotiated.max_mem_slots,
-            channel=negotiated.backend_channel, num_queues=nq)
+            channel=negotiated.backend_channel, num_queues=nq, inflight=self._inflight_shape())
         try:
             if self._meta_fd is None:
                 self._meta_fd = new_meta_fd()
@@ -426,6 +427,26 @@ class Device:
             self._store("chan", chan)
         else:
             self._unstore("chan")
+        if self._inflight is not None:
+            self._store("inflight", self._inflight.fd)
+
+    def _inflight_shape(self) -> list[int] | None:
+        area = self._inflight
+        return None if area is None else [area.mmap_size, area.mmap_offset, area.num_queues, area.queue_size]
+
+    def _note_inflight(self) -> None:
+        """The inflight area (or its absence), in the record and the keeper."""
+        if self._meta is None or self._meta_fd is None:
+            return
+        self._meta.inflight = self._inflight_shape()
+        try:
+            self._meta.write(self._meta_fd)
+        except OSError as e:
+            self.log.warning("cannot update the back-end session record: %s", e)
+        if self._inflight is not None:
+            self._store("inflight", self._inflight.fd)
+        else:
+            self._unstore("inflight")
 
     def _recorded(self, cfg: bool, offset: int) -> bool:
         """The write changes what the session record holds of a virtio-mmio model (the device's
@@ -481,10 +502,10 @@ class Device:
     def _kept_fds(self) -> list[tuple[str, int]]:
         """Copies of what a next image needs to go on with the connection (handover)."""
         fds = []
-        for what in ("conn", "chan", "meta", "shadow"):
+        for what in FD_KINDS:
             fd = {"conn": self.frontend.sock.fileno() if self.frontend else None,
                   "chan": self.frontend.backend_channel_fileno() if self.frontend else None,
-                  "meta": self._meta_fd}.get(what)
+                  "meta": self._meta_fd, "inflight": self._inflight.fd if self._inflight else None}.get(what)
             if what == "shadow":
                 memory_fd = getattr(self.memory, "memory_fd", None)
                 fd = memory_fd() if callable(memory_fd) else None
@@ -500,6 +521,7 @@ class Device:
         and the device's restore restarts them as QEMU's ``cont`` does."""
         fe: AsyncFrontend | None = None
         chosen: DataPath | None = None
+        self._take_inflight(kept)
         try:
             meta = kept.check()
             if meta.socket != self.config.socket:
@@ -556,8 +578,9 @@ class Device:
                 chosen.close()
             kept.close()
             if self._keeper is not None:
-                for what in ("conn", "chan", "meta", "shadow"):
-                    self._keeper.remove_fds(kept_name(self.config.devid, what))
+                for what in FD_KINDS:
+                    if what != "inflight" or self._inflight is None:
+                        self._keeper.remove_fds(kept_name(self.config.devid, what))
             return None
         if chosen is not None:
             self.memory, self._chooser = chosen, None
@@ -571,10 +594,39 @@ class Device:
         chan_fd = fe.backend_channel_fileno()
         if chan_fd is not None:
             self._store("chan", chan_fd)
+        self._note_inflight()
         fe.on_lost = lambda exc: self.backend_lost(str(exc), reconnect=exc.reconnect)
         self.log.info("going on with the back-end connection kept from the previous process (nothing "
                       "renegotiated): features %#x, protocol features %#x", meta.features, meta.protocol_features)
         return fe, negotiated, nq, view
+
+    def _take_inflight(self, kept: Kept) -> None:
+        """The inflight area the previous process shared with the back-end, taken whatever becomes
+        of the kept connection: the back-end (or the one that replaced it) gets it back at the
+        next start (SET_INFLIGHT_FD) and submits again what was left in flight. One that does not
+        fit the device is logged in one line and closed (the back-end then gets a fresh one)."""
+        fd, kept.inflight = kept.inflight, None
+        if fd is None:
+            return
+        try:
+            shape = SessionMeta.read(kept.meta).inflight
+            if shape is None:
+                raise ValueError("the session record does not describe it")
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("not a memory file")
+            area = InflightFd(fd, *shape)
+            problem = _inflight_problem(area, self.config.num_queues or area.num_queues, self.config.queue_size)
+            if problem:
+                raise ValueError(problem)
+        except (OSError, ValueError) as e:
+            os.close(fd)
+            self.log.warning("the inflight area kept from the previous process is unusable (%s): the back-end "
+                             "gets a fresh one", e)
+            if self._keeper is not None:
+                self._keeper.remove_fds(kept_name(self.config.devid, "inflight"))
+            return
+        self._drop_inflight()
+        self._inflight = area
 
     async def _negotiate(self, fe: AsyncFrontend) -> tuple[Negotiated, int, DataPath | None, devtypes.Offer]:
         """Negotiate, choose the data path (if not given), read the config; the chosen data path
@@ -1144,6 +1196,10 @@ class Device:
         if not self.memory.direct or not fe.has_protocol_feature(ProtocolFeatures.INFLIGHT_SHMFD):
             return
         nq, qsize = len(self._kick), self.config.queue_size
+        if self._inflight is not None and (self._inflight.num_queues, self._inflight.queue_size) != (nq, qsize):
+            self.log.warning("the kept inflight area tracks %d queue(s) of %d, the device has %d of %d: the back-end "
+                             "gets a fresh one", self._inflight.num_queues, self._inflight.queue_size, nq, qsize)
+            self._drop_inflight()
         if self._inflight is None:
             try:
                 got = await fe.get_inflight_fd(nq, qsize)
@@ -1158,6 +1214,7 @@ class Device:
                 self.log.warning("GET_INFLIGHT_FD answer unusable (%s): no inflight tracking", problem)
                 return
             self._inflight = got
+            self._note_inflight()
         area = self._inflight
         try:
             await fe.set_inflight_fd(area.fd, mmap_size=area.mmap_size, mmap_offset=area.mmap_offset,
@@ -1180,6 +1237,7 @@ class Device:
     def _drop_inflight(self) -> None:
         area, self._inflight = self._inflight, None
         if area is not None:
+            self._note_inflight()
             os.close(area.fd)
 
     @property

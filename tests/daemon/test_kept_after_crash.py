@@ -26,6 +26,7 @@ from vhost_user.testing import PAIR_SHUTDOWN_TIMEOUT, RamDiskBlk, connected_pair
 from vhost_user.testing.blk import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from vhost_user.virtqueue import FlatMemory, SplitQueueDriver
 from xen_vhost_master.datapath.shadow import GuestInflightRecord, ShadowDataPath
+from xen_vhost_master.datapath.zerocopy import FdExport, FdRegion
 from xen_vhost_master.device import Device
 from xen_vhost_master.fdstore import Kept
 from xen_vhost_master.log import device_logger
@@ -114,6 +115,43 @@ class Holding(RamDiskBlk):
         pass
 
 
+class OutOfOrder(RamDiskBlk):
+    """Completes each request at once, except those to a sector in ``hold``: never (younger ones
+    complete first; not even at GET_VRING_BASE). Notes the sector of every request it runs."""
+
+    def __init__(self, disk: bytearray, hold: set[int] | None = None) -> None:
+        super().__init__(1 << 20, reorder=random.Random(0))
+        self.disk = disk
+        self.hold = hold or set()
+        self.ran: list[int] = []
+        self._sector = -1
+
+    def handle_request(self, chain: Any, read_buffers: Any, write_buffers: Any) -> int:
+        header = read_buffers(self.memory, chain.readable, _HDR.size)
+        self._sector = _HDR.unpack_from(header)[2] if len(header) == _HDR.size else -1
+        self.ran.append(self._sector)
+        written: int = super().handle_request(chain, read_buffers, write_buffers)
+        return written
+
+    def _hold_completion(self, vring: Any, head: int, written: int) -> None:
+        if self._sector in self.hold:
+            return
+        queue = vring.split_queue()
+        queue.push(head, written)
+        if queue.needs_notify():
+            vring.call()
+
+    def vring_stopped(self, vring: Any) -> None:
+        pass
+
+
+def zero_copy(ram: int) -> FdExport:
+    def read_guest(gpa: int, size: int) -> bytes:  # (a resume reads the used index)
+        return os.pread(ram, size, gpa - RAM_BASE)
+
+    return FdExport([FdRegion(RAM_BASE, RAM_SIZE, ram)], read_guest)
+
+
 @contextlib.asynccontextmanager
 async def serving(device: RamDiskBlk) -> AsyncIterator[tuple[AsyncFrontend, asyncio.Task[None]]]:
     """A front-end connected to ``device`` over a socketpair, and the back-end's task (it ends when
@@ -169,7 +207,7 @@ async def crash(device: Device, keeper: Keeper) -> Kept:
     copies = {name.split(".", 1)[1]: os.dup(fd) for name, fd in keeper.stored.items()}
     assert device.frontend is not None
     await device.frontend.close()  # (only this process's end: the copy keeps the connection)
-    return Kept(0, copies["conn"], copies["meta"], copies.get("chan"), copies.get("shadow"))
+    return Kept(0, copies["conn"], copies["meta"], copies.get("chan"), copies.get("shadow"), copies.get("inflight"))
 
 
 @pytest.mark.parametrize("record", [True, False], ids=["inflight-record", "no-record"])
@@ -287,5 +325,67 @@ async def test_a_backend_that_does_not_drain_after_the_crash_is_dropped_in_one_l
                 await write(second, Reg.QUEUE_NOTIFY, 0)
                 await guest.completed(second, {1})
                 assert bytes(disk[8 * 512 : 9 * 512]) == two and fresh.requests[VIRTIO_BLK_T_OUT] == 2
+    finally:
+        guest.close()
+
+
+@pytest.mark.asyncio
+async def test_the_inflight_area_outlives_a_crash_and_a_restarted_backend_resubmits_exactly_what_was_left(
+        no_fd_leak, ram_memfd, caplog):
+    """Zero copy, a back-end with inflight tracking (INFLIGHT_SHMFD) that completes out of order:
+    of two writes it completed the younger (sector 8) and holds the older (sector 0). The daemon
+    is killed, and the back-end dies too. The successor finds the kept connection dead and
+    connects to the restarted back-end, handing it the kept inflight area (SET_INFLIGHT_FD): it
+    submits the held write again, and not the completed one (which resuming at the guest's used
+    index with a fresh area would run again, leaving the held one never completed)."""
+    disk = bytearray(1 << 20)
+    before, after = OutOfOrder(disk, hold={0}), OutOfOrder(disk)
+    guest = Guest(ram_memfd)
+    first = second = None
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            fe, before_task = await stack.enter_async_context(serving(before))
+            stack.push_async_callback(close, lambda: (second, first))
+
+            async def connect_before() -> AsyncFrontend:
+                return fe
+
+            async def connect_after() -> AsyncFrontend:
+                fe, _task = await stack.enter_async_context(serving(after))
+                return fe
+
+            keeper = Keeper()
+            first = new_device(guest, zero_copy(ram_memfd), connect_before, keeper)
+            old, young = b"\x66" * 512, b"\x77" * 512
+            async with asyncio.timeout(TIMEOUT):
+                await first.start()
+                await _bring_up(first)
+                assert "dev0.inflight" in keeper.stored and first.inflight is not None
+                guest.request(0, VIRTIO_BLK_T_OUT, 0, old)
+                guest.request(1, VIRTIO_BLK_T_OUT, 8, young)
+                await write(first, Reg.QUEUE_NOTIFY, 0)
+                await guest.completed(first, {1})
+                assert before.ran == [0, 8]
+                assert isinstance(first.model, VirtioMmioDevice)
+                saved = snapshot(first.model)
+                kept = await crash(first, keeper)
+                before_task.cancel()  # the back-end dies too
+                await asyncio.gather(before_task, return_exceptions=True)
+                second = new_device(guest, zero_copy(ram_memfd), connect_after, Keeper())
+                with caplog.at_level(logging.WARNING):
+                    await second.start(saved, kept=kept)
+                assert not [r for r in caplog.records if "inflight area" in r.getMessage()], caplog.text
+            try:
+                async with asyncio.timeout(5.0):
+                    await guest.completed(second, {0})
+            except TimeoutError:
+                raise AssertionError(f"the held write never completed; the restarted back-end ran sectors {after.ran}") from None
+            assert after.ran == [0], f"the restarted back-end ran sectors {after.ran}, the held write's (0) only expected"
+            assert guest.status(0, 512) == 0 and bytes(disk[:512]) == old and bytes(disk[8 * 512 : 9 * 512]) == young
+            async with asyncio.timeout(TIMEOUT):
+                guest.request(2, VIRTIO_BLK_T_OUT, 16, old)
+                await write(second, Reg.QUEUE_NOTIFY, 0)
+                await guest.completed(second, {2})
+            assert after.ran == [0, 16]
     finally:
         guest.close()
