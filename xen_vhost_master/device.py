@@ -565,6 +565,9 @@ class Device:
                 await self._backend_done(memory, bases, dict(zip(meta.running, meta.sizes, strict=False)))
             elif callable(adopt) and meta.running:
                 raise ValueError("its shadow memory was not kept")
+            resume_at = getattr(memory, "resume_at", None)
+            if callable(resume_at):
+                resume_at(bases, self.log)
             async with asyncio.timeout(NEGOTIATION_TIMEOUT):
                 config = await self._probe_config(fe, meta.features)
             view = devtypes.offer(self.config.device_id, meta.features, config, mac=self.mac)

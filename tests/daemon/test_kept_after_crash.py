@@ -119,12 +119,14 @@ class OutOfOrder(RamDiskBlk):
     """Completes each request at once, except those to a sector in ``hold``: never (younger ones
     complete first; not even at GET_VRING_BASE). Notes the sector of every request it runs."""
 
-    def __init__(self, disk: bytearray, hold: set[int] | None = None) -> None:
-        super().__init__(1 << 20, reorder=random.Random(0))
+    def __init__(self, disk: bytearray, hold: set[int] | None = None, *, inflight: bool = True) -> None:
+        super().__init__(1 << 20, reorder=random.Random(0), inflight=inflight)
         self.disk = disk
         self.hold = hold or set()
         self.ran: list[int] = []
         self._sector = -1
+        self.held: list[tuple[Any, int, int]] = []  # (vring, head, written)
+        self.took = asyncio.Event()
 
     def handle_request(self, chain: Any, read_buffers: Any, write_buffers: Any) -> int:
         header = read_buffers(self.memory, chain.readable, _HDR.size)
@@ -135,6 +137,8 @@ class OutOfOrder(RamDiskBlk):
 
     def _hold_completion(self, vring: Any, head: int, written: int) -> None:
         if self._sector in self.hold:
+            self.held.append((vring, head, written))
+            self.took.set()
             return
         queue = vring.split_queue()
         queue.push(head, written)
@@ -143,6 +147,14 @@ class OutOfOrder(RamDiskBlk):
 
     def vring_stopped(self, vring: Any) -> None:
         pass
+
+    def complete_held(self) -> None:
+        """Complete what was held, late: into the ring as it runs now."""
+        held, self.held = self.held, []
+        for vring, head, written in held:
+            queue = vring.split_queue()
+            queue.push(head, written)
+            vring.call()
 
 
 def zero_copy(ram: int) -> FdExport:
@@ -387,5 +399,50 @@ async def test_the_inflight_area_outlives_a_crash_and_a_restarted_backend_resubm
                 await write(second, Reg.QUEUE_NOTIFY, 0)
                 await guest.completed(second, {2})
             assert after.ran == [0, 16]
+    finally:
+        guest.close()
+
+
+@pytest.mark.asyncio
+async def test_zero_copy_resumes_the_kept_connection_where_the_backend_stopped_not_at_the_guests_used_index(
+        no_fd_leak, ram_memfd):
+    """Zero copy, a back-end (no inflight tracking) that took a write and completes it late, after
+    GET_VRING_BASE (it does not drain: libvhost-user's back-ends answer at once). The successor
+    restarts the ring on the kept connection at the back-end's answer, not at the guest's used
+    index: the write is not taken from the guest a second time, its late completion reaches the
+    guest once, and a later write is served."""
+    disk = bytearray(1 << 20)
+    late = OutOfOrder(disk, hold={0}, inflight=False)
+    guest = Guest(ram_memfd)
+    first = second = None
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            fe, _task = await stack.enter_async_context(serving(late))
+            stack.push_async_callback(close, lambda: (second, first))
+
+            async def connect() -> AsyncFrontend:
+                return fe
+
+            keeper = Keeper()
+            first = new_device(guest, zero_copy(ram_memfd), connect, keeper)
+            one, two = b"\x88" * 512, b"\x99" * 512
+            async with asyncio.timeout(TIMEOUT):
+                await first.start()
+                await _bring_up(first)
+                guest.request(0, VIRTIO_BLK_T_OUT, 0, one)
+                await write(first, Reg.QUEUE_NOTIFY, 0)
+                await late.took.wait()
+                assert isinstance(first.model, VirtioMmioDevice)
+                saved = snapshot(first.model)
+                kept = await crash(first, keeper)
+                second = new_device(guest, zero_copy(ram_memfd), _no_new_connection, Keeper())
+                await second.start(saved, kept=kept)
+                guest.request(1, VIRTIO_BLK_T_OUT, 8, two)
+                await write(second, Reg.QUEUE_NOTIFY, 0)
+                await guest.completed(second, {1})  # (the back-end has looked at the ring since the resume)
+                assert late.ran == [0, 8], f"the back-end ran sectors {late.ran}: the held write was taken again"
+                late.complete_held()
+                await guest.completed(second, {0})
+                assert guest.status(0, 512) == 0 and bytes(disk[:512]) == one and bytes(disk[8 * 512 : 9 * 512]) == two
     finally:
         guest.close()
