@@ -26,6 +26,7 @@ from vhost_user.testing import PAIR_SHUTDOWN_TIMEOUT, RamDiskBlk, connected_pair
 from vhost_user.testing.blk import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from vhost_user.virtqueue import FlatMemory, SplitQueueDriver
 from xen_vhost_master.datapath.shadow import GuestInflightRecord, ShadowDataPath
+from xen_vhost_master.datapath.shadow_pool import HEAD_MAP_HEADER, ShadowMemory
 from xen_vhost_master.datapath.zerocopy import FdExport, FdRegion
 from xen_vhost_master.device import Device
 from xen_vhost_master.fdstore import Kept
@@ -222,18 +223,14 @@ async def crash(device: Device, keeper: Keeper) -> Kept:
     return Kept(0, copies["conn"], copies["meta"], copies.get("chan"), copies.get("shadow"), copies.get("inflight"))
 
 
-@pytest.mark.parametrize("record", [True, False], ids=["inflight-record", "no-record"])
-@pytest.mark.asyncio
-async def test_completions_the_backend_made_before_the_crash_reach_the_guest_once_and_are_not_run_again(
-        no_fd_leak, ram_memfd, tmp_path, record):
-    """Shadow path: a write and a read the back-end completed into the killed process's shadow
-    ring, which it did not live to harvest. The successor gives both to the guest from the kept
-    shadow memory (the read's data copied back, the write's status), and the back-end never sees
-    either again: 2 writes and 1 read executed for 2 writes and 1 read asked, with or without the
-    guest-side in-flight record. A later write is served as usual."""
-    path = tmp_path / "dev0.inflight" if record else None
+async def shadow_crash(ram: int, record: Path | None, scribble: Any = None) -> RamDiskBlk:
+    """A write (sector 0) completed; then a write (sector 8, slot 1) and a read of sector 0 (slot
+    2) the back-end completes into the shadow ring of a process that dies before it harvests them;
+    ``scribble(shadow memory fd, its layout)`` meddles with the kept memory before the successor
+    starts with it. The successor must complete both to the guest once each; a later write (slot
+    3, sector 16) is served. Returns the back-end (its request counts)."""
     backend = RamDiskBlk(1 << 20)
-    guest = Guest(ram_memfd)
+    guest = Guest(ram)
     first = second = None
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -244,7 +241,7 @@ async def test_completions_the_backend_made_before_the_crash_reach_the_guest_onc
                 return fe
 
             keeper = Keeper()
-            first = new_device(guest, shadow_path(guest, path), connect, keeper)
+            first = new_device(guest, shadow_path(guest, record), connect, keeper)
             one = b"\x11" * 512
             async with asyncio.timeout(TIMEOUT):
                 await first.start()
@@ -263,22 +260,72 @@ async def test_completions_the_backend_made_before_the_crash_reach_the_guest_onc
                     assert isinstance(first.model, VirtioMmioDevice)
                     saved = snapshot(first.model)
                     kept = await crash(first, keeper)
-                second = new_device(guest, shadow_path(guest, path), _no_new_connection, Keeper())
+                    stack.callback(kept.close)  # (what the successor did not take)
+                if scribble is not None:
+                    assert kept.shadow is not None and isinstance(first.memory, ShadowDataPath)
+                    scribble(kept.shadow, first.memory.shadow)
+                second = new_device(guest, shadow_path(guest, record), _no_new_connection, Keeper())
                 await second.start(saved, kept=kept)
                 await guest.completed(second, {1, 2})
                 assert guest.status(1, 512) == 0 and guest.status(2, 512) == 0
-                assert guest.read_back(2, 512) == one  # the read's bytes, copied back from the kept memory
-                assert guest.done[2] == 513
-                assert backend.requests[VIRTIO_BLK_T_OUT] == 2 and backend.requests[VIRTIO_BLK_T_IN] == 1, \
-                    f"a chain the back-end had completed ran again: {backend.requests}"
+                assert guest.read_back(2, 512) == one and guest.done[2] == 513
                 assert bytes(backend.disk[8 * 512 : 9 * 512]) == two
                 three = b"\x33" * 512
                 guest.request(3, VIRTIO_BLK_T_OUT, 16, three)
                 await write(second, Reg.QUEUE_NOTIFY, 0)
                 await guest.completed(second, {3})
-                assert bytes(backend.disk[16 * 512 : 17 * 512]) == three and backend.requests[VIRTIO_BLK_T_OUT] == 3
+                assert bytes(backend.disk[16 * 512 : 17 * 512]) == three
     finally:
         guest.close()
+    return backend
+
+
+@pytest.mark.parametrize("record", [True, False], ids=["inflight-record", "no-record"])
+@pytest.mark.asyncio
+async def test_completions_the_backend_made_before_the_crash_reach_the_guest_once_and_are_not_run_again(
+        no_fd_leak, ram_memfd, tmp_path, record):
+    """Shadow path: a write and a read the back-end completed into the killed process's shadow
+    ring, which it did not live to harvest. The successor gives both to the guest from the kept
+    shadow memory (the read's data copied back, the write's status), and the back-end never sees
+    either again: 3 writes and 1 read executed for 3 writes and 1 read asked, with or without the
+    guest-side in-flight record."""
+    backend = await shadow_crash(ram_memfd, tmp_path / "dev0.inflight" if record else None)
+    assert backend.requests[VIRTIO_BLK_T_OUT] == 3 and backend.requests[VIRTIO_BLK_T_IN] == 1, \
+        f"a chain the back-end had completed ran again: {backend.requests}"
+
+
+def _heads(fd: int, layout: ShadowMemory) -> int:
+    return layout.head_map(0) + HEAD_MAP_HEADER
+
+
+def _out_of_range(fd: int, layout: ShadowMemory) -> None:
+    os.pwrite(fd, b"\xff\xff" * 64, _heads(fd, layout))
+
+
+def _swapped(fd: int, layout: ShadowMemory) -> None:
+    """The write's and the read's guest heads exchanged: both rings hand out descriptors lowest
+    first and reuse the first request's, so the write heads descriptor 0 and the read descriptor 3
+    on both sides (3 descriptors each); both are in flight, only their shapes differ."""
+    os.pwrite(fd, struct.pack("<HHHH", 3, 0, 0, 0), _heads(fd, layout))
+
+
+def _far_ahead(fd: int, layout: ShadowMemory) -> None:
+    os.pwrite(fd, struct.pack("<H", 0x8000), layout.head_map(0))
+
+
+@pytest.mark.parametrize("scribble", [_out_of_range, _swapped, _far_ahead], ids=["out-of-range", "swapped", "far-ahead"])
+@pytest.mark.asyncio
+async def test_kept_shadow_memory_that_does_not_match_the_guests_ring_is_refused_in_one_line(
+        no_fd_leak, ram_memfd, tmp_path, caplog, scribble):
+    """The back-end maps the whole shadow memory and may have written anywhere in it: a head map
+    naming no chain in flight, naming the other chain (shapes differ), or a used-index relation
+    that makes more completions than the ring holds is refused in one line, and those chains are
+    taken from the guest again (run twice, as before, each completed to the guest once)."""
+    with caplog.at_level(logging.WARNING):
+        backend = await shadow_crash(ram_memfd, tmp_path / "dev0.inflight", scribble)
+    lines = [r.getMessage() for r in caplog.records if "completed before the daemon restarted is not usable" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    assert backend.requests[VIRTIO_BLK_T_OUT] == 4 and backend.requests[VIRTIO_BLK_T_IN] == 2, backend.requests
 
 
 @pytest.mark.asyncio
