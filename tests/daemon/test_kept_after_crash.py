@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import mmap
 import os
@@ -29,7 +30,7 @@ from xen_vhost_master.datapath.shadow import GuestInflightRecord, ShadowDataPath
 from xen_vhost_master.datapath.shadow_pool import HEAD_MAP_HEADER, ShadowMemory
 from xen_vhost_master.datapath.zerocopy import FdExport, FdRegion
 from xen_vhost_master.device import Device
-from xen_vhost_master.fdstore import Kept
+from xen_vhost_master.fdstore import Kept, SessionMeta
 from xen_vhost_master.log import device_logger
 from xen_vhost_master.virtio_mmio import Reg, VirtioMmioDevice, snapshot
 
@@ -493,3 +494,86 @@ async def test_zero_copy_resumes_the_kept_connection_where_the_backend_stopped_n
                 assert guest.status(0, 512) == 0 and bytes(disk[:512]) == one and bytes(disk[8 * 512 : 9 * 512]) == two
     finally:
         guest.close()
+
+
+def _other_shape(kept: Kept) -> None:
+    meta = SessionMeta.read(kept.meta)
+    assert meta.inflight is not None
+    meta.inflight = [meta.inflight[0], meta.inflight[1], meta.inflight[2], 128]
+    meta.write(kept.meta)
+
+
+def _not_described(kept: Kept) -> None:
+    meta = SessionMeta.read(kept.meta)
+    meta.inflight = None
+    meta.write(kept.meta)
+
+
+def _not_a_memory_file(kept: Kept) -> None:
+    assert kept.inflight is not None
+    os.close(kept.inflight)
+    r, w = os.pipe()
+    os.close(w)
+    kept.inflight = r
+
+
+@pytest.mark.parametrize(("spoil", "reason"), [
+    (_other_shape, "1 x 128 answered, 1 x 64 asked"),
+    (_not_described, "does not describe it"),
+    (_not_a_memory_file, "not a memory file"),
+], ids=["other-shape", "not-described", "not-a-memory-file"])
+@pytest.mark.asyncio
+async def test_a_kept_inflight_area_that_does_not_fit_is_refused_in_one_line_and_a_fresh_one_asked_for(
+        no_fd_leak, ram_memfd, caplog, spoil, reason):
+    """Zero copy, a back-end with inflight tracking: the successor goes on with the kept connection
+    but not with an inflight area that does not fit the device or its record (logged in one line,
+    closed): it asks the back-end for a fresh one at the resume, and keeps that one."""
+    backend = RamDiskBlk(1 << 20)
+    guest = Guest(ram_memfd)
+    first = second = None
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            fe, _server = await stack.enter_async_context(connected_pair(backend))
+            stack.push_async_callback(close, lambda: (second, first))
+
+            async def connect() -> AsyncFrontend:
+                return fe
+
+            keeper = Keeper()
+            first = new_device(guest, zero_copy(ram_memfd), connect, keeper)
+            async with asyncio.timeout(TIMEOUT):
+                await first.start()
+                await _bring_up(first)
+                assert first.inflight is not None
+                assert isinstance(first.model, VirtioMmioDevice)
+                saved = snapshot(first.model)
+                kept = await crash(first, keeper)
+                stack.callback(kept.close)
+                spoil(kept)
+                later = Keeper()
+                second = new_device(guest, zero_copy(ram_memfd), _no_new_connection, later)
+                with caplog.at_level(logging.WARNING):
+                    await second.start(saved, kept=kept)
+                lines = [r.getMessage() for r in caplog.records if "inflight area" in r.getMessage()]
+                assert len(lines) == 1 and reason in lines[0] and "\n" not in lines[0], lines
+                area = second.inflight
+                assert area is not None and (area.num_queues, area.queue_size) == (1, 64)
+                assert later.stored.get("dev0.inflight") == area.fd
+                assert SessionMeta.read(later.stored["dev0.meta"]).inflight == [area.mmap_size, area.mmap_offset, 1, 64]
+                guest.request(0, VIRTIO_BLK_T_OUT, 0, b"\x12" * 512)
+                await write(second, Reg.QUEUE_NOTIFY, 0)
+                await guest.completed(second, {0})
+    finally:
+        guest.close()
+
+
+def test_the_session_record_carries_the_inflight_areas_shape_and_refuses_a_malformed_one():
+    meta = SessionMeta(socket="/x.sock", features=1, protocol_features=0, backend_protocol_features=0,
+                       queue_num=None, max_mem_slots=None, channel=False, num_queues=1, inflight=[4096, 0, 1, 64])
+    assert SessionMeta.decode(meta.encode()) == meta
+    older = json.loads(meta.encode())
+    del older["inflight"]
+    assert SessionMeta.decode(json.dumps(older).encode()).inflight is None  # a record written before it
+    for bad in ([4096, 0, 1], [4096, 0, 1, -1], [4096, 0, 1, True], "4096", {"size": 4096}):
+        with pytest.raises(ValueError, match="malformed"):
+            SessionMeta.decode(json.dumps({**older, "inflight": bad}).encode())
