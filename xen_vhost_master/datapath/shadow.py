@@ -263,8 +263,10 @@ class ShadowDataPath:
         return self._banks
 
     def new_connection(self) -> None:
-        """The next :meth:`regions` is for a new back-end: a fresh memfd if one was handed out."""
+        """The next :meth:`regions` is for a new back-end: a fresh memfd if one was handed out
+        (what :meth:`give_back_kept` said of the old one no longer applies)."""
         self._fresh = self._handed_out
+        self._kept = {}
 
     def regions(self, queues: Sequence[QueueConfig] = ()) -> tuple[Sequence[MemoryRegion], Sequence[int]]:
         """The memory table: the same memfd for every start on one back-end connection (a guest
