@@ -25,7 +25,7 @@ from vhost_user import AsyncFrontend, FdSocket
 from vhost_user.aio.server import BackendServer
 from vhost_user.testing import PAIR_SHUTDOWN_TIMEOUT, RamDiskBlk, connected_pair
 from vhost_user.testing.blk import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
-from vhost_user.virtqueue import FlatMemory, SplitQueueDriver
+from vhost_user.virtqueue import FlatMemory, SplitQueueDriver, split_ring_layout
 from xen_vhost_master.datapath.shadow import GuestInflightRecord, ShadowDataPath
 from xen_vhost_master.datapath.shadow_pool import HEAD_MAP_HEADER, ShadowMemory
 from xen_vhost_master.datapath.zerocopy import FdExport, FdRegion
@@ -314,14 +314,23 @@ def _far_ahead(fd: int, layout: ShadowMemory) -> None:
     os.pwrite(fd, struct.pack("<H", 0x8000), layout.head_map(0))
 
 
-@pytest.mark.parametrize("scribble", [_out_of_range, _swapped, _far_ahead], ids=["out-of-range", "swapped", "far-ahead"])
+def _bad_used_element(fd: int, layout: ShadowMemory) -> None:
+    """The back-end's own doing: the second used element (the first not harvested) names a
+    descriptor beyond the ring."""
+    used = split_ring_layout(64, layout.ring_slot(0))[2] - layout.base
+    os.pwrite(fd, struct.pack("<I", 999), used + 4 + 8 * 1)
+
+
+@pytest.mark.parametrize("scribble", [_out_of_range, _swapped, _far_ahead, _bad_used_element],
+                         ids=["out-of-range", "swapped", "far-ahead", "bad-used-element"])
 @pytest.mark.asyncio
 async def test_kept_shadow_memory_that_does_not_match_the_guests_ring_is_refused_in_one_line(
         no_fd_leak, ram_memfd, tmp_path, caplog, scribble):
-    """The back-end maps the whole shadow memory and may have written anywhere in it: a head map
-    naming no chain in flight, naming the other chain (shapes differ), or a used-index relation
-    that makes more completions than the ring holds is refused in one line, and those chains are
-    taken from the guest again (run twice, as before, each completed to the guest once)."""
+    """What the kept memory says does not match the guest's ring: head maps naming no chain in
+    flight or the other chain (shapes differ), a used-index relation that makes more completions
+    than the ring holds, a used element the back-end wrote naming a descriptor beyond the ring.
+    Refused in one line, and those chains are taken from the guest again (run twice, as before
+    this was kept, each completed to the guest once)."""
     with caplog.at_level(logging.WARNING):
         backend = await shadow_crash(ram_memfd, tmp_path / "dev0.inflight", scribble)
     lines = [r.getMessage() for r in caplog.records if "completed before the daemon restarted is not usable" in r.getMessage()]
@@ -577,3 +586,25 @@ def test_the_session_record_carries_the_inflight_areas_shape_and_refuses_a_malfo
     for bad in ([4096, 0, 1], [4096, 0, 1, -1], [4096, 0, 1, True], "4096", {"size": 4096}):
         with pytest.raises(ValueError, match="malformed"):
             SessionMeta.decode(json.dumps({**older, "inflight": bad}).encode())
+
+
+def test_shadow_memory_of_an_earlier_daemon_without_head_maps_is_taken_and_grown(no_fd_leak):
+    """A handover from a daemon whose shadow memfd is the back-end's region alone: taken (the region
+    the back-end maps is unchanged), grown by the head maps, which read as zero."""
+    new = ShadowMemory(pool_size=1 << 20, max_queues=2, max_queue_size=64)
+    try:
+        old = os.memfd_create("earlier-shadow", os.MFD_CLOEXEC)
+        os.ftruncate(old, new.size)
+        taken = ShadowMemory(pool_size=1 << 20, max_queues=2, max_queue_size=64, fd=old)
+        try:
+            assert os.fstat(taken.fd).st_size == taken.file_size > taken.size == new.size
+            assert taken.region() == new.region()
+            assert not any(taken.mv[taken.head_map(0) : taken.file_size])
+        finally:
+            taken.close()
+        other = os.memfd_create("other-shadow", os.MFD_CLOEXEC)
+        os.ftruncate(other, new.file_size + 4096)
+        with pytest.raises(ValueError, match="holds"):
+            ShadowMemory(pool_size=1 << 20, max_queues=2, max_queue_size=64, fd=other)
+    finally:
+        new.close()
