@@ -1167,6 +1167,9 @@ class Device:
         regions, fds = self.memory.regions(queues)
         await fe.set_mem_table(regions, fds)
         await self._share_inflight(fe)
+        resume_kept = getattr(self.memory, "resume_kept", None) if resume else None
+        if callable(resume_kept):  # (what a crash left in a kept shadow memory, before any ring takes chains)
+            resume_kept(queues, features)
         for q in queues:
             rings = self.memory.open_queue(q, features, self._kick[q.index], resume=resume)
             if q.index not in self._started:  # a resumed queue was started once already

@@ -26,6 +26,7 @@ from vhost_user.aio.server import BackendServer
 from vhost_user.testing import PAIR_SHUTDOWN_TIMEOUT, RamDiskBlk, connected_pair
 from vhost_user.testing.blk import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from vhost_user.virtqueue import FlatMemory, SplitQueueDriver, split_ring_layout
+from xen_vhost_master.config import DeviceConfig
 from xen_vhost_master.datapath.shadow import GuestInflightRecord, ShadowDataPath
 from xen_vhost_master.datapath.shadow_pool import HEAD_MAP_HEADER, ShadowMemory
 from xen_vhost_master.datapath.zerocopy import FdExport, FdRegion
@@ -44,13 +45,17 @@ BUFS = RAM_BASE + 0x10000  # request buffers: 4 KiB per request slot
 _HDR = struct.Struct("<IIQ")  # virtio 1.2 §5.2.6 struct virtio_blk_req header
 
 
-class Guest:
-    """The guest's side of queue 0: a split-ring driver over its RAM and the interrupt line."""
+RINGS_1 = (RAM_BASE + 0x4000, RAM_BASE + 0x5000, RAM_BASE + 0x6000)  # queue 1's, when there is one
 
-    def __init__(self, ram: int) -> None:
+
+class Guest:
+    """The guest's side of queue 0 (and 1): split-ring drivers over its RAM and the interrupt line."""
+
+    def __init__(self, ram: int, queues: int = 1) -> None:
         self._map = mmap.mmap(ram, RAM_SIZE)
         self.mem = FlatMemory(self._map, RAM_BASE)
-        self.drv = SplitQueueDriver(self.mem, 64, *RINGS)
+        self.drvs = [SplitQueueDriver(self.mem, 64, *rings) for rings in (RINGS, RINGS_1)[:queues]]
+        self.drv = self.drvs[0]
         self.irq = asyncio.Event()
         self.done: dict[Any, int] = {}
 
@@ -58,7 +63,7 @@ class Guest:
         if level:
             self.irq.set()
 
-    def request(self, slot: int, kind: int, sector: int, data: bytes = b"", read: int = 0) -> int:
+    def request(self, slot: int, kind: int, sector: int, data: bytes = b"", read: int = 0, queue: int = 0) -> int:
         """A virtio-blk request in buffer slot ``slot``: header, data out, data in, status."""
         base = BUFS + 0x1000 * slot
         self.mem.view(base, _HDR.size)[:] = _HDR.pack(kind, 0, sector)
@@ -66,7 +71,7 @@ class Guest:
         self.mem.view(base + 0x100 + len(data) + read, 1)[:] = b"\xff"
         readable = [(base, _HDR.size)] + ([(base + 0x100, len(data))] if data else [])
         writable = ([(base + 0x100, read)] if read else []) + [(base + 0x100 + len(data) + read, 1)]
-        self.drv.add(readable, writable, token=slot)
+        self.drvs[queue].add(readable, writable, token=slot)
         return slot
 
     def status(self, slot: int, data_len: int) -> int:
@@ -81,24 +86,26 @@ class Guest:
             await self.irq.wait()
             self.irq.clear()
             await write(device, Reg.INTERRUPT_ACK, 1)
-            for token, written in self.drv.get_used():
-                assert token not in self.done, f"request {token} completed twice"
-                self.done[token] = written
+            for drv in self.drvs:
+                for token, written in drv.get_used():
+                    assert token not in self.done, f"request {token} completed twice"
+                    self.done[token] = written
 
     def close(self) -> None:
-        self.drv.release()
+        for drv in self.drvs:
+            drv.release()
         self.mem.release()
         self._map.close()
 
 
-def shadow_path(guest: Guest, record: Path | None) -> ShadowDataPath:
-    return ShadowDataPath(guest.mem, [(RAM_BASE, RAM_SIZE)], pool_size=1 << 20, max_queues=1, max_queue_size=64,
+def shadow_path(guest: Guest, record: Path | None, queues: int = 1) -> ShadowDataPath:
+    return ShadowDataPath(guest.mem, [(RAM_BASE, RAM_SIZE)], pool_size=1 << 20, max_queues=queues, max_queue_size=64,
                           log=device_logger("xvm.test.crash", 1, "blk0"),
-                          inflight=GuestInflightRecord(str(record), 1, 64) if record is not None else None)
+                          inflight=GuestInflightRecord(str(record), queues, 64) if record is not None else None)
 
 
-def new_device(guest: Guest, memory: Any, connect: Any, keeper: Keeper) -> Device:
-    return Device(CONFIG, connect=connect, memory=memory, set_irq=guest.set_irq,
+def new_device(guest: Guest, memory: Any, connect: Any, keeper: Keeper, config: DeviceConfig = CONFIG) -> Device:
+    return Device(config, connect=connect, memory=memory, set_irq=guest.set_irq,
                   log=device_logger("xvm.test.crash", 1, "blk0"), keeper=keeper)
 
 
@@ -608,3 +615,67 @@ def test_shadow_memory_of_an_earlier_daemon_without_head_maps_is_taken_and_grown
             ShadowMemory(pool_size=1 << 20, max_queues=2, max_queue_size=64, fd=other)
     finally:
         new.close()
+
+
+async def bring_up_two(device: Device) -> None:
+    """A driver's bring-up of queues 0 and 1 (64 entries each) by register writes."""
+    for value in (0, 1, 3):
+        await write(device, Reg.STATUS, value)
+    for sel, value in ((0, 0), (1, 1)):  # VERSION_1
+        await write(device, Reg.DRIVER_FEATURES_SEL, sel)
+        await write(device, Reg.DRIVER_FEATURES, value)
+    await write(device, Reg.STATUS, 11)
+    for index, rings in enumerate((RINGS, RINGS_1)):
+        await write(device, Reg.QUEUE_SEL, index)
+        await write(device, Reg.QUEUE_NUM, 64)
+        for reg, addr in zip((Reg.QUEUE_DESC_LOW, Reg.QUEUE_DRIVER_LOW, Reg.QUEUE_DEVICE_LOW), rings, strict=True):
+            await write(device, reg, addr)
+            await write(device, reg + 4, 0)
+        await write(device, Reg.QUEUE_READY, 1)
+    await write(device, Reg.STATUS, 15)
+
+
+@pytest.mark.asyncio
+async def test_every_queues_kept_completions_reach_the_guest_before_any_queue_takes_new_chains(
+        no_fd_leak, ram_memfd, tmp_path):
+    """Two queues: a read the back-end completed on queue 1 into the killed process's shadow ring
+    (its data in the bounce pool, not harvested), and a write the guest queued on queue 0 while no
+    daemon ran. The successor's bounce pool starts empty over those bytes: queue 0's resume must
+    not take the write into them before queue 1's read is given back (the guest would read the
+    write's bytes)."""
+    config = DeviceConfig(devid=0, device_id=2, base=0x2000000, irq=33, queue_size=64, num_queues=2, socket="/x.sock")
+    path = tmp_path / "dev0.inflight"
+    backend = RamDiskBlk(1 << 20, num_queues=2)
+    backend.disk[:512] = b"\x5a" * 512
+    guest = Guest(ram_memfd, queues=2)
+    first = second = None
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            fe, _server = await stack.enter_async_context(connected_pair(backend))
+            stack.push_async_callback(close, lambda: (second, first))
+
+            async def connect() -> AsyncFrontend:
+                return fe
+
+            keeper = Keeper()
+            first = new_device(guest, shadow_path(guest, path, 2), connect, keeper, config)
+            async with asyncio.timeout(TIMEOUT):
+                await first.start()
+                await bring_up_two(first)
+                async with called(first, 1) as backend_called:
+                    guest.request(0, VIRTIO_BLK_T_IN, 0, read=512, queue=1)
+                    await write(first, Reg.QUEUE_NOTIFY, 1)
+                    await backend_called.wait()
+                    assert isinstance(first.model, VirtioMmioDevice)
+                    saved = snapshot(first.model)
+                    kept = await crash(first, keeper)
+                    stack.callback(kept.close)
+                guest.request(1, VIRTIO_BLK_T_OUT, 8, b"\xaa" * 512, queue=0)  # (its notify reached no daemon)
+                second = new_device(guest, shadow_path(guest, path, 2), _no_new_connection, Keeper(), config)
+                await second.start(saved, kept=kept)
+                await guest.completed(second, {0, 1})
+                assert guest.status(0, 512) == 0 and guest.status(1, 512) == 0
+                assert guest.read_back(0, 512) == b"\x5a" * 512, "the read's bytes were overwritten in the bounce pool"
+                assert backend.requests[VIRTIO_BLK_T_IN] == 1 and bytes(backend.disk[8 * 512 : 9 * 512]) == b"\xaa" * 512
+    finally:
+        guest.close()

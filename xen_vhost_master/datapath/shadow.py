@@ -257,6 +257,7 @@ class ShadowDataPath:
         self._handed_out = False  # a back-end has been given the current memfd
         self._fresh = False  # a new back-end connected since: its first table gets a fresh memfd
         self._kept: dict[int, int] = {}  # queue → ring size: drained rings of an adopted memfd (give_back_kept)
+        self._given: dict[int, tuple[int, int, str | None]] = {}  # queue → (chains, bytes, fault) given back
 
     # --- DataPath ---------------------------------------------------------------------------
     def banks(self) -> Sequence[tuple[int, int]]:
@@ -266,7 +267,7 @@ class ShadowDataPath:
         """The next :meth:`regions` is for a new back-end: a fresh memfd if one was handed out
         (what :meth:`give_back_kept` said of the old one no longer applies)."""
         self._fresh = self._handed_out
-        self._kept = {}
+        self._kept, self._given = {}, {}
 
     def regions(self, queues: Sequence[QueueConfig] = ()) -> tuple[Sequence[MemoryRegion], Sequence[int]]:
         """The memory table: the same memfd for every start on one back-end connection (a guest
@@ -310,13 +311,25 @@ class ShadowDataPath:
         old.close()
         self.shadow, self.pool, self._buf = new, new.pool, new.mv
         self._handed_out, self._fresh = True, False
-        self._kept = {}
+        self._kept, self._given = {}, {}
 
     def give_back_kept(self, sizes: dict[int, int]) -> None:
         """The back-end has completed everything it took from these rings (queue → size) of the
-        adopted memory: when each queue is resumed, what it completed there after the previous
-        process last harvested goes to the guest, instead of being taken from the guest again."""
+        adopted memory: at the resume (:meth:`resume_kept`), what it completed there after the
+        previous process last harvested goes to the guest, instead of being taken from the guest
+        again."""
         self._kept = {i: n for i, n in sizes.items() if 0 <= i < self.shadow.max_queues}
+
+    def resume_kept(self, queues: Sequence[QueueConfig], features: int) -> None:
+        """Before the rings of a resume are opened: the completions :meth:`give_back_kept` spoke
+        of go to the guest, every queue's before any queue takes new chains into the bounce pool
+        (which starts empty, over bytes those completions still hold)."""
+        kept, self._kept = self._kept, {}
+        event_idx = bool(features >> F_EVENT_IDX & 1)
+        for queue in queues:
+            if kept.get(queue.index) == queue.num and queue.index not in self._queues:
+                record = self.inflight_record.queue(queue.index, queue.num) if self.inflight_record is not None else None
+                self._given[queue.index] = self._give_back(queue, event_idx, record)
 
     def open_queue(self, queue: QueueConfig, features: int, kick_fd: int, *, resume: bool = False) -> RingAddresses:
         """Shadow rings for ``queue``. ``resume``: the back-end was replaced while the queue ran;
@@ -338,8 +351,7 @@ class ShadowDataPath:
         q = _Queue(queue, kick_fd, rings, event_idx, indirect, self.shadow.head_map(index))
         self._queues[index] = q
         record = self.inflight_record.queue(index, queue.num) if self.inflight_record is not None else None
-        if self._kept.pop(index, None) == queue.num and resume:
-            self._give_back(q, record)  # (before the ring is laid out anew over what it reads)
+        given = self._given.pop(index, None)
         q.drv = _driver_at(self.shadow, queue.num, rings, event_idx, 0)
         try:
             # A queue resumed without its in-flight table (e.g. a restarted daemon): QEMU's rule
@@ -352,6 +364,10 @@ class ShadowDataPath:
                 # the guest unaware of them, and the next may never come (a driver waiting for
                 # them sends nothing more): the first call after the resume interrupts the guest.
                 q.unsignalled = True
+                if given is not None:
+                    q.stats.completed, q.stats.bytes_out = given[0], given[1]
+                    if given[2] is not None:
+                        self._break(q, given[2])
                 if record is not None:
                     first = self._recover(index, record, first, queue.num)
             elif record is not None:
@@ -371,18 +387,21 @@ class ShadowDataPath:
         assert q.drv is not None and q.guest is not None
         _U16.pack_into(self._buf, q.heads, (q.drv.last_used - q.guest.used_idx) & 0xFFFF)
 
-    def _give_back(self, q: _Queue, record: InflightQueue | None) -> None:
-        """A restarted daemon's queue ``q`` on the memory its predecessor shared with the same
-        back-end (drained: :meth:`give_back_kept`): the chains the back-end completed into that
-        shadow ring after the predecessor last harvested it are completed to the guest (their
-        device-writable bytes copied back, their used elements pushed, through the guest's
-        in-flight record when there is one), exactly once, instead of being taken from the guest
-        and run again. What does not match the guest's ring is logged in one line and taken from
-        the guest again, as before."""
-        cfg, rings = q.config, q.rings
+    def _give_back(self, cfg: QueueConfig, event_idx: bool, record: InflightQueue | None) -> tuple[int, int, str | None]:
+        """A restarted daemon's queue ``cfg`` on the memory its predecessor shared with the same
+        back-end (drained: :meth:`give_back_kept`), before its shadow ring is laid out anew: the
+        chains the back-end completed into that ring after the predecessor last harvested it are
+        completed to the guest (their device-writable bytes copied back, their used elements
+        pushed, through the guest's in-flight record when there is one), exactly once, instead of
+        being taken from the guest and run again. What does not match the guest's ring is logged
+        in one line and taken from the guest again, as before. Returns the chains and bytes given
+        back, and why the queue must stop (a guest buffer it could not write) or None."""
         num, index = cfg.num, cfg.index
+        desc, avail, used, _ = split_ring_layout(num, self.shadow.ring_slot(index))
+        heads = self.shadow.head_map(index)
         guest: SplitQueueDevice | None = None
         shadow: SplitQueueDevice | None = None
+        walked: list[Chain] = []  # the guest's (a memory that maps on demand releases them)
         chains: list[tuple[Chain, Chain, int]] = []  # (shadow chain, guest chain, bytes written)
         try:
             tracked = False
@@ -393,26 +412,26 @@ class ShadowDataPath:
                     tracked = record.recover(used_idx, num) is not None
                 except InflightRegionError:
                     tracked = False  # (open_queue's recovery says so and starts it afresh)
-            guest = SplitQueueDevice(self.memory, num, cfg.desc, cfg.driver, cfg.device, event_idx=q.event_idx,
+            guest = SplitQueueDevice(self.memory, num, cfg.desc, cfg.driver, cfg.device, event_idx=event_idx,
                                      inflight=record if tracked else None)
-            shadow = SplitQueueDevice(self.shadow, num, rings.desc, rings.avail, rings.used)
-            start = (guest.used_idx + _U16.unpack_from(self._buf, q.heads)[0]) & 0xFFFF
+            shadow = SplitQueueDevice(self.shadow, num, desc, avail, used)
+            start = (guest.used_idx + _U16.unpack_from(self._buf, heads)[0]) & 0xFFFF
             count = (shadow.used_idx - start) & 0xFFFF
-            if not count:
-                return
             if count > num:
                 raise RingError(f"{count} completions to give back on a ring of {num}")
             taken: set[int] = set()
             for k in range(count):
-                with self.shadow.view(rings.used + 4 + 8 * ((start + k) % num), 8) as v:
+                with self.shadow.view(used + 4 + 8 * ((start + k) % num), 8) as v:
                     sid, written = struct.unpack_from("<II", v)
                 if sid >= num:
                     raise RingError(f"shadow used element {start + k} names descriptor {sid}")
-                head = _U16.unpack_from(self._buf, q.heads + HEAD_MAP_HEADER + 2 * sid)[0]
+                head = _U16.unpack_from(self._buf, heads + HEAD_MAP_HEADER + 2 * sid)[0]
                 if head >= num or head in taken or tracked and record is not None and not record.is_inflight(head):
                     raise RingError(f"shadow descriptor {sid} names guest chain {head}, which is not in flight")
                 taken.add(head)
-                s_chain, g_chain = shadow.chain(sid), guest.chain(head)
+                s_chain = shadow.chain(sid)
+                g_chain = guest.chain(head)
+                walked.append(g_chain)
                 if [b.length for b in s_chain.readable] != [b.length for b in g_chain.readable] or \
                         [b.length for b in s_chain.writable] != [b.length for b in g_chain.writable]:
                     raise RingError(f"shadow chain {sid} is not the guest's chain {head}")
@@ -424,13 +443,18 @@ class ShadowDataPath:
         finally:
             if shadow is not None:
                 shadow.release()
-            if not chains and guest is not None:
-                guest.release()
+            if not chains:
+                if guest is not None:
+                    guest.release()
+                if self._release is not None:
+                    for chain in walked:
+                        self._release([(b.addr, b.length) for b in (*chain.readable, *chain.writable)])
         if not chains:
-            return
+            return 0, 0, None
         assert guest is not None
         pushes: list[tuple[int, int]] = []
         fault: str | None = None
+        out = 0
         try:
             for s_chain, g_chain, written in chains:
                 left = min(written, g_chain.writable_len)
@@ -442,7 +466,7 @@ class ShadowDataPath:
                             m = min(left, gb.length)
                             self.memory.view(gb.addr, m)[:] = self.shadow.view(sb.addr, m)
                             left -= m
-                            q.stats.bytes_out += m
+                            out += m
                     except (*_FAULTS, TypeError) as e:  # TypeError: a read-only view
                         fault = f"chain {g_chain.head}: guest buffer unwritable: {e}"
                 if self._release is not None:
@@ -451,12 +475,9 @@ class ShadowDataPath:
             guest.push_many(pushes)
         finally:
             guest.release()
-        q.stats.completed += len(pushes)
-        q.unsignalled = True
         self.log.info("queue %d: %d chain(s) the back-end completed before the daemon restarted given to the guest",
                       index, len(pushes))
-        if fault is not None:
-            self._break(q, fault)
+        return len(pushes), out, fault
 
     def _recover(self, index: int, record: InflightQueue, used_idx: int, num: int) -> int:
         """Where a restarted daemon resumes queue ``index``: after the chains its predecessor left
