@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from . import devtypes
 from .config import DeviceConfig
 from .datapath.base import DataPath, DataPathChooser
 from .errors import DaemonError, GuestFault, XenError
-from .fdstore import Keeper, Kept, SessionMeta, kept_name, new_meta_fd, read_snapshot, write_snapshot
+from .fdstore import FD_KINDS, Keeper, Kept, SessionMeta, kept_name, new_meta_fd, read_snapshot, write_snapshot
 from .fastpath import PciKickFastPath, QueueFastPath
 from .log import DeviceLogger, LimitedLogger
 from .virtio_mmio import (
@@ -410,7 +411,7 @@ class Device:
             protocol_features=int(negotiated.protocol_features),
             backend_protocol_features=int(negotiated.backend_protocol_features),
             queue_num=negotiated.queue_num, max_mem_slots=negotiated.max_mem_slots,
-            channel=negotiated.backend_channel, num_queues=nq)
+            channel=negotiated.backend_channel, num_queues=nq, inflight=self._inflight_shape())
         try:
             if self._meta_fd is None:
                 self._meta_fd = new_meta_fd()
@@ -426,6 +427,26 @@ class Device:
             self._store("chan", chan)
         else:
             self._unstore("chan")
+        if self._inflight is not None:
+            self._store("inflight", self._inflight.fd)
+
+    def _inflight_shape(self) -> list[int] | None:
+        area = self._inflight
+        return None if area is None else [area.mmap_size, area.mmap_offset, area.num_queues, area.queue_size]
+
+    def _note_inflight(self) -> None:
+        """The inflight area (or its absence), in the record and the keeper."""
+        if self._meta is None or self._meta_fd is None:
+            return
+        self._meta.inflight = self._inflight_shape()
+        try:
+            self._meta.write(self._meta_fd)
+        except OSError as e:
+            self.log.warning("cannot update the back-end session record: %s", e)
+        if self._inflight is not None:
+            self._store("inflight", self._inflight.fd)
+        else:
+            self._unstore("inflight")
 
     def _recorded(self, cfg: bool, offset: int) -> bool:
         """The write changes what the session record holds of a virtio-mmio model (the device's
@@ -481,10 +502,10 @@ class Device:
     def _kept_fds(self) -> list[tuple[str, int]]:
         """Copies of what a next image needs to go on with the connection (handover)."""
         fds = []
-        for what in ("conn", "chan", "meta", "shadow"):
+        for what in FD_KINDS:
             fd = {"conn": self.frontend.sock.fileno() if self.frontend else None,
                   "chan": self.frontend.backend_channel_fileno() if self.frontend else None,
-                  "meta": self._meta_fd}.get(what)
+                  "meta": self._meta_fd, "inflight": self._inflight.fd if self._inflight else None}.get(what)
             if what == "shadow":
                 memory_fd = getattr(self.memory, "memory_fd", None)
                 fd = memory_fd() if callable(memory_fd) else None
@@ -500,6 +521,7 @@ class Device:
         and the device's restore restarts them as QEMU's ``cont`` does."""
         fe: AsyncFrontend | None = None
         chosen: DataPath | None = None
+        self._take_inflight(kept)
         try:
             meta = kept.check()
             if meta.socket != self.config.socket:
@@ -528,12 +550,8 @@ class Device:
                 for index in meta.running:
                     bases[index] = await fe.stop_vring(index)
             if meta.running:
-                # what the back-end did meanwhile is not recorded anywhere this process can read
-                self.log.warning(
-                    "kept back-end connection: rings %s the previous process left running stopped; what it had "
-                    "handed the back-end and not returned to the guest is taken from the guest's rings again (a "
-                    "request the back-end had completed meanwhile runs a second time, the guest sees it complete "
-                    "once)", meta.running)
+                self.log.info("kept back-end connection: rings %s the previous process left running stopped, the "
+                              "back-end at avail index %s", meta.running, [bases[i] for i in meta.running])
             nq = meta.num_queues
             if self._chooser is not None:
                 chosen = self._chooser(negotiated.protocol_features, nq)
@@ -547,6 +565,9 @@ class Device:
                 await self._backend_done(memory, bases, dict(zip(meta.running, meta.sizes, strict=False)))
             elif callable(adopt) and meta.running:
                 raise ValueError("its shadow memory was not kept")
+            resume_at = getattr(memory, "resume_at", None)
+            if callable(resume_at):
+                resume_at(bases, self.log)
             async with asyncio.timeout(NEGOTIATION_TIMEOUT):
                 config = await self._probe_config(fe, meta.features)
             view = devtypes.offer(self.config.device_id, meta.features, config, mac=self.mac)
@@ -560,8 +581,9 @@ class Device:
                 chosen.close()
             kept.close()
             if self._keeper is not None:
-                for what in ("conn", "chan", "meta", "shadow"):
-                    self._keeper.remove_fds(kept_name(self.config.devid, what))
+                for what in FD_KINDS:
+                    if what != "inflight" or self._inflight is None:
+                        self._keeper.remove_fds(kept_name(self.config.devid, what))
             return None
         if chosen is not None:
             self.memory, self._chooser = chosen, None
@@ -575,10 +597,39 @@ class Device:
         chan_fd = fe.backend_channel_fileno()
         if chan_fd is not None:
             self._store("chan", chan_fd)
+        self._note_inflight()
         fe.on_lost = lambda exc: self.backend_lost(str(exc), reconnect=exc.reconnect)
         self.log.info("going on with the back-end connection kept from the previous process (nothing "
                       "renegotiated): features %#x, protocol features %#x", meta.features, meta.protocol_features)
         return fe, negotiated, nq, view
+
+    def _take_inflight(self, kept: Kept) -> None:
+        """The inflight area the previous process shared with the back-end, taken whatever becomes
+        of the kept connection: the back-end (or the one that replaced it) gets it back at the
+        next start (SET_INFLIGHT_FD) and submits again what was left in flight. One that does not
+        fit the device is logged in one line and closed (the back-end then gets a fresh one)."""
+        fd, kept.inflight = kept.inflight, None
+        if fd is None:
+            return
+        try:
+            shape = SessionMeta.read(kept.meta).inflight
+            if shape is None:
+                raise ValueError("the session record does not describe it")
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("not a memory file")
+            area = InflightFd(fd, *shape)
+            problem = _inflight_problem(area, self.config.num_queues or area.num_queues, self.config.queue_size)
+            if problem:
+                raise ValueError(problem)
+        except (OSError, ValueError) as e:
+            os.close(fd)
+            self.log.warning("the inflight area kept from the previous process is unusable (%s): the back-end "
+                             "gets a fresh one", e)
+            if self._keeper is not None:
+                self._keeper.remove_fds(kept_name(self.config.devid, "inflight"))
+            return
+        self._drop_inflight()
+        self._inflight = area
 
     async def _negotiate(self, fe: AsyncFrontend) -> tuple[Negotiated, int, DataPath | None, devtypes.Offer]:
         """Negotiate, choose the data path (if not given), read the config; the chosen data path
@@ -739,10 +790,11 @@ class Device:
         return kept
 
     async def _backend_done(self, memory: object, bases: dict[int, int], sizes: dict[int, int]) -> None:
-        """After a crash: the back-end has completed, into the previous process's shadow rings
-        (whose completions nobody takes back: those chains are taken from the guest again), all
-        it took before GET_VRING_BASE answered ``bases``, within SUSPEND_DRAIN; else ValueError
-        (its connection is dropped: a late completion must not land in the rings laid out anew)."""
+        """After a crash: the back-end has completed, into the previous process's shadow rings,
+        all it took before GET_VRING_BASE answered ``bases``, within SUSPEND_DRAIN (what the
+        previous process had not taken back from there goes to the guest when the queues resume:
+        ``give_back_kept``); else ValueError (its connection is dropped: a late completion must
+        not land in the rings laid out anew)."""
         used_idx = getattr(memory, "backend_used", None)
         if not callable(used_idx) or not bases:
             return
@@ -752,6 +804,9 @@ class Device:
             behind = {i: (base - used_idx(i, sizes[i])) & 0xFFFF for i, base in bases.items()
                       if sizes.get(i) and used_idx(i, sizes[i]) != base & 0xFFFF}
             if not behind:
+                give_back = getattr(memory, "give_back_kept", None)
+                if callable(give_back):
+                    give_back({i: sizes[i] for i in bases if sizes.get(i)})
                 return
             if loop.time() >= deadline:
                 raise ValueError(f"the back-end still has requests in flight ({behind} by queue) {SUSPEND_DRAIN:g} s "
@@ -1112,6 +1167,9 @@ class Device:
         regions, fds = self.memory.regions(queues)
         await fe.set_mem_table(regions, fds)
         await self._share_inflight(fe)
+        resume_kept = getattr(self.memory, "resume_kept", None) if resume else None
+        if callable(resume_kept):  # (what a crash left in a kept shadow memory, before any ring takes chains)
+            resume_kept(queues, features)
         for q in queues:
             rings = self.memory.open_queue(q, features, self._kick[q.index], resume=resume)
             if q.index not in self._started:  # a resumed queue was started once already
@@ -1144,6 +1202,10 @@ class Device:
         if not self.memory.direct or not fe.has_protocol_feature(ProtocolFeatures.INFLIGHT_SHMFD):
             return
         nq, qsize = len(self._kick), self.config.queue_size
+        if self._inflight is not None and (self._inflight.num_queues, self._inflight.queue_size) != (nq, qsize):
+            self.log.warning("the kept inflight area tracks %d queue(s) of %d, the device has %d of %d: the back-end "
+                             "gets a fresh one", self._inflight.num_queues, self._inflight.queue_size, nq, qsize)
+            self._drop_inflight()
         if self._inflight is None:
             try:
                 got = await fe.get_inflight_fd(nq, qsize)
@@ -1158,6 +1220,7 @@ class Device:
                 self.log.warning("GET_INFLIGHT_FD answer unusable (%s): no inflight tracking", problem)
                 return
             self._inflight = got
+            self._note_inflight()
         area = self._inflight
         try:
             await fe.set_inflight_fd(area.fd, mmap_size=area.mmap_size, mmap_offset=area.mmap_offset,
@@ -1180,6 +1243,7 @@ class Device:
     def _drop_inflight(self) -> None:
         area, self._inflight = self._inflight, None
         if area is not None:
+            self._note_inflight()
             os.close(area.fd)
 
     @property

@@ -16,7 +16,10 @@ Per device (``dev<devid>.<what>``):
   device's driver-visible state (``virtio_mmio.snapshot``), each rewritten in place whenever it
   changes: current whenever the process dies, unlike ``state.json``, written a moment later;
 * ``shadow``: the shadow data path's memfd (the back-end keeps mapping it; DPDK keeps its old
-  mapping of a region whose geometry did not change, so the same file must be handed again).
+  mapping of a region whose geometry did not change, so the same file must be handed again);
+* ``inflight``: the area of inflight I/O tracking (vhost-user.rst "Inflight I/O tracking",
+  GET_INFLIGHT_FD), its shape in the record: a back-end that restarts, before or after the
+  daemon, gets it back (SET_INFLIGHT_FD) and submits again what its predecessor left in flight.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ MAX_LISTEN_FDS = 256  # more than any guest's devices need; beyond it the variab
 META_SIZE = 4096  # one page: rewritten with one pwrite(2)
 SNAPSHOT_SIZE = 3 * 4096  # the device's snapshot, after the record
 META_VERSION = 1
-FD_KINDS = ("conn", "chan", "meta", "shadow")
+FD_KINDS = ("conn", "chan", "meta", "shadow", "inflight")
 # The dispatcher's trampoline (``python -m xen_vhost_master.fdstore``): "name=fd:name=fd" of the
 # fds it was given (pass_fds), placed at 3.. with LISTEN_* before the instance's image runs.
 ENV_PASS_FDS = "XEN_VHOST_MASTER_PASS_FDS"
@@ -86,6 +89,8 @@ class SessionMeta:
     num_queues: int  # as the device uses them
     running: list[int] = field(default_factory=list)  # rings started on the connection (not stopped since)
     sizes: list[int] = field(default_factory=list)  # their sizes (QueueNum), in the same order
+    # the kept inflight area's GET_INFLIGHT_FD answer: mmap_size, mmap_offset, num_queues, queue_size
+    inflight: list[int] | None = None
     version: int = META_VERSION
 
     def encode(self) -> bytes:
@@ -111,7 +116,8 @@ class SessionMeta:
                 or not isinstance(raw.get("running"), list) \
                 or not all(isinstance(i, int) and 0 <= i < raw["num_queues"] for i in raw["running"]) \
                 or not isinstance(raw.get("sizes", []), list) \
-                or not all(isinstance(n, int) and 0 < n <= 0x8000 for n in raw.get("sizes", [])):
+                or not all(isinstance(n, int) and 0 < n <= 0x8000 for n in raw.get("sizes", [])) \
+                or not _inflight_shape(raw.get("inflight")):
             raise ValueError("session record malformed")
         try:
             return cls(**raw)
@@ -124,6 +130,13 @@ class SessionMeta:
     @classmethod
     def read(cls, fd: int) -> SessionMeta:
         return cls.decode(os.pread(fd, META_SIZE, 0))
+
+
+def _inflight_shape(value: object) -> bool:
+    """None, or four non-negative integers (an inflight area's mmap_size, mmap_offset,
+    num_queues, queue_size)."""
+    return value is None or isinstance(value, list) and len(value) == 4 and all(
+        isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 63 for n in value)
 
 
 def new_meta_fd() -> int:
@@ -163,14 +176,15 @@ class Kept:
     meta: int
     chan: int | None = None
     shadow: int | None = None
+    inflight: int | None = None
 
     def close(self) -> None:
-        for fd in (self.conn, self.meta, self.chan, self.shadow):
+        for fd in (self.conn, self.meta, self.chan, self.shadow, self.inflight):
             if fd is not None and fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self.conn = self.meta = -1
-        self.chan = self.shadow = None
+        self.chan = self.shadow = self.inflight = None
 
     def check(self) -> SessionMeta:
         """The session record, once the fds are of the right kinds (ValueError saying which is not)."""
@@ -184,7 +198,8 @@ class Kept:
             sock.close()
         if self.chan is not None and not stat.S_ISSOCK(os.fstat(self.chan).st_mode):
             raise ValueError("the stored back-end channel is not a socket")
-        for what, fd in (("session record", self.meta), ("shadow memory", self.shadow)):
+        for what, fd in (("session record", self.meta), ("shadow memory", self.shadow),
+                         ("inflight area", self.inflight)):
             if fd is not None and not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise ValueError(f"the stored {what} is not a memory file")
         return SessionMeta.read(self.meta)
@@ -253,7 +268,7 @@ def group_by_device(named: Mapping[str, int]) -> tuple[dict[int, Kept], list[str
             problems.append(f"device {number}: stored fds {sorted(got)} lack the connection or its record: closed")
             _close_open(list(got.values()))
             continue
-        kept[number] = Kept(number, got["conn"], got["meta"], got.get("chan"), got.get("shadow"))
+        kept[number] = Kept(number, got["conn"], got["meta"], got.get("chan"), got.get("shadow"), got.get("inflight"))
     return kept, problems
 
 

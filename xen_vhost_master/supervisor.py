@@ -51,7 +51,7 @@ from .datapath.choose import GuestDataPaths, GuestResources
 from .device import BackendAbsent, Device, DeviceError
 from .errors import ConfigError, ExitCode, HostError, XenError, host_error
 from .fastpath import KernelFastPath
-from .fdstore import Kept, group_by_device, kept_name, take_listen_fds
+from .fdstore import FD_KINDS, Kept, group_by_device, kept_name, take_listen_fds
 from .instance import RuntimeDir
 from .ioreq_server import REMOVED_GRACE, IoreqServer
 from .log import device_logger
@@ -376,7 +376,7 @@ class Supervisor:
             self.log.warning("a back-end connection was kept for device %d, which is not served any more: closed",
                              devid)
             self._kept.pop(devid).close()
-            for what in ("conn", "chan", "meta", "shadow"):
+            for what in FD_KINDS:
                 self.notifier.remove_fds(kept_name(devid, what))
 
     def _restrict(self) -> None:

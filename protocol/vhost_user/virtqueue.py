@@ -415,6 +415,11 @@ class SplitQueueDevice:
             self._write_avail_event()
         return chain
 
+    def chain(self, head: int) -> Chain:
+        """The chain at ``head`` as :meth:`pop` returns it (validated), nothing consumed: e.g. one
+        in flight whose completion a restarted front-end gives back."""
+        return self._walk(head)
+
     def _walk(self, head: int) -> Chain:
         size = self._r.size
         if head >= size:

@@ -37,7 +37,7 @@ from ..errors import DaemonError
 from ..log import DeviceLogger, LimitedLogger
 from ..virtio_mmio import F_EVENT_IDX, F_INDIRECT_DESC, QueueConfig
 from .base import RingAddresses
-from .shadow_pool import ShadowMemory
+from .shadow_pool import HEAD_MAP_HEADER, ShadowMemory
 
 __all__ = [
     "DEFAULT_POOL_SIZE",
@@ -129,12 +129,14 @@ class _InFlight:
 
 class _Queue:
     __slots__ = ("config", "kick_fd", "guest", "guest_desc", "drv", "rings", "event_idx", "indirect",
-                 "pending", "popped", "inflight", "broken", "unreported", "unsignalled", "stats")
+                 "pending", "popped", "inflight", "broken", "unreported", "unsignalled", "stats", "heads")
 
-    def __init__(self, config: QueueConfig, kick_fd: int, rings: RingAddresses, event_idx: bool, indirect: bool) -> None:
+    def __init__(self, config: QueueConfig, kick_fd: int, rings: RingAddresses, event_idx: bool, indirect: bool,
+                 heads: int) -> None:
         self.config = config
         self.kick_fd = kick_fd
         self.rings = rings
+        self.heads = heads  # memfd offset of the queue's head map (shadow_pool.py)
         self.event_idx = event_idx
         self.indirect = indirect
         self.guest: SplitQueueDevice | None = None
@@ -254,14 +256,18 @@ class ShadowDataPath:
         self._also_used: list[int] = []  # lower queues completed by the last used(), to interrupt too
         self._handed_out = False  # a back-end has been given the current memfd
         self._fresh = False  # a new back-end connected since: its first table gets a fresh memfd
+        self._kept: dict[int, int] = {}  # queue → ring size: drained rings of an adopted memfd (give_back_kept)
+        self._given: dict[int, tuple[int, int, str | None]] = {}  # queue → (chains, bytes, fault) given back
 
     # --- DataPath ---------------------------------------------------------------------------
     def banks(self) -> Sequence[tuple[int, int]]:
         return self._banks
 
     def new_connection(self) -> None:
-        """The next :meth:`regions` is for a new back-end: a fresh memfd if one was handed out."""
+        """The next :meth:`regions` is for a new back-end: a fresh memfd if one was handed out
+        (what :meth:`give_back_kept` said of the old one no longer applies)."""
         self._fresh = self._handed_out
+        self._kept, self._given = {}, {}
 
     def regions(self, queues: Sequence[QueueConfig] = ()) -> tuple[Sequence[MemoryRegion], Sequence[int]]:
         """The memory table: the same memfd for every start on one back-end connection (a guest
@@ -305,6 +311,25 @@ class ShadowDataPath:
         old.close()
         self.shadow, self.pool, self._buf = new, new.pool, new.mv
         self._handed_out, self._fresh = True, False
+        self._kept, self._given = {}, {}
+
+    def give_back_kept(self, sizes: dict[int, int]) -> None:
+        """The back-end has completed everything it took from these rings (queue → size) of the
+        adopted memory: at the resume (:meth:`resume_kept`), what it completed there after the
+        previous process last harvested goes to the guest, instead of being taken from the guest
+        again."""
+        self._kept = {i: n for i, n in sizes.items() if 0 <= i < self.shadow.max_queues}
+
+    def resume_kept(self, queues: Sequence[QueueConfig], features: int) -> None:
+        """Before the rings of a resume are opened: the completions :meth:`give_back_kept` spoke
+        of go to the guest, every queue's before any queue takes new chains into the bounce pool
+        (which starts empty, over bytes those completions still hold)."""
+        kept, self._kept = self._kept, {}
+        event_idx = bool(features >> F_EVENT_IDX & 1)
+        for queue in queues:
+            if kept.get(queue.index) == queue.num and queue.index not in self._queues:
+                record = self.inflight_record.queue(queue.index, queue.num) if self.inflight_record is not None else None
+                self._given[queue.index] = self._give_back(queue, event_idx, record)
 
     def open_queue(self, queue: QueueConfig, features: int, kick_fd: int, *, resume: bool = False) -> RingAddresses:
         """Shadow rings for ``queue``. ``resume``: the back-end was replaced while the queue ran;
@@ -323,14 +348,15 @@ class ShadowDataPath:
             return self._reopen(old, kick_fd, indirect)
         if old is not None:
             self.close_queue(index)
-        q = _Queue(queue, kick_fd, rings, event_idx, indirect)
+        q = _Queue(queue, kick_fd, rings, event_idx, indirect, self.shadow.head_map(index))
         self._queues[index] = q
+        record = self.inflight_record.queue(index, queue.num) if self.inflight_record is not None else None
+        given = self._given.pop(index, None)
         q.drv = _driver_at(self.shadow, queue.num, rings, event_idx, 0)
         try:
             # A queue resumed without its in-flight table (e.g. a restarted daemon): QEMU's rule
             # without INFLIGHT_SHMFD, chains after the guest's used index are taken again.
             first = None
-            record = self.inflight_record.queue(index, queue.num) if self.inflight_record is not None else None
             if resume:
                 with self.memory.view(queue.device + 2, 2) as v:
                     first = _U16.unpack_from(v)[0]
@@ -338,6 +364,10 @@ class ShadowDataPath:
                 # the guest unaware of them, and the next may never come (a driver waiting for
                 # them sends nothing more): the first call after the resume interrupts the guest.
                 q.unsignalled = True
+                if given is not None:
+                    q.stats.completed, q.stats.bytes_out = given[0], given[1]
+                    if given[2] is not None:
+                        self._break(q, given[2])
                 if record is not None:
                     first = self._recover(index, record, first, queue.num)
             elif record is not None:
@@ -346,9 +376,108 @@ class ShadowDataPath:
             q.guest = SplitQueueDevice(self.memory, queue.num, queue.desc, queue.driver, queue.device,
                                        event_idx=event_idx, last_avail_idx=first or 0, inflight=record)
             q.guest_desc = self.memory.view(queue.desc, 16 * queue.num)
+            self._laid_out(q)
         except (RingError, *_FAULTS) as e:
             self._break(q, f"guest rings unusable: {e}")
         return rings
+
+    def _laid_out(self, q: _Queue) -> None:
+        """A shadow ring was laid out for ``q``: its head map's header says how its used index
+        relates to the guest's (each harvested element is pushed to the guest: they move together)."""
+        assert q.drv is not None and q.guest is not None
+        _U16.pack_into(self._buf, q.heads, (q.drv.last_used - q.guest.used_idx) & 0xFFFF)
+
+    def _give_back(self, cfg: QueueConfig, event_idx: bool, record: InflightQueue | None) -> tuple[int, int, str | None]:
+        """A restarted daemon's queue ``cfg`` on the memory its predecessor shared with the same
+        back-end (drained: :meth:`give_back_kept`), before its shadow ring is laid out anew: the
+        chains the back-end completed into that ring after the predecessor last harvested it are
+        completed to the guest (their device-writable bytes copied back, their used elements
+        pushed, through the guest's in-flight record when there is one), exactly once, instead of
+        being taken from the guest and run again. What does not match the guest's ring is logged
+        in one line and taken from the guest again, as before. Returns the chains and bytes given
+        back, and why the queue must stop (a guest buffer it could not write) or None."""
+        num, index = cfg.num, cfg.index
+        desc, avail, used, _ = split_ring_layout(num, self.shadow.ring_slot(index))
+        heads = self.shadow.head_map(index)
+        guest: SplitQueueDevice | None = None
+        shadow: SplitQueueDevice | None = None
+        walked: list[Chain] = []  # the guest's (a memory that maps on demand releases them)
+        chains: list[tuple[Chain, Chain, int]] = []  # (shadow chain, guest chain, bytes written)
+        try:
+            tracked = False
+            if record is not None:
+                with self.memory.view(cfg.device + 2, 2) as v:
+                    used_idx = _U16.unpack_from(v)[0]
+                try:  # (settles a push the predecessor died in, so that the record follows the pushes below)
+                    tracked = record.recover(used_idx, num) is not None
+                except InflightRegionError:
+                    tracked = False  # (open_queue's recovery says so and starts it afresh)
+            guest = SplitQueueDevice(self.memory, num, cfg.desc, cfg.driver, cfg.device, event_idx=event_idx,
+                                     inflight=record if tracked else None)
+            shadow = SplitQueueDevice(self.shadow, num, desc, avail, used)
+            start = (guest.used_idx + _U16.unpack_from(self._buf, heads)[0]) & 0xFFFF
+            count = (shadow.used_idx - start) & 0xFFFF
+            if count > num:
+                raise RingError(f"{count} completions to give back on a ring of {num}")
+            taken: set[int] = set()
+            for k in range(count):
+                with self.shadow.view(used + 4 + 8 * ((start + k) % num), 8) as v:
+                    sid, written = struct.unpack_from("<II", v)
+                if sid >= num:
+                    raise RingError(f"shadow used element {start + k} names descriptor {sid}")
+                head = _U16.unpack_from(self._buf, heads + HEAD_MAP_HEADER + 2 * sid)[0]
+                if head >= num or head in taken or tracked and record is not None and not record.is_inflight(head):
+                    raise RingError(f"shadow descriptor {sid} names guest chain {head}, which is not in flight")
+                taken.add(head)
+                s_chain = shadow.chain(sid)
+                g_chain = guest.chain(head)
+                walked.append(g_chain)
+                if [b.length for b in s_chain.readable] != [b.length for b in g_chain.readable] or \
+                        [b.length for b in s_chain.writable] != [b.length for b in g_chain.writable]:
+                    raise RingError(f"shadow chain {sid} is not the guest's chain {head}")
+                chains.append((s_chain, g_chain, written))
+        except (RingError, *_FAULTS) as e:
+            self.log.warning("queue %d: what the back-end completed before the daemon restarted is not usable (%s): "
+                             "the chains in flight are taken from the guest again", index, e)
+            chains = []
+        finally:
+            if shadow is not None:
+                shadow.release()
+            if not chains:
+                if guest is not None:
+                    guest.release()
+                if self._release is not None:
+                    for chain in walked:
+                        self._release([(b.addr, b.length) for b in (*chain.readable, *chain.writable)])
+        if not chains:
+            return 0, 0, None
+        assert guest is not None
+        pushes: list[tuple[int, int]] = []
+        fault: str | None = None
+        out = 0
+        try:
+            for s_chain, g_chain, written in chains:
+                left = min(written, g_chain.writable_len)
+                if fault is None:
+                    try:
+                        for sb, gb in zip(s_chain.writable, g_chain.writable, strict=True):
+                            if left <= 0:
+                                break
+                            m = min(left, gb.length)
+                            self.memory.view(gb.addr, m)[:] = self.shadow.view(sb.addr, m)
+                            left -= m
+                            out += m
+                    except (*_FAULTS, TypeError) as e:  # TypeError: a read-only view
+                        fault = f"chain {g_chain.head}: guest buffer unwritable: {e}"
+                if self._release is not None:
+                    self._release([(b.addr, b.length) for b in (*g_chain.readable, *g_chain.writable)])
+                pushes.append((g_chain.head, min(written, g_chain.writable_len)))
+            guest.push_many(pushes)
+        finally:
+            guest.release()
+        self.log.info("queue %d: %d chain(s) the back-end completed before the daemon restarted given to the guest",
+                      index, len(pushes))
+        return len(pushes), out, fault
 
     def _recover(self, index: int, record: InflightQueue, used_idx: int, num: int) -> int:
         """Where a restarted daemon resumes queue ``index``: after the chains its predecessor left
@@ -653,9 +782,10 @@ class ShadowDataPath:
         f = _InFlight(head, extent, pos, base + extent if indirect else -1, shadow_r, shadow_w, copy_back, wlen)
         f.popped = q.popped
         if indirect:
-            drv.add_indirect(f.table, shadow_r, shadow_w, token=f)
+            sid = drv.add_indirect(f.table, shadow_r, shadow_w, token=f)
         else:
-            drv.add(shadow_r, shadow_w, token=f)
+            sid = drv.add(shadow_r, shadow_w, token=f)
+        _U16.pack_into(self._buf, q.heads + HEAD_MAP_HEADER + 2 * sid, head)
         q.inflight[head] = f
         q.stats.bytes_in += copied
         return True
@@ -679,12 +809,12 @@ class ShadowDataPath:
             self._release([(b.addr, b.length) for b in (*chain.readable, *chain.writable)])
             raise RingError(f"chain {chain.head}: {bad}")
 
-    @staticmethod
-    def _add(drv: SplitQueueDriver, f: _InFlight) -> None:
+    def _add(self, q: _Queue, drv: SplitQueueDriver, f: _InFlight) -> None:
         if f.table >= 0:
-            drv.add_indirect(f.table, f.readable, f.writable, token=f)
+            sid = drv.add_indirect(f.table, f.readable, f.writable, token=f)
         else:
-            drv.add(f.readable, f.writable, token=f)
+            sid = drv.add(f.readable, f.writable, token=f)
+        _U16.pack_into(self._buf, q.heads + HEAD_MAP_HEADER + 2 * sid, f.head)
 
     def _complete(self, q: _Queue, done: list[tuple[Any, int]]) -> None:
         """Copy back what the back-end wrote, free the extents, push the guest's used elements."""
@@ -744,6 +874,7 @@ class ShadowDataPath:
                 self._complete(q, done)
             q.drv.release()
         q.drv = _driver_at(self.shadow, q.config.num, q.rings, q.event_idx, start)
+        self._laid_out(q)
         q.kick_fd = kick_fd
         q.indirect = indirect
         if not indirect and any(f.table >= 0 for f in q.inflight.values()):
@@ -757,7 +888,7 @@ class ShadowDataPath:
                            "back-end dropped the connection: not publishing it again")
             return RingAddresses(q.rings.desc, q.rings.avail, q.rings.used, start)
         for f in q.inflight.values():
-            self._add(q.drv, f)
+            self._add(q, q.drv, f)
         q.stats.resubmitted += len(q.inflight)
         if q.inflight or done:
             self.log.info("queue %d resumed at %d: %d completion(s) harvested, %d chain(s) resubmitted",

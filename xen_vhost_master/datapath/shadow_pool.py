@@ -1,10 +1,18 @@
 """The shadow data path's own memory: one memfd the back-end maps as its only region.
 
-Layout (offsets in the memfd; the back-end sees the memfd at :data:`SHADOW_BASE`, both as
+Layout (offsets in the memfd; the back-end sees its region at :data:`SHADOW_BASE`, both as
 guest-physical and as user address)::
 
     [0, ring_area)                one fixed slot per queue index: split ring desc/avail/used
-    [ring_area, ring_area+pool)   bounce pool, page granular (:class:`PagePool`)
+    [ring_area, size)             bounce pool, page granular (:class:`PagePool`)
+    [size, file_size)             one head map per queue index (:meth:`ShadowMemory.head_map`),
+                                  after the back-end's region: the daemon's alone
+
+A head map says, for each shadow descriptor heading a published chain, which guest chain it
+carries (u16 guest head per shadow descriptor, after a 16-byte header whose first u16 is the
+shadow used index minus the guest's used index of the ring laid out last; little-endian): what a
+next process of the daemon, handed this memfd, needs to give the guest what the back-end
+completed into it (what it reads back is still checked against both rings before use).
 
 :class:`PagePool` is a first-fit allocator over a one-byte-per-page bitmap (a ``bytearray``):
 finding a run of ``k`` free pages is one ``bytearray.find`` (C, no per-page Python work), freeing
@@ -23,12 +31,13 @@ from typing import Final
 from vhost_user import GuestMemoryError, MemoryRegion
 from vhost_user.virtqueue import split_ring_layout
 
-__all__ = ["PAGE", "SHADOW_BASE", "PagePool", "ShadowMemory"]
+__all__ = ["HEAD_MAP_HEADER", "PAGE", "SHADOW_BASE", "PagePool", "ShadowMemory"]
 
 PAGE: Final = 4096
 #: Where the back-end sees the shadow memfd. Far above any guest RAM bank, so a guest address
 #: that leaked into a shadow descriptor would be refused by the back-end, not silently used.
 SHADOW_BASE: Final = 1 << 40
+HEAD_MAP_HEADER: Final = 16  # bytes before a head map's entries
 
 
 def _pages(nbytes: int) -> int:
@@ -101,23 +110,27 @@ class ShadowMemory:
         self.max_queues = max_queues
         self.max_queue_size = max_queue_size
         ring_area = self.slot_size * max_queues
-        self.size = ring_area + _pages(pool_size) * PAGE
+        self.size = ring_area + _pages(pool_size) * PAGE  # the back-end's region
         self.pool = PagePool(ring_area, _pages(pool_size))
+        self.map_stride = HEAD_MAP_HEADER + 2 * max_queue_size
+        self.file_size = self.size + _pages(self.map_stride * max_queues) * PAGE
         if fd is not None:
             try:
                 have = os.fstat(fd).st_size
+                if have == self.size:  # an earlier daemon's, without head maps: they read as zero
+                    os.ftruncate(fd, self.file_size)
             except OSError:
                 os.close(fd)
                 raise
-            if have != self.size:
+            if have not in (self.size, self.file_size):
                 os.close(fd)
-                raise ValueError(f"the kept shadow memory holds {have} bytes, this device's takes {self.size}")
+                raise ValueError(f"the kept shadow memory holds {have} bytes, this device's takes {self.file_size}")
         self.fd = fd if fd is not None else os.memfd_create("xen-vhost-shadow", os.MFD_CLOEXEC)
         mapped = False
         try:
             if fd is None:
-                os.ftruncate(self.fd, self.size)
-            self._mmap = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                os.ftruncate(self.fd, self.file_size)
+            self._mmap = mmap.mmap(self.fd, self.file_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             mapped = True
         finally:
             if not mapped:
@@ -130,7 +143,14 @@ class ShadowMemory:
             raise IndexError(f"queue {index}: the shadow memory has {self.max_queues} ring slots")
         return self.base + index * self.slot_size
 
+    def head_map(self, index: int) -> int:
+        """Memfd offset of queue ``index``'s head map (its header; entry ``k`` at ``+16 + 2k``)."""
+        if not 0 <= index < self.max_queues:
+            raise IndexError(f"queue {index}: the shadow memory has {self.max_queues} head maps")
+        return self.size + index * self.map_stride
+
     def view(self, addr: int, length: int) -> memoryview:
+        """Back-end addresses: its region only (never the head maps after it)."""
         off = addr - self.base
         if length < 0 or off < 0 or off + length > self.size:
             raise GuestMemoryError(addr, length, "shadow")

@@ -13,8 +13,9 @@ Design: docs/datapath.md §1.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from vhost_user import MemoryRegion, ProtocolFeatures, XenMemoryRegion, XenMmapFlags
@@ -35,19 +36,40 @@ class _ZeroCopy:
     def __init__(self, read_guest: Callable[[int, int], bytes] | None) -> None:
         self._kick: dict[int, int] = {}
         self._read_guest = read_guest
+        self._bases: dict[int, int] = {}  # resume_at's
+        self._log: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None
 
     def new_connection(self) -> None:
         """Guest RAM itself: every connection gets the same regions (same fds, same geometry)."""
+        self._bases = {}
+
+    def resume_at(self, bases: Mapping[int, int],
+                  log: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None) -> None:
+        """The back-end of a connection kept from the previous process stopped these rings (queue →
+        GET_VRING_BASE's answer): each one's next resume on this connection restarts it there, as
+        QEMU's ``cont`` does, when the guest's ring allows it (between its used and avail
+        indices); a chain the back-end took and completes later is then not submitted again."""
+        self._bases = {i: b & 0xFFFF for i, b in bases.items()}
+        self._log = log
 
     def open_queue(self, queue: QueueConfig, features: int, kick_fd: int, *, resume: bool = False) -> RingAddresses:
         self._kick[queue.index] = kick_fd
         base = 0
+        kept = self._bases.pop(queue.index, None)
         if resume:
             # Without INFLIGHT_SHMFD, QEMU's rule: restart at the used index; whatever was in flight
             # at the lost back-end is submitted again.
             if self._read_guest is None:
                 raise GuestFault(queue.device, "cannot resume a ring without access to guest memory")
             base = int.from_bytes(self._read_guest(queue.device + 2, 2), "little")  # used->idx
+            if kept is not None:
+                avail = int.from_bytes(self._read_guest(queue.driver + 2, 2), "little")  # avail->idx
+                if (kept - base) & 0xFFFF <= min((avail - base) & 0xFFFF, queue.num):
+                    base = kept
+                elif self._log is not None:
+                    self._log.warning("queue %d: the back-end stopped at avail index %d, beyond what the guest made "
+                                      "available (used index %d, avail index %d): resuming at the used index",
+                                      queue.index, kept, base, avail)
         return RingAddresses(queue.desc, queue.driver, queue.device, base)
 
     def notify(self, index: int) -> None:
