@@ -462,11 +462,14 @@ class Device:
         except OSError as e:
             self.log.warning("cannot update the back-end session record: %s", e)
 
-    def _note_rings(self) -> None:
-        """The running rings, in the record (a new process stops them before it resumes)."""
+    def _note_rings(self, stopped: dict[int, int] | None = None) -> None:
+        """The running rings, in the record (a new process stops them before it resumes), and
+        where a handover ``stopped`` the others (queue → GET_VRING_BASE's answer: a zero-copy
+        ring restarts there on the kept connection, as after a crash)."""
         if self._meta is None or self._meta_fd is None:
             return
         self._meta.running = sorted(self._started)
+        self._meta.stopped = [[i, b & 0xFFFF] for i, b in sorted((stopped or {}).items())]
         sizes = {q.index: q.num for q in self._queues}
         self._meta.sizes = [sizes.get(i, 0) for i in self._meta.running]
         try:
@@ -566,8 +569,8 @@ class Device:
             elif callable(adopt) and meta.running:
                 raise ValueError("its shadow memory was not kept")
             resume_at = getattr(memory, "resume_at", None)
-            if callable(resume_at):
-                resume_at(bases, self.log)
+            if callable(resume_at):  # (rings stopped by a handover, or just now after a crash)
+                resume_at({**dict((i, b) for i, b in meta.stopped), **bases}, self.log)
             async with asyncio.timeout(NEGOTIATION_TIMEOUT):
                 config = await self._probe_config(fe, meta.features)
             view = devtypes.offer(self.config.device_id, meta.features, config, mac=self.mac)
@@ -745,7 +748,9 @@ class Device:
         for the next image (fdstore.py; empty if the connection is gone or broken: the next image
         connects afresh). The model and the data path stay as they are: a shadow path's
         in-flight record (a file) still holds the chains in flight, which the next image takes
-        again; the rest goes with this image."""
+        again; a zero-copy ring restarts where the back-end stopped it (the session record keeps
+        GET_VRING_BASE's answers), so what the back-end took is not submitted twice; the rest
+        goes with this image."""
         self._closing = True
         await self._settle()
         await cancel_and_wait(self._reconnecting)
@@ -771,7 +776,7 @@ class Device:
                                  "(it does not drain): its connection is closed (it drops them) and the next image "
                                  "connects afresh and takes them from the guest again", SUSPEND_DRAIN)
             started, self._started = self._started, []
-            self._note_rings()
+            self._note_rings(bases if stopped else None)
             self._record_model()
             if stopped and self._meta is not None:
                 kept = self._kept_fds()

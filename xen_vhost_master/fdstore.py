@@ -91,6 +91,8 @@ class SessionMeta:
     sizes: list[int] = field(default_factory=list)  # their sizes (QueueNum), in the same order
     # the kept inflight area's GET_INFLIGHT_FD answer: mmap_size, mmap_offset, num_queues, queue_size
     inflight: list[int] | None = None
+    # [queue, GET_VRING_BASE's answer] of each ring a handover stopped (none once rings run again)
+    stopped: list[list[int]] = field(default_factory=list)
     version: int = META_VERSION
 
     def encode(self) -> bytes:
@@ -117,7 +119,8 @@ class SessionMeta:
                 or not all(isinstance(i, int) and 0 <= i < raw["num_queues"] for i in raw["running"]) \
                 or not isinstance(raw.get("sizes", []), list) \
                 or not all(isinstance(n, int) and 0 < n <= 0x8000 for n in raw.get("sizes", [])) \
-                or not _inflight_shape(raw.get("inflight")):
+                or not _inflight_shape(raw.get("inflight")) \
+                or not _stopped_rings(raw.get("stopped", []), raw["num_queues"]):
             raise ValueError("session record malformed")
         try:
             return cls(**raw)
@@ -130,6 +133,19 @@ class SessionMeta:
     @classmethod
     def read(cls, fd: int) -> SessionMeta:
         return cls.decode(os.pread(fd, META_SIZE, 0))
+
+
+def _stopped_rings(value: object, num_queues: int) -> bool:
+    """A list of [queue, ring index] pairs, each queue once, within ``num_queues``."""
+    if not isinstance(value, list):
+        return False
+    queues = set()
+    for pair in value:
+        if not isinstance(pair, list) or len(pair) != 2 or any(isinstance(n, bool) or not isinstance(n, int) for n in pair) \
+                or not 0 <= pair[0] < num_queues or not 0 <= pair[1] <= 0xFFFF or pair[0] in queues:
+            return False
+        queues.add(pair[0])
+    return True
 
 
 def _inflight_shape(value: object) -> bool:

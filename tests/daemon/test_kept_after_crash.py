@@ -512,6 +512,52 @@ async def test_zero_copy_resumes_the_kept_connection_where_the_backend_stopped_n
         guest.close()
 
 
+@pytest.mark.asyncio
+async def test_zero_copy_handover_restarts_the_ring_where_the_backend_stopped(no_fd_leak, ram_memfd):
+    """The same back-end as above, a SIGHUP handover instead of a crash: the device stops the
+    ring (GET_VRING_BASE) and passes the connection on; the next image restarts the ring on it
+    at the back-end's answer, recorded at the handover, not at the guest's used index: the held
+    write is not taken from the guest a second time, its late completion reaches the guest once,
+    and a later write is served."""
+    disk = bytearray(1 << 20)
+    late = OutOfOrder(disk, hold={0}, inflight=False)
+    guest = Guest(ram_memfd)
+    first = second = None
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            fe, _task = await stack.enter_async_context(serving(late))
+            stack.push_async_callback(close, lambda: (second, first))
+
+            async def connect() -> AsyncFrontend:
+                return fe
+
+            first = new_device(guest, zero_copy(ram_memfd), connect, Keeper())
+            one, two = b"\x8a" * 512, b"\x9b" * 512
+            async with asyncio.timeout(TIMEOUT):
+                await first.start()
+                await _bring_up(first)
+                guest.request(0, VIRTIO_BLK_T_OUT, 0, one)
+                await write(first, Reg.QUEUE_NOTIFY, 0)
+                await late.took.wait()
+                assert isinstance(first.model, VirtioMmioDevice)
+                saved = snapshot(first.model)
+                handed = dict((name.split(".", 1)[1], fd) for name, fd in await first.suspend())
+                assert SessionMeta.read(handed["meta"]).stopped == [[0, 1]]
+                kept = Kept(0, handed["conn"], handed["meta"], handed.get("chan"), handed.get("shadow"),
+                            handed.get("inflight"))
+                second = new_device(guest, zero_copy(ram_memfd), _no_new_connection, Keeper())
+                await second.start(saved, kept=kept)
+                guest.request(1, VIRTIO_BLK_T_OUT, 8, two)
+                await write(second, Reg.QUEUE_NOTIFY, 0)
+                await guest.completed(second, {1})
+                assert late.ran == [0, 8], f"the back-end ran sectors {late.ran}: the held write was taken again"
+                late.complete_held()
+                await guest.completed(second, {0})
+                assert guest.status(0, 512) == 0 and bytes(disk[:512]) == one and bytes(disk[8 * 512 : 9 * 512]) == two
+    finally:
+        guest.close()
+
+
 def _other_shape(kept: Kept) -> None:
     meta = SessionMeta.read(kept.meta)
     assert meta.inflight is not None
@@ -593,6 +639,12 @@ def test_the_session_record_carries_the_inflight_areas_shape_and_refuses_a_malfo
     for bad in ([4096, 0, 1], [4096, 0, 1, -1], [4096, 0, 1, True], "4096", {"size": 4096}):
         with pytest.raises(ValueError, match="malformed"):
             SessionMeta.decode(json.dumps({**older, "inflight": bad}).encode())
+    # where a handover stopped each ring: [queue, avail index] pairs within the device's queues
+    stopped = SessionMeta.decode(json.dumps({**older, "stopped": [[0, 65535]]}).encode())
+    assert stopped.stopped == [[0, 65535]] and SessionMeta.decode(stopped.encode()) == stopped
+    for bad in ([[1, 0]], [[0, 65536]], [[0, 1], [0, 2]], [[0]], [[0, True]], [0], {"0": 1}):
+        with pytest.raises(ValueError, match="malformed"):
+            SessionMeta.decode(json.dumps({**older, "stopped": bad}).encode())
 
 
 def test_shadow_memory_of_an_earlier_daemon_without_head_maps_is_taken_and_grown(no_fd_leak):
