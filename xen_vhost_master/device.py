@@ -285,6 +285,7 @@ class Device:
         # Open once the device serves the guest (started, and restored if it was taken over), or
         # will never (refused, closed): guest accesses made before then wait for it.
         self._gate = asyncio.Event()
+        self._open = False  # the gate is open (never closed again): read on every access
         self._held_logged = False
         self.refused: str | None = None  # why the back-end was refused for good
 
@@ -370,6 +371,10 @@ class Device:
         if saved is not None:
             await self.restore(saved)
         self._record_model()
+        self._open_gate()
+
+    def _open_gate(self) -> None:
+        self._open = True
         self._gate.set()
 
     def _bind_transport(self, model: VirtioMmioDevice | VirtioPciDevice | None) -> None:
@@ -422,7 +427,7 @@ class Device:
         and later accesses are answered as if no device were there."""
         self.refused = reason
         self.stats.last_error = reason
-        self._gate.set()
+        self._open_gate()
 
     async def _open_backend(self) -> tuple[AsyncFrontend, Negotiated, int, devtypes.Offer]:
         """Connect and negotiate (QEMU's init order); the connection is closed on any failure."""
@@ -692,7 +697,7 @@ class Device:
         back-end that has not stopped within ``stop_timeout`` s is dropped (its connection
         closed) and the device released all the same."""
         self._closing = True
-        self._gate.set()
+        self._open_gate()
         await cancel_and_wait(self._starting)
         await cancel_and_wait(self._stopping)
         await cancel_and_wait(self._reconnecting)
@@ -836,7 +841,7 @@ class Device:
 
     def _access(self, cfg: bool, offset: int, size: int, is_write: bool, value: int,
                 vcpu: int | None) -> int | None | Awaitable[int | None]:
-        if not self._gate.is_set():
+        if not self._open:
             return self._held(cfg, offset, size, is_write, value, vcpu)
         if self.model is None:
             return _no_device(size, is_write)

@@ -96,6 +96,7 @@ _NODES = {
 
 
 _NOTIFY = int(EvtchnIoctl.NOTIFY)
+_PORT = struct.Struct("=I")  # a port as evtchn reads and writes them: a native u32 (as array "I")
 _Own = ctypes.Structure | ctypes.Array | None  # type: ignore[type-arg]  # an ioctl argument passed as a ctypes object
 
 
@@ -365,6 +366,16 @@ class SimKernel:
         node = self._nodes.get(fd)
         if node is None or node.kind != "evtchn" or not node.fast:
             return os.write(node.ring if node is not None and node.kind == "evtchn" else fd, data)
+        if len(data) == 4:  # the usual unmask: one port, of a vCPU's route
+            (port,) = _PORT.unpack(data)
+            route = node.fast.get(port)
+            if route is not None:
+                if port in node.masked:
+                    node.masked.discard(port)
+                    if port in node.held:  # pending while masked: a new edge delivers it
+                        node.held.discard(port)
+                        os.eventfd_write(route[0], 1)
+                return 4
         ports = array.array("I")
         ports.frombytes(data[: len(data) - len(data) % 4])
         rest = array.array("I")
@@ -389,8 +400,17 @@ class SimKernel:
         if limit <= 0:
             raise _err(errno.EINVAL)
         while True:
+            events = node.ep.poll(0, limit + 1)
+            if len(events) == 1 and (port := node.by_fd.get(events[0][0])) is not None and port not in node.masked:
+                try:  # the usual read: one vCPU's event
+                    os.eventfd_read(events[0][0])
+                except BlockingIOError:
+                    pass  # (nothing there after all: as below)
+                else:
+                    node.masked.add(port)
+                    return _PORT.pack(port)
             out = array.array("I")
-            for fd, _ev in node.ep.poll(0, limit + 1):
+            for fd, _ev in events:
                 if fd == node.ring:
                     if len(out) >= limit:
                         continue  # level-triggered: still readable for the next read
