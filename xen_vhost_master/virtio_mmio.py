@@ -449,7 +449,7 @@ class VirtioCore:
 
     def used_buffer(self, index: int | None = None) -> list[Action]:
         """The back-end signalled a used buffer in queue ``index`` (its call eventfd fired)."""
-        if not self.status & Status.DRIVER_OK:
+        if not int(self.status) & _DRIVER_OK:  # (a plain int: an IntFlag & is a Python-level call)
             return []
         return self._interrupt(INT_VRING, index)
 

@@ -502,8 +502,11 @@ class SimKernel:
     # ------------------------------------------------------------------ ioctl
     def ioctl(self, fd: int, request: int, arg: IoctlArg = None) -> int:
         node = self._node(fd)
-        addr = address_of(arg)
-        own = arg if isinstance(arg, (ctypes.Structure, ctypes.Array)) else None
+        own: _Own = None
+        if isinstance(arg, (ctypes.Structure, ctypes.Array)):
+            own, addr = arg, ctypes.addressof(arg)
+        else:
+            addr = address_of(arg)
         if node.kind == "privcmd":
             return self._privcmd(node, request, addr, own)
         if node.kind == "evtchn":
