@@ -501,7 +501,7 @@ class SimKernel:
 
     # ------------------------------------------------------------------ ioctl
     def ioctl(self, fd: int, request: int, arg: IoctlArg = None) -> int:
-        node = self._node(fd)
+        node = self._nodes.get(fd) or self._node(fd)
         own: _Own = None
         if isinstance(arg, (ctypes.Structure, ctypes.Array)):
             own, addr = arg, ctypes.addressof(arg)
@@ -730,7 +730,8 @@ class SimKernel:
     def _evtchn(self, node: _Node, request: int, addr: int, own: _Own = None) -> int:
         if request == _NOTIFY and node.fast:
             # the hot path first: NOTIFY of a port with the eventfd route (no enum lookup)
-            (port,) = _U32.unpack(_arg_bytes(own, addr, 4))
+            (port,) = _U32.unpack_from(own) if own is not None and ctypes.sizeof(own) >= 4 else \
+                _U32.unpack(copy_from_user(addr, 4))  # (_arg_bytes, inline)
             route = node.fast.get(port)
             if route is not None and port in node.ports:
                 os.eventfd_write(route[1], 1)  # the vCPU's port fires (sim.vcpu_channel)
