@@ -33,6 +33,7 @@ import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from vhost_user import (
     AsyncFrontend,
@@ -147,6 +148,27 @@ class DeviceStats:
     per_queue_calls: dict[int, int] = field(default_factory=dict)
 
 
+_Read = Callable[[int, int], tuple[int, list[Any]]]  # (offset, size) -> (value, actions)
+_Write = Callable[[int, int, int], list[Any]]  # (offset, size, value) -> actions
+_CFG_ON_MMIO = "PCI configuration access to a virtio-mmio device"
+
+
+def _mmio_config_read(offset: int, size: int) -> tuple[int, list[Any]]:
+    return (1 << (8 * size)) - 1, [GuestError(_CFG_ON_MMIO)]
+
+
+def _mmio_config_write(offset: int, size: int, value: int) -> list[Any]:
+    return [GuestError(_CFG_ON_MMIO)]
+
+
+def _no_model_read(offset: int, size: int) -> tuple[int, list[Any]]:
+    return (1 << (8 * size)) - 1, []
+
+
+def _no_model_write(offset: int, size: int, value: int) -> list[Any]:
+    return []
+
+
 def _no_device(size: int, is_write: bool) -> int | None:
     """What an access to a window without a device gets: reads all ones, writes ignored."""
     return None if is_write else (1 << (8 * size)) - 1
@@ -233,6 +255,12 @@ class Device:
         self.stats = DeviceStats()
         self.frontend: AsyncFrontend | None = None
         self.model: VirtioMmioDevice | VirtioPciDevice | None = None
+        # The model's read and write of each address space, indexed by ``cfg`` (the virtio-mmio
+        # window or a PCI function's BAR; PCI configuration space): chosen once per model, by
+        # _bind_transport, never per access.
+        self._reads: tuple[_Read, _Read] = (_no_model_read, _no_model_read)
+        self._writes: tuple[_Write, _Write] = (_no_model_write, _no_model_write)
+        self._mmio_model = False  # its status and queue readiness are in the session record
         self._lock = asyncio.Lock()
         self._slow = 0  # writes that wait for, or are, a back-end round trip
         self._kick: list[int] = []
@@ -258,6 +286,7 @@ class Device:
         # Open once the device serves the guest (started, and restored if it was taken over), or
         # will never (refused, closed): guest accesses made before then wait for it.
         self._gate = asyncio.Event()
+        self._open = False  # the gate is open (never closed again): read on every access
         self._held_logged = False
         self.refused: str | None = None  # why the back-end was refused for good
 
@@ -311,7 +340,7 @@ class Device:
         loop = asyncio.get_running_loop()
         for i, fd in enumerate(self._call):
             loop.add_reader(fd, self._on_call, i)
-        self.model = (VirtioPciDevice if self.config.pci else VirtioMmioDevice)(
+        self._bind_transport((VirtioPciDevice if self.config.pci else VirtioMmioDevice)(
             device_id=self.config.device_id,
             device_features=guest_features(view.features, grants=self.config.grants, packed=self.memory.packed),
             queue_sizes=[self.config.queue_size] * nq,
@@ -319,7 +348,7 @@ class Device:
             ram=list(self.memory.banks()),
             # a grant device's driver must use grant DMA addresses: FEATURES_OK needs ACCESS_PLATFORM
             required_features=(1 << F_VERSION_1) | ((1 << F_ACCESS_PLATFORM) if self.config.grants else 0),
-        )
+        ))
         self.log.info(
             "back-end ready: features %#x, protocol features %#x, %d queue(s), config %d bytes",
             negotiated.features, int(negotiated.protocol_features), nq, len(view.config),
@@ -343,7 +372,25 @@ class Device:
         if saved is not None:
             await self.restore(saved)
         self._record_model()
+        self._open_gate()
+
+    def _open_gate(self) -> None:
+        self._open = True
         self._gate.set()
+
+    def _bind_transport(self, model: VirtioMmioDevice | VirtioPciDevice | None) -> None:
+        """``model`` serves the guest's accesses from now on (None: none does)."""
+        self.model = model
+        self._mmio_model = isinstance(model, VirtioMmioDevice)
+        if isinstance(model, VirtioPciDevice):
+            self._reads = (model.bar_read, model.config_read)
+            self._writes = (model.bar_write, model.config_write)
+        elif isinstance(model, VirtioMmioDevice):
+            self._reads = (model.read, _mmio_config_read)
+            self._writes = (model.write, _mmio_config_write)
+        else:
+            self._reads = (_no_model_read, _no_model_read)
+            self._writes = (_no_model_write, _no_model_write)
 
     def _vsock_cid_checked(self, config: bytes) -> None:
         """A vsock back-end's own config, against the device's ``cid=``: logged when they differ
@@ -368,7 +415,7 @@ class Device:
             self.memory.close_queue(index)
         self._queues = ()
         self._close_eventfds()
-        self.model = None
+        self._bind_transport(None)
         self.frontend = None
         self._forget_kept()
         if chooser is not None and self._chooser is None:
@@ -381,7 +428,7 @@ class Device:
         and later accesses are answered as if no device were there."""
         self.refused = reason
         self.stats.last_error = reason
-        self._gate.set()
+        self._open_gate()
 
     async def _open_backend(self) -> tuple[AsyncFrontend, Negotiated, int, devtypes.Offer]:
         """Connect and negotiate (QEMU's init order); the connection is closed on any failure."""
@@ -451,7 +498,7 @@ class Device:
     def _recorded(self, cfg: bool, offset: int) -> bool:
         """The write changes what the session record holds of a virtio-mmio model (the device's
         status, a queue's readiness). A PCI function's successor restores it from state.json."""
-        return not cfg and (offset == _REG_STATUS or offset == _REG_QUEUE_READY) and isinstance(self.model, VirtioMmioDevice)
+        return not cfg and (offset == _REG_STATUS or offset == _REG_QUEUE_READY) and self._mmio_model
 
     def _record_model(self) -> None:
         """The driver-visible state, in the session record (a crash's successor resumes from it)."""
@@ -704,7 +751,7 @@ class Device:
         back-end that has not stopped within ``stop_timeout`` s is dropped (its connection
         closed) and the device released all the same."""
         self._closing = True
-        self._gate.set()
+        self._open_gate()
         await cancel_and_wait(self._starting)
         await cancel_and_wait(self._stopping)
         await cancel_and_wait(self._reconnecting)
@@ -854,19 +901,20 @@ class Device:
 
     def _access(self, cfg: bool, offset: int, size: int, is_write: bool, value: int,
                 vcpu: int | None) -> int | None | Awaitable[int | None]:
-        if not self._gate.is_set():
+        if not self._open:
             return self._held(cfg, offset, size, is_write, value, vcpu)
         if self.model is None:
             return _no_device(size, is_write)
         if not is_write:
             self.stats.reads += 1
-            result, actions = self._model_read(self.model, cfg, offset, size)
-            self._carry_out_now(actions)  # reads produce guest errors, interrupt changes (ISR), BAR moves
+            result, actions = self._reads[cfg](offset, size)
+            if actions:  # reads produce guest errors, interrupt changes (ISR), BAR moves
+                self._carry_out_now(actions)
             return result
         self.stats.writes += 1
         if self._slow:
             return self._write_in_turn(cfg, offset, size, value)
-        actions = self._model_write(self.model, cfg, offset, size, value)
+        actions = self._writes[cfg](offset, size, value)
         if self._recorded(cfg, offset):
             self._record_model()
         if not actions:
@@ -877,24 +925,6 @@ class Device:
                 return self._carry_out_in_turn(actions)
         self._carry_out_now(actions)
         return None
-
-    @staticmethod
-    def _model_read(model: VirtioMmioDevice | VirtioPciDevice, cfg: bool, offset: int,
-                    size: int) -> tuple[int, list]:  # type: ignore[type-arg]
-        if isinstance(model, VirtioPciDevice):
-            return model.config_read(offset, size) if cfg else model.bar_read(offset, size)
-        if cfg:
-            return (1 << (8 * size)) - 1, [GuestError("PCI configuration access to a virtio-mmio device")]
-        return model.read(offset, size)
-
-    @staticmethod
-    def _model_write(model: VirtioMmioDevice | VirtioPciDevice, cfg: bool, offset: int, size: int,
-                     value: int) -> list:  # type: ignore[type-arg]
-        if isinstance(model, VirtioPciDevice):
-            return model.config_write(offset, size, value) if cfg else model.bar_write(offset, size, value)
-        if cfg:
-            return [GuestError("PCI configuration access to a virtio-mmio device")]
-        return model.write(offset, size, value)
 
     def _resets(self, cfg: bool, offset: int, size: int, value: int) -> bool:
         """The write is the driver's reset (device status 0)."""
@@ -925,7 +955,7 @@ class Device:
         self._slow += 1
         try:
             async with self._lock:
-                actions = self._model_write(self.model, cfg, offset, size, value)
+                actions = self._writes[cfg](offset, size, value)
                 if self._recorded(cfg, offset):
                     self._record_model()
                 await self._carry_out(actions)

@@ -14,6 +14,10 @@ hw/virtio/virtio.c's ``virtio_get_config_size`` parameters).
   CONFIG protocol feature (DPDK): MAC, link up, one queue pair.
 * :func:`vsock_config` — the vsock config space (the guest's CID) a front-end emulates for a
   back-end without CONFIG, as QEMU's vhost-vsock takes ``guest-cid=``.
+* :func:`feeds_lower` — whether a back-end of the type may complete what it takes from one
+  queue by filling a buffer of a lower one (net, vsock: transmitq 2n+1 feeds receiveq 2n on a
+  looped port or a local peer); a copying front-end then takes the lower queues' completions
+  before a higher queue's.
 
 An unknown device id has no entry (:func:`lookup` returns None): its bits pass as they are.
 """
@@ -39,6 +43,7 @@ __all__ = [
     "VSOCK",
     "VSOCK_CID_MAX",
     "VSOCK_CID_MIN",
+    "feeds_lower",
     "lookup",
     "net_config",
     "offer",
@@ -61,6 +66,9 @@ class DeviceType:
     the fields it guards)`` (QEMU's ``VirtIOFeature`` tables); the config size is the largest end
     among the offered features, at least ``config_min``. ``withheld``: device feature bits never
     offered to the guest (the front-end would have to implement them, and does not).
+    ``feeds_lower``: what the device takes from a queue may come back to the guest in a buffer
+    of a lower-numbered queue (virtio 1.2 §5.1.2 net: receiveq 2n, transmitq 2n+1; §5.10.2
+    vsock: rx 0, tx 1): a packet looped back, or delivered to a local peer.
     """
 
     id: int
@@ -68,6 +76,7 @@ class DeviceType:
     config_min: int
     config_ends: tuple[tuple[int, int], ...] = ()
     withheld: int = 0
+    feeds_lower: bool = False
 
     @property
     def config_max(self) -> int:
@@ -121,7 +130,7 @@ BLK: Final = DeviceType(2, "blk", 36, ((BLK_F_DISCARD, 48), (BLK_F_WRITE_ZEROES,
 #: hw/net/virtio-net.c's cfg_size_params: the MAC always, then the fields each feature guards.
 NET: Final = DeviceType(1, "net", 6, ((NET_F_MAC, 6), (NET_F_STATUS, 8), (NET_F_MQ, 10), (NET_F_MTU, 12),
                                       (NET_F_SPEED_DUPLEX, 17), (NET_F_RSS, 24), (NET_F_HASH_REPORT, 24)),
-                        withheld=NET_CTRL_FEATURES)
+                        withheld=NET_CTRL_FEATURES, feeds_lower=True)
 
 # --- virtio-vsock (virtio 1.2 §5.10; linux/virtio_vsock.h) ---------------------------------------
 #: struct virtio_vsock_config: le64 guest_cid (its upper 32 bits reserved and zero).
@@ -130,7 +139,7 @@ _VSOCK_CONFIG = struct.Struct("<Q")
 #: VMADDR_CID_HYPERVISOR, VMADDR_CID_LOCAL, VMADDR_CID_HOST, VMADDR_CID_ANY).
 VSOCK_CID_MIN: Final = 3
 VSOCK_CID_MAX: Final = 2**32 - 2
-VSOCK: Final = DeviceType(19, "vsock", _VSOCK_CONFIG.size)
+VSOCK: Final = DeviceType(19, "vsock", _VSOCK_CONFIG.size, feeds_lower=True)
 
 TYPES: Final[dict[int, DeviceType]] = {t.id: t for t in (
     NET,
@@ -152,6 +161,13 @@ TYPES: Final[dict[int, DeviceType]] = {t.id: t for t in (
 def lookup(device_id: int) -> DeviceType | None:
     """The entry for ``device_id`` (linux/virtio_ids.h), None for a type without one."""
     return TYPES.get(device_id)
+
+
+def feeds_lower(device_id: int) -> bool:
+    """Whether a back-end of type ``device_id`` may complete a chain of one queue into a buffer of
+    a lower one (:attr:`DeviceType.feeds_lower`). A type without an entry is assumed to."""
+    t = TYPES.get(device_id)
+    return t is None or t.feeds_lower
 
 
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")

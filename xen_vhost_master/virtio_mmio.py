@@ -449,7 +449,7 @@ class VirtioCore:
 
     def used_buffer(self, index: int | None = None) -> list[Action]:
         """The back-end signalled a used buffer in queue ``index`` (its call eventfd fired)."""
-        if not self.status & Status.DRIVER_OK:
+        if not int(self.status) & _DRIVER_OK:  # (a plain int: an IntFlag & is a Python-level call)
             return []
         return self._interrupt(INT_VRING, index)
 
@@ -500,7 +500,6 @@ class VirtioMmioDevice(VirtioCore):
         return self._register(offset), []
 
     def _register(self, offset: int) -> int:
-        q = self._selected()
         match offset:
             case _R.MAGIC_VALUE:
                 return MAGIC
@@ -513,8 +512,10 @@ class VirtioMmioDevice(VirtioCore):
             case _R.DEVICE_FEATURES:
                 return self._device_features_word()
             case _R.QUEUE_NUM_MAX:
+                q = self._selected()
                 return q.num_max if q else 0
             case _R.QUEUE_READY:
+                q = self._selected()
                 return int(q.ready) if q else 0
             case _R.INTERRUPT_STATUS:
                 if self.kernel_irq and int(self.status) & _DRIVER_OK:
@@ -527,10 +528,13 @@ class VirtioMmioDevice(VirtioCore):
             case _R.CONFIG_GENERATION:
                 return self.config_generation & 0xFFFFFFFF
             case _R.QUEUE_DESC_LOW | _R.QUEUE_DESC_HIGH:
+                q = self._selected()
                 return (q.desc >> (32 * ((offset - _R.QUEUE_DESC_LOW) // 4))) & 0xFFFFFFFF if q else 0
             case _R.QUEUE_DRIVER_LOW | _R.QUEUE_DRIVER_HIGH:
+                q = self._selected()
                 return (q.driver >> (32 * ((offset - _R.QUEUE_DRIVER_LOW) // 4))) & 0xFFFFFFFF if q else 0
             case _R.QUEUE_DEVICE_LOW | _R.QUEUE_DEVICE_HIGH:
+                q = self._selected()
                 return (q.device >> (32 * ((offset - _R.QUEUE_DEVICE_LOW) // 4))) & 0xFFFFFFFF if q else 0
             case _:
                 # Write-only and reserved registers read as zero.

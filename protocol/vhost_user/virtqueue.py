@@ -293,19 +293,6 @@ class _Rings:
             v.release()
 
 
-class _ChainBuilder:
-    """Accumulates validated buffers of one chain (device side)."""
-
-    __slots__ = ("probe", "head", "readable", "writable", "total")
-
-    def __init__(self, probe: Any, head: int) -> None:
-        self.probe = probe  # see _probe_of
-        self.head = head
-        self.readable: list[Buffer] = []
-        self.writable: list[Buffer] = []
-        self.total = 0
-
-
 def _probe_of(mem: GuestMemory) -> Any:
     """``probe(addr, length)``: raises as ``mem.view`` would for a range ``mem`` does not cover.
     A memory that offers ``check`` validates without a view (and one that maps on demand, gntdev
@@ -322,6 +309,47 @@ def _probe_of(mem: GuestMemory) -> Any:
                 raise GuestMemoryError(addr, length, "memory returned a short view")
 
     return probe
+
+
+def _walk_table(probe: Any, head: int, readable: list[Buffer], writable: list[Buffer], total: int,
+                table: memoryview, entries: int, idx: int, where: str, allow_indirect: bool) -> tuple[int, int, int] | None:
+    """Follow NEXT links from ``idx`` of chain ``head``, validating each buffer with ``probe`` (in
+    guest memory, no address wrap, readable before writable, the chain's ``total`` within a
+    u32) into ``readable``/``writable``; returns (addr, len, total so far) of a final indirect
+    descriptor, None at the chain's end."""
+    unpack = _DESC.unpack_from
+    for _ in range(entries):
+        addr, length, flags, nxt = unpack(table, DESC_SIZE * idx)
+        if flags & VIRTQ_DESC_F_INDIRECT:
+            if not allow_indirect:
+                raise RingError(f"chain {head}: nested indirect descriptor")
+            if flags & VIRTQ_DESC_F_NEXT:
+                raise RingError(f"chain {head}: descriptor {idx} has both INDIRECT and NEXT")
+            return addr, length, total
+        if addr + length > _U64_MAX + 1:
+            raise RingError(f"chain {head}: buffer {addr:#x}+{length:#x} wraps the address space")
+        if length:
+            try:
+                probe(addr, length)
+            except _MEMORY_FAULTS as exc:
+                raise RingError(
+                    f"chain {head}: buffer [{addr:#x}, +{length:#x}) is not in guest memory: {exc}"
+                ) from exc
+        total += length
+        if total > MAX_CHAIN_BYTES:
+            raise RingError(f"chain {head}: total length {total} exceeds 4 GiB - 1")
+        if flags & VIRTQ_DESC_F_WRITE:
+            writable.append(_new(Buffer, (addr, length)))
+        elif writable:
+            raise RingError(f"chain {head}: device-readable descriptor after a device-writable one")
+        else:
+            readable.append(_new(Buffer, (addr, length)))
+        if not flags & VIRTQ_DESC_F_NEXT:
+            return None
+        if nxt >= entries:
+            raise RingError(f"chain {head}: next index {nxt} out of range of the {where} ({entries})")
+        idx = nxt
+    raise RingError(f"chain {head} is longer than its {where} ({entries} entries): descriptor loop")
 
 
 class SplitQueueDevice:
@@ -350,6 +378,8 @@ class SplitQueueDevice:
     ) -> None:
         self._r = _Rings(mem, size, desc_addr, avail_addr, used_addr)
         self._probe = _probe_of(mem)
+        # A memory that maps on demand (grants) is told when an indirect table may be unmapped.
+        self._release_table: Callable[[list[tuple[int, int]]], None] | None = getattr(mem, "release_buffers", None)
         # The words the driver polls (used idx, flags, avail_event) are stored with one 16-bit
         # store each, never through struct (see "Single stores" in the module docstring).
         self._used_w = self._r.used.cast("H")
@@ -424,10 +454,11 @@ class SplitQueueDevice:
         size = self._r.size
         if head >= size:
             raise RingError(f"chain head {head} out of range (queue size {size})")
-        acc = _ChainBuilder(self._probe, head)
-        indirect = self._walk_table(acc, self._r.desc, size, head, "descriptor table", True)
+        readable: list[Buffer] = []
+        writable: list[Buffer] = []
+        indirect = _walk_table(self._probe, head, readable, writable, 0, self._r.desc, size, head, "descriptor table", True)
         if indirect is not None:
-            addr, length = indirect
+            addr, length, total = indirect
             if length == 0 or length % DESC_SIZE:
                 raise RingError(f"chain {head}: indirect table length {length} is not a non-zero multiple of 16")
             entries = length // DESC_SIZE
@@ -435,60 +466,14 @@ class SplitQueueDevice:
                 raise RingError(f"chain {head}: indirect table of {entries} entries is too big")
             try:
                 with _ring_view(self._r.mem, addr, length, 1, f"chain {head}: indirect table", writable=False) as table:
-                    self._walk_table(acc, table, entries, 0, "indirect table", False)
+                    _walk_table(self._probe, head, readable, writable, total, table, entries, 0, "indirect table", False)
             finally:
                 # A memory that maps on demand (grants) unmaps the table now: the guest ends its
                 # grant when the chain completes, and Linux's xen_grant_dma gives up on a device
                 # whose grant is still mapped then ("Grant still in use by backend domain").
-                release = getattr(self._r.mem, "release_buffers", None)
-                if release is not None:
-                    release([(addr, length)])
-        return _new(Chain, (head, acc.readable, acc.writable))
-
-    @staticmethod
-    def _walk_table(
-        acc: _ChainBuilder, table: memoryview, entries: int, idx: int, where: str, allow_indirect: bool
-    ) -> tuple[int, int] | None:
-        """Follow NEXT links from ``idx``, validating each buffer (in guest memory, no address
-        wrap, readable before writable, the chain's total within a u32); returns (addr, len) of a
-        final indirect descriptor."""
-        head, probe, readable, writable, total = acc.head, acc.probe, acc.readable, acc.writable, acc.total
-        unpack = _DESC.unpack_from
-        try:
-            for _ in range(entries):
-                addr, length, flags, nxt = unpack(table, DESC_SIZE * idx)
-                if flags & VIRTQ_DESC_F_INDIRECT:
-                    if not allow_indirect:
-                        raise RingError(f"chain {head}: nested indirect descriptor")
-                    if flags & VIRTQ_DESC_F_NEXT:
-                        raise RingError(f"chain {head}: descriptor {idx} has both INDIRECT and NEXT")
-                    return addr, length
-                if addr + length > _U64_MAX + 1:
-                    raise RingError(f"chain {head}: buffer {addr:#x}+{length:#x} wraps the address space")
-                if length:
-                    try:
-                        probe(addr, length)
-                    except _MEMORY_FAULTS as exc:
-                        raise RingError(
-                            f"chain {head}: buffer [{addr:#x}, +{length:#x}) is not in guest memory: {exc}"
-                        ) from exc
-                total += length
-                if total > MAX_CHAIN_BYTES:
-                    raise RingError(f"chain {head}: total length {total} exceeds 4 GiB - 1")
-                if flags & VIRTQ_DESC_F_WRITE:
-                    writable.append(_new(Buffer, (addr, length)))
-                elif writable:
-                    raise RingError(f"chain {head}: device-readable descriptor after a device-writable one")
-                else:
-                    readable.append(_new(Buffer, (addr, length)))
-                if not flags & VIRTQ_DESC_F_NEXT:
-                    return None
-                if nxt >= entries:
-                    raise RingError(f"chain {head}: next index {nxt} out of range of the {where} ({entries})")
-                idx = nxt
-        finally:
-            acc.total = total
-        raise RingError(f"chain {head} is longer than its {where} ({entries} entries): descriptor loop")
+                if self._release_table is not None:
+                    self._release_table([(addr, length)])
+        return _new(Chain, (head, readable, writable))
 
     # --- producing -----------------------------------------------------------------------------
     def push(self, head: int, written_len: int) -> None:
@@ -638,7 +623,15 @@ class SplitQueueDriver:
                 else:
                     pack(table, DESC_SIZE * indices[i], addr, length, flags | VIRTQ_DESC_F_NEXT, indices[i + 1])
                 i += 1
-        return self._publish(indices, token)
+        # (_publish, inline: one call less per chain)
+        head = indices[0]
+        self._inflight[head] = (indices, token)
+        avail_w, avail_idx = self._avail_w, self._avail_idx
+        avail_w[2 + (avail_idx & self._r.mask)] = _le16(head)
+        # Write barrier here (descriptors + ring entry before idx) — see the module docstring.
+        self._avail_idx = avail_idx = (avail_idx + 1) & 0xFFFF
+        avail_w[1] = _le16(avail_idx)  # one store: a poller must never see 0 here
+        return head
 
     def add_indirect(
         self,

@@ -3,7 +3,7 @@
 It implements :class:`~xen_vhost_master.xen.kernel.Kernel` and receives exactly what the real
 drivers receive: the ioctl number and a user pointer to the argument. Like the drivers it reads and
 writes the caller's memory by address (copy_from_user / copy_to_user: EFAULT, never a crash, for a
-bad pointer), validates what ``privcmd.c`` / ``evtchn.c`` / ``gntdev.c`` validate, and forwards the
+bad pointer; an argument passed as a ctypes object is read as it is, since it cannot fault), validates what ``privcmd.c`` / ``evtchn.c`` / ``gntdev.c`` validate, and forwards the
 hypervisor-level part to the simulated host over the node's own connection.
 
 Every fd it returns is real:
@@ -96,6 +96,18 @@ _NODES = {
 
 
 _NOTIFY = int(EvtchnIoctl.NOTIFY)
+_PORT = struct.Struct("=I")  # a port as evtchn reads and writes them: a native u32 (as array "I")
+_Own = ctypes.Structure | ctypes.Array | None  # type: ignore[type-arg]  # an ioctl argument passed as a ctypes object
+
+
+def _arg_bytes(own: _Own, addr: int, length: int) -> bytes:
+    """copy_from_user of ``length`` bytes of an ioctl argument at ``addr``. One passed as a ctypes
+    object (``own``) is this process's own memory, mapped and at least its size long: its bytes
+    are the bytes at ``addr`` and cannot fault. Otherwise (a bare address) they are read with
+    the fault check (EFAULT); so are the addresses inside any argument."""
+    if own is not None and length <= ctypes.sizeof(own):
+        return bytes(own)[:length]
+    return copy_from_user(addr, length)
 _U32 = struct.Struct("<I")
 
 
@@ -354,6 +366,16 @@ class SimKernel:
         node = self._nodes.get(fd)
         if node is None or node.kind != "evtchn" or not node.fast:
             return os.write(node.ring if node is not None and node.kind == "evtchn" else fd, data)
+        if len(data) == 4:  # the usual unmask: one port, of a vCPU's route
+            (port,) = _PORT.unpack(data)
+            route = node.fast.get(port)
+            if route is not None:
+                if port in node.masked:
+                    node.masked.discard(port)
+                    if port in node.held:  # pending while masked: a new edge delivers it
+                        node.held.discard(port)
+                        os.eventfd_write(route[0], 1)
+                return 4
         ports = array.array("I")
         ports.frombytes(data[: len(data) - len(data) % 4])
         rest = array.array("I")
@@ -378,8 +400,17 @@ class SimKernel:
         if limit <= 0:
             raise _err(errno.EINVAL)
         while True:
+            events = node.ep.poll(0, limit + 1)
+            if len(events) == 1 and (port := node.by_fd.get(events[0][0])) is not None and port not in node.masked:
+                try:  # the usual read: one vCPU's event
+                    os.eventfd_read(events[0][0])
+                except BlockingIOError:
+                    pass  # (nothing there after all: as below)
+                else:
+                    node.masked.add(port)
+                    return _PORT.pack(port)
             out = array.array("I")
-            for fd, _ev in node.ep.poll(0, limit + 1):
+            for fd, _ev in events:
                 if fd == node.ring:
                     if len(out) >= limit:
                         continue  # level-triggered: still readable for the next read
@@ -470,21 +501,25 @@ class SimKernel:
 
     # ------------------------------------------------------------------ ioctl
     def ioctl(self, fd: int, request: int, arg: IoctlArg = None) -> int:
-        node = self._node(fd)
-        addr = address_of(arg)
+        node = self._nodes.get(fd) or self._node(fd)
+        own: _Own = None
+        if isinstance(arg, (ctypes.Structure, ctypes.Array)):
+            own, addr = arg, ctypes.addressof(arg)
+        else:
+            addr = address_of(arg)
         if node.kind == "privcmd":
-            return self._privcmd(node, request, addr)
+            return self._privcmd(node, request, addr, own)
         if node.kind == "evtchn":
-            return self._evtchn(node, request, addr)
+            return self._evtchn(node, request, addr, own)
         if node.kind == "gntdev":
             return self._gntdev(node, request, addr)
         raise _err(errno.ENOTTY)
 
-    def _struct(self, cls: type[ctypes.Structure], addr: int) -> Any:
-        return cls.from_buffer_copy(copy_from_user(addr, ctypes.sizeof(cls)))
+    def _struct(self, cls: type[ctypes.Structure], addr: int, own: _Own = None) -> Any:
+        return cls.from_buffer_copy(_arg_bytes(own, addr, ctypes.sizeof(cls)))
 
     # privcmd.c ----------------------------------------------------------
-    def _privcmd(self, node: _Node, request: int, addr: int) -> int:
+    def _privcmd(self, node: _Node, request: int, addr: int, own: _Own = None) -> int:
         if request == PrivcmdIoctl.HYPERCALL:
             h = self._struct(privcmd_hypercall, addr)
             obj: dict[str, Any] = {"op": "hypercall", "nr": h.op, "cmd": h.arg[0]}
@@ -501,7 +536,7 @@ class SimKernel:
         if request == PrivcmdIoctl.MMAPBATCH_V2:
             return self._mmapbatch_v2(node, self._struct(privcmd_mmapbatch_v2, addr))
         if request == PrivcmdIoctl.DM_OP:
-            return self._dm_op(node, self._struct(privcmd_dm_op, addr))
+            return self._dm_op(node, self._struct(privcmd_dm_op, addr, own))
         if request == PrivcmdIoctl.RESTRICT:
             dom = struct.unpack("<H", copy_from_user(addr, 2))[0]
             node.call({"op": "restrict", "dom": dom})
@@ -692,10 +727,11 @@ class SimKernel:
         return 0
 
     # evtchn.c -----------------------------------------------------------
-    def _evtchn(self, node: _Node, request: int, addr: int) -> int:
+    def _evtchn(self, node: _Node, request: int, addr: int, own: _Own = None) -> int:
         if request == _NOTIFY and node.fast:
             # the hot path first: NOTIFY of a port with the eventfd route (no enum lookup)
-            (port,) = _U32.unpack(copy_from_user(addr, 4))
+            (port,) = _U32.unpack_from(own) if own is not None and ctypes.sizeof(own) >= 4 else \
+                _U32.unpack(copy_from_user(addr, 4))  # (_arg_bytes, inline)
             route = node.fast.get(port)
             if route is not None and port in node.ports:
                 os.eventfd_write(route[1], 1)  # the vCPU's port fires (sim.vcpu_channel)
@@ -704,7 +740,7 @@ class SimKernel:
             which = EvtchnIoctl(request)
         except ValueError:
             raise _err(errno.ENOSYS) from None  # evtchn answers unknown ioctls with ENOSYS
-        raw = copy_from_user(addr, ioc_size(request))
+        raw = _arg_bytes(own, addr, ioc_size(request))
         if which is EvtchnIoctl.RESET:
             self._drain(node.ring)
             assert node.ep is not None

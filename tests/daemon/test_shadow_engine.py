@@ -33,13 +33,15 @@ class Rig:
     """Guest RAM + guest drivers + the data path + a fake back-end per queue."""
 
     def __init__(self, *, queues: int = 1, num: int = 16, features: int = INDIRECT, pool: int = 1 << 20,
-                 on_error: bool = True, inflight: GuestInflightRecord | None = None) -> None:
+                 on_error: bool = True, inflight: GuestInflightRecord | None = None,
+                 make=None) -> None:
+        """``make(memory, banks, **kw)``: builds the data path (default :class:`ShadowDataPath`)."""
         self.ram = bytearray([CANARY]) * GSIZE
         self.mem = FlatMemory(self.ram, GBASE)
         self.errors: list[tuple[int, str]] = []
-        self.dp = ShadowDataPath(self.mem, [(GBASE, GSIZE)], pool_size=pool, max_queues=4, max_queue_size=256,
-                                 on_error=(lambda i, r: self.errors.append((i, r))) if on_error else None,
-                                 inflight=inflight)
+        self.dp = (make or ShadowDataPath)(
+            self.mem, [(GBASE, GSIZE)], pool_size=pool, max_queues=4, max_queue_size=256,
+            on_error=(lambda i, r: self.errors.append((i, r))) if on_error else None, inflight=inflight)
         self.features = features
         self.num = num
         self.kick = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(queues)]
@@ -636,3 +638,52 @@ def test_a_restarted_daemon_interrupts_the_guest_for_what_its_predecessor_pushed
         assert drv.get_used() == [("rx", 12)]
     finally:
         dp2.close()
+
+
+def _chosen_shadow(device: str):
+    """A data path builder that goes through the data-path policy (GuestDataPaths.shadow) for
+    ``--device device``, over the rig's guest memory."""
+    import logging
+
+    from xen_vhost_master.config import parse_device_arg
+    from xen_vhost_master.datapath.choose import GuestDataPaths, GuestResources
+
+    cfg = parse_device_arg(device + ",base=0x2000000,irq=33,socket=/nonexistent.sock")
+
+    def make(mem, banks, *, pool_size, max_queues, max_queue_size, on_error, inflight):
+        res = GuestResources(platform=None, privcmd=None, domid=1, banks=banks, grant_span=0,  # type: ignore[arg-type]
+                             inflight_record=lambda c, n: None, queue_failed=lambda c, i, r: None,
+                             log=logging.getLogger("test"))
+        paths = GuestDataPaths(res)
+        paths.guest_memory = mem  # (mapped once per guest: here the rig's bytearray)
+        return paths.shadow(cfg, max_queues)
+
+    return make
+
+
+@pytest.mark.parametrize(("device", "harvests"), [("type=net", True), ("type=vsock", True), ("type=blk,queues=2", False)])
+def test_a_call_takes_lower_queues_completions_only_for_types_that_feed_them(rig, device, harvests):
+    """net and vsock back-ends may complete what a transmit queue takes into a receive queue below
+    it, so a queue's call brings the lower queues' completions first (in order: test_a_transmitq_
+    completion_reaches_the_guest_after_the_receipt_it_fed_on_a_lower_queue). A blk back-end never does: a call of queue 1 reads queue 1's used ring only, whatever
+    queue 0 has completed meanwhile (no O(queues) extra ring reads per call of multi-queue blk)."""
+    r = rig(queues=2, num=16, features=EVENT_IDX, make=_chosen_shadow(device))
+    assert r.dp.harvest_lower is harvests
+    q0, q1 = r.drivers
+    q0.add([], [r.buf(64)], token="q0")
+    q1.add([], [r.buf(64)], token="q1")
+    r.dp.notify(0)
+    r.dp.notify(1)
+    for be in r.backends:
+        c = be.pop()
+        assert c is not None
+        be.push(c.head, write_buffers(r.dp.shadow, c.writable, b"done"))
+    assert r.dp.used(1) is True
+    assert q1.get_used() == [("q1", 4)]
+    if harvests:
+        assert q0.get_used() == [("q0", 4)] and r.dp.also_used() == [0]
+        assert r.dp.used(0) is False
+    else:
+        assert q0.get_used() == [] and r.dp.also_used() == [], "queue 0's ring was read on queue 1's call"
+        assert r.dp.used(0) is True
+        assert q0.get_used() == [("q0", 4)]

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Final
 from vhost_user import ProtocolFeatures, XenMmapFlags
 
 from ..config import DeviceConfig, MemoryMode
+from ..devtypes import feeds_lower
 from ..errors import ConfigError
 from ..guestmem.foreign import ForeignGuestMemory, foreign_reader
 from ..log import LimitedLogger, device_logger
@@ -175,7 +176,7 @@ class GuestDataPaths:
             try:
                 record = res.inflight_record(cfg, num_queues)
                 path = GrantShadowDataPath(memory, max_queues=num_queues, max_queue_size=cfg.queue_size, log=log,
-                                           inflight=record)
+                                           inflight=record, harvest_lower=feeds_lower(cfg.device_id))
             except BaseException:  # what this call opened goes with it
                 if record is not None:
                     record.close()
@@ -188,7 +189,8 @@ class GuestDataPaths:
             record = res.inflight_record(cfg, num_queues)
             try:
                 path = ShadowDataPath(self.guest_memory, res.banks, max_queues=num_queues,
-                                      max_queue_size=cfg.queue_size, log=log, inflight=record)
+                                      max_queue_size=cfg.queue_size, log=log, inflight=record,
+                                      harvest_lower=feeds_lower(cfg.device_id))
             except BaseException:  # the pool's memfd/mmap OSError, or a bad record: the record is not kept
                 if record is not None:
                     record.close()

@@ -214,7 +214,9 @@ class ShadowDataPath:
     :class:`~..guestmem.foreign.ForeignGuestMemory`; not closed here). ``banks``: its RAM banks.
     ``pool_size``: bytes of bounce pool (bounded; a chain longer than the pool is refused as a
     guest error). ``max_queues``/``max_queue_size``: ring slots reserved in the memfd.
-    ``on_error(index, reason)``: a queue was stopped (set NEEDS_RESET).
+    ``on_error(index, reason)``: a queue was stopped (set NEEDS_RESET). ``harvest_lower``: a
+    queue's call also takes the lower queues' completions to the guest, first (the device type
+    may complete what one queue takes into a lower one: :func:`~..devtypes.feeds_lower`).
     """
 
     name = "shadow"
@@ -233,8 +235,10 @@ class ShadowDataPath:
         on_error: Callable[[int, str], None] | None = None,
         log: Logger | None = None,
         inflight: GuestInflightRecord | None = None,
+        harvest_lower: bool = True,
     ) -> None:
         self.memory = memory
+        self.harvest_lower = harvest_lower
         self.inflight_record = inflight  # closed with the data path
         # Optional: a memory that maps on demand (grants) learns when it may unmap guest buffers.
         self._release: Callable[[list[tuple[int, int]]], None] | None = getattr(memory, "release_buffers", None)
@@ -508,16 +512,17 @@ class ShadowDataPath:
         q = self._queues.get(index)
         if q is None or q.broken is not None or q.drv is None or q.guest is None:
             return False
-        # The lower queues' completions first: a back-end may put what it takes from a queue on
-        # a lower one (net, vsock: transmitq 2n+1 feeds receiveq 2n on a looped port or a local
-        # peer) and signal the transmitq first. Reported done before its receipt reached the
+        # The lower queues' completions first (device types whose back-end may put what it takes
+        # from a queue on a lower one: net, vsock, transmitq 2n+1 feeding receiveq 2n on a looped
+        # port or a local peer), which may signal the transmitq first. Reported done before its receipt reached the
         # guest, a frame would be lost if this process died in between (its receive buffer is
         # taken again from the in-flight record, the bytes in it gone with the shadow memory).
         notify, q.unsignalled = q.unsignalled, False
-        for lower in range(index):
-            other = self._queues.get(lower)
-            if other is not None and self._harvest(other) and other.guest is not None and other.guest.needs_notify():
-                self._also_used.append(lower)
+        if self.harvest_lower:
+            for lower in range(index):
+                other = self._queues.get(lower)
+                if other is not None and self._harvest(other) and other.guest is not None and other.guest.needs_notify():
+                    self._also_used.append(lower)
         if not self._harvest(q):
             return notify
         if self._held:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import array
 import asyncio
-import ctypes
 import errno
 import os
 import struct
@@ -41,9 +40,8 @@ class EventChannel(XenDeviceFile):
 
     def __init__(self, kernel: Kernel, path: str = EVTCHN_PATH) -> None:
         super().__init__(kernel, path, os.O_RDWR | os.O_NONBLOCK)
-        # NOTIFY's argument per port, built once (the hot path: every answered IOREQ notifies):
-        # the struct, kept alive, and its address.
-        self._notify_args: dict[int, tuple[ioctl_evtchn_notify, int]] = {}
+        # NOTIFY's argument per port, built once (the hot path: every answered IOREQ notifies).
+        self._notify_args: dict[int, ioctl_evtchn_notify] = {}
 
     def __enter__(self) -> EventChannel:
         return self
@@ -68,10 +66,9 @@ class EventChannel(XenDeviceFile):
     def notify(self, port: int) -> None:
         arg = self._notify_args.get(port)
         if arg is None:
-            s = ioctl_evtchn_notify(port)
-            arg = self._notify_args[port] = (s, ctypes.addressof(s))
+            arg = self._notify_args[port] = ioctl_evtchn_notify(port)
         try:
-            self.kernel.ioctl(self.fd, _NOTIFY, arg[1])
+            self.kernel.ioctl(self.fd, _NOTIFY, arg)
         except OSError as exc:
             raise XenError("evtchn notify", exc.errno or errno.EIO) from None
 

@@ -208,19 +208,19 @@ class PreparedDmOp:
     """One IOCTL_PRIVCMD_DM_OP argument (``privcmd_dm_op`` and its buffer array) for ``bufs``,
     which it keeps alive; calling it issues the ioctl (XenError on failure)."""
 
-    __slots__ = ("_privcmd", "_keep", "_addr")
+    __slots__ = ("_privcmd", "_keep", "_arg")
 
     def __init__(self, privcmd: PrivCmd, domid: int, bufs: tuple[ctypes.Structure | ctypes.Array, ...]) -> None:  # type: ignore[type-arg]
         arr = (privcmd_dm_op_buf * max(len(bufs), 1))()
         for i, b in enumerate(bufs):
             arr[i].uptr, arr[i].size = ctypes.addressof(b), ctypes.sizeof(b)
         k = privcmd_dm_op(dom=domid, num=len(bufs), ubufs=ctypes.addressof(arr))
-        self._privcmd, self._keep, self._addr = privcmd, (bufs, arr, k), ctypes.addressof(k)
+        self._privcmd, self._keep, self._arg = privcmd, (bufs, arr), k
 
     def __call__(self) -> int:
         pc = self._privcmd
         try:
-            return pc.kernel.ioctl(pc.fd, _DM_OP, self._addr)
+            return pc.kernel.ioctl(pc.fd, _DM_OP, self._arg)
         except OSError as exc:
             raise XenError("dm_op", exc.errno or errno.EIO) from None
 

@@ -36,6 +36,7 @@ __all__ = ["main"]
 
 VALGRIND = "valgrind"
 ENGINE_QD = 32
+VALGRIND_READY = 600.0  # s: a daemon under callgrind runs some 50x slower (more on a loaded machine)
 
 
 def callgrind_total(path: str) -> int:
@@ -72,7 +73,7 @@ async def _daemon_run(work_out: str, reads: int, relays: int) -> int:
                               wrap=_valgrind(work_out))
         guest = await SimGuest.connect(sim, domid)
         try:
-            await daemon.ready()
+            await daemon.ready(VALGRIND_READY)
             w, r = await bench.micro_device_up(guest)
             for _ in range(reads):
                 await r(R.MAGIC_VALUE)
