@@ -7,7 +7,10 @@
 #        (default: pyblk qsd grant; `make test-xen-full`: every scenario), XENLAB_DOM0_KERNEL (xenlab:
 #        the lab's kernel with the privcmd fast path, the default; debian: Debian's), XENLAB_TIMEOUT (s, default 1200), XENLAB_BENCH=1 (`make bench-xen`: the
 #        benchmark boot instead of the checks; XENLAB_BENCH_OUT, default ./bench-xen-results.json),
-#        XENLAB_TERM_SIGNAL (TERM: the signal the SIGTERM step sends; KILL shows its checks failing)
+#        XENLAB_TERM_SIGNAL (TERM: the signal the SIGTERM step sends; KILL shows its checks failing),
+#        XENLAB_XEN (4.17 or 4.20; default: the host's Debian release's, see prepare.sh; the log is then
+#        logs/lab-4.20.log unless XENLAB_LOG says), XENLAB_XEN_SRC (prepare.sh: an upstream Xen source),
+#        XENLAB_NET_FWD (the net scenario's testpmd forward mode, 5tswap; rxonly shows net-frames failing)
 # exit: 0 pass, 1 fail (the log's tail is printed), 3 the lab cannot be built here (reason printed):
 #       both are failures of `make test` (XENLAB=0 is the one way to leave the lab out)
 set -euo pipefail
@@ -23,6 +26,7 @@ rc=$?
 set -e
 [ $rc = 0 ] || exit $rc
 ART=$(echo "$OUT" | sed -n 's/^XENLAB_ART=//p' | tail -1)
+XV=$(echo "$OUT" | sed -n 's/^XENLAB_XEN=//p' | tail -1)
 export XENLAB_KERNEL=$(echo "$OUT" | sed -n 's/^XENLAB_KERNEL=//p' | tail -1)
 # dom0's kernel: the lab's (privcmd fast path) unless XENLAB_DOM0_KERNEL=debian (Debian's, no fast path)
 export XENLAB_DOM0_KERNEL=${XENLAB_DOM0_KERNEL:-xenlab}
@@ -32,12 +36,13 @@ case $XENLAB_DOM0_KERNEL in
   *) echo "XENLAB_DOM0_KERNEL=$XENLAB_DOM0_KERNEL: use xenlab or debian" >&2; exit 1 ;;
 esac
 mkdir -p "$XENLAB_CACHE/logs"
-LOG=${XENLAB_LOG:-$XENLAB_CACHE/logs/lab.log}
+LOGNAME=lab; [ "$XV" = 4.17 ] || LOGNAME=lab-$XV   # each Xen release its own last log
+LOG=${XENLAB_LOG:-$XENLAB_CACHE/logs/$LOGNAME.log}
 INITRD=$(mktemp "${TMPDIR:-/tmp}/xenlab-dom0.XXXXXX.cpio.gz")
 trap 'rm -f "$INITRD"' EXIT
 step "dom0 initramfs from $TREE (scenarios: $XENLAB_SCENARIOS)"
 "$H/mk-initramfs.sh" "$ART" "$INITRD"
-step "boot Xen + dom0 ($XENLAB_DOM0_KERNEL kernel) under qemu-system-aarch64 (TCG); serial log $LOG"
+step "boot Xen $XV + dom0 ($XENLAB_DOM0_KERNEL kernel) under qemu-system-aarch64 (TCG); serial log $LOG"
 python3 "$H/boot.py" --xen "$ART/xen-ioreq" --kernel "$DOM0_KERNEL" --initrd "$INITRD" --log "$LOG" \
   --timeout "${XENLAB_TIMEOUT:-1200}" || true
 if [ "${XENLAB_BENCH:-0}" = 1 ]; then   # make bench-xen: a report, not a verdict
