@@ -58,12 +58,12 @@ else
   XCC=aarch64-linux-gnu-gcc-14; command -v $XCC >/dev/null || XCC=aarch64-linux-gnu-gcc-12
   # Debian 13: qemu-storage-daemon is in qemu-utils. dpdk-testpmd (virtio-net's back-end) is in
   # dpdk-dev, whose headers pull a compiler: its binary alone is taken (step 4), with the libraries it
-  # links (readelf -d) and the vhost PMD as packages
+  # links (readelf -d), the vhost PMD and the ring mempool driver (plugins EAL loads) as packages
   USERLAND=xen-utils-4.20,xenstore-utils,python3-minimal,python3,busybox-static,qemu-utils,libc-bin,ibverbs-providers
   for l in ethdev eal kvargs log telemetry net mbuf mempool ring meter cmdline crypto-scheduler cryptodev rcu \
            bus-vdev reorder security bitratestats metrics bpf gro gso latencystats pdump pcapng net-bnxt bus-pci pci \
            hash net-i40e net-ixgbe bus-dpaa common-dpaax eventdev timer dmadev mempool-dpaa net-dpaa net-bond sched \
-           ip-frag net-iavf common-iavf net-ice net-mlx5- common-mlx5- bus-auxiliary net-vhost vhost; do
+           ip-frag net-iavf common-iavf net-ice net-mlx5- common-mlx5- bus-auxiliary net-vhost vhost mempool-ring; do
     USERLAND=$USERLAND,librte-${l}25
   done
 fi
@@ -147,7 +147,7 @@ LK=$C/kernel-$(echo "$LK_VERS" | sha256sum | cut -c1-16)
 if [ $XV = 4.17 ]; then
   VERS="$KPKG=$(ver "$KPKG") xen-hypervisor-4.17-arm64=$(ver xen-hypervisor-4.17-arm64) xen-utils-4.17=$(ver xen-utils-4.17) python3=$(ver python3) qemu-system-common=$(ver qemu-system-common) busybox-static=$(ver busybox-static) xen-src=$(echo $XEN_SRC | tr ' ' ,) cc=$XCC-$XCC_VERSION lab=3"
 else
-  VERS="rel=$REL $KPKG=$(ver "$KPKG") xen-utils-4.20=$(ver xen-utils-4.20) python3=$(ver python3) qemu-utils=$(ver qemu-utils) dpdk=$(ver dpdk) busybox-static=$(ver busybox-static) xen-src=$(echo $XEN_SRC | tr ' ' ,) cc=$XCC-$XCC_VERSION lab=1"
+  VERS="rel=$REL $KPKG=$(ver "$KPKG") xen-utils-4.20=$(ver xen-utils-4.20) python3=$(ver python3) qemu-utils=$(ver qemu-utils) dpdk=$(ver dpdk) busybox-static=$(ver busybox-static) xen-src=$(echo $XEN_SRC | tr ' ' ,) cc=$XCC-$XCC_VERSION userland=$(echo $USERLAND | sha256sum | cut -c1-8) lab=1"
 fi
 XSRC=""
 if [ -n "${XENLAB_XEN_SRC:-}" ]; then

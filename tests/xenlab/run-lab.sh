@@ -8,8 +8,8 @@
 #        the lab's kernel with the privcmd fast path, the default; debian: Debian's), XENLAB_TIMEOUT (s, default 1200), XENLAB_BENCH=1 (`make bench-xen`: the
 #        benchmark boot instead of the checks; XENLAB_BENCH_OUT, default ./bench-xen-results.json),
 #        XENLAB_TERM_SIGNAL (TERM: the signal the SIGTERM step sends; KILL shows its checks failing),
-#        XENLAB_XEN (4.17 or 4.20; default: the host's Debian release's, see prepare.sh; the log is then
-#        logs/lab-4.20.log unless XENLAB_LOG says), XENLAB_XEN_SRC (prepare.sh: an upstream Xen source),
+#        XENLAB_XEN (4.17 or 4.20; default: the host's Debian release's, see prepare.sh; 4.20's logs are
+#        in $XENLAB_CACHE/logs-4.20/, 4.17's in logs/), XENLAB_XEN_SRC (prepare.sh: an upstream Xen source),
 #        XENLAB_NET_FWD (the net scenario's testpmd forward mode, 5tswap; rxonly shows net-frames failing)
 # exit: 0 pass, 1 fail (the log's tail is printed), 3 the lab cannot be built here (reason printed):
 #       both are failures of `make test` (XENLAB=0 is the one way to leave the lab out)
@@ -35,9 +35,9 @@ case $XENLAB_DOM0_KERNEL in
   debian) DOM0_KERNEL=$ART/Image ;;
   *) echo "XENLAB_DOM0_KERNEL=$XENLAB_DOM0_KERNEL: use xenlab or debian" >&2; exit 1 ;;
 esac
-mkdir -p "$XENLAB_CACHE/logs"
-LOGNAME=lab; [ "$XV" = 4.17 ] || LOGNAME=lab-$XV   # each Xen release its own last log
-LOG=${XENLAB_LOG:-$XENLAB_CACHE/logs/$LOGNAME.log}
+LOGS=$XENLAB_CACHE/logs; [ "$XV" = 4.17 ] || LOGS=$XENLAB_CACHE/logs-$XV   # each Xen release its own logs
+mkdir -p "$LOGS"
+LOG=${XENLAB_LOG:-$LOGS/lab.log}
 INITRD=$(mktemp "${TMPDIR:-/tmp}/xenlab-dom0.XXXXXX.cpio.gz")
 trap 'rm -f "$INITRD"' EXIT
 step "dom0 initramfs from $TREE (scenarios: $XENLAB_SCENARIOS)"
@@ -52,13 +52,13 @@ if [ "${XENLAB_BENCH:-0}" = 1 ]; then   # make bench-xen: a report, not a verdic
 fi
 step "verdict"
 if python3 "$H/verdict.py" "$LOG" --scenarios "$XENLAB_SCENARIOS"; then
-  cp "$LOG" "$XENLAB_CACHE/logs/last-pass.log" 2>/dev/null || true
+  cp "$LOG" "$LOGS/last-pass.log" 2>/dev/null || true
   step "PASS (log: $LOG)"
   exit 0
 fi
-KEEP=$XENLAB_CACHE/logs/fail-$(date -u +%Y%m%dT%H%M%SZ).log
+KEEP=$LOGS/fail-$(date -u +%Y%m%dT%H%M%SZ).log
 cp "$LOG" "$KEEP" 2>/dev/null || KEEP=$LOG
-ls -1t "$XENLAB_CACHE"/logs/fail-*.log 2>/dev/null | tail -n +11 | xargs -r rm -f   # keep the last 10 failures
+ls -1t "$LOGS"/fail-*.log 2>/dev/null | tail -n +11 | xargs -r rm -f   # keep the last 10 failures
 echo "---- last 80 lines of $LOG ----" >&2
 tail -80 "$LOG" >&2
 step "FAIL (whole log: $LOG, kept as $KEEP)"
