@@ -4,7 +4,7 @@
 # scenarios, decide from the serial log.
 #   env: XENLAB_CACHE (default /var/cache/xen-vhost-master-lab), XENLAB_LOG (default
 #        $XENLAB_CACHE/logs/lab.log; failures are also kept as logs/fail-<time>.log), XENLAB_SCENARIOS
-#        (default: pyblk qsd grant; `make test-xen-full`: every scenario), XENLAB_DOM0_KERNEL (xenlab:
+#        (default: pyblk qsd grant, and net on Xen 4.20; `make test-xen-full`: every scenario), XENLAB_DOM0_KERNEL (xenlab:
 #        the lab's kernel with the privcmd fast path, the default; debian: Debian's), XENLAB_TIMEOUT (s, default 1200), XENLAB_BENCH=1 (`make bench-xen`: the
 #        benchmark boot instead of the checks; XENLAB_BENCH_OUT, default ./bench-xen-results.json),
 #        XENLAB_TERM_SIGNAL (TERM: the signal the SIGTERM step sends; KILL shows its checks failing),
@@ -18,6 +18,7 @@ H=$(cd "$(dirname "$0")" && pwd)
 TREE=$(cd "$H/../.." && pwd)
 export XENLAB_CACHE=${XENLAB_CACHE:-/var/cache/xen-vhost-master-lab}
 t0=$(date +%s); step() { echo "== xenlab [$(( $(date +%s) - t0 ))s] $*" >&2; }
+GIVEN=${XENLAB_SCENARIOS:-}
 if [ "${XENLAB_BENCH:-0}" = 1 ]; then export XENLAB_SCENARIOS=${XENLAB_SCENARIOS:-pyblk qsd}
 else export XENLAB_SCENARIOS=${XENLAB_SCENARIOS:-pyblk qsd grant}; fi
 set +e
@@ -27,6 +28,8 @@ set -e
 [ $rc = 0 ] || exit $rc
 ART=$(echo "$OUT" | sed -n 's/^XENLAB_ART=//p' | tail -1)
 XV=$(echo "$OUT" | sed -n 's/^XENLAB_XEN=//p' | tail -1)
+# Xen >= 4.18 (virtio = [...]) also runs the virtio-net scenario by default (the last: its guest gets the SIGTERM step)
+[ -n "$GIVEN" ] || [ "$XV" = 4.17 ] || [ "${XENLAB_BENCH:-0}" = 1 ] || export XENLAB_SCENARIOS="$XENLAB_SCENARIOS net"
 export XENLAB_KERNEL=$(echo "$OUT" | sed -n 's/^XENLAB_KERNEL=//p' | tail -1)
 # dom0's kernel: the lab's (privcmd fast path) unless XENLAB_DOM0_KERNEL=debian (Debian's, no fast path)
 export XENLAB_DOM0_KERNEL=${XENLAB_DOM0_KERNEL:-xenlab}

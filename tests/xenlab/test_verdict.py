@@ -169,6 +169,16 @@ def test_each_missing_net_fact_fails(edit: object, failed: str) -> None:
     assert any(f.startswith(f"net/{failed}:") for f in v.failures), v.failures
 
 
+def test_on_xen_4_18_the_guests_device_tree_iommus_says_it_grants() -> None:
+    """grant_usage=1 (xl.cfg's virtio = [...]) gives the node its iommus: Linux then says nothing."""
+    dt = GRANT.replace("DOMU-GRANT-DMA [    1.2] virtio-mmio 2000000.virtio: Using dom0 as backend",
+                       "DOMU-DT virtio@2000000 compatible=virtio,mmio  iommus=yes")
+    v = parse(dt, ["grant"])
+    assert v.ok, v.failures
+    v = parse(dt.replace("iommus=yes", "iommus=no"), ["grant"])
+    assert [f.split(":")[0] for f in v.failures] == ["grant/grants"], v.failures
+
+
 def test_a_guest_that_died_under_a_stopped_daemon_is_reported_not_failed() -> None:
     v = parse(GOOD.replace("term-guest-alive ok=1", "term-guest-alive ok=0"), ["pyblk"])
     assert v.ok, v.failures

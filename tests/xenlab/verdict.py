@@ -173,13 +173,17 @@ def _grant_checks(s: Scenario) -> None:
     """``grants``: the guest's kernel put grant addresses in its rings (grant-dma-ops.c: "Using
     dom0 as backend"), the daemon served the device over grants (status ``data_path``), and where the
     daemon maps them itself (shadow over gntdev) it mapped grants, the device-readable ones read-only."""
-    dma = next((ln for ln in s.guest if ln.startswith("DOMU-GRANT-DMA") and "Using dom0 as backend" in ln), None)
+    # Xen >= 4.18's grant_usage=1 gives the device-tree node its iommus (libxl_arm.c), and Linux then
+    # takes the back-end's domid from it silently; without it (4.17) the lab kernel's FORCE_GRANT says
+    # "Using dom0 as backend" (drivers/xen/grant-dma-ops.c)
+    dma = next((ln for ln in s.guest if (ln.startswith("DOMU-GRANT-DMA") and "Using dom0 as backend" in ln)
+                or (ln.startswith("DOMU-DT ") and "iommus=yes" in ln)), None)
     dev = next(iter(_devices(s)), {})
     path = str(dev.get("data_path", "none"))
     stats = dev.get("data_path_stats")
     grants = stats.get("grants") if isinstance(stats, dict) else None
     ok = dma is not None and "grants" in path
-    said = "grant DMA" if dma else "no 'Using dom0 as backend'"
+    said = "grant DMA" if dma else "no 'Using dom0 as backend' and no iommus"
     detail = f"data_path={path!r} guest={said}"
     if path.startswith("shadow"):
         maps = grants.get("maps", 0) if isinstance(grants, dict) else 0
