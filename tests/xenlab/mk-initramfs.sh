@@ -12,7 +12,8 @@ W=$(mktemp -d "${TMPDIR:-/tmp}/xenlab-initramfs.XXXXXX")
 trap 'rm -rf "$W"' EXIT
 R=$W/root
 cp -al "$A/rootfs" "$R"   # hard links: the cache is never modified (only new files are added below)
-SITE=$R/usr/local/lib/python3.11/dist-packages
+PYV=$(ls "$R/usr/lib" | grep -E '^python3\.[0-9]+$' | head -1)   # the dom0's python (3.11 on Debian 12, 3.13 on 13)
+SITE=$R/usr/local/lib/$PYV/dist-packages
 mkdir -p "$SITE" "$R/usr/local/bin" "$R/lib/modules/xenlab" "$R/boot" "$R/etc/xen" "$R/root" "$R/xenlab" \
          "$R/proc" "$R/sys" "$R/dev" "$R/tmp" "$R/run" "$R/var"
 rm -rf "$R/var/run"
@@ -23,7 +24,8 @@ for pkg in "$TREE/protocol/vhost_user" "$TREE/xen_vhost_master"; do
 done
 for whl in "$A"/wheels/*.whl; do python3 -m zipfile -e "$whl" "$SITE"; done
 # the dom0's python compiles (its magic number, whatever python the host runs); paths as dom0 sees them
-"$H/dom0-python.sh" "$R" -m compileall -q -j0 --invalidation-mode unchecked-hash -s "$R" -p / "$SITE" >/dev/null
+J=0; [ "$PYV" = python3.11 ] || J=1   # python 3.13's compileall workers break under qemu-user
+"$H/dom0-python.sh" "$R" -m compileall -q -j$J --invalidation-mode unchecked-hash -s "$R" -p / "$SITE" >/dev/null
 # the daemon alone: a dom0 runs no simulator (sim/xen_vhost_sim is not copied)
 printf '#!/usr/bin/python3\nimport sys\nfrom xen_vhost_master.cli import main\nsys.exit(main())\n' > "$R/usr/local/bin/xen-vhost-master"
 chmod +x "$R/usr/local/bin/xen-vhost-master"
@@ -33,6 +35,7 @@ D=$W/domu
 mkdir -p "$D"/{bin,proc,sys,dev,tmp,lib/modules}
 cp "$A/rootfs/bin/busybox" "$D/bin/"
 cp "$A/modules/virtio_mmio.ko" "$A/modules/virtio_blk.ko" "$D/lib/modules/"
+for m in failover net_failover virtio_net; do [ ! -f "$A/modules/$m.ko" ] || cp "$A/modules/$m.ko" "$D/lib/modules/"; done   # the net scenario
 [ ! -f "$A/modules/xen-blkfront.ko" ] || cp "$A/modules/xen-blkfront.ko" "$D/lib/modules/"   # make bench-xen's PV disk
 cp "$H/guest/domu-init.sh" "$D/init"; chmod +x "$D/init"
 (cd "$D" && find . | cpio -o -H newc --quiet | gzip -1) > "$R/boot/domu.cpio.gz"
@@ -43,7 +46,7 @@ ln "$A/Image" "$R/boot/domu-vmlinuz" 2>/dev/null || cp "$A/Image" "$R/boot/domu-
 cp "$H/guest/dom0-init.sh" "$R/init"; cp "$H/guest/dom0-test.sh" "$R/xenlab/"
 chmod +x "$R/init" "$R/xenlab/dom0-test.sh"
 { echo "XENLAB_SCENARIOS=\"${XENLAB_SCENARIOS:-pyblk qsd grant}\""; echo "export XENLAB_SCENARIOS"
-  for v in XENLAB_TERM_SIGNAL XENLAB_DOMU_VCPUS XENLAB_BENCH XENLAB_DOMU_WAIT XENLAB_GRANT_TOML XENLAB_DOM0_KERNEL; do
+  for v in XENLAB_TERM_SIGNAL XENLAB_DOMU_VCPUS XENLAB_BENCH XENLAB_DOMU_WAIT XENLAB_GRANT_TOML XENLAB_DOM0_KERNEL XENLAB_NET_FWD XENLAB_TESTPMD_MB; do
     [ -n "${!v:-}" ] && echo "$v=\"${!v}\"" && echo "export $v"
   done; } > "$R/xenlab/lab.env"
 (cd "$R" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT.tmp"

@@ -135,6 +135,50 @@ def test_each_missing_grant_fact_fails(edit: object) -> None:
     assert [f.split(":")[0] for f in v.failures] == ["grant/grants"], v.failures
 
 
+NET = (GOOD.replace("pyblk", "net")
+       .replace("image-has-pattern ok=1 guest=aa image=aa mark=M image_head=M",
+                "net-frames ok=1 guest='DOMU-NET-OK replies=10/10 size=1000' testpmd_rx=24 testpmd_tx=24 fwd=5tswap")
+       .replace("back-end maps guest memory itself (XEN_MMAP)", "shadow virtqueues")
+       .replace('"kernel_fast_path":true', '"kernel_fast_path":false').replace('"kernel_queues":[0]', '"kernel_queues":[]')
+       .replace("device=0x0002", "device=0x0001").replace("driver=virtio_blk", "driver=virtio_net")
+       .replace("DOMU-IO-OK md5=aa mark=M", "DOMU-NET-OK replies=10/10 size=1000"))
+NET = "\n".join(ln for ln in NET.splitlines() if "DOMU-VCPU-IO" not in ln) + "\n"
+
+
+def test_net_scenario_passes_on_frames_not_a_disk_image() -> None:
+    v = parse(NET, ["net"])
+    assert v.ok, v.failures
+    assert "image-has-pattern" not in v.scenarios["net"].checks and "vcpus-io" not in v.scenarios["net"].checks
+    assert "fast-path" not in v.scenarios["net"].checks  # testpmd's shadow path sees every kick
+
+
+@pytest.mark.parametrize(
+    ("edit", "failed"),
+    [
+        (lambda t: t.replace("net-frames ok=1", "net-frames ok=0"), "net-frames"),  # testpmd counted nothing
+        (lambda t: "\n".join(ln for ln in t.splitlines() if "net-frames" not in ln), "net-frames"),
+        (lambda t: t.replace("DOMU-NET-OK replies=10/10 size=1000\n", "DOMU-NET-FAIL replies=0/10\n"), "guest-io"),
+        (lambda t: t.replace("driver=virtio_net", "driver="), "driver-ok"),
+        (lambda t: t.replace("device=0x0001", "device=0x0002"), "driver-ok"),  # a disk is not the net device
+        (lambda t: t.replace("shadow virtqueues", "XEN_MMAP"), "data-path"),
+    ],
+)
+def test_each_missing_net_fact_fails(edit: object, failed: str) -> None:
+    v = parse(edit(NET), ["net"])  # type: ignore[operator]
+    assert not v.ok
+    assert any(f.startswith(f"net/{failed}:") for f in v.failures), v.failures
+
+
+def test_on_xen_4_18_the_guests_device_tree_iommus_says_it_grants() -> None:
+    """grant_usage=1 (xl.cfg's virtio = [...]) gives the node its iommus: Linux then says nothing."""
+    dt = GRANT.replace("DOMU-GRANT-DMA [    1.2] virtio-mmio 2000000.virtio: Using dom0 as backend",
+                       "DOMU-DT virtio@2000000 compatible=virtio,mmio  iommus=yes")
+    v = parse(dt, ["grant"])
+    assert v.ok, v.failures
+    v = parse(dt.replace("iommus=yes", "iommus=no"), ["grant"])
+    assert [f.split(":")[0] for f in v.failures] == ["grant/grants"], v.failures
+
+
 def test_a_guest_that_died_under_a_stopped_daemon_is_reported_not_failed() -> None:
     v = parse(GOOD.replace("term-guest-alive ok=1", "term-guest-alive ok=0"), ["pyblk"])
     assert v.ok, v.failures

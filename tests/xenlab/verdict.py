@@ -24,6 +24,10 @@ guest's ``DOMU-*`` lines, the daemon's status JSON); the decision is taken here,
   ``domain-gone`` (no dying domain held by dom0 mappings), ``backend-alive``;
 - ``vcpus-io``: a 2-vCPU guest's I/O pinned to each vCPU (taskset, O_DIRECT) reads back what it
   wrote, and the daemon's status counts ioreqs served from every vCPU's slot and event channel;
+- ``net`` (virtio-net, Xen >= 4.18's ``virtio = [...]``, dpdk-testpmd in dom0) has ``net-frames``
+  instead of ``image-has-pattern`` and no ``vcpus-io``: the guest's pings, turned back by testpmd's
+  5tswap, all answered (``guest-io``), and testpmd counted frames both ways; ``driver-ok`` wants
+  device 0x0001 bound to virtio_net;
 - the last scenario's guest also has its instance stopped by SIGTERM while it lives and does I/O
   (``systemctl stop``): ``term-exit`` (exit 0), ``term-closed`` (XenBus Closed while the domain
   lives), ``term-ioreq-destroyed`` (the daemon's own "ioreq server N destroyed", not "went with its
@@ -43,7 +47,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-__all__ = ["Verdict", "parse", "REQUIRED", "TERM_REQUIRED", "FAST_PATH", "GRANTS", "required", "main"]
+__all__ = ["Verdict", "parse", "REQUIRED", "TERM_REQUIRED", "FAST_PATH", "GRANTS", "NET", "required", "main"]
 
 REQUIRED = ("xl-create", "driver-ok", "data-path", "guest-io", "image-has-pattern", "interrupts", "vcpus-io",
             "second-guest", "reboot-served", "xl-destroy", "daemon-exit", "ioreq-server-destroyed", "domain-gone",
@@ -62,11 +66,15 @@ _DAEMON = re.compile(r"^DAEMON\[(\S+)\]\| (.*)$")
 # how guest memory must reach each scenario's back-end (the daemon's own log line)
 DATA_PATH = {"pyblk": "back-end maps guest memory itself (XEN_MMAP)", "qsd": "shadow virtqueues",
              "grant": "grant-based guest: shadow virtqueues over gntdev",
-             "grantmmap": "grant-based guest: back-end maps the grants itself (XEN_MMAP grant regions"}
+             "grantmmap": "grant-based guest: back-end maps the grants itself (XEN_MMAP grant regions",
+             "net": "shadow virtqueues"}
 # zero-copy scenarios: with the lab's dom0 kernel, notifications go through privcmd ioeventfd/irqfd
 FAST_PATH = ("pyblk", "grantmmap")
 # grant-based guests (the lab's domU kernel, CONFIG_XEN_VIRTIO_FORCE_GRANT)
 GRANTS = ("grant", "grantmmap")
+# virtio-net through dpdk-testpmd (Xen >= 4.18): frames, not a disk image
+NET = ("net",)
+NET_REPLACED = {"image-has-pattern": "net-frames", "vcpus-io": None}
 FAST_PATH_LINE = "kernel fast path available: privcmd ioeventfd/irqfd"
 
 
@@ -112,7 +120,10 @@ class Verdict:
 def required(name: str, scenarios: list[str]) -> tuple[str, ...]:
     """The checks scenario ``name`` must pass: every scenario's, ``fast-path`` for the zero-copy
     ones, ``grants`` for the grant-based ones, and the SIGTERM ones for the last."""
-    return (REQUIRED + (("fast-path",) if name in FAST_PATH else ()) + (("grants",) if name in GRANTS else ())
+    base: tuple[str, ...] = REQUIRED
+    if name in NET:
+        base = tuple(n for c in REQUIRED if (n := NET_REPLACED.get(c, c)) is not None)
+    return (base + (("fast-path",) if name in FAST_PATH else ()) + (("grants",) if name in GRANTS else ())
             + (TERM_REQUIRED if scenarios and name == scenarios[-1] else ()))
 
 
@@ -162,13 +173,17 @@ def _grant_checks(s: Scenario) -> None:
     """``grants``: the guest's kernel put grant addresses in its rings (grant-dma-ops.c: "Using
     dom0 as backend"), the daemon served the device over grants (status ``data_path``), and where the
     daemon maps them itself (shadow over gntdev) it mapped grants, the device-readable ones read-only."""
-    dma = next((ln for ln in s.guest if ln.startswith("DOMU-GRANT-DMA") and "Using dom0 as backend" in ln), None)
+    # Xen >= 4.18's grant_usage=1 gives the device-tree node its iommus (libxl_arm.c), and Linux then
+    # takes the back-end's domid from it silently; without it (4.17) the lab kernel's FORCE_GRANT says
+    # "Using dom0 as backend" (drivers/xen/grant-dma-ops.c)
+    dma = next((ln for ln in s.guest if (ln.startswith("DOMU-GRANT-DMA") and "Using dom0 as backend" in ln)
+                or (ln.startswith("DOMU-DT ") and "iommus=yes" in ln)), None)
     dev = next(iter(_devices(s)), {})
     path = str(dev.get("data_path", "none"))
     stats = dev.get("data_path_stats")
     grants = stats.get("grants") if isinstance(stats, dict) else None
     ok = dma is not None and "grants" in path
-    said = "grant DMA" if dma else "no 'Using dom0 as backend'"
+    said = "grant DMA" if dma else "no 'Using dom0 as backend' and no iommus"
     detail = f"data_path={path!r} guest={said}"
     if path.startswith("shadow"):
         maps = grants.get("maps", 0) if isinstance(grants, dict) else 0
@@ -215,13 +230,15 @@ def _guest_checks(s: Scenario) -> None:
             status = int(kv.get("status", "0"), 16)
         except ValueError:
             status = 0
-        if kv.get("device") == "0x0002" and status & DRIVER_OK_ALL == DRIVER_OK_ALL and kv.get("driver") == "virtio_blk":
+        device, driver = ("0x0001", "virtio_net") if s.name in NET else ("0x0002", "virtio_blk")
+        if kv.get("device") == device and status & DRIVER_OK_ALL == DRIVER_OK_ALL and kv.get("driver") == driver:
             ok, best = True, ln
             break
         best = best or ln
     s.set("driver-ok", ok, best or "guest saw no virtio device")
-    io = next((ln for ln in s.guest if ln.startswith("DOMU-IO-OK")), None)
-    fail = next((ln for ln in s.guest if ln.startswith(("DOMU-IO-FAIL", "DOMU-IO "))), None)
+    ok_tag, fail_tags = ("DOMU-NET-OK", ("DOMU-NET-FAIL", "DOMU-NET ")) if s.name in NET else ("DOMU-IO-OK", ("DOMU-IO-FAIL", "DOMU-IO "))
+    io = next((ln for ln in s.guest if ln.startswith(ok_tag)), None)
+    fail = next((ln for ln in s.guest if ln.startswith(fail_tags)), None)
     s.set("guest-io", io is not None, io or fail or "no DOMU-IO line")
     guest_irqs = _guest_irqs(s)
     want = DATA_PATH.get(s.name)
@@ -273,7 +290,8 @@ def parse(text: str, scenarios: list[str]) -> Verdict:
     failures = []
     for s in found.values():
         _guest_checks(s)
-        _vcpu_checks(s)
+        if s.name not in NET:
+            _vcpu_checks(s)
         if s.name in FAST_PATH:
             _fast_path_checks(s)
         if s.name in GRANTS:

@@ -6,8 +6,14 @@
 # reboot` each (a new domid: served again, I/O again), and `xl destroy` each while its I/O runs.
 # Nothing here starts xen-vhost-master for a domain or touches its sockets. Lines starting with
 # XENLAB- are read by tests/xenlab/verdict.py on the host; nothing here decides pass/fail.
-export PATH=/usr/lib/xen-4.17/bin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+XENBIN=$(ls -d /usr/lib/xen-4.*/bin | head -1)   # Debian's xen-utils-4.17 or -4.20
+export PATH=$XENBIN:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 . /xenlab/lab.env
+# Xen >= 4.18 has xl.cfg's generic `virtio = [...]` (libxl's backend/virtio/<domid>/<devid>, device
+# ids 0, 1, ...; skip_attach: libxl does not wait for the back-end); 4.17 only the `disk = [...]` slot
+# (backend/virtio_disk, device id 51712 = xvda, libxl waits 10 s for InitWait).
+XEN_MINOR=$(cat /sys/hypervisor/version/minor 2>/dev/null || echo 17)
+if [ "$XEN_MINOR" -ge 18 ]; then KIND=virtio; DEVID=0; else KIND=virtio_disk; DEVID=51712; fi
 up() { cut -d' ' -f1 /proc/uptime; }
 t() { echo "XENLAB-T $(up) $*"; }
 check() { echo "XENLAB-CHECK $1 $2 ok=$3 ${4:-}"; }   # scenario name ok detail
@@ -43,14 +49,16 @@ ilog_has() { grep -q "$2" "$(ilog $1)" 2>/dev/null; }
 # --- scenarios: the back-end, and whether the guest grants its buffers -------------------------
 # pyblk, qsd: Debian's domU kernel (no CONFIG_XEN_VIRTIO: guest-physical addresses in its rings);
 # grant, grantmmap: the lab's kernel (CONFIG_XEN_VIRTIO_FORCE_GRANT: grant addresses, xen_grant_dma).
-be_kind() { case $1 in pyblk|grantmmap) echo pyblk ;; *) echo qsd ;; esac; }
+# net: a virtio-net device (Xen >= 4.18's virtio = [...] only), dpdk-testpmd's net_vhost in dom0
+# forwarding each frame back with its MAC, IP addresses and ports swapped (5tswap), so the guest's
+# pings to a neighbour that does not exist are answered by its own kernel, through the back-end twice.
+be_kind() { case $1 in pyblk|grantmmap) echo pyblk ;; net) echo testpmd ;; *) echo qsd ;; esac; }
 grants_of() { case $1 in grant|grantmmap) echo 1 ;; *) echo 0 ;; esac; }
 
 # --- back-ends: started by guest name, before any guest exists ---------------------------------
-# Xen 4.17's `disk = [...specification=virtio...]` device id is the disk's xvd number (xvda = 51712):
-# the daemon's default socket is /run/vhost-user/<name>/<devid>.sock.
+# the daemon's default socket is /run/vhost-user/<name>/<devid>.sock (DEVID above).
 backend() {  # scenario
-  S=$1; NAME=${XENLAB_PREFIX:-lab}-$S; IMG=/root/disk-$S.img; DIR=/run/vhost-user/$NAME; SOCK=$DIR/51712.sock
+  S=$1; NAME=${XENLAB_PREFIX:-lab}-$S; IMG=/root/disk-$S.img; DIR=/run/vhost-user/$NAME; SOCK=$DIR/$DEVID.sock
   dd if=/dev/zero of=$IMG bs=1M count=${XENLAB_DISK_MB:-16} 2>/dev/null
   mkdir -p $DIR
   case $(be_kind $S) in
@@ -59,14 +67,22 @@ backend() {  # scenario
              --blockdev driver=raw,node-name=disk0,file=file0 \
              --export type=vhost-user-blk,id=exp0,node-name=disk0,writable=on,addr.type=unix,addr.path=$SOCK \
              > /tmp/backend-$S.log 2>&1 & ;;
+    # no hugepages (--no-huge: IOVA as VA; the daemon's shadow rings are the shared memory), both
+    # lcores on dom0's second vCPU (the forwarding one polls), testpmd listening (client=0)
+    testpmd) dpdk-testpmd --no-huge -m ${XENLAB_TESTPMD_MB:-128} --lcores '0@1,1@1' --no-pci --file-prefix=$NAME \
+               --vdev "net_vhost0,iface=$SOCK,client=0,queues=1" -- --total-num-mbufs=2048 --port-topology=loop \
+               --forward-mode=${XENLAB_NET_FWD:-5tswap} --stats-period=10 --nb-cores=1 \
+               < /dev/null > /tmp/backend-$S.log 2>&1 & ;;
   esac
   echo $! > /tmp/backend-$S.pid
   t "back-end $S pid $(cat /tmp/backend-$S.pid) on $SOCK"
 }
 
 cfg() {  # scenario
-  S=$1; NAME=lab-$S; K=/boot/domu-vmlinuz
-  if [ "$(grants_of $S)" = 1 ]; then
+  S=$1; NAME=lab-$S; K=/boot/domu-vmlinuz; EXTRA=""
+  if [ "$(grants_of $S)" = 1 ] && [ $KIND = virtio ]; then
+    K=/boot/domu-xenlab-vmlinuz   # grant_usage=1: libxl writes it in xenstore and the guest's iommus
+  elif [ "$(grants_of $S)" = 1 ]; then
     K=/boot/domu-xenlab-vmlinuz
     # Xen 4.17's libxl writes no grant_usage key for the device (4.18's virtio = [...] does): the
     # operator tells the daemon in the guest's TOML file; the discovered device takes these settings
@@ -82,8 +98,14 @@ memory = ${XENLAB_DOMU_MB:-128}
 vcpus = ${XENLAB_DOMU_VCPUS:-2}
 extra = "console=hvc0 rdinit=/init loglevel=4"
 on_reboot = "restart"
-disk = [ "backend=0,backendtype=standalone,specification=virtio,vdev=xvda,target=/root/disk-$S.img" ]
 EOC
+  if [ $KIND = virtio_disk ]; then
+    echo "disk = [ \"backend=0,backendtype=standalone,specification=virtio,vdev=xvda,target=/root/disk-$S.img\" ]" >> /etc/xen/$NAME.cfg
+  else   # libxl's type is the device-tree compatible: virtio,device<id in hex> (1 net, 2 blk)
+    T=device2; [ $S = net ] && T=device1 && EXTRA=xenlab_net
+    echo "virtio = [ \"backend=0,type=virtio,$T,transport=mmio,grant_usage=$(grants_of $S)\" ]" >> /etc/xen/$NAME.cfg
+  fi
+  [ -z "$EXTRA" ] || sed -i "s/^extra = \"\(.*\)\"/extra = \"\1 $EXTRA\"/" /etc/xen/$NAME.cfg
 }
 
 create() {  # scenario: xl create in the background, rc and log in /tmp
@@ -96,9 +118,12 @@ created() {  # scenario: xl create's own verdict, libxl's InitWait handshake inc
   wait_for 120 test -s /tmp/xl-create-$S.rc
   set -- $(cat /tmp/xl-create-$S.rc 2>/dev/null || echo "none 0"); XLRC=$1; MS=$2
   D=$(domid_of $NAME); echo "XENLAB-DOMID $S $D"
-  HS=$(grep -c "backend/virtio_disk/$D/51712/state wanted state 2 ok" /tmp/xl-create-$S.log)
-  check $S xl-create $(yes01 sh -c "[ '$XLRC' = 0 ] && [ $HS -ge 1 ] && ! grep -qiE 'libxl: error|timed out|timeout' /tmp/xl-create-$S.log") \
-    "rc=$XLRC ms=$MS domid=$D initwait_handshake=$HS"
+  HS=$(grep -c "backend/$KIND/$D/$DEVID/state wanted state 2 ok" /tmp/xl-create-$S.log)
+  # >= 4.18 (skip_attach): libxl waits for nothing, so there is no handshake of its to see; the
+  # device's directory must be there with the daemon's InitWait or Connected
+  NEED=1; [ $KIND = virtio ] && NEED=0 && XST=$(xenstore-read /local/domain/0/backend/$KIND/$D/$DEVID/state 2>&1) && HS="n/a(skip_attach) backend_state=$XST"
+  check $S xl-create $(yes01 sh -c "[ '$XLRC' = 0 ] && { [ $NEED = 0 ] || [ '$HS' -ge 1 ]; } && ! grep -qiE 'libxl: error|timed out|timeout' /tmp/xl-create-$S.log") \
+    "rc=$XLRC ms=$MS domid=$D kind=$KIND initwait_handshake=$HS"
   grep -E 'libxl: (error|warning)|wanted state|Parsing config' /tmp/xl-create-$S.log | prefix "XL-CREATE[$S]"
 }
 
@@ -110,6 +135,16 @@ served_io() {  # scenario boot-number: the guest's boot N finished its I/O; the 
     for p in $(pgrep -f "xen_vhost_master --domain=$(domid_of $NAME)( |\$)") $(cat /tmp/backend-$S.pid); do
       for tk in /proc/$p/task/*; do echo "STUCK-TASK[$S] pid=$p tid=${tk##*/} $(sed -n 's/^State:\t//p' $tk/status) wchan=$(cat $tk/wchan 2>/dev/null)"; done
     done
+  fi
+  if [ "$(be_kind $S)" = testpmd ]; then
+    # the guest's pings answered through the back-end (DOMU-NET-OK), and testpmd counted the frames
+    # it received from and sent to the guest (its port stats, every 10 s)
+    OKLINE=$(grep 'DOMU-NET-OK' $CONSOLE/guest-$NAME.log 2>/dev/null | sed -n "${N}p" | tr -d '\r')
+    wait_for 30 sh -c "grep 'RX-packets: *[1-9]' /tmp/backend-$S.log | grep -q ." 
+    RX=$(sed -n 's/.*RX-packets: *\([0-9]*\).*/\1/p' /tmp/backend-$S.log | tail -1)
+    TX=$(sed -n 's/.*TX-packets: *\([0-9]*\).*/\1/p' /tmp/backend-$S.log | tail -1)
+    [ -n "$OKLINE" ] && [ "${RX:-0}" -gt 0 ] && [ "${TX:-0}" -gt 0 ]
+    R=$?; echo "guest='${OKLINE:-no DOMU-NET-OK #$N}' testpmd_rx=${RX:-none} testpmd_tx=${TX:-none} fwd=${XENLAB_NET_FWD:-5tswap}" > /tmp/io-$S-$N.txt; return $R
   fi
   OKLINE=$(grep 'DOMU-IO-OK' $CONSOLE/guest-$NAME.log 2>/dev/null | sed -n "${N}p")
   WANT=$(echo "$OKLINE" | sed -n 's/.*md5=\([0-9a-f]*\).*/\1/p'); MARK=$(echo "$OKLINE" | sed -n 's/.*mark=\([A-Za-z0-9-]*\).*/\1/p')
@@ -143,7 +178,7 @@ term_guest() {  # scenario: SIGTERM to the guest's instance while the guest live
   T1=$(ms)
   TRC=$(grep "instance for domain $D (pid [0-9]*) exited" /tmp/watch.log | tail -1 | sed -n 's/.*exited with status \(-\?[0-9]*\).*/\1/p')
   check $S term-exit $(yes01 sh -c "[ -n '$P' ] && [ '$TRC' = 0 ]") "signal=$SIG pid=${P:-none} rc=${TRC:-none} ms=$((T1-T0))"
-  XS=$(xenstore-read /local/domain/0/backend/virtio_disk/$D/51712/state 2>&1)
+  XS=$(xenstore-read /local/domain/0/backend/$KIND/$D/$DEVID/state 2>&1)
   LIVE=$(yes01 test -n "$(domid_of $NAME)")
   check $S term-closed $(yes01 sh -c "[ '$XS' = 6 ] && [ $LIVE = 1 ]") "backend_state=$XS domain_alive=$LIVE"
   SID=$(sed -n "s/.*dom$D: ioreq server \([0-9]*\) created.*/\1/p" "$(ilog $NAME)" | tail -1)
@@ -190,7 +225,7 @@ destroy_guest() {  # scenario: xl destroy while the guest's I/O loop runs; the t
   T2=$(ms)
   xl -vvv destroy $NAME > /tmp/xl-destroy-$S.log 2>&1; XDRC=$?
   T3=$(ms)
-  HS=$(grep -c "backend/virtio_disk/$D/51712/state wanted state 6 ok" /tmp/xl-destroy-$S.log)
+  HS=$(grep -c "backend/$KIND/$D/$DEVID/state wanted state 6 ok" /tmp/xl-destroy-$S.log)
   check $S xl-destroy $(yes01 sh -c "[ $XDRC = 0 ] && [ $HS -ge 1 ] && ! grep -qiE 'libxl: error|timed out|timeout' /tmp/xl-destroy-$S.log") \
     "rc=$XDRC ms=$((T3-T2)) domid=$D closed_handshake=$HS"
   prefix "XL-DESTROY[$S]" < /tmp/xl-destroy-$S.log
@@ -215,7 +250,7 @@ phy_script() {  # libxl's block hotplug protocol for a phy: device (tools/hotplu
   # without bash (this dom0 has none): physical-device as hex major:minor, then hotplug-status
   cat > /xenlab/block-phy <<'EOS'
 #!/bin/sh
-export PATH=/usr/lib/xen-4.17/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PATH=$(ls -d /usr/lib/xen-4.*/bin | head -1):/usr/sbin:/usr/bin:/sbin:/bin
 [ "$1" = add ] || exit 0
 dev=$(xenstore-read "$XENBUS_PATH/params")
 xenstore-write "$XENBUS_PATH/physical-device" "$(stat -L -c '%t:%T' "$dev")" \
@@ -263,7 +298,7 @@ if [ "${XENLAB_BENCH:-0}" = 1 ]; then
   for m in loop xen-blkback; do insmod /lib/modules/xenlab/$m.ko 2>/dev/null || t "insmod $m failed"; done
   phy_script; mkdir -p $LOGS
   for S in $XENLAB_SCENARIOS; do XENLAB_PREFIX=bench XENLAB_DISK_MB=40 backend $S; done
-  for S in $XENLAB_SCENARIOS; do wait_for 60 test -S /run/vhost-user/bench-$S/51712.sock || t "back-end $S: no socket"; done
+  for S in $XENLAB_SCENARIOS; do wait_for 60 test -S /run/vhost-user/bench-$S/$DEVID.sock || t "back-end $S: no socket"; done
   xen-vhost-master watch --spawn --log-dir $LOGS > /tmp/watch.log 2>&1 &
   WATCH=$!
   wait_for 60 grep -q "watching" /tmp/watch.log || t "dispatcher: no 'watching' line"
@@ -285,9 +320,9 @@ mkdir -p $LOGS
 xl sched-credit2 -d 0 -w 1024 >/dev/null 2>&1 || xl sched-credit -d 0 -w 1024 >/dev/null 2>&1 || true
 echo "XENLAB-T $(up) dom0 weight: $(xl sched-credit2 -d 0 2>/dev/null | tail -1 || true)"
 for S in $XENLAB_SCENARIOS; do backend $S; cfg $S; done
-for S in $XENLAB_SCENARIOS; do wait_for 60 test -S /run/vhost-user/lab-$S/51712.sock || t "back-end $S: no socket"; done
+for S in $XENLAB_SCENARIOS; do wait_for 60 test -S /run/vhost-user/lab-$S/$DEVID.sock || t "back-end $S: no socket"; done
 # trace the backend directory (what libxl, the dispatcher and the daemon write, in order) for the log
-xenstore-watch /local/domain/0/backend/virtio_disk 2>/dev/null | while read -r p tok; do
+xenstore-watch /local/domain/0/backend/$KIND 2>/dev/null | while read -r p tok; do
   echo "XS-TRACE $(up) $p = $(xenstore-read $p 2>&1 | head -c 60)"; done &
 XSW=$!
 # every instance's log, as it is written (the verdict reads the DAEMON lines; a stall shows where)
@@ -312,7 +347,8 @@ for S in $XENLAB_SCENARIOS; do created $S; done
 ALL=1
 for S in $XENLAB_SCENARIOS; do
   served_io $S 1; IO=$?
-  check $S image-has-pattern $(yes01 test $IO = 0) "$(cat /tmp/io-$S-1.txt)"
+  C=image-has-pattern; [ "$(be_kind $S)" = testpmd ] && C=net-frames
+  check $S $C $(yes01 test $IO = 0) "$(cat /tmp/io-$S-1.txt)"
   [ $IO = 0 ] || ALL=0
   status_line $S
 done
