@@ -15,9 +15,10 @@ STATUS = ('[  325.7] XENLAB-X86-STATUS-IO-END {{"devices":[{{"devid":0,"base":"P
           '"ioreqs":{{"served":449,"per_vcpu":{per_vcpu}}}}}')
 COMMON = [
     "[   62.1] XENLAB-X86-T 42.20 daemon serving",
-    "[   62.0] XENLAB-X86-DAEMON INFO xen_vhost_master: dom1: QEMU's PCI functions (00:00, 00:01, 00:02) leave slot(s) 00:04 free",
+    "[   62.0] XENLAB-X86-DAEMON INFO xen_vhost_master: dom1: QEMU's PCI functions (00:00, 00:01, 00:02, 00:06) leave slot(s) 00:04 free",
     "[   55.0] XENLAB-X86-CONFLICT ERROR xen_vhost_master: dom1: configuration error: device 0 (transport=pci, "
-    "bdf=00:02.0): slot 00:02 is QEMU's (the guest's device model): 00:02.0 5853:0001 (Class ff80); choose a free slot",
+    "bdf=00:06.0): slot 00:06 is QEMU's (the guest's device model): 00:06.0 8086:100e (Ethernet controller); "
+    "choose a free slot",
     "[   55.1] XENLAB-X86-CONFLICT-RC 78 errors=1",
     "[  287.5] XENLAB-X86-DOMU| DOMU-INIT uptime=15.2",
     "[  311.0] XENLAB-X86-DOMU| DOMU-VIRTIO virtio0 device=0x0002 vendor=0x1af4 status=0x0000000f features=011 driver=virtio_blk",

@@ -20,9 +20,9 @@ check function-bound-virtio-pci 'DOMU-FN 00:04.0 driver=virtio-pci '
 check virtio-blk-driver-ok 'DOMU-VIRTIO virtio[0-9]+ device=0x0002 .* status=0x0000000f .*driver=virtio_blk'
 check domu-io 'DOMU-IO-OK '
 check image-has-pattern 'XENLAB-X86-CHECK image-has-pattern ok'
-# the slot check against QEMU's devices (QMP query-pci): 00:04 free, 00:02 (Xen's platform device) refused
-check qemu-slots-checked "XENLAB-X86-DAEMON .*QEMU's PCI functions \(00:00, 00:01, 00:02\) leave slot\(s\) 00:04 free"
-check qemu-slot-conflict-refused "XENLAB-X86-CONFLICT .*ERROR .*bdf=00:02.0\): slot 00:02 is QEMU's"
+# the slot check against QEMU's devices (QMP query-pci): 00:04 free, 00:06 (QEMU's e1000) refused
+check qemu-slots-checked "XENLAB-X86-DAEMON .*QEMU's PCI functions \(00:00, 00:01, 00:02, 00:06\) leave slot\(s\) 00:04 free"
+check qemu-slot-conflict-refused "XENLAB-X86-CONFLICT .*ERROR .*bdf=00:06.0\): slot 00:06 is QEMU's .*8086:100e"
 check qemu-slot-conflict-exit-78 'XENLAB-X86-CONFLICT-RC 78 errors=1$'
 case "$S" in
   pci-qsd*) check backend-qsd 'XENLAB-X86-QSD qemu-storage-daemon version'

@@ -37,6 +37,9 @@ case "$XENLAB_X86_SCENARIO" in
 esac
 echo "XENLAB-X86-SCENARIO name=$XENLAB_X86_SCENARIO daemon=$DAEMON backend=$BACKEND vcpus=$VCPUS cmdline=$XENLAB_X86_DOMU_CMDLINE"
 SER=/var/log/xen/domu-serial.log
+# the daemon's scenarios: one more of QEMU's devices, an e1000 NIC (no network, no option ROM) in
+# slot 00:06, which the daemon must not claim (its slot check, QMP query-pci)
+DM_ARGS=; [ $DAEMON = 1 ] && DM_ARGS='device_model_args_hvm = [ "-device", "e1000,addr=0x6,romfile=" ]'
 mkdir -p /etc/xen
 cat > /etc/xen/hvm1.cfg <<CFG
 name = "hvm1"
@@ -56,6 +59,7 @@ boot = "c"
 on_poweroff = "destroy"
 on_reboot = "destroy"
 on_crash = "preserve"
+$DM_ARGS
 CFG
 wait_for() {  # seconds command...: poll every 0.5 s
   local s=$1 n=0; shift
@@ -87,10 +91,10 @@ sed 's/^/XENLAB-X86-XLCREATE /' /tmp/xl-create.log | tail -40
 xl list | sed 's/^/XENLAB-X86-XLLIST /'
 DOMID=$(xl domid hvm1 2>/dev/null || echo none)
 if [ $DAEMON = 1 ]; then
-  # a function in a slot of QEMU's (00:02.0, the Xen platform device): refused in one line, exit 78,
-  # before anything is claimed (the daemon asks QEMU's QMP socket, query-pci)
+  # a function in the slot of QEMU's e1000 (00:06.0, device_model_args_hvm): refused in one line,
+  # exit 78, before anything is claimed (the daemon asks QEMU's QMP socket, query-pci)
   xen-vhost-master serve --domid $DOMID --guest-arch x86_64 --runtime-dir /run/xvm-hvm1-conflict \
-    --device type=blk,transport=pci,bdf=00:02.0,socket=$SOCK > /tmp/daemon-conflict.log 2>&1; crc=$?
+    --device type=blk,transport=pci,bdf=00:06.0,socket=$SOCK > /tmp/daemon-conflict.log 2>&1; crc=$?
   sed 's/^/XENLAB-X86-CONFLICT /' /tmp/daemon-conflict.log | tail -5
   echo "XENLAB-X86-CONFLICT-RC $crc errors=$(grep -c ERROR /tmp/daemon-conflict.log)"
   xen-vhost-master serve --domid $DOMID --guest-arch x86_64 -vv --runtime-dir /run/xvm-hvm1 \
