@@ -16,7 +16,7 @@ bash "$H/mk-initramfs.sh" "$A" "$INITRD"
 echo "== xenlab-x86: booting, log $LOG (load: $(cut -d' ' -f1-3 /proc/loadavg))" >&2
 rc=0
 nice -n "${XENLAB_X86_NICE:-15}" python3 "$H/boot.py" "$A" "$INITRD" "$LOG" \
-  --timeout "${XENLAB_X86_TIMEOUT:-1500}" ${XENLAB_X86_BOOT_ARGS:-} || rc=$?
+  --timeout "${XENLAB_X86_TIMEOUT:-$([ -n "${XENLAB_X86_SCENARIO:-}" ] && echo 2100 || echo 1500)}" ${XENLAB_X86_BOOT_ARGS:-} || rc=$?
 [ -n "${XENLAB_X86_SCENARIO:-}" ] || exit $rc
 # the scenario's verdict (verdict.sh): every check printed, in the log too; any failed check fails the run
 vrc=0
