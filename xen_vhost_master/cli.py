@@ -219,6 +219,10 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                         "root and the daemon's own user (checked with SO_PEERCRED); may be repeated")
     p.add_argument("--backend-domid", type=int, default=0, help="the domain this daemon runs in (default 0)")
     p.add_argument("--guest-arch", choices=["arm64", "x86_64"], help="guest memory layout (default: the host's)")
+    p.add_argument("--qmp-socket", metavar="PATH",
+                   help="QEMU's QMP socket: transport=pci functions in a slot of one of QEMU's devices are refused "
+                        "(default /var/run/xen/qmp-libxl-<domid>, libxl's; not checked when there is none; "
+                        "'' never asks)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
 
 
@@ -316,6 +320,7 @@ def _options(args: argparse.Namespace, guest: GuestDomain) -> Options:
         status_socket=os.path.join(runtime, "status.sock"),
         state_file=os.path.join(runtime, "state.json"),
         guest_arch=args.guest_arch,
+        qmp_socket=args.qmp_socket,
         backend_uids=tuple(uids),
     )
 

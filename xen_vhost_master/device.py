@@ -495,13 +495,28 @@ class Device:
         else:
             self._unstore("inflight")
 
-    def _recorded(self, cfg: bool, offset: int) -> bool:
-        """The write changes what the session record holds of a virtio-mmio model (the device's
-        status, a queue's readiness). A PCI function's successor restores it from state.json."""
-        return not cfg and (offset == _REG_STATUS or offset == _REG_QUEUE_READY) and self._mmio_model
+    def _routing(self) -> int:
+        """A PCI function's count of interrupt routing changes (before a write: see :meth:`_recorded`)."""
+        return self.model.routing_changes if isinstance(self.model, VirtioPciDevice) else 0
+
+    def _recorded(self, cfg: bool, offset: int, routing: int) -> bool:
+        """The write changes what the session record holds of the model: a virtio-mmio model's
+        status or a queue's readiness; a running PCI function's interrupt routing (an MSI-X entry
+        the driver rewrites after DRIVER_OK, e.g. for a new CPU affinity: what it wrote before is
+        recorded when the device starts). ``routing``: :meth:`_routing` before the write (0 for
+        a virtio-mmio model, which has none)."""
+        if self._mmio_model:
+            return not cfg and (offset == _REG_STATUS or offset == _REG_QUEUE_READY)
+        model = self.model
+        return isinstance(model, VirtioPciDevice) and model.routing_changes != routing and bool(model.status & Status.DRIVER_OK)
 
     def _record_model(self) -> None:
-        """The driver-visible state, in the session record (a crash's successor resumes from it)."""
+        """The driver-visible state, in the session record (a crash's successor resumes from it):
+        a virtio-mmio model's in the record's fd; a PCI function's in the supervisor's state file,
+        which follows :attr:`changed`."""
+        if isinstance(self.model, VirtioPciDevice):
+            self.changed.set()
+            return
         if self._meta_fd is None or not isinstance(self.model, VirtioMmioDevice):
             return
         try:
@@ -914,8 +929,9 @@ class Device:
         self.stats.writes += 1
         if self._slow:
             return self._write_in_turn(cfg, offset, size, value)
+        routing = 0 if self._mmio_model else self._routing()
         actions = self._writes[cfg](offset, size, value)
-        if self._recorded(cfg, offset):
+        if self._recorded(cfg, offset, routing):
             self._record_model()
         if not actions:
             return None
@@ -955,8 +971,9 @@ class Device:
         self._slow += 1
         try:
             async with self._lock:
+                routing = 0 if self._mmio_model else self._routing()
                 actions = self._writes[cfg](offset, size, value)
-                if self._recorded(cfg, offset):
+                if self._recorded(cfg, offset, routing):
                     self._record_model()
                 await self._carry_out(actions)
         finally:

@@ -64,6 +64,7 @@ from .virtio_pci import snapshot as pci_snapshot
 from .xen.abi import DOMID_FIRST_RESERVED
 from .xen.evtchn import EventChannel
 from .xen.privcmd import PrivCmd
+from .xen.qmp import QMP_SOCKET_TEMPLATE, QmpError, query_pci
 from .xen.xenstore import XenbusState, XenstoreClient, XenstoreError, XsTransaction
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # every 2 s. In server mode each try is a wait of WAIT_BACKOFF_MAX s for the back-end to connect.
 WAIT_BACKOFF = 0.05
 WAIT_BACKOFF_MAX = 2.0
+QMP_TIMEOUT = 10.0  # QEMU's monitor answering query-pci (a dom0 under load, QEMU busy starting the guest)
 CONNECT_TIMEOUT = 5.0  # one connect() to an AF_UNIX path: it works at once or the backlog is full
 # connect() errors that mean "no back-end there yet" (no socket file, or nobody listening on it)
 _ABSENT = {errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN}
@@ -98,6 +100,7 @@ class Options:
     state_file: str | None = None  # what a restarted daemon needs to take over a running guest
     backend_uids: tuple[int, ...] = ()  # besides our own uid and root, who may be a back-end
     guest_arch: str | None = None  # arm64 | x86_64; default: the platform's (Platform.guest_arch)
+    qmp_socket: str | None = None  # QEMU's QMP socket, to check PCI slots against; None: libxl's, "": not asked
 
 
 @dataclass
@@ -335,6 +338,8 @@ class Supervisor:
         if pci and self._arch() != "x86_64":
             raise ConfigError(f"device {pci[0].devid} is transport=pci: virtio-pci functions are served to x86 HVM "
                               f"guests (--guest-arch x86_64), this guest is {self._arch()}")
+        if pci and not self.ioreq.adopted:  # (a server taken over had its slots checked when it claimed them)
+            await self._check_qemu_slots(pci)
         # xen-vhost-frontend: grant space as large as the guest's RAM; with RAM not where the layout
         # expects it (e.g. a UML guest at 0), up to its top frame. Asked now: once restricted,
         # privcmd only takes dm_op and foreign mappings (IOCTL_PRIVCMD_RESTRICT).
@@ -358,6 +363,34 @@ class Supervisor:
             await self._start_status_socket(self.opt.status_socket)
         for served in self.devices.values():  # run once READY=1 is out (no await before it)
             self._launch(served)
+
+    async def _check_qemu_slots(self, pci: list[DeviceConfig]) -> None:
+        """Refuse (ConfigError) a function in a slot of one of QEMU's devices: Xen would route
+        that function's configuration space to us and take it away from the guest's device model.
+        QEMU is asked over its QMP socket (xen/qmp.py); without one the slots are not checked."""
+        path = QMP_SOCKET_TEMPLATE.format(domid=self.domid) if self.opt.qmp_socket is None else self.opt.qmp_socket
+        if not path:
+            return
+        self._starting("asking QEMU for its PCI functions")
+        try:
+            theirs = await query_pci(path, QMP_TIMEOUT)
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            self.log.info("no QEMU monitor at %s (%s): PCI slots not checked against QEMU's devices", path,
+                          e.strerror or e)
+            return
+        except (OSError, QmpError, TimeoutError) as e:
+            self.log.warning("QEMU's monitor at %s did not list its PCI functions (%s): PCI slots not checked "
+                             "against QEMU's devices", path, str(e) or f"no answer in {QMP_TIMEOUT:g} s")
+            return
+        for cfg in pci:
+            slot = cfg.bdf >> 3
+            taken = [f for f in theirs if f.bus == 0 and f.slot == slot]
+            if taken:
+                raise ConfigError(f"device {cfg.devid} (transport=pci, bdf=00:{slot:02x}.{cfg.bdf & 7}): slot 00:{slot:02x} "
+                                  f"is QEMU's (the guest's device model): {', '.join(map(str, taken))}; choose a free slot")
+        used = sorted({f.slot for f in theirs if f.bus == 0})
+        self.log.info("QEMU's PCI functions (%s) leave slot(s) %s free", ", ".join(f"00:{s:02x}" for s in used),
+                      ", ".join(f"00:{c.bdf >> 3:02x}" for c in pci))
 
     def _take_kept(self) -> None:
         """The back-end connections handed to this process (fdstore.py: by the service manager

@@ -206,6 +206,10 @@ class VirtioPciDevice(VirtioCore):
     _pending: int = field(init=False, default=0)
     _mapped: int | None = field(init=False, default=None)
     _intx: bool = field(init=False, default=False)
+    # counts the driver's changes to where and whether interrupts go: an MSI-X table entry's bytes,
+    # MSI-X enable and function mask, the command register's INTx disable (what a successor must
+    # restore from the snapshot to deliver as the driver expects)
+    routing_changes: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -358,8 +362,10 @@ class VirtioPciDevice(VirtioCore):
         actions: list[PciAction] = []
         actions += self._remap()
         if (self.msix_enabled, self.msix_function_masked) != msix_before:
+            self.routing_changes += 1
             actions += self._msix_changed()
         elif bool(self.command & PCI_COMMAND_INTX_DISABLE) != intx_disabled_before:
+            self.routing_changes += 1
             actions += self._update_intx()
         return actions
 
@@ -649,6 +655,7 @@ class VirtioPciDevice(VirtioCore):
     def _table_write(self, offset: int, size: int, value: int) -> list[PciAction]:
         if size not in (4, 8) or offset % size:
             return [GuestError(f"MSI-X table write at {offset:#x} of size {size}: aligned 4 or 8 bytes")]
+        before = bytes(self._table[offset : offset + size])
         for i, byte in enumerate(value.to_bytes(size, "little")):
             at = offset + i
             if at % PCI_MSIX_ENTRY_SIZE >= 12:  # Vector Control: only the mask bit is writable
@@ -658,6 +665,8 @@ class VirtioPciDevice(VirtioCore):
             if at % PCI_MSIX_ENTRY_SIZE == 0:
                 byte &= 0xFC  # Message Address bits 1:0 are zero (DWORD aligned)
             self._table[at] = byte
+        if self._table[offset : offset + size] != before:
+            self.routing_changes += 1
         return self._deliver_pending()
 
     def _pba_read(self, offset: int, size: int) -> tuple[int, list[PciAction]]:

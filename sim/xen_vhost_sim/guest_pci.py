@@ -113,6 +113,8 @@ class VirtioPciDriver(VirtioMmioDriver):
         self.msix_cap = 0
         self.msix_vectors = 0
         self.msix_on = False
+        self.msix_table = 0  # the table's guest-physical address once MSI-X is enabled
+        self.msi_data: list[int] = []  # each vector's Message Data, as programmed
         self.notify_off: dict[int, int] = {}
         self._vector_tasks: list[asyncio.Task[None]] = []
 
@@ -238,6 +240,7 @@ class VirtioPciDriver(VirtioMmioDriver):
             raise ProbeError(f"MSI-X table in BAR{bar}, which is not assigned")
         base = self.bars[bar][0] + (table & ~7)
         await self.cfg_write(self.msix_cap + 2, 2, control | 0xC000)
+        self.msix_table, self.msi_data = base, [MSI_VECTOR_BASE + v for v in range(vectors)]
         for v in range(vectors):
             entry = base + 16 * v
             await self.mem_write(entry, 4, MSI_ADDRESS)
@@ -417,11 +420,24 @@ class VirtioPciDriver(VirtioMmioDriver):
             self._harvest(list(self.queues.values()))
         return bits
 
+    async def retarget_vector(self, vector: int, data: int) -> None:
+        """Move a running vector to another Message Data, as Linux does on a new CPU affinity
+        (``__pci_write_msi_msg``: the entry rewritten while the device runs): the handler waits
+        for the new message from before the entry says it."""
+        if not self.msix_on or not 0 <= vector < len(self._vector_tasks):
+            raise GuestDriverError(f"vector {vector} is not running")
+        old = self._vector_tasks[vector]
+        self.msi_data[vector] = data
+        self._vector_tasks[vector] = asyncio.create_task(self._serve_vector(vector), name=f"virtio-pci-msi{vector}")
+        await self.mem_write(self.msix_table + 16 * vector + 8, 4, data)
+        await cancel_and_wait(old)
+
     async def _serve_vector(self, vector: int) -> None:
         """One MSI-X vector's handler: 0 config changes (``vp_config_changed``), i+1 queue i."""
+        data = self.msi_data[vector]
         while True:
             try:
-                await self.pci.wait_msi(MSI_ADDRESS, MSI_VECTOR_BASE + vector)
+                await self.pci.wait_msi(MSI_ADDRESS, data)
             except ConnectionError:
                 return  # the simulated machine went away
             self.interrupts += 1

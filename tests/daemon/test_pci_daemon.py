@@ -436,3 +436,56 @@ async def test_a_functions_kicks_go_through_the_kernel_fast_path_and_follow_its_
             privcmd.close()
             backend.cancel()
             await asyncio.gather(backend, return_exceptions=True)
+
+
+@pytest.mark.asyncio
+async def test_an_msix_entry_rewritten_after_driver_ok_survives_a_daemon_crash(sim_host, sim_control, sim_dir,
+                                                                                tmp_path):
+    """The running driver moves queue 0's vector to another message (Linux does on a new CPU
+    affinity); the daemon records it in its state file; it is SIGKILLed, the next process adopts the
+    guest and interrupts with the new message: the driver, never reset, completes its I/O."""
+    import json
+
+    from test_lifecycle_matrix import Daemon as Program
+
+    sim_control.create_domain(DOMID, mem_bytes=64 << 20, vcpus=2, arch="x86_64")
+    sock = os.path.join(sim_dir, "blk.sock")
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    daemon = Program(sim_host.path, DOMID, run, f"type=blk,transport=pci,bdf=00:{DEV:02x}.0,socket={sock}", "auto",
+                     tmp_path / "daemon.log")
+    daemon.cmd += ["--guest-arch", "x86_64", "--qmp-socket", ""]
+    backend = Backend(sock)
+    await backend.start()
+    guest = await SimGuest.connect(sim_host.path, DOMID)
+    try:
+        daemon.start()
+        await daemon.wait_log("serving virtio device")
+        driver, blk = await disk_io(guest, msix=True, check=lambda o, d: None)
+
+        def table() -> bytes:
+            (device,) = json.loads((run / "state.json").read_text())["devices"].values()
+            return bytes.fromhex(device["pci"]["msix_table"])
+
+        before = table()
+        await driver.retarget_vector(1, 0x41)  # vector 1: queue 0's (same address, the new CPU's vector)
+        async with asyncio.timeout(TIMEOUT):
+            while table() == before:
+                await asyncio.sleep(0.01)  # (the state file is written by the daemon's task; no event to wait on)
+        assert table()[16 + 8] == 0x41
+        await daemon.kill()
+        mark = daemon.mark()
+        daemon.restart()
+        await daemon.wait_log("taking over", mark)
+        await daemon.wait_log("serving virtio device", mark)
+        interrupts = driver.interrupts
+        data = random.Random(7).randbytes(64 << 10)
+        await asyncio.wait_for(blk.write(4096, data), TIMEOUT)  # completed only if the MSI comes as 0x41
+        assert await asyncio.wait_for(blk.read(4096, len(data) // 512), TIMEOUT) == data
+        assert driver.interrupts > interrupts
+        assert [MSI_ADDRESS, 0x41] in sim_control.domain_info(DOMID)["msis"]
+        await asyncio.wait_for(blk.close(), TIMEOUT)
+    finally:
+        guest.close()
+        await daemon.stop()
+        await backend.stop()

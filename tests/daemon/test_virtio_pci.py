@@ -543,3 +543,25 @@ def test_a_xen_pirq_message_is_sent_though_its_entry_was_never_unmasked():
     # a message with a vector is held by its mask bit, as ever
     dev.bar_write(table + 16 + 8, 4, 0x41)
     assert dev.used_buffer(0) == [] and dev.pending(1)
+
+
+def test_routing_changes_count_what_moves_interrupts_and_nothing_else():
+    # Device (device.py) saves a running function's state file when this count moves: an MSI-X
+    # entry rewritten (a new CPU affinity), MSI-X enable / function mask, INTx disable
+    dev = make()
+    drv = Driver(dev)
+    drv.bring_up(msix=False)
+    table = cr(dev, drv.msix + 4) & ~7
+    n = dev.routing_changes
+    dev.bar_write(table + 8, 4, 0x41)
+    assert dev.routing_changes == n + 1
+    dev.bar_write(table + 8, 4, 0x41)  # the same bytes again
+    assert dev.routing_changes == n + 1
+    dev.bar_write(table + 12, 4, 0)  # unmask
+    assert dev.routing_changes == n + 2
+    cw(dev, drv.msix + 2, 2, 0x8000)  # MSI-X enable
+    assert dev.routing_changes == n + 3
+    drv.common_wr(Common.QUEUE_SELECT, 2, 0)
+    dev.used_buffer(0)
+    dev.bar_read(table, 4)
+    assert dev.routing_changes == n + 3  # interrupts, reads, selects: no change of routing

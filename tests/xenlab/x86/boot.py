@@ -40,6 +40,7 @@ def main() -> int:
     ap.add_argument("log")
     ap.add_argument("--timeout", type=float, default=1200.0)
     ap.add_argument("--cpu", default="max,-smap,-smep,-rdtscp")
+    ap.add_argument("--accel", default="tcg,thread=multi", help="QEMU's -accel (tcg,thread=single: one host thread)")
     ap.add_argument("--smp", type=int, default=2)
     ap.add_argument("--mem", type=int, default=2048)
     ap.add_argument("--xen-args", default="")
@@ -53,7 +54,7 @@ def main() -> int:
     # QEMU's multiboot modules: "file args,file args" (a comma inside an argument is doubled)
     modules = f"{a.art}/vmlinuz {dom0_cmd},{a.initramfs}"
     argv = [
-        "qemu-system-x86_64", "-machine", "pc", "-accel", "tcg,thread=multi",
+        "qemu-system-x86_64", "-machine", "pc", "-accel", a.accel,
         "-cpu", a.cpu, "-smp", str(a.smp), "-m", str(a.mem),
         "-display", "none", "-no-reboot", "-serial", "stdio", "-monitor", "none",
         "-net", "none", "-kernel", f"{a.art}/xen", "-append", xen_cmd, "-initrd", modules,

@@ -4,7 +4,8 @@
 #   xen-hypervisor-4.17-amd64 (xen.gz, gunzipped: the 32-bit multiboot ELF that QEMU's -kernel loads),
 #   linux-image-amd64 (dom0 and domU kernel, the few Xen modules dom0 needs),
 #   the dom0 userland: xen-utils-4.17 (xl, hvmloader), xenstore-utils, qemu-system-xen (the HVM
-#   guest's device model, SeaBIOS and the linuxboot option ROM for direct kernel boot), busybox-static.
+#   guest's device model, SeaBIOS and the linuxboot option ROM for direct kernel boot), busybox-static,
+#   qemu-system-common (qemu-storage-daemon: the vhost-user-blk back-end of the pci-qsd scenarios).
 # A private apt state under the cache ($C/apt: bookworm + bookworm-security, amd64) answers every
 # question: the host's apt sources, lists, lock and architectures are neither read nor changed.
 # Cache: ${XENLAB_X86_CACHE:-/var/cache/xen-vhost-master-lab-x86}/<key>/, key = hash of the versions.
@@ -51,8 +52,8 @@ fi
 ver() { ac policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: //p' | head -1; }
 KPKG=$(ac depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*\).*/\1/p' | head -1 || true)
 [ -n "$KPKG" ] || cant "bookworm's apt lists do not know linux-image-amd64"
-PKGS="$KPKG xen-hypervisor-4.17-amd64 xen-utils-4.17 xenstore-utils qemu-system-xen busybox-static libc-bin python3"
-VERS=$(for p in $PKGS; do printf '%s=%s ' "$p" "$(ver "$p")"; done; echo "x86lab=2")
+PKGS="$KPKG xen-hypervisor-4.17-amd64 xen-utils-4.17 xenstore-utils qemu-system-xen busybox-static libc-bin python3 qemu-system-common"
+VERS=$(for p in $PKGS; do printf '%s=%s ' "$p" "$(ver "$p")"; done; echo "x86lab=3")
 KEY=$(echo "$VERS" | sha256sum | cut -c1-16)
 A=$C/$KEY
 mkdir -p "$A"; echo "$VERS" > "$A/versions.txt"
@@ -81,6 +82,7 @@ if [ ! -f "$A/rootfs.done" ]; then
   for m in $KMODS; do [ -f "$R/lib/modules/$KV/kernel/$m" ] && cp "$R/lib/modules/$KV/kernel/$m" "$A/modules/"; done
   mkdir -p "$A/domu-modules"
   for m in $DOMU_KMODS; do [ -f "$R/lib/modules/$KV/kernel/$m" ] && cp "$R/lib/modules/$KV/kernel/$m" "$A/domu-modules/"; done
+  [ -x "$R/usr/bin/qemu-storage-daemon" ] || cant "no /usr/bin/qemu-storage-daemon in bookworm's qemu-system-common"
   rm -rf "$R"/boot "$R"/lib/modules "$R"/lib/firmware "$R"/usr/share/{doc,man,locale,info,bash-completion} \
          "$R"/var/cache/apt "$R"/var/lib/apt/lists "$R"/usr/lib/python3*/test
   touch "$A/rootfs.done"
