@@ -219,6 +219,9 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                         "root and the daemon's own user (checked with SO_PEERCRED); may be repeated")
     p.add_argument("--backend-domid", type=int, default=0, help="the domain this daemon runs in (default 0)")
     p.add_argument("--guest-arch", choices=["arm64", "x86_64"], help="guest memory layout (default: the host's)")
+    p.add_argument("--no-kernel-fast-path", action="store_true",
+                   help="relay every notification in user space even where privcmd offers ioeventfd/irqfd "
+                        "(Linux >= 6.7, CONFIG_XEN_PRIVCMD_EVENTFD)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
 
 
@@ -317,6 +320,7 @@ def _options(args: argparse.Namespace, guest: GuestDomain) -> Options:
         state_file=os.path.join(runtime, "state.json"),
         guest_arch=args.guest_arch,
         backend_uids=tuple(uids),
+        kernel_fast_path=not args.no_kernel_fast_path,
     )
 
 
