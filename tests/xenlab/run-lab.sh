@@ -7,7 +7,8 @@
 #        (default: pyblk qsd grant; `make test-xen-full`: every scenario), XENLAB_DOM0_KERNEL (xenlab:
 #        the lab's kernel with the privcmd fast path, the default; debian: Debian's), XENLAB_TIMEOUT (s, default 1200), XENLAB_BENCH=1 (`make bench-xen`: the
 #        benchmark boot instead of the checks; XENLAB_BENCH_OUT, default ./bench-xen-results.json),
-#        XENLAB_TERM_SIGNAL (TERM: the signal the SIGTERM step sends; KILL shows its checks failing)
+#        XENLAB_TERM_SIGNAL (TERM: the signal the SIGTERM step sends; KILL or STOP show its checks failing),
+#        XENLAB_QSD_QUEUES (2: the qsd scenario's export queues; 1 shows multi-queue failing)
 # exit: 0 pass, 1 fail (the log's tail is printed), 3 the lab cannot be built here (reason printed):
 #       both are failures of `make test` (XENLAB=0 is the one way to leave the lab out)
 set -euo pipefail

@@ -53,15 +53,17 @@ backend() {  # scenario
   S=$1; NAME=${XENLAB_PREFIX:-lab}-$S; IMG=/root/disk-$S.img; DIR=/run/vhost-user/$NAME; SOCK=$DIR/51712.sock
   dd if=/dev/zero of=$IMG bs=1M count=${XENLAB_DISK_MB:-16} 2>/dev/null
   mkdir -p $DIR
+  # multi-queue blk: the qsd scenario's export has one queue per guest vCPU (XENLAB_QSD_QUEUES)
+  Q=1; [ "$S" = qsd ] && [ "${XENLAB_BENCH:-0}" != 1 ] && Q=${XENLAB_QSD_QUEUES:-2}
   case $(be_kind $S) in
     pyblk) python3 -m xen_vhost_master.backend.blk --socket $SOCK --image $IMG > /tmp/backend-$S.log 2>&1 & ;;
     qsd)   qemu-storage-daemon --blockdev driver=file,node-name=file0,filename=$IMG,cache.direct=off \
              --blockdev driver=raw,node-name=disk0,file=file0 \
-             --export type=vhost-user-blk,id=exp0,node-name=disk0,writable=on,addr.type=unix,addr.path=$SOCK \
+             --export type=vhost-user-blk,id=exp0,node-name=disk0,writable=on,num-queues=$Q,addr.type=unix,addr.path=$SOCK \
              > /tmp/backend-$S.log 2>&1 & ;;
   esac
   echo $! > /tmp/backend-$S.pid
-  t "back-end $S pid $(cat /tmp/backend-$S.pid) on $SOCK"
+  t "back-end $S pid $(cat /tmp/backend-$S.pid) on $SOCK queues=$Q"
 }
 
 cfg() {  # scenario
@@ -167,6 +169,7 @@ term_guest() {  # scenario: SIGTERM to the guest's instance while the guest live
   ALIVE=$(ps -o args 2>/dev/null | grep -c -E "[x]en_vhost_master --domain=$D( |\$)")
   check $S term-not-restarted $(yes01 sh -c "[ $NOW = $STARTS ] && [ $ALIVE = 0 ]") "starts_before=$STARTS after=$NOW instances_for_domain=$ALIVE"
   grep -E "DOMU-(HB|LOOP-ERR)" $CONSOLE/guest-$NAME.log | tail -3 | prefix "TERM[$S]"
+  [ "$SIG" != STOP ] || [ -z "$P" ] || kill -CONT $P   # a hung instance (STOP) is let go for the teardown
 }
 
 reboot_guest() {  # scenario: xl reboot, a new domid, served again, I/O again
