@@ -16,7 +16,7 @@ H=$(cd "$(dirname "$0")" && pwd)
 TREE=$(cd "$H/../.." && pwd)
 export XENLAB_CACHE=${XENLAB_CACHE:-/var/cache/xen-vhost-master-lab}
 t0=$(date +%s); step() { echo "== xenlab [$(( $(date +%s) - t0 ))s] $*" >&2; }
-if [ "${XENLAB_BENCH:-0}" = 1 ]; then export XENLAB_SCENARIOS=${XENLAB_SCENARIOS:-pyblk qsd}
+if [ "${XENLAB_BENCH:-0}" = 1 ]; then export XENLAB_SCENARIOS=${XENLAB_SCENARIOS:-pyblk fastpath qsd}
 else export XENLAB_SCENARIOS=${XENLAB_SCENARIOS:-pyblk qsd grant}; fi
 set +e
 OUT=$("$H/prepare.sh")

@@ -43,7 +43,8 @@ ilog_has() { grep -q "$2" "$(ilog $1)" 2>/dev/null; }
 # --- scenarios: the back-end, and whether the guest grants its buffers -------------------------
 # pyblk, qsd: Debian's domU kernel (no CONFIG_XEN_VIRTIO: guest-physical addresses in its rings);
 # grant, grantmmap: the lab's kernel (CONFIG_XEN_VIRTIO_FORCE_GRANT: grant addresses, xen_grant_dma).
-be_kind() { case $1 in pyblk|grantmmap) echo pyblk ;; *) echo qsd ;; esac; }
+# (make bench-xen's fastpath: pyblk's back-end, the instance on the kernel fast path; its pyblk relays)
+be_kind() { case $1 in pyblk|grantmmap|fastpath) echo pyblk ;; *) echo qsd ;; esac; }
 grants_of() { case $1 in grant|grantmmap) echo 1 ;; *) echo 0 ;; esac; }
 
 # --- back-ends: started by guest name, before any guest exists ---------------------------------
@@ -260,18 +261,25 @@ EOC
   grep DOMU-BENCH $CONSOLE/guest-$NAME.log | tr -d '\r' | prefix "BENCH[$S]"
   xl destroy $NAME; losetup -d $LOOP 2>/dev/null
   rm -f $PV $IMG   # dom0's root is its initramfs, in RAM: room for the next scenario's disks
-  prefix "DAEMON[$S]" < "$(ilog $NAME)" | grep -E "XEN_MMAP|shadow virtqueues|ioreq server" | head -5
+  prefix "DAEMON[$S]" < "$(ilog $NAME)" | grep -E "XEN_MMAP|shadow virtqueues|ioreq server|kernel fast path" | head -6
+}
+bench_args() {  # scenario: the instance's extra flags (pyblk: notifications relayed by the daemon even
+  # on a dom0 kernel with privcmd ioeventfd/irqfd; fastpath: left to that kernel)
+  case $1 in pyblk) echo --no-kernel-fast-path ;; esac
 }
 if [ "${XENLAB_BENCH:-0}" = 1 ]; then
   for m in loop xen-blkback; do insmod /lib/modules/xenlab/$m.ko 2>/dev/null || t "insmod $m failed"; done
   phy_script; mkdir -p $LOGS
   for S in $XENLAB_SCENARIOS; do XENLAB_PREFIX=bench XENLAB_DISK_MB=40 backend $S; done
   for S in $XENLAB_SCENARIOS; do wait_for 60 test -S /run/vhost-user/bench-$S/51712.sock || t "back-end $S: no socket"; done
-  xen-vhost-master watch --spawn --log-dir $LOGS > /tmp/watch.log 2>&1 &
-  WATCH=$!
-  wait_for 60 grep -q "watching" /tmp/watch.log || t "dispatcher: no 'watching' line"
-  for S in $XENLAB_SCENARIOS; do bench_guest $S; done
-  kill -TERM $WATCH; wait_for 20 dead $WATCH
+  for S in $XENLAB_SCENARIOS; do   # one dispatcher per guest: each scenario's instance flags
+    xen-vhost-master watch --spawn --log-dir $LOGS --instance-args "$(bench_args $S)" > /tmp/watch-$S.log 2>&1 &
+    WATCH=$!
+    wait_for 60 grep -q "watching" /tmp/watch-$S.log || t "dispatcher: no 'watching' line"
+    bench_guest $S
+    kill -TERM $WATCH; wait_for 20 dead $WATCH
+    cat /tmp/watch-$S.log >> /tmp/watch.log
+  done
   for S in $XENLAB_SCENARIOS; do kill -TERM $(cat /tmp/backend-$S.pid) 2>/dev/null; done
   kill $(cat /tmp/tails.pid) 2>/dev/null
   prefix WATCH < /tmp/watch.log | tail -20
