@@ -273,7 +273,7 @@ if [ "${XENLAB_BENCH:-0}" = 1 ]; then
   for S in $XENLAB_SCENARIOS; do XENLAB_PREFIX=bench XENLAB_DISK_MB=40 backend $S; done
   for S in $XENLAB_SCENARIOS; do wait_for 60 test -S /run/vhost-user/bench-$S/51712.sock || t "back-end $S: no socket"; done
   for S in $XENLAB_SCENARIOS; do   # one dispatcher per guest: each scenario's instance flags
-    xen-vhost-master watch --spawn --log-dir $LOGS --instance-args "$(bench_args $S)" > /tmp/watch-$S.log 2>&1 &
+    xen-vhost-master watch --spawn --log-dir $LOGS --instance-args="$(bench_args $S)" > /tmp/watch-$S.log 2>&1 &
     WATCH=$!
     wait_for 60 grep -q "watching" /tmp/watch-$S.log || t "dispatcher: no 'watching' line"
     bench_guest $S
