@@ -39,6 +39,7 @@ PATHS = {"pyblk": "daemon + XEN_MMAP back-end (pyblk), notifications relayed by 
          "qsd": "daemon + qemu-storage-daemon (shadow)"}
 for _t in TESTS:
     TARGETS[("fastpath", _t)] = TARGETS[("pyblk", _t)]
+_SHADOW = re.compile(r"DAEMON\[(\S+)\]\| .*: shadow virtqueues")
 _DAEMON = re.compile(r"DAEMON\[(\S+)\]\| .*kernel fast path (available|\(privcmd ioeventfd/irqfd\) not)")
 
 
@@ -62,13 +63,17 @@ class Phase:
 
 
 def fast_paths(text: str) -> dict[str, bool]:
-    """Per scenario, whether its instance said "kernel fast path available" (else "... not
-    available" or "... not used": relayed by the daemon)."""
+    """Per scenario, whether its device was on the kernel fast path: its instance said "kernel
+    fast path available" (else "... not available" or "... not used": relayed by the daemon) and
+    the device is a zero-copy one (a shadow path sees every kick and call itself)."""
     said: dict[str, bool] = {}
+    shadow: set[str] = set()
     for raw in text.splitlines():
         if m := _DAEMON.search(raw):
             said[m.group(1)] = m.group(2) == "available"
-    return said
+        elif m := _SHADOW.search(raw):
+            shadow.add(m.group(1))
+    return {name: on and name not in shadow for name, on in said.items()}
 
 
 def parse(text: str) -> dict[tuple[str, str, str], Phase]:
