@@ -223,6 +223,9 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    help="QEMU's QMP socket: transport=pci functions in a slot of one of QEMU's devices are refused "
                         "(default /var/run/xen/qmp-libxl-<domid>, libxl's; not checked when there is none; "
                         "'' never asks)")
+    p.add_argument("--no-kernel-fast-path", action="store_true",
+                   help="relay every notification in user space even where privcmd offers ioeventfd/irqfd "
+                        "(Linux >= 6.7, CONFIG_XEN_PRIVCMD_EVENTFD)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
 
 
@@ -322,6 +325,7 @@ def _options(args: argparse.Namespace, guest: GuestDomain) -> Options:
         guest_arch=args.guest_arch,
         qmp_socket=args.qmp_socket,
         backend_uids=tuple(uids),
+        kernel_fast_path=not args.no_kernel_fast_path,
     )
 
 

@@ -101,6 +101,7 @@ class Options:
     backend_uids: tuple[int, ...] = ()  # besides our own uid and root, who may be a back-end
     guest_arch: str | None = None  # arm64 | x86_64; default: the platform's (Platform.guest_arch)
     qmp_socket: str | None = None  # QEMU's QMP socket, to check PCI slots against; None: libxl's, "": not asked
+    kernel_fast_path: bool = True  # False: privcmd ioeventfd/irqfd left unused (--no-kernel-fast-path)
 
 
 @dataclass
@@ -431,6 +432,9 @@ class Supervisor:
         EPERM would mean "present") and logged; zero-copy devices then leave notifications to
         the kernel."""
         assert self.privcmd is not None and self.ioreq is not None and self.ioreq.page is not None
+        if not self.opt.kernel_fast_path:
+            self.log.info("kernel fast path (privcmd ioeventfd/irqfd) not used (--no-kernel-fast-path): user-space relay")
+            return
         if not self.privcmd.eventfd_ioctls_supported():
             self.log.info("kernel fast path (privcmd ioeventfd/irqfd) not available: user-space relay")
             return

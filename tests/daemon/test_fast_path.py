@@ -88,3 +88,62 @@ async def test_io_with_and_without_the_kernel_fast_path(sim_dir, kernel_mode):
             privcmd.close()
             backend.cancel()
             await asyncio.gather(backend, return_exceptions=True)
+
+
+@pytest.mark.parametrize("use", [True, False], ids=["default", "no-kernel-fast-path"])
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_the_daemon_leaves_the_kernel_fast_path_unused_when_told(platform, sim_host, sim_control, sim_dir, use):
+    """``--no-kernel-fast-path`` (Options.kernel_fast_path): on a kernel with privcmd
+    ioeventfd/irqfd, a zero-copy device's notifies and interrupts are relayed by the daemon, as on
+    a kernel without it (``make bench-xen`` compares both in one boot); by default the kernel takes them."""
+    from test_waiting_backend import running
+
+    from xen_vhost_master.config import parse_device_arg
+    from xen_vhost_master.supervisor import Options
+
+    assert sim_control.set_privcmd_eventfd("on") == "on"
+    domid = 5
+    sim_control.create_domain(domid, mem_bytes=32 << 20, vcpus=2)
+    disk = RamDiskBlk(4 << 20)
+    disk.xen_mapper = XenRegionMapper(SimKernel(sim_host.path))
+    sock = os.path.join(sim_dir, "blk.sock")
+    ready = asyncio.Event()
+    backend = asyncio.ensure_future(serve_unix(lambda: disk, sock, ready=ready.set))
+    try:
+        await asyncio.wait_for(ready.wait(), TIMEOUT)
+        cfg = parse_device_arg(f"type=blk,base={BASE:#x},irq={IRQ},socket={sock}")
+        opt = Options(domid=domid, devices=(cfg,), xenstore=False, guest_arch="arm64", kernel_fast_path=use)
+        async with running(platform, opt) as daemon:
+            guest = await SimGuest.connect(sim_host.path, domid)
+            try:
+                blk = await asyncio.wait_for(VirtioBlk.attach(guest, BASE, IRQ, GuestPageAllocator(guest.ram)), TIMEOUT)
+                data = random.Random(5).randbytes(64 << 10)
+                await asyncio.wait_for(blk.batch([BlkOp("write", 8, data=data)]), TIMEOUT)
+                (got,) = await asyncio.wait_for(blk.batch([BlkOp("read", 8, count=128)]), TIMEOUT)
+                assert got == data and bytes(disk.disk[8 * 512:8 * 512 + len(data)]) == data
+                status = daemon.sup.status()
+                shown = daemon.device(0)
+                assert shown["data_path"] == "xen-mmap"
+                assert status["kernel_fast_path"] is use
+                assert shown["kernel_queues"] == ([0] if use else [])
+                counters = sim_control.domain_info(domid)["fastpath"]
+                served = daemon.sup.devices[BASE].device.stats
+                if use:
+                    assert counters["ioeventfd_consumed"] > 0 and served.notifies == 0
+                else:
+                    assert counters["ioeventfd_consumed"] == 0 and served.notifies > 0 and served.interrupts > 0
+                await blk.close()
+            finally:
+                guest.close()
+    finally:
+        backend.cancel()
+        await asyncio.gather(backend, return_exceptions=True)
+
+
+@pytest.mark.parametrize(("argv", "use"), [([], True), (["--no-kernel-fast-path"], False)])
+def test_the_cli_flag_reaches_the_options(tmp_path, argv, use):
+    from xen_vhost_master import cli
+    from xen_vhost_master.instance import GuestDomain
+
+    args = cli.parse_args(["--domain", "5", "--config-dir", str(tmp_path), "--runtime-dir", str(tmp_path), *argv])
+    assert cli._options(args, GuestDomain(5, "g")).kernel_fast_path is use

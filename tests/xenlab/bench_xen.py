@@ -6,12 +6,15 @@
 (Several logs: the scenarios of several bench boots, e.g. XENLAB_SCENARIOS=qsd run on its own.)
 
 One domU per scenario, one after the other, each with two disks on the same dom0: ``vda`` virtio
-through the daemon and the scenario's back-end (``pyblk``: the project's XEN_MMAP back-end;
+through the daemon and the scenario's back-end (``pyblk``: the project's XEN_MMAP back-end, the
+daemon relaying every notification in user space (``--no-kernel-fast-path``); ``fastpath``: the same
+back-end with the queue's notifications left to the lab's dom0 kernel (privcmd ioeventfd/irqfd);
 ``qsd``: qemu-storage-daemon through shadow virtqueues), ``xvdb`` a Xen PV disk (blkfront/blkback
-over a loop device). The guest runs the same ``dd`` with O_DIRECT (one request per block, queue
-depth 1) on each: 1 MiB sequential write/read, 4 KiB write/read; dom0 reads its CPU counters at
-each phase's edges. Ratios are virtio throughput / blkback throughput in the same boot; the targets
-(issue 18) apply to the daemon + XEN_MMAP back-end.
+over a loop device), the anchor. The guest runs the same ``dd`` with O_DIRECT (one request per
+block, queue depth 1) on each: 1 MiB sequential write/read, 4 KiB write/read; dom0 reads its CPU
+counters at each phase's edges. Ratios are virtio throughput / blkback throughput in the same
+guest; the targets (issue 18) apply to the daemon + XEN_MMAP back-end. Each row says whether its
+instance was on the kernel fast path (its log line); a ``fastpath`` row that was not is incomplete.
 """
 
 from __future__ import annotations
@@ -31,7 +34,13 @@ TESTS = ("seqwrite-1M", "seqread-1M", "write-4k", "read-4k")
 # daemon + XEN_MMAP back-end against blkback (issue 18's real-Xen targets)
 TARGETS = {("pyblk", "seqwrite-1M"): 0.8, ("pyblk", "seqread-1M"): 0.8, ("pyblk", "write-4k"): 0.5,
            ("pyblk", "read-4k"): 0.5}
-PATHS = {"pyblk": "daemon + XEN_MMAP back-end (pyblk)", "qsd": "daemon + qemu-storage-daemon (shadow)"}
+PATHS = {"pyblk": "daemon + XEN_MMAP back-end (pyblk), notifications relayed by the daemon",
+         "fastpath": "daemon + XEN_MMAP back-end (pyblk), kernel fast path (privcmd ioeventfd/irqfd)",
+         "qsd": "daemon + qemu-storage-daemon (shadow)"}
+for _t in TESTS:
+    TARGETS[("fastpath", _t)] = TARGETS[("pyblk", _t)]
+_SHADOW = re.compile(r"DAEMON\[(\S+)\]\| .*: shadow virtqueues")
+_DAEMON = re.compile(r"DAEMON\[(\S+)\]\| .*kernel fast path (available|\(privcmd ioeventfd/irqfd\) not)")
 
 
 @dataclass
@@ -53,6 +62,20 @@ class Phase:
         return (e[counter] - b[counter]) / hz * 1e6 / self.ios
 
 
+def fast_paths(text: str) -> dict[str, bool]:
+    """Per scenario, whether its device was on the kernel fast path: its instance said "kernel
+    fast path available" (else "... not available" or "... not used": relayed by the daemon) and
+    the device is a zero-copy one (a shadow path sees every kick and call itself)."""
+    said: dict[str, bool] = {}
+    shadow: set[str] = set()
+    for raw in text.splitlines():
+        if m := _DAEMON.search(raw):
+            said[m.group(1)] = m.group(2) == "available"
+        elif m := _SHADOW.search(raw):
+            shadow.add(m.group(1))
+    return {name: on and name not in shadow for name, on in said.items()}
+
+
 def parse(text: str) -> dict[tuple[str, str, str], Phase]:
     phases: dict[tuple[str, str, str], Phase] = {}
     for raw in text.splitlines():
@@ -71,9 +94,10 @@ def _r(x: float | None, nd: int = 2) -> float | None:
     return None if x is None else round(x, nd)
 
 
-def rows(phases: dict[tuple[str, str, str], Phase]) -> list[dict[str, object]]:
+def rows(phases: dict[tuple[str, str, str], Phase], fast: dict[str, bool] | None = None) -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
-    for scenario in sorted({k[0] for k in phases}):
+    order = {name: i for i, name in enumerate(PATHS)}
+    for scenario in sorted({k[0] for k in phases}, key=lambda n: (order.get(n, len(order)), n)):
         for test in TESTS:
             v, b = phases.get((scenario, test, "vda")), phases.get((scenario, test, "xvdb"))
             vm, bm = (v.mbps() if v else None), (b.mbps() if b else None)
@@ -81,6 +105,7 @@ def rows(phases: dict[tuple[str, str, str], Phase]) -> list[dict[str, object]]:
             target = TARGETS.get((scenario, test))
             out.append({
                 "path": PATHS.get(scenario, scenario), "scenario": scenario, "test": test,
+                "kernel_fast_path": (fast or {}).get(scenario),
                 "virtio_MBps": _r(vm, 3), "blkback_MBps": _r(bm, 3), "ratio": _r(ratio, 3),
                 "virtio_ms_per_io": _r(v.ms / v.ios if v and v.ios else None, 2),
                 "blkback_ms_per_io": _r(b.ms / b.ios if b and b.ios else None, 2),
@@ -95,7 +120,7 @@ def rows(phases: dict[tuple[str, str, str], Phase]) -> list[dict[str, object]]:
 
 
 def table(result: list[dict[str, object]]) -> str:
-    cols = ("scenario", "test", "virtio_MBps", "blkback_MBps", "ratio", "target", "virtio_ms_per_io",
+    cols = ("scenario", "kernel_fast_path", "test", "virtio_MBps", "blkback_MBps", "ratio", "target", "virtio_ms_per_io",
             "blkback_ms_per_io", "dom0_cpu_us_per_io_virtio", "dom0_cpu_us_per_io_blkback", "instance_cpu_us_per_io",
             "backend_cpu_us_per_io")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -113,8 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     for path in a.log:
         with open(path, errors="replace") as f:
             text += f.read() + "\n"
-    result = rows(parse(text))
+    fast = fast_paths(text)
+    result = rows(parse(text), fast)
     complete = bool(result) and all(r["ratio"] is not None for r in result)
+    if any(r["scenario"] == "fastpath" for r in result) and fast.get("fastpath") is not True:
+        print("the fastpath guest's instance was not on the kernel fast path (Debian's dom0 kernel?)", file=sys.stderr)
+        complete = False
     with open(a.out, "w") as f:
         json.dump({"complete": complete, "rows": result,
                    "method": "dd O_DIRECT in the domU (QD1), one run each; ratio = virtio / blkback in the same boot; "

@@ -7,7 +7,8 @@
 #        (default: pyblk qsd grant, and net on Xen 4.20; `make test-xen-full`: every scenario), XENLAB_DOM0_KERNEL (xenlab:
 #        the lab's kernel with the privcmd fast path, the default; debian: Debian's), XENLAB_TIMEOUT (s, default 1200), XENLAB_BENCH=1 (`make bench-xen`: the
 #        benchmark boot instead of the checks; XENLAB_BENCH_OUT, default ./bench-xen-results.json),
-#        XENLAB_TERM_SIGNAL (TERM: the signal the SIGTERM step sends; KILL shows its checks failing),
+#        XENLAB_TERM_SIGNAL (TERM: the signal the SIGTERM step sends; KILL or STOP show its checks failing),
+#        XENLAB_QSD_QUEUES (2: the qsd scenario's export queues; 1 shows multi-queue failing),
 #        XENLAB_XEN (4.17 or 4.20; default: the host's Debian release's, see prepare.sh; 4.20's logs are
 #        in $XENLAB_CACHE/logs-4.20/, 4.17's in logs/), XENLAB_XEN_SRC (prepare.sh: an upstream Xen source),
 #        XENLAB_NET_FWD (the net scenario's testpmd forward mode, 5tswap; rxonly shows net-frames failing)
@@ -19,7 +20,7 @@ TREE=$(cd "$H/../.." && pwd)
 export XENLAB_CACHE=${XENLAB_CACHE:-/var/cache/xen-vhost-master-lab}
 t0=$(date +%s); step() { echo "== xenlab [$(( $(date +%s) - t0 ))s] $*" >&2; }
 GIVEN=${XENLAB_SCENARIOS:-}
-if [ "${XENLAB_BENCH:-0}" = 1 ]; then export XENLAB_SCENARIOS=${XENLAB_SCENARIOS:-pyblk qsd}
+if [ "${XENLAB_BENCH:-0}" = 1 ]; then export XENLAB_SCENARIOS=${XENLAB_SCENARIOS:-pyblk fastpath qsd}
 else export XENLAB_SCENARIOS=${XENLAB_SCENARIOS:-pyblk qsd grant}; fi
 set +e
 OUT=$("$H/prepare.sh")

@@ -95,6 +95,9 @@ def test_a_vcpu_whose_notifies_the_kernel_answers_needs_no_ioreq_of_the_daemon()
         (lambda t: t.replace("term-closed ok=1", "term-closed ok=0"), "term-closed"),
         (lambda t: "\n".join(ln for ln in t.splitlines() if "term-ioreq-destroyed" not in ln), "term-ioreq-destroyed"),
         (lambda t: t.replace("term-not-restarted ok=1", "term-not-restarted ok=0"), "term-not-restarted"),
+        # the guest stopped or panicked once its device model stopped under it
+        (lambda t: t.replace("term-guest-alive ok=1", "term-guest-alive ok=0"), "term-guest-alive"),
+        (lambda t: "\n".join(ln for ln in t.splitlines() if "term-guest-alive" not in ln), "term-guest-alive"),
     ],
 )
 def test_each_missing_fact_fails(edit: object, failed: str) -> None:
@@ -179,15 +182,49 @@ def test_on_xen_4_18_the_guests_device_tree_iommus_says_it_grants() -> None:
     assert [f.split(":")[0] for f in v.failures] == ["grant/grants"], v.failures
 
 
-def test_a_guest_that_died_under_a_stopped_daemon_is_reported_not_failed() -> None:
-    v = parse(GOOD.replace("term-guest-alive ok=1", "term-guest-alive ok=0"), ["pyblk"])
+def test_a_guest_that_died_under_a_stopped_daemon_fails_the_verdict() -> None:
+    v = parse(GOOD.replace("term-guest-alive ok=1 heartbeats_after=3", "term-guest-alive ok=0 heartbeats_after=0"),
+              ["pyblk"])
+    assert not v.ok
+    assert "FAIL pyblk     term-guest-alive         heartbeats_after=0" in v.summary()
+
+
+QSD = (GOOD.replace("pyblk", "qsd")
+       .replace("back-end maps guest memory itself (XEN_MMAP)", "shadow virtqueues")
+       .replace('"kernel_queues":[0],"calls":{}', '"kernel_queues":[],"kicks":{"0":300,"1":41},"calls":{"0":280,"1":40}')
+       .replace("DOMU[qsd]| DOMU-NCPU 2", "DOMU[qsd]| DOMU-NCPU 2\n"
+                "[   35.3] DOMU[qsd]| DOMU-MQ queues=2 cpus=0/1 runs=310,38"))
+
+
+def test_multi_queue_scenario_passes_with_a_queue_per_vcpu_each_kicked_and_called() -> None:
+    v = parse(QSD, ["qsd"])
     assert v.ok, v.failures
-    assert "WARN pyblk     term-guest-alive" in v.summary()
+    assert "guest_queues=2 queue_cpus=0/1" in v.scenarios["qsd"].checks["multi-queue"][1]
+    assert "multi-queue" not in parse(GOOD, ["pyblk"]).scenarios["pyblk"].checks  # one scenario of the kind
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda t: t.replace("DOMU-MQ queues=2 cpus=0/1 runs=310,38", "DOMU-MQ queues=1 cpus=0,1 runs=348"),  # one queue
+        lambda t: "\n".join(ln for ln in t.splitlines() if "DOMU-MQ" not in ln),
+        lambda t: t.replace("cpus=0/1", "cpus=0,1/0,1"),  # both queues serve the same CPUs
+        lambda t: t.replace("runs=310,38", "runs=348,0"),  # the guest never ran its second queue
+        lambda t: t.replace(',"1":41}', "}"),  # the daemon saw no kick on queue 1
+        lambda t: t.replace('"1":41', '"1":0'),
+        lambda t: t.replace(',"1":40}', "}"),  # no call of the back-end on queue 1 relayed
+        lambda t: t.replace("cpu=1 ok=1", "cpu=1 ok=0"),  # the I/O pinned to vCPU 1 read back something else
+    ],
+)
+def test_each_missing_multi_queue_fact_fails(edit: object) -> None:
+    v = parse(edit(QSD), ["qsd"])  # type: ignore[operator]
+    assert not v.ok
+    assert "qsd/multi-queue" in [f.split(":")[0] for f in v.failures], v.failures
 
 
 def test_term_checks_are_the_last_scenarios() -> None:
     """The SIGTERM step runs on the last scenario's guest: required there, not of the others."""
-    two = GOOD + GOOD.replace("pyblk", "qsd").replace("itself (XEN_MMAP)", "shadow virtqueues")
+    two = GOOD + QSD
     v = parse(two, ["pyblk", "qsd"])
     assert v.ok, v.failures
     v = parse("\n".join(ln for ln in two.splitlines() if "qsd term-exit" not in ln), ["pyblk", "qsd"])

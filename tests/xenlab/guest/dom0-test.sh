@@ -52,7 +52,8 @@ ilog_has() { grep -q "$2" "$(ilog $1)" 2>/dev/null; }
 # net: a virtio-net device (Xen >= 4.18's virtio = [...] only), dpdk-testpmd's net_vhost in dom0
 # forwarding each frame back with its MAC, IP addresses and ports swapped (5tswap), so the guest's
 # pings to a neighbour that does not exist are answered by its own kernel, through the back-end twice.
-be_kind() { case $1 in pyblk|grantmmap) echo pyblk ;; net) echo testpmd ;; *) echo qsd ;; esac; }
+# (make bench-xen's fastpath: pyblk's back-end, the instance on the kernel fast path; its pyblk relays)
+be_kind() { case $1 in pyblk|grantmmap|fastpath) echo pyblk ;; net) echo testpmd ;; *) echo qsd ;; esac; }
 grants_of() { case $1 in grant|grantmmap) echo 1 ;; *) echo 0 ;; esac; }
 
 # --- back-ends: started by guest name, before any guest exists ---------------------------------
@@ -61,11 +62,13 @@ backend() {  # scenario
   S=$1; NAME=${XENLAB_PREFIX:-lab}-$S; IMG=/root/disk-$S.img; DIR=/run/vhost-user/$NAME; SOCK=$DIR/$DEVID.sock
   dd if=/dev/zero of=$IMG bs=1M count=${XENLAB_DISK_MB:-16} 2>/dev/null
   mkdir -p $DIR
+  # multi-queue blk: the qsd scenario's export has one queue per guest vCPU (XENLAB_QSD_QUEUES)
+  Q=1; [ "$S" = qsd ] && [ "${XENLAB_BENCH:-0}" != 1 ] && Q=${XENLAB_QSD_QUEUES:-2}
   case $(be_kind $S) in
     pyblk) python3 -m xen_vhost_master.backend.blk --socket $SOCK --image $IMG > /tmp/backend-$S.log 2>&1 & ;;
     qsd)   qemu-storage-daemon --blockdev driver=file,node-name=file0,filename=$IMG,cache.direct=off \
              --blockdev driver=raw,node-name=disk0,file=file0 \
-             --export type=vhost-user-blk,id=exp0,node-name=disk0,writable=on,addr.type=unix,addr.path=$SOCK \
+             --export type=vhost-user-blk,id=exp0,node-name=disk0,writable=on,num-queues=$Q,addr.type=unix,addr.path=$SOCK \
              > /tmp/backend-$S.log 2>&1 & ;;
     # no hugepages (--no-huge: IOVA as VA; the daemon's shadow rings are the shared memory), both
     # lcores on dom0's second vCPU (the forwarding one polls), testpmd listening (client=0)
@@ -75,7 +78,7 @@ backend() {  # scenario
                < /dev/null > /tmp/backend-$S.log 2>&1 & ;;
   esac
   echo $! > /tmp/backend-$S.pid
-  t "back-end $S pid $(cat /tmp/backend-$S.pid) on $SOCK"
+  t "back-end $S pid $(cat /tmp/backend-$S.pid) on $SOCK queues=$Q"
 }
 
 cfg() {  # scenario
@@ -202,6 +205,7 @@ term_guest() {  # scenario: SIGTERM to the guest's instance while the guest live
   ALIVE=$(ps -o args 2>/dev/null | grep -c -E "[x]en_vhost_master --domain=$D( |\$)")
   check $S term-not-restarted $(yes01 sh -c "[ $NOW = $STARTS ] && [ $ALIVE = 0 ]") "starts_before=$STARTS after=$NOW instances_for_domain=$ALIVE"
   grep -E "DOMU-(HB|LOOP-ERR)" $CONSOLE/guest-$NAME.log | tail -3 | prefix "TERM[$S]"
+  [ "$SIG" != STOP ] || [ -z "$P" ] || kill -CONT $P   # a hung instance (STOP) is let go for the teardown
 }
 
 reboot_guest() {  # scenario: xl reboot, a new domid, served again, I/O again
@@ -292,18 +296,25 @@ EOC
   grep DOMU-BENCH $CONSOLE/guest-$NAME.log | tr -d '\r' | prefix "BENCH[$S]"
   xl destroy $NAME; losetup -d $LOOP 2>/dev/null
   rm -f $PV $IMG   # dom0's root is its initramfs, in RAM: room for the next scenario's disks
-  prefix "DAEMON[$S]" < "$(ilog $NAME)" | grep -E "XEN_MMAP|shadow virtqueues|ioreq server" | head -5
+  prefix "DAEMON[$S]" < "$(ilog $NAME)" | grep -E "XEN_MMAP|shadow virtqueues|ioreq server|kernel fast path" | head -6
+}
+bench_args() {  # scenario: the instance's extra flags (pyblk: notifications relayed by the daemon even
+  # on a dom0 kernel with privcmd ioeventfd/irqfd; fastpath: left to that kernel)
+  case $1 in pyblk) echo --no-kernel-fast-path ;; esac
 }
 if [ "${XENLAB_BENCH:-0}" = 1 ]; then
   for m in loop xen-blkback; do insmod /lib/modules/xenlab/$m.ko 2>/dev/null || t "insmod $m failed"; done
   phy_script; mkdir -p $LOGS
   for S in $XENLAB_SCENARIOS; do XENLAB_PREFIX=bench XENLAB_DISK_MB=40 backend $S; done
   for S in $XENLAB_SCENARIOS; do wait_for 60 test -S /run/vhost-user/bench-$S/$DEVID.sock || t "back-end $S: no socket"; done
-  xen-vhost-master watch --spawn --log-dir $LOGS > /tmp/watch.log 2>&1 &
-  WATCH=$!
-  wait_for 60 grep -q "watching" /tmp/watch.log || t "dispatcher: no 'watching' line"
-  for S in $XENLAB_SCENARIOS; do bench_guest $S; done
-  kill -TERM $WATCH; wait_for 20 dead $WATCH
+  for S in $XENLAB_SCENARIOS; do   # one dispatcher per guest: each scenario's instance flags
+    xen-vhost-master watch --spawn --log-dir $LOGS --instance-args="$(bench_args $S)" > /tmp/watch-$S.log 2>&1 &
+    WATCH=$!
+    wait_for 60 grep -q "watching" /tmp/watch-$S.log || t "dispatcher: no 'watching' line"
+    bench_guest $S
+    kill -TERM $WATCH; wait_for 20 dead $WATCH
+    cat /tmp/watch-$S.log >> /tmp/watch.log
+  done
   for S in $XENLAB_SCENARIOS; do kill -TERM $(cat /tmp/backend-$S.pid) 2>/dev/null; done
   kill $(cat /tmp/tails.pid) 2>/dev/null
   prefix WATCH < /tmp/watch.log | tail -20

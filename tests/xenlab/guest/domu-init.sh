@@ -94,6 +94,16 @@ else
     wait
   fi
   echo "DOMU-NCPU $NCPU"
+  # blk-mq: one hardware queue per virtqueue (virtio_blk, VIRTIO_BLK_F_MQ), each with the CPUs it
+  # serves; how often each was run, where the kernel has block debugfs
+  mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+  Q=""; C=""; R=""
+  for h in /sys/block/vda/mq/*; do
+    [ -d "$h" ] || continue
+    n=${h##*/}; Q="$Q $n"; C="$C/$(tr -d ' \n' < $h/cpu_list)"
+    f=/sys/kernel/debug/block/vda/hctx$n/run; [ -r $f ] && R="$R,$(cat $f)"
+  done
+  echo "DOMU-MQ queues=$(echo $Q | wc -w) cpus=${C#/} runs=${R#,}"
   # grant DMA (drivers/xen/grant-dma-ops.c): "Using dom0 as backend" when the device's buffers are granted
   dmesg | grep -E 'Using dom0 as backend|grant' | sed 's/^/DOMU-GRANT-DMA /'
   grep -E 'virtio' /proc/interrupts | sed 's/^/DOMU-IRQ /'
