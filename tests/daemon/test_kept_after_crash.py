@@ -467,14 +467,22 @@ async def test_the_inflight_area_outlives_a_crash_and_a_restarted_backend_resubm
         guest.close()
 
 
+async def handover(device: Device) -> Kept:
+    """SIGHUP: the device hands its connection over (Device.suspend); the next image gets the copies."""
+    handed = {name.split(".", 1)[1]: fd for name, fd in await device.suspend()}
+    return Kept(0, handed["conn"], handed["meta"], handed.get("chan"), handed.get("shadow"), handed.get("inflight"))
+
+
+@pytest.mark.parametrize("how", ["crash", "handover"])
 @pytest.mark.asyncio
 async def test_zero_copy_resumes_the_kept_connection_where_the_backend_stopped_not_at_the_guests_used_index(
-        no_fd_leak, ram_memfd):
+        no_fd_leak, ram_memfd, how):
     """Zero copy, a back-end (no inflight tracking) that took a write and completes it late, after
     GET_VRING_BASE (it does not drain: libvhost-user's back-ends answer at once). The successor
-    restarts the ring on the kept connection at the back-end's answer, not at the guest's used
-    index: the write is not taken from the guest a second time, its late completion reaches the
-    guest once, and a later write is served."""
+    (after a crash: it stops the ring itself; after a SIGHUP handover: the session record says
+    where the handing image stopped it) restarts the ring on the kept connection at the
+    back-end's answer, not at the guest's used index: the write is not taken from the guest a
+    second time, its late completion reaches the guest once, and a later write is served."""
     disk = bytearray(1 << 20)
     late = OutOfOrder(disk, hold={0}, inflight=False)
     guest = Guest(ram_memfd)
@@ -498,58 +506,16 @@ async def test_zero_copy_resumes_the_kept_connection_where_the_backend_stopped_n
                 await late.took.wait()
                 assert isinstance(first.model, VirtioMmioDevice)
                 saved = snapshot(first.model)
-                kept = await crash(first, keeper)
+                if how == "crash":
+                    kept = await crash(first, keeper)
+                else:
+                    kept = await handover(first)
+                    assert SessionMeta.read(kept.meta).stopped == [[0, 1]]
                 second = new_device(guest, zero_copy(ram_memfd), _no_new_connection, Keeper())
                 await second.start(saved, kept=kept)
                 guest.request(1, VIRTIO_BLK_T_OUT, 8, two)
                 await write(second, Reg.QUEUE_NOTIFY, 0)
                 await guest.completed(second, {1})  # (the back-end has looked at the ring since the resume)
-                assert late.ran == [0, 8], f"the back-end ran sectors {late.ran}: the held write was taken again"
-                late.complete_held()
-                await guest.completed(second, {0})
-                assert guest.status(0, 512) == 0 and bytes(disk[:512]) == one and bytes(disk[8 * 512 : 9 * 512]) == two
-    finally:
-        guest.close()
-
-
-@pytest.mark.asyncio
-async def test_zero_copy_handover_restarts_the_ring_where_the_backend_stopped(no_fd_leak, ram_memfd):
-    """The same back-end as above, a SIGHUP handover instead of a crash: the device stops the
-    ring (GET_VRING_BASE) and passes the connection on; the next image restarts the ring on it
-    at the back-end's answer, recorded at the handover, not at the guest's used index: the held
-    write is not taken from the guest a second time, its late completion reaches the guest once,
-    and a later write is served."""
-    disk = bytearray(1 << 20)
-    late = OutOfOrder(disk, hold={0}, inflight=False)
-    guest = Guest(ram_memfd)
-    first = second = None
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            fe, _task = await stack.enter_async_context(serving(late))
-            stack.push_async_callback(close, lambda: (second, first))
-
-            async def connect() -> AsyncFrontend:
-                return fe
-
-            first = new_device(guest, zero_copy(ram_memfd), connect, Keeper())
-            one, two = b"\x8a" * 512, b"\x9b" * 512
-            async with asyncio.timeout(TIMEOUT):
-                await first.start()
-                await _bring_up(first)
-                guest.request(0, VIRTIO_BLK_T_OUT, 0, one)
-                await write(first, Reg.QUEUE_NOTIFY, 0)
-                await late.took.wait()
-                assert isinstance(first.model, VirtioMmioDevice)
-                saved = snapshot(first.model)
-                handed = dict((name.split(".", 1)[1], fd) for name, fd in await first.suspend())
-                assert SessionMeta.read(handed["meta"]).stopped == [[0, 1]]
-                kept = Kept(0, handed["conn"], handed["meta"], handed.get("chan"), handed.get("shadow"),
-                            handed.get("inflight"))
-                second = new_device(guest, zero_copy(ram_memfd), _no_new_connection, Keeper())
-                await second.start(saved, kept=kept)
-                guest.request(1, VIRTIO_BLK_T_OUT, 8, two)
-                await write(second, Reg.QUEUE_NOTIFY, 0)
-                await guest.completed(second, {1})
                 assert late.ran == [0, 8], f"the back-end ran sectors {late.ran}: the held write was taken again"
                 late.complete_held()
                 await guest.completed(second, {0})
