@@ -80,27 +80,24 @@ def _row(table: str, devid: int) -> list[str]:
     raise AssertionError(f"no row for device {devid} in:\n{table}")
 
 
+# A fresh interpreter (a fork of this multi-threaded one may deadlock in the child) that imports the
+# CLI as root and then becomes nobody: nobody may not be able to read this interpreter's files.
+_AS_NOBODY = """
+import os, shutil, sys  # noqa: F401 - (argparse imports shutil when it formats)
+from xen_vhost_master import cli, eventloop  # noqa: F401 - before the files may become unreadable
+os.setgroups([])
+os.setresgid(65534, 65534, 65534)
+os.setresuid(65534, 65534, 65534)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 def _as_other_user(argv: list[str]) -> tuple[int, str]:
-    """``cli.main(argv)`` in a forked child running as nobody (the status socket and its directory
-    are root's only): its exit code and stderr. (Forked, not executed: nobody may not be able to
-    read this interpreter's files.)"""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 70
-        try:
-            sys.stderr = os.fdopen(w, "w")
-            os.setgroups([])
-            os.setresgid(65534, 65534, 65534)
-            os.setresuid(65534, 65534, 65534)
-            code = cli.main(argv)
-        finally:
-            sys.stderr.flush()
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r) as f:
-        err = f.read()
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), err
+    """``cli.main(argv)`` running as nobody (the status socket and its directory are root's only):
+    its exit code and stderr."""
+    proc = subprocess.run([sys.executable, "-c", _AS_NOBODY, *argv], capture_output=True, text=True,
+                          timeout=TIMEOUT, check=False)
+    return proc.returncode, proc.stderr
 
 
 def _samples(families: Any) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
