@@ -760,6 +760,16 @@ class Device:
                 bad = mid
         return data  # from the last successful probe, whose size is `good`
 
+    def quiesce(self) -> None:
+        """The device is going while its guest runs on: a data path that maps the guest's rings
+        asks the driver not to notify any queue again (``ShadowDataPath.quiesce``), so that the
+        guest stops touching the window before it is unclaimed. Idempotent."""
+        quiesce = getattr(self.memory, "quiesce", None)
+        if callable(quiesce):
+            asked = quiesce()
+            if asked:
+                self.log.info("queues %s: the driver is asked not to notify any more", asked)
+
     async def close(self, stop_timeout: float | None = None) -> None:
         """Stop the back-end's rings (if running) and release everything. Idempotent. Guest
         accesses still waiting for the back-end are answered as if no device were there. A

@@ -9,12 +9,17 @@ in interrupt context).
 The daemon runs in the test's event loop over the in-process simulated host (as in
 test_waiting_backend.py); its back-end hangs at GET_VRING_BASE until the test lets it go, so the
 teardown is caught half-way.
+
+A guest that goes on posting requests after the stop (a virtio-net driver refills its receive
+queue and transmits all the time) must not touch the window once it is unclaimed: its driver is
+asked not to notify any more (virtio 1.2 §2.7.10) before the window goes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from typing import Any
 
 import pytest
 from vhost_user import UnixListener
@@ -22,11 +27,27 @@ from vhost_user.testing import RamDiskBlk
 
 from tests.daemon.test_reset_hostile import MisbehavingServer
 from tests.daemon.test_waiting_backend import BASES, DOMID, IRQS, TIMEOUT, guest_domain, guest_of, logwatch, running  # noqa: F401  (fixture)
+from xen_vhost_master.config import MemoryMode
 from xen_vhost_master.supervisor import Options
 from xen_vhost_sim.guest_devices import VirtioBlk
-from xen_vhost_sim.guest_driver import GuestDriverError, GuestPageAllocator
+from xen_vhost_sim.guest_driver import Feature, GuestDriverError, GuestPageAllocator
 
-INTERRUPT_STATUS, INTERRUPT_ACK, STATUS = 0x60, 0x64, 0x70  # virtio-mmio registers
+QUEUE_NOTIFY, INTERRUPT_STATUS, INTERRUPT_ACK, STATUS = 0x50, 0x60, 0x64, 0x70  # virtio-mmio registers
+
+
+class NotifyCounter:
+    """A guest's bus that counts its QueueNotify writes to one window."""
+
+    def __init__(self, bus: Any, base: int) -> None:
+        self._bus, self._notify, self.notifies = bus, base + QUEUE_NOTIFY, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bus, name)
+
+    async def mmio_write(self, addr: int, size: int, value: int, vcpu: int = 0) -> None:
+        if addr == self._notify:
+            self.notifies += 1
+        await self._bus.mmio_write(addr, size, value, vcpu)
 
 
 @pytest.mark.asyncio
@@ -71,6 +92,72 @@ async def test_sigterm_under_a_live_guest_answers_its_window_as_removed_with_the
             order = [i for i, line in enumerate(log.lines)
                      if "answered as a removed device" in line or "ioreq server" in line and "destroyed" in line]
             assert [("removed" in log.lines[i]) for i in order] == [True, False], [log.lines[i] for i in order]
+    finally:
+        for s in servers:
+            s.release.set()
+        backend.cancel()
+        await asyncio.gather(backend, return_exceptions=True)
+        listener.close()
+
+
+async def _post(blk: VirtioBlk, allocator: GuestPageAllocator) -> asyncio.Future[int]:
+    """One more read request of the guest, notified as its driver decides (used ring flags,
+    avail_event); nobody completes it."""
+    header, status = allocator.alloc(4096), allocator.alloc(4096)
+    with blk.driver.bus.ram.view(header, 16) as mv:
+        mv[:] = bytes(16)  # VIRTIO_BLK_T_IN, sector 0
+    return await blk.driver.submit(0, readable=[(header, 16)], writable=[(status, 1)])
+
+
+@pytest.mark.parametrize("event_idx", [False, True], ids=["flags", "event-idx"])
+@pytest.mark.asyncio
+async def test_a_guest_posting_on_after_sigterm_is_asked_not_to_notify_and_never_touches_the_window(
+        no_fd_leak, platform, sim_host, sim_control, sim_dir, logwatch, event_idx):
+    guest_domain(sim_control)
+    path = os.path.join(sim_dir, "0.sock")
+    servers: list[MisbehavingServer] = []
+    listener = UnixListener(path)
+
+    async def serve() -> None:
+        sock = await listener.accept(timeout=None)
+        servers.append(MisbehavingServer(RamDiskBlk(1 << 20, event_idx=event_idx), sock, mode="hang"))
+        await servers[0].run()
+
+    backend = asyncio.ensure_future(serve())
+    base, irq = BASES[0], IRQS[0]
+    opt = Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"), memory=MemoryMode.SHADOW)
+    try:
+        with logwatch() as log:
+            async with running(platform, opt) as daemon, guest_of(sim_host) as guest:
+                try:
+                    bus = NotifyCounter(guest, base)
+                    allocator = GuestPageAllocator(guest.ram)
+                    features = VirtioBlk.DEFAULT_FEATURES | (Feature.RING_EVENT_IDX if event_idx else 0)
+                    blk = await asyncio.wait_for(VirtioBlk.attach(bus, base, irq, allocator, features=features), TIMEOUT)
+                    assert blk.driver.has(Feature.RING_EVENT_IDX) == event_idx
+                    data = os.urandom(4096)
+                    await asyncio.wait_for(blk.write(8, data), TIMEOUT)
+                    assert await asyncio.wait_for(blk.read(8, 8), TIMEOUT) == data
+                    assert bus.notifies > 0  # the driver notifies while the device serves
+
+                    stop = asyncio.ensure_future(daemon.stop())
+                    await asyncio.wait_for(servers[0].asked.wait(), TIMEOUT)  # the back-end is being stopped
+                    before = bus.notifies
+                    posted = [await asyncio.wait_for(_post(blk, allocator), TIMEOUT) for _ in range(8)]
+                    assert bus.notifies == before, "the driver notified after the stop"
+                    servers[0].release.set()
+                    assert await asyncio.wait_for(stop, TIMEOUT) == 0
+                    assert any("ioreq server" in line and "destroyed" in line for line in log.lines)  # the window is gone
+                    posted += [await asyncio.wait_for(_post(blk, allocator), TIMEOUT) for _ in range(8)]
+                    assert bus.notifies == before, "the driver touched the unclaimed window"
+                    assert not any(f.done() for f in posted)  # nobody served them
+                    assert not guest.irq_level(irq)
+                    with pytest.raises(GuestDriverError, match="did not complete its reset"):
+                        await asyncio.wait_for(blk.close(), TIMEOUT)
+                finally:  # a failed check must not leave the daemon waiting for the back-end
+                    for server in servers:
+                        server.release.set()
+            assert any("driver is asked not to notify" in line for line in log.lines)
     finally:
         for s in servers:
             s.release.set()
