@@ -28,7 +28,9 @@ from vhost_user.testing import RamDiskBlk
 from tests.daemon.test_reset_hostile import MisbehavingServer
 from tests.daemon.test_waiting_backend import BASES, DOMID, IRQS, TIMEOUT, guest_domain, guest_of, logwatch, running  # noqa: F401  (fixture)
 from xen_vhost_master.config import MemoryMode
+from xen_vhost_master.datapath.zerocopy import FdExport
 from xen_vhost_master.supervisor import Options
+from xen_vhost_master.virtio_mmio import QueueConfig
 from xen_vhost_sim.guest_devices import VirtioBlk
 from xen_vhost_sim.guest_driver import Feature, GuestDriverError, GuestPageAllocator
 
@@ -109,10 +111,14 @@ async def _post(blk: VirtioBlk, allocator: GuestPageAllocator) -> asyncio.Future
     return await blk.driver.submit(0, readable=[(header, 16)], writable=[(status, 1)])
 
 
+@pytest.mark.parametrize("memory", [MemoryMode.SHADOW, MemoryMode.SIM_MEMFD], ids=["shadow", "zero-copy"])
 @pytest.mark.parametrize("event_idx", [False, True], ids=["flags", "event-idx"])
 @pytest.mark.asyncio
 async def test_a_guest_posting_on_after_sigterm_is_asked_not_to_notify_and_never_touches_the_window(
-        no_fd_leak, platform, sim_host, sim_control, sim_dir, logwatch, event_idx):
+        no_fd_leak, platform, sim_host, sim_control, sim_dir, logwatch, event_idx, memory):
+    """Shadow virtqueues: from the stop on (the daemon alone sees the guest's rings). Zero copy
+    (the back-end's view of guest RAM, here the simulator's memfd): once the back-end has stopped
+    its rings, before the window goes."""
     guest_domain(sim_control)
     path = os.path.join(sim_dir, "0.sock")
     servers: list[MisbehavingServer] = []
@@ -125,7 +131,7 @@ async def test_a_guest_posting_on_after_sigterm_is_asked_not_to_notify_and_never
 
     backend = asyncio.ensure_future(serve())
     base, irq = BASES[0], IRQS[0]
-    opt = Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"), memory=MemoryMode.SHADOW)
+    opt = Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"), memory=memory)
     try:
         with logwatch() as log:
             async with running(platform, opt) as daemon, guest_of(sim_host) as guest:
@@ -142,11 +148,14 @@ async def test_a_guest_posting_on_after_sigterm_is_asked_not_to_notify_and_never
 
                     stop = asyncio.ensure_future(daemon.stop())
                     await asyncio.wait_for(servers[0].asked.wait(), TIMEOUT)  # the back-end is being stopped
-                    before = bus.notifies
-                    posted = [await asyncio.wait_for(_post(blk, allocator), TIMEOUT) for _ in range(8)]
-                    assert bus.notifies == before, "the driver notified after the stop"
+                    posted: list[asyncio.Future[int]] = []
+                    if memory is MemoryMode.SHADOW:
+                        before = bus.notifies
+                        posted += [await asyncio.wait_for(_post(blk, allocator), TIMEOUT) for _ in range(8)]
+                        assert bus.notifies == before, "the driver notified after the stop"
                     servers[0].release.set()
                     assert await asyncio.wait_for(stop, TIMEOUT) == 0
+                    before = bus.notifies
                     assert any("ioreq server" in line and "destroyed" in line for line in log.lines)  # the window is gone
                     posted += [await asyncio.wait_for(_post(blk, allocator), TIMEOUT) for _ in range(8)]
                     assert bus.notifies == before, "the driver touched the unclaimed window"
@@ -164,3 +173,30 @@ async def test_a_guest_posting_on_after_sigterm_is_asked_not_to_notify_and_never
         backend.cancel()
         await asyncio.gather(backend, return_exceptions=True)
         listener.close()
+
+
+@pytest.mark.parametrize(("features", "flags_at", "flags", "avail_event"), [
+    (0, 0x2000, 1, None),  # split: VIRTQ_USED_F_NO_NOTIFY in the used ring's flags
+    (1 << 29, 0x2000, 1, (0xFFF0 + 0x8000) & 0xFFFF),  # split, EVENT_IDX: avail_event half the index space away
+    (1 << 34, 0x2002, 1, None),  # packed: the device event suppression's RING_EVENT_FLAGS_DISABLE
+], ids=["split", "split-event-idx", "packed"])
+def test_zero_copy_quiesce_writes_the_suppression_the_ring_layout_has(features, flags_at, flags, avail_event):
+    ram = bytearray(0x4000)
+    desc, driver, device, num = 0x0000, 0x1000, 0x2000, 16
+    ram[driver + 2:driver + 4] = (0xFFF0).to_bytes(2, "little")  # the driver's avail idx
+
+    def read(gpa: int, n: int) -> bytes:
+        return bytes(ram[gpa:gpa + n])
+
+    def write(gpa: int, data: bytes) -> None:
+        ram[gpa:gpa + len(data)] = data
+
+    path = FdExport([], read, write)
+    path.open_queue(QueueConfig(0, num, desc, driver, device), features | (1 << 32), -1)
+    assert path.quiesce() == [0]
+    assert int.from_bytes(ram[flags_at:flags_at + 2], "little") == flags
+    got = int.from_bytes(ram[device + 4 + 8 * num:device + 6 + 8 * num], "little")
+    assert got == (avail_event if avail_event is not None else 0)
+    path.close_queue(0)
+    assert path.quiesce() == []  # a queue the driver reset is never written again
+    assert FdExport([], read).quiesce() == []  # no way to write guest memory: nothing asked
