@@ -767,6 +767,8 @@ class Device:
         unclaimed; a shadow path at once (``ShadowDataPath.quiesce``: its back-end sees shadow
         rings only), zero copy once :meth:`close` has stopped the back-end's rings (the back-end
         owns the guest's notification suppression until then). Idempotent."""
+        if self._quiescing:
+            return
         self._quiescing = True
         if not getattr(self.memory, "direct", True):  # (a data path not chosen yet has no queues)
             self._ask_quiet()
