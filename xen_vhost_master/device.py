@@ -281,6 +281,7 @@ class Device:
         # back), dropped when the driver resets the device
         self._inflight: InflightFd | None = None
         self._closing = False
+        self._quiescing = False  # the device goes under a live guest: its driver is asked not to notify
         self._tasks: set[asyncio.Task[None]] = set()
         self.changed = asyncio.Event()  # set when the driver starts/stops the device (for xenbus state)
         # Open once the device serves the guest (started, and restored if it was taken over), or
@@ -759,6 +760,25 @@ class Device:
                 self.log.debug("GET_CONFIG size %d refused: %s", mid, e)
                 bad = mid
         return data  # from the last successful probe, whose size is `good`
+
+    def quiesce(self) -> None:
+        """The device is going while its guest runs on: the data path asks the driver not to
+        notify any queue again, so that the guest stops touching the window before it is
+        unclaimed; a shadow path at once (``ShadowDataPath.quiesce``: its back-end sees shadow
+        rings only), zero copy once :meth:`close` has stopped the back-end's rings (the back-end
+        owns the guest's notification suppression until then). Idempotent."""
+        if self._quiescing:
+            return
+        self._quiescing = True
+        if not getattr(self.memory, "direct", True):  # (a data path not chosen yet has no queues)
+            self._ask_quiet()
+
+    def _ask_quiet(self) -> None:
+        quiesce = getattr(self.memory, "quiesce", None)
+        if callable(quiesce):
+            asked = quiesce()
+            if asked:
+                self.log.info("queues %s: the driver is asked not to notify any more", asked)
 
     async def close(self, stop_timeout: float | None = None) -> None:
         """Stop the back-end's rings (if running) and release everything. Idempotent. Guest
@@ -1374,6 +1394,8 @@ class Device:
             for index in started:
                 base = await fe.stop_vring(index)
                 self.log.debug("queue %d stopped at avail index %d", index, base)
+            if self._quiescing and getattr(self.memory, "direct", False):
+                self._ask_quiet()
         finally:
             for index in started:
                 self._user_path(index)

@@ -958,7 +958,7 @@ class Supervisor:
                 self.ioreq.remove_window(served.bar)
                 served.bar = None
         else:
-            self.ioreq.retire_window(base, served.config.irq, raised=served.device.may_raise_line)
+            self._retire(base, served)
         if served.state_task is not None:
             served.state_task.cancel()
         try:
@@ -980,6 +980,15 @@ class Supervisor:
         self._release_guest_memory()
         self._forget_inflight(served.config)  # the device is gone: nothing to resume
         await self._set_state(served, XenbusState.CLOSED)
+
+    def _retire(self, base: int, served: _Served) -> None:
+        """A device goes while its guest may run on: its virtio-mmio window answers as a removed
+        device with the line low, and its driver is asked not to notify again, so that nothing
+        touches the window any more by the time it is unclaimed."""
+        assert self.ioreq is not None
+        self.ioreq.retire_window(base, served.config.irq, raised=served.device.may_raise_line)
+        if not self._gone:
+            served.device.quiesce()
 
     def _forget_inflight(self, cfg: DeviceConfig) -> None:
         name = self._inflight_name(cfg)
@@ -1115,7 +1124,7 @@ class Supervisor:
         self._stop_tasks_and_status()
         if self.ioreq is not None:  # every device goes at once: answered as removed, lines low
             for base, served in self.devices.items():
-                self.ioreq.retire_window(base, served.config.irq, raised=served.device.may_raise_line)
+                self._retire(base, served)
         for base in list(self.devices):
             try:
                 await self._remove_device(base)

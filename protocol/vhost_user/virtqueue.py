@@ -534,6 +534,19 @@ class SplitQueueDevice:
             self._used_w[0] = 0
         return self.available() > 0
 
+    def suppress_notify(self) -> None:
+        """Ask the driver to stop notifying for good (the device is going while its driver runs
+        on), until :meth:`enable_notify`. virtio 1.2 §2.7.10.1: without EVENT_IDX a driver that
+        sees VRING_USED_F_NO_NOTIFY in the used ring's flags SHOULD NOT notify; with EVENT_IDX it
+        ignores that bit and MUST notify only when its avail idx passes ``avail_event``, which is
+        put half the index space away from the driver's avail idx: a driver whose device returns
+        nothing more stays within a queue size of where it is, and never gets there."""
+        self._notify_enabled = False
+        self._used_w[0] = _le16(VRING_USED_F_NO_NOTIFY)
+        if self.event_idx:
+            avail_idx: int = _U16.unpack_from(self._r.avail, 2)[0]
+            self._used_w[self._r.avail_event_off // 2] = _le16((avail_idx + 0x8000) & 0xFFFF)
+
     def _write_avail_event(self) -> None:
         self._used_w[self._r.avail_event_off // 2] = _le16(self._last_avail)
 

@@ -687,3 +687,27 @@ def test_a_call_takes_lower_queues_completions_only_for_types_that_feed_them(rig
         assert q0.get_used() == [] and r.dp.also_used() == [], "queue 0's ring was read on queue 1's call"
         assert r.dp.used(0) is True
         assert q0.get_used() == [("q0", 4)]
+
+
+@pytest.mark.parametrize("features", [INDIRECT, INDIRECT | EVENT_IDX], ids=["flags", "event-idx"])
+def test_a_quiesced_queue_takes_nothing_more_and_its_driver_is_never_asked_to_notify_again(rig, features):
+    """The device is going (the daemon's stop under a live guest): completions of what the
+    back-end had still reach the guest, but a held chain is not published, and taking it back
+    does not ask the driver for notifications again."""
+    r = rig(pool=3 * PAGE, features=features)
+    drv = r.drivers[0]
+    for k in range(5):
+        drv.add([r.buf(bytes([k]) * 16)], [r.buf(3000)], token=k)  # one page each
+    assert drv.kick_needed()
+    r.dp.notify(0)
+    assert r.dp.inflight(0) == 3 and r.dp.held_queues == 1
+    assert r.dp.quiesce() == [0]
+    assert r.serve() == 3
+    r.dp.used(0)
+    assert sorted(t for t, _ in drv.get_used()) == [0, 1, 2]
+    assert r.dp.inflight(0) == 0 and r.serve() == 0  # the held chains stay with the guest
+    kicks = 0
+    while drv.num_free:
+        drv.add([r.buf(16)], token="more")
+        kicks += drv.kick_needed()
+    assert kicks == 0

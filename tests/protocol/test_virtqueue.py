@@ -649,3 +649,34 @@ def test_a_driver_started_at_an_index_pairs_with_a_device_resumed_there(event_id
         dev.push(head, 4)
         assert drv.get_used() == [(n, 4)]
     assert drv.avail_idx == dev.last_avail_idx == 1
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+@pytest.mark.parametrize("start", [0, 0x7FF0, 0xFFFA])
+@pytest.mark.parametrize(("in_flight", "unkicked"), [(0, 0), (3, 0), (0, 5), (4, 4), (8, 0)])
+def test_suppress_notify_silences_the_driver_for_good(event_idx, start, in_flight, unkicked):
+    """A going device asks once (virtio 1.2 §2.7.10); its driver, given back what was in flight and
+    refilling the whole ring, never has to notify again, whatever it had added without a kick."""
+    size = 8
+    mem = FlatMemory(bytearray(MEM_SIZE), base=BASE)
+    desc, avail, used, _ = split_ring_layout(size, BASE)
+    drv = SplitQueueDriver(mem, size, desc, avail, used, event_idx=event_idx, start=start)
+    dev = SplitQueueDevice(mem, size, desc, avail, used, event_idx=event_idx, last_avail_idx=start)
+    for n in range(in_flight):
+        drv.add(readable=[(DATA, 1)], token=n)
+    if in_flight:
+        assert drv.kick_needed()  # notifications were on: the device was serving
+    taken = [dev.pop() for _ in range(in_flight)]
+    for n in range(min(unkicked, drv.num_free)):
+        drv.add(readable=[(DATA, 1)], token=100 + n)  # added, its kick not decided yet
+    dev.suppress_notify()
+    kicks = 0
+    for c in taken:  # the back-end's last completions still reach the guest
+        dev.push(c.head, 0)
+    for _ in range(3):
+        drv.get_used()
+        while drv.num_free:
+            drv.add(readable=[(DATA, 1)])
+            kicks += drv.kick_needed()
+    assert kicks == 0
+    assert dev.enable_notify() is True  # asked for again: the chains are there

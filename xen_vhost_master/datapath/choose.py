@@ -22,7 +22,7 @@ from vhost_user import ProtocolFeatures, XenMmapFlags
 from ..config import DeviceConfig, MemoryMode
 from ..devtypes import feeds_lower
 from ..errors import ConfigError
-from ..guestmem.foreign import ForeignGuestMemory, foreign_reader
+from ..guestmem.foreign import ForeignGuestMemory, foreign_reader, foreign_writer
 from ..log import LimitedLogger, device_logger
 from ..platform import Platform
 from ..xen.privcmd import PrivCmd
@@ -141,7 +141,8 @@ class GuestDataPaths:
             return self.sim_memfd()
         if kind is Kind.XEN_MMAP:
             return XenMmapExport(self.res.domid, self.res.banks, self.res.privcmd.fileno(),
-                                 foreign_reader(self.res.privcmd, self.res.domid))
+                                 foreign_reader(self.res.privcmd, self.res.domid),
+                                 foreign_writer(self.res.privcmd, self.res.domid))
         if kind is Kind.GRANT_XEN_MMAP:
             return self.grant_export(cfg, num_queues)
         return self.shadow(cfg, num_queues)
@@ -209,7 +210,8 @@ class GuestDataPaths:
         else:
             os.close(memfd)
         self.res.log.warning("SIM-ONLY: guest RAM exposed to back-ends as a memfd (a baseline, impossible on real Xen)")
-        return sim_memfd_export(banks, self._memfd, foreign_reader(self.res.privcmd, self.res.domid))
+        return sim_memfd_export(banks, self._memfd, foreign_reader(self.res.privcmd, self.res.domid),
+                                foreign_writer(self.res.privcmd, self.res.domid))
 
     def release_guest_memory(self, in_use: Sequence[DataPath | DataPathChooser]) -> bool:
         """Unmap the guest's RAM unless a shadow path over it is among ``in_use``; True if unmapped."""

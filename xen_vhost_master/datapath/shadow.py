@@ -262,6 +262,7 @@ class ShadowDataPath:
         self._fresh = False  # a new back-end connected since: its first table gets a fresh memfd
         self._kept: dict[int, int] = {}  # queue → ring size: drained rings of an adopted memfd (give_back_kept)
         self._given: dict[int, tuple[int, int, str | None]] = {}  # queue → (chains, bytes, fault) given back
+        self._quiesced = False  # the device is going: nothing more is taken from the guest (quiesce)
 
     # --- DataPath ---------------------------------------------------------------------------
     def banks(self) -> Sequence[tuple[int, int]]:
@@ -572,6 +573,24 @@ class ShadowDataPath:
             record.clear()  # nothing of it is in flight any more
         q.release()
 
+    def quiesce(self) -> list[int]:
+        """The device is going while its guest runs on: take nothing more from the guest's rings
+        and ask its driver not to notify any queue again (``SplitQueueDevice.suppress_notify``),
+        so that it does not touch the device's window once the window is gone (on Xen on Arm an
+        access nobody claims is a data abort in the guest). Completions still reach the guest.
+        Returns the queues asked."""
+        self._quiesced = True
+        asked = []
+        for index, q in sorted(self._queues.items()):
+            if q.guest is not None:
+                try:
+                    q.guest.suppress_notify()
+                except _FAULTS as e:
+                    self.log.warning("queue %d: cannot ask the driver not to notify: %s", index, e)
+                    continue
+                asked.append(index)
+        return asked
+
     # --- extras -----------------------------------------------------------------------------
     def stats(self, index: int) -> ShadowQueueStats | None:
         q = self._queues.get(index)
@@ -674,7 +693,7 @@ class ShadowDataPath:
         more IOREQ for nothing. Kicks are asked for again before the pass ends, and the ring is
         looked at once more after that (what came in between gets no kick)."""
         guest, drv = q.guest, q.drv
-        if guest is None or drv is None:
+        if guest is None or drv is None or self._quiesced:
             return
         published = 0
         now = time.monotonic_ns()

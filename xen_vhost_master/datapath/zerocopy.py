@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from vhost_user import MemoryRegion, ProtocolFeatures, XenMemoryRegion, XenMmapFlags
 
 from ..errors import GuestFault
-from ..virtio_mmio import QueueConfig
+from ..virtio_mmio import F_EVENT_IDX, F_RING_PACKED, QueueConfig
 from .base import RingAddresses
 
 __all__ = ["FdExport", "FdRegion", "XenMmapExport", "sim_memfd_export"]
@@ -33,9 +33,12 @@ class _ZeroCopy:
     packed = True
     direct = True  # the back-end touches guest rings itself: the kernel fast path may relay
 
-    def __init__(self, read_guest: Callable[[int, int], bytes] | None) -> None:
+    def __init__(self, read_guest: Callable[[int, int], bytes] | None,
+                 write_guest: Callable[[int, bytes], None] | None = None) -> None:
         self._kick: dict[int, int] = {}
         self._read_guest = read_guest
+        self._write_guest = write_guest
+        self._rings: dict[int, tuple[QueueConfig, int]] = {}  # open queue → (its config, features)
         self._bases: dict[int, int] = {}  # resume_at's
         self._log: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None
 
@@ -54,6 +57,7 @@ class _ZeroCopy:
 
     def open_queue(self, queue: QueueConfig, features: int, kick_fd: int, *, resume: bool = False) -> RingAddresses:
         self._kick[queue.index] = kick_fd
+        self._rings[queue.index] = (queue, features)
         base = 0
         kept = self._bases.pop(queue.index, None)
         if resume:
@@ -85,9 +89,37 @@ class _ZeroCopy:
 
     def close_queue(self, index: int) -> None:
         self._kick.pop(index, None)
+        self._rings.pop(index, None)
 
     def close(self) -> None:
         self._kick.clear()  # the fds (memfd, privcmd) belong to whoever built the export
+        self._rings.clear()
+
+    def quiesce(self) -> list[int]:
+        """The device is going while its guest runs on and the back-end has stopped its rings
+        (it owned their notification suppression until then): ask the driver not to notify any
+        open queue again. Split ring (virtio 1.2 §2.7.10): VIRTQ_USED_F_NO_NOTIFY in the used
+        ring's flags, and with EVENT_IDX ``avail_event`` half the index space away from the
+        driver's avail idx; packed ring (§2.8.10): the device event suppression structure's flags
+        RING_EVENT_FLAGS_DISABLE. Returns the queues asked (none without guest-memory access)."""
+        if self._read_guest is None or self._write_guest is None:
+            return []
+        asked = []
+        for index, (q, features) in sorted(self._rings.items()):
+            try:
+                if features >> F_RING_PACKED & 1:
+                    self._write_guest(q.device + 2, (1).to_bytes(2, "little"))
+                else:
+                    self._write_guest(q.device, (1).to_bytes(2, "little"))
+                    if features >> F_EVENT_IDX & 1:
+                        avail = int.from_bytes(self._read_guest(q.driver + 2, 2), "little")
+                        self._write_guest(q.device + 4 + 8 * q.num, ((avail + 0x8000) & 0xFFFF).to_bytes(2, "little"))
+            except (GuestFault, OSError) as e:
+                (self._log or logging.getLogger(__name__)).warning(
+                    "queue %d: cannot ask the driver not to notify: %s", index, e)
+                continue
+            asked.append(index)
+        return asked
 
 
 @dataclass(frozen=True)
@@ -104,8 +136,9 @@ class FdExport(_ZeroCopy):
     name = "sim-memfd"
     protocol_features = ProtocolFeatures(0)
 
-    def __init__(self, regions: Sequence[FdRegion], read_guest: Callable[[int, int], bytes] | None = None) -> None:
-        super().__init__(read_guest)
+    def __init__(self, regions: Sequence[FdRegion], read_guest: Callable[[int, int], bytes] | None = None,
+                 write_guest: Callable[[int, bytes], None] | None = None) -> None:
+        super().__init__(read_guest, write_guest)
         self._regions = tuple(regions)
 
     def banks(self) -> Sequence[tuple[int, int]]:
@@ -123,8 +156,9 @@ class XenMmapExport(_ZeroCopy):
     protocol_features = ProtocolFeatures.XEN_MMAP
 
     def __init__(self, domid: int, banks: Sequence[tuple[int, int]], privcmd_fd: int,
-                 read_guest: Callable[[int, int], bytes] | None = None) -> None:
-        super().__init__(read_guest)
+                 read_guest: Callable[[int, int], bytes] | None = None,
+                 write_guest: Callable[[int, bytes], None] | None = None) -> None:
+        super().__init__(read_guest, write_guest)
         self._domid = domid
         self._banks = tuple(banks)
         self._fd = privcmd_fd
@@ -144,10 +178,11 @@ class XenMmapExport(_ZeroCopy):
 
 
 def sim_memfd_export(banks: Sequence[tuple[int, int]], memfd: int,
-                     read_guest: Callable[[int, int], bytes] | None = None) -> FdExport:
+                     read_guest: Callable[[int, int], bytes] | None = None,
+                     write_guest: Callable[[int, bytes], None] | None = None) -> FdExport:
     """SIM-ONLY baseline: the simulator's RAM memfd holds the banks back to back."""
     regions, offset = [], 0
     for gpa, size in banks:
         regions.append(FdRegion(gpa, size, memfd, offset))
         offset += size
-    return FdExport(regions, read_guest)
+    return FdExport(regions, read_guest, write_guest)

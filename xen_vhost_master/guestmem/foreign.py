@@ -179,3 +179,23 @@ def foreign_reader(privcmd: PrivCmd, domid: int) -> Callable[[int, int], bytes]:
             fm.close()
 
     return read
+
+
+def foreign_writer(privcmd: PrivCmd, domid: int) -> Callable[[int, bytes], None]:
+    """Write a few bytes of guest memory through a short-lived foreign mapping (rare, small
+    writes: e.g. a going device's notification suppression in a ring the back-end owned)."""
+
+    def write(gpa: int, data: bytes) -> None:
+        first = gpa >> XEN_PAGE_SHIFT
+        count = ((gpa + len(data) - 1) >> XEN_PAGE_SHIFT) - first + 1
+        fm = privcmd.map_foreign_range(domid, first, count)
+        try:
+            if not fm.ok():
+                raise GuestFault(gpa, "not mapped")
+            with fm.view() as view:
+                start = gpa & (XEN_PAGE_SIZE - 1)
+                view[start : start + len(data)] = data
+        finally:
+            fm.close()
+
+    return write
