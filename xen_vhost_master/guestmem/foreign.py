@@ -161,22 +161,29 @@ class ForeignBacking:
         self._privcmd.close()
 
 
+def _short_lived(privcmd: PrivCmd, domid: int, gpa: int, length: int,
+                 use: Callable[[memoryview], bytes | None]) -> bytes | None:
+    """``use`` on the ``length`` bytes at ``gpa``, through a foreign mapping of their pages that
+    lives for the call only."""
+    first = gpa >> XEN_PAGE_SHIFT
+    count = ((gpa + length - 1) >> XEN_PAGE_SHIFT) - first + 1
+    fm = privcmd.map_foreign_range(domid, first, count)
+    try:
+        if not fm.ok():
+            raise GuestFault(gpa, "not mapped")
+        with fm.view() as view:
+            start = gpa & (XEN_PAGE_SIZE - 1)
+            return use(view[start : start + length])
+    finally:
+        fm.close()
+
+
 def foreign_reader(privcmd: PrivCmd, domid: int) -> Callable[[int, int], bytes]:
     """Read a few bytes of guest memory through a short-lived foreign mapping (rare, small reads:
     e.g. a ring's used index when a back-end must be resumed)."""
 
     def read(gpa: int, length: int) -> bytes:
-        first = gpa >> XEN_PAGE_SHIFT
-        count = ((gpa + length - 1) >> XEN_PAGE_SHIFT) - first + 1
-        fm = privcmd.map_foreign_range(domid, first, count)
-        try:
-            if not fm.ok():
-                raise GuestFault(gpa, "not mapped")
-            with fm.view() as view:
-                start = gpa & (XEN_PAGE_SIZE - 1)
-                return bytes(view[start : start + length])
-        finally:
-            fm.close()
+        return _short_lived(privcmd, domid, gpa, length, bytes) or b""
 
     return read
 
@@ -186,16 +193,9 @@ def foreign_writer(privcmd: PrivCmd, domid: int) -> Callable[[int, bytes], None]
     writes: e.g. a going device's notification suppression in a ring the back-end owned)."""
 
     def write(gpa: int, data: bytes) -> None:
-        first = gpa >> XEN_PAGE_SHIFT
-        count = ((gpa + len(data) - 1) >> XEN_PAGE_SHIFT) - first + 1
-        fm = privcmd.map_foreign_range(domid, first, count)
-        try:
-            if not fm.ok():
-                raise GuestFault(gpa, "not mapped")
-            with fm.view() as view:
-                start = gpa & (XEN_PAGE_SIZE - 1)
-                view[start : start + len(data)] = data
-        finally:
-            fm.close()
+        def put(view: memoryview) -> None:
+            view[:] = data
+
+        _short_lived(privcmd, domid, gpa, len(data), put)
 
     return write
