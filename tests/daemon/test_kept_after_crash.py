@@ -23,7 +23,7 @@ import pytest
 
 from vhost_user import AsyncFrontend, FdSocket
 from vhost_user.aio.server import BackendServer
-from vhost_user.testing import PAIR_SHUTDOWN_TIMEOUT, RamDiskBlk, connected_pair
+from vhost_user.testing import PAIR_SHUTDOWN_TIMEOUT, RamDiskBlk
 from vhost_user.testing.blk import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from vhost_user.virtqueue import FlatMemory, SplitQueueDriver, split_ring_layout
 from xen_vhost_master.config import DeviceConfig
@@ -231,6 +231,58 @@ async def crash(device: Device, keeper: Keeper) -> Kept:
     return Kept(0, copies["conn"], copies["meta"], copies.get("chan"), copies.get("shadow"), copies.get("inflight"))
 
 
+class Scene:
+    """A guest and its device (``first``) brought up over the connection to a back-end that outlives
+    it; ``successor`` builds the device of the next process. ``stack`` closes both devices, then the
+    back-ends' connections; :meth:`fresh` serves a back-end on a new connection."""
+
+    def __init__(self, guest: Guest, stack: contextlib.AsyncExitStack, fe: AsyncFrontend, task: asyncio.Task[None],
+                 memory: Any, config: DeviceConfig) -> None:
+        self.guest, self.stack, self.task, self.config = guest, stack, task, config
+        self._fe = fe
+        self.keeper = Keeper()
+        self.first = new_device(guest, memory, self.kept, self.keeper, config)
+        self.second: Device | None = None
+
+    async def kept(self) -> AsyncFrontend:
+        """The first device's connect(): the connection to the back-end that outlives it."""
+        return self._fe
+
+    def fresh(self, backend: RamDiskBlk, connections: list[AsyncFrontend] | None = None) -> Any:
+        """A connect() to ``backend`` over a new connection each time (noted in ``connections``)."""
+
+        async def connect() -> AsyncFrontend:
+            fe, _task = await self.stack.enter_async_context(serving(backend))
+            if connections is not None:
+                connections.append(fe)
+            return fe
+
+        return connect
+
+    def successor(self, memory: Any, connect: Any = _no_new_connection, keeper: Keeper | None = None) -> Device:
+        self.second = new_device(self.guest, memory, connect, keeper or Keeper(), self.config)
+        return self.second
+
+
+@contextlib.asynccontextmanager
+async def scene(ram: int, backend: RamDiskBlk, memory: Any, *, queues: int = 1,
+                config: DeviceConfig = CONFIG) -> AsyncIterator[Scene]:
+    """``memory(guest)``: the first device's data path. The device is started and the driver has
+    brought up ``queues`` queues (64 entries each) when the scene is handed over."""
+    guest = Guest(ram, queues)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            fe, task = await stack.enter_async_context(serving(backend))
+            sc = Scene(guest, stack, fe, task, memory(guest), config)
+            stack.push_async_callback(close, lambda: (sc.second, sc.first))  # before the back-ends' ends
+            async with asyncio.timeout(TIMEOUT):
+                await sc.first.start()
+                await (_bring_up(sc.first) if queues == 1 else bring_up_two(sc.first))
+            yield sc
+    finally:
+        guest.close()
+
+
 async def shadow_crash(ram: int, record: Path | None, scribble: Any = None) -> RamDiskBlk:
     """A write (sector 0) completed; then a write (sector 8, slot 1) and a read of sector 0 (slot
     2) the back-end completes into the shadow ring of a process that dies before it harvests them;
@@ -238,53 +290,38 @@ async def shadow_crash(ram: int, record: Path | None, scribble: Any = None) -> R
     starts with it. The successor must complete both to the guest once each; a later write (slot
     3, sector 16) is served. Returns the back-end (its request counts)."""
     backend = RamDiskBlk(1 << 20)
-    guest = Guest(ram)
-    first = second = None
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            fe, _server = await stack.enter_async_context(connected_pair(backend))
-            stack.push_async_callback(close, lambda: (second, first))  # before the back-end's end
-
-            async def connect() -> AsyncFrontend:
-                return fe
-
-            keeper = Keeper()
-            first = new_device(guest, shadow_path(guest, record), connect, keeper)
-            one = b"\x11" * 512
-            async with asyncio.timeout(TIMEOUT):
-                await first.start()
-                await _bring_up(first)
-                guest.request(0, VIRTIO_BLK_T_OUT, 0, one)
-                await write(first, Reg.QUEUE_NOTIFY, 0)
-                await guest.completed(first, {0})
-                assert "dev0.shadow" in keeper.stored
-                two = b"\x22" * 512
-                async with called(first) as backend_called:
-                    guest.request(1, VIRTIO_BLK_T_OUT, 8, two)
-                    guest.request(2, VIRTIO_BLK_T_IN, 0, read=512)
-                    await write(first, Reg.QUEUE_NOTIFY, 0)
-                    await backend_called.wait()  # the back-end completed both: nobody harvests them
-                    assert backend.requests[VIRTIO_BLK_T_OUT] == 2 and backend.requests[VIRTIO_BLK_T_IN] == 1
-                    assert isinstance(first.model, VirtioMmioDevice)
-                    saved = snapshot(first.model)
-                    kept = await crash(first, keeper)
-                    stack.callback(kept.close)  # (what the successor did not take)
-                if scribble is not None:
-                    assert kept.shadow is not None and isinstance(first.memory, ShadowDataPath)
-                    scribble(kept.shadow, first.memory.shadow)
-                second = new_device(guest, shadow_path(guest, record), _no_new_connection, Keeper())
-                await second.start(saved, kept=kept)
-                await guest.completed(second, {1, 2})
-                assert guest.status(1, 512) == 0 and guest.status(2, 512) == 0
-                assert guest.read_back(2, 512) == one and guest.done[2] == 513
-                assert bytes(backend.disk[8 * 512 : 9 * 512]) == two
-                three = b"\x33" * 512
-                guest.request(3, VIRTIO_BLK_T_OUT, 16, three)
-                await write(second, Reg.QUEUE_NOTIFY, 0)
-                await guest.completed(second, {3})
-                assert bytes(backend.disk[16 * 512 : 17 * 512]) == three
-    finally:
-        guest.close()
+    async with scene(ram, backend, lambda guest: shadow_path(guest, record)) as sc, asyncio.timeout(TIMEOUT):
+        guest, first = sc.guest, sc.first
+        one = b"\x11" * 512
+        guest.request(0, VIRTIO_BLK_T_OUT, 0, one)
+        await write(first, Reg.QUEUE_NOTIFY, 0)
+        await guest.completed(first, {0})
+        assert "dev0.shadow" in sc.keeper.stored
+        two = b"\x22" * 512
+        async with called(first) as backend_called:
+            guest.request(1, VIRTIO_BLK_T_OUT, 8, two)
+            guest.request(2, VIRTIO_BLK_T_IN, 0, read=512)
+            await write(first, Reg.QUEUE_NOTIFY, 0)
+            await backend_called.wait()  # the back-end completed both: nobody harvests them
+            assert backend.requests[VIRTIO_BLK_T_OUT] == 2 and backend.requests[VIRTIO_BLK_T_IN] == 1
+            assert isinstance(first.model, VirtioMmioDevice)
+            saved = snapshot(first.model)
+            kept = await crash(first, sc.keeper)
+            sc.stack.callback(kept.close)  # (what the successor did not take)
+        if scribble is not None:
+            assert kept.shadow is not None and isinstance(first.memory, ShadowDataPath)
+            scribble(kept.shadow, first.memory.shadow)
+        second = sc.successor(shadow_path(guest, record))
+        await second.start(saved, kept=kept)
+        await guest.completed(second, {1, 2})
+        assert guest.status(1, 512) == 0 and guest.status(2, 512) == 0
+        assert guest.read_back(2, 512) == one and guest.done[2] == 513
+        assert bytes(backend.disk[8 * 512 : 9 * 512]) == two
+        three = b"\x33" * 512
+        guest.request(3, VIRTIO_BLK_T_OUT, 16, three)
+        await write(second, Reg.QUEUE_NOTIFY, 0)
+        await guest.completed(second, {3})
+        assert bytes(backend.disk[16 * 512 : 17 * 512]) == three
     return backend
 
 
@@ -358,51 +395,31 @@ async def test_a_backend_that_does_not_drain_after_the_crash_is_dropped_in_one_l
     disk = bytearray(1 << 20)
     holding, fresh = Holding(disk), RamDiskBlk(1 << 20)
     fresh.disk = disk
-    guest = Guest(ram_memfd)
-    first = second = None
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            held_fe, held_task = await stack.enter_async_context(serving(holding))
-            stack.push_async_callback(close, lambda: (second, first))
-            connections: list[AsyncFrontend] = []
-
-            async def connect_held() -> AsyncFrontend:
-                return held_fe
-
-            async def connect_fresh() -> AsyncFrontend:
-                fe, _task = await stack.enter_async_context(serving(fresh))
-                connections.append(fe)
-                return fe
-
-            keeper = Keeper()
-            first = new_device(guest, shadow_path(guest, path), connect_held, keeper)
-            one = b"\x44" * 512
-            async with asyncio.timeout(TIMEOUT):
-                await first.start()
-                await _bring_up(first)
-                guest.request(0, VIRTIO_BLK_T_OUT, 0, one)
-                await write(first, Reg.QUEUE_NOTIFY, 0)
-                await holding.took.wait()
-                assert isinstance(first.model, VirtioMmioDevice)
-                saved = snapshot(first.model)
-                kept = await crash(first, keeper)
-                second = new_device(guest, shadow_path(guest, path), connect_fresh, Keeper())
-                with caplog.at_level(logging.WARNING):
-                    await second.start(saved, kept=kept)
-                lines = [r.getMessage() for r in caplog.records if "kept from the previous process is unusable" in r.getMessage()]
-                assert len(lines) == 1 and "does not drain" in lines[0] and "connecting afresh" in lines[0], lines
-                assert "\n" not in lines[0]
-                await held_task  # its connection is closed: it ends
-                assert len(connections) == 1 and second.frontend is connections[0]
-                await guest.completed(second, {0})
-                assert guest.status(0, 512) == 0 and bytes(disk[:512]) == one
-                two = b"\x55" * 512
-                guest.request(1, VIRTIO_BLK_T_OUT, 8, two)
-                await write(second, Reg.QUEUE_NOTIFY, 0)
-                await guest.completed(second, {1})
-                assert bytes(disk[8 * 512 : 9 * 512]) == two and fresh.requests[VIRTIO_BLK_T_OUT] == 2
-    finally:
-        guest.close()
+    async with scene(ram_memfd, holding, lambda guest: shadow_path(guest, path)) as sc, asyncio.timeout(TIMEOUT):
+        guest, first = sc.guest, sc.first
+        connections: list[AsyncFrontend] = []
+        one = b"\x44" * 512
+        guest.request(0, VIRTIO_BLK_T_OUT, 0, one)
+        await write(first, Reg.QUEUE_NOTIFY, 0)
+        await holding.took.wait()
+        assert isinstance(first.model, VirtioMmioDevice)
+        saved = snapshot(first.model)
+        kept = await crash(first, sc.keeper)
+        second = sc.successor(shadow_path(guest, path), sc.fresh(fresh, connections))
+        with caplog.at_level(logging.WARNING):
+            await second.start(saved, kept=kept)
+        lines = [r.getMessage() for r in caplog.records if "kept from the previous process is unusable" in r.getMessage()]
+        assert len(lines) == 1 and "does not drain" in lines[0] and "connecting afresh" in lines[0], lines
+        assert "\n" not in lines[0]
+        await sc.task  # its connection is closed: it ends
+        assert len(connections) == 1 and second.frontend is connections[0]
+        await guest.completed(second, {0})
+        assert guest.status(0, 512) == 0 and bytes(disk[:512]) == one
+        two = b"\x55" * 512
+        guest.request(1, VIRTIO_BLK_T_OUT, 8, two)
+        await write(second, Reg.QUEUE_NOTIFY, 0)
+        await guest.completed(second, {1})
+        assert bytes(disk[8 * 512 : 9 * 512]) == two and fresh.requests[VIRTIO_BLK_T_OUT] == 2
 
 
 @pytest.mark.asyncio
@@ -416,55 +433,37 @@ async def test_the_inflight_area_outlives_a_crash_and_a_restarted_backend_resubm
     index with a fresh area would run again, leaving the held one never completed)."""
     disk = bytearray(1 << 20)
     before, after = OutOfOrder(disk, hold={0}), OutOfOrder(disk)
-    guest = Guest(ram_memfd)
-    first = second = None
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            fe, before_task = await stack.enter_async_context(serving(before))
-            stack.push_async_callback(close, lambda: (second, first))
-
-            async def connect_before() -> AsyncFrontend:
-                return fe
-
-            async def connect_after() -> AsyncFrontend:
-                fe, _task = await stack.enter_async_context(serving(after))
-                return fe
-
-            keeper = Keeper()
-            first = new_device(guest, zero_copy(ram_memfd), connect_before, keeper)
-            old, young = b"\x66" * 512, b"\x77" * 512
-            async with asyncio.timeout(TIMEOUT):
-                await first.start()
-                await _bring_up(first)
-                assert "dev0.inflight" in keeper.stored and first.inflight is not None
-                guest.request(0, VIRTIO_BLK_T_OUT, 0, old)
-                guest.request(1, VIRTIO_BLK_T_OUT, 8, young)
-                await write(first, Reg.QUEUE_NOTIFY, 0)
-                await guest.completed(first, {1})
-                assert before.ran == [0, 8]
-                assert isinstance(first.model, VirtioMmioDevice)
-                saved = snapshot(first.model)
-                kept = await crash(first, keeper)
-                before_task.cancel()  # the back-end dies too
-                await asyncio.gather(before_task, return_exceptions=True)
-                second = new_device(guest, zero_copy(ram_memfd), connect_after, Keeper())
-                with caplog.at_level(logging.WARNING):
-                    await second.start(saved, kept=kept)
-                assert not [r for r in caplog.records if "inflight area" in r.getMessage()], caplog.text
-            try:
-                async with asyncio.timeout(5.0):
-                    await guest.completed(second, {0})
-            except TimeoutError:
-                raise AssertionError(f"the held write never completed; the restarted back-end ran sectors {after.ran}") from None
-            assert after.ran == [0], f"the restarted back-end ran sectors {after.ran}, the held write's (0) only expected"
-            assert guest.status(0, 512) == 0 and bytes(disk[:512]) == old and bytes(disk[8 * 512 : 9 * 512]) == young
-            async with asyncio.timeout(TIMEOUT):
-                guest.request(2, VIRTIO_BLK_T_OUT, 16, old)
-                await write(second, Reg.QUEUE_NOTIFY, 0)
-                await guest.completed(second, {2})
-            assert after.ran == [0, 16]
-    finally:
-        guest.close()
+    async with scene(ram_memfd, before, lambda _guest: zero_copy(ram_memfd)) as sc:
+        guest, first = sc.guest, sc.first
+        old, young = b"\x66" * 512, b"\x77" * 512
+        async with asyncio.timeout(TIMEOUT):
+            assert "dev0.inflight" in sc.keeper.stored and first.inflight is not None
+            guest.request(0, VIRTIO_BLK_T_OUT, 0, old)
+            guest.request(1, VIRTIO_BLK_T_OUT, 8, young)
+            await write(first, Reg.QUEUE_NOTIFY, 0)
+            await guest.completed(first, {1})
+            assert before.ran == [0, 8]
+            assert isinstance(first.model, VirtioMmioDevice)
+            saved = snapshot(first.model)
+            kept = await crash(first, sc.keeper)
+            sc.task.cancel()  # the back-end dies too
+            await asyncio.gather(sc.task, return_exceptions=True)
+            second = sc.successor(zero_copy(ram_memfd), sc.fresh(after))
+            with caplog.at_level(logging.WARNING):
+                await second.start(saved, kept=kept)
+            assert not [r for r in caplog.records if "inflight area" in r.getMessage()], caplog.text
+        try:
+            async with asyncio.timeout(5.0):
+                await guest.completed(second, {0})
+        except TimeoutError:
+            raise AssertionError(f"the held write never completed; the restarted back-end ran sectors {after.ran}") from None
+        assert after.ran == [0], f"the restarted back-end ran sectors {after.ran}, the held write's (0) only expected"
+        assert guest.status(0, 512) == 0 and bytes(disk[:512]) == old and bytes(disk[8 * 512 : 9 * 512]) == young
+        async with asyncio.timeout(TIMEOUT):
+            guest.request(2, VIRTIO_BLK_T_OUT, 16, old)
+            await write(second, Reg.QUEUE_NOTIFY, 0)
+            await guest.completed(second, {2})
+        assert after.ran == [0, 16]
 
 
 async def handover(device: Device) -> Kept:
@@ -485,43 +484,28 @@ async def test_zero_copy_resumes_the_kept_connection_where_the_backend_stopped_n
     second time, its late completion reaches the guest once, and a later write is served."""
     disk = bytearray(1 << 20)
     late = OutOfOrder(disk, hold={0}, inflight=False)
-    guest = Guest(ram_memfd)
-    first = second = None
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            fe, _task = await stack.enter_async_context(serving(late))
-            stack.push_async_callback(close, lambda: (second, first))
-
-            async def connect() -> AsyncFrontend:
-                return fe
-
-            keeper = Keeper()
-            first = new_device(guest, zero_copy(ram_memfd), connect, keeper)
-            one, two = b"\x88" * 512, b"\x99" * 512
-            async with asyncio.timeout(TIMEOUT):
-                await first.start()
-                await _bring_up(first)
-                guest.request(0, VIRTIO_BLK_T_OUT, 0, one)
-                await write(first, Reg.QUEUE_NOTIFY, 0)
-                await late.took.wait()
-                assert isinstance(first.model, VirtioMmioDevice)
-                saved = snapshot(first.model)
-                if how == "crash":
-                    kept = await crash(first, keeper)
-                else:
-                    kept = await handover(first)
-                    assert SessionMeta.read(kept.meta).stopped == [[0, 1]]
-                second = new_device(guest, zero_copy(ram_memfd), _no_new_connection, Keeper())
-                await second.start(saved, kept=kept)
-                guest.request(1, VIRTIO_BLK_T_OUT, 8, two)
-                await write(second, Reg.QUEUE_NOTIFY, 0)
-                await guest.completed(second, {1})  # (the back-end has looked at the ring since the resume)
-                assert late.ran == [0, 8], f"the back-end ran sectors {late.ran}: the held write was taken again"
-                late.complete_held()
-                await guest.completed(second, {0})
-                assert guest.status(0, 512) == 0 and bytes(disk[:512]) == one and bytes(disk[8 * 512 : 9 * 512]) == two
-    finally:
-        guest.close()
+    async with scene(ram_memfd, late, lambda _guest: zero_copy(ram_memfd)) as sc, asyncio.timeout(TIMEOUT):
+        guest, first = sc.guest, sc.first
+        one, two = b"\x88" * 512, b"\x99" * 512
+        guest.request(0, VIRTIO_BLK_T_OUT, 0, one)
+        await write(first, Reg.QUEUE_NOTIFY, 0)
+        await late.took.wait()
+        assert isinstance(first.model, VirtioMmioDevice)
+        saved = snapshot(first.model)
+        if how == "crash":
+            kept = await crash(first, sc.keeper)
+        else:
+            kept = await handover(first)
+            assert SessionMeta.read(kept.meta).stopped == [[0, 1]]
+        second = sc.successor(zero_copy(ram_memfd))
+        await second.start(saved, kept=kept)
+        guest.request(1, VIRTIO_BLK_T_OUT, 8, two)
+        await write(second, Reg.QUEUE_NOTIFY, 0)
+        await guest.completed(second, {1})  # (the back-end has looked at the ring since the resume)
+        assert late.ran == [0, 8], f"the back-end ran sectors {late.ran}: the held write was taken again"
+        late.complete_held()
+        await guest.completed(second, {0})
+        assert guest.status(0, 512) == 0 and bytes(disk[:512]) == one and bytes(disk[8 * 512 : 9 * 512]) == two
 
 
 def _other_shape(kept: Kept) -> None:
@@ -557,42 +541,27 @@ async def test_a_kept_inflight_area_that_does_not_fit_is_refused_in_one_line_and
     but not with an inflight area that does not fit the device or its record (logged in one line,
     closed): it asks the back-end for a fresh one at the resume, and keeps that one."""
     backend = RamDiskBlk(1 << 20)
-    guest = Guest(ram_memfd)
-    first = second = None
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            fe, _server = await stack.enter_async_context(connected_pair(backend))
-            stack.push_async_callback(close, lambda: (second, first))
-
-            async def connect() -> AsyncFrontend:
-                return fe
-
-            keeper = Keeper()
-            first = new_device(guest, zero_copy(ram_memfd), connect, keeper)
-            async with asyncio.timeout(TIMEOUT):
-                await first.start()
-                await _bring_up(first)
-                assert first.inflight is not None
-                assert isinstance(first.model, VirtioMmioDevice)
-                saved = snapshot(first.model)
-                kept = await crash(first, keeper)
-                stack.callback(kept.close)
-                spoil(kept)
-                later = Keeper()
-                second = new_device(guest, zero_copy(ram_memfd), _no_new_connection, later)
-                with caplog.at_level(logging.WARNING):
-                    await second.start(saved, kept=kept)
-                lines = [r.getMessage() for r in caplog.records if "inflight area" in r.getMessage()]
-                assert len(lines) == 1 and reason in lines[0] and "\n" not in lines[0], lines
-                area = second.inflight
-                assert area is not None and (area.num_queues, area.queue_size) == (1, 64)
-                assert later.stored.get("dev0.inflight") == area.fd
-                assert SessionMeta.read(later.stored["dev0.meta"]).inflight == [area.mmap_size, area.mmap_offset, 1, 64]
-                guest.request(0, VIRTIO_BLK_T_OUT, 0, b"\x12" * 512)
-                await write(second, Reg.QUEUE_NOTIFY, 0)
-                await guest.completed(second, {0})
-    finally:
-        guest.close()
+    async with scene(ram_memfd, backend, lambda _guest: zero_copy(ram_memfd)) as sc, asyncio.timeout(TIMEOUT):
+        guest, first = sc.guest, sc.first
+        assert first.inflight is not None
+        assert isinstance(first.model, VirtioMmioDevice)
+        saved = snapshot(first.model)
+        kept = await crash(first, sc.keeper)
+        sc.stack.callback(kept.close)
+        spoil(kept)
+        later = Keeper()
+        second = sc.successor(zero_copy(ram_memfd), keeper=later)
+        with caplog.at_level(logging.WARNING):
+            await second.start(saved, kept=kept)
+        lines = [r.getMessage() for r in caplog.records if "inflight area" in r.getMessage()]
+        assert len(lines) == 1 and reason in lines[0] and "\n" not in lines[0], lines
+        area = second.inflight
+        assert area is not None and (area.num_queues, area.queue_size) == (1, 64)
+        assert later.stored.get("dev0.inflight") == area.fd
+        assert SessionMeta.read(later.stored["dev0.meta"]).inflight == [area.mmap_size, area.mmap_offset, 1, 64]
+        guest.request(0, VIRTIO_BLK_T_OUT, 0, b"\x12" * 512)
+        await write(second, Reg.QUEUE_NOTIFY, 0)
+        await guest.completed(second, {0})
 
 
 def test_the_session_record_carries_the_inflight_areas_shape_and_refuses_a_malformed_one():
@@ -665,35 +634,21 @@ async def test_every_queues_kept_completions_reach_the_guest_before_any_queue_ta
     path = tmp_path / "dev0.inflight"
     backend = RamDiskBlk(1 << 20, num_queues=2)
     backend.disk[:512] = b"\x5a" * 512
-    guest = Guest(ram_memfd, queues=2)
-    first = second = None
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            fe, _server = await stack.enter_async_context(connected_pair(backend))
-            stack.push_async_callback(close, lambda: (second, first))
-
-            async def connect() -> AsyncFrontend:
-                return fe
-
-            keeper = Keeper()
-            first = new_device(guest, shadow_path(guest, path, 2), connect, keeper, config)
-            async with asyncio.timeout(TIMEOUT):
-                await first.start()
-                await bring_up_two(first)
-                async with called(first, 1) as backend_called:
-                    guest.request(0, VIRTIO_BLK_T_IN, 0, read=512, queue=1)
-                    await write(first, Reg.QUEUE_NOTIFY, 1)
-                    await backend_called.wait()
-                    assert isinstance(first.model, VirtioMmioDevice)
-                    saved = snapshot(first.model)
-                    kept = await crash(first, keeper)
-                    stack.callback(kept.close)
-                guest.request(1, VIRTIO_BLK_T_OUT, 8, b"\xaa" * 512, queue=0)  # (its notify reached no daemon)
-                second = new_device(guest, shadow_path(guest, path, 2), _no_new_connection, Keeper(), config)
-                await second.start(saved, kept=kept)
-                await guest.completed(second, {0, 1})
-                assert guest.status(0, 512) == 0 and guest.status(1, 512) == 0
-                assert guest.read_back(0, 512) == b"\x5a" * 512, "the read's bytes were overwritten in the bounce pool"
-                assert backend.requests[VIRTIO_BLK_T_IN] == 1 and bytes(backend.disk[8 * 512 : 9 * 512]) == b"\xaa" * 512
-    finally:
-        guest.close()
+    async with scene(ram_memfd, backend, lambda guest: shadow_path(guest, path, 2), queues=2, config=config) as sc, \
+            asyncio.timeout(TIMEOUT):
+        guest, first = sc.guest, sc.first
+        async with called(first, 1) as backend_called:
+            guest.request(0, VIRTIO_BLK_T_IN, 0, read=512, queue=1)
+            await write(first, Reg.QUEUE_NOTIFY, 1)
+            await backend_called.wait()
+            assert isinstance(first.model, VirtioMmioDevice)
+            saved = snapshot(first.model)
+            kept = await crash(first, sc.keeper)
+            sc.stack.callback(kept.close)
+        guest.request(1, VIRTIO_BLK_T_OUT, 8, b"\xaa" * 512, queue=0)  # (its notify reached no daemon)
+        second = sc.successor(shadow_path(guest, path, 2))
+        await second.start(saved, kept=kept)
+        await guest.completed(second, {0, 1})
+        assert guest.status(0, 512) == 0 and guest.status(1, 512) == 0
+        assert guest.read_back(0, 512) == b"\x5a" * 512, "the read's bytes were overwritten in the bounce pool"
+        assert backend.requests[VIRTIO_BLK_T_IN] == 1 and bytes(backend.disk[8 * 512 : 9 * 512]) == b"\xaa" * 512

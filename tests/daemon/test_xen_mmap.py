@@ -323,7 +323,8 @@ def test_grant_layout_merges_rings_to_fit_and_gives_up_beyond():
 
 def test_grant_export_falls_back_to_shadow_when_the_rings_do_not_fit(caplog):
     """Scattered rings of four queues: the export serves that activation with the shadow path
-    (its memfd region as a XEN_MMAP UNIX region, flags 0), logged; zero copy again when they fit."""
+    (its memfd region as a XEN_MMAP UNIX region, flags 0; a going device's driver is asked not to
+    notify by it), logged; zero copy again when they fit."""
     caplog.set_level(logging.WARNING)
 
     class FakeShadow:
@@ -341,6 +342,9 @@ def test_grant_export_falls_back_to_shadow_when_the_rings_do_not_fit(caplog):
 
         def close_queue(self, index):
             pass
+
+        def quiesce(self):
+            return list(self.opened)
 
         def close(self):
             self.closed = True
@@ -363,6 +367,7 @@ def test_grant_export_falls_back_to_shadow_when_the_rings_do_not_fit(caplog):
     table, fds = export.regions(rings[0])
     assert [(r.xen_mmap_flags, r.guest_phys_addr) for r in table] == [(0, 1 << 40)] and fds == [99]
     assert not export.direct and export.open_queue(rings[0][0], 0, 3) == "shadow rings" and shadow.opened == [0]
+    assert export.quiesce() == [0]  # the shadow path's own
     assert any("more than 8 XEN_MMAP grant regions" in r.getMessage() for r in caplog.records)
     rings[0] = rings[0][:1]
     table, fds = export.regions(rings[0])

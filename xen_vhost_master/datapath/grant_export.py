@@ -22,6 +22,7 @@ from ..xen.abi import XEN_PAGE_SHIFT
 from ..xen.gntdev import GrantDev
 from .base import DataPath, RingAddresses
 from .shadow import ShadowDataPath
+from .zerocopy import ask_not_to_notify
 
 __all__ = [
     "MAX_GRANT_QUEUES",
@@ -147,6 +148,7 @@ class GrantXenMmapExport:
         self._fallback = fallback
         self.log = log or logging.getLogger(__name__)
         self._kick: dict[int, int] = {}
+        self._rings: dict[int, tuple[QueueConfig, int]] = {}  # open queue → (its config, features)
         self._reader: GrantGuestMemory | None = None
         self.layout: list[GrantRegion] = []  # the last memory table
         self.shadow: DataPath | None = None  # built at the first layout that did not fit
@@ -196,6 +198,7 @@ class GrantXenMmapExport:
             assert self.shadow is not None
             return self.shadow.open_queue(queue, features, kick_fd, resume=resume)
         self._kick[queue.index] = kick_fd
+        self._rings[queue.index] = (queue, features)
         base = 0
         if resume:  # without INFLIGHT_SHMFD, QEMU's rule: restart at the guest's used index
             try:
@@ -229,9 +232,27 @@ class GrantXenMmapExport:
         if self.shadowed and self.shadow is not None:
             self.shadow.close_queue(index)
         self._kick.pop(index, None)
+        self._rings.pop(index, None)
+
+    def quiesce(self) -> list[int]:
+        """The device is going while its guest runs on: ask the driver not to notify any open
+        queue again. On the shadow fallback, the shadow path's own (at once); else once the
+        back-end has stopped the rings (it owned their notification suppression until then),
+        written as zero copy does (:func:`~.zerocopy.ask_not_to_notify`) through a writable
+        gntdev mapping of the ring's grant of our own, unmapped after. A ring the guest granted
+        read-only is left unwritten (logged). Returns the queues asked."""
+        if self.shadowed:
+            quiesce = getattr(self.shadow, "quiesce", None)
+            return quiesce() if callable(quiesce) else []
+        try:
+            return ask_not_to_notify(self._rings, self._read, self._write, self.log)
+        finally:
+            if self._reader is not None:
+                self._reader.trim()
 
     def close(self) -> None:
         self._kick.clear()
+        self._rings.clear()
         try:
             if self.shadow is not None:
                 self.shadow.close()
@@ -239,6 +260,22 @@ class GrantXenMmapExport:
             if self._reader is not None:
                 self._reader.close()
             self.gntdev.close()
+
+    def _read(self, addr: int, length: int) -> bytes:
+        try:
+            with self._memory().view(addr, length) as v:
+                return bytes(v)
+        except GuestMemoryError as e:
+            raise GuestFault(addr, str(e)) from None
+
+    def _write(self, addr: int, data: bytes) -> None:
+        try:
+            with self._memory().view(addr, len(data)) as v:
+                if v.readonly:
+                    raise GuestFault(addr, "the guest granted this ring page read-only to the device: left unwritten")
+                v[:] = data
+        except GuestMemoryError as e:
+            raise GuestFault(addr, str(e)) from None
 
     def _memory(self) -> GrantGuestMemory:
         """The daemon's own (rare, small) reads of grant space, over a gntdev of its own: the

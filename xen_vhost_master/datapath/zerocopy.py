@@ -24,7 +24,7 @@ from ..errors import GuestFault
 from ..virtio_mmio import F_EVENT_IDX, F_RING_PACKED, QueueConfig
 from .base import RingAddresses
 
-__all__ = ["FdExport", "FdRegion", "XenMmapExport", "sim_memfd_export"]
+__all__ = ["FdExport", "FdRegion", "XenMmapExport", "ask_not_to_notify", "sim_memfd_export"]
 
 
 class _ZeroCopy:
@@ -98,28 +98,38 @@ class _ZeroCopy:
     def quiesce(self) -> list[int]:
         """The device is going while its guest runs on and the back-end has stopped its rings
         (it owned their notification suppression until then): ask the driver not to notify any
-        open queue again. Split ring (virtio 1.2 §2.7.10): VIRTQ_USED_F_NO_NOTIFY in the used
-        ring's flags, and with EVENT_IDX ``avail_event`` half the index space away from the
-        driver's avail idx; packed ring (§2.8.10): the device event suppression structure's flags
-        RING_EVENT_FLAGS_DISABLE. Returns the queues asked (none without guest-memory access)."""
+        open queue again (:func:`ask_not_to_notify`). Returns the queues asked (none without
+        guest-memory access)."""
         if self._read_guest is None or self._write_guest is None:
             return []
-        asked = []
-        for index, (q, features) in sorted(self._rings.items()):
-            try:
-                if features >> F_RING_PACKED & 1:
-                    self._write_guest(q.device + 2, (1).to_bytes(2, "little"))
-                else:
-                    self._write_guest(q.device, (1).to_bytes(2, "little"))
-                    if features >> F_EVENT_IDX & 1:
-                        avail = int.from_bytes(self._read_guest(q.driver + 2, 2), "little")
-                        self._write_guest(q.device + 4 + 8 * q.num, ((avail + 0x8000) & 0xFFFF).to_bytes(2, "little"))
-            except (GuestFault, OSError) as e:
-                (self._log or logging.getLogger(__name__)).warning(
-                    "queue %d: cannot ask the driver not to notify: %s", index, e)
-                continue
-            asked.append(index)
-        return asked
+        return ask_not_to_notify(self._rings, self._read_guest, self._write_guest,
+                                 self._log or logging.getLogger(__name__))
+
+
+def ask_not_to_notify(rings: Mapping[int, tuple[QueueConfig, int]], read_guest: Callable[[int, int], bytes],
+                      write_guest: Callable[[int, bytes], None],
+                      log: logging.Logger | logging.LoggerAdapter[logging.Logger]) -> list[int]:
+    """Write into the guest's rings (queue → its config and negotiated features) that its driver
+    is not to notify again. Split ring (virtio 1.2 §2.7.10): VIRTQ_USED_F_NO_NOTIFY in the used
+    ring's flags, and with EVENT_IDX ``avail_event`` half the index space away from the driver's
+    avail idx; packed ring (§2.8.10): the device event suppression structure's flags
+    RING_EVENT_FLAGS_DISABLE. A queue whose ring cannot be written (GuestFault, OSError) is logged
+    in one line and left. Returns the queues asked."""
+    asked = []
+    for index, (q, features) in sorted(rings.items()):
+        try:
+            if features >> F_RING_PACKED & 1:
+                write_guest(q.device + 2, (1).to_bytes(2, "little"))
+            else:
+                write_guest(q.device, (1).to_bytes(2, "little"))
+                if features >> F_EVENT_IDX & 1:
+                    avail = int.from_bytes(read_guest(q.driver + 2, 2), "little")
+                    write_guest(q.device + 4 + 8 * q.num, ((avail + 0x8000) & 0xFFFF).to_bytes(2, "little"))
+        except (GuestFault, OSError) as e:
+            log.warning("queue %d: cannot ask the driver not to notify: %s", index, e)
+            continue
+        asked.append(index)
+    return asked
 
 
 @dataclass(frozen=True)
