@@ -32,11 +32,12 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 
-__all__ = ["FIO_TESTS", "DD_TESTS", "TARGETS", "FioResult", "fio_result", "parse", "rows", "host_load", "main"]
+__all__ = ["FIO_TESTS", "DD_TESTS", "TARGETS", "FioResult", "fio_result", "parse", "methods", "rows", "host_load", "main"]
 
 _TS = re.compile(r"^\[\s*[0-9.]+\] ?")
 _END = re.compile(r"BENCH\[(\S+)\]\| DOMU-BENCH-END (\S+) (\S+) rc=(-?\d+)(.*)$")
 _FIO = re.compile(r"BENCH\[(\S+)\]\| DOMU-BENCH-FIO (\S+) (\S+) ?(.*)$")
+_METHOD = re.compile(r"BENCH\[(\S+)\]\| DOMU-BENCH-METHOD (\S+)")
 _CPU = re.compile(r"XENLAB-BENCH-CPU (\S+) DOMU-BENCH-(BEGIN|END) (\S+) (\S+) (.*)$")
 # name: (fio's rw, block size, queue depth), in the guest's order
 FIO_TESTS = {"seqwrite-1M": ("write", "1M", 1), "seqread-1M": ("read", "1M", 1),
@@ -173,14 +174,20 @@ def _r(x: float | None, nd: int = 2) -> float | None:
     return None if x is None else round(x, nd)
 
 
-def rows(phases: dict[tuple[str, str, str], Phase], fast: dict[str, bool] | None = None) -> list[dict[str, object]]:
-    """One row per scenario and test of its method (fio's when its guest ran fio, else dd's), the
-    virtio disk beside blkback's in the same guest."""
+def methods(text: str) -> dict[str, str]:
+    """Per scenario, what its guest said it measures with (its DOMU-BENCH-METHOD line)."""
+    return {m.group(1): m.group(2) for m in _METHOD.finditer(text)}
+
+
+def rows(phases: dict[tuple[str, str, str], Phase], fast: dict[str, bool] | None = None,
+         said: dict[str, str] | None = None) -> list[dict[str, object]]:
+    """One row per scenario and test of its method (fio's when its guest said so or ran fio, else
+    dd's), the virtio disk beside blkback's in the same guest."""
     out: list[dict[str, object]] = []
     order = {name: i for i, name in enumerate(PATHS)}
-    for scenario in sorted({k[0] for k in phases}, key=lambda n: (order.get(n, len(order)), n)):
+    for scenario in sorted({k[0] for k in phases} | set(said or {}), key=lambda n: (order.get(n, len(order)), n)):
         mine = {k: p for k, p in phases.items() if k[0] == scenario}
-        method = "fio" if any(p.method == "fio" for p in mine.values()) else "dd"
+        method = "fio" if (said or {}).get(scenario) == "fio" or any(p.method == "fio" for p in mine.values()) else "dd"
         for test in (FIO_TESTS if method == "fio" else DD_TESTS):
             v, b = mine.get((scenario, test, "vda")), mine.get((scenario, test, "xvdb"))
             vm, bm = (v.mbps() if v else None), (b.mbps() if b else None)
@@ -248,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(path, errors="replace") as f:
             text += f.read() + "\n"
     fast = fast_paths(text)
-    result = rows(parse(text), fast)
+    result = rows(parse(text), fast, methods(text))
     complete = bool(result) and all(r["ratio"] is not None for r in result)
     for r in result:
         if r["ratio"] is None:
@@ -257,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(r["scenario"] == "fastpath" for r in result) and fast.get("fastpath") is not True:
         print("the fastpath guest's instance was not on the kernel fast path (Debian's dom0 kernel?)", file=sys.stderr)
         complete = False
-    methods = sorted({str(r["method"]) for r in result})
+    used = sorted({str(r["method"]) for r in result})
     version = next(iter(re.findall(r"DOMU-BENCH-METHOD fio (fio-\S+)", text)), "fio")
     load = None
     if a.host_load:
@@ -265,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             load = host_load(f.read())
     with open(a.out, "w") as f:
         json.dump({"complete": complete, "rows": result,
-                   "method": "; ".join(METHOD[m].format(version) for m in methods) + "; ratio = virtio / blkback "
+                   "method": "; ".join(METHOD[m].format(version) for m in used) + "; ratio = virtio / blkback "
                              "throughput in the same guest; CPU from dom0 /proc/stat (all dom0 CPUs) and /proc/PID/stat "
                              "at each phase's edges, per I/O the guest did",
                    "host_load_1min": load},

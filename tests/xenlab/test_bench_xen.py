@@ -152,6 +152,7 @@ def test_a_guest_without_fio_gives_dd_s_rows_so_labelled(tmp_path: Path) -> None
             out.append(f"[ 2.0] BENCH[pyblk]| DOMU-BENCH-END {test} {dev} rc=0 method=dd bs={bs} ios={ios} ms={ms}")
             out.append(f"[ 2.0] XENLAB-BENCH-CPU pyblk DOMU-BENCH-END {test} {dev} dom0=300 instance=60 backend=25 hz=100")
     out.append(f"[ 3.0] DAEMON[pyblk]| INFO xen_vhost_master: dom1: {SAID['pyblk']}")
+    out.append("[ 3.0] BENCH[pyblk]| DOMU-BENCH-METHOD dd (no fio: not in this initramfs)")
     rc, result = run(tmp_path, "\n".join(out) + "\n")
     assert rc == 0
     rows = result["rows"]
@@ -185,3 +186,12 @@ def test_the_host_s_load_over_the_run(tmp_path: Path) -> None:
     (tmp_path / "load").write_text(samples)
     _, result = run(tmp_path, bench_log(), "--host-load", str(tmp_path / "load"))
     assert result["host_load_1min"] == {"min": 5.1, "median": 6.0, "max": 7.9, "samples": 3}
+
+
+def test_a_fio_guest_whose_phases_never_came_is_incomplete_with_fio_s_rows(tmp_path: Path) -> None:
+    """Its guest said fio, then dom0 saw only the first phase's edges (the guest hung, the log was cut)."""
+    text = "\n".join(ln for ln in bench_log({"pyblk": SAID["pyblk"]}).splitlines()
+                     if "METHOD" in ln or "DAEMON" in ln or "BEGIN seqwrite-1M vda" in ln) + "\n"
+    rc, result = run(tmp_path, text)
+    assert rc == 1 and not result["complete"]
+    assert [r["test"] for r in result["rows"]] == list(FIO_TESTS)  # type: ignore[attr-defined]
