@@ -55,7 +55,7 @@ python3 "$H/boot.py" --xen "$ART/xen-ioreq" --kernel "$DOM0_KERNEL" --initrd "$I
   --timeout "${XENLAB_TIMEOUT:-1200}" || true
 if [ "${XENLAB_BENCH:-0}" = 1 ]; then   # make bench-xen: a report, not a verdict
   step "bench-xen report"
-  kill $SAMPLER 2>/dev/null; SAMPLER=""
+  kill $SAMPLER 2>/dev/null || true; SAMPLER=""
   python3 "$H/bench_xen.py" "$LOG" --out "${XENLAB_BENCH_OUT:-$TREE/bench-xen-results.json}" --host-load "$LOADS"
   exit $?
 fi
