@@ -292,7 +292,8 @@ if [ "${XENLAB_BENCH:-0}" = 1 ] && [ "$(cat "$A/fio.done" 2>/dev/null)" != "fio=
   F=$A/fio-debs; rm -rf "$F" "$A/fio"; mkdir -p "$F/x" "$A/fio/lib"
   # fio's dependencies that can hold a library (no interpreters, no libc: the userland has it)
   FPK=$(ac depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks --no-replaces --no-enhances fio \
-        2>/dev/null | grep -E '^(fio|lib|zlib)[^ :<]*$' | grep -vE '^(libc6|libpython|libperl)' | sort -u)
+        2>/dev/null | grep -E '^(fio|lib|zlib)[^ :<]*$' | grep -vE '^(libc6|libpython|libperl)' | sort -u || true)
+  echo "$FPK" | grep -qx fio || cant "$REL's apt lists do not know fio (make bench-xen's guest tool)"
   (cd "$F" && retry ag download -qq $FPK >/dev/null 2>&1) || cant "apt-get download of fio and its libraries from $M failed 3 times"
   for d in "$F"/*.deb; do dpkg-deb -x "$d" "$F/x"; done
   cp "$F/x/usr/bin/fio" "$A/fio/fio"
