@@ -37,6 +37,9 @@ cp "$A/rootfs/bin/busybox" "$D/bin/"
 cp "$A/modules/virtio_mmio.ko" "$A/modules/virtio_blk.ko" "$D/lib/modules/"
 for m in failover net_failover virtio_net; do [ ! -f "$A/modules/$m.ko" ] || cp "$A/modules/$m.ko" "$D/lib/modules/"; done   # the net scenario
 [ ! -f "$A/modules/xen-blkfront.ko" ] || cp "$A/modules/xen-blkfront.ko" "$D/lib/modules/"   # make bench-xen's PV disk
+# make bench-xen's fio (prepare.sh, XENLAB_BENCH=1 only): /fio/fio and the libraries it loads, run
+# through their own loader; make test's domU has none (its initramfs stays small)
+if [ "${XENLAB_BENCH:-0}" = 1 ] && [ -x "$A/fio/fio" ]; then mkdir -p "$D/fio"; cp -r "$A/fio/fio" "$A/fio/lib" "$D/fio/"; fi
 cp "$H/guest/domu-init.sh" "$D/init"; chmod +x "$D/init"
 (cd "$D" && find . | cpio -o -H newc --quiet | gzip -1) > "$R/boot/domu.cpio.gz"
 ln "$A/Image" "$R/boot/domu-vmlinuz" 2>/dev/null || cp "$A/Image" "$R/boot/domu-vmlinuz"

@@ -284,6 +284,40 @@ if [ ! -f "$A/rootfs.done" ]; then
   touch "$A/rootfs.done"
 fi
 
+# 4b. make bench-xen's fio (XENLAB_BENCH=1 only: make test's domU has none): Debian's arm64 fio and
+# the shared libraries it loads (the NEEDED closure of its binary, found in its library packages and
+# the dom0 userland), nothing else of those packages; $A/fio/{fio,lib/}, fio.done names the version
+if [ "${XENLAB_BENCH:-0}" = 1 ] && [ "$(cat "$A/fio.done" 2>/dev/null)" != "fio=$(ver fio)" ]; then
+  step "fio for the bench domU (fio=$(ver fio) and the libraries it loads)"
+  F=$A/fio-debs; rm -rf "$F" "$A/fio"; mkdir -p "$F/x" "$A/fio/lib"
+  # fio's dependencies that can hold a library (no interpreters, no libc: the userland has it)
+  FPK=$(ac depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks --no-replaces --no-enhances fio \
+        2>/dev/null | grep -E '^(fio|lib|zlib)[^ :<]*$' | grep -vE '^(libc6|libpython|libperl)' | sort -u || true)
+  echo "$FPK" | grep -qx fio || cant "$REL's apt lists do not know fio (make bench-xen's guest tool)"
+  (cd "$F" && retry ag download -qq $FPK >/dev/null 2>&1) || cant "apt-get download of fio and its libraries from $M failed 3 times"
+  for d in "$F"/*.deb; do dpkg-deb -x "$d" "$F/x"; done
+  cp "$F/x/usr/bin/fio" "$A/fio/fio"
+  RL=$A/rootfs/lib/aarch64-linux-gnu; RU=$A/rootfs/usr/lib/aarch64-linux-gnu
+  todo="$A/fio/fio"
+  while [ -n "$todo" ]; do
+    next=""
+    for e in $todo; do
+      for so in $(readelf -d "$e" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
+        [ -e "$A/fio/lib/$so" ] && continue
+        src=""; for dir in "$F/x/usr/lib/aarch64-linux-gnu" "$F/x/lib/aarch64-linux-gnu" "$RU" "$RL"; do
+          [ -e "$dir/$so" ] && { src=$dir/$so; break; }; done
+        [ -n "$src" ] || src=$(find "$F/x" -name "$so" | head -1)   # a private directory (RUNPATH: librados' ceph/)
+        [ -n "$src" ] || { echo "fio needs $so: in none of its packages nor the dom0 userland" >&2; exit 1; }
+        cp -L "$src" "$A/fio/lib/$so"; next="$next $A/fio/lib/$so"
+      done
+    done
+    todo=$next
+  done
+  cp -L "$(ls "$RL/ld-linux-aarch64.so.1" "$RU/ld-linux-aarch64.so.1" 2>/dev/null | head -1)" "$A/fio/lib/"
+  rm -rf "$F"; echo "fio=$(ver fio)" > "$A/fio.done"
+  step "fio: $(ls "$A/fio/lib" | wc -l) libraries, $(du -sh "$A/fio" | cut -f1)"
+fi
+
 # 5. arm64 wheels of the project's dependencies (PyPI), for the dom0's python
 if [ ! -f "$A/wheels.done" ]; then
   step "arm64 wheels (uvloop, construct, construct-typing)"

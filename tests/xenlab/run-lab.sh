@@ -43,15 +43,20 @@ LOGS=$XENLAB_CACHE/logs; [ "$XV" = 4.17 ] || LOGS=$XENLAB_CACHE/logs-$XV   # eac
 mkdir -p "$LOGS"
 LOG=${XENLAB_LOG:-$LOGS/lab.log}
 INITRD=$(mktemp "${TMPDIR:-/tmp}/xenlab-dom0.XXXXXX.cpio.gz")
-trap 'rm -f "$INITRD"' EXIT
+LOADS=$(mktemp "${TMPDIR:-/tmp}/xenlab-load.XXXXXX"); SAMPLER=""
+trap 'rm -f "$INITRD" "$LOADS"; [ -z "$SAMPLER" ] || kill $SAMPLER 2>/dev/null' EXIT
 step "dom0 initramfs from $TREE (scenarios: $XENLAB_SCENARIOS)"
 "$H/mk-initramfs.sh" "$ART" "$INITRD"
 step "boot Xen $XV + dom0 ($XENLAB_DOM0_KERNEL kernel) under qemu-system-aarch64 (TCG); serial log $LOG"
+if [ "${XENLAB_BENCH:-0}" = 1 ]; then   # the host's load over the bench boot, for the report
+  ( while :; do echo "$(date +%s) $(cut -d' ' -f1-3 /proc/loadavg)"; sleep 30; done ) >> "$LOADS" & SAMPLER=$!
+fi
 python3 "$H/boot.py" --xen "$ART/xen-ioreq" --kernel "$DOM0_KERNEL" --initrd "$INITRD" --log "$LOG" \
   --timeout "${XENLAB_TIMEOUT:-1200}" || true
 if [ "${XENLAB_BENCH:-0}" = 1 ]; then   # make bench-xen: a report, not a verdict
   step "bench-xen report"
-  python3 "$H/bench_xen.py" "$LOG" --out "${XENLAB_BENCH_OUT:-$TREE/bench-xen-results.json}"
+  kill $SAMPLER 2>/dev/null || true; SAMPLER=""
+  python3 "$H/bench_xen.py" "$LOG" --out "${XENLAB_BENCH_OUT:-$TREE/bench-xen-results.json}" --host-load "$LOADS"
   exit $?
 fi
 step "verdict"

@@ -247,6 +247,7 @@ destroy_guest() {  # scenario: xl destroy while the guest's I/O loop runs; the t
 # --- make bench-xen (XENLAB_BENCH=1): one guest per scenario, one after the other, two disks each --
 # xvda virtio through the daemon and the scenario's back-end, xvdb a Xen PV disk (the dom0 kernel's
 # blkback over a loop device on a file of the same RAM-backed filesystem as the back-end's image).
+# Each guest has 384 MiB (XENLAB_DOMU_MB): its initramfs carries fio and the libraries it loads (~81 MiB).
 # dom0's CPU counters are read at each phase's edges (the guest idles 2 s around every phase, and
 # this reader reacts to the console line within that gap): all dom0 CPUs (/proc/stat: user+nice+
 # system+irq+softirq jiffies), and the instance's and the back-end's own (utime+stime).
@@ -272,7 +273,7 @@ bench_guest() {  # scenario
 name = "$NAME"
 kernel = "/boot/domu-vmlinuz"
 ramdisk = "/boot/domu.cpio.gz"
-memory = ${XENLAB_DOMU_MB:-128}
+memory = ${XENLAB_DOMU_MB:-384}
 vcpus = 1
 extra = "console=hvc0 rdinit=/init loglevel=4 xenlab_bench"
 disk = [ "backend=0,backendtype=standalone,specification=virtio,vdev=xvda,target=$IMG",
@@ -291,7 +292,7 @@ EOC
     esac
   done &
   echo $! >> /tmp/tails.pid
-  wait_for 600 console_has_n $NAME DOMU-BENCH-DONE 1 || t "bench $S: no DOMU-BENCH-DONE"
+  wait_for 1500 console_has_n $NAME DOMU-BENCH-DONE 1 || t "bench $S: no DOMU-BENCH-DONE"
   sleep 2   # the reader prints the last edge from the console (busybox tail -F polls each second)
   grep DOMU-BENCH $CONSOLE/guest-$NAME.log | tr -d '\r' | prefix "BENCH[$S]"
   xl destroy $NAME; losetup -d $LOOP 2>/dev/null

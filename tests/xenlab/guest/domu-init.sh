@@ -40,25 +40,51 @@ if grep -q xenlab_net /proc/cmdline; then
   done
 fi
 if grep -q xenlab_bench /proc/cmdline; then
-  # make bench-xen: the same dd, O_DIRECT (every block one request, no page cache), on the virtio
-  # disk the daemon serves (vda) and on a Xen PV disk served by dom0's blkback (xvdb), phase by phase,
-  # each framed by idle gaps so that dom0 snapshots its CPU counters while nothing runs.
+  # make bench-xen: the same I/O, O_DIRECT (no page cache), on the virtio disk the daemon serves
+  # (vda) and on a Xen PV disk served by dom0's blkback (xvdb), phase by phase, each framed by idle
+  # gaps so that dom0 snapshots its CPU counters while nothing runs. fio (Debian's, its JSON report
+  # on one DOMU-BENCH-FIO line after each phase) when the initramfs has it and it runs; else busybox
+  # dd at queue depth 1, the phases named as dd's, method=dd on each line.
   insmod /lib/modules/xen-blkfront.ko 2>/dev/null
   i=0; while { [ ! -b /dev/vda ] || [ ! -b /dev/xvdb ]; } && [ $i -lt 150 ]; do sleep 0.2; i=$((i+1)); done
   echo "DOMU-BENCH-DISKS vda=$(cat /sys/block/vda/size 2>/dev/null) xvdb=$(cat /sys/block/xvdb/size 2>/dev/null)"
   ms() { awk '{printf "%d", $1*1000}' /proc/uptime; }
-  N4=${N4:-256}; N1=${N1:-32}
-  for spec in "seqwrite-1M 1048576 $N1 w" "seqread-1M 1048576 $N1 r" "write-4k 4096 $N4 w" "read-4k 4096 $N4 r"; do
-    set -- $spec; TEST=$1; BS=$2; CNT=$3; DIR=$4
-    for dev in vda xvdb; do
-      echo "DOMU-BENCH-BEGIN $TEST $dev"; sleep 2
-      T0=$(ms)
-      if [ $DIR = w ]; then dd if=/dev/zero of=/dev/$dev bs=$BS count=$CNT oflag=direct 2>/dev/null; rc=$?
-      else dd if=/dev/$dev of=/dev/null bs=$BS count=$CNT iflag=direct 2>/dev/null; rc=$?; fi
-      T1=$(ms)
-      echo "DOMU-BENCH-END $TEST $dev rc=$rc bs=$BS ios=$CNT ms=$((T1 - T0))"; sleep 2
+  fio() { /fio/lib/ld-linux-aarch64.so.1 --library-path /fio/lib /fio/fio "$@"; }
+  if [ -x /fio/fio ] && V=$(fio --version 2>&1); then
+    # NAME RW BS IODEPTH IOS: a phase ends at IOS I/Os or after 15 s, whichever first (random
+    # offsets within 32 MiB of the 40 MiB disks)
+    ENGINE=libaio   # Debian's domU kernel has CONFIG_AIO
+    echo "DOMU-BENCH-METHOD fio $V ioengine=$ENGINE"
+    for spec in "seqwrite-1M write 1M 1 32" "seqread-1M read 1M 1 32" "randwrite-4k-qd1 randwrite 4k 1 256" \
+                "randread-4k-qd1 randread 4k 1 256" "randwrite-4k-qd32 randwrite 4k 32 2048" "randread-4k-qd32 randread 4k 32 2048"; do
+      set -- $spec; TEST=$1
+      for dev in vda xvdb; do
+        echo "DOMU-BENCH-BEGIN $TEST $dev"; sleep 2
+        rm -f /tmp/fio.json; T0=$(ms)
+        fio --name=$TEST --filename=/dev/$dev --ioengine=$ENGINE --direct=1 --rw=$2 --bs=$3 --iodepth=$4 \
+            --size=32M --number_ios=$5 --runtime=15 --percentile_list=50:99 --output-format=json --output=/tmp/fio.json \
+            >/tmp/fio.err 2>&1; rc=$?
+        T1=$(ms)
+        echo "DOMU-BENCH-END $TEST $dev rc=$rc method=fio ms=$((T1 - T0))"; sleep 2
+        [ $rc = 0 ] || sed "s/^/DOMU-BENCH-FIO-ERR $TEST $dev /" /tmp/fio.err | head -5
+        echo "DOMU-BENCH-FIO $TEST $dev $(tr -d '\n' < /tmp/fio.json 2>/dev/null | tr -s ' ')"
+      done
     done
-  done
+  else
+    echo "DOMU-BENCH-METHOD dd (no fio: ${V:-not in this initramfs})"
+    N4=${N4:-256}; N1=${N1:-32}
+    for spec in "seqwrite-1M 1048576 $N1 w" "seqread-1M 1048576 $N1 r" "write-4k 4096 $N4 w" "read-4k 4096 $N4 r"; do
+      set -- $spec; TEST=$1; BS=$2; CNT=$3; DIR=$4
+      for dev in vda xvdb; do
+        echo "DOMU-BENCH-BEGIN $TEST $dev"; sleep 2
+        T0=$(ms)
+        if [ $DIR = w ]; then dd if=/dev/zero of=/dev/$dev bs=$BS count=$CNT oflag=direct 2>/dev/null; rc=$?
+        else dd if=/dev/$dev of=/dev/null bs=$BS count=$CNT iflag=direct 2>/dev/null; rc=$?; fi
+        T1=$(ms)
+        echo "DOMU-BENCH-END $TEST $dev rc=$rc method=dd bs=$BS ios=$CNT ms=$((T1 - T0))"; sleep 2
+      done
+    done
+  fi
   echo "DOMU-BENCH-DONE"
   while true; do sleep 3600; done
 fi
