@@ -252,6 +252,9 @@ class _Route:
     slot: ioreq_t | None
     wake: int
     deliver: int
+    rpage: mmap.mmap  # the route page (sim.vcpu_channel: the port's mask, the handler's counters)
+    #: the dom0 kernel's ioeventfds on this vCPU's port: (QueueNotify address, addr_len, vq, eventfd)
+    kevs: list[tuple[int, int, int, int]]
 
     def close(self) -> None:
         self.slot = None  # a ctypes view pins the mmap
@@ -259,11 +262,17 @@ class _Route:
             self.page.close()
         except BufferError:
             pass  # an access in flight still holds a view: the mapping goes with it
+        self.rpage.close()
         os.close(self.wake)
         os.close(self.deliver)
+        for k in self.kevs:
+            os.close(k[3])
 
 
 _U64 = (1 << 64) - 1
+QUEUE_NOTIFY = 0x50  # virtio-mmio QueueNotify (privcmd ioeventfd watches base + 0x50)
+QUEUE_NOTIFY_VQ_MASK = 0xFFFF
+UNMASK_LOOK = 0.01  # s: a vCPU waiting for an unmask looks again at least this often
 
 
 class SimGuest:
@@ -455,17 +464,29 @@ class SimGuest:
         if old is not None:
             old.close()
         try:
-            _r, fds = self._ctl.call({"op": "vcpu_server", "domid": self.domid, "uid": uid, "vcpu": vcpu})
+            reply, fds = self._ctl.call({"op": "vcpu_server", "domid": self.domid, "uid": uid, "vcpu": vcpu})
         except SimHostError:
             return None  # gone or re-routed meanwhile: the host's path
+        kev_args = reply.get("ioeventfds") or []
+        if len(fds) != 4 + len(kev_args):
+            for fd in fds:
+                os.close(fd)
+            return None
         try:
             page = mmap.mmap(fds[0], XEN_PAGE_SIZE)
+            try:
+                rpage = mmap.mmap(fds[3], vcpu_channel.ROUTE_PAGE)
+            except OSError:
+                page.close()
+                raise
         except OSError:
             for fd in fds:
                 os.close(fd)
             return None
         os.close(fds[0])
-        route = _Route(gen, page, ioreq_t.from_buffer(page, vcpu * IOREQ_SLOT_SIZE), fds[1], fds[2])
+        os.close(fds[3])
+        kevs = [(int(a) + QUEUE_NOTIFY, int(n), int(q), fd) for (a, n, q), fd in zip(kev_args, fds[4:])]
+        route = _Route(gen, page, ioreq_t.from_buffer(page, vcpu * IOREQ_SLOT_SIZE), fds[1], fds[2], rpage, kevs)
         self._routes[(uid, vcpu)] = route
         return route
 
@@ -475,13 +496,26 @@ class SimGuest:
         assert self._chan is not None and self._loop is not None and route.slot is not None
         mask = (1 << (8 * size)) - 1
         slot = route.slot
-        slot.addr, slot.data, slot.count, slot.size = addr, (value & (_U64 if arm64 else mask)) if write else 0, 1, size
-        slot.type = IoreqType.COPY
+        data = (value & (_U64 if arm64 else mask)) if write else 0
+        kernel = -1
+        if write and route.kevs:
+            for notify, addr_len, vq, efd in route.kevs:
+                if addr == notify and size == addr_len and data & QUEUE_NOTIFY_VQ_MASK == vq:
+                    kernel = efd
+                    break
+            else:
+                vcpu_channel.count_route(route.rpage, False)  # left to user space (the slot below)
         busy = vcpu_channel.BUSY_OFF + vcpu
         chan = self._chan
         chan[busy] = 1
         try:
+            if kernel >= 0:
+                await self._kernel_notify(route, slot, addr, size, data, kernel)
+                return 0
+            slot.addr, slot.data, slot.count, slot.size = addr, data, 1, size
+            slot.type = IoreqType.COPY
             slot.flags = (ioreq_t.DIR if not write else 0) | IoreqState.READY  # state last (wmb)
+            route.rpage[vcpu_channel.ROUTE_MASKED] = 1  # the evtchn device masks as it queues
             os.eventfd_write(route.deliver, 1)  # EVTCHNOP_send on the vCPU's port
             seen = self._snap
             snap = seen if seen is not None and seen.seq == vcpu_channel.seq_of(self._chan) \
@@ -499,6 +533,47 @@ class SimGuest:
             if not chan.closed:  # (close() during the access)
                 chan[busy] = 0
         return 0 if write else (mask if data == -1 else data & mask)
+
+    async def _kernel_notify(self, route: _Route, slot: ioreq_t, addr: int, size: int, data: int, efd: int) -> None:
+        """The dom0 kernel's privcmd ioeventfd handler on a matching QueueNotify (sim.fastpath
+        ``_ioeventfd_interrupt``), played by the vCPU (sim.vcpu_channel): once user space has the
+        port unmasked (late EOI), the eventfd is signalled and the access is complete; the slot
+        holds the request, answered (never READY for user space), and the port's event still
+        reaches user space, as the evtchn device shares the interrupt."""
+        assert self._loop is not None
+        rpage = route.rpage
+        while rpage[vcpu_channel.ROUTE_MASKED]:
+            rpage[vcpu_channel.ROUTE_WAITING] = 1  # the SimKernel's unmask writes ``wake``
+            if not rpage[vcpu_channel.ROUTE_MASKED]:
+                break
+            fut: asyncio.Future[None] = self._loop.create_future()
+            self._fast_waits.add(fut)
+            self._loop.add_reader(route.wake, _wake, fut)
+            try:  # bounded: the flag and the mask are written by two processes without a fence
+                await asyncio.wait_for(asyncio.shield(fut), UNMASK_LOOK)
+            except TimeoutError:
+                pass
+            finally:
+                if route.slot is not None:
+                    self._loop.remove_reader(route.wake)
+                self._fast_waits.discard(fut)
+            if route.slot is None:
+                raise ConnectionResetError("SimGuest closed")
+            try:
+                os.eventfd_read(route.wake)
+            except BlockingIOError:
+                pass
+        rpage[vcpu_channel.ROUTE_WAITING] = 0
+        slot.addr, slot.data, slot.count, slot.size = addr, data, 1, size
+        slot.type = IoreqType.COPY
+        slot.flags = IoreqState.NONE  # a write: dir 0; answered and taken back by the vCPU
+        try:
+            os.eventfd_write(efd, 1)  # eventfd_signal
+        except OSError:
+            pass  # (as the kernel: a saturated counter is not the vCPU's problem)
+        vcpu_channel.count_route(rpage, True)
+        rpage[vcpu_channel.ROUTE_MASKED] = 1  # the evtchn device's share of the event: masked
+        os.eventfd_write(route.deliver, 1)  # until user space reads and unmasks it
 
     async def _fast_wait(self, uid: int, route: _Route, slot: ioreq_t) -> int:
         """Until the slot says IORESP_READY (data) or the server/domain is gone (-1: all-ones)."""
