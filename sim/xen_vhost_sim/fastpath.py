@@ -170,6 +170,8 @@ class FastPath:
         self.by_port: dict[int, list[tuple[_Kioreq, int]]] = {}
         self.counters: dict[int, _Counters] = {}
         self._loop: Any = None
+        #: called with a domain whose irqfds were assigned or dropped (sim.vcpu_channel)
+        self.on_irqfd_change: Callable[[int], None] = lambda _dom: None
 
     # ------------------------------------------------------------------ ioctl entry (privcmd_ioctl)
     def check_present(self) -> None:
@@ -212,6 +214,7 @@ class FastPath:
             for fd in fds:
                 os.close(fd)
         self.irqfds.append(k)
+        self.on_irqfd_change(dom)
         self._loop = loop
         loop.add_reader(k.fd, self._irqfd_ready, k)  # fires at once for a counter already pending
         log.info("irqfd assigned: d%d, %d-byte dm_op", dom, len(k.dm_op))
@@ -244,6 +247,7 @@ class FastPath:
     def _drop_irqfd(self, k: _Irqfd) -> None:
         if k in self.irqfds:
             self.irqfds.remove(k)
+            self.on_irqfd_change(k.dom)
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(k.fd)
         os.close(k.fd)
@@ -343,6 +347,10 @@ class FastPath:
                 if not lst:
                     self.by_port.pop(p, None)
 
+    def irqfds_of(self, dom: int) -> list[tuple[bytes, int]]:
+        """(dm_op, the host's reference eventfd) of each irqfd assigned for ``dom``."""
+        return [(k.dm_op, k.fd) for k in self.irqfds if k.dom == dom]
+
     def guest_handlers(self, port: int, server: IoreqServer, vcpu: int) -> list[_Ioeventfd] | None:
         """The ioeventfds the handlers of dom0 ``port`` would signal, if vCPU ``vcpu`` of ``server``
         can play them itself (sim.vcpu_channel): every handler on that port watches that server's
@@ -402,15 +410,15 @@ class FastPath:
             log.info("privcmd fd closed with %d irqfd/ioeventfd still assigned: released "
                      "(Linux would keep them until DEASSIGN)", dropped)
 
-    def info(self, dom: int, guest_counts: tuple[int, int] = (0, 0)) -> dict[str, Any]:
-        """``dom``'s counters; ``guest_counts``: (consumed, passed) of the handlers its vCPUs play
-        on the routes still open (sim.vcpu_channel)."""
+    def info(self, dom: int, guest_counts: tuple[int, int, int] = (0, 0, 0)) -> dict[str, Any]:
+        """``dom``'s counters; ``guest_counts``: (consumed, passed, injected) of the handlers its
+        vCPUs and its guest play on the routes still open (sim.vcpu_channel)."""
         c = self._counters(dom)
         return {
             "mode": self.mode.value,
             "ioeventfd_consumed": c.ioeventfd_consumed + guest_counts[0],
             "ioeventfd_passed": c.ioeventfd_passed + guest_counts[1],
-            "irqfd_injected": c.irqfd_injected,
+            "irqfd_injected": c.irqfd_injected + guest_counts[2],
             "irqfd_failed": c.irqfd_failed,
             "ioeventfds": sum(len(k.ioeventfds) for k in self.kioreqs if k.dom == dom),
             "irqfds": sum(1 for k in self.irqfds if k.dom == dom),

@@ -296,6 +296,11 @@ class SimGuest:
         self._snap: Snapshot | None = None  # the page as last read (valid while its seq is)
         self._irq_efd = -1  # the domain's asserted-line events (sim.vcpu_channel)
         self._irq_waits: set[asyncio.Future[None]] = set()
+        # the dom0 kernel's irqfds this guest plays (sim.vcpu_channel): irq -> [(level, eventfd)]
+        self._irqfds: dict[int, list[tuple[int, int]]] = {}
+        self._irqfd_gen = -1
+        self._irq_host_efd = -1
+        self._irqfd_readers: list[int] = []
         try:
             reply, fds = self._ctl.call({"op": "guest_ram", "domid": domid})
             banks = [(int(a), int(b)) for a, b in reply["banks"]]
@@ -356,9 +361,13 @@ class SimGuest:
         if self._irq_efd >= 0:
             if self._irq_waits and self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(self._irq_efd)
+                for fd in self._irqfd_readers:
+                    self._loop.remove_reader(fd)
+            self._irqfd_readers = []
             self._irq_waits.clear()
             os.close(self._irq_efd)
             self._irq_efd = -1
+        self._close_irqfds()
         if self._chan is not None:
             self._chan.close()
             self._chan = None
@@ -630,10 +639,67 @@ class SimGuest:
             return None
         return off
 
+    def _close_irqfds(self) -> None:
+        for lst in self._irqfds.values():
+            for _level, fd in lst:
+                os.close(fd)
+        self._irqfds.clear()
+        if self._irq_host_efd >= 0:
+            os.close(self._irq_host_efd)
+            self._irq_host_efd = -1
+
+    def _sync_irqfds(self, chan: mmap.mmap) -> None:
+        """Fetch the irqfds this guest may play again if the host's set changed (and none is polled now)."""
+        gen = vcpu_channel.irqfd_gen(chan)
+        if gen == self._irqfd_gen or self._irqfd_readers:
+            return
+        self._close_irqfds()
+        self._irqfd_gen = gen
+        try:
+            reply, fds = self._ctl.call({"op": "irqfds", "domid": self.domid})
+        except SimHostError:
+            return
+        lines = reply.get("lines") or []
+        if len(fds) != 1 + len(lines):
+            for fd in fds:
+                os.close(fd)
+            return
+        self._irq_host_efd = fds[0]
+        for (irq, level), fd in zip(lines, fds[1:]):
+            self._irqfds.setdefault(int(irq), []).append((int(level), fd))
+
+    def _irqfd_fire(self, irq: int, level: int, fd: int) -> bool:
+        """The kernel's irqfd worker and the hypervisor's set_irq_level, if the eventfd was signalled:
+        the level first, then (on an assert) the domain's guest and host irq eventfds."""
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            return False  # nothing, or the host read it first (and injects it)
+        chan = self._chan
+        off = vcpu_channel.irq_offset(irq)
+        if chan is None or off is None:
+            return False
+        chan[off] = level
+        vcpu_channel.count_irqfd(chan)
+        if level:
+            for efd in (self._irq_efd, self._irq_host_efd):
+                if efd >= 0:
+                    os.eventfd_write(efd, 1)
+        return True
+
+    def _irqfd_woken(self, irq: int, level: int, fd: int) -> None:
+        if self._irqfd_fire(irq, level, fd):
+            for f in self._irq_waits:  # each re-reads its line
+                if not f.done():
+                    f.set_result(None)
+
     def irq_level(self, irq: int) -> bool:
         off = self._irq_line(irq)
         if off is not None:
             assert self._chan is not None
+            self._sync_irqfds(self._chan)
+            for level, fd in self._irqfds.get(irq, ()):
+                self._irqfd_fire(irq, level, fd)
             return self._chan[off] != 0
         return bool(self._ctl.call({"op": "irq_level", "domid": self.domid, "irq": irq})[0]["value"])
 
@@ -645,11 +711,18 @@ class SimGuest:
                 await self._call({"op": "wait_irq", "irq": irq})  # the host's path (reference)
                 return
             assert self._chan is not None and self._loop is not None
+            self._sync_irqfds(self._chan)
+            for level, fd in self._irqfds.get(irq, ()):
+                self._irqfd_fire(irq, level, fd)
             if self._chan[off]:
                 return
             fut: asyncio.Future[None] = self._loop.create_future()
             if not self._irq_waits:
                 self._loop.add_reader(self._irq_efd, self._irq_woken)
+                for line, lst in self._irqfds.items():
+                    for level, fd in lst:
+                        self._loop.add_reader(fd, self._irqfd_woken, line, level, fd)
+                        self._irqfd_readers.append(fd)
             self._irq_waits.add(fut)
             self._fast_waits.add(fut)
             try:
@@ -659,6 +732,9 @@ class SimGuest:
                 self._irq_waits.discard(fut)
                 if not self._irq_waits and self._irq_efd >= 0 and not self._loop.is_closed():
                     self._loop.remove_reader(self._irq_efd)
+                    for fd in self._irqfd_readers:
+                        self._loop.remove_reader(fd)
+                    self._irqfd_readers = []
 
     def _irq_woken(self) -> None:
         try:

@@ -94,15 +94,16 @@ def _reroute(hv: Hypervisor) -> None:
     hv.publish_all()
 
 
-def _guest_counts(d: Domain) -> tuple[int, int]:
-    """(consumed, passed) counted by the handlers ``d``'s vCPUs play on its open routes."""
+def _guest_counts(d: Domain) -> tuple[int, int, int]:
+    """(consumed, passed, injected) counted by the handlers ``d``'s vCPUs play on its open routes
+    and by the irqfds its guest plays (sim.vcpu_channel)."""
     consumed = passed = 0
     for srv in d.servers.values():
         for page in srv.route_pages:
             if page is not None:
                 c, p = vcpu_channel.route_counters(page[1])
                 consumed, passed = consumed + c, passed + p
-    return consumed, passed
+    return consumed, passed, vcpu_channel.irqfd_count(d.ctl) if d.ctl is not None else 0
 
 
 class Conn:
@@ -877,6 +878,27 @@ class Conn:
         self.close_after_send.extend(fds)
         return ({"errno": 0}, b"", fds)
 
+    def _control_irqfds(self, o: dict[str, Any], _b: bytes) -> Reply:
+        """SIM-ONLY (sim.vcpu_channel): the domain's irqfds the guest may play (a well-formed
+        set_irq_level of a line the page holds, on a domain and host whose dm_op would do just
+        that), each as [irq, level] with its eventfd, after the host's irq eventfd."""
+        d = self.hv.guest(int(o["domid"]))
+        lines: list[list[int]] = []
+        fds = [os.dup(d.irq_host_efd)] if d.irq_host_efd >= 0 else []
+        playable = self.server.host.ioreq_server and d.arch is Arch.ARM64 and not d.dying and bool(fds)
+        for dm_op, fd in self.server.fastpath.irqfds_of(d.domid) if playable else ():
+            op = xen_dm_op()
+            raw = dm_op[: ctypes.sizeof(op)]
+            ctypes.memmove(ctypes.addressof(op), raw, len(raw))
+            lv = op.u.set_irq_level
+            if len(dm_op) < 16 or op.op != DmOp.set_irq_level or op.pad or any(lv.pad) \
+                    or vcpu_channel.irq_offset(lv.irq) is None or lv.level > 1:
+                continue
+            lines.append([int(lv.irq), int(lv.level)])
+            fds.append(os.dup(fd))
+        self.close_after_send.extend(fds)
+        return ({"errno": 0, "lines": lines}, b"", fds)
+
     def _control_vcpu_server(self, o: dict[str, Any], _b: bytes) -> Reply:
         """SIM-ONLY (sim.vcpu_channel): server ``uid``'s ioreq page, and vCPU ``vcpu``'s wake and
         deliver eventfds (ENOENT: no such live server; EAGAIN: the vCPU has no eventfd route)."""
@@ -1105,11 +1127,17 @@ class SimServer:
         self.toolstack = toolstack
         self.fastpath = FastPath(hv, self._run_dm_op, privcmd_eventfd)
         hv.kernel_handles = lambda port, srv, vcpu: self.fastpath.guest_handlers(port, srv, vcpu) is None
+        self.fastpath.on_irqfd_change = self._irqfds_changed
         self.conns: set[Conn] = set()
         self.listener: socket.socket | None = None
         self.domctl_interface = DOMCTL_INTERFACE_VERSION  # SIM-ONLY setting: which Xen answers domctl
         self.host = HostProfile()  # SIM-ONLY setting: what kind of host the daemon finds
         self.xl_configs: dict[int, dict[str, Any]] = {}  # domid -> what xl_create was given (xl_reboot)
+
+    def _irqfds_changed(self, dom: int) -> None:
+        d = self.hv.domains.get(dom)
+        if d is not None and d.ctl is not None and not d.ctl.closed:
+            vcpu_channel.bump_irqfd_gen(d.ctl)
 
     def _run_dm_op(self, dom: int, sizes: list[int], blob: bytes) -> None:
         """A dm_op the dom0 kernel issues by itself (irqfd injection): HYPERVISOR_dm_op, no fd."""

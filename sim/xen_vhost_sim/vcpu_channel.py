@@ -39,6 +39,15 @@ handler's counters, written by the guest; the host adds them to its own). A host
 (not through the vCPU channel) on such a port runs the host's handler only while the page says
 unmasked; otherwise user space serves it (divergence: Linux would run the handler at the unmask).
 
+The dom0 kernel's privcmd irqfd does too when its dm_op is a well-formed XEN_DMOP_set_irq_level of
+a line the page holds: the guest fetches those irqfds (``irqfds``: the eventfds, each line and
+level, and the host's irq eventfd; fetched again when the u32 at IRQFD_GEN_OFF changes) and, while
+it looks at or waits for a line, reads them itself and writes the level and both irq eventfds, as
+the kernel's irqfd worker and the hypervisor would: a back-end's call raises the guest's line with
+no process in between. The host keeps reading them too (whoever reads the counter first injects;
+the other finds it empty), so a line nobody in the guest looks at is still raised; the guests'
+injections are counted in the u64 at IRQFD_COUNT_OFF.
+
 Interrupt lines take the same shortcut: the levels live in the page, written by whoever runs
 XEN_DMOP_set_irq_level (the host, or the device model's SimKernel once the host has handed it the
 page and the domain's two *irq* eventfds after a first dm_op it carried out itself). An assert
@@ -53,7 +62,8 @@ import mmap
 import struct
 
 __all__ = [
-    "BUSY_OFF", "ROUTE_MASKED", "ROUTE_PAGE", "ROUTE_WAITING", "count_route", "route_counters", "IRQ_BASE", "IRQ_OFF", "NR_IRQS", "irq_offset", "FLAG_ARM64", "FLAG_DYING", "FLAG_RUNNING", "LIVE_OFF", "MAX_ENTRIES", "MAX_FAST_VCPUS",
+    "BUSY_OFF", "IRQFD_COUNT_OFF", "IRQFD_GEN_OFF", "bump_irqfd_gen", "count_irqfd", "irqfd_count", "irqfd_gen",
+    "ROUTE_MASKED", "ROUTE_PAGE", "ROUTE_WAITING", "count_route", "route_counters", "IRQ_BASE", "IRQ_OFF", "NR_IRQS", "irq_offset", "FLAG_ARM64", "FLAG_DYING", "FLAG_RUNNING", "LIVE_OFF", "MAX_ENTRIES", "MAX_FAST_VCPUS",
     "MAX_LIVE", "PAGE", "Snapshot", "flags_of", "read_snapshot", "seq_of", "write",
 ]
 
@@ -77,6 +87,27 @@ IRQ_OFF = 3584
 IRQ_BASE = 32  # the first SPI
 NR_IRQS = 64  # SPIs 32..95 (hypervisor.NR_SPIS)
 FLAGS_OFF = 8
+IRQFD_GEN_OFF = IRQ_OFF + NR_IRQS  # u32, the host's: bumped whenever the domain's irqfds change
+IRQFD_COUNT_OFF = IRQFD_GEN_OFF + 8  # u64, the guests': injections they carried out themselves
+_U32 = struct.Struct("<I")
+
+
+def irqfd_gen(buf: mmap.mmap | bytearray) -> int:
+    return int(_U32.unpack_from(buf, IRQFD_GEN_OFF)[0])
+
+
+def bump_irqfd_gen(buf: mmap.mmap | bytearray) -> None:
+    _U32.pack_into(buf, IRQFD_GEN_OFF, (irqfd_gen(buf) + 1) & 0xFFFFFFFF)
+
+
+def irqfd_count(buf: mmap.mmap | bytearray) -> int:
+    return int(_SEQ.unpack_from(buf, IRQFD_COUNT_OFF)[0])
+
+
+def count_irqfd(buf: mmap.mmap | bytearray) -> None:
+    _SEQ.pack_into(buf, IRQFD_COUNT_OFF, irqfd_count(buf) + 1)
+
+
 # the route page (one per vCPU route; see the docstring)
 ROUTE_PAGE = 4096
 ROUTE_MASKED = 0
