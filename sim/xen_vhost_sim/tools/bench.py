@@ -23,7 +23,14 @@ Every figure is paired with its reference measured in the same run:
   sim/xen_vhost_sim/vcpu_channel.py) side by side with the ping-pong (target <= 3x, the vCPU
   blocked for its answer as on Xen: ``SimGuest(vcpu_hold=...)``; also with the vCPU waiting in
   the guest's event loop) and with the same read sent through the simulated host
-  (``SimGuest(vcpu_channel=False)``, the old path).
+  (``SimGuest(vcpu_channel=False)``, the old path). The same relay round trip against a host
+  with privcmd IOEVENTFD/IRQFD (the daemon's queue on them: it serves only InterruptStatus and
+  InterruptACK). The daemon's CPU per IOREQ and per relay round trip: its threads' on-CPU time
+  (``/proc/PID/task/*/schedstat``) over 10 blocks, each with its wall time (a block whose CPU
+  exceeds it is flagged) and the CPU a raw eventfd peer pays per round trip in between, the floor.
+  That CPU is the load's as much as the code's: when other processes run between two IOREQs
+  (wall time per IOREQ far above the round trip) the same code costs up to 3x the CPU (cold
+  caches; this VM charges interrupts to whoever runs); compare code with ``bench_instr``.
 * guest-memory **mapping time** (``PrivCmd.map_foreign`` through the simulator) for 256 MiB,
   1 GiB and 4 GiB guests.
 * the daemon's **RSS** idle (after READY) and under load (max during the relayed fio), its CPU
