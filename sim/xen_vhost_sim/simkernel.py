@@ -113,6 +113,7 @@ _U32 = struct.Struct("<I")
 
 _DM_OP_IRQ = struct.Struct("<IIIB3s")  # struct xen_dm_op {op; pad; u.set_irq_level {irq; level; pad[3]}}
 _SET_IRQ_LEVEL = int(DmOp.set_irq_level)
+_ROUTE_MASKED, _ROUTE_WAITING = vcpu_channel.ROUTE_MASKED, vcpu_channel.ROUTE_WAITING
 
 
 def _irq_level_op(blob: bytes) -> tuple[int, int] | None:
@@ -371,8 +372,15 @@ class SimKernel:
             (port,) = _PORT.unpack(data)
             route = node.fast.get(port)
             if route is not None:
-                if port in node.masked:
-                    self._unmask_fast(node, port, route)
+                if port in node.masked:  # (_unmask_fast, inline: once per IOREQ)
+                    node.masked.discard(port)
+                    page = node.rpages[port]
+                    page[_ROUTE_MASKED] = 0
+                    if page[_ROUTE_WAITING]:
+                        os.eventfd_write(route[1], 1)
+                    if port in node.held:
+                        node.held.discard(port)
+                        os.eventfd_write(route[0], 1)
                 return 4
         ports = array.array("I")
         ports.frombytes(data[: len(data) - len(data) % 4])
@@ -403,7 +411,7 @@ class SimKernel:
                     pass  # (nothing there after all: as below)
                 else:
                     node.masked.add(port)
-                    node.rpages[port][vcpu_channel.ROUTE_MASKED] = 1
+                    node.rpages[port][_ROUTE_MASKED] = 1
                     return _PORT.pack(port)
             out = array.array("I")
             for fd, _ev in events:
