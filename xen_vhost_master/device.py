@@ -927,6 +927,12 @@ class Device:
         for START_WAIT / RESET_WAIT at most when it starts or resets the device).
         Before the device serves (its back-end has not answered yet), the access waits for it,
         for as long as the device lives."""
+        if not is_write and self._open and self.model is not None:  # a register read: _access's, one call less
+            self.stats.reads += 1
+            result, actions = self._reads[False](offset, size)
+            if actions:  # reads produce guest errors, interrupt changes (ISR), BAR moves
+                self._carry_out_now(actions)
+            return result
         return self._access(False, offset, size, is_write, value, vcpu)
 
     def pci_config(self, reg: int, size: int, is_write: bool, value: int,

@@ -23,6 +23,10 @@ port notified); anything else is left READY for user space, which still receives
 The ports are late-EOI interrupts that only the evtchn device's user re-enables (by writing the
 port back), so while a port is masked for user space the kernel handler does not run either.
 
+On a vCPU port with the eventfd route (sim.vcpu_channel) the vCPU plays the IOEVENTFD handler
+itself (:meth:`FastPath.guest_handlers` says which eventfds it signals), with the same matching and
+the same late-EOI wait; ``port_event`` then runs only for accesses that take the host's path.
+
 Divergence (documented): Linux keeps ioeventfds until DEASSIGN (and irqfds until the eventfd's
 last close); the simulation also releases those assigned through a privcmd fd when that fd's
 connection closes, so a dead client leaves nothing behind. The daemon must DEASSIGN explicitly.
@@ -166,6 +170,8 @@ class FastPath:
         self.by_port: dict[int, list[tuple[_Kioreq, int]]] = {}
         self.counters: dict[int, _Counters] = {}
         self._loop: Any = None
+        #: called with a domain whose irqfds were assigned or dropped (sim.vcpu_channel)
+        self.on_irqfd_change: Callable[[int], None] = lambda _dom: None
 
     # ------------------------------------------------------------------ ioctl entry (privcmd_ioctl)
     def check_present(self) -> None:
@@ -208,6 +214,7 @@ class FastPath:
             for fd in fds:
                 os.close(fd)
         self.irqfds.append(k)
+        self.on_irqfd_change(dom)
         self._loop = loop
         loop.add_reader(k.fd, self._irqfd_ready, k)  # fires at once for a counter already pending
         log.info("irqfd assigned: d%d, %d-byte dm_op", dom, len(k.dm_op))
@@ -240,6 +247,7 @@ class FastPath:
     def _drop_irqfd(self, k: _Irqfd) -> None:
         if k in self.irqfds:
             self.irqfds.remove(k)
+            self.on_irqfd_change(k.dom)
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(k.fd)
         os.close(k.fd)
@@ -339,6 +347,27 @@ class FastPath:
                 if not lst:
                     self.by_port.pop(p, None)
 
+    def irqfds_of(self, dom: int) -> list[tuple[bytes, int]]:
+        """(dm_op, the host's reference eventfd) of each irqfd assigned for ``dom``."""
+        return [(k.dm_op, k.fd) for k in self.irqfds if k.dom == dom]
+
+    def guest_handlers(self, port: int, server: IoreqServer, vcpu: int) -> list[_Ioeventfd] | None:
+        """The ioeventfds the handlers of dom0 ``port`` would signal, if vCPU ``vcpu`` of ``server``
+        can play them itself (sim.vcpu_channel): every handler on that port watches that server's
+        slot of that vCPU. None if some handler watches another page or slot (the host plays it)."""
+        out: list[_Ioeventfd] = []
+        for k, i in self.by_port.get(port, ()):
+            if k.server is not server or i != vcpu:
+                return None
+            out.extend(k.ioeventfds)
+        return out
+
+    def add_guest_counts(self, dom: int, consumed: int, passed: int) -> None:
+        """Fold what a route's guest-played handler counted into ``dom``'s counters (route closing)."""
+        c = self._counters(dom)
+        c.ioeventfd_consumed += consumed
+        c.ioeventfd_passed += passed
+
     def port_event(self, port: int) -> None:
         """The shared handlers of dom0 ``port`` (called before the evtchn device's own)."""
         for k, vcpu in list(self.by_port.get(port, ())):
@@ -381,13 +410,15 @@ class FastPath:
             log.info("privcmd fd closed with %d irqfd/ioeventfd still assigned: released "
                      "(Linux would keep them until DEASSIGN)", dropped)
 
-    def info(self, dom: int) -> dict[str, Any]:
+    def info(self, dom: int, guest_counts: tuple[int, int, int] = (0, 0, 0)) -> dict[str, Any]:
+        """``dom``'s counters; ``guest_counts``: (consumed, passed, injected) of the handlers its
+        vCPUs and its guest play on the routes still open (sim.vcpu_channel)."""
         c = self._counters(dom)
         return {
             "mode": self.mode.value,
-            "ioeventfd_consumed": c.ioeventfd_consumed,
-            "ioeventfd_passed": c.ioeventfd_passed,
-            "irqfd_injected": c.irqfd_injected,
+            "ioeventfd_consumed": c.ioeventfd_consumed + guest_counts[0],
+            "ioeventfd_passed": c.ioeventfd_passed + guest_counts[1],
+            "irqfd_injected": c.irqfd_injected + guest_counts[2],
             "irqfd_failed": c.irqfd_failed,
             "ioeventfds": sum(len(k.ioeventfds) for k in self.kioreqs if k.dom == dom),
             "irqfds": sum(1 for k in self.irqfds if k.dom == dom),

@@ -252,6 +252,9 @@ class _Route:
     slot: ioreq_t | None
     wake: int
     deliver: int
+    rpage: mmap.mmap  # the route page (sim.vcpu_channel: the port's mask, the handler's counters)
+    #: the dom0 kernel's ioeventfds on this vCPU's port: (QueueNotify address, addr_len, vq, eventfd)
+    kevs: list[tuple[int, int, int, int]]
 
     def close(self) -> None:
         self.slot = None  # a ctypes view pins the mmap
@@ -259,11 +262,17 @@ class _Route:
             self.page.close()
         except BufferError:
             pass  # an access in flight still holds a view: the mapping goes with it
+        self.rpage.close()
         os.close(self.wake)
         os.close(self.deliver)
+        for k in self.kevs:
+            os.close(k[3])
 
 
 _U64 = (1 << 64) - 1
+QUEUE_NOTIFY = 0x50  # virtio-mmio QueueNotify (privcmd ioeventfd watches base + 0x50)
+QUEUE_NOTIFY_VQ_MASK = 0xFFFF
+UNMASK_LOOK = 0.01  # s: a vCPU waiting for an unmask looks again at least this often
 
 
 class SimGuest:
@@ -287,6 +296,11 @@ class SimGuest:
         self._snap: Snapshot | None = None  # the page as last read (valid while its seq is)
         self._irq_efd = -1  # the domain's asserted-line events (sim.vcpu_channel)
         self._irq_waits: set[asyncio.Future[None]] = set()
+        # the dom0 kernel's irqfds this guest plays (sim.vcpu_channel): irq -> [(level, eventfd)]
+        self._irqfds: dict[int, list[tuple[int, int]]] = {}
+        self._irqfd_gen = -1
+        self._irq_host_efd = -1
+        self._irqfd_readers: list[int] = []
         try:
             reply, fds = self._ctl.call({"op": "guest_ram", "domid": domid})
             banks = [(int(a), int(b)) for a, b in reply["banks"]]
@@ -347,9 +361,13 @@ class SimGuest:
         if self._irq_efd >= 0:
             if self._irq_waits and self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(self._irq_efd)
+                for fd in self._irqfd_readers:
+                    self._loop.remove_reader(fd)
+            self._irqfd_readers = []
             self._irq_waits.clear()
             os.close(self._irq_efd)
             self._irq_efd = -1
+        self._close_irqfds()
         if self._chan is not None:
             self._chan.close()
             self._chan = None
@@ -455,17 +473,29 @@ class SimGuest:
         if old is not None:
             old.close()
         try:
-            _r, fds = self._ctl.call({"op": "vcpu_server", "domid": self.domid, "uid": uid, "vcpu": vcpu})
+            reply, fds = self._ctl.call({"op": "vcpu_server", "domid": self.domid, "uid": uid, "vcpu": vcpu})
         except SimHostError:
             return None  # gone or re-routed meanwhile: the host's path
+        kev_args = reply.get("ioeventfds") or []
+        if len(fds) != 4 + len(kev_args):
+            for fd in fds:
+                os.close(fd)
+            return None
         try:
             page = mmap.mmap(fds[0], XEN_PAGE_SIZE)
+            try:
+                rpage = mmap.mmap(fds[3], vcpu_channel.ROUTE_PAGE)
+            except OSError:
+                page.close()
+                raise
         except OSError:
             for fd in fds:
                 os.close(fd)
             return None
         os.close(fds[0])
-        route = _Route(gen, page, ioreq_t.from_buffer(page, vcpu * IOREQ_SLOT_SIZE), fds[1], fds[2])
+        os.close(fds[3])
+        kevs = [(int(a) + QUEUE_NOTIFY, int(n), int(q), fd) for (a, n, q), fd in zip(kev_args, fds[4:])]
+        route = _Route(gen, page, ioreq_t.from_buffer(page, vcpu * IOREQ_SLOT_SIZE), fds[1], fds[2], rpage, kevs)
         self._routes[(uid, vcpu)] = route
         return route
 
@@ -475,13 +505,26 @@ class SimGuest:
         assert self._chan is not None and self._loop is not None and route.slot is not None
         mask = (1 << (8 * size)) - 1
         slot = route.slot
-        slot.addr, slot.data, slot.count, slot.size = addr, (value & (_U64 if arm64 else mask)) if write else 0, 1, size
-        slot.type = IoreqType.COPY
+        data = (value & (_U64 if arm64 else mask)) if write else 0
+        kernel = -1
+        if write and route.kevs:
+            for notify, addr_len, vq, efd in route.kevs:
+                if addr == notify and size == addr_len and data & QUEUE_NOTIFY_VQ_MASK == vq:
+                    kernel = efd
+                    break
+            else:
+                vcpu_channel.count_route(route.rpage, False)  # left to user space (the slot below)
         busy = vcpu_channel.BUSY_OFF + vcpu
         chan = self._chan
         chan[busy] = 1
         try:
+            if kernel >= 0:
+                await self._kernel_notify(route, slot, addr, size, data, kernel)
+                return 0
+            slot.addr, slot.data, slot.count, slot.size = addr, data, 1, size
+            slot.type = IoreqType.COPY
             slot.flags = (ioreq_t.DIR if not write else 0) | IoreqState.READY  # state last (wmb)
+            route.rpage[vcpu_channel.ROUTE_MASKED] = 1  # the evtchn device masks as it queues
             os.eventfd_write(route.deliver, 1)  # EVTCHNOP_send on the vCPU's port
             seen = self._snap
             snap = seen if seen is not None and seen.seq == vcpu_channel.seq_of(self._chan) \
@@ -499,6 +542,47 @@ class SimGuest:
             if not chan.closed:  # (close() during the access)
                 chan[busy] = 0
         return 0 if write else (mask if data == -1 else data & mask)
+
+    async def _kernel_notify(self, route: _Route, slot: ioreq_t, addr: int, size: int, data: int, efd: int) -> None:
+        """The dom0 kernel's privcmd ioeventfd handler on a matching QueueNotify (sim.fastpath
+        ``_ioeventfd_interrupt``), played by the vCPU (sim.vcpu_channel): once user space has the
+        port unmasked (late EOI), the eventfd is signalled and the access is complete; the slot
+        holds the request, answered (never READY for user space), and the port's event still
+        reaches user space, as the evtchn device shares the interrupt."""
+        assert self._loop is not None
+        rpage = route.rpage
+        while rpage[vcpu_channel.ROUTE_MASKED]:
+            rpage[vcpu_channel.ROUTE_WAITING] = 1  # the SimKernel's unmask writes ``wake``
+            if not rpage[vcpu_channel.ROUTE_MASKED]:
+                break
+            fut: asyncio.Future[None] = self._loop.create_future()
+            self._fast_waits.add(fut)
+            self._loop.add_reader(route.wake, _wake, fut)
+            try:  # bounded: the flag and the mask are written by two processes without a fence
+                await asyncio.wait_for(asyncio.shield(fut), UNMASK_LOOK)
+            except TimeoutError:
+                pass
+            finally:
+                if route.slot is not None:
+                    self._loop.remove_reader(route.wake)
+                self._fast_waits.discard(fut)
+            if route.slot is None:
+                raise ConnectionResetError("SimGuest closed")
+            try:
+                os.eventfd_read(route.wake)
+            except BlockingIOError:
+                pass
+        rpage[vcpu_channel.ROUTE_WAITING] = 0
+        slot.addr, slot.data, slot.count, slot.size = addr, data, 1, size
+        slot.type = IoreqType.COPY
+        slot.flags = IoreqState.NONE  # a write: dir 0; answered and taken back by the vCPU
+        try:
+            os.eventfd_write(efd, 1)  # eventfd_signal
+        except OSError:
+            pass  # (as the kernel: a saturated counter is not the vCPU's problem)
+        vcpu_channel.count_route(rpage, True)
+        rpage[vcpu_channel.ROUTE_MASKED] = 1  # the evtchn device's share of the event: masked
+        os.eventfd_write(route.deliver, 1)  # until user space reads and unmasks it
 
     async def _fast_wait(self, uid: int, route: _Route, slot: ioreq_t) -> int:
         """Until the slot says IORESP_READY (data) or the server/domain is gone (-1: all-ones)."""
@@ -555,10 +639,67 @@ class SimGuest:
             return None
         return off
 
+    def _close_irqfds(self) -> None:
+        for lst in self._irqfds.values():
+            for _level, fd in lst:
+                os.close(fd)
+        self._irqfds.clear()
+        if self._irq_host_efd >= 0:
+            os.close(self._irq_host_efd)
+            self._irq_host_efd = -1
+
+    def _sync_irqfds(self, chan: mmap.mmap) -> None:
+        """Fetch the irqfds this guest may play again if the host's set changed (and none is polled now)."""
+        gen = vcpu_channel.irqfd_gen(chan)
+        if gen == self._irqfd_gen or self._irqfd_readers:
+            return
+        self._close_irqfds()
+        self._irqfd_gen = gen
+        try:
+            reply, fds = self._ctl.call({"op": "irqfds", "domid": self.domid})
+        except SimHostError:
+            return
+        lines = reply.get("lines") or []
+        if len(fds) != 1 + len(lines):
+            for fd in fds:
+                os.close(fd)
+            return
+        self._irq_host_efd = fds[0]
+        for (irq, level), fd in zip(lines, fds[1:]):
+            self._irqfds.setdefault(int(irq), []).append((int(level), fd))
+
+    def _irqfd_fire(self, irq: int, level: int, fd: int) -> bool:
+        """The kernel's irqfd worker and the hypervisor's set_irq_level, if the eventfd was signalled:
+        the level first, then (on an assert) the domain's guest and host irq eventfds."""
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            return False  # nothing, or the host read it first (and injects it)
+        chan = self._chan
+        off = vcpu_channel.irq_offset(irq)
+        if chan is None or off is None:
+            return False
+        chan[off] = level
+        vcpu_channel.count_irqfd(chan)
+        if level:
+            for efd in (self._irq_efd, self._irq_host_efd):
+                if efd >= 0:
+                    os.eventfd_write(efd, 1)
+        return True
+
+    def _irqfd_woken(self, irq: int, level: int, fd: int) -> None:
+        if self._irqfd_fire(irq, level, fd):
+            for f in self._irq_waits:  # each re-reads its line
+                if not f.done():
+                    f.set_result(None)
+
     def irq_level(self, irq: int) -> bool:
         off = self._irq_line(irq)
         if off is not None:
             assert self._chan is not None
+            self._sync_irqfds(self._chan)
+            for level, fd in self._irqfds.get(irq, ()):
+                self._irqfd_fire(irq, level, fd)
             return self._chan[off] != 0
         return bool(self._ctl.call({"op": "irq_level", "domid": self.domid, "irq": irq})[0]["value"])
 
@@ -570,11 +711,18 @@ class SimGuest:
                 await self._call({"op": "wait_irq", "irq": irq})  # the host's path (reference)
                 return
             assert self._chan is not None and self._loop is not None
+            self._sync_irqfds(self._chan)
+            for level, fd in self._irqfds.get(irq, ()):
+                self._irqfd_fire(irq, level, fd)
             if self._chan[off]:
                 return
             fut: asyncio.Future[None] = self._loop.create_future()
             if not self._irq_waits:
                 self._loop.add_reader(self._irq_efd, self._irq_woken)
+                for line, lst in self._irqfds.items():
+                    for level, fd in lst:
+                        self._loop.add_reader(fd, self._irqfd_woken, line, level, fd)
+                        self._irqfd_readers.append(fd)
             self._irq_waits.add(fut)
             self._fast_waits.add(fut)
             try:
@@ -584,6 +732,9 @@ class SimGuest:
                 self._irq_waits.discard(fut)
                 if not self._irq_waits and self._irq_efd >= 0 and not self._loop.is_closed():
                     self._loop.remove_reader(self._irq_efd)
+                    for fd in self._irqfd_readers:
+                        self._loop.remove_reader(fd)
+                    self._irqfd_readers = []
 
     def _irq_woken(self) -> None:
         try:

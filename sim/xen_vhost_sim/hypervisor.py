@@ -117,6 +117,8 @@ class IoreqServer:
         # dom0 port's event as an eventfd (set by the evtchn connection that bound it).
         self.wake = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(dom.nr_vcpus)]
         self.deliver: list[int | None] = [None] * dom.nr_vcpus
+        # SIM-ONLY (sim.vcpu_channel): per vCPU with a route, its route page (memfd, mapping)
+        self.route_pages: list[tuple[int, mmap.mmap] | None] = [None] * dom.nr_vcpus
         self.route_gen = 0  # bumped whenever an entry of ``deliver`` changes
         self.ports: list[int] = []
         for v in range(dom.nr_vcpus):
@@ -177,12 +179,13 @@ class IoreqServer:
         self.wake = []
 
     def fast_vcpus(self) -> int:
-        """Bit i: vCPU i's port has the eventfd route and no dom0 kernel handler (sim.vcpu_channel)."""
+        """Bit i: vCPU i's port has the eventfd route and no dom0 kernel handler the guest cannot
+        play itself (sim.vcpu_channel)."""
         mask = 0
         for i, d in enumerate(self.deliver[: vcpu_channel.MAX_FAST_VCPUS]):
             p = self.dom.ports.get(self.ports[i])
             if d is not None and p is not None and p.state == "interdomain" and p.remote_dom == 0 \
-                    and not self.hv.kernel_handles(p.remote_port):
+                    and not self.hv.kernel_handles(p.remote_port, self, i):
                 mask |= 1 << i
         return mask
 
@@ -316,8 +319,9 @@ class Hypervisor:
     def __init__(self) -> None:
         self.domains: dict[int, Domain] = {0: Domain(0, "Domain-0", 1, None, Arch.ARM64)}
         self._rover = 0  # XEN_DOMCTL_createdomain's "static domid_t rover": ids are not reused at once
-        #: SIM-ONLY: whether a dom0 kernel handler (privcmd ioeventfd) shares this dom0 port
-        self.kernel_handles: Callable[[int], bool] = lambda _port: False
+        #: SIM-ONLY: whether a dom0 kernel handler (privcmd ioeventfd) shares this dom0 port that the
+        #: guest's vCPU of that server cannot play itself (sim.vcpu_channel)
+        self.kernel_handles: Callable[[int, IoreqServer, int], bool] = lambda _port, _srv, _vcpu: False
 
     def publish(self, dom: Domain) -> None:
         """SIM-ONLY: rewrite ``dom``'s vCPU channel page from the current state (sim.vcpu_channel)."""

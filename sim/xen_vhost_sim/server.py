@@ -19,13 +19,14 @@ import ctypes
 import dataclasses
 import errno
 import logging
+import mmap
 import os
 import socket
 import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from xen_vhost_sim import rpc
+from xen_vhost_sim import rpc, vcpu_channel
 from xen_vhost_sim.fastpath import EventfdMode, FastPath
 from xen_vhost_sim.hypervisor import Domain, HvError, Hypervisor, IoreqServer, Port
 from xen_vhost_sim.memory import Arch
@@ -83,6 +84,26 @@ class _EvtchnBinding:
     def __init__(self) -> None:
         self.masked = False
         self.pending = False
+
+
+def _reroute(hv: Hypervisor) -> None:
+    """A dom0 kernel handler came or went: every route is fetched again (it carries the handlers)."""
+    for dom in hv.domains.values():
+        for srv in dom.servers.values():
+            srv.route_gen += 1
+    hv.publish_all()
+
+
+def _guest_counts(d: Domain) -> tuple[int, int, int]:
+    """(consumed, passed, injected) counted by the handlers ``d``'s vCPUs play on its open routes
+    and by the irqfds its guest plays (sim.vcpu_channel)."""
+    consumed = passed = 0
+    for srv in d.servers.values():
+        for page in srv.route_pages:
+            if page is not None:
+                c, p = vcpu_channel.route_counters(page[1])
+                consumed, passed = consumed + c, passed + p
+    return consumed, passed, vcpu_channel.irqfd_count(d.ctl) if d.ctl is not None else 0
 
 
 class Conn:
@@ -258,7 +279,7 @@ class Conn:
             self._gntdev_release(index)
         if self.kind == "privcmd":
             self.server.fastpath.release_owner(self)
-            self.hv.publish_all()
+            _reroute(self.hv)
         while self.in_fds:
             os.close(self.in_fds.pop())
         self.sock.close()
@@ -422,7 +443,7 @@ class Conn:
         try:
             self.server.fastpath.ioeventfd(o, self._take_fds(o), self.restrict, self)
         finally:
-            self.hv.publish_all()  # a kernel handler on a port takes the vCPU off the eventfd route
+            _reroute(self.hv)
         return _ok()
 
     def _do_dm_op(self, dom: int, op: xen_dm_op) -> None:
@@ -526,8 +547,12 @@ class Conn:
         fast = self.fast.get(p.port)
         if fast is not None:
             # eventfd route: the daemon's SimKernel keeps the mask (a masked port is an eventfd it
-            # does not poll; its counter is the pending bit)
-            self.server.fastpath.port_event(p.port)
+            # does not poll; its counter is the pending bit) and shows it in the route page
+            page = fast[0].route_pages[fast[1]]
+            if page is None or not page[1][vcpu_channel.ROUTE_MASKED]:
+                self.server.fastpath.port_event(p.port)
+            if page is not None:
+                page[1][vcpu_channel.ROUTE_MASKED] = 1  # the evtchn device masks as it queues
             try:
                 os.eventfd_write(fast[2], 1)
             except OSError as exc:
@@ -598,15 +623,18 @@ class Conn:
         self.bound.setdefault(p.port, _EvtchnBinding())
         fds: list[int] = []
         target = self._vcpu_port(rd, rp)
-        if target is not None and self.server.fastpath.mode is not EventfdMode.ON:
+        if target is not None:
             # A vCPU's IOREQ port gets the eventfd route (sim.vcpu_channel): its events reach
             # the daemon's evtchn fd, and the daemon's notifies the vCPU, without this host.
             srv, vcpu = target
             deliver = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            page_fd = os.memfd_create(f"xen-sim-route-p{p.port}", os.MFD_CLOEXEC)
+            os.ftruncate(page_fd, vcpu_channel.ROUTE_PAGE)
             self.fast[p.port] = (srv, vcpu, deliver)
             srv.deliver[vcpu] = deliver
+            srv.route_pages[vcpu] = (page_fd, mmap.mmap(page_fd, vcpu_channel.ROUTE_PAGE))
             srv.route_gen += 1
-            fds = [os.dup(deliver), os.dup(srv.wake[vcpu])]
+            fds = [os.dup(deliver), os.dup(srv.wake[vcpu]), os.dup(page_fd)]
             self.close_after_send.extend(fds)
             self.hv.publish(srv.dom)
         self.hv.fire(p)  # the bind-time pending event (see Hypervisor.bind_interdomain)
@@ -623,6 +651,12 @@ class Conn:
         srv, vcpu, deliver = self.fast.pop(port)
         if srv.deliver[vcpu] == deliver:
             srv.deliver[vcpu] = None
+            page = srv.route_pages[vcpu]
+            srv.route_pages[vcpu] = None
+            if page is not None:
+                self.server.fastpath.add_guest_counts(srv.dom.domid, *vcpu_channel.route_counters(page[1]))
+                page[1].close()
+                os.close(page[0])
             srv.route_gen += 1
             self.hv.publish(srv.dom)
         os.close(deliver)
@@ -825,7 +859,8 @@ class Conn:
             domid=d.domid, name=d.name, vcpus=d.nr_vcpus, arch=d.arch.value, banks=d.memory.banks,
             holes=d.memory.holes, paused=not d.running.is_set(), pause_count=d.pause_count,
             history=[list(h) for h in d.history], shutdown=d.shutdown_reason,
-            servers=sorted(d.servers), msis=list(d.msis), fastpath=self.server.fastpath.info(d.domid),
+            servers=sorted(d.servers), msis=list(d.msis),
+            fastpath=self.server.fastpath.info(d.domid, _guest_counts(d)),
         )
 
     def _control_set_privcmd_eventfd(self, o: dict[str, Any], _b: bytes) -> Reply:
@@ -843,6 +878,27 @@ class Conn:
         self.close_after_send.extend(fds)
         return ({"errno": 0}, b"", fds)
 
+    def _control_irqfds(self, o: dict[str, Any], _b: bytes) -> Reply:
+        """SIM-ONLY (sim.vcpu_channel): the domain's irqfds the guest may play (a well-formed
+        set_irq_level of a line the page holds, on a domain and host whose dm_op would do just
+        that), each as [irq, level] with its eventfd, after the host's irq eventfd."""
+        d = self.hv.guest(int(o["domid"]))
+        lines: list[list[int]] = []
+        fds = [os.dup(d.irq_host_efd)] if d.irq_host_efd >= 0 else []
+        playable = self.server.host.ioreq_server and d.arch is Arch.ARM64 and not d.dying and bool(fds)
+        for dm_op, fd in self.server.fastpath.irqfds_of(d.domid) if playable else ():
+            op = xen_dm_op()
+            raw = dm_op[: ctypes.sizeof(op)]
+            ctypes.memmove(ctypes.addressof(op), raw, len(raw))
+            lv = op.u.set_irq_level
+            if len(dm_op) < 16 or op.op != DmOp.set_irq_level or op.pad or any(lv.pad) \
+                    or vcpu_channel.irq_offset(lv.irq) is None or lv.level > 1:
+                continue
+            lines.append([int(lv.irq), int(lv.level)])
+            fds.append(os.dup(fd))
+        self.close_after_send.extend(fds)
+        return ({"errno": 0, "lines": lines}, b"", fds)
+
     def _control_vcpu_server(self, o: dict[str, Any], _b: bytes) -> Reply:
         """SIM-ONLY (sim.vcpu_channel): server ``uid``'s ioreq page, and vCPU ``vcpu``'s wake and
         deliver eventfds (ENOENT: no such live server; EAGAIN: the vCPU has no eventfd route)."""
@@ -851,12 +907,17 @@ class Conn:
         srv = next((x for x in d.servers.values() if x.uid == uid and not x.closed), None)
         if srv is None or not 0 <= vcpu < d.nr_vcpus:
             raise HvError(errno.ENOENT, f"no live ioreq server {uid} with vCPU {vcpu}")
-        deliver = srv.deliver[vcpu]
-        if deliver is None:
+        deliver, page = srv.deliver[vcpu], srv.route_pages[vcpu]
+        if deliver is None or page is None:
             raise HvError(errno.EAGAIN, "no eventfd route for this vCPU")
-        fds = [os.dup(srv.memfd), os.dup(srv.wake[vcpu]), os.dup(deliver)]
+        port = srv.dom.ports.get(srv.ports[vcpu])
+        kevs = self.server.fastpath.guest_handlers(port.remote_port, srv, vcpu) if port is not None else None
+        if kevs is None:
+            raise HvError(errno.EAGAIN, "a dom0 kernel handler of this vCPU's port watches another slot")
+        fds = [os.dup(srv.memfd), os.dup(srv.wake[vcpu]), os.dup(deliver), os.dup(page[0]),
+               *(os.dup(e.fd) for e in kevs)]
         self.close_after_send.extend(fds)
-        return ({"errno": 0}, b"", fds)
+        return ({"errno": 0, "ioeventfds": [[e.addr, e.addr_len, e.vq] for e in kevs]}, b"", fds)
 
     def _control_guest_ram(self, o: dict[str, Any], _b: bytes) -> Reply:
         """SIM-ONLY: the guest's RAM memfd (for the guest's own view and for baselines)."""
@@ -1065,12 +1126,18 @@ class SimServer:
         self.hv, self.path = hv, path
         self.toolstack = toolstack
         self.fastpath = FastPath(hv, self._run_dm_op, privcmd_eventfd)
-        hv.kernel_handles = lambda port: port in self.fastpath.by_port
+        hv.kernel_handles = lambda port, srv, vcpu: self.fastpath.guest_handlers(port, srv, vcpu) is None
+        self.fastpath.on_irqfd_change = self._irqfds_changed
         self.conns: set[Conn] = set()
         self.listener: socket.socket | None = None
         self.domctl_interface = DOMCTL_INTERFACE_VERSION  # SIM-ONLY setting: which Xen answers domctl
         self.host = HostProfile()  # SIM-ONLY setting: what kind of host the daemon finds
         self.xl_configs: dict[int, dict[str, Any]] = {}  # domid -> what xl_create was given (xl_reboot)
+
+    def _irqfds_changed(self, dom: int) -> None:
+        d = self.hv.domains.get(dom)
+        if d is not None and d.ctl is not None and not d.ctl.closed:
+            vcpu_channel.bump_irqfd_gen(d.ctl)
 
     def _run_dm_op(self, dom: int, sizes: list[int], blob: bytes) -> None:
         """A dm_op the dom0 kernel issues by itself (irqfd injection): HYPERVISOR_dm_op, no fd."""

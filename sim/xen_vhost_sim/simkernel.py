@@ -113,6 +113,7 @@ _U32 = struct.Struct("<I")
 
 _DM_OP_IRQ = struct.Struct("<IIIB3s")  # struct xen_dm_op {op; pad; u.set_irq_level {irq; level; pad[3]}}
 _SET_IRQ_LEVEL = int(DmOp.set_irq_level)
+_ROUTE_MASKED, _ROUTE_WAITING = vcpu_channel.ROUTE_MASKED, vcpu_channel.ROUTE_WAITING
 
 
 def _irq_level_op(blob: bytes) -> tuple[int, int] | None:
@@ -216,6 +217,7 @@ class _Node:
     # evtchn: the poll set, and the eventfd route of ports bound to vCPU IOREQ ports
     ep: select.epoll | None = None
     fast: dict[int, tuple[int, int]] = field(default_factory=dict)  # port -> (deliver, wake)
+    rpages: dict[int, mmap.mmap] = field(default_factory=dict)  # port -> its route page (mask shown)
     by_fd: dict[int, int] = field(default_factory=dict)  # deliver fd -> port
     masked: set[int] = field(default_factory=set)
     held: set[int] = field(default_factory=set)  # masked ports whose event came meanwhile
@@ -370,9 +372,13 @@ class SimKernel:
             (port,) = _PORT.unpack(data)
             route = node.fast.get(port)
             if route is not None:
-                if port in node.masked:
+                if port in node.masked:  # (_unmask_fast, inline: once per IOREQ)
                     node.masked.discard(port)
-                    if port in node.held:  # pending while masked: a new edge delivers it
+                    page = node.rpages[port]
+                    page[_ROUTE_MASKED] = 0
+                    if page[_ROUTE_WAITING]:
+                        os.eventfd_write(route[1], 1)
+                    if port in node.held:
                         node.held.discard(port)
                         os.eventfd_write(route[0], 1)
                 return 4
@@ -385,10 +391,7 @@ class SimKernel:
             if route is None:
                 rest.append(port)
             elif port in node.masked:
-                node.masked.discard(port)
-                if port in node.held:  # pending while masked: a new edge delivers it
-                    node.held.discard(port)
-                    os.eventfd_write(route[0], 1)
+                self._unmask_fast(node, port, route)
         if rest:
             os.write(node.ring, rest.tobytes())
         return len(data)
@@ -408,6 +411,7 @@ class SimKernel:
                     pass  # (nothing there after all: as below)
                 else:
                     node.masked.add(port)
+                    node.rpages[port][_ROUTE_MASKED] = 1
                     return _PORT.pack(port)
             out = array.array("I")
             for fd, _ev in events:
@@ -436,6 +440,7 @@ class SimKernel:
                 except BlockingIOError:
                     continue
                 node.masked.add(port)
+                node.rpages[port][vcpu_channel.ROUTE_MASKED] = 1
                 out.append(port)
             if out:
                 return out.tobytes()
@@ -443,8 +448,25 @@ class SimKernel:
                 raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
             node.ep.poll(-1, 1)
 
-    def _add_fast(self, node: _Node, port: int, deliver: int, wake: int) -> None:
+    @staticmethod
+    def _unmask_fast(node: _Node, port: int, route: tuple[int, int]) -> None:
+        """Unmask a routed port: a held edge is raised again, and a vCPU that waits to play the
+        dom0 kernel's handler on it (sim.vcpu_channel route page) is woken."""
+        node.masked.discard(port)
+        page = node.rpages[port]
+        page[vcpu_channel.ROUTE_MASKED] = 0
+        if page[vcpu_channel.ROUTE_WAITING]:
+            os.eventfd_write(route[1], 1)
+        if port in node.held:  # pending while masked: a new edge delivers it
+            node.held.discard(port)
+            os.eventfd_write(route[0], 1)
+
+    def _add_fast(self, node: _Node, port: int, deliver: int, wake: int, page_fd: int) -> None:
         assert node.ep is not None
+        try:
+            node.rpages[port] = mmap.mmap(page_fd, vcpu_channel.ROUTE_PAGE)
+        finally:
+            os.close(page_fd)
         node.fast[port] = (deliver, wake)
         node.by_fd[deliver] = port
         node.ep.register(deliver, select.EPOLLIN | select.EPOLLET)
@@ -460,6 +482,9 @@ class SimKernel:
         node.ep.unregister(route[0])
         os.close(route[0])
         os.close(route[1])
+        page = node.rpages.pop(port, None)
+        if page is not None:
+            page.close()
 
     # ------------------------------------------------------------------ mmap
     def mmap(
@@ -744,8 +769,11 @@ class SimKernel:
         if which is EvtchnIoctl.RESET:
             self._drain(node.ring)
             assert node.ep is not None
-            for deliver, _wake in node.fast.values():
+            for port, (deliver, wake) in node.fast.items():
                 self._drain(deliver)
+                node.held.discard(port)
+                if port in node.masked:
+                    self._unmask_fast(node, port, (deliver, wake))
             node.masked.clear()
             node.held.clear()
             return int(node.call({"op": "reset"})[0]["ret"])
@@ -756,8 +784,8 @@ class SimKernel:
             reply, _b, fds = node.call({"op": "bind_interdomain", "remote_domain": rd, "remote_port": rp})
             port = int(reply["ret"])
             node.ports.add(port)
-            if len(fds) == 2:
-                self._add_fast(node, port, fds[0], fds[1])
+            if len(fds) == 3:
+                self._add_fast(node, port, fds[0], fds[1], fds[2])
             else:
                 for f in fds:
                     os.close(f)

@@ -23,6 +23,31 @@ at LIVE_OFF: u32 count, u32 uid[count] (servers alive); at BUSY_OFF: one byte pe
 the guest only (1 while a fast access is in flight, for ``pending_access``); at IRQ_OFF: one byte
 per SPI (``IRQ_BASE`` + i), the interrupt line's level.
 
+The dom0 kernel's privcmd ioeventfd (sim.fastpath) takes it too. Its handler shares the vCPU
+port's interrupt: on Xen it runs in dom0's kernel on the IOREQ event, completes a matching
+QueueNotify itself (eventfd signalled, IORESP_READY, port notified) and leaves the event to the
+evtchn device's user as well. Here, when every handler on a vCPU's port watches that server's slot of
+that vCPU, the route also carries the ioeventfds (``vcpu_server``) and the vCPU plays the handler:
+a matching write signals the eventfd, leaves the slot completed (never READY) and still raises
+the port's event for user space; no process is woken on the way but the back-end. The handler
+only runs while user space has the port unmasked (a late-EOI interrupt): each route has a *route
+page* shared by the host, the daemon's SimKernel (which writes the port's mask there) and the
+guest. Layout: u8 masked @0 (set by whoever raises the port's event, as the evtchn device masks the
+interrupt when it queues it; cleared by the SimKernel's unmask), u8 waiting @1 (the guest: it waits for the unmask, and
+the SimKernel's unmask then writes the vCPU's ``wake``), u64 consumed @8 and u64 passed @16 (the
+handler's counters, written by the guest; the host adds them to its own). A host-path access
+(not through the vCPU channel) on such a port runs the host's handler only while the page says
+unmasked; otherwise user space serves it (divergence: Linux would run the handler at the unmask).
+
+The dom0 kernel's privcmd irqfd does too when its dm_op is a well-formed XEN_DMOP_set_irq_level of
+a line the page holds: the guest fetches those irqfds (``irqfds``: the eventfds, each line and
+level, and the host's irq eventfd; fetched again when the u32 at IRQFD_GEN_OFF changes) and, while
+it looks at or waits for a line, reads them itself and writes the level and both irq eventfds, as
+the kernel's irqfd worker and the hypervisor would: a back-end's call raises the guest's line with
+no process in between. The host keeps reading them too (whoever reads the counter first injects;
+the other finds it empty), so a line nobody in the guest looks at is still raised; the guests'
+injections are counted in the u64 at IRQFD_COUNT_OFF.
+
 Interrupt lines take the same shortcut: the levels live in the page, written by whoever runs
 XEN_DMOP_set_irq_level (the host, or the device model's SimKernel once the host has handed it the
 page and the domain's two *irq* eventfds after a first dm_op it carried out itself). An assert
@@ -37,7 +62,8 @@ import mmap
 import struct
 
 __all__ = [
-    "BUSY_OFF", "IRQ_BASE", "IRQ_OFF", "NR_IRQS", "irq_offset", "FLAG_ARM64", "FLAG_DYING", "FLAG_RUNNING", "LIVE_OFF", "MAX_ENTRIES", "MAX_FAST_VCPUS",
+    "BUSY_OFF", "IRQFD_COUNT_OFF", "IRQFD_GEN_OFF", "bump_irqfd_gen", "count_irqfd", "irqfd_count", "irqfd_gen",
+    "ROUTE_MASKED", "ROUTE_PAGE", "ROUTE_WAITING", "count_route", "route_counters", "IRQ_BASE", "IRQ_OFF", "NR_IRQS", "irq_offset", "FLAG_ARM64", "FLAG_DYING", "FLAG_RUNNING", "LIVE_OFF", "MAX_ENTRIES", "MAX_FAST_VCPUS",
     "MAX_LIVE", "PAGE", "Snapshot", "flags_of", "read_snapshot", "seq_of", "write",
 ]
 
@@ -48,6 +74,7 @@ FLAG_ARM64 = 4
 FLAG_OVERFLOW = 8  # more ranges or servers than the page holds: every access takes the host's path
 _HEAD = struct.Struct("<QII")
 _SEQ = struct.Struct("<Q")
+_U64 = _SEQ
 _FLAGS = struct.Struct("<I")
 _ENT = struct.Struct("<QQIII")
 ENT_OFF = _HEAD.size
@@ -60,6 +87,45 @@ IRQ_OFF = 3584
 IRQ_BASE = 32  # the first SPI
 NR_IRQS = 64  # SPIs 32..95 (hypervisor.NR_SPIS)
 FLAGS_OFF = 8
+IRQFD_GEN_OFF = IRQ_OFF + NR_IRQS  # u32, the host's: bumped whenever the domain's irqfds change
+IRQFD_COUNT_OFF = IRQFD_GEN_OFF + 8  # u64, the guests': injections they carried out themselves
+_U32 = struct.Struct("<I")
+
+
+def irqfd_gen(buf: mmap.mmap | bytearray) -> int:
+    return int(_U32.unpack_from(buf, IRQFD_GEN_OFF)[0])
+
+
+def bump_irqfd_gen(buf: mmap.mmap | bytearray) -> None:
+    _U32.pack_into(buf, IRQFD_GEN_OFF, (irqfd_gen(buf) + 1) & 0xFFFFFFFF)
+
+
+def irqfd_count(buf: mmap.mmap | bytearray) -> int:
+    return int(_SEQ.unpack_from(buf, IRQFD_COUNT_OFF)[0])
+
+
+def count_irqfd(buf: mmap.mmap | bytearray) -> None:
+    _SEQ.pack_into(buf, IRQFD_COUNT_OFF, irqfd_count(buf) + 1)
+
+
+# the route page (one per vCPU route; see the docstring)
+ROUTE_PAGE = 4096
+ROUTE_MASKED = 0
+ROUTE_WAITING = 1
+_ROUTE_COUNTERS = struct.Struct("<QQ")
+ROUTE_COUNTERS_OFF = 8
+
+
+def route_counters(buf: mmap.mmap) -> tuple[int, int]:
+    """(consumed, passed) that the guest's vCPUs counted on this route."""
+    consumed, passed = _ROUTE_COUNTERS.unpack_from(buf, ROUTE_COUNTERS_OFF)
+    return int(consumed), int(passed)
+
+
+def count_route(buf: mmap.mmap, consumed: bool) -> None:
+    """The guest's handler: one more notify consumed (or one write left to user space)."""
+    off = ROUTE_COUNTERS_OFF + (0 if consumed else 8)
+    _U64.pack_into(buf, off, _U64.unpack_from(buf, off)[0] + 1)
 
 
 def irq_offset(irq: int) -> int | None:

@@ -136,3 +136,15 @@ async def test_a_slot_the_kernel_held_and_put_back_ready_without_an_event_is_ser
         page.take = kernel_first  # type: ignore[method-assign]
         assert await asyncio.wait_for(guest.mmio_read(BASE + 4, 4, vcpu=0), TIMEOUT) == 0x1234
         assert held == [0]
+
+
+@pytest.mark.asyncio
+async def test_each_access_reaches_the_window_it_falls_in_at_its_offset(no_fd_leak, sim_host, sim_control, kernel):
+    first, second = Answer(), Answer()
+    async with served(sim_host, sim_control, kernel, first) as (ioreq, guest, _evtchn):
+        ioreq.add_window(BASE + 0x400, 0x200, second)
+        assert await asyncio.wait_for(guest.mmio_read(BASE + 0x1FC, 4), TIMEOUT) == 0x1234
+        await asyncio.wait_for(guest.mmio_write(BASE + 0x400, 4, 7), TIMEOUT)
+        assert await asyncio.wait_for(guest.mmio_read(BASE + 0x5FC, 4), TIMEOUT) == 0x1234
+        assert first.accesses == [(0x1FC, False, 0)]
+        assert second.accesses == [(0, True, 7), (0x1FC, False, 0)]

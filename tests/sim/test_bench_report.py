@@ -60,3 +60,57 @@ def test_progress_estimates_the_time_left_from_the_pace(capsys: pytest.CaptureFi
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("[1/2] one: 0 s elapsed, about 40 s left")
     assert err[1].startswith("[2/2] two: 20 s elapsed, about 1 min 00 s left")
+
+
+def _blocks(cpu_us: list[float], wall_us: list[float], floor_us: float = 2.0) -> list[dict[str, float]]:
+    return [{"cpu_s": c / 1e6, "wall_s": w / 1e6, "floor_cpu_s": floor_us / 1e6} for c, w in zip(cpu_us, wall_us)]
+
+
+def test_daemon_cpu_is_the_median_of_blocks_with_their_wall_time_and_floor() -> None:
+    rel = {"daemon_cpu_ioreq_blocks": _blocks([10.0, 12.0, 90.0], [30.0, 30.0, 200.0]),
+           "daemon_cpu_relay_blocks": _blocks([100.0, 100.0, 100.0], [300.0, 300.0, 300.0])}
+    rows = {r[0]: r for r in bench.cpu_rows(rel)}
+    ioreq = rows["daemon CPU per IOREQ (1 MMIO read)"]
+    assert ioreq[2]["median"] == 12.0 and ioreq[2]["max"] == 90.0  # one slow block does not make the figure
+    assert "NOT TRUSTWORTHY" not in ioreq[3]
+    assert rows["  wall time per IOREQ (1 MMIO read), same blocks"][2]["median"] == 30.0
+    assert rows["  daemon CPU per IOREQ (1 MMIO read)/raw eventfd peer CPU"][2]["median"] == 6.0
+    assert rows["raw eventfd peer CPU per round trip"][2]["median"] == 2.0
+
+
+def test_daemon_cpu_above_the_wall_time_is_flagged() -> None:
+    rel = {"daemon_cpu_ioreq_blocks": _blocks([47.0, 12.0], [22.0, 30.0]),
+           "daemon_cpu_relay_blocks": _blocks([100.0], [300.0])}
+    rows = {r[0]: r for r in bench.cpu_rows(rel)}
+    assert "1 block(s) CPU > wall: NOT TRUSTWORTHY" in rows["daemon CPU per IOREQ (1 MMIO read)"][3]
+    assert "NOT TRUSTWORTHY" not in rows["daemon CPU per relay round trip"][3]
+
+
+def test_oncpu_counts_every_thread_of_the_process() -> None:
+    import os
+    import threading
+    import time
+
+    def main_thread_ns() -> int:
+        with open(f"/proc/{os.getpid()}/schedstat") as f:
+            return int(f.read().split()[0])
+
+    spun, done = threading.Event(), threading.Event()
+
+    def spin() -> None:
+        end = time.thread_time() + 0.05
+        while time.thread_time() < end:
+            pass
+        spun.set()
+        done.wait(60)
+
+    m0, a0 = main_thread_ns(), bench.oncpu_ns(os.getpid())
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        assert spun.wait(60)  # the main thread waits blocked: the 50 ms are the other thread's
+        m1, a1 = main_thread_ns(), bench.oncpu_ns(os.getpid())
+    finally:
+        done.set()
+        t.join()
+    assert (a1 - a0) - (m1 - m0) >= 45e6

@@ -444,3 +444,73 @@ async def test_daemon_ioreq_server_skips_what_the_kernel_consumed(host: SimHost,
         finally:
             guest.close()
             await srv.close()
+
+
+@pytest.mark.asyncio
+async def test_kernel_fast_path_runs_with_the_simulated_host_stopped(sim_dir: str, efd: int) -> None:
+    """sim.vcpu_channel: the vCPU plays the dom0 kernel's ioeventfd handler and the guest its irqfd,
+    so a QueueNotify, the back-end's call raising the line, and the user-space accesses beside them
+    cost no hop through the simulated host: they complete while it is stopped (SIGSTOP), and its
+    counters still see every notify consumed and every call injected."""
+    import signal
+
+    path = os.path.join(sim_dir, "xen.sock")
+    proc = start_sim_process(
+        [sys.executable, "-m", "xen_vhost_sim.cli", "--socket", path, "--privcmd-eventfd", "on",
+         "--domain", "domid=3,mem=32M,vcpus=1"], T * 2)
+    try:
+        kernel = SimKernel(path)
+        with PrivCmd(kernel) as privcmd, EventChannel(kernel) as evtchn, SimControl(path) as ctl:
+            dm = DeviceModel(privcmd, 3)
+            sid = dm.create_ioreq_server()
+            page = IoreqPage.map(privcmd, 3, sid, 1)
+            try:
+                dm.map_io_range(sid, BASE, BASE + 0x1FF)
+                dm.set_ioreq_server_state(sid, True)
+                ports = array.array("I", [evtchn.bind_interdomain(3, page.vp_eport(0))])
+                evtchn.unmask(*await asyncio.wait_for(evtchn.wait(), T))
+                privcmd.ioeventfd(privcmd_ioeventfd(
+                    ioreq=page.mapping.addr, ports=ports.buffer_info()[0], addr=BASE, addr_len=4,
+                    event_fd=efd, vcpus=1, vq=0, dom=3))
+                call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                op = xen_dm_op(op=DmOp.set_irq_level)
+                op.u.set_irq_level.irq, op.u.set_irq_level.level = IRQ, 1
+                privcmd.irqfd(privcmd_irqfd(dm_op=ctypes.addressof(op), size=ctypes.sizeof(op), fd=call, dom=3))
+                dm.set_irq_level(IRQ, 0)  # (the first one goes through the host: SimKernel's line route)
+                async with await SimGuest.connect(path, 3) as guest:
+                    await asyncio.wait_for(guest.mmio_write(NOTIFY, 4, 0), T)  # (fetches the route)
+                    evtchn.unmask(*await asyncio.wait_for(evtchn.wait(), T))
+                    assert _read_eventfd(efd) == 1
+                    assert not guest.irq_level(IRQ)  # (fetches the irqfds)
+                    os.kill(proc.pid, signal.SIGSTOP)  # every hop through the host would hang from here
+                    try:
+                        for i in range(20):
+                            os.eventfd_write(call, 1)  # the back-end's call
+                            await asyncio.wait_for(guest.wait_irq(IRQ), T)
+                            dm.set_irq_level(IRQ, 0)  # the daemon's deassert on InterruptACK
+                            assert not guest.irq_level(IRQ)
+                            await asyncio.wait_for(guest.mmio_write(NOTIFY, 4, 0), T)
+                            assert _read_eventfd(efd) == 1
+                            assert ports[0] in await asyncio.wait_for(evtchn.wait(), T)  # shared with user space
+                            assert page.take(0) is None and page.state(0) == IoreqState.NONE
+                            evtchn.unmask(ports[0])
+                            read = asyncio.ensure_future(guest.mmio_read(BASE + 0x70, 4))
+                            fired = await asyncio.wait_for(evtchn.wait(), T)
+                            evtchn.unmask(*fired)
+                            req = page.take(0)
+                            assert req is not None and req.addr == BASE + 0x70 and not req.is_write
+                            page.complete(0, i)
+                            evtchn.notify(ports[0])
+                            assert await asyncio.wait_for(read, T) == i
+                    finally:
+                        os.kill(proc.pid, signal.SIGCONT)
+                info = ctl.domain_info(3)["fastpath"]
+                assert info["ioeventfd_consumed"] == 21 and info["ioeventfd_passed"] == 0
+                assert info["irqfd_injected"] == 20 and info["irqfd_failed"] == 0
+                privcmd.irqfd(privcmd_irqfd(fd=call, flags=PRIVCMD_IRQFD_FLAG_DEASSIGN, dom=3))
+                os.close(call)
+            finally:
+                page.close()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        stop_process(proc, T)

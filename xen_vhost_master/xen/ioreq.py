@@ -28,6 +28,8 @@ __all__ = ["IoreqPage", "IoreqRequest", "fence"]
 
 # struct ioreq (abi.ioreq_t): addr, data, count, size, vp_eport, _pad0, flags, type
 _SLOT = struct.Struct("<QQIIIHBB")
+_DATA = struct.Struct("<Q")
+_DATA_OFF: Final = ioreq_t.data.offset
 _FLAGS_OFF: Final = ioreq_t.flags.offset  # type: ignore[attr-defined]  # the state byte: one store changes it
 _STATE_MASK: Final = ioreq_t.STATE_MASK
 _DIR: Final = ioreq_t.DIR
@@ -123,9 +125,9 @@ class IoreqPage:
 
     def complete(self, vcpu: int, data: int | None = None) -> None:
         """Publish the response (``data`` for reads), then IORESP_READY. Notify the port afterwards."""
-        if data is not None:
-            self._slots[vcpu].data = data & 0xFFFFFFFFFFFFFFFF
-        fence()
         raw = self._raw[vcpu]
+        if data is not None:
+            _DATA.pack_into(raw, _DATA_OFF, data & 0xFFFFFFFFFFFFFFFF)  # one 8-byte store, as the ctypes field
+        fence()
         raw[_FLAGS_OFF] = (raw[_FLAGS_OFF] & ~_STATE_MASK & 0xFF) | _IORESP_READY
         fence()

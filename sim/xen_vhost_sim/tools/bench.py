@@ -23,7 +23,14 @@ Every figure is paired with its reference measured in the same run:
   sim/xen_vhost_sim/vcpu_channel.py) side by side with the ping-pong (target <= 3x, the vCPU
   blocked for its answer as on Xen: ``SimGuest(vcpu_hold=...)``; also with the vCPU waiting in
   the guest's event loop) and with the same read sent through the simulated host
-  (``SimGuest(vcpu_channel=False)``, the old path).
+  (``SimGuest(vcpu_channel=False)``, the old path). The same relay round trip against a host
+  with privcmd IOEVENTFD/IRQFD (the daemon's queue on them: it serves only InterruptStatus and
+  InterruptACK). The daemon's CPU per IOREQ and per relay round trip: its threads' on-CPU time
+  (``/proc/PID/task/*/schedstat``) over 10 blocks, each with its wall time (a block whose CPU
+  exceeds it is flagged) and the CPU a raw eventfd peer pays per round trip in between, the floor.
+  That CPU is the load's as much as the code's: when other processes run between two IOREQs
+  (wall time per IOREQ far above the round trip) the same code costs up to 3x the CPU (cold
+  caches; this VM charges interrupts to whoever runs); compare code with ``bench_instr``.
 * guest-memory **mapping time** (``PrivCmd.map_foreign`` through the simulator) for 256 MiB,
   1 GiB and 4 GiB guests.
 * the daemon's **RSS** idle (after READY) and under load (max during the relayed fio), its CPU
@@ -287,14 +294,15 @@ while True:
 
 
 @contextlib.contextmanager
-def _eventfd_peer(code: str, flags: int = os.EFD_CLOEXEC) -> Iterator[tuple[int, int]]:
+def _eventfd_peer(code: str, flags: int = os.EFD_CLOEXEC) -> Iterator[tuple[int, int, int]]:
     """Two eventfds (ping, pong) and a child Python process running ``code`` with their numbers
-    as argv[1:3]; the child killed and both fds closed however the body ends."""
+    as argv[1:3]; yields (ping, pong, the child's pid); the child killed and both fds closed
+    however the body ends."""
     ping, pong = os.eventfd(0, flags), os.eventfd(0, flags)
     try:
         child = subprocess.Popen([sys.executable, "-c", code, str(ping), str(pong)], pass_fds=(ping, pong))
         try:
-            yield ping, pong
+            yield ping, pong, child.pid
         finally:
             child.kill()
             child.wait()
@@ -306,7 +314,7 @@ def _eventfd_peer(code: str, flags: int = os.EFD_CLOEXEC) -> Iterator[tuple[int,
 def eventfd_pingpong(n: int) -> list[float]:
     """Round trips of a raw eventfd ping-pong with a child Python process (blocking reads)."""
     out = []
-    with _eventfd_peer(_SYNC_CHILD) as (ping, pong):
+    with _eventfd_peer(_SYNC_CHILD) as (ping, pong, _pid):
         for _ in range(n):
             t0 = time.perf_counter()
             os.eventfd_write(ping, 1)
@@ -340,7 +348,7 @@ async def eventfd_pingpong_async(n: int) -> list[float]:
     daemon are."""
     loop = asyncio.get_running_loop()
     out: list[float] = []
-    with _eventfd_peer(_ASYNC_CHILD, os.EFD_NONBLOCK) as (ping, pong):
+    with _eventfd_peer(_ASYNC_CHILD, os.EFD_NONBLOCK) as (ping, pong, _pid):
         for _ in range(n):
             fut: asyncio.Future[None] = loop.create_future()
             loop.add_reader(pong, _resolve, fut)
@@ -430,16 +438,18 @@ async def relay_micro(peers: Any, work: Path, sim_path: str, n: int) -> dict[str
         for _ in range(n):
             await w(R.QUEUE_NOTIFY, 0)
         notifies_per_s = n / (time.perf_counter() - t0)
-        c0 = oncpu_ns(daemon.proc.pid)
-        for _ in range(n):
+        async def one_ioreq() -> None:
             await r(R.MAGIC_VALUE)
-        cpu_per_ioreq = (oncpu_ns(daemon.proc.pid) - c0) / 1e9 / n
-        c0 = oncpu_ns(daemon.proc.pid)
-        for _ in range(n):
+
+        async def one_relay() -> None:
             await w(R.QUEUE_NOTIFY, 0)
             await asyncio.wait_for(guest.wait_irq(IRQ), STEP)
             await w(R.INTERRUPT_ACK, await r(R.INTERRUPT_STATUS))
-        cpu_per_relay = (oncpu_ns(daemon.proc.pid) - c0) / 1e9 / n
+
+        with _eventfd_peer(_SYNC_CHILD) as peer:
+            await one_ioreq()  # the daemon's first read of this register is not timed
+            cpu_ioreq = await cpu_blocks(daemon.proc.pid, one_ioreq, n, peer)
+            cpu_relay = await cpu_blocks(daemon.proc.pid, one_relay, n, peer)
         await w(R.STATUS, 0)
         raw = await asyncio.get_running_loop().run_in_executor(None, eventfd_pingpong, n)  # same daemon alive
         raw_async = await eventfd_pingpong_async(n)
@@ -451,13 +461,96 @@ async def relay_micro(peers: Any, work: Path, sim_path: str, n: int) -> dict[str
         echo.stop()
     return {"relay_rtt_s": rtt, "raw_eventfd_rtt_s": raw, "async_eventfd_rtt_s": raw_async, "ioreq_rtt_s": ioreq,
             "ioreq_held_rtt_s": ioreq_held, "ioreq_via_host_rtt_s": ioreq_host, "notifies_per_s": notifies_per_s,
-            "daemon_cpu_per_ioreq_s": cpu_per_ioreq, "daemon_cpu_per_relay_s": cpu_per_relay}
+            "daemon_cpu_per_ioreq_s": statistics.median(b["cpu_s"] for b in cpu_ioreq),
+            "daemon_cpu_per_relay_s": statistics.median(b["cpu_s"] for b in cpu_relay),
+            "daemon_cpu_ioreq_blocks": cpu_ioreq, "daemon_cpu_relay_blocks": cpu_relay}
+
+
+async def relay_fast_micro(peers: Any, work: Path, sim_path: str, n: int) -> dict[str, Any]:
+    """The relay round trip of ``relay_micro`` on a host playing a kernel with privcmd ioeventfd and
+    irqfd: the daemon puts its queue on them, so the QueueNotify goes to the back-end through the
+    ioeventfd and its call comes back through the irqfd; the daemon serves only the
+    InterruptStatus read and the InterruptACK."""
+    from xen_vhost_sim.guest import SimControl, SimGuest
+    from xen_vhost_sim.guest_driver import MmioReg as R
+
+    sock = peers.sock_path("echo-fast.sock")
+    echo = peers.start("echo-backend-fast", [sys.executable, "-m", "xen_vhost_sim.tools.bench", "--echo-backend",
+                                             str(sock)])
+    echo.wait_listening(sock)
+    with SimControl(sim_path) as ctl:
+        domid = ctl.create_domain(mem_bytes=64 << 20)
+    daemon = Daemon(peers, work, sim_path, domid, f"type=rng,base={BASE:#x},irq={IRQ},socket={sock}")
+    guest = await SimGuest.connect(sim_path, domid)
+    try:
+        await daemon.ready()
+        w, r = await micro_device_up(guest)
+
+        async def one_relay() -> None:
+            await w(R.QUEUE_NOTIFY, 0)
+            await asyncio.wait_for(guest.wait_irq(IRQ), STEP)
+            await w(R.INTERRUPT_ACK, await r(R.INTERRUPT_STATUS))
+
+        await one_relay()
+        with SimControl(sim_path) as ctl:
+            if not ctl.domain_info(domid)["fastpath"]["ioeventfds"]:
+                raise RuntimeError("the daemon did not put its queue on the kernel fast path")
+        rtt = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await one_relay()
+            rtt.append(time.perf_counter() - t0)
+        with _eventfd_peer(_SYNC_CHILD) as peer:
+            cpu_relay = await cpu_blocks(daemon.proc.pid, one_relay, n, peer)
+        await w(R.STATUS, 0)
+    finally:
+        guest.close()
+        daemon.stop()
+        echo.stop()
+    return {"relay_rtt_s": rtt, "daemon_cpu_relay_blocks": cpu_relay}
 
 
 def oncpu_ns(pid: int) -> int:
-    """Nanoseconds the process's main thread (the daemon's event loop) has run (/proc/PID/schedstat)."""
-    with open(f"/proc/{pid}/schedstat") as f:
-        return int(f.read().split()[0])
+    """Nanoseconds all threads of process ``pid`` have run (each ``/proc/PID/task/TID/schedstat``'s
+    first field: time on a CPU, steal time excluded, interrupts that hit the thread included; a
+    thread that ended in between is not counted)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total
+
+
+#: Blocks the CPU figures are cut into (each its own sample, the median reported).
+CPU_BLOCKS = 10
+
+
+async def cpu_blocks(pid: int, op: Callable[[], Awaitable[None]], n: int,
+                     peer: tuple[int, int, int]) -> list[dict[str, float]]:
+    """Process ``pid``'s CPU per ``op`` (run ``n`` times in CPU_BLOCKS blocks), each block followed by
+    as many raw eventfd round trips with ``peer`` (``_eventfd_peer(_SYNC_CHILD)``) whose CPU
+    per round trip is measured the same way: what this machine charges, at that moment, a process
+    that does nothing but wake up, read an eventfd and write one (the same wake-ups, the same
+    interrupts charged to whoever runs, the same cache and clock state). Per block: ``cpu_s`` and
+    ``wall_s`` per op (one thread cannot run longer than the wall: ``cpu_s > wall_s`` would mean the
+    figure is wrong), ``floor_cpu_s`` per raw round trip."""
+    ping, pong, child = peer
+    per = max(1, n // CPU_BLOCKS)
+    for _ in range(50):  # the child's start-up is not its cost per round trip
+        os.eventfd_write(ping, 1)
+        os.eventfd_read(pong)
+    out = []
+    for _ in range(CPU_BLOCKS):
+        c0, t0 = oncpu_ns(pid), time.perf_counter()
+        for _ in range(per):
+            await op()
+        wall, cpu = time.perf_counter() - t0, oncpu_ns(pid) - c0
+        f0 = oncpu_ns(child)
+        for _ in range(per):
+            os.eventfd_write(ping, 1)
+            os.eventfd_read(pong)
+        out.append({"cpu_s": cpu / 1e9 / per, "wall_s": wall / per, "floor_cpu_s": (oncpu_ns(child) - f0) / 1e9 / per})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- mapping
@@ -493,6 +586,32 @@ def pct(values: list[float], q: float) -> float:
 
 def summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+#: One line of the report: figure, unit, summary, note.
+Row = tuple[str, str, dict[str, float], str]
+
+
+def cpu_rows(rel: dict[str, Any]) -> list[Row]:
+    """The daemon's CPU figures from ``cpu_blocks``: per block samples (median, min, max), the wall
+    time of the same blocks, and the floor (a raw eventfd peer's CPU per round trip, same blocks)."""
+    rows: list[Row] = []
+    for key, what, note in (("daemon_cpu_ioreq_blocks", "per IOREQ (1 MMIO read)", "target <= 10"),
+                            ("daemon_cpu_relay_blocks", "per relay round trip",
+                             "3 IOREQs + kick relay + call relay + 2 irq changes")):
+        blocks = rel[key]
+        cpu = [1e6 * b["cpu_s"] for b in blocks]
+        wall = [1e6 * b["wall_s"] for b in blocks]
+        broken = sum(c > w * 1.02 for c, w in zip(cpu, wall))  # 2%: the two clocks are read apart
+        rows.append((f"daemon CPU {what}", "us", summary(cpu), f"{note}; all threads, median of {len(blocks)} blocks"
+                     + (f"; {broken} block(s) CPU > wall: NOT TRUSTWORTHY" if broken else "")))
+        rows.append((f"  wall time {what}, same blocks", "us", summary(wall), "the daemon's CPU can only be less"))
+        rows.append((f"  daemon CPU {what}/raw eventfd peer CPU", "ratio",
+                     summary([b["cpu_s"] / b["floor_cpu_s"] for b in blocks if b["floor_cpu_s"] > 0]),
+                     "per block; the peer only wakes, reads, writes"))
+    floor = [1e6 * b["floor_cpu_s"] for b in rel["daemon_cpu_ioreq_blocks"]]
+    rows.append(("raw eventfd peer CPU per round trip", "us", summary(floor), "the floor, in the IOREQ blocks"))
+    return rows
 
 
 #: Fixed precision per unit (digits after the point).
@@ -603,6 +722,8 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             res.update(fio={"direct": {}}, paths={}, grant_paths={}, daemon={}, mapping_s={})
             progress.start("relay and IOREQ microbenchmark")
             res["relay"] = await relay_micro(peers, work, sims["plain"], args.pingpong)
+            start_sim(peers, sims["eventfd"], "--privcmd-eventfd", "on")
+            res["relay_fastpath"] = await relay_fast_micro(peers, work, sims["eventfd"], args.pingpong)
             res["elapsed_s"] = time.perf_counter() - t_start
             progress.finish()
             return res
@@ -634,6 +755,9 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         res["daemon"] = daemon
         progress.start("relay and IOREQ microbenchmark")
         res["relay"] = await relay_micro(peers, work, sims["plain"], args.pingpong)
+        if "eventfd" not in {host for _n, host, _m, _d in paths}:
+            start_sim(peers, sims["eventfd"], "--privcmd-eventfd", "on")
+        res["relay_fastpath"] = await relay_fast_micro(peers, work, sims["eventfd"], args.pingpong)
     progress.start("guest memory mapping")
     res["mapping_s"] = await asyncio.get_running_loop().run_in_executor(None, mapping_times, args.map_reps)
     res["elapsed_s"] = time.perf_counter() - t_start
@@ -692,11 +816,11 @@ def report(res: dict[str, Any]) -> str:
     rows.append(("IOREQ round trip (1 MMIO read) p50", "us", summary([1e6 * pct(rel["ioreq_rtt_s"], 0.5)]),
                  "guest->daemon->guest (vCPU channel), the vCPU waits in the guest's event loop"))
     rows.append(("IOREQ round trip (1 MMIO read) p99", "us", summary([1e6 * pct(rel["ioreq_rtt_s"], 0.99)]), ""))
-    if "daemon_cpu_per_ioreq_s" in rel:
+    if "daemon_cpu_ioreq_blocks" in rel:
+        rows.extend(cpu_rows(rel))
+    elif "daemon_cpu_per_ioreq_s" in rel:  # a results file from before the blocks
         rows.append(("daemon CPU per IOREQ (1 MMIO read)", "us", summary([1e6 * rel["daemon_cpu_per_ioreq_s"]]),
-                     "target <= 10; main thread, incl. the simulated ioctls"))
-        rows.append(("daemon CPU per relay round trip", "us", summary([1e6 * rel["daemon_cpu_per_relay_s"]]),
-                     "3 IOREQs + kick relay + call relay + 2 irq changes"))
+                     "target <= 10; one sample"))
     if rel.get("ioreq_via_host_rtt_s"):
         rows.append(("IOREQ round trip through the sim host p50", "us",
                      summary([1e6 * pct(rel["ioreq_via_host_rtt_s"], 0.5)]), "guest->sim->daemon->sim->guest (old path)"))
@@ -708,6 +832,15 @@ def report(res: dict[str, Any]) -> str:
         rows.append(("IOREQ round trip/asyncio eventfd ping-pong p50", "ratio",
                      summary([pct(rel["ioreq_rtt_s"], 0.5) / pct(rel["async_eventfd_rtt_s"], 0.5)]),
                      "the event-loop floor of both ends"))
+    fast = res.get("relay_fastpath")
+    if fast:
+        rows.append(("relay round trip, kernel fast path p50", "us", summary([1e6 * pct(fast["relay_rtt_s"], 0.5)]),
+                     "notify->ioeventfd->echo->irqfd->irq->ack"))
+        rows.append(("relay round trip, kernel fast path/relayed p50", "ratio",
+                     summary([pct(fast["relay_rtt_s"], 0.5) / pct(rel["relay_rtt_s"], 0.5)]), "below 1: faster"))
+        cpu = [1e6 * b["cpu_s"] for b in fast["daemon_cpu_relay_blocks"]]
+        rows.append(("daemon CPU per relay round trip, kernel fast path", "us", summary(cpu),
+                     f"2 IOREQs (status, ack), 1 irq change; median of {len(cpu)} blocks"))
     rows.append(("relay/raw p50", "ratio", summary([pct(rel["relay_rtt_s"], 0.5) / pct(rel["raw_eventfd_rtt_s"], 0.5)]), "target <= 2"))
     rows.append(("QueueNotify writes/s", "1/s", summary([rel["notifies_per_s"]]), "sync IOREQ, back to back"))
     for label, v in res["mapping_s"].items():

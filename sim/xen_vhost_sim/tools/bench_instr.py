@@ -26,6 +26,7 @@ import asyncio
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -98,6 +99,92 @@ async def ioreq_figures(n: int, tmp: str) -> dict[str, float]:
             "daemon instructions per relay round trip": (relays - base) / max(1, n // 5)}
 
 
+# ---------------------------------------------------------------------------------------------- kernel
+def kernel_child(n: int, bare: bool) -> int:
+    """``n`` IOREQ events through the in-process simulated kernel alone: per event the guest's side
+    raises the vCPU port's deliver eventfd, then what the daemon asks its kernel for one IOREQ (the
+    evtchn read, the unmask write, the NOTIFY ioctl: ``SimKernel.read``/``write``/``ioctl``, as
+    ``EventChannel`` calls them), then the guest's side reads its wake eventfd. ``bare``: the same
+    eventfd system calls made directly instead of the three kernel calls (what a real dom0's
+    kernel does in kernel mode, which callgrind does not count). Returns the events served."""
+    from xen_vhost_master.xen.dmop import DeviceModel
+    from xen_vhost_master.xen.evtchn import _NOTIFY, MAX_PORTS_PER_READ, EventChannel
+    from xen_vhost_master.xen.ioreq import IoreqPage
+    from xen_vhost_master.xen.privcmd import PrivCmd
+    from xen_vhost_master.xen.abi import ioctl_evtchn_notify
+    from xen_vhost_sim.host import SimHost
+    from xen_vhost_sim.simkernel import SimKernel
+
+    from xen_vhost_sim.tools import bench
+
+    with tempfile.TemporaryDirectory(prefix="xvm-instr-k-") as d, SimHost(os.path.join(d, "xen.sock")) as host, \
+            host.control() as ctl:
+        domid = ctl.create_domain(mem_bytes=16 << 20)
+        kernel = SimKernel(host.path)
+        with PrivCmd(kernel) as pc, EventChannel(kernel) as ev:
+            dm = DeviceModel(pc, domid)
+            sid = dm.create_ioreq_server()
+            page = IoreqPage.map(pc, domid, sid, 1)
+            try:
+                dm.map_io_range(sid, bench.BASE, bench.BASE + 0x1FF)
+                dm.set_ioreq_server_state(sid, True)
+                port = ev.bind_interdomain(domid, page.vp_eport(0))
+                ev.unmask(*ev.read_pending())  # the bind-time event
+                _reply, fds = ctl.call({"op": "vcpu_server", "domid": domid, "uid": _uid(ctl, domid), "vcpu": 0})
+                wake, deliver = fds[1], fds[2]
+                arg = ioctl_evtchn_notify(port)
+                data = struct.pack("=I", port)
+                for _ in range(n):
+                    os.eventfd_write(deliver, 1)
+                    if bare:
+                        os.eventfd_read(deliver)
+                        os.eventfd_write(wake, 1)
+                    else:
+                        kernel.read(ev.fd, 4 * MAX_PORTS_PER_READ)
+                        kernel.write(ev.fd, data)
+                        kernel.ioctl(ev.fd, _NOTIFY, arg)
+                    os.eventfd_read(wake)  # (non-blocking: raises if NOTIFY did not wake the vCPU)
+                for fd in fds:
+                    os.close(fd)
+            finally:
+                page.close()
+    return n
+
+
+def _uid(ctl: Any, domid: int) -> int:
+    """The uid of the domain's one IOREQ server in its vCPU channel page (sim.vcpu_channel)."""
+    import mmap
+
+    from xen_vhost_sim import vcpu_channel
+
+    _r, fds = ctl.call({"op": "vcpu_channel", "domid": domid})
+    try:
+        buf = mmap.mmap(fds[0], vcpu_channel.PAGE)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    try:
+        snap = vcpu_channel.read_snapshot(buf)
+        assert snap is not None and snap.entries
+        return int(snap.entries[0][2])
+    finally:
+        buf.close()
+
+
+def kernel_figures(n: int, tmp: str) -> dict[str, float]:
+    totals = {}
+    for bare in (False, True):
+        for count in (0, n):
+            out = os.path.join(tmp, f"kernel-{int(bare)}-{count}.out")
+            subprocess.run([*_valgrind(out), "-m", "xen_vhost_sim.tools.bench_instr", "--kernel-child", str(count)]
+                           + (["--bare"] if bare else []), check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+            totals[bare, count] = callgrind_total(out)
+    sim = (totals[False, n] - totals[False, 0]) / n
+    bare_ = (totals[True, n] - totals[True, 0]) / n
+    return {"simulated kernel instructions per IOREQ (evtchn read, unmask, NOTIFY: SimKernel)": sim - bare_}
+
+
 # ---------------------------------------------------------------------------------------------- shadow
 def engine(n: int) -> int:
     """``n`` (rounded up to a batch) 4 KiB read chains through the shadow engine at QD 32, EVENT_IDX
@@ -153,14 +240,19 @@ def shadow_figures(n: int, tmp: str) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m xen_vhost_sim.tools.bench_instr", description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=("ioreq", "shadow"), help="one group of figures")
+    p.add_argument("--only", choices=("ioreq", "kernel", "shadow"), help="one group of figures")
     p.add_argument("-n", type=int, default=5000, help="MMIO reads (relay round trips: n/5)")
     p.add_argument("--requests", type=int, default=3200, help="shadow engine requests")
     p.add_argument("--out", help="also write the figures as JSON to this file")
     p.add_argument("--engine-child", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--kernel-child", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.engine_child is not None:
         engine(args.engine_child)
+        return 0
+    if args.kernel_child is not None:
+        kernel_child(args.kernel_child, args.bare)
         return 0
     if shutil.which(VALGRIND) is None:
         p.error("valgrind not found (Debian: apt install valgrind)")
@@ -172,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             figures.update(shadow_figures(args.requests, tmp))
         if args.only in (None, "ioreq"):
             figures.update(asyncio.run(ioreq_figures(args.n, tmp)))
+        if args.only in (None, "kernel"):
+            figures.update(kernel_figures(args.n, tmp))
     for name, value in figures.items():
         print(f"{name:<52} {value:>10,.0f}")
     if args.out:
