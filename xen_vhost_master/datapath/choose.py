@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Final
 from vhost_user import ProtocolFeatures, XenMmapFlags
 
 from ..config import DeviceConfig, MemoryMode
-from ..devtypes import feeds_lower
+from ..devtypes import BLK, feeds_lower
 from ..errors import ConfigError
 from ..guestmem.foreign import ForeignGuestMemory, foreign_reader, foreign_writer
 from ..log import LimitedLogger, device_logger
@@ -177,7 +177,8 @@ class GuestDataPaths:
             try:
                 record = res.inflight_record(cfg, num_queues)
                 path = GrantShadowDataPath(memory, max_queues=num_queues, max_queue_size=cfg.queue_size, log=log,
-                                           inflight=record, harvest_lower=feeds_lower(cfg.device_id))
+                                           inflight=record, harvest_lower=feeds_lower(cfg.device_id),
+                                           kicks_when_idle=cfg.device_id == BLK.id)
             except BaseException:  # what this call opened goes with it
                 if record is not None:
                     record.close()
@@ -191,7 +192,8 @@ class GuestDataPaths:
             try:
                 path = ShadowDataPath(self.guest_memory, res.banks, max_queues=num_queues,
                                       max_queue_size=cfg.queue_size, log=log, inflight=record,
-                                      harvest_lower=feeds_lower(cfg.device_id))
+                                      harvest_lower=feeds_lower(cfg.device_id),
+                                      kicks_when_idle=cfg.device_id == BLK.id)
             except BaseException:  # the pool's memfd/mmap OSError, or a bad record: the record is not kept
                 if record is not None:
                     record.close()

@@ -217,6 +217,10 @@ class ShadowDataPath:
     ``on_error(index, reason)``: a queue was stopped (set NEEDS_RESET). ``harvest_lower``: a
     queue's call also takes the lower queues' completions to the guest, first (the device type
     may complete what one queue takes into a lower one: :func:`~..devtypes.feeds_lower`).
+    ``kicks_when_idle``: the guest is asked to kick a queue only while none of its chains is in
+    flight; meanwhile each call of the back-end takes what the guest added (a device type whose
+    requests never wait for a later one of the same queue, e.g. virtio-blk). On Xen a kick is a
+    QueueNotify write the guest's vCPU waits on until the daemon has answered it.
     """
 
     name = "shadow"
@@ -236,9 +240,11 @@ class ShadowDataPath:
         log: Logger | None = None,
         inflight: GuestInflightRecord | None = None,
         harvest_lower: bool = True,
+        kicks_when_idle: bool = False,
     ) -> None:
         self.memory = memory
         self.harvest_lower = harvest_lower
+        self.kicks_when_idle = kicks_when_idle
         self.inflight_record = inflight  # closed with the data path
         # Optional: a memory that maps on demand (grants) learns when it may unmap guest buffers.
         self._release: Callable[[list[tuple[int, int]]], None] | None = getattr(memory, "release_buffers", None)
@@ -524,6 +530,8 @@ class ShadowDataPath:
                 other = self._queues.get(lower)
                 if other is not None and self._harvest(other) and other.guest is not None and other.guest.needs_notify():
                     self._also_used.append(lower)
+                if self.kicks_when_idle and other is not None and other.broken is None:
+                    self._pump(other)
         if not self._harvest(q):
             return notify
         if self._held:
@@ -531,7 +539,7 @@ class ShadowDataPath:
                 held = self._queues.get(i)
                 if held is not None and held is not q and held.broken is None:
                     self._pump(held)
-        if q.pending is not None and q.broken is None:
+        if (q.pending is not None or self.kicks_when_idle) and q.broken is None:
             self._pump(q)
         return (q.guest is not None and q.broken is None and q.guest.needs_notify()) or notify
 
@@ -704,6 +712,8 @@ class ShadowDataPath:
                 if chain is None:
                     chain = guest.pop()
                     if chain is None:
+                        if self.kicks_when_idle and q.inflight:
+                            break  # kicks stay off: the back-end's next call takes what comes (used)
                         if guest.enable_notify():
                             guest.disable_notify()
                             continue
