@@ -39,8 +39,8 @@ PATHS = {"pyblk": "daemon + XEN_MMAP back-end (pyblk), notifications relayed by 
          "qsd": "daemon + qemu-storage-daemon (shadow)"}
 for _t in TESTS:
     TARGETS[("fastpath", _t)] = TARGETS[("pyblk", _t)]
-_SHADOW = re.compile(r"DAEMON\[(\S+)\]\| .*: shadow virtqueues")
-_DAEMON = re.compile(r"DAEMON\[(\S+)\]\| .*kernel fast path (available|\(privcmd ioeventfd/irqfd\) not)")
+_SHADOW = re.compile(r"DAEMON\[(\S+)\](?:@[0-9.]+)?\| .*: shadow virtqueues")
+_DAEMON = re.compile(r"DAEMON\[(\S+)\](?:@[0-9.]+)?\| .*kernel fast path (available|\(privcmd ioeventfd/irqfd\) not)")
 
 
 @dataclass
