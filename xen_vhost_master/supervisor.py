@@ -979,8 +979,8 @@ class Supervisor:
         self.devices.pop(base, None)
         self._forget_inflight(served.config)  # the device is gone: nothing to resume
         # Closed first: nothing of the device touches guest RAM any more, and unmapping all of it
-        # is slow on real Xen (a hypercall per page; a 128 MiB guest took seconds under TCG) while
-        # libxl gives the back-end 10 s for its Closed (tests/xenlab/README.md).
+        # can be slow on real Xen (the foreign mapping goes page by page) while libxl gives the
+        # back-end 10 s for its Closed (tests/xenlab/README.md, "Xen 4.20").
         await self._set_state(served, XenbusState.CLOSED)
         self._release_guest_memory()
 
