@@ -977,9 +977,12 @@ class Supervisor:
             served.listener = None
         await self.ioreq.remove_window_after_grace(base, 0 if self._gone else REMOVED_GRACE)
         self.devices.pop(base, None)
-        self._release_guest_memory()
         self._forget_inflight(served.config)  # the device is gone: nothing to resume
+        # Closed first: nothing of the device touches guest RAM any more, and unmapping all of it
+        # can be slow on real Xen (the foreign mapping goes page by page) while libxl gives the
+        # back-end 10 s for its Closed (tests/xenlab/README.md, "Xen 4.20").
         await self._set_state(served, XenbusState.CLOSED)
+        self._release_guest_memory()
 
     def _retire(self, base: int, served: _Served) -> None:
         """A device goes while its guest may run on: its virtio-mmio window answers as a removed
@@ -1001,8 +1004,9 @@ class Supervisor:
     def _release_guest_memory(self) -> None:
         """Unmap the guest's RAM as soon as no shadow device needs it: `xl destroy` removes the
         devices first and Xen cannot finish destroying a domain whose pages dom0 still maps."""
+        began = time.monotonic()
         if self._paths is not None and self._paths.release_guest_memory([s.device.memory for s in self.devices.values()]):
-            self.log.info("guest RAM unmapped")
+            self.log.info("guest RAM unmapped in %.1f s", time.monotonic() - began)
 
     async def _watch_domain(self) -> None:
         """Return when the domain is gone (destroyed, or shut down and released). On a xenstore

@@ -51,8 +51,8 @@ PATHS = {"pyblk": "daemon + XEN_MMAP back-end (pyblk), notifications relayed by 
          "fastpath": "daemon + XEN_MMAP back-end (pyblk), kernel fast path (privcmd ioeventfd/irqfd)",
          "qsd": "daemon + qemu-storage-daemon (shadow)"}
 TARGETS.update({("fastpath", t): v for (s, t), v in list(TARGETS.items()) if s == "pyblk"})
-_SHADOW = re.compile(r"DAEMON\[(\S+)\]\| .*: shadow virtqueues")
-_DAEMON = re.compile(r"DAEMON\[(\S+)\]\| .*kernel fast path (available|\(privcmd ioeventfd/irqfd\) not)")
+_SHADOW = re.compile(r"DAEMON\[(\S+)\](?:@[0-9.]+)?\| .*: shadow virtqueues")
+_DAEMON = re.compile(r"DAEMON\[(\S+)\](?:@[0-9.]+)?\| .*kernel fast path (available|\(privcmd ioeventfd/irqfd\) not)")
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ cp "$H/guest/dom0-init.sh" "$R/init"; cp "$H/guest/dom0-test.sh" "$R/xenlab/"
 chmod +x "$R/init" "$R/xenlab/dom0-test.sh"
 { echo "XENLAB_SCENARIOS=\"${XENLAB_SCENARIOS:-pyblk qsd grant}\""; echo "export XENLAB_SCENARIOS"
   for v in XENLAB_TERM_SIGNAL XENLAB_QSD_QUEUES XENLAB_DOMU_VCPUS XENLAB_BENCH XENLAB_DOMU_WAIT XENLAB_GRANT_TOML XENLAB_DOM0_KERNEL \
-           XENLAB_NET_FWD XENLAB_TESTPMD_MB; do
+           XENLAB_NET_FWD XENLAB_TESTPMD_MB XENLAB_CLOSED_MS; do
     [ -n "${!v:-}" ] && echo "$v=\"${!v}\"" && echo "export $v"
   done; } > "$R/xenlab/lab.env"
 (cd "$R" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT.tmp"

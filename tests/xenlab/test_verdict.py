@@ -26,6 +26,7 @@ GOOD = """\
 [   31.9] XENLAB-CHECK pyblk term-guest-alive ok=1 heartbeats_after=3 kernel_faults=0
 [   31.9] XENLAB-CHECK pyblk term-not-restarted ok=1 starts_before=1 after=1 instances_for_domain=0
 [   33.0] XENLAB-CHECK pyblk xl-destroy ok=1 rc=0 ms=1330 guest_io_loops=13
+[   33.1] XENLAB-CHECK pyblk closed-in-time ok=1 closing_to_closed_ms=850 limit_ms=10000 trace=30.1 4,31.2 5,32.0 gone,
 [   33.4] XENLAB-CHECK pyblk daemon-exit ok=1 rc=0
 [   33.5] XENLAB-CHECK pyblk ioreq-server-destroyed ok=1 id=0
 [   34.8] XENLAB-CHECK pyblk domain-gone ok=1 domains_left=0
@@ -36,7 +37,7 @@ GOOD = """\
 [   35.3] DOMU[pyblk]| DOMU-VCPU-IO cpu=0 ok=1 want=cc got=cc
 [   35.3] DOMU[pyblk]| DOMU-NCPU 2
 [   35.4] DAEMON[pyblk]| INFO xen_vhost_master: dom1: kernel fast path available: privcmd ioeventfd/irqfd for zero-copy devices
-[   35.4] DAEMON[pyblk]| INFO xen_vhost_master: dom1: device 51712: back-end maps guest memory itself (XEN_MMAP)
+[   35.4] DAEMON[pyblk]@32.06| INFO xen_vhost_master: dom1: device 51712: back-end maps guest memory itself (XEN_MMAP)
 [   35.3] DOMU[pyblk]| DOMU-IRQ  14:         11     GICv3  33 Edge      virtio0
 [   35.7] XENLAB-FINISHED scenarios=pyblk
 [   35.8] BOOT-END rc=0 finished=1 reason=qemu exited wall=35.8s
@@ -79,6 +80,7 @@ def test_a_vcpu_whose_notifies_the_kernel_answers_needs_no_ioreq_of_the_daemon()
         (lambda t: t.replace("second-guest ok=1", "second-guest ok=0"), "second-guest"),
         (lambda t: "\n".join(ln for ln in t.splitlines() if "reboot-served" not in ln), "reboot-served"),
         (lambda t: t.replace("xl-destroy ok=1", "xl-destroy ok=0"), "xl-destroy"),
+        (lambda t: t.replace("closed-in-time ok=1", "closed-in-time ok=0"), "closed-in-time"),  # a late Closed
         (lambda t: t.replace("daemon-exit ok=1 rc=0", "daemon-exit ok=0 rc=75"), "daemon-exit"),
         (lambda t: "\n".join(ln for ln in t.splitlines() if "domain-gone" not in ln), "domain-gone"),
         (lambda t: t.replace("CHECK pyblk backend-alive", "CHECK other backend-alive"), "backend-alive"),

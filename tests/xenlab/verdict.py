@@ -16,6 +16,10 @@ guest's ``DOMU-*`` lines, the daemon's status JSON); the decision is taken here,
 - ``xl-create`` / ``xl-destroy``: rc 0, no error or timeout from libxl, and libxl's own debug line
   that the back-end reached the state it waited for (``wanted state 2 ok`` / ``wanted state 6 ok``:
   the xenstore handshake with the daemon, not a timeout);
+- ``closed-in-time``: at ``xl destroy`` the device's XenBus state went from libxl's Closing to the
+  daemon's Closed (or its directory went, after libxl saw the Closed) within ``XENLAB_CLOSED_MS``
+  (default libxl's 10 s; dom0's time of each xenstore watch event), or was Closed already (the
+  instance stopped by SIGTERM); ``XENLAB_CLOSED_MS=0`` fails it on purpose;
 - ``second-guest``: every scenario's guest ran and did its I/O at the same time as the others,
   each served by its own instance;
 - ``reboot-served``: ``xl reboot`` gave the guest a new domid, the old domain's instance exited 0,
@@ -55,7 +59,7 @@ __all__ = ["Verdict", "parse", "REQUIRED", "TERM_REQUIRED", "FAST_PATH", "GRANTS
            "main"]
 
 REQUIRED = ("xl-create", "driver-ok", "data-path", "guest-io", "image-has-pattern", "interrupts", "vcpus-io",
-            "second-guest", "reboot-served", "xl-destroy", "daemon-exit", "ioreq-server-destroyed", "domain-gone",
+            "second-guest", "reboot-served", "xl-destroy", "closed-in-time", "daemon-exit", "ioreq-server-destroyed", "domain-gone",
             "backend-alive")
 # the daemon stopped by SIGTERM under a live guest: run on the last scenario's guest only
 TERM_REQUIRED = ("term-exit", "term-closed", "term-ioreq-destroyed", "term-not-restarted", "term-guest-alive")
@@ -64,7 +68,7 @@ _TS = re.compile(r"^\[\s*[0-9.]+\] ?")
 _CHECK = re.compile(r"XENLAB-CHECK (\S+) (\S+) ok=([01])\s*(.*)$")
 _DOMU = re.compile(r"^DOMU\[(\S+)\]\| (.*)$")
 _STATUS = re.compile(r"XENLAB-STATUS (\S+) (.*)$")
-_DAEMON = re.compile(r"^DAEMON\[(\S+)\]\| (.*)$")
+_DAEMON = re.compile(r"^DAEMON\[(\S+)\](?:@[0-9.]+)?\| (.*)$")  # (@: dom0's time of the line)
 # how guest memory must reach each scenario's back-end (the daemon's own log line)
 DATA_PATH = {"pyblk": "back-end maps guest memory itself (XEN_MMAP)", "qsd": "shadow virtqueues",
              "grant": "grant-based guest: shadow virtqueues over gntdev",

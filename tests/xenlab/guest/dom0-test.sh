@@ -226,12 +226,26 @@ destroy_guest() {  # scenario: xl destroy while the guest's I/O loop runs; the t
   S=$1; NAME=lab-$S; D=$(domid_of $NAME); BE=$(cat /tmp/backend-$S.pid)
   N=$(console_count $NAME DOMU-LOOP)
   [ "$S" = "$TERM_S" ] || wait_for 30 console_has_n $NAME DOMU-LOOP $((N + 1)) || t "scenario $S: guest I/O loop not seen"
+  # the device's XenBus state as libxl's Closing and the daemon's Closed come (dom0 time of each
+  # watch event and what it read then: 6, or gone once libxl removed the directory after the 6)
+  SP=/local/domain/0/backend/$KIND/$D/$DEVID/state
+  ( xenstore-watch $SP 2>/dev/null & echo $! > /tmp/closing-watch-$S.pid; wait ) | while read -r _p _t; do
+    echo "$(up) $(xenstore-read $SP 2>/dev/null || echo gone)"; done > /tmp/closing-$S.txt &
+  wait_for 10 test -s /tmp/closing-$S.txt   # (the watch's first event: registered)
   T2=$(ms)
   xl -vvv destroy $NAME > /tmp/xl-destroy-$S.log 2>&1; XDRC=$?
   T3=$(ms)
+  wait_for 15 grep -qE ' (6|gone)$' /tmp/closing-$S.txt
+  kill $(cat /tmp/closing-watch-$S.pid) 2>/dev/null
   HS=$(grep -c "backend/$KIND/$D/$DEVID/state wanted state 6 ok" /tmp/xl-destroy-$S.log)
   check $S xl-destroy $(yes01 sh -c "[ $XDRC = 0 ] && [ $HS -ge 1 ] && ! grep -qiE 'libxl: error|timed out|timeout' /tmp/xl-destroy-$S.log") \
     "rc=$XDRC ms=$((T3-T2)) domid=$D closed_handshake=$HS"
+  # Closing -> Closed (or gone after it) in dom0 time; libxl gives the back-end 10 s (0: Closed
+  # before the destroy, the instance stopped by SIGTERM)
+  CL=$(awk 'NR == 1 && $2 == 6 { printf "0"; exit } $2 == 5 && !c { c = $1 }
+            c && ($2 == 6 || $2 == "gone") { printf "%d", ($1 - c) * 1000; exit }' /tmp/closing-$S.txt)
+  check $S closed-in-time $(yes01 sh -c "[ $HS -ge 1 ] && [ -n '$CL' ] && [ '$CL' -le ${XENLAB_CLOSED_MS:-10000} ]") \
+    "closing_to_closed_ms=${CL:-none} limit_ms=${XENLAB_CLOSED_MS:-10000} trace=$(tr '\n' , < /tmp/closing-$S.txt | head -c 200)"
   prefix "XL-DESTROY[$S]" < /tmp/xl-destroy-$S.log
   # the instance that served domain D: exit code from the dispatcher's log
   wait_for 30 grep -q "instance for domain $D (pid [0-9]*) exited" /tmp/watch.log
@@ -339,7 +353,9 @@ xenstore-watch /local/domain/0/backend/$KIND 2>/dev/null | while read -r p tok; 
 XSW=$!
 # every instance's log, as it is written (the verdict reads the DAEMON lines; a stall shows where)
 for S in $XENLAB_SCENARIOS; do
-  : > "$(ilog lab-$S)"; tail -F "$(ilog lab-$S)" 2>/dev/null | prefix "DAEMON[$S]" &
+  # line by line (sed's block buffering held lines back for minutes), each with dom0's time
+  : > "$(ilog lab-$S)"; tail -F "$(ilog lab-$S)" 2>/dev/null | awk -v p="DAEMON[$S]" \
+    '{ getline u < "/proc/uptime"; close("/proc/uptime"); split(u, a, " "); print p "@" a[1] "| " $0; fflush() }' &
   echo $! >> /tmp/tails.pid
 done
 # a heartbeat: dom0's load and busiest processes, so a starved or spinning dom0 shows in the log

@@ -1,0 +1,74 @@
+"""A removed device answers libxl's Closing before the daemon unmaps the guest's RAM.
+
+libxl gives the back-end 10 s to answer Closing with Closed (``xl destroy``, ``xl block-detach``:
+tests/sim/test_libxl_handshake.py). A shadow path's instance maps all of the guest's RAM, and on
+real Xen unmapping it takes a hypercall per page: on Xen 4.20 under TCG a net guest's instance
+wrote Closed 10.6 s after libxl's Closing, the device itself gone 0.7 s after it was retired
+(tests/xenlab/README.md). Here the unmap is held until the toolstack's detach has returned: the
+detach sees Closed only if it is written before the unmap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from tests.daemon.test_waiting_backend import BASES, DOMID, IRQS, TIMEOUT, Backend, guest_domain, guest_of, io_check, running
+from xen_vhost_master.config import MemoryMode
+from xen_vhost_master.supervisor import Options
+from xen_vhost_sim.guest_devices import VirtioBlk
+from xen_vhost_sim.guest_driver import GuestDriverError, GuestPageAllocator
+
+DETACH_TIMEOUT = 5.0  # libxl's is 10 s; the fixed order answers in well under a second of daemon work
+
+
+@pytest.mark.asyncio
+async def test_removed_shadow_device_is_closed_before_guest_ram_is_unmapped(
+        no_fd_leak, platform, sim_host, sim_control, sim_dir):  # type: ignore[no-untyped-def]
+    guest_domain(sim_control)
+    backend = Backend(os.path.join(sim_dir, "0.sock"))
+    await backend.start()
+    detached = threading.Event()
+    unmap_calls: list[bool] = []
+    try:
+        async with running(platform, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"),
+                                             memory=MemoryMode.SHADOW)) as daemon, guest_of(sim_host) as guest:
+            blk = await asyncio.wait_for(VirtioBlk.attach(guest, BASES[0], IRQS[0], GuestPageAllocator(guest.ram)),
+                                         TIMEOUT)
+            await io_check(blk, backend, 1)
+            assert daemon.device(0)["data_path"] == "shadow"
+            paths = daemon.sup._paths
+            assert paths is not None and paths.guest_memory is not None  # the daemon maps the guest's RAM
+            release = paths.release_guest_memory
+
+            def slow_release(in_use: Sequence[object]) -> bool:
+                # as slow as real Xen's unmap, for as long as the toolstack waits (blocking, as munmap is)
+                detached.wait(2 * TIMEOUT)
+                unmapped = release(in_use)  # type: ignore[arg-type]
+                unmap_calls.append(unmapped)
+                return unmapped
+
+            paths.release_guest_memory = slow_release  # type: ignore[method-assign]
+
+            def detach() -> bool:
+                try:
+                    return sim_control.xl_detach_virtio_device(DOMID, device_id=2, base=BASES[0], irq=IRQS[0], devid=0,
+                                                               timeout=DETACH_TIMEOUT)
+                finally:
+                    detached.set()
+
+            mark = len(daemon.notes.messages)
+            closed = await asyncio.get_running_loop().run_in_executor(None, detach)
+            assert closed, "libxl's detach timed out: Closed came after the guest's RAM was unmapped"
+            await daemon.notes.status_says(f"dom{DOMID}: 0 device(s) serving, 0 waiting", after=mark)
+            assert unmap_calls == [True]  # unmapped once Closed was written, all the same
+            assert paths.guest_memory is None
+            with pytest.raises(GuestDriverError, match="did not complete its reset"):  # (the device is gone)
+                await asyncio.wait_for(blk.close(), TIMEOUT)
+    finally:
+        detached.set()
+        await backend.stop()
