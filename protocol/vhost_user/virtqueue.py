@@ -514,8 +514,13 @@ class SplitQueueDevice:
         r = self._r
         last = self._last_avail
         pending = (self._avail_seen - last) & 0xFFFF
-        if pending < limit:
-            pending = self.available()
+        if pending < limit:  # (available(), inline)
+            avail_idx: int = _U16.unpack_from(r.avail, 2)[0]
+            pending = (avail_idx - last) & 0xFFFF
+            if pending > r.size:
+                raise RingError(f"avail idx {avail_idx} is {pending} entries ahead of last_avail_idx "
+                                f"{last} (queue size {r.size})")
+            self._avail_seen = avail_idx
         if pending > limit:
             pending = limit
         if pending <= 0:
@@ -523,7 +528,9 @@ class SplitQueueDevice:
         # Read barrier here (avail idx before the ring entries) — see the module docstring.
         size, avail = r.size, r.avail
         slot = last & r.mask
-        if slot + pending <= size:
+        if pending == 1:
+            heads = _U16.unpack_from(avail, 4 + 2 * slot)
+        elif slot + pending <= size:
             heads = _u16_run(pending).unpack_from(avail, 4 + 2 * slot)
         else:
             heads = _u16_run(size - slot).unpack_from(avail, 4 + 2 * slot) + \
@@ -669,9 +676,12 @@ class SplitQueueDevice:
         if not count:
             return
         used, mask, done = self._r.used, self._r.mask, 0
+        if count == 1:
+            _USED_ELEM.pack_into(used, 4 + USED_ELEM_SIZE * (idx & mask), *flat)
+            done = 1
         while done < count:
             slot = (idx + done) & mask
-            run = min(count - done, size - slot)
+            run = count - done if count - done <= size - slot else size - slot
             _u32_run(2 * run).pack_into(used, 4 + USED_ELEM_SIZE * slot, *flat[2 * done : 2 * (done + run)])
             done += run
         idx = (idx + count) & 0xFFFF
@@ -966,7 +976,7 @@ class SplitQueueDriver:
             return
         # Read barrier here (used idx before the elements) — see the module docstring.
         used, size, slot = self._r.used, self._r.size, last & self._r.mask
-        run = min(pending, size - slot)  # the elements, one unpack per contiguous run
+        run = pending if pending <= size - slot else size - slot  # the elements, one unpack per contiguous run
         elems = _u32_run(2 * run).unpack_from(used, 4 + USED_ELEM_SIZE * slot)
         if run < pending:
             elems += _u32_run(2 * (pending - run)).unpack_from(used, 4)

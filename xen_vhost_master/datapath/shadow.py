@@ -713,15 +713,18 @@ class ShadowDataPath:
             guest.disable_notify()
             while True:
                 chains = q.pending
+                free = drv.num_free
+                limit = 0
                 if not chains:
-                    chains = guest.pop_many(drv.num_free or 1)  # (each takes a shadow descriptor at least)
+                    limit = free or 1  # (each chain takes a shadow descriptor at least)
+                    chains = guest.pop_many(limit)
                     if not chains:
                         if guest.enable_notify():
                             guest.disable_notify()
                             continue
                         break
                     q.popped = time.monotonic_ns()
-                taken = self._publish_many(q, chains, drv)
+                taken = self._publish_many(q, chains, drv, free)
                 if taken < len(chains):
                     if taken or chains is not q.pending:
                         q.stats.held += 1
@@ -730,6 +733,13 @@ class ShadowDataPath:
                     guest.enable_notify()  # a kick retries the held chains, as before this pass
                     break
                 q.pending = []
+                # Fewer than asked for: every chain seen was taken; what came since, enable_notify
+                # says (the next turn takes it), as an empty pop_many would.
+                if len(chains) < limit:
+                    if guest.enable_notify():
+                        guest.disable_notify()
+                        continue
+                    break
             if not q.pending:
                 self._held.discard(index)
         except RingError as e:
@@ -741,10 +751,10 @@ class ShadowDataPath:
         q.stats.kicks += 1
         os.eventfd_write(q.kick_fd, 1)
 
-    def _publish_many(self, q: _Queue, chains: list[Chain], drv: SplitQueueDriver) -> int:
+    def _publish_many(self, q: _Queue, chains: list[Chain], drv: SplitQueueDriver, free: int) -> int:
         """Check, bounce and publish ``chains`` in order, as :meth:`_publish` does each, on the
-        shadow ring with one avail idx store; returns how many (the rest wait for pool or ring
-        space). Guest memory mapped for good (no grants) takes them in one pass, its copies
+        shadow ring (``free`` descriptors) with one avail idx store; returns how many (the rest
+        wait for pool or ring space). Guest memory mapped for good (no grants) takes them in one pass, its copies
         sliced from the memory's widest span."""
         if not self._direct:
             taken = 0
@@ -761,7 +771,7 @@ class ShadowDataPath:
         alloc, capacity = pool.alloc, pool.capacity
         buf, base, view = self._buf, self._base, self.memory.view
         lo, hi, span = self._span
-        free, popped, indirect_ok = drv.num_free, q.popped, q.indirect
+        popped, indirect_ok = q.popped, q.indirect
         flags_of = _FLAGS.unpack_from
         adds: list[tuple[list[tuple[int, int]], list[tuple[int, int]], _InFlight, int]] = []
         copied = 0
