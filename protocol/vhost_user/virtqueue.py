@@ -977,7 +977,10 @@ class SplitQueueDriver:
         # Read barrier here (used idx before the elements) — see the module docstring.
         used, size, slot = self._r.used, self._r.size, last & self._r.mask
         run = pending if pending <= size - slot else size - slot  # the elements, one unpack per contiguous run
-        elems = _u32_run(2 * run).unpack_from(used, 4 + USED_ELEM_SIZE * slot)
+        if run == 1:
+            elems = _USED_ELEM.unpack_from(used, 4 + USED_ELEM_SIZE * slot)
+        else:
+            elems = _u32_run(2 * run).unpack_from(used, 4 + USED_ELEM_SIZE * slot)
         if run < pending:
             elems += _u32_run(2 * (pending - run)).unpack_from(used, 4)
         free, it, taken = self._free, iter(elems), 0

@@ -769,7 +769,7 @@ class ShadowDataPath:
         num, desc, inflight, pool = q.config.num, q.guest_desc, q.inflight, self.pool
         assert desc is not None
         alloc, capacity = pool.alloc, pool.capacity
-        buf, base, view = self._buf, self._base, self.memory.view
+        buf, base, view = self._buf, self._base, self._memory.view
         lo, hi, span = self._span
         popped, indirect_ok = q.popped, q.indirect
         flags_of = _FLAGS.unpack_from
@@ -888,7 +888,7 @@ class ShadowDataPath:
             except RingError:
                 self.pool.free(extent, pos)
                 raise
-        buf, view, base = self._buf, self.memory.view, self._base
+        buf, view, base = self._buf, self._memory.view, self._base
         nr = len(readable)
         shadow_r: list[tuple[int, int]] = []
         shadow_w: list[tuple[int, int]] = []
@@ -955,7 +955,7 @@ class ShadowDataPath:
     def _complete(self, q: _Queue, done: list[tuple[Any, int]]) -> None:
         """Copy back what the back-end wrote, free the extents, push the guest's used elements."""
         assert q.guest is not None
-        buf, view, inflight, release = self._buf, self.memory.view, q.inflight, self._release
+        buf, view, inflight, release = self._buf, self._memory.view, q.inflight, self._release
         lo, hi, span = self._span
         pushes: list[tuple[int, int]] = []
         extents: list[tuple[int, int]] = []
