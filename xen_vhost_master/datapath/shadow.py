@@ -755,7 +755,13 @@ class ShadowDataPath:
         """Check, bounce and publish ``chains`` in order, as :meth:`_publish` does each, on the
         shadow ring (``free`` descriptors) with one avail idx store; returns how many (the rest
         wait for pool or ring space). Guest memory mapped for good (no grants) takes them in one pass, its copies
-        sliced from the memory's widest span."""
+        sliced from the memory's widest span; a single chain (queue depth 1) takes the chain-at-a-time
+        path, which has no batch set-up to pay."""
+        if len(chains) == 1:
+            if not self._publish(q, chains[0], drv):
+                return 0
+            q.stats.chains += 1
+            return 1
         if not self._direct:
             taken = 0
             try:
