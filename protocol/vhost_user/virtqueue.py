@@ -632,7 +632,20 @@ class SplitQueueDevice:
     # --- producing -----------------------------------------------------------------------------
     def push(self, head: int, written_len: int) -> None:
         """Return chain ``head`` to the driver with ``written_len`` bytes written."""
-        self.push_many(((head, written_len),))
+        if self.inflight is not None:
+            self.push_many(((head, written_len),))
+            return
+        r = self._r
+        if not 0 <= head < r.size:
+            raise ValueError(f"head {head} out of range (queue size {r.size})")
+        if not 0 <= written_len <= 0xFFFF_FFFF:
+            raise ValueError(f"written length {written_len} does not fit u32")
+        idx = self._used_idx
+        _USED_ELEM.pack_into(r.used, 4 + USED_ELEM_SIZE * (idx & r.mask), head, written_len)
+        idx = (idx + 1) & 0xFFFF
+        # Write barrier here (element before idx) — see the module docstring.
+        self._used_w[1] = _le16(idx)
+        self._used_idx = idx
 
     def push_many(self, items: Iterable[tuple[int, int]]) -> None:
         """Write several used elements, then publish the used index once (with inflight

@@ -758,7 +758,7 @@ class ShadowDataPath:
         sliced from the memory's widest span; a single chain (queue depth 1) takes the chain-at-a-time
         path, which has no batch set-up to pay."""
         if len(chains) == 1:
-            if not self._publish(q, chains[0], drv):
+            if not self._publish(q, chains[0], drv, free):
                 return 0
             q.stats.chains += 1
             return 1
@@ -849,16 +849,17 @@ class ShadowDataPath:
                 q.stats.bytes_in += copied
         return len(adds)
 
-    def _publish(self, q: _Queue, chain: Chain, drv: SplitQueueDriver) -> bool:
-        """Check ``chain``, bounce it and publish it on the shadow ring; False when out of pool or
-        ring space (nothing of it taken: it is offered again)."""
+    def _publish(self, q: _Queue, chain: Chain, drv: SplitQueueDriver, free: int = -1) -> bool:
+        """Check ``chain``, bounce it and publish it on the shadow ring (``free`` descriptors, -1:
+        ask ``drv``); False when out of pool or ring space (nothing of it taken: it is offered again)."""
         head, readable, writable = chain
         bufs = readable + writable
         n = len(bufs)
         if n > q.config.num:
             raise RingError(f"chain {head}: {n} descriptors, longer than the queue ({q.config.num})")
         assert q.guest_desc is not None
-        free = drv.num_free
+        if free < 0:
+            free = drv.num_free
         indirect = q.indirect and n > 1 and (
             n > free or bool(_FLAGS.unpack_from(q.guest_desc, 16 * head + 12)[0] & VIRTQ_DESC_F_INDIRECT))
         # Extent layout: [indirect table][buffers, 16- or 512-aligned].
@@ -1003,7 +1004,10 @@ class ShadowDataPath:
         if q.losses:
             for head, _ in pushes:
                 q.losses.pop(head, None)
-        q.guest.push_many(pushes)
+        if len(pushes) == 1:
+            q.guest.push(*pushes[0])
+        else:
+            q.guest.push_many(pushes)
         q.stats.completed += len(pushes)
         q.stats.bytes_out += out
         q.stats.latency_sum_ns += spent
