@@ -213,6 +213,27 @@ def test_add_many_push_many_and_the_harvest_across_the_ring_end(start):
     assert dev.used_idx == (start + 3) & 0xFFFF  # nothing written for a refused batch
 
 
+@pytest.mark.parametrize("start", [0, 0xFFFF])
+def test_push_one_element_refuses_and_writes_as_push_many(start):
+    """One used element (the QD1 path, no run built) is checked and written as push_many writes
+    it, across the index wrap; a bad head or length is refused with nothing written."""
+    ram = bytearray(MEM_SIZE)
+    mem = FlatMemory(ram, base=BASE)
+    desc, avail, used, _ = split_ring_layout(SIZE, BASE)
+    drv = SplitQueueDriver(mem, SIZE, desc, avail, used, start=start)
+    dev = SplitQueueDevice(mem, SIZE, desc, avail, used, last_avail_idx=start, used_idx=start)
+    drv.add([(DATA, 16)], [(DATA + 64, 64)], token="a")
+    (chain,) = dev.pop_many(SIZE)
+    with pytest.raises(ValueError, match="out of range"):
+        dev.push(SIZE, 1)
+    with pytest.raises(ValueError, match="does not fit u32"):
+        dev.push(chain.head, 1 << 32)
+    assert dev.used_idx == start and drv.get_used() == []  # nothing written for a refused element
+    dev.push(chain.head, 33)
+    assert dev.used_idx == (start + 1) & 0xFFFF
+    assert drv.get_used() == [("a", 33)]
+
+
 def test_widest_span():
     flat = FlatMemory(bytearray(64), base=0x1000)
     assert widest_span(flat)[:2] == (0x1000, 0x1040)
