@@ -60,6 +60,7 @@ __all__ = [
     "SplitQueueDriver",
     "split_ring_layout",
     "read_buffers",
+    "widest_span",
     "write_buffers",
     "vring_need_event",
     "VIRTQ_DESC_F_NEXT",
@@ -113,7 +114,12 @@ class GuestMemory(Protocol):
     """What the queues need from guest memory. A memory may also offer ``check(addr, length)``
     (raises as ``view`` would, makes no view): the device side then validates a chain's buffers
     with it instead of a view of each (cheaper; and a memory that maps on demand, Xen grants, maps
-    nothing: the chain's user maps them later, all at once)."""
+    nothing: the chain's user maps them later, all at once).
+
+    And ``spans()``: ``[(start, view), ...]``, ranges mapped for good in one writable view each,
+    over which ``view(addr, length)`` is ``view[addr - start : addr - start + length]`` and
+    ``check`` passes; :meth:`SplitQueueDevice.pop_many` then checks a buffer inside one with two
+    comparisons (``check`` still decides for any other). A memory that maps on demand has none."""
 
     def view(self, addr: int, length: int) -> memoryview: ...
 
@@ -144,6 +150,10 @@ class FlatMemory:
         off = addr - self.base
         if length < 0 or off < 0 or off + length > self.size:
             raise GuestMemoryError(addr, length)
+
+    def spans(self) -> list[tuple[int, memoryview]]:
+        """The whole range, one view (see :class:`GuestMemory`)."""
+        return [(self.base, self._mv)]
 
     def release(self) -> None:
         """Drop the underlying export (so an mmap behind it can be closed)."""
@@ -311,6 +321,38 @@ def _probe_of(mem: GuestMemory) -> Any:
     return probe
 
 
+def widest_span(mem: GuestMemory) -> tuple[int, int, memoryview | None]:
+    """``(start, end, view)`` of the widest of ``mem.spans()``, or ``(0, 0, None)`` without any."""
+    spans = getattr(mem, "spans", None)
+    best: tuple[int, int, memoryview | None] = (0, 0, None)
+    for start, view in spans() if spans is not None else ():
+        if len(view) > best[1] - best[0]:
+            best = (start, start + len(view), view)
+    return best
+
+
+_U16_RUNS: dict[int, struct.Struct] = {}
+
+
+def _u16_run(count: int) -> struct.Struct:
+    """``count`` little-endian u16 (cached per count)."""
+    run = _U16_RUNS.get(count)
+    if run is None:
+        run = _U16_RUNS[count] = struct.Struct(f"<{count}H")
+    return run
+
+
+_U32_RUNS: dict[int, struct.Struct] = {}
+
+
+def _u32_run(count: int) -> struct.Struct:
+    """``count`` little-endian u32 (cached per count)."""
+    run = _U32_RUNS.get(count)
+    if run is None:
+        run = _U32_RUNS[count] = struct.Struct(f"<{count}I")
+    return run
+
+
 def _walk_table(probe: Any, head: int, readable: list[Buffer], writable: list[Buffer], total: int,
                 table: memoryview, entries: int, idx: int, where: str, allow_indirect: bool) -> tuple[int, int, int] | None:
     """Follow NEXT links from ``idx`` of chain ``head``, validating each buffer with ``probe`` (in
@@ -383,6 +425,8 @@ class SplitQueueDevice:
         # The words the driver polls (used idx, flags, avail_event) are stored with one 16-bit
         # store each, never through struct (see "Single stores" in the module docstring).
         self._used_w = self._r.used.cast("H")
+        # pop_many: buffers inside it need no check call (none for a memory that maps on demand)
+        self._span = widest_span(mem) if self._release_table is None else (0, 0, None)
         self.inflight = inflight
         self.event_idx = event_idx
         self._last_avail = last_avail_idx & 0xFFFF
@@ -409,6 +453,7 @@ class SplitQueueDevice:
         """Drop the ring views (call before unmapping guest memory). The queue is unusable after."""
         self._used_w.release()
         self._r.release()
+        self._span = (0, 0, None)
 
     # --- consuming -----------------------------------------------------------------------------
     def available(self) -> int:
@@ -445,6 +490,115 @@ class SplitQueueDevice:
             self._write_avail_event()
         return chain
 
+    def pop_many(self, limit: int) -> list[Chain]:
+        """Take up to ``limit`` available chains, as that many :meth:`pop` calls would: the same
+        chains, the same checks, the same refusals, in one pass (the heads read with one unpack,
+        every chain walked inline; a buffer inside the memory's widest span is checked by two
+        comparisons instead of a ``check`` call, an indirect table there is sliced from it).
+        A chain that fails a check raises RingError when it is the first; after good ones the
+        batch ends before it, which stays available (the next call raises)."""
+        inflight = self.inflight
+        out: list[Chain] = []
+        if inflight is not None and inflight.pending_resubmit:
+            while len(out) < limit:
+                try:
+                    chain = self.pop()
+                except RingError:
+                    if out:
+                        break
+                    raise
+                if chain is None:
+                    break
+                out.append(chain)
+            return out
+        r = self._r
+        last = self._last_avail
+        pending = (self._avail_seen - last) & 0xFFFF
+        if pending < limit:  # (available(), inline)
+            avail_idx: int = _U16.unpack_from(r.avail, 2)[0]
+            pending = (avail_idx - last) & 0xFFFF
+            if pending > r.size:
+                raise RingError(f"avail idx {avail_idx} is {pending} entries ahead of last_avail_idx "
+                                f"{last} (queue size {r.size})")
+            self._avail_seen = avail_idx
+        if pending > limit:
+            pending = limit
+        if pending <= 0:
+            return []
+        # Read barrier here (avail idx before the ring entries) — see the module docstring.
+        size, avail = r.size, r.avail
+        slot = last & r.mask
+        if pending == 1:
+            heads = _U16.unpack_from(avail, 4 + 2 * slot)
+        elif slot + pending <= size:
+            heads = _u16_run(pending).unpack_from(avail, 4 + 2 * slot)
+        else:
+            heads = _u16_run(size - slot).unpack_from(avail, 4 + 2 * slot) + \
+                _u16_run(slot + pending - size).unpack_from(avail, 4)
+        unpack, desc, probe = _DESC.unpack_from, r.desc, self._probe
+        lo, hi, span = self._span
+        for head in heads:
+            try:
+                if head >= size:
+                    raise RingError(f"chain head {head} out of range (queue size {size})")
+                readable: list[Buffer] = []
+                writable: list[Buffer] = []
+                table, entries, nested, idx, seen, total = desc, size, False, head, 0, 0
+                while True:
+                    if seen == entries:
+                        where = "indirect table" if nested else "descriptor table"
+                        raise RingError(f"chain {head} is longer than its {where} ({entries} entries): descriptor loop")
+                    seen += 1
+                    addr, length, flags, nxt = unpack(table, idx << 4)
+                    if flags & VIRTQ_DESC_F_INDIRECT:
+                        if nested or flags & VIRTQ_DESC_F_NEXT or span is None or not lo <= addr or addr + length > hi:
+                            chain = self._walk(head)  # refusals and tables outside the span: the general walk
+                            break
+                        if length == 0 or length % DESC_SIZE:
+                            raise RingError(f"chain {head}: indirect table length {length} is not a non-zero multiple of 16")
+                        entries = length // DESC_SIZE
+                        if entries > MAX_INDIRECT_DESCRIPTORS:
+                            raise RingError(f"chain {head}: indirect table of {entries} entries is too big")
+                        table, nested, idx, seen = span[addr - lo : addr - lo + length], True, 0, 0
+                        continue
+                    if not (lo <= addr and addr + length <= hi):
+                        if addr + length > _U64_MAX + 1:
+                            raise RingError(f"chain {head}: buffer {addr:#x}+{length:#x} wraps the address space")
+                        if length:
+                            try:
+                                probe(addr, length)
+                            except _MEMORY_FAULTS as exc:
+                                raise RingError(
+                                    f"chain {head}: buffer [{addr:#x}, +{length:#x}) is not in guest memory: {exc}"
+                                ) from exc
+                    total += length
+                    if total > MAX_CHAIN_BYTES:
+                        raise RingError(f"chain {head}: total length {total} exceeds 4 GiB - 1")
+                    if flags & VIRTQ_DESC_F_WRITE:
+                        writable.append(_new(Buffer, (addr, length)))
+                    elif writable:
+                        raise RingError(f"chain {head}: device-readable descriptor after a device-writable one")
+                    else:
+                        readable.append(_new(Buffer, (addr, length)))
+                    if not flags & VIRTQ_DESC_F_NEXT:
+                        chain = _new(Chain, (head, readable, writable))
+                        break
+                    if nxt >= entries:
+                        where = "indirect table" if nested else "descriptor table"
+                        raise RingError(f"chain {head}: next index {nxt} out of range of the {where} ({entries})")
+                    idx = nxt
+            except RingError:
+                if out:
+                    break
+                raise
+            out.append(chain)
+            if inflight is not None:
+                inflight.begin(head)
+        self._last_avail = (last + len(out)) & 0xFFFF
+        if self.event_idx and self._notify_enabled:
+            self._write_avail_event()
+        return out
+
     def chain(self, head: int) -> Chain:
         """The chain at ``head`` as :meth:`pop` returns it (validated), nothing consumed: e.g. one
         in flight whose completion a restarted front-end gives back."""
@@ -478,7 +632,20 @@ class SplitQueueDevice:
     # --- producing -----------------------------------------------------------------------------
     def push(self, head: int, written_len: int) -> None:
         """Return chain ``head`` to the driver with ``written_len`` bytes written."""
-        self.push_many(((head, written_len),))
+        if self.inflight is not None:
+            self.push_many(((head, written_len),))
+            return
+        r = self._r
+        if not 0 <= head < r.size:
+            raise ValueError(f"head {head} out of range (queue size {r.size})")
+        if not 0 <= written_len <= 0xFFFF_FFFF:
+            raise ValueError(f"written length {written_len} does not fit u32")
+        idx = self._used_idx
+        _USED_ELEM.pack_into(r.used, 4 + USED_ELEM_SIZE * (idx & r.mask), head, written_len)
+        idx = (idx + 1) & 0xFFFF
+        # Write barrier here (element before idx) — see the module docstring.
+        self._used_w[1] = _le16(idx)
+        self._used_idx = idx
 
     def push_many(self, items: Iterable[tuple[int, int]]) -> None:
         """Write several used elements, then publish the used index once (with inflight
@@ -486,6 +653,9 @@ class SplitQueueDevice:
         used = self._r.used
         idx = self._used_idx
         inflight = self.inflight
+        if inflight is None:
+            self._push_run(items)
+            return
         for head, written in items:
             if not 0 <= head < self._r.size:
                 raise ValueError(f"head {head} out of range (queue size {self._r.size})")
@@ -500,6 +670,34 @@ class SplitQueueDevice:
                 inflight.post_put(head, idx)
         if inflight is not None:
             return
+        # Write barrier here (elements before idx) — see the module docstring.
+        self._used_w[1] = _le16(idx)  # one store: a polling driver must never see 0 here
+        self._used_idx = idx
+
+    def _push_run(self, items: Iterable[tuple[int, int]]) -> None:
+        """push_many without in-flight tracking: the elements (checked first: nothing is written
+        for a bad one) with one pack per contiguous run of the ring, then the used idx."""
+        size, idx = self._r.size, self._used_idx
+        flat: list[int] = []
+        for head, written in items:
+            if not 0 <= head < size:
+                raise ValueError(f"head {head} out of range (queue size {size})")
+            if not 0 <= written <= 0xFFFF_FFFF:
+                raise ValueError(f"written length {written} does not fit u32")
+            flat += (head, written)
+        count = len(flat) >> 1
+        if not count:
+            return
+        used, mask, done = self._r.used, self._r.mask, 0
+        if count == 1:
+            _USED_ELEM.pack_into(used, 4 + USED_ELEM_SIZE * (idx & mask), *flat)
+            done = 1
+        while done < count:
+            slot = (idx + done) & mask
+            run = count - done if count - done <= size - slot else size - slot
+            _u32_run(2 * run).pack_into(used, 4 + USED_ELEM_SIZE * slot, *flat[2 * done : 2 * (done + run)])
+            done += run
+        idx = (idx + count) & 0xFFFF
         # Write barrier here (elements before idx) — see the module docstring.
         self._used_w[1] = _le16(idx)  # one store: a polling driver must never see 0 here
         self._used_idx = idx
@@ -646,6 +844,72 @@ class SplitQueueDriver:
         avail_w[1] = _le16(avail_idx)  # one store: a poller must never see 0 here
         return head
 
+    def add_many(self, chains: Sequence[tuple[Sequence[tuple[int, int]], Sequence[tuple[int, int]], Any, int]]) -> list[int]:
+        """Expose several chains ``(readable, writable, token, table)`` in order, each as
+        :meth:`add` would (``table`` < 0) or as :meth:`add_indirect` would at address ``table``,
+        and make them all available with one avail idx store. Returns their heads. Every chain is
+        checked first (ValueError, QueueFull): nothing is written then."""
+        free = self._free
+        need = 0
+        for readable, writable, _token, table in chains:
+            n = len(readable) + len(writable)
+            if not n:
+                raise ValueError("a chain needs at least one buffer")
+            need += 1 if table >= 0 else n
+        if need > len(free):
+            raise QueueFull(f"chains of {need} descriptors, {len(free)} free")
+        pack, ring, inflight, mask = _DESC.pack_into, self._r.desc, self._inflight, self._r.mask
+        avail_w, avail_idx = self._avail_w, self._avail_idx
+        heads = []
+        for readable, writable, token, table in chains:
+            if table >= 0:
+                n = len(readable) + len(writable)
+                with _ring_view(self._r.mem, table, DESC_SIZE * n, DESC_ALIGN, "indirect table") as view:
+                    self._lay(pack, view, list(range(n)), readable, writable)
+                indices = [free.pop()]
+                pack(ring, DESC_SIZE * indices[0], table, DESC_SIZE * n, VIRTQ_DESC_F_INDIRECT, 0)
+            else:  # (_lay, inline: one call less per chain)
+                n = len(readable) + len(writable)
+                indices = free[-n:]  # the stack's top n, popped in order
+                indices.reverse()
+                del free[-n:]
+                i, last = 0, n - 1
+                for addr, length in readable:
+                    if i == last:
+                        pack(ring, DESC_SIZE * indices[i], addr, length, 0, 0)
+                    else:
+                        pack(ring, DESC_SIZE * indices[i], addr, length, VIRTQ_DESC_F_NEXT, indices[i + 1])
+                    i += 1
+                for addr, length in writable:
+                    if i == last:
+                        pack(ring, DESC_SIZE * indices[i], addr, length, VIRTQ_DESC_F_WRITE, 0)
+                    else:
+                        pack(ring, DESC_SIZE * indices[i], addr, length, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT,
+                             indices[i + 1])
+                    i += 1
+            head = indices[0]
+            inflight[head] = (indices, token)
+            avail_w[2 + (avail_idx & mask)] = _le16(head)
+            avail_idx = (avail_idx + 1) & 0xFFFF
+            heads.append(head)
+        # Write barrier here (descriptors + ring entries before idx) — see the module docstring.
+        if heads:
+            self._avail_idx = avail_idx
+            avail_w[1] = _le16(avail_idx)  # one store: a poller must never see 0 here
+        return heads
+
+    @staticmethod
+    def _lay(pack: Any, table: memoryview, indices: list[int], readable: Sequence[tuple[int, int]],
+             writable: Sequence[tuple[int, int]]) -> None:
+        i, last = 0, len(indices) - 1
+        for flags, bufs in ((0, readable), (VIRTQ_DESC_F_WRITE, writable)):
+            for addr, length in bufs:
+                if i == last:
+                    pack(table, DESC_SIZE * indices[i], addr, length, flags, 0)
+                else:
+                    pack(table, DESC_SIZE * indices[i], addr, length, flags | VIRTQ_DESC_F_NEXT, indices[i + 1])
+                i += 1
+
     def add_indirect(
         self,
         table_addr: int,
@@ -716,20 +980,33 @@ class SplitQueueDriver:
         self._avail_w[self._used_event_w] = _le16(self._last_used)
 
     def _harvest(self, out: list[tuple[Any, int]]) -> None:
+        last, inflight = self._last_used, self._inflight
         used_idx = _le16(self._used_w[1])
-        pending = (used_idx - self._last_used) & 0xFFFF
-        if pending > len(self._inflight):
-            raise RingError(f"used idx {used_idx} is {pending} ahead, only {len(self._inflight)} chains in flight")
+        pending = (used_idx - last) & 0xFFFF
+        if pending > len(inflight):
+            raise RingError(f"used idx {used_idx} is {pending} ahead, only {len(inflight)} chains in flight")
+        if not pending:
+            return
         # Read barrier here (used idx before the elements) — see the module docstring.
-        for _ in range(pending):
-            head, written = _USED_ELEM.unpack_from(self._r.used, 4 + USED_ELEM_SIZE * (self._last_used & self._r.mask))
-            entry = self._inflight.pop(head, None)
+        used, size, slot = self._r.used, self._r.size, last & self._r.mask
+        run = pending if pending <= size - slot else size - slot  # the elements, one unpack per contiguous run
+        if run == 1:
+            elems = _USED_ELEM.unpack_from(used, 4 + USED_ELEM_SIZE * slot)
+        else:
+            elems = _u32_run(2 * run).unpack_from(used, 4 + USED_ELEM_SIZE * slot)
+        if run < pending:
+            elems += _u32_run(2 * (pending - run)).unpack_from(used, 4)
+        free, it, taken = self._free, iter(elems), 0
+        for head, written in zip(it, it):
+            entry = inflight.pop(head, None)
             if entry is None:
+                self._last_used = (last + taken) & 0xFFFF  # (the elements before it are taken)
                 raise RingError(f"device returned head {head}, which is not in flight")
             indices, token = entry
-            self._free.extend(reversed(indices))
-            self._last_used = (self._last_used + 1) & 0xFFFF
+            free.extend(reversed(indices))
             out.append((token, written))
+            taken += 1
+        self._last_used = (last + taken) & 0xFFFF
 
     def disable_interrupts(self) -> None:
         """VRING_AVAIL_F_NO_INTERRUPT (without EVENT_IDX); with EVENT_IDX move used_event far away."""

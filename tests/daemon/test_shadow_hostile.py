@@ -11,7 +11,7 @@ import pytest
 from vhost_user.virtqueue import VIRTQ_DESC_F_INDIRECT as IND
 from vhost_user.virtqueue import VIRTQ_DESC_F_NEXT as NEXT
 from vhost_user.virtqueue import VIRTQ_DESC_F_WRITE as WRITE
-from vhost_user.virtqueue import split_ring_layout
+from vhost_user.virtqueue import read_buffers, split_ring_layout
 
 from tests.daemon.test_shadow_engine import EVENT_IDX, GBASE, GSIZE, INDIRECT, rig  # noqa: F401  (fixture)
 from xen_vhost_master.datapath.shadow import ShadowQueueError
@@ -141,3 +141,62 @@ def test_chain_larger_than_the_pool_is_a_guest_error(rig):
     r.drivers[0].add([r.buf(b"x" * 8)], [r.buf(5 * 4096)])
     r.dp.notify(0)
     assert r.errors and "bounce pool" in r.errors[0][1]
+
+
+class _NarrowRam:
+    """The rig's RAM with a span over its first half only: buffers beyond it go through the
+    memory's view/check calls, as on a guest with several RAM banks."""
+
+    def __init__(self, mem) -> None:
+        self.mem = mem
+
+    def view(self, addr: int, length: int) -> memoryview:
+        return self.mem.view(addr, length)
+
+    def check(self, addr: int, length: int) -> None:
+        self.mem.check(addr, length)
+
+    def spans(self) -> list[tuple[int, memoryview]]:
+        return [(GBASE, self.mem.view(GBASE, GSIZE // 2))]
+
+
+def test_the_rig_takes_chains_in_one_pass():
+    """The hostile cases above go through the one-pass path (guest memory mapped for good, a span
+    over all of it): each is refused there."""
+    from tests.daemon.test_shadow_engine import Rig
+
+    r = Rig(num=NUM)
+    try:
+        assert r.dp._direct and r.dp._span[:2] == (GBASE, GBASE + GSIZE)
+        assert r.drivers[0] is not None and r.dp._queues[0].guest._span[:2] == (GBASE, GBASE + GSIZE)
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("narrow", [False, True], ids=["one span", "half in a span"])
+@pytest.mark.parametrize("features", [INDIRECT, INDIRECT | EVENT_IDX])
+def test_a_hostile_chain_amid_good_ones_in_one_pass(rig, features, narrow):
+    """One notify, three chains: a good one, one whose writable buffer runs past the end of RAM,
+    another good one. The good one before it reaches the back-end, the queue stops at the bad
+    one, nothing after it is taken, and no guest byte changes outside the rings; with a span
+    over half the RAM, buffers in the other half are checked and copied through the memory's calls."""
+    r = rig(num=NUM, features=features)
+    if narrow:
+        r.dp.memory = _NarrowRam(r.mem)  # (the guest ring's walk keeps the rig's memory and its span)
+    far = GBASE + GSIZE // 2 + 4096  # outside the narrow span
+    r.mem.view(far, 16)[:] = b"F" * 16
+    drv = r.drivers[0]
+    drv.add([(far, 16)], [r.buf(64)], token="good")
+    drv.add([r.buf(b"h" * 16)], [(GBASE + GSIZE - 32, 64)], token="bad")
+    drv.add([r.buf(b"g" * 16)], [r.buf(64)], token="after")
+    before = bytes(r.ram)
+    r.dp.notify(0)
+    assert r.errors and r.errors[0][0] == 0 and "not in guest memory" in r.errors[0][1], r.errors
+    assert r.dp.inflight(0) == 1 and r.kicks(0) == 1  # the good one was published
+    chain = r.backends[0].pop()
+    assert chain is not None and read_buffers(r.dp.shadow, chain.readable) == b"F" * 16
+    assert r.backends[0].pop() is None
+    q0 = r.configs[0]
+    for i in changed(before, r.ram):
+        gpa = GBASE + i
+        assert q0.device <= gpa < q0.device + 6 + 8 * NUM, f"byte at {gpa:#x} changed"

@@ -42,9 +42,10 @@ class _Interleaving:
         self.taken: list[Chain] = []  # popped by the back-end, not completed
         self.others = [self.guest_add, self.guest_interrupt, self.backend_take, self.backend_complete]
         q = self.r.dp._queues[0]
-        for obj, names in ((q.guest, ("pop", "available", "enable_notify", "disable_notify", "push_many", "needs_notify",
-                                      "_write_avail_event")),
-                           (q.drv, ("add", "add_indirect", "kick_needed", "get_used", "_harvest", "_publish_used_event"))):
+        for obj, names in ((q.guest, ("pop", "pop_many", "available", "enable_notify", "disable_notify", "push",
+                                      "push_many", "needs_notify", "_write_avail_event")),
+                           (q.drv, ("add", "add_many", "add_indirect", "kick_needed", "get_used", "_harvest",
+                                    "_publish_used_event"))):
             for name in names:
                 setattr(obj, name, self._meanwhile(getattr(obj, name)))
 

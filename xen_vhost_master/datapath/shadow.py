@@ -19,7 +19,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from vhost_user import GuestMemoryError, InflightRegionError, MemoryRegion, ProtocolFeatures
 from vhost_user.inflight import InflightQueue, InflightRegion, region_size
@@ -31,6 +31,7 @@ from vhost_user.virtqueue import (
     SplitQueueDevice,
     SplitQueueDriver,
     split_ring_layout,
+    widest_span,
 )
 
 from ..errors import DaemonError
@@ -106,30 +107,26 @@ class ShadowQueueStats:
                 setattr(self, f.name, mine + theirs)
 
 
-class _InFlight:
+class _InFlight(NamedTuple):
     """One guest chain published on the shadow ring (its bounce extent and both shapes)."""
 
-    __slots__ = ("head", "offset", "nbytes", "table", "readable", "writable", "copy_back", "writable_len", "popped",
-                 "losses")
+    head: int
+    offset: int  # memfd offset of the extent
+    nbytes: int
+    table: int  # back-end address of the indirect table, or -1
+    readable: list[tuple[int, int]]  # shadow (addr, len)
+    writable: list[tuple[int, int]]
+    copy_back: list[tuple[int, int, int]]  # (guest addr, memfd offset, len) of the writable buffers
+    writable_len: int
+    popped: int  # time.monotonic_ns() when the chain was taken from the guest's ring (0: unknown)
 
-    def __init__(self, head: int, offset: int, nbytes: int, table: int,
-                 readable: list[tuple[int, int]], writable: list[tuple[int, int]],
-                 copy_back: list[tuple[int, int, int]], writable_len: int) -> None:
-        self.head = head
-        self.offset = offset  # memfd offset of the extent
-        self.nbytes = nbytes
-        self.table = table  # back-end address of the indirect table, or -1
-        self.readable = readable  # shadow (addr, len)
-        self.writable = writable
-        self.copy_back = copy_back  # (guest addr, memfd offset, len) of the writable buffers
-        self.writable_len = writable_len
-        self.popped = 0  # time.monotonic_ns() when the chain was taken from the guest's ring
-        self.losses = 0  # back-end connections lost while this chain was in flight
+
+_new = tuple.__new__  # builds an _InFlight without NamedTuple's Python-level __new__ (the hot path)
 
 
 class _Queue:
     __slots__ = ("config", "kick_fd", "guest", "guest_desc", "drv", "rings", "event_idx", "indirect",
-                 "pending", "popped", "inflight", "broken", "unreported", "unsignalled", "stats", "heads")
+                 "pending", "popped", "inflight", "losses", "broken", "unreported", "unsignalled", "stats", "heads")
 
     def __init__(self, config: QueueConfig, kick_fd: int, rings: RingAddresses, event_idx: bool, indirect: bool,
                  heads: int) -> None:
@@ -142,9 +139,10 @@ class _Queue:
         self.guest: SplitQueueDevice | None = None
         self.guest_desc: memoryview | None = None
         self.drv: SplitQueueDriver | None = None
-        self.pending: Chain | None = None  # popped from the guest, waiting for pool/ring space
-        self.popped = 0  # time.monotonic_ns() when the chain being published was popped
+        self.pending: list[Chain] = []  # popped from the guest, waiting for pool/ring space (in order)
+        self.popped = 0  # time.monotonic_ns() when the chains being published were popped
         self.inflight: dict[int, _InFlight] = {}  # guest head → chain, in publication order
+        self.losses: dict[int, int] = {}  # guest head → back-end connections lost while it was in flight
         self.broken: str | None = None
         self.unreported = False  # broken without on_error: notify() raises once
         self.unsignalled = False  # used elements a predecessor pushed may not have been signalled
@@ -242,7 +240,7 @@ class ShadowDataPath:
         harvest_lower: bool = True,
         kicks_when_idle: bool = False,
     ) -> None:
-        self.memory = memory
+        self._memory = memory
         self.harvest_lower = harvest_lower
         self.kicks_when_idle = kicks_when_idle
         self.inflight_record = inflight  # closed with the data path
@@ -251,6 +249,10 @@ class ShadowDataPath:
         # Optional too: such a memory may map a whole chain's pages at once (see the module docstring).
         self._map_chain: Callable[[list[tuple[int, int]], list[tuple[int, int]]], None] | None = \
             getattr(memory, "map_chain", None)
+        # Memory mapped for good (no grants): chains are taken in one pass, the copies of buffers
+        # inside its widest span sliced from it (vhost_user.virtqueue.GuestMemory.spans).
+        self._direct = self._release is None and self._map_chain is None
+        self._span = widest_span(memory) if self._direct else (0, 0, None)
         self._banks = tuple((int(a), int(b)) for a, b in banks)
         self.shadow = ShadowMemory(pool_size=pool_size, max_queues=max_queues, max_queue_size=max_queue_size)
         self.pool = self.shadow.pool
@@ -269,6 +271,16 @@ class ShadowDataPath:
         self._kept: dict[int, int] = {}  # queue → ring size: drained rings of an adopted memfd (give_back_kept)
         self._given: dict[int, tuple[int, int, str | None]] = {}  # queue → (chains, bytes, fault) given back
         self._quiesced = False  # the device is going: nothing more is taken from the guest (quiesce)
+
+    @property
+    def memory(self) -> GuestMemory:
+        """The guest's RAM (another one may be set: its span is taken anew)."""
+        return self._memory
+
+    @memory.setter
+    def memory(self, memory: GuestMemory) -> None:
+        self._memory = memory
+        self._span = widest_span(memory) if self._direct else (0, 0, None)
 
     # --- DataPath ---------------------------------------------------------------------------
     def banks(self) -> Sequence[tuple[int, int]]:
@@ -539,7 +551,7 @@ class ShadowDataPath:
                 held = self._queues.get(i)
                 if held is not None and held is not q and held.broken is None:
                     self._pump(held)
-        if (q.pending is not None or self.kicks_when_idle) and q.broken is None:
+        if (q.pending or self.kicks_when_idle) and q.broken is None:
             self._pump(q)
         return (q.guest is not None and q.broken is None and q.guest.needs_notify()) or notify
 
@@ -569,12 +581,13 @@ class ShadowDataPath:
             self.pool.free(f.offset, f.nbytes)
             if self._release is not None:
                 self._release([(a, n) for a, _, n in f.copy_back])
-        if q.pending is not None and self._release is not None:
-            self._release([(b.addr, b.length) for b in (*q.pending.readable, *q.pending.writable)])
+        if self._release is not None:
+            for chain in q.pending:
+                self._release([(b.addr, b.length) for b in (*chain.readable, *chain.writable)])
         if q.inflight:
             self.log.debug("queue %d closed with %d chain(s) in flight (dropped)", index, len(q.inflight))
         q.inflight.clear()
-        q.pending = None
+        q.pending = []
         self._retired.add(q.stats)
         record = self.inflight_record.queue(index, q.config.num) if self.inflight_record is not None else None
         if record is not None:
@@ -683,7 +696,7 @@ class ShadowDataPath:
         if q.broken is not None:
             return
         q.broken = reason
-        q.pending = None
+        q.pending = []
         self._held.discard(q.config.index)
         if self.on_error is not None:  # its owner says it (one line per event)
             self.log.debug("queue %d stopped: %s", q.config.index, reason)
@@ -703,54 +716,162 @@ class ShadowDataPath:
         guest, drv = q.guest, q.drv
         if guest is None or drv is None or self._quiesced:
             return
-        published = 0
-        now = time.monotonic_ns()
+        index = q.config.index
         try:
             guest.disable_notify()
             while True:
-                chain = q.pending
-                if chain is None:
-                    chain = guest.pop()
-                    if chain is None:
+                chains = q.pending
+                free = drv.num_free
+                limit = 0
+                if not chains:
+                    limit = free or 1  # (each chain takes a shadow descriptor at least)
+                    chains = guest.pop_many(limit)
+                    if not chains:
                         if self.kicks_when_idle and q.inflight:
                             break  # kicks stay off: the back-end's next call takes what comes (used)
                         if guest.enable_notify():
                             guest.disable_notify()
                             continue
                         break
-                    q.popped = now
-                if not self._publish(q, chain, drv):
-                    if q.pending is None:
+                    q.popped = time.monotonic_ns()
+                taken = self._publish_many(q, chains, drv, free)
+                if taken < len(chains):
+                    if taken or chains is not q.pending:
                         q.stats.held += 1
-                    q.pending = chain
-                    self._held.add(q.config.index)
-                    guest.enable_notify()  # a kick retries the held chain, as before this pass
+                    q.pending = chains[taken:]
+                    self._held.add(index)
+                    guest.enable_notify()  # a kick retries the held chains, as before this pass
                     break
-                q.pending = None
-                published += 1
-            if q.pending is None:
-                self._held.discard(q.config.index)
+                q.pending = []
+                # Fewer than asked for: every chain seen was taken; what came since, enable_notify
+                # says (the next turn takes it), as an empty pop_many would.
+                if len(chains) < limit:
+                    if self.kicks_when_idle and q.inflight:
+                        break  # (kicks stay off, as above)
+                    if guest.enable_notify():
+                        guest.disable_notify()
+                        continue
+                    break
+            if not q.pending:
+                self._held.discard(index)
         except RingError as e:
             self._break(q, str(e))
-        if published:
-            q.stats.chains += published
-            if drv.kick_needed():
-                self._kick(q)
+        if drv.kick_needed():
+            self._kick(q)
 
     def _kick(self, q: _Queue) -> None:
         q.stats.kicks += 1
         os.eventfd_write(q.kick_fd, 1)
 
-    def _publish(self, q: _Queue, chain: Chain, drv: SplitQueueDriver) -> bool:
-        """Check ``chain``, bounce it and publish it on the shadow ring; False when out of pool or
-        ring space (nothing of it taken: it is offered again)."""
+    def _publish_many(self, q: _Queue, chains: list[Chain], drv: SplitQueueDriver, free: int) -> int:
+        """Check, bounce and publish ``chains`` in order, as :meth:`_publish` does each, on the
+        shadow ring (``free`` descriptors) with one avail idx store; returns how many (the rest
+        wait for pool or ring space). Guest memory mapped for good (no grants) takes them in one pass, its copies
+        sliced from the memory's widest span; a single chain (queue depth 1) takes the chain-at-a-time
+        path, which has no batch set-up to pay."""
+        if len(chains) == 1:
+            if not self._publish(q, chains[0], drv, free):
+                return 0
+            q.stats.chains += 1
+            return 1
+        if not self._direct:
+            taken = 0
+            try:
+                for chain in chains:
+                    if not self._publish(q, chain, drv):
+                        break
+                    taken += 1
+            finally:
+                q.stats.chains += taken
+            return taken
+        num, desc, inflight, pool = q.config.num, q.guest_desc, q.inflight, self.pool
+        assert desc is not None
+        alloc, capacity = pool.alloc, pool.capacity
+        buf, base, view = self._buf, self._base, self._memory.view
+        lo, hi, span = self._span
+        popped, indirect_ok = q.popped, q.indirect
+        flags_of = _FLAGS.unpack_from
+        adds: list[tuple[list[tuple[int, int]], list[tuple[int, int]], _InFlight, int]] = []
+        copied = 0
+        try:
+            for head, readable, writable in chains:
+                bufs = readable + writable
+                n = len(bufs)
+                if n > num:
+                    raise RingError(f"chain {head}: {n} descriptors, longer than the queue ({num})")
+                indirect = indirect_ok and n > 1 and (
+                    n > free or flags_of(desc, 16 * head + 12)[0] & VIRTQ_DESC_F_INDIRECT != 0)
+                # Extent layout: [indirect table][buffers, 16- or 512-aligned].
+                pos = 16 * n if indirect else 0
+                offsets: list[int] = []
+                for _addr, length in bufs:
+                    if not length:  # (see _publish)
+                        raise RingError(f"chain {head}: buffer {len(offsets)} has length 0 (zero-sized buffers are "
+                                        "not allowed)")
+                    a = SMALL - 1 if length >= SMALL else 15
+                    pos = (pos + a) & ~a
+                    offsets.append(pos)
+                    pos += length
+                if head in inflight:
+                    raise RingError(f"chain {head} made available again while still in flight")
+                need = 1 if indirect else n
+                if need > free:
+                    break
+                if pos > capacity:
+                    raise RingError(f"chain {head}: {pos} bytes do not fit the bounce pool ({capacity} bytes)")
+                extent = alloc(pos)
+                if extent is None:
+                    break
+                shadow_r: list[tuple[int, int]] = []
+                shadow_w: list[tuple[int, int]] = []
+                copy_back: list[tuple[int, int, int]] = []
+                k = nbytes = 0
+                try:
+                    for addr, length in readable:
+                        off = extent + offsets[k]
+                        k += 1
+                        if lo <= addr and addr + length <= hi:
+                            buf[off : off + length] = span[addr - lo : addr - lo + length]  # type: ignore[index]
+                        else:
+                            buf[off : off + length] = view(addr, length)
+                        nbytes += length
+                        shadow_r.append((base + off, length))
+                except _FAULTS as e:
+                    pool.free(extent, pos)
+                    raise RingError(f"chain {head}: guest buffer unreadable: {e}") from e
+                wlen = 0
+                for addr, length in writable:
+                    off = extent + offsets[k]
+                    k += 1
+                    shadow_w.append((base + off, length))
+                    copy_back.append((addr, off, length))
+                    wlen += length
+                table = base + extent if indirect else -1
+                f: _InFlight = _new(_InFlight, (head, extent, pos, table, shadow_r, shadow_w, copy_back, wlen, popped))
+                inflight[head] = f
+                adds.append((shadow_r, shadow_w, f, table))
+                free -= need
+                copied += nbytes
+        finally:
+            if adds:
+                pack, where = _U16.pack_into, q.heads + HEAD_MAP_HEADER
+                for sid, add in zip(drv.add_many(adds), adds, strict=True):
+                    pack(buf, where + 2 * sid, add[2].head)
+                q.stats.chains += len(adds)
+                q.stats.bytes_in += copied
+        return len(adds)
+
+    def _publish(self, q: _Queue, chain: Chain, drv: SplitQueueDriver, free: int = -1) -> bool:
+        """Check ``chain``, bounce it and publish it on the shadow ring (``free`` descriptors, -1:
+        ask ``drv``); False when out of pool or ring space (nothing of it taken: it is offered again)."""
         head, readable, writable = chain
         bufs = readable + writable
         n = len(bufs)
         if n > q.config.num:
             raise RingError(f"chain {head}: {n} descriptors, longer than the queue ({q.config.num})")
         assert q.guest_desc is not None
-        free = drv.num_free
+        if free < 0:
+            free = drv.num_free
         indirect = q.indirect and n > 1 and (
             n > free or bool(_FLAGS.unpack_from(q.guest_desc, 16 * head + 12)[0] & VIRTQ_DESC_F_INDIRECT))
         # Extent layout: [indirect table][buffers, 16- or 512-aligned].
@@ -786,7 +907,7 @@ class ShadowDataPath:
             except RingError:
                 self.pool.free(extent, pos)
                 raise
-        buf, view, base = self._buf, self.memory.view, self._base
+        buf, view, base = self._buf, self._memory.view, self._base
         nr = len(readable)
         shadow_r: list[tuple[int, int]] = []
         shadow_w: list[tuple[int, int]] = []
@@ -813,8 +934,8 @@ class ShadowDataPath:
             shadow_w.append((base + off, length))
             copy_back.append((addr, off, length))
             wlen += length
-        f = _InFlight(head, extent, pos, base + extent if indirect else -1, shadow_r, shadow_w, copy_back, wlen)
-        f.popped = q.popped
+        f: _InFlight = _new(_InFlight, (head, extent, pos, base + extent if indirect else -1, shadow_r, shadow_w,
+                                       copy_back, wlen, q.popped))
         if indirect:
             sid = drv.add_indirect(f.table, shadow_r, shadow_w, token=f)
         else:
@@ -853,39 +974,52 @@ class ShadowDataPath:
     def _complete(self, q: _Queue, done: list[tuple[Any, int]]) -> None:
         """Copy back what the back-end wrote, free the extents, push the guest's used elements."""
         assert q.guest is not None
-        buf, view, free, inflight = self._buf, self.memory.view, self.pool.free, q.inflight
+        buf, view, inflight, release = self._buf, self._memory.view, q.inflight, self._release
+        lo, hi, span = self._span
         pushes: list[tuple[int, int]] = []
+        extents: list[tuple[int, int]] = []
         out = 0
         fault: str | None = None
-        now, latency, spent = time.monotonic_ns(), q.stats.latency, 0
+        now, latency, spent, bounds = time.monotonic_ns(), q.stats.latency, 0, LATENCY_BOUNDS_NS
         for f, written in done:
-            if f.popped:  # (0: resumed from a predecessor's record, its kick time unknown)
-                latency[bisect.bisect_left(LATENCY_BOUNDS_NS, now - f.popped)] += 1
-                spent += now - f.popped
-            if written > f.writable_len:
+            head, offset, nbytes, _, _, _, copy_back, wlen, popped = f
+            if popped:  # (0: resumed from a predecessor's record, its kick time unknown)
+                latency[bisect.bisect_left(bounds, now - popped)] += 1
+                spent += now - popped
+            if written > wlen:
                 q.stats.overlong += 1
                 if q.stats.overlong == 1:
                     self.log.warning("queue %d: back-end reported %d bytes written into %d writable bytes (clamped)",
-                                     q.config.index, written, f.writable_len)
-                written = f.writable_len
+                                     q.config.index, written, wlen)
+                written = wlen
             left = written
             if fault is None:
                 try:
-                    for gaddr, off, length in f.copy_back:
+                    for gaddr, off, length in copy_back:
                         if left <= 0:
                             break
                         m = length if length < left else left
-                        view(gaddr, m)[:] = buf[off : off + m]
+                        if lo <= gaddr and gaddr + m <= hi:
+                            span[gaddr - lo : gaddr - lo + m] = buf[off : off + m]  # type: ignore[index]
+                        else:
+                            view(gaddr, m)[:] = buf[off : off + m]
                         left -= m
                         out += m
                 except (*_FAULTS, TypeError) as e:  # TypeError: a read-only view
-                    fault = f"chain {f.head}: guest buffer unwritable: {e}"
-            free(f.offset, f.nbytes)
-            if self._release is not None:
-                self._release([(a, n) for a, _, n in f.copy_back])
-            del inflight[f.head]
-            pushes.append((f.head, written))
-        q.guest.push_many(pushes)
+                    fault = f"chain {head}: guest buffer unwritable: {e}"
+            extents.append((offset, nbytes))
+            if release is not None:
+                release([(a, n) for a, _, n in copy_back])
+            del inflight[head]
+            pushes.append((head, written))
+        self.pool.free_many(extents)
+        if q.losses:
+            for head, _ in pushes:
+                q.losses.pop(head, None)
+        if len(pushes) == 1:
+            q.guest.push(*pushes[0])
+        else:
+            q.guest.push_many(pushes)
         q.stats.completed += len(pushes)
         q.stats.bytes_out += out
         q.stats.latency_sum_ns += spent
@@ -914,11 +1048,11 @@ class ShadowDataPath:
         if not indirect and any(f.table >= 0 for f in q.inflight.values()):
             self._break(q, "the reconnected back-end lacks indirect descriptors, needed by chains in flight")
             return RingAddresses(q.rings.desc, q.rings.avail, q.rings.used, start)
-        for f in q.inflight.values():
-            f.losses += 1
-        stuck = [f for f in q.inflight.values() if f.losses >= MAX_LOSSES_IN_FLIGHT]
+        losses = q.losses
+        q.losses = {head: losses.get(head, 0) + 1 for head in q.inflight}
+        stuck = [head for head, n in q.losses.items() if n >= MAX_LOSSES_IN_FLIGHT]
         if stuck:
-            self._break(q, f"chain {stuck[0].head} was in flight each of the {stuck[0].losses} times in a row the "
+            self._break(q, f"chain {stuck[0]} was in flight each of the {q.losses[stuck[0]]} times in a row the "
                            "back-end dropped the connection: not publishing it again")
             return RingAddresses(q.rings.desc, q.rings.avail, q.rings.used, start)
         for f in q.inflight.values():

@@ -91,6 +91,19 @@ class PagePool:
         self._map[i : i + k] = self._zeros[:k]
         self.used_pages -= k
 
+    def free_many(self, extents: list[tuple[int, int]]) -> None:
+        """:meth:`free` each ``(offset, nbytes)`` in turn (checked as it does), in one call."""
+        pool_map, zeros, start, pages = self._map, self._zeros, self.offset, self.pages
+        for offset, nbytes in extents:
+            k = (nbytes + PAGE - 1) // PAGE or 1
+            i = (offset - start) // PAGE
+            if not (0 <= i and i + k <= pages) or (offset - start) % PAGE:
+                raise ValueError(f"free of [{offset:#x}, +{nbytes:#x}) outside the pool")
+            if pool_map.count(1, i, i + k) != k:
+                raise ValueError(f"double free in the pool at {offset:#x}")
+            pool_map[i : i + k] = zeros[:k]
+            self.used_pages -= k
+
 
 class ShadowMemory:
     """The memfd, its mapping, the ring slots and the bounce pool.

@@ -133,6 +133,11 @@ class ForeignGuestMemory:
                 return
         raise GuestMemoryError(gpa, length, "guest-physical")
 
+    def spans(self) -> list[tuple[int, memoryview]]:
+        """``(gpa, view)`` of every bank whose frames all mapped: ``view(gpa + o, n)`` is
+        ``view[o : o + n]`` there (vhost_user.virtqueue.GuestMemory)."""
+        return [(b.gpa, b.mv) for b in self._banks if not b.bad]
+
     def close(self) -> None:
         """Unmap everything (views still held by callers must have been released). Idempotent."""
         banks, self._banks, self._starts = self._banks, [], []

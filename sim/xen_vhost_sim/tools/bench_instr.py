@@ -13,8 +13,9 @@ and divides the difference by ``n``, so start-up and teardown cancel out:
   simulated ioctls (SimKernel) are counted, as its CPU time counts them.
 * ``shadow``: the shadow engine alone (``ShadowDataPath.notify``/``used`` between a guest driver
   and a fake back-end, in one process, guest RAM a bytearray): 4 KiB read chains (a 16-byte
-  header, 4 KiB of data, a status byte) at QD 32 → instructions per request, the guest driver's
-  and the fake back-end's share included.
+  header, 4 KiB of data, a status byte) at QD 32 (``--depth``: another queue depth, e.g. 1: one
+  chain per notify) → instructions per request, the guest driver's and the fake back-end's
+  share included.
 
 Needs valgrind. SIM-ONLY numbers, like every benchmark here.
 """
@@ -186,8 +187,8 @@ def kernel_figures(n: int, tmp: str) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- shadow
-def engine(n: int) -> int:
-    """``n`` (rounded up to a batch) 4 KiB read chains through the shadow engine at QD 32, EVENT_IDX
+def engine(n: int, depth: int = ENGINE_QD) -> int:
+    """``n`` (rounded up to a batch) 4 KiB read chains through the shadow engine at QD ``depth``, EVENT_IDX
     and indirect descriptors negotiated; returns the requests served."""
     from vhost_user.virtqueue import FlatMemory, SplitQueueDevice, SplitQueueDriver, split_ring_layout
 
@@ -207,15 +208,15 @@ def engine(n: int) -> int:
         data = gbase + (1 << 20)  # request k: header at +8192k, status at +64, data at +4096
         done = 0
         while done < n:
-            for k in range(ENGINE_QD):
+            for k in range(depth):
                 drv.add([(data + 8192 * k, 16)], [(data + 8192 * k + 4096, 4096), (data + 8192 * k + 64, 1)])
             dp.notify(0)
             while (c := backend.pop()) is not None:
                 backend.push(c.head, 4097)
             dp.used(0)
-            if len(drv.get_used()) != ENGINE_QD:
+            if len(drv.get_used()) != depth:
                 raise RuntimeError("the shadow engine lost a chain")
-            done += ENGINE_QD
+            done += depth
         return done
     finally:
         if backend is not None:
@@ -226,15 +227,16 @@ def engine(n: int) -> int:
         os.close(kick)
 
 
-def shadow_figures(n: int, tmp: str) -> dict[str, float]:
+def shadow_figures(n: int, tmp: str, depth: int = ENGINE_QD) -> dict[str, float]:
     totals = []
     for count in (0, n):
         out = os.path.join(tmp, f"engine-{count}.out")
-        subprocess.run([*_valgrind(out), "-m", "xen_vhost_sim.tools.bench_instr", "--engine-child", str(count)],
+        subprocess.run([*_valgrind(out), "-m", "xen_vhost_sim.tools.bench_instr", "--engine-child", str(count),
+                        "--depth", str(depth)],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         totals.append(callgrind_total(out))
-    n = -(-n // ENGINE_QD) * ENGINE_QD
-    return {f"shadow engine instructions per 4k request (QD{ENGINE_QD})": (totals[1] - totals[0]) / n}
+    n = -(-n // depth) * depth
+    return {f"shadow engine instructions per 4k request (QD{depth})": (totals[1] - totals[0]) / n}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -243,13 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=("ioreq", "kernel", "shadow"), help="one group of figures")
     p.add_argument("-n", type=int, default=5000, help="MMIO reads (relay round trips: n/5)")
     p.add_argument("--requests", type=int, default=3200, help="shadow engine requests")
+    p.add_argument("--depth", type=int, default=ENGINE_QD,
+                   help=f"shadow engine queue depth: chains per notify (default {ENGINE_QD}, at most 64)")
     p.add_argument("--out", help="also write the figures as JSON to this file")
     p.add_argument("--engine-child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--kernel-child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.engine_child is not None:
-        engine(args.engine_child)
+        engine(args.engine_child, args.depth)
         return 0
     if args.kernel_child is not None:
         kernel_child(args.kernel_child, args.bare)
@@ -258,10 +262,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("valgrind not found (Debian: apt install valgrind)")
     if args.n <= 0 or args.requests <= 0:
         p.error("-n and --requests must be positive")
+    if not 1 <= args.depth <= 64:
+        p.error("--depth must be 1 to 64 (the guest ring has 256 descriptors, 3 per chain)")
     figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="xvm-instr-") as tmp:
         if args.only in (None, "shadow"):
-            figures.update(shadow_figures(args.requests, tmp))
+            figures.update(shadow_figures(args.requests, tmp, args.depth))
         if args.only in (None, "ioreq"):
             figures.update(asyncio.run(ioreq_figures(args.n, tmp)))
         if args.only in (None, "kernel"):
