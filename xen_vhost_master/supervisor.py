@@ -981,8 +981,10 @@ class Supervisor:
         # Closed first: nothing of the device touches guest RAM any more, and unmapping all of it
         # can be slow on real Xen (the foreign mapping goes page by page) while libxl gives the
         # back-end 10 s for its Closed (tests/xenlab/README.md, "Xen 4.20").
-        await self._set_state(served, XenbusState.CLOSED)
-        self._release_guest_memory()
+        try:
+            await self._set_state(served, XenbusState.CLOSED)
+        finally:  # a Closed that cannot be written must not keep the guest's pages mapped
+            self._release_guest_memory()
 
     def _retire(self, base: int, served: _Served) -> None:
         """A device goes while its guest may run on: its virtio-mmio window answers as a removed
