@@ -14,12 +14,14 @@ import asyncio
 import os
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
 from tests.daemon.test_waiting_backend import BASES, DOMID, IRQS, TIMEOUT, Backend, guest_domain, guest_of, io_check, running
 from xen_vhost_master.config import MemoryMode
 from xen_vhost_master.supervisor import Options
+from xen_vhost_master.xen.xenstore import XenbusState
 from xen_vhost_sim.guest_devices import VirtioBlk
 from xen_vhost_sim.guest_driver import GuestDriverError, GuestPageAllocator
 
@@ -71,4 +73,51 @@ async def test_removed_shadow_device_is_closed_before_guest_ram_is_unmapped(
                 await asyncio.wait_for(blk.close(), TIMEOUT)
     finally:
         detached.set()
+        await backend.stop()
+
+
+@pytest.mark.asyncio
+async def test_guest_ram_is_unmapped_even_when_the_closed_write_is_cancelled(
+        no_fd_leak, platform, sim_host, sim_control, sim_dir):  # type: ignore[no-untyped-def]
+    """The removal is cancelled while it writes Closed (the watcher that started it reaped as the
+    domain goes, or a teardown step's bound): the guest's pages are unmapped all the same, since
+    Xen cannot finish destroying a domain whose pages dom0 still maps."""
+    guest_domain(sim_control)
+    backend = Backend(os.path.join(sim_dir, "0.sock"))
+    await backend.start()
+    released = threading.Event()
+    try:
+        async with running(platform, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"),
+                                             memory=MemoryMode.SHADOW)) as daemon, guest_of(sim_host) as guest:
+            blk = await asyncio.wait_for(VirtioBlk.attach(guest, BASES[0], IRQS[0], GuestPageAllocator(guest.ram)),
+                                         TIMEOUT)
+            await io_check(blk, backend, 1)
+            sup = daemon.sup
+            paths = sup._paths
+            assert paths is not None and paths.guest_memory is not None
+            release, set_state = paths.release_guest_memory, sup._set_state
+
+            def watched_release(in_use: Sequence[object]) -> bool:
+                unmapped = release(in_use)  # type: ignore[arg-type]
+                released.set()
+                return unmapped
+
+            async def cancelled_closed(served: Any, state: XenbusState) -> None:
+                if state == XenbusState.CLOSED:
+                    raise asyncio.CancelledError
+                await set_state(served, state)
+
+            paths.release_guest_memory = watched_release  # type: ignore[method-assign]
+            sup._set_state = cancelled_closed  # type: ignore[method-assign]
+            detach = asyncio.get_running_loop().run_in_executor(
+                None, lambda: sim_control.xl_detach_virtio_device(DOMID, device_id=2, base=BASES[0], irq=IRQS[0],
+                                                                  devid=0, timeout=DETACH_TIMEOUT))
+            got = await asyncio.get_running_loop().run_in_executor(None, released.wait, TIMEOUT)
+            assert got, "the guest's RAM stayed mapped after a cancelled Closed"
+            assert paths.guest_memory is None
+            await detach  # (libxl's detach times out: no Closed was written)
+            with pytest.raises(GuestDriverError):
+                await asyncio.wait_for(blk.close(), TIMEOUT)
+    finally:
+        released.set()
         await backend.stop()
