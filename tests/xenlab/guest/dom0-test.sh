@@ -142,12 +142,14 @@ served_io() {  # scenario boot-number: the guest's boot N finished its I/O; the 
   if [ "$(be_kind $S)" = testpmd ]; then
     # the guest's pings answered through the back-end (DOMU-NET-OK), and testpmd counted the frames
     # it received from and sent to the guest (its port stats, every 10 s)
-    OKLINE=$(grep 'DOMU-NET-OK' $CONSOLE/guest-$NAME.log 2>/dev/null | sed -n "${N}p" | tr -d '\r')
+    # boot N's result line, OK or FAIL (counting OK lines alone, one failed boot fails every later one)
+    RES=$(grep -E 'DOMU-NET-(OK|FAIL)' $CONSOLE/guest-$NAME.log 2>/dev/null | sed -n "${N}p" | tr -d '\r')
+    OKLINE=$(echo "$RES" | grep 'DOMU-NET-OK')
     wait_for 30 sh -c "grep 'RX-packets: *[1-9]' /tmp/backend-$S.log | grep -q ." 
     RX=$(sed -n 's/.*RX-packets: *\([0-9]*\).*/\1/p' /tmp/backend-$S.log | tail -1)
     TX=$(sed -n 's/.*TX-packets: *\([0-9]*\).*/\1/p' /tmp/backend-$S.log | tail -1)
     [ -n "$OKLINE" ] && [ "${RX:-0}" -gt 0 ] && [ "${TX:-0}" -gt 0 ]
-    R=$?; echo "guest='${OKLINE:-no DOMU-NET-OK #$N}' testpmd_rx=${RX:-none} testpmd_tx=${TX:-none} fwd=${XENLAB_NET_FWD:-5tswap}" > /tmp/io-$S-$N.txt; return $R
+    R=$?; echo "guest='${RES:-no DOMU-NET result #$N}' testpmd_rx=${RX:-none} testpmd_tx=${TX:-none} fwd=${XENLAB_NET_FWD:-5tswap}" > /tmp/io-$S-$N.txt; return $R
   fi
   OKLINE=$(grep 'DOMU-IO-OK' $CONSOLE/guest-$NAME.log 2>/dev/null | sed -n "${N}p")
   WANT=$(echo "$OKLINE" | sed -n 's/.*md5=\([0-9a-f]*\).*/\1/p'); MARK=$(echo "$OKLINE" | sed -n 's/.*mark=\([A-Za-z0-9-]*\).*/\1/p')
