@@ -918,7 +918,11 @@ class Supervisor:
         found = {cfg.key: (cfg, path) for cfg, path in await self._discover()}
         explicit = {d.key for d in self.opt.devices}
         for base, served in list(self.devices.items()):
-            if served.path is not None and base not in found and base not in explicit:
+            # A configured device matched with a xenstore directory is the toolstack's too: its
+            # Closing (or its directory gone) removes it. Only while the entry is one the daemon
+            # cannot parse does it stay served from the configuration, whose settings win anyway.
+            configured_only = base in explicit and served.path in self._rejected
+            if served.path is not None and base not in found and not configured_only:
                 if served.device.refused is not None and await self._still_listed(served.path):
                     continue  # Closed is our own answer to its refused back-end, not a removal
                 self.log.info("device %d removed from xenstore: tearing it down", served.config.devid)
