@@ -96,6 +96,12 @@ _NODES = {
 
 
 _NOTIFY = int(EvtchnIoctl.NOTIFY)
+#: MMAPBATCH_V2 entries read or written at a time (64 KiB of u64 GFNs): no temporary of the ioctl
+#: grows with the guest (a large one's pages would stay in the calling process's heap: mallopt(3),
+#: M_MMAP_THRESHOLD).
+FRAME_STEP = 8192
+_ZERO_ERRS = bytes(4 * FRAME_STEP)
+_ONES = b"\x01" * FRAME_STEP
 _PORT = struct.Struct("=I")  # a port as evtchn reads and writes them: a native u32 (as array "I")
 _Own = ctypes.Structure | ctypes.Array | None  # type: ignore[type-arg]  # an ioctl argument passed as a ctypes object
 
@@ -130,13 +136,17 @@ def _err(code: int, why: str = "") -> OSError:
     return OSError(code, why or os.strerror(code))
 
 
-def gfn_runs(gfns: memoryview) -> array.array[int]:
-    """Split a u64 GFN array into maximal runs of consecutive GFNs: (page_index, gfn, count) triples.
+def gfn_runs(gfns: memoryview, start: int = 0, out: array.array[int] | None = None) -> array.array[int]:
+    """Split a u64 GFN array into maximal runs of consecutive GFNs: (page_index, gfn, count) triples,
+    appended to ``out`` (a new array by default); ``start`` is the page index of ``gfns[0]``, and a
+    run that continues ``out``'s last one is merged with it.
 
     Vectorised: a range is accepted whole when its bytes equal ``array('Q', range(first, first+n))``
-    (one C-level comparison); otherwise it is halved. 1 Mi consecutive GFNs is one comparison.
+    (one C-level comparison); otherwise it is halved. MMAPBATCH_V2 passes :data:`FRAME_STEP` GFNs
+    at a time, so the comparison's temporaries stay small.
     """
-    out = array.array("Q")
+    if out is None:
+        out = array.array("Q")
     n = len(gfns)
     stack = [(0, n)] if n else []
     while stack:
@@ -148,10 +158,11 @@ def gfn_runs(gfns: memoryview) -> array.array[int]:
             and first + cnt <= 1 << 64
             and gfns[lo:hi].tobytes() == array.array("Q", range(first, first + cnt)).tobytes()
         ):
-            if out and out[-3] + out[-1] == lo and out[-2] + out[-1] == first:
+            page = start + lo
+            if out and out[-3] + out[-1] == page and out[-2] + out[-1] == first:
                 out[-1] += cnt  # merge with the previous run
             else:
-                out.extend((lo, first, cnt))
+                out.extend((page, first, cnt))
         else:
             mid = (lo + hi) // 2
             stack.append((mid, hi))
@@ -647,11 +658,14 @@ class SimKernel:
                 raise _err(errno.EINVAL, "first MMAPBATCH must cover the privcmd VMA exactly")
         elif not vma.contains(m.addr, length) or vma.mapped.find(1, first_page, first_page + num) != -1:
             raise _err(errno.EINVAL, "range already mapped")
-        # (after the VMA checks, which bound num by a mapping the caller really made)
-        gfns = memoryview(copy_from_user(m.arr, num * 8)).cast("Q")
-        errs = array.array("i", bytes(4 * num))
-        copy_to_user(m.err, errs.tobytes())  # the kernel clears err[] first (EFAULT if bad)
-        _reply, rblob, fds = node.call({"op": "map_foreign", "dom": int(m.dom)}, gfn_runs(gfns).tobytes())
+        # (after the VMA checks, which bound num by a mapping the caller really made; the arrays
+        # FRAME_STEP entries at a time)
+        for lo in range(0, num, FRAME_STEP):  # the kernel clears err[] first (EFAULT if bad)
+            copy_to_user(m.err + 4 * lo, _ZERO_ERRS[: 4 * min(FRAME_STEP, num - lo)])
+        gfns = array.array("Q")
+        for lo in range(0, num, FRAME_STEP):
+            gfn_runs(memoryview(copy_from_user(m.arr + 8 * lo, 8 * min(FRAME_STEP, num - lo))).cast("Q"), lo, gfns)
+        _reply, rblob, fds = node.call({"op": "map_foreign", "dom": int(m.dom)}, gfns.tobytes())
         vma.filled = True
         enoent = False
         runs = array.array("q")
@@ -664,14 +678,17 @@ class SimKernel:
                         m.addr + (page << XEN_PAGE_SHIFT), count << XEN_PAGE_SHIFT, vma.prot,
                         MAP_SHARED | MAP_FIXED, fds[0], off << XEN_PAGE_SHIFT,
                     )
-                    vma.mapped[first_page + page : first_page + page + count] = b"\x01" * count
+                    for lo in range(first_page + page, first_page + page + count, FRAME_STEP):
+                        n = min(FRAME_STEP, first_page + page + count - lo)
+                        vma.mapped[lo : lo + n] = _ONES[:n]
                 else:
-                    errs[page : page + count] = array.array("i", [code]) * count
+                    step = (array.array("i", [code]) * min(FRAME_STEP, count)).tobytes()
+                    for lo in range(page, page + count, FRAME_STEP):
+                        copy_to_user(m.err + 4 * lo, step[: 4 * min(FRAME_STEP, page + count - lo)])
                     enoent = enoent or code == -errno.ENOENT
         finally:
             for f in fds:
                 os.close(f)
-        copy_to_user(m.err, errs.tobytes())
         if enoent:
             raise _err(errno.ENOENT)
         return 0

@@ -15,7 +15,6 @@ fault the process, so a slice that covers one raises :class:`~vhost_user.errors.
 
 from __future__ import annotations
 
-import array
 import bisect
 import logging
 from collections.abc import Callable, Sequence
@@ -26,7 +25,7 @@ from vhost_user import GuestMemoryError, XenMemoryRegion
 from ..errors import GuestFault, XenError
 from ..xen.abi import XEN_PAGE_SHIFT, XEN_PAGE_SIZE
 from ..xen.kernel import Kernel
-from ..xen.privcmd import ForeignMapping, PrivCmd
+from ..xen.privcmd import ForeignMapping, FrameArray, PrivCmd
 
 __all__ = ["PAGED_RETRIES", "ForeignBacking", "ForeignGuestMemory", "ForeignRange", "GuestMemoryError", "foreign_reader"]
 
@@ -44,18 +43,18 @@ class ForeignRange:
         if gpa % XEN_PAGE_SIZE or size % XEN_PAGE_SIZE or size <= 0:
             raise GuestMemoryError(gpa, size, f"{what} (not page aligned)")
         first, count = gpa >> XEN_PAGE_SHIFT, size >> XEN_PAGE_SHIFT
-        gfns = array.array("Q", range(first, first + count))
-        try:
-            self.fm: ForeignMapping = privcmd.map_foreign(domid, gfns)
-        except XenError as e:
-            log.error("cannot map domain %d at %#x: %s", domid, gpa, e)
-            raise GuestMemoryError(gpa, size, f"{what} of domain {domid} ({e.strerror})") from None
-        try:
-            for _ in range(PAGED_RETRIES):
-                if not privcmd.retry_paged(self.fm, domid, gfns):
-                    break
-        except XenError as e:
-            log.warning("domain %d: retrying paged frames at %#x failed: %s", domid, gpa, e)
+        with FrameArray.consecutive(first, count) as gfns:
+            try:
+                self.fm: ForeignMapping = privcmd.map_foreign(domid, gfns.frames)
+            except XenError as e:
+                log.error("cannot map domain %d at %#x: %s", domid, gpa, e)
+                raise GuestMemoryError(gpa, size, f"{what} of domain {domid} ({e.strerror})") from None
+            try:
+                for _ in range(PAGED_RETRIES):
+                    if not privcmd.retry_paged(self.fm, domid, gfns.frames):
+                        break
+            except XenError as e:
+                log.warning("domain %d: retrying paged frames at %#x failed: %s", domid, gpa, e)
         self.bad = self.fm.failed()  # sorted frame indices
         if self.bad:
             log.warning("domain %d: %d of %d frames at %#x could not be mapped; they are refused",

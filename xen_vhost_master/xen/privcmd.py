@@ -13,7 +13,6 @@ import errno
 import logging
 import mmap as _mmap
 import os
-from dataclasses import dataclass
 
 from xen_vhost_master.errors import XenError
 from xen_vhost_master.xen.abi import (
@@ -34,7 +33,7 @@ from xen_vhost_master.xen.abi import (
 from xen_vhost_master.xen.device_file import XenDeviceFile
 from xen_vhost_master.xen.kernel import PROT_READ, PROT_WRITE, Kernel, Mapping
 
-__all__ = ["ForeignMapping", "PreparedDmOp", "PrivCmd", "PRIVCMD_PATH"]
+__all__ = ["FrameArray", "ForeignMapping", "PreparedDmOp", "PrivCmd", "PRIVCMD_PATH"]
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +46,95 @@ def _vma_length(num_frames: int) -> int:
     return -(-(num_frames << XEN_PAGE_SHIFT) // page) * page
 
 
-@dataclass
-class ForeignMapping:
-    """A foreign mapping of ``num`` guest frames; ``errors[i]`` is 0 or ``-errno`` for frame ``i``."""
+#: Frames an MMAPBATCH_V2 array is filled or scanned by at a time (64 KiB of u64 frame numbers): no
+#: temporary grows with the guest. A malloc'd array of a MiB or more is mmapped by glibc and, once
+#: freed, raises its dynamic mmap threshold (mallopt(3), M_MMAP_THRESHOLD), so the large temporaries
+#: after it come from the heap, whose pages stay resident.
+FRAME_STEP = 8192
+_ZERO_ERRS = bytes(4 * FRAME_STEP)
 
-    mapping: Mapping
-    num: int
-    errors: array.array[int]
+
+class FrameArray:
+    """``count`` u64 guest frame numbers (MMAPBATCH_V2's ``arr``) in an anonymous mapping of their
+    own, unmapped by :meth:`close` (a context manager): a large guest's array leaves nothing in
+    the heap. ``frames`` is the array, a writable ``"Q"`` memoryview."""
+
+    def __init__(self, count: int) -> None:
+        self._map = _mmap.mmap(-1, 8 * max(count, 1))
+        self.frames = memoryview(self._map).cast("Q")[:count]
+
+    @classmethod
+    def consecutive(cls, first: int, count: int) -> FrameArray:
+        """``first, first + 1, ... first + count - 1``, built :data:`FRAME_STEP` frames at a time."""
+        arr = cls(count)
+        for lo in range(0, count, FRAME_STEP):
+            n = min(FRAME_STEP, count - lo)
+            arr.frames[lo : lo + n] = array.array("Q", range(first + lo, first + lo + n))
+        return arr
+
+    def __enter__(self) -> FrameArray:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.frames.release()
+        self._map.close()
+
+
+def _address(buf: memoryview | _mmap.mmap) -> int:
+    """The address of a writable buffer's first byte (the buffer stays its owner's)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+def _frames_at(gfns: array.array[int] | memoryview, first: int, count: int) -> tuple[int, memoryview | FrameArray | None]:
+    """The address of ``gfns[first : first + count]`` as MMAPBATCH_V2 reads it, and what to release
+    after the call: nothing for a u64 array, a slice for a writable u64 view, else a copy."""
+    if isinstance(gfns, array.array):
+        return gfns.buffer_info()[0] + 8 * first, None
+    if gfns.c_contiguous and not gfns.readonly:
+        part = gfns[first : first + count]
+        return _address(part), part
+    copy = FrameArray(count)
+    for lo in range(0, count, FRAME_STEP):
+        n = min(FRAME_STEP, count - lo)
+        copy.frames[lo : lo + n] = array.array("Q", gfns[first + lo : first + lo + n])
+    return _address(copy.frames), copy
+
+
+def _error_runs(errs: memoryview, base: int, out: array.array[int]) -> None:
+    """Append to ``out`` a ``(frame, count, -errno)`` triple per run of equal non-zero entries of
+    ``errs`` (MMAPBATCH_V2's ``err`` array, an ``"i"`` view; ``base`` is the index of its first
+    entry), scanning it :data:`FRAME_STEP` entries at a time."""
+    for lo in range(0, len(errs), FRAME_STEP):
+        chunk = errs[lo : lo + FRAME_STEP]
+        if chunk.cast("B") == _ZERO_ERRS[: 4 * len(chunk)]:
+            continue
+        for i, e in enumerate(chunk, base + lo):
+            if e:
+                if out and out[-1] == e and out[-3] + out[-2] == i:
+                    out[-2] += 1
+                else:
+                    out.extend((i, 1, e))
+
+
+class ForeignMapping:
+    """A foreign mapping of ``num`` guest frames; the frames that did not map are kept as runs
+    (``failures``: ``frame, count, -errno`` triples, ascending), not as an entry per frame."""
+
+    def __init__(self, mapping: Mapping, num: int, failures: array.array[int]) -> None:
+        self.mapping = mapping
+        self.num = num
+        self.failures = failures
 
     def ok(self) -> bool:
-        return not any(self.errors)
+        return not self.failures
 
     def failed(self) -> list[int]:
         """Indices of frames that did not map (their bytes are inaccessible)."""
-        if not any(self.errors):
-            return []
-        return [i for i, e in enumerate(self.errors) if e]
+        f = self.failures
+        return [i for k in range(0, len(f), 3) for i in range(f[k], f[k] + f[k + 1])]
 
     def view(self) -> memoryview:
         return self.mapping.view()
@@ -111,60 +183,74 @@ class PrivCmd(XenDeviceFile):
 
     # ------------------------------------------------------------ foreign mapping
     def map_foreign(self, domid: int, gfns: array.array[int] | memoryview, *, prot: int = PROT_READ | PROT_WRITE) -> ForeignMapping:
-        """mmap + MMAPBATCH_V2 of ``gfns`` (a u64 array, used in place). Per-frame errors are reported
-        in ``errors``; the ioctl's ENOENT (paged-out frames) is reported there too, not raised."""
-        mv = memoryview(gfns).cast("B").cast("Q") if not isinstance(gfns, memoryview) else gfns
-        num = len(mv)
+        """mmap + MMAPBATCH_V2 of ``gfns`` (u64 frame numbers, used in place when a ``"Q"`` array or
+        a writable ``"Q"`` view, e.g. :class:`FrameArray`'s). Frames that fail are reported in the
+        result's ``failures``; the ioctl's ENOENT (paged-out frames) is reported there too, not raised."""
+        if not isinstance(gfns, memoryview) and gfns.typecode != "Q":
+            gfns = memoryview(gfns).cast("B").cast("Q")
+        num = len(gfns)
         if num == 0:
             raise XenError("mmapbatch_v2", errno.EINVAL)
-        src = gfns if isinstance(gfns, array.array) and gfns.typecode == "Q" else array.array("Q", mv.tobytes())
-        errs = array.array("i", bytes(4 * num))
         try:
             mapping = self.kernel.mmap(self.fd, _vma_length(num), prot)
         except OSError as exc:
             raise XenError("mmap privcmd", exc.errno or errno.EIO) from None
-        m = privcmd_mmapbatch_v2(
-            num=num, dom=domid, addr=mapping.addr, arr=src.buffer_info()[0], err=errs.buffer_info()[0]
-        )
         try:
-            self.kernel.ioctl(self.fd, PrivcmdIoctl.MMAPBATCH_V2, m)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                mapping.close()
-                raise XenError("mmapbatch_v2", exc.errno or errno.EIO) from None
-        return ForeignMapping(mapping, num, errs)
+            failures = self._mmapbatch(domid, mapping.addr, gfns, 0, num)
+        except XenError:
+            mapping.close()
+            raise
+        return ForeignMapping(mapping, num, failures)
 
-    def retry_paged(self, fm: ForeignMapping, domid: int, gfns: array.array[int]) -> int:
-        """Re-issue MMAPBATCH_V2 for the frames of ``fm`` that failed with ENOENT (paged out or
-        shared: Xen pages them in, retry later), run by run on the same VMA. Updates ``fm.errors``;
-        returns how many frames still fail with ENOENT."""
-        idx = [i for i, e in enumerate(fm.errors) if e == -errno.ENOENT]
-        runs: list[tuple[int, int]] = []
-        for i in idx:
-            if runs and runs[-1][0] + runs[-1][1] == i:
-                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-            else:
-                runs.append((i, 1))
-        left = 0
-        for first, n in runs:
-            sub = array.array("Q", gfns[first : first + n])
-            errs = array.array("i", bytes(4 * n))
-            m = privcmd_mmapbatch_v2(
-                num=n, dom=domid, addr=fm.mapping.addr + (first << XEN_PAGE_SHIFT),
-                arr=sub.buffer_info()[0], err=errs.buffer_info()[0],
-            )
+    def _mmapbatch(self, domid: int, addr: int, gfns: array.array[int] | memoryview, first: int, num: int,
+                   op: str = "mmapbatch_v2") -> array.array[int]:
+        """MMAPBATCH_V2 of ``gfns[first : first + num]`` (u64s) at ``addr``; the failed frames' runs
+        (indices as in ``gfns``). The ``err`` array lives in a mapping unmapped on return."""
+        arr, keep = _frames_at(gfns, first, num)
+        errs = _mmap.mmap(-1, 4 * num)
+        try:
+            m = privcmd_mmapbatch_v2(num=num, dom=domid, addr=addr, arr=arr, err=_address(errs))
             try:
                 self.kernel.ioctl(self.fd, PrivcmdIoctl.MMAPBATCH_V2, m)
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
-                    raise XenError("mmapbatch_v2 retry", exc.errno or errno.EIO) from None
-            fm.errors[first : first + n] = errs
-            left += sum(1 for e in errs if e == -errno.ENOENT)
-        return left
+                    raise XenError(op, exc.errno or errno.EIO) from None
+            failures = array.array("q")
+            with memoryview(errs) as raw, raw.cast("i") as view:
+                _error_runs(view, first, failures)
+            return failures
+        finally:
+            errs.close()
+            if isinstance(keep, FrameArray):
+                keep.close()
+            elif keep is not None:
+                keep.release()
+
+    def retry_paged(self, fm: ForeignMapping, domid: int, gfns: array.array[int] | memoryview) -> int:
+        """Re-issue MMAPBATCH_V2 for the frames of ``fm`` that failed with ENOENT (paged out or
+        shared: Xen pages them in, retry later), run by run on the same VMA. Updates
+        ``fm.failures``; returns how many frames still fail with ENOENT."""
+        old, new = fm.failures, array.array("q")
+        for k in range(0, len(old), 3):
+            first, n, code = old[k : k + 3]
+            if code != -errno.ENOENT:
+                new.extend((first, n, code))
+                continue
+            again = self._mmapbatch(domid, fm.mapping.addr + (first << XEN_PAGE_SHIFT), gfns, first, n,
+                                    "mmapbatch_v2 retry")
+            for j in range(0, len(again), 3):
+                if new and new[-1] == again[j + 2] and new[-3] + new[-2] == again[j]:
+                    new[-2] += again[j + 1]
+                else:
+                    new.extend(again[j : j + 3])
+        fm.failures = new
+        return sum(new[k + 1] for k in range(0, len(new), 3) if new[k + 2] == -errno.ENOENT)
 
     def map_foreign_range(self, domid: int, first_gfn: int, count: int, *, prot: int = PROT_READ | PROT_WRITE) -> ForeignMapping:
-        """Foreign-map ``count`` consecutive frames from ``first_gfn`` (array built in C, not a list)."""
-        return self.map_foreign(domid, array.array("Q", range(first_gfn, first_gfn + count)), prot=prot)
+        """Foreign-map ``count`` consecutive frames from ``first_gfn`` (their array in a mapping of
+        its own, :class:`FrameArray`)."""
+        with FrameArray.consecutive(first_gfn, count) as arr:
+            return self.map_foreign(domid, arr.frames, prot=prot)
 
     # ------------------------------------------------------------ resources
     def resource_size(self, domid: int, rtype: int, rid: int) -> int:
