@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +115,16 @@ def test_oncpu_counts_every_thread_of_the_process() -> None:
         done.set()
         t.join()
     assert (a1 - a0) - (m1 - m0) >= 45e6
+
+
+def test_byte_compile_writes_the_bytecode_of_a_package_where_it_is_imported_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pkg = tmp_path / "bench_probe_pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("X = 1\n")
+    (pkg / "sub" / "__init__.py").write_text("Y = 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")  # (what an import would honour; compiling does not)
+    assert bench.byte_compile(("bench_probe_pkg",)) == []
+    assert list((pkg / "__pycache__").glob("__init__.*.pyc")) and list((pkg / "sub" / "__pycache__").glob("*.pyc"))

@@ -43,7 +43,8 @@ p50/p99. Progress goes to stderr, one line per phase with an estimate of the tim
 table (median, min, max, fixed precision per unit) and writes ``bench-results.json``; ``--plot
 FILE`` also draws each path against its reference (needs the ``plot`` extra: matplotlib). Needs
 linux.uml, fio, qemu-storage-daemon (as the peer tests). SIM-ONLY numbers: the simulator's Xen is
-Python.
+Python. The packages the processes run from are byte-compiled first (:func:`byte_compile`), as an
+installed daemon's are.
 """
 
 from __future__ import annotations
@@ -115,6 +116,29 @@ def cpu_seconds(pid: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- processes
+#: The packages the processes under test run from.
+MEASURED_PACKAGES = ("vhost_user", "xen_vhost_master", "xen_vhost_sim")
+
+
+def byte_compile(packages: Sequence[str] = MEASURED_PACKAGES) -> list[str]:
+    """Byte-compile ``packages`` where this interpreter finds them (so a tree given by PYTHONPATH
+    too: the daemons inherit this environment); returns the directories that could not be. An
+    installed daemon runs from the .pyc files its installation wrote (packaging/build_deb.py); one
+    started from a source tree without them compiles each module as it imports it (on every start
+    under PYTHONDONTWRITEBYTECODE or from a read-only tree), and what the compiler allocated stays
+    in its RSS."""
+    import compileall
+    import importlib.util
+
+    failed = []
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        for where in (spec.submodule_search_locations or []) if spec is not None else []:
+            if not compileall.compile_dir(where, quiet=1):
+                failed.append(where)
+    return failed
+
+
 def start_sim(peers: Any, path: str, *extra: str) -> Any:
     p = peers.start("xen-vhost-sim", [str(BIN / "xen-vhost-sim"), "--socket", path, *extra])
     p.wait_listening(Path(path))
@@ -711,6 +735,10 @@ def _daemon_figs(idle_window: float) -> dict[str, Any]:
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     harness = _harness()
     res: dict[str, Any] = {"machine": machine(), "params": vars(args).copy(), "started": time.time()}
+    res["not_byte_compiled"] = byte_compile()
+    for where in res["not_byte_compiled"]:
+        print(f"warning: {where} could not be byte-compiled: the daemons compile it as they start, "
+              "and their RSS counts the compiler", file=sys.stderr)
     t_start = time.perf_counter()
     progress = Progress(plan(args))
     paths = [r for r in RELAYED if r[0] in args.paths]
