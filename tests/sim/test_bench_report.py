@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,23 @@ def test_oncpu_counts_every_thread_of_the_process() -> None:
         done.set()
         t.join()
     assert (a1 - a0) - (m1 - m0) >= 45e6
+
+
+def test_rss_parts_are_the_kernel_counters_that_sum_to_the_rss() -> None:
+    parts = bench.rss_parts_kib(os.getpid())
+    assert parts["anon"] > 0 and parts["file"] > 0
+    assert parts["anon"] + parts["file"] + parts["shmem"] == parts["rss"]
+
+
+def test_the_report_gives_the_rss_parts_of_the_peak_and_reads_results_without_them() -> None:
+    dm = {**bench._daemon_figs(3.0), "ready_s": [0.5], "rss_idle_kib": [30 << 10], "rss_load_kib": [35 << 10],
+          "cpu_s_per_run": [1.0], "idle_wakeups_per_s": [0.0], "idle_cpu_s_per_s": [0.0]}
+    rows = bench.report_daemon_rows({"relayed_shadow": dm}, fio_time=4)
+    assert [r[0] for r in rows if "of which" in r[0]] == []  # a results file from before the parts
+    dm["rss_load_parts_kib"] = [{"anon": 20 << 10, "file": 14 << 10, "shmem": 1 << 10}]
+    rows = bench.report_daemon_rows({"relayed_shadow": dm}, fio_time=4)
+    parts = {r[0]: r[2]["median"] for r in rows if "of which" in r[0]}
+    assert parts == {"  of which anon": 20.0, "  of which file": 14.0, "  of which shmem": 1.0}
 
 
 def test_byte_compile_writes_the_bytecode_of_a_package_where_it_is_imported_from(

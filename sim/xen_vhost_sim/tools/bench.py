@@ -33,9 +33,10 @@ Every figure is paired with its reference measured in the same run:
   caches; this VM charges interrupts to whoever runs); compare code with ``bench_instr``.
 * guest-memory **mapping time** (``PrivCmd.map_foreign`` through the simulator) for 256 MiB,
   1 GiB and 4 GiB guests.
-* the daemon's **RSS** idle (after READY) and under load (max during the relayed fio), its CPU
-  seconds per relayed run, **idle wake-ups/s** (context switches of all its threads over
-  ``--idle-window`` s with a live device: must be 0), **start → READY** time (sd_notify).
+* the daemon's **RSS** idle (after READY) and under load (max during the relayed fio; with its
+  anonymous, file-backed and memfd parts: ``/proc/PID/status``), its CPU seconds per relayed
+  run, **idle wake-ups/s** (context switches of all its threads over ``--idle-window`` s with a
+  live device: must be 0), **start → READY** time (sd_notify).
 
 fio runs with ``--output-format=json`` in the guest (condensed to one line per job, see
 tests/peers/uml_init.sh): IOPS, bandwidth in bytes/s (MB/s = 10^6 bytes/s), completion-latency
@@ -90,12 +91,21 @@ def _harness() -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- /proc
-def rss_kib(pid: int) -> int:
+#: /proc/PID/status fields of the RSS and its parts (the kernel's own counters: the three sum to VmRSS).
+RSS_FIELDS = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
+
+
+def rss_parts_kib(pid: int) -> dict[str, int]:
+    """The RSS of ``pid`` and its parts, KiB: ``anon`` (malloc's heap, Python's arenas, anonymous
+    mappings), ``file`` (the interpreter, libraries and other files mapped), ``shmem`` (memfds: the
+    bounce pool, and in the simulator the guest's RAM as the daemon touches it)."""
+    out = dict.fromkeys(RSS_FIELDS.values(), 0)
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+            key, _, value = line.partition(":")
+            if key in RSS_FIELDS:
+                out[RSS_FIELDS[key]] = int(value.split()[0])
+    return out
 
 
 def ctx_switches(pid: int) -> int:
@@ -262,16 +272,21 @@ async def fio_relayed(peers: Any, work: Path, sim_path: str, fio_time: int, resu
             daemon = Daemon(peers, work, sim_path, domid, f"type=blk,base={BASE:#x},irq={IRQ},socket={qsd_sock}{extra}",
                             profile, memory)
             results["ready_s"].append(await daemon.ready())
-            results["rss_idle_kib"].append(rss_kib(daemon.proc.pid))
+            idle = rss_parts_kib(daemon.proc.pid)
+            results["rss_idle_kib"].append(idle.pop("rss"))
+            results["rss_idle_parts_kib"].append(idle)
             cpu0 = cpu_seconds(daemon.proc.pid)
             serving = asyncio.get_running_loop().create_task(bridge.serve())
-            peak = 0
+            peak = dict.fromkeys(RSS_FIELDS.values(), 0)
             done = asyncio.ensure_future(run.finish(timeout=STEP + 4 * fio_time))
             while not done.done():
-                peak = max(peak, rss_kib(daemon.proc.pid))
+                sample = rss_parts_kib(daemon.proc.pid)
+                if sample["rss"] > peak["rss"]:
+                    peak = sample
                 await asyncio.wait([done], timeout=0.5)
             verdicts = done.result()
-            results["rss_load_kib"].append(peak)
+            results["rss_load_kib"].append(peak.pop("rss"))
+            results["rss_load_parts_kib"].append(peak)  # the parts of the peak sample
             results["cpu_s_per_run"].append(cpu_seconds(daemon.proc.pid) - cpu0)
             await asyncio.wait_for(serving, STEP)
             # idle, with the device live (DRIVER_OK, back-end connected, rings started)
@@ -728,8 +743,9 @@ GRANTED = (
 
 
 def _daemon_figs(idle_window: float) -> dict[str, Any]:
-    return {"ready_s": [], "rss_idle_kib": [], "rss_load_kib": [], "cpu_s_per_run": [], "idle_wakeups_per_s": [],
-            "idle_cpu_s_per_s": [], "bridge": [], "idle_window_s": idle_window}
+    return {"ready_s": [], "rss_idle_kib": [], "rss_idle_parts_kib": [], "rss_load_kib": [], "rss_load_parts_kib": [],
+            "cpu_s_per_run": [], "idle_wakeups_per_s": [], "idle_cpu_s_per_s": [], "bridge": [],
+            "idle_window_s": idle_window}
 
 
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
@@ -791,6 +807,27 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     res["elapsed_s"] = time.perf_counter() - t_start
     progress.finish()
     return res
+
+
+def report_daemon_rows(daemon: dict[str, dict[str, Any]], fio_time: int) -> list[Row]:
+    """The daemon figures of each path (``_daemon_figs``), in the report's rows."""
+    rows: list[Row] = []
+    for name, dm in daemon.items():
+        if not dm["ready_s"]:
+            continue
+        rows.append((f"daemon start -> READY ({name})", "ms", summary([1e3 * x for x in dm["ready_s"]]), ""))
+        rows.append((f"daemon RSS idle ({name})", "MiB", summary([x / 1024 for x in dm["rss_idle_kib"]]), "target <= 40"))
+        rows.append((f"daemon RSS under load ({name})", "MiB", summary([x / 1024 for x in dm["rss_load_kib"]]), "target <= 40"))
+        for kind, what in (("anon", "heap and anonymous mappings"), ("file", "interpreter, libraries"),
+                           ("shmem", "memfds: bounce pool, guest RAM touched")):
+            parts = [p[kind] / 1024 for p in dm.get("rss_load_parts_kib", [])]
+            if parts:
+                rows.append((f"  of which {kind}", "MiB", summary(parts), what))
+        rows.append((f"daemon CPU per fio run ({name})", "s", summary(dm["cpu_s_per_run"]),
+                     f"{len(JOBS)} jobs x {fio_time} s"))
+        rows.append((f"daemon idle wake-ups ({name})", "1/s", summary(dm["idle_wakeups_per_s"]), "target 0 (device live)"))
+        rows.append((f"daemon CPU at idle ({name})", "s/s", summary(dm["idle_cpu_s_per_s"]), "device live"))
+    return rows
 
 
 def report(res: dict[str, Any]) -> str:
@@ -873,16 +910,7 @@ def report(res: dict[str, Any]) -> str:
     rows.append(("QueueNotify writes/s", "1/s", summary([rel["notifies_per_s"]]), "sync IOREQ, back to back"))
     for label, v in res["mapping_s"].items():
         rows.append((f"map_foreign {label}", "ms", summary([1e3 * x for x in v]), "target 4GiB <= 500 ms" if label == "4GiB" else ""))
-    for name, dm in res["daemon"].items():
-        if not dm["ready_s"]:
-            continue
-        rows.append((f"daemon start -> READY ({name})", "ms", summary([1e3 * x for x in dm["ready_s"]]), ""))
-        rows.append((f"daemon RSS idle ({name})", "MiB", summary([x / 1024 for x in dm["rss_idle_kib"]]), "target <= 40"))
-        rows.append((f"daemon RSS under load ({name})", "MiB", summary([x / 1024 for x in dm["rss_load_kib"]]), "target <= 40"))
-        rows.append((f"daemon CPU per fio run ({name})", "s", summary(dm["cpu_s_per_run"]),
-                     f"{len(JOBS)} jobs x {res['params']['fio_time']} s"))
-        rows.append((f"daemon idle wake-ups ({name})", "1/s", summary(dm["idle_wakeups_per_s"]), "target 0 (device live)"))
-        rows.append((f"daemon CPU at idle ({name})", "s/s", summary(dm["idle_cpu_s_per_s"]), "device live"))
+    rows.extend(report_daemon_rows(res["daemon"], res["params"]["fio_time"]))
     m = res["machine"]
     head = f"machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}, {m['uml']}\n"
     return head + table(rows) + f"\nelapsed {res['elapsed_s']:.0f} s"
