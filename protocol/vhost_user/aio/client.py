@@ -5,6 +5,10 @@ no reordering). Every await on the back-end is bounded by a named timeout; a tim
 protocol/transport error breaks the connection for good (sticky), and every later call fails
 at once with the original cause (rust-vmm ``FrontendInternal.error``).
 
+A slow back-end is told from a dead one: a reply later than ``slow_after`` gets one warning line
+and is still waited for, up to ``timeout``; a peer that closes or resets its socket fails the
+request in flight as soon as the socket says so.
+
 It owns no guest memory: callers hand it fds and addresses. Fds passed in stay the caller's;
 fds returned (GET_INFLIGHT_FD) become the caller's. Every other fd the back-end sends is
 closed here.
@@ -49,7 +53,8 @@ __all__ = [
     "InflightFd",
     "BackendRequestHandler",
     "REQUEST_TIMEOUT",
-    "GET_VRING_BASE_TIMEOUT",
+    "SLOW_REPLY_AFTER",
+    "MEM_TABLE_TIMEOUT",
     "DEFAULT_PROTOCOL_FEATURES",
     "BACKEND_REQUEST_BURST",
     "BACKEND_REQUEST_RATE",
@@ -58,16 +63,22 @@ __all__ = [
 
 log = logging.getLogger("vhost_user.aio.client")
 
-# How long the back-end may take to answer one request. Back-ends answer control messages
-# immediately (QEMU trace: < 1 ms); 5 s leaves room for a loaded 2-core host.
-REQUEST_TIMEOUT = 5.0
-# GET_VRING_BASE stops the ring and waits for in-flight requests to finish (libvhost-user,
-# qemu-storage-daemon drain their I/O first), so give it longer.
-GET_VRING_BASE_TIMEOUT = 30.0
+# How long the back-end may take to answer one request before the request fails (PeerTimeout) and
+# the connection with it. Back-ends answer control messages at once (QEMU trace: < 1 ms), but on a
+# loaded dom0 (real Xen under emulation at a load of 10 and more, tests/xenlab/README.md) a live
+# back-end has taken several seconds, and GET_VRING_BASE waits for the back-end to drain its I/O
+# (libvhost-user, qemu-storage-daemon). A dead back-end is not waited for: its socket's EOF or
+# ECONNRESET fails the request at once. A caller whose wait must stay short (a stop) lowers
+# :attr:`AsyncFrontend.timeout`.
+REQUEST_TIMEOUT = 60.0
+# A reply later than this gets one warning line (the request, the peer, how long it is still
+# waited for): a slow back-end is visible long before it is given up on.
+SLOW_REPLY_AFTER = 5.0
 # SET_MEM_TABLE / ADD_MEM_REG: the back-end maps the regions before it answers, which for a Xen
 # back-end is a foreign mapping of every guest page: seconds for a large guest on a loaded host, and
 # more than 30 s for 128 MiB under emulation (tests/xenlab under TCG beside two CPU hogs). QEMU waits
 # for this reply without a bound; a front-end that gives up leaves the guest a device it cannot use.
+# (At least this: a larger ``timeout`` applies to them too.)
 MEM_TABLE_TIMEOUT = 120.0
 # What a back-end may send on its request channel before it counts as flooding it (and is
 # disconnected): a burst of BACKEND_REQUEST_BURST requests, then BACKEND_REQUEST_RATE a second. A
@@ -152,6 +163,12 @@ class AsyncFrontend:
     an :class:`FdSocket` (e.g. a socketpair in tests). Use it as an async context manager or
     call :meth:`close`.
 
+    ``timeout``: how long one reply may take (SET_MEM_TABLE and ADD_MEM_REG: MEM_TABLE_TIMEOUT at
+    least); later, the request fails with :class:`PeerTimeout`. The attribute may be lowered at
+    any time, e.g. before a stop that must stay bounded. ``slow_after``: a reply not there by then
+    gets one warning line (none if ``timeout`` comes first). A peer that closes or resets the
+    socket fails the request in flight at once (:class:`Disconnected`).
+
     ``on_lost(exc)`` is called once when the connection breaks (peer hangs up while idle, a
     protocol error, a timeout, a back-end flooding its request channel beyond ``backend_burst``
     requests at once or ``backend_rate`` a second: :class:`ChannelFlood`), so a supervisor can
@@ -163,6 +180,7 @@ class AsyncFrontend:
         sock: FdSocket,
         *,
         timeout: float = REQUEST_TIMEOUT,
+        slow_after: float = SLOW_REPLY_AFTER,
         ack_all: bool = True,
         on_lost: Callable[[VhostUserError], None] | None = None,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
@@ -172,6 +190,7 @@ class AsyncFrontend:
         self.sock = sock
         self.conn = FrontendConnection(ack_all=ack_all)
         self.timeout = timeout
+        self.slow_after = slow_after
         self.on_lost = on_lost
         self.log = logger or log
         self.error: VhostUserError | None = None
@@ -256,13 +275,34 @@ class AsyncFrontend:
         (:meth:`FdSocket.peer_credentials`): whom to trust is the caller's policy."""
         return self.sock.peer_credentials()
 
+    def describe_peer(self) -> str:
+        """The back-end for a log line: its pid (SO_PEERCRED) and the socket's path, as far as
+        they are known (a socketpair has no path)."""
+        parts = []
+        with contextlib.suppress(OSError, VhostUserError):
+            parts.append(f"back-end pid {self.peer_credentials()[0]}")
+        with contextlib.suppress(OSError):
+            # client mode: the back-end's path; server mode: our listener's, which it connected to
+            path = self.sock.sock.getpeername() or self.sock.sock.getsockname()
+            if path:
+                parts.append(os.fsdecode(path) if isinstance(path, bytes) else str(path))
+        return ", ".join(parts) or "back-end unknown"
+
+    def _slow_reply(self, name: object, limit: float) -> None:
+        self.log.warning("back-end slow: %s unanswered after %.1f s, waiting up to %g s (%s)",
+                         name, self.slow_after, limit, self.describe_peer())
+
     def has_protocol_feature(self, feature: ProtocolFeatures) -> bool:
         return self.conn.has_protocol_feature(feature)
 
-    def _break(self, exc: VhostUserError) -> None:
+    def _break(self, exc: VhostUserError, *, raised: bool = False) -> None:
+        """The connection is unusable from now on. Logged as a warning only when nobody else hears
+        of it: ``raised`` to the caller of a request, or told to ``on_lost``, it is theirs to report
+        (one line per event)."""
         if self.error is None:
             self.error = exc
-            self.log.warning("vhost-user connection lost: %s", exc)
+            told = raised or self.on_lost is not None
+            self.log.log(logging.DEBUG if told else logging.WARNING, "vhost-user connection lost: %s", exc)
             self.lost.set()
             if self.on_lost is not None:
                 self.on_lost(exc)
@@ -304,13 +344,20 @@ class AsyncFrontend:
         try:
             out = make()  # precondition errors surface here; the connection stays usable
             request = self.conn.pending.request if self.conn.pending else None
+            name = getattr(request, "name", request)
+            slow = None
+            if request is not None and self.slow_after < limit:
+                slow = asyncio.get_running_loop().call_later(self.slow_after, self._slow_reply, name, limit)
             try:
                 async with asyncio.timeout(limit):
                     await self.sock.send(out.data, out.fds)
                     if self.conn.pending is None:
                         return None
                     while True:
-                        data, fds = await self.sock.recv(max(1, self.conn.bytes_needed))
+                        try:
+                            data, fds = await self.sock.recv(max(1, self.conn.bytes_needed))
+                        except Disconnected as exc:  # e.g. ECONNRESET: the back-end died with our request unread
+                            raise Disconnected(f"{exc} awaiting {name}") from exc
                         if not data:
                             partial = self.conn.mid_message
                             have, need = self.conn.buffered, self.conn.buffered + self.conn.bytes_needed
@@ -319,7 +366,7 @@ class AsyncFrontend:
                                 raise self.error
                             if partial:
                                 raise PartialMessage(have, need)
-                            raise Disconnected(f"back-end closed the connection awaiting {request!s}")
+                            raise Disconnected(f"back-end closed the connection awaiting {name}")
                         try:
                             events = self.conn.receive(data, fds)
                         except VhostUserError:
@@ -330,18 +377,21 @@ class AsyncFrontend:
                             assert isinstance(event, (Reply, Ack))
                             return event
             except TimeoutError as exc:
-                err: VhostUserError = PeerTimeout(f"{getattr(request, 'name', request)}", limit)
+                err: VhostUserError = PeerTimeout(f"{name}", limit)
                 close_fds(self.conn.take_unclaimed_fds())
-                self._break(err)
+                self._break(err, raised=True)
                 raise err from exc
             except VhostUserError as exc:
                 close_fds(self.conn.take_unclaimed_fds())
                 cause = self.error  # the connection broke meanwhile (e.g. a flooded back-end channel)
                 if self.conn.error is not None or not isinstance(exc, LocalProtocolError):
-                    self._break(exc)
+                    self._break(exc, raised=True)
                 if cause is not None and cause is not exc:
                     raise cause from exc
                 raise
+            finally:
+                if slow is not None:
+                    slow.cancel()
         finally:
             self._busy = False
             self._start_watch()
@@ -537,7 +587,7 @@ class AsyncFrontend:
 
     async def get_vring_base(self, index: int) -> int:
         """GET_VRING_BASE: stops the ring and returns the back-end's next avail index."""
-        reply = await self._call(lambda: self.conn.get_vring_base(index), timeout=max(self.timeout, GET_VRING_BASE_TIMEOUT))
+        reply = await self._call(lambda: self.conn.get_vring_base(index), )
         assert reply is not None
         return int(reply.payload.num)
 
