@@ -24,7 +24,6 @@ back-end's call eventfd (add_reader) → InterruptStatus + interrupt line.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import re
@@ -45,7 +44,7 @@ from vhost_user import (
     RequestReceived,
     VhostUserError,
 )
-from vhost_user.aio import DEFAULT_PROTOCOL_FEATURES, cancel_and_wait
+from vhost_user.aio import DEFAULT_PROTOCOL_FEATURES, REQUEST_TIMEOUT, cancel_and_wait
 
 from . import devtypes
 from .config import DeviceConfig
@@ -87,8 +86,16 @@ RECONNECT_BACKOFF_MAX = 1.0
 # may still hold the device (it fails at once: its connection is gone) before the release waits no more.
 RELEASE_WAIT = 1.0
 # A back-end may answer each request just inside the request timeout: the whole negotiation of a
-# connection is bounded too (then TimeoutError, an OSError: the device waits and tries again).
-NEGOTIATION_TIMEOUT = 15.0
+# connection is bounded too (then TimeoutError, an OSError: the device waits and tries again). As
+# long as one answer may take: a back-end slow on a loaded dom0 is waited for (the library logs it
+# after SLOW_REPLY_AFTER), a dead one fails the negotiation at once (its socket's EOF or ECONNRESET).
+# The same bound for a connection kept from the previous process (fdstore.py): GET_FEATURES and
+# stopping the rings it left running.
+NEGOTIATION_TIMEOUT = REQUEST_TIMEOUT
+# While the device stops (close: removal, the daemon stopped; suspend: a handover), each back-end
+# reply is waited for this long at most, so that a stop stays bounded: the back-end that has not
+# answered by then is dropped.
+STOP_REPLY_TIMEOUT = 5.0
 # Seconds the driver's reset write waits for the back-end's rings to stop. One that behaves stops in
 # milliseconds, and waiting for it keeps a driver that frees its rings after the reset from racing
 # a back-end that maps guest RAM (zero copy); a vCPU held longer looks like a lockup to the guest.
@@ -103,9 +110,6 @@ START_WAIT = 1.0
 # Above MEM_TABLE_TIMEOUT: a Linux guest does not recover a device from NEEDS_RESET by itself, so a
 # slow back-end is waited for rather than failed.
 START_TIMEOUT = 180.0
-# A connection kept from the previous process (fdstore.py) answers GET_FEATURES and stops its rings
-# within this, or is given up for a fresh one.
-KEPT_TIMEOUT = 5.0
 # At a handover, how long a back-end may take, after GET_VRING_BASE, to complete what it took from a
 # shadow ring (the spec's "suspended" back-end has: a conforming one drains before it answers); one
 # that has not by then gets its connection closed rather than completions into the next image's rings.
@@ -608,7 +612,7 @@ class Device:
                                      backend_handler=self._backend_request)
             fe.log = self.log
             bases: dict[int, int] = {}
-            async with asyncio.timeout(KEPT_TIMEOUT):
+            async with asyncio.timeout(NEGOTIATION_TIMEOUT):
                 features = await fe.get_features()
                 if features != meta.features:
                     raise ValueError(f"the back-end offers features {features:#x}, {meta.features:#x} were "
@@ -783,8 +787,9 @@ class Device:
     async def close(self, stop_timeout: float | None = None) -> None:
         """Stop the back-end's rings (if running) and release everything. Idempotent. Guest
         accesses still waiting for the back-end are answered as if no device were there. A
-        back-end that has not stopped within ``stop_timeout`` s is dropped (its connection
-        closed) and the device released all the same."""
+        back-end that has not stopped within ``stop_timeout`` s, or leaves one request unanswered
+        for STOP_REPLY_TIMEOUT, is dropped (its connection closed) and the device released all
+        the same."""
         self._closing = True
         self._open_gate()
         await cancel_and_wait(self._starting)
@@ -793,8 +798,11 @@ class Device:
         try:
             async with asyncio.timeout(stop_timeout), self._lock:
                 if self.frontend is not None and not self.frontend.broken:
-                    with contextlib.suppress(VhostUserError):
+                    self.frontend.timeout = min(self.frontend.timeout, STOP_REPLY_TIMEOUT)
+                    try:
                         await self._stop_backend()
+                    except VhostUserError as e:
+                        self.log.warning("back-end did not stop (%s): dropping its connection", e)
         except TimeoutError:
             self.log.warning("back-end did not stop within %g s: dropping its connection", stop_timeout)
         if self.frontend is not None:
@@ -832,7 +840,8 @@ class Device:
         in-flight record (a file) still holds the chains in flight, which the next image takes
         again; a zero-copy ring restarts where the back-end stopped it (the session record keeps
         GET_VRING_BASE's answers), so what the back-end took is not submitted twice; the rest
-        goes with this image."""
+        goes with this image. Each of the back-end's replies is waited for STOP_REPLY_TIMEOUT at
+        most (then its connection is closed and the next image connects afresh)."""
         self._closing = True
         await self._settle()
         await cancel_and_wait(self._reconnecting)
@@ -842,6 +851,7 @@ class Device:
             stopped = fe is not None and not fe.broken
             bases: dict[int, int] = {}
             if fe is not None and stopped:
+                fe.timeout = min(fe.timeout, STOP_REPLY_TIMEOUT)
                 try:
                     # Last queue first: what a back-end takes from a queue it may put on a lower
                     # one (net and vsock: transmitq 2n+1 feeds receiveq 2n on a looped port or a

@@ -41,7 +41,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from vhost_user import AsyncFrontend, FdSocket, FrontendRequest, RequestReceived, VhostUserError
-from vhost_user.aio import BackendServer, client
+from vhost_user.aio import BackendServer
 from vhost_user.testing import RamDiskBlk, connected_pair
 from xen_vhost_master import device as device_module
 from xen_vhost_master.config import DeviceConfig
@@ -64,7 +64,7 @@ LINES_PER_EXAMPLE = 200  # every kind of line is rate-limited (RateLimit: 10 per
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ACCESS_BOUND = 15.0  # a guest access not answered by then is a held vCPU: a failure, not a timing figure
 EXAMPLE_BOUND = 120.0  # seconds an example may take in all (its accesses are bounded one by one)
-REQUEST_TIMEOUT = 0.3  # the attacked front-end's per-request timeout (the daemon's is 5 s)
+REQUEST_TIMEOUT = 0.3  # the attacked front-end's per-request timeout (the daemon's is 60 s)
 NEED_REPLY, REPLY, VERSION = 0x8, 0x4, 0x1
 
 FIGURES: dict[str, Any] = {"examples": 0, "messages_tried": 0, "storm_messages": 0, "requests_seen": 0,
@@ -299,12 +299,9 @@ def serve_plans() -> None:
     """The attacked process: one plan (JSON) per line of stdin, one verdict (JSON) per line of
     stdout. A process of its own, so that its RSS is the daemon's code under attack, not the
     fuzzer's (hypothesis keeps what it generated)."""
-    # a stalled GET_VRING_BASE is given up on as quickly as any request (the daemon allows 30 s:
-    # the back-end may drain its I/O first). The guest's reset no longer waits for it
-    # (RESET_WAIT), but close() does; the reset's own bound is shortened alike. (SET_MEM_TABLE
-    # keeps its 30 s: the guest's DRIVER_OK write waits START_WAIT for it at most, and its reset
-    # cuts a reconnect's start of the rings, which the writes made meanwhile wait for.)
-    client.GET_VRING_BASE_TIMEOUT = REQUEST_TIMEOUT
+    # the reset's own bound is shortened like the attacked front-end's timeout. (SET_MEM_TABLE keeps
+    # its MEM_TABLE_TIMEOUT: the guest's DRIVER_OK write waits START_WAIT for it at most, and its
+    # reset cuts a reconnect's start of the rings, which the writes made meanwhile wait for.)
     device_module.RESET_STOP_TIMEOUT = 1.0
     handler = _Count()
     root = logging.getLogger()

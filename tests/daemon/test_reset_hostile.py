@@ -21,7 +21,7 @@ from tests.daemon.backends import serve_pair
 from tests.daemon.mmio_driver import bring_up, read, write
 from tests.daemon.test_faults import RAM_BASE, RAM_SIZE, ram_memfd  # noqa: F401  (fixture)
 from vhost_user import AsyncFrontend, FdSocket, FrontendRequest, RequestReceived
-from vhost_user.aio import BackendServer
+from vhost_user.aio import REQUEST_TIMEOUT, BackendServer
 from vhost_user.testing import RamDiskBlk, connected_pair
 from vhost_user.virtqueue import FlatMemory, split_ring_layout
 from xen_vhost_master import device as device_module
@@ -104,7 +104,7 @@ async def test_reset_is_answered_while_the_backend_hangs_or_drops_and_the_next_b
             reset.add_done_callback(lambda _: order.append("reset answered"))
             await bad.asked.wait()
             # the back-end holds GET_VRING_BASE for as long as the test likes; the guest's write
-            # must be answered meanwhile (the front-end's own GET_VRING_BASE timeout is 30 s)
+            # must be answered meanwhile (the front-end's own timeout is the library's REQUEST_TIMEOUT, 60 s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(reset), TIMEOUT / 2)
             order.append("back-end released")
@@ -123,6 +123,43 @@ async def test_reset_is_answered_while_the_backend_hangs_or_drops_and_the_next_b
             assert daemon and all(r.getMessage().startswith(PREFIX) for r in daemon), [r.getMessage() for r in daemon]
         finally:
             await device.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["close", "suspend"])
+async def test_a_stop_waits_a_short_bound_for_each_reply_not_the_request_timeout(
+        no_fd_leak, ram_memfd, monkeypatch, caplog, how):
+    """The device removed (close, no overall bound given) or handed over (suspend) while its back-end
+    holds GET_VRING_BASE: the stop gives that reply STOP_REPLY_TIMEOUT (injected short), not the
+    minute a running device gives a slow back-end, then drops the connection in one line."""
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(device_module, "STOP_REPLY_TIMEOUT", 0.2)
+    async with asyncio.timeout(TIMEOUT), backends("hang") as (connect, servers):
+        device = Device(DeviceConfig(devid=0, device_id=2, base=0x2000000, irq=33, queue_size=64, num_queues=1),
+                        connect=connect,  # type: ignore[arg-type]
+                        memory=FdExport([FdRegion(RAM_BASE, RAM_SIZE, ram_memfd)]), set_irq=lambda level: None,
+                        log=device_logger("xvm.test.reset", 1, "blk0"))
+        try:
+            await device.start()
+            await bring_up(device, RINGS, 64)
+            fe = device.frontend
+            assert fe is not None and fe.timeout == REQUEST_TIMEOUT
+            if how == "close":
+                await device.close()
+            else:
+                assert await device.suspend() == []  # nothing kept: the next image connects afresh
+            bad = servers[0]
+            assert isinstance(bad, MisbehavingServer) and bad.asked.is_set() and not bad.release.is_set()
+            assert fe.broken and fe.sock.closed
+        finally:
+            await device.close()
+    said = [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.WARNING and not r.name.startswith("vhost_user.aio.server")]
+    expected = {"close": PREFIX + "back-end did not stop (peer did not answer GET_VRING_BASE within 0.2 s): "
+                                  "dropping its connection",
+                "suspend": PREFIX + "handover: stopping the back-end's rings: peer did not answer GET_VRING_BASE "
+                                    "within 0.2 s"}
+    assert said == [expected[how]], said
 
 
 # --- a guest cycling reset → set-up → corrupt chain (the shadow path stops the queue) ------------

@@ -5,9 +5,12 @@ that fails puts the device in DEVICE_NEEDS_RESET and drops the back-end, and the
 on a new connection. The driver's reset made while a reconnect's resume hangs there is answered
 alike: the resume is abandoned and the next bring-up finds a new back-end.
 
-No simulator: the back-end is the library's RamDiskBlk over a socketpair, its SET_MEM_TABLE handling
-replaced by the misbehaviour under test; guest RAM is a memfd (zero copy) or a bytearray behind the
-shadow path.
+A back-end slow to answer at the daemon's start is waited for (one warning line) and the device
+comes up; one that dies while it negotiates costs one line and the device is tried again.
+
+The back-end is the library's RamDiskBlk over a socketpair, its handling of one request replaced by
+the misbehaviour under test; guest RAM is a memfd (zero copy) or a bytearray behind the shadow path.
+The start tests run the daemon over the simulated host (tests/daemon/test_waiting_backend.py).
 """
 
 from __future__ import annotations
@@ -22,18 +25,21 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
-from tests.daemon.backends import StandInBackends
+from tests.daemon.backends import STOP_BOUND, StandInBackends
+from tests.daemon.test_waiting_backend import DOMID, Backend, guest_domain, running
 from vhost_user import AsyncFrontend, FdSocket, FrontendRequest, RequestReceived
-from vhost_user.aio import BackendServer
+from vhost_user.aio import REQUEST_TIMEOUT, BackendServer
 from vhost_user.testing import RamDiskBlk
 from vhost_user.virtqueue import FlatMemory, SplitQueueDriver
 from xen_vhost_master import device as device_module
+from xen_vhost_master import supervisor
 from xen_vhost_master.config import DeviceConfig
 from xen_vhost_master.datapath.base import DataPath
 from xen_vhost_master.datapath.shadow import ShadowDataPath
 from xen_vhost_master.datapath.zerocopy import FdExport, FdRegion
 from xen_vhost_master.device import Device
 from xen_vhost_master.log import device_logger
+from xen_vhost_master.supervisor import Options
 from xen_vhost_master.virtio_mmio import Reg, Status
 
 TIMEOUT = 30.0
@@ -46,24 +52,26 @@ DRIVER_OK = int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status
 
 
 class HangingServer(BackendServer):
-    """A back-end that holds SET_MEM_TABLE until ``release`` is set, then answers it (``mode``
-    "answer"), closes its socket ("close"), or keeps holding it ("forever")."""
+    """A back-end that holds ``held`` (SET_MEM_TABLE) until ``release`` is set, then answers it
+    (``mode`` "answer"), closes its socket ("close"), or keeps holding it ("forever")."""
 
-    def __init__(self, *args: object, mode: str, **kwargs: object) -> None:
+    def __init__(self, *args: object, mode: str, held: FrontendRequest = FrontendRequest.SET_MEM_TABLE,
+                 **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.mode = mode
+        self.held = held
         self.asked = asyncio.Event()
         self.release = asyncio.Event()
 
     async def _dispatch(self, event: RequestReceived) -> None:
-        if event.request == FrontendRequest.SET_MEM_TABLE and not self.asked.is_set():
+        if event.request == self.held and not self.asked.is_set():
             self.asked.set()
             await self.release.wait()
             if self.mode != "answer":
                 for fd in event.fds:
                     os.close(fd)
                 self.sock.close()
-                raise ConnectionError("closed at SET_MEM_TABLE")
+                raise ConnectionError(f"closed at {event.request.name}")
         await super()._dispatch(event)
 
 
@@ -417,3 +425,120 @@ async def test_reset_while_a_reconnect_resume_hangs_is_answered_and_the_next_bri
             guest.queue_write(1)
             await guest.w(Reg.QUEUE_NOTIFY, 0)
             assert await guest.completions(1) == [1] and guest.status_byte(1) == b"\x00"
+
+
+# --- the daemon's start: a slow back-end against a dead one (issue #19) ------------------------------
+
+
+class FirstBackend:
+    """The daemon's connect() (``supervisor._connect_once``): the first connection reaches a
+    HangingServer holding ``held`` (``mode``) over a socketpair, the next ones the real back-end at
+    the device's socket."""
+
+    def __init__(self, held: FrontendRequest, mode: str, **frontend_kwargs: float) -> None:
+        self.server = HangingServer(RamDiskBlk(1 << 20), None, mode=mode, held=held)  # type: ignore[arg-type]
+        self.frontend_kwargs = frontend_kwargs
+        self.tries = 0
+        self.task: asyncio.Task[None] | None = None
+        self.real = supervisor._connect_once
+
+    async def connect(self, path: str) -> AsyncFrontend:
+        self.tries += 1
+        if self.task is not None:
+            return await self.real(path)
+        a, b = FdSocket.pair()
+        try:
+            fe = AsyncFrontend(a, **self.frontend_kwargs)
+        except BaseException:
+            a.close()
+            b.close()
+            raise
+        self.server.sock = b
+        self.task = asyncio.get_running_loop().create_task(self.server.run())
+        return fe
+
+    async def close(self) -> None:
+        self.server.release.set()
+        if self.task is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STOP_BOUND):  # it sees the daemon's end close
+                    await asyncio.gather(self.task, return_exceptions=True)
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+            self.server.close()
+
+
+class ReleaseOnLine(logging.Handler):
+    """Sets ``event`` at the first log line that starts with ``text`` (after the device prefix)."""
+
+    def __init__(self, text: str, event: asyncio.Event) -> None:
+        super().__init__(logging.DEBUG)
+        self.text = text
+        self.event = event
+        self._loop = asyncio.get_running_loop()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().split(": ", 1)[-1].startswith(self.text):
+            self._loop.call_soon_threadsafe(self.event.set)  # (the simulated host logs from its thread)
+
+
+def daemon_lines(caplog: pytest.LogCaptureFixture, level: int = logging.WARNING) -> list[logging.LogRecord]:
+    """What the daemon logged at ``level`` and above (the stand-in back-end's own lines left out)."""
+    return [r for r in caplog.records if r.levelno >= level and not r.name.startswith("vhost_user.aio.server")]
+
+
+@pytest.mark.asyncio
+async def test_a_backend_slow_to_answer_at_the_start_is_waited_for_and_the_device_comes_up(
+        no_fd_leak, platform, sim_host, sim_control, sim_dir, monkeypatch, caplog):
+    """The back-end holds GET_FEATURES until the daemon has logged that it is slow (``slow_after``
+    injected short): one warning line naming the request and the back-end, then the device serves
+    on that first connection. The daemon waits for a slow negotiation as long as for any answer."""
+    assert device_module.NEGOTIATION_TIMEOUT == REQUEST_TIMEOUT == 60.0
+    caplog.set_level(logging.INFO)
+    guest_domain(sim_control)
+    first = FirstBackend(FrontendRequest.GET_FEATURES, "answer", slow_after=0.01)
+    monkeypatch.setattr(supervisor, "_connect_once", first.connect)
+    released = ReleaseOnLine("back-end slow: GET_FEATURES", first.server.release)
+    logging.getLogger("xen_vhost_master").addHandler(released)
+    try:
+        async with asyncio.timeout(TIMEOUT), \
+                running(platform, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"))) as daemon:
+            await daemon.notes.status_says(f"dom{DOMID}: 1 device(s) serving, 0 waiting")
+            d = daemon.device(0)
+            assert d["backend"] == "connected" and d["attempts"] == 1 and first.tries == 1
+    finally:
+        logging.getLogger("xen_vhost_master").removeHandler(released)
+        await first.close()
+    slow = [r.getMessage() for r in daemon_lines(caplog) if "slow" in r.getMessage()]
+    assert len(slow) == 1, slow
+    assert slow[0].startswith(f"dom{DOMID}/0: back-end slow: GET_FEATURES unanswered after 0.0 s, waiting up to "
+                              f"{REQUEST_TIMEOUT:g} s (back-end pid {os.getpid()}"), slow
+    assert not daemon_lines(caplog, logging.ERROR)
+
+
+@pytest.mark.asyncio
+async def test_a_backend_that_dies_mid_negotiation_costs_one_line_and_is_tried_again(
+        no_fd_leak, platform, sim_host, sim_control, sim_dir, monkeypatch, caplog):
+    """The back-end closes its socket at GET_PROTOCOL_FEATURES: the daemon notices at once (well
+    inside the 60 s a slow answer is given: the test's bound is 20 s), says so in one line without a
+    traceback, and tries again (the waiting device's backoff): the second connection serves."""
+    caplog.set_level(logging.INFO)
+    guest_domain(sim_control)
+    backend = Backend(os.path.join(sim_dir, "0.sock"))
+    await backend.start()
+    first = FirstBackend(FrontendRequest.GET_PROTOCOL_FEATURES, "close")
+    first.server.release.set()  # it closes as soon as the request arrives
+    monkeypatch.setattr(supervisor, "_connect_once", first.connect)
+    try:
+        async with asyncio.timeout(TIMEOUT), \
+                running(platform, Options(domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"))) as daemon:
+            await daemon.notes.status_says(f"dom{DOMID}: 1 device(s) serving, 0 waiting")
+            d = daemon.device(0)
+            assert d["backend"] == "connected" and d["attempts"] == 2 and first.tries == 2
+    finally:
+        await first.close()
+        await backend.stop()
+    about = [r for r in daemon_lines(caplog) if "GET_PROTOCOL_FEATURES" in r.getMessage()]
+    assert len(about) == 1, [r.getMessage() for r in about]
+    assert about[0].exc_info is None and "\n" not in about[0].getMessage()
+    assert "back-end closed the connection awaiting GET_PROTOCOL_FEATURES" in about[0].getMessage()
