@@ -65,8 +65,8 @@ log = logging.getLogger("vhost_user.aio.client")
 
 # How long the back-end may take to answer one request before the request fails (PeerTimeout) and
 # the connection with it. Back-ends answer control messages at once (QEMU trace: < 1 ms), but on a
-# loaded dom0 (real Xen under emulation at a load of 10 and more, tests/xenlab/README.md) a live
-# back-end has taken several seconds, and GET_VRING_BASE waits for the back-end to drain its I/O
+# loaded dom0 (the real-Xen lab under emulation runs at loads of 10 and more, tests/xenlab/README.md)
+# a live back-end may take several seconds, and GET_VRING_BASE waits for the back-end to drain its I/O
 # (libvhost-user, qemu-storage-daemon). A dead back-end is not waited for: its socket's EOF or
 # ECONNRESET fails the request at once. A caller whose wait must stay short (a stop) lowers
 # :attr:`AsyncFrontend.timeout`.
@@ -587,7 +587,7 @@ class AsyncFrontend:
 
     async def get_vring_base(self, index: int) -> int:
         """GET_VRING_BASE: stops the ring and returns the back-end's next avail index."""
-        reply = await self._call(lambda: self.conn.get_vring_base(index), )
+        reply = await self._call(lambda: self.conn.get_vring_base(index))
         assert reply is not None
         return int(reply.payload.num)
 
