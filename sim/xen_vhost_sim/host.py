@@ -12,11 +12,14 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xen_vhost_sim.guest import SimControl
 from xen_vhost_sim.hypervisor import Hypervisor
 from xen_vhost_sim.server import SimServer
+
+if TYPE_CHECKING:
+    from xen_vhost_sim.xenstored import SimXenstored
 
 __all__ = ["SimHost", "serve"]
 
@@ -76,6 +79,7 @@ class SimHost:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.hv: Hypervisor | None = None
+        self._server: SimServer | None = None
 
     def start(self) -> SimHost:
         self._thread = threading.Thread(target=self._run, name="xen-sim-host", daemon=True)
@@ -90,8 +94,9 @@ class SimHost:
         loop = asyncio.new_event_loop()
         self._loop = loop
 
-        def started(hv: Hypervisor, _server: SimServer) -> None:
+        def started(hv: Hypervisor, server: SimServer) -> None:
             self.hv = hv
+            self._server = server
             self._ready.set()
 
         async def main() -> None:
@@ -116,6 +121,15 @@ class SimHost:
 
     def control(self) -> SimControl:
         return SimControl(self.path)
+
+    @property
+    def xenstored(self) -> SimXenstored | None:
+        """The host's simulated xenstored (None without one), for a test to look at what it was
+        asked (:attr:`SimXenstored.seen`)."""
+        from xen_vhost_sim.toolstack import XenstoreToolstack  # noqa: PLC0415  (optional, as in _toolstack)
+
+        toolstack = self._server.toolstack if self._server is not None else None
+        return toolstack.xenstored if isinstance(toolstack, XenstoreToolstack) else None
 
     def __enter__(self) -> SimHost:
         return self.start()

@@ -22,6 +22,7 @@ import itertools
 import logging
 import os
 import socket
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -47,7 +48,7 @@ from xen_vhost_master.xen.xenstore_wire import (
     encode_message,
 )
 
-__all__ = ["SimXenstored", "XenstoreQuota"]
+__all__ = ["SimXenstored", "XenstoreQuota", "XsSeen"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +56,27 @@ _ERRNO_NAMES = {num: name for name, num in XSD_ERRORS.items()}
 _OK = b"OK\0"
 # Bytes a connection may have queued for sending before it is dropped (a client that never reads).
 _MAX_OUTPUT = 4 * 1024 * 1024
+# Entries kept in SimXenstored.seen (the oldest are dropped): enough for a test's window of a
+# few hundred, bounded for a long-running ``xen-vhost-sim`` process.
+SEEN_MAX = 4096
 
 
 def _error_name(err: int | None) -> str:
     return _ERRNO_NAMES.get(err or errno.EIO, "EIO")
+
+
+@dataclass(frozen=True)
+class XsSeen:
+    """One request as xenstored took it off a connection, or one node the host's in-process API
+    changed (``conn`` 0: the simulated toolstack's writes, as a WRITE of the node's new value, or an
+    RM); sim-only, what a test counts."""
+
+    conn: int  # the connection's serial number, from 1 in the order they were opened; 0: the host
+    domid: int
+    type: int  # an XsType (or whatever number the client sent)
+    tx_id: int
+    path: str  # the first argument ("" if there is none; undecodable bytes replaced)
+    value: bytes = b""  # a WRITE's value
 
 
 @dataclass(frozen=True)
@@ -75,6 +93,7 @@ class _Conn:
         self.server = server
         self.sock = sock
         self.domid = domid
+        self.serial = next(server._serials)
         self.framer = XsFramer()
         self.out = bytearray()
         self.writing = False
@@ -197,6 +216,11 @@ class SimXenstored:
         self._conns: set[_Conn] = set()
         self._listeners: list[tuple[socket.socket, str]] = []
         self._tx_ids = itertools.count(1)
+        self._serials = itertools.count(1)
+        #: every request taken and every node the in-process API changed, oldest first (at most
+        #: SEEN_MAX): appended on the host's thread, read by tests from theirs (a deque's append
+        #: and copy are each atomic)
+        self.seen: deque[XsSeen] = deque(maxlen=SEEN_MAX)
         self._handlers: dict[int, Callable[[_Conn, XsMessage], bytes | None]] = {
             XsType.READ: self._do_read,
             XsType.WRITE: self._do_write,
@@ -291,6 +315,9 @@ class SimXenstored:
     # ---- dispatch ------------------------------------------------------------------------------
 
     def _handle(self, conn: _Conn, msg: XsMessage) -> None:
+        path, _, rest = msg.payload.partition(b"\0")
+        self.seen.append(XsSeen(conn.serial, conn.domid, msg.type, msg.tx_id, path.decode("utf-8", "replace"),
+                                rest if msg.type == XsType.WRITE else b""))
         handler = self._handlers.get(msg.type)
         try:
             if handler is None:
@@ -496,28 +523,39 @@ class SimXenstored:
     def write(self, path: str, value: bytes | str, *, domid: int = 0) -> None:
         acc = self.store.access(domid)
         acc.write(path, value.encode() if isinstance(value, str) else bytes(value))
-        self._fire(acc.changes)
+        self._host_fire(acc.changes, domid)
 
     def mkdir(self, path: str, *, domid: int = 0) -> None:
         acc = self.store.access(domid)
         acc.mkdir(path)
-        self._fire(acc.changes)
+        self._host_fire(acc.changes, domid)
 
     def rm(self, path: str, *, domid: int = 0) -> None:
         acc = self.store.access(domid)
         acc.rm(path)
-        self._fire(acc.changes)
+        self._host_fire(acc.changes, domid)
 
     def set_perms(self, path: str, perms: Iterable[XsPerm], *, domid: int = 0) -> None:
         acc = self.store.access(domid)
         acc.set_perms(path, list(perms))
-        self._fire(acc.changes)
+        self._host_fire(acc.changes, domid)
 
     def atomically(self, body: Callable[[NodeAccess], None], *, domid: int = 0) -> None:
         """Run ``body`` against a transaction as ``domid`` and commit it: watches fire once, after."""
         tx = self.store.begin(0, domid)
         body(self.store.access(domid, tx))
-        self._fire(self.store.commit(tx))
+        self._host_fire(self.store.commit(tx), domid)
+
+    def _host_fire(self, changes: Iterable[Change], domid: int) -> None:
+        """The in-process API's changes: recorded in :attr:`seen` (``conn`` 0), then fired."""
+        changes = list(changes)
+        for change in changes:
+            node = self.store.nodes.get(change.path)
+            if change.recursive or node is None:
+                self.seen.append(XsSeen(0, domid, XsType.RM, 0, change.path))
+            else:
+                self.seen.append(XsSeen(0, domid, XsType.WRITE, 0, change.path, node.value))
+        self._fire(changes)
 
     def introduce_domain(self, domid: int) -> None:
         """The hypervisor side announces a domain: fires ``@introduceDomain``."""
