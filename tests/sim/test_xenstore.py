@@ -290,6 +290,52 @@ async def test_transaction_conflict_is_eagain_and_the_helper_retries(no_fd_leak:
 
 
 @pytest.mark.asyncio
+async def test_write_if_present_writes_into_a_directory_that_exists_and_never_recreates_one(
+        no_fd_leak: None, xenstored: SimXenstored) -> None:
+    """What the daemon's XenBus state write needs: libxl removes a device's directory once the
+    back-end answered Closed, and a plain write would create it again."""
+    c = await connect(xenstored)
+    try:
+        await c.write("/be/0/state", b"4")
+        async with await c.watch("/be", token="be") as w:
+            await w.get(WAIT)  # (the watch's first firing)
+
+            async def closed(tx: XsTransaction) -> bool:
+                return await tx.write_if_present("/be/0", "state", "6")
+
+            assert await c.transaction(closed) is True
+            assert await c.read("/be/0/state") == b"6"
+            assert (await w.get(WAIT)).path == "/be/0/state"
+            await c.rm("/be/0")
+            assert (await w.get(WAIT)).path == "/be/0"
+            assert await c.transaction(closed) is False  # aborted by write_if_present, not committed
+            assert not await c.exists("/be/0")
+            await sync(c)
+            assert w.pending() == 0  # nothing was written
+    finally:
+        await c.close()
+
+
+@pytest.mark.asyncio
+async def test_read_many_gives_none_for_missing_nodes_and_raises_other_errors(
+        no_fd_leak: None, xenstored: SimXenstored) -> None:
+    create_domain(xenstored, 5, "guest")
+    dom0, domu = await connect(xenstored, 0), await connect(xenstored, 5)
+    try:
+        await dom0.write("/local/domain/0/secret", b"s")
+        await dom0.write("/local/domain/5/data/a", b"1")
+        assert await dom0.read_many(["/local/domain/5/data/a", "/nowhere", "/local/domain/0/secret"]) == [
+            b"1", None, b"s"]
+        assert await dom0.read_many([]) == []
+        with pytest.raises(XenstorePermissionError):
+            await domu.read_many(["data/a", "/local/domain/0/secret"])
+        assert await domu.read_many(["data/a"]) == [b"1"]  # (the connection goes on)
+    finally:
+        await dom0.close()
+        await domu.close()
+
+
+@pytest.mark.asyncio
 async def test_special_domain_watches_and_release_drops_the_domain(no_fd_leak: None, xenstored: SimXenstored) -> None:
     dom0 = await connect(xenstored)
     try:
@@ -602,3 +648,34 @@ async def test_daemon_answers_malformed_requests_with_errnos_and_survives(no_fd_
         assert xenstored.connections() == 0
     finally:
         sock.close()
+
+
+@pytest.mark.asyncio
+async def test_read_many_and_write_if_present_send_their_requests_together(raw_peer: RawPeer, no_fd_leak: None) -> None:
+    """One round trip each: every request is out before the first reply comes."""
+    c = raw_peer.client()
+    try:
+        task = asyncio.create_task(c.read_many(["/a", "/b"]))
+        (_, ra, _, body_a), (_, rb, _, body_b) = await raw_peer.request(), await raw_peer.request()
+        assert (body_a, body_b) == (b"/a\0", b"/b\0")
+        raw_peer.send(XsType.ERROR, rb, b"ENOENT\0")
+        raw_peer.send(XsType.READ, ra, b"1")
+        assert await task == [b"1", None]
+
+        async def closed(tx: XsTransaction) -> bool:
+            return await tx.write_if_present("/be/0", "state", "6")
+
+        task2 = asyncio.create_task(c.transaction(closed))
+        t, req, _, _ = await raw_peer.request()
+        assert t == XsType.TRANSACTION_START
+        raw_peer.send(t, req, b"7\0")
+        (t1, r1, tx1, body1), (t2, r2, tx2, body2) = await raw_peer.request(), await raw_peer.request()
+        assert (t1, tx1, body1, t2, tx2, body2) == (XsType.READ, 7, b"/be/0\0", XsType.WRITE, 7, b"/be/0/state\x006")
+        raw_peer.send(XsType.ERROR, r1, b"ENOENT\0")  # the directory is gone ...
+        raw_peer.send(XsType.WRITE, r2, b"OK\0")  # ... and the write re-created it in the transaction:
+        t, req, tx, body = await raw_peer.request()
+        assert (t, tx, body) == (XsType.TRANSACTION_END, 7, b"F\0")  # aborted
+        raw_peer.send(t, req, b"OK\0")
+        assert await task2 is False
+    finally:
+        await c.close()

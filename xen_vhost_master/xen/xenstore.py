@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
 
 from xen_vhost_master.xen.xenstore_wire import (
@@ -134,6 +134,24 @@ class _Ops:
         except UnicodeDecodeError:
             raise XenstoreProtocolError("value is not UTF-8", op="READ", path=path) from None
 
+    async def read_many(self, paths: Sequence[str]) -> list[bytes | None]:
+        """The values of ``paths`` (None for a node that does not exist), asked all at once: the
+        requests go out together and xenstored answers them in order, so they cost one round
+        trip instead of one each. Any other error is raised once every request was answered."""
+
+        async def one(path: str) -> bytes | None:
+            try:
+                return await self.read(path)
+            except XenstoreNotFound:
+                return None
+
+        values: list[bytes | None] = []
+        for result in await asyncio.gather(*(one(p) for p in paths), return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
+            values.append(result)
+        return values
+
     async def write(self, path: str, value: bytes | str) -> None:
         data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
         reply = await self._call(XsType.WRITE, _path_bytes(path) + b"\0" + data, tx_id=self._tx_id, path=path)
@@ -238,6 +256,22 @@ class XsTransaction(_Ops):
     async def commit(self) -> None:
         """XenstoreConflict (EAGAIN) if another writer touched what this transaction used."""
         await self._end(True)
+
+    async def write_if_present(self, directory: str, key: str, value: bytes | str) -> bool:
+        """Write ``directory/key`` if ``directory`` exists, else abort the transaction and return
+        False. A plain write would create the directory again (WRITE creates missing parents:
+        Xen's docs/misc/xenstore.txt). The presence read and the write go out together (one
+        round trip): in a directory that is gone the write re-created it, but only inside this
+        transaction, which is then aborted."""
+        found, wrote = await asyncio.gather(self.read(directory), self.write(f"{directory}/{key}", value),
+                                            return_exceptions=True)
+        if isinstance(found, XenstoreNotFound):
+            await self.abort()
+            return False
+        for outcome in (found, wrote):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return True
 
     async def abort(self) -> None:
         await self._end(False)
@@ -533,7 +567,9 @@ class XenstoreClient(_Ops):
     ) -> _T:
         """Run ``body(tx)`` in a transaction and commit; on EAGAIN rerun it (up to ``attempts`` times).
 
-        If ``body`` raises, the transaction is aborted and the exception propagates.
+        If ``body`` raises, the transaction is aborted and the exception propagates; a ``body``
+        that ended the transaction itself (e.g. :meth:`XsTransaction.write_if_present` aborting
+        it) is not committed again.
         """
         for attempt in range(attempts):
             tx = await self.transaction_start()
@@ -544,6 +580,8 @@ class XenstoreClient(_Ops):
             finally:
                 if not done and not tx.ended:  # body raised or was cancelled: abort, then propagate
                     self._abort_nowait(tx)
+            if tx.ended:
+                return result
             try:
                 await tx.commit()
             except XenstoreConflict:
