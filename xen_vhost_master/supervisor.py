@@ -751,10 +751,7 @@ class Supervisor:
         path = served.path
 
         async def body(tx: XsTransaction) -> bool:
-            if not await tx.exists(path):
-                return False
-            await tx.write(f"{path}/state", str(int(state)))
-            return True
+            return await tx.write_if_present(path, "state", str(int(state)))
 
         try:
             if not await self.xs.transaction(body):
@@ -902,16 +899,60 @@ class Supervisor:
         pumps = [asyncio.ensure_future(pump(w)) for w in watches]
         try:
             while True:
-                await queue.get()
+                paths = [await queue.get()]
                 while not queue.empty():
-                    queue.get_nowait()
-                await self._reconcile()
+                    paths.append(queue.get_nowait())
+                await self._on_events(paths)
         finally:
             for p in pumps:
                 p.cancel()
             for w in watches:
                 with contextlib.suppress(XenstoreError):
                     await w.unwatch()
+
+    async def _on_events(self, paths: list[str]) -> None:
+        """An event on a served device's ``state`` or ``online`` key (or its directory) decides
+        that device's removal at once, from those two keys: libxl's Closing is answered without
+        a rescan first (libxl waits 10 s for Closed, each xenstore round trip is slow on a loaded
+        dom0: tests/daemon/test_removal_rounds.py). Any other event (a device added, a directory
+        the daemon refused, the watch's first firing) rescans the backend directories."""
+        rescan = False
+        checked: list[_Served] = []
+        for path in paths:
+            served = self._served_by(path)
+            if served is None:
+                rescan = True
+            elif served not in checked:
+                checked.append(served)
+        changed = False
+        for served in checked:
+            changed = await self._check_removed(served) or changed
+        if rescan:
+            await self._reconcile()
+        elif changed:
+            self.notifier.status(self._status_line())
+
+    def _served_by(self, path: str) -> _Served | None:
+        """The served device ``path`` is the state or online key (or the directory) of, unless
+        its directory was refused as malformed: only a rescan decides about such a device."""
+        for served in self.devices.values():
+            if served.path is not None and served.path not in self._rejected and path in (
+                    served.path, f"{served.path}/state", f"{served.path}/online"):
+                return served
+        return None
+
+    async def _check_removed(self, served: _Served, *, listed: bool = True) -> bool:
+        """Tear the device down if the toolstack closes it or its directory is gone (or, with
+        ``listed`` False, a rescan did not find it as a device any more); True if it did."""
+        assert self.xs is not None and served.path is not None
+        state, online = (None if v is None else v.decode("utf-8", "replace")
+                         for v in await self.xs.read_many([f"{served.path}/state", f"{served.path}/online"]))
+        why = _removal(state, online, refused=served.device.refused is not None, listed=listed)
+        if why is None:
+            return False
+        self.log.info("device %d%s: tearing it down", served.config.devid, why)
+        await self._remove_device(served.config.key)
+        return True
 
     async def _reconcile(self) -> None:
         assert self.ioreq is not None
@@ -923,10 +964,7 @@ class Supervisor:
             # cannot parse does it stay served from the configuration, whose settings win anyway.
             configured_only = base in explicit and served.path in self._rejected
             if served.path is not None and base not in found and not configured_only:
-                if served.device.refused is not None and await self._still_listed(served.path):
-                    continue  # Closed is our own answer to its refused back-end, not a removal
-                self.log.info("device %d removed from xenstore: tearing it down", served.config.devid)
-                await self._remove_device(base)
+                await self._check_removed(served, listed=False)
         for base, (cfg, path) in found.items():
             if base not in self.devices:
                 self.log.info("device %d added in xenstore", cfg.devid)
@@ -936,22 +974,12 @@ class Supervisor:
                     self._launch(added)
         self.notifier.status(self._status_line())
 
-    async def _still_listed(self, path: str) -> bool:
-        """A failed device's directory is still there and the toolstack is not closing it."""
-        assert self.xs is not None
-        try:
-            online = await self.xs.read_str(f"{path}/online")
-            state = await self.xs.read_str(f"{path}/state")
-        except XenstoreError as e:
-            if e.errno == errno.ENOENT:
-                return False
-            raise
-        return online != "0" and state == str(int(XenbusState.CLOSED))
-
     async def _remove_device(self, base: int) -> None:
         """Tear one device down. Its entry stays in :attr:`devices` until its back-end, data path
-        and socket are released: a removal cancelled half-way (the watcher that started it is
-        reaped because the domain went away) is done again, in full, by the teardown."""
+        and socket are released: a removal cancelled before (the watcher that started it is
+        reaped because the domain went away) is done again, in full, by the teardown. From its
+        Closed write on it goes, and the guest's RAM is unmapped, even if cancelled (the window
+        then goes with the IOREQ server)."""
         assert self.ioreq is not None
         served = self.devices.get(base)
         if served is None:
@@ -979,15 +1007,16 @@ class Supervisor:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(served.config.socket_path(self.name, self.domid))
             served.listener = None
-        await self.ioreq.remove_window_after_grace(base, 0 if self._gone else REMOVED_GRACE)
-        self.devices.pop(base, None)
-        self._forget_inflight(served.config)  # the device is gone: nothing to resume
-        # Closed first: nothing of the device touches guest RAM any more, and unmapping all of it
-        # can be slow on real Xen (the foreign mapping goes page by page) while libxl gives the
-        # back-end 10 s for its Closed (tests/xenlab/README.md, "Xen 4.20").
+        # Closed now: nothing of the device touches guest RAM any more, and libxl gives the
+        # back-end 10 s for it (tests/xenlab/README.md, "Xen 4.20"). The window's grace for a
+        # guest interrupt handler in flight, and unmapping the guest's RAM (slow on real Xen: the
+        # foreign mapping goes page by page), come after.
         try:
             await self._set_state(served, XenbusState.CLOSED)
-        finally:  # a Closed that cannot be written must not keep the guest's pages mapped
+            await self.ioreq.remove_window_after_grace(base, 0 if self._gone else REMOVED_GRACE)
+        finally:  # cancelled or failed: the guest's pages must not stay mapped all the same
+            self.devices.pop(base, None)
+            self._forget_inflight(served.config)  # the device is gone: nothing to resume
             self._release_guest_memory()
 
     def _retire(self, base: int, served: _Served) -> None:
@@ -1230,6 +1259,24 @@ def _data_path_stats(path: DataPath) -> dict[str, Any] | None:
         "latency_sum": total.latency_sum_ns / 1e9,
         "grants": asdict(path.grant_memory.stats) if isinstance(path, GrantShadowDataPath) else None,
     }
+
+
+def _removal(state: str | None, online: str | None, *, refused: bool, listed: bool) -> str | None:
+    """Why a device whose backend directory has these ``state`` and ``online`` keys (None:
+    absent) goes, as its log line says it after "device N" (None: it stays). libxl's removal
+    (``xl destroy``, ``xl block-detach``) writes online 0 and state Closing in one transaction
+    (tests/xenlab/README.md, "Real Xen vs the simulator"); a failed device's Closed is its own
+    answer to its refused back-end, not a removal; ``listed`` False: a rescan no longer finds
+    the directory as a device (its keys changed)."""
+    if state is None:  # libxl removes a directory in one rm; without state it is not libxl's
+        return " removed from xenstore"
+    if state == str(int(XenbusState.CLOSING)):
+        return f": toolstack closing (state {state})"
+    if online == "0":
+        return ": toolstack closing (online 0)"
+    if state == str(int(XenbusState.CLOSED)):
+        return None if refused else f": closed in xenstore (state {state})"
+    return None if listed else ": no longer listed in xenstore"
 
 
 class _DomainGone(Exception):

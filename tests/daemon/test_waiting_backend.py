@@ -345,12 +345,15 @@ async def test_waiting_device_hot_removed_cancels_its_retries_answers_its_vcpu_a
             await log.wait_for(lambda line: "back-end still not there after 2 tries" in line)
             before = open_fds()  # (between two tries: no socket of the device open)
             start = daemon.sup.devices[BASES[0]].start_task
+            mark = len(daemon.notes.messages)
             # (on the fixture's connection: a new one would be the host's to close, in its own time)
             closed = await asyncio.get_running_loop().run_in_executor(None, lambda: sim_control.xl_detach_virtio_device(
                 DOMID, device_id=2, base=BASES[0], irq=IRQS[0], devid=0))
             assert closed  # our Closed came in time
             assert await asyncio.wait_for(held, TIMEOUT) == 0xFFFFFFFF  # answered as no device
             assert start is not None and start.done()  # no more tries
+            # (Closed comes before the window's grace: the device is gone once that is over)
+            await daemon.notes.status_says(f"dom{DOMID}: 0 device(s) serving, 0 waiting", after=mark)
             assert daemon.sup.status()["devices"] == []
             left = open_fds() - before
             assert not left, [os.readlink(f"/proc/self/fd/{fd}") for fd in left]
