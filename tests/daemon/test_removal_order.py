@@ -18,7 +18,20 @@ from typing import Any
 
 import pytest
 
-from tests.daemon.test_waiting_backend import BASES, DOMID, IRQS, TIMEOUT, Backend, guest_domain, guest_of, io_check, running
+from tests.daemon.test_waiting_backend import (  # noqa: F401  (logwatch: a fixture)
+    BASES,
+    BE,
+    DOMID,
+    IRQS,
+    TIMEOUT,
+    Backend,
+    guest_domain,
+    guest_of,
+    io_check,
+    logwatch,
+    running,
+    xenstore,
+)
 from xen_vhost_master.config import DeviceConfig, MemoryMode
 from xen_vhost_master.supervisor import Options
 from xen_vhost_master.xen.xenstore import XenbusState
@@ -149,5 +162,41 @@ async def test_a_configured_device_the_toolstack_closes_is_closed(
             await daemon.notes.status_says(f"dom{DOMID}: 0 device(s) serving, 0 waiting", after=mark)
             with pytest.raises(GuestDriverError):  # (the device is gone)
                 await asyncio.wait_for(blk.close(), TIMEOUT)
+    finally:
+        await backend.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_configured_device_whose_directory_turns_malformed_is_kept_until_the_toolstack_closes_it(
+        no_fd_leak, platform, sim_host, sim_control, kernel, sim_dir, logwatch):  # type: ignore[no-untyped-def]
+    """While the directory a configured device was matched with is one the daemon cannot parse,
+    the configuration serves the device on (a discovered device would go); libxl's Closing still
+    removes it."""
+    guest_domain(sim_control)
+    backend = Backend(os.path.join(sim_dir, "0.sock"))
+    await backend.start()
+    configured = DeviceConfig(devid=5, device_id=2, base=BASES[0], irq=IRQS[0], source="config")
+    try:
+        with logwatch() as log:
+            async with xenstore(kernel) as xs, running(platform, Options(
+                    domid=DOMID, socket_template=os.path.join(sim_dir, "{devid}.sock"),
+                    devices=(configured,))) as daemon, guest_of(sim_host) as guest:
+                blk = await asyncio.wait_for(VirtioBlk.attach(guest, BASES[0], IRQS[0],
+                                                              GuestPageAllocator(guest.ram)), TIMEOUT)
+                await io_check(blk, backend, 1)
+                await xs.write(f"{BE}/0/base", "banana")
+                await log.wait_for(lambda line: "skipping device" in line and "banana" in line)
+                await xs.write(f"{BE}/0/state", str(int(XenbusState.CONNECTED)))  # (an event on its own key)
+                await io_check(blk, backend, 2)  # still served
+                assert daemon.sup.devices[BASES[0]].backend == "connected"
+                assert not any("tearing it down" in line for line in log.lines)
+                mark = len(daemon.notes.messages)
+                closed = await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: sim_control.xl_detach_virtio_device(DOMID, device_id=2, base=BASES[0], irq=IRQS[0],
+                                                                      devid=0, timeout=DETACH_TIMEOUT))
+                assert closed, "libxl's detach timed out"
+                await daemon.notes.status_says(f"dom{DOMID}: 0 device(s) serving, 0 waiting", after=mark)
+                with pytest.raises(GuestDriverError):
+                    await asyncio.wait_for(blk.close(), TIMEOUT)
     finally:
         await backend.stop()
