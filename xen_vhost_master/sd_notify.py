@@ -8,12 +8,19 @@ inherit it and confuse systemd.
 from __future__ import annotations
 
 import array
+import asyncio
 import os
+import select
 import socket
 import time
 from collections.abc import Sequence
 
 __all__ = ["Notifier"]
+
+#: Datagrams kept while the manager's socket is full (sent in order once it takes them again);
+#: beyond this the oldest status-only ones are dropped, then the oldest of any kind.
+MAX_PENDING = 16
+CLOSE_WAIT = 1.0  # seconds close() waits for room for what is still pending
 
 
 class Notifier:
@@ -33,7 +40,14 @@ class Notifier:
         if address:
             # An address starting with '@' is in the abstract namespace.
             self._address = "\0" + address[1:] if address.startswith("@") else address
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Non-blocking: a datagram socket whose receiver does not read (its queue holds
+            # net.unix.max_dgram_qlen datagrams, 10 by default) would block sendto(2), and with it
+            # the event loop serving the guest. What the socket refuses waits in ``_pending``;
+            # connected, the socket polls writable once the receiver's queue has room (unix(7)).
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        self._connected = False
+        self._pending: list[bytes] = []
+        self._waiting: asyncio.AbstractEventLoop | None = None  # the loop watching for room
         self.watchdog_interval: float | None = None
         if usec and usec.isdigit() and int(usec) > 0 and (pid is None or pid == str(os.getpid())):
             # systemd's advice: ping at half the timeout.
@@ -48,24 +62,72 @@ class Notifier:
         if self._sock is None:
             return
         message = "\n".join(f"{key}={value}" for key, value in fields.items()).encode()
-        # A full or vanished socket must not take the daemon down; systemd would notice the
-        # missing READY/WATCHDOG itself.
+        if self._pending and message.startswith(b"STATUS=") and self._pending[-1].startswith(b"STATUS="):
+            self._pending[-1] = message  # a newer status replaces one not sent yet
+        else:
+            self._pending.append(message)
+        if len(self._pending) > MAX_PENDING:
+            drop = next((i for i, m in enumerate(self._pending) if m.startswith(b"STATUS=")), 0)
+            del self._pending[drop]
+        if self._waiting is None:  # (else it goes, in order, once the socket has room)
+            self._flush()
+
+    def _flush(self) -> bool:
+        """Send what is pending, in order, until the socket refuses; then the running event loop
+        (if any, else the next notification) sends the rest once there is room. True when
+        nothing is left. A vanished manager's socket must not take the daemon down: what was
+        pending is dropped; systemd would notice a missing READY/WATCHDOG itself."""
+        sock = self._sock
+        while self._pending and sock is not None:
+            try:
+                if not self._connected:
+                    sock.connect(self._address)
+                    self._connected = True
+                sock.send(self._pending[0])
+            except BlockingIOError:
+                self._wait_for_room()
+                return False
+            except OSError:  # (ENOENT, ECONNREFUSED: no manager any more)
+                self._connected = False
+                self._pending.clear()
+                break
+            del self._pending[0]
+        return True
+
+    def _wait_for_room(self) -> None:
+        if self._waiting is not None or self._sock is None:
+            return
         try:
-            self._sock.sendto(message, self._address)
-        except (BlockingIOError, ConnectionRefusedError, FileNotFoundError):
-            pass
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        loop.add_writer(self._sock.fileno(), self._room)
+        self._waiting = loop
+
+    def _room(self) -> None:
+        self._stop_waiting()
+        self._flush()
+
+    def _stop_waiting(self) -> None:
+        loop, self._waiting = self._waiting, None
+        if loop is not None and not loop.is_closed() and self._sock is not None:
+            loop.remove_writer(self._sock.fileno())
 
     def store_fds(self, name: str, fds: Sequence[int]) -> bool:
         """``FDSTORE=1`` with ``FDNAME=name`` and ``fds`` (sd_pid_notify_with_fds(3)): the service
         manager keeps them and hands them back to the next process of this service (systemd:
         with ``FileDescriptorStoreMax=`` in the unit). False if there is no manager or it did
-        not take the datagram."""
+        not take the datagram (nor one sent before: the order of FDSTORE and FDSTOREREMOVE matters)."""
         if self._sock is None or not fds:
+            return False
+        if self._pending and (self._waiting is not None or not self._flush()):
             return False
         message = f"FDSTORE=1\nFDNAME={name}".encode()
         try:
-            self._sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
-                               0, self._address)
+            if not self._connected:
+                self._sock.connect(self._address)
+                self._connected = True
+            self._sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
         except OSError:
             return False
         return True
@@ -97,6 +159,15 @@ class Notifier:
         self.notify(WATCHDOG=1)
 
     def close(self) -> None:
+        """Close the socket, once what is pending went (waited for up to CLOSE_WAIT s: the
+        manager is slow, not gone) or could not."""
+        self._stop_waiting()
         if self._sock is not None:
+            deadline = time.monotonic() + CLOSE_WAIT
+            room = select.poll()
+            room.register(self._sock, select.POLLOUT)
+            while not self._flush() and (left := deadline - time.monotonic()) > 0:
+                room.poll(left * 1000)
+            self._stop_waiting()
             self._sock.close()
             self._sock = None

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.daemon.test_sd_notify import drain_queue, fill_queue
 from tests.sim.simproc import start_sim_process, stop_process
 from xen_vhost_sim.guest import SimControl, SimGuest
 from xen_vhost_sim.guest_devices import BlkOp, VirtioBlk
@@ -123,6 +124,7 @@ async def test_daemon_serves_discovers_hotplugs_and_stops_cleanly(start_sim, sim
     )
     log = DaemonLog(daemon)
     guest = xs = None
+    fillers: list[socket.socket] = []
     try:
         loop = asyncio.get_running_loop()
         notify.setblocking(False)
@@ -130,6 +132,9 @@ async def test_daemon_serves_discovers_hotplugs_and_stops_cleanly(start_sim, sim
         while not (msg := await asyncio.wait_for(loop.sock_recv(notify, 4096), TIMEOUT)).startswith(b"READY=1"):
             before.append(msg)
         assert before[0] == f"STATUS=dom{DOMID}: creating the IOREQ server".encode(), before
+        # The manager stops reading, its queue full (net.unix.max_dgram_qlen datagrams): the
+        # daemon's notifications after READY=1 must not stop it serving (they wait, in order).
+        fillers = fill_queue(str(tmp_path / "notify"))
         xs = await XenstoreClient.open(socket_paths=(), opener=SimKernel(sim_path).open)
         backend = f"/local/domain/0/backend/virtio/{DOMID}"
         assert await xs.read_str(f"{backend}/0/state") == "2"  # InitWait: `xl create` may go on
@@ -167,18 +172,15 @@ async def test_daemon_serves_discovers_hotplugs_and_stops_cleanly(start_sim, sim
             await blk1.close()  # its device is gone: the reset never completes
         await wait_state(xs, f"{backend}/0/state", "2")
 
+        drain_queue(notify)  # the manager reads again
         daemon.send_signal(signal.SIGTERM)
+        # what waited for room comes first, in order, then STOPPING=1
+        while not (await asyncio.wait_for(loop.sock_recv(notify, 4096), TIMEOUT)).startswith(b"STOPPING=1"):
+            pass
         await log.wait_for(f"dom{DOMID}: stopped")  # its teardown is done ...
         daemon.send_signal(signal.SIGTERM)  # ... and a second stop (an operator's, twice) finds nothing to stop
         rc = await loop.run_in_executor(None, daemon.wait, TIMEOUT)
         assert rc == 0, "".join(log.lines)
-        messages = []
-        while True:
-            try:
-                messages.append(notify.recv(4096))
-            except BlockingIOError:
-                break
-        assert any(m.startswith(b"STOPPING=1") for m in messages), messages
         assert not (runtime / "status.sock").exists()
         assert await xs.read_str(f"{backend}/0/state") == "6"  # Closed
         with SimControl(sim_path) as ctl:
@@ -192,6 +194,8 @@ async def test_daemon_serves_discovers_hotplugs_and_stops_cleanly(start_sim, sim
         if daemon.stderr is not None:
             daemon.stderr.close()
         notify.close()
+        for filler in fillers:
+            filler.close()
         stop(sim)
 
 
