@@ -18,8 +18,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from vhost_user import (AsyncFrontend, Disconnected, FdSocket, FrontendRequest, PeerTimeout, RequestReceived,
-                       VirtioFeatures)
+from vhost_user import (AsyncFrontend, Disconnected, FdSocket, FrontendRequest, PeerTimeout, ProtocolFeatures,
+                       RequestReceived, VirtioFeatures)
 from vhost_user.aio import REQUEST_TIMEOUT, SLOW_REPLY_AFTER, BackendServer
 from vhost_user.testing import DummyBackend
 
@@ -184,5 +184,24 @@ async def test_a_dead_peer_fails_the_request_in_flight_at_once(no_fd_leak, lines
         assert seen.slow.is_set() == warned
         with pytest.raises(Disconnected):  # sticky: nothing waits again
             await fe.get_queue_num()
+    finally:
+        await finish(fe, server, task)
+
+
+@pytest.mark.asyncio
+async def test_set_config_given_its_own_timeout_fails_by_then_whatever_the_connections_timeout(no_fd_leak, lines) -> None:
+    """A caller that must not wait a request timeout for SET_CONFIG's ack (a guest's vCPU held on
+    it) passes ``timeout``: PeerTimeout by then, the connection broken as with any request."""
+    logger, seen = lines
+    fe, server, task = await pair(FrontendRequest.SET_CONFIG, "answer", logger, timeout=LONG, slow_after=LONG)
+    try:
+        async with asyncio.timeout(TEST_TIMEOUT):
+            await fe.negotiate()
+            assert fe.has_protocol_feature(ProtocolFeatures.CONFIG | ProtocolFeatures.REPLY_ACK)
+            with pytest.raises(PeerTimeout) as info:
+                await fe.set_config(0, b"\x01", timeout=0.05)
+            assert server.asked.is_set() and not server.release.is_set()
+            assert str(info.value) == "peer did not answer SET_CONFIG within 0.05 s"
+            assert fe.broken and fe.timeout == LONG
     finally:
         await finish(fe, server, task)

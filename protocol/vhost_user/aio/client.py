@@ -648,8 +648,10 @@ class AsyncFrontend:
             raise BackendFailed(FrontendRequest.GET_CONFIG, reply.payload.size)
         return bytes(reply.payload.payload)
 
-    async def set_config(self, offset: int, data: bytes, flags: int = 0) -> None:
-        await self._call(lambda: self.conn.set_config(offset, data, flags))
+    async def set_config(self, offset: int, data: bytes, flags: int = 0, *, timeout: float | None = None) -> None:
+        """SET_CONFIG. ``timeout``: how long its ack (REPLY_ACK) may take, in place of
+        :attr:`timeout`; past it PeerTimeout, and the connection is broken as with any request."""
+        await self._call(lambda: self.conn.set_config(offset, data, flags), timeout=timeout)
 
     async def reset_device(self) -> None:
         await self._call(self.conn.reset_device)
