@@ -89,9 +89,12 @@ RELEASE_WAIT = 1.0
 # connection is bounded too (then TimeoutError, an OSError: the device waits and tries again). As
 # long as one answer may take: a back-end slow on a loaded dom0 is waited for (the library logs it
 # after SLOW_REPLY_AFTER), a dead one fails the negotiation at once (its socket's EOF or ECONNRESET).
-# The same bound for a connection kept from the previous process (fdstore.py): GET_FEATURES and
-# stopping the rings it left running.
 NEGOTIATION_TIMEOUT = REQUEST_TIMEOUT
+# Each step of the check of a connection kept from the previous process (fdstore.py): GET_FEATURES
+# and stopping the rings it left running, then reading its config. The guest's accesses are held
+# meanwhile, and a failed check costs only a fresh connection (negotiated under NEGOTIATION_TIMEOUT):
+# a kept back-end silent this long is given up on rather than waited for.
+KEPT_TIMEOUT = 5.0
 # While the device stops (close: removal, the daemon stopped; suspend: a handover), each back-end
 # reply is waited for this long at most, so that a stop stays bounded: the back-end that has not
 # answered by then is dropped.
@@ -615,7 +618,7 @@ class Device:
                                      backend_handler=self._backend_request)
             fe.log = self.log
             bases: dict[int, int] = {}
-            async with asyncio.timeout(NEGOTIATION_TIMEOUT):
+            async with asyncio.timeout(KEPT_TIMEOUT):
                 features = await fe.get_features()
                 if features != meta.features:
                     raise ValueError(f"the back-end offers features {features:#x}, {meta.features:#x} were "
@@ -641,7 +644,7 @@ class Device:
             resume_at = getattr(memory, "resume_at", None)
             if callable(resume_at):  # (rings stopped by a handover, or just now after a crash)
                 resume_at({**dict((i, b) for i, b in meta.stopped), **bases}, self.log)
-            async with asyncio.timeout(NEGOTIATION_TIMEOUT):
+            async with asyncio.timeout(KEPT_TIMEOUT):
                 config = await self._probe_config(fe, meta.features)
             view = devtypes.offer(self.config.device_id, meta.features, config, mac=self.mac)
         except (OSError, ValueError, VhostUserError, TimeoutError) as e:
