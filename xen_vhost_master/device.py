@@ -15,7 +15,10 @@ has the driver read Status back until it is 0, so a back-end that hangs or fails
 must not hold the guest's vCPU. The stop then finishes on its own (bounded by RESET_STOP_TIMEOUT,
 then the back-end is dropped and reconnected), and the next start waits for it. A reconnect's
 start of the rings (which the device's writes wait for) is abandoned when the driver resets the
-device: its connection is dropped, and a new one serves the next bring-up.
+device: its connection is dropped, and a new one serves the next bring-up. A config-space write
+waits for the back-end's SET_CONFIG ack for CONFIG_REPLY_TIMEOUT at most (it must precede the
+requests the driver makes next); a back-end silent that long is dropped (reconnected) and the
+device put in DEVICE_NEEDS_RESET.
 
 The user-space notification relay lives here too: QueueNotify → ``eventfd_write(kick)``, the
 back-end's call eventfd (add_reader) → InterruptStatus + interrupt line.
@@ -104,6 +107,13 @@ STOP_REPLY_TIMEOUT = 5.0
 # a back-end that maps guest RAM (zero copy); a vCPU held longer looks like a lockup to the guest.
 RESET_WAIT = 1.0
 RESET_STOP_TIMEOUT = 5.0  # the stop's bound after that: the back-end is dropped and reconnected
+# Seconds a guest's config-space write waits for the back-end's SET_CONFIG ack (REPLY_ACK); the
+# guest's vCPU is held meanwhile. Not answered early with the rest left to a task, as a reset or
+# DRIVER_OK is: the device acts on the field written for the requests the driver makes next
+# (virtio 1.2 §5.2.5: virtio-blk's cache mode, set through the writeback field), and the guest's
+# notifies reach the back-end's kick eventfds at once, not behind the write. A back-end silent this
+# long fails the write: its connection is broken (PeerTimeout) and the device set DEVICE_NEEDS_RESET.
+CONFIG_REPLY_TIMEOUT = 5.0
 # Seconds the driver's DRIVER_OK write waits for the back-end's start (SET_FEATURES, SET_MEM_TABLE,
 # SET_VRING_*). One that behaves answers in milliseconds, and the write completing after the start
 # keeps QEMU's order; a back-end may take up to the library's MEM_TABLE_TIMEOUT (120 s) to map guest
@@ -940,7 +950,8 @@ class Device:
         offsets from its base). Served at once unless it starts, stops or
         reconfigures the back-end: then a coroutine is returned, and writes that follow it wait
         their turn behind it (the vCPU that made it stays blocked until the back-end is done, or
-        for START_WAIT / RESET_WAIT at most when it starts or resets the device).
+        for START_WAIT / RESET_WAIT at most when it starts or resets the device,
+        CONFIG_REPLY_TIMEOUT when it writes config space).
         Before the device serves (its back-end has not answered yet), the access waits for it,
         for as long as the device lives."""
         if not is_write and self._open and self.model is not None:  # a register read: _access's, one call less
@@ -1076,7 +1087,7 @@ class Device:
                 case ConfigWrite(offset, data):
                     await self._settle()
                     if self.frontend is not None and self._reconnecting is None and self.frontend.has_protocol_feature(ProtocolFeatures.CONFIG):
-                        await self._guarded(self.frontend.set_config(offset, data))
+                        await self._guarded(self.frontend.set_config(offset, data, timeout=CONFIG_REPLY_TIMEOUT))
 
     def _irq(self, level: bool) -> None:
         if level:
@@ -1112,10 +1123,7 @@ class Device:
         try:
             await op
         except VhostUserError as e:
-            self.stats.last_error = f"back-end: {e}"
-            self.log.error("back-end failed: %s", e)
-            assert self.model is not None
-            await self._carry_out(self.model.needs_reset(f"back-end failed: {e}"))
+            self.fail(f"back-end failed: {e}")  # one line: the back-end's failure is not the guest's error
         except GuestFault as e:  # logged (rate-limited, as every guest error) by needs_reset's GuestError
             assert self.model is not None
             await self._carry_out(self.model.needs_reset(f"fault while starting the back-end: {e}"))

@@ -30,7 +30,7 @@ from xen_vhost_master.datapath.shadow import ShadowDataPath
 from xen_vhost_master.datapath.zerocopy import FdExport, FdRegion
 from xen_vhost_master.device import Device
 from xen_vhost_master.log import device_logger
-from xen_vhost_master.virtio_mmio import Reg
+from xen_vhost_master.virtio_mmio import Reg, Status
 
 TIMEOUT = 20.0
 RINGS = (RAM_BASE, RAM_BASE + 0x1000, RAM_BASE + 0x2000)
@@ -38,33 +38,36 @@ PREFIX = "dom1/blk0: "
 
 
 class MisbehavingServer(BackendServer):
-    """A back-end that, at GET_VRING_BASE, hangs until ``release`` is set or closes its socket."""
+    """A back-end that, at ``held`` (GET_VRING_BASE), hangs until ``release`` is set or closes its socket."""
 
-    def __init__(self, *args: object, mode: str, **kwargs: object) -> None:
+    def __init__(self, *args: object, mode: str, held: FrontendRequest = FrontendRequest.GET_VRING_BASE,
+                 **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.mode = mode
+        self.held = held
         self.asked = asyncio.Event()
         self.release = asyncio.Event()
 
     async def _dispatch(self, event: RequestReceived) -> None:
-        if event.request == FrontendRequest.GET_VRING_BASE:
+        if event.request == self.held:
             self.asked.set()
             if self.mode == "close":
                 self.sock.close()
-                raise ConnectionError("closed at GET_VRING_BASE")
+                raise ConnectionError(f"closed at {event.request.name}")
             await self.release.wait()
         await super()._dispatch(event)
 
 
 @contextlib.asynccontextmanager
-async def backends(mode: str) -> AsyncIterator[tuple[Callable[[], object], list[BackendServer]]]:
-    """A connect() for a device: the first back-end misbehaves (``mode``), the next ones are good."""
+async def backends(mode: str, held: FrontendRequest = FrontendRequest.GET_VRING_BASE,
+                   ) -> AsyncIterator[tuple[Callable[[], object], list[BackendServer]]]:
+    """A connect() for a device: the first back-end misbehaves (``mode`` at ``held``), the next ones are good."""
     servers: list[BackendServer] = []
     tasks: list[asyncio.Task[None]] = []
 
     def make_server(b: FdSocket) -> BackendServer:
         dev = RamDiskBlk(1 << 20)
-        return MisbehavingServer(dev, b, mode=mode) if not servers else BackendServer(dev, b)
+        return MisbehavingServer(dev, b, mode=mode, held=held) if not servers else BackendServer(dev, b)
 
     async def connect() -> AsyncFrontend:
         fe, server = serve_pair(make_server, tasks)
@@ -160,6 +163,47 @@ async def test_a_stop_waits_a_short_bound_for_each_reply_not_the_request_timeout
                 "suspend": PREFIX + "handover: stopping the back-end's rings: peer did not answer GET_VRING_BASE "
                                     "within 0.2 s"}
     assert said == [expected[how]], said
+
+
+@pytest.mark.asyncio
+async def test_a_config_write_the_backend_never_acks_is_answered_within_its_bound_and_needs_reset(
+        no_fd_leak, ram_memfd, monkeypatch, caplog):
+    """The back-end never acks SET_CONFIG: the guest's config write (its vCPU held meanwhile) is
+    answered after CONFIG_REPLY_TIMEOUT (injected short), not the library's REQUEST_TIMEOUT; the
+    device reads DEVICE_NEEDS_RESET and says why in one line, and the driver's reset and bring-up
+    work afterwards on a new connection. (Not raising: without the bound the write is held past
+    ``bound``.)"""
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(device_module, "CONFIG_REPLY_TIMEOUT", 0.2, raising=False)
+    bound = 5.0  # the test's wait for the guest's write: above the injected bound, below the library's 60 s
+    assert REQUEST_TIMEOUT > bound
+    async with asyncio.timeout(TIMEOUT), backends("hang", FrontendRequest.SET_CONFIG) as (connect, servers):
+        device = Device(DeviceConfig(devid=0, device_id=2, base=0x2000000, irq=33, queue_size=64, num_queues=1),
+                        connect=connect,  # type: ignore[arg-type]
+                        memory=FdExport([FdRegion(RAM_BASE, RAM_SIZE, ram_memfd)]), set_irq=lambda level: None,
+                        log=device_logger("xvm.test.reset", 1, "blk0"))
+        try:
+            await device.start()
+            await bring_up(device, RINGS, 64)
+            bad = servers[0]
+            assert isinstance(bad, MisbehavingServer)
+            await write(device, 0x100 + 32, 1, bound)  # virtio_blk_config.writeback
+            assert bad.asked.is_set() and not bad.release.is_set()
+            assert read(device, Reg.STATUS) == 15 | Status.DEVICE_NEEDS_RESET
+            await write(device, Reg.STATUS, 0)
+            assert read(device, Reg.STATUS) == 0
+            if device.reconnecting is not None:
+                await device.reconnecting
+            await bring_up(device, RINGS, 64)
+            assert read(device, Reg.STATUS) == 15
+            assert len(servers) == 2 and device.stats.starts == 2 and servers[1].vrings[0].started
+        finally:
+            await device.close()
+    # the connection's loss (the device reconnects at once) and the device's DEVICE_NEEDS_RESET: a line each
+    said = [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.WARNING and not r.name.startswith("vhost_user.aio.server")]
+    assert said == [PREFIX + "back-end lost (peer did not answer SET_CONFIG within 0.2 s): reconnecting",
+                    PREFIX + "back-end failed: peer did not answer SET_CONFIG within 0.2 s"], said
 
 
 # --- a guest cycling reset → set-up → corrupt chain (the shadow path stops the queue) ------------
