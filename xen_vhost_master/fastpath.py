@@ -1,10 +1,22 @@
 """The kernel fast path (Linux >= 6.7, CONFIG_XEN_PRIVCMD_EVENTFD): privcmd completes QueueNotify
 ioreqs and asserts interrupt lines itself, so the daemon leaves the notification path.
 
-* IOCTL_PRIVCMD_IOEVENTFD, per queue: the kernel watches the ioreq page's slots (sharing the
-  event channels with our user-space IOREQ loop, which then finds those slots not READY and skips
-  them) and, for a 4-byte write at window+0x50 whose ``data & 0xffff`` is the queue, signals the
-  queue's kick eventfd and completes the ioreq.
+* IOCTL_PRIVCMD_IOEVENTFD, per queue: for a 4-byte write at window+0x50 whose ``data & 0xffff`` is
+  the queue, the kernel signals the queue's kick eventfd and completes the ioreq. Its handler
+  shares the ioreq slots with user space through plain stores (Linux drivers/xen/privcmd.c
+  ``ioeventfd_interrupt``: a READY COPY write is set INPROCESS while it looks, then IORESP_READY
+  if it is a notify it owns, or READY back for any other access, with no new event) and runs
+  after the evtchn device's handler of the same event, which has already woken us. A daemon that
+  answered an InterruptACK in that slot meanwhile had its answer overwritten with READY after Xen
+  took it: the vCPU's next access found its slot not NONE, and Xen answered it with a data abort
+  ("device model set bad IO state 1", tests/xenlab/README.md). So the kernel gets a slot page of
+  its own: a second IOREQ server (:class:`NotifyRoutes`), created after the daemon's own, whose
+  ranges are only the QueueNotify registers of queues on the fast path. Xen gives an access to
+  the most recently created server whose ranges hold it (xen/common/ioreq.c
+  ``FOR_EACH_IOREQ_SERVER``, iterated backwards; ranges of different servers may overlap), so
+  those registers go to the kernel's page while the rest of each window stays on ours, where
+  no kernel handler looks. An access the kernel leaves on its page (a queue not assigned) is
+  served by the device as any other, through the daemon's window.
 * IOCTL_PRIVCMD_IRQFD, per queue: when the back-end signals the call eventfd, the kernel issues the
   ``XEN_DMOP_set_irq_level(irq, 1)`` we registered. The daemon no longer sees those interrupts, so
   the device model reports InterruptStatus.VRING while the fast path is on and lowers the line on
@@ -23,7 +35,8 @@ from __future__ import annotations
 
 import array
 import ctypes
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from .errors import XenError
 from .log import DeviceLogger
@@ -36,22 +49,62 @@ from .xen.abi import (
     privcmd_irqfd,
     xen_dm_op,
 )
-from .xen.ioreq import IoreqPage
 from .xen.privcmd import PrivCmd
 
-__all__ = ["KernelFastPath", "PciKickFastPath", "QueueFastPath"]
+if TYPE_CHECKING:
+    from .ioreq_server import IoreqServer
+
+__all__ = ["KernelFastPath", "NotifyRoutes", "PciKickFastPath", "QueueFastPath"]
+
+
+class _Through:
+    """A notify register routed to the kernel's server, for the accesses the kernel leaves there:
+    served by whatever device the daemon's own server has at that address."""
+
+    def __init__(self, main: IoreqServer, addr: int) -> None:
+        self.main, self.addr = main, addr
+
+    def mmio(self, offset: int, size: int, is_write: bool, value: int, vcpu: int) -> int | None | Awaitable[int | None]:
+        return self.main.serve_at(self.addr + offset, size, is_write, value, vcpu)
+
+
+class NotifyRoutes:
+    """The kernel's IOREQ server (``server``, created after the daemon's ``main``, enabled) and the
+    notify registers routed to it: each ``(address, size)`` once, for as long as one queue of it
+    is on the fast path."""
+
+    def __init__(self, server: IoreqServer, main: IoreqServer) -> None:
+        self.server, self.main = server, main
+        self._routed: dict[tuple[int, int], int] = {}  # (address, size) -> queues behind it
+
+    def route(self, addr: int, size: int) -> None:
+        n = self._routed.get((addr, size), 0)
+        if n == 0:
+            self.server.add_window(addr, size, _Through(self.main, addr))
+        self._routed[(addr, size)] = n + 1
+
+    def unroute(self, addr: int, size: int) -> None:
+        """(Before the kernel lets go of the queue: from here on its notifies reach the daemon's
+        server, whose slots the kernel does not look at.)"""
+        n = self._routed.pop((addr, size), 0)
+        if n > 1:
+            self._routed[(addr, size)] = n - 1
+        elif n == 1:
+            self.server.remove_window(addr)
 
 
 class KernelFastPath:
-    """The guest-wide part: the ioreq page and the vCPUs' local event-channel ports."""
+    """The guest-wide part: the kernel's IOREQ server, its page and its vCPUs' local ports."""
 
-    def __init__(self, privcmd: PrivCmd, domid: int, page: IoreqPage, ports: list[int], log: DeviceLogger) -> None:
+    def __init__(self, privcmd: PrivCmd, domid: int, routes: NotifyRoutes, log: DeviceLogger) -> None:
+        assert routes.server.page is not None
         self.privcmd = privcmd
         self.domid = domid
-        self.page = page
+        self.routes = routes
+        self.page = routes.server.page
         self.log = log
         # The kernel reads ports[vcpus] from our memory at assign time: keep the array alive.
-        self._ports = array.array("I", ports)
+        self._ports = array.array("I", routes.server.ports)
 
     def for_device(self, base: int, irq: int) -> QueueFastPath:
         return QueueFastPath(self, base, irq)
@@ -60,21 +113,30 @@ class KernelFastPath:
         return PciKickFastPath(self)
 
     def _ioeventfd(self, base: int, index: int, kick_fd: int, flags: int, addr_len: int = 4) -> None:
-        arg = privcmd_ioeventfd(
-            ioreq=self.page.mapping.addr, ports=self._ports.buffer_info()[0], addr=base, addr_len=addr_len,
-            event_fd=kick_fd, vcpus=len(self._ports), vq=index, flags=flags, dom=self.domid,
-        )
+        def arg(flags: int) -> privcmd_ioeventfd:
+            return privcmd_ioeventfd(
+                ioreq=self.page.mapping.addr, ports=self._ports.buffer_info()[0], addr=base, addr_len=addr_len,
+                event_fd=kick_fd, vcpus=len(self._ports), vq=index, flags=flags, dom=self.domid,
+            )
+
         notify = (base + QueueFastPath.NOTIFY_OFFSET, addr_len, index)  # what the kernel answers from now on
         if flags & PRIVCMD_IOEVENTFD_FLAG_DEASSIGN:
-            self.privcmd.ioeventfd(arg)
+            self.routes.unroute(notify[0], addr_len)
+            self.privcmd.ioeventfd(arg(flags))
             self.page.kernel_notifies.discard(notify)
-        else:
-            self.page.kernel_notifies.add(notify)  # (before: the kernel may answer at once)
-            try:
-                self.privcmd.ioeventfd(arg)
-            except XenError:  # refused (ENOTTY, EOPNOTSUPP, EEXIST...): the daemon keeps answering it
-                self.page.kernel_notifies.discard(notify)
-                raise
+            return
+        self.page.kernel_notifies.add(notify)  # (before: the kernel may answer at once)
+        try:
+            self.privcmd.ioeventfd(arg(flags))
+        except XenError:  # refused (ENOTTY, EOPNOTSUPP, EEXIST...): the daemon keeps answering it
+            self.page.kernel_notifies.discard(notify)
+            raise
+        try:
+            self.routes.route(notify[0], addr_len)
+        except XenError:  # the register stays on the daemon's server: nothing reaches the kernel's
+            self.privcmd.ioeventfd(arg(PRIVCMD_IOEVENTFD_FLAG_DEASSIGN))
+            self.page.kernel_notifies.discard(notify)
+            raise
 
     def _irqfd(self, irq: int, call_fd: int, flags: int) -> None:
         op = xen_dm_op(op=DmOp.set_irq_level)
@@ -94,14 +156,14 @@ class QueueFastPath:
         self.assigned: dict[int, tuple[int, int]] = {}  # queue -> (kick fd, call fd)
 
     def assign(self, index: int, kick_fd: int, call_fd: int) -> None:
-        self.guest._ioeventfd(self.base, index, kick_fd, 0)
         both = False
+        self.guest._irqfd(self.irq, call_fd, 0)
         try:
-            self.guest._irqfd(self.irq, call_fd, 0)
+            self.guest._ioeventfd(self.base, index, kick_fd, 0)  # (last: it routes the notifies)
             both = True
         finally:
-            if not both:  # all or nothing: undo the ioeventfd
-                self.guest._ioeventfd(self.base, index, kick_fd, PRIVCMD_IOEVENTFD_FLAG_DEASSIGN)
+            if not both:  # all or nothing: undo the irqfd
+                self.guest._irqfd(self.irq, call_fd, PRIVCMD_IRQFD_FLAG_DEASSIGN)
         self.assigned[index] = (kick_fd, call_fd)
 
     def deassign(self, index: int) -> None:
@@ -109,8 +171,8 @@ class QueueFastPath:
         if fds is None:
             return
         kick_fd, call_fd = fds
-        self.guest._irqfd(self.irq, call_fd, PRIVCMD_IRQFD_FLAG_DEASSIGN)
         self.guest._ioeventfd(self.base, index, kick_fd, PRIVCMD_IOEVENTFD_FLAG_DEASSIGN)
+        self.guest._irqfd(self.irq, call_fd, PRIVCMD_IRQFD_FLAG_DEASSIGN)
 
 
 class PciKickFastPath:

@@ -90,12 +90,15 @@ class IoreqServer:
     """One IOREQ server of one guest, and the loop that serves it."""
 
     def __init__(self, privcmd: PrivCmd, evtchn: EventChannel, domid: int, log: DeviceLogger,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, through: IoreqServer | None = None) -> None:
+        """``through``: the server whose windows serve the accesses none of ours holds (the
+        kernel's server of a predecessor, whose ranges are not known here: supervisor.py)."""
         self.privcmd = privcmd
         self.evtchn = evtchn
         self.domid = domid
         self.log = log
         self.dm = DeviceModel(privcmd, domid)
+        self.through = through
         self.stats = IoreqStats()
         self._limit = RateLimit(clock or asyncio.get_event_loop().time)
         self.nr_vcpus = 0
@@ -457,8 +460,21 @@ class IoreqServer:
             wsize, handler = self._windows[base]
             if addr + size <= base + wsize:
                 return handler.mmio(addr - base, size, req.is_write, req.data, req.vcpu)
+        if self.through is not None:
+            return self.through.serve_at(addr, size, req.is_write, req.data, req.vcpu)
         self._refuse(f"access at {addr:#x} outside every device window")
         return ALL_ONES if not req.is_write else None
+
+    def serve_at(self, addr: int, size: int, is_write: bool, value: int, vcpu: int) -> int | None | Awaitable[int | None]:
+        """An access another server took at ``addr`` (the kernel's, fastpath.py), served by the
+        window holding it here, or refused."""
+        i = bisect.bisect_right(self._bases, addr) - 1
+        if i >= 0:
+            wsize, handler = self._windows[self._bases[i]]
+            if addr + size <= self._bases[i] + wsize:
+                return handler.mmio(addr - self._bases[i], size, is_write, value, vcpu)
+        self._refuse(f"access at {addr:#x} outside every device window")
+        return None if is_write else ALL_ONES
 
     def _refuse(self, reason: str) -> None:
         self.stats.refused += 1

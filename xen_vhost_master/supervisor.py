@@ -50,7 +50,7 @@ from .datapath.base import DataPath
 from .datapath.choose import GuestDataPaths, GuestResources
 from .device import BackendAbsent, Device, DeviceError
 from .errors import ConfigError, ExitCode, HostError, XenError, host_error
-from .fastpath import KernelFastPath
+from .fastpath import KernelFastPath, NotifyRoutes
 from .fdstore import FD_KINDS, Kept, group_by_device, kept_name, take_listen_fds
 from .instance import RuntimeDir
 from .ioreq_server import REMOVED_GRACE, IoreqServer
@@ -145,6 +145,9 @@ def _check_state(state: object) -> dict[str, Any]:
         raise ValueError(f"ioreq_server {server!r} is not an IOREQ server id")
     if not isinstance(name, str):
         raise ValueError(f"name {name!r} is not a string")
+    kernel = state.get("kernel_server")  # (later still: absent in older files)
+    if kernel is not None and (isinstance(kernel, bool) or not isinstance(kernel, int) or not 0 <= kernel <= 0xFFFF):
+        raise ValueError(f"kernel_server {kernel!r} is not an IOREQ server id")
     if not isinstance(devices, dict):
         raise ValueError(f"devices {devices!r} is not an object")
     for base, device in devices.items():
@@ -187,6 +190,7 @@ class Supervisor:
         self._started_at = time.time()  # (wall clock: what status shows an operator)
         self._started_mono = time.monotonic()
         self.fastpath: KernelFastPath | None = None
+        self._kernel_server: IoreqServer | None = None  # the fast path's own (fastpath.py), on its own evtchn fd
         self._paths: GuestDataPaths | None = None  # once the guest's RAM layout is known
         self.restricted = False
         self.handover = False  # SIGHUP: the guest is left to the next image of this process
@@ -356,8 +360,9 @@ class Supervisor:
         self._drop_unclaimed_kept()
         self._starting("enabling the IOREQ server")
         self.ioreq.enable()
+        self._adopt_kernel_server(self._saved.get("kernel_server"))
         self._restrict()
-        self._detect_fast_path()
+        await self._detect_fast_path()
         for served in self.devices.values():
             await self._set_state(served, XenbusState.INIT_WAIT)
         if self.opt.status_socket:
@@ -421,16 +426,18 @@ class Supervisor:
         try:
             self.privcmd.restrict(self.domid)
             self.evtchn.restrict_domid(self.domid)
+            if self._kernel_server is not None:
+                self._kernel_server.evtchn.restrict_domid(self.domid)
         except XenError as e:
             self.log.warning("could not restrict privcmd/evtchn to domain %d: %s", self.domid, e)
             return
         self.restricted = True
         self.log.info("privcmd and evtchn restricted to domain %d", self.domid)
 
-    def _detect_fast_path(self) -> None:
+    async def _detect_fast_path(self) -> None:
         """Linux >= 6.7 privcmd ioeventfd/irqfd, decided once per guest (after RESTRICT, where
         EPERM would mean "present") and logged; zero-copy devices then leave notifications to
-        the kernel."""
+        the kernel, their notify registers on the kernel's IOREQ server (fastpath.py)."""
         assert self.privcmd is not None and self.ioreq is not None and self.ioreq.page is not None
         if not self.opt.kernel_fast_path:
             self.log.info("kernel fast path (privcmd ioeventfd/irqfd) not used (--no-kernel-fast-path): user-space relay")
@@ -438,11 +445,64 @@ class Supervisor:
         if not self.privcmd.eventfd_ioctls_supported():
             self.log.info("kernel fast path (privcmd ioeventfd/irqfd) not available: user-space relay")
             return
-        self.fastpath = KernelFastPath(self.privcmd, self.domid, self.ioreq.page, self.ioreq.ports, self.log)
-        self.log.info("kernel fast path available: privcmd ioeventfd/irqfd for zero-copy devices")
+        if self._kernel_server is None:
+            try:
+                self._kernel_server = IoreqServer(self.privcmd, EventChannel(self.kernel), self.domid, self.log,
+                                                  through=self.ioreq)
+                if self.restricted:
+                    self._kernel_server.evtchn.restrict_domid(self.domid)
+                self._kernel_server.create()
+                self._kernel_server.enable()
+            except XenError as e:
+                self.log.warning("kernel fast path not used: its IOREQ server could not be set up (%s): "
+                                 "user-space relay", e)
+                await self._close_kernel_server("kernel fast path server")
+                return
+        server = self._kernel_server
+        assert self.ioreq.server_id is not None and server.server_id is not None
+        if server.server_id < self.ioreq.server_id:  # Xen would give the notify registers to ours
+            self.log.warning("kernel fast path not used: its IOREQ server has id %d, below ours (%d), and Xen gives "
+                             "an access to the most recent server: user-space relay", server.server_id, self.ioreq.server_id)
+            return
+        self.fastpath = KernelFastPath(self.privcmd, self.domid, NotifyRoutes(server, self.ioreq), self.log)
+        self._save_state()
+        self.log.info("kernel fast path available: privcmd ioeventfd/irqfd for zero-copy devices "
+                      "(notify registers on ioreq server %d)", server.server_id)
         for served in self.devices.values():
             cfg = served.config
             served.device.use_fast_path(self.fastpath.for_function() if cfg.pci else self.fastpath.for_device(cfg.base, cfg.irq))
+
+    async def _close_kernel_server(self, what: str) -> None:
+        """The kernel's server destroyed (the devices gave their queues back: nothing of ours is
+        routed to it), its event-channel fd closed."""
+        server, self._kernel_server = self._kernel_server, None
+        if server is not None:
+            await self._bounded(what, server.close())
+            server.evtchn.close()
+
+    def _adopt_kernel_server(self, sid: int | None) -> None:
+        """The kernel's server a predecessor left (it crashed or handed over with queues on the
+        fast path): notify registers may still be routed to it, and a vCPU may wait in it (Linux
+        keeps a dead process's ioeventfds; the simulator drops them). Taken over like ours:
+        what reaches it is served through our windows until the fast path routes registers to
+        it again, or until we stop."""
+        if sid is None or self.privcmd is None or self.ioreq is None or sid == self.ioreq.server_id:
+            return
+        try:
+            self.ioreq.dm.get_ioreq_server_info(sid)
+        except XenError as e:
+            self.log.info("kernel fast path server %d of a previous run is gone (%s)", sid, e)
+            return
+        try:
+            self._kernel_server = IoreqServer(self.privcmd, EventChannel(self.kernel), self.domid, self.log,
+                                              through=self.ioreq)
+            self._kernel_server.create(adopt=sid)
+            self._kernel_server.enable()
+        except XenError as e:
+            self.log.warning("kernel fast path server %d of a previous run left as it is: %s", sid, e)
+            if self._kernel_server is not None:
+                self._kernel_server.evtchn.close()
+            self._kernel_server = None
 
     def _adjust(self, cfg: DeviceConfig) -> DeviceConfig:
         if cfg.memory is MemoryMode.AUTO and self.opt.memory is not MemoryMode.AUTO:
@@ -835,6 +895,8 @@ class Supervisor:
             elif s.device.refused is None and str(base) in pending:
                 devices[str(base)] = pending[str(base)]
         state = {"domid": self.domid, "name": self.name, "ioreq_server": self.ioreq.server_id, "devices": devices}
+        if self._kernel_server is not None and self._kernel_server.server_id is not None:
+            state["kernel_server"] = self._kernel_server.server_id
         name = self._state_name()
         if name is None or self.runtime is None:
             return
@@ -1170,6 +1232,7 @@ class Supervisor:
             except Exception:  # noqa: BLE001 - a bug in one device's teardown must not keep the rest
                 self.log.exception("device at %#x: its teardown failed", base)
                 self.devices.pop(base, None)
+        await self._close_kernel_server("kernel fast path server teardown")
         if self.ioreq is not None:
             await self._bounded("ioreq server teardown", self.ioreq.close())
             name = self._state_name()
@@ -1205,6 +1268,10 @@ class Supervisor:
                 served.listener.close()
         self._save_state()
         self.ioreq.detach()
+        if self._kernel_server is not None:  # (the next image adopts it as well)
+            self._kernel_server.detach()
+            self._kernel_server.evtchn.close()
+            self._kernel_server = None
         if self.xs is not None:
             await self.xs.close()
         if self._paths is not None:

@@ -330,7 +330,7 @@ class Hypervisor:
         run = dom.pause_count == 0 and dom.shutdown_reason is None and not dom.dying
         flags = (vcpu_channel.FLAG_RUNNING if run else 0) | (vcpu_channel.FLAG_DYING if dom.dying else 0) \
             | (vcpu_channel.FLAG_ARM64 if dom.arch is Arch.ARM64 else 0)
-        live = [s for s in dom.servers.values() if not s.closed]
+        live = [s for _, s in sorted(dom.servers.items(), reverse=True) if not s.closed]  # (as _access searches)
         entries = [(start, end, s.uid, s.fast_vcpus(), s.route_gen & 0xFFFFFFFF) for s in live if s.enabled
                    for kind, start, end in s.ranges if kind == IoRangeType.MEMORY]
         dom.ctl_seq = vcpu_channel.write(dom.ctl, dom.ctl_seq, flags, entries, [s.uid for s in live])
@@ -619,8 +619,11 @@ class Hypervisor:
             await dom.running.wait()
             if dom.dying:
                 raise HvError(errno.ESRCH, "domain destroyed")
-            server = next((s for s in dom.servers.values() if s.claims(kind, key, 1 if kind == IoRangeType.PCI
-                                                                          else size)), None)
+            # The most recently created server first (xen/common/ioreq.c FOR_EACH_IOREQ_SERVER counts
+            # ids down; ranges of different servers may overlap, ioreq_server_map_io_range checks
+            # only the server's own)
+            server = next((s for _, s in sorted(dom.servers.items(), reverse=True)
+                           if s.claims(kind, key, 1 if kind == IoRangeType.PCI else size)), None)
             if server is None:
                 log.debug("d%d vcpu%d unclaimed %s %s %#x/%d", domid, vcpu, IoRangeType(kind).name,
                           "W" if write else "R", addr, size)

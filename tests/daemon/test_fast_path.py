@@ -16,7 +16,7 @@ from vhost_user.aio.server import serve_unix
 from vhost_user.testing import RamDiskBlk
 from xen_vhost_master.config import DeviceConfig
 from xen_vhost_master.device import Device
-from xen_vhost_master.fastpath import KernelFastPath
+from xen_vhost_master.fastpath import KernelFastPath, NotifyRoutes
 from xen_vhost_master.ioreq_server import IoreqServer
 from xen_vhost_master.log import device_logger
 from xen_vhost_master.datapath.zerocopy import XenMmapExport
@@ -47,6 +47,7 @@ async def test_io_with_and_without_the_kernel_fast_path(sim_dir, kernel_mode):
         privcmd, evtchn = PrivCmd(kernel), EventChannel(kernel)
         log = device_logger("xvm.test", domid, "blk0")
         ioreq = IoreqServer(privcmd, evtchn, domid, log)
+        kserver = IoreqServer(privcmd, EventChannel(kernel), domid, log)  # the kernel's (fastpath.py)
         device = Device(DeviceConfig(devid=0, device_id=2, base=BASE, irq=IRQ, socket=sock),
                         connect=lambda: AsyncFrontend.connect(sock),
                         memory=XenMmapExport(domid, bank_layout(Arch.ARM64, 32 << 20), privcmd.fileno()),
@@ -61,7 +62,9 @@ async def test_io_with_and_without_the_kernel_fast_path(sim_dir, kernel_mode):
             available = privcmd.eventfd_ioctls_supported()
             assert available == (kernel_mode == "on")
             if available:
-                device.use_fast_path(KernelFastPath(privcmd, domid, ioreq.page, ioreq.ports, log).for_device(BASE, IRQ))
+                kserver.create()
+                kserver.enable()
+                device.use_fast_path(KernelFastPath(privcmd, domid, NotifyRoutes(kserver, ioreq), log).for_device(BASE, IRQ))
             blk = await asyncio.wait_for(VirtioBlk.attach(guest, BASE, IRQ, GuestPageAllocator(guest.ram)), TIMEOUT)
             data = random.Random(7).randbytes(256 << 10)
             for i in range(4):  # several rounds: interrupts must keep arriving
@@ -73,6 +76,9 @@ async def test_io_with_and_without_the_kernel_fast_path(sim_dir, kernel_mode):
             assert sorted(device.fastpath.assigned if device.fastpath else ()) == ([0] if available else [])
             if available:
                 assert counters["ioeventfd_consumed"] > 0 and counters["irqfd_injected"] > 0
+                # The kernel's handler saw no write it does not own (InterruptACK, Status...): in a
+                # slot it shares with user space it would store READY back over the daemon's answer.
+                assert counters["ioeventfd_passed"] == 0
                 assert device.stats.notifies == 0  # every QueueNotify was completed by the kernel
                 assert device.stats.per_queue_calls == {}  # and every interrupt raised by it
             else:
@@ -84,6 +90,8 @@ async def test_io_with_and_without_the_kernel_fast_path(sim_dir, kernel_mode):
             guest.close()
             await ioreq.close()
             await device.close()
+            await kserver.close()
+            kserver.evtchn.close()
             evtchn.close()
             privcmd.close()
             backend.cancel()
@@ -147,3 +155,76 @@ def test_the_cli_flag_reaches_the_options(tmp_path, argv, use):
 
     args = cli.parse_args(["--domain", "5", "--config-dir", str(tmp_path), "--runtime-dir", str(tmp_path), *argv])
     assert cli._options(args, GuestDomain(5, "g")).kernel_fast_path is use
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # the daemons run uvloop in their own processes
+async def test_a_daemon_killed_with_a_queue_on_the_kernel_fast_path_leaves_its_successor_every_access(
+        start_sim, sim_dir, tmp_path):
+    """The fast path's notify registers live on an IOREQ server of their own (fastpath.py). A
+    daemon SIGKILLed with its queue there leaves that server enabled with the register routed to
+    it; the guest's next kick blocks its vCPU in it (no ioeventfd answers it any more). The
+    successor, which adopts the daemon's server as after any crash, serves that kick through its
+    own window, destroys the old server, and I/O goes on through a new one; a clean stop leaves
+    no server at all."""
+    import signal
+    import subprocess
+
+    from tests.daemon.test_daemon_cli import BIN, DOMID, DaemonLog, daemon_env, stop
+    from xen_vhost_sim.guest import SimControl
+
+    _sim, sim_path = start_sim(sim_dir)
+    with SimControl(sim_path) as ctl:
+        assert ctl.set_privcmd_eventfd("on") == "on"
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    disk = RamDiskBlk(8 << 20)
+    disk.xen_mapper = XenRegionMapper(SimKernel(sim_path))
+    ready = asyncio.Event()
+    backend = asyncio.ensure_future(serve_unix(lambda: disk, str(runtime / "0.sock"), ready=ready.set))
+    cmd = [str(BIN / "xen-vhost-master"), "--domid", str(DOMID), "--runtime-dir", str(runtime)]
+    first = subprocess.Popen(cmd, env=daemon_env(sim_path), stderr=subprocess.PIPE)
+    second = None
+    guest = None
+    try:
+        await asyncio.wait_for(ready.wait(), TIMEOUT)
+        await DaemonLog(first).wait_for("serving: ")
+        guest = await SimGuest.connect(sim_path, DOMID)
+        blk = await asyncio.wait_for(VirtioBlk.attach(guest, BASE, IRQ, GuestPageAllocator(guest.ram)), TIMEOUT)
+        data = random.Random(3).randbytes(64 << 10)
+        await asyncio.wait_for(blk.batch([BlkOp("write", 0, data=data)]), TIMEOUT)
+        with SimControl(sim_path) as ctl:
+            info = ctl.domain_info(DOMID)
+            assert info["fastpath"]["ioeventfd_consumed"] > 0 and info["fastpath"]["ioeventfd_passed"] == 0
+            assert len(info["servers"]) == 2  # the daemon's and the kernel's
+        first.kill()
+        first.wait(TIMEOUT)
+        more = random.Random(4).randbytes(64 << 10)
+        pending = asyncio.ensure_future(blk.batch([BlkOp("write", 2048, data=more)]))
+        second = subprocess.Popen(cmd, env=daemon_env(sim_path), stderr=subprocess.PIPE)
+        log = DaemonLog(second)
+        await log.wait_for("ioreq server 0 adopted")
+        await log.wait_for("kernel fast path available")
+        try:
+            await asyncio.wait_for(pending, TIMEOUT)
+        except Exception as e:
+            raise AssertionError(f"the kick left in the old kernel server was not served ({e!r}):\n"
+                                 + await log.ended()) from None
+        got = await asyncio.wait_for(blk.batch([BlkOp("read", 0, count=128), BlkOp("read", 2048, count=128)]), TIMEOUT)
+        assert got == [data, more] and bytes(disk.disk[2048 * 512:2048 * 512 + len(more)]) == more
+        with SimControl(sim_path) as ctl:
+            assert len(ctl.domain_info(DOMID)["servers"]) == 2  # the old kernel server is gone
+        await asyncio.wait_for(blk.close(), TIMEOUT)
+        second.send_signal(signal.SIGTERM)
+        assert await asyncio.get_running_loop().run_in_executor(None, second.wait, TIMEOUT) == 0
+        with SimControl(sim_path) as ctl:
+            assert ctl.domain_info(DOMID)["servers"] == []
+    finally:
+        if guest is not None:
+            guest.close()
+        for proc in (first, second):
+            if proc is not None:
+                stop(proc)
+                if proc.stderr is not None:
+                    proc.stderr.close()
+        backend.cancel()
+        await asyncio.gather(backend, return_exceptions=True)

@@ -148,3 +148,36 @@ async def test_each_access_reaches_the_window_it_falls_in_at_its_offset(no_fd_le
         assert await asyncio.wait_for(guest.mmio_read(BASE + 0x5FC, 4), TIMEOUT) == 0x1234
         assert first.accesses == [(0x1FC, False, 0)]
         assert second.accesses == [(0, True, 7), (0x1FC, False, 0)]
+
+
+@pytest.mark.asyncio
+async def test_an_access_goes_to_the_newest_server_whose_ranges_hold_it_and_the_kernels_hands_the_rest_through(
+        no_fd_leak, sim_host, sim_control, kernel):
+    """Ranges of different IOREQ servers may overlap (xen/common/ioreq.c
+    ``ioreq_server_map_io_range`` checks the server's own only) and Xen gives an access to the most
+    recently created server that holds all of it (``FOR_EACH_IOREQ_SERVER`` counts ids down):
+    what the kernel fast path's own server relies on (fastpath.py). An access that server holds
+    but has no window for goes to its ``through`` server's window."""
+    window = Answer()
+    async with served(sim_host, sim_control, kernel, window) as (ioreq, guest, _evtchn):
+        with EventChannel(ioreq.privcmd.kernel) as evtchn2:
+            newer = IoreqServer(ioreq.privcmd, evtchn2, ioreq.domid, ioreq.log, through=ioreq)
+            newer.create()
+            newer.enable()
+            try:
+                notify = Answer()
+                newer.add_window(BASE + 0x50, 4, notify)
+                await asyncio.wait_for(guest.mmio_write(BASE + 0x50, 4, 1), TIMEOUT)  # held by both: the newer
+                await asyncio.wait_for(guest.mmio_write(BASE + 0x64, 4, 2), TIMEOUT)  # ours only
+                assert await asyncio.wait_for(guest.mmio_read(BASE + 0x50, 8), TIMEOUT) == 0x1234  # not all of it
+                assert notify.accesses == [(0, True, 1)]
+                assert window.accesses == [(0x64, True, 2), (0x50, False, 0)]
+                newer.remove_window(BASE + 0x50)
+                await asyncio.wait_for(guest.mmio_write(BASE + 0x50, 4, 3), TIMEOUT)  # ours again
+                assert window.accesses[-1] == (0x50, True, 3) and len(notify.accesses) == 1
+                newer.dm.map_io_range(newer.server_id or 0, BASE + 0x100, BASE + 0x103)  # no window of its own
+                await asyncio.wait_for(guest.mmio_write(BASE + 0x100, 4, 4), TIMEOUT)
+                assert window.accesses[-1] == (0x100, True, 4)  # through ours
+                assert newer.stats.served == 2 and newer.stats.refused == 0
+            finally:
+                await newer.close()

@@ -357,7 +357,7 @@ async def test_a_functions_kicks_go_through_the_kernel_fast_path_and_follow_its_
     from xen_vhost_master.backend.mapper import XenRegionMapper
     from xen_vhost_master.datapath.zerocopy import XenMmapExport
     from xen_vhost_master.device import Device
-    from xen_vhost_master.fastpath import KernelFastPath
+    from xen_vhost_master.fastpath import KernelFastPath, NotifyRoutes
     from xen_vhost_master.ioreq_server import IoreqServer
     from xen_vhost_master.log import device_logger
     from xen_vhost_master.xen.evtchn import EventChannel
@@ -377,6 +377,7 @@ async def test_a_functions_kicks_go_through_the_kernel_fast_path_and_follow_its_
         privcmd, evtchn = PrivCmd(kernel), EventChannel(kernel)
         log = device_logger("xvm.test", domid, "blk0")
         ioreq = IoreqServer(privcmd, evtchn, domid, log)
+        kserver = IoreqServer(privcmd, EventChannel(kernel), domid, log)  # the kernel's (fastpath.py)
         cfg = parse_device_arg(f"type=blk,transport=pci,bdf=00:{DEV:02x}.0,socket={sock}")
         bars: list[int | None] = []
 
@@ -401,7 +402,9 @@ async def test_a_functions_kicks_go_through_the_kernel_fast_path_and_follow_its_
             available = privcmd.eventfd_ioctls_supported()
             assert available == (kernel_mode == "on")
             if available:
-                device.use_fast_path(KernelFastPath(privcmd, domid, ioreq.page, ioreq.ports, log).for_function())
+                kserver.create()
+                kserver.enable()
+                device.use_fast_path(KernelFastPath(privcmd, domid, NotifyRoutes(kserver, ioreq), log).for_function())
             driver = VirtioPciDriver(guest, sbdf(DEV), GuestPageAllocator(guest.ram, reserve=1 << 20))
             blk = await asyncio.wait_for(VirtioBlk.bring_up(driver, queue_size=64), TIMEOUT)
             data = random.Random(7).randbytes(64 << 10)
@@ -421,6 +424,7 @@ async def test_a_functions_kicks_go_through_the_kernel_fast_path_and_follow_its_
             counters = ctl.domain_info(domid)["fastpath"]
             if available:
                 assert counters["ioeventfd_consumed"] >= 4 and counters["irqfd_injected"] == 0
+                assert counters["ioeventfd_passed"] == 0  # the kernel's slots hold its notifies only
                 assert device.stats.notifies == 0  # every notify was completed by the kernel
                 assert device.stats.per_queue_calls.get(0, 0) > 0  # used buffers: the daemon's MSIs
                 assert device.fastpath is not None and set(device.fastpath.assigned) == {0}
@@ -432,6 +436,8 @@ async def test_a_functions_kicks_go_through_the_kernel_fast_path_and_follow_its_
             guest.close()
             await ioreq.close()
             await device.close()
+            await kserver.close()
+            kserver.evtchn.close()
             evtchn.close()
             privcmd.close()
             backend.cancel()
