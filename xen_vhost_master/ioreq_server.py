@@ -7,9 +7,13 @@ reverse order, on every exit path.
 
 Serving one request follows docs/xen-abi.md §5: take a READY slot (INPROCESS), handle it, publish the data,
 IORESP_READY, notify the vCPU's port. Slots not in READY are skipped without notify (spurious
-wakeups, or the kernel's ioeventfd fast path completed them). Each vCPU has at most one request
-outstanding; requests of different vCPUs are served concurrently, and each device serialises its
-own accesses.
+wakeups, or, on the kernel fast path's own server, the kernel's ioeventfd completed them). Each
+vCPU has at most one request outstanding; requests of different vCPUs are served concurrently, and
+each device serialises its own accesses.
+
+A daemon runs one of these for its windows and, on the kernel fast path, a second one whose
+ranges are only the notify registers the kernel answers (fastpath.py): its slots are the only ones
+the kernel's handler stores into, and what it leaves there goes ``through`` the first's windows.
 """
 
 from __future__ import annotations
@@ -399,8 +403,9 @@ class IoreqServer:
         self.log.exception("serving %s of %d bytes at %#x failed", "write" if req.is_write else "read", req.size, req.addr)
 
     def _watch_kernel(self, vcpu: int) -> None:
-        """With the dom0 kernel answering QueueNotify writes (privcmd ioeventfd), a slot this
-        loop did not take may be the kernel's for a moment: READY with a notify it answers, or
+        """On the kernel fast path's own server (fastpath.py), whose QueueNotify writes the dom0
+        kernel answers (privcmd ioeventfd), a slot this loop did not take may be the kernel's for
+        a moment: READY with a notify it answers, or
         INPROCESS while its handler looks, after which it stores READY back, with no new event,
         for any other access (Linux drivers/xen/privcmd.c ioeventfd_interrupt). Such a slot is
         looked at again, soon and then less often, until it is answered or taken."""

@@ -157,15 +157,18 @@ def test_the_cli_flag_reaches_the_options(tmp_path, argv, use):
     assert cli._options(args, GuestDomain(5, "g")).kernel_fast_path is use
 
 
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGHUP"])
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # the daemons run uvloop in their own processes
-async def test_a_daemon_killed_with_a_queue_on_the_kernel_fast_path_leaves_its_successor_every_access(
-        start_sim, sim_dir, tmp_path):
+async def test_a_daemon_gone_with_a_queue_on_the_kernel_fast_path_leaves_its_successor_every_access(
+        start_sim, sim_dir, tmp_path, how):
     """The fast path's notify registers live on an IOREQ server of their own (fastpath.py). A
     daemon SIGKILLed with its queue there leaves that server enabled with the register routed to
     it; the guest's next kick blocks its vCPU in it (no ioeventfd answers it any more). The
-    successor, which adopts the daemon's server as after any crash, serves that kick through its
-    own window, destroys the old server, and I/O goes on through a new one; a clean stop leaves
-    no server at all."""
+    successor adopts both servers (as the daemon's own after any crash), serves that kick through
+    its own window, and I/O goes on with the kernel answering kicks on the adopted server again.
+    A SIGHUP handover (the process re-executes itself) gives its queues back and leaves the
+    server to the next image the same way. Never more than the two servers; a clean stop leaves
+    none."""
     import signal
     import subprocess
 
@@ -196,13 +199,20 @@ async def test_a_daemon_killed_with_a_queue_on_the_kernel_fast_path_leaves_its_s
             info = ctl.domain_info(DOMID)
             assert info["fastpath"]["ioeventfd_consumed"] > 0 and info["fastpath"]["ioeventfd_passed"] == 0
             assert len(info["servers"]) == 2  # the daemon's and the kernel's
-        first.kill()
-        first.wait(TIMEOUT)
         more = random.Random(4).randbytes(64 << 10)
-        pending = asyncio.ensure_future(blk.batch([BlkOp("write", 2048, data=more)]))
-        second = subprocess.Popen(cmd, env=daemon_env(sim_path), stderr=subprocess.PIPE)
-        log = DaemonLog(second)
+        if how == "SIGKILL":
+            first.kill()
+            first.wait(TIMEOUT)
+            pending = asyncio.ensure_future(blk.batch([BlkOp("write", 2048, data=more)]))
+            second = subprocess.Popen(cmd, env=daemon_env(sim_path), stderr=subprocess.PIPE)
+            log = DaemonLog(second)
+        else:
+            first.send_signal(signal.SIGHUP)
+            pending = asyncio.ensure_future(blk.batch([BlkOp("write", 2048, data=more)]))
+            second, first = first, None
+            log = DaemonLog(second)
         await log.wait_for("ioreq server 0 adopted")
+        await log.wait_for("ioreq server 1 adopted")
         await log.wait_for("kernel fast path available")
         try:
             await asyncio.wait_for(pending, TIMEOUT)
@@ -212,7 +222,13 @@ async def test_a_daemon_killed_with_a_queue_on_the_kernel_fast_path_leaves_its_s
         got = await asyncio.wait_for(blk.batch([BlkOp("read", 0, count=128), BlkOp("read", 2048, count=128)]), TIMEOUT)
         assert got == [data, more] and bytes(disk.disk[2048 * 512:2048 * 512 + len(more)]) == more
         with SimControl(sim_path) as ctl:
-            assert len(ctl.domain_info(DOMID)["servers"]) == 2  # the old kernel server is gone
+            info = ctl.domain_info(DOMID)
+            assert info["servers"] == [0, 1]
+            assert info["fastpath"]["ioeventfd_passed"] == 0
+        kicked = info["fastpath"]["ioeventfd_consumed"]
+        await asyncio.wait_for(blk.batch([BlkOp("write", 4096, data=more)]), TIMEOUT)
+        with SimControl(sim_path) as ctl:
+            assert ctl.domain_info(DOMID)["fastpath"]["ioeventfd_consumed"] > kicked  # the kernel's again
         await asyncio.wait_for(blk.close(), TIMEOUT)
         second.send_signal(signal.SIGTERM)
         assert await asyncio.get_running_loop().run_in_executor(None, second.wait, TIMEOUT) == 0

@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Boot the lab: Xen + the dom0 initramfs under qemu-system-aarch64 (TCG), serial log to a file.
 
-    boot.py --xen XEN --kernel Image --initrd dom0.cpio.gz --log LOG [--timeout 600]
+    boot.py --xen XEN --kernel Image --initrd dom0.cpio.gz --log LOG [--timeout 600] [--stall 0]
 
 Xen boots from QEMU's own virt DTB with /chosen edited (fdtput): Xen and dom0 command lines and
 two ``multiboot,module`` nodes for dom0's kernel and initramfs, loaded by ``-device loader``.
 Every serial line is written to LOG prefixed with seconds since QEMU started. QEMU is stopped
-(its own pid, SIGTERM then SIGKILL) on a Xen or Linux panic, at the timeout, or a few seconds
-after dom0 says XENLAB-DOM0-END if it does not power off by itself. Exit status: 0 when dom0
+(its own pid, SIGTERM then SIGKILL) on a Xen or Linux panic, at the timeout, when no check has
+been reported (a ``XENLAB-CHECK`` line) for ``--stall`` seconds (0: no such bound), or a few seconds
+after dom0 says XENLAB-DOM0-END if it does not power off by itself. The stall bound is what ends a
+stuck boot on a loaded machine, where a whole boot may take several times as long as on an idle
+one; the timeout caps it. Exit status: 0 when dom0
 finished (XENLAB-DOM0-END), 1 otherwise.
 """
 
@@ -80,11 +83,15 @@ def boot(args: argparse.Namespace) -> int:
             sel = selectors.DefaultSelector()
             sel.register(proc.stdout, selectors.EVENT_READ)
             buf, deadline, end_at = b"", t0 + args.timeout, None
+            stalled_at = t0 + args.stall if args.stall > 0 else float("inf")
             try:
                 while True:
                     now = time.monotonic()
                     if now > deadline:
                         reason = f"timeout after {args.timeout} s"
+                        break
+                    if now > stalled_at and end_at is None:
+                        reason = f"no check reported for {args.stall} s"
                         break
                     if end_at is not None and now > end_at:
                         reason = "dom0 finished but did not power off"
@@ -99,6 +106,8 @@ def boot(args: argparse.Namespace) -> int:
                     for raw in lines:
                         line = raw.decode("utf-8", "replace").rstrip("\r")
                         log.write(f"[{time.monotonic() - t0:7.1f}] {line}\n")
+                        if "XENLAB-CHECK" in line and args.stall > 0:
+                            stalled_at = time.monotonic() + args.stall
                         if "XENLAB-DOM0-END" in line:
                             finished, end_at = True, time.monotonic() + 15
                         elif PANIC.search(line) and end_at is None and not GUEST_DUMP.match(line):
@@ -121,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--initrd", required=True)
     p.add_argument("--log", required=True)
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--stall", type=float, default=0)
     p.add_argument("--mem", type=int, default=3072)
     p.add_argument("--smp", type=int, default=2)
     p.add_argument("--dom0-mem", default="1024M")
