@@ -49,10 +49,12 @@ from xen_vhost_sim.guest_devices import VirtioBlk
 from xen_vhost_sim.guest_driver import GuestPageAllocator
 
 REPO = Path(__file__).resolve().parents[2]
-# A guest name systemd must escape: the instance is "my\x2dguest\x207", %I gives the name back,
+# A guest name systemd must escape: the instance is "my\x2dguest\x20<pid>", %I gives the name back,
 # and RuntimeDirectory=xen-vhost-master/%I must be the daemon's own runtime directory (under
-# ProtectSystem=strict it could write nowhere else).
-NAME = "my-guest 7"
+# ProtectSystem=strict it could write nowhere else). The test run's pid in it: the booted systemd
+# shares the host's cgroup tree, where two runs at once (make test beside make test-trixie) would
+# otherwise share the unit's cgroup, and one's `systemctl kill` reach the other's daemon.
+NAME = f"my-guest {os.getpid()}"
 INSTANCE = instance_name(NAME)
 UNIT = f"xen-vhost-master@{INSTANCE}.service"
 
