@@ -95,8 +95,9 @@ class IoreqServer:
 
     def __init__(self, privcmd: PrivCmd, evtchn: EventChannel, domid: int, log: DeviceLogger,
                  clock: Callable[[], float] | None = None, through: IoreqServer | None = None) -> None:
-        """``through``: the server whose windows serve the accesses none of ours holds (the
-        kernel's server of a predecessor, whose ranges are not known here: supervisor.py)."""
+        """``through``: the server whose windows serve the accesses none of ours holds (on the
+        kernel fast path's own server, fastpath.py: the notify registers the kernel leaves to us,
+        and a predecessor's ranges, which are not known here)."""
         self.privcmd = privcmd
         self.evtchn = evtchn
         self.domid = domid
