@@ -69,13 +69,22 @@ class _Through:
 
 
 class NotifyRoutes:
-    """The kernel's IOREQ server (``server``, created after the daemon's ``main``, enabled) and the
-    notify registers routed to it: each ``(address, size)`` once, for as long as one queue of it
-    is on the fast path."""
+    """The kernel's IOREQ server and the notify registers routed to it: each ``(address, size)``
+    once, for as long as one queue of it is on the fast path. The server (created after the
+    daemon's ``main``, enabled) is opened by ``open_server`` when the first queue needs it: a
+    guest whose devices all take the shadow path never has one."""
 
-    def __init__(self, server: IoreqServer, main: IoreqServer) -> None:
-        self.server, self.main = server, main
+    def __init__(self, open_server: Callable[[], IoreqServer], main: IoreqServer) -> None:
+        self._open, self.main = open_server, main
+        self._server: IoreqServer | None = None
         self._routed: dict[tuple[int, int], int] = {}  # (address, size) -> queues behind it
+
+    @property
+    def server(self) -> IoreqServer:
+        """The kernel's server, opened now if it is not yet (XenError if it cannot be)."""
+        if self._server is None:
+            self._server = self._open()
+        return self._server
 
     def route(self, addr: int, size: int) -> None:
         n = self._routed.get((addr, size), 0)
@@ -97,14 +106,12 @@ class KernelFastPath:
     """The guest-wide part: the kernel's IOREQ server, its page and its vCPUs' local ports."""
 
     def __init__(self, privcmd: PrivCmd, domid: int, routes: NotifyRoutes, log: DeviceLogger) -> None:
-        assert routes.server.page is not None
         self.privcmd = privcmd
         self.domid = domid
         self.routes = routes
-        self.page = routes.server.page
         self.log = log
-        # The kernel reads ports[vcpus] from our memory at assign time: keep the array alive.
-        self._ports = array.array("I", routes.server.ports)
+        # The kernel reads ports[vcpus] from our memory at assign time: kept alive here.
+        self._ports: array.array[int] | None = None
 
     def for_device(self, base: int, irq: int) -> QueueFastPath:
         return QueueFastPath(self, base, irq)
@@ -113,29 +120,36 @@ class KernelFastPath:
         return PciKickFastPath(self)
 
     def _ioeventfd(self, base: int, index: int, kick_fd: int, flags: int, addr_len: int = 4) -> None:
+        server = self.routes.server
+        page = server.page
+        assert page is not None
+        if self._ports is None:
+            self._ports = array.array("I", server.ports)
+        ports = self._ports
+
         def arg(flags: int) -> privcmd_ioeventfd:
             return privcmd_ioeventfd(
-                ioreq=self.page.mapping.addr, ports=self._ports.buffer_info()[0], addr=base, addr_len=addr_len,
-                event_fd=kick_fd, vcpus=len(self._ports), vq=index, flags=flags, dom=self.domid,
+                ioreq=page.mapping.addr, ports=ports.buffer_info()[0], addr=base, addr_len=addr_len,
+                event_fd=kick_fd, vcpus=len(ports), vq=index, flags=flags, dom=self.domid,
             )
 
         notify = (base + QueueFastPath.NOTIFY_OFFSET, addr_len, index)  # what the kernel answers from now on
         if flags & PRIVCMD_IOEVENTFD_FLAG_DEASSIGN:
             self.routes.unroute(notify[0], addr_len)
             self.privcmd.ioeventfd(arg(flags))
-            self.page.kernel_notifies.discard(notify)
+            page.kernel_notifies.discard(notify)
             return
-        self.page.kernel_notifies.add(notify)  # (before: the kernel may answer at once)
+        page.kernel_notifies.add(notify)  # (before: the kernel may answer at once)
         try:
             self.privcmd.ioeventfd(arg(flags))
         except XenError:  # refused (ENOTTY, EOPNOTSUPP, EEXIST...): the daemon keeps answering it
-            self.page.kernel_notifies.discard(notify)
+            page.kernel_notifies.discard(notify)
             raise
         try:
             self.routes.route(notify[0], addr_len)
         except XenError:  # the register stays on the daemon's server: nothing reaches the kernel's
             self.privcmd.ioeventfd(arg(PRIVCMD_IOEVENTFD_FLAG_DEASSIGN))
-            self.page.kernel_notifies.discard(notify)
+            page.kernel_notifies.discard(notify)
             raise
 
     def _irqfd(self, irq: int, call_fd: int, flags: int) -> None:

@@ -362,7 +362,7 @@ class Supervisor:
         self.ioreq.enable()
         self._adopt_kernel_server(self._saved.get("kernel_server"))
         self._restrict()
-        await self._detect_fast_path()
+        self._detect_fast_path()
         for served in self.devices.values():
             await self._set_state(served, XenbusState.INIT_WAIT)
         if self.opt.status_socket:
@@ -434,7 +434,7 @@ class Supervisor:
         self.restricted = True
         self.log.info("privcmd and evtchn restricted to domain %d", self.domid)
 
-    async def _detect_fast_path(self) -> None:
+    def _detect_fast_path(self) -> None:
         """Linux >= 6.7 privcmd ioeventfd/irqfd, decided once per guest (after RESTRICT, where
         EPERM would mean "present") and logged; zero-copy devices then leave notifications to
         the kernel, their notify registers on the kernel's IOREQ server (fastpath.py)."""
@@ -445,32 +445,34 @@ class Supervisor:
         if not self.privcmd.eventfd_ioctls_supported():
             self.log.info("kernel fast path (privcmd ioeventfd/irqfd) not available: user-space relay")
             return
-        if self._kernel_server is None:
-            try:
-                self._kernel_server = IoreqServer(self.privcmd, EventChannel(self.kernel), self.domid, self.log,
-                                                  through=self.ioreq)
-                if self.restricted:
-                    self._kernel_server.evtchn.restrict_domid(self.domid)
-                self._kernel_server.create()
-                self._kernel_server.enable()
-            except XenError as e:
-                self.log.warning("kernel fast path not used: its IOREQ server could not be set up (%s): "
-                                 "user-space relay", e)
-                await self._close_kernel_server("kernel fast path server")
-                return
-        server = self._kernel_server
-        assert self.ioreq.server_id is not None and server.server_id is not None
-        if server.server_id < self.ioreq.server_id:  # Xen would give the notify registers to ours
-            self.log.warning("kernel fast path not used: its IOREQ server has id %d, below ours (%d), and Xen gives "
-                             "an access to the most recent server: user-space relay", server.server_id, self.ioreq.server_id)
-            return
-        self.fastpath = KernelFastPath(self.privcmd, self.domid, NotifyRoutes(server, self.ioreq), self.log)
-        self._save_state()
-        self.log.info("kernel fast path available: privcmd ioeventfd/irqfd for zero-copy devices "
-                      "(notify registers on ioreq server %d)", server.server_id)
+        self.fastpath = KernelFastPath(self.privcmd, self.domid, NotifyRoutes(self._open_kernel_server, self.ioreq),
+                                       self.log)
+        self.log.info("kernel fast path available: privcmd ioeventfd/irqfd for zero-copy devices")
         for served in self.devices.values():
             cfg = served.config
             served.device.use_fast_path(self.fastpath.for_function() if cfg.pci else self.fastpath.for_device(cfg.base, cfg.irq))
+
+    def _open_kernel_server(self) -> IoreqServer:
+        """The kernel's own IOREQ server (fastpath.py), when a first queue goes on the fast path:
+        the one a predecessor left, else a new one (XenError if it cannot take the notify
+        registers: the queue stays on the user-space relay)."""
+        assert self.privcmd is not None and self.ioreq is not None and self.ioreq.server_id is not None
+        server = self._kernel_server
+        if server is None:
+            server = IoreqServer(self.privcmd, EventChannel(self.kernel), self.domid, self.log, through=self.ioreq)
+            self._kernel_server = server  # (teardown closes it, however far it got)
+            if self.restricted:
+                server.evtchn.restrict_domid(self.domid)
+            server.create()
+            server.enable()
+            self._save_state()
+        if server.server_id is None:
+            raise XenError("the kernel fast path's ioreq server, which could not be created", errno.EIO)
+        if server.server_id < self.ioreq.server_id:
+            # Xen gives an access to the most recent server holding it: the registers would stay ours
+            raise XenError(f"ioreq server {server.server_id} for the kernel is not newer than ours ({self.ioreq.server_id})",
+                           errno.EEXIST)
+        return server
 
     async def _close_kernel_server(self, what: str) -> None:
         """The kernel's server destroyed (the devices gave their queues back: nothing of ours is

@@ -64,7 +64,7 @@ async def test_io_with_and_without_the_kernel_fast_path(sim_dir, kernel_mode):
             if available:
                 kserver.create()
                 kserver.enable()
-                device.use_fast_path(KernelFastPath(privcmd, domid, NotifyRoutes(kserver, ioreq), log).for_device(BASE, IRQ))
+                device.use_fast_path(KernelFastPath(privcmd, domid, NotifyRoutes(lambda: kserver, ioreq), log).for_device(BASE, IRQ))
             blk = await asyncio.wait_for(VirtioBlk.attach(guest, BASE, IRQ, GuestPageAllocator(guest.ram)), TIMEOUT)
             data = random.Random(7).randbytes(256 << 10)
             for i in range(4):  # several rounds: interrupts must keep arriving
@@ -98,12 +98,16 @@ async def test_io_with_and_without_the_kernel_fast_path(sim_dir, kernel_mode):
             await asyncio.gather(backend, return_exceptions=True)
 
 
-@pytest.mark.parametrize("use", [True, False], ids=["default", "no-kernel-fast-path"])
+@pytest.mark.parametrize("use,memory", [(True, "xen-mmap"), (False, "xen-mmap"), (True, "shadow")],
+                         ids=["default", "no-kernel-fast-path", "shadow"])
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_the_daemon_leaves_the_kernel_fast_path_unused_when_told(platform, sim_host, sim_control, sim_dir, use):
+async def test_the_daemon_leaves_the_kernel_fast_path_unused_when_told(platform, sim_host, sim_control, sim_dir, use,
+                                                                      memory):
     """``--no-kernel-fast-path`` (Options.kernel_fast_path): on a kernel with privcmd
     ioeventfd/irqfd, a zero-copy device's notifies and interrupts are relayed by the daemon, as on
-    a kernel without it (``make bench-xen`` compares both in one boot); by default the kernel takes them."""
+    a kernel without it (``make bench-xen`` compares both in one boot); by default the kernel takes them.
+    A shadow-path device never uses it (the daemon must see every kick to copy), and its guest
+    gets no kernel server."""
     from test_waiting_backend import running
 
     from xen_vhost_master.config import parse_device_arg
@@ -119,7 +123,7 @@ async def test_the_daemon_leaves_the_kernel_fast_path_unused_when_told(platform,
     backend = asyncio.ensure_future(serve_unix(lambda: disk, sock, ready=ready.set))
     try:
         await asyncio.wait_for(ready.wait(), TIMEOUT)
-        cfg = parse_device_arg(f"type=blk,base={BASE:#x},irq={IRQ},socket={sock}")
+        cfg = parse_device_arg(f"type=blk,base={BASE:#x},irq={IRQ},socket={sock},memory={memory}")
         opt = Options(domid=domid, devices=(cfg,), xenstore=False, guest_arch="arm64", kernel_fast_path=use)
         async with running(platform, opt) as daemon:
             guest = await SimGuest.connect(sim_host.path, domid)
@@ -131,12 +135,15 @@ async def test_the_daemon_leaves_the_kernel_fast_path_unused_when_told(platform,
                 assert got == data and bytes(disk.disk[8 * 512:8 * 512 + len(data)]) == data
                 status = daemon.sup.status()
                 shown = daemon.device(0)
-                assert shown["data_path"] == "xen-mmap"
+                kernel = use and memory == "xen-mmap"
+                assert shown["data_path"] == memory
                 assert status["kernel_fast_path"] is use
-                assert shown["kernel_queues"] == ([0] if use else [])
+                assert shown["kernel_queues"] == ([0] if kernel else [])
                 counters = sim_control.domain_info(domid)["fastpath"]
                 served = daemon.sup.devices[BASE].device.stats
-                if use:
+                # the kernel's own server (fastpath.py) exists once a queue took the fast path
+                assert len(sim_control.domain_info(domid)["servers"]) == (2 if kernel else 1)
+                if kernel:
                     assert counters["ioeventfd_consumed"] > 0 and served.notifies == 0
                 else:
                     assert counters["ioeventfd_consumed"] == 0 and served.notifies > 0 and served.interrupts > 0
