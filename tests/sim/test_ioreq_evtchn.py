@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 
 import pytest
 
@@ -151,3 +152,22 @@ async def test_unbound_port_allocated_by_dom0_and_bound_by_the_guest(
             assert ei.value.errno == errno.EINVAL
     finally:
         guest.close()
+
+
+def test_the_prepared_calls_of_a_closed_event_channel_fail_with_ebadf_even_when_its_number_is_reused(
+        no_fd_leak: None, kernel: SimKernel) -> None:
+    """read_ports and unmask_bytes are bound to the fd when made: after close they must not reach
+    the next file that gets the same number."""
+    ev = EventChannel(kernel)
+    number = ev.fd
+    ev.close()
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, number)  # the number goes to another file
+    try:
+        for call in (ev.read_ports, lambda: ev.unmask_bytes(b"\0\0\0\0")):
+            with pytest.raises(OSError) as e:
+                call()
+            assert e.value.errno == errno.EBADF
+    finally:
+        os.close(number)
+        os.close(null)

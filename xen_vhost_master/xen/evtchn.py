@@ -1,14 +1,21 @@
 """/dev/xen/evtchn: bind/unbind/notify/reset/restrict; pending ports are read from the fd (u32 each,
 each delivered port stays masked) and unmasked by writing them back. The fd works with
-``loop.add_reader`` (see :meth:`EventChannel.wait`)."""
+``loop.add_reader`` (see :meth:`EventChannel.wait`).
+
+The IOREQ loop reads, unmasks and notifies once per guest access: for it, :attr:`EventChannel.read_ports`,
+:attr:`EventChannel.unmask_bytes` and :meth:`EventChannel.notifier` are the kernel calls prepared
+once (``functools.partial``: no Python frame of this module between the caller and the kernel),
+raising the kernel's :class:`OSError` as it is."""
 
 from __future__ import annotations
 
 import array
 import asyncio
 import errno
+import functools
 import os
 import struct
+from collections.abc import Callable
 
 from xen_vhost_master.errors import XenError
 from xen_vhost_master.xen.abi import (
@@ -22,12 +29,21 @@ from xen_vhost_master.xen.abi import (
 from xen_vhost_master.xen.device_file import XenDeviceFile
 from xen_vhost_master.xen.kernel import Kernel
 
-__all__ = ["EVTCHN_PATH", "EventChannel"]
+__all__ = ["EVTCHN_PATH", "PORT", "EventChannel", "ports_of"]
 
 EVTCHN_PATH = "/dev/xen/evtchn"
 MAX_PORTS_PER_READ = 1024  # the driver caps a read at one page of u32 ports
 _NOTIFY = int(EvtchnIoctl.NOTIFY)
-_PORT = struct.Struct("=I")  # a port as read from and written to the fd: a native u32 (as array "I")
+PORT = struct.Struct("=I")  # a port as read from and written to the fd: a native u32 (as array "I")
+
+
+def ports_of(data: bytes) -> list[int]:
+    """The ports in what the fd read (:attr:`EventChannel.read_ports`)."""
+    if len(data) == 4:  # one port: the usual case
+        return [PORT.unpack(data)[0]]
+    ports = array.array("I")
+    ports.frombytes(data[: len(data) - len(data) % 4])
+    return list(ports)
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
@@ -42,6 +58,19 @@ class EventChannel(XenDeviceFile):
         super().__init__(kernel, path, os.O_RDWR | os.O_NONBLOCK)
         # NOTIFY's argument per port, built once (the hot path: every answered IOREQ notifies).
         self._notify_args: dict[int, ioctl_evtchn_notify] = {}
+        self._prepare()
+
+    def _prepare(self) -> None:
+        #: The pending ports as the driver's read gives them (native u32s, at most
+        #: MAX_PORTS_PER_READ), each left masked; BlockingIOError when none is pending.
+        self.read_ports: Callable[[], bytes] = functools.partial(self.kernel.read, self.fd, 4 * MAX_PORTS_PER_READ)
+        #: Unmask the ports in ``data``, bytes as :attr:`read_ports` returned them (a write of u32s).
+        self.unmask_bytes: Callable[[bytes], int] = functools.partial(self.kernel.write, self.fd)
+
+    def close(self) -> None:
+        super().close()
+        self._notify_args.clear()
+        self._prepare()  # on the closed fd (-1): EBADF, never another file that reuses the number
 
     def __enter__(self) -> EventChannel:
         return self
@@ -64,13 +93,21 @@ class EventChannel(XenDeviceFile):
         self._ioctl("evtchn unbind", EvtchnIoctl.UNBIND, ioctl_evtchn_unbind(port))
 
     def notify(self, port: int) -> None:
+        try:
+            self.kernel.ioctl(self.fd, _NOTIFY, self._notify_arg(port))
+        except OSError as exc:
+            raise XenError("evtchn notify", exc.errno or errno.EIO) from None
+
+    def notifier(self, port: int) -> Callable[[], int]:
+        """:meth:`notify` of ``port`` as a prepared call, raising the kernel's OSError; valid
+        while ``port`` stays bound and the fd open."""
+        return functools.partial(self.kernel.ioctl, self.fd, _NOTIFY, self._notify_arg(port))
+
+    def _notify_arg(self, port: int) -> ioctl_evtchn_notify:
         arg = self._notify_args.get(port)
         if arg is None:
             arg = self._notify_args[port] = ioctl_evtchn_notify(port)
-        try:
-            self.kernel.ioctl(self.fd, _NOTIFY, arg)
-        except OSError as exc:
-            raise XenError("evtchn notify", exc.errno or errno.EIO) from None
+        return arg
 
     def reset(self) -> None:
         self._notify_args.clear()
@@ -82,23 +119,19 @@ class EventChannel(XenDeviceFile):
     def read_pending(self) -> list[int]:
         """The ports that fired ([] if none). They stay masked until :meth:`unmask`."""
         try:
-            data = self.kernel.read(self.fd, 4 * MAX_PORTS_PER_READ)
+            data = self.read_ports()
         except BlockingIOError:
             return []
         except OSError as exc:
             raise XenError("evtchn read", exc.errno or errno.EIO) from None
         if not data:  # /dev/xen/evtchn never reaches EOF; a simulated host that died does
             raise XenError("evtchn read", errno.ENODEV)
-        if len(data) == 4:  # one port: the usual case
-            return [_PORT.unpack(data)[0]]
-        ports = array.array("I")
-        ports.frombytes(data[: len(data) - len(data) % 4])
-        return list(ports)
+        return ports_of(data)
 
     def unmask(self, *ports: int) -> None:
         if ports:
             try:
-                self.kernel.write(self.fd, _PORT.pack(ports[0]) if len(ports) == 1 else array.array("I", ports).tobytes())
+                self.unmask_bytes(PORT.pack(ports[0]) if len(ports) == 1 else array.array("I", ports).tobytes())
             except OSError as exc:
                 raise XenError("evtchn unmask", exc.errno or errno.EIO) from None
 
