@@ -33,7 +33,7 @@ from .errors import XenError
 from .log import DeviceLogger, RateLimit
 from .xen.abi import IoRangeType, IoreqState, IoreqType
 from .xen.dmop import DeviceModel
-from .xen.evtchn import EventChannel
+from .xen.evtchn import PORT, EventChannel, ports_of
 from .xen.ioreq import IoreqPage, IoreqRequest
 from .xen.privcmd import PrivCmd
 
@@ -41,6 +41,7 @@ __all__ = ["IoreqServer", "IoreqStats", "MmioHandler", "PciHandler"]
 
 _COPY, _INVALIDATE, _PCI_CONFIG = int(IoreqType.COPY), int(IoreqType.INVALIDATE), int(IoreqType.PCI_CONFIG)  # plain ints: compared on every access
 _STATE_READY, _STATE_INPROCESS = int(IoreqState.READY), int(IoreqState.INPROCESS)
+_SIZES = frozenset((1, 2, 4, 8))  # the access sizes of an MMIO load or store
 ALL_ONES = 0xFFFFFFFFFFFFFFFF
 _GONE = (errno.ENOENT, errno.ESRCH)  # the server, or its whole domain, no longer exists
 #: How long a going device's window is still answered, as a removed device, after its interrupt
@@ -84,10 +85,14 @@ class PciHandler(Protocol):
 
 @dataclass
 class IoreqStats:
-    served: int = 0
     spurious: int = 0
     refused: int = 0
     per_vcpu: list[int] = field(default_factory=list)  # served, by the vCPU (and event channel) they came from
+
+    @property
+    def served(self) -> int:
+        """Accesses answered, of all vCPUs."""
+        return sum(self.per_vcpu)
 
 
 class IoreqServer:
@@ -112,6 +117,7 @@ class IoreqServer:
         self.page: IoreqPage | None = None
         self.enabled = False
         self._ports: list[int] = []
+        self._notifiers: list[Callable[[], object]] = []  # NOTIFY of each vCPU's port, prepared
         self._vcpu_of: dict[int, int] = {}
         self._bases: list[int] = []  # sorted window bases
         self._windows: dict[int, tuple[int, MmioHandler]] = {}  # base -> (size, handler)
@@ -156,6 +162,7 @@ class IoreqServer:
         for vcpu in range(self.nr_vcpus):
             port = self.evtchn.bind_interdomain(self.domid, self.page.vp_eport(vcpu))
             self._ports.append(port)
+            self._notifiers.append(self.evtchn.notifier(port))
             self._vcpu_of[port] = vcpu
         asyncio.get_running_loop().add_reader(self.evtchn.fileno(), self._on_event)
         self._reading = True
@@ -339,7 +346,7 @@ class IoreqServer:
     def _unbind_ports(self) -> None:
         for port in self._ports:
             self._step("unbind event channel", functools.partial(self.evtchn.unbind, port))
-        self._ports, self._vcpu_of = [], {}
+        self._ports, self._notifiers, self._vcpu_of = [], [], {}
 
     def _step(self, what: str, op: Callable[[], None]) -> None:
         try:
@@ -350,15 +357,22 @@ class IoreqServer:
     # --- serving --------------------------------------------------------------------------------
 
     def _on_event(self) -> None:
+        evtchn = self.evtchn
         try:
-            ports = self.evtchn.read_pending()
-        except XenError as e:
-            self.log.error("event channel read failed: %s", e)
+            data = evtchn.read_ports()
+        except BlockingIOError:
+            return  # nothing pending after all
+        except OSError as e:
+            self.log.error("event channel read failed: %s", XenError("evtchn read", e.errno or errno.EIO))
             return
-        if not ports:
+        if not data:  # /dev/xen/evtchn never reaches EOF; a simulated host that died does
+            self.log.error("event channel read failed: %s", XenError("evtchn read", errno.ENODEV))
             return
-        self.evtchn.unmask(*ports)
-        for port in ports:
+        try:
+            evtchn.unmask_bytes(data)  # the ports read, written back (docs/xen-abi.md §5 step 1)
+        except OSError as e:  # their requests are still served: the vCPUs wait for nothing else
+            self.log.error("event channel unmask failed: %s", XenError("evtchn unmask", e.errno or errno.EIO))
+        for port in PORT.unpack(data) if len(data) == 4 else ports_of(data):
             vcpu = self._vcpu_of.get(port)
             if vcpu is not None:
                 self._dispatch(vcpu)
@@ -366,30 +380,50 @@ class IoreqServer:
     def _dispatch(self, vcpu: int, *, recover: bool = False) -> None:
         """Serve one vCPU's request: at once when the device can (register reads, notifies,
         interrupt ACKs: the hot path creates no task), else in a task for the slow part."""
-        assert self.page is not None
-        if vcpu in self._busy:  # ours, being served (a kernel handler may have stored READY back)
+        page = self.page
+        assert page is not None
+        if vcpu in self._busy:  # ours, in a task (a kernel handler may have stored READY back)
             self.stats.spurious += 1
             return
-        req = self.page.take(vcpu, recover=recover)
+        req = page.take(vcpu, recover=recover)
         if req is None:
             self.stats.spurious += 1
-            if self.page.kernel_notifies:
+            if page.kernel_notifies:
                 self._watch_kernel(vcpu)
             return
-        self._kernel_tries.pop(vcpu, None)
-        self._busy.add(vcpu)
-        default = None if req.is_write else ALL_ONES
+        if self._kernel_tries:
+            self._kernel_tries.pop(vcpu, None)
+        _, addr, size, is_write, data, rtype, count, data_is_ptr = req
         try:
-            result = self._handle(req)
+            window = None
+            if rtype == _COPY and size in _SIZES and count == 1 and not data_is_ptr:
+                bases = self._bases  # the window lookup, inline: once per access
+                i = bisect.bisect_right(bases, addr) - 1
+                if i >= 0:
+                    base = bases[i]
+                    wsize, window = self._windows[base]
+                    if addr + size > base + wsize:
+                        window = None
+            if window is not None:
+                result = window.mmio(addr - base, size, is_write, data, vcpu)
+            else:
+                result = self._handle(req)
         except Exception:  # noqa: BLE001 - the vCPU's lifeline: a device bug must not block it forever
             self._failed(req)
-            result = default
+            result = None if is_write else ALL_ONES
         if result is not None and type(result) is not int and isinstance(result, Awaitable):
-            task = asyncio.get_running_loop().create_task(self._finish(req, result, default))
+            self._busy.add(vcpu)
+            task = asyncio.get_running_loop().create_task(self._finish(req, result, None if is_write else ALL_ONES))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        else:
-            self._complete(req, result)
+            return
+        # _complete's steps, inline: once per access served at once
+        self.stats.per_vcpu[vcpu] += 1
+        page.complete(vcpu, result)
+        try:
+            self._notifiers[vcpu]()
+        except OSError as e:
+            self.log.error("notify vCPU %d: %s", vcpu, XenError("evtchn notify", e.errno or errno.EIO))
 
     async def _finish(self, req: IoreqRequest, pending: Awaitable[int | None], default: int | None) -> None:
         data = default
@@ -435,18 +469,18 @@ class IoreqServer:
     def _complete(self, req: IoreqRequest, data: int | None) -> None:
         """Publish the response and wake the vCPU (docs/xen-abi.md §5 steps 6-8)."""
         self._busy.discard(req.vcpu)
-        self.stats.served += 1
-        if req.vcpu < len(self.stats.per_vcpu):
-            self.stats.per_vcpu[req.vcpu] += 1
+        self.stats.per_vcpu[req.vcpu] += 1
         if self.page is None:
             return
         self.page.complete(req.vcpu, data)
         try:
-            self.evtchn.notify(self._ports[req.vcpu])
-        except XenError as e:
-            self.log.error("notify vCPU %d: %s", req.vcpu, e)
+            self._notifiers[req.vcpu]()
+        except OSError as e:
+            self.log.error("notify vCPU %d: %s", req.vcpu, XenError("evtchn notify", e.errno or errno.EIO))
 
     def _handle(self, req: IoreqRequest) -> int | None | Awaitable[int | None]:
+        """An access :meth:`_dispatch` does not route to a window itself: a mapcache
+        invalidation, a PCI configuration access, or a refused one."""
         if req.type == _INVALIDATE:
             return None  # x86 mapcache invalidation: nothing cached here
         if req.type == _PCI_CONFIG and not req.data_is_ptr and req.count == 1 and req.size in (1, 2, 4):
@@ -456,19 +490,12 @@ class IoreqServer:
                 self._refuse(f"configuration access of function {req.addr >> 32:#x}, which is not ours")
                 return ALL_ONES if not req.is_write else None
             return function.pci_config(req.addr & 0xFFF, req.size, req.is_write, req.data, req.vcpu)
-        if req.type != _COPY or req.data_is_ptr or req.count != 1 or req.size not in (1, 2, 4, 8):
+        if req.type != _COPY or req.data_is_ptr or req.count != 1 or req.size not in _SIZES:
             self._refuse(f"unsupported ioreq type={req.type} size={req.size} count={req.count} ptr={req.data_is_ptr} at {req.addr:#x}")
-            return ALL_ONES if not req.is_write else None
-        addr, size = req.addr, req.size
-        i = bisect.bisect_right(self._bases, addr) - 1  # (the window lookup, inline: once per access)
-        if i >= 0:
-            base = self._bases[i]
-            wsize, handler = self._windows[base]
-            if addr + size <= base + wsize:
-                return handler.mmio(addr - base, size, req.is_write, req.data, req.vcpu)
-        if self.through is not None:
-            return self.through.serve_at(addr, size, req.is_write, req.data, req.vcpu)
-        self._refuse(f"access at {addr:#x} outside every device window")
+        elif self.through is not None:
+            return self.through.serve_at(req.addr, req.size, req.is_write, req.data, req.vcpu)
+        else:
+            self._refuse(f"access at {req.addr:#x} outside every device window")
         return ALL_ONES if not req.is_write else None
 
     def serve_at(self, addr: int, size: int, is_write: bool, value: int, vcpu: int) -> int | None | Awaitable[int | None]:

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
-from xen_vhost_master.ioreq_server import IoreqServer, MmioHandler
+from xen_vhost_master.ioreq_server import ALL_ONES, IoreqServer, MmioHandler
 from xen_vhost_master.log import device_logger
+from xen_vhost_master.xen.abi import IoreqState, IoreqType, ioreq_t
 from xen_vhost_master.xen.evtchn import EventChannel
 from xen_vhost_master.xen.privcmd import PrivCmd
 from xen_vhost_sim.guest import SimGuest
@@ -21,13 +23,16 @@ BASE, TIMEOUT = 0x0200_0000, 20.0
 
 
 class Answer:
-    """A window whose every register reads 0x1234; the accesses it served, in order."""
+    """A window whose every register reads 0x1234; the accesses it served, in order (and their
+    sizes)."""
 
     def __init__(self) -> None:
         self.accesses: list[tuple[int, bool, int]] = []
+        self.sizes: list[int] = []
 
     def mmio(self, offset: int, size: int, is_write: bool, value: int, vcpu: int) -> int | None:
         self.accesses.append((offset, is_write, value))
+        self.sizes.append(size)
         return None if is_write else 0x1234
 
 
@@ -181,3 +186,115 @@ async def test_an_access_goes_to_the_newest_server_whose_ranges_hold_it_and_the_
                 assert newer.stats.served == 2 and newer.stats.refused == 0
             finally:
                 await newer.close()
+
+
+# --- requests as Xen writes them: vCPU 0's slot filled by the test, then its event -------------
+
+def _post(ioreq: IoreqServer, guest: SimGuest, *, addr: int, size: int, write: bool = False, data: int = 0,
+          rtype: int = IoreqType.COPY, count: int = 1, ptr: bool = False,
+          state: int = IoreqState.READY) -> ioreq_t:
+    """Fill vCPU 0's slot as Xen does (the fields, then the state byte) and send the vCPU's event
+    (EVTCHNOP_send on its ``vp_eport``)."""
+    assert ioreq.page is not None
+    slot = ioreq.page.slot(0)
+    slot.addr, slot.data, slot.count, slot.size, slot.type = addr, data, count, size, rtype
+    slot.flags = (0 if write else ioreq_t.DIR) | (ioreq_t.DATA_IS_PTR if ptr else 0) | state
+    guest.evtchn_notify(ioreq.page.vp_eport(0))
+    return slot
+
+
+_HOSTILE = [
+    pytest.param({"addr": BASE, "size": 3}, id="size-3"),
+    pytest.param({"addr": BASE, "size": 0}, id="size-0"),
+    pytest.param({"addr": BASE, "size": 16}, id="size-16"),
+    pytest.param({"addr": BASE, "size": 4, "count": 2}, id="repeat-count-2"),
+    pytest.param({"addr": BASE, "size": 4, "ptr": True}, id="data-is-a-pointer"),
+    pytest.param({"addr": BASE, "size": 4, "rtype": IoreqType.PIO}, id="port-io"),
+    pytest.param({"addr": BASE, "size": 4, "rtype": 9}, id="unknown-type"),
+    pytest.param({"addr": BASE, "size": 4, "rtype": IoreqType.PCI_CONFIG}, id="config-of-no-function"),
+    pytest.param({"addr": BASE + 0x1FE, "size": 4}, id="across-the-window-end"),
+    pytest.param({"addr": BASE + 0x200, "size": 1}, id="just-past-the-window"),
+    pytest.param({"addr": BASE - 4, "size": 4}, id="below-every-window"),
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("write", [False, True], ids=["read", "write"])
+@pytest.mark.parametrize("fields", _HOSTILE)
+async def test_a_refused_access_is_answered_as_failed_and_reaches_no_window(
+        no_fd_leak, sim_host, sim_control, kernel, fields, write):
+    """A request the daemon does not serve (a size other than 1, 2, 4, 8, a repeat count, data
+    by pointer, another ioreq type, an address outside every window, even by a byte) is still
+    answered, or its vCPU blocks for good: a read as all-ones, a write dropped; the state byte's
+    other bits are left as Xen wrote them (docs/xen-abi.md §5)."""
+    device = Answer()
+    async with served(sim_host, sim_control, kernel, device) as (ioreq, guest, _evtchn):
+        refused, answered = ioreq.stats.refused, ioreq.stats.served
+        slot = _post(ioreq, guest, write=write, data=0x55, **fields)
+        flags = slot.flags
+        await _until(lambda: slot.state == IoreqState.IORESP_READY)
+        assert slot.data == (0x55 if write else ALL_ONES)
+        assert slot.flags == flags & ~ioreq_t.STATE_MASK | IoreqState.IORESP_READY
+        assert device.accesses == []
+        assert (ioreq.stats.refused, ioreq.stats.served) == (refused + 1, answered + 1)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("size", [1, 2, 4, 8])
+async def test_an_access_of_each_size_reaches_its_window_with_its_write_data_cut_to_size(
+        no_fd_leak, sim_host, sim_control, kernel, size):
+    """Arm does not mask a write's data to its size (docs/xen-abi.md §10.8): the window gets it
+    masked, and a read's answer lands in ``data`` with IORESP_READY."""
+    device = Answer()
+    async with served(sim_host, sim_control, kernel, device) as (ioreq, guest, _evtchn):
+        slot = _post(ioreq, guest, addr=BASE + 0x1F8, size=size, write=True, data=0x1122334455667788)
+        await _until(lambda: slot.state == IoreqState.IORESP_READY)
+        slot = _post(ioreq, guest, addr=BASE + 0x1F8, size=size)
+        await _until(lambda: slot.state == IoreqState.IORESP_READY)
+        assert slot.data == 0x1234 and slot.flags == ioreq_t.DIR | IoreqState.IORESP_READY
+        assert device.accesses == [(0x1F8, True, 0x1122334455667788 & (1 << 8 * size) - 1), (0x1F8, False, 0)]
+        assert device.sizes == [size, size] and ioreq.stats.refused == 0
+
+
+@pytest.mark.asyncio
+async def test_a_mapcache_invalidation_is_answered_without_a_window_or_a_complaint(
+        no_fd_leak, sim_host, sim_control, kernel):
+    device = Answer()
+    async with served(sim_host, sim_control, kernel, device) as (ioreq, guest, _evtchn):
+        slot = _post(ioreq, guest, addr=0, size=0, write=True, rtype=IoreqType.INVALIDATE)
+        await _until(lambda: slot.state == IoreqState.IORESP_READY)
+        assert device.accesses == [] and ioreq.stats.refused == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("state", [IoreqState.NONE, IoreqState.INPROCESS, IoreqState.IORESP_READY])
+async def test_an_event_for_a_slot_that_is_not_ready_is_spurious_and_leaves_it_alone(
+        no_fd_leak, sim_host, sim_control, kernel, state):
+    """A stale wake-up: the slot is not READY, so it is neither taken nor answered (an answer
+    Xen did not wait for puts the slot in a bad state); the next READY request is served."""
+    device = Answer()
+    async with served(sim_host, sim_control, kernel, device) as (ioreq, guest, _evtchn):
+        spurious = ioreq.stats.spurious
+        slot = _post(ioreq, guest, addr=BASE, size=4, data=0x55, state=state)
+        await _until(lambda: ioreq.stats.spurious > spurious)
+        assert (slot.state, slot.data, device.accesses, ioreq.stats.served) == (state, 0x55, [], 0)
+        assert await asyncio.wait_for(guest.mmio_read(BASE + 4, 4), TIMEOUT) == 0x1234
+
+
+@pytest.mark.asyncio
+async def test_a_failed_unmask_is_logged_and_the_access_still_answered(no_fd_leak, sim_host, sim_control, kernel, caplog):
+    """The port stays masked, but the request that came with the event is served: its vCPU
+    would wait for nothing else."""
+    async with served(sim_host, sim_control, kernel) as (ioreq, guest, evtchn):
+        unmask, page = evtchn.unmask_bytes, ioreq.page
+        assert page is not None
+
+        def fail(data: bytes) -> int:  # the unmask of the request's event (not of an earlier one)
+            if page.state(0) == IoreqState.READY:
+                raise OSError(errno.EIO, "injected")
+            return unmask(data)
+
+        evtchn.unmask_bytes = fail
+        with caplog.at_level("ERROR", logger="xvm.test"):
+            assert await asyncio.wait_for(guest.mmio_read(BASE, 4), TIMEOUT) == 0x1234
+        assert "event channel unmask failed" in caplog.text
