@@ -277,6 +277,8 @@ class Device:
         # _bind_transport, never per access.
         self._reads: tuple[_Read, _Read] = (_no_model_read, _no_model_read)
         self._writes: tuple[_Write, _Write] = (_no_model_write, _no_model_write)
+        # A virtio-mmio model's plain register read (the value, or None: ask _reads[False]).
+        self._read_register: Callable[[int, int], int | None] | None = None
         self._mmio_model = False  # its status and queue readiness are in the session record
         self._lock = asyncio.Lock()
         self._slow = 0  # writes that wait for, or are, a back-end round trip
@@ -400,6 +402,7 @@ class Device:
         """``model`` serves the guest's accesses from now on (None: none does)."""
         self.model = model
         self._mmio_model = isinstance(model, VirtioMmioDevice)
+        self._read_register = model.read_register if isinstance(model, VirtioMmioDevice) else None
         if isinstance(model, VirtioPciDevice):
             self._reads = (model.bar_read, model.config_read)
             self._writes = (model.bar_write, model.config_write)
@@ -953,6 +956,8 @@ class Device:
         for as long as the device lives."""
         if not is_write and self._open and self.model is not None:  # a register read: _access's, one call less
             self.stats.reads += 1
+            if self._read_register is not None and (got := self._read_register(offset, size)) is not None:
+                return got
             result, actions = self._reads[False](offset, size)
             if actions:  # reads produce guest errors, interrupt changes (ISR), BAR moves
                 self._carry_out_now(actions)

@@ -493,13 +493,18 @@ class VirtioMmioDevice(VirtioCore):
 
     def read(self, offset: int, size: int) -> tuple[int, list[Action]]:
         """A guest load of ``size`` bytes at ``offset`` in the window: (value, actions)."""
+        value = self.read_register(offset, size)
+        if value is not None:
+            return value, []
         if offset >= CONFIG_OFFSET:
             return self._config_read(offset - CONFIG_OFFSET, size)
-        if size != 4 or offset % 4:
-            return 0, [GuestError(f"register read at {offset:#x} of size {size}: only aligned 32-bit reads")]
-        return self._register(offset), []
+        return 0, [GuestError(f"register read at {offset:#x} of size {size}: only aligned 32-bit reads")]
 
-    def _register(self, offset: int) -> int:
+    def read_register(self, offset: int, size: int) -> int | None:
+        """The value of an aligned 32-bit load of a register (below the config space), which
+        has no actions; None for any other load (:meth:`read` serves it)."""
+        if size != 4 or offset & 3 or offset >= CONFIG_OFFSET:
+            return None
         match offset:
             case _R.MAGIC_VALUE:
                 return MAGIC
