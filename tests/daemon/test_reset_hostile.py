@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -58,6 +58,13 @@ class MisbehavingServer(BackendServer):
         await super()._dispatch(event)
 
 
+def blk_device(connect: Callable[[], Awaitable[AsyncFrontend]], memfd: int) -> Device:
+    """The device every test here drives: one blk queue of 64 over the test's RAM memfd."""
+    return Device(DeviceConfig(devid=0, device_id=2, base=0x2000000, irq=33, queue_size=64, num_queues=1),
+                  connect=connect, memory=FdExport([FdRegion(RAM_BASE, RAM_SIZE, memfd)]),
+                  set_irq=lambda level: None, log=device_logger("xvm.test.reset", 1, "blk0"))
+
+
 @contextlib.asynccontextmanager
 async def backends(mode: str, held: FrontendRequest = FrontendRequest.GET_VRING_BASE,
                    ) -> AsyncIterator[tuple[Callable[[], object], list[BackendServer]]]:
@@ -93,10 +100,7 @@ async def test_reset_is_answered_while_the_backend_hangs_or_drops_and_the_next_b
     monkeypatch.setattr(device_module, "RESET_STOP_TIMEOUT", 0.5)  # the hung back-end is given up on soon
     order: list[str] = []
     async with asyncio.timeout(TIMEOUT), backends(mode) as (connect, servers):
-        device = Device(DeviceConfig(devid=0, device_id=2, base=0x2000000, irq=33, queue_size=64, num_queues=1),
-                        connect=connect,  # type: ignore[arg-type]
-                        memory=FdExport([FdRegion(RAM_BASE, RAM_SIZE, ram_memfd)]), set_irq=lambda level: None,
-                        log=device_logger("xvm.test.reset", 1, "blk0"))
+        device = blk_device(connect, ram_memfd)  # type: ignore[arg-type]
         try:
             await device.start()
             await bring_up(device, RINGS, 64)
@@ -138,10 +142,7 @@ async def test_a_stop_waits_a_short_bound_for_each_reply_not_the_request_timeout
     caplog.set_level(logging.INFO)
     monkeypatch.setattr(device_module, "STOP_REPLY_TIMEOUT", 0.2)
     async with asyncio.timeout(TIMEOUT), backends("hang") as (connect, servers):
-        device = Device(DeviceConfig(devid=0, device_id=2, base=0x2000000, irq=33, queue_size=64, num_queues=1),
-                        connect=connect,  # type: ignore[arg-type]
-                        memory=FdExport([FdRegion(RAM_BASE, RAM_SIZE, ram_memfd)]), set_irq=lambda level: None,
-                        log=device_logger("xvm.test.reset", 1, "blk0"))
+        device = blk_device(connect, ram_memfd)  # type: ignore[arg-type]
         try:
             await device.start()
             await bring_up(device, RINGS, 64)
@@ -178,10 +179,7 @@ async def test_a_config_write_the_backend_never_acks_is_answered_within_its_boun
     bound = 5.0  # the test's wait for the guest's write: above the injected bound, below the library's 60 s
     assert REQUEST_TIMEOUT > bound
     async with asyncio.timeout(TIMEOUT), backends("hang", FrontendRequest.SET_CONFIG) as (connect, servers):
-        device = Device(DeviceConfig(devid=0, device_id=2, base=0x2000000, irq=33, queue_size=64, num_queues=1),
-                        connect=connect,  # type: ignore[arg-type]
-                        memory=FdExport([FdRegion(RAM_BASE, RAM_SIZE, ram_memfd)]), set_irq=lambda level: None,
-                        log=device_logger("xvm.test.reset", 1, "blk0"))
+        device = blk_device(connect, ram_memfd)  # type: ignore[arg-type]
         try:
             await device.start()
             await bring_up(device, RINGS, 64)
@@ -283,9 +281,7 @@ async def test_negotiation_as_a_whole_is_bounded_and_leaves_nothing_open(no_fd_l
         servers.append(server)
         return fe
 
-    device = Device(DeviceConfig(devid=0, device_id=2, base=0x2000000, irq=33, queue_size=64, num_queues=1),
-                    connect=connect, memory=FdExport([FdRegion(RAM_BASE, RAM_SIZE, ram_memfd)]),
-                    set_irq=lambda level: None, log=device_logger("xvm.test.reset", 1, "blk0"))
+    device = blk_device(connect, ram_memfd)
     async with asyncio.timeout(TIMEOUT):
         try:
             with pytest.raises(TimeoutError) as info:
