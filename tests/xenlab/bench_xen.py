@@ -123,12 +123,27 @@ class Phase:
             return None
         return self.fio.iops if self.fio else self.ios / (self.ms / 1000)
 
-    def cpu_us_per_io(self, counter: str) -> float | None:
+    def delta(self, counter: str) -> int | None:
+        """How much ``counter`` moved over the phase (None when an edge lacks it)."""
         b, e = self.cpu.get("BEGIN", {}), self.cpu.get("END", {})
-        if counter not in b or counter not in e or not self.n_ios():
+        return e[counter] - b[counter] if counter in b and counter in e else None
+
+    def cpu_us_per_io(self, counter: str) -> float | None:
+        d = self.delta(counter)
+        if d is None or not self.n_ios():
             return None
-        hz = e.get("hz") or 100
-        return (e[counter] - b[counter]) / hz * 1e6 / self.n_ios()
+        return d / (self.cpu["END"].get("hz") or 100) * 1e6 / self.n_ios()
+
+    def per_io(self, counter: str) -> float | None:
+        """``counter``'s move per I/O the guest did (the instance's wake-ups)."""
+        d = self.delta(counter)
+        return None if d is None or not self.n_ios() else d / self.n_ios()
+
+    def sys_share(self, counter: str) -> float | None:
+        """The kernel's share of ``counter``'s CPU time (``<counter>_sys`` of ``<counter>``):
+        system calls, and on a Xen dom0 the hypercalls they make."""
+        total, kernel = self.delta(counter), self.delta(f"{counter}_sys")
+        return None if not total or kernel is None else kernel / total
 
 
 def fast_paths(text: str) -> dict[str, bool]:
@@ -209,6 +224,9 @@ def rows(phases: dict[tuple[str, str, str], Phase], fast: dict[str, bool] | None
                 "dom0_cpu_us_per_io_blkback": _r(b.cpu_us_per_io("dom0") if b else None, 0),
                 "instance_cpu_us_per_io": _r(v.cpu_us_per_io("instance") if v else None, 0),
                 "backend_cpu_us_per_io": _r(v.cpu_us_per_io("backend") if v else None, 0),
+                "instance_sys_share": _r(v.sys_share("instance") if v else None, 2),
+                "backend_sys_share": _r(v.sys_share("backend") if v else None, 2),
+                "instance_wakeups_per_io": _r(v.per_io("instance_wake") if v else None, 1),
                 "blkback_thread_cpu_us_per_io": _r(b.cpu_us_per_io("blkback") if b else None, 0),
                 "errors": [f"{d}: {p.error}" for d, p in (("vda", v), ("xvdb", b)) if p and p.error] or None,
             })
@@ -232,7 +250,8 @@ def host_load(text: str) -> dict[str, float | int] | None:
 def table(result: list[dict[str, object]]) -> str:
     cols = ("scenario", "kernel_fast_path", "test", "method", "virtio_iops", "blkback_iops", "virtio_MBps",
             "blkback_MBps", "ratio", "target", "virtio_clat_p50_us", "blkback_clat_p50_us", "dom0_cpu_us_per_io_virtio",
-            "dom0_cpu_us_per_io_blkback", "instance_cpu_us_per_io", "backend_cpu_us_per_io")
+            "dom0_cpu_us_per_io_blkback", "instance_cpu_us_per_io", "instance_sys_share", "instance_wakeups_per_io",
+            "backend_cpu_us_per_io", "backend_sys_share")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in result:
         lines.append("| " + " | ".join("-" if r[c] is None else str(r[c]) for c in cols) + " |")
@@ -274,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         json.dump({"complete": complete, "rows": result,
                    "method": "; ".join(METHOD[m].format(version) for m in used) + "; ratio = virtio / blkback "
                              "throughput in the same guest; CPU from dom0 /proc/stat (all dom0 CPUs) and /proc/PID/stat "
-                             "at each phase's edges, per I/O the guest did",
+                             "at each phase's edges, per I/O the guest did; sys_share: the part of that CPU spent in dom0's kernel "
+                             "(system calls and the hypercalls they make); the instance's wake-ups: voluntary context "
+                             "switches of its threads (/proc/PID/task/*/status)",
                    "host_load_1min": load},
                   f, indent=2)
         f.write("\n")

@@ -294,6 +294,9 @@ EOS
 }
 jiffies() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
 pcpu() { for p in "$@"; do [ -r /proc/$p/stat ] && sed 's/.*) //' /proc/$p/stat | awk '{print $12+$13}'; done | awk '{s+=$1} END {print s+0}'; }
+psys() { for p in "$@"; do [ -r /proc/$p/stat ] && sed 's/.*) //' /proc/$p/stat | awk '{print $13}'; done | awk '{s+=$1} END {print s+0}'; }
+pwake() {  # pids: the times their threads went to sleep waiting for something (each a wake-up later)
+  for p in "$@"; do cat /proc/$p/task/*/status 2>/dev/null; done | awk '/^voluntary_ctxt_switches/{s+=$2} END {print s+0}'; }
 bench_guest() {  # scenario
   S=$1; NAME=bench-$S; IMG=/root/disk-$S.img; PV=/root/pv-$S.img
   dd if=/dev/zero of=$PV bs=1M count=40 2>/dev/null
@@ -316,7 +319,7 @@ EOC
     case "$l" in
       *DOMU-BENCH-BEGIN*|*DOMU-BENCH-END*)
         KT=$(ps -o pid,comm 2>/dev/null | awk '/blkback/{print $1}')
-        echo "XENLAB-BENCH-CPU $S $(echo "$l" | tr -d '\r' | awk '{print $1, $2, $3}') dom0=$(jiffies) instance=$(pcpu $IP) backend=$(pcpu $BP) blkback=$(pcpu $KT) hz=$(getconf CLK_TCK 2>/dev/null || echo 100)";;
+        echo "XENLAB-BENCH-CPU $S $(echo "$l" | tr -d '\r' | awk '{print $1, $2, $3}') dom0=$(jiffies) instance=$(pcpu $IP) instance_sys=$(psys $IP) instance_wake=$(pwake $IP) backend=$(pcpu $BP) backend_sys=$(psys $BP) blkback=$(pcpu $KT) hz=$(getconf CLK_TCK 2>/dev/null || echo 100)";;
       *DOMU-BENCH-DONE*) echo "XENLAB-BENCH-GUEST-DONE $S";;
     esac
   done &
