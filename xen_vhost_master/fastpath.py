@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import array
 import ctypes
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .errors import XenError
@@ -57,25 +57,15 @@ if TYPE_CHECKING:
 __all__ = ["KernelFastPath", "NotifyRoutes", "PciKickFastPath", "QueueFastPath"]
 
 
-class _Through:
-    """A notify register routed to the kernel's server, for the accesses the kernel leaves there:
-    served by whatever device the daemon's own server has at that address."""
-
-    def __init__(self, main: IoreqServer, addr: int) -> None:
-        self.main, self.addr = main, addr
-
-    def mmio(self, offset: int, size: int, is_write: bool, value: int, vcpu: int) -> int | None | Awaitable[int | None]:
-        return self.main.serve_at(self.addr + offset, size, is_write, value, vcpu)
-
-
 class NotifyRoutes:
     """The kernel's IOREQ server and the notify registers routed to it: each ``(address, size)``
     once, for as long as one queue of it is on the fast path. The server (created after the
-    daemon's ``main``, enabled) is opened by ``open_server`` when the first queue needs it: a
-    guest whose devices all take the shadow path never has one."""
+    daemon's own, enabled, serving what the kernel leaves to us ``through`` the daemon's windows)
+    is opened by ``open_server`` when the first queue needs it: a guest whose devices all take
+    the shadow path never has one."""
 
-    def __init__(self, open_server: Callable[[], IoreqServer], main: IoreqServer) -> None:
-        self._open, self.main = open_server, main
+    def __init__(self, open_server: Callable[[], IoreqServer]) -> None:
+        self._open = open_server
         self._server: IoreqServer | None = None
         self._routed: dict[tuple[int, int], int] = {}  # (address, size) -> queues behind it
 
@@ -89,7 +79,7 @@ class NotifyRoutes:
     def route(self, addr: int, size: int) -> None:
         n = self._routed.get((addr, size), 0)
         if n == 0:
-            self.server.add_window(addr, size, _Through(self.main, addr))
+            self.server.add_window(addr, size, None)  # what the kernel leaves there: the daemon's window
         self._routed[(addr, size)] = n + 1
 
     def unroute(self, addr: int, size: int) -> None:

@@ -120,7 +120,7 @@ class IoreqServer:
         self._notifiers: list[Callable[[], object]] = []  # NOTIFY of each vCPU's port, prepared
         self._vcpu_of: dict[int, int] = {}
         self._bases: list[int] = []  # sorted window bases
-        self._windows: dict[int, tuple[int, MmioHandler]] = {}  # base -> (size, handler)
+        self._windows: dict[int, tuple[int, MmioHandler | None]] = {}  # base -> (size, handler; None: ``through``'s)
         self._functions: dict[int, PciHandler] = {}  # SBDF -> handler
         self._tasks: set[asyncio.Task[None]] = set()
         self._reading = False
@@ -176,8 +176,9 @@ class IoreqServer:
         """Our local event-channel port of each vCPU (bound by :meth:`enable`)."""
         return list(self._ports)
 
-    def add_window(self, base: int, size: int, handler: MmioHandler) -> None:
-        """Route ``[base, base + size)`` to ``handler``."""
+    def add_window(self, base: int, size: int, handler: MmioHandler | None) -> None:
+        """Route ``[base, base + size)`` to ``handler``; None: to the window of ``through`` that
+        holds it (the kernel's server: the notify registers it leaves to us, fastpath.py)."""
         assert self.server_id is not None
         try:
             self.dm.map_io_range(self.server_id, base, base + size - 1)
@@ -504,7 +505,7 @@ class IoreqServer:
         i = bisect.bisect_right(self._bases, addr) - 1
         if i >= 0:
             wsize, handler = self._windows[self._bases[i]]
-            if addr + size <= self._bases[i] + wsize:
+            if addr + size <= self._bases[i] + wsize and handler is not None:
                 return handler.mmio(addr - self._bases[i], size, is_write, value, vcpu)
         self._refuse(f"access at {addr:#x} outside every device window")
         return None if is_write else ALL_ONES

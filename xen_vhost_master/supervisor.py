@@ -445,8 +445,7 @@ class Supervisor:
         if not self.privcmd.eventfd_ioctls_supported():
             self.log.info("kernel fast path (privcmd ioeventfd/irqfd) not available: user-space relay")
             return
-        self.fastpath = KernelFastPath(self.privcmd, self.domid, NotifyRoutes(self._open_kernel_server, self.ioreq),
-                                       self.log)
+        self.fastpath = KernelFastPath(self.privcmd, self.domid, NotifyRoutes(self._open_kernel_server), self.log)
         self.log.info("kernel fast path available: privcmd ioeventfd/irqfd for zero-copy devices")
         for served in self.devices.values():
             cfg = served.config

@@ -64,7 +64,7 @@ async def test_io_with_and_without_the_kernel_fast_path(sim_dir, kernel_mode):
             if available:
                 kserver.create()
                 kserver.enable()
-                device.use_fast_path(KernelFastPath(privcmd, domid, NotifyRoutes(lambda: kserver, ioreq), log).for_device(BASE, IRQ))
+                device.use_fast_path(KernelFastPath(privcmd, domid, NotifyRoutes(lambda: kserver), log).for_device(BASE, IRQ))
             blk = await asyncio.wait_for(VirtioBlk.attach(guest, BASE, IRQ, GuestPageAllocator(guest.ram)), TIMEOUT)
             data = random.Random(7).randbytes(256 << 10)
             for i in range(4):  # several rounds: interrupts must keep arriving

@@ -180,10 +180,13 @@ async def test_an_access_goes_to_the_newest_server_whose_ranges_hold_it_and_the_
                 newer.remove_window(BASE + 0x50)
                 await asyncio.wait_for(guest.mmio_write(BASE + 0x50, 4, 3), TIMEOUT)  # ours again
                 assert window.accesses[-1] == (0x50, True, 3) and len(notify.accesses) == 1
-                newer.dm.map_io_range(newer.server_id or 0, BASE + 0x100, BASE + 0x103)  # no window of its own
+                newer.add_window(BASE + 0x100, 4, None)  # its range, served by ``through``'s window
                 await asyncio.wait_for(guest.mmio_write(BASE + 0x100, 4, 4), TIMEOUT)
                 assert window.accesses[-1] == (0x100, True, 4)  # through ours
-                assert newer.stats.served == 2 and newer.stats.refused == 0
+                newer.dm.map_io_range(newer.server_id or 0, BASE + 0x104, BASE + 0x107)  # a predecessor's range
+                await asyncio.wait_for(guest.mmio_write(BASE + 0x104, 4, 5), TIMEOUT)
+                assert window.accesses[-1] == (0x104, True, 5)
+                assert newer.stats.served == 3 and newer.stats.refused == 0
             finally:
                 await newer.close()
 

@@ -404,7 +404,7 @@ async def test_a_functions_kicks_go_through_the_kernel_fast_path_and_follow_its_
             if available:
                 kserver.create()
                 kserver.enable()
-                device.use_fast_path(KernelFastPath(privcmd, domid, NotifyRoutes(lambda: kserver, ioreq), log).for_function())
+                device.use_fast_path(KernelFastPath(privcmd, domid, NotifyRoutes(lambda: kserver), log).for_function())
             driver = VirtioPciDriver(guest, sbdf(DEV), GuestPageAllocator(guest.ram, reserve=1 << 20))
             blk = await asyncio.wait_for(VirtioBlk.bring_up(driver, queue_size=64), TIMEOUT)
             data = random.Random(7).randbytes(64 << 10)
