@@ -28,6 +28,8 @@ import mmap
 import os
 import select
 import socket
+import struct
+from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Self
@@ -251,6 +253,7 @@ class _Route:
     gen: int
     page: mmap.mmap
     slot: ioreq_t | None
+    raw: memoryview | None  # the slot's bytes (the hot path's loads and stores)
     wake: int
     deliver: int
     rpage: mmap.mmap  # the route page (sim.vcpu_channel: the port's mask, the handler's counters)
@@ -258,7 +261,7 @@ class _Route:
     kevs: list[tuple[int, int, int, int]]
 
     def close(self) -> None:
-        self.slot = None  # a ctypes view pins the mmap
+        self.slot = self.raw = None  # a view pins the mmap
         try:
             self.page.close()
         except BufferError:
@@ -271,6 +274,47 @@ class _Route:
 
 
 _U64 = (1 << 64) - 1
+_REQ = struct.Struct("<QQII")  # ioreq_t's addr, data, count, size: the request's fields in one store
+_DATA = struct.Struct("<Q")
+_DATA_OFF = ioreq_t.data.offset
+_FLAGS_OFF = ioreq_t.flags.offset  # type: ignore[attr-defined]  # state, data_is_ptr, dir: one byte
+_TYPE_OFF = ioreq_t.type.offset
+_KEEP = ~ioreq_t.STATE_MASK & 0xFF
+_COPY = int(IoreqType.COPY)
+_IORESP_READY = int(IoreqState.IORESP_READY)
+_READY = {False: ioreq_t.DIR | int(IoreqState.READY), True: int(IoreqState.READY)}  # by write: dir, state
+
+
+class _VcpuGate:
+    """One access per vCPU at a time (Hypervisor.mmio holds the vCPU's lock), in arrival order.
+    An access that finds it free takes it without a suspension (the usual case); a waiter is
+    handed it by :meth:`release` (``busy`` stays set)."""
+
+    __slots__ = ("busy", "waiters")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    async def wait(self) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed it as it was cancelled: on to the next
+            elif fut in self.waiters:
+                self.waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.busy = False
 QUEUE_NOTIFY = 0x50  # virtio-mmio QueueNotify (privcmd ioeventfd watches base + 0x50)
 QUEUE_NOTIFY_VQ_MASK = 0xFFFF
 UNMASK_LOOK = 0.01  # s: a vCPU waiting for an unmask looks again at least this often
@@ -292,9 +336,12 @@ class SimGuest:
         self._ctl = SimControl(path)
         self._chan: mmap.mmap | None = None
         self._routes: dict[tuple[int, int], _Route] = {}
-        self._vlocks: dict[int, asyncio.Lock] = {}
+        self._gates: dict[int, _VcpuGate] = {}
         self._fast_waits: set[asyncio.Future[None]] = set()
         self._snap: Snapshot | None = None  # the page as last read (valid while its seq is)
+        # (addr, size, vcpu) -> what _route found, for accesses while the page's seq stays _cached_seq
+        self._cached: dict[tuple[int, int, int], tuple[int, _Route, bool]] = {}
+        self._cached_seq = -1
         self._irq_efd = -1  # the domain's asserted-line events (sim.vcpu_channel)
         self._irq_waits: set[asyncio.Future[None]] = set()
         # the dom0 kernel's irqfds this guest plays (sim.vcpu_channel): irq -> [(level, eventfd)]
@@ -436,10 +483,14 @@ class SimGuest:
         await self._mmio(addr, size, True, value, vcpu)
 
     async def _mmio(self, addr: int, size: int, write: bool, value: int, vcpu: int) -> int:
-        lock = self._vlocks.get(vcpu)
-        if lock is None:
-            lock = self._vlocks[vcpu] = asyncio.Lock()
-        async with lock:  # one access per vCPU at a time (Hypervisor.mmio holds the vCPU's lock)
+        gate = self._gates.get(vcpu)
+        if gate is None:
+            gate = self._gates[vcpu] = _VcpuGate()
+        if gate.busy:
+            await gate.wait()
+        else:
+            gate.busy = True
+        try:
             got = self._route(addr, size, vcpu)
             if got is None:
                 obj = {"op": "mmio", "addr": addr, "size": size, "write": write, "vcpu": vcpu}
@@ -448,9 +499,28 @@ class SimGuest:
                 return int(await self._call(obj))
             uid, route, arm64 = got
             return await self._fast_mmio(uid, route, addr, size, write, value, vcpu, arm64)
+        finally:
+            gate.release()
 
     def _route(self, addr: int, size: int, vcpu: int) -> tuple[int, _Route, bool] | None:
-        """The vCPU channel for this access, if the host's page allows it (else None: host path)."""
+        """The vCPU channel for this access, if the host's page allows it (else None: host path);
+        what was found is kept for the next accesses while the page's sequence counter stays."""
+        chan = self._chan
+        if chan is None:
+            return None
+        seq = vcpu_channel.seq_of(chan)
+        if seq != self._cached_seq:
+            self._cached.clear()
+            self._cached_seq = seq
+        key = (addr, size, vcpu)
+        got = self._cached.get(key)
+        if got is None or got[1].raw is None:  # (a route closed since: fetched again)
+            got = self._find_route(addr, size, vcpu)
+            if got is not None:
+                self._cached[key] = got
+        return got
+
+    def _find_route(self, addr: int, size: int, vcpu: int) -> tuple[int, _Route, bool] | None:
         chan = self._chan
         if chan is None or size not in (1, 2, 4, 8) or not 0 <= vcpu < vcpu_channel.MAX_FAST_VCPUS:
             return None
@@ -497,16 +567,19 @@ class SimGuest:
         os.close(fds[0])
         os.close(fds[3])
         kevs = [(int(a) + QUEUE_NOTIFY, int(n), int(q), fd) for (a, n, q), fd in zip(kev_args, fds[4:])]
-        route = _Route(gen, page, ioreq_t.from_buffer(page, vcpu * IOREQ_SLOT_SIZE), fds[1], fds[2], rpage, kevs)
+        off = vcpu * IOREQ_SLOT_SIZE
+        route = _Route(gen, page, ioreq_t.from_buffer(page, off), memoryview(page)[off:off + IOREQ_SLOT_SIZE],
+                       fds[1], fds[2], rpage, kevs)
         self._routes[(uid, vcpu)] = route
         return route
 
     async def _fast_mmio(self, uid: int, route: _Route, addr: int, size: int, write: bool, value: int, vcpu: int,
                          arm64: bool) -> int:
         """Hypervisor.mmio's claimed-access path, played by the vCPU itself (sim.vcpu_channel)."""
-        assert self._chan is not None and self._loop is not None and route.slot is not None
+        assert self._chan is not None and self._loop is not None and route.slot is not None and route.raw is not None
         mask = (1 << (8 * size)) - 1
         slot = route.slot
+        raw = route.raw
         data = (value & (_U64 if arm64 else mask)) if write else 0
         kernel = -1
         if write and route.kevs:
@@ -523,23 +596,22 @@ class SimGuest:
             if kernel >= 0:
                 await self._kernel_notify(route, slot, addr, size, data, kernel)
                 return 0
-            slot.addr, slot.data, slot.count, slot.size = addr, data, 1, size
-            slot.type = IoreqType.COPY
-            slot.flags = (ioreq_t.DIR if not write else 0) | IoreqState.READY  # state last (wmb)
+            _REQ.pack_into(raw, 0, addr, data, 1, size)
+            raw[_TYPE_OFF] = _COPY
+            raw[_FLAGS_OFF] = _READY[write]  # state last (wmb)
             route.rpage[vcpu_channel.ROUTE_MASKED] = 1  # the evtchn device masks as it queues
             os.eventfd_write(route.deliver, 1)  # EVTCHNOP_send on the vCPU's port
-            seen = self._snap
-            snap = seen if seen is not None and seen.seq == vcpu_channel.seq_of(self._chan) \
-                else vcpu_channel.read_snapshot(self._chan)
+            # (the page unchanged since _route: the route is the binding's own)
+            snap = None if vcpu_channel.seq_of(chan) == self._cached_seq else vcpu_channel.read_snapshot(chan)
             if snap is not None and snap.gen_of(uid) not in (None, route.gen):
                 # the device model re-bound meanwhile: the new binding's pending event covers a
                 # READY slot only if it came after; send on the new route too (spurious at worst)
                 fresh = self._fetch_route(uid, vcpu, int(snap.gen_of(uid) or 0))
-                if fresh is not None:
+                if fresh is not None and fresh.raw is not None:
                     os.eventfd_write(fresh.deliver, 1)
                     route = fresh
-                    slot = fresh.slot  # type: ignore[assignment]
-            data = await self._fast_wait(uid, route, slot)
+                    raw = fresh.raw
+            data = await self._fast_wait(uid, route, raw)
         finally:
             if not chan.closed:  # (close() during the access)
                 chan[busy] = 0
@@ -586,16 +658,17 @@ class SimGuest:
         rpage[vcpu_channel.ROUTE_MASKED] = 1  # the evtchn device's share of the event: masked
         os.eventfd_write(route.deliver, 1)  # until user space reads and unmasks it
 
-    async def _fast_wait(self, uid: int, route: _Route, slot: ioreq_t) -> int:
-        """Until the slot says IORESP_READY (data) or the server/domain is gone (-1: all-ones)."""
+    async def _fast_wait(self, uid: int, route: _Route, raw: memoryview) -> int:
+        """Until the slot (``raw``) says IORESP_READY (data) or the server/domain is gone (-1: all-ones)."""
         assert self._loop is not None and self._chan is not None
         loop = self._loop
         woken = False
         hold = self._hold
         while True:
-            if slot.state == IoreqState.IORESP_READY:
-                data = int(slot.data)
-                slot.state = IoreqState.NONE
+            flags = raw[_FLAGS_OFF]
+            if flags & ioreq_t.STATE_MASK == _IORESP_READY:
+                data: int = _DATA.unpack_from(raw, _DATA_OFF)[0]
+                raw[_FLAGS_OFF] = flags & _KEEP  # state NONE
                 return data
             if woken:
                 snap = vcpu_channel.read_snapshot(self._chan)

@@ -140,6 +140,41 @@ async def test_ioreq_round_trips_complete_while_the_simulated_host_is_stopped(si
 
 
 @pytest.mark.asyncio
+async def test_a_vcpus_accesses_go_one_at_a_time_in_order_and_a_cancelled_one_holds_none_back(
+    sim_host: SimHost, sim_control: SimControl, kernel: SimKernel
+) -> None:
+    """A vCPU has one slot: its accesses wait for the one in flight (Hypervisor.mmio holds the
+    vCPU's lock), in the order they came, and one cancelled while it waits is skipped."""
+    async with guest_and_dm(sim_host, sim_control, kernel) as (_domid, guest, dm):
+        await dm.drain()
+        served: list[int] = []
+        first, second, third = (asyncio.ensure_future(guest.mmio_read(BASE + off, 4)) for off in (0, 4, 8))
+        await asyncio.sleep(0)  # (one step each: the first is in the slot, the others wait their turn)
+        second.cancel()
+        for value in (11, 33):
+            await dm.serve_one(value, lambda: served.append(dm.page.slot(0).addr))
+        assert await asyncio.wait_for(first, TIMEOUT) == 11 and await asyncio.wait_for(third, TIMEOUT) == 33
+        assert second.cancelled() and served == [BASE, BASE + 8]
+        assert await asyncio.wait_for(asyncio.gather(guest.mmio_read(BASE, 4), dm.serve_one(44)), TIMEOUT) == [44, None]
+
+
+@pytest.mark.asyncio
+async def test_a_vcpu_turn_handed_to_an_access_cancelled_before_it_ran_goes_on_to_the_next() -> None:
+    from xen_vhost_sim.guest import _VcpuGate
+
+    gate = _VcpuGate()
+    gate.busy = True  # an access in flight
+    waiting = [asyncio.ensure_future(gate.wait()) for _ in range(2)]
+    await asyncio.sleep(0)
+    gate.release()  # the first waiter's turn, which it is cancelled before taking
+    waiting[0].cancel()
+    await asyncio.wait_for(waiting[1], TIMEOUT)
+    assert waiting[0].cancelled() and gate.busy and not gate.waiters
+    gate.release()
+    assert not gate.busy
+
+
+@pytest.mark.asyncio
 async def test_masked_port_keeps_the_event_pending_until_unmasked(
     sim_host: SimHost, sim_control: SimControl, kernel: SimKernel
 ) -> None:
