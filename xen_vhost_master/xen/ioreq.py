@@ -3,8 +3,10 @@
 Memory ordering (docs/xen-abi.md §5): Xen writes the request fields, then (after a write barrier) the state
 READY; the device model must read the state *before* the fields, and publish ``data`` *before*
 IORESP_READY. CPython's loads/stores from an mmap happen in program order and each is a C access;
-on x86 (TSO) that is enough. :func:`fence` is the single place where a real barrier would go on
-arm64; the state byte is written with one byte store (``(byte30 & 0xf0) | state``).
+on x86 (TSO) that is enough. On arm64 Python offers no fence: what orders the answer for the vCPU
+is the NOTIFY that follows it (a system call and a hypercall, whose locks order every earlier
+store of this CPU before Xen wakes the vCPU, as protocol/vhost_user/virtqueue.py relies on its
+eventfd write). The state byte is written with one byte store (``(byte30 & 0xf0) | state``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from xen_vhost_master.xen.abi import (
 from xen_vhost_master.xen.kernel import Mapping
 from xen_vhost_master.xen.privcmd import PrivCmd
 
-__all__ = ["IoreqPage", "IoreqRequest", "fence"]
+__all__ = ["IoreqPage", "IoreqRequest"]
 
 # struct ioreq (abi.ioreq_t): addr, data, count, size, vp_eport, _pad0, flags, type
 _SLOT = struct.Struct("<QQIIIHBB")
@@ -39,10 +41,6 @@ _COPY: Final = int(IoreqType.COPY)
 _INPROCESS: Final = int(IoreqState.INPROCESS)
 _IORESP_READY: Final = int(IoreqState.IORESP_READY)
 _new = tuple.__new__  # an IoreqRequest without NamedTuple's Python-level __new__ (once per access)
-
-
-def fence() -> None:
-    """Full memory barrier point of the ioreq handshake (see module doc)."""
 
 
 class IoreqRequest(NamedTuple):
@@ -112,7 +110,7 @@ class IoreqPage:
         state = raw[_FLAGS_OFF] & _STATE_MASK
         if state != _READY and not (recover and state == _INPROCESS):
             return None
-        fence()  # the state before the fields
+        # (the state before the fields: see the module doc on ordering)
         addr, data, count, size, _port, _pad, flags, rtype = _SLOT.unpack(raw)
         is_write = not flags & _DIR  # dir bit clear: IOREQ_WRITE (abi.IoreqDir.WRITE = 0)
         if is_write and self.kernel_notifies and rtype == _COPY and (addr, size, data & 0xFFFF) in self.kernel_notifies:
@@ -128,6 +126,4 @@ class IoreqPage:
         raw = self._raw[vcpu]
         if data is not None:
             _DATA.pack_into(raw, _DATA_OFF, data & 0xFFFFFFFFFFFFFFFF)  # one 8-byte store, as the ctypes field
-        fence()
-        raw[_FLAGS_OFF] = (raw[_FLAGS_OFF] & ~_STATE_MASK & 0xFF) | _IORESP_READY
-        fence()
+        raw[_FLAGS_OFF] = (raw[_FLAGS_OFF] & ~_STATE_MASK & 0xFF) | _IORESP_READY  # after the data
