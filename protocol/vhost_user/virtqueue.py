@@ -60,6 +60,7 @@ __all__ = [
     "SplitQueueDriver",
     "split_ring_layout",
     "read_buffers",
+    "read_into",
     "widest_span",
     "write_buffers",
     "vring_need_event",
@@ -251,6 +252,36 @@ def read_buffers(mem: GuestMemory, buffers: Iterable[Buffer], limit: int | None 
         with view:
             out += view
     return bytes(out)
+
+
+def read_into(mem: GuestMemory, buffers: Iterable[Buffer], dest: memoryview, skip: int = 0) -> int:
+    """Copy the bytes of ``buffers`` after the first ``skip`` into ``dest`` (at most its length),
+    with no copy in between; returns the bytes copied. Every buffer is looked up before the first
+    byte is copied, so a memory fault (RingError) leaves ``dest`` untouched."""
+    views: list[tuple[memoryview, int]] = []
+    want = len(dest)
+    for buf in buffers:
+        if want <= 0:
+            break
+        if skip >= buf.length:
+            skip -= buf.length
+            continue
+        n = min(buf.length - skip, want)
+        try:
+            view = mem.view(buf.addr + skip, n)
+        except _MEMORY_FAULTS as exc:
+            for v, _ in views:
+                v.release()
+            raise RingError(f"buffer [{buf.addr + skip:#x}, +{n:#x}) is not in guest memory: {exc}") from exc
+        views.append((view, n))
+        want -= n
+        skip = 0
+    done = 0
+    for view, n in views:
+        with view:
+            dest[done : done + n] = view
+        done += n
+    return done
 
 
 def write_buffers(mem: GuestMemory, buffers: Iterable[Buffer], data: bytes | memoryview) -> int:

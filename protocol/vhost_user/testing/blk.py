@@ -227,31 +227,39 @@ class RamDiskBlk(VhostUserDevice):
     def handle_request(self, chain: Any, read_buffers: Any, write_buffers: Any) -> int:
         """Serve one virtio-blk request chain; returns the used length. A subclass may refuse a
         request before it (returning 0) or clean up after it, e.g. a Xen-aware back-end
-        (xen_vhost_master/backend/blk.py)."""
+        (xen_vhost_master/backend/blk.py). Data moves between the guest's buffers and the disk
+        in one copy (a 1 MiB request under TCG in the real-Xen lab spent most of its time in
+        the three or four copies through bytes objects it took before)."""
+        from ..virtqueue import Buffer, read_into
+
         mem = self.memory
-        readable = read_buffers(mem, chain.readable)
+        header = read_buffers(mem, chain.readable, _REQ_HDR.size)
         writable_len = sum(b.length for b in chain.writable)
-        if len(readable) < _REQ_HDR.size or writable_len < 1:
+        if len(header) < _REQ_HDR.size or writable_len < 1:
             log.warning("malformed virtio-blk request on chain %d", chain.head)
             return 0
-        req_type, _, sector = _REQ_HDR.unpack_from(readable)
-        data_out = readable[_REQ_HDR.size :]
+        req_type, _, sector = _REQ_HDR.unpack_from(header)
+        data_out_len = sum(b.length for b in chain.readable) - _REQ_HDR.size
         data_in_len = writable_len - 1
         self.requests[req_type] = self.requests.get(req_type, 0) + 1
         payload = b""
         status = VIRTIO_BLK_S_OK
+        start = sector * SECTOR_SIZE
         if req_type == VIRTIO_BLK_T_IN:
-            start = sector * SECTOR_SIZE
             if data_in_len % SECTOR_SIZE or start + data_in_len > self.size:
                 status, payload = VIRTIO_BLK_S_IOERR, bytes(data_in_len)
             else:
-                payload = bytes(self.disk[start : start + data_in_len])
+                with memoryview(self.disk) as disk, disk[start : start + data_in_len] as part:
+                    done: int = write_buffers(mem, chain.writable, part)
+                last = next(b for b in reversed(chain.writable) if b.length)  # the status byte ends the chain
+                done += write_buffers(mem, [Buffer(last.addr + last.length - 1, 1)], bytes([status]))
+                return done
         elif req_type == VIRTIO_BLK_T_OUT:
-            start = sector * SECTOR_SIZE
-            if self.read_only or len(data_out) % SECTOR_SIZE or start + len(data_out) > self.size:
+            if self.read_only or data_out_len % SECTOR_SIZE or start + data_out_len > self.size:
                 status = VIRTIO_BLK_S_IOERR
             else:
-                self.disk[start : start + len(data_out)] = data_out
+                with memoryview(self.disk) as disk, disk[start : start + data_out_len] as part:
+                    read_into(mem, chain.readable, part, _REQ_HDR.size)
             payload = bytes(data_in_len)
         elif req_type == VIRTIO_BLK_T_FLUSH:
             self.flushes += 1
