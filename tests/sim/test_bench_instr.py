@@ -1,5 +1,6 @@
 """`python -m xen_vhost_sim.tools.bench_instr` without valgrind: the shadow engine loop it counts
-serves every chain it publishes, and a callgrind file's total comes from its summary line."""
+serves every chain it publishes, the vCPU loop's reads are the daemon's answers, and a callgrind
+file's total comes from its summary line."""
 
 from __future__ import annotations
 
@@ -26,3 +27,9 @@ def test_the_counted_kernel_loop_delivers_and_notifies_every_event(no_fd_leak: N
     # each event's evtchn read finds the port and its NOTIFY wakes the vCPU (a non-blocking read of
     # the wake eventfd raises otherwise), through SimKernel or, bare, the eventfds themselves
     assert bench_instr.kernel_child(50, bare) == 50
+
+
+@pytest.mark.asyncio
+async def test_the_counted_vcpu_loop_reads_the_daemons_magic_value() -> None:
+    # a live daemon answers each held read (vcpu_child raises on a wrong value)
+    assert await bench_instr.vcpu_child(5) == 5

@@ -11,6 +11,10 @@ and divides the difference by ``n``, so start-up and teardown cancel out:
   → instructions per IOREQ, and ``n // 5`` relay round trips (QueueNotify → back-end → interrupt
   → InterruptStatus read + ack) → instructions per relay round trip. The daemon's in-process
   simulated ioctls (SimKernel) are counted, as its CPU time counts them.
+* ``vcpu``: the simulator's side of an IOREQ (what Xen's hypervisor does, nearly free there): a
+  guest process (``SimGuest`` with a held vCPU, as :mod:`.bench` measures the round trip) under
+  callgrind makes ``n`` MMIO reads of a live daemon's window (the daemon, the simulated host and
+  the echo back-end run outside callgrind) → instructions per held read.
 * ``shadow``: the shadow engine alone (``ShadowDataPath.notify``/``used`` between a guest driver
   and a fake back-end, in one process, guest RAM a bytearray): 4 KiB read chains (a 16-byte
   header, 4 KiB of data, a status byte) at QD 32 (``--depth``: another queue depth, e.g. 1: one
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -31,6 +36,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +61,13 @@ def _valgrind(out: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- ioreq
-async def _daemon_run(work_out: str, reads: int, relays: int) -> int:
-    """Instructions of one daemon lifetime serving ``reads`` MMIO reads and ``relays`` relay
-    round trips after the device's bring-up."""
+@contextlib.asynccontextmanager
+async def _live_daemon(wrap: Sequence[str] = ()) -> AsyncIterator[tuple[str, int, Any]]:
+    """The micro benchmark's set-up (:mod:`.bench`): a simulated host, the echo back-end, a domain
+    and a daemon (under ``wrap``) serving its rng device, brought up by a guest's driver. Yields
+    (the host's socket, the domid, the guest); every process stopped however the body ends (the
+    daemon by SIGTERM, so that callgrind writes its file)."""
     from xen_vhost_sim.guest import SimControl, SimGuest
-    from xen_vhost_sim.guest_driver import MmioReg as R
     from xen_vhost_sim.tools import bench
 
     harness = bench._harness()
@@ -72,23 +80,39 @@ async def _daemon_run(work_out: str, reads: int, relays: int) -> int:
         with SimControl(sim) as ctl:
             domid = ctl.create_domain(mem_bytes=64 << 20)
         daemon = bench.Daemon(peers, work, sim, domid, f"type=rng,base={bench.BASE:#x},irq={bench.IRQ},socket={sock}",
-                              wrap=_valgrind(work_out))
+                              wrap=wrap)
         guest = await SimGuest.connect(sim, domid)
         try:
             await daemon.ready(VALGRIND_READY)
-            w, r = await bench.micro_device_up(guest)
-            for _ in range(reads):
-                await r(R.MAGIC_VALUE)
-            for _ in range(relays):
-                await w(R.QUEUE_NOTIFY, 0)
-                await asyncio.wait_for(guest.wait_irq(bench.IRQ), bench.STEP)
-                await w(R.INTERRUPT_ACK, await r(R.INTERRUPT_STATUS))
-            await w(R.STATUS, 0)
+            await bench.micro_device_up(guest)
+            yield sim, domid, guest
         finally:
             guest.close()
-            daemon.proc.stop(timeout=bench.STEP)  # SIGTERM: the daemon exits, callgrind writes its file
+            daemon.proc.stop(timeout=bench.STEP)
             daemon.notify.close()
             echo.stop()
+
+
+async def _daemon_run(work_out: str, reads: int, relays: int) -> int:
+    """Instructions of one daemon lifetime serving ``reads`` MMIO reads and ``relays`` relay
+    round trips after the device's bring-up."""
+    from xen_vhost_sim.guest_driver import MmioReg as R
+    from xen_vhost_sim.tools import bench
+
+    async with _live_daemon(_valgrind(work_out)) as (_sim, _domid, guest):
+        async def w(reg: int, v: int) -> None:
+            await guest.mmio_write(bench.BASE + reg, 4, v)
+
+        async def r(reg: int) -> int:
+            return int(await guest.mmio_read(bench.BASE + reg, 4))
+
+        for _ in range(reads):
+            await r(R.MAGIC_VALUE)
+        for _ in range(relays):
+            await w(R.QUEUE_NOTIFY, 0)
+            await asyncio.wait_for(guest.wait_irq(bench.IRQ), bench.STEP)
+            await w(R.INTERRUPT_ACK, await r(R.INTERRUPT_STATUS))
+        await w(R.STATUS, 0)
     return callgrind_total(work_out)
 
 
@@ -186,6 +210,37 @@ def kernel_figures(n: int, tmp: str) -> dict[str, float]:
     return {"simulated kernel instructions per IOREQ (evtchn read, unmask, NOTIFY: SimKernel)": sim - bare_}
 
 
+# ---------------------------------------------------------------------------------------------- vcpu
+async def vcpu_child(n: int) -> int:
+    """``n`` held MMIO reads of a live daemon's register, after its device's bring-up."""
+    from xen_vhost_sim.guest import SimGuest
+    from xen_vhost_sim.guest_driver import MMIO_MAGIC
+    from xen_vhost_sim.guest_driver import MmioReg as R
+    from xen_vhost_sim.tools import bench
+
+    async with _live_daemon() as (sim, domid, _guest):
+        held = await SimGuest.connect(sim, domid, vcpu_hold=bench.VCPU_HOLD)
+        try:
+            for _ in range(20):  # the route fetched, the daemon's first reads: not counted
+                await held.mmio_read(bench.BASE + R.MAGIC_VALUE, 4)
+            for _ in range(n):
+                if await held.mmio_read(bench.BASE + R.MAGIC_VALUE, 4) != MMIO_MAGIC:
+                    raise RuntimeError("the daemon's MagicValue read wrong")
+        finally:
+            held.close()
+    return n
+
+
+def vcpu_figures(n: int, tmp: str) -> dict[str, float]:
+    totals = []
+    for count in (0, n):
+        out = os.path.join(tmp, f"vcpu-{count}.out")
+        subprocess.run([*_valgrind(out), "-m", "xen_vhost_sim.tools.bench_instr", "--vcpu-child", str(count)],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        totals.append(callgrind_total(out))
+    return {"simulated vCPU instructions per held MMIO read (SimGuest)": (totals[1] - totals[0]) / n}
+
+
 # ---------------------------------------------------------------------------------------------- shadow
 def engine(n: int, depth: int = ENGINE_QD) -> int:
     """``n`` (rounded up to a batch) 4 KiB read chains through the shadow engine at QD ``depth``, EVENT_IDX
@@ -242,7 +297,7 @@ def shadow_figures(n: int, tmp: str, depth: int = ENGINE_QD) -> dict[str, float]
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m xen_vhost_sim.tools.bench_instr", description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=("ioreq", "kernel", "shadow"), help="one group of figures")
+    p.add_argument("--only", choices=("ioreq", "kernel", "vcpu", "shadow"), help="one group of figures")
     p.add_argument("-n", type=int, default=5000, help="MMIO reads (relay round trips: n/5)")
     p.add_argument("--requests", type=int, default=3200, help="shadow engine requests")
     p.add_argument("--depth", type=int, default=ENGINE_QD,
@@ -250,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="also write the figures as JSON to this file")
     p.add_argument("--engine-child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--kernel-child", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--vcpu-child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.engine_child is not None:
@@ -257,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.kernel_child is not None:
         kernel_child(args.kernel_child, args.bare)
+        return 0
+    if args.vcpu_child is not None:
+        asyncio.run(vcpu_child(args.vcpu_child))
         return 0
     if shutil.which(VALGRIND) is None:
         p.error("valgrind not found (Debian: apt install valgrind)")
@@ -272,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             figures.update(asyncio.run(ioreq_figures(args.n, tmp)))
         if args.only in (None, "kernel"):
             figures.update(kernel_figures(args.n, tmp))
+        if args.only in (None, "vcpu"):
+            figures.update(vcpu_figures(args.n, tmp))
     for name, value in figures.items():
         print(f"{name:<52} {value:>10,.0f}")
     if args.out:
