@@ -3,10 +3,12 @@
 Memory ordering (docs/xen-abi.md §5): Xen writes the request fields, then (after a write barrier) the state
 READY; the device model must read the state *before* the fields, and publish ``data`` *before*
 IORESP_READY. CPython's loads/stores from an mmap happen in program order and each is a C access;
-on x86 (TSO) that is enough. On arm64 Python offers no fence: what orders the answer for the vCPU
-is the NOTIFY that follows it (a system call and a hypercall, whose locks order every earlier
-store of this CPU before Xen wakes the vCPU, as protocol/vhost_user/virtqueue.py relies on its
-eventfd write). The state byte is written with one byte store (``(byte30 & 0xf0) | state``).
+on x86 (TSO) that is enough. On arm64 Python offers no fence: the system calls around an access
+order it instead, as protocol/vhost_user/virtqueue.py relies on its eventfd writes. The request's
+fields are read after the evtchn read that returned its port (Xen stores them, then READY, then
+sends the event), and the answer is followed by the NOTIFY (a system call and a hypercall, whose
+locks order every earlier store of this CPU before Xen wakes the vCPU). The state byte is written
+with one byte store (``(byte30 & 0xf0) | state``).
 """
 
 from __future__ import annotations
