@@ -5,7 +5,7 @@
 #   env: XENLAB_CACHE (default /var/cache/xen-vhost-master-lab), XENLAB_LOG (default
 #        $XENLAB_CACHE/logs/lab.log; failures are also kept as logs/fail-<time>.log), XENLAB_SCENARIOS
 #        (default: pyblk qsd grant, and net on Xen 4.20; `make test-xen-full`: every scenario), XENLAB_DOM0_KERNEL (xenlab:
-#        the lab's kernel with the privcmd fast path, the default; debian: Debian's), XENLAB_TIMEOUT (s, default 2400: the cap), XENLAB_STALL (s without a new check, default 900), XENLAB_BENCH=1 (`make bench-xen`: the
+#        the lab's kernel with the privcmd fast path, the default; debian: Debian's), XENLAB_TIMEOUT (s, default 3000: the cap), XENLAB_STALL (s without a new check, default 900), XENLAB_BENCH=1 (`make bench-xen`: the
 #        benchmark boot instead of the checks; XENLAB_BENCH_OUT, default ./bench-xen-results.json),
 #        XENLAB_TERM_SIGNAL (TERM: the signal the SIGTERM step sends; KILL or STOP show its checks failing),
 #        XENLAB_QSD_QUEUES (2: the qsd scenario's export queues; 1 shows multi-queue failing),
@@ -52,7 +52,7 @@ if [ "${XENLAB_BENCH:-0}" = 1 ]; then   # the host's load over the bench boot, f
   ( while :; do echo "$(date +%s) $(cut -d' ' -f1-3 /proc/loadavg)"; sleep 30; done ) >> "$LOADS" & SAMPLER=$!
 fi
 python3 "$H/boot.py" --xen "$ART/xen-ioreq" --kernel "$DOM0_KERNEL" --initrd "$INITRD" --log "$LOG" \
-  --timeout "${XENLAB_TIMEOUT:-2400}" --stall "${XENLAB_STALL:-$([ "${XENLAB_BENCH:-0}" = 1 ] && echo 0 || echo 900)}" || true
+  --timeout "${XENLAB_TIMEOUT:-3000}" --stall "${XENLAB_STALL:-$([ "${XENLAB_BENCH:-0}" = 1 ] && echo 0 || echo 900)}" || true
 if [ "${XENLAB_BENCH:-0}" = 1 ]; then   # make bench-xen: a report, not a verdict
   step "bench-xen report"
   kill $SAMPLER 2>/dev/null || true; SAMPLER=""
