@@ -65,9 +65,13 @@ class ProcLog:
         self._thread.start()
 
     def _read(self, stream: IO[bytes]) -> None:
-        for raw in iter(stream.readline, b""):
-            self._loop.call_soon_threadsafe(self._add, raw.decode(errors="replace"))
-        self._loop.call_soon_threadsafe(self._eof)
+        try:
+            for raw in iter(stream.readline, b""):
+                self._loop.call_soon_threadsafe(self._add, raw.decode(errors="replace"))
+        except ValueError:  # closed under it at the test's end: an instance the dispatcher started
+            pass  # may still hold the pipe's write end, so no EOF came
+        with contextlib.suppress(RuntimeError):  # (the test's loop closed meanwhile)
+            self._loop.call_soon_threadsafe(self._eof)
 
     def _add(self, line: str) -> None:
         self.lines.append(line)
