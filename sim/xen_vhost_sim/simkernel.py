@@ -538,9 +538,11 @@ class SimKernel:
     # ------------------------------------------------------------------ ioctl
     def ioctl(self, fd: int, request: int, arg: IoctlArg = None) -> int:
         node = self._nodes.get(fd) or self._node(fd)
-        if request == _NOTIFY and node.fast and isinstance(arg, ctypes.Structure) and ctypes.sizeof(arg) >= 4:
-            # the hot path first: NOTIFY of a port with the eventfd route, its argument read in place
-            (port,) = _U32.unpack_from(arg)
+        if request == _NOTIFY and node.fast:
+            # the hot path first (no frame of _evtchn, no enum lookup): NOTIFY of a port with the
+            # eventfd route, its argument read in place (a bare address as _arg_bytes reads it)
+            (port,) = _U32.unpack_from(arg) if isinstance(arg, (ctypes.Structure, ctypes.Array)) \
+                and ctypes.sizeof(arg) >= 4 else _U32.unpack(copy_from_user(address_of(arg), 4))
             route = node.fast.get(port)
             if route is not None and port in node.ports:
                 os.eventfd_write(route[1], 1)  # the vCPU's port fires (sim.vcpu_channel)
@@ -777,14 +779,6 @@ class SimKernel:
 
     # evtchn.c -----------------------------------------------------------
     def _evtchn(self, node: _Node, request: int, addr: int, own: _Own = None) -> int:
-        if request == _NOTIFY and node.fast:
-            # the hot path first: NOTIFY of a port with the eventfd route (no enum lookup)
-            (port,) = _U32.unpack_from(own) if own is not None and ctypes.sizeof(own) >= 4 else \
-                _U32.unpack(copy_from_user(addr, 4))  # (_arg_bytes, inline)
-            route = node.fast.get(port)
-            if route is not None and port in node.ports:
-                os.eventfd_write(route[1], 1)  # the vCPU's port fires (sim.vcpu_channel)
-                return 0
         try:
             which = EvtchnIoctl(request)
         except ValueError:

@@ -62,11 +62,12 @@ def _valgrind(out: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- ioreq
 @contextlib.asynccontextmanager
-async def _live_daemon(wrap: Sequence[str] = ()) -> AsyncIterator[tuple[str, int, Any]]:
+async def _live_daemon(wrap: Sequence[str] = ()) -> AsyncIterator[tuple[str, int, Any, Any, Any]]:
     """The micro benchmark's set-up (:mod:`.bench`): a simulated host, the echo back-end, a domain
     and a daemon (under ``wrap``) serving its rng device, brought up by a guest's driver. Yields
-    (the host's socket, the domid, the guest); every process stopped however the body ends (the
-    daemon by SIGTERM, so that callgrind writes its file)."""
+    (the host's socket, the domid, the guest, its register write and read: ``micro_device_up``'s);
+    every process stopped however the body ends (the daemon by SIGTERM, so that callgrind writes
+    its file)."""
     from xen_vhost_sim.guest import SimControl, SimGuest
     from xen_vhost_sim.tools import bench
 
@@ -84,8 +85,8 @@ async def _live_daemon(wrap: Sequence[str] = ()) -> AsyncIterator[tuple[str, int
         guest = await SimGuest.connect(sim, domid)
         try:
             await daemon.ready(VALGRIND_READY)
-            await bench.micro_device_up(guest)
-            yield sim, domid, guest
+            w, r = await bench.micro_device_up(guest)
+            yield sim, domid, guest, w, r
         finally:
             guest.close()
             daemon.proc.stop(timeout=bench.STEP)
@@ -99,13 +100,7 @@ async def _daemon_run(work_out: str, reads: int, relays: int) -> int:
     from xen_vhost_sim.guest_driver import MmioReg as R
     from xen_vhost_sim.tools import bench
 
-    async with _live_daemon(_valgrind(work_out)) as (_sim, _domid, guest):
-        async def w(reg: int, v: int) -> None:
-            await guest.mmio_write(bench.BASE + reg, 4, v)
-
-        async def r(reg: int) -> int:
-            return int(await guest.mmio_read(bench.BASE + reg, 4))
-
+    async with _live_daemon(_valgrind(work_out)) as (_sim, _domid, guest, w, r):
         for _ in range(reads):
             await r(R.MAGIC_VALUE)
         for _ in range(relays):
@@ -218,7 +213,7 @@ async def vcpu_child(n: int) -> int:
     from xen_vhost_sim.guest_driver import MmioReg as R
     from xen_vhost_sim.tools import bench
 
-    async with _live_daemon() as (sim, domid, _guest):
+    async with _live_daemon() as (sim, domid, _guest, _w, _r):
         held = await SimGuest.connect(sim, domid, vcpu_hold=bench.VCPU_HOLD)
         try:
             for _ in range(20):  # the route fetched, the daemon's first reads: not counted

@@ -293,8 +293,11 @@ EOS
   chmod +x /xenlab/block-phy
 }
 jiffies() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
-pcpu() { for p in "$@"; do [ -r /proc/$p/stat ] && sed 's/.*) //' /proc/$p/stat | awk '{print $12+$13}'; done | awk '{s+=$1} END {print s+0}'; }
-psys() { for p in "$@"; do [ -r /proc/$p/stat ] && sed 's/.*) //' /proc/$p/stat | awk '{print $13}'; done | awk '{s+=$1} END {print s+0}'; }
+pticks() {  # awk expression of /proc/PID/stat's fields after "(comm) " ($12 utime, $13 stime), pids: their sum
+  E=$1; shift
+  for p in "$@"; do [ -r /proc/$p/stat ] && sed 's/.*) //' /proc/$p/stat | awk "{print $E}"; done | awk '{s+=$1} END {print s+0}'; }
+pcpu() { pticks '$12+$13' "$@"; }
+psys() { pticks '$13' "$@"; }
 pwake() {  # pids: the times their threads went to sleep waiting for something (each a wake-up later)
   for p in "$@"; do cat /proc/$p/task/*/status 2>/dev/null; done | awk '/^voluntary_ctxt_switches/{s+=$2} END {print s+0}'; }
 bench_guest() {  # scenario
