@@ -58,27 +58,33 @@ class Guest:
         self.drv = self.drvs[0]
         self.irq = asyncio.Event()
         self.done: dict[Any, int] = {}
+        self.scattered: dict[int, list[tuple[int, int]]] = {}  # slot → its read's data buffers
 
     def set_irq(self, level: bool) -> None:
         if level:
             self.irq.set()
 
-    def request(self, slot: int, kind: int, sector: int, data: bytes = b"", read: int = 0, queue: int = 0) -> int:
-        """A virtio-blk request in buffer slot ``slot``: header, data out, data in, status."""
+    def request(self, slot: int, kind: int, sector: int, data: bytes = b"", read: int = 0, queue: int = 0,
+                scatter: int = 1) -> int:
+        """A virtio-blk request in buffer slot ``slot``: header, data out, data in, status; the
+        data in (``read`` bytes) in ``scatter`` pieces with 64-byte gaps between them."""
         base = BUFS + 0x1000 * slot
         self.mem.view(base, _HDR.size)[:] = _HDR.pack(kind, 0, sector)
         self.mem.view(base + 0x100, len(data))[:] = data
-        self.mem.view(base + 0x100 + len(data) + read, 1)[:] = b"\xff"
+        piece = read // scatter
+        self.scattered[slot] = [(base + 0x100 + k * (piece + 0x40), piece) for k in range(scatter)] if read else []
+        status = base + 0x100 + len(data) + read + (scatter - 1) * 0x40
+        self.mem.view(status, 1)[:] = b"\xff"
         readable = [(base, _HDR.size)] + ([(base + 0x100, len(data))] if data else [])
-        writable = ([(base + 0x100, read)] if read else []) + [(base + 0x100 + len(data) + read, 1)]
-        self.drvs[queue].add(readable, writable, token=slot)
+        self.drvs[queue].add(readable, [*self.scattered[slot], (status, 1)], token=slot)
         return slot
 
     def status(self, slot: int, data_len: int) -> int:
-        return self.mem.view(BUFS + 0x1000 * slot + 0x100 + data_len, 1)[0]
+        gaps = 0x40 * (len(self.scattered[slot]) - 1) if self.scattered.get(slot) else 0
+        return self.mem.view(BUFS + 0x1000 * slot + 0x100 + data_len + gaps, 1)[0]
 
     def read_back(self, slot: int, length: int) -> bytes:
-        return bytes(self.mem.view(BUFS + 0x1000 * slot + 0x100, length))
+        return b"".join(bytes(self.mem.view(a, n)) for a, n in self.scattered[slot])[:length]
 
     async def completed(self, device: Device, tokens: set[int]) -> None:
         """Wait (interrupt by interrupt) until the device has returned ``tokens``; each at most once."""
@@ -283,9 +289,10 @@ async def scene(ram: int, backend: RamDiskBlk, memory: Any, *, queues: int = 1,
         guest.close()
 
 
-async def shadow_crash(ram: int, record: Path | None, scribble: Any = None) -> RamDiskBlk:
+async def shadow_crash(ram: int, record: Path | None, scribble: Any = None, scatter: int = 1) -> RamDiskBlk:
     """A write (sector 0) completed; then a write (sector 8, slot 1) and a read of sector 0 (slot
-    2) the back-end completes into the shadow ring of a process that dies before it harvests them;
+    2; its data in ``scatter`` pieces) the back-end completes into the shadow ring of a process
+    that dies before it harvests them;
     ``scribble(shadow memory fd, its layout)`` meddles with the kept memory before the successor
     starts with it. The successor must complete both to the guest once each; a later write (slot
     3, sector 16) is served. Returns the back-end (its request counts)."""
@@ -300,7 +307,7 @@ async def shadow_crash(ram: int, record: Path | None, scribble: Any = None) -> R
         two = b"\x22" * 512
         async with called(first) as backend_called:
             guest.request(1, VIRTIO_BLK_T_OUT, 8, two)
-            guest.request(2, VIRTIO_BLK_T_IN, 0, read=512)
+            guest.request(2, VIRTIO_BLK_T_IN, 0, read=512, scatter=scatter)
             await write(first, Reg.QUEUE_NOTIFY, 0)
             await backend_called.wait()  # the back-end completed both: nobody harvests them
             assert backend.requests[VIRTIO_BLK_T_OUT] == 2 and backend.requests[VIRTIO_BLK_T_IN] == 1
@@ -325,16 +332,18 @@ async def shadow_crash(ram: int, record: Path | None, scribble: Any = None) -> R
     return backend
 
 
+@pytest.mark.parametrize("scatter", [1, 4], ids=["one-piece", "scattered"])
 @pytest.mark.parametrize("record", [True, False], ids=["inflight-record", "no-record"])
 @pytest.mark.asyncio
 async def test_completions_the_backend_made_before_the_crash_reach_the_guest_once_and_are_not_run_again(
-        no_fd_leak, ram_memfd, tmp_path, record):
+        no_fd_leak, ram_memfd, tmp_path, record, scatter):
     """Shadow path: a write and a read the back-end completed into the killed process's shadow
     ring, which it did not live to harvest. The successor gives both to the guest from the kept
     shadow memory (the read's data copied back, the write's status), and the back-end never sees
     either again: 3 writes and 1 read executed for 3 writes and 1 read asked, with or without the
-    guest-side in-flight record."""
-    backend = await shadow_crash(ram_memfd, tmp_path / "dev0.inflight" if record else None)
+    guest-side in-flight record; also with the read's data in four pieces, which reached the
+    back-end as one buffer (shadow.py ``_layout``) and go back piece by piece."""
+    backend = await shadow_crash(ram_memfd, tmp_path / "dev0.inflight" if record else None, scatter=scatter)
     assert backend.requests[VIRTIO_BLK_T_OUT] == 3 and backend.requests[VIRTIO_BLK_T_IN] == 1, \
         f"a chain the back-end had completed ran again: {backend.requests}"
 

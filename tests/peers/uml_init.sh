@@ -4,7 +4,9 @@
 # line as environment variables:
 #   UMLT_MODULES  directory of the UML kernel modules (…/modules/<ver>)
 #   UMLT_MODE     blkrw: write UMLT_PATTERN to /dev/vda at UMLT_WSECTOR (512-byte sectors),
-#                 read it back and compare; then print the md5 of UMLT_RCOUNT sectors at UMLT_RSECTOR.
+#                 read it back and compare (O_DIRECT, UMLT_BS bytes per request, 512 unless
+#                 set: it must divide the pattern and the offset); then print the md5 of
+#                 UMLT_RCOUNT sectors at UMLT_RSECTOR.
 #                 probe: only report the size of /dev/vda.
 #                 net: virtio_net instead of virtio_blk; send UMLT_NET_FRAMES raw broadcast frames on
 #                 eth0 and count those that come back intact within UMLT_NET_WAIT s (12) ("NET
@@ -68,10 +70,11 @@ fi
 
 # blk_rw SECTOR: the pattern written at SECTOR with O_DIRECT, read back, compared; 0 if equal.
 blk_rw() {
-    if ! dd if="$UMLT_PATTERN" of=/dev/vda bs=512 seek="$1" count="$n" oflag=direct conv=fsync 2>$S/dd.err; then
+    bs=${UMLT_BS:-512}
+    if ! dd if="$UMLT_PATTERN" of=/dev/vda bs=$bs seek=$(($1 * 512 / bs)) count=$((n * 512 / bs)) oflag=direct conv=fsync 2>$S/dd.err; then
         say "FAIL write $(cat $S/dd.err)"; finish 1
     fi
-    if ! dd if=/dev/vda of=$S/back bs=512 skip="$1" count="$n" iflag=direct 2>$S/dd.err; then
+    if ! dd if=/dev/vda of=$S/back bs=$bs skip=$(($1 * 512 / bs)) count=$((n * 512 / bs)) iflag=direct 2>$S/dd.err; then
         say "FAIL read $(cat $S/dd.err)"; finish 1
     fi
     cmp -s "$UMLT_PATTERN" $S/back

@@ -36,7 +36,7 @@ from vhost_user.virtqueue import (
 
 from ..errors import DaemonError
 from ..log import DeviceLogger, LimitedLogger
-from ..virtio_mmio import F_EVENT_IDX, F_INDIRECT_DESC, QueueConfig
+from ..virtio_mmio import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, QueueConfig
 from .base import RingAddresses
 from .shadow_pool import HEAD_MAP_HEADER, ShadowMemory
 
@@ -107,6 +107,23 @@ class ShadowQueueStats:
                 setattr(self, f.name, mine + theirs)
 
 
+def _places(runs: Sequence[tuple[int, int]], bufs: Sequence[tuple[int, int]]) -> list[int] | None:
+    """The shadow address of each of a guest chain's ``bufs`` (one direction) in the shadow
+    chain's ``runs`` (the same direction: each run one or more of them back to back, as
+    :func:`_layout` lays them out, merged or not), or None if they do not line up."""
+    out: list[int] = []
+    it = iter(bufs)
+    for addr, size in runs:
+        at = 0
+        while at < size:
+            b = next(it, None)
+            if b is None or at + b[1] > size:
+                return None
+            out.append(addr + at)
+            at += b[1]
+    return out if next(it, None) is None else None
+
+
 class _InFlight(NamedTuple):
     """One guest chain published on the shadow ring (its bounce extent and both shapes)."""
 
@@ -124,18 +141,72 @@ class _InFlight(NamedTuple):
 _new = tuple.__new__  # builds an _InFlight without NamedTuple's Python-level __new__ (the hot path)
 
 
+def _layout(head: int, bufs: Sequence[tuple[int, int]], nr: int, merge: bool) -> tuple[list[int], list[tuple[int, int]], int, int]:
+    """Where a chain's buffers go in its bounce extent, and the shadow chain that describes them.
+
+    ``bufs``: the guest chain's buffers, the first ``nr`` device-readable. Returns the extent
+    offset of each buffer (buffers of 512 bytes or more 512-aligned, for back-ends that do
+    O_DIRECT I/O straight from them; smaller ones 16-aligned), the shadow chain's buffers as
+    (extent offset, length) runs, how many of those runs are device-readable, and the extent's
+    size. With ``merge`` a buffer that lands right after the one before it, in the same
+    direction, joins that one's run, except the chain's first and last buffers, which keep
+    descriptors of their own: a request of 32 scattered 4 KiB pages reaches the back-end as
+    three descriptors (header, data, status) instead of 34, and nothing of it is copied twice.
+    The driver may frame a request as it likes (virtio 1.2 §2.7.4, Message Framing: the device
+    must not assume a particular arrangement of descriptors, VIRTIO_F_VERSION_1); keeping the
+    first and the last apart also suits back-ends that expect the header and the status (or a
+    response) in descriptors of their own."""
+    offsets: list[int] = []
+    runs: list[tuple[int, int]] = []
+    pos = 0
+    last = len(bufs) - 1
+    if not merge or last < 3:  # (nothing to merge: no two buffers between the first and the last)
+        for _addr, length in bufs:
+            # A zero-sized buffer: every back-end built on QEMU's virtio core or libvhost-user
+            # (e.g. qemu-storage-daemon) refuses it for any device type ("virtio: zero sized
+            # buffers are not allowed") and drops the connection; no virtio-blk request part is
+            # empty (virtio 1.2 §5.2.6: a 16-byte header, data in 512-byte sectors, a 1-byte status).
+            if not length:
+                raise RingError(f"chain {head}: buffer {len(offsets)} has length 0 (zero-sized buffers are not allowed)")
+            a = SMALL - 1 if length >= SMALL else 15
+            pos = (pos + a) & ~a
+            offsets.append(pos)
+            runs.append((pos, length))
+            pos += length
+        return offsets, runs, nr, pos
+    nrr = 0
+    i = 0
+    for _addr, length in bufs:
+        if not length:
+            raise RingError(f"chain {head}: buffer {i} has length 0 (zero-sized buffers are not allowed)")
+        a = SMALL - 1 if length >= SMALL else 15
+        at = (pos + a) & ~a
+        offsets.append(at)
+        if at == pos and 1 < i < last and i != nr:
+            start, size = runs[-1]
+            runs[-1] = (start, size + length)
+        else:
+            runs.append((at, length))
+        pos = at + length
+        i += 1
+        if i == nr:
+            nrr = len(runs)
+    return offsets, runs, nrr, pos
+
+
 class _Queue:
-    __slots__ = ("config", "kick_fd", "guest", "guest_desc", "drv", "rings", "event_idx", "indirect",
+    __slots__ = ("config", "kick_fd", "guest", "guest_desc", "drv", "rings", "event_idx", "indirect", "merge",
                  "pending", "popped", "inflight", "losses", "broken", "unreported", "unsignalled", "stats", "heads")
 
     def __init__(self, config: QueueConfig, kick_fd: int, rings: RingAddresses, event_idx: bool, indirect: bool,
-                 heads: int) -> None:
+                 heads: int, merge: bool = False) -> None:
         self.config = config
         self.kick_fd = kick_fd
         self.rings = rings
         self.heads = heads  # memfd offset of the queue's head map (shadow_pool.py)
         self.event_idx = event_idx
         self.indirect = indirect
+        self.merge = merge  # contiguous buffers share a shadow descriptor (_layout)
         self.guest: SplitQueueDevice | None = None
         self.guest_desc: memoryview | None = None
         self.drv: SplitQueueDriver | None = None
@@ -371,7 +442,8 @@ class ShadowDataPath:
             return self._reopen(old, kick_fd, indirect)
         if old is not None:
             self.close_queue(index)
-        q = _Queue(queue, kick_fd, rings, event_idx, indirect, self.shadow.head_map(index))
+        q = _Queue(queue, kick_fd, rings, event_idx, indirect, self.shadow.head_map(index),
+                   merge=bool(features >> F_VERSION_1 & 1))
         self._queues[index] = q
         record = self.inflight_record.queue(index, queue.num) if self.inflight_record is not None else None
         given = self._given.pop(index, None)
@@ -425,7 +497,7 @@ class ShadowDataPath:
         guest: SplitQueueDevice | None = None
         shadow: SplitQueueDevice | None = None
         walked: list[Chain] = []  # the guest's (a memory that maps on demand releases them)
-        chains: list[tuple[Chain, Chain, int]] = []  # (shadow chain, guest chain, bytes written)
+        chains: list[tuple[list[int], Chain, int]] = []  # (shadow address of each writable buffer, guest chain, bytes written)
         try:
             tracked = False
             if record is not None:
@@ -455,10 +527,10 @@ class ShadowDataPath:
                 s_chain = shadow.chain(sid)
                 g_chain = guest.chain(head)
                 walked.append(g_chain)
-                if [b.length for b in s_chain.readable] != [b.length for b in g_chain.readable] or \
-                        [b.length for b in s_chain.writable] != [b.length for b in g_chain.writable]:
+                places = _places(s_chain.writable, g_chain.writable)
+                if _places(s_chain.readable, g_chain.readable) is None or places is None:
                     raise RingError(f"shadow chain {sid} is not the guest's chain {head}")
-                chains.append((s_chain, g_chain, written))
+                chains.append((places, g_chain, written))
         except (RingError, *_FAULTS) as e:
             self.log.warning("queue %d: what the back-end completed before the daemon restarted is not usable (%s): "
                              "the chains in flight are taken from the guest again", index, e)
@@ -479,15 +551,15 @@ class ShadowDataPath:
         fault: str | None = None
         out = 0
         try:
-            for s_chain, g_chain, written in chains:
+            for places, g_chain, written in chains:
                 left = min(written, g_chain.writable_len)
                 if fault is None:
                     try:
-                        for sb, gb in zip(s_chain.writable, g_chain.writable, strict=True):
+                        for at, gb in zip(places, g_chain.writable, strict=True):
                             if left <= 0:
                                 break
                             m = min(left, gb.length)
-                            self.memory.view(gb.addr, m)[:] = self.shadow.view(sb.addr, m)
+                            self.memory.view(gb.addr, m)[:] = self.shadow.view(at, m)
                             left -= m
                             out += m
                     except (*_FAULTS, TypeError) as e:  # TypeError: a read-only view
@@ -789,32 +861,26 @@ class ShadowDataPath:
         alloc, capacity = pool.alloc, pool.capacity
         buf, base, view = self._buf, self._base, self._memory.view
         lo, hi, span = self._span
-        popped, indirect_ok = q.popped, q.indirect
+        popped, indirect_ok, merge = q.popped, q.indirect, q.merge
         flags_of = _FLAGS.unpack_from
         adds: list[tuple[list[tuple[int, int]], list[tuple[int, int]], _InFlight, int]] = []
         copied = 0
         try:
             for head, readable, writable in chains:
                 bufs = readable + writable
-                n = len(bufs)
-                if n > num:
-                    raise RingError(f"chain {head}: {n} descriptors, longer than the queue ({num})")
-                indirect = indirect_ok and n > 1 and (
-                    n > free or flags_of(desc, 16 * head + 12)[0] & VIRTQ_DESC_F_INDIRECT != 0)
-                # Extent layout: [indirect table][buffers, 16- or 512-aligned].
-                pos = 16 * n if indirect else 0
-                offsets: list[int] = []
-                for _addr, length in bufs:
-                    if not length:  # (see _publish)
-                        raise RingError(f"chain {head}: buffer {len(offsets)} has length 0 (zero-sized buffers are "
-                                        "not allowed)")
-                    a = SMALL - 1 if length >= SMALL else 15
-                    pos = (pos + a) & ~a
-                    offsets.append(pos)
-                    pos += length
+                if len(bufs) > num:
+                    raise RingError(f"chain {head}: {len(bufs)} descriptors, longer than the queue ({num})")
+                offsets, runs, nrr, pos = _layout(head, bufs, len(readable), merge)
+                r = len(runs)
+                indirect = indirect_ok and r > 1 and (
+                    r > free or not merge and flags_of(desc, 16 * head + 12)[0] & VIRTQ_DESC_F_INDIRECT != 0)
+                table = -1
+                if indirect:  # (the table after the buffers)
+                    table = (pos + 15) & ~15
+                    pos = table + 16 * r
                 if head in inflight:
                     raise RingError(f"chain {head} made available again while still in flight")
-                need = 1 if indirect else n
+                need = 1 if indirect else r
                 if need > free:
                     break
                 if pos > capacity:
@@ -822,8 +888,6 @@ class ShadowDataPath:
                 extent = alloc(pos)
                 if extent is None:
                     break
-                shadow_r: list[tuple[int, int]] = []
-                shadow_w: list[tuple[int, int]] = []
                 copy_back: list[tuple[int, int, int]] = []
                 k = nbytes = 0
                 try:
@@ -835,18 +899,21 @@ class ShadowDataPath:
                         else:
                             buf[off : off + length] = view(addr, length)
                         nbytes += length
-                        shadow_r.append((base + off, length))
                 except _FAULTS as e:
                     pool.free(extent, pos)
                     raise RingError(f"chain {head}: guest buffer unreadable: {e}") from e
                 wlen = 0
                 for addr, length in writable:
-                    off = extent + offsets[k]
+                    copy_back.append((addr, extent + offsets[k], length))
                     k += 1
-                    shadow_w.append((base + off, length))
-                    copy_back.append((addr, off, length))
                     wlen += length
-                table = base + extent if indirect else -1
+                at = base + extent
+                shadow_r: list[tuple[int, int]] = []
+                shadow_w: list[tuple[int, int]] = []
+                for o, m in runs:
+                    (shadow_w if len(shadow_r) == nrr else shadow_r).append((at + o, m))
+                if indirect:
+                    table += at
                 f: _InFlight = _new(_InFlight, (head, extent, pos, table, shadow_r, shadow_w, copy_back, wlen, popped))
                 inflight[head] = f
                 adds.append((shadow_r, shadow_w, f, table))
@@ -872,27 +939,18 @@ class ShadowDataPath:
         assert q.guest_desc is not None
         if free < 0:
             free = drv.num_free
-        indirect = q.indirect and n > 1 and (
-            n > free or bool(_FLAGS.unpack_from(q.guest_desc, 16 * head + 12)[0] & VIRTQ_DESC_F_INDIRECT))
-        # Extent layout: [indirect table][buffers, 16- or 512-aligned].
-        pos = 16 * n if indirect else 0
-        offsets = []
-        i = 0
-        for _addr, length in bufs:
-            # A zero-sized buffer: every back-end built on QEMU's virtio core or libvhost-user
-            # (e.g. qemu-storage-daemon) refuses it for any device type ("virtio: zero sized
-            # buffers are not allowed") and drops the connection; no virtio-blk request part is
-            # empty (virtio 1.2 §5.2.6: a 16-byte header, data in 512-byte sectors, a 1-byte status).
-            if not length:
-                raise RingError(f"chain {head}: buffer {i} has length 0 (zero-sized buffers are not allowed)")
-            i += 1
-            a = SMALL - 1 if length >= SMALL else 15
-            pos = (pos + a) & ~a
-            offsets.append(pos)
-            pos += length
+        nr = len(readable)
+        offsets, runs, nrr, pos = _layout(head, bufs, nr, q.merge)
+        r = len(runs)
+        indirect = q.indirect and r > 1 and (
+            r > free or not q.merge and bool(_FLAGS.unpack_from(q.guest_desc, 16 * head + 12)[0] & VIRTQ_DESC_F_INDIRECT))
+        table = -1
+        if indirect:  # (the table after the buffers)
+            table = (pos + 15) & ~15
+            pos = table + 16 * r
         if head in q.inflight:
             raise RingError(f"chain {head} made available again while still in flight")
-        if (1 if indirect else n) > free:
+        if (1 if indirect else r) > free:
             return False
         if pos > self.pool.capacity:
             raise RingError(f"chain {head}: {pos} bytes do not fit the bounce pool ({self.pool.capacity} bytes)")
@@ -907,10 +965,7 @@ class ShadowDataPath:
             except RingError:
                 self.pool.free(extent, pos)
                 raise
-        buf, view, base = self._buf, self._memory.view, self._base
-        nr = len(readable)
-        shadow_r: list[tuple[int, int]] = []
-        shadow_w: list[tuple[int, int]] = []
+        buf, view = self._buf, self._memory.view
         copy_back: list[tuple[int, int, int]] = []
         copied = wlen = 0
         try:
@@ -919,7 +974,6 @@ class ShadowDataPath:
                 off = extent + offsets[k]
                 buf[off : off + length] = view(addr, length)
                 copied += length
-                shadow_r.append((base + off, length))
         except _FAULTS as e:
             self.pool.free(extent, pos)
             if self._release is not None:  # what was mapped for it goes now, not at the queue's reset
@@ -930,14 +984,18 @@ class ShadowDataPath:
             self._release([(b.addr, b.length) for b in readable])  # copied: no longer needed
         for k in range(nr, n):
             addr, length = bufs[k]
-            off = extent + offsets[k]
-            shadow_w.append((base + off, length))
-            copy_back.append((addr, off, length))
+            copy_back.append((addr, extent + offsets[k], length))
             wlen += length
-        f: _InFlight = _new(_InFlight, (head, extent, pos, base + extent if indirect else -1, shadow_r, shadow_w,
-                                       copy_back, wlen, q.popped))
+        at = self._base + extent
+        shadow_r: list[tuple[int, int]] = []
+        shadow_w: list[tuple[int, int]] = []
+        for o, m in runs:
+            (shadow_w if len(shadow_r) == nrr else shadow_r).append((at + o, m))
         if indirect:
-            sid = drv.add_indirect(f.table, shadow_r, shadow_w, token=f)
+            table += at
+        f: _InFlight = _new(_InFlight, (head, extent, pos, table, shadow_r, shadow_w, copy_back, wlen, q.popped))
+        if indirect:
+            sid = drv.add_indirect(table, shadow_r, shadow_w, token=f)
         else:
             sid = drv.add(shadow_r, shadow_w, token=f)
         _U16.pack_into(self._buf, q.heads + HEAD_MAP_HEADER + 2 * sid, head)

@@ -781,7 +781,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 fio["direct"].setdefault(k, []).extend(v)
             for name, host, memory, _what in paths:
                 progress.start(f"fio {name}, repetition {rep + 1}/{args.reps}")
-                prof = work / "daemon.prof" if args.profile and rep == 0 and name == "relayed" else None
+                prof = work / "daemon.prof" if args.profile and rep == 0 and name == paths[0][0] else None
                 got = await fio_relayed(peers, work, sims[host], args.fio_time, daemon[name], prof, memory)
                 for k, v in got.items():
                     fio[name].setdefault(k, []).extend(v)
@@ -970,7 +970,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grant-reps", type=int, default=1, help="repetitions that also run the grant rows")
     p.add_argument("--paths", default=",".join(r[0] for r in (*RELAYED, *GRANTED)),
                    help="relayed variants to run, comma-separated (%(default)s)")
-    p.add_argument("--profile", metavar="FILE", help="run the first relayed daemon under cProfile, stats to FILE")
+    p.add_argument("--profile", metavar="FILE", help="run the first daemon of the first --paths row under cProfile, stats to FILE")
     p.add_argument("--only", choices=("micro",), help="run only the relay/IOREQ microbenchmark")
     p.add_argument("--plot", metavar="FILE", help="also draw the figures against their references (PNG/SVG/PDF; "
                                                   "needs matplotlib: pip install '.[plot]')")
