@@ -41,6 +41,7 @@ cast of the ring view (one aligned 16-bit ``memcpy`` in CPython's memoryview ite
 
 from __future__ import annotations
 
+import functools
 import operator
 import struct
 import sys
@@ -373,6 +374,47 @@ def _u16_run(count: int) -> struct.Struct:
     return run
 
 
+_DESC_RUNS: dict[int, struct.Struct] = {}
+#: Indirect tables shorter than this are walked descriptor by descriptor: below it the walk costs
+#: fewer instructions than :func:`_linear_table`'s whole-table passes (callgrind, CPython 3.11:
+#: about 4.7k per entry and 14k per table walked, 2.7k and 33k in those passes).
+_LINEAR_MIN: Final = 12
+_new_buffer = functools.partial(tuple.__new__, Buffer)  # Buffer((addr, length)) without its Python-level __new__
+
+
+def _linear_table(head: int, mem: memoryview, offset: int, entries: int, lo: int, hi: int) -> Chain | None:
+    """The chain that an indirect table of ``entries`` descriptors at ``mem[offset:]`` holds when
+    it is laid out as drivers lay tables out: entry i links to i + 1, the last ends the chain,
+    device-readable buffers before device-writable ones, no other flag, every buffer inside
+    ``[lo, hi)`` (the memory's widest span) and the total within a u32. Read with one unpack and
+    checked with a few whole-table comparisons instead of a Python step per descriptor (a 34-entry
+    table of Linux's virtio-blk: a 128 KiB request); None for any other table, which the
+    descriptor-by-descriptor walk then takes or refuses (with its precise reason)."""
+    run = _DESC_RUNS.get(entries)
+    if run is None:
+        run = _DESC_RUNS[entries] = struct.Struct("<" + "QIHH" * entries)
+    t = run.unpack_from(mem, offset)
+    last = entries - 1
+    if last and t[3 : 4 * last : 4] != tuple(range(1, entries)):
+        return None
+    flags = t[2::4]
+    try:
+        k = flags.index(VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE)  # the first device-writable buffer
+    except ValueError:
+        k = last if flags[last] == VIRTQ_DESC_F_WRITE else entries
+    if k < entries:
+        expect = (VIRTQ_DESC_F_NEXT,) * k + (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE,) * (last - k) + (VIRTQ_DESC_F_WRITE,)
+    else:
+        expect = (VIRTQ_DESC_F_NEXT,) * last + (0,)
+    if flags != expect:
+        return None
+    addrs, lengths = t[0::4], t[1::4]
+    if min(addrs) < lo or max(map(operator.add, addrs, lengths)) > hi or sum(lengths) > MAX_CHAIN_BYTES:
+        return None
+    return _new(Chain, (head, list(map(_new_buffer, zip(addrs[:k], lengths[:k]))),
+                        list(map(_new_buffer, zip(addrs[k:], lengths[k:])))))
+
+
 _U32_RUNS: dict[int, struct.Struct] = {}
 
 
@@ -590,6 +632,11 @@ class SplitQueueDevice:
                         entries = length // DESC_SIZE
                         if entries > MAX_INDIRECT_DESCRIPTORS:
                             raise RingError(f"chain {head}: indirect table of {entries} entries is too big")
+                        if seen == 1 and entries >= _LINEAR_MIN:  # the head itself: the table is the whole chain
+                            linear = _linear_table(head, span, addr - lo, entries, lo, hi)
+                            if linear is not None:
+                                chain = linear
+                                break
                         table, nested, idx, seen = span[addr - lo : addr - lo + length], True, 0, 0
                         continue
                     if not (lo <= addr and addr + length <= hi):
@@ -649,6 +696,12 @@ class SplitQueueDevice:
             entries = length // DESC_SIZE
             if entries > MAX_INDIRECT_DESCRIPTORS:
                 raise RingError(f"chain {head}: indirect table of {entries} entries is too big")
+            lo, hi, span = self._span
+            if not readable and not writable and entries >= _LINEAR_MIN and span is not None \
+                    and lo <= addr and addr + length <= hi:  # the head itself: the table is the whole chain
+                linear = _linear_table(head, span, addr - lo, entries, lo, hi)
+                if linear is not None:
+                    return linear
             try:
                 with _ring_view(self._r.mem, addr, length, 1, f"chain {head}: indirect table", writable=False) as table:
                     _walk_table(self._probe, head, readable, writable, total, table, entries, 0, "indirect table", False)

@@ -238,3 +238,84 @@ def test_widest_span():
     flat = FlatMemory(bytearray(64), base=0x1000)
     assert widest_span(flat)[:2] == (0x1000, 0x1040)
     assert widest_span(NoSpan(flat)) == (0, 0, None)
+
+
+_NEXT, _WRITE = 1, 2
+# One change a hostile or buggy driver may make to an otherwise linear table: (entry, field, value).
+_mutation = st.tuples(
+    st.integers(0, 47),
+    st.sampled_from(["addr", "length", "flags", "next"]),
+    st.one_of(st.integers(0, 2**64 - 1), st.sampled_from(
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, BASE - 1, BASE, HALF - 16, HALF, BASE + MEM_SIZE - 1, BASE + MEM_SIZE,
+         2**32 - 1, 2**31, 47, 48, 12])),
+)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    entries=st.integers(1, 48),
+    readable=st.integers(0, 48),
+    length=st.sampled_from([1, 16, 512, 4096]),
+    mutations=st.lists(_mutation, max_size=3),
+    kind=st.sampled_from(["flat", "narrow"]),
+)
+@example(entries=34, readable=1, length=4096, mutations=[], kind="flat")  # Linux's 128 KiB read
+@example(entries=34, readable=33, length=4096, mutations=[(33, "flags", 0)], kind="flat")  # a write
+@example(entries=20, readable=1, length=512, mutations=[(5, "flags", _NEXT)], kind="flat")  # readable after writable
+@example(entries=20, readable=1, length=512, mutations=[(19, "next", 3), (19, "flags", 3)], kind="flat")  # a loop
+@example(entries=20, readable=1, length=2**31, mutations=[], kind="flat")  # over 4 GiB in all
+@example(entries=20, readable=1, length=512, mutations=[(7, "flags", 7)], kind="flat")  # a nested table
+def test_a_whole_indirect_table_is_taken_and_refused_as_the_walk_does(entries, readable, length, mutations, kind):
+    """An indirect table of up to 48 descriptors at the chain's head, laid out as drivers lay
+    them out (entry i links to i + 1, readable first) with up to three hostile changes: the
+    chain pop and pop_many hand out, or the reason they refuse it, is the descriptor-by-descriptor
+    walk's (a memory without spans), whether or not the table is read in whole-table passes."""
+    readable = min(readable, entries)
+    ram = bytearray(MEM_SIZE)
+    layout = split_ring_layout(SIZE, BASE)
+    flat = FlatMemory(ram, base=BASE)
+    table = [[DATA + (i * 64 if length < 4096 else 0), length, (_NEXT if i < entries - 1 else 0) | (_WRITE if i >= readable else 0),
+              i + 1 if i < entries - 1 else 0] for i in range(entries)]
+    fields = {"addr": 0, "length": 1, "flags": 2, "next": 3}
+    for i, field, value in mutations:
+        if i < entries:
+            table[i][fields[field]] = value & ((1 << (64, 32, 16, 16)[fields[field]]) - 1)
+    for i, d in enumerate(table):
+        put_desc(flat, TABLE, i, *d)
+    put_desc(flat, layout[0], 0, TABLE, 16 * entries, VIRTQ_DESC_F_INDIRECT)
+    with flat.view(layout[1], 4 + 2 * SIZE) as v:
+        struct.pack_into(f"<HH{SIZE}H", v, 0, 0, 1, *[0] * SIZE)
+
+    walk = SplitQueueDevice(NoSpan(flat), SIZE, *layout[:3])
+    expected = _drain(lambda: [c] if (c := walk.pop()) is not None else [], 1)
+    walk.release()
+    for take in ("pop", "pop_many"):
+        dev = SplitQueueDevice(_memory(kind, ram), SIZE, *layout[:3])
+        got = _drain((lambda: [c] if (c := dev.pop()) is not None else []) if take == "pop" else
+                     (lambda: dev.pop_many(SIZE)), SIZE)
+        dev.release()
+        assert got == expected, take
+
+
+@pytest.mark.parametrize("take", ["pop", "pop_many"])
+def test_a_whole_indirect_table_over_4_gib_in_all_is_refused(take):
+    """Twelve 512 MiB buffers, each inside a 1 GiB memory (the same bytes, as a hostile driver
+    may name them): 6 GiB in all is more than a chain may hold (a u32 length) and the chain is
+    refused with the walk's reason."""
+    import mmap  # noqa: PLC0415
+
+    size = 1 << 30
+    with mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)) as m:
+        flat = FlatMemory(m, base=BASE)
+        layout = split_ring_layout(SIZE, BASE)
+        table = BASE + 0x4000
+        for i in range(12):
+            put_desc(flat, table, i, BASE + 0x10000, 512 << 20, _NEXT | _WRITE if i < 11 else _WRITE, i + 1)
+        put_desc(flat, layout[0], 0, table, 16 * 12, VIRTQ_DESC_F_INDIRECT)
+        with flat.view(layout[1], 4) as v:
+            struct.pack_into("<HH", v, 0, 0, 1)
+        dev = SplitQueueDevice(flat, SIZE, *layout[:3])
+        with pytest.raises(RingError, match="exceeds 4 GiB - 1"):
+            dev.pop() if take == "pop" else dev.pop_many(SIZE)
+        dev.release()
+        flat.release()
