@@ -11,6 +11,7 @@ from xen_vhost_sim.tools import bench_instr
 
 def test_the_counted_shadow_engine_loop_serves_whole_batches() -> None:
     assert bench_instr.engine(40) == 2 * bench_instr.ENGINE_QD  # rounded up to a batch, all returned
+    assert bench_instr.engine(10, 4, pages=32) == 12  # 128 KiB requests in indirect tables, as Linux sends
 
 
 def test_callgrind_total_is_the_summary_line(tmp_path) -> None:

@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import mmap
 import os
 import shutil
 import struct
@@ -237,32 +238,44 @@ def vcpu_figures(n: int, tmp: str) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- shadow
-def engine(n: int, depth: int = ENGINE_QD) -> int:
-    """``n`` (rounded up to a batch) 4 KiB read chains through the shadow engine at QD ``depth``, EVENT_IDX
-    and indirect descriptors negotiated; returns the requests served."""
+def engine(n: int, depth: int = ENGINE_QD, pages: int = 1) -> int:
+    """``n`` (rounded up to a batch) read chains through the shadow engine at QD ``depth``, EVENT_IDX,
+    indirect descriptors and VERSION_1 negotiated; returns the requests served. ``pages`` 1: a
+    16-byte header, 4 KiB of data and a status byte in three descriptors; more: that many 4 KiB
+    pages, 4 KiB apart, in an indirect table with the header and the status, as Linux's
+    virtio-blk sends a request of that size."""
     from vhost_user.virtqueue import FlatMemory, SplitQueueDevice, SplitQueueDriver, split_ring_layout
 
     from xen_vhost_master.datapath.shadow import ShadowDataPath
-    from xen_vhost_master.virtio_mmio import F_EVENT_IDX, F_INDIRECT_DESC, QueueConfig
+    from xen_vhost_master.virtio_mmio import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, QueueConfig
 
-    gbase, gsize, num = 0x4000_0000, 8 << 20, 256
-    mem = FlatMemory(bytearray(gsize), gbase)
-    dp = ShadowDataPath(mem, [(gbase, gsize)], pool_size=4 << 20, max_queues=1, max_queue_size=num)
+    gbase, num = 0x4000_0000, 256
+    stride = 8192 * (pages + 1)  # request k: header at +stride*k, status at +64, table at +2048, pages from +8192
+    gsize = (1 << 20) + stride * depth
+    mem = FlatMemory(mmap.mmap(-1, gsize), gbase)  # (page-aligned, as guest RAM is)
+    dp = ShadowDataPath(mem, [(gbase, gsize)], pool_size=max(4 << 20, 2 * depth * stride), max_queues=1,
+                        max_queue_size=num)
     desc, avail, used, _ = split_ring_layout(num, gbase)
     drv = SplitQueueDriver(mem, num, desc, avail, used, event_idx=True)
     kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     backend: SplitQueueDevice | None = None
     try:
-        rings = dp.open_queue(QueueConfig(0, num, desc, avail, used), 1 << F_EVENT_IDX | 1 << F_INDIRECT_DESC, kick)
+        rings = dp.open_queue(QueueConfig(0, num, desc, avail, used),
+                              1 << F_EVENT_IDX | 1 << F_INDIRECT_DESC | 1 << F_VERSION_1, kick)
         backend = SplitQueueDevice(dp.shadow, num, rings.desc, rings.avail, rings.used, event_idx=True)
-        data = gbase + (1 << 20)  # request k: header at +8192k, status at +64, data at +4096
+        data = gbase + (1 << 20)
         done = 0
         while done < n:
             for k in range(depth):
-                drv.add([(data + 8192 * k, 16)], [(data + 8192 * k + 4096, 4096), (data + 8192 * k + 64, 1)])
+                at = data + stride * k
+                if pages == 1:
+                    drv.add([(at, 16)], [(at + 4096, 4096), (at + 64, 1)])
+                else:
+                    drv.add_indirect(at + 2048, [(at, 16)], [*((at + 8192 * (i + 1), 4096) for i in range(pages)),
+                                                              (at + 64, 1)])
             dp.notify(0)
             while (c := backend.pop()) is not None:
-                backend.push(c.head, 4097)
+                backend.push(c.head, 4096 * pages + 1)
             dp.used(0)
             if len(drv.get_used()) != depth:
                 raise RuntimeError("the shadow engine lost a chain")
@@ -277,16 +290,17 @@ def engine(n: int, depth: int = ENGINE_QD) -> int:
         os.close(kick)
 
 
-def shadow_figures(n: int, tmp: str, depth: int = ENGINE_QD) -> dict[str, float]:
+def shadow_figures(n: int, tmp: str, depth: int = ENGINE_QD, pages: int = 1) -> dict[str, float]:
     totals = []
     for count in (0, n):
         out = os.path.join(tmp, f"engine-{count}.out")
         subprocess.run([*_valgrind(out), "-m", "xen_vhost_sim.tools.bench_instr", "--engine-child", str(count),
-                        "--depth", str(depth)],
+                        "--depth", str(depth), "--pages", str(pages)],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         totals.append(callgrind_total(out))
     n = -(-n // depth) * depth
-    return {f"shadow engine instructions per 4k request (QD{depth})": (totals[1] - totals[0]) / n}
+    what = "4k request" if pages == 1 else f"{4 * pages}k request of {pages} pages"
+    return {f"shadow engine instructions per {what} (QD{depth})": (totals[1] - totals[0]) / n}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -297,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=3200, help="shadow engine requests")
     p.add_argument("--depth", type=int, default=ENGINE_QD,
                    help=f"shadow engine queue depth: chains per notify (default {ENGINE_QD}, at most 64)")
+    p.add_argument("--pages", type=int, default=1,
+                   help="shadow engine request size in 4 KiB pages (more than 1: an indirect table, as Linux sends)")
     p.add_argument("--out", help="also write the figures as JSON to this file")
     p.add_argument("--engine-child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--kernel-child", type=int, help=argparse.SUPPRESS)
@@ -304,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.engine_child is not None:
-        engine(args.engine_child, args.depth)
+        engine(args.engine_child, args.depth, args.pages)
         return 0
     if args.kernel_child is not None:
         kernel_child(args.kernel_child, args.bare)
@@ -318,10 +334,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("-n and --requests must be positive")
     if not 1 <= args.depth <= 64:
         p.error("--depth must be 1 to 64 (the guest ring has 256 descriptors, 3 per chain)")
+    if not 1 <= args.pages <= 128:
+        p.error("--pages must be 1 to 128")
     figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="xvm-instr-") as tmp:
         if args.only in (None, "shadow"):
-            figures.update(shadow_figures(args.requests, tmp, args.depth))
+            figures.update(shadow_figures(args.requests, tmp, args.depth, args.pages))
         if args.only in (None, "ioreq"):
             figures.update(asyncio.run(ioreq_figures(args.n, tmp)))
         if args.only in (None, "kernel"):
