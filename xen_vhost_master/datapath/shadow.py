@@ -158,31 +158,20 @@ def _layout(head: int, bufs: Sequence[tuple[int, int]], nr: int, merge: bool) ->
     response) in descriptors of their own."""
     offsets: list[int] = []
     runs: list[tuple[int, int]] = []
-    pos = 0
+    pos = nrr = i = 0
     last = len(bufs) - 1
-    if not merge or last < 3:  # (nothing to merge: no two buffers between the first and the last)
-        for _addr, length in bufs:
-            # A zero-sized buffer: every back-end built on QEMU's virtio core or libvhost-user
-            # (e.g. qemu-storage-daemon) refuses it for any device type ("virtio: zero sized
-            # buffers are not allowed") and drops the connection; no virtio-blk request part is
-            # empty (virtio 1.2 §5.2.6: a 16-byte header, data in 512-byte sectors, a 1-byte status).
-            if not length:
-                raise RingError(f"chain {head}: buffer {len(offsets)} has length 0 (zero-sized buffers are not allowed)")
-            a = SMALL - 1 if length >= SMALL else 15
-            pos = (pos + a) & ~a
-            offsets.append(pos)
-            runs.append((pos, length))
-            pos += length
-        return offsets, runs, nr, pos
-    nrr = 0
-    i = 0
+    merge = merge and last >= 3  # (else no two buffers between the first and the last)
     for _addr, length in bufs:
+        # A zero-sized buffer: every back-end built on QEMU's virtio core or libvhost-user
+        # (e.g. qemu-storage-daemon) refuses it for any device type ("virtio: zero sized
+        # buffers are not allowed") and drops the connection; no virtio-blk request part is
+        # empty (virtio 1.2 §5.2.6: a 16-byte header, data in 512-byte sectors, a 1-byte status).
         if not length:
             raise RingError(f"chain {head}: buffer {i} has length 0 (zero-sized buffers are not allowed)")
         a = SMALL - 1 if length >= SMALL else 15
         at = (pos + a) & ~a
         offsets.append(at)
-        if at == pos and 1 < i < last and i != nr:
+        if merge and at == pos and 1 < i < last and i != nr:
             start, size = runs[-1]
             runs[-1] = (start, size + length)
         else:
@@ -192,6 +181,16 @@ def _layout(head: int, bufs: Sequence[tuple[int, int]], nr: int, merge: bool) ->
         if i == nr:
             nrr = len(runs)
     return offsets, runs, nrr, pos
+
+
+def _shadow_chain(at: int, runs: list[tuple[int, int]], nrr: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The readable and writable buffers of a shadow chain whose extent the back-end sees at
+    ``at``: :func:`_layout`'s ``runs``, the first ``nrr`` readable."""
+    shadow_r: list[tuple[int, int]] = []
+    shadow_w: list[tuple[int, int]] = []
+    for o, m in runs:
+        (shadow_w if len(shadow_r) == nrr else shadow_r).append((at + o, m))
+    return shadow_r, shadow_w
 
 
 class _Queue:
@@ -908,10 +907,7 @@ class ShadowDataPath:
                     k += 1
                     wlen += length
                 at = base + extent
-                shadow_r: list[tuple[int, int]] = []
-                shadow_w: list[tuple[int, int]] = []
-                for o, m in runs:
-                    (shadow_w if len(shadow_r) == nrr else shadow_r).append((at + o, m))
+                shadow_r, shadow_w = _shadow_chain(at, runs, nrr)
                 if indirect:
                     table += at
                 f: _InFlight = _new(_InFlight, (head, extent, pos, table, shadow_r, shadow_w, copy_back, wlen, popped))
@@ -987,10 +983,7 @@ class ShadowDataPath:
             copy_back.append((addr, extent + offsets[k], length))
             wlen += length
         at = self._base + extent
-        shadow_r: list[tuple[int, int]] = []
-        shadow_w: list[tuple[int, int]] = []
-        for o, m in runs:
-            (shadow_w if len(shadow_r) == nrr else shadow_r).append((at + o, m))
+        shadow_r, shadow_w = _shadow_chain(at, runs, nrr)
         if indirect:
             table += at
         f: _InFlight = _new(_InFlight, (head, extent, pos, table, shadow_r, shadow_w, copy_back, wlen, q.popped))
