@@ -151,7 +151,7 @@ def _layout(head: int, bufs: Sequence[tuple[int, int]], nr: int, merge: bool) ->
     size. With ``merge`` a buffer that lands right after the one before it, in the same
     direction, joins that one's run, except the chain's first and last buffers, which keep
     descriptors of their own: a request of 32 scattered 4 KiB pages reaches the back-end as
-    three descriptors (header, data, status) instead of 34, and nothing of it is copied twice.
+    three descriptors (header, data, status) instead of 34.
     The driver may frame a request as it likes (virtio 1.2 §2.7.4, Message Framing: the device
     must not assume a particular arrangement of descriptors, VIRTIO_F_VERSION_1); keeping the
     first and the last apart also suits back-ends that expect the header and the status (or a
