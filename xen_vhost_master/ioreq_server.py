@@ -171,6 +171,12 @@ class IoreqServer:
         for vcpu in self.page.unfinished():
             self._dispatch(vcpu, recover=True)
 
+    def waiting(self) -> list[int]:
+        """vCPUs stopped in Xen on an access in this server's page that is not answered yet
+        (READY or INPROCESS): what ``status`` shows, so that a guest whose vCPU stopped can be
+        told apart from a guest this daemon holds."""
+        return self.page.unfinished() if self.page is not None else []
+
     @property
     def ports(self) -> list[int]:
         """Our local event-channel port of each vCPU (bound by :meth:`enable`)."""

@@ -146,6 +146,13 @@ def _row(d: dict[str, Any]) -> tuple[str, ...]:
     )
 
 
+def _waiting(ioreqs: object) -> str:
+    """"  vCPUs waiting 0,1" when accesses of those vCPUs are not answered yet (Xen holds them
+    stopped until they are): normal for an instant, a stuck device when it stays; else ""."""
+    waiting = ioreqs.get("waiting") if isinstance(ioreqs, dict) else None
+    return f"  vCPUs waiting {','.join(str(v) for v in waiting)}" if waiting else ""
+
+
 def render_table(docs: Sequence[dict[str, Any]]) -> str:
     """Per instance a header line (guest, domid, pid, version, uptime) and one row per device."""
     out: list[str] = []
@@ -155,7 +162,8 @@ def render_table(docs: Sequence[dict[str, Any]]) -> str:
         out.append(f"guest {doc.get('name', '?')}  domid {doc.get('domid', '?')}  pid {doc.get('pid', '?')}  "
                    f"version {doc.get('version', '?')}  up {_duration(float(doc.get('uptime', 0)))}  "
                    f"restricted {'yes' if doc.get('restricted') else 'no'}  "
-                   f"kernel fast path {'yes' if doc.get('kernel_fast_path') else 'no'}")
+                   f"kernel fast path {'yes' if doc.get('kernel_fast_path') else 'no'}"
+                   + _waiting(doc.get("ioreqs")))
         rows = [COLUMNS, *(_row(d) for d in doc["devices"])]
         if len(rows) == 1:
             out.append("  (no devices)")

@@ -1157,13 +1157,14 @@ class Supervisor:
                 "data_path_stats": None, "kernel_queues": [],
             })
         ioreq = self.ioreq.stats if self.ioreq else None
+        waiting = sorted({v for server in (self.ioreq, self._kernel_server) if server for v in server.waiting()})
         return {"schema": STATUS_SCHEMA, "version": __version__,
                 "domid": self.domid, "name": self.name, "pid": os.getpid(),
                 "started": round(self._started_at, 3), "uptime": round(time.monotonic() - self._started_mono, 3),
                 "devices": devices, "restricted": self.restricted,
                 "kernel_fast_path": self.fastpath is not None,
                 "ioreqs": {"served": ioreq.served, "spurious": ioreq.spurious, "refused": ioreq.refused,
-                           "per_vcpu": list(ioreq.per_vcpu)} if ioreq else {}}
+                           "per_vcpu": list(ioreq.per_vcpu), "waiting": waiting} if ioreq else {}}
 
     def _starting(self, step: str) -> None:
         """``STATUS=`` during start-up, before READY: the step under way."""

@@ -37,10 +37,10 @@ class Answer:
 
 
 @contextlib.asynccontextmanager
-async def served(sim_host: Any, sim_control: Any, kernel: Any,
-                 window: MmioHandler | None = None) -> AsyncIterator[tuple[IoreqServer, SimGuest, EventChannel]]:
+async def served(sim_host: Any, sim_control: Any, kernel: Any, window: MmioHandler | None = None,
+                 vcpus: int = 1) -> AsyncIterator[tuple[IoreqServer, SimGuest, EventChannel]]:
     """An enabled IoreqServer of a new guest with one window at BASE, and that guest."""
-    domid = sim_control.create_domain(mem_bytes=16 << 20)
+    domid = sim_control.create_domain(mem_bytes=16 << 20, vcpus=vcpus)
     with PrivCmd(kernel) as privcmd, EventChannel(kernel) as evtchn:
         ioreq = IoreqServer(privcmd, evtchn, domid, device_logger("xvm.test", domid))
         guest = await SimGuest.connect(sim_host.path, domid)
@@ -141,6 +141,36 @@ async def test_a_slot_the_kernel_held_and_put_back_ready_without_an_event_is_ser
         page.take = kernel_first  # type: ignore[method-assign]
         assert await asyncio.wait_for(guest.mmio_read(BASE + 4, 4, vcpu=0), TIMEOUT) == 0x1234
         assert held == [0]
+
+
+class Held(Answer):
+    """A window whose reads are answered when the test says (a back-end slow to answer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+
+    def mmio(self, offset: int, size: int, is_write: bool, value: int,  # type: ignore[override]
+             vcpu: int) -> int | None | asyncio.Future[int | None]:
+        super().mmio(offset, size, is_write, value, vcpu)
+        return None if is_write else self.answer
+
+
+@pytest.mark.asyncio
+async def test_the_vcpus_an_unanswered_access_holds_are_named_until_it_is_answered(
+        no_fd_leak, sim_host, sim_control, kernel):
+    """``waiting`` (status ``ioreqs.waiting``): the vCPUs Xen holds stopped on an access of this
+    server not answered yet, the one whose access the device holds and only it."""
+    device = Held()
+    async with served(sim_host, sim_control, kernel, device, vcpus=2) as (ioreq, guest, _evtchn):
+        assert ioreq.waiting() == []
+        held = asyncio.ensure_future(guest.mmio_read(BASE + 8, 4, vcpu=1))
+        await _until(lambda: len(device.accesses) == 1)
+        await asyncio.wait_for(guest.mmio_write(BASE, 4, 5, vcpu=0), TIMEOUT)  # vCPU 0 goes on
+        assert ioreq.waiting() == [1] and not held.done()
+        device.answer.set_result(0x77)
+        assert await asyncio.wait_for(held, TIMEOUT) == 0x77
+        assert ioreq.waiting() == []
 
 
 @pytest.mark.asyncio

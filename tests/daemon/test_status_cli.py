@@ -34,7 +34,7 @@ from tests.daemon.test_daemon_cli import BIN, TIMEOUT, DaemonLog, io_check, stop
 from tests.sim.simproc import start_sim_process
 from xen_vhost_master import __version__, cli, metrics
 from xen_vhost_master.errors import ExitCode
-from xen_vhost_master.status import COLUMNS, STATUS_SCHEMA, driver_status_names, status_error
+from xen_vhost_master.status import COLUMNS, STATUS_SCHEMA, driver_status_names, render_table, status_error
 from xen_vhost_sim.guest import SimGuest
 from xen_vhost_sim.guest_devices import VirtioBlk
 from xen_vhost_sim.guest_driver import GuestPageAllocator
@@ -164,6 +164,10 @@ async def test_status_table_json_all_and_metrics_of_two_served_guests_after_real
         assert doc["uptime"] >= 0 and doc["started"] > 0
         # every ioreq counted once, under the vCPU (event channel) it came from: one vCPU here
         assert doc["ioreqs"]["served"] > 0 and doc["ioreqs"]["per_vcpu"] == [doc["ioreqs"]["served"]], doc["ioreqs"]
+        assert doc["ioreqs"]["waiting"] == [], doc["ioreqs"]  # no access of the guest held now
+        assert "vCPUs waiting" not in render_table([doc])
+        held = {**doc, "ioreqs": {**doc["ioreqs"], "waiting": [0, 3]}}
+        assert render_table([held]).splitlines()[0].endswith("  vCPUs waiting 0,3")
         by_devid = {d["devid"]: d for d in doc["devices"]}
         assert sorted(by_devid) == [0, MALFORMED_DEVID, REFUSED_DEVID]
         assert by_devid[0]["driver_status"] == ["ACKNOWLEDGE", "DRIVER", "FEATURES_OK", "DRIVER_OK"]
