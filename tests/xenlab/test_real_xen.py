@@ -154,7 +154,7 @@ def test_sigterm_under_a_live_guest_stops_cleanly_and_is_not_restarted(lab: LabR
     """7. ``systemctl stop`` (SIGTERM) of the last scenario's instance while its guest does I/O:
     exit 0, XenBus Closed while the domain lives, the daemon's own IOREQ server teardown, the
     dispatcher does not start the instance again, and the guest keeps running without its device
-    (its heartbeat goes on, no panic)."""
+    (the heartbeat of each vCPU that beat before goes on, no panic)."""
     _require(lab, list(lab.verdict.scenarios)[-1], *TERM_REQUIRED)
 
 

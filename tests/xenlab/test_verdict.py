@@ -23,7 +23,7 @@ GOOD = """\
 [   31.7] XENLAB-CHECK pyblk term-exit ok=1 signal=TERM pid=200 rc=0 ms=900
 [   31.8] XENLAB-CHECK pyblk term-closed ok=1 backend_state=6 domain_alive=1
 [   31.8] XENLAB-CHECK pyblk term-ioreq-destroyed ok=1 id=1 ioreq server 1 destroyed
-[   31.9] XENLAB-CHECK pyblk term-guest-alive ok=1 heartbeats_after=3 kernel_faults=0
+[   31.9] XENLAB-CHECK pyblk term-guest-alive ok=1 cpus_beating_before=0,1 after=0,1 stopped_before=none held_by_daemon=none kernel_faults=0
 [   31.9] XENLAB-CHECK pyblk term-not-restarted ok=1 starts_before=1 after=1 instances_for_domain=0
 [   33.0] XENLAB-CHECK pyblk xl-destroy ok=1 rc=0 ms=1330 guest_io_loops=13
 [   33.1] XENLAB-CHECK pyblk closed-in-time ok=1 closing_to_closed_ms=850 limit_ms=10000 trace=30.1 4,31.2 5,32.0 gone,
@@ -185,10 +185,11 @@ def test_on_xen_4_18_the_guests_device_tree_iommus_says_it_grants() -> None:
 
 
 def test_a_guest_that_died_under_a_stopped_daemon_fails_the_verdict() -> None:
-    v = parse(GOOD.replace("term-guest-alive ok=1 heartbeats_after=3", "term-guest-alive ok=0 heartbeats_after=0"),
+    v = parse(GOOD.replace("term-guest-alive ok=1 cpus_beating_before=0,1 after=0,1",
+                           "term-guest-alive ok=0 cpus_beating_before=0,1 after=0"),
               ["pyblk"])
     assert not v.ok
-    assert "FAIL pyblk     term-guest-alive         heartbeats_after=0" in v.summary()
+    assert "FAIL pyblk     term-guest-alive         cpus_beating_before=0,1 after=0 " in v.summary()
 
 
 QSD = (GOOD.replace("pyblk", "qsd")

@@ -36,8 +36,9 @@ guest's ``DOMU-*`` lines, the daemon's status JSON); the decision is taken here,
   (``systemctl stop``): ``term-exit`` (exit 0), ``term-closed`` (XenBus Closed while the domain
   lives), ``term-ioreq-destroyed`` (the daemon's own "ioreq server N destroyed", not "went with its
   domain"), ``term-not-restarted`` (an exit 0 is an operator's stop: the dispatcher starts nothing for that
-  domain), ``term-guest-alive`` (the guest's disk-independent heartbeat goes on after the stop, no
-  kernel panic: the daemon answers its window as a removed device before the server goes, README.md);
+  domain), ``term-guest-alive`` (the guest's disk-independent heartbeats, one per vCPU, go on after
+  the stop on every vCPU that beat before it, none held by the daemon, no kernel panic: the daemon
+  answers its window as a removed device before the server goes, README.md);
 - ``multi-queue`` (the ``qsd`` scenario, its back-end exporting 2 queues): the guest's virtio_blk
   made one blk-mq hardware queue per vCPU (``/sys/block/vda/mq``, each with its own CPU), and the
   daemon saw kicks on every virtqueue and relayed the back-end's calls of every one (status

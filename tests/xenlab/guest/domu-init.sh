@@ -2,6 +2,14 @@
 # The domU's /init: probe the virtio-mmio device, show its status, do real block I/O on /dev/vda,
 # then keep I/O running until dom0 destroys the domain. Every verdict line starts with DOMU-.
 /bin/busybox --install -s /bin
+heartbeats() {  # one heartbeat per CPU, each pinned to its CPU, none touching a device: the guest
+  # stays alive whatever its device does (dom0 reads them after stopping the daemon under the
+  # guest), and a CPU that stops (its timer, or a vCPU Xen holds) is told apart from the others;
+  # the I/O loop's count and vda's in-flight requests
+  for c in $(seq 0 $(($(nproc) - 1))); do
+    taskset -c $c sh -c 'h=0; while sleep 2; do h=$((h+1)); echo "DOMU-HB $h cpu='$c' loop=$(cat /tmp/loop 2>/dev/null) inflight=$(cat /sys/block/vda/inflight 2>/dev/null | tr -s " " ,)"; done' &
+  done
+}
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev; mount -t tmpfs tmpfs /tmp
 echo "DOMU-INIT uptime=$(cut -d' ' -f1 /proc/uptime)"
 for n in /proc/device-tree/virtio*; do
@@ -33,8 +41,7 @@ if grep -q xenlab_net /proc/cmdline; then
   echo "DOMU-NCPU $(nproc)"
   grep -E 'virtio' /proc/interrupts | sed 's/^/DOMU-IRQ /'
   echo "DOMU-DONE uptime=$(cut -d' ' -f1 /proc/uptime)"
-  h=0
-  ( while sleep 2; do h=$((h+1)); echo "DOMU-HB $h loop=$(cat /tmp/loop 2>/dev/null)"; done ) &
+  heartbeats
   n=0
   while true; do   # frames keep flowing until dom0 destroys us
     ping -c 3 -W 2 10.0.0.2 >/dev/null 2>&1 || echo "DOMU-LOOP-ERR ping"
@@ -137,10 +144,7 @@ else
   grep -E 'virtio' /proc/interrupts | sed 's/^/DOMU-IRQ /'
 fi
 echo "DOMU-DONE uptime=$(cut -d' ' -f1 /proc/uptime)"
-# a heartbeat independent of the disk: the guest stays alive whatever its device does (dom0 reads
-# it after stopping the daemon under the guest); the I/O loop's count and vda's in-flight requests
-h=0
-( while sleep 2; do h=$((h+1)); echo "DOMU-HB $h loop=$(cat /tmp/loop 2>/dev/null) inflight=$(cat /sys/block/vda/inflight 2>/dev/null | tr -s ' ' ,)"; done ) &
+heartbeats
 # keep I/O running until dom0 destroys us (xl destroy while I/O runs); a failing dd is reported
 n=0
 while [ -b /dev/vda ]; do
