@@ -18,7 +18,9 @@ start of the rings (which the device's writes wait for) is abandoned when the dr
 device: its connection is dropped, and a new one serves the next bring-up. A config-space write
 waits for the back-end's SET_CONFIG ack for CONFIG_REPLY_TIMEOUT at most (it must precede the
 requests the driver makes next); a back-end silent that long is dropped (reconnected) and the
-device put in DEVICE_NEEDS_RESET.
+device put in DEVICE_NEEDS_RESET. One made while a start outlives the DRIVER_OK write is answered
+at once and sent before the start's rings (one made as they start: before the notifies made
+meanwhile, which wait for the start too), so a back-end slow to map holds no vCPU through it either.
 
 The user-space notification relay lives here too: QueueNotify → ``eventfd_write(kick)``, the
 back-end's call eventfd (add_reader) → InterruptStatus + interrupt line.
@@ -292,6 +294,7 @@ class Device:
         self._starting: asyncio.Task[None] | None = None  # the start a DRIVER_OK write left running
         self._resuming: asyncio.Task[None] | None = None  # a reconnect's resume (a driver's reset cuts it)
         self._early: set[int] = set()  # queues the guest notified while _starting ran
+        self._early_config: list[tuple[int, bytes]] = []  # config writes made meanwhile (offset, bytes)
         self._losses = 0  # back-end losses in a row without a completion in between
         self._connected_at = 0.0  # loop time of the current connection
         self._config_dirty = False  # CONFIG_CHANGE_MSG received, GET_CONFIG not yet sent
@@ -1085,6 +1088,12 @@ class Device:
                     elif self._stopping is None:
                         self._drop_inflight()  # nothing is in flight any more: a fresh area next start
                 case ConfigWrite(offset, data):
+                    if self._starting is not None:
+                        # the start a DRIVER_OK write left running (a back-end slow to map): the write
+                        # is answered now rather than holding the vCPU for up to START_TIMEOUT, and
+                        # sent before the rings start (or, written later, before the notifies)
+                        self._early_config.append((offset, data))
+                        continue
                     await self._settle()
                     if self.frontend is not None and self._reconnecting is None and self.frontend.has_protocol_feature(ProtocolFeatures.CONFIG):
                         await self._guarded(self.frontend.set_config(offset, data, timeout=CONFIG_REPLY_TIMEOUT))
@@ -1194,6 +1203,7 @@ class Device:
             try:
                 async with asyncio.timeout(START_TIMEOUT):
                     await self._start_backend(fe, action.features, action.queues)
+                    await self._send_early_config(fe)  # (those written while the rings started)
             except VhostUserError as e:
                 reason = f"back-end failed: {e}"
             except TimeoutError:
@@ -1219,6 +1229,7 @@ class Device:
                 self._notify_early(index)
         finally:
             self._early.clear()
+            self._early_config.clear()
             if self._starting is asyncio.current_task():
                 self._starting = None
             self.changed.set()
@@ -1271,6 +1282,7 @@ class Device:
         regions, fds = self.memory.regions(queues)
         await fe.set_mem_table(regions, fds)
         await self._share_inflight(fe)
+        await self._send_early_config(fe)  # before the rings: a back-end may serve what they hold at once
         resume_kept = getattr(self.memory, "resume_kept", None) if resume else None
         if callable(resume_kept):  # (what a crash left in a kept shadow memory, before any ring takes chains)
             resume_kept(queues, features)
@@ -1296,6 +1308,13 @@ class Device:
         self.stats.starts += 1
         self._note_rings()
         self.log.info("%s: features %#x, queues %s", "resumed" if resume else "started", features, [q.index for q in queues])
+
+    async def _send_early_config(self, fe: AsyncFrontend) -> None:
+        """The config writes the guest made while the start ran (answered then), in their order."""
+        while self._early_config:  # (more may come while one is sent)
+            offset, data = self._early_config.pop(0)
+            if fe.has_protocol_feature(ProtocolFeatures.CONFIG):
+                await fe.set_config(offset, data, timeout=CONFIG_REPLY_TIMEOUT)
 
     async def _share_inflight(self, fe: AsyncFrontend) -> None:
         """Inflight I/O tracking (INFLIGHT_SHMFD) on a zero-copy data path, in QEMU's order: the

@@ -29,6 +29,7 @@ from tests.daemon.backends import STOP_BOUND, StandInBackends
 from tests.daemon.test_waiting_backend import DOMID, Backend, guest_domain, running
 from vhost_user import AsyncFrontend, FdSocket, FrontendRequest, RequestReceived
 from vhost_user.aio import REQUEST_TIMEOUT, BackendServer
+from vhost_user.aio.device import Vring
 from vhost_user.testing import RamDiskBlk
 from vhost_user.virtqueue import FlatMemory, SplitQueueDriver
 from xen_vhost_master import device as device_module
@@ -75,8 +76,28 @@ class HangingServer(BackendServer):
         await super()._dispatch(event)
 
 
+class ConfigRamDisk(RamDiskBlk):
+    """RamDiskBlk that takes config writes (SET_CONFIG), and says whether the first request it
+    served came after one."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.config_writes: list[tuple[int, bytes]] = []
+        self.first_kick_after_config: bool | None = None
+
+    def set_config(self, offset: int, data: bytes, flags: int) -> bool:
+        self.config_writes.append((offset, data))
+        return True
+
+    def handle_kick(self, vring: Vring) -> None:
+        if self.first_kick_after_config is None:
+            self.first_kick_after_config = bool(self.config_writes)
+        super().handle_kick(vring)
+
+
 @contextlib.asynccontextmanager
-async def backends(mode: str) -> AsyncIterator[tuple[Callable[[], object], list[BackendServer]]]:
+async def backends(mode: str, disk: Callable[[int], RamDiskBlk] = RamDiskBlk,
+                   ) -> AsyncIterator[tuple[Callable[[], object], list[BackendServer]]]:
     """A connect() for a device: the first back-end hangs at SET_MEM_TABLE (``mode``), the next
     ones are good."""
     servers: list[BackendServer] = []
@@ -84,7 +105,7 @@ async def backends(mode: str) -> AsyncIterator[tuple[Callable[[], object], list[
 
     async def connect() -> AsyncFrontend:
         a, b = FdSocket.pair()
-        dev = RamDiskBlk(1 << 20)
+        dev = disk(1 << 20)
         server = HangingServer(dev, b, mode=mode) if not servers else BackendServer(dev, b)
         servers.append(server)
         tasks.append(asyncio.get_running_loop().create_task(server.run()))
@@ -310,6 +331,46 @@ async def test_notifies_made_while_a_slow_backend_maps_are_served_exactly_once_w
         guest.queue_write(count)
         await guest.w(Reg.QUEUE_NOTIFY, 0)
         assert await guest.completions(1) == [count] and guest.status_byte(count) == b"\x00"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["zerocopy", "shadow"])
+async def test_a_config_write_while_a_slow_backend_maps_is_answered_and_reaches_it_before_the_requests(
+        no_fd_leak, ram, kind):
+    """virtio-blk's writeback field written while the start DRIVER_OK left running waits for the
+    back-end's SET_MEM_TABLE: the write is answered then (it waited for the whole start before,
+    up to START_TIMEOUT, holding the vCPU), the guest reads its value back, and the back-end gets
+    it (SET_CONFIG) once its start is done and before the request notified meanwhile."""
+    writeback = 0x100 + 32  # virtio 1.2 §5.2.4: struct virtio_blk_config's writeback, in the window
+    async with asyncio.timeout(TIMEOUT), backends("answer", ConfigRamDisk) as (connect, servers), \
+            served(kind, ram, connect) as guest:
+        device = guest.device
+        assert device is not None
+        await guest.set_up()
+        bad = servers[0]
+        assert isinstance(bad, HangingServer)
+        assert await driver_ok_while_hanging(guest, bad) == ["answered", DRIVER_OK, False]
+        seen: list[object] = []
+        result = device.mmio(writeback, 1, True, 1)
+        if result is None:
+            seen.append(bad.release.is_set())
+        else:
+            write = asyncio.ensure_future(result)  # type: ignore[call-overload]
+            write.add_done_callback(lambda _: seen.append(bad.release.is_set()))
+            with contextlib.suppress(TimeoutError):  # answered at once, or only once released
+                await asyncio.wait_for(asyncio.shield(write), HANG)
+        assert seen == [False], "the config write waited for the back-end's start"
+        assert device.mmio(writeback, 1, False, 0) == 1
+        guest.queue_write(0)
+        assert guest.mmio(Reg.QUEUE_NOTIFY, 0) is None
+        bad.release.set()
+        assert await guest.completions(1) == [0] and guest.status_byte(0) == b"\x00"
+        disk = bad.device
+        assert isinstance(disk, ConfigRamDisk)
+        assert disk.config_writes == [(32, b"\x01")] and disk.first_kick_after_config is True
+        if device.starting is not None:
+            await device.starting
+        assert guest.status() == DRIVER_OK and len(servers) == 1 and device.stats.starts == 1
 
 
 @pytest.mark.asyncio
