@@ -300,20 +300,27 @@ async def test_driver_ok_is_answered_while_the_backend_hangs_at_set_mem_table_an
         assert all(r.getMessage().startswith(PREFIX) for r in daemon), [r.getMessage() for r in daemon]
 
 
+@contextlib.asynccontextmanager
+async def started_while_hanging(kind: str, ram: tuple[int, mmap.mmap], disk: Callable[[int], RamDiskBlk] = RamDiskBlk,
+                                ) -> AsyncIterator[tuple[Guest, Device, HangingServer, list[BackendServer]]]:
+    """A device whose DRIVER_OK write was answered while its first back-end holds SET_MEM_TABLE
+    (answered once the test sets ``release``); the next back-ends are good."""
+    async with asyncio.timeout(TIMEOUT), backends("answer", disk) as (connect, servers), \
+            served(kind, ram, connect) as guest:
+        assert guest.device is not None
+        await guest.set_up()
+        bad = servers[0]
+        assert isinstance(bad, HangingServer)
+        assert await driver_ok_while_hanging(guest, bad) == ["answered", DRIVER_OK, False]
+        yield guest, guest.device, bad, servers
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("kind", ["zerocopy", "shadow"])
 async def test_notifies_made_while_a_slow_backend_maps_are_served_exactly_once_when_it_answers(
         no_fd_leak, ram, kind):
     count = 5  # a full ring: 16 descriptors, 3 per request
-    async with asyncio.timeout(TIMEOUT), backends("answer") as (connect, servers), \
-            served(kind, ram, connect) as guest:
-        device = guest.device
-        assert device is not None
-        await guest.set_up()
-        bad = servers[0]
-        assert isinstance(bad, HangingServer)
-        seen = await driver_ok_while_hanging(guest, bad)
-        assert seen == ["answered", DRIVER_OK, False]
+    async with started_while_hanging(kind, ram) as (guest, device, bad, servers):
         for i in range(count):  # each notify answered at once, though no queue runs yet
             guest.queue_write(i)
             assert guest.mmio(Reg.QUEUE_NOTIFY, 0) is None
@@ -338,18 +345,11 @@ async def test_notifies_made_while_a_slow_backend_maps_are_served_exactly_once_w
 async def test_a_config_write_while_a_slow_backend_maps_is_answered_and_reaches_it_before_the_requests(
         no_fd_leak, ram, kind):
     """virtio-blk's writeback field written while the start DRIVER_OK left running waits for the
-    back-end's SET_MEM_TABLE: the write is answered then (it waited for the whole start before,
-    up to START_TIMEOUT, holding the vCPU), the guest reads its value back, and the back-end gets
-    it (SET_CONFIG) once its start is done and before the request notified meanwhile."""
+    back-end's SET_MEM_TABLE: the write is answered while it waits (it waited for the whole start
+    before, up to START_TIMEOUT, holding the vCPU), the guest reads its value back, and the
+    back-end gets it (SET_CONFIG) before the request the guest queued meanwhile."""
     writeback = 0x100 + 32  # virtio 1.2 §5.2.4: struct virtio_blk_config's writeback, in the window
-    async with asyncio.timeout(TIMEOUT), backends("answer", ConfigRamDisk) as (connect, servers), \
-            served(kind, ram, connect) as guest:
-        device = guest.device
-        assert device is not None
-        await guest.set_up()
-        bad = servers[0]
-        assert isinstance(bad, HangingServer)
-        assert await driver_ok_while_hanging(guest, bad) == ["answered", DRIVER_OK, False]
+    async with started_while_hanging(kind, ram, ConfigRamDisk) as (guest, device, bad, servers):
         seen: list[object] = []
         result = device.mmio(writeback, 1, True, 1)
         if result is None:
