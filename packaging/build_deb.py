@@ -187,7 +187,7 @@ def write_dist_info(site: Path, version: str) -> None:
            f"Requires-Python: {project['requires-python']}\n{requires}")
     _write(info / "INSTALLER", "dpkg\n")
     _write(info / "top_level.txt", "".join(f"{p}\n" for p in PACKAGES))
-    _write(info / "entry_points.txt", f"[console_scripts]\n{NAME} = xen_vhost_master.cli:main\n")
+    _write(info / "entry_points.txt", f"[console_scripts]\n{NAME} = xen_vhost_master.cli:entry\n")
 
 
 def strip_extensions(site: Path) -> None:
@@ -254,7 +254,7 @@ def _stage(root: Path, prefix: str, python: str, requirements: Path) -> str:
     pre = root / prefix.lstrip("/")
     _write(pre / "bin" / NAME,
            f"#!{VENV}/bin/python3\n# xen-vhost-master(8); the environment is {VENV} (Debian's python3).\n"
-           "import sys\n\nfrom xen_vhost_master.cli import main\n\nsys.exit(main())\n", 0o755)
+           "from xen_vhost_master.cli import entry\n\nentry()\n", 0o755)
     for unit in UNITS:
         text = (REPO / "systemd" / unit).read_text()
         text = text.replace("/usr/bin/xen-vhost-master", f"{prefix}/bin/{NAME}")

@@ -58,7 +58,9 @@ def test_the_serving_daemon_imports_no_test_kit_simulator_back_end_side_or_unuse
 
 
 def _imported_running(argv: list[str]) -> list[str]:
-    probe = (f"import sys, runpy\nsys.argv = ['xen-vhost-master', *{argv!r}]\n"
+    # (the command ends with os._exit, cli.entry: here it raises instead, so the probe can report)
+    probe = (f"import os, sys, runpy\nsys.argv = ['xen-vhost-master', *{argv!r}]\n"
+             "def _exit(code):\n    raise SystemExit(code)\nos._exit = _exit\n"
              "try:\n    runpy.run_module('xen_vhost_master', run_name='__main__')\nexcept SystemExit:\n    pass\n")
     out = subprocess.run([sys.executable, "-S", "-c", PROBE.format(imports=probe)], capture_output=True, text=True,
                          timeout=60, check=True, env={"PYTHONPATH": ":".join(p for p in sys.path if p)})

@@ -27,7 +27,7 @@ for whl in "$A"/wheels/*.whl; do python3 -m zipfile -e "$whl" "$SITE"; done
 J=0; [ "$PYV" = python3.11 ] || J=1   # python 3.13's compileall workers break under qemu-user
 "$H/dom0-python.sh" "$R" -m compileall -q -j$J --invalidation-mode unchecked-hash -s "$R" -p / "$SITE" >/dev/null
 # the daemon alone: a dom0 runs no simulator (sim/xen_vhost_sim is not copied)
-printf '#!/usr/bin/python3\nimport sys\nfrom xen_vhost_master.cli import main\nsys.exit(main())\n' > "$R/usr/local/bin/xen-vhost-master"
+printf '#!/usr/bin/python3\nfrom xen_vhost_master.cli import entry\nentry()\n' > "$R/usr/local/bin/xen-vhost-master"
 chmod +x "$R/usr/local/bin/xen-vhost-master"
 cp "$A"/modules/*.ko "$R/lib/modules/xenlab/"
 # the domU: Debian's kernel again, busybox initramfs with the test script

@@ -31,7 +31,7 @@ if [ -n "${XENLAB_X86_SCENARIO:-}" ]; then
   if python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
     python3 -m compileall -q -j0 --invalidation-mode unchecked-hash -s "$R" -p / "$SITE" >/dev/null
   fi
-  printf '#!/usr/bin/python3\nimport sys\nfrom xen_vhost_master.cli import main\nsys.exit(main())\n' > "$R/usr/local/bin/xen-vhost-master"
+  printf '#!/usr/bin/python3\nfrom xen_vhost_master.cli import entry\nentry()\n' > "$R/usr/local/bin/xen-vhost-master"
   chmod +x "$R/usr/local/bin/xen-vhost-master"
 fi
 D=$W/domu
