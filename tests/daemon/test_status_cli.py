@@ -64,6 +64,8 @@ async def _logged(log: DaemonLog, text: str) -> None:
 
 
 def _status(*args: str, env: dict[str, str] | None = None, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+    # as an operator's shell runs it: its output block-buffered into the pipe (no PYTHONUNBUFFERED)
+    env = {k: v for k, v in (os.environ if env is None else env).items() if k != "PYTHONUNBUFFERED"}
     proc = subprocess.run([str(BIN / "xen-vhost-master"), "status", *args], capture_output=True, text=True,
                           timeout=TIMEOUT, env=env, **kw)
     if check:
