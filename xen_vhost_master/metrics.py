@@ -84,6 +84,10 @@ def _collect(docs: Sequence[dict[str, Any]]) -> _Families:
         guest: Labels = (("domain", str(doc.get("name", ""))), ("domid", str(doc.get("domid", ""))))
         out.add("start_time_seconds", "gauge", "When the instance serving the guest started (Unix time).",
                 (*guest, ("version", str(doc.get("version", "")))), float(doc.get("started", 0)), unit="seconds")
+        ioreqs = doc.get("ioreqs")
+        if isinstance(ioreqs, dict) and isinstance(ioreqs.get("waiting"), list):
+            out.add("vcpus_waiting", "gauge", "Guest vCPUs Xen holds on an access the daemon has not answered "
+                    "yet (a stuck device when it stays above 0).", guest, len(ioreqs["waiting"]))
         for d in doc["devices"]:
             labels: Labels = (*guest, ("device", str(d.get("devid", ""))), ("type", str(d.get("type", ""))))
             state = d.get("backend", "")

@@ -206,6 +206,7 @@ async def test_status_table_json_all_and_metrics_of_two_served_guests_after_real
             assert _value(samples, "xen_vhost_master_inflight_requests", **web) == 0  # all completed
             assert _value(samples, "xen_vhost_master_shadow_pool_size_bytes", **web) > 0
             assert _value(samples, "xen_vhost_master_backend_up", **web) == 1
+            assert _value(samples, "xen_vhost_master_vcpus_waiting", domain=WEB[1], domid=str(WEB[0])) == 0
             assert _value(samples, "xen_vhost_master_backend_state", **web, state="connected") == 1
             refused_labels = {**web, "device": str(REFUSED_DEVID)}
             assert _value(samples, "xen_vhost_master_backend_up", **refused_labels) == 0
@@ -308,7 +309,7 @@ def test_metrics_labels_are_escaped_and_both_formats_parse_back():
     expositions; a counter's family is named without ``_total`` in OpenMetrics, with it in the
     Prometheus text format; an instance with no devices still has its start time."""
     name = 'we"b\\1\nx'
-    doc = {"name": name, "domid": 3, "version": "9", "started": 12.5, "devices": [
+    doc = {"name": name, "domid": 3, "version": "9", "started": 12.5, "ioreqs": {"waiting": [0, 2]}, "devices": [
         {"devid": 0, "type": "net", "backend": "lost", "reconnects": 2, "kicks": {"0": 1, "1": 2}, "calls": {}}]}
     om = metrics.render([doc, {"name": "idle", "domid": 4, "started": 1.0, "devices": []}])
     prom = metrics.render([doc], openmetrics=False)
@@ -319,6 +320,7 @@ def test_metrics_labels_are_escaped_and_both_formats_parse_back():
         assert _value(samples, "xen_vhost_master_kicks_total", **labels) == 3
         assert _value(samples, "xen_vhost_master_backend_up", **labels) == 0
         assert _value(samples, "xen_vhost_master_backend_state", **labels, state="lost") == 1
+        assert _value(samples, "xen_vhost_master_vcpus_waiting", domain=name, domid="3") == 2
     assert _value(_samples(parse_openmetrics(om)), "xen_vhost_master_start_time_seconds", domain="idle", domid="4",
                   version="") == 1.0
     assert metrics.render([], openmetrics=False) == "" and metrics.render([]) == "# EOF\n"
