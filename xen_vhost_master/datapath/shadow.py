@@ -186,11 +186,7 @@ def _layout(head: int, bufs: Sequence[tuple[int, int]], nr: int, merge: bool) ->
 def _shadow_chain(at: int, runs: list[tuple[int, int]], nrr: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """The readable and writable buffers of a shadow chain whose extent the back-end sees at
     ``at``: :func:`_layout`'s ``runs``, the first ``nrr`` readable."""
-    shadow_r: list[tuple[int, int]] = []
-    shadow_w: list[tuple[int, int]] = []
-    for o, m in runs:
-        (shadow_w if len(shadow_r) == nrr else shadow_r).append((at + o, m))
-    return shadow_r, shadow_w
+    return [(at + o, m) for o, m in runs[:nrr]], [(at + o, m) for o, m in runs[nrr:]]
 
 
 class _Queue:
