@@ -592,6 +592,7 @@ class SimGuest:
         busy = vcpu_channel.BUSY_OFF + vcpu
         chan = self._chan
         chan[busy] = 1
+        stale: _Route | None = None
         try:
             if kernel >= 0:
                 await self._kernel_notify(route, slot, addr, size, data, kernel)
@@ -605,16 +606,26 @@ class SimGuest:
             snap = None if vcpu_channel.seq_of(chan) == self._cached_seq else vcpu_channel.read_snapshot(chan)
             if snap is not None and snap.gen_of(uid) not in (None, route.gen):
                 # the device model re-bound meanwhile: the new binding's pending event covers a
-                # READY slot only if it came after; send on the new route too (spurious at worst)
+                # READY slot only if it came after; send on the new route too (spurious at worst).
+                # With no new route yet (the daemon died: its port unbound), the vCPU waits on the
+                # one it started with: its ``wake`` is the server's, which a restarted daemon's
+                # answer writes; the route is closed once the access is over.
+                started = self._routes.pop((uid, vcpu), None)  # (``route``: the vCPU's one at a time)
                 fresh = self._fetch_route(uid, vcpu, int(snap.gen_of(uid) or 0))
                 if fresh is not None and fresh.raw is not None:
                     os.eventfd_write(fresh.deliver, 1)
                     route = fresh
                     raw = fresh.raw
+                    if started is not None:
+                        started.close()
+                else:
+                    stale = started
             data = await self._fast_wait(uid, route, raw)
         finally:
             if not chan.closed:  # (close() during the access)
                 chan[busy] = 0
+            if stale is not None:
+                stale.close()  # (_fast_wait has unregistered its wake)
         return 0 if write else (mask if data == -1 else data & mask)
 
     async def _kernel_notify(self, route: _Route, slot: ioreq_t, addr: int, size: int, data: int, efd: int) -> None:

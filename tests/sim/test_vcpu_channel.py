@@ -241,6 +241,43 @@ async def test_closing_the_guest_fails_its_access_in_flight(
 
 
 @pytest.mark.asyncio
+async def test_an_access_whose_route_is_dropped_as_it_starts_waits_for_the_next_device_model(
+    sim_process: tuple[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon is killed (its evtchn fd closed: the vCPU's eventfd route dropped) between the
+    moment a vCPU picks its route and the moment it has written the access READY and signalled it
+    (a window of a few instructions: once in a loaded CI run). The server's page outlives the
+    daemon; its restart binds the port again and answers the READY slot, as after a kill that comes
+    later. The vCPU waits for that answer on the route it started with, whether or not a new one
+    exists yet (it did wait on a closed eventfd: EBADF, or another file's reused number)."""
+    path, _pid = sim_process
+    async with dm_and_guest(path) as (dm, guest):
+        await dm.drain()
+        read = asyncio.ensure_future(guest.mmio_read(BASE, 4))
+        await dm.serve_one(1)
+        assert await asyncio.wait_for(read, TIMEOUT) == 1  # the route is the guest's from here on
+        real = guest._route
+
+        def then_killed(addr: int, size: int, vcpu: int) -> object:
+            got = real(addr, size, vcpu)
+            assert got is not None, "the access does not take the vCPU channel"
+            dm.ev.unbind(dm.ports[0])  # (synchronous: the host has dropped the route when it returns)
+            return got
+
+        monkeypatch.setattr(guest, "_route", then_killed)
+        read = asyncio.ensure_future(guest.mmio_read(BASE + 4, 4))
+        await asyncio.sleep(0)  # the access is READY and waiting
+        assert not read.done()
+        monkeypatch.setattr(guest, "_route", real)
+        dm.ports = [dm.ev.bind_interdomain(DOMID, dm.page.vp_eport(0))]  # the daemon's restart
+        await dm.serve_one(2)  # the fresh binding's event: the READY slot found and answered
+        assert await asyncio.wait_for(read, TIMEOUT) == 2
+        read = asyncio.ensure_future(guest.mmio_read(BASE, 4))  # and the vCPU goes on
+        await dm.serve_one(3)
+        assert await asyncio.wait_for(read, TIMEOUT) == 3
+
+
+@pytest.mark.asyncio
 async def test_the_notify_hot_path_reads_its_ctypes_argument_directly_and_a_bare_address_with_the_fault_check(
     sim_host: SimHost, sim_control: SimControl, kernel: SimKernel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
