@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import cast
 
 from .aio.transport import FdSocket, UnixListener, close_fds, connect_unix
-from .errors import VhostUserError
+from .errors import Disconnected, VhostUserError
 from .wire.codec import BACKEND_SPECS, FRONTEND_SPECS, MessageFramer, decode_reply, decode_request
 from .wire.describe import describe_fds, describe_flags, describe_payload
 from .wire.enums import BackendRequest, FrontendRequest, HeaderFlags, ProtocolFeatures
@@ -160,6 +160,10 @@ class Tracer:
                         send_fds = [self._splice_backend_channel(session, msg_fds[0])]
                     try:
                         await dst.send(bytes(raw), send_fds)
+                    except Disconnected as exc:  # (a reply to a front-end that has hung up)
+                        self.emit(f"{direction} not delivered, the {'back' if direction[0] == 'F' else 'front'}"
+                                  f"-end is gone: {exc}")
+                        return
                     finally:
                         close_fds(raw_fds, send_fds)
                         raw.clear()

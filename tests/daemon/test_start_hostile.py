@@ -10,6 +10,7 @@ comes up; one that dies while it negotiates costs one line and the device is tri
 
 The back-end is the library's RamDiskBlk over a socketpair, its handling of one request replaced by
 the misbehaviour under test; guest RAM is a memfd (zero copy) or a bytearray behind the shadow path.
+The config write's test runs against qemu-storage-daemon too, held by SIGSTOP during the start.
 The start tests run the daemon over the simulated host (tests/daemon/test_waiting_backend.py).
 """
 
@@ -20,6 +21,8 @@ import contextlib
 import logging
 import mmap
 import os
+import re
+import signal
 import struct
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -603,3 +606,69 @@ async def test_a_backend_that_dies_mid_negotiation_costs_one_line_and_is_tried_a
     assert len(about) == 1, [r.getMessage() for r in about]
     assert about[0].exc_info is None and "\n" not in about[0].getMessage()
     assert "back-end closed the connection awaiting GET_PROTOCOL_FEATURES" in about[0].getMessage()
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio
+async def test_a_config_write_while_qsd_is_stopped_in_the_start_reaches_it_before_the_rings(no_fd_leak, ram, peers):
+    """The same against qemu-storage-daemon, held by SIGSTOP from just before the DRIVER_OK write
+    (a back-end starved of CPU on a loaded dom0), seen on the wire through the library's
+    vhost-user-dump relay: the DRIVER_OK write and the writeback field's write (flipped) are
+    answered while qsd is stopped; the request the guest queues meanwhile
+    completes once it runs again; qsd got SET_CONFIG after SET_MEM_TABLE and before any
+    SET_VRING_*, applied it (its own GET_CONFIG answer has the new value), and wrote the sector."""
+    from vhost_user.trace import Tracer
+
+    qsd = peers.qsd_raw(size=1 << 20)
+    front = peers.sock_path("trace-early-config.sock")
+    lines: list[str] = []
+    tracer = Tracer(front, qsd.sock, emit=lines.append)
+    tracer.start_listening()
+    relaying = asyncio.create_task(tracer.serve(connections=1))
+    writeback = 0x100 + 32  # virtio 1.2 §5.2.4: struct virtio_blk_config's writeback, in the window
+    stopped = False
+    try:
+        async with asyncio.timeout(TIMEOUT), \
+                served("zerocopy", ram, lambda: AsyncFrontend.connect(str(front))) as guest:
+            device = guest.device
+            assert device is not None and device.frontend is not None
+            before = device.mmio(writeback, 1, False, 0)
+            assert before in (0, 1)
+            await guest.set_up()
+            os.kill(qsd.process.pid, signal.SIGSTOP)
+            stopped = True
+            answered: list[object] = []
+            for reg, size, value in ((Reg.STATUS, 4, DRIVER_OK), (writeback, 1, 1 - before)):
+                result = device.mmio(reg, size, True, value)
+                try:  # (a coroutine, if the write has something to wait for)
+                    if result is not None:
+                        await asyncio.wait_for(result, HANG)  # type: ignore[arg-type]
+                    answered.append(True)
+                except TimeoutError:
+                    answered.append(False)
+            assert answered == [True, True], "a write waited for the stopped back-end"
+            assert device.starting is not None, "the start did not wait for the stopped qsd"
+            assert guest.status() == DRIVER_OK and device.mmio(writeback, 1, False, 0) == 1 - before
+            guest.queue_write(0)
+            assert guest.mmio(Reg.QUEUE_NOTIFY, 0) is None
+            os.kill(qsd.process.pid, signal.SIGCONT)
+            stopped = False
+            assert await guest.completions(1) == [0] and guest.status_byte(0) == b"\x00"
+            if device.starting is not None:
+                await device.starting
+            assert device.stats.starts == 1
+            config = await device.frontend.get_config(0, 60)
+            assert config[32] == 1 - before, "qsd did not apply the writeback field"
+    finally:
+        if stopped:
+            os.kill(qsd.process.pid, signal.SIGCONT)
+        await asyncio.wait_for(relaying, TIMEOUT)
+    sent = [m.group(1) for line in lines if (m := re.match(r" *\d+ F->B (\w+)\(", line))]
+    assert "SET_CONFIG" in sent, sent
+    acked = [line for line in lines if re.match(r" *\d+ B->F SET_CONFIG\(", line)]
+    assert len(acked) == 1 and "REPLY_ACK u64=0x0 (success)" in acked[0], acked
+    assert sent.index("SET_MEM_TABLE") < sent.index("SET_CONFIG") < min(
+        i for i, name in enumerate(sent) if name.startswith("SET_VRING_")), sent
+    assert qsd.image is not None
+    with open(qsd.image, "rb") as f:
+        assert f.read(512) == b"\x01" * 512

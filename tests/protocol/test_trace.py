@@ -77,6 +77,43 @@ async def test_trace_relays_session_with_fds_and_backend_channel(tmp_path: Path,
     assert "GET_VRING_BASE(11)" in text and "!!" not in text
 
 
+@pytest.mark.asyncio
+async def test_a_reply_to_a_front_end_that_has_hung_up_ends_the_session_with_a_line(
+        tmp_path: Path, no_fd_leak: None) -> None:
+    """A front-end that stops reading (here: shut down for reading) before the back-end's reply
+    comes: the reply cannot be delivered, which the relay says in one line before it ends the
+    session; it raised out of ``serve`` (Broken pipe) and ended the command."""
+    import socket
+    import struct
+
+    backend_path, front_path = tmp_path / "backend.sock", tmp_path / "front.sock"
+    loop = asyncio.get_running_loop()
+    lines: list[str] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as front:
+        listener.bind(str(backend_path))
+        listener.listen()
+        listener.setblocking(False)
+        tracer = Tracer(front_path, backend_path, emit=lines.append)
+        tracer.start_listening()
+        trace_task = asyncio.create_task(tracer.serve(connections=1))
+        try:
+            async with asyncio.timeout(TEST_TIMEOUT):
+                front.connect(str(front_path))
+                front.sendall(struct.pack("<III", 1, 1, 0))  # GET_FEATURES, version 1
+                back, _ = await loop.sock_accept(listener)
+                with back:
+                    assert await loop.sock_recv(back, 12) == struct.pack("<III", 1, 1, 0)
+                    front.shutdown(socket.SHUT_RD)
+                    await loop.sock_sendall(back, struct.pack("<IIIQ", 1, 5, 8, 1 << 32))
+                    await trace_task
+        finally:
+            trace_task.cancel()
+            await asyncio.gather(trace_task, return_exceptions=True)
+    assert any(line.startswith("B->F not delivered, the front-end is gone: ") for line in lines), lines
+    assert lines[-1] == "session closed", lines
+
+
 def test_trace_command_line_help() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "vhost_user.trace", "--help"], capture_output=True, text=True, timeout=30, check=True
