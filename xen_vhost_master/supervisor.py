@@ -42,7 +42,7 @@ from vhost_user import (
     UnixListener,
     VhostUserError,
 )
-from vhost_user.aio import cancel_and_wait
+from vhost_user.aio import cancel_and_wait, connect_unix_stream
 
 from . import __version__
 from .config import DeviceConfig, MemoryMode, device_from_xenstore, merge
@@ -1374,10 +1374,10 @@ async def _connect_once(path: str) -> AsyncFrontend:
     connected = False
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT):
-            await asyncio.get_running_loop().sock_connect(sock, path)
+            await connect_unix_stream(sock, path)  # (a back-end's full backlog waited out)
         connected = True
     except TimeoutError:
-        raise BackendAbsent(path, f"connect() did not complete within {CONNECT_TIMEOUT:g} s") from None
+        raise BackendAbsent(path, f"connect() did not complete within {CONNECT_TIMEOUT:g} s (its listen backlog stayed full)") from None
     except OSError as e:
         if e.errno in _ABSENT:
             raise BackendAbsent(path, e.strerror or str(e)) from None

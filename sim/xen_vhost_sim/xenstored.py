@@ -254,7 +254,9 @@ class SimXenstored:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(path)
-            sock.listen(16)
+            # Xen's xenstoreds listen with a backlog of 1 (tools/xenstored/posix.c, oxenstored's
+            # utils.ml): a busy one makes a non-blocking connect fail with EAGAIN.
+            sock.listen(1)
             sock.setblocking(False)
         except OSError:
             sock.close()

@@ -372,3 +372,54 @@ async def test_peer_credentials_are_the_peer_process_ids(no_fd_leak: None) -> No
         b.close()
     with pytest.raises(Disconnected):
         b.peer_credentials()
+
+
+@pytest.mark.asyncio
+async def test_connect_waits_while_the_listeners_backlog_is_full(tmp_path, no_fd_leak: None) -> None:  # type: ignore[no-untyped-def]
+    """A back-end busy with earlier connections, its listen backlog full: Linux fails a
+    non-blocking connect with EAGAIN and leaves the socket unconnected.
+    connect_unix waits until there is room and returns a connected socket; it took EAGAIN for a
+    connect in progress, returned at once, and the first send failed with ENOTCONN."""
+    import socket
+
+    from vhost_user import connect_unix
+
+    path = str(tmp_path / "be.sock")
+    queued: list[socket.socket] = []
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        listener.setblocking(False)
+        try:
+            for _ in range(8):  # the backlog filled by connections nobody accepts yet
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.setblocking(False)
+                queued.append(s)
+                try:
+                    s.connect(path)
+                except BlockingIOError:
+                    queued.pop().close()
+                    break
+            else:
+                pytest.fail("the listen backlog never filled")
+            connecting = asyncio.create_task(connect_unix(path, attempts=1))  # (closed below)
+            for _ in range(8):  # loop iterations, the backlog still full
+                await asyncio.sleep(0)
+            assert not connecting.done(), "connect_unix returned while the backlog was full"
+            for _ in queued:  # the back-end gets to them: room
+                listener.accept()[0].close()
+            async with asyncio.timeout(TEST_TIMEOUT):
+                fs = await connecting
+                peer = (await loop.sock_accept(listener))[0]
+                with peer:
+                    await fs.send(b"ping")
+                    assert await loop.sock_recv(peer, 4) == b"ping"
+        finally:
+            for s in queued:
+                s.close()
+            if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
+                connecting.result().close()
+            else:
+                connecting.cancel()
+                await asyncio.gather(connecting, return_exceptions=True)

@@ -420,10 +420,14 @@ async def test_libxl_layout_for_a_virtio_device(xenstored: SimXenstored) -> None
 class RawPeer:
     """The far end of the client's socket, driven by the test byte by byte."""
 
-    def __init__(self) -> None:
-        self.ours, theirs = socket.socketpair()
+    def __init__(self, accepted: socket.socket | None = None) -> None:
+        """The far end of a socketpair, or ``accepted``: a connection the test accepted."""
+        self.theirs: socket.socket | None = None
+        if accepted is None:
+            self.ours, self.theirs = socket.socketpair()
+        else:
+            self.ours = accepted
         self.ours.setblocking(False)
-        self.theirs: socket.socket | None = theirs
 
     def client(self, timeout: float = WAIT) -> XenstoreClient:
         sock, self.theirs = self.theirs, None
@@ -679,3 +683,50 @@ async def test_read_many_and_write_if_present_send_their_requests_together(raw_p
         assert await task2 is False
     finally:
         await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_connect_while_the_listen_backlog_is_full_waits_for_room(no_fd_leak: None, short_dir: str) -> None:
+    """xenstored listens with a backlog of 1 (tools/xenstored/posix.c; the simulated one too); while
+    it is busy, Linux fails a non-blocking connect with EAGAIN and leaves the socket unconnected.
+    The client waits until there is room and its first request goes through; it took EAGAIN for a
+    connect in progress and reported it done (loop.sock_connect), then failed its first request
+    with ENOTCONN ("write failed: Transport endpoint is not connected", an instance on a loaded
+    dom0)."""
+    path = os.path.join(short_dir, "socket")
+    queued: list[socket.socket] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        listener.setblocking(False)
+        try:
+            for _ in range(8):  # the backlog filled by connections nobody accepts yet
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.setblocking(False)
+                queued.append(s)
+                try:
+                    s.connect(path)
+                except BlockingIOError:
+                    queued.pop().close()
+                    break
+            else:
+                pytest.fail("the listen backlog never filled")
+            opening = asyncio.create_task(XenstoreClient.open([path], device_paths=(), timeout=WAIT))
+            for _ in range(8):  # loop iterations, the backlog still full
+                await asyncio.sleep(0)
+            assert not opening.done(), "the connect was reported done while the backlog was full"
+            for _ in queued:  # xenstored gets to them: room
+                listener.accept()[0].close()
+            async with await asyncio.wait_for(opening, WAIT) as c:
+                peer = RawPeer((await asyncio.wait_for(asyncio.get_running_loop().sock_accept(listener), WAIT))[0])
+                try:
+                    reading = asyncio.create_task(c.read("/vm/backlog"))
+                    t, req, _, body = await peer.request()
+                    assert body == b"/vm/backlog\0"
+                    peer.send(t, req, b"ok")
+                    assert await asyncio.wait_for(reading, WAIT) == b"ok"
+                finally:
+                    peer.close()
+        finally:
+            for s in queued:
+                s.close()

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from dataclasses import dataclass
 from typing import Any, Final
+
+from .xenstore import connect_stream
 
 __all__ = ["QMP_SOCKET_TEMPLATE", "QmpError", "QemuPciFunction", "query_pci"]
 
@@ -53,7 +56,14 @@ async def query_pci(path: str, timeout: float) -> list[QemuPciFunction]:
     at ``path`` cannot be reached or answers wrongly within ``timeout`` seconds (OSError of the
     connection included: FileNotFoundError when there is no socket)."""
     async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_unix_connection(path, limit=MAX_REPLY)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await connect_stream(sock, path)  # (open_unix_connection's would take a full backlog for success)
+            reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_REPLY)
+        except BaseException:
+            sock.close()
+            raise
         try:
             greeting = await _read(reader)
             if "QMP" not in greeting:

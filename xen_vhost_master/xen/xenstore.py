@@ -79,6 +79,7 @@ __all__ = [
     "XenstoreConflict",
     "XenstoreProtocolError",
     "XenstoreDisconnected",
+    "connect_stream",
     "XenstoreTimeout",
     "xenstore_error",
 ]
@@ -335,6 +336,24 @@ class XsWatch:
             await self.unwatch()
 
 
+async def connect_stream(sock: socket.socket, path: str) -> None:
+    """connect() the non-blocking AF_UNIX stream socket ``sock`` to ``path`` (bound it with a
+    timeout), waiting out a full listen backlog. xenstored listens with a backlog of 1; while it
+    is busy, Linux fails a non-blocking connect with EAGAIN and leaves the socket unconnected,
+    and ``loop.sock_connect`` (asyncio's and uvloop's) reports that as connected, as the socket
+    polls writable: the first request then failed with ENOTCONN ("cannot resolve --domain ...:
+    write failed: Transport endpoint is not connected", an instance on a loaded dom0,
+    tests/xenlab/README.md). The adapters import nothing of vhost_user, whose transport does the
+    same for back-end sockets (``connect_unix_stream``)."""
+    delay = 0.001
+    while True:
+        try:
+            return sock.connect(path)  # at once, or refused: a Unix connect never runs in the background
+        except BlockingIOError:  # EAGAIN: the backlog is full; no event says when it has room
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
 class XenstoreClient(_Ops):
     """An asyncio xenstore connection over one stream fd (Unix socket or /dev/xen/xenbus).
 
@@ -373,10 +392,10 @@ class XenstoreClient(_Ops):
         try:
             sock.setblocking(False)
             async with asyncio.timeout(timeout):
-                await asyncio.get_running_loop().sock_connect(sock, path)
+                await connect_stream(sock, path)
         except TimeoutError:
             sock.close()
-            raise XenstoreTimeout(f"connect to {path} timed out") from None
+            raise XenstoreTimeout(f"connect to {path} timed out (its listen backlog stayed full)") from None
         except OSError:
             sock.close()
             raise

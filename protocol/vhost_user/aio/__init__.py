@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         cancel_and_wait,
         close_fds,
         connect_unix,
+        connect_unix_stream,
     )
 
 # Names are imported from their submodule on first use (PEP 562), so that a program needing one
@@ -61,6 +62,7 @@ _LAZY: dict[str, str] = {
     "cancel_and_wait": ".transport",
     "close_fds": ".transport",
     "connect_unix": ".transport",
+    "connect_unix_stream": ".transport",
 }
 
 
@@ -93,4 +95,5 @@ __all__ = [
     "UnixListener",
     "close_fds",
     "connect_unix",
+    "connect_unix_stream",
 ]

@@ -29,6 +29,7 @@ __all__ = [
     "FdSocket",
     "UnixListener",
     "connect_unix",
+    "connect_unix_stream",
     "CONNECT_TIMEOUT",
     "CONNECT_ATTEMPTS",
     "CONNECT_BACKOFF_INITIAL",
@@ -47,8 +48,12 @@ CONNECT_BACKOFF_INITIAL = 0.05
 CONNECT_BACKOFF_MAX = 1.0
 # Server mode: how long to wait for the peer to connect.
 ACCEPT_TIMEOUT = 30.0
+# A listener's backlog full: connect() again after this, doubling up to the maximum (a non-blocking
+# socket has no event to wait on for room in another socket's backlog).
+BACKLOG_RETRY_INITIAL = 0.001
+BACKLOG_RETRY_MAX = 0.05
 
-_RETRY_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN}
+_RETRY_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED}
 
 
 def close_fds(*groups: Sequence[int]) -> None:
@@ -192,6 +197,25 @@ class FdSocket:
         return self.sock.detach()
 
 
+async def connect_unix_stream(sock: socket.socket, path: str) -> None:
+    """connect() the non-blocking AF_UNIX stream socket ``sock`` to ``path``; bound it with a
+    timeout. Linux connects such a socket at once or refuses it (OSError): a Unix connect never
+    runs in the background. With the listener's backlog full it fails with EAGAIN and leaves the
+    socket unconnected, which ``loop.sock_connect`` (asyncio's and uvloop's) takes for a connect
+    in progress and, the unconnected socket polling writable, reports as done: the first write
+    then fails with ENOTCONN (a busy xenstored, whose backlog is 1, did that to an instance on a
+    loaded dom0: tests/xenlab/README.md). Here EAGAIN is waited out: connect() is tried again
+    until it connects or fails otherwise."""
+    delay = BACKLOG_RETRY_INITIAL
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:  # EAGAIN: the backlog is full
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKLOG_RETRY_MAX)
+
+
 async def connect_unix(
     path: str | os.PathLike[str],
     *,
@@ -202,7 +226,6 @@ async def connect_unix(
 ) -> FdSocket:
     """Connect to a listening back-end, retrying with exponential backoff while the path is
     missing or refusing (the back-end may still be starting)."""
-    loop = asyncio.get_running_loop()
     delay = backoff_initial
     last: OSError | None = None
     for attempt in range(1, max(1, attempts) + 1):
@@ -211,7 +234,7 @@ async def connect_unix(
         connected = False
         try:
             async with asyncio.timeout(timeout):
-                await loop.sock_connect(sock, os.fspath(path))
+                await connect_unix_stream(sock, os.fspath(path))
             connected = True
         except TimeoutError as exc:
             raise PeerTimeout(f"connect to {os.fspath(path)}", timeout) from exc
