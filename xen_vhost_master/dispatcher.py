@@ -59,7 +59,10 @@ systemd cannot use as an instance name: logged once each, that guest (or device)
 instance itself skips bad devices. A domain that dies while its instance starts: its pause
 reference is dropped (ESRCH is fine) and it is forgotten. An instance that fails before READY:
 logged with its exit status, pause dropped, and tried again only when that guest's set of devices
-in xenstore changes, MAX_ATTEMPTS times per domain at most.
+in xenstore changes, MAX_ATTEMPTS times per domain at most. One that exits 75 (EX_TEMPFAIL: e.g.
+xenstored or a hypercall failing on a loaded dom0) is started again after TEMPFAIL_RETRY seconds,
+doubling, within the same MAX_ATTEMPTS, the domain still held paused: the guest does not boot
+without the devices its instance was about to serve.
 """
 
 from __future__ import annotations
@@ -109,11 +112,12 @@ PAUSE_TIMEOUT = 120.0  # never hold a guest longer than this waiting for its ins
 OLD_INSTANCE_GRACE = 30.0  # how long a rebooted guest's old instance may take to exit by itself
 STOP_TIMEOUT = 20.0  # SIGTERM → SIGKILL for a spawned instance (the unit's TimeoutStopSec)
 MAX_ATTEMPTS = 3  # instance starts per domain
+TEMPFAIL_RETRY = 1.0  # s before the next start of an instance that exited 75 before READY (doubling)
 MAX_STORED_FDS = 64  # fds kept per guest (systemd's FileDescriptorStoreMax= of the unit is 64 too)
 MAX_FDS_PER_MESSAGE = 16
 # Exit statuses of an instance (errors.ExitCode, sysexits.h); with errors.PERMANENT_EXIT_CODES,
 # not restarted by us either.
-EXIT_OK, EXIT_ALREADY_SERVED, EXIT_CONFIG = 0, 73, 78
+EXIT_OK, EXIT_ALREADY_SERVED, EXIT_TEMPFAIL, EXIT_CONFIG = 0, 73, 75, 78
 
 _notify_names = itertools.count(1)
 
@@ -122,6 +126,7 @@ class Outcome(enum.Enum):
     READY = "ready"  # the instance for this domid is READY
     SERVED = "served"  # it already was, or another process serves the guest (holds its lock)
     FAILED = "failed"  # the instance ended, or the start failed, before READY
+    TEMPFAIL = "failed for now"  # it exited 75 (EX_TEMPFAIL) before READY: worth another start
     BLOCKED = "blocked"  # the name's instance serves another domain that is still alive
 
 
@@ -257,6 +262,8 @@ class SpawnLauncher:
         status = child.exited.result()
         if status == EXIT_ALREADY_SERVED:
             return Outcome.SERVED, "the instance found it already served"
+        if status == EXIT_TEMPFAIL:
+            return Outcome.TEMPFAIL, f"exited with status {status} (a temporary failure) before READY"
         return Outcome.FAILED, f"exited with status {status} before READY"
 
     async def _retire(self, old: _Child, domid: int) -> str | None:
@@ -511,7 +518,8 @@ class SystemdLauncher:
             return Outcome.READY, unit
         _rc, show = await self._systemctl("show", "-p", "Result", "-p", "ExecMainStatus", unit)
         facts = dict(line.partition("=")[::2] for line in show.splitlines())
-        return Outcome.FAILED, (f"systemctl start {unit} failed (status {rc}: {text or '-'}; result "
+        temporary = facts.get("ExecMainStatus") == str(EXIT_TEMPFAIL)
+        return Outcome.TEMPFAIL if temporary else Outcome.FAILED, (f"systemctl start {unit} failed (status {rc}: {text or '-'}; result "
                                 f"{facts.get('Result', '?')}, exit status {facts.get('ExecMainStatus', '?')})")
 
     async def _retire(self, unit: str, name: str, domid: int) -> tuple[Outcome, str] | None:
@@ -983,6 +991,18 @@ class Dispatcher:
             async with self._name_locks.setdefault(name, asyncio.Lock()):
                 log.info("%s: domain %d has %d virtio device(s): starting its instance", name, domid, len(devices))
                 outcome, detail = await self.launcher.serve(name, domid)
+                while outcome is Outcome.TEMPFAIL and guest.attempts < MAX_ATTEMPTS and not self._stopping:
+                    # (xenstored or a hypercall busy on a loaded dom0): started again shortly, the
+                    # guest still held paused, rather than left to run without its devices
+                    delay = TEMPFAIL_RETRY * 2 ** (guest.attempts - 1)
+                    log.warning("%s: instance for domain %d: %s; trying again in %g s%s (%d attempt(s) left)",
+                                name, domid, detail, delay, ", the domain held paused" if held else "",
+                                MAX_ATTEMPTS - guest.attempts)
+                    await asyncio.sleep(delay)
+                    if not await self.domain_exists(domid):
+                        break
+                    guest.attempts += 1
+                    outcome, detail = await self.launcher.serve(name, domid)
             if outcome in (Outcome.READY, Outcome.SERVED):
                 guest.state = _State.SERVED
                 log.info("%s: domain %d is served (%s)", name, domid, "READY" if outcome is Outcome.READY else detail)

@@ -180,7 +180,8 @@ import os, socket
 if os.environ.get("NOTIFY_SOCKET", "").startswith("@xen-vhost-master-watch") and os.environ.get("XVM_TEST_GATE"):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gate:
         gate.connect(os.environ["XVM_TEST_GATE"])
-        gate.recv(1)
+        if gate.recv(1) == b"T":  # the test injects a temporary failure (EX_TEMPFAIL)
+            os._exit(75)
 """
 
 
@@ -476,6 +477,38 @@ async def test_failing_instance_is_unpaused_and_retried_only_when_its_devices_ch
     written = (watch.root.parent / "logs" / "epsilon.log").read_text()
     assert written.count("/nonexistent/guest.toml") == 3, written  # each start's one-line error
     assert watch.log.find(r"^\[epsilon\]") is None  # not relayed to the dispatcher's stderr
+
+
+@pytest.mark.peer
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+@pytest.mark.parametrize("watch_gate", [True])
+async def test_an_instance_that_fails_for_now_is_started_again_while_the_guest_stays_paused(
+        watch: Watch, peers: Peers) -> None:
+    """The guest's first instance exits 75 before READY (EX_TEMPFAIL: here injected at the test's
+    gate; in the lab, xenstored too busy to take its connection on a loaded dom0). The dispatcher
+    starts it again a second later, holding the domain paused meanwhile; the second start is
+    READY and the guest first runs with its window claimed and does I/O. It dropped the pause at
+    once and waited for a change of the guest's devices, which never came: the rebooted guest
+    ran without its disk (lab, pyblk reboot-served)."""
+    disk = peers.qsd_raw(size=8 << 20)
+    watch.link_backend("mu", 0, disk.sock)
+    domid = await watch.xl("xl_create", "mu", [blk()], paused=True)
+    await watch.log.wait_for(rf"mu: holding a pause reference on domain {domid} ")
+    with watch.ctl() as ctl:
+        ctl.unpause(domid)  # `xl unpause`: only the dispatcher's reference holds it
+    with await watch.at_gate() as held:
+        held.send(b"T")
+    await watch.log.wait_for(rf"mu: instance for domain {domid}: exited with status 75 \(a temporary failure\) "
+                             r"before READY; trying again in 1 s, the domain held paused \(2 attempt\(s\) left\)")
+    with watch.ctl() as ctl:
+        assert ctl.domain_info(domid)["pause_count"] == 1  # still the dispatcher's
+    with await watch.at_gate():
+        pass  # the second start goes on
+    await watch.served("mu", domid)
+    await watch.log.wait_for(rf"domain {domid}: pause reference dropped \(instance READY\)")
+    assert watch.log.count(rf"mu: started instance for domain {domid}") == 2
+    assert watch.log.find(rf"domain {domid}: pause reference dropped \(failed") is None
+    await unpaused_claimed_and_serving(watch, domid, disk, 3)
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])
