@@ -574,7 +574,8 @@ async def test_bad_xenstore_input_and_a_domain_dying_during_start_up(watch: Watc
 # A stand-in for systemctl (the dispatcher's --systemctl): units live in a JSON file. `start` of
 # an inactive unit plays the instance: the unit becomes active and its state.json names the domid
 # the test put in "next" (the domain the real instance would resolve the name to); "fail" makes
-# it fail like a unit whose process exited 78.
+# it fail like a unit whose process exited "status" (78 unless set): every start (true), or the
+# next n.
 FAKE_SYSTEMCTL = """\
 import fcntl, json, os, sys
 path = os.environ["FAKE_SYSTEMD"]
@@ -590,6 +591,8 @@ with open(path + ".lock", "w") as lock:
     if verb == "is-active":
         out, rc = u["state"], 0 if u["state"] == "active" else 3
     elif verb == "start" and u.get("fail"):
+        if u["fail"] is not True:
+            u["fail"] -= 1
         u["state"], rc, out = "failed", 1, f"Job for {unit} failed because the control process exited with error code."
     elif verb == "start" and u["state"] != "active":
         u["state"] = "active"
@@ -599,7 +602,7 @@ with open(path + ".lock", "w") as lock:
     elif verb == "stop":
         u["state"] = "inactive"
     elif verb == "show":
-        out = "Result=exit-code\\nExecMainStatus=78"
+        out = f"Result=exit-code\\nExecMainStatus={u.get('status', 78)}"
     with open(path + ".tmp", "w") as f:
         json.dump(st, f)
     os.replace(path + ".tmp", path)
@@ -684,6 +687,17 @@ async def test_systemd_mode_starts_units_by_name_and_waits_for_a_rebooted_guests
                                      r"failed \(status 1: .*result exit-code, exit status 78\)")
             with watch.ctl() as ctl:
                 assert ctl.domain_info(mu)["pause_count"] == 1  # libxl's -p only
+
+            # A start that fails for now (exit 75): started again, the guest held paused meanwhile.
+            fake.set("nu", fail=1, status=75)
+            fake.will_serve("nu", mu + 1)
+            nu = await watch.xl("xl_create", "nu", [blk()], paused=True)
+            assert nu == mu + 1
+            await watch.log.wait_for(rf"nu: instance for domain {nu}: systemctl start xen-vhost-master@nu.service "
+                                     r"failed \(status 1: .*exit status 75\); trying again in 1 s, the domain held paused")
+            await watch.served("nu", nu)
+            await watch.log.wait_for(rf"domain {nu}: pause reference dropped \(instance READY\)")
+            assert fake.calls("start").count("xen-vhost-master@nu.service") == 2
             assert await watch.terminate() == 0
         assert fake.calls("stop") == [unit]  # stopping the dispatcher stopped no unit
 
