@@ -126,7 +126,7 @@ class Outcome(enum.Enum):
     READY = "ready"  # the instance for this domid is READY
     SERVED = "served"  # it already was, or another process serves the guest (holds its lock)
     FAILED = "failed"  # the instance ended, or the start failed, before READY
-    TEMPFAIL = "failed for now"  # it exited 75 (EX_TEMPFAIL) before READY: worth another start
+    TEMPFAIL = "failed, exit 75"  # it exited 75 (EX_TEMPFAIL) before READY: worth another start
     BLOCKED = "blocked"  # the name's instance serves another domain that is still alive
 
 
