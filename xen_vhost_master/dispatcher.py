@@ -518,9 +518,9 @@ class SystemdLauncher:
             return Outcome.READY, unit
         _rc, show = await self._systemctl("show", "-p", "Result", "-p", "ExecMainStatus", unit)
         facts = dict(line.partition("=")[::2] for line in show.splitlines())
-        outcome = Outcome.TEMPFAIL if facts.get("ExecMainStatus") == str(EXIT_TEMPFAIL) else Outcome.FAILED
-        return outcome, (f"systemctl start {unit} failed (status {rc}: {text or '-'}; result "
-                         f"{facts.get('Result', '?')}, exit status {facts.get('ExecMainStatus', '?')})")
+        failed = Outcome.TEMPFAIL if facts.get("ExecMainStatus") == str(EXIT_TEMPFAIL) else Outcome.FAILED
+        return failed, (f"systemctl start {unit} failed (status {rc}: {text or '-'}; result "
+                        f"{facts.get('Result', '?')}, exit status {facts.get('ExecMainStatus', '?')})")
 
     async def _retire(self, unit: str, name: str, domid: int) -> tuple[Outcome, str] | None:
         """Wait until ``unit`` no longer serves a previous domain of ``name``; None: go and start it."""
