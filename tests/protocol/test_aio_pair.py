@@ -380,30 +380,14 @@ async def test_connect_waits_while_the_listeners_backlog_is_full(tmp_path, no_fd
     non-blocking connect with EAGAIN and leaves the socket unconnected.
     connect_unix waits until there is room and returns a connected socket; it took EAGAIN for a
     connect in progress, returned at once, and the first send failed with ENOTCONN."""
-    import socket
-
+    from tests.backlog import full_backlog
     from vhost_user import connect_unix
 
     path = str(tmp_path / "be.sock")
-    queued: list[socket.socket] = []
     loop = asyncio.get_running_loop()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        listener.bind(path)
-        listener.listen(1)
-        listener.setblocking(False)
+    with full_backlog(path) as (listener, queued):
+        connecting = asyncio.create_task(connect_unix(path, attempts=1))  # (closed below)
         try:
-            for _ in range(8):  # the backlog filled by connections nobody accepts yet
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.setblocking(False)
-                queued.append(s)
-                try:
-                    s.connect(path)
-                except BlockingIOError:
-                    queued.pop().close()
-                    break
-            else:
-                pytest.fail("the listen backlog never filled")
-            connecting = asyncio.create_task(connect_unix(path, attempts=1))  # (closed below)
             for _ in range(8):  # loop iterations, the backlog still full
                 await asyncio.sleep(0)
             assert not connecting.done(), "connect_unix returned while the backlog was full"
@@ -416,8 +400,6 @@ async def test_connect_waits_while_the_listeners_backlog_is_full(tmp_path, no_fd
                     await fs.send(b"ping")
                     assert await loop.sock_recv(peer, 4) == b"ping"
         finally:
-            for s in queued:
-                s.close()
             if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
                 connecting.result().close()
             else:

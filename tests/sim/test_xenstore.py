@@ -693,25 +693,12 @@ async def test_a_connect_while_the_listen_backlog_is_full_waits_for_room(no_fd_l
     connect in progress and reported it done (loop.sock_connect), then failed its first request
     with ENOTCONN ("write failed: Transport endpoint is not connected", an instance on a loaded
     dom0)."""
+    from tests.backlog import full_backlog
+
     path = os.path.join(short_dir, "socket")
-    queued: list[socket.socket] = []
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        listener.bind(path)
-        listener.listen(1)
-        listener.setblocking(False)
+    with full_backlog(path) as (listener, queued):
+        opening = asyncio.create_task(XenstoreClient.open([path], device_paths=(), timeout=WAIT))
         try:
-            for _ in range(8):  # the backlog filled by connections nobody accepts yet
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.setblocking(False)
-                queued.append(s)
-                try:
-                    s.connect(path)
-                except BlockingIOError:
-                    queued.pop().close()
-                    break
-            else:
-                pytest.fail("the listen backlog never filled")
-            opening = asyncio.create_task(XenstoreClient.open([path], device_paths=(), timeout=WAIT))
             for _ in range(8):  # loop iterations, the backlog still full
                 await asyncio.sleep(0)
             assert not opening.done(), "the connect was reported done while the backlog was full"
@@ -728,5 +715,8 @@ async def test_a_connect_while_the_listen_backlog_is_full_waits_for_room(no_fd_l
                 finally:
                     peer.close()
         finally:
-            for s in queued:
-                s.close()
+            if opening.done() and not opening.cancelled() and opening.exception() is None:
+                await opening.result().close()  # (a no-op once ``async with`` closed it)
+            else:
+                opening.cancel()
+                await asyncio.gather(opening, return_exceptions=True)

@@ -57,13 +57,15 @@ async def query_pci(path: str, timeout: float) -> list[QemuPciFunction]:
     connection included: FileNotFoundError when there is no socket)."""
     async with asyncio.timeout(timeout):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        opened = False
         try:
             sock.setblocking(False)
             await connect_stream(sock, path)  # (open_unix_connection's would take a full backlog for success)
             reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_REPLY)
-        except BaseException:
-            sock.close()
-            raise
+            opened = True
+        finally:
+            if not opened:  # refused, timed out or cancelled: the writer would have owned it
+                sock.close()
         try:
             greeting = await _read(reader)
             if "QMP" not in greeting:
