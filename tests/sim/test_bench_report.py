@@ -146,3 +146,23 @@ def test_byte_compile_writes_the_bytecode_of_a_package_where_it_is_imported_from
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")  # (what an import would honour; compiling does not)
     assert bench.byte_compile(("bench_probe_pkg",)) == []
     assert list((pkg / "__pycache__").glob("__init__.*.pyc")) and list((pkg / "sub" / "__pycache__").glob("*.pyc"))
+
+
+def test_profiled_daemon_writes_its_statistics(tmp_path: Path) -> None:
+    """`bench --profile`: the daemon's command ends with os._exit (cli.entry), so `python -m cProfile`
+    never wrote its statistics; the bench runs ``cli.main`` under a profiler instead, which writes
+    them however main ends (here: a refused --device, exit status as main returns it)."""
+    import pstats
+    import subprocess
+    import sys
+
+    from xen_vhost_master.errors import ExitCode
+
+    out = tmp_path / "daemon.prof"
+    env = {**os.environ, "XEN_VHOST_SIM": str(tmp_path / "no-host.sock")}
+    r = subprocess.run([sys.executable, "-c", bench.PROFILED_MAIN, str(out), "--domid", "1", "--no-xenstore",
+                        "--device", "not-a-device"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == ExitCode.CONFIG, r.stderr  # main's own refusal, not a traceback
+    assert "is not key=value" in r.stderr
+    functions = {f"{Path(file).name}:{name}" for file, _line, name in pstats.Stats(str(out)).stats}  # type: ignore[attr-defined]
+    assert "cli.py:main" in functions

@@ -149,6 +149,11 @@ def byte_compile(packages: Sequence[str] = MEASURED_PACKAGES) -> list[str]:
     return failed
 
 
+#: The daemon's ``main`` under cProfile, its statistics written to argv[1] once it returns.
+PROFILED_MAIN = ("import cProfile, sys\nfrom xen_vhost_master.cli import main\np = cProfile.Profile()\n"
+                 "try:\n    sys.exit(p.runcall(main, sys.argv[2:]))\nfinally:\n    p.dump_stats(sys.argv[1])\n")
+
+
 def start_sim(peers: Any, path: str, *extra: str) -> Any:
     p = peers.start("xen-vhost-sim", [str(BIN / "xen-vhost-sim"), "--socket", path, *extra])
     p.wait_listening(Path(path))
@@ -173,8 +178,8 @@ class Daemon:
         if memory != "sim-memfd":
             # The UML domain's RAM starts at guest-physical 0: x86's layout, not libxl's Arm one.
             argv += ["--guest-arch", "x86_64"]
-        if profile is not None:
-            argv = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "xen_vhost_master", *argv[1:]]
+        if profile is not None:  # (the command ends with os._exit: cProfile's -m would never write)
+            argv = [sys.executable, "-c", PROFILED_MAIN, str(profile), *argv[1:]]
         argv = [*wrap, *argv]
         self.t0 = time.perf_counter()
         self.proc = peers.start("xen-vhost-master", argv, env=env)
