@@ -55,3 +55,34 @@ def test_user_memory_copies_fault_cleanly() -> None:
     ba = bytearray(b"hello")
     assert copy_from_user(address_of(ba), 5) == b"hello"
     assert address_of(None) == 0 and address_of(1234) == 1234
+
+
+def test_real_kernel_ioctl_out_fields_land_in_every_kind_of_argument(no_fd_leak: None) -> None:
+    """FIONREAD (asm-generic/ioctls.h: writes an int): the answer lands in place whether the
+    argument is a ctypes structure, array or simple value (fcntl.ioctl), a bytearray or a bare
+    address (libc's ioctl); an error is the driver's errno either way."""
+    import termios
+
+    class _Count(ctypes.Structure):
+        _fields_ = [("n", ctypes.c_int)]
+
+    k = RealKernel()
+    r, w = os.pipe()
+    try:
+        os.write(w, b"12345")
+        st, arr, one, ba = _Count(-1), (ctypes.c_int * 1)(-1), ctypes.c_int(-1), bytearray(4)
+        for arg in (st, arr, one, ba):
+            assert k.ioctl(r, termios.FIONREAD, arg) == 0
+        assert (st.n, arr[0], one.value, int.from_bytes(ba, "little")) == (5, 5, 5, 5)
+        raw = ctypes.c_int(-1)
+        assert k.ioctl(r, termios.FIONREAD, ctypes.addressof(raw)) == 0 and raw.value == 5
+        for arg2 in (_Count(), None, ctypes.addressof(raw)):
+            with pytest.raises(OSError) as ei:
+                k.ioctl(r, termios.TCGETS, arg2)  # a pipe is no terminal
+            assert ei.value.errno == errno.ENOTTY
+        with pytest.raises(OSError) as ei:
+            k.ioctl(r, termios.FIONREAD, 8)  # a bad address: EFAULT, not a crash
+        assert ei.value.errno == errno.EFAULT
+    finally:
+        os.close(r)
+        os.close(w)
