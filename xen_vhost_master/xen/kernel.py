@@ -102,10 +102,11 @@ _tls = threading.local()
 
 
 class _Scratch:
-    __slots__ = ("buf", "local", "plocal", "premote", "remote")
+    __slots__ = ("buf", "local", "plocal", "premote", "remote", "view")
 
     def __init__(self) -> None:
         self.buf = ctypes.create_string_buffer(_SMALL_COPY)
+        self.view = memoryview(self.buf).cast("B")
         self.local = _iovec(ctypes.addressof(self.buf), 0)
         self.remote = _iovec(0, 0)
         self.plocal, self.premote = ctypes.byref(self.local), ctypes.byref(self.remote)
@@ -128,7 +129,7 @@ def copy_from_user(addr: int, length: int) -> bytes:
         sc.remote.iov_base = addr
         if _libc.process_vm_readv(os.getpid(), sc.plocal, 1, sc.premote, 1, 0) != length:
             raise OSError(14, os.strerror(14))
-        return sc.buf.raw[:length]
+        return sc.view[:length].tobytes()
     buf = ctypes.create_string_buffer(length)
     local = _iovec(ctypes.addressof(buf), length)
     remote = _iovec(addr, length)
