@@ -13,6 +13,7 @@ import bisect
 import errno
 import logging
 import mmap
+import operator
 import os
 import stat
 import struct
@@ -141,7 +142,48 @@ class _InFlight(NamedTuple):
 _new = tuple.__new__  # builds an _InFlight without NamedTuple's Python-level __new__ (the hot path)
 
 
-def _layout(head: int, bufs: Sequence[tuple[int, int]], nr: int, merge: bool) -> tuple[list[int], list[tuple[int, int]], int, int]:
+class _Layout(NamedTuple):
+    """:func:`_lay_out`'s answer for one shape of chain, kept for the next chain of that shape."""
+
+    offsets: tuple[int, ...]
+    runs: tuple[tuple[int, int], ...]
+    nrr: int
+    size: int
+    woffsets: tuple[int, ...]  # the device-writable buffers' offsets (offsets[nr:])
+    wlens: tuple[int, ...]  # and lengths
+    wlen: int  # their sum
+
+
+#: Layouts by shape (the buffers' lengths, how many are device-readable, merged or not): a driver
+#: sends few shapes (Linux's virtio-blk: header, n pages, status), so a chain's layout is one
+#: lookup instead of a Python step per buffer. Bounded: chains of at most LAYOUT_CACHE_BUFFERS
+#: buffers, at most LAYOUT_CACHE_SHAPES shapes (then forgotten at once: a guest that sends ever
+#: new shapes costs what every chain cost before the cache, and no memory).
+_LAYOUTS: dict[tuple[tuple[int, ...], int, bool], _Layout] = {}
+LAYOUT_CACHE_SHAPES: Final = 64
+LAYOUT_CACHE_BUFFERS: Final = 64
+_len_of = operator.itemgetter(1)
+_addr_of = operator.itemgetter(0)
+
+
+def _layout(head: int, bufs: Sequence[tuple[int, int]], nr: int, merge: bool) -> _Layout:
+    """:func:`_lay_out` of ``bufs``, from :data:`_LAYOUTS` when a chain of the same shape came before."""
+    lens = tuple(map(_len_of, bufs))
+    key = (lens, nr, merge)
+    got = _LAYOUTS.get(key)
+    if got is not None:
+        return got
+    offsets, runs, nrr, size = _lay_out(head, bufs, nr, merge)  # (raises for a refused chain: not kept)
+    wlens = lens[nr:]
+    got = _Layout(tuple(offsets), tuple(runs), nrr, size, tuple(offsets[nr:]), wlens, sum(wlens))
+    if len(lens) <= LAYOUT_CACHE_BUFFERS:
+        if len(_LAYOUTS) >= LAYOUT_CACHE_SHAPES:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = got
+    return got
+
+
+def _lay_out(head: int, bufs: Sequence[tuple[int, int]], nr: int, merge: bool) -> tuple[list[int], list[tuple[int, int]], int, int]:
     """Where a chain's buffers go in its bounce extent, and the shadow chain that describes them.
 
     ``bufs``: the guest chain's buffers, the first ``nr`` device-readable. Returns the extent
@@ -183,7 +225,20 @@ def _layout(head: int, bufs: Sequence[tuple[int, int]], nr: int, merge: bool) ->
     return offsets, runs, nrr, pos
 
 
-def _shadow_chain(at: int, runs: list[tuple[int, int]], nrr: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+def _clip(copy_back: list[tuple[int, int, int]], written: int) -> list[tuple[int, int, int]]:
+    """The part of a chain's ``copy_back`` (guest address, extent offset, length) that the
+    back-end's first ``written`` bytes cover (the device-writable buffers fill in order)."""
+    out = []
+    for gaddr, off, length in copy_back:
+        if written <= 0:
+            break
+        m = length if length < written else written
+        out.append((gaddr, off, m))
+        written -= m
+    return out
+
+
+def _shadow_chain(at: int, runs: Sequence[tuple[int, int]], nrr: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """The readable and writable buffers of a shadow chain whose extent the back-end sees at
     ``at``: :func:`_layout`'s ``runs``, the first ``nrr`` readable."""
     return [(at + o, m) for o, m in runs[:nrr]], [(at + o, m) for o, m in runs[nrr:]]
@@ -865,7 +920,7 @@ class ShadowDataPath:
                 bufs = readable + writable
                 if len(bufs) > num:
                     raise RingError(f"chain {head}: {len(bufs)} descriptors, longer than the queue ({num})")
-                offsets, runs, nrr, pos = _layout(head, bufs, len(readable), merge)
+                offsets, runs, nrr, pos, woffsets, wlens, wlen = _layout(head, bufs, len(readable), merge)
                 r = len(runs)
                 indirect = indirect_ok and r > 1 and (
                     r > free or not merge and flags_of(desc, 16 * head + 12)[0] & VIRTQ_DESC_F_INDIRECT != 0)
@@ -883,7 +938,6 @@ class ShadowDataPath:
                 extent = alloc(pos)
                 if extent is None:
                     break
-                copy_back: list[tuple[int, int, int]] = []
                 k = nbytes = 0
                 try:
                     for addr, length in readable:
@@ -897,11 +951,7 @@ class ShadowDataPath:
                 except _FAULTS as e:
                     pool.free(extent, pos)
                     raise RingError(f"chain {head}: guest buffer unreadable: {e}") from e
-                wlen = 0
-                for addr, length in writable:
-                    copy_back.append((addr, extent + offsets[k], length))
-                    k += 1
-                    wlen += length
+                copy_back = list(zip(map(_addr_of, writable), map(extent.__add__, woffsets), wlens))
                 at = base + extent
                 shadow_r, shadow_w = _shadow_chain(at, runs, nrr)
                 if indirect:
@@ -932,7 +982,7 @@ class ShadowDataPath:
         if free < 0:
             free = drv.num_free
         nr = len(readable)
-        offsets, runs, nrr, pos = _layout(head, bufs, nr, q.merge)
+        offsets, runs, nrr, pos, woffsets, wlens, wlen = _layout(head, bufs, nr, q.merge)
         r = len(runs)
         indirect = q.indirect and r > 1 and (
             r > free or not q.merge and bool(_FLAGS.unpack_from(q.guest_desc, 16 * head + 12)[0] & VIRTQ_DESC_F_INDIRECT))
@@ -958,8 +1008,7 @@ class ShadowDataPath:
                 self.pool.free(extent, pos)
                 raise
         buf, view = self._buf, self._memory.view
-        copy_back: list[tuple[int, int, int]] = []
-        copied = wlen = 0
+        copied = 0
         try:
             for k in range(nr):
                 addr, length = readable[k]
@@ -974,10 +1023,7 @@ class ShadowDataPath:
             raise RingError(f"chain {head}: guest buffer unreadable: {e}") from e
         if self._release is not None and readable:
             self._release([(b.addr, b.length) for b in readable])  # copied: no longer needed
-        for k in range(nr, n):
-            addr, length = bufs[k]
-            copy_back.append((addr, extent + offsets[k], length))
-            wlen += length
+        copy_back = list(zip(map(_addr_of, writable), map(extent.__add__, woffsets), wlens))
         at = self._base + extent
         shadow_r, shadow_w = _shadow_chain(at, runs, nrr)
         if indirect:
@@ -1039,19 +1085,15 @@ class ShadowDataPath:
                     self.log.warning("queue %d: back-end reported %d bytes written into %d writable bytes (clamped)",
                                      q.config.index, written, wlen)
                 written = wlen
-            left = written
             if fault is None:
                 try:
-                    for gaddr, off, length in copy_back:
-                        if left <= 0:
-                            break
-                        m = length if length < left else left
-                        if lo <= gaddr and gaddr + m <= hi:
-                            span[gaddr - lo : gaddr - lo + m] = buf[off : off + m]  # type: ignore[index]
+                    for gaddr, off, length in copy_back if written == wlen else _clip(copy_back, written):
+                        at = gaddr - lo
+                        if 0 <= at and gaddr + length <= hi:
+                            span[at : at + length] = buf[off : off + length]  # type: ignore[index]
                         else:
-                            view(gaddr, m)[:] = buf[off : off + m]
-                        left -= m
-                        out += m
+                            view(gaddr, length)[:] = buf[off : off + length]
+                    out += written
                 except (*_FAULTS, TypeError) as e:  # TypeError: a read-only view
                     fault = f"chain {head}: guest buffer unwritable: {e}"
             extents.append((offset, nbytes))
