@@ -22,7 +22,7 @@ def expected(bufs: list[tuple[int, int]], nr: int, merge: bool) -> object:
     except RingError as e:
         return str(e)
     wlens = tuple(n for _a, n in bufs[nr:])
-    return tuple(offsets), tuple(runs), nrr, size, tuple(offsets[nr:]), wlens, sum(wlens)
+    return tuple(offsets), tuple(runs), nrr, size, tuple(offsets[nr:]), wlens, sum(wlens), sum(n for _a, n in bufs[:nr])
 
 
 def got(bufs: list[tuple[int, int]], nr: int, merge: bool) -> object:

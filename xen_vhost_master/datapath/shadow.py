@@ -152,6 +152,7 @@ class _Layout(NamedTuple):
     woffsets: tuple[int, ...]  # the device-writable buffers' offsets (offsets[nr:])
     wlens: tuple[int, ...]  # and lengths
     wlen: int  # their sum
+    rlen: int  # the device-readable buffers' sum
 
 
 #: Layouts by shape (the buffers' lengths, how many are device-readable, merged or not): a driver
@@ -160,8 +161,8 @@ class _Layout(NamedTuple):
 #: buffers, at most LAYOUT_CACHE_SHAPES shapes (then forgotten at once: a guest that sends ever
 #: new shapes costs what every chain cost before the cache, and no memory).
 _LAYOUTS: dict[tuple[tuple[int, ...], int, bool], _Layout] = {}
-LAYOUT_CACHE_SHAPES: Final = 64
-LAYOUT_CACHE_BUFFERS: Final = 64
+LAYOUT_CACHE_SHAPES: Final = 32
+LAYOUT_CACHE_BUFFERS: Final = 256  # a chain as long as a 256-entry queue (QEMU's virtio-blk queue size)
 _len_of = operator.itemgetter(1)
 _addr_of = operator.itemgetter(0)
 
@@ -175,7 +176,7 @@ def _layout(head: int, bufs: Sequence[tuple[int, int]], nr: int, merge: bool) ->
         return got
     offsets, runs, nrr, size = _lay_out(head, bufs, nr, merge)  # (raises for a refused chain: not kept)
     wlens = lens[nr:]
-    got = _Layout(tuple(offsets), tuple(runs), nrr, size, tuple(offsets[nr:]), wlens, sum(wlens))
+    got = _Layout(tuple(offsets), tuple(runs), nrr, size, tuple(offsets[nr:]), wlens, sum(wlens), sum(lens[:nr]))
     if len(lens) <= LAYOUT_CACHE_BUFFERS:
         if len(_LAYOUTS) >= LAYOUT_CACHE_SHAPES:
             _LAYOUTS.clear()
@@ -223,6 +224,21 @@ def _lay_out(head: int, bufs: Sequence[tuple[int, int]], nr: int, merge: bool) -
         if i == nr:
             nrr = len(runs)
     return offsets, runs, nrr, pos
+
+
+def _copy_in(buf: memoryview, extent: int, readable: Sequence[tuple[int, int]], offsets: Sequence[int],
+             span: tuple[int, int, memoryview | None], view: Callable[[int, int], memoryview]) -> None:
+    """Copy a chain's device-readable buffers to their ``offsets`` in its bounce extent: sliced
+    from the memory's widest ``span`` (lo, hi, view of [lo, hi)) where they lie in it, else
+    through ``view``."""
+    lo, hi, mem = span
+    for (addr, length), off in zip(readable, offsets):  # (offsets: the readable ones come first)
+        off += extent
+        at = addr - lo
+        if 0 <= at and addr + length <= hi:
+            buf[off : off + length] = mem[at : at + length]  # type: ignore[index]
+        else:
+            buf[off : off + length] = view(addr, length)
 
 
 def _clip(copy_back: list[tuple[int, int, int]], written: int) -> list[tuple[int, int, int]]:
@@ -909,8 +925,7 @@ class ShadowDataPath:
         num, desc, inflight, pool = q.config.num, q.guest_desc, q.inflight, self.pool
         assert desc is not None
         alloc, capacity = pool.alloc, pool.capacity
-        buf, base, view = self._buf, self._base, self._memory.view
-        lo, hi, span = self._span
+        buf, base, view, widest, copy_in = self._buf, self._base, self._memory.view, self._span, _copy_in
         popped, indirect_ok, merge = q.popped, q.indirect, q.merge
         flags_of = _FLAGS.unpack_from
         adds: list[tuple[list[tuple[int, int]], list[tuple[int, int]], _InFlight, int]] = []
@@ -920,7 +935,7 @@ class ShadowDataPath:
                 bufs = readable + writable
                 if len(bufs) > num:
                     raise RingError(f"chain {head}: {len(bufs)} descriptors, longer than the queue ({num})")
-                offsets, runs, nrr, pos, woffsets, wlens, wlen = _layout(head, bufs, len(readable), merge)
+                offsets, runs, nrr, pos, woffsets, wlens, wlen, rlen = _layout(head, bufs, len(readable), merge)
                 r = len(runs)
                 indirect = indirect_ok and r > 1 and (
                     r > free or not merge and flags_of(desc, 16 * head + 12)[0] & VIRTQ_DESC_F_INDIRECT != 0)
@@ -938,16 +953,8 @@ class ShadowDataPath:
                 extent = alloc(pos)
                 if extent is None:
                     break
-                k = nbytes = 0
                 try:
-                    for addr, length in readable:
-                        off = extent + offsets[k]
-                        k += 1
-                        if lo <= addr and addr + length <= hi:
-                            buf[off : off + length] = span[addr - lo : addr - lo + length]  # type: ignore[index]
-                        else:
-                            buf[off : off + length] = view(addr, length)
-                        nbytes += length
+                    copy_in(buf, extent, readable, offsets, widest, view)
                 except _FAULTS as e:
                     pool.free(extent, pos)
                     raise RingError(f"chain {head}: guest buffer unreadable: {e}") from e
@@ -960,7 +967,7 @@ class ShadowDataPath:
                 inflight[head] = f
                 adds.append((shadow_r, shadow_w, f, table))
                 free -= need
-                copied += nbytes
+                copied += rlen
         finally:
             if adds:
                 pack, where = _U16.pack_into, q.heads + HEAD_MAP_HEADER
@@ -982,7 +989,7 @@ class ShadowDataPath:
         if free < 0:
             free = drv.num_free
         nr = len(readable)
-        offsets, runs, nrr, pos, woffsets, wlens, wlen = _layout(head, bufs, nr, q.merge)
+        offsets, runs, nrr, pos, woffsets, wlens, wlen, rlen = _layout(head, bufs, nr, q.merge)
         r = len(runs)
         indirect = q.indirect and r > 1 and (
             r > free or not q.merge and bool(_FLAGS.unpack_from(q.guest_desc, 16 * head + 12)[0] & VIRTQ_DESC_F_INDIRECT))
@@ -1007,14 +1014,9 @@ class ShadowDataPath:
             except RingError:
                 self.pool.free(extent, pos)
                 raise
-        buf, view = self._buf, self._memory.view
-        copied = 0
+        buf = self._buf
         try:
-            for k in range(nr):
-                addr, length = readable[k]
-                off = extent + offsets[k]
-                buf[off : off + length] = view(addr, length)
-                copied += length
+            _copy_in(buf, extent, readable, offsets, self._span, self._memory.view)
         except _FAULTS as e:
             self.pool.free(extent, pos)
             if self._release is not None:  # what was mapped for it goes now, not at the queue's reset
@@ -1035,7 +1037,7 @@ class ShadowDataPath:
             sid = drv.add(shadow_r, shadow_w, token=f)
         _U16.pack_into(self._buf, q.heads + HEAD_MAP_HEADER + 2 * sid, head)
         q.inflight[head] = f
-        q.stats.bytes_in += copied
+        q.stats.bytes_in += rlen
         return True
 
     def _check_writable(self, chain: Chain) -> None:
