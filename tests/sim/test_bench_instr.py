@@ -12,6 +12,15 @@ from xen_vhost_sim.tools import bench_instr
 def test_the_counted_shadow_engine_loop_serves_whole_batches() -> None:
     assert bench_instr.engine(40) == 2 * bench_instr.ENGINE_QD  # rounded up to a batch, all returned
     assert bench_instr.engine(10, 4, pages=32) == 12  # 128 KiB requests in indirect tables, as Linux sends
+    spent: list[int] = []
+    assert bench_instr.engine(8, 4, pages=32, write=True, spent=spent) == 8  # writes: the data device-readable
+    assert len(spent) == 2 and all(ns > 0 for ns in spent)  # one notify + used per batch, timed
+
+
+def test_the_wall_figure_is_the_engine_time_per_request(capsys) -> None:
+    assert bench_instr.main(["--only", "shadow", "--wall", "--requests", "8", "--depth", "4", "--pages", "2"]) == 0
+    name, value = capsys.readouterr().out.rsplit(maxsplit=1)
+    assert name.startswith("shadow engine us per 8k read request (QD4") and 0 < float(value) < 10_000
 
 
 def test_callgrind_total_is_the_summary_line(tmp_path) -> None:

@@ -37,6 +37,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -238,12 +239,13 @@ def vcpu_figures(n: int, tmp: str) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- shadow
-def engine(n: int, depth: int = ENGINE_QD, pages: int = 1) -> int:
-    """``n`` (rounded up to a batch) read chains through the shadow engine at QD ``depth``, EVENT_IDX,
-    indirect descriptors and VERSION_1 negotiated; returns the requests served. ``pages`` 1: a
-    16-byte header, 4 KiB of data and a status byte in three descriptors; more: that many 4 KiB
-    pages, 4 KiB apart, in an indirect table with the header and the status, as Linux's
-    virtio-blk sends a request of that size."""
+def engine(n: int, depth: int = ENGINE_QD, pages: int = 1, *, write: bool = False, spent: list[int] | None = None) -> int:
+    """``n`` (rounded up to a batch) read chains (``write``: write chains) through the shadow
+    engine at QD ``depth``, EVENT_IDX, indirect descriptors and VERSION_1 negotiated; returns the
+    requests served. ``pages`` 1: a 16-byte header, 4 KiB of data and a status byte in three
+    descriptors; more: that many 4 KiB pages, 4 KiB apart, in an indirect table with the header
+    and the status, as Linux's virtio-blk sends a request of that size. ``spent``: the
+    nanoseconds spent in the engine's ``notify`` and ``used`` are appended to it."""
     from vhost_user.virtqueue import FlatMemory, SplitQueueDevice, SplitQueueDriver, split_ring_layout
 
     from xen_vhost_master.datapath.shadow import ShadowDataPath
@@ -268,15 +270,21 @@ def engine(n: int, depth: int = ENGINE_QD, pages: int = 1) -> int:
         while done < n:
             for k in range(depth):
                 at = data + stride * k
+                body = [(at + 4096, 4096)] if pages == 1 else [(at + 8192 * (i + 1), 4096) for i in range(pages)]
+                readable, writable = ([(at, 16), *body], [(at + 64, 1)]) if write else ([(at, 16)], [*body, (at + 64, 1)])
                 if pages == 1:
-                    drv.add([(at, 16)], [(at + 4096, 4096), (at + 64, 1)])
+                    drv.add(readable, writable)
                 else:
-                    drv.add_indirect(at + 2048, [(at, 16)], [*((at + 8192 * (i + 1), 4096) for i in range(pages)),
-                                                              (at + 64, 1)])
+                    drv.add_indirect(at + 2048, readable, writable)
+            t0 = time.perf_counter_ns()
             dp.notify(0)
+            t1 = time.perf_counter_ns()
             while (c := backend.pop()) is not None:
-                backend.push(c.head, 4096 * pages + 1)
+                backend.push(c.head, 1 if write else 4096 * pages + 1)
+            t2 = time.perf_counter_ns()
             dp.used(0)
+            if spent is not None:
+                spent.append(t1 - t0 + time.perf_counter_ns() - t2)
             if len(drv.get_used()) != depth:
                 raise RuntimeError("the shadow engine lost a chain")
             done += depth
@@ -290,16 +298,30 @@ def engine(n: int, depth: int = ENGINE_QD, pages: int = 1) -> int:
         os.close(kick)
 
 
-def shadow_figures(n: int, tmp: str, depth: int = ENGINE_QD, pages: int = 1) -> dict[str, float]:
+def engine_wall(n: int, depth: int, pages: int, write: bool, runs: int = 5) -> dict[str, float]:
+    """The shadow engine's own time per request (``notify`` + ``used``, in this process, no
+    valgrind), the best of ``runs`` runs of ``n`` requests: a machine's load moves it less than
+    the fio figures, more than instructions."""
+    best = float("inf")
+    for _ in range(runs):
+        spent: list[int] = []
+        done = engine(n, depth, pages, write=write, spent=spent)
+        best = min(best, sum(spent) / done / 1000)
+    what = ("4k" if pages == 1 else f"{4 * pages}k") + (" write" if write else " read")
+    return {f"shadow engine us per {what} request (QD{depth}, best of {runs})": best}
+
+
+def shadow_figures(n: int, tmp: str, depth: int = ENGINE_QD, pages: int = 1, write: bool = False) -> dict[str, float]:
     totals = []
     for count in (0, n):
         out = os.path.join(tmp, f"engine-{count}.out")
         subprocess.run([*_valgrind(out), "-m", "xen_vhost_sim.tools.bench_instr", "--engine-child", str(count),
-                        "--depth", str(depth), "--pages", str(pages)],
+                        "--depth", str(depth), "--pages", str(pages), *(["--write"] if write else [])],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         totals.append(callgrind_total(out))
     n = -(-n // depth) * depth
-    what = "4k request" if pages == 1 else f"{4 * pages}k request of {pages} pages"
+    what = ("4k" if pages == 1 else f"{4 * pages}k") + (" write" if write else "") + " request" + \
+        ("" if pages == 1 else f" of {pages} pages")
     return {f"shadow engine instructions per {what} (QD{depth})": (totals[1] - totals[0]) / n}
 
 
@@ -313,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"shadow engine queue depth: chains per notify (default {ENGINE_QD}, at most 64)")
     p.add_argument("--pages", type=int, default=1,
                    help="shadow engine request size in 4 KiB pages (more than 1: an indirect table, as Linux sends)")
+    p.add_argument("--write", action="store_true", help="shadow engine: write requests (the data device-readable)")
+    p.add_argument("--wall", action="store_true",
+                   help="shadow engine: its time per request in this process instead of instructions (no valgrind)")
     p.add_argument("--out", help="also write the figures as JSON to this file")
     p.add_argument("--engine-child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--kernel-child", type=int, help=argparse.SUPPRESS)
@@ -320,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.engine_child is not None:
-        engine(args.engine_child, args.depth, args.pages)
+        engine(args.engine_child, args.depth, args.pages, write=args.write)
         return 0
     if args.kernel_child is not None:
         kernel_child(args.kernel_child, args.bare)
@@ -328,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.vcpu_child is not None:
         asyncio.run(vcpu_child(args.vcpu_child))
         return 0
-    if shutil.which(VALGRIND) is None:
+    if args.wall and args.only != "shadow":
+        p.error("--wall times the shadow engine: give --only shadow")
+    if shutil.which(VALGRIND) is None and not args.wall:
         p.error("valgrind not found (Debian: apt install valgrind)")
     if args.n <= 0 or args.requests <= 0:
         p.error("-n and --requests must be positive")
@@ -337,20 +364,29 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.pages <= 128:
         p.error("--pages must be 1 to 128")
     figures: dict[str, Any] = {}
+    if args.wall:
+        figures.update(engine_wall(args.requests, args.depth, args.pages, args.write))
+    else:
+        figures.update(instruction_figures(args))
+    for name, value in figures.items():
+        print(f"{name:<52} {value:>10,.1f}" if args.wall else f"{name:<52} {value:>10,.0f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(figures, indent=1))
+    return 0
+
+
+def instruction_figures(args: argparse.Namespace) -> dict[str, float]:
+    figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="xvm-instr-") as tmp:
         if args.only in (None, "shadow"):
-            figures.update(shadow_figures(args.requests, tmp, args.depth, args.pages))
+            figures.update(shadow_figures(args.requests, tmp, args.depth, args.pages, args.write))
         if args.only in (None, "ioreq"):
             figures.update(asyncio.run(ioreq_figures(args.n, tmp)))
         if args.only in (None, "kernel"):
             figures.update(kernel_figures(args.n, tmp))
         if args.only in (None, "vcpu"):
             figures.update(vcpu_figures(args.n, tmp))
-    for name, value in figures.items():
-        print(f"{name:<52} {value:>10,.0f}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(figures, indent=1))
-    return 0
+    return figures
 
 
 if __name__ == "__main__":
