@@ -29,12 +29,14 @@ from __future__ import annotations
 import array
 import ctypes
 import errno
+import functools
 import logging
 import mmap
 import os
 import select
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -563,6 +565,9 @@ class SimKernel:
         if node.kind == "gntdev":
             return self._gntdev(node, request, addr)
         raise _err(errno.ENOTTY)
+
+    def prepare_ioctl(self, fd: int, request: int, arg: IoctlArg) -> Callable[[], int]:
+        return functools.partial(self.ioctl, fd, request, arg)
 
     def _struct(self, cls: type[ctypes.Structure], addr: int, own: _Own = None) -> Any:
         return cls.from_buffer_copy(_arg_bytes(own, addr, ctypes.sizeof(cls)))

@@ -86,3 +86,29 @@ def test_real_kernel_ioctl_out_fields_land_in_every_kind_of_argument(no_fd_leak:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_real_kernel_prepared_ioctl_is_made_again_with_its_argument_as_it_is_then(no_fd_leak: None) -> None:
+    """prepare_ioctl (the IOREQ loop's NOTIFY): each call is the ioctl again, the answer landing
+    in the same argument; a bare address or none goes through libc as ioctl does."""
+    import termios
+
+    k = RealKernel()
+    r, w = os.pipe()
+    try:
+        count = ctypes.c_int(-1)
+        again = k.prepare_ioctl(r, termios.FIONREAD, count)
+        os.write(w, b"12345")
+        assert again() == 0 and count.value == 5
+        os.write(w, b"678")
+        assert again() == 0 and count.value == 8
+        assert k.read(r, 3) == b"123" and k.write(w, b"9") == 1  # (os.read and os.write themselves)
+        assert again() == 0 and count.value == 6
+        raw = ctypes.c_int(-1)
+        assert k.prepare_ioctl(r, termios.FIONREAD, ctypes.addressof(raw))() == 0 and raw.value == 6
+        with pytest.raises(OSError) as ei:
+            k.prepare_ioctl(r, termios.TCGETS, count)()  # a pipe is no terminal
+        assert ei.value.errno == errno.ENOTTY
+    finally:
+        os.close(r)
+        os.close(w)

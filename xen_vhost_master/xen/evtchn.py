@@ -4,8 +4,9 @@ each delivered port stays masked) and unmasked by writing them back. The fd work
 
 The IOREQ loop reads, unmasks and notifies once per guest access: for it, :attr:`EventChannel.read_ports`,
 :attr:`EventChannel.unmask_bytes` and :meth:`EventChannel.notifier` are the kernel calls prepared
-once (``functools.partial``: no Python frame of this module between the caller and the kernel),
-raising the kernel's :class:`OSError` as it is."""
+once (``functools.partial`` of the Kernel's read and write, and its ``prepare_ioctl``: on a real
+dom0 ``os.read``, ``os.write`` and ``fcntl.ioctl`` themselves, no Python frame between the caller
+and the kernel), raising the kernel's :class:`OSError` as it is."""
 
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ class EventChannel(XenDeviceFile):
     def notifier(self, port: int) -> Callable[[], int]:
         """:meth:`notify` of ``port`` as a prepared call, raising the kernel's OSError; valid
         while ``port`` stays bound and the fd open."""
-        return functools.partial(self.kernel.ioctl, self.fd, _NOTIFY, self._notify_arg(port))
+        return self.kernel.prepare_ioctl(self.fd, _NOTIFY, self._notify_arg(port))
 
     def _notify_arg(self, port: int) -> ioctl_evtchn_notify:
         arg = self._notify_args.get(port)

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import functools
 import mmap as _mmap
 import os
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 __all__ = [
@@ -199,6 +201,11 @@ class Kernel(Protocol):
 
     def ioctl(self, fd: int, request: int, arg: IoctlArg = None) -> int: ...
 
+    def prepare_ioctl(self, fd: int, request: int, arg: IoctlArg) -> Callable[[], int]:
+        """:meth:`ioctl` of ``fd``, ``request`` and ``arg`` as a call made again and again, with
+        ``arg`` as it is then (a hot path's NOTIFY): valid while ``fd`` stays open."""
+        ...
+
     def mmap(
         self, fd: int, length: int, prot: int = PROT_READ | PROT_WRITE, flags: int = MAP_SHARED, offset: int = 0
     ) -> Mapping: ...
@@ -230,6 +237,13 @@ class RealKernel:
             return int(ret)
         return int(fcntl.ioctl(fd, request, arg, True))
 
+    def prepare_ioctl(self, fd: int, request: int, arg: IoctlArg) -> Callable[[], int]:
+        """A ctypes argument's ioctl is ``fcntl.ioctl`` itself, prepared: no Python frame between
+        the caller (the IOREQ loop's NOTIFY) and the kernel."""
+        if arg is None or isinstance(arg, (int, bytearray)):
+            return functools.partial(self.ioctl, fd, request, arg)
+        return functools.partial(fcntl.ioctl, fd, request, arg, True)
+
     def mmap(
         self, fd: int, length: int, prot: int = PROT_READ | PROT_WRITE, flags: int = MAP_SHARED, offset: int = 0
     ) -> Mapping:
@@ -240,9 +254,8 @@ class RealKernel:
         libc_munmap(mapping.addr, mapping.length)
         mapping.closed = True
 
-    def read(self, fd: int, length: int) -> bytes:
-        return os.read(fd, length)
-
-    def write(self, fd: int, data: bytes) -> int:
-        return os.write(fd, data)
+    # os.read and os.write themselves: the IOREQ loop's evtchn read and unmask, prepared with
+    # functools.partial (xen/evtchn.py), then reach the kernel with no Python frame between.
+    read = staticmethod(os.read)
+    write = staticmethod(os.write)
 
