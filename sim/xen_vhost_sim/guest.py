@@ -225,11 +225,6 @@ def vcpu_channel_page() -> int:
 MAX_VCPU_HOLD = 60.0
 
 
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
 class SimGuestRam:
     """GuestRam over the (sim-only) RAM memfd of a domain."""
 
@@ -259,6 +254,12 @@ class _Route:
     rpage: mmap.mmap  # the route page (sim.vcpu_channel: the port's mask, the handler's counters)
     #: the dom0 kernel's ioeventfds on this vCPU's port: (QueueNotify address, addr_len, vq, eventfd)
     kevs: list[tuple[int, int, int, int]]
+    #: ``wake`` stays polled from one access to the next (SimGuest._route_woken reads it): an
+    #: access in progress, an event read for it and not yet looked at, the access's wait for one
+    polled: bool = False
+    active: bool = False
+    woken: bool = False
+    waiter: asyncio.Future[None] | None = None
 
     def close(self) -> None:
         self.slot = self.raw = None  # a view pins the mmap
@@ -348,7 +349,8 @@ class SimGuest:
         self._irqfds: dict[int, list[tuple[int, int]]] = {}
         self._irqfd_gen = -1
         self._irq_host_efd = -1
-        self._irqfd_readers: list[int] = []
+        self._irqfd_readers: list[int] = []  # the irqfds polled
+        self._irq_watched = False  # _irq_efd and the irqfds polled (from a wait_irq on)
         try:
             reply, fds = self._ctl.call({"op": "guest_ram", "domid": domid})
             banks = [(int(a), int(b)) for a, b in reply["banks"]]
@@ -402,16 +404,13 @@ class SimGuest:
         self._futs.clear()
         self._fail_fast_waits(ConnectionResetError("SimGuest closed"))
         for route in self._routes.values():
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(route.wake)
-            route.close()
+            self._drop_route(route)
         self._routes.clear()
+        self._unwatch_irqfds()
         if self._irq_efd >= 0:
-            if self._irq_waits and self._loop is not None and not self._loop.is_closed():
+            if self._irq_watched and self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(self._irq_efd)
-                for fd in self._irqfd_readers:
-                    self._loop.remove_reader(fd)
-            self._irqfd_readers = []
+            self._irq_watched = False
             self._irq_waits.clear()
             os.close(self._irq_efd)
             self._irq_efd = -1
@@ -543,7 +542,7 @@ class SimGuest:
     def _fetch_route(self, uid: int, vcpu: int, gen: int) -> _Route | None:
         old = self._routes.pop((uid, vcpu), None)
         if old is not None:
-            old.close()
+            self._drop_route(old)
         try:
             reply, fds = self._ctl.call({"op": "vcpu_server", "domid": self.domid, "uid": uid, "vcpu": vcpu})
         except SimHostError:
@@ -573,6 +572,62 @@ class SimGuest:
         self._routes[(uid, vcpu)] = route
         return route
 
+    def _drop_route(self, route: _Route) -> None:
+        if route.polled and self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(route.wake)
+        route.polled = False
+        route.close()
+
+    def _start_access(self, route: _Route) -> None:
+        """An access begins on ``route``: its events from now on are the access's. ``wake`` is
+        polled from the first access on, not set up and torn down per access (two epoll_ctl and
+        a poll handle each time, a third of the vCPU's cost per access)."""
+        route.active = True
+        route.woken = False  # (an event read before this access is not its answer)
+        if not route.polled:
+            assert self._loop is not None
+            self._loop.add_reader(route.wake, self._route_woken, route)
+            route.polled = True
+
+    def _route_woken(self, route: _Route) -> None:
+        """``route.wake`` readable: the device model's notify (or the host's, as the server goes).
+        With no access of ours in progress it is someone else's (the vCPU's port is shared by
+        every player of the vCPU: the host's own path, another SimGuest of the domain): the event
+        is given back and ``wake`` no longer polled until our next access."""
+        try:
+            os.eventfd_read(route.wake)
+        except BlockingIOError:
+            return
+        if not route.active:
+            os.eventfd_write(route.wake, 1)
+            assert self._loop is not None
+            self._loop.remove_reader(route.wake)
+            route.polled = False
+            return
+        route.woken = True
+        fut = route.waiter
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def _route_wait(self, route: _Route, timeout: float | None = None) -> None:
+        """Until ``route.wake`` has fired since ``route.woken`` was last cleared (or ``timeout``)."""
+        assert self._loop is not None
+        if route.woken:
+            return
+        fut: asyncio.Future[None] = self._loop.create_future()
+        route.waiter = fut
+        self._fast_waits.add(fut)
+        try:
+            if timeout is None:
+                await fut
+            else:
+                await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            route.waiter = None
+            self._fast_waits.discard(fut)
+
     async def _fast_mmio(self, uid: int, route: _Route, addr: int, size: int, write: bool, value: int, vcpu: int,
                          arm64: bool) -> int:
         """Hypervisor.mmio's claimed-access path, played by the vCPU itself (sim.vcpu_channel)."""
@@ -593,6 +648,7 @@ class SimGuest:
         chan = self._chan
         chan[busy] = 1
         stale: _Route | None = None
+        self._start_access(route)
         try:
             if kernel >= 0:
                 await self._kernel_notify(route, slot, addr, size, data, kernel)
@@ -613,19 +669,21 @@ class SimGuest:
                 started = self._routes.pop((uid, vcpu), None)  # (``route``: the vCPU's one at a time)
                 fresh = self._fetch_route(uid, vcpu, int(snap.gen_of(uid) or 0))
                 if fresh is not None and fresh.raw is not None:
+                    self._start_access(fresh)
                     os.eventfd_write(fresh.deliver, 1)
                     route = fresh
                     raw = fresh.raw
                     if started is not None:
-                        started.close()
+                        self._drop_route(started)
                 else:
                     stale = started
             data = await self._fast_wait(uid, route, raw)
         finally:
+            route.active = False
             if not chan.closed:  # (close() during the access)
                 chan[busy] = 0
             if stale is not None:
-                stale.close()  # (_fast_wait has unregistered its wake)
+                self._drop_route(stale)
         return 0 if write else (mask if data == -1 else data & mask)
 
     async def _kernel_notify(self, route: _Route, slot: ioreq_t, addr: int, size: int, data: int, efd: int) -> None:
@@ -637,26 +695,15 @@ class SimGuest:
         assert self._loop is not None
         rpage = route.rpage
         while rpage[vcpu_channel.ROUTE_MASKED]:
+            route.woken = False
             rpage[vcpu_channel.ROUTE_WAITING] = 1  # the SimKernel's unmask writes ``wake``
             if not rpage[vcpu_channel.ROUTE_MASKED]:
                 break
-            fut: asyncio.Future[None] = self._loop.create_future()
-            self._fast_waits.add(fut)
-            self._loop.add_reader(route.wake, _wake, fut)
-            try:  # bounded: the flag and the mask are written by two processes without a fence
-                await asyncio.wait_for(asyncio.shield(fut), UNMASK_LOOK)
-            except TimeoutError:
-                pass
-            finally:
-                if route.slot is not None:
-                    self._loop.remove_reader(route.wake)
-                self._fast_waits.discard(fut)
+            # bounded: the flag and the mask are written by two processes without a fence
+            await self._route_wait(route, UNMASK_LOOK)
             if route.slot is None:
                 raise ConnectionResetError("SimGuest closed")
-            try:
-                os.eventfd_read(route.wake)
-            except BlockingIOError:
-                pass
+        route.woken = False
         rpage[vcpu_channel.ROUTE_WAITING] = 0
         slot.addr, slot.data, slot.count, slot.size = addr, data, 1, size
         slot.type = IoreqType.COPY
@@ -671,9 +718,7 @@ class SimGuest:
 
     async def _fast_wait(self, uid: int, route: _Route, raw: memoryview) -> int:
         """Until the slot (``raw``) says IORESP_READY (data) or the server/domain is gone (-1: all-ones)."""
-        assert self._loop is not None and self._chan is not None
-        loop = self._loop
-        woken = False
+        assert self._chan is not None
         hold = self._hold
         while True:
             flags = raw[_FLAGS_OFF]
@@ -681,39 +726,22 @@ class SimGuest:
                 data: int = _DATA.unpack_from(raw, _DATA_OFF)[0]
                 raw[_FLAGS_OFF] = flags & _KEEP  # state NONE
                 return data
-            if woken:
+            if route.woken:
+                route.woken = False
                 snap = vcpu_channel.read_snapshot(self._chan)
                 while snap is None:  # the host is writing the page: a few instructions
                     await asyncio.sleep(0)
                     snap = vcpu_channel.read_snapshot(self._chan)
                 if snap.flags & vcpu_channel.FLAG_DYING or uid not in snap.live:
                     return -1  # the access completes as an unclaimed one (IoreqServer.close)
-                woken = False  # spurious (Xen keeps the vCPU blocked): wait again
-                continue
+                continue  # spurious (Xen keeps the vCPU blocked): wait again
             if hold:  # blocked once, then through the loop (the device model may be slow)
                 ready = select.select([route.wake], [], [], hold)[0]
                 hold = 0.0
                 if ready:
-                    try:
-                        os.eventfd_read(route.wake)
-                        woken = True
-                    except BlockingIOError:
-                        pass
+                    self._route_woken(route)
                     continue
-            fut: asyncio.Future[None] = loop.create_future()
-            self._fast_waits.add(fut)
-            loop.add_reader(route.wake, _wake, fut)
-            try:
-                await fut
-            finally:
-                if route.slot is not None:  # (close() has unregistered and closed it)
-                    loop.remove_reader(route.wake)
-                self._fast_waits.discard(fut)
-            try:
-                os.eventfd_read(route.wake)
-                woken = True
-            except BlockingIOError:
-                woken = False
+            await self._route_wait(route)
 
     def _irq_line(self, irq: int) -> int | None:
         """The page byte of ``irq``'s level, if the guest reads the line itself (sim.vcpu_channel)."""
@@ -735,10 +763,11 @@ class SimGuest:
             self._irq_host_efd = -1
 
     def _sync_irqfds(self, chan: mmap.mmap) -> None:
-        """Fetch the irqfds this guest may play again if the host's set changed (and none is polled now)."""
+        """Fetch the irqfds this guest may play again if the host's set changed."""
         gen = vcpu_channel.irqfd_gen(chan)
-        if gen == self._irqfd_gen or self._irqfd_readers:
+        if gen == self._irqfd_gen:
             return
+        self._unwatch_irqfds()
         self._close_irqfds()
         self._irqfd_gen = gen
         try:
@@ -753,6 +782,22 @@ class SimGuest:
         self._irq_host_efd = fds[0]
         for (irq, level), fd in zip(lines, fds[1:]):
             self._irqfds.setdefault(int(irq), []).append((int(level), fd))
+        if self._irq_watched:
+            self._watch_irqfds()
+
+    def _watch_irqfds(self) -> None:
+        """Poll the irqfds (the kernel's irqfd worker, :meth:`_irqfd_woken`)."""
+        assert self._loop is not None
+        for line, lst in self._irqfds.items():
+            for level, fd in lst:
+                self._loop.add_reader(fd, self._irqfd_woken, line, level, fd)
+                self._irqfd_readers.append(fd)
+
+    def _unwatch_irqfds(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            for fd in self._irqfd_readers:
+                self._loop.remove_reader(fd)
+        self._irqfd_readers = []
 
     def _irqfd_fire(self, irq: int, level: int, fd: int) -> bool:
         """The kernel's irqfd worker and the hypervisor's set_irq_level, if the eventfd was signalled:
@@ -803,12 +848,10 @@ class SimGuest:
             if self._chan[off]:
                 return
             fut: asyncio.Future[None] = self._loop.create_future()
-            if not self._irq_waits:
+            if not self._irq_watched:  # kept polled from one wait to the next: no poller set up per wait
+                self._irq_watched = True
                 self._loop.add_reader(self._irq_efd, self._irq_woken)
-                for line, lst in self._irqfds.items():
-                    for level, fd in lst:
-                        self._loop.add_reader(fd, self._irqfd_woken, line, level, fd)
-                        self._irqfd_readers.append(fd)
+                self._watch_irqfds()
             self._irq_waits.add(fut)
             self._fast_waits.add(fut)
             try:
@@ -816,17 +859,19 @@ class SimGuest:
             finally:
                 self._fast_waits.discard(fut)
                 self._irq_waits.discard(fut)
-                if not self._irq_waits and self._irq_efd >= 0 and not self._loop.is_closed():
-                    self._loop.remove_reader(self._irq_efd)
-                    for fd in self._irqfd_readers:
-                        self._loop.remove_reader(fd)
-                    self._irqfd_readers = []
 
     def _irq_woken(self) -> None:
         try:
             os.eventfd_read(self._irq_efd)
         except BlockingIOError:
-            pass
+            return
+        if not self._irq_waits:  # someone else's (as a route's event, _route_woken): given back,
+            os.eventfd_write(self._irq_efd, 1)  # and no longer polled until our next wait
+            assert self._loop is not None
+            self._loop.remove_reader(self._irq_efd)
+            self._unwatch_irqfds()
+            self._irq_watched = False
+            return
         for f in self._irq_waits:  # each re-reads its line
             if not f.done():
                 f.set_result(None)

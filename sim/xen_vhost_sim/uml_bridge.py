@@ -57,9 +57,9 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from vhost_user.aio.device import VhostUserDevice, Vring
 from vhost_user.aio.server import BackendServer
@@ -99,6 +99,29 @@ GRANT_AREA = 1 << 20  # the bridge's ring pages in grant mode (appended to UML's
 CONFIG_RETRIES = 100
 MMIO_TIMEOUT = 10.0
 KICK_VCPU, IRQ_VCPU = 0, 1
+T = TypeVar("T")
+
+
+def _expire(task: asyncio.Task[Any], expired: list[bool]) -> None:
+    expired[0] = True
+    task.cancel()
+
+
+async def _bounded(access: Awaitable[T]) -> T:
+    """``access``, TimeoutError if it takes more than MMIO_TIMEOUT: asyncio.timeout's effect with
+    one timer and no context manager (a third of its cost; three of them per guest request)."""
+    task = asyncio.current_task()
+    assert task is not None
+    expired = [False]
+    handle = asyncio.get_running_loop().call_later(MMIO_TIMEOUT, _expire, task, expired)
+    try:
+        return await access
+    except asyncio.CancelledError:
+        if expired[0] and task.uncancel() == 0:
+            raise TimeoutError(f"MMIO access not answered in {MMIO_TIMEOUT} s") from None
+        raise
+    finally:
+        handle.cancel()
 
 
 class UmlBridgeError(Exception):
@@ -394,14 +417,12 @@ class UmlBridge:
     async def _read(self, reg: int, size: int = 4, vcpu: int = KICK_VCPU) -> int:
         assert self.guest is not None
         self.stats.mmio += 1
-        async with asyncio.timeout(MMIO_TIMEOUT):  # cheaper than wait_for: no task per access
-            return await self.guest.mmio_read(self.base + reg, size, vcpu)
+        return await _bounded(self.guest.mmio_read(self.base + reg, size, vcpu))
 
     async def _write(self, reg: int, value: int, size: int = 4, vcpu: int = KICK_VCPU) -> None:
         assert self.guest is not None
         self.stats.mmio += 1
-        async with asyncio.timeout(MMIO_TIMEOUT):
-            await self.guest.mmio_write(self.base + reg, size, value, vcpu)
+        await _bounded(self.guest.mmio_write(self.base + reg, size, value, vcpu))
 
     async def _set_status(self, bits: int) -> None:
         self._status = bits

@@ -100,3 +100,29 @@ async def test_a_handed_over_line_keeps_the_dm_op_checks(sim_process: tuple[str,
             dm.dm.set_irq_level(IRQ, 1)
         assert exc.value.errno == errno.EPERM
         assert not guest.irq_level(IRQ)
+
+
+@pytest.mark.asyncio
+async def test_two_guests_of_one_domain_each_see_the_interrupts_they_wait_for(sim_process: tuple[str, int]) -> None:
+    """The domain's asserted-line events are one eventfd every guest of the domain polls, and a
+    guest keeps polling it from one wait to the next: one that is not waiting gives back the
+    event it read, so the guest that waits is woken."""
+    path, _pid = sim_process
+    async with dm_and_guest(path) as (dm, guest):
+        other = await SimGuest.connect(path, DOMID)
+        try:
+            await dm.drain()
+            await round_trip(guest, dm)
+            dm.dm.set_irq_level(IRQ, 1)  # (the first change hands the line over)
+            dm.dm.set_irq_level(IRQ, 0)
+            for _ in range(5):
+                for who in (guest, other):
+                    waiter = asyncio.ensure_future(who.wait_irq(IRQ))
+                    await round_trip(guest, dm)
+                    assert not waiter.done()
+                    dm.dm.set_irq_level(IRQ, 1)
+                    await asyncio.wait_for(waiter, TIMEOUT)
+                    dm.dm.set_irq_level(IRQ, 0)
+                    await round_trip(guest, dm)  # (the other's loop runs meanwhile)
+        finally:
+            other.close()

@@ -381,3 +381,42 @@ async def test_a_held_vcpu_whose_answer_takes_longer_waits_on_through_the_event_
             guest.close()
     with pytest.raises(ValueError, match="vcpu_hold"):
         SimGuest(sim_host.path, domid, vcpu_hold=-1.0)
+
+
+@pytest.mark.asyncio
+async def test_the_players_of_one_vcpu_take_turns_each_answered_and_its_wake_polled_once(
+    sim_host: SimHost, sim_control: SimControl, kernel: SimKernel
+) -> None:
+    """Two guests of one domain on its vCPU channel and one on the host's path take turns on
+    vCPU 0, whose port (and the eventfd its notify writes) they share: each access gets its own
+    answer. A guest keeps its route's eventfd polled from one access to the next (not a poller
+    set up and torn down per access) and gives back an event that came while none of its accesses
+    was in progress: the others' answers are not lost to it."""
+    async with guest_and_dm(sim_host, sim_control, kernel) as (domid, guest, dm):
+        other = await SimGuest.connect(sim_host.path, domid)
+        via_host = await SimGuest.connect(sim_host.path, domid, vcpu_channel=False)
+        loop = asyncio.get_running_loop()
+        polled: list[int] = []
+        add_reader = loop.add_reader
+
+        def counting(fd: int, *args: object) -> None:
+            polled.append(fd)
+            add_reader(fd, *args)
+
+        try:
+            await dm.drain()
+            loop.add_reader = counting  # type: ignore[method-assign]
+            for i in range(40):
+                read = asyncio.ensure_future(guest.mmio_read(BASE, 4))
+                await dm.serve_one(i)
+                assert await asyncio.wait_for(read, TIMEOUT) == i
+            assert len(polled) == 1  # its route's wake, once for 40 accesses
+            for i in range(6):
+                for who in (guest, other, via_host):
+                    read = asyncio.ensure_future(who.mmio_read(BASE + 4, 4))
+                    await dm.serve_one(100 + i)
+                    assert await asyncio.wait_for(read, TIMEOUT) == 100 + i
+        finally:
+            loop.add_reader = add_reader  # type: ignore[method-assign]
+            other.close()
+            via_host.close()
