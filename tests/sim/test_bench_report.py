@@ -133,6 +133,11 @@ def test_the_report_gives_the_rss_parts_of_the_peak_and_reads_results_without_th
     rows = bench.report_daemon_rows({"relayed_shadow": dm}, fio_time=4)
     parts = {r[0]: r[2]["median"] for r in rows if "of which" in r[0]}
     assert parts == {"  of which anon": 20.0, "  of which file": 14.0, "  of which shmem": 1.0}
+    assert not [r for r in rows if "guest side" in r[0]]  # (no figure: no row)
+    dm["guest_cpu_s_per_run"] = [2.5, 3.5, 3.0]
+    rows = bench.report_daemon_rows({"relayed_shadow": dm}, fio_time=4)
+    guest = [(r[0], r[2]["median"]) for r in rows if "guest side" in r[0]]
+    assert guest == [("  simulated guest side CPU, same runs (relayed_shadow)", 3.0)]
 
 
 def test_byte_compile_writes_the_bytecode_of_a_package_where_it_is_imported_from(
