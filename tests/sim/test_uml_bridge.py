@@ -121,3 +121,27 @@ async def test_bridge_makes_the_peer_memory_a_domain_and_refuses_an_empty_window
         _end(child)
     with pytest.raises(SimHostError):
         sim_control.domain_info(domid)  # destroyed with the bridge
+
+
+@pytest.mark.asyncio
+async def test_a_bridge_access_is_bounded_and_an_outside_cancel_stays_a_cancel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bridge's MMIO accesses end with TimeoutError after MMIO_TIMEOUT if the device model never
+    answers (the bridge reports it instead of hanging UML); one answered in time returns its value,
+    and a cancel from outside (the bridge closing) is not turned into a timeout."""
+    import asyncio
+
+    from xen_vhost_sim import uml_bridge
+
+    monkeypatch.setattr(uml_bridge, "MMIO_TIMEOUT", 0.05)
+    loop = asyncio.get_running_loop()
+    answered: asyncio.Future[int] = loop.create_future()
+    loop.call_soon(answered.set_result, 7)
+    assert await uml_bridge._bounded(answered) == 7
+    with pytest.raises(TimeoutError, match="not answered"):
+        await uml_bridge._bounded(loop.create_future())  # never answered: the timer ends it
+    monkeypatch.setattr(uml_bridge, "MMIO_TIMEOUT", 60.0)
+    task = asyncio.ensure_future(uml_bridge._bounded(loop.create_future()))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
