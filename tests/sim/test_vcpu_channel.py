@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -399,18 +400,19 @@ async def test_the_players_of_one_vcpu_take_turns_each_answered_and_its_wake_pol
         polled: list[int] = []
         add_reader = loop.add_reader
 
-        def counting(fd: int, *args: object) -> None:
+        def counting(fd: int, *args: Any) -> None:
             polled.append(fd)
             add_reader(fd, *args)
 
         try:
             await dm.drain()
-            loop.add_reader = counting  # type: ignore[method-assign]
+            loop.add_reader = counting  # type: ignore[method-assign,assignment]
             for i in range(40):
                 read = asyncio.ensure_future(guest.mmio_read(BASE, 4))
                 await dm.serve_one(i)
                 assert await asyncio.wait_for(read, TIMEOUT) == i
-            assert len(polled) == 1  # its route's wake, once for 40 accesses
+            wakes = {route.wake for route in guest._routes.values()}  # (the device model polls its evtchn too)
+            assert len([fd for fd in polled if fd in wakes]) == 1  # its route's wake, once for 40 accesses
             for i in range(6):
                 for who in (guest, other, via_host):
                     read = asyncio.ensure_future(who.mmio_read(BASE + 4, 4))
