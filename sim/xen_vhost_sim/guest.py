@@ -648,8 +648,8 @@ class SimGuest:
         chan = self._chan
         chan[busy] = 1
         stale: _Route | None = None
-        self._start_access(route)
         try:
+            self._start_access(route)
             if kernel >= 0:
                 await self._kernel_notify(route, slot, addr, size, data, kernel)
                 return 0
