@@ -24,11 +24,13 @@ Output of each peer goes to ``<name>.log`` in the test's directory (no pipes to 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import ctypes
 import itertools
 import logging
 import os
+import platform
 import re
 import shutil
 import signal
@@ -48,9 +50,11 @@ __all__ = [
     "Peers",
     "QsdPeer",
     "UmlRun",
+    "build_c",
     "require_binary",
     "uml_modules_dir",
     "socket_listening",
+    "uml_preload",
     "READY_TIMEOUT",
     "STOP_TIMEOUT",
     "UML_TIMEOUT",
@@ -83,6 +87,8 @@ TESTPMD_FORWARDING_LOG: Final = r"packet forwarding(?: with retry)? packets/burs
 UML: Final = "linux.uml"
 UML_MODULES_ROOT: Final = Path("/usr/lib/uml/modules")
 UML_INIT: Final = Path(__file__).with_name("uml_init.sh")
+#: Preloaded into every linux.uml on x86-64: its FPU state buffer fits no AVX-512 or AMX host (the file says why).
+UML_XSTATE: Final = Path(__file__).with_name("uml_xstate.c")
 
 _counter = itertools.count()
 
@@ -94,6 +100,36 @@ def _die_with_parent() -> None:
     """In the child before exec: SIGKILL us if the test process dies without cleaning up
     (e.g. pytest itself killed), so no peer outlives its test run."""
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+_built: dict[Path, Path] = {}
+
+
+def build_c(source: Path, *, shared: bool = False) -> Path:
+    """``source`` (a C file of tests/peers) compiled once per process with the system's gcc: a
+    program, or with ``shared`` a library to preload; the build directory is removed at exit."""
+    out = _built.get(source)
+    if out is not None and out.exists():
+        return out
+    cc = require_binary("gcc")
+    build = Path(tempfile.mkdtemp(prefix="xvm-peers-cc-"))
+    atexit.register(shutil.rmtree, build, True)
+    out = build / (source.stem + (".so" if shared else ""))
+    flags = ["-shared", "-fPIC"] if shared else []
+    done = subprocess.run([cc, "-O2", "-Wall", "-Werror", "-pthread", *flags, "-o", str(out), str(source), "-ldl"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{cc} {source.name} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    _built[source] = out
+    return out
+
+
+def uml_preload() -> dict[str, str]:
+    """The environment linux.uml runs with: tests/peers/uml_xstate.c preloaded on x86-64 (UML
+    runs there only), before whatever LD_PRELOAD the tests run with."""
+    if platform.machine() != "x86_64":
+        return {}
+    return {"LD_PRELOAD": " ".join(filter(None, (str(build_c(UML_XSTATE, shared=True)), os.environ.get("LD_PRELOAD"))))}
 
 
 class PeerDied(RuntimeError):
@@ -426,7 +462,7 @@ class Peers:
             *(f"{k}={v}" for k, v in params.items()),
         ]
         # UML keeps its "physical memory" in a file under TMPDIR: keep it in the test directory.
-        env_os = {**os.environ, "TMPDIR": str(uml_dir)}
+        env_os = {**os.environ, "TMPDIR": str(uml_dir), **uml_preload()}
         return UmlRun(self.start("uml", argv, env=env_os))
 
 

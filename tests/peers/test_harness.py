@@ -8,11 +8,12 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.peers import programs
-from tests.peers.harness import PeerDied, Peers, socket_listening
+from tests.peers.harness import PeerDied, Peers, build_c, socket_listening
 
 
 def gone(pid: int) -> bool:
@@ -113,6 +114,27 @@ async def test_uml_boot_recipe_against_qemu_storage_daemon(peers: Peers, tmp_pat
     with open(qsd.image, "rb") as f:
         f.seek(8 * 512)
         assert f.read(len(pattern)) == pattern
+
+
+@pytest.mark.peer
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_uml_guest_threads_keep_their_vector_registers(peers: Peers) -> None:
+    """Two threads of one UML guest process each hold a pattern in the CPU's widest vector register
+    (zmm31 with AVX-512, else ymm15) across 3,000 system calls that switch to the other thread and
+    spins UML's timer may cut (tests/peers/uml_fpu_check.c): every round finds its own pattern.
+    On an AVX-512 or AMX host UML itself cannot restore a guest's FPU state (its buffer is the
+    size of an AVX-only XSAVE area): tests/peers/uml_xstate.c, which the harness preloads, keeps
+    the rest per thread. Without it no guest process runs there; with the rest not kept, every
+    round of this check finds zmm31 reset."""
+    check = build_c(Path(__file__).with_name("uml_fpu_check.c"))
+    qsd = peers.qsd_raw(size=1 << 20)
+    run = peers.uml(qsd.sock, mode="probe", env={"UMLT_EXEC": str(check)})
+    verdicts = await run.finish(timeout=40)
+    tail = run.process.log_tail(40)
+    assert "DONE 0" in verdicts and run.value("EXEC-RC") == "0", tail
+    fpu = run.value("FPU")
+    assert fpu is not None and (fpu == "none: the CPU has no AVX" or fpu.endswith("threads=2 rounds=3000 mismatches=0")), tail
 
 
 @pytest.mark.parametrize(("release", "package"), [("bookworm", "qemu-system-common"), ("trixie", "qemu-utils")])

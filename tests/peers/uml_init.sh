@@ -20,6 +20,8 @@
 #                 numjobs) and print "FIO <rep> <job> <terse v3 line>"; with UMLT_FIO_OUTPUT=json,
 #                 "FIOJ <rep> <job> <one-line JSON>" instead: fio's JSON output (read and write
 #                 sections: iops, bw_bytes, io_bytes, runtime ms, clat percentiles ns) condensed.
+#   UMLT_EXEC     (any mode) a host program run once the device is up: each line it prints becomes
+#                 a verdict, then "EXEC-RC <its exit status>".
 # Every verdict is one console line starting with "UMLT:"; the host reads the console.
 # Always ends with poweroff -f, whatever happened.
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -66,6 +68,12 @@ if [ "$UMLT_MODE" = net ]; then
 else
     load_blk
     say "SECTORS $(cat /sys/block/vda/size)"
+fi
+if [ -n "$UMLT_EXEC" ]; then
+    "$UMLT_EXEC" > $S/exec.out 2>&1
+    rc=$?
+    while IFS= read -r line; do say "$line"; done < $S/exec.out
+    say "EXEC-RC $rc"
 fi
 
 # blk_rw SECTOR: the pattern written at SECTOR with O_DIRECT, read back, compared; 0 if equal.
