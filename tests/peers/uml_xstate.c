@@ -25,6 +25,7 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ptrace.h>
@@ -66,7 +67,12 @@ static struct slot *slot_of(void *uml, int create)
 			return &slots[i];
 		}
 	}
-	return NULL;  /* full: the caller falls back to a scratch area */
+	static int warned;  /* full: the caller falls back to a scratch area, said once in UML's log */
+	if (!warned) {
+		warned = 1;
+		fprintf(stderr, "uml_xstate: more than %d guest threads: the AVX-512/AMX state of new ones is not kept\n", SLOTS);
+	}
+	return NULL;
 }
 
 static long xstate(enum __ptrace_request req, pid_t pid, struct iovec *iov)
