@@ -61,8 +61,11 @@ class XenRamDiskBlk(RamDiskBlk):
         self._limit = RateLimit(time.monotonic)  # a guest granting read-only on purpose must not flood the log
 
     def handle_request(self, chain: Any, read_buffers: Any, write_buffers: Any) -> int:
+        mapper = self.release_mapper
         try:
-            for buf in chain.writable:
+            # Only grant regions can be read-only: with none mapped (a guest's RAM through
+            # privcmd), a request's buffers are not looked at twice (a view each: 256 per 1 MiB).
+            for buf in chain.writable if mapper is None or mapper.grants else ():
                 try:
                     with self.memory.view(buf.addr, buf.length) as view:
                         read_only = view.readonly
@@ -79,8 +82,8 @@ class XenRamDiskBlk(RamDiskBlk):
                     return 0
             return super().handle_request(chain, read_buffers, write_buffers)
         finally:
-            if self.release_mapper is not None:
-                self.release_mapper.release()
+            if mapper is not None:
+                mapper.release()
 
 
 def main(argv: list[str] | None = None, platform: Platform | None = None) -> int:

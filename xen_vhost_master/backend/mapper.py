@@ -81,6 +81,9 @@ class XenRegionMapper:
         self.kernel = kernel
         self.no_advance = no_advance
         self.on_demand: list[OnDemandGrantBacking] = []  # live on-demand regions (see release())
+        #: A GRANT region was mapped: guest memory may be read-only here (a grant the guest gave
+        #: read-only); FOREIGN and UNIX regions are always mapped writable.
+        self.grants = False
 
     def __call__(self, region: XenMemoryRegion, fd: int) -> XenBacking:
         flags = XenMmapFlags(region.xen_mmap_flags)
@@ -94,6 +97,8 @@ class XenRegionMapper:
             )
         if kind == XenMmapFlags.FOREIGN:
             return ForeignBacking(self.kernel, region, fd)
+        if kind == XenMmapFlags.GRANT:
+            self.grants = True
         if kind == XenMmapFlags.GRANT and flags & self.no_advance:
             backing = OnDemandGrantBacking(self.kernel, region, fd)
             self.on_demand = [b for b in self.on_demand if not b.memory.closed] + [backing]
