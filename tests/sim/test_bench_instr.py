@@ -17,6 +17,12 @@ def test_the_counted_shadow_engine_loop_serves_whole_batches() -> None:
     assert len(spent) == 2 and all(ns > 0 for ns in spent)  # one notify + used per batch, timed
 
 
+def test_the_counted_ram_disk_loop_serves_every_read_whole(no_fd_leak: None) -> None:
+    # (the bytes written into the guest's buffers: data and the status byte, every request)
+    assert bench_instr.backend(3, pages=1) == 3 * (4096 + 1)
+    assert bench_instr.backend(2, pages=128) == 2 * (128 * 4096 + 1)
+
+
 def test_the_wall_figure_is_the_engine_time_per_request(capsys) -> None:
     assert bench_instr.main(["--only", "shadow", "--wall", "--requests", "8", "--depth", "4", "--pages", "2"]) == 0
     name, value = capsys.readouterr().out.rsplit(maxsplit=1)

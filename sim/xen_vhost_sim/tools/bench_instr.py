@@ -20,6 +20,10 @@ and divides the difference by ``n``, so start-up and teardown cancel out:
   header, 4 KiB of data, a status byte) at QD 32 (``--depth``: another queue depth, e.g. 1: one
   chain per notify) → instructions per request, the guest driver's and the fake back-end's
   share included.
+* ``backend``: the real-Xen lab's Python RAM disk alone (``XenRamDiskBlk.handle_request`` as
+  ``python -m xen_vhost_master.backend.blk`` runs it: its ``XenRegionMapper``, no grant region),
+  guest memory a plain memfd region: read requests of ``--pages`` 4 KiB buffers, 8 KiB apart (as
+  Linux's virtio-blk sends a request whose pages are not contiguous) → instructions per request.
 
 Needs valgrind. SIM-ONLY numbers, like every benchmark here.
 """
@@ -311,6 +315,51 @@ def engine_wall(n: int, depth: int, pages: int, write: bool, runs: int = 5) -> d
     return {f"shadow engine us per {what} request (QD{depth}, best of {runs})": best}
 
 
+def backend(n: int, pages: int) -> int:
+    """``n`` virtio-blk reads of ``pages`` 4 KiB buffers through ``XenRamDiskBlk.handle_request``
+    (the lab's pyblk, with the mapper ``backend.blk.main`` gives it); returns the bytes it wrote
+    into the guest's buffers (data and status), all requests together."""
+    from vhost_user import MemoryRegion
+    from vhost_user.virtqueue import Buffer, Chain, read_buffers, write_buffers
+
+    from xen_vhost_master.backend.blk import XenRamDiskBlk
+    from xen_vhost_master.backend.mapper import XenRegionMapper
+    from xen_vhost_master.xen.kernel import RealKernel
+
+    size = 8192 * (pages + 1)
+    disk = XenRamDiskBlk(max(1 << 20, 4096 * pages))
+    disk.xen_mapper = disk.release_mapper = XenRegionMapper(RealKernel())
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        disk.memory.add(MemoryRegion(0, size, 0x7000_0000, 0), fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        disk.memory.write(0, struct.pack("<IIQ", 0, 0, 0))  # VIRTIO_BLK_T_IN at sector 0
+        chain = Chain(0, [Buffer(0, 16)], [*(Buffer(8192 * (i + 1), 4096) for i in range(pages)), Buffer(64, 1)])
+        served = 0
+        for _ in range(n):
+            written = disk.handle_request(chain, read_buffers, write_buffers)
+            if written != 4096 * pages + 1:
+                raise RuntimeError(f"the RAM disk served {written} of a read's {4096 * pages + 1} bytes")
+            served += written
+        return served
+    finally:
+        disk.memory.clear()
+
+
+def backend_figures(n: int, tmp: str, pages: int) -> dict[str, float]:
+    totals = []
+    for count in (0, n):
+        out = os.path.join(tmp, f"backend-{count}.out")
+        subprocess.run([*_valgrind(out), "-m", "xen_vhost_sim.tools.bench_instr", "--backend-child", str(count),
+                        "--pages", str(pages)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        totals.append(callgrind_total(out))
+    return {f"RAM disk (pyblk) instructions per {4 * pages}k read of {pages} buffers": (totals[1] - totals[0]) / n}
+
+
 def shadow_figures(n: int, tmp: str, depth: int = ENGINE_QD, pages: int = 1, write: bool = False) -> dict[str, float]:
     totals = []
     for count in (0, n):
@@ -328,7 +377,7 @@ def shadow_figures(n: int, tmp: str, depth: int = ENGINE_QD, pages: int = 1, wri
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m xen_vhost_sim.tools.bench_instr", description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=("ioreq", "kernel", "vcpu", "shadow"), help="one group of figures")
+    p.add_argument("--only", choices=("ioreq", "kernel", "vcpu", "shadow", "backend"), help="one group of figures")
     p.add_argument("-n", type=int, default=5000, help="MMIO reads (relay round trips: n/5)")
     p.add_argument("--requests", type=int, default=3200, help="shadow engine requests")
     p.add_argument("--depth", type=int, default=ENGINE_QD,
@@ -340,12 +389,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="shadow engine: its time per request in this process instead of instructions (no valgrind)")
     p.add_argument("--out", help="also write the figures as JSON to this file")
     p.add_argument("--engine-child", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--backend-child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--kernel-child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--vcpu-child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.engine_child is not None:
         engine(args.engine_child, args.depth, args.pages, write=args.write)
+        return 0
+    if args.backend_child is not None:
+        backend(args.backend_child, args.pages)
         return 0
     if args.kernel_child is not None:
         kernel_child(args.kernel_child, args.bare)
@@ -380,6 +433,8 @@ def instruction_figures(args: argparse.Namespace) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="xvm-instr-") as tmp:
         if args.only in (None, "shadow"):
             figures.update(shadow_figures(args.requests, tmp, args.depth, args.pages, args.write))
+        if args.only in (None, "backend"):
+            figures.update(backend_figures(max(1, args.requests // 10), tmp, args.pages))
         if args.only in (None, "ioreq"):
             figures.update(asyncio.run(ioreq_figures(args.n, tmp)))
         if args.only in (None, "kernel"):
