@@ -37,6 +37,7 @@ from ..aio.device import VhostUserDevice, Vring
 from ..aio.server import serve_unix
 from ..aio.transport import UnixListener
 from ..errors import VhostUserError
+from ..virtqueue import Buffer, read_buffers, read_into, write_buffers
 from ..wire.enums import ProtocolFeatures, VirtioFeatures
 
 __all__ = [
@@ -164,8 +165,6 @@ class RamDiskBlk(VhostUserDevice):
 
     # -- data path ---------------------------------------------------------------------
     def handle_kick(self, vring: Vring) -> None:
-        from ..virtqueue import read_buffers, write_buffers
-
         queue = vring.split_queue()
         while True:
             chain = queue.pop()
@@ -230,8 +229,6 @@ class RamDiskBlk(VhostUserDevice):
         (xen_vhost_master/backend/blk.py). Data moves between the guest's buffers and the disk
         in one copy (a 1 MiB request under TCG in the real-Xen lab spent most of its time in
         the three or four copies through bytes objects it took before)."""
-        from ..virtqueue import Buffer, read_into
-
         mem = self.memory
         header = read_buffers(mem, chain.readable, _REQ_HDR.size)
         writable_len = sum(b.length for b in chain.writable)
