@@ -103,20 +103,14 @@ static long xstate(enum __ptrace_request req, pid_t pid, struct iovec *iov)
 		memcpy(iov->iov_base, whole.iov_base, len);
 		return ret;  /* iov_len stays UML's: what it asked for was filled */
 	}
-	unsigned char *area = s != NULL ? s->area : scratch;
-	if (s == NULL) {  /* never read: the components beyond UML's bytes start from their init state */
-		memset(scratch, 0, host_size);
-		memcpy(scratch, iov->iov_base, len);
-		if (len >= XSTATE_BV_OFFSET + 8) {
-			uint64_t bv;
-			memcpy(&bv, scratch + XSTATE_BV_OFFSET, sizeof(bv));
-			bv &= len >= 832 ? 0x7 : 0x3;  /* x87, SSE, and AVX when UML's buffer holds it */
-			memcpy(scratch + XSTATE_BV_OFFSET, &bv, sizeof(bv));
-		}
-	} else {
-		memcpy(area, iov->iov_base, len);
+	whole.iov_base = s != NULL ? s->area : memset(scratch, 0, host_size);
+	memcpy(whole.iov_base, iov->iov_base, len);
+	if (s == NULL && len >= XSTATE_BV_OFFSET + 8) {  /* never read: the rest from its init state */
+		uint64_t bv;
+		memcpy(&bv, scratch + XSTATE_BV_OFFSET, sizeof(bv));
+		bv &= len >= 832 ? 0x7 : 0x3;  /* x87, SSE, and AVX when UML's buffer holds it */
+		memcpy(scratch + XSTATE_BV_OFFSET, &bv, sizeof(bv));
 	}
-	whole.iov_base = area;
 	return real_ptrace(req, pid, (void *)(uintptr_t)NT_X86_XSTATE, &whole);
 }
 
