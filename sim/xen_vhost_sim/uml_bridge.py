@@ -99,6 +99,9 @@ GRANT_AREA = 1 << 20  # the bridge's ring pages in grant mode (appended to UML's
 CONFIG_RETRIES = 100
 MMIO_TIMEOUT = 10.0
 KICK_VCPU, IRQ_VCPU = 0, 1
+# InterruptStatus bits as plain ints: ``int & IntFlag`` builds a new IntFlag through the enum
+# machinery (1.8 µs against 0.1, twice per interrupt on the bench's hot path).
+_USED_BUFFER, _CONFIG_CHANGE = int(Interrupt.USED_BUFFER), int(Interrupt.CONFIG_CHANGE)
 T = TypeVar("T")
 
 
@@ -662,14 +665,14 @@ class UmlBridge:
                     await asyncio.sleep(0)
                     continue
                 await self._write(MmioReg.INTERRUPT_ACK, status, vcpu=vcpu)
-                if status & Interrupt.USED_BUFFER and self.server is not None:
+                if status & _USED_BUFFER and self.server is not None:
                     for ring in list(self._rings.values()):
                         ring.complete()  # grant mode: the device's used entries to UML's rings
                     for vring in self.server.vrings:
                         if vring.started and vring.call_fd is not None:
                             self.stats.calls += 1
                             vring.call()
-                if status & Interrupt.CONFIG_CHANGE and self.server is not None:
+                if status & _CONFIG_CHANGE and self.server is not None:
                     await self.server.send_config_change()
         except (SimHostError, ConnectionError) as exc:
             if not isinstance(exc, SimHostError) or exc.errno != errno.ESRCH:

@@ -19,7 +19,9 @@
 #                 seconds on /dev/vda with UMLT_FIO_ENGINE (libaio, or psync: iodepth becomes
 #                 numjobs) and print "FIO <rep> <job> <terse v3 line>"; with UMLT_FIO_OUTPUT=json,
 #                 "FIOJ <rep> <job> <one-line JSON>" instead: fio's JSON output (read and write
-#                 sections: iops, bw_bytes, io_bytes, runtime ms, clat percentiles ns) condensed.
+#                 sections: iops, bw_bytes, io_bytes, runtime ms, clat percentiles ns) condensed,
+#                 each job announced first by "FIOS <rep> <job>" and a second with no I/O (the
+#                 bench reads its relay's counters in that gap: what each job cost, per I/O).
 #   UMLT_EXEC     (any mode) a host program run once the device is up: each line it prints becomes
 #                 a verdict, then "EXEC-RC <its exit status>".
 # Every verdict is one console line starting with "UMLT:"; the host reads the console.
@@ -154,6 +156,7 @@ fio)
             if [ "$UMLT_FIO_ENGINE" = psync ]; then par="--ioengine=psync --numjobs=$qd --group_reporting"
             else par="--ioengine=${UMLT_FIO_ENGINE:-libaio} --iodepth=$qd"; fi
             if [ "$UMLT_FIO_OUTPUT" = json ]; then
+                say "FIOS $r $job"; sleep 1
                 fio --name=j --filename=/dev/vda --direct=1 --rw="$rw" --bs="$bs" $par \
                     --runtime="${UMLT_FIO_TIME:-3}" --time_based --output-format=json --output=$S/fio.json \
                     2>$S/fio.err || { say "FAIL fio $job $(head -c 300 $S/fio.err | tr '\n' ' ')"; finish 1; }

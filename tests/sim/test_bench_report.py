@@ -33,6 +33,67 @@ def test_fio_json_lines_give_iops_and_true_megabytes_per_second() -> None:
     assert got["read_128k_qd4.clat_p99_us"] == [1000.0]
 
 
+def test_fio_json_lines_give_the_ios_each_job_completed() -> None:
+    side = {"iops": 1.0, "bw_bytes": 1, "io_bytes": 40 * 4096, "runtime_ms": 4000}
+    big = {**side, "io_bytes": 3 * 131072}
+    got = bench.parse_fio([f"FIOJ 1 randread:4k:1 {json.dumps({'read': side, 'write': side})}",
+                           f"FIOJ 1 read:128k:4 {json.dumps({'read': big, 'write': side})}"])
+    assert got["randread_4k_qd1.ios"] == [40.0] and got["read_128k_qd4.ios"] == [3.0]
+
+
+def test_job_marks_give_each_job_the_counters_between_its_two_lines(tmp_path: Path) -> None:
+    """The console log grows while the guest runs, a line may be cut between two looks; each job
+    gets the counters between its FIOS and its FIOJ line, whatever ran before or after."""
+    log = tmp_path / "uml.log"
+    log.write_bytes(b"")
+    counters = {"mmio": 0, "notifies": 0, "interrupts": 0}
+    marks = bench.JobMarks(log, lambda: dict(counters))
+
+    def grow(text: bytes, mmio: int) -> None:
+        with open(log, "ab") as f:
+            f.write(text)
+        marks.look()
+        counters["mmio"] += mmio  # what the relay counted after this look, before the next
+        counters["notifies"] += mmio // 3
+        counters["interrupts"] += mmio // 3
+
+    grow(b"[    0.1] boot\r\nUMLT: BOOTED\n", 7)  # boot I/O: nobody's job
+    grow(b"UMLT: FIOS 1 randread:4k:1\nUMLT: FI", 300)  # the first job's I/O; a line cut short
+    grow(b"OJ 1 randread:4k:1 {\"read\": {}}\n", 0)
+    grow(b"UMLT: FIOS 1 randread:4k:32\n", 60)
+    grow(b"UMLT: FIOJ 1 randread:4k:32 {}\nUMLT: FIOS 1 read:128k:4\n", 30)
+    grow(b"UMLT: FIOJ 1 read:128k:4 {}\nUMLT: DONE 0\n", 5)  # after the last job: not its
+    assert marks.jobs == {"randread:4k:1": {"mmio": 300, "notifies": 100, "interrupts": 100},
+                          "randread:4k:32": {"mmio": 60, "notifies": 20, "interrupts": 20},
+                          "read:128k:4": {"mmio": 30, "notifies": 10, "interrupts": 10}}
+
+
+def _job_res(direct_iops: float, relayed_iops: float, ios: float, mmio: int) -> dict[str, object]:
+    job, spec = "randread_4k_qd1", "randread:4k:1"
+    return {"fio": {"direct": {job: [direct_iops]}, "relayed": {job: [relayed_iops], f"{job}.ios": [ios]}},
+            "relay": {"raw_eventfd_rtt_s": [10e-6] * 3, "ioreq_held_rtt_s": [40e-6] * 3},
+            "daemon": {"relayed": {"jobs": [{spec: {"mmio": mmio, "notifies": mmio // 3, "interrupts": mmio // 3}}]}}}
+
+
+def test_job_rows_give_ioreqs_per_io_the_qd1_ceiling_and_the_ioreq_share() -> None:
+    # direct 20,000 IOPS (50 us per I/O); 3 IOREQs per I/O at the 10 us ping-pong: at best 80 us,
+    # 0.625x; relayed at 5,000 IOPS adds 150 us per I/O, of which 3 x 40 us = 120 us are IOREQs
+    rows = {r[0]: r for r in bench.job_rows(_job_res(20000.0, 5000.0, 1000.0, 3000), "randread_4k_qd1", "relayed")}
+    assert rows["  IOREQs per I/O (relayed)"][2]["median"] == 3.0
+    assert "QueueNotify 1.00, interrupts 1.00 per I/O" in rows["  IOREQs per I/O (relayed)"][3]
+    assert rows["  relayed/direct ceiling"][2]["median"] == pytest.approx(0.625)
+    assert rows["  IOREQ share of the time relayed adds"][2]["median"] == pytest.approx(0.8)
+    # a job the marks missed (or results from before them): no row rather than a wrong one
+    res = _job_res(20000.0, 5000.0, 1000.0, 3000)
+    res["daemon"] = {"relayed": {"jobs": [{}]}}
+    assert bench.job_rows(res, "randread_4k_qd1", "relayed") == []
+    # QD32: the count only (its I/Os overlap: no ceiling from round trips in series)
+    res = _job_res(20000.0, 5000.0, 1000.0, 500)
+    res["fio"]["relayed"] = {"randread_4k_qd32": [5000.0], "randread_4k_qd32.ios": [1000.0]}  # type: ignore[index]
+    res["daemon"] = {"relayed": {"jobs": [{"randread:4k:32": {"mmio": 500, "notifies": 100, "interrupts": 200}}]}}
+    assert [r[0] for r in bench.job_rows(res, "randread_4k_qd32", "relayed")] == ["  IOREQs per I/O (relayed)"]
+
+
 def test_table_prints_fixed_precision_per_unit() -> None:
     s = bench.summary([1.0, 2.0, 3.0])
     text = bench.table([("a", "IOPS", bench.summary([11800.4]), ""), ("b", "ratio", s, ""), ("c", "us", s, "")])

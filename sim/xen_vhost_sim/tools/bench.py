@@ -40,7 +40,12 @@ Every figure is paired with its reference measured in the same run:
 
 fio runs with ``--output-format=json`` in the guest (condensed to one line per job, see
 tests/peers/uml_init.sh): IOPS, bandwidth in bytes/s (MB/s = 10^6 bytes/s), completion-latency
-p50/p99. Progress goes to stderr, one line per phase with an estimate of the time left. Prints a
+p50/p99. Each relayed job's **IOREQs, QueueNotify writes and interrupts per I/O** come from the
+bridge's counters read at the job's edges (:class:`JobMarks`); at QD1 they bound what any
+daemon could reach: each I/O waits for its IOREQ round trips one after the other, and none can be
+quicker than the raw eventfd ping-pong, so relayed/direct can be at most
+1 / (1 + IOREQs per I/O x ping-pong x direct IOPS) (the **ceiling** row), and the IOREQ round trip
+measured with the vCPU held says how much of the time each relayed I/O adds they account for. Progress goes to stderr, one line per phase with an estimate of the time left. Prints a
 table (median, min, max, fixed precision per unit) and writes ``bench-results.json``; ``--plot
 FILE`` also draws each path against its reference (needs the ``plot`` extra: matplotlib). Needs
 linux.uml, fio, qemu-storage-daemon (as the peer tests). SIM-ONLY numbers: the simulator's Xen is
@@ -208,7 +213,8 @@ class Daemon:
 def parse_fio(verdicts: list[str]) -> dict[str, list[float]]:
     """{job: [value per repetition]} from the guest's ``FIOJ <rep> <job> <json>`` lines (fio's JSON
     output, read side): IOPS for 4k jobs, MB/s (bw_bytes / 10^6) for the 128k one; and, under
-    ``<job>.clat_p50_us`` / ``<job>.clat_p99_us``, the completion latency percentiles."""
+    ``<job>.clat_p50_us`` / ``<job>.clat_p99_us``, the completion latency percentiles, under
+    ``<job>.ios`` the I/Os it completed."""
     names = {v: k for k, v in JOBS.items()}
     out: dict[str, list[float]] = {}
     for line in verdicts:
@@ -219,11 +225,56 @@ def parse_fio(verdicts: list[str]) -> dict[str, list[float]]:
         name = names[job]
         value = float(rd["bw_bytes"]) / 1e6 if "128k" in job else float(rd["iops"])
         out.setdefault(name, []).append(value)
+        out.setdefault(f"{name}.ios", []).append(float(rd["io_bytes"]) / job_block_size(job))
         for q in ("p50", "p99"):
             ns = rd.get(f"clat_ns_{q}")
             if ns is not None:
                 out.setdefault(f"{name}.clat_{q}_us", []).append(float(ns) / 1e3)
     return out
+
+
+def job_block_size(job: str) -> int:
+    """The block size in bytes of a fio job spec ``rw:bs:iodepth`` (``randread:4k:1``: 4096)."""
+    bs = job.split(":")[1].lower()
+    scale = {"k": 1 << 10, "m": 1 << 20}.get(bs[-1:], 1)
+    return int(bs.rstrip("km")) * scale
+
+
+#: The UML bridge's counters (``BridgeStats``) each relayed fio job's share of is reported.
+JOB_COUNTERS = ("mmio", "notifies", "interrupts")
+
+
+class JobMarks:
+    """Each fio job's share of a relay's counters. The guest announces a job ("UMLT: FIOS <rep>
+    <job>") a second before the job's first I/O and reports it ("UMLT: FIOJ ...") after its last
+    (tests/peers/uml_init.sh); :meth:`look`, called a few times a second, reads what the console
+    log gained since the last look and takes ``counters()`` once for the marks it finds, so each
+    job's deltas hold its own I/O and nothing of the next job's. ``jobs``: job spec → deltas."""
+
+    def __init__(self, log_path: Path, counters: Callable[[], dict[str, int]]) -> None:
+        self._path, self._counters = log_path, counters
+        self._pos, self._rest = 0, b""
+        self._open: dict[str, dict[str, int]] = {}
+        self.jobs: dict[str, dict[str, int]] = {}
+
+    def look(self) -> None:
+        with open(self._path, "rb") as f:
+            f.seek(self._pos)
+            data = f.read()
+        self._pos += len(data)
+        lines = (self._rest + data).split(b"\n")
+        self._rest = lines.pop()  # (a line the guest has not finished)
+        now: dict[str, int] | None = None
+        for raw in lines:
+            _, sep, verdict = raw.decode(errors="replace").partition("UMLT: ")
+            words = verdict.split()
+            if not sep or len(words) < 3 or words[0] not in ("FIOS", "FIOJ"):
+                continue
+            now = now or self._counters()
+            if words[0] == "FIOS":
+                self._open[words[2]] = now
+            elif (start := self._open.pop(words[2], None)) is not None:
+                self.jobs[words[2]] = {k: now[k] - start[k] for k in now}
 
 
 def uml_fio_env(fio_time: int) -> dict[str, str]:
@@ -283,13 +334,20 @@ async def fio_relayed(peers: Any, work: Path, sim_path: str, fio_time: int, resu
             cpu0, guest0 = cpu_seconds(daemon.proc.pid), time.thread_time()
             serving = asyncio.get_running_loop().create_task(bridge.serve())
             peak = dict.fromkeys(RSS_FIELDS.values(), 0)
+            marks = JobMarks(run.process.log_path, lambda: {k: getattr(bridge.stats, k) for k in JOB_COUNTERS})
             done = asyncio.ensure_future(run.finish(timeout=STEP + 4 * fio_time))
+            tick = 0
             while not done.done():
-                sample = rss_parts_kib(daemon.proc.pid)
-                if sample["rss"] > peak["rss"]:
-                    peak = sample
-                await asyncio.wait([done], timeout=0.5)
+                marks.look()  # (well inside the guest's second between a job's mark and its I/O)
+                if tick % 5 == 0:
+                    sample = rss_parts_kib(daemon.proc.pid)
+                    if sample["rss"] > peak["rss"]:
+                        peak = sample
+                tick += 1
+                await asyncio.wait([done], timeout=0.1)
             verdicts = done.result()
+            marks.look()
+            results["jobs"].append(marks.jobs)
             results["rss_load_kib"].append(peak.pop("rss"))
             results["rss_load_parts_kib"].append(peak)  # the parts of the peak sample
             results["cpu_s_per_run"].append(cpu_seconds(daemon.proc.pid) - cpu0)
@@ -660,7 +718,7 @@ def cpu_rows(rel: dict[str, Any]) -> list[Row]:
 
 
 #: Fixed precision per unit (digits after the point).
-PRECISION = {"IOPS": 0, "MB/s": 1, "ratio": 3, "us": 1, "ms": 1, "MiB": 1, "s": 2, "1/s": 1, "s/s": 4}
+PRECISION = {"IOPS": 0, "MB/s": 1, "per IO": 2, "ratio": 3, "us": 1, "ms": 1, "MiB": 1, "s": 2, "1/s": 1, "s/s": 4}
 
 
 def table(rows: list[tuple[str, str, dict[str, float], str]]) -> str:
@@ -751,7 +809,7 @@ GRANTED = (
 def _daemon_figs(idle_window: float) -> dict[str, Any]:
     return {"ready_s": [], "rss_idle_kib": [], "rss_idle_parts_kib": [], "rss_load_kib": [], "rss_load_parts_kib": [],
             "cpu_s_per_run": [], "guest_cpu_s_per_run": [], "idle_wakeups_per_s": [], "idle_cpu_s_per_s": [], "bridge": [],
-            "idle_window_s": idle_window}
+            "jobs": [], "idle_window_s": idle_window}
 
 
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
@@ -839,6 +897,47 @@ def report_daemon_rows(daemon: dict[str, dict[str, Any]], fio_time: int) -> list
     return rows
 
 
+def job_rows(res: dict[str, Any], job: str, name: str) -> list[Row]:
+    """Path ``name``'s IOREQs per I/O in ``job`` (with its QueueNotify writes and interrupts per
+    I/O), from the bridge's counters at the job's edges (:class:`JobMarks`) and fio's I/O count,
+    per repetition. At QD1 each I/O waits for its IOREQ round trips one after the other: the
+    **ceiling** of relayed/direct with them all at the raw eventfd ping-pong p50 and nothing else
+    costing anything, 1 / (1 + IOREQs per I/O x ping-pong x direct IOPS), and the **share** of
+    the time the path adds per I/O (1/IOPS against direct's) that they take at the measured
+    held IOREQ round trip p50."""
+    fio, rel, spec = res["fio"], res["relay"], JOBS[job]
+    ios = fio.get(name, {}).get(f"{job}.ios", [])
+    direct, got = fio["direct"].get(job, []), fio.get(name, {}).get(job, [])
+    per: dict[str, list[float]] = {k: [] for k in JOB_COUNTERS}
+    ceiling: list[float] = []
+    share: list[float] = []
+    raw = pct(rel["raw_eventfd_rtt_s"], 0.5)
+    held = pct(rel["ioreq_held_rtt_s"], 0.5) if rel.get("ioreq_held_rtt_s") else None
+    for i, marks in enumerate(res["daemon"].get(name, {}).get("jobs", [])):
+        counts = marks.get(spec)
+        if counts is None or i >= len(ios) or ios[i] <= 0:
+            continue
+        for k in JOB_COUNTERS:
+            per[k].append(counts[k] / ios[i])
+        n = counts["mmio"] / ios[i]
+        if job.endswith("_qd1") and i < len(direct) and i < len(got):
+            ceiling.append(1 / (1 + n * raw * direct[i]))
+            if held is not None and got[i] < direct[i]:
+                share.append(n * held / (1 / got[i] - 1 / direct[i]))
+    if not per["mmio"]:
+        return []
+    rows: list[Row] = [(f"  IOREQs per I/O ({name})", "per IO", summary(per["mmio"]),
+                        f"QueueNotify {statistics.median(per['notifies']):.2f}, "
+                        f"interrupts {statistics.median(per['interrupts']):.2f} per I/O")]
+    if ceiling:
+        rows.append((f"  {name}/direct ceiling", "ratio", summary(ceiling),
+                     "its IOREQs at the raw ping-pong each, nothing else costing: no daemon can do more"))
+    if share:
+        rows.append((f"  IOREQ share of the time {name} adds", "ratio", summary(share),
+                     "its IOREQs at the held round trip p50; the rest: relays, injection"))
+    return rows
+
+
 def report(res: dict[str, Any]) -> str:
     rows: list[tuple[str, str, dict[str, float], str]] = []
     fio = res["fio"]
@@ -859,12 +958,14 @@ def report(res: dict[str, Any]) -> str:
                 if lat:
                     rows.append((f"fio {job} {name} clat p50", "us", summary(lat), ""))
                 rows.append((f"fio {job} {name}/direct", "ratio", summary([b / a for a, b in zip(d, r)]), "per repetition"))
+                rows.extend(job_rows(res, job, name))
         for name, g in res.get("grant_paths", {}).items():
             r = fio[name].get(job)
             if not r:
                 continue
             rows.append((f"fio {job} {name}", unit, summary(r), g["what"]))
             rows.append((f"fio {job} {name}/direct", "ratio", summary([b / a for a, b in zip(d, r)]), "same repetition"))
+            rows.extend(job_rows(res, job, name))
             ref = fio.get(g["ref"], {}).get(job)
             if ref:
                 note = "same back-end" if g["ref"] == "relayed_shadow" else "Python back-end vs qsd null-co"
