@@ -45,8 +45,9 @@ bridge's counters read at the job's edges (:class:`JobMarks`); at QD1 they bound
 daemon could reach: each I/O waits for its IOREQ round trips one after the other, and none can be
 quicker than the raw eventfd ping-pong, so relayed/direct can be at most
 1 / (1 + IOREQs per I/O x ping-pong x direct IOPS) (the **ceiling** row), and the IOREQ round trip
-measured with the vCPU held says how much of the time each relayed I/O adds they account for. Progress goes to stderr, one line per phase with an estimate of the time left. Prints a
-table (median, min, max, fixed precision per unit) and writes ``bench-results.json``; ``--plot
+measured with the vCPU held says how much of the time each relayed I/O adds they account for.
+Progress goes to stderr, one line per phase with an estimate of the time left. Prints a table
+(median, min, max, fixed precision per unit) and writes ``bench-results.json``; ``--plot
 FILE`` also draws each path against its reference (needs the ``plot`` extra: matplotlib). Needs
 linux.uml, fio, qemu-storage-daemon (as the peer tests). SIM-ONLY numbers: the simulator's Xen is
 Python. The packages the processes run from are byte-compiled first (:func:`byte_compile`), as an
