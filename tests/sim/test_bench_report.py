@@ -87,6 +87,13 @@ def test_job_rows_give_ioreqs_per_io_the_qd1_ceiling_and_the_ioreq_share() -> No
     res = _job_res(20000.0, 5000.0, 1000.0, 3000)
     res["daemon"] = {"relayed": {"jobs": [{}]}}
     assert bench.job_rows(res, "randread_4k_qd1", "relayed") == []
+    # the daemon's and the bridge's CPU over the job, per I/O (when the marks took them)
+    res = _job_res(20000.0, 5000.0, 1000.0, 3000)
+    res["daemon"]["relayed"]["jobs"][0]["randread:4k:1"].update(daemon_ns=45_000_000, guest_ns=30_000_000)  # type: ignore[index]
+    rows = {r[0]: r for r in bench.job_rows(res, "randread_4k_qd1", "relayed")}
+    assert rows["  daemon CPU per I/O (relayed)"][2]["median"] == 45.0
+    assert "target <= 5 per 4k request" in rows["  daemon CPU per I/O (relayed)"][3]
+    assert rows["  simulated guest side CPU per I/O (relayed)"][2]["median"] == 30.0
     # QD32: the count only (its I/Os overlap: no ceiling from round trips in series)
     res = _job_res(20000.0, 5000.0, 1000.0, 500)
     res["fio"]["relayed"] = {"randread_4k_qd32": [5000.0], "randread_4k_qd32.ios": [1000.0]}  # type: ignore[index]

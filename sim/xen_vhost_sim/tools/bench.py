@@ -241,7 +241,9 @@ def job_block_size(job: str) -> int:
     return int(bs.rstrip("km")) * scale
 
 
-#: The UML bridge's counters (``BridgeStats``) each relayed fio job's share of is reported.
+#: The UML bridge's counters (``BridgeStats``) each relayed fio job's share of is reported, beside
+#: the CPU nanoseconds of the daemon (all its threads, ``oncpu_ns``) and of the simulated guest side
+#: (the bridge: this process's thread) over the job (``daemon_ns``, ``guest_ns``).
 JOB_COUNTERS = ("mmio", "notifies", "interrupts")
 
 
@@ -335,7 +337,9 @@ async def fio_relayed(peers: Any, work: Path, sim_path: str, fio_time: int, resu
             cpu0, guest0 = cpu_seconds(daemon.proc.pid), time.thread_time()
             serving = asyncio.get_running_loop().create_task(bridge.serve())
             peak = dict.fromkeys(RSS_FIELDS.values(), 0)
-            marks = JobMarks(run.process.log_path, lambda: {k: getattr(bridge.stats, k) for k in JOB_COUNTERS})
+            pid = daemon.proc.pid
+            marks = JobMarks(run.process.log_path, lambda: {**{k: getattr(bridge.stats, k) for k in JOB_COUNTERS},
+                                                            "daemon_ns": oncpu_ns(pid), "guest_ns": time.thread_time_ns()})
             done = asyncio.ensure_future(run.finish(timeout=STEP + 4 * fio_time))
             tick = 0
             while not done.done():
@@ -900,8 +904,8 @@ def report_daemon_rows(daemon: dict[str, dict[str, Any]], fio_time: int) -> list
 
 def job_rows(res: dict[str, Any], job: str, name: str) -> list[Row]:
     """Path ``name``'s IOREQs per I/O in ``job`` (with its QueueNotify writes and interrupts per
-    I/O), from the bridge's counters at the job's edges (:class:`JobMarks`) and fio's I/O count,
-    per repetition. At QD1 each I/O waits for its IOREQ round trips one after the other: the
+    I/O), and the daemon's and the simulated guest side's CPU per I/O, from the counters taken at
+    the job's edges (:class:`JobMarks`) and fio's I/O count, per repetition. At QD1 each I/O waits for its IOREQ round trips one after the other: the
     **ceiling** of relayed/direct with them all at the raw eventfd ping-pong p50 and nothing else
     costing anything, 1 / (1 + IOREQs per I/O x ping-pong x direct IOPS), and the **share** of
     the time the path adds per I/O (1/IOPS against direct's) that they take at the measured
@@ -909,7 +913,7 @@ def job_rows(res: dict[str, Any], job: str, name: str) -> list[Row]:
     fio, rel, spec = res["fio"], res["relay"], JOBS[job]
     ios = fio.get(name, {}).get(f"{job}.ios", [])
     direct, got = fio["direct"].get(job, []), fio.get(name, {}).get(job, [])
-    per: dict[str, list[float]] = {k: [] for k in JOB_COUNTERS}
+    per: dict[str, list[float]] = {k: [] for k in (*JOB_COUNTERS, "daemon_ns", "guest_ns")}
     ceiling: list[float] = []
     share: list[float] = []
     raw = pct(rel["raw_eventfd_rtt_s"], 0.5)
@@ -918,8 +922,9 @@ def job_rows(res: dict[str, Any], job: str, name: str) -> list[Row]:
         counts = marks.get(spec)
         if counts is None or i >= len(ios) or ios[i] <= 0:
             continue
-        for k in JOB_COUNTERS:
-            per[k].append(counts[k] / ios[i])
+        for k, v in counts.items():
+            if k in per:
+                per[k].append(v / ios[i])
         n = counts["mmio"] / ios[i]
         if job.endswith("_qd1") and i < len(direct) and i < len(got):
             ceiling.append(1 / (1 + n * raw * direct[i]))
@@ -930,6 +935,11 @@ def job_rows(res: dict[str, Any], job: str, name: str) -> list[Row]:
     rows: list[Row] = [(f"  IOREQs per I/O ({name})", "per IO", summary(per["mmio"]),
                         f"QueueNotify {statistics.median(per['notifies']):.2f}, "
                         f"interrupts {statistics.median(per['interrupts']):.2f} per I/O")]
+    if per["daemon_ns"]:  # (results from before the CPU marks have none)
+        rows.append((f"  daemon CPU per I/O ({name})", "us", summary([ns / 1e3 for ns in per["daemon_ns"]]),
+                     "all its threads" + ("; target <= 5 per 4k request" if "_4k_" in job else "")))
+        rows.append((f"  simulated guest side CPU per I/O ({name})", "us", summary([ns / 1e3 for ns in per["guest_ns"]]),
+                     "the UML bridge (the vCPU's accesses, interrupts)"))
     if ceiling:
         rows.append((f"  {name}/direct ceiling", "ratio", summary(ceiling),
                      "its IOREQs at the raw ping-pong each, nothing else costing: no daemon can do more"))
