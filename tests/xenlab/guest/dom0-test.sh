@@ -419,8 +419,14 @@ for S in $XENLAB_SCENARIOS; do
     '{ getline u < "/proc/uptime"; close("/proc/uptime"); split(u, a, " "); print p "@" a[1] "| " $0; fflush() }' &
   echo $! >> /tmp/tails.pid
 done
-# a heartbeat: dom0's load and busiest processes, so a starved or spinning dom0 shows in the log
-( while sleep 20; do echo "XENLAB-HB $(up) load=$(cut -d' ' -f1-3 /proc/loadavg)"; top -b -n1 2>/dev/null | sed -n '4,8p' | prefix XENLAB-HB-TOP; done ) &
+# a heartbeat: dom0's load and busiest processes, so a starved or spinning dom0 shows in the log,
+# and each guest console's last line, so a guest that stops making progress shows where it stopped
+# (its console stays in dom0's RAM, which a lab stopped for want of checks never prints)
+( while sleep 20; do echo "XENLAB-HB $(up) load=$(cut -d' ' -f1-3 /proc/loadavg)"; top -b -n1 2>/dev/null | sed -n '4,8p' | prefix XENLAB-HB-TOP
+    for f in $CONSOLE/guest-*.log; do
+      if [ -s "$f" ]; then echo "XENLAB-HB-GUEST $(basename "$f" .log)| $(tail -n 1 "$f" | tr -d '\r' | cut -c1-160)"; fi
+    done
+  done ) &
 HB=$!
 # the dispatcher, as xen-vhost-master-watch.service runs it (no systemd in this dom0: --spawn)
 xen-vhost-master watch --spawn --log-dir $LOGS > /tmp/watch.log 2>&1 &
