@@ -26,7 +26,16 @@ import tempfile
 import time
 
 PANIC = re.compile(r"crashed on cpu|Panic on CPU|Kernel panic|Unable to handle kernel|\bBUG: ")
-GUEST_DUMP = re.compile(r"(DOMU|TERM-FAULT|STUCK-DOMU)\[")  # a domU's console, shown by dom0: not dom0 or Xen failing
+# a domU's console, shown by dom0 (its dumps, and the heartbeat's last line of each guest console):
+# not dom0 or Xen failing
+GUEST_DUMP = re.compile(r"(DOMU|TERM-FAULT|STUCK-DOMU)\[|XENLAB-HB-GUEST ")
+
+
+def dom0_panic(line: str) -> bool:
+    """``line`` (a console line, the host's timestamp taken off) says dom0 or Xen failed."""
+    return bool(PANIC.search(line)) and not GUEST_DUMP.match(line)
+
+
 KADDR, IADDR = 0x50000000, 0x56000000
 MACHINE = "virt,virtualization=on,gic-version=3"
 
@@ -110,7 +119,7 @@ def boot(args: argparse.Namespace) -> int:
                             stalled_at = time.monotonic() + args.stall
                         if "XENLAB-DOM0-END" in line:
                             finished, end_at = True, time.monotonic() + 15
-                        elif PANIC.search(line) and end_at is None and not GUEST_DUMP.match(line):
+                        elif end_at is None and dom0_panic(line):
                             reason, end_at = f"panic: {line.strip()[:120]}", time.monotonic() + 2
             finally:
                 sel.close()

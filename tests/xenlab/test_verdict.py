@@ -263,3 +263,16 @@ def test_prepare_without_a_mirror_says_it_cannot_build(tmp_path: Path) -> None:
     assert proc.returncode == 3, proc.stderr
     assert "XENLAB-CANNOT-BUILD" in proc.stderr
     assert "XENLAB_ART=" not in proc.stdout
+
+
+def test_a_guest_console_line_dom0_shows_is_not_a_dom0_panic() -> None:
+    """boot.py stops the boot 2 s after a panic of dom0 or Xen; a guest's own "BUG:" (a soft lockup
+    under a loaded TCG host), shown by dom0's heartbeat or its dumps, must not stop it (session 18:
+    the heartbeat's first guest lines did, and all 23 lab tests failed with it)."""
+    from boot import dom0_panic
+
+    guest = "[  315.614206] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [sleep:288]"
+    assert not dom0_panic(f"XENLAB-HB-GUEST guest-lab-qsd| {guest}")
+    assert not dom0_panic(f"DOMU[qsd]| {guest}") and not dom0_panic(f"STUCK-DOMU[qsd]| {guest}")
+    assert dom0_panic(guest)  # on dom0's own console
+    assert dom0_panic("(XEN) Panic on CPU 0:") and dom0_panic("Kernel panic - not syncing: Fatal exception")
