@@ -54,6 +54,7 @@ def main() -> int:
     # QEMU's multiboot modules: "file args,file args" (a comma inside an argument is doubled)
     modules = f"{a.art}/vmlinuz {dom0_cmd},{a.initramfs}"
     argv = [
+        "nice", "-n", "-10",  # ahead of the host's other load, as the arm64 lab's QEMU (tests/xenlab/boot.py PRIORITY)
         "qemu-system-x86_64", "-machine", "pc", "-accel", a.accel,
         "-cpu", a.cpu, "-smp", str(a.smp), "-m", str(a.mem),
         "-display", "none", "-no-reboot", "-serial", "stdio", "-monitor", "none",
