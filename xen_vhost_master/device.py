@@ -320,13 +320,6 @@ class Device:
         """True once the device serves the guest's accesses with its model."""
         return self._gate.is_set() and self.model is not None and not self._closing
 
-    @property
-    def may_raise_line(self) -> bool:
-        """The device's interrupt line may be high now: its model drives it, or the kernel's
-        irqfd raises it for used buffers (fast path)."""
-        model = self.model
-        return model is not None and (model.line or isinstance(model, VirtioMmioDevice) and model.kernel_irq)
-
     async def start(self, saved: dict[str, object] | None = None, *, kept: Kept | None = None) -> None:
         """Connect to the back-end, negotiate and learn the device's shape (queues, config); with
         ``saved``, take over the state a previous daemon left (:meth:`restore`). Guest accesses

@@ -45,7 +45,7 @@ _SIZES = frozenset((1, 2, 4, 8))  # the access sizes of an MMIO load or store
 ALL_ONES = 0xFFFFFFFFFFFFFFFF
 _GONE = (errno.ENOENT, errno.ESRCH)  # the server, or its whole domain, no longer exists
 #: How long a going device's window is still answered, as a removed device, after its interrupt
-#: line was lowered: an interrupt handler the guest entered just before (Linux ``vm_interrupt``
+#: line is raised no more: an interrupt handler the guest entered on its last edge (Linux ``vm_interrupt``
 #: reads InterruptStatus, then writes InterruptACK unconditionally) finds the window claimed for
 #: both accesses; once the window is unclaimed, Xen on Arm answers an access with a data abort
 #: (tests/xenlab/README.md: a fatal oops in interrupt context when this window was not kept).
@@ -127,7 +127,7 @@ class IoreqServer:
         self._busy: set[int] = set()  # vCPUs whose request this loop took and has not answered yet
         self._kernel_watch: set[int] = set()  # vCPUs whose slot is looked at again (_watch_kernel)
         self._kernel_tries: dict[int, int] = {}
-        self._retired: dict[int, tuple[int, float, bool]] = {}  # window base -> (irq, since when, raised)
+        self._retired: dict[int, tuple[int, float]] = {}  # window base -> (irq, since when)
 
     # --- life cycle -----------------------------------------------------------------------------
 
@@ -195,36 +195,32 @@ class IoreqServer:
         bisect.insort(self._bases, base)
         self._windows[base] = (size, handler)
 
-    def retire_window(self, base: int, irq: int, *, raised: bool) -> None:
+    def retire_window(self, base: int, irq: int) -> None:
         """The device at ``base`` is going: its window answers as a removed device from now on
         (reads 0, writes dropped: the device's own handler is no longer called) and its
-        interrupt line ``irq`` is kept low, so the guest enters no new handler for it; ``raised``:
-        the line may be high now (the device drove it, or a kernel irqfd may have), so it is
-        lowered. :meth:`remove_window_after_grace` unclaims the window. No-op for an unknown
-        window."""
+        interrupt line ``irq`` is raised no more. An interrupt raised before (by the device, or
+        by a kernel irqfd until the device lets go of it) is an edge the guest still takes: its
+        handler then reads InterruptStatus 0 here and acks into the void (:meth:`set_irq`).
+        :meth:`remove_window_after_grace` unclaims the window. No-op for an unknown window."""
         window = self._windows.get(base)
         if window is None or base in self._retired:
             return
         self._windows[base] = (window[0], _REMOVED)
-        self._retired[base] = (irq, asyncio.get_running_loop().time(), raised)
-        if raised:
-            self.set_irq(irq, False)
+        self._retired[base] = (irq, asyncio.get_running_loop().time())
 
     async def remove_window_after_grace(self, base: int, grace: float = REMOVED_GRACE) -> None:
-        """Unclaim a retired window once its line has been low for ``grace`` seconds (the line is
-        lowered once more first: a kernel irqfd may have raised it until the device let go of
-        it). Without a guest reading any more (the server no longer serves, ``grace`` 0: the
+        """Unclaim a retired window once it has answered as a removed device for ``grace`` seconds
+        (a handler that took the line's last edge finds it for its InterruptStatus read and its
+        ACK). Without a guest reading any more (the server no longer serves, ``grace`` 0: the
         domain is gone) the window goes at once."""
         retired = self._retired.get(base)
         if retired is not None and self._reading and grace > 0:
-            irq, lowered, raised = retired
-            if raised:
-                self.set_irq(irq, False)
+            irq, since = retired
             now = asyncio.get_running_loop().time()
-            wait = max(lowered + grace, now + grace / 5) - now
+            wait = max(since + grace, now + grace / 5) - now
             await asyncio.sleep(wait)
-            self.log.info("window at %#x answered as a removed device for %.1f s, line %d low: unclaiming it",
-                          base, asyncio.get_running_loop().time() - lowered, irq)
+            self.log.info("window at %#x answered as a removed device for %.1f s, line %d raised no more: unclaiming it",
+                          base, asyncio.get_running_loop().time() - since, irq)
         self.remove_window(base)
 
     def remove_window(self, base: int) -> None:
@@ -537,9 +533,18 @@ class IoreqServer:
             self.log.error("set_pci_intx_level(00:%02x, %d): %s", device, level, e)
 
     def set_irq(self, irq: int, level: bool) -> None:
-        """Drive the guest's interrupt line (XEN_DMOP_set_irq_level). A retired window's line
-        stays low."""
-        if level and self._retired and any(r[0] == irq for r in self._retired.values()):
+        """Raise the guest's interrupt line (XEN_DMOP_set_irq_level, 1); a retired window's stays
+        low. Lowering it is no hypercall: Xen on Arm takes level 0 of an SPI as a falling edge and
+        ignores it (xen/arch/arm/vgic.c vgic_inject_irq: "For edge triggered interrupts we always
+        ignore a 'falling edge'. For level triggered interrupts we shouldn't, but do anyways";
+        the new vGIC's vgic_validate_injection does so for an edge SPI), and libxl declares each
+        virtio-mmio SPI edge-rising in the guest's device tree (libxl_arm.c make_virtio_mmio_node).
+        Each raise is an edge the guest takes once; the transport's level (virtio_mmio.py) still
+        decides when to raise: at 0 → nonzero InterruptStatus, and again after an ACK that leaves
+        bits set."""
+        if not level:
+            return
+        if self._retired and any(r[0] == irq for r in self._retired.values()):
             return
         try:
             self.dm.set_irq_level(irq, int(level))

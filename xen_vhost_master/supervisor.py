@@ -1084,10 +1084,10 @@ class Supervisor:
 
     def _retire(self, base: int, served: _Served) -> None:
         """A device goes while its guest may run on: its virtio-mmio window answers as a removed
-        device with the line low, and its driver is asked not to notify again, so that nothing
-        touches the window any more by the time it is unclaimed."""
+        device with its line raised no more, and its driver is asked not to notify again, so that
+        nothing touches the window any more by the time it is unclaimed."""
         assert self.ioreq is not None
-        self.ioreq.retire_window(base, served.config.irq, raised=served.device.may_raise_line)
+        self.ioreq.retire_window(base, served.config.irq)
         if not self._gone:
             served.device.quiesce()
 

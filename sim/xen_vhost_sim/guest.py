@@ -810,9 +810,9 @@ class SimGuest:
         off = vcpu_channel.irq_offset(irq)
         if chan is None or off is None:
             return False
-        chan[off] = level
         vcpu_channel.count_irqfd(chan)
-        if level:
+        if level:  # (0: a falling edge, ignored as the hypervisor does: Hypervisor.set_irq_level)
+            chan[off] = 1
             for efd in (self._irq_efd, self._irq_host_efd):
                 if efd >= 0:
                     os.eventfd_write(efd, 1)
@@ -835,7 +835,8 @@ class SimGuest:
         return bool(self._ctl.call({"op": "irq_level", "domid": self.domid, "irq": irq})[0]["value"])
 
     async def wait_irq(self, irq: int) -> None:
-        """Until ``irq``'s line is asserted (level: at once if it is)."""
+        """Take interrupt ``irq``: at once if it is pending, else when it is raised; an Arm SPI is
+        an edge, cleared as it is taken (Hypervisor.wait_irq)."""
         while True:
             off = self._irq_line(irq)
             if off is None:
@@ -846,6 +847,7 @@ class SimGuest:
             for level, fd in self._irqfds.get(irq, ()):
                 self._irqfd_fire(irq, level, fd)
             if self._chan[off]:
+                self._chan[off] = 0  # taken (the GIC's acknowledge; a raise after this is a new edge)
                 return
             fut: asyncio.Future[None] = self._loop.create_future()
             if not self._irq_watched:  # kept polled from one wait to the next: no poller set up per wait

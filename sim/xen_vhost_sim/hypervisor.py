@@ -256,6 +256,14 @@ class Domain:
             for efd in (self.irq_efd, self.irq_host_efd):
                 os.eventfd_write(efd, 1)
 
+    def take_irq(self, irq: int) -> None:
+        """The guest took edge interrupt ``irq`` (an Arm SPI): no longer pending."""
+        off = vcpu_channel.irq_offset(irq)
+        if self.ctl is None or off is None:
+            self.irq[irq] = False
+        else:
+            self.ctl[off] = 0
+
     def wake_irq_waiters(self) -> None:
         """The host's waiters of lines now asserted (by the host or by a device model's SimKernel)."""
         if self.irq_host_efd >= 0:
@@ -665,8 +673,10 @@ class Hypervisor:
             raise HvError(errno.EOPNOTSUPP, "set_irq_level is Arm-only")
         if not 32 <= irq < 32 + NR_SPIS or level not in (0, 1):
             raise HvError(errno.EINVAL)
-        dom.set_irq_line(irq, bool(level))
-        if level and irq in dom.irq_waiters:
+        if not level:
+            return  # a falling edge, ignored (xen/arch/arm/vgic.c vgic_inject_irq; libxl declares the SPI edge-rising)
+        dom.set_irq_line(irq, True)  # pending until the guest takes it (wait_irq)
+        if irq in dom.irq_waiters:
             dom.wake_irq_waiters()
 
     def inject_msi(self, domid: int, addr: int, data: int) -> None:
@@ -711,23 +721,27 @@ class Hypervisor:
             dom.wake_irq_waiters()
 
     async def wait_irq(self, domid: int, irq: int) -> None:
+        """SIM-ONLY: the guest takes interrupt ``irq``: at once if it is pending, else when it is
+        raised. An Arm SPI is an edge (set_irq_level): taking it clears it, as the GIC's
+        acknowledge does; an x86 GSI (set_pci_intx_level) is a level, which stays."""
         dom = self.guest(domid)
-        if dom.irq_level(irq):
-            return
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        dom.irq_waiters.setdefault(irq, []).append(fut)
-        if dom.irq_watching is None and dom.irq_host_efd >= 0:
-            loop.add_reader(dom.irq_host_efd, dom.wake_irq_waiters)  # a SimKernel's assert
-            dom.irq_watching = loop
-        try:
-            await fut
-        finally:
-            w = dom.irq_waiters.get(irq)
-            if w is not None and fut in w:
-                w.remove(fut)
-                if not w:
-                    del dom.irq_waiters[irq]
+        while not dom.irq_level(irq):
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
+            dom.irq_waiters.setdefault(irq, []).append(fut)
+            if dom.irq_watching is None and dom.irq_host_efd >= 0:
+                loop.add_reader(dom.irq_host_efd, dom.wake_irq_waiters)  # a SimKernel's assert
+                dom.irq_watching = loop
+            try:
+                await fut
+            finally:
+                w = dom.irq_waiters.get(irq)
+                if w is not None and fut in w:
+                    w.remove(fut)
+                    if not w:
+                        del dom.irq_waiters[irq]
+        if dom.arch is Arch.ARM64:
+            dom.take_irq(irq)
 
     # ------------------------------------------------------------------ grants
     def grant(self, domid: int, gfn: int, readonly: bool) -> int:

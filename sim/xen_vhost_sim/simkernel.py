@@ -763,9 +763,9 @@ class SimKernel:
             del node.irq[dom]
             route.close()
             return False
-        route.page[off] = level  # the line first (the guest reads it once woken) ...
-        if level:  # ... then the events (vgic_inject_irq on a level-sensitive SPI)
-            os.eventfd_write(route.guest_efd, 1)
+        if level:  # (0: a falling edge, which Xen on Arm ignores: Hypervisor.set_irq_level)
+            route.page[off] = 1  # pending first (the guest takes it once woken) ...
+            os.eventfd_write(route.guest_efd, 1)  # ... then the events (vgic_inject_irq)
             os.eventfd_write(route.host_efd, 1)
         return True
 

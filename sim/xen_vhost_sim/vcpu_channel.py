@@ -21,7 +21,7 @@ ranges, in the order the hypervisor searches them; ``fast_vcpus`` bit i: vCPU i'
 eventfd route; ``route_gen`` changes whenever a route of the server is made or dropped);
 at LIVE_OFF: u32 count, u32 uid[count] (servers alive); at BUSY_OFF: one byte per vCPU, written by
 the guest only (1 while a fast access is in flight, for ``pending_access``); at IRQ_OFF: one byte
-per SPI (``IRQ_BASE`` + i), the interrupt line's level.
+per SPI (``IRQ_BASE`` + i), 1 while its interrupt is pending.
 
 The dom0 kernel's privcmd ioeventfd (sim.fastpath) takes it too. Its handler shares the vCPU
 port's interrupt: on Xen it runs in dom0's kernel on the IOREQ event, completes a matching
@@ -48,12 +48,15 @@ no process in between. The host keeps reading them too (whoever reads the counte
 the other finds it empty), so a line nobody in the guest looks at is still raised; the guests'
 injections are counted in the u64 at IRQFD_COUNT_OFF.
 
-Interrupt lines take the same shortcut: the levels live in the page, written by whoever runs
+Interrupt lines take the same shortcut: the pending bytes live in the page, set by whoever runs
 XEN_DMOP_set_irq_level (the host, or the device model's SimKernel once the host has handed it the
-page and the domain's two *irq* eventfds after a first dm_op it carried out itself). An assert
-writes the level first, then the guest's irq eventfd (which the guest's ``wait_irq`` polls) and
-the host's (which wakes the waiters of the host's reference path); a deassert only writes the
-level. Writing a line's level is what vgic_inject_irq does to a level-sensitive SPI's line.
+page and the domain's two *irq* eventfds after a first dm_op it carried out itself). A raise
+(level 1) sets the byte first, then writes the guest's irq eventfd (which the guest's ``wait_irq``
+polls) and the host's (which wakes the waiters of the host's reference path); level 0 writes
+nothing. That is Xen on Arm for libxl's edge-rising virtio-mmio SPIs (docs/xen-abi.md §6:
+vgic_inject_irq ignores a falling edge): each raise is an edge, pending until the guest takes the
+interrupt (``wait_irq`` clears the byte, as the GIC's acknowledge does), and raises while it is
+pending are one interrupt. (An x86 GSI, set_pci_intx_level, is a level and stays until lowered.)
 """
 
 from __future__ import annotations

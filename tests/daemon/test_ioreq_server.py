@@ -72,18 +72,45 @@ async def test_stop_reading_takes_no_more_guest_accesses_and_is_idempotent(no_fd
 
 
 @pytest.mark.asyncio
-async def test_a_retired_window_answers_as_a_removed_device_with_its_line_low_until_unclaimed(
+async def test_an_interrupt_costs_one_hypercall_its_raise(no_fd_leak, sim_host, sim_control, kernel, monkeypatch):
+    """Xen on Arm takes XEN_DMOP_set_irq_level with level 0 as a falling edge and ignores it
+    (xen/arch/arm/vgic.c vgic_inject_irq), and libxl declares the virtio-mmio SPI edge-rising:
+    lowering the line would be a hypercall that does nothing, once per interrupt. The daemon
+    makes one dm_op per interrupt, the raise, and the guest takes each."""
+    irq = 40
+    async with served(sim_host, sim_control, kernel) as (ioreq, guest, _evtchn):
+        made: list[tuple[int, int]] = []
+        real = ioreq.dm.set_irq_level
+
+        def recorded(line: int, level: int) -> None:
+            made.append((line, level))
+            real(line, level)
+
+        monkeypatch.setattr(ioreq.dm, "set_irq_level", recorded)
+        for _ in range(3):
+            waiter = asyncio.ensure_future(guest.wait_irq(irq))
+            ioreq.set_irq(irq, True)
+            await asyncio.wait_for(waiter, TIMEOUT)
+            ioreq.set_irq(irq, False)  # (what virtio_mmio asks once the guest's ACK cleared every bit)
+        assert made == [(irq, 1)] * 3
+        assert not guest.irq_level(irq)
+
+
+@pytest.mark.asyncio
+async def test_a_retired_window_answers_as_a_removed_device_with_its_line_raised_no_more_until_unclaimed(
         no_fd_leak, sim_host, sim_control, kernel, caplog):
     """A going device (teardown, hot removal): its window still answers, as a removed device
-    (reads 0: no interrupt pending; writes dropped), its line is lowered and stays low whatever
-    the device asks, and only after the grace is the window unclaimed (the simulator then reads
-    all-ones, as an x86 HVM guest sees an unclaimed access; Xen on Arm injects a data abort)."""
+    (reads 0: no interrupt pending; writes dropped), its line is raised no more whatever the
+    device asks (an edge raised before is still taken by the guest, whose handler then finds the
+    window for its InterruptStatus read and its ACK), and only after the grace is the window
+    unclaimed (the simulator then reads all-ones, as an x86 HVM guest sees an unclaimed access;
+    Xen on Arm injects a data abort)."""
     irq = 40
     async with served(sim_host, sim_control, kernel) as (ioreq, guest, _evtchn):
         ioreq.set_irq(irq, True)
         assert guest.irq_level(irq)
-        ioreq.retire_window(BASE, irq, raised=True)
-        assert not guest.irq_level(irq)
+        ioreq.retire_window(BASE, irq)
+        await asyncio.wait_for(guest.wait_irq(irq), TIMEOUT)  # the edge raised before: taken
         assert await asyncio.wait_for(guest.mmio_read(BASE + 0x60, 4), TIMEOUT) == 0  # InterruptStatus
         await asyncio.wait_for(guest.mmio_write(BASE + 0x64, 4, 1), TIMEOUT)  # InterruptACK: dropped
         ioreq.set_irq(irq, True)  # the device, still being stopped, signals a completion

@@ -307,8 +307,9 @@ async def test_the_notify_hot_path_reads_its_ctypes_argument_directly_and_a_bare
             await dm.serve_one(i)
             assert await asyncio.wait_for(read, TIMEOUT) == i
         assert checked == [], "a NOTIFY argument given as a ctypes object was read by address"
-        dm.dm.set_irq_level(40, 0)
-        assert guest.irq_level(40) is False
+        await asyncio.wait_for(guest.wait_irq(40), TIMEOUT)  # (the first raise, taken)
+        dm.dm.set_irq_level(40, 1)
+        assert guest.irq_level(40) is True
         assert len(checked) == 2  # the dm_op's buffer array and its buffer: addresses inside the argument
         with pytest.raises(OSError) as e:
             kernel.ioctl(dm.ev.fd, int(EvtchnIoctl.NOTIFY), 8)
