@@ -533,8 +533,8 @@ class IoreqServer:
             self.log.error("set_pci_intx_level(00:%02x, %d): %s", device, level, e)
 
     def set_irq(self, irq: int, level: bool) -> None:
-        """Raise the guest's interrupt line (XEN_DMOP_set_irq_level, 1); a retired window's stays
-        low. Lowering it is no hypercall: Xen on Arm takes level 0 of an SPI as a falling edge and
+        """Raise the guest's interrupt line (XEN_DMOP_set_irq_level, 1); a retired window's is
+        raised no more. Lowering it is no hypercall: Xen on Arm takes level 0 of an SPI as a falling edge and
         ignores it (xen/arch/arm/vgic.c vgic_inject_irq: "For edge triggered interrupts we always
         ignore a 'falling edge'. For level triggered interrupts we shouldn't, but do anyways";
         the new vGIC's vgic_validate_injection does so for an edge SPI), and libxl declares each

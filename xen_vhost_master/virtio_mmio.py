@@ -12,8 +12,8 @@ order the feature-select and queue registers were written in before (docs/design
 Interrupt line: level semantics (``line = InterruptStatus != 0``). libxl declares virtio-mmio SPIs
 edge-triggered in the guest's device tree, so when an InterruptACK leaves bits set (a new event raced
 with the driver's ACK) the line is pulsed low then high again: a guest that treats the line as an
-edge still sees the new event, and a level-sensitive one sees no spurious change. On Xen on Arm only
-the rises reach the hypervisor (ioreq_server.py ``set_irq``: it ignores a falling edge).
+edge still sees the new event, and a level-sensitive one sees no spurious change. Xen on Arm ignores a
+falling edge, so only the rises are sent to it (ioreq_server.py ``set_irq``).
 """
 
 from __future__ import annotations
