@@ -19,8 +19,8 @@ ioreqs and asserts interrupt lines itself, so the daemon leaves the notification
   served by the device as any other, through the daemon's window.
 * IOCTL_PRIVCMD_IRQFD, per queue: when the back-end signals the call eventfd, the kernel issues the
   ``XEN_DMOP_set_irq_level(irq, 1)`` we registered. The daemon no longer sees those interrupts, so
-  the device model reports InterruptStatus.VRING while the fast path is on and lowers the line on
-  the guest's ACK (virtio_mmio's ``kernel_irq``).
+  the device model reports InterruptStatus.VRING while the fast path is on (virtio_mmio's
+  ``kernel_irq``); each raise is an edge the guest takes, so nothing lowers the line after it.
 
 A virtio-pci function (:class:`PciKickFastPath`) hands the kernel its kicks only: its notify
 address looks to the kernel like a QueueNotify (``addr + 0x50``, the queue's index as data), and

@@ -547,6 +547,6 @@ class IoreqServer:
         if self._retired and any(r[0] == irq for r in self._retired.values()):
             return
         try:
-            self.dm.set_irq_level(irq, int(level))
+            self.dm.set_irq_level(irq, 1)
         except XenError as e:
-            self.log.error("set_irq_level(%d, %d): %s", irq, level, e)
+            self.log.error("set_irq_level(%d, 1): %s", irq, e)

@@ -486,7 +486,8 @@ class VirtioMmioDevice(VirtioCore):
 
     shm_sel: int = 0
     # The kernel's irqfd raises the line for used buffers behind our back (fast path): report
-    # VRING while running, and lower the line on every ACK of it.
+    # VRING while running. Its raises are edges the guest takes (ioreq_server.py set_irq): no
+    # lowering follows them.
     kernel_irq: bool = False
     _line: bool = field(init=False, default=False)
 
@@ -607,12 +608,7 @@ class VirtioMmioDevice(VirtioCore):
             # Some bits remain: pulse so that an edge-triggered line sees the remaining event.
             self._line = True
             return [_LINE[False], _LINE[True]]
-        actions = self._update_line()
-        if self.kernel_irq and value & INT_VRING and not self.interrupt_status and not actions:
-            # The kernel raised the line (irqfd); the guest reads its used rings only after this
-            # ACK completes, so lowering it now loses nothing.
-            actions = [_LINE[False]]
-        return actions
+        return self._update_line()
 
     def _update_line(self) -> list[Action]:
         level = self.interrupt_status != 0
