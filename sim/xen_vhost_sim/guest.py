@@ -351,6 +351,9 @@ class SimGuest:
         self._irq_host_efd = -1
         self._irqfd_readers: list[int] = []  # the irqfds polled
         self._irq_watched = False  # _irq_efd and the irqfds polled (from a wait_irq on)
+        #: vCPU-channel accesses the dom0 kernel's privcmd ioeventfd handler answered (played by
+        #: this guest's vCPUs, :meth:`_kernel_notify`): IOREQs that never reached the device model
+        self.kernel_answered = 0
         try:
             reply, fds = self._ctl.call({"op": "guest_ram", "domid": domid})
             banks = [(int(a), int(b)) for a, b in reply["banks"]]
@@ -713,6 +716,7 @@ class SimGuest:
         except OSError:
             pass  # (as the kernel: a saturated counter is not the vCPU's problem)
         vcpu_channel.count_route(rpage, True)
+        self.kernel_answered += 1
         rpage[vcpu_channel.ROUTE_MASKED] = 1  # the evtchn device's share of the event: masked
         os.eventfd_write(route.deliver, 1)  # until user space reads and unmasks it
 

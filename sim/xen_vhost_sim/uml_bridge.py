@@ -679,6 +679,13 @@ class UmlBridge:
                 log.error("interrupt path stopped: %s", exc)
                 self.error = exc
 
+    @property
+    def kernel_answered(self) -> int:
+        """Of :attr:`BridgeStats.mmio`, the accesses the (simulated) dom0 kernel's privcmd
+        ioeventfd answered: QueueNotify writes that never reached the daemon."""
+        return self.guest.kernel_answered if self.guest is not None else 0
+
     def snapshot(self) -> dict[str, Any]:
         return {"domid": self.domid, "driver_ok": self._driver_ok, "status": self._status,
-                "queues": sorted(i for i, q in self._queues.items() if q.live), **vars(self.stats)}
+                "queues": sorted(i for i, q in self._queues.items() if q.live), **vars(self.stats),
+                "kernel_answered": self.kernel_answered}

@@ -94,6 +94,13 @@ def test_job_rows_give_ioreqs_per_io_the_qd1_ceiling_and_the_ioreq_share() -> No
     assert rows["  daemon CPU per I/O (relayed)"][2]["median"] == 45.0
     assert "target <= 5 per 4k request" in rows["  daemon CPU per I/O (relayed)"][3]
     assert rows["  simulated guest side CPU per I/O (relayed)"][2]["median"] == 30.0
+    assert "  of which the daemon served (relayed)" not in rows  # no access answered by the kernel
+    # the kernel fast path: the QueueNotify writes the dom0 kernel answered are not the daemon's
+    res["daemon"]["relayed"]["jobs"][0]["randread:4k:1"]["kernel_answered"] = 1000  # type: ignore[index]
+    rows = {r[0]: r for r in bench.job_rows(res, "randread_4k_qd1", "relayed")}
+    assert rows["  IOREQs per I/O (relayed)"][2]["median"] == 3.0
+    assert rows["  of which the daemon served (relayed)"][2]["median"] == 2.0
+    assert "kernel's ioeventfd answered 1.00 per I/O" in rows["  of which the daemon served (relayed)"][3]
     # QD32: the count only (its I/Os overlap: no ceiling from round trips in series)
     res = _job_res(20000.0, 5000.0, 1000.0, 500)
     res["fio"]["relayed"] = {"randread_4k_qd32": [5000.0], "randread_4k_qd32.ios": [1000.0]}  # type: ignore[index]

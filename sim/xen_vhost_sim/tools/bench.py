@@ -242,8 +242,10 @@ def job_block_size(job: str) -> int:
 
 
 #: The UML bridge's counters (``BridgeStats``) each relayed fio job's share of is reported, beside
-#: the CPU nanoseconds of the daemon (all its threads, ``oncpu_ns``) and of the simulated guest side
-#: (the bridge: this process's thread) over the job (``daemon_ns``, ``guest_ns``).
+#: the accesses of them the simulated dom0 kernel answered (``kernel_answered``: the fast path's
+#: QueueNotify writes, which never reach the daemon) and the CPU nanoseconds of the daemon (all its
+#: threads, ``oncpu_ns``) and of the simulated guest side (the bridge: this process's thread) over
+#: the job (``daemon_ns``, ``guest_ns``).
 JOB_COUNTERS = ("mmio", "notifies", "interrupts")
 
 
@@ -339,6 +341,7 @@ async def fio_relayed(peers: Any, work: Path, sim_path: str, fio_time: int, resu
             peak = dict.fromkeys(RSS_FIELDS.values(), 0)
             pid = daemon.proc.pid
             marks = JobMarks(run.process.log_path, lambda: {**{k: getattr(bridge.stats, k) for k in JOB_COUNTERS},
+                                                            "kernel_answered": bridge.kernel_answered,
                                                             "daemon_ns": oncpu_ns(pid), "guest_ns": time.thread_time_ns()})
             done = asyncio.ensure_future(run.finish(timeout=STEP + 4 * fio_time))
             tick = 0
@@ -913,7 +916,7 @@ def job_rows(res: dict[str, Any], job: str, name: str) -> list[Row]:
     fio, rel, spec = res["fio"], res["relay"], JOBS[job]
     ios = fio.get(name, {}).get(f"{job}.ios", [])
     direct, got = fio["direct"].get(job, []), fio.get(name, {}).get(job, [])
-    per: dict[str, list[float]] = {k: [] for k in (*JOB_COUNTERS, "daemon_ns", "guest_ns")}
+    per: dict[str, list[float]] = {k: [] for k in (*JOB_COUNTERS, "kernel_answered", "daemon_ns", "guest_ns")}
     ceiling: list[float] = []
     share: list[float] = []
     raw = pct(rel["raw_eventfd_rtt_s"], 0.5)
@@ -935,6 +938,10 @@ def job_rows(res: dict[str, Any], job: str, name: str) -> list[Row]:
     rows: list[Row] = [(f"  IOREQs per I/O ({name})", "per IO", summary(per["mmio"]),
                         f"QueueNotify {statistics.median(per['notifies']):.2f}, "
                         f"interrupts {statistics.median(per['interrupts']):.2f} per I/O")]
+    if per["kernel_answered"] and any(per["kernel_answered"]):  # (marks from before the count have none)
+        rows.append((f"  of which the daemon served ({name})", "per IO",
+                     summary([m - k for m, k in zip(per["mmio"], per["kernel_answered"], strict=False)]),
+                     f"the dom0 kernel's ioeventfd answered {statistics.median(per['kernel_answered']):.2f} per I/O"))
     if per["daemon_ns"]:  # (results from before the CPU marks have none)
         rows.append((f"  daemon CPU per I/O ({name})", "us", summary([ns / 1e3 for ns in per["daemon_ns"]]),
                      "all its threads" + ("; target <= 5 per 4k request" if "_4k_" in job else "")))
