@@ -345,12 +345,14 @@ class SimGuest:
         self._cached_seq = -1
         self._irq_efd = -1  # the domain's asserted-line events (sim.vcpu_channel)
         self._irq_waits: set[asyncio.Future[None]] = set()
+        self._irq_waiting: dict[int, int] = {}  # irq -> this guest's waits for it in progress
         # the dom0 kernel's irqfds this guest plays (sim.vcpu_channel): irq -> [(level, eventfd)]
         self._irqfds: dict[int, list[tuple[int, int]]] = {}
         self._irqfd_gen = -1
         self._irq_host_efd = -1
         self._irqfd_readers: list[int] = []  # the irqfds polled
         self._irq_watched = False  # _irq_efd and the irqfds polled (from a wait_irq on)
+        self.irq_rearms = 0  # times the pollers of _irq_efd and the irqfds were set up again
         #: vCPU-channel accesses the dom0 kernel's privcmd ioeventfd handler answered (played by
         #: this guest's vCPUs, :meth:`_kernel_notify`): IOREQs that never reached the device model
         self.kernel_answered = 0
@@ -803,9 +805,13 @@ class SimGuest:
                 self._loop.remove_reader(fd)
         self._irqfd_readers = []
 
-    def _irqfd_fire(self, irq: int, level: int, fd: int) -> bool:
+    def _irqfd_fire(self, irq: int, level: int, fd: int, *, taking: bool = False) -> bool:
         """The kernel's irqfd worker and the hypervisor's set_irq_level, if the eventfd was signalled:
-        the level first, then (on an assert) the domain's guest and host irq eventfds."""
+        the level first, then (on an assert) the waits: this guest's own, woken here, and through
+        the domain's guest and host irq eventfds the others'. An edge goes to one waiter: when this
+        guest takes it at once (``taking``) or waits for that line itself, the guest eventfd is left
+        alone (its own loop would find that event with nobody waiting, give it back and stop
+        polling until its next wait: a wasted wake-up and two epoll_ctl per poller, per interrupt)."""
         try:
             os.eventfd_read(fd)
         except BlockingIOError:
@@ -817,16 +823,17 @@ class SimGuest:
         vcpu_channel.count_irqfd(chan)
         if level:  # (0: a falling edge, ignored as the hypervisor does: Hypervisor.set_irq_level)
             chan[off] = 1
-            for efd in (self._irq_efd, self._irq_host_efd):
+            mine = taking or self._irq_waiting.get(irq, 0) > 0
+            for efd in (self._irq_host_efd,) if mine else (self._irq_efd, self._irq_host_efd):
                 if efd >= 0:
                     os.eventfd_write(efd, 1)
-        return True
-
-    def _irqfd_woken(self, irq: int, level: int, fd: int) -> None:
-        if self._irqfd_fire(irq, level, fd):
             for f in self._irq_waits:  # each re-reads its line
                 if not f.done():
                     f.set_result(None)
+        return True
+
+    def _irqfd_woken(self, irq: int, level: int, fd: int) -> None:
+        self._irqfd_fire(irq, level, fd)
 
     def irq_level(self, irq: int) -> bool:
         off = self._irq_line(irq)
@@ -849,22 +856,35 @@ class SimGuest:
             assert self._chan is not None and self._loop is not None
             self._sync_irqfds(self._chan)
             for level, fd in self._irqfds.get(irq, ()):
-                self._irqfd_fire(irq, level, fd)
+                self._irqfd_fire(irq, level, fd, taking=True)
             if self._chan[off]:
                 self._chan[off] = 0  # taken (the GIC's acknowledge; a raise after this is a new edge)
                 return
             fut: asyncio.Future[None] = self._loop.create_future()
             if not self._irq_watched:  # kept polled from one wait to the next: no poller set up per wait
                 self._irq_watched = True
+                self.irq_rearms += 1
                 self._loop.add_reader(self._irq_efd, self._irq_woken)
                 self._watch_irqfds()
             self._irq_waits.add(fut)
             self._fast_waits.add(fut)
+            self._irq_waiting[irq] = self._irq_waiting.get(irq, 0) + 1
+            woken = False
             try:
                 await fut
+                woken = True
             finally:
                 self._fast_waits.discard(fut)
                 self._irq_waits.discard(fut)
+                if self._irq_waiting[irq] > 1:
+                    self._irq_waiting[irq] -= 1
+                else:
+                    del self._irq_waiting[irq]
+                    chan = self._chan
+                    if not woken and chan is not None and not chan.closed and chan[off] and self._irq_efd >= 0:
+                        # cancelled with an edge pending that an irqfd may have fired for this wait
+                        # (the guest eventfd left alone): passed on to whoever else of the domain waits
+                        os.eventfd_write(self._irq_efd, 1)
 
     def _irq_woken(self) -> None:
         try:

@@ -287,6 +287,60 @@ async def test_irqfd_raises_the_guest_line(no_fd_leak: None, rig: Rig, efd: int)
 
 
 @pytest.mark.asyncio
+async def test_a_guest_taking_each_irqfd_interrupt_itself_keeps_polling_its_line(no_fd_leak: None, rig: Rig,
+                                                                                   efd: int) -> None:
+    """The guest plays the kernel's irqfd (sim.vcpu_channel) and its own waiter takes the edge. It
+    does not also signal the domain's line event for it: its loop would find that event with
+    nobody waiting, give it back, stop polling the line and the irqfds, poll them again at the next
+    wait and be woken once for nothing (at each interrupt: the UML bridge's fast path at each I/O).
+    The interrupts arrive all the same, each once."""
+    op = xen_dm_op(op=DmOp.set_irq_level)
+    op.u.set_irq_level.irq, op.u.set_irq_level.level = IRQ, 1
+    rig.privcmd.irqfd(privcmd_irqfd(dm_op=ctypes.addressof(op), size=ctypes.sizeof(op), fd=efd, flags=0, dom=rig.domid))
+    guest = rig.guest
+    for _ in range(20):
+        waiter = asyncio.ensure_future(guest.wait_irq(IRQ))
+        for _ in range(3):  # (its loop runs it up to the wait)
+            await asyncio.sleep(0)
+        assert not waiter.done()
+        os.write(efd, (1).to_bytes(8, "little"))
+        await asyncio.wait_for(waiter, T)
+        for _ in range(3):  # what the interrupt left ready in the loop runs
+            await asyncio.sleep(0)
+    assert guest.irq_rearms == 1  # polled from the first wait on
+    assert rig.fastpath()["irqfd_injected"] == 20 and not guest.irq_level(IRQ)
+
+
+@pytest.mark.asyncio
+async def test_an_irqfd_edge_fired_for_a_wait_cancelled_before_it_took_it_goes_to_another_guest(
+        no_fd_leak: None, rig: Rig, efd: int) -> None:
+    """A guest fires the irqfd for its own wait (no event for the domain's other guests: that wait
+    takes the edge), then the wait is cancelled before it took it: the edge is passed on, and
+    another guest of the domain waiting for the line takes it."""
+    op = xen_dm_op(op=DmOp.set_irq_level)
+    op.u.set_irq_level.irq, op.u.set_irq_level.level = IRQ, 1
+    rig.privcmd.irqfd(privcmd_irqfd(dm_op=ctypes.addressof(op), size=ctypes.sizeof(op), fd=efd, flags=0, dom=rig.domid))
+    guest = rig.guest
+    other = await SimGuest.connect(guest.path, rig.domid)
+    try:
+        theirs = asyncio.ensure_future(other.wait_irq(IRQ))
+        mine = asyncio.ensure_future(guest.wait_irq(IRQ))
+        for _ in range(3):  # (both wait)
+            await asyncio.sleep(0)
+        assert not theirs.done() and not mine.done()
+        os.write(efd, (1).to_bytes(8, "little"))
+        ((_level, fd),) = guest._irqfds[IRQ]
+        assert guest._irqfd_fire(IRQ, 1, fd)  # this guest's kernel play, for its own wait ...
+        mine.cancel()  # ... which goes before it took the edge
+        await asyncio.wait_for(theirs, T)
+        with pytest.raises(asyncio.CancelledError):
+            await mine
+        assert not guest.irq_level(IRQ) and not other.irq_level(IRQ)  # taken, once
+    finally:
+        other.close()
+
+
+@pytest.mark.asyncio
 async def test_irqfd_bad_dm_op_is_logged_not_fatal(no_fd_leak: None, rig: Rig, efd: int) -> None:
     op = xen_dm_op(op=DmOp.set_irq_level)
     op.u.set_irq_level.irq, op.u.set_irq_level.level = 7, 1  # not an SPI: EINVAL at injection
