@@ -344,8 +344,7 @@ class SimGuest:
         self._cached: dict[tuple[int, int, int], tuple[int, _Route, bool]] = {}
         self._cached_seq = -1
         self._irq_efd = -1  # the domain's asserted-line events (sim.vcpu_channel)
-        self._irq_waits: set[asyncio.Future[None]] = set()
-        self._irq_waiting: dict[int, int] = {}  # irq -> this guest's waits for it in progress
+        self._irq_waits: dict[int, set[asyncio.Future[None]]] = {}  # irq -> this guest's waits for it
         # the dom0 kernel's irqfds this guest plays (sim.vcpu_channel): irq -> [(level, eventfd)]
         self._irqfds: dict[int, list[tuple[int, int]]] = {}
         self._irqfd_gen = -1
@@ -792,11 +791,11 @@ class SimGuest:
             self._watch_irqfds()
 
     def _watch_irqfds(self) -> None:
-        """Poll the irqfds (the kernel's irqfd worker, :meth:`_irqfd_woken`)."""
+        """Poll the irqfds (the kernel's irqfd worker, :meth:`_irqfd_fire`)."""
         assert self._loop is not None
         for line, lst in self._irqfds.items():
             for level, fd in lst:
-                self._loop.add_reader(fd, self._irqfd_woken, line, level, fd)
+                self._loop.add_reader(fd, self._irqfd_fire, line, level, fd)
                 self._irqfd_readers.append(fd)
 
     def _unwatch_irqfds(self) -> None:
@@ -823,17 +822,12 @@ class SimGuest:
         vcpu_channel.count_irqfd(chan)
         if level:  # (0: a falling edge, ignored as the hypervisor does: Hypervisor.set_irq_level)
             chan[off] = 1
-            mine = taking or self._irq_waiting.get(irq, 0) > 0
+            mine = taking or irq in self._irq_waits
             for efd in (self._irq_host_efd,) if mine else (self._irq_efd, self._irq_host_efd):
                 if efd >= 0:
                     os.eventfd_write(efd, 1)
-            for f in self._irq_waits:  # each re-reads its line
-                if not f.done():
-                    f.set_result(None)
+            self._wake_irq_waits()
         return True
-
-    def _irqfd_woken(self, irq: int, level: int, fd: int) -> None:
-        self._irqfd_fire(irq, level, fd)
 
     def irq_level(self, irq: int) -> bool:
         off = self._irq_line(irq)
@@ -866,20 +860,18 @@ class SimGuest:
                 self.irq_rearms += 1
                 self._loop.add_reader(self._irq_efd, self._irq_woken)
                 self._watch_irqfds()
-            self._irq_waits.add(fut)
+            self._irq_waits.setdefault(irq, set()).add(fut)
             self._fast_waits.add(fut)
-            self._irq_waiting[irq] = self._irq_waiting.get(irq, 0) + 1
             woken = False
             try:
                 await fut
                 woken = True
             finally:
                 self._fast_waits.discard(fut)
-                self._irq_waits.discard(fut)
-                if self._irq_waiting[irq] > 1:
-                    self._irq_waiting[irq] -= 1
-                else:
-                    del self._irq_waiting[irq]
+                waits = self._irq_waits.get(irq, set())  # (emptied by close())
+                waits.discard(fut)
+                if not waits:
+                    self._irq_waits.pop(irq, None)
                     chan = self._chan
                     if not woken and chan is not None and not chan.closed and chan[off] and self._irq_efd >= 0:
                         # cancelled with an edge pending that an irqfd may have fired for this wait
@@ -898,9 +890,13 @@ class SimGuest:
             self._unwatch_irqfds()
             self._irq_watched = False
             return
-        for f in self._irq_waits:  # each re-reads its line
-            if not f.done():
-                f.set_result(None)
+        self._wake_irq_waits()
+
+    def _wake_irq_waits(self) -> None:
+        for waits in self._irq_waits.values():
+            for f in waits:  # each re-reads its line
+                if not f.done():
+                    f.set_result(None)
 
     # ------------------------------------------------------------ PciBus (x86 HVM guests)
     async def pci_config_read(self, sbdf: int, reg: int, size: int, vcpu: int = 0) -> int:
